@@ -1,0 +1,237 @@
+"""Helpers shared by sumtune's benchmarks: model shapes, random QLoRA T5s, real BillSum data, timing, results.
+
+Benchmarks import this file by path (``sys.path`` gets ``benchmarks/``); sumtune itself never imports it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+if str(REPO_ROOT / "src") not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO_ROOT / "src"))
+
+# Shapes of the original T5 checkpoints (relu FFN, 32 relative-position buckets, tied output head).
+T5_SHAPES: dict[str, dict[str, int]] = {
+    "t5-small": dict(d_model=512, d_ff=2048, d_kv=64, num_heads=8, num_layers=6),
+    "t5-base": dict(d_model=768, d_ff=3072, d_kv=64, num_heads=12, num_layers=12),
+    "t5-large": dict(d_model=1024, d_ff=4096, d_kv=64, num_heads=16, num_layers=24),
+    "t5-3b": dict(d_model=1024, d_ff=16384, d_kv=128, num_heads=32, num_layers=24),
+    "t5-11b": dict(d_model=1024, d_ff=65536, d_kv=128, num_heads=128, num_layers=24),
+    "tiny": dict(d_model=64, d_ff=256, d_kv=16, num_heads=4, num_layers=2),  # CPU plumbing checks only
+}
+T5_VOCAB_SIZE = 32128
+
+
+def t5_config(name: str, **overrides):
+    """A transformers T5Config with the shapes of ``name`` (dropout 0.1 as in the released configs)."""
+    from transformers import T5Config
+
+    if name not in T5_SHAPES:
+        raise ValueError(f"unknown T5 shape {name!r}; known: {', '.join(T5_SHAPES)}")
+    shape = T5_SHAPES[name]
+    kwargs = dict(shape, num_decoder_layers=shape["num_layers"], vocab_size=T5_VOCAB_SIZE, feed_forward_proj="relu",
+                  relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.1,
+                  layer_norm_epsilon=1e-6, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+                  tie_word_embeddings=True)
+    kwargs.update(overrides)
+    if "num_layers" in overrides and "num_decoder_layers" not in overrides:
+        kwargs["num_decoder_layers"] = overrides["num_layers"]
+    return T5Config(**kwargs)
+
+
+# ----------------------------------------------------------------------------- data
+def shared_data_dir(shared_dir: str | Path | None = None) -> Path:
+    """../shared/data next to the repo, or $SUMTUNE_SHARED_DATA, or the given directory."""
+    if shared_dir is not None:
+        return Path(shared_dir)
+    env = os.environ.get("SUMTUNE_SHARED_DATA")
+    return Path(env) if env else REPO_ROOT.parent / "shared" / "data"
+
+
+def load_billsum_texts(shared_dir: str | Path | None = None) -> list[dict]:
+    """The 200 real BillSum rows (clean text) as ``{"text", "summary"}`` dicts."""
+    path = shared_data_dir(shared_dir) / "billsum" / "us_train_subset200_cleantext.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"BillSum rows not found at {path} (set SUMTUNE_SHARED_DATA)")
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                row = json.loads(line)
+                rows.append({"text": row["text"], "summary": row["summary"]})
+    return rows
+
+
+def load_t5_tokenizer(shared_dir: str | Path | None = None):
+    """The real T5 sentencepiece tokenizer from shared/data/t5-tokenizer (no hub access)."""
+    from transformers import AutoTokenizer
+
+    path = shared_data_dir(shared_dir) / "t5-tokenizer"
+    if not path.is_dir():
+        raise FileNotFoundError(f"T5 tokenizer not found at {path} (set SUMTUNE_SHARED_DATA)")
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def tokenize_rows(tokenizer, rows: list[dict], src_len: int, tgt_len: int,
+                  prefix: str = "summarize: ") -> dict[str, torch.Tensor]:
+    """Pad/truncate to fixed lengths; labels are -100 where the target is padding."""
+    source = tokenizer([prefix + r["text"] for r in rows], max_length=src_len, truncation=True,
+                       padding="max_length", return_tensors="pt")
+    target = tokenizer([r["summary"] for r in rows], max_length=tgt_len, truncation=True,
+                       padding="max_length", return_tensors="pt")
+    labels = target["input_ids"].masked_fill(target["attention_mask"] == 0, -100)
+    return {"input_ids": source["input_ids"], "attention_mask": source["attention_mask"], "labels": labels}
+
+
+def batch_at(data: dict[str, torch.Tensor], step: int, batch_size: int) -> dict[str, torch.Tensor]:
+    """Batch number ``step`` of a fixed-order pass over ``data``, wrapping around."""
+    rows = data["input_ids"].shape[0]
+    index = (torch.arange(batch_size) + step * batch_size) % rows
+    return {k: v[index.to(v.device)] for k, v in data.items()}
+
+
+# ----------------------------------------------------------------------------- models
+def random_t5(config, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cuda", seed: int = 0):
+    """T5ForConditionalGeneration with T5's own random init, built directly on ``device`` in ``dtype``.
+
+    Built in ``dtype`` (default-dtype switch) so T5-3b never has an fp32 copy on the GPU.
+    """
+    from transformers import T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = T5ForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to(dtype)
+
+
+def quantize_linear4bit(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat16, quant_type: str = "nf4",
+                        double_quant: bool = True, skip: tuple[str, ...] = ("lm_head",),
+                        device: str | torch.device | None = None) -> nn.Module:
+    """Replace every plain nn.Linear (but those named in ``skip``) by a frozen bnb Linear4bit, in place.
+
+    Quantizes on ``device`` (default: where the weight is). For the reference recipe pass
+    ``skip=("lm_head", "wo")``: from_pretrained keeps T5's ``wo`` unquantized (_keep_in_fp32_modules).
+    """
+    import bitsandbytes as bnb
+
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear or child_name in skip:
+                continue
+            target = torch.device(device) if device is not None else child.weight.device
+            layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=compute_dtype, compress_statistics=double_quant,
+                                      quant_type=quant_type, device="meta")
+            layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False,
+                                             compress_statistics=double_quant, quant_type=quant_type)
+            if child.bias is not None:
+                layer.bias = nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(parent, child_name, layer.to(target))  # moving a Params4bit to a device quantizes it
+            del child
+    for param in model.parameters():
+        param.requires_grad_(False)
+    model.is_loaded_in_4bit = True  # what prepare_model_for_kbit_training and Trainer look for
+    return model
+
+
+def count_lora_params(model: nn.Module) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
+
+
+# ----------------------------------------------------------------------------- hardware + FLOPs
+def gpu_name() -> str:
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+def gpu_slug() -> str:
+    name = gpu_name().lower().replace("nvidia", "")
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "cpu"
+
+
+def measure_bf16_matmul_tflops(size: int = 8192, iters: int = 20) -> float | None:
+    """Median achieved TFLOP/s of a large bf16 GEMM on this GPU (CUDA events); None on CPU."""
+    if not torch.cuda.is_available():
+        return None
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times_ms = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times_ms.append(start.elapsed_time(end))
+    return 2 * size**3 / (statistics.median(times_ms) / 1e3) / 1e12
+
+
+def train_flops_per_sample(config, src_len: int, tgt_len: int, lora_params: int = 0,
+                           recompute: bool = False) -> float:
+    """Useful FLOPs of one training sample, from shapes (multiply-add = 2 FLOPs).
+
+    forward F = every linear 2·in·out per token it sees (encoder: source tokens; decoder and lm_head:
+    target tokens; cross-attention k/v: source tokens) + attention products QKᵀ and AV, 2·2·Lq·Lk·inner
+    per layer. Training = 2·F (backward activation gradients cost one more forward; the frozen base has no
+    weight gradients) + 3·(LoRA forward). ``recompute`` adds F for gradient checkpointing (not counted
+    in MFU: it is repeated work). Same counting as ``sumtune.flops``.
+    """
+    from sumtune.flops import train_flops_per_sample as count
+
+    return count(config, src_len, tgt_len, lora_params=lora_params, recompute=recompute)
+
+
+# ----------------------------------------------------------------------------- results
+def library_versions() -> dict[str, str]:
+    versions = {"torch": torch.__version__}
+    for name in ("transformers", "peft", "bitsandbytes"):
+        try:
+            versions[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 - a missing library is reported, not fatal
+            versions[name] = "missing"
+    return versions
+
+
+def save_result(name: str, payload: dict) -> Path:
+    """Write benchmarks/results/<name>-<YYYY-MM-DD>-<gpu-slug>.json with environment metadata."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    today = _dt.date.today().isoformat()
+    path = RESULTS_DIR / f"{name}-{today}-{gpu_slug()}.json"
+    record = {"name": name, "date": today, "gpu": gpu_name(), "versions": library_versions(), **payload}
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+    return path
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
+    return str(value)
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    """Plain fixed-width table of ``rows`` (dicts) restricted to ``columns``."""
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))

@@ -1,0 +1,253 @@
+"""Summarization generation throughput: transformers `generate` on the QLoRA training model (reference) vs
+sumtune.generation (dense merged copy + own T5 decoder step in CUDA graphs), on real BillSum inputs.
+
+    python benchmarks/generate_throughput.py                      # GPU: t5-3b shapes, random weights
+    python benchmarks/generate_throughput.py --fast-batches 64,128,256 --beam-batch 16 --compile
+    python benchmarks/generate_throughput.py --quick              # CPU plumbing check, tiny model
+
+Random weights produce eos at random, so every throughput row forces exactly `--new-tokens` new tokens
+(min_new_tokens = max_new_tokens) in both paths. Token agreement with transformers `generate` on the same
+merged bf16 weights is measured separately on a subset, next to transformers' agreement with itself at
+another batch size (the bf16 noise floor: batch shape changes kernels and so rounding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import bench_common as bc  # noqa: E402
+
+LORA = dict(r=32, lora_alpha=16, lora_dropout=0.05, target_modules=["v", "o"], modules_to_save=["lm_head"],
+            task_type="SEQ_2_SEQ_LM")
+PAD, EOS, START = 0, 1, 0
+COLUMNS = ["path", "setting", "batch", "beams", "inputs", "summaries_per_s", "new_tokens_per_s", "wall_s",
+           "peak_mem_gib", "speedup"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="t5-3b", help="T5 shape (bench_common.T5_SHAPES)")
+    parser.add_argument("--source-tokens", type=int, default=1024)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--reference-batches", default="4,32")
+    parser.add_argument("--fast-batches", default="64,128,256")
+    parser.add_argument("--beam-batch", type=int, default=16, help="inputs per batch for num_beams=4")
+    parser.add_argument("--beam-inputs", type=int, default=32)
+    parser.add_argument("--agreement-inputs", type=int, default=64)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd step + CUDA graphs")
+    parser.add_argument("--quick", action="store_true", help="tiny model on CPU: plumbing only, numbers meaningless")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.model, args.source_tokens, args.new_tokens = "tiny", 64, 8
+        args.reference_batches, args.fast_batches, args.beam_batch = "2", "4,8", 2
+        args.beam_inputs, args.agreement_inputs = 4, 8
+    return args
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+# ----------------------------------------------------------------------------- setup
+def build_training_model(config, device: torch.device):
+    """The reference recipe's model: NF4 + double quant (bf16 compute), wo unquantized, PEFT LoRA on v,o
+    with lm_head in modules_to_save; LoRA B set to small random values so the merge matters."""
+    from peft import LoraConfig, get_peft_model
+
+    model = bc.random_t5(config, dtype=torch.bfloat16, device=device)
+    model = bc.quantize_linear4bit(model, torch.bfloat16, "nf4", True, skip=("lm_head", "wo"), device=device)
+    model = get_peft_model(model, LoraConfig(**LORA))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.01)
+    return model.eval()
+
+
+def load_inputs(tokenizer, source_tokens: int, count: int) -> list[list[int]]:
+    rows = bc.load_billsum_texts()
+    texts = ["summarize: " + rows[i % len(rows)]["text"] for i in range(count)]
+    return tokenizer(texts, max_length=source_tokens, truncation=True)["input_ids"]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+
+
+# ----------------------------------------------------------------------------- runners
+def hf_generate(model, inputs: list[list[int]], batch_size: int, new_tokens: int, device, num_beams: int = 1,
+                forced: bool = True) -> list[list[int]]:
+    """transformers generate in input order, right-padded batches; rows trimmed like sumtune's output."""
+    from sumtune.generation.greedy import trim_rows
+
+    results = []
+    for start in range(0, len(inputs), batch_size):
+        chunk = inputs[start:start + batch_size]
+        longest = max(map(len, chunk))
+        ids = torch.tensor([r + [PAD] * (longest - len(r)) for r in chunk], device=device)
+        mask = torch.tensor([[1] * len(r) + [0] * (longest - len(r)) for r in chunk], device=device)
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=num_beams,
+                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens if forced else None,
+                                 decoder_start_token_id=START, pad_token_id=PAD, eos_token_id=EOS)
+        results += trim_rows(out[:, 1:].tolist(), EOS)
+    return results
+
+
+def fast_generate(model, inputs, batch_size, new_tokens, num_beams=1, forced=True, **kwargs):
+    from sumtune.generation import generate_ids
+
+    return generate_ids(model, inputs, pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=START,
+                        max_new_tokens=new_tokens, min_new_tokens=new_tokens if forced else 0,
+                        num_beams=num_beams, batch_size=batch_size, **kwargs)
+
+
+def timed(fn, device) -> tuple[list[list[int]], float, float | None]:
+    reset_peak(device)
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - start, peak_gib(device)
+
+
+def row(path, setting, batch, beams, outputs, wall_s, peak) -> dict:
+    new_tokens = sum(len(o) for o in outputs)
+    return dict(path=path, setting=setting, batch=batch, beams=beams, inputs=len(outputs),
+                summaries_per_s=len(outputs) / wall_s, new_tokens_per_s=new_tokens / wall_s, wall_s=wall_s,
+                peak_mem_gib=peak)
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
+    """Share of identical sequences, and share of tokens before each sequence's first difference."""
+    same_prefix = sum(next((i for i, (x, y) in enumerate(zip(r, s)) if x != y), min(len(r), len(s)))
+                      for r, s in zip(a, b))
+    return dict(sequences=sum(r == s for r, s in zip(a, b)) / len(a), tokens=same_prefix / sum(map(len, b)))
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not args.quick and not torch.cuda.is_available():
+        print("generate_throughput.py measures GPU generation and needs a CUDA GPU; use --quick for a CPU "
+              "plumbing check.", file=sys.stderr)
+        return 2
+    from sumtune.generation import prepare_inference_model
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+    if args.quick:
+        torch.set_num_threads(1)
+    config = bc.t5_config(args.model, dropout_rate=0.0)
+    tokenizer = bc.load_t5_tokenizer()
+    reference_batches, fast_batches = ints(args.reference_batches), ints(args.fast_batches)
+    n_inputs = max([2 * b for b in reference_batches] + [2 * b for b in fast_batches]
+                   + [args.beam_inputs, args.agreement_inputs])
+    inputs = load_inputs(tokenizer, args.source_tokens, n_inputs)
+    mean_len = sum(map(len, inputs)) / len(inputs)
+    print(f"{bc.gpu_name()}: {args.model}, {len(inputs)} BillSum inputs (mean {mean_len:.0f} tokens), "
+          f"{args.new_tokens} new tokens", flush=True)
+
+    t0 = time.perf_counter()
+    training = build_training_model(config, device)
+    build_s = time.perf_counter() - t0
+    rows: list[dict] = []
+
+    # Reference: generate on the NF4 + LoRA PeftModel. Warm-up with 2 tokens, then batches of real length.
+    for batch in reference_batches:
+        hf_generate(training, inputs[:batch], batch, 2, device)
+        count = batch if batch >= 32 else 2 * batch
+        out, wall, peak = timed(lambda: hf_generate(training, inputs[:count], batch, args.new_tokens, device), device)
+        rows.append(row("reference", "PeftModel.generate nf4", batch, 1, out, wall, peak))
+        print(rows[-1], flush=True)
+
+    t0 = time.perf_counter()
+    merged = prepare_inference_model(training, torch.bfloat16)
+    sync(device)
+    prepare_s = time.perf_counter() - t0
+    merged_gib = sum(p.numel() * p.element_size() for p in {id(p): p for p in merged.parameters()}.values()) / 2**30
+
+    use_graphs = device.type == "cuda"
+    settings = [("graphs", dict(use_cuda_graphs=use_graphs))]
+    for batch in fast_batches:
+        for name, kwargs in settings:
+            fast_generate(merged, inputs[:batch], batch, args.new_tokens, **kwargs)  # warm-up: capture, cuBLAS
+            out, wall, peak = timed(lambda: fast_generate(merged, inputs[:2 * batch], batch, args.new_tokens,
+                                                          **kwargs), device)
+            rows.append(row("sumtune", f"greedy {name}", batch, 1, out, wall, peak))
+            print(rows[-1], flush=True)
+    best = max((r for r in rows if r["path"] == "sumtune"), key=lambda r: r["summaries_per_s"])["batch"]
+    variants = [("eager", dict(use_cuda_graphs=False)), ("kv-cache graphs", dict(attention="kv",
+                                                                                 use_cuda_graphs=use_graphs))]
+    if args.compile:
+        variants.append(("compile+graphs", dict(compile_step=True, use_cuda_graphs=use_graphs)))
+    for name, kwargs in variants:
+        try:
+            fast_generate(merged, inputs[:best], best, args.new_tokens, **kwargs)
+            out, wall, peak = timed(lambda: fast_generate(merged, inputs[:2 * best], best, args.new_tokens,
+                                                          **kwargs), device)
+            rows.append(row("sumtune", f"greedy {name}", best, 1, out, wall, peak))
+        except torch.cuda.OutOfMemoryError as error:  # kv caches at a large batch may not fit
+            rows.append(dict(path="sumtune", setting=f"greedy {name}", batch=best, note=f"OOM: {error}"[:80]))
+        print(rows[-1], flush=True)
+
+    beam_inputs = inputs[: args.beam_inputs]
+    fast_generate(merged, beam_inputs[: args.beam_batch], args.beam_batch, 2, num_beams=4)
+    out, wall, peak = timed(lambda: fast_generate(merged, beam_inputs, args.beam_batch, args.new_tokens,
+                                                  num_beams=4), device)
+    rows.append(row("sumtune", "beam4 (transformers beam search, cached encoder)", args.beam_batch, 4, out, wall,
+                    peak))
+    print(rows[-1], flush=True)
+
+    # Agreement with transformers generate on the same merged bf16 weights (forced length, greedy).
+    subset = inputs[: args.agreement_inputs]
+    hf_big = hf_generate(merged, subset, 32, args.new_tokens, device)
+    hf_small = hf_generate(merged, subset, 8, args.new_tokens, device)
+    agree = {"transformers_b32_vs_b8": agreement(hf_small, hf_big)}
+    for mode in ("hidden", "kv"):
+        ours = fast_generate(merged, subset, min(best, len(subset)), args.new_tokens, attention=mode,
+                             use_cuda_graphs=use_graphs)
+        agree[f"sumtune_{mode}_vs_transformers_b32"] = agreement(ours, hf_big)
+    beam_ref = hf_generate(merged, beam_inputs[:8], 8, args.new_tokens, device, num_beams=4)
+    beam_ours = fast_generate(merged, beam_inputs[:8], 8, args.new_tokens, num_beams=4)
+    agree["sumtune_beam4_vs_transformers_beam4"] = agreement(beam_ours, beam_ref)
+
+    reference_b4 = next((r for r in rows if r["path"] == "reference"), None)
+    for r in rows:
+        if reference_b4 and r.get("summaries_per_s"):
+            r["speedup"] = r["summaries_per_s"] / reference_b4["summaries_per_s"]
+    print()
+    bc.print_table(rows, COLUMNS)
+    print(f"\nagreement (greedy, forced {args.new_tokens} tokens, {len(subset)} inputs):")
+    for key, value in agree.items():
+        print(f"  {key}: sequences {value['sequences']:.3f}, tokens {value['tokens']:.3f}")
+    print(f"build {build_s:.1f} s, prepare_inference_model {prepare_s:.1f} s, merged model {merged_gib:.2f} GiB")
+    path = bc.save_result("generate_throughput" + ("-quick" if args.quick else ""), dict(
+        model=args.model, source_tokens=args.source_tokens, new_tokens=args.new_tokens, quick=args.quick,
+        mean_source_tokens=mean_len, lora=LORA, rows=rows, agreement=agree, build_s=build_s,
+        prepare_inference_model_s=prepare_s, merged_model_gib=merged_gib, best_fast_batch=best))
+    print(f"saved {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

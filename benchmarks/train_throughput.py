@@ -1,0 +1,424 @@
+"""Training throughput of T5 QLoRA: the reference HF recipe vs sumtune's fast path, on real BillSum batches.
+
+    python benchmarks/train_throughput.py --reference 4,16 --fast b16,b32:gc          # GPU
+    python benchmarks/train_throughput.py --numerics --layers 4                       # GPU numerics
+    python benchmarks/train_throughput.py --quick                                     # CPU plumbing check
+
+Fast settings are tokens joined by ':' -- ``b<N>`` batch size, ``gc`` gradient checkpointing,
+``compile`` torch.compile of the T5 blocks, ``cache`` dequantized-weight cache, ``wo4`` quantize ``wo``
+too (default: ``wo`` stays bf16 as from_pretrained keeps it). Each setting builds a fresh model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import bench_common as bc  # noqa: E402
+
+REFERENCE_LORA = dict(r=32, lora_alpha=16, lora_dropout=0.05, target_modules=["v", "o"],
+                      modules_to_save=["lm_head"], task_type="SEQ_2_SEQ_LM")
+COLUMNS = ["path", "setting", "batch", "samples_per_s", "tokens_per_s", "step_time_s", "peak_mem_gib",
+           "mfu_measured", "mfu_datasheet", "speedup", "note"]
+
+
+# ----------------------------------------------------------------------------- settings
+def parse_setting(text: str) -> dict:
+    tokens = text.split(":")
+    setting = dict(name=text, batch=None, gc=False, compile=False, cache=False, wo4=False)
+    for token in tokens:
+        if token.startswith("b") and token[1:].isdigit():
+            setting["batch"] = int(token[1:])
+        elif token in ("gc", "compile", "cache", "wo4"):
+            setting[token] = True
+        else:
+            raise SystemExit(f"unknown fast-setting token {token!r} in {text!r}")
+    if setting["batch"] is None:
+        raise SystemExit(f"fast setting {text!r} needs a batch size token like b16")
+    return setting
+
+
+def lora_config(targets: list[str] | None):
+    from peft import LoraConfig
+
+    kwargs = dict(REFERENCE_LORA)
+    if targets:
+        kwargs["target_modules"] = targets
+    return LoraConfig(**kwargs)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def reset_peak_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------- model builders
+def build_reference(config, device, args):
+    """DEVELOPERS.md recipe in bf16: NF4 base (wo, lm_head unquantized), prepare_model_for_kbit_training, LoRA."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    model = bc.quantize_linear4bit(bc.random_t5(config, torch.bfloat16, device), skip=("lm_head", "wo"))
+    model = prepare_model_for_kbit_training(model)  # fp32 upcasts + gradient checkpointing, as the recipe does
+    return get_peft_model(model, lora_config(args.lora_targets))
+
+
+def build_fast(config, device, setting, args):
+    """sumtune's path: NF4 base, LoRA with fp32 trainable weights, fast T5 kernels, optional extras."""
+    from peft import get_peft_model
+
+    from sumtune.fast_t5 import cache_dequantized_weights, compile_for_training, enable_fast_t5
+
+    skip = ("lm_head",) if setting["wo4"] else ("lm_head", "wo")
+    model = bc.quantize_linear4bit(bc.random_t5(config, torch.bfloat16, device), skip=skip)
+    if setting["gc"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, lora_config(args.lora_targets))
+    for param in model.parameters():  # trainable weights in fp32, as sumtune.lora does
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    enable_fast_t5(model)
+    if setting["cache"]:
+        cache_dequantized_weights(model)
+    if setting["compile"]:
+        compile_for_training(model)
+    return model
+
+
+def make_optimizer(params, device, lr: float):
+    if device.type == "cuda":
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(params, lr=lr)
+    return torch.optim.AdamW(params, lr=lr)  # paged 8-bit Adam needs CUDA
+
+
+# ----------------------------------------------------------------------------- timed loops
+def train_step(model, optimizer, params, batch, device) -> float:
+    """Exactly sumtune's TrainRecipe.train_step: bf16 autocast forward, backward, clip, step, zero_grad."""
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+        loss = model(**batch).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def time_fast(config, device, data, setting, args) -> dict:
+    model = build_fast(config, device, setting, args).train()
+    reset_peak_memory()  # peak = model + training, not the transient of building it
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, device, args.lr)
+    times_s, losses = [], []
+    for step in range(args.warmup + args.steps):
+        batch = {k: v.to(device, non_blocking=True) for k, v in bc.batch_at(data, step, setting["batch"]).items()}
+        sync(device)
+        start = time.perf_counter()
+        loss = train_step(model, optimizer, params, batch, device)
+        sync(device)
+        if step >= args.warmup:
+            times_s.append(time.perf_counter() - start)
+            losses.append(float(loss))
+    lora = bc.count_lora_params(model)
+    del model, optimizer, params
+    return dict(times_s=times_s, losses=losses, lora_params=lora)
+
+
+def time_reference(config, device, data, batch_size, args) -> dict:
+    """The reference through Seq2SeqTrainer; steps timed by a callback (sync at begin/end of each step)."""
+    import tempfile
+
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times_s, self._start = [], None
+
+        def on_step_begin(self, args_, state, control, **kwargs):
+            sync(device)
+            self._start = time.perf_counter()
+
+        def on_step_end(self, args_, state, control, **kwargs):
+            sync(device)
+            self.times_s.append(time.perf_counter() - self._start)
+
+    model = build_reference(config, device, args)
+    reset_peak_memory()
+    rows = data["input_ids"].shape[0]
+    dataset = [{k: v[i] for k, v in data.items()} for i in range(rows)]
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as out_dir:
+        training_args = Seq2SeqTrainingArguments(
+            output_dir=out_dir, per_device_train_batch_size=batch_size, learning_rate=2e-5,
+            optim="paged_adamw_8bit" if device.type == "cuda" else "adamw_torch", bf16=device.type == "cuda",
+            max_steps=args.warmup + args.steps, logging_steps=10_000, save_strategy="no", report_to=[],
+            dataloader_num_workers=0, seed=0, use_cpu=device.type != "cuda", disable_tqdm=True)
+        trainer = Seq2SeqTrainer(model=model, args=training_args, train_dataset=dataset, callbacks=[timer])
+        trainer.train()
+    lora = bc.count_lora_params(model)
+    del trainer, model
+    return dict(times_s=timer.times_s[args.warmup:], losses=[], lora_params=lora)
+
+
+# ----------------------------------------------------------------------------- reporting
+def summarize(path: str, name: str, batch: int, run: dict, config, args, data, matmul_tflops, peak_tflops,
+              recompute: bool) -> dict:
+    step_time_s = statistics.median(run["times_s"])
+    tokens_per_step = float((data["attention_mask"].sum() + (data["labels"] != -100).sum())) / data["labels"].shape[0]
+    flops = bc.train_flops_per_sample(config, args.src_len, args.tgt_len, run["lora_params"])
+    samples_per_s = batch / step_time_s
+    achieved = flops * samples_per_s / 1e12
+    return dict(path=path, setting=name, batch=batch, samples_per_s=samples_per_s,
+                tokens_per_s=tokens_per_step * samples_per_s, step_time_s=step_time_s,
+                peak_mem_gib=(torch.cuda.max_memory_allocated() / 2**30) if torch.cuda.is_available() else None,
+                mfu_measured=achieved / matmul_tflops if matmul_tflops else None,
+                mfu_datasheet=achieved / peak_tflops if peak_tflops else None,
+                achieved_tflops=achieved, flops_per_sample=flops, gradient_checkpointing=recompute,
+                steps_timed=len(run["times_s"]), last_loss=run["losses"][-1] if run["losses"] else None,
+                note="")
+
+
+def run_guarded(fn, *fn_args):
+    """Run one setting; an out-of-memory error becomes a row note instead of ending the sweep."""
+    try:
+        return fn(*fn_args), None
+    except torch.OutOfMemoryError as error:
+        return None, f"OOM: {str(error).splitlines()[0][:80]}"
+    finally:
+        free_memory()
+        if hasattr(torch, "_dynamo"):
+            torch._dynamo.reset()
+
+
+def throughput(args, device) -> None:
+    from sumtune.flops import peak_tflops
+
+    config = bc.t5_config(args.model, **({"num_layers": args.layers} if args.layers else {}))
+    tokenizer = bc.load_t5_tokenizer()
+    data = bc.tokenize_rows(tokenizer, bc.load_billsum_texts(), args.src_len, args.tgt_len)
+    matmul_tflops = bc.measure_bf16_matmul_tflops()
+    peak = peak_tflops(device)
+    print(f"{bc.gpu_name()}: bf16 GEMM {matmul_tflops or 0:.0f} TFLOP/s measured; {args.model} "
+          f"({config.num_layers}+{config.num_decoder_layers} layers) at {args.src_len}/{args.tgt_len}", flush=True)
+    rows = []
+    for batch in args.reference:
+        run, note = run_guarded(time_reference, config, device, data, batch, args)
+        row = (summarize("reference", f"hf-trainer b{batch}", batch, run, config, args, data, matmul_tflops, peak, True)
+               if run else dict(path="reference", setting=f"hf-trainer b{batch}", batch=batch, note=note))
+        rows.append(row)
+        print(row, flush=True)
+    for text in args.fast:
+        setting = parse_setting(text)
+        run, note = run_guarded(time_fast, config, device, data, setting, args)
+        row = (summarize("sumtune-fast", text, setting["batch"], run, config, args, data, matmul_tflops, peak,
+                         setting["gc"]) if run else dict(path="sumtune-fast", setting=text, batch=setting["batch"],
+                                                         note=note))
+        rows.append(row)
+        print(row, flush=True)
+    finish(rows, args, matmul_tflops)
+
+
+def finish(rows: list[dict], args, matmul_tflops) -> None:
+    reference_best = max((r["samples_per_s"] for r in rows if r["path"] == "reference" and "samples_per_s" in r),
+                         default=args.reference_samples_per_s)
+    for row in rows:
+        if reference_best and "samples_per_s" in row:
+            row["speedup"] = row["samples_per_s"] / reference_best
+    fast = [r for r in rows if r["path"] == "sumtune-fast" and "samples_per_s" in r]
+    fastest = max(fast, key=lambda r: r["samples_per_s"], default=None)
+    capped = [r for r in fast if r.get("peak_mem_gib") is not None and r["peak_mem_gib"] <= args.memory_cap_gib]
+    best_capped = max(capped, key=lambda r: r["samples_per_s"], default=None)
+    for row, label in ((fastest, "fastest"), (best_capped, f"best<= {args.memory_cap_gib} GiB")):
+        if row:
+            row["note"] = (row.get("note", "") + " " + label).strip()
+    print()
+    bc.print_table(rows, COLUMNS)
+    if not args.no_save:
+        payload = dict(model=args.model, layers=args.layers, src_len=args.src_len, tgt_len=args.tgt_len,
+                       warmup_steps=args.warmup, timed_steps=args.steps, bf16_matmul_tflops=matmul_tflops,
+                       memory_cap_gib=args.memory_cap_gib, reference_best_samples_per_s=reference_best, lora=REFERENCE_LORA | (
+                           {"target_modules": args.lora_targets} if args.lora_targets else {}),
+                       rows=rows, fastest=fastest and fastest["setting"],
+                       best_under_cap=best_capped and best_capped["setting"])
+        print(f"saved {bc.save_result('train_throughput' + ('-quick' if args.quick else ''), payload)}")
+
+
+# ----------------------------------------------------------------------------- numerics (--numerics)
+def build_numerics_model(config, device, seed: int = 0):
+    """NF4 base as from_pretrained makes it, LoRA on every linear with small random B (as after training)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = bc.quantize_linear4bit(bc.random_t5(config, torch.bfloat16, device), skip=("lm_head", "wo"))
+    model = get_peft_model(model, LoraConfig(r=32, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
+                                             task_type="SEQ_2_SEQ_LM"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+                if "lora_B" in name:
+                    param.normal_(0.0, 0.02)
+    return model.train()
+
+
+def loss_and_grads(model, batch, device):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+        loss = model(**batch).loss
+    loss.backward()
+    return float(loss.detach()), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def grad_errors(grads: dict, reference: dict) -> dict[str, float]:
+    return {n: float((grads[n] - reference[n]).norm() / reference[n].norm().clamp_min(1e-30)) for n in reference}
+
+
+def set_attn_implementation(model, name: str) -> None:
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            config._attn_implementation = name
+
+
+def loss_curve(model, data, device, args) -> tuple[list[float], float]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.curve_lr)  # deterministic, same for both paths
+    losses = []
+    sync(device)
+    start = time.perf_counter()
+    for step in range(args.curve_steps):
+        batch = {k: v.to(device) for k, v in bc.batch_at(data, step, args.numerics_batch).items()}
+        losses.append(float(train_step(model, optimizer, params, batch, device)))
+    sync(device)
+    return losses, time.perf_counter() - start
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    return [statistics.fmean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
+
+
+def run_numerics(args, device) -> None:
+    from sumtune.fast_t5 import disable_fast_t5, enable_fast_t5
+
+    layers = args.layers or (2 if args.quick else 4)
+    config = bc.t5_config(args.model, num_layers=layers, dropout_rate=0.0)  # no dropout: same RNG-free math
+    data = bc.tokenize_rows(bc.load_t5_tokenizer(), bc.load_billsum_texts(), args.src_len, args.tgt_len)
+    model = build_numerics_model(config, device)
+    batch = {k: v.to(device) for k, v in bc.batch_at(data, 0, args.numerics_batch).items()}
+    stock_loss, stock_grads = loss_and_grads(model, batch, device)
+    set_attn_implementation(model, "eager")
+    _, eager_grads = loss_and_grads(model, batch, device)
+    set_attn_implementation(model, "sdpa")
+    enable_fast_t5(model)
+    fast_loss, fast_grads = loss_and_grads(model, batch, device)
+    disable_fast_t5(model)
+    errors, floor = grad_errors(fast_grads, stock_grads), grad_errors(eager_grads, stock_grads)
+    worst = max(errors, key=errors.get)
+    print(f"{args.model} widths, {layers}+{layers} layers, batch {args.numerics_batch} at {args.src_len}/{args.tgt_len}")
+    print(f"loss stock {stock_loss:.6f} fast {fast_loss:.6f} rel diff {abs(fast_loss - stock_loss) / abs(stock_loss):.2e}")
+    print(f"LoRA grad rel err fast vs stock: max {errors[worst]:.3e} ({worst}), median "
+          f"{statistics.median(errors.values()):.3e} over {len(errors)} tensors")
+    print(f"noise floor, stock eager vs stock sdpa: max {max(floor.values()):.3e}, median "
+          f"{statistics.median(floor.values()):.3e}", flush=True)
+
+    initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    curves, seconds = {}, {}
+    for path in ("stock", "fast"):
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in initial:
+                    param.copy_(initial[name])
+        if path == "fast":
+            enable_fast_t5(model)
+        curves[path], seconds[path] = loss_curve(model, data, device, args)
+        disable_fast_t5(model)
+        print(f"{path}: {args.curve_steps} steps in {seconds[path]:.1f} s, loss {curves[path][0]:.4f} -> "
+              f"{curves[path][-1]:.4f}", flush=True)
+    window = max(1, min(20, args.curve_steps // 10))
+    smooth_stock, smooth_fast = smooth(curves["stock"], window), smooth(curves["fast"], window)
+    deviation = max(abs(f - s) / abs(s) for f, s in zip(smooth_fast, smooth_stock))
+    print(f"loss curves ({window}-step moving average): max relative deviation fast vs stock {deviation:.3e}")
+    if not args.no_save:
+        payload = dict(model=args.model, layers=layers, batch=args.numerics_batch, src_len=args.src_len,
+                       tgt_len=args.tgt_len, stock_loss=stock_loss, fast_loss=fast_loss,
+                       grad_rel_err_max=errors[worst], grad_rel_err_worst=worst,
+                       grad_rel_err_median=statistics.median(errors.values()),
+                       eager_vs_sdpa_rel_err_max=max(floor.values()), curve_steps=args.curve_steps,
+                       curve_lr=args.curve_lr, curve_window=window, curve_max_rel_deviation=deviation,
+                       curve_seconds=seconds, curves=curves)
+        name = "fast_t5_numerics" + ("-quick" if args.quick else "")
+        print(f"saved {bc.save_result(name, payload)}")
+
+
+# ----------------------------------------------------------------------------- CLI
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="t5-3b", choices=sorted(bc.T5_SHAPES))
+    parser.add_argument("--layers", type=int, default=None, help="encoder and decoder layers (default: the model's)")
+    parser.add_argument("--src-len", type=int, default=1024)
+    parser.add_argument("--tgt-len", type=int, default=128)
+    parser.add_argument("--reference", default="4,16", help="reference batch sizes, comma-separated ('' = none)")
+    parser.add_argument("--fast", default="b16,b32:gc", help="fast settings, comma-separated ('' = none)")
+    parser.add_argument("--lora-targets", default=None, help="comma-separated LoRA targets (default: v,o)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--reference-samples-per-s", type=float, default=None,
+                        help="reference's best samples/s from an earlier run on the same GPU (for speedup)")
+    parser.add_argument("--memory-cap-gib", type=float, default=15.3)
+    parser.add_argument("--numerics", action="store_true", help="fast vs stock loss/grads + 200-step loss curves")
+    parser.add_argument("--curve-steps", type=int, default=200)
+    parser.add_argument("--curve-lr", type=float, default=1e-4)
+    parser.add_argument("--numerics-batch", type=int, default=4)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes on CPU, a few seconds")
+    parser.add_argument("--no-save", action="store_true")
+    args = parser.parse_args(argv)
+    args.reference = [int(b) for b in args.reference.split(",") if b.strip()]
+    args.fast = [s.strip() for s in args.fast.split(",") if s.strip()]
+    args.lora_targets = args.lora_targets.split(",") if args.lora_targets else None
+    if args.quick:
+        args.model, args.src_len, args.tgt_len = "tiny", 32, 8
+        args.reference, args.fast = [2], ["b2", "b2:gc:cache"]
+        args.warmup, args.steps, args.curve_steps, args.numerics_batch = 1, 2, 20, 2
+    return args
+
+
+def main(argv=None) -> int:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.quick:
+        print("train_throughput needs a CUDA GPU; use --quick for a CPU plumbing check.", file=sys.stderr)
+        return 2
+    if args.numerics:
+        run_numerics(args, device)
+    else:
+        throughput(args, device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""sumtune: QLoRA fine-tuning of T5 summarizers on one GPU, with honest speed and memory numbers."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from sumtune.config import TrainConfig
+from sumtune.errors import SumtuneError
+
+__all__ = ["TrainConfig", "SumtuneError", "train", "evaluate", "Summarizer", "merge_run", "memory_report"]
+
+
+def __getattr__(name: str):
+    # Heavy modules (torch models, PEFT, bitsandbytes) load only when used.
+    if name in ("train", "evaluate"):
+        from sumtune import api
+
+        return getattr(api, name)
+    if name in ("Summarizer", "merge_run"):
+        from sumtune import inference
+
+        return getattr(inference, name)
+    if name == "memory_report":
+        from sumtune.memory import memory_report
+
+        return memory_report
+    raise AttributeError(f"module 'sumtune' has no attribute {name!r}")

@@ -1,0 +1,5 @@
+import sys
+
+from sumtune.cli import main
+
+sys.exit(main())

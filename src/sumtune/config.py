@@ -1,0 +1,168 @@
+"""Every option of a sumtune run, with its meaning and its validation, in one dataclass.
+
+YAML keys are these field names; every field is also a `--field-name` flag of `sumtune train`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from sumtune.errors import SumtuneError
+
+Quantization = Literal["nf4", "fp4", "int8", "none"]
+ComputeDtype = Literal["bf16", "fp16", "fp32"]
+
+
+@dataclass
+class TrainConfig:
+    # ---- model -------------------------------------------------------------------------------------
+    model: str = "t5-3b"
+    """Base model: a Hugging Face hub id, a local directory, `tiny` (a small random T5 for demos and tests) or `random:<t5-small|t5-base|t5-large|t5-3b|t5-11b>` (real shapes, random weights: for benchmarks)."""
+    tokenizer: str | None = None
+    """Tokenizer hub id or directory; by default the model's own (for `tiny`/`random:` models: a word-level tokenizer built from the training texts)."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub repository to run (off: only transformers' own model code runs)."""
+    quantization: Quantization = "nf4"
+    """How the frozen base weights are stored: 4-bit NF4 (QLoRA), 4-bit FP4, 8-bit LLM.int8, or none (plain compute dtype)."""
+    double_quant: bool = True
+    """Quantize the 4-bit quantization constants too (QLoRA's double quantization, ~0.4 bit/parameter saved)."""
+    compute_dtype: ComputeDtype = "bf16"
+    """Dtype of matrix products and activations. bf16 is the sane default: T5 overflows in fp16."""
+
+    # ---- LoRA --------------------------------------------------------------------------------------
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: float = 32.0
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA branch input."""
+    lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names that get LoRA adapters (e.g. `v o`), or `all-linear` for every linear layer but the output head."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full and saved with the adapter (e.g. `lm_head`; T5 ties it to the embeddings: sumtune unties it for you)."""
+
+    # ---- data --------------------------------------------------------------------------------------
+    dataset: str = "billsum"
+    """`billsum` (FiscalNote/billsum from the hub), `demo` (small corpus shipped inside sumtune), a .jsonl/.csv/.parquet file, a `save_to_disk` directory, or a hub dataset name."""
+    dataset_split: str = "ca_test"
+    """Split of a hub dataset to read (BillSum's `ca_test` is the reference recipe's)."""
+    text_column: str = "text"
+    """Column holding the document to summarize."""
+    summary_column: str = "summary"
+    """Column holding the reference summary."""
+    eval_ratio: float = 0.2
+    """Share of the rows held out for evaluation (deterministic split by `seed`)."""
+    eval_dataset: str | None = None
+    """A separate evaluation file or dataset; when set, `eval_ratio` is not used."""
+    source_prefix: str = "summarize: "
+    """Text put before every document (T5's task prefix)."""
+    max_source_tokens: int = 1024
+    """Documents are truncated to this many tokens."""
+    max_target_tokens: int = 128
+    """Reference summaries are truncated to this many tokens for training."""
+    max_samples: int | None = None
+    """Use at most this many rows of the dataset (before the split); none = all."""
+    empty_rows: Literal["skip", "error"] = "skip"
+    """Rows with an empty text or summary: skip them (and report how many) or refuse the dataset."""
+    group_by_length: bool = False
+    """Batch documents of similar length together (less padding, same samples per epoch)."""
+    seed: int = 42
+    """Seed for the split, data order, LoRA initialisation and dropout."""
+
+    # ---- training ----------------------------------------------------------------------------------
+    output_dir: str = "runs/sumtune"
+    """Run directory: adapter, tokenizer, resolved config, metrics, TensorBoard logs, checkpoints, model card."""
+    overwrite: bool = False
+    """Allow writing into an output directory that already holds a run."""
+    epochs: float = 4.0
+    """Passes over the training split (ignored when `max_steps` is set)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps; none = run `epochs`."""
+    batch_size: int = 16
+    """Micro-batch size (samples per forward pass)."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step (effective batch = batch_size × grad_accum_steps)."""
+    optimizer: Literal["paged_adamw_8bit", "adamw_8bit", "adamw"] = "paged_adamw_8bit"
+    """Optimizer for the adapter weights: bitsandbytes paged 8-bit AdamW (QLoRA), 8-bit AdamW, or torch AdamW."""
+    lr: float = 2e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear warm-up steps from 0 to `lr`."""
+    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Learning-rate decay after warm-up (to 0 at the last step for linear and cosine)."""
+    max_grad_norm: float | None = 1.0
+    """Clip the gradient norm to this value; none = no clipping."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+    fast_kernels: bool = True
+    """sumtune's fast T5 path (efficient attention with the position bias, fused norms, no fp32 upcasts); off = stock transformers T5."""
+    compile: bool = False
+    """torch.compile the T5 blocks (GPU; slow to start, faster steps)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train: the GPU when there is one (auto), or forced."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+    pin_memory: bool = True
+    """Pin host batches for faster non-blocking copies to the GPU (ignored on the CPU)."""
+
+    # ---- evaluation and logging --------------------------------------------------------------------
+    eval_every_steps: int | None = None
+    """Evaluate every N optimizer steps; none = after each epoch."""
+    eval_max_samples: int | None = None
+    """Evaluate on at most this many held-out rows during training; none = all."""
+    eval_batch_size: int = 32
+    """Documents per generation batch."""
+    num_beams: int = 1
+    """Beam width for generation (1 = greedy)."""
+    max_new_tokens: int | None = None
+    """Longest generated summary in tokens; none = `max_target_tokens` (never transformers' 20-token default)."""
+    keep_last_checkpoints: int = 2
+    """How many recent checkpoints to keep besides the best one."""
+    log_every_steps: int = 10
+    """Write train metrics every N optimizer steps."""
+    progress: bool = True
+    """Show progress bars (off: plain log lines, for CI and log files)."""
+    profile_steps: int | None = None
+    """Profile this many training steps with torch.profiler (after 1 wait and 1 warm-up step) and write a trace and summary under RUN_DIR/profile."""
+
+    def __post_init__(self) -> None:
+        positive_ints = ["lora_r", "max_source_tokens", "max_target_tokens", "batch_size", "grad_accum_steps",
+                         "eval_batch_size", "num_beams", "log_every_steps"]
+        for name in positive_ints:
+            if getattr(self, name) <= 0:
+                raise SumtuneError(f"`{name}` must be greater than 0, got {getattr(self, name)}.")
+        for name in ["max_steps", "max_samples", "eval_every_steps", "eval_max_samples", "max_new_tokens",
+                     "profile_steps"]:
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise SumtuneError(f"`{name}` must be greater than 0 or none, got {value}.")
+        if self.lr <= 0:
+            raise SumtuneError(f"`lr` must be greater than 0, got {self.lr}.")
+        if self.lora_alpha <= 0:
+            raise SumtuneError(f"`lora_alpha` must be greater than 0, got {self.lora_alpha}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise SumtuneError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout}.")
+        if not 0.0 < self.eval_ratio < 1.0:
+            raise SumtuneError(f"`eval_ratio` must be strictly between 0 and 1, got {self.eval_ratio}.")
+        if self.epochs <= 0:
+            raise SumtuneError(f"`epochs` must be greater than 0, got {self.epochs}.")
+        if self.weight_decay < 0 or self.warmup_steps < 0 or self.num_workers < 0 or self.keep_last_checkpoints < 0:
+            raise SumtuneError("`weight_decay`, `warmup_steps`, `num_workers` and `keep_last_checkpoints` "
+                               "must not be negative.")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise SumtuneError(f"`max_grad_norm` must be greater than 0 or none, got {self.max_grad_norm}.")
+        if not self.lora_targets:
+            raise SumtuneError("`lora_targets` must name at least one module (or `all-linear`).")
+        if not self.model.strip():
+            raise SumtuneError("`model` must not be empty.")
+
+    @property
+    def generation_max_new_tokens(self) -> int:
+        return self.max_new_tokens or self.max_target_tokens
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.batch_size * self.grad_accum_steps

@@ -1,0 +1,57 @@
+"""Attention biases for the fast T5 path: relative position bias with the padding/causal masks folded in.
+
+All functions are pure. Masks are additive in the compute dtype: 0 where a key is attended and
+``torch.finfo(dtype).min`` where it is masked, exactly what stock transformers puts there
+(``create_position_bias_mask`` uses ``torch.where(mask, position_bias, finfo.min)``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def relative_position_bias(attention: torch.nn.Module, query_len: int, key_len: int,
+                           device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(1, H, query_len, key_len) bias from a T5Attention that owns ``relative_attention_bias``.
+
+    Computed without autograd when the bias table is frozen (QLoRA: it is), so SDPA sees a
+    bias that needs no gradient and can use the memory-efficient kernel.
+    """
+    needs_grad = attention.relative_attention_bias.weight.requires_grad and torch.is_grad_enabled()
+    with torch.set_grad_enabled(needs_grad):
+        bias = attention.compute_bias(query_len, key_len, device=device)
+    return bias.to(dtype)
+
+
+def _all_kept(mask: torch.Tensor) -> bool:
+    # One host sync per stack: lets unpadded batches keep the broadcast (1, H, L, L) bias
+    # instead of materialising B x H x L x L (1 GiB at B=16, L=1024, 32 heads).
+    return bool(mask.all())
+
+
+def encoder_self_bias(position_bias: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Bias for bidirectional self-attention: (1, H, L, L) without padding, else (B, H, L, L)."""
+    if attention_mask is None or _all_kept(attention_mask):
+        return position_bias
+    keep = attention_mask.to(torch.bool)[:, None, None, :]
+    return torch.where(keep, position_bias, torch.finfo(position_bias.dtype).min)
+
+
+def decoder_self_bias(position_bias: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Bias for causal self-attention: causal mask (and key padding, if any) folded into the bias."""
+    query_len, key_len = position_bias.shape[-2:]
+    device = position_bias.device
+    keep = (torch.arange(query_len, device=device)[:, None] >= torch.arange(key_len, device=device)[None, :])
+    keep = keep[None, None]
+    if attention_mask is not None and not _all_kept(attention_mask):
+        keep = keep & attention_mask.to(torch.bool)[:, None, None, :]
+    return torch.where(keep, position_bias, torch.finfo(position_bias.dtype).min)
+
+
+def cross_attention_bias(encoder_attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """(B, 1, 1, S) additive key-padding bias for cross-attention (T5 has no position bias there), or None."""
+    if encoder_attention_mask is None or _all_kept(encoder_attention_mask):
+        return None
+    keep = encoder_attention_mask.to(torch.bool)[:, None, None, :]
+    zero = torch.zeros((), dtype=dtype, device=keep.device)
+    return torch.where(keep, zero, torch.finfo(dtype).min)

@@ -1,0 +1,161 @@
+"""Fast forwards bound onto T5 module instances by :func:`sumtune.fast_t5.enable_fast_t5`.
+
+Each function has the signature of the stock ``forward`` it replaces and is attached per
+instance (``module.forward = MethodType(fn, module)``), so deleting the instance attribute
+restores the stock class method. The attention forward only takes the fast route when the
+fast stack calls it (it passes ``FAST_KW``); any other caller gets stock behaviour.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from sumtune.fast_t5 import bias as bias_lib
+
+FAST_KW = "_sumtune_fast"
+COMPUTE_DTYPE_ATTR = "_sumtune_compute_dtype"
+
+
+def _compute_dtype(module: torch.nn.Module) -> torch.dtype:
+    return getattr(module, COMPUTE_DTYPE_ATTR)
+
+
+# --------------------------------------------------------------------------- attention
+def fast_attention_forward(self, hidden_states, mask=None, key_value_states=None, position_bias=None,
+                           past_key_values=None, **kwargs):
+    """T5Attention: q/k/v in the compute dtype, one SDPA call with the precomputed additive bias.
+
+    From the fast stack, ``position_bias`` already holds relative bias + padding/causal mask
+    (self-attention) or the key-padding bias / None (cross-attention), and ``mask`` is None.
+    """
+    if not kwargs.pop(FAST_KW, False) or past_key_values is not None or mask is not None:
+        return type(self).forward(self, hidden_states, mask=mask, key_value_states=key_value_states,
+                                  position_bias=position_bias, past_key_values=past_key_values, **kwargs)
+    dtype = _compute_dtype(self)
+    batch, query_len = hidden_states.shape[:2]
+    source = hidden_states if key_value_states is None else key_value_states
+    heads, head_dim = self.n_heads, self.key_value_proj_dim
+    query = self.q(hidden_states).view(batch, query_len, heads, head_dim).transpose(1, 2).to(dtype)
+    key = self.k(source).view(batch, -1, heads, head_dim).transpose(1, 2).to(dtype)
+    value = self.v(source).view(batch, -1, heads, head_dim).transpose(1, 2).to(dtype)
+    if position_bias is None and self.has_relative_attention_bias:  # direct call, not via the stack
+        position_bias = bias_lib.relative_position_bias(self, query_len, key.shape[2], query.device, dtype)
+        if self.is_decoder and key_value_states is None:
+            position_bias = bias_lib.decoder_self_bias(position_bias, None)
+    # T5 does not scale q.k (scale=1.0); dropout on the attention probabilities as stock does.
+    output = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=position_bias,
+        dropout_p=self.dropout if self.training else 0.0, scale=1.0)
+    output = output.transpose(1, 2).reshape(batch, query_len, heads * head_dim)
+    return self.o(output), position_bias, None
+
+
+# --------------------------------------------------------------------------- layer norm
+def _rms_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """T5LayerNorm's exact rounding with a fused kernel.
+
+    F.rms_norm accumulates half inputs in fp32 (opmath) and rounds once, which is what
+    T5LayerNorm's ``(x.float() * rsqrt(var + eps)).to(weight.dtype)`` does; the weight is then
+    applied in the weight's dtype, as stock. An fp32 weight (after prepare_model_for_kbit_training)
+    gets stock's fp32 result.
+    """
+    shape = (hidden_states.shape[-1],)
+    weight = self.weight
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        normed = F.rms_norm(hidden_states, shape, None, self.variance_epsilon).to(weight.dtype)
+        return weight * normed
+    return F.rms_norm(hidden_states.float(), shape, weight.float(), self.variance_epsilon)
+
+
+def fast_layer_norm_forward(self, hidden_states):
+    """In-block T5LayerNorm: fused RMSNorm whose output is in the compute dtype (feeds q/k/v or wi)."""
+    return _rms_norm(self, hidden_states).to(_compute_dtype(self))
+
+
+def fast_final_layer_norm_forward(self, hidden_states):
+    """Final stack norm: fused RMSNorm, output dtype as stock (weight dtype if half, else fp32).
+
+    Stock dtype here keeps lm_head / cross-attention inputs exactly as the stock model types them.
+    """
+    return _rms_norm(self, hidden_states)
+
+
+# --------------------------------------------------------------------------- feed-forward
+def fast_dense_act_dense_forward(self, hidden_states):
+    """T5DenseActDense with ``wo`` fed in the compute dtype (stock upcasts to wo's fp32 weight)."""
+    hidden_states = self.dropout(self.act(self.wi(hidden_states)))
+    return self.wo(hidden_states.to(_compute_dtype(self)))
+
+
+def fast_dense_gated_act_dense_forward(self, hidden_states):
+    """T5DenseGatedActDense (T5 v1.1 / flan) with ``wo`` fed in the compute dtype."""
+    hidden_states = self.act(self.wi_0(hidden_states)) * self.wi_1(hidden_states)
+    hidden_states = self.dropout(hidden_states)
+    return self.wo(hidden_states.to(_compute_dtype(self)))
+
+
+# --------------------------------------------------------------------------- stack
+def _output_flag(self, kwargs: dict, name: str) -> bool:
+    value = kwargs.get(name)
+    return bool(value if value is not None else getattr(self.config, name, False))
+
+
+def can_take_fast_route(self, past_key_values, use_cache, kwargs: dict) -> bool:
+    """Fast only for cache-free forwards (training, eval loss, the encoder during generate)."""
+    if past_key_values is not None or use_cache is True:
+        return False
+    if kwargs.get("return_dict") is False:
+        return False
+    return not (_output_flag(self, kwargs, "output_attentions") or _output_flag(self, kwargs, "output_hidden_states"))
+
+
+def _autocast_context(self, device: torch.device):
+    """Autocast to the compute dtype when the stack holds frozen weights in another float dtype.
+
+    That is the case after ``peft.prepare_model_for_kbit_training`` (it upcasts ``wo``, norms and
+    embeddings to fp32); without it every fp32 ``nn.Linear`` would run an fp32 GEMM.
+    """
+    if not getattr(self, "_sumtune_mixed_dtypes", False) or torch.is_autocast_enabled(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=_compute_dtype(self))
+
+
+def fast_stack_forward(self, input_ids=None, attention_mask=None, encoder_hidden_states=None,
+                       encoder_attention_mask=None, inputs_embeds=None, past_key_values=None,
+                       use_cache=None, **kwargs):
+    """T5Stack: biases built once per stack in the compute dtype, blocks called with them."""
+    if not can_take_fast_route(self, past_key_values, use_cache, kwargs):
+        return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
+                                  encoder_hidden_states=encoder_hidden_states,
+                                  encoder_attention_mask=encoder_attention_mask, inputs_embeds=inputs_embeds,
+                                  past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+    from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
+
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+    if inputs_embeds is None:
+        inputs_embeds = self.embed_tokens(input_ids)
+    dtype = _compute_dtype(self)
+    device = inputs_embeds.device
+    seq_len = inputs_embeds.shape[1]
+    with _autocast_context(self, device):
+        first_attention = self.block[0].layer[0].SelfAttention
+        position_bias = bias_lib.relative_position_bias(first_attention, seq_len, seq_len, device, dtype)
+        if self.is_decoder:
+            self_bias = bias_lib.decoder_self_bias(position_bias, attention_mask)
+        else:
+            self_bias = bias_lib.encoder_self_bias(position_bias, attention_mask)
+        cross_bias = None
+        if self.is_decoder and encoder_hidden_states is not None:
+            cross_bias = bias_lib.cross_attention_bias(encoder_attention_mask, dtype)
+
+        hidden_states = self.dropout(inputs_embeds)
+        for block in self.block:
+            # Positional order matches T5Block.forward; tensors positional for reentrant checkpointing.
+            hidden_states = block(hidden_states, None, self_bias, encoder_hidden_states, None, cross_bias,
+                                  **{FAST_KW: True})[0]
+        hidden_states = self.dropout(self.final_layer_norm(hidden_states))
+    return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden_states, past_key_values=None)

@@ -1,0 +1,149 @@
+"""`generate_ids`: batched summarization generation for a dense T5 (see `prepare_inference_model`)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from sumtune.errors import SumtuneError
+from sumtune.generation.greedy import GreedySession, trim_rows
+from sumtune.generation.t5_decode import ATTENTION_MODES, DecoderWeights
+
+GRAPH_PAD_MULTIPLE = 64  # with CUDA graphs, pad source length to a multiple of this so shapes (graphs) repeat
+
+
+def generate_ids(
+    model: nn.Module,
+    input_ids: Sequence[Sequence[int]],
+    *,
+    pad_token_id: int,
+    eos_token_id: int,
+    decoder_start_token_id: int,
+    max_new_tokens: int,
+    num_beams: int = 1,
+    batch_size: int = 32,
+    length_penalty: float = 1.0,
+    use_cuda_graphs: bool | None = None,
+    min_new_tokens: int = 0,
+    encoder_batch_size: int = 16,
+    attention: str = "auto",
+    compile_step: bool = False,
+    early_stopping: bool | str = False,
+    pad_to_multiple_of: int | None = None,
+) -> list[list[int]]:
+    """Generated token ids for each input, in input order.
+
+    Each result is what transformers' `generate` returns for that row minus the decoder start token and
+    minus trailing padding: it ends with `eos_token_id` if eos was produced (nothing after it), otherwise it
+    holds exactly `max_new_tokens` tokens. No logits processors are applied besides `min_new_tokens`
+    (eos forbidden before it), whatever the model's generation_config says.
+
+    Inputs are sorted by length (longest first) and batched, each batch padded to its own longest input
+    (rounded up to `pad_to_multiple_of`: default 64 with CUDA graphs so graphs get reused, else 1), and the encoder runs once per batch in chunks of
+    `encoder_batch_size`. Greedy (`num_beams == 1`) runs sumtune's own decoder step on static buffers,
+    captured in CUDA graphs on CUDA (`use_cuda_graphs=None` means "on CUDA"), stopping when all rows are
+    done. `attention` picks how attention memory is cached ("kv", "hidden", or "auto"; see t5_decode).
+    Beam search runs transformers' `generate` on the same model with the precomputed encoder output.
+    """
+    _check_arguments(model, input_ids, max_new_tokens, min_new_tokens, num_beams, batch_size, attention)
+    device = next(model.parameters()).device
+    graphs = device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
+    if graphs and device.type != "cuda":
+        raise SumtuneError("use_cuda_graphs=True needs the model on a CUDA device.")
+    pad_multiple = pad_to_multiple_of or (GRAPH_PAD_MULTIPLE if graphs else 1)
+    order = sorted(range(len(input_ids)), key=lambda i: -len(input_ids[i]))  # stable: ties keep input order
+    results: list[list[int]] = [[] for _ in input_ids]
+    with torch.inference_mode(), _eval_mode(model):
+        weights = DecoderWeights.from_model(model) if num_beams == 1 else None
+        session: GreedySession | None = None
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            ids, mask = pad_batch([input_ids[i] for i in rows], pad_token_id, pad_multiple, device)
+            encoder_out = encode(model, ids, mask, encoder_batch_size)
+            if weights is None:
+                outputs = beam_search(model, encoder_out, mask, pad_token_id=pad_token_id,
+                                      eos_token_id=eos_token_id, decoder_start_token_id=decoder_start_token_id,
+                                      max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                      num_beams=num_beams, length_penalty=length_penalty,
+                                      early_stopping=early_stopping)
+            else:
+                if session is None or session.shape != tuple(ids.shape):
+                    session = None  # free the previous shape's buffers and graphs first
+                    session = GreedySession(
+                        weights, batch=ids.shape[0], src_len=ids.shape[1], max_new_tokens=max_new_tokens,
+                        attention=weights.resolve_attention(attention), pad_token_id=pad_token_id,
+                        eos_token_id=eos_token_id, use_cuda_graphs=graphs, compile_step=compile_step)
+                outputs = session.run(encoder_out, mask, decoder_start_token_id=decoder_start_token_id,
+                                      min_new_tokens=min_new_tokens)
+            for row, out in zip(rows, outputs):
+                results[row] = out
+    return results
+
+
+def _check_arguments(model, input_ids, max_new_tokens, min_new_tokens, num_beams, batch_size, attention) -> None:
+    from transformers import T5ForConditionalGeneration
+
+    if not isinstance(model, T5ForConditionalGeneration):
+        raise SumtuneError("generate_ids needs a dense T5ForConditionalGeneration; "
+                           "call prepare_inference_model on the training model first.")
+    if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
+        raise SumtuneError("generate_ids needs dense weights; call prepare_inference_model on the quantized model.")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise SumtuneError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+    if not 0 <= min_new_tokens <= max_new_tokens:
+        raise SumtuneError(f"min_new_tokens must be between 0 and max_new_tokens, got {min_new_tokens}.")
+    if num_beams < 1 or batch_size < 1:
+        raise SumtuneError("num_beams and batch_size must be at least 1.")
+    if attention not in ATTENTION_MODES:
+        raise SumtuneError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}.")
+    if any(len(ids) == 0 for ids in input_ids):
+        raise SumtuneError("Every input must have at least one token.")
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Dropout off while generating; the caller's train/eval mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def pad_batch(rows: Sequence[Sequence[int]], pad_token_id: int, multiple: int,
+              device: torch.device) -> tuple[Tensor, Tensor]:
+    """Right-padded input ids and attention mask, length = longest row rounded up to `multiple`."""
+    longest = max(len(r) for r in rows)
+    length = -(-longest // multiple) * multiple
+    ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.as_tensor(list(row), dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+
+
+def encode(model: nn.Module, ids: Tensor, mask: Tensor, chunk: int) -> Tensor:
+    """Encoder output [B, S, D], computed `chunk` rows at a time to bound attention-bias memory."""
+    parts = [model.encoder(input_ids=ids[i:i + chunk], attention_mask=mask[i:i + chunk]).last_hidden_state
+             for i in range(0, ids.shape[0], chunk)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def beam_search(model: nn.Module, encoder_out: Tensor, mask: Tensor, *, pad_token_id: int, eos_token_id: int,
+                decoder_start_token_id: int, max_new_tokens: int, min_new_tokens: int, num_beams: int,
+                length_penalty: float, early_stopping: bool | str) -> list[list[int]]:
+    """transformers beam search from a precomputed encoder output (the encoder is not run again)."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    sequences = model.generate(
+        encoder_outputs=BaseModelOutput(last_hidden_state=encoder_out), attention_mask=mask,
+        decoder_start_token_id=decoder_start_token_id, pad_token_id=pad_token_id, eos_token_id=eos_token_id,
+        bos_token_id=None, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None,
+        num_beams=num_beams, num_return_sequences=1, do_sample=False, length_penalty=length_penalty,
+        early_stopping=early_stopping)
+    return trim_rows(sequences[:, 1:].tolist(), eos_token_id)

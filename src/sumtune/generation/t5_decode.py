@@ -1,0 +1,265 @@
+"""One greedy T5 decoder step on static buffers, written against the module weights directly.
+
+Every tensor the step reads or writes lives in a `DecodeState` allocated once per batch shape, and the
+step has no host synchronisation, so it can be captured in a CUDA graph and replayed.
+
+Two ways to run attention over a memory (encoder output for cross-attention, earlier decoder positions
+for self-attention), chosen by `attention`:
+- "kv": cache the projected keys/values (as transformers does): reads 2*H*d_kv numbers per memory token.
+- "hidden": cache the memory itself (the encoder output, or each layer's normed decoder input) and move the
+  key/value projections to the query side: score_h = (W_k,h^T q_h) . x_j and out_h = W_v,h (sum_j p_hj x_j).
+  Reads d_model numbers per token, 4x fewer bytes than "kv" for t5-3b (H*d_kv = 4096 vs d_model = 1024),
+  and needs no key/value cache memory beyond the hidden states. Same maths, different bf16 rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ATTENTION_MODES = ("auto", "kv", "hidden")
+
+
+@dataclass
+class LayerWeights:
+    ln_self: Tensor
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    o: Tensor
+    ln_cross: Tensor
+    cq: Tensor
+    ck: Tensor
+    cv: Tensor
+    co: Tensor
+    ln_ff: Tensor
+    wi: tuple[Tensor, ...]  # (wi,) for relu/gelu, (wi_0, wi_1) for gated
+    wo: Tensor
+
+
+@dataclass
+class DecoderWeights:
+    """References (not copies) to the decoder weights of a dense `T5ForConditionalGeneration`."""
+
+    embed: Tensor
+    layers: list[LayerWeights]
+    final_ln: Tensor
+    lm_head: Tensor
+    relative_bias: nn.Module  # decoder block 0 SelfAttention (has the bucket function and the table)
+    act: Callable[[Tensor], Tensor]
+    n_heads: int
+    d_kv: int
+    d_model: int
+    eps: float
+    scale_output: bool
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "DecoderWeights":
+        decoder = model.decoder
+        layers = []
+        for block in decoder.block:
+            self_attn, cross_attn, ff = block.layer[0], block.layer[1], block.layer[2]
+            sa, ca, dense = self_attn.SelfAttention, cross_attn.EncDecAttention, ff.DenseReluDense
+            wi = (dense.wi_0.weight, dense.wi_1.weight) if hasattr(dense, "wi_0") else (dense.wi.weight,)
+            layers.append(LayerWeights(
+                self_attn.layer_norm.weight, sa.q.weight, sa.k.weight, sa.v.weight, sa.o.weight,
+                cross_attn.layer_norm.weight, ca.q.weight, ca.k.weight, ca.v.weight, ca.o.weight,
+                ff.layer_norm.weight, wi, dense.wo.weight))
+        first = decoder.block[0].layer[0].SelfAttention
+        return cls(
+            embed=decoder.embed_tokens.weight, layers=layers, final_ln=decoder.final_layer_norm.weight,
+            lm_head=model.lm_head.weight, relative_bias=first,
+            act=decoder.block[0].layer[2].DenseReluDense.act, n_heads=first.n_heads,
+            d_kv=first.key_value_proj_dim, d_model=model.config.d_model,
+            eps=decoder.final_layer_norm.variance_epsilon,
+            scale_output=bool(getattr(model.config, "scale_decoder_outputs", True)))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    def resolve_attention(self, attention: str) -> str:
+        """"auto" -> "hidden" when caching hidden states reads fewer bytes than caching keys/values."""
+        if attention == "auto":
+            return "hidden" if self.n_heads * self.d_kv > self.d_model else "kv"
+        return attention
+
+
+@dataclass
+class DecodeState:
+    """Static buffers of one batch shape; the step reads and updates them in place."""
+
+    tokens: Tensor  # [B] token fed at this step
+    step: Tensor  # [1] index of the token being produced
+    finished: Tensor  # [B] saw eos
+    out: Tensor  # [B, T] produced tokens (pad after eos)
+    self_bias: Tensor  # [T, H, T] relative bias of query t over key j; future keys hold dtype-min
+    eos_bias: Tensor  # [T] float32: -inf while step < min_new_tokens, else 0
+    cross_bias: Tensor  # [B, 1, 1, S] 0 for real encoder tokens, dtype-min for padding
+    self_memory: list[tuple[Tensor, ...]] = field(default_factory=list)  # per layer: (K, V) or (X,)
+    cross_memory: list[tuple[Tensor, ...]] = field(default_factory=list)  # per layer: (K, V) or (enc,)
+
+
+def new_state(w: DecoderWeights, batch: int, src_len: int, max_new_tokens: int, attention: str,
+              device: torch.device) -> DecodeState:
+    dtype, heads, d_kv, steps = w.dtype, w.n_heads, w.d_kv, max_new_tokens
+    long = dict(dtype=torch.long, device=device)
+    state = DecodeState(
+        tokens=torch.zeros(batch, **long), step=torch.zeros(1, **long),
+        finished=torch.zeros(batch, dtype=torch.bool, device=device),
+        out=torch.zeros(batch, steps, **long),
+        self_bias=self_bias_table(w, steps, device),
+        eos_bias=torch.zeros(steps, dtype=torch.float32, device=device),
+        cross_bias=torch.zeros(batch, 1, 1, src_len, dtype=dtype, device=device))
+    def zeros(*shape):
+        return torch.zeros(*shape, dtype=dtype, device=device)
+    if attention == "kv":
+        state.self_memory = [(zeros(batch, heads, steps, d_kv), zeros(batch, heads, steps, d_kv)) for _ in w.layers]
+        state.cross_memory = [(zeros(batch, heads, src_len, d_kv), zeros(batch, heads, src_len, d_kv))
+                              for _ in w.layers]
+    else:
+        state.self_memory = [(zeros(batch, steps, w.d_model),) for _ in w.layers]
+        encoder_out = zeros(batch, src_len, w.d_model)  # one buffer shared by all layers
+        state.cross_memory = [(encoder_out,) for _ in w.layers]
+    return state
+
+
+@torch.no_grad()
+def self_bias_table(w: DecoderWeights, steps: int, device: torch.device) -> Tensor:
+    """Decoder relative position bias for every (query step, key position), future keys masked."""
+    attn = w.relative_bias
+    query = torch.arange(steps, device=device)[:, None]
+    key = torch.arange(steps, device=device)[None, :]
+    buckets = attn._relative_position_bucket(key - query, bidirectional=False,
+                                             num_buckets=attn.relative_attention_num_buckets,
+                                             max_distance=attn.relative_attention_max_distance)
+    bias = attn.relative_attention_bias(buckets).to(w.dtype)  # [T, T, H]
+    bias = bias.masked_fill((key > query)[..., None], torch.finfo(w.dtype).min)
+    return bias.permute(0, 2, 1).contiguous()  # [T, H, T]
+
+
+@torch.no_grad()
+def load_batch(state: DecodeState, w: DecoderWeights, encoder_out: Tensor, encoder_mask: Tensor,
+               decoder_start_token_id: int, pad_token_id: int, min_new_tokens: int) -> None:
+    """Reset the state for a new batch: encoder memory, masks, empty self-attention memory."""
+    state.tokens.fill_(decoder_start_token_id)
+    state.step.zero_()
+    state.finished.zero_()
+    state.out.fill_(pad_token_id)
+    state.eos_bias.zero_()
+    state.eos_bias[:min_new_tokens] = float("-inf")
+    bias = torch.zeros(encoder_mask.shape, dtype=w.dtype, device=encoder_mask.device)
+    state.cross_bias.copy_(bias.masked_fill(encoder_mask == 0, torch.finfo(w.dtype).min)[:, None, None, :])
+    for memory in state.self_memory:
+        for buf in memory:
+            buf.zero_()  # stale values are masked, but must not be inf/nan (0 * nan = nan)
+    batch, src_len, _ = encoder_out.shape
+    for lw, memory in zip(w.layers, state.cross_memory):
+        if len(memory) == 1:
+            memory[0].copy_(encoder_out)
+        else:
+            for buf, weight in zip(memory, (lw.ck, lw.cv)):
+                buf.copy_(F.linear(encoder_out, weight).view(batch, src_len, w.n_heads, w.d_kv).transpose(1, 2))
+
+
+def rms_norm(h: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """T5LayerNorm, with the same casts (fp32 variance, cast back before the scale)."""
+    variance = h.to(torch.float32).pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + eps)
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        h = h.to(weight.dtype)
+    return weight * h
+
+
+def kv_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+    """q [B,H,1,dk] over cached k/v [B,H,L,dk]; T5 does not scale scores."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+
+
+def hidden_attention(q: Tensor, wk: Tensor, wv: Tensor, memory: Tensor, bias: Tensor) -> Tensor:
+    """q [B,H,dk] over memory [B,L,D] with the k/v projections wk, wv [H*dk, D] moved to the query side."""
+    batch, heads, d_kv = q.shape
+    wk_h = wk.view(heads, d_kv, -1)
+    q_mem = torch.bmm(q.transpose(0, 1), wk_h).transpose(0, 1)  # [B,H,D]
+    scores = torch.bmm(q_mem, memory.transpose(1, 2))  # [B,H,L]
+    probs = torch.softmax(scores.float() + bias.float(), dim=-1).to(memory.dtype)
+    ctx_mem = torch.bmm(probs, memory)  # [B,H,D]
+    ctx = torch.bmm(ctx_mem.transpose(0, 1), wv.view(heads, d_kv, -1).transpose(1, 2))  # [H,B,dk]
+    return ctx.transpose(0, 1).reshape(batch, heads * d_kv)  # [B, H*dk]
+
+
+def _clamp_fp16(h: Tensor) -> Tensor:
+    if h.dtype != torch.float16:
+        return h
+    big = torch.finfo(h.dtype).max
+    limit = torch.where(torch.isinf(h).any(), big - 1000, big)
+    return torch.clamp(h, min=-limit, max=limit)
+
+
+def decode_step(w: DecoderWeights, state: DecodeState, kv_len: int, pad_token_id: int, eos_token_id: int) -> None:
+    """Produce the token at position `state.step` for every row and advance. Attends to the first `kv_len`
+    self-attention positions (a static size >= step + 1; later positions are masked anyway)."""
+    batch, heads, d_kv = state.tokens.shape[0], w.n_heads, w.d_kv
+    step = state.step
+    h = F.embedding(state.tokens, w.embed)  # [B, D]
+    self_bias = state.self_bias.index_select(0, step)[:, :, :kv_len]  # [1, H, L]
+    for lw, self_mem, cross_mem in zip(w.layers, state.self_memory, state.cross_memory):
+        n = rms_norm(h, lw.ln_self, w.eps)
+        q = F.linear(n, lw.q)
+        if len(self_mem) == 2:
+            k_cache, v_cache = self_mem
+            k_cache.index_copy_(2, step, F.linear(n, lw.k).view(batch, heads, 1, d_kv))
+            v_cache.index_copy_(2, step, F.linear(n, lw.v).view(batch, heads, 1, d_kv))
+            attn = kv_attention(q.view(batch, heads, 1, d_kv), k_cache[:, :, :kv_len], v_cache[:, :, :kv_len],
+                                self_bias.unsqueeze(2)).reshape(batch, heads * d_kv)
+        else:
+            x_cache = self_mem[0]
+            x_cache.index_copy_(1, step, n.unsqueeze(1))
+            attn = hidden_attention(q.view(batch, heads, d_kv), lw.k, lw.v, x_cache[:, :kv_len], self_bias)
+        h = _clamp_fp16(h + F.linear(attn, lw.o))
+
+        n = rms_norm(h, lw.ln_cross, w.eps)
+        q = F.linear(n, lw.cq)
+        if len(cross_mem) == 2:
+            attn = kv_attention(q.view(batch, heads, 1, d_kv), *cross_mem, state.cross_bias)
+            attn = attn.reshape(batch, heads * d_kv)
+        else:
+            attn = hidden_attention(q.view(batch, heads, d_kv), lw.ck, lw.cv, cross_mem[0], state.cross_bias[:, 0])
+        h = _clamp_fp16(h + F.linear(attn, lw.co))
+
+        n = rms_norm(h, lw.ln_ff, w.eps)
+        if len(lw.wi) == 2:
+            x = w.act(F.linear(n, lw.wi[0])) * F.linear(n, lw.wi[1])
+        else:
+            x = w.act(F.linear(n, lw.wi[0]))
+        if x.dtype != lw.wo.dtype and lw.wo.dtype != torch.int8:
+            x = x.to(lw.wo.dtype)
+        h = _clamp_fp16(h + F.linear(x, lw.wo))
+
+    h = rms_norm(h, w.final_ln, w.eps)
+    if w.scale_output:
+        h = h * (w.d_model ** -0.5)
+    logits = F.linear(h, w.lm_head).float()  # transformers also takes argmax over float32 copies
+    logits[:, eos_token_id] += state.eos_bias.index_select(0, step)
+    next_tokens = torch.where(state.finished, pad_token_id, logits.argmax(dim=-1))
+    state.out.index_copy_(1, step, next_tokens.unsqueeze(1))
+    state.finished |= next_tokens == eos_token_id
+    state.tokens.copy_(next_tokens)
+    state.step += 1
+
+
+def kv_buckets(max_new_tokens: int, smallest: int = 16) -> list[int]:
+    """Static self-attention lengths: each step attends to the smallest bucket covering it."""
+    buckets, size = [], smallest
+    while size < max_new_tokens:
+        buckets.append(size)
+        size *= 2
+    return buckets + [max_new_tokens]
+
+
+def bucket_for_step(step: int, buckets: list[int]) -> int:
+    return next(b for b in buckets if b > step)

@@ -1,0 +1,142 @@
+"""Use a trained run: load base + adapter, summarize text, merge the adapter into a plain model."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from sumtune import argparsing
+from sumtune.config import TrainConfig
+from sumtune.errors import SumtuneError
+from sumtune.modeling import load_model, resolve_device
+
+
+def read_run_config(run_dir: str | Path) -> TrainConfig:
+    run = Path(run_dir).expanduser()
+    if not run.is_dir():
+        raise SumtuneError(f"Run directory {str(run)!r} does not exist.")
+    if not (run / "adapter_config.json").is_file():
+        raise SumtuneError(f"{str(run)!r} holds no trained adapter (adapter_config.json is missing).")
+    if not (run / "config.yaml").is_file():
+        raise SumtuneError(f"{str(run)!r} has no config.yaml: it was not written by `sumtune train`.")
+    return argparsing.from_mapping(TrainConfig, argparsing.read_yaml(run / "config.yaml"),
+                                   source=f"{run / 'config.yaml'}")
+
+
+def base_model_source(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
+    """The run's base model: a tiny run carries its own copy under base_model/."""
+    if cfg.model == "tiny":
+        return replace(cfg, model=str(run_dir / "base_model"))
+    return cfg
+
+
+def load_run(run_dir: str | Path, *, device: str = "auto", adapter_dir: str | Path | None = None,
+             fast_kernels: bool | None = None):
+    """(model, tokenizer, cfg) for a run directory: the quantized base with the trained adapter on top."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    run = Path(run_dir).expanduser().resolve()
+    cfg = read_run_config(run)
+    dev = resolve_device(device)
+    tokenizer = AutoTokenizer.from_pretrained(str(run))
+    base = load_model(base_model_source(cfg, run), vocab_size=len(tokenizer), device=dev)
+    if "lm_head" in cfg.modules_to_save:
+        from sumtune.lora import untie_output_head
+
+        untie_output_head(base)
+    try:
+        model = PeftModel.from_pretrained(base, str(Path(adapter_dir or run)), is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise SumtuneError(f"The adapter in {str(run)!r} does not fit base model {cfg.model!r} "
+                           f"({type(err).__name__}: {str(err).splitlines()[0][:160]}).") from None
+    model.to(dev).eval()
+    if cfg.fast_kernels if fast_kernels is None else fast_kernels:
+        from sumtune.recipe import enable_fast_path
+
+        model = enable_fast_path(model)
+    return model, tokenizer, cfg
+
+
+class Summarizer:
+    """Summarize text with a trained run: `Summarizer.from_pretrained(run_dir).summarize(texts)`."""
+
+    def __init__(self, model, tokenizer, cfg: TrainConfig):
+        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+
+    @classmethod
+    def from_pretrained(cls, run_dir: str | Path, *, device: str = "auto") -> "Summarizer":
+        return cls(*load_run(run_dir, device=device))
+
+    def summarize(self, texts: str | Sequence[str], *, max_new_tokens: int | None = None, num_beams: int | None = None,
+                  batch_size: int | None = None) -> list[str]:
+        from sumtune.evaluation import generate_summaries
+
+        if isinstance(texts, str):
+            texts = [texts]
+        if not texts:
+            return []
+        summaries, _ = generate_summaries(
+            self.model, self.tokenizer, list(texts), prefix=self.cfg.source_prefix,
+            max_source_tokens=self.cfg.max_source_tokens,
+            max_new_tokens=max_new_tokens or self.cfg.generation_max_new_tokens,
+            num_beams=num_beams or self.cfg.num_beams, batch_size=batch_size or self.cfg.eval_batch_size)
+        return summaries
+
+
+def dequantize_base(model) -> None:
+    """Replace bitsandbytes layers by plain nn.Linear in place (weights dequantized to their compute dtype)."""
+    import bitsandbytes as bnb
+    from torch import nn
+
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, bnb.nn.Linear4bit):
+                weight = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state)
+            elif isinstance(child, bnb.nn.Linear8bitLt):
+                state = child.state
+                cb = child.weight.data
+                scb = child.weight.SCB if getattr(child.weight, "SCB", None) is not None else state.SCB
+                weight = (cb.float() * scb.float().unsqueeze(1) / 127.0)
+            else:
+                continue
+            plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                              device=weight.device, dtype=weight.dtype)
+            plain.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+            if child.bias is not None:
+                plain.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
+            setattr(module, name, plain)
+
+
+def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16", device: str = "auto") -> Path:
+    """Write base (dequantized) + merged LoRA as a plain transformers model that `pipeline()` loads as it is."""
+    from sumtune.modeling import DTYPES
+
+    out = Path(out_dir).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise SumtuneError(f"Output directory {str(out)!r} is not empty; choose a new directory for the merged model.")
+    model, tokenizer, cfg = load_run(run_dir, device=device, fast_kernels=False)
+    # Merge on a dequantized base: merging into 4-bit weights would re-quantize (and lose) the LoRA update.
+    dequantize_base(model.base_model.model)
+    merged = model.merge_and_unload()
+    merged = merged.to(DTYPES[dtype])
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(merged.config, attr):
+            delattr(merged.config, attr)
+    merged.is_loaded_in_4bit = merged.is_loaded_in_8bit = False
+    merged.hf_quantizer = None
+    merged.config.dtype = DTYPES[dtype]
+    merged.generation_config.max_new_tokens = cfg.generation_max_new_tokens  # not transformers' 20-token default
+    merged.generation_config.num_beams = cfg.num_beams
+    # pipeline("summarization") prepends this prefix for T5 (task_specific_params), as the adapter was trained.
+    merged.config.task_specific_params = {"summarization": {"prefix": cfg.source_prefix,
+                                                            "max_new_tokens": cfg.generation_max_new_tokens,
+                                                            "num_beams": cfg.num_beams}}
+    merged.config.prefix = cfg.source_prefix
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,269 @@
+"""Load a seq2seq base model (hub id, local directory, or a random T5 of known shape) and quantize it.
+
+Two routes end in the same place, a frozen model whose linear layers are bitsandbytes layers:
+- real weights go through `from_pretrained(..., quantization_config=BitsAndBytesConfig(...))`;
+- `tiny` and `random:<name>` models are built from a `T5Config` and quantized in place (no hub, no disk).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+from torch import nn
+
+from sumtune.errors import SumtuneError
+
+if TYPE_CHECKING:
+    from sumtune.config import TrainConfig
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# Shapes of the original T5 checkpoints (relu FFN, tied output head, 32 position buckets).
+T5_SHAPES: dict[str, dict[str, int]] = {
+    "t5-small": dict(d_model=512, d_ff=2048, d_kv=64, num_heads=8, num_layers=6),
+    "t5-base": dict(d_model=768, d_ff=3072, d_kv=64, num_heads=12, num_layers=12),
+    "t5-large": dict(d_model=1024, d_ff=4096, d_kv=64, num_heads=16, num_layers=24),
+    "t5-3b": dict(d_model=1024, d_ff=16384, d_kv=128, num_heads=32, num_layers=24),
+    "t5-11b": dict(d_model=1024, d_ff=65536, d_kv=128, num_heads=128, num_layers=24),
+}
+TINY_SHAPE = dict(d_model=128, d_ff=512, d_kv=32, num_heads=4, num_layers=2)
+T5_VOCAB_SIZE = 32128
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SumtuneError("`device: cuda` was asked for, but no CUDA GPU is visible.")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def shape_name(model: str) -> str | None:
+    """`tiny`, or the known shape behind `random:<name>` / a hub id like `google-t5/t5-3b`."""
+    if model == "tiny":
+        return "tiny"
+    base = model.removeprefix("random:").rsplit("/", 1)[-1]
+    return base if base in T5_SHAPES else None
+
+
+def is_random_model(model: str) -> bool:
+    return model == "tiny" or model.startswith("random:")
+
+
+def t5_config(name: str, vocab_size: int = T5_VOCAB_SIZE, **overrides):
+    """A `T5Config` with the shapes of a known T5 (or the tiny demo shape)."""
+    from transformers import T5Config
+
+    shape = TINY_SHAPE if name == "tiny" else T5_SHAPES.get(name)
+    if shape is None:
+        raise SumtuneError(f"Unknown T5 shape {name!r}; known: tiny, {', '.join(T5_SHAPES)}.")
+    kwargs = dict(shape, num_decoder_layers=shape["num_layers"], vocab_size=vocab_size,
+                  feed_forward_proj="relu", relative_attention_num_buckets=32, dropout_rate=0.0,
+                  pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    kwargs.update(overrides)
+    return T5Config(**kwargs)
+
+
+# ---- quantization --------------------------------------------------------------------------------------
+
+def skipped_modules(cfg: "TrainConfig") -> list[str]:
+    """Linear layers left unquantized. `wo` stays in fp32 only for fp16 compute, where T5's FFN output overflows."""
+    skip = ["lm_head"]  # tied to the embeddings; quantizing it would quantize the input embeddings' twin
+    if cfg.compute_dtype == "fp16":
+        skip.append("wo")
+    return skip
+
+
+def bnb_config(cfg: "TrainConfig"):
+    """The transformers `BitsAndBytesConfig` for this run (None when not quantizing)."""
+    if cfg.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skipped_modules(cfg))
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.quantization,
+        bnb_4bit_use_double_quant=cfg.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[cfg.compute_dtype],
+        llm_int8_skip_modules=skipped_modules(cfg),
+    )
+
+
+def _quantized_linear(linear: nn.Linear, cfg: "TrainConfig", device: torch.device) -> nn.Module:
+    import bitsandbytes as bnb
+
+    weight = linear.weight.data
+    if cfg.quantization == "int8":
+        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                    has_fp16_weights=False, threshold=6.0)
+        layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    else:
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                  compute_dtype=DTYPES[cfg.compute_dtype], compress_statistics=cfg.double_quant,
+                                  quant_type=cfg.quantization)
+        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=cfg.double_quant,
+                                         quant_type=cfg.quantization)
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+    return layer.to(device)  # moving a Params4bit/Int8Params to a device quantizes it
+
+
+def quantize_in_place(model: nn.Module, cfg: "TrainConfig", device: torch.device) -> nn.Module:
+    """Replace every nn.Linear but the skipped ones with a bitsandbytes layer (same as from_pretrained does)."""
+    if cfg.quantization == "none":
+        return model.to(device)
+    skip = set(skipped_modules(cfg))
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.Linear and child_name not in skip:
+                setattr(module, child_name, _quantized_linear(child, cfg, device))
+    model.to(device)
+    model.is_loaded_in_4bit = cfg.quantization in ("nf4", "fp4")
+    model.is_loaded_in_8bit = cfg.quantization == "int8"
+    return model
+
+
+@contextlib.contextmanager
+def quantize_t5_wo(model_cls: type, keep_fp32_wo: bool) -> Iterator[None]:
+    """transformers keeps T5's `wo` out of quantization (`_keep_in_fp32_modules`, ~3.2 GB on T5-3b).
+
+    That guard exists for fp16 overflow; with bf16 compute it only costs memory, so lift it for the load.
+    """
+    owners = [k for k in model_cls.__mro__ if "_keep_in_fp32_modules" in vars(k)]
+    saved = {k: vars(k)["_keep_in_fp32_modules"] for k in owners}
+    try:
+        if not keep_fp32_wo:
+            for k in owners:
+                k._keep_in_fp32_modules = None
+        yield
+    finally:
+        for k, value in saved.items():
+            k._keep_in_fp32_modules = value
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+# ---- loading --------------------------------------------------------------------------------------------
+
+def looks_like_path(name: str) -> bool:
+    """A local path (existing, or written like one); anything else is taken as a hub id."""
+    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
+
+
+def build_random_model(cfg: "TrainConfig", vocab_size: int, device: torch.device) -> nn.Module:
+    """A T5 with random weights and known shapes, quantized in place like a loaded one would be."""
+    from transformers import T5ForConditionalGeneration
+
+    name = shape_name(cfg.model)
+    if name is None:
+        raise SumtuneError(f"Unknown random model {cfg.model!r}; use `tiny` or random:<{'|'.join(T5_SHAPES)}>.")
+    config = t5_config(name, vocab_size=vocab_size if name == "tiny" else max(vocab_size, T5_VOCAB_SIZE))
+    torch.manual_seed(cfg.seed)
+    dtype = DTYPES[cfg.compute_dtype]
+    with torch.device(device if device.type == "cuda" else "cpu"):
+        model = T5ForConditionalGeneration(config).to(dtype)
+    if cfg.compute_dtype == "fp16":
+        for name_, module in model.named_modules():  # same dtype plan as from_pretrained with fp16
+            if name_.endswith(".wo"):
+                module.float()
+    return freeze(quantize_in_place(model, cfg, device))
+
+
+def load_pretrained_model(cfg: "TrainConfig", device: torch.device) -> nn.Module:
+    """`AutoModelForSeq2SeqLM.from_pretrained` from a hub id or a local directory, quantized on load."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    source = cfg.model
+    local = Path(source).expanduser()
+    if looks_like_path(source):
+        if not local.is_dir():
+            raise SumtuneError(f"Model directory {str(local)!r} does not exist.")
+        if not (local / "config.json").is_file():
+            raise SumtuneError(f"Model directory {str(local)!r} has no config.json: it is not a saved model.")
+        weights = list(local.glob("*.safetensors"))
+        if not weights:
+            pickled = [p.name for p in local.glob("*.bin")]
+            extra = f" (found pickle weights {', '.join(pickled)}, which sumtune does not load)" if pickled else ""
+            raise SumtuneError(f"Model directory {str(local)!r} has no .safetensors weights{extra}.")
+        source = str(local.resolve())
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        model_cls = AutoModelForSeq2SeqLM._model_mapping[type(config)]
+    except KeyError:
+        raise SumtuneError(f"Model {cfg.model!r} is not an encoder-decoder (seq2seq) model.") from None
+    except OSError as err:
+        raise SumtuneError(_hub_error(cfg.model, err)) from None
+    dtype = DTYPES[cfg.compute_dtype]
+    kwargs = dict(dtype=dtype, use_safetensors=True, trust_remote_code=cfg.trust_remote_code)
+    if cfg.quantization != "none":
+        kwargs.update(quantization_config=bnb_config(cfg), device_map={"": device})
+    # Only T5's own FFN is known to run a quantized `wo` correctly (with sumtune's fix_quantized_ffn).
+    keep_fp32_wo = cfg.compute_dtype == "fp16" or getattr(config, "model_type", "") != "t5"
+    with quantize_t5_wo(model_cls, keep_fp32_wo=keep_fp32_wo):
+        try:
+            model = AutoModelForSeq2SeqLM.from_pretrained(source, **kwargs)
+        except OSError as err:
+            raise SumtuneError(_hub_error(cfg.model, err)) from None
+    if cfg.quantization == "none":
+        model.to(device)
+    return freeze(model)
+
+
+def _hub_error(name: str, err: Exception) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    why = "the hub is switched off (HF_HUB_OFFLINE=1)" if offline else "the hub could not be reached or has no such model"
+    return f"Could not load model {name!r}: it is not a local directory and {why}."
+
+
+def load_model(cfg: "TrainConfig", vocab_size: int, device: torch.device) -> nn.Module:
+    model = build_random_model(cfg, vocab_size, device) if is_random_model(cfg.model) else \
+        load_pretrained_model(cfg, device)
+    if cfg.quantization != "none" and getattr(model.config, "model_type", "") == "t5":
+        from sumtune.fast_t5 import fix_quantized_ffn
+
+        fix_quantized_ffn(model)  # transformers' T5 FFN would cast activations to the 4-bit storage dtype
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameter counts; 4-bit weights count their real element count, not packed bytes."""
+    total = trainable = 0
+    for param in model.parameters():
+        n = param.numel()
+        if getattr(param, "quant_state", None) is not None:
+            n = int(torch.Size(param.quant_state.shape).numel())
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return total, trainable
+
+
+def load_tokenizer(cfg: "TrainConfig", texts: list[str] | None = None):
+    """The run's tokenizer: the configured one, the model's own, or (random models) a word tokenizer over `texts`."""
+    from transformers import AutoTokenizer
+
+    source = cfg.tokenizer or (None if is_random_model(cfg.model) else cfg.model)
+    if source is None:
+        if not texts:
+            raise SumtuneError(f"Model {cfg.model!r} has no tokenizer; set `tokenizer` to a tokenizer directory.")
+        from sumtune.demo_data import build_word_tokenizer
+
+        return build_word_tokenizer(texts)
+    path = Path(source).expanduser()
+    if looks_like_path(source) and not path.is_dir():
+        raise SumtuneError(f"Tokenizer directory {str(path)!r} does not exist.")
+    try:
+        return AutoTokenizer.from_pretrained(str(path) if path.is_dir() else source,
+                                             trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise SumtuneError(f"Could not load a tokenizer from {source!r} ({type(err).__name__}).") from None

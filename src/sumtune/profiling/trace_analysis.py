@@ -1,0 +1,186 @@
+"""Pure functions over the chrome-trace JSON that `torch.profiler.tensorboard_trace_handler` writes.
+
+Kineto traces hold one "X" (complete) event per CPU op / annotation / GPU kernel with `ts` and `dur`
+in microseconds. The profiler's own `ProfilerStep#N` annotations mark the recorded steps, so every
+GPU number here is measured against those windows (trace clock vs trace clock).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable
+
+TRACE_GLOB = "*.pt.trace.json*"  # what the TensorBoard profiler plugin looks for (plain or .gz)
+PHASE_PREFIX = "sumtune/"
+
+# Name heuristics for kernels that run on tensor cores (cuBLAS/cuBLASLt/CUTLASS/cuDNN/flash naming).
+_TENSOR_CORE_RE = re.compile(
+    r"hmma|wgmma|xmma|imma|tensorop|mma_|_mma|s16816|s1688|h1688|h16816|i8816|884gemm|1688gemm|16816gemm"
+    r"|nvjet|flash|fmha|sm(?:75|80|86|89|90|100|120)_|cutlass.*(?:bf16|f16|fp16|tf32|e4m3|e5m2)",
+    re.IGNORECASE,
+)
+# SIMT fp32/fp64 GEMM/conv kernels: look like matmuls but do not use tensor cores.
+_SIMT_RE = re.compile(r"simt|sgemm(?!.*tf32)|dgemm|implicit_convolve_sgemm|gemv", re.IGNORECASE)
+_GEMM_RE = re.compile(r"gemm|gemv|matmul|conv|fprop|dgrad|wgrad|nvjet|cutlass|xmma|wgmma|hmma", re.IGNORECASE)
+
+
+def find_trace_files(out_dir: str | Path) -> list[Path]:
+    """Trace files in `out_dir`, oldest first."""
+    return sorted(Path(out_dir).glob(TRACE_GLOB), key=lambda p: p.stat().st_mtime_ns)
+
+
+def load_trace(path: str | Path) -> dict[str, Any]:
+    """Parse a (possibly gzipped) chrome-trace JSON file."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def complete_events(trace: dict[str, Any]) -> list[dict[str, Any]]:
+    """All "X" events that carry a duration."""
+    return [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e and "ts" in e]
+
+
+def step_windows_us(events: Iterable[dict[str, Any]]) -> list[tuple[float, float]]:
+    """(start, end) of each `ProfilerStep#N` annotation, in trace microseconds, in time order."""
+    wins = [
+        (float(e["ts"]), float(e["ts"]) + float(e["dur"]))
+        for e in events
+        if str(e.get("name", "")).startswith("ProfilerStep#") and e.get("cat") != "gpu_user_annotation"
+    ]
+    return sorted(wins)
+
+
+def kernel_events(events: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in events if e.get("cat") == "kernel"]
+
+
+def memcpy_events(events: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in events if e.get("cat") in ("gpu_memcpy", "gpu_memset")]
+
+
+def union_length(intervals: Iterable[tuple[float, float]]) -> float:
+    """Total length covered by possibly overlapping intervals (kernels on several streams overlap)."""
+    total, cur_start, cur_end = 0.0, None, None
+    for start, end in sorted(intervals):
+        if cur_end is None or start > cur_end:
+            if cur_end is not None:
+                total += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    if cur_end is not None:
+        total += cur_end - cur_start
+    return total
+
+
+def clip_to_windows(
+    intervals: Iterable[tuple[float, float]], windows: list[tuple[float, float]]
+) -> list[tuple[float, float]]:
+    """Parts of `intervals` that fall inside any window (windows do not overlap)."""
+    out = []
+    for start, end in intervals:
+        for w_start, w_end in windows:
+            lo, hi = max(start, w_start), min(end, w_end)
+            if hi > lo:
+                out.append((lo, hi))
+    return out
+
+
+def is_tensor_core_kernel(name: str) -> bool:
+    return bool(_TENSOR_CORE_RE.search(name)) and not _SIMT_RE.search(name)
+
+
+def is_fp32_gemm_kernel(name: str) -> bool:
+    """A matmul/conv kernel that does not use tensor cores (SIMT fp32)."""
+    return bool(_GEMM_RE.search(name)) and not is_tensor_core_kernel(name)
+
+
+def top_by_name(events: Iterable[dict[str, Any]], limit: int = 10) -> list[dict[str, Any]]:
+    """Group events by name: calls, total/mean time, share of the grouped total."""
+    total_us: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
+    for e in events:
+        total_us[e["name"]] += float(e["dur"])
+        calls[e["name"]] += 1
+    grand_us = sum(total_us.values()) or 1.0
+    ranked = sorted(total_us.items(), key=lambda kv: kv[1], reverse=True)[:limit]
+    return [
+        {
+            "name": name,
+            "calls": calls[name],
+            "total_ms": us / 1e3,
+            "mean_us": us / calls[name],
+            "pct": 100.0 * us / grand_us,
+            "tensor_core": is_tensor_core_kernel(name),
+        }
+        for name, us in ranked
+    ]
+
+
+def _weighted_arg_pct(kernels: list[dict[str, Any]], key: str, cap: float, scale: float, denom_us: float):
+    """Duration-weighted mean of a numeric kernel arg (capped), as % of `denom_us`; None if absent."""
+    weighted, seen = 0.0, False
+    for e in kernels:
+        value = e.get("args", {}).get(key)
+        if isinstance(value, (int, float)):
+            seen = True
+            weighted += min(float(value) * scale, cap) * float(e["dur"])
+    return 100.0 * weighted / denom_us if seen and denom_us > 0 else None
+
+
+def gpu_stats(trace: dict[str, Any], top_k: int = 10) -> dict[str, Any] | None:
+    """GPU utilization, tensor-core share, SM efficiency and top kernels; None if the trace has no kernels.
+
+    utilization_pct: union of kernel intervals inside the ProfilerStep windows / total window time.
+    est_sm_efficiency_pct: like the TensorBoard plugin, sum(dur * min(blocks_per_SM, 1)) / window time.
+    """
+    events = complete_events(trace)
+    kernels = kernel_events(events)
+    if not kernels:
+        return None
+    windows = step_windows_us(events)
+    if not windows:  # no step marks (should not happen with a schedule): use the kernels' own span
+        windows = [(min(float(k["ts"]) for k in kernels), max(float(k["ts"]) + float(k["dur"]) for k in kernels))]
+    window_us = sum(end - start for start, end in windows)
+    in_window = [k for k in kernels if clip_to_windows([(float(k["ts"]), float(k["ts"]) + float(k["dur"]))], windows)]
+    busy_us = union_length(clip_to_windows(((float(k["ts"]), float(k["ts"]) + float(k["dur"])) for k in in_window), windows))
+    kernel_us = sum(float(k["dur"]) for k in in_window) or 1.0
+    tc_us = sum(float(k["dur"]) for k in in_window if is_tensor_core_kernel(k["name"]))
+    fp32_gemm_us = sum(float(k["dur"]) for k in in_window if is_fp32_gemm_kernel(k["name"]))
+    copies = [c for c in memcpy_events(events) if clip_to_windows([(float(c["ts"]), float(c["ts"]) + float(c["dur"]))], windows)]
+    return {
+        "steps_in_trace": len(windows),
+        "trace_step_time_mean_s": window_us / len(windows) / 1e6,
+        "utilization_pct": 100.0 * busy_us / window_us if window_us > 0 else None,
+        "kernel_time_per_step_s": kernel_us / len(windows) / 1e6,
+        "kernels_per_step": len(in_window) / len(windows),
+        "mean_kernel_us": kernel_us / max(len(in_window), 1),
+        "tensor_core_pct": 100.0 * tc_us / kernel_us,
+        "fp32_gemm_pct": 100.0 * fp32_gemm_us / kernel_us,
+        "memcpy_pct": 100.0 * union_length((float(c["ts"]), float(c["ts"]) + float(c["dur"])) for c in copies) / window_us
+        if window_us > 0
+        else None,
+        "est_sm_efficiency_pct": _weighted_arg_pct(in_window, "blocks per SM", 1.0, 1.0, window_us),
+        "est_achieved_occupancy_pct": _weighted_arg_pct(in_window, "est. achieved occupancy %", 100.0, 1.0, kernel_us)
+        if in_window
+        else None,
+        "top_kernels": top_by_name(in_window, top_k),
+    }
+
+
+def phase_times_from_trace(trace: dict[str, Any]) -> dict[str, float]:
+    """Mean seconds per recorded step of each `sumtune/<phase>` annotation (CPU side), for cross-checks."""
+    events = complete_events(trace)
+    steps = max(len(step_windows_us(events)), 1)
+    totals: dict[str, float] = defaultdict(float)
+    for e in events:
+        name = str(e.get("name", ""))
+        if e.get("cat") == "user_annotation" and name.startswith(PHASE_PREFIX):
+            totals[name[len(PHASE_PREFIX):]] += float(e["dur"]) / 1e6
+    return {k: v / steps for k, v in totals.items()}

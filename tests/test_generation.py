@@ -1,0 +1,312 @@
+"""sumtune.generation against transformers, on tiny random T5s quantized to NF4 with real bitsandbytes,
+wrapped in real PEFT LoRA, fed real BillSum text through the real T5 tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from sumtune.errors import SumtuneError  # noqa: E402
+from sumtune.generation import generate_ids, prepare_inference_model  # noqa: E402
+from sumtune.generation.greedy import GreedySession, trim_rows  # noqa: E402
+from sumtune.generation.t5_decode import DecoderWeights  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+TOKENIZER_DIR, BILLSUM = DATA / "t5-tokenizer", DATA / "billsum" / "us_train_subset100.jsonl"
+PAD, EOS, START = 0, 1, 0
+SOURCE_LENGTHS = [7, 40, 130, 18, 90, 64, 11, 150, 33, 75, 120, 22, 56, 100, 9, 48]  # varied, unsorted
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: extra threads only add synchronisation, and on a busy 2-core box they spin (30x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def inputs() -> list[list[int]]:
+    if not (TOKENIZER_DIR.is_dir() and BILLSUM.is_file()):
+        pytest.skip(f"real tokenizer/BillSum data not found under {DATA}")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    rows = [json.loads(line) for line in BILLSUM.read_text().splitlines()[: len(SOURCE_LENGTHS)]]
+    return [tokenizer("summarize: " + row["text"], truncation=True, max_length=n)["input_ids"]
+            for row, n in zip(rows, SOURCE_LENGTHS)]
+
+
+def _quantized_peft(tmp_path_factory, feed_forward_proj: str, modules_to_save=("lm_head",), init_factor=2.0):
+    """Random tiny T5 -> saved -> loaded in NF4 (double quant, bf16 compute) -> LoRA on v,o with nonzero B.
+
+    init_factor 2 makes a random tiny T5 produce varied text (at 1 it repeats one token) but also makes it
+    sensitive: bf16 rounding moves its logits by ~0.2 std. init_factor 1 gives a calm model for logit checks."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSeq2SeqLM, BitsAndBytesConfig, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(d_model=64, d_ff=128, d_kv=32, num_heads=4, num_layers=2, num_decoder_layers=2,
+                      vocab_size=32128, feed_forward_proj=feed_forward_proj, dropout_rate=0.0,
+                      initializer_factor=init_factor, decoder_start_token_id=START)
+    dense = T5ForConditionalGeneration(config)
+    path = tmp_path_factory.mktemp(f"t5-{feed_forward_proj}")
+    dense.save_pretrained(path)
+    quantized = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16))
+    peft_model = get_peft_model(quantized, LoraConfig(r=4, lora_alpha=8, target_modules=["v", "o"],
+                                                      modules_to_save=list(modules_to_save),
+                                                      task_type="SEQ_2_SEQ_LM"))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.2)
+        if modules_to_save:
+            head = peft_model.get_base_model().lm_head.modules_to_save["default"].weight
+            head.add_(0.3 * torch.randn_like(head))  # a "trained" head that differs from `shared`
+    return peft_model.eval()
+
+
+def _make_eos_reachable(peft_model, inputs) -> None:
+    """Give the trained lm_head copy an eos row equal to (1.02 x) the row of a token that greedy decoding
+    produces in about half of the inputs, so some sequences stop early and others run to max_new_tokens."""
+    from collections import Counter
+
+    probe = ours(prepare_inference_model(peft_model, torch.float32), inputs)
+    counts = Counter(token for row in probe for token in set(row))
+    target = min(counts, key=lambda token: abs(counts[token] - len(inputs) / 2))
+    with torch.no_grad():
+        head = peft_model.get_base_model().lm_head.modules_to_save["default"].weight
+        head[EOS] = head[target] * 1.02
+
+
+@pytest.fixture(scope="module")
+def peft_relu(tmp_path_factory, inputs):
+    model = _quantized_peft(tmp_path_factory, "relu")
+    _make_eos_reachable(model, inputs)
+    return model
+
+
+@pytest.fixture(scope="module")
+def peft_gated(tmp_path_factory, inputs):
+    model = _quantized_peft(tmp_path_factory, "gated-gelu")
+    _make_eos_reachable(model, inputs)
+    return model
+
+
+@pytest.fixture(scope="module")
+def merged32(peft_relu):
+    return prepare_inference_model(peft_relu, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def expected32(merged32, inputs):
+    """transformers greedy on the merged fp32 model: the reference for the greedy tests."""
+    return hf_generate(merged32, inputs, max_new_tokens=MAX_NEW)
+
+
+def hf_generate(model, inputs, **kwargs) -> list[list[int]]:
+    """transformers `generate` on one right-padded batch, normalised like generate_ids."""
+    longest = max(map(len, inputs))
+    ids = torch.tensor([row + [PAD] * (longest - len(row)) for row in inputs], device=model.device)
+    mask = torch.tensor([[1] * len(row) + [0] * (longest - len(row)) for row in inputs], device=model.device)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, decoder_start_token_id=START,
+                             pad_token_id=PAD, eos_token_id=EOS, **kwargs)
+    assert bool((out[:, 0] == START).all())
+    return trim_rows(out[:, 1:].tolist(), EOS)
+
+
+def ours(model, inputs, **kwargs) -> list[list[int]]:
+    kwargs.setdefault("max_new_tokens", MAX_NEW)
+    return generate_ids(model, inputs, pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=START, **kwargs)
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    assert len(a) == len(b)
+    return sum(x == y for x, y in zip(a, b)) / len(a)
+
+
+def assert_same_or_near_tie(model, inputs, got, expected, tolerance) -> None:
+    """Each differing sequence must differ first at a token where `model`'s own (teacher-forced) logits for
+    the two candidates are within `tolerance(source, prefix, logits)`: a near-tie decided by rounding."""
+    for source, ref, mine in zip(inputs, expected, got):
+        if ref == mine:
+            continue
+        k = next((i for i, (a, b) in enumerate(zip(ref, mine)) if a != b), None)
+        assert k is not None, f"one output is a prefix of the other: {ref} vs {mine}"
+        prefix = [START] + ref[:k]
+        logits = _logits(model, [source], prefix)[0, -1]
+        gap = abs((logits[ref[k]] - logits[mine[k]]).item())
+        limit = tolerance(source, prefix, logits)
+        assert gap <= limit, f"token {k}: tokens {ref[k]} vs {mine[k]}, logit gap {gap} > tolerance {limit}"
+
+
+def fp32_tolerance(source, prefix, logits) -> float:
+    """fp32 rounding differs with batch shape; a chaotic random model can amplify it ~100x."""
+    return 1e-5 * logits.abs().max().item()
+
+
+def _logits(model, inputs, decoder_inputs=None):
+    ids = torch.tensor([inputs[0]])
+    dec = torch.tensor([decoder_inputs or [START, 5, 17, 900]])
+    with torch.no_grad():
+        return model(input_ids=ids, decoder_input_ids=dec).logits.float()
+
+
+# ---- prepare_inference_model -------------------------------------------------------------------------
+
+def test_merged_model_matches_peft_logits_and_leaves_training_model_alone(tmp_path_factory, inputs):
+    peft_relu = _quantized_peft(tmp_path_factory, "relu", init_factor=1.0)
+    before = {k: v.clone() for k, v in peft_relu.state_dict().items()}
+    param_ids = [id(p) for p in peft_relu.parameters()]
+    merged = prepare_inference_model(peft_relu, torch.float32)
+    after = peft_relu.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert param_ids == [id(p) for p in peft_relu.parameters()]
+    assert not any(p.data_ptr() == q.data_ptr() for p in merged.parameters() for q in peft_relu.parameters())
+
+    reference = _logits(peft_relu, inputs)  # bf16 compute on the NF4 base + LoRA
+    scale = reference.std().item()
+    error = (_logits(merged, inputs) - reference).abs().max().item() / scale
+    with peft_relu.disable_adapter():  # base weights only, to show the tolerance can catch a missing merge
+        base_only = prepare_inference_model(peft_relu, torch.float32)
+    missing_lora = (_logits(base_only, inputs) - reference).abs().max().item() / scale
+    assert error < 0.05, error
+    assert missing_lora > 5 * error, (missing_lora, error)
+    bf16_error = (_logits(prepare_inference_model(peft_relu, torch.bfloat16), inputs) - reference).abs().max()
+    assert bf16_error.item() / scale < 0.1
+
+
+def test_trained_lm_head_copy_is_untied_from_input_embeddings(peft_relu, merged32):
+    base = peft_relu.get_base_model()
+    assert merged32.lm_head.weight is not merged32.shared.weight
+    assert torch.equal(merged32.lm_head.weight, base.lm_head.modules_to_save["default"].weight.float())
+    assert torch.equal(merged32.shared.weight, base.shared.weight.float())
+    assert merged32.encoder.embed_tokens.weight is merged32.shared.weight
+    assert merged32.decoder.embed_tokens.weight is merged32.shared.weight
+    assert not torch.equal(merged32.lm_head.weight, merged32.shared.weight)
+    assert merged32.dtype == torch.float32 and not getattr(merged32, "is_quantized", False)
+
+
+def test_plain_t5_input_keeps_lm_head_tied(merged32):
+    plain = prepare_inference_model(merged32, torch.bfloat16)  # a dense T5 without PEFT, tied head
+    untrained = prepare_inference_model(type(merged32)(merged32.config), torch.float32)
+    assert untrained.lm_head.weight is untrained.shared.weight
+    assert plain.lm_head.weight is not plain.shared.weight  # the untied source stays untied
+    assert torch.equal(plain.lm_head.weight, merged32.lm_head.weight.bfloat16())
+
+
+def test_generate_ids_rejects_the_quantized_training_model(peft_relu, inputs):
+    with pytest.raises(SumtuneError, match="prepare_inference_model"):
+        ours(peft_relu, inputs[:2])
+    with pytest.raises(SumtuneError):
+        ours(prepare_inference_model(peft_relu, torch.float32), inputs[:2], max_new_tokens=0)
+
+
+# ---- greedy ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("attention", ["kv", "hidden"])
+def test_greedy_matches_transformers_fp32(merged32, expected32, inputs, attention):
+    expected = expected32
+    got = ours(merged32, inputs, attention=attention, batch_size=5)
+    ended = sum(row[-1] == EOS for row in expected)
+    assert 0 < ended < len(expected), "test data should mix early-eos and full-length sequences"
+    assert len({tuple(r) for r in expected}) > len(expected) // 2, "outputs should differ between inputs"
+    assert agreement(got, expected) >= 0.9
+    assert_same_or_near_tie(merged32, inputs, got, expected, fp32_tolerance)
+
+
+def test_greedy_matches_transformers_fp32_gated_gelu(peft_gated, inputs):
+    merged = prepare_inference_model(peft_gated, torch.float32)
+    expected = hf_generate(merged, inputs, max_new_tokens=MAX_NEW)
+    assert len({tuple(r) for r in expected}) > len(expected) // 2
+    got = ours(merged, inputs, attention="hidden", batch_size=16)
+    assert agreement(got, expected) >= 0.9
+    assert_same_or_near_tie(merged, inputs, got, expected, fp32_tolerance)
+
+
+@pytest.mark.parametrize("attention", ["kv", "hidden"])
+def test_greedy_bf16_agrees_except_for_bf16_near_ties(peft_relu, merged32, expected32, inputs, attention):
+    """bf16 on a sensitive random model: sequences may differ from transformers' bf16 output, but only where
+    transformers' own bf16 logits for the two candidates are closer than its own bf16 rounding error
+    (|bf16 - fp32 logits| of the same weights), and ours must track the fp32 result at least as well as
+    transformers' bf16 run does (one sequence of slack)."""
+    merged = prepare_inference_model(peft_relu, torch.bfloat16)
+    expected = hf_generate(merged, inputs, max_new_tokens=MAX_NEW)
+    got = ours(merged, inputs, batch_size=8, attention=attention)
+
+    def bf16_rounding_error(source, prefix, logits):
+        return (logits - _logits(merged32, [source], prefix)[0, -1]).abs().max().item()
+
+    assert_same_or_near_tie(merged, inputs, got, expected, bf16_rounding_error)
+    assert agreement(got, expected32) >= agreement(expected, expected32) - 1 / len(inputs)
+
+
+def test_min_new_tokens_matches_transformers(merged32, inputs):
+    expected = hf_generate(merged32, inputs, max_new_tokens=MAX_NEW, min_new_tokens=12)
+    got = ours(merged32, inputs, min_new_tokens=12, batch_size=16)
+    assert all(len(row) >= 12 for row in got)
+    assert agreement(got, expected) >= 0.9
+    assert_same_or_near_tie(merged32, inputs, got, expected, fp32_tolerance)
+
+
+def test_batching_order_and_early_stop_do_not_change_results(merged32, expected32, inputs):
+    """Batch composition changes fp32 rounding, so results may differ only at fp32 near-ties."""
+    reference = ours(merged32, inputs, batch_size=16)
+    assert_same_or_near_tie(merged32, inputs, ours(merged32, inputs, batch_size=1), reference, fp32_tolerance)
+    permutation = [5, 0, 15, 3, 9, 1, 12, 7, 2, 14, 4, 11, 6, 13, 8, 10]
+    permuted = ours(merged32, [inputs[i] for i in permutation], batch_size=3)
+    expected_permuted = [reference[i] for i in permutation]
+    assert agreement(permuted, expected_permuted) >= 0.9  # rows really come back in input order
+    assert_same_or_near_tie(merged32, [inputs[i] for i in permutation], permuted, expected_permuted, fp32_tolerance)
+
+    ended = [i for i, row in enumerate(reference) if row[-1] == EOS]
+    batch = [inputs[i] for i in ended]
+    longest = max(map(len, batch))
+    ids = torch.tensor([row + [PAD] * (longest - len(row)) for row in batch])
+    mask = (torch.arange(longest)[None, :] < torch.tensor([len(r) for r in batch])[:, None]).long()
+    results = {}
+    for stop in (True, False):
+        session = GreedySession(DecoderWeights.from_model(merged32), batch=len(batch), src_len=longest,
+                                max_new_tokens=MAX_NEW, attention="kv", pad_token_id=PAD, eos_token_id=EOS,
+                                use_cuda_graphs=False, check_every_steps=2)
+        with torch.no_grad():
+            encoder_out = merged32.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            results[stop] = session.run(encoder_out, mask, decoder_start_token_id=START, stop_when_done=stop)
+        steps_run = int(session.state.step)
+        assert (steps_run < MAX_NEW) == stop  # the early stop really cut the loop short
+    assert results[True] == results[False]  # same batch, same kernels: early stop alone changes nothing
+    assert_same_or_near_tie(merged32, batch, results[True], [reference[i] for i in ended], fp32_tolerance)
+
+
+# ---- beam search -------------------------------------------------------------------------------------
+
+def test_beam_search_matches_transformers(merged32, inputs):
+    subset = inputs[:6]
+    expected = hf_generate(merged32, subset, max_new_tokens=12, num_beams=4)
+    got = ours(merged32, subset, max_new_tokens=12, num_beams=4, batch_size=4)
+    assert got == expected
+
+
+# ---- CUDA graphs (GPU only) --------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_match_eager_on_gpu(peft_relu, inputs):
+    model = prepare_inference_model(peft_relu, torch.bfloat16).to("cuda")
+    for attention in ("kv", "hidden"):
+        eager = ours(model, inputs, use_cuda_graphs=False, batch_size=8, pad_to_multiple_of=64, attention=attention)
+        graphed = ours(model, inputs, use_cuda_graphs=True, batch_size=8, attention=attention)
+        assert graphed == eager  # same kernels, replayed
+    expected = hf_generate(model, inputs, max_new_tokens=MAX_NEW)
+    assert agreement(graphed, expected) >= 0.75

@@ -1,0 +1,470 @@
+"""Tests for sumtune.profiling: the null profiler, StepProfiler on a tiny CPU loop, trace analysis,
+advice rules, ProfileArgs and the MobileNet study pipeline (with a small stand-in conv net)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sumtune.errors import SumtuneError
+from sumtune.profiling import (
+    NULL_PROFILER,
+    NullProfiler,
+    ProfileArgs,
+    StepProfiler,
+    format_summary,
+    parse_profile_steps,
+    run_mobilenet_study,
+)
+from sumtune.profiling import advice, mobilenet, trace_analysis
+from sumtune.profiling.profiler import PHASES
+
+HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
+PHASE_NAMES = ("data", "h2d", "forward", "backward", "optimizer")
+
+
+def tiny_loop(prof, steps: int, device: str = "cpu", batch: int = 32, dtype=None) -> None:
+    """A small training loop following the recipe's phase contract."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 4)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(steps):
+        with prof.phase("data"):
+            x, y = torch.randn(batch, 64), torch.randint(0, 4, (batch,))
+        with prof.phase("h2d"):
+            x, y = x.to(device), y.to(device)
+        with prof.phase("forward"):
+            with torch.autocast(device_type=device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+        with prof.phase("backward"):
+            loss.backward()
+        with prof.phase("optimizer"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        prof.step()
+
+
+# -- null profiler ----------------------------------------------------------------------------------
+def test_null_profiler_hands_back_one_shared_nullcontext():
+    first, second = NULL_PROFILER.phase("data"), NULL_PROFILER.phase("forward")
+    assert first is second
+    with NULL_PROFILER as prof:
+        assert prof is NULL_PROFILER
+        with prof.phase("data") as inner:
+            assert inner is None
+        assert prof.step() is None
+        assert prof.step(samples=4, tokens=100) is None
+    assert NULL_PROFILER.done is False
+    assert isinstance(NULL_PROFILER, NullProfiler)
+    tiny_loop(NULL_PROFILER, 2)  # the loop runs unchanged with it
+
+
+# -- StepProfiler on CPU ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cpu_profile(tmp_path_factory):
+    out = tmp_path_factory.mktemp("profile")
+    prof = StepProfiler(out, wait=1, warmup=1, active=3, device="cpu", samples_per_step=32, tokens_per_step=320,
+                        flops_per_step=2e9, peak_tflops=1.0, context={"batch_size": 32, "num_workers": 0})
+    with prof:
+        tiny_loop(prof, 7)  # runs past the schedule: the last 2 steps must not be recorded
+    summary = prof.write_summary(out / "summary.json")
+    return out, prof, summary
+
+
+def test_trace_file_is_written_where_tensorboard_looks_and_parses(cpu_profile):
+    out, prof, summary = cpu_profile
+    files = trace_analysis.find_trace_files(out)
+    assert len(files) == 1 and prof.trace_path == files[0]
+    assert files[0].name.endswith(".pt.trace.json")  # the TensorBoard plugin's file pattern
+    trace = json.loads(files[0].read_text())
+    names = [e.get("name", "") for e in trace["traceEvents"]]
+    assert sum(n.startswith("ProfilerStep#") for n in names) == 3  # only the active steps
+    for phase in PHASE_NAMES:
+        assert names.count(f"sumtune/{phase}") == 3
+    assert summary["trace_file"] == str(files[0])
+    assert summary["trace_steps"] == 3
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch_tb_profiler") is None, reason="torch_tb_profiler not installed")
+def test_tensorboard_plugin_parses_trace(cpu_profile):
+    from torch_tb_profiler.profiler.data import RunProfileData
+
+    _, prof, _ = cpu_profile
+    data = RunProfileData.from_json("worker0", "1", json.loads(prof.trace_path.read_text()))
+    assert data is not None
+
+
+def test_summary_fields_and_breakdown_sum_to_step_time(cpu_profile):
+    out, prof, summary = cpu_profile
+    assert summary["steps_recorded"] == 3 and len(summary["step_times_s"]) == 3
+    mean_s = summary["step_time_mean_s"]
+    assert summary["step_time_min_s"] <= summary["step_time_median_s"] <= summary["step_time_max_s"]
+    parts = summary["breakdown_s"]
+    assert set(parts) == set(PHASES) | {"other"}
+    assert abs(sum(parts.values()) - mean_s) <= 0.05 * mean_s
+    assert abs(sum(summary["breakdown_pct"].values()) - 100.0) < 5.0
+    assert all(parts[p] > 0 for p in PHASES)
+    assert parts["other"] >= -0.05 * mean_s  # phases never add up to more than the step
+    assert summary["samples_per_s"] == pytest.approx(32 / mean_s, rel=1e-6)
+    assert summary["tokens_per_s"] == pytest.approx(320 / mean_s, rel=1e-6)
+    assert summary["mfu_pct"] == pytest.approx(100 * 2e9 / (mean_s * 1e12), rel=1e-6)
+    assert summary["mem_kind"] == "cpu_rss"
+    assert 0 < summary["mean_mem_gib"] <= summary["peak_mem_gib"] + 1e-3
+    assert summary["gpu"] is None
+    assert any(op["name"] in ("aten::addmm", "aten::mm") for op in summary["top_ops"])
+    assert not any(op["name"].startswith("sumtune/") for op in summary["top_ops"])
+    assert any("CPU" in a for a in summary["advice"])
+    assert json.loads((out / "summary.json").read_text())["step_time_mean_s"] == mean_s
+    # The host-timed phases and the trace's phase ranges describe the same work.
+    assert set(summary["trace_phase_mean_s"]) == set(PHASE_NAMES)
+
+
+def test_report_names_every_phase_and_the_trace(cpu_profile):
+    _, prof, summary = cpu_profile
+    text = format_summary(summary)
+    for word in ("step time", "samples/s", "step breakdown", "advice", *PHASES, "other", str(prof.trace_path)):
+        assert word in text
+
+
+def test_profiler_goes_quiet_after_the_schedule(cpu_profile):
+    _, prof, _ = cpu_profile
+    assert prof.done and not prof.is_recording
+    assert prof.phase("forward") is NULL_PROFILER.phase("forward")
+    prof.step()  # no-op, must not raise
+    assert len(prof.records) == 3
+
+
+def test_profiler_starts_lazily_and_stops_itself(tmp_path):
+    prof = StepProfiler(tmp_path, wait=0, warmup=1, active=1, device="cpu", record_shapes=False, profile_memory=False)
+    tiny_loop(prof, 3)  # no `with`: the first phase starts it, the last active step stops it
+    assert prof.done and len(prof.records) == 1 and prof.trace_path.is_file()
+
+
+def test_loop_ending_inside_the_active_steps_keeps_what_was_measured(tmp_path):
+    prof = StepProfiler(tmp_path, wait=1, warmup=1, active=5, device="cpu", profile_memory=False)
+    with prof:
+        tiny_loop(prof, 3)
+    summary = prof.summary()
+    assert prof.done and summary["steps_recorded"] == 1
+    assert summary["trace_file"] and Path(summary["trace_file"]).is_file()
+
+
+def test_loop_ending_before_active_steps_reports_an_error(tmp_path):
+    prof = StepProfiler(tmp_path, wait=2, warmup=1, active=2, device="cpu", profile_memory=False)
+    with prof:
+        tiny_loop(prof, 1)
+    summary = prof.summary()
+    assert summary["steps_recorded"] == 0 and "error" in summary
+    assert "error" in format_summary(summary)
+
+
+def test_bad_schedule_and_missing_gpu_are_user_errors(tmp_path):
+    with pytest.raises(SumtuneError):
+        StepProfiler(tmp_path, wait=0, warmup=0, active=0, device="cpu")
+    with pytest.raises(SumtuneError):
+        StepProfiler(tmp_path, device="tpu").__enter__()
+    if not torch.cuda.is_available():
+        with pytest.raises(SumtuneError, match="CUDA"):
+            StepProfiler(tmp_path, device="cuda").__enter__()
+
+
+# -- trace analysis on a hand-built GPU trace ------------------------------------------------------
+def _x(name, ts, dur, cat="kernel", **args):
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 0, "tid": 7, "args": args}
+
+
+def gpu_trace():
+    return {"traceEvents": [
+        _x("ProfilerStep#2", 0, 100, cat="user_annotation"),
+        _x("ProfilerStep#3", 100, 100, cat="user_annotation"),
+        _x("ProfilerStep#2", 0, 90, cat="gpu_user_annotation"),  # GPU-side copy of the mark: not a window
+        _x("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n", 10, 40, **{"blocks per SM": 2.0, "est. achieved occupancy %": 50}),
+        _x("vectorized_elementwise_kernel", 30, 30, **{"blocks per SM": 0.5, "est. achieved occupancy %": 100}),  # overlaps
+        _x("ampere_sgemm_128x64_tn", 110, 20, **{"blocks per SM": 1.0}),
+        _x("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n", 150, 10),
+        _x("late_kernel_outside_steps", 500, 50),
+        _x("Memcpy HtoD (Pageable -> Device)", 100, 10, cat="gpu_memcpy"),
+        {"ph": "i", "name": "instant", "ts": 5},
+    ]}
+
+
+def test_union_length_merges_overlaps():
+    assert trace_analysis.union_length([(0, 10), (5, 15), (20, 25)]) == 20
+    assert trace_analysis.union_length([]) == 0
+
+
+def test_gpu_stats_from_trace():
+    stats = trace_analysis.gpu_stats(gpu_trace())
+    assert stats["steps_in_trace"] == 2
+    assert stats["trace_step_time_mean_s"] == pytest.approx(100e-6)
+    # busy: [10,60) + [110,130) + [150,160) = 80 of 200 us; the kernel at 500 is outside the steps
+    assert stats["utilization_pct"] == pytest.approx(40.0)
+    assert stats["kernels_per_step"] == 2.0
+    # kernel time 100 us: tensor-core gemms 50, SIMT sgemm 20
+    assert stats["tensor_core_pct"] == pytest.approx(50.0)
+    assert stats["fp32_gemm_pct"] == pytest.approx(20.0)
+    # SM efficiency: (40*1 + 30*0.5 + 20*1) / 200 window us
+    assert stats["est_sm_efficiency_pct"] == pytest.approx(100 * 75 / 200)
+    assert stats["memcpy_pct"] == pytest.approx(5.0)
+    top = stats["top_kernels"]
+    assert top[0]["name"].startswith("sm90_xmma") and top[0]["calls"] == 2 and top[0]["tensor_core"]
+    assert sum(k["pct"] for k in top) == pytest.approx(100.0)
+
+
+def test_summary_and_report_with_a_gpu_trace(cpu_profile):
+    from sumtune.profiling.profiler import build_summary
+
+    _, prof, _ = cpu_profile
+    summary = build_summary(prof, gpu_trace())
+    assert summary["gpu"]["utilization_pct"] == pytest.approx(40.0)
+    assert summary["gpu"]["nvml_utilization_pct"] is None  # no NVML readings on CPU
+    assert summary["top_kernels"][0]["calls"] == 2
+    text = format_summary(summary)
+    assert "top GPU kernels" in text and "busy 40%" in text and "tensor-core kernels 50%" in text
+    json.dumps(summary)
+
+
+def test_gpu_stats_absent_without_kernels():
+    assert trace_analysis.gpu_stats({"traceEvents": [_x("ProfilerStep#1", 0, 10, cat="user_annotation")]}) is None
+
+
+@pytest.mark.parametrize("name,tensor_core", [
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", True),
+    ("ampere_bf16_s16816gemm_bf16_128x128_ldg8_f2f_stages_32x5_tn", True),
+    ("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_TNT", True),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>", True),
+    ("cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_64x4_tn_align8", True),
+    ("ampere_sgemm_128x64_tn", False),
+    ("cutlass_80_simt_sgemm_128x128_8x4_nn_align1", False),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>", False),
+])
+def test_tensor_core_kernel_names(name, tensor_core):
+    assert trace_analysis.is_tensor_core_kernel(name) is tensor_core
+
+
+def test_fp32_gemm_names():
+    assert trace_analysis.is_fp32_gemm_kernel("ampere_sgemm_128x64_tn")
+    assert trace_analysis.is_fp32_gemm_kernel("void implicit_convolve_sgemm<float, float>")
+    assert not trace_analysis.is_fp32_gemm_kernel("sm80_xmma_gemm_bf16bf16_bf16f32_f32_tn_n")
+    assert not trace_analysis.is_fp32_gemm_kernel("vectorized_elementwise_kernel")
+
+
+# -- advice rules -----------------------------------------------------------------------------------
+def base_summary(**over):
+    s = {"device": "cuda", "cpu_count": 16, "step_time_median_s": 0.1, "step_time_max_s": 0.11,
+         "breakdown_pct": {"data": 2, "h2d": 1, "forward": 30, "backward": 50, "optimizer": 10, "other": 7},
+         "peak_mem_gib": 60.0, "device_mem_total_gib": 80.0,
+         "gpu": {"utilization_pct": 95.0, "tensor_core_pct": 80.0, "fp32_gemm_pct": 0.0, "mean_kernel_us": 200.0},
+         "context": {"batch_size": 8, "num_workers": 0, "pin_memory": False, "compute_dtype": "bf16",
+                     "gradient_checkpointing": False}}
+    s.update(over)
+    return s
+
+
+def test_healthy_summary_gets_no_advice():
+    assert advice.advise(base_summary()) == []
+
+
+def test_data_loading_rule():
+    s = base_summary(breakdown_pct={"data": 31, "other": 0})
+    text = advice.data_loading(s)
+    assert "31%" in text and "num_workers=4" in text and "pin_memory" in text
+    assert advice.data_loading(base_summary()) is None
+    more = base_summary(breakdown_pct={"data": 20}, context={"num_workers": 4, "pin_memory": True})
+    assert "num_workers=8" in advice.data_loading(more) and "pin_memory" not in advice.data_loading(more)
+
+
+def test_h2d_rule():
+    assert "non_blocking" in advice.host_to_device(base_summary(breakdown_pct={"h2d": 12}))
+    pinned = base_summary(breakdown_pct={"h2d": 12}, context={"pin_memory": True})
+    assert "uint8" in advice.host_to_device(pinned)
+    assert advice.host_to_device(base_summary(breakdown_pct={"h2d": 3})) is None
+    assert advice.host_to_device(base_summary(device="cpu", breakdown_pct={"h2d": 30})) is None
+
+
+def test_low_utilization_rule():
+    roomy = base_summary(peak_mem_gib=10.0, gpu={"utilization_pct": 55.0, "mean_kernel_us": 200.0})
+    assert "batch_size (now 8)" in advice.low_gpu_utilization(roomy)
+    tiny_kernels = base_summary(gpu={"utilization_pct": 55.0, "mean_kernel_us": 5.0})
+    assert "compile" in advice.low_gpu_utilization(tiny_kernels)
+    assert advice.low_gpu_utilization(base_summary()) is None
+
+
+def test_tensor_core_rule():
+    fp32 = base_summary(gpu={"tensor_core_pct": 10.0, "fp32_gemm_pct": 60.0})
+    assert "bf16" in advice.tensor_cores(fp32)
+    low_tc = base_summary(gpu={"tensor_core_pct": 10.0, "fp32_gemm_pct": 0.0}, context={"compute_dtype": "fp32"})
+    assert "compute_dtype=bf16" in advice.tensor_cores(low_tc)
+    assert advice.tensor_cores(base_summary()) is None
+
+
+def test_memory_rules():
+    headroom = base_summary(peak_mem_gib=20.0, context={"gradient_checkpointing": True})
+    assert "gradient_checkpointing off" in advice.memory_headroom(headroom)
+    assert "raise batch_size" in advice.memory_headroom(base_summary(peak_mem_gib=20.0))
+    idle = base_summary(peak_mem_gib=20.0, gpu={"utilization_pct": 50.0, "mean_kernel_us": 200.0})
+    assert advice.memory_headroom(idle) is None and "batch_size" in advice.low_gpu_utilization(idle)
+    assert advice.memory_headroom(base_summary()) is None
+    assert "gradient_checkpointing" in advice.memory_full(base_summary(peak_mem_gib=78.0))
+    assert advice.memory_full(base_summary()) is None
+    assert advice.memory_headroom(base_summary(device="cpu", peak_mem_gib=1.0)) is None
+
+
+def test_optimizer_other_jitter_and_cpu_rules():
+    assert "fused" in advice.optimizer_share(base_summary(breakdown_pct={"optimizer": 35}))
+    assert ".item()" in advice.unaccounted(base_summary(breakdown_pct={"other": 40}))
+    assert "group_by_length" in advice.step_jitter(base_summary(step_time_max_s=0.3))
+    assert "CPU" in advice.cpu_only(base_summary(device="cpu"))
+    assert advice.cpu_only(base_summary()) is None
+
+
+# -- arguments --------------------------------------------------------------------------------------
+def test_profile_args_validation_and_schedules(tmp_path):
+    args = ProfileArgs()
+    assert args.schedule() == (1, 1, 3) and args.stage_schedule() == (1, 1, 10)
+    assert ProfileArgs(quick=True).schedule() == (0, 1, 2)
+    for bad in ({"workload": "bert"}, {"active": 0}, {"wait": -1}, {"stages": ["base", "turbo"]},
+                {"cifar10_dir": str(tmp_path / "missing")}, {"steps_per_stage": 0}):
+        with pytest.raises(SumtuneError):
+            ProfileArgs(**bad)
+    assert ProfileArgs(workload="mobilenet-cifar10", stages=["base", "pinned"]).stages == ["base", "pinned"]
+
+
+def test_parse_profile_steps():
+    assert parse_profile_steps("3") == (1, 1, 3)
+    assert parse_profile_steps("5,1,2") == (5, 1, 2)
+    for bad in ("0", "a", "1,2", "1,1,0"):
+        with pytest.raises(SumtuneError):
+            parse_profile_steps(bad)
+
+
+# -- MobileNet study pipeline -----------------------------------------------------------------------
+def test_stages_are_cumulative():
+    stages = mobilenet.stage_configs()
+    assert [s.name for s in stages] == list(mobilenet.STAGES)
+    last = stages[-1]
+    assert (last.batch_size, last.amp, last.gpu_normalize, last.num_workers, last.pin_memory) == (128, True, True, 2, True)
+    assert stages[0].batch_size == 32 and not stages[0].amp
+    for before, after in zip(stages, stages[1:]):  # each stage changes exactly one thing
+        diff = [f for f in ("batch_size", "amp", "gpu_normalize", "num_workers", "pin_memory")
+                if getattr(before, f) != getattr(after, f)]
+        assert len(diff) == 1
+    with pytest.raises(SumtuneError):
+        mobilenet.select_stages(["nope"])
+
+
+def test_synthetic_images_are_reproducible():
+    a, la = mobilenet.synthesize_cifar10(16, seed=0)
+    b, lb = mobilenet.synthesize_cifar10(16, seed=0)
+    assert a.shape == (16, 32, 32, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and np.array_equal(la, lb) and la.max() < 10
+
+
+def test_load_local_cifar10_copy(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    rows = rng.integers(0, 256, size=(5, 3072), dtype=np.uint8)
+    with open(folder / "data_batch_1", "wb") as f:
+        pickle.dump({b"data": rows, b"labels": [0, 1, 2, 3, 4]}, f)
+    images, labels = mobilenet.load_cifar10(tmp_path)
+    assert images.shape == (5, 32, 32, 3) and list(labels) == [0, 1, 2, 3, 4]
+    # CIFAR rows are channel-major: the red plane is the first 1024 bytes
+    assert np.array_equal(images[0, :, :, 0].reshape(-1), rows[0, :1024])
+    with pytest.raises(SumtuneError):
+        mobilenet.load_cifar10(tmp_path / "cifar-10-batches-py" / "nothing")
+
+
+def test_host_and_device_normalization_agree():
+    images, labels = mobilenet.synthesize_cifar10(4)
+    host = mobilenet.CifarLikeDataset(images, labels, image_size=48, normalize_on_host=True)
+    raw = mobilenet.CifarLikeDataset(images, labels, image_size=48, normalize_on_host=False)
+    x_host, y = host[1]
+    x_raw, _ = raw[1]
+    assert x_host.shape == (3, 48, 48) and x_host.dtype == torch.float32 and y == labels[1]
+    assert x_raw.dtype == torch.uint8
+    batch = torch.stack([raw[i][0] for i in range(4)])
+    assert torch.allclose(mobilenet.to_float_normalized(batch)[1], x_host, atol=1e-6)
+    assert len(mobilenet.CifarLikeDataset(images, labels, length=10)) == 10  # cycles past 4 images
+
+
+@pytest.mark.skipif(not HAS_TORCHVISION, reason="torchvision not installed (it is on the GPU machine)")
+def test_transform_matches_torchvision():
+    from torchvision import transforms
+
+    images, labels = mobilenet.synthesize_cifar10(2)
+    ours = mobilenet.CifarLikeDataset(images, labels, image_size=224)[0][0]
+    tv = transforms.Compose([transforms.Resize(224), transforms.ToTensor(),
+                             transforms.Normalize(mobilenet.CIFAR10_MEAN, mobilenet.CIFAR10_STD)])
+    from PIL import Image
+
+    assert torch.allclose(ours, tv(Image.fromarray(images[0])), atol=1e-5)
+
+
+def stand_in_net():
+    return torch.nn.Sequential(torch.nn.AvgPool2d(4), torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 10))
+
+
+@pytest.fixture
+def one_thread():
+    """Two loader workers plus intra-op threads oversubscribe a 2-core CI box; keep the test quick."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_mobilenet_study_pipeline_with_stand_in_net(tmp_path, one_thread):
+    args = ProfileArgs(workload="mobilenet-cifar10", quick=True, image_size=32, profile_memory=False, record_shapes=False)
+    lines = []
+    result = run_mobilenet_study(args, tmp_path, device="cpu", model_fn=stand_in_net, echo=lines.append)
+    rows = result["stages"]
+    assert [r["stage"] for r in rows] == list(mobilenet.STAGES)
+    assert [r["batch_size"] for r in rows] == [32, 32, 128, 128, 128, 128]
+    assert rows[0]["vs_base_pct"] == pytest.approx(100.0)
+    for row in rows:
+        assert row["step_ms"] > 0 and row["samples_per_s"] == pytest.approx(
+            1e3 * row["batch_size"] / row["step_ms"], rel=1e-6)
+        assert row["published"] == mobilenet.PUBLISHED[row["stage"]]
+        stage_dir = tmp_path / row["stage"]
+        assert trace_analysis.find_trace_files(stage_dir) and (stage_dir / "summary.json").is_file()
+        assert abs(sum(row["breakdown_pct"].values()) - 100.0) < 5.0
+    table = lines[-1]
+    assert "117.1" in table and "1381.6" in table and "workers2" in table
+    json.dumps(result)  # the caller saves it as JSON
+
+
+@pytest.mark.skipif(HAS_TORCHVISION, reason="torchvision is installed")
+def test_mobilenet_without_torchvision_is_a_user_error(tmp_path):
+    with pytest.raises(SumtuneError, match="torchvision"):
+        run_mobilenet_study(ProfileArgs(workload="mobilenet-cifar10", quick=True), tmp_path, echo=None)
+    assert not any(tmp_path.iterdir())  # failed before doing any work
+
+
+@pytest.mark.skipif(not HAS_TORCHVISION, reason="torchvision not installed (it is on the GPU machine)")
+def test_mobilenet_workload_with_torchvision(tmp_path):
+    args = ProfileArgs(workload="mobilenet-cifar10", quick=True, image_size=64, stages=["base"], profile_memory=False)
+    result = run_mobilenet_study(args, tmp_path, echo=None)
+    assert result["stages"][0]["step_ms"] > 0
+
+
+# -- GPU --------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_step_profiler_on_gpu(tmp_path):
+    prof = StepProfiler(tmp_path, wait=1, warmup=1, active=3, device="cuda", samples_per_step=256)
+    with prof:
+        tiny_loop(prof, 5, device="cuda", batch=256, dtype=torch.bfloat16)
+    summary = prof.summary()
+    gpu = summary["gpu"]
+    assert summary["mem_kind"] == "cuda_allocated" and summary["peak_mem_gib"] > 0
+    assert 0 < gpu["utilization_pct"] <= 100 and gpu["steps_in_trace"] == 3
+    assert summary["top_kernels"] and 0 <= gpu["tensor_core_pct"] <= 100
+    assert abs(sum(summary["breakdown_s"].values()) - summary["step_time_mean_s"]) <= 0.05 * summary["step_time_mean_s"]
