@@ -25,37 +25,27 @@ def train(config: TrainConfig | dict | str | Path) -> dict:
     cfg = as_config(config)
     profiler = None
     if cfg.profile_steps:
-        from sumtune.profiling import StepProfiler
+        from sumtune.profiling import make_train_profiler
 
-        profiler = StepProfiler(Path(cfg.output_dir) / "profile", wait=1, warmup=1, active=cfg.profile_steps,
-                                device="cuda" if _cuda() and cfg.device != "cpu" else "cpu")
+        profiler = make_train_profiler(cfg, schedule=(1, 1, cfg.profile_steps))
     recipe = TrainRecipe(cfg, profiler=profiler)
     try:
         recipe.setup()
-        if profiler is not None:
-            with profiler:
-                recipe.train()
-        else:
-            recipe.train()
+        if profiler is not None and recipe.flops_per_sample and recipe.peak_tflops:
+            profiler.flops_per_step = recipe.flops_per_sample * cfg.effective_batch_size
+            profiler.peak_tflops = recipe.peak_tflops
+        recipe.train()
         metrics = recipe.finish()
-        if profiler is not None:
-            from sumtune.profiling import format_summary
+        if profiler is not None and profiler.done:
+            from sumtune.profiling import finalize_profile
 
-            summary = profiler.summary()
-            profiler.write_summary(Path(cfg.output_dir) / "profile" / "summary.json")
-            recipe.progress.write(format_summary(summary))
+            finalize_profile(profiler, Path(cfg.output_dir) / "profile", echo=recipe.progress.write)
         recipe.progress.write(f"done: ROUGE-1 {metrics['rouge1']:.2f}, ROUGE-2 {metrics['rouge2']:.2f}, "
                               f"ROUGE-L {metrics['rougeL']:.2f}, ROUGE-Lsum {metrics['rougeLsum']:.2f}; "
                               f"run saved in {recipe.run_dir}")
         return metrics
     finally:
         recipe.cleanup()
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def evaluate(run_dir: str | Path, *, dataset: str | None = None, max_samples: int | None = None,

@@ -21,6 +21,7 @@ from sumtune import argparsing
 from sumtune.config import TrainConfig
 from sumtune.data import BatchIterator, load_rows, tokenize_rows
 from sumtune.errors import SumtuneError
+from sumtune.flops import mfu, peak_tflops, train_flops_per_sample
 from sumtune.metrics import MetricsLogger
 from sumtune.modeling import DTYPES, count_parameters, load_tokenizer, resolve_device
 from sumtune.optim import build_optimizer, get_lr, set_lr
@@ -121,6 +122,8 @@ class TrainRecipe:
         self.tokenizer.save_pretrained(self.run_dir)
         total, trainable = count_parameters(self.model)
         self.param_counts = {"total": total, "trainable": trainable}
+        self.peak_tflops = peak_tflops(self.device)
+        self.flops_per_sample = self.batch_flops_for(cfg.max_source_tokens, cfg.max_target_tokens)
         self.progress.write(
             f"sumtune: {cfg.model} ({cfg.quantization}, {cfg.compute_dtype}) on {self.device}; "
             f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%); "
@@ -180,6 +183,17 @@ class TrainRecipe:
         return get_lr(self.global_step, peak_lr=self.cfg.lr, warmup_steps=self.cfg.warmup_steps,
                       total_steps=self.total_steps, schedule=self.cfg.lr_schedule)
 
+    def batch_flops_for(self, src_len: int, tgt_len: int, batch_size: int = 1) -> float:
+        """Useful training FLOPs for a padded batch of this shape (0 for models sumtune cannot count)."""
+        config = self.model.config
+        if getattr(config, "model_type", "") != "t5":
+            return 0.0
+        return batch_size * train_flops_per_sample(config, src_len, tgt_len,
+                                                   lora_params=self.param_counts["trainable"])
+
+    def batch_flops(self, batch: dict[str, torch.Tensor]) -> float:
+        return self.batch_flops_for(batch["input_ids"].shape[1], batch["labels"].shape[1], batch["input_ids"].shape[0])
+
     @staticmethod
     def _tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return batch["attention_mask"].sum() + (batch["labels"] != -100).sum()
@@ -198,13 +212,17 @@ class TrainRecipe:
         self.model.train()
         stream = self._micro_batches()
         bar = self.progress.bar(total=stop_at, desc="training", initial=self.global_step)
-        window_tokens, window_samples, window_start = 0, 0, time.perf_counter()
+        window_tokens, window_samples, window_flops, window_start = 0, 0, 0.0, time.perf_counter()
         last_train: dict = {}
         while self.global_step < stop_at:
             loss_sum = torch.zeros((), device=self.device)
+            step_tokens = step_samples = 0
             for _ in range(cfg.grad_accum_steps):
                 with prof.phase("data"):
                     batch = next(stream)
+                step_tokens += int(self._tokens(batch))  # counted on the host batch: no GPU sync
+                step_samples += batch["input_ids"].shape[0]
+                window_flops += self.batch_flops(batch)
                 with prof.phase("h2d"):
                     batch = self.to_device(batch)
                 with prof.phase("forward"):
@@ -212,11 +230,11 @@ class TrainRecipe:
                 with prof.phase("backward"):
                     loss.backward()
                 loss_sum += loss.detach()
-                window_tokens += int(self._tokens(batch))
-                window_samples += batch["input_ids"].shape[0]
             with prof.phase("optimizer"):
                 grad_norm = self.optimizer_step()
-            prof.step()
+            prof.step(samples=step_samples, tokens=step_tokens)
+            window_tokens += step_tokens
+            window_samples += step_samples
             self.global_step += 1
             bar.update(1)
             if self.global_step % cfg.log_every_steps == 0 or self.global_step == stop_at:
@@ -228,10 +246,11 @@ class TrainRecipe:
                     "epoch": round(self.global_step / self.steps_per_epoch, 4),
                     "loss": float(loss_sum), "lr": self.current_lr(), "grad_norm": grad_norm,
                     "tokens_per_s": window_tokens / elapsed, "samples_per_s": window_samples / elapsed,
-                    "step_time_s": elapsed / steps_in_window, "peak_mem_gib": peak_memory_gib(self.device)})
+                    "step_time_s": elapsed / steps_in_window, "peak_mem_gib": peak_memory_gib(self.device),
+                    **({"mfu": mfu(window_flops, elapsed, self.peak_tflops)} if self.peak_tflops else {})})
                 bar.set_postfix(loss=f"{float(loss_sum):.4f}", lr=f"{self.current_lr():.2e}",
                                 tok_s=f"{window_tokens / elapsed:,.0f}")
-                window_tokens, window_samples, window_start = 0, 0, time.perf_counter()
+                window_tokens, window_samples, window_flops, window_start = 0, 0, 0.0, time.perf_counter()
             if self._eval_due():
                 self.evaluate_and_checkpoint()
                 self.model.train()
@@ -321,6 +340,9 @@ class TrainRecipe:
             (self.run_dir / name).unlink(missing_ok=True)
         self.model.save_pretrained(self.run_dir)
         write_model_card(self.run_dir, self.cfg, metrics, self.param_counts)
+        from sumtune.plots import write_plots
+
+        write_plots(self.run_dir)
         return metrics
 
     def cleanup(self) -> None:
