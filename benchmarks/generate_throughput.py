@@ -29,7 +29,7 @@ LORA = dict(r=32, lora_alpha=16, lora_dropout=0.05, target_modules=["v", "o"], m
             task_type="SEQ_2_SEQ_LM")
 PAD, EOS, START = 0, 1, 0
 COLUMNS = ["path", "setting", "batch", "beams", "inputs", "summaries_per_s", "new_tokens_per_s", "wall_s",
-           "peak_mem_gib", "speedup"]
+           "peak_mem_gib", "speedup", "note"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     merged_gib = sum(p.numel() * p.element_size() for p in {id(p): p for p in merged.parameters()}.values()) / 2**30
 
     use_graphs = device.type == "cuda"
-    settings = [("graphs", dict(use_cuda_graphs=use_graphs))]
+    settings = [("graphs" if use_graphs else "eager", dict(use_cuda_graphs=use_graphs))]
     for batch in fast_batches:
         for name, kwargs in settings:
             fast_generate(merged, inputs[:batch], batch, args.new_tokens, **kwargs)  # warm-up: capture, cuBLAS
@@ -196,8 +196,8 @@ def main(argv=None) -> int:
             rows.append(row("sumtune", f"greedy {name}", batch, 1, out, wall, peak))
             print(rows[-1], flush=True)
     best = max((r for r in rows if r["path"] == "sumtune"), key=lambda r: r["summaries_per_s"])["batch"]
-    variants = [("eager", dict(use_cuda_graphs=False)), ("kv-cache graphs", dict(attention="kv",
-                                                                                 use_cuda_graphs=use_graphs))]
+    variants = [("eager", dict(use_cuda_graphs=False)),
+                ("kv-cache" + (" graphs" if use_graphs else ""), dict(attention="kv", use_cuda_graphs=use_graphs))]
     if args.compile:
         variants.append(("compile+graphs", dict(compile_step=True, use_cuda_graphs=use_graphs)))
     for name, kwargs in variants:
@@ -206,8 +206,10 @@ def main(argv=None) -> int:
             out, wall, peak = timed(lambda: fast_generate(merged, inputs[:2 * best], best, args.new_tokens,
                                                           **kwargs), device)
             rows.append(row("sumtune", f"greedy {name}", best, 1, out, wall, peak))
-        except torch.cuda.OutOfMemoryError as error:  # kv caches at a large batch may not fit
-            rows.append(dict(path="sumtune", setting=f"greedy {name}", batch=best, note=f"OOM: {error}"[:80]))
+        except Exception as error:  # noqa: BLE001 - e.g. kv caches OOM at a large batch, a compile failure
+            rows.append(dict(path="sumtune", setting=f"greedy {name}", batch=best,
+                             note=f"{type(error).__name__}: {error}"[:120]))
+            reset_peak(device)
         print(rows[-1], flush=True)
 
     beam_inputs = inputs[: args.beam_inputs]
@@ -241,7 +243,10 @@ def main(argv=None) -> int:
     for key, value in agree.items():
         print(f"  {key}: sequences {value['sequences']:.3f}, tokens {value['tokens']:.3f}")
     print(f"build {build_s:.1f} s, prepare_inference_model {prepare_s:.1f} s, merged model {merged_gib:.2f} GiB")
-    path = bc.save_result("generate_throughput" + ("-quick" if args.quick else ""), dict(
+    if args.quick:
+        print("quick mode: plumbing check only, nothing saved")
+        return 0
+    path = bc.save_result("generate_throughput", dict(
         model=args.model, source_tokens=args.source_tokens, new_tokens=args.new_tokens, quick=args.quick,
         mean_source_tokens=mean_len, lora=LORA, rows=rows, agreement=agree, build_s=build_s,
         prepare_inference_model_s=prepare_s, merged_model_gib=merged_gib, best_fast_batch=best))

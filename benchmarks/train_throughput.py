@@ -141,8 +141,23 @@ def time_fast(config, device, data, setting, args) -> dict:
             times_s.append(time.perf_counter() - start)
             losses.append(float(loss))
     lora = bc.count_lora_params(model)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    if args.profile:
+        profile_steps(model, optimizer, params, data, setting["batch"], device)
     del model, optimizer, params
-    return dict(times_s=times_s, losses=losses, lora_params=lora)
+    return dict(times_s=times_s, losses=losses, lora_params=lora, peak_mem_gib=peak)
+
+
+def profile_steps(model, optimizer, params, data, batch_size: int, device, steps: int = 2) -> None:
+    """Where the fast step goes: torch.profiler over a few steps, top CUDA ops (GPU only)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batch = {k: v.to(device) for k, v in bc.batch_at(data, 0, batch_size).items()}
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            train_step(model, optimizer, params, batch, device)
+        sync(device)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70), flush=True)
 
 
 def time_reference(config, device, data, batch_size, args) -> dict:
@@ -177,8 +192,9 @@ def time_reference(config, device, data, batch_size, args) -> dict:
         trainer = Seq2SeqTrainer(model=model, args=training_args, train_dataset=dataset, callbacks=[timer])
         trainer.train()
     lora = bc.count_lora_params(model)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     del trainer, model
-    return dict(times_s=timer.times_s[args.warmup:], losses=[], lora_params=lora)
+    return dict(times_s=timer.times_s[args.warmup:], losses=[], lora_params=lora, peak_mem_gib=peak)
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -191,7 +207,7 @@ def summarize(path: str, name: str, batch: int, run: dict, config, args, data, m
     achieved = flops * samples_per_s / 1e12
     return dict(path=path, setting=name, batch=batch, samples_per_s=samples_per_s,
                 tokens_per_s=tokens_per_step * samples_per_s, step_time_s=step_time_s,
-                peak_mem_gib=(torch.cuda.max_memory_allocated() / 2**30) if torch.cuda.is_available() else None,
+                peak_mem_gib=run.get("peak_mem_gib"),
                 mfu_measured=achieved / matmul_tflops if matmul_tflops else None,
                 mfu_datasheet=achieved / peak_tflops if peak_tflops else None,
                 achieved_tflops=achieved, flops_per_sample=flops, gradient_checkpointing=recompute,
@@ -393,6 +409,7 @@ def parse_args(argv=None):
     parser.add_argument("--numerics-batch", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="tiny shapes on CPU, a few seconds")
     parser.add_argument("--no-save", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="after timing each fast setting, print its top CUDA ops")
     args = parser.parse_args(argv)
     args.reference = [int(b) for b in args.reference.split(",") if b.strip()]
     args.fast = [s.strip() for s in args.fast.split(",") if s.strip()]

@@ -298,3 +298,33 @@ def test_t5_3b_widths_fast_matches_stock_on_gpu():
     worst = max(errors, key=errors.get)
     assert errors[worst] <= GRAD_RTOL, f"{worst}: {errors[worst]:.4f}"
     assert torch.equal(loss, garbage_loss)
+
+
+def test_biases_are_contiguous_for_the_efficient_sdpa_kernel(model):
+    """SDPA's memory-efficient kernel needs a unit-stride bias; a permuted view silently selects the math kernel."""
+    from sumtune.fast_t5 import bias as bias_lib
+
+    attention = model.base_model.model.encoder.block[0].layer[0].SelfAttention
+    position_bias = bias_lib.relative_position_bias(attention, 12, 12, torch.device("cpu"), torch.bfloat16)
+    assert position_bias.is_contiguous()
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 9:] = 0
+    assert bias_lib.encoder_self_bias(position_bias, mask).is_contiguous()
+    assert bias_lib.decoder_self_bias(position_bias, mask).is_contiguous()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fast_attention_runs_in_efficient_kernels_on_gpu():
+    """With the math backend disabled, the fast path must still run forward and backward (no math fallback)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    config = dict(d_model=1024, d_ff=4096, d_kv=128, num_heads=32, num_layers=1, num_decoder_layers=1,
+                  vocab_size=32128, relative_attention_num_buckets=32)
+    model = build_qlora_t5(config, device="cuda")
+    enable_fast_t5(model)
+    batch = padded_batch(2, 512, 64, 32128, device="cuda")
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, grads = loss_and_lora_grads(model, batch)
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())

@@ -57,8 +57,17 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def _union_members(tp: Any) -> tuple[Any, ...] | None:
+    """The members of a union such as `int | Literal["auto"]` (None for any other type)."""
+    return get_args(tp) if get_origin(tp) in (typing.Union, types.UnionType) else None
+
+
 def describe_type(tp: Any) -> str:
     tp, optional = _unwrap_optional(tp)
+    members = _union_members(tp)
+    if members:
+        text = " or ".join(describe_type(m) for m in members if m is not type(None))
+        return f"{text} (or none)" if type(None) in members or optional else text
     if get_origin(tp) is Literal:
         text = " | ".join(str(a) for a in get_args(tp))
     elif get_origin(tp) is list:
@@ -76,6 +85,16 @@ def coerce(name: str, value: Any, tp: Any) -> Any:
             return None
         raise SumtuneError(f"`{name}` cannot be empty: expected {describe_type(tp)}.")
     bad = SumtuneError(f"`{name}` must be {describe_type(tp)}, got {value!r}.")
+    members = _union_members(inner)
+    if members:  # e.g. batch_size: an integer or `auto`; the first member that accepts the value wins
+        for member in members:
+            if member is type(None):
+                continue
+            try:
+                return coerce(name, value, member)
+            except SumtuneError:
+                continue
+        raise bad
     origin = get_origin(inner)
     if origin is Literal:
         choices = get_args(inner)
@@ -187,7 +206,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, skip:
         help_text = f"{docs.get(name, '')} [{describe_type(tp)}; default: {default}]".replace("%", "%%")
         flag = "--" + name.replace("_", "-")
         inner, _ = _unwrap_optional(tp)
-        if inner is bool:
+        if "cli_const" in f.metadata:  # `--resume` alone means `--resume latest`
+            group.add_argument(flag, dest=name, nargs="?", const=f.metadata["cli_const"], default=argparse.SUPPRESS,
+                               metavar=name.upper(), help=help_text)
+        elif inner is bool:
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                help=help_text)
         elif get_origin(inner) is list:

@@ -21,6 +21,8 @@ EPILOG = """examples:
   sumtune summarize runs/sumtune "Text to summarize ..."
   sumtune merge runs/sumtune merged/                   # plain bf16 model for transformers.pipeline
   sumtune memory --model t5-3b                         # footprint and trainable parameters
+  sumtune report runs/sumtune                          # one self-contained HTML page: plots, scores, samples
+  sumtune push runs/sumtune my-name/t5-3b-billsum-lora # upload the adapter and its model card to the Hub
 """
 
 
@@ -105,6 +107,20 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(ns: argparse.Namespace) -> int:
+    from sumtune.report import render_report
+
+    print(f"report written to {render_report(ns.run_dir, ns.output)}")
+    return 0
+
+
+def cmd_push(ns: argparse.Namespace) -> int:
+    from sumtune.push import push_run
+
+    print(f"pushed to {push_run(ns.run_dir, ns.repo, private=ns.private, token=ns.token)}")
+    return 0
+
+
 def cmd_profile(ns: argparse.Namespace) -> int:
     from sumtune import argparsing
     from sumtune.profiling import ProfileArgs, run_mobilenet_study, run_profile
@@ -121,6 +137,15 @@ def cmd_profile(ns: argparse.Namespace) -> int:
     return 0
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)", except where the help already says what the default is, or it is None."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sumtune import argparsing
     from sumtune.config import TrainConfig
@@ -133,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, func: Callable, help_: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=HelpFormatter)
         p.set_defaults(func=func)
         return p
 
@@ -188,6 +213,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="runs/demo", help="Run directory (replaced if it holds an earlier demo).")
     p.add_argument("--max-steps", type=int, default=None, help="Training steps (default: the demo's own).")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="Show progress bars.")
+
+    p = command("report", cmd_report, "Render a run as one self-contained HTML page: config, final scores, "
+                                      "evaluations over training, plots, sample summaries next to their "
+                                      "references, and the profile summary when there is one.")
+    p.add_argument("run_dir", help="Run directory written by `sumtune train` or `sumtune demo`.")
+    p.add_argument("--output", metavar="FILE.html", default=None,
+                   help="Where to write the page (default: RUN_DIR/report.html).")
+
+    p = command("push", cmd_push, "Upload a run's adapter, model card, tokenizer, config, metrics and plots to a "
+                                  "Hugging Face Hub model repository (created if needed).")
+    p.add_argument("run_dir", help="Run directory written by `sumtune train`.")
+    p.add_argument("repo", help="Hub repository id, e.g. my-name/t5-3b-billsum-lora.")
+    p.add_argument("--private", action="store_true", help="Create the repository as private.")
+    p.add_argument("--token", default=None, help="Hub token with write access (default: HF_TOKEN or the token "
+                                                 "saved by `hf auth login`; prefer those, a flag shows in `ps`).")
 
     p = command("profile", cmd_profile, "Profile training steps with torch.profiler: step time, GPU utilization, "
                                         "memory, where the step goes, top kernels, and advice; writes a TensorBoard "

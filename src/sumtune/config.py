@@ -6,12 +6,14 @@ YAML keys are these field names; every field is also a `--field-name` flag of `s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Union
 
 from sumtune.errors import SumtuneError
 
 Quantization = Literal["nf4", "fp4", "int8", "none"]
 ComputeDtype = Literal["bf16", "fp16", "fp32"]
+BatchSize = Union[int, Literal["auto"]]
+AUTO_BATCH_DEFAULT_SAMPLES = 16  # samples per micro-batch × accumulation step when `batch_size: auto` has no target
 
 
 @dataclass
@@ -23,6 +25,8 @@ class TrainConfig:
     """Tokenizer hub id or directory; by default the model's own (for `tiny`/`random:` models: a word-level tokenizer built from the training texts)."""
     trust_remote_code: bool = False
     """Allow model code from the hub repository to run (off: only transformers' own model code runs)."""
+    allow_pickle: bool = False
+    """Allow loading pickle-based weights (pytorch_model.bin, adapter_model.bin), which can run arbitrary code; off: safetensors only."""
     quantization: Quantization = "nf4"
     """How the frozen base weights are stored: 4-bit NF4 (QLoRA), 4-bit FP4, 8-bit LLM.int8, or none (plain compute dtype)."""
     double_quant: bool = True
@@ -75,12 +79,16 @@ class TrainConfig:
     """Run directory: adapter, tokenizer, resolved config, metrics, TensorBoard logs, checkpoints, model card."""
     overwrite: bool = False
     """Allow writing into an output directory that already holds a run."""
+    resume: str | None = field(default=None, metadata={"cli_const": "latest"})
+    """Continue an interrupted run: `latest` (what a bare `--resume` means) for the newest checkpoint in `output_dir`, or the path of a checkpoint or run directory. The config must be the run's own."""
     epochs: float = 4.0
     """Passes over the training split (ignored when `max_steps` is set)."""
     max_steps: int | None = None
     """Stop after this many optimizer steps; none = run `epochs`."""
-    batch_size: int = 16
-    """Micro-batch size (samples per forward pass)."""
+    batch_size: BatchSize = 16
+    """Micro-batch size (samples per forward pass), or `auto`: the largest that fits on the GPU, with gradient accumulation keeping `samples_per_step` samples per optimizer step."""
+    samples_per_step: int | None = None
+    """Samples per optimizer step kept by `batch_size: auto` (a divisor of it becomes the micro-batch); none = 16 × `grad_accum_steps`."""
     grad_accum_steps: int = 1
     """Micro-batches accumulated per optimizer step (effective batch = batch_size × grad_accum_steps)."""
     optimizer: Literal["paged_adamw_8bit", "adamw_8bit", "adamw"] = "paged_adamw_8bit"
@@ -95,6 +103,8 @@ class TrainConfig:
     """Learning-rate decay after warm-up (to 0 at the last step for linear and cosine)."""
     max_grad_norm: float | None = 1.0
     """Clip the gradient norm to this value; none = no clipping."""
+    max_nonfinite_steps: int = 5
+    """Stop the run after this many optimizer steps in a row with a NaN/inf loss or gradient (each such step is skipped)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     fast_kernels: bool = True
@@ -119,8 +129,10 @@ class TrainConfig:
     """Beam width for generation (1 = greedy)."""
     max_new_tokens: int | None = None
     """Longest generated summary in tokens; none = `max_target_tokens` (never transformers' 20-token default)."""
+    checkpoint_every_steps: int | None = None
+    """Write a resumable checkpoint (adapter, optimizer, RNG, data position) every N optimizer steps; none = at every evaluation. Also written at the last step and on SIGTERM/SIGINT."""
     keep_last_checkpoints: int = 2
-    """How many recent checkpoints to keep besides the best one."""
+    """How many recent checkpoints to keep besides the best one (at least 1: the newest is what `--resume` continues)."""
     log_every_steps: int = 10
     """Write train metrics every N optimizer steps."""
     progress: bool = True
@@ -129,13 +141,16 @@ class TrainConfig:
     """Profile this many training steps with torch.profiler (after 1 wait and 1 warm-up step) and write a trace and summary under RUN_DIR/profile."""
 
     def __post_init__(self) -> None:
-        positive_ints = ["lora_r", "max_source_tokens", "max_target_tokens", "batch_size", "grad_accum_steps",
-                         "eval_batch_size", "num_beams", "log_every_steps"]
+        positive_ints = ["lora_r", "max_source_tokens", "max_target_tokens", "grad_accum_steps",
+                         "eval_batch_size", "num_beams", "log_every_steps", "max_nonfinite_steps",
+                         "keep_last_checkpoints"]
+        if self.batch_size != "auto":
+            positive_ints.append("batch_size")
         for name in positive_ints:
             if getattr(self, name) <= 0:
                 raise SumtuneError(f"`{name}` must be greater than 0, got {getattr(self, name)}.")
         for name in ["max_steps", "max_samples", "eval_every_steps", "eval_max_samples", "max_new_tokens",
-                     "profile_steps"]:
+                     "profile_steps", "checkpoint_every_steps", "samples_per_step"]:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise SumtuneError(f"`{name}` must be greater than 0 or none, got {value}.")
@@ -149,15 +164,20 @@ class TrainConfig:
             raise SumtuneError(f"`eval_ratio` must be strictly between 0 and 1, got {self.eval_ratio}.")
         if self.epochs <= 0:
             raise SumtuneError(f"`epochs` must be greater than 0, got {self.epochs}.")
-        if self.weight_decay < 0 or self.warmup_steps < 0 or self.num_workers < 0 or self.keep_last_checkpoints < 0:
-            raise SumtuneError("`weight_decay`, `warmup_steps`, `num_workers` and `keep_last_checkpoints` "
-                               "must not be negative.")
+        for name in ("weight_decay", "warmup_steps", "num_workers"):
+            if getattr(self, name) < 0:
+                raise SumtuneError(f"`{name}` must not be negative, got {getattr(self, name)}.")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise SumtuneError(f"`max_grad_norm` must be greater than 0 or none, got {self.max_grad_norm}.")
         if not self.lora_targets:
             raise SumtuneError("`lora_targets` must name at least one module (or `all-linear`).")
         if not self.model.strip():
             raise SumtuneError("`model` must not be empty.")
+        if self.resume is not None and self.overwrite:
+            raise SumtuneError("`resume` and `overwrite` contradict each other: resume continues the run in "
+                               "`output_dir`, overwrite replaces it; pass only one.")
+        if self.resume is not None and not str(self.resume).strip():
+            raise SumtuneError("`resume` must be `latest` or the path of a checkpoint or run directory.")
 
     @property
     def generation_max_new_tokens(self) -> int:
@@ -165,4 +185,7 @@ class TrainConfig:
 
     @property
     def effective_batch_size(self) -> int:
+        """Samples per optimizer step (per process)."""
+        if self.batch_size == "auto":
+            return self.samples_per_step or AUTO_BATCH_DEFAULT_SAMPLES * self.grad_accum_steps
         return self.batch_size * self.grad_accum_steps

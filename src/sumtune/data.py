@@ -21,13 +21,16 @@ if TYPE_CHECKING:
 
 BILLSUM_HUB_ID = "FiscalNote/billsum"
 Row = dict[str, str]
+# Texts are cut to max_tokens × this many characters before tokenizing: the kept tokens are unchanged in any
+# real text, and a single huge document costs no more than a long one.
+MAX_CHARS_PER_TOKEN = 64
 
 
 # ---- reading ---------------------------------------------------------------------------------------------
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # -sig: a leading byte-order mark is not data
     except UnicodeDecodeError as err:
         raise SumtuneError(f"{str(path)!r} is not UTF-8 text (bad byte at offset {err.start}).") from None
     except OSError as err:
@@ -67,7 +70,8 @@ def read_csv(path: Path) -> list[dict]:
         reader = csv.DictReader(text.splitlines(keepends=True), strict=True)
         rows = list(reader)
     except csv.Error as err:
-        raise SumtuneError(f"{str(path)!r} is not valid CSV near line {reader.line_num}: {err}.") from None
+        # line_num counts the lines completed before the failing one
+        raise SumtuneError(f"{str(path)!r} is not valid CSV near line {reader.line_num + 1}: {err}.") from None
     for number, row in enumerate(rows, start=2):
         if None in row or any(v is None for v in row.values()):
             raise SumtuneError(f"{str(path)!r} line {number} has a different number of fields than the header.")
@@ -124,8 +128,10 @@ def read_rows(source: str, split: str) -> list[dict]:
         return _hub_rows(BILLSUM_HUB_ID, split)
     path = Path(source).expanduser()
     if path.suffix.lower() in FILE_READERS:
+        if not path.exists():
+            raise SumtuneError(f"Data file {str(path.resolve())!r} does not exist.")
         if not path.is_file():
-            raise SumtuneError(f"Data file {str(path)!r} does not exist.")
+            raise SumtuneError(f"Data file {str(path.resolve())!r} is not a regular file.")
         return FILE_READERS[path.suffix.lower()](path)
     if path.is_dir():
         if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
@@ -206,13 +212,20 @@ class TokenizedExample:
     labels: list[int]
 
 
+def clip_chars(texts: list[str], max_tokens: int) -> list[str]:
+    limit = max_tokens * MAX_CHARS_PER_TOKEN
+    return [t if len(t) <= limit else t[:limit] for t in texts]
+
+
 def tokenize_sources(tokenizer, texts: list[str], prefix: str, max_tokens: int) -> list[list[int]]:
-    return tokenizer([prefix + t for t in texts], max_length=max_tokens, truncation=True)["input_ids"]
+    return tokenizer(clip_chars([prefix + t for t in texts], max_tokens), max_length=max_tokens,
+                     truncation=True)["input_ids"]
 
 
 def tokenize_rows(tokenizer, rows: list[Row], cfg: "TrainConfig") -> list[TokenizedExample]:
     sources = tokenize_sources(tokenizer, [r["text"] for r in rows], cfg.source_prefix, cfg.max_source_tokens)
-    targets = tokenizer(text_target=[r["summary"] for r in rows], max_length=cfg.max_target_tokens,
+    targets = tokenizer(text_target=clip_chars([r["summary"] for r in rows], cfg.max_target_tokens),
+                        max_length=cfg.max_target_tokens,
                         truncation=True)["input_ids"]
     return [TokenizedExample(s, t) for s, t in zip(sources, targets)]
 

@@ -33,14 +33,31 @@ def base_model_source(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
     return cfg
 
 
+def check_adapter_dir(adapter: Path, allow_pickle: bool) -> None:
+    """An adapter is read from adapter_model.safetensors; a pickle-only adapter only with `allow_pickle`."""
+    if (adapter / "adapter_model.safetensors").is_file():
+        return
+    if not (adapter / "adapter_model.bin").is_file():
+        raise SumtuneError(f"{str(adapter)!r} holds no adapter weights (adapter_model.safetensors is missing).")
+    if not allow_pickle:
+        raise SumtuneError(f"The adapter in {str(adapter)!r} is a pickle file (adapter_model.bin), which can run "
+                           f"code when loaded; re-save it as safetensors, or allow pickle if you trust its source.")
+
+
 def load_run(run_dir: str | Path, *, device: str = "auto", adapter_dir: str | Path | None = None,
-             fast_kernels: bool | None = None):
-    """(model, tokenizer, cfg) for a run directory: the quantized base with the trained adapter on top."""
+             fast_kernels: bool | None = None, allow_pickle: bool = False):
+    """(model, tokenizer, cfg) for a run directory: the quantized base with the trained adapter on top.
+
+    Only safetensors weights are read unless `allow_pickle` (never taken from the run's own config.yaml,
+    which travels with the weights it would vouch for).
+    """
     from peft import PeftModel
     from transformers import AutoTokenizer
 
     run = Path(run_dir).expanduser().resolve()
-    cfg = read_run_config(run)
+    cfg = replace(read_run_config(run), allow_pickle=allow_pickle)
+    adapter = Path(adapter_dir).expanduser().resolve() if adapter_dir else run
+    check_adapter_dir(adapter, allow_pickle)
     dev = resolve_device(device)
     tokenizer = AutoTokenizer.from_pretrained(str(run))
     base = load_model(base_model_source(cfg, run), vocab_size=len(tokenizer), device=dev)
@@ -49,9 +66,9 @@ def load_run(run_dir: str | Path, *, device: str = "auto", adapter_dir: str | Pa
 
         untie_output_head(base)
     try:
-        model = PeftModel.from_pretrained(base, str(Path(adapter_dir or run)), is_trainable=False)
+        model = PeftModel.from_pretrained(base, str(adapter), is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as err:
-        raise SumtuneError(f"The adapter in {str(run)!r} does not fit base model {cfg.model!r} "
+        raise SumtuneError(f"The adapter in {str(adapter)!r} does not fit base model {cfg.model!r} "
                            f"({type(err).__name__}: {str(err).splitlines()[0][:160]}).") from None
     model.to(dev).eval()
     if cfg.fast_kernels if fast_kernels is None else fast_kernels:

@@ -179,6 +179,36 @@ def build_random_model(cfg: "TrainConfig", vocab_size: int, device: torch.device
     return freeze(quantize_in_place(model, cfg, device))
 
 
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def pickle_files(directory: Path) -> list[str]:
+    return sorted(p.name for pattern in PICKLE_WEIGHTS for p in directory.glob(pattern))
+
+
+def check_model_source(cfg: "TrainConfig") -> None:
+    """Refuse a local model directory that is missing, not a saved model, or pickle-only, before any long work.
+
+    Pickle weights (pytorch_model.bin) can run arbitrary code when loaded: they are read only with `allow_pickle`.
+    """
+    if is_random_model(cfg.model) or not looks_like_path(cfg.model):
+        return
+    local = Path(cfg.model).expanduser().resolve()
+    if not local.is_dir():
+        raise SumtuneError(f"Model directory {str(local)!r} does not exist.")
+    if not (local / "config.json").is_file():
+        raise SumtuneError(f"Model directory {str(local)!r} has no config.json: it is not a saved model.")
+    if list(local.glob("*.safetensors")):
+        return
+    pickled = pickle_files(local)
+    if not pickled:
+        raise SumtuneError(f"Model directory {str(local)!r} has no weights (no .safetensors file).")
+    if not cfg.allow_pickle:
+        raise SumtuneError(f"Model directory {str(local)!r} has only pickle weights ({', '.join(pickled)}), which "
+                           f"can run code when loaded; convert them to safetensors, or pass --allow-pickle if you "
+                           f"trust their source.")
+
+
 def load_pretrained_model(cfg: "TrainConfig", device: torch.device) -> nn.Module:
     """`AutoModelForSeq2SeqLM.from_pretrained` from a hub id or a local directory, quantized on load."""
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
@@ -186,15 +216,7 @@ def load_pretrained_model(cfg: "TrainConfig", device: torch.device) -> nn.Module
     source = cfg.model
     local = Path(source).expanduser()
     if looks_like_path(source):
-        if not local.is_dir():
-            raise SumtuneError(f"Model directory {str(local)!r} does not exist.")
-        if not (local / "config.json").is_file():
-            raise SumtuneError(f"Model directory {str(local)!r} has no config.json: it is not a saved model.")
-        weights = list(local.glob("*.safetensors"))
-        if not weights:
-            pickled = [p.name for p in local.glob("*.bin")]
-            extra = f" (found pickle weights {', '.join(pickled)}, which sumtune does not load)" if pickled else ""
-            raise SumtuneError(f"Model directory {str(local)!r} has no .safetensors weights{extra}.")
+        check_model_source(cfg)
         source = str(local.resolve())
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
@@ -204,7 +226,9 @@ def load_pretrained_model(cfg: "TrainConfig", device: torch.device) -> nn.Module
     except OSError as err:
         raise SumtuneError(_hub_error(cfg.model, err)) from None
     dtype = DTYPES[cfg.compute_dtype]
-    kwargs = dict(dtype=dtype, use_safetensors=True, trust_remote_code=cfg.trust_remote_code)
+    # safetensors only, unless pickle was allowed explicitly (then: safetensors when there, else pickle)
+    kwargs = dict(dtype=dtype, use_safetensors=None if cfg.allow_pickle else True,
+                  trust_remote_code=cfg.trust_remote_code)
     if cfg.quantization != "none":
         kwargs.update(quantization_config=bnb_config(cfg), device_map={"": device})
     # Only T5's own FFN is known to run a quantized `wo` correctly (with sumtune's fix_quantized_ffn).

@@ -20,7 +20,10 @@ def relative_position_bias(attention: torch.nn.Module, query_len: int, key_len: 
     needs_grad = attention.relative_attention_bias.weight.requires_grad and torch.is_grad_enabled()
     with torch.set_grad_enabled(needs_grad):
         bias = attention.compute_bias(query_len, key_len, device=device)
-    return bias.to(dtype)
+    # compute_bias returns a permuted view (last-dim stride = heads). SDPA's memory-efficient kernel needs a
+    # bias with unit stride in the last dimension, else it silently falls back to the slow fp32 math kernel
+    # (measured on an H200: 96 of 144 attention calls in math, ~45% of the step).
+    return bias.to(dtype).contiguous()
 
 
 def _all_kept(mask: torch.Tensor) -> bool:
@@ -34,7 +37,7 @@ def encoder_self_bias(position_bias: torch.Tensor, attention_mask: torch.Tensor 
     if attention_mask is None or _all_kept(attention_mask):
         return position_bias
     keep = attention_mask.to(torch.bool)[:, None, None, :]
-    return torch.where(keep, position_bias, torch.finfo(position_bias.dtype).min)
+    return torch.where(keep, position_bias, torch.finfo(position_bias.dtype).min).contiguous()
 
 
 def decoder_self_bias(position_bias: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -45,7 +48,7 @@ def decoder_self_bias(position_bias: torch.Tensor, attention_mask: torch.Tensor 
     keep = keep[None, None]
     if attention_mask is not None and not _all_kept(attention_mask):
         keep = keep & attention_mask.to(torch.bool)[:, None, None, :]
-    return torch.where(keep, position_bias, torch.finfo(position_bias.dtype).min)
+    return torch.where(keep, position_bias, torch.finfo(position_bias.dtype).min).contiguous()
 
 
 def cross_attention_bias(encoder_attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

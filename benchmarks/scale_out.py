@@ -1,0 +1,207 @@
+"""Data-parallel scaling of sumtune's QLoRA training: samples/s on 1, 2 and 4 GPUs, and scaling efficiency.
+
+    python benchmarks/scale_out.py                         # GPU: torchrun on 1, 2, 4 GPUs (as many as visible)
+    python benchmarks/scale_out.py --gpus 1,2 --batch-size 16 --steps 10
+    python benchmarks/scale_out.py --quick                 # CPU plumbing check: tiny T5, gloo, 1 and 2 processes
+
+Each N runs `torchrun --nproc-per-node N` on this file in worker mode, which trains with sumtune's own
+`TrainRecipe` (DDP, sharded batches, fast T5 path on every rank) on real BillSum rows: T5-3b shapes with random
+weights (`random:t5-3b`), NF4 base, the real T5 tokenizer. Per-GPU micro-batch is fixed (weak scaling), so the
+global batch grows with N. After `--warmup` steps, `--steps` steps are timed between barriers; samples/s is the
+global samples of the timed steps over the slowest rank's time. Efficiency = samples/s(N) / (N × samples/s(1)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import bench_common as bc  # noqa: E402
+
+# NVLink SHARP / multicast stay off in every process this benchmark starts (the lent machines require it).
+NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+COLUMNS = ["gpus", "global_batch", "samples_per_s", "tokens_per_s", "step_time_s", "speedup", "efficiency",
+           "peak_mem_gib", "last_loss"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ, **NO_MULTICAST_ENV, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    src = str(bc.REPO_ROOT / "src")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+# ----------------------------------------------------------------------------- worker (one rank)
+def worker(args) -> None:
+    from sumtune import distributed
+    from sumtune.config import TrainConfig
+    from sumtune.recipe import TrainRecipe
+
+    cfg = TrainConfig(
+        model=args.model, tokenizer=str(bc.shared_data_dir() / "t5-tokenizer"), dataset=args.data,
+        eval_ratio=0.01, max_source_tokens=args.src_len, max_target_tokens=args.tgt_len,
+        compute_dtype=args.compute_dtype, batch_size=args.batch_size, grad_accum_steps=1,
+        max_steps=args.warmup + args.steps, eval_every_steps=10**9, log_every_steps=10**9, progress=False,
+        output_dir=args.run_dir, overwrite=True, device=args.device, gradient_checkpointing=args.gc,
+        optimizer="paged_adamw_8bit" if args.device == "cuda" else "adamw", pin_memory=True, num_workers=0)
+    recipe = TrainRecipe(cfg)
+    try:
+        build_start = time.perf_counter()
+        recipe.setup()
+        build_s = time.perf_counter() - build_start
+        recipe.train(max_steps=args.warmup)  # warm-up: allocator, kernels, NCCL communicators
+        sync(recipe.device)
+        distributed.barrier()
+        samples_before = recipe.samples_seen
+        start = time.perf_counter()
+        last = recipe.train(max_steps=args.warmup + args.steps)  # continues at samples_seen
+        sync(recipe.device)
+        elapsed_s = time.perf_counter() - start
+        distributed.barrier()
+        peak = torch.cuda.max_memory_allocated(recipe.device) / 2**30 if recipe.device.type == "cuda" else None
+        mine = dict(rank=recipe.dist.rank, elapsed_s=elapsed_s, build_s=build_s, peak_mem_gib=peak,
+                    device=torch.cuda.get_device_name(recipe.device) if recipe.device.type == "cuda" else "cpu")
+        ranks = distributed.gather_objects(mine)
+        if recipe.dist.is_main:
+            result = dict(world_size=recipe.dist.world_size, samples=recipe.samples_seen - samples_before,
+                          steps=args.steps, micro_batch=args.batch_size, last_loss=last.get("loss"),
+                          tokens_per_s_logged=last.get("tokens_per_s"), ranks=ranks)
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    finally:
+        recipe.cleanup()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- parent
+def write_rows(path: Path) -> int:
+    rows = bc.load_billsum_texts()
+    with path.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    return len(rows)
+
+
+def run_world(n: int, args, data: Path, work: Path) -> dict:
+    out = work / f"result-{n}.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port",
+           str(free_port()), str(Path(__file__).resolve()), "--worker", "--out", str(out), "--data", str(data),
+           "--run-dir", str(work / f"run-{n}"), "--model", args.model, "--device", args.device,
+           "--batch-size", str(args.batch_size), "--src-len", str(args.src_len), "--tgt-len", str(args.tgt_len),
+           "--compute-dtype", args.compute_dtype, "--warmup", str(args.warmup), "--steps", str(args.steps)]
+    if args.gc:
+        cmd.append("--gc")
+    print(f"[scale_out] {n} process(es): {' '.join(cmd[1:4])} {n} ...", flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=child_env(), timeout=args.timeout_s)
+    if proc.returncode != 0 or not out.is_file():
+        raise SystemExit(f"torchrun with {n} process(es) failed (exit status {proc.returncode})")
+    result = json.loads(out.read_text(encoding="utf-8"))
+    result["wall_s"] = time.perf_counter() - start
+    return result
+
+
+def summarize(results: list[dict], tokens_per_sample: float) -> list[dict]:
+    rows = []
+    base = None
+    for r in results:
+        slowest_s = max(rank["elapsed_s"] for rank in r["ranks"])
+        samples_per_s = r["samples"] / slowest_s
+        base = base if base is not None else (samples_per_s / r["world_size"] if r["world_size"] == 1 else None)
+        speedup = samples_per_s / base if base else None
+        peaks = [rank["peak_mem_gib"] for rank in r["ranks"] if rank["peak_mem_gib"] is not None]
+        rows.append(dict(gpus=r["world_size"], global_batch=r["micro_batch"] * r["world_size"],
+                         samples_per_s=samples_per_s, tokens_per_s=samples_per_s * tokens_per_sample,
+                         step_time_s=slowest_s / r["steps"], speedup=speedup,
+                         efficiency=speedup / r["world_size"] if speedup else None,
+                         peak_mem_gib=max(peaks) if peaks else None, last_loss=r["last_loss"],
+                         build_s=max(rank["build_s"] for rank in r["ranks"]), wall_s=r["wall_s"],
+                         devices=sorted({rank["device"] for rank in r["ranks"]})))
+    return rows
+
+
+def tokens_per_sample(args) -> float:
+    """Mean real (unpadded) source + target tokens per BillSum row at these limits, with the real tokenizer."""
+    tok = bc.load_t5_tokenizer()
+    rows = bc.load_billsum_texts()
+    data = bc.tokenize_rows(tok, rows, args.src_len, args.tgt_len)
+    return float(data["attention_mask"].sum() + (data["labels"] != -100).sum()) / len(rows)
+
+
+def parent(args) -> None:
+    os.environ.update(NO_MULTICAST_ENV)
+    visible = torch.cuda.device_count() if args.device == "cuda" else 2
+    worlds = [n for n in (int(x) for x in args.gpus.split(",")) if n <= visible]
+    if not worlds:
+        raise SystemExit(f"no world size of {args.gpus} fits the {visible} visible device(s)")
+    with tempfile.TemporaryDirectory(prefix="sumtune-scale-") as tmp:
+        work = Path(tmp)
+        data = work / "billsum.jsonl"
+        write_rows(data)
+        results = [run_world(n, args, data, work) for n in worlds]
+    rows = summarize(results, tokens_per_sample(args))
+    bc.print_table(rows, COLUMNS)
+    payload = dict(model=args.model, device=args.device, micro_batch=args.batch_size, src_len=args.src_len,
+                   tgt_len=args.tgt_len, compute_dtype=args.compute_dtype, gradient_checkpointing=args.gc,
+                   warmup_steps=args.warmup, timed_steps=args.steps, visible_gpus=visible,
+                   gpu_names=sorted({d for r in rows for d in r["devices"]}),
+                   targets={"speedup_2": 1.9, "speedup_4": 3.6}, results=rows,
+                   method="torchrun per N; recipe.train() timed between barriers after warm-up; samples/s = "
+                          "global samples / slowest rank's time; weak scaling (fixed per-GPU micro-batch)")
+    if not args.no_save:
+        path = bc.save_result("scale_out-quick" if args.quick else "scale_out", payload)
+        print(f"saved {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpus", default="1,2,4", help="world sizes to run (those above the visible GPUs are skipped)")
+    parser.add_argument("--model", default="random:t5-3b")
+    parser.add_argument("--batch-size", type=int, default=16, help="micro-batch per GPU")
+    parser.add_argument("--src-len", type=int, default=1024)
+    parser.add_argument("--tgt-len", type=int, default=128)
+    parser.add_argument("--compute-dtype", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--gc", action="store_true", help="gradient checkpointing")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--timeout-s", type=float, default=420.0, help="limit for each torchrun")
+    parser.add_argument("--quick", action="store_true", help="CPU plumbing check: tiny T5, 1 and 2 processes")
+    parser.add_argument("--no-save", action="store_true")
+    # worker mode (set by the parent)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--run-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.model, args.device, args.gpus, args.batch_size = "tiny", "cpu", "1,2", 2
+        args.src_len, args.tgt_len, args.compute_dtype, args.warmup, args.steps = 128, 32, "fp32", 1, 3
+    if args.worker:
+        worker(args)
+    else:
+        parent(args)
+
+
+if __name__ == "__main__":
+    main()

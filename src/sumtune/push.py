@@ -1,0 +1,122 @@
+"""`sumtune push RUN_DIR REPO`: upload a run's adapter to the Hugging Face Hub with `huggingface_hub`.
+
+What goes up is what someone needs to use and judge the adapter: the PEFT adapter, the model card (README.md,
+with YAML metadata), the tokenizer, the resolved config, the metrics and the plots. Checkpoints, TensorBoard
+event files, traces and the local copy of a tiny base model stay home. Every failure (offline, no token, no
+network, refused) becomes one `SumtuneError` sentence.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from pathlib import Path
+
+from sumtune.errors import SumtuneError
+
+PUSH_PATTERNS = (
+    "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "spiece.model",
+    "vocab.json", "vocab.txt", "merges.txt", "config.yaml", "metrics.jsonl", "eval/metrics.json", "plots/*.png",
+)
+REQUIRED = ("adapter_config.json", "README.md")
+_TRUE = {"1", "on", "yes", "true"}
+
+
+def hub_offline() -> bool:
+    """True when HF_HUB_OFFLINE is set, read now (huggingface_hub reads it once, at import)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE:
+        return True
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except ImportError:
+        return False
+
+
+def files_to_push(run_dir: str | Path) -> list[str]:
+    """The run's files that go to the hub, as paths relative to RUN_DIR (posix), sorted."""
+    run = Path(run_dir)
+    found = []
+    for path in run.rglob("*"):
+        rel = path.relative_to(run).as_posix()
+        if path.is_file() and any(fnmatch.fnmatchcase(rel, pattern) for pattern in PUSH_PATTERNS):
+            found.append(rel)
+    return sorted(found)
+
+
+def _check_run(run: Path) -> list[str]:
+    if not run.is_dir():
+        raise SumtuneError(f"Run directory {str(run)!r} does not exist.")
+    files = files_to_push(run)
+    missing = [name for name in REQUIRED if name not in files]
+    if missing or not any(f.startswith("adapter_model.") for f in files):
+        missing = missing or ["adapter_model.safetensors"]
+        raise SumtuneError(f"{str(run)!r} is not a trained run ready to push ({', '.join(missing)} missing).")
+    return files
+
+
+def _first_line(err: BaseException, width: int = 160) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:width] if text else type(err).__name__
+
+
+def explain_hub_error(err: Exception, repo_id: str) -> str:
+    """One sentence for a failure of huggingface_hub while pushing."""
+    from huggingface_hub import constants, errors
+
+    if isinstance(err, errors.OfflineModeIsEnabled):
+        return "Cannot push: the hub is switched off (HF_HUB_OFFLINE=1); unset it to push."
+    if isinstance(err, errors.LocalTokenNotFoundError):
+        return "Cannot push: no Hugging Face token; run `hf auth login`, set HF_TOKEN, or pass --token."
+    if isinstance(err, errors.HFValidationError):
+        return f"Cannot push: {repo_id!r} is not a valid repository id ({_first_line(err)})."
+    if isinstance(err, errors.HfHubHTTPError):
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        if status == 401:
+            return "Cannot push: the hub rejected the token (HTTP 401); check it with `hf auth whoami`."
+        if status == 403:
+            return f"Cannot push: this token may not write to {repo_id!r} (HTTP 403); use a token with write access."
+        return f"Cannot push to {repo_id!r}: the hub answered HTTP {status} ({_first_line(err)})."
+    # httpx / requests / socket failures: the hub could not be reached at all
+    return (f"Cannot push: the hub at {constants.ENDPOINT} could not be reached "
+            f"({type(err).__name__}: {_first_line(err)}).")
+
+
+def push_run(run_dir: str | Path, repo_id: str, *, private: bool = False, token: str | None = None) -> str:
+    """Create REPO (if needed) and upload the run's adapter, model card, tokenizer, config and metrics.
+
+    Returns the repository's URL. Raises SumtuneError when the run is incomplete or the hub cannot be used.
+    """
+    run = Path(run_dir).expanduser()
+    files = _check_run(run)
+    if hub_offline():
+        raise SumtuneError("Cannot push: the hub is switched off (HF_HUB_OFFLINE=1); unset it to push.")
+    try:
+        import huggingface_hub
+        from huggingface_hub.utils import validate_repo_id
+    except ImportError:
+        raise SumtuneError("Cannot push: huggingface_hub is not installed (pip install huggingface_hub).") from None
+    try:
+        validate_repo_id(repo_id)
+        url = huggingface_hub.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
+        huggingface_hub.upload_folder(repo_id=url.repo_id, folder_path=str(run), allow_patterns=files, token=token,
+                                      repo_type="model", commit_message=f"Upload sumtune run {run.resolve().name}")
+    except hub_failures() as err:
+        raise SumtuneError(explain_hub_error(err, repo_id)) from None
+    return str(url)
+
+
+def hub_failures() -> tuple[type[BaseException], ...]:
+    """What the hub raises when it is off, refuses, or cannot be reached (not bugs: those keep their traceback)."""
+    from huggingface_hub import errors
+
+    failures: list[type[BaseException]] = [errors.HfHubHTTPError, errors.OfflineModeIsEnabled,
+                                           errors.LocalTokenNotFoundError, errors.HFValidationError, OSError]
+    for module, name in (("httpx", "HTTPError"), ("requests", "RequestException")):
+        try:
+            failures.append(getattr(__import__(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(failures)

@@ -1,0 +1,348 @@
+"""A run survives being killed and never destroys what it produced (CPU, tiny T5 in real NF4, real PEFT/bnb).
+
+- SIGKILL at several points, then `--resume`: the same adapter tensors (torch.equal) and the same logged
+  losses as an uninterrupted run;
+- SIGTERM / SIGINT: the current step finishes, a checkpoint is written, exit status 143 / 130;
+- a crash in the middle of a checkpoint write leaves the previous checkpoint whole, the partial one ignored;
+- NaN/inf losses or gradients are skipped and counted, and N in a row stop the run with the likely cause;
+- checkpoint contents (8-bit optimizer state, no pickle), pruning, `batch_size: auto` selection logic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from sumtune import api, argparsing, checkpoint, faults
+from sumtune.config import TrainConfig
+from sumtune.errors import SumtuneError
+from sumtune.metrics import read_metrics
+from sumtune.recipe import TrainRecipe
+
+# 36 train rows, micro-batch 4: 9 micro-batches per epoch, so 10 steps cross an epoch boundary; dropout on,
+# rank 8 gives LoRA weights of 4096 elements, which bitsandbytes keeps in real 8-bit optimizer state.
+RUN_CONFIG = dict(
+    model="tiny", dataset="demo", max_samples=40, eval_ratio=0.1, quantization="nf4", compute_dtype="fp32",
+    lora_r=8, lora_dropout=0.1, max_source_tokens=32, max_target_tokens=8, batch_size=4, max_steps=10,
+    checkpoint_every_steps=3, keep_last_checkpoints=2, eval_every_steps=1000, eval_max_samples=2,
+    eval_batch_size=2, max_new_tokens=4, log_every_steps=1, lr=3e-3, warmup_steps=2,
+    optimizer="paged_adamw_8bit", device="cpu", progress=False, seed=1,
+)
+VOLATILE = {"tokens_per_s", "samples_per_s", "step_time_s", "peak_mem_gib", "time_s", "mfu"}
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def write_config(path: Path, **overrides) -> Path:
+    path.write_text(yaml.safe_dump({**RUN_CONFIG, **overrides}), encoding="utf-8")
+    return path
+
+
+def config(config_path: Path, out: Path, **overrides) -> TrainConfig:
+    return argparsing.resolve(TrainConfig, str(config_path), {"output_dir": str(out), **overrides})
+
+
+def logged(run: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock numbers (which differ between any two runs)."""
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in read_metrics(run)]
+
+
+def assert_same_run(run: Path, reference: Path) -> None:
+    got, want = load_file(str(run / "adapter_model.safetensors")), load_file(str(reference / "adapter_model.safetensors"))
+    assert got.keys() == want.keys()
+    different = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not different, f"{len(different)} adapter tensors differ, e.g. {different[0]}"
+    assert logged(run) == logged(reference)
+
+
+def start_train(config_path: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "sumtune", "train", "--config", str(config_path),
+                             "--output-dir", str(out)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def wait_until(proc: subprocess.Popen, ready, timeout_s: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended (status {proc.returncode}) before the kill point:\n"
+                                 f"{proc.stderr.read()[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("kill point not reached in time")
+        time.sleep(0.02)
+
+
+def train_steps_logged(run: Path) -> int:
+    return sum(1 for r in read_metrics(run) if r["split"] == "train") if (run / "metrics.jsonl").is_file() else 0
+
+
+@pytest.fixture(scope="module")
+def config_path(tmp_path_factory) -> Path:
+    return write_config(tmp_path_factory.mktemp("cfg") / "run.yaml")
+
+
+@pytest.fixture(scope="module")
+def reference(config_path, tmp_path_factory) -> Path:
+    """The uninterrupted run every interrupted one must reproduce exactly."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    api.train(config(config_path, out))
+    return out
+
+
+# ---- kill -9 and resume -------------------------------------------------------------------------------------
+
+KILL_POINTS = {
+    # right after the first checkpoint landed
+    "first-checkpoint": lambda run: (run / "checkpoints" / "step-3").is_dir(),
+    # at an arbitrary step between checkpoints (step 7 logged: killed at step 7 or 8, resumed from step 6)
+    "between-checkpoints": lambda run: train_steps_logged(run) >= 7,
+    # after the last step, during the final evaluation and save
+    "final-evaluation": lambda run: (run / "checkpoints" / "step-10").is_dir(),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_sigkill_then_resume_equals_uninterrupted_run(point, config_path, reference, tmp_path):
+    out = tmp_path / "run"
+    proc = start_train(config_path, out)
+    wait_until(proc, lambda: KILL_POINTS[point](out))
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert checkpoint.latest_checkpoint(out / "checkpoints") is not None
+    api.train(config(config_path, out, resume="latest"))
+    assert_same_run(out, reference)
+
+
+# ---- SIGTERM / SIGINT ---------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_step_checkpoints_and_exits_143(config_path, reference, tmp_path):
+    out = tmp_path / "run"
+    proc = start_train(config_path, out)
+    wait_until(proc, lambda: train_steps_logged(out) >= 4)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "stopped by SIGTERM" in stderr and "--resume" in stderr
+    last_step = train_steps_logged(out)
+    saved = checkpoint.latest_checkpoint(out / "checkpoints")
+    assert saved is not None and checkpoint.step_of(saved) == last_step  # the step in flight was finished
+    assert not (out / "adapter_model.safetensors").exists()  # no final save: the run is not done
+    api.train(config(config_path, out, resume=str(saved)))
+    assert_same_run(out, reference)
+
+
+def test_sigint_in_process_checkpoints_and_exits_130(config_path, tmp_path, monkeypatch):
+    """Ctrl-C through the CLI entry point: a checkpoint at the step reached, status 130, handlers restored."""
+    from sumtune import cli
+    from sumtune.metrics import MetricsLogger
+
+    log = MetricsLogger.log
+
+    def log_then_interrupt(self, split, step, values):
+        record = log(self, split, step, values)
+        if split == "train" and step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # delivered before the next bytecode: mid-step 2's bookkeeping
+        return record
+
+    monkeypatch.setattr(MetricsLogger, "log", log_then_interrupt)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["train", "--config", str(config_path), "--output-dir", str(out)])
+    assert stopped.value.code == 130
+    assert isinstance(stopped.value, faults.TrainingInterrupted)
+    assert [p.name for p in checkpoint.step_checkpoints(out / "checkpoints")] == ["step-2"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+# ---- atomic checkpoint writes -----------------------------------------------------------------------------------
+
+def test_crash_during_checkpoint_write_keeps_previous_one(config_path, reference, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    out = tmp_path / "run"
+    real_save = safetensors.torch.save_file
+
+    def crash_at_step_6(tensors, filename, *args, **kwargs):
+        if "step-6" in str(filename) and filename.endswith(checkpoint.OPTIMIZER_FILE):
+            raise OSError(28, "No space left on device (injected)")
+        return real_save(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash_at_step_6)
+    with pytest.raises(OSError, match="injected"):
+        api.train(config(config_path, out))
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    root = out / "checkpoints"
+    assert [p.name for p in root.iterdir()] == ["step-3"]  # no step-6, no hidden half-written directory
+    checkpoint.read_state(root / "step-3")
+    # A hard crash (kill -9, power loss) leaves its temporary directory behind: it must be ignored and cleaned.
+    partial = root / ".step-6.tmp-12345"
+    partial.mkdir()
+    (partial / checkpoint.ADAPTER_FILE).write_bytes(b"\0" * 100)
+    assert checkpoint.latest_checkpoint(root) == root / "step-3"
+    api.train(config(config_path, out, resume="latest"))
+    assert not partial.exists()
+    assert_same_run(out, reference)
+
+
+def test_interrupted_replacement_of_best_is_repaired(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / ".best.old-7").mkdir(parents=True)  # crash between "best → .best.old" and ".best.tmp → best"
+    (root / ".best.old-7" / "marker").write_text("old best")
+    (root / ".best.tmp-7").mkdir()
+    assert checkpoint.recover_partials(root) == [".best.tmp-7"]
+    assert (root / "best" / "marker").read_text() == "old best"
+    assert sorted(p.name for p in root.iterdir()) == ["best"]
+
+
+# ---- what a checkpoint holds, what is kept ------------------------------------------------------------------
+
+def test_checkpoints_hold_full_state_without_pickle(reference):
+    root = reference / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["best", "step-10", "step-9"]  # last 2 + best
+    step = root / "step-10"
+    files = {p.name for p in step.iterdir()}
+    assert {"adapter_config.json", checkpoint.ADAPTER_FILE, checkpoint.OPTIMIZER_FILE, checkpoint.RNG_FILE,
+            checkpoint.STATE_FILE} <= files
+    assert not [f for f in files if f.endswith(checkpoint.PICKLE_SUFFIXES)]
+    state = json.loads((step / checkpoint.STATE_FILE).read_text())
+    assert state["step"] == 10 and state["samples_seen"] == 40 and state["micro_batch_size"] == 4
+    assert state["config"]["lora_r"] == 8 and state["rng"]["python"]
+    optimizer = load_file(str(step / checkpoint.OPTIMIZER_FILE))
+    assert any(t.dtype == torch.uint8 for t in optimizer.values()), "8-bit optimizer state must be saved"
+    assert json.loads((root / "best" / "checkpoint.json").read_text())["step"] == 10
+    assert (reference / "config.yaml").is_file() and "resume: null" in (reference / "config.yaml").read_text()
+
+
+def test_encode_decode_round_trip():
+    state = {"state": {0: {"step": 3, "__bnb_optimizer_quant_state__": {"state1": torch.arange(4, dtype=torch.uint8)}},
+                       1: {"exp_avg": torch.randn(3)}},
+             "param_groups": [{"betas": (0.9, 0.999), "lr": 1e-4, "params": [0, 1], "fused": None, "eps": float("inf")}]}
+    tensors: dict = {}
+    layout = json.loads(json.dumps(checkpoint.encode(state, tensors, "o")))
+    back = checkpoint.decode(layout, tensors)
+    assert back["param_groups"][0]["betas"] == (0.9, 0.999) and isinstance(back["param_groups"][0]["betas"], tuple)
+    assert list(back["state"]) == [0, 1] and back["state"][0]["step"] == 3
+    assert torch.equal(back["state"][0]["__bnb_optimizer_quant_state__"]["state1"], torch.arange(4, dtype=torch.uint8))
+    assert torch.equal(back["state"][1]["exp_avg"], state["state"][1]["exp_avg"])
+
+
+# ---- non-finite losses and gradients ---------------------------------------------------------------------------
+
+class NanGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss with a non-finite gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def run_with_faults(config_path: Path, out: Path, bad_calls: set[int], kind: str, **overrides) -> TrainRecipe:
+    """Train with forward_loss returning a NaN loss (or a NaN gradient) on the given micro-batch calls."""
+    recipe = TrainRecipe(config(config_path, out, **overrides))
+    recipe.setup()
+    forward, calls = recipe.forward_loss, [0]
+
+    def faulty(batch, model=None):
+        loss = forward(batch, model)
+        calls[0] += 1
+        if calls[0] in bad_calls:
+            return loss * float("nan") if kind == "loss" else NanGradient.apply(loss)
+        return loss
+
+    recipe.forward_loss = faulty
+    try:
+        recipe.train()
+    finally:
+        recipe.cleanup()
+    return recipe
+
+
+@pytest.mark.parametrize("kind", ["loss", "gradient"])
+def test_nonfinite_steps_are_skipped_and_counted(kind, config_path, tmp_path):
+    recipe = run_with_faults(config_path, tmp_path / "run", {2, 4}, kind, max_steps=4, checkpoint_every_steps=100)
+    assert recipe.global_step == 4 and recipe.nonfinite_skipped == 2
+    train = [r for r in read_metrics(tmp_path / "run") if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["grad_norm"]])).all() for r in train)
+    assert all(torch.isfinite(p).all() for p in recipe.model.parameters() if p.requires_grad)
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-4" / checkpoint.STATE_FILE).read_text())
+    assert state["nonfinite_skipped"] == 2 and state["samples_seen"] == 6 * 4  # skipped batches are consumed
+
+
+def test_nonfinite_in_a_row_stops_with_cause_and_keeps_last_good_checkpoint(config_path, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(SumtuneError) as stopped:
+        run_with_faults(config_path, out, set(range(3, 100)), "loss", checkpoint_every_steps=2,
+                        max_nonfinite_steps=3)
+    message = str(stopped.value)
+    assert "NaN/inf in 3 optimizer steps in a row" in message and "learning rate" in message
+    assert str(out / "checkpoints" / "step-2") in message
+    adapter = load_file(str(out / "checkpoints" / "step-2" / checkpoint.ADAPTER_FILE))
+    assert all(torch.isfinite(t).all() for t in adapter.values())
+    assert [p.name for p in checkpoint.step_checkpoints(out / "checkpoints")] == ["step-2"]
+
+
+def test_nonfinite_message_names_fp16_overflow():
+    message = faults.nonfinite_message(steps_in_a_row=5, compute_dtype="fp16", lr=2e-4, last_checkpoint=None)
+    assert "fp16 overflow" in message and "--compute-dtype bf16" in message and message.count(".") <= 3
+
+
+# ---- batch_size: auto and memory messages ----------------------------------------------------------------------
+
+def test_auto_batch_picks_largest_fitting_divisor():
+    assert faults.micro_batch_candidates(24) == [24, 12, 8, 6, 4, 3, 2, 1]
+    assert faults.micro_batch_candidates(16, max_micro_batch=10) == [8, 4, 2, 1]
+    tried = []
+
+    def fits(m):
+        tried.append(m)
+        return m <= 5, {"peak_reserved_gib": m * 1.0}
+
+    micro, trials = faults.choose_micro_batch(faults.micro_batch_candidates(24), fits)
+    assert micro == 4 and tried == [24, 12, 8, 6, 4] and [t["fits"] for t in trials] == [False] * 4 + [True]
+    with pytest.raises(SumtuneError, match="Not even a micro-batch of 1 fits"):
+        faults.choose_micro_batch([2, 1], lambda m: (False, {"detail": "out of memory"}))
+
+
+def test_auto_batch_keeps_samples_per_step():
+    cfg = TrainConfig(batch_size="auto", samples_per_step=32)
+    assert cfg.effective_batch_size == 32
+    assert TrainConfig(batch_size="auto", grad_accum_steps=2).effective_batch_size == 32  # 16 × accumulation
+    cli_cfg = argparsing.resolve(TrainConfig, None, {"batch_size": "auto"})
+    assert cli_cfg.batch_size == "auto"
+
+
+def test_oom_message_is_one_actionable_sentence():
+    message = faults.oom_message(where="in training step 7", micro_batch=16, source_tokens=1024, target_tokens=128,
+                                 grad_accum_steps=1, device=torch.device("cpu"))
+    assert "16 documents × 1024 source / 128 target tokens" in message and "--batch-size auto" in message
+    assert "\n" not in message
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_auto_batch_on_gpu(config_path, tmp_path):
+    recipe = TrainRecipe(config(config_path, tmp_path / "run", batch_size="auto", samples_per_step=8, device="cuda"))
+    recipe.setup()
+    try:
+        assert recipe.cfg.batch_size * recipe.cfg.grad_accum_steps == 8
+        assert recipe.auto_batch_trials and recipe.auto_batch_trials[-1]["fits"]
+    finally:
+        recipe.cleanup()
