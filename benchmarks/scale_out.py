@@ -41,8 +41,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def child_env() -> dict[str, str]:
+def child_env(device: str) -> dict[str, str]:
     env = dict(os.environ, **NO_MULTICAST_ENV, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if device == "cpu":  # torchrun sets 1 thread per process only for N > 1: same for every N, for a fair CPU check
+        env["OMP_NUM_THREADS"] = "1"
     src = str(bc.REPO_ROOT / "src")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
     return env
@@ -62,6 +64,9 @@ def worker(args) -> None:
         output_dir=args.run_dir, overwrite=True, device=args.device, gradient_checkpointing=args.gc,
         optimizer="paged_adamw_8bit" if args.device == "cuda" else "adamw", pin_memory=True, num_workers=0)
     recipe = TrainRecipe(cfg)
+    # Throughput of training, not of checkpoint I/O: train() otherwise writes a resumable checkpoint (adapter +
+    # optimizer state, on rank 0) at the end of each call, inside the timed region.
+    recipe.save_checkpoint = lambda: None
     try:
         build_start = time.perf_counter()
         recipe.setup()
@@ -113,7 +118,7 @@ def run_world(n: int, args, data: Path, work: Path) -> dict:
         cmd.append("--gc")
     print(f"[scale_out] {n} process(es): {' '.join(cmd[1:4])} {n} ...", flush=True)
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env=child_env(), timeout=args.timeout_s)
+    proc = subprocess.run(cmd, env=child_env(args.device), timeout=args.timeout_s)
     if proc.returncode != 0 or not out.is_file():
         raise SystemExit(f"torchrun with {n} process(es) failed (exit status {proc.returncode})")
     result = json.loads(out.read_text(encoding="utf-8"))

@@ -390,4 +390,5 @@ def assemble_eval(parts: list[tuple], rows: list[dict]) -> tuple[dict, list[dict
 def describe_batch(micro_batch: int, accum_steps: int, world: int) -> str:
     """`64 samples (16 × 2 accumulation × 2 processes)`: the effective batch and where it comes from."""
     total = micro_batch * accum_steps * world
-    return f"{total} samples ({micro_batch} × {accum_steps} accumulation × {world} process{'es' if world > 1 else ''})"
+    processes = f"{world} process{'es' if world > 1 else ''}"
+    return f"{total} samples ({micro_batch} × {accum_steps} accumulation × {processes})"

@@ -68,8 +68,10 @@ def load_run(run_dir: str | Path, *, device: str = "auto", adapter_dir: str | Pa
     try:
         model = PeftModel.from_pretrained(base, str(adapter), is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [""]
+        detail = next((line for line in lines if "size mismatch" in line), lines[0])  # the telling line
         raise SumtuneError(f"The adapter in {str(adapter)!r} does not fit base model {cfg.model!r} "
-                           f"({type(err).__name__}: {str(err).splitlines()[0][:160]}).") from None
+                           f"({type(err).__name__}: {detail[:300].rstrip('.')}).") from None
     model.to(dev).eval()
     if cfg.fast_kernels if fast_kernels is None else fast_kernels:
         from sumtune.recipe import enable_fast_path
@@ -104,30 +106,6 @@ class Summarizer:
         return summaries
 
 
-def dequantize_base(model) -> None:
-    """Replace bitsandbytes layers by plain nn.Linear in place (weights dequantized to their compute dtype)."""
-    import bitsandbytes as bnb
-    from torch import nn
-
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, bnb.nn.Linear4bit):
-                weight = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state)
-            elif isinstance(child, bnb.nn.Linear8bitLt):
-                state = child.state
-                cb = child.weight.data
-                scb = child.weight.SCB if getattr(child.weight, "SCB", None) is not None else state.SCB
-                weight = (cb.float() * scb.float().unsqueeze(1) / 127.0)
-            else:
-                continue
-            plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                              device=weight.device, dtype=weight.dtype)
-            plain.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
-            if child.bias is not None:
-                plain.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
-            setattr(module, name, plain)
-
-
 def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16", device: str = "auto") -> Path:
     """Write base (dequantized) + merged LoRA as a plain transformers model that `pipeline()` loads as it is."""
     from sumtune.modeling import DTYPES
@@ -136,10 +114,11 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16", 
     if out.exists() and any(out.iterdir()):
         raise SumtuneError(f"Output directory {str(out)!r} is not empty; choose a new directory for the merged model.")
     model, tokenizer, cfg = load_run(run_dir, device=device, fast_kernels=False)
-    # Merge on a dequantized base: merging into 4-bit weights would re-quantize (and lose) the LoRA update.
-    dequantize_base(model.base_model.model)
-    merged = model.merge_and_unload()
-    merged = merged.to(DTYPES[dtype])
+    from sumtune.generation import prepare_inference_model
+
+    # A fresh dense model: base dequantized, LoRA merged in fp32, then cast (merging into 4-bit weights would
+    # re-quantize the update away). A trained lm_head copy becomes its own tensor, saved beside the embeddings.
+    merged = prepare_inference_model(model, DTYPES[dtype])
     for attr in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(merged.config, attr):
             delattr(merged.config, attr)
@@ -155,5 +134,6 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16", 
     merged.config.prefix = cfg.source_prefix
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out, safe_serialization=True)
+    tokenizer.model_max_length = cfg.max_source_tokens  # pipelines truncate where training did
     tokenizer.save_pretrained(out)
     return out

@@ -52,10 +52,10 @@ class MemoryReport:
             ("model", self.model),
             ("footprint fp32", gib(self.fp32_bytes)),
             ("footprint compute dtype", gib(self.compute_dtype_bytes)),
-            ("quantized, transformers default (T5 `wo` kept)", gib(self.transformers_default_bytes)),
+            ("quantized as the reference loads it (wo, embeddings fp32)", gib(self.transformers_default_bytes)),
             ("quantized, sumtune", gib(self.quantized_bytes)),
             ("quantized + adapters (fp32)", gib(self.quantized_bytes + self.adapter_bytes)),
-            ("total parameters", f"{self.total_params:,}"),
+            ("total parameters (base + adapters)", f"{self.total_params:,}"),
             ("trainable parameters", f"{self.trainable_params:,} ({self.trainable_pct:.2f}%)"),
         ]
 
@@ -115,13 +115,30 @@ def memory_report(cfg: TrainConfig) -> MemoryReport:
     total = sum(p.numel() for _, p in _unique_params(model).values())
     fp32 = total * 4
     compute = total * BYTES[cfg.compute_dtype]
-    reference = footprint_bytes(model, replace(cfg, compute_dtype="fp32") if cfg.compute_dtype == "fp16" else cfg,
-                                skip={"lm_head", "wo"})
+    # The reference loads without a dtype: unquantized layers (T5's wo, embeddings, norms) stay fp32.
+    reference = footprint_bytes(model, replace(cfg, compute_dtype="fp32"), skip={"lm_head", "wo"})
     ours = footprint_bytes(model, cfg, skip=set(skipped_modules(cfg)))
     peft_model = apply_lora(model, cfg)  # unties lm_head itself when it is in modules_to_save
-    params = _unique_params(peft_model).values()
-    trainable = sum(p.numel() for _, p in params if p.requires_grad)
-    with_adapters = sum(p.numel() for _, p in params)  # what PEFT's print_trainable_parameters divides by
+    trainable = sum(p.numel() for _, p in _unique_params(peft_model).values() if p.requires_grad)
+    # As PEFT's print_trainable_parameters counts on the tied model: base + adapters (+ saved module copies).
+    with_adapters = total + trainable
     return MemoryReport(model=cfg.model, total_params=with_adapters, trainable_params=trainable, fp32_bytes=fp32,
                         compute_dtype_bytes=compute, transformers_default_bytes=reference, quantized_bytes=ours,
                         adapter_bytes=4 * trainable)
+
+
+def measured_footprint_bytes(model: nn.Module) -> int:
+    """Bytes a loaded model really holds: unique parameters and buffers plus bitsandbytes quantization state."""
+    total = sum(p.numel() * p.element_size() for _, p in _unique_params(model).values())
+    total += sum(b.numel() * b.element_size() for b in model.buffers())
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is None:
+            continue
+        tensors = [state.absmax, getattr(state, "code", None)]
+        nested = getattr(state, "state2", None)
+        if nested is not None:
+            tensors += [nested.absmax, nested.code]
+        total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+        total += 4 if getattr(state, "offset", None) is not None else 0
+    return total

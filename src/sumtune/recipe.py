@@ -20,7 +20,7 @@ import torch
 
 from sumtune import argparsing, checkpoint, distributed, faults
 from sumtune.config import TrainConfig
-from sumtune.data import BatchIterator, load_rows, tokenize_rows
+from sumtune.data import BatchIterator, clip_chars, load_rows, tokenize_rows
 from sumtune.errors import SumtuneError
 from sumtune.flops import mfu, peak_tflops, train_flops_per_sample
 from sumtune.metrics import MetricsLogger
@@ -134,7 +134,10 @@ class TrainRecipe:
         self.train_rows, self.eval_rows = data.train, data.eval
         if data.skipped_empty:
             self.progress.write(f"Skipped {data.skipped_empty} row(s) with an empty text or summary.")
-        self.tokenizer = load_tokenizer(cfg, [r["text"] + " " + r["summary"] for r in data.train])
+        # (a word vocabulary for random models is built from the text the model can see: clipped like the inputs)
+        self.tokenizer = load_tokenizer(cfg, [t + " " + s for t, s in zip(
+            clip_chars([r["text"] for r in data.train], cfg.max_source_tokens),
+            clip_chars([r["summary"] for r in data.train], cfg.max_target_tokens))])
         with self.dist.main_process_first():  # only rank 0 creates (or takes over) the run directory
             if self.dist.is_main:
                 self._claim = checkpoint.RunDirClaim(out, overwrite=cfg.overwrite)

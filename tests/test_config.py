@@ -1,0 +1,96 @@
+"""Config: every shipped YAML parses; unknown keys and wrong types are refused naming the key; CLI overrides YAML."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sumtune import argparsing
+from sumtune.cli import main
+from sumtune.config import TrainConfig
+from sumtune.demo import demo_config
+from sumtune.errors import SumtuneError
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_parses(path):
+    cfg = argparsing.resolve(TrainConfig, str(path), {})
+    assert isinstance(cfg, TrainConfig)
+    assert set(yaml.safe_load(path.read_text())) <= set(asdict(cfg))
+
+
+def test_seed_config_is_the_reference_recipe_in_bf16():
+    cfg = argparsing.resolve(TrainConfig, str(Path(CONFIGS[0]).with_name("seed.yaml")), {})
+    assert (cfg.model, cfg.quantization, cfg.double_quant, cfg.compute_dtype) == ("t5-3b", "nf4", True, "bf16")
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (32, 16.0, 0.05)
+    assert cfg.lora_targets == ["v", "o"] and cfg.modules_to_save == ["lm_head"]
+    assert (cfg.optimizer, cfg.lr, cfg.batch_size, cfg.epochs) == ("paged_adamw_8bit", 2e-5, 4, 4.0)
+    assert (cfg.dataset, cfg.dataset_split, cfg.eval_ratio) == ("billsum", "ca_test", 0.2)
+    assert (cfg.max_source_tokens, cfg.max_target_tokens, cfg.source_prefix) == (1024, 128, "summarize: ")
+
+
+def test_demo_yaml_matches_the_demo_command():
+    shipped = argparsing.resolve(TrainConfig, str(Path(CONFIGS[0]).with_name("demo.yaml")), {})
+    built = demo_config("runs/demo")
+    for key, value in yaml.safe_load(Path(CONFIGS[0]).with_name("demo.yaml").read_text()).items():
+        assert getattr(built, key) == getattr(shipped, key), key
+
+
+def test_unknown_key_is_refused_naming_it_and_listing_valid_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lora_rank: 8\n")
+    with pytest.raises(SumtuneError, match="'lora_rank'.*valid keys are:.*lora_r"):
+        argparsing.resolve(TrainConfig, str(path), {})
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("lora_r", "eight", "`lora_r` must be an integer"),
+    ("lr", [1], "`lr` must be a number"),
+    ("double_quant", "maybe", "`double_quant` must be true/false"),
+    ("quantization", "nf3", "`quantization` must be one of nf4, fp4, int8, none"),
+    ("lora_targets", 5, "`lora_targets` must be a list"),
+])
+def test_wrong_types_are_refused_naming_the_key(tmp_path, key, value, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({key: value}))
+    with pytest.raises(SumtuneError, match=message):
+        argparsing.resolve(TrainConfig, str(path), {})
+
+
+@pytest.mark.parametrize("key, value", [("lora_r", 0), ("lr", 0.0), ("max_target_tokens", 0), ("eval_ratio", 1.0),
+                                        ("eval_ratio", 0.0), ("batch_size", -1)])
+def test_out_of_range_values_are_refused(key, value):
+    with pytest.raises(SumtuneError, match=f"`{key}`"):
+        argparsing.from_mapping(TrainConfig, {key: value})
+
+
+def test_command_line_overrides_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lora_r: 8\nlr: 0.001\nlora_targets: [q, v]\n")
+    cfg = argparsing.resolve(TrainConfig, str(path), {"lr": "5e-4", "lora_targets": ["o"]})
+    assert (cfg.lora_r, cfg.lr, cfg.lora_targets) == (8, 5e-4, ["o"])
+
+
+def test_cli_reports_config_errors_in_one_line_with_status_2(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rate: 1\n")
+    assert main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "learning_rate" in err[0] and "Traceback" not in err[0]
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = TrainConfig(lora_r=8, lora_targets=["q", "v"], max_steps=3)
+    argparsing.write_yaml(cfg, tmp_path / "config.yaml")
+    assert argparsing.resolve(TrainConfig, str(tmp_path / "config.yaml"), {}) == cfg
+
+
+def test_every_field_has_a_docstring():
+    docs = argparsing.field_docs(TrainConfig)
+    missing = [name for name in argparsing.field_types(TrainConfig) if not docs.get(name)]
+    assert not missing
