@@ -7,6 +7,19 @@ __version__ = "0.1.0"
 from sumtune.config import TrainConfig
 from sumtune.errors import SumtuneError
 
+
+def _register_pipeline() -> None:
+    # `transformers.pipeline("summarization", ...)` for merged models; transformers 5 dropped the task.
+    try:
+        from sumtune.hf_pipeline import register_summarization_pipeline
+
+        register_summarization_pipeline()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+
+
+_register_pipeline()
+
 __all__ = ["TrainConfig", "SumtuneError", "train", "evaluate", "Summarizer", "merge_run", "memory_report"]
 
 
