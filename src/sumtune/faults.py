@@ -164,3 +164,24 @@ def gpu_fits(loss_fn: Callable[[dict], torch.Tensor], model: torch.nn.Module, ba
         return True, info
 
     return fits
+
+
+def find_micro_batch(recipe, samples: int, examples: list) -> tuple[int, list[dict]]:
+    """Try micro-batches (divisors of `samples`, largest first) at the data's longest shapes on the recipe's GPU."""
+    from sumtune.data import TokenizedExample, collate
+
+    longest_source = max(examples, key=lambda e: len(e.input_ids)).input_ids
+    longest_target = max(examples, key=lambda e: len(e.labels)).labels
+    worst = TokenizedExample(longest_source, longest_target)
+    pad_id = recipe.tokenizer.pad_token_id
+    fits = gpu_fits(lambda batch: recipe.forward_loss(batch), recipe.model,
+                    lambda m: recipe.to_device(collate([worst] * m, pad_id)), recipe.device)
+    rng = (torch.get_rng_state(), torch.cuda.get_rng_state(recipe.device))  # probes must not shift dropout
+    recipe.model.train()
+    try:
+        with recipe.progress.task(f"finding the largest micro-batch for {len(longest_source)} source / "
+                                  f"{len(longest_target)} target tokens"):
+            return choose_micro_batch(micro_batch_candidates(samples, len(examples)), fits)
+    finally:
+        torch.set_rng_state(rng[0])
+        torch.cuda.set_rng_state(rng[1], recipe.device)

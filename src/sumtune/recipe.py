@@ -187,31 +187,12 @@ class TrainRecipe:
         elif self.device.type != "cuda":
             micro, accum = samples, 1  # no GPU memory to measure: host memory is rarely the limit at CPU speeds
         else:
-            micro = distributed.min_over_ranks(self._find_micro_batch(samples, examples), self.device)  # all agree
+            micro, self.auto_batch_trials = faults.find_micro_batch(self, samples, examples)
+            micro = distributed.min_over_ranks(micro, self.device)  # all ranks agree (a divisor still)
             accum = samples // micro
         self.progress.write(f"sumtune: batch_size auto → micro-batch {micro} × {accum} accumulation "
                             f"({samples} samples per step).")
         return replace(cfg, batch_size=micro, grad_accum_steps=accum)
-
-    def _find_micro_batch(self, samples: int, examples: list) -> int:
-        """Try micro-batches (divisors of `samples`, largest first) at the data's longest shapes on the GPU."""
-        from sumtune.data import TokenizedExample, collate
-
-        longest_source = max(examples, key=lambda e: len(e.input_ids)).input_ids
-        longest_target = max(examples, key=lambda e: len(e.labels)).labels
-        worst = TokenizedExample(longest_source, longest_target)
-        pad_id = self.tokenizer.pad_token_id
-        fits = faults.gpu_fits(lambda batch: self.forward_loss(batch), self.model,
-                               lambda m: self.to_device(collate([worst] * m, pad_id)), self.device)
-        rng = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device))  # probes must not shift dropout
-        self.model.train()
-        with self.progress.task(f"finding the largest micro-batch for {len(longest_source)} source / "
-                                f"{len(longest_target)} target tokens"):
-            micro, self.auto_batch_trials = faults.choose_micro_batch(
-                faults.micro_batch_candidates(samples, len(examples)), fits)
-        torch.set_rng_state(rng[0])
-        torch.cuda.set_rng_state(rng[1], self.device)
-        return micro
 
     def _restore(self, path: Path) -> None:
         """Continue from a checkpoint: weights, optimizer, RNG, data position; metrics cut back to its step."""
@@ -221,15 +202,7 @@ class TrainRecipe:
         self.nonfinite_skipped = state.nonfinite_skipped
         self.last_checkpoint, self._checkpointed_samples = path, state.samples_seen
         if self.dist.is_main:
-            if self.logger.path.is_file():  # the lines after the checkpoint are redone by this run
-                with self.logger.path.open("r+b") as fh:
-                    fh.truncate(state.metrics_bytes)
-            writer = getattr(self.logger, "_writer", None)
-            if writer is not None:  # TensorBoard: drop events after the checkpoint's step, as above
-                from torch.utils.tensorboard import SummaryWriter
-
-                writer.close()
-                self.logger._writer = SummaryWriter(log_dir=writer.log_dir, purge_step=state.step + 1)
+            checkpoint.rewind_metrics(self.logger, state)  # the lines after the checkpoint are redone by this run
         self.progress.write(f"sumtune: resuming from {path} at step {state.step} of {self.total_steps}.")
 
     def _build_model(self):
@@ -431,6 +404,8 @@ class TrainRecipe:
     def _stop_if_requested(self) -> None:
         """After a SIGTERM/SIGINT: checkpoint this step boundary (unless just done) and leave the loop."""
         signum = self._stop.signum
+        if self.dist.enabled:  # every rank stops at the same step (one tiny all-reduce per step): max over ranks
+            signum = -distributed.min_over_ranks(-(signum or 0), self.device) or None
         if signum is None:
             return
         done = self.last_checkpoint is not None and self.last_checkpoint.name == f"step-{self.global_step}" \
