@@ -24,7 +24,9 @@ def train(config: TrainConfig | dict | str | Path) -> dict:
 
     cfg = as_config(config)
     profiler = None
-    if cfg.profile_steps:
+    from sumtune.distributed import is_main_process
+
+    if cfg.profile_steps and is_main_process():  # one trace per run, from rank 0
         from sumtune.profiling import make_train_profiler
 
         profiler = make_train_profiler(cfg, schedule=(1, 1, cfg.profile_steps))
@@ -50,7 +52,7 @@ def train(config: TrainConfig | dict | str | Path) -> dict:
 
 def evaluate(run_dir: str | Path, *, dataset: str | None = None, max_samples: int | None = None,
              num_beams: int | None = None, max_new_tokens: int | None = None, batch_size: int | None = None,
-             output_dir: str | Path | None = None, device: str = "auto") -> dict:
+             output_dir: str | Path | None = None, device: str = "auto", allow_pickle: bool = False) -> dict:
     """ROUGE of a trained run on its held-out split (or on `dataset`); writes predictions.jsonl and metrics.json."""
     from dataclasses import replace
 
@@ -62,7 +64,7 @@ def evaluate(run_dir: str | Path, *, dataset: str | None = None, max_samples: in
                         ("batch_size", batch_size)):
         if value is not None and value <= 0:
             raise SumtuneError(f"`{name}` must be greater than 0, got {value}.")
-    model, tokenizer, cfg = load_run(run_dir, device=device)
+    model, tokenizer, cfg = load_run(run_dir, device=device, allow_pickle=allow_pickle)
     data_cfg = replace(cfg, eval_dataset=dataset) if dataset else cfg
     rows = load_rows(data_cfg).eval[: max_samples or None]
     metrics, records = evaluate_rows(

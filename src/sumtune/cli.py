@@ -49,7 +49,7 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
 
     metrics = evaluate(ns.run_dir, dataset=ns.dataset, max_samples=ns.max_samples, num_beams=ns.num_beams,
                        max_new_tokens=ns.max_new_tokens, batch_size=ns.batch_size, output_dir=ns.output_dir,
-                       device=ns.device)
+                       device=ns.device, allow_pickle=ns.allow_pickle)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -78,7 +78,7 @@ def cmd_summarize(ns: argparse.Namespace) -> int:
     from sumtune.inference import Summarizer
 
     docs = _read_documents(ns)
-    summarizer = Summarizer.from_pretrained(ns.run_dir, device=ns.device)
+    summarizer = Summarizer.from_pretrained(ns.run_dir, device=ns.device, allow_pickle=ns.allow_pickle)
     for summary in summarizer.summarize(docs, max_new_tokens=ns.max_new_tokens, num_beams=ns.num_beams):
         print(summary)
     return 0
@@ -87,7 +87,7 @@ def cmd_summarize(ns: argparse.Namespace) -> int:
 def cmd_merge(ns: argparse.Namespace) -> int:
     from sumtune.inference import merge_run
 
-    out = merge_run(ns.run_dir, ns.out_dir, dtype=ns.dtype, device=ns.device)
+    out = merge_run(ns.run_dir, ns.out_dir, dtype=ns.dtype, device=ns.device, allow_pickle=ns.allow_pickle)
     print(f"merged model written to {out} (load it with transformers.pipeline('summarization', model={str(out)!r}))")
     return 0
 
@@ -184,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=None, help="Where to write predictions.jsonl and metrics.json "
                                                       "(default: RUN_DIR/eval).")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="Where to run.")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="Also read pickle weights (.bin) for the base model and adapter; they can run code when loaded.")
 
     p = command("summarize", cmd_summarize, "Summarize text with a trained run: from arguments, files, or stdin "
                                             "(one summary per line, in input order).")
@@ -193,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None, help="Longest summary in tokens (default: the run's).")
     p.add_argument("--num-beams", type=int, default=None, help="Beam width (default: the run's).")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="Where to run.")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="Also read pickle weights (.bin) for the base model and adapter; they can run code when loaded.")
 
     p = command("merge", cmd_merge, "Merge the adapter into its base (dequantized) and save a plain model that "
                                     "transformers loads as it is.")
@@ -200,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="New directory for the merged model.")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="Dtype of the merged weights.")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="Where to merge.")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="Also read pickle weights (.bin) for the base model and adapter; they can run code when loaded.")
 
     p = command("memory", cmd_memory, "Footprint of a model in fp32 vs quantized vs quantized + adapters, and its "
                                       "total and trainable parameters, computed from its shapes (no weights needed).")

@@ -87,8 +87,8 @@ class Summarizer:
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
 
     @classmethod
-    def from_pretrained(cls, run_dir: str | Path, *, device: str = "auto") -> "Summarizer":
-        return cls(*load_run(run_dir, device=device))
+    def from_pretrained(cls, run_dir: str | Path, *, device: str = "auto", allow_pickle: bool = False) -> "Summarizer":
+        return cls(*load_run(run_dir, device=device, allow_pickle=allow_pickle))
 
     def summarize(self, texts: str | Sequence[str], *, max_new_tokens: int | None = None, num_beams: int | None = None,
                   batch_size: int | None = None) -> list[str]:
@@ -106,14 +106,15 @@ class Summarizer:
         return summaries
 
 
-def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16", device: str = "auto") -> Path:
+def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16", device: str = "auto",
+              allow_pickle: bool = False) -> Path:
     """Write base (dequantized) + merged LoRA as a plain transformers model that `pipeline()` loads as it is."""
     from sumtune.modeling import DTYPES
 
     out = Path(out_dir).expanduser()
     if out.exists() and any(out.iterdir()):
         raise SumtuneError(f"Output directory {str(out)!r} is not empty; choose a new directory for the merged model.")
-    model, tokenizer, cfg = load_run(run_dir, device=device, fast_kernels=False)
+    model, tokenizer, cfg = load_run(run_dir, device=device, fast_kernels=False, allow_pickle=allow_pickle)
     from sumtune.generation import prepare_inference_model
 
     # A fresh dense model: base dequantized, LoRA merged in fp32, then cast (merging into 4-bit weights would
