@@ -21,13 +21,10 @@ RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 if str(REPO_ROOT / "src") not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO_ROOT / "src"))
 
-# Shapes of the original T5 checkpoints (relu FFN, 32 relative-position buckets, tied output head).
+from sumtune.modeling import T5_SHAPES as _PRODUCT_T5_SHAPES  # noqa: E402  (one table of T5 shapes)
+
 T5_SHAPES: dict[str, dict[str, int]] = {
-    "t5-small": dict(d_model=512, d_ff=2048, d_kv=64, num_heads=8, num_layers=6),
-    "t5-base": dict(d_model=768, d_ff=3072, d_kv=64, num_heads=12, num_layers=12),
-    "t5-large": dict(d_model=1024, d_ff=4096, d_kv=64, num_heads=16, num_layers=24),
-    "t5-3b": dict(d_model=1024, d_ff=16384, d_kv=128, num_heads=32, num_layers=24),
-    "t5-11b": dict(d_model=1024, d_ff=65536, d_kv=128, num_heads=128, num_layers=24),
+    **_PRODUCT_T5_SHAPES,
     "tiny": dict(d_model=64, d_ff=256, d_kv=16, num_heads=4, num_layers=2),  # CPU plumbing checks only
 }
 T5_VOCAB_SIZE = 32128
