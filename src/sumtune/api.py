@@ -59,6 +59,7 @@ def evaluate(run_dir: str | Path, *, dataset: str | None = None, max_samples: in
     from sumtune.data import load_rows
     from sumtune.evaluation import evaluate_rows, write_eval
     from sumtune.inference import load_run
+    from sumtune.progress import Progress
 
     for name, value in (("max_samples", max_samples), ("num_beams", num_beams), ("max_new_tokens", max_new_tokens),
                         ("batch_size", batch_size)):
@@ -70,6 +71,7 @@ def evaluate(run_dir: str | Path, *, dataset: str | None = None, max_samples: in
     metrics, records = evaluate_rows(
         model, tokenizer, rows, prefix=cfg.source_prefix, max_source_tokens=cfg.max_source_tokens,
         max_new_tokens=max_new_tokens or cfg.generation_max_new_tokens, num_beams=num_beams or cfg.num_beams,
-        batch_size=batch_size or cfg.eval_batch_size)
+        batch_size=batch_size or cfg.eval_batch_size,
+        progress=Progress(enabled=True))
     write_eval(Path(output_dir) if output_dir else Path(run_dir) / "eval", metrics, records)
     return metrics

@@ -65,43 +65,65 @@ def hf_generate_ids(model, input_ids: list[list[int]], *, pad_token_id: int, max
     return out
 
 
+GENERATION_CHUNK_BATCHES = 4  # batches per progress update: small enough to report, large enough to stay fast
+
+
+def _generate_chunk(model, dense, fast, tokenizer, ids: list[list[int]], *, max_new_tokens: int, num_beams: int,
+                    batch_size: int) -> list[list[int]]:
+    if dense is not None:
+        return fast.generate_ids(dense, ids, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 decoder_start_token_id=model.config.decoder_start_token_id,
+                                 max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=batch_size)
+    return hf_generate_ids(model, ids, pad_token_id=tokenizer.pad_token_id, max_new_tokens=max_new_tokens,
+                           num_beams=num_beams, batch_size=batch_size)
+
+
 def generate_summaries(model, tokenizer, texts: Sequence[str], *, prefix: str, max_source_tokens: int,
-                       max_new_tokens: int, num_beams: int = 1, batch_size: int = 32) -> tuple[list[str], list[int]]:
-    """Summaries of `texts` (in order) and their lengths in tokens."""
+                       max_new_tokens: int, num_beams: int = 1, batch_size: int = 32,
+                       progress=None) -> tuple[list[str], list[int]]:
+    """Summaries of `texts` (in order) and their lengths in tokens; `progress` (a sumtune Progress) shows a bar."""
     from sumtune.data import tokenize_sources
 
     input_ids = tokenize_sources(tokenizer, list(texts), prefix, max_source_tokens)
+    order = sorted(range(len(input_ids)), key=lambda i: -len(input_ids[i]))  # similar lengths batch together
+    chunk = batch_size * GENERATION_CHUNK_BATCHES
+    ids: list[list[int]] = [[] for _ in input_ids]
     was_training = model.training
     model.eval()
+    bar = progress.bar(total=len(order), desc="generating", unit="doc") if progress is not None else None
     try:
         fast = _generation_module()
+        dense = None
         if fast is not None:
             # Decode on a dense copy (base dequantized, LoRA merged): no per-token dequantization or adapter
             # branches. bf16 on the GPU; fp32 on the CPU, where bf16 matmuls are slow and emulated.
             device = next(model.parameters()).device
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-            dense = fast.prepare_inference_model(model, dtype)
-            ids = fast.generate_ids(dense, input_ids, pad_token_id=tokenizer.pad_token_id,
-                                    eos_token_id=tokenizer.eos_token_id,
-                                    decoder_start_token_id=model.config.decoder_start_token_id,
-                                    max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=batch_size)
-            del dense
-        else:
-            ids = hf_generate_ids(model, input_ids, pad_token_id=tokenizer.pad_token_id,
-                                  max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=batch_size)
+            dense = fast.prepare_inference_model(model, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        for start in range(0, len(order), chunk):
+            idx = order[start:start + chunk]
+            rows = _generate_chunk(model, dense, fast, tokenizer, [input_ids[i] for i in idx],
+                                   max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=batch_size)
+            for i, row in zip(idx, rows):
+                ids[i] = row
+            if bar is not None:
+                bar.update(len(idx))
+        del dense
     finally:
         model.train(was_training)
+        if bar is not None:
+            bar.close()
     texts_out = tokenizer.batch_decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
     lengths = [sum(1 for t in row if t != tokenizer.pad_token_id) for row in ids]
     return [t.strip() for t in texts_out], lengths
 
 
 def evaluate_rows(model, tokenizer, rows: Sequence[dict], *, prefix: str, max_source_tokens: int,
-                  max_new_tokens: int, num_beams: int = 1, batch_size: int = 32) -> tuple[dict, list[dict]]:
+                  max_new_tokens: int, num_beams: int = 1, batch_size: int = 32,
+                  progress=None) -> tuple[dict, list[dict]]:
     """ROUGE-1/2/L/Lsum and mean generated length on `rows`; also the per-row predictions."""
     predictions, lengths = generate_summaries(
         model, tokenizer, [r["text"] for r in rows], prefix=prefix, max_source_tokens=max_source_tokens,
-        max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=batch_size)
+        max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=batch_size, progress=progress)
     references = [r["summary"] for r in rows]
     metrics = rouge_scores(predictions, references)
     metrics["gen_len"] = sum(lengths) / max(1, len(lengths))

@@ -456,7 +456,7 @@ class TrainRecipe:
             metrics, records = evaluate_rows(
                 self.model, self.tokenizer, rows, prefix=cfg.source_prefix, max_source_tokens=cfg.max_source_tokens,
                 max_new_tokens=cfg.generation_max_new_tokens, num_beams=cfg.num_beams,
-                batch_size=cfg.eval_batch_size)
+                batch_size=cfg.eval_batch_size, progress=self.progress if self.progress.enabled else None)
             metrics["loss"] = self.eval_loss(rows)
         return metrics, records
 
