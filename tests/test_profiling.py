@@ -468,3 +468,24 @@ def test_step_profiler_on_gpu(tmp_path):
     assert 0 < gpu["utilization_pct"] <= 100 and gpu["steps_in_trace"] == 3
     assert summary["top_kernels"] and 0 <= gpu["tensor_core_pct"] <= 100
     assert abs(sum(summary["breakdown_s"].values()) - summary["step_time_mean_s"]) <= 0.05 * summary["step_time_mean_s"]
+
+
+# -- `sumtune profile` on a real QLoRA training config (the recipe, through the CLI) -------------------
+def test_sumtune_profile_cli_on_a_tiny_qlora_config(tmp_path, capsys):
+    from sumtune.cli import main
+
+    out = tmp_path / "run"
+    code = main(["profile", "--model", "tiny", "--dataset", "demo", "--max-samples", "200", "--compute-dtype", "fp32",
+                 "--device", "cpu", "--batch-size", "8", "--max-source-tokens", "64", "--max-target-tokens", "16",
+                 "--wait", "1", "--warmup", "1", "--active", "2", "--no-progress", "--output-dir", str(out)])
+    assert code == 0
+    summary = json.loads((out / "profile" / "summary.json").read_text())
+    assert summary["steps_recorded"] == 2 and summary["samples_per_s"] > 0 and summary["tokens_per_s"] > 0
+    parts = summary["breakdown_s"]
+    assert abs(sum(parts.values()) - summary["step_time_mean_s"]) <= 0.05 * summary["step_time_mean_s"]
+    assert parts["forward"] > 0 and parts["backward"] > 0 and parts["optimizer"] > 0
+    trace = json.loads(Path(summary["trace_file"]).read_text())
+    names = {e.get("name", "") for e in trace["traceEvents"]}
+    assert {"sumtune/forward", "sumtune/backward", "sumtune/optimizer"} <= names
+    printed = capsys.readouterr()
+    assert "step breakdown" in printed.out + printed.err
