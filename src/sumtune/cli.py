@@ -162,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
+    def run_options(p: argparse.ArgumentParser, device_help: str = "Where to run.") -> None:
+        """Options of every command that loads a trained run."""
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help=device_help)
+        p.add_argument("--allow-pickle", action="store_true", help="Also read pickle weights (.bin) for the base "
+                                                                   "model and adapter; they can run code when loaded.")
+
     def config_option(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", metavar="FILE.yaml",
                        help="YAML file of options (keys = the option names below with underscores); options "
@@ -183,9 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="Documents per generation batch.")
     p.add_argument("--output-dir", default=None, help="Where to write predictions.jsonl and metrics.json "
                                                       "(default: RUN_DIR/eval).")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="Where to run.")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="Also read pickle weights (.bin) for the base model and adapter; they can run code when loaded.")
+    run_options(p)
 
     p = command("summarize", cmd_summarize, "Summarize text with a trained run: from arguments, files, or stdin "
                                             "(one summary per line, in input order).")
@@ -194,18 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", action="append", help="A UTF-8 text file holding one document (repeatable).")
     p.add_argument("--max-new-tokens", type=int, default=None, help="Longest summary in tokens (default: the run's).")
     p.add_argument("--num-beams", type=int, default=None, help="Beam width (default: the run's).")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="Where to run.")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="Also read pickle weights (.bin) for the base model and adapter; they can run code when loaded.")
+    run_options(p)
 
     p = command("merge", cmd_merge, "Merge the adapter into its base (dequantized) and save a plain model that "
                                     "transformers loads as it is.")
     p.add_argument("run_dir", help="Run directory written by `sumtune train`.")
     p.add_argument("out_dir", help="New directory for the merged model.")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="Dtype of the merged weights.")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="Where to merge.")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="Also read pickle weights (.bin) for the base model and adapter; they can run code when loaded.")
+    run_options(p, device_help="Where to merge.")
 
     p = command("memory", cmd_memory, "Footprint of a model in fp32 vs quantized vs quantized + adapters, and its "
                                       "total and trainable parameters, computed from its shapes (no weights needed).")
