@@ -125,9 +125,14 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
+    """Leave together, then destroy the group once nothing else holds it (see TrainRecipe.cleanup)."""
+    import gc
+
     import torch.distributed as dist
 
     if _initialized():
+        gc.collect()  # DDP reducers still referencing the group are freed here, while it is alive
+        dist.barrier()
         dist.destroy_process_group()
 
 

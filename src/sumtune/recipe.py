@@ -552,6 +552,9 @@ class TrainRecipe:
         logger = getattr(self, "logger", None)
         if logger is not None:
             logger.close()
+        # Free the DDP wrapper (its reducer holds the process group) before the group goes: a gloo group torn down
+        # later, from the reducer's destructor, can deadlock on the GIL with its worker thread (seen in CI).
+        self.train_model = None
         distributed.shutdown()
 
 
