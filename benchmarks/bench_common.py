@@ -122,29 +122,16 @@ def quantize_linear4bit(model: nn.Module, compute_dtype: torch.dtype = torch.bfl
                         device: str | torch.device | None = None) -> nn.Module:
     """Replace every plain nn.Linear (but those named in ``skip``) by a frozen bnb Linear4bit, in place.
 
-    Quantizes on ``device`` (default: where the weight is). For the reference recipe pass
-    ``skip=("lm_head", "wo")``: from_pretrained keeps T5's ``wo`` unquantized (_keep_in_fp32_modules).
+    sumtune's own quantizer (`sumtune.modeling.quantize_in_place`), on ``device`` (default: where the model is).
+    For the reference recipe pass ``skip=("lm_head", "wo")``: from_pretrained keeps T5's ``wo`` unquantized.
     """
-    import bitsandbytes as bnb
+    from sumtune.config import TrainConfig
+    from sumtune.modeling import DTYPES, freeze, quantize_in_place
 
-    for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
-            if type(child) is not nn.Linear or child_name in skip:
-                continue
-            target = torch.device(device) if device is not None else child.weight.device
-            layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=compute_dtype, compress_statistics=double_quant,
-                                      quant_type=quant_type, device="meta")
-            layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False,
-                                             compress_statistics=double_quant, quant_type=quant_type)
-            if child.bias is not None:
-                layer.bias = nn.Parameter(child.bias.data, requires_grad=False)
-            setattr(parent, child_name, layer.to(target))  # moving a Params4bit to a device quantizes it
-            del child
-    for param in model.parameters():
-        param.requires_grad_(False)
-    model.is_loaded_in_4bit = True  # what prepare_model_for_kbit_training and Trainer look for
-    return model
+    dtype_name = {dtype: name for name, dtype in DTYPES.items()}[compute_dtype]
+    cfg = TrainConfig(quantization=quant_type, double_quant=double_quant, compute_dtype=dtype_name)
+    target = torch.device(device) if device is not None else next(model.parameters()).device
+    return freeze(quantize_in_place(model, cfg, target, skip=tuple(skip)))
 
 
 def count_lora_params(model: nn.Module) -> int:

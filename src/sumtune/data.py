@@ -10,7 +10,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import torch
 
@@ -230,13 +230,13 @@ def tokenize_rows(tokenizer, rows: list[Row], cfg: "TrainConfig") -> list[Tokeni
     return [TokenizedExample(s, t) for s, t in zip(sources, targets)]
 
 
-def pad_batch(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest sequence of this batch (dynamic padding); returns ids and the mask."""
-    width = max(len(s) for s in sequences)
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest sequence of this batch (dynamic padding), rounded up to `multiple`; ids and mask."""
+    width = -(-max(len(s) for s in sequences) // multiple) * multiple
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for i, seq in enumerate(sequences):
-        ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        ids[i, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
         mask[i, : len(seq)] = 1
     return ids, mask
 

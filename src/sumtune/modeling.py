@@ -103,12 +103,12 @@ def _quantized_linear(linear: nn.Linear, cfg: "TrainConfig", device: torch.devic
     weight = linear.weight.data
     if cfg.quantization == "int8":
         layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                    has_fp16_weights=False, threshold=6.0)
+                                    has_fp16_weights=False, threshold=6.0, device="meta")
         layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     else:
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                   compute_dtype=DTYPES[cfg.compute_dtype], compress_statistics=cfg.double_quant,
-                                  quant_type=cfg.quantization)
+                                  quant_type=cfg.quantization, device="meta")  # no throw-away weight init
         layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=cfg.double_quant,
                                          quant_type=cfg.quantization)
     if linear.bias is not None:
@@ -116,11 +116,12 @@ def _quantized_linear(linear: nn.Linear, cfg: "TrainConfig", device: torch.devic
     return layer.to(device)  # moving a Params4bit/Int8Params to a device quantizes it
 
 
-def quantize_in_place(model: nn.Module, cfg: "TrainConfig", device: torch.device) -> nn.Module:
-    """Replace every nn.Linear but the skipped ones with a bitsandbytes layer (same as from_pretrained does)."""
+def quantize_in_place(model: nn.Module, cfg: "TrainConfig", device: torch.device,
+                      skip: tuple[str, ...] | None = None) -> nn.Module:
+    """Replace every nn.Linear but the skipped ones (default: `skipped_modules(cfg)`) with a bitsandbytes layer."""
     if cfg.quantization == "none":
         return model.to(device)
-    skip = set(skipped_modules(cfg))
+    skip = set(skipped_modules(cfg) if skip is None else skip)
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Linear and child_name not in skip:

@@ -8,6 +8,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from sumtune.data import pad_batch
 from sumtune.errors import SumtuneError
 from sumtune.generation.greedy import GreedySession, trim_rows
 from sumtune.generation.t5_decode import ATTENTION_MODES, DecoderWeights
@@ -61,7 +62,8 @@ def generate_ids(
         session: GreedySession | None = None
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
-            ids, mask = pad_batch([input_ids[i] for i in rows], pad_token_id, pad_multiple, device)
+            ids, mask = pad_batch([input_ids[i] for i in rows], pad_token_id, pad_multiple)
+            ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
             encoder_out = encode(model, ids, mask, encoder_batch_size)
             if weights is None:
                 outputs = beam_search(model, encoder_out, mask, pad_token_id=pad_token_id,
@@ -112,19 +114,6 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
-
-
-def pad_batch(rows: Sequence[Sequence[int]], pad_token_id: int, multiple: int,
-              device: torch.device) -> tuple[Tensor, Tensor]:
-    """Right-padded input ids and attention mask, length = longest row rounded up to `multiple`."""
-    longest = max(len(r) for r in rows)
-    length = -(-longest // multiple) * multiple
-    ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.as_tensor(list(row), dtype=torch.long)
-        mask[i, : len(row)] = 1
-    return ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
 
 
 def encode(model: nn.Module, ids: Tensor, mask: Tensor, chunk: int) -> Tensor:
