@@ -6,7 +6,8 @@
 
 Fast settings are tokens joined by ':' -- ``b<N>`` batch size, ``gc`` gradient checkpointing,
 ``compile`` torch.compile of the T5 blocks, ``cache`` dequantized-weight cache, ``wo4`` quantize ``wo``
-too (default: ``wo`` stays bf16 as from_pretrained keeps it). Each setting builds a fresh model.
+too (default: ``wo`` stays bf16 as from_pretrained keeps it), ``eff`` / ``cudnn`` pin SDPA to the memory-efficient
+or cuDNN attention kernel (default: PyTorch's choice). Each setting builds a fresh model.
 """
 
 from __future__ import annotations
@@ -33,12 +34,14 @@ COLUMNS = ["path", "setting", "batch", "samples_per_s", "tokens_per_s", "step_ti
 # ----------------------------------------------------------------------------- settings
 def parse_setting(text: str) -> dict:
     tokens = text.split(":")
-    setting = dict(name=text, batch=None, gc=False, compile=False, cache=False, wo4=False)
+    setting = dict(name=text, batch=None, gc=False, compile=False, cache=False, wo4=False, sdpa=None)
     for token in tokens:
         if token.startswith("b") and token[1:].isdigit():
             setting["batch"] = int(token[1:])
         elif token in ("gc", "compile", "cache", "wo4"):
             setting[token] = True
+        elif token in ("eff", "cudnn"):
+            setting["sdpa"] = token
         else:
             raise SystemExit(f"unknown fast-setting token {token!r} in {text!r}")
     if setting["batch"] is None:
@@ -125,7 +128,22 @@ def train_step(model, optimizer, params, batch, device) -> float:
     return loss.detach()
 
 
+def sdpa_backend(setting: dict):
+    """Context pinning SDPA to one kernel (``eff``/``cudnn`` tokens), else a no-op."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"eff": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
+    return sdpa_kernel([backends[setting["sdpa"]]]) if setting.get("sdpa") else contextlib.nullcontext()
+
+
 def time_fast(config, device, data, setting, args) -> dict:
+    with sdpa_backend(setting):
+        return _time_fast(config, device, data, setting, args)
+
+
+def _time_fast(config, device, data, setting, args) -> dict:
     model = build_fast(config, device, setting, args).train()
     reset_peak_memory()  # peak = model + training, not the transient of building it
     params = [p for p in model.parameters() if p.requires_grad]
@@ -153,10 +171,17 @@ def profile_steps(model, optimizer, params, data, batch_size: int, device, steps
     from torch.profiler import ProfilerActivity, profile
 
     batch = {k: v.to(device) for k, v in bc.batch_at(data, 0, batch_size).items()}
+    sync(device)
+    start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             train_step(model, optimizer, params, batch, device)
         sync(device)
+    wall_s = time.perf_counter() - start
+    kernel_s = sum(e.time_range.elapsed_us() for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
+    print(f"profiled {steps} steps: wall {wall_s:.3f} s, summed kernel time {kernel_s:.3f} s "
+          f"(GPU busy <= {kernel_s / wall_s:.0%}, profiler overhead included)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70), flush=True)
 
 
@@ -310,6 +335,43 @@ def grad_errors(grads: dict, reference: dict) -> dict[str, float]:
     return {n: float((grads[n] - reference[n]).norm() / reference[n].norm().clamp_min(1e-30)) for n in reference}
 
 
+def global_grad_error(grads: dict, reference: dict) -> float:
+    """Relative error of all LoRA gradients taken as one vector."""
+    diff = sum(float((grads[n] - reference[n]).pow(2).sum()) for n in reference)
+    norm = sum(float(reference[n].pow(2).sum()) for n in reference)
+    return (diff / norm) ** 0.5
+
+
+def fp32_reference_grads(model, batch, device) -> tuple[float, dict]:
+    """Loss and LoRA grads of the same weights in float32 end to end (dequantized base, no autocast, no TF32)."""
+    from peft import get_peft_model
+
+    from sumtune.generation import prepare_inference_model
+
+    with model.disable_adapter():
+        dense = prepare_inference_model(model, torch.float32)
+    reference = get_peft_model(dense, model.peft_config["default"]).train()
+    lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            if name in lora:
+                param.copy_(lora[name].float())
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        reference.zero_grad(set_to_none=True)
+        loss = reference(**batch).loss
+        loss.backward()
+        grads = {n: p.grad.float().clone() for n, p in reference.named_parameters() if p.requires_grad}
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    missing = set(lora) - set(grads)
+    if missing:
+        raise RuntimeError(f"fp32 reference lacks LoRA tensors {sorted(missing)[:3]}")
+    del reference, dense
+    return float(loss.detach()), {n: grads[n] for n in lora}
+
+
 def set_attn_implementation(model, name: str) -> None:
     for module in model.modules():
         config = getattr(module, "config", None)
@@ -349,14 +411,27 @@ def run_numerics(args, device) -> None:
     enable_fast_t5(model)
     fast_loss, fast_grads = loss_and_grads(model, batch, device)
     disable_fast_t5(model)
+    fp32_loss, fp32_grads = fp32_reference_grads(model, batch, device)
     errors, floor = grad_errors(fast_grads, stock_grads), grad_errors(eager_grads, stock_grads)
     worst = max(errors, key=errors.get)
+    vs_fp32 = {path: grad_errors(grads, fp32_grads) for path, grads in
+               (("fast", fast_grads), ("stock_sdpa", stock_grads), ("stock_eager", eager_grads))}
+    global_errors = dict(fast_vs_stock=global_grad_error(fast_grads, stock_grads),
+                         eager_vs_stock=global_grad_error(eager_grads, stock_grads),
+                         **{f"{path}_vs_fp32": global_grad_error(g, fp32_grads) for path, g in
+                            (("fast", fast_grads), ("stock_sdpa", stock_grads), ("stock_eager", eager_grads))})
     print(f"{args.model} widths, {layers}+{layers} layers, batch {args.numerics_batch} at {args.src_len}/{args.tgt_len}")
     print(f"loss stock {stock_loss:.6f} fast {fast_loss:.6f} rel diff {abs(fast_loss - stock_loss) / abs(stock_loss):.2e}")
     print(f"LoRA grad rel err fast vs stock: max {errors[worst]:.3e} ({worst}), median "
           f"{statistics.median(errors.values()):.3e} over {len(errors)} tensors")
     print(f"noise floor, stock eager vs stock sdpa: max {max(floor.values()):.3e}, median "
           f"{statistics.median(floor.values()):.3e}", flush=True)
+    print(f"fp32 reference loss {fp32_loss:.6f}; LoRA grad rel err against it (max / median):")
+    for path, errs in vs_fp32.items():
+        print(f"  {path:12s} {max(errs.values()):.3e} / {statistics.median(errs.values()):.3e}")
+    worse = sum(vs_fp32["fast"][n] > max(vs_fp32["stock_sdpa"][n], vs_fp32["stock_eager"][n]) for n in errors)
+    print(f"tensors where fast is further from fp32 than both stock backends: {worse} of {len(errors)}")
+    print("all LoRA grads as one vector: " + ", ".join(f"{k} {v:.3e}" for k, v in global_errors.items()), flush=True)
 
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     curves, seconds = {}, {}
@@ -380,7 +455,11 @@ def run_numerics(args, device) -> None:
                        tgt_len=args.tgt_len, stock_loss=stock_loss, fast_loss=fast_loss,
                        grad_rel_err_max=errors[worst], grad_rel_err_worst=worst,
                        grad_rel_err_median=statistics.median(errors.values()),
-                       eager_vs_sdpa_rel_err_max=max(floor.values()), curve_steps=args.curve_steps,
+                       eager_vs_sdpa_rel_err_max=max(floor.values()), fp32_loss=fp32_loss,
+                       grad_rel_err_vs_fp32_max={k: max(v.values()) for k, v in vs_fp32.items()},
+                       grad_rel_err_vs_fp32_median={k: statistics.median(v.values()) for k, v in vs_fp32.items()},
+                       tensors_fast_worse_than_both_stock=worse, global_grad_rel_err=global_errors,
+                       curve_steps=args.curve_steps,
                        curve_lr=args.curve_lr, curve_window=window, curve_max_rel_deviation=deviation,
                        curve_seconds=seconds, curves=curves)
         name = "fast_t5_numerics" + ("-quick" if args.quick else "")

@@ -34,6 +34,7 @@ def generate_ids(
     compile_step: bool = False,
     early_stopping: bool | str = False,
     pad_to_multiple_of: int | None = None,
+    fast_encoder: bool = True,
 ) -> list[list[int]]:
     """Generated token ids for each input, in input order.
 
@@ -44,9 +45,11 @@ def generate_ids(
 
     Inputs are sorted by length (longest first) and batched, each batch padded to its own longest input
     (rounded up to `pad_to_multiple_of`: default 64 with CUDA graphs so graphs get reused, else 1), and the encoder runs once per batch in chunks of
-    `encoder_batch_size`. Greedy (`num_beams == 1`) runs sumtune's own decoder step on static buffers,
+    `encoder_batch_size`, through sumtune's fast T5 forwards (efficient SDPA kernels with the position bias)
+    unless `fast_encoder=False`. Greedy (`num_beams == 1`) runs sumtune's own decoder step on static buffers,
     captured in CUDA graphs on CUDA (`use_cuda_graphs=None` means "on CUDA"), stopping when all rows are
-    done. `attention` picks how attention memory is cached ("kv", "hidden", or "auto"; see t5_decode).
+    done; the session (buffers and graphs) is kept on the model for the next call with the same shapes.
+    `attention` picks how attention memory is cached ("kv", "hidden", or "auto"; see t5_decode).
     Beam search runs transformers' `generate` on the same model with the precomputed encoder output.
     """
     _check_arguments(model, input_ids, max_new_tokens, min_new_tokens, num_beams, batch_size, attention)
@@ -57,9 +60,9 @@ def generate_ids(
     pad_multiple = pad_to_multiple_of or (GRAPH_PAD_MULTIPLE if graphs else 1)
     order = sorted(range(len(input_ids)), key=lambda i: -len(input_ids[i]))  # stable: ties keep input order
     results: list[list[int]] = [[] for _ in input_ids]
-    with torch.inference_mode(), _eval_mode(model):
+    encoder_context = _fast_encoder(model) if fast_encoder else contextlib.nullcontext()
+    with torch.inference_mode(), _eval_mode(model), encoder_context:
         weights = DecoderWeights.from_model(model) if num_beams == 1 else None
-        session: GreedySession | None = None
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             ids, mask = pad_batch([input_ids[i] for i in rows], pad_token_id, pad_multiple)
@@ -72,17 +75,55 @@ def generate_ids(
                                       num_beams=num_beams, length_penalty=length_penalty,
                                       early_stopping=early_stopping)
             else:
-                if session is None or session.shape != tuple(ids.shape):
-                    session = None  # free the previous shape's buffers and graphs first
-                    session = GreedySession(
-                        weights, batch=ids.shape[0], src_len=ids.shape[1], max_new_tokens=max_new_tokens,
-                        attention=weights.resolve_attention(attention), pad_token_id=pad_token_id,
-                        eos_token_id=eos_token_id, use_cuda_graphs=graphs, compile_step=compile_step)
+                session = _session_for(model, weights, batch=ids.shape[0], src_len=ids.shape[1],
+                                       max_new_tokens=max_new_tokens, attention=weights.resolve_attention(attention),
+                                       pad_token_id=pad_token_id, eos_token_id=eos_token_id,
+                                       use_cuda_graphs=graphs, compile_step=compile_step)
                 outputs = session.run(encoder_out, mask, decoder_start_token_id=decoder_start_token_id,
                                       min_new_tokens=min_new_tokens)
             for row, out in zip(rows, outputs):
                 results[row] = out
     return results
+
+
+_SESSION_ATTR = "_sumtune_greedy_session"
+
+
+def _session_for(model: nn.Module, weights: DecoderWeights, **options) -> GreedySession:
+    """The model's cached greedy session when its shapes, options and weight storage match, else a new one.
+
+    Evaluation calls `generate_ids` chunk by chunk; rebuilding buffers and re-capturing CUDA graphs for every
+    chunk costs more than a batch. One session is kept (the last shape), so memory stays bounded.
+    """
+    key = (tuple(sorted(options.items())), tuple(p.data_ptr() for p in model.parameters()))
+    cached = model.__dict__.get(_SESSION_ATTR)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    model.__dict__.pop(_SESSION_ATTR, None)  # free the previous shape's buffers and graphs first
+    session = GreedySession(weights, **options)
+    model.__dict__[_SESSION_ATTR] = (key, session)
+    return session
+
+
+def release_generation_cache(model: nn.Module) -> None:
+    """Drop the greedy session (buffers, CUDA graphs) that `generate_ids` keeps on `model`."""
+    model.__dict__.pop(_SESSION_ATTR, None)
+
+
+@contextlib.contextmanager
+def _fast_encoder(model: nn.Module) -> Iterator[None]:
+    """sumtune's fast T5 forwards on the encoder for the duration (left as they are if already enabled)."""
+    from sumtune.fast_t5 import disable_fast_t5, enable_fast_t5, is_fast_t5_enabled
+
+    encoder = model.get_encoder()
+    if is_fast_t5_enabled(encoder):
+        yield
+        return
+    enable_fast_t5(encoder)
+    try:
+        yield
+    finally:
+        disable_fast_t5(encoder)
 
 
 def _check_arguments(model, input_ids, max_new_tokens, min_new_tokens, num_beams, batch_size, attention) -> None:

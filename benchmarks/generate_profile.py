@@ -1,0 +1,118 @@
+"""Where greedy summarization time goes: encoder vs decoder loop, and the top CUDA kernels of decode steps.
+
+    python benchmarks/generate_profile.py --batches 256,512        # GPU, t5-3b shapes, random bf16 weights
+    python benchmarks/generate_profile.py --quick                  # CPU plumbing check
+
+Times, for each batch size, on real BillSum inputs padded as `generate_ids` pads them: the encoder with
+stock transformers forwards and with sumtune's fast T5 forwards, then the decoder loop alone (forced
+`--new-tokens`), then prints a torch.profiler table of a few eager decode steps. Writes JSON under
+benchmarks/results/ with the GPU name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import bench_common as bc  # noqa: E402
+
+PAD, EOS, START = 0, 1, 0
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeat: int = 1) -> float:
+    fn()  # warm-up (cuBLAS handles, graph capture, autotuning)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / repeat
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="t5-3b")
+    parser.add_argument("--batches", default="256")
+    parser.add_argument("--source-tokens", type=int, default=1024)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--encoder-chunks", default="16,64")
+    parser.add_argument("--profile-steps", type=int, default=4)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.model, args.batches, args.source_tokens, args.new_tokens, args.encoder_chunks = "tiny", "4", 64, 8, "2"
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+
+    from sumtune.data import pad_batch
+    from sumtune.fast_t5 import disable_fast_t5, enable_fast_t5
+    from sumtune.generation.api import encode
+    from sumtune.generation.greedy import GreedySession
+    from sumtune.generation.t5_decode import DecoderWeights, decode_step
+
+    model = bc.random_t5(bc.t5_config(args.model, dropout_rate=0.0), torch.bfloat16, device).eval()
+    tokenizer = bc.load_t5_tokenizer()
+    rows = bc.load_billsum_texts()
+    batches = [int(b) for b in args.batches.split(",")]
+    texts = ["summarize: " + rows[i % len(rows)]["text"] for i in range(max(batches))]
+    inputs = tokenizer(texts, max_length=args.source_tokens, truncation=True)["input_ids"]
+    weights = DecoderWeights.from_model(model)
+    results = []
+    print(f"{bc.gpu_name()}: {args.model}, {args.source_tokens} -> {args.new_tokens}", flush=True)
+    with torch.inference_mode():
+        for batch in batches:
+            ids, mask = pad_batch(sorted(inputs[:batch], key=len, reverse=True), PAD, 64)
+            ids, mask = ids.to(device), mask.to(device)
+            result = dict(batch=batch, src_len=ids.shape[1])
+            for chunk in [int(c) for c in args.encoder_chunks.split(",")]:
+                if batch == batches[0]:  # stock once: it is the slow one
+                    result[f"encoder_stock_chunk{chunk}_s"] = timed(lambda: encode(model, ids, mask, chunk), device)
+                enable_fast_t5(model.encoder)
+                result[f"encoder_fast_chunk{chunk}_s"] = timed(lambda: encode(model, ids, mask, chunk), device)
+                disable_fast_t5(model.encoder)
+            enable_fast_t5(model.encoder)
+            encoder_out = encode(model, ids, mask, int(args.encoder_chunks.split(",")[0]))
+            disable_fast_t5(model.encoder)
+            for attention in ("hidden", "kv") if batch <= 128 else ("hidden",):
+                t0 = time.perf_counter()
+                session = GreedySession(weights, batch=batch, src_len=ids.shape[1], max_new_tokens=args.new_tokens,
+                                        attention=attention, pad_token_id=PAD, eos_token_id=EOS,
+                                        use_cuda_graphs=device.type == "cuda")
+                sync(device)
+                result[f"session_setup_{attention}_s"] = time.perf_counter() - t0
+                result[f"decode_{attention}_s"] = timed(lambda: session.run(
+                    encoder_out, mask, decoder_start_token_id=START, min_new_tokens=args.new_tokens), device)
+                if attention == "hidden" and device.type == "cuda":
+                    from torch.profiler import ProfilerActivity, profile
+
+                    state = session.state
+                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                        for _ in range(args.profile_steps):
+                            state.step.fill_(100)
+                            decode_step(weights, state, args.new_tokens, PAD, EOS)
+                        sync(device)
+                    print(f"batch {batch}: {args.profile_steps} eager decode steps at kv_len {args.new_tokens}")
+                    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25,
+                                                    max_name_column_width=90), flush=True)
+                del session
+            encoder_s = min(v for k, v in result.items() if k.startswith("encoder_fast"))
+            result["summaries_per_s_fast_encoder_hidden"] = batch / (encoder_s + result["decode_hidden_s"])
+            results.append(result)
+            print(result, flush=True)
+    if not args.quick:
+        print(f"saved {bc.save_result('generate_profile', dict(model=args.model, new_tokens=args.new_tokens, rows=results))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
