@@ -6,7 +6,7 @@
 
 Fast settings are tokens joined by ':' -- ``b<N>`` batch size, ``gc`` gradient checkpointing,
 ``compile`` torch.compile of the T5 blocks, ``cache`` dequantized-weight cache, ``wo4`` quantize ``wo``
-too (default: ``wo`` stays bf16 as from_pretrained keeps it), ``eff`` / ``cudnn`` pin SDPA to the memory-efficient
+too (default: ``wo`` stays bf16 as from_pretrained keeps it), ``nodrop`` dropout off (measurement only), ``eff`` / ``cudnn`` pin SDPA to the memory-efficient
 or cuDNN attention kernel (default: PyTorch's choice). Each setting builds a fresh model.
 """
 
@@ -34,11 +34,11 @@ COLUMNS = ["path", "setting", "batch", "samples_per_s", "tokens_per_s", "step_ti
 # ----------------------------------------------------------------------------- settings
 def parse_setting(text: str) -> dict:
     tokens = text.split(":")
-    setting = dict(name=text, batch=None, gc=False, compile=False, cache=False, wo4=False, sdpa=None)
+    setting = dict(name=text, batch=None, gc=False, compile=False, cache=False, wo4=False, sdpa=None, nodrop=False)
     for token in tokens:
         if token.startswith("b") and token[1:].isdigit():
             setting["batch"] = int(token[1:])
-        elif token in ("gc", "compile", "cache", "wo4"):
+        elif token in ("gc", "compile", "cache", "wo4", "nodrop"):
             setting[token] = True
         elif token in ("eff", "cudnn"):
             setting["sdpa"] = token
@@ -100,6 +100,12 @@ def build_fast(config, device, setting, args):
     for param in model.parameters():  # trainable weights in fp32, as sumtune.lora does
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
+    if setting["nodrop"]:  # for measurement only: what dropout costs (the reference trains with 0.1)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+            if hasattr(module, "has_relative_attention_bias"):
+                module.dropout = 0.0
     enable_fast_t5(model)
     if setting["cache"]:
         cache_dequantized_weights(model)
@@ -258,6 +264,9 @@ def throughput(args, device) -> None:
     config = bc.t5_config(args.model, **({"num_layers": args.layers} if args.layers else {}))
     tokenizer = bc.load_t5_tokenizer()
     data = bc.tokenize_rows(tokenizer, bc.load_billsum_texts(), args.src_len, args.tgt_len)
+    if args.full_rows:  # measurement only: batches without source padding
+        full = data["attention_mask"].sum(1) == data["attention_mask"].shape[1]
+        data = {k: v[full] for k, v in data.items()}
     matmul_tflops = bc.measure_bf16_matmul_tflops()
     peak = peak_tflops(device)
     print(f"{bc.gpu_name()}: bf16 GEMM {matmul_tflops or 0:.0f} TFLOP/s measured; {args.model} "
@@ -482,6 +491,7 @@ def parse_args(argv=None):
     parser.add_argument("--reference-samples-per-s", type=float, default=None,
                         help="reference's best samples/s from an earlier run on the same GPU (for speedup)")
     parser.add_argument("--memory-cap-gib", type=float, default=15.3)
+    parser.add_argument("--full-rows", action="store_true", help="only rows that fill --src-len (no padding)")
     parser.add_argument("--numerics", action="store_true", help="fast vs stock loss/grads + 200-step loss curves")
     parser.add_argument("--curve-steps", type=int, default=200)
     parser.add_argument("--curve-lr", type=float, default=1e-4)
