@@ -6,7 +6,8 @@
 
 Fast settings are tokens joined by ':' -- ``b<N>`` batch size, ``gc`` gradient checkpointing,
 ``compile`` torch.compile of the T5 blocks, ``cache`` dequantized-weight cache, ``wo4`` quantize ``wo``
-too (default: ``wo`` stays bf16 as from_pretrained keeps it), ``nodrop`` dropout off (measurement only), ``eff`` / ``cudnn`` pin SDPA to the memory-efficient
+too (default: ``wo`` stays bf16 as from_pretrained keeps it), ``drop0`` base-model dropout 0 (sumtune's ``model_dropout: 0``; the reference keeps T5's 0.1),
+``adamw`` torch's fused AdamW (sumtune's ``optimizer: adamw``) instead of paged 8-bit AdamW, ``eff`` / ``cudnn`` pin SDPA to the memory-efficient
 or cuDNN attention kernel (default: PyTorch's choice). Each setting builds a fresh model.
 """
 
@@ -34,11 +35,11 @@ COLUMNS = ["path", "setting", "batch", "samples_per_s", "tokens_per_s", "step_ti
 # ----------------------------------------------------------------------------- settings
 def parse_setting(text: str) -> dict:
     tokens = text.split(":")
-    setting = dict(name=text, batch=None, gc=False, compile=False, cache=False, wo4=False, sdpa=None, nodrop=False)
+    setting = dict(name=text, batch=None, gc=False, compile=False, cache=False, wo4=False, sdpa=None, drop0=False, adamw=False)
     for token in tokens:
         if token.startswith("b") and token[1:].isdigit():
             setting["batch"] = int(token[1:])
-        elif token in ("gc", "compile", "cache", "wo4", "nodrop"):
+        elif token in ("gc", "compile", "cache", "wo4", "drop0", "adamw"):
             setting[token] = True
         elif token in ("eff", "cudnn"):
             setting["sdpa"] = token
@@ -91,21 +92,18 @@ def build_fast(config, device, setting, args):
     from peft import get_peft_model
 
     from sumtune.fast_t5 import cache_dequantized_weights, compile_for_training, enable_fast_t5
+    from sumtune.modeling import set_model_dropout
 
     skip = ("lm_head",) if setting["wo4"] else ("lm_head", "wo")
     model = bc.quantize_linear4bit(bc.random_t5(config, torch.bfloat16, device), skip=skip)
+    if setting["drop0"]:  # sumtune's `model_dropout: 0` (the reference trains with T5's 0.1)
+        set_model_dropout(model, 0.0)
     if setting["gc"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, lora_config(args.lora_targets))
     for param in model.parameters():  # trainable weights in fp32, as sumtune.lora does
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
-    if setting["nodrop"]:  # for measurement only: what dropout costs (the reference trains with 0.1)
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
-            if hasattr(module, "has_relative_attention_bias"):
-                module.dropout = 0.0
     enable_fast_t5(model)
     if setting["cache"]:
         cache_dequantized_weights(model)
@@ -114,7 +112,11 @@ def build_fast(config, device, setting, args):
     return model
 
 
-def make_optimizer(params, device, lr: float):
+def make_optimizer(params, device, lr: float, fused_adamw: bool = False):
+    if fused_adamw:
+        from sumtune.optim import build_optimizer
+
+        return build_optimizer("adamw", params, lr=lr, weight_decay=0.0, device=device)
     if device.type == "cuda":
         import bitsandbytes as bnb
 
@@ -153,7 +155,7 @@ def _time_fast(config, device, data, setting, args) -> dict:
     model = build_fast(config, device, setting, args).train()
     reset_peak_memory()  # peak = model + training, not the transient of building it
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, device, args.lr)
+    optimizer = make_optimizer(params, device, args.lr, fused_adamw=setting["adamw"])
     times_s, losses = [], []
     for step in range(args.warmup + args.steps):
         batch = {k: v.to(device, non_blocking=True) for k, v in bc.batch_at(data, step, setting["batch"]).items()}

@@ -57,6 +57,21 @@ def test_quantized_wo_runs_the_ffn_in_the_compute_dtype(local_t5):
     assert abs(float(lq - lp)) < 0.05 * float(lp)  # NF4 noise, not truncated activations
 
 
+def test_model_dropout_sets_every_base_dropout_and_none_keeps_the_models(local_t5):
+    def rates(model):
+        attention = {m.dropout for m in model.modules() if hasattr(m, "has_relative_attention_bias")}
+        return {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} | attention
+
+    kept = load_model(TrainConfig(model=str(local_t5)), 300, CPU)
+    assert rates(kept) == {kept.config.dropout_rate}
+    off = load_model(TrainConfig(model=str(local_t5), model_dropout=0.0), 300, CPU)
+    assert rates(off) == {0.0} and off.config.dropout_rate == 0.0
+    raised = load_model(TrainConfig(model="tiny", model_dropout=0.2), 300, CPU)
+    assert rates(raised) == {0.2}
+    with pytest.raises(SumtuneError, match="model_dropout"):
+        TrainConfig(model_dropout=1.0)
+
+
 def test_random_models_are_quantized_in_place_like_loaded_ones():
     model = load_model(TrainConfig(model="tiny", quantization="nf4"), 300, CPU)
     assert layers(model, bnb.nn.Linear4bit) == {"q", "k", "v", "o", "wi", "wo"}

@@ -27,6 +27,8 @@ class TrainConfig:
     """Allow model code from the hub repository to run (off: only transformers' own model code runs)."""
     allow_pickle: bool = False
     """Allow loading pickle-based weights (pytorch_model.bin, adapter_model.bin), which can run arbitrary code; off: safetensors only."""
+    model_dropout: float | None = None
+    """Dropout rate inside the base model (attention probabilities, feed-forward, residuals); none keeps the model's own (0.1 for released T5). 0 trains about a quarter faster on T5-3b (measured)."""
     quantization: Quantization = "nf4"
     """How the frozen base weights are stored: 4-bit NF4 (QLoRA), 4-bit FP4, 8-bit LLM.int8, or none (plain compute dtype)."""
     double_quant: bool = True
@@ -158,6 +160,8 @@ class TrainConfig:
             raise SumtuneError(f"`lr` must be greater than 0, got {self.lr}.")
         if self.lora_alpha <= 0:
             raise SumtuneError(f"`lora_alpha` must be greater than 0, got {self.lora_alpha}.")
+        if self.model_dropout is not None and not 0.0 <= self.model_dropout < 1.0:
+            raise SumtuneError(f"`model_dropout` must be in [0, 1), got {self.model_dropout}.")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise SumtuneError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout}.")
         if not 0.0 < self.eval_ratio < 1.0:

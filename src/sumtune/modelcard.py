@@ -8,7 +8,7 @@ import yaml
 
 from sumtune.argparsing import to_mapping
 
-CARD_SETTINGS = ("model", "quantization", "double_quant", "compute_dtype", "lora_r", "lora_alpha", "lora_dropout",
+CARD_SETTINGS = ("model", "model_dropout", "quantization", "double_quant", "compute_dtype", "lora_r", "lora_alpha", "lora_dropout",
                  "lora_targets", "modules_to_save", "dataset", "dataset_split", "max_source_tokens",
                  "max_target_tokens", "epochs", "max_steps", "batch_size", "grad_accum_steps", "optimizer", "lr",
                  "lr_schedule", "warmup_steps", "seed")

@@ -259,6 +259,23 @@ def load_model(cfg: "TrainConfig", vocab_size: int, device: torch.device) -> nn.
         from sumtune.fast_t5 import fix_quantized_ffn
 
         fix_quantized_ffn(model)  # transformers' T5 FFN would cast activations to the 4-bit storage dtype
+    if cfg.model_dropout is not None:
+        set_model_dropout(model, cfg.model_dropout)
+    return model
+
+
+def set_model_dropout(model: nn.Module, rate: float) -> nn.Module:
+    """Set every dropout of the base model to `rate`: nn.Dropout layers, the attention-probability dropout
+    that T5 (and BART) attention keeps as a float attribute, and the config field, so saved configs agree.
+    Call before PEFT wraps the model: LoRA's own dropout is `lora_dropout`."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = rate
+        elif isinstance(getattr(module, "dropout", None), float):
+            module.dropout = rate
+    for field_name in ("dropout_rate", "dropout", "attention_dropout"):
+        if isinstance(getattr(model.config, field_name, None), float):
+            setattr(model.config, field_name, rate)
     return model
 
 
