@@ -343,44 +343,21 @@ def loss_and_grads(model, batch, device):
 
 
 def grad_errors(grads: dict, reference: dict) -> dict[str, float]:
-    return {n: float((grads[n] - reference[n]).norm() / reference[n].norm().clamp_min(1e-30)) for n in reference}
+    from sumtune.fast_t5.numerics import relative_errors
+
+    return relative_errors(grads, reference)
 
 
 def global_grad_error(grads: dict, reference: dict) -> float:
-    """Relative error of all LoRA gradients taken as one vector."""
-    diff = sum(float((grads[n] - reference[n]).pow(2).sum()) for n in reference)
-    norm = sum(float(reference[n].pow(2).sum()) for n in reference)
-    return (diff / norm) ** 0.5
+    from sumtune.fast_t5.numerics import vector_relative_error
+
+    return vector_relative_error(grads, reference)
 
 
 def fp32_reference_grads(model, batch, device) -> tuple[float, dict]:
-    """Loss and LoRA grads of the same weights in float32 end to end (dequantized base, no autocast, no TF32)."""
-    from peft import get_peft_model
+    from sumtune.fast_t5.numerics import fp32_reference_grads as reference_grads
 
-    from sumtune.generation import prepare_inference_model
-
-    with model.disable_adapter():
-        dense = prepare_inference_model(model, torch.float32)
-    reference = get_peft_model(dense, model.peft_config["default"]).train()
-    lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    with torch.no_grad():
-        for name, param in reference.named_parameters():
-            if name in lora:
-                param.copy_(lora[name].float())
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        reference.zero_grad(set_to_none=True)
-        loss = reference(**batch).loss
-        loss.backward()
-        grads = {n: p.grad.float().clone() for n, p in reference.named_parameters() if p.requires_grad}
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-    missing = set(lora) - set(grads)
-    if missing:
-        raise RuntimeError(f"fp32 reference lacks LoRA tensors {sorted(missing)[:3]}")
-    del reference, dense
-    return float(loss.detach()), {n: grads[n] for n in lora}
+    return reference_grads(model, batch)
 
 
 def set_attn_implementation(model, name: str) -> None:
