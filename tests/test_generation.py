@@ -17,7 +17,7 @@ from sumtune.generation import generate_ids, prepare_inference_model  # noqa: E4
 from sumtune.generation.greedy import GreedySession, trim_rows  # noqa: E402
 from sumtune.generation.t5_decode import DecoderWeights  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(os.environ.get("SUMTUNE_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 TOKENIZER_DIR, BILLSUM = DATA / "t5-tokenizer", DATA / "billsum" / "us_train_subset100.jsonl"
 PAD, EOS, START = 0, 1, 0
 SOURCE_LENGTHS = [7, 40, 130, 18, 90, 64, 11, 150, 33, 75, 120, 22, 56, 100, 9, 48]  # varied, unsorted
