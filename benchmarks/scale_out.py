@@ -5,7 +5,7 @@
     python benchmarks/scale_out.py --quick                 # CPU plumbing check: tiny T5, gloo, 1 and 2 processes
 
 Each N runs `torchrun --nproc-per-node N` on this file in worker mode, which trains with sumtune's own
-`TrainRecipe` (DDP, sharded batches, fast T5 path on every rank) on real BillSum rows: T5-3b shapes with random
+`TrainRecipe` (DDP, sharded batches, fast T5 path on every rank) on the real BillSum rows that fill the source length: T5-3b shapes with random
 weights (`random:t5-3b`), NF4 base, the real T5 tokenizer. Per-GPU micro-batch is fixed (weak scaling), so the
 global batch grows with N. After `--warmup` steps, `--steps` steps are timed between barriers; samples/s is the
 global samples of the timed steps over the slowest rank's time. Efficiency = samples/s(N) / (N × samples/s(1)).
@@ -99,8 +99,16 @@ def sync(device: torch.device) -> None:
 
 
 # ----------------------------------------------------------------------------- parent
-def write_rows(path: Path) -> int:
+def full_length_rows(args) -> list[dict]:
+    """BillSum rows whose source fills --src-len: every step then does the same work at every world size
+    (with a few short rows, length grouping makes some steps cheaper, and which ones depends on the sharding)."""
     rows = bc.load_billsum_texts()
+    data = bc.tokenize_rows(bc.load_t5_tokenizer(), rows, args.src_len, args.tgt_len)
+    full = (data["attention_mask"].sum(1) == args.src_len).tolist()
+    return [row for row, keep in zip(rows, full) if keep]
+
+
+def write_rows(path: Path, rows: list[dict]) -> int:
     with path.open("w", encoding="utf-8") as fh:
         for row in rows:
             fh.write(json.dumps(row) + "\n")
@@ -145,11 +153,9 @@ def summarize(results: list[dict], tokens_per_sample: float) -> list[dict]:
     return rows
 
 
-def tokens_per_sample(args) -> float:
-    """Mean real (unpadded) source + target tokens per BillSum row at these limits, with the real tokenizer."""
-    tok = bc.load_t5_tokenizer()
-    rows = bc.load_billsum_texts()
-    data = bc.tokenize_rows(tok, rows, args.src_len, args.tgt_len)
+def tokens_per_sample(args, rows: list[dict]) -> float:
+    """Mean real (unpadded) source + target tokens per row at these limits, with the real tokenizer."""
+    data = bc.tokenize_rows(bc.load_t5_tokenizer(), rows, args.src_len, args.tgt_len)
     return float(data["attention_mask"].sum() + (data["labels"] != -100).sum()) / len(rows)
 
 
@@ -162,13 +168,14 @@ def parent(args) -> None:
     with tempfile.TemporaryDirectory(prefix="sumtune-scale-") as tmp:
         work = Path(tmp)
         data = work / "billsum.jsonl"
-        write_rows(data)
+        texts = full_length_rows(args)
+        write_rows(data, texts)
         results = [run_world(n, args, data, work) for n in worlds]
-    rows = summarize(results, tokens_per_sample(args))
+    rows = summarize(results, tokens_per_sample(args, texts))
     bc.print_table(rows, COLUMNS)
     payload = dict(model=args.model, device=args.device, micro_batch=args.batch_size, src_len=args.src_len,
                    tgt_len=args.tgt_len, compute_dtype=args.compute_dtype, gradient_checkpointing=args.gc,
-                   warmup_steps=args.warmup, timed_steps=args.steps, visible_gpus=visible,
+                   warmup_steps=args.warmup, timed_steps=args.steps, visible_gpus=visible, data_rows=len(texts),
                    gpu_names=sorted({d for r in rows for d in r["devices"]}),
                    targets={"speedup_2": 1.9, "speedup_4": 3.6}, results=rows,
                    method="torchrun per N; recipe.train() timed between barriers after warm-up; samples/s = "
