@@ -1,7 +1,7 @@
 """Data-parallel scaling of sumtune's QLoRA training: samples/s on 1, 2 and 4 GPUs, and scaling efficiency.
 
     python benchmarks/scale_out.py                         # GPU: torchrun on 1, 2, 4 GPUs (as many as visible)
-    python benchmarks/scale_out.py --gpus 1,2 --batch-size 16 --steps 10
+    python benchmarks/scale_out.py --gpus 1,2,4 --steps 20 --repeats 3   # medians of interleaved repeats
     python benchmarks/scale_out.py --quick                 # CPU plumbing check: tiny T5, gloo, 1 and 2 processes
 
 Each N runs `torchrun --nproc-per-node N` on this file in worker mode, which trains with sumtune's own
@@ -134,6 +134,12 @@ def run_world(n: int, args, data: Path, work: Path) -> dict:
     return result
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median throughput (slowest rank's time) among repeats of one world size."""
+    ordered = sorted(runs, key=lambda r: max(k["elapsed_s"] for k in r["ranks"]))
+    return ordered[len(ordered) // 2]
+
+
 def summarize(results: list[dict], tokens_per_sample: float) -> list[dict]:
     rows = []
     base = None
@@ -170,12 +176,19 @@ def parent(args) -> None:
         data = work / "billsum.jsonl"
         texts = full_length_rows(args)
         write_rows(data, texts)
-        results = [run_world(n, args, data, work) for n in worlds]
+        # Interleaved repeats (1, 2, 4, 1, 2, 4, ...): a GPU whose clock drifts during the run affects every
+        # world size alike, and the median per world size drops a stray run.
+        runs = [run_world(n, args, data, work) for _ in range(args.repeats) for n in worlds]
+    results = [median_run([r for r in runs if r["world_size"] == n]) for n in worlds]
     rows = summarize(results, tokens_per_sample(args, texts))
+    for row, n in zip(rows, worlds):
+        row["runs_samples_per_s"] = [r["samples"] / max(k["elapsed_s"] for k in r["ranks"])
+                                     for r in runs if r["world_size"] == n]
     bc.print_table(rows, COLUMNS)
     payload = dict(model=args.model, device=args.device, micro_batch=args.batch_size, src_len=args.src_len,
                    tgt_len=args.tgt_len, compute_dtype=args.compute_dtype, gradient_checkpointing=args.gc,
                    warmup_steps=args.warmup, timed_steps=args.steps, visible_gpus=visible, data_rows=len(texts),
+                   repeats=args.repeats,
                    gpu_names=sorted({d for r in rows for d in r["devices"]}),
                    targets={"speedup_2": 1.9, "speedup_4": 3.6}, results=rows,
                    method="torchrun per N; recipe.train() timed between barriers after warm-up; samples/s = "
@@ -196,6 +209,8 @@ def main() -> None:
     parser.add_argument("--gc", action="store_true", help="gradient checkpointing")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=1, help="run the world sizes this many times, interleaved; "
+                        "each row is the median run")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--timeout-s", type=float, default=420.0, help="limit for each torchrun")
     parser.add_argument("--quick", action="store_true", help="CPU plumbing check: tiny T5, 1 and 2 processes")

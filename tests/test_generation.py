@@ -289,6 +289,53 @@ def test_batching_order_and_early_stop_do_not_change_results(merged32, expected3
     assert_same_or_near_tie(merged32, batch, results[True], [reference[i] for i in ended], fp32_tolerance)
 
 
+# ---- encoder path and session reuse ---------------------------------------------------------------------
+
+def test_encoder_runs_the_fast_t5_path_and_the_model_is_restored(merged32, inputs, monkeypatch):
+    import sumtune.generation.api as generation_api
+    from sumtune.fast_t5 import is_fast_t5_enabled
+
+    seen, encode = [], generation_api.encode
+
+    def spy(model, ids, mask, chunk):
+        seen.append(is_fast_t5_enabled(model.get_encoder()))
+        return encode(model, ids, mask, chunk)
+
+    monkeypatch.setattr(generation_api, "encode", spy)
+    fast = ours(merged32, inputs[:3], max_new_tokens=6)
+    stock = ours(merged32, inputs[:3], max_new_tokens=6, fast_encoder=False)
+    assert seen == [True, False]
+    assert not is_fast_t5_enabled(merged32)  # the caller's model is left as it was
+    assert fast == stock  # fp32: the two encoder paths differ only by rounding far below a token flip
+
+
+def test_repeated_calls_reuse_one_greedy_session_per_shape(merged32, inputs):
+    import gc
+    import weakref
+
+    from sumtune.generation.api import cached_session, release_generation_cache
+
+    release_generation_cache(merged32)
+    first = ours(merged32, inputs[:4], batch_size=4, pad_to_multiple_of=64)
+    session = cached_session(merged32)
+    again = ours(merged32, inputs[:4], batch_size=4, pad_to_multiple_of=64)
+    assert cached_session(merged32) is session and again == first
+    ours(merged32, inputs[:2], batch_size=2, pad_to_multiple_of=64)  # another batch shape: a new session
+    assert cached_session(merged32) not in (None, session)
+    release_generation_cache(merged32)
+    assert cached_session(merged32) is None
+
+    copy = prepare_inference_model(merged32, torch.float32)  # a dropped model frees its session at once
+    ours(copy, inputs[:2], batch_size=2)
+    session_ref = weakref.ref(cached_session(copy))
+    gc.disable()  # freed by reference counting alone: no cycle keeps the model's buffers alive until a GC pass
+    try:
+        del copy
+        assert session_ref() is None
+    finally:
+        gc.enable()
+
+
 # ---- beam search -------------------------------------------------------------------------------------
 
 def test_beam_search_matches_transformers(merged32, inputs):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Iterator, Sequence
 
 import torch
@@ -86,28 +87,36 @@ def generate_ids(
     return results
 
 
-_SESSION_ATTR = "_sumtune_greedy_session"
+# model -> (options key, session). Weak keys: the session holds the model's weight tensors but not the model, so
+# dropping the model (evaluation drops its dense copy after each run) frees the session with it, without a GC cycle.
+_SESSIONS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, GreedySession]]" = weakref.WeakKeyDictionary()
 
 
 def _session_for(model: nn.Module, weights: DecoderWeights, **options) -> GreedySession:
     """The model's cached greedy session when its shapes, options and weight storage match, else a new one.
 
     Evaluation calls `generate_ids` chunk by chunk; rebuilding buffers and re-capturing CUDA graphs for every
-    chunk costs more than a batch. One session is kept (the last shape), so memory stays bounded.
+    chunk costs more than a batch. One session is kept per model (the last shape), so memory stays bounded.
     """
     key = (tuple(sorted(options.items())), tuple(p.data_ptr() for p in model.parameters()))
-    cached = model.__dict__.get(_SESSION_ATTR)
+    cached = _SESSIONS.get(model)
     if cached is not None and cached[0] == key:
         return cached[1]
-    model.__dict__.pop(_SESSION_ATTR, None)  # free the previous shape's buffers and graphs first
+    _SESSIONS.pop(model, None)  # free the previous shape's buffers and graphs first
     session = GreedySession(weights, **options)
-    model.__dict__[_SESSION_ATTR] = (key, session)
+    _SESSIONS[model] = (key, session)
     return session
 
 
+def cached_session(model: nn.Module) -> GreedySession | None:
+    """The greedy session `generate_ids` keeps for `model`, if any."""
+    cached = _SESSIONS.get(model)
+    return cached[1] if cached else None
+
+
 def release_generation_cache(model: nn.Module) -> None:
-    """Drop the greedy session (buffers, CUDA graphs) that `generate_ids` keeps on `model`."""
-    model.__dict__.pop(_SESSION_ATTR, None)
+    """Drop the greedy session (buffers, CUDA graphs) that `generate_ids` keeps for `model`."""
+    _SESSIONS.pop(model, None)
 
 
 @contextlib.contextmanager
