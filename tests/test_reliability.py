@@ -99,6 +99,25 @@ def reference(config_path, tmp_path_factory) -> Path:
     return out
 
 
+def test_dequantized_weight_cache_trains_the_same_adapter(config_path, reference, tmp_path):
+    """`cache_dequantized_weights` is a speed option: same maths as bitsandbytes' per-call dequantization."""
+    out = tmp_path / "cached"
+    recipe = TrainRecipe(config(config_path, out, cache_dequantized_weights=True))
+    recipe.setup()
+    try:
+        cached = [m for m in recipe.model.modules() if hasattr(m, "_sumtune_dequantized_weight")]
+        assert cached  # the option really reached the model
+        recipe.train()
+        recipe.finish()
+    finally:
+        recipe.cleanup()
+    want, got = read_metrics(reference), read_metrics(out)
+    losses = [r["loss"] for r in want if r["split"] == "train"], [r["loss"] for r in got if r["split"] == "train"]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    a, b = load_file(str(reference / "adapter_model.safetensors")), load_file(str(out / "adapter_model.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+
+
 # ---- kill -9 and resume -------------------------------------------------------------------------------------
 
 KILL_POINTS = {

@@ -225,9 +225,11 @@ class TrainRecipe:
         model = apply_lora(base, cfg).to(self.device)
         if cfg.fast_kernels:
             model = enable_fast_path(model)
-        if cfg.compile and self.device.type == "cuda":
-            from sumtune import fast_t5
+        from sumtune import fast_t5
 
+        if cfg.cache_dequantized_weights:
+            fast_t5.cache_dequantized_weights(model)
+        if cfg.compile and self.device.type == "cuda":
             model = fast_t5.compile_for_training(model)
         return model
 
