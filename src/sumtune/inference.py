@@ -74,7 +74,7 @@ def load_run(run_dir: str | Path, *, device: str = "auto", adapter_dir: str | Pa
                            f"({type(err).__name__}: {detail[:300].rstrip('.')}).") from None
     model.to(dev).eval()
     if cfg.fast_kernels if fast_kernels is None else fast_kernels:
-        from sumtune.recipe import enable_fast_path
+        from sumtune.runtime import enable_fast_path
 
         model = enable_fast_path(model)
     return model, tokenizer, cfg
