@@ -49,7 +49,7 @@ def generate_ids(
     `encoder_batch_size`, through sumtune's fast T5 forwards (efficient SDPA kernels with the position bias)
     unless `fast_encoder=False`. Greedy (`num_beams == 1`) runs sumtune's own decoder step on static buffers,
     captured in CUDA graphs on CUDA (`use_cuda_graphs=None` means "on CUDA"), stopping when all rows are
-    done; the session (buffers and graphs) is kept on the model for the next call with the same shapes.
+    done; the session (buffers and graphs) is kept for the model, for the next call with the same shapes.
     `attention` picks how attention memory is cached ("kv", "hidden", or "auto"; see t5_decode).
     Beam search runs transformers' `generate` on the same model with the precomputed encoder output.
     """
