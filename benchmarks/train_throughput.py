@@ -137,7 +137,8 @@ def train_step(model, optimizer, params, batch, device) -> float:
 
 
 def sdpa_backend(setting: dict):
-    """Context pinning SDPA to one kernel (``eff``/``cudnn`` tokens), else a no-op."""
+    """Context pinning SDPA to one kernel (``eff``/``cudnn`` tokens), else a no-op. Eager attention only: with
+    ``compile`` the blocks kept cuDNN attention under an ``eff`` pin (seen in the profile), so check with --profile."""
     import contextlib
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
