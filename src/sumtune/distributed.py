@@ -101,12 +101,6 @@ def _initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if _initialized() else 1
-
-
 def rank() -> int:
     import torch.distributed as dist
 
@@ -232,10 +226,6 @@ def set_grad_sync(train_model: torch.nn.Module, enabled: bool) -> None:
     """
     if hasattr(train_model, "require_backward_grad_sync"):
         train_model.require_backward_grad_sync = enabled
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
 
 
 # ---- data --------------------------------------------------------------------------------------------------

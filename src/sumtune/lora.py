@@ -82,7 +82,3 @@ def apply_lora(model: nn.Module, cfg: "TrainConfig"):
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
     return peft_model
-
-
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]

@@ -6,9 +6,7 @@ was asked for, so the hot path has no `if profiling` branches.
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -26,9 +24,6 @@ from sumtune.optim import build_optimizer, get_lr, set_lr
 from sumtune.progress import Progress
 from sumtune.runtime import (autocast, describe_source, enable_fast_path, materialize_tiny_base, peak_memory_gib,
                              seed_everything)
-
-RUN_MARKERS = checkpoint.RUN_MARKERS
-
 
 class TrainRecipe:
     def __init__(self, cfg: TrainConfig, profiler=None):
@@ -165,8 +160,6 @@ class TrainRecipe:
         cfg = self.cfg
         model_cfg = cfg
         if cfg.model == "tiny":
-            from dataclasses import replace
-
             with self.dist.main_process_first():  # rank 0 writes the tiny base, the others load it
                 path = materialize_tiny_base(cfg, self.tokenizer, self.run_dir) if self.dist.is_main else \
                     str(self.run_dir / "base_model")
@@ -196,23 +189,6 @@ class TrainRecipe:
                                          labels=batch["labels"]).loss
         # Data-parallel batches carry this rank's label-token share ×W (sumtune.distributed.ShardedBatches).
         return loss * batch["loss_scale"] if "loss_scale" in batch else loss
-
-    def optimizer_step(self) -> float:
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        max_norm = self.cfg.max_grad_norm or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        set_lr(self.optimizer, self.current_lr())
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm)
-
-    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """One optimizer step on one micro-batch already on the device (used by benchmarks)."""
-        loss = self.forward_loss(batch)
-        loss.backward()
-        grad_norm = self.optimizer_step()
-        self.global_step += 1
-        return {"loss": float(loss.detach()), "grad_norm": grad_norm, "tokens": int(self._tokens(batch))}
 
     def current_lr(self) -> float:
         return get_lr(self.global_step, peak_lr=self.cfg.lr, warmup_steps=self.cfg.warmup_steps,
@@ -450,33 +426,6 @@ class TrainRecipe:
         checkpoint.prune_checkpoints(root, self.cfg.keep_last_checkpoints)
         self.last_checkpoint = path
         return path
-
-    def _prune_checkpoints(self, root: Path) -> None:
-        if not self.dist.is_main:
-            return
-        steps = sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
-        for old in steps[: max(0, len(steps) - self.cfg.keep_last_checkpoints)]:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def save_adapter(self, path: Path, extra: dict | None = None) -> None:
-        """Write the adapter to a temporary directory, then rename it into place (never half a checkpoint)."""
-        if not self.dist.is_main:  # rank 0 writes for the job (every rank holds the same adapter)
-            return
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp)
-        if extra:
-            (tmp / "checkpoint.json").write_text(json.dumps(extra, indent=2) + "\n", encoding="utf-8")
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
 
     def finish(self) -> dict:
         """Final evaluation, then the adapter, predictions and model card at the top of the run directory."""
