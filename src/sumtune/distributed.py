@@ -338,7 +338,6 @@ def evaluate_sharded(recipe, rows: list[dict]) -> tuple[dict, list[dict]]:
     back in row order, computes ROUGE over all of them, and broadcasts the metrics (so `best` decisions agree).
     Records (predictions) are returned on rank 0 only.
     """
-    from sumtune.data import tokenize_rows
     from sumtune.evaluation import generate_summaries
 
     ctx, cfg = recipe.dist, recipe.cfg
@@ -352,8 +351,7 @@ def evaluate_sharded(recipe, rows: list[dict]) -> tuple[dict, list[dict]]:
             recipe.model, recipe.tokenizer, [r["text"] for r in local], prefix=cfg.source_prefix,
             max_source_tokens=cfg.max_source_tokens, max_new_tokens=cfg.generation_max_new_tokens,
             num_beams=cfg.num_beams, batch_size=cfg.eval_batch_size)
-        label_tokens = sum(len(e.labels) for e in tokenize_rows(recipe.tokenizer, local, cfg))
-        loss_total = recipe.eval_loss(local) * label_tokens
+        loss_total, label_tokens = recipe.eval_loss_sum(local)
     parts = gather_objects((indices, predictions, lengths, loss_total, label_tokens))
     metrics, records = assemble_eval(parts, rows) if ctx.is_main else (None, [])
     return broadcast_object(metrics), records
@@ -364,19 +362,14 @@ def assemble_eval(parts: list[tuple], rows: list[dict]) -> tuple[dict, list[dict
 
     Predictions go back to row order; the eval loss is token-weighted over all ranks (as one process computes it).
     """
-    from sumtune.evaluation import rouge_scores
+    from sumtune.evaluation import score_predictions
 
     by_index = {i: (p, n) for idx, preds, lens, _, _ in parts for i, p, n in zip(idx, preds, lens)}
     if sorted(by_index) != list(range(len(rows))):
         raise RuntimeError(f"evaluation shards cover {len(by_index)} of {len(rows)} rows")
     ordered = [by_index[i] for i in range(len(rows))]
-    references = [r["summary"] for r in rows]
-    metrics = rouge_scores([p for p, _ in ordered], references)
-    metrics["gen_len"] = sum(n for _, n in ordered) / max(1, len(ordered))
-    metrics["num_samples"] = len(rows)
+    metrics, records = score_predictions([p for p, _ in ordered], [n for _, n in ordered], rows)
     metrics["loss"] = sum(p[3] for p in parts) / max(1, sum(p[4] for p in parts))
-    records = [{"index": i, "reference": ref, "prediction": pred}
-               for i, (ref, (pred, _)) in enumerate(zip(references, ordered))]
     return metrics, records
 
 

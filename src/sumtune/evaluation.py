@@ -124,8 +124,14 @@ def evaluate_rows(model, tokenizer, rows: Sequence[dict], *, prefix: str, max_so
     predictions, lengths = generate_summaries(
         model, tokenizer, [r["text"] for r in rows], prefix=prefix, max_source_tokens=max_source_tokens,
         max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=batch_size, progress=progress)
+    return score_predictions(predictions, lengths, rows)
+
+
+def score_predictions(predictions: Sequence[str], lengths: Sequence[int],
+                      rows: Sequence[dict]) -> tuple[dict, list[dict]]:
+    """ROUGE, mean generated length and row count of `predictions` (in row order), and the per-row records."""
     references = [r["summary"] for r in rows]
-    metrics = rouge_scores(predictions, references)
+    metrics = rouge_scores(list(predictions), references)
     metrics["gen_len"] = sum(lengths) / max(1, len(lengths))
     metrics["num_samples"] = len(rows)
     records = [{"index": i, "reference": ref, "prediction": pred}

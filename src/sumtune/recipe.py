@@ -352,6 +352,11 @@ class TrainRecipe:
     # ---- evaluation and saving -----------------------------------------------------------------------
     @torch.no_grad()
     def eval_loss(self, rows: list[dict]) -> float:
+        total, count = self.eval_loss_sum(rows)
+        return total / max(1, count)
+
+    def eval_loss_sum(self, rows: list[dict]) -> tuple[float, int]:
+        """(sum of per-token losses, label tokens) on `rows`: shards of an evaluation add up exactly."""
         examples = tokenize_rows(self.tokenizer, rows, self.cfg)
         it = BatchIterator(examples, self.cfg.eval_batch_size, self.tokenizer.pad_token_id, seed=0,
                            group_by_length=False)
@@ -362,7 +367,7 @@ class TrainRecipe:
             n = int((batch["labels"] != -100).sum())
             total += float(self.forward_loss(batch)) * n
             count += n
-        return total / max(1, count)
+        return total, count
 
     def evaluate(self, rows: list[dict] | None = None) -> tuple[dict, list[dict]]:
         """ROUGE and loss on `rows` (default: the held-out rows); a CUDA OOM becomes one SumtuneError sentence."""
