@@ -46,11 +46,15 @@ def peak_tflops(device: torch.device) -> float | None:
     """Datasheet dense bf16 peak of this GPU, or None when unknown (then MFU is not reported)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_BF16_TFLOPS.items():
-        if key in name:
-            return tflops
-    return None
+    return peak_tflops_for_name(torch.cuda.get_device_name(device))
+
+
+def peak_tflops_for_name(device_name: str | None) -> float | None:
+    """Datasheet dense bf16 peak for a GPU name such as "NVIDIA H100 80GB HBM3"; None when unknown."""
+    if not device_name:
+        return None
+    name = device_name.lower()
+    return next((tflops for key, tflops in PEAK_BF16_TFLOPS.items() if key.lower() in name), None)
 
 
 def mfu(flops: float, seconds: float, peak: float | None) -> float | None:

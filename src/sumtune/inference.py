@@ -119,13 +119,9 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16", 
 
     # A fresh dense model: base dequantized, LoRA merged in fp32, then cast (merging into 4-bit weights would
     # re-quantize the update away). A trained lm_head copy becomes its own tensor, saved beside the embeddings.
-    merged = prepare_inference_model(model, DTYPES[dtype])
-    for attr in ("quantization_config", "_pre_quantization_dtype"):
-        if hasattr(merged.config, attr):
-            delattr(merged.config, attr)
+    merged = prepare_inference_model(model, DTYPES[dtype])  # its config has no quantization, dtype set
     merged.is_loaded_in_4bit = merged.is_loaded_in_8bit = False
     merged.hf_quantizer = None
-    merged.config.dtype = DTYPES[dtype]
     merged.generation_config.max_new_tokens = cfg.generation_max_new_tokens  # not transformers' 20-token default
     merged.generation_config.num_beams = cfg.num_beams
     # pipeline("summarization") prepends this prefix for T5 (task_specific_params), as the adapter was trained.

@@ -130,16 +130,11 @@ def new_state(w: DecoderWeights, batch: int, src_len: int, max_new_tokens: int, 
 
 @torch.no_grad()
 def self_bias_table(w: DecoderWeights, steps: int, device: torch.device) -> Tensor:
-    """Decoder relative position bias for every (query step, key position), future keys masked."""
-    attn = w.relative_bias
-    query = torch.arange(steps, device=device)[:, None]
-    key = torch.arange(steps, device=device)[None, :]
-    buckets = attn._relative_position_bucket(key - query, bidirectional=False,
-                                             num_buckets=attn.relative_attention_num_buckets,
-                                             max_distance=attn.relative_attention_max_distance)
-    bias = attn.relative_attention_bias(buckets).to(w.dtype)  # [T, T, H]
-    bias = bias.masked_fill((key > query)[..., None], torch.finfo(w.dtype).min)
-    return bias.permute(0, 2, 1).contiguous()  # [T, H, T]
+    """Decoder relative position bias for every (query step, key position), future keys masked: [T, H, T]."""
+    from sumtune.fast_t5.bias import decoder_self_bias, relative_position_bias
+
+    bias = decoder_self_bias(relative_position_bias(w.relative_bias, steps, steps, device, w.dtype), None)
+    return bias[0].permute(1, 0, 2).contiguous()
 
 
 @torch.no_grad()

@@ -371,13 +371,9 @@ def top_cpu_ops(prof: torch.profiler.profile, *, cuda: bool, limit: int = 10) ->
 
 def datasheet_peak_tflops(device_name: str | None) -> float | None:
     """Dense bf16 peak from `sumtune.flops` (one table for the whole project); None when unknown."""
-    if not device_name:
-        return None
-    try:
-        from sumtune.flops import PEAK_BF16_TFLOPS
-    except ImportError:
-        return None
-    return next((tflops for key, tflops in PEAK_BF16_TFLOPS.items() if key.lower() in device_name.lower()), None)
+    from sumtune.flops import peak_tflops_for_name
+
+    return peak_tflops_for_name(device_name)
 
 
 def write_json(data: dict[str, Any], path: str | Path) -> Path:

@@ -54,11 +54,9 @@ class ProfileArgs:
         if self.cifar10_dir is not None and not Path(self.cifar10_dir).is_dir():
             raise SumtuneError(f"cifar10_dir {self.cifar10_dir} is not a directory.")
         if self.stages:
-            from sumtune.profiling.mobilenet import STAGES
+            from sumtune.profiling.mobilenet import select_stages
 
-            unknown = sorted(set(self.stages) - set(STAGES))
-            if unknown:
-                raise SumtuneError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}.")
+            select_stages(self.stages)  # refuses unknown names
 
     def schedule(self) -> tuple[int, int, int]:
         """(wait, warmup, active) for the T5 workload."""
