@@ -25,6 +25,7 @@ from sumtune.fast_t5 import (  # noqa: E402
     uncache_dequantized_weights,
 )
 from sumtune.fast_t5 import bias as bias_lib  # noqa: E402
+from sumtune.modeling import keep_4bit_layout  # noqa: E402
 
 VOCAB = 512
 LOSS_RTOL = 5e-3
@@ -50,6 +51,7 @@ def build_qlora_t5(config_kwargs: dict, device: str = "cpu", seed: int = 0, lora
                                    bnb_4bit_compute_dtype=torch.bfloat16)
         model = AutoModelForSeq2SeqLM.from_pretrained(tmpdir, quantization_config=quant, dtype=torch.bfloat16,
                                                       device_map={"": device})
+    keep_4bit_layout(model)  # as sumtune's loader does: eval-then-train on an AVX512-BF16 CPU loses gradients otherwise
     if prepare_for_kbit:  # the reference recipe: upcasts every unquantized weight to fp32
         from peft import prepare_model_for_kbit_training
 

@@ -57,6 +57,49 @@ def test_quantized_wo_runs_the_ffn_in_the_compute_dtype(local_t5):
     assert abs(float(lq - lp)) < 0.05 * float(lp)  # NF4 noise, not truncated activations
 
 
+def test_training_after_an_eval_forward_keeps_every_gradient(local_t5):
+    """bnb repacks 4-bit weights on an eval forward on AVX512-BF16 CPUs, and training on the packed layout
+    loses the gradient; sumtune's loader turns the repacking off (on other CPUs this checks the same result)."""
+    model = apply_lora(load_model(TrainConfig(model=str(local_t5), compute_dtype="fp32"), 300, CPU),
+                       TrainConfig(model=str(local_t5), lora_targets=["q", "v", "o"]))
+    assert all(not m.support_avx512bf16_for_cpu for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    ids = torch.randint(2, 300, (2, 9))
+
+    def lora_grads():
+        model.train()
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad and "lora_A" in n}
+
+    before = lora_grads()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids, labels=ids)
+    after = lora_grads()
+    assert before and all(g is not None for g in after.values())
+    assert all(torch.allclose(after[n], before[n]) for n in before)
+
+
+def test_dequantize_reads_the_bnb_cpu_packed_layout():
+    """A weight bnb repacked for its CPU kernel (any CPU can hold that layout) dequantizes to the same matrix."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    from sumtune.fast_t5.extras import dequantize_4bit_weight
+
+    torch.manual_seed(0)
+    dense = torch.randn(96, 128)
+    layer = bnb.nn.Linear4bit(128, 96, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(dense, requires_grad=False, quant_type="nf4", compress_statistics=True)
+    layer = layer.to(CPU)
+    standard = dequantize_4bit_weight(layer, torch.float32)
+    assert (standard - dense).abs().max() < 0.2 * dense.abs().max()  # NF4 rounding, not garbage
+    layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu(layer.weight.data,
+                                                                                 layer.weight.quant_state)
+    packed = dequantize_4bit_weight(layer, torch.float32)
+    assert packed.shape == standard.shape
+    assert (packed - standard).abs().max() <= 1e-2 * standard.abs().max()  # absmax rounded to bf16 when packed
+
+
 def test_model_dropout_sets_every_base_dropout_and_none_keeps_the_models(local_t5):
     def rates(model):
         attention = {m.dropout for m in model.modules() if hasattr(m, "has_relative_attention_bias")}

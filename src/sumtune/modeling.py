@@ -261,7 +261,26 @@ def load_model(cfg: "TrainConfig", vocab_size: int, device: torch.device) -> nn.
         fix_quantized_ffn(model)  # transformers' T5 FFN would cast activations to the 4-bit storage dtype
     if cfg.model_dropout is not None:
         set_model_dropout(model, cfg.model_dropout)
+    keep_4bit_layout(model)
     return model
+
+
+def keep_4bit_layout(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for its AVX512-BF16 CPU kernel; returns the layers set.
+
+    On such CPUs bnb 0.50's first eval-mode forward rewrites each Linear4bit weight in place into a
+    blocked layout, and a later training forward on that layout runs an op with no autograd: the
+    gradient stops there, silently (measured: input grad None after eval, then train). Evaluation
+    inside a training run would break every step after it. No effect on GPUs, which never repack.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def set_model_dropout(model: nn.Module, rate: float) -> nn.Module:

@@ -35,11 +35,33 @@ def _linear4bit_class():
     return bnb.nn.Linear4bit
 
 
-def _dequantize(module: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_4bit_weight(module: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """Dense `dtype` copy of a bitsandbytes Linear4bit's weight (its own dequantization, then a cast)."""
     import bitsandbytes.functional as bnbf
 
     weight = module.weight
-    return bnbf.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
+    state = weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        return _dequantize_cpu_packed(weight.data, state).to(dtype)
+    return bnbf.dequantize_4bit(weight.data, state).to(dtype)
+
+
+def _dequantize_cpu_packed(packed: torch.Tensor, state) -> torch.Tensor:
+    """Dequantize a weight bitsandbytes has repacked for its AVX512-BF16 CPU kernel.
+
+    On such CPUs bnb's first eval-mode forward rewrites the weight in place into a blocked
+    [N, K/2] layout with float absmax [K/blocksize, N] (`_convert_weight_packed_for_cpu`);
+    `dequantize_4bit` then reads garbage. bnb's own inverse mutates the layer and re-quantizes
+    the absmax, so this reads the packed layout directly (same nibble order as that inverse).
+    """
+    block_n, half = 32, 32
+    rows, half_cols = packed.shape
+    nibbles = packed.reshape(-1, half)
+    codes = torch.cat([nibbles & 0xF, (nibbles >> 4) & 0xF], dim=-1)  # [.., 64]: 32 low, then 32 high
+    codes = codes.reshape(rows // block_n, half_cols, block_n, 2).transpose(1, 2).reshape(rows, 2 * half_cols)
+    values = state.code.to(torch.float32)[codes.long()]  # [N, K]
+    absmax = state.absmax.to(torch.float32).T.repeat_interleave(state.blocksize, dim=1)  # [N, K]
+    return (values * absmax).reshape(state.shape)
 
 
 def _cached_linear4bit_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -64,7 +86,7 @@ def cache_dequantized_weights(model: torch.nn.Module, dtype: torch.dtype | None 
             continue
         target_dtype = dtype or module.compute_dtype or torch.bfloat16
         with torch.no_grad():
-            weight = _dequantize(module, target_dtype)
+            weight = dequantize_4bit_weight(module, target_dtype)
         module.register_buffer(_CACHE_ATTR, weight, persistent=False)
         module.forward = MethodType(_cached_linear4bit_forward, module)
         cached_bytes += weight.numel() * weight.element_size()

@@ -130,7 +130,9 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     import bitsandbytes as bnb
 
     if isinstance(module, bnb.nn.Linear4bit):
-        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+        from sumtune.fast_t5.extras import dequantize_4bit_weight
+
+        return dequantize_4bit_weight(module, torch.float32)
     if isinstance(module, bnb.nn.Linear8bitLt):
         scales = getattr(weight, "SCB", None)
         if scales is None:  # not quantized yet (still on CPU before .cuda()): the data is the dense weight
