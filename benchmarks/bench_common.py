@@ -139,6 +139,22 @@ def count_lora_params(model: nn.Module) -> int:
 
 
 # ----------------------------------------------------------------------------- hardware + FLOPs
+def sync(device: torch.device) -> None:
+    """Wait for the GPU (timings end here); nothing on the CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def free_gpu_memory() -> None:
+    """Drop what the last measurement left (Python garbage, cached blocks) and restart the peak counter."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
 def gpu_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 

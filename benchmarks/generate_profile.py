@@ -25,18 +25,14 @@ import bench_common as bc  # noqa: E402
 PAD, EOS, START = 0, 1, 0
 
 
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
 
 def timed(fn, device, repeat: int = 1) -> float:
     fn()  # warm-up (cuBLAS handles, graph capture, autotuning)
-    sync(device)
+    bc.sync(device)
     start = time.perf_counter()
     for _ in range(repeat):
         fn()
-    sync(device)
+    bc.sync(device)
     return (time.perf_counter() - start) / repeat
 
 
@@ -88,7 +84,7 @@ def main(argv=None) -> int:
                 session = GreedySession(weights, batch=batch, src_len=ids.shape[1], max_new_tokens=args.new_tokens,
                                         attention=attention, pad_token_id=PAD, eos_token_id=EOS,
                                         use_cuda_graphs=device.type == "cuda")
-                sync(device)
+                bc.sync(device)
                 result[f"session_setup_{attention}_s"] = time.perf_counter() - t0
                 result[f"decode_{attention}_s"] = timed(lambda: session.run(
                     encoder_out, mask, decoder_start_token_id=START, min_new_tokens=args.new_tokens), device)
@@ -100,7 +96,7 @@ def main(argv=None) -> int:
                         for _ in range(args.profile_steps):
                             state.step.fill_(100)
                             decode_step(weights, state, args.new_tokens, PAD, EOS)
-                        sync(device)
+                        bc.sync(device)
                     print(f"batch {batch}: {args.profile_steps} eager decode steps at kv_len {args.new_tokens}")
                     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25,
                                                     max_name_column_width=90), flush=True)

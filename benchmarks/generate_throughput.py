@@ -14,7 +14,6 @@ another batch size (the bf16 noise floor: batch shape changes kernels and so rou
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 import time
 from pathlib import Path
@@ -78,16 +77,6 @@ def load_inputs(tokenizer, source_tokens: int, count: int) -> list[list[int]]:
     return tokenizer(texts, max_length=source_tokens, truncation=True)["input_ids"]
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def reset_peak(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
 
 
 def peak_gib(device: torch.device) -> float | None:
@@ -123,11 +112,11 @@ def fast_generate(model, inputs, batch_size, new_tokens, num_beams=1, forced=Tru
 
 
 def timed(fn, device) -> tuple[list[list[int]], float, float | None]:
-    reset_peak(device)
-    sync(device)
+    bc.free_gpu_memory()
+    bc.sync(device)
     start = time.perf_counter()
     out = fn()
-    sync(device)
+    bc.sync(device)
     return out, time.perf_counter() - start, peak_gib(device)
 
 
@@ -182,7 +171,7 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     merged = prepare_inference_model(training, torch.bfloat16)
-    sync(device)
+    bc.sync(device)
     prepare_s = time.perf_counter() - t0
     merged_gib = sum(p.numel() * p.element_size() for p in {id(p): p for p in merged.parameters()}.values()) / 2**30
 
@@ -209,7 +198,7 @@ def main(argv=None) -> int:
         except Exception as error:  # noqa: BLE001 - e.g. kv caches OOM at a large batch, a compile failure
             rows.append(dict(path="sumtune", setting=f"greedy {name}", batch=best,
                              note=f"{type(error).__name__}: {error}"[:120]))
-            reset_peak(device)
+            bc.free_gpu_memory()
         print(rows[-1], flush=True)
 
     beam_inputs = inputs[: args.beam_inputs]

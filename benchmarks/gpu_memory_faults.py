@@ -16,7 +16,6 @@ Results: printed, and saved as JSON under benchmarks/results/ (bench_common.save
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 import tempfile
 import time
@@ -46,12 +45,6 @@ def base_config(args, out: Path, **overrides):
     return TrainConfig(**values)
 
 
-def free_gpu() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
 
 def auto_batch(args, variant: str, root: Path) -> dict:
     """Let `batch_size: auto` choose, then train a few steps at the chosen size."""
@@ -76,7 +69,7 @@ def auto_batch(args, variant: str, root: Path) -> dict:
     finally:
         recipe.cleanup()
         del recipe
-        free_gpu()
+        bc.free_gpu_memory()
 
 
 def out_of_memory(args, root: Path) -> dict:
@@ -95,7 +88,7 @@ def out_of_memory(args, root: Path) -> dict:
     finally:
         recipe.cleanup()
         del recipe
-        free_gpu()
+        bc.free_gpu_memory()
 
 
 def main() -> None:

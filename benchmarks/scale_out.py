@@ -31,6 +31,7 @@ import bench_common as bc  # noqa: E402
 
 # NVLink SHARP / multicast stay off in every process this benchmark starts (the lent machines require it).
 NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+EVAL_RATIO = 0.01  # the trainer holds out a split; the benchmark never evaluates it
 COLUMNS = ["gpus", "global_batch", "samples_per_s", "tokens_per_s", "step_time_s", "speedup", "efficiency",
            "peak_mem_gib", "last_loss"]
 
@@ -58,7 +59,7 @@ def worker(args) -> None:
 
     cfg = TrainConfig(
         model=args.model, tokenizer=str(bc.shared_data_dir() / "t5-tokenizer"), dataset=args.data,
-        eval_ratio=0.01, max_source_tokens=args.src_len, max_target_tokens=args.tgt_len,
+        eval_ratio=EVAL_RATIO, max_source_tokens=args.src_len, max_target_tokens=args.tgt_len,
         compute_dtype=args.compute_dtype, batch_size=args.batch_size, grad_accum_steps=1,
         max_steps=args.warmup + args.steps, eval_every_steps=10**9, log_every_steps=10**9, progress=False,
         output_dir=args.run_dir, overwrite=True, device=args.device, gradient_checkpointing=args.gc,
@@ -72,12 +73,12 @@ def worker(args) -> None:
         recipe.setup()
         build_s = time.perf_counter() - build_start
         recipe.train(max_steps=args.warmup)  # warm-up: allocator, kernels, NCCL communicators
-        sync(recipe.device)
+        bc.sync(recipe.device)
         distributed.barrier()
         samples_before = recipe.samples_seen
         start = time.perf_counter()
         last = recipe.train(max_steps=args.warmup + args.steps)  # continues at samples_seen
-        sync(recipe.device)
+        bc.sync(recipe.device)
         elapsed_s = time.perf_counter() - start
         distributed.barrier()
         peak = torch.cuda.max_memory_allocated(recipe.device) / 2**30 if recipe.device.type == "cuda" else None
@@ -93,19 +94,30 @@ def worker(args) -> None:
         recipe.cleanup()
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 # ----------------------------------------------------------------------------- parent
-def full_length_rows(args) -> list[dict]:
-    """BillSum rows whose source fills --src-len: every step then does the same work at every world size
-    (with a few short rows, length grouping makes some steps cheaper, and which ones depends on the sharding)."""
+def full_length_rows(args) -> tuple[list[dict], float]:
+    """BillSum rows whose source fills --src-len, and their mean real source + target tokens per row.
+
+    Every step then does the same work at every world size (with a few short rows, length grouping makes
+    some steps cheaper, and which ones depends on the sharding)."""
     rows = bc.load_billsum_texts()
     data = bc.tokenize_rows(bc.load_t5_tokenizer(), rows, args.src_len, args.tgt_len)
-    full = (data["attention_mask"].sum(1) == args.src_len).tolist()
-    return [row for row, keep in zip(rows, full) if keep]
+    full = data["attention_mask"].sum(1) == args.src_len
+    if not bool(full.any()):
+        raise SystemExit(f"no BillSum row fills {args.src_len} source tokens")
+    tokens = data["attention_mask"][full].sum() + (data["labels"][full] != -100).sum()
+    return [row for row, keep in zip(rows, full.tolist()) if keep], float(tokens) / int(full.sum())
+
+
+def rows_for_steps(rows: list[dict], samples: int, eval_ratio: float) -> list[dict]:
+    """`rows` repeated so the training split holds at least `samples`: no epoch ends inside a run.
+
+    An epoch's last batch is partial; timed, it costs nearly a full step for a few samples, and it comes
+    more often the larger the global batch, so it would bias the scaling against more GPUs (the 2-GPU
+    runs of 2026-11-28 counted 548 of 640 samples in 20 steps for this reason)."""
+    needed = int(samples / (1 - eval_ratio)) + 2
+    return [rows[i % len(rows)] for i in range(max(needed, len(rows)))]
 
 
 def write_rows(path: Path, rows: list[dict]) -> int:
@@ -154,15 +166,10 @@ def summarize(results: list[dict], tokens_per_sample: float) -> list[dict]:
                          step_time_s=slowest_s / r["steps"], speedup=speedup,
                          efficiency=speedup / r["world_size"] if speedup else None,
                          peak_mem_gib=max(peaks) if peaks else None, last_loss=r["last_loss"],
+                         full_batches=r["samples"] == r["steps"] * r["micro_batch"] * r["world_size"],
                          build_s=max(rank["build_s"] for rank in r["ranks"]), wall_s=r["wall_s"],
                          devices=sorted({rank["device"] for rank in r["ranks"]})))
     return rows
-
-
-def tokens_per_sample(args, rows: list[dict]) -> float:
-    """Mean real (unpadded) source + target tokens per row at these limits, with the real tokenizer."""
-    data = bc.tokenize_rows(bc.load_t5_tokenizer(), rows, args.src_len, args.tgt_len)
-    return float(data["attention_mask"].sum() + (data["labels"] != -100).sum()) / len(rows)
 
 
 def parent(args) -> None:
@@ -174,25 +181,27 @@ def parent(args) -> None:
     with tempfile.TemporaryDirectory(prefix="sumtune-scale-") as tmp:
         work = Path(tmp)
         data = work / "billsum.jsonl"
-        texts = full_length_rows(args)
+        unique, tokens_per_sample = full_length_rows(args)
+        texts = rows_for_steps(unique, max(worlds) * args.batch_size * (args.warmup + args.steps), EVAL_RATIO)
         write_rows(data, texts)
         # Interleaved repeats (1, 2, 4, 1, 2, 4, ...): a GPU whose clock drifts during the run affects every
         # world size alike, and the median per world size drops a stray run.
         runs = [run_world(n, args, data, work) for _ in range(args.repeats) for n in worlds]
     results = [median_run([r for r in runs if r["world_size"] == n]) for n in worlds]
-    rows = summarize(results, tokens_per_sample(args, texts))
+    rows = summarize(results, tokens_per_sample)
     for row, n in zip(rows, worlds):
         row["runs_samples_per_s"] = [r["samples"] / max(k["elapsed_s"] for k in r["ranks"])
                                      for r in runs if r["world_size"] == n]
     bc.print_table(rows, COLUMNS)
     payload = dict(model=args.model, device=args.device, micro_batch=args.batch_size, src_len=args.src_len,
                    tgt_len=args.tgt_len, compute_dtype=args.compute_dtype, gradient_checkpointing=args.gc,
-                   warmup_steps=args.warmup, timed_steps=args.steps, visible_gpus=visible, data_rows=len(texts),
+                   warmup_steps=args.warmup, timed_steps=args.steps, visible_gpus=visible, data_rows=len(texts), unique_rows=len(unique),
                    repeats=args.repeats,
                    gpu_names=sorted({d for r in rows for d in r["devices"]}),
                    targets={"speedup_2": 1.9, "speedup_4": 3.6}, results=rows,
                    method="torchrun per N; recipe.train() timed between barriers after warm-up; samples/s = "
-                          "global samples / slowest rank's time; weak scaling (fixed per-GPU micro-batch)")
+                          "global samples / slowest rank's time; weak scaling (fixed per-GPU micro-batch); "
+                          "rows repeated so no epoch (and no partial batch) ends inside a run")
     if not args.no_save:
         path = bc.save_result("scale_out-quick" if args.quick else "scale_out", payload)
         print(f"saved {path}")

@@ -14,7 +14,6 @@ or cuDNN attention kernel (default: PyTorch's choice). Each setting builds a fre
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import sys
 import time
@@ -59,22 +58,12 @@ def lora_config(targets: list[str] | None):
     return LoraConfig(**kwargs)
 
 
-def free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
 
 def reset_peak_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
 
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 # ----------------------------------------------------------------------------- model builders
@@ -160,10 +149,10 @@ def _time_fast(config, device, data, setting, args) -> dict:
     times_s, losses = [], []
     for step in range(args.warmup + args.steps):
         batch = {k: v.to(device, non_blocking=True) for k, v in bc.batch_at(data, step, setting["batch"]).items()}
-        sync(device)
+        bc.sync(device)
         start = time.perf_counter()
         loss = train_step(model, optimizer, params, batch, device)
-        sync(device)
+        bc.sync(device)
         if step >= args.warmup:
             times_s.append(time.perf_counter() - start)
             losses.append(float(loss))
@@ -180,12 +169,12 @@ def profile_steps(model, optimizer, params, data, batch_size: int, device, steps
     from torch.profiler import ProfilerActivity, profile
 
     batch = {k: v.to(device) for k, v in bc.batch_at(data, 0, batch_size).items()}
-    sync(device)
+    bc.sync(device)
     start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             train_step(model, optimizer, params, batch, device)
-        sync(device)
+        bc.sync(device)
     wall_s = time.perf_counter() - start
     kernel_s = sum(e.time_range.elapsed_us() for e in prof.events()
                    if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
@@ -205,11 +194,11 @@ def time_reference(config, device, data, batch_size, args) -> dict:
             self.times_s, self._start = [], None
 
         def on_step_begin(self, args_, state, control, **kwargs):
-            sync(device)
+            bc.sync(device)
             self._start = time.perf_counter()
 
         def on_step_end(self, args_, state, control, **kwargs):
-            sync(device)
+            bc.sync(device)
             self.times_s.append(time.perf_counter() - self._start)
 
     model = build_reference(config, device, args)
@@ -256,7 +245,7 @@ def run_guarded(fn, *fn_args):
     except torch.OutOfMemoryError as error:
         return None, f"OOM: {str(error).splitlines()[0][:80]}"
     finally:
-        free_memory()
+        bc.free_gpu_memory()
         if hasattr(torch, "_dynamo"):
             torch._dynamo.reset()
 
@@ -343,24 +332,6 @@ def loss_and_grads(model, batch, device):
     return float(loss.detach()), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def grad_errors(grads: dict, reference: dict) -> dict[str, float]:
-    from sumtune.fast_t5.numerics import relative_errors
-
-    return relative_errors(grads, reference)
-
-
-def global_grad_error(grads: dict, reference: dict) -> float:
-    from sumtune.fast_t5.numerics import vector_relative_error
-
-    return vector_relative_error(grads, reference)
-
-
-def fp32_reference_grads(model, batch, device) -> tuple[float, dict]:
-    from sumtune.fast_t5.numerics import fp32_reference_grads as reference_grads
-
-    return reference_grads(model, batch)
-
-
 def set_attn_implementation(model, name: str) -> None:
     for module in model.modules():
         config = getattr(module, "config", None)
@@ -372,12 +343,12 @@ def loss_curve(model, data, device, args) -> tuple[list[float], float]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.curve_lr)  # deterministic, same for both paths
     losses = []
-    sync(device)
+    bc.sync(device)
     start = time.perf_counter()
     for step in range(args.curve_steps):
         batch = {k: v.to(device) for k, v in bc.batch_at(data, step, args.numerics_batch).items()}
         losses.append(float(train_step(model, optimizer, params, batch, device)))
-    sync(device)
+    bc.sync(device)
     return losses, time.perf_counter() - start
 
 
@@ -387,6 +358,7 @@ def smooth(values: list[float], window: int) -> list[float]:
 
 def run_numerics(args, device) -> None:
     from sumtune.fast_t5 import disable_fast_t5, enable_fast_t5
+    from sumtune.fast_t5.numerics import fp32_reference_grads, relative_errors, vector_relative_error
 
     layers = args.layers or (2 if args.quick else 4)
     config = bc.t5_config(args.model, num_layers=layers, dropout_rate=0.0)  # no dropout: same RNG-free math
@@ -400,14 +372,14 @@ def run_numerics(args, device) -> None:
     enable_fast_t5(model)
     fast_loss, fast_grads = loss_and_grads(model, batch, device)
     disable_fast_t5(model)
-    fp32_loss, fp32_grads = fp32_reference_grads(model, batch, device)
-    errors, floor = grad_errors(fast_grads, stock_grads), grad_errors(eager_grads, stock_grads)
+    fp32_loss, fp32_grads = fp32_reference_grads(model, batch)
+    errors, floor = relative_errors(fast_grads, stock_grads), relative_errors(eager_grads, stock_grads)
     worst = max(errors, key=errors.get)
-    vs_fp32 = {path: grad_errors(grads, fp32_grads) for path, grads in
+    vs_fp32 = {path: relative_errors(grads, fp32_grads) for path, grads in
                (("fast", fast_grads), ("stock_sdpa", stock_grads), ("stock_eager", eager_grads))}
-    global_errors = dict(fast_vs_stock=global_grad_error(fast_grads, stock_grads),
-                         eager_vs_stock=global_grad_error(eager_grads, stock_grads),
-                         **{f"{path}_vs_fp32": global_grad_error(g, fp32_grads) for path, g in
+    global_errors = dict(fast_vs_stock=vector_relative_error(fast_grads, stock_grads),
+                         eager_vs_stock=vector_relative_error(eager_grads, stock_grads),
+                         **{f"{path}_vs_fp32": vector_relative_error(g, fp32_grads) for path, g in
                             (("fast", fast_grads), ("stock_sdpa", stock_grads), ("stock_eager", eager_grads))})
     print(f"{args.model} widths, {layers}+{layers} layers, batch {args.numerics_batch} at {args.src_len}/{args.tgt_len}")
     print(f"loss stock {stock_loss:.6f} fast {fast_loss:.6f} rel diff {abs(fast_loss - stock_loss) / abs(stock_loss):.2e}")
