@@ -78,7 +78,7 @@ def _weather(rng: random.Random) -> tuple[list[str], str]:
     facts = [
         f"a {event} hit {city} on {day} morning .",
         f"{detail} closed schools and several roads in {city} .",
-        f"crews worked through the night to clear the damage .",
+        "crews worked through the night to clear the damage .",
         f"forecasters expect calmer weather by {rng.choice(DAYS)} .",
     ]
     return facts, f"{event} closes schools in {city} on {day} ."

@@ -6,8 +6,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from sumtune import argparsing
 from sumtune.config import TrainConfig
 from sumtune.errors import SumtuneError
