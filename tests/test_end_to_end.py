@@ -125,6 +125,21 @@ def test_adapter_loads_with_plain_peft_and_generates_the_same_summary(run_dir, d
     assert out == cli_summaries
 
 
+def test_summarizer_makes_its_dense_copy_once(run_dir, monkeypatch):
+    """A loaded run never changes, so repeated summarize calls reuse one inference copy."""
+    from sumtune import evaluation
+    from sumtune.inference import Summarizer
+
+    calls = []
+    real = evaluation.inference_copy
+    monkeypatch.setattr(evaluation, "inference_copy", lambda model: calls.append(1) or real(model))
+    summarizer = Summarizer.from_pretrained(run_dir, device="cpu")
+    first = summarizer.summarize(["An act to fund roads.", "An act to rename a post office."], max_new_tokens=6)
+    second = summarizer.summarize(["An act to fund roads."], max_new_tokens=6)
+    assert len(calls) == 1 and summarizer._dense is not None  # T5: sumtune's decoder runs on the copy
+    assert second[0] == first[0]
+
+
 @pytest.fixture(scope="module")
 def merged_dir(run_dir, tmp_path_factory):
     merged = tmp_path_factory.mktemp("merge") / "merged"

@@ -34,13 +34,19 @@ def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[
     return {key: 100.0 * total / n for key, total in totals.items()}
 
 
-def _generation_module():
-    try:
-        from sumtune import generation
+def inference_copy(model) -> torch.nn.Module | None:
+    """A dense copy of `model` (base dequantized, LoRA merged) for sumtune's T5 decoder: no per-token
+    dequantization or adapter branches; bf16 on the GPU, fp32 on the CPU (where bf16 matmuls are emulated).
+    None for models that decoder does not know: they generate with transformers' `generate`."""
+    from sumtune import generation
 
-        return generation if hasattr(generation, "generate_ids") else None
-    except ImportError:
+    if not generation.supports_fast_generation(model):
         return None
+    device = next(model.parameters()).device
+    return generation.prepare_inference_model(model, torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+_FRESH_COPY = object()  # generate_summaries' default: copy the model now (its weights may have changed)
 
 
 @torch.no_grad()
@@ -68,10 +74,12 @@ def hf_generate_ids(model, input_ids: list[list[int]], *, pad_token_id: int, max
 GENERATION_CHUNK_BATCHES = 4  # batches per progress update: small enough to report, large enough to stay fast
 
 
-def _generate_chunk(model, dense, fast, tokenizer, ids: list[list[int]], *, max_new_tokens: int, num_beams: int,
+def _generate_chunk(model, dense, tokenizer, ids: list[list[int]], *, max_new_tokens: int, num_beams: int,
                     batch_size: int) -> list[list[int]]:
     if dense is not None:
-        return fast.generate_ids(dense, ids, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        from sumtune.generation import generate_ids
+
+        return generate_ids(dense, ids, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                  decoder_start_token_id=model.config.decoder_start_token_id,
                                  max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=batch_size)
     return hf_generate_ids(model, ids, pad_token_id=tokenizer.pad_token_id, max_new_tokens=max_new_tokens,
@@ -80,8 +88,11 @@ def _generate_chunk(model, dense, fast, tokenizer, ids: list[list[int]], *, max_
 
 def generate_summaries(model, tokenizer, texts: Sequence[str], *, prefix: str, max_source_tokens: int,
                        max_new_tokens: int, num_beams: int = 1, batch_size: int = 32,
-                       progress=None) -> tuple[list[str], list[int]]:
-    """Summaries of `texts` (in order) and their lengths in tokens; `progress` (a sumtune Progress) shows a bar."""
+                       progress=None, dense_model=_FRESH_COPY) -> tuple[list[str], list[int]]:
+    """Summaries of `texts` (in order) and their lengths in tokens; `progress` (a sumtune Progress) shows a bar.
+
+    `dense_model`: an `inference_copy(model)` made earlier and still current (a frozen model summarizing
+    many times); by default one is made for this call and dropped after it."""
     from sumtune.data import tokenize_sources
 
     input_ids = tokenize_sources(tokenizer, list(texts), prefix, max_source_tokens)
@@ -92,16 +103,10 @@ def generate_summaries(model, tokenizer, texts: Sequence[str], *, prefix: str, m
     model.eval()
     bar = progress.bar(total=len(order), desc="generating", unit="doc") if progress is not None else None
     try:
-        fast = _generation_module()
-        dense = None
-        if fast is not None:
-            # Decode on a dense copy (base dequantized, LoRA merged): no per-token dequantization or adapter
-            # branches. bf16 on the GPU; fp32 on the CPU, where bf16 matmuls are slow and emulated.
-            device = next(model.parameters()).device
-            dense = fast.prepare_inference_model(model, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        dense = inference_copy(model) if dense_model is _FRESH_COPY else dense_model
         for start in range(0, len(order), chunk):
             idx = order[start:start + chunk]
-            rows = _generate_chunk(model, dense, fast, tokenizer, [input_ids[i] for i in idx],
+            rows = _generate_chunk(model, dense, tokenizer, [input_ids[i] for i in idx],
                                    max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=batch_size)
             for i, row in zip(idx, rows):
                 ids[i] = row

@@ -83,6 +83,8 @@ class Summarizer:
 
     def __init__(self, model, tokenizer, cfg: TrainConfig):
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self._dense = None  # the decoder's dense copy, made on first use: the loaded weights never change
+        self._dense_ready = False
 
     @classmethod
     def from_pretrained(cls, run_dir: str | Path, *, device: str = "auto", allow_pickle: bool = False) -> "Summarizer":
@@ -90,17 +92,20 @@ class Summarizer:
 
     def summarize(self, texts: str | Sequence[str], *, max_new_tokens: int | None = None, num_beams: int | None = None,
                   batch_size: int | None = None) -> list[str]:
-        from sumtune.evaluation import generate_summaries
+        from sumtune.evaluation import generate_summaries, inference_copy
 
         if isinstance(texts, str):
             texts = [texts]
         if not texts:
             return []
+        if not self._dense_ready:
+            self._dense, self._dense_ready = inference_copy(self.model), True
         summaries, _ = generate_summaries(
             self.model, self.tokenizer, list(texts), prefix=self.cfg.source_prefix,
             max_source_tokens=self.cfg.max_source_tokens,
             max_new_tokens=max_new_tokens or self.cfg.generation_max_new_tokens,
-            num_beams=num_beams or self.cfg.num_beams, batch_size=batch_size or self.cfg.eval_batch_size)
+            num_beams=num_beams or self.cfg.num_beams, batch_size=batch_size or self.cfg.eval_batch_size,
+            dense_model=self._dense)
         return summaries
 
 

@@ -14,20 +14,28 @@ from torch import nn
 from sumtune.errors import SumtuneError
 
 
-def prepare_inference_model(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """A plain `T5ForConditionalGeneration` in `dtype`, on `model`'s device, with base weights dequantized
-    (bitsandbytes 4-bit / 8-bit) and active LoRA adapters merged.
+def supports_fast_generation(model: nn.Module) -> bool:
+    """Whether sumtune's own decoder knows this model (T5, PEFT-wrapped or not); others use transformers' generate."""
+    from transformers import T5ForConditionalGeneration
 
-    `model` may be a `peft.PeftModel` over a quantized or dense T5, or a plain T5. Tied weights stay tied
+    return isinstance(_unwrap_peft(model), T5ForConditionalGeneration)
+
+
+def prepare_inference_model(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """A plain model of the source's class (`T5ForConditionalGeneration`, `BartForConditionalGeneration`, ...) in
+    `dtype`, on `model`'s device, with base weights dequantized (bitsandbytes 4-bit / 8-bit) and active LoRA
+    adapters merged.
+
+    `model` may be a `peft.PeftModel` over a quantized or dense model, or a plain one. Tied weights stay tied
     exactly where they are tied in the source; a PEFT `modules_to_save` copy of `lm_head` (trained) becomes
     the output projection while the input embeddings keep `shared`, so the two are untied in memory. The
     result is for generation, not for `save_pretrained` (the config still says the embeddings are tied).
     """
-    from transformers import T5ForConditionalGeneration
+    from transformers import PreTrainedModel
 
     source = _unwrap_peft(model)
-    if not isinstance(source, T5ForConditionalGeneration):
-        raise SumtuneError(f"prepare_inference_model needs a T5ForConditionalGeneration, got {type(source).__name__}.")
+    if not isinstance(source, PreTrainedModel):
+        raise SumtuneError(f"prepare_inference_model needs a transformers model, got {type(source).__name__}.")
     device = _model_device(source)
     config = copy.deepcopy(source.config)
     for attr in ("quantization_config", "_pre_quantization_dtype"):
@@ -35,7 +43,7 @@ def prepare_inference_model(model: nn.Module, dtype: torch.dtype = torch.bfloat1
             delattr(config, attr)
     config.dtype = dtype
     with torch.device("meta"):
-        fresh = T5ForConditionalGeneration(config)
+        fresh = type(source)(config)
     fresh.generation_config = copy.deepcopy(source.generation_config)
 
     converted: dict[int, nn.Parameter] = {}  # id(source tensor or module) -> new Parameter, keeps ties
@@ -47,6 +55,13 @@ def prepare_inference_model(model: nn.Module, dtype: torch.dtype = torch.bfloat1
                     tensor = build().to(device=device, dtype=dtype, copy=True)
                 converted[key] = nn.Parameter(tensor, requires_grad=False)
             setattr(module, param_name, converted[key])
+    for name, buffer in list(fresh.named_buffers()):  # constants some models register (position ids, ...)
+        if buffer.is_meta:
+            module_name, _, buffer_name = name.rpartition(".")
+            owner = fresh.get_submodule(module_name) if module_name else fresh
+            original = (source.get_submodule(module_name) if module_name else source).get_buffer(buffer_name)
+            owner.register_buffer(buffer_name, original.detach().to(device=device, copy=True),
+                                  persistent=buffer_name not in owner._non_persistent_buffers_set)
     leftovers = [n for n, t in (*fresh.named_parameters(), *fresh.named_buffers()) if t.is_meta]
     if leftovers:
         raise SumtuneError(f"prepare_inference_model could not fill {leftovers[:3]} from the source model.")
