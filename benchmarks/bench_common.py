@@ -22,29 +22,9 @@ if str(REPO_ROOT / "src") not in sys.path:  # run from a checkout without `pip i
     sys.path.insert(0, str(REPO_ROOT / "src"))
 
 from sumtune.modeling import T5_SHAPES as _PRODUCT_T5_SHAPES  # noqa: E402  (one table of T5 shapes)
+from sumtune.modeling import T5_VOCAB_SIZE, t5_config  # noqa: E402,F401  (benchmarks build the product's configs)
 
-T5_SHAPES: dict[str, dict[str, int]] = {
-    **_PRODUCT_T5_SHAPES,
-    "tiny": dict(d_model=64, d_ff=256, d_kv=16, num_heads=4, num_layers=2),  # CPU plumbing checks only
-}
-T5_VOCAB_SIZE = 32128
-
-
-def t5_config(name: str, **overrides):
-    """A transformers T5Config with the shapes of ``name`` (dropout 0.1 as in the released configs)."""
-    from transformers import T5Config
-
-    if name not in T5_SHAPES:
-        raise ValueError(f"unknown T5 shape {name!r}; known: {', '.join(T5_SHAPES)}")
-    shape = T5_SHAPES[name]
-    kwargs = dict(shape, num_decoder_layers=shape["num_layers"], vocab_size=T5_VOCAB_SIZE, feed_forward_proj="relu",
-                  relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.1,
-                  layer_norm_epsilon=1e-6, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-                  tie_word_embeddings=True)
-    kwargs.update(overrides)
-    if "num_layers" in overrides and "num_decoder_layers" not in overrides:
-        kwargs["num_decoder_layers"] = overrides["num_layers"]
-    return T5Config(**kwargs)
+T5_SHAPES = [*_PRODUCT_T5_SHAPES, "tiny"]  # "tiny": CPU plumbing checks only
 
 
 # ----------------------------------------------------------------------------- data

@@ -67,6 +67,8 @@ def t5_config(name: str, vocab_size: int = T5_VOCAB_SIZE, **overrides):
                   dropout_rate=0.0 if name == "tiny" else 0.1,
                   pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
     kwargs.update(overrides)
+    if "num_layers" in overrides and "num_decoder_layers" not in overrides:  # a shallower model: both stacks
+        kwargs["num_decoder_layers"] = overrides["num_layers"]
     return T5Config(**kwargs)
 
 
