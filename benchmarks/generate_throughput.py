@@ -87,14 +87,12 @@ def peak_gib(device: torch.device) -> float | None:
 def hf_generate(model, inputs: list[list[int]], batch_size: int, new_tokens: int, device, num_beams: int = 1,
                 forced: bool = True) -> list[list[int]]:
     """transformers generate in input order, right-padded batches; rows trimmed like sumtune's output."""
+    from sumtune.data import pad_batch
     from sumtune.generation.greedy import trim_rows
 
     results = []
     for start in range(0, len(inputs), batch_size):
-        chunk = inputs[start:start + batch_size]
-        longest = max(map(len, chunk))
-        ids = torch.tensor([r + [PAD] * (longest - len(r)) for r in chunk], device=device)
-        mask = torch.tensor([[1] * len(r) + [0] * (longest - len(r)) for r in chunk], device=device)
+        ids, mask = (t.to(device) for t in pad_batch(inputs[start:start + batch_size], PAD))
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=num_beams,
                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens if forced else None,

@@ -25,6 +25,7 @@ from sumtune.fast_t5 import (  # noqa: E402
     uncache_dequantized_weights,
 )
 from sumtune.fast_t5 import bias as bias_lib  # noqa: E402
+from sumtune.fast_t5.numerics import relative_errors  # noqa: E402
 from sumtune.modeling import keep_4bit_layout  # noqa: E402
 
 VOCAB = 512
@@ -86,10 +87,6 @@ def loss_and_lora_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Ten
     loss.backward()
     grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
     return loss.detach().float(), grads
-
-
-def relative_errors(grads: dict, reference: dict) -> dict[str, float]:
-    return {n: float((grads[n] - reference[n]).norm() / reference[n].norm()) for n in reference}
 
 
 def set_attn_implementation(model, name: str) -> None:
