@@ -27,6 +27,7 @@ from sumtune import api, argparsing, checkpoint, faults
 from sumtune.config import TrainConfig
 from sumtune.errors import SumtuneError
 from sumtune.metrics import read_metrics
+from sumtune.modeling import PICKLE_SUFFIXES
 from sumtune.recipe import TrainRecipe
 
 # 36 train rows, micro-batch 4: 9 micro-batches per epoch, so 10 steps cross an epoch boundary; dropout on,
@@ -235,7 +236,7 @@ def test_checkpoints_hold_full_state_without_pickle(reference):
     files = {p.name for p in step.iterdir()}
     assert {"adapter_config.json", checkpoint.ADAPTER_FILE, checkpoint.OPTIMIZER_FILE, checkpoint.RNG_FILE,
             checkpoint.STATE_FILE} <= files
-    assert not [f for f in files if f.endswith(checkpoint.PICKLE_SUFFIXES)]
+    assert not [f for f in files if f.endswith(PICKLE_SUFFIXES)]
     state = json.loads((step / checkpoint.STATE_FILE).read_text())
     assert state["step"] == 10 and state["samples_seen"] == 40 and state["micro_batch_size"] == 4
     assert state["config"]["lora_r"] == 8 and state["rng"]["python"]

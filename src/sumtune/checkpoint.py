@@ -33,7 +33,6 @@ STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
 ADAPTER_FILE = "adapter_model.safetensors"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "adapter_config.json", "checkpoints")
 # What `--overwrite` replaces; anything else the user keeps in the directory is left alone.
 RUN_ENTRIES = ("metrics.jsonl", "tb", "eval", "checkpoints", "profile", "plots", "base_model", "config.yaml",
@@ -207,7 +206,9 @@ def read_state(path: Path) -> dict:
     """The trainer_state.json of a checkpoint directory, checked for completeness and format."""
     path = Path(path)
     if not (path / STATE_FILE).is_file():
-        pickled = sorted(p.name for p in path.glob("*") if p.suffix in PICKLE_SUFFIXES)
+        from sumtune.modeling import pickle_files
+
+        pickled = pickle_files(path)
         hint = f" (it holds pickle files {', '.join(pickled)}, which sumtune does not load)" if pickled else ""
         raise SumtuneError(f"{str(path)!r} is not a sumtune checkpoint: {STATE_FILE} is missing{hint}.")
     try:

@@ -184,11 +184,12 @@ def build_random_model(cfg: "TrainConfig", vocab_size: int, device: torch.device
     return freeze(quantize_in_place(model, cfg, device))
 
 
-PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.load would unpickle these: never read
 
 
 def pickle_files(directory: Path) -> list[str]:
-    return sorted(p.name for pattern in PICKLE_WEIGHTS for p in directory.glob(pattern))
+    """Names of the pickle-format files in `directory` (sumtune refuses to load them unless told)."""
+    return sorted(p.name for p in Path(directory).glob("*") if p.suffix in PICKLE_SUFFIXES)
 
 
 def check_model_source(cfg: "TrainConfig") -> None:

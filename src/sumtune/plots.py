@@ -33,7 +33,8 @@ class PlotSpec:
     log_y: bool = False
 
 
-def _finite(value: Any) -> bool:
+def finite_number(value: Any) -> bool:
+    """A real, finite int or float (not a bool, NaN, inf, None or text): what a plot or a table can show."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -41,7 +42,7 @@ def series(records: list[dict], split: str, key: str, label: str | None = None) 
     """The finite values of `key` on `split` lines, by step (a later line for the same step wins)."""
     by_step: dict[int, float] = {}
     for r in records:
-        if r.get("split") == split and _finite(r.get(key)) and _finite(r.get("step")):
+        if r.get("split") == split and finite_number(r.get(key)) and finite_number(r.get("step")):
             by_step[int(r["step"])] = float(r[key])
     steps = sorted(by_step)
     return Series(label or key, steps, [by_step[s] for s in steps])

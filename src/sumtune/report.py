@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from sumtune.errors import SumtuneError
+from sumtune.plots import finite_number
 
 MAX_SAMPLES = 12        # sample summaries shown
 MAX_TRAIN_ROWS = 40     # training-log rows shown (evenly spaced, always with the last)
@@ -127,23 +128,19 @@ def training_summary(records: list[dict]) -> dict[str, float]:
         return out
     out["steps"] = max(int(r.get("step", 0)) for r in train)
     out["final train loss"] = train[-1].get("loss")
-    rates = sorted(r["tokens_per_s"] for r in train if _finite(r.get("tokens_per_s")))
+    rates = sorted(r["tokens_per_s"] for r in train if finite_number(r.get("tokens_per_s")))
     if rates:
         out["median tokens/s"] = rates[len(rates) // 2]
-    mem = [r["peak_mem_gib"] for r in train if _finite(r.get("peak_mem_gib"))]
+    mem = [r["peak_mem_gib"] for r in train if finite_number(r.get("peak_mem_gib"))]
     if mem:
         out["peak memory (GiB)"] = max(mem)
-    times = [r["time_s"] for r in records if _finite(r.get("time_s"))]
+    times = [r["time_s"] for r in records if finite_number(r.get("time_s"))]
     if times:
         out["wall time (s)"] = max(times)
     return {k: v for k, v in out.items() if v is not None}
 
 
 # ---- formatting ------------------------------------------------------------------------------------------
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
 
 def fmt(value: Any) -> str:
     """A cell's text: numbers rounded for reading, lists and dicts as JSON, None as an empty cell."""
@@ -169,7 +166,7 @@ def fmt(value: Any) -> str:
 
 
 def _cell(value: Any, tag: str = "td") -> str:
-    cls = ' class="num"' if tag == "td" and (_finite(value)) else ""
+    cls = ' class="num"' if tag == "td" and (finite_number(value)) else ""
     return f"<{tag}{cls}>{escape(fmt(value))}</{tag}>"
 
 
@@ -194,7 +191,7 @@ def _none(text: str) -> str:
 # ---- sections --------------------------------------------------------------------------------------------
 
 def section_numbers(metrics: dict, summary: dict, best: dict | None) -> str:
-    cards = [(label, metrics[k]) for k, label in METRIC_LABELS.items() if _finite(metrics.get(k))]
+    cards = [(label, metrics[k]) for k, label in METRIC_LABELS.items() if finite_number(metrics.get(k))]
     cards += list(summary.items())
     html = '<div class="cards">' + "".join(
         f'<div class="card"><div class="v">{escape(fmt(v))}</div><div class="k">{escape(k)}</div></div>'
@@ -203,9 +200,9 @@ def section_numbers(metrics: dict, summary: dict, best: dict | None) -> str:
         html = _none("This run has no metrics yet.")
     if metrics:
         n = metrics.get("num_samples")
-        html += f'<p class="sub">Final evaluation{f" on {int(n)} held-out documents" if _finite(n) else ""} ' \
+        html += f'<p class="sub">Final evaluation{f" on {int(n)} held-out documents" if finite_number(n) else ""} ' \
                 "(ROUGE F1 ×100, Porter stemming).</p>"
-    if best and _finite(best.get("step")):
+    if best and finite_number(best.get("step")):
         html += f'<p class="sub">Best checkpoint (by ROUGE-L): step {escape(fmt(best["step"]))}, ROUGE-L ' \
                 f'{escape(fmt(best.get("rougeL")))} — checkpoints/best.</p>'
     return html
