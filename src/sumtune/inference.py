@@ -27,7 +27,9 @@ def read_run_config(run_dir: str | Path) -> TrainConfig:
 def base_model_source(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
     """The run's base model: a tiny run carries its own copy under base_model/."""
     if cfg.model == "tiny":
-        return replace(cfg, model=str(run_dir / "base_model"))
+        from sumtune.runtime import tiny_base_dir
+
+        return replace(cfg, model=str(tiny_base_dir(run_dir)))
     return cfg
 
 

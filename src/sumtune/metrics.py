@@ -48,14 +48,16 @@ def _scalars(split: str, values: dict[str, Any]) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
-def _run_config(run_dir: Path) -> dict:
-    try:
-        import yaml
+def run_config_mapping(run_dir: str | Path) -> dict:
+    """RUN_DIR/config.yaml as a plain mapping, or {} when missing or unreadable: for the trackers, plots and
+    report, which show it as a courtesy and never fail for it (`inference.read_run_config` is the strict reader)."""
+    import yaml
 
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
-        return cfg if isinstance(cfg, dict) else {}
-    except Exception:  # noqa: BLE001 - the config is a courtesy to the tracker, never a reason to fail
+    try:
+        cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError):
         return {}
+    return cfg if isinstance(cfg, dict) else {}
 
 
 class WandbTracker:
@@ -66,7 +68,7 @@ class WandbTracker:
 
         self._wandb = wandb
         self._run = wandb.init(project=os.environ.get("WANDB_PROJECT", "sumtune"), name=run_dir.name,
-                               dir=str(run_dir), config=_run_config(run_dir))
+                               dir=str(run_dir), config=run_config_mapping(run_dir))
 
     def log(self, split: str, step: int, values: dict[str, Any]) -> None:
         self._run.log(_scalars(split, values), step=step)
@@ -83,7 +85,7 @@ class MlflowTracker:
 
         self._mlflow = mlflow
         self._run = mlflow.start_run(run_name=run_dir.name)
-        params = {k: str(v)[:500] for k, v in _run_config(run_dir).items()}  # MLflow caps param values
+        params = {k: str(v)[:500] for k, v in run_config_mapping(run_dir).items()}  # MLflow caps param values
         if params:
             mlflow.log_params(params)
 

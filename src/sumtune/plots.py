@@ -112,13 +112,10 @@ def render_png(spec: PlotSpec, dpi: int = 110) -> bytes:
 
 def run_device(run_dir: Path) -> str | None:
     """The `device` of the run's config.yaml ("cpu", "cuda", "auto"), or None without a readable config."""
-    import yaml
+    from sumtune.metrics import run_config_mapping
 
-    try:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return None  # a missing or broken config only costs the memory plot its precise label
-    return str(cfg.get("device")) if isinstance(cfg, dict) else None
+    device = run_config_mapping(run_dir).get("device")  # none only costs the memory plot its precise label
+    return None if device is None else str(device)
 
 
 def render_plots(run_dir: str | Path) -> dict[str, bytes]:

@@ -23,7 +23,7 @@ from sumtune.modeling import count_parameters, load_tokenizer, resolve_device
 from sumtune.optim import build_optimizer, get_lr, set_lr
 from sumtune.progress import Progress
 from sumtune.runtime import (autocast, describe_source, enable_fast_path, materialize_tiny_base, peak_memory_gib,
-                             seed_everything)
+                             seed_everything, tiny_base_dir)
 
 class TrainRecipe:
     def __init__(self, cfg: TrainConfig, profiler=None):
@@ -162,7 +162,7 @@ class TrainRecipe:
         if cfg.model == "tiny":
             with self.dist.main_process_first():  # rank 0 writes the tiny base, the others load it
                 path = materialize_tiny_base(cfg, self.tokenizer, self.run_dir) if self.dist.is_main else \
-                    str(self.run_dir / "base_model")
+                    str(tiny_base_dir(self.run_dir))
             model_cfg = replace(cfg, model=path)
         with self.progress.task(f"loading and quantizing {cfg.model}"):
             base = load_model(model_cfg, vocab_size=len(self.tokenizer), device=self.device)

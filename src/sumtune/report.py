@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from sumtune.errors import SumtuneError
+from sumtune.metrics import run_config_mapping
 from sumtune.plots import finite_number
 
 MAX_SAMPLES = 12        # sample summaries shown
@@ -72,16 +73,6 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-
-
-def read_config(run: Path) -> dict:
-    import yaml
-
-    try:
-        cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return {}
-    return cfg if isinstance(cfg, dict) else {}
 
 
 def read_predictions(run: Path, limit: int = MAX_SAMPLES) -> list[dict]:
@@ -251,7 +242,7 @@ def build_html(run: Path) -> str:
     from sumtune.metrics import read_metrics
 
     records = read_metrics(run)
-    config = read_config(run)
+    config = run_config_mapping(run)
     if not records and not config:
         raise SumtuneError(f"{str(run)!r} is not a sumtune run directory (no metrics.jsonl or config.yaml).")
     metrics = final_metrics(run, records)

@@ -39,6 +39,11 @@ def describe_source(source: str | None) -> str:
     return str(path.resolve()) if path.exists() else source
 
 
+def tiny_base_dir(run_dir: str | Path) -> Path:
+    """Where a run on the `tiny` model keeps its own base (random weights exist nowhere else)."""
+    return Path(run_dir) / "base_model"
+
+
 def materialize_tiny_base(cfg: TrainConfig, tokenizer, run_dir: Path) -> str:
     """Save the random tiny T5 as a real model directory, then load it like any checkpoint.
 
@@ -48,7 +53,7 @@ def materialize_tiny_base(cfg: TrainConfig, tokenizer, run_dir: Path) -> str:
 
     from sumtune.modeling import t5_config
 
-    target = run_dir / "base_model"
+    target = tiny_base_dir(run_dir)
     if (target / "model.safetensors").is_file():  # a resumed run keeps the base it started with
         return str(target)
     config = t5_config("tiny", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
