@@ -9,6 +9,7 @@ import torch
 from sumtune.fast_t5 import modules as fast
 
 _PATCHED_ATTR = "_sumtune_fast_patched"
+_FIXED_FORWARD_ATTR = "_sumtune_stock_forward"  # fix_quantized_ffn's forward, which disable_fast_t5 restores
 
 
 def _t5_classes():
@@ -94,8 +95,8 @@ def disable_fast_t5(model: torch.nn.Module) -> torch.nn.Module:
         if getattr(module, _PATCHED_ATTR, False):
             del module.forward
             delattr(module, _PATCHED_ATTR)
-            if "_sumtune_stock_forward" in module.__dict__:  # keep the quantized-wo fix (fix_quantized_ffn)
-                module.forward = module._sumtune_stock_forward
+            if _FIXED_FORWARD_ATTR in module.__dict__:  # keep the quantized-wo fix (fix_quantized_ffn)
+                module.forward = module.__dict__[_FIXED_FORWARD_ATTR]
     return model
 
 
@@ -117,8 +118,8 @@ def fix_quantized_ffn(model: torch.nn.Module) -> int:
         if isinstance(module, (t5.T5DenseActDense, t5.T5DenseGatedActDense)) and _is_quantized_weight(module.wo.weight):
             gated = isinstance(module, t5.T5DenseGatedActDense)
             function = fast.fast_dense_gated_act_dense_forward if gated else fast.fast_dense_act_dense_forward
-            module.__dict__["_sumtune_stock_forward"] = MethodType(function, module)
+            module.__dict__[_FIXED_FORWARD_ATTR] = MethodType(function, module)
             setattr(module, fast.COMPUTE_DTYPE_ATTR, dtype)
-            module.forward = module._sumtune_stock_forward
+            module.forward = module.__dict__[_FIXED_FORWARD_ATTR]
             fixed += 1
     return fixed
