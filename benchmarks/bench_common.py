@@ -22,6 +22,7 @@ if str(REPO_ROOT / "src") not in sys.path:  # run from a checkout without `pip i
     sys.path.insert(0, str(REPO_ROOT / "src"))
 
 from sumtune.modeling import T5_SHAPES as _PRODUCT_T5_SHAPES  # noqa: E402  (one table of T5 shapes)
+from sumtune.flops import train_flops_per_sample  # noqa: E402,F401  (benchmarks count FLOPs as the trainer does)
 from sumtune.modeling import T5_VOCAB_SIZE, t5_config  # noqa: E402,F401  (benchmarks build the product's configs)
 
 T5_SHAPES = [*_PRODUCT_T5_SHAPES, "tiny"]  # "tiny": CPU plumbing checks only
@@ -161,21 +162,6 @@ def measure_bf16_matmul_tflops(size: int = 8192, iters: int = 20) -> float | Non
         end.synchronize()
         times_ms.append(start.elapsed_time(end))
     return 2 * size**3 / (statistics.median(times_ms) / 1e3) / 1e12
-
-
-def train_flops_per_sample(config, src_len: int, tgt_len: int, lora_params: int = 0,
-                           recompute: bool = False) -> float:
-    """Useful FLOPs of one training sample, from shapes (multiply-add = 2 FLOPs).
-
-    forward F = every linear 2·in·out per token it sees (encoder: source tokens; decoder and lm_head:
-    target tokens; cross-attention k/v: source tokens) + attention products QKᵀ and AV, 2·2·Lq·Lk·inner
-    per layer. Training = 2·F (backward activation gradients cost one more forward; the frozen base has no
-    weight gradients) + 3·(LoRA forward). ``recompute`` adds F for gradient checkpointing (not counted
-    in MFU: it is repeated work). Same counting as ``sumtune.flops``.
-    """
-    from sumtune.flops import train_flops_per_sample as count
-
-    return count(config, src_len, tgt_len, lora_params=lora_params, recompute=recompute)
 
 
 # ----------------------------------------------------------------------------- results

@@ -225,7 +225,7 @@ def summarize(path: str, name: str, batch: int, run: dict, config, args, data, m
               recompute: bool) -> dict:
     step_time_s = statistics.median(run["times_s"])
     tokens_per_step = float((data["attention_mask"].sum() + (data["labels"] != -100).sum())) / data["labels"].shape[0]
-    flops = bc.train_flops_per_sample(config, args.src_len, args.tgt_len, run["lora_params"])
+    flops = bc.train_flops_per_sample(config, args.src_len, args.tgt_len, lora_params=run["lora_params"])
     samples_per_s = batch / step_time_s
     achieved = flops * samples_per_s / 1e12
     return dict(path=path, setting=name, batch=batch, samples_per_s=samples_per_s,

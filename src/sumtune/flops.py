@@ -36,6 +36,11 @@ def t5_forward_flops_per_sample(config, src_len: int, tgt_len: int) -> float:
 
 def train_flops_per_sample(config, src_len: int, tgt_len: int, *, lora_params: int = 0,
                            recompute: bool = False) -> float:
+    """Useful FLOPs of one training sample, from shapes (multiply-add = 2 FLOPs).
+
+    Training = 2 x forward (backward computes activation gradients, one more forward's worth; the frozen base
+    has no weight gradients) + 3 x the LoRA forward. `recompute` adds a forward for gradient checkpointing
+    (repeated work: MFU leaves it out)."""
     fwd = t5_forward_flops_per_sample(config, src_len, tgt_len)
     lora = 2 * lora_params * (src_len + tgt_len) / 2  # rough: adapters see about half the tokens on average
     total = 2 * fwd + 3 * lora
