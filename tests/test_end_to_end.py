@@ -138,6 +138,9 @@ def test_summarizer_makes_its_dense_copy_once(run_dir, monkeypatch):
     second = summarizer.summarize(["An act to fund roads."], max_new_tokens=6)
     assert len(calls) == 1 and summarizer._dense is not None  # T5: sumtune's decoder runs on the copy
     assert second[0] == first[0]
+    summarizer.release()
+    assert summarizer._dense is None
+    assert summarizer.summarize(["An act to fund roads."], max_new_tokens=6) == second and len(calls) == 2
 
 
 @pytest.fixture(scope="module")

@@ -61,7 +61,7 @@ def test_training_after_an_eval_forward_keeps_every_gradient(local_t5):
     """bnb repacks 4-bit weights on an eval forward on AVX512-BF16 CPUs, and training on the packed layout
     loses the gradient; sumtune's loader turns the repacking off (on other CPUs this checks the same result)."""
     model = apply_lora(load_model(TrainConfig(model=str(local_t5), compute_dtype="fp32"), 300, CPU),
-                       TrainConfig(model=str(local_t5), lora_targets=["q", "v", "o"]))
+                       TrainConfig(model=str(local_t5), lora_targets=["q", "v", "o"], lora_dropout=0.0))
     assert all(not m.support_avx512bf16_for_cpu for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
     ids = torch.randint(2, 300, (2, 9))
 
@@ -69,15 +69,16 @@ def test_training_after_an_eval_forward_keeps_every_gradient(local_t5):
         model.train()
         model.zero_grad(set_to_none=True)
         model(input_ids=ids, labels=ids).loss.backward()
-        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad and "lora_A" in n}
+        # lora_B: PEFT starts B at zero, so lora_A gradients are zero anyway; B's carry what flows back
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n}
 
     before = lora_grads()
     model.eval()
     with torch.no_grad():
         model(input_ids=ids, labels=ids)
     after = lora_grads()
-    assert before and all(g is not None for g in after.values())
-    assert all(torch.allclose(after[n], before[n]) for n in before)
+    assert before and all(g is not None and g.abs().sum() > 0 for g in before.values())
+    assert all(after[n] is not None and torch.allclose(after[n], before[n]) for n in before)
 
 
 def test_dequantize_reads_the_bnb_cpu_packed_layout():

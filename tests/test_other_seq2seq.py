@@ -55,6 +55,12 @@ def test_bart_trains_evaluates_summarizes_and_merges(bart_run, tmp_path, billsum
     summary = summarizer.summarize(text, max_new_tokens=12)[0]
     assert summary
 
+    from sumtune.generation import prepare_inference_model
+
+    dense = prepare_inference_model(summarizer.model, torch.bfloat16)
+    assert type(dense) is BartForConditionalGeneration
+    assert {t.dtype for t in (*dense.parameters(), *dense.buffers()) if t.is_floating_point()} == {torch.bfloat16}
+
     merged = tmp_path / "merged"
     assert main(["merge", str(bart_run), str(merged), "--dtype", "fp32"]) == 0
     model = AutoModelForSeq2SeqLM.from_pretrained(merged)

@@ -81,7 +81,12 @@ def load_run(run_dir: str | Path, *, device: str = "auto", adapter_dir: str | Pa
 
 
 class Summarizer:
-    """Summarize text with a trained run: `Summarizer.from_pretrained(run_dir).summarize(texts)`."""
+    """Summarize text with a trained run: `Summarizer.from_pretrained(run_dir).summarize(texts)`.
+
+    The first call makes the dense copy sumtune's T5 decoder runs on (base dequantized, adapter merged) and keeps
+    it, with its decoding buffers, for later calls: `release()` frees them (they are made again when needed).
+    Change `summarizer.model` only after `release()`, or the copy goes on summarizing with the old weights.
+    """
 
     def __init__(self, model, tokenizer, cfg: TrainConfig):
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
@@ -109,6 +114,14 @@ class Summarizer:
             num_beams=num_beams or self.cfg.num_beams, batch_size=batch_size or self.cfg.eval_batch_size,
             dense_model=self._dense)
         return summaries
+
+    def release(self) -> None:
+        """Free the dense copy and its decoding buffers (CUDA graphs included); the next call makes them again."""
+        if self._dense is not None:
+            from sumtune.generation import release_generation_cache
+
+            release_generation_cache(self._dense)
+        self._dense, self._dense_ready = None, False
 
 
 def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16", device: str = "auto",

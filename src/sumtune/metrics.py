@@ -43,9 +43,13 @@ def requested_trackers(report_to: list[str] | str | None = None) -> list[str]:
     return out
 
 
+def finite_number(value: Any) -> bool:
+    """A real, finite int or float (not a bool, NaN, inf, None or text): what a plot, a table or a tracker can show."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _scalars(split: str, values: dict[str, Any]) -> dict[str, float]:
-    return {f"{split}/{k}": float(v) for k, v in values.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    return {f"{split}/{k}": float(v) for k, v in values.items() if finite_number(v)}
 
 
 def run_config_mapping(run_dir: str | Path) -> dict:
@@ -138,7 +142,7 @@ class MetricsLogger:
             fh.write(json.dumps(record) + "\n")
         if self._writer is not None:
             for key, value in values.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                if finite_number(value):
                     self._writer.add_scalar(f"{split}/{key}", value, step)
             self._writer.flush()
         self._log_trackers(split, step, values)

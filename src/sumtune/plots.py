@@ -9,10 +9,10 @@ global state, no display needed.
 from __future__ import annotations
 
 import io
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from sumtune.metrics import finite_number, read_metrics, run_config_mapping
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
@@ -31,11 +31,6 @@ class PlotSpec:
     ylabel: str
     series: list[Series]
     log_y: bool = False
-
-
-def finite_number(value: Any) -> bool:
-    """A real, finite int or float (not a bool, NaN, inf, None or text): what a plot or a table can show."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def series(records: list[dict], split: str, key: str, label: str | None = None) -> Series:
@@ -112,16 +107,12 @@ def render_png(spec: PlotSpec, dpi: int = 110) -> bytes:
 
 def run_device(run_dir: Path) -> str | None:
     """The `device` of the run's config.yaml ("cpu", "cuda", "auto"), or None without a readable config."""
-    from sumtune.metrics import run_config_mapping
-
     device = run_config_mapping(run_dir).get("device")  # none only costs the memory plot its precise label
     return None if device is None else str(device)
 
 
 def render_plots(run_dir: str | Path) -> dict[str, bytes]:
     """PNG bytes per plot name, from RUN_DIR/metrics.jsonl (nothing is written)."""
-    from sumtune.metrics import read_metrics
-
     run = Path(run_dir)
     return {spec.name: render_png(spec) for spec in plot_specs(read_metrics(run), run_device(run))}
 

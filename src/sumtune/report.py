@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from sumtune.errors import SumtuneError
-from sumtune.metrics import run_config_mapping
-from sumtune.plots import finite_number
+from sumtune.metrics import finite_number, run_config_mapping
 
 MAX_SAMPLES = 12        # sample summaries shown
 MAX_TRAIN_ROWS = 40     # training-log rows shown (evenly spaced, always with the last)

@@ -50,7 +50,7 @@ def _dequantize_cpu_packed(packed: torch.Tensor, state) -> torch.Tensor:
     """Dequantize a weight bitsandbytes has repacked for its AVX512-BF16 CPU kernel.
 
     On such CPUs bnb's first eval-mode forward rewrites the weight in place into a blocked
-    [N, K/2] layout with float absmax [K/blocksize, N] (`_convert_weight_packed_for_cpu`);
+    [N, K/2] layout with bf16 absmax [K/blocksize, N] (`_convert_weight_packed_for_cpu`);
     `dequantize_4bit` then reads garbage. bnb's own inverse mutates the layer and re-quantizes
     the absmax, so this reads the packed layout directly (same nibble order as that inverse).
     """

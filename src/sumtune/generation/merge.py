@@ -1,4 +1,4 @@
-"""Build a plain, dense T5 for inference from a (PEFT-wrapped, bitsandbytes-quantized) training model.
+"""Build a plain, dense model (T5, BART, ...) for inference from a (PEFT-wrapped, bitsandbytes-quantized) training model.
 
 The training model is never modified: every parameter of the new model is a fresh tensor (dequantized,
 LoRA-merged, cast), so training can go on while the copy generates.
@@ -55,13 +55,19 @@ def prepare_inference_model(model: nn.Module, dtype: torch.dtype = torch.bfloat1
                     tensor = build().to(device=device, dtype=dtype, copy=True)
                 converted[key] = nn.Parameter(tensor, requires_grad=False)
             setattr(module, param_name, converted[key])
-    for name, buffer in list(fresh.named_buffers()):  # constants some models register (position ids, ...)
+    for name, buffer in list(fresh.named_buffers()):  # what some models register (BART's final_logits_bias, ...)
         if buffer.is_meta:
             module_name, _, buffer_name = name.rpartition(".")
             owner = fresh.get_submodule(module_name) if module_name else fresh
-            original = (source.get_submodule(module_name) if module_name else source).get_buffer(buffer_name)
-            owner.register_buffer(buffer_name, original.detach().to(device=device, copy=True),
-                                  persistent=buffer_name not in owner._non_persistent_buffers_set)
+            try:
+                original = source.get_buffer(name)
+            except AttributeError:
+                raise SumtuneError(f"prepare_inference_model could not fill buffer {name} from the source model.") \
+                    from None
+            value = original.detach().to(device=device, copy=True)
+            if value.is_floating_point():  # as the weights: a bf16 model should not compute in fp32 here
+                value = value.to(dtype)
+            owner.register_buffer(buffer_name, value, persistent=buffer_name not in owner._non_persistent_buffers_set)
     leftovers = [n for n, t in (*fresh.named_parameters(), *fresh.named_buffers()) if t.is_meta]
     if leftovers:
         raise SumtuneError(f"prepare_inference_model could not fill {leftovers[:3]} from the source model.")
