@@ -110,7 +110,9 @@ def test_summary_fields_and_breakdown_sum_to_step_time(cpu_profile):
     assert abs(sum(parts.values()) - mean_s) <= 0.05 * mean_s
     assert abs(sum(summary["breakdown_pct"].values()) - 100.0) < 5.0
     assert all(parts[p] > 0 for p in PHASES)
-    assert parts["other"] >= -0.05 * mean_s  # phases never add up to more than the step
+    # `other` is what the phases leave of the step; here the loop does nothing outside its phases but the
+    # profiler's own step call (measured 0.3% of the step), so a large share means phases are under-timed.
+    assert -1e-4 * mean_s <= parts["other"] <= 0.25 * mean_s
     assert summary["samples_per_s"] == pytest.approx(32 / mean_s, rel=1e-6)
     assert summary["tokens_per_s"] == pytest.approx(320 / mean_s, rel=1e-6)
     assert summary["mfu_pct"] == pytest.approx(100 * 2e9 / (mean_s * 1e12), rel=1e-6)
@@ -121,8 +123,12 @@ def test_summary_fields_and_breakdown_sum_to_step_time(cpu_profile):
     assert not any(op["name"].startswith("sumtune/") for op in summary["top_ops"])
     assert any("CPU" in a for a in summary["advice"])
     assert json.loads((out / "summary.json").read_text())["step_time_mean_s"] == mean_s
-    # The host-timed phases and the trace's phase ranges describe the same work.
-    assert set(summary["trace_phase_mean_s"]) == set(PHASE_NAMES)
+    # The host-timed phases and the trace's phase ranges bracket the same code: they differ only by the
+    # profiler's range bookkeeping (measured < 0.2 ms of a ~150 ms step), so each agrees within 5% of the step.
+    trace_parts = summary["trace_phase_mean_s"]
+    assert set(trace_parts) == set(PHASE_NAMES)
+    for phase in PHASE_NAMES:
+        assert abs(trace_parts[phase] - parts[phase]) <= 0.05 * mean_s, (phase, trace_parts[phase], parts[phase])
 
 
 def test_report_names_every_phase_and_the_trace(cpu_profile):

@@ -189,12 +189,31 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
 
 @needs_chromium
 def test_browser_check_catches_a_broken_page(tmp_path):
-    """The checks above can fail: a page with a broken image and a script error is caught."""
+    """The checks above can fail: a script error is caught, and the report's own image counter (the script the
+    check relies on) counts a broken image as not loaded."""
+    import base64
+
+    from sumtune.report import SCRIPT
+
     page = tmp_path / "broken.html"
     page.write_text('<!DOCTYPE html><html><body><img src="data:image/png;base64,AAAA">'
                     "<script>throw new Error('boom')</script></body></html>")
     result = chromium("--dump-dom", page.as_uri())
     assert any("Uncaught" in line for line in console_problems(result.stderr))
+
+    import io
+
+    from matplotlib.figure import Figure
+
+    buf = io.BytesIO()
+    Figure(figsize=(0.1, 0.1), dpi=10).savefig(buf, format="png")  # a real 1x1 PNG
+    good_png = base64.b64encode(buf.getvalue()).decode()
+    counted = tmp_path / "counted.html"
+    counted.write_text(f'<!DOCTYPE html><html><body><img src="data:image/png;base64,{good_png}">'
+                       f'<img src="data:image/png;base64,AAAA"><script>{SCRIPT}</script></body></html>')
+    dom = chromium("--dump-dom", counted.as_uri())
+    attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', re.search(r"<body([^>]*)>", dom.stdout).group(1)))
+    assert (attrs.get("data-images-total"), attrs.get("data-images-loaded")) == ("2", "1"), attrs
 
 
 # ---- a real (short) training run -----------------------------------------------------------------------------
