@@ -7,6 +7,7 @@ backends (eager vs sdpa) disagree with each other by 5-15% on this tiny model.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 
@@ -29,13 +30,13 @@ from sumtune.fast_t5.numerics import relative_errors  # noqa: E402
 from sumtune.modeling import keep_4bit_layout  # noqa: E402
 
 VOCAB = 512
-LOSS_RTOL = 5e-3
-GRAD_RTOL = 2e-2
+LOSS_RTOL = 5e-3  # the issue's bar (0.5%): about one bf16 step at this loss (~6); measured equal here
+GRAD_RTOL = 2e-2  # the issue's bar for bf16 gradients (the two stock backends differ far more: see above)
 
 
 # ----------------------------------------------------------------------------- model + batch builders
 def build_qlora_t5(config_kwargs: dict, device: str = "cpu", seed: int = 0, lora_b_std: float = 0.02,
-                   prepare_for_kbit: bool = False):
+                   prepare_for_kbit: bool = False, init_factor: float = 0.5):
     """Random T5 saved to disk, loaded back in NF4 with from_pretrained, then PEFT LoRA (all-linear).
 
     LoRA B gets small random values (as after some training) so lora_A gradients are not all zero.
@@ -45,7 +46,7 @@ def build_qlora_t5(config_kwargs: dict, device: str = "cpu", seed: int = 0, lora
 
     torch.manual_seed(seed)
     config = T5Config(feed_forward_proj="relu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-                      dropout_rate=0.0, initializer_factor=0.5, **config_kwargs)
+                      dropout_rate=0.0, initializer_factor=init_factor, **config_kwargs)
     with tempfile.TemporaryDirectory() as tmpdir:
         T5ForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(tmpdir)
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -81,10 +82,31 @@ def padded_batch(batch_size: int, src_len: int, tgt_len: int, vocab: int, device
     return {k: v.to(device) for k, v in batch.items()}
 
 
+@contextlib.contextmanager
+def fast_route_calls():
+    """Counts the fast stacks that really ran (each builds its position bias once), so a test comparing
+    "fast" with stock cannot silently compare stock with itself."""
+    calls = []
+    real = bias_lib.relative_position_bias
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    bias_lib.relative_position_bias = spy
+    try:
+        yield calls
+    finally:
+        bias_lib.relative_position_bias = real
+
+
 def loss_and_lora_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
-    loss = model(**batch).loss
-    loss.backward()
+    with fast_route_calls() as calls:
+        loss = model(**batch).loss
+        loss.backward()
+    expected = is_fast_t5_enabled(model)
+    assert bool(calls) == expected, "the fast T5 route did not run" if expected else "stock ran the fast route"
     grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
     return loss.detach().float(), grads
 
@@ -189,7 +211,7 @@ def test_padded_decoder_ids_do_not_change_loss_or_grads(fast_model, batch):
 
 
 def test_padding_invariance_per_sample(fast_model, batch):
-    """A row's loss is the same alone (no padding) as inside the padded batch."""
+    """A row's logits are the same alone (no padding) as inside the padded batch."""
     row = 2
     src_len = int(batch["attention_mask"][row].sum())
     tgt_len = int((batch["labels"][row] != -100).sum())
@@ -199,10 +221,9 @@ def test_padding_invariance_per_sample(fast_model, batch):
     with torch.no_grad():
         logits_batch = fast_model(**batch).logits[row, :tgt_len].float()
         logits_alone = fast_model(**alone).logits[0].float()
-    labels = alone["labels"][0]
-    loss_batch = torch.nn.functional.cross_entropy(logits_batch, labels)
-    loss_alone = torch.nn.functional.cross_entropy(logits_alone, labels)
-    assert abs(float(loss_batch - loss_alone)) <= LOSS_RTOL * float(loss_alone)
+    # Logits, not the loss: a random model's loss sits near ln(vocab) and hardly moves even when padding leaks.
+    # bf16 rounding with another batch shape moves them by ~0.015 std here; a leak moves them ~0.26 std.
+    assert (logits_batch - logits_alone).abs().max() <= 0.06 * logits_alone.std()
 
 
 def test_bias_equals_stock_compute_bias_and_masks(model):
@@ -225,24 +246,32 @@ def test_bias_equals_stock_compute_bias_and_masks(model):
     stock_causal = create_position_bias_mask(position_bias, None, True, query, query)
     assert torch.equal(bias_lib.decoder_self_bias(position_bias, None), stock_causal)
     assert torch.equal(bias_lib.decoder_self_bias(position_bias, torch.ones_like(mask)), stock_causal)
+    # A padded decoder: stock T5 hands attention one boolean mask, causal and key padding combined.
+    decoder_mask = mask.clone()
+    decoder_mask[0, 3] = 0  # a hole inside the sequence too, so key padding is not hidden by causality
+    causal = torch.ones(12, 12, dtype=torch.bool).tril()
+    combined = causal[None, None] & decoder_mask.bool()[:, None, None, :]
+    stock_padded = create_position_bias_mask(position_bias, combined, True, query, query)
+    assert torch.equal(bias_lib.decoder_self_bias(position_bias, decoder_mask), stock_padded)
     cross = bias_lib.cross_attention_bias(mask, dtype)
     assert cross.shape == (2, 1, 1, 12)
     assert torch.equal(cross[1, 0, 0, 5:], torch.full((7,), torch.finfo(dtype).min, dtype=dtype))
     assert bias_lib.cross_attention_bias(torch.ones_like(mask), dtype) is None
 
 
-def test_generate_with_cache_matches_stock(model, batch):
-    model.eval()
-    try:
-        kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=5,
-                      do_sample=False, num_beams=1)
-        with torch.no_grad():
-            stock = model.generate(**kwargs)
-            enable_fast_t5(model)
+def test_generate_with_cache_matches_stock(batch):
+    """generate() runs the encoder on the fast route (padded rows included) and decodes with the stock cache."""
+    model = build_qlora_t5(TINY, init_factor=2.0).eval()  # a livelier model: rows generate different tokens
+    kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=5,
+                  do_sample=False, num_beams=1)
+    with torch.no_grad():
+        stock = model.generate(**kwargs)
+        enable_fast_t5(model)
+        with fast_route_calls() as calls:
             fast = model.generate(**kwargs)
-    finally:
         disable_fast_t5(model)
-        model.train()
+    assert calls, "the encoder did not take the fast route"
+    assert len({tuple(row) for row in stock.tolist()}) > 1, "every row generated the same tokens: the check is idle"
     assert torch.equal(stock, fast)
 
 
@@ -259,8 +288,9 @@ def test_dequantized_weight_cache_matches_bnb(fast_model, batch):
         restored = uncache_dequantized_weights(fast_model)
     assert restored == len(quantized) > 0
     assert not any("forward" in vars(m) for m in quantized)
-    assert abs(float(cached_loss - loss)) <= LOSS_RTOL * abs(float(loss))
-    assert max(relative_errors(cached_grads, grads).values()) <= GRAD_RTOL
+    # The cache runs the same dequantization and GEMM once instead of per call: equal up to float rounding.
+    assert abs(float(cached_loss - loss)) <= 1e-6 * abs(float(loss))
+    assert max(relative_errors(cached_grads, grads).values()) <= 1e-5
 
 
 def test_after_prepare_for_kbit_training_fast_matches_stock_under_autocast():

@@ -108,6 +108,10 @@ def test_model_dropout_sets_every_base_dropout_and_none_keeps_the_models(local_t
 
     kept = load_model(TrainConfig(model=str(local_t5)), 300, CPU)
     assert rates(kept) == {kept.config.dropout_rate}
+    released_like = local_t5.parent / "dropout-0.1"  # as released T5 checkpoints: None must keep 0.1, not zero it
+    T5ForConditionalGeneration(t5_config("tiny", vocab_size=300, dropout_rate=0.1)).save_pretrained(released_like)
+    kept = load_model(TrainConfig(model=str(released_like)), 300, CPU)
+    assert rates(kept) == {0.1} and kept.config.dropout_rate == 0.1
     off = load_model(TrainConfig(model=str(local_t5), model_dropout=0.0), 300, CPU)
     assert rates(off) == {0.0} and off.config.dropout_rate == 0.0
     raised = load_model(TrainConfig(model="tiny", model_dropout=0.2), 300, CPU)
@@ -159,4 +163,5 @@ def test_memory_report_matches_a_really_quantized_model():
     cfg = TrainConfig(model="tiny", lora_targets=["v", "o"], lora_r=4)
     report = memory_report(cfg)
     real = load_model(replace(cfg, model="tiny"), 32128, CPU)
-    assert abs(report.quantized_bytes - measured_footprint_bytes(real)) <= 0.01 * report.quantized_bytes
+    # Measured 2 KiB apart (0.02%); leaving out the 4-bit layers' quantization constants would be 0.6%.
+    assert abs(report.quantized_bytes - measured_footprint_bytes(real)) <= 0.001 * report.quantized_bytes
