@@ -153,8 +153,20 @@ def test_resolved_paths_are_reported(finished_run, tmp_path, capsys):
     assert f"run directory {out.resolve()}; data {(CORPUS / 'good.jsonl').resolve()}; model tiny." in err
 
 
-def test_huge_document_and_byte_order_mark(tmp_path, capsys):
+def test_huge_document_and_byte_order_mark(tmp_path, capsys, monkeypatch):
     """A 16 MB document trains like any other: it is cut before tokenizing, so it costs no more than a long one."""
+    from sumtune import data as data_module
+
+    longest_in, longest_out = [0], [0]
+    real_clip = data_module.clip_chars
+
+    def watched_clip(texts, max_tokens):
+        clipped = real_clip(texts, max_tokens)
+        longest_in[0] = max([longest_in[0], *map(len, texts)])
+        longest_out[0] = max([longest_out[0], *map(len, clipped)])
+        return clipped
+
+    monkeypatch.setattr(data_module, "clip_chars", watched_clip)
     good = [json.loads(line) for line in (CORPUS / "good.jsonl").read_text().splitlines()]
     huge = {"text": " ".join(["the hawks played the owls in oakdale ."] * 420_000), "summary": "the hawks played ."}
     data = tmp_path / "huge.jsonl"
@@ -166,6 +178,7 @@ def test_huge_document_and_byte_order_mark(tmp_path, capsys):
     status, err = run_cli(argv, capsys)
     assert status == 0, err
     assert time.perf_counter() - start < 120
+    assert longest_in[0] > 16_000_000 and longest_out[0] <= 10_000  # the tokenizer saw a cut copy
 
 
 def test_tokenizing_a_huge_document_is_cut_early():

@@ -35,10 +35,12 @@ def test_seed_config_is_the_reference_recipe_in_bf16():
 
 
 def test_demo_yaml_matches_the_demo_command():
-    shipped = argparsing.resolve(TrainConfig, str(Path(CONFIGS[0]).with_name("demo.yaml")), {})
-    built = demo_config("runs/demo")
-    for key, value in yaml.safe_load(Path(CONFIGS[0]).with_name("demo.yaml").read_text()).items():
-        assert getattr(built, key) == getattr(shipped, key), key
+    from dataclasses import asdict
+
+    shipped = asdict(argparsing.resolve(TrainConfig, str(Path(CONFIGS[0]).with_name("demo.yaml")), {}))
+    built = asdict(demo_config("runs/demo"))
+    differing = {k for k in built if built[k] != shipped[k]}
+    assert differing <= {"overwrite"}, {k: (built[k], shipped[k]) for k in differing}  # the command may rerun
 
 
 def test_unknown_key_is_refused_naming_it_and_listing_valid_keys(tmp_path):
