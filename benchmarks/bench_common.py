@@ -21,9 +21,9 @@ RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 if str(REPO_ROOT / "src") not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO_ROOT / "src"))
 
-from sumtune.modeling import T5_SHAPES as _PRODUCT_T5_SHAPES  # noqa: E402  (one table of T5 shapes)
-from sumtune.flops import train_flops_per_sample  # noqa: E402,F401  (benchmarks count FLOPs as the trainer does)
-from sumtune.modeling import T5_VOCAB_SIZE, t5_config  # noqa: E402,F401  (benchmarks build the product's configs)
+# One table of T5 shapes, one config builder and one FLOP count for the product and its benchmarks.
+from sumtune.flops import train_flops_per_sample  # noqa: E402,F401
+from sumtune.modeling import T5_SHAPES as _PRODUCT_T5_SHAPES, T5_VOCAB_SIZE, t5_config  # noqa: E402,F401
 
 T5_SHAPES = [*_PRODUCT_T5_SHAPES, "tiny"]  # "tiny": CPU plumbing checks only
 
@@ -121,9 +121,9 @@ def count_lora_params(model: nn.Module) -> int:
 
 # ----------------------------------------------------------------------------- hardware + FLOPs
 def sync(device: torch.device) -> None:
-    """Wait for the GPU (timings end here); nothing on the CPU."""
+    """Wait for `device`'s GPU (timings end here; each torchrun rank waits for its own); nothing on the CPU."""
     if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def free_gpu_memory() -> None:

@@ -25,7 +25,6 @@ import bench_common as bc  # noqa: E402
 PAD, EOS, START = 0, 1, 0
 
 
-
 def timed(fn, device, repeat: int = 1) -> float:
     fn()  # warm-up (cuBLAS handles, graph capture, autotuning)
     bc.sync(device)

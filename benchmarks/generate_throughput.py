@@ -77,8 +77,6 @@ def load_inputs(tokenizer, source_tokens: int, count: int) -> list[list[int]]:
     return tokenizer(texts, max_length=source_tokens, truncation=True)["input_ids"]
 
 
-
-
 def peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
 

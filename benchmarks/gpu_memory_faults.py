@@ -45,7 +45,6 @@ def base_config(args, out: Path, **overrides):
     return TrainConfig(**values)
 
 
-
 def auto_batch(args, variant: str, root: Path) -> dict:
     """Let `batch_size: auto` choose, then train a few steps at the chosen size."""
     from sumtune.metrics import read_metrics

@@ -94,7 +94,6 @@ def worker(args) -> None:
         recipe.cleanup()
 
 
-
 # ----------------------------------------------------------------------------- parent
 def full_length_rows(args) -> tuple[list[dict], float]:
     """BillSum rows whose source fills --src-len, and their mean real source + target tokens per row.
@@ -195,8 +194,8 @@ def parent(args) -> None:
     bc.print_table(rows, COLUMNS)
     payload = dict(model=args.model, device=args.device, micro_batch=args.batch_size, src_len=args.src_len,
                    tgt_len=args.tgt_len, compute_dtype=args.compute_dtype, gradient_checkpointing=args.gc,
-                   warmup_steps=args.warmup, timed_steps=args.steps, visible_gpus=visible, data_rows=len(texts), unique_rows=len(unique),
-                   repeats=args.repeats,
+                   warmup_steps=args.warmup, timed_steps=args.steps, visible_gpus=visible, data_rows=len(texts),
+                   unique_rows=len(unique), repeats=args.repeats,
                    gpu_names=sorted({d for r in rows for d in r["devices"]}),
                    targets={"speedup_2": 1.9, "speedup_4": 3.6}, results=rows,
                    method="torchrun per N; recipe.train() timed between barriers after warm-up; samples/s = "

@@ -58,12 +58,10 @@ def lora_config(targets: list[str] | None):
     return LoraConfig(**kwargs)
 
 
-
 def reset_peak_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-
 
 
 # ----------------------------------------------------------------------------- model builders
