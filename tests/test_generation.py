@@ -138,7 +138,8 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 def assert_same_or_near_tie(model, inputs, got, expected, tolerance) -> None:
     """Each differing sequence must differ first at a token where `model`'s own (teacher-forced) logits for
-    the two candidates are within `tolerance(source, prefix, logits, (token_a, token_b))`: a near-tie decided by rounding."""
+    the two candidates are within `tolerance(source, prefix, logits, (token_a, token_b))`: a near-tie decided
+    by rounding."""
     for source, ref, mine in zip(inputs, expected, got):
         if ref == mine:
             continue
@@ -239,8 +240,8 @@ def test_greedy_matches_transformers_fp32_gated_gelu(peft_gated, inputs):
 def test_greedy_bf16_agrees_except_for_bf16_near_ties(peft_relu, merged32, expected32, inputs, attention):
     """bf16 on a sensitive random model: sequences may differ from transformers' bf16 output, but only where
     transformers' own bf16 logits for the two candidates are closer than bf16's rounding error at those two
-    tokens (|bf16 - fp32 logits| of the same weights, counted for both runs), and ours must track the fp32 result at least as well as
-    transformers' bf16 run does (one sequence of slack)."""
+    tokens (|bf16 - fp32 logits| of the same weights, counted for both runs), and ours must track the fp32
+    result at least as well as transformers' bf16 run does (one sequence of slack)."""
     merged = prepare_inference_model(peft_relu, torch.bfloat16)
     expected = hf_generate(merged, inputs, max_new_tokens=MAX_NEW)
     got = ours(merged, inputs, batch_size=8, attention=attention)
