@@ -60,8 +60,8 @@ def worker(args) -> None:
     cfg = TrainConfig(
         model=args.model, tokenizer=str(bc.shared_data_dir() / "t5-tokenizer"), dataset=args.data,
         eval_ratio=EVAL_RATIO, max_source_tokens=args.src_len, max_target_tokens=args.tgt_len,
-        compute_dtype=args.compute_dtype, batch_size=args.batch_size, grad_accum_steps=1,
-        max_steps=args.warmup + args.steps, eval_every_steps=10**9, log_every_steps=10**9, progress=False,
+        compute_dtype=args.compute_dtype, batch_size=args.batch_size, grad_accum_steps=args.grad_accum_steps,
+        max_steps=args.warmup + args.steps + traced_steps(args), eval_every_steps=10**9, log_every_steps=10**9, progress=False,
         output_dir=args.run_dir, overwrite=True, device=args.device, gradient_checkpointing=args.gc,
         optimizer="paged_adamw_8bit" if args.device == "cuda" else "adamw", pin_memory=True, num_workers=0)
     recipe = TrainRecipe(cfg)
@@ -84,14 +84,52 @@ def worker(args) -> None:
         peak = torch.cuda.max_memory_allocated(recipe.device) / 2**30 if recipe.device.type == "cuda" else None
         mine = dict(rank=recipe.dist.rank, elapsed_s=elapsed_s, build_s=build_s, peak_mem_gib=peak,
                     device=torch.cuda.get_device_name(recipe.device) if recipe.device.type == "cuda" else "cpu")
+        if args.trace_steps:  # after the timed steps: the profiler never touches the figures above
+            mine["trace"] = trace_worker(recipe, args)
         ranks = distributed.gather_objects(mine)
         if recipe.dist.is_main:
             result = dict(world_size=recipe.dist.world_size, samples=recipe.samples_seen - samples_before,
-                          steps=args.steps, micro_batch=args.batch_size, last_loss=last.get("loss"),
+                          steps=args.steps, micro_batch=args.batch_size,
+                          grad_accum_steps=args.grad_accum_steps, last_loss=last.get("loss"),
                           tokens_per_s_logged=last.get("tokens_per_s"), ranks=ranks)
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     finally:
         recipe.cleanup()
+
+
+def traced_steps(args) -> int:
+    return args.trace_steps + 1 if args.trace_steps else 0  # one profiler warm-up step, then the traced ones
+
+
+def trace_worker(recipe, args) -> dict:
+    """Where a step's time goes on this rank, from a torch.profiler trace of `--trace-steps` steps.
+
+    Diagnostic for scaling losses: the same GPU work per rank at every N means any slowdown is either GPU idle
+    time (host syncs, waiting for another rank) or slower kernels (communication competing for SMs/memory)."""
+    from sumtune.profiling import trace_analysis
+    from sumtune.profiling.profiler import StepProfiler
+
+    out_dir = Path(args.run_dir) / f"trace-rank{recipe.dist.rank}"
+    recipe.profiler = StepProfiler(out_dir, wait=0, warmup=1, active=args.trace_steps, record_shapes=False,
+                                   profile_memory=False, device=recipe.device.type, sync_phases=False)
+    recipe.train(max_steps=recipe.global_step + traced_steps(args))
+    trace = trace_analysis.load_trace(recipe.profiler.trace_path)
+    stats = trace_analysis.gpu_stats(trace, top_k=6) or {}
+    events = trace_analysis.complete_events(trace)
+    windows = trace_analysis.step_windows_us(events)
+    kernels = [k for k in trace_analysis.kernel_events(events)
+               if trace_analysis.clip_to_windows([(float(k["ts"]), float(k["ts"]) + float(k["dur"]))], windows)]
+    steps = max(len(windows), 1)
+
+    def per_step_s(selected) -> float:
+        return sum(float(k["dur"]) for k in selected) / steps / 1e6
+
+    is_comm = ["nccl" in k["name"].lower() for k in kernels]
+    return dict(steps=len(windows), step_time_s=stats.get("trace_step_time_mean_s"),
+                gpu_busy_pct=stats.get("utilization_pct"),
+                comm_kernel_s_per_step=per_step_s(k for k, c in zip(kernels, is_comm) if c),
+                compute_kernel_s_per_step=per_step_s(k for k, c in zip(kernels, is_comm) if not c),
+                top_kernels=stats.get("top_kernels", []))
 
 
 # ----------------------------------------------------------------------------- parent
@@ -131,8 +169,9 @@ def run_world(n: int, args, data: Path, work: Path) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port",
            str(free_port()), str(Path(__file__).resolve()), "--worker", "--out", str(out), "--data", str(data),
            "--run-dir", str(work / f"run-{n}"), "--model", args.model, "--device", args.device,
-           "--batch-size", str(args.batch_size), "--src-len", str(args.src_len), "--tgt-len", str(args.tgt_len),
-           "--compute-dtype", args.compute_dtype, "--warmup", str(args.warmup), "--steps", str(args.steps)]
+           "--batch-size", str(args.batch_size), "--grad-accum-steps", str(args.grad_accum_steps), "--src-len", str(args.src_len), "--tgt-len", str(args.tgt_len),
+           "--compute-dtype", args.compute_dtype, "--warmup", str(args.warmup), "--steps", str(args.steps),
+           "--trace-steps", str(args.trace_steps)]
     if args.gc:
         cmd.append("--gc")
     print(f"[scale_out] {n} process(es): {' '.join(cmd[1:4])} {n} ...", flush=True)
@@ -160,14 +199,16 @@ def summarize(results: list[dict], tokens_per_sample: float) -> list[dict]:
         base = base if base is not None else (samples_per_s / r["world_size"] if r["world_size"] == 1 else None)
         speedup = samples_per_s / base if base else None
         peaks = [rank["peak_mem_gib"] for rank in r["ranks"] if rank["peak_mem_gib"] is not None]
-        rows.append(dict(gpus=r["world_size"], global_batch=r["micro_batch"] * r["world_size"],
+        per_rank_step = r["micro_batch"] * r.get("grad_accum_steps", 1)
+        rows.append(dict(gpus=r["world_size"], global_batch=per_rank_step * r["world_size"],
                          samples_per_s=samples_per_s, tokens_per_s=samples_per_s * tokens_per_sample,
                          step_time_s=slowest_s / r["steps"], speedup=speedup,
                          efficiency=speedup / r["world_size"] if speedup else None,
                          peak_mem_gib=max(peaks) if peaks else None, last_loss=r["last_loss"],
-                         full_batches=r["samples"] == r["steps"] * r["micro_batch"] * r["world_size"],
+                         full_batches=r["samples"] == r["steps"] * per_rank_step * r["world_size"],
                          build_s=max(rank["build_s"] for rank in r["ranks"]), wall_s=r["wall_s"],
-                         devices=sorted({rank["device"] for rank in r["ranks"]})))
+                         devices=sorted({rank["device"] for rank in r["ranks"]}),
+                         **({"trace_by_rank": [rank["trace"] for rank in r["ranks"]]} if "trace" in r["ranks"][0] else {})))
     return rows
 
 
@@ -181,18 +222,31 @@ def parent(args) -> None:
         work = Path(tmp)
         data = work / "billsum.jsonl"
         unique, tokens_per_sample = full_length_rows(args)
-        texts = rows_for_steps(unique, max(worlds) * args.batch_size * (args.warmup + args.steps), EVAL_RATIO)
+        steps = args.warmup + args.steps + traced_steps(args)
+        texts = rows_for_steps(unique, max(worlds) * args.batch_size * args.grad_accum_steps * steps, EVAL_RATIO)
         write_rows(data, texts)
         # Interleaved repeats (1, 2, 4, 1, 2, 4, ...): a GPU whose clock drifts during the run affects every
         # world size alike, and the median per world size drops a stray run.
-        runs = [run_world(n, args, data, work) for _ in range(args.repeats) for n in worlds]
+        runs = []
+        for _ in range(args.repeats):
+            for n in worlds:
+                runs.append(run_world(n, args, data, work))
+                if args.runs_file:  # each run kept as it ends: a run cut off by a time limit loses only itself
+                    with open(args.runs_file, "a", encoding="utf-8") as fh:
+                        fh.write(json.dumps(runs[-1]) + "\n")
     results = [median_run([r for r in runs if r["world_size"] == n]) for n in worlds]
     rows = summarize(results, tokens_per_sample)
     for row, n in zip(rows, worlds):
         row["runs_samples_per_s"] = [r["samples"] / max(k["elapsed_s"] for k in r["ranks"])
                                      for r in runs if r["world_size"] == n]
     bc.print_table(rows, COLUMNS)
-    payload = dict(model=args.model, device=args.device, micro_batch=args.batch_size, src_len=args.src_len,
+    for row in rows:
+        for rank, trace in enumerate(row.get("trace_by_rank", [])):
+            cell = {key: bc._cell(value) for key, value in trace.items()}
+            print(f"trace {row['gpus']} GPU(s), rank {rank}: step {cell['step_time_s']} s, GPU busy "
+                  f"{cell['gpu_busy_pct']}%, compute kernels {cell['compute_kernel_s_per_step']} s, "
+                  f"communication kernels {cell['comm_kernel_s_per_step']} s per step")
+    payload = dict(model=args.model, device=args.device, micro_batch=args.batch_size, grad_accum_steps=args.grad_accum_steps, src_len=args.src_len,
                    tgt_len=args.tgt_len, compute_dtype=args.compute_dtype, gradient_checkpointing=args.gc,
                    warmup_steps=args.warmup, timed_steps=args.steps, visible_gpus=visible, data_rows=len(texts),
                    unique_rows=len(unique), repeats=args.repeats,
@@ -211,6 +265,9 @@ def main() -> None:
     parser.add_argument("--gpus", default="1,2,4", help="world sizes to run (those above the visible GPUs are skipped)")
     parser.add_argument("--model", default="random:t5-3b")
     parser.add_argument("--batch-size", type=int, default=16, help="micro-batch per GPU")
+    parser.add_argument("--grad-accum-steps", type=int, default=1, help="micro-batches per optimizer step "
+                        "(configs/t5-3b-billsum.yaml resolves to 16 × 2 on an H200)")
+    parser.add_argument("--runs-file", help="append each torchrun's raw result to this JSONL file as it ends")
     parser.add_argument("--src-len", type=int, default=1024)
     parser.add_argument("--tgt-len", type=int, default=128)
     parser.add_argument("--compute-dtype", default="bf16", choices=["bf16", "fp32"])
@@ -219,6 +276,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=1, help="run the world sizes this many times, interleaved; "
                         "each row is the median run")
+    parser.add_argument("--trace-steps", type=int, default=0, help="after the timed steps, trace this many more "
+                        "per rank with torch.profiler and record GPU busy %%, compute vs communication kernel time")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--timeout-s", type=float, default=420.0, help="limit for each torchrun")
     parser.add_argument("--quick", action="store_true", help="CPU plumbing check: tiny T5, 1 and 2 processes")

@@ -275,3 +275,58 @@ def test_two_nccl_gpus_train_the_same_adapter_as_one(tmp_path):
     one_process(config, tmp_path / "one", batch_size=4, accum=1)
     launch(torchrun(2), config, tmp_path / "two", batch_size=2, accum=1)
     assert_same_training(tmp_path / "one", tmp_path / "two")
+
+
+def rank_pids(launcher: subprocess.Popen) -> dict[int, int]:
+    """{rank: pid} of torchrun's worker processes (read from their environment)."""
+    found = {}
+    for child in Path("/proc").iterdir():
+        try:
+            if int((child / "stat").read_text().split(")")[-1].split()[1]) != launcher.pid:
+                continue
+            env = dict(item.split("=", 1) for item in (child / "environ").read_text().split("\0") if "=" in item)
+        except (OSError, ValueError, IndexError):
+            continue
+        if "RANK" in env:
+            found[int(env["RANK"])] = int(child.name)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker processes through /proc")
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_and_resumes(tmp_path):
+    """The stop request is agreed on in each step's optimizer sync: a signal to rank 1 alone stops both ranks
+    after the same step (a rank that went on would wait in its next all-reduce, and the job would hang), rank 0
+    writes the checkpoint of that step, and `--resume` on the same command finishes the run."""
+    import signal
+    import time
+
+    from sumtune import checkpoint
+
+    config = write_config(tmp_path / "run.yaml", "cpu", max_steps=40, log_every_steps=1)
+    out = tmp_path / "run"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = torchrun(2) + ["-m", "sumtune", "train", "--config", str(config), "--output-dir", str(out),
+                         "--batch-size", "2"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path)
+    deadline = time.monotonic() + 180
+    while not ((out / "metrics.jsonl").is_file() and len(train_losses(out)) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before step 3"
+        time.sleep(0.05)
+    os.kill(rank_pids(proc)[1], signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0  # torchrun reports its workers' status 143
+    stopped = [line for line in stderr.splitlines() if "stopped by SIGTERM after step" in line]
+    assert len(stopped) == 1, stderr[-3000:]  # rank 0 speaks for the job
+    step = int(stopped[0].split("after step ")[1].split(";")[0])
+    assert 3 <= step < 40
+    saved = checkpoint.latest_checkpoint(out / "checkpoints")
+    assert saved is not None and checkpoint.step_of(saved) == step == len(train_losses(out))
+    assert not (out / "adapter_model.safetensors").exists()
+
+    resumed = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=240,
+                             cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert len(train_losses(out)) == 40  # each step logged once: the resumed run began after `step`
+    assert (out / "adapter_model.safetensors").is_file()

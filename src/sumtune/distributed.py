@@ -181,6 +181,20 @@ def min_over_ranks(value: int, device: torch.device) -> int:
     return int(box.item())
 
 
+def max_over_ranks_on_device(value: int, device: torch.device) -> torch.Tensor:
+    """The largest `value` of all ranks as a 0-d float tensor on `device`, without a host sync.
+
+    `torch.full` fills on the device (a host tensor copied over would wait for the stream), and the
+    all-reduce is queued behind it; the caller reads the result with the values it syncs on anyway.
+    """
+    box = torch.full((), float(value), dtype=torch.float32, device=device)
+    if _initialized():
+        import torch.distributed as dist
+
+        dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return box
+
+
 class SilentProgress(Progress):
     """What ranks other than 0 print: nothing (no bars, no lines); rank 0 talks for the job."""
 

@@ -44,6 +44,7 @@ class TrainRecipe:
         self.auto_batch_trials: list[dict] = []
         self._claim: checkpoint.RunDirClaim | None = None
         self._stop = faults.StopRequest()
+        self._agreed_signum: int | None = None  # data-parallel: the ranks' stop request, agreed on each step
         self._batch_shape = (0, 0, 0)  # (documents, source tokens, target tokens) of the latest micro-batch
 
     # ---- setup -------------------------------------------------------------------------------------
@@ -227,6 +228,7 @@ class TrainRecipe:
         """Train to `max_steps` (or the configured end). SIGTERM/SIGINT end it after a checkpoint
         (`faults.TrainingInterrupted`, exit status 143/130); a CUDA OOM becomes one `SumtuneError` sentence."""
         self._stop = faults.StopRequest(notify=self.progress.write)
+        self._agreed_signum = None
         try:
             with self._stop:
                 return self._train_loop(max_steps)
@@ -310,7 +312,12 @@ class TrainRecipe:
         """
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm or float("inf"))
-        loss_value, norm_value = torch.stack([loss_sum.detach().float(), grad_norm.detach().float()]).tolist()
+        checks = [loss_sum.detach().float(), grad_norm.detach().float()]
+        if self.dist.enabled:  # the ranks' stop requests ride on this sync: no second host round trip per step
+            checks.append(distributed.max_over_ranks_on_device(self._stop.signum or 0, self.device))
+        loss_value, norm_value, *agreed = torch.stack(checks).tolist()
+        if agreed:
+            self._agreed_signum = int(agreed[0]) or None
         if math.isfinite(loss_value) and math.isfinite(norm_value):
             self.nonfinite_in_a_row = 0
             set_lr(self.optimizer, self.current_lr())
@@ -334,9 +341,9 @@ class TrainRecipe:
 
     def _stop_if_requested(self) -> None:
         """After a SIGTERM/SIGINT: checkpoint this step boundary (unless just done) and leave the loop."""
-        signum = self._stop.signum
-        if self.dist.enabled:  # every rank stops at the same step (one tiny all-reduce per step): max over ranks
-            signum = -distributed.min_over_ranks(-(signum or 0), self.device) or None
+        # Data-parallel: every rank stops at the same step, on the request all ranks agreed on in this step's
+        # optimizer sync (max over ranks: a signal to any one process stops the job).
+        signum = self._agreed_signum if self.dist.enabled else self._stop.signum
         if signum is None:
             return
         done = self.last_checkpoint is not None and self.last_checkpoint.name == f"step-{self.global_step}" \
