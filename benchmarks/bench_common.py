@@ -175,11 +175,14 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def save_result(name: str, payload: dict) -> Path:
-    """Write benchmarks/results/<name>-<YYYY-MM-DD>-<gpu-slug>.json with environment metadata."""
+def save_result(name: str, payload: dict, slug: str | None = None) -> Path:
+    """Write benchmarks/results/<name>-<YYYY-MM-DD>-<gpu-slug>.json with environment metadata.
+
+    `payload` may override `gpu`/`versions` (a summary made on another machine than the runs'), and `slug`
+    the file name's machine part."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     today = _dt.date.today().isoformat()
-    path = RESULTS_DIR / f"{name}-{today}-{gpu_slug()}.json"
+    path = RESULTS_DIR / f"{name}-{today}-{slug or gpu_slug()}.json"
     record = {"name": name, "date": today, "gpu": gpu_name(), "versions": library_versions(), **payload}
     path.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
     return path

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -80,15 +81,17 @@ def worker(args) -> None:
         last = recipe.train(max_steps=args.warmup + args.steps)  # continues at samples_seen
         bc.sync(recipe.device)
         elapsed_s = time.perf_counter() - start
+        timed_samples = recipe.samples_seen - samples_before
         distributed.barrier()
         peak = torch.cuda.max_memory_allocated(recipe.device) / 2**30 if recipe.device.type == "cuda" else None
         mine = dict(rank=recipe.dist.rank, elapsed_s=elapsed_s, build_s=build_s, peak_mem_gib=peak,
-                    device=torch.cuda.get_device_name(recipe.device) if recipe.device.type == "cuda" else "cpu")
+                    device=torch.cuda.get_device_name(recipe.device) if recipe.device.type == "cuda" else "cpu",
+                    versions=bc.library_versions())
         if args.trace_steps:  # after the timed steps: the profiler never touches the figures above
             mine["trace"] = trace_worker(recipe, args)
         ranks = distributed.gather_objects(mine)
         if recipe.dist.is_main:
-            result = dict(world_size=recipe.dist.world_size, samples=recipe.samples_seen - samples_before,
+            result = dict(world_size=recipe.dist.world_size, samples=timed_samples,
                           steps=args.steps, micro_batch=args.batch_size,
                           grad_accum_steps=args.grad_accum_steps, last_loss=last.get("loss"),
                           tokens_per_s_logged=last.get("tokens_per_s"), ranks=ranks)
@@ -218,22 +221,31 @@ def parent(args) -> None:
     worlds = [n for n in (int(x) for x in args.gpus.split(",")) if n <= visible]
     if not worlds:
         raise SystemExit(f"no world size of {args.gpus} fits the {visible} visible device(s)")
+    unique, tokens_per_sample = full_length_rows(args)
+    steps = args.warmup + args.steps + traced_steps(args)
+    texts = rows_for_steps(unique, max(worlds) * args.batch_size * args.grad_accum_steps * steps, EVAL_RATIO)
+    setting = dict(visible_gpus=visible, data_rows=len(texts), unique_rows=len(unique),
+                   tokens_per_sample=tokens_per_sample)
     with tempfile.TemporaryDirectory(prefix="sumtune-scale-") as tmp:
         work = Path(tmp)
         data = work / "billsum.jsonl"
-        unique, tokens_per_sample = full_length_rows(args)
-        steps = args.warmup + args.steps + traced_steps(args)
-        texts = rows_for_steps(unique, max(worlds) * args.batch_size * args.grad_accum_steps * steps, EVAL_RATIO)
         write_rows(data, texts)
         # Interleaved repeats (1, 2, 4, 1, 2, 4, ...): a GPU whose clock drifts during the run affects every
         # world size alike, and the median per world size drops a stray run.
         runs = []
         for _ in range(args.repeats):
             for n in worlds:
-                runs.append(run_world(n, args, data, work))
+                runs.append({**run_world(n, args, data, work), **setting})
                 if args.runs_file:  # each run kept as it ends: a run cut off by a time limit loses only itself
                     with open(args.runs_file, "a", encoding="utf-8") as fh:
                         fh.write(json.dumps(runs[-1]) + "\n")
+    report(runs, args)
+
+
+def report(runs: list[dict], args, note: str | None = None) -> None:
+    """Table and saved JSON of `runs` (raw torchrun results): the median run per world size, all runs listed."""
+    worlds = sorted({r["world_size"] for r in runs})
+    tokens_per_sample = runs[0].get("tokens_per_sample") or full_length_rows(args)[1]
     results = [median_run([r for r in runs if r["world_size"] == n]) for n in worlds]
     rows = summarize(results, tokens_per_sample)
     for row, n in zip(rows, worlds):
@@ -246,18 +258,39 @@ def parent(args) -> None:
             print(f"trace {row['gpus']} GPU(s), rank {rank}: step {cell['step_time_s']} s, GPU busy "
                   f"{cell['gpu_busy_pct']}%, compute kernels {cell['compute_kernel_s_per_step']} s, "
                   f"communication kernels {cell['comm_kernel_s_per_step']} s per step")
-    payload = dict(model=args.model, device=args.device, micro_batch=args.batch_size, grad_accum_steps=args.grad_accum_steps, src_len=args.src_len,
-                   tgt_len=args.tgt_len, compute_dtype=args.compute_dtype, gradient_checkpointing=args.gc,
-                   warmup_steps=args.warmup, timed_steps=args.steps, visible_gpus=visible, data_rows=len(texts),
-                   unique_rows=len(unique), repeats=args.repeats,
-                   gpu_names=sorted({d for r in rows for d in r["devices"]}),
+    first = runs[0]
+    gpu_names = sorted({d for r in rows for d in r["devices"]})
+    versions = first["ranks"][0].get("versions")
+    payload = dict(model=args.model, device=args.device, micro_batch=first["micro_batch"],
+                   grad_accum_steps=first.get("grad_accum_steps", 1), src_len=args.src_len, tgt_len=args.tgt_len,
+                   compute_dtype=args.compute_dtype, gradient_checkpointing=args.gc, warmup_steps=args.warmup,
+                   timed_steps=first["steps"], visible_gpus=first.get("visible_gpus", max(worlds)),
+                   data_rows=first.get("data_rows"), unique_rows=first.get("unique_rows"),
+                   repeats=max(sum(r["world_size"] == n for r in runs) for n in worlds), gpu_names=gpu_names,
                    targets={"speedup_2": 1.9, "speedup_4": 3.6}, results=rows,
                    method="torchrun per N; recipe.train() timed between barriers after warm-up; samples/s = "
                           "global samples / slowest rank's time; weak scaling (fixed per-GPU micro-batch); "
-                          "rows repeated so no epoch (and no partial batch) ends inside a run")
+                          "rows repeated so no epoch (and no partial batch) ends inside a run; each row is the "
+                          "median of interleaved repeats (the slower one of two)")
+    if gpu_names and gpu_names != ["cpu"]:
+        payload["gpu"] = gpu_names[0] if len(gpu_names) == 1 else ", ".join(gpu_names)
+    payload["versions"] = versions  # the runs' own (None: runs written before versions were recorded)
+    if note:
+        payload["note"] = note
     if not args.no_save:
-        path = bc.save_result("scale_out-quick" if args.quick else "scale_out", payload)
+        name = "scale_out-quick" if args.quick else args.save_as
+        slug = re.sub(r"[^a-z0-9]+", "-", payload.get("gpu", "cpu").lower().replace("nvidia", "")).strip("-")
+        path = bc.save_result(name, payload, slug=f"{slug}x{payload['visible_gpus']}")
         print(f"saved {path}")
+
+
+def from_runs(args) -> None:
+    """Summarize a --runs-file written by an earlier (possibly cut-off) run."""
+    lines = Path(args.from_runs).read_text(encoding="utf-8").splitlines()
+    runs = [json.loads(line) for line in lines if line.strip()]
+    if not runs:
+        raise SystemExit(f"{args.from_runs} holds no runs")
+    report(runs, args, note=args.note)
 
 
 def main() -> None:
@@ -268,6 +301,9 @@ def main() -> None:
     parser.add_argument("--grad-accum-steps", type=int, default=1, help="micro-batches per optimizer step "
                         "(configs/t5-3b-billsum.yaml resolves to 16 × 2 on an H200)")
     parser.add_argument("--runs-file", help="append each torchrun's raw result to this JSONL file as it ends")
+    parser.add_argument("--from-runs", help="no training: summarize and save the runs of an earlier --runs-file")
+    parser.add_argument("--note", help="with --from-runs: a note stored in the saved JSON")
+    parser.add_argument("--save-as", default="scale_out", help="result name (benchmarks/results/<name>-<date>-...)")
     parser.add_argument("--src-len", type=int, default=1024)
     parser.add_argument("--tgt-len", type=int, default=128)
     parser.add_argument("--compute-dtype", default="bf16", choices=["bf16", "fp32"])
@@ -293,6 +329,8 @@ def main() -> None:
         args.src_len, args.tgt_len, args.compute_dtype, args.warmup, args.steps = 128, 32, "fp32", 1, 3
     if args.worker:
         worker(args)
+    elif args.from_runs:
+        from_runs(args)
     else:
         parent(args)
 
