@@ -120,8 +120,7 @@ def trace_worker(recipe, args) -> dict:
     stats = trace_analysis.gpu_stats(trace, top_k=6) or {}
     events = trace_analysis.complete_events(trace)
     windows = trace_analysis.step_windows_us(events)
-    kernels = [k for k in trace_analysis.kernel_events(events)
-               if trace_analysis.clip_to_windows([(float(k["ts"]), float(k["ts"]) + float(k["dur"]))], windows)]
+    kernels = trace_analysis.events_in_windows(trace_analysis.kernel_events(events), windows)
     steps = max(len(windows), 1)
 
     def per_step_s(selected) -> float:

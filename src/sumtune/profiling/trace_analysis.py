@@ -46,14 +46,16 @@ def complete_events(trace: dict[str, Any]) -> list[dict[str, Any]]:
     return [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e and "ts" in e]
 
 
+def span_us(event: dict[str, Any]) -> tuple[float, float]:
+    """(start, end) of one complete event, in microseconds."""
+    start = float(event["ts"])
+    return start, start + float(event["dur"])
+
+
 def step_windows_us(events: Iterable[dict[str, Any]]) -> list[tuple[float, float]]:
     """(start, end) of each `ProfilerStep#N` annotation, in trace microseconds, in time order."""
-    wins = [
-        (float(e["ts"]), float(e["ts"]) + float(e["dur"]))
-        for e in events
-        if str(e.get("name", "")).startswith("ProfilerStep#") and e.get("cat") != "gpu_user_annotation"
-    ]
-    return sorted(wins)
+    return sorted(span_us(e) for e in events
+                  if str(e.get("name", "")).startswith("ProfilerStep#") and e.get("cat") != "gpu_user_annotation")
 
 
 def kernel_events(events: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -90,6 +92,11 @@ def clip_to_windows(
             if hi > lo:
                 out.append((lo, hi))
     return out
+
+
+def events_in_windows(events: Iterable[dict[str, Any]], windows: list[tuple[float, float]]) -> list[dict[str, Any]]:
+    """The events that overlap any window (e.g. the kernels of the recorded steps)."""
+    return [e for e in events if clip_to_windows([span_us(e)], windows)]
 
 
 def is_tensor_core_kernel(name: str) -> bool:
@@ -146,14 +153,14 @@ def gpu_stats(trace: dict[str, Any], top_k: int = 10) -> dict[str, Any] | None:
         return None
     windows = step_windows_us(events)
     if not windows:  # no step marks (should not happen with a schedule): use the kernels' own span
-        windows = [(min(float(k["ts"]) for k in kernels), max(float(k["ts"]) + float(k["dur"]) for k in kernels))]
+        windows = [(min(span_us(k)[0] for k in kernels), max(span_us(k)[1] for k in kernels))]
     window_us = sum(end - start for start, end in windows)
-    in_window = [k for k in kernels if clip_to_windows([(float(k["ts"]), float(k["ts"]) + float(k["dur"]))], windows)]
-    busy_us = union_length(clip_to_windows(((float(k["ts"]), float(k["ts"]) + float(k["dur"])) for k in in_window), windows))
+    in_window = events_in_windows(kernels, windows)
+    busy_us = union_length(clip_to_windows((span_us(k) for k in in_window), windows))
     kernel_us = sum(float(k["dur"]) for k in in_window) or 1.0
     tc_us = sum(float(k["dur"]) for k in in_window if is_tensor_core_kernel(k["name"]))
     fp32_gemm_us = sum(float(k["dur"]) for k in in_window if is_fp32_gemm_kernel(k["name"]))
-    copies = [c for c in memcpy_events(events) if clip_to_windows([(float(c["ts"]), float(c["ts"]) + float(c["dur"]))], windows)]
+    copies = events_in_windows(memcpy_events(events), windows)
     return {
         "steps_in_trace": len(windows),
         "trace_step_time_mean_s": window_us / len(windows) / 1e6,
@@ -163,7 +170,7 @@ def gpu_stats(trace: dict[str, Any], top_k: int = 10) -> dict[str, Any] | None:
         "mean_kernel_us": kernel_us / max(len(in_window), 1),
         "tensor_core_pct": 100.0 * tc_us / kernel_us,
         "fp32_gemm_pct": 100.0 * fp32_gemm_us / kernel_us,
-        "memcpy_pct": 100.0 * union_length((float(c["ts"]), float(c["ts"]) + float(c["dur"])) for c in copies) / window_us
+        "memcpy_pct": 100.0 * union_length(span_us(c) for c in copies) / window_us
         if window_us > 0
         else None,
         "est_sm_efficiency_pct": _weighted_arg_pct(in_window, "blocks per SM", 1.0, 1.0, window_us),
