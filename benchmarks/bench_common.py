@@ -140,8 +140,9 @@ def gpu_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
-def gpu_slug() -> str:
-    name = gpu_name().lower().replace("nvidia", "")
+def gpu_slug(name: str | None = None) -> str:
+    """File-name form of a GPU name (this machine's by default): "NVIDIA H200" -> "h200"."""
+    name = (name or gpu_name()).lower().replace("nvidia", "")
     return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "cpu"
 
 

@@ -5,9 +5,9 @@
     python benchmarks/scale_out.py --quick                 # CPU plumbing check: tiny T5, gloo, 1 and 2 processes
 
 Each N runs `torchrun --nproc-per-node N` on this file in worker mode, which trains with sumtune's own
-`TrainRecipe` (DDP, sharded batches, fast T5 path on every rank) on the real BillSum rows that fill the source length: T5-3b shapes with random
-weights (`random:t5-3b`), NF4 base, the real T5 tokenizer. Per-GPU micro-batch is fixed (weak scaling), so the
-global batch grows with N. After `--warmup` steps, `--steps` steps are timed between barriers; samples/s is the
+`TrainRecipe` (DDP, sharded batches, fast T5 path on every rank) on the real BillSum rows that fill the source
+length: T5-3b shapes with random weights (`random:t5-3b`), NF4 base, the real T5 tokenizer. Per-GPU micro-batch
+is fixed (weak scaling), so the global batch grows with N. After `--warmup` steps, `--steps` steps are timed between barriers; samples/s is the
 global samples of the timed steps over the slowest rank's time. Efficiency = samples/s(N) / (N × samples/s(1)).
 """
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -62,7 +61,8 @@ def worker(args) -> None:
         model=args.model, tokenizer=str(bc.shared_data_dir() / "t5-tokenizer"), dataset=args.data,
         eval_ratio=EVAL_RATIO, max_source_tokens=args.src_len, max_target_tokens=args.tgt_len,
         compute_dtype=args.compute_dtype, batch_size=args.batch_size, grad_accum_steps=args.grad_accum_steps,
-        max_steps=args.warmup + args.steps + traced_steps(args), eval_every_steps=10**9, log_every_steps=10**9, progress=False,
+        max_steps=args.warmup + args.steps + traced_steps(args), eval_every_steps=10**9, log_every_steps=10**9,
+        progress=False,
         output_dir=args.run_dir, overwrite=True, device=args.device, gradient_checkpointing=args.gc,
         optimizer="paged_adamw_8bit" if args.device == "cuda" else "adamw", pin_memory=True, num_workers=0)
     recipe = TrainRecipe(cfg)
@@ -171,7 +171,8 @@ def run_world(n: int, args, data: Path, work: Path) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port",
            str(free_port()), str(Path(__file__).resolve()), "--worker", "--out", str(out), "--data", str(data),
            "--run-dir", str(work / f"run-{n}"), "--model", args.model, "--device", args.device,
-           "--batch-size", str(args.batch_size), "--grad-accum-steps", str(args.grad_accum_steps), "--src-len", str(args.src_len), "--tgt-len", str(args.tgt_len),
+           "--batch-size", str(args.batch_size), "--grad-accum-steps", str(args.grad_accum_steps),
+           "--src-len", str(args.src_len), "--tgt-len", str(args.tgt_len),
            "--compute-dtype", args.compute_dtype, "--warmup", str(args.warmup), "--steps", str(args.steps),
            "--trace-steps", str(args.trace_steps)]
     if args.gc:
@@ -210,7 +211,8 @@ def summarize(results: list[dict], tokens_per_sample: float) -> list[dict]:
                          full_batches=r["samples"] == r["steps"] * per_rank_step * r["world_size"],
                          build_s=max(rank["build_s"] for rank in r["ranks"]), wall_s=r["wall_s"],
                          devices=sorted({rank["device"] for rank in r["ranks"]}),
-                         **({"trace_by_rank": [rank["trace"] for rank in r["ranks"]]} if "trace" in r["ranks"][0] else {})))
+                         **({"trace_by_rank": [rank["trace"] for rank in r["ranks"]]}
+                            if "trace" in r["ranks"][0] else {})))
     return rows
 
 
@@ -278,8 +280,8 @@ def report(runs: list[dict], args, note: str | None = None) -> None:
         payload["note"] = note
     if not args.no_save:
         name = "scale_out-quick" if args.quick else args.save_as
-        slug = re.sub(r"[^a-z0-9]+", "-", payload.get("gpu", "cpu").lower().replace("nvidia", "")).strip("-")
-        path = bc.save_result(name, payload, slug=f"{slug}x{payload['visible_gpus']}")
+        slug = f"{bc.gpu_slug(payload.get('gpu', 'cpu'))}x{payload['visible_gpus']}"
+        path = bc.save_result(name, payload, slug=slug)
         print(f"saved {path}")
 
 
