@@ -7,8 +7,10 @@
 Each N runs `torchrun --nproc-per-node N` on this file in worker mode, which trains with sumtune's own
 `TrainRecipe` (DDP, sharded batches, fast T5 path on every rank) on the real BillSum rows that fill the source
 length: T5-3b shapes with random weights (`random:t5-3b`), NF4 base, the real T5 tokenizer. Per-GPU micro-batch
-is fixed (weak scaling), so the global batch grows with N. After `--warmup` steps, `--steps` steps are timed between barriers; samples/s is the
-global samples of the timed steps over the slowest rank's time. Efficiency = samples/s(N) / (N × samples/s(1)).
+is fixed (weak scaling), so the global batch grows with N. After `--warmup` steps, `--steps` steps are timed
+between barriers; samples/s is the global samples of the timed steps over the slowest rank's time.
+Efficiency = samples/s(N) / (N × samples/s(1)). `--runs-file` keeps each run as it ends (`--from-runs` summarizes
+such a file later); `--trace-steps N` adds a per-rank profile after the timed steps.
 """
 
 from __future__ import annotations
