@@ -198,9 +198,14 @@ def write_config(path: Path, device: str, **overrides) -> Path:
     return path
 
 
+def launch_env() -> dict[str, str]:
+    """Offline, one thread per process, NVLink multicast off (the lent GPU machines require it)."""
+    return dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", NCCL_NVLS_ENABLE="0",
+                TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+
+
 def launch(launcher: list[str], config: Path, out: Path, *, batch_size: int, accum: int) -> str:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", NCCL_NVLS_ENABLE="0",
-               TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+    env = launch_env()
     cmd = launcher + ["-m", "sumtune", "train", "--config", str(config), "--output-dir", str(out),
                       "--batch-size", str(batch_size), "--grad-accum-steps", str(accum)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=config.parent)
@@ -305,7 +310,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_and_resumes(tmp_p
 
     config = write_config(tmp_path / "run.yaml", "cpu", max_steps=40, log_every_steps=1)
     out = tmp_path / "run"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env = launch_env()
     cmd = torchrun(2) + ["-m", "sumtune", "train", "--config", str(config), "--output-dir", str(out),
                          "--batch-size", "2"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
