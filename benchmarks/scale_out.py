@@ -34,6 +34,9 @@ import bench_common as bc  # noqa: E402
 # NVLink SHARP / multicast stay off in every process this benchmark starts (the lent machines require it).
 NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 EVAL_RATIO = 0.01  # the trainer holds out a split; the benchmark never evaluates it
+# What a run was measured with, stored in each run (so --from-runs needs no flags) as (field, argparse name).
+RUN_SETTINGS = (("model", "model"), ("device", "device"), ("src_len", "src_len"), ("tgt_len", "tgt_len"),
+                ("compute_dtype", "compute_dtype"), ("gradient_checkpointing", "gc"), ("warmup_steps", "warmup"))
 COLUMNS = ["gpus", "global_batch", "samples_per_s", "tokens_per_s", "step_time_s", "speedup", "efficiency",
            "peak_mem_gib", "last_loss"]
 
@@ -227,8 +230,8 @@ def parent(args) -> None:
     unique, tokens_per_sample = full_length_rows(args)
     steps = args.warmup + args.steps + traced_steps(args)
     texts = rows_for_steps(unique, max(worlds) * args.batch_size * args.grad_accum_steps * steps, EVAL_RATIO)
-    setting = dict(visible_gpus=visible, data_rows=len(texts), unique_rows=len(unique),
-                   tokens_per_sample=tokens_per_sample)
+    setting = dict({key: getattr(args, name) for key, name in RUN_SETTINGS}, visible_gpus=visible,
+                   data_rows=len(texts), unique_rows=len(unique), tokens_per_sample=tokens_per_sample)
     with tempfile.TemporaryDirectory(prefix="sumtune-scale-") as tmp:
         work = Path(tmp)
         data = work / "billsum.jsonl"
@@ -264,9 +267,9 @@ def report(runs: list[dict], args, note: str | None = None) -> None:
     first = runs[0]
     gpu_names = sorted({d for r in rows for d in r["devices"]})
     versions = first["ranks"][0].get("versions")
-    payload = dict(model=args.model, device=args.device, micro_batch=first["micro_batch"],
-                   grad_accum_steps=first.get("grad_accum_steps", 1), src_len=args.src_len, tgt_len=args.tgt_len,
-                   compute_dtype=args.compute_dtype, gradient_checkpointing=args.gc, warmup_steps=args.warmup,
+    # Runs written before they carried their settings (2026-11-30's first runs file) take them from the flags.
+    payload = dict({key: first.get(key, getattr(args, name)) for key, name in RUN_SETTINGS},
+                   micro_batch=first["micro_batch"], grad_accum_steps=first.get("grad_accum_steps", 1),
                    timed_steps=first["steps"], visible_gpus=first.get("visible_gpus", max(worlds)),
                    data_rows=first.get("data_rows"), unique_rows=first.get("unique_rows"),
                    repeats=max(sum(r["world_size"] == n for r in runs) for n in worlds), gpu_names=gpu_names,
