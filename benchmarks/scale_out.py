@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import bench_common as bc  # noqa: E402
+from sumtune.profiling.profiler import NULL_PROFILER  # noqa: E402
 
 # NVLink SHARP / multicast stay off in every process this benchmark starts (the lent machines require it).
 NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -57,6 +58,26 @@ def child_env(device: str) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- worker (one rank)
+class StepClock:
+    """The training loop's profiler slot, recording only when each step ended (host clock, after the step's
+    sync): per-step times show whether a rank's steps are steady or jittery. Phases stay null contexts."""
+
+    done, is_recording = False, False
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+
+    def phase(self, name: str):
+        return NULL_PROFILER.phase(name)
+
+    def step(self, samples: int | None = None, tokens: int | None = None) -> None:
+        self.ends.append(time.perf_counter())
+
+    def step_times_s(self, start: float) -> list[float]:
+        edges = [start, *self.ends]
+        return [b - a for a, b in zip(edges, edges[1:])]
+
+
 def worker(args) -> None:
     from sumtune import distributed
     from sumtune.config import TrainConfig
@@ -82,14 +103,17 @@ def worker(args) -> None:
         bc.sync(recipe.device)
         distributed.barrier()
         samples_before = recipe.samples_seen
+        recipe.profiler = clock = StepClock()
         start = time.perf_counter()
         last = recipe.train(max_steps=args.warmup + args.steps)  # continues at samples_seen
         bc.sync(recipe.device)
         elapsed_s = time.perf_counter() - start
+        recipe.profiler = NULL_PROFILER
         timed_samples = recipe.samples_seen - samples_before
         distributed.barrier()
         peak = torch.cuda.max_memory_allocated(recipe.device) / 2**30 if recipe.device.type == "cuda" else None
-        mine = dict(rank=recipe.dist.rank, elapsed_s=elapsed_s, build_s=build_s, peak_mem_gib=peak,
+        mine = dict(rank=recipe.dist.rank, elapsed_s=elapsed_s, step_times_s=clock.step_times_s(start),
+                    build_s=build_s, peak_mem_gib=peak,
                     device=torch.cuda.get_device_name(recipe.device) if recipe.device.type == "cuda" else "cpu",
                     versions=bc.library_versions())
         if args.trace_steps:  # after the timed steps: the profiler never touches the figures above
@@ -198,6 +222,14 @@ def median_run(runs: list[dict]) -> dict:
     return ordered[len(ordered) // 2]
 
 
+def step_spread(times_s: list[float]) -> dict:
+    """Median, fastest and slowest of one rank's timed steps, and the coefficient of variation."""
+    ordered = sorted(times_s)
+    mean = sum(ordered) / len(ordered)
+    stdev = (sum((t - mean) ** 2 for t in ordered) / len(ordered)) ** 0.5
+    return dict(median=ordered[len(ordered) // 2], min=ordered[0], max=ordered[-1], cv=stdev / mean)
+
+
 def summarize(results: list[dict], tokens_per_sample: float) -> list[dict]:
     rows = []
     base = None
@@ -216,6 +248,8 @@ def summarize(results: list[dict], tokens_per_sample: float) -> list[dict]:
                          full_batches=r["samples"] == r["steps"] * per_rank_step * r["world_size"],
                          build_s=max(rank["build_s"] for rank in r["ranks"]), wall_s=r["wall_s"],
                          devices=sorted({rank["device"] for rank in r["ranks"]}),
+                         **({"rank_step_time_s": [step_spread(rank["step_times_s"]) for rank in r["ranks"]]}
+                            if r["ranks"][0].get("step_times_s") else {}),
                          **({"trace_by_rank": [rank["trace"] for rank in r["ranks"]]}
                             if "trace" in r["ranks"][0] else {})))
     return rows
@@ -259,6 +293,9 @@ def report(runs: list[dict], args, note: str | None = None) -> None:
                                      for r in runs if r["world_size"] == n]
     bc.print_table(rows, COLUMNS)
     for row in rows:
+        for rank, spread in enumerate(row.get("rank_step_time_s", [])):
+            print(f"{row['gpus']} GPU(s), rank {rank}: step time median {spread['median']:.3f} s, "
+                  f"{spread['min']:.3f}-{spread['max']:.3f} s, CV {100 * spread['cv']:.1f}%")
         for rank, trace in enumerate(row.get("trace_by_rank", [])):
             cell = {key: bc._cell(value) for key, value in trace.items()}
             print(f"trace {row['gpus']} GPU(s), rank {rank}: step {cell['step_time_s']} s, GPU busy "
