@@ -8,8 +8,7 @@ Fast settings are tokens joined by ':' -- ``b<N>`` batch size, ``gc`` gradient c
 ``compile`` torch.compile of the T5 blocks, ``cache`` dequantized-weight cache, ``wo4`` quantize ``wo``
 too (default: ``wo`` stays bf16 as from_pretrained keeps it), ``drop0`` base-model dropout 0 (sumtune's ``model_dropout: 0``; the reference keeps T5's 0.1),
 ``adamw`` torch's fused AdamW (sumtune's ``optimizer: adamw``) instead of paged 8-bit AdamW, ``eff`` / ``cudnn`` pin SDPA to the memory-efficient
-or cuDNN attention kernel (default: PyTorch's choice), ``peftlora`` PEFT's own LoRA forward instead of the fused
-LoRA-on-NF4 layer (sumtune.fast_t5.lora4bit). Each setting builds a fresh model.
+or cuDNN attention kernel (default: PyTorch's choice). Each setting builds a fresh model.
 """
 
 from __future__ import annotations
@@ -35,12 +34,11 @@ COLUMNS = ["path", "setting", "batch", "samples_per_s", "tokens_per_s", "step_ti
 # ----------------------------------------------------------------------------- settings
 def parse_setting(text: str) -> dict:
     tokens = text.split(":")
-    setting = dict(name=text, batch=None, gc=False, compile=False, cache=False, wo4=False, sdpa=None, drop0=False,
-                   adamw=False, peftlora=False)
+    setting = dict(name=text, batch=None, gc=False, compile=False, cache=False, wo4=False, sdpa=None, drop0=False, adamw=False)
     for token in tokens:
         if token.startswith("b") and token[1:].isdigit():
             setting["batch"] = int(token[1:])
-        elif token in ("gc", "compile", "cache", "wo4", "drop0", "adamw", "peftlora"):
+        elif token in ("gc", "compile", "cache", "wo4", "drop0", "adamw"):
             setting[token] = True
         elif token in ("eff", "cudnn"):
             setting["sdpa"] = token
@@ -81,7 +79,6 @@ def build_fast(config, device, setting, args):
     from peft import get_peft_model
 
     from sumtune.fast_t5 import cache_dequantized_weights, compile_for_training, enable_fast_t5
-    from sumtune.fast_t5.lora4bit import unfuse_lora_4bit
     from sumtune.modeling import set_model_dropout
 
     skip = ("lm_head",) if setting["wo4"] else ("lm_head", "wo")
@@ -95,8 +92,6 @@ def build_fast(config, device, setting, args):
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
     enable_fast_t5(model)
-    if setting["peftlora"]:
-        unfuse_lora_4bit(model)
     if setting["cache"]:
         cache_dequantized_weights(model)
     if setting["compile"]:

@@ -26,7 +26,7 @@ from sumtune.fast_t5 import (  # noqa: E402
     uncache_dequantized_weights,
 )
 from sumtune.fast_t5 import bias as bias_lib  # noqa: E402
-from sumtune.fast_t5.numerics import relative_errors, vector_relative_error  # noqa: E402
+from sumtune.fast_t5.numerics import relative_errors  # noqa: E402
 from sumtune.modeling import keep_4bit_layout  # noqa: E402
 
 VOCAB = 512
@@ -148,11 +148,10 @@ def fast_model(model):
 
 # ----------------------------------------------------------------------------- tests
 def test_enable_patches_peft_wrapped_t5_and_disable_restores(model):
-    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
     from transformers.models.t5 import modeling_t5 as t5
 
     enable_fast_t5(model)
-    kinds = (t5.T5Stack, t5.T5Attention, t5.T5LayerNorm, t5.T5DenseActDense, LoraLinear4bit)
+    kinds = (t5.T5Stack, t5.T5Attention, t5.T5LayerNorm, t5.T5DenseActDense)
     patched = [m for m in model.modules() if isinstance(m, kinds)]
     assert patched and all("forward" in vars(m) for m in patched)
     assert is_fast_t5_enabled(model)
@@ -305,17 +304,14 @@ def test_after_prepare_for_kbit_training_fast_matches_stock_under_autocast():
         loss, grads = loss_and_lora_grads(model, batch)
     disable_fast_t5(model)
     assert abs(float(loss - stock_loss)) <= LOSS_RTOL * abs(float(stock_loss))
-    # All LoRA gradients as one vector, as the GPU test judges them: the fused LoRA layers round their sums once
-    # where PEFT rounds each step, and on this tiny random model that moves single FFN tensors by up to ~9% (ReLU
-    # signs flip near zero); against float32 neither path was the closer one consistently (6 seeds tried).
-    assert vector_relative_error(grads, stock_grads) <= GRAD_RTOL
+    assert max(relative_errors(grads, stock_grads).values()) <= GRAD_RTOL
 
 
 # ----------------------------------------------------------------------------- GPU, T5-3b widths
 def assert_fast_no_further_from_fp32_than_stock(model, batch, stock_grads, grads, slack: float = 1.1):
     """bf16 noise on one small tensor can exceed 2e-2 even between stock's own backends, so the per-tensor
     bar is relative: against a float32 recomputation, fast may be at most `slack` x further than stock."""
-    from sumtune.fast_t5.numerics import fp32_reference_grads
+    from sumtune.fast_t5.numerics import fp32_reference_grads, vector_relative_error
 
     _, fp32_grads = fp32_reference_grads(model, batch)
     fast_errors, stock_errors = relative_errors(grads, fp32_grads), relative_errors(stock_grads, fp32_grads)
@@ -336,6 +332,8 @@ def test_fast_is_as_close_to_float32_as_stock_on_cpu(model):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_t5_3b_widths_fast_matches_stock_on_gpu():
+    from sumtune.fast_t5.numerics import vector_relative_error
+
     config = dict(d_model=1024, d_ff=16384, d_kv=128, num_heads=32, num_layers=2, num_decoder_layers=2,
                   vocab_size=32128, relative_attention_num_buckets=32)
     model = build_qlora_t5(config, device="cuda")

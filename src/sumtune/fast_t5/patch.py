@@ -7,7 +7,6 @@ from types import MethodType
 import torch
 
 from sumtune.fast_t5 import modules as fast
-from sumtune.fast_t5.lora4bit import fuse_lora_4bit, unfuse_lora_4bit
 
 _PATCHED_ATTR = "_sumtune_fast_patched"
 _FIXED_FORWARD_ATTR = "_sumtune_stock_forward"  # fix_quantized_ffn's forward, which disable_fast_t5 restores
@@ -70,8 +69,7 @@ def enable_fast_t5(model: torch.nn.Module, compute_dtype: torch.dtype | None = N
     """Patch every T5 stack/attention/layernorm/FFN of ``model`` (plain or PEFT-wrapped) in place.
 
     Training then runs attention through SDPA's efficient kernels with a no-grad bf16 bias,
-    fused RMSNorm, bf16 GEMMs, and each PEFT LoRA layer over a 4-bit linear as one autograd node
-    (`sumtune.fast_t5.lora4bit`). Forwards with a KV cache (generation) use the stock code.
+    fused RMSNorm, and bf16 GEMMs. Forwards with a KV cache (generation) use the stock code.
     Returns ``model`` for chaining; :func:`disable_fast_t5` undoes it.
     """
     t5 = _t5_classes()
@@ -88,13 +86,11 @@ def enable_fast_t5(model: torch.nn.Module, compute_dtype: torch.dtype | None = N
             _bind(module, function, dtype)
     for stack in stacks:
         stack._sumtune_mixed_dtypes = _has_mixed_frozen_dtypes(stack, dtype)
-    fuse_lora_4bit(model)
     return model
 
 
 def disable_fast_t5(model: torch.nn.Module) -> torch.nn.Module:
-    """Restore the stock transformers (and PEFT) forwards on every module patched by :func:`enable_fast_t5`."""
-    unfuse_lora_4bit(model)
+    """Restore the stock transformers forwards on every module patched by :func:`enable_fast_t5`."""
     for module in model.modules():
         if getattr(module, _PATCHED_ATTR, False):
             del module.forward
