@@ -38,7 +38,7 @@ EVAL_RATIO = 0.01  # the trainer holds out a split; the benchmark never evaluate
 # What a run was measured with, stored in each run (so --from-runs needs no flags) as (field, argparse name).
 RUN_SETTINGS = (("model", "model"), ("device", "device"), ("src_len", "src_len"), ("tgt_len", "tgt_len"),
                 ("compute_dtype", "compute_dtype"), ("gradient_checkpointing", "gc"), ("warmup_steps", "warmup"),
-                ("compile", "compile"), ("ddp_bucket_cap_mb", "ddp_bucket_cap_mb"))
+                ("compile", "compile"))
 COLUMNS = ["gpus", "global_batch", "samples_per_s", "tokens_per_s", "step_time_s", "speedup", "efficiency",
            "peak_mem_gib", "last_loss"]
 
@@ -91,7 +91,7 @@ def worker(args) -> None:
         max_steps=args.warmup + args.steps + traced_steps(args), eval_every_steps=10**9, log_every_steps=10**9,
         progress=False,
         output_dir=args.run_dir, overwrite=True, device=args.device, gradient_checkpointing=args.gc,
-        compile=args.compile, ddp_bucket_cap_mb=args.ddp_bucket_cap_mb,
+        compile=args.compile,
         optimizer="paged_adamw_8bit" if args.device == "cuda" else "adamw", pin_memory=True, num_workers=0)
     recipe = TrainRecipe(cfg)
     # Throughput of training, not of checkpoint I/O: train() otherwise writes a resumable checkpoint (adapter +
@@ -207,8 +207,6 @@ def run_world(n: int, args, data: Path, work: Path) -> dict:
            "--compute-dtype", args.compute_dtype, "--warmup", str(args.warmup), "--steps", str(args.steps),
            "--trace-steps", str(args.trace_steps)]
     cmd += ["--gc"] * args.gc + ["--compile"] * args.compile
-    if args.ddp_bucket_cap_mb is not None:
-        cmd += ["--ddp-bucket-cap-mb", str(args.ddp_bucket_cap_mb)]
     print(f"[scale_out] {n} process(es): {' '.join(cmd[1:4])} {n} ...", flush=True)
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=child_env(args.device), timeout=args.timeout_s)
@@ -355,8 +353,6 @@ def main() -> None:
     parser.add_argument("--compute-dtype", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--gc", action="store_true", help="gradient checkpointing")
     parser.add_argument("--compile", action="store_true", help="torch.compile of the T5 blocks (sumtune's `compile`)")
-    parser.add_argument("--ddp-bucket-cap-mb", type=float, default=None, help="DDP bucket size (sumtune's "
-                        "`ddp_bucket_cap_mb`; default: one bucket for all adapter gradients)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=1, help="run the world sizes this many times, interleaved; "

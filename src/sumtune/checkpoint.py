@@ -41,7 +41,7 @@ RUN_ENTRIES = ("metrics.jsonl", "tb", "eval", "checkpoints", "profile", "plots",
 RESUME_FREE_KEYS = frozenset({
     "resume", "overwrite", "output_dir", "progress", "num_workers", "pin_memory", "allow_pickle",
     "max_nonfinite_steps", "profile_steps", "eval_batch_size", "keep_last_checkpoints", "checkpoint_every_steps",
-    "compile", "cache_dequantized_weights", "ddp_bucket_cap_mb",  # speed only: the same maths
+    "compile", "cache_dequantized_weights",  # speed only: the same maths
 })
 PATH_KEYS = ("model", "tokenizer", "dataset", "eval_dataset")
 

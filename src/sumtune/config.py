@@ -121,8 +121,6 @@ class TrainConfig:
     """DataLoader worker processes."""
     pin_memory: bool = True
     """Pin host batches for faster non-blocking copies to the GPU (ignored on the CPU)."""
-    ddp_bucket_cap_mb: float | None = None
-    """Data-parallel runs: DDP's gradient bucket size in MB; none = one bucket for all adapter gradients, all-reduced once after backward; 25 = PyTorch's default (buckets all-reduced during backward)."""
 
     # ---- evaluation and logging --------------------------------------------------------------------
     eval_every_steps: int | None = None
@@ -156,7 +154,7 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 raise SumtuneError(f"`{name}` must be greater than 0, got {getattr(self, name)}.")
         for name in ["max_steps", "max_samples", "eval_every_steps", "eval_max_samples", "max_new_tokens",
-                     "profile_steps", "checkpoint_every_steps", "samples_per_step", "ddp_bucket_cap_mb"]:
+                     "profile_steps", "checkpoint_every_steps", "samples_per_step"]:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise SumtuneError(f"`{name}` must be greater than 0 or none, got {value}.")

@@ -207,13 +207,7 @@ class SilentProgress(Progress):
 
 # ---- the model -------------------------------------------------------------------------------------------
 
-def one_bucket_mb(model: torch.nn.Module) -> float:
-    """A DDP bucket size (MB) that holds every trainable gradient of `model`."""
-    trainable_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return trainable_bytes / 2**20 + 1.0
-
-
-def wrap_model(model: torch.nn.Module, ctx: DistContext, bucket_cap_mb: float | None = None) -> torch.nn.Module:
+def wrap_model(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
     """DistributedDataParallel over the trainable (LoRA) parameters; the model itself when not distributed.
 
     The frozen base (bitsandbytes Params4bit/Int8Params, embeddings) and all buffers are told to DDP as
@@ -221,7 +215,8 @@ def wrap_model(model: torch.nn.Module, ctx: DistContext, bucket_cap_mb: float | 
     all-reduce, and skipping them avoids broadcasting gigabytes of packed 4-bit weights at start-up (and any
     reliance on DDP handling bnb's tensor subclasses). The trainable weights are broadcast from rank 0 once.
     `find_unused_parameters=False`: every LoRA weight is used in every forward (no graph walk each step).
-    `bucket_cap_mb=None` puts every adapter gradient in one bucket, all-reduced once when backward ends.
+    Buckets stay PyTorch's (25 MB, all-reduced while backward runs): one bucket all-reduced after backward was
+    measured no faster on 2× H200 (benchmarks/results/scale_out_one_bucket-2026-11-30-h200x2.json).
     """
     if not ctx.enabled:
         return model
@@ -231,11 +226,8 @@ def wrap_model(model: torch.nn.Module, ctx: DistContext, bucket_cap_mb: float | 
     ignored += [n for n, _ in model.named_buffers()]
     DDP._set_params_and_buffers_to_ignore_for_model(model, ignored)
     device_ids = [ctx.local_rank] if ctx.device.type == "cuda" else None
-    if bucket_cap_mb is None:
-        bucket_cap_mb = one_bucket_mb(model)
     ddp = DDP(model, device_ids=device_ids, output_device=device_ids[0] if device_ids else None,
-              find_unused_parameters=False,  # no buffer syncing: every buffer is in the ignore list
-              bucket_cap_mb=bucket_cap_mb)
+              find_unused_parameters=False)  # no buffer syncing: every buffer is in the ignore list
     # Weights are built; from here randomness is dropout: a different stream per rank (rank 0 keeps its own).
     if ctx.rank:
         torch.manual_seed(torch.initial_seed() + ctx.rank)

@@ -106,8 +106,7 @@ class TrainRecipe:
         self.total_steps = cfg.max_steps or max(1, math.ceil(self.steps_per_epoch * cfg.epochs))
         self.optimizer = build_optimizer(cfg.optimizer, (p for p in self.model.parameters() if p.requires_grad),
                                          lr=cfg.lr, weight_decay=cfg.weight_decay, device=self.device)
-        self.train_model = distributed.wrap_model(  # DDP over the adapter when distributed
-            self.model, self.dist, bucket_cap_mb=self.cfg.ddp_bucket_cap_mb)
+        self.train_model = distributed.wrap_model(self.model, self.dist)  # DDP over the adapter when distributed
         self.logger = MetricsLogger(self.run_dir, enabled=self.dist.is_main)
         if self.dist.is_main:
             argparsing.write_yaml(replace(self.user_cfg, resume=None), self.run_dir / "config.yaml")
