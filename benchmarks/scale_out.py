@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -225,10 +226,8 @@ def median_run(runs: list[dict]) -> dict:
 
 def step_spread(times_s: list[float]) -> dict:
     """Median, fastest and slowest of one rank's timed steps, and the coefficient of variation."""
-    ordered = sorted(times_s)
-    mean = sum(ordered) / len(ordered)
-    stdev = (sum((t - mean) ** 2 for t in ordered) / len(ordered)) ** 0.5
-    return dict(median=ordered[len(ordered) // 2], min=ordered[0], max=ordered[-1], cv=stdev / mean)
+    return dict(median=statistics.median(times_s), min=min(times_s), max=max(times_s),
+                cv=statistics.pstdev(times_s) / statistics.fmean(times_s))
 
 
 def summarize(results: list[dict], tokens_per_sample: float) -> list[dict]:
