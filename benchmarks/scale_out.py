@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import bench_common as bc  # noqa: E402
-from sumtune.profiling.profiler import NULL_PROFILER  # noqa: E402
+from sumtune.profiling.profiler import NULL_PROFILER, NullProfiler  # noqa: E402
 
 # NVLink SHARP / multicast stay off in every process this benchmark starts (the lent machines require it).
 NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -60,17 +60,12 @@ def child_env(device: str) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- worker (one rank)
-class StepClock:
+class StepClock(NullProfiler):
     """The training loop's profiler slot, recording only when each step ended (host clock, after the step's
-    sync): per-step times show whether a rank's steps are steady or jittery. Phases stay null contexts."""
-
-    done, is_recording = False, False
+    sync): per-step times show whether a rank's steps are steady or jittery. Everything else stays null."""
 
     def __init__(self) -> None:
         self.ends: list[float] = []
-
-    def phase(self, name: str):
-        return NULL_PROFILER.phase(name)
 
     def step(self, samples: int | None = None, tokens: int | None = None) -> None:
         self.ends.append(time.perf_counter())

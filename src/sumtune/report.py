@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from sumtune.errors import SumtuneError
-from sumtune.metrics import finite_number, run_config_mapping
+from sumtune.metrics import finite_number, read_metrics, run_config_mapping
 
 MAX_SAMPLES = 12        # sample summaries shown
 MAX_TRAIN_ROWS = 40     # training-log rows shown (evenly spaced, always with the last)
@@ -238,8 +238,6 @@ def section_profile(summary: Any) -> str:
 # ---- the page --------------------------------------------------------------------------------------------
 
 def build_html(run: Path) -> str:
-    from sumtune.metrics import read_metrics
-
     records = read_metrics(run)
     config = run_config_mapping(run)
     if not records and not config:
