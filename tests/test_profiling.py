@@ -236,6 +236,64 @@ def test_summary_and_report_with_a_gpu_trace(cpu_profile):
     json.dumps(summary)
 
 
+def stall_trace():
+    """Two steps: a bitsandbytes-like optimizer syncing per parameter, one .tolist(), the profiler's own syncs."""
+    events = [_x("ProfilerStep#5", 0, 1000, cat="user_annotation"),
+              _x("ProfilerStep#6", 1000, 1000, cat="user_annotation"),
+              _x("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n", 0, 300),
+              _x("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n", 1000, 300)]
+    for step_start in (0, 1000):
+        events += [_x("sumtune/forward", step_start + 10, 300, cat="user_annotation"),
+                   *(_x("cudaLaunchKernel", step_start + 20 + 10 * i, 2, cat="cuda_runtime") for i in range(25)),
+                   _x("sumtune/optimizer", step_start + 400, 500, cat="user_annotation"),
+                   _x("Optimizer.step#PagedAdamW8bit.step", step_start + 410, 400, cat="user_annotation")]
+        for i in range(3):  # three parameters, a sync each
+            t = step_start + 420 + 100 * i
+            events += [_x("aten::_local_scalar_dense", t, 50, cat="cpu_op"),
+                       _x("cudaStreamSynchronize", t + 5, 30, cat="cuda_runtime")]
+        events += [_x("aten::_local_scalar_dense", step_start + 850, 20, cat="cpu_op"),  # the step's one read
+                   _x("cudaMemcpyAsync", step_start + 852, 4, cat="cuda_runtime"),
+                   _x("cudaStreamSynchronize", step_start + 860, 10, cat="cuda_runtime"),
+                   _x(trace_analysis.PROFILER_SYNC_LABEL, step_start + 950, 40, cat="user_annotation"),
+                   _x("cudaDeviceSynchronize", step_start + 951, 38, cat="cuda_runtime")]
+    return {"traceEvents": events}
+
+
+def test_host_stalls_counts_syncs_and_launches_per_step_and_names_where():
+    host = trace_analysis.host_stalls(stall_trace())
+    assert host["syncs_per_step"] == 4.0  # 3 in the optimizer + the read; the profiler's own sync not counted
+    assert host["launches_per_step"] == 25.0
+    assert host["sync_wait_pct"] == pytest.approx(100 * (3 * 30 + 10) / 1000)
+    top, second = host["sync_sites"]
+    assert top == {"site": "optimizer: Optimizer.step#PagedAdamW8bit.step > aten::_local_scalar_dense",
+                   "per_step": 3.0, "wait_ms_per_step": pytest.approx(0.09)}
+    assert second["site"] == "optimizer: aten::_local_scalar_dense" and second["per_step"] == 1.0
+
+
+def test_host_stalls_absent_in_a_cpu_trace():
+    assert trace_analysis.host_stalls(gpu_trace()) is None
+
+
+def test_advice_names_the_operation_that_syncs(cpu_profile):
+    from sumtune.profiling.profiler import build_summary
+
+    _, prof, _ = cpu_profile
+    summary = build_summary(prof, stall_trace())
+    lines = [a for a in summary["advice"] if "device syncs per step" in a]
+    assert len(lines) == 1 and "PagedAdamW8bit" in lines[0] and "optimizer: adamw" in lines[0]
+    assert not any("see the breakdown" in a for a in summary["advice"])
+    text = format_summary(summary)
+    assert "4 device syncs/step" in text and "25 kernel launches/step" in text and "3 syncs/step in optimizer" in text
+
+
+def test_launch_bound_advice_only_without_syncs():
+    host = {"syncs_per_step": 1.0, "launches_per_step": 11700.0, "sync_sites": []}
+    text = advice.launch_bound(base_summary(host=host, gpu={"utilization_pct": 52.0}))
+    assert "11,700 kernels per step" in text and "idle 48%" in text
+    assert advice.launch_bound(base_summary(host=dict(host, syncs_per_step=770), gpu={"utilization_pct": 52.0})) is None
+    assert advice.launch_bound(base_summary(host=host, gpu={"utilization_pct": 95.0})) is None
+
+
 def test_gpu_stats_absent_without_kernels():
     assert trace_analysis.gpu_stats({"traceEvents": [_x("ProfilerStep#1", 0, 10, cat="user_annotation")]}) is None
 

@@ -67,8 +67,8 @@ def host_to_device(summary: dict[str, Any]) -> str | None:
 
 def low_gpu_utilization(summary: dict[str, Any]) -> str | None:
     util = _gpu(summary).get("utilization_pct")
-    if util is None or util >= GPU_UTIL_PCT:
-        return None
+    if util is None or util >= GPU_UTIL_PCT or host_syncs(summary) or launch_bound(summary):
+        return None  # the host rules already name the cause
     frac = _mem_fraction(summary)
     batch = _ctx(summary).get("batch_size")
     if frac is not None and frac < HEADROOM_FRACTION:
@@ -79,6 +79,50 @@ def low_gpu_utilization(summary: dict[str, Any]) -> str | None:
         return (f"the GPU runs kernels only {util:.0f}% of the step and kernels are tiny "
                 f"({_gpu(summary)['mean_kernel_us']:.0f} us on average): the step is launch-bound, try compile=True.")
     return f"the GPU is idle {100 - util:.0f}% of the step: see the breakdown for the host-side phase that stalls it."
+
+
+# What to do about syncs in a given place: first match on the sync site wins.
+SYNC_REMEDIES: tuple[tuple[str, str], ...] = (
+    ("8bit", "set optimizer: adamw (torch's fused AdamW steps all adapter tensors in a few kernels, no syncs; "
+             "the adapter's fp32 state is small)"),
+    ("Optimizer.step", "use a fused or foreach optimizer (optimizer: adamw)"),
+    ("_local_scalar_dense", "a Python read of a GPU value (.item(), int(), bool(), float()) there: keep the value "
+                            "on the GPU or read it once per logging window"),
+    ("aten::nonzero", "a data-dependent shape (nonzero, boolean-mask indexing) there: use torch.where or fixed shapes"),
+    ("aten::is_nonzero", "a tensor used as a Python bool there: keep the decision on the GPU (torch.where)"),
+)
+MAX_SYNCS_PER_STEP = 2.0
+LAUNCH_BOUND_KERNELS = 2000  # kernels per step above which host launch cost shows on the GPU's idle time
+
+
+def _remedy(site: str) -> str:
+    return next((fix for pattern, fix in SYNC_REMEDIES if pattern in site),
+                "avoid reading GPU values on the host inside the step")
+
+
+def host_syncs(summary: dict[str, Any]) -> str | None:
+    """Device syncs inside the step, named by the operation that issues most of them (from the trace)."""
+    host = summary.get("host") or {}
+    per_step = host.get("syncs_per_step")
+    if per_step is None or per_step <= MAX_SYNCS_PER_STEP or not host.get("sync_sites"):
+        return None
+    top = host["sync_sites"][0]
+    wait = host.get("sync_wait_pct")
+    waited = f", the host waits {wait:.0f}% of the step in them" if wait is not None else ""
+    return (f"{per_step:.0f} device syncs per step stall the GPU{waited}; {top['per_step']:.0f} of them in "
+            f"{top['site']}: {_remedy(top['site'])}.")
+
+
+def launch_bound(summary: dict[str, Any]) -> str | None:
+    """Many small kernels and an idle GPU: the host cannot launch fast enough."""
+    host, gpu = summary.get("host") or {}, _gpu(summary)
+    launches, util = host.get("launches_per_step"), gpu.get("utilization_pct")
+    if launches is None or util is None or util >= GPU_UTIL_PCT or launches < LAUNCH_BOUND_KERNELS:
+        return None
+    if (host.get("syncs_per_step") or 0) > MAX_SYNCS_PER_STEP:
+        return None  # the syncs come first: host_syncs says so
+    return (f"the GPU is idle {100 - util:.0f}% of the step while the host launches {launches:,.0f} kernels per "
+            f"step: fewer, larger kernels help (compile: true, cache_dequantized_weights: true, a larger micro-batch).")
 
 
 def tensor_cores(summary: dict[str, Any]) -> str | None:
@@ -144,7 +188,7 @@ def cpu_only(summary: dict[str, Any]) -> str | None:
 
 
 RULES: tuple[Callable[[dict[str, Any]], str | None], ...] = (
-    data_loading, host_to_device, low_gpu_utilization, tensor_cores, memory_headroom, memory_full,
+    host_syncs, launch_bound, data_loading, host_to_device, low_gpu_utilization, tensor_cores, memory_headroom, memory_full,
     optimizer_share, unaccounted, step_jitter, cpu_only,
 )
 

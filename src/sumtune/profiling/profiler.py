@@ -50,6 +50,12 @@ class NullProfiler:
 NULL_PROFILER = NullProfiler()
 
 
+def _profiler_sync() -> None:
+    """The profiler's own timing sync, marked so the trace analysis does not count it as the step's."""
+    with torch.profiler.record_function(trace_analysis.PROFILER_SYNC_LABEL):
+        torch.cuda.synchronize()
+
+
 @dataclass
 class StepRecord:
     """What one recorded (active) step cost."""
@@ -84,7 +90,7 @@ class _PhaseTimer:
         owner = self.owner
         recording = owner.is_recording
         if recording and owner._sync:  # wait for queued kernels so the phase owns its GPU time
-            torch.cuda.synchronize()
+            _profiler_sync()
         elapsed_s = time.perf_counter() - self._t0
         self._range.__exit__(None, None, None)
         if recording:  # += so repeated phases (gradient accumulation) add up
@@ -225,7 +231,7 @@ class StepProfiler:
         self._ensure_started()
         if self.is_recording:
             if self._cuda:
-                torch.cuda.synchronize()
+                _profiler_sync()
             step_time_s = time.perf_counter() - self._step_t0
             self.records.append(self._record(step_time_s, samples, tokens))
         self._prof.step()
@@ -301,6 +307,7 @@ def build_summary(prof: StepProfiler, trace: dict[str, Any] | None) -> dict[str,
         gpu["nvml_utilization_pct"] = statistics.fmean(nvml) if nvml else None
         summary["top_kernels"] = gpu.pop("top_kernels")
     summary["gpu"] = gpu
+    summary["host"] = trace_analysis.host_stalls(trace) if trace is not None else None
     summary["top_ops"] = prof.top_ops
     if trace is not None:
         summary["trace_phase_mean_s"] = trace_analysis.phase_times_from_trace(trace)

@@ -38,6 +38,15 @@ def format_summary(summary: dict[str, Any]) -> str:
                    f"NVML {_fmt(gpu.get('nvml_utilization_pct'), '.0f', '%')}, "
                    f"est. SM efficiency {_fmt(gpu.get('est_sm_efficiency_pct'), '.0f', '%')}, "
                    f"tensor-core kernels {_fmt(gpu.get('tensor_core_pct'), '.0f', '%')} of kernel time")
+    host = summary.get("host")
+    if host:
+        out.append(f"host          {_fmt(host.get('syncs_per_step'), '.0f')} device syncs/step "
+                   f"(waiting {_fmt(host.get('sync_wait_pct'), '.0f', '%')} of the step), "
+                   f"{_fmt(host.get('launches_per_step'), ',.0f')} kernel launches/step "
+                   f"({_fmt(host.get('launch_host_pct'), '.0f', '%')} of the step), "
+                   f"GPU idle {_fmt(None if not gpu or gpu.get('utilization_pct') is None else 100 - gpu['utilization_pct'], '.0f', '%')}")
+        for site in host.get("sync_sites") or []:
+            out.append(f"                {site['per_step']:.0f} syncs/step in {_short(site['site'], 90)}")
     out.append("")
     out.append("step breakdown")
     parts, pct = summary["breakdown_s"], summary["breakdown_pct"]

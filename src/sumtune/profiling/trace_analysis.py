@@ -191,3 +191,90 @@ def phase_times_from_trace(trace: dict[str, Any]) -> dict[str, float]:
         if e.get("cat") == "user_annotation" and name.startswith(PHASE_PREFIX):
             totals[name[len(PHASE_PREFIX):]] += float(e["dur"]) / 1e6
     return {k: v / steps for k, v in totals.items()}
+
+
+# -- host stalls: device syncs and kernel launches, and where the syncs come from -------------------------
+# CUDA runtime/driver calls that block the host until the GPU has caught up (`.item()`, `.tolist()`,
+# `torch.cuda.synchronize()`, a synchronous copy). Each one empties the GPU's queue of work.
+SYNC_CALLS = frozenset({
+    "cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize", "cudaMemcpy", "cudaMemcpy2D",
+    "cuCtxSynchronize", "cuStreamSynchronize", "cuEventSynchronize", "cuMemcpyDtoH", "cuMemcpyDtoH_v2",
+})
+LAUNCH_CALLS = frozenset({
+    "cudaLaunchKernel", "cudaLaunchKernelExC", "cudaLaunchCooperativeKernel", "cuLaunchKernel", "cuLaunchKernelEx",
+    "cudaGraphLaunch",
+})
+PROFILER_SYNC_LABEL = PHASE_PREFIX + "profiler_sync"  # the profiler's own timing syncs: not the step's
+_CONTAINER_CATS = ("cpu_op", "user_annotation", "python_function")
+
+
+def runtime_events(events: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")]
+
+
+def _enclosing_names(events: list[dict[str, Any]], targets: list[dict[str, Any]]) -> dict[int, list[str]]:
+    """For each target event (by id), the names of the CPU ops/annotations on its thread that contain it,
+    outermost first: one sweep per thread with a stack, O(n log n)."""
+    by_thread: dict[tuple, list[tuple[float, float, int, dict[str, Any]]]] = defaultdict(list)
+    for e in events:
+        if e.get("cat") in _CONTAINER_CATS:
+            start, end = span_us(e)
+            by_thread[(e.get("pid"), e.get("tid"))].append((start, -end, 0, e))
+    for e in targets:
+        start, end = span_us(e)
+        by_thread[(e.get("pid"), e.get("tid"))].append((start, -end, 1, e))
+    found: dict[int, list[str]] = {}
+    for items in by_thread.values():
+        items.sort(key=lambda item: (item[0], item[1], item[2]))  # by start, longer first, containers first
+        stack: list[tuple[float, str]] = []
+        for start, neg_end, is_target, event in items:
+            while stack and stack[-1][0] < start:  # ended before this one starts
+                stack.pop()
+            if is_target:
+                found[id(event)] = [name for _, name in stack]
+            else:
+                stack.append((-neg_end, str(event.get("name", ""))))
+    return found
+
+
+def sync_site(names: list[str]) -> str:
+    """A readable place for one sync: the outermost operation that is not a step/phase mark, and the innermost op."""
+    inner = [n for n in names if not n.startswith(("ProfilerStep#", PHASE_PREFIX))]
+    phase = next((n[len(PHASE_PREFIX):] for n in names if n.startswith(PHASE_PREFIX)), None)
+    if not inner:
+        return f"{phase}: (no operator)" if phase else "(outside any operator)"
+    where = inner[0] if inner[0] == inner[-1] else f"{inner[0]} > {inner[-1]}"
+    return f"{phase}: {where}" if phase else where
+
+
+def host_stalls(trace: dict[str, Any], top_k: int = 5) -> dict[str, Any] | None:
+    """Device syncs and kernel launches per recorded step, and the operations the syncs happen in.
+
+    The profiler's own timing syncs (inside `sumtune/profiler_sync`) are not counted: they are not the step's.
+    None when the trace holds no CUDA runtime calls (a CPU trace).
+    """
+    events = complete_events(trace)
+    windows = step_windows_us(events)
+    runtime = runtime_events(events)
+    if not runtime or not windows:
+        return None
+    runtime = events_in_windows(runtime, windows)
+    own = [span_us(e) for e in events if e.get("name") == PROFILER_SYNC_LABEL]
+    syncs = [e for e in runtime if e.get("name") in SYNC_CALLS
+             and not any(lo <= span_us(e)[0] and span_us(e)[1] <= hi for lo, hi in own)]
+    launches = [e for e in runtime if e.get("name") in LAUNCH_CALLS]
+    steps = len(windows)
+    enclosing = _enclosing_names(events, syncs)
+    sites: dict[str, list[float]] = defaultdict(list)
+    for event in syncs:
+        sites[sync_site(enclosing[id(event)])].append(float(event["dur"]))
+    ranked = sorted(sites.items(), key=lambda kv: (len(kv[1]), sum(kv[1])), reverse=True)[:top_k]
+    step_us = sum(end - start for start, end in windows) / steps
+    return {
+        "syncs_per_step": len(syncs) / steps,
+        "launches_per_step": len(launches) / steps,
+        "sync_wait_pct": 100.0 * sum(float(e["dur"]) for e in syncs) / steps / step_us if step_us > 0 else None,
+        "launch_host_pct": 100.0 * sum(float(e["dur"]) for e in launches) / steps / step_us if step_us > 0 else None,
+        "sync_sites": [{"site": site, "per_step": len(durs) / steps, "wait_ms_per_step": sum(durs) / steps / 1e3}
+                       for site, durs in ranked],
+    }
