@@ -79,7 +79,7 @@ def explain_hub_error(err: Exception, repo_id: str) -> str:
         if status == 403:
             return f"Cannot push: this token may not write to {repo_id!r} (HTTP 403); use a token with write access."
         return f"Cannot push to {repo_id!r}: the hub answered HTTP {status} ({_first_line(err)})."
-    # httpx / requests / socket failures: the hub could not be reached at all
+    # the HTTP library's own errors (connection refused, DNS, timeouts) or socket errors: the hub was not reached
     return (f"Cannot push: the hub at {constants.ENDPOINT} could not be reached "
             f"({type(err).__name__}: {_first_line(err)}).")
 
@@ -109,14 +109,22 @@ def push_run(run_dir: str | Path, repo_id: str, *, private: bool = False, token:
 
 
 def hub_failures() -> tuple[type[BaseException], ...]:
-    """What the hub raises when it is off, refuses, or cannot be reached (not bugs: those keep their traceback)."""
+    """What the hub raises when it is off, refuses, or cannot be reached (not bugs: those keep their traceback).
+
+    Connection failures come from the HTTP library that huggingface_hub is built on, which changes between its
+    majors (requests in 0.x, httpx in 1.x, httpx2 in 2.x). `HfHubHTTPError` subclasses that library's base error,
+    so the base is taken from there rather than from a list of module names that the next major outdates.
+    """
     from huggingface_hub import errors
 
     failures: list[type[BaseException]] = [errors.HfHubHTTPError, errors.OfflineModeIsEnabled,
                                            errors.LocalTokenNotFoundError, errors.HFValidationError, OSError]
-    for module, name in (("httpx", "HTTPError"), ("requests", "RequestException")):
-        try:
-            failures.append(getattr(__import__(module), name))
-        except (ImportError, AttributeError):
-            pass
+    failures += transport_errors(errors.HfHubHTTPError)
     return tuple(failures)
+
+
+def transport_errors(hub_error: type[BaseException]) -> list[type[BaseException]]:
+    """The HTTP library's exception classes among `hub_error`'s bases (e.g. httpx2.HTTPError, every
+    httpx2 connection error's base; requests' are OSErrors already), neither builtins nor huggingface_hub's."""
+    return [cls for cls in hub_error.__mro__[1:]
+            if issubclass(cls, BaseException) and cls.__module__.split(".")[0] not in ("builtins", "huggingface_hub")]
