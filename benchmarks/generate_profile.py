@@ -49,9 +49,9 @@ def main(argv=None) -> int:
         args.model, args.batches, args.source_tokens, args.new_tokens, args.encoder_chunks = "tiny", "4", 64, 8, "2"
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
 
-    from sumtune.data import pad_batch
+    from sumtune.batching import pad_batch
     from sumtune.fast_t5 import disable_fast_t5, enable_fast_t5
-    from sumtune.generation.api import encode
+    from sumtune.generation.decoding import encode
     from sumtune.generation.greedy import GreedySession
     from sumtune.generation.t5_decode import DecoderWeights, decode_step
 

@@ -85,7 +85,7 @@ def peak_gib(device: torch.device) -> float | None:
 def hf_generate(model, inputs: list[list[int]], batch_size: int, new_tokens: int, device, num_beams: int = 1,
                 forced: bool = True) -> list[list[int]]:
     """transformers generate in input order, right-padded batches; rows trimmed like sumtune's output."""
-    from sumtune.data import pad_batch
+    from sumtune.batching import pad_batch
     from sumtune.generation.greedy import trim_rows
 
     results = []

@@ -162,12 +162,12 @@ def test_adapter_loads_with_plain_peft_and_generates_the_same_summary(run_dir, b
 
 def test_summarizer_makes_its_dense_copy_once(run_dir, monkeypatch):
     """A loaded run never changes, so repeated summarize calls reuse one inference copy."""
-    from sumtune import evaluation
+    from sumtune.generation import summaries
     from sumtune.inference import Summarizer
 
     calls = []
-    real = evaluation.inference_copy
-    monkeypatch.setattr(evaluation, "inference_copy", lambda model: calls.append(1) or real(model))
+    real = summaries.inference_copy
+    monkeypatch.setattr(summaries, "inference_copy", lambda model: calls.append(1) or real(model))
     summarizer = Summarizer.from_pretrained(run_dir, device="cpu")
     first = summarizer.summarize(["An act to fund roads.", "An act to rename a post office."], max_new_tokens=6)
     second = summarizer.summarize(["An act to fund roads."], max_new_tokens=6)

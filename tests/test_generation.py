@@ -296,7 +296,7 @@ def test_batching_order_and_early_stop_do_not_change_results(merged32, expected3
 # ---- encoder path and session reuse ---------------------------------------------------------------------
 
 def test_encoder_runs_the_fast_t5_path_and_the_model_is_restored(merged32, inputs, monkeypatch):
-    import sumtune.generation.api as generation_api
+    import sumtune.generation.decoding as generation_api
     from sumtune.fast_t5 import is_fast_t5_enabled
 
     seen, encode = [], generation_api.encode
@@ -317,7 +317,7 @@ def test_repeated_calls_reuse_one_greedy_session_per_shape(merged32, inputs):
     import gc
     import weakref
 
-    from sumtune.generation.api import cached_session, release_generation_cache
+    from sumtune.generation.decoding import cached_session, release_generation_cache
 
     release_generation_cache(merged32)
     first = ours(merged32, inputs[:4], batch_size=4, pad_to_multiple_of=64)

@@ -71,11 +71,11 @@ def meta_model(cfg: TrainConfig) -> nn.Module:
     """The model's modules on the meta device: shapes only."""
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
-    from sumtune.modeling import shape_name, t5_config
+    from sumtune.modeling import model_source, t5_config
 
-    name = shape_name(cfg.model)
-    if name is not None:
-        config = t5_config(name)
+    shape = model_source(cfg.model).shape
+    if shape is not None:
+        config = t5_config(shape)
     else:
         try:
             config = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
