@@ -553,3 +553,19 @@ def test_sumtune_profile_cli_on_a_tiny_qlora_config(tmp_path, capsys):
     assert {"sumtune/forward", "sumtune/backward", "sumtune/optimizer"} <= names
     printed = capsys.readouterr()
     assert "step breakdown" in printed.out + printed.err
+
+
+def test_sumtune_profile_resolves_batch_size_auto_before_profiling(tmp_path):
+    """The recipe resolves `batch_size: auto` and then tells the profiler what it profiles (the profile runner
+    once computed FLOPs from the config's "auto" itself and crashed with a TypeError)."""
+    from sumtune.cli import main
+
+    out = tmp_path / "run"
+    code = main(["profile", "--model", "tiny", "--dataset", "demo", "--max-samples", "60", "--compute-dtype", "fp32",
+                 "--device", "cpu", "--batch-size", "auto", "--samples-per-step", "4", "--max-source-tokens", "32",
+                 "--max-target-tokens", "8", "--quick", "--no-progress", "--output-dir", str(out)])
+    assert code == 0
+    summary = json.loads((out / "profile" / "summary.json").read_text())
+    assert summary["steps_recorded"] == 2 and summary["samples_per_step"] == 4  # CPU: one micro-batch of 4
+    assert summary["context"]["batch_size"] == 4 and summary["context"]["grad_accum_steps"] == 1
+    assert summary["flops_per_step"] > 0 and summary["tokens_per_s"] > 0
