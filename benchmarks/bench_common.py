@@ -106,13 +106,12 @@ def quantize_linear4bit(model: nn.Module, compute_dtype: torch.dtype = torch.bfl
     sumtune's own quantizer (`sumtune.modeling.quantize_in_place`), on ``device`` (default: where the model is).
     For the reference recipe pass ``skip=("lm_head", "wo")``: from_pretrained keeps T5's ``wo`` unquantized.
     """
-    from sumtune.config import TrainConfig
-    from sumtune.modeling import DTYPES, freeze, quantize_in_place
+    from sumtune.modeling import DTYPES, QuantSettings, freeze, quantize_in_place
 
     dtype_name = {dtype: name for name, dtype in DTYPES.items()}[compute_dtype]
-    cfg = TrainConfig(quantization=quant_type, double_quant=double_quant, compute_dtype=dtype_name)
     target = torch.device(device) if device is not None else next(model.parameters()).device
-    return freeze(quantize_in_place(model, cfg, target, skip=tuple(skip)))
+    return freeze(quantize_in_place(model, QuantSettings(quant_type, dtype_name, double_quant), target,
+                                    skip=tuple(skip)))
 
 
 def count_lora_params(model: nn.Module) -> int:

@@ -129,63 +129,76 @@ def t5_config(name: str, vocab_size: int = T5_VOCAB_SIZE, **overrides):
 
 # ---- quantization --------------------------------------------------------------------------------------
 
-def skipped_modules(cfg: "TrainConfig") -> list[str]:
+@dataclass(frozen=True)
+class QuantSettings:
+    """How the frozen base is stored: the three settings quantization needs (`of(cfg)` reads a TrainConfig)."""
+
+    kind: str = "nf4"  # nf4 | fp4 | int8 | none
+    compute_dtype: str = "bf16"
+    double_quant: bool = True
+
+    @classmethod
+    def of(cls, cfg: "TrainConfig") -> "QuantSettings":
+        return cls(cfg.quantization, cfg.compute_dtype, cfg.double_quant)
+
+
+def skipped_modules(compute_dtype: str) -> list[str]:
     """Linear layers left unquantized. `wo` stays in fp32 only for fp16 compute, where T5's FFN output overflows."""
     skip = ["lm_head"]  # tied to the embeddings; quantizing it would quantize the input embeddings' twin
-    if cfg.compute_dtype == "fp16":
+    if compute_dtype == "fp16":
         skip.append("wo")
     return skip
 
 
-def bnb_config(cfg: "TrainConfig"):
+def bnb_config(quant: QuantSettings):
     """The transformers `BitsAndBytesConfig` for this run (None when not quantizing)."""
-    if cfg.quantization == "none":
+    if quant.kind == "none":
         return None
     from transformers import BitsAndBytesConfig
 
-    if cfg.quantization == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skipped_modules(cfg))
+    if quant.kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skipped_modules(quant.compute_dtype))
     return BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type=cfg.quantization,
-        bnb_4bit_use_double_quant=cfg.double_quant,
-        bnb_4bit_compute_dtype=DTYPES[cfg.compute_dtype],
-        llm_int8_skip_modules=skipped_modules(cfg),
+        bnb_4bit_quant_type=quant.kind,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype],
+        llm_int8_skip_modules=skipped_modules(quant.compute_dtype),
     )
 
 
-def _quantized_linear(linear: nn.Linear, cfg: "TrainConfig", device: torch.device) -> nn.Module:
+def _quantized_linear(linear: nn.Linear, quant: QuantSettings, device: torch.device) -> nn.Module:
     import bitsandbytes as bnb
 
     weight = linear.weight.data
-    if cfg.quantization == "int8":
+    if quant.kind == "int8":
         layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                     has_fp16_weights=False, threshold=6.0, device="meta")
         layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     else:
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                  compute_dtype=DTYPES[cfg.compute_dtype], compress_statistics=cfg.double_quant,
-                                  quant_type=cfg.quantization, device="meta")  # no throw-away weight init
-        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=cfg.double_quant,
-                                         quant_type=cfg.quantization)
+                                  compute_dtype=DTYPES[quant.compute_dtype], compress_statistics=quant.double_quant,
+                                  quant_type=quant.kind, device="meta")  # no throw-away weight init
+        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=quant.double_quant,
+                                         quant_type=quant.kind)
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
     return layer.to(device)  # moving a Params4bit/Int8Params to a device quantizes it
 
 
-def quantize_in_place(model: nn.Module, cfg: "TrainConfig", device: torch.device,
+def quantize_in_place(model: nn.Module, quant: QuantSettings, device: torch.device,
                       skip: tuple[str, ...] | None = None) -> nn.Module:
-    """Replace every nn.Linear but the skipped ones (default: `skipped_modules(cfg)`) with a bitsandbytes layer."""
-    if cfg.quantization == "none":
+    """Replace every nn.Linear but the skipped ones (default: `skipped_modules`) with a bitsandbytes layer."""
+    if quant.kind == "none":
         return model.to(device)
-    skip = set(skipped_modules(cfg) if skip is None else skip)
+    skip = set(skipped_modules(quant.compute_dtype) if skip is None else skip)
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Linear and child_name not in skip:
-                setattr(module, child_name, _quantized_linear(child, cfg, device))
+                setattr(module, child_name, _quantized_linear(child, quant, device))
     model.to(device)
-    model.is_loaded_in_4bit = cfg.quantization in ("nf4", "fp4")
-    model.is_loaded_in_8bit = cfg.quantization == "int8"
+    model.is_loaded_in_4bit = quant.kind in ("nf4", "fp4")
+    model.is_loaded_in_8bit = quant.kind == "int8"
     return model
 
 
@@ -236,7 +249,7 @@ def build_random_model(cfg: "TrainConfig", vocab_size: int, device: torch.device
         for name_, module in model.named_modules():  # same dtype plan as from_pretrained with fp16
             if name_.endswith(".wo"):
                 module.float()
-    return freeze(quantize_in_place(model, cfg, device))
+    return freeze(quantize_in_place(model, QuantSettings.of(cfg), device))
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.load would unpickle these: never read
@@ -247,14 +260,14 @@ def pickle_files(directory: Path) -> list[str]:
     return sorted(p.name for p in Path(directory).glob("*") if p.suffix in PICKLE_SUFFIXES)
 
 
-def check_model_source(cfg: "TrainConfig") -> None:
+def check_model_source(model: str, *, allow_pickle: bool = False) -> None:
     """Refuse a local model directory that is missing, not a saved model, or pickle-only, before any long work.
 
     Pickle weights (pytorch_model.bin) can run arbitrary code when loaded: they are read only with `allow_pickle`.
     """
-    if model_source(cfg.model).kind != "local":
+    if model_source(model).kind != "local":
         return
-    local = Path(cfg.model).expanduser().resolve()
+    local = Path(model).expanduser().resolve()
     if not local.is_dir():
         raise SumtuneError(f"Model directory {str(local)!r} does not exist.")
     if not (local / "config.json").is_file():
@@ -264,7 +277,7 @@ def check_model_source(cfg: "TrainConfig") -> None:
     pickled = pickle_files(local)
     if not pickled:
         raise SumtuneError(f"Model directory {str(local)!r} has no weights (no .safetensors file).")
-    if not cfg.allow_pickle:
+    if not allow_pickle:
         raise SumtuneError(f"Model directory {str(local)!r} has only pickle weights ({', '.join(pickled)}), which "
                            f"can run code when loaded; convert them to safetensors, or pass --allow-pickle if you "
                            f"trust their source.")
@@ -277,7 +290,7 @@ def load_pretrained_model(cfg: "TrainConfig", device: torch.device) -> nn.Module
     source = cfg.model
     local = Path(source).expanduser()
     if looks_like_path(source):
-        check_model_source(cfg)
+        check_model_source(cfg.model, allow_pickle=cfg.allow_pickle)
         source = str(local.resolve())
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
@@ -291,7 +304,7 @@ def load_pretrained_model(cfg: "TrainConfig", device: torch.device) -> nn.Module
     kwargs = dict(dtype=dtype, use_safetensors=None if cfg.allow_pickle else True,
                   trust_remote_code=cfg.trust_remote_code)
     if cfg.quantization != "none":
-        kwargs.update(quantization_config=bnb_config(cfg), device_map={"": device})
+        kwargs.update(quantization_config=bnb_config(QuantSettings.of(cfg)), device_map={"": device})
     # Only T5's own FFN is known to run a quantized `wo` correctly (with sumtune's fix_quantized_ffn).
     keep_fp32_wo = cfg.compute_dtype == "fp16" or getattr(config, "model_type", "") != "t5"
     with quantize_t5_wo(model_cls, keep_fp32_wo=keep_fp32_wo):

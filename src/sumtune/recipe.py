@@ -79,7 +79,7 @@ class TrainRecipe:
         if cfg.resume:
             resume_from = checkpoint.find_resume_checkpoint(cfg.resume, out)
             resume_record = checkpoint.check_resume_config(resume_from, self.run_config())
-        check_model_source(cfg)
+        check_model_source(cfg.model, allow_pickle=cfg.allow_pickle)
         data, self.tokenizer = training.read_inputs(cfg, self.progress)
         self.train_rows, self.eval_rows = data.train, data.eval
         with self.dist.main_process_first():  # only rank 0 creates (or takes over) the run directory
