@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +16,6 @@ from sumtune.generation import generate_ids, prepare_inference_model  # noqa: E4
 from sumtune.generation.greedy import GreedySession, trim_rows  # noqa: E402
 from sumtune.generation.t5_decode import DecoderWeights  # noqa: E402
 
-DATA = Path(os.environ.get("SUMTUNE_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
-TOKENIZER_DIR, BILLSUM = DATA / "t5-tokenizer", DATA / "billsum" / "us_train_subset100.jsonl"
 PAD, EOS, START = 0, 1, 0
 SOURCE_LENGTHS = [7, 40, 130, 18, 90, 64, 11, 150, 33, 75, 120, 22, 56, 100, 9, 48]  # varied, unsorted
 MAX_NEW = 24
@@ -34,13 +31,11 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def inputs() -> list[list[int]]:
-    if not (TOKENIZER_DIR.is_dir() and BILLSUM.is_file()):
-        pytest.skip(f"real tokenizer/BillSum data not found under {DATA}")
+def inputs(billsum_jsonl, t5_tokenizer_dir) -> list[list[int]]:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
-    rows = [json.loads(line) for line in BILLSUM.read_text().splitlines()[: len(SOURCE_LENGTHS)]]
+    tokenizer = AutoTokenizer.from_pretrained(str(t5_tokenizer_dir))
+    rows = [json.loads(line) for line in billsum_jsonl.read_text().splitlines()[: len(SOURCE_LENGTHS)]]
     return [tokenizer("summarize: " + row["text"], truncation=True, max_length=n)["input_ids"]
             for row, n in zip(rows, SOURCE_LENGTHS)]
 

@@ -569,3 +569,17 @@ def test_sumtune_profile_resolves_batch_size_auto_before_profiling(tmp_path):
     assert summary["steps_recorded"] == 2 and summary["samples_per_step"] == 4  # CPU: one micro-batch of 4
     assert summary["context"]["batch_size"] == 4 and summary["context"]["grad_accum_steps"] == 1
     assert summary["flops_per_step"] > 0 and summary["tokens_per_s"] > 0
+
+
+def test_train_with_profile_steps_profiles_the_runs_own_steps(tmp_path):
+    """`train --profile-steps` hands the same profiler to the same recipe as `sumtune profile`: one wiring."""
+    from sumtune.api import train
+
+    out = tmp_path / "run"
+    train({"model": "tiny", "dataset": "demo", "max_samples": 60, "compute_dtype": "fp32", "device": "cpu",
+           "batch_size": 4, "grad_accum_steps": 2, "max_source_tokens": 32, "max_target_tokens": 8, "max_steps": 4,
+           "profile_steps": 2, "eval_max_samples": 2, "max_new_tokens": 4, "progress": False, "output_dir": str(out)})
+    summary = json.loads((out / "profile" / "summary.json").read_text())
+    assert summary["schedule"] == {"wait": 1, "warmup": 1, "active": 2} and summary["steps_recorded"] == 2
+    assert summary["samples_per_step"] == 8 and summary["context"]["grad_accum_steps"] == 2
+    assert summary["breakdown_s"]["forward"] > 0 and summary["flops_per_step"] > 0

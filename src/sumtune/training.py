@@ -95,7 +95,7 @@ def save_random_base(cfg: TrainConfig, tokenizer, run_dir: Path) -> str:
 
 def build_model(cfg: TrainConfig, tokenizer, device: torch.device, *, run_dir: Path | None = None,
                 dist: distributed.DistContext | None = None, progress: Progress | None = None):
-    """The quantized base with LoRA adapters, on `device`, with the config's speed options.
+    """The quantized base with LoRA adapters, on `device`, with the config's speed options, in training mode.
 
     With a `run_dir`, a base that must be kept with the run is saved there first (rank 0 writes, others read)."""
     from sumtune import fast_t5
@@ -119,7 +119,7 @@ def build_model(cfg: TrainConfig, tokenizer, device: torch.device, *, run_dir: P
         fast_t5.cache_dequantized_weights(model)
     if cfg.compile and device.type == "cuda":
         model = fast_t5.compile_for_training(model)
-    return model
+    return model.train()  # a loaded base comes in eval mode: dropout would be off in the steps
 
 
 def resolve_batch_size(cfg: TrainConfig, *, model, examples: list[TokenizedExample], collator: Collator,
