@@ -171,11 +171,12 @@ class TrainRecipe:
                 last_train = self._log_train(result, window.close())
                 bar.set_postfix(loss=f"{last_train['loss']:.4f}", lr=f"{last_train['lr']:.2e}",
                                 tok_s=f"{last_train['tokens_per_s']:,.0f}")
-            with window.paused():  # evaluation and checkpoints are not training time
-                if self._eval_due():
+            if self._eval_due():
+                with window.paused():  # evaluation and checkpoints are not training time
                     self.evaluate_and_checkpoint()
-                    self.model.train()
-                elif self._checkpoint_due(stop_at):
+                self.model.train()
+            elif self._checkpoint_due(stop_at):
+                with window.paused():
                     self.save_checkpoint()
             self._stop_if_requested(result)
         bar.close()

@@ -73,7 +73,8 @@ class ThroughputWindow:
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
-        """Leave the time of the block (evaluation, checkpoint) out of the window."""
+        """Leave the time of the block (evaluation, checkpoint) out of the window. It waits for the device first:
+        wrap rare work in it, never every step (the step keeps its one host sync)."""
         self.sync()  # the steps' queued work belongs to the window, not to the pause
         start = self.clock()
         try:
