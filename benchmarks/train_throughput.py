@@ -138,7 +138,7 @@ def _time_fast(data_file, device, setting, args) -> dict:
     from sumtune.training import build_training
 
     cfg = sumtune_config(setting, args, data_file, device)
-    parts, _, _ = build_training(cfg)
+    parts = build_training(cfg)
     reset_peak_memory()  # peak = model + training, not the transient of building it
     step, stream = parts.step, parts.batches.stream()
     parts.model.train()

@@ -30,7 +30,7 @@ def test_the_recipe_trains_with_the_public_step_a_benchmark_calls(tmp_path, bill
     train(cfg)
     recipe_losses = [r["loss"] for r in read_metrics(tmp_path / "run") if r["split"] == "train"]
 
-    parts, _, _ = build_training(cfg)
+    parts = build_training(cfg)
     stream = parts.batches.stream()
     bench_losses = [parts.step(parts.step.draw(stream, cfg.grad_accum_steps), lr=cfg.lr).loss for _ in range(3)]
     assert len(recipe_losses) == 3 and bench_losses == recipe_losses

@@ -6,7 +6,7 @@ product's own batches:
 
     parts = build_training(TrainConfig(model="random:t5-3b", dataset="rows.jsonl", tokenizer=..., batch_size=32))
     stream = parts.batches.stream()
-    result = parts.step(parts.step.draw(stream, parts.cfg.grad_accum_steps), lr=parts.cfg.lr)
+    result = parts.step(parts.step.draw(stream, parts.cfg.grad_accum_steps), lr=parts.cfg.lr)  # a StepResult
 """
 
 from __future__ import annotations
@@ -177,10 +177,12 @@ class TrainingParts:
     """A built run: the resolved config (numeric batch size) and what trains."""
 
     cfg: TrainConfig
+    tokenizer: object
     model: torch.nn.Module
     batches: Batches
     step: TrainStep
     auto_batch_trials: list[dict]
+    data: LoadedData | None = None  # the rows (train and eval split), when `build_training` read them
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -197,17 +199,17 @@ def build_parts(cfg: TrainConfig, tokenizer, examples: list[TokenizedExample], *
                                      resume_record=resume_record, progress=progress)
     batches = build_batches(examples, cfg, tokenizer.pad_token_id, dist=dist)
     step = build_step(model, cfg, dist=dist, profiler=profiler)
-    return TrainingParts(cfg=cfg, model=model, batches=batches, step=step, auto_batch_trials=trials)
+    return TrainingParts(cfg=cfg, tokenizer=tokenizer, model=model, batches=batches, step=step,
+                         auto_batch_trials=trials)
 
 
-def build_training(cfg: TrainConfig, *, profiler=NULL_PROFILER,
-                   progress: Progress | None = None) -> tuple[TrainingParts, LoadedData, object]:
-    """Everything a benchmark needs to run the product's step, built as the recipe builds it, without a run
-    directory (nothing is written). Returns (parts, data, tokenizer)."""
+def build_training(cfg: TrainConfig, *, profiler=NULL_PROFILER, progress: Progress | None = None) -> TrainingParts:
+    """Everything a benchmark needs to run the product's step, built as the recipe builds it (the same order,
+    the same seeds: the same steps), without a run directory: nothing is written."""
     progress = progress or Progress(enabled=False)
     dist = distributed.init_distributed(resolve_device(cfg.device))
     seed_everything(cfg.seed)
     data, tokenizer = read_inputs(cfg, progress)
     examples = tokenize_examples(tokenizer, data.train, cfg, progress)
     parts = build_parts(cfg, tokenizer, examples, dist=dist, profiler=profiler, progress=progress)
-    return parts, data, tokenizer
+    return replace(parts, data=data)
