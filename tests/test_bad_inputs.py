@@ -205,8 +205,8 @@ def test_allow_pickle_is_needed_for_pickle_weights(places):
     from sumtune.modeling import check_model_source
 
     with pytest.raises(SumtuneError, match="--allow-pickle"):
-        check_model_source(TrainConfig(model=places["model_pickle_only"]))
-    check_model_source(TrainConfig(model=places["model_pickle_only"], allow_pickle=True))  # allowed: no error
+        check_model_source(places["model_pickle_only"])
+    check_model_source(places["model_pickle_only"], allow_pickle=True)  # allowed: no error
 
 
 def test_trust_remote_code_and_allow_pickle_default_off():

@@ -73,6 +73,8 @@ class TrainConfig:
     """Rows with an empty text or summary: skip them (and report how many) or refuse the dataset."""
     group_by_length: bool = False
     """Batch documents of similar length together (less padding, same samples per epoch)."""
+    pad_to_buckets: bool = False
+    """Pad each batch up to one of a few fixed widths (sources to a multiple of 128 tokens, targets of 32, at most `max_source_tokens` / `max_target_tokens`) instead of to its longest row: compiled code then sees few distinct shapes, at the cost of some padding."""
     seed: int = 42
     """Seed for the split, data order, LoRA initialisation and dropout."""
 

@@ -1,4 +1,4 @@
-"""Summarization data: read rows from anywhere a user keeps them, split, tokenize, batch.
+"""Summarization data: read rows from anywhere a user keeps them, split, tokenize (batching: `sumtune.batching`).
 
 Rows are plain `{"text": ..., "summary": ...}` dicts once read; everything after reading is source-agnostic.
 """
@@ -10,9 +10,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from sumtune.errors import SumtuneError
 
@@ -204,7 +202,7 @@ def split_rows(rows: list[Row], eval_ratio: float, seed: int) -> tuple[list[Row]
     return [rows[i] for i in train_idx], [rows[i] for i in eval_idx]
 
 
-# ---- tokenizing and batching -----------------------------------------------------------------------------
+# ---- tokenizing -----------------------------------------------------------------------------------------
 
 @dataclass
 class TokenizedExample:
@@ -222,76 +220,10 @@ def tokenize_sources(tokenizer, texts: list[str], prefix: str, max_tokens: int) 
                      truncation=True)["input_ids"]
 
 
-def tokenize_rows(tokenizer, rows: list[Row], cfg: "TrainConfig") -> list[TokenizedExample]:
-    sources = tokenize_sources(tokenizer, [r["text"] for r in rows], cfg.source_prefix, cfg.max_source_tokens)
-    targets = tokenizer(text_target=clip_chars([r["summary"] for r in rows], cfg.max_target_tokens),
-                        max_length=cfg.max_target_tokens,
-                        truncation=True)["input_ids"]
+def tokenize_rows(tokenizer, rows: list[Row], *, prefix: str, max_source_tokens: int,
+                  max_target_tokens: int) -> list[TokenizedExample]:
+    """Source (`prefix` + text) and target ids of each row, truncated to the token limits."""
+    sources = tokenize_sources(tokenizer, [r["text"] for r in rows], prefix, max_source_tokens)
+    targets = tokenizer(text_target=clip_chars([r["summary"] for r in rows], max_target_tokens),
+                        max_length=max_target_tokens, truncation=True)["input_ids"]
     return [TokenizedExample(s, t) for s, t in zip(sources, targets)]
-
-
-def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest sequence of this batch (dynamic padding), rounded up to `multiple`; ids and mask."""
-    width = -(-max(len(s) for s in sequences) // multiple) * multiple
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        ids[i, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
-        mask[i, : len(seq)] = 1
-    return ids, mask
-
-
-def collate(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
-    input_ids, attention_mask = pad_batch([e.input_ids for e in examples], pad_id)
-    labels, label_mask = pad_batch([e.labels for e in examples], pad_id)
-    labels[label_mask == 0] = -100  # ignored by the loss
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def epoch_batches(lengths: list[int], batch_size: int, *, seed: int, epoch: int, shuffle: bool = True,
-                  group_by_length: bool = False) -> list[list[int]]:
-    """The batches of indices for one epoch, fully determined by (seed, epoch).
-
-    With `group_by_length`, indices are shuffled, cut into mega-batches of 50 batches, and sorted by length
-    inside each, so every batch holds similar lengths while the epoch order stays random.
-    """
-    order = list(range(len(lengths)))
-    if shuffle:
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    if group_by_length:
-        mega = batch_size * 50
-        order = [i for start in range(0, len(order), mega)
-                 for i in sorted(order[start:start + mega], key=lambda j: -lengths[j])]
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    if group_by_length and shuffle:
-        random.Random(seed * 7_919 + epoch).shuffle(batches)  # don't always start with the longest batch
-    return batches
-
-
-class BatchIterator:
-    """Batches of one epoch, resumable at any batch index; collation can run in DataLoader workers."""
-
-    def __init__(self, examples: list[TokenizedExample], batch_size: int, pad_id: int, *, seed: int,
-                 group_by_length: bool, num_workers: int = 0, pin_memory: bool = False):
-        self.examples = examples
-        self.batch_size = batch_size
-        self.pad_id = pad_id
-        self.seed = seed
-        self.group_by_length = group_by_length
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
-        self.lengths = [len(e.input_ids) + len(e.labels) for e in examples]
-
-    def batches_per_epoch(self) -> int:
-        return -(-len(self.examples) // self.batch_size)
-
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterable[dict[str, torch.Tensor]]:
-        batches = epoch_batches(self.lengths, self.batch_size, seed=self.seed, epoch=epoch,
-                                group_by_length=self.group_by_length)[start_batch:]
-        loader = torch.utils.data.DataLoader(
-            self.examples, batch_sampler=batches, collate_fn=self._collate, num_workers=self.num_workers,
-            pin_memory=self.pin_memory, persistent_workers=False)
-        return loader
-
-    def _collate(self, examples: list[TokenizedExample]) -> dict[str, torch.Tensor]:
-        return collate(examples, self.pad_id)
