@@ -41,7 +41,13 @@ COLUMNS = ["path", "setting", "batch", "samples_per_s", "tokens_per_s", "step_ti
 
 # ----------------------------------------------------------------------------- settings
 FLAG_TOKENS = {"gc": "gradient_checkpointing", "compile": "compile", "cache": "cache_dequantized_weights",
-               "buckets": "pad_to_buckets", "group": "group_by_length"}
+               "buckets": "pad_to_buckets", "group": "group_by_length", "graphs": "cuda_graphs"}
+RESOLVED_FIELDS = ("batch_size", "grad_accum_steps", "optimizer", "lora_targets", "lora_r", "compile",
+                   "cache_dequantized_weights", "cuda_graphs", "pad_to_buckets", "gradient_checkpointing",
+                   "model_dropout", "max_memory_gib")
+CONFIG_SAMPLES_GUESS = 64  # rows to provide per step for a config whose batch is `auto` (resolved at build)
+OFF_TOKENS = {"nograph": "cuda_graphs", "nocache": "cache_dequantized_weights", "nobuckets": "pad_to_buckets",
+              "nocompile": "compile"}
 
 
 def parse_setting(text: str) -> dict:
@@ -49,10 +55,18 @@ def parse_setting(text: str) -> dict:
     fields: dict = {}
     sdpa = None
     for token in text.split(":"):
+        if token == "config":  # the --config file's own settings
+            continue
         if token[:1] in ("b", "a") and token[1:].isdigit():
             fields["batch_size" if token[0] == "b" else "grad_accum_steps"] = int(token[1:])
         elif token in FLAG_TOKENS:
             fields[FLAG_TOKENS[token]] = True
+        elif token in OFF_TOKENS:
+            fields[OFF_TOKENS[token]] = False
+        elif token.startswith("mem") and token[3:].isdigit():
+            fields["max_memory_gib"] = float(token[3:])
+        elif token in ("paged", "adamw8"):
+            fields["optimizer"] = "paged_adamw_8bit" if token == "paged" else "adamw_8bit"
         elif token == "drop0":
             fields["model_dropout"] = 0.0
         elif token == "adamw":
@@ -61,8 +75,8 @@ def parse_setting(text: str) -> dict:
             sdpa = token
         else:
             raise SystemExit(f"unknown fast-setting token {token!r} in {text!r}")
-    if "batch_size" not in fields:
-        raise SystemExit(f"fast setting {text!r} needs a batch size token like b16")
+    if "batch_size" not in fields and not text.startswith("config"):
+        raise SystemExit(f"fast setting {text!r} needs a batch size token like b16 (or start with 'config')")
     return dict(name=text, sdpa=sdpa, fields=fields)
 
 
@@ -96,9 +110,9 @@ EVAL_RATIO = 0.01  # the product holds out a split; the benchmark never evaluate
 
 def rows_for_steps(rows: list[dict], args) -> list[dict]:
     """`rows` repeated so that no epoch ends inside the timed steps: every step gets a full batch."""
-    largest = max((parse_setting(text)["fields"] for text in args.fast), default={"batch_size": 1},
-                  key=lambda f: f["batch_size"] * f.get("grad_accum_steps", 1))
-    needed = (args.warmup + args.steps + 2) * largest["batch_size"] * largest.get("grad_accum_steps", 1)
+    per_step = [f.get("batch_size", CONFIG_SAMPLES_GUESS) * f.get("grad_accum_steps", 1)
+                for f in (parse_setting(text)["fields"] for text in args.fast)]
+    needed = (args.warmup + args.steps + 2) * max(per_step, default=1)
     count = max(len(rows), int(needed / (1 - EVAL_RATIO)) + 2)
     return [rows[i % len(rows)] for i in range(count)]
 
@@ -107,6 +121,18 @@ def sumtune_config(setting: dict, args, data_file: Path, device: torch.device):
     """The TrainConfig of one sumtune row: what `sumtune train` would run with these settings."""
     from sumtune.config import TrainConfig
 
+    if args.config:  # a shipped config as it is, with only the model, data and the setting's fields swapped in
+        from dataclasses import replace
+
+        from sumtune import argparsing
+
+        base = argparsing.resolve(TrainConfig, args.config, {})
+        return replace(base, model="tiny" if args.model == "tiny" else f"random:{args.model}",
+                       tokenizer=None if args.model == "tiny" else str(bc.shared_data_dir() / "t5-tokenizer"),
+                       dataset=str(data_file), eval_dataset=None, eval_ratio=EVAL_RATIO,
+                       max_source_tokens=args.src_len, max_target_tokens=args.tgt_len, device=device.type,
+                       compute_dtype=base.compute_dtype if device.type == "cuda" else "fp32", progress=False,
+                       **{k: v for k, v in setting["fields"].items() if k != "batch_size" or v})
     lora = dict(lora_r=REFERENCE_LORA["r"], lora_alpha=float(REFERENCE_LORA["lora_alpha"]),
                 lora_dropout=REFERENCE_LORA["lora_dropout"],
                 lora_targets=args.lora_targets or list(REFERENCE_LORA["target_modules"]),
@@ -159,9 +185,11 @@ def _time_fast(data_file, device, setting, args) -> dict:
     if args.profile:
         profile_steps(step, stream, parts.cfg.grad_accum_steps, cfg.lr)
     lora = bc.count_lora_params(parts.model)
+    resolved = parts.cfg
     del parts, step, stream
     return dict(times_s=times_s, losses=losses, samples=samples, tokens=tokens, flops=flops, lora_params=lora,
-                peak_mem_gib=peak)
+                peak_mem_gib=peak, samples_per_step=resolved.batch_size * resolved.grad_accum_steps,
+                resolved={k: getattr(resolved, k) for k in RESOLVED_FIELDS})
 
 
 def profile_steps(step, stream, accum: int, lr: float, steps: int = 2) -> None:
@@ -184,7 +212,17 @@ def profile_steps(step, stream, accum: int, lr: float, steps: int = 2) -> None:
 
 
 def time_reference(config, device, data, batch_size, args) -> dict:
-    """The reference through Seq2SeqTrainer; steps timed by a callback (sync at begin/end of each step)."""
+    """The reference through Seq2SeqTrainer on a fresh stock build (see `time_trainer`)."""
+    model = build_reference(config, device, args)
+    run = time_trainer(model, config, device, data, batch_size, args)
+    del model
+    return run
+
+
+def time_trainer(model, config, device, data, batch_size, args) -> dict:
+    """A stock PEFT model trained by Seq2SeqTrainer (the reference's settings) on fixed-length `data` rows at
+    `batch_size`; steps timed by a callback (sync at begin/end of each step). `args`: warmup, steps, src_len,
+    tgt_len."""
     import tempfile
 
     from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
@@ -201,7 +239,6 @@ def time_reference(config, device, data, batch_size, args) -> dict:
             bc.sync(device)
             self.times_s.append(time.perf_counter() - self._start)
 
-    model = build_reference(config, device, args)
     reset_peak_memory()
     rows = data["input_ids"].shape[0]
     dataset = [{k: v[i] for k, v in data.items()} for i in range(rows)]
@@ -217,7 +254,7 @@ def time_reference(config, device, data, batch_size, args) -> dict:
     lora = bc.count_lora_params(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    del trainer, model
+    del trainer
     times_s = timer.times_s[args.warmup:]
     # Fixed-length batches: every step processes batch_size rows padded to src_len/tgt_len. FLOPs counted as the
     # product counts its own (sumtune.train_step.BatchFlops: all trainable parameters, lm_head copy included).
@@ -244,7 +281,7 @@ def summarize(path: str, name: str, batch: int, run: dict, args, matmul_tflops, 
                 mfu_datasheet=achieved / peak_tflops if peak_tflops else None,
                 achieved_tflops=achieved, flops_per_sample=sum(run["flops"]) / max(1, sum(run["samples"])),
                 gradient_checkpointing=gc, steps_timed=len(run["times_s"]),
-                last_loss=run["losses"][-1] if run["losses"] else None, note="")
+                last_loss=run["losses"][-1] if run["losses"] else None, resolved=run.get("resolved"), note="")
 
 
 def run_guarded(fn, *fn_args):
@@ -289,8 +326,9 @@ def throughput(args, device) -> None:
         data_file.write_text("".join(json.dumps(r) + "\n" for r in rows_for_steps(rows, args)), encoding="utf-8")
         for text in args.fast:
             setting = parse_setting(text)
-            batch = setting["fields"]["batch_size"] * setting["fields"].get("grad_accum_steps", 1)
+            batch = setting["fields"].get("batch_size", 0) * setting["fields"].get("grad_accum_steps", 1)
             run, note = run_guarded(time_fast, data_file, device, setting, args)
+            batch = run["samples_per_step"] if run else batch  # a config's `auto` batch as it resolved
             row = (summarize("sumtune", text, batch, run, args, matmul_tflops, peak,
                              setting["fields"].get("gradient_checkpointing", False))
                    if run else dict(path="sumtune", setting=text, batch=batch, note=note))
@@ -461,6 +499,9 @@ def parse_args(argv=None):
     parser.add_argument("--reference", default="4,16", help="reference batch sizes, comma-separated ('' = none)")
     parser.add_argument("--fast", default="b16,b32:gc", help="fast settings, comma-separated ('' = none)")
     parser.add_argument("--lora-targets", default=None, help="comma-separated LoRA targets (default: v,o)")
+    parser.add_argument("--config", default=None,
+                        help="sumtune rows start from this YAML config (e.g. configs/t5-3b-billsum.yaml) instead of "
+                             "the reference's LoRA; the setting 'config' is that file exactly as shipped")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--lr", type=float, default=2e-5)

@@ -39,13 +39,28 @@ def choose_micro_batch(candidates: list[int], fits: Fits) -> tuple[int, list[dic
                        f"on --gradient-checkpointing, or use a GPU with more memory.")
 
 
+def memory_budget_bytes(device: torch.device, max_memory_gib: float | None = None) -> int:
+    """The GPU memory a run may use: the device's, or `max_memory_gib` when that is smaller."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    return total if max_memory_gib is None else min(total, int(max_memory_gib * 2**30))
+
+
+def cap_gpu_memory(device: torch.device, max_memory_gib: float | None) -> None:
+    """Make PyTorch's allocator refuse memory beyond `max_memory_gib` on `device` (no-op for None or a CPU)."""
+    if max_memory_gib is None or device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory_gib * 2**30 / total), device)
+
+
 def gpu_fits(loss_fn: Callable[[dict], torch.Tensor], model: torch.nn.Module, make_batch: Callable[[int], dict],
-             device: torch.device, headroom: float = AUTO_BATCH_HEADROOM) -> Fits:
+             device: torch.device, headroom: float = AUTO_BATCH_HEADROOM,
+             max_memory_gib: float | None = None) -> Fits:
     """A `fits(micro_batch)` test: one forward and backward at that size; fits if no OOM and the peak is in budget.
 
     The probe leaves no gradients behind; `find_micro_batch` saves and restores the RNG states around the search.
     """
-    total = torch.cuda.get_device_properties(device).total_memory
+    total = memory_budget_bytes(device, max_memory_gib)
 
     def fits(micro_batch: int) -> tuple[bool, dict]:
         gc.collect()
@@ -75,13 +90,14 @@ def gpu_fits(loss_fn: Callable[[dict], torch.Tensor], model: torch.nn.Module, ma
 
 def find_micro_batch(*, loss_fn: Callable[[dict], torch.Tensor], make_batch: Callable[[int], dict],
                      model: torch.nn.Module, device: torch.device, samples_per_step: int,
-                     max_micro_batch: int | None = None) -> tuple[int, list[dict]]:
+                     max_micro_batch: int | None = None, max_memory_gib: float | None = None
+                     ) -> tuple[int, list[dict]]:
     """Try the divisors of `samples_per_step` (largest first, at most `max_micro_batch`) on the GPU.
 
     `make_batch(m)` returns a device batch of `m` rows for `loss_fn`; the probes run in training mode and leave
     the RNG states (which dropout draws from) as they found them.
     """
-    fits = gpu_fits(loss_fn, model, make_batch, device)
+    fits = gpu_fits(loss_fn, model, make_batch, device, max_memory_gib=max_memory_gib)
     rng = (torch.get_rng_state(), torch.cuda.get_rng_state(device))  # probes must not shift dropout
     was_training = model.training
     model.train()

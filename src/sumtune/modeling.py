@@ -45,11 +45,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device, compute_dtype: str):
+def autocast(device: torch.device, compute_dtype: str, cache_enabled: bool = True):
     """The autocast context of `compute_dtype` on `device` (none for fp32)."""
     if compute_dtype == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=DTYPES[compute_dtype])
+    return torch.autocast(device_type=device.type, dtype=DTYPES[compute_dtype], cache_enabled=cache_enabled)
 
 
 # ---- what a `model` setting names -------------------------------------------------------------------------

@@ -49,9 +49,10 @@ class StepResult:
 
 
 def forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, device: torch.device,
-                 compute_dtype: str) -> torch.Tensor:
-    """The model's token-mean loss on a device batch; data-parallel batches carry their `loss_scale`."""
-    with autocast(device, compute_dtype):
+                 compute_dtype: str, autocast_cache: bool = True) -> torch.Tensor:
+    """The model's token-mean loss on a device batch; data-parallel batches carry their `loss_scale`.
+    `autocast_cache=False` under CUDA-graph capture (casts cached during a capture must not outlive it)."""
+    with autocast(device, compute_dtype, cache_enabled=autocast_cache):
         loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                      labels=batch["labels"]).loss
     return loss * batch["loss_scale"] if "loss_scale" in batch else loss
@@ -92,7 +93,7 @@ class TrainStep:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, device: torch.device,
                  compute_dtype: str, max_grad_norm: float | None, flops: BatchFlops | None = None,
                  train_model: torch.nn.Module | None = None, dist: distributed.DistContext | None = None,
-                 profiler=NULL_PROFILER):
+                 profiler=NULL_PROFILER, cuda_graphs: bool = False, notify=print):
         self.model, self.optimizer = model, optimizer
         self.train_model = train_model if train_model is not None else model
         self.device, self.compute_dtype = device, compute_dtype
@@ -102,6 +103,12 @@ class TrainStep:
         self.profiler = profiler
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.last_batch_shape = (0, 0, 0)  # (documents, source tokens, target tokens): for an OOM message
+        self.graphed = None  # cuda_graphs.GraphedMicroSteps when the micro-steps are captured and replayed
+        if cuda_graphs:
+            from sumtune.cuda_graphs import GraphedMicroSteps
+
+            self.graphed = GraphedMicroSteps(self._graph_forward_backward, self.params, device, notify=notify)
+            self._accum = 1
 
     def draw(self, stream: Iterator[dict[str, torch.Tensor]], count: int) -> list[dict[str, torch.Tensor]]:
         """The host micro-batches of one step from a batches stream (the profiler's data phase)."""
@@ -126,6 +133,11 @@ class TrainStep:
             self.last_batch_shape = (host_batch["input_ids"].shape[0], host_batch["input_ids"].shape[1],
                                      host_batch["labels"].shape[1])
             flops += self.flops.of_batch(host_batch) if self.flops is not None else 0.0
+            if self.graphed is not None:  # h2d copy into the shape's buffers, then forward and backward replayed
+                self._accum = accum
+                with prof.phase("forward_backward"):
+                    loss_sum += self.graphed(host_batch)
+                continue
             with prof.phase("h2d"):
                 batch = to_device(host_batch, self.device)
             distributed.set_grad_sync(self.train_model, index == accum - 1)  # DDP: all-reduce on the last only
@@ -153,5 +165,13 @@ class TrainStep:
         if finite:
             set_lr(self.optimizer, lr)
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        # Captured backwards add into the same .grad buffers on every replay: zero them in place.
+        self.optimizer.zero_grad(set_to_none=self.graphed is None)
         return loss_value, norm_value if finite else None, signum
+
+    def _graph_forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One micro-batch's forward and backward as the graphs capture it; returns the detached scaled loss."""
+        loss = forward_loss(self.train_model, batch, device=self.device, compute_dtype=self.compute_dtype,
+                            autocast_cache=False) / self._accum
+        loss.backward()
+        return loss.detach()

@@ -144,7 +144,7 @@ def resolve_batch_size(cfg: TrainConfig, *, model, examples: list[TokenizedExamp
             micro, trials = batch_search.find_micro_batch(
                 loss_fn=lambda batch: forward_loss(model, batch, device=device, compute_dtype=cfg.compute_dtype),
                 make_batch=lambda m: to_device(collator([worst] * m), device), model=model, device=device,
-                samples_per_step=samples, max_micro_batch=len(examples))
+                samples_per_step=samples, max_micro_batch=len(examples), max_memory_gib=cfg.max_memory_gib)
         micro = distributed.min_over_ranks(micro, device)  # all ranks agree (a divisor still)
         accum = samples // micro
     progress.write(f"sumtune: batch_size auto → micro-batch {micro} × {accum} accumulation "
@@ -152,7 +152,8 @@ def resolve_batch_size(cfg: TrainConfig, *, model, examples: list[TokenizedExamp
     return replace(cfg, batch_size=micro, grad_accum_steps=accum), trials
 
 
-def build_step(model, cfg: TrainConfig, *, dist: distributed.DistContext, profiler=NULL_PROFILER) -> TrainStep:
+def build_step(model, cfg: TrainConfig, *, dist: distributed.DistContext, profiler=NULL_PROFILER,
+               progress: Progress | None = None) -> TrainStep:
     """The optimizer over the trainable weights, the DDP wrapper when data-parallel, and THE step over them.
 
     This is also where a profiler learns what it profiles (device, samples per step, the settings)."""
@@ -165,9 +166,20 @@ def build_step(model, cfg: TrainConfig, *, dist: distributed.DistContext, profil
     _, trainable = count_parameters(model)
     profiler.describe_run(device=device.type, peak_tflops=peak_tflops(device),
                           samples_per_step=cfg.effective_batch_size, context=advice_context(cfg))
+    progress = progress or Progress(enabled=False)
+    graphs = False
+    if cfg.cuda_graphs:
+        from sumtune.cuda_graphs import graph_blocker
+
+        reason = graph_blocker(device=device, distributed=dist.enabled,
+                               gradient_checkpointing=cfg.gradient_checkpointing)
+        if reason is not None:
+            progress.write(f"sumtune: cuda_graphs is on but the step runs eagerly: {reason}.")
+        graphs = reason is None
     return TrainStep(model, optimizer, device=device, compute_dtype=cfg.compute_dtype,
                      max_grad_norm=cfg.max_grad_norm, flops=BatchFlops(model.config, trainable),
-                     train_model=train_model, dist=dist, profiler=profiler)
+                     train_model=train_model, dist=dist, profiler=profiler, cuda_graphs=graphs,
+                     notify=progress.write)
 
 
 # ---- all of it -------------------------------------------------------------------------------------------------
@@ -193,12 +205,13 @@ def build_parts(cfg: TrainConfig, tokenizer, examples: list[TokenizedExample], *
                 run_dir: Path | None = None, resume_record: dict | None = None, profiler=NULL_PROFILER,
                 progress: Progress | None = None) -> TrainingParts:
     """Model → micro-batch size (`auto` resolved) → batches → optimizer and step, in that order."""
+    batch_search.cap_gpu_memory(dist.device, cfg.max_memory_gib)
     model = build_model(cfg, tokenizer, dist.device, run_dir=run_dir, dist=dist, progress=progress)
     collator = collator_for(cfg, tokenizer.pad_token_id)
     cfg, trials = resolve_batch_size(cfg, model=model, examples=examples, collator=collator, device=dist.device,
                                      resume_record=resume_record, progress=progress)
     batches = build_batches(examples, cfg, tokenizer.pad_token_id, dist=dist)
-    step = build_step(model, cfg, dist=dist, profiler=profiler)
+    step = build_step(model, cfg, dist=dist, profiler=profiler, progress=progress)
     return TrainingParts(cfg=cfg, tokenizer=tokenizer, model=model, batches=batches, step=step,
                          auto_batch_trials=trials)
 
