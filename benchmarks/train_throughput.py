@@ -121,7 +121,8 @@ def sumtune_config(setting: dict, args, data_file: Path, device: torch.device):
     """The TrainConfig of one sumtune row: what `sumtune train` would run with these settings."""
     from sumtune.config import TrainConfig
 
-    if args.config:  # a shipped config as it is, with only the model, data and the setting's fields swapped in
+    if args.config and setting["name"].startswith("config"):  # a shipped config as it is, with only the model,
+        # data and the setting's fields swapped in; other settings keep the reference's LoRA
         from dataclasses import replace
 
         from sumtune import argparsing
@@ -500,8 +501,9 @@ def parse_args(argv=None):
     parser.add_argument("--fast", default="b16,b32:gc", help="fast settings, comma-separated ('' = none)")
     parser.add_argument("--lora-targets", default=None, help="comma-separated LoRA targets (default: v,o)")
     parser.add_argument("--config", default=None,
-                        help="sumtune rows start from this YAML config (e.g. configs/t5-3b-billsum.yaml) instead of "
-                             "the reference's LoRA; the setting 'config' is that file exactly as shipped")
+                        help="settings that start with 'config' start from this YAML file (e.g. "
+                             "configs/t5-3b-billsum.yaml) instead of the reference's LoRA; 'config' alone is that file "
+                             "exactly as shipped")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--lr", type=float, default=2e-5)

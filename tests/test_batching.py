@@ -81,7 +81,8 @@ def test_pad_to_buckets_is_a_training_setting():
     cfg = TrainConfig(max_source_tokens=96, max_target_tokens=24, pad_to_buckets=True)
     batch = collator_for(cfg, 0)(make_examples(3, max_source=20, max_target=5))
     assert tuple(batch["input_ids"].shape[1:]) == (96,) and tuple(batch["labels"].shape[1:]) == (24,)
-    assert collator_for(TrainConfig(), 0).bucket_caps is None  # off by default
+    assert collator_for(TrainConfig(), 0).bucket_caps == (1024, 128)  # on by default (CUDA graphs capture per shape)
+    assert collator_for(TrainConfig(pad_to_buckets=False), 0).bucket_caps is None
 
 
 # ---- epoch order -----------------------------------------------------------------------------------------------

@@ -59,6 +59,13 @@ def test_replayed_steps_train_as_the_eager_steps():
         one, two = eager(micro, lr=1e-3), graphed(micro, lr=1e-3)
         assert two.loss == pytest.approx(one.loss, rel=1e-3) and two.grad_norm == pytest.approx(one.grad_norm, rel=1e-2)
     assert graphed.graphed.failed is None and set(graphed.graphed.graphs) == shapes
+    graphed.release_graphs()  # as before an evaluation: the next steps capture again and still train the same
+    assert not graphed.graphed.graphs
+    for index in range(6, 10):
+        micro = [batches[index % len(batches)]]
+        one, two = eager(micro, lr=1e-3), graphed(micro, lr=1e-3)
+        assert two.loss == pytest.approx(one.loss, rel=1e-3)
+    assert graphed.graphed.graphs
     for (name, p), q in zip(eager.model.named_parameters(), graphed.model.parameters()):
         if p.requires_grad:
             assert torch.allclose(p, q, rtol=1e-2, atol=1e-4), name

@@ -49,8 +49,9 @@ def cap_gpu_memory(device: torch.device, max_memory_gib: float | None) -> None:
     """Make PyTorch's allocator refuse memory beyond `max_memory_gib` on `device` (no-op for None or a CPU)."""
     if max_memory_gib is None or device.type != "cuda":
         return
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory_gib * 2**30 / total), device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory_gib * 2**30 / total), index)
 
 
 def gpu_fits(loss_fn: Callable[[dict], torch.Tensor], model: torch.nn.Module, make_batch: Callable[[int], dict],

@@ -73,7 +73,7 @@ class TrainConfig:
     """Rows with an empty text or summary: skip them (and report how many) or refuse the dataset."""
     group_by_length: bool = False
     """Batch documents of similar length together (less padding, same samples per epoch)."""
-    pad_to_buckets: bool = False
+    pad_to_buckets: bool = True
     """Pad each batch up to one of a few fixed widths (sources to a multiple of 128 tokens, targets of 32, at most `max_source_tokens` / `max_target_tokens`) instead of to its longest row: compiled code then sees few distinct shapes, at the cost of some padding."""
     seed: int = 42
     """Seed for the split, data order, LoRA initialisation and dropout."""
@@ -95,8 +95,8 @@ class TrainConfig:
     """Samples per optimizer step kept by `batch_size: auto` (a divisor of it becomes the micro-batch); none = 16 × `grad_accum_steps`."""
     grad_accum_steps: int = 1
     """Micro-batches accumulated per optimizer step (effective batch = batch_size × grad_accum_steps)."""
-    optimizer: Literal["paged_adamw_8bit", "adamw_8bit", "adamw"] = "paged_adamw_8bit"
-    """Optimizer for the adapter weights: bitsandbytes paged 8-bit AdamW (QLoRA), 8-bit AdamW, or torch AdamW."""
+    optimizer: Literal["paged_adamw_8bit", "adamw_8bit", "adamw"] = "adamw"
+    """Optimizer for the adapter weights: torch's AdamW (fused on a GPU: all adapter tensors in a few kernels, no host syncs; fp32 state, ~0.3 GB for T5-3b's all-linear adapters), bitsandbytes' paged 8-bit AdamW (the QLoRA paper's: it waits for the GPU once per tensor, 769 times a step for T5-3b with LoRA on every linear layer, measured) or 8-bit AdamW."""
     lr: float = 2e-4
     """Peak learning rate."""
     weight_decay: float = 0.0
@@ -115,8 +115,8 @@ class TrainConfig:
     """sumtune's fast T5 path (efficient attention with the position bias, fused norms, no fp32 upcasts); off = stock transformers T5."""
     compile: bool = False
     """torch.compile the T5 blocks (GPU; slow to start, faster steps)."""
-    cuda_graphs: bool = False
-    """Capture each micro-batch shape's forward and backward in a CUDA graph and replay it (GPU, one process, no activation checkpointing; elsewhere the step runs eagerly). Removes the host's kernel-launch cost, which bounds the T5-3b step with LoRA on every layer; pair it with `pad_to_buckets` so few shapes are captured."""
+    cuda_graphs: bool = True
+    """Capture each micro-batch shape's forward and backward in a CUDA graph and replay it (GPU, one process, no activation checkpointing; elsewhere the step runs eagerly). Removes the host's kernel-launch cost, which bounds the T5-3b step with LoRA on every layer (+68% samples/s measured on an H200); `pad_to_buckets` keeps the number of captured shapes small."""
     cache_dequantized_weights: bool = False
     """Keep a dequantized copy of every 4-bit base weight in the compute dtype, so steps skip bitsandbytes' dequantization (2 bytes/parameter more: ~5.7 GB for T5-3b; +9% samples/s measured on an H200)."""
     max_memory_gib: float | None = None

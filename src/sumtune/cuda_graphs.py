@@ -67,6 +67,15 @@ class GraphedMicroSteps:
         self.failed: str | None = None
         self.pool = None
 
+    def release(self) -> None:
+        """Forget every captured graph and free its memory pool; the next micro-batch of a shape captures again."""
+        if not self.graphs:
+            return
+        self.graphs.clear()
+        self.pool = None
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+
     def ensure_grads(self) -> None:
         """Give every trained weight a `.grad` buffer (zeros) so backward accumulates in place, captured or not."""
         for param in self.params:

@@ -217,6 +217,7 @@ class TrainRecipe:
         """ROUGE and loss on `rows` (default: the held-out rows, at most `eval_max_samples`)."""
         rows = rows if rows is not None else self.eval_rows[: self.cfg.eval_max_samples or None]
         processes = f" ({self.dist.world_size} processes)" if self.dist.enabled else ""
+        self.step.release_graphs()  # generation needs the memory the captured training graphs hold
         with self.progress.task(f"evaluating on {len(rows)} documents{processes}"):
             return self.evaluator.evaluate(rows)
 

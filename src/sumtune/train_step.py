@@ -169,6 +169,11 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=self.graphed is None)
         return loss_value, norm_value if finite else None, signum
 
+    def release_graphs(self) -> None:
+        """Drop the captured graphs and their memory (before an evaluation); later steps capture again."""
+        if self.graphed is not None:
+            self.graphed.release()
+
     def _graph_forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """One micro-batch's forward and backward as the graphs capture it; returns the detached scaled loss."""
         loss = forward_loss(self.train_model, batch, device=self.device, compute_dtype=self.compute_dtype,
