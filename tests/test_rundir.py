@@ -165,3 +165,30 @@ def test_demo_tells_its_runs_from_others(tmp_path):
     (other_run / "config.yaml").write_text(text.replace("lr: 0.003", "lr: 0.001"))
     assert not is_demo_run(other_run)  # trained with other settings: someone's run
     assert not is_demo_run(tmp_path / "nothing")
+
+
+def test_without_flock_or_hard_links_the_recorded_pid_decides(tmp_path, monkeypatch):
+    """Some network and FUSE filesystems have neither: the lock is then an exclusive create, and a lock whose
+    owner on this host is gone (its pid no longer runs) is taken over."""
+    import errno
+
+    def no_hard_links(src, dst, *args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted (no hard links here)")
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    out = tmp_path / "run"
+    out.mkdir()
+    first = rundir.RunDirLock(out)
+    assert first.acquire() is None
+    with pytest.raises(SumtuneError, match=rf"in use by another sumtune run \(pid {os.getpid()} on "):
+        rundir.RunDirLock(out).acquire()
+    first.release()
+    assert not (out / rundir.LOCK_FILE).exists()
+    dead = FORK.Process(target=os.getpid)
+    dead.start()
+    dead.join()  # a pid that ran and is gone
+    (out / rundir.LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    second = rundir.RunDirLock(out)
+    assert second.acquire() == {"pid": dead.pid, "host": socket.gethostname()}
+    assert json.loads((out / rundir.LOCK_FILE).read_text())["pid"] == os.getpid()
+    second.release()

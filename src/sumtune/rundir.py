@@ -14,6 +14,7 @@ the next run finds the lock stale and takes it over, saying so.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -95,6 +96,10 @@ def check_output_dir(out: Path, *, overwrite: bool, resume: str | None, locked_b
                            f"{hint}, or choose another --output-dir.")
 
 
+class _NoFlock(Exception):
+    """This filesystem has no flock or no hard links."""
+
+
 # ---- the lock --------------------------------------------------------------------------------------------------
 
 def _read_owner(path: Path) -> dict:
@@ -167,29 +172,67 @@ class RunDirLock:
 
     def acquire(self) -> dict | None:
         """Take the lock; returns the record of a dead owner whose stale lock was taken over (else None)."""
-        import fcntl
-
         for _ in range(20):
-            tmp = self.directory / f"{LOCK_FILE}.{os.getpid()}.tmp"
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                os.write(fd, self._record())
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                os.link(tmp, self.path)  # atomic: fails if the lock exists; the new one is born locked
-            except FileExistsError:
-                os.close(fd)
-            except BaseException:
-                os.close(fd)
-                raise
-            else:
-                self._fd = fd
-                return None
-            finally:
-                tmp.unlink(missing_ok=True)
+                if self._create_locked():
+                    return None
+            except _NoFlock:  # a filesystem without flock or hard links: the recorded pid decides
+                return self._acquire_by_pid()
             taken = self._take_over_stale()
             if taken is not None:
                 return taken
         raise SumtuneError(f"Could not lock output directory {str(self.directory)!r}: its lock file keeps changing.")
+
+    def _create_locked(self) -> bool:
+        """Create the lock file already locked: written and flock'd under a temporary name, then hard-linked into
+        place (which fails if a lock file exists). False when one exists."""
+        import fcntl
+
+        tmp = self.directory / f"{LOCK_FILE}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, self._record())
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.link(tmp, self.path)
+            except FileExistsError:
+                raise
+            except OSError as err:
+                if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM, errno.EXDEV,
+                                 errno.EMLINK, errno.ENOSYS):
+                    raise _NoFlock from None
+                raise
+        except FileExistsError:
+            os.close(fd)
+            return False
+        except BaseException:
+            os.close(fd)
+            raise
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._fd = fd
+        return True
+
+    def _acquire_by_pid(self) -> dict | None:
+        """The lock without flock: an exclusive create; a lock whose owner on this host is gone is replaced."""
+        stale = None
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            owner = _read_owner(self.path)
+            if not owner or owner.get("host") != socket.gethostname() or _pid_alive(owner.get("pid")):
+                raise SumtuneError(in_use_message(self.directory, owner or {"pid": None})) from None
+            stale = owner
+            tmp = self.directory / f"{LOCK_FILE}.{os.getpid()}.tmp"
+            tmp.write_bytes(self._record())
+            os.replace(tmp, self.path)
+            if _read_owner(self.path).get("pid") != os.getpid():  # another run replaced it at the same moment
+                raise SumtuneError(in_use_message(self.directory, _read_owner(self.path) or {"pid": None})) from None
+            fd = os.open(self.path, os.O_RDWR)
+        else:
+            os.write(fd, self._record())
+        self._fd = fd
+        return stale
 
     def _take_over_stale(self) -> dict | None:
         """Lock the existing lock file if its owner is gone; refuse while it lives; None to try again."""
@@ -275,6 +318,8 @@ class RunDirClaim:
             for name in RUN_ENTRIES:
                 if (self.out / name).exists():
                     os.rename(self.out / name, self.trash / name)
+        for leftover in self.out.glob(".sumtune-writing-*"):  # a killed run's half-written files (never renamed)
+            shutil.rmtree(leftover, ignore_errors=True)
         recover_partials(self.out / "checkpoints")
         return self.out
 
