@@ -44,8 +44,8 @@ def demo_config(output_dir: str, max_steps: int | None = None, progress: bool = 
         model="tiny", dataset="demo", quantization="nf4", double_quant=True, compute_dtype="fp32",
         lora_r=16, lora_alpha=32.0, lora_dropout=0.0, lora_targets=["all-linear"],
         eval_ratio=0.1, max_source_tokens=96, max_target_tokens=24, source_prefix="summarize: ",
-        output_dir=output_dir, overwrite=True, max_steps=DEMO_STEPS if max_steps is None else max_steps, batch_size=16, lr=3e-3,
-        warmup_steps=20, lr_schedule="cosine", optimizer="paged_adamw_8bit", eval_every_steps=120,
+        output_dir=output_dir, overwrite=True, max_steps=DEMO_STEPS if max_steps is None else max_steps,
+        batch_size=16, lr=3e-3, warmup_steps=20, lr_schedule="cosine", optimizer="paged_adamw_8bit", eval_every_steps=120,
         eval_max_samples=DEMO_EVAL_DOCS, eval_batch_size=64, log_every_steps=25, device="cpu", progress=progress,
         seed=0)
 
