@@ -289,15 +289,3 @@ def test_trust_remote_code_and_allow_pickle_default_off():
 
     cfg = TrainConfig()
     assert cfg.trust_remote_code is False and cfg.allow_pickle is False
-
-
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="issue 16: `batch_size: auto` reaches the profiler as the "
-                   "string 'auto' (samples_per_optimizer_step); the arch branch fixes it by construction: remove "
-                   "this mark when it lands")
-def test_profile_with_batch_size_auto(tmp_path, capsys):
-    """The shipped configs say `batch_size: auto`; `sumtune profile` on such a config must profile, not crash."""
-    argv = ["profile", "--model", "tiny", "--dataset", str(CORPUS / "good.jsonl"), "--batch-size", "auto",
-            "--device", "cpu", "--compute-dtype", "fp32", "--max-source-tokens", "16", "--max-target-tokens", "8",
-            "--lora-r", "8", "--quick", "--no-progress", "--output-dir", str(tmp_path / "out")]
-    assert cli.main(argv) == 0, capsys.readouterr().err
-    assert (tmp_path / "out" / "profile" / "summary.json").is_file()
