@@ -34,14 +34,47 @@ def fill(args: list[str], places: dict[str, str]) -> list[str]:
     return [a.format(**places) for a in args]
 
 
+def _digest(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except PermissionError:  # the unreadable data file of a case (when not root): its mode is what it has
+        return f"unreadable {path.stat().st_mode:o} {path.stat().st_size}"
+
+
 def snapshot(path: Path) -> dict[str, str] | None:
     """Every file under `path` with the hash of its bytes (None when `path` does not exist)."""
     if not path.exists():
         return None
     if path.is_file():
-        return {".": hashlib.sha256(path.read_bytes()).hexdigest()}
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(path.rglob("*"))}
+        return {".": _digest(path)}
+    return {str(p.relative_to(path)): _digest(p) if p.is_file() else "dir" for p in sorted(path.rglob("*"))}
+
+
+def make_user_dir(path: Path) -> None:
+    """A folder of someone's own work: what `train --output-dir` once overwrote."""
+    (path / "eval").mkdir(parents=True)
+    (path / "plots").mkdir()
+    (path / "README.md").write_text("# my project\n\nnotes I keep.\n")
+    (path / "tokenizer.json").write_text('{"version": "mine"}\n')
+    (path / "tokenizer_config.json").write_text('{"model_max_length": 512}\n')
+    (path / "config.yaml").write_text("project: mine\nmodel: my-own-model\n")
+    (path / "eval" / "metrics.json").write_text('{"rougeL": 41.0}\n')
+    (path / "plots" / "loss.png").write_bytes(bytes(range(256)))
+
+
+def make_read_only(path: Path, monkeypatch) -> None:
+    """A folder nobody may write; root writes anywhere, so there the kernel's refusal is played by os.access."""
+    path.mkdir()
+    path.chmod(0o555)
+    if os.geteuid() == 0:
+        real_access = os.access
+
+        def access(target, mode, *args, **kwargs):
+            if mode & os.W_OK and Path(target).resolve() == path.resolve():
+                return False
+            return real_access(target, mode, *args, **kwargs)
+
+        monkeypatch.setattr(os, "access", access)
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
@@ -91,14 +124,52 @@ def places(finished_run, tmp_path_factory) -> dict[str, str]:
     (no_config / "model.safetensors").write_bytes(b"{}")
     plain_file = root / "a_file.txt"
     plain_file.write_text("not a directory")
+    # damaged copies of the run: what a kill -9 or a full disk leaves in the middle of writing a file
+    damaged = {name: root / name for name in ("run_damaged_adapter", "run_damaged_adapter_config",
+                                              "run_damaged_base", "run_damaged_checkpoints")}
+    for path in damaged.values():
+        shutil.copytree(finished_run, path)
+    cut_short(damaged["run_damaged_adapter"] / "adapter_model.safetensors")
+    cut_short(damaged["run_damaged_adapter_config"] / "adapter_config.json")
+    cut_short(damaged["run_damaged_base"] / "base_model" / "model.safetensors")
+    steps = sorted((damaged["run_damaged_checkpoints"] / "checkpoints").glob("step-*"))
+    assert [p.name for p in steps] == ["step-1", "step-2"]
+    for step in steps:
+        cut_short(step / "adapter_model.safetensors")
+    model_damaged = root / "model_damaged"
+    T5ForConditionalGeneration(other).save_pretrained(model_damaged)
+    cut_short(model_damaged / "model.safetensors")
+    # CIFAR10 in the Python format: pickle files (this one would leave a mark if it were ever unpickled)
+    cifar = root / "cifar_pickle" / "cifar-10-batches-py"
+    cifar.mkdir(parents=True)
+    (cifar / "data_batch_1").write_bytes(pickle_that_marks(root / "cifar_pickle_ran"))
     return {"corpus": str(CORPUS), "run": str(finished_run), "run_mismatch": str(mismatch),
             "run_pickle_adapter": str(pickled), "model_no_weights": str(no_weights),
-            "model_no_config": str(no_config), "model_pickle_only": str(pickle_only), "file": str(plain_file)}
+            "model_no_config": str(no_config), "model_pickle_only": str(pickle_only), "file": str(plain_file),
+            **{name: str(path) for name, path in damaged.items()}, "model_damaged": str(model_damaged),
+            "cifar_pickle": str(root / "cifar_pickle")}
+
+
+def cut_short(path: Path) -> None:
+    """Keep the first half of a file, as a kill in the middle of writing it would."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def pickle_that_marks(marker: Path) -> bytes:
+    """A pickle that creates `marker` when loaded: any code would run the same way."""
+    import pickle
+
+    class Marks:
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w').write('pickle ran')",))
+
+    return pickle.dumps(Marks())
 
 
 def test_corpus_is_large_enough():
     ids = [c["id"] for c in CASES]
-    assert len(ids) >= 25 and len(set(ids)) == len(ids)
+    assert len(ids) >= 100 and len(set(ids)) == len(ids)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
@@ -106,6 +177,10 @@ def test_bad_input(case, places, tmp_path, capsys, monkeypatch):
     here = {**places, "tmp": str(tmp_path), "out": str(tmp_path / "out")}
     for name in [case.get("make_dir")] if case.get("make_dir") else []:
         (tmp_path / name).mkdir()
+    if case.get("user_dir"):
+        make_user_dir(tmp_path / case["user_dir"])
+    if case.get("readonly"):
+        make_read_only(tmp_path / case["readonly"], monkeypatch)
     if case.get("unreadable"):
         locked = tmp_path / case["unreadable"]
         locked.write_text((CORPUS / "good.jsonl").read_text())
@@ -123,7 +198,7 @@ def test_bad_input(case, places, tmp_path, capsys, monkeypatch):
             monkeypatch.setattr(Path, "read_text", read_text)
     command = case.get("command", "train")
     argv = fill(BASE_TRAIN_ARGS + case["args"] if command == "train" else [command, *case["args"]], here)
-    watched = [tmp_path / "out", Path(places["run"]), Path(places["run_mismatch"])]
+    watched = [tmp_path, *(Path(p) for name, p in places.items() if name != "corpus"), CORPUS]
     before = [snapshot(p) for p in watched]
 
     status, err = run_cli(argv, capsys)

@@ -96,3 +96,36 @@ def test_every_field_has_a_docstring():
     docs = argparsing.field_docs(TrainConfig)
     missing = [name for name in argparsing.field_types(TrainConfig) if not docs.get(name)]
     assert not missing
+
+
+FLOAT_FIELDS = [name for name, tp in argparsing.field_types(TrainConfig).items()
+                if argparsing._unwrap_optional(tp)[0] is float]
+
+
+YAML_SPELLING = {"nan": ".nan", "inf": ".inf", "-inf": "-.inf"}
+
+
+@pytest.mark.parametrize("value", list(YAML_SPELLING))
+@pytest.mark.parametrize("key", FLOAT_FIELDS)
+def test_non_finite_numbers_are_refused_in_every_float_field(key, value):
+    """NaN passes every `x <= 0` check and inf most range checks: each float field refuses both, from the command
+    line, from YAML (.nan, .inf) and from Python alike."""
+    assert {"lr", "epochs", "max_grad_norm", "lora_alpha", "weight_decay"} <= set(FLOAT_FIELDS)
+    message = rf"^`{key}` must be a finite number, got -?{value.lstrip('-')}\.$"
+    with pytest.raises(SumtuneError, match=message):
+        argparsing.from_mapping(TrainConfig, {key: value})
+    with pytest.raises(SumtuneError, match=message):
+        argparsing.from_mapping(TrainConfig, yaml.safe_load(f"{key}: {YAML_SPELLING[value]}"))
+    with pytest.raises(SumtuneError, match=message):
+        TrainConfig(**{key: float(value)})
+
+
+@pytest.mark.parametrize("seed, ok", [(0, True), (2**64 - 1, True), (2**64, False), (-1, False), (10**30, False)])
+def test_seed_range_is_torchs(seed, ok):
+    import torch
+
+    if ok:
+        torch.manual_seed(TrainConfig(seed=seed).seed)
+    else:
+        with pytest.raises(SumtuneError, match=rf"^`seed` must be between 0 and 2\^64 - 1 \(\d+\), got {seed}\.$"):
+            TrainConfig(seed=seed)

@@ -1,12 +1,20 @@
-"""Using a trained run: load it (a tiny run brings its own base), summarize with `Summarizer`."""
+"""Using a trained run: load it (a tiny run brings its own base), summarize with `Summarizer`; no code runs that
+nobody asked for, `evaluate --dataset` reads only that data, and an unwritable output is refused before the long
+model load (CPU, tiny T5 in NF4, real PEFT)."""
 
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
+import pytest
 import torch
+import yaml
 
+from sumtune import cli
 from sumtune.data import load_rows
+from sumtune.errors import SumtuneError
 from sumtune.inference import Summarizer, base_model_source, load_run, read_run_config
 
 
@@ -34,3 +42,118 @@ def test_a_tiny_run_loads_the_base_it_saved(trained_run):
     model, tokenizer, _ = load_run(trained_run, device="cpu")
     embeddings = model.get_base_model().shared.weight
     assert torch.equal(embeddings, saved["shared.weight"]) and len(tokenizer) == embeddings.shape[0]
+
+
+# ---- what a run may not make sumtune do ----------------------------------------------------------------------
+
+CORPUS = Path(__file__).parent / "bad_inputs"
+TRAIN_ARGS = ["train", "--model", "tiny", "--device", "cpu", "--compute-dtype", "fp32", "--no-progress",
+              "--max-steps", "2", "--batch-size", "2", "--max-source-tokens", "16", "--max-target-tokens", "8",
+              "--lora-r", "8", "--optimizer", "adamw", "--eval-max-samples", "2", "--max-new-tokens", "4",
+              "--log-every-steps", "1", "--eval-ratio", "0.25"]
+
+# Model code a repository ships (transformers imports it with trust_remote_code): it leaves a mark when run.
+REMOTE_CODE = '''
+from pathlib import Path
+from transformers import T5ForConditionalGeneration
+
+
+class MarkedT5(T5ForConditionalGeneration):
+    def __init__(self, config):
+        Path({marker!r}).write_text("remote code ran")
+        super().__init__(config)
+'''
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    """A finished run whose training data is then deleted, and a copy of it that asks for remote code."""
+    root = tmp_path_factory.mktemp("runs")
+    data = root / "train.jsonl"
+    shutil.copy(CORPUS / "good.jsonl", data)
+    run = root / "run"
+    assert cli.main([*TRAIN_ARGS, "--dataset", str(data), "--output-dir", str(run)]) == 0
+    data.unlink()  # the run's own training file is gone: `evaluate --dataset NEW` must not need it
+    # The same run, as someone could hand it over: its base model's config names code of its own, and its
+    # config.yaml says to trust it.
+    marked = root / "run_with_remote_code"
+    shutil.copytree(run, marked)
+    marker = root / "remote_code_ran"
+    base = marked / "base_model"
+    (base / "marked_t5.py").write_text(REMOTE_CODE.format(marker=str(marker)))
+    config = json.loads((base / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForSeq2SeqLM": "marked_t5.MarkedT5"}
+    (base / "config.json").write_text(json.dumps(config))
+    settings = yaml.safe_load((marked / "config.yaml").read_text())
+    (marked / "config.yaml").write_text(yaml.safe_dump({**settings, "trust_remote_code": True}))
+    return {"run": run, "marked": marked, "marker": marker, "root": root}
+
+
+COMMANDS = {
+    "evaluate": lambda run, out: ["evaluate", str(run), "--dataset", str(CORPUS / "good.jsonl"), "--device", "cpu",
+                                  "--output-dir", str(out / "eval")],
+    "summarize": lambda run, out: ["summarize", str(run), "the hawks beat the owls .", "--device", "cpu"],
+    "merge": lambda run, out: ["merge", str(run), str(out / "merged"), "--device", "cpu", "--dtype", "fp32"],
+}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_a_runs_own_config_cannot_switch_on_remote_code(command, trained, tmp_path, capsys):
+    """config.yaml travels with the run: its `trust_remote_code: true` is ignored (only the flag turns it on)."""
+    marker = trained["marker"]
+    marker.unlink(missing_ok=True)
+    status = cli.main(COMMANDS[command](trained["marked"], tmp_path))
+    assert status == 0, capsys.readouterr().err
+    assert not marker.exists(), "the run's config.yaml made sumtune run the model repository's code"
+
+
+def test_remote_code_runs_when_the_command_line_asks(trained, tmp_path, capsys):
+    trained["marker"].unlink(missing_ok=True)
+    status = cli.main([*COMMANDS["summarize"](trained["marked"], tmp_path), "--trust-remote-code"])
+    assert status == 0, capsys.readouterr().err
+    assert trained["marker"].read_text() == "remote code ran"
+
+
+def test_evaluate_on_a_new_dataset_reads_only_that(trained, tmp_path, capsys):
+    """The run's training file is gone; `--dataset NEW` evaluates every usable row of NEW and nothing else."""
+    new = tmp_path / "new.jsonl"
+    rows = [json.loads(line) for line in (CORPUS / "good.jsonl").read_text().splitlines()][:5]
+    new.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "eval"
+    status = cli.main(["evaluate", str(trained["run"]), "--dataset", str(new), "--device", "cpu",
+                       "--output-dir", str(out)])
+    assert status == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_samples"] == 5
+    references = [json.loads(line)["reference"] for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert references == [r["summary"] for r in rows]
+
+
+def test_merge_refuses_an_unwritable_output_before_loading_the_model(trained, tmp_path, monkeypatch):
+    from sumtune import inference
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output path was checked")
+
+    monkeypatch.setattr(inference, "load_model", never)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    for out in (a_file, a_file / "merged"):
+        with pytest.raises(SumtuneError, match="a file, not a directory"):
+            inference.merge_run(trained["run"], out, device="cpu")
+    assert a_file.read_text() == "mine"
+
+
+def test_merge_writes_the_model_whole_or_not_at_all(trained, tmp_path, monkeypatch):
+    """A merge that dies while saving leaves no half model directory behind (it is renamed into place)."""
+    from transformers import PreTrainedTokenizerBase
+
+    from sumtune import inference
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device (injected)")
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", disk_full)  # the last file written
+    with pytest.raises(OSError, match="injected"):
+        inference.merge_run(trained["run"], tmp_path / "merged", device="cpu", dtype="fp32")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -437,12 +437,56 @@ def test_load_local_cifar10_copy(tmp_path):
     rows = rng.integers(0, 256, size=(5, 3072), dtype=np.uint8)
     with open(folder / "data_batch_1", "wb") as f:
         pickle.dump({b"data": rows, b"labels": [0, 1, 2, 3, 4]}, f)
-    images, labels = mobilenet.load_cifar10(tmp_path)
+    images, labels = mobilenet.load_cifar10(tmp_path, allow_pickle=True)  # the Python version is pickle
     assert images.shape == (5, 32, 32, 3) and list(labels) == [0, 1, 2, 3, 4]
     # CIFAR rows are channel-major: the red plane is the first 1024 bytes
     assert np.array_equal(images[0, :, :, 0].reshape(-1), rows[0, :1024])
     with pytest.raises(SumtuneError):
         mobilenet.load_cifar10(tmp_path / "cifar-10-batches-py" / "nothing")
+
+
+def test_cifar10_binary_version_reads_without_pickle(tmp_path):
+    folder = tmp_path / "cifar-10-batches-bin"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    rows = rng.integers(0, 256, size=(5, 3072), dtype=np.uint8)
+    labels_in = np.array([9, 0, 3, 3, 7], dtype=np.uint8)
+    for name, part in (("data_batch_1.bin", slice(0, 3)), ("data_batch_2.bin", slice(3, 5))):
+        np.concatenate([labels_in[part, None], rows[part]], axis=1).tofile(folder / name)
+    (folder / "test_batch.bin").write_bytes(b"\0" * 3073)  # not a training batch
+    images, labels = mobilenet.load_cifar10(tmp_path)
+    assert images.shape == (5, 32, 32, 3) and list(labels) == [9, 0, 3, 3, 7]
+    assert np.array_equal(images[4, :, :, 2].reshape(-1), rows[4, 2048:])  # blue plane: the last 1024 bytes
+    (folder / "data_batch_2.bin").write_bytes((folder / "data_batch_2.bin").read_bytes()[:-10])
+    with pytest.raises(SumtuneError, match=r"data_batch_2.bin' is damaged: 6136 bytes is not a whole number"):
+        mobilenet.load_cifar10(tmp_path)
+
+
+class _LeavesAMark:
+    """Unpickling this runs code: it creates a marker file (what an attacker's pickle would do instead)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('pickle ran')",))
+
+
+def test_cifar10_pickle_is_never_unpickled_without_allow_pickle(tmp_path, one_thread):
+    folder = tmp_path / "cifar" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    marker = tmp_path / "pickle_ran"
+    (folder / "data_batch_1").write_bytes(pickle.dumps(_LeavesAMark(marker)))
+    args = ProfileArgs(workload="mobilenet-cifar10", quick=True, image_size=32, cifar10_dir=str(tmp_path / "cifar"),
+                       stages=["base"], profile_memory=False, record_shapes=False)
+    with pytest.raises(SumtuneError, match="pickle files .* can run code when loaded; .* --allow-pickle"):
+        run_mobilenet_study(args, tmp_path / "out", device="cpu", model_fn=stand_in_net, echo=None)
+    with pytest.raises(SumtuneError, match="--allow-pickle"):
+        mobilenet.load_cifar10(tmp_path / "cifar")
+    assert not marker.exists()
+    with pytest.raises(Exception):  # allowed: it is unpickled (and, being no CIFAR batch, then fails)
+        mobilenet.load_cifar10(tmp_path / "cifar", allow_pickle=True)
+    assert marker.read_text() == "pickle ran"
 
 
 def test_host_and_device_normalization_agree():

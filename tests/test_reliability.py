@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -226,6 +227,66 @@ def test_crash_during_checkpoint_write_keeps_previous_one(config_path, reference
     api.train(config(config_path, out, resume="latest"))
     assert not partial.exists()
     assert_same_run(out, reference)
+
+
+def cut_short(path: Path) -> None:
+    """Keep the first half of a file, as a kill in the middle of copying or writing it would."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("damaged", [checkpoint.ADAPTER_FILE, checkpoint.STATE_FILE])
+def test_resume_skips_a_damaged_checkpoint_for_the_newest_intact_one(damaged, config_path, reference, tmp_path,
+                                                                      capsys):
+    """The newest checkpoint was cut short (a disk filled up, a copy was killed): --resume says so, continues from
+    the one before, and ends exactly where the uninterrupted run ended."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    cut_short(out / "checkpoints" / "step-10" / damaged)
+    api.train(config(config_path, out, resume="latest"))
+    err = capsys.readouterr().err
+    assert f"sumtune: skipped checkpoint step-10 (Checkpoint {str(out / 'checkpoints' / 'step-10')!r} is damaged: " \
+           f"{damaged}" in err
+    assert "resuming from the newest intact one, step-9." in err
+    assert "step-9 at step 9 of 10." in err
+    assert_same_run(out, reference)
+    checkpoint.read_state(out / "checkpoints" / "step-10")  # written again, whole
+
+
+def test_a_failed_final_save_keeps_the_previous_adapter(config_path, tmp_path):
+    """The final adapter replaces the previous one by renames: a save that dies halfway (disk full) leaves the
+    previous adapter byte for byte, never a missing or half-written one."""
+    out = tmp_path / "run"
+    recipe = TrainRecipe(config(config_path, out, max_steps=2))
+    recipe.setup()
+    try:
+        recipe.train()
+        earlier = {name: b"the earlier adapter: " + name.encode() for name in
+                   ("adapter_config.json", "adapter_model.safetensors")}
+        for name, data in earlier.items():
+            (out / name).write_bytes(data)
+        real_save = recipe.model.save_pretrained
+
+        def save_then_disk_full(directory, *args, **kwargs):
+            real_save(directory, *args, **kwargs)
+            weights = Path(directory) / "adapter_model.safetensors"
+            weights.write_bytes(weights.read_bytes()[:100])
+            raise OSError(28, "No space left on device (injected)")
+
+        recipe.model.save_pretrained = save_then_disk_full
+        with pytest.raises(OSError, match="injected"):
+            recipe.finish()
+        assert {name: (out / name).read_bytes() for name in earlier} == earlier
+        assert not [p.name for p in out.iterdir() if p.name.startswith(".sumtune-writing")]
+        recipe.model.save_pretrained = real_save
+        recipe.finish()
+        checkpoint.read_state(out / "checkpoints" / "step-2")
+        from sumtune.safe_io import safetensors_problem
+
+        assert safetensors_problem(out / "adapter_model.safetensors") is None
+        assert (out / "adapter_config.json").read_bytes() != earlier["adapter_config.json"]
+    finally:
+        recipe.cleanup()
 
 
 def test_interrupted_replacement_of_best_is_repaired(tmp_path):

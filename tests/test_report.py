@@ -132,6 +132,25 @@ def test_cli_report(run_dir, tmp_path, capsys):
     assert "sumtune: error: Run directory" in capsys.readouterr().err
 
 
+def test_damaged_metrics_line_is_left_out_and_said(tmp_path, capsys):
+    """A kill in the middle of a metrics.jsonl write leaves half a line: the report skips it and says so."""
+    from sumtune.cli import main
+
+    run = make_run(tmp_path, profile=False)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join([*lines[:5], lines[5][: len(lines[5]) // 2], *lines[6:], '{"split": "tr'])
+                                       + "\n")
+    before = (run / "metrics.jsonl").read_bytes()
+    assert main(["report", str(run)]) == 0
+    err = capsys.readouterr().err
+    note = f"metrics.jsonl has 2 damaged line(s) (line 6, {len(lines) + 1}; what a kill in the middle of a write " \
+           f"leaves); the report leaves them out."
+    assert err.strip() == f"sumtune: {note}"
+    html = (run / "report.html").read_text(encoding="utf-8")
+    assert note in html and html.count("<tr>") > 10  # the intact lines are all there
+    assert (run / "metrics.jsonl").read_bytes() == before  # reported, never repaired in place
+
+
 # ---- the page in a real browser -----------------------------------------------------------------------------
 
 def chromium(*args: str, timeout_s: float = 90) -> subprocess.CompletedProcess:

@@ -74,26 +74,31 @@ def profile(config: TrainConfig | dict | str | Path, args=None) -> dict:
 
 def evaluate(run_dir: str | Path, *, dataset: str | None = None, max_samples: int | None = None,
              num_beams: int | None = None, max_new_tokens: int | None = None, batch_size: int | None = None,
-             output_dir: str | Path | None = None, device: str = "auto", allow_pickle: bool = False) -> dict:
-    """ROUGE of a trained run on its held-out split (or on `dataset`); writes predictions.jsonl and metrics.json."""
-    from dataclasses import replace
-
-    from sumtune.data import load_rows
+             output_dir: str | Path | None = None, device: str = "auto", allow_pickle: bool = False,
+             trust_remote_code: bool = False) -> dict:
+    """ROUGE of a trained run on its held-out split (or on all of `dataset`, which is then the only data read);
+    writes predictions.jsonl and metrics.json (default: RUN_DIR/eval)."""
+    from sumtune.data import load_eval_rows, load_rows
     from sumtune.evaluation import evaluate_rows, write_eval
-    from sumtune.inference import load_run
+    from sumtune.inference import check_generation_options, load_run, read_run_config
     from sumtune.progress import Progress
+    from sumtune.safe_io import check_output_location
 
-    for name, value in (("max_samples", max_samples), ("num_beams", num_beams), ("max_new_tokens", max_new_tokens),
-                        ("batch_size", batch_size)):
-        if value is not None and value <= 0:
-            raise SumtuneError(f"`{name}` must be greater than 0, got {value}.")
-    model, tokenizer, cfg = load_run(run_dir, device=device, allow_pickle=allow_pickle)
-    data_cfg = replace(cfg, eval_dataset=dataset) if dataset else cfg
-    rows = load_rows(data_cfg).eval[: max_samples or None]
+    check_generation_options(max_samples=max_samples, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                             batch_size=batch_size)
+    if dataset is not None and not str(dataset).strip():
+        raise SumtuneError("`dataset` must not be empty.")
+    cfg = read_run_config(run_dir)  # a missing or foreign run directory is named before the output path
+    out = check_output_location(Path(run_dir).expanduser() / "eval" if output_dir is None else output_dir,
+                                "Evaluation output directory")
+    rows = load_eval_rows(cfg, dataset) if dataset else load_rows(cfg).eval  # read before the model loads
+    rows = rows[: max_samples or None]
+    model, tokenizer, cfg = load_run(run_dir, device=device, allow_pickle=allow_pickle,
+                                     trust_remote_code=trust_remote_code)
     metrics, records = evaluate_rows(
         model, tokenizer, rows, prefix=cfg.source_prefix, max_source_tokens=cfg.max_source_tokens,
         max_new_tokens=max_new_tokens or cfg.generation_max_new_tokens, num_beams=num_beams or cfg.num_beams,
         batch_size=batch_size or cfg.eval_batch_size,
         progress=Progress(enabled=True))
-    write_eval(Path(output_dir) if output_dir else Path(run_dir) / "eval", metrics, records)
+    write_eval(out, metrics, records)
     return metrics

@@ -167,9 +167,9 @@ def from_mapping(cls: type, values: dict[str, Any], *, source: str = "the config
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise SumtuneError(f"Config file {str(path)!r} does not exist.")
+    from sumtune.safe_io import require_file
+
+    path = require_file(path, "Config file")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
@@ -190,7 +190,9 @@ def to_mapping(obj: Any) -> dict[str, Any]:
 
 
 def write_yaml(obj: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_mapping(obj), sort_keys=False), encoding="utf-8")
+    from sumtune.safe_io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_mapping(obj), sort_keys=False))
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:

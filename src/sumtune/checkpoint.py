@@ -22,21 +22,18 @@ import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
 from sumtune.errors import SumtuneError
+from sumtune.safe_io import files_replaced_atomically, safetensors_problem
 
 FORMAT_VERSION = 1
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
 ADAPTER_FILE = "adapter_model.safetensors"
-RUN_MARKERS = ("config.yaml", "metrics.jsonl", "adapter_config.json", "checkpoints")
-# What `--overwrite` replaces; anything else the user keeps in the directory is left alone.
-RUN_ENTRIES = ("metrics.jsonl", "tb", "eval", "checkpoints", "profile", "plots", "base_model", "config.yaml",
-               "adapter_config.json", "adapter_model.safetensors", "README.md", "report.html")
 # Keys that may differ on resume: they change where and how a run reports, not what it computes.
 RESUME_FREE_KEYS = frozenset({
     "resume", "overwrite", "output_dir", "progress", "num_workers", "pin_memory", "allow_pickle",
@@ -203,7 +200,7 @@ def save_checkpoint(path: Path, *, model, optimizer, state: TrainerState) -> Pat
 
 
 def read_state(path: Path) -> dict:
-    """The trainer_state.json of a checkpoint directory, checked for completeness and format."""
+    """The trainer_state.json of a checkpoint directory, checked for completeness, format and damaged files."""
     path = Path(path)
     if not (path / STATE_FILE).is_file():
         from sumtune.modeling import pickle_files
@@ -215,12 +212,17 @@ def read_state(path: Path) -> dict:
         record = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise SumtuneError(f"Checkpoint {str(path)!r} is damaged: {STATE_FILE} is not valid JSON.") from None
-    if record.get("format") != FORMAT_VERSION:
-        raise SumtuneError(f"Checkpoint {str(path)!r} has format {record.get('format')!r}; this sumtune reads "
+    if not isinstance(record, dict) or record.get("format") != FORMAT_VERSION:
+        found = record.get("format") if isinstance(record, dict) else None
+        raise SumtuneError(f"Checkpoint {str(path)!r} has format {found!r}; this sumtune reads "
                            f"format {FORMAT_VERSION}.")
     missing = [n for n in (ADAPTER_FILE, OPTIMIZER_FILE, RNG_FILE) if not (path / n).is_file()]
     if missing:
         raise SumtuneError(f"Checkpoint {str(path)!r} is incomplete: {', '.join(missing)} missing.")
+    for name in (ADAPTER_FILE, OPTIMIZER_FILE, RNG_FILE):
+        problem = safetensors_problem(path / name)
+        if problem is not None:
+            raise SumtuneError(f"Checkpoint {str(path)!r} is damaged: {name} is unreadable ({problem}).")
     return record
 
 
@@ -327,26 +329,43 @@ def copy_checkpoint(src: Path, dst: Path, extra: dict | None = None) -> Path:
     return dst
 
 
-# ---- the run directory ----------------------------------------------------------------------------------
-
-def holds_run(path: Path) -> bool:
-    return path.is_dir() and any((path / m).exists() for m in RUN_MARKERS)
-
-
-def check_output_dir(out: Path, *, overwrite: bool, resume: str | None) -> None:
-    """Refuse an output directory that would be clobbered; touches nothing."""
-    if out.exists() and not out.is_dir():
-        raise SumtuneError(f"Output path {str(out)!r} exists and is not a directory.")
-    if holds_run(out) and not overwrite and resume is None:
-        hint = " or --resume to continue it" if latest_checkpoint(out / "checkpoints") else ""
-        raise SumtuneError(f"Output directory {str(out)!r} already holds a run; pass --overwrite to replace it"
-                           f"{hint}, or choose another --output-dir.")
+def save_adapter(model, run_dir: Path) -> None:
+    """The final adapter at the top of the run directory, each file replaced by a rename: the previous adapter
+    stays readable until the new one is whole (PEFT's own README is dropped: sumtune writes the model card)."""
+    with files_replaced_atomically(run_dir) as tmp:
+        model.save_pretrained(tmp)
+        (tmp / "README.md").unlink(missing_ok=True)
 
 
-def find_resume_checkpoint(resume: str, out: Path) -> Path:
-    """The checkpoint `resume` names (`latest` = newest in `out`); it must belong to the run in `out`."""
+# ---- resuming ------------------------------------------------------------------------------------------------
+
+def newest_intact_checkpoint(root: Path, notify: Callable[[str], None] | None = None) -> Path | None:
+    """The newest `step-N` under `root` that reads back whole; damaged or incomplete newer ones are skipped, and
+    each skip is told to `notify` with its reason. None when there is no checkpoint at all."""
+    candidates = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()] if root.is_dir() else []
+    skipped: list[str] = []
+    for path in sorted(candidates, key=step_of, reverse=True):
+        try:
+            read_state(path)
+        except SumtuneError as err:
+            skipped.append(f"{path.name} ({str(err).rstrip('.')})")
+            continue
+        for reason in skipped if notify is not None else ():
+            notify(f"sumtune: skipped checkpoint {reason}; resuming from the newest intact one, {path.name}.")
+        return path
+    if skipped:
+        raise SumtuneError(f"Nothing to resume: none of the {len(skipped)} checkpoint(s) in {str(root)!r} is intact "
+                           f"(newest: {skipped[0]}); start the run again with --overwrite.")
+    return None
+
+
+def find_resume_checkpoint(resume: str, out: Path, notify: Callable[[str], None] | None = None) -> Path:
+    """The checkpoint `resume` names (`latest` = the newest intact one in `out`); it must belong to the run in `out`.
+
+    A named checkpoint must be whole; for `latest` or a run directory, damaged newer checkpoints are skipped.
+    """
     if resume == "latest":
-        found = latest_checkpoint(out / "checkpoints")
+        found = newest_intact_checkpoint(out / "checkpoints", notify)
         if found is None:
             raise SumtuneError(f"Nothing to resume: {str(out)!r} has no checkpoint (checkpoints/step-N); "
                                f"run without --resume to start it.")
@@ -354,10 +373,13 @@ def find_resume_checkpoint(resume: str, out: Path) -> Path:
     path = Path(resume).expanduser().resolve()
     if not path.exists():
         raise SumtuneError(f"Resume path {str(path)!r} does not exist.")
+    if not path.is_dir():
+        raise SumtuneError(f"Resume path {str(path)!r} is a file, not a checkpoint or run directory.")
     if (path / STATE_FILE).is_file():
+        read_state(path)  # a named checkpoint must be whole: one sentence naming what is damaged
         found = path
     elif (path / "checkpoints").is_dir():
-        found = latest_checkpoint(path / "checkpoints")
+        found = newest_intact_checkpoint(path / "checkpoints", notify)
         if found is None:
             raise SumtuneError(f"Nothing to resume: run directory {str(path)!r} has no checkpoint.")
     else:
@@ -396,46 +418,3 @@ def check_resume_config(checkpoint: Path, current: dict) -> dict:
                            f"{'; '.join(changes)} (resume with the run's own config, or start a new run in "
                            f"another --output-dir).")
     return record
-
-
-class RunDirClaim:
-    """Create or take over the output directory so that a setup that fails leaves it as it was.
-
-    With overwrite, the old run's entries move into a hidden folder that is deleted on `commit()` and moved
-    back on `rollback()`; a directory this run created is removed on rollback.
-    """
-
-    def __init__(self, out: Path, *, overwrite: bool):
-        self.out = out
-        self.overwrite = overwrite
-        self.existed = out.is_dir()
-        self.before = set(os.listdir(out)) if self.existed else set()
-        self.trash = out / f".sumtune-replaced-{os.getpid()}"
-
-    def begin(self) -> Path:
-        self.out.mkdir(parents=True, exist_ok=True)
-        if self.overwrite and holds_run(self.out):
-            self.trash.mkdir(exist_ok=True)
-            for name in RUN_ENTRIES:
-                if (self.out / name).exists():
-                    os.rename(self.out / name, self.trash / name)
-        recover_partials(self.out / "checkpoints")
-        return self.out
-
-    def commit(self) -> None:
-        shutil.rmtree(self.trash, ignore_errors=True)
-
-    def rollback(self) -> None:
-        if not self.existed:
-            shutil.rmtree(self.out, ignore_errors=True)
-            return
-        for name in set(os.listdir(self.out)) - self.before - {self.trash.name}:
-            path = self.out / name
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-        if self.trash.is_dir():
-            for entry in self.trash.iterdir():
-                target = self.out / entry.name
-                if target.exists():
-                    shutil.rmtree(target) if target.is_dir() else target.unlink()
-                os.rename(entry, target)
-            self.trash.rmdir()

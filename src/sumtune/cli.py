@@ -50,7 +50,7 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
 
     metrics = evaluate(ns.run_dir, dataset=ns.dataset, max_samples=ns.max_samples, num_beams=ns.num_beams,
                        max_new_tokens=ns.max_new_tokens, batch_size=ns.batch_size, output_dir=ns.output_dir,
-                       device=ns.device, allow_pickle=ns.allow_pickle)
+                       device=ns.device, allow_pickle=ns.allow_pickle, trust_remote_code=ns.trust_remote_code)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -58,9 +58,9 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
 def _read_documents(ns: argparse.Namespace) -> list[str]:
     docs = list(ns.text or [])
     for path in ns.file or []:
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise SumtuneError(f"Input file {str(p)!r} does not exist.")
+        from sumtune.safe_io import require_file
+
+        p = require_file(path, "Input file")
         try:
             docs.append(p.read_text(encoding="utf-8"))
         except UnicodeDecodeError:
@@ -76,10 +76,12 @@ def _read_documents(ns: argparse.Namespace) -> list[str]:
 
 
 def cmd_summarize(ns: argparse.Namespace) -> int:
-    from sumtune.inference import Summarizer
+    from sumtune.inference import Summarizer, check_generation_options
 
     docs = _read_documents(ns)
-    summarizer = Summarizer.from_pretrained(ns.run_dir, device=ns.device, allow_pickle=ns.allow_pickle)
+    check_generation_options(max_new_tokens=ns.max_new_tokens, num_beams=ns.num_beams)  # before the model loads
+    summarizer = Summarizer.from_pretrained(ns.run_dir, device=ns.device, allow_pickle=ns.allow_pickle,
+                                            trust_remote_code=ns.trust_remote_code)
     for summary in summarizer.summarize(docs, max_new_tokens=ns.max_new_tokens, num_beams=ns.num_beams):
         print(summary)
     return 0
@@ -88,7 +90,8 @@ def cmd_summarize(ns: argparse.Namespace) -> int:
 def cmd_merge(ns: argparse.Namespace) -> int:
     from sumtune.inference import merge_run
 
-    out = merge_run(ns.run_dir, ns.out_dir, dtype=ns.dtype, device=ns.device, allow_pickle=ns.allow_pickle)
+    out = merge_run(ns.run_dir, ns.out_dir, dtype=ns.dtype, device=ns.device, allow_pickle=ns.allow_pickle,
+                    trust_remote_code=ns.trust_remote_code)
     print(f"merged model written to {out} (load it with transformers.pipeline('summarization', model={str(out)!r}))")
     return 0
 
@@ -126,14 +129,16 @@ def cmd_profile(ns: argparse.Namespace) -> int:
     from sumtune import argparsing
     from sumtune.api import profile
     from sumtune.profiling import ProfileArgs, run_mobilenet_study
+    from sumtune.profiling.profiler import write_json
+    from sumtune.safe_io import check_output_location
 
     profile_keys = set(argparsing.field_types(ProfileArgs))
     profile_args = argparsing.from_mapping(ProfileArgs, {k: v for k, v in vars(ns).items() if k in profile_keys})
     if profile_args.workload == "mobilenet-cifar10":
-        out = Path(ns.output_dir if "output_dir" in ns else "runs/mobilenet-cifar10")
-        result = run_mobilenet_study(profile_args, out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "mobilenet_study.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        out = check_output_location(ns.output_dir if "output_dir" in ns else "runs/mobilenet-cifar10")
+        allow_pickle = argparsing.coerce("allow_pickle", getattr(ns, "allow_pickle", False), bool)
+        result = run_mobilenet_study(profile_args, out, allow_pickle=allow_pickle)
+        write_json(result, out / "mobilenet_study.json")
         return 0
     profile(_train_config(ns, drop=profile_keys), profile_args)
     return 0
@@ -169,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help=device_help)
         p.add_argument("--allow-pickle", action="store_true", help="Also read pickle weights (.bin) for the base "
                                                                    "model and adapter; they can run code when loaded.")
+        p.add_argument("--trust-remote-code", action="store_true",
+                       help="Let the base model run code from its own repository (never taken from the run's "
+                            "config.yaml).")
 
     def config_option(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", metavar="FILE.yaml",

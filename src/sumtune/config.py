@@ -5,7 +5,8 @@ YAML keys are these field names; every field is also a `--field-name` flag of `s
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from typing import Literal, Union
 
 from sumtune.errors import SumtuneError
@@ -14,6 +15,21 @@ Quantization = Literal["nf4", "fp4", "int8", "none"]
 ComputeDtype = Literal["bf16", "fp16", "fp32"]
 BatchSize = Union[int, Literal["auto"]]
 AUTO_BATCH_DEFAULT_SAMPLES = 16  # samples per micro-batch × accumulation step when `batch_size: auto` has no target
+SEED_MAX = 2**64 - 1  # torch.manual_seed's range
+INT_MAX = 2**63 - 1  # counts and sizes end up in int64 tensors and C loops
+
+
+def check_number_ranges(obj) -> None:
+    """Every float field finite (NaN/inf pass `x <= 0` checks and fail much later) and every int field within
+    int64, in one sentence naming the field; `seed` has its own range."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SumtuneError(f"`{f.name}` must be a finite number, got {value}.")
+        if isinstance(value, int) and f.name != "seed" and not -INT_MAX <= value <= INT_MAX:
+            raise SumtuneError(f"`{f.name}` is out of range: {value} does not fit in 64 bits.")
 
 
 @dataclass
@@ -151,6 +167,7 @@ class TrainConfig:
     """Profile this many training steps with torch.profiler (after 1 wait and 1 warm-up step) and write a trace and summary under RUN_DIR/profile."""
 
     def __post_init__(self) -> None:
+        check_number_ranges(self)
         positive_ints = ["lora_r", "max_source_tokens", "max_target_tokens", "grad_accum_steps",
                          "eval_batch_size", "num_beams", "log_every_steps", "max_nonfinite_steps",
                          "keep_last_checkpoints"]
@@ -189,6 +206,10 @@ class TrainConfig:
             raise SumtuneError("`lora_targets` must name at least one module (or `all-linear`).")
         if not self.model.strip():
             raise SumtuneError("`model` must not be empty.")
+        if not self.output_dir.strip():
+            raise SumtuneError("`output_dir` must not be empty (it would be the working directory).")
+        if not 0 <= self.seed <= SEED_MAX:
+            raise SumtuneError(f"`seed` must be between 0 and 2^64 - 1 ({SEED_MAX}), got {self.seed}.")
         if self.resume is not None and self.overwrite:
             raise SumtuneError("`resume` and `overwrite` contradict each other: resume continues the run in "
                                "`output_dir`, overwrite replaces it; pass only one.")

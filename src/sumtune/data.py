@@ -66,6 +66,13 @@ def read_csv(path: Path) -> list[dict]:
     text = _read_text(path)
     try:
         reader = csv.DictReader(text.splitlines(keepends=True), strict=True)
+        header = reader.fieldnames or []
+        seen: dict[str, int] = {}
+        for number, name in enumerate(header, start=1):
+            if name in seen:  # DictReader would keep the last column of the name and drop the other, silently
+                raise SumtuneError(f"{str(path)!r} has two columns named {name!r} (columns {seen[name]} and "
+                                   f"{number}); rename one.")
+            seen[name] = number
         rows = list(reader)
     except csv.Error as err:
         # line_num counts the lines completed before the failing one
@@ -151,10 +158,27 @@ def select_columns(rows: list[dict], text_column: str, summary_column: str, sour
                            f"its columns are: {', '.join(map(str, columns))} "
                            f"(set text_column / summary_column).")
     out = []
-    for row in rows:
+    for number, row in enumerate(rows, start=1):
+        for column in (text_column, summary_column):
+            value = row.get(column)
+            if value is not None and not isinstance(value, str):  # never train on str() of a number or a list
+                raise SumtuneError(f"Dataset {source!r} row {number} has {_kind_of_value(value)} in column "
+                                   f"{column!r}, not text.")
         text, summary = row.get(text_column), row.get(summary_column)
-        out.append({"text": "" if text is None else str(text), "summary": "" if summary is None else str(summary)})
+        out.append({"text": text or "", "summary": summary or ""})
     return out
+
+
+def _kind_of_value(value) -> str:
+    if isinstance(value, bool):
+        return f"a true/false value ({value})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r})"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return f"a {type(value).__name__}"
 
 
 def drop_empty(rows: list[Row], policy: str, source: str) -> tuple[list[Row], int]:
@@ -189,6 +213,14 @@ def load_rows(cfg: "TrainConfig") -> LoadedData:
         return LoadedData(rows, eval_rows, skipped + skipped_eval)
     train, eval_ = split_rows(rows, cfg.eval_ratio, cfg.seed)
     return LoadedData(train, eval_, skipped)
+
+
+def load_eval_rows(cfg: "TrainConfig", source: str) -> list[Row]:
+    """Every usable row of `source` as evaluation rows (columns, split and empty-row policy of `cfg`); the
+    run's own training data is not read."""
+    rows, _ = drop_empty(select_columns(read_rows(source, cfg.dataset_split), cfg.text_column, cfg.summary_column,
+                                        source), cfg.empty_rows, source)
+    return rows
 
 
 def split_rows(rows: list[Row], eval_ratio: float, seed: int) -> tuple[list[Row], list[Row]]:

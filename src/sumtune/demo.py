@@ -6,8 +6,32 @@ import time
 from pathlib import Path
 
 from sumtune.config import TrainConfig
+from sumtune.errors import SumtuneError
 
 DEMO_EVAL_DOCS = 64
+DEMO_STEPS = 240
+# Settings that may differ between two demo runs (how long and where, not what): the rest identifies a demo run.
+FREE_KEYS = ("output_dir", "max_steps", "progress", "overwrite", "resume")
+
+
+def is_demo_run(run_dir: Path) -> bool:
+    """Whether the run in `run_dir` was made by `sumtune demo` (its config is the demo's)."""
+    from sumtune.argparsing import to_mapping
+    from sumtune.metrics import run_config_mapping
+
+    saved = run_config_mapping(run_dir)
+    demo = to_mapping(demo_config("runs/demo"))
+    return bool(saved) and all(saved.get(k) == v for k, v in demo.items() if k not in FREE_KEYS)
+
+
+def check_demo_output(output_dir: str) -> None:
+    """The demo replaces an earlier demo run, never another run (train's own checks refuse anything else)."""
+    from sumtune.rundir import holds_run
+
+    out = Path(output_dir).expanduser()
+    if holds_run(out, count_lock=False) and not is_demo_run(out):
+        raise SumtuneError(f"Output directory {str(out)!r} holds a run that `sumtune demo` did not make; the demo "
+                           f"replaces only an earlier demo, so choose another --output-dir.")
 
 
 def demo_config(output_dir: str, max_steps: int | None = None, progress: bool = True) -> TrainConfig:
@@ -20,8 +44,8 @@ def demo_config(output_dir: str, max_steps: int | None = None, progress: bool = 
         model="tiny", dataset="demo", quantization="nf4", double_quant=True, compute_dtype="fp32",
         lora_r=16, lora_alpha=32.0, lora_dropout=0.0, lora_targets=["all-linear"],
         eval_ratio=0.1, max_source_tokens=96, max_target_tokens=24, source_prefix="summarize: ",
-        output_dir=output_dir, overwrite=True, max_steps=max_steps or 240, batch_size=16, lr=3e-3,
-        warmup_steps=20, lr_schedule="cosine", optimizer="paged_adamw_8bit", eval_every_steps=120,
+        output_dir=output_dir, overwrite=True, max_steps=DEMO_STEPS if max_steps is None else max_steps,
+        batch_size=16, lr=3e-3, warmup_steps=20, lr_schedule="cosine", optimizer="paged_adamw_8bit", eval_every_steps=120,
         eval_max_samples=DEMO_EVAL_DOCS, eval_batch_size=64, log_every_steps=25, device="cpu", progress=progress,
         seed=0)
 
@@ -31,6 +55,7 @@ def run_demo(output_dir: str = "runs/demo", max_steps: int | None = None, progre
 
     start = time.perf_counter()
     cfg = demo_config(output_dir, max_steps, progress)
+    check_demo_output(output_dir)
     recipe = TrainRecipe(cfg)
     try:
         recipe.setup()

@@ -57,10 +57,10 @@ def score_predictions(predictions: Sequence[str], lengths: Sequence[int],
 
 
 def write_eval(out_dir: str | Path, metrics: dict, records: list[dict]) -> Path:
+    """OUT_DIR/predictions.jsonl and OUT_DIR/metrics.json, each written whole or not at all."""
+    from sumtune.safe_io import atomic_write_text
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "predictions.jsonl").open("w", encoding="utf-8") as fh:
-        for record in records:
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return out

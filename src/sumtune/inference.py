@@ -10,12 +10,20 @@ from sumtune import argparsing
 from sumtune.config import TrainConfig
 from sumtune.errors import SumtuneError
 from sumtune.modeling import enable_fast_path, load_model, model_source, resolve_device, run_base_dir
+from sumtune.safe_io import check_json_file, check_output_location, check_safetensors, require_dir
+
+
+def check_generation_options(**values: int | None) -> None:
+    """`0` or less is refused, never silently replaced by the run's default (None means: the run's own)."""
+    for name, value in values.items():
+        if value is not None and value <= 0:
+            raise SumtuneError(f"`{name}` must be greater than 0, got {value}.")
 
 
 def read_run_config(run_dir: str | Path) -> TrainConfig:
-    run = Path(run_dir).expanduser()
-    if not run.is_dir():
-        raise SumtuneError(f"Run directory {str(run)!r} does not exist.")
+    """The run's config.yaml: what it was trained with. Its `trust_remote_code` and `allow_pickle` are never
+    acted on: a run directory travels with the weights those settings would vouch for (see `load_run`)."""
+    run = require_dir(run_dir, "Run directory")
     if not (run / "adapter_config.json").is_file():
         raise SumtuneError(f"{str(run)!r} holds no trained adapter (adapter_config.json is missing).")
     if not (run / "config.yaml").is_file():
@@ -32,8 +40,11 @@ def base_model_source(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
 
 
 def check_adapter_dir(adapter: Path, allow_pickle: bool) -> None:
-    """An adapter is read from adapter_model.safetensors; a pickle-only adapter only with `allow_pickle`."""
+    """An adapter is read from adapter_model.safetensors (whole: a damaged one is named); a pickle-only adapter
+    only with `allow_pickle`."""
+    check_json_file(adapter / "adapter_config.json", "Adapter config")
     if (adapter / "adapter_model.safetensors").is_file():
+        check_safetensors(adapter / "adapter_model.safetensors", "Adapter weights file")
         return
     if not (adapter / "adapter_model.bin").is_file():
         raise SumtuneError(f"{str(adapter)!r} holds no adapter weights (adapter_model.safetensors is missing).")
@@ -42,22 +53,35 @@ def check_adapter_dir(adapter: Path, allow_pickle: bool) -> None:
                            f"code when loaded; re-save it as safetensors, or allow pickle if you trust its source.")
 
 
-def load_run(run_dir: str | Path, *, device: str = "auto", adapter_dir: str | Path | None = None,
-             fast_kernels: bool | None = None, allow_pickle: bool = False):
-    """(model, tokenizer, cfg) for a run directory: the quantized base with the trained adapter on top.
-
-    Only safetensors weights are read unless `allow_pickle` (never taken from the run's own config.yaml,
-    which travels with the weights it would vouch for).
-    """
-    from peft import PeftModel
+def load_run_tokenizer(run: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    run = Path(run_dir).expanduser().resolve()
-    cfg = replace(read_run_config(run), allow_pickle=allow_pickle)
+    try:
+        return AutoTokenizer.from_pretrained(str(run), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:  # a damaged tokenizer file, or one that needs remote code
+        detail = str(err).strip().splitlines()[0][:200].rstrip(".") if str(err).strip() else type(err).__name__
+        raise SumtuneError(f"Cannot load the tokenizer saved in {str(run)!r} ({detail}).") from None
+
+
+def load_run(run_dir: str | Path, *, device: str = "auto", adapter_dir: str | Path | None = None,
+             fast_kernels: bool | None = None, allow_pickle: bool = False, trust_remote_code: bool = False):
+    """(model, tokenizer, cfg) for a run directory: the quantized base with the trained adapter on top.
+
+    Only safetensors weights are read unless `allow_pickle`, and model code from a repository runs only with
+    `trust_remote_code`: both come from the caller, never from the run's own config.yaml, which travels with
+    the weights and code it would vouch for.
+    """
+    from peft import PeftModel
+
+    from sumtune.modeling import check_model_source
+
+    run = require_dir(run_dir, "Run directory").resolve()
+    cfg = replace(read_run_config(run), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     adapter = Path(adapter_dir).expanduser().resolve() if adapter_dir else run
     check_adapter_dir(adapter, allow_pickle)
+    check_model_source(base_model_source(cfg, run).model, allow_pickle=allow_pickle)  # damaged base: named now
     dev = resolve_device(device)
-    tokenizer = AutoTokenizer.from_pretrained(str(run))
+    tokenizer = load_run_tokenizer(run, trust_remote_code)
     base = load_model(base_model_source(cfg, run), vocab_size=len(tokenizer), device=dev)
     if "lm_head" in cfg.modules_to_save:
         from sumtune.lora import untie_output_head
@@ -90,13 +114,15 @@ class Summarizer:
         self._dense_ready = False
 
     @classmethod
-    def from_pretrained(cls, run_dir: str | Path, *, device: str = "auto", allow_pickle: bool = False) -> "Summarizer":
-        return cls(*load_run(run_dir, device=device, allow_pickle=allow_pickle))
+    def from_pretrained(cls, run_dir: str | Path, *, device: str = "auto", allow_pickle: bool = False,
+                        trust_remote_code: bool = False) -> "Summarizer":
+        return cls(*load_run(run_dir, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
 
     def summarize(self, texts: str | Sequence[str], *, max_new_tokens: int | None = None, num_beams: int | None = None,
                   batch_size: int | None = None) -> list[str]:
         from sumtune.generation.summaries import generate_summaries, inference_copy
 
+        check_generation_options(max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=batch_size)
         if isinstance(texts, str):
             texts = [texts]
         if not texts:
@@ -106,9 +132,9 @@ class Summarizer:
         summaries, _ = generate_summaries(
             self.model, self.tokenizer, list(texts), prefix=self.cfg.source_prefix,
             max_source_tokens=self.cfg.max_source_tokens,
-            max_new_tokens=max_new_tokens or self.cfg.generation_max_new_tokens,
-            num_beams=num_beams or self.cfg.num_beams, batch_size=batch_size or self.cfg.eval_batch_size,
-            dense_model=self._dense)
+            max_new_tokens=self.cfg.generation_max_new_tokens if max_new_tokens is None else max_new_tokens,
+            num_beams=self.cfg.num_beams if num_beams is None else num_beams,
+            batch_size=self.cfg.eval_batch_size if batch_size is None else batch_size, dense_model=self._dense)
         return summaries
 
     def release(self) -> None:
@@ -121,14 +147,18 @@ class Summarizer:
 
 
 def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16", device: str = "auto",
-              allow_pickle: bool = False) -> Path:
-    """Write base (dequantized) + merged LoRA as a plain transformers model that `pipeline()` loads as it is."""
+              allow_pickle: bool = False, trust_remote_code: bool = False) -> Path:
+    """Write base (dequantized) + merged LoRA as a plain transformers model that `pipeline()` loads as it is.
+
+    The model is written into a hidden sibling of `out_dir` and renamed into place when whole."""
+    from sumtune.checkpoint import atomic_directory
     from sumtune.modeling import DTYPES
 
-    out = Path(out_dir).expanduser()
-    if out.exists() and any(out.iterdir()):
+    out = check_output_location(out_dir, "Output directory")  # before the long load: a path it can write
+    if out.is_dir() and any(out.iterdir()):
         raise SumtuneError(f"Output directory {str(out)!r} is not empty; choose a new directory for the merged model.")
-    model, tokenizer, cfg = load_run(run_dir, device=device, fast_kernels=False, allow_pickle=allow_pickle)
+    model, tokenizer, cfg = load_run(run_dir, device=device, fast_kernels=False, allow_pickle=allow_pickle,
+                                     trust_remote_code=trust_remote_code)
     from sumtune.generation import prepare_inference_model
 
     # A fresh dense model: base dequantized, LoRA merged in fp32, then cast (merging into 4-bit weights would
@@ -143,8 +173,8 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16", 
                                                             "max_new_tokens": cfg.generation_max_new_tokens,
                                                             "num_beams": cfg.num_beams}}
     merged.config.prefix = cfg.source_prefix
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out, safe_serialization=True)
     tokenizer.model_max_length = cfg.max_source_tokens  # pipelines truncate where training did
-    tokenizer.save_pretrained(out)
+    with atomic_directory(out) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     return out

@@ -188,8 +188,22 @@ class MetricsLogger:
         self.trackers.clear()
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+def read_metrics(run_dir: str | Path, damaged: list[int] | None = None) -> list[dict[str, Any]]:
+    """The records of RUN_DIR/metrics.jsonl. A line that is not a JSON object (what a kill in the middle of a
+    write leaves) is left out; its line number is appended to `damaged` when given."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif damaged is not None:
+            damaged.append(number)
+    return records

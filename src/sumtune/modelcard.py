@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 
 from sumtune.argparsing import to_mapping
+from sumtune.safe_io import atomic_write_text
 
 CARD_SETTINGS = ("model", "model_dropout", "quantization", "double_quant", "compute_dtype", "lora_r", "lora_alpha", "lora_dropout",
                  "lora_targets", "modules_to_save", "dataset", "dataset_split", "max_source_tokens",
@@ -71,5 +72,4 @@ def render_model_card(cfg, metrics: dict, param_counts: dict) -> str:
 
 def write_model_card(run_dir: str | Path, cfg, metrics: dict, param_counts: dict) -> Path:
     path = Path(run_dir) / "README.md"
-    path.write_text(render_model_card(cfg, metrics, param_counts), encoding="utf-8")
-    return path
+    return atomic_write_text(path, render_model_card(cfg, metrics, param_counts))

@@ -261,18 +261,19 @@ def pickle_files(directory: Path) -> list[str]:
 
 
 def check_model_source(model: str, *, allow_pickle: bool = False) -> None:
-    """Refuse a local model directory that is missing, not a saved model, or pickle-only, before any long work.
-
-    Pickle weights (pytorch_model.bin) can run arbitrary code when loaded: they are read only with `allow_pickle`.
+    """Refuse a local model directory that is missing, not a saved model, damaged or pickle-only, before any long
+    work. Pickle weights (pytorch_model.bin) can run arbitrary code when loaded: read only with `allow_pickle`.
     """
+    from sumtune.safe_io import check_json_file, check_safetensors_in, require_dir
+
     if model_source(model).kind != "local":
         return
-    local = Path(model).expanduser().resolve()
-    if not local.is_dir():
-        raise SumtuneError(f"Model directory {str(local)!r} does not exist.")
+    local = require_dir(model, "Model directory").resolve()
     if not (local / "config.json").is_file():
         raise SumtuneError(f"Model directory {str(local)!r} has no config.json: it is not a saved model.")
+    check_json_file(local / "config.json", "Model config")
     if list(local.glob("*.safetensors")):
+        check_safetensors_in(local, "Model weights file")
         return
     pickled = pickle_files(local)
     if not pickled:
@@ -299,6 +300,8 @@ def load_pretrained_model(cfg: "TrainConfig", device: torch.device) -> nn.Module
         raise SumtuneError(f"Model {cfg.model!r} is not an encoder-decoder (seq2seq) model.") from None
     except OSError as err:
         raise SumtuneError(_hub_error(cfg.model, err)) from None
+    except ValueError as err:
+        raise SumtuneError(_value_error(cfg.model, err)) from None
     dtype = DTYPES[cfg.compute_dtype]
     # safetensors only, unless pickle was allowed explicitly (then: safetensors when there, else pickle)
     kwargs = dict(dtype=dtype, use_safetensors=None if cfg.allow_pickle else True,
@@ -312,9 +315,24 @@ def load_pretrained_model(cfg: "TrainConfig", device: torch.device) -> nn.Module
             model = AutoModelForSeq2SeqLM.from_pretrained(source, **kwargs)
         except OSError as err:
             raise SumtuneError(_hub_error(cfg.model, err)) from None
+        except ValueError as err:
+            raise SumtuneError(_value_error(cfg.model, err)) from None
+        except Exception as err:
+            if type(err).__name__ != "SafetensorError":  # a damaged file in the hub cache
+                raise
+            raise SumtuneError(f"A weights file of model {cfg.model!r} is damaged ({str(err)[:200]}); "
+                               f"download it again.") from None
     if cfg.quantization == "none":
         model.to(device)
     return freeze(model)
+
+
+def _value_error(name: str, err: ValueError) -> str:
+    if "trust_remote_code" in str(err):
+        return (f"Model {name!r} needs code from its own repository to load, which sumtune runs only when asked; "
+                f"pass --trust-remote-code if you trust its source.")
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200].rstrip(".")
+    return f"Could not load model {name!r} ({first})."
 
 
 def _hub_error(name: str, err: Exception) -> str:
@@ -394,8 +412,10 @@ def load_tokenizer(cfg: "TrainConfig", texts: list[str] | None = None):
 
         return build_word_tokenizer(texts)
     path = Path(source).expanduser()
-    if looks_like_path(source) and not path.is_dir():
-        raise SumtuneError(f"Tokenizer directory {str(path)!r} does not exist.")
+    if looks_like_path(source):
+        from sumtune.safe_io import require_dir
+
+        require_dir(path, "Tokenizer directory")
     try:
         return AutoTokenizer.from_pretrained(str(path) if path.is_dir() else source,
                                              trust_remote_code=cfg.trust_remote_code)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sumtune.metrics import finite_number, read_metrics, run_config_mapping
+from sumtune.safe_io import atomic_write_bytes
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
@@ -127,6 +128,6 @@ def write_plots(run_dir: str | Path, out_dir: str | Path | None = None) -> list[
     written = []
     for name, data in pngs.items():
         path = out / f"{name}.png"
-        path.write_bytes(data)
+        atomic_write_bytes(path, data)
         written.append(path)
     return written

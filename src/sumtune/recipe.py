@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from sumtune import argparsing, checkpoint, distributed, faults, training
+from sumtune import argparsing, checkpoint, distributed, faults, rundir, safe_io, training
 from sumtune.checkpoint_keeper import CheckpointKeeper
 from sumtune.config import TrainConfig
 from sumtune.errors import SumtuneError
@@ -47,7 +47,7 @@ class TrainRecipe:
         self.global_step = 0
         self.samples_seen = 0  # data position, all ranks together: a resume on any world size starts here
         self.auto_batch_trials: list[dict] = []
-        self._claim: checkpoint.RunDirClaim | None = None
+        self._claim: rundir.RunDirClaim | None = None
         self._stop = faults.StopRequest()
 
     # ---- setup -------------------------------------------------------------------------------------
@@ -74,17 +74,19 @@ class TrainRecipe:
         self.progress = Progress(enabled=cfg.progress) if self.dist.is_main else distributed.SilentProgress()
         out = Path(cfg.output_dir).expanduser().resolve()
         # Every check that needs no long work comes before anything is written (bad input: nothing half-written).
-        checkpoint.check_output_dir(out, overwrite=cfg.overwrite, resume=cfg.resume)
+        if self.dist.is_main:  # checked, then locked for this run before anything is written (rank 0 for the job)
+            rundir.check_output_dir(out, overwrite=cfg.overwrite, resume=cfg.resume)
+            self._claim = rundir.RunDirClaim(out, overwrite=cfg.overwrite, resume=cfg.resume)
+            self._claim.acquire(notify=self.progress.write)
         resume_from, resume_record = None, None
         if cfg.resume:
-            resume_from = checkpoint.find_resume_checkpoint(cfg.resume, out)
+            resume_from = checkpoint.find_resume_checkpoint(cfg.resume, out, notify=self.progress.write)
             resume_record = checkpoint.check_resume_config(resume_from, self.run_config())
         check_model_source(cfg.model, allow_pickle=cfg.allow_pickle)
         data, self.tokenizer = training.read_inputs(cfg, self.progress)
         self.train_rows, self.eval_rows = data.train, data.eval
         with self.dist.main_process_first():  # only rank 0 creates (or takes over) the run directory
             if self.dist.is_main:
-                self._claim = checkpoint.RunDirClaim(out, overwrite=cfg.overwrite)
                 self._claim.begin()
             self.run_dir = out
         examples = training.tokenize_examples(self.tokenizer, self.train_rows, cfg, self.progress)
@@ -104,7 +106,8 @@ class TrainRecipe:
         self.logger = MetricsLogger(self.run_dir, enabled=self.dist.is_main)
         if self.dist.is_main:
             argparsing.write_yaml(replace(self.user_cfg, resume=None), self.run_dir / "config.yaml")
-            self.tokenizer.save_pretrained(self.run_dir)
+            with safe_io.files_replaced_atomically(self.run_dir) as tmp:
+                self.tokenizer.save_pretrained(tmp)
         total, trainable = count_parameters(self.model)
         self.param_counts = {"total": total, "trainable": trainable}
         self.peak_tflops = peak_tflops(self.device)
@@ -261,9 +264,7 @@ class TrainRecipe:
             self.keeper.keep_as_best(self.keeper.root / f"step-{self.global_step}",
                                      {"step": self.global_step, **metrics})
         write_eval(self.run_dir / "eval", metrics, records)
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            (self.run_dir / name).unlink(missing_ok=True)
-        self.model.save_pretrained(self.run_dir)
+        checkpoint.save_adapter(self.model, self.run_dir)  # replaced by renames: never a moment without one
         write_model_card(self.run_dir, self.cfg, metrics, self.param_counts)
         write_plots(self.run_dir)
         return metrics
@@ -279,3 +280,5 @@ class TrainRecipe:
         if step is not None:
             step.train_model = None
         distributed.shutdown()
+        if self._claim is not None:
+            self._claim.release()

@@ -12,9 +12,10 @@ import base64
 import datetime as dt
 import json
 import math
+import sys
 from html import escape
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from sumtune.errors import SumtuneError
 from sumtune.metrics import finite_number, read_metrics, run_config_mapping
@@ -237,8 +238,16 @@ def section_profile(summary: Any) -> str:
 
 # ---- the page --------------------------------------------------------------------------------------------
 
-def build_html(run: Path) -> str:
-    records = read_metrics(run)
+def damaged_lines_note(damaged: list[int]) -> str:
+    shown = ", ".join(map(str, damaged[:5])) + (", ..." if len(damaged) > 5 else "")
+    return (f"metrics.jsonl has {len(damaged)} damaged line(s) (line {shown}; what a kill in the middle of a write "
+            f"leaves); the report leaves them out.")
+
+
+def build_html(run: Path, damaged: list[int] | None = None) -> str:
+    """The page; the line numbers of damaged metrics.jsonl lines are appended to `damaged` when given."""
+    damaged = [] if damaged is None else damaged
+    records = read_metrics(run, damaged)
     config = run_config_mapping(run)
     if not records and not config:
         raise SumtuneError(f"{str(run)!r} is not a sumtune run directory (no metrics.jsonl or config.yaml).")
@@ -256,6 +265,7 @@ def build_html(run: Path) -> str:
     parts = [
         f"<h1>{escape(title)}</h1>",
         f'<p class="sub">model <b>{escape(str(model))}</b> on <b>{escape(str(dataset))}</b> — {escape(str(run))}</p>',
+        f'<p class="none">{escape(damaged_lines_note(damaged))}</p>' if damaged else "",
         "<h2>Numbers</h2>", section_numbers(metrics if isinstance(metrics, dict) else {}, training_summary(records),
                                            best if isinstance(best, dict) else None),
         "<h2>Plots</h2>", section_plots(run_plots(run)),
@@ -282,16 +292,20 @@ def build_html(run: Path) -> str:
             f"<body><main>{''.join(parts)}</main><script>{SCRIPT}</script></body></html>\n")
 
 
-def render_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
-    """Write the run's HTML report to OUTPUT (default RUN_DIR/report.html); returns its path."""
-    run = Path(run_dir).expanduser()
-    if not run.is_dir():
-        raise SumtuneError(f"Run directory {str(run)!r} does not exist.")
-    out = Path(output).expanduser() if output is not None else run / "report.html"
-    html = build_html(run)
+def render_report(run_dir: str | Path, output: str | Path | None = None,
+                  notify: Callable[[str], None] | None = None) -> Path:
+    """Write the run's HTML report to OUTPUT (default RUN_DIR/report.html), whole or not at all; returns its path.
+    `notify` (default: stderr) hears about damaged metrics.jsonl lines."""
+    from sumtune.safe_io import atomic_write_text, check_output_location, require_dir
+
+    run = require_dir(run_dir, "Run directory")
+    out = check_output_location(run / "report.html" if output is None else output, "Report file", is_file=True)
+    damaged: list[int] = []
+    html = build_html(run, damaged)
+    if damaged:
+        (notify or (lambda line: print(line, file=sys.stderr)))(f"sumtune: {damaged_lines_note(damaged)}")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(html, encoding="utf-8")
+        atomic_write_text(out, html)
     except OSError as err:
         raise SumtuneError(f"Cannot write the report to {str(out)!r}: {err.strerror or err}.") from None
     return out

@@ -78,17 +78,53 @@ def synthesize_cifar10(num_images: int, seed: int = 0) -> tuple[np.ndarray, np.n
     return images, rng.integers(0, NUM_CLASSES, size=num_images, dtype=np.int64)
 
 
-def load_cifar10(root: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Training images from a local CIFAR10 python copy (`cifar-10-batches-py/data_batch_*`)."""
+CIFAR10_RECORD_BYTES = 1 + 32 * 32 * 3  # the binary version: a label byte, then 1024 R, 1024 G, 1024 B bytes
+
+
+def cifar10_files(root: str | Path, allow_pickle: bool = False) -> tuple[str, list[Path]]:
+    """("binary" | "pickle", the training batch files) of a local CIFAR10 copy; nothing is read yet.
+
+    The binary version (`cifar-10-batches-bin/data_batch_*.bin`) is plain bytes and always safe. The Python
+    version (`cifar-10-batches-py/data_batch_*`) is pickle, which runs whatever code the file names when it is
+    loaded: it is read only with `allow_pickle` (`--allow-pickle`).
+    """
     root = Path(root)
+    for name in ("cifar-10-batches-bin", "."):
+        files = sorted((root / name).glob("data_batch_*.bin"))
+        if files:
+            return "binary", files
     folder = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
-    files = sorted(folder.glob("data_batch_*"))
+    files = sorted(p for p in folder.glob("data_batch_*") if p.suffix != ".bin")
     if not files:
-        raise SumtuneError(f"no CIFAR10 python batches (data_batch_*) found in {root}.")
+        raise SumtuneError(f"No CIFAR10 batches (data_batch_*.bin or data_batch_*) found in {str(root)!r}.")
+    if not allow_pickle:
+        raise SumtuneError(f"The CIFAR10 batches in {str(folder)!r} are Python pickle files ({files[0].name}, ...), "
+                           f"which can run code when loaded; use the binary version (cifar-10-batches-bin), or pass "
+                           f"--allow-pickle if you trust their source.")
+    return "pickle", files
+
+
+def read_cifar10_binary(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size == 0 or raw.size % CIFAR10_RECORD_BYTES:
+        raise SumtuneError(f"CIFAR10 batch {str(path)!r} is damaged: {raw.size} bytes is not a whole number of "
+                           f"{CIFAR10_RECORD_BYTES}-byte records.")
+    records = raw.reshape(-1, CIFAR10_RECORD_BYTES)
+    return records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), records[:, 0].astype(np.int64)
+
+
+def load_cifar10(root: str | Path, allow_pickle: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Training images (N, 32, 32, 3) uint8 and labels from a local CIFAR10 copy (see `cifar10_files`)."""
+    kind, files = cifar10_files(root, allow_pickle)
     images, labels = [], []
     for path in files:
+        if kind == "binary":
+            batch_images, batch_labels = read_cifar10_binary(path)
+            images.append(batch_images)
+            labels.append(batch_labels)
+            continue
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+            batch = pickle.load(f, encoding="bytes")  # only with allow_pickle (cifar10_files refuses otherwise)
         images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
     return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)
@@ -222,16 +258,18 @@ def run_study(*, out_dir: str | Path, stages: list[str] | None = None, device: s
               image_size: int = 224, wait: int = 1, warmup: int = 2, active: int = 10,
               cifar10_dir: str | None = None, model_fn: Callable[[], torch.nn.Module] | None = None,
               record_shapes: bool = True, profile_memory: bool = True, with_stack: bool = False,
-              echo: Callable[[str], None] | None = print) -> dict[str, Any]:
+              echo: Callable[[str], None] | None = print, allow_pickle: bool = False) -> dict[str, Any]:
     """Run the selected stages in order; return {"stages": [rows], ...} (the caller saves the JSON)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     chosen = select_stages(stages)
+    if cifar10_dir:
+        cifar10_files(cifar10_dir, allow_pickle)  # refuse pickle batches before anything else
     if model_fn is None:
         mobilenet_v2()  # fail before any data work when torchvision is missing
         model_fn = mobilenet_v2
     total = wait + warmup + active
     if cifar10_dir:
-        images, labels = load_cifar10(cifar10_dir)
+        images, labels = load_cifar10(cifar10_dir, allow_pickle)
         source = f"CIFAR10 from {cifar10_dir}"
     else:
         images, labels = synthesize_cifar10(min(total * max(s.batch_size for s in chosen), 50_000), seed=0)
@@ -274,10 +312,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--active", type=int, default=10)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--cifar10-dir", default=None)
+    parser.add_argument("--allow-pickle", action="store_true", help="read the Python (pickle) CIFAR10 batches")
     parser.add_argument("--device", default=None, choices=["cuda", "cpu"])
     args = parser.parse_args(argv)
     result = run_study(out_dir=args.out, stages=args.stages, device=args.device, image_size=args.image_size,
-                       wait=args.wait, warmup=args.warmup, active=args.active, cifar10_dir=args.cifar10_dir)
+                       wait=args.wait, warmup=args.warmup, active=args.active, cifar10_dir=args.cifar10_dir,
+                       allow_pickle=args.allow_pickle)
     print(format_study_table(result))
     write_json(result, Path(args.out) / "study.json")
 

@@ -406,9 +406,9 @@ def datasheet_peak_tflops(device_name: str | None) -> float | None:
 
 def write_json(data: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    return path
+    from sumtune.safe_io import atomic_write_text
+
+    return atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 # -- host / device readings --------------------------------------------------------------------------

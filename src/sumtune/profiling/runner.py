@@ -34,7 +34,7 @@ class ProfileArgs:
     workload: str = "t5"
     """What to profile: 't5' (the training config) or 'mobilenet-cifar10' (the original tuning study)."""
     cifar10_dir: str | None = None
-    """Local CIFAR10 python copy (cifar-10-batches-py) for the mobilenet study; synthetic images if unset."""
+    """Local CIFAR10 copy for the mobilenet study: the binary version (cifar-10-batches-bin), or the Python version (cifar-10-batches-py, pickle: read only with --allow-pickle); synthetic images if unset."""
     stages: list[str] | None = None
     """Mobilenet study stages to run (base amp batch128 gpu_normalize workers2 pinned); all if unset."""
     steps_per_stage: int = 10
@@ -105,7 +105,8 @@ def finalize_profile(prof: StepProfiler, echo: Callable[[str], None] | None = pr
 
 
 def run_mobilenet_study(args: ProfileArgs, out_dir: str | Path, *, device: str | None = None,
-                        model_fn: Callable[[], Any] | None = None, echo: Callable[[str], None] | None = print) -> dict[str, Any]:
+                        model_fn: Callable[[], Any] | None = None, echo: Callable[[str], None] | None = print,
+                        allow_pickle: bool = False) -> dict[str, Any]:
     """Run the cumulative MobileNetV2 stages and print our table next to the published one.
 
     Traces and per-stage summary.json go to OUT_DIR/<stage>/; the caller saves the returned dict.
@@ -118,7 +119,7 @@ def run_mobilenet_study(args: ProfileArgs, out_dir: str | Path, *, device: str |
     result = run_study(out_dir=out_dir, stages=args.stages, device=device, image_size=args.image_size, wait=wait,
                        warmup=warmup, active=active, cifar10_dir=args.cifar10_dir, model_fn=model_fn,
                        record_shapes=args.record_shapes, profile_memory=args.profile_memory,
-                       with_stack=args.with_stack, echo=echo)
+                       with_stack=args.with_stack, echo=echo, allow_pickle=allow_pickle)
     if echo:
         echo(format_study_table(result))
     return result
