@@ -22,7 +22,7 @@ if str(REPO_ROOT / "src") not in sys.path:  # run from a checkout without `pip i
     sys.path.insert(0, str(REPO_ROOT / "src"))
 
 # One table of T5 shapes, one config builder and one FLOP count for the product and its benchmarks.
-from sumtune.flops import train_flops_per_sample  # noqa: E402,F401
+from sumtune.flops import FLOPS_COUNTED, train_flops_per_sample  # noqa: E402,F401
 from sumtune.modeling import T5_SHAPES as _PRODUCT_T5_SHAPES, T5_VOCAB_SIZE, t5_config  # noqa: E402,F401
 
 T5_SHAPES = [*_PRODUCT_T5_SHAPES, "tiny"]  # "tiny": CPU plumbing checks only

@@ -299,7 +299,7 @@ def finish(rows: list[dict], args, matmul_tflops) -> None:
                        warmup_steps=args.warmup, timed_steps=args.steps, bf16_matmul_tflops=matmul_tflops,
                        memory_cap_gib=args.memory_cap_gib, reference_best_samples_per_s=reference_best, lora=REFERENCE_LORA | (
                            {"target_modules": args.lora_targets} if args.lora_targets else {}),
-                       rows=rows, fastest=fastest and fastest["setting"],
+                       flops_counted=bc.FLOPS_COUNTED, rows=rows, fastest=fastest and fastest["setting"],
                        best_under_cap=best_capped and best_capped["setting"])
         print(f"saved {bc.save_result('train_throughput' + ('-quick' if args.quick else ''), payload)}")
 

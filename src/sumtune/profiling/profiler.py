@@ -341,6 +341,10 @@ def _throughput(recs, mean_s: float, flops_per_step, peak_tflops, device_name: s
     out["peak_tflops"] = peak
     out["peak_tflops_source"] = "given" if peak_tflops is not None else ("datasheet dense bf16" if peak else None)
     out["mfu_pct"] = 100.0 * flops_per_step / (mean_s * peak * 1e12) if flops_per_step and peak and mean_s > 0 else None
+    if out["mfu_pct"] is not None:
+        from sumtune.flops import FLOPS_COUNTED
+
+        out["mfu_flops_counted"] = FLOPS_COUNTED  # whether attention is in the count, next to the figure
     return out
 
 
