@@ -1,0 +1,151 @@
+"""FLAN-T5 shapes (`random:flan-t5-base|large|xl`): the published configs, their parameter counts and memory,
+and a tiny model of the same architecture (gated-GELU feed-forward, untied output head) training in NF4 + LoRA
+on the fast path as it does on the stock transformers path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sumtune import cli
+from sumtune.config import TrainConfig
+from sumtune.memory import memory_report
+from sumtune.modeling import T5_SHAPES, build_random_model, t5_config
+
+# google/flan-t5-{base,large,xl} config.json as published: (d_model, d_ff, d_kv, num_heads, num_layers), and the
+# parameter counts transformers reports for those checkpoints (the untied lm_head included).
+PUBLISHED = {
+    "flan-t5-base": ((768, 2048, 64, 12, 12), 247_577_856),
+    "flan-t5-large": ((1024, 2816, 64, 16, 24), 783_150_080),
+    "flan-t5-xl": ((2048, 5120, 64, 32, 24), 2_849_757_184),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_config_is_the_published_one(name):
+    config = t5_config(name)
+    (d_model, d_ff, d_kv, heads, layers), _ = PUBLISHED[name]
+    assert (config.d_model, config.d_ff, config.d_kv, config.num_heads) == (d_model, d_ff, d_kv, heads)
+    assert config.num_layers == config.num_decoder_layers == layers
+    assert config.vocab_size == 32128
+    assert config.feed_forward_proj == "gated-gelu" and config.is_gated_act and config.dense_act_fn == "gelu_new"
+    assert config.relative_attention_num_buckets == 32 and config.relative_attention_max_distance == 128
+    assert config.layer_norm_epsilon == 1e-6 and config.dropout_rate == 0.1
+    assert config.scale_decoder_outputs is False  # T5 v1.1 (tie_word_embeddings: false) does not scale logits
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_memory_report_counts_the_published_parameters(name):
+    report = memory_report(TrainConfig(model=f"random:{name}", lora_targets=["q", "v"], lora_r=8))
+    base_params = report.total_params - report.trainable_params
+    assert base_params == PUBLISHED[name][1]
+    d_model, _, d_kv, heads, layers = PUBLISHED[name][0]
+    assert report.trainable_params == 2 * 3 * layers * 2 * 8 * (d_model + heads * d_kv) // 2  # q, v: A and B
+    # the untied head (32128 × d_model, kept in the compute dtype) is part of the quantized footprint
+    assert report.quantized_bytes > 2 * 32128 * d_model * 2
+
+
+def test_memory_command_on_flan_t5_xl(capsys):
+    assert cli.main(["memory", "--model", "random:flan-t5-xl"]) == 0
+    out = capsys.readouterr().out
+    rows = dict(line.split("  ", 1) for line in out.splitlines())
+    total = int(rows["total parameters (base + adapters)"].strip().replace(",", ""))
+    trainable = int(rows["trainable parameters"].split()[0].replace(",", ""))
+    assert rows["model"].strip() == "random:flan-t5-xl" and total - trainable == 2_849_757_184
+    assert "GiB" in rows["quantized, sumtune"]
+
+
+def test_flan_shapes_sit_beside_the_t5_shapes():
+    assert {"t5-small", "t5-3b", "flan-t5-base", "flan-t5-large", "flan-t5-xl"} <= set(T5_SHAPES)
+    assert t5_config("t5-3b").scale_decoder_outputs is True and not t5_config("t5-3b").is_gated_act
+
+
+# ----------------------------------------------------------------------------- a tiny FLAN-shaped model
+TINY_FLAN = dict(vocab_size=512, d_model=64, d_ff=96, d_kv=16, num_heads=4, num_layers=2, dropout_rate=0.0)
+
+
+def tiny_flan_qlora(seed: int = 0):
+    """sumtune's own random-model route (quantize in place, FFN fix, LoRA on every linear) on a tiny config of
+    the FLAN-T5 architecture; LoRA B gets small random values, as after some training."""
+    from sumtune.fast_t5 import fix_quantized_ffn
+    from sumtune.lora import apply_lora
+    from sumtune.modeling import freeze, keep_4bit_layout, quantize_in_place, untie_head_if_untied
+    from transformers import T5ForConditionalGeneration
+
+    cfg = TrainConfig(model="random:flan-t5-base", compute_dtype="bf16", lora_r=8, lora_alpha=16, lora_dropout=0.0,
+                      seed=seed)
+    torch.manual_seed(seed)
+    base = untie_head_if_untied(T5ForConditionalGeneration(t5_config("flan-t5-base", **TINY_FLAN)))
+    base = freeze(quantize_in_place(base.to(torch.bfloat16), cfg, torch.device("cpu")))
+    fix_quantized_ffn(base)
+    keep_4bit_layout(base)
+    model = apply_lora(base, cfg)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.02)
+    return model.train()
+
+
+def test_tiny_flan_model_is_gated_and_untied_in_nf4():
+    import bitsandbytes as bnb
+
+    model = tiny_flan_qlora()
+    t5 = model.base_model.model
+    ffn = t5.encoder.block[0].layer[1].DenseReluDense
+    assert isinstance(ffn.wi_0.base_layer, bnb.nn.Linear4bit) and isinstance(ffn.wi_1.base_layer, bnb.nn.Linear4bit)
+    assert t5.lm_head.weight.data_ptr() != t5.shared.weight.data_ptr()
+
+
+def test_tiny_flan_fast_path_matches_stock_with_nf4_and_lora():
+    from test_fast_t5 import GRAD_RTOL, LOSS_RTOL, loss_and_lora_grads, padded_batch
+
+    from sumtune.fast_t5 import disable_fast_t5, enable_fast_t5
+    from sumtune.fast_t5.numerics import relative_errors
+
+    model = tiny_flan_qlora()
+    batch = padded_batch(3, 24, 10, TINY_FLAN["vocab_size"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stock_loss, stock_grads = loss_and_lora_grads(model, batch)
+        enable_fast_t5(model)
+        loss, grads = loss_and_lora_grads(model, batch)
+    disable_fast_t5(model)
+    assert torch.isfinite(loss)
+    assert abs(float(loss - stock_loss)) <= LOSS_RTOL * abs(float(stock_loss))
+    errors = relative_errors(grads, stock_grads)
+    # LoRA A and B on every linear: 7 per encoder block (q k v o wi_0 wi_1 wo), 11 per decoder block
+    assert len(errors) == 2 * (7 * 2 + 11 * 2)
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= GRAD_RTOL, f"{worst}: {errors[worst]:.4f}"
+
+
+def test_tiny_flan_model_trains_on_the_fast_path():
+    """A few optimizer steps on one batch with NF4 + LoRA and the fast kernels: the loss falls."""
+    from test_fast_t5 import padded_batch
+
+    from sumtune.fast_t5 import enable_fast_t5
+
+    model = enable_fast_t5(tiny_flan_qlora(seed=1))
+    batch = padded_batch(3, 24, 10, TINY_FLAN["vocab_size"], seed=2)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(6):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_random_flan_model_builds_untied_and_quantized():
+    """`random:flan-t5-base` through sumtune's loader: the head untied and unquantized, the rest in NF4."""
+    import bitsandbytes as bnb
+
+    model = build_random_model(TrainConfig(model="random:flan-t5-base", compute_dtype="bf16"), 100,
+                               torch.device("cpu"))
+    assert type(model.lm_head) is torch.nn.Linear
+    assert model.lm_head.weight.data_ptr() != model.shared.weight.data_ptr()
+    assert isinstance(model.decoder.block[0].layer[2].DenseReluDense.wi_1, bnb.nn.Linear4bit)
