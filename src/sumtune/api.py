@@ -56,6 +56,7 @@ def evaluate(run_dir: str | Path, *, dataset: str | None = None, max_samples: in
     """ROUGE of a trained run on its held-out split (or on `dataset`); writes predictions.jsonl and metrics.json."""
     from dataclasses import replace
 
+    from sumtune import truncation
     from sumtune.data import load_rows
     from sumtune.evaluation import evaluate_rows, write_eval
     from sumtune.inference import load_run
@@ -68,10 +69,13 @@ def evaluate(run_dir: str | Path, *, dataset: str | None = None, max_samples: in
     model, tokenizer, cfg = load_run(run_dir, device=device, allow_pickle=allow_pickle)
     data_cfg = replace(cfg, eval_dataset=dataset) if dataset else cfg
     rows = load_rows(data_cfg).eval[: max_samples or None]
+    progress = Progress(enabled=True)
+    max_new_tokens = max_new_tokens or cfg.generation_max_new_tokens
+    source_ids, lengths = truncation.evaluation_report(tokenizer, rows, cfg, max_new_tokens)
+    progress.write(lengths.line())  # what the run's source limit and the generation length cut
     metrics, records = evaluate_rows(
         model, tokenizer, rows, prefix=cfg.source_prefix, max_source_tokens=cfg.max_source_tokens,
-        max_new_tokens=max_new_tokens or cfg.generation_max_new_tokens, num_beams=num_beams or cfg.num_beams,
-        batch_size=batch_size or cfg.eval_batch_size,
-        progress=Progress(enabled=True))
+        max_new_tokens=max_new_tokens, num_beams=num_beams or cfg.num_beams,
+        batch_size=batch_size or cfg.eval_batch_size, progress=progress, source_ids=source_ids)
     write_eval(Path(output_dir) if output_dir else Path(run_dir) / "eval", metrics, records)
     return metrics

@@ -36,7 +36,7 @@ ADAPTER_FILE = "adapter_model.safetensors"
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "adapter_config.json", "checkpoints")
 # What `--overwrite` replaces; anything else the user keeps in the directory is left alone.
 RUN_ENTRIES = ("metrics.jsonl", "tb", "eval", "checkpoints", "profile", "plots", "base_model", "config.yaml",
-               "adapter_config.json", "adapter_model.safetensors", "README.md", "report.html")
+               "adapter_config.json", "adapter_model.safetensors", "README.md", "report.html", "truncation.json")
 # Keys that may differ on resume: they change where and how a run reports, not what it computes.
 RESUME_FREE_KEYS = frozenset({
     "resume", "overwrite", "output_dir", "progress", "num_workers", "pin_memory", "allow_pickle",

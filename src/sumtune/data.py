@@ -210,6 +210,8 @@ def split_rows(rows: list[Row], eval_ratio: float, seed: int) -> tuple[list[Row]
 class TokenizedExample:
     input_ids: list[int]
     labels: list[int]
+    source_length: int = 0  # the whole document's tokens, before the cut (sumtune.truncation counts them)
+    target_length: int = 0  # the whole summary's
 
 
 def clip_chars(texts: list[str], max_tokens: int) -> list[str]:
@@ -223,11 +225,14 @@ def tokenize_sources(tokenizer, texts: list[str], prefix: str, max_tokens: int) 
 
 
 def tokenize_rows(tokenizer, rows: list[Row], cfg: "TrainConfig") -> list[TokenizedExample]:
-    sources = tokenize_sources(tokenizer, [r["text"] for r in rows], cfg.source_prefix, cfg.max_source_tokens)
-    targets = tokenizer(text_target=clip_chars([r["summary"] for r in rows], cfg.max_target_tokens),
-                        max_length=cfg.max_target_tokens,
-                        truncation=True)["input_ids"]
-    return [TokenizedExample(s, t) for s, t in zip(sources, targets)]
+    """Training examples cut to the limits, carrying their full lengths (one tokenization gives both)."""
+    from sumtune.truncation import tokenize_counting
+
+    sources, source_lengths = tokenize_counting(tokenizer, [cfg.source_prefix + r["text"] for r in rows],
+                                                cfg.max_source_tokens)
+    targets, target_lengths = tokenize_counting(tokenizer, [r["summary"] for r in rows], cfg.max_target_tokens,
+                                                target=True)
+    return [TokenizedExample(*example) for example in zip(sources, targets, source_lengths, target_lengths)]
 
 
 def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

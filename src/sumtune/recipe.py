@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from sumtune import argparsing, checkpoint, distributed, faults
+from sumtune import argparsing, checkpoint, distributed, faults, truncation
 from sumtune.config import TrainConfig
 from sumtune.data import BatchIterator, clip_chars, load_rows, tokenize_rows
 from sumtune.errors import SumtuneError
@@ -95,6 +95,8 @@ class TrainRecipe:
         self.model = self._build_model()
         examples = self.progress.map_chunks(lambda chunk: tokenize_rows(self.tokenizer, chunk, cfg),
                                             self.train_rows, desc="tokenizing")
+        self.truncation = truncation.announce(examples, cfg, write=self.progress.write,  # what the limits cut
+                                              run_dir=self.run_dir if self.dist.is_main else None)
         self.cfg = cfg = self._resolve_batch_size(cfg, examples)  # `batch_size: auto` → a number
         self.batches = BatchIterator(examples, cfg.batch_size, self.tokenizer.pad_token_id, seed=cfg.seed,
                                      group_by_length=cfg.group_by_length, num_workers=cfg.num_workers,
