@@ -107,8 +107,9 @@ class TruncationReport:
                     f"(longest {src.longest}) and all summaries fit {tgt.limit} tokens (longest {tgt.longest}).")
         parts = [self._side(src, "documents", "document", "source tokens"),
                  self._side(tgt, "summaries", "summary", "tokens")]
-        flags = [f"{flag} {stats.keep_limit}" for flag, stats in
-                 (("--max-source-tokens", src), (self.target_flag, tgt)) if stats.keep_limit > stats.limit]
+        flags = [f"{flag} {stats.keep_limit}" + (" (or more)" if stats.keep_limit >= COUNT_LIMIT_TOKENS else "")
+                 for flag, stats in (("--max-source-tokens", src), (self.target_flag, tgt))
+                 if stats.keep_limit > stats.limit]
         keep = f"{round(100 * KEEP_SHARE)}%"
         advice = f"{' '.join(flags)} keep {keep}" if flags else f"these limits keep at least {keep} whole"
         return f"sumtune: {'; '.join(parts)} — {advice}"
