@@ -234,11 +234,12 @@ def section_lengths(run: Path) -> str:
     rows = [(label, s.limit, truncation.percent(s.over_limit, s.documents), truncation.percent(s.tokens_cut, s.tokens),
              s.median, s.p90, f"{s.longest}+" if s.at_count_limit else s.longest, s.keep_limit)
             for label, s in (("documents (source)", report.source), ("summaries (target)", report.target))]
+    counted_with = report.tokenizer or "the run's tokenizer"
     return (f'<p class="sub" data-truncation>{escape(report.line())}</p>'
             + html_table(["training split", "limit (tokens)", "over the limit", "tokens cut", "median", "p90",
                           "longest", f"keeps {round(100 * truncation.KEEP_SHARE)}% whole"], rows, "lengths")
-            + f'<p class="sub">Whole lengths in tokens ({escape(report.tokenizer)} tokenizer), the source with its '
-              f"prefix; the last column is the smallest limit, rounded up to a multiple of "
+            + f'<p class="sub">Whole lengths in tokens, counted with {escape(counted_with)}, the source'
+              f" with its prefix; the last column is the smallest limit, rounded up to a multiple of "
               f"{truncation.SOURCE_MULTIPLE} (source) or {truncation.TARGET_MULTIPLE} (target), that keeps "
               f"{round(100 * truncation.KEEP_SHARE)}% of them whole.</p>")
 

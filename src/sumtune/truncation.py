@@ -207,10 +207,10 @@ def tokenizer_name(cfg: "TrainConfig") -> str:
     from sumtune.modeling import is_random_model
 
     if cfg.tokenizer:
-        return cfg.tokenizer
+        return f"the tokenizer {cfg.tokenizer}"
     if is_random_model(cfg.model):
         return f"a word-level tokenizer built from the training texts ({cfg.model} has none of its own)"
-    return f"{cfg.model}'s own"
+    return f"{cfg.model}'s own tokenizer"
 
 
 def report_examples(examples: Sequence, cfg: "TrainConfig") -> TruncationReport:
@@ -250,7 +250,7 @@ def evaluation_report(tokenizer, rows: Sequence[dict], cfg: "TrainConfig", max_n
                                             cfg.max_source_tokens)
     report = report_for(source_lengths, count_lengths(tokenizer, [r["summary"] for r in rows], target=True),
                         max_source_tokens=cfg.max_source_tokens, max_target_tokens=max_new_tokens,
-                        tokenizer="the run's", target_flag="--max-new-tokens")
+                        tokenizer="the run's tokenizer", target_flag="--max-new-tokens")
     return ids, report
 
 
