@@ -29,7 +29,8 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, 
                     "4090": 165.0, "3090": 71.0, "V100": 125.0, "T4": 65.0}
 # What every MFU figure sumtune prints or saves is measured against: shown next to it, so a reader can tell
 # whether attention was counted (MFU without attention is lower at long lengths, for the same speed).
-FLOPS_COUNTED = "attention counted: linear layers ×2, QKᵀ and PV ×3 (causal self-attention: lower triangle), LoRA ×3"
+FLOPS_COUNTED = ("attention counted: linear layers ×2, QKᵀ and PV ×3 (causal self-attention: lower triangle), "
+                 "LoRA ×3")
 ATTENTION_COUNTED = True
 
 
