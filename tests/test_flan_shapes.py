@@ -64,22 +64,20 @@ def test_flan_shapes_sit_beside_the_t5_shapes():
 TINY_FLAN = dict(vocab_size=512, d_model=64, d_ff=96, d_kv=16, num_heads=4, num_layers=2, dropout_rate=0.0)
 
 
-def tiny_flan_qlora(seed: int = 0):
-    """sumtune's own random-model route (quantize in place, FFN fix, LoRA on every linear) on a tiny config of
-    the FLAN-T5 architecture; LoRA B gets small random values, as after some training."""
-    from sumtune.fast_t5 import fix_quantized_ffn
-    from sumtune.lora import apply_lora
-    from sumtune.modeling import freeze, keep_4bit_layout, quantize_in_place, untie_head_if_untied
+def tiny_flan_qlora(tmp_path, seed: int = 0):
+    """A tiny model of the FLAN-T5 architecture saved as a checkpoint (its head a tensor of its own, as in the
+    released FLAN-T5 files), loaded by sumtune's loader in NF4 with LoRA on every linear layer; LoRA B gets small
+    random values, as after some training."""
     from transformers import T5ForConditionalGeneration
 
-    cfg = TrainConfig(model="random:flan-t5-base", compute_dtype="bf16", lora_r=8, lora_alpha=16, lora_dropout=0.0,
-                      seed=seed)
+    from sumtune.lora import apply_lora
+    from sumtune.modeling import load_model, untie_head_if_untied
+
     torch.manual_seed(seed)
-    base = untie_head_if_untied(T5ForConditionalGeneration(t5_config("flan-t5-base", **TINY_FLAN)))
-    base = freeze(quantize_in_place(base.to(torch.bfloat16), cfg, torch.device("cpu")))
-    fix_quantized_ffn(base)
-    keep_4bit_layout(base)
-    model = apply_lora(base, cfg)
+    path = tmp_path / f"tiny-flan-{seed}"
+    untie_head_if_untied(T5ForConditionalGeneration(t5_config("flan-t5-base", **TINY_FLAN))).save_pretrained(path)
+    cfg = TrainConfig(model=str(path), compute_dtype="bf16", lora_r=8, lora_alpha=16, lora_dropout=0.0, seed=seed)
+    model = apply_lora(load_model(cfg, TINY_FLAN["vocab_size"], torch.device("cpu")), cfg)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -87,23 +85,23 @@ def tiny_flan_qlora(seed: int = 0):
     return model.train()
 
 
-def test_tiny_flan_model_is_gated_and_untied_in_nf4():
+def test_tiny_flan_model_is_gated_and_untied_in_nf4(tmp_path):
     import bitsandbytes as bnb
 
-    model = tiny_flan_qlora()
+    model = tiny_flan_qlora(tmp_path)
     t5 = model.base_model.model
     ffn = t5.encoder.block[0].layer[1].DenseReluDense
     assert isinstance(ffn.wi_0.base_layer, bnb.nn.Linear4bit) and isinstance(ffn.wi_1.base_layer, bnb.nn.Linear4bit)
     assert t5.lm_head.weight.data_ptr() != t5.shared.weight.data_ptr()
 
 
-def test_tiny_flan_fast_path_matches_stock_with_nf4_and_lora():
+def test_tiny_flan_fast_path_matches_stock_with_nf4_and_lora(tmp_path):
     from test_fast_t5 import GRAD_RTOL, LOSS_RTOL, loss_and_lora_grads, padded_batch
 
     from sumtune.fast_t5 import disable_fast_t5, enable_fast_t5
     from sumtune.fast_t5.numerics import relative_errors
 
-    model = tiny_flan_qlora()
+    model = tiny_flan_qlora(tmp_path)
     batch = padded_batch(3, 24, 10, TINY_FLAN["vocab_size"])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         stock_loss, stock_grads = loss_and_lora_grads(model, batch)
@@ -119,13 +117,13 @@ def test_tiny_flan_fast_path_matches_stock_with_nf4_and_lora():
     assert errors[worst] <= GRAD_RTOL, f"{worst}: {errors[worst]:.4f}"
 
 
-def test_tiny_flan_model_trains_on_the_fast_path():
+def test_tiny_flan_model_trains_on_the_fast_path(tmp_path):
     """A few optimizer steps on one batch with NF4 + LoRA and the fast kernels: the loss falls."""
     from test_fast_t5 import padded_batch
 
     from sumtune.fast_t5 import enable_fast_t5
 
-    model = enable_fast_t5(tiny_flan_qlora(seed=1))
+    model = enable_fast_t5(tiny_flan_qlora(tmp_path, seed=1))
     batch = padded_batch(3, 24, 10, TINY_FLAN["vocab_size"], seed=2)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     losses = []

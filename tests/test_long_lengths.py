@@ -55,23 +55,25 @@ def test_tiny_t5_trains_at_long_lengths_through_the_recipe(tmp_path, capsys):
     assert sum(len(line.split()) for line in (out / "eval" / "predictions.jsonl").read_text().splitlines()) > 0
 
 
-def test_fast_t5_training_step_sees_all_4096_tokens():
+def test_fast_t5_training_step_sees_all_4096_tokens(tmp_path):
     """The fast path's attention runs over the whole 4096-token source (one position bias of 4096 × 4096)."""
     from test_fast_t5 import fast_route_calls
 
+    from transformers import T5ForConditionalGeneration
+
+    from sumtune.config import TrainConfig
     from sumtune.fast_t5 import bias as bias_lib
     from sumtune.fast_t5 import enable_fast_t5
     from sumtune.lora import apply_lora
-    from sumtune.config import TrainConfig
-    from sumtune.modeling import freeze, keep_4bit_layout, quantize_in_place, t5_config
-    from transformers import T5ForConditionalGeneration
+    from sumtune.modeling import load_model, t5_config
 
-    cfg = TrainConfig(model="tiny", compute_dtype="fp32", lora_r=4, lora_dropout=0.0)
     torch.manual_seed(0)
-    base = T5ForConditionalGeneration(t5_config("tiny", vocab_size=300))
-    base = freeze(quantize_in_place(base, cfg, torch.device("cpu")))
-    keep_4bit_layout(base)
-    model = enable_fast_t5(apply_lora(base, cfg)).train()
+    T5ForConditionalGeneration(t5_config("tiny", vocab_size=300)).save_pretrained(tmp_path / "tiny")
+    cfg = TrainConfig(model=str(tmp_path / "tiny"), compute_dtype="fp32", lora_r=4, lora_dropout=0.0)
+    model = enable_fast_t5(apply_lora(load_model(cfg, 300, torch.device("cpu")), cfg)).train()
+    import bitsandbytes as bnb
+
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) == 2 * 6 + 2 * 10  # NF4 base: every linear
     shapes = []
     real = bias_lib.relative_position_bias
 

@@ -163,7 +163,7 @@ def test_inspect_data_bad_input_is_one_sentence_and_exit_2(fixture_jsonl, tmp_pa
 # ---- train, evaluate, report ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def trained_run(fixture_jsonl, tmp_path_factory):
+def lengths_run(fixture_jsonl, tmp_path_factory):
     """A 2-step tiny run on the fixture; the fixture is also its eval set, so training sees all 10 rows."""
     import contextlib
     import io
@@ -179,8 +179,8 @@ def trained_run(fixture_jsonl, tmp_path_factory):
     return out, err.getvalue()
 
 
-def test_train_prints_the_line_after_reading_the_data_and_saves_it(trained_run):
-    run, err = trained_run
+def test_train_prints_the_line_after_reading_the_data_and_saves_it(lengths_run):
+    run, err = lengths_run
     lines = err.splitlines()
     assert EXPECTED_LINE in lines
     assert lines.index(EXPECTED_LINE) < next(i for i, line in enumerate(lines) if "trainable of" in line)
@@ -189,8 +189,8 @@ def test_train_prints_the_line_after_reading_the_data_and_saves_it(trained_run):
     assert "word-level tokenizer" in saved["tokenizer"]
 
 
-def test_evaluate_prints_the_line_against_the_generation_length(trained_run, capsys):
-    run, _ = trained_run
+def test_evaluate_prints_the_line_against_the_generation_length(lengths_run, capsys):
+    run, _ = lengths_run
     status, out, err = run_cli(["evaluate", str(run), "--device", "cpu", "--max-samples", "10",
                                 "--max-new-tokens", "3"], capsys)
     assert status == 0, err
@@ -198,24 +198,24 @@ def test_evaluate_prints_the_line_against_the_generation_length(trained_run, cap
     assert json.loads(out)["num_samples"] == 10
 
 
-def test_report_shows_the_lengths(trained_run, tmp_path):
+def test_report_shows_the_lengths(lengths_run, tmp_path):
     from html import escape
 
     from sumtune.report import render_report
 
-    run, _ = trained_run
+    run, _ = lengths_run
     html = render_report(run, tmp_path / "report.html").read_text(encoding="utf-8")
     assert "Document and summary lengths" in html and escape(EXPECTED_LINE) in html
     assert "<td>documents (source)</td><td class=\"num\">10</td><td>60%</td><td>32%</td>" in html
 
 
-def test_report_of_a_run_without_lengths_says_so(trained_run, tmp_path):
+def test_report_of_a_run_without_lengths_says_so(lengths_run, tmp_path):
     import shutil
 
     from sumtune.report import build_html
 
     run = tmp_path / "old"
-    shutil.copytree(trained_run[0], run)
+    shutil.copytree(lengths_run[0], run)
     (run / truncation.REPORT_FILE).unlink()
     assert "truncation.json is missing" in build_html(run)
 
