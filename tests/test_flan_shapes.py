@@ -10,7 +10,7 @@ import torch
 from sumtune import cli
 from sumtune.config import TrainConfig
 from sumtune.memory import memory_report
-from sumtune.modeling import T5_SHAPES, build_random_model, t5_config
+from sumtune.modeling import T5_SHAPES, build_random_model, has_untied_head, t5_config
 
 # google/flan-t5-{base,large,xl} config.json as published: (d_model, d_ff, d_kv, num_heads, num_layers), and the
 # parameter counts transformers reports for those checkpoints (the untied lm_head included).
@@ -31,7 +31,7 @@ def test_config_is_the_published_one(name):
     assert config.feed_forward_proj == "gated-gelu" and config.is_gated_act and config.dense_act_fn == "gelu_new"
     assert config.relative_attention_num_buckets == 32 and config.relative_attention_max_distance == 128
     assert config.layer_norm_epsilon == 1e-6 and config.dropout_rate == 0.1
-    assert config.scale_decoder_outputs is False  # T5 v1.1 (tie_word_embeddings: false) does not scale logits
+    assert has_untied_head(config)  # tie_word_embeddings: false (T5 v1.1 neither ties nor scales the output)
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -57,7 +57,7 @@ def test_memory_command_on_flan_t5_xl(capsys):
 
 def test_flan_shapes_sit_beside_the_t5_shapes():
     assert {"t5-small", "t5-3b", "flan-t5-base", "flan-t5-large", "flan-t5-xl"} <= set(T5_SHAPES)
-    assert t5_config("t5-3b").scale_decoder_outputs is True and not t5_config("t5-3b").is_gated_act
+    assert not has_untied_head(t5_config("t5-3b")) and not t5_config("t5-3b").is_gated_act
 
 
 # ----------------------------------------------------------------------------- a tiny FLAN-shaped model

@@ -183,9 +183,9 @@ def has_untied_head(config) -> bool:
     `scale_decoder_outputs=False` (v1.1 neither ties nor scales); from_pretrained unties the head when the
     checkpoint holds both tensors, but a model built from the config alone comes out tied.
     """
-    if getattr(config, "model_type", "") == "t5":
-        return getattr(config, "scale_decoder_outputs", True) is False
-    return getattr(config, "tie_word_embeddings", True) is False
+    if getattr(config, "tie_word_embeddings", True) is False:  # other models, and transformers 4's T5
+        return True
+    return getattr(config, "model_type", "") == "t5" and getattr(config, "scale_decoder_outputs", True) is False
 
 
 def untie_head_if_untied(model: nn.Module) -> nn.Module:
