@@ -26,7 +26,7 @@ from sumtune.flops import FLOPS_COUNTED, train_flops_per_sample  # noqa: E402,F4
 from sumtune.modeling import (  # noqa: E402,F401
     T5_SHAPES as _PRODUCT_T5_SHAPES, T5_VOCAB_SIZE, t5_config, untie_head_if_untied)
 
-T5_SHAPES = [*_PRODUCT_T5_SHAPES, "tiny"]  # "tiny": CPU plumbing checks only
+T5_SHAPES = list(_PRODUCT_T5_SHAPES)  # "tiny" among them: CPU plumbing checks only
 
 
 # ----------------------------------------------------------------------------- data
@@ -107,13 +107,12 @@ def quantize_linear4bit(model: nn.Module, compute_dtype: torch.dtype = torch.bfl
     sumtune's own quantizer (`sumtune.modeling.quantize_in_place`), on ``device`` (default: where the model is).
     For the reference recipe pass ``skip=("lm_head", "wo")``: from_pretrained keeps T5's ``wo`` unquantized.
     """
-    from sumtune.config import TrainConfig
-    from sumtune.modeling import DTYPES, freeze, quantize_in_place
+    from sumtune.modeling import DTYPES, QuantSettings, freeze, quantize_in_place
 
     dtype_name = {dtype: name for name, dtype in DTYPES.items()}[compute_dtype]
-    cfg = TrainConfig(quantization=quant_type, double_quant=double_quant, compute_dtype=dtype_name)
     target = torch.device(device) if device is not None else next(model.parameters()).device
-    return freeze(quantize_in_place(model, cfg, target, skip=tuple(skip)))
+    return freeze(quantize_in_place(model, QuantSettings(quant_type, dtype_name, double_quant), target,
+                                    skip=tuple(skip)))
 
 
 def count_lora_params(model: nn.Module) -> int:

@@ -49,9 +49,10 @@ def main(argv=None) -> int:
         args.model, args.batches, args.source_tokens, args.new_tokens, args.encoder_chunks = "tiny", "4", 64, 8, "2"
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
 
-    from sumtune.data import pad_batch
+    from sumtune.batching import pad_batch
+    from sumtune.data import tokenize_sources
     from sumtune.fast_t5 import disable_fast_t5, enable_fast_t5
-    from sumtune.generation.api import encode
+    from sumtune.generation.decoding import encode
     from sumtune.generation.greedy import GreedySession
     from sumtune.generation.t5_decode import DecoderWeights, decode_step
 
@@ -59,8 +60,8 @@ def main(argv=None) -> int:
     tokenizer = bc.load_t5_tokenizer()
     rows = bc.load_billsum_texts()
     batches = [int(b) for b in args.batches.split(",")]
-    texts = ["summarize: " + rows[i % len(rows)]["text"] for i in range(max(batches))]
-    inputs = tokenizer(texts, max_length=args.source_tokens, truncation=True)["input_ids"]
+    inputs = tokenize_sources(tokenizer, [rows[i % len(rows)]["text"] for i in range(max(batches))], "summarize: ",
+                              args.source_tokens)
     weights = DecoderWeights.from_model(model)
     results = []
     print(f"{bc.gpu_name()}: {args.model}, {args.source_tokens} -> {args.new_tokens}", flush=True)

@@ -1,5 +1,7 @@
-"""Summarization generation throughput: transformers `generate` on the QLoRA training model (reference) vs
-sumtune.generation (dense merged copy + own T5 decoder step in CUDA graphs), on real BillSum inputs.
+"""Summarization generation throughput: transformers `generate` on a stock QLoRA training model (reference) vs
+sumtune's path (a QLoRA model built by `sumtune.training.build_model`, its dense copy made by the product's
+`inference_copy`, decoded by `sumtune.generation.generate_ids` in CUDA graphs), on real BillSum inputs tokenized
+by the product (`sumtune.data.tokenize_sources`).
 
     python benchmarks/generate_throughput.py                      # GPU: t5-3b shapes, random weights
     python benchmarks/generate_throughput.py --fast-batches 64,128,256 --beam-batch 16 --compile
@@ -57,24 +59,42 @@ def ints(text: str) -> list[int]:
 
 # ----------------------------------------------------------------------------- setup
 def build_training_model(config, device: torch.device):
-    """The reference recipe's model: NF4 + double quant (bf16 compute), wo unquantized, PEFT LoRA on v,o
-    with lm_head in modules_to_save; LoRA B set to small random values so the merge matters."""
+    """The reference recipe's model, built stock: NF4 + double quant (bf16 compute), wo unquantized, PEFT LoRA on
+    v,o with lm_head in modules_to_save; LoRA B set to small random values so the merge matters."""
     from peft import LoraConfig, get_peft_model
 
     model = bc.random_t5(config, dtype=torch.bfloat16, device=device)
     model = bc.quantize_linear4bit(model, torch.bfloat16, "nf4", True, skip=("lm_head", "wo"), device=device)
     model = get_peft_model(model, LoraConfig(**LORA))
+    return randomize_lora_b(model).eval()
+
+
+def build_sumtune_model(args, tokenizer, device: torch.device):
+    """The same LoRA on sumtune's own QLoRA build (what `sumtune train` trains), LoRA B random as above."""
+    from sumtune.config import TrainConfig
+    from sumtune.training import build_model
+
+    cfg = TrainConfig(model="tiny" if args.model == "tiny" else f"random:{args.model}", model_dropout=0.0,
+                      compute_dtype="bf16", lora_r=LORA["r"], lora_alpha=float(LORA["lora_alpha"]),
+                      lora_dropout=LORA["lora_dropout"], lora_targets=list(LORA["target_modules"]),
+                      modules_to_save=list(LORA["modules_to_save"]), seed=0)
+    return randomize_lora_b(build_model(cfg, tokenizer, device)).eval()
+
+
+def randomize_lora_b(model):
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(std=0.01)
-    return model.eval()
+    return model
 
 
 def load_inputs(tokenizer, source_tokens: int, count: int) -> list[list[int]]:
+    from sumtune.data import tokenize_sources
+
     rows = bc.load_billsum_texts()
-    texts = ["summarize: " + rows[i % len(rows)]["text"] for i in range(count)]
-    return tokenizer(texts, max_length=source_tokens, truncation=True)["input_ids"]
+    return tokenize_sources(tokenizer, [rows[i % len(rows)]["text"] for i in range(count)], "summarize: ",
+                            source_tokens)
 
 
 def peak_gib(device: torch.device) -> float | None:
@@ -85,7 +105,7 @@ def peak_gib(device: torch.device) -> float | None:
 def hf_generate(model, inputs: list[list[int]], batch_size: int, new_tokens: int, device, num_beams: int = 1,
                 forced: bool = True) -> list[list[int]]:
     """transformers generate in input order, right-padded batches; rows trimmed like sumtune's output."""
-    from sumtune.data import pad_batch
+    from sumtune.batching import pad_batch
     from sumtune.generation.greedy import trim_rows
 
     results = []
@@ -137,7 +157,7 @@ def main(argv=None) -> int:
         print("generate_throughput.py measures GPU generation and needs a CUDA GPU; use --quick for a CPU "
               "plumbing check.", file=sys.stderr)
         return 2
-    from sumtune.generation import prepare_inference_model
+    from sumtune.generation.summaries import inference_copy
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     if args.quick:
@@ -165,8 +185,13 @@ def main(argv=None) -> int:
         rows.append(row("reference", "PeftModel.generate nf4", batch, 1, out, wall, peak))
         print(rows[-1], flush=True)
 
+    del training
+    bc.free_gpu_memory()
     t0 = time.perf_counter()
-    merged = prepare_inference_model(training, torch.bfloat16)
+    training = build_sumtune_model(args, tokenizer, device)
+    build_s += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    merged = inference_copy(training)  # bf16 on the GPU, fp32 on the CPU, as evaluation and `summarize` make it
     bc.sync(device)
     prepare_s = time.perf_counter() - t0
     merged_gib = sum(p.numel() * p.element_size() for p in {id(p): p for p in merged.parameters()}.values()) / 2**30
@@ -227,7 +252,7 @@ def main(argv=None) -> int:
     print(f"\nagreement (greedy, forced {args.new_tokens} tokens, {len(subset)} inputs):")
     for key, value in agree.items():
         print(f"  {key}: sequences {value['sequences']:.3f}, tokens {value['tokens']:.3f}")
-    print(f"build {build_s:.1f} s, prepare_inference_model {prepare_s:.1f} s, merged model {merged_gib:.2f} GiB")
+    print(f"build {build_s:.1f} s (both models), inference_copy {prepare_s:.1f} s, merged model {merged_gib:.2f} GiB")
     if args.quick:
         print("quick mode: plumbing check only, nothing saved")
         return 0

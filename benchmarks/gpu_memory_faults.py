@@ -59,7 +59,7 @@ def auto_batch(args, variant: str, root: Path) -> dict:
         recipe.train()
         steps = [{k: r[k] for k in ("step", "loss", "step_time_s", "peak_mem_gib", "samples_per_s")}
                  for r in read_metrics(recipe.run_dir) if r["split"] == "train"]
-        lengths = [len(e.input_ids) for e in recipe.batches.inner.examples]
+        lengths = [len(e.input_ids) for e in recipe.batches.examples]
         return {"variant": variant, "gradient_checkpointing": cfg.gradient_checkpointing,
                 "samples_per_step": cfg.effective_batch_size, "micro_batch": recipe.cfg.batch_size,
                 "grad_accum_steps": recipe.cfg.grad_accum_steps, "longest_source_tokens": max(lengths),

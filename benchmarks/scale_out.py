@@ -67,7 +67,7 @@ class StepClock(NullProfiler):
     def __init__(self) -> None:
         self.ends: list[float] = []
 
-    def step(self, samples: int | None = None, tokens: int | None = None) -> None:
+    def step(self, samples: int | None = None, tokens: int | None = None, flops: float | None = None) -> None:
         self.ends.append(time.perf_counter())
 
     def step_times_s(self, start: float) -> list[float]:
@@ -101,12 +101,12 @@ def worker(args) -> None:
         bc.sync(recipe.device)
         distributed.barrier()
         samples_before = recipe.samples_seen
-        recipe.profiler = clock = StepClock()
+        recipe.step.profiler = clock = StepClock()
         start = time.perf_counter()
         last = recipe.train(max_steps=args.warmup + args.steps)  # continues at samples_seen
         bc.sync(recipe.device)
         elapsed_s = time.perf_counter() - start
-        recipe.profiler = NULL_PROFILER
+        recipe.step.profiler = NULL_PROFILER
         timed_samples = recipe.samples_seen - samples_before
         distributed.barrier()
         peak = torch.cuda.max_memory_allocated(recipe.device) / 2**30 if recipe.device.type == "cuda" else None
@@ -140,10 +140,11 @@ def trace_worker(recipe, args) -> dict:
     from sumtune.profiling.profiler import StepProfiler
 
     out_dir = Path(args.run_dir) / f"trace-rank{recipe.dist.rank}"
-    recipe.profiler = StepProfiler(out_dir, wait=0, warmup=1, active=args.trace_steps, record_shapes=False,
-                                   profile_memory=False, device=recipe.device.type, sync_phases=False)
+    recipe.step.profiler = profiler = StepProfiler(out_dir, wait=0, warmup=1, active=args.trace_steps,
+                                                   record_shapes=False, profile_memory=False,
+                                                   device=recipe.device.type, sync_phases=False)
     recipe.train(max_steps=recipe.global_step + traced_steps(args))
-    trace = trace_analysis.load_trace(recipe.profiler.trace_path)
+    trace = trace_analysis.load_trace(profiler.trace_path)
     stats = trace_analysis.gpu_stats(trace, top_k=6) or {}
     events = trace_analysis.complete_events(trace)
     windows = trace_analysis.step_windows_us(events)

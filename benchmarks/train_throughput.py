@@ -1,19 +1,27 @@
-"""Training throughput of T5 QLoRA: the reference HF recipe vs sumtune's fast path, on real BillSum batches.
+"""Training throughput of T5 QLoRA: the stock Hugging Face recipe vs sumtune's own training step, on real BillSum.
 
     python benchmarks/train_throughput.py --reference 4,16 --fast b16,b32:gc          # GPU
     python benchmarks/train_throughput.py --numerics --layers 4                       # GPU numerics
     python benchmarks/train_throughput.py --quick                                     # CPU plumbing check
 
-Fast settings are tokens joined by ':' -- ``b<N>`` batch size, ``gc`` gradient checkpointing,
-``compile`` torch.compile of the T5 blocks, ``cache`` dequantized-weight cache, ``wo4`` quantize ``wo``
-too (default: ``wo`` stays bf16 as from_pretrained keeps it), ``drop0`` base-model dropout 0 (sumtune's ``model_dropout: 0``; the reference keeps T5's 0.1),
-``adamw`` torch's fused AdamW (sumtune's ``optimizer: adamw``) instead of paged 8-bit AdamW, ``eff`` / ``cudnn`` pin SDPA to the memory-efficient
-or cuDNN attention kernel (default: PyTorch's choice). Each setting builds a fresh model.
+sumtune rows are built and stepped by the product: each setting becomes a `TrainConfig` (model
+`random:<shape>`, the BillSum rows as a JSONL dataset, the real T5 tokenizer, the reference's LoRA) that
+`sumtune.training.build_training` sets up exactly as `sumtune train` does; the timed call is
+`sumtune.train_step.TrainStep` (THE step of `sumtune train`) on micro-batches drawn from the product's batching.
+The reference rows are a stock transformers/PEFT build trained by `Seq2SeqTrainer`: the baseline, not a copy.
+
+Settings are tokens joined by ':' that map onto TrainConfig fields -- ``b<N>`` batch_size, ``a<N>``
+grad_accum_steps, ``gc`` gradient_checkpointing, ``compile`` compile (the T5 blocks), ``cache``
+cache_dequantized_weights, ``drop0`` model_dropout 0 (the reference keeps T5's 0.1), ``adamw`` optimizer adamw
+(fused; default paged 8-bit AdamW), ``buckets`` pad_to_buckets, ``group`` group_by_length -- plus ``eff`` /
+``cudnn``, which pin SDPA to the memory-efficient or cuDNN attention kernel around the timed steps (default:
+PyTorch's choice). Each setting builds a fresh model.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -32,21 +40,44 @@ COLUMNS = ["path", "setting", "batch", "samples_per_s", "tokens_per_s", "step_ti
 
 
 # ----------------------------------------------------------------------------- settings
+FLAG_TOKENS = {"gc": "gradient_checkpointing", "compile": "compile", "cache": "cache_dequantized_weights",
+               "buckets": "pad_to_buckets", "group": "group_by_length", "graphs": "cuda_graphs"}
+RESOLVED_FIELDS = ("batch_size", "grad_accum_steps", "optimizer", "lora_targets", "lora_r", "compile",
+                   "cache_dequantized_weights", "cuda_graphs", "pad_to_buckets", "gradient_checkpointing",
+                   "model_dropout", "max_memory_gib")
+CONFIG_SAMPLES_GUESS = 64  # rows to provide per step for a config whose batch is `auto` (resolved at build)
+OFF_TOKENS = {"nograph": "cuda_graphs", "nocache": "cache_dequantized_weights", "nobuckets": "pad_to_buckets",
+              "nocompile": "compile"}
+
+
 def parse_setting(text: str) -> dict:
-    tokens = text.split(":")
-    setting = dict(name=text, batch=None, gc=False, compile=False, cache=False, wo4=False, sdpa=None, drop0=False, adamw=False)
-    for token in tokens:
-        if token.startswith("b") and token[1:].isdigit():
-            setting["batch"] = int(token[1:])
-        elif token in ("gc", "compile", "cache", "wo4", "drop0", "adamw"):
-            setting[token] = True
+    """A settings string → {"name", "sdpa", "fields": TrainConfig overrides}."""
+    fields: dict = {}
+    sdpa = None
+    for token in text.split(":"):
+        if token == "config":  # the --config file's own settings
+            continue
+        if token[:1] in ("b", "a") and token[1:].isdigit():
+            fields["batch_size" if token[0] == "b" else "grad_accum_steps"] = int(token[1:])
+        elif token in FLAG_TOKENS:
+            fields[FLAG_TOKENS[token]] = True
+        elif token in OFF_TOKENS:
+            fields[OFF_TOKENS[token]] = False
+        elif token.startswith("mem") and token[3:].isdigit():
+            fields["max_memory_gib"] = float(token[3:])
+        elif token in ("paged", "adamw8"):
+            fields["optimizer"] = "paged_adamw_8bit" if token == "paged" else "adamw_8bit"
+        elif token == "drop0":
+            fields["model_dropout"] = 0.0
+        elif token == "adamw":
+            fields["optimizer"] = "adamw"
         elif token in ("eff", "cudnn"):
-            setting["sdpa"] = token
+            sdpa = token
         else:
             raise SystemExit(f"unknown fast-setting token {token!r} in {text!r}")
-    if setting["batch"] is None:
-        raise SystemExit(f"fast setting {text!r} needs a batch size token like b16")
-    return setting
+    if "batch_size" not in fields and not text.startswith("config"):
+        raise SystemExit(f"fast setting {text!r} needs a batch size token like b16 (or start with 'config')")
+    return dict(name=text, sdpa=sdpa, fields=fields)
 
 
 def lora_config(targets: list[str] | None):
@@ -74,53 +105,43 @@ def build_reference(config, device, args):
     return get_peft_model(model, lora_config(args.lora_targets))
 
 
-def build_fast(config, device, setting, args):
-    """sumtune's path: NF4 base, LoRA with fp32 trainable weights, fast T5 kernels, optional extras."""
-    from peft import get_peft_model
-
-    from sumtune.fast_t5 import cache_dequantized_weights, compile_for_training, enable_fast_t5
-    from sumtune.modeling import set_model_dropout
-
-    skip = ("lm_head",) if setting["wo4"] else ("lm_head", "wo")
-    model = bc.quantize_linear4bit(bc.random_t5(config, torch.bfloat16, device), skip=skip)
-    if setting["drop0"]:  # sumtune's `model_dropout: 0` (the reference trains with T5's 0.1)
-        set_model_dropout(model, 0.0)
-    if setting["gc"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, lora_config(args.lora_targets))
-    for param in model.parameters():  # trainable weights in fp32, as sumtune.lora does
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
-    enable_fast_t5(model)
-    if setting["cache"]:
-        cache_dequantized_weights(model)
-    if setting["compile"]:
-        compile_for_training(model)
-    return model
+EVAL_RATIO = 0.01  # the product holds out a split; the benchmark never evaluates it
 
 
-def make_optimizer(params, device, lr: float, fused_adamw: bool = False):
-    if fused_adamw:
-        from sumtune.optim import build_optimizer
-
-        return build_optimizer("adamw", params, lr=lr, weight_decay=0.0, device=device)
-    if device.type == "cuda":
-        import bitsandbytes as bnb
-
-        return bnb.optim.PagedAdamW8bit(params, lr=lr)
-    return torch.optim.AdamW(params, lr=lr)  # paged 8-bit Adam needs CUDA
+def rows_for_steps(rows: list[dict], args) -> list[dict]:
+    """`rows` repeated so that no epoch ends inside the timed steps: every step gets a full batch."""
+    per_step = [f.get("batch_size", CONFIG_SAMPLES_GUESS) * f.get("grad_accum_steps", 1)
+                for f in (parse_setting(text)["fields"] for text in args.fast)]
+    needed = (args.warmup + args.steps + 2) * max(per_step, default=1)
+    count = max(len(rows), int(needed / (1 - EVAL_RATIO)) + 2)
+    return [rows[i % len(rows)] for i in range(count)]
 
 
-# ----------------------------------------------------------------------------- timed loops
-def train_step(model, optimizer, params, batch, device) -> float:
-    """Exactly sumtune's TrainRecipe.train_step: bf16 autocast forward, backward, clip, step, zero_grad."""
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-        loss = model(**batch).loss
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+def sumtune_config(setting: dict, args, data_file: Path, device: torch.device):
+    """The TrainConfig of one sumtune row: what `sumtune train` would run with these settings."""
+    from sumtune.config import TrainConfig
+
+    if args.config:  # a shipped config as it is, with only the model, data and the setting's fields swapped in
+        from dataclasses import replace
+
+        from sumtune import argparsing
+
+        base = argparsing.resolve(TrainConfig, args.config, {})
+        return replace(base, model="tiny" if args.model == "tiny" else f"random:{args.model}",
+                       tokenizer=None if args.model == "tiny" else str(bc.shared_data_dir() / "t5-tokenizer"),
+                       dataset=str(data_file), eval_dataset=None, eval_ratio=EVAL_RATIO,
+                       max_source_tokens=args.src_len, max_target_tokens=args.tgt_len, device=device.type,
+                       compute_dtype=base.compute_dtype if device.type == "cuda" else "fp32", progress=False,
+                       **{k: v for k, v in setting["fields"].items() if k != "batch_size" or v})
+    lora = dict(lora_r=REFERENCE_LORA["r"], lora_alpha=float(REFERENCE_LORA["lora_alpha"]),
+                lora_dropout=REFERENCE_LORA["lora_dropout"],
+                lora_targets=args.lora_targets or list(REFERENCE_LORA["target_modules"]),
+                modules_to_save=list(REFERENCE_LORA["modules_to_save"]))
+    return TrainConfig(
+        model="tiny" if args.model == "tiny" else f"random:{args.model}", tokenizer=str(bc.shared_data_dir() / "t5-tokenizer"),
+        dataset=str(data_file), eval_ratio=EVAL_RATIO, max_source_tokens=args.src_len, max_target_tokens=args.tgt_len,
+        compute_dtype="bf16" if device.type == "cuda" else "fp32", lr=args.lr, device=device.type,
+        progress=False, **lora, **setting["fields"])
 
 
 def sdpa_backend(setting: dict):
@@ -134,45 +155,54 @@ def sdpa_backend(setting: dict):
     return sdpa_kernel([backends[setting["sdpa"]]]) if setting.get("sdpa") else contextlib.nullcontext()
 
 
-def time_fast(config, device, data, setting, args) -> dict:
+def time_fast(data_file, device, setting, args) -> dict:
     with sdpa_backend(setting):
-        return _time_fast(config, device, data, setting, args)
+        return _time_fast(data_file, device, setting, args)
 
 
-def _time_fast(config, device, data, setting, args) -> dict:
-    model = build_fast(config, device, setting, args).train()
+def _time_fast(data_file, device, setting, args) -> dict:
+    from sumtune.training import build_training
+
+    cfg = sumtune_config(setting, args, data_file, device)
+    parts = build_training(cfg)
     reset_peak_memory()  # peak = model + training, not the transient of building it
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, device, args.lr, fused_adamw=setting["adamw"])
-    times_s, losses = [], []
-    for step in range(args.warmup + args.steps):
-        batch = {k: v.to(device, non_blocking=True) for k, v in bc.batch_at(data, step, setting["batch"]).items()}
+    step, stream = parts.step, parts.batches.stream()
+    parts.model.train()
+    times_s, losses, samples, tokens, flops = [], [], [], [], []
+    for index in range(args.warmup + args.steps):
+        micro_batches = step.draw(stream, parts.cfg.grad_accum_steps)  # collated on the host, outside the clock
         bc.sync(device)
         start = time.perf_counter()
-        loss = train_step(model, optimizer, params, batch, device)
+        result = step(micro_batches, lr=cfg.lr)
         bc.sync(device)
-        if step >= args.warmup:
+        if index >= args.warmup:
             times_s.append(time.perf_counter() - start)
-            losses.append(float(loss))
-    lora = bc.count_lora_params(model)
+            losses.append(result.loss)
+            samples.append(result.samples)
+            tokens.append(result.tokens)
+            flops.append(result.flops)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     if args.profile:
-        profile_steps(model, optimizer, params, data, setting["batch"], device)
-    del model, optimizer, params
-    return dict(times_s=times_s, losses=losses, lora_params=lora, peak_mem_gib=peak)
+        profile_steps(step, stream, parts.cfg.grad_accum_steps, cfg.lr)
+    lora = bc.count_lora_params(parts.model)
+    resolved = parts.cfg
+    del parts, step, stream
+    return dict(times_s=times_s, losses=losses, samples=samples, tokens=tokens, flops=flops, lora_params=lora,
+                peak_mem_gib=peak, samples_per_step=resolved.batch_size * resolved.grad_accum_steps,
+                resolved={k: getattr(resolved, k) for k in RESOLVED_FIELDS})
 
 
-def profile_steps(model, optimizer, params, data, batch_size: int, device, steps: int = 2) -> None:
-    """Where the fast step goes: torch.profiler over a few steps, top CUDA ops (GPU only)."""
+def profile_steps(step, stream, accum: int, lr: float, steps: int = 2) -> None:
+    """Where the product's step goes: torch.profiler over a few steps, top CUDA ops (GPU only)."""
     from torch.profiler import ProfilerActivity, profile
 
-    batch = {k: v.to(device) for k, v in bc.batch_at(data, 0, batch_size).items()}
-    bc.sync(device)
+    micro = [step.draw(stream, accum) for _ in range(steps)]
+    bc.sync(step.device)
     start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            train_step(model, optimizer, params, batch, device)
-        bc.sync(device)
+        for batches in micro:
+            step(batches, lr=lr)
+        bc.sync(step.device)
     wall_s = time.perf_counter() - start
     kernel_s = sum(e.time_range.elapsed_us() for e in prof.events()
                    if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
@@ -182,7 +212,17 @@ def profile_steps(model, optimizer, params, data, batch_size: int, device, steps
 
 
 def time_reference(config, device, data, batch_size, args) -> dict:
-    """The reference through Seq2SeqTrainer; steps timed by a callback (sync at begin/end of each step)."""
+    """The reference through Seq2SeqTrainer on a fresh stock build (see `time_trainer`)."""
+    model = build_reference(config, device, args)
+    run = time_trainer(model, config, device, data, batch_size, args)
+    del model
+    return run
+
+
+def time_trainer(model, config, device, data, batch_size, args) -> dict:
+    """A stock PEFT model trained by Seq2SeqTrainer (the reference's settings) on fixed-length `data` rows at
+    `batch_size`; steps timed by a callback (sync at begin/end of each step). `args`: warmup, steps, src_len,
+    tgt_len."""
     import tempfile
 
     from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
@@ -199,7 +239,6 @@ def time_reference(config, device, data, batch_size, args) -> dict:
             bc.sync(device)
             self.times_s.append(time.perf_counter() - self._start)
 
-    model = build_reference(config, device, args)
     reset_peak_memory()
     rows = data["input_ids"].shape[0]
     dataset = [{k: v[i] for k, v in data.items()} for i in range(rows)]
@@ -213,27 +252,36 @@ def time_reference(config, device, data, batch_size, args) -> dict:
         trainer = Seq2SeqTrainer(model=model, args=training_args, train_dataset=dataset, callbacks=[timer])
         trainer.train()
     lora = bc.count_lora_params(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    del trainer, model
-    return dict(times_s=timer.times_s[args.warmup:], losses=[], lora_params=lora, peak_mem_gib=peak)
+    del trainer
+    times_s = timer.times_s[args.warmup:]
+    # Fixed-length batches: every step processes batch_size rows padded to src_len/tgt_len. FLOPs counted as the
+    # product counts its own (sumtune.train_step.BatchFlops: all trainable parameters, lm_head copy included).
+    tokens_per_row = float(data["attention_mask"].sum() + (data["labels"] != -100).sum()) / rows
+    flops = bc.train_flops_per_sample(config, args.src_len, args.tgt_len, lora_params=trainable) * batch_size
+    return dict(times_s=times_s, losses=[], samples=[batch_size] * len(times_s),
+                tokens=[tokens_per_row * batch_size] * len(times_s), flops=[flops] * len(times_s),
+                lora_params=lora, peak_mem_gib=peak)
 
 
 # ----------------------------------------------------------------------------- reporting
-def summarize(path: str, name: str, batch: int, run: dict, config, args, data, matmul_tflops, peak_tflops,
-              recompute: bool) -> dict:
+def summarize(path: str, name: str, batch: int, run: dict, args, matmul_tflops, peak_tflops, gc: bool) -> dict:
+    """One table row: medians over the timed steps of what each step processed per second."""
+    def median_rate(key: str) -> float:
+        return statistics.median(v / t for v, t in zip(run[key], run["times_s"]))
+
     step_time_s = statistics.median(run["times_s"])
-    tokens_per_step = float((data["attention_mask"].sum() + (data["labels"] != -100).sum())) / data["labels"].shape[0]
-    flops = bc.train_flops_per_sample(config, args.src_len, args.tgt_len, lora_params=run["lora_params"])
-    samples_per_s = batch / step_time_s
-    achieved = flops * samples_per_s / 1e12
+    samples_per_s = median_rate("samples")
+    achieved = median_rate("flops") / 1e12
     return dict(path=path, setting=name, batch=batch, samples_per_s=samples_per_s,
-                tokens_per_s=tokens_per_step * samples_per_s, step_time_s=step_time_s,
+                tokens_per_s=median_rate("tokens"), step_time_s=step_time_s,
                 peak_mem_gib=run.get("peak_mem_gib"),
                 mfu_measured=achieved / matmul_tflops if matmul_tflops else None,
                 mfu_datasheet=achieved / peak_tflops if peak_tflops else None,
-                achieved_tflops=achieved, flops_per_sample=flops, gradient_checkpointing=recompute,
-                steps_timed=len(run["times_s"]), last_loss=run["losses"][-1] if run["losses"] else None,
-                note="")
+                achieved_tflops=achieved, flops_per_sample=sum(run["flops"]) / max(1, sum(run["samples"])),
+                gradient_checkpointing=gc, steps_timed=len(run["times_s"]),
+                last_loss=run["losses"][-1] if run["losses"] else None, resolved=run.get("resolved"), note="")
 
 
 def run_guarded(fn, *fn_args):
@@ -249,34 +297,44 @@ def run_guarded(fn, *fn_args):
 
 
 def throughput(args, device) -> None:
+    import tempfile
+
     from sumtune.flops import peak_tflops
 
-    config = bc.t5_config(args.model, **({"num_layers": args.layers} if args.layers else {}))
-    tokenizer = bc.load_t5_tokenizer()
-    data = bc.tokenize_rows(tokenizer, bc.load_billsum_texts(), args.src_len, args.tgt_len)
+    if args.layers:
+        raise SystemExit("--layers is for --numerics: throughput rows are built by sumtune at the model's own depth")
+    config = bc.t5_config(args.model)
+    rows = bc.load_billsum_texts()
+    data = bc.tokenize_rows(bc.load_t5_tokenizer(), rows, args.src_len, args.tgt_len)  # the reference's batches
     if args.full_rows:  # measurement only: batches without source padding
         full = data["attention_mask"].sum(1) == data["attention_mask"].shape[1]
         data = {k: v[full] for k, v in data.items()}
+        rows = [row for row, keep in zip(rows, full.tolist()) if keep]
     matmul_tflops = bc.measure_bf16_matmul_tflops()
     peak = peak_tflops(device)
     print(f"{bc.gpu_name()}: bf16 GEMM {matmul_tflops or 0:.0f} TFLOP/s measured; {args.model} "
           f"({config.num_layers}+{config.num_decoder_layers} layers) at {args.src_len}/{args.tgt_len}", flush=True)
-    rows = []
+    results = []
     for batch in args.reference:
         run, note = run_guarded(time_reference, config, device, data, batch, args)
-        row = (summarize("reference", f"hf-trainer b{batch}", batch, run, config, args, data, matmul_tflops, peak, True)
+        row = (summarize("reference", f"hf-trainer b{batch}", batch, run, args, matmul_tflops, peak, True)
                if run else dict(path="reference", setting=f"hf-trainer b{batch}", batch=batch, note=note))
-        rows.append(row)
+        results.append(row)
         print(row, flush=True)
-    for text in args.fast:
-        setting = parse_setting(text)
-        run, note = run_guarded(time_fast, config, device, data, setting, args)
-        row = (summarize("sumtune-fast", text, setting["batch"], run, config, args, data, matmul_tflops, peak,
-                         setting["gc"]) if run else dict(path="sumtune-fast", setting=text, batch=setting["batch"],
-                                                         note=note))
-        rows.append(row)
-        print(row, flush=True)
-    finish(rows, args, matmul_tflops)
+    with tempfile.TemporaryDirectory(prefix="sumtune-bench-") as tmp:
+        data_file = Path(tmp) / "billsum.jsonl"
+        data_file.write_text("".join(json.dumps(r) + "\n" for r in rows_for_steps(rows, args)), encoding="utf-8")
+        for text in args.fast:
+            setting = parse_setting(text)
+            batch = setting["fields"].get("batch_size", 0) * setting["fields"].get("grad_accum_steps", 1)
+            run, note = run_guarded(time_fast, data_file, device, setting, args)
+            batch = run["samples_per_step"] if run else batch  # a config's `auto` batch as it resolved
+            row = (summarize("sumtune", text, batch, run, args, matmul_tflops, peak,
+                             setting["fields"].get("gradient_checkpointing", False))
+                   if run else dict(path="sumtune", setting=text, batch=batch, note=note))
+            results.append(row)
+            print(row, flush=True)
+    finish(results, args, matmul_tflops)
 
 
 def finish(rows: list[dict], args, matmul_tflops) -> None:
@@ -285,7 +343,7 @@ def finish(rows: list[dict], args, matmul_tflops) -> None:
     for row in rows:
         if reference_best and "samples_per_s" in row:
             row["speedup"] = row["samples_per_s"] / reference_best
-    fast = [r for r in rows if r["path"] == "sumtune-fast" and "samples_per_s" in r]
+    fast = [r for r in rows if r["path"] == "sumtune" and "samples_per_s" in r]
     fastest = max(fast, key=lambda r: r["samples_per_s"], default=None)
     capped = [r for r in fast if r.get("peak_mem_gib") is not None and r["peak_mem_gib"] <= args.memory_cap_gib]
     best_capped = max(capped, key=lambda r: r["samples_per_s"], default=None)
@@ -300,6 +358,9 @@ def finish(rows: list[dict], args, matmul_tflops) -> None:
                        memory_cap_gib=args.memory_cap_gib, reference_best_samples_per_s=reference_best, lora=REFERENCE_LORA | (
                            {"target_modules": args.lora_targets} if args.lora_targets else {}),
                        flops_counted=bc.FLOPS_COUNTED, rows=rows, fastest=fastest and fastest["setting"],
+                       method="sumtune rows: TrainConfig -> sumtune.training.build_training -> TrainStep on the "
+                              "product's batches; reference: stock transformers/PEFT via Seq2SeqTrainer; rates "
+                              "are medians over the timed steps",
                        best_under_cap=best_capped and best_capped["setting"])
         print(f"saved {bc.save_result('train_throughput' + ('-quick' if args.quick else ''), payload)}")
 
@@ -338,14 +399,17 @@ def set_attn_implementation(model, name: str) -> None:
 
 
 def loss_curve(model, data, device, args) -> tuple[list[float], float]:
+    """`curve_steps` steps of the product's TrainStep (bf16 autocast, clip 1.0) with a deterministic AdamW."""
+    from sumtune.train_step import TrainStep
+
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.curve_lr)  # deterministic, same for both paths
+    step = TrainStep(model, optimizer, device=device, compute_dtype="bf16", max_grad_norm=1.0)
     losses = []
     bc.sync(device)
     start = time.perf_counter()
-    for step in range(args.curve_steps):
-        batch = {k: v.to(device) for k, v in bc.batch_at(data, step, args.numerics_batch).items()}
-        losses.append(float(train_step(model, optimizer, params, batch, device)))
+    for index in range(args.curve_steps):
+        losses.append(step([bc.batch_at(data, index, args.numerics_batch)], lr=args.curve_lr).loss)
     bc.sync(device)
     return losses, time.perf_counter() - start
 
@@ -429,12 +493,15 @@ def run_numerics(args, device) -> None:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="t5-3b", choices=sorted(bc.T5_SHAPES))
-    parser.add_argument("--layers", type=int, default=None, help="encoder and decoder layers (default: the model's)")
+    parser.add_argument("--layers", type=int, default=None, help="--numerics: encoder and decoder layers (default 4)")
     parser.add_argument("--src-len", type=int, default=1024)
     parser.add_argument("--tgt-len", type=int, default=128)
     parser.add_argument("--reference", default="4,16", help="reference batch sizes, comma-separated ('' = none)")
     parser.add_argument("--fast", default="b16,b32:gc", help="fast settings, comma-separated ('' = none)")
     parser.add_argument("--lora-targets", default=None, help="comma-separated LoRA targets (default: v,o)")
+    parser.add_argument("--config", default=None,
+                        help="sumtune rows start from this YAML config (e.g. configs/t5-3b-billsum.yaml) instead of "
+                             "the reference's LoRA; the setting 'config' is that file exactly as shipped")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--lr", type=float, default=2e-5)

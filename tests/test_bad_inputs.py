@@ -163,10 +163,9 @@ def test_resolved_paths_are_reported(finished_run, tmp_path, capsys):
 
 
 def test_huge_document_and_byte_order_mark(tmp_path, capsys, monkeypatch):
-    """A 16 MB document trains like any other: it is cut before tokenizing (at the bound up to which
-    sumtune.truncation counts whole lengths), so it costs no more than a long one."""
+    """A 16 MB document trains like any other: it is cut before tokenizing (at data.COUNT_LIMIT_TOKENS, up to
+    which whole lengths are counted for the truncation report), so it costs no more than a long one."""
     from sumtune import data as data_module
-    from sumtune.truncation import COUNT_LIMIT_TOKENS
 
     longest_in, longest_out = [0], [0]
     real_clip = data_module.clip_chars
@@ -189,7 +188,7 @@ def test_huge_document_and_byte_order_mark(tmp_path, capsys, monkeypatch):
     status, err = run_cli(argv, capsys)
     assert status == 0, err
     assert time.perf_counter() - start < 120
-    cut_at = data_module.MAX_CHARS_PER_TOKEN * COUNT_LIMIT_TOKENS  # 2 MiB
+    cut_at = data_module.MAX_CHARS_PER_TOKEN * data_module.COUNT_LIMIT_TOKENS  # 2 MiB
     assert longest_in[0] > 16_000_000 and longest_out[0] <= cut_at  # the tokenizer saw a cut copy
 
 
@@ -208,8 +207,8 @@ def test_allow_pickle_is_needed_for_pickle_weights(places):
     from sumtune.modeling import check_model_source
 
     with pytest.raises(SumtuneError, match="--allow-pickle"):
-        check_model_source(TrainConfig(model=places["model_pickle_only"]))
-    check_model_source(TrainConfig(model=places["model_pickle_only"], allow_pickle=True))  # allowed: no error
+        check_model_source(places["model_pickle_only"])
+    check_model_source(places["model_pickle_only"], allow_pickle=True)  # allowed: no error
 
 
 def test_trust_remote_code_and_allow_pickle_default_off():

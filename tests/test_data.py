@@ -1,4 +1,4 @@
-"""Data: readers for each format, deterministic split, tokenization with truncation, padding and batching."""
+"""Data: readers for each format, deterministic split, tokenization with truncation (batching: test_batching)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from sumtune.config import TrainConfig
-from sumtune.data import collate, epoch_batches, load_rows, read_rows, split_rows, tokenize_rows
-from sumtune.demo_data import build_word_tokenizer, demo_records
+from sumtune.data import load_rows, read_rows, split_rows
+from sumtune.demo_data import demo_records
 
 ROWS = [{"article": f"document number {i} " + "word " * (i % 7), "highlights": f"summary {i}"} for i in range(30)]
 
@@ -53,34 +53,6 @@ def test_saved_to_disk_dataset_loads(tmp_path):
 def test_split_depends_on_seed():
     rows = [{"text": str(i), "summary": str(i)} for i in range(50)]
     assert split_rows(rows, 0.2, 1)[1] != split_rows(rows, 0.2, 2)[1]
-
-
-def test_tokenize_truncates_and_collate_pads_labels_with_minus_100():
-    records = demo_records(8)
-    tokenizer = build_word_tokenizer([r["text"] + " " + r["summary"] for r in records])
-    cfg = TrainConfig(max_source_tokens=12, max_target_tokens=5, source_prefix="summarize: ")
-    examples = tokenize_rows(tokenizer, records, cfg)
-    assert all(len(e.input_ids) <= 12 and e.input_ids[-1] == tokenizer.eos_token_id for e in examples)
-    assert all(len(e.labels) <= 5 for e in examples)
-    short = tokenize_rows(tokenizer, [{"text": "a b", "summary": "one"}], cfg)[0]
-    batch = collate([examples[0], short], tokenizer.pad_token_id)
-    assert batch["input_ids"].shape == batch["attention_mask"].shape
-    assert batch["labels"].shape[1] == max(len(examples[0].labels), len(short.labels))
-    assert (batch["labels"][1, len(short.labels):] == -100).all()
-    assert (batch["attention_mask"][1, len(short.input_ids):] == 0).all()
-
-
-def test_length_grouped_batches_cover_every_row_once_and_hold_similar_lengths():
-    lengths = [(i * 37) % 101 for i in range(400)]
-    batches = epoch_batches(lengths, 8, seed=0, epoch=1, group_by_length=True)
-    flat = sorted(i for b in batches for i in b)
-    assert flat == list(range(400))
-    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
-    plain = epoch_batches(lengths, 8, seed=0, epoch=1)
-    plain_spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in plain) / len(plain)
-    assert spread < plain_spread / 4
-    assert epoch_batches(lengths, 8, seed=0, epoch=1, group_by_length=True) == batches
-    assert epoch_batches(lengths, 8, seed=0, epoch=2, group_by_length=True) != batches
 
 
 def test_demo_corpus_is_deterministic_and_summaries_come_from_the_text():

@@ -1,4 +1,5 @@
-"""Data-parallel training: sharding, loss weighting, resume position, and W processes == 1 process.
+"""Data-parallel training: the process group, and W processes == 1 process end to end (sharding and loss
+weighting: test_batching; the sharded evaluation: test_evaluator).
 
 The end-to-end tests launch real process groups (gloo on the CPU, NCCL on GPUs) with torchrun and with
 `accelerate launch` and the shipped config, train a tiny NF4 T5 with LoRA, and compare the final adapter with a
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -19,130 +19,11 @@ import pytest
 import torch
 
 from sumtune import distributed
-from sumtune.data import BatchIterator, TokenizedExample, epoch_batches
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-# ---- unit tests: pure functions -------------------------------------------------------------------------------
-
-def make_examples(n: int, seed: int = 0) -> list[TokenizedExample]:
-    """Examples whose first input id is their index (so batches can be traced back) and random lengths."""
-    rng = random.Random(seed)
-    return [TokenizedExample([i + 10] + [5] * rng.randint(0, 12), [7] * rng.randint(1, 9) + [1]) for i in range(n)]
-
-
-def sample_ids(batch: dict[str, torch.Tensor]) -> list[int]:
-    return [int(x) - 10 for x in batch["input_ids"][:, 0]]
-
-
-@pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 9, 16])
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_shard_indices_partition_the_global_batch(n, world):
-    batch = list(range(100, 100 + n))
-    shards = [distributed.shard_indices(batch, r, world) for r in range(world)]
-    real = [s for s, padding in shards if not padding]
-    assert [i for s in real for i in s] == batch  # contiguous slices, in order, nothing lost or repeated
-    sizes = [len(s) for s in real]
-    assert max(sizes) - min(sizes) <= 1
-    padded = [s for s, padding in shards if padding]
-    assert len(padded) == max(0, world - n) and all(s == batch[:1] for s in padded)
-
-
-@pytest.mark.parametrize("group_by_length", [False, True])
-@pytest.mark.parametrize("world", [2, 3])
-def test_ranks_together_see_the_one_process_batches(group_by_length, world):
-    examples = make_examples(23)
-    micro = 2
-    single = BatchIterator(examples, micro * world, pad_id=0, seed=3, group_by_length=group_by_length)
-    ranks = [distributed.shard_batches(BatchIterator(examples, micro, pad_id=0, seed=3,
-                                                     group_by_length=group_by_length), r, world)
-             for r in range(world)]
-    assert all(r.batches_per_epoch() == single.batches_per_epoch() for r in ranks)
-    for epoch in (0, 1):
-        expected = [sample_ids(b) for b in single.epoch(epoch)]
-        per_rank = [list(r.epoch(epoch)) for r in ranks]
-        for step, want in enumerate(expected):
-            got = [i for r in range(world) if per_rank[r][step]["loss_scale"] > 0
-                   for i in sample_ids(per_rank[r][step])]
-            assert got == want
-
-
-def test_loss_scale_gives_the_global_token_mean():
-    """Σ_r scale_r × mean_r / W == mean over all label tokens of the global batch (what DDP's mean computes)."""
-    examples = make_examples(11, seed=5)
-    world, micro = 3, 2
-    ranks = [distributed.shard_batches(BatchIterator(examples, micro, 0, seed=1, group_by_length=False), r, world)
-             for r in range(world)]
-    token_loss = {i: torch.rand(len(e.labels), generator=torch.Generator().manual_seed(i), dtype=torch.float64)
-                  for i, e in enumerate(examples)}
-    streams = [list(r.epoch(0)) for r in ranks]
-    for step, global_batch in enumerate(ranks[0].global_batches(0)):
-        expected = torch.cat([token_loss[i] for i in global_batch]).mean()
-        combined = 0.0
-        for r in range(world):
-            batch = streams[r][step]
-            ids = sample_ids(batch)
-            local_mean = torch.cat([token_loss[i] for i in ids]).mean()  # T5's loss: mean over label tokens
-            combined += float(batch["loss_scale"]) * float(local_mean)
-        assert combined / world == pytest.approx(float(expected), rel=1e-6)  # loss_scale is float32
-
-
-def test_one_process_batches_are_untouched():
-    examples = make_examples(9)
-    plain = BatchIterator(examples, 4, pad_id=0, seed=2, group_by_length=False)
-    wrapped = distributed.shard_batches(BatchIterator(examples, 4, pad_id=0, seed=2, group_by_length=False), 0, 1)
-    for a, b in zip(plain.epoch(1), wrapped.epoch(1), strict=True):
-        assert a.keys() == b.keys()  # no loss_scale key: the single-GPU path computes exactly what it did
-        assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-@pytest.mark.parametrize("new_world,new_micro", [(1, 3), (2, 2), (4, 1), (3, 2)])
-def test_resume_on_another_world_size_continues_at_the_same_sample(new_world, new_micro):
-    """2 ranks × 2 run 6 steps across the end of epoch 0 (17 samples: 4+4+4+4+1, then 4): 21 samples seen.
-
-    Any new layout (processes × micro-batch) then continues with sample 22 of the same order.
-    """
-    examples = make_examples(17)
-    old = [distributed.shard_batches(BatchIterator(examples, 2, 0, seed=4, group_by_length=False), r, 2)
-           for r in range(2)]
-    old_streams = [o.stream() for o in old]
-    for _ in range(6):
-        for s in old_streams:
-            next(s)
-    seen = old[0].samples_seen
-    assert seen == 21 and old[1].samples_seen == 21
-    order = [i for e in range(3) for b in epoch_batches([0] * 17, 1, seed=4, epoch=e) for i in b]
-    new = [distributed.shard_batches(BatchIterator(examples, new_micro, 0, seed=4, group_by_length=False), r,
-                                     new_world) for r in range(new_world)]
-    new_streams = [n.stream(start_sample=seen) for n in new]
-    got: list[int] = []
-    while len(got) < 20:
-        batches = [next(s) for s in new_streams]
-        got += [i for b in batches if float(b.get("loss_scale", 1.0)) > 0 for i in sample_ids(b)]
-    assert got[:20] == order[21:41]
-    assert new[0].samples_seen == seen + len(got)
-
-
-def test_resume_mid_batch_recuts_the_rest_in_order():
-    batches = [[5, 6, 7], [1, 2, 3], [4, 0]]
-    assert distributed.batches_from(batches, 3, 3) == [[1, 2, 3], [4, 0]]  # at a boundary: as they were
-    assert distributed.batches_from(batches, 4, 2) == [[2, 3], [4, 0]]
-    assert distributed.batches_from(batches, 0, 2) == batches
-
-
-def test_assemble_eval_restores_row_order_and_weights_the_loss():
-    rows = [{"text": f"t{i}", "summary": f"the cat sat {i}"} for i in range(5)]
-    parts = [([0, 2, 4], ["the cat sat 0", "x", "the cat sat 4"], [4, 1, 4], 6.0, 3),
-             ([1, 3], ["the cat sat 1", "y"], [4, 1], 3.0, 1)]  # token-weighted 2.25; a mean of means: 2.5
-    metrics, records = distributed.assemble_eval(parts, rows)
-    assert [r["prediction"] for r in records] == ["the cat sat 0", "the cat sat 1", "x", "y", "the cat sat 4"]
-    assert metrics["loss"] == pytest.approx(9.0 / 4)
-    assert metrics["gen_len"] == pytest.approx(14 / 5) and metrics["num_samples"] == 5
-    assert 0 < metrics["rouge1"] < 100
-    with pytest.raises(RuntimeError):
-        distributed.assemble_eval(parts[:1], rows)
-
+# ---- unit tests ------------------------------------------------------------------------------------------------
 
 def test_single_process_context_is_a_no_op(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
@@ -152,7 +33,7 @@ def test_single_process_context_is_a_no_op(monkeypatch):
     model = torch.nn.Linear(2, 2)
     assert distributed.wrap_model(model, ctx) is model
     assert distributed.gather_objects({"a": 1}) == [{"a": 1}]
-    assert distributed.reduce_for_log(ctx, torch.tensor(1.5), 10, 4) == (1.5, 10, 4)
+    assert distributed.reduce_for_log(ctx, 1.5, 10, 4) == (1.5, 10, 4)
     assert distributed.describe_batch(16, 2, 4) == "128 samples (16 × 2 accumulation × 4 processes)"
 
 

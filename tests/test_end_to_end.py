@@ -16,7 +16,6 @@ import torch
 import yaml
 
 from sumtune.cli import main
-from sumtune.evaluation import rouge_scores
 
 DOCS = 3
 
@@ -64,39 +63,6 @@ def test_run_directory_holds_adapter_tokenizer_config_metrics_and_card(run_dir):
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
 
 
-def test_rouge_equals_rouge_score_on_the_saved_predictions(run_dir):
-    from rouge_score import rouge_scorer
-
-    records = [json.loads(x) for x in (run_dir / "eval" / "predictions.jsonl").read_text().splitlines()]
-    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
-    ours = rouge_scores([r["prediction"] for r in records], [r["reference"] for r in records])
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-    direct = [scorer.score(r["reference"], r["prediction"]) for r in records]
-    for key in ("rouge1", "rouge2", "rougeL"):
-        expected = 100 * sum(d[key].fmeasure for d in direct) / len(direct)
-        assert ours[key] == pytest.approx(expected, abs=1e-9)
-        assert metrics[key] == pytest.approx(expected, abs=1e-9)
-
-
-def test_rouge_is_rouge_score_f_measure_with_stemming_times_100():
-    """A random model's predictions score 0, so the scoring itself is checked on texts that partly overlap."""
-    from rouge_score import rouge_scorer
-
-    references = ["The bill amends the tax code. It takes effect in 2027.",
-                  "Requires states to report voting results within ten days."]
-    predictions = ["The bill amended tax codes.", "States must report results within days of voting."]
-    ours = rouge_scores(predictions, references)
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
-    for key in ("rouge1", "rouge2", "rougeL"):
-        scores = [scorer.score(r, p)[key] for r, p in zip(references, predictions)]
-        expected = 100 * sum(s.fmeasure for s in scores) / len(scores)
-        assert 0 < expected < 100 and ours[key] == pytest.approx(expected, abs=1e-9)
-        assert ours[key] != pytest.approx(100 * sum(s.recall for s in scores) / len(scores))  # F, not recall
-    unstemmed = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=False)
-    assert ours["rouge1"] > 100 * sum(unstemmed.score(r, p)["rouge1"].fmeasure
-                                      for r, p in zip(references, predictions)) / 2  # "amended" ~ "amends"
-
-
 def test_evaluate_command_writes_predictions_and_metrics(run_dir, tmp_path, capsys):
     assert main(["evaluate", str(run_dir), "--max-samples", "3", "--output-dir", str(tmp_path / "ev"),
                  "--device", "cpu"]) == 0
@@ -108,7 +74,7 @@ def test_evaluate_command_writes_predictions_and_metrics(run_dir, tmp_path, caps
 
 @pytest.fixture(scope="module")
 def documents(billsum_jsonl):
-    rows = [json.loads(line) for line in billsum_jsonl.read_text().splitlines()[100:100 + DOCS]]
+    rows = [json.loads(line) for line in billsum_jsonl.read_text().splitlines()[:DOCS]]
     return [r["text"][:600] for r in rows]
 
 
@@ -162,12 +128,12 @@ def test_adapter_loads_with_plain_peft_and_generates_the_same_summary(run_dir, b
 
 def test_summarizer_makes_its_dense_copy_once(run_dir, monkeypatch):
     """A loaded run never changes, so repeated summarize calls reuse one inference copy."""
-    from sumtune import evaluation
+    from sumtune.generation import summaries
     from sumtune.inference import Summarizer
 
     calls = []
-    real = evaluation.inference_copy
-    monkeypatch.setattr(evaluation, "inference_copy", lambda model: calls.append(1) or real(model))
+    real = summaries.inference_copy
+    monkeypatch.setattr(summaries, "inference_copy", lambda model: calls.append(1) or real(model))
     summarizer = Summarizer.from_pretrained(run_dir, device="cpu")
     first = summarizer.summarize(["An act to fund roads.", "An act to rename a post office."], max_new_tokens=6)
     second = summarizer.summarize(["An act to fund roads."], max_new_tokens=6)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +16,6 @@ from sumtune.generation import generate_ids, prepare_inference_model  # noqa: E4
 from sumtune.generation.greedy import GreedySession, trim_rows  # noqa: E402
 from sumtune.generation.t5_decode import DecoderWeights  # noqa: E402
 
-DATA = Path(os.environ.get("SUMTUNE_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
-TOKENIZER_DIR, BILLSUM = DATA / "t5-tokenizer", DATA / "billsum" / "us_train_subset100.jsonl"
 PAD, EOS, START = 0, 1, 0
 SOURCE_LENGTHS = [7, 40, 130, 18, 90, 64, 11, 150, 33, 75, 120, 22, 56, 100, 9, 48]  # varied, unsorted
 MAX_NEW = 24
@@ -34,13 +31,11 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def inputs() -> list[list[int]]:
-    if not (TOKENIZER_DIR.is_dir() and BILLSUM.is_file()):
-        pytest.skip(f"real tokenizer/BillSum data not found under {DATA}")
+def inputs(billsum_jsonl, t5_tokenizer_dir) -> list[list[int]]:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
-    rows = [json.loads(line) for line in BILLSUM.read_text().splitlines()[: len(SOURCE_LENGTHS)]]
+    tokenizer = AutoTokenizer.from_pretrained(str(t5_tokenizer_dir))
+    rows = [json.loads(line) for line in billsum_jsonl.read_text().splitlines()[: len(SOURCE_LENGTHS)]]
     return [tokenizer("summarize: " + row["text"], truncation=True, max_length=n)["input_ids"]
             for row, n in zip(rows, SOURCE_LENGTHS)]
 
@@ -296,7 +291,7 @@ def test_batching_order_and_early_stop_do_not_change_results(merged32, expected3
 # ---- encoder path and session reuse ---------------------------------------------------------------------
 
 def test_encoder_runs_the_fast_t5_path_and_the_model_is_restored(merged32, inputs, monkeypatch):
-    import sumtune.generation.api as generation_api
+    import sumtune.generation.decoding as generation_api
     from sumtune.fast_t5 import is_fast_t5_enabled
 
     seen, encode = [], generation_api.encode
@@ -317,7 +312,7 @@ def test_repeated_calls_reuse_one_greedy_session_per_shape(merged32, inputs):
     import gc
     import weakref
 
-    from sumtune.generation.api import cached_session, release_generation_cache
+    from sumtune.generation.decoding import cached_session, release_generation_cache
 
     release_generation_cache(merged32)
     first = ours(merged32, inputs[:4], batch_size=4, pad_to_multiple_of=64)

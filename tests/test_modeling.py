@@ -165,3 +165,18 @@ def test_memory_report_matches_a_really_quantized_model():
     real = load_model(replace(cfg, model="tiny"), 32128, CPU)
     # Measured 2 KiB apart (0.02%); leaving out the 4-bit layers' quantization constants would be 0.6%.
     assert abs(report.quantized_bytes - measured_footprint_bytes(real)) <= 0.001 * report.quantized_bytes
+
+
+def test_model_source_decides_what_a_model_name_is(tmp_path):
+    from sumtune.modeling import model_source
+
+    tiny, random_3b = model_source("tiny"), model_source("random:t5-3b")
+    assert (tiny.kind, tiny.shape, tiny.random, tiny.saved_in_run, tiny.full_vocab) == ("tiny", "tiny", True, True, False)
+    assert (random_3b.kind, random_3b.shape, random_3b.saved_in_run, random_3b.full_vocab) == ("random", "t5-3b", False, True)
+    assert random_3b.vocab_size(300) == 32128 and tiny.vocab_size(300) == 300
+    hub = model_source("google-t5/t5-base")
+    assert (hub.kind, hub.shape, hub.hub_id, hub.random) == ("hub", "t5-base", "google-t5/t5-base", False)
+    local = model_source(str(tmp_path))
+    assert local.kind == "local" and local.hub_id is None and model_source("./models/t5").kind == "local"
+    with pytest.raises(SumtuneError, match="Unknown random model"):
+        model_source("random:t5-huge")

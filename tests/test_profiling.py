@@ -553,3 +553,33 @@ def test_sumtune_profile_cli_on_a_tiny_qlora_config(tmp_path, capsys):
     assert {"sumtune/forward", "sumtune/backward", "sumtune/optimizer"} <= names
     printed = capsys.readouterr()
     assert "step breakdown" in printed.out + printed.err
+
+
+def test_sumtune_profile_resolves_batch_size_auto_before_profiling(tmp_path):
+    """The recipe resolves `batch_size: auto` and then tells the profiler what it profiles (the profile runner
+    once computed FLOPs from the config's "auto" itself and crashed with a TypeError)."""
+    from sumtune.cli import main
+
+    out = tmp_path / "run"
+    code = main(["profile", "--model", "tiny", "--dataset", "demo", "--max-samples", "60", "--compute-dtype", "fp32",
+                 "--device", "cpu", "--batch-size", "auto", "--samples-per-step", "4", "--max-source-tokens", "32",
+                 "--max-target-tokens", "8", "--quick", "--no-progress", "--output-dir", str(out)])
+    assert code == 0
+    summary = json.loads((out / "profile" / "summary.json").read_text())
+    assert summary["steps_recorded"] == 2 and summary["samples_per_step"] == 4  # CPU: one micro-batch of 4
+    assert summary["context"]["batch_size"] == 4 and summary["context"]["grad_accum_steps"] == 1
+    assert summary["flops_per_step"] > 0 and summary["tokens_per_s"] > 0
+
+
+def test_train_with_profile_steps_profiles_the_runs_own_steps(tmp_path):
+    """`train --profile-steps` hands the same profiler to the same recipe as `sumtune profile`: one wiring."""
+    from sumtune.api import train
+
+    out = tmp_path / "run"
+    train({"model": "tiny", "dataset": "demo", "max_samples": 60, "compute_dtype": "fp32", "device": "cpu",
+           "batch_size": 4, "grad_accum_steps": 2, "max_source_tokens": 32, "max_target_tokens": 8, "max_steps": 4,
+           "profile_steps": 2, "eval_max_samples": 2, "max_new_tokens": 4, "progress": False, "output_dir": str(out)})
+    summary = json.loads((out / "profile" / "summary.json").read_text())
+    assert summary["schedule"] == {"wait": 1, "warmup": 1, "active": 2} and summary["steps_recorded"] == 2
+    assert summary["samples_per_step"] == 8 and summary["context"]["grad_accum_steps"] == 2
+    assert summary["breakdown_s"]["forward"] > 0 and summary["flops_per_step"] > 0

@@ -23,7 +23,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from sumtune import api, argparsing, checkpoint, faults
+from sumtune import api, argparsing, batch_search, checkpoint, faults
 from sumtune.config import TrainConfig
 from sumtune.errors import SumtuneError
 from sumtune.metrics import read_metrics
@@ -288,19 +288,19 @@ class NanGradient(torch.autograd.Function):
 
 
 def run_with_faults(config_path: Path, out: Path, bad_calls: set[int], kind: str, **overrides) -> TrainRecipe:
-    """Train with forward_loss returning a NaN loss (or a NaN gradient) on the given micro-batch calls."""
+    """Train with the step's forward_loss returning a NaN loss (or a NaN gradient) on the given micro-batch calls."""
     recipe = TrainRecipe(config(config_path, out, **overrides))
     recipe.setup()
-    forward, calls = recipe.forward_loss, [0]
+    forward, calls = recipe.step.forward_loss, [0]
 
-    def faulty(batch, model=None):
-        loss = forward(batch, model)
+    def faulty(batch):
+        loss = forward(batch)
         calls[0] += 1
         if calls[0] in bad_calls:
             return loss * float("nan") if kind == "loss" else NanGradient.apply(loss)
         return loss
 
-    recipe.forward_loss = faulty
+    recipe.step.forward_loss = faulty
     step, recipe.optimizer_steps_taken = recipe.optimizer.step, []
 
     def counted_step(*args, **kwargs):
@@ -318,7 +318,7 @@ def run_with_faults(config_path: Path, out: Path, bad_calls: set[int], kind: str
 @pytest.mark.parametrize("kind", ["loss", "gradient"])
 def test_nonfinite_steps_are_skipped_and_counted(kind, config_path, tmp_path):
     recipe = run_with_faults(config_path, tmp_path / "run", {2, 4}, kind, max_steps=4, checkpoint_every_steps=100)
-    assert recipe.global_step == 4 and recipe.nonfinite_skipped == 2
+    assert recipe.global_step == 4 and recipe.guard.skipped_total == 2
     # 6 batches, 2 of them bad: the optimizer stepped once per counted step and never for a skipped one
     assert recipe.optimizer_steps_taken == [0, 1, 2, 3]
     train = [r for r in read_metrics(tmp_path / "run") if r["split"] == "train"]
@@ -350,18 +350,18 @@ def test_nonfinite_message_names_fp16_overflow():
 # ---- batch_size: auto and memory messages ----------------------------------------------------------------------
 
 def test_auto_batch_picks_largest_fitting_divisor():
-    assert faults.micro_batch_candidates(24) == [24, 12, 8, 6, 4, 3, 2, 1]
-    assert faults.micro_batch_candidates(16, max_micro_batch=10) == [8, 4, 2, 1]
+    assert batch_search.micro_batch_candidates(24) == [24, 12, 8, 6, 4, 3, 2, 1]
+    assert batch_search.micro_batch_candidates(16, max_micro_batch=10) == [8, 4, 2, 1]
     tried = []
 
     def fits(m):
         tried.append(m)
         return m <= 5, {"peak_reserved_gib": m * 1.0}
 
-    micro, trials = faults.choose_micro_batch(faults.micro_batch_candidates(24), fits)
+    micro, trials = batch_search.choose_micro_batch(batch_search.micro_batch_candidates(24), fits)
     assert micro == 4 and tried == [24, 12, 8, 6, 4] and [t["fits"] for t in trials] == [False] * 4 + [True]
     with pytest.raises(SumtuneError, match="Not even a micro-batch of 1 fits"):
-        faults.choose_micro_batch([2, 1], lambda m: (False, {"detail": "out of memory"}))
+        batch_search.choose_micro_batch([2, 1], lambda m: (False, {"detail": "out of memory"}))
 
 
 def test_auto_batch_keeps_samples_per_step():

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sumtune import cli, truncation
+from sumtune import cli, data, truncation
+from sumtune.data import COUNT_LIMIT_TOKENS
 from sumtune.truncation import LengthStats, TruncationReport, length_stats, percent, report_for
 
 # ---- a fixture to check by hand ----------------------------------------------------------------------------
@@ -99,7 +100,7 @@ def test_line_when_the_limits_already_keep_95_percent():
 
 
 def test_documents_past_the_counting_bound_say_at_least():
-    huge = truncation.COUNT_LIMIT_TOKENS
+    huge = COUNT_LIMIT_TOKENS
     report = TruncationReport(stats(1024, [500, huge]), stats(128, [10, 10]))
     # 31,744 of 33,268 tokens cut, a lower bound; so is the suggestion drawn from the document at the bound
     assert "(at least 95% of tokens cut)" in report.line()
@@ -225,14 +226,13 @@ def test_report_of_a_run_without_lengths_says_so(lengths_run, tmp_path):
 def test_training_ids_equal_the_tokenizers_own_truncation(billsum_jsonl, t5_tokenizer_dir):
     from transformers import AutoTokenizer
 
-    from sumtune.config import TrainConfig
     from sumtune.data import read_jsonl, tokenize_rows
 
     tokenizer = AutoTokenizer.from_pretrained(str(t5_tokenizer_dir))
     rows = read_jsonl(billsum_jsonl)[:30]
     for source_limit, target_limit in ((64, 16), (1024, 128), (4096, 512)):
-        cfg = TrainConfig(model="tiny", max_source_tokens=source_limit, max_target_tokens=target_limit)
-        examples = tokenize_rows(tokenizer, rows, cfg)
+        examples = tokenize_rows(tokenizer, rows, prefix="summarize: ", max_source_tokens=source_limit,
+                                 max_target_tokens=target_limit)
         sources = tokenizer(["summarize: " + r["text"] for r in rows], max_length=source_limit,
                             truncation=True)["input_ids"]
         targets = tokenizer(text_target=[r["summary"] for r in rows], max_length=target_limit,
@@ -252,8 +252,8 @@ def test_left_truncation_and_a_prefix_special_token_are_cut_as_the_tokenizer_cut
         tokenizer = AutoTokenizer.from_pretrained(str(t5_tokenizer_dir), truncation_side=side)
         tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
             single=template, special_tokens=[("<pad>", 0), ("</s>", 1)])
-        assert truncation.special_token_layout(tokenizer) == (template.startswith("<pad>"), 1)
-        ids, lengths = truncation.tokenize_counting(tokenizer, texts, 24)
+        assert data.special_token_layout(tokenizer) == (template.startswith("<pad>"), 1)
+        ids, lengths = data.tokenize_counting(tokenizer, texts, 24)
         assert ids == tokenizer(texts, max_length=24, truncation=True)["input_ids"]
         assert lengths == [len(x) for x in tokenizer(texts, verbose=False)["input_ids"]]
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from sumtune.config import TrainConfig
 from sumtune.errors import SumtuneError
+from sumtune.version import __version__
 
 
 def _register_pipeline() -> None:
@@ -20,12 +19,12 @@ def _register_pipeline() -> None:
 
 _register_pipeline()
 
-__all__ = ["TrainConfig", "SumtuneError", "train", "evaluate", "Summarizer", "merge_run", "memory_report"]
+__all__ = ["TrainConfig", "SumtuneError", "__version__", "train", "profile", "evaluate", "Summarizer", "merge_run", "memory_report"]
 
 
 def __getattr__(name: str):
     # Heavy modules (torch models, PEFT, bitsandbytes) load only when used.
-    if name in ("train", "evaluate"):
+    if name in ("train", "profile", "evaluate"):
         from sumtune import api
 
         return getattr(api, name)

@@ -1,4 +1,5 @@
-"""The Python API, mirroring the CLI: `sumtune.train(config)`, `sumtune.evaluate(run_dir)`, `sumtune.Summarizer`."""
+"""The Python API, mirroring the CLI: `sumtune.train(config)`, `sumtune.profile(config)`, `sumtune.evaluate(run_dir)`,
+`sumtune.Summarizer`. These drivers sit on top: they run the recipe (or, for `evaluate`, the evaluation parts)."""
 
 from __future__ import annotations
 
@@ -19,35 +20,56 @@ def as_config(config: TrainConfig | dict | str | Path) -> TrainConfig:
 
 
 def train(config: TrainConfig | dict | str | Path) -> dict:
-    """Run a whole training job (setup → train → final evaluation and save); returns the final eval metrics."""
+    """Run a whole training job (setup → train → final evaluation and save); returns the final eval metrics.
+
+    With `profile_steps`, rank 0 profiles that many steps of the run (`sumtune profile` without leaving the run)."""
+    from sumtune.distributed import env_world
+    from sumtune.profiling import finalize_profile, make_train_profiler
     from sumtune.recipe import TrainRecipe
 
     cfg = as_config(config)
     profiler = None
-    from sumtune.distributed import is_main_process
-
-    if cfg.profile_steps and is_main_process():  # one trace per run, from rank 0
-        from sumtune.profiling import make_train_profiler
-
-        profiler = make_train_profiler(cfg, schedule=(1, 1, cfg.profile_steps))
+    if cfg.profile_steps and env_world()[0] == 0:  # one trace per run, from rank 0
+        profiler = make_train_profiler(cfg.output_dir, schedule=(1, 1, cfg.profile_steps))
     recipe = TrainRecipe(cfg, profiler=profiler)
     try:
         recipe.setup()
-        if profiler is not None and recipe.flops_per_sample and recipe.peak_tflops:
-            profiler.flops_per_step = recipe.flops_per_sample * cfg.effective_batch_size
-            profiler.peak_tflops = recipe.peak_tflops
         recipe.train()
         metrics = recipe.finish()
         if profiler is not None and profiler.done:
-            from sumtune.profiling import finalize_profile
-
-            finalize_profile(profiler, Path(cfg.output_dir) / "profile", echo=recipe.progress.write)
+            finalize_profile(profiler, echo=recipe.progress.write)
         recipe.progress.write(f"done: ROUGE-1 {metrics['rouge1']:.2f}, ROUGE-2 {metrics['rouge2']:.2f}, "
                               f"ROUGE-L {metrics['rougeL']:.2f}, ROUGE-Lsum {metrics['rougeLsum']:.2f}; "
                               f"run saved in {recipe.run_dir}")
         return metrics
     finally:
         recipe.cleanup()
+
+
+def profile(config: TrainConfig | dict | str | Path, args=None) -> dict:
+    """`sumtune profile`: wait + warmup + active steps of the real training run under torch.profiler; prints the
+    report and writes RUN_DIR/profile/summary.json next to a TensorBoard trace. Returns the summary.
+
+    The run is built and stepped by the recipe exactly as `train` does (periodic evaluation is pushed past the
+    profiled steps: the profile measures training steps); `args` is a `sumtune.profiling.ProfileArgs`."""
+    from dataclasses import replace
+
+    from sumtune.profiling import ProfileArgs, finalize_profile, make_train_profiler
+    from sumtune.recipe import TrainRecipe
+
+    args = args or ProfileArgs()
+    if args.workload != "t5":
+        raise SumtuneError("`profile` profiles the training config; use run_mobilenet_study for mobilenet-cifar10.")
+    cfg = replace(as_config(config), eval_every_steps=10**9)
+    profiler = make_train_profiler(cfg.output_dir, args)
+    recipe = TrainRecipe(cfg, profiler=profiler)
+    try:
+        recipe.setup()
+        with profiler:
+            recipe.train(max_steps=profiler.total_steps)
+    finally:
+        recipe.cleanup()
+    return finalize_profile(profiler)
 
 
 def evaluate(run_dir: str | Path, *, dataset: str | None = None, max_samples: int | None = None,

@@ -285,19 +285,6 @@ def load_checkpoint(path: Path, *, model, optimizer, restore_random: bool = True
     return trainer_state(record)
 
 
-def rewind_metrics(logger, state: TrainerState) -> None:
-    """Cut metrics.jsonl back to its length at the checkpoint, and drop later TensorBoard events on resume."""
-    if logger.path.is_file():
-        with logger.path.open("r+b") as fh:
-            fh.truncate(state.metrics_bytes)
-    writer = getattr(logger, "_writer", None)
-    if writer is not None:  # MetricsLogger has no purge_step of its own: reopen its writer with one
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer.close()
-        logger._writer = SummaryWriter(log_dir=writer.log_dir, purge_step=state.step + 1)
-
-
 # ---- finding, keeping and pruning checkpoints -----------------------------------------------------------
 
 def step_of(path: Path) -> int:

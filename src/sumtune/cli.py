@@ -134,7 +134,8 @@ def cmd_push(ns: argparse.Namespace) -> int:
 
 def cmd_profile(ns: argparse.Namespace) -> int:
     from sumtune import argparsing
-    from sumtune.profiling import ProfileArgs, run_mobilenet_study, run_profile
+    from sumtune.api import profile
+    from sumtune.profiling import ProfileArgs, run_mobilenet_study
 
     profile_keys = set(argparsing.field_types(ProfileArgs))
     profile_args = argparsing.from_mapping(ProfileArgs, {k: v for k, v in vars(ns).items() if k in profile_keys})
@@ -144,7 +145,7 @@ def cmd_profile(ns: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "mobilenet_study.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
         return 0
-    run_profile(_train_config(ns, drop=profile_keys), profile_args)
+    profile(_train_config(ns, drop=profile_keys), profile_args)
     return 0
 
 

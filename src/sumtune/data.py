@@ -1,4 +1,4 @@
-"""Summarization data: read rows from anywhere a user keeps them, split, tokenize, batch.
+"""Summarization data: read rows from anywhere a user keeps them, split, tokenize (batching: `sumtune.batching`).
 
 Rows are plain `{"text": ..., "summary": ...}` dicts once read; everything after reading is source-agnostic.
 """
@@ -10,9 +10,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from sumtune.errors import SumtuneError
 
@@ -24,6 +22,11 @@ Row = dict[str, str]
 # Texts are cut to max_tokens × this many characters before tokenizing: the kept tokens are unchanged in any
 # real text, and a single huge document costs no more than a long one.
 MAX_CHARS_PER_TOKEN = 64
+# Whole token lengths (what sumtune.truncation reports) are counted exactly up to this many tokens: texts are
+# clipped at COUNT_LIMIT_TOKENS × MAX_CHARS_PER_TOKEN characters before the one tokenization that gives both the
+# training ids and the lengths, so a pathological document costs no more than a 32k-token one. 4× the longest
+# source setting sumtune trains (8192).
+COUNT_LIMIT_TOKENS = 32_768
 
 
 # ---- reading ---------------------------------------------------------------------------------------------
@@ -204,7 +207,7 @@ def split_rows(rows: list[Row], eval_ratio: float, seed: int) -> tuple[list[Row]
     return [rows[i] for i in train_idx], [rows[i] for i in eval_idx]
 
 
-# ---- tokenizing and batching -----------------------------------------------------------------------------
+# ---- tokenizing -----------------------------------------------------------------------------------------
 
 @dataclass
 class TokenizedExample:
@@ -224,79 +227,63 @@ def tokenize_sources(tokenizer, texts: list[str], prefix: str, max_tokens: int) 
                      truncation=True)["input_ids"]
 
 
-def tokenize_rows(tokenizer, rows: list[Row], cfg: "TrainConfig") -> list[TokenizedExample]:
-    """Training examples cut to the limits, carrying their full lengths (one tokenization gives both)."""
-    from sumtune.truncation import tokenize_counting
+def _encode(tokenizer, texts: list[str], target: bool, add_special_tokens: bool = True) -> list[list[int]]:
+    key = "text_target" if target else "text"
+    # verbose=False: whole documents are longer than the model's nominal maximum on purpose (no warning)
+    return tokenizer(**{key: texts}, add_special_tokens=add_special_tokens, verbose=False)["input_ids"]
 
-    sources, source_lengths = tokenize_counting(tokenizer, [cfg.source_prefix + r["text"] for r in rows],
-                                                cfg.max_source_tokens)
-    targets, target_lengths = tokenize_counting(tokenizer, [r["summary"] for r in rows], cfg.max_target_tokens,
+
+def special_token_layout(tokenizer, target: bool = False) -> tuple[int, int] | None:
+    """(tokens the tokenizer adds before, after) a text's own tokens, or None when it does not add them as a
+    plain prefix and suffix (then `tokenize_counting` lets the tokenizer truncate by itself)."""
+    probe = "summary"
+    with_specials = _encode(tokenizer, [probe], target)[0]
+    bare = _encode(tokenizer, [probe], target, add_special_tokens=False)[0]
+    for start in range(len(with_specials) - len(bare) + 1):
+        if with_specials[start:start + len(bare)] == bare:
+            return start, len(with_specials) - start - len(bare)
+    return None
+
+
+def cut_like_tokenizer(ids: list[int], max_tokens: int, head: int, tail: int, side: str = "right") -> list[int]:
+    """`ids` (special tokens included) cut to `max_tokens` as the tokenizer's own truncation does: the text's
+    tokens are cut (from the end, or from the start for `side="left"`), the added special tokens are kept."""
+    if len(ids) <= max_tokens:
+        return ids
+    keep = max(0, max_tokens - head - tail)
+    body = ids[head:len(ids) - tail]
+    kept = body[:keep] if side != "left" else body[len(body) - keep:]
+    return ids[:head] + kept + ids[len(ids) - tail:]
+
+
+def tokenize_counting(tokenizer, texts: list[str], max_tokens: int, *, target: bool = False
+                      ) -> tuple[list[list[int]], list[int]]:
+    """Token ids cut to `max_tokens` (identical to `tokenizer(..., truncation=True, max_length=max_tokens)`) and
+    each text's full length, from one tokenization of the texts clipped at COUNT_LIMIT_TOKENS' worth of
+    characters. A tokenizer whose special tokens are not a plain prefix/suffix is asked to truncate again."""
+    clipped = clip_chars(texts, max(max_tokens, COUNT_LIMIT_TOKENS))
+    whole = _encode(tokenizer, clipped, target)
+    lengths = [len(ids) for ids in whole]
+    layout = special_token_layout(tokenizer, target)
+    if layout is None:
+        key = "text_target" if target else "text"
+        cut = tokenizer(**{key: clip_chars(texts, max_tokens)}, max_length=max_tokens,
+                        truncation=True)["input_ids"]
+        return cut, lengths
+    side = getattr(tokenizer, "truncation_side", "right")
+    return [cut_like_tokenizer(ids, max_tokens, *layout, side=side) for ids in whole], lengths
+
+
+def count_lengths(tokenizer, texts: list[str], *, target: bool = False) -> list[int]:
+    """Full token lengths (exact up to COUNT_LIMIT_TOKENS) of `texts`, special tokens included."""
+    return [len(ids) for ids in _encode(tokenizer, clip_chars(texts, COUNT_LIMIT_TOKENS), target)]
+
+
+def tokenize_rows(tokenizer, rows: list[Row], *, prefix: str, max_source_tokens: int,
+                  max_target_tokens: int) -> list[TokenizedExample]:
+    """Source (`prefix` + text) and target ids of each row, truncated to the token limits, carrying their full
+    lengths (one tokenization gives both; sumtune.truncation reports them)."""
+    sources, source_lengths = tokenize_counting(tokenizer, [prefix + r["text"] for r in rows], max_source_tokens)
+    targets, target_lengths = tokenize_counting(tokenizer, [r["summary"] for r in rows], max_target_tokens,
                                                 target=True)
     return [TokenizedExample(*example) for example in zip(sources, targets, source_lengths, target_lengths)]
-
-
-def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest sequence of this batch (dynamic padding), rounded up to `multiple`; ids and mask."""
-    width = -(-max(len(s) for s in sequences) // multiple) * multiple
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        ids[i, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
-        mask[i, : len(seq)] = 1
-    return ids, mask
-
-
-def collate(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
-    input_ids, attention_mask = pad_batch([e.input_ids for e in examples], pad_id)
-    labels, label_mask = pad_batch([e.labels for e in examples], pad_id)
-    labels[label_mask == 0] = -100  # ignored by the loss
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def epoch_batches(lengths: list[int], batch_size: int, *, seed: int, epoch: int, shuffle: bool = True,
-                  group_by_length: bool = False) -> list[list[int]]:
-    """The batches of indices for one epoch, fully determined by (seed, epoch).
-
-    With `group_by_length`, indices are shuffled, cut into mega-batches of 50 batches, and sorted by length
-    inside each, so every batch holds similar lengths while the epoch order stays random.
-    """
-    order = list(range(len(lengths)))
-    if shuffle:
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    if group_by_length:
-        mega = batch_size * 50
-        order = [i for start in range(0, len(order), mega)
-                 for i in sorted(order[start:start + mega], key=lambda j: -lengths[j])]
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    if group_by_length and shuffle:
-        random.Random(seed * 7_919 + epoch).shuffle(batches)  # don't always start with the longest batch
-    return batches
-
-
-class BatchIterator:
-    """Batches of one epoch, resumable at any batch index; collation can run in DataLoader workers."""
-
-    def __init__(self, examples: list[TokenizedExample], batch_size: int, pad_id: int, *, seed: int,
-                 group_by_length: bool, num_workers: int = 0, pin_memory: bool = False):
-        self.examples = examples
-        self.batch_size = batch_size
-        self.pad_id = pad_id
-        self.seed = seed
-        self.group_by_length = group_by_length
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
-        self.lengths = [len(e.input_ids) + len(e.labels) for e in examples]
-
-    def batches_per_epoch(self) -> int:
-        return -(-len(self.examples) // self.batch_size)
-
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterable[dict[str, torch.Tensor]]:
-        batches = epoch_batches(self.lengths, self.batch_size, seed=self.seed, epoch=epoch,
-                                group_by_length=self.group_by_length)[start_batch:]
-        loader = torch.utils.data.DataLoader(
-            self.examples, batch_sampler=batches, collate_fn=self._collate, num_workers=self.num_workers,
-            pin_memory=self.pin_memory, persistent_workers=False)
-        return loader
-
-    def _collate(self, examples: list[TokenizedExample]) -> dict[str, torch.Tensor]:
-        return collate(examples, self.pad_id)

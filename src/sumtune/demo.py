@@ -42,7 +42,7 @@ def run_demo(output_dir: str = "runs/demo", max_steps: int | None = None, progre
     finally:
         recipe.cleanup()
     sample = rows[0]
-    from sumtune.evaluation import generate_summaries
+    from sumtune.generation.summaries import generate_summaries
 
     prediction, _ = generate_summaries(recipe.model, recipe.tokenizer, [sample["text"]], prefix=cfg.source_prefix,
                                        max_source_tokens=cfg.max_source_tokens,

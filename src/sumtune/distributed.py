@@ -4,14 +4,9 @@ Every rank holds the whole (4-bit) base and the LoRA adapter; only the adapter's
 Launchers export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; without them this is one process
 and everything here is a no-op (the single-GPU path is untouched).
 
-Equivalence contract (tested on CPU): W ranks with micro-batch B and accumulation A compute the same optimizer
-steps as one process with micro-batch B×W and accumulation A. For that,
-- every rank builds the same global batches (`epoch_batches` with batch size B×W) and takes a contiguous
-  slice of each (`shard_indices`);
-- each rank's loss is weighted by its share of the global micro-batch's label tokens (×W, undoing DDP's mean),
-  so the all-reduced gradient is the gradient of the global token-mean loss, as in one process.
-The data position is counted in samples seen (`ShardedBatches.samples_seen`), so a run resumed on another
-number of processes continues at the same sample.
+This module holds the process group, the few collectives the loop needs and the DDP wrapper. How batches are
+sharded so that W ranks compute what one process computes is `sumtune.batching`'s contract; the sharded
+evaluation is `sumtune.evaluator`'s.
 """
 
 from __future__ import annotations
@@ -20,7 +15,7 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
 
@@ -152,22 +147,20 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def reduce_for_log(ctx: DistContext, loss_sum: torch.Tensor, tokens: int, samples: int) -> tuple[float, int, int]:
+def reduce_for_log(ctx: DistContext, loss: float, tokens: int, samples: int) -> tuple[float, int, int]:
     """Global (loss, tokens, samples) of a log window: one small all-reduce, only on logging steps.
 
-    Each rank's loss is already weighted by its token share ×W (see `ShardedBatches`), so the sum over ranks
-    divided by W is the global token-mean loss, the number one process would log.
+    Each rank's loss is already weighted by its token share ×W (`sumtune.batching`'s `loss_scale`), so the sum
+    over ranks divided by W is the global token-mean loss, the number one process would log.
     """
     if not ctx.enabled:
-        return float(loss_sum), tokens, samples
+        return float(loss), tokens, samples
     import torch.distributed as dist
 
-    packed = torch.stack([loss_sum.detach().double().reshape(()),
-                          torch.tensor(float(tokens), dtype=torch.float64, device=loss_sum.device),
-                          torch.tensor(float(samples), dtype=torch.float64, device=loss_sum.device)])
+    packed = torch.tensor([float(loss), float(tokens), float(samples)], dtype=torch.float64, device=ctx.device)
     dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-    loss, tokens_all, samples_all = packed.tolist()
-    return loss / ctx.world_size, int(tokens_all), int(samples_all)
+    loss_all, tokens_all, samples_all = packed.tolist()
+    return loss_all / ctx.world_size, int(tokens_all), int(samples_all)
 
 
 def min_over_ranks(value: int, device: torch.device) -> int:
@@ -242,151 +235,6 @@ def set_grad_sync(train_model: torch.nn.Module, enabled: bool) -> None:
     """
     if hasattr(train_model, "require_backward_grad_sync"):
         train_model.require_backward_grad_sync = enabled
-
-
-# ---- data --------------------------------------------------------------------------------------------------
-
-def shard_indices(global_batch: Sequence[int], rank: int, world: int) -> tuple[list[int], bool]:
-    """This rank's contiguous slice of one global batch, and whether it is a padding stand-in.
-
-    Slices differ in size by at most one; a full batch of B×W gives every rank B. When a (last, short) batch
-    has fewer samples than ranks, a rank left empty gets the batch's first sample as padding with loss weight
-    0, so every rank still runs the step (DDP needs all ranks in every all-reduce).
-    """
-    n = len(global_batch)
-    base, extra = divmod(n, world)
-    start = rank * base + min(rank, extra)
-    size = base + (1 if rank < extra else 0)
-    if size == 0:
-        return list(global_batch[:1]), True
-    return list(global_batch[start:start + size]), False
-
-
-def chunk(items: Sequence[int], size: int) -> list[list[int]]:
-    return [list(items[i:i + size]) for i in range(0, len(items), size)]
-
-
-def batches_from(batches: list[list[int]], start_sample: int, batch_size: int) -> list[list[int]]:
-    """The rest of an epoch's batches after `start_sample` samples of it were seen.
-
-    At a batch boundary: the remaining batches as they are (an exact resume); mid-batch (the run was saved
-    under another global batch size): the remaining samples in the same order, re-cut into batches.
-    """
-    if start_sample <= 0:
-        return batches
-    seen = 0
-    for k, batch in enumerate(batches):
-        if seen == start_sample:
-            return batches[k:]
-        seen += len(batch)
-    flat = [i for b in batches for i in b]
-    return chunk(flat[start_sample:], batch_size)
-
-
-class ShardedBatches:
-    """This rank's micro-batches: global batches of `batch_size × world` cut into per-rank slices.
-
-    Same interface as `sumtune.data.BatchIterator` (`batches_per_epoch`, `epoch`), plus `stream(start_sample)`
-    and `samples_seen`, the number of samples (all ranks together) handed out so far: the resume position.
-    With one process it yields exactly the batches of the BatchIterator it wraps.
-    """
-
-    def __init__(self, inner, rank: int, world: int):
-        self.inner = inner
-        self.rank = rank
-        self.world = world
-        self.batch_size = inner.batch_size  # per rank (the micro-batch)
-        self.global_batch_size = inner.batch_size * world
-        self.num_examples = len(inner.examples)
-        self.samples_seen = 0
-
-    def batches_per_epoch(self) -> int:
-        return -(-self.num_examples // self.global_batch_size)
-
-    def global_batches(self, epoch: int, start_sample: int = 0) -> list[list[int]]:
-        from sumtune.data import epoch_batches
-
-        batches = epoch_batches(self.inner.lengths, self.global_batch_size, seed=self.inner.seed, epoch=epoch,
-                                group_by_length=self.inner.group_by_length)
-        return batches_from(batches, start_sample, self.global_batch_size)
-
-    def _loss_scale(self, global_batch: list[int], local: list[int], padding: bool) -> float:
-        if padding:
-            return 0.0
-        label_tokens = [len(self.inner.examples[i].labels) for i in global_batch]
-        local_tokens = sum(len(self.inner.examples[i].labels) for i in local)
-        return local_tokens * self.world / max(1, sum(label_tokens))
-
-    def epoch(self, epoch: int, start_batch: int = 0, start_sample: int | None = None) -> Iterator[dict]:
-        """This rank's batches of one epoch, from global batch `start_batch` (or from sample `start_sample`)."""
-        offset = start_sample if start_sample is not None else start_batch * self.global_batch_size
-        global_batches = self.global_batches(epoch, offset)
-        shards = [shard_indices(g, self.rank, self.world) for g in global_batches]
-        loader = torch.utils.data.DataLoader(
-            self.inner.examples, batch_sampler=[local for local, _ in shards], collate_fn=self.inner._collate,
-            num_workers=self.inner.num_workers, pin_memory=self.inner.pin_memory, persistent_workers=False)
-        for batch, global_batch, (local, padding) in zip(loader, global_batches, shards):
-            if self.world > 1:  # one process: untouched batches, the plain token-mean loss
-                batch["loss_scale"] = torch.tensor(self._loss_scale(global_batch, local, padding))
-            self.samples_seen += len(global_batch)
-            yield batch
-
-    def stream(self, start_sample: int = 0) -> Iterator[dict]:
-        """Endless micro-batches from global sample `start_sample` on (epochs of `num_examples` samples)."""
-        epoch, offset = divmod(start_sample, self.num_examples)
-        self.samples_seen = start_sample
-        while True:
-            yield from self.epoch(epoch, start_sample=offset)
-            epoch, offset = epoch + 1, 0
-
-
-def shard_batches(batches, rank: int, world: int) -> ShardedBatches:
-    """Wrap a `BatchIterator` so this rank gets its slice of every global batch (see `ShardedBatches`)."""
-    return ShardedBatches(batches, rank, world)
-
-
-# ---- evaluation ----------------------------------------------------------------------------------------------
-
-def evaluate_sharded(recipe, rows: list[dict]) -> tuple[dict, list[dict]]:
-    """Evaluation split across ranks (rows rank::world), gathered and scored on rank 0, metrics sent to all.
-
-    Every rank generates for its share and computes its token-weighted eval loss; rank 0 puts predictions
-    back in row order, computes ROUGE over all of them, and broadcasts the metrics (so `best` decisions agree).
-    Records (predictions) are returned on rank 0 only.
-    """
-    from sumtune.evaluation import generate_summaries
-
-    ctx, cfg = recipe.dist, recipe.cfg
-    indices = list(range(ctx.rank, len(rows), ctx.world_size))
-    local = [rows[i] for i in indices]
-    predictions: list[str] = []
-    lengths: list[int] = []
-    loss_total, label_tokens = 0.0, 0
-    if local:
-        predictions, lengths = generate_summaries(
-            recipe.model, recipe.tokenizer, [r["text"] for r in local], prefix=cfg.source_prefix,
-            max_source_tokens=cfg.max_source_tokens, max_new_tokens=cfg.generation_max_new_tokens,
-            num_beams=cfg.num_beams, batch_size=cfg.eval_batch_size)
-        loss_total, label_tokens = recipe.eval_loss_sum(local)
-    parts = gather_objects((indices, predictions, lengths, loss_total, label_tokens))
-    metrics, records = assemble_eval(parts, rows) if ctx.is_main else (None, [])
-    return broadcast_object(metrics), records
-
-
-def assemble_eval(parts: list[tuple], rows: list[dict]) -> tuple[dict, list[dict]]:
-    """Metrics and records of all rows from the ranks' `(indices, predictions, lengths, loss_total, label_tokens)`.
-
-    Predictions go back to row order; the eval loss is token-weighted over all ranks (as one process computes it).
-    """
-    from sumtune.evaluation import score_predictions
-
-    by_index = {i: (p, n) for idx, preds, lens, _, _ in parts for i, p, n in zip(idx, preds, lens)}
-    if sorted(by_index) != list(range(len(rows))):
-        raise RuntimeError(f"evaluation shards cover {len(by_index)} of {len(rows)} rows")
-    ordered = [by_index[i] for i in range(len(rows))]
-    metrics, records = score_predictions([p for p, _ in ordered], [n for _, n in ordered], rows)
-    metrics["loss"] = sum(p[3] for p in parts) / max(1, sum(p[4] for p in parts))
-    return metrics, records
 
 
 # ---- reporting -------------------------------------------------------------------------------------------------

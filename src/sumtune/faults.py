@@ -3,14 +3,14 @@
 - `StopRequest`: SIGTERM (preemption) and SIGINT (Ctrl-C) only set a flag; the loop finishes its step, writes
   a checkpoint and raises `TrainingInterrupted` (exit status 143 / 130). A second signal stops at once.
 - `nonfinite_message`: the sentence for a run stopped by NaN/inf steps, naming the likely cause.
+- `NonFiniteGuard`: counts the optimizer steps skipped for a NaN/inf loss or gradient (the step itself never
+  applies one, see `sumtune.train_step`) and stops the run after `max_nonfinite_steps` in a row.
 - `oom_message`: the sentence for a CUDA out-of-memory error, with the shapes that failed and what to change.
-- `choose_micro_batch` / `gpu_fits`: `batch_size: auto`, the largest micro-batch that divides the samples per
-  step and fits on the GPU (measured with a real forward and backward at the data's longest shapes).
+(`batch_size: auto`, which avoids out-of-memory errors up front, is `sumtune.batch_search`.)
 """
 
 from __future__ import annotations
 
-import gc
 import signal
 import threading
 from pathlib import Path
@@ -21,7 +21,6 @@ import torch
 from sumtune.errors import SumtuneError
 
 SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
-AUTO_BATCH_HEADROOM = 0.90  # a probe must peak under this share of the GPU: room for fragmentation and eval
 
 
 class TrainingInterrupted(SystemExit):
@@ -89,6 +88,31 @@ def nonfinite_message(*, steps_in_a_row: int, compute_dtype: str, lr: float, las
             f"{cause}; {kept}.")
 
 
+class NonFiniteGuard:
+    """Counts skipped (NaN/inf) optimizer steps; `max_in_a_row` of them in a row stop the run with the likely cause."""
+
+    def __init__(self, *, max_in_a_row: int, compute_dtype: str, lr: float,
+                 notify: Callable[[str], None] = print, skipped_total: int = 0):
+        self.max_in_a_row = max_in_a_row
+        self.compute_dtype, self.lr = compute_dtype, lr
+        self.notify = notify
+        self.in_a_row = 0
+        self.skipped_total = skipped_total  # restored from a checkpoint on resume
+
+    def check(self, step: int, loss: float, grad_norm: float | None, last_checkpoint: Path | None) -> None:
+        """After optimizer step `step` (1-based): `grad_norm` None means the step was skipped."""
+        if grad_norm is not None:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        self.skipped_total += 1
+        self.notify(f"step {step}: loss {loss:g}: the loss or its gradient is NaN/inf, update skipped "
+                    f"({self.in_a_row} in a row, {self.skipped_total} in total).")
+        if self.in_a_row >= self.max_in_a_row:
+            raise SumtuneError(nonfinite_message(steps_in_a_row=self.in_a_row, compute_dtype=self.compute_dtype,
+                                                 lr=self.lr, last_checkpoint=last_checkpoint))
+
+
 def oom_message(*, where: str, micro_batch: int, source_tokens: int, target_tokens: int, grad_accum_steps: int,
                 device: torch.device) -> str:
     """One sentence for a CUDA out-of-memory error in training: the shape that failed and what to change."""
@@ -109,79 +133,3 @@ def _gpu_size(device: torch.device) -> str:
     if device.type != "cuda" or not torch.cuda.is_available():
         return ""
     return f" ({torch.cuda.get_device_properties(device).total_memory / 2**30:.0f} GiB GPU)"
-
-
-# ---- batch_size: auto ------------------------------------------------------------------------------------------
-
-def micro_batch_candidates(samples_per_step: int, max_micro_batch: int | None = None) -> list[int]:
-    """Divisors of `samples_per_step`, largest first: accumulation then keeps the samples per step exact."""
-    limit = min(samples_per_step, max_micro_batch or samples_per_step)
-    return [m for m in range(limit, 0, -1) if samples_per_step % m == 0]
-
-
-def choose_micro_batch(candidates: list[int], fits: Callable[[int], tuple[bool, dict]]) -> tuple[int, list[dict]]:
-    """The first (largest) candidate that fits, and the record of every try."""
-    trials: list[dict] = []
-    for micro_batch in candidates:
-        ok, info = fits(micro_batch)
-        trials.append({"micro_batch": micro_batch, "fits": ok, **info})
-        if ok:
-            return micro_batch, trials
-    raise SumtuneError(f"Not even a micro-batch of {candidates[-1]} fits in GPU memory at the data's longest "
-                       f"shapes ({trials[-1].get('detail', 'out of memory')}); lower --max-source-tokens, turn "
-                       f"on --gradient-checkpointing, or use a GPU with more memory.")
-
-
-def gpu_fits(loss_fn: Callable[[dict], torch.Tensor], model: torch.nn.Module, batch_for: Callable[[int], dict],
-             device: torch.device, headroom: float = AUTO_BATCH_HEADROOM) -> Callable[[int], tuple[bool, dict]]:
-    """A `fits(micro_batch)` test: one forward and backward at that size; fits if no OOM and the peak is in budget.
-
-    The probe leaves no gradients behind; the caller saves and restores the RNG states around the search.
-    """
-    total = torch.cuda.get_device_properties(device).total_memory
-
-    def fits(micro_batch: int) -> tuple[bool, dict]:
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        peak = None
-        try:
-            batch = batch_for(micro_batch)
-            loss_fn(batch).backward()
-            torch.cuda.synchronize(device)
-            peak = torch.cuda.max_memory_reserved(device)
-        except torch.cuda.OutOfMemoryError:
-            pass  # leave the except block at once: its traceback holds the activations
-        model.zero_grad(set_to_none=True)
-        batch = None
-        gc.collect()
-        torch.cuda.empty_cache()
-        if peak is None:
-            return False, {"detail": "out of memory", "peak_reserved_gib": None}
-        info = {"peak_reserved_gib": round(peak / 2**30, 2), "gpu_total_gib": round(total / 2**30, 2)}
-        if peak > headroom * total:
-            return False, {**info, "detail": f"peak {peak / 2**30:.1f} GiB is over {headroom:.0%} of the GPU"}
-        return True, info
-
-    return fits
-
-
-def find_micro_batch(recipe, samples: int, examples: list) -> tuple[int, list[dict]]:
-    """Try micro-batches (divisors of `samples`, largest first) at the data's longest shapes on the recipe's GPU."""
-    from sumtune.data import TokenizedExample, collate
-
-    longest_source = max(examples, key=lambda e: len(e.input_ids)).input_ids
-    longest_target = max(examples, key=lambda e: len(e.labels)).labels
-    worst = TokenizedExample(longest_source, longest_target)
-    pad_id = recipe.tokenizer.pad_token_id
-    fits = gpu_fits(lambda batch: recipe.forward_loss(batch), recipe.model,
-                    lambda m: recipe.to_device(collate([worst] * m, pad_id)), recipe.device)
-    rng = (torch.get_rng_state(), torch.cuda.get_rng_state(recipe.device))  # probes must not shift dropout
-    recipe.model.train()
-    try:
-        with recipe.progress.task(f"finding the largest micro-batch for {len(longest_source)} source / "
-                                  f"{len(longest_target)} target tokens"):
-            return choose_micro_batch(micro_batch_candidates(samples, len(examples)), fits)
-    finally:
-        torch.set_rng_state(rng[0])
-        torch.cuda.set_rng_state(rng[1], recipe.device)

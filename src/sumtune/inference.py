@@ -9,7 +9,7 @@ from typing import Sequence
 from sumtune import argparsing
 from sumtune.config import TrainConfig
 from sumtune.errors import SumtuneError
-from sumtune.modeling import load_model, resolve_device
+from sumtune.modeling import enable_fast_path, load_model, model_source, resolve_device, run_base_dir
 
 
 def read_run_config(run_dir: str | Path) -> TrainConfig:
@@ -25,11 +25,9 @@ def read_run_config(run_dir: str | Path) -> TrainConfig:
 
 
 def base_model_source(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
-    """The run's base model: a tiny run carries its own copy under base_model/."""
-    if cfg.model == "tiny":
-        from sumtune.runtime import tiny_base_dir
-
-        return replace(cfg, model=str(tiny_base_dir(run_dir)))
+    """The run's base model: the copy the run saved when its weights exist nowhere else (a `tiny` run)."""
+    if model_source(cfg.model).saved_in_run:
+        return replace(cfg, model=str(run_base_dir(run_dir)))
     return cfg
 
 
@@ -74,8 +72,6 @@ def load_run(run_dir: str | Path, *, device: str = "auto", adapter_dir: str | Pa
                            f"({type(err).__name__}: {detail[:300].rstrip('.')}).") from None
     model.to(dev).eval()
     if cfg.fast_kernels if fast_kernels is None else fast_kernels:
-        from sumtune.runtime import enable_fast_path
-
         model = enable_fast_path(model)
     return model, tokenizer, cfg
 
@@ -99,7 +95,7 @@ class Summarizer:
 
     def summarize(self, texts: str | Sequence[str], *, max_new_tokens: int | None = None, num_beams: int | None = None,
                   batch_size: int | None = None) -> list[str]:
-        from sumtune.evaluation import generate_summaries, inference_copy
+        from sumtune.generation.summaries import generate_summaries, inference_copy
 
         if isinstance(texts, str):
             texts = [texts]

@@ -7,12 +7,16 @@ for the known T5 sizes), so it answers "will T5-3b fit my card?" before anything
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from sumtune.config import TrainConfig
 from sumtune.errors import SumtuneError
+
+if TYPE_CHECKING:
+    from sumtune.modeling import QuantSettings
 
 BNB_BLOCKSIZE = 64          # bitsandbytes 4-bit block size (one absmax per 64 weights)
 NESTED_BLOCKSIZE = 256      # double quantization: one fp32 absmax per 256 quantized absmax values
@@ -71,11 +75,11 @@ def meta_model(cfg: TrainConfig) -> nn.Module:
     """The model's modules on the meta device: shapes only."""
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
-    from sumtune.modeling import shape_name, t5_config, untie_head_if_untied
+    from sumtune.modeling import model_source, t5_config, untie_head_if_untied
 
-    name = shape_name(cfg.model)
-    if name is not None:
-        config = t5_config(name)
+    shape = model_source(cfg.model).shape
+    if shape is not None:
+        config = t5_config(shape)
     else:
         try:
             config = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
@@ -93,31 +97,32 @@ def _unique_params(model: nn.Module) -> dict[int, tuple[str, nn.Parameter]]:
     return seen
 
 
-def footprint_bytes(model: nn.Module, cfg: TrainConfig, skip: set[str]) -> int:
-    """Bytes of the base with every linear layer not in `skip` quantized as `cfg` says."""
+def footprint_bytes(model: nn.Module, quant: QuantSettings, skip: set[str]) -> int:
+    """Bytes of the base with every linear layer not in `skip` quantized as `quant` says."""
     linear_weights = {id(m.weight): m for n, m in model.named_modules()
                       if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] not in skip}
     total = 0
     for name, param in _unique_params(model).values():
-        if cfg.quantization != "none" and id(param) in linear_weights:
-            total += quantized_linear_bytes(param.numel(), param.shape[0], cfg.quantization, cfg.double_quant)
+        if quant.kind != "none" and id(param) in linear_weights:
+            total += quantized_linear_bytes(param.numel(), param.shape[0], quant.kind, quant.double_quant)
         else:
-            fp32_kept = cfg.compute_dtype == "fp16" and ".wo." in f".{name}"
-            total += param.numel() * (4 if fp32_kept else BYTES[cfg.compute_dtype])
+            fp32_kept = quant.compute_dtype == "fp16" and ".wo." in f".{name}"
+            total += param.numel() * (4 if fp32_kept else BYTES[quant.compute_dtype])
     return total
 
 
 def memory_report(cfg: TrainConfig) -> MemoryReport:
     from sumtune.lora import apply_lora
-    from sumtune.modeling import skipped_modules
+    from sumtune.modeling import QuantSettings, skipped_modules
 
     model = meta_model(cfg)
     total = sum(p.numel() for _, p in _unique_params(model).values())
     fp32 = total * 4
     compute = total * BYTES[cfg.compute_dtype]
     # The reference loads without a dtype: unquantized layers (T5's wo, embeddings, norms) stay fp32.
-    reference = footprint_bytes(model, replace(cfg, compute_dtype="fp32"), skip={"lm_head", "wo"})
-    ours = footprint_bytes(model, cfg, skip=set(skipped_modules(cfg)))
+    quant = QuantSettings.of(cfg)
+    reference = footprint_bytes(model, replace(quant, compute_dtype="fp32"), skip={"lm_head", "wo"})
+    ours = footprint_bytes(model, quant, skip=set(skipped_modules(cfg.compute_dtype)))
     peft_model = apply_lora(model, cfg)  # unties lm_head itself when it is in modules_to_save
     trainable = sum(p.numel() for _, p in _unique_params(peft_model).values() if p.requires_grad)
     # As PEFT's print_trainable_parameters counts on the tied model: base + adapters (+ saved module copies).

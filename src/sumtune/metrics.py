@@ -148,6 +148,21 @@ class MetricsLogger:
         self._log_trackers(split, step, values)
         return record
 
+    def rewind(self, metrics_bytes: int, step: int) -> None:
+        """A resumed run redoes what followed its checkpoint: cut metrics.jsonl back to `metrics_bytes` (its length
+        at the checkpoint) and have TensorBoard drop the events after `step`."""
+        if not self.enabled:
+            return
+        if self.path.is_file():
+            with self.path.open("r+b") as fh:
+                fh.truncate(metrics_bytes)
+        if self._writer is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            log_dir = self._writer.log_dir
+            self._writer.close()
+            self._writer = SummaryWriter(log_dir=log_dir, purge_step=step + 1)
+
     def _log_trackers(self, split: str, step: int, values: dict[str, Any]) -> None:
         while self._pending:
             name = self._pending.pop(0)

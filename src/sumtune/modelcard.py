@@ -15,7 +15,9 @@ CARD_SETTINGS = ("model", "model_dropout", "quantization", "double_quant", "comp
 
 
 def base_model_id(model: str) -> str:
-    return model if not (model == "tiny" or model.startswith(("random:", "/", "."))) else "sumtune-" + model.replace(":", "-").strip("/.")
+    from sumtune.modeling import model_source
+
+    return model_source(model).hub_id or "sumtune-" + model.replace(":", "-").strip("/.")
 
 
 def dataset_id(dataset: str) -> str | None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Literal
 
 import torch
 from torch import nn
@@ -22,24 +23,29 @@ if TYPE_CHECKING:
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-# T5 v1.1 / FLAN-T5 architecture (the published google/flan-t5-* config.json): a gated-GELU feed-forward
-# (wi_0, wi_1) and an output head with its own weight, not tied to the embeddings.
+# Shapes of the released checkpoints (all: 32 position buckets, maximum distance 128, vocab 32128), and `tiny`: a
+# small T5 for demos and tests. Released T5s train with dropout 0.1; the tiny random model learns faster without.
+# T5 v1.1 / FLAN-T5 (the published google/flan-t5-* config.json): a gated-GELU feed-forward (wi_0, wi_1) and an
+# output head with its own weight, not tied to the embeddings.
 _GATED_UNTIED = dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)
-# Shapes of the released checkpoints; all have 32 position buckets, a maximum distance of 128, vocab 32128.
 T5_SHAPES: dict[str, dict] = {
+    "tiny": dict(d_model=128, d_ff=512, d_kv=32, num_heads=4, num_layers=2, dropout_rate=0.0),
     # the original T5: relu feed-forward, output head tied to the embeddings
-    "t5-small": dict(d_model=512, d_ff=2048, d_kv=64, num_heads=8, num_layers=6),
-    "t5-base": dict(d_model=768, d_ff=3072, d_kv=64, num_heads=12, num_layers=12),
-    "t5-large": dict(d_model=1024, d_ff=4096, d_kv=64, num_heads=16, num_layers=24),
-    "t5-3b": dict(d_model=1024, d_ff=16384, d_kv=128, num_heads=32, num_layers=24),
-    "t5-11b": dict(d_model=1024, d_ff=65536, d_kv=128, num_heads=128, num_layers=24),
+    "t5-small": dict(d_model=512, d_ff=2048, d_kv=64, num_heads=8, num_layers=6, dropout_rate=0.1),
+    "t5-base": dict(d_model=768, d_ff=3072, d_kv=64, num_heads=12, num_layers=12, dropout_rate=0.1),
+    "t5-large": dict(d_model=1024, d_ff=4096, d_kv=64, num_heads=16, num_layers=24, dropout_rate=0.1),
+    "t5-3b": dict(d_model=1024, d_ff=16384, d_kv=128, num_heads=32, num_layers=24, dropout_rate=0.1),
+    "t5-11b": dict(d_model=1024, d_ff=65536, d_kv=128, num_heads=128, num_layers=24, dropout_rate=0.1),
     # FLAN-T5 (T5 v1.1 shapes)
-    "flan-t5-base": dict(d_model=768, d_ff=2048, d_kv=64, num_heads=12, num_layers=12, **_GATED_UNTIED),
-    "flan-t5-large": dict(d_model=1024, d_ff=2816, d_kv=64, num_heads=16, num_layers=24, **_GATED_UNTIED),
-    "flan-t5-xl": dict(d_model=2048, d_ff=5120, d_kv=64, num_heads=32, num_layers=24, **_GATED_UNTIED),
+    "flan-t5-base": dict(d_model=768, d_ff=2048, d_kv=64, num_heads=12, num_layers=12, dropout_rate=0.1,
+                         **_GATED_UNTIED),
+    "flan-t5-large": dict(d_model=1024, d_ff=2816, d_kv=64, num_heads=16, num_layers=24, dropout_rate=0.1,
+                          **_GATED_UNTIED),
+    "flan-t5-xl": dict(d_model=2048, d_ff=5120, d_kv=64, num_heads=32, num_layers=24, dropout_rate=0.1,
+                       **_GATED_UNTIED),
 }
-TINY_SHAPE = dict(d_model=128, d_ff=512, d_kv=32, num_heads=4, num_layers=2)
 T5_VOCAB_SIZE = 32128
+RUN_BASE_DIR = "base_model"  # where a run on the `tiny` model keeps its base (see ModelSource.saved_in_run)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -50,29 +56,82 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def shape_name(model: str) -> str | None:
-    """`tiny`, or the known shape behind `random:<name>` / a hub id like `google-t5/t5-3b`."""
-    if model == "tiny":
-        return "tiny"
-    base = model.removeprefix("random:").rsplit("/", 1)[-1]
-    return base if base in T5_SHAPES else None
+def autocast(device: torch.device, compute_dtype: str, cache_enabled: bool = True):
+    """The autocast context of `compute_dtype` on `device` (none for fp32)."""
+    if compute_dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[compute_dtype], cache_enabled=cache_enabled)
 
 
-def is_random_model(model: str) -> bool:
-    return model == "tiny" or model.startswith("random:")
+# ---- what a `model` setting names -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What a `model` setting names, decided here once (first match): `tiny`, `random:<shape>`, a local
+    directory, or a hub id. Everything that treats these differently asks this object.
+
+    - `random`: weights built from `shape` (no files, no tokenizer of their own: a word tokenizer is built);
+    - `saved_in_run`: the random weights exist nowhere else, so a run saves them under RUN_DIR/base_model and
+      every later command loads that copy (`tiny`; a `random:` model is for benchmarks and is not kept);
+    - `full_vocab`: a random model with a real T5's vocabulary size (true shapes for FLOPs and memory), not the
+      word tokenizer's;
+    - `hub_id`: the id to credit as `base_model` (hub models only).
+    """
+
+    name: str
+    kind: Literal["tiny", "random", "local", "hub"]
+    shape: str | None = None
+
+    @property
+    def random(self) -> bool:
+        return self.kind in ("tiny", "random")
+
+    @property
+    def saved_in_run(self) -> bool:
+        return self.kind == "tiny"
+
+    @property
+    def full_vocab(self) -> bool:
+        return self.kind == "random"
+
+    @property
+    def hub_id(self) -> str | None:
+        return self.name if self.kind == "hub" else None
+
+    def vocab_size(self, tokenizer_size: int) -> int:
+        """A random model's vocabulary: the tokenizer's, or at least a real T5's (`full_vocab`)."""
+        return max(tokenizer_size, T5_VOCAB_SIZE) if self.full_vocab else tokenizer_size
+
+
+def model_source(name: str) -> ModelSource:
+    if name == "tiny":
+        return ModelSource(name, "tiny", "tiny")
+    if name.startswith("random:"):
+        shape = name.removeprefix("random:")
+        if shape not in T5_SHAPES or shape == "tiny":
+            raise SumtuneError(f"Unknown random model {name!r}; use `tiny` or "
+                               f"random:<{'|'.join(s for s in T5_SHAPES if s != 'tiny')}>.")
+        return ModelSource(name, "random", shape)
+    kind = "local" if looks_like_path(name) else "hub"
+    base = name.rstrip("/").rsplit("/", 1)[-1]
+    return ModelSource(name, kind, base if base in T5_SHAPES and base != "tiny" else None)
+
+
+def run_base_dir(run_dir: str | Path) -> Path:
+    """Where a run keeps a base model that exists nowhere else (`ModelSource.saved_in_run`)."""
+    return Path(run_dir) / RUN_BASE_DIR
 
 
 def t5_config(name: str, vocab_size: int = T5_VOCAB_SIZE, **overrides):
-    """A `T5Config` with the shapes of a known T5 (or the tiny demo shape)."""
+    """A `T5Config` with the shapes of a known T5 (`T5_SHAPES`, `tiny` included)."""
     from transformers import T5Config
 
-    shape = TINY_SHAPE if name == "tiny" else T5_SHAPES.get(name)
+    shape = T5_SHAPES.get(name)
     if shape is None:
-        raise SumtuneError(f"Unknown T5 shape {name!r}; known: tiny, {', '.join(T5_SHAPES)}.")
-    # Released T5 checkpoints train with dropout 0.1; the tiny demo model learns faster without.
+        raise SumtuneError(f"Unknown T5 shape {name!r}; known: {', '.join(T5_SHAPES)}.")
     kwargs = dict(num_decoder_layers=shape["num_layers"], vocab_size=vocab_size,
                   feed_forward_proj="relu", relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                  layer_norm_epsilon=1e-6, dropout_rate=0.0 if name == "tiny" else 0.1,
+                  layer_norm_epsilon=1e-6,
                   pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
     kwargs.update(shape)
     kwargs.update(overrides)
@@ -83,65 +142,78 @@ def t5_config(name: str, vocab_size: int = T5_VOCAB_SIZE, **overrides):
 
 # ---- quantization --------------------------------------------------------------------------------------
 
-def skipped_modules(cfg: "TrainConfig") -> list[str]:
+@dataclass(frozen=True)
+class QuantSettings:
+    """How the frozen base is stored: the three settings quantization needs (`of(cfg)` reads a TrainConfig)."""
+
+    kind: str = "nf4"  # nf4 | fp4 | int8 | none
+    compute_dtype: str = "bf16"
+    double_quant: bool = True
+
+    @classmethod
+    def of(cls, cfg: "TrainConfig") -> "QuantSettings":
+        return cls(cfg.quantization, cfg.compute_dtype, cfg.double_quant)
+
+
+def skipped_modules(compute_dtype: str) -> list[str]:
     """Linear layers left unquantized. `wo` stays in fp32 only for fp16 compute, where T5's FFN output overflows."""
     # The output head stays in the compute dtype: T5 ties it to the embeddings (quantizing it would quantize
     # their twin), and an untied head (FLAN-T5) is left unquantized as transformers' own 4-bit loading does.
     skip = ["lm_head"]
-    if cfg.compute_dtype == "fp16":
+    if compute_dtype == "fp16":
         skip.append("wo")
     return skip
 
 
-def bnb_config(cfg: "TrainConfig"):
+def bnb_config(quant: QuantSettings):
     """The transformers `BitsAndBytesConfig` for this run (None when not quantizing)."""
-    if cfg.quantization == "none":
+    if quant.kind == "none":
         return None
     from transformers import BitsAndBytesConfig
 
-    if cfg.quantization == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skipped_modules(cfg))
+    if quant.kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skipped_modules(quant.compute_dtype))
     return BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type=cfg.quantization,
-        bnb_4bit_use_double_quant=cfg.double_quant,
-        bnb_4bit_compute_dtype=DTYPES[cfg.compute_dtype],
-        llm_int8_skip_modules=skipped_modules(cfg),
+        bnb_4bit_quant_type=quant.kind,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype],
+        llm_int8_skip_modules=skipped_modules(quant.compute_dtype),
     )
 
 
-def _quantized_linear(linear: nn.Linear, cfg: "TrainConfig", device: torch.device) -> nn.Module:
+def _quantized_linear(linear: nn.Linear, quant: QuantSettings, device: torch.device) -> nn.Module:
     import bitsandbytes as bnb
 
     weight = linear.weight.data
-    if cfg.quantization == "int8":
+    if quant.kind == "int8":
         layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                     has_fp16_weights=False, threshold=6.0, device="meta")
         layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     else:
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                  compute_dtype=DTYPES[cfg.compute_dtype], compress_statistics=cfg.double_quant,
-                                  quant_type=cfg.quantization, device="meta")  # no throw-away weight init
-        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=cfg.double_quant,
-                                         quant_type=cfg.quantization)
+                                  compute_dtype=DTYPES[quant.compute_dtype], compress_statistics=quant.double_quant,
+                                  quant_type=quant.kind, device="meta")  # no throw-away weight init
+        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=quant.double_quant,
+                                         quant_type=quant.kind)
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
     return layer.to(device)  # moving a Params4bit/Int8Params to a device quantizes it
 
 
-def quantize_in_place(model: nn.Module, cfg: "TrainConfig", device: torch.device,
+def quantize_in_place(model: nn.Module, quant: QuantSettings, device: torch.device,
                       skip: tuple[str, ...] | None = None) -> nn.Module:
-    """Replace every nn.Linear but the skipped ones (default: `skipped_modules(cfg)`) with a bitsandbytes layer."""
-    if cfg.quantization == "none":
+    """Replace every nn.Linear but the skipped ones (default: `skipped_modules`) with a bitsandbytes layer."""
+    if quant.kind == "none":
         return model.to(device)
-    skip = set(skipped_modules(cfg) if skip is None else skip)
+    skip = set(skipped_modules(quant.compute_dtype) if skip is None else skip)
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Linear and child_name not in skip:
-                setattr(module, child_name, _quantized_linear(child, cfg, device))
+                setattr(module, child_name, _quantized_linear(child, quant, device))
     model.to(device)
-    model.is_loaded_in_4bit = cfg.quantization in ("nf4", "fp4")
-    model.is_loaded_in_8bit = cfg.quantization == "int8"
+    model.is_loaded_in_4bit = quant.kind in ("nf4", "fp4")
+    model.is_loaded_in_8bit = quant.kind == "int8"
     return model
 
 
@@ -204,10 +276,10 @@ def build_random_model(cfg: "TrainConfig", vocab_size: int, device: torch.device
     """A T5 with random weights and known shapes, quantized in place like a loaded one would be."""
     from transformers import T5ForConditionalGeneration
 
-    name = shape_name(cfg.model)
-    if name is None:
-        raise SumtuneError(f"Unknown random model {cfg.model!r}; use `tiny` or random:<{'|'.join(T5_SHAPES)}>.")
-    config = t5_config(name, vocab_size=vocab_size if name == "tiny" else max(vocab_size, T5_VOCAB_SIZE))
+    source = model_source(cfg.model)
+    if not source.random:
+        raise SumtuneError(f"{cfg.model!r} is not a random model (`tiny` or random:<shape>).")
+    config = t5_config(source.shape, vocab_size=source.vocab_size(vocab_size))
     torch.manual_seed(cfg.seed)
     dtype = DTYPES[cfg.compute_dtype]
     with torch.device(device if device.type == "cuda" else "cpu"):
@@ -216,7 +288,7 @@ def build_random_model(cfg: "TrainConfig", vocab_size: int, device: torch.device
         for name_, module in model.named_modules():  # same dtype plan as from_pretrained with fp16
             if name_.endswith(".wo"):
                 module.float()
-    return freeze(quantize_in_place(model, cfg, device))
+    return freeze(quantize_in_place(model, QuantSettings.of(cfg), device))
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.load would unpickle these: never read
@@ -227,14 +299,14 @@ def pickle_files(directory: Path) -> list[str]:
     return sorted(p.name for p in Path(directory).glob("*") if p.suffix in PICKLE_SUFFIXES)
 
 
-def check_model_source(cfg: "TrainConfig") -> None:
+def check_model_source(model: str, *, allow_pickle: bool = False) -> None:
     """Refuse a local model directory that is missing, not a saved model, or pickle-only, before any long work.
 
     Pickle weights (pytorch_model.bin) can run arbitrary code when loaded: they are read only with `allow_pickle`.
     """
-    if is_random_model(cfg.model) or not looks_like_path(cfg.model):
+    if model_source(model).kind != "local":
         return
-    local = Path(cfg.model).expanduser().resolve()
+    local = Path(model).expanduser().resolve()
     if not local.is_dir():
         raise SumtuneError(f"Model directory {str(local)!r} does not exist.")
     if not (local / "config.json").is_file():
@@ -244,7 +316,7 @@ def check_model_source(cfg: "TrainConfig") -> None:
     pickled = pickle_files(local)
     if not pickled:
         raise SumtuneError(f"Model directory {str(local)!r} has no weights (no .safetensors file).")
-    if not cfg.allow_pickle:
+    if not allow_pickle:
         raise SumtuneError(f"Model directory {str(local)!r} has only pickle weights ({', '.join(pickled)}), which "
                            f"can run code when loaded; convert them to safetensors, or pass --allow-pickle if you "
                            f"trust their source.")
@@ -257,7 +329,7 @@ def load_pretrained_model(cfg: "TrainConfig", device: torch.device) -> nn.Module
     source = cfg.model
     local = Path(source).expanduser()
     if looks_like_path(source):
-        check_model_source(cfg)
+        check_model_source(cfg.model, allow_pickle=cfg.allow_pickle)
         source = str(local.resolve())
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
@@ -271,7 +343,7 @@ def load_pretrained_model(cfg: "TrainConfig", device: torch.device) -> nn.Module
     kwargs = dict(dtype=dtype, use_safetensors=None if cfg.allow_pickle else True,
                   trust_remote_code=cfg.trust_remote_code)
     if cfg.quantization != "none":
-        kwargs.update(quantization_config=bnb_config(cfg), device_map={"": device})
+        kwargs.update(quantization_config=bnb_config(QuantSettings.of(cfg)), device_map={"": device})
     # Only T5's own FFN is known to run a quantized `wo` correctly (with sumtune's fix_quantized_ffn).
     keep_fp32_wo = cfg.compute_dtype == "fp16" or getattr(config, "model_type", "") != "t5"
     with quantize_t5_wo(model_cls, keep_fp32_wo=keep_fp32_wo):
@@ -291,7 +363,7 @@ def _hub_error(name: str, err: Exception) -> str:
 
 
 def load_model(cfg: "TrainConfig", vocab_size: int, device: torch.device) -> nn.Module:
-    model = build_random_model(cfg, vocab_size, device) if is_random_model(cfg.model) else \
+    model = build_random_model(cfg, vocab_size, device) if model_source(cfg.model).random else \
         load_pretrained_model(cfg, device)
     if cfg.quantization != "none" and getattr(model.config, "model_type", "") == "t5":
         from sumtune.fast_t5 import fix_quantized_ffn
@@ -353,7 +425,7 @@ def load_tokenizer(cfg: "TrainConfig", texts: list[str] | None = None):
     """The run's tokenizer: the configured one, the model's own, or (random models) a word tokenizer over `texts`."""
     from transformers import AutoTokenizer
 
-    source = cfg.tokenizer or (None if is_random_model(cfg.model) else cfg.model)
+    source = cfg.tokenizer or (None if model_source(cfg.model).random else cfg.model)
     if source is None:
         if not texts:
             raise SumtuneError(f"Model {cfg.model!r} has no tokenizer; set `tokenizer` to a tokenizer directory.")
@@ -368,3 +440,15 @@ def load_tokenizer(cfg: "TrainConfig", texts: list[str] | None = None):
                                              trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:
         raise SumtuneError(f"Could not load a tokenizer from {source!r} ({type(err).__name__}).") from None
+
+
+def enable_fast_path(model: nn.Module) -> nn.Module:
+    """sumtune's fast T5 kernels when the model is a T5; other seq2seq models (BART, Pegasus ...) keep
+    transformers' own code."""
+    from transformers.models.t5.modeling_t5 import T5Stack
+
+    from sumtune import fast_t5
+
+    if not any(isinstance(m, T5Stack) for m in model.modules()):
+        return model
+    return fast_t5.enable_fast_t5(model)

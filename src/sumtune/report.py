@@ -269,7 +269,7 @@ def build_html(run: Path) -> str:
     train = [r for r in records if r.get("split") == "train"]
     train_cols = [c for c in TRAIN_COLUMNS if any(c in r for r in train)]
     try:
-        from sumtune import __version__ as version
+        from sumtune.version import __version__ as version
     except ImportError:
         version = "?"
     title = f"sumtune run: {run.name}"

@@ -6,11 +6,11 @@ the HTML report, and available alone as `sumtune inspect-data`.
 
 Lengths are full (untruncated) token counts, special tokens included, the source with its prefix: what the
 model would see without a limit. They come from the same tokenizer call as the training ids
-(`tokenize_counting`): texts are tokenized whole and cut afterwards exactly as the tokenizer's own truncation
-cuts, so counting costs no second tokenization. To bound the time a pathological document can take, texts are
-clipped at COUNT_LIMIT_TOKENS × data.MAX_CHARS_PER_TOKEN characters first (as training always clipped at
-max_tokens × that): lengths are exact up to COUNT_LIMIT_TOKENS tokens, and a longer document is counted as at
-least that long (the report then says "at least" for what is cut).
+(`data.tokenize_counting`): texts are tokenized whole and cut afterwards exactly as the tokenizer's own
+truncation cuts, so counting costs no second tokenization. To bound the time a pathological document can take,
+texts are clipped at data.COUNT_LIMIT_TOKENS × data.MAX_CHARS_PER_TOKEN characters first (training always
+clipped at max_tokens × that): lengths are exact up to COUNT_LIMIT_TOKENS (32,768) tokens, and a longer document
+is counted as at least that long (the report then says "at least" for what is cut).
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from sumtune.data import COUNT_LIMIT_TOKENS, count_lengths, tokenize_counting
+
 if TYPE_CHECKING:
     from sumtune.config import TrainConfig
 
-COUNT_LIMIT_TOKENS = 32_768  # lengths are exact up to here: 4× the longest source setting sumtune trains (8192)
 KEEP_SHARE = 0.95            # the suggested settings keep this share of documents (and of summaries) whole
 SOURCE_MULTIPLE = 256        # suggested max_source_tokens: a multiple of this (attention tiles, padding buckets)
 TARGET_MULTIPLE = 64         # suggested max_target_tokens / max_new_tokens: a multiple of this
@@ -142,64 +143,6 @@ def report_for(source_lengths: Sequence[int], target_lengths: Sequence[int], *, 
                             tokenizer=tokenizer, target_flag=target_flag)
 
 
-# ---- tokenizing once for both the ids and the lengths ----------------------------------------------------
-
-def _encode(tokenizer, texts: list[str], target: bool, add_special_tokens: bool = True) -> list[list[int]]:
-    key = "text_target" if target else "text"
-    # verbose=False: whole documents are longer than the model's nominal maximum on purpose (no warning)
-    return tokenizer(**{key: texts}, add_special_tokens=add_special_tokens, verbose=False)["input_ids"]
-
-
-def special_token_layout(tokenizer, target: bool = False) -> tuple[int, int] | None:
-    """(tokens the tokenizer adds before, after) a text's own tokens, or None when it does not add them as a
-    plain prefix and suffix (then `tokenize_counting` lets the tokenizer truncate by itself)."""
-    probe = "summary"
-    with_specials = _encode(tokenizer, [probe], target)[0]
-    bare = _encode(tokenizer, [probe], target, add_special_tokens=False)[0]
-    for start in range(len(with_specials) - len(bare) + 1):
-        if with_specials[start:start + len(bare)] == bare:
-            return start, len(with_specials) - start - len(bare)
-    return None
-
-
-def cut_like_tokenizer(ids: list[int], max_tokens: int, head: int, tail: int, side: str = "right") -> list[int]:
-    """`ids` (special tokens included) cut to `max_tokens` as the tokenizer's own truncation does: the text's
-    tokens are cut (from the end, or from the start for `side="left"`), the added special tokens are kept."""
-    if len(ids) <= max_tokens:
-        return ids
-    keep = max(0, max_tokens - head - tail)
-    body = ids[head:len(ids) - tail]
-    kept = body[:keep] if side != "left" else body[len(body) - keep:]
-    return ids[:head] + kept + ids[len(ids) - tail:]
-
-
-def tokenize_counting(tokenizer, texts: list[str], max_tokens: int, *, target: bool = False
-                      ) -> tuple[list[list[int]], list[int]]:
-    """Token ids cut to `max_tokens` (identical to `tokenizer(..., truncation=True, max_length=max_tokens)`) and
-    each text's full length, from one tokenization of the texts clipped at COUNT_LIMIT_TOKENS' worth of
-    characters. A tokenizer whose special tokens are not a plain prefix/suffix is asked to truncate again."""
-    from sumtune import data
-
-    clipped = data.clip_chars(texts, max(max_tokens, COUNT_LIMIT_TOKENS))
-    whole = _encode(tokenizer, clipped, target)
-    lengths = [len(ids) for ids in whole]
-    layout = special_token_layout(tokenizer, target)
-    if layout is None:
-        key = "text_target" if target else "text"
-        cut = tokenizer(**{key: data.clip_chars(texts, max_tokens)}, max_length=max_tokens,
-                        truncation=True)["input_ids"]
-        return cut, lengths
-    side = getattr(tokenizer, "truncation_side", "right")
-    return [cut_like_tokenizer(ids, max_tokens, *layout, side=side) for ids in whole], lengths
-
-
-def count_lengths(tokenizer, texts: list[str], *, target: bool = False) -> list[int]:
-    """Full token lengths (exact up to COUNT_LIMIT_TOKENS) of `texts`, special tokens included."""
-    from sumtune import data
-
-    return [len(ids) for ids in _encode(tokenizer, data.clip_chars(texts, COUNT_LIMIT_TOKENS), target)]
-
-
 # ---- the run and the command -----------------------------------------------------------------------------
 
 def tokenizer_name(cfg: "TrainConfig") -> str:
@@ -295,7 +238,6 @@ def inspect_data(cfg: "TrainConfig") -> DataInspection:
     from sumtune import data
     from sumtune.errors import SumtuneError
     from sumtune.modeling import load_tokenizer
-    from sumtune.runtime import describe_source
 
     rows, skipped = data.drop_empty(
         data.select_columns(data.read_rows(cfg.dataset, cfg.dataset_split), cfg.text_column, cfg.summary_column,
@@ -312,4 +254,5 @@ def inspect_data(cfg: "TrainConfig") -> DataInspection:
                         count_lengths(tokenizer, [r["summary"] for r in rows], target=True),
                         max_source_tokens=cfg.max_source_tokens, max_target_tokens=cfg.max_target_tokens,
                         tokenizer=tokenizer_name(cfg))
-    return DataInspection(report, len(rows), skipped, describe_source(cfg.dataset))
+    local = Path(cfg.dataset).expanduser()
+    return DataInspection(report, len(rows), skipped, str(local.resolve()) if local.exists() else cfg.dataset)

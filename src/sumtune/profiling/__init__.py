@@ -1,4 +1,8 @@
-"""Training performance analysis (`sumtune profile`, `sumtune train --profile-steps`)."""
+"""Training performance analysis (`sumtune profile`, `sumtune train --profile-steps`).
+
+Importing this package loads no training code: a training run is profiled by handing a `StepProfiler` to the
+recipe (`sumtune.api.profile`), never the other way round.
+"""
 
 from sumtune.profiling.profiler import NULL_PROFILER, NullProfiler, StepProfiler
 from sumtune.profiling.report import format_study_table, format_summary
@@ -8,7 +12,6 @@ from sumtune.profiling.runner import (
     make_train_profiler,
     parse_profile_steps,
     run_mobilenet_study,
-    run_profile,
     save_study,
 )
 
@@ -23,6 +26,5 @@ __all__ = [
     "make_train_profiler",
     "parse_profile_steps",
     "run_mobilenet_study",
-    "run_profile",
     "save_study",
 ]

@@ -22,6 +22,16 @@ JITTER_RATIO = 1.5
 SMALL_KERNEL_US = 20.0
 
 
+CONTEXT_KEYS = ("batch_size", "grad_accum_steps", "num_workers", "pin_memory", "compute_dtype", "quantization",
+                "gradient_checkpointing", "compile", "fast_kernels", "max_source_tokens", "max_target_tokens",
+                "lora_r", "pad_to_buckets")
+
+
+def advice_context(settings: Any) -> dict[str, Any]:
+    """The training settings (a TrainConfig or any object with those fields) the advice rules refer to."""
+    return {k: getattr(settings, k) for k in CONTEXT_KEYS if hasattr(settings, k)}
+
+
 def _pct(summary: dict[str, Any], phase: str) -> float:
     return float(summary.get("breakdown_pct", {}).get(phase, 0.0))
 

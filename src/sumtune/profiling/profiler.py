@@ -37,7 +37,10 @@ class NullProfiler:
     def phase(self, name: str) -> contextlib.nullcontext:
         return _NULL_CTX
 
-    def step(self, samples: int | None = None, tokens: int | None = None) -> None:
+    def step(self, samples: int | None = None, tokens: int | None = None, flops: float | None = None) -> None:
+        return None
+
+    def describe_run(self, **run: Any) -> None:
         return None
 
     def __enter__(self) -> "NullProfiler":
@@ -67,6 +70,7 @@ class StepRecord:
     reserved_peak_bytes: int | None = None
     samples: int | None = None
     tokens: int | None = None
+    flops: float | None = None
     nvml_util_pct: float | None = None
 
 
@@ -162,6 +166,20 @@ class StepProfiler:
         """All active steps are recorded (or the profiler was stopped early)."""
         return self._stopped
 
+    def describe_run(self, *, device: str, peak_tflops: float | None = None, samples_per_step: int | None = None,
+                     context: dict[str, Any] | None = None) -> None:
+        """What the training run is, once it is built (device, resolved batch, settings for the advice).
+
+        The recipe calls this at the end of its setup, for `sumtune profile` and `train --profile-steps` alike;
+        FLOPs, samples and tokens come with each `step()`."""
+        self.device = device
+        if peak_tflops is not None:
+            self.peak_tflops = peak_tflops
+        if samples_per_step is not None:
+            self.samples_per_step = samples_per_step
+        if context is not None:
+            self.context = dict(context)
+
     # -- lifecycle ---------------------------------------------------------------------------------
     def __enter__(self) -> "StepProfiler":
         self._ensure_started()
@@ -224,7 +242,7 @@ class StepProfiler:
             _reset_rss_peak()
         self._step_t0 = time.perf_counter()
 
-    def step(self, samples: int | None = None, tokens: int | None = None) -> None:
+    def step(self, samples: int | None = None, tokens: int | None = None, flops: float | None = None) -> None:
         """End of one loop step: record it if active, then advance the torch profiler's schedule."""
         if self._stopped:
             return
@@ -233,7 +251,7 @@ class StepProfiler:
             if self._cuda:
                 _profiler_sync()
             step_time_s = time.perf_counter() - self._step_t0
-            self.records.append(self._record(step_time_s, samples, tokens))
+            self.records.append(self._record(step_time_s, samples, tokens, flops))
         self._prof.step()
         self._step_index += 1
         if self._step_index >= self.total_steps:
@@ -241,7 +259,7 @@ class StepProfiler:
         else:
             self._begin_step()
 
-    def _record(self, step_time_s: float, samples: int | None, tokens: int | None) -> StepRecord:
+    def _record(self, step_time_s: float, samples: int | None, tokens: int | None, flops: float | None) -> StepRecord:
         if self._cuda:
             peak, end = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
             reserved = torch.cuda.max_memory_reserved()
@@ -255,6 +273,7 @@ class StepProfiler:
             reserved_peak_bytes=reserved,
             samples=samples if samples is not None else self.samples_per_step,
             tokens=tokens if tokens is not None else self.tokens_per_step,
+            flops=flops if flops is not None else self.flops_per_step,
             nvml_util_pct=_nvml_utilization() if self._cuda else None,
         )
 
@@ -298,7 +317,7 @@ def build_summary(prof: StepProfiler, trace: dict[str, Any] | None) -> dict[str,
         step_time_max_s=max(times),
         step_times_s=times,
     )
-    summary.update(_throughput(recs, mean_s, prof.flops_per_step, prof.peak_tflops, summary["device_name"]))
+    summary.update(_throughput(recs, mean_s, prof.peak_tflops, summary["device_name"]))
     summary.update(breakdown(recs))
     summary.update(_memory(recs, prof.device))
     gpu = trace_analysis.gpu_stats(trace) if trace is not None else None
@@ -326,21 +345,23 @@ def breakdown(recs: list[StepRecord]) -> dict[str, Any]:
     return {"breakdown_s": parts, "breakdown_pct": pct}
 
 
-def _throughput(recs, mean_s: float, flops_per_step, peak_tflops, device_name: str | None) -> dict[str, Any]:
+def _throughput(recs, mean_s: float, peak_tflops, device_name: str | None) -> dict[str, Any]:
     samples = [r.samples for r in recs if r.samples is not None]
     tokens = [r.tokens for r in recs if r.tokens is not None]
+    flops = [r.flops for r in recs if r.flops]
     total_s = sum(r.step_time_s for r in recs)
     out: dict[str, Any] = {
         "samples_per_step": statistics.fmean(samples) if samples else None,
         "samples_per_s": sum(samples) / total_s if len(samples) == len(recs) and total_s > 0 else None,
         "tokens_per_step": statistics.fmean(tokens) if tokens else None,
         "tokens_per_s": sum(tokens) / total_s if len(tokens) == len(recs) and total_s > 0 else None,
-        "flops_per_step": flops_per_step,
+        "flops_per_step": statistics.fmean(flops) if len(flops) == len(recs) else None,
     }
     peak = peak_tflops if peak_tflops is not None else datasheet_peak_tflops(device_name)
     out["peak_tflops"] = peak
     out["peak_tflops_source"] = "given" if peak_tflops is not None else ("datasheet dense bf16" if peak else None)
-    out["mfu_pct"] = 100.0 * flops_per_step / (mean_s * peak * 1e12) if flops_per_step and peak and mean_s > 0 else None
+    achieved = sum(flops) / total_s if out["flops_per_step"] and total_s > 0 else None
+    out["mfu_pct"] = 100.0 * achieved / (peak * 1e12) if achieved and peak else None
     if out["mfu_pct"] is not None:
         from sumtune.flops import FLOPS_COUNTED
 

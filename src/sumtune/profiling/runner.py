@@ -1,4 +1,6 @@
-"""`sumtune profile`: arguments, the T5 training workload and the MobileNet study."""
+"""`sumtune profile`: its arguments, the profiler of a training run, and the MobileNet study.
+
+The T5 workload itself is a training run (`sumtune.api.profile`): the recipe's own steps under this profiler."""
 
 from __future__ import annotations
 
@@ -80,83 +82,26 @@ def parse_profile_steps(text: str) -> tuple[int, int, int]:
     return parts[0], parts[1], parts[2]
 
 
-def profile_dir(cfg: Any) -> Path:
-    return Path(cfg.output_dir) / "profile"
+def make_train_profiler(run_dir: str | Path, args: ProfileArgs | None = None, *,
+                        schedule: tuple[int, int, int] | None = None) -> StepProfiler:
+    """A StepProfiler writing to RUN_DIR/profile (for `profile` and `train --profile-steps`).
 
-
-def config_context(cfg: Any) -> dict[str, Any]:
-    """The training settings the advice rules refer to."""
-    keys = ("batch_size", "grad_accum_steps", "num_workers", "pin_memory", "compute_dtype", "quantization",
-            "gradient_checkpointing", "compile", "fast_kernels", "max_source_tokens", "max_target_tokens", "lora_r")
-    return {k: getattr(cfg, k) for k in keys if hasattr(cfg, k)}
-
-
-def resolve_device(cfg_device: str) -> str:
-    import torch
-
-    if cfg_device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return "cuda" if str(cfg_device).startswith("cuda") else "cpu"
-
-
-def make_train_profiler(cfg: Any, args: ProfileArgs | None = None, *, schedule: tuple[int, int, int] | None = None) -> StepProfiler:
-    """A StepProfiler for a training config, writing to RUN_DIR/profile (for `profile` and `train --profile-steps`)."""
+    What the run is (device, batch, settings) it learns from the recipe's setup (`StepProfiler.describe_run`)."""
     args = args or ProfileArgs()
     wait, warmup, active = schedule or args.schedule()
-    return StepProfiler(
-        profile_dir(cfg), wait=wait, warmup=warmup, active=active, record_shapes=args.record_shapes,
-        profile_memory=args.profile_memory, with_stack=args.with_stack, device=resolve_device(getattr(cfg, "device", "auto")),
-        samples_per_step=samples_per_optimizer_step(cfg), context=config_context(cfg),
-    )
+    return StepProfiler(Path(run_dir) / "profile", wait=wait, warmup=warmup, active=active,
+                        record_shapes=args.record_shapes, profile_memory=args.profile_memory,
+                        with_stack=args.with_stack)
 
 
-def samples_per_optimizer_step(cfg: Any) -> int | None:
-    """The loop calls `profiler.step()` once per optimizer step, after grad_accum_steps micro-batches."""
-    batch = getattr(cfg, "batch_size", None)
-    return batch * int(getattr(cfg, "grad_accum_steps", 1) or 1) if batch else None
-
-
-def without_periodic_eval(cfg: Any) -> Any:
-    """The profile measures training steps: push periodic evaluation past the profiled steps."""
-    import dataclasses
-
-    if dataclasses.is_dataclass(cfg) and any(f.name == "eval_every_steps" for f in dataclasses.fields(cfg)):
-        return dataclasses.replace(cfg, eval_every_steps=10**9)
-    return cfg
-
-
-def finalize_profile(prof: StepProfiler, out_dir: str | Path, echo: Callable[[str], None] | None = print) -> dict[str, Any]:
-    """Compute the summary, write OUT_DIR/summary.json and print the report."""
+def finalize_profile(prof: StepProfiler, echo: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """Compute the summary, write PROFILE_DIR/summary.json and print the report."""
     from sumtune.profiling.report import format_summary
 
-    summary = prof.write_summary(Path(out_dir) / "summary.json")
+    summary = prof.write_summary(prof.out_dir / "summary.json")
     if echo:
         echo(format_summary(summary))
     return summary
-
-
-def run_profile(cfg: Any, args: ProfileArgs) -> dict[str, Any]:
-    """Profile wait+warmup+active steps of the real training step; print the report, write summary.json."""
-    if args.workload != "t5":
-        raise SumtuneError("run_profile profiles the training config; use run_mobilenet_study for mobilenet-cifar10.")
-    from sumtune.recipe import TrainRecipe  # lazy: the recipe pulls in transformers/peft/bitsandbytes
-
-    cfg = without_periodic_eval(cfg)
-    prof = make_train_profiler(cfg, args)
-    recipe = TrainRecipe(cfg, profiler=prof)
-    recipe.setup()
-    try:
-        device = getattr(recipe, "device", None)
-        if device is not None:
-            prof.device = "cuda" if str(getattr(device, "type", device)).startswith("cuda") else "cpu"
-        flops_per_sample = getattr(recipe, "flops_per_sample", None)
-        if flops_per_sample and prof.samples_per_step:
-            prof.flops_per_step = float(flops_per_sample) * prof.samples_per_step
-        with prof:
-            recipe.train(max_steps=prof.total_steps)
-    finally:
-        recipe.cleanup()
-    return finalize_profile(prof, profile_dir(cfg))
 
 
 def run_mobilenet_study(args: ProfileArgs, out_dir: str | Path, *, device: str | None = None,

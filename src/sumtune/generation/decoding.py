@@ -1,4 +1,5 @@
-"""`generate_ids`: batched summarization generation for a dense T5 (see `prepare_inference_model`)."""
+"""`generate_ids`: batched decoding (greedy on sumtune's decoder step, or beam search) for a dense T5 (the copy
+`sumtune.generation.dense_copy.prepare_inference_model` makes)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from sumtune.data import pad_batch
+from sumtune.batching import pad_batch
 from sumtune.errors import SumtuneError
 from sumtune.generation.greedy import GreedySession, trim_rows
 from sumtune.generation.t5_decode import ATTENTION_MODES, DecoderWeights

@@ -1,4 +1,5 @@
-"""Build a plain, dense model (T5, BART, ...) for inference from a (PEFT-wrapped, bitsandbytes-quantized) training model.
+"""The dense copy: a plain model (T5, BART, ...) built from a (PEFT-wrapped, bitsandbytes-quantized) training model,
+base dequantized and LoRA merged. Every evaluation and summary generates on it, and `sumtune merge` saves it.
 
 The training model is never modified: every parameter of the new model is a fresh tensor (dequantized,
 LoRA-merged, cast), so training can go on while the copy generates.

@@ -1,0 +1,109 @@
+"""`batch_size: auto`: the largest micro-batch that divides the samples per step and fits on the GPU.
+
+Each candidate is measured with a real forward and backward (`loss_fn(make_batch(m)).backward()`) on the batch
+the caller makes for it (the recipe: copies of the data's longest source and target); it fits when it raises no
+out-of-memory error and its peak stays under `AUTO_BATCH_HEADROOM` of the GPU. Gradient accumulation then keeps
+the samples per optimizer step exact. Nothing here knows about recipes or configs.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Callable
+
+import torch
+
+from sumtune.errors import SumtuneError
+
+AUTO_BATCH_HEADROOM = 0.90  # a probe must peak under this share of the GPU: room for fragmentation and eval
+
+Fits = Callable[[int], tuple[bool, dict]]
+
+
+def micro_batch_candidates(samples_per_step: int, max_micro_batch: int | None = None) -> list[int]:
+    """Divisors of `samples_per_step`, largest first: accumulation then keeps the samples per step exact."""
+    limit = min(samples_per_step, max_micro_batch or samples_per_step)
+    return [m for m in range(limit, 0, -1) if samples_per_step % m == 0]
+
+
+def choose_micro_batch(candidates: list[int], fits: Fits) -> tuple[int, list[dict]]:
+    """The first (largest) candidate that fits, and the record of every try."""
+    trials: list[dict] = []
+    for micro_batch in candidates:
+        ok, info = fits(micro_batch)
+        trials.append({"micro_batch": micro_batch, "fits": ok, **info})
+        if ok:
+            return micro_batch, trials
+    raise SumtuneError(f"Not even a micro-batch of {candidates[-1]} fits in GPU memory at the data's longest "
+                       f"shapes ({trials[-1].get('detail', 'out of memory')}); lower --max-source-tokens, turn "
+                       f"on --gradient-checkpointing, or use a GPU with more memory.")
+
+
+def memory_budget_bytes(device: torch.device, max_memory_gib: float | None = None) -> int:
+    """The GPU memory a run may use: the device's, or `max_memory_gib` when that is smaller."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    return total if max_memory_gib is None else min(total, int(max_memory_gib * 2**30))
+
+
+def cap_gpu_memory(device: torch.device, max_memory_gib: float | None) -> None:
+    """Make PyTorch's allocator refuse memory beyond `max_memory_gib` on `device` (no-op for None or a CPU)."""
+    if max_memory_gib is None or device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory_gib * 2**30 / total), device)
+
+
+def gpu_fits(loss_fn: Callable[[dict], torch.Tensor], model: torch.nn.Module, make_batch: Callable[[int], dict],
+             device: torch.device, headroom: float = AUTO_BATCH_HEADROOM,
+             max_memory_gib: float | None = None) -> Fits:
+    """A `fits(micro_batch)` test: one forward and backward at that size; fits if no OOM and the peak is in budget.
+
+    The probe leaves no gradients behind; `find_micro_batch` saves and restores the RNG states around the search.
+    """
+    total = memory_budget_bytes(device, max_memory_gib)
+
+    def fits(micro_batch: int) -> tuple[bool, dict]:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        peak = None
+        try:
+            batch = make_batch(micro_batch)
+            loss_fn(batch).backward()
+            torch.cuda.synchronize(device)
+            peak = torch.cuda.max_memory_reserved(device)
+        except torch.cuda.OutOfMemoryError:
+            pass  # leave the except block at once: its traceback holds the activations
+        model.zero_grad(set_to_none=True)
+        batch = None
+        gc.collect()
+        torch.cuda.empty_cache()
+        if peak is None:
+            return False, {"detail": "out of memory", "peak_reserved_gib": None}
+        info = {"peak_reserved_gib": round(peak / 2**30, 2), "gpu_total_gib": round(total / 2**30, 2)}
+        if peak > headroom * total:
+            return False, {**info, "detail": f"peak {peak / 2**30:.1f} GiB is over {headroom:.0%} of the GPU"}
+        return True, info
+
+    return fits
+
+
+def find_micro_batch(*, loss_fn: Callable[[dict], torch.Tensor], make_batch: Callable[[int], dict],
+                     model: torch.nn.Module, device: torch.device, samples_per_step: int,
+                     max_micro_batch: int | None = None, max_memory_gib: float | None = None
+                     ) -> tuple[int, list[dict]]:
+    """Try the divisors of `samples_per_step` (largest first, at most `max_micro_batch`) on the GPU.
+
+    `make_batch(m)` returns a device batch of `m` rows for `loss_fn`; the probes run in training mode and leave
+    the RNG states (which dropout draws from) as they found them.
+    """
+    fits = gpu_fits(loss_fn, model, make_batch, device, max_memory_gib=max_memory_gib)
+    rng = (torch.get_rng_state(), torch.cuda.get_rng_state(device))  # probes must not shift dropout
+    was_training = model.training
+    model.train()
+    try:
+        return choose_micro_batch(micro_batch_candidates(samples_per_step, max_micro_batch), fits)
+    finally:
+        model.train(was_training)
+        torch.set_rng_state(rng[0])
+        torch.cuda.set_rng_state(rng[1], device)

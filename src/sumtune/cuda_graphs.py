@@ -1,0 +1,108 @@
+"""CUDA graphs for the training step: a micro-batch's forward and backward captured once per batch shape, then
+replayed for every later micro-batch of that shape.
+
+Why: with LoRA on every linear layer the T5-3b step launches ~12,000 kernels per micro-batch (measured on an H200,
+benchmarks/NOTES.md), and the host cannot launch them as fast as the GPU runs them. A replayed graph launches them
+all at once; the host is then free after a few microseconds.
+
+How (the rules of `torch.cuda.graph`):
+- inputs live in static device buffers, one set per shape; each micro-batch is copied into its shape's buffers
+  (padding to `pad_to_buckets` widths keeps the number of shapes small);
+- gradients accumulate into the parameters' `.grad` tensors, which must exist before the capture and are zeroed
+  in place between steps (`zero_grad(set_to_none=False)`), so every replay adds into the same memory;
+- the first micro-batch of a shape runs eagerly (it also warms up cuBLAS, cuDNN and Triton's autotuner), the
+  second one is captured and replayed; all graphs share one memory pool (they never run at the same time);
+- nothing in the forward or backward may wait for the GPU or draw randomness on the host: dropout draws from
+  the CUDA generator, which graphs advance on every replay. If a capture fails anyway, the step says so once and
+  stays eager: a graph is a speed-up, never a requirement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+BatchKey = tuple[tuple[str, tuple[int, ...]], ...]
+
+
+def graph_blocker(*, device: torch.device, distributed: bool, gradient_checkpointing: bool) -> str | None:
+    """The first reason the step cannot be captured in CUDA graphs, or None when it can."""
+    if device.type != "cuda":
+        return f"CUDA graphs need a CUDA device, not {device.type}"
+    if distributed:
+        return "data-parallel steps all-reduce gradients inside the backward (not captured yet)"
+    if gradient_checkpointing:
+        return "activation checkpointing saves and restores the RNG state on the host"
+    return None
+
+
+def batch_key(batch: dict[str, torch.Tensor]) -> BatchKey:
+    return tuple((name, tuple(tensor.shape)) for name, tensor in sorted(batch.items()))
+
+
+@dataclass
+class CapturedMicroStep:
+    graph: torch.cuda.CUDAGraph
+    inputs: dict[str, torch.Tensor]
+    loss: torch.Tensor
+
+
+class GraphedMicroSteps:
+    """`run(host_batch) -> loss`: forward and backward of one micro-batch, replayed from a graph when it can be.
+
+    `forward_backward(device_batch) -> loss` does the work (forward, `.backward()`, returns the detached loss);
+    `params` are the trained weights whose `.grad` the backward accumulates into.
+    """
+
+    def __init__(self, forward_backward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+                 params: list[torch.Tensor], device: torch.device, notify: Callable[[str], None] = print):
+        self.forward_backward = forward_backward
+        self.params = params
+        self.device = device
+        self.notify = notify
+        self.graphs: dict[BatchKey, CapturedMicroStep] = {}
+        self.seen: set[BatchKey] = set()
+        self.failed: str | None = None
+        self.pool = None
+
+    def ensure_grads(self) -> None:
+        """Give every trained weight a `.grad` buffer (zeros) so backward accumulates in place, captured or not."""
+        for param in self.params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+
+    def __call__(self, host_batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        key = batch_key(host_batch)
+        self.ensure_grads()
+        captured = self.graphs.get(key)
+        if captured is None and self.failed is None and key in self.seen:
+            captured = self._capture(key, host_batch)
+        if captured is None:  # first of its shape (the warm-up), or graphs off after a failed capture
+            self.seen.add(key)
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in host_batch.items()}
+            return self.forward_backward(batch)
+        for name, buffer in captured.inputs.items():
+            buffer.copy_(host_batch[name], non_blocking=True)
+        captured.graph.replay()
+        return captured.loss.clone()  # the buffer is rewritten by the next replay of any graph in the pool
+
+    def _capture(self, key: BatchKey, host_batch: dict[str, torch.Tensor]) -> CapturedMicroStep | None:
+        inputs = {k: torch.empty(v.shape, dtype=v.dtype, device=self.device) for k, v in host_batch.items()}
+        graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        torch.cuda.synchronize(self.device)  # once per shape: the capture must not see earlier work in flight
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                loss = self.forward_backward(inputs)
+        except Exception as error:  # noqa: BLE001 - any capture failure means: stay eager, and say why once
+            self.failed = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}" if str(error) else \
+                type(error).__name__
+            torch.cuda.synchronize(self.device)
+            self.notify(f"sumtune: CUDA graph capture failed ({self.failed}); the step runs eagerly.")
+            return None
+        captured = CapturedMicroStep(graph=graph, inputs=inputs, loss=loss)
+        self.graphs[key] = captured
+        return captured

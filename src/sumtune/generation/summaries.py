@@ -1,0 +1,100 @@
+"""Summaries of texts: the one entry point evaluation and `Summarizer` call.
+
+First match decides how a model generates: a T5 (PEFT-wrapped, quantized or not) gets a dense copy
+(`dense_copy.prepare_inference_model`) and sumtune's own decoder (`decoding.generate_ids`); any other seq2seq
+model generates with transformers' `generate`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from sumtune.batching import pad_batch
+from sumtune.data import tokenize_sources
+from sumtune.generation.decoding import generate_ids
+from sumtune.generation.dense_copy import prepare_inference_model, supports_fast_generation
+
+
+def inference_copy(model) -> torch.nn.Module | None:
+    """A dense copy of `model` (base dequantized, LoRA merged) for sumtune's T5 decoder: no per-token
+    dequantization or adapter branches; bf16 on the GPU, fp32 on the CPU (where bf16 matmuls are emulated).
+    None for models that decoder does not know: they generate with transformers' `generate`."""
+    if not supports_fast_generation(model):
+        return None
+    device = next(model.parameters()).device
+    return prepare_inference_model(model, torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+_FRESH_COPY = object()  # generate_summaries' default: copy the model now (its weights may have changed)
+
+
+@torch.no_grad()
+def hf_generate_ids(model, input_ids: list[list[int]], *, pad_token_id: int, max_new_tokens: int,
+                    num_beams: int = 1, batch_size: int = 32) -> list[list[int]]:
+    """transformers `generate`, length-sorted batches, explicit max_new_tokens; ids without the start token."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(input_ids)), key=lambda i: -len(input_ids[i]))
+    out: list[list[int]] = [[] for _ in input_ids]
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        ids, mask = pad_batch([input_ids[i] for i in idx], pad_token_id)
+        generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                   max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
+        for row, i in zip(generated.tolist(), idx):
+            row = row[1:]  # drop the decoder start token
+            while row and row[-1] == pad_token_id:
+                row.pop()
+            out[i] = row
+    return out
+
+
+GENERATION_CHUNK_BATCHES = 4  # batches per progress update: small enough to report, large enough to stay fast
+
+
+def _generate_chunk(model, dense, tokenizer, ids: list[list[int]], *, max_new_tokens: int, num_beams: int,
+                    batch_size: int) -> list[list[int]]:
+    if dense is not None:
+        return generate_ids(dense, ids, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 decoder_start_token_id=model.config.decoder_start_token_id,
+                                 max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=batch_size)
+    return hf_generate_ids(model, ids, pad_token_id=tokenizer.pad_token_id, max_new_tokens=max_new_tokens,
+                           num_beams=num_beams, batch_size=batch_size)
+
+
+def generate_summaries(model, tokenizer, texts: Sequence[str], *, prefix: str, max_source_tokens: int,
+                       max_new_tokens: int, num_beams: int = 1, batch_size: int = 32,
+                       progress=None, dense_model=_FRESH_COPY,
+                       source_ids: list[list[int]] | None = None) -> tuple[list[str], list[int]]:
+    """Summaries of `texts` (in order) and their lengths in tokens; `progress` (a sumtune Progress) shows a bar.
+
+    `dense_model`: an `inference_copy(model)` made earlier and still current (a frozen model summarizing
+    many times); by default one is made for this call and dropped after it. `source_ids`: the texts already
+    tokenized (prefix and cut included), when the caller has them."""
+    input_ids = source_ids if source_ids is not None else \
+        tokenize_sources(tokenizer, list(texts), prefix, max_source_tokens)
+    order = sorted(range(len(input_ids)), key=lambda i: -len(input_ids[i]))  # similar lengths batch together
+    chunk = batch_size * GENERATION_CHUNK_BATCHES
+    ids: list[list[int]] = [[] for _ in input_ids]
+    was_training = model.training
+    model.eval()
+    bar = progress.bar(total=len(order), desc="generating", unit="doc") if progress is not None else None
+    try:
+        dense = inference_copy(model) if dense_model is _FRESH_COPY else dense_model
+        for start in range(0, len(order), chunk):
+            idx = order[start:start + chunk]
+            rows = _generate_chunk(model, dense, tokenizer, [input_ids[i] for i in idx],
+                                   max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=batch_size)
+            for i, row in zip(idx, rows):
+                ids[i] = row
+            if bar is not None:
+                bar.update(len(idx))
+        del dense
+    finally:
+        model.train(was_training)
+        if bar is not None:
+            bar.close()
+    texts_out = tokenizer.batch_decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+    lengths = [sum(1 for t in row if t != tokenizer.pad_token_id) for row in ids]
+    return [t.strip() for t in texts_out], lengths

@@ -1,0 +1,228 @@
+"""Build a training run's parts from a TrainConfig: the model, the batches, the optimizer and THE step.
+
+The recipe builds its run with these functions, between its own run-directory, logging and resume work; a
+benchmark builds the same parts without a run directory (`build_training`) and times `TrainStep` on the
+product's own batches:
+
+    parts = build_training(TrainConfig(model="random:t5-3b", dataset="rows.jsonl", tokenizer=..., batch_size=32))
+    stream = parts.batches.stream()
+    result = parts.step(parts.step.draw(stream, parts.cfg.grad_accum_steps), lr=parts.cfg.lr)  # a StepResult
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from sumtune import batch_search, checkpoint, distributed
+from sumtune.batching import Batches, Collator
+from sumtune.config import TrainConfig
+from sumtune.data import LoadedData, TokenizedExample, clip_chars, load_rows, tokenize_rows
+from sumtune.modeling import (count_parameters, enable_fast_path, load_model, load_tokenizer, model_source,
+                              resolve_device, run_base_dir, t5_config)
+from sumtune.optim import build_optimizer
+from sumtune.profiling.advice import advice_context
+from sumtune.profiling.profiler import NULL_PROFILER
+from sumtune.progress import Progress
+from sumtune.train_step import BatchFlops, TrainStep, forward_loss, to_device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---- data ---------------------------------------------------------------------------------------------------
+
+def read_inputs(cfg: TrainConfig, progress: Progress) -> tuple[LoadedData, object]:
+    """The config's rows (split into train and eval) and the tokenizer.
+
+    A random model's word vocabulary is built from the text the model can see: clipped like the inputs."""
+    with progress.task("reading data"):
+        data = load_rows(cfg)
+    if data.skipped_empty:
+        progress.write(f"Skipped {data.skipped_empty} row(s) with an empty text or summary.")
+    tokenizer = load_tokenizer(cfg, [t + " " + s for t, s in zip(
+        clip_chars([r["text"] for r in data.train], cfg.max_source_tokens),
+        clip_chars([r["summary"] for r in data.train], cfg.max_target_tokens))])
+    return data, tokenizer
+
+
+def tokenize_examples(tokenizer, rows: list[dict], cfg: TrainConfig, progress: Progress) -> list[TokenizedExample]:
+    """The training rows tokenized (with a bar: a large corpus takes a while)."""
+    return progress.map_chunks(
+        lambda chunk: tokenize_rows(tokenizer, chunk, prefix=cfg.source_prefix,
+                                    max_source_tokens=cfg.max_source_tokens,
+                                    max_target_tokens=cfg.max_target_tokens),
+        rows, desc="tokenizing")
+
+
+def collator_for(cfg: TrainConfig, pad_id: int) -> Collator:
+    return Collator(pad_id, (cfg.max_source_tokens, cfg.max_target_tokens) if cfg.pad_to_buckets else None)
+
+
+def build_batches(examples: list[TokenizedExample], cfg: TrainConfig, pad_id: int, *,
+                  dist: distributed.DistContext) -> Batches:
+    """This rank's slice of global batches of batch_size × world (one process: the whole batch)."""
+    return Batches(examples, cfg.batch_size, collator_for(cfg, pad_id), seed=cfg.seed,
+                   group_by_length=cfg.group_by_length, rank=dist.rank, world_size=dist.world_size,
+                   num_workers=cfg.num_workers, pin_memory=cfg.pin_memory and dist.device.type == "cuda")
+
+
+# ---- model ---------------------------------------------------------------------------------------------------
+
+def save_random_base(cfg: TrainConfig, tokenizer, run_dir: Path) -> str:
+    """Save a random base whose weights exist nowhere else (`ModelSource.saved_in_run`) as a model directory in
+    the run, and return its path: the run then carries its base, and evaluate/summarize/merge and PEFT find it."""
+    from transformers import T5ForConditionalGeneration
+
+    target = run_base_dir(run_dir)
+    if (target / "model.safetensors").is_file():  # a resumed run keeps the base it started with
+        return str(target)
+    source = model_source(cfg.model)
+    config = t5_config(source.shape, vocab_size=source.vocab_size(len(tokenizer)),
+                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                       decoder_start_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(cfg.seed)
+    with checkpoint.atomic_directory(target) as tmp:  # never a half-written base that a resume would reuse
+        T5ForConditionalGeneration(config).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return str(target)
+
+
+def build_model(cfg: TrainConfig, tokenizer, device: torch.device, *, run_dir: Path | None = None,
+                dist: distributed.DistContext | None = None, progress: Progress | None = None):
+    """The quantized base with LoRA adapters, on `device`, with the config's speed options, in training mode.
+
+    With a `run_dir`, a base that must be kept with the run is saved there first (rank 0 writes, others read)."""
+    from sumtune import fast_t5
+    from sumtune.lora import apply_lora
+
+    dist = dist or distributed.DistContext(device=device)
+    progress = progress or Progress(enabled=False)
+    model_cfg = cfg
+    if run_dir is not None and model_source(cfg.model).saved_in_run:
+        with dist.main_process_first():
+            path = save_random_base(cfg, tokenizer, run_dir) if dist.is_main else str(run_base_dir(run_dir))
+        model_cfg = replace(cfg, model=path)
+    with progress.task(f"loading and quantizing {cfg.model}"):
+        base = load_model(model_cfg, vocab_size=len(tokenizer), device=device)
+    if cfg.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = apply_lora(base, cfg).to(device)
+    if cfg.fast_kernels:
+        model = enable_fast_path(model)
+    if cfg.cache_dequantized_weights:
+        fast_t5.cache_dequantized_weights(model)
+    if cfg.compile and device.type == "cuda":
+        model = fast_t5.compile_for_training(model)
+    return model.train()  # a loaded base comes in eval mode: dropout would be off in the steps
+
+
+def resolve_batch_size(cfg: TrainConfig, *, model, examples: list[TokenizedExample], collator: Collator,
+                       device: torch.device, resume_record: dict | None = None,
+                       progress: Progress | None = None) -> tuple[TrainConfig, list[dict]]:
+    """The config with a numeric micro-batch (`batch_size: auto` → a resumed run's own, or the largest that fits
+    the GPU at the data's longest shapes), and the search's trials."""
+    if cfg.batch_size != "auto":
+        return cfg, []
+    progress = progress or Progress(enabled=False)
+    samples = cfg.effective_batch_size
+    trials: list[dict] = []
+    if resume_record is not None:
+        micro, accum = resume_record["micro_batch_size"], resume_record["grad_accum_steps"]
+    elif device.type != "cuda":
+        micro, accum = samples, 1  # no GPU memory to measure: host memory is rarely the limit at CPU speeds
+    else:
+        worst = TokenizedExample(max((e.input_ids for e in examples), key=len),
+                                 max((e.labels for e in examples), key=len))
+        with progress.task(f"finding the largest micro-batch for {len(worst.input_ids)} source / "
+                           f"{len(worst.labels)} target tokens"):
+            micro, trials = batch_search.find_micro_batch(
+                loss_fn=lambda batch: forward_loss(model, batch, device=device, compute_dtype=cfg.compute_dtype),
+                make_batch=lambda m: to_device(collator([worst] * m), device), model=model, device=device,
+                samples_per_step=samples, max_micro_batch=len(examples), max_memory_gib=cfg.max_memory_gib)
+        micro = distributed.min_over_ranks(micro, device)  # all ranks agree (a divisor still)
+        accum = samples // micro
+    progress.write(f"sumtune: batch_size auto → micro-batch {micro} × {accum} accumulation "
+                   f"({samples} samples per step).")
+    return replace(cfg, batch_size=micro, grad_accum_steps=accum), trials
+
+
+def build_step(model, cfg: TrainConfig, *, dist: distributed.DistContext, profiler=NULL_PROFILER,
+               progress: Progress | None = None) -> TrainStep:
+    """The optimizer over the trainable weights, the DDP wrapper when data-parallel, and THE step over them.
+
+    This is also where a profiler learns what it profiles (device, samples per step, the settings)."""
+    from sumtune.flops import peak_tflops
+
+    device = dist.device
+    optimizer = build_optimizer(cfg.optimizer, (p for p in model.parameters() if p.requires_grad), lr=cfg.lr,
+                                weight_decay=cfg.weight_decay, device=device)
+    train_model = distributed.wrap_model(model, dist)  # DDP over the adapter when distributed
+    _, trainable = count_parameters(model)
+    profiler.describe_run(device=device.type, peak_tflops=peak_tflops(device),
+                          samples_per_step=cfg.effective_batch_size, context=advice_context(cfg))
+    progress = progress or Progress(enabled=False)
+    graphs = False
+    if cfg.cuda_graphs:
+        from sumtune.cuda_graphs import graph_blocker
+
+        reason = graph_blocker(device=device, distributed=dist.enabled,
+                               gradient_checkpointing=cfg.gradient_checkpointing)
+        if reason is not None:
+            progress.write(f"sumtune: cuda_graphs is on but the step runs eagerly: {reason}.")
+        graphs = reason is None
+    return TrainStep(model, optimizer, device=device, compute_dtype=cfg.compute_dtype,
+                     max_grad_norm=cfg.max_grad_norm, flops=BatchFlops(model.config, trainable),
+                     train_model=train_model, dist=dist, profiler=profiler, cuda_graphs=graphs,
+                     notify=progress.write)
+
+
+# ---- all of it -------------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainingParts:
+    """A built run: the resolved config (numeric batch size) and what trains."""
+
+    cfg: TrainConfig
+    tokenizer: object
+    model: torch.nn.Module
+    batches: Batches
+    step: TrainStep
+    auto_batch_trials: list[dict]
+    data: LoadedData | None = None  # the rows (train and eval split), when `build_training` read them
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.step.optimizer
+
+
+def build_parts(cfg: TrainConfig, tokenizer, examples: list[TokenizedExample], *, dist: distributed.DistContext,
+                run_dir: Path | None = None, resume_record: dict | None = None, profiler=NULL_PROFILER,
+                progress: Progress | None = None) -> TrainingParts:
+    """Model → micro-batch size (`auto` resolved) → batches → optimizer and step, in that order."""
+    batch_search.cap_gpu_memory(dist.device, cfg.max_memory_gib)
+    model = build_model(cfg, tokenizer, dist.device, run_dir=run_dir, dist=dist, progress=progress)
+    collator = collator_for(cfg, tokenizer.pad_token_id)
+    cfg, trials = resolve_batch_size(cfg, model=model, examples=examples, collator=collator, device=dist.device,
+                                     resume_record=resume_record, progress=progress)
+    batches = build_batches(examples, cfg, tokenizer.pad_token_id, dist=dist)
+    step = build_step(model, cfg, dist=dist, profiler=profiler, progress=progress)
+    return TrainingParts(cfg=cfg, tokenizer=tokenizer, model=model, batches=batches, step=step,
+                         auto_batch_trials=trials)
+
+
+def build_training(cfg: TrainConfig, *, profiler=NULL_PROFILER, progress: Progress | None = None) -> TrainingParts:
+    """Everything a benchmark needs to run the product's step, built as the recipe builds it (the same order,
+    the same seeds: the same steps), without a run directory: nothing is written."""
+    progress = progress or Progress(enabled=False)
+    dist = distributed.init_distributed(resolve_device(cfg.device))
+    seed_everything(cfg.seed)
+    data, tokenizer = read_inputs(cfg, progress)
+    examples = tokenize_examples(tokenizer, data.train, cfg, progress)
+    parts = build_parts(cfg, tokenizer, examples, dist=dist, profiler=profiler, progress=progress)
+    return replace(parts, data=data)

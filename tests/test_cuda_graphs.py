@@ -1,0 +1,75 @@
+"""CUDA graphs for THE step (`sumtune.cuda_graphs`): when they apply, and (GPU) that a replayed step trains exactly
+as the eager step does and draws fresh dropout on every replay."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sumtune.batching import collate
+from sumtune.cuda_graphs import batch_key, graph_blocker
+from sumtune.data import tokenize_rows
+from sumtune.demo_data import build_word_tokenizer, demo_records
+
+CUDA = torch.device("cuda")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_graphs_only_where_a_capture_can_hold():
+    assert "CUDA device" in graph_blocker(device=torch.device("cpu"), distributed=False, gradient_checkpointing=False)
+    assert "data-parallel" in graph_blocker(device=CUDA, distributed=True, gradient_checkpointing=False)
+    assert "checkpointing" in graph_blocker(device=CUDA, distributed=False, gradient_checkpointing=True)
+    assert graph_blocker(device=CUDA, distributed=False, gradient_checkpointing=False) is None
+
+
+def test_batches_of_one_shape_share_a_key():
+    a = {"input_ids": torch.zeros(2, 8, dtype=torch.long), "labels": torch.zeros(2, 4, dtype=torch.long)}
+    b = {"labels": torch.ones(2, 4, dtype=torch.long), "input_ids": torch.ones(2, 8, dtype=torch.long)}
+    c = {"input_ids": torch.zeros(2, 16, dtype=torch.long), "labels": torch.zeros(2, 4, dtype=torch.long)}
+    assert batch_key(a) == batch_key(b) != batch_key(c)
+
+
+def _steps(dropout: float, graphs: bool):
+    from sumtune.config import TrainConfig
+    from sumtune.train_step import BatchFlops, TrainStep
+    from sumtune.training import build_model
+
+    rows = demo_records(16)
+    tokenizer = build_word_tokenizer([r["text"] + " " + r["summary"] for r in rows])
+    cfg = TrainConfig(model="tiny", compute_dtype="bf16", device="cuda", lora_dropout=0.0, model_dropout=dropout,
+                      max_source_tokens=32, max_target_tokens=8, lora_r=4, seed=5, optimizer="adamw")
+    torch.manual_seed(5)
+    model = build_model(cfg, tokenizer, CUDA).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True)
+    step = TrainStep(model, optimizer, device=CUDA, compute_dtype="bf16", max_grad_norm=1.0,
+                     flops=BatchFlops(model.config, 0), cuda_graphs=graphs)
+    examples = tokenize_rows(tokenizer, rows, prefix=cfg.source_prefix, max_source_tokens=32, max_target_tokens=8)
+    batches = [collate(examples[i:i + 4], tokenizer.pad_token_id) for i in range(0, 16, 4)]
+    return step, batches
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_replayed_steps_train_as_the_eager_steps():
+    eager, batches = _steps(dropout=0.0, graphs=False)
+    graphed, _ = _steps(dropout=0.0, graphs=True)
+    shapes = {batch_key(b) for b in batches}
+    for index in range(6):  # every shape: eager once, then captured and replayed
+        micro = [batches[index % len(batches)]]
+        one, two = eager(micro, lr=1e-3), graphed(micro, lr=1e-3)
+        assert two.loss == pytest.approx(one.loss, rel=1e-3) and two.grad_norm == pytest.approx(one.grad_norm, rel=1e-2)
+    assert graphed.graphed.failed is None and set(graphed.graphed.graphs) == shapes
+    for (name, p), q in zip(eager.model.named_parameters(), graphed.model.parameters()):
+        if p.requires_grad:
+            assert torch.allclose(p, q, rtol=1e-2, atol=1e-4), name
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_every_replay_draws_new_dropout():
+    graphed, batches = _steps(dropout=0.1, graphs=True)
+    micro = graphed.graphed
+    micro.ensure_grads()
+    losses = [float(micro(batches[0])) for _ in range(4)]  # eager, then captured + replayed three times
+    assert micro.failed is None and micro.graphs
+    assert len(set(losses[1:])) == 3  # a mask fixed at capture would repeat one loss

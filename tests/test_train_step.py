@@ -1,0 +1,117 @@
+"""THE training step (`sumtune.train_step.TrainStep`) on a tiny NF4 T5 with LoRA built by the product: gradient
+accumulation, the skipped non-finite step, what it reports, and (GPU) its one host sync."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sumtune.batching import collate
+from sumtune.config import TrainConfig
+from sumtune.data import tokenize_rows
+from sumtune.demo_data import build_word_tokenizer, demo_records
+from sumtune.train_step import BatchFlops, StepResult, TrainStep, count_tokens
+from sumtune.training import build_model
+
+# Every demo text is longer than 16 tokens and every summary longer than 6: all rows get the same length, so two
+# micro-batches of 2 hold exactly the label tokens of one batch of 4 (the token-mean losses then combine exactly).
+CFG = TrainConfig(model="tiny", compute_dtype="fp32", device="cpu", lora_dropout=0.0, max_source_tokens=16,
+                  max_target_tokens=6, lora_r=4, seed=3)
+
+
+@pytest.fixture(scope="module")
+def data():
+    rows = demo_records(8)
+    tokenizer = build_word_tokenizer([r["text"] + " " + r["summary"] for r in rows])
+    examples = tokenize_rows(tokenizer, rows, prefix=CFG.source_prefix, max_source_tokens=16, max_target_tokens=6)
+    assert len({(len(e.input_ids), len(e.labels)) for e in examples}) == 1
+    return tokenizer, examples
+
+
+def sgd_step(tokenizer, device="cpu", **kwargs) -> TrainStep:
+    """A fresh product-built model (same seed: same weights) with plain SGD, whose update is lr × gradient."""
+    model = build_model(CFG, tokenizer, torch.device(device)).train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    lora_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return TrainStep(model, optimizer, device=torch.device(device), compute_dtype="fp32", max_grad_norm=None,
+                     flops=BatchFlops(model.config, lora_params), **kwargs)
+
+
+def trainable(step: TrainStep) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in step.model.named_parameters() if p.requires_grad}
+
+
+def test_two_micro_batches_make_the_step_of_one_batch(data):
+    tokenizer, examples = data
+    whole, split = sgd_step(tokenizer), sgd_step(tokenizer)
+    before = trainable(whole)
+    assert all(torch.equal(before[n], p) for n, p in trainable(split).items())
+    one = whole([collate(examples[:4], tokenizer.pad_token_id)], lr=0.5)
+    two = split([collate(examples[:2], tokenizer.pad_token_id), collate(examples[2:4], tokenizer.pad_token_id)],
+                lr=0.5)
+    assert two.loss == pytest.approx(one.loss, rel=1e-5) and two.grad_norm == pytest.approx(one.grad_norm, rel=1e-4)
+    after_one, after_two = trainable(whole), trainable(split)
+    moved = torch.cat([(after_one[n] - before[n]).flatten() for n in before]).norm()
+    assert moved > 1e-3  # the step really updated the adapter
+    diff = torch.cat([(after_two[n] - after_one[n]).flatten() for n in before]).norm()
+    assert diff / moved < 1e-4
+    assert (one.samples, two.samples) == (4, 4) and one.tokens == two.tokens and one.flops == pytest.approx(two.flops)
+
+
+def test_a_nonfinite_loss_skips_the_update(data):
+    tokenizer, examples = data
+    step = sgd_step(tokenizer)
+    before = trainable(step)
+    real = step.forward_loss
+    step.forward_loss = lambda batch: real(batch) * float("nan")
+    result = step([collate(examples[:4], tokenizer.pad_token_id)], lr=0.5)
+    assert result.grad_norm is None and math.isnan(result.loss)
+    assert all(torch.equal(before[n], p) for n, p in trainable(step).items())  # no update at all
+    assert all(p.grad is None for p in step.params)  # and no gradient left for the next step
+    step.forward_loss = real
+    ok = step([collate(examples[4:8], tokenizer.pad_token_id)], lr=0.5)
+    assert ok.grad_norm is not None and math.isfinite(ok.loss)
+
+
+def test_the_result_counts_what_the_step_processed(data):
+    tokenizer, examples = data
+    step = sgd_step(tokenizer)
+    batches = [collate(examples[:3], tokenizer.pad_token_id), collate(examples[3:5], tokenizer.pad_token_id)]
+    result = step(batches, lr=0.1)
+    assert isinstance(result, StepResult) and result.samples == 5
+    assert result.tokens == sum(count_tokens(b) for b in batches) == 5 * (16 + 6)
+    assert result.flops == pytest.approx(sum(step.flops.of_batch(b) for b in batches)) and result.flops > 0
+    assert step.last_batch_shape == (2, 16, 6) and result.stop_signum is None
+
+
+def test_draw_takes_the_steps_micro_batches_from_a_stream(data):
+    tokenizer, examples = data
+    step = sgd_step(tokenizer)
+    stream = iter([{"n": 1}, {"n": 2}, {"n": 3}])
+    assert step.draw(stream, 2) == [{"n": 1}, {"n": 2}] and next(stream) == {"n": 3}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_one_host_sync_per_step_on_the_gpu(data):
+    """CUDA's sync debug mode warns on every synchronizing call: the step makes exactly one (the loss and norm
+    read), with pinned host batches (as the product's batching pins them on CUDA)."""
+    import warnings
+
+    tokenizer, examples = data
+    step = sgd_step(tokenizer, device="cuda")
+    batches = [{k: v.pin_memory() for k, v in collate(examples[i:i + 2], tokenizer.pad_token_id).items()}
+               for i in (0, 2)]
+    step(batches, lr=0.1)  # warm-up: allocator, kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step(batches, lr=0.1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
