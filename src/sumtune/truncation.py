@@ -147,11 +147,11 @@ def report_for(source_lengths: Sequence[int], target_lengths: Sequence[int], *, 
 
 def tokenizer_name(cfg: "TrainConfig") -> str:
     """Which tokenizer a run with `cfg` counts (and trains) with, as the user would name it."""
-    from sumtune.modeling import is_random_model
+    from sumtune.modeling import model_source
 
     if cfg.tokenizer:
         return f"the tokenizer {cfg.tokenizer}"
-    if is_random_model(cfg.model):
+    if model_source(cfg.model).random:
         return f"a word-level tokenizer built from the training texts ({cfg.model} has none of its own)"
     return f"{cfg.model}'s own tokenizer"
 
