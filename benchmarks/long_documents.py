@@ -81,6 +81,14 @@ def parse_setting(text: str) -> dict:
             overrides["cache_dequantized_weights"] = True
         elif token == "drop0":
             overrides["model_dropout"] = 0.0
+        elif token == "adamw":
+            overrides["optimizer"] = "adamw"
+        elif token == "graphs":
+            overrides["cuda_graphs"] = True
+        elif token == "buckets":
+            overrides["pad_to_buckets"] = True
+        elif token.startswith("mem") and token[3:].isdigit():
+            overrides["max_memory_gib"] = float(token[3:])
         else:
             raise SystemExit(f"unknown setting token {token!r} in {text!r}")
     if "batch_size" not in overrides:
