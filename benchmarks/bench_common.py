@@ -22,8 +22,9 @@ if str(REPO_ROOT / "src") not in sys.path:  # run from a checkout without `pip i
     sys.path.insert(0, str(REPO_ROOT / "src"))
 
 # One table of T5 shapes, one config builder and one FLOP count for the product and its benchmarks.
-from sumtune.flops import train_flops_per_sample  # noqa: E402,F401
-from sumtune.modeling import T5_SHAPES as _PRODUCT_T5_SHAPES, T5_VOCAB_SIZE, t5_config  # noqa: E402,F401
+from sumtune.flops import FLOPS_COUNTED, train_flops_per_sample  # noqa: E402,F401
+from sumtune.modeling import (  # noqa: E402,F401
+    T5_SHAPES as _PRODUCT_T5_SHAPES, T5_VOCAB_SIZE, t5_config, untie_head_if_untied)
 
 T5_SHAPES = list(_PRODUCT_T5_SHAPES)  # "tiny" among them: CPU plumbing checks only
 
@@ -92,7 +93,7 @@ def random_t5(config, dtype: torch.dtype = torch.bfloat16, device: str | torch.d
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = T5ForConditionalGeneration(config)
+            model = untie_head_if_untied(T5ForConditionalGeneration(config))  # FLAN-T5: the head's own weight
     finally:
         torch.set_default_dtype(previous)
     return model.to(dtype)

@@ -358,7 +358,7 @@ def finish(rows: list[dict], args, matmul_tflops) -> None:
                        warmup_steps=args.warmup, timed_steps=args.steps, bf16_matmul_tflops=matmul_tflops,
                        memory_cap_gib=args.memory_cap_gib, reference_best_samples_per_s=reference_best, lora=REFERENCE_LORA | (
                            {"target_modules": args.lora_targets} if args.lora_targets else {}),
-                       rows=rows, fastest=fastest and fastest["setting"],
+                       flops_counted=bc.FLOPS_COUNTED, rows=rows, fastest=fastest and fastest["setting"],
                        method="sumtune rows: TrainConfig -> sumtune.training.build_training -> TrainStep on the "
                               "product's batches; reference: stock transformers/PEFT via Seq2SeqTrainer; rates "
                               "are medians over the timed steps",

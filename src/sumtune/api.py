@@ -78,6 +78,7 @@ def evaluate(run_dir: str | Path, *, dataset: str | None = None, max_samples: in
              trust_remote_code: bool = False) -> dict:
     """ROUGE of a trained run on its held-out split (or on all of `dataset`, which is then the only data read);
     writes predictions.jsonl and metrics.json (default: RUN_DIR/eval)."""
+    from sumtune import truncation
     from sumtune.data import load_eval_rows, load_rows
     from sumtune.evaluation import evaluate_rows, write_eval
     from sumtune.inference import check_generation_options, load_run, read_run_config
@@ -95,10 +96,13 @@ def evaluate(run_dir: str | Path, *, dataset: str | None = None, max_samples: in
     rows = rows[: max_samples or None]
     model, tokenizer, cfg = load_run(run_dir, device=device, allow_pickle=allow_pickle,
                                      trust_remote_code=trust_remote_code)
+    progress = Progress(enabled=True)
+    max_new_tokens = max_new_tokens or cfg.generation_max_new_tokens
+    source_ids, lengths = truncation.evaluation_report(tokenizer, rows, cfg, max_new_tokens)
+    progress.write(lengths.line())  # what the run's source limit and the generation length cut
     metrics, records = evaluate_rows(
         model, tokenizer, rows, prefix=cfg.source_prefix, max_source_tokens=cfg.max_source_tokens,
-        max_new_tokens=max_new_tokens or cfg.generation_max_new_tokens, num_beams=num_beams or cfg.num_beams,
-        batch_size=batch_size or cfg.eval_batch_size,
-        progress=Progress(enabled=True))
+        max_new_tokens=max_new_tokens, num_beams=num_beams or cfg.num_beams,
+        batch_size=batch_size or cfg.eval_batch_size, progress=progress, source_ids=source_ids)
     write_eval(out, metrics, records)
     return metrics

@@ -22,6 +22,7 @@ EPILOG = """examples:
   sumtune summarize runs/sumtune "Text to summarize ..."
   sumtune merge runs/sumtune merged/                   # plain bf16 model for transformers.pipeline
   sumtune memory --model t5-3b                         # footprint and trainable parameters
+  sumtune inspect-data --dataset bills.jsonl --tokenizer t5-tokenizer/   # what 1024/128 tokens cut
   sumtune report runs/sumtune                          # one self-contained HTML page: plots, scores, samples
   sumtune push runs/sumtune my-name/t5-3b-billsum-lora # upload the adapter and its model card to the Hub
 """
@@ -101,6 +102,15 @@ def cmd_memory(ns: argparse.Namespace) -> int:
 
     report = memory_report(_train_config(ns))
     print(json.dumps(report.as_dict(), indent=2) if ns.json else report.format())
+    return 0
+
+
+def cmd_inspect_data(ns: argparse.Namespace) -> int:
+    from sumtune.truncation import inspect_data
+
+    cfg = _train_config(ns)
+    inspection = inspect_data(cfg)
+    print(json.dumps(inspection.as_dict(), indent=2, ensure_ascii=False) if ns.json else inspection.format(cfg))
     return 0
 
 
@@ -222,6 +232,17 @@ def build_parser() -> argparse.ArgumentParser:
     config_option(p)
     p.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
     argparsing.add_dataclass_arguments(p, TrainConfig)
+
+    p = command("inspect-data", cmd_inspect_data, "How many documents and summaries the length limits cut, "
+                                                  "what share of their tokens, and the smallest --max-source-tokens"
+                                                  " / --max-target-tokens that keep 95 in 100 whole; counted with "
+                                                  "the tokenizer train would use, no model loaded.")
+    config_option(p)
+    p.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
+    from sumtune.truncation import DATA_OPTIONS
+
+    argparsing.add_dataclass_arguments(p, TrainConfig, skip=tuple(set(argparsing.field_types(TrainConfig))
+                                                                  - set(DATA_OPTIONS)))
 
     p = command("demo", cmd_demo, "The whole job offline in under 3 minutes on a CPU: a tiny T5 quantized to NF4, "
                                   "QLoRA-trained on a corpus shipped with sumtune, ROUGE before and after, a sample "

@@ -36,7 +36,7 @@ def check_number_ranges(obj) -> None:
 class TrainConfig:
     # ---- model -------------------------------------------------------------------------------------
     model: str = "t5-3b"
-    """Base model: a Hugging Face hub id, a local directory, `tiny` (a small random T5 for demos and tests) or `random:<t5-small|t5-base|t5-large|t5-3b|t5-11b>` (real shapes, random weights: for benchmarks)."""
+    """Base model: a Hugging Face hub id, a local directory, `tiny` (a small random T5 for demos and tests) or `random:<t5-small|t5-base|t5-large|t5-3b|t5-11b|flan-t5-base|flan-t5-large|flan-t5-xl>` (real shapes, random weights: for benchmarks)."""
     tokenizer: str | None = None
     """Tokenizer hub id or directory; by default the model's own (for `tiny`/`random:` models: a word-level tokenizer built from the training texts)."""
     trust_remote_code: bool = False

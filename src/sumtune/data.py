@@ -22,6 +22,11 @@ Row = dict[str, str]
 # Texts are cut to max_tokens × this many characters before tokenizing: the kept tokens are unchanged in any
 # real text, and a single huge document costs no more than a long one.
 MAX_CHARS_PER_TOKEN = 64
+# Whole token lengths (what sumtune.truncation reports) are counted exactly up to this many tokens: texts are
+# clipped at COUNT_LIMIT_TOKENS × MAX_CHARS_PER_TOKEN characters before the one tokenization that gives both the
+# training ids and the lengths, so a pathological document costs no more than a 32k-token one. 4× the longest
+# source setting sumtune trains (8192).
+COUNT_LIMIT_TOKENS = 32_768
 
 
 # ---- reading ---------------------------------------------------------------------------------------------
@@ -240,6 +245,8 @@ def split_rows(rows: list[Row], eval_ratio: float, seed: int) -> tuple[list[Row]
 class TokenizedExample:
     input_ids: list[int]
     labels: list[int]
+    source_length: int = 0  # the whole document's tokens, before the cut (sumtune.truncation counts them)
+    target_length: int = 0  # the whole summary's
 
 
 def clip_chars(texts: list[str], max_tokens: int) -> list[str]:
@@ -252,10 +259,63 @@ def tokenize_sources(tokenizer, texts: list[str], prefix: str, max_tokens: int) 
                      truncation=True)["input_ids"]
 
 
+def _encode(tokenizer, texts: list[str], target: bool, add_special_tokens: bool = True) -> list[list[int]]:
+    key = "text_target" if target else "text"
+    # verbose=False: whole documents are longer than the model's nominal maximum on purpose (no warning)
+    return tokenizer(**{key: texts}, add_special_tokens=add_special_tokens, verbose=False)["input_ids"]
+
+
+def special_token_layout(tokenizer, target: bool = False) -> tuple[int, int] | None:
+    """(tokens the tokenizer adds before, after) a text's own tokens, or None when it does not add them as a
+    plain prefix and suffix (then `tokenize_counting` lets the tokenizer truncate by itself)."""
+    probe = "summary"
+    with_specials = _encode(tokenizer, [probe], target)[0]
+    bare = _encode(tokenizer, [probe], target, add_special_tokens=False)[0]
+    for start in range(len(with_specials) - len(bare) + 1):
+        if with_specials[start:start + len(bare)] == bare:
+            return start, len(with_specials) - start - len(bare)
+    return None
+
+
+def cut_like_tokenizer(ids: list[int], max_tokens: int, head: int, tail: int, side: str = "right") -> list[int]:
+    """`ids` (special tokens included) cut to `max_tokens` as the tokenizer's own truncation does: the text's
+    tokens are cut (from the end, or from the start for `side="left"`), the added special tokens are kept."""
+    if len(ids) <= max_tokens:
+        return ids
+    keep = max(0, max_tokens - head - tail)
+    body = ids[head:len(ids) - tail]
+    kept = body[:keep] if side != "left" else body[len(body) - keep:]
+    return ids[:head] + kept + ids[len(ids) - tail:]
+
+
+def tokenize_counting(tokenizer, texts: list[str], max_tokens: int, *, target: bool = False
+                      ) -> tuple[list[list[int]], list[int]]:
+    """Token ids cut to `max_tokens` (identical to `tokenizer(..., truncation=True, max_length=max_tokens)`) and
+    each text's full length, from one tokenization of the texts clipped at COUNT_LIMIT_TOKENS' worth of
+    characters. A tokenizer whose special tokens are not a plain prefix/suffix is asked to truncate again."""
+    clipped = clip_chars(texts, max(max_tokens, COUNT_LIMIT_TOKENS))
+    whole = _encode(tokenizer, clipped, target)
+    lengths = [len(ids) for ids in whole]
+    layout = special_token_layout(tokenizer, target)
+    if layout is None:
+        key = "text_target" if target else "text"
+        cut = tokenizer(**{key: clip_chars(texts, max_tokens)}, max_length=max_tokens,
+                        truncation=True)["input_ids"]
+        return cut, lengths
+    side = getattr(tokenizer, "truncation_side", "right")
+    return [cut_like_tokenizer(ids, max_tokens, *layout, side=side) for ids in whole], lengths
+
+
+def count_lengths(tokenizer, texts: list[str], *, target: bool = False) -> list[int]:
+    """Full token lengths (exact up to COUNT_LIMIT_TOKENS) of `texts`, special tokens included."""
+    return [len(ids) for ids in _encode(tokenizer, clip_chars(texts, COUNT_LIMIT_TOKENS), target)]
+
+
 def tokenize_rows(tokenizer, rows: list[Row], *, prefix: str, max_source_tokens: int,
                   max_target_tokens: int) -> list[TokenizedExample]:
-    """Source (`prefix` + text) and target ids of each row, truncated to the token limits."""
-    sources = tokenize_sources(tokenizer, [r["text"] for r in rows], prefix, max_source_tokens)
-    targets = tokenizer(text_target=clip_chars([r["summary"] for r in rows], max_target_tokens),
-                        max_length=max_target_tokens, truncation=True)["input_ids"]
-    return [TokenizedExample(s, t) for s, t in zip(sources, targets)]
+    """Source (`prefix` + text) and target ids of each row, truncated to the token limits, carrying their full
+    lengths (one tokenization gives both; sumtune.truncation reports them)."""
+    sources, source_lengths = tokenize_counting(tokenizer, [prefix + r["text"] for r in rows], max_source_tokens)
+    targets, target_lengths = tokenize_counting(tokenizer, [r["summary"] for r in rows], max_target_tokens,
+                                                target=True)
+    return [TokenizedExample(*example) for example in zip(sources, targets, source_lengths, target_lengths)]

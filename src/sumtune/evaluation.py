@@ -34,13 +34,14 @@ def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[
 
 def evaluate_rows(model, tokenizer, rows: Sequence[dict], *, prefix: str, max_source_tokens: int,
                   max_new_tokens: int, num_beams: int = 1, batch_size: int = 32,
-                  progress=None) -> tuple[dict, list[dict]]:
+                  progress=None, source_ids: list[list[int]] | None = None) -> tuple[dict, list[dict]]:
     """ROUGE-1/2/L/Lsum and mean generated length on `rows`; also the per-row predictions."""
     from sumtune.generation.summaries import generate_summaries
 
     predictions, lengths = generate_summaries(
         model, tokenizer, [r["text"] for r in rows], prefix=prefix, max_source_tokens=max_source_tokens,
-        max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=batch_size, progress=progress)
+        max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=batch_size, progress=progress,
+        source_ids=source_ids)
     return score_predictions(predictions, lengths, rows)
 
 

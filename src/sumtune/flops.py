@@ -1,50 +1,88 @@
 """FLOPs of a T5 training step, counted from the model's shapes, and MFU against the GPU's peak.
 
-Counted (multiply-add = 2 FLOPs), for a frozen base with LoRA adapters:
-- forward: every linear layer, 2·in·out per token it sees (encoder layers see source tokens, decoder layers and
-  the output head see target tokens; cross-attention k/v see source tokens), plus the attention products
-  QKᵀ and AV: 2·2·Lq·Lk·inner per layer;
-- backward: the activation gradients cost the same as the forward again (the frozen base needs no weight
-  gradients); LoRA's own weight gradients are small and counted as one more forward of the adapters;
-- gradient checkpointing recomputes the forward once more (counted when asked: it is work the GPU does, but
-  not useful work, so MFU excludes it by default, as in the PaLM paper's definition).
+Counted (a multiply-add is 2 FLOPs; only matrix products: norms, softmax, the position-bias add and dropout are
+left out, as in the PaLM paper's MFU), for a frozen base with LoRA adapters:
+- linear layers: 2·in·out per token they see (encoder layers see source tokens; decoder layers and the output
+  head see target tokens; cross-attention k/v see source tokens). Training costs 2× their forward: the backward
+  computes input gradients (the same work again) but no weight gradients, as the base is frozen.
+- attention products, QKᵀ (scores) and PV (values): 2·Lq·Lk·inner each per layer, inner = heads × d_kv, in
+  encoder self-attention, decoder self-attention and cross-attention. Training costs 3× their forward: the
+  backward computes the gradients of both operands of each product (dQ, dK from the scores, dP, dV from the
+  values). Causal decoder self-attention counts the pairs it needs, Lt·(Lt+1)/2 (each target token and the ones
+  before it), not the Lt² a dense kernel computes with a masking bias: masked work is not useful work.
+  Fused kernels (cuDNN, FlashAttention) also recompute the scores in their backward; that is repeated work and
+  not counted, like activation checkpointing below.
+- LoRA: the adapters' forward, counted roughly (as if every adapter saw half of the tokens), 3× for training
+  (forward, input gradient, weight gradient).
+- gradient checkpointing recomputes the forward once more: counted only when asked (`recompute`), since MFU
+  excludes repeated work by definition.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 # Dense bf16 tensor-core peaks from vendor datasheets (TFLOP/s), matched by substring of the device name.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0,
                     "4090": 165.0, "3090": 71.0, "V100": 125.0, "T4": 65.0}
+# What every MFU figure sumtune prints or saves is measured against: shown next to it, so a reader can tell
+# whether attention was counted (MFU without attention is lower at long lengths, for the same speed).
+FLOPS_COUNTED = ("attention counted: linear layers ×2, QKᵀ and PV ×3 (causal self-attention: lower triangle), "
+                 "LoRA ×3")
+ATTENTION_COUNTED = True
+
+
+@dataclass(frozen=True)
+class ForwardFlops:
+    """The forward FLOPs of one sample, split by how the backward multiplies them."""
+
+    linear: float
+    """Weight matrix products: attention projections, feed-forward, output head."""
+    attention: float
+    """Score (QKᵀ) and value (PV) products of every attention layer."""
+
+    @property
+    def total(self) -> float:
+        return self.linear + self.attention
+
+
+def causal_pairs(length: int) -> int:
+    """(query, key) pairs of causal self-attention over `length` tokens: each token and the ones before it."""
+    return length * (length + 1) // 2
+
+
+def t5_forward_flops(config, src_len: int, tgt_len: int) -> ForwardFlops:
+    """Forward FLOPs of one sample of `src_len` source and `tgt_len` target tokens through a T5 of `config`."""
+    d, ff, inner = config.d_model, config.d_ff, config.num_heads * config.d_kv
+    n_enc, n_dec = config.num_layers, config.num_decoder_layers
+    ffn = 2 * d * ff * (3 if getattr(config, "is_gated_act", False) else 2)  # wi (or wi_0 and wi_1), wo
+    projections = 4 * 2 * d * inner                                            # q, k, v, o
+    linear = n_enc * src_len * (projections + ffn)
+    linear += n_dec * tgt_len * (projections + ffn)                            # decoder self-attention + FFN
+    linear += n_dec * (tgt_len * 2 * 2 * d * inner + src_len * 2 * 2 * d * inner)  # cross: q,o on tgt; k,v on src
+    linear += tgt_len * 2 * d * config.vocab_size                              # output head
+    product = 2 * 2 * inner                                                    # QKᵀ and PV, per (query, key) pair
+    attention = n_enc * product * src_len * src_len
+    attention += n_dec * product * (causal_pairs(tgt_len) + tgt_len * src_len)
+    return ForwardFlops(linear=float(linear), attention=float(attention))
 
 
 def t5_forward_flops_per_sample(config, src_len: int, tgt_len: int) -> float:
-    d, ff, inner = config.d_model, config.d_ff, config.num_heads * config.d_kv
-    gated = 2 if getattr(config, "is_gated_act", False) else 1
-    ffn = 2 * d * ff * (gated + 1)                      # wi (or wi_0, wi_1) and wo
-    attn_proj = 2 * d * inner * 4                       # q, k, v, o
-    enc = config.num_layers * src_len * (attn_proj + ffn)
-    enc += config.num_layers * 4 * src_len * src_len * inner
-    n_dec = config.num_decoder_layers
-    dec = n_dec * tgt_len * (attn_proj + ffn)                       # self-attention + FFN
-    dec += n_dec * (tgt_len * 2 * d * inner * 2 + src_len * 2 * d * inner * 2)  # cross: q,o on tgt; k,v on src
-    dec += n_dec * 4 * (tgt_len * tgt_len + tgt_len * src_len) * inner
-    head = tgt_len * 2 * d * config.vocab_size
-    return float(enc + dec + head)
+    return t5_forward_flops(config, src_len, tgt_len).total
 
 
 def train_flops_per_sample(config, src_len: int, tgt_len: int, *, lora_params: int = 0,
                            recompute: bool = False) -> float:
-    """Useful FLOPs of one training sample, from shapes (multiply-add = 2 FLOPs).
+    """Useful FLOPs of one training sample, from shapes (see the module docstring for what is counted).
 
-    Training = 2 x forward (backward computes activation gradients, one more forward's worth; the frozen base
-    has no weight gradients) + 3 x the LoRA forward. `recompute` adds a forward for gradient checkpointing
-    (repeated work: MFU leaves it out)."""
-    fwd = t5_forward_flops_per_sample(config, src_len, tgt_len)
+    Training = 2 × the linear forward + 3 × the attention forward + 3 × the LoRA forward; `recompute` adds one
+    forward for gradient checkpointing (repeated work: MFU leaves it out)."""
+    fwd = t5_forward_flops(config, src_len, tgt_len)
     lora = 2 * lora_params * (src_len + tgt_len) / 2  # rough: adapters see about half the tokens on average
-    total = 2 * fwd + 3 * lora
-    return total + (fwd if recompute else 0.0)
+    total = 2 * fwd.linear + 3 * fwd.attention + 3 * lora
+    return total + (fwd.total if recompute else 0.0)
 
 
 def peak_tflops(device: torch.device) -> float | None:

@@ -75,7 +75,7 @@ def meta_model(cfg: TrainConfig) -> nn.Module:
     """The model's modules on the meta device: shapes only."""
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
-    from sumtune.modeling import model_source, t5_config
+    from sumtune.modeling import model_source, t5_config, untie_head_if_untied
 
     shape = model_source(cfg.model).shape
     if shape is not None:
@@ -87,7 +87,7 @@ def meta_model(cfg: TrainConfig) -> nn.Module:
             raise SumtuneError(f"Cannot read the config of {cfg.model!r} (not a local directory, not a known T5 "
                                f"size, and the hub is unreachable).") from None
     with torch.device("meta"):
-        return AutoModelForSeq2SeqLM.from_config(config)
+        return untie_head_if_untied(AutoModelForSeq2SeqLM.from_config(config))
 
 
 def _unique_params(model: nn.Module) -> dict[int, tuple[str, nn.Parameter]]:

@@ -23,15 +23,26 @@ if TYPE_CHECKING:
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-# Shapes of the original T5 checkpoints (relu FFN, tied output head, 32 position buckets), and `tiny`: a small
-# T5 for demos and tests. Released T5s train with dropout 0.1; the tiny random model learns faster without.
-T5_SHAPES: dict[str, dict[str, int | float]] = {
+# Shapes of the released checkpoints (all: 32 position buckets, maximum distance 128, vocab 32128), and `tiny`: a
+# small T5 for demos and tests. Released T5s train with dropout 0.1; the tiny random model learns faster without.
+# T5 v1.1 / FLAN-T5 (the published google/flan-t5-* config.json): a gated-GELU feed-forward (wi_0, wi_1) and an
+# output head with its own weight, not tied to the embeddings.
+_GATED_UNTIED = dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+T5_SHAPES: dict[str, dict] = {
     "tiny": dict(d_model=128, d_ff=512, d_kv=32, num_heads=4, num_layers=2, dropout_rate=0.0),
+    # the original T5: relu feed-forward, output head tied to the embeddings
     "t5-small": dict(d_model=512, d_ff=2048, d_kv=64, num_heads=8, num_layers=6, dropout_rate=0.1),
     "t5-base": dict(d_model=768, d_ff=3072, d_kv=64, num_heads=12, num_layers=12, dropout_rate=0.1),
     "t5-large": dict(d_model=1024, d_ff=4096, d_kv=64, num_heads=16, num_layers=24, dropout_rate=0.1),
     "t5-3b": dict(d_model=1024, d_ff=16384, d_kv=128, num_heads=32, num_layers=24, dropout_rate=0.1),
     "t5-11b": dict(d_model=1024, d_ff=65536, d_kv=128, num_heads=128, num_layers=24, dropout_rate=0.1),
+    # FLAN-T5 (T5 v1.1 shapes)
+    "flan-t5-base": dict(d_model=768, d_ff=2048, d_kv=64, num_heads=12, num_layers=12, dropout_rate=0.1,
+                         **_GATED_UNTIED),
+    "flan-t5-large": dict(d_model=1024, d_ff=2816, d_kv=64, num_heads=16, num_layers=24, dropout_rate=0.1,
+                          **_GATED_UNTIED),
+    "flan-t5-xl": dict(d_model=2048, d_ff=5120, d_kv=64, num_heads=32, num_layers=24, dropout_rate=0.1,
+                       **_GATED_UNTIED),
 }
 T5_VOCAB_SIZE = 32128
 RUN_BASE_DIR = "base_model"  # where a run on the `tiny` model keeps its base (see ModelSource.saved_in_run)
@@ -118,9 +129,11 @@ def t5_config(name: str, vocab_size: int = T5_VOCAB_SIZE, **overrides):
     shape = T5_SHAPES.get(name)
     if shape is None:
         raise SumtuneError(f"Unknown T5 shape {name!r}; known: {', '.join(T5_SHAPES)}.")
-    kwargs = dict(shape, num_decoder_layers=shape["num_layers"], vocab_size=vocab_size,
-                  feed_forward_proj="relu", relative_attention_num_buckets=32,
+    kwargs = dict(num_decoder_layers=shape["num_layers"], vocab_size=vocab_size,
+                  feed_forward_proj="relu", relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                  layer_norm_epsilon=1e-6,
                   pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    kwargs.update(shape)
     kwargs.update(overrides)
     if "num_layers" in overrides and "num_decoder_layers" not in overrides:  # a shallower model: both stacks
         kwargs["num_decoder_layers"] = overrides["num_layers"]
@@ -144,7 +157,9 @@ class QuantSettings:
 
 def skipped_modules(compute_dtype: str) -> list[str]:
     """Linear layers left unquantized. `wo` stays in fp32 only for fp16 compute, where T5's FFN output overflows."""
-    skip = ["lm_head"]  # tied to the embeddings; quantizing it would quantize the input embeddings' twin
+    # The output head stays in the compute dtype: T5 ties it to the embeddings (quantizing it would quantize
+    # their twin), and an untied head (FLAN-T5) is left unquantized as transformers' own 4-bit loading does.
+    skip = ["lm_head"]
     if compute_dtype == "fp16":
         skip.append("wo")
     return skip
@@ -233,6 +248,30 @@ def looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
 
 
+def has_untied_head(config) -> bool:
+    """Whether the model's output head has weights of its own (FLAN-T5 / T5 v1.1), not the embeddings'.
+
+    transformers 5's T5Config forces `tie_word_embeddings=True` and keeps a checkpoint's `False` only as
+    `scale_decoder_outputs=False` (v1.1 neither ties nor scales); from_pretrained unties the head when the
+    checkpoint holds both tensors, but a model built from the config alone comes out tied.
+    """
+    if getattr(config, "tie_word_embeddings", True) is False:  # other models, and transformers 4's T5
+        return True
+    return getattr(config, "model_type", "") == "t5" and getattr(config, "scale_decoder_outputs", True) is False
+
+
+def untie_head_if_untied(model: nn.Module) -> nn.Module:
+    """Give the output head its own weight (initialised as T5 initialises an untied head) where the config says
+    it has one, so a model built from a FLAN-T5 config has FLAN-T5's parameters and memory."""
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if has_untied_head(model.config) and head is not None and head.weight is embeddings.weight:
+        weight = torch.empty_like(embeddings.weight)
+        if weight.device.type != "meta":
+            weight.normal_(0.0, model.config.initializer_factor)
+        head.weight = nn.Parameter(weight, requires_grad=embeddings.weight.requires_grad)
+    return model
+
+
 def build_random_model(cfg: "TrainConfig", vocab_size: int, device: torch.device) -> nn.Module:
     """A T5 with random weights and known shapes, quantized in place like a loaded one would be."""
     from transformers import T5ForConditionalGeneration
@@ -244,7 +283,7 @@ def build_random_model(cfg: "TrainConfig", vocab_size: int, device: torch.device
     torch.manual_seed(cfg.seed)
     dtype = DTYPES[cfg.compute_dtype]
     with torch.device(device if device.type == "cuda" else "cpu"):
-        model = T5ForConditionalGeneration(config).to(dtype)
+        model = untie_head_if_untied(T5ForConditionalGeneration(config)).to(dtype)
     if cfg.compute_dtype == "fp16":
         for name_, module in model.named_modules():  # same dtype plan as from_pretrained with fp16
             if name_.endswith(".wo"):

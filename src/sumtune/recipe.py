@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from sumtune import argparsing, checkpoint, distributed, faults, rundir, safe_io, training
+from sumtune import argparsing, checkpoint, distributed, faults, rundir, safe_io, training, truncation
 from sumtune.checkpoint_keeper import CheckpointKeeper
 from sumtune.config import TrainConfig
 from sumtune.errors import SumtuneError
@@ -90,6 +90,8 @@ class TrainRecipe:
                 self._claim.begin()
             self.run_dir = out
         examples = training.tokenize_examples(self.tokenizer, self.train_rows, cfg, self.progress)
+        self.truncation = truncation.announce(examples, cfg, write=self.progress.write,  # what the limits cut
+                                              run_dir=self.run_dir if self.dist.is_main else None)
         parts = training.build_parts(cfg, self.tokenizer, examples, dist=self.dist, run_dir=self.run_dir,
                                      resume_record=resume_record, profiler=self.profiler, progress=self.progress)
         self.cfg = cfg = parts.cfg  # `batch_size: auto` → a number

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from sumtune.errors import SumtuneError
+from sumtune.flops import FLOPS_COUNTED
 from sumtune.metrics import finite_number, read_metrics, run_config_mapping
 
 MAX_SAMPLES = 12        # sample summaries shown
@@ -224,6 +225,26 @@ def section_samples(predictions: list[dict]) -> str:
     return html_table(["#", "reference", "sumtune", "ROUGE-L"], rows, "samples")
 
 
+def section_lengths(run: Path) -> str:
+    """What the run's length limits cut (truncation.json, written when training starts)."""
+    from sumtune import truncation
+
+    report = truncation.load(run)
+    if report is None:
+        return _none(f"No length figures ({truncation.REPORT_FILE} is missing: a run from an older sumtune).")
+    rows = [(label, s.limit, truncation.percent(s.over_limit, s.documents), truncation.percent(s.tokens_cut, s.tokens),
+             s.median, s.p90, f"{s.longest}+" if s.at_count_limit else s.longest, s.keep_limit)
+            for label, s in (("documents (source)", report.source), ("summaries (target)", report.target))]
+    counted_with = report.tokenizer or "the run's tokenizer"
+    return (f'<p class="sub" data-truncation>{escape(report.line())}</p>'
+            + html_table(["training split", "limit (tokens)", "over the limit", "tokens cut", "median", "p90",
+                          "longest", f"keeps {round(100 * truncation.KEEP_SHARE)}% whole"], rows, "lengths")
+            + f'<p class="sub">Whole lengths in tokens, counted with {escape(counted_with)}, the source'
+              f" with its prefix; the last column is the smallest limit, rounded up to a multiple of "
+              f"{truncation.SOURCE_MULTIPLE} (source) or {truncation.TARGET_MULTIPLE} (target), that keeps "
+              f"{round(100 * truncation.KEEP_SHARE)}% of them whole.</p>")
+
+
 def section_profile(summary: Any) -> str:
     if not isinstance(summary, dict):
         return _none("No profile (run `sumtune profile` or `sumtune train --profile-steps N` to add one).")
@@ -268,6 +289,7 @@ def build_html(run: Path, damaged: list[int] | None = None) -> str:
         f'<p class="none">{escape(damaged_lines_note(damaged))}</p>' if damaged else "",
         "<h2>Numbers</h2>", section_numbers(metrics if isinstance(metrics, dict) else {}, training_summary(records),
                                            best if isinstance(best, dict) else None),
+        "<h2>Document and summary lengths</h2>", section_lengths(run),
         "<h2>Plots</h2>", section_plots(run_plots(run)),
         "<h2>Evaluations over training</h2>",
         html_table(EVAL_COLUMNS, [[r.get(c) for c in EVAL_COLUMNS] for r in evals], "evals") if evals
@@ -275,7 +297,8 @@ def build_html(run: Path, damaged: list[int] | None = None) -> str:
         "<h2>Sample summaries (held-out documents)</h2>", section_samples(read_predictions(run)),
         "<h2>Training log</h2>",
         (f'<p class="sub">{len(_spaced(train, MAX_TRAIN_ROWS))} of {len(train)} logged windows; '
-         "all of them are in metrics.jsonl and TensorBoard (tb/).</p>"
+         "all of them are in metrics.jsonl and TensorBoard (tb/)."
+         + (f" MFU: {escape(FLOPS_COUNTED)} (sumtune.flops)." if "mfu" in train_cols else "") + "</p>"
          + html_table(train_cols, [[r.get(c) for c in train_cols] for r in _spaced(train, MAX_TRAIN_ROWS)], "train"))
         if train else _none("No training lines in metrics.jsonl."),
         "<h2>Profile</h2>", section_profile(_read_json(run / "profile" / "summary.json")),

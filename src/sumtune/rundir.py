@@ -34,7 +34,7 @@ OWN_PREFIXES = (LOCK_FILE, TRASH_PREFIX, ".sumtune-writing-")
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "adapter_config.json", "checkpoints")
 # What `--overwrite` replaces; anything else the user keeps in the directory is left alone.
 RUN_ENTRIES = ("metrics.jsonl", "tb", "eval", "checkpoints", "profile", "plots", "base_model", "config.yaml",
-               "adapter_config.json", "adapter_model.safetensors", "README.md", "report.html")
+               "adapter_config.json", "adapter_model.safetensors", "README.md", "report.html", "truncation.json")
 
 
 def user_entries(path: Path) -> list[str]:

@@ -65,12 +65,15 @@ def _generate_chunk(model, dense, tokenizer, ids: list[list[int]], *, max_new_to
 
 def generate_summaries(model, tokenizer, texts: Sequence[str], *, prefix: str, max_source_tokens: int,
                        max_new_tokens: int, num_beams: int = 1, batch_size: int = 32,
-                       progress=None, dense_model=_FRESH_COPY) -> tuple[list[str], list[int]]:
+                       progress=None, dense_model=_FRESH_COPY,
+                       source_ids: list[list[int]] | None = None) -> tuple[list[str], list[int]]:
     """Summaries of `texts` (in order) and their lengths in tokens; `progress` (a sumtune Progress) shows a bar.
 
     `dense_model`: an `inference_copy(model)` made earlier and still current (a frozen model summarizing
-    many times); by default one is made for this call and dropped after it."""
-    input_ids = tokenize_sources(tokenizer, list(texts), prefix, max_source_tokens)
+    many times); by default one is made for this call and dropped after it. `source_ids`: the texts already
+    tokenized (prefix and cut included), when the caller has them."""
+    input_ids = source_ids if source_ids is not None else \
+        tokenize_sources(tokenizer, list(texts), prefix, max_source_tokens)
     order = sorted(range(len(input_ids)), key=lambda i: -len(input_ids[i]))  # similar lengths batch together
     chunk = batch_size * GENERATION_CHUNK_BATCHES
     ids: list[list[int]] = [[] for _ in input_ids]

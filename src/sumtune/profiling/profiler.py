@@ -362,6 +362,10 @@ def _throughput(recs, mean_s: float, peak_tflops, device_name: str | None) -> di
     out["peak_tflops_source"] = "given" if peak_tflops is not None else ("datasheet dense bf16" if peak else None)
     achieved = sum(flops) / total_s if out["flops_per_step"] and total_s > 0 else None
     out["mfu_pct"] = 100.0 * achieved / (peak * 1e12) if achieved and peak else None
+    if out["mfu_pct"] is not None:
+        from sumtune.flops import FLOPS_COUNTED
+
+        out["mfu_flops_counted"] = FLOPS_COUNTED  # whether attention is in the count, next to the figure
     return out
 
 

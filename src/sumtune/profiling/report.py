@@ -28,7 +28,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     out.append(f"step time     mean {ms(summary['step_time_mean_s'])}, median {ms(summary['step_time_median_s'])}, "
                f"min {ms(summary['step_time_min_s'])}, max {ms(summary['step_time_max_s'])}")
     out.append(f"throughput    {_fmt(summary.get('samples_per_s'))} samples/s, {_fmt(summary.get('tokens_per_s'), '.0f')} tokens/s, "
-               f"MFU {_fmt(summary.get('mfu_pct'), '.1f', '%')}")
+               f"MFU {_fmt(summary.get('mfu_pct'), '.1f', '%')}"
+               + (f" ({summary['mfu_flops_counted'].split(':')[0]})" if summary.get("mfu_flops_counted") else ""))
     gib = summary.get("mem_kind") == "cuda_allocated" and "GPU allocated" or "process RSS"
     out.append(f"memory        {gib}: peak {_fmt(summary.get('peak_mem_gib'), '.2f', ' GiB')}, "
                f"mean {_fmt(summary.get('mean_mem_gib'), '.2f', ' GiB')} of {_fmt(summary.get('device_mem_total_gib'), '.0f', ' GiB')}")
