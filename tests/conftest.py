@@ -15,6 +15,19 @@ BILLSUM_JSONL = DATA / "billsum" / "billsum_us_40.jsonl"
 T5_TOKENIZER = DATA / "t5-tokenizer"
 
 
+def _no_cuda() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+# sumtune's Triton kernels are tested on CPU in Triton's interpreter, which must be chosen before triton is first
+# imported (peft and bitsandbytes import it; triton's own jit helpers are decorated then). Only without a GPU:
+# on a CUDA machine the compiled kernels run (tests marked gpu).
+if _no_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 @pytest.fixture(scope="session")
 def billsum_jsonl() -> Path:
     """40 real BillSum rows (text, summary), CC0."""

@@ -84,20 +84,26 @@ def padded_batch(batch_size: int, src_len: int, tgt_len: int, vocab: int, device
 
 @contextlib.contextmanager
 def fast_route_calls():
-    """Counts the fast stacks that really ran (each builds its position bias once), so a test comparing
-    "fast" with stock cannot silently compare stock with itself."""
+    """Counts the fast stacks that really ran (each builds its position bias once: dense on the SDPA route, a table
+    on the Triton route), so a test comparing "fast" with stock cannot silently compare stock with itself."""
     calls = []
-    real = bias_lib.relative_position_bias
+    names = ("relative_position_bias", "relative_position_bias_by_offset")
+    reals = {name: getattr(bias_lib, name) for name in names}
 
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
+    def spy_on(real):
+        def spy(*args, **kwargs):
+            calls.append(1)
+            return real(*args, **kwargs)
 
-    bias_lib.relative_position_bias = spy
+        return spy
+
+    for name, real in reals.items():
+        setattr(bias_lib, name, spy_on(real))
     try:
         yield calls
     finally:
-        bias_lib.relative_position_bias = real
+        for name, real in reals.items():
+            setattr(bias_lib, name, real)
 
 
 def loss_and_lora_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -59,3 +59,22 @@ def cross_attention_bias(encoder_attention_mask: torch.Tensor | None, dtype: tor
     keep = encoder_attention_mask.to(torch.bool)[:, None, None, :]
     zero = torch.zeros((), dtype=dtype, device=keep.device)
     return torch.where(keep, zero, torch.finfo(dtype).min)
+
+
+def relative_position_bias_by_offset(attention: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """(H, 2R+1) float32 table, ``table[h, d + R]`` = the bias ``compute_bias`` gives key j and query i at d = j - i.
+
+    R = ``relative_attention_max_distance``: T5's bucket function sends every |d| >= max_distance to one bucket per
+    direction (when max_distance > num_buckets // 2, true of every released T5), so a kernel that clamps d to
+    [-R, R] reads exactly stock's values. Built with the model's own bucket function and embedding, rounded to
+    ``dtype`` like the dense bias, without autograd (the Triton route has no gradient for the bias).
+    """
+    radius = attention.relative_attention_max_distance
+    weight = attention.relative_attention_bias.weight
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.long, device=weight.device)
+    buckets = attention._relative_position_bucket(offsets, bidirectional=not attention.is_decoder,
+                                                  num_buckets=attention.relative_attention_num_buckets,
+                                                  max_distance=radius)
+    with torch.no_grad():
+        values = attention.relative_attention_bias(buckets)  # (2R+1, H)
+    return values.to(dtype).float().T.contiguous()

@@ -13,6 +13,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from sumtune.fast_t5 import attention as attention_lib
 from sumtune.fast_t5 import bias as bias_lib
 
 FAST_KW = "_sumtune_fast"
@@ -26,10 +27,11 @@ def _compute_dtype(module: torch.nn.Module) -> torch.dtype:
 # --------------------------------------------------------------------------- attention
 def fast_attention_forward(self, hidden_states, mask=None, key_value_states=None, position_bias=None,
                            past_key_values=None, **kwargs):
-    """T5Attention: q/k/v in the compute dtype, one SDPA call with the precomputed additive bias.
+    """T5Attention: q/k/v in the compute dtype, then one attention kernel call.
 
-    From the fast stack, ``position_bias`` already holds relative bias + padding/causal mask
-    (self-attention) or the key-padding bias / None (cross-attention), and ``mask`` is None.
+    From the fast stack, ``position_bias`` is either the Triton route's :class:`FlashInputs` (bias table, key
+    padding, causality) or, on the SDPA route, the relative bias + padding/causal mask (self-attention) or the
+    key-padding bias / None (cross-attention); ``mask`` is None.
     """
     if not kwargs.pop(FAST_KW, False) or past_key_values is not None or mask is not None:
         return type(self).forward(self, hidden_states, mask=mask, key_value_states=key_value_states,
@@ -41,14 +43,18 @@ def fast_attention_forward(self, hidden_states, mask=None, key_value_states=None
     query = self.q(hidden_states).view(batch, query_len, heads, head_dim).transpose(1, 2).to(dtype)
     key = self.k(source).view(batch, -1, heads, head_dim).transpose(1, 2).to(dtype)
     value = self.v(source).view(batch, -1, heads, head_dim).transpose(1, 2).to(dtype)
+    dropout_p = self.dropout if self.training else 0.0
+    if isinstance(position_bias, attention_lib.FlashInputs):
+        output = attention_lib.flash_attend(query, key, value, position_bias, dropout_p)
+        output = output.transpose(1, 2).reshape(batch, query_len, heads * head_dim)  # a view: kernel writes BLHD
+        return self.o(output), position_bias, None
     if position_bias is None and self.has_relative_attention_bias:  # direct call, not via the stack
         position_bias = bias_lib.relative_position_bias(self, query_len, key.shape[2], query.device, dtype)
         if self.is_decoder and key_value_states is None:
             position_bias = bias_lib.decoder_self_bias(position_bias, None)
     # T5 does not scale q.k (scale=1.0); dropout on the attention probabilities as stock does.
-    output = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=position_bias,
-        dropout_p=self.dropout if self.training else 0.0, scale=1.0)
+    output = F.scaled_dot_product_attention(query, key, value, attn_mask=position_bias, dropout_p=dropout_p,
+                                            scale=1.0)
     output = output.transpose(1, 2).reshape(batch, query_len, heads * head_dim)
     return self.o(output), position_bias, None
 
@@ -123,10 +129,34 @@ def _autocast_context(self, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=_compute_dtype(self))
 
 
+def _dense_biases(self, first_attention, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                  seq_len: int, device: torch.device, dtype: torch.dtype):
+    """SDPA route: (self-attention bias with masks folded in, cross-attention key-padding bias or None)."""
+    position_bias = bias_lib.relative_position_bias(first_attention, seq_len, seq_len, device, dtype)
+    if self.is_decoder:
+        self_bias = bias_lib.decoder_self_bias(position_bias, attention_mask)
+    else:
+        self_bias = bias_lib.encoder_self_bias(position_bias, attention_mask)
+    cross_bias = None
+    if self.is_decoder and encoder_hidden_states is not None:
+        cross_bias = bias_lib.cross_attention_bias(encoder_attention_mask, dtype)
+    return self_bias, cross_bias
+
+
+def _flash_inputs(self, first_attention, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                  dtype: torch.dtype):
+    """Triton route: bias table + key padding for self-attention, key padding for cross-attention; no L x L."""
+    self_inputs = attention_lib.self_attention_inputs(first_attention, attention_mask, dtype, causal=self.is_decoder)
+    cross_inputs = None
+    if self.is_decoder and encoder_hidden_states is not None:
+        cross_inputs = attention_lib.cross_attention_inputs(encoder_attention_mask)
+    return self_inputs, cross_inputs
+
+
 def fast_stack_forward(self, input_ids=None, attention_mask=None, encoder_hidden_states=None,
                        encoder_attention_mask=None, inputs_embeds=None, past_key_values=None,
                        use_cache=None, **kwargs):
-    """T5Stack: biases built once per stack in the compute dtype, blocks called with them."""
+    """T5Stack: attention inputs built once per stack (for the chosen backend), blocks called with them."""
     if not can_take_fast_route(self, past_key_values, use_cache, kwargs):
         return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
                                   encoder_hidden_states=encoder_hidden_states,
@@ -143,14 +173,14 @@ def fast_stack_forward(self, input_ids=None, attention_mask=None, encoder_hidden
     seq_len = inputs_embeds.shape[1]
     with _autocast_context(self, device):
         first_attention = self.block[0].layer[0].SelfAttention
-        position_bias = bias_lib.relative_position_bias(first_attention, seq_len, seq_len, device, dtype)
-        if self.is_decoder:
-            self_bias = bias_lib.decoder_self_bias(position_bias, attention_mask)
+        backend = attention_lib.choose_backend(getattr(self, attention_lib.BACKEND_ATTR, "auto"), device, dtype,
+                                               first_attention.key_value_proj_dim, first_attention)
+        if backend == "triton":
+            self_bias, cross_bias = _flash_inputs(self, first_attention, attention_mask, encoder_hidden_states,
+                                                  encoder_attention_mask, dtype)
         else:
-            self_bias = bias_lib.encoder_self_bias(position_bias, attention_mask)
-        cross_bias = None
-        if self.is_decoder and encoder_hidden_states is not None:
-            cross_bias = bias_lib.cross_attention_bias(encoder_attention_mask, dtype)
+            self_bias, cross_bias = _dense_biases(self, first_attention, attention_mask, encoder_hidden_states,
+                                                  encoder_attention_mask, seq_len, device, dtype)
 
         hidden_states = self.dropout(inputs_embeds)
         for block in self.block:

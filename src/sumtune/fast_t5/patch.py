@@ -6,6 +6,7 @@ from types import MethodType
 
 import torch
 
+from sumtune.fast_t5 import attention as attention_lib
 from sumtune.fast_t5 import modules as fast
 
 _PATCHED_ATTR = "_sumtune_fast_patched"
@@ -65,14 +66,17 @@ def _fast_forward_for(module: torch.nn.Module, final_norms: set[int]):
     return None
 
 
-def enable_fast_t5(model: torch.nn.Module, compute_dtype: torch.dtype | None = None) -> torch.nn.Module:
+def enable_fast_t5(model: torch.nn.Module, compute_dtype: torch.dtype | None = None,
+                   attention_backend: str = "auto") -> torch.nn.Module:
     """Patch every T5 stack/attention/layernorm/FFN of ``model`` (plain or PEFT-wrapped) in place.
 
-    Training then runs attention through SDPA's efficient kernels with a no-grad bf16 bias,
-    fused RMSNorm, and bf16 GEMMs. Forwards with a KV cache (generation) use the stock code.
-    Returns ``model`` for chaining; :func:`disable_fast_t5` undoes it.
+    Training then runs fused RMSNorm, bf16 GEMMs, and attention in the kernel ``attention_backend`` names
+    (``auto``: sumtune's Triton kernels with bias, masks and dropout inside when they can run, else SDPA with a
+    no-grad materialised bias; ``triton`` or ``sdpa`` force one; see sumtune.fast_t5.attention). Forwards with a
+    KV cache (generation) use the stock code. Returns ``model`` for chaining; :func:`disable_fast_t5` undoes it.
     """
     t5 = _t5_classes()
+    attention_lib.check_backend_name(attention_backend)
     dtype = compute_dtype or find_compute_dtype(model)
     stacks = [m for m in model.modules() if isinstance(m, t5.T5Stack)]
     if not stacks:
@@ -86,6 +90,7 @@ def enable_fast_t5(model: torch.nn.Module, compute_dtype: torch.dtype | None = N
             _bind(module, function, dtype)
     for stack in stacks:
         stack._sumtune_mixed_dtypes = _has_mixed_frozen_dtypes(stack, dtype)
+        setattr(stack, attention_lib.BACKEND_ATTR, attention_backend)
     return model
 
 
@@ -95,6 +100,8 @@ def disable_fast_t5(model: torch.nn.Module) -> torch.nn.Module:
         if getattr(module, _PATCHED_ATTR, False):
             del module.forward
             delattr(module, _PATCHED_ATTR)
+            if attention_lib.BACKEND_ATTR in module.__dict__:
+                delattr(module, attention_lib.BACKEND_ATTR)
             if _FIXED_FORWARD_ATTR in module.__dict__:  # keep the quantized-wo fix (fix_quantized_ffn)
                 module.forward = module.__dict__[_FIXED_FORWARD_ATTR]
     return model

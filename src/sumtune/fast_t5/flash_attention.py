@@ -1,0 +1,336 @@
+"""T5 attention in sumtune's Triton kernels (``flash_kernels``): launchers, autotuning, autograd, references.
+
+Public:
+    flash_t5_attention(query, key, value, bias_table=None, key_mask=None, causal=False, scale=1.0, dropout_p=0.0)
+    key_padding(key_mask) -> KeyPadding                (per-row key mask + lengths, once per stack)
+    dropout_keep_mask(seed, batch, heads, query_len, key_len, dropout_p) -> (B, H, Lq, Lk) bool
+    reference_t5_attention(...)                        (plain PyTorch, same math; for tests and benchmarks)
+    block_sizes(fwd=..., dkdv=..., dq=...)             (pin tile sizes instead of autotuning)
+
+Tensors are (batch, heads, length, head_dim) in any strides; the output is a (B, H, L, D) view of a (B, L, H, D)
+buffer, so merging heads afterwards is free. The forward and backward are ``torch.library`` custom ops, so
+``torch.compile`` keeps them as opaque calls; the dropout seed is drawn inside the forward op from torch's CPU
+generator (no device sync; ``torch.manual_seed`` reproduces it, and checkpointing's RNG-state restore makes a
+recomputed forward draw the same mask) and saved for the backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+LOG2E = 1.4426950408889634
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+DRAW_RANGE = 1 << 16  # dropout decisions are 16-bit draws (flash_kernels.DRAW_RANGE)
+_INTERPRETER_BLOCKS = dict(fwd=(32, 32), dkdv=(32, 32), dq=(32, 32))  # tests pin smaller ones to cross blocks
+_pinned_blocks: dict[str, tuple[int, ...]] = {}
+
+
+def _kernels():
+    from sumtune.fast_t5 import flash_kernels
+
+    return flash_kernels
+
+
+# ----------------------------------------------------------------------------- autotuning (Hopper first)
+def _configs(pairs, warps_stages):
+    import triton
+
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n in pairs for w, s in warps_stages]
+
+
+_AUTOTUNE_KEY = ["HEAD_DIM", "len_key", "CAUSAL", "HAS_BIAS", "HAS_KEY_MASK", "DROPOUT"]
+_tuned: dict[str, object] = {}
+
+
+def _autotuned(name: str, kernel):
+    """``kernel`` wrapped in triton.autotune, built once. Few configs on purpose: each costs a compile (~2 s) per
+    kernel variant; these are the tiles that FlashAttention-2-style Triton kernels use on H100/H200."""
+    if _tuned.get(name, (None, None))[0] is not kernel:
+        import triton
+
+        configs = {"fwd": _configs([(128, 64), (128, 128), (64, 64)], [(8, 3), (4, 3)]),
+                   "dkdv": _configs([(64, 128), (32, 128), (64, 64)], [(8, 3), (4, 2)]),
+                   "dq": _configs([(128, 64), (128, 32), (64, 64)], [(8, 3), (4, 2)])}[name]
+        _tuned[name] = (kernel, triton.autotune(configs, key=_AUTOTUNE_KEY)(kernel))
+    return _tuned[name][1]
+
+
+@contextlib.contextmanager
+def block_sizes(**pinned: tuple[int, ...]):
+    """Pin tiles for ``fwd``/``dkdv``/``dq`` as (BLOCK_M, BLOCK_N[, num_warps, num_stages]) instead of autotuning.
+
+    For tests (different tiles forward and backward prove the dropout mask does not depend on them) and for
+    timing one config; BLOCK_M and BLOCK_N are powers of two >= 16."""
+    unknown = set(pinned) - {"fwd", "dkdv", "dq"}
+    if unknown:
+        raise ValueError(f"block_sizes takes fwd, dkdv and dq, not {sorted(unknown)}")
+    previous = dict(_pinned_blocks)
+    _pinned_blocks.update(pinned)
+    try:
+        yield
+    finally:
+        _pinned_blocks.clear()
+        _pinned_blocks.update(previous)
+
+
+def _launch(name: str, kernel, grid_for, *args, **kwargs) -> None:
+    """Run ``kernel`` with pinned tiles, the interpreter's tiles, or the autotuner's choice."""
+    blocks = _pinned_blocks.get(name) or (_INTERPRETER_BLOCKS[name] if _kernels().INTERPRET else None)
+    if blocks is None:
+        tuned = _autotuned(name, kernel)
+        tuned[lambda meta: grid_for(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **kwargs)
+        return
+    block_m, block_n, *rest = blocks
+    extra = dict(zip(("num_warps", "num_stages"), rest))
+    kernel[grid_for(block_m, block_n)](*args, BLOCK_M=block_m, BLOCK_N=block_n, **extra, **kwargs)
+
+
+def best_configs() -> dict[str, str]:
+    """The autotuner's last choice per kernel (for benchmark reports)."""
+    return {name: str(getattr(tuned, "best_config", None)) for name, (_, tuned) in _tuned.items()}
+
+
+# ----------------------------------------------------------------------------- inputs
+class KeyPadding(NamedTuple):
+    """Per-row key mask as int8 (B, Lk) and key lengths as int32 (B,): last kept key + 1, bounding the loops."""
+
+    mask: Tensor
+    lengths: Tensor
+
+
+def key_padding(key_mask: Tensor) -> KeyPadding:
+    """From a (B, Lk) attention mask (bool or 0/1 ints); device-side only, no sync."""
+    keep = key_mask.to(torch.bool)
+    positions = torch.arange(1, keep.shape[-1] + 1, device=keep.device, dtype=torch.int32)
+    lengths = torch.where(keep, positions, 0).amax(dim=-1).to(torch.int32)
+    return KeyPadding(keep.to(torch.int8).contiguous(), lengths.contiguous())
+
+
+def _dropout_threshold(dropout_p: float) -> tuple[int, float]:
+    """(drop_below, scale): an element is dropped when its 16-bit draw is below ``drop_below``.
+
+    The drop probability is ``dropout_p`` rounded to a multiple of 2**-16 (0.1 -> 0.100006); kept values are scaled
+    by the inverse of the exact keep probability, so the output's expectation is unchanged (torch's 1 / (1 - p))."""
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    drop_below = int(round(dropout_p * DRAW_RANGE))
+    return drop_below, DRAW_RANGE / (DRAW_RANGE - drop_below)
+
+
+def draw_seed() -> Tensor:
+    """The dropout seed of one forward, as a CPU int64 scalar tensor."""
+    # torch's default (CPU) generator: no device sync, reproducible under torch.manual_seed, restored by checkpointing
+    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+
+
+def _length_key(length: int) -> int:
+    return 1 << max(length - 1, 1).bit_length()  # autotune once per power-of-two length bucket
+
+
+def _check_device(*tensors: Tensor) -> None:
+    if tensors[0].device.type != "cuda" and not _kernels().INTERPRET:
+        raise RuntimeError("the Triton T5 attention kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+
+
+# ----------------------------------------------------------------------------- launchers
+def _forward(q, k, v, table, mask, lengths, causal, scale, dropout_p, seed):
+    kernels = _kernels()
+    batch, heads, query_len, head_dim = q.shape
+    key_len = k.shape[2]
+    out = torch.empty((batch, query_len, heads, head_dim), device=q.device, dtype=q.dtype).transpose(1, 2)
+    lse = torch.empty((batch, heads, query_len), device=q.device, dtype=torch.float32)
+    drop_below, drop_scale = _dropout_threshold(dropout_p)
+    radius = (table.shape[1] - 1) // 2 if table is not None else 0
+    dummy = lse
+    _launch("fwd", kernels.t5_attention_fwd,
+            lambda bm, bn: (triton_cdiv(query_len, bm), batch * heads),
+            q, k, v, out, lse, table if table is not None else dummy, mask if mask is not None else dummy,
+            lengths if lengths is not None else dummy,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), mask.stride(0) if mask is not None else 0,
+            heads, query_len, key_len, radius, scale * LOG2E, seed, drop_below, drop_scale,
+            _length_key(max(query_len, key_len)),
+            HEAD_DIM=head_dim, CAUSAL=causal, HAS_BIAS=table is not None, HAS_KEY_MASK=mask is not None,
+            DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET)
+    return out, lse
+
+
+def _backward(grad_out, q, k, v, out, lse, table, mask, lengths, causal, scale, dropout_p, seed):
+    kernels = _kernels()
+    batch, heads, query_len, head_dim = q.shape
+    key_len = k.shape[2]
+    delta = torch.empty_like(lse)
+    block = 64
+    kernels.t5_attention_bwd_delta[(triton_cdiv(query_len, block), batch * heads)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, query_len, HEAD_DIM=head_dim, BLOCK_M=block)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    drop_below, drop_scale = _dropout_threshold(dropout_p)
+    radius = (table.shape[1] - 1) // 2 if table is not None else 0
+    common = dict(HEAD_DIM=head_dim, CAUSAL=causal, HAS_BIAS=table is not None, HAS_KEY_MASK=mask is not None,
+                  DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET)
+    table_arg = table if table is not None else delta
+    mask_arg = mask if mask is not None else delta
+    lengths_arg = lengths if lengths is not None else delta
+    mask_stride = mask.stride(0) if mask is not None else 0
+    length_key = _length_key(max(query_len, key_len))
+    _launch("dkdv", kernels.t5_attention_bwd_dkdv,
+            lambda bm, bn: (triton_cdiv(key_len, bn), batch * heads),
+            q, k, v, grad_out, dk, dv, lse, delta, table_arg, mask_arg, lengths_arg,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), mask_stride,
+            heads, query_len, key_len, radius, scale * LOG2E, scale, seed, drop_below, drop_scale, length_key,
+            **common)
+    _launch("dq", kernels.t5_attention_bwd_dq,
+            lambda bm, bn: (triton_cdiv(query_len, bm), batch * heads),
+            q, k, v, grad_out, dq, lse, delta, table_arg, mask_arg, lengths_arg,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), mask_stride,
+            heads, query_len, key_len, radius, scale * LOG2E, scale, seed, drop_below, drop_scale, length_key,
+            **common)
+    return dq, dk, dv
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ----------------------------------------------------------------------------- custom ops + autograd
+@torch.library.custom_op("sumtune::t5_flash_attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], mask: Optional[Tensor],
+                  lengths: Optional[Tensor], causal: bool, scale: float,
+                  dropout_p: float) -> tuple[Tensor, Tensor, Tensor]:
+    seed = draw_seed() if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
+    out, lse = _forward(q, k, v, table, mask, lengths, causal, scale, dropout_p, int(seed))
+    return out, lse, seed
+
+
+@_attention_op.register_fake
+def _(q, k, v, table, mask, lengths, causal, scale, dropout_p):
+    batch, heads, query_len, head_dim = q.shape
+    out = q.new_empty((batch, query_len, heads, head_dim)).transpose(1, 2)
+    return out, q.new_empty((batch, heads, query_len), dtype=torch.float32), torch.empty((), dtype=torch.int64)
+
+
+@torch.library.custom_op("sumtune::t5_flash_attention_backward", mutates_args=())
+def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                           seed: Tensor, table: Optional[Tensor], mask: Optional[Tensor], lengths: Optional[Tensor],
+                           causal: bool, scale: float, dropout_p: float) -> tuple[Tensor, Tensor, Tensor]:
+    return _backward(grad_out, q, k, v, out, lse, table, mask, lengths, causal, scale, dropout_p, int(seed))
+
+
+@_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, seed, table, mask, lengths, causal, scale, dropout_p):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, table, mask, lengths, causal, scale, dropout_p = inputs
+    out, lse, seed = output
+    ctx.save_for_backward(q, k, v, out, lse, seed, table, mask, lengths)
+    ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
+
+
+def _backward_rule(ctx, grad_out, _grad_lse, _grad_seed):
+    q, k, v, out, lse, seed, table, mask, lengths = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, lse, seed, table, mask, lengths,
+                                        ctx.causal, ctx.scale, ctx.dropout_p)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_attention_op.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public API
+def bias_table_log2(bias_by_offset: Tensor) -> Tensor:
+    """(H, 2R+1) bias by clamped offset, in the kernels' units (fp32, times log2 e)."""
+    return (bias_by_offset.float() * LOG2E).contiguous()
+
+
+def t5_flash_attention(query: Tensor, key: Tensor, value: Tensor, table_log2: Tensor | None,
+                       padding: KeyPadding | None, causal: bool, scale: float, dropout_p: float) -> Tensor:
+    """The kernels on prepared inputs (what the fast T5 stack calls once per layer)."""
+    mask, lengths = padding if padding is not None else (None, None)
+    return _attention_op(query, key, value, table_log2, mask, lengths, causal, float(scale), float(dropout_p))[0]
+
+
+def flash_t5_attention(query: Tensor, key: Tensor, value: Tensor, bias_table: Tensor | None = None,
+                       key_mask: Tensor | KeyPadding | None = None, causal: bool = False, scale: float = 1.0,
+                       dropout_p: float = 0.0) -> Tensor:
+    """softmax(q.k^T * scale + bias + mask) with dropout, times v; (B, H, L, D) inputs in bf16 or fp16.
+
+    ``bias_table``: (H, 2R+1) relative position bias by offset, ``bias_table[h, clamp(j - i, -R, R) + R]`` for
+    query i and key j (see :func:`sumtune.fast_t5.bias.relative_position_bias_by_offset`); no gradient flows to it.
+    ``key_mask``: (B, Lk), true/1 where a key may be attended. ``causal``: key j only for queries i >= j.
+    """
+    _check_inputs(query, key, value, bias_table, causal)
+    padding = key_padding(key_mask) if isinstance(key_mask, Tensor) else key_mask
+    table = bias_table_log2(bias_table.detach()) if bias_table is not None else None
+    return t5_flash_attention(query, key, value, table, padding, causal, scale, dropout_p)
+
+
+def _check_inputs(query, key, value, bias_table, causal) -> None:
+    if query.dim() != 4 or key.shape != value.shape or query.shape[:2] != key.shape[:2]:
+        raise ValueError(f"expected (B, H, L, D) query/key/value, got {tuple(query.shape)}, {tuple(key.shape)}, "
+                         f"{tuple(value.shape)}")
+    if query.shape[-1] != key.shape[-1] or query.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {query.shape[-1]}")
+    dtypes = SUPPORTED_DTYPES + ((torch.float32,) if _kernels().INTERPRET else ())  # fp32: exact CPU tests only
+    if not query.dtype == key.dtype == value.dtype or query.dtype not in dtypes:
+        raise ValueError(f"query/key/value must all be bfloat16 or float16, got {query.dtype}")
+    if causal and query.shape[2] != key.shape[2]:
+        raise ValueError("causal attention needs as many queries as keys")
+    if bias_table is not None and (bias_table.dim() != 2 or bias_table.shape[0] != query.shape[1]
+                                   or bias_table.shape[1] % 2 != 1):
+        raise ValueError(f"bias_table must be (heads, 2R+1), got {tuple(bias_table.shape)}")
+    _check_device(query)
+
+
+def dropout_keep_mask(seed: int, batch: int, heads: int, query_len: int, key_len: int, dropout_p: float,
+                      device: torch.device | str = "cuda", block: tuple[int, int] = (16, 32)) -> Tensor:
+    """(B, H, Lq, Lk) bool: True where the kernels keep a probability for this seed (False: dropped).
+
+    The seed of a call is the first draw of :func:`draw_seed` after the caller's RNG state (see the tests)."""
+    kernels = _kernels()
+    drop_below, _ = _dropout_threshold(dropout_p)
+    mask = torch.empty((batch, heads, query_len, key_len), dtype=torch.int8, device=device)
+    block_m, block_n = block
+    grid = (triton_cdiv(query_len, block_m), triton_cdiv(key_len, block_n), batch * heads)
+    kernels.t5_attention_dropout_mask[grid](mask, heads, query_len, key_len, seed, drop_below,
+                                            BLOCK_M=block_m, BLOCK_N=block_n)
+    return mask.bool()
+
+
+def dropout_scale(dropout_p: float) -> float:
+    """What the kernels multiply kept probabilities by (1 / exact keep probability)."""
+    return _dropout_threshold(dropout_p)[1]
+
+
+def reference_t5_attention(query: Tensor, key: Tensor, value: Tensor, bias_table: Tensor | None = None,
+                           key_mask: Tensor | None = None, causal: bool = False, scale: float = 1.0,
+                           keep_mask: Tensor | None = None, keep_scale: float = 1.0,
+                           dtype: torch.dtype = torch.float64) -> Tensor:
+    """The same math in plain PyTorch at ``dtype`` (materialises the L x L scores): the yardstick for the kernels.
+
+    ``keep_mask`` (B, H, Lq, Lk) applies dropout exactly as given, scaled by ``keep_scale``. Rows with no key to
+    attend to give zeros, as the kernels do."""
+    q, k, v = (t.to(dtype) for t in (query, key, value))
+    scores = q @ k.transpose(-1, -2) * scale
+    query_len, key_len = scores.shape[-2:]
+    if bias_table is not None:
+        radius = (bias_table.shape[1] - 1) // 2
+        offsets = torch.arange(key_len, device=q.device)[None, :] - torch.arange(query_len, device=q.device)[:, None]
+        scores = scores + bias_table.to(dtype)[:, offsets.clamp(-radius, radius) + radius][None]
+    keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device)[None, None]
+    if causal:
+        keep = keep & torch.ones(query_len, key_len, dtype=torch.bool, device=q.device).tril()[None, None]
+    if key_mask is not None:
+        keep = keep & key_mask.to(torch.bool)[:, None, None, :]
+    scores = scores.masked_fill(~keep, -math.inf)
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an all-masked row: 0, not NaN
+    if keep_mask is not None:
+        probs = probs * keep_mask.to(dtype) * keep_scale
+    return probs @ v

@@ -1,0 +1,427 @@
+"""Triton kernels for T5 attention: FlashAttention-2 forward and backward with T5's relative position bias,
+key padding, causal masking and dropout computed inside the kernel.
+
+Imported lazily (only when the Triton route runs): importing it decorates the kernels, and under
+``TRITON_INTERPRET=1`` they run on CPU tensors in Triton's interpreter.
+
+Design (scores are kept in log2 units, as in Triton's fused-attention tutorial: s = (q.k * scale + bias) * log2 e):
+
+* **Bias from a table, no L x L tensor.** ``TABLE[h, clamp(j - i, -R, R) + R]`` holds the bias (times log2 e) for
+  key ``j`` and query ``i``; T5 maps every |j - i| >= max_distance to one bucket per direction, so with
+  R = max_distance the clamp is exact. A tile whose offsets all lie beyond +-R gets one scalar instead of a gather:
+  each query block's key range is split into far-left (constant), near (gathered) and far-right (constant) tiles.
+* **Key padding** from a per-row key mask (B, Lk) plus the row's key length (last kept key + 1), which bounds the
+  loops; a masked key gets -inf, hence exactly zero probability. A row with no key at all returns zeros (no NaN).
+* **Dropout** from Philox-4x32-7 (Triton's ``tl.philox``, 7 rounds as in FlashAttention-2) keyed by the seed, with
+  counter (query row * ceil(Lk / 8) + key // 8, batch * heads + head): one call yields 8 independent 16-bit draws
+  for 8 neighbouring keys. The draw of an element depends only on (seed, b, h, i, j), never on the block sizes, so
+  the backward kernels regenerate exactly the forward's mask. Probability of a drop = drop_below / 65536.
+* **Backward**: delta = rowsum(dO * O), then one kernel for dK/dV (a key block per program, looping over query
+  blocks) and one for dQ (a query block per program, looping over key blocks); both recompute P from the saved
+  log-sum-exp. No atomics, so gradients are deterministic.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+INTERPRET = bool(triton.knobs.runtime.interpret)
+PHILOX_ROUNDS = 7
+DRAWS_PER_PHILOX = 8  # 4 x 32 random bits, 16 bits per keep/drop decision
+DRAW_RANGE = 1 << 16
+
+BIAS_NONE, BIAS_CONST, BIAS_GATHER = 0, 1, 2
+
+
+def _fix_interpreter_for_numpy_2_4() -> None:
+    """Triton 3.6's interpreter turns a runtime loop bound into an int with ``int(array_of_shape_1)``, which numpy
+    2.4 refuses (triton-lang/triton#9171, fixed upstream with ``.squeeze()``); apply that fix. Interpreter only."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_sumtune_numpy_fix", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched._sumtune_numpy_fix = True
+    interpreter._patch_lang_tensor = patched
+
+
+if INTERPRET:
+    _fix_interpreter_for_numpy_2_4()
+
+
+# ----------------------------------------------------------------------------- helpers
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr):
+    # Triton's CPU interpreter multiplies bf16 operands as raw uint16: upcast there (products of bf16/fp16 values
+    # are exact in fp32, so this is the same arithmetic as the tensor cores' fp32 accumulation).
+    if UPCAST:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
+def _dot_acc(a, b, acc, UPCAST: tl.constexpr):
+    if UPCAST:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        out = tl.dot(a, b, acc)
+    return out
+
+
+@triton.jit
+def _keep_tile(seed, stream, offs_i, first_group, n_groups, drop_below,
+               BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+    """(BLOCK_I, BLOCK_J) keep mask for queries ``offs_i`` and keys ``8 * first_group + arange(BLOCK_J)``."""
+    groups = first_group + tl.arange(0, BLOCK_J // 8)
+    counter = offs_i[:, None] * n_groups + groups[None, :]
+    zero = tl.zeros_like(counter)
+    r0, r1, r2, r3 = tl.philox(seed, counter, zero + stream, zero, zero, PHILOX_ROUNDS)
+    k0 = (r0 & 0xFFFF).to(tl.int32) >= drop_below
+    k1 = (r0 >> 16).to(tl.int32) >= drop_below
+    k2 = (r1 & 0xFFFF).to(tl.int32) >= drop_below
+    k3 = (r1 >> 16).to(tl.int32) >= drop_below
+    k4 = (r2 & 0xFFFF).to(tl.int32) >= drop_below
+    k5 = (r2 >> 16).to(tl.int32) >= drop_below
+    k6 = (r3 & 0xFFFF).to(tl.int32) >= drop_below
+    k7 = (r3 >> 16).to(tl.int32) >= drop_below
+    # join stacks on a new minor axis; this order puts draw t of a group at key 8 * group + t after the reshape
+    keep = tl.join(tl.join(tl.join(k0, k4), tl.join(k2, k6)), tl.join(tl.join(k1, k5), tl.join(k3, k7)))
+    return tl.reshape(keep, (BLOCK_I, BLOCK_J))
+
+
+@triton.jit
+def _bias_tile(TABLE, rel, R, const, BIAS_MODE: tl.constexpr):
+    """Bias (log2 units) for relative positions ``rel = j - i``: gathered, one constant, or none."""
+    if BIAS_MODE == 2:
+        out = tl.load(TABLE + (tl.minimum(tl.maximum(rel, -R), R) + R))
+    elif BIAS_MODE == 1:
+        out = tl.zeros(rel.shape, tl.float32) + const
+    else:
+        out = tl.zeros(rel.shape, tl.float32)
+    return out
+
+
+# ----------------------------------------------------------------------------- forward
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, start, stop, const, offs_m,
+               stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
+               seed, stream, n_groups, drop_below,
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(start, stop, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        in_k = offs_n < Lk
+        k_t = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=in_k[None, :], other=0.0)
+        s = _dot(q, k_t, UPCAST) * qk_scale
+        s += _bias_tile(TABLE, offs_n[None, :] - offs_m[:, None], R, const, BIAS_MODE)
+        keep = offs_n[None, :] < kv_len
+        if HAS_KEY_MASK:
+            keep = keep & (tl.load(KMASK + offs_n, mask=in_k, other=0) != 0)[None, :]
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= offs_m[:, None])
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row masked so far: exp2(-inf - 0) = 0, no NaN
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if DROPOUT:  # the softmax denominator counts every key; dropout acts on the normalised probabilities
+            p = tl.where(_keep_tile(seed, stream, offs_m, start_n // 8, n_groups, drop_below, BLOCK_M, BLOCK_N),
+                         p, 0.0)
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=in_k[:, None], other=0.0)
+        acc = _dot_acc(p.to(v.dtype), v, acc, UPCAST)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["seed"])
+def t5_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN,
+                     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                     stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
+                     stride_mask_b, H, Lq, Lk, R, qk_scale, seed, drop_below, drop_scale, len_key,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+                     UPCAST: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_q = offs_m < Lq
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=in_q[:, None], other=0.0)
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    if HAS_KEY_MASK:
+        kv_len = tl.load(KV_LEN + b)
+        KMASK += b * stride_mask_b
+    else:
+        kv_len = Lk
+    stop = kv_len
+    if CAUSAL:
+        stop = tl.minimum(stop, start_m + BLOCK_M)
+    n_groups = tl.cdiv(Lk, 8)
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if HAS_BIAS:
+        TABLE += h * (2 * R + 1)
+        # key tiles whose offsets j - i are all <= -R (far left) or all >= +R (far right) share one bias value
+        lo_end = tl.minimum((tl.maximum(start_m - R + 1, 0) // BLOCK_N) * BLOCK_N, stop)
+        hi_start = tl.maximum(tl.minimum(tl.cdiv(start_m + BLOCK_M - 1 + R, BLOCK_N) * BLOCK_N, stop), lo_end)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, 0, lo_end, tl.load(TABLE), offs_m,
+                                   stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
+                                   seed, bh, n_groups, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
+                                   False, HAS_KEY_MASK, DROPOUT, UPCAST)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, lo_end, hi_start, 0.0, offs_m,
+                                   stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
+                                   seed, bh, n_groups, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER,
+                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, hi_start, stop, tl.load(TABLE + 2 * R),
+                                   offs_m, stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
+                                   seed, bh, n_groups, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
+                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST)
+    else:
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, 0, stop, 0.0, offs_m,
+                                   stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
+                                   seed, bh, n_groups, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE,
+                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST)
+    empty = l_i == 0.0  # no key to attend to: output 0, and lse = +inf makes the backward's P exactly 0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc * (drop_scale / l_safe)[:, None]
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+             out.to(O.dtype.element_ty), mask=in_q[:, None])
+    tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe)),
+             mask=in_q)
+
+
+# ----------------------------------------------------------------------------- backward
+@triton.jit
+def t5_attention_bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_od,
+                           stride_dob, stride_doh, stride_dom, stride_dod, H, Lq,
+                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta[b, h, i] = sum_d O * dO (fp32): the row term of softmax's backward."""
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_q = offs_m[:, None] < Lq
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                mask=in_q, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                 mask=in_q, other=0.0).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * Lq + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq)
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, stop, const, start_n, key_ok,
+                stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale,
+                seed, stream, n_groups, drop_below, drop_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
+                CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    for start_m in range(start, stop, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        in_q = offs_m < Lq
+        q_t = tl.load(Q + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd, mask=in_q[None, :], other=0.0)
+        lse = tl.load(LSE + offs_m, mask=in_q, other=float("inf"))
+        s_t = _dot(k, q_t, UPCAST) * qk_scale  # (keys, queries)
+        s_t += _bias_tile(TABLE, offs_n[:, None] - offs_m[None, :], R, const, BIAS_MODE)
+        keep = key_ok[:, None]
+        if CAUSAL:
+            keep = keep & (offs_m[None, :] >= offs_n[:, None])
+        p_t = tl.math.exp2(tl.where(keep, s_t, float("-inf")) - lse[None, :])
+        do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=in_q[:, None], other=0.0)
+        dp_t = _dot(v, tl.trans(do), UPCAST)
+        if DROPOUT:
+            kept = tl.trans(_keep_tile(seed, stream, offs_m, start_n // 8, n_groups, drop_below, BLOCK_M, BLOCK_N))
+            pd_t = tl.where(kept, p_t * drop_scale, 0.0)
+            dp_t = tl.where(kept, dp_t * drop_scale, 0.0)
+        else:
+            pd_t = p_t
+        dv = _dot_acc(pd_t.to(do.dtype), do, dv, UPCAST)
+        delta = tl.load(DELTA + offs_m, mask=in_q, other=0.0)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = _dot_acc(ds_t.to(q_t.dtype), tl.trans(q_t), dk, UPCAST)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["seed"])
+def t5_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, KV_LEN,
+                          stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                          stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
+                          stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn,
+                          stride_dvd, stride_mask_b, H, Lq, Lk, R, qk_scale, scale, seed, drop_below, drop_scale,
+                          len_key, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+                          DROPOUT: tl.constexpr, UPCAST: tl.constexpr):
+    start_n = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_k = offs_n < Lk
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=in_k[:, None], other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=in_k[:, None], other=0.0)
+    if HAS_KEY_MASK:
+        kv_len = tl.load(KV_LEN + b)
+        key_ok = (offs_n < kv_len) & (tl.load(KMASK + b * stride_mask_b + offs_n, mask=in_k, other=0) != 0)
+    else:
+        kv_len = Lk
+        key_ok = in_k
+    Q += b * stride_qb + h * stride_qh
+    DO += b * stride_dob + h * stride_doh
+    LSE += bh.to(tl.int64) * Lq
+    DELTA += bh.to(tl.int64) * Lq
+    start = 0
+    if CAUSAL:
+        start = (start_n // BLOCK_M) * BLOCK_M  # query blocks entirely above the diagonal see none of these keys
+    stop = tl.where(start_n < kv_len, Lq, start)  # keys past the row's length: zero gradient, no work
+    n_groups = tl.cdiv(Lk, 8)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    if HAS_BIAS:
+        TABLE += h * (2 * R + 1)
+        # query tiles that see these keys at offsets all >= +R (first) or all <= -R (last) share one bias value
+        hi_end = tl.maximum(tl.minimum((tl.maximum(start_n - R + 1, 0) // BLOCK_M) * BLOCK_M, stop), start)
+        lo_start = tl.maximum(tl.minimum(tl.cdiv(start_n + BLOCK_N - 1 + R, BLOCK_M) * BLOCK_M, stop), hi_end)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, hi_end, tl.load(TABLE + 2 * R), start_n,
+                             key_ok, stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale, seed, bh,
+                             n_groups, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, CAUSAL,
+                             DROPOUT, UPCAST)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, hi_end, lo_start, 0.0, start_n,
+                             key_ok, stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale, seed, bh,
+                             n_groups, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER, CAUSAL,
+                             DROPOUT, UPCAST)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, lo_start, stop, tl.load(TABLE), start_n,
+                             key_ok, stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale, seed, bh,
+                             n_groups, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, False,
+                             DROPOUT, UPCAST)
+    else:
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, stop, 0.0, start_n,
+                             key_ok, stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale, seed, bh,
+                             n_groups, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE, CAUSAL,
+                             DROPOUT, UPCAST)
+    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+             (dk * scale).to(DK.dtype.element_ty), mask=in_k[:, None])
+    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=in_k[:, None])
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, start, stop, const, offs_m,
+              stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
+              seed, stream, n_groups, drop_below, drop_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(start, stop, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        in_k = offs_n < Lk
+        k_t = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=in_k[None, :], other=0.0)
+        v_t = tl.load(V + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=in_k[None, :], other=0.0)
+        s = _dot(q, k_t, UPCAST) * qk_scale
+        s += _bias_tile(TABLE, offs_n[None, :] - offs_m[:, None], R, const, BIAS_MODE)
+        keep = offs_n[None, :] < kv_len
+        if HAS_KEY_MASK:
+            keep = keep & (tl.load(KMASK + offs_n, mask=in_k, other=0) != 0)[None, :]
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= offs_m[:, None])
+        p = tl.math.exp2(tl.where(keep, s, float("-inf")) - lse[:, None])
+        dp = _dot(do, v_t, UPCAST)
+        if DROPOUT:
+            kept = _keep_tile(seed, stream, offs_m, start_n // 8, n_groups, drop_below, BLOCK_M, BLOCK_N)
+            dp = tl.where(kept, dp * drop_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = _dot_acc(ds.to(k_t.dtype), tl.trans(k_t), dq, UPCAST)
+    return dq
+
+
+@triton.jit(do_not_specialize=["seed"])
+def t5_attention_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TABLE, KMASK, KV_LEN,
+                        stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                        stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
+                        stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_mask_b, H, Lq, Lk, R, qk_scale, scale,
+                        seed, drop_below, drop_scale, len_key, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_q = offs_m < Lq
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=in_q[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                 mask=in_q[:, None], other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * Lq + offs_m, mask=in_q, other=float("inf"))
+    delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=in_q, other=0.0)
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    if HAS_KEY_MASK:
+        kv_len = tl.load(KV_LEN + b)
+        KMASK += b * stride_mask_b
+    else:
+        kv_len = Lk
+    stop = kv_len
+    if CAUSAL:
+        stop = tl.minimum(stop, start_m + BLOCK_M)
+    n_groups = tl.cdiv(Lk, 8)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if HAS_BIAS:
+        TABLE += h * (2 * R + 1)
+        lo_end = tl.minimum((tl.maximum(start_m - R + 1, 0) // BLOCK_N) * BLOCK_N, stop)
+        hi_start = tl.maximum(tl.minimum(tl.cdiv(start_m + BLOCK_M - 1 + R, BLOCK_N) * BLOCK_N, stop), lo_end)
+        dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, 0, lo_end, tl.load(TABLE), offs_m,
+                       stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_groups,
+                       drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, False, HAS_KEY_MASK,
+                       DROPOUT, UPCAST)
+        dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, lo_end, hi_start, 0.0, offs_m,
+                       stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_groups,
+                       drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER, CAUSAL, HAS_KEY_MASK,
+                       DROPOUT, UPCAST)
+        dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, hi_start, stop, tl.load(TABLE + 2 * R), offs_m,
+                       stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_groups,
+                       drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, CAUSAL, HAS_KEY_MASK,
+                       DROPOUT, UPCAST)
+    else:
+        dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, 0, stop, 0.0, offs_m,
+                       stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_groups,
+                       drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE, CAUSAL, HAS_KEY_MASK,
+                       DROPOUT, UPCAST)
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+             (dq * scale).to(DQ.dtype.element_ty), mask=in_q[:, None])
+
+
+# ----------------------------------------------------------------------------- debugging aid
+@triton.jit(do_not_specialize=["seed"])
+def t5_attention_dropout_mask(MASK, H, Lq, Lk, seed, drop_below, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """MASK[b, h, i, j] = 1 where the attention kernels keep element (i, j), 0 where they drop it."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_n = tl.program_id(1) * BLOCK_N
+    bh = tl.program_id(2)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    keep = _keep_tile(seed, bh, offs_m, start_n // 8, tl.cdiv(Lk, 8), drop_below, BLOCK_M, BLOCK_N)
+    tl.store(MASK + bh.to(tl.int64) * Lq * Lk + offs_m[:, None] * Lk + offs_n[None, :], keep.to(tl.int8),
+             mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))

@@ -1,0 +1,408 @@
+"""sumtune's Triton T5 attention (sumtune.fast_t5.flash_attention) against plain-PyTorch references.
+
+On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py when there is no GPU).
+float32 inputs there make the kernels' arithmetic exact up to fp32
+rounding, so bias indexing, masks and dropout are checked to ~1e-6 against a float64 reference of the same math;
+bf16/fp16 cases check the real dtypes. Small tiles are pinned so that every case crosses several blocks and the
+far/near bias regions. GPU tests (``-m gpu``) compare the compiled kernels with stock transformers in bf16.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from sumtune.fast_t5 import attention as attention_lib  # noqa: E402
+from sumtune.fast_t5 import bias as bias_lib  # noqa: E402
+
+FP32_RTOL = 2e-5  # fp32 kernels vs float64: rounding only
+HALF_RTOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3}  # P and dS rounded to the input dtype, as in FlashAttention
+
+
+def _interpreting() -> bool:
+    from sumtune.fast_t5 import flash_kernels
+
+    return flash_kernels.INTERPRET
+
+
+@pytest.fixture()
+def fa():
+    """flash_attention with its kernels in Triton's CPU interpreter (tests/conftest.py turns it on without CUDA;
+    it must be on before triton is first imported, which peft and bitsandbytes do)."""
+    if not _interpreting():
+        pytest.skip("Triton's interpreter is off (a CUDA machine: run with TRITON_INTERPRET=1, or -m gpu)")
+    from sumtune.fast_t5 import flash_attention
+
+    return flash_attention
+
+
+# ----------------------------------------------------------------------------- helpers
+def make_qkv(batch, heads, query_len, key_len, head_dim, dtype, device="cpu", seed=0):
+    """(B, H, L, D) views of (B, L, H, D) tensors, as the fast T5 attention hands them over."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def one(length):
+        data = torch.randn(batch, length, heads, head_dim, generator=gen)
+        return data.to(device=device, dtype=dtype).transpose(1, 2).requires_grad_()
+
+    return one(query_len), one(key_len), one(key_len)
+
+
+def padding_mask(batch, key_len, device="cpu"):
+    """Row 0 full, row 1 right-padded, row 2 (if any) short with a hole: the kernels take any key mask."""
+    mask = torch.ones(batch, key_len, dtype=torch.bool, device=device)
+    if batch > 1:
+        mask[1, key_len * 2 // 3:] = False
+    if batch > 2:
+        mask[2, key_len // 3:] = False
+        mask[2, 1] = False
+    return mask
+
+
+def run_with_grads(fn, q, k, v, grad_out):
+    for t in (q, k, v):
+        t.grad = None
+    out = fn(q, k, v)
+    out.backward(grad_out.to(out.dtype))  # .backward, not autograd.grad: reentrant checkpointing allows only this
+    grads = tuple(t.grad.clone() for t in (q, k, v))
+    for t in (q, k, v):
+        t.grad = None
+    return out.detach(), grads
+
+
+def relative_error(value, reference) -> float:
+    value, reference = value.detach().double(), reference.detach().double()
+    return float((value - reference).norm() / reference.norm().clamp_min(1e-30))
+
+
+def assert_matches_reference(fa, q, k, v, rtol, table=None, mask=None, causal=False, keep=None, keep_scale=1.0,
+                             dropout_p=0.0):
+    grad_out = torch.randn(q.shape[0], q.shape[1], q.shape[2], v.shape[-1], generator=torch.Generator().manual_seed(9))
+    out, grads = run_with_grads(lambda *t: fa.flash_t5_attention(*t, bias_table=table, key_mask=mask, causal=causal,
+                                                                 dropout_p=dropout_p), q, k, v, grad_out)
+    ref, ref_grads = run_with_grads(lambda *t: fa.reference_t5_attention(*t, bias_table=table, key_mask=mask,
+                                                                         causal=causal, keep_mask=keep,
+                                                                         keep_scale=keep_scale), q, k, v, grad_out)
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    errors = {name: relative_error(a, b) for name, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads),
+                                                                (ref, *ref_grads))}
+    assert max(errors.values()) <= rtol, errors
+    return out, grads
+
+
+# ----------------------------------------------------------------------------- exact math (fp32 in the interpreter)
+CASES = {  # name: (query_len, key_len, head_dim, bias radius or None, causal, padded)
+    "encoder-bias-padding": (50, 50, 16, 8, False, True),
+    "decoder-causal-bias-padding": (50, 50, 16, 8, True, True),
+    "cross-no-bias-padding": (21, 50, 16, None, False, True),
+    "encoder-near-only": (37, 37, 32, 128, False, False),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_forward_and_grads_match_float64_reference(fa, case):
+    query_len, key_len, head_dim, radius, causal, padded = CASES[case]
+    q, k, v = make_qkv(3, 2, query_len, key_len, head_dim, torch.float32)
+    table = torch.randn(2, 2 * radius + 1, generator=torch.Generator().manual_seed(1)) if radius else None
+    mask = padding_mask(3, key_len) if padded else None
+    with fa.block_sizes(fwd=(16, 16), dkdv=(16, 32), dq=(32, 16)):  # lengths are not multiples of any of them
+        assert_matches_reference(fa, q, k, v, FP32_RTOL, table, mask, causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_match_reference(fa, dtype):
+    q, k, v = make_qkv(2, 2, 40, 40, 64, dtype)
+    table = torch.randn(2, 17, generator=torch.Generator().manual_seed(2))
+    assert_matches_reference(fa, q, k, v, HALF_RTOL[dtype], table, padding_mask(2, 40), causal=dtype == torch.float16)
+
+
+def test_padded_keys_get_exactly_zero_probability(fa):
+    q, k, v = make_qkv(2, 2, 30, 30, 16, torch.float32)
+    mask = padding_mask(2, 30)
+    table = torch.randn(2, 9)
+    grad_out = torch.randn(2, 2, 30, 16)
+    out, (dq, dk, dv) = run_with_grads(lambda *t: fa.flash_t5_attention(*t, table, mask), q, k, v, grad_out)
+    garbage_k, garbage_v = k.detach().clone(), v.detach().clone()
+    garbage_k[1, :, 20:] = 1e4  # would dominate every row if a padded key leaked
+    garbage_v[1, :, 20:] = -1e4
+    garbage_k.requires_grad_()
+    garbage_v.requires_grad_()
+    out2, (dq2, dk2, dv2) = run_with_grads(lambda *t: fa.flash_t5_attention(*t, table, mask), q, garbage_k,
+                                           garbage_v, grad_out)
+    assert torch.equal(out, out2) and torch.equal(dq, dq2)  # query rows at padded positions included
+    assert torch.equal(dk[1, :, 20:], torch.zeros_like(dk[1, :, 20:]))
+    assert torch.equal(dv[1, :, 20:], torch.zeros_like(dv[1, :, 20:]))
+
+
+def test_rows_without_any_key_give_zeros_not_nan(fa):
+    q, k, v = make_qkv(2, 2, 20, 20, 16, torch.float32)
+    mask = torch.ones(2, 20, dtype=torch.bool)
+    mask[1] = False  # a row with nothing to attend to
+    out, grads = assert_matches_reference(fa, q, k, v, FP32_RTOL, torch.randn(2, 9), mask)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert all(torch.equal(g[1], torch.zeros_like(g[1])) for g in grads)
+    causal_mask = torch.ones(2, 20, dtype=torch.bool)
+    causal_mask[:, 0] = False  # causal query 0 sees only key 0, which is masked
+    out, _ = assert_matches_reference(fa, q, k, v, FP32_RTOL, torch.randn(2, 9), causal_mask, causal=True)
+    assert torch.equal(out[:, :, 0], torch.zeros_like(out[:, :, 0]))
+
+
+# ----------------------------------------------------------------------------- dropout
+def seed_of_next_call(fa, rng_seed: int) -> int:
+    """The seed the next kernel call will draw after torch.manual_seed(rng_seed) (which this re-applies)."""
+    torch.manual_seed(rng_seed)
+    seed = int(fa.draw_seed())
+    torch.manual_seed(rng_seed)
+    return seed
+
+
+def test_dropout_forward_and_backward_use_the_mask_the_kernels_draw(fa):
+    """The float64 reference with the debug helper's mask reproduces output and all three gradients, while the
+    forward and both backward kernels run with different tiles: one mask, whatever the tiling."""
+    q, k, v = make_qkv(2, 2, 45, 45, 16, torch.float32)
+    table, mask, p = torch.randn(2, 17), padding_mask(2, 45), 0.3
+    for causal in (False, True):
+        seed = seed_of_next_call(fa, 7)
+        keep = fa.dropout_keep_mask(seed, 2, 2, 45, 45, p, device="cpu")
+        with fa.block_sizes(fwd=(16, 32), dkdv=(32, 16), dq=(16, 16)):
+            assert_matches_reference(fa, q, k, v, FP32_RTOL, table, mask, causal, keep=keep,
+                                     keep_scale=fa.dropout_scale(p), dropout_p=p)
+
+
+def test_dropout_mask_rate_streams_and_tiling(fa):
+    p = 0.1
+    mask = fa.dropout_keep_mask(1234, 2, 3, 64, 72, p, device="cpu")
+    drop_rate = 1 - mask.float().mean().item()
+    sigma = (p * (1 - p) / mask.numel()) ** 0.5
+    assert abs(drop_rate - p) < 4 * sigma
+    assert abs(fa.dropout_scale(p) * (1 - p) - 1) < 1e-4  # kept values scaled like torch's 1 / (1 - p)
+    assert torch.equal(mask, fa.dropout_keep_mask(1234, 2, 3, 64, 72, p, device="cpu", block=(32, 16)))
+    assert not torch.equal(mask, fa.dropout_keep_mask(1235, 2, 3, 64, 72, p, device="cpu"))
+    assert not torch.equal(mask[0, 0], mask[0, 1]) and not torch.equal(mask[0, 0], mask[1, 0])  # per (b, h) streams
+    assert not torch.equal(mask[0, 0, 0], mask[0, 0, 1])  # per query row
+
+
+def test_dropout_reproducible_under_manual_seed_and_checkpointing(fa):
+    from torch.utils.checkpoint import checkpoint
+
+    q, k, v = make_qkv(2, 2, 24, 24, 16, torch.float32)
+    grad_out = torch.randn(2, 2, 24, 16)
+
+    def attend(*t):
+        return fa.flash_t5_attention(*t, torch.randn(2, 9, generator=torch.Generator().manual_seed(0)),
+                                     dropout_p=0.2)
+
+    torch.manual_seed(3)
+    out, grads = run_with_grads(attend, q, k, v, grad_out)
+    torch.manual_seed(3)
+    again, _ = run_with_grads(attend, q, k, v, grad_out)
+    torch.manual_seed(4)
+    other, _ = run_with_grads(attend, q, k, v, grad_out)
+    assert torch.equal(out, again) and not torch.equal(out, other)
+    for reentrant in (False, True):  # the recomputed forward must draw the same mask as the first one
+        torch.manual_seed(3)
+        recomputed, recomputed_grads = run_with_grads(
+            lambda *t: checkpoint(attend, *t, use_reentrant=reentrant), q, k, v, grad_out)
+        assert torch.equal(recomputed, out)
+        assert all(torch.equal(a, b) for a, b in zip(recomputed_grads, grads))
+
+
+# ----------------------------------------------------------------------------- bias table, dispatch, custom op
+@pytest.mark.parametrize("num_buckets,max_distance", [(32, 128), (16, 64), (32, 40)])
+def test_bias_table_reproduces_stock_compute_bias(num_buckets, max_distance):
+    from transformers import T5Config
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    for is_decoder in (False, True):
+        config = T5Config(d_model=32, d_kv=8, num_heads=4, relative_attention_num_buckets=num_buckets,
+                          relative_attention_max_distance=max_distance, is_decoder=is_decoder)
+        torch.manual_seed(0)
+        attention = T5Attention(config, has_relative_attention_bias=True).requires_grad_(False)
+        length = 2 * max_distance + 37  # far beyond the clamp on both sides
+        for dtype in (torch.float32, torch.bfloat16):
+            table = bias_lib.relative_position_bias_by_offset(attention, dtype)
+            offsets = torch.arange(length)[None, :] - torch.arange(length)[:, None]
+            gathered = table[:, offsets.clamp(-max_distance, max_distance) + max_distance]
+            stock = attention.compute_bias(length, length)[0].to(dtype).float()
+            assert torch.equal(gathered, stock)
+
+
+def test_dispatch_first_match(monkeypatch):
+    from sumtune.errors import SumtuneError
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert attention_lib.choose_backend("auto", cpu, torch.bfloat16, 64, None) == "sdpa"
+    assert attention_lib.choose_backend("sdpa", cuda, torch.bfloat16, 64, None) == "sdpa"
+    assert attention_lib.triton_blocker(cuda, torch.bfloat16, 128, None) is None
+    assert "float32" in attention_lib.triton_blocker(cuda, torch.float32, 64, None)
+    assert "head_dim" in attention_lib.triton_blocker(cuda, torch.bfloat16, 80, None)
+    assert "CUDA" in attention_lib.triton_blocker(cpu, torch.bfloat16, 64, None)
+    with pytest.raises(SumtuneError, match="CUDA"):
+        attention_lib.choose_backend("triton", cpu, torch.bfloat16, 64, None)
+    with pytest.raises(SumtuneError, match="one of auto, triton, sdpa"):
+        attention_lib.choose_backend("flash", cuda, torch.bfloat16, 64, None)
+
+
+def test_dispatch_keeps_sdpa_for_a_trainable_bias():
+    from transformers import T5Config
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    attention = T5Attention(T5Config(d_model=32, d_kv=8, num_heads=4), has_relative_attention_bias=True)
+    cuda = torch.device("cuda")
+    assert "trainable" in attention_lib.triton_blocker(cuda, torch.bfloat16, 64, attention)
+    with torch.no_grad():  # no gradient asked for: the frozen-table kernels are exact
+        assert attention_lib.triton_blocker(cuda, torch.bfloat16, 64, attention) is None
+    attention.requires_grad_(False)  # QLoRA freezes it
+    assert attention_lib.choose_backend("auto", cuda, torch.bfloat16, 64, attention) == "triton"
+
+
+def test_custom_op_registration_passes_opcheck(fa):
+    """Schema, fake tensors and autograd registration as torch.compile relies on (torch.library.opcheck)."""
+    q, k, v = make_qkv(2, 2, 20, 20, 16, torch.float32)
+    padding = fa.key_padding(padding_mask(2, 20))
+    table = fa.bias_table_log2(torch.randn(2, 9))
+    op = torch.ops.sumtune.t5_flash_attention.default
+    torch.library.opcheck(op, (q, k, v, table, padding.mask, padding.lengths, False, 1.0, 0.0),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+# ----------------------------------------------------------------------------- the fast T5 stack on this route
+@pytest.mark.slow
+def test_fast_t5_on_the_triton_route_matches_stock(fa):
+    """Tiny QLoRA T5 (padded source and target) through enable_fast_t5(attention_backend="triton") in the
+    interpreter: loss as stock, padding exact, LoRA gradients near a float32 recomputation.
+
+    The bar is 1.5x stock's distance from float32 (measured 1.27x for the vector, 1.22x for the worst tensor): the
+    kernels round P and dS to bf16 before their GEMMs, as GPU flash kernels (stock's on GPU) do and CPU SDPA does
+    not; the GPU test holds them to 1.1x. Mis-wiring fails it: a mirrored bias table measured 2.7x, no causal
+    mask 36x."""
+    from test_fast_t5 import LOSS_RTOL, TINY, VOCAB, build_qlora_t5, loss_and_lora_grads, padded_batch
+
+    from sumtune.fast_t5 import disable_fast_t5, enable_fast_t5
+    from sumtune.fast_t5.numerics import fp32_reference_grads, relative_errors, vector_relative_error
+
+    model = build_qlora_t5(TINY, seed=11)
+    batch = padded_batch(3, 24, 10, VOCAB, seed=12)
+    decoder_ids = model.base_model.model._shift_right(batch["labels"])
+    decoder_mask = torch.ones_like(decoder_ids)
+    decoder_mask[:, 1:] = (batch["labels"][:, :-1] != -100).long()
+    batch = dict(batch, decoder_input_ids=decoder_ids, decoder_attention_mask=decoder_mask)
+    stock_loss, stock_grads = loss_and_lora_grads(model, batch)
+    enable_fast_t5(model, attention_backend="triton")
+    try:
+        loss, grads = loss_and_lora_grads(model, batch)
+        garbage = dict(batch, input_ids=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, 7),
+                       decoder_input_ids=decoder_ids.masked_fill(decoder_mask == 0, 9))
+        with torch.no_grad():
+            garbage_loss = model(**garbage).loss
+            clean_loss = model(**batch).loss
+    finally:
+        disable_fast_t5(model)
+    assert abs(float(loss - stock_loss)) <= LOSS_RTOL * abs(float(stock_loss))
+    assert torch.equal(clean_loss, garbage_loss)  # padded source and target tokens change nothing
+    _, fp32_grads = fp32_reference_grads(model, batch)
+    ours, stock = relative_errors(grads, fp32_grads), relative_errors(stock_grads, fp32_grads)
+    assert max(ours.values()) <= 1.5 * max(stock.values())
+    assert vector_relative_error(grads, fp32_grads) <= 1.5 * vector_relative_error(stock_grads, fp32_grads)
+
+
+# ----------------------------------------------------------------------------- GPU (compiled kernels)
+@pytest.fixture()
+def compiled_fa():
+    if _interpreting():
+        pytest.skip("TRITON_INTERPRET=1: the GPU tests need the compiled kernels")
+    from sumtune.fast_t5 import flash_attention
+
+    return flash_attention
+
+
+def sdpa_dense(q, k, v, table, mask, causal, dropout_p=0.0):
+    """Stock's way: materialised bias with masks folded in as finfo.min, through SDPA."""
+    query_len, key_len = q.shape[2], k.shape[2]
+    radius = (table.shape[1] - 1) // 2
+    offsets = torch.arange(key_len, device=q.device)[None, :] - torch.arange(query_len, device=q.device)[:, None]
+    bias = table.to(q.dtype)[:, offsets.clamp(-radius, radius) + radius][None]
+    keep = mask[:, None, None, :]
+    if causal:
+        keep = keep & torch.ones(query_len, key_len, dtype=torch.bool, device=q.device).tril()
+    bias = torch.where(keep, bias, torch.finfo(q.dtype).min)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_kernels_no_further_from_float64_than_sdpa(compiled_fa, head_dim, causal, dtype):
+    fa = compiled_fa
+    q, k, v = make_qkv(4, 8, 1000, 1000, head_dim, dtype, device="cuda")
+    table = torch.randn(8, 257, device="cuda").to(dtype).float()
+    mask = padding_mask(4, 1000, device="cuda")
+    grad_out = torch.randn(q.shape, device="cuda", dtype=dtype)
+    ours = run_with_grads(lambda *t: fa.flash_t5_attention(*t, table, mask, causal), q, k, v, grad_out)
+    sdpa = run_with_grads(lambda *t: sdpa_dense(*t, table, mask, causal), q, k, v, grad_out)
+    reference = run_with_grads(lambda *t: fa.reference_t5_attention(*t, table, mask, causal), q, k, v, grad_out)
+    for name, a, b, r in zip(("out", "dq", "dk", "dv"), (ours[0], *ours[1]), (sdpa[0], *sdpa[1]),
+                             (reference[0], *reference[1])):
+        assert torch.isfinite(a).all(), name
+        assert relative_error(a, r) <= 1.5 * relative_error(b, r) + 1e-3, name
+    seed = seed_of_next_call(fa, 5)
+    keep = fa.dropout_keep_mask(seed, 4, 8, 1000, 1000, 0.1, device="cuda")
+    dropped = run_with_grads(lambda *t: fa.flash_t5_attention(*t, table, mask, causal, dropout_p=0.1), q, k, v,
+                             grad_out)
+    expected = run_with_grads(lambda *t: fa.reference_t5_attention(*t, table, mask, causal, keep_mask=keep,
+                                                                   keep_scale=fa.dropout_scale(0.1)), q, k, v,
+                              grad_out)
+    for a, r in zip((dropped[0], *dropped[1]), (expected[0], *expected[1])):
+        assert relative_error(a, r) <= HALF_RTOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_t5_3b_widths_triton_route_no_further_from_fp32_than_stock(compiled_fa):
+    from test_fast_t5 import (GRAD_RTOL, LOSS_RTOL, assert_fast_no_further_from_fp32_than_stock, build_qlora_t5,
+                              loss_and_lora_grads, padded_batch)
+
+    from sumtune.fast_t5 import disable_fast_t5, enable_fast_t5
+    from sumtune.fast_t5.numerics import vector_relative_error
+
+    config = dict(d_model=1024, d_ff=16384, d_kv=128, num_heads=32, num_layers=2, num_decoder_layers=2,
+                  vocab_size=32128, relative_attention_num_buckets=32)
+    model = build_qlora_t5(config, device="cuda")
+    batch = padded_batch(4, 1024, 128, 32128, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        stock_loss, stock_grads = loss_and_lora_grads(model, batch)
+        enable_fast_t5(model, attention_backend="triton")
+        loss, grads = loss_and_lora_grads(model, batch)
+    disable_fast_t5(model)
+    assert abs(float(loss - stock_loss)) <= LOSS_RTOL * abs(float(stock_loss))
+    assert vector_relative_error(grads, stock_grads) <= GRAD_RTOL
+    assert_fast_no_further_from_fp32_than_stock(model, batch, stock_grads, grads)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_compiled_graph_keeps_the_kernels_and_their_dropout(compiled_fa):
+    fa = compiled_fa
+    q, k, v = make_qkv(2, 4, 300, 300, 64, torch.bfloat16, device="cuda")
+    table = torch.randn(4, 257, device="cuda")
+    mask = padding_mask(2, 300, device="cuda")
+
+    def attend(q, k, v):
+        return fa.flash_t5_attention(q, k, v, table, mask, dropout_p=0.1).float().square().sum()
+
+    compiled = torch.compile(attend, fullgraph=True)
+    torch.manual_seed(1)
+    eager_loss = attend(q, k, v)
+    eager_grads = torch.autograd.grad(eager_loss, (q, k, v))
+    torch.manual_seed(1)
+    compiled_loss = compiled(q, k, v)
+    compiled_grads = torch.autograd.grad(compiled_loss, (q, k, v))
+    assert torch.allclose(compiled_loss, eager_loss, rtol=1e-3)
+    assert all(relative_error(a, b) < 1e-2 for a, b in zip(compiled_grads, eager_grads))
