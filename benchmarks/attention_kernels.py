@@ -1,17 +1,29 @@
-"""T5-3b encoder self-attention, forward + backward, in each SDPA kernel: what the bias and dropout cost.
+"""T5 self-attention forward + backward in every kernel sumtune could use, with T5's bias, padding and dropout.
 
-    python benchmarks/attention_kernels.py            # GPU: batch 32, 32 heads, 1024 tokens, head dim 128
+    python benchmarks/attention_kernels.py               # GPU, one run: T5-3b and FLAN-T5-XL shapes, 1024 and 4096
+    python benchmarks/attention_kernels.py --shapes 32x32x1024x128
+    python benchmarks/attention_kernels.py --cpu-check   # no GPU: sumtune's Triton kernels in Triton's interpreter
 
-Bias layouts: none; the relative position bias broadcast over the batch (1, H, L, L), which is what an
-unpadded batch gives; and one (B, H, L, L) bias per row, which is what a padded batch gives (padding
-folded in). Writes JSON under benchmarks/results/ with the GPU name.
+Shapes are batch x heads x length x head_dim; a quarter of the rows are right-padded by 10% (as BillSum batches are).
+Rows, each timed forward + backward (CUDA events, median) with its peak memory above the inputs:
+  cudnn                     SDPA cuDNN, no bias, no dropout: the speed of attention (the issue's yardstick)
+  cudnn|efficient +bias     SDPA with the (B, H, L, L) bias, padding folded in, as sumtune's SDPA route builds it
+  ... +dropout              the same with dropout 0.1 on the probabilities
+  flex +bias                FlexAttention (compiled), bias from the table in score_mod, padding as a block mask
+  triton +bias(+dropout)    sumtune's kernels (sumtune.fast_t5.flash_attention): table + key padding, no L x L
+The bias tensors come from a real frozen T5Attention through sumtune.fast_t5.bias, as the fast stack makes them.
+In the same run, sumtune's kernels are checked against a float32 reference on the first rows (with dropout: the
+kernels' own mask), next to SDPA's error against the same reference. Writes JSON under benchmarks/results/.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -21,64 +33,282 @@ import torch.nn.functional as F  # noqa: E402
 
 import bench_common as bc  # noqa: E402
 
+DEFAULT_SHAPES = ("32x32x1024x128", "4x32x4096x128", "32x32x1024x64")
+DROPOUT_P = 0.1
+BIAS_RADIUS = 128  # T5's relative_attention_max_distance
 
-def time_attention(q, k, v, bias, dropout_p: float, backend, repeats: int) -> float:
+
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    try:
+        batch, heads, length, head_dim = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape must be BxHxLxD, e.g. 32x32x1024x128, not {text!r}") from None
+    return batch, heads, length, head_dim
+
+
+# ----------------------------------------------------------------------------- inputs, as sumtune builds them
+def t5_attention_module(heads: int, head_dim: int, device) -> torch.nn.Module:
+    """A frozen T5 encoder self-attention with its relative position bias (random weights, T5-3b's buckets)."""
+    from transformers import T5Config
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    config = T5Config(d_model=heads * head_dim, d_kv=head_dim, num_heads=heads, relative_attention_num_buckets=32,
+                      relative_attention_max_distance=BIAS_RADIUS)
+    torch.manual_seed(0)
+    module = T5Attention(config, has_relative_attention_bias=True).to(device)
+    with torch.no_grad():
+        module.relative_attention_bias.weight.normal_(0.0, 2.0)  # trained T5 biases span a few units
+    return module.requires_grad_(False)
+
+
+def make_inputs(shape, device, dtype=torch.bfloat16):
+    batch, heads, length, head_dim = shape
+    gen = torch.Generator(device=device).manual_seed(1)
+    q, k, v = (torch.randn(batch, length, heads, head_dim, device=device, dtype=dtype, generator=gen)
+               .transpose(1, 2).requires_grad_() for _ in range(3))  # (B, H, L, D) views, as the fast path has
+    keep = torch.ones(batch, length, dtype=torch.bool, device=device)
+    keep[: max(batch // 4, 1), length - length // 10:] = False
+    return q, k, v, keep
+
+
+# ----------------------------------------------------------------------------- timing
+def time_fwd_bwd(fn, tensors, grad_out, repeats: int) -> tuple[float, float]:
+    """(median seconds of forward + backward, peak GiB allocated above the inputs, gradients included)."""
+    def step():
+        for t in tensors:
+            t.grad = None
+        fn(*tensors).backward(grad_out)
+
+    bc.free_gpu_memory()
+    for _ in range(2):  # compile, autotune (its timing buffers would count as peak), cuDNN plans
+        step()
+    torch.cuda.synchronize()
+    for t in tensors:
+        t.grad = None
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    return statistics.median(times), peak
+
+
+def sdpa_row(backend):
     from torch.nn.attention import sdpa_kernel
 
-    times = []
-    with sdpa_kernel([backend]):
-        for i in range(repeats + 2):
-            for t in (q, k, v):
-                t.grad = None
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=1.0)
-            out.backward(torch.ones_like(out))
-            end.record()
-            torch.cuda.synchronize()
-            if i >= 2:
-                times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+    def attend(q, k, v, bias, dropout_p):
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=1.0)
+
+    return attend
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--seq", type=int, default=1024)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=10)
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("attention_kernels.py needs a CUDA GPU.", file=sys.stderr)
-        return 2
+def flex_attend_factory(table, lengths, batch, heads, length):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    radius = (table.shape[1] - 1) // 2
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + table[h, (kv_idx - q_idx).clamp(-radius, radius) + radius]
+
+    def key_padding(b, h, q_idx, kv_idx):
+        return kv_idx < lengths[b]
+
+    block_mask = create_block_mask(key_padding, batch, None, length, length, device=table.device)
+    compiled = torch.compile(flex_attention, dynamic=False)
+    return lambda q, k, v: compiled(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=1.0)
+
+
+# ----------------------------------------------------------------------------- correctness in the same run
+def error_vs_float32(fa, attend_ours, attend_sdpa, q, k, v, table, keep, grad_out, rows: int):
+    """Relative errors of out/dq/dk/dv vs a float32 reference on the first ``rows`` batch rows (padded ones),
+    for sumtune's kernels with dropout (checked with the mask they draw) and for SDPA without."""
+    from sumtune.fast_t5.flash_attention import draw_seed
+
+    def grads_of(fn):
+        for t in (q, k, v):
+            t.grad = None
+        out = fn(q, k, v)
+        out.backward(grad_out)
+        return [x[:rows].detach().float() for x in (out, q.grad, k.grad, v.grad)]
+
+    sliced = [t[:rows].detach().clone().float().requires_grad_() for t in (q, k, v)]
+
+    def reference(keep_mask=None, keep_scale=1.0):
+        for t in sliced:
+            t.grad = None
+        out = fa.reference_t5_attention(*sliced, table, keep[:rows], keep_mask=keep_mask, keep_scale=keep_scale,
+                                        dtype=torch.float32)
+        out.backward(grad_out[:rows].float())
+        return [out.detach()] + [t.grad for t in sliced]
+
+    def relative(values, refs):
+        return {name: float((a - b).norm() / b.norm()) for name, a, b in zip(("out", "dq", "dk", "dv"), values, refs)}
+
+    batch, heads, length, _ = q.shape
+    torch.manual_seed(123)
+    seed = int(draw_seed())
+    torch.manual_seed(123)
+    ours = grads_of(attend_ours)
+    keep_mask = fa.dropout_keep_mask(seed, rows, heads, length, length, DROPOUT_P, device=q.device)
+    ours_error = relative(ours, reference(keep_mask, fa.dropout_scale(DROPOUT_P)))
+    sdpa_error = relative(grads_of(attend_sdpa), reference())
+    return ours_error, sdpa_error
+
+
+# ----------------------------------------------------------------------------- one shape
+def run_shape(shape, repeats: int, with_flex: bool) -> tuple[list[dict], dict]:
     from torch.nn.attention import SDPBackend
 
-    B, H, L, D = args.batch, args.heads, args.seq, args.head_dim
-    shape = (B, H, L, D)
-    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    position = torch.randn(1, H, L, L, device="cuda", dtype=torch.bfloat16)
-    keep = torch.ones(B, L, dtype=torch.bool, device="cuda")
-    keep[: B // 4, L - 100:] = False  # a quarter of the rows padded, as in BillSum batches
-    per_row = torch.where(keep[:, None, None, :], position, torch.finfo(torch.bfloat16).min).contiguous()
-    flops = 4 * B * H * L * L * D * 3.5  # fwd 2 GEMMs; bwd recomputes scores (2.5x fwd)
-    backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                "flash": SDPBackend.FLASH_ATTENTION}
+    from sumtune.fast_t5 import bias as bias_lib
+    from sumtune.fast_t5 import flash_attention as fa
+
+    batch, heads, length, head_dim = shape
+    device = torch.device("cuda")
+    q, k, v, keep = make_inputs(shape, device)
+    grad_out = torch.randn_like(q)
+    module = t5_attention_module(heads, head_dim, device)
+    table = bias_lib.relative_position_bias_by_offset(module, torch.bfloat16)  # (H, 257) float32
+    position = bias_lib.relative_position_bias(module, length, length, device, torch.bfloat16)
+    dense = bias_lib.encoder_self_bias(position, keep)  # (B, H, L, L): what the SDPA route holds per stack
+    dense_gib = dense.numel() * dense.element_size() / 2**30
+    padding = fa.key_padding(keep)
+    flops = 4 * batch * heads * length * length * head_dim * 3.5  # fwd 2 GEMMs, bwd 2.5x fwd (nominal)
+    name = "x".join(map(str, shape))
     rows = []
-    for bias_name, bias in (("none", None), ("broadcast", position), ("per-row", per_row)):
-        for dropout_p in (0.0, 0.1):
-            for name, backend in backends.items():
-                try:
-                    seconds = time_attention(q, k, v, bias, dropout_p, backend, args.repeats)
-                    row = dict(bias=bias_name, dropout=dropout_p, kernel=name, fwd_bwd_ms=seconds * 1e3,
-                               tflops=flops / seconds / 1e12)
-                except RuntimeError as error:
-                    row = dict(bias=bias_name, dropout=dropout_p, kernel=name, note=str(error).splitlines()[0][:60])
-                rows.append(row)
-                print(row, flush=True)
-    bc.print_table(rows, ["bias", "dropout", "kernel", "fwd_bwd_ms", "tflops", "note"])
-    path = bc.save_result("attention_kernels", dict(batch=B, heads=H, seq=L, head_dim=D, rows=rows))
-    print(f"saved {path}")
+
+    def record(kernel, fn, tensors, bias_gib, **extra):
+        started = time.time()
+        try:
+            seconds, peak = time_fwd_bwd(fn, tensors, grad_out, repeats)
+            row = dict(shape=name, kernel=kernel, fwd_bwd_ms=seconds * 1e3, tflops=flops / seconds / 1e12,
+                       peak_gib=peak, bias_gib=bias_gib, **extra)
+        except Exception as error:  # noqa: BLE001 - a kernel that cannot take this input is a row, not a crash
+            row = dict(shape=name, kernel=kernel, note=str(error).splitlines()[0][:70])
+        row["wall_s"] = time.time() - started  # compile / autotune included: what the run spent on the row
+        rows.append(row)
+        print(row, flush=True)
+
+    cudnn, efficient = sdpa_row(SDPBackend.CUDNN_ATTENTION), sdpa_row(SDPBackend.EFFICIENT_ATTENTION)
+    record("cudnn", lambda *t: cudnn(*t, None, 0.0), (q, k, v), 0.0)
+    for label, attend in (("cudnn", cudnn), ("efficient", efficient)):
+        record(f"{label}+bias", lambda *t, a=attend: a(*t, dense, 0.0), (q, k, v), dense_gib)
+        record(f"{label}+bias+dropout", lambda *t, a=attend: a(*t, dense, DROPOUT_P), (q, k, v), dense_gib)
+    if with_flex:
+        flex = flex_attend_factory(table, padding.lengths, batch, heads, length)
+        record("flex+bias", flex, (q, k, v), table.numel() * 4 / 2**30)
+    table_log2 = fa.bias_table_log2(table)
+
+    def ours(*t, p=DROPOUT_P):
+        return fa.t5_flash_attention(*t, table_log2, padding, False, 1.0, p)
+
+    record("triton+bias+dropout", ours, (q, k, v), table.numel() * 4 / 2**30)
+    tuned = fa.best_configs()
+    pinned = {kernel: config for kernel, config in tuned.items() if config is not None}
+    with fa.block_sizes(**pinned):  # the dropout variant's tiles: one compile instead of another autotune
+        record("triton+bias", lambda *t: ours(*t, p=0.0), (q, k, v), table.numel() * 4 / 2**30)
+    baseline = next((r["fwd_bwd_ms"] for r in rows if r["kernel"] == "cudnn" and "fwd_bwd_ms" in r), None)
+    for row in rows:
+        if baseline and "fwd_bwd_ms" in row:
+            row["vs_cudnn_no_bias"] = row["fwd_bwd_ms"] / baseline
+    ours_error, sdpa_error = error_vs_float32(fa, ours, lambda *t: cudnn(*t, dense, 0.0), q, k, v, table, keep,
+                                              grad_out, rows=2)
+    check = dict(shape=name, rows_checked=2, triton_dropout_vs_fp32=ours_error, cudnn_bias_vs_fp32=sdpa_error,
+                 triton_configs=tuned)
+    print(check, flush=True)
+    del dense, position
+    return rows, check
+
+
+# ----------------------------------------------------------------------------- CPU check (Triton's interpreter)
+def cpu_check() -> int:
+    """sumtune's kernels vs float64 on tiny shapes, in Triton's interpreter (fp32 and bf16, with dropout)."""
+    from sumtune.fast_t5 import flash_attention as fa
+
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for kind in ("encoder", "decoder", "cross"):
+            gen = torch.Generator().manual_seed(0)
+            query_len, key_len = (20, 45) if kind == "cross" else (45, 45)
+            q = torch.randn(2, query_len, 2, 16, generator=gen).to(dtype).transpose(1, 2).requires_grad_()
+            k, v = (torch.randn(2, key_len, 2, 16, generator=gen).to(dtype).transpose(1, 2).requires_grad_()
+                    for _ in range(2))
+            table = None if kind == "cross" else torch.randn(2, 17, generator=gen)
+            keep = torch.ones(2, key_len, dtype=torch.bool)
+            keep[1, 30:] = False
+            causal = kind == "decoder"
+            grad_out = torch.randn(2, 2, query_len, 16, generator=gen)
+            torch.manual_seed(7)
+            seed = int(fa.draw_seed())
+            torch.manual_seed(7)
+            out = fa.flash_t5_attention(q, k, v, table, keep, causal, dropout_p=0.2)
+            out.backward(grad_out.to(dtype))
+            ours = [out.detach(), q.grad, k.grad, v.grad]
+            for t in (q, k, v):
+                t.grad = None
+            mask = fa.dropout_keep_mask(seed, 2, 2, query_len, key_len, 0.2, device="cpu")
+            ref = fa.reference_t5_attention(q, k, v, table, keep, causal, keep_mask=mask,
+                                            keep_scale=fa.dropout_scale(0.2))
+            ref.backward(grad_out.double())
+            refs = [ref.detach(), q.grad, k.grad, v.grad]
+            errors = {n: float((a.double() - b).norm() / b.norm()) for n, a, b in zip(("out", "dq", "dk", "dv"),
+                                                                                    ours, refs)}
+            rows.append(dict(dtype=str(dtype).replace("torch.", ""), case=kind, **errors))
+    bc.print_table(rows, ["dtype", "case", "out", "dq", "dk", "dv"])
+    worst = {row["dtype"]: max(row[n] for n in ("out", "dq", "dk", "dv")) for row in rows}
+    ok = worst["float32"] < 1e-4 and worst["bfloat16"] < 5e-2
+    print(f"relative error vs float64: float32 worst {worst['float32']:.1e}, bf16 worst {worst['bfloat16']:.1e}"
+          f" -> {'ok' if ok else 'FAILED'}")
+    return 0 if ok else 1
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", type=parse_shape, default=[parse_shape(s) for s in DEFAULT_SHAPES],
+                        metavar="BxHxLxD", help=f"default: {' '.join(DEFAULT_SHAPES)}")
+    parser.add_argument("--repeats", type=int, default=10, help="timed runs per row (median), after 2 warm-ups")
+    parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes ~30 s a shape)")
+    parser.add_argument("--cpu-check", action="store_true",
+                        help="no GPU needed: check sumtune's Triton kernels in Triton's interpreter on tiny shapes")
+    parser.add_argument("--tag", default=None, help="suffix of the result file name (e.g. run2)")
+    args = parser.parse_args(argv)
+    if args.cpu_check:
+        if os.environ.get("TRITON_INTERPRET") != "1":  # must be set before triton is first imported: start afresh
+            env = dict(os.environ, TRITON_INTERPRET="1")
+            return subprocess.call([sys.executable, __file__, "--cpu-check"], env=env)
+        return cpu_check()
+    if not torch.cuda.is_available():
+        print("attention_kernels.py needs a CUDA GPU (or --cpu-check).", file=sys.stderr)
+        return 2
+    import triton
+
+    started = time.time()
+    rows, checks = [], []
+    for shape in args.shapes:
+        shape_rows, check = run_shape(shape, args.repeats, with_flex=not args.no_flex)
+        rows += shape_rows
+        checks.append(check)
+        bc.free_gpu_memory()
+    print()
+    bc.print_table(rows, ["shape", "kernel", "fwd_bwd_ms", "vs_cudnn_no_bias", "tflops", "peak_gib", "bias_gib",
+                          "wall_s", "note"])
+    print()
+    for check in checks:
+        worst = {k: max(v.values()) for k, v in check.items() if k.endswith("_vs_fp32")}
+        print(f"{check['shape']}: worst relative error vs float32 (out/dq/dk/dv) "
+              + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))
+    versions = {**bc.library_versions(), "triton": triton.__version__}
+    slug = bc.gpu_slug() + (f"-{args.tag}" if args.tag else "")
+    path = bc.save_result("attention_kernels", dict(versions=versions, dropout_p=DROPOUT_P, rows=rows,
+                                                    correctness=checks, total_s=time.time() - started), slug=slug)
+    print(f"saved {path} ({time.time() - started:.0f} s)")
     return 0
 
 

@@ -38,11 +38,22 @@ def _kernels():
 
 
 # ----------------------------------------------------------------------------- autotuning (Hopper first)
-def _configs(pairs, warps_stages):
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Few on purpose: each costs a compile (a few seconds) per kernel variant.
+# Forward: FlashAttention-2 tiles of Triton's tutorial on Hopper (128 x 64 at 4 warps; 128 x 128 needs 8).
+# dK/dV: BLOCK_N keys stay resident with two fp32 (BLOCK_N, D) accumulators, so 128 keys want 8 warps at D = 128.
+# dQ: BLOCK_M queries resident, one accumulator.
+AUTOTUNE_CONFIGS = {
+    "fwd": [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
+    "dkdv": [(32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3)],
+    "dq": [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)],
+}
+
+
+def _configs(name: str):
     import triton
 
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n in pairs for w, s in warps_stages]
+            for m, n, w, s in AUTOTUNE_CONFIGS[name]]
 
 
 _AUTOTUNE_KEY = ["HEAD_DIM", "len_key", "CAUSAL", "HAS_BIAS", "HAS_KEY_MASK", "DROPOUT"]
@@ -50,15 +61,11 @@ _tuned: dict[str, object] = {}
 
 
 def _autotuned(name: str, kernel):
-    """``kernel`` wrapped in triton.autotune, built once. Few configs on purpose: each costs a compile (~2 s) per
-    kernel variant; these are the tiles that FlashAttention-2-style Triton kernels use on H100/H200."""
+    """``kernel`` wrapped in triton.autotune (configs of AUTOTUNE_CONFIGS), built once per kernel object."""
     if _tuned.get(name, (None, None))[0] is not kernel:
         import triton
 
-        configs = {"fwd": _configs([(128, 64), (128, 128), (64, 64)], [(8, 3), (4, 3)]),
-                   "dkdv": _configs([(64, 128), (32, 128), (64, 64)], [(8, 3), (4, 2)]),
-                   "dq": _configs([(128, 64), (128, 32), (64, 64)], [(8, 3), (4, 2)])}[name]
-        _tuned[name] = (kernel, triton.autotune(configs, key=_AUTOTUNE_KEY)(kernel))
+        _tuned[name] = (kernel, triton.autotune(_configs(name), key=_AUTOTUNE_KEY)(kernel))
     return _tuned[name][1]
 
 
@@ -92,9 +99,15 @@ def _launch(name: str, kernel, grid_for, *args, **kwargs) -> None:
     kernel[grid_for(block_m, block_n)](*args, BLOCK_M=block_m, BLOCK_N=block_n, **extra, **kwargs)
 
 
-def best_configs() -> dict[str, str]:
-    """The autotuner's last choice per kernel (for benchmark reports)."""
-    return {name: str(getattr(tuned, "best_config", None)) for name, (_, tuned) in _tuned.items()}
+def best_configs() -> dict[str, tuple[int, int, int, int] | None]:
+    """The autotuner's last choice per kernel as (BLOCK_M, BLOCK_N, num_warps, num_stages), for reports and for
+    pinning with :func:`block_sizes`."""
+    chosen = {}
+    for name, (_, tuned) in _tuned.items():
+        config = getattr(tuned, "best_config", None)
+        chosen[name] = None if config is None else (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"],
+                                                    config.num_warps, config.num_stages)
+    return chosen
 
 
 # ----------------------------------------------------------------------------- inputs
