@@ -112,10 +112,8 @@ def sdpa_row(backend):
 def flex_attend_factory(table, lengths, batch, heads, length):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    radius = (table.shape[1] - 1) // 2
-
     def score_mod(score, b, h, q_idx, kv_idx):
-        return score + table[h, (kv_idx - q_idx).clamp(-radius, radius) + radius]
+        return score + table[h, kv_idx - q_idx + (length - 1)]
 
     def key_padding(b, h, q_idx, kv_idx):
         return kv_idx < lengths[b]
@@ -174,7 +172,7 @@ def run_shape(shape, repeats: int, with_flex: bool) -> tuple[list[dict], dict]:
     q, k, v, keep = make_inputs(shape, device)
     grad_out = torch.randn_like(q)
     module = t5_attention_module(heads, head_dim, device)
-    table = bias_lib.relative_position_bias_by_offset(module, torch.bfloat16)  # (H, 257) float32
+    table = bias_lib.relative_position_bias_by_offset(module, length, length, torch.bfloat16)  # (H, 2L-1) fp32
     position = bias_lib.relative_position_bias(module, length, length, device, torch.bfloat16)
     dense = bias_lib.encoder_self_bias(position, keep)  # (B, H, L, L): what the SDPA route holds per stack
     dense_gib = dense.numel() * dense.element_size() / 2**30
@@ -206,7 +204,7 @@ def run_shape(shape, repeats: int, with_flex: bool) -> tuple[list[dict], dict]:
     table_log2 = fa.bias_table_log2(table)
 
     def ours(*t, p=DROPOUT_P):
-        return fa.t5_flash_attention(*t, table_log2, padding, False, 1.0, p)
+        return fa.t5_flash_attention(*t, table_log2, BIAS_RADIUS, padding, False, 1.0, p)
 
     record("triton+bias+dropout", ours, (q, k, v), table.numel() * 4 / 2**30)
     tuned = fa.best_configs()
@@ -239,7 +237,8 @@ def cpu_check() -> int:
             q = torch.randn(2, query_len, 2, 16, generator=gen).to(dtype).transpose(1, 2).requires_grad_()
             k, v = (torch.randn(2, key_len, 2, 16, generator=gen).to(dtype).transpose(1, 2).requires_grad_()
                     for _ in range(2))
-            table = None if kind == "cross" else torch.randn(2, 17, generator=gen)
+            table = None if kind == "cross" else torch.randn(2, 4, generator=gen)[:, torch.arange(
+                1 - query_len, key_len).clamp(-1, 2) + 1]  # constant beyond offsets -1 / +2, like T5's
             keep = torch.ones(2, key_len, dtype=torch.bool)
             keep[1, 30:] = False
             causal = kind == "decoder"
@@ -247,7 +246,8 @@ def cpu_check() -> int:
             torch.manual_seed(7)
             seed = int(fa.draw_seed())
             torch.manual_seed(7)
-            out = fa.flash_t5_attention(q, k, v, table, keep, causal, dropout_p=0.2)
+            with fa.block_sizes(fwd=(16, 16), dkdv=(16, 32), dq=(32, 16)):  # many tiles: far and near bias regions
+                out = fa.flash_t5_attention(q, k, v, table, keep, causal, dropout_p=0.2, bias_radius=2)
             out.backward(grad_out.to(dtype))
             ours = [out.detach(), q.grad, k.grad, v.grad]
             for t in (q, k, v):

@@ -63,6 +63,13 @@ def padding_mask(batch, key_len, device="cpu"):
     return mask
 
 
+def t5_like_table(heads, query_len, key_len, radius, device="cpu", seed=1):
+    """(H, Lq + Lk - 1) random bias by offset that, like T5's, is constant beyond +-radius."""
+    compact = torch.randn(heads, 2 * radius + 1, generator=torch.Generator().manual_seed(seed)).to(device)
+    offsets = torch.arange(1 - query_len, key_len, device=device)
+    return compact[:, offsets.clamp(-radius, radius) + radius].contiguous()
+
+
 def run_with_grads(fn, q, k, v, grad_out):
     for t in (q, k, v):
         t.grad = None
@@ -80,10 +87,11 @@ def relative_error(value, reference) -> float:
 
 
 def assert_matches_reference(fa, q, k, v, rtol, table=None, mask=None, causal=False, keep=None, keep_scale=1.0,
-                             dropout_p=0.0):
+                             dropout_p=0.0, radius=None):
     grad_out = torch.randn(q.shape[0], q.shape[1], q.shape[2], v.shape[-1], generator=torch.Generator().manual_seed(9))
     out, grads = run_with_grads(lambda *t: fa.flash_t5_attention(*t, bias_table=table, key_mask=mask, causal=causal,
-                                                                 dropout_p=dropout_p), q, k, v, grad_out)
+                                                                 dropout_p=dropout_p, bias_radius=radius),
+                                q, k, v, grad_out)
     ref, ref_grads = run_with_grads(lambda *t: fa.reference_t5_attention(*t, bias_table=table, key_mask=mask,
                                                                          causal=causal, keep_mask=keep,
                                                                          keep_scale=keep_scale), q, k, v, grad_out)
@@ -95,44 +103,52 @@ def assert_matches_reference(fa, q, k, v, rtol, table=None, mask=None, causal=Fa
 
 
 # ----------------------------------------------------------------------------- exact math (fp32 in the interpreter)
-CASES = {  # name: (query_len, key_len, head_dim, bias radius or None, causal, padded)
-    "encoder-bias-padding": (50, 50, 16, 8, False, True),
+CASES = {  # name: (query_len, key_len, head_dim, bias: radius / "any" table / None, causal, padded)
+    "encoder-bias-padding": (50, 50, 16, 8, False, True),  # far-left, near and far-right tiles
     "decoder-causal-bias-padding": (50, 50, 16, 8, True, True),
     "cross-no-bias-padding": (21, 50, 16, None, False, True),
-    "encoder-near-only": (37, 37, 32, 128, False, False),
+    "encoder-near-only": (37, 37, 32, 128, False, False),  # T5's radius: every tile reads the table
+    "any-table-no-radius": (33, 33, 16, "any", False, True),  # no saturation promised: the table everywhere
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_forward_and_grads_match_float64_reference(fa, case):
-    query_len, key_len, head_dim, radius, causal, padded = CASES[case]
+    query_len, key_len, head_dim, bias, causal, padded = CASES[case]
     q, k, v = make_qkv(3, 2, query_len, key_len, head_dim, torch.float32)
-    table = torch.randn(2, 2 * radius + 1, generator=torch.Generator().manual_seed(1)) if radius else None
+    radius = bias if isinstance(bias, int) else None
+    table = None
+    if bias == "any":
+        table = torch.randn(2, query_len + key_len - 1, generator=torch.Generator().manual_seed(1))
+    elif radius:
+        table = t5_like_table(2, query_len, key_len, radius)
     mask = padding_mask(3, key_len) if padded else None
     with fa.block_sizes(fwd=(16, 16), dkdv=(16, 32), dq=(32, 16)):  # lengths are not multiples of any of them
-        assert_matches_reference(fa, q, k, v, FP32_RTOL, table, mask, causal)
+        assert_matches_reference(fa, q, k, v, FP32_RTOL, table, mask, causal, radius=radius)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_inputs_match_reference(fa, dtype):
     q, k, v = make_qkv(2, 2, 40, 40, 64, dtype)
-    table = torch.randn(2, 17, generator=torch.Generator().manual_seed(2))
-    assert_matches_reference(fa, q, k, v, HALF_RTOL[dtype], table, padding_mask(2, 40), causal=dtype == torch.float16)
+    table = t5_like_table(2, 40, 40, 8, seed=2)
+    assert_matches_reference(fa, q, k, v, HALF_RTOL[dtype], table, padding_mask(2, 40), causal=dtype == torch.float16,
+                             radius=8)
 
 
 def test_padded_keys_get_exactly_zero_probability(fa):
     q, k, v = make_qkv(2, 2, 30, 30, 16, torch.float32)
     mask = padding_mask(2, 30)
-    table = torch.randn(2, 9)
+    table = t5_like_table(2, 30, 30, 4)
     grad_out = torch.randn(2, 2, 30, 16)
-    out, (dq, dk, dv) = run_with_grads(lambda *t: fa.flash_t5_attention(*t, table, mask), q, k, v, grad_out)
+    out, (dq, dk, dv) = run_with_grads(lambda *t: fa.flash_t5_attention(*t, table, mask, bias_radius=4), q, k, v,
+                                       grad_out)
     garbage_k, garbage_v = k.detach().clone(), v.detach().clone()
     garbage_k[1, :, 20:] = 1e4  # would dominate every row if a padded key leaked
     garbage_v[1, :, 20:] = -1e4
     garbage_k.requires_grad_()
     garbage_v.requires_grad_()
-    out2, (dq2, dk2, dv2) = run_with_grads(lambda *t: fa.flash_t5_attention(*t, table, mask), q, garbage_k,
-                                           garbage_v, grad_out)
+    out2, (dq2, dk2, dv2) = run_with_grads(lambda *t: fa.flash_t5_attention(*t, table, mask, bias_radius=4), q,
+                                           garbage_k, garbage_v, grad_out)
     assert torch.equal(out, out2) and torch.equal(dq, dq2)  # query rows at padded positions included
     assert torch.equal(dk[1, :, 20:], torch.zeros_like(dk[1, :, 20:]))
     assert torch.equal(dv[1, :, 20:], torch.zeros_like(dv[1, :, 20:]))
@@ -142,12 +158,13 @@ def test_rows_without_any_key_give_zeros_not_nan(fa):
     q, k, v = make_qkv(2, 2, 20, 20, 16, torch.float32)
     mask = torch.ones(2, 20, dtype=torch.bool)
     mask[1] = False  # a row with nothing to attend to
-    out, grads = assert_matches_reference(fa, q, k, v, FP32_RTOL, torch.randn(2, 9), mask)
+    out, grads = assert_matches_reference(fa, q, k, v, FP32_RTOL, t5_like_table(2, 20, 20, 4), mask, radius=4)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     assert all(torch.equal(g[1], torch.zeros_like(g[1])) for g in grads)
     causal_mask = torch.ones(2, 20, dtype=torch.bool)
     causal_mask[:, 0] = False  # causal query 0 sees only key 0, which is masked
-    out, _ = assert_matches_reference(fa, q, k, v, FP32_RTOL, torch.randn(2, 9), causal_mask, causal=True)
+    out, _ = assert_matches_reference(fa, q, k, v, FP32_RTOL, t5_like_table(2, 20, 20, 4), causal_mask, causal=True,
+                                      radius=4)
     assert torch.equal(out[:, :, 0], torch.zeros_like(out[:, :, 0]))
 
 
@@ -164,13 +181,13 @@ def test_dropout_forward_and_backward_use_the_mask_the_kernels_draw(fa):
     """The float64 reference with the debug helper's mask reproduces output and all three gradients, while the
     forward and both backward kernels run with different tiles: one mask, whatever the tiling."""
     q, k, v = make_qkv(2, 2, 45, 45, 16, torch.float32)
-    table, mask, p = torch.randn(2, 17), padding_mask(2, 45), 0.3
+    table, mask, p = t5_like_table(2, 45, 45, 8), padding_mask(2, 45), 0.3
     for causal in (False, True):
         seed = seed_of_next_call(fa, 7)
         keep = fa.dropout_keep_mask(seed, 2, 2, 45, 45, p, device="cpu")
         with fa.block_sizes(fwd=(16, 32), dkdv=(32, 16), dq=(16, 16)):
             assert_matches_reference(fa, q, k, v, FP32_RTOL, table, mask, causal, keep=keep,
-                                     keep_scale=fa.dropout_scale(p), dropout_p=p)
+                                     keep_scale=fa.dropout_scale(p), dropout_p=p, radius=8)
 
 
 def test_dropout_mask_rate_streams_and_tiling(fa):
@@ -193,8 +210,7 @@ def test_dropout_reproducible_under_manual_seed_and_checkpointing(fa):
     grad_out = torch.randn(2, 2, 24, 16)
 
     def attend(*t):
-        return fa.flash_t5_attention(*t, torch.randn(2, 9, generator=torch.Generator().manual_seed(0)),
-                                     dropout_p=0.2)
+        return fa.flash_t5_attention(*t, t5_like_table(2, 24, 24, 4), dropout_p=0.2, bias_radius=4)
 
     torch.manual_seed(3)
     out, grads = run_with_grads(attend, q, k, v, grad_out)
@@ -213,7 +229,9 @@ def test_dropout_reproducible_under_manual_seed_and_checkpointing(fa):
 
 # ----------------------------------------------------------------------------- bias table, dispatch, custom op
 @pytest.mark.parametrize("num_buckets,max_distance", [(32, 128), (16, 64), (32, 40)])
-def test_bias_table_reproduces_stock_compute_bias(num_buckets, max_distance):
+def test_bias_table_reproduces_stock_compute_bias_and_saturates(num_buckets, max_distance):
+    """The table is stock's bias at every offset, and constant beyond +-max_distance, which the kernels rely on
+    to skip it for far-apart tiles."""
     from transformers import T5Config
     from transformers.models.t5.modeling_t5 import T5Attention
 
@@ -222,13 +240,17 @@ def test_bias_table_reproduces_stock_compute_bias(num_buckets, max_distance):
                           relative_attention_max_distance=max_distance, is_decoder=is_decoder)
         torch.manual_seed(0)
         attention = T5Attention(config, has_relative_attention_bias=True).requires_grad_(False)
-        length = 2 * max_distance + 37  # far beyond the clamp on both sides
+        query_len, key_len = 2 * max_distance + 37, max_distance + 50  # far beyond max_distance on both sides
         for dtype in (torch.float32, torch.bfloat16):
-            table = bias_lib.relative_position_bias_by_offset(attention, dtype)
-            offsets = torch.arange(length)[None, :] - torch.arange(length)[:, None]
-            gathered = table[:, offsets.clamp(-max_distance, max_distance) + max_distance]
-            stock = attention.compute_bias(length, length)[0].to(dtype).float()
-            assert torch.equal(gathered, stock)
+            table = bias_lib.relative_position_bias_by_offset(attention, query_len, key_len, dtype)
+            assert table.shape == (4, query_len + key_len - 1) and table.dtype == torch.float32
+            offsets = torch.arange(key_len)[None, :] - torch.arange(query_len)[:, None]
+            stock = attention.compute_bias(query_len, key_len)[0].to(dtype).float()
+            assert torch.equal(table[:, offsets + query_len - 1], stock)
+            at = {d: table[:, d + query_len - 1] for d in (-max_distance, max_distance)}
+            far_left, far_right = table[:, : query_len - max_distance], table[:, query_len - 1 + max_distance:]
+            assert torch.equal(far_left, at[-max_distance][:, None].expand_as(far_left))
+            assert torch.equal(far_right, at[max_distance][:, None].expand_as(far_right))
 
 
 def test_dispatch_first_match(monkeypatch):
@@ -265,10 +287,36 @@ def test_custom_op_registration_passes_opcheck(fa):
     """Schema, fake tensors and autograd registration as torch.compile relies on (torch.library.opcheck)."""
     q, k, v = make_qkv(2, 2, 20, 20, 16, torch.float32)
     padding = fa.key_padding(padding_mask(2, 20))
-    table = fa.bias_table_log2(torch.randn(2, 9))
+    table = fa.bias_table_log2(t5_like_table(2, 20, 20, 4))
     op = torch.ops.sumtune.t5_flash_attention.default
-    torch.library.opcheck(op, (q, k, v, table, padding.mask, padding.lengths, False, 1.0, 0.0),
+    torch.library.opcheck(op, (q, k, v, table, 4, padding.mask, padding.lengths, False, 1.0, 0.0),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.slow
+def test_every_autotune_config_compiles_for_hopper_without_spilling():
+    """triton.compile for sm_90 on CPU (sumtune.fast_t5.flash_compile, in a process without the interpreter):
+    each shipped config of the encoder (bias, padding, dropout) and decoder (causal) variants builds, fits the
+    227 KiB of shared memory of an H100/H200, and spills at most a few dozen bytes at head_dim 128."""
+    import json
+    import subprocess
+    import sys
+
+    from sumtune.fast_t5.flash_attention import AUTOTUNE_CONFIGS
+    from sumtune.fast_t5.flash_compile import HOPPER_SHARED_BYTES
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    rows = []
+    for extra in ([], ["--causal"]):
+        result = subprocess.run([sys.executable, "-m", "sumtune.fast_t5.flash_compile", "--json", "--head-dims", "128",
+                                 *extra], env=env, capture_output=True, text=True, timeout=600)
+        rows += [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 2 * sum(len(configs) for configs in AUTOTUNE_CONFIGS.values()), result.stderr[-2000:]
+    for row in rows:
+        assert "error" not in row, row
+        assert row["shared_bytes"] <= HOPPER_SHARED_BYTES, row
+        assert row["spill_bytes"] <= 256, row  # the rejected 4-warp 128-wide tiles spilled 1-5 KB
+        assert row["async_copies"] > 0, row  # K/V loads pipelined (cp.async), not synchronous
 
 
 # ----------------------------------------------------------------------------- the fast T5 stack on this route
@@ -324,9 +372,8 @@ def compiled_fa():
 def sdpa_dense(q, k, v, table, mask, causal, dropout_p=0.0):
     """Stock's way: materialised bias with masks folded in as finfo.min, through SDPA."""
     query_len, key_len = q.shape[2], k.shape[2]
-    radius = (table.shape[1] - 1) // 2
     offsets = torch.arange(key_len, device=q.device)[None, :] - torch.arange(query_len, device=q.device)[:, None]
-    bias = table.to(q.dtype)[:, offsets.clamp(-radius, radius) + radius][None]
+    bias = table.to(q.dtype)[:, offsets + query_len - 1][None]
     keep = mask[:, None, None, :]
     if causal:
         keep = keep & torch.ones(query_len, key_len, dtype=torch.bool, device=q.device).tril()
@@ -342,10 +389,11 @@ def sdpa_dense(q, k, v, table, mask, causal, dropout_p=0.0):
 def test_gpu_kernels_no_further_from_float64_than_sdpa(compiled_fa, head_dim, causal, dtype):
     fa = compiled_fa
     q, k, v = make_qkv(4, 8, 1000, 1000, head_dim, dtype, device="cuda")
-    table = torch.randn(8, 257, device="cuda").to(dtype).float()
+    table = t5_like_table(8, 1000, 1000, 128, device="cuda").to(dtype).float()
     mask = padding_mask(4, 1000, device="cuda")
     grad_out = torch.randn(q.shape, device="cuda", dtype=dtype)
-    ours = run_with_grads(lambda *t: fa.flash_t5_attention(*t, table, mask, causal), q, k, v, grad_out)
+    ours = run_with_grads(lambda *t: fa.flash_t5_attention(*t, table, mask, causal, bias_radius=128), q, k, v,
+                          grad_out)
     sdpa = run_with_grads(lambda *t: sdpa_dense(*t, table, mask, causal), q, k, v, grad_out)
     reference = run_with_grads(lambda *t: fa.reference_t5_attention(*t, table, mask, causal), q, k, v, grad_out)
     for name, a, b, r in zip(("out", "dq", "dk", "dv"), (ours[0], *ours[1]), (sdpa[0], *sdpa[1]),
@@ -354,8 +402,8 @@ def test_gpu_kernels_no_further_from_float64_than_sdpa(compiled_fa, head_dim, ca
         assert relative_error(a, r) <= 1.5 * relative_error(b, r) + 1e-3, name
     seed = seed_of_next_call(fa, 5)
     keep = fa.dropout_keep_mask(seed, 4, 8, 1000, 1000, 0.1, device="cuda")
-    dropped = run_with_grads(lambda *t: fa.flash_t5_attention(*t, table, mask, causal, dropout_p=0.1), q, k, v,
-                             grad_out)
+    dropped = run_with_grads(lambda *t: fa.flash_t5_attention(*t, table, mask, causal, dropout_p=0.1,
+                                                              bias_radius=128), q, k, v, grad_out)
     expected = run_with_grads(lambda *t: fa.reference_t5_attention(*t, table, mask, causal, keep_mask=keep,
                                                                    keep_scale=fa.dropout_scale(0.1)), q, k, v,
                               grad_out)
@@ -391,11 +439,11 @@ def test_gpu_t5_3b_widths_triton_route_no_further_from_fp32_than_stock(compiled_
 def test_gpu_compiled_graph_keeps_the_kernels_and_their_dropout(compiled_fa):
     fa = compiled_fa
     q, k, v = make_qkv(2, 4, 300, 300, 64, torch.bfloat16, device="cuda")
-    table = torch.randn(4, 257, device="cuda")
+    table = t5_like_table(4, 300, 300, 128, device="cuda")
     mask = padding_mask(2, 300, device="cuda")
 
     def attend(q, k, v):
-        return fa.flash_t5_attention(q, k, v, table, mask, dropout_p=0.1).float().square().sum()
+        return fa.flash_t5_attention(q, k, v, table, mask, dropout_p=0.1, bias_radius=128).float().square().sum()
 
     compiled = torch.compile(attend, fullgraph=True)
     torch.manual_seed(1)

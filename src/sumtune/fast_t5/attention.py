@@ -2,8 +2,8 @@
 
 ``sdpa``: torch's scaled_dot_product_attention with the relative position bias materialised (B|1, H, L, L) and the
 masks folded in (sumtune.fast_t5.bias). ``triton``: sumtune's kernels (sumtune.fast_t5.flash_attention), which take
-the (H, 2R+1) bias table and per-row key padding instead, compute bias, masks and dropout inside, and never build an
-L x L tensor. ``auto`` picks ``triton`` when :func:`triton_blocker` finds no reason against it, else ``sdpa``.
+an (H, Lq + Lk - 1) bias-by-offset table and per-row key padding instead, compute bias, masks and dropout inside,
+and never build an L x L tensor. ``auto`` picks ``triton`` when :func:`triton_blocker` finds no reason against it, else ``sdpa``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ TRITON_HEAD_DIMS = (16, 32, 64, 128)
 class FlashInputs:
     """What the Triton route hands each attention layer in place of a dense bias (built once per stack)."""
 
-    table_log2: torch.Tensor | None  # (H, 2R+1) fp32 bias by clamped offset, times log2(e); None: no bias
+    table_log2: torch.Tensor | None  # (H, Lq + Lk - 1) fp32 bias by offset j - i, times log2(e); None: no bias
+    bias_radius: int  # offsets beyond +-bias_radius share the bias at +-bias_radius (T5's max_distance); 0: none
     padding: object | None  # flash_attention.KeyPadding, or None when every key is attended
     causal: bool
 
@@ -50,7 +51,7 @@ def triton_blocker(device: torch.device, dtype: torch.dtype, head_dim: int,
         if bias_attention.relative_attention_bias.weight.requires_grad and torch.is_grad_enabled():
             return "the relative position bias is trainable and the kernels give it no gradient"
         if bias_attention.relative_attention_max_distance <= bias_attention.relative_attention_num_buckets // 2:
-            return "relative_attention_max_distance is too small for the clamped bias table"
+            return "relative_attention_max_distance is below num_buckets / 2, so far offsets do not share a bucket"
     return None
 
 
@@ -78,14 +79,15 @@ def choose_backend(requested: str, device: torch.device, dtype: torch.dtype, hea
     return "sdpa"
 
 
-def self_attention_inputs(attention: torch.nn.Module, attention_mask: torch.Tensor | None, dtype: torch.dtype,
-                          causal: bool) -> FlashInputs:
+def self_attention_inputs(attention: torch.nn.Module, seq_len: int, attention_mask: torch.Tensor | None,
+                          dtype: torch.dtype, causal: bool) -> FlashInputs:
     """Bias table from the stack's first layer (shared by all its layers) and key padding, no device sync."""
     from sumtune.fast_t5 import flash_attention
 
-    table = bias_lib.relative_position_bias_by_offset(attention, dtype)
+    table = bias_lib.relative_position_bias_by_offset(attention, seq_len, seq_len, dtype)
     padding = flash_attention.key_padding(attention_mask) if attention_mask is not None else None
-    return FlashInputs(flash_attention.bias_table_log2(table), padding, causal)
+    return FlashInputs(flash_attention.bias_table_log2(table), attention.relative_attention_max_distance, padding,
+                       causal)
 
 
 def cross_attention_inputs(encoder_attention_mask: torch.Tensor | None) -> FlashInputs:
@@ -93,7 +95,7 @@ def cross_attention_inputs(encoder_attention_mask: torch.Tensor | None) -> Flash
     from sumtune.fast_t5 import flash_attention
 
     padding = flash_attention.key_padding(encoder_attention_mask) if encoder_attention_mask is not None else None
-    return FlashInputs(None, padding, False)
+    return FlashInputs(None, 0, padding, False)
 
 
 def flash_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, inputs: FlashInputs,
@@ -101,5 +103,5 @@ def flash_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, in
     """(B, H, Lq, D) attention output from the Triton kernels; T5 does not scale q.k (scale 1)."""
     from sumtune.fast_t5 import flash_attention
 
-    return flash_attention.t5_flash_attention(query, key, value, inputs.table_log2, inputs.padding, inputs.causal,
-                                              1.0, dropout_p)
+    return flash_attention.t5_flash_attention(query, key, value, inputs.table_log2, inputs.bias_radius,
+                                              inputs.padding, inputs.causal, 1.0, dropout_p)

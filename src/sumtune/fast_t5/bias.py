@@ -61,20 +61,21 @@ def cross_attention_bias(encoder_attention_mask: torch.Tensor | None, dtype: tor
     return torch.where(keep, zero, torch.finfo(dtype).min)
 
 
-def relative_position_bias_by_offset(attention: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """(H, 2R+1) float32 table, ``table[h, d + R]`` = the bias ``compute_bias`` gives key j and query i at d = j - i.
+def relative_position_bias_by_offset(attention: torch.nn.Module, query_len: int, key_len: int,
+                                     dtype: torch.dtype) -> torch.Tensor:
+    """(H, Lq + Lk - 1) float32 table: ``table[h, (j - i) + (Lq - 1)]`` is the bias ``compute_bias`` gives query i
+    and key j, without the (H, Lq, Lk) tensor.
 
-    R = ``relative_attention_max_distance``: T5's bucket function sends every |d| >= max_distance to one bucket per
-    direction (when max_distance > num_buckets // 2, true of every released T5), so a kernel that clamps d to
-    [-R, R] reads exactly stock's values. Built with the model's own bucket function and embedding, rounded to
-    ``dtype`` like the dense bias, without autograd (the Triton route has no gradient for the bias).
+    Built with the model's own bucket function and embedding over the offsets, rounded to ``dtype`` like the dense
+    bias, without autograd (the Triton route has no gradient for the bias). T5's bucket function sends every
+    |j - i| >= relative_attention_max_distance to one bucket per direction (when max_distance > num_buckets // 2,
+    true of every released T5), which lets the kernels skip the table for far-apart tiles.
     """
-    radius = attention.relative_attention_max_distance
     weight = attention.relative_attention_bias.weight
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.long, device=weight.device)
+    offsets = torch.arange(1 - query_len, key_len, dtype=torch.long, device=weight.device)
     buckets = attention._relative_position_bucket(offsets, bidirectional=not attention.is_decoder,
                                                   num_buckets=attention.relative_attention_num_buckets,
-                                                  max_distance=radius)
+                                                  max_distance=attention.relative_attention_max_distance)
     with torch.no_grad():
-        values = attention.relative_attention_bias(buckets)  # (2R+1, H)
+        values = attention.relative_attention_bias(buckets)  # (Lq + Lk - 1, H)
     return values.to(dtype).float().T.contiguous()

@@ -1,7 +1,8 @@
 """T5 attention in sumtune's Triton kernels (``flash_kernels``): launchers, autotuning, autograd, references.
 
 Public:
-    flash_t5_attention(query, key, value, bias_table=None, key_mask=None, causal=False, scale=1.0, dropout_p=0.0)
+    flash_t5_attention(query, key, value, bias_table=None, key_mask=None, causal=False, scale=1.0, dropout_p=0.0,
+                       bias_radius=None)
     key_padding(key_mask) -> KeyPadding                (per-row key mask + lengths, once per stack)
     dropout_keep_mask(seed, batch, heads, query_len, key_len, dropout_p) -> (B, H, Lq, Lk) bool
     reference_t5_attention(...)                        (plain PyTorch, same math; for tests and benchmarks)
@@ -38,14 +39,14 @@ def _kernels():
 
 
 # ----------------------------------------------------------------------------- autotuning (Hopper first)
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). Few on purpose: each costs a compile (a few seconds) per kernel variant.
-# Forward: FlashAttention-2 tiles of Triton's tutorial on Hopper (128 x 64 at 4 warps; 128 x 128 needs 8).
-# dK/dV: BLOCK_N keys stay resident with two fp32 (BLOCK_N, D) accumulators, so 128 keys want 8 warps at D = 128.
-# dQ: BLOCK_M queries resident, one accumulator.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Few on purpose: each costs a compile (a few seconds) per kernel
+# variant. Chosen with `python -m sumtune.fast_t5.flash_compile` (sm_90, bias + padding + dropout): those that
+# spill at most a few bytes at head_dim 128 and fit Hopper's 227 KiB of shared memory. 4 warps and 128 x 64 tiles
+# spill kilobytes at head_dim 128 (the fp32 accumulators alone take 128 registers a thread).
 AUTOTUNE_CONFIGS = {
-    "fwd": [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
-    "dkdv": [(32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3)],
-    "dq": [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)],
+    "fwd": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3)],
+    "dkdv": [(32, 128, 8, 3), (16, 128, 8, 3), (64, 64, 8, 3)],
+    "dq": [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3)],
 }
 
 
@@ -153,14 +154,18 @@ def _check_device(*tensors: Tensor) -> None:
 
 
 # ----------------------------------------------------------------------------- launchers
-def _forward(q, k, v, table, mask, lengths, causal, scale, dropout_p, seed):
+def _radius(radius: int, query_len: int, key_len: int) -> int:
+    return radius if radius > 0 else query_len + key_len  # 0: no saturation known, every tile reads the table
+
+
+def _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, seed):
     kernels = _kernels()
     batch, heads, query_len, head_dim = q.shape
     key_len = k.shape[2]
     out = torch.empty((batch, query_len, heads, head_dim), device=q.device, dtype=q.dtype).transpose(1, 2)
     lse = torch.empty((batch, heads, query_len), device=q.device, dtype=torch.float32)
     drop_below, drop_scale = _dropout_threshold(dropout_p)
-    radius = (table.shape[1] - 1) // 2 if table is not None else 0
+    radius = _radius(radius, query_len, key_len)
     dummy = lse
     _launch("fwd", kernels.t5_attention_fwd,
             lambda bm, bn: (triton_cdiv(query_len, bm), batch * heads),
@@ -174,7 +179,7 @@ def _forward(q, k, v, table, mask, lengths, causal, scale, dropout_p, seed):
     return out, lse
 
 
-def _backward(grad_out, q, k, v, out, lse, table, mask, lengths, causal, scale, dropout_p, seed):
+def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal, scale, dropout_p, seed):
     kernels = _kernels()
     batch, heads, query_len, head_dim = q.shape
     key_len = k.shape[2]
@@ -184,7 +189,7 @@ def _backward(grad_out, q, k, v, out, lse, table, mask, lengths, causal, scale, 
         out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, query_len, HEAD_DIM=head_dim, BLOCK_M=block)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     drop_below, drop_scale = _dropout_threshold(dropout_p)
-    radius = (table.shape[1] - 1) // 2 if table is not None else 0
+    radius = _radius(radius, query_len, key_len)
     common = dict(HEAD_DIM=head_dim, CAUSAL=causal, HAS_BIAS=table is not None, HAS_KEY_MASK=mask is not None,
                   DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET)
     table_arg = table if table is not None else delta
@@ -213,16 +218,16 @@ def triton_cdiv(a: int, b: int) -> int:
 
 # ----------------------------------------------------------------------------- custom ops + autograd
 @torch.library.custom_op("sumtune::t5_flash_attention", mutates_args=())
-def _attention_op(q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], mask: Optional[Tensor],
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], radius: int, mask: Optional[Tensor],
                   lengths: Optional[Tensor], causal: bool, scale: float,
                   dropout_p: float) -> tuple[Tensor, Tensor, Tensor]:
     seed = draw_seed() if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
-    out, lse = _forward(q, k, v, table, mask, lengths, causal, scale, dropout_p, int(seed))
+    out, lse = _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, int(seed))
     return out, lse, seed
 
 
 @_attention_op.register_fake
-def _(q, k, v, table, mask, lengths, causal, scale, dropout_p):
+def _(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p):
     batch, heads, query_len, head_dim = q.shape
     out = q.new_empty((batch, query_len, heads, head_dim)).transpose(1, 2)
     return out, q.new_empty((batch, heads, query_len), dtype=torch.float32), torch.empty((), dtype=torch.int64)
@@ -230,28 +235,29 @@ def _(q, k, v, table, mask, lengths, causal, scale, dropout_p):
 
 @torch.library.custom_op("sumtune::t5_flash_attention_backward", mutates_args=())
 def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                           seed: Tensor, table: Optional[Tensor], mask: Optional[Tensor], lengths: Optional[Tensor],
-                           causal: bool, scale: float, dropout_p: float) -> tuple[Tensor, Tensor, Tensor]:
-    return _backward(grad_out, q, k, v, out, lse, table, mask, lengths, causal, scale, dropout_p, int(seed))
+                           seed: Tensor, table: Optional[Tensor], radius: int, mask: Optional[Tensor],
+                           lengths: Optional[Tensor], causal: bool, scale: float,
+                           dropout_p: float) -> tuple[Tensor, Tensor, Tensor]:
+    return _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal, scale, dropout_p, int(seed))
 
 
 @_attention_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, seed, table, mask, lengths, causal, scale, dropout_p):
+def _(grad_out, q, k, v, out, lse, seed, table, radius, mask, lengths, causal, scale, dropout_p):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, table, mask, lengths, causal, scale, dropout_p = inputs
+    q, k, v, table, radius, mask, lengths, causal, scale, dropout_p = inputs
     out, lse, seed = output
     ctx.save_for_backward(q, k, v, out, lse, seed, table, mask, lengths)
-    ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
+    ctx.radius, ctx.causal, ctx.scale, ctx.dropout_p = radius, causal, scale, dropout_p
 
 
 def _backward_rule(ctx, grad_out, _grad_lse, _grad_seed):
     q, k, v, out, lse, seed, table, mask, lengths = ctx.saved_tensors
-    dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, lse, seed, table, mask, lengths,
+    dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, lse, seed, table, ctx.radius, mask, lengths,
                                         ctx.causal, ctx.scale, ctx.dropout_p)
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 _attention_op.register_autograd(_backward_rule, setup_context=_setup_context)
@@ -259,30 +265,34 @@ _attention_op.register_autograd(_backward_rule, setup_context=_setup_context)
 
 # ----------------------------------------------------------------------------- public API
 def bias_table_log2(bias_by_offset: Tensor) -> Tensor:
-    """(H, 2R+1) bias by clamped offset, in the kernels' units (fp32, times log2 e)."""
+    """A bias table in the kernels' units: fp32, times log2(e) (they work with exp2)."""
     return (bias_by_offset.float() * LOG2E).contiguous()
 
 
-def t5_flash_attention(query: Tensor, key: Tensor, value: Tensor, table_log2: Tensor | None,
+def t5_flash_attention(query: Tensor, key: Tensor, value: Tensor, table_log2: Tensor | None, bias_radius: int,
                        padding: KeyPadding | None, causal: bool, scale: float, dropout_p: float) -> Tensor:
-    """The kernels on prepared inputs (what the fast T5 stack calls once per layer)."""
+    """The kernels on prepared inputs (what the fast T5 stack calls once per layer); ``bias_radius`` 0: none."""
     mask, lengths = padding if padding is not None else (None, None)
-    return _attention_op(query, key, value, table_log2, mask, lengths, causal, float(scale), float(dropout_p))[0]
+    return _attention_op(query, key, value, table_log2, int(bias_radius), mask, lengths, causal, float(scale),
+                         float(dropout_p))[0]
 
 
 def flash_t5_attention(query: Tensor, key: Tensor, value: Tensor, bias_table: Tensor | None = None,
                        key_mask: Tensor | KeyPadding | None = None, causal: bool = False, scale: float = 1.0,
-                       dropout_p: float = 0.0) -> Tensor:
+                       dropout_p: float = 0.0, bias_radius: int | None = None) -> Tensor:
     """softmax(q.k^T * scale + bias + mask) with dropout, times v; (B, H, L, D) inputs in bf16 or fp16.
 
-    ``bias_table``: (H, 2R+1) relative position bias by offset, ``bias_table[h, clamp(j - i, -R, R) + R]`` for
-    query i and key j (see :func:`sumtune.fast_t5.bias.relative_position_bias_by_offset`); no gradient flows to it.
-    ``key_mask``: (B, Lk), true/1 where a key may be attended. ``causal``: key j only for queries i >= j.
+    ``bias_table``: (H, Lq + Lk - 1), ``bias_table[h, (j - i) + (Lq - 1)]`` is the bias of query i and key j
+    (:func:`sumtune.fast_t5.bias.relative_position_bias_by_offset` builds T5's); no gradient flows to it.
+    ``bias_radius``: every offset with j - i >= R has the bias of +R and every one <= -R that of -R (T5:
+    ``relative_attention_max_distance``), so tiles that far away use one value instead of reading the table;
+    None: no such promise. ``key_mask``: (B, Lk), true/1 where a key may be attended. ``causal``: key j only for
+    queries i >= j. Dropout (on the probabilities, kept ones scaled up) draws its seed from torch's CPU generator.
     """
     _check_inputs(query, key, value, bias_table, causal)
     padding = key_padding(key_mask) if isinstance(key_mask, Tensor) else key_mask
     table = bias_table_log2(bias_table.detach()) if bias_table is not None else None
-    return t5_flash_attention(query, key, value, table, padding, causal, scale, dropout_p)
+    return t5_flash_attention(query, key, value, table, bias_radius or 0, padding, causal, scale, dropout_p)
 
 
 def _check_inputs(query, key, value, bias_table, causal) -> None:
@@ -296,9 +306,9 @@ def _check_inputs(query, key, value, bias_table, causal) -> None:
         raise ValueError(f"query/key/value must all be bfloat16 or float16, got {query.dtype}")
     if causal and query.shape[2] != key.shape[2]:
         raise ValueError("causal attention needs as many queries as keys")
-    if bias_table is not None and (bias_table.dim() != 2 or bias_table.shape[0] != query.shape[1]
-                                   or bias_table.shape[1] % 2 != 1):
-        raise ValueError(f"bias_table must be (heads, 2R+1), got {tuple(bias_table.shape)}")
+    expected = (query.shape[1], query.shape[2] + key.shape[2] - 1)
+    if bias_table is not None and tuple(bias_table.shape) != expected:
+        raise ValueError(f"bias_table must be (heads, Lq + Lk - 1) = {expected}, got {tuple(bias_table.shape)}")
     _check_device(query)
 
 
@@ -334,9 +344,8 @@ def reference_t5_attention(query: Tensor, key: Tensor, value: Tensor, bias_table
     scores = q @ k.transpose(-1, -2) * scale
     query_len, key_len = scores.shape[-2:]
     if bias_table is not None:
-        radius = (bias_table.shape[1] - 1) // 2
         offsets = torch.arange(key_len, device=q.device)[None, :] - torch.arange(query_len, device=q.device)[:, None]
-        scores = scores + bias_table.to(dtype)[:, offsets.clamp(-radius, radius) + radius][None]
+        scores = scores + bias_table.to(dtype)[:, offsets + query_len - 1][None]
     keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device)[None, None]
     if causal:
         keep = keep & torch.ones(query_len, key_len, dtype=torch.bool, device=q.device).tril()[None, None]

@@ -6,10 +6,11 @@ Imported lazily (only when the Triton route runs): importing it decorates the ke
 
 Design (scores are kept in log2 units, as in Triton's fused-attention tutorial: s = (q.k * scale + bias) * log2 e):
 
-* **Bias from a table, no L x L tensor.** ``TABLE[h, clamp(j - i, -R, R) + R]`` holds the bias (times log2 e) for
-  key ``j`` and query ``i``; T5 maps every |j - i| >= max_distance to one bucket per direction, so with
-  R = max_distance the clamp is exact. A tile whose offsets all lie beyond +-R gets one scalar instead of a gather:
-  each query block's key range is split into far-left (constant), near (gathered) and far-right (constant) tiles.
+* **Bias from a table, no L x L tensor.** ``TABLE[h, (j - i) + Lq - 1]`` holds the bias (times log2 e) of query i
+  and key j: an (H, Lq + Lk - 1) table, read at addresses affine in (i, j) (L1/L2-resident, no per-element index
+  arithmetic). T5 maps every |j - i| >= max_distance = R to one bucket per direction, so a tile whose offsets all
+  lie beyond +-R gets one scalar instead: each query block's key range is split into far-left (constant), near
+  (table) and far-right (constant) tiles; at 4096 tokens ~90% of the tiles read no bias at all.
 * **Key padding** from a per-row key mask (B, Lk) plus the row's key length (last kept key + 1), which bounds the
   loops; a masked key gets -inf, hence exactly zero probability. A row with no key at all returns zeros (no NaN).
 * **Dropout** from Philox-4x32-7 (Triton's ``tl.philox``, 7 rounds as in FlashAttention-2) keyed by the seed, with
@@ -27,11 +28,13 @@ import triton
 import triton.language as tl
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
-PHILOX_ROUNDS = 7
 DRAWS_PER_PHILOX = 8  # 4 x 32 random bits, 16 bits per keep/drop decision
 DRAW_RANGE = 1 << 16
-
-BIAS_NONE, BIAS_CONST, BIAS_GATHER = 0, 1, 2
+# Globals read inside kernels must be constexpr for Triton's compiler (the interpreter would not notice).
+PHILOX_ROUNDS = tl.constexpr(7)
+BIAS_NONE = tl.constexpr(0)  # _bias_tile modes
+BIAS_CONST = tl.constexpr(1)
+BIAS_GATHER = tl.constexpr(2)
 
 
 def _fix_interpreter_for_numpy_2_4() -> None:
@@ -98,11 +101,14 @@ def _keep_tile(seed, stream, offs_i, first_group, n_groups, drop_below,
 
 
 @triton.jit
-def _bias_tile(TABLE, rel, R, const, BIAS_MODE: tl.constexpr):
-    """Bias (log2 units) for relative positions ``rel = j - i``: gathered, one constant, or none."""
-    if BIAS_MODE == 2:
-        out = tl.load(TABLE + (tl.minimum(tl.maximum(rel, -R), R) + R))
-    elif BIAS_MODE == 1:
+def _bias_tile(TABLE, rel, const, BIAS_MODE: tl.constexpr):
+    """Bias (log2 units) for relative positions ``rel = j - i``: loaded, one constant, or none.
+
+    ``TABLE`` points at offset 0 of the head's row, so the address is affine in (i, j): no clamp, no gather
+    indices held per element (a clamped index into a short table spilled registers on sm_90)."""
+    if BIAS_MODE == BIAS_GATHER:
+        out = tl.load(TABLE + rel)
+    elif BIAS_MODE == BIAS_CONST:
         out = tl.zeros(rel.shape, tl.float32) + const
     else:
         out = tl.zeros(rel.shape, tl.float32)
@@ -123,7 +129,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, start, stop, const, offs_m,
         in_k = offs_n < Lk
         k_t = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=in_k[None, :], other=0.0)
         s = _dot(q, k_t, UPCAST) * qk_scale
-        s += _bias_tile(TABLE, offs_n[None, :] - offs_m[:, None], R, const, BIAS_MODE)
+        s += _bias_tile(TABLE, offs_n[None, :] - offs_m[:, None], const, BIAS_MODE)
         keep = offs_n[None, :] < kv_len
         if HAS_KEY_MASK:
             keep = keep & (tl.load(KMASK + offs_n, mask=in_k, other=0) != 0)[None, :]
@@ -177,11 +183,13 @@ def t5_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if HAS_BIAS:
-        TABLE += h * (2 * R + 1)
+        TABLE += h * (Lq + Lk - 1) + (Lq - 1)  # TABLE[d]: bias at offset d = j - i
+        far_left = tl.load(TABLE + tl.maximum(-R, 1 - Lq))  # the bias of every offset <= -R
+        far_right = tl.load(TABLE + tl.minimum(R, Lk - 1))  # the bias of every offset >= +R
         # key tiles whose offsets j - i are all <= -R (far left) or all >= +R (far right) share one bias value
         lo_end = tl.minimum((tl.maximum(start_m - R + 1, 0) // BLOCK_N) * BLOCK_N, stop)
         hi_start = tl.maximum(tl.minimum(tl.cdiv(start_m + BLOCK_M - 1 + R, BLOCK_N) * BLOCK_N, stop), lo_end)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, 0, lo_end, tl.load(TABLE), offs_m,
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, 0, lo_end, far_left, offs_m,
                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
                                    seed, bh, n_groups, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
                                    False, HAS_KEY_MASK, DROPOUT, UPCAST)
@@ -189,7 +197,7 @@ def t5_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN,
                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
                                    seed, bh, n_groups, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER,
                                    CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, hi_start, stop, tl.load(TABLE + 2 * R),
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, hi_start, stop, far_right,
                                    offs_m, stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
                                    seed, bh, n_groups, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
                                    CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST)
@@ -241,7 +249,7 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, stop, const, star
         q_t = tl.load(Q + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd, mask=in_q[None, :], other=0.0)
         lse = tl.load(LSE + offs_m, mask=in_q, other=float("inf"))
         s_t = _dot(k, q_t, UPCAST) * qk_scale  # (keys, queries)
-        s_t += _bias_tile(TABLE, offs_n[:, None] - offs_m[None, :], R, const, BIAS_MODE)
+        s_t += _bias_tile(TABLE, offs_n[:, None] - offs_m[None, :], const, BIAS_MODE)
         keep = key_ok[:, None]
         if CAUSAL:
             keep = keep & (offs_m[None, :] >= offs_n[:, None])
@@ -299,11 +307,13 @@ def t5_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, KV_LEN,
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     if HAS_BIAS:
-        TABLE += h * (2 * R + 1)
+        TABLE += h * (Lq + Lk - 1) + (Lq - 1)  # TABLE[d]: bias at offset d = j - i
+        far_left = tl.load(TABLE + tl.maximum(-R, 1 - Lq))  # the bias of every offset <= -R
+        far_right = tl.load(TABLE + tl.minimum(R, Lk - 1))  # the bias of every offset >= +R
         # query tiles that see these keys at offsets all >= +R (first) or all <= -R (last) share one bias value
         hi_end = tl.maximum(tl.minimum((tl.maximum(start_n - R + 1, 0) // BLOCK_M) * BLOCK_M, stop), start)
         lo_start = tl.maximum(tl.minimum(tl.cdiv(start_n + BLOCK_N - 1 + R, BLOCK_M) * BLOCK_M, stop), hi_end)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, hi_end, tl.load(TABLE + 2 * R), start_n,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, hi_end, far_right, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale, seed, bh,
                              n_groups, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, CAUSAL,
                              DROPOUT, UPCAST)
@@ -311,7 +321,7 @@ def t5_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, KV_LEN,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale, seed, bh,
                              n_groups, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER, CAUSAL,
                              DROPOUT, UPCAST)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, lo_start, stop, tl.load(TABLE), start_n,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, lo_start, stop, far_left, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale, seed, bh,
                              n_groups, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, False,
                              DROPOUT, UPCAST)
@@ -340,7 +350,7 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, start, stop, const, off
         k_t = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=in_k[None, :], other=0.0)
         v_t = tl.load(V + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=in_k[None, :], other=0.0)
         s = _dot(q, k_t, UPCAST) * qk_scale
-        s += _bias_tile(TABLE, offs_n[None, :] - offs_m[:, None], R, const, BIAS_MODE)
+        s += _bias_tile(TABLE, offs_n[None, :] - offs_m[:, None], const, BIAS_MODE)
         keep = offs_n[None, :] < kv_len
         if HAS_KEY_MASK:
             keep = keep & (tl.load(KMASK + offs_n, mask=in_k, other=0) != 0)[None, :]
@@ -390,10 +400,12 @@ def t5_attention_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TABLE, KMASK, KV_LEN,
     n_groups = tl.cdiv(Lk, 8)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if HAS_BIAS:
-        TABLE += h * (2 * R + 1)
+        TABLE += h * (Lq + Lk - 1) + (Lq - 1)  # TABLE[d]: bias at offset d = j - i
+        far_left = tl.load(TABLE + tl.maximum(-R, 1 - Lq))  # the bias of every offset <= -R
+        far_right = tl.load(TABLE + tl.minimum(R, Lk - 1))  # the bias of every offset >= +R
         lo_end = tl.minimum((tl.maximum(start_m - R + 1, 0) // BLOCK_N) * BLOCK_N, stop)
         hi_start = tl.maximum(tl.minimum(tl.cdiv(start_m + BLOCK_M - 1 + R, BLOCK_N) * BLOCK_N, stop), lo_end)
-        dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, 0, lo_end, tl.load(TABLE), offs_m,
+        dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, 0, lo_end, far_left, offs_m,
                        stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_groups,
                        drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, False, HAS_KEY_MASK,
                        DROPOUT, UPCAST)
@@ -401,7 +413,7 @@ def t5_attention_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TABLE, KMASK, KV_LEN,
                        stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_groups,
                        drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER, CAUSAL, HAS_KEY_MASK,
                        DROPOUT, UPCAST)
-        dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, hi_start, stop, tl.load(TABLE + 2 * R), offs_m,
+        dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, hi_start, stop, far_right, offs_m,
                        stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_groups,
                        drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, CAUSAL, HAS_KEY_MASK,
                        DROPOUT, UPCAST)

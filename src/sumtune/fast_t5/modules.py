@@ -144,9 +144,10 @@ def _dense_biases(self, first_attention, attention_mask, encoder_hidden_states, 
 
 
 def _flash_inputs(self, first_attention, attention_mask, encoder_hidden_states, encoder_attention_mask,
-                  dtype: torch.dtype):
+                  seq_len: int, dtype: torch.dtype):
     """Triton route: bias table + key padding for self-attention, key padding for cross-attention; no L x L."""
-    self_inputs = attention_lib.self_attention_inputs(first_attention, attention_mask, dtype, causal=self.is_decoder)
+    self_inputs = attention_lib.self_attention_inputs(first_attention, seq_len, attention_mask, dtype,
+                                                      causal=self.is_decoder)
     cross_inputs = None
     if self.is_decoder and encoder_hidden_states is not None:
         cross_inputs = attention_lib.cross_attention_inputs(encoder_attention_mask)
@@ -177,7 +178,7 @@ def fast_stack_forward(self, input_ids=None, attention_mask=None, encoder_hidden
                                                first_attention.key_value_proj_dim, first_attention)
         if backend == "triton":
             self_bias, cross_bias = _flash_inputs(self, first_attention, attention_mask, encoder_hidden_states,
-                                                  encoder_attention_mask, dtype)
+                                                  encoder_attention_mask, seq_len, dtype)
         else:
             self_bias, cross_bias = _dense_biases(self, first_attention, attention_mask, encoder_hidden_states,
                                                   encoder_attention_mask, seq_len, device, dtype)

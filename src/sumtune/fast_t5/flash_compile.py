@@ -1,0 +1,134 @@
+"""Compile sumtune's Triton attention kernels for a GPU architecture without a GPU: registers, spills, shared memory.
+
+    python -m sumtune.fast_t5.flash_compile                 # every autotune config, head_dim 64 and 128, sm_90
+    python -m sumtune.fast_t5.flash_compile --json          # the same as JSON lines (what the tests read)
+
+The arguments mirror what a launch on T5-3b shapes specialises (strides equal to 1 become constants, ints and
+pointers divisible by 16 are marked so), so the code is what the GPU would run; ptxas, bundled with Triton, reports
+registers and spills. Needs compiled kernels: run without TRITON_INTERPRET.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+HOPPER_SHARED_BYTES = 232448  # H100/H200: 227 KiB of shared memory per block
+KERNELS = {"fwd": "t5_attention_fwd", "dkdv": "t5_attention_bwd_dkdv", "dq": "t5_attention_bwd_dq"}
+T5_FLAGS = dict(CAUSAL=False, HAS_BIAS=True, HAS_KEY_MASK=True, DROPOUT=True)  # encoder self-attention, training
+
+
+def example_arguments(kernel, batch: int = 32, heads: int = 32, length: int = 1024, head_dim: int = 128,
+                      dtype: str = "bf16") -> dict:
+    """Runtime arguments of ``kernel`` for (B, L, H, D) tensors seen as (B, H, L, D), as the fast path has them."""
+    strides = {"b": length * heads * head_dim, "h": head_dim, "m": heads * head_dim, "n": heads * head_dim, "d": 1}
+    pointers = {"LSE": "*fp32", "DELTA": "*fp32", "TABLE": "*fp32", "KMASK": "*i8", "KV_LEN": "*i32"}
+    values = dict(H=heads, Lq=length, Lk=length, R=128, qk_scale=1.4427, scale=1.0, drop_scale=1.11, seed=12345,
+                  drop_below=6554, len_key=length, stride_mask_b=length)
+    arguments = {}
+    for name in kernel.arg_names:
+        if name in pointers:
+            arguments[name] = pointers[name]
+        elif name in ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ"):
+            arguments[name] = f"*{dtype}"
+        elif name in values:
+            arguments[name] = values[name]
+        elif name.startswith("stride_"):
+            arguments[name] = strides[name[-1]]
+    return arguments
+
+
+def compile_kernel(name: str, block_m: int, block_n: int, num_warps: int, num_stages: int, head_dim: int = 128,
+                   dtype: str = "bf16", arch: int = 90, **flags):
+    """triton.compile one kernel for ``sm_<arch>`` with the specialisation a launch would give it."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from sumtune.fast_t5 import flash_kernels
+
+    if flash_kernels.INTERPRET:
+        raise RuntimeError("TRITON_INTERPRET=1 decorates interpreted kernels, which do not compile: unset it")
+    kernel = getattr(flash_kernels, KERNELS[name])
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=False, **{**T5_FLAGS, **flags})
+    signature, attrs = {}, {}
+    for index, arg in enumerate(kernel.arg_names):
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+            continue
+        value = example_arguments(kernel, head_dim=head_dim, dtype=dtype)[arg]
+        specialise = arg not in kernel.do_not_specialize
+        if isinstance(value, str):
+            signature[arg], attrs[(index,)] = value, [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[arg] = "fp32"
+        elif value == 1 and specialise:
+            signature[arg], constexprs[arg] = "constexpr", 1
+        else:
+            signature[arg] = "i32"
+            if value % 16 == 0 and specialise:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def resources(compiled, arch: int = 90) -> dict:
+    """Registers and spilled bytes (ptxas -v on the PTX), shared memory, and whether loads were pipelined."""
+    import triton
+
+    ptxas = f"{triton.__path__[0]}/backends/nvidia/bin/ptxas"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as handle:
+        handle.write(compiled.asm["ptx"])
+        handle.flush()
+        log = subprocess.run([ptxas, f"-arch=sm_{arch}a", "-v", handle.name, "-o", "/dev/null"],
+                             capture_output=True, text=True, check=True).stderr
+    return dict(registers=max(int(r) for r in re.findall(r"Used (\d+) registers", log)),
+                spill_bytes=sum(int(s) for s in re.findall(r"(\d+) bytes spill stores", log)),
+                shared_bytes=compiled.metadata.shared,
+                async_copies=compiled.asm["ttgir"].count("async_copy_global_to_local"))
+
+
+def report(head_dims=(64, 128), arch: int = 90, **flags):
+    """One dict per (kernel, autotune config, head_dim) with its compile time and resources."""
+    from sumtune.fast_t5.flash_attention import AUTOTUNE_CONFIGS
+
+    for head_dim in head_dims:
+        for name, configs in AUTOTUNE_CONFIGS.items():
+            for config in configs:
+                started = time.time()
+                row = dict(kernel=name, config=list(config), head_dim=head_dim, **{**T5_FLAGS, **flags})
+                try:
+                    row.update(resources(compile_kernel(name, *config, head_dim=head_dim, arch=arch, **flags), arch))
+                except Exception as error:  # noqa: BLE001 - a config that does not compile is the finding
+                    row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                row["compile_s"] = round(time.time() - started, 1)
+                yield row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
+    parser.add_argument("--causal", action="store_true", help="the decoder's variant instead of the encoder's")
+    parser.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    args = parser.parse_args(argv)
+    failed = False
+    for row in report(tuple(args.head_dims), args.arch, CAUSAL=args.causal):
+        failed |= "error" in row
+        if args.json:
+            print(json.dumps(row), flush=True)
+        else:
+            print(f"{row['kernel']:5} D={row['head_dim']:<4} {str(tuple(row['config'])):18} "
+                  + (row.get("error") or f"regs {row['registers']:3}  spill {row['spill_bytes']:5} B  "
+                     f"smem {row['shared_bytes'] / 1024:6.1f} KiB  async copies {row['async_copies']:2}")
+                  + f"  ({row['compile_s']} s)", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
