@@ -3,7 +3,8 @@
 ``sdpa``: torch's scaled_dot_product_attention with the relative position bias materialised (B|1, H, L, L) and the
 masks folded in (sumtune.fast_t5.bias). ``triton``: sumtune's kernels (sumtune.fast_t5.flash_attention), which take
 an (H, Lq + Lk - 1) bias-by-offset table and per-row key padding instead, compute bias, masks and dropout inside,
-and never build an L x L tensor. ``auto`` picks ``triton`` when :func:`triton_blocker` finds no reason against it, else ``sdpa``.
+and never build an L x L tensor. ``auto`` picks ``triton`` when :func:`triton_blocker` finds no reason against it,
+else ``sdpa``.
 """
 
 from __future__ import annotations

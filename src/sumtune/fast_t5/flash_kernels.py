@@ -14,9 +14,10 @@ Design (scores are kept in log2 units, as in Triton's fused-attention tutorial: 
 * **Key padding** from a per-row key mask (B, Lk) plus the row's key length (last kept key + 1), which bounds the
   loops; a masked key gets -inf, hence exactly zero probability. A row with no key at all returns zeros (no NaN).
 * **Dropout** from Philox-4x32-7 (Triton's ``tl.philox``, 7 rounds as in FlashAttention-2) keyed by the seed, with
-  counter (query row * ceil(Lk / 8) + key // 8, batch * heads + head): one call yields 8 independent 16-bit draws
-  for 8 neighbouring keys. The draw of an element depends only on (seed, b, h, i, j), never on the block sizes, so
-  the backward kernels regenerate exactly the forward's mask. Probability of a drop = drop_below / 65536.
+  counters (a pair of query rows and a quad of keys, batch * heads + head): one call yields 8 independent 16-bit
+  draws for queries {r, r+8} x keys {c, c+1, c+8, c+9}, the elements one thread holds of a tensor-core tile
+  (_keep_tile). The draw of an element depends only on (seed, b, h, i, j), never on the block sizes, so the
+  backward kernels regenerate exactly the forward's mask. Probability of a drop = drop_below / 65536.
 * **Backward**: delta = rowsum(dO * O), then one kernel for dK/dV (a key block per program, looping over query
   blocks) and one for dQ (a query block per program, looping over key blocks); both recompute P from the saved
   log-sum-exp. No atomics, so gradients are deterministic.
@@ -80,23 +81,27 @@ def _dot_acc(a, b, acc, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _keep_tile(seed, stream, offs_i, first_group, n_groups, drop_below,
-               BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
-    """(BLOCK_I, BLOCK_J) keep mask for queries ``offs_i`` and keys ``8 * first_group + arange(BLOCK_J)``."""
-    groups = first_group + tl.arange(0, BLOCK_J // 8)
-    counter = offs_i[:, None] * n_groups + groups[None, :]
+def _keep_tile(seed, stream, start_i, start_j, n_cols, drop_below, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+    """(BLOCK_I, BLOCK_J) keep mask for queries ``start_i + arange`` and keys ``start_j + arange`` (starts: multiples
+    of 16).
+
+    One Philox call gives 8 16-bit draws for rows {r, r + 8} x keys {c, c + 1, c + 8, c + 9} (r % 16 < 8, c % 16
+    even and < 8): exactly what one thread holds of a tensor-core accumulator, so the draws need no exchange
+    between threads (an earlier 8-consecutive-keys grouping cost 2x the instructions in layout shuffles)."""
+    rows = start_i // 2 + tl.arange(0, BLOCK_I // 2)  # counter row: 8 per 16-row band
+    cols = start_j // 4 + tl.arange(0, BLOCK_J // 4)  # counter column: 4 per 16-key band
+    counter = rows[:, None] * n_cols + cols[None, :]
     zero = tl.zeros_like(counter)
     r0, r1, r2, r3 = tl.philox(seed, counter, zero + stream, zero, zero, PHILOX_ROUNDS)
-    k0 = (r0 & 0xFFFF).to(tl.int32) >= drop_below
-    k1 = (r0 >> 16).to(tl.int32) >= drop_below
-    k2 = (r1 & 0xFFFF).to(tl.int32) >= drop_below
-    k3 = (r1 >> 16).to(tl.int32) >= drop_below
-    k4 = (r2 & 0xFFFF).to(tl.int32) >= drop_below
-    k5 = (r2 >> 16).to(tl.int32) >= drop_below
-    k6 = (r3 & 0xFFFF).to(tl.int32) >= drop_below
-    k7 = (r3 >> 16).to(tl.int32) >= drop_below
-    # join stacks on a new minor axis; this order puts draw t of a group at key 8 * group + t after the reshape
-    keep = tl.join(tl.join(tl.join(k0, k4), tl.join(k2, k6)), tl.join(tl.join(k1, k5), tl.join(k3, k7)))
+    # word w, half h: w0 -> (r, c + h), w1 -> (r + 8, c + h), w2 -> (r, c + 8 + h), w3 -> (r + 8, c + 8 + h)
+    x0 = tl.join((r0 & 0xFFFF).to(tl.int32) >= drop_below, (r0 >> 16).to(tl.int32) >= drop_below)
+    x1 = tl.join((r1 & 0xFFFF).to(tl.int32) >= drop_below, (r1 >> 16).to(tl.int32) >= drop_below)
+    x2 = tl.join((r2 & 0xFFFF).to(tl.int32) >= drop_below, (r2 >> 16).to(tl.int32) >= drop_below)
+    x3 = tl.join((r3 & 0xFFFF).to(tl.int32) >= drop_below, (r3 >> 16).to(tl.int32) >= drop_below)
+    keep = tl.join(tl.join(x0, x2), tl.join(x1, x3))  # (rows, cols, h, +8 key, +8 row)
+    # counter row = 8 * row band + row in band, counter column = 4 * key band + key pair in band
+    keep = tl.reshape(keep, (BLOCK_I // 16, 8, BLOCK_J // 16, 4, 2, 2, 2))
+    keep = tl.permute(keep, (0, 6, 1, 2, 5, 3, 4))  # (row band, +8 row, row, key band, +8 key, key pair, h)
     return tl.reshape(keep, (BLOCK_I, BLOCK_J))
 
 
@@ -117,11 +122,12 @@ def _bias_tile(TABLE, rel, const, BIAS_MODE: tl.constexpr):
 
 # ----------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, start, stop, const, offs_m,
+def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, start, stop, const, start_m,
                stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
-               seed, stream, n_groups, drop_below,
+               seed, stream, n_cols, drop_below,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr):
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(start, stop, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -143,7 +149,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, start, stop, const, offs_m,
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if DROPOUT:  # the softmax denominator counts every key; dropout acts on the normalised probabilities
-            p = tl.where(_keep_tile(seed, stream, offs_m, start_n // 8, n_groups, drop_below, BLOCK_M, BLOCK_N),
+            p = tl.where(_keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N),
                          p, 0.0)
         v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=in_k[:, None], other=0.0)
         acc = _dot_acc(p.to(v.dtype), v, acc, UPCAST)
@@ -178,7 +184,7 @@ def t5_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN,
     stop = kv_len
     if CAUSAL:
         stop = tl.minimum(stop, start_m + BLOCK_M)
-    n_groups = tl.cdiv(Lk, 8)
+    n_cols = tl.cdiv(Lk, 16) * 4
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -189,22 +195,22 @@ def t5_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN,
         # key tiles whose offsets j - i are all <= -R (far left) or all >= +R (far right) share one bias value
         lo_end = tl.minimum((tl.maximum(start_m - R + 1, 0) // BLOCK_N) * BLOCK_N, stop)
         hi_start = tl.maximum(tl.minimum(tl.cdiv(start_m + BLOCK_M - 1 + R, BLOCK_N) * BLOCK_N, stop), lo_end)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, 0, lo_end, far_left, offs_m,
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, 0, lo_end, far_left, start_m,
                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
-                                   seed, bh, n_groups, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
+                                   seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
                                    False, HAS_KEY_MASK, DROPOUT, UPCAST)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, lo_end, hi_start, 0.0, offs_m,
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, lo_end, hi_start, 0.0, start_m,
                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
-                                   seed, bh, n_groups, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER,
+                                   seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER,
                                    CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, hi_start, stop, far_right,
-                                   offs_m, stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
-                                   seed, bh, n_groups, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
+                                   start_m, stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
+                                   seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
                                    CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST)
     else:
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, 0, stop, 0.0, offs_m,
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, 0, stop, 0.0, start_m,
                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
-                                   seed, bh, n_groups, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE,
+                                   seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE,
                                    CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST)
     empty = l_i == 0.0  # no key to attend to: output 0, and lse = +inf makes the backward's P exactly 0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -237,7 +243,7 @@ def t5_attention_bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, stop, const, start_n, key_ok,
                 stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale,
-                seed, stream, n_groups, drop_below, drop_scale,
+                seed, stream, n_cols, drop_below, drop_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
                 CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
@@ -257,7 +263,7 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, stop, const, star
         do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=in_q[:, None], other=0.0)
         dp_t = _dot(v, tl.trans(do), UPCAST)
         if DROPOUT:
-            kept = tl.trans(_keep_tile(seed, stream, offs_m, start_n // 8, n_groups, drop_below, BLOCK_M, BLOCK_N))
+            kept = tl.trans(_keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N))
             pd_t = tl.where(kept, p_t * drop_scale, 0.0)
             dp_t = tl.where(kept, dp_t * drop_scale, 0.0)
         else:
@@ -303,7 +309,7 @@ def t5_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, KV_LEN,
     if CAUSAL:
         start = (start_n // BLOCK_M) * BLOCK_M  # query blocks entirely above the diagonal see none of these keys
     stop = tl.where(start_n < kv_len, Lq, start)  # keys past the row's length: zero gradient, no work
-    n_groups = tl.cdiv(Lk, 8)
+    n_cols = tl.cdiv(Lk, 16) * 4
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     if HAS_BIAS:
@@ -315,20 +321,20 @@ def t5_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, KV_LEN,
         lo_start = tl.maximum(tl.minimum(tl.cdiv(start_n + BLOCK_N - 1 + R, BLOCK_M) * BLOCK_M, stop), hi_end)
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, hi_end, far_right, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale, seed, bh,
-                             n_groups, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, CAUSAL,
+                             n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, CAUSAL,
                              DROPOUT, UPCAST)
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, hi_end, lo_start, 0.0, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale, seed, bh,
-                             n_groups, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER, CAUSAL,
+                             n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER, CAUSAL,
                              DROPOUT, UPCAST)
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, lo_start, stop, far_left, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale, seed, bh,
-                             n_groups, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, False,
+                             n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, False,
                              DROPOUT, UPCAST)
     else:
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, stop, 0.0, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale, seed, bh,
-                             n_groups, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE, CAUSAL,
+                             n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE, CAUSAL,
                              DROPOUT, UPCAST)
     tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
              (dk * scale).to(DK.dtype.element_ty), mask=in_k[:, None])
@@ -337,11 +343,12 @@ def t5_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, KV_LEN,
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, start, stop, const, offs_m,
+def _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, start, stop, const, start_m,
               stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
-              seed, stream, n_groups, drop_below, drop_scale,
+              seed, stream, n_cols, drop_below, drop_scale,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr):
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(start, stop, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -359,7 +366,7 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, start, stop, const, off
         p = tl.math.exp2(tl.where(keep, s, float("-inf")) - lse[:, None])
         dp = _dot(do, v_t, UPCAST)
         if DROPOUT:
-            kept = _keep_tile(seed, stream, offs_m, start_n // 8, n_groups, drop_below, BLOCK_M, BLOCK_N)
+            kept = _keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N)
             dp = tl.where(kept, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = _dot_acc(ds.to(k_t.dtype), tl.trans(k_t), dq, UPCAST)
@@ -397,7 +404,7 @@ def t5_attention_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TABLE, KMASK, KV_LEN,
     stop = kv_len
     if CAUSAL:
         stop = tl.minimum(stop, start_m + BLOCK_M)
-    n_groups = tl.cdiv(Lk, 8)
+    n_cols = tl.cdiv(Lk, 16) * 4
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if HAS_BIAS:
         TABLE += h * (Lq + Lk - 1) + (Lq - 1)  # TABLE[d]: bias at offset d = j - i
@@ -405,21 +412,21 @@ def t5_attention_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TABLE, KMASK, KV_LEN,
         far_right = tl.load(TABLE + tl.minimum(R, Lk - 1))  # the bias of every offset >= +R
         lo_end = tl.minimum((tl.maximum(start_m - R + 1, 0) // BLOCK_N) * BLOCK_N, stop)
         hi_start = tl.maximum(tl.minimum(tl.cdiv(start_m + BLOCK_M - 1 + R, BLOCK_N) * BLOCK_N, stop), lo_end)
-        dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, 0, lo_end, far_left, offs_m,
-                       stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_groups,
+        dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, 0, lo_end, far_left, start_m,
+                       stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
                        drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, False, HAS_KEY_MASK,
                        DROPOUT, UPCAST)
-        dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, lo_end, hi_start, 0.0, offs_m,
-                       stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_groups,
+        dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, lo_end, hi_start, 0.0, start_m,
+                       stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
                        drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER, CAUSAL, HAS_KEY_MASK,
                        DROPOUT, UPCAST)
-        dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, hi_start, stop, far_right, offs_m,
-                       stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_groups,
+        dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, hi_start, stop, far_right, start_m,
+                       stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
                        drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, CAUSAL, HAS_KEY_MASK,
                        DROPOUT, UPCAST)
     else:
-        dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, 0, stop, 0.0, offs_m,
-                       stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_groups,
+        dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, 0, stop, 0.0, start_m,
+                       stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
                        drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE, CAUSAL, HAS_KEY_MASK,
                        DROPOUT, UPCAST)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
@@ -430,10 +437,11 @@ def t5_attention_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TABLE, KMASK, KV_LEN,
 @triton.jit(do_not_specialize=["seed"])
 def t5_attention_dropout_mask(MASK, H, Lq, Lk, seed, drop_below, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """MASK[b, h, i, j] = 1 where the attention kernels keep element (i, j), 0 where they drop it."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_m = tl.program_id(0) * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     start_n = tl.program_id(1) * BLOCK_N
     bh = tl.program_id(2)
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    keep = _keep_tile(seed, bh, offs_m, start_n // 8, tl.cdiv(Lk, 8), drop_below, BLOCK_M, BLOCK_N)
+    keep = _keep_tile(seed, bh, start_m, start_n, tl.cdiv(Lk, 16) * 4, drop_below, BLOCK_M, BLOCK_N)
     tl.store(MASK + bh.to(tl.int64) * Lq * Lk + offs_m[:, None] * Lk + offs_n[None, :], keep.to(tl.int8),
              mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
