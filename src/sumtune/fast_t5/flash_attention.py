@@ -45,7 +45,7 @@ def _kernels():
 # spill kilobytes at head_dim 128 (the fp32 accumulators alone take 128 registers a thread).
 AUTOTUNE_CONFIGS = {
     "fwd": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3)],
-    "dkdv": [(32, 128, 8, 3), (16, 128, 8, 3), (64, 64, 8, 3)],
+    "dkdv": [(32, 128, 8, 3), (16, 128, 8, 3), (32, 64, 8, 3)],
     "dq": [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3)],
 }
 
@@ -167,7 +167,7 @@ def _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, se
     drop_below, drop_scale = _dropout_threshold(dropout_p)
     radius = _radius(radius, query_len, key_len)
     dummy = lse
-    _launch("fwd", kernels.t5_attention_fwd,
+    _launch("fwd", kernels.t5_flash_attention_fwd,
             lambda bm, bn: (triton_cdiv(query_len, bm), batch * heads),
             q, k, v, out, lse, table if table is not None else dummy, mask if mask is not None else dummy,
             lengths if lengths is not None else dummy,
@@ -197,13 +197,13 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal,
     lengths_arg = lengths if lengths is not None else delta
     mask_stride = mask.stride(0) if mask is not None else 0
     length_key = _length_key(max(query_len, key_len))
-    _launch("dkdv", kernels.t5_attention_bwd_dkdv,
+    _launch("dkdv", kernels.t5_flash_attention_bwd_dkdv,
             lambda bm, bn: (triton_cdiv(key_len, bn), batch * heads),
             q, k, v, grad_out, dk, dv, lse, delta, table_arg, mask_arg, lengths_arg,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), mask_stride,
             heads, query_len, key_len, radius, scale * LOG2E, scale, seed, drop_below, drop_scale, length_key,
             **common)
-    _launch("dq", kernels.t5_attention_bwd_dq,
+    _launch("dq", kernels.t5_flash_attention_bwd_dq,
             lambda bm, bn: (triton_cdiv(query_len, bm), batch * heads),
             q, k, v, grad_out, dq, lse, delta, table_arg, mask_arg, lengths_arg,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), mask_stride,

