@@ -19,8 +19,6 @@ from sumtune.fast_t5 import bias as bias_lib
 
 ATTENTION_BACKENDS = ("auto", "triton", "sdpa")
 BACKEND_ATTR = "_sumtune_attention_backend"
-TRITON_DTYPES = (torch.bfloat16, torch.float16)
-TRITON_HEAD_DIMS = (16, 32, 64, 128)
 
 
 @dataclass(frozen=True)
@@ -40,14 +38,16 @@ def _interpreter_active() -> bool:
 def triton_blocker(device: torch.device, dtype: torch.dtype, head_dim: int,
                    bias_attention: torch.nn.Module | None, allow_interpreter: bool = False) -> str | None:
     """The first reason the Triton kernels cannot run this attention, or None when they can."""
+    from sumtune.fast_t5.flash_attention import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
+
     if device.type != "cuda" and not (allow_interpreter and _interpreter_active()):
         return f"it needs a CUDA device, not {device.type}"
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
-    if dtype not in TRITON_DTYPES:
+    if dtype not in SUPPORTED_DTYPES:
         return f"it computes in bfloat16 or float16, not {dtype}"
-    if head_dim not in TRITON_HEAD_DIMS:
-        return f"head_dim {head_dim} is not one of {TRITON_HEAD_DIMS}"
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        return f"head_dim {head_dim} is not one of {SUPPORTED_HEAD_DIMS}"
     if bias_attention is not None:
         if bias_attention.relative_attention_bias.weight.requires_grad and torch.is_grad_enabled():
             return "the relative position bias is trainable and the kernels give it no gradient"

@@ -27,7 +27,7 @@ from torch import Tensor
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-DRAW_RANGE = 1 << 16  # dropout decisions are 16-bit draws (flash_kernels.DRAW_RANGE)
+DRAW_RANGE = 1 << 16  # dropout decisions are 16-bit draws (flash_kernels._keep_tile)
 _INTERPRETER_BLOCKS = dict(fwd=(32, 32), dkdv=(32, 32), dq=(32, 32))  # tests pin smaller ones to cross blocks
 _pinned_blocks: dict[str, tuple[int, ...]] = {}
 
@@ -134,7 +134,7 @@ def _dropout_threshold(dropout_p: float) -> tuple[int, float]:
     by the inverse of the exact keep probability, so the output's expectation is unchanged (torch's 1 / (1 - p))."""
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    drop_below = int(round(dropout_p * DRAW_RANGE))
+    drop_below = min(int(round(dropout_p * DRAW_RANGE)), DRAW_RANGE - 1)
     return drop_below, DRAW_RANGE / (DRAW_RANGE - drop_below)
 
 
@@ -168,7 +168,7 @@ def _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, se
     radius = _radius(radius, query_len, key_len)
     dummy = lse
     _launch("fwd", kernels.t5_flash_attention_fwd,
-            lambda bm, bn: (triton_cdiv(query_len, bm), batch * heads),
+            lambda bm, bn: (_cdiv(query_len, bm), batch * heads),
             q, k, v, out, lse, table if table is not None else dummy, mask if mask is not None else dummy,
             lengths if lengths is not None else dummy,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), mask.stride(0) if mask is not None else 0,
@@ -185,7 +185,7 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal,
     key_len = k.shape[2]
     delta = torch.empty_like(lse)
     block = 64
-    kernels.t5_attention_bwd_delta[(triton_cdiv(query_len, block), batch * heads)](
+    kernels.t5_attention_bwd_delta[(_cdiv(query_len, block), batch * heads)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, query_len, HEAD_DIM=head_dim, BLOCK_M=block)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     drop_below, drop_scale = _dropout_threshold(dropout_p)
@@ -198,13 +198,13 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal,
     mask_stride = mask.stride(0) if mask is not None else 0
     length_key = _length_key(max(query_len, key_len))
     _launch("dkdv", kernels.t5_flash_attention_bwd_dkdv,
-            lambda bm, bn: (triton_cdiv(key_len, bn), batch * heads),
+            lambda bm, bn: (_cdiv(key_len, bn), batch * heads),
             q, k, v, grad_out, dk, dv, lse, delta, table_arg, mask_arg, lengths_arg,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), mask_stride,
             heads, query_len, key_len, radius, scale * LOG2E, scale, seed, drop_below, drop_scale, length_key,
             **common)
     _launch("dq", kernels.t5_flash_attention_bwd_dq,
-            lambda bm, bn: (triton_cdiv(query_len, bm), batch * heads),
+            lambda bm, bn: (_cdiv(query_len, bm), batch * heads),
             q, k, v, grad_out, dq, lse, delta, table_arg, mask_arg, lengths_arg,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), mask_stride,
             heads, query_len, key_len, radius, scale * LOG2E, scale, seed, drop_below, drop_scale, length_key,
@@ -212,7 +212,7 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal,
     return dq, dk, dv
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
@@ -321,7 +321,7 @@ def dropout_keep_mask(seed: int, batch: int, heads: int, query_len: int, key_len
     drop_below, _ = _dropout_threshold(dropout_p)
     mask = torch.empty((batch, heads, query_len, key_len), dtype=torch.int8, device=device)
     block_m, block_n = block
-    grid = (triton_cdiv(query_len, block_m), triton_cdiv(key_len, block_n), batch * heads)
+    grid = (_cdiv(query_len, block_m), _cdiv(key_len, block_n), batch * heads)
     kernels.t5_attention_dropout_mask[grid](mask, heads, query_len, key_len, seed, drop_below,
                                             BLOCK_M=block_m, BLOCK_N=block_n)
     return mask.bool()

@@ -31,8 +31,6 @@ import triton
 import triton.language as tl
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
-DRAWS_PER_PHILOX = 8  # 4 x 32 random bits, 16 bits per keep/drop decision
-DRAW_RANGE = 1 << 16
 # Globals read inside kernels must be constexpr for Triton's compiler (the interpreter would not notice).
 PHILOX_ROUNDS = tl.constexpr(7)
 BIAS_NONE = tl.constexpr(0)  # _bias_tile modes
