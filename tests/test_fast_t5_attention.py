@@ -157,6 +157,28 @@ def test_padded_keys_get_exactly_zero_probability(fa):
     assert torch.equal(dv[1, :, 20:], torch.zeros_like(dv[1, :, 20:]))
 
 
+def test_tiles_overhanging_the_sequences_read_nothing_that_matters(fa):
+    """The last tiles reach past Lq and Lk into the bias table's margins (in bounds: bias_table_log2 pads it); what
+    they read there must not reach any output: NaN margins give bit-identical results to zero margins."""
+    q, k, v = make_qkv(2, 2, 37, 29, 16, torch.float32)
+    padding = fa.key_padding(padding_mask(2, 29))
+    table = fa.bias_table_log2(torch.randn(2, 37 + 29 - 1))
+    poisoned = table.clone()
+    poisoned[:, : fa.TABLE_MARGIN] = float("nan")
+    poisoned[:, -fa.TABLE_MARGIN:] = float("nan")
+    grad_out = torch.randn(2, 2, 37, 16)
+    results = []
+    for t in (table, poisoned):
+        with fa.block_sizes(fwd=(32, 32), dkdv=(32, 32), dq=(32, 32)):  # 37 and 29: ragged last tiles
+            results.append(run_with_grads(lambda *x, t=t: fa.t5_flash_attention(*x, t, 0, padding, False, 1.0, 0.0),
+                                          q, k, v, grad_out))
+    (out, grads), (out2, grads2) = results
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    assert torch.equal(out, out2) and all(torch.equal(a, b) for a, b in zip(grads, grads2))
+    with pytest.raises(ValueError, match="bias_table_log2"):
+        fa.t5_flash_attention(q, k, v, table[:, 1:], 0, padding, False, 1.0, 0.0)
+
+
 def test_rows_without_any_key_give_zeros_not_nan(fa):
     q, k, v = make_qkv(2, 2, 20, 20, 16, torch.float32)
     mask = torch.ones(2, 20, dtype=torch.bool)

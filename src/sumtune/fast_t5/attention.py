@@ -25,7 +25,7 @@ BACKEND_ATTR = "_sumtune_attention_backend"
 class FlashInputs:
     """What the Triton route hands each attention layer in place of a dense bias (built once per stack)."""
 
-    table_log2: torch.Tensor | None  # (H, Lq + Lk - 1) fp32 bias by offset j - i, times log2(e); None: no bias
+    table_log2: torch.Tensor | None  # flash_attention.bias_table_log2 of the bias by offset j - i; None: no bias
     bias_radius: int  # offsets beyond +-bias_radius share the bias at +-bias_radius (T5's max_distance); 0: none
     padding: object | None  # flash_attention.KeyPadding, or None when every key is attended
     causal: bool

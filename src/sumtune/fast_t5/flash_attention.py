@@ -22,12 +22,14 @@ import math
 from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 DRAW_RANGE = 1 << 16  # dropout decisions are 16-bit draws (flash_kernels._keep_tile)
+TABLE_MARGIN = 128  # zero columns each side of a bias table: a tile reaches at most BLOCK - 1 offsets beyond it
 _INTERPRETER_BLOCKS = dict(fwd=(32, 32), dkdv=(32, 32), dq=(32, 32))  # tests pin smaller ones to cross blocks
 _pinned_blocks: dict[str, tuple[int, ...]] = {}
 
@@ -96,6 +98,8 @@ def _launch(name: str, kernel, grid_for, *args, **kwargs) -> None:
         tuned[lambda meta: grid_for(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **kwargs)
         return
     block_m, block_n, *rest = blocks
+    if max(block_m, block_n) > TABLE_MARGIN:
+        raise ValueError(f"tiles of at most {TABLE_MARGIN} rows/keys (the bias table's margin), not {blocks}")
     extra = dict(zip(("num_warps", "num_stages"), rest))
     kernel[grid_for(block_m, block_n)](*args, BLOCK_M=block_m, BLOCK_N=block_n, **extra, **kwargs)
 
@@ -154,6 +158,11 @@ def _check_device(*tensors: Tensor) -> None:
 
 
 # ----------------------------------------------------------------------------- launchers
+def _table_geometry(table: Tensor | None, query_len: int) -> tuple[int, int]:
+    """(row length, column of offset 0) of a margined table from :func:`bias_table_log2`."""
+    return (table.shape[1], TABLE_MARGIN + query_len - 1) if table is not None else (0, 0)
+
+
 def _radius(radius: int, query_len: int, key_len: int) -> int:
     return radius if radius > 0 else query_len + key_len  # 0: no saturation known, every tile reads the table
 
@@ -172,8 +181,8 @@ def _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, se
             q, k, v, out, lse, table if table is not None else dummy, mask if mask is not None else dummy,
             lengths if lengths is not None else dummy,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), mask.stride(0) if mask is not None else 0,
-            heads, query_len, key_len, radius, scale * LOG2E, seed, drop_below, drop_scale,
-            _length_key(max(query_len, key_len)),
+            heads, query_len, key_len, radius, *_table_geometry(table, query_len), scale * LOG2E, seed, drop_below,
+            drop_scale, _length_key(max(query_len, key_len)),
             HEAD_DIM=head_dim, CAUSAL=causal, HAS_BIAS=table is not None, HAS_KEY_MASK=mask is not None,
             DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET)
     return out, lse
@@ -197,18 +206,19 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal,
     lengths_arg = lengths if lengths is not None else delta
     mask_stride = mask.stride(0) if mask is not None else 0
     length_key = _length_key(max(query_len, key_len))
+    geometry = _table_geometry(table, query_len)
     _launch("dkdv", kernels.t5_flash_attention_bwd_dkdv,
             lambda bm, bn: (_cdiv(key_len, bn), batch * heads),
             q, k, v, grad_out, dk, dv, lse, delta, table_arg, mask_arg, lengths_arg,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), mask_stride,
-            heads, query_len, key_len, radius, scale * LOG2E, scale, seed, drop_below, drop_scale, length_key,
-            **common)
+            heads, query_len, key_len, radius, *geometry, scale * LOG2E, scale, seed, drop_below, drop_scale,
+            length_key, **common)
     _launch("dq", kernels.t5_flash_attention_bwd_dq,
             lambda bm, bn: (_cdiv(query_len, bm), batch * heads),
             q, k, v, grad_out, dq, lse, delta, table_arg, mask_arg, lengths_arg,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), mask_stride,
-            heads, query_len, key_len, radius, scale * LOG2E, scale, seed, drop_below, drop_scale, length_key,
-            **common)
+            heads, query_len, key_len, radius, *geometry, scale * LOG2E, scale, seed, drop_below, drop_scale,
+            length_key, **common)
     return dq, dk, dv
 
 
@@ -265,13 +275,18 @@ _attention_op.register_autograd(_backward_rule, setup_context=_setup_context)
 
 # ----------------------------------------------------------------------------- public API
 def bias_table_log2(bias_by_offset: Tensor) -> Tensor:
-    """A bias table in the kernels' units: fp32, times log2(e) (they work with exp2)."""
-    return (bias_by_offset.float() * LOG2E).contiguous()
+    """A (H, Lq + Lk - 1) bias table as the kernels take it: fp32, times log2(e) (they work with exp2), with
+    TABLE_MARGIN zero columns each side (tiles that overhang the sequences read there, in bounds)."""
+    margined = F.pad(bias_by_offset.float() * LOG2E, (TABLE_MARGIN, TABLE_MARGIN))
+    return margined.contiguous()
 
 
 def t5_flash_attention(query: Tensor, key: Tensor, value: Tensor, table_log2: Tensor | None, bias_radius: int,
                        padding: KeyPadding | None, causal: bool, scale: float, dropout_p: float) -> Tensor:
-    """The kernels on prepared inputs (what the fast T5 stack calls once per layer); ``bias_radius`` 0: none."""
+    """The kernels on prepared inputs (what the fast T5 stack calls once per layer): ``table_log2`` from
+    :func:`bias_table_log2`, ``padding`` from :func:`key_padding`; ``bias_radius`` 0: none."""
+    if table_log2 is not None and table_log2.shape[1] != query.shape[2] + key.shape[2] - 1 + 2 * TABLE_MARGIN:
+        raise ValueError(f"table_log2 has {table_log2.shape[1]} columns: not a bias_table_log2 table for these lengths")
     mask, lengths = padding if padding is not None else (None, None)
     return _attention_op(query, key, value, table_log2, int(bias_radius), mask, lengths, causal, float(scale),
                          float(dropout_p))[0]

@@ -6,11 +6,12 @@ Imported lazily (only when the Triton route runs): importing it decorates the ke
 
 Design (scores are kept in log2 units, as in Triton's fused-attention tutorial: s = (q.k * scale + bias) * log2 e):
 
-* **Bias from a table, no L x L tensor.** ``TABLE[h, (j - i) + Lq - 1]`` holds the bias (times log2 e) of query i
-  and key j: an (H, Lq + Lk - 1) table, read at addresses affine in (i, j) (L1/L2-resident, no per-element index
-  arithmetic). T5 maps every |j - i| >= max_distance = R to one bucket per direction, so a tile whose offsets all
-  lie beyond +-R gets one scalar instead: each query block's key range is split into far-left (constant), near
-  (table) and far-right (constant) tiles; at 4096 tokens ~90% of the tiles read no bias at all.
+* **Bias from a table, no L x L tensor.** ``TABLE[h, table_zero + j - i]`` holds the bias (times log2 e) of query i
+  and key j: an (H, Lq + Lk - 1) table with zero margins (a tile's rows past Lq and keys past Lk read in bounds),
+  read at addresses affine in (i, j) (L1/L2-resident, no per-element index arithmetic). T5 maps every
+  |j - i| >= max_distance = R to one bucket per direction, so a tile whose offsets all lie beyond +-R gets one
+  scalar instead: each query block's key range is split into far-left (constant), near (table) and far-right
+  (constant) tiles; at 4096 tokens ~90% of the tiles read no bias at all.
 * **Key padding** from a per-row key mask (B, Lk) plus the row's key length (last kept key + 1), which bounds the
   loops; a masked key gets -inf, hence exactly zero probability. A row with no key at all returns zeros (no NaN).
 * **Dropout** from Philox-4x32-7 (Triton's ``tl.philox``, 7 rounds as in FlashAttention-2) keyed by the seed, with
@@ -162,13 +163,13 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, start, stop, const, start_m
 
 
 @triton.jit(do_not_specialize=["seed"])
-def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN,
-                     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-                     stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
-                     stride_mask_b, H, Lq, Lk, R, qk_scale, seed, drop_below, drop_scale, len_key,
-                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-                     UPCAST: tl.constexpr):
+def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, stride_qb, stride_qh, stride_qm, stride_qd,
+                           stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd,
+                           stride_ob, stride_oh, stride_om, stride_od, stride_mask_b, H, Lq, Lk, R, table_row,
+                           table_zero, qk_scale, seed, drop_below, drop_scale, len_key, HEAD_DIM: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+                           UPCAST: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -193,7 +194,7 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if HAS_BIAS:
-        TABLE += h * (Lq + Lk - 1) + (Lq - 1)  # TABLE[d]: bias at offset d = j - i
+        TABLE += h * table_row + table_zero  # TABLE[d]: bias at offset d = j - i
         far_left = tl.load(TABLE + tl.maximum(-R, 1 - Lq))  # the bias of every offset <= -R
         far_right = tl.load(TABLE + tl.minimum(R, Lk - 1))  # the bias of every offset >= +R
         # key tiles whose offsets j - i are all <= -R (far left) or all >= +R (far right) share one bias value
@@ -263,7 +264,7 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, stop, const, star
         q_t = tl.load(Q + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd, mask=in_q[None, :], other=0.0)
         s_t = _dot(k, q_t, UPCAST) * qk_scale  # (keys, queries)
         s_t += _bias_tile(TABLE, offs_n[:, None] - offs_m[None, :], const, BIAS_MODE)
-        keep = key_ok[:, None]
+        keep = key_ok[:, None] & in_q[None, :]  # rows past Lq (whose bias reads the table's margin) count nowhere
         if CAUSAL:
             keep = keep & (offs_m[None, :] >= offs_n[:, None])
         p_t = tl.math.exp2(tl.where(keep, s_t, float("-inf")) - lse[None, :])
@@ -281,14 +282,14 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, stop, const, star
 
 
 @triton.jit(do_not_specialize=["seed"])
-def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, KV_LEN,
-                          stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-                          stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
-                          stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn,
-                          stride_dvd, stride_mask_b, H, Lq, Lk, R, qk_scale, scale, seed, drop_below, drop_scale,
-                          len_key, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
-                          DROPOUT: tl.constexpr, UPCAST: tl.constexpr):
+def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, KV_LEN, stride_qb, stride_qh,
+                                stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb,
+                                stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
+                                stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn,
+                                stride_dvd, stride_mask_b, H, Lq, Lk, R, table_row, table_zero, qk_scale, scale,
+                                seed, drop_below, drop_scale, len_key, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -318,7 +319,7 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     if HAS_BIAS:
-        TABLE += h * (Lq + Lk - 1) + (Lq - 1)  # TABLE[d]: bias at offset d = j - i
+        TABLE += h * table_row + table_zero  # TABLE[d]: bias at offset d = j - i
         far_left = tl.load(TABLE + tl.maximum(-R, 1 - Lq))  # the bias of every offset <= -R
         far_right = tl.load(TABLE + tl.minimum(R, Lk - 1))  # the bias of every offset >= +R
         # query tiles that see these keys at offsets all >= +R (first) or all <= -R (last) share one bias value
@@ -381,13 +382,14 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, start, stop, const, sta
 
 
 @triton.jit(do_not_specialize=["seed"])
-def t5_flash_attention_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TABLE, KMASK, KV_LEN,
-                        stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-                        stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
-                        stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_mask_b, H, Lq, Lk, R, qk_scale, scale,
-                        seed, drop_below, drop_scale, len_key, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr):
+def t5_flash_attention_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TABLE, KMASK, KV_LEN, stride_qb, stride_qh, stride_qm,
+                              stride_qd, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn,
+                              stride_vd, stride_dob, stride_doh, stride_dom, stride_dod, stride_dqb, stride_dqh,
+                              stride_dqm, stride_dqd, stride_mask_b, H, Lq, Lk, R, table_row, table_zero, qk_scale,
+                              scale, seed, drop_below, drop_scale, len_key, HEAD_DIM: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                              HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+                              UPCAST: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -414,7 +416,7 @@ def t5_flash_attention_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TABLE, KMASK, KV_LEN,
     n_cols = tl.cdiv(Lk, 16) * 4
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if HAS_BIAS:
-        TABLE += h * (Lq + Lk - 1) + (Lq - 1)  # TABLE[d]: bias at offset d = j - i
+        TABLE += h * table_row + table_zero  # TABLE[d]: bias at offset d = j - i
         far_left = tl.load(TABLE + tl.maximum(-R, 1 - Lq))  # the bias of every offset <= -R
         far_right = tl.load(TABLE + tl.minimum(R, Lk - 1))  # the bias of every offset >= +R
         lo_end = tl.minimum((tl.maximum(start_m - R + 1, 0) // BLOCK_N) * BLOCK_N, stop)
