@@ -194,10 +194,10 @@ def test_rows_without_any_key_give_zeros_not_nan(fa):
 
 
 # ----------------------------------------------------------------------------- dropout
-def seed_of_next_call(fa, rng_seed: int) -> int:
-    """The seed the next kernel call will draw after torch.manual_seed(rng_seed) (which this re-applies)."""
+def seed_of_next_call(fa, rng_seed: int, device="cpu") -> torch.Tensor:
+    """The seed the next kernel call on ``device`` will draw after torch.manual_seed(rng_seed) (re-applied here)."""
     torch.manual_seed(rng_seed)
-    seed = int(fa.draw_seed())
+    seed = fa.draw_seed(device)
     torch.manual_seed(rng_seed)
     return seed
 
@@ -460,7 +460,7 @@ def _check_against_sdpa_and_float64(fa, head_dim, causal, dtype):
                              (reference[0], *reference[1])):
         assert torch.isfinite(a).all(), name
         assert relative_error(a, r) <= 1.5 * relative_error(b, r) + 1e-3, name
-    seed = seed_of_next_call(fa, 5)
+    seed = seed_of_next_call(fa, 5, device="cuda")
     keep = fa.dropout_keep_mask(seed, 4, 8, 1000, 1000, 0.1, device="cuda")
     dropped = run_with_grads(lambda *t: fa.flash_t5_attention(*t, table, mask, causal, dropout_p=0.1,
                                                               bias_radius=128), q, k, v, grad_out)
@@ -516,3 +516,35 @@ def test_gpu_compiled_graph_keeps_the_kernels_and_their_dropout(compiled_fa):
     compiled_grads = torch.autograd.grad(compiled_loss, (q, k, v))
     assert torch.allclose(compiled_loss, eager_loss, rtol=1e-3)
     assert all(relative_error(a, b) < 1e-2 for a, b in zip(compiled_grads, eager_grads))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_cuda_graph_replays_draw_a_new_mask_each_time(compiled_fa):
+    """Captured in a CUDA graph (as sumtune's cuda_graphs step is), each replay draws a new seed on the device, and
+    the replayed kernels apply exactly the mask of that seed."""
+    fa = compiled_fa
+    q, k, v = make_qkv(2, 4, 300, 300, 64, torch.bfloat16, device="cuda")
+    table = t5_like_table(4, 300, 300, 128, device="cuda")
+    padding = fa.key_padding(padding_mask(2, 300, device="cuda"))
+    args = (q.detach(), k.detach(), v.detach(), fa.bias_table_log2(table), 128, padding.mask, padding.lengths, False,
+            1.0, 0.3)
+    op = torch.ops.sumtune.t5_flash_attention.default
+    with first_configs(fa):
+        op(*args)  # compile outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out, _, seed = op(*args)
+    replays = []
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        replays.append((out.clone(), seed.clone()))
+    (first, first_seed), (second, second_seed) = replays
+    assert not torch.equal(first_seed, second_seed) and not torch.equal(first, second)
+    for result, result_seed in replays:
+        keep = fa.dropout_keep_mask(result_seed, 2, 4, 300, 300, 0.3, device="cuda")
+        expected = fa.reference_t5_attention(q, k, v, table, padding.mask, keep_mask=keep,
+                                             keep_scale=fa.dropout_scale(0.3))
+        assert relative_error(result, expected) <= HALF_RTOL[torch.bfloat16]

@@ -10,9 +10,10 @@ Public:
 
 Tensors are (batch, heads, length, head_dim) in any strides; the output is a (B, H, L, D) view of a (B, L, H, D)
 buffer, so merging heads afterwards is free. The forward and backward are ``torch.library`` custom ops, so
-``torch.compile`` keeps them as opaque calls; the dropout seed is drawn inside the forward op from torch's CPU
-generator (no device sync; ``torch.manual_seed`` reproduces it, and checkpointing's RNG-state restore makes a
-recomputed forward draw the same mask) and saved for the backward.
+``torch.compile`` keeps them as opaque calls. The dropout seed is drawn inside the forward op by torch's generator
+of the tensors' device (the CUDA one on a GPU), as a device tensor the kernels read: no host sync, CUDA graphs draw
+a new one on every replay, ``torch.manual_seed`` reproduces it, and checkpointing's RNG-state restore makes a
+recomputed forward draw the same mask. It is saved for the backward, which regenerates the same mask.
 """
 
 from __future__ import annotations
@@ -142,10 +143,9 @@ def _dropout_threshold(dropout_p: float) -> tuple[int, float]:
     return drop_below, DRAW_RANGE / (DRAW_RANGE - drop_below)
 
 
-def draw_seed() -> Tensor:
-    """The dropout seed of one forward, as a CPU int64 scalar tensor."""
-    # torch's default (CPU) generator: no device sync, reproducible under torch.manual_seed, restored by checkpointing
-    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+def draw_seed(device: torch.device | str) -> Tensor:
+    """The dropout seed of one forward: a (1,) int64 tensor on ``device``, drawn by that device's generator."""
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
 
 
 def _length_key(length: int) -> int:
@@ -231,8 +231,8 @@ def _cdiv(a: int, b: int) -> int:
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], radius: int, mask: Optional[Tensor],
                   lengths: Optional[Tensor], causal: bool, scale: float,
                   dropout_p: float) -> tuple[Tensor, Tensor, Tensor]:
-    seed = draw_seed() if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
-    out, lse = _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, int(seed))
+    seed = draw_seed(q.device) if dropout_p > 0 else q.new_empty((1,), dtype=torch.int64)  # unread without dropout
+    out, lse = _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, seed)
     return out, lse, seed
 
 
@@ -240,7 +240,7 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], radi
 def _(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p):
     batch, heads, query_len, head_dim = q.shape
     out = q.new_empty((batch, query_len, heads, head_dim)).transpose(1, 2)
-    return out, q.new_empty((batch, heads, query_len), dtype=torch.float32), torch.empty((), dtype=torch.int64)
+    return out, q.new_empty((batch, heads, query_len), dtype=torch.float32), q.new_empty((1,), dtype=torch.int64)
 
 
 @torch.library.custom_op("sumtune::t5_flash_attention_backward", mutates_args=())
@@ -248,7 +248,7 @@ def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, ou
                            seed: Tensor, table: Optional[Tensor], radius: int, mask: Optional[Tensor],
                            lengths: Optional[Tensor], causal: bool, scale: float,
                            dropout_p: float) -> tuple[Tensor, Tensor, Tensor]:
-    return _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal, scale, dropout_p, int(seed))
+    return _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal, scale, dropout_p, seed)
 
 
 @_attention_backward_op.register_fake
@@ -327,13 +327,14 @@ def _check_inputs(query, key, value, bias_table, causal) -> None:
     _check_device(query)
 
 
-def dropout_keep_mask(seed: int, batch: int, heads: int, query_len: int, key_len: int, dropout_p: float,
+def dropout_keep_mask(seed: Tensor | int, batch: int, heads: int, query_len: int, key_len: int, dropout_p: float,
                       device: torch.device | str = "cuda", block: tuple[int, int] = (16, 32)) -> Tensor:
     """(B, H, Lq, Lk) bool: True where the kernels keep a probability for this seed (False: dropped).
 
-    The seed of a call is the first draw of :func:`draw_seed` after the caller's RNG state (see the tests)."""
+    A call's seed is what :func:`draw_seed` returns first after the caller's RNG state (see the tests)."""
     kernels = _kernels()
     drop_below, _ = _dropout_threshold(dropout_p)
+    seed = torch.as_tensor(seed, dtype=torch.int64).reshape(1).to(device)
     mask = torch.empty((batch, heads, query_len, key_len), dtype=torch.int8, device=device)
     block_m, block_n = block
     grid = (_cdiv(query_len, block_m), _cdiv(key_len, block_n), batch * heads)

@@ -14,7 +14,8 @@ Design (scores are kept in log2 units, as in Triton's fused-attention tutorial: 
   (constant) tiles; at 4096 tokens ~90% of the tiles read no bias at all.
 * **Key padding** from a per-row key mask (B, Lk) plus the row's key length (last kept key + 1), which bounds the
   loops; a masked key gets -inf, hence exactly zero probability. A row with no key at all returns zeros (no NaN).
-* **Dropout** from Philox-4x32-7 (Triton's ``tl.philox``, 7 rounds as in FlashAttention-2) keyed by the seed, with
+* **Dropout** from Philox-4x32-7 (Triton's ``tl.philox``, 7 rounds as in FlashAttention-2) keyed by a seed that
+  torch's generator draws on the device (read from SEED: no host sync, and CUDA graphs redraw it per replay), with
   counters (a pair of query rows and a quad of keys, batch * heads + head): one call yields 8 independent 16-bit
   draws for queries {r, r+8} x keys {c, c+1, c+8, c+9}, the elements one thread holds of a tensor-core tile
   (_keep_tile). The draw of an element depends only on (seed, b, h, i, j), never on the block sizes, so the
@@ -162,16 +163,19 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, start, stop, const, start_m
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, stride_qb, stride_qh, stride_qm, stride_qd,
                            stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd,
                            stride_ob, stride_oh, stride_om, stride_od, stride_mask_b, H, Lq, Lk, R, table_row,
-                           table_zero, qk_scale, seed, drop_below, drop_scale, len_key, HEAD_DIM: tl.constexpr,
+                           table_zero, qk_scale, SEED, drop_below, drop_scale, len_key, HEAD_DIM: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                            HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr,
                            UPCAST: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(SEED)  # drawn on the device by torch's generator: no host sync, new on every graph replay
     b = (bh // H).to(tl.int64)
     h = bh % H
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -281,17 +285,20 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, stop, const, star
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, KV_LEN, stride_qb, stride_qh,
                                 stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb,
                                 stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
                                 stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn,
                                 stride_dvd, stride_mask_b, H, Lq, Lk, R, table_row, table_zero, qk_scale, scale,
-                                seed, drop_below, drop_scale, len_key, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                                SEED, drop_below, drop_scale, len_key, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                                 HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(SEED)  # drawn on the device by torch's generator: no host sync, new on every graph replay
     b = (bh // H).to(tl.int64)
     h = bh % H
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -381,17 +388,20 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, start, stop, const, sta
     return dq
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def t5_flash_attention_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TABLE, KMASK, KV_LEN, stride_qb, stride_qh, stride_qm,
                               stride_qd, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn,
                               stride_vd, stride_dob, stride_doh, stride_dom, stride_dod, stride_dqb, stride_dqh,
                               stride_dqm, stride_dqd, stride_mask_b, H, Lq, Lk, R, table_row, table_zero, qk_scale,
-                              scale, seed, drop_below, drop_scale, len_key, HEAD_DIM: tl.constexpr,
+                              scale, SEED, drop_below, drop_scale, len_key, HEAD_DIM: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                               HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr,
                               UPCAST: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(SEED)  # drawn on the device by torch's generator: no host sync, new on every graph replay
     b = (bh // H).to(tl.int64)
     h = bh % H
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -443,14 +453,14 @@ def t5_flash_attention_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TABLE, KMASK, KV_LEN,
 
 
 # ----------------------------------------------------------------------------- debugging aid
-@triton.jit(do_not_specialize=["seed"])
-def t5_attention_dropout_mask(MASK, H, Lq, Lk, seed, drop_below, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+@triton.jit
+def t5_attention_dropout_mask(MASK, H, Lq, Lk, SEED, drop_below, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """MASK[b, h, i, j] = 1 where the attention kernels keep element (i, j), 0 where they drop it."""
     start_m = tl.program_id(0) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     start_n = tl.program_id(1) * BLOCK_N
     bh = tl.program_id(2)
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    keep = _keep_tile(seed, bh, start_m, start_n, tl.cdiv(Lk, 16) * 4, drop_below, BLOCK_M, BLOCK_N)
+    keep = _keep_tile(tl.load(SEED), bh, start_m, start_n, tl.cdiv(Lk, 16) * 4, drop_below, BLOCK_M, BLOCK_N)
     tl.store(MASK + bh.to(tl.int64) * Lq * Lk + offs_m[:, None] * Lk + offs_n[None, :], keep.to(tl.int8),
              mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
