@@ -1,7 +1,7 @@
 """T5 self-attention forward + backward in every kernel sumtune could use, with T5's bias, padding and dropout.
 
     python benchmarks/attention_kernels.py               # GPU, one run: T5-3b and FLAN-T5-XL shapes, 1024 and 4096
-                                                         # (~4 min on an H200, most of it compiling: see wall_s)
+                                                         # (~2-3 min on an H200, mostly compiling: see wall_s)
     python benchmarks/attention_kernels.py --shapes 32x32x1024x128
     python benchmarks/attention_kernels.py --cpu-check   # no GPU: sumtune's Triton kernels in Triton's interpreter
 
@@ -12,6 +12,8 @@ Rows, each timed forward + backward (CUDA events, median) with its peak memory a
   ... +dropout              the same with dropout 0.1 on the probabilities
   flex +bias                FlexAttention (compiled), bias from the table in score_mod, padding as a block mask
   triton +bias(+dropout)    sumtune's kernels (sumtune.fast_t5.flash_attention): table + key padding, no L x L
+  triton                    the same kernels with key padding only (no bias, no dropout): the bare kernel
+Forward and backward are also timed apart (fwd_ms, bwd_ms) in the same runs.
 The bias tensors come from a real frozen T5Attention through sumtune.fast_t5.bias, as the fast stack makes them.
 In the same run, sumtune's kernels are checked against a float32 reference on the first rows (with dropout: the
 kernels' own mask), next to SDPA's error against the same reference. Writes JSON under benchmarks/results/.
@@ -73,12 +75,16 @@ def make_inputs(shape, device, dtype=torch.bfloat16):
 
 
 # ----------------------------------------------------------------------------- timing
-def time_fwd_bwd(fn, tensors, grad_out, repeats: int) -> tuple[float, float]:
-    """(median seconds of forward + backward, peak GiB allocated above the inputs, gradients included)."""
-    def step():
+def time_fwd_bwd(fn, tensors, grad_out, repeats: int) -> tuple[float, float, float]:
+    """(median seconds of forward + backward, of the forward alone, peak GiB allocated above the inputs, gradients
+    included)."""
+    def step(marks=None):
         for t in tensors:
             t.grad = None
-        fn(*tensors).backward(grad_out)
+        out = fn(*tensors)
+        if marks is not None:
+            marks.record()
+        out.backward(grad_out)
 
     bc.free_gpu_memory()
     for _ in range(2):  # compile, autotune (its timing buffers would count as peak), cuDNN plans
@@ -88,16 +94,17 @@ def time_fwd_bwd(fn, tensors, grad_out, repeats: int) -> tuple[float, float]:
         t.grad = None
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    times = []
+    totals, forwards = [], []
     for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start, middle, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
         start.record()
-        step()
+        step(middle)
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+        totals.append(start.elapsed_time(end) / 1e3)
+        forwards.append(start.elapsed_time(middle) / 1e3)
     peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-    return statistics.median(times), peak
+    return statistics.median(totals), statistics.median(forwards), peak
 
 
 def sdpa_row(backend):
@@ -185,9 +192,10 @@ def run_shape(shape, repeats: int, with_flex: bool) -> tuple[list[dict], dict]:
     def record(kernel, fn, tensors, bias_gib, **extra):
         started = time.time()
         try:
-            seconds, peak = time_fwd_bwd(fn, tensors, grad_out, repeats)
-            row = dict(shape=name, kernel=kernel, fwd_bwd_ms=seconds * 1e3, tflops=flops / seconds / 1e12,
-                       peak_gib=peak, bias_gib=bias_gib, **extra)
+            seconds, forward, peak = time_fwd_bwd(fn, tensors, grad_out, repeats)
+            row = dict(shape=name, kernel=kernel, fwd_bwd_ms=seconds * 1e3, fwd_ms=forward * 1e3,
+                       bwd_ms=(seconds - forward) * 1e3, tflops=flops / seconds / 1e12, peak_gib=peak,
+                       bias_gib=bias_gib, **extra)
         except Exception as error:  # noqa: BLE001 - a kernel that cannot take this input is a row, not a crash
             row = dict(shape=name, kernel=kernel, note=str(error).splitlines()[0][:70])
         row["wall_s"] = time.time() - started  # compile / autotune included: what the run spent on the row
@@ -212,6 +220,8 @@ def run_shape(shape, repeats: int, with_flex: bool) -> tuple[list[dict], dict]:
     pinned = {kernel: config for kernel, config in tuned.items() if config is not None}
     with fa.block_sizes(**pinned):  # the dropout variant's tiles: one compile instead of another autotune
         record("triton+bias", lambda *t: ours(*t, p=0.0), (q, k, v), table.numel() * 4 / 2**30)
+        # the bare kernel (key padding only) against cuDNN without bias: what the bias and dropout cost on top
+        record("triton", lambda *t: fa.t5_flash_attention(*t, None, 0, padding, False, 1.0, 0.0), (q, k, v), 0.0)
     baseline = next((r["fwd_bwd_ms"] for r in rows if r["kernel"] == "cudnn" and "fwd_bwd_ms" in r), None)
     for row in rows:
         if baseline and "fwd_bwd_ms" in row:
@@ -298,8 +308,8 @@ def main(argv=None) -> int:
         checks.append(check)
         bc.free_gpu_memory()
     print()
-    bc.print_table(rows, ["shape", "kernel", "fwd_bwd_ms", "vs_cudnn_no_bias", "tflops", "peak_gib", "bias_gib",
-                          "wall_s", "note"])
+    bc.print_table(rows, ["shape", "kernel", "fwd_bwd_ms", "fwd_ms", "bwd_ms", "vs_cudnn_no_bias", "tflops",
+                          "peak_gib", "bias_gib", "wall_s", "note"])
     print()
     for check in checks:
         worst = {k: max(v.values()) for k, v in check.items() if k.endswith("_vs_fp32")}
