@@ -95,13 +95,13 @@ def resources(compiled, arch: int = 90) -> dict:
                 async_copies=compiled.asm["ttgir"].count("async_copy_global_to_local"))
 
 
-def report(head_dims=(64, 128), arch: int = 90, **flags):
+def report(head_dims=(64, 128), arch: int = 90, first_only: bool = False, **flags):
     """One dict per (kernel, autotune config, head_dim) with its compile time and resources."""
     from sumtune.fast_t5.flash_attention import AUTOTUNE_CONFIGS
 
     for head_dim in head_dims:
         for name, configs in AUTOTUNE_CONFIGS.items():
-            for config in configs:
+            for config in configs[:1] if first_only else configs:
                 started = time.time()
                 row = dict(kernel=name, config=list(config), head_dim=head_dim, **{**T5_FLAGS, **flags})
                 try:
@@ -117,10 +117,11 @@ def main(argv=None) -> int:
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
     parser.add_argument("--causal", action="store_true", help="the decoder's variant instead of the encoder's")
+    parser.add_argument("--first-only", action="store_true", help="each kernel's first autotune config only")
     parser.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     args = parser.parse_args(argv)
     failed = False
-    for row in report(tuple(args.head_dims), args.arch, CAUSAL=args.causal):
+    for row in report(tuple(args.head_dims), args.arch, args.first_only, CAUSAL=args.causal):
         failed |= "error" in row
         if args.json:
             print(json.dumps(row), flush=True)
