@@ -108,7 +108,7 @@ def evaluate(run_dir: str | Path, *, dataset: str | None = None, max_samples: in
     rows = rows[: max_samples or None]
     progress_ = Progress(enabled=progress)
     model, tokenizer, cfg = load_run(run_dir, device=device, allow_pickle=allow_pickle,
-                                     trust_remote_code=trust_remote_code)
+                                     trust_remote_code=trust_remote_code, progress=progress)
     source_ids, lengths = truncation.evaluation_report(tokenizer, rows, cfg, settings.max_new_tokens)
     progress_.write(lengths.line())  # what the run's source limit and the generation length cut
     metrics, records = evaluate_rows(

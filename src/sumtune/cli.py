@@ -112,7 +112,7 @@ def cmd_summarize(ns: argparse.Namespace) -> int:
         check_output_location(ns.output, "Output file", is_file=True)
     docs = _read_documents(ns)
     summarizer = Summarizer.from_pretrained(ns.run_dir, device=ns.device, allow_pickle=ns.allow_pickle,
-                                            trust_remote_code=ns.trust_remote_code)
+                                            trust_remote_code=ns.trust_remote_code, progress=ns.progress)
     summaries = summarizer.summarize([d.text for d in docs], batch_size=ns.batch_size, progress=ns.progress,
                                      **_generation_overrides(ns))
     if ns.output is None:

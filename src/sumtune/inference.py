@@ -42,9 +42,9 @@ def fetch_run(name: str | Path, *, allow_pickle: bool = False) -> Path:
             str(name), repo_type="model",
             allow_patterns=list(RUN_FILES) + (["adapter_model.bin"] if allow_pickle else [])))
     except hub_failures() as err:
-        why = ("the hub is switched off (HF_HUB_OFFLINE=1) and the run is not in the local cache" if hub_offline()
-               else f"the hub could not be reached or has no such model ({type(err).__name__})")
-        raise SumtuneError(f"Cannot load run {str(name)!r}: it is not a local directory and {why}.") from None
+        why = ("the hub is switched off (HF_HUB_OFFLINE=1) with no copy of it in the local cache" if hub_offline()
+               else f"the hub could not be reached or has no such repository ({type(err).__name__})")
+        raise SumtuneError(f"Cannot load run {str(name)!r}: there is no such local directory, and {why}.") from None
 
 
 def read_run_config(run_dir: str | Path) -> TrainConfig:
@@ -91,16 +91,20 @@ def load_run_tokenizer(run: Path, trust_remote_code: bool = False):
 
 
 def load_run(run_dir: str | Path, *, device: str = "auto", adapter_dir: str | Path | None = None,
-             fast_kernels: bool | None = None, allow_pickle: bool = False, trust_remote_code: bool = False):
+             fast_kernels: bool | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
+             progress: bool = True):
     """(model, tokenizer, cfg) for a run directory: the quantized base with the trained adapter on top.
 
     Only safetensors weights are read unless `allow_pickle`, and model code from a repository runs only with
     `trust_remote_code`: both come from the caller, never from the run's own config.yaml, which travels with
-    the weights and code it would vouch for.
+    the weights and code it would vouch for. `progress`: the libraries' loading bars, on a terminal only.
     """
     from peft import PeftModel
 
     from sumtune.modeling import check_model_source
+    from sumtune.progress import Progress
+
+    Progress(enabled=progress)  # without bars (off, or no terminal), transformers' loading bars are silenced too
 
     run = require_dir(run_dir, "Run directory").resolve()
     cfg = replace(read_run_config(run), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
@@ -142,11 +146,12 @@ class Summarizer:
 
     @classmethod
     def from_pretrained(cls, run: str | Path, *, device: str = "auto", allow_pickle: bool = False,
-                        trust_remote_code: bool = False) -> "Summarizer":
+                        trust_remote_code: bool = False, progress: bool = True) -> "Summarizer":
         """Load a run directory, or a hub repository a run was pushed to (`sumtune push`; cached like any hub
-        model, so it also loads offline once downloaded)."""
+        model, so it also loads offline once downloaded). `progress`: loading bars on a terminal only."""
         run_dir = fetch_run(run, allow_pickle=allow_pickle)
-        return cls(*load_run(run_dir, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
+        return cls(*load_run(run_dir, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                             progress=progress))
 
     def generation_settings(self, **overrides) -> GenerationSettings:
         """The run's generation settings with the given ones (None: the run's) in their place."""
@@ -216,9 +221,8 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16", 
     out = check_output_location(out_dir, "Output directory")  # before the long load: a path it can write
     if out.is_dir() and any(out.iterdir()):
         raise SumtuneError(f"Output directory {str(out)!r} is not empty; choose a new directory for the merged model.")
-    Progress(enabled=progress)  # without bars (off, or no terminal), the libraries' loading bars are silenced too
     model, tokenizer, cfg = load_run(run_dir, device=device, fast_kernels=False, allow_pickle=allow_pickle,
-                                     trust_remote_code=trust_remote_code)
+                                     trust_remote_code=trust_remote_code, progress=progress)
     from sumtune.generation import prepare_inference_model
 
     # A fresh dense model: base dequantized, LoRA merged in fp32, then cast (merging into 4-bit weights would

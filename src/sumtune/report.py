@@ -1,8 +1,10 @@
 """`sumtune report RUN_DIR`: one self-contained HTML page about a run.
 
-The page holds the resolved config, the final scores, the evaluations over training, a digest of the training
-log, the plots (PNG, base64-embedded), sample summaries next to their references, and the profiler summary
-when RUN_DIR/profile/summary.json exists. Nothing is fetched: a Content-Security-Policy forbids any network
+The page holds a warning first when the run looks collapsed (ROUGE 0, one-token or identical summaries), the final
+scores (the training's own final evaluation; later `sumtune evaluate` runs are listed apart), the evaluations over
+training, a digest of the training log, the plots (PNG, base64-embedded), sample summaries next to their
+references, the profiler summary when RUN_DIR/profile/summary.json exists, and the settings that differ from
+sumtune's defaults (all of them behind a fold). Nothing is fetched: a Content-Security-Policy forbids any network
 request, so the page reads the same offline, attached to an e-mail, or years later. All run text is escaped.
 """
 
@@ -121,7 +123,8 @@ def collapse_reasons(metrics: dict, predictions: list[dict]) -> list[str]:
         reasons.append("the summaries are one token long or empty"
                        + (f" (mean length {gen_len:.2f} tokens)" if finite_number(gen_len) else ""))
     if len(texts) > 1 and len(set(texts)) == 1:
-        reasons.append(f"every document got the same summary ({texts[0][:120]!r})")
+        reasons.append(f"every document got the same summary ({texts[0][:120]!r})" if texts[0]
+                       else "every document got the same, empty summary")
     return reasons
 
 
