@@ -107,3 +107,20 @@ def test_a_later_evaluation_goes_to_its_own_directory_and_the_report_headlines_t
     assert f"Final evaluation of the training run on {final['num_samples']} " in headline
     others = html.split('<table class="other-evals">')[1].split("</table>")[0]
     assert later.name in others and "quick" in others
+
+
+def test_the_api_draws_a_bar_only_when_asked_and_on_a_terminal(trained_run, tmp_path, monkeypatch):
+    import io
+
+    import sumtune
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for progress in (True, False):
+        stream = Terminal()
+        monkeypatch.setattr("sys.stderr", stream)
+        sumtune.evaluate(trained_run, max_samples=2, device="cpu", progress=progress,
+                         output_dir=tmp_path / str(progress))
+        assert ("generating:" in stream.getvalue()) is progress, stream.getvalue()[-500:]
