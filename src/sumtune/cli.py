@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
                   "no_repeat_ngram_size": int}
         for name in GENERATION_FLAGS:
             p.add_argument("--" + name.replace("_", "-"), type=types_[name], default=None, metavar=name.upper(),
-                           help=f"{docs[name]} (default: the run's)")
+                           help=f"{docs[name]} (default: the run's)".replace("%", "%%"))
 
     def config_option(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", metavar="FILE.yaml",

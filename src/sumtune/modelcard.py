@@ -99,7 +99,7 @@ def describe_base(cfg) -> str:
     return f"a local model (`{Path(cfg.model).name}`; not a hub repository)"
 
 
-def _eval_results(cfg, metrics: dict, name: str):
+def _eval_results(cfg, metrics: dict):
     from huggingface_hub import EvalResult
 
     ds = dataset_id(cfg.dataset)
@@ -136,7 +136,7 @@ def render_model_card(cfg, metrics: dict, param_counts: dict, model_type: str | 
     data = ModelCardData(
         base_model=base_model_id(cfg.model), library_name="peft", license=card_license(cfg),
         pipeline_tag="summarization", tags=card_tags(cfg, model_type), datasets=[ds] if ds else None,
-        metrics=["rouge"], model_name=name, eval_results=_eval_results(cfg, metrics, name) or None)
+        metrics=["rouge"], model_name=name, eval_results=_eval_results(cfg, metrics) or None)
     trainable, total = param_counts.get("trainable", 0), param_counts.get("total", 1)
     body = (
         f"# {name}\n\n"
