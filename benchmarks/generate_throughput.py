@@ -42,6 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--fast-batches", default="64,128,256")
     parser.add_argument("--beam-batch", type=int, default=16, help="inputs per batch for num_beams=4")
     parser.add_argument("--beam-inputs", type=int, default=32)
+    parser.add_argument("--ngram-batch", type=int, default=32,
+                        help="inputs per batch for greedy with no_repeat_ngram_size=3 (transformers' generate on "
+                             "sumtune's encoder output: key/value caches, so a reference-sized batch)")
     parser.add_argument("--agreement-inputs", type=int, default=64)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd step + CUDA graphs")
     parser.add_argument("--quick", action="store_true", help="tiny model on CPU: plumbing only, numbers meaningless")
@@ -49,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.model, args.source_tokens, args.new_tokens = "tiny", 64, 8
         args.reference_batches, args.fast_batches, args.beam_batch = "2", "4,8", 2
-        args.beam_inputs, args.agreement_inputs = 4, 8
+        args.beam_inputs, args.agreement_inputs, args.ngram_batch = 4, 8, 2
     return args
 
 
@@ -103,7 +106,7 @@ def peak_gib(device: torch.device) -> float | None:
 
 # ----------------------------------------------------------------------------- runners
 def hf_generate(model, inputs: list[list[int]], batch_size: int, new_tokens: int, device, num_beams: int = 1,
-                forced: bool = True) -> list[list[int]]:
+                forced: bool = True, **options) -> list[list[int]]:
     """transformers generate in input order, right-padded batches; rows trimmed like sumtune's output."""
     from sumtune.batching import pad_batch
     from sumtune.generation.greedy import trim_rows
@@ -114,7 +117,7 @@ def hf_generate(model, inputs: list[list[int]], batch_size: int, new_tokens: int
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=num_beams,
                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens if forced else None,
-                                 decoder_start_token_id=START, pad_token_id=PAD, eos_token_id=EOS)
+                                 decoder_start_token_id=START, pad_token_id=PAD, eos_token_id=EOS, **options)
         results += trim_rows(out[:, 1:].tolist(), EOS)
     return results
 
@@ -230,6 +233,15 @@ def main(argv=None) -> int:
                     peak))
     print(rows[-1], flush=True)
 
+    # An option sumtune's decoder lacks (the n-gram ban): that call runs transformers' generate on the encoder
+    # output sumtune computed. Timed as such, next to the reference, so nobody takes it for the fast path.
+    fast_generate(merged, beam_inputs[: args.ngram_batch], args.ngram_batch, 2, no_repeat_ngram_size=3)
+    out, wall, peak = timed(lambda: fast_generate(merged, beam_inputs, args.ngram_batch, args.new_tokens,
+                                                  no_repeat_ngram_size=3), device)
+    rows.append(row("sumtune", "greedy no_repeat_ngram_size=3 (transformers generate, cached encoder)",
+                    args.ngram_batch, 1, out, wall, peak))
+    print(rows[-1], flush=True)
+
     # Agreement with transformers generate on the same merged bf16 weights (forced length, greedy).
     subset = inputs[: args.agreement_inputs]
     hf_big = hf_generate(merged, subset, 32, args.new_tokens, device)
@@ -242,6 +254,9 @@ def main(argv=None) -> int:
     beam_ref = hf_generate(merged, beam_inputs[:8], 8, args.new_tokens, device, num_beams=4)
     beam_ours = fast_generate(merged, beam_inputs[:8], 8, args.new_tokens, num_beams=4)
     agree["sumtune_beam4_vs_transformers_beam4"] = agreement(beam_ours, beam_ref)
+    ngram_ref = hf_generate(merged, beam_inputs[:8], 8, args.new_tokens, device, no_repeat_ngram_size=3)
+    ngram_ours = fast_generate(merged, beam_inputs[:8], 8, args.new_tokens, no_repeat_ngram_size=3)
+    agree["sumtune_ngram3_vs_transformers_ngram3"] = agreement(ngram_ours, ngram_ref)
 
     reference_b4 = next((r for r in rows if r["path"] == "reference"), None)
     for r in rows:

@@ -43,11 +43,38 @@ def test_demo_yaml_matches_the_demo_command():
     assert differing <= {"overwrite"}, {k: (built[k], shipped[k]) for k in differing}  # the command may rerun
 
 
-def test_unknown_key_is_refused_naming_it_and_listing_valid_keys(tmp_path):
+def test_unknown_key_without_a_likely_meaning_lists_the_valid_keys(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("lora_rank: 8\n")
-    with pytest.raises(SumtuneError, match="'lora_rank'.*valid keys are:.*lora_r"):
+    path.write_text("zzz_unheard_of: 8\n")
+    with pytest.raises(SumtuneError, match="'zzz_unheard_of'.*valid keys are:.*lora_r"):
         argparsing.resolve(TrainConfig, str(path), {})
+
+
+@pytest.mark.parametrize("key, meant", [
+    ("learning_rate", "lr"), ("num_train_epochs", "epochs"), ("per_device_train_batch_size", "batch_size"),
+    ("gradient_accumulation_steps", "grad_accum_steps"), ("lr_scheduler_type", "lr_schedule"),
+    ("per_device_eval_batch_size", "eval_batch_size"), ("save_total_limit", "keep_last_checkpoints"),
+    ("generation_num_beams", "num_beams"), ("max_source_length", "max_source_tokens"),
+    ("lora_rank", "lora_r"), ("max-steps", "max_steps"), ("warmup", "warmup_steps"), ("lr_shedule", "lr_schedule"),
+])
+def test_unknown_key_says_what_it_most_likely_meant(tmp_path, key, meant):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"{key}: 3\n")
+    with pytest.raises(SumtuneError) as err:
+        argparsing.resolve(TrainConfig, str(path), {})
+    assert str(err.value) == f"Unknown key {key!r} (did you mean {meant!r}?) in config file {str(path)!r}."
+
+
+def test_every_hugging_face_name_points_at_a_real_field():
+    fields = set(argparsing.field_types(TrainConfig))
+    assert not {hf: ours for hf, ours in argparsing.HF_NAMES.items() if ours not in fields}
+
+
+def test_api_dict_keys_get_the_same_suggestion():
+    from sumtune.api import as_config
+
+    with pytest.raises(SumtuneError, match=r"Unknown key 'learning_rate' \(did you mean 'lr'\?\) in the config\."):
+        as_config({"learning_rate": 1e-3})
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -129,3 +156,26 @@ def test_seed_range_is_torchs(seed, ok):
     else:
         with pytest.raises(SumtuneError, match=rf"^`seed` must be between 0 and 2\^64 - 1 \(\d+\), got {seed}\.$"):
             TrainConfig(seed=seed)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"min_new_tokens": -1}, "`min_new_tokens` must not be negative"),
+    ({"min_new_tokens": 50, "max_target_tokens": 32}, r"`min_new_tokens` \(50\) is larger than `max_new_tokens` \(32\)"),
+    ({"no_repeat_ngram_size": -2}, "`no_repeat_ngram_size` must not be negative"),
+    ({"early_stopping_patience": 0}, "`early_stopping_patience` must be greater than 0 or none"),
+    ({"report_to": ["none", "wandb"]}, "`report_to` lists `none` with other trackers"),
+    ({"report_to": ["comet"]}, "`report_to` must be one of tensorboard, wandb, mlflow, none"),
+    ({"license": " "}, "`license` must not be empty"),
+])
+def test_generation_tracker_and_stopping_settings_are_checked(values, message):
+    with pytest.raises(SumtuneError, match=message):
+        argparsing.from_mapping(TrainConfig, values)
+
+
+def test_generation_settings_take_the_runs_and_the_given_ones():
+    from sumtune.config import GenerationSettings
+
+    cfg = TrainConfig(max_target_tokens=40, num_beams=2, no_repeat_ngram_size=3)
+    assert GenerationSettings.of(cfg) == GenerationSettings(max_new_tokens=40, num_beams=2, no_repeat_ngram_size=3)
+    assert GenerationSettings.of(cfg, num_beams=None, min_new_tokens=5, length_penalty=0.5).kwargs() == {
+        "max_new_tokens": 40, "num_beams": 2, "min_new_tokens": 5, "length_penalty": 0.5, "no_repeat_ngram_size": 3}

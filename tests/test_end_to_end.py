@@ -152,6 +152,19 @@ def merged_dir(run_dir, tmp_path_factory):
     return merged
 
 
+def test_merged_model_has_a_card_and_is_ready_to_push(merged_dir, run_dir):
+    from huggingface_hub import ModelCard
+
+    from sumtune.push import files_to_push
+
+    card = ModelCard.load(merged_dir / "README.md")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "summarization"
+    assert card.data.base_model is None  # the base was a local directory: nothing on the hub to credit
+    assert {"README.md", "config.json", "generation_config.json", "model.safetensors"} <= set(files_to_push(merged_dir))
+    run_card = ModelCard.load(run_dir / "README.md")
+    assert run_card.data.base_model is None and "not a hub repository" in run_card.text
+
+
 def test_merged_model_loads_as_a_plain_transformers_model_with_the_same_summary(merged_dir, documents,
                                                                                cli_summaries):
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer

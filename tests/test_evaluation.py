@@ -63,3 +63,64 @@ def test_evaluate_reloads_the_run_and_reproduces_its_final_evaluation(trained_ru
     for key in ("rouge1", "rouge2", "rougeL", "rougeLsum", "gen_len", "num_samples"):
         assert metrics[key] == pytest.approx(final[key], abs=1e-9)
     assert "loss" not in metrics  # generation only: the eval loss is the recipe's (it needs the training batches)
+
+
+def test_predictions_carry_the_source_rows_id_and_text(trained_run):
+    """The demo corpus has no id column: each prediction's id is its row's position in the source (not in the
+    shuffled held-out split), and its text is that row's."""
+    from sumtune.data import read_rows
+
+    source = read_rows("demo", "")
+    records, _ = saved(trained_run)
+    assert [r["id"] for r in records] != list(range(len(records)))  # the split is shuffled: positions differ
+    for record in records:
+        assert source[record["id"]]["text"] == record["text"]
+        assert source[record["id"]]["summary"] == record["reference"]
+
+
+def test_a_later_evaluation_goes_to_its_own_directory_and_the_report_headlines_the_trainings(trained_run, tmp_path):
+    """`sumtune.evaluate(run, max_samples=8)` writes RUN/eval/NAME/; the training's final evaluation (16 documents)
+    stays where the report reads it, and the report lists the later one apart."""
+    import shutil
+
+    import sumtune
+    from sumtune.report import build_html
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    before = {p.name: p.read_bytes() for p in (run / "eval").iterdir() if p.is_file()}
+    metrics = sumtune.evaluate(run, max_samples=8, device="cpu", progress=False)
+    after = {p.name: p.read_bytes() for p in (run / "eval").iterdir() if p.is_file()}
+    assert after == before
+    (later,) = [p for p in (run / "eval").iterdir() if p.is_dir()]
+    assert later.name.startswith("heldout-") and json.loads((later / "metrics.json").read_text()) == metrics
+    assert metrics["num_samples"] == 8 and len((later / "predictions.jsonl").read_text().splitlines()) == 8
+
+    named = sumtune.evaluate(run, max_samples=2, device="cpu", name="quick", progress=False)
+    assert json.loads((run / "eval" / "quick" / "metrics.json").read_text()) == named
+    with pytest.raises(sumtune.SumtuneError, match="already holds an evaluation; choose another name"):
+        sumtune.evaluate(run, max_samples=2, device="cpu", name="quick")
+
+    html = build_html(run)
+    final = json.loads(before["metrics.json"])
+    headline = html.split("<h2>Numbers</h2>")[1].split("<h2>")[0]
+    assert f"Final evaluation of the training run on {final['num_samples']} " in headline
+    others = html.split('<table class="other-evals">')[1].split("</table>")[0]
+    assert later.name in others and "quick" in others
+
+
+def test_the_api_draws_a_bar_only_when_asked_and_on_a_terminal(trained_run, tmp_path, monkeypatch):
+    import io
+
+    import sumtune
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for progress in (True, False):
+        stream = Terminal()
+        monkeypatch.setattr("sys.stderr", stream)
+        sumtune.evaluate(trained_run, max_samples=2, device="cpu", progress=progress,
+                         output_dir=tmp_path / str(progress))
+        assert ("generating:" in stream.getvalue()) is progress, stream.getvalue()[-500:]

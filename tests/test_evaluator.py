@@ -18,3 +18,26 @@ def test_assemble_eval_restores_row_order_and_weights_the_loss():
     assert 0 < metrics["rouge1"] < 100
     with pytest.raises(RuntimeError):
         assemble_eval(parts[:1], rows)
+
+
+def test_evaluation_during_training_uses_the_runs_generation_settings(trained_run):
+    """no_repeat_ngram_size and min_new_tokens set in the config reach the evaluator's summaries."""
+    from dataclasses import replace
+
+    import torch
+
+    from sumtune.data import load_rows
+    from sumtune.evaluator import EvalSettings, Evaluator
+    from sumtune.inference import load_run
+
+    model, tokenizer, cfg = load_run(trained_run, device="cpu", progress=False)
+    rows = load_rows(cfg).eval[:6]
+
+    def predictions(**settings) -> list[list[str]]:
+        evaluator = Evaluator(model, tokenizer, EvalSettings.from_config(replace(cfg, **settings)),
+                              device=torch.device("cpu"))
+        return [tokenizer.tokenize(r["prediction"]) for r in evaluator.evaluate(rows)[1]]
+
+    plain, banned = predictions(), predictions(no_repeat_ngram_size=1, min_new_tokens=10)
+    assert any(len(set(p)) < len(p) for p in plain)  # the run repeats itself when nothing stops it
+    assert all(len(set(p)) == len(p) >= 10 for p in banned)

@@ -344,6 +344,61 @@ def test_beam_search_matches_transformers(merged32, inputs):
     assert got == expected
 
 
+def test_length_penalty_reaches_beam_search(merged32, inputs):
+    subset = inputs[:4]
+    for penalty in (0.2, 3.0):
+        expected = hf_generate(merged32, subset, max_new_tokens=12, num_beams=3, length_penalty=penalty)
+        assert ours(merged32, subset, max_new_tokens=12, num_beams=3, length_penalty=penalty, batch_size=4) == expected
+
+
+# ---- options sumtune's decoder lacks: transformers' generate for that call ---------------------------------
+
+def repeated_ngrams(row: list[int], n: int) -> int:
+    grams = [tuple(row[i:i + n]) for i in range(len(row) - n + 1)]
+    return len(grams) - len(set(grams))
+
+
+def test_no_repeat_ngram_size_runs_transformers_generate_with_the_same_tokens(merged32, expected32, inputs):
+    """sumtune's greedy step has no n-gram ban, so the call goes to transformers' generate on sumtune's encoder
+    output: token for token what `generate(no_repeat_ngram_size=2)` gives, and no bigram twice, where plain greedy
+    repeats itself (the option took effect)."""
+    from sumtune.generation.decoding import cached_session, release_generation_cache, uses_own_decoder
+
+    assert not uses_own_decoder(no_repeat_ngram_size=2) and uses_own_decoder()
+    release_generation_cache(merged32)
+    got = ours(merged32, inputs, no_repeat_ngram_size=2, batch_size=8)
+    assert cached_session(merged32) is None  # sumtune's greedy session never ran
+    assert got == hf_generate(merged32, inputs, max_new_tokens=MAX_NEW, no_repeat_ngram_size=2)
+    assert all(repeated_ngrams(row, 2) == 0 for row in got)
+    assert sum(repeated_ngrams(row, 2) for row in expected32) > 0
+    with_min = ours(merged32, inputs[:6], no_repeat_ngram_size=3, min_new_tokens=10, batch_size=6)
+    assert with_min == hf_generate(merged32, inputs[:6], max_new_tokens=MAX_NEW, no_repeat_ngram_size=3,
+                                   min_new_tokens=10)
+
+
+def test_summaries_pass_every_generation_setting_on_both_paths(merged32, inputs, t5_tokenizer_dir):
+    """`generate_summaries` (what evaluate, summarize and the API call) hands every setting to the path it takes:
+    sumtune's T5 path (here: transformers' generate on sumtune's encoder output, for the n-gram ban) and plain
+    transformers `generate` (models sumtune's decoder does not know; `dense_model=None` takes it for this T5)."""
+    from transformers import AutoTokenizer
+
+    from sumtune.generation.summaries import generate_summaries, generation_path
+
+    tokenizer = AutoTokenizer.from_pretrained(str(t5_tokenizer_dir))
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (PAD, EOS)
+    assert generation_path(merged32) == "sumtune's T5 decoder"
+    assert generation_path(merged32, no_repeat_ngram_size=3) == "transformers' generate on sumtune's encoder output"
+    subset = inputs[:5]
+    settings = dict(max_new_tokens=MAX_NEW, min_new_tokens=10, no_repeat_ngram_size=2)
+    expected = hf_generate(merged32, subset, **settings)
+    assert all(len(row) >= 10 and repeated_ngrams(row, 2) == 0 for row in expected)
+    expected_texts = [t.strip() for t in tokenizer.batch_decode(expected, skip_special_tokens=True)]
+    for dense in ({}, {"dense_model": None}):
+        texts, lengths = generate_summaries(merged32, tokenizer, [""] * len(subset), prefix="", max_source_tokens=256,
+                                            source_ids=subset, batch_size=5, **settings, **dense)
+        assert texts == expected_texts and lengths == [len(row) for row in expected]
+
+
 # ---- CUDA graphs (GPU only) --------------------------------------------------------------------------
 
 @pytest.mark.gpu

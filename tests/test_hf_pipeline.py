@@ -76,14 +76,32 @@ def test_import_sumtune_registers_the_task_transformers_resolves():
 
 
 def test_readme_pipeline_usage_in_a_fresh_interpreter(merged_like_dir):
-    script = ("import json, sys\nimport sumtune\nfrom transformers import pipeline\n"
+    """`import sumtune` loads no transformers (registration waits for `transformers.pipelines`), then the task is
+    there; a list of texts gives a flat list, one dict per text (as transformers 4 did)."""
+    script = ("import json, sys\nimport sumtune\n"
+              "assert 'transformers' not in sys.modules and 'torch' not in sys.modules\n"
+              "from transformers import pipeline\n"
               "summarizer = pipeline('summarization', model=sys.argv[1], device='cpu')\n"
               "docs = json.loads(sys.stdin.read())\n"
-              "print(json.dumps([summarizer(doc)[0]['summary_text'] for doc in docs]))\n")
+              "print(json.dumps([summarizer(doc)[0]['summary_text'] for doc in docs]))\n"
+              "print(json.dumps(summarizer(docs)))\n")
     result = subprocess.run([sys.executable, "-c", script, str(merged_like_dir)], input=json.dumps(DOCS),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    got = json.loads(result.stdout.strip().splitlines()[-1])
+    one_by_one, as_list = (json.loads(line) for line in result.stdout.strip().splitlines()[-2:])
     expected = reference_summaries(merged_like_dir)
     assert len(set(expected)) > 1 and all(expected)  # the model's output depends on its input
-    assert got == expected
+    assert one_by_one == expected
+    assert as_list == [{"summary_text": text} for text in expected]
+
+
+def test_registration_waits_for_transformers_pipelines_and_runs_once_it_is_imported():
+    script = ("import sys\nimport sumtune\nfrom sumtune import hf_pipeline\n"
+              "assert hf_pipeline._HOOK in sys.meta_path and not hf_pipeline._REGISTERED\n"
+              "import transformers.pipelines\n"
+              "assert hf_pipeline._REGISTERED and hf_pipeline._HOOK not in sys.meta_path\n"
+              "assert hf_pipeline.resolved_pipeline_class() is hf_pipeline.summarization_pipeline_class()\n"
+              "import inspect; assert inspect.getsource(transformers.pipelines)  # the module's loader still works\n"
+              "print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]

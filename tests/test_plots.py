@@ -28,7 +28,7 @@ def write_run(run_dir, train_steps, eval_steps, *, drop=(), device="cpu"):
     """A run directory's metrics.jsonl written by the real MetricsLogger (no TensorBoard: not needed here)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(f"device: {device}\nmodel: tiny\n")
-    logger = MetricsLogger(run_dir, tensorboard=False, report_to=[])
+    logger = MetricsLogger(run_dir, report_to=[])
     for step in sorted(set(train_steps) | set(eval_steps)):
         if step in train_steps:
             logger.log("train", step, {k: v for k, v in train_values(step).items() if k not in drop})

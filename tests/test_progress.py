@@ -1,4 +1,5 @@
-"""Progress: bars with rate and ETA when on, nothing drawn in quiet mode (logs, CI)."""
+"""Progress: bars with rate and ETA on a terminal; elsewhere (logs, CI) and in quiet mode no bars, and one plain
+line per logging window."""
 
 from __future__ import annotations
 
@@ -8,8 +9,15 @@ import os
 from sumtune.progress import Progress
 
 
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal (what tqdm's `disable=None` asks)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
 def test_bars_show_count_rate_and_eta():
-    stream = io.StringIO()
+    stream = Terminal()
     progress = Progress(enabled=True, stream=stream)
     out = progress.map_chunks(lambda chunk: [x * 2 for x in chunk], list(range(2500)), "tokenizing", chunk_size=1000)
     assert out == [x * 2 for x in range(2500)]
@@ -24,7 +32,7 @@ def test_bars_show_count_rate_and_eta():
 
 def test_task_without_a_count_reports_its_duration():
     stream = io.StringIO()
-    with Progress(enabled=True, stream=stream).task("reading data") as bar:
+    with Progress(enabled=True, stream=stream).task("reading data") as bar:  # announced in logs too
         bar.update(1)  # harmless without a count
     assert stream.getvalue().startswith("reading data …\nreading data: done in ")
 
@@ -42,3 +50,57 @@ def test_quiet_mode_draws_nothing_and_silences_library_bars(monkeypatch):
     progress.write("a log line")
     assert stream.getvalue() == "a log line\n"
     assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+
+
+RECORD = {"step": 40, "epoch": 0.6667, "loss": 2.31414, "lr": 2.95e-3, "grad_norm": 1.0234, "tokens_per_s": 18210.4,
+          "mfu": 0.3124}
+
+
+def test_the_log_line_holds_every_field():
+    from sumtune.progress import format_train_line
+
+    assert format_train_line(RECORD, 240, eta_s=72.4) == ("step 40/240  epoch 0.67  loss 2.3141  lr 2.95e-03  "
+                                                          "grad_norm 1.02  tokens/s 18,210  MFU 31.2%  ETA 0:01:12")
+    cpu = {k: v for k, v in RECORD.items() if k != "mfu"}  # no known peak: no MFU, rather than a made-up one
+    assert format_train_line(cpu, 240) == "step 40/240  epoch 0.67  loss 2.3141  lr 2.95e-03  grad_norm 1.02  " \
+                                          "tokens/s 18,210"
+
+
+def test_no_bars_without_a_terminal_but_a_line_per_window():
+    """CI, Slurm, nohup, a pipe: no carriage-return bars, and every logging window still says its numbers."""
+    stream = io.StringIO()
+    progress = Progress(enabled=True, stream=stream)
+    assert not progress.bars
+    bar = progress.bar(total=240, desc="training")
+    for _ in range(40):
+        bar.update(1)
+    progress.train_log(RECORD, bar, 240, eta_s=72.4)
+    bar.close()
+    assert list(progress.iter(range(3), desc="evaluating")) == [0, 1, 2]
+    assert stream.getvalue() == "step 40/240  epoch 0.67  loss 2.3141  lr 2.95e-03  grad_norm 1.02  " \
+                                "tokens/s 18,210  MFU 31.2%  ETA 0:01:12\n"
+    assert "\r" not in stream.getvalue()
+
+
+def test_on_a_terminal_the_bar_shows_the_same_fields():
+    stream = Terminal()
+    progress = Progress(enabled=True, stream=stream)
+    assert progress.bars
+    bar = progress.bar(total=240, desc="training")
+    bar.update(40)
+    progress.train_log(RECORD, bar, 240, eta_s=72.4)
+    bar.close()
+    text = stream.getvalue()
+    assert "training:" in text and "40/240" in text
+    last = text.split("\r")[-1]
+    for field in ("epoch=0.67", "loss=2.3141", "lr=2.95e-03", "grad_norm=1.02", "tokens/s=18,210", "MFU=31.2%",
+                  "ETA=0:01:12"):
+        assert field in last, (field, last)
+    assert "step 40/240  epoch" not in text  # the line is for logs, not for a terminal that has the bar
+
+
+def test_no_progress_still_logs_the_loss():
+    stream = io.StringIO()
+    progress = Progress(enabled=False, stream=stream)
+    progress.train_log(RECORD, progress.bar(240, "training"), 240)
+    assert stream.getvalue().startswith("step 40/240  epoch 0.67  loss 2.3141")

@@ -50,3 +50,35 @@ def test_a_trained_run_holds_its_adapter_checkpoints_and_logs(trained_run):
     state = json.loads((trained_run / "checkpoints" / "step-40" / "trainer_state.json").read_text())
     # written before the final evaluation: the best known then was step 20's
     assert state["step"] == 40 and state["samples_seen"] == 40 * 8 and state["best_step"] == 20
+
+
+def test_a_run_whose_rouge_stops_improving_stops_early_and_says_so(tmp_path, capsys):
+    """`early_stopping_patience: 2` with evaluations every 2 steps and a learning rate too small to change a token:
+    step 2 sets the best ROUGE-L, steps 4 and 6 do not beat it, so the run stops at step 6 of 30 and says why; the
+    run directory is finished as usual. Its log (no terminal here) has one line per logging window with every
+    field."""
+    import sumtune
+
+    out = tmp_path / "run"
+    metrics = sumtune.train(dict(model="tiny", dataset="demo", max_samples=120, compute_dtype="fp32", device="cpu",
+                                 batch_size=4, max_source_tokens=48, max_target_tokens=12, max_steps=30, lr=1e-9,
+                                 lr_schedule="constant", eval_every_steps=2, eval_max_samples=4, eval_batch_size=4,
+                                 log_every_steps=2, early_stopping_patience=2, output_dir=str(out), seed=0))
+    err = capsys.readouterr().err
+    lines = read_metrics(out)
+    evals = [r for r in lines if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 4, 6]  # the final evaluation is step 6's, not a second one
+    assert len({r["rougeL"] for r in evals}) == 1
+    stop = [r for r in lines if r["split"] == "early_stop"]
+    assert [(r["step"], r["best_step"], r["patience"]) for r in stop] == [(6, 2, 2)]
+    assert (f"sumtune: stopping early at step 6 of 30: ROUGE-L has not improved for 2 evaluations (best "
+            f"{evals[0]['rougeL']:.2f} at step 2; early_stopping_patience 2).") in err
+    assert metrics["rougeL"] == evals[-1]["rougeL"] and (out / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "eval" / "metrics.json").read_text())["num_samples"] == 4
+
+    log_lines = [line for line in err.splitlines() if line.startswith("step ") and "  epoch " in line]
+    assert [line.split()[1] for line in log_lines] == ["2/30", "4/30", "6/30"]
+    for line in log_lines:
+        fields = line.split("  ")
+        assert [f.split(" ")[0] for f in fields] == ["step", "epoch", "loss", "lr", "grad_norm", "tokens/s", "ETA"]
+    assert "\r" not in err  # no progress bar without a terminal

@@ -101,6 +101,53 @@ def test_all_run_text_is_escaped(run_dir):
     assert html.count("<script>") == 1  # ours
 
 
+def test_config_shows_the_settings_that_differ_from_the_defaults_and_all_behind_a_fold(run_dir):
+    from sumtune import argparsing
+    from sumtune.config import TrainConfig
+
+    html = render_report(run_dir).read_text(encoding="utf-8")
+    config = html.split("<h2>Config</h2>")[1]
+    shown = config.split('<table class="config">')[1].split("</table>")[0]
+    differing = {"device", "model", "dataset", "output_dir", "source_prefix"}  # what make_run set
+    assert re.findall(r"<tr><td>([\w]+)</td>", shown) == sorted(differing)
+    assert f"{len(differing)} of {len(argparsing.field_types(TrainConfig))} settings differ" in config
+    fold = config.split("<details>")[1].split("</details>")[0]
+    assert fold.startswith("<summary>All ") and fold.count("<tr><td>") == len(argparsing.field_types(TrainConfig))
+
+
+def test_a_collapsed_run_is_said_before_any_score(tmp_path):
+    """One summary for every document, one token long: the page warns at the top; a healthy run has no warning."""
+    from sumtune.evaluation import rouge_scores, write_eval
+    from sumtune.report import collapse_reasons
+
+    run = make_run(tmp_path, profile=False, plots=False)
+    assert 'data-collapsed="true"' not in render_report(run).read_text(encoding="utf-8")
+    references = ["the hawks beat the tigers in oakdale .", "storm closes schools in millbrook on thursday ."]
+    predictions = ["the", "the"]
+    metrics = {**rouge_scores(predictions, references), "gen_len": 1.0, "num_samples": 2}
+    write_eval(run / "eval", metrics, [{"id": i, "text": "t", "reference": r, "prediction": p}
+                                       for i, (r, p) in enumerate(zip(references, predictions))])
+    html = render_report(run).read_text(encoding="utf-8")
+    warning = html.split('<div class="warn" data-collapsed="true">')[1].split("</div>")[0]
+    assert html.index("data-collapsed") < html.index("<h2>Numbers</h2>")
+    assert "one token long or empty (mean length 1.00 tokens)" in warning
+    assert "every document got the same summary (&#x27;the&#x27;)" in warning
+    assert collapse_reasons({"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0, "rougeLsum": 0.0, "gen_len": 9.0},
+                            [{"prediction": "a b c"}, {"prediction": "d e f"}]) == [
+        "ROUGE is 0: no summary shares a word with its reference"]
+
+
+def test_a_final_score_on_a_subset_says_so(tmp_path):
+    from sumtune.evaluation import write_eval
+
+    run = make_run(tmp_path, profile=False, plots=False)
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    write_eval(run / "eval", {**metrics, "heldout_rows": 30}, [])
+    html = render_report(run).read_text(encoding="utf-8")
+    assert "Final evaluation of the training run on 3 of the 30 held-out documents (a subset: eval_max_samples)" \
+        in html
+
+
 def test_eval_table_has_every_evaluation(run_dir):
     html = render_report(run_dir).read_text(encoding="utf-8")
     evals = html.split('<table class="evals">')[1].split("</table>")[0]
@@ -272,7 +319,9 @@ def test_trained_run_is_a_peft_adapter_with_a_hub_model_card(trained_run):
     adapter = PeftConfig.from_pretrained(str(trained_run))
     assert adapter.peft_type.value == "LORA" and adapter.r > 0
     card = ModelCard.load(trained_run / "README.md")
-    assert card.data.library_name == "peft" and card.data.base_model
+    # `tiny` is sumtune's random T5: no hub repository to credit as base_model, and no known license
+    assert card.data.library_name == "peft" and card.data.base_model is None and card.data.license == "other"
+    assert "t5" in card.data.tags and "sumtune's `tiny` T5" in card.text
     assert "rouge" in card.data.metrics
     results = card.data.eval_results  # parsed from model-index
     assert results and {r.metric_type for r in results} >= {"rouge1", "rougeL"}

@@ -7,17 +7,11 @@ from sumtune.errors import SumtuneError
 from sumtune.version import __version__
 
 
-def _register_pipeline() -> None:
-    # `transformers.pipeline("summarization", ...)` for merged models; transformers 5 dropped the task.
-    try:
-        from sumtune.hf_pipeline import register_summarization_pipeline
+from sumtune.hf_pipeline import register_when_transformers_imports_pipelines
 
-        register_summarization_pipeline()
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
-
-
-_register_pipeline()
+# `transformers.pipeline("summarization", ...)` for merged models (transformers 5 dropped the task): registered
+# when transformers' pipelines are imported, so `import sumtune` (and `sumtune --help`) imports no torch.
+register_when_transformers_imports_pipelines()
 
 __all__ = ["TrainConfig", "SumtuneError", "__version__", "train", "profile", "evaluate", "Summarizer", "merge_run", "memory_report"]
 

@@ -74,13 +74,20 @@ def profile(config: TrainConfig | dict | str | Path, args=None) -> dict:
 
 def evaluate(run_dir: str | Path, *, dataset: str | None = None, max_samples: int | None = None,
              num_beams: int | None = None, max_new_tokens: int | None = None, batch_size: int | None = None,
+             min_new_tokens: int | None = None, length_penalty: float | None = None,
+             no_repeat_ngram_size: int | None = None, name: str | None = None,
              output_dir: str | Path | None = None, device: str = "auto", allow_pickle: bool = False,
-             trust_remote_code: bool = False) -> dict:
-    """ROUGE of a trained run on its held-out split (or on all of `dataset`, which is then the only data read);
-    writes predictions.jsonl and metrics.json (default: RUN_DIR/eval)."""
+             trust_remote_code: bool = False, progress: bool = True) -> dict:
+    """ROUGE of a trained run on its held-out split (or on all of `dataset`, which is then the only data read).
+
+    Writes predictions.jsonl (each row's source id and text, reference, prediction) and metrics.json to a new
+    RUN_DIR/eval/NAME/ (`name`, default: what was evaluated and when), or to `output_dir`: never over the training's
+    own final evaluation in RUN_DIR/eval/, which the report headlines. Generation settings left None are the
+    run's. `progress`: bars on a terminal, else plain lines."""
     from sumtune import truncation
+    from sumtune.config import GenerationSettings
     from sumtune.data import load_eval_rows, load_rows
-    from sumtune.evaluation import evaluate_rows, write_eval
+    from sumtune.evaluation import evaluate_rows, new_eval_dir, write_eval
     from sumtune.inference import check_generation_options, load_run, read_run_config
     from sumtune.progress import Progress
     from sumtune.safe_io import check_output_location
@@ -89,20 +96,25 @@ def evaluate(run_dir: str | Path, *, dataset: str | None = None, max_samples: in
                              batch_size=batch_size)
     if dataset is not None and not str(dataset).strip():
         raise SumtuneError("`dataset` must not be empty.")
+    if name is not None and output_dir is not None:
+        raise SumtuneError("Give `name` (RUN_DIR/eval/NAME) or `output_dir`, not both.")
     cfg = read_run_config(run_dir)  # a missing or foreign run directory is named before the output path
-    out = check_output_location(Path(run_dir).expanduser() / "eval" if output_dir is None else output_dir,
-                                "Evaluation output directory")
+    settings = GenerationSettings.of(cfg, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                     min_new_tokens=min_new_tokens, length_penalty=length_penalty,
+                                     no_repeat_ngram_size=no_repeat_ngram_size)
+    out = new_eval_dir(Path(run_dir).expanduser(), name=name, dataset=dataset) if output_dir is None else output_dir
+    out = check_output_location(out, "Evaluation output directory")
     rows = load_eval_rows(cfg, dataset) if dataset else load_rows(cfg).eval  # read before the model loads
     rows = rows[: max_samples or None]
+    progress_ = Progress(enabled=progress)
     model, tokenizer, cfg = load_run(run_dir, device=device, allow_pickle=allow_pickle,
-                                     trust_remote_code=trust_remote_code)
-    progress = Progress(enabled=True)
-    max_new_tokens = max_new_tokens or cfg.generation_max_new_tokens
-    source_ids, lengths = truncation.evaluation_report(tokenizer, rows, cfg, max_new_tokens)
-    progress.write(lengths.line())  # what the run's source limit and the generation length cut
+                                     trust_remote_code=trust_remote_code, progress=progress)
+    source_ids, lengths = truncation.evaluation_report(tokenizer, rows, cfg, settings.max_new_tokens)
+    progress_.write(lengths.line())  # what the run's source limit and the generation length cut
     metrics, records = evaluate_rows(
         model, tokenizer, rows, prefix=cfg.source_prefix, max_source_tokens=cfg.max_source_tokens,
-        max_new_tokens=max_new_tokens, num_beams=num_beams or cfg.num_beams,
-        batch_size=batch_size or cfg.eval_batch_size, progress=progress, source_ids=source_ids)
+        batch_size=batch_size or cfg.eval_batch_size, progress=progress_, source_ids=source_ids,
+        **settings.kwargs())
     write_eval(out, metrics, records)
+    progress_.write(f"sumtune: evaluation of {len(rows)} documents written to {out}")
     return metrics

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import difflib
 import inspect
+import re
 import textwrap
 import types
 import typing
@@ -23,6 +25,69 @@ import yaml
 from sumtune.errors import SumtuneError
 
 _NONE_WORDS = {"none", "null", "~"}
+
+# The names people bring from Hugging Face (Seq2SeqTrainingArguments, run_summarization.py, BitsAndBytesConfig,
+# LoraConfig) → the TrainConfig field that means the same or the nearest thing; what "did you mean" offers first.
+HF_NAMES = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+    "train_batch_size": "batch_size", "per_device_eval_batch_size": "eval_batch_size",
+    "gradient_accumulation_steps": "grad_accum_steps", "lr_scheduler_type": "lr_schedule",
+    "warmup_ratio": "warmup_steps", "logging_steps": "log_every_steps", "eval_steps": "eval_every_steps",
+    "eval_strategy": "eval_every_steps", "evaluation_strategy": "eval_every_steps",
+    "save_steps": "checkpoint_every_steps", "save_strategy": "checkpoint_every_steps",
+    "save_total_limit": "keep_last_checkpoints", "optim": "optimizer", "overwrite_output_dir": "overwrite",
+    "resume_from_checkpoint": "resume", "dataloader_num_workers": "num_workers",
+    "dataloader_pin_memory": "pin_memory", "torch_compile": "compile", "bf16": "compute_dtype",
+    "fp16": "compute_dtype", "torch_dtype": "compute_dtype", "bnb_4bit_compute_dtype": "compute_dtype",
+    "generation_num_beams": "num_beams", "generation_max_length": "max_new_tokens",
+    "max_length": "max_new_tokens", "min_length": "min_new_tokens",
+    "max_source_length": "max_source_tokens", "max_target_length": "max_target_tokens",
+    "val_max_target_length": "max_new_tokens", "max_train_samples": "max_samples",
+    "max_eval_samples": "eval_max_samples", "model_name_or_path": "model", "tokenizer_name": "tokenizer",
+    "dataset_name": "dataset", "train_file": "dataset", "validation_file": "eval_dataset",
+    "test_file": "eval_dataset", "validation_split_percentage": "eval_ratio", "load_in_4bit": "quantization",
+    "load_in_8bit": "quantization", "bnb_4bit_quant_type": "quantization",
+    "bnb_4bit_use_double_quant": "double_quant", "r": "lora_r", "lora_rank": "lora_r",
+    "target_modules": "lora_targets", "early_stopping": "early_stopping_patience",
+    "use_cpu": "device", "no_cuda": "device",
+}
+
+
+def suggest(name: str, valid: typing.Iterable[str]) -> str | None:
+    """The valid name (as spelled in `valid`: `--max-steps` or `max_steps`) that `name` most likely meant:
+    the same name with the other separator, then a Hugging Face name's counterpart, then the closest spelling."""
+    spelled = {v.lstrip("-").replace("-", "_").lower(): v for v in valid}
+    key = name.strip().lstrip("-").replace("-", "_").lower()
+    if key in spelled:
+        return spelled[key]
+    if HF_NAMES.get(key) in spelled:
+        return spelled[HF_NAMES[key]]
+    close = difflib.get_close_matches(key, list(spelled), n=1, cutoff=0.6)
+    return spelled[close[0]] if close else None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with sumtune's manners: no abbreviations (`--warmup 5` is not `--warmup-steps 5`), and every
+    mistake one line on stderr, with a suggestion where one fits, and exit status 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> typing.NoReturn:
+        choice = re.search(r"invalid choice: '?([^'\s]+)'? \(choose from (.*)\)", message)
+        if choice:
+            hint = suggest(choice.group(1), [c.strip(" '\"") for c in choice.group(2).split(",")])
+            message += f"; did you mean {hint!r}?" if hint else ""
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def unknown_arguments(self, extras: list[str]) -> typing.NoReturn:
+        """The error for what no option took: the first unknown option, with the option it most likely meant."""
+        option = next((a.split("=", 1)[0] for a in extras if a.startswith("-") and a != "-"), None)
+        if option is None:
+            self.error(f"unexpected argument {extras[0]!r} (see `{self.prog} --help`)")
+        hint = suggest(option, [o for o in self._option_string_actions if o.startswith("--")])
+        self.error(f"unknown option {option}" + (f"; did you mean {hint}?" if hint else f" (see `{self.prog} --help`)"))
 
 
 @cache
@@ -80,7 +145,10 @@ def describe_type(tp: Any) -> str:
 def coerce(name: str, value: Any, tp: Any) -> Any:
     """Convert `value` (from YAML or the command line) to the field type `tp`, or say which key is wrong."""
     inner, optional = _unwrap_optional(tp)
-    if value is None or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS):
+    none_word = isinstance(value, str) and value.strip().lower() in _NONE_WORDS
+    if none_word and not optional and (get_origin(inner) is list or value.strip().lower() in get_args(inner)):
+        none_word = False  # a list (`report_to: none` is ["none"]) or a choice named "none" takes the word itself
+    if value is None or none_word:
         if optional:
             return None
         raise SumtuneError(f"`{name}` cannot be empty: expected {describe_type(tp)}.")
@@ -153,8 +221,13 @@ def field_types(cls: type) -> dict[str, Any]:
 def from_mapping(cls: type, values: dict[str, Any], *, source: str = "the config") -> Any:
     """Build `cls` from a mapping; unknown keys and wrong types are refused naming the key."""
     types_ = field_types(cls)
-    unknown = sorted(set(values) - set(types_))
+    unknown = sorted(set(values) - set(types_), key=str)
     if unknown:
+        hints = {key: suggest(str(key), types_) for key in unknown}
+        if any(hints.values()):
+            named = ", ".join(f"{key!r}" + (f" (did you mean {hints[key]!r}?)" if hints[key] else "")
+                              for key in unknown)
+            raise SumtuneError(f"Unknown key{'s' if len(unknown) > 1 else ''} {named} in {source}.")
         raise SumtuneError(
             f"Unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} in {source}; "
             f"valid keys are: {', '.join(sorted(types_))}."

@@ -1,4 +1,8 @@
-"""The `sumtune` command. Each subcommand's options are its dataclass's fields (see config.py)."""
+"""The `sumtune` command. Each subcommand's options are its dataclass's fields (see config.py).
+
+Building the parser imports no torch or transformers: `sumtune --help` (and every subcommand's) answers at once,
+and the heavy libraries load when a command starts its work.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,6 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Callable, Sequence
 
 from sumtune.errors import SumtuneError
@@ -20,6 +23,7 @@ EPILOG = """examples:
   sumtune train --model t5-base --dataset my.jsonl --text-column article --summary-column highlights
   sumtune evaluate runs/sumtune --num-beams 4
   sumtune summarize runs/sumtune "Text to summarize ..."
+  sumtune summarize runs/sumtune --input docs.jsonl --output preds.jsonl   # batch: one summary per row, with its id
   sumtune merge runs/sumtune merged/                   # plain bf16 model for transformers.pipeline
   sumtune memory --model t5-3b                         # footprint and trainable parameters
   sumtune inspect-data --dataset bills.jsonl --tokenizer t5-tokenizer/   # what 1024/128 tokens cut
@@ -46,45 +50,78 @@ def cmd_train(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _generation_overrides(ns: argparse.Namespace) -> dict:
+    return {k: getattr(ns, k) for k in GENERATION_FLAGS}
+
+
 def cmd_evaluate(ns: argparse.Namespace) -> int:
     from sumtune.api import evaluate
 
-    metrics = evaluate(ns.run_dir, dataset=ns.dataset, max_samples=ns.max_samples, num_beams=ns.num_beams,
-                       max_new_tokens=ns.max_new_tokens, batch_size=ns.batch_size, output_dir=ns.output_dir,
-                       device=ns.device, allow_pickle=ns.allow_pickle, trust_remote_code=ns.trust_remote_code)
+    metrics = evaluate(ns.run_dir, dataset=ns.dataset, max_samples=ns.max_samples, batch_size=ns.batch_size,
+                       name=ns.name, output_dir=ns.output_dir, device=ns.device, allow_pickle=ns.allow_pickle,
+                       trust_remote_code=ns.trust_remote_code, progress=ns.progress, **_generation_overrides(ns))
     print(json.dumps(metrics, indent=2))
     return 0
 
 
-def _read_documents(ns: argparse.Namespace) -> list[str]:
-    docs = list(ns.text or [])
+def _read_documents(ns: argparse.Namespace):
+    """Documents from --input, the text arguments (`-`: stdin) and --file, or stdin when none is given."""
+    from sumtune.documents import Document, check_documents, read_documents, read_stdin, split_text
+
+    if ns.input is not None:
+        if ns.text or ns.file:
+            raise SumtuneError("Give the documents either with --input or as text / --file, not both.")
+        return read_documents(ns.input, lines=ns.lines, text_column=ns.text_column)
+    texts = []
+    for text in ns.text or []:
+        texts.extend([read_stdin()] if text == "-" else [text])
     for path in ns.file or []:
         from sumtune.safe_io import require_file
 
         p = require_file(path, "Input file")
         try:
-            docs.append(p.read_text(encoding="utf-8"))
+            texts.append(p.read_text(encoding="utf-8"))
         except UnicodeDecodeError:
             raise SumtuneError(f"Input file {str(p)!r} is not UTF-8 text.") from None
-    if not docs:
+    if not texts:
         if sys.stdin is None or sys.stdin.isatty():
-            raise SumtuneError("Nothing to summarize: give the text as an argument, with --file, or on stdin.")
-        docs.append(sys.stdin.read())
-    empty = [i for i, d in enumerate(docs) if not d.strip()]
-    if empty:
-        raise SumtuneError(f"Input document {empty[0] + 1} is empty.")
+            raise SumtuneError("Nothing to summarize: give the text as an argument, with --file or --input, "
+                               "or on stdin.")
+        texts.append(sys.stdin.read())
+    if not ns.lines:
+        docs = [Document(i, text) for i, text in enumerate(texts)]
+    else:  # ids: line numbers, counted on through the inputs in order
+        docs, first = [], 0
+        for text in texts:
+            docs += split_text(text, lines=True, first_id=first)
+            first += len(text.splitlines())
+    check_documents(docs)
     return docs
 
 
 def cmd_summarize(ns: argparse.Namespace) -> int:
+    from sumtune.config import check_generation_settings
+    from sumtune.documents import STDIN, write_predictions
     from sumtune.inference import Summarizer, check_generation_options
 
+    check_generation_options(max_new_tokens=ns.max_new_tokens, num_beams=ns.num_beams, batch_size=ns.batch_size)
+    check_generation_settings(**_generation_overrides(ns))  # before the model loads
+    if ns.output is not None and ns.output != STDIN:
+        from sumtune.safe_io import check_output_location
+
+        check_output_location(ns.output, "Output file", is_file=True)
     docs = _read_documents(ns)
-    check_generation_options(max_new_tokens=ns.max_new_tokens, num_beams=ns.num_beams)  # before the model loads
     summarizer = Summarizer.from_pretrained(ns.run_dir, device=ns.device, allow_pickle=ns.allow_pickle,
-                                            trust_remote_code=ns.trust_remote_code)
-    for summary in summarizer.summarize(docs, max_new_tokens=ns.max_new_tokens, num_beams=ns.num_beams):
-        print(summary)
+                                            trust_remote_code=ns.trust_remote_code, progress=ns.progress)
+    summaries = summarizer.summarize([d.text for d in docs], batch_size=ns.batch_size, progress=ns.progress,
+                                     **_generation_overrides(ns))
+    if ns.output is None:
+        for summary in summaries:
+            print(summary)
+        return 0
+    written = write_predictions(ns.output, docs, summaries)
+    if written is not None:
+        print(f"sumtune: {len(docs)} summaries written to {written}", file=sys.stderr)
     return 0
 
 
@@ -92,8 +129,9 @@ def cmd_merge(ns: argparse.Namespace) -> int:
     from sumtune.inference import merge_run
 
     out = merge_run(ns.run_dir, ns.out_dir, dtype=ns.dtype, device=ns.device, allow_pickle=ns.allow_pickle,
-                    trust_remote_code=ns.trust_remote_code)
-    print(f"merged model written to {out} (load it with transformers.pipeline('summarization', model={str(out)!r}))")
+                    trust_remote_code=ns.trust_remote_code, progress=ns.progress)
+    print(f"merged model written to {out} (load it with transformers.pipeline('summarization', model={str(out)!r});"
+          f" upload it with `sumtune push {out} REPO`)")
     return 0
 
 
@@ -131,7 +169,7 @@ def cmd_report(ns: argparse.Namespace) -> int:
 def cmd_push(ns: argparse.Namespace) -> int:
     from sumtune.push import push_run
 
-    print(f"pushed to {push_run(ns.run_dir, ns.repo, private=ns.private, token=ns.token)}")
+    print(f"pushed to {push_run(ns.run_dir, ns.repo, private=ns.private, token=ns.token, progress=ns.progress)}")
     return 0
 
 
@@ -163,14 +201,19 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+GENERATION_FLAGS = ("max_new_tokens", "num_beams", "min_new_tokens", "length_penalty", "no_repeat_ngram_size")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sumtune import argparsing
     from sumtune.config import TrainConfig
+    from sumtune.version import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = argparsing.ArgumentParser(
         prog="sumtune", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="QLoRA fine-tuning of T5 summarizers on one GPU (or many), with ROUGE evaluation, "
                     "summarization, adapter merging, and honest speed and memory numbers.")
+    parser.add_argument("--version", action="version", version=f"sumtune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, func: Callable, help_: str) -> argparse.ArgumentParser:
@@ -188,6 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Let the base model run code from its own repository (never taken from the run's "
                             "config.yaml).")
 
+    def progress_option(p: argparse.ArgumentParser, help_: str = "Progress bars on a terminal (elsewhere, and with "
+                        "--no-progress: plain lines, no bars).") -> None:
+        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help=help_)
+
+    def generation_options(p: argparse.ArgumentParser) -> None:
+        docs = argparsing.field_docs(TrainConfig)
+        types_ = {"max_new_tokens": int, "num_beams": int, "min_new_tokens": int, "length_penalty": float,
+                  "no_repeat_ngram_size": int}
+        for name in GENERATION_FLAGS:
+            p.add_argument("--" + name.replace("_", "-"), type=types_[name], default=None, metavar=name.upper(),
+                           help=f"{docs[name]} (default: the run's)".replace("%", "%%"))
+
     def config_option(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", metavar="FILE.yaml",
                        help="YAML file of options (keys = the option names below with underscores); options "
@@ -199,26 +254,43 @@ def build_parser() -> argparse.ArgumentParser:
     argparsing.add_dataclass_arguments(p, TrainConfig)
 
     p = command("evaluate", cmd_evaluate, "Generate summaries for held-out documents and score them with "
-                                          "ROUGE-1/2/L/Lsum; writes predictions.jsonl and metrics.json.")
+                                          "ROUGE-1/2/L/Lsum; writes predictions.jsonl and metrics.json to a new "
+                                          "RUN_DIR/eval/NAME/.")
     p.add_argument("run_dir", help="Run directory written by `sumtune train`.")
     p.add_argument("--dataset", default=None, help="Evaluate on this data source instead of the run's held-out "
                                                    "split (a .jsonl/.csv/.parquet file, a save_to_disk dir, a hub name).")
     p.add_argument("--max-samples", type=int, default=None, help="Evaluate at most this many documents.")
-    p.add_argument("--num-beams", type=int, default=None, help="Beam width (default: the run's).")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="Longest summary in tokens (default: the run's).")
     p.add_argument("--batch-size", type=int, default=None, help="Documents per generation batch.")
-    p.add_argument("--output-dir", default=None, help="Where to write predictions.jsonl and metrics.json "
-                                                      "(default: RUN_DIR/eval).")
+    generation_options(p)
+    p.add_argument("--name", default=None, help="Write to RUN_DIR/eval/NAME (default: a new name, `heldout-` or the "
+                                                "dataset's name, then the date and time).")
+    p.add_argument("--output-dir", default=None, help="Write here instead of RUN_DIR/eval/NAME. The training's own "
+                                                      "final evaluation in RUN_DIR/eval/ is never replaced unless "
+                                                      "this points there.")
     run_options(p)
+    progress_option(p)
 
-    p = command("summarize", cmd_summarize, "Summarize text with a trained run: from arguments, files, or stdin "
-                                            "(one summary per line, in input order).")
-    p.add_argument("run_dir", help="Run directory written by `sumtune train`.")
-    p.add_argument("text", nargs="*", help="Documents to summarize (each argument is one document).")
+    p = command("summarize", cmd_summarize, "Summarize text with a trained run: from arguments, files, a table "
+                                            "(--input docs.jsonl/.csv) or stdin; one summary per line, or JSON "
+                                            "Lines with each document's id (--output).")
+    p.add_argument("run_dir", help="Run directory written by `sumtune train`, or the hub id it was pushed to.")
+    p.add_argument("text", nargs="*", help="Documents to summarize (each argument is one document; `-` reads stdin).")
     p.add_argument("--file", action="append", help="A UTF-8 text file holding one document (repeatable).")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="Longest summary in tokens (default: the run's).")
-    p.add_argument("--num-beams", type=int, default=None, help="Beam width (default: the run's).")
+    p.add_argument("--input", metavar="FILE", default=None,
+                   help="Documents to summarize in a batch: .jsonl/.json/.csv/.parquet (one per row, from "
+                        "--text-column; the `id` column is kept, else the row number), .txt (one document, or one "
+                        "per line with --lines), or `-` for stdin.")
+    p.add_argument("--lines", action="store_true", help="Plain text holds one document per line (blank lines "
+                                                        "skipped; ids are line numbers).")
+    p.add_argument("--text-column", default="text", help="Column of --input holding the documents.")
+    p.add_argument("--output", metavar="FILE.jsonl", default=None,
+                   help='Write JSON Lines {"id": ..., "summary": ...} in input order (`-`: stdout); default: one '
+                        "summary per line on stdout.")
+    p.add_argument("--batch-size", type=int, default=None, help="Documents per generation batch (default: the run's "
+                                                                "eval_batch_size).")
+    generation_options(p)
     run_options(p)
+    progress_option(p)
 
     p = command("merge", cmd_merge, "Merge the adapter into its base (dequantized) and save a plain model that "
                                     "transformers loads as it is.")
@@ -226,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="New directory for the merged model.")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="Dtype of the merged weights.")
     run_options(p, device_help="Where to merge.")
+    progress_option(p)
 
     p = command("memory", cmd_memory, "Footprint of a model in fp32 vs quantized vs quantized + adapters, and its "
                                       "total and trainable parameters, computed from its shapes (no weights needed).")
@@ -243,13 +316,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     argparsing.add_dataclass_arguments(p, TrainConfig, skip=tuple(set(argparsing.field_types(TrainConfig))
                                                                   - set(DATA_OPTIONS)))
+    if "progress" not in DATA_OPTIONS:
+        progress_option(p)
 
     p = command("demo", cmd_demo, "The whole job offline in under 3 minutes on a CPU: a tiny T5 quantized to NF4, "
                                   "QLoRA-trained on a corpus shipped with sumtune, ROUGE before and after, a sample "
                                   "summary.")
     p.add_argument("--output-dir", default="runs/demo", help="Run directory (replaced if it holds an earlier demo).")
     p.add_argument("--max-steps", type=int, default=None, help="Training steps (default: the demo's own).")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="Show progress bars.")
+    progress_option(p)
 
     p = command("report", cmd_report, "Render a run as one self-contained HTML page: config, final scores, "
                                       "evaluations over training, plots, sample summaries next to their "
@@ -257,25 +332,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="Run directory written by `sumtune train` or `sumtune demo`.")
     p.add_argument("--output", metavar="FILE.html", default=None,
                    help="Where to write the page (default: RUN_DIR/report.html).")
+    progress_option(p, "Accepted as by every command; the report is drawn without progress bars.")
 
     p = command("push", cmd_push, "Upload a run's adapter, model card, tokenizer, config, metrics and plots to a "
                                   "Hugging Face Hub model repository (created if needed).")
-    p.add_argument("run_dir", help="Run directory written by `sumtune train`.")
+    p.add_argument("run_dir", help="Run directory written by `sumtune train`, or a merged model written by "
+                                   "`sumtune merge`.")
     p.add_argument("repo", help="Hub repository id, e.g. my-name/t5-3b-billsum-lora.")
     p.add_argument("--private", action="store_true", help="Create the repository as private.")
     p.add_argument("--token", default=None, help="Hub token with write access (default: HF_TOKEN or the token "
                                                  "saved by `hf auth login`; prefer those, a flag shows in `ps`).")
+    progress_option(p, "The hub's upload bars on a terminal (--no-progress: none).")
 
     p = command("profile", cmd_profile, "Profile training steps with torch.profiler: step time, GPU utilization, "
                                         "memory, where the step goes, top kernels, and advice; writes a TensorBoard "
                                         "trace and summary.json under RUN_DIR/profile.")
     config_option(p)
-    try:
-        from sumtune.profiling import ProfileArgs
+    from sumtune.profiling.runner import ProfileArgs  # no torch: the profiler loads when a profile runs
 
-        argparsing.add_dataclass_arguments(p, ProfileArgs)
-    except ImportError:  # pragma: no cover
-        pass
+    argparsing.add_dataclass_arguments(p, ProfileArgs)
     argparsing.add_dataclass_arguments(p, TrainConfig, skip=("profile_steps",))
     return parser
 
@@ -286,7 +361,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # kernel (modeling.keep_4bit_layout), so the warning would only confuse.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns, unknown = parser.parse_known_args(argv)
+    if unknown:  # one line naming the first unknown option and what it most likely meant; exit status 2
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        subparsers.choices[ns.command].unknown_arguments(unknown)
     try:
         return ns.func(ns)
     except SumtuneError as err:

@@ -14,6 +14,7 @@ from sumtune.errors import SumtuneError
 Quantization = Literal["nf4", "fp4", "int8", "none"]
 ComputeDtype = Literal["bf16", "fp16", "fp32"]
 BatchSize = Union[int, Literal["auto"]]
+ReportTarget = Literal["tensorboard", "wandb", "mlflow", "none"]
 AUTO_BATCH_DEFAULT_SAMPLES = 16  # samples per micro-batch × accumulation step when `batch_size: auto` has no target
 SEED_MAX = 2**64 - 1  # torch.manual_seed's range
 INT_MAX = 2**63 - 1  # counts and sizes end up in int64 tensors and C loops
@@ -30,6 +31,54 @@ def check_number_ranges(obj) -> None:
             raise SumtuneError(f"`{f.name}` must be a finite number, got {value}.")
         if isinstance(value, int) and f.name != "seed" and not -INT_MAX <= value <= INT_MAX:
             raise SumtuneError(f"`{f.name}` is out of range: {value} does not fit in 64 bits.")
+
+
+def check_generation_settings(*, max_new_tokens: int | None = None, min_new_tokens: int | None = None,
+                              no_repeat_ngram_size: int | None = None, length_penalty: float | None = None,
+                              num_beams: int | None = None) -> None:
+    """Generation options in range, each refused in one sentence (None: not given, the run's own applies)."""
+    if max_new_tokens is not None and max_new_tokens <= 0:
+        raise SumtuneError(f"`max_new_tokens` must be greater than 0, got {max_new_tokens}.")
+    if num_beams is not None and num_beams <= 0:
+        raise SumtuneError(f"`num_beams` must be greater than 0, got {num_beams}.")
+    if min_new_tokens is not None and min_new_tokens < 0:
+        raise SumtuneError(f"`min_new_tokens` must not be negative, got {min_new_tokens}.")
+    if min_new_tokens is not None and max_new_tokens is not None and min_new_tokens > max_new_tokens:
+        raise SumtuneError(f"`min_new_tokens` ({min_new_tokens}) is larger than `max_new_tokens` ({max_new_tokens}).")
+    if no_repeat_ngram_size is not None and no_repeat_ngram_size < 0:
+        raise SumtuneError(f"`no_repeat_ngram_size` must not be negative, got {no_repeat_ngram_size}.")
+    if length_penalty is not None and not math.isfinite(length_penalty):
+        raise SumtuneError(f"`length_penalty` must be a finite number, got {length_penalty}.")
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How summaries are generated: what evaluation, `summarize`, the API and merged models share."""
+
+    max_new_tokens: int
+    num_beams: int = 1
+    min_new_tokens: int = 0
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+
+    def __post_init__(self) -> None:
+        check_generation_settings(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams,
+                                  min_new_tokens=self.min_new_tokens, length_penalty=self.length_penalty,
+                                  no_repeat_ngram_size=self.no_repeat_ngram_size)
+
+    @classmethod
+    def of(cls, cfg: "TrainConfig", **overrides) -> "GenerationSettings":
+        """The run's settings, with the overrides that are not None (a caller's `num_beams=None`: the run's)."""
+        values = {"max_new_tokens": cfg.generation_max_new_tokens, "num_beams": cfg.num_beams,
+                  "min_new_tokens": cfg.min_new_tokens, "length_penalty": cfg.length_penalty,
+                  "no_repeat_ngram_size": cfg.no_repeat_ngram_size}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def kwargs(self) -> dict:
+        return {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams,
+                "min_new_tokens": self.min_new_tokens, "length_penalty": self.length_penalty,
+                "no_repeat_ngram_size": self.no_repeat_ngram_size}
 
 
 @dataclass
@@ -155,14 +204,26 @@ class TrainConfig:
     """Beam width for generation (1 = greedy)."""
     max_new_tokens: int | None = None
     """Longest generated summary in tokens; none = `max_target_tokens` (never transformers' 20-token default)."""
+    min_new_tokens: int = 0
+    """Shortest generated summary in tokens (the end of the summary is forbidden before it; 0 = no minimum)."""
+    length_penalty: float = 1.0
+    """Beam search only: finished beams are scored by log-probability / length ** length_penalty, so values above 1 favour longer summaries and below 1 shorter ones (greedy decoding ignores it, as transformers does)."""
+    no_repeat_ngram_size: int = 0
+    """Never repeat an n-gram of this many tokens within a summary (0 = off; 3 stops "the beat the beat ..."). sumtune's own T5 decoder does not implement it: generation with it set runs on transformers' generate."""
     checkpoint_every_steps: int | None = None
     """Write a resumable checkpoint (adapter, optimizer, RNG, data position) every N optimizer steps; none = at every evaluation. Also written at the last step and on SIGTERM/SIGINT."""
     keep_last_checkpoints: int = 2
     """How many recent checkpoints to keep besides the best one (at least 1: the newest is what `--resume` continues)."""
+    early_stopping_patience: int | None = None
+    """Stop training after this many evaluations in a row without a better ROUGE-L than the best so far (the final evaluation, adapter and best checkpoint are written as usual); none = train to the end."""
     log_every_steps: int = 10
-    """Write train metrics every N optimizer steps."""
+    """Write train metrics every N optimizer steps (one log line each: step, epoch, loss, lr, grad norm, tokens/s, MFU, ETA)."""
+    report_to: list[ReportTarget] = field(default_factory=lambda: ["tensorboard"])
+    """Where metrics and hyper-parameters go besides metrics.jsonl: any of `tensorboard` (RUN_DIR/tb, with the HParams tab), `wandb` (project from WANDB_PROJECT, default sumtune; WANDB_MODE=offline works without an account), `mlflow` (MLFLOW_TRACKING_URI, MLflow's default otherwise), or `none`. wandb and mlflow are imported only when named (pip install "sumtune[trackers]")."""
     progress: bool = True
-    """Show progress bars (off: plain log lines, for CI and log files)."""
+    """Draw progress bars when the output is a terminal (elsewhere, and with --no-progress: one plain log line per logging window and no bars)."""
+    license: str | None = None
+    """License of the trained adapter, written into its model card (a hub license id: apache-2.0, mit, other, ...); none = the base model's when known (the model card of a local base, or Apache-2.0 for the T5 and FLAN-T5 checkpoints), else `other`."""
     profile_steps: int | None = None
     """Profile this many training steps with torch.profiler (after 1 wait and 1 warm-up step) and write a trace and summary under RUN_DIR/profile."""
 
@@ -177,7 +238,7 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 raise SumtuneError(f"`{name}` must be greater than 0, got {getattr(self, name)}.")
         for name in ["max_steps", "max_samples", "eval_every_steps", "eval_max_samples", "max_new_tokens",
-                     "profile_steps", "checkpoint_every_steps", "samples_per_step"]:
+                     "profile_steps", "checkpoint_every_steps", "samples_per_step", "early_stopping_patience"]:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise SumtuneError(f"`{name}` must be greater than 0 or none, got {value}.")
@@ -195,6 +256,13 @@ class TrainConfig:
             raise SumtuneError(f"`eval_ratio` must be strictly between 0 and 1, got {self.eval_ratio}.")
         if self.epochs <= 0:
             raise SumtuneError(f"`epochs` must be greater than 0, got {self.epochs}.")
+        check_generation_settings(max_new_tokens=self.generation_max_new_tokens, min_new_tokens=self.min_new_tokens,
+                                  no_repeat_ngram_size=self.no_repeat_ngram_size, length_penalty=self.length_penalty)
+        if "none" in self.report_to and len(self.report_to) > 1:
+            raise SumtuneError(f"`report_to` lists `none` with other trackers ({', '.join(self.report_to)}); "
+                               f"give `none` alone, or only the trackers.")
+        if self.license is not None and not self.license.strip():
+            raise SumtuneError("`license` must not be empty (leave it unset for the base model's license).")
         for name in ("weight_decay", "warmup_steps", "num_workers"):
             if getattr(self, name) < 0:
                 raise SumtuneError(f"`{name}` must not be negative, got {getattr(self, name)}.")

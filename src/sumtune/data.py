@@ -1,6 +1,7 @@
 """Summarization data: read rows from anywhere a user keeps them, split, tokenize (batching: `sumtune.batching`).
 
-Rows are plain `{"text": ..., "summary": ...}` dicts once read; everything after reading is source-agnostic.
+Rows are plain `{"text": ..., "summary": ..., "id": ...}` dicts once read (the id: the source's `id` column, else the
+row's 0-based position in the source); everything after reading is source-agnostic.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from sumtune.errors import SumtuneError
 
@@ -18,7 +19,8 @@ if TYPE_CHECKING:
     from sumtune.config import TrainConfig
 
 BILLSUM_HUB_ID = "FiscalNote/billsum"
-Row = dict[str, str]
+ID_COLUMN = "id"  # a source's own row ids, kept through the split into predictions; else the row's position
+Row = dict[str, Any]  # {"text", "summary", "id"}
 # Texts are cut to max_tokens × this many characters before tokenizing: the kept tokens are unchanged in any
 # real text, and a single huge document costs no more than a long one.
 MAX_CHARS_PER_TOKEN = 64
@@ -170,8 +172,14 @@ def select_columns(rows: list[dict], text_column: str, summary_column: str, sour
                 raise SumtuneError(f"Dataset {source!r} row {number} has {_kind_of_value(value)} in column "
                                    f"{column!r}, not text.")
         text, summary = row.get(text_column), row.get(summary_column)
-        out.append({"text": text or "", "summary": summary or ""})
+        out.append({"text": text or "", "summary": summary or "", "id": row_id(row, number - 1)})
     return out
+
+
+def row_id(row: dict, position: int) -> Any:
+    """A row's id: its `id` column when it holds text or an integer, else its 0-based position in the source."""
+    value = row.get(ID_COLUMN)
+    return value if isinstance(value, (str, int)) and not isinstance(value, bool) else position
 
 
 def _kind_of_value(value) -> str:

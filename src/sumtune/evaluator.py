@@ -14,6 +14,7 @@ import torch
 
 from sumtune import distributed
 from sumtune.batching import Batches, Collator
+from sumtune.config import GenerationSettings
 from sumtune.data import tokenize_rows
 from sumtune.errors import SumtuneError
 from sumtune.evaluation import evaluate_rows, score_predictions
@@ -32,16 +33,15 @@ class EvalSettings:
     source_prefix: str
     max_source_tokens: int
     max_target_tokens: int
-    max_new_tokens: int
-    num_beams: int
+    generation: GenerationSettings
     batch_size: int
     compute_dtype: str
 
     @classmethod
     def from_config(cls, cfg: "TrainConfig") -> "EvalSettings":
         return cls(source_prefix=cfg.source_prefix, max_source_tokens=cfg.max_source_tokens,
-                   max_target_tokens=cfg.max_target_tokens, max_new_tokens=cfg.generation_max_new_tokens,
-                   num_beams=cfg.num_beams, batch_size=cfg.eval_batch_size, compute_dtype=cfg.compute_dtype)
+                   max_target_tokens=cfg.max_target_tokens, generation=GenerationSettings.of(cfg),
+                   batch_size=cfg.eval_batch_size, compute_dtype=cfg.compute_dtype)
 
 
 class Evaluator:
@@ -60,8 +60,8 @@ class Evaluator:
             return self._evaluate(rows)
         except torch.cuda.OutOfMemoryError:
             s = self.settings
-            message = eval_oom_message(eval_batch_size=s.batch_size, num_beams=s.num_beams,
-                                       max_new_tokens=s.max_new_tokens, source_tokens=s.max_source_tokens,
+            message = eval_oom_message(eval_batch_size=s.batch_size, num_beams=s.generation.num_beams,
+                                       max_new_tokens=s.generation.max_new_tokens, source_tokens=s.max_source_tokens,
                                        device=self.device)
         raise SumtuneError(message)  # outside the except block: the OOM traceback (and its tensors) is freed
 
@@ -72,7 +72,7 @@ class Evaluator:
         bar = self.progress if self.progress is not None and self.progress.enabled else None
         metrics, records = evaluate_rows(
             self.model, self.tokenizer, rows, prefix=s.source_prefix, max_source_tokens=s.max_source_tokens,
-            max_new_tokens=s.max_new_tokens, num_beams=s.num_beams, batch_size=s.batch_size, progress=bar)
+            batch_size=s.batch_size, progress=bar, **s.generation.kwargs())
         total, count = self.loss_sum(rows)
         metrics["loss"] = total / max(1, count)
         return metrics, records
@@ -89,8 +89,7 @@ class Evaluator:
         if local:
             predictions, lengths = generate_summaries(
                 self.model, self.tokenizer, [r["text"] for r in local], prefix=s.source_prefix,
-                max_source_tokens=s.max_source_tokens, max_new_tokens=s.max_new_tokens, num_beams=s.num_beams,
-                batch_size=s.batch_size)
+                max_source_tokens=s.max_source_tokens, batch_size=s.batch_size, **s.generation.kwargs())
             loss_total, label_tokens = self.loss_sum(local)
         parts = distributed.gather_objects((indices, predictions, lengths, loss_total, label_tokens))
         metrics, records = assemble_eval(parts, rows) if ctx.is_main else (None, [])

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 from sumtune import argparsing
-from sumtune.config import TrainConfig
+from sumtune.config import GenerationSettings, TrainConfig
 from sumtune.errors import SumtuneError
 from sumtune.modeling import enable_fast_path, load_model, model_source, resolve_device, run_base_dir
 from sumtune.safe_io import check_json_file, check_output_location, check_safetensors, require_dir
@@ -18,6 +18,33 @@ def check_generation_options(**values: int | None) -> None:
     for name, value in values.items():
         if value is not None and value <= 0:
             raise SumtuneError(f"`{name}` must be greater than 0, got {value}.")
+
+
+# What a run pushed with `sumtune push` holds that loading it needs (no plots, metrics or pickles).
+RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "config.yaml", "README.md", "tokenizer.json",
+             "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "spiece.model", "vocab.json",
+             "vocab.txt", "merges.txt")
+
+
+def fetch_run(name: str | Path, *, allow_pickle: bool = False) -> Path:
+    """A run directory: `name` itself when it is a local path, else the hub repository `name` (what `sumtune push`
+    uploaded), downloaded into (or read from) the Hugging Face cache. Failing that, one sentence."""
+    from sumtune.modeling import looks_like_path
+
+    if isinstance(name, Path) or looks_like_path(str(name)):
+        return require_dir(name, "Run directory")
+    from sumtune.push import hub_failures, hub_offline
+
+    try:
+        import huggingface_hub
+
+        return Path(huggingface_hub.snapshot_download(
+            str(name), repo_type="model",
+            allow_patterns=list(RUN_FILES) + (["adapter_model.bin"] if allow_pickle else [])))
+    except hub_failures() as err:
+        why = ("the hub is switched off (HF_HUB_OFFLINE=1) with no copy of it in the local cache" if hub_offline()
+               else f"the hub could not be reached or has no such repository ({type(err).__name__})")
+        raise SumtuneError(f"Cannot load run {str(name)!r}: there is no such local directory, and {why}.") from None
 
 
 def read_run_config(run_dir: str | Path) -> TrainConfig:
@@ -64,16 +91,20 @@ def load_run_tokenizer(run: Path, trust_remote_code: bool = False):
 
 
 def load_run(run_dir: str | Path, *, device: str = "auto", adapter_dir: str | Path | None = None,
-             fast_kernels: bool | None = None, allow_pickle: bool = False, trust_remote_code: bool = False):
+             fast_kernels: bool | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
+             progress: bool = True):
     """(model, tokenizer, cfg) for a run directory: the quantized base with the trained adapter on top.
 
     Only safetensors weights are read unless `allow_pickle`, and model code from a repository runs only with
     `trust_remote_code`: both come from the caller, never from the run's own config.yaml, which travels with
-    the weights and code it would vouch for.
+    the weights and code it would vouch for. `progress`: the libraries' loading bars, on a terminal only.
     """
     from peft import PeftModel
 
     from sumtune.modeling import check_model_source
+    from sumtune.progress import Progress
+
+    Progress(enabled=progress)  # without bars (off, or no terminal), transformers' loading bars are silenced too
 
     run = require_dir(run_dir, "Run directory").resolve()
     cfg = replace(read_run_config(run), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
@@ -114,15 +145,31 @@ class Summarizer:
         self._dense_ready = False
 
     @classmethod
-    def from_pretrained(cls, run_dir: str | Path, *, device: str = "auto", allow_pickle: bool = False,
-                        trust_remote_code: bool = False) -> "Summarizer":
-        return cls(*load_run(run_dir, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
+    def from_pretrained(cls, run: str | Path, *, device: str = "auto", allow_pickle: bool = False,
+                        trust_remote_code: bool = False, progress: bool = True) -> "Summarizer":
+        """Load a run directory, or a hub repository a run was pushed to (`sumtune push`; cached like any hub
+        model, so it also loads offline once downloaded). `progress`: loading bars on a terminal only."""
+        run_dir = fetch_run(run, allow_pickle=allow_pickle)
+        return cls(*load_run(run_dir, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                             progress=progress))
+
+    def generation_settings(self, **overrides) -> GenerationSettings:
+        """The run's generation settings with the given ones (None: the run's) in their place."""
+        return GenerationSettings.of(self.cfg, **overrides)
 
     def summarize(self, texts: str | Sequence[str], *, max_new_tokens: int | None = None, num_beams: int | None = None,
-                  batch_size: int | None = None) -> list[str]:
+                  batch_size: int | None = None, min_new_tokens: int | None = None,
+                  length_penalty: float | None = None, no_repeat_ngram_size: int | None = None,
+                  progress: bool = True) -> list[str]:
+        """Summaries of `texts`, in order. Generation settings left None are the run's (its config.yaml);
+        `progress` draws a bar when stderr is a terminal."""
         from sumtune.generation.summaries import generate_summaries, inference_copy
+        from sumtune.progress import Progress
 
         check_generation_options(max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=batch_size)
+        settings = self.generation_settings(max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                            min_new_tokens=min_new_tokens, length_penalty=length_penalty,
+                                            no_repeat_ngram_size=no_repeat_ngram_size)
         if isinstance(texts, str):
             texts = [texts]
         if not texts:
@@ -132,9 +179,8 @@ class Summarizer:
         summaries, _ = generate_summaries(
             self.model, self.tokenizer, list(texts), prefix=self.cfg.source_prefix,
             max_source_tokens=self.cfg.max_source_tokens,
-            max_new_tokens=self.cfg.generation_max_new_tokens if max_new_tokens is None else max_new_tokens,
-            num_beams=self.cfg.num_beams if num_beams is None else num_beams,
-            batch_size=self.cfg.eval_batch_size if batch_size is None else batch_size, dense_model=self._dense)
+            batch_size=self.cfg.eval_batch_size if batch_size is None else batch_size, dense_model=self._dense,
+            progress=Progress(enabled=progress) if progress else None, **settings.kwargs())
         return summaries
 
     def release(self) -> None:
@@ -146,19 +192,37 @@ class Summarizer:
         self._dense, self._dense_ready = None, False
 
 
+def merged_generation_settings(settings: GenerationSettings) -> dict:
+    """The run's generation settings as a merged model's generation_config holds them (never transformers'
+    20-token default): options that are off are left out, and length_penalty unless beams are searched
+    (transformers warns about it on greedy decoding)."""
+    values = settings.kwargs()
+    for key in ("min_new_tokens", "no_repeat_ngram_size"):
+        if not values[key]:
+            del values[key]
+    if settings.num_beams == 1:
+        del values["length_penalty"]
+    return values
+
+
 def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16", device: str = "auto",
-              allow_pickle: bool = False, trust_remote_code: bool = False) -> Path:
-    """Write base (dequantized) + merged LoRA as a plain transformers model that `pipeline()` loads as it is.
+              allow_pickle: bool = False, trust_remote_code: bool = False, progress: bool = True) -> Path:
+    """Write base (dequantized) + merged LoRA as a plain transformers model that `pipeline()` loads as it is,
+    with a model card (README.md) that `sumtune push` uploads.
 
     The model is written into a hidden sibling of `out_dir` and renamed into place when whole."""
+    import json
+
     from sumtune.checkpoint import atomic_directory
+    from sumtune.modelcard import render_merged_card
     from sumtune.modeling import DTYPES
+    from sumtune.progress import Progress
 
     out = check_output_location(out_dir, "Output directory")  # before the long load: a path it can write
     if out.is_dir() and any(out.iterdir()):
         raise SumtuneError(f"Output directory {str(out)!r} is not empty; choose a new directory for the merged model.")
     model, tokenizer, cfg = load_run(run_dir, device=device, fast_kernels=False, allow_pickle=allow_pickle,
-                                     trust_remote_code=trust_remote_code)
+                                     trust_remote_code=trust_remote_code, progress=progress)
     from sumtune.generation import prepare_inference_model
 
     # A fresh dense model: base dequantized, LoRA merged in fp32, then cast (merging into 4-bit weights would
@@ -166,15 +230,22 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16", 
     merged = prepare_inference_model(model, DTYPES[dtype])  # its config has no quantization, dtype set
     merged.is_loaded_in_4bit = merged.is_loaded_in_8bit = False
     merged.hf_quantizer = None
-    merged.generation_config.max_new_tokens = cfg.generation_max_new_tokens  # not transformers' 20-token default
-    merged.generation_config.num_beams = cfg.num_beams
+    settings = merged_generation_settings(GenerationSettings.of(cfg))
+    for key, value in settings.items():
+        setattr(merged.generation_config, key, value)
     # pipeline("summarization") prepends this prefix for T5 (task_specific_params), as the adapter was trained.
-    merged.config.task_specific_params = {"summarization": {"prefix": cfg.source_prefix,
-                                                            "max_new_tokens": cfg.generation_max_new_tokens,
-                                                            "num_beams": cfg.num_beams}}
+    merged.config.task_specific_params = {"summarization": {"prefix": cfg.source_prefix, **settings}}
     merged.config.prefix = cfg.source_prefix
     tokenizer.model_max_length = cfg.max_source_tokens  # pipelines truncate where training did
+    run = Path(run_dir).expanduser()
+    try:
+        metrics = json.loads((run / "eval" / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        metrics = None
+    card = render_merged_card(cfg, metrics if isinstance(metrics, dict) else None,
+                              getattr(merged.config, "model_type", None), dtype)
     with atomic_directory(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
     return out

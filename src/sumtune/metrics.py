@@ -1,8 +1,13 @@
-"""Where numbers go: `metrics.jsonl` (one JSON object per line) and TensorBoard scalars, in one call.
+"""Where numbers go: `metrics.jsonl` (one JSON object per line, always) and the trackers `report_to` names.
 
-Weights & Biases and MLflow get the same scalars when asked for with `SUMTUNE_REPORT_TO=wandb,mlflow` (or
-`report_to=[...]`) and their package is installed; sumtune depends on neither. A requested one that is missing
-or fails to start is warned about once, and the run goes on without it.
+- `tensorboard` (the default): scalars in RUN_DIR/tb, and the run's hyper-parameters in TensorBoard's HParams tab
+  (linked to the eval ROUGE and loss scalars);
+- `wandb`: Weights & Biases, project from WANDB_PROJECT (default "sumtune"), run named after the run directory,
+  its files under RUN_DIR/wandb (WANDB_MODE=offline needs no account or network);
+- `mlflow`: MLflow, where MLFLOW_TRACKING_URI points (MLflow's own default otherwise), experiment from
+  MLFLOW_EXPERIMENT_NAME, run named after the run directory.
+Each gets the same scalars and the hyper-parameters (the run's resolved config). wandb and mlflow are imported only
+when named, and sumtune depends on neither: one that is missing or fails is warned about once, and the run goes on.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-REPORT_TO_ENV = "SUMTUNE_REPORT_TO"
-TRACKERS = ("wandb", "mlflow")
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+DEFAULT_REPORT_TO = ("tensorboard",)
+HPARAM_METRICS = ("eval/rougeL", "eval/rouge1", "eval/rouge2", "eval/loss")  # what TensorBoard's HParams tab shows
 _warned: set[str] = set()
 
 
@@ -26,18 +32,17 @@ def warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def requested_trackers(report_to: list[str] | str | None = None) -> list[str]:
-    """Trackers asked for by `report_to` or, when it is None, by SUMTUNE_REPORT_TO ("wandb,mlflow"; "none")."""
+def requested_trackers(report_to: list[str] | tuple[str, ...] | str | None = DEFAULT_REPORT_TO) -> list[str]:
+    """The trackers `report_to` names ("wandb,mlflow" or a list; "none" or empty: none), in order, once each."""
     if report_to is None:
-        report_to = os.environ.get(REPORT_TO_ENV, "")
+        return []
     names = report_to.split(",") if isinstance(report_to, str) else list(report_to)
     out = []
-    for name in (n.strip().lower() for n in names):
+    for name in (str(n).strip().lower() for n in names):
         if not name or name == "none" or name in out:
             continue
         if name not in TRACKERS:
-            warn_once(f"unknown:{name}", f"{REPORT_TO_ENV}: unknown tracker {name!r} ignored "
-                                         f"(known: {', '.join(TRACKERS)}).")
+            warn_once(f"unknown:{name}", f"report_to: unknown tracker {name!r} ignored (known: {', '.join(TRACKERS)}).")
             continue
         out.append(name)
     return out
@@ -64,15 +69,56 @@ def run_config_mapping(run_dir: str | Path) -> dict:
     return cfg if isinstance(cfg, dict) else {}
 
 
+def flat_hparams(hparams: dict[str, Any]) -> dict[str, int | float | str | bool]:
+    """Hyper-parameters as trackers that take only scalars store them: lists joined, None as "none"."""
+    out: dict[str, int | float | str | bool] = {}
+    for key, value in hparams.items():
+        if isinstance(value, (list, tuple)):
+            value = ",".join(map(str, value))
+        elif value is None:
+            value = "none"
+        elif not isinstance(value, (int, float, str, bool)):
+            value = str(value)
+        out[key] = value
+    return out
+
+
+class TensorBoardTracker:
+    """TensorBoard: scalars, and the hyper-parameters for the HParams tab, in RUN_DIR/tb."""
+
+    def __init__(self, run_dir: Path, hparams: dict[str, Any], purge_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge_step)
+        if hparams:
+            self._write_hparams(hparams)
+
+    def _write_hparams(self, hparams: dict[str, Any]) -> None:
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+        # The session's metrics are the eval scalars this writer logs under the same tags (no extra values).
+        experiment, session_start, session_end = hparams_summary(flat_hparams(hparams),
+                                                                 dict.fromkeys(HPARAM_METRICS, 0.0))
+        for summary in (experiment, session_start, session_end):
+            self._writer.file_writer.add_summary(summary)
+
+    def log(self, split: str, step: int, values: dict[str, Any]) -> None:
+        for key, value in _scalars(split, values).items():
+            self._writer.add_scalar(key, value, step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
 class WandbTracker:
     """Weights & Biases: project from WANDB_PROJECT (default "sumtune"), run named after the run dir."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, hparams: dict[str, Any], purge_step: int | None = None):
         import wandb
 
-        self._wandb = wandb
         self._run = wandb.init(project=os.environ.get("WANDB_PROJECT", "sumtune"), name=run_dir.name,
-                               dir=str(run_dir), config=run_config_mapping(run_dir))
+                               dir=str(run_dir), config=hparams)
 
     def log(self, split: str, step: int, values: dict[str, Any]) -> None:
         self._run.log(_scalars(split, values), step=step)
@@ -84,12 +130,12 @@ class WandbTracker:
 class MlflowTracker:
     """MLflow: experiment from MLFLOW_EXPERIMENT_NAME (MLflow's own default otherwise), run named after the dir."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, hparams: dict[str, Any], purge_step: int | None = None):
         import mlflow
 
         self._mlflow = mlflow
         self._run = mlflow.start_run(run_name=run_dir.name)
-        params = {k: str(v)[:500] for k, v in run_config_mapping(run_dir).items()}  # MLflow caps param values
+        params = {k: str(v)[:500] for k, v in flat_hparams(hparams).items()}  # MLflow caps param values
         if params:
             mlflow.log_params(params)
 
@@ -100,39 +146,41 @@ class MlflowTracker:
         self._mlflow.end_run()
 
 
-TRACKER_CLASSES = {"wandb": WandbTracker, "mlflow": MlflowTracker}
+TRACKER_CLASSES = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker, "mlflow": MlflowTracker}
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 
-def start_tracker(name: str, run_dir: Path):
+def start_tracker(name: str, run_dir: Path, hparams: dict[str, Any], purge_step: int | None = None):
     """The tracker, or None (warned once) when its package is missing or it fails to start."""
     import importlib.util
 
-    if importlib.util.find_spec(name) is None:
-        warn_once(f"missing:{name}", f"{REPORT_TO_ENV} asks for {name}, but it is not installed "
-                                     f"(pip install {name}); going on without it.")
+    package = TRACKER_PACKAGES[name]
+    if importlib.util.find_spec(package) is None:
+        warn_once(f"missing:{name}", f"report_to asks for {name}, but it is not installed (pip install {package}); "
+                                     f"going on without it.")
         return None
     try:
-        return TRACKER_CLASSES[name](run_dir)
+        return TRACKER_CLASSES[name](run_dir, hparams, purge_step)
     except Exception as err:  # noqa: BLE001 - a tracker outage must not cost the training run
         warn_once(f"failed:{name}", f"{name} did not start ({type(err).__name__}: {err}); going on without it.")
     return None
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True, enabled: bool = True,
-                 report_to: list[str] | str | None = None):
+    """`log(split, step, values)` → metrics.jsonl and every tracker. Trackers start at the first log line, with
+    `hparams` (default: RUN_DIR/config.yaml as written by then)."""
+
+    def __init__(self, run_dir: str | Path, *, enabled: bool = True,
+                 report_to: list[str] | tuple[str, ...] | str | None = DEFAULT_REPORT_TO,
+                 hparams: dict[str, Any] | None = None):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
         self.enabled = enabled
-        self._writer = None
-        # Trackers start at the first log line, when config.yaml (their run config) has been written.
+        self.hparams = hparams
         self._pending = requested_trackers(report_to) if enabled else []
+        self._purge_step: int | None = None
         self.trackers: dict[str, Any] = {}
         self._start = time.perf_counter()
-        if enabled and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
 
     def log(self, split: str, step: int, values: dict[str, Any]) -> dict[str, Any]:
         record = {"split": split, "step": step, **values, "time_s": round(time.perf_counter() - self._start, 3)}
@@ -140,11 +188,6 @@ class MetricsLogger:
             return record
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
-        if self._writer is not None:
-            for key, value in values.items():
-                if finite_number(value):
-                    self._writer.add_scalar(f"{split}/{key}", value, step)
-            self._writer.flush()
         self._log_trackers(split, step, values)
         return record
 
@@ -156,19 +199,23 @@ class MetricsLogger:
         if self.path.is_file():
             with self.path.open("r+b") as fh:
                 fh.truncate(metrics_bytes)
-        if self._writer is not None:
-            from torch.utils.tensorboard import SummaryWriter
+        self._purge_step = step + 1
+        tensorboard = self.trackers.pop("tensorboard", None)
+        if tensorboard is not None:  # started already: reopen it with the purge step
+            tensorboard.close()
+            self._pending.insert(0, "tensorboard")
 
-            log_dir = self._writer.log_dir
-            self._writer.close()
-            self._writer = SummaryWriter(log_dir=log_dir, purge_step=step + 1)
-
-    def _log_trackers(self, split: str, step: int, values: dict[str, Any]) -> None:
+    def _start_pending(self) -> None:
+        hparams = self.hparams if self.hparams is not None else run_config_mapping(self.run_dir)
         while self._pending:
             name = self._pending.pop(0)
-            tracker = start_tracker(name, self.run_dir)
+            tracker = start_tracker(name, self.run_dir, hparams, self._purge_step)
             if tracker is not None:
                 self.trackers[name] = tracker
+
+    def _log_trackers(self, split: str, step: int, values: dict[str, Any]) -> None:
+        if self._pending:
+            self._start_pending()
         for name, tracker in list(self.trackers.items()):
             try:
                 tracker.log(split, step, values)
@@ -177,15 +224,13 @@ class MetricsLogger:
                 del self.trackers[name]
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
         for name, tracker in self.trackers.items():
             try:
                 tracker.close()
             except Exception as err:  # noqa: BLE001
                 warn_once(f"close:{name}", f"{name} failed to finish ({type(err).__name__}: {err}).")
         self.trackers.clear()
+        self._pending.clear()
 
 
 def read_metrics(run_dir: str | Path, damaged: list[int] | None = None) -> list[dict[str, Any]]:

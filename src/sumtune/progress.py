@@ -1,4 +1,9 @@
-"""Progress bars with rate and ETA for long steps, or plain log lines in quiet mode (CI, log files).
+"""Progress bars with rate and ETA on a terminal; plain log lines everywhere else (CI, Slurm, nohup, a pipe).
+
+Bars are drawn only when `enabled` and the stream is a terminal (tqdm's own test, `disable=None`): a log file never
+gets carriage-return lines. Training logs the same fields either way, once per logging window: on a terminal in
+the bar's postfix, elsewhere as one line (`format_train_line`):
+`step 40/240  epoch 0.67  loss 2.3141  lr 2.95e-03  grad_norm 1.02  tokens/s 18,210  MFU 31.2%  ETA 0:01:12`.
 
 `Progress(enabled)` is handed around by the recipe:
 - `bar(total, desc)`: a tqdm bar for a loop the caller drives (`update`, `set_postfix`, `close`);
@@ -6,8 +11,9 @@
 - `map_chunks(fn, items, desc)`: `fn` applied to chunks of `items`, results concatenated, with a bar;
 - `task(desc, total=None)`: a named step; a bar when the work has a count (`with ... as bar: bar.update(n)`),
   otherwise an announcement and its duration;
-- `write(message)`: a line that does not break the bars.
-Quiet mode (`enabled=False`) draws no bars, also silencing the bars of transformers, datasets and the hub.
+- `write(message)`: a line that does not break the bars;
+- `train_log(record, bar, total_steps, eta_s)`: a logging window's fields, in the bar or as a line.
+Without bars (`enabled=False`, or no terminal) the bars of transformers, datasets and the hub are silenced too.
 """
 
 from __future__ import annotations
@@ -44,11 +50,47 @@ def silence_library_bars() -> None:
             getattr(sys.modules[module], function, lambda: None)()
 
 
+def is_terminal(stream) -> bool:
+    """tqdm's own test for `disable=None`: the stream has `isatty()` and it is true."""
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty()) if isatty is not None else False
+    except (ValueError, OSError):  # a closed stream
+        return False
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def train_log_fields(record: dict, total_steps: int, eta_s: float | None = None) -> dict[str, str]:
+    """A training log record's fields as shown: step, epoch, loss, lr, grad_norm, tokens/s, MFU (when the
+    GPU's peak is known), ETA (training steps only, from this window's step time)."""
+    fields = {"step": f"{record['step']}/{total_steps}", "epoch": f"{record.get('epoch', 0.0):.2f}",
+              "loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}"}
+    if record.get("grad_norm") is not None:
+        fields["grad_norm"] = f"{record['grad_norm']:.3g}"
+    if record.get("tokens_per_s") is not None:
+        fields["tokens/s"] = f"{record['tokens_per_s']:,.0f}"
+    if record.get("mfu") is not None:
+        fields["MFU"] = f"{100 * record['mfu']:.1f}%"
+    if eta_s is not None:
+        fields["ETA"] = format_duration(eta_s)
+    return fields
+
+
+def format_train_line(record: dict, total_steps: int, eta_s: float | None = None) -> str:
+    """One plain log line per logging window (the fields of `train_log_fields`, two spaces apart)."""
+    return "  ".join(f"{k} {v}" for k, v in train_log_fields(record, total_steps, eta_s).items())
+
+
 class Progress:
     def __init__(self, enabled: bool = True, stream=None):
         self.enabled = enabled
         self.stream = stream or sys.stderr
-        if not enabled:
+        self.bars = enabled and is_terminal(self.stream)  # what tqdm's disable=None decides, known here too
+        if not self.bars:
             silence_library_bars()
 
     def bar(self, total: int | None, desc: str, initial: int = 0, unit: str = "step"):
@@ -56,7 +98,9 @@ class Progress:
             return _QuietBar()
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc=desc, initial=initial, unit=unit, file=self.stream, dynamic_ncols=True)
+        # disable=None: tqdm draws only on a terminal (what `self.bars` says)
+        return tqdm(total=total, desc=desc, initial=initial, unit=unit, file=self.stream, dynamic_ncols=True,
+                    disable=None)
 
     def iter(self, iterable: Iterable[T], total: int | None = None, desc: str = "", unit: str = "it") -> Iterator[T]:
         """Iterate `iterable` with a bar (rate, ETA when `total` or `len()` is known)."""
@@ -82,12 +126,22 @@ class Progress:
         return out
 
     def write(self, message: str) -> None:
-        if self.enabled:
+        if self.bars:
             from tqdm.auto import tqdm
 
             tqdm.write(message, file=self.stream)
         else:
             print(message, file=self.stream, flush=True)
+
+    def train_log(self, record: dict, bar, total_steps: int, eta_s: float | None = None) -> None:
+        """A logging window: in the bar's postfix on a terminal, else one line (`enabled=False` included: a
+        quiet run still logs its loss)."""
+        if self.bars:
+            fields = train_log_fields(record, total_steps, eta_s)
+            fields.pop("step")  # the bar shows it
+            bar.set_postfix(fields, refresh=True)
+        else:
+            self.write(format_train_line(record, total_steps, eta_s))
 
     @contextlib.contextmanager
     def task(self, desc: str, total: int | None = None, unit: str = "it") -> Iterator:

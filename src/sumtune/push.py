@@ -1,9 +1,10 @@
-"""`sumtune push RUN_DIR REPO`: upload a run's adapter to the Hugging Face Hub with `huggingface_hub`.
+"""`sumtune push DIR REPO`: upload a run's adapter, or a merged model, to the Hugging Face Hub with `huggingface_hub`.
 
-What goes up is what someone needs to use and judge the adapter: the PEFT adapter, the model card (README.md,
-with YAML metadata), the tokenizer, the resolved config, the metrics and the plots. Checkpoints, TensorBoard
-event files, traces and the local copy of a tiny base model stay home. Every failure (offline, no token, no
-network, refused) becomes one `SumtuneError` sentence.
+What goes up is what someone needs to use and judge it. From a run directory: the PEFT adapter, the model card
+(README.md, with YAML metadata), the tokenizer, the resolved config, the metrics and the plots; checkpoints,
+TensorBoard event files, traces and the local copy of a tiny base model stay home. From a directory written by
+`sumtune merge`: the model's config, generation config, safetensors weights, tokenizer and model card. Every failure
+(offline, no token, no network, refused) becomes one `SumtuneError` sentence.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ PUSH_PATTERNS = (
     "vocab.json", "vocab.txt", "merges.txt", "config.yaml", "metrics.jsonl", "eval/metrics.json", "plots/*.png",
 )
 REQUIRED = ("adapter_config.json", "README.md")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "spiece.model", "vocab.json", "vocab.txt", "merges.txt")
+MERGED_PATTERNS = ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+                   "model.safetensors.index.json", "README.md", *TOKENIZER_FILES)
+MERGED_REQUIRED = ("config.json", "README.md")
 _TRUE = {"1", "on", "yes", "true"}
 
 
@@ -35,13 +41,20 @@ def hub_offline() -> bool:
         return False
 
 
+def is_merged_model(directory: str | Path) -> bool:
+    """A directory `sumtune merge` wrote: a plain transformers model (config.json), no adapter."""
+    directory = Path(directory)
+    return (directory / "config.json").is_file() and not (directory / "adapter_config.json").is_file()
+
+
 def files_to_push(run_dir: str | Path) -> list[str]:
-    """The run's files that go to the hub, as paths relative to RUN_DIR (posix), sorted."""
+    """The files that go to the hub (a run's or a merged model's), as paths relative to the directory, sorted."""
     run = Path(run_dir)
+    patterns = MERGED_PATTERNS if is_merged_model(run) else PUSH_PATTERNS
     found = []
     for path in run.rglob("*"):
         rel = path.relative_to(run).as_posix()
-        if path.is_file() and any(fnmatch.fnmatchcase(rel, pattern) for pattern in PUSH_PATTERNS):
+        if path.is_file() and any(fnmatch.fnmatchcase(rel, pattern) for pattern in patterns):
             found.append(rel)
     return sorted(found)
 
@@ -50,6 +63,12 @@ def _check_run(run: Path) -> list[str]:
     if not run.is_dir():
         raise SumtuneError(f"Run directory {str(run)!r} does not exist.")
     files = files_to_push(run)
+    if is_merged_model(run):
+        missing = [name for name in MERGED_REQUIRED if name not in files]
+        if missing or not any(f.endswith(".safetensors") for f in files):
+            missing = missing or ["model.safetensors"]
+            raise SumtuneError(f"{str(run)!r} is not a merged model ready to push ({', '.join(missing)} missing).")
+        return files
     missing = [name for name in REQUIRED if name not in files]
     if missing or not any(f.startswith("adapter_model.") for f in files):
         missing = missing or ["adapter_model.safetensors"]
@@ -84,10 +103,13 @@ def explain_hub_error(err: Exception, repo_id: str) -> str:
             f"({type(err).__name__}: {_first_line(err)}).")
 
 
-def push_run(run_dir: str | Path, repo_id: str, *, private: bool = False, token: str | None = None) -> str:
-    """Create REPO (if needed) and upload the run's adapter, model card, tokenizer, config and metrics.
+def push_run(run_dir: str | Path, repo_id: str, *, private: bool = False, token: str | None = None,
+             progress: bool = True) -> str:
+    """Create REPO (if needed) and upload the run's adapter, model card, tokenizer, config and metrics, or a
+    merged model (`sumtune merge`'s directory) with its model card.
 
-    Returns the repository's URL. Raises SumtuneError when the run is incomplete or the hub cannot be used.
+    Returns the repository's URL. Raises SumtuneError when the directory is incomplete or the hub cannot be used.
+    `progress`: the hub's upload bars (only on a terminal).
     """
     run = Path(run_dir).expanduser()
     files = _check_run(run)
@@ -98,11 +120,15 @@ def push_run(run_dir: str | Path, repo_id: str, *, private: bool = False, token:
         from huggingface_hub.utils import validate_repo_id
     except ImportError:
         raise SumtuneError("Cannot push: huggingface_hub is not installed (pip install huggingface_hub).") from None
+    from sumtune.progress import Progress
+
+    Progress(enabled=progress)  # no bars (off, or no terminal): the hub's own are silenced too
+    kind = "merged model" if is_merged_model(run) else "sumtune run"
     try:
         validate_repo_id(repo_id)
         url = huggingface_hub.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
         huggingface_hub.upload_folder(repo_id=url.repo_id, folder_path=str(run), allow_patterns=files, token=token,
-                                      repo_type="model", commit_message=f"Upload sumtune run {run.resolve().name}")
+                                      repo_type="model", commit_message=f"Upload {kind} {run.resolve().name}")
     except hub_failures() as err:
         raise SumtuneError(explain_hub_error(err, repo_id)) from None
     return str(url)

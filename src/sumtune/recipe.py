@@ -49,6 +49,9 @@ class TrainRecipe:
         self.auto_batch_trials: list[dict] = []
         self._claim: rundir.RunDirClaim | None = None
         self._stop = faults.StopRequest()
+        self.evals_without_improvement = 0  # for early_stopping_patience
+        self.stopped_early = False
+        self._last_eval: tuple[int, dict, list[dict]] | None = None  # (step, metrics, records) of the last one
 
     # ---- setup -------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -105,7 +108,8 @@ class TrainRecipe:
                                        writes=self.dist.is_main)
         self.guard = faults.NonFiniteGuard(max_in_a_row=cfg.max_nonfinite_steps, compute_dtype=cfg.compute_dtype,
                                            lr=cfg.lr, notify=self.progress.write)
-        self.logger = MetricsLogger(self.run_dir, enabled=self.dist.is_main)
+        self.logger = MetricsLogger(self.run_dir, enabled=self.dist.is_main, report_to=cfg.report_to,
+                                    hparams=argparsing.to_mapping(cfg))
         if self.dist.is_main:
             argparsing.write_yaml(replace(self.user_cfg, resume=None), self.run_dir / "config.yaml")
             with safe_io.files_replaced_atomically(self.run_dir) as tmp:
@@ -131,6 +135,11 @@ class TrainRecipe:
         self.keeper.resumed(path, state)
         self.guard.skipped_total = state.nonfinite_skipped
         self.logger.rewind(state.metrics_bytes, state.step)  # the lines after the checkpoint are redone
+        if state.best_step is not None:  # early stopping's count goes on from the evaluations logged since the best
+            from sumtune.metrics import read_metrics
+
+            self.evals_without_improvement = sum(1 for r in read_metrics(self.run_dir)
+                                                 if r.get("split") == "eval" and r.get("step", 0) > state.best_step)
         self.progress.write(f"sumtune: resuming from {path} at step {state.step} of {self.total_steps}.")
 
     def current_lr(self) -> float:
@@ -174,12 +183,15 @@ class TrainRecipe:
             bar.update(1)
             if self.global_step % cfg.log_every_steps == 0 or self.global_step == stop_at:
                 last_train = self._log_train(result, window.close())
-                bar.set_postfix(loss=f"{last_train['loss']:.4f}", lr=f"{last_train['lr']:.2e}",
-                                tok_s=f"{last_train['tokens_per_s']:,.0f}")
+                eta_s = (stop_at - self.global_step) * last_train["step_time_s"]  # training steps only
+                self.progress.train_log(last_train, bar, stop_at, eta_s)
             if self._eval_due():
                 with window.paused():  # evaluation and checkpoints are not training time
                     self.evaluate_and_checkpoint()
                 self.model.train()
+                if self._early_stop_due():
+                    self._stop_early()
+                    break
             elif self._checkpoint_due(stop_at):
                 with window.paused():
                     self.save_checkpoint()
@@ -196,6 +208,20 @@ class TrainRecipe:
             "epoch": round(self.global_step / self.steps_per_epoch, 4), "loss": loss, "lr": self.current_lr(),
             "grad_norm": result.grad_norm, **rates, "peak_mem_gib": peak_memory_gib(self.device),
             **({"mfu": mfu} if mfu is not None else {})})
+
+    def _early_stop_due(self) -> bool:
+        patience = self.cfg.early_stopping_patience
+        return patience is not None and self.evals_without_improvement >= patience
+
+    def _stop_early(self) -> None:
+        """Patience ran out: say so (log line and metrics.jsonl); `finish()` then saves the run as usual."""
+        self.stopped_early = True
+        best, best_step = self.keeper.best_score, self.keeper.best_step
+        self.logger.log("early_stop", self.global_step, {"patience": self.cfg.early_stopping_patience,
+                                                         "best_rougeL": best, "best_step": best_step})
+        self.progress.write(f"sumtune: stopping early at step {self.global_step} of {self.total_steps}: ROUGE-L has "
+                            f"not improved for {self.evals_without_improvement} evaluations (best {best:.2f} at "
+                            f"step {best_step}; early_stopping_patience {self.cfg.early_stopping_patience}).")
 
     def _checkpoint_due(self, stop_at: int) -> bool:
         every = self.cfg.checkpoint_every_steps or self.cfg.eval_every_steps or self.steps_per_epoch
@@ -231,11 +257,13 @@ class TrainRecipe:
                                                    **metrics})
 
     def evaluate_and_checkpoint(self) -> dict:
-        metrics, _ = self.evaluate()
+        metrics, records = self.evaluate()
+        self._last_eval = (self.global_step, metrics, records)
         self._log_eval(metrics)
         self.progress.write(f"step {self.global_step}: eval loss {metrics['loss']:.4f}, "
                             f"ROUGE-L {metrics['rougeL']:.2f}")
         improved = self.keeper.note_score(metrics["rougeL"], self.global_step)
+        self.evals_without_improvement = 0 if improved else self.evals_without_improvement + 1
         path = self.save_checkpoint()
         if improved and path is not None:
             self.keeper.keep_as_best(path, {"step": self.global_step, **metrics})
@@ -257,9 +285,14 @@ class TrainRecipe:
         from sumtune.modelcard import write_model_card
         from sumtune.plots import write_plots
 
-        metrics, records = self.evaluate()
-        self._log_eval(metrics)
-        improved = self.keeper.note_score(metrics["rougeL"], self.global_step)
+        if self._last_eval is not None and self._last_eval[0] == self.global_step:  # stopped early: just evaluated
+            _, metrics, records = self._last_eval
+            improved = self.keeper.best_step == self.global_step
+        else:
+            metrics, records = self.evaluate()
+            self._log_eval(metrics)
+            improved = self.keeper.note_score(metrics["rougeL"], self.global_step)
+        metrics["heldout_rows"] = len(self.eval_rows)  # num_samples below it: the final score is on a subset
         if not self.dist.is_main:  # rank 0 writes the run directory
             return metrics
         if improved:  # the last step's checkpoint (when there is one) is the best
@@ -267,7 +300,8 @@ class TrainRecipe:
                                      {"step": self.global_step, **metrics})
         write_eval(self.run_dir / "eval", metrics, records)
         checkpoint.save_adapter(self.model, self.run_dir)  # replaced by renames: never a moment without one
-        write_model_card(self.run_dir, self.cfg, metrics, self.param_counts)
+        write_model_card(self.run_dir, self.cfg, metrics, self.param_counts,
+                         model_type=getattr(getattr(self.model, "config", None), "model_type", None))
         write_plots(self.run_dir)
         return metrics
 

@@ -1,8 +1,10 @@
 """`sumtune report RUN_DIR`: one self-contained HTML page about a run.
 
-The page holds the resolved config, the final scores, the evaluations over training, a digest of the training
-log, the plots (PNG, base64-embedded), sample summaries next to their references, and the profiler summary
-when RUN_DIR/profile/summary.json exists. Nothing is fetched: a Content-Security-Policy forbids any network
+The page holds a warning first when the run looks collapsed (ROUGE 0, one-token or identical summaries), the final
+scores (the training's own final evaluation; later `sumtune evaluate` runs are listed apart), the evaluations over
+training, a digest of the training log, the plots (PNG, base64-embedded), sample summaries next to their
+references, the profiler summary when RUN_DIR/profile/summary.json exists, and the settings that differ from
+sumtune's defaults (all of them behind a fold). Nothing is fetched: a Content-Security-Policy forbids any network
 request, so the page reads the same offline, attached to an e-mail, or years later. All run text is escaped.
 """
 
@@ -51,6 +53,9 @@ table.samples td { max-width: 520px; white-space: pre-wrap; word-wrap: break-wor
 pre { background: #fff; border: 1px solid #d8dce3; padding: 10px; overflow-x: auto; font-size: 12px; }
 .cols2 { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1fr); gap: 24px; }
 .none { color: #5b6475; font-style: italic; }
+.warn { background: #fff4e5; border: 1px solid #e8a33d; border-left: 6px solid #d9822b; border-radius: 6px;
+        padding: 10px 14px; margin: 12px 0; } .warn b { color: #8a4b00; }
+details { margin: 8px 0; } summary { cursor: pointer; color: #36507a; }
 """
 # Marks <body> once every image has decoded, so a headless browser (and the test) can tell the page rendered.
 SCRIPT = """
@@ -76,7 +81,8 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def read_predictions(run: Path, limit: int = MAX_SAMPLES) -> list[dict]:
+def read_predictions(run: Path, limit: int | None = MAX_SAMPLES) -> list[dict]:
+    """The first `limit` records of RUN_DIR/eval/predictions.jsonl (all of them for None)."""
     path = run / "eval" / "predictions.jsonl"
     out: list[dict] = []
     if not path.is_file():
@@ -88,9 +94,81 @@ def read_predictions(run: Path, limit: int = MAX_SAMPLES) -> list[dict]:
             continue
         if isinstance(record, dict):
             out.append(record)
-        if len(out) >= limit:
+        if limit is not None and len(out) >= limit:
             break
     return out
+
+
+def other_evaluations(run: Path) -> list[tuple[str, dict]]:
+    """Evaluations run after training (`sumtune evaluate`: RUN_DIR/eval/NAME/metrics.json), by name."""
+    root = run / "eval"
+    found = []
+    for path in sorted(root.glob("*/metrics.json")) if root.is_dir() else []:
+        metrics = _read_json(path)
+        if isinstance(metrics, dict):
+            found.append((path.parent.name, metrics))
+    return found
+
+
+def collapse_reasons(metrics: dict, predictions: list[dict]) -> list[str]:
+    """Why a run's output looks collapsed (what a reader must see before any score): ROUGE 0, summaries of one
+    token or none, or one summary for every document. Empty when none of these holds."""
+    reasons = []
+    scores = [metrics.get(k) for k in ("rouge1", "rouge2", "rougeL", "rougeLsum") if finite_number(metrics.get(k))]
+    if scores and max(scores) == 0:
+        reasons.append("ROUGE is 0: no summary shares a word with its reference")
+    texts = [str(p.get("prediction", "")).strip() for p in predictions]
+    gen_len = metrics.get("gen_len")
+    if (texts and all(len(t.split()) <= 1 for t in texts)) or (finite_number(gen_len) and gen_len <= 1):
+        reasons.append("the summaries are one token long or empty"
+                       + (f" (mean length {gen_len:.2f} tokens)" if finite_number(gen_len) else ""))
+    if len(texts) > 1 and len(set(texts)) == 1:
+        reasons.append(f"every document got the same summary ({texts[0][:120]!r})" if texts[0]
+                       else "every document got the same, empty summary")
+    return reasons
+
+
+def section_collapse(reasons: list[str]) -> str:
+    if not reasons:
+        return ""
+    return ('<div class="warn" data-collapsed="true"><b>This run looks collapsed:</b> '
+            + escape("; ".join(reasons)) + ". The scores below describe a model that does not summarize yet "
+            "(too few steps, too high a learning rate, or a broken dataset).</div>")
+
+
+def config_differences(config: dict) -> list[tuple[str, Any, Any]]:
+    """(setting, value, sumtune's default) for each setting that is not the default; settings this sumtune does
+    not know are listed with no default."""
+    from sumtune.argparsing import to_mapping
+    from sumtune.config import TrainConfig
+
+    defaults = to_mapping(TrainConfig())
+    return [(k, v, defaults.get(k)) for k, v in sorted(config.items(), key=lambda kv: str(kv[0]))
+            if k not in defaults or defaults[k] != v]
+
+
+def section_config(config: dict) -> str:
+    if not config:
+        return _none("No config.yaml in the run directory.")
+    differing = config_differences(config)
+    html = (f'<p class="sub">{len(differing)} of {len(config)} settings differ from sumtune\'s defaults:</p>'
+            + html_table(["setting", "value", "default"], differing, "config") if differing
+            else _none("Every setting is sumtune's default."))
+    return (html + f"<details><summary>All {len(config)} settings</summary>"
+            + html_table(["setting", "value"], sorted(config.items(), key=lambda kv: str(kv[0])), "config-all")
+            + "</details>")
+
+
+def section_other_evaluations(evaluations: list[tuple[str, dict]]) -> str:
+    if not evaluations:
+        return ""
+    rows = [(name, m.get("num_samples"), *(m.get(k) for k in ("rouge1", "rouge2", "rougeL", "rougeLsum", "gen_len")))
+            for name, m in evaluations]
+    return ("<h2>Other evaluations</h2>"
+            '<p class="sub">Run with <code>sumtune evaluate</code> after training (RUN_DIR/eval/NAME/); the numbers '
+            "above are the training's own final evaluation.</p>"
+            + html_table(["eval/", "documents", "ROUGE-1", "ROUGE-2", "ROUGE-L", "ROUGE-Lsum", "gen_len"], rows,
+                         "other-evals"))
 
 
 def final_metrics(run: Path, records: list[dict]) -> dict:
@@ -129,6 +207,9 @@ def training_summary(records: list[dict]) -> dict[str, float]:
     times = [r["time_s"] for r in records if finite_number(r.get("time_s"))]
     if times:
         out["wall time (s)"] = max(times)
+    stop = next((r for r in records if r.get("split") == "early_stop"), None)
+    if stop is not None and finite_number(stop.get("step")):
+        out["stopped early at step"] = stop["step"]
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -191,9 +272,13 @@ def section_numbers(metrics: dict, summary: dict, best: dict | None) -> str:
     if not cards:
         html = _none("This run has no metrics yet.")
     if metrics:
-        n = metrics.get("num_samples")
-        html += f'<p class="sub">Final evaluation{f" on {int(n)} held-out documents" if finite_number(n) else ""} ' \
-                "(ROUGE F1 ×100, Porter stemming).</p>"
+        n, total = metrics.get("num_samples"), metrics.get("heldout_rows")
+        if finite_number(n) and finite_number(total) and n < total:
+            on = f" on {int(n)} of the {int(total)} held-out documents (a subset: eval_max_samples)"
+        else:
+            on = f" on {int(n)} held-out documents" if finite_number(n) else ""
+        html += f'<p class="sub">Final evaluation of the training run{escape(on)} (ROUGE F1 ×100, Porter ' \
+                "stemming).</p>"
     if best and finite_number(best.get("step")):
         html += f'<p class="sub">Best checkpoint (by ROUGE-L): step {escape(fmt(best["step"]))}, ROUGE-L ' \
                 f'{escape(fmt(best.get("rougeL")))} — checkpoints/best.</p>'
@@ -221,8 +306,8 @@ def section_samples(predictions: list[dict]) -> str:
     for p in predictions:
         ref, pred = str(p.get("reference", "")), str(p.get("prediction", ""))
         rouge_l = rouge_scores([pred], [ref])["rougeL"] if ref.strip() else None
-        rows.append((p.get("index"), ref, pred, rouge_l))
-    return html_table(["#", "reference", "sumtune", "ROUGE-L"], rows, "samples")
+        rows.append((p.get("id", p.get("index")), ref, pred, rouge_l))
+    return html_table(["id", "reference", "sumtune", "ROUGE-L"], rows, "samples")
 
 
 def section_lengths(run: Path) -> str:
@@ -273,6 +358,8 @@ def build_html(run: Path, damaged: list[int] | None = None) -> str:
     if not records and not config:
         raise SumtuneError(f"{str(run)!r} is not a sumtune run directory (no metrics.jsonl or config.yaml).")
     metrics = final_metrics(run, records)
+    metrics = metrics if isinstance(metrics, dict) else {}
+    collapse = collapse_reasons(metrics, read_predictions(run, limit=None))
     best = _read_json(run / "checkpoints" / "best" / "checkpoint.json")
     evals = [r for r in records if r.get("split") == "eval"]
     train = [r for r in records if r.get("split") == "train"]
@@ -287,8 +374,9 @@ def build_html(run: Path, damaged: list[int] | None = None) -> str:
         f"<h1>{escape(title)}</h1>",
         f'<p class="sub">model <b>{escape(str(model))}</b> on <b>{escape(str(dataset))}</b> — {escape(str(run))}</p>',
         f'<p class="none">{escape(damaged_lines_note(damaged))}</p>' if damaged else "",
-        "<h2>Numbers</h2>", section_numbers(metrics if isinstance(metrics, dict) else {}, training_summary(records),
-                                           best if isinstance(best, dict) else None),
+        section_collapse(collapse),
+        "<h2>Numbers</h2>", section_numbers(metrics, training_summary(records), best if isinstance(best, dict) else None),
+        section_other_evaluations(other_evaluations(run)),
         "<h2>Document and summary lengths</h2>", section_lengths(run),
         "<h2>Plots</h2>", section_plots(run_plots(run)),
         "<h2>Evaluations over training</h2>",
@@ -302,9 +390,7 @@ def build_html(run: Path, damaged: list[int] | None = None) -> str:
          + html_table(train_cols, [[r.get(c) for c in train_cols] for r in _spaced(train, MAX_TRAIN_ROWS)], "train"))
         if train else _none("No training lines in metrics.jsonl."),
         "<h2>Profile</h2>", section_profile(_read_json(run / "profile" / "summary.json")),
-        "<h2>Config</h2>",
-        html_table(["setting", "value"], sorted(config.items()), "config") if config
-        else _none("No config.yaml in the run directory."),
+        "<h2>Config</h2>", section_config(config),
         f'<p class="sub">Written by sumtune {escape(str(version))} on '
         f'{escape(dt.datetime.now().isoformat(timespec="seconds"))}.</p>',
     ]

@@ -37,6 +37,7 @@ def generate_ids(
     early_stopping: bool | str = False,
     pad_to_multiple_of: int | None = None,
     fast_encoder: bool = True,
+    no_repeat_ngram_size: int = 0,
 ) -> list[list[int]]:
     """Generated token ids for each input, in input order.
 
@@ -52,7 +53,8 @@ def generate_ids(
     captured in CUDA graphs on CUDA (`use_cuda_graphs=None` means "on CUDA"), stopping when all rows are
     done; the session (buffers and graphs) is kept for the model, for the next call with the same shapes.
     `attention` picks how attention memory is cached ("kv", "hidden", or "auto"; see t5_decode).
-    Beam search runs transformers' `generate` on the same model with the precomputed encoder output.
+    Beam search runs transformers' `generate` on the same model with the precomputed encoder output, and so does
+    greedy decoding with `no_repeat_ngram_size` (sumtune's decoder step has no n-gram ban: `uses_own_decoder`).
     """
     _check_arguments(model, input_ids, max_new_tokens, min_new_tokens, num_beams, batch_size, attention)
     device = next(model.parameters()).device
@@ -64,7 +66,8 @@ def generate_ids(
     results: list[list[int]] = [[] for _ in input_ids]
     encoder_context = _fast_encoder(model) if fast_encoder else contextlib.nullcontext()
     with torch.inference_mode(), _eval_mode(model), encoder_context:
-        weights = DecoderWeights.from_model(model) if num_beams == 1 else None
+        own = uses_own_decoder(num_beams=num_beams, no_repeat_ngram_size=no_repeat_ngram_size)
+        weights = DecoderWeights.from_model(model) if own else None
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             ids, mask = pad_batch([input_ids[i] for i in rows], pad_token_id, pad_multiple)
@@ -75,7 +78,7 @@ def generate_ids(
                                       eos_token_id=eos_token_id, decoder_start_token_id=decoder_start_token_id,
                                       max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                       num_beams=num_beams, length_penalty=length_penalty,
-                                      early_stopping=early_stopping)
+                                      early_stopping=early_stopping, no_repeat_ngram_size=no_repeat_ngram_size)
             else:
                 session = _session_for(model, weights, batch=ids.shape[0], src_len=ids.shape[1],
                                        max_new_tokens=max_new_tokens, attention=weights.resolve_attention(attention),
@@ -86,6 +89,12 @@ def generate_ids(
             for row, out in zip(rows, outputs):
                 results[row] = out
     return results
+
+
+def uses_own_decoder(*, num_beams: int = 1, no_repeat_ngram_size: int = 0) -> bool:
+    """Whether `generate_ids` runs sumtune's greedy decoder step (greedy, no n-gram ban) rather than transformers'
+    `generate` on the cached encoder output (beam search, or `no_repeat_ngram_size`)."""
+    return num_beams == 1 and not no_repeat_ngram_size
 
 
 # model -> (options key, session). Weak keys: the session holds the model's weight tensors but not the model, so
@@ -176,14 +185,16 @@ def encode(model: nn.Module, ids: Tensor, mask: Tensor, chunk: int) -> Tensor:
 
 def beam_search(model: nn.Module, encoder_out: Tensor, mask: Tensor, *, pad_token_id: int, eos_token_id: int,
                 decoder_start_token_id: int, max_new_tokens: int, min_new_tokens: int, num_beams: int,
-                length_penalty: float, early_stopping: bool | str) -> list[list[int]]:
-    """transformers beam search from a precomputed encoder output (the encoder is not run again)."""
+                length_penalty: float, early_stopping: bool | str, no_repeat_ngram_size: int = 0) -> list[list[int]]:
+    """transformers `generate` (beam search, or greedy with an n-gram ban) from a precomputed encoder output (the
+    encoder is not run again)."""
     from transformers.modeling_outputs import BaseModelOutput
 
+    beam_options = {"length_penalty": length_penalty, "early_stopping": early_stopping} if num_beams > 1 else {}
     sequences = model.generate(
         encoder_outputs=BaseModelOutput(last_hidden_state=encoder_out), attention_mask=mask,
         decoder_start_token_id=decoder_start_token_id, pad_token_id=pad_token_id, eos_token_id=eos_token_id,
         bos_token_id=None, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None,
-        num_beams=num_beams, num_return_sequences=1, do_sample=False, length_penalty=length_penalty,
-        early_stopping=early_stopping)
+        num_beams=num_beams, num_return_sequences=1, do_sample=False,
+        no_repeat_ngram_size=no_repeat_ngram_size or None, **beam_options)
     return trim_rows(sequences[:, 1:].tolist(), eos_token_id)

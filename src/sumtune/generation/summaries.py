@@ -13,7 +13,7 @@ import torch
 
 from sumtune.batching import pad_batch
 from sumtune.data import tokenize_sources
-from sumtune.generation.decoding import generate_ids
+from sumtune.generation.decoding import generate_ids, uses_own_decoder
 from sumtune.generation.dense_copy import prepare_inference_model, supports_fast_generation
 
 
@@ -32,8 +32,10 @@ _FRESH_COPY = object()  # generate_summaries' default: copy the model now (its w
 
 @torch.no_grad()
 def hf_generate_ids(model, input_ids: list[list[int]], *, pad_token_id: int, max_new_tokens: int,
-                    num_beams: int = 1, batch_size: int = 32) -> list[list[int]]:
-    """transformers `generate`, length-sorted batches, explicit max_new_tokens; ids without the start token."""
+                    num_beams: int = 1, batch_size: int = 32, min_new_tokens: int = 0, length_penalty: float = 1.0,
+                    no_repeat_ngram_size: int = 0) -> list[list[int]]:
+    """transformers `generate`, length-sorted batches, explicit generation settings (never the model's
+    generation_config defaults for them); ids without the start token."""
     device = next(model.parameters()).device
     order = sorted(range(len(input_ids)), key=lambda i: -len(input_ids[i]))
     out: list[list[int]] = [[] for _ in input_ids]
@@ -41,7 +43,10 @@ def hf_generate_ids(model, input_ids: list[list[int]], *, pad_token_id: int, max
         idx = order[start:start + batch_size]
         ids, mask = pad_batch([input_ids[i] for i in idx], pad_token_id)
         generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                   max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
+                                   max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
+                                   min_new_tokens=min_new_tokens or None,
+                                   no_repeat_ngram_size=no_repeat_ngram_size or None,
+                                   **({"length_penalty": length_penalty} if num_beams > 1 else {}))
         for row, i in zip(generated.tolist(), idx):
             row = row[1:]  # drop the decoder start token
             while row and row[-1] == pad_token_id:
@@ -53,25 +58,36 @@ def hf_generate_ids(model, input_ids: list[list[int]], *, pad_token_id: int, max
 GENERATION_CHUNK_BATCHES = 4  # batches per progress update: small enough to report, large enough to stay fast
 
 
-def _generate_chunk(model, dense, tokenizer, ids: list[list[int]], *, max_new_tokens: int, num_beams: int,
-                    batch_size: int) -> list[list[int]]:
+def _generate_chunk(model, dense, tokenizer, ids: list[list[int]], *, batch_size: int,
+                    **settings) -> list[list[int]]:
     if dense is not None:
         return generate_ids(dense, ids, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                 decoder_start_token_id=model.config.decoder_start_token_id,
-                                 max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=batch_size)
-    return hf_generate_ids(model, ids, pad_token_id=tokenizer.pad_token_id, max_new_tokens=max_new_tokens,
-                           num_beams=num_beams, batch_size=batch_size)
+                            decoder_start_token_id=model.config.decoder_start_token_id, batch_size=batch_size,
+                            **settings)
+    return hf_generate_ids(model, ids, pad_token_id=tokenizer.pad_token_id, batch_size=batch_size, **settings)
+
+
+def generation_path(model, *, num_beams: int = 1, no_repeat_ngram_size: int = 0) -> str:
+    """Which code generates for `model` with these settings, in words (what a log line or a benchmark says)."""
+    if not supports_fast_generation(model):
+        return "transformers' generate"
+    if uses_own_decoder(num_beams=num_beams, no_repeat_ngram_size=no_repeat_ngram_size):
+        return "sumtune's T5 decoder"
+    return "transformers' generate on sumtune's encoder output"
 
 
 def generate_summaries(model, tokenizer, texts: Sequence[str], *, prefix: str, max_source_tokens: int,
-                       max_new_tokens: int, num_beams: int = 1, batch_size: int = 32,
+                       max_new_tokens: int, num_beams: int = 1, batch_size: int = 32, min_new_tokens: int = 0,
+                       length_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
                        progress=None, dense_model=_FRESH_COPY,
                        source_ids: list[list[int]] | None = None) -> tuple[list[str], list[int]]:
     """Summaries of `texts` (in order) and their lengths in tokens; `progress` (a sumtune Progress) shows a bar.
 
-    `dense_model`: an `inference_copy(model)` made earlier and still current (a frozen model summarizing
-    many times); by default one is made for this call and dropped after it. `source_ids`: the texts already
-    tokenized (prefix and cut included), when the caller has them."""
+    Generation settings are `config.GenerationSettings`' (`**settings.kwargs()`). A T5 runs sumtune's decoder
+    for greedy decoding; beam search and `no_repeat_ngram_size` run transformers' `generate` on the encoder output
+    sumtune computed (`generation_path` says which). `dense_model`: an `inference_copy(model)` made earlier and
+    still current (a frozen model summarizing many times); by default one is made for this call and dropped after
+    it. `source_ids`: the texts already tokenized (prefix and cut included), when the caller has them."""
     input_ids = source_ids if source_ids is not None else \
         tokenize_sources(tokenizer, list(texts), prefix, max_source_tokens)
     order = sorted(range(len(input_ids)), key=lambda i: -len(input_ids[i]))  # similar lengths batch together
@@ -84,8 +100,9 @@ def generate_summaries(model, tokenizer, texts: Sequence[str], *, prefix: str, m
         dense = inference_copy(model) if dense_model is _FRESH_COPY else dense_model
         for start in range(0, len(order), chunk):
             idx = order[start:start + chunk]
-            rows = _generate_chunk(model, dense, tokenizer, [input_ids[i] for i in idx],
-                                   max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=batch_size)
+            rows = _generate_chunk(model, dense, tokenizer, [input_ids[i] for i in idx], batch_size=batch_size,
+                                   max_new_tokens=max_new_tokens, num_beams=num_beams, min_new_tokens=min_new_tokens,
+                                   length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
             for i, row in zip(idx, rows):
                 ids[i] = row
             if bar is not None:

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from sumtune.errors import SumtuneError
-from sumtune.profiling.profiler import StepProfiler, write_json
+
+if TYPE_CHECKING:
+    from sumtune.profiling.profiler import StepProfiler
 
 WORKLOADS = ("t5", "mobilenet-cifar10")
 QUICK_SCHEDULE = (0, 1, 2)  # wait, warmup, active
@@ -87,6 +89,8 @@ def make_train_profiler(run_dir: str | Path, args: ProfileArgs | None = None, *,
     """A StepProfiler writing to RUN_DIR/profile (for `profile` and `train --profile-steps`).
 
     What the run is (device, batch, settings) it learns from the recipe's setup (`StepProfiler.describe_run`)."""
+    from sumtune.profiling.profiler import StepProfiler
+
     args = args or ProfileArgs()
     wait, warmup, active = schedule or args.schedule()
     return StepProfiler(Path(run_dir) / "profile", wait=wait, warmup=warmup, active=active,
@@ -126,4 +130,6 @@ def run_mobilenet_study(args: ProfileArgs, out_dir: str | Path, *, device: str |
 
 
 def save_study(result: dict[str, Any], out_dir: str | Path) -> Path:
+    from sumtune.profiling.profiler import write_json
+
     return write_json(result, Path(out_dir) / "study.json")
