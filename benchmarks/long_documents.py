@@ -69,6 +69,8 @@ def write_jsonl(rows: list[dict], path: Path) -> Path:
 def parse_setting(text: str) -> dict:
     overrides: dict = {}
     for token in text.split(":"):
+        if token == "config":  # the config file's own settings (its `auto` batch resolved at build)
+            continue
         if token.startswith("b") and token[1:].isdigit():
             overrides["batch_size"] = int(token[1:])
         elif token in ("gc", "nogc"):
@@ -91,8 +93,8 @@ def parse_setting(text: str) -> dict:
             overrides["max_memory_gib"] = float(token[3:])
         else:
             raise SystemExit(f"unknown setting token {token!r} in {text!r}")
-    if "batch_size" not in overrides:
-        raise SystemExit(f"setting {text!r} needs a batch token like b4")
+    if "batch_size" not in overrides and not text.startswith("config"):
+        raise SystemExit(f"setting {text!r} needs a batch token like b4 (or start with 'config')")
     return overrides
 
 
@@ -103,8 +105,7 @@ def sumtune_config(args, src_len: int, tgt_len: int, dataset: Path, overrides: d
     cfg = argparsing.resolve(TrainConfig, args.config, {})
     return replace(cfg, model=f"random:{args.model}" if args.model != "tiny" else "tiny", dataset=str(dataset),
                    tokenizer=None if args.model == "tiny" else str(bc.shared_data_dir() / "t5-tokenizer"),
-                   max_source_tokens=src_len, max_target_tokens=tgt_len, grad_accum_steps=1, samples_per_step=None,
-                   eval_ratio=0.05, group_by_length=False, progress=False, output_dir=tempfile.mkdtemp(),
+                   max_source_tokens=src_len, max_target_tokens=tgt_len, eval_ratio=0.05, group_by_length=False, progress=False, output_dir=tempfile.mkdtemp(),
                    device="auto", **overrides)
 
 

@@ -114,7 +114,7 @@ def build_model(cfg: TrainConfig, tokenizer, device: torch.device, *, run_dir: P
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_lora(base, cfg).to(device)
     if cfg.fast_kernels:
-        model = enable_fast_path(model)
+        model = enable_fast_path(model, attention_backend=cfg.attention_backend)
     if cfg.cache_dequantized_weights:
         fast_t5.cache_dequantized_weights(model)
     if cfg.compile and device.type == "cuda":
