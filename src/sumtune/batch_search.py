@@ -46,12 +46,14 @@ def memory_budget_bytes(device: torch.device, max_memory_gib: float | None = Non
 
 
 def cap_gpu_memory(device: torch.device, max_memory_gib: float | None) -> None:
-    """Make PyTorch's allocator refuse memory beyond `max_memory_gib` on `device` (no-op for None or a CPU)."""
-    if max_memory_gib is None or device.type != "cuda":
+    """Make PyTorch's allocator refuse memory beyond `max_memory_gib` on `device` (None: the whole GPU; the cap is
+    per process, so a run without one lifts an earlier run's). No-op on a CPU."""
+    if device.type != "cuda":
         return
     index = device.index if device.index is not None else torch.cuda.current_device()
     total = torch.cuda.get_device_properties(index).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory_gib * 2**30 / total), index)
+    fraction = 1.0 if max_memory_gib is None else min(1.0, max_memory_gib * 2**30 / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
 
 
 def gpu_fits(loss_fn: Callable[[dict], torch.Tensor], model: torch.nn.Module, make_batch: Callable[[int], dict],

@@ -180,8 +180,8 @@ class TrainConfig:
     """sumtune's fast T5 path (efficient attention with the position bias, fused norms, no fp32 upcasts); off = stock transformers T5."""
     compile: bool = False
     """torch.compile the T5 blocks (GPU; slow to start, faster steps)."""
-    attention_backend: Literal["auto", "triton", "sdpa"] = "auto"
-    """T5 attention on the fast path: `triton` (sumtune's kernels: position bias, padding and dropout computed inside, no L×L tensor; 10-23% faster than SDPA with T5's bias and dropout on an H200, measured), `sdpa` (torch's kernels with a materialized bias), or `auto` (triton on a CUDA GPU with triton installed, else sdpa)."""
+    attention_backend: Literal["auto", "triton", "sdpa"] = "sdpa"
+    """T5 attention on the fast path: `sdpa` (torch's kernels with a materialized position bias; the default), `triton` (sumtune's kernels: bias, padding and dropout computed inside, no L×L tensor; 10-23% faster than SDPA with T5's bias and dropout in isolation on an H200, but a whole T5-3b training step on it ran out of memory where SDPA took 41 GiB: not yet the default), or `auto` (triton on a CUDA GPU with triton installed, else sdpa)."""
     cuda_graphs: bool = True
     """Capture each micro-batch shape's forward and backward in a CUDA graph and replay it (GPU, one process, no activation checkpointing; elsewhere the step runs eagerly). Removes the host's kernel-launch cost, which bounds the T5-3b step with LoRA on every layer (+68% samples/s measured on an H200); `pad_to_buckets` keeps the number of captured shapes small."""
     cache_dequantized_weights: bool = False

@@ -462,7 +462,7 @@ def load_tokenizer(cfg: "TrainConfig", texts: list[str] | None = None):
         raise SumtuneError(f"Could not load a tokenizer from {source!r} ({type(err).__name__}).") from None
 
 
-def enable_fast_path(model: nn.Module, attention_backend: str = "auto") -> nn.Module:
+def enable_fast_path(model: nn.Module, attention_backend: str = "sdpa") -> nn.Module:
     """sumtune's fast T5 kernels when the model is a T5; other seq2seq models (BART, Pegasus ...) keep
     transformers' own code. `attention_backend`: see `TrainConfig.attention_backend`."""
     from transformers.models.t5.modeling_t5 import T5Stack
