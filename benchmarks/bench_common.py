@@ -136,6 +136,16 @@ def free_gpu_memory() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def benchmark_device(name: str, quick: bool) -> torch.device | None:
+    """The GPU a benchmark runs on, or the CPU for its --quick plumbing check; None (after saying why) otherwise."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not quick:
+        print(f"{name} needs a CUDA GPU; use --quick for a CPU plumbing check.", file=sys.stderr)
+        return None
+    return device
+
+
 def gpu_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 

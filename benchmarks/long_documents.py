@@ -244,13 +244,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type != "cuda" and not args.quick:
-        print("long_documents needs a CUDA GPU; use --quick for a CPU plumbing check.", file=sys.stderr)
+    device = bc.benchmark_device("long_documents", args.quick)
+    if device is None:
         return 2
     matmul_tflops = bc.measure_bf16_matmul_tflops()
     rows = []

@@ -530,13 +530,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type != "cuda" and not args.quick:
-        print("train_throughput needs a CUDA GPU; use --quick for a CPU plumbing check.", file=sys.stderr)
+    device = bc.benchmark_device("train_throughput", args.quick)
+    if device is None:
         return 2
     if args.numerics:
         run_numerics(args, device)

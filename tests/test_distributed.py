@@ -194,14 +194,19 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_and_resumes(tmp_p
     env = launch_env()
     cmd = torchrun(2) + ["-m", "sumtune", "train", "--config", str(config), "--output-dir", str(out),
                          "--batch-size", "2"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=tmp_path)
+    # Output to files, not pipes: nobody reads a pipe while the run goes, and a full one would block the ranks.
+    with open(tmp_path / "stdout.txt", "w") as stdout_file, open(tmp_path / "stderr.txt", "w") as stderr_file:
+        proc = subprocess.Popen(cmd, env=env, stdout=stdout_file, stderr=stderr_file, text=True, cwd=tmp_path)
     deadline = time.monotonic() + 180
     while not ((out / "metrics.jsonl").is_file() and len(train_losses(out)) >= 3):
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before step 3"
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the run ended (status {proc.poll()}) or timed out before step 3: "
+                        f"{(tmp_path / 'stderr.txt').read_text()[-3000:]}")
         time.sleep(0.05)
     os.kill(rank_pids(proc)[1], signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    stderr = (tmp_path / "stderr.txt").read_text()
     assert proc.returncode != 0  # torchrun reports its workers' status 143
     stopped = [line for line in stderr.splitlines() if "stopped by SIGTERM after step" in line]
     assert len(stopped) == 1, stderr[-3000:]  # rank 0 speaks for the job

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from sumtune.errors import SumtuneError
-from sumtune.safe_io import files_replaced_atomically, safetensors_problem
+from sumtune.safe_io import files_replaced_atomically, fsync_path, safetensors_problem
 
 FORMAT_VERSION = 1
 STATE_FILE = "trainer_state.json"
@@ -60,20 +60,11 @@ class TrainerState:
 
 # ---- atomic directories --------------------------------------------------------------------------------
 
-def _fsync_path(path: Path) -> None:
-    with contextlib.suppress(OSError):  # some filesystems refuse fsync on directories
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     for path in root.rglob("*"):
         if path.is_file():
-            _fsync_path(path)
-    _fsync_path(root)
+            fsync_path(path)
+    fsync_path(root)
 
 
 @contextlib.contextmanager
@@ -98,7 +89,7 @@ def atomic_directory(path: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, path)
-    _fsync_path(path.parent)
+    fsync_path(path.parent)
 
 
 def recover_partials(root: Path) -> list[str]:

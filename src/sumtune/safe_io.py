@@ -25,7 +25,8 @@ from sumtune.errors import SumtuneError
 # ---- atomic writes -------------------------------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file or directory to disk (what a rename needs to survive a crash); quiet where refused."""
     with contextlib.suppress(OSError):  # some filesystems refuse fsync on directories
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -52,7 +53,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
     return path
 
 
@@ -82,7 +83,7 @@ def files_replaced_atomically(directory: str | Path) -> Iterator[Path]:
             target = directory / path.relative_to(tmp)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(path, target)
-        _fsync_dir(directory)
+        fsync_path(directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
