@@ -502,6 +502,7 @@ def test_host_and_device_normalization_agree():
     assert len(mobilenet.CifarLikeDataset(images, labels, length=10)) == 10  # cycles past 4 images
 
 
+@pytest.mark.gpu  # torchvision does not install beside the CPU torch build of CI; the GPU machine has it
 @pytest.mark.skipif(not HAS_TORCHVISION, reason="torchvision not installed (it is on the GPU machine)")
 def test_transform_matches_torchvision():
     from torchvision import transforms
@@ -556,6 +557,7 @@ def test_mobilenet_without_torchvision_is_a_user_error(tmp_path):
     assert not any(tmp_path.iterdir())  # failed before doing any work
 
 
+@pytest.mark.gpu  # torchvision does not install beside the CPU torch build of CI; the GPU machine has it
 @pytest.mark.skipif(not HAS_TORCHVISION, reason="torchvision not installed (it is on the GPU machine)")
 def test_mobilenet_workload_with_torchvision(tmp_path):
     args = ProfileArgs(workload="mobilenet-cifar10", quick=True, image_size=64, stages=["base"], profile_memory=False)
