@@ -46,7 +46,7 @@ import re
 import sys
 
 names = [re.split(r"[ ;<>=!~\[]", req, maxsplit=1)[0] for req in md.requires("sumtune") or [] if "extra ==" not in req]
-names += ["huggingface_hub", "tokenizers"]
+names += ["huggingface_hub", "tokenizers", "triton"]  # triton: the CPU interpreter tests of the attention kernels
 found = []
 for name in dict.fromkeys(names):
     try:

@@ -81,9 +81,9 @@ def compile_kernel(name: str, block_m: int, block_n: int, num_warps: int, num_st
 
 def resources(compiled, arch: int = 90) -> dict:
     """Registers and spilled bytes (ptxas -v on the PTX), shared memory, and whether loads were pipelined."""
-    import triton
+    from triton.backends.nvidia.compiler import get_ptxas
 
-    ptxas = f"{triton.__path__[0]}/backends/nvidia/bin/ptxas"
+    ptxas = get_ptxas(arch).path  # the assembler Triton itself uses for this arch (3.9 emits PTX its old one refuses)
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as handle:
         handle.write(compiled.asm["ptx"])
         handle.flush()
