@@ -12,7 +12,8 @@ document fills the source length and every summary the target length, so both pa
   (real shapes, random weights, T5's dropout 0.1) and the lengths and batch of the row; built and stepped through
   the product (`sumtune.training.build_training`, `TrainStep`), exactly what `sumtune train` runs. Setting tokens
   (joined by ':'): `b<N>` micro-batch, `gc` / `nogc` gradient checkpointing, `sdpa` / `triton` attention backend,
-  `compile`, `cache` (dequantized-weight cache), `drop0` (model_dropout 0, for reference only: not the target's).
+  `compile`, `cache` (dequantized-weight cache), `ldrop0` (lora_dropout 0), `fusedlora` (fused_lora), `drop0`
+  (model_dropout 0, for reference only: not the target's).
 - `reference` rows: the stock recipe (NF4 base with `wo` and `lm_head` unquantized, prepare_model_for_kbit_training
   with its gradient checkpointing, LoRA r=32 on v,o + lm_head, Seq2SeqTrainer, paged 8-bit AdamW, bf16), one model
   for all its batch sizes; the largest batch that fits is tried last and an OOM is recorded as a row note.
@@ -85,6 +86,10 @@ def parse_setting(text: str) -> dict:
             overrides["model_dropout"] = 0.0
         elif token == "adamw":
             overrides["optimizer"] = "adamw"
+        elif token == "ldrop0":
+            overrides["lora_dropout"] = 0.0
+        elif token == "fusedlora":
+            overrides["fused_lora"] = True
         elif token == "graphs":
             overrides["cuda_graphs"] = True
         elif token == "buckets":

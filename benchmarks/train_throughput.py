@@ -12,7 +12,8 @@ The reference rows are a stock transformers/PEFT build trained by `Seq2SeqTraine
 
 Settings are tokens joined by ':' that map onto TrainConfig fields -- ``b<N>`` batch_size, ``a<N>``
 grad_accum_steps, ``gc`` gradient_checkpointing, ``compile`` compile (the T5 blocks), ``cache``
-cache_dequantized_weights, ``drop0`` model_dropout 0 (the reference keeps T5's 0.1), ``adamw`` optimizer adamw
+cache_dequantized_weights, ``drop0`` model_dropout 0 (the reference keeps T5's 0.1), ``ldrop0`` lora_dropout 0,
+``fusedlora`` fused_lora, ``triton`` / ``sdpa`` attention_backend, ``adamw`` optimizer adamw
 (fused; default paged 8-bit AdamW), ``buckets`` pad_to_buckets, ``group`` group_by_length -- plus ``eff`` /
 ``cudnn``, which pin SDPA to the memory-efficient or cuDNN attention kernel around the timed steps (default:
 PyTorch's choice). Each setting builds a fresh model.
@@ -41,10 +42,11 @@ COLUMNS = ["path", "setting", "batch", "samples_per_s", "tokens_per_s", "step_ti
 
 # ----------------------------------------------------------------------------- settings
 FLAG_TOKENS = {"gc": "gradient_checkpointing", "compile": "compile", "cache": "cache_dequantized_weights",
-               "buckets": "pad_to_buckets", "group": "group_by_length", "graphs": "cuda_graphs"}
+               "buckets": "pad_to_buckets", "group": "group_by_length", "graphs": "cuda_graphs",
+               "fusedlora": "fused_lora"}
 RESOLVED_FIELDS = ("batch_size", "grad_accum_steps", "optimizer", "lora_targets", "lora_r", "compile",
                    "cache_dequantized_weights", "cuda_graphs", "pad_to_buckets", "gradient_checkpointing",
-                   "model_dropout", "max_memory_gib")
+                   "model_dropout", "max_memory_gib", "lora_dropout", "fused_lora", "attention_backend")
 CONFIG_SAMPLES_GUESS = 64  # rows to provide per step for a config whose batch is `auto` (resolved at build)
 OFF_TOKENS = {"nograph": "cuda_graphs", "nocache": "cache_dequantized_weights", "nobuckets": "pad_to_buckets",
               "nocompile": "compile"}
@@ -69,6 +71,10 @@ def parse_setting(text: str) -> dict:
             fields["optimizer"] = "paged_adamw_8bit" if token == "paged" else "adamw_8bit"
         elif token == "drop0":
             fields["model_dropout"] = 0.0
+        elif token == "ldrop0":
+            fields["lora_dropout"] = 0.0
+        elif token in ("triton", "sdpa"):
+            fields["attention_backend"] = token
         elif token == "adamw":
             fields["optimizer"] = "adamw"
         elif token in ("eff", "cudnn"):
@@ -170,12 +176,14 @@ def _time_fast(data_file, device, setting, args) -> dict:
     step, stream = parts.step, parts.batches.stream()
     parts.model.train()
     times_s, losses, samples, tokens, flops = [], [], [], [], []
+    first_loss = None
     for index in range(args.warmup + args.steps):
         micro_batches = step.draw(stream, parts.cfg.grad_accum_steps)  # collated on the host, outside the clock
         bc.sync(device)
         start = time.perf_counter()
         result = step(micro_batches, lr=cfg.lr)
         bc.sync(device)
+        first_loss = result.loss if first_loss is None else first_loss
         if index >= args.warmup:
             times_s.append(time.perf_counter() - start)
             losses.append(result.loss)
@@ -189,7 +197,7 @@ def _time_fast(data_file, device, setting, args) -> dict:
     resolved = parts.cfg
     del parts, step, stream
     return dict(times_s=times_s, losses=losses, samples=samples, tokens=tokens, flops=flops, lora_params=lora,
-                peak_mem_gib=peak, samples_per_step=resolved.batch_size * resolved.grad_accum_steps,
+                first_loss=first_loss, peak_mem_gib=peak, samples_per_step=resolved.batch_size * resolved.grad_accum_steps,
                 resolved={k: getattr(resolved, k) for k in RESOLVED_FIELDS})
 
 
@@ -282,7 +290,8 @@ def summarize(path: str, name: str, batch: int, run: dict, args, matmul_tflops, 
                 mfu_datasheet=achieved / peak_tflops if peak_tflops else None,
                 achieved_tflops=achieved, flops_per_sample=sum(run["flops"]) / max(1, sum(run["samples"])),
                 gradient_checkpointing=gc, steps_timed=len(run["times_s"]),
-                last_loss=run["losses"][-1] if run["losses"] else None, resolved=run.get("resolved"), note="")
+                first_loss=run.get("first_loss"), last_loss=run["losses"][-1] if run["losses"] else None,
+                resolved=run.get("resolved"), note="")
 
 
 def run_guarded(fn, *fn_args):

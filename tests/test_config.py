@@ -179,3 +179,20 @@ def test_generation_settings_take_the_runs_and_the_given_ones():
     assert GenerationSettings.of(cfg) == GenerationSettings(max_new_tokens=40, num_beams=2, no_repeat_ngram_size=3)
     assert GenerationSettings.of(cfg, num_beams=None, min_new_tokens=5, length_penalty=0.5).kwargs() == {
         "max_new_tokens": 40, "num_beams": 2, "min_new_tokens": 5, "length_penalty": 0.5, "no_repeat_ngram_size": 3}
+
+
+def test_compile_with_fused_lora_under_graphs_is_refused_and_each_pair_is_allowed():
+    """All three together trained with zero gradients on an H200 (tests/test_cuda_graphs.py says where)."""
+    with pytest.raises(SumtuneError, match=r"^`compile`, `fused_lora` and `cuda_graphs` together trained with zero"):
+        TrainConfig(compile=True, fused_lora=True, cuda_graphs=True)
+    for off in ("compile", "fused_lora", "cuda_graphs"):
+        values = {"compile": True, "fused_lora": True, "cuda_graphs": True, off: False}
+        assert isinstance(TrainConfig(**values), TrainConfig)
+
+
+def test_the_shipped_speed_configs_use_the_measured_settings():
+    """The two T5-3b configs ship what benchmarks/results measured fastest under 75 GiB (README "Speed")."""
+    for name in ("t5-3b-billsum.yaml", "t5-3b-billsum-long.yaml"):
+        cfg = argparsing.resolve(TrainConfig, str(Path(CONFIGS[0]).with_name(name)), {})
+        assert (cfg.lora_dropout, cfg.fused_lora, cfg.cuda_graphs, cfg.compile) == (0.0, True, True, False), name
+        assert cfg.max_memory_gib == 75 and cfg.optimizer == "adamw" and not cfg.gradient_checkpointing, name

@@ -236,6 +236,31 @@ def test_summary_and_report_with_a_gpu_trace(cpu_profile):
     json.dumps(summary)
 
 
+def test_memory_held_by_captured_graphs_counts_toward_the_peak(cpu_profile):
+    """Replayed CUDA graphs keep their activations cached in private pools (not "allocated"): the summary adds
+    what those pools hold, so the peak and the headroom advice describe the memory the step really needs."""
+    from sumtune.profiling.profiler import StepRecord, _memory, build_summary, graph_pool_cached_bytes
+
+    gib = 2**30
+    segments = [dict(segment_pool_id=(0, 0), total_size=4 * gib, allocated_size=1 * gib),   # default pool
+                dict(segment_pool_id=(1, 0), total_size=60 * gib, allocated_size=2 * gib),  # a graph pool
+                dict(segment_pool_id=(1, 0), total_size=2 * gib, allocated_size=2 * gib)]
+    assert graph_pool_cached_bytes(segments) == 58 * gib
+    assert graph_pool_cached_bytes([segments[0]]) == 0
+    record = StepRecord(step_time_s=1.0, phases_s={}, peak_mem_bytes=(3 + 58) * gib, end_mem_bytes=61 * gib,
+                        graph_pool_bytes=58 * gib)
+    memory = _memory([record], "cpu")
+    assert memory["peak_mem_gib"] == 61 and memory["graph_pool_gib"] == 58
+    _, prof, _ = cpu_profile
+    summary = build_summary(prof, None)
+    summary.update(device="cuda", peak_mem_gib=61.0, graph_pool_gib=58.0, device_mem_total_gib=140.0,
+                   context={"max_memory_gib": 75.0})
+    assert "(incl. 58.00 GiB held by CUDA graphs)" in format_summary(summary)
+    assert not any("headroom" in line for line in advice.advise(summary))  # 61 of the run's 75 GiB
+    summary.update(peak_mem_gib=3.0)  # what the allocated peak alone said: "raise batch_size to use the headroom"
+    assert any("peak memory is 3.0 of 75 GiB" in line for line in advice.advise(summary))
+
+
 def stall_trace():
     """Two steps: a bitsandbytes-like optimizer syncing per parameter, one .tolist(), the profiler's own syncs."""
     events = [_x("ProfilerStep#5", 0, 1000, cat="user_annotation"),

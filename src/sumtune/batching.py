@@ -30,6 +30,11 @@ SOURCE_BUCKET_TOKENS = 128
 TARGET_BUCKET_TOKENS = 32
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A host batch on `device` (pinned host tensors copy without blocking the host)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def bucket_width(length: int, step: int, cap: int) -> int:
     """`length` rounded up to a multiple of `step`, but never past `cap` (nor below `length`)."""
     return max(length, min(cap, -(-length // step) * step))

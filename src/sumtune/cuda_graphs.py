@@ -24,6 +24,8 @@ from typing import Callable
 
 import torch
 
+from sumtune.batching import to_device
+
 BatchKey = tuple[tuple[str, tuple[int, ...]], ...]
 
 
@@ -50,20 +52,23 @@ class CapturedMicroStep:
 
 
 class GraphedMicroSteps:
-    """`run(host_batch) -> loss`: forward and backward of one micro-batch, replayed from a graph when it can be.
+    """`run(host_batch, accum) -> loss`: forward and backward of one micro-batch (its loss scaled by 1/`accum`),
+    replayed from a graph when it can be.
 
-    `forward_backward(device_batch) -> loss` does the work (forward, `.backward()`, returns the detached loss);
-    `params` are the trained weights whose `.grad` the backward accumulates into.
+    `forward_backward(device_batch, accum) -> loss` does the work (forward, `.backward()`, returns the detached
+    loss); `params` are the trained weights whose `.grad` the backward accumulates into. A graph is captured per
+    batch shape and `accum`, which it holds as constants. The `.grad` tensors a capture wrote into must stay the
+    parameters' own: between steps they are zeroed in place, never set to None.
     """
 
-    def __init__(self, forward_backward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    def __init__(self, forward_backward: Callable[[dict[str, torch.Tensor], int], torch.Tensor],
                  params: list[torch.Tensor], device: torch.device, notify: Callable[[str], None] = print):
         self.forward_backward = forward_backward
         self.params = params
         self.device = device
         self.notify = notify
-        self.graphs: dict[BatchKey, CapturedMicroStep] = {}
-        self.seen: set[BatchKey] = set()
+        self.graphs: dict[tuple[BatchKey, int], CapturedMicroStep] = {}
+        self.seen: set[tuple[BatchKey, int]] = set()
         self.failed: str | None = None
         self.pool = None
 
@@ -82,22 +87,22 @@ class GraphedMicroSteps:
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
 
-    def __call__(self, host_batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        key = batch_key(host_batch)
-        self.ensure_grads()
+    def __call__(self, host_batch: dict[str, torch.Tensor], accum: int = 1) -> torch.Tensor:
+        key = (batch_key(host_batch), accum)
         captured = self.graphs.get(key)
         if captured is None and self.failed is None and key in self.seen:
             captured = self._capture(key, host_batch)
         if captured is None:  # first of its shape (the warm-up), or graphs off after a failed capture
             self.seen.add(key)
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in host_batch.items()}
-            return self.forward_backward(batch)
+            self.ensure_grads()  # a later capture adds into these very tensors
+            return self.forward_backward(to_device(host_batch, self.device), accum)
         for name, buffer in captured.inputs.items():
             buffer.copy_(host_batch[name], non_blocking=True)
         captured.graph.replay()
         return captured.loss.clone()  # the buffer is rewritten by the next replay of any graph in the pool
 
-    def _capture(self, key: BatchKey, host_batch: dict[str, torch.Tensor]) -> CapturedMicroStep | None:
+    def _capture(self, key: tuple[BatchKey, int], host_batch: dict[str, torch.Tensor]) -> CapturedMicroStep | None:
+        self.ensure_grads()
         inputs = {k: torch.empty(v.shape, dtype=v.dtype, device=self.device) for k, v in host_batch.items()}
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
@@ -105,7 +110,7 @@ class GraphedMicroSteps:
         torch.cuda.synchronize(self.device)  # once per shape: the capture must not see earlier work in flight
         try:
             with torch.cuda.graph(graph, pool=self.pool):
-                loss = self.forward_backward(inputs)
+                loss = self.forward_backward(inputs, key[1])
         except Exception as error:  # noqa: BLE001 - any capture failure means: stay eager, and say why once
             self.failed = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}" if str(error) else \
                 type(error).__name__

@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from sumtune import distributed
-from sumtune.batching import Batches, Collator
+from sumtune.batching import Batches, Collator, to_device
 from sumtune.config import GenerationSettings
 from sumtune.data import tokenize_rows
 from sumtune.errors import SumtuneError
 from sumtune.evaluation import evaluate_rows, score_predictions
 from sumtune.faults import eval_oom_message
-from sumtune.train_step import forward_loss, to_device
+from sumtune.train_step import forward_loss
 
 if TYPE_CHECKING:
     from sumtune.config import TrainConfig

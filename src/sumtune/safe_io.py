@@ -166,23 +166,24 @@ def kind_of(path: Path) -> str:
     return "not a regular file or directory"
 
 
-def require_dir(path: str | Path, what: str) -> Path:
-    """`path` as a directory, or one sentence: it does not exist, or it is a file."""
+def _require(path: str | Path, what: str, is_kind, noun: str) -> Path:
+    """`path` if `is_kind(path)`, else one sentence: it does not exist, or it is something else."""
     path = Path(path).expanduser()
-    if path.is_dir():
+    if is_kind(path):
         return path
     if os.path.lexists(path):
-        raise SumtuneError(f"{what} {str(path)!r} is {kind_of(path)}, not a directory.")
+        raise SumtuneError(f"{what} {str(path)!r} is {kind_of(path)}, not {noun}.")
     raise SumtuneError(f"{what} {str(path)!r} does not exist.")
+
+
+def require_dir(path: str | Path, what: str) -> Path:
+    """`path` as a directory, or one sentence: it does not exist, or it is a file."""
+    return _require(path, what, Path.is_dir, "a directory")
 
 
 def require_file(path: str | Path, what: str) -> Path:
-    path = Path(path).expanduser()
-    if path.is_file():
-        return path
-    if os.path.lexists(path):
-        raise SumtuneError(f"{what} {str(path)!r} is {kind_of(path)}, not a file.")
-    raise SumtuneError(f"{what} {str(path)!r} does not exist.")
+    """`path` as a file, or one sentence: it does not exist, or it is a directory (or another kind)."""
+    return _require(path, what, Path.is_file, "a file")
 
 
 def check_output_location(path: str | Path, what: str = "Output directory", *, is_file: bool = False) -> Path:

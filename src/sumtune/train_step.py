@@ -23,6 +23,7 @@ from typing import Iterator, Sequence
 import torch
 
 from sumtune import distributed
+from sumtune.batching import to_device
 from sumtune.faults import StopRequest
 from sumtune.flops import train_flops_per_sample
 from sumtune.modeling import autocast
@@ -61,10 +62,6 @@ def forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, devi
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Non-padding source tokens plus label tokens of a host batch (no GPU sync)."""
     return int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 class BatchFlops:
@@ -108,7 +105,6 @@ class TrainStep:
             from sumtune.cuda_graphs import GraphedMicroSteps
 
             self.graphed = GraphedMicroSteps(self._graph_forward_backward, self.params, device, notify=notify)
-            self._accum = 1
 
     def draw(self, stream: Iterator[dict[str, torch.Tensor]], count: int) -> list[dict[str, torch.Tensor]]:
         """The host micro-batches of one step from a batches stream (the profiler's data phase)."""
@@ -134,9 +130,8 @@ class TrainStep:
                                      host_batch["labels"].shape[1])
             flops += self.flops.of_batch(host_batch) if self.flops is not None else 0.0
             if self.graphed is not None:  # h2d copy into the shape's buffers, then forward and backward replayed
-                self._accum = accum
                 with prof.phase("forward_backward"):
-                    loss_sum += self.graphed(host_batch)
+                    loss_sum += self.graphed(host_batch, accum)
                 continue
             with prof.phase("h2d"):
                 batch = to_device(host_batch, self.device)
@@ -174,9 +169,10 @@ class TrainStep:
         if self.graphed is not None:
             self.graphed.release()
 
-    def _graph_forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One micro-batch's forward and backward as the graphs capture it; returns the detached scaled loss."""
+    def _graph_forward_backward(self, batch: dict[str, torch.Tensor], accum: int) -> torch.Tensor:
+        """One micro-batch's forward and backward as the graphs capture it (the loss scaled by 1/`accum`, a
+        constant inside a captured graph); returns the detached scaled loss."""
         loss = forward_loss(self.train_model, batch, device=self.device, compute_dtype=self.compute_dtype,
-                            autocast_cache=False) / self._accum
+                            autocast_cache=False) / accum
         loss.backward()
         return loss.detach()

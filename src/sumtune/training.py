@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from sumtune import batch_search, checkpoint, distributed
-from sumtune.batching import Batches, Collator
+from sumtune.batching import Batches, Collator, to_device
 from sumtune.config import TrainConfig
 from sumtune.data import LoadedData, TokenizedExample, clip_chars, load_rows, tokenize_rows
 from sumtune.modeling import (count_parameters, enable_fast_path, load_model, load_tokenizer, model_source,
@@ -27,7 +27,7 @@ from sumtune.optim import build_optimizer
 from sumtune.profiling.advice import advice_context
 from sumtune.profiling.profiler import NULL_PROFILER
 from sumtune.progress import Progress
-from sumtune.train_step import BatchFlops, TrainStep, forward_loss, to_device
+from sumtune.train_step import BatchFlops, TrainStep, forward_loss
 
 
 def seed_everything(seed: int) -> None:
@@ -115,6 +115,8 @@ def build_model(cfg: TrainConfig, tokenizer, device: torch.device, *, run_dir: P
     model = apply_lora(base, cfg).to(device)
     if cfg.fast_kernels:
         model = enable_fast_path(model, attention_backend=cfg.attention_backend)
+        if cfg.fused_lora:
+            fast_t5.fuse_lora_4bit(model)
     if cfg.cache_dequantized_weights:
         fast_t5.cache_dequantized_weights(model)
     if cfg.compile and device.type == "cuda":

@@ -7,6 +7,7 @@ Public API:
     compile_for_training(model, mode=None, dynamic=False) -> model      (T5 blocks compiled in place)
     cache_dequantized_weights(model, dtype=None) -> int                 (bytes held by the cache)
     uncache_dequantized_weights(model) -> int                           (modules restored)
+    fuse_lora_4bit(model) -> int / unfuse_lora_4bit(model) -> int        (one autograd node per LoRA-on-NF4 layer)
     ATTENTION_BACKENDS, choose_attention_backend(...)                    (which attention kernel runs, and why)
 
 The Triton kernels themselves: sumtune.fast_t5.flash_attention.flash_t5_attention.
@@ -15,6 +16,7 @@ The Triton kernels themselves: sumtune.fast_t5.flash_attention.flash_t5_attentio
 from sumtune.fast_t5.attention import ATTENTION_BACKENDS
 from sumtune.fast_t5.attention import choose_backend as choose_attention_backend
 from sumtune.fast_t5.extras import cache_dequantized_weights, compile_for_training, uncache_dequantized_weights
+from sumtune.fast_t5.lora4bit import fuse_lora_4bit, unfuse_lora_4bit
 from sumtune.fast_t5.patch import (disable_fast_t5, enable_fast_t5, find_compute_dtype, fix_quantized_ffn,
                                   is_fast_t5_enabled)
 
@@ -27,6 +29,8 @@ __all__ = [
     "enable_fast_t5",
     "find_compute_dtype",
     "fix_quantized_ffn",
+    "fuse_lora_4bit",
     "is_fast_t5_enabled",
     "uncache_dequantized_weights",
+    "unfuse_lora_4bit",
 ]

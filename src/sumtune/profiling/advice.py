@@ -24,7 +24,7 @@ SMALL_KERNEL_US = 20.0
 
 CONTEXT_KEYS = ("batch_size", "grad_accum_steps", "num_workers", "pin_memory", "compute_dtype", "quantization",
                 "gradient_checkpointing", "compile", "fast_kernels", "max_source_tokens", "max_target_tokens",
-                "lora_r", "pad_to_buckets")
+                "lora_r", "pad_to_buckets", "max_memory_gib", "cuda_graphs")
 
 
 def advice_context(settings: Any) -> dict[str, Any]:
@@ -44,8 +44,14 @@ def _gpu(summary: dict[str, Any]) -> dict[str, Any]:
     return summary.get("gpu") or {}
 
 
+def _mem_limit_gib(summary: dict[str, Any]) -> float | None:
+    """What the run may use: the device's memory, or `max_memory_gib` when that caps it lower."""
+    total, cap = summary.get("device_mem_total_gib"), _ctx(summary).get("max_memory_gib")
+    return min(total, cap) if total and cap else total
+
+
 def _mem_fraction(summary: dict[str, Any]) -> float | None:
-    peak, total = summary.get("peak_mem_gib"), summary.get("device_mem_total_gib")
+    peak, total = summary.get("peak_mem_gib"), _mem_limit_gib(summary)
     if summary.get("device") != "cuda" or not peak or not total:
         return None
     return peak / total
@@ -152,7 +158,7 @@ def memory_headroom(summary: dict[str, Any]) -> str | None:
     frac = _mem_fraction(summary)
     if frac is None or frac >= HEADROOM_FRACTION:
         return None
-    used = f"peak memory is {summary['peak_mem_gib']:.1f} of {summary['device_mem_total_gib']:.0f} GiB ({100 * frac:.0f}%)"
+    used = f"peak memory is {summary['peak_mem_gib']:.1f} of {_mem_limit_gib(summary):.0f} GiB ({100 * frac:.0f}%)"
     if _ctx(summary).get("gradient_checkpointing"):
         return f"{used}: turn gradient_checkpointing off (saves ~25-30% of the compute) or raise batch_size."
     if (_gpu(summary).get("utilization_pct") or 100.0) < GPU_UTIL_PCT:
@@ -165,7 +171,7 @@ def memory_full(summary: dict[str, Any]) -> str | None:
     if frac is None or frac < FULL_FRACTION:
         return None
     fix = "lower batch_size" if _ctx(summary).get("gradient_checkpointing") else "enable gradient_checkpointing"
-    return f"peak memory is {100 * frac:.0f}% of the GPU: one longer batch can run out of memory; {fix} or cap max_source_tokens."
+    return f"peak memory is {100 * frac:.0f}% of what the run may use: one longer batch can run out of memory; {fix} or cap max_source_tokens."
 
 
 def optimizer_share(summary: dict[str, Any]) -> str | None:

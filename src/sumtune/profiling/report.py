@@ -32,7 +32,8 @@ def format_summary(summary: dict[str, Any]) -> str:
                + (f" ({summary['mfu_flops_counted'].split(':')[0]})" if summary.get("mfu_flops_counted") else ""))
     gib = summary.get("mem_kind") == "cuda_allocated" and "GPU allocated" or "process RSS"
     out.append(f"memory        {gib}: peak {_fmt(summary.get('peak_mem_gib'), '.2f', ' GiB')}, "
-               f"mean {_fmt(summary.get('mean_mem_gib'), '.2f', ' GiB')} of {_fmt(summary.get('device_mem_total_gib'), '.0f', ' GiB')}")
+               f"mean {_fmt(summary.get('mean_mem_gib'), '.2f', ' GiB')} of {_fmt(summary.get('device_mem_total_gib'), '.0f', ' GiB')}"
+               + (f" (incl. {summary['graph_pool_gib']:.2f} GiB held by CUDA graphs)" if summary.get("graph_pool_gib") else ""))
     gpu = summary.get("gpu")
     if gpu:
         out.append(f"GPU           busy {_fmt(gpu.get('utilization_pct'), '.0f', '%')} of the step (trace), "

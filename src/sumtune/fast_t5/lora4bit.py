@@ -1,0 +1,151 @@
+"""One autograd node for a PEFT LoRA layer on a bitsandbytes 4-bit linear (training only).
+
+PEFT's `lora.bnb.Linear4bit.forward` computes `base(x).clone() + lora_B(lora_A(dropout(x))) * scaling`: per layer
+and step that is a defensive copy of the output, a scaling pass and an addition pass over the output, and seven
+autograd nodes, each a host round of Python and kernel launches. With LoRA on every linear layer of T5-3b (384
+layers) the host, not the GPU, sets the step time. Here the same maths is one `autograd.Function`:
+
+    forward:  y = x Wᵀ  (W dequantized from NF4, as bnb does),  y += s · (dropout(x) Aᵀ) Bᵀ  (one addmm)
+    backward: dx = dy W + dropout'(s · (dy B) A),  dA = (s · dy B)ᵀ dropout(x),  dB = s · dyᵀ (dropout(x) Aᵀ)
+
+The frozen weight is dequantized again in backward instead of being kept (as bnb does), so memory is PEFT's.
+Layers this does not cover (eval/no-grad, merged or disabled adapters, several adapters, DoRA and other
+variants, LoRA bias, inputs or adapters in another dtype than bnb's compute dtype) take PEFT's own forward.
+"""
+
+from __future__ import annotations
+
+from types import MethodType
+
+import torch
+import torch.nn.functional as F
+
+from sumtune.fast_t5.extras import _CACHE_ATTR, dequantize_4bit_weight
+
+_FUSED_ATTR = "_sumtune_fused_lora"
+
+
+def _base_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    cached = getattr(base, _CACHE_ATTR, None)  # cache_dequantized_weights keeps a dense copy
+    if cached is not None and cached.dtype == dtype:
+        return cached
+    return dequantize_4bit_weight(base, dtype)
+
+
+class FusedLora4bit(torch.autograd.Function):
+    """y = base(x) + scaling · B(A(dropout(x))) for a frozen 4-bit base, as one autograd node."""
+
+    @staticmethod
+    def forward(ctx, x, weight_a, weight_b, base, scaling: float, dropout_p: float, dtype: torch.dtype):
+        with torch.autocast(x.device.type, enabled=False):
+            x2d = x.reshape(-1, x.shape[-1]).to(dtype)
+            a_w, b_w = weight_a.to(dtype), weight_b.to(dtype)
+            bias = None if base.bias is None else base.bias.to(dtype)
+            out = F.linear(x2d, _base_weight(base, dtype), bias)
+            if dropout_p > 0:
+                dropped, mask = torch.native_dropout(x2d, dropout_p, True)
+            else:
+                dropped, mask = x2d, None
+            low_rank = dropped @ a_w.t()  # [N, r]
+            out.addmm_(low_rank, b_w.t(), alpha=scaling)
+        ctx.save_for_backward(dropped, mask, low_rank, a_w, b_w)
+        ctx.base, ctx.scaling, ctx.dropout_p, ctx.dtype = base, scaling, dropout_p, dtype
+        ctx.x_shape, ctx.x_dtype, ctx.param_dtypes = x.shape, x.dtype, (weight_a.dtype, weight_b.dtype)
+        return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        dropped, mask, low_rank, a_w, b_w = ctx.saved_tensors
+        with torch.autocast(grad_out.device.type, enabled=False):
+            grad2d = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.dtype)
+            grad_low = (grad2d @ b_w).mul_(ctx.scaling)  # [N, r]: dL/d(dropped Aᵀ)
+            grad_a = grad_low.t() @ dropped
+            grad_b = (grad2d.t() @ low_rank).mul_(ctx.scaling)
+            # The input's gradient is computed even where the input needs none (the first layers' q/k/v/wi: ~2% of
+            # the LoRA layers): torch.compile (2.11, H200) traced this backward once with `needs_input_grad` as it
+            # was for the encoder's first layer and dropped every later layer's input gradient, so the encoder got
+            # no gradient at all (benchmarks/results/logs/compile_fused_lora_grads-2026-12-01-h200.log).
+            grad_x = grad2d @ _base_weight(ctx.base, ctx.dtype)
+            if mask is None:
+                grad_x.addmm_(grad_low, a_w)
+            else:
+                grad_x += torch.ops.aten.native_dropout_backward(grad_low @ a_w, mask, 1.0 / (1.0 - ctx.dropout_p))
+            grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
+        dtype_a, dtype_b = ctx.param_dtypes
+        return grad_x, grad_a.to(dtype_a), grad_b.to(dtype_b), None, None, None, None
+
+
+def _lora_dtype(layer, x: torch.Tensor, weight_a: torch.Tensor) -> torch.dtype:
+    """The dtype PEFT's LoRA matmuls run in: autocast's when it is on, else the adapter weights'."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight_a.dtype
+
+
+def _fusable_adapter(layer, x: torch.Tensor, args, kwargs) -> str | None:
+    """The single vanilla adapter this call can fuse, or None when PEFT's forward must run."""
+    if args or kwargs or not (layer.training and torch.is_grad_enabled()):
+        return None
+    if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
+        return None
+    name = layer.active_adapters[0]
+    if name not in layer.lora_A or name in getattr(layer, "lora_variant", {}):
+        return None
+    if layer.lora_B[name].bias is not None or layer.lora_A[name].bias is not None:
+        return None
+    base = layer.get_base_layer()
+    if getattr(base.weight, "quant_state", None) is None or base.compute_dtype is None:
+        return None
+    dropout = layer.lora_dropout[name]
+    if not isinstance(dropout, (torch.nn.Dropout, torch.nn.Identity)):
+        return None
+    # Inputs in another dtype (float32 activations after prepare_model_for_kbit_training) get PEFT's mixed
+    # precision exactly: bnb's backward then runs in float32, which one bf16 node would not reproduce.
+    if not base.compute_dtype == x.dtype == _lora_dtype(layer, x, layer.lora_A[name].weight):
+        return None
+    return name
+
+
+def fused_lora_4bit_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Bound onto `peft.tuners.lora.bnb.Linear4bit` instances: the fused node in training, PEFT's forward else."""
+    name = _fusable_adapter(self, x, args, kwargs)
+    if name is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    dropout = self.lora_dropout[name]
+    dropout_p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) else 0.0
+    base = self.get_base_layer()
+    return FusedLora4bit.apply(x, self.lora_A[name].weight, self.lora_B[name].weight, base,
+                               float(self.scaling[name]), dropout_p, base.compute_dtype)
+
+
+def _lora_4bit_class():
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError:  # peft without bitsandbytes support: nothing to fuse
+        return None
+    return Linear4bit
+
+
+def fuse_lora_4bit(model: torch.nn.Module) -> int:
+    """Bind the fused forward onto every PEFT LoRA layer over a 4-bit linear in ``model``; returns how many.
+
+    Undo with :func:`unfuse_lora_4bit` (deletes the instance attribute, so the class forward is back)."""
+    layer_class = _lora_4bit_class()
+    if layer_class is None:
+        return 0
+    fused = 0
+    for module in model.modules():
+        if isinstance(module, layer_class):
+            module.forward = MethodType(fused_lora_4bit_forward, module)
+            setattr(module, _FUSED_ATTR, True)
+            fused += 1
+    return fused
+
+
+def unfuse_lora_4bit(model: torch.nn.Module) -> int:
+    restored = 0
+    for module in model.modules():
+        if getattr(module, _FUSED_ATTR, False):
+            del module.forward
+            delattr(module, _FUSED_ATTR)
+            restored += 1
+    return restored
