@@ -115,3 +115,33 @@ def test_one_host_sync_per_step_on_the_gpu(data):
         torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
     assert len(syncs) == 1, [str(w.message) for w in syncs]
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fused_lora_steps_train_as_peft_layers_do(data, monkeypatch, checkpointing):
+    """`fused_lora` (one autograd node per LoRA-on-NF4 layer) in THE step, with and without activation checkpointing
+    (which runs each block's forward twice): two SGD steps move every adapter weight as PEFT's own layers do."""
+    from dataclasses import replace
+
+    from sumtune.fast_t5.lora4bit import FusedLora4bit
+
+    tokenizer, examples = data
+    calls = []
+    real_apply = FusedLora4bit.apply
+    monkeypatch.setattr(FusedLora4bit, "apply", lambda *args: calls.append(1) or real_apply(*args))
+    batches = [collate(examples[:4], tokenizer.pad_token_id), collate(examples[4:8], tokenizer.pad_token_id)]
+    moved = {}
+    for fused in (False, True):
+        cfg = replace(CFG, lora_targets=["all-linear"], fused_lora=fused, gradient_checkpointing=checkpointing)
+        model = build_model(cfg, tokenizer, torch.device("cpu")).train()
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        step = TrainStep(model, optimizer, device=torch.device("cpu"), compute_dtype="fp32", max_grad_norm=None)
+        before = trainable(step)
+        for batch in batches:
+            step([batch], lr=0.5)
+        moved[fused] = {n: p - before[n] for n, p in trainable(step).items()}
+    assert calls, "the fused node never ran"
+    total = torch.cat([d.flatten() for d in moved[False].values()]).norm()
+    assert total > 1e-3
+    for name, delta in moved[False].items():
+        assert torch.allclose(moved[True][name], delta, rtol=1e-4, atol=1e-5 * float(total)), name
