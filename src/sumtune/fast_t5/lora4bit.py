@@ -64,7 +64,8 @@ class FusedLora4bit(torch.autograd.Function):
             # The input's gradient is computed even where the input needs none (the first layers' q/k/v/wi: ~2% of
             # the LoRA layers): torch.compile (2.11, H200) traced this backward once with `needs_input_grad` as it
             # was for the encoder's first layer and dropped every later layer's input gradient, so the encoder got
-            # no gradient at all (benchmarks/results/logs/compile_fused_lora_grads-2026-12-01-h200.log).
+            # no gradient at all (benchmarks/results/logs/compile_fused_lora_grads-2026-12-01-h200.log; the same
+            # dynamo behaviour as pytorch/pytorch#159299).
             grad_x = grad2d @ _base_weight(ctx.base, ctx.dtype)
             if mask is None:
                 grad_x.addmm_(grad_low, a_w)
