@@ -353,18 +353,19 @@ def loss_drop(row: dict) -> float | None:
     return (first - last) / first if first and last is not None else None
 
 
-def flag_idle_training(row: dict, rows: list[dict]) -> bool:
-    """A sumtune row whose loss fell less than half as far as the best row's did is not training as the others do
-    (2026-12-01: a fast-looking compile + fused LoRA row went 11.08 -> 10.35 where the rest went 11.1 -> 8.5, its
-    gradients lost): note it on the row and leave it out of `fastest`. Returns whether the row was flagged."""
-    drops = [d for r in rows if r["path"] == "sumtune" and (d := loss_drop(r)) is not None]
-    drop = loss_drop(row)
-    if drop is None or len(drops) < 2 or drop >= 0.5 * max(drops):
-        return False
-    if "loss barely fell" not in row.get("note", ""):
-        row["note"] = (row.get("note", "") + f" loss barely fell ({100 * drop:.0f}% vs {100 * max(drops):.0f}% in "
-                       f"the best row): not training as the others do").strip()
-    return True
+def idle_rows(rows: list[dict]) -> list[dict]:
+    """The sumtune rows whose loss fell less than half as far as the best row's: they are not training as the others
+    do (2026-12-01: a fast-looking compile + fused LoRA row went 11.08 -> 10.35 where the rest went 11.1 -> 8.5, its
+    gradients lost). Each gets a note; `finish` leaves them out of `fastest`."""
+    drops = {id(r): d for r in rows if r["path"] == "sumtune" and (d := loss_drop(r)) is not None}
+    if len(drops) < 2:
+        return []
+    best = max(drops.values())
+    idle = [r for r in rows if id(r) in drops and drops[id(r)] < 0.5 * best]
+    for row in idle:
+        row["note"] = (row.get("note", "") + f" loss barely fell ({100 * drops[id(row)]:.0f}% vs {100 * best:.0f}% "
+                       f"in the best row): not training as the others do").strip()
+    return idle
 
 
 def finish(rows: list[dict], args, matmul_tflops) -> None:
@@ -373,7 +374,8 @@ def finish(rows: list[dict], args, matmul_tflops) -> None:
     for row in rows:
         if reference_best and "samples_per_s" in row:
             row["speedup"] = row["samples_per_s"] / reference_best
-    fast = [r for r in rows if r["path"] == "sumtune" and "samples_per_s" in r and not flag_idle_training(r, rows)]
+    idle = {id(r) for r in idle_rows(rows)}
+    fast = [r for r in rows if r["path"] == "sumtune" and "samples_per_s" in r and id(r) not in idle]
     fastest = max(fast, key=lambda r: r["samples_per_s"], default=None)
     capped = [r for r in fast if r.get("peak_mem_gib") is not None and r["peak_mem_gib"] <= args.memory_cap_gib]
     best_capped = max(capped, key=lambda r: r["samples_per_s"], default=None)
