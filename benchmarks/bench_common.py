@@ -136,6 +136,45 @@ def free_gpu_memory() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+# ----------------------------------------------------------------------------- setting tokens
+# The TrainConfig overrides a benchmark setting token stands for (settings are tokens joined by ':', e.g.
+# "config:ldrop0:fusedlora" or "b8:gc"); `mem<N>` is max_memory_gib N and `b<N>` the micro-batch.
+CONFIG_TOKENS: dict[str, dict] = {
+    "gc": {"gradient_checkpointing": True}, "nogc": {"gradient_checkpointing": False},
+    "compile": {"compile": True}, "nocompile": {"compile": False},
+    "cache": {"cache_dequantized_weights": True}, "nocache": {"cache_dequantized_weights": False},
+    "graphs": {"cuda_graphs": True}, "nograph": {"cuda_graphs": False},
+    "buckets": {"pad_to_buckets": True}, "nobuckets": {"pad_to_buckets": False},
+    "group": {"group_by_length": True},
+    "fusedlora": {"fused_lora": True},
+    "drop0": {"model_dropout": 0.0},  # T5's own dropout off: the targets keep 0.1, so for comparison only
+    "ldrop0": {"lora_dropout": 0.0},
+    "sdpa": {"attention_backend": "sdpa"}, "triton": {"attention_backend": "triton"},
+    "adamw": {"optimizer": "adamw"}, "paged": {"optimizer": "paged_adamw_8bit"}, "adamw8": {"optimizer": "adamw_8bit"},
+}
+
+
+def setting_fields(text: str, extra=None) -> dict:
+    """The TrainConfig overrides of a settings string. `extra(token, fields) -> bool` handles a benchmark's own tokens
+    (True when it took the token). A setting names its micro-batch (`b<N>`) unless it starts from a config file
+    (`config`, whose `batch_size: auto` resolves at build); an unknown token ends the run with its name."""
+    fields: dict = {}
+    for token in text.split(":"):
+        if token == "config":  # the config file's own settings
+            continue
+        if token[:1] == "b" and token[1:].isdigit():
+            fields["batch_size"] = int(token[1:])
+        elif token.startswith("mem") and token[3:].isdigit():
+            fields["max_memory_gib"] = float(token[3:])
+        elif token in CONFIG_TOKENS:
+            fields.update(CONFIG_TOKENS[token])
+        elif extra is None or not extra(token, fields):
+            raise SystemExit(f"unknown setting token {token!r} in {text!r}")
+    if "batch_size" not in fields and not text.startswith("config"):
+        raise SystemExit(f"setting {text!r} needs a micro-batch token like b16 (or start with 'config')")
+    return fields
+
+
 def benchmark_device(name: str, quick: bool) -> torch.device | None:
     """The GPU a benchmark runs on, or the CPU for its --quick plumbing check; None (after saying why) otherwise."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

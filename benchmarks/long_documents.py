@@ -68,39 +68,8 @@ def write_jsonl(rows: list[dict], path: Path) -> Path:
 
 # ----------------------------------------------------------------------------- sumtune (the product's step)
 def parse_setting(text: str) -> dict:
-    overrides: dict = {}
-    for token in text.split(":"):
-        if token == "config":  # the config file's own settings (its `auto` batch resolved at build)
-            continue
-        if token.startswith("b") and token[1:].isdigit():
-            overrides["batch_size"] = int(token[1:])
-        elif token in ("gc", "nogc"):
-            overrides["gradient_checkpointing"] = token == "gc"
-        elif token in ("sdpa", "triton"):
-            overrides["attention_backend"] = token
-        elif token == "compile":
-            overrides["compile"] = True
-        elif token == "cache":
-            overrides["cache_dequantized_weights"] = True
-        elif token == "drop0":
-            overrides["model_dropout"] = 0.0
-        elif token == "adamw":
-            overrides["optimizer"] = "adamw"
-        elif token == "ldrop0":
-            overrides["lora_dropout"] = 0.0
-        elif token == "fusedlora":
-            overrides["fused_lora"] = True
-        elif token == "graphs":
-            overrides["cuda_graphs"] = True
-        elif token == "buckets":
-            overrides["pad_to_buckets"] = True
-        elif token.startswith("mem") and token[3:].isdigit():
-            overrides["max_memory_gib"] = float(token[3:])
-        else:
-            raise SystemExit(f"unknown setting token {token!r} in {text!r}")
-    if "batch_size" not in overrides and not text.startswith("config"):
-        raise SystemExit(f"setting {text!r} needs a batch token like b4 (or start with 'config')")
-    return overrides
+    """TrainConfig overrides of a settings string (tokens: bench_common.CONFIG_TOKENS, `b<N>`, `mem<N>`)."""
+    return bc.setting_fields(text)
 
 
 def sumtune_config(args, src_len: int, tgt_len: int, dataset: Path, overrides: dict):

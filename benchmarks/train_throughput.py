@@ -41,49 +41,28 @@ COLUMNS = ["path", "setting", "batch", "samples_per_s", "tokens_per_s", "step_ti
 
 
 # ----------------------------------------------------------------------------- settings
-FLAG_TOKENS = {"gc": "gradient_checkpointing", "compile": "compile", "cache": "cache_dequantized_weights",
-               "buckets": "pad_to_buckets", "group": "group_by_length", "graphs": "cuda_graphs",
-               "fusedlora": "fused_lora"}
 RESOLVED_FIELDS = ("batch_size", "grad_accum_steps", "optimizer", "lora_targets", "lora_r", "compile",
                    "cache_dequantized_weights", "cuda_graphs", "pad_to_buckets", "gradient_checkpointing",
                    "model_dropout", "max_memory_gib", "lora_dropout", "fused_lora", "attention_backend")
 CONFIG_SAMPLES_GUESS = 64  # rows to provide per step for a config whose batch is `auto` (resolved at build)
-OFF_TOKENS = {"nograph": "cuda_graphs", "nocache": "cache_dequantized_weights", "nobuckets": "pad_to_buckets",
-              "nocompile": "compile"}
 
 
 def parse_setting(text: str) -> dict:
-    """A settings string → {"name", "sdpa", "fields": TrainConfig overrides}."""
-    fields: dict = {}
-    sdpa = None
-    for token in text.split(":"):
-        if token == "config":  # the --config file's own settings
-            continue
-        if token[:1] in ("b", "a") and token[1:].isdigit():
-            fields["batch_size" if token[0] == "b" else "grad_accum_steps"] = int(token[1:])
-        elif token in FLAG_TOKENS:
-            fields[FLAG_TOKENS[token]] = True
-        elif token in OFF_TOKENS:
-            fields[OFF_TOKENS[token]] = False
-        elif token.startswith("mem") and token[3:].isdigit():
-            fields["max_memory_gib"] = float(token[3:])
-        elif token in ("paged", "adamw8"):
-            fields["optimizer"] = "paged_adamw_8bit" if token == "paged" else "adamw_8bit"
-        elif token == "drop0":
-            fields["model_dropout"] = 0.0
-        elif token == "ldrop0":
-            fields["lora_dropout"] = 0.0
-        elif token in ("triton", "sdpa"):
-            fields["attention_backend"] = token
-        elif token == "adamw":
-            fields["optimizer"] = "adamw"
+    """A settings string → {"name", "sdpa", "fields": TrainConfig overrides} (tokens: bench_common.CONFIG_TOKENS,
+    plus `a<N>` grad_accum_steps and `eff` / `cudnn`, an SDPA kernel pinned around the timed steps)."""
+    pinned = []
+
+    def own_token(token: str, fields: dict) -> bool:
+        if token[:1] == "a" and token[1:].isdigit():
+            fields["grad_accum_steps"] = int(token[1:])
         elif token in ("eff", "cudnn"):
-            sdpa = token
+            pinned.append(token)
         else:
-            raise SystemExit(f"unknown fast-setting token {token!r} in {text!r}")
-    if "batch_size" not in fields and not text.startswith("config"):
-        raise SystemExit(f"fast setting {text!r} needs a batch size token like b16 (or start with 'config')")
-    return dict(name=text, sdpa=sdpa, fields=fields)
+            return False
+        return True
+
+    fields = bc.setting_fields(text, own_token)
+    return dict(name=text, sdpa=pinned[-1] if pinned else None, fields=fields)
 
 
 def lora_config(targets: list[str] | None):
