@@ -30,9 +30,9 @@ def data():
     return tokenizer, examples
 
 
-def sgd_step(tokenizer, device="cpu", **kwargs) -> TrainStep:
+def sgd_step(tokenizer, device="cpu", cfg: TrainConfig = CFG, **kwargs) -> TrainStep:
     """A fresh product-built model (same seed: same weights) with plain SGD, whose update is lr × gradient."""
-    model = build_model(CFG, tokenizer, torch.device(device)).train()
+    model = build_model(cfg, tokenizer, torch.device(device)).train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     lora_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return TrainStep(model, optimizer, device=torch.device(device), compute_dtype="fp32", max_grad_norm=None,
@@ -132,10 +132,8 @@ def test_fused_lora_steps_train_as_peft_layers_do(data, monkeypatch, checkpointi
     batches = [collate(examples[:4], tokenizer.pad_token_id), collate(examples[4:8], tokenizer.pad_token_id)]
     moved = {}
     for fused in (False, True):
-        cfg = replace(CFG, lora_targets=["all-linear"], fused_lora=fused, gradient_checkpointing=checkpointing)
-        model = build_model(cfg, tokenizer, torch.device("cpu")).train()
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-        step = TrainStep(model, optimizer, device=torch.device("cpu"), compute_dtype="fp32", max_grad_norm=None)
+        step = sgd_step(tokenizer, cfg=replace(CFG, lora_targets=["all-linear"], fused_lora=fused,
+                                               gradient_checkpointing=checkpointing))
         before = trainable(step)
         for batch in batches:
             step([batch], lr=0.5)
