@@ -117,6 +117,7 @@ class WandbTracker:
     def __init__(self, run_dir: Path, hparams: dict[str, Any], purge_step: int | None = None):
         import wandb
 
+        self._wandb = wandb
         self._run = wandb.init(project=os.environ.get("WANDB_PROJECT", "sumtune"), name=run_dir.name,
                                dir=str(run_dir), config=hparams)
 
@@ -124,12 +125,10 @@ class WandbTracker:
         self._run.log(_scalars(split, values), step=step)
 
     def close(self) -> None:
-        import wandb
-
         self._run.finish()
         # finish() returns before wandb's service has written the run file (offline: seen empty for ~1 s after, in
         # 3 of 8 runs); teardown waits for the service, so the run's files are complete when close() returns.
-        wandb.teardown()
+        self._wandb.teardown()
 
 
 class MlflowTracker:
