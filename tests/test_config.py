@@ -181,15 +181,6 @@ def test_generation_settings_take_the_runs_and_the_given_ones():
         "max_new_tokens": 40, "num_beams": 2, "min_new_tokens": 5, "length_penalty": 0.5, "no_repeat_ngram_size": 3}
 
 
-def test_compile_with_fused_lora_under_graphs_is_refused_and_each_pair_is_allowed():
-    """All three together trained with zero gradients on an H200 (tests/test_cuda_graphs.py says where)."""
-    with pytest.raises(SumtuneError, match=r"^`compile`, `fused_lora` and `cuda_graphs` together trained with zero"):
-        TrainConfig(compile=True, fused_lora=True, cuda_graphs=True)
-    for off in ("compile", "fused_lora", "cuda_graphs"):
-        values = {"compile": True, "fused_lora": True, "cuda_graphs": True, off: False}
-        assert isinstance(TrainConfig(**values), TrainConfig)
-
-
 def test_the_shipped_speed_configs_use_the_measured_settings():
     """The two T5-3b configs ship what benchmarks/results measured fastest under 75 GiB (README "Speed")."""
     for name in ("t5-3b-billsum.yaml", "t5-3b-billsum-long.yaml"):

@@ -100,6 +100,25 @@ def test_fused_layer_matches_peft_in_float32_without_dropout():
     assert not any("forward" in vars(m) for m in lora_layers(model))
 
 
+def test_compiled_models_run_the_fused_node_eagerly_between_graphs_and_train_the_same():
+    """Traced by dynamo the node lost its LoRA gradients on CUDA (lora4bit.py says where), so it is kept out of
+    compiled graphs: each fused layer is a graph break, and the compiled model's gradients are the eager ones."""
+    model = lora_model(dropout=0.0)
+    fuse_lora_4bit(model)
+    x = torch.randn(2, 5, IN)
+    expected = output_and_grads(model, x)
+    torch._dynamo.reset()
+    try:
+        explained = torch._dynamo.explain(model)(x)
+        assert any("torch.compiler.disable" in r.reason for r in explained.break_reasons), explained.break_reasons
+        model.compile(backend="aot_eager")  # in place, as sumtune compiles T5 blocks
+        got = output_and_grads(model, x)
+    finally:
+        torch._dynamo.reset()
+        unfuse_lora_4bit(model)
+    assert_close(expected, got, rtol=1e-5)
+
+
 def test_fused_layer_with_dropout_matches_the_same_masks_applied_by_hand():
     """PEFT's CPU dropout draws its mask differently from `native_dropout` (the CUDA kernel both use), so the
     reference is PEFT's layer with its dropout module replaced by `native_dropout` under the same seed."""

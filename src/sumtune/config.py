@@ -185,7 +185,7 @@ class TrainConfig:
     cuda_graphs: bool = True
     """Capture each micro-batch shape's forward and backward in a CUDA graph and replay it (GPU, one process, no activation checkpointing; elsewhere the step runs eagerly). Removes the host's kernel-launch cost, which bounds the T5-3b step with LoRA on every layer (+68% samples/s measured on an H200); `pad_to_buckets` keeps the number of captured shapes small."""
     fused_lora: bool = False
-    """Run each LoRA layer over a 4-bit linear as one autograd node (base GEMM, dropout and the low-rank update with no copy, scaling or add pass of the output) instead of PEFT's seven; training only, results as PEFT's. Measured 4% slower on the host-bound eager step (H200, 2026-11-30); with `cuda_graphs` +8% (+14% without LoRA dropout: 34.6 vs 30.3 samples/s, H200, 2026-12-01). Not with `compile` and `cuda_graphs` together (those three trained with zero gradients: refused)."""
+    """Run each LoRA layer over a 4-bit linear as one autograd node (base GEMM, dropout and the low-rank update with no copy, scaling or add pass of the output) instead of PEFT's seven; training only, results as PEFT's. Measured 4% slower on the host-bound eager step (H200, 2026-11-30); with `cuda_graphs` +8% (+14% without LoRA dropout: 34.6 vs 30.3 samples/s, H200, 2026-12-01). With `compile` the node runs eagerly between the compiled regions (traced by torch.compile it lost its gradients on CUDA)."""
     cache_dequantized_weights: bool = False
     """Keep a dequantized copy of every 4-bit base weight in the compute dtype, so steps skip bitsandbytes' dequantization (2 bytes/parameter more: ~5.7 GB for T5-3b; +9% samples/s measured on an H200)."""
     max_memory_gib: float | None = None
@@ -252,9 +252,6 @@ class TrainConfig:
             raise SumtuneError(f"`lora_alpha` must be greater than 0, got {self.lora_alpha}.")
         if self.cache_dequantized_weights and self.quantization not in ("nf4", "fp4"):
             raise SumtuneError(f"`cache_dequantized_weights` caches 4-bit weights; quantization is {self.quantization!r}.")
-        if self.compile and self.fused_lora and self.cuda_graphs:
-            raise SumtuneError("`compile`, `fused_lora` and `cuda_graphs` together trained with zero gradients on "
-                               "an H200 (torch 2.11), so sumtune refuses them: turn off `compile` or `fused_lora`.")
         if self.model_dropout is not None and not 0.0 <= self.model_dropout < 1.0:
             raise SumtuneError(f"`model_dropout` must be in [0, 1), got {self.model_dropout}.")
         if not 0.0 <= self.lora_dropout < 1.0:

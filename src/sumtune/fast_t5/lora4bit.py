@@ -61,17 +61,14 @@ class FusedLora4bit(torch.autograd.Function):
             grad_low = (grad2d @ b_w).mul_(ctx.scaling)  # [N, r]: dL/d(dropped Aᵀ)
             grad_a = grad_low.t() @ dropped
             grad_b = (grad2d.t() @ low_rank).mul_(ctx.scaling)
-            # The input's gradient is computed even where the input needs none (the first layers' q/k/v/wi: ~2% of
-            # the LoRA layers): torch.compile (2.11, H200) traced this backward once with `needs_input_grad` as it
-            # was for the encoder's first layer and dropped every later layer's input gradient, so the encoder got
-            # no gradient at all (benchmarks/results/logs/compile_fused_lora_grads-2026-12-01-h200.log; the same
-            # dynamo behaviour as pytorch/pytorch#159299).
-            grad_x = grad2d @ _base_weight(ctx.base, ctx.dtype)
-            if mask is None:
-                grad_x.addmm_(grad_low, a_w)
-            else:
-                grad_x += torch.ops.aten.native_dropout_backward(grad_low @ a_w, mask, 1.0 / (1.0 - ctx.dropout_p))
-            grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
+            grad_x = None
+            if ctx.needs_input_grad[0]:  # not for the first layers' q/k/v/wi, whose input is the embedding
+                grad_x = grad2d @ _base_weight(ctx.base, ctx.dtype)
+                if mask is None:
+                    grad_x.addmm_(grad_low, a_w)
+                else:
+                    grad_x += torch.ops.aten.native_dropout_backward(grad_low @ a_w, mask, 1.0 / (1.0 - ctx.dropout_p))
+                grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
         dtype_a, dtype_b = ctx.param_dtypes
         return grad_x, grad_a.to(dtype_a), grad_b.to(dtype_b), None, None, None, None
 
@@ -106,6 +103,12 @@ def _fusable_adapter(layer, x: torch.Tensor, args, kwargs) -> str | None:
     return name
 
 
+# Kept out of torch.compile'd graphs (a graph break in each compiled T5 block; ~1 us a call eagerly): traced by
+# dynamo, the node lost the LoRA gradients on CUDA (torch 2.11, H200: every lora_B gradient zero, tiny T5, with and
+# without CUDA graphs; benchmarks/results/logs/compile_fused_lora_disable-2026-12-01-h200.log), and before that
+# every encoder gradient (`needs_input_grad` as traced for the first layer, as in pytorch/pytorch#159299). Eagerly
+# between compiled regions it trains as PEFT's layers do (tests/test_cuda_graphs.py, GPU).
+@torch.compiler.disable
 def fused_lora_4bit_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Bound onto `peft.tuners.lora.bnb.Linear4bit` instances: the fused node in training, PEFT's forward else."""
     name = _fusable_adapter(self, x, args, kwargs)
