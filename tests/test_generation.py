@@ -409,3 +409,15 @@ def test_cuda_graphs_match_eager_on_gpu(peft_relu, inputs):
         eager = ours(model, inputs, use_cuda_graphs=False, batch_size=8, pad_to_multiple_of=64, attention=attention)
         graphed = ours(model, inputs, use_cuda_graphs=True, batch_size=8, attention=attention)
         assert graphed == eager  # same shapes, same kernels, replayed from a graph
+
+
+def test_the_decode_attention_benchmark_times_the_same_maths_as_the_decoder():
+    """benchmarks/decode_attention.py times an SDPA formulation of the decoder's hidden-state cross-attention
+    against the decoder's own; its CPU check (float32, padded rows) must find them equal."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_attention.py"
+    result = subprocess.run([sys.executable, str(script), "--cpu-check"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "formulations agree" in result.stdout, result.stdout + result.stderr

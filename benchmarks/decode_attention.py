@@ -1,0 +1,147 @@
+"""Cross-attention of one decoding step over long inputs: the generation path's `hidden_attention` (two batched
+GEMMs, each reading the cached encoder states) against SDPA with keys = values = the states (one kernel, which can
+read each tile of the states once for scores and values), and the "kv" mode over projected keys/values.
+
+    python benchmarks/decode_attention.py                 # GPU: B x 32 heads x 128, d_model 1024 (T5-3b), 4096 keys
+    python benchmarks/decode_attention.py --cpu-check     # no GPU: the formulations agree (small shapes)
+
+Why: at 4096/512 the decoder reads the document's states (8 MiB) twice per layer and step (README, "Generation at
+4096/512"); if SDPA reads them once, generation's cross-attention costs up to half. Rows: median ms per call (CUDA
+events), GB/s counting one read of the states, and each formulation's error against float32 on the same inputs.
+Writes benchmarks/results/decode_attention-<date>-<gpu>.json; nothing here changes what `sumtune` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import bench_common as bc  # noqa: E402
+
+HEADS, D_KV, D_MODEL = 32, 128, 1024  # T5-3b
+
+
+def make_inputs(batch: int, keys: int, device, dtype=torch.bfloat16, seed: int = 0):
+    """Query [B,H,dk], projections wk, wv [H*dk, D], states [B,L,D], padding bias [B,1,L] (last 10% of a quarter of
+    the rows padded, as BillSum batches are)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(batch, HEADS, D_KV, generator=gen).to(device, dtype)
+    wk = (torch.randn(HEADS * D_KV, D_MODEL, generator=gen) / D_MODEL ** 0.5).to(device, dtype)
+    wv = (torch.randn(HEADS * D_KV, D_MODEL, generator=gen) / D_MODEL ** 0.5).to(device, dtype)
+    states = torch.randn(batch, keys, D_MODEL, generator=gen).to(device, dtype)
+    bias = torch.zeros(batch, 1, keys, dtype=dtype)
+    bias[: max(1, batch // 4), :, int(keys * 0.9):] = torch.finfo(dtype).min
+    return q, wk, wv, states, bias.to(device)
+
+
+def hidden_gemms(q, wk, wv, states, bias):
+    """What sumtune's decoder runs (`sumtune.generation.t5_decode.hidden_attention`)."""
+    from sumtune.generation.t5_decode import hidden_attention
+
+    return hidden_attention(q, wk, wv, states, bias)
+
+
+def hidden_sdpa(q, wk, wv, states, bias):
+    """The same maths with the score and value passes in one SDPA call: the H heads' projected queries are H query
+    rows over one shared key = value sequence (the states)."""
+    batch, heads, d_kv = q.shape
+    q_mem = torch.bmm(q.transpose(0, 1), wk.view(heads, d_kv, -1)).transpose(0, 1)  # [B,H,D]
+    ctx_mem = F.scaled_dot_product_attention(q_mem[:, None], states[:, None], states[:, None],
+                                             attn_mask=bias[:, None], scale=1.0)[:, 0]  # [B,H,D]
+    ctx = torch.bmm(ctx_mem.transpose(0, 1), wv.view(heads, d_kv, -1).transpose(1, 2))  # [H,B,dk]
+    return ctx.transpose(0, 1).reshape(batch, heads * d_kv)
+
+
+def reference_fp32(q, wk, wv, states, bias):
+    return hidden_gemms(q.float(), wk.float(), wv.float(), states.float(), bias.float())
+
+
+def relative_error(got, ref) -> float:
+    return float((got.float() - ref).norm() / ref.norm())
+
+
+def time_ms(fn, args, repeats: int) -> float:
+    for _ in range(3):
+        fn(*args)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(*args)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def formulations(device):
+    rows = [("hidden: two GEMMs (sumtune today)", hidden_gemms, None),
+            ("hidden: SDPA, PyTorch's choice", hidden_sdpa, None)]
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend
+
+        rows.append(("hidden: SDPA, memory-efficient kernel", hidden_sdpa, SDPBackend.EFFICIENT_ATTENTION))
+    return rows
+
+
+def run(fn, backend, args):
+    import contextlib
+
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
+        return fn(*args)
+
+
+def cpu_check() -> int:
+    device = torch.device("cpu")
+    args = make_inputs(3, 40, device, dtype=torch.float32)
+    ref = reference_fp32(*args)
+    worst = max(relative_error(run(fn, backend, args), ref) for _, fn, backend in formulations(device))
+    print(f"cpu check: formulations agree with float32 within {worst:.2e}")
+    return 0 if worst < 1e-5 else 1
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", default="64,256")
+    parser.add_argument("--keys", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--cpu-check", action="store_true")
+    args = parser.parse_args(argv)
+    if args.cpu_check:
+        return cpu_check()
+    if not torch.cuda.is_available():
+        print("decode_attention.py times GPU kernels and needs a CUDA GPU; use --cpu-check.", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    rows = []
+    for batch in (int(b) for b in args.batches.split(",")):
+        inputs = make_inputs(batch, args.keys, device)
+        ref = reference_fp32(*inputs)
+        states_gb = inputs[3].numel() * inputs[3].element_size() / 1e9
+        for name, fn, backend in formulations(device):
+            try:
+                ms = time_ms(lambda *a: run(fn, backend, a), inputs, args.repeats)
+                row = dict(batch=batch, keys=args.keys, formulation=name, ms=ms, states_gb_per_s=states_gb / ms * 1e3,
+                           error_vs_fp32=relative_error(run(fn, backend, inputs), ref))
+            except RuntimeError as error:  # e.g. a kernel that does not take d_model-wide heads
+                row = dict(batch=batch, keys=args.keys, formulation=name, note=str(error).splitlines()[0][:100])
+            rows.append(row)
+            print(row, flush=True)
+    bc.print_table(rows, ["batch", "keys", "formulation", "ms", "states_gb_per_s", "error_vs_fp32", "note"])
+    path = bc.save_result("decode_attention", dict(heads=HEADS, d_kv=D_KV, d_model=D_MODEL, rows=rows))
+    print(f"saved {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
