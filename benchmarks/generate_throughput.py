@@ -274,7 +274,8 @@ def finish(args, rows, agree, best, mean_len, build_s, prepare_s, merged_gib) ->
             r["speedup"] = r["summaries_per_s"] / reference_b4["summaries_per_s"]
     print()
     bc.print_table(rows, COLUMNS)
-    print(f"\nagreement (greedy, forced {args.new_tokens} tokens, {args.agreement_inputs} inputs):")
+    if agree:
+        print(f"\nagreement (greedy, forced {args.new_tokens} tokens, {args.agreement_inputs} inputs):")
     for key, value in agree.items():
         print(f"  {key}: sequences {value['sequences']:.3f}, tokens {value['tokens']:.3f}")
     print(f"build {build_s:.1f} s (both models), inference_copy {prepare_s:.1f} s, merged model {merged_gib:.2f} GiB")
