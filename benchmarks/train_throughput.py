@@ -156,7 +156,10 @@ def _time_fast(data_file, device, setting, args) -> dict:
     parts.model.train()
     times_s, losses, samples, tokens, flops = [], [], [], [], []
     first_loss = None
+    shapes_at_timing = 0
     for index in range(args.warmup + args.steps):
+        if index == args.warmup:
+            shapes_at_timing = graph_shape_events(step)
         micro_batches = step.draw(stream, parts.cfg.grad_accum_steps)  # collated on the host, outside the clock
         bc.sync(device)
         start = time.perf_counter()
@@ -170,6 +173,7 @@ def _time_fast(data_file, device, setting, args) -> dict:
             tokens.append(result.tokens)
             flops.append(result.flops)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    shape_events_timed = graph_shape_events(step) - shapes_at_timing
     if args.profile:
         profile_steps(step, stream, parts.cfg.grad_accum_steps, cfg.lr)
     lora = bc.count_lora_params(parts.model)
@@ -177,7 +181,16 @@ def _time_fast(data_file, device, setting, args) -> dict:
     del parts, step, stream
     return dict(times_s=times_s, losses=losses, samples=samples, tokens=tokens, flops=flops, lora_params=lora,
                 first_loss=first_loss, peak_mem_gib=peak, samples_per_step=resolved.batch_size * resolved.grad_accum_steps,
+                graph_shape_events_timed=shape_events_timed,
                 resolved={k: getattr(resolved, k) for k in RESOLVED_FIELDS})
+
+
+def graph_shape_events(step) -> int:
+    """Micro-batches so far that met a new shape under CUDA graphs: its eager first pass, then its capture. Inside
+    the timed steps they are not steady state (2026-12-01: micro-batch 4 x 8 read 24.9 samples/s against 34.7 at
+    4 x 1, most of its few timed micro-batches being such passes)."""
+    graphed = getattr(step, "graphed", None)
+    return 0 if graphed is None else len(graphed.seen) + len(graphed.graphs)
 
 
 def profile_steps(step, stream, accum: int, lr: float, steps: int = 2) -> None:
@@ -270,7 +283,13 @@ def summarize(path: str, name: str, batch: int, run: dict, args, matmul_tflops, 
                 achieved_tflops=achieved, flops_per_sample=sum(run["flops"]) / max(1, sum(run["samples"])),
                 gradient_checkpointing=gc, steps_timed=len(run["times_s"]),
                 first_loss=run.get("first_loss"), last_loss=run["losses"][-1] if run["losses"] else None,
-                resolved=run.get("resolved"), note="")
+                resolved=run.get("resolved"), graph_shape_events_timed=run.get("graph_shape_events_timed", 0),
+                note=unsteady_note(run.get("graph_shape_events_timed", 0), len(run["times_s"])))
+
+
+def unsteady_note(events: int, steps: int) -> str:
+    return (f"{events} micro-batches of new shapes (eager first pass or graph capture) inside the {steps} timed "
+            f"steps: not steady state, time more steps") if events else ""
 
 
 def run_guarded(fn, *fn_args):
