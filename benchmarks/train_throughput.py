@@ -188,7 +188,7 @@ def _time_fast(data_file, device, setting, args) -> dict:
 def graph_shape_events(step) -> int:
     """Micro-batches so far that met a new shape under CUDA graphs: its eager first pass, then its capture. Inside
     the timed steps they are not steady state (2026-12-01: micro-batch 4 x 8 read 24.9 samples/s against 34.7 at
-    4 x 1, most of its few timed micro-batches being such passes)."""
+    4 x 1, probably for this reason; this count was added to tell)."""
     graphed = getattr(step, "graphed", None)
     return 0 if graphed is None else len(graphed.seen) + len(graphed.graphs)
 
