@@ -268,10 +268,10 @@ def main(argv=None) -> int:
 
 def finish(args, rows, agree, best, mean_len, build_s, prepare_s, merged_gib) -> int:
     """Speedups against the first reference row (else the first sumtune row), the table, and the saved JSON."""
-    reference_b4 = next((r for r in rows if r["path"] == "reference"), None) or rows[0]
+    baseline = next((r for r in rows if r["path"] == "reference"), rows[0])
     for r in rows:
-        if reference_b4 and r.get("summaries_per_s"):
-            r["speedup"] = r["summaries_per_s"] / reference_b4["summaries_per_s"]
+        if r.get("summaries_per_s"):
+            r["speedup"] = r["summaries_per_s"] / baseline["summaries_per_s"]
     print()
     bc.print_table(rows, COLUMNS)
     if agree:

@@ -273,6 +273,7 @@ def summarize(path: str, name: str, batch: int, run: dict, args, matmul_tflops, 
         return statistics.median(v / t for v, t in zip(run[key], run["times_s"]))
 
     step_time_s = statistics.median(run["times_s"])
+    shape_events = run.get("graph_shape_events_timed", 0)
     samples_per_s = median_rate("samples")
     achieved = median_rate("flops") / 1e12
     return dict(path=path, setting=name, batch=batch, samples_per_s=samples_per_s,
@@ -283,8 +284,8 @@ def summarize(path: str, name: str, batch: int, run: dict, args, matmul_tflops, 
                 achieved_tflops=achieved, flops_per_sample=sum(run["flops"]) / max(1, sum(run["samples"])),
                 gradient_checkpointing=gc, steps_timed=len(run["times_s"]),
                 first_loss=run.get("first_loss"), last_loss=run["losses"][-1] if run["losses"] else None,
-                resolved=run.get("resolved"), graph_shape_events_timed=run.get("graph_shape_events_timed", 0),
-                note=unsteady_note(run.get("graph_shape_events_timed", 0), len(run["times_s"])))
+                resolved=run.get("resolved"), graph_shape_events_timed=shape_events,
+                note=unsteady_note(shape_events, len(run["times_s"])))
 
 
 def unsteady_note(events: int, steps: int) -> str:
