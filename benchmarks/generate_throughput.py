@@ -48,6 +48,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--agreement-inputs", type=int, default=64)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd step + CUDA graphs")
     parser.add_argument("--quick", action="store_true", help="tiny model on CPU: plumbing only, numbers meaningless")
+    parser.add_argument("--full-length", action="store_true",
+                        help="join consecutive BillSum texts so every input fills --source-tokens (default: real "
+                             "documents cut there, of varied length)")
+    parser.add_argument("--ab-slicing", action="store_true",
+                        help="also time each greedy batch with slice_cross_attention=False (every row reads the "
+                             "batch's padded width in cross-attention)")
     parser.add_argument("--greedy-only", action="store_true",
                         help="only the greedy graphs rows (no eager/kv/beam/n-gram rows, no agreement): larger batches "
                              "on a short device budget; token agreement needs a full run")
@@ -95,12 +101,18 @@ def randomize_lora_b(model):
     return model
 
 
-def load_inputs(tokenizer, source_tokens: int, count: int) -> list[list[int]]:
+def load_inputs(tokenizer, source_tokens: int, count: int, full_length: bool = False) -> list[list[int]]:
+    """Real BillSum texts cut at `source_tokens`; `full_length`: consecutive texts joined until each fills it."""
     from sumtune.data import tokenize_sources
 
     rows = bc.load_billsum_texts()
-    return tokenize_sources(tokenizer, [rows[i % len(rows)]["text"] for i in range(count)], "summarize: ",
-                            source_tokens)
+    texts = []
+    for i in range(count):
+        parts = [rows[i % len(rows)]["text"]]
+        while full_length and sum(map(len, parts)) < 8 * source_tokens:  # ~4-5 characters a token
+            parts.append(rows[(i + len(parts)) % len(rows)]["text"])
+        texts.append("\n\n".join(parts))
+    return tokenize_sources(tokenizer, texts, "summarize: ", source_tokens)
 
 
 def peak_gib(device: torch.device) -> float | None:
@@ -173,7 +185,7 @@ def main(argv=None) -> int:
     reference_batches, fast_batches = ints(args.reference_batches), ints(args.fast_batches)
     n_inputs = max([2 * b for b in reference_batches] + [2 * b for b in fast_batches]
                    + [args.beam_inputs, args.agreement_inputs])
-    inputs = load_inputs(tokenizer, args.source_tokens, n_inputs)
+    inputs = load_inputs(tokenizer, args.source_tokens, n_inputs, args.full_length)
     mean_len = sum(map(len, inputs)) / len(inputs)
     print(f"{bc.gpu_name()}: {args.model}, {len(inputs)} BillSum inputs (mean {mean_len:.0f} tokens), "
           f"{args.new_tokens} new tokens", flush=True)
@@ -204,6 +216,9 @@ def main(argv=None) -> int:
 
     use_graphs = device.type == "cuda"
     settings = [("graphs" if use_graphs else "eager", dict(use_cuda_graphs=use_graphs))]
+    if args.ab_slicing:
+        settings.append((settings[0][0] + ", unsliced cross-attention",
+                         dict(use_cuda_graphs=use_graphs, slice_cross_attention=False)))
     for batch in fast_batches:
         for name, kwargs in settings:
             fast_generate(merged, inputs[:batch], batch, args.new_tokens, **kwargs)  # warm-up: capture, cuBLAS
@@ -284,7 +299,7 @@ def finish(args, rows, agree, best, mean_len, build_s, prepare_s, merged_gib) ->
         return 0
     path = bc.save_result("generate_throughput", dict(
         model=args.model, source_tokens=args.source_tokens, new_tokens=args.new_tokens, quick=args.quick,
-        mean_source_tokens=mean_len, lora=LORA, rows=rows, agreement=agree, build_s=build_s,
+        mean_source_tokens=mean_len, full_length=args.full_length, lora=LORA, rows=rows, agreement=agree, build_s=build_s,
         prepare_inference_model_s=prepare_s, merged_model_gib=merged_gib, best_fast_batch=best))
     print(f"saved {path}")
     return 0

@@ -288,6 +288,57 @@ def test_batching_order_and_early_stop_do_not_change_results(merged32, expected3
     assert_same_or_near_tie(merged32, batch, results[True], [reference[i] for i in ended], fp32_tolerance)
 
 
+def test_cross_groups_slice_sorted_rows_by_their_own_longest_source():
+    from sumtune.generation.t5_decode import cross_groups
+
+    lengths = [4000, 3900, 2100, 2000, 900, 800, 300, 10]
+    assert cross_groups(lengths, 4032, groups=4) == ((0, 2, 4032), (2, 4, 2304), (4, 6, 1024), (6, 8, 512))
+    assert cross_groups(lengths, 4032, groups=3) == ((0, 3, 4032), (3, 6, 2048), (6, 8, 512))  # 3 rows, 3, 2
+    # neighbours that round to the same length merge; slices only when they leave out >= 10% of the padded keys
+    assert cross_groups([500, 490, 300, 260], 512, groups=4) == ((0, 4, 512),)
+    assert cross_groups([512, 500, 480, 200], 512, groups=4) == ((0, 3, 512), (3, 4, 256))  # 12.5% left out
+    assert cross_groups([512, 500, 480, 470, 460, 450, 440, 200], 512) == ((0, 8, 512),)  # 6.25%: not worth it
+    assert cross_groups([512, 500, 100, 90], 512, groups=2, multiple=64) == ((0, 2, 512), (2, 4, 128))
+    assert cross_groups([512] * 4, 512) == ((0, 4, 512),)
+    with pytest.raises(ValueError, match="longest first"):
+        cross_groups([10, 20], 64)
+
+
+@pytest.mark.parametrize("attention", ["hidden", "kv"])
+def test_cross_attention_slices_read_fewer_keys_and_decode_the_same(merged32, inputs, attention):
+    """Rows sorted longest first, cut into slices that each read only their own longest source: the tokens are
+    those of the whole-width decoder (padded keys have zero probability), up to fp32 near-ties."""
+    from sumtune.generation.t5_decode import cross_groups
+
+    batch = sorted(inputs, key=len, reverse=True)
+    lengths = [len(row) for row in batch]
+    longest = lengths[0]
+    groups = cross_groups(lengths, longest, groups=4, multiple=8)
+    assert len(groups) == 4 and sum((b - a) * k for a, b, k in groups) < 0.7 * len(batch) * longest
+    ids = torch.tensor([row + [PAD] * (longest - len(row)) for row in batch])
+    mask = (torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]).long()
+    with torch.no_grad():
+        encoder_out = merged32.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    results = {}
+    for sliced in (None, groups):
+        session = GreedySession(DecoderWeights.from_model(merged32), batch=len(batch), src_len=longest,
+                                max_new_tokens=MAX_NEW, attention=attention, pad_token_id=PAD, eos_token_id=EOS,
+                                use_cuda_graphs=False, cross_groups=sliced)
+        with torch.no_grad():
+            results[sliced] = session.run(encoder_out, mask, decoder_start_token_id=START)
+    assert agreement(results[groups], results[None]) >= 0.9
+    assert_same_or_near_tie(merged32, batch, results[groups], results[None], fp32_tolerance)
+
+
+def test_cross_attention_slices_must_tile_the_batch(merged32):
+    from sumtune.generation.t5_decode import new_state
+
+    weights = DecoderWeights.from_model(merged32)
+    for bad in (((0, 2, 64), (3, 4, 32)), ((0, 4, 65),), ((0, 3, 64),)):
+        with pytest.raises(ValueError, match="do not tile"):
+            new_state(weights, 4, 64, 8, "hidden", torch.device("cpu"), bad)
+
+
 # ---- encoder path and session reuse ---------------------------------------------------------------------
 
 def test_encoder_runs_the_fast_t5_path_and_the_model_is_restored(merged32, inputs, monkeypatch):

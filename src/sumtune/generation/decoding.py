@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from sumtune.batching import pad_batch
 from sumtune.errors import SumtuneError
 from sumtune.generation.greedy import GreedySession, trim_rows
-from sumtune.generation.t5_decode import ATTENTION_MODES, DecoderWeights
+from sumtune.generation.t5_decode import ATTENTION_MODES, DecoderWeights, cross_groups
 
 GRAPH_PAD_MULTIPLE = 64  # with CUDA graphs, pad source length to a multiple of this so shapes (graphs) repeat
 
@@ -38,6 +38,7 @@ def generate_ids(
     pad_to_multiple_of: int | None = None,
     fast_encoder: bool = True,
     no_repeat_ngram_size: int = 0,
+    slice_cross_attention: bool = True,
 ) -> list[list[int]]:
     """Generated token ids for each input, in input order.
 
@@ -47,7 +48,10 @@ def generate_ids(
     (eos forbidden before it), whatever the model's generation_config says.
 
     Inputs are sorted by length (longest first) and batched, each batch padded to its own longest input
-    (rounded up to `pad_to_multiple_of`: default 64 with CUDA graphs so graphs get reused, else 1), and the encoder runs once per batch in chunks of
+    (rounded up to `pad_to_multiple_of`: default 64 with CUDA graphs so graphs get reused, else 1); in sumtune's
+    decoder, slices of a batch's rows read only their own longest source in cross-attention
+    (`t5_decode.cross_groups`; `slice_cross_attention=False`: every row reads the batch's width, for A/B timing).
+    The encoder runs once per batch in chunks of
     `encoder_batch_size`, through sumtune's fast T5 forwards (efficient SDPA kernels with the position bias)
     unless `fast_encoder=False`. Greedy (`num_beams == 1`) runs sumtune's own decoder step on static buffers,
     captured in CUDA graphs on CUDA (`use_cuda_graphs=None` means "on CUDA"), stopping when all rows are
@@ -80,7 +84,9 @@ def generate_ids(
                                       num_beams=num_beams, length_penalty=length_penalty,
                                       early_stopping=early_stopping, no_repeat_ngram_size=no_repeat_ngram_size)
             else:
-                session = _session_for(model, weights, batch=ids.shape[0], src_len=ids.shape[1],
+                lengths = [len(input_ids[i]) for i in rows]
+                groups = cross_groups(lengths, ids.shape[1]) if slice_cross_attention else None
+                session = _session_for(model, weights, batch=ids.shape[0], src_len=ids.shape[1], cross_groups=groups,
                                        max_new_tokens=max_new_tokens, attention=weights.resolve_attention(attention),
                                        pad_token_id=pad_token_id, eos_token_id=eos_token_id,
                                        use_cuda_graphs=graphs, compile_step=compile_step)

@@ -12,11 +12,13 @@ from sumtune.generation.t5_decode import (
 
 
 class GreedySession:
-    """Buffers (and, on CUDA, captured graphs) for one (batch, source length) shape; reused across batches."""
+    """Buffers (and, on CUDA, captured graphs) for one (batch, source length, cross-attention slices) shape; reused
+    across batches. `cross_groups`: from `t5_decode.cross_groups` (None: every row reads all `src_len` keys)."""
 
     def __init__(self, weights: DecoderWeights, *, batch: int, src_len: int, max_new_tokens: int,
                  attention: str, pad_token_id: int, eos_token_id: int, use_cuda_graphs: bool,
-                 compile_step: bool = False, check_every_steps: int = 16):
+                 compile_step: bool = False, check_every_steps: int = 16,
+                 cross_groups: tuple[tuple[int, int, int], ...] | None = None):
         self.weights = weights
         self.shape = (batch, src_len)
         self.max_new_tokens = max_new_tokens
@@ -24,7 +26,7 @@ class GreedySession:
         self.check_every_steps = check_every_steps
         self.buckets = kv_buckets(max_new_tokens)
         self.state: DecodeState = new_state(weights, batch, src_len, max_new_tokens, attention,
-                                            weights.embed.device)
+                                            weights.embed.device, cross_groups)
         step_fn: Callable[..., None] = decode_step
         if compile_step:
             step_fn = torch.compile(decode_step, fullgraph=True, dynamic=False)
