@@ -299,7 +299,8 @@ def finish(args, rows, agree, best, mean_len, build_s, prepare_s, merged_gib) ->
         return 0
     path = bc.save_result("generate_throughput", dict(
         model=args.model, source_tokens=args.source_tokens, new_tokens=args.new_tokens, quick=args.quick,
-        mean_source_tokens=mean_len, full_length=args.full_length, lora=LORA, rows=rows, agreement=agree, build_s=build_s,
+        mean_source_tokens=mean_len, full_length=args.full_length, lora=LORA, rows=rows, agreement=agree,
+        build_s=build_s,
         prepare_inference_model_s=prepare_s, merged_model_gib=merged_gib, best_fast_batch=best))
     print(f"saved {path}")
     return 0
