@@ -114,8 +114,7 @@ def build_model(cfg: TrainConfig, tokenizer, device: torch.device, *, run_dir: P
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_lora(base, cfg).to(device)
     if cfg.fast_kernels:
-        model = enable_fast_path(model, attention_backend=cfg.attention_backend,
-                                 attention_dropout_bits=cfg.attention_dropout_bits)
+        model = enable_fast_path(model, attention_backend=cfg.attention_backend)
         if cfg.fused_lora:
             fast_t5.fuse_lora_4bit(model)
     if cfg.cache_dequantized_weights:

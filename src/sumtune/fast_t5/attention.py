@@ -19,7 +19,6 @@ from sumtune.fast_t5 import bias as bias_lib
 
 ATTENTION_BACKENDS = ("auto", "triton", "sdpa")
 BACKEND_ATTR = "_sumtune_attention_backend"
-DROPOUT_BITS_ATTR = "_sumtune_attention_dropout_bits"
 
 
 @dataclass(frozen=True)
@@ -30,7 +29,6 @@ class FlashInputs:
     bias_radius: int  # offsets beyond +-bias_radius share the bias at +-bias_radius (T5's max_distance); 0: none
     padding: object | None  # flash_attention.KeyPadding, or None when every key is attended
     causal: bool
-    keep_dropout_bits: bool = True  # the forward keeps its dropout decisions for the backward (when it has one)
 
 
 def _interpreter_active() -> bool:
@@ -83,22 +81,22 @@ def choose_backend(requested: str, device: torch.device, dtype: torch.dtype, hea
 
 
 def self_attention_inputs(attention: torch.nn.Module, seq_len: int, attention_mask: torch.Tensor | None,
-                          dtype: torch.dtype, causal: bool, keep_dropout_bits: bool = True) -> FlashInputs:
+                          dtype: torch.dtype, causal: bool) -> FlashInputs:
     """Bias table from the stack's first layer (shared by all its layers) and key padding, no device sync."""
     from sumtune.fast_t5 import flash_attention
 
     table = bias_lib.relative_position_bias_by_offset(attention, seq_len, seq_len, dtype)
     padding = flash_attention.key_padding(attention_mask) if attention_mask is not None else None
     return FlashInputs(flash_attention.bias_table_log2(table), attention.relative_attention_max_distance, padding,
-                       causal, keep_dropout_bits)
+                       causal)
 
 
-def cross_attention_inputs(encoder_attention_mask: torch.Tensor | None, keep_dropout_bits: bool = True) -> FlashInputs:
+def cross_attention_inputs(encoder_attention_mask: torch.Tensor | None) -> FlashInputs:
     """No position bias in T5's cross-attention: key padding only."""
     from sumtune.fast_t5 import flash_attention
 
     padding = flash_attention.key_padding(encoder_attention_mask) if encoder_attention_mask is not None else None
-    return FlashInputs(None, 0, padding, False, keep_dropout_bits)
+    return FlashInputs(None, 0, padding, False)
 
 
 def flash_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, inputs: FlashInputs,
@@ -107,5 +105,4 @@ def flash_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, in
     from sumtune.fast_t5 import flash_attention
 
     return flash_attention.t5_flash_attention(query, key, value, inputs.table_log2, inputs.bias_radius,
-                                              inputs.padding, inputs.causal, 1.0, dropout_p,
-                                              None if inputs.keep_dropout_bits else False)
+                                              inputs.padding, inputs.causal, 1.0, dropout_p)

@@ -146,12 +146,11 @@ def _dense_biases(self, first_attention, attention_mask, encoder_hidden_states, 
 def _flash_inputs(self, first_attention, attention_mask, encoder_hidden_states, encoder_attention_mask,
                   seq_len: int, dtype: torch.dtype):
     """Triton route: bias table + key padding for self-attention, key padding for cross-attention; no L x L."""
-    keep_bits = getattr(self, attention_lib.DROPOUT_BITS_ATTR, True)
     self_inputs = attention_lib.self_attention_inputs(first_attention, seq_len, attention_mask, dtype,
-                                                      causal=self.is_decoder, keep_dropout_bits=keep_bits)
+                                                      causal=self.is_decoder)
     cross_inputs = None
     if self.is_decoder and encoder_hidden_states is not None:
-        cross_inputs = attention_lib.cross_attention_inputs(encoder_attention_mask, keep_bits)
+        cross_inputs = attention_lib.cross_attention_inputs(encoder_attention_mask)
     return self_inputs, cross_inputs
 
 

@@ -67,15 +67,13 @@ def _fast_forward_for(module: torch.nn.Module, final_norms: set[int]):
 
 
 def enable_fast_t5(model: torch.nn.Module, compute_dtype: torch.dtype | None = None,
-                   attention_backend: str = "auto", attention_dropout_bits: bool = True) -> torch.nn.Module:
+                   attention_backend: str = "auto") -> torch.nn.Module:
     """Patch every T5 stack/attention/layernorm/FFN of ``model`` (plain or PEFT-wrapped) in place.
 
     Training then runs fused RMSNorm, bf16 GEMMs, and attention in the kernel ``attention_backend`` names
     (``auto``: sumtune's Triton kernels with bias, masks and dropout inside when they can run, else SDPA with a
     no-grad materialised bias; ``triton`` or ``sdpa`` force one; see sumtune.fast_t5.attention). Forwards with a
-    KV cache (generation) use the stock code. ``attention_dropout_bits``: the Triton kernels' forward keeps its
-    dropout decisions for the backward (see ``flash_attention.t5_flash_attention``). Returns ``model`` for
-    chaining; :func:`disable_fast_t5` undoes it.
+    KV cache (generation) use the stock code. Returns ``model`` for chaining; :func:`disable_fast_t5` undoes it.
     """
     t5 = _t5_classes()
     attention_lib.check_backend_name(attention_backend)
@@ -93,7 +91,6 @@ def enable_fast_t5(model: torch.nn.Module, compute_dtype: torch.dtype | None = N
     for stack in stacks:
         stack._sumtune_mixed_dtypes = _has_mixed_frozen_dtypes(stack, dtype)
         setattr(stack, attention_lib.BACKEND_ATTR, attention_backend)
-        setattr(stack, attention_lib.DROPOUT_BITS_ATTR, attention_dropout_bits)
     return model
 
 
@@ -103,9 +100,8 @@ def disable_fast_t5(model: torch.nn.Module) -> torch.nn.Module:
         if getattr(module, _PATCHED_ATTR, False):
             del module.forward
             delattr(module, _PATCHED_ATTR)
-            for attr in (attention_lib.BACKEND_ATTR, attention_lib.DROPOUT_BITS_ATTR):
-                if attr in module.__dict__:
-                    delattr(module, attr)
+            if attention_lib.BACKEND_ATTR in module.__dict__:
+                delattr(module, attention_lib.BACKEND_ATTR)
             if _FIXED_FORWARD_ATTR in module.__dict__:  # keep the quantized-wo fix (fix_quantized_ffn)
                 module.forward = module.__dict__[_FIXED_FORWARD_ATTR]
     return model
