@@ -215,48 +215,6 @@ def test_dropout_forward_and_backward_use_the_mask_the_kernels_draw(fa):
                                      keep_scale=fa.dropout_scale(p), dropout_p=p, radius=8)
 
 
-def unpack_dropout_bits(bits, batch, heads, query_len, key_len):
-    """(B, H, Lq, Lk) keep mask from the forward's bytes: bit 2w + h of counter (row pair, key quad) is word w,
-    half h, i.e. row r (+8 for w = 1, 3) and key c + h (+8 for w = 2, 3), as flash_kernels._keep_tile lays them."""
-    planes, counter_rows, counter_cols = bits.shape
-    rows = (torch.arange(counter_rows) // 8) * 16 + torch.arange(counter_rows) % 8
-    cols = (torch.arange(counter_cols) // 4) * 16 + (torch.arange(counter_cols) % 4) * 2
-    keep = torch.zeros(planes, counter_rows * 2, counter_cols * 4, dtype=torch.bool)
-    for word, (row_shift, col_shift) in enumerate([(0, 0), (8, 0), (0, 8), (8, 8)]):
-        for half in (0, 1):
-            bit = (bits.long() >> (2 * word + half)) & 1
-            keep[:, (rows + row_shift)[:, None], (cols + col_shift + half)[None, :]] = bit.bool()
-    return keep[:, :query_len, :key_len].reshape(batch, heads, query_len, key_len)
-
-
-def test_dropout_bits_kept_by_the_forward_are_its_mask_and_give_the_redrawn_gradients(fa):
-    """With keep_dropout_bits the forward stores its decisions (1 bit a score) and the backward kernels read them
-    instead of drawing again: the stored bits are exactly the drawn mask, and output and gradients are bitwise
-    those of the redrawing backward (lengths not multiples of 16, Lq != Lk, tiles differing per kernel)."""
-    q, k, v = make_qkv(3, 2, 45, 40, 16, torch.float32)
-    table = fa.bias_table_log2(t5_like_table(2, 45, 40, 8))
-    padding = fa.key_padding(padding_mask(3, 40))
-    grad_out = torch.randn(3, 2, 45, 16, generator=torch.Generator().manual_seed(2))
-    results = {}
-    for keep_bits in (False, True):
-        torch.manual_seed(5)
-        with fa.block_sizes(fwd=(16, 32), dkdv=(32, 16), dq=(16, 16)):
-            results[keep_bits] = run_with_grads(
-                lambda *t, kb=keep_bits: fa.t5_flash_attention(*t, table, 8, padding, False, 1.0, 0.3,
-                                                               keep_dropout_bits=kb), q, k, v, grad_out)
-    (out, grads), (out_bits, grads_bits) = results[False], results[True]
-    assert torch.equal(out, out_bits) and all(torch.equal(a, b) for a, b in zip(grads, grads_bits))
-
-    op = torch.ops.sumtune.t5_flash_attention.default
-    args = (q.detach(), k.detach(), v.detach(), table, 8, None, None, False, 1.0, 0.3)
-    with fa.block_sizes(fwd=(16, 32)):
-        *_, seed, bits = op(*args, True)
-        assert op(*args, False)[3].numel() == 0  # nothing kept unless asked
-    assert tuple(bits.shape) == fa.dropout_bits_shape(3, 2, 45, 40) == (6, 24, 12)
-    kept = unpack_dropout_bits(bits, 3, 2, 45, 40)
-    assert torch.equal(kept, fa.dropout_keep_mask(seed, 3, 2, 45, 40, 0.3, device="cpu"))
-
-
 def test_dropout_mask_rate_streams_and_tiling(fa):
     p = 0.1
     mask = fa.dropout_keep_mask(1234, 2, 3, 64, 72, p, device="cpu")
@@ -583,7 +541,7 @@ def test_gpu_cuda_graph_replays_draw_a_new_mask_each_time(compiled_fa):
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out, _, seed, _ = op(*args)
+            out, _, seed = op(*args)
     replays = []
     for _ in range(2):
         graph.replay()

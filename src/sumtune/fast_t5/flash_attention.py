@@ -60,7 +60,7 @@ def _configs(name: str):
             for m, n, w, s in AUTOTUNE_CONFIGS[name]]
 
 
-_AUTOTUNE_KEY = ["HEAD_DIM", "len_key", "CAUSAL", "HAS_BIAS", "HAS_KEY_MASK", "DROPOUT", "DROPOUT_BITS"]
+_AUTOTUNE_KEY = ["HEAD_DIM", "len_key", "CAUSAL", "HAS_BIAS", "HAS_KEY_MASK", "DROPOUT"]
 _tuned: dict[str, object] = {}
 
 
@@ -167,21 +167,12 @@ def _radius(radius: int, query_len: int, key_len: int) -> int:
     return radius if radius > 0 else query_len + key_len  # 0: no saturation known, every tile reads the table
 
 
-def dropout_bits_shape(batch: int, heads: int, query_len: int, key_len: int) -> tuple[int, int, int]:
-    """Shape of the uint8 tensor of kept-dropout bits (1 bit per score, laid out by Philox counter)."""
-    return batch * heads, _cdiv(query_len, 16) * 8, _cdiv(key_len, 16) * 4
-
-
-def _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, seed, keep_bits=False):
-    """(out, lse, bits): bits holds the dropout decisions when ``keep_bits`` and dropout is on, else is empty."""
+def _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, seed):
     kernels = _kernels()
     batch, heads, query_len, head_dim = q.shape
     key_len = k.shape[2]
     out = torch.empty((batch, query_len, heads, head_dim), device=q.device, dtype=q.dtype).transpose(1, 2)
     lse = torch.empty((batch, heads, query_len), device=q.device, dtype=torch.float32)
-    store_bits = keep_bits and dropout_p > 0
-    bits = torch.empty(dropout_bits_shape(batch, heads, query_len, key_len) if store_bits else (0,),
-                       device=q.device, dtype=torch.uint8)
     drop_below, drop_scale = _dropout_threshold(dropout_p)
     radius = _radius(radius, query_len, key_len)
     dummy = lse
@@ -190,15 +181,14 @@ def _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, se
             q, k, v, out, lse, table if table is not None else dummy, mask if mask is not None else dummy,
             lengths if lengths is not None else dummy,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), mask.stride(0) if mask is not None else 0,
-            heads, query_len, key_len, radius, *_table_geometry(table, query_len), scale * LOG2E, seed,
-            bits if store_bits else seed, drop_below, drop_scale, _length_key(max(query_len, key_len)),
+            heads, query_len, key_len, radius, *_table_geometry(table, query_len), scale * LOG2E, seed, drop_below,
+            drop_scale, _length_key(max(query_len, key_len)),
             HEAD_DIM=head_dim, CAUSAL=causal, HAS_BIAS=table is not None, HAS_KEY_MASK=mask is not None,
-            DROPOUT=dropout_p > 0, DROPOUT_BITS=store_bits, UPCAST=kernels.INTERPRET)
-    return out, lse, bits
+            DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET)
+    return out, lse
 
 
-def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal, scale, dropout_p, seed, bits=None):
-    """(dq, dk, dv); ``bits`` from the forward (non-empty): the dropout decisions are read, not drawn again."""
+def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal, scale, dropout_p, seed):
     kernels = _kernels()
     batch, heads, query_len, head_dim = q.shape
     key_len = k.shape[2]
@@ -209,12 +199,8 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal,
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     drop_below, drop_scale = _dropout_threshold(dropout_p)
     radius = _radius(radius, query_len, key_len)
-    load_bits = dropout_p > 0 and bits is not None and bits.numel() > 0
-    if load_bits and tuple(bits.shape) != dropout_bits_shape(batch, heads, query_len, key_len):
-        raise ValueError(f"dropout bits of shape {tuple(bits.shape)} do not belong to these inputs")
-    bits_arg = bits if load_bits else seed
     common = dict(HEAD_DIM=head_dim, CAUSAL=causal, HAS_BIAS=table is not None, HAS_KEY_MASK=mask is not None,
-                  DROPOUT=dropout_p > 0, DROPOUT_BITS=load_bits, UPCAST=kernels.INTERPRET)
+                  DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET)
     table_arg = table if table is not None else delta
     mask_arg = mask if mask is not None else delta
     lengths_arg = lengths if lengths is not None else delta
@@ -225,14 +211,14 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal,
             lambda bm, bn: (_cdiv(key_len, bn), batch * heads),
             q, k, v, grad_out, dk, dv, lse, delta, table_arg, mask_arg, lengths_arg,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), mask_stride,
-            heads, query_len, key_len, radius, *geometry, scale * LOG2E, scale, seed, bits_arg, drop_below,
-            drop_scale, length_key, **common)
+            heads, query_len, key_len, radius, *geometry, scale * LOG2E, scale, seed, drop_below, drop_scale,
+            length_key, **common)
     _launch("dq", kernels.t5_flash_attention_bwd_dq,
             lambda bm, bn: (_cdiv(query_len, bm), batch * heads),
             q, k, v, grad_out, dq, lse, delta, table_arg, mask_arg, lengths_arg,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), mask_stride,
-            heads, query_len, key_len, radius, *geometry, scale * LOG2E, scale, seed, bits_arg, drop_below,
-            drop_scale, length_key, **common)
+            heads, query_len, key_len, radius, *geometry, scale * LOG2E, scale, seed, drop_below, drop_scale,
+            length_key, **common)
     return dq, dk, dv
 
 
@@ -243,47 +229,45 @@ def _cdiv(a: int, b: int) -> int:
 # ----------------------------------------------------------------------------- custom ops + autograd
 @torch.library.custom_op("sumtune::t5_flash_attention", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], radius: int, mask: Optional[Tensor],
-                  lengths: Optional[Tensor], causal: bool, scale: float, dropout_p: float,
-                  keep_bits: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  lengths: Optional[Tensor], causal: bool, scale: float,
+                  dropout_p: float) -> tuple[Tensor, Tensor, Tensor]:
     seed = draw_seed(q.device) if dropout_p > 0 else q.new_empty((1,), dtype=torch.int64)  # unread without dropout
-    out, lse, bits = _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, seed, keep_bits)
-    return out, lse, seed, bits
+    out, lse = _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, seed)
+    return out, lse, seed
 
 
 @_attention_op.register_fake
-def _(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, keep_bits=False):
+def _(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p):
     batch, heads, query_len, head_dim = q.shape
     out = q.new_empty((batch, query_len, heads, head_dim)).transpose(1, 2)
-    bits_shape = dropout_bits_shape(batch, heads, query_len, k.shape[2]) if keep_bits and dropout_p > 0 else (0,)
-    return (out, q.new_empty((batch, heads, query_len), dtype=torch.float32), q.new_empty((1,), dtype=torch.int64),
-            q.new_empty(bits_shape, dtype=torch.uint8))
+    return out, q.new_empty((batch, heads, query_len), dtype=torch.float32), q.new_empty((1,), dtype=torch.int64)
 
 
 @torch.library.custom_op("sumtune::t5_flash_attention_backward", mutates_args=())
 def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                            seed: Tensor, table: Optional[Tensor], radius: int, mask: Optional[Tensor],
-                           lengths: Optional[Tensor], causal: bool, scale: float, dropout_p: float,
-                           bits: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-    return _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal, scale, dropout_p, seed, bits)
+                           lengths: Optional[Tensor], causal: bool, scale: float,
+                           dropout_p: float) -> tuple[Tensor, Tensor, Tensor]:
+    return _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal, scale, dropout_p, seed)
 
 
 @_attention_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, seed, table, radius, mask, lengths, causal, scale, dropout_p, bits=None):
+def _(grad_out, q, k, v, out, lse, seed, table, radius, mask, lengths, causal, scale, dropout_p):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, *_ = inputs
-    out, lse, seed, bits = output
-    ctx.save_for_backward(q, k, v, out, lse, seed, table, mask, lengths, bits)
+    q, k, v, table, radius, mask, lengths, causal, scale, dropout_p = inputs
+    out, lse, seed = output
+    ctx.save_for_backward(q, k, v, out, lse, seed, table, mask, lengths)
     ctx.radius, ctx.causal, ctx.scale, ctx.dropout_p = radius, causal, scale, dropout_p
 
 
-def _backward_rule(ctx, grad_out, _grad_lse, _grad_seed, _grad_bits):
-    q, k, v, out, lse, seed, table, mask, lengths, bits = ctx.saved_tensors
+def _backward_rule(ctx, grad_out, _grad_lse, _grad_seed):
+    q, k, v, out, lse, seed, table, mask, lengths = ctx.saved_tensors
     dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, lse, seed, table, ctx.radius, mask, lengths,
-                                        ctx.causal, ctx.scale, ctx.dropout_p, bits)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+                                        ctx.causal, ctx.scale, ctx.dropout_p)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 _attention_op.register_autograd(_backward_rule, setup_context=_setup_context)
@@ -298,21 +282,14 @@ def bias_table_log2(bias_by_offset: Tensor) -> Tensor:
 
 
 def t5_flash_attention(query: Tensor, key: Tensor, value: Tensor, table_log2: Tensor | None, bias_radius: int,
-                       padding: KeyPadding | None, causal: bool, scale: float, dropout_p: float,
-                       keep_dropout_bits: bool | None = None) -> Tensor:
+                       padding: KeyPadding | None, causal: bool, scale: float, dropout_p: float) -> Tensor:
     """The kernels on prepared inputs (what the fast T5 stack calls once per layer): ``table_log2`` from
-    :func:`bias_table_log2`, ``padding`` from :func:`key_padding`; ``bias_radius`` 0: none.
-
-    ``keep_dropout_bits``: the forward keeps its dropout decisions (1 bit per score: B * H * Lq * Lk / 8 bytes)
-    for the backward, which then reads them instead of drawing them twice more; None: when a gradient will be
-    asked for (the backward is ~10% faster at 1024 tokens with dropout 0.1). Either way the mask is the same."""
-    if keep_dropout_bits is None:
-        keep_dropout_bits = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    :func:`bias_table_log2`, ``padding`` from :func:`key_padding`; ``bias_radius`` 0: none."""
     if table_log2 is not None and table_log2.shape[1] != query.shape[2] + key.shape[2] - 1 + 2 * TABLE_MARGIN:
         raise ValueError(f"table_log2 has {table_log2.shape[1]} columns: not a bias_table_log2 table for these lengths")
     mask, lengths = padding if padding is not None else (None, None)
     return _attention_op(query, key, value, table_log2, int(bias_radius), mask, lengths, causal, float(scale),
-                         float(dropout_p), bool(keep_dropout_bits and dropout_p > 0))[0]
+                         float(dropout_p))[0]
 
 
 def flash_t5_attention(query: Tensor, key: Tensor, value: Tensor, bias_table: Tensor | None = None,

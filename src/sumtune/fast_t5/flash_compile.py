@@ -21,16 +21,14 @@ import time
 HOPPER_SHARED_BYTES = 232448  # H100/H200: 227 KiB of shared memory per block
 KERNELS = {"fwd": "t5_flash_attention_fwd", "dkdv": "t5_flash_attention_bwd_dkdv",
            "dq": "t5_flash_attention_bwd_dq"}
-# encoder self-attention in training: dropout decisions stored by the forward, read by the backward
-T5_FLAGS = dict(CAUSAL=False, HAS_BIAS=True, HAS_KEY_MASK=True, DROPOUT=True, DROPOUT_BITS=True)
+T5_FLAGS = dict(CAUSAL=False, HAS_BIAS=True, HAS_KEY_MASK=True, DROPOUT=True)  # encoder self-attention, training
 
 
 def example_arguments(kernel, batch: int = 32, heads: int = 32, length: int = 1024, head_dim: int = 128,
                       dtype: str = "bf16") -> dict:
     """Runtime arguments of ``kernel`` for (B, L, H, D) tensors seen as (B, H, L, D), as the fast path has them."""
     strides = {"b": length * heads * head_dim, "h": head_dim, "m": heads * head_dim, "n": heads * head_dim, "d": 1}
-    pointers = {"LSE": "*fp32", "DELTA": "*fp32", "TABLE": "*fp32", "KMASK": "*i8", "KV_LEN": "*i32", "SEED": "*i64",
-                "BITS": "*u8"}
+    pointers = {"LSE": "*fp32", "DELTA": "*fp32", "TABLE": "*fp32", "KMASK": "*i8", "KV_LEN": "*i32", "SEED": "*i64"}
     values = dict(H=heads, Lq=length, Lk=length, R=128, table_row=2 * length - 1 + 256, table_zero=length - 1 + 128,
                   qk_scale=1.4427, scale=1.0, drop_scale=1.11, drop_below=6554, len_key=length,
                   stride_mask_b=length)

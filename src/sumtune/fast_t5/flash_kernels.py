@@ -20,9 +20,6 @@ Design (scores are kept in log2 units, as in Triton's fused-attention tutorial: 
   draws for queries {r, r+8} x keys {c, c+1, c+8, c+9}, the elements one thread holds of a tensor-core tile
   (_keep_tile). The draw of an element depends only on (seed, b, h, i, j), never on the block sizes, so the
   backward kernels regenerate exactly the forward's mask. Probability of a drop = drop_below / 65536.
-  With DROPOUT_BITS the forward also stores each Philox call's 8 decisions as one byte (BITS: (B * H, counter rows,
-  counter columns), 1 bit per score) and the backward kernels read them instead of drawing again: Philox is ~1/3
-  of the forward's extra cost of dropout, and the two backward kernels each paid it again.
 * **Backward**: delta = rowsum(dO * O), then one kernel for dK/dV (a key block per program, looping over query
   blocks) and one for dQ (a query block per program, looping over key blocks); both recompute P from the saved
   log-sum-exp. No atomics, so gradients are deterministic.
@@ -86,26 +83,6 @@ def _dot_acc(a, b, acc, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _philox_words(seed, stream, start_i, start_j, n_cols, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
-    """Four 32-bit Philox words per counter (query-row pair, key quad) of the tile (see _keep_tile)."""
-    rows = start_i // 2 + tl.arange(0, BLOCK_I // 2)  # counter row: 8 per 16-row band
-    cols = start_j // 4 + tl.arange(0, BLOCK_J // 4)  # counter column: 4 per 16-key band
-    counter = rows[:, None] * n_cols + cols[None, :]
-    zero = tl.zeros_like(counter)
-    return tl.philox(seed, counter, zero + stream, zero, zero, PHILOX_ROUNDS)
-
-
-@triton.jit
-def _arrange_keep(x0, x1, x2, x3, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
-    """(BLOCK_I, BLOCK_J) keep mask from each counter's word pairs x_w = (low half, high half) decisions."""
-    keep = tl.join(tl.join(x0, x2), tl.join(x1, x3))  # (rows, cols, h, +8 key, +8 row)
-    # counter row = 8 * row band + row in band, counter column = 4 * key band + key pair in band
-    keep = tl.reshape(keep, (BLOCK_I // 16, 8, BLOCK_J // 16, 4, 2, 2, 2))
-    keep = tl.permute(keep, (0, 6, 1, 2, 5, 3, 4))  # (row band, +8 row, row, key band, +8 key, key pair, h)
-    return tl.reshape(keep, (BLOCK_I, BLOCK_J))
-
-
-@triton.jit
 def _keep_tile(seed, stream, start_i, start_j, n_cols, drop_below, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
     """(BLOCK_I, BLOCK_J) keep mask for queries ``start_i + arange`` and keys ``start_j + arange`` (starts: multiples
     of 16).
@@ -113,62 +90,21 @@ def _keep_tile(seed, stream, start_i, start_j, n_cols, drop_below, BLOCK_I: tl.c
     One Philox call gives 8 16-bit draws for rows {r, r + 8} x keys {c, c + 1, c + 8, c + 9} (r % 16 < 8, c % 16
     even and < 8): exactly what one thread holds of a tensor-core accumulator, so the draws need no exchange
     between threads (an earlier 8-consecutive-keys grouping cost 2x the instructions in layout shuffles)."""
-    r0, r1, r2, r3 = _philox_words(seed, stream, start_i, start_j, n_cols, BLOCK_I, BLOCK_J)
+    rows = start_i // 2 + tl.arange(0, BLOCK_I // 2)  # counter row: 8 per 16-row band
+    cols = start_j // 4 + tl.arange(0, BLOCK_J // 4)  # counter column: 4 per 16-key band
+    counter = rows[:, None] * n_cols + cols[None, :]
+    zero = tl.zeros_like(counter)
+    r0, r1, r2, r3 = tl.philox(seed, counter, zero + stream, zero, zero, PHILOX_ROUNDS)
     # word w, half h: w0 -> (r, c + h), w1 -> (r + 8, c + h), w2 -> (r, c + 8 + h), w3 -> (r + 8, c + 8 + h)
     x0 = tl.join((r0 & 0xFFFF).to(tl.int32) >= drop_below, (r0 >> 16).to(tl.int32) >= drop_below)
     x1 = tl.join((r1 & 0xFFFF).to(tl.int32) >= drop_below, (r1 >> 16).to(tl.int32) >= drop_below)
     x2 = tl.join((r2 & 0xFFFF).to(tl.int32) >= drop_below, (r2 >> 16).to(tl.int32) >= drop_below)
     x3 = tl.join((r3 & 0xFFFF).to(tl.int32) >= drop_below, (r3 >> 16).to(tl.int32) >= drop_below)
-    return _arrange_keep(x0, x1, x2, x3, BLOCK_I, BLOCK_J)
-
-
-@triton.jit
-def _keep_bits(seed, stream, start_i, start_j, n_cols, drop_below, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
-    """_keep_tile's decisions packed per counter: bit 2w + h = keep of word w, half h; int32 (BLOCK_I/2, BLOCK_J/4)."""
-    r0, r1, r2, r3 = _philox_words(seed, stream, start_i, start_j, n_cols, BLOCK_I, BLOCK_J)
-    bits = ((r0 & 0xFFFF).to(tl.int32) >= drop_below).to(tl.int32)
-    bits |= ((r0 >> 16).to(tl.int32) >= drop_below).to(tl.int32) << 1
-    bits |= ((r1 & 0xFFFF).to(tl.int32) >= drop_below).to(tl.int32) << 2
-    bits |= ((r1 >> 16).to(tl.int32) >= drop_below).to(tl.int32) << 3
-    bits |= ((r2 & 0xFFFF).to(tl.int32) >= drop_below).to(tl.int32) << 4
-    bits |= ((r2 >> 16).to(tl.int32) >= drop_below).to(tl.int32) << 5
-    bits |= ((r3 & 0xFFFF).to(tl.int32) >= drop_below).to(tl.int32) << 6
-    bits |= ((r3 >> 16).to(tl.int32) >= drop_below).to(tl.int32) << 7
-    return bits
-
-
-@triton.jit
-def _keep_from_bits(bits, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
-    x0 = tl.join((bits & 1) != 0, (bits & 2) != 0)
-    x1 = tl.join((bits & 4) != 0, (bits & 8) != 0)
-    x2 = tl.join((bits & 16) != 0, (bits & 32) != 0)
-    x3 = tl.join((bits & 64) != 0, (bits & 128) != 0)
-    return _arrange_keep(x0, x1, x2, x3, BLOCK_I, BLOCK_J)
-
-
-@triton.jit
-def _bits_pointers(BITS, start_i, start_j, n_rows, n_cols, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
-    """Addresses (and in-bounds mask) of a tile's bytes in its (b, h) plane of BITS (n_rows x n_cols)."""
-    rows = start_i // 2 + tl.arange(0, BLOCK_I // 2)
-    cols = start_j // 4 + tl.arange(0, BLOCK_J // 4)
-    return BITS + rows[:, None] * n_cols + cols[None, :], (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-
-
-@triton.jit
-def _dropout_keep(seed, stream, start_i, start_j, n_cols, drop_below, BITS, n_rows, STORE: tl.constexpr,
-                  LOAD: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
-    """Keep mask of a tile: drawn; drawn and its bits stored (STORE); or read from the stored bits (LOAD)."""
-    if LOAD:
-        pointers, in_bounds = _bits_pointers(BITS, start_i, start_j, n_rows, n_cols, BLOCK_I, BLOCK_J)
-        keep = _keep_from_bits(tl.load(pointers, mask=in_bounds, other=0).to(tl.int32), BLOCK_I, BLOCK_J)
-    elif STORE:
-        bits = _keep_bits(seed, stream, start_i, start_j, n_cols, drop_below, BLOCK_I, BLOCK_J)
-        pointers, in_bounds = _bits_pointers(BITS, start_i, start_j, n_rows, n_cols, BLOCK_I, BLOCK_J)
-        tl.store(pointers, bits.to(tl.uint8), mask=in_bounds)
-        keep = _keep_from_bits(bits, BLOCK_I, BLOCK_J)
-    else:
-        keep = _keep_tile(seed, stream, start_i, start_j, n_cols, drop_below, BLOCK_I, BLOCK_J)
-    return keep
+    keep = tl.join(tl.join(x0, x2), tl.join(x1, x3))  # (rows, cols, h, +8 key, +8 row)
+    # counter row = 8 * row band + row in band, counter column = 4 * key band + key pair in band
+    keep = tl.reshape(keep, (BLOCK_I // 16, 8, BLOCK_J // 16, 4, 2, 2, 2))
+    keep = tl.permute(keep, (0, 6, 1, 2, 5, 3, 4))  # (row band, +8 row, row, key band, +8 key, key pair, h)
+    return tl.reshape(keep, (BLOCK_I, BLOCK_J))
 
 
 @triton.jit
@@ -190,10 +126,9 @@ def _bias_tile(TABLE, rel, const, BIAS_MODE: tl.constexpr):
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, start, stop, const, start_m,
                stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
-               seed, stream, n_cols, drop_below, BITS, n_rows,
+               seed, stream, n_cols, drop_below,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
-               CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, STORE_BITS: tl.constexpr,
-               UPCAST: tl.constexpr):
+               CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(start, stop, BLOCK_N):
@@ -206,8 +141,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, start, stop, const, start_m
         if HAS_KEY_MASK:
             key_ok = key_ok & (tl.load(KMASK + offs_n, mask=in_k, other=0) != 0)
         if DROPOUT:
-            kept = _dropout_keep(seed, stream, start_m, start_n, n_cols, drop_below, BITS, n_rows, STORE_BITS, False,
-                                 BLOCK_M, BLOCK_N)
+            kept = _keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N)
         k_t = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=in_k[None, :], other=0.0)
         s = _dot(q, k_t, UPCAST) * qk_scale
         s += _bias_tile(TABLE, offs_n[None, :] - offs_m[:, None], const, BIAS_MODE)
@@ -233,10 +167,10 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, start, stop, const, start_m
 def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, stride_qb, stride_qh, stride_qm, stride_qd,
                            stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd,
                            stride_ob, stride_oh, stride_om, stride_od, stride_mask_b, H, Lq, Lk, R, table_row,
-                           table_zero, qk_scale, SEED, BITS, drop_below, drop_scale, len_key, HEAD_DIM: tl.constexpr,
+                           table_zero, qk_scale, SEED, drop_below, drop_scale, len_key, HEAD_DIM: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                            HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-                           DROPOUT_BITS: tl.constexpr, UPCAST: tl.constexpr):
+                           UPCAST: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     seed = 0
@@ -260,8 +194,6 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, stride_qb, str
     if CAUSAL:
         stop = tl.minimum(stop, start_m + BLOCK_M)
     n_cols = tl.cdiv(Lk, 16) * 4
-    n_rows = tl.cdiv(Lq, 16) * 8
-    BITS += bh.to(tl.int64) * n_rows * n_cols  # this (b, h)'s plane of dropout bits
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -274,21 +206,21 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, stride_qb, str
         hi_start = tl.maximum(tl.minimum(tl.cdiv(start_m + BLOCK_M - 1 + R, BLOCK_N) * BLOCK_N, stop), lo_end)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, 0, lo_end, far_left, start_m,
                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
-                                   seed, bh, n_cols, drop_below, BITS, n_rows, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
-                                   False, HAS_KEY_MASK, DROPOUT, DROPOUT_BITS, UPCAST)
+                                   seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
+                                   False, HAS_KEY_MASK, DROPOUT, UPCAST)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, lo_end, hi_start, 0.0, start_m,
                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
-                                   seed, bh, n_cols, drop_below, BITS, n_rows, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER,
-                                   CAUSAL, HAS_KEY_MASK, DROPOUT, DROPOUT_BITS, UPCAST)
+                                   seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER,
+                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, hi_start, stop, far_right,
                                    start_m, stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
-                                   seed, bh, n_cols, drop_below, BITS, n_rows, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
-                                   CAUSAL, HAS_KEY_MASK, DROPOUT, DROPOUT_BITS, UPCAST)
+                                   seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
+                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST)
     else:
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, 0, stop, 0.0, start_m,
                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
-                                   seed, bh, n_cols, drop_below, BITS, n_rows, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE,
-                                   CAUSAL, HAS_KEY_MASK, DROPOUT, DROPOUT_BITS, UPCAST)
+                                   seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE,
+                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST)
     empty = l_i == 0.0  # no key to attend to: output 0, and lse = +inf makes the backward's P exactly 0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc * (drop_scale / l_safe)[:, None]
@@ -320,9 +252,9 @@ def t5_attention_bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, stop, const, start_n, key_ok,
                 stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale,
-                seed, stream, n_cols, drop_below, drop_scale, BITS, n_rows,
+                seed, stream, n_cols, drop_below, drop_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
-                CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, LOAD_BITS: tl.constexpr, UPCAST: tl.constexpr):
+                CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     for start_m in range(start, stop, BLOCK_M):
@@ -332,8 +264,7 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, stop, const, star
         lse = tl.load(LSE + offs_m, mask=in_q, other=float("inf"))  # small loads and draws before the dots
         delta = tl.load(DELTA + offs_m, mask=in_q, other=0.0)
         if DROPOUT:
-            kept = tl.trans(_dropout_keep(seed, stream, start_m, start_n, n_cols, drop_below, BITS, n_rows, False,
-                                          LOAD_BITS, BLOCK_M, BLOCK_N))
+            kept = tl.trans(_keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N))
         q_t = tl.load(Q + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd, mask=in_q[None, :], other=0.0)
         s_t = _dot(k, q_t, UPCAST) * qk_scale  # (keys, queries)
         s_t += _bias_tile(TABLE, offs_n[:, None] - offs_m[None, :], const, BIAS_MODE)
@@ -360,11 +291,9 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
                                 stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
                                 stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn,
                                 stride_dvd, stride_mask_b, H, Lq, Lk, R, table_row, table_zero, qk_scale, scale,
-                                SEED, BITS, drop_below, drop_scale, len_key, HEAD_DIM: tl.constexpr,
-                                BLOCK_M: tl.constexpr,
+                                SEED, drop_below, drop_scale, len_key, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, DROPOUT_BITS: tl.constexpr,
-                                UPCAST: tl.constexpr):
+                                HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
     seed = 0
@@ -394,8 +323,6 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
         start = (start_n // BLOCK_M) * BLOCK_M  # query blocks entirely above the diagonal see none of these keys
     stop = tl.where(start_n < kv_len, Lq, start)  # keys past the row's length: zero gradient, no work
     n_cols = tl.cdiv(Lk, 16) * 4
-    n_rows = tl.cdiv(Lq, 16) * 8
-    BITS += bh.to(tl.int64) * n_rows * n_cols  # this (b, h)'s plane of dropout bits
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     if HAS_BIAS:
@@ -407,25 +334,21 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
         lo_start = tl.maximum(tl.minimum(tl.cdiv(start_n + BLOCK_N - 1 + R, BLOCK_M) * BLOCK_M, stop), hi_end)
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, hi_end, far_right, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale, seed, bh,
-                             n_cols, drop_below, drop_scale, BITS, n_rows,
-                             HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, CAUSAL,
-                             DROPOUT, DROPOUT_BITS, UPCAST)
+                             n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, CAUSAL,
+                             DROPOUT, UPCAST)
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, hi_end, lo_start, 0.0, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale, seed, bh,
-                             n_cols, drop_below, drop_scale, BITS, n_rows,
-                             HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER, CAUSAL,
-                             DROPOUT, DROPOUT_BITS, UPCAST)
+                             n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER, CAUSAL,
+                             DROPOUT, UPCAST)
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, lo_start, stop, far_left, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale, seed, bh,
-                             n_cols, drop_below, drop_scale, BITS, n_rows,
-                             HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, False,
-                             DROPOUT, DROPOUT_BITS, UPCAST)
+                             n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, False,
+                             DROPOUT, UPCAST)
     else:
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, stop, 0.0, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale, seed, bh,
-                             n_cols, drop_below, drop_scale, BITS, n_rows,
-                             HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE, CAUSAL,
-                             DROPOUT, DROPOUT_BITS, UPCAST)
+                             n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE, CAUSAL,
+                             DROPOUT, UPCAST)
     tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
              (dk * scale).to(DK.dtype.element_ty), mask=in_k[:, None])
     tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
@@ -435,10 +358,9 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
 @triton.jit
 def _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, start, stop, const, start_m,
               stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
-              seed, stream, n_cols, drop_below, drop_scale, BITS, n_rows,
+              seed, stream, n_cols, drop_below, drop_scale,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
-              CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, LOAD_BITS: tl.constexpr,
-              UPCAST: tl.constexpr):
+              CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(start, stop, BLOCK_N):
@@ -449,8 +371,7 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, start, stop, const, sta
         if HAS_KEY_MASK:
             key_ok = key_ok & (tl.load(KMASK + offs_n, mask=in_k, other=0) != 0)
         if DROPOUT:
-            kept = _dropout_keep(seed, stream, start_m, start_n, n_cols, drop_below, BITS, n_rows, False, LOAD_BITS,
-                                 BLOCK_M, BLOCK_N)
+            kept = _keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N)
         k_t = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=in_k[None, :], other=0.0)
         v_t = tl.load(V + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=in_k[None, :], other=0.0)
         s = _dot(q, k_t, UPCAST) * qk_scale
@@ -472,10 +393,10 @@ def t5_flash_attention_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TABLE, KMASK, KV_LEN,
                               stride_qd, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn,
                               stride_vd, stride_dob, stride_doh, stride_dom, stride_dod, stride_dqb, stride_dqh,
                               stride_dqm, stride_dqd, stride_mask_b, H, Lq, Lk, R, table_row, table_zero, qk_scale,
-                              scale, SEED, BITS, drop_below, drop_scale, len_key, HEAD_DIM: tl.constexpr,
+                              scale, SEED, drop_below, drop_scale, len_key, HEAD_DIM: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                               HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-                              DROPOUT_BITS: tl.constexpr, UPCAST: tl.constexpr):
+                              UPCAST: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     seed = 0
@@ -503,8 +424,6 @@ def t5_flash_attention_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TABLE, KMASK, KV_LEN,
     if CAUSAL:
         stop = tl.minimum(stop, start_m + BLOCK_M)
     n_cols = tl.cdiv(Lk, 16) * 4
-    n_rows = tl.cdiv(Lq, 16) * 8
-    BITS += bh.to(tl.int64) * n_rows * n_cols  # this (b, h)'s plane of dropout bits
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if HAS_BIAS:
         TABLE += h * table_row + table_zero  # TABLE[d]: bias at offset d = j - i
@@ -514,25 +433,21 @@ def t5_flash_attention_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TABLE, KMASK, KV_LEN,
         hi_start = tl.maximum(tl.minimum(tl.cdiv(start_m + BLOCK_M - 1 + R, BLOCK_N) * BLOCK_N, stop), lo_end)
         dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, 0, lo_end, far_left, start_m,
                        stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
-                       drop_below, drop_scale, BITS, n_rows,
-                       HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, False, HAS_KEY_MASK,
-                       DROPOUT, DROPOUT_BITS, UPCAST)
+                       drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, False, HAS_KEY_MASK,
+                       DROPOUT, UPCAST)
         dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, lo_end, hi_start, 0.0, start_m,
                        stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
-                       drop_below, drop_scale, BITS, n_rows,
-                       HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER, CAUSAL, HAS_KEY_MASK,
-                       DROPOUT, DROPOUT_BITS, UPCAST)
+                       drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER, CAUSAL, HAS_KEY_MASK,
+                       DROPOUT, UPCAST)
         dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, hi_start, stop, far_right, start_m,
                        stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
-                       drop_below, drop_scale, BITS, n_rows,
-                       HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, CAUSAL, HAS_KEY_MASK,
-                       DROPOUT, DROPOUT_BITS, UPCAST)
+                       drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, CAUSAL, HAS_KEY_MASK,
+                       DROPOUT, UPCAST)
     else:
         dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, 0, stop, 0.0, start_m,
                        stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
-                       drop_below, drop_scale, BITS, n_rows,
-                       HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE, CAUSAL, HAS_KEY_MASK,
-                       DROPOUT, DROPOUT_BITS, UPCAST)
+                       drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE, CAUSAL, HAS_KEY_MASK,
+                       DROPOUT, UPCAST)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              (dq * scale).to(DQ.dtype.element_ty), mask=in_q[:, None])
 
