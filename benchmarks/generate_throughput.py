@@ -55,8 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also time each greedy batch with slice_cross_attention=False (every row reads the "
                              "batch's padded width in cross-attention)")
     parser.add_argument("--greedy-only", action="store_true",
-                        help="only the greedy graphs rows (no eager/kv/beam/n-gram rows, no agreement): larger batches "
-                             "on a short device budget; token agreement needs a full run")
+                        help="only the greedy graphs rows and greedy token agreement (no eager/kv/beam/n-gram rows): "
+                             "larger batches on a short device budget")
     args = parser.parse_args(argv)
     if args.quick:
         args.model, args.source_tokens, args.new_tokens = "tiny", 64, 8
@@ -228,7 +228,8 @@ def main(argv=None) -> int:
             print(rows[-1], flush=True)
     best = max((r for r in rows if r["path"] == "sumtune"), key=lambda r: r["summaries_per_s"])["batch"]
     if args.greedy_only:
-        return finish(args, rows, {}, best, mean_len, build_s, prepare_s, merged_gib)
+        agree = greedy_agreement(merged, inputs[: args.agreement_inputs], best, args.new_tokens, device, use_graphs)
+        return finish(args, rows, agree, best, mean_len, build_s, prepare_s, merged_gib)
     variants = [("eager", dict(use_cuda_graphs=False)),
                 ("kv-cache" + (" graphs" if use_graphs else ""), dict(attention="kv", use_cuda_graphs=use_graphs))]
     if args.compile:
@@ -262,15 +263,7 @@ def main(argv=None) -> int:
                     args.ngram_batch, 1, out, wall, peak))
     print(rows[-1], flush=True)
 
-    # Agreement with transformers generate on the same merged bf16 weights (forced length, greedy).
-    subset = inputs[: args.agreement_inputs]
-    hf_big = hf_generate(merged, subset, 32, args.new_tokens, device)
-    hf_small = hf_generate(merged, subset, 8, args.new_tokens, device)
-    agree = {"transformers_b32_vs_b8": agreement(hf_small, hf_big)}
-    for mode in ("hidden", "kv"):
-        ours = fast_generate(merged, subset, min(best, len(subset)), args.new_tokens, attention=mode,
-                             use_cuda_graphs=use_graphs)
-        agree[f"sumtune_{mode}_vs_transformers_b32"] = agreement(ours, hf_big)
+    agree = greedy_agreement(merged, inputs[: args.agreement_inputs], best, args.new_tokens, device, use_graphs)
     beam_ref = hf_generate(merged, beam_inputs[:8], 8, args.new_tokens, device, num_beams=4)
     beam_ours = fast_generate(merged, beam_inputs[:8], 8, args.new_tokens, num_beams=4)
     agree["sumtune_beam4_vs_transformers_beam4"] = agreement(beam_ours, beam_ref)
@@ -279,6 +272,19 @@ def main(argv=None) -> int:
     agree["sumtune_ngram3_vs_transformers_ngram3"] = agreement(ngram_ours, ngram_ref)
 
     return finish(args, rows, agree, best, mean_len, build_s, prepare_s, merged_gib)
+
+
+def greedy_agreement(merged, subset, best, new_tokens, device, use_graphs) -> dict:
+    """Greedy tokens of sumtune (both attention modes) against transformers `generate` on the same merged bf16
+    weights (forced length), next to transformers against itself at another batch size (the bf16 noise floor)."""
+    hf_big = hf_generate(merged, subset, 32, new_tokens, device)
+    hf_small = hf_generate(merged, subset, 8, new_tokens, device)
+    agree = {"transformers_b32_vs_b8": agreement(hf_small, hf_big)}
+    for mode in ("hidden", "kv"):
+        ours = fast_generate(merged, subset, min(best, len(subset)), new_tokens, attention=mode,
+                             use_cuda_graphs=use_graphs)
+        agree[f"sumtune_{mode}_vs_transformers_b32"] = agreement(ours, hf_big)
+    return agree
 
 
 def finish(args, rows, agree, best, mean_len, build_s, prepare_s, merged_gib) -> int:

@@ -233,7 +233,9 @@ def hidden_attention(q: Tensor, wk: Tensor, wv: Tensor, memory: Tensor, bias: Te
 
 def _attend_hidden(q_mem: Tensor, memory: Tensor, bias: Tensor) -> Tensor:
     scores = torch.bmm(q_mem, memory.transpose(1, 2))  # [B,H,L]
-    probs = torch.softmax(scores.float() + bias.float(), dim=-1).to(memory.dtype)
+    # bias added in the model dtype, softmax in float32, as transformers' T5Attention does (the upcast happens
+    # inside the softmax kernel: two passes over [B,H,L] fewer than adding float32 copies)
+    probs = torch.softmax(scores + bias, dim=-1, dtype=torch.float32).to(memory.dtype)
     return torch.bmm(probs, memory)  # [B,H,D]
 
 
