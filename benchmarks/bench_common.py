@@ -150,6 +150,7 @@ CONFIG_TOKENS: dict[str, dict] = {
     "drop0": {"model_dropout": 0.0},  # T5's own dropout off: the targets keep 0.1, so for comparison only
     "ldrop0": {"lora_dropout": 0.0},
     "sdpa": {"attention_backend": "sdpa"}, "triton": {"attention_backend": "triton"},
+    "fusedffn": {"fused_ffn_dropout": True},
     "adamw": {"optimizer": "adamw"}, "paged": {"optimizer": "paged_adamw_8bit"}, "adamw8": {"optimizer": "adamw_8bit"},
 }
 

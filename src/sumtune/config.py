@@ -182,6 +182,8 @@ class TrainConfig:
     """torch.compile the T5 blocks (GPU; slow to start, faster steps)."""
     attention_backend: Literal["auto", "triton", "sdpa"] = "sdpa"
     """T5 attention on the fast path: `sdpa` (torch's kernels with a materialized position bias; the default), `triton` (sumtune's kernels: bias, padding and dropout computed inside, no L×L tensor; 10-23% faster than SDPA with T5's bias and dropout in isolation, +7% in the whole T5-3b step at 16 × 2 with CUDA graphs, 61.6 vs 62.8 GiB, H200 2026-12-01; one earlier run at 8 × 4 with LoRA dropout ran out of memory, cause not found, so the shipped configs ask for `auto` rather than this being the default), or `auto` (triton on a CUDA GPU with triton installed, else sdpa)."""
+    fused_ffn_dropout: bool = False
+    """On the fast path in training, T5's ReLU feed-forward runs ReLU and dropout as one Triton kernel each way (CUDA; elsewhere the stock ops): one pass over the d_ff-wide intermediate instead of four, and neither the ReLU output nor the dropout mask kept for the backward (~0.75 GiB a layer for T5-3b at 16 × 1024 tokens). NOT MEASURED on a GPU yet (written 2026-12-01 after a kernel table put ReLU + dropout passes at ~8% of the shipped step); off until measured. Gated (FLAN-T5) feed-forwards keep the stock ops."""
     cuda_graphs: bool = True
     """Capture each micro-batch shape's forward and backward in a CUDA graph and replay it (GPU, one process, no activation checkpointing; elsewhere the step runs eagerly). Removes the host's kernel-launch cost, which bounds the T5-3b step with LoRA on every layer (+68% samples/s measured on an H200); `pad_to_buckets` keeps the number of captured shapes small."""
     fused_lora: bool = False

@@ -114,7 +114,8 @@ def build_model(cfg: TrainConfig, tokenizer, device: torch.device, *, run_dir: P
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_lora(base, cfg).to(device)
     if cfg.fast_kernels:
-        model = enable_fast_path(model, attention_backend=cfg.attention_backend)
+        model = enable_fast_path(model, attention_backend=cfg.attention_backend,
+                                 fused_ffn_dropout=cfg.fused_ffn_dropout)
         if cfg.fused_lora:
             fast_t5.fuse_lora_4bit(model)
     if cfg.cache_dequantized_weights:

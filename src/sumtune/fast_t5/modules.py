@@ -18,6 +18,7 @@ from sumtune.fast_t5 import bias as bias_lib
 
 FAST_KW = "_sumtune_fast"
 COMPUTE_DTYPE_ATTR = "_sumtune_compute_dtype"
+FUSED_RELU_DROPOUT_ATTR = "_sumtune_fused_relu_dropout"  # on T5DenseActDense: ReLU + dropout in one kernel
 
 
 def _compute_dtype(module: torch.nn.Module) -> torch.dtype:
@@ -91,8 +92,16 @@ def fast_final_layer_norm_forward(self, hidden_states):
 
 # --------------------------------------------------------------------------- feed-forward
 def fast_dense_act_dense_forward(self, hidden_states):
-    """T5DenseActDense with ``wo`` fed in the compute dtype (stock upcasts to wo's fp32 weight)."""
-    hidden_states = self.dropout(self.act(self.wi(hidden_states)))
+    """T5DenseActDense with ``wo`` fed in the compute dtype (stock upcasts to wo's fp32 weight); in training with
+    ``FUSED_RELU_DROPOUT_ATTR`` set (enable_fast_t5's ``fused_ffn_dropout``), ReLU and dropout in one kernel."""
+    hidden_states = self.wi(hidden_states)
+    if self.training and getattr(self, FUSED_RELU_DROPOUT_ATTR, False) and isinstance(self.act, torch.nn.ReLU):
+        from sumtune.fast_t5 import ffn_dropout
+
+        if ffn_dropout.can_fuse(hidden_states):
+            hidden_states = ffn_dropout.relu_dropout(hidden_states, self.dropout.p)
+            return self.wo(hidden_states.to(_compute_dtype(self)))
+    hidden_states = self.dropout(self.act(hidden_states))
     return self.wo(hidden_states.to(_compute_dtype(self)))
 
 

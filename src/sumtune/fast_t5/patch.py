@@ -67,13 +67,15 @@ def _fast_forward_for(module: torch.nn.Module, final_norms: set[int]):
 
 
 def enable_fast_t5(model: torch.nn.Module, compute_dtype: torch.dtype | None = None,
-                   attention_backend: str = "auto") -> torch.nn.Module:
+                   attention_backend: str = "auto", fused_ffn_dropout: bool = False) -> torch.nn.Module:
     """Patch every T5 stack/attention/layernorm/FFN of ``model`` (plain or PEFT-wrapped) in place.
 
     Training then runs fused RMSNorm, bf16 GEMMs, and attention in the kernel ``attention_backend`` names
     (``auto``: sumtune's Triton kernels with bias, masks and dropout inside when they can run, else SDPA with a
     no-grad materialised bias; ``triton`` or ``sdpa`` force one; see sumtune.fast_t5.attention). Forwards with a
-    KV cache (generation) use the stock code. Returns ``model`` for chaining; :func:`disable_fast_t5` undoes it.
+    KV cache (generation) use the stock code. ``fused_ffn_dropout``: in training, the ReLU feed-forward blocks run
+    ReLU and dropout as one Triton kernel each way (sumtune.fast_t5.ffn_dropout; CUDA only, elsewhere stock).
+    Returns ``model`` for chaining; :func:`disable_fast_t5` undoes it.
     """
     t5 = _t5_classes()
     attention_lib.check_backend_name(attention_backend)
@@ -88,6 +90,8 @@ def enable_fast_t5(model: torch.nn.Module, compute_dtype: torch.dtype | None = N
         function = _fast_forward_for(module, final_norms)
         if function is not None:
             _bind(module, function, dtype)
+            if isinstance(module, t5.T5DenseActDense):
+                setattr(module, fast.FUSED_RELU_DROPOUT_ATTR, fused_ffn_dropout)
     for stack in stacks:
         stack._sumtune_mixed_dtypes = _has_mixed_frozen_dtypes(stack, dtype)
         setattr(stack, attention_lib.BACKEND_ATTR, attention_backend)
@@ -100,8 +104,9 @@ def disable_fast_t5(model: torch.nn.Module) -> torch.nn.Module:
         if getattr(module, _PATCHED_ATTR, False):
             del module.forward
             delattr(module, _PATCHED_ATTR)
-            if attention_lib.BACKEND_ATTR in module.__dict__:
-                delattr(module, attention_lib.BACKEND_ATTR)
+            for attr in (attention_lib.BACKEND_ATTR, fast.FUSED_RELU_DROPOUT_ATTR):
+                if attr in module.__dict__:
+                    delattr(module, attr)
             if _FIXED_FORWARD_ATTR in module.__dict__:  # keep the quantized-wo fix (fix_quantized_ffn)
                 module.forward = module.__dict__[_FIXED_FORWARD_ATTR]
     return model

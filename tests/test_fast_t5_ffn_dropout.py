@@ -1,0 +1,179 @@
+"""sumtune.fast_t5.ffn_dropout: T5's feed-forward ReLU + dropout in one Triton kernel each way, against torch.
+
+On CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU); GPU tests
+(``-m gpu``) run the compiled kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture()
+def ffn():
+    pytest.importorskip("triton")
+    from sumtune.fast_t5 import ffn_dropout, ffn_kernels
+
+    if not ffn_kernels.INTERPRET:
+        pytest.skip("Triton's interpreter is off (a CUDA machine: run with TRITON_INTERPRET=1, or -m gpu)")
+    return ffn_dropout
+
+
+def seed_of_next_call(rng_seed: int) -> torch.Tensor:
+    """The seed the op draws right after torch.manual_seed(rng_seed) (it draws first thing)."""
+    from sumtune.fast_t5.flash_attention import draw_seed
+
+    torch.manual_seed(rng_seed)
+    seed = draw_seed("cpu")
+    torch.manual_seed(rng_seed)
+    return seed
+
+
+def assert_same(got, expected):
+    """Bitwise in float32. In bf16 the same zeros and values within one bf16 step: Triton's CPU interpreter rounds
+    float32 -> bf16 toward zero where GPUs round to nearest (the GPU test below asks for bitwise equality)."""
+    if got.dtype == torch.float32:
+        assert torch.equal(got, expected)
+        return
+    assert torch.equal(got == 0, expected == 0)
+    assert torch.allclose(got.float(), expected.float(), rtol=2 ** -7, atol=0)
+
+
+def reference(x, keep, scale):
+    """torch's relu then dropout with the kernels' mask: x * mask * scale, computed in float32."""
+    return (torch.relu(x.float()) * keep.view(x.shape).float() * scale).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_and_backward_are_relu_then_dropout_with_the_kernels_mask(ffn, dtype):
+    """Output and input gradient equal torch's relu + dropout given the mask the seed draws (bitwise), over more
+    than one program's block and a ragged end."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 1000, generator=gen).to(dtype).requires_grad_()  # 15,000 elements: 4 blocks, ragged
+    grad_y = torch.randn(x.shape, generator=gen).to(dtype)
+    p = 0.3
+    seed = seed_of_next_call(11)
+    y = ffn.relu_dropout(x, p)
+    y.backward(grad_y)
+    keep = ffn.relu_dropout_keep_mask(seed, x.numel(), p, device="cpu")
+    scale = ffn.dropout_scale(p)
+    expected_grad = (grad_y.float() * ((x.detach() > 0) & keep.view(x.shape)).float() * scale).to(dtype)
+    assert_same(y, reference(x.detach(), keep, scale))
+    assert_same(x.grad, expected_grad)
+    drop_rate = 1 - keep.float().mean().item()
+    assert abs(drop_rate - p) < 4 * (p * (1 - p) / keep.numel()) ** 0.5
+    assert abs(scale * (1 - p) - 1) < 1e-6
+
+
+def test_zero_dropout_is_relu_and_nan_stays_nan(ffn):
+    x = torch.tensor([-2.0, -0.0, 0.0, 1.5, float("nan"), float("inf")]).requires_grad_()
+    y = ffn.relu_dropout(x, 0.0)
+    assert torch.equal(y[:4], torch.relu(x.detach())[:4]) and torch.isnan(y[4]) and y[5] == float("inf")
+    y[:4].sum().backward()
+    assert torch.equal(x.grad[:4], torch.tensor([0.0, 0.0, 0.0, 1.0]))
+
+
+def test_mask_depends_on_seed_and_element_only(ffn):
+    first = ffn.relu_dropout_keep_mask(5, 9000, 0.1, device="cpu")
+    assert torch.equal(first, ffn.relu_dropout_keep_mask(5, 9000, 0.1, device="cpu"))
+    assert not torch.equal(first, ffn.relu_dropout_keep_mask(6, 9000, 0.1, device="cpu"))
+    assert torch.equal(first[:5000], ffn.relu_dropout_keep_mask(5, 5000, 0.1, device="cpu"))  # not the length
+    original = ffn.BLOCK
+    try:
+        ffn.BLOCK = 1024  # another tiling: the same draws
+        assert torch.equal(first, ffn.relu_dropout_keep_mask(5, 9000, 0.1, device="cpu"))
+    finally:
+        ffn.BLOCK = original
+
+
+def test_reproducible_under_manual_seed_and_checkpointing(ffn):
+    from torch.utils.checkpoint import checkpoint
+
+    x = torch.randn(4, 700, generator=torch.Generator().manual_seed(1)).requires_grad_()
+
+    def run(fn):
+        x.grad = None
+        y = fn(x)
+        y.square().sum().backward()
+        return y.detach(), x.grad.clone()
+
+    torch.manual_seed(3)
+    y, grad = run(lambda t: ffn.relu_dropout(t, 0.2))
+    torch.manual_seed(3)
+    again, _ = run(lambda t: ffn.relu_dropout(t, 0.2))
+    torch.manual_seed(4)
+    other, _ = run(lambda t: ffn.relu_dropout(t, 0.2))
+    assert torch.equal(y, again) and not torch.equal(y, other)
+    torch.manual_seed(3)
+    recomputed, recomputed_grad = run(lambda t: checkpoint(ffn.relu_dropout, t, 0.2, use_reentrant=False))
+    assert torch.equal(recomputed, y) and torch.equal(recomputed_grad, grad)
+
+
+def test_custom_ops_pass_opcheck(ffn):
+    x = torch.randn(6, 40)
+    torch.library.opcheck(torch.ops.sumtune.relu_dropout.default, (x, 0.0),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(torch.ops.sumtune.relu_dropout_backward.default, (x, torch.relu(x), 0.1),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_the_fast_t5_feed_forward_runs_the_fused_kernels_only_when_asked(ffn, monkeypatch):
+    """enable_fast_t5(fused_ffn_dropout=True) routes the ReLU feed-forwards of a training step through the fused op
+    (stock ops otherwise, and in eval); with T5's dropout 0 the loss and LoRA gradients equal the stock ops'."""
+    from test_fast_t5 import TINY, VOCAB, build_qlora_t5, loss_and_lora_grads, padded_batch
+
+    from sumtune.fast_t5 import disable_fast_t5, enable_fast_t5, ffn_dropout
+
+    model = build_qlora_t5(dict(TINY, num_layers=1, num_decoder_layers=1), seed=5)
+    model.train()
+    batch = padded_batch(2, 16, 6, VOCAB, seed=6)
+    calls, original = [], ffn_dropout.relu_dropout
+
+    def spy(x, p):
+        calls.append(p)
+        return original(x, p)
+
+    monkeypatch.setattr(ffn_dropout, "relu_dropout", spy)
+    results = {}
+    for fused in (False, True):
+        enable_fast_t5(model, attention_backend="sdpa", fused_ffn_dropout=fused)
+        calls.clear()
+        results[fused] = loss_and_lora_grads(model, batch)
+        assert calls == ([0.0, 0.0] if fused else [])  # encoder and decoder feed-forward, T5's dropout_rate 0
+        model.eval()
+        with torch.no_grad():
+            model(**batch)
+        model.train()
+        assert len(calls) == (2 if fused else 0)  # eval keeps the stock ops
+        disable_fast_t5(model)
+    (loss, grads), (fused_loss, fused_grads) = results[False], results[True]
+    assert torch.equal(loss, fused_loss)
+    assert all(torch.equal(grads[name], fused_grads[name]) for name in grads)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_kernels_match_torch_with_their_mask_and_redraw_under_cuda_graphs():
+    from sumtune.fast_t5 import ffn_dropout
+
+    x = torch.randn(16, 1024, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad_y = torch.randn_like(x)
+    torch.manual_seed(7)
+    y = ffn_dropout.relu_dropout(x, 0.1)
+    torch.manual_seed(7)
+    seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device="cuda")
+    keep = ffn_dropout.relu_dropout_keep_mask(seed, x.numel(), 0.1)
+    assert torch.equal(y, reference(x.detach(), keep, ffn_dropout.dropout_scale(0.1)))
+    y.backward(grad_y)
+    expected = (grad_y.float() * ((x.detach() > 0) & keep.view(x.shape)).float() * ffn_dropout.dropout_scale(0.1))
+    assert torch.equal(x.grad, expected.to(torch.bfloat16))
+    static = x.detach().clone()
+    graph = torch.cuda.CUDAGraph()
+    ffn_dropout.relu_dropout(static, 0.1)
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        out = ffn_dropout.relu_dropout(static, 0.1)
+    graph.replay()
+    first = out.clone()
+    graph.replay()
+    assert not torch.equal(first, out)  # a new seed per replay
