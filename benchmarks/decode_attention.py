@@ -1,6 +1,7 @@
 """Cross-attention of one decoding step over long inputs: the generation path's `hidden_attention` (two batched
 GEMMs, each reading the cached encoder states) against SDPA with keys = values = the states (one kernel, which can
-read each tile of the states once for scores and values), and the "kv" mode over projected keys/values.
+read each tile of the states once for scores and values) and against sumtune's fused kernel (the decoder's
+attention="fused" mode: one read of each row's real states) at a few tile/warp settings.
 
     python benchmarks/decode_attention.py                 # GPU: B x 32 heads x 128, d_model 1024 (T5-3b), 4096 keys
     python benchmarks/decode_attention.py --cpu-check     # no GPU: the formulations agree (small shapes)
@@ -59,6 +60,14 @@ def hidden_sdpa(q, wk, wv, states, bias):
     return ctx.transpose(0, 1).reshape(batch, heads * d_kv)
 
 
+def hidden_fused(q, wk, wv, states, bias):
+    """sumtune's fused kernel (attention="fused"): each row's real states read once, per-row lengths."""
+    from sumtune.generation.t5_decode import hidden_attention
+
+    lengths = (bias[:, 0] == 0).sum(dim=-1).to(torch.int32)
+    return hidden_attention(q, wk, wv, states, bias, lengths=lengths)
+
+
 def reference_fp32(q, wk, wv, states, bias):
     return hidden_gemms(q.float(), wk.float(), wv.float(), states.float(), bias.float())
 
@@ -89,7 +98,26 @@ def formulations(device):
         from torch.nn.attention import SDPBackend
 
         rows.append(("hidden: SDPA, memory-efficient kernel", hidden_sdpa, SDPBackend.EFFICIENT_ATTENTION))
+        from sumtune.generation import cross_attention
+
+        for block_n, warps in FUSED_CONFIGS:
+            rows.append((f"hidden: sumtune fused kernel {block_n} keys x {warps} warps",
+                         lambda *a, c=(block_n, warps): _with_fused_config(c, hidden_fused, *a), None))
     return rows
+
+
+FUSED_CONFIGS = [(16, 16), (16, 8), (32, 16)]  # (BLOCK_N, NUM_WARPS) of sumtune.generation.cross_attention
+
+
+def _with_fused_config(config, fn, *args):
+    from sumtune.generation import cross_attention
+
+    saved = cross_attention.BLOCK_N, cross_attention.NUM_WARPS
+    cross_attention.BLOCK_N, cross_attention.NUM_WARPS = config
+    try:
+        return fn(*args)
+    finally:
+        cross_attention.BLOCK_N, cross_attention.NUM_WARPS = saved
 
 
 def run(fn, backend, args):

@@ -54,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--ab-slicing", action="store_true",
                         help="also time each greedy batch with slice_cross_attention=False (every row reads the "
                              "batch's padded width in cross-attention)")
+    parser.add_argument("--fused", action="store_true",
+                        help="also time each greedy batch with attention='fused' (sumtune's one-read cross-attention "
+                             "kernel) and check its tokens")
     parser.add_argument("--greedy-only", action="store_true",
                         help="only the greedy graphs rows and greedy token agreement (no eager/kv/beam/n-gram rows): "
                              "larger batches on a short device budget")
@@ -216,6 +219,9 @@ def main(argv=None) -> int:
 
     use_graphs = device.type == "cuda"
     settings = [("graphs" if use_graphs else "eager", dict(use_cuda_graphs=use_graphs))]
+    if args.fused:
+        settings.append((settings[0][0] + ", fused cross-attention",
+                         dict(use_cuda_graphs=use_graphs, attention="fused")))
     if args.ab_slicing:
         settings.append((settings[0][0] + ", unsliced cross-attention",
                          dict(use_cuda_graphs=use_graphs, slice_cross_attention=False)))
@@ -228,7 +234,8 @@ def main(argv=None) -> int:
             print(rows[-1], flush=True)
     best = max((r for r in rows if r["path"] == "sumtune"), key=lambda r: r["summaries_per_s"])["batch"]
     if args.greedy_only:
-        agree = greedy_agreement(merged, inputs[: args.agreement_inputs], best, args.new_tokens, device, use_graphs)
+        agree = greedy_agreement(merged, inputs[: args.agreement_inputs], best, args.new_tokens, device, use_graphs,
+                                 args.fused)
         return finish(args, rows, agree, best, mean_len, build_s, prepare_s, merged_gib)
     variants = [("eager", dict(use_cuda_graphs=False)),
                 ("kv-cache" + (" graphs" if use_graphs else ""), dict(attention="kv", use_cuda_graphs=use_graphs))]
@@ -263,7 +270,8 @@ def main(argv=None) -> int:
                     args.ngram_batch, 1, out, wall, peak))
     print(rows[-1], flush=True)
 
-    agree = greedy_agreement(merged, inputs[: args.agreement_inputs], best, args.new_tokens, device, use_graphs)
+    agree = greedy_agreement(merged, inputs[: args.agreement_inputs], best, args.new_tokens, device, use_graphs,
+                             args.fused)
     beam_ref = hf_generate(merged, beam_inputs[:8], 8, args.new_tokens, device, num_beams=4)
     beam_ours = fast_generate(merged, beam_inputs[:8], 8, args.new_tokens, num_beams=4)
     agree["sumtune_beam4_vs_transformers_beam4"] = agreement(beam_ours, beam_ref)
@@ -274,13 +282,13 @@ def main(argv=None) -> int:
     return finish(args, rows, agree, best, mean_len, build_s, prepare_s, merged_gib)
 
 
-def greedy_agreement(merged, subset, best, new_tokens, device, use_graphs) -> dict:
+def greedy_agreement(merged, subset, best, new_tokens, device, use_graphs, fused=False) -> dict:
     """Greedy tokens of sumtune (both attention modes) against transformers `generate` on the same merged bf16
     weights (forced length), next to transformers against itself at another batch size (the bf16 noise floor)."""
     hf_big = hf_generate(merged, subset, 32, new_tokens, device)
     hf_small = hf_generate(merged, subset, 8, new_tokens, device)
     agree = {"transformers_b32_vs_b8": agreement(hf_small, hf_big)}
-    for mode in ("hidden", "kv"):
+    for mode in ("hidden", "kv") + (("fused",) if fused else ()):
         ours = fast_generate(merged, subset, min(best, len(subset)), new_tokens, attention=mode,
                              use_cuda_graphs=use_graphs)
         agree[f"sumtune_{mode}_vs_transformers_b32"] = agreement(ours, hf_big)

@@ -3,6 +3,7 @@ wrapped in real PEFT LoRA, fed real BillSum text through the real T5 tokenizer."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -211,7 +212,7 @@ def test_generate_ids_rejects_the_quantized_training_model(peft_relu, inputs):
 
 # ---- greedy ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("attention", ["kv", "hidden"])
+@pytest.mark.parametrize("attention", ["kv", "hidden", "fused"])
 def test_greedy_matches_transformers_fp32(merged32, expected32, inputs, attention):
     expected = expected32
     got = ours(merged32, inputs, attention=attention, batch_size=5)
@@ -231,7 +232,7 @@ def test_greedy_matches_transformers_fp32_gated_gelu(peft_gated, inputs):
     assert_same_or_near_tie(merged, inputs, got, expected, fp32_tolerance)
 
 
-@pytest.mark.parametrize("attention", ["kv", "hidden"])
+@pytest.mark.parametrize("attention", ["kv", "hidden", "fused"])
 def test_greedy_bf16_agrees_except_for_bf16_near_ties(peft_relu, merged32, expected32, inputs, attention):
     """bf16 on a sensitive random model: sequences may differ from transformers' bf16 output, but only where
     transformers' own bf16 logits for the two candidates are closer than bf16's rounding error at those two
@@ -337,6 +338,37 @@ def test_cross_attention_slices_must_tile_the_batch(merged32):
     for bad in (((0, 2, 64), (3, 4, 32)), ((0, 4, 65),), ((0, 3, 64),)):
         with pytest.raises(ValueError, match="do not tile"):
             new_state(weights, 4, 64, 8, "hidden", torch.device("cpu"), bad)
+
+
+def test_fused_cross_attention_kernel_matches_float64_and_refuses_what_it_cannot_run(merged32):
+    """The fused mode's kernel (Triton's interpreter on CPU) against a float64 masked softmax, with key splits and
+    rows of different lengths (one empty); a non-power-of-two d_model and left padding are refused in one sentence."""
+    pytest.importorskip("triton")
+    from sumtune.generation import cross_attention
+    from sumtune.generation.t5_decode import load_batch, new_state
+
+    if cross_attention.kernel_available(torch.zeros(1, 64)) is not None:
+        pytest.skip("the kernel cannot run here (no CUDA and Triton's interpreter is off)")
+    gen = torch.Generator().manual_seed(3)
+    q_mem = torch.randn(4, 5, 32, generator=gen)  # 5 heads: padded to 16 rows inside
+    memory = torch.randn(8, 70, 32, generator=gen)[::2]  # strided rows, as a slice of a larger buffer
+    lengths = torch.tensor([70, 33, 1, 0], dtype=torch.int32)
+    expected = cross_attention.reference_hidden_attention(q_mem, memory, lengths)
+    for splits in (1, 2, 5):
+        got = cross_attention.fused_hidden_attention(q_mem, memory, lengths, splits=splits)
+        assert (got.double() - expected).abs().max().item() < 1e-5, splits
+    assert not got[3].any()  # no keys: zeros, not NaN
+
+    weights = DecoderWeights.from_model(merged32)
+    with pytest.raises(SumtuneError, match="d_model 48 is not a power of two"):
+        dataclasses.replace(weights, embed=torch.zeros(2, 48)).resolve_attention("fused")
+    state = new_state(weights, 2, 6, 4, "fused", torch.device("cpu"))
+    encoder_out = torch.zeros(2, 6, weights.d_model)
+    left_padded = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with pytest.raises(SumtuneError, match="right-padded"):
+        load_batch(state, weights, encoder_out, left_padded, START, PAD, 0)
+    load_batch(state, weights, encoder_out, torch.tensor([[1, 1, 1, 0, 0, 0], [1] * 6]), START, PAD, 0)
+    assert state.cross_lengths.tolist() == [3, 6]
 
 
 # ---- encoder path and session reuse ---------------------------------------------------------------------
@@ -456,7 +488,7 @@ def test_summaries_pass_every_generation_setting_on_both_paths(merged32, inputs,
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graphs_match_eager_on_gpu(peft_relu, inputs):
     model = prepare_inference_model(peft_relu, torch.bfloat16).to("cuda")
-    for attention in ("kv", "hidden"):
+    for attention in ("kv", "hidden", "fused"):
         eager = ours(model, inputs, use_cuda_graphs=False, batch_size=8, pad_to_multiple_of=64, attention=attention)
         graphed = ours(model, inputs, use_cuda_graphs=True, batch_size=8, attention=attention)
         assert graphed == eager  # same shapes, same kernels, replayed from a graph

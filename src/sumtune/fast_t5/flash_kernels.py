@@ -32,6 +32,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from sumtune.triton_compat import fix_interpreter_for_numpy_2_4
+
 INTERPRET = bool(triton.knobs.runtime.interpret)
 # Globals read inside kernels must be constexpr for Triton's compiler (the interpreter would not notice).
 PHILOX_ROUNDS = tl.constexpr(7)
@@ -40,25 +42,8 @@ BIAS_CONST = tl.constexpr(1)
 BIAS_GATHER = tl.constexpr(2)
 
 
-def _fix_interpreter_for_numpy_2_4() -> None:
-    """Triton 3.6's interpreter turns a runtime loop bound into an int with ``int(array_of_shape_1)``, which numpy
-    2.4 refuses (triton-lang/triton#9171, fixed upstream with ``.squeeze()``); apply that fix. Interpreter only."""
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "_sumtune_numpy_fix", False):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
-
-    patched._sumtune_numpy_fix = True
-    interpreter._patch_lang_tensor = patched
-
-
 if INTERPRET:
-    _fix_interpreter_for_numpy_2_4()
+    fix_interpreter_for_numpy_2_4()
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -10,6 +10,9 @@ for self-attention), chosen by `attention`:
   key/value projections to the query side: score_h = (W_k,h^T q_h) . x_j and out_h = W_v,h (sum_j p_hj x_j).
   Reads d_model numbers per token, 4x fewer bytes than "kv" for t5-3b (H*d_kv = 4096 vs d_model = 1024),
   and needs no key/value cache memory beyond the hidden states. Same maths, different bf16 rounding.
+- "fused": "hidden", with cross-attention in one Triton kernel (sumtune.generation.cross_attention) that reads each
+  row's real encoder states once for scores and values together, instead of two GEMMs that each read all padded
+  states (CUDA; not yet measured on a GPU, so "auto" does not pick it).
 
 Cross-attention reads the encoder memory of every row at every step: at 4096/512 most of the decoder's time.
 A batch's rows (sorted longest first) are cut into a few slices (`cross_groups`), each attending only to its own
@@ -25,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ATTENTION_MODES = ("auto", "kv", "hidden")
+ATTENTION_MODES = ("auto", "kv", "hidden", "fused")
 CROSS_GROUPS = 8  # at most this many row slices per batch, each attending to its own source length
 CROSS_GROUP_MULTIPLE = 256  # slice lengths rounded up to this: fewer distinct shapes (CUDA graphs) per batch
 CROSS_GROUP_MIN_SAVING = 0.1  # slice only when it leaves out at least this share of the padded keys
@@ -90,9 +93,18 @@ class DecoderWeights:
         return self.embed.dtype
 
     def resolve_attention(self, attention: str) -> str:
-        """"auto" -> "hidden" when caching hidden states reads fewer bytes than caching keys/values."""
+        """"auto" -> "hidden" when caching hidden states reads fewer bytes than caching keys/values; "fused" is
+        refused (one sentence) where its kernel cannot run."""
         if attention == "auto":
             return "hidden" if self.n_heads * self.d_kv > self.d_model else "kv"
+        if attention == "fused":
+            from sumtune.generation.cross_attention import kernel_available
+
+            reason = kernel_available(self.embed)
+            if reason is not None:
+                from sumtune.errors import SumtuneError
+
+                raise SumtuneError(f"attention 'fused' cannot run here: {reason}.")
         return attention
 
 
@@ -110,6 +122,7 @@ class DecodeState:
     cross_groups: tuple[tuple[int, int, int], ...]  # (first row, end row, source tokens read) per row slice
     self_memory: list[tuple[Tensor, ...]] = field(default_factory=list)  # per layer: (K, V) or (X,)
     cross_memory: list[tuple[Tensor, ...]] = field(default_factory=list)  # per layer: (K, V) or (enc,)
+    cross_lengths: Tensor | None = None  # [B] int32 source lengths: "fused" mode's kernel reads only these keys
 
 
 def cross_groups(lengths: Sequence[int], src_len: int, groups: int = CROSS_GROUPS,
@@ -165,6 +178,8 @@ def new_state(w: DecoderWeights, batch: int, src_len: int, max_new_tokens: int, 
         state.self_memory = [(zeros(batch, steps, w.d_model),) for _ in w.layers]
         encoder_out = zeros(batch, src_len, w.d_model)  # one buffer shared by all layers
         state.cross_memory = [(encoder_out,) for _ in w.layers]
+        if attention == "fused":
+            state.cross_lengths = torch.zeros(batch, dtype=torch.int32, device=device)
     return state
 
 
@@ -189,6 +204,14 @@ def load_batch(state: DecodeState, w: DecoderWeights, encoder_out: Tensor, encod
     state.eos_bias[:min_new_tokens] = float("-inf")
     bias = torch.zeros(encoder_mask.shape, dtype=w.dtype, device=encoder_mask.device)
     state.cross_bias.copy_(bias.masked_fill(encoder_mask == 0, torch.finfo(w.dtype).min)[:, None, None, :])
+    if state.cross_lengths is not None:
+        lengths = encoder_mask.sum(dim=-1)
+        positions = torch.arange(encoder_mask.shape[-1], device=encoder_mask.device)
+        if not torch.equal(positions[None, :] < lengths[:, None], encoder_mask != 0):  # one sync a batch
+            from sumtune.errors import SumtuneError
+
+            raise SumtuneError("attention 'fused' needs right-padded inputs (each row's tokens first, then padding).")
+        state.cross_lengths.copy_(lengths)
     for memory in state.self_memory:
         for buf in memory:
             buf.zero_()  # stale values are masked, but must not be inf/nan (0 * nan = nan)
@@ -216,13 +239,18 @@ def kv_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
 
 
 def hidden_attention(q: Tensor, wk: Tensor, wv: Tensor, memory: Tensor, bias: Tensor,
-                     groups: Sequence[tuple[int, int, int]] | None = None) -> Tensor:
+                     groups: Sequence[tuple[int, int, int]] | None = None, lengths: Tensor | None = None) -> Tensor:
     """q [B,H,dk] over memory [B,L,D] with the k/v projections wk, wv [H*dk, D] moved to the query side; bias
-    [B,1,L] or [1,H,L]. `groups`: (first row, end row, keys) slices that each read only their first keys."""
+    [B,1,L] or [1,H,L]. `groups`: (first row, end row, keys) slices that each read only their first keys.
+    `lengths` [B] int32: the fused kernel over each row's first keys instead (bias unused: padding only)."""
     batch, heads, d_kv = q.shape
     wk_h = wk.view(heads, d_kv, -1)
     q_mem = torch.bmm(q.transpose(0, 1), wk_h).transpose(0, 1)  # [B,H,D]
-    if groups is None or len(groups) == 1 and groups[0][2] >= memory.shape[1]:
+    if lengths is not None:
+        from sumtune.generation.cross_attention import fused_hidden_attention
+
+        ctx_mem = fused_hidden_attention(q_mem, memory, lengths)
+    elif groups is None or len(groups) == 1 and groups[0][2] >= memory.shape[1]:
         ctx_mem = _attend_hidden(q_mem, memory, bias)
     else:
         ctx_mem = torch.cat([_attend_hidden(q_mem[start:stop], memory[start:stop, :keys], bias[start:stop, :, :keys])
@@ -286,7 +314,7 @@ def decode_step(w: DecoderWeights, state: DecodeState, kv_len: int, pad_token_id
             attn = attn.reshape(batch, heads * d_kv)
         else:
             attn = hidden_attention(q.view(batch, heads, d_kv), lw.ck, lw.cv, cross_mem[0], state.cross_bias[:, 0],
-                                    state.cross_groups)
+                                    state.cross_groups, state.cross_lengths)
         h = _clamp_fp16(h + F.linear(attn, lw.co))
 
         n = rms_norm(h, lw.ln_ff, w.eps)

@@ -1,0 +1,84 @@
+"""One decoding step's cross-attention over cached encoder states in one Triton kernel (the "fused" mode of
+sumtune.generation.t5_decode).
+
+Public:
+    fused_hidden_attention(q_mem, memory, lengths, splits=None) -> Tensor   ([B, H, D] like the two-GEMM path)
+    kernel_available(tensor) -> str | None                                  (why the kernel cannot run, or None)
+    reference_hidden_attention(q_mem, memory, lengths) -> Tensor            (plain PyTorch, float64: tests)
+
+``q_mem`` [B, H, D] are the queries with W_k moved to their side (t5_decode's "hidden" mode), ``memory`` [B, L, D] the
+encoder states (keys and values both), ``lengths`` [B] int32 each row's source length (its keys are a prefix).
+The hidden mode's two batched GEMMs read every padded state twice a step; this reads each real one once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import torch
+from torch import Tensor
+
+BLOCK_N = 16  # keys a loop iteration (a d_model-wide tile of states: 32 KiB at T5-3b's 1024, bf16)
+NUM_WARPS = 8
+MIN_PROGRAMS = 264  # split rows' keys until about two programs an H100/H200 SM (132 SMs)
+
+
+def _kernels():
+    from sumtune.generation import cross_kernels
+
+    return cross_kernels
+
+
+def kernel_available(tensor: Tensor) -> str | None:
+    """The first reason the kernel cannot run on ``tensor``'s device and shape, or None."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if tensor.device.type != "cuda" and not _kernels().INTERPRET:
+        return f"it needs a CUDA device, not {tensor.device.type}"
+    d_model = tensor.shape[-1]
+    if d_model & (d_model - 1) or d_model < 16:
+        return f"d_model {d_model} is not a power of two >= 16"
+    return None
+
+
+def choose_splits(batch: int, src_len: int, block_n: int = BLOCK_N) -> int:
+    """Key splits per row: enough programs to fill the GPU, each with at least a few tiles of keys."""
+    return max(1, min(-(-MIN_PROGRAMS // max(batch, 1)), -(-src_len // (8 * block_n))))
+
+
+def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, splits: int | None = None) -> Tensor:
+    """softmax(q_mem . memory^T over each row's first lengths[b] keys) . memory -> [B, H, D] in memory's dtype."""
+    batch, heads, d_model = q_mem.shape
+    src_len = memory.shape[1]
+    splits = splits or choose_splits(batch, src_len)
+    keys_per_split = -(-src_len // splits)
+    keys_per_split = -(-keys_per_split // BLOCK_N) * BLOCK_N
+    block_h = max(16, 1 << (heads - 1).bit_length())
+    kernels = _kernels()
+    q_mem = q_mem.contiguous()
+    out = torch.empty((batch, heads, d_model), device=q_mem.device, dtype=memory.dtype)
+    if splits > 1:
+        acc = torch.empty((batch, splits, block_h, d_model), device=q_mem.device, dtype=torch.float32)
+        running_max = torch.empty((batch, splits, block_h), device=q_mem.device, dtype=torch.float32)
+        total = torch.empty_like(running_max)
+    else:
+        acc = running_max = total = out  # unused
+    kernels.hidden_cross_attention[(batch, splits)](
+        q_mem, memory, lengths, out, acc, running_max, total, q_mem.stride(0), q_mem.stride(1), memory.stride(0),
+        memory.stride(1), out.stride(0), out.stride(1), heads, keys_per_split, BLOCK_H=block_h, D=d_model,
+        BLOCK_N=BLOCK_N, SPLIT=splits > 1, UPCAST=kernels.INTERPRET, num_warps=NUM_WARPS)
+    if splits == 1:
+        return out
+    weights = torch.exp(running_max - running_max.amax(dim=1, keepdim=True)).nan_to_num_(0.0)  # empty splits: 0
+    numerator = (acc * weights[..., None]).sum(dim=1)[:, :heads]
+    denominator = (total * weights).sum(dim=1)[:, :heads].clamp_min(torch.finfo(torch.float32).tiny)
+    return (numerator / denominator[..., None]).to(memory.dtype)
+
+
+def reference_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, dtype=torch.float64) -> Tensor:
+    """The same maths in plain PyTorch (masked softmax over the first lengths[b] keys)."""
+    scores = q_mem.to(dtype) @ memory.to(dtype).transpose(1, 2)
+    keep = torch.arange(memory.shape[1], device=memory.device)[None, :] < lengths[:, None].to(memory.device)
+    probs = torch.softmax(scores.masked_fill(~keep[:, None, :], -math.inf), dim=-1).nan_to_num(0.0)
+    return probs @ memory.to(dtype)

@@ -1,0 +1,69 @@
+"""Triton kernel for one decoding step's cross-attention over cached encoder states (sumtune.generation.cross_attention).
+
+Imported lazily: importing it decorates the kernel (under ``TRITON_INTERPRET=1`` it runs on CPU tensors).
+
+A program takes one row of the batch and one split of its keys: the H projected queries (W_k,h^T q_h, d_model wide)
+against the row's encoder states, which serve as keys and values both, so each tile of states is read once for the
+scores and the weighted sum together (the two batched GEMMs it replaces each read all of them). Keys at or past the
+row's source length are never read. Online softmax as in FlashAttention; with several splits the program writes its
+unnormalised sum, running max and denominator for a combine step, else the normalised output.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from sumtune.triton_compat import fix_interpreter_for_numpy_2_4
+
+INTERPRET = bool(triton.knobs.runtime.interpret)
+if INTERPRET:
+    fix_interpreter_for_numpy_2_4()
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr):
+    # Triton's CPU interpreter multiplies bf16 operands as raw integers: upcast there (exact in fp32).
+    if UPCAST:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
+def hidden_cross_attention(Q, MEM, LENGTHS, OUT, ACC, MAX, SUM, stride_qb, stride_qh, stride_mb, stride_mn,
+                           stride_ob, stride_oh, heads, keys_per_split, BLOCK_H: tl.constexpr, D: tl.constexpr,
+                           BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, D)
+    in_h = offs_h < heads
+    q = tl.load(Q + row * stride_qb + offs_h[:, None] * stride_qh + offs_d[None, :], mask=in_h[:, None], other=0.0)
+    start = split * keys_per_split
+    stop = tl.minimum(start + keys_per_split, tl.load(LENGTHS + row))
+    MEM += row * stride_mb
+    m_i = tl.zeros([BLOCK_H], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, D], dtype=tl.float32)
+    for start_n in range(start, stop, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        in_n = offs_n < stop
+        states = tl.load(MEM + offs_n[:, None] * stride_mn + offs_d[None, :], mask=in_n[:, None], other=0.0)
+        scores = tl.where(in_n[None, :], _dot(q, tl.trans(states), UPCAST), float("-inf"))  # T5: no scaling
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        p = tl.exp(scores - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(states.dtype), states, UPCAST)
+        m_i = m_new
+    if SPLIT:  # partial results of this split, combined by the caller
+        base = (row * tl.num_programs(1) + split) * BLOCK_H
+        tl.store(ACC + (base + offs_h[:, None]) * D + offs_d[None, :], acc)
+        tl.store(MAX + base + offs_h, m_i)
+        tl.store(SUM + base + offs_h, l_i)
+    else:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row without keys: zeros
+        tl.store(OUT + row * stride_ob + offs_h[:, None] * stride_oh + offs_d[None, :], out.to(OUT.dtype.element_ty),
+                 mask=in_h[:, None])
