@@ -84,10 +84,12 @@ def generate_ids(
                                       num_beams=num_beams, length_penalty=length_penalty,
                                       early_stopping=early_stopping, no_repeat_ngram_size=no_repeat_ngram_size)
             else:
+                mode = weights.resolve_attention(attention)
                 lengths = [len(input_ids[i]) for i in rows]
-                groups = cross_groups(lengths, ids.shape[1]) if slice_cross_attention else None
+                # "fused" reads each row's own length already: no slices, so no new graphs per batch layout
+                groups = cross_groups(lengths, ids.shape[1]) if slice_cross_attention and mode != "fused" else None
                 session = _session_for(model, weights, batch=ids.shape[0], src_len=ids.shape[1], cross_groups=groups,
-                                       max_new_tokens=max_new_tokens, attention=weights.resolve_attention(attention),
+                                       max_new_tokens=max_new_tokens, attention=mode,
                                        pad_token_id=pad_token_id, eos_token_id=eos_token_id,
                                        use_cuda_graphs=graphs, compile_step=compile_step)
                 outputs = session.run(encoder_out, mask, decoder_start_token_id=decoder_start_token_id,

@@ -250,7 +250,7 @@ def hidden_attention(q: Tensor, wk: Tensor, wv: Tensor, memory: Tensor, bias: Te
         from sumtune.generation.cross_attention import fused_hidden_attention
 
         ctx_mem = fused_hidden_attention(q_mem, memory, lengths)
-    elif groups is None or len(groups) == 1 and groups[0][2] >= memory.shape[1]:
+    elif groups is None or (len(groups) == 1 and groups[0][2] >= memory.shape[1]):
         ctx_mem = _attend_hidden(q_mem, memory, bias)
     else:
         ctx_mem = torch.cat([_attend_hidden(q_mem[start:stop], memory[start:stop, :keys], bias[start:stop, :, :keys])
