@@ -5,6 +5,8 @@ On CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_IN
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -149,6 +151,49 @@ def test_the_fast_t5_feed_forward_runs_the_fused_kernels_only_when_asked(ffn, mo
     (loss, grads), (fused_loss, fused_grads) = results[False], results[True]
     assert torch.equal(loss, fused_loss)
     assert all(torch.equal(grads[name], fused_grads[name]) for name in grads)
+
+
+COMPILE_FOR_HOPPER = """
+import json
+from sumtune.fast_t5 import ffn_kernels
+from sumtune.fast_t5.flash_compile import compile_source, resources
+from sumtune.generation import cross_attention, cross_kernels
+ffn = dict(X="*bf16", Y="*bf16", DY="*bf16", DX="*bf16", SEED="*i64", n="i64", drop_below="i32", scale="fp32")
+builds = {
+    "relu_dropout_fwd": compile_source(ffn_kernels.relu_dropout_fwd, ffn, dict(BLOCK=4096, DROPOUT=True), 4),
+    "relu_dropout_bwd": compile_source(ffn_kernels.relu_dropout_bwd, ffn, dict(BLOCK=4096), 4),
+}
+types = dict(Q="*bf16", MEM="*bf16", OUT="*bf16", ACC="*fp32", MAX="*fp32", SUM="*fp32", LENGTHS="*i32")
+types.update({name: "i32" for name in cross_kernels.hidden_cross_attention.arg_names if name not in types})
+for split in (False, True):
+    builds[f"hidden_cross_attention split={split}"] = compile_source(
+        cross_kernels.hidden_cross_attention, types, dict(BLOCK_H=32, D=1024, BLOCK_N=cross_attention.BLOCK_N,
+        SPLIT=split, UPCAST=False), cross_attention.NUM_WARPS)
+for name, compiled in builds.items():
+    print(json.dumps(dict(kernel=name, vectorized="v4.b32" in compiled.asm["ptx"], **resources(compiled))))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_the_new_kernels_build_for_hopper_without_spilling():
+    """triton.compile for sm_90 on CPU (in a process without the interpreter): the feed-forward kernels load and
+    store 16 bytes at a time, and the decoding kernel at T5-3b's shapes and shipped tiles spills nothing."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from sumtune.fast_t5.flash_compile import HOPPER_SHARED_BYTES
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
+                            timeout=600)
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 4, result.stderr[-2000:]
+    for row in rows:
+        assert row["spill_bytes"] == 0 and row["shared_bytes"] <= HOPPER_SHARED_BYTES, row
+        assert row["vectorized"], row
+    assert all(row["async_copies"] > 0 for row in rows if "cross" in row["kernel"])  # state loads pipelined
 
 
 @pytest.mark.gpu

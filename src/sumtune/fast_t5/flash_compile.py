@@ -79,6 +79,26 @@ def compile_kernel(name: str, block_m: int, block_n: int, num_warps: int, num_st
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
+def compile_source(kernel, arg_types: dict, constexprs: dict, num_warps: int, num_stages: int = 2, arch: int = 90):
+    """triton.compile any kernel for ``sm_<arch>``: ``arg_types`` maps each runtime argument to its Triton type
+    ("*bf16", "i32", "fp32" ...); pointers and ints are marked divisible by 16, as launches on T5 shapes specialise
+    them (for the feed-forward and decoding kernels, whose arguments are simpler than the attention kernels')."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    signature, attrs = {}, {}
+    for index, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        signature[name] = arg_types[name]
+        if arg_types[name].startswith("*") or arg_types[name].startswith("i"):
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
 def resources(compiled, arch: int = 90) -> dict:
     """Registers and spilled bytes (ptxas -v on the PTX), shared memory, and whether loads were pipelined."""
     from triton.backends.nvidia.compiler import get_ptxas
