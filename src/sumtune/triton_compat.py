@@ -1,6 +1,21 @@
-"""Workarounds for Triton versions sumtune supports (imported only where Triton is)."""
+"""Workarounds for Triton versions sumtune supports, and for its CPU interpreter (imported only by kernel modules:
+it imports triton)."""
 
 from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def interpreter_safe_dot(a, b, UPCAST: tl.constexpr):
+    """tl.dot; with UPCAST (Triton's CPU interpreter, which multiplies bf16/fp16 operands as raw integers) in fp32:
+    products of bf16/fp16 values are exact in fp32, so this is the tensor cores' arithmetic (fp32 accumulation)."""
+    if UPCAST:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        out = tl.dot(a, b)
+    return out
 
 
 def fix_interpreter_for_numpy_2_4() -> None:

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from sumtune.triton_compat import fix_interpreter_for_numpy_2_4
+from sumtune.triton_compat import interpreter_safe_dot as _dot
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
 # Globals read inside kernels must be constexpr for Triton's compiler (the interpreter would not notice).
@@ -47,17 +48,6 @@ if INTERPRET:
 
 
 # ----------------------------------------------------------------------------- helpers
-@triton.jit
-def _dot(a, b, UPCAST: tl.constexpr):
-    # Triton's CPU interpreter multiplies bf16 operands as raw uint16: upcast there (products of bf16/fp16 values
-    # are exact in fp32, so this is the same arithmetic as the tensor cores' fp32 accumulation).
-    if UPCAST:
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32))
-    else:
-        out = tl.dot(a, b)
-    return out
-
-
 @triton.jit
 def _dot_acc(a, b, acc, UPCAST: tl.constexpr):
     if UPCAST:

@@ -15,20 +15,11 @@ import triton
 import triton.language as tl
 
 from sumtune.triton_compat import fix_interpreter_for_numpy_2_4
+from sumtune.triton_compat import interpreter_safe_dot as _dot
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
 if INTERPRET:
     fix_interpreter_for_numpy_2_4()
-
-
-@triton.jit
-def _dot(a, b, UPCAST: tl.constexpr):
-    # Triton's CPU interpreter multiplies bf16 operands as raw integers: upcast there (exact in fp32).
-    if UPCAST:
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32))
-    else:
-        out = tl.dot(a, b)
-    return out
 
 
 @triton.jit
