@@ -22,6 +22,8 @@ import importlib.util
 import torch
 from torch import Tensor
 
+from sumtune.fast_t5.flash_attention import draw_seed, dropout_threshold
+
 BLOCK = 4096  # elements per program (a multiple of 4: Philox gives 4 draws per counter)
 DRAW_RANGE = 1 << 31  # dropout decisions are 31-bit draws
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -41,12 +43,8 @@ def can_fuse(x: Tensor) -> bool:
 
 
 def _threshold(dropout_p: float) -> tuple[int, float]:
-    """(drop_below, scale): dropped when the 31-bit draw is below drop_below; kept values scaled by the inverse of
-    the exact keep probability (dropout_p rounded to a multiple of 2**-31)."""
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    drop_below = min(int(round(dropout_p * DRAW_RANGE)), DRAW_RANGE - 1)
-    return drop_below, DRAW_RANGE / (DRAW_RANGE - drop_below)
+    """(drop_below, scale) for 31-bit draws, as the attention kernels derive theirs for 16-bit ones."""
+    return dropout_threshold(dropout_p, DRAW_RANGE)
 
 
 def _grid(numel: int) -> tuple[int]:
@@ -55,8 +53,6 @@ def _grid(numel: int) -> tuple[int]:
 
 @torch.library.custom_op("sumtune::relu_dropout", mutates_args=())
 def _relu_dropout_op(x: Tensor, dropout_p: float) -> tuple[Tensor, Tensor]:
-    from sumtune.fast_t5.flash_attention import draw_seed
-
     x = x.contiguous()
     seed = draw_seed(x.device) if dropout_p > 0 else x.new_empty((1,), dtype=torch.int64)  # unread without dropout
     y = torch.empty_like(x)

@@ -5,6 +5,7 @@ Public:
                        bias_radius=None)
     key_padding(key_mask) -> KeyPadding                (per-row key mask + lengths, once per stack)
     dropout_keep_mask(seed, batch, heads, query_len, key_len, dropout_p) -> (B, H, Lq, Lk) bool
+    dropout_threshold(dropout_p, draw_range) -> (drop_below, scale)   (also for ffn_dropout's 31-bit draws)
     reference_t5_attention(...)                        (plain PyTorch, same math; for tests and benchmarks)
     block_sizes(fwd=..., dkdv=..., dq=...)             (pin tile sizes instead of autotuning)
 
@@ -132,15 +133,16 @@ def key_padding(key_mask: Tensor) -> KeyPadding:
     return KeyPadding(keep.to(torch.int8).contiguous(), lengths.contiguous())
 
 
-def _dropout_threshold(dropout_p: float) -> tuple[int, float]:
-    """(drop_below, scale): an element is dropped when its 16-bit draw is below ``drop_below``.
+def dropout_threshold(dropout_p: float, draw_range: int = DRAW_RANGE) -> tuple[int, float]:
+    """(drop_below, scale): an element is dropped when its draw (uniform in [0, draw_range)) is below ``drop_below``.
 
-    The drop probability is ``dropout_p`` rounded to a multiple of 2**-16 (0.1 -> 0.100006); kept values are scaled
-    by the inverse of the exact keep probability, so the output's expectation is unchanged (torch's 1 / (1 - p))."""
+    The drop probability is ``dropout_p`` rounded to a multiple of 1 / draw_range (16-bit draws here: 0.1 ->
+    0.100006); kept values are scaled by the inverse of the exact keep probability, so the output's expectation is
+    unchanged (torch's 1 / (1 - p)). sumtune.fast_t5.ffn_dropout uses it with 31-bit draws."""
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    drop_below = min(int(round(dropout_p * DRAW_RANGE)), DRAW_RANGE - 1)
-    return drop_below, DRAW_RANGE / (DRAW_RANGE - drop_below)
+    drop_below = min(int(round(dropout_p * draw_range)), draw_range - 1)
+    return drop_below, draw_range / (draw_range - drop_below)
 
 
 def draw_seed(device: torch.device | str) -> Tensor:
@@ -173,7 +175,7 @@ def _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, se
     key_len = k.shape[2]
     out = torch.empty((batch, query_len, heads, head_dim), device=q.device, dtype=q.dtype).transpose(1, 2)
     lse = torch.empty((batch, heads, query_len), device=q.device, dtype=torch.float32)
-    drop_below, drop_scale = _dropout_threshold(dropout_p)
+    drop_below, drop_scale = dropout_threshold(dropout_p)
     radius = _radius(radius, query_len, key_len)
     dummy = lse
     _launch("fwd", kernels.t5_flash_attention_fwd,
@@ -197,7 +199,7 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal,
     kernels.t5_attention_bwd_delta[(_cdiv(query_len, block), batch * heads)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, query_len, HEAD_DIM=head_dim, BLOCK_M=block)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    drop_below, drop_scale = _dropout_threshold(dropout_p)
+    drop_below, drop_scale = dropout_threshold(dropout_p)
     radius = _radius(radius, query_len, key_len)
     common = dict(HEAD_DIM=head_dim, CAUSAL=causal, HAS_BIAS=table is not None, HAS_KEY_MASK=mask is not None,
                   DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET)
@@ -333,7 +335,7 @@ def dropout_keep_mask(seed: Tensor | int, batch: int, heads: int, query_len: int
 
     A call's seed is what :func:`draw_seed` returns first after the caller's RNG state (see the tests)."""
     kernels = _kernels()
-    drop_below, _ = _dropout_threshold(dropout_p)
+    drop_below, _ = dropout_threshold(dropout_p)
     seed = torch.as_tensor(seed, dtype=torch.int64).reshape(1).to(device)
     mask = torch.empty((batch, heads, query_len, key_len), dtype=torch.int8, device=device)
     block_m, block_n = block
@@ -345,7 +347,7 @@ def dropout_keep_mask(seed: Tensor | int, batch: int, heads: int, query_len: int
 
 def dropout_scale(dropout_p: float) -> float:
     """What the kernels multiply kept probabilities by (1 / exact keep probability)."""
-    return _dropout_threshold(dropout_p)[1]
+    return dropout_threshold(dropout_p)[1]
 
 
 def reference_t5_attention(query: Tensor, key: Tensor, value: Tensor, bias_table: Tensor | None = None,
