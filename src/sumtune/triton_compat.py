@@ -8,13 +8,13 @@ import triton.language as tl
 
 
 @triton.jit
-def interpreter_safe_dot(a, b, UPCAST: tl.constexpr):
-    """tl.dot; with UPCAST (Triton's CPU interpreter, which multiplies bf16/fp16 operands as raw integers) in fp32:
-    products of bf16/fp16 values are exact in fp32, so this is the tensor cores' arithmetic (fp32 accumulation)."""
+def interpreter_safe_dot(a, b, UPCAST: tl.constexpr, acc=None):
+    """tl.dot (plus ``acc``); with UPCAST (Triton's CPU interpreter, which multiplies bf16/fp16 operands as raw
+    integers) in fp32: products of bf16/fp16 values are exact in fp32, so this is the tensor cores' arithmetic."""
     if UPCAST:
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32))
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
     else:
-        out = tl.dot(a, b)
+        out = tl.dot(a, b, acc)
     return out
 
 

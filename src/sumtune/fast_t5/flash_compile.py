@@ -48,21 +48,19 @@ def example_arguments(kernel, batch: int = 32, heads: int = 32, length: int = 10
 def compile_kernel(name: str, block_m: int, block_n: int, num_warps: int, num_stages: int, head_dim: int = 128,
                    dtype: str = "bf16", arch: int = 90, **flags):
     """triton.compile one kernel for ``sm_<arch>`` with the specialisation a launch would give it."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
     from sumtune.fast_t5 import flash_kernels
 
     if flash_kernels.INTERPRET:
         raise RuntimeError("TRITON_INTERPRET=1 decorates interpreted kernels, which do not compile: unset it")
     kernel = getattr(flash_kernels, KERNELS[name])
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=False, **{**T5_FLAGS, **flags})
+    examples = example_arguments(kernel, head_dim=head_dim, dtype=dtype)
     signature, attrs = {}, {}
     for index, arg in enumerate(kernel.arg_names):
         if arg in constexprs:
             signature[arg] = "constexpr"
             continue
-        value = example_arguments(kernel, head_dim=head_dim, dtype=dtype)[arg]
+        value = examples[arg]
         specialise = arg not in kernel.do_not_specialize
         if isinstance(value, str):
             signature[arg], attrs[(index,)] = value, [["tt.divisibility", 16]]
@@ -74,18 +72,13 @@ def compile_kernel(name: str, block_m: int, block_n: int, num_warps: int, num_st
             signature[arg] = "i32"
             if value % 16 == 0 and specialise:
                 attrs[(index,)] = [["tt.divisibility", 16]]
-    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
+    return _compile(kernel, signature, constexprs, attrs, num_warps, num_stages, arch)
 
 
 def compile_source(kernel, arg_types: dict, constexprs: dict, num_warps: int, num_stages: int = 2, arch: int = 90):
     """triton.compile any kernel for ``sm_<arch>``: ``arg_types`` maps each runtime argument to its Triton type
     ("*bf16", "i32", "fp32" ...); pointers and ints are marked divisible by 16, as launches on T5 shapes specialise
     them (for the feed-forward and decoding kernels, whose arguments are simpler than the attention kernels')."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
     signature, attrs = {}, {}
     for index, name in enumerate(kernel.arg_names):
         if name in constexprs:
@@ -94,6 +87,13 @@ def compile_source(kernel, arg_types: dict, constexprs: dict, num_warps: int, nu
         signature[name] = arg_types[name]
         if arg_types[name].startswith("*") or arg_types[name].startswith("i"):
             attrs[(index,)] = [["tt.divisibility", 16]]
+    return _compile(kernel, signature, constexprs, attrs, num_warps, num_stages, arch)
+
+
+def _compile(kernel, signature: dict, constexprs: dict, attrs: dict, num_warps: int, num_stages: int, arch: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))

@@ -49,15 +49,6 @@ if INTERPRET:
 
 # ----------------------------------------------------------------------------- helpers
 @triton.jit
-def _dot_acc(a, b, acc, UPCAST: tl.constexpr):
-    if UPCAST:
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    else:
-        out = tl.dot(a, b, acc)
-    return out
-
-
-@triton.jit
 def _keep_tile(seed, stream, start_i, start_j, n_cols, drop_below, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
     """(BLOCK_I, BLOCK_J) keep mask for queries ``start_i + arange`` and keys ``start_j + arange`` (starts: multiples
     of 16).
@@ -133,7 +124,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, start, stop, const, start_m
         if DROPOUT:  # the softmax denominator counts every key; dropout acts on the normalised probabilities
             p = tl.where(kept, p, 0.0)
         v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=in_k[:, None], other=0.0)
-        acc = _dot_acc(p.to(v.dtype), v, acc, UPCAST)
+        acc = _dot(p.to(v.dtype), v, UPCAST, acc)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -254,9 +245,9 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, stop, const, star
             dp_t = tl.where(kept, dp_t * drop_scale, 0.0)
         else:
             pd_t = p_t
-        dv = _dot_acc(pd_t.to(do.dtype), do, dv, UPCAST)
+        dv = _dot(pd_t.to(do.dtype), do, UPCAST, dv)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = _dot_acc(ds_t.to(q_t.dtype), tl.trans(q_t), dk, UPCAST)
+        dk = _dot(ds_t.to(q_t.dtype), tl.trans(q_t), UPCAST, dk)
     return dk, dv
 
 
@@ -359,7 +350,7 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, start, stop, const, sta
         if DROPOUT:
             dp = tl.where(kept, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
-        dq = _dot_acc(ds.to(k_t.dtype), tl.trans(k_t), dq, UPCAST)
+        dq = _dot(ds.to(k_t.dtype), tl.trans(k_t), UPCAST, dq)
     return dq
 
 
