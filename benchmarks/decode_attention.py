@@ -98,8 +98,6 @@ def formulations(device):
         from torch.nn.attention import SDPBackend
 
         rows.append(("hidden: SDPA, memory-efficient kernel", hidden_sdpa, SDPBackend.EFFICIENT_ATTENTION))
-        from sumtune.generation import cross_attention
-
         for block_n, warps in FUSED_CONFIGS:
             rows.append((f"hidden: sumtune fused kernel {block_n} keys x {warps} warps",
                          lambda *a, c=(block_n, warps): _with_fused_config(c, hidden_fused, *a), None))

@@ -283,8 +283,9 @@ def main(argv=None) -> int:
 
 
 def greedy_agreement(merged, subset, best, new_tokens, device, use_graphs, fused=False) -> dict:
-    """Greedy tokens of sumtune (both attention modes) against transformers `generate` on the same merged bf16
-    weights (forced length), next to transformers against itself at another batch size (the bf16 noise floor)."""
+    """Greedy tokens of sumtune ("hidden", "kv", and "fused" if asked) against transformers `generate` on the same
+    merged bf16 weights (forced length), next to transformers against itself at another batch size (the bf16 noise
+    floor)."""
     hf_big = hf_generate(merged, subset, 32, new_tokens, device)
     hf_small = hf_generate(merged, subset, 8, new_tokens, device)
     agree = {"transformers_b32_vs_b8": agreement(hf_small, hf_big)}
