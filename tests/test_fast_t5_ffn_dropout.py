@@ -9,6 +9,9 @@ import importlib.util
 
 import pytest
 import torch
+from test_fast_t5_attention import seed_of_next_call
+
+from sumtune.fast_t5 import flash_attention
 
 
 @pytest.fixture()
@@ -19,16 +22,6 @@ def ffn():
     if not ffn_kernels.INTERPRET:
         pytest.skip("Triton's interpreter is off (a CUDA machine: run with TRITON_INTERPRET=1, or -m gpu)")
     return ffn_dropout
-
-
-def seed_of_next_call(rng_seed: int) -> torch.Tensor:
-    """The seed the op draws right after torch.manual_seed(rng_seed) (it draws first thing)."""
-    from sumtune.fast_t5.flash_attention import draw_seed
-
-    torch.manual_seed(rng_seed)
-    seed = draw_seed("cpu")
-    torch.manual_seed(rng_seed)
-    return seed
 
 
 def assert_same(got, expected):
@@ -54,7 +47,7 @@ def test_forward_and_backward_are_relu_then_dropout_with_the_kernels_mask(ffn, d
     x = torch.randn(3, 5, 1000, generator=gen).to(dtype).requires_grad_()  # 15,000 elements: 4 blocks, ragged
     grad_y = torch.randn(x.shape, generator=gen).to(dtype)
     p = 0.3
-    seed = seed_of_next_call(11)
+    seed = seed_of_next_call(flash_attention, 11)  # the op draws its seed first thing, as the attention kernels
     y = ffn.relu_dropout(x, p)
     y.backward(grad_y)
     keep = ffn.relu_dropout_keep_mask(seed, x.numel(), p, device="cpu")
@@ -203,10 +196,8 @@ def test_gpu_kernels_match_torch_with_their_mask_and_redraw_under_cuda_graphs():
 
     x = torch.randn(16, 1024, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad_y = torch.randn_like(x)
-    torch.manual_seed(7)
+    seed = seed_of_next_call(flash_attention, 7, device="cuda")
     y = ffn_dropout.relu_dropout(x, 0.1)
-    torch.manual_seed(7)
-    seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device="cuda")
     keep = ffn_dropout.relu_dropout_keep_mask(seed, x.numel(), 0.1)
     assert torch.equal(y, reference(x.detach(), keep, ffn_dropout.dropout_scale(0.1)))
     y.backward(grad_y)
