@@ -255,3 +255,39 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     print("  ".join("-" * w for w in widths))
     for r in cells:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+
+
+# ----------------------------------------------------------------------------- out-of-memory reports
+def record_memory_history() -> None:
+    """Keep a Python stack for every CUDA allocation from now on (for :func:`oom_report`; slows allocation)."""
+    torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python")
+
+
+def oom_report(error: BaseException, top: int = 30) -> str:
+    """What held the GPU when ``error`` (an out-of-memory error) was raised: the full message, the allocator's summary
+    and, when :func:`record_memory_history` ran, the live blocks grouped by pool and by the innermost sumtune,
+    transformers, peft or bitsandbytes frame that allocated them, largest first."""
+    lines = [str(error), torch.cuda.memory_summary(abbreviated=True)]
+    snapshot = torch.cuda.memory._snapshot()
+    groups: dict[tuple, list[int]] = {}
+    pools: dict[tuple, list[int]] = {}
+    for segment in snapshot.get("segments", []):
+        pool = tuple(segment.get("segment_pool_id", (0, 0)))
+        totals = pools.setdefault(pool, [0, 0])
+        totals[0] += segment["total_size"]
+        for block in segment.get("blocks", []):
+            if block.get("state") != "active_allocated":
+                continue
+            totals[1] += block["size"]
+            where = next((f"{f['filename'].split('site-packages/')[-1]}:{f['line']} {f['name']}"
+                          for f in block.get("frames", [])
+                          if any(name in f["filename"] for name in ("sumtune", "transformers", "peft", "bitsandbytes"))),
+                         "(no stack recorded)")
+            entry = groups.setdefault((pool, where), [0, 0])
+            entry[0] += block["size"]
+            entry[1] += 1
+    lines.append("pools (id: reserved GiB, allocated GiB): " + "; ".join(
+        f"{pool}: {r / 2**30:.2f}, {a / 2**30:.2f}" for pool, (r, a) in sorted(pools.items())))
+    for (pool, where), (size, count) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"{size / 2**30:8.2f} GiB {count:6d} blocks pool {pool} {where}")
+    return "\n".join(lines)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -186,9 +187,9 @@ def _time_fast(data_file, device, setting, args) -> dict:
 
 
 def graph_shape_events(step) -> int:
-    """Micro-batches so far that met a new shape under CUDA graphs: its eager first pass, then its capture. Inside
-    the timed steps they are not steady state (2026-12-01: micro-batch 4 x 8 read 24.9 samples/s against 34.7 at
-    4 x 1, probably for this reason; this count was added to tell)."""
+    """New-shape events so far under CUDA graphs: a warm-up (one row, or the full micro-batch with compile) and a
+    capture each, counted apart. Inside the timed steps they are not steady state (2026-12-01: micro-batch 4 x 8 read
+    24.9 samples/s against 34.7 at 4 x 1, probably for this reason; this count was added to tell)."""
     graphed = getattr(step, "graphed", None)
     return 0 if graphed is None else len(graphed.seen) + len(graphed.graphs)
 
@@ -289,16 +290,23 @@ def summarize(path: str, name: str, batch: int, run: dict, args, matmul_tflops, 
 
 
 def unsteady_note(events: int, steps: int) -> str:
-    return (f"{events} micro-batches of new shapes (eager first pass or graph capture) inside the {steps} timed "
+    return (f"{events} new-shape events (warm-up or graph capture) inside the {steps} timed "
             f"steps: not steady state, time more steps") if events else ""
 
 
-def run_guarded(fn, *fn_args):
-    """Run one setting; an out-of-memory error becomes a row note instead of ending the sweep."""
+def run_guarded(fn, *fn_args, oom_report_path: Path | None = None):
+    """Run one setting; an out-of-memory error becomes a row note instead of ending the sweep (and, with
+    ``oom_report_path``, a report of what held the memory, written there)."""
     try:
         return fn(*fn_args), None
     except torch.OutOfMemoryError as error:
-        return None, f"OOM: {str(error).splitlines()[0][:80]}"
+        if oom_report_path is not None:
+            try:
+                oom_report_path.write_text(bc.oom_report(error), encoding="utf-8")
+            except Exception as report_error:  # noqa: BLE001 - a failed report must not hide the row's OOM note
+                oom_report_path.write_text(f"{error}\n(report failed: {report_error!r})", encoding="utf-8")
+            print(f"out-of-memory report: {oom_report_path}", flush=True)
+        return None, f"OOM: {str(error).splitlines()[0][:160]}"
     finally:
         bc.free_gpu_memory()
         if hasattr(torch, "_dynamo"):
@@ -336,7 +344,8 @@ def throughput(args, device) -> None:
         for text in args.fast:
             setting = parse_setting(text)
             batch = setting["fields"].get("batch_size", 0) * setting["fields"].get("grad_accum_steps", 1)
-            run, note = run_guarded(time_fast, data_file, device, setting, args)
+            report = args.oom_reports / f"oom-{re.sub(r'[^A-Za-z0-9_.-]', '_', text)}.txt" if args.oom_reports else None
+            run, note = run_guarded(time_fast, data_file, device, setting, args, oom_report_path=report)
             batch = run["samples_per_step"] if run else batch  # a config's `auto` batch as it resolved
             row = (summarize("sumtune", text, batch, run, args, matmul_tflops, peak,
                              setting["fields"].get("gradient_checkpointing", False))
@@ -423,6 +432,9 @@ def parse_args(argv=None):
     parser.add_argument("--numerics-batch", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="tiny shapes on CPU, a few seconds")
     parser.add_argument("--no-save", action="store_true")
+    parser.add_argument("--oom-reports", type=Path, default=None,
+                        help="record every CUDA allocation's stack; a setting that runs out of memory writes what held "
+                             "the memory to DIR/oom-<setting>.txt")
     parser.add_argument("--profile", action="store_true", help="after timing each fast setting, print its top CUDA ops")
     args = parser.parse_args(argv)
     args.reference = [int(b) for b in args.reference.split(",") if b.strip()]
@@ -445,6 +457,9 @@ def main(argv=None) -> int:
 
         run_numerics(args, device)
     else:
+        if args.oom_reports and device.type == "cuda":
+            args.oom_reports.mkdir(parents=True, exist_ok=True)
+            bc.record_memory_history()
         throughput(args, device)
     return 0
 

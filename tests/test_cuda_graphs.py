@@ -29,6 +29,34 @@ def test_batches_of_one_shape_share_a_key():
     assert batch_key(a) == batch_key(b) != batch_key(c)
 
 
+def test_a_new_shape_warms_up_on_one_row_and_leaves_the_gradients_as_they_were():
+    """The warm-up before a capture runs the real forward and backward on the batch's first row only (a full-size
+    eager pass beside the graphs' memory pool ran out of memory), and the step's gradients do not see it."""
+    from sumtune.cuda_graphs import GraphedMicroSteps
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(6, 3)
+    params = list(layer.parameters())
+    seen_rows = []
+
+    def forward_backward(batch, accum):
+        seen_rows.append(batch["x"].shape[0])
+        loss = layer(batch["x"]).square().mean() / accum
+        loss.backward()
+        return loss.detach()
+
+    micro = GraphedMicroSteps(forward_backward, params, torch.device("cpu"), notify=lambda _: None)
+    micro.ensure_grads()
+    forward_backward({"x": torch.randn(5, 6)}, 1)  # an earlier micro-batch of the step already added gradients
+    before = [p.grad.clone() for p in params]
+    grads = [p.grad for p in params]
+    micro._warm_up({"x": torch.randn(8, 6), "labels": torch.zeros(8, 2)}, accum=2)
+    assert seen_rows == [5, 1]
+    assert all(p.grad is g for p, g in zip(params, grads))  # the very tensors a capture adds into
+    assert all(torch.equal(p.grad, b) for p, b in zip(params, before))
+    assert all(b.abs().sum() > 0 for b in before)  # so the equality above is not between zeros
+
+
 def _steps(dropout: float, graphs: bool, compile: bool = False, fused_lora: bool = False):
     from sumtune.config import TrainConfig
     from sumtune.train_step import BatchFlops, TrainStep
@@ -55,10 +83,11 @@ def test_replayed_steps_train_as_the_eager_steps():
     eager, batches = _steps(dropout=0.0, graphs=False)
     graphed, _ = _steps(dropout=0.0, graphs=True)
     shapes = {batch_key(b) for b in batches}
-    for index in range(6):  # every shape: eager once, then captured and replayed
+    for index in range(6):  # every shape: one row warms up, then the micro-batch is captured at once and replayed
         micro = [batches[index % len(batches)]]
         one, two = eager(micro, lr=1e-3), graphed(micro, lr=1e-3)
         assert two.loss == pytest.approx(one.loss, rel=1e-3) and two.grad_norm == pytest.approx(one.grad_norm, rel=1e-2)
+        assert (batch_key(micro[0]), 1) in graphed.graphed.graphs, index
     assert graphed.graphed.failed is None and {key for key, _ in graphed.graphed.graphs} == shapes
     graphed.release_graphs()  # as before an evaluation: the next steps capture again and still train the same
     assert not graphed.graphed.graphs
@@ -102,3 +131,28 @@ def test_compiled_and_fused_steps_train_as_the_plain_eager_steps(compile, fused_
         assert two.loss == pytest.approx(one.loss, rel=1e-2), index
     assert fast.graphed.failed is None and fast.graphed.graphs
     assert one.loss < first  # the steps trained, so the agreement above is not between two idle models
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_a_shape_met_after_the_first_capture_needs_no_second_set_of_activations():
+    """The graphs' pool holds the activations of the largest shape captured; a new shape met later must not run a
+    full-size eager pass beside it (2026-12-01: the shipped config ran out of its 75 GiB cap that way). Same-size
+    shapes one after the other: the memory reserved grows by far less than one set of activations."""
+    graphed, _ = _steps(dropout=0.0, graphs=True)
+    micro = graphed.graphed
+
+    def batch(src_len):
+        g = torch.Generator().manual_seed(src_len)
+        return {"input_ids": torch.randint(3, 60, (256, src_len), generator=g),
+                "attention_mask": torch.ones(256, src_len, dtype=torch.long),
+                "labels": torch.randint(3, 60, (256, 32), generator=g)}
+
+    graphed([batch(512)], lr=1e-3)
+    graphed([batch(512)], lr=1e-3)  # replayed: the pool now holds this shape's activations
+    torch.cuda.synchronize()
+    pool_bytes = torch.cuda.memory_reserved()
+    graphed([batch(480)], lr=1e-3)  # a new shape, nearly as large
+    torch.cuda.synchronize()
+    assert micro.failed is None and len(micro.graphs) == 2
+    assert torch.cuda.memory_reserved() < 1.3 * pool_bytes

@@ -10,8 +10,14 @@ How (the rules of `torch.cuda.graph`):
   (padding to `pad_to_buckets` widths keeps the number of shapes small);
 - gradients accumulate into the parameters' `.grad` tensors, which must exist before the capture and are zeroed
   in place between steps (`zero_grad(set_to_none=False)`), so every replay adds into the same memory;
-- the first micro-batch of a shape runs eagerly (it also warms up cuBLAS, cuDNN and Triton's autotuner), the
-  second one is captured and replayed; all graphs share one memory pool (they never run at the same time);
+- all graphs share one memory pool (they never run at the same time), which holds the activations of the largest
+  shape captured; memory outside it stays free for little more than the weights. So a new shape is not first run
+  eagerly at full size, which would need a second set of activations beside the pool (2026-12-01, H200: the shipped
+  config's pool held 59.6 GiB, and the eager pass of a shape first met in step 10 ran out of its 75 GiB cap).
+  Instead one row of it runs eagerly (its gradients put back as they were), which warms up Triton's autotuner and
+  every lazy initialisation at a fraction of the memory, and the micro-batch itself is captured at once and
+  replayed. `warm_up_rows=None` (torch.compile, whose compiled code is specialised to the batch size) keeps a
+  full-size eager pass, after freeing the captured graphs so that it has the memory;
 - nothing in the forward or backward may wait for the GPU or draw randomness on the host: dropout draws from
   the CUDA generator, which graphs advance on every replay. If a capture fails anyway, the step says so once and
   stays eager: a graph is a speed-up, never a requirement.
@@ -62,8 +68,10 @@ class GraphedMicroSteps:
     """
 
     def __init__(self, forward_backward: Callable[[dict[str, torch.Tensor], int], torch.Tensor],
-                 params: list[torch.Tensor], device: torch.device, notify: Callable[[str], None] = print):
+                 params: list[torch.Tensor], device: torch.device, notify: Callable[[str], None] = print,
+                 warm_up_rows: int | None = 1):
         self.forward_backward = forward_backward
+        self.warm_up_rows = warm_up_rows
         self.params = params
         self.device = device
         self.notify = notify
@@ -90,9 +98,15 @@ class GraphedMicroSteps:
     def __call__(self, host_batch: dict[str, torch.Tensor], accum: int = 1) -> torch.Tensor:
         key = (batch_key(host_batch), accum)
         captured = self.graphs.get(key)
-        if captured is None and self.failed is None and key in self.seen:
-            captured = self._capture(key, host_batch)
-        if captured is None:  # first of its shape (the warm-up), or graphs off after a failed capture
+        if captured is None and self.failed is None:
+            if key not in self.seen and self.warm_up_rows is not None:
+                self._warm_up(host_batch, accum)
+                self.seen.add(key)
+            if key in self.seen:
+                captured = self._capture(key, host_batch)
+        if captured is None:  # the full-size warm-up (warm_up_rows=None), or graphs off after a failed capture
+            if key not in self.seen and self.failed is None:
+                self.release()  # its activations must not sit beside the graphs' pool
             self.seen.add(key)
             self.ensure_grads()  # a later capture adds into these very tensors
             return self.forward_backward(to_device(host_batch, self.device), accum)
@@ -100,6 +114,15 @@ class GraphedMicroSteps:
             buffer.copy_(host_batch[name], non_blocking=True)
         captured.graph.replay()
         return captured.loss.clone()  # the buffer is rewritten by the next replay of any graph in the pool
+
+    def _warm_up(self, host_batch: dict[str, torch.Tensor], accum: int) -> None:
+        """Forward and backward of the first `warm_up_rows` rows of `host_batch`, eagerly, leaving every `.grad` as
+        it was: the autotuner, compilers and lazy buffers meet this shape's widths before the capture."""
+        self.ensure_grads()
+        rows = {name: tensor[: self.warm_up_rows] for name, tensor in host_batch.items()}
+        saved = [param.grad.clone() for param in self.params]
+        self.forward_backward(to_device(rows, self.device), accum)
+        torch._foreach_copy_([param.grad for param in self.params], saved)
 
     def _capture(self, key: tuple[BatchKey, int], host_batch: dict[str, torch.Tensor]) -> CapturedMicroStep | None:
         self.ensure_grads()
@@ -115,6 +138,7 @@ class GraphedMicroSteps:
             self.failed = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}" if str(error) else \
                 type(error).__name__
             torch.cuda.synchronize(self.device)
+            self.release()  # eager steps from here on need the memory the graphs held
             self.notify(f"sumtune: CUDA graph capture failed ({self.failed}); the step runs eagerly.")
             return None
         captured = CapturedMicroStep(graph=graph, inputs=inputs, loss=loss)

@@ -85,12 +85,15 @@ class TrainStep:
 
     `model` is the PEFT model; `train_model` what runs forward and backward (the DDP wrapper when data-parallel,
     else the model itself); `optimizer` holds the trainable weights. `flops` counts a batch's useful FLOPs.
+    `cuda_graphs` captures and replays each micro-batch shape (sumtune.cuda_graphs); `graph_warm_up_rows` is how many
+    rows of a new shape run eagerly before its capture (None: all of them, for torch.compile).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, device: torch.device,
                  compute_dtype: str, max_grad_norm: float | None, flops: BatchFlops | None = None,
                  train_model: torch.nn.Module | None = None, dist: distributed.DistContext | None = None,
-                 profiler=NULL_PROFILER, cuda_graphs: bool = False, notify=print):
+                 profiler=NULL_PROFILER, cuda_graphs: bool = False, graph_warm_up_rows: int | None = 1,
+                 notify=print):
         self.model, self.optimizer = model, optimizer
         self.train_model = train_model if train_model is not None else model
         self.device, self.compute_dtype = device, compute_dtype
@@ -104,7 +107,8 @@ class TrainStep:
         if cuda_graphs:
             from sumtune.cuda_graphs import GraphedMicroSteps
 
-            self.graphed = GraphedMicroSteps(self._graph_forward_backward, self.params, device, notify=notify)
+            self.graphed = GraphedMicroSteps(self._graph_forward_backward, self.params, device, notify=notify,
+                                             warm_up_rows=graph_warm_up_rows)
 
     def draw(self, stream: Iterator[dict[str, torch.Tensor]], count: int) -> list[dict[str, torch.Tensor]]:
         """The host micro-batches of one step from a batches stream (the profiler's data phase)."""
