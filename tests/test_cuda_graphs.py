@@ -57,6 +57,15 @@ def test_a_new_shape_warms_up_on_one_row_and_leaves_the_gradients_as_they_were()
     assert all(b.abs().sum() > 0 for b in before)  # so the equality above is not between zeros
 
 
+def test_compiled_models_warm_up_on_the_full_batch():
+    from sumtune.cuda_graphs import warm_up_rows_for
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    assert warm_up_rows_for(model) == 1
+    model[1][0].compile()  # as sumtune.fast_t5.extras compiles the T5 blocks: in place
+    assert warm_up_rows_for(model) is None
+
+
 def _steps(dropout: float, graphs: bool, compile: bool = False, fused_lora: bool = False):
     from sumtune.config import TrainConfig
     from sumtune.train_step import BatchFlops, TrainStep

@@ -46,6 +46,14 @@ def graph_blocker(*, device: torch.device, distributed: bool, gradient_checkpoin
     return None
 
 
+def warm_up_rows_for(model: torch.nn.Module) -> int | None:
+    """Rows of a new shape to run eagerly before its capture: 1, or None (all of them) when any part of ``model`` is
+    torch.compile'd in place (``nn.Module.compile``): its code is specialised to the batch size, and a recompile
+    cannot run inside a capture."""
+    compiled = any(getattr(module, "_compiled_call_impl", None) is not None for module in model.modules())
+    return None if compiled else 1
+
+
 def batch_key(batch: dict[str, torch.Tensor]) -> BatchKey:
     return tuple((name, tuple(tensor.shape)) for name, tensor in sorted(batch.items()))
 

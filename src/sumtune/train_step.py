@@ -85,15 +85,13 @@ class TrainStep:
 
     `model` is the PEFT model; `train_model` what runs forward and backward (the DDP wrapper when data-parallel,
     else the model itself); `optimizer` holds the trainable weights. `flops` counts a batch's useful FLOPs.
-    `cuda_graphs` captures and replays each micro-batch shape (sumtune.cuda_graphs); `graph_warm_up_rows` is how many
-    rows of a new shape run eagerly before its capture (None: all of them, for torch.compile).
+    `cuda_graphs` captures and replays each micro-batch shape (sumtune.cuda_graphs).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, device: torch.device,
                  compute_dtype: str, max_grad_norm: float | None, flops: BatchFlops | None = None,
                  train_model: torch.nn.Module | None = None, dist: distributed.DistContext | None = None,
-                 profiler=NULL_PROFILER, cuda_graphs: bool = False, graph_warm_up_rows: int | None = 1,
-                 notify=print):
+                 profiler=NULL_PROFILER, cuda_graphs: bool = False, notify=print):
         self.model, self.optimizer = model, optimizer
         self.train_model = train_model if train_model is not None else model
         self.device, self.compute_dtype = device, compute_dtype
@@ -105,10 +103,10 @@ class TrainStep:
         self.last_batch_shape = (0, 0, 0)  # (documents, source tokens, target tokens): for an OOM message
         self.graphed = None  # cuda_graphs.GraphedMicroSteps when the micro-steps are captured and replayed
         if cuda_graphs:
-            from sumtune.cuda_graphs import GraphedMicroSteps
+            from sumtune.cuda_graphs import GraphedMicroSteps, warm_up_rows_for
 
             self.graphed = GraphedMicroSteps(self._graph_forward_backward, self.params, device, notify=notify,
-                                             warm_up_rows=graph_warm_up_rows)
+                                             warm_up_rows=warm_up_rows_for(self.train_model))
 
     def draw(self, stream: Iterator[dict[str, torch.Tensor]], count: int) -> list[dict[str, torch.Tensor]]:
         """The host micro-batches of one step from a batches stream (the profiler's data phase)."""

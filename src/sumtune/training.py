@@ -182,7 +182,6 @@ def build_step(model, cfg: TrainConfig, *, dist: distributed.DistContext, profil
     return TrainStep(model, optimizer, device=device, compute_dtype=cfg.compute_dtype,
                      max_grad_norm=cfg.max_grad_norm, flops=BatchFlops(model.config, trainable),
                      train_model=train_model, dist=dist, profiler=profiler, cuda_graphs=graphs,
-                     graph_warm_up_rows=None if cfg.compile else 1,  # compiled code is specialised to the batch
                      notify=progress.write)
 
 
