@@ -75,6 +75,40 @@ def test_a_nonfinite_loss_skips_the_update(data):
     assert ok.grad_norm is not None and math.isfinite(ok.loss)
 
 
+def adamw_step(tokenizer, fused: bool) -> TrainStep:
+    model = build_model(CFG, tokenizer, torch.device("cpu")).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, fused=fused)
+    return TrainStep(model, optimizer, device=torch.device("cpu"), compute_dtype="fp32", max_grad_norm=1.0)
+
+
+def test_a_fused_adamw_skips_a_nonfinite_step_on_the_device_and_trains_as_the_unfused_one(data):
+    """With a fused Adam/AdamW the finite-or-skip decision is the optimizer's `found_inf` flag, queued before the
+    host reads the loss: a NaN step between two steps changes nothing (bitwise, step counters included), and the
+    steps move the weights as the unfused AdamW (decided on the host) does."""
+    tokenizer, examples = data
+    skipping, fused, plain = (adamw_step(tokenizer, fused=f) for f in (True, True, False))
+    assert skipping.update_on_device and not plain.update_on_device
+    batches = [collate(examples[i:i + 4], tokenizer.pad_token_id) for i in (0, 4)]
+    for step in (skipping, fused, plain):
+        step(batches[:1], lr=1e-2)
+    before = trainable(skipping)
+    real = skipping.forward_loss
+    skipping.forward_loss = lambda batch: real(batch) * float("nan")
+    skipped = skipping(batches[1:], lr=1e-2)
+    assert skipped.grad_norm is None and math.isnan(skipped.loss)
+    assert all(torch.equal(before[n], p) for n, p in trainable(skipping).items())
+    assert {float(s["step"]) for s in skipping.optimizer.state.values()} == {1.0}  # the skipped step not counted
+    assert not hasattr(skipping.optimizer, "found_inf")
+    skipping.forward_loss = real
+    results = [step(batches[1:], lr=1e-2) for step in (skipping, fused, plain)]
+    assert results[0] == results[1] and results[1].loss == pytest.approx(results[2].loss, rel=1e-5)
+    after = [trainable(step) for step in (skipping, fused, plain)]
+    assert all(torch.equal(after[0][n], after[1][n]) for n in after[0])
+    assert torch.cat([(after[1][n] - before[n]).flatten() for n in before]).norm() > 1e-3  # the steps moved
+    for name in after[2]:  # fused and unfused kernels round differently
+        assert torch.allclose(after[1][name], after[2][name], rtol=1e-4, atol=1e-5), name
+
+
 def test_the_result_counts_what_the_step_processed(data):
     tokenizer, examples = data
     step = sgd_step(tokenizer)
@@ -95,13 +129,19 @@ def test_draw_takes_the_steps_micro_batches_from_a_stream(data):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_one_host_sync_per_step_on_the_gpu(data):
+@pytest.mark.parametrize("fused_adamw", [False, True])
+def test_one_host_sync_per_step_on_the_gpu(data, fused_adamw):
     """CUDA's sync debug mode warns on every synchronizing call: the step makes exactly one (the loss and norm
-    read), with pinned host batches (as the product's batching pins them on CUDA)."""
+    read), with pinned host batches (as the product's batching pins them on CUDA); with a fused AdamW (the shipped
+    optimizer), whose skip decision is made on the GPU, too."""
     import warnings
 
     tokenizer, examples = data
     step = sgd_step(tokenizer, device="cuda")
+    if fused_adamw:
+        step = TrainStep(step.model, torch.optim.AdamW(step.params, lr=1e-3, fused=True), device=step.device,
+                         compute_dtype="fp32", max_grad_norm=1.0)
+        assert step.update_on_device
     batches = [{k: v.pin_memory() for k, v in collate(examples[i:i + 2], tokenizer.pad_token_id).items()}
                for i in (0, 2)]
     step(batches, lr=0.1)  # warm-up: allocator, kernels

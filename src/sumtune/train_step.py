@@ -8,9 +8,9 @@
 One call is one optimizer step: host → device copies, forward and backward of each micro-batch (gradients
 accumulated; under DDP only the last micro-batch all-reduces), then the guarded optimizer step: gradient
 clipping, and no update at all when the loss or the gradient norm is NaN/inf (`grad_norm` is then None;
-counting such steps and stopping a run is `sumtune.faults.NonFiniteGuard`'s job). Exactly one host sync per
-step: the loss and gradient norm are read together (`.tolist()`), and a data-parallel stop request rides on
-that same read. Profiler phases (data, h2d, forward, backward, optimizer) wrap each part; the profiler is a
+counting such steps and stopping a run is `sumtune.faults.NonFiniteGuard`'s job; a fused Adam/AdamW makes that
+decision on the GPU, so its update is queued before the host waits). Exactly one host sync per step: the loss and
+gradient norm are read together (`.tolist()`), and a data-parallel stop request rides on that same read. Profiler phases (data, h2d, forward, backward, optimizer) wrap each part; the profiler is a
 null object unless one is profiling.
 """
 
@@ -47,6 +47,13 @@ class StepResult:
     """Useful training FLOPs of the batches as padded (`sumtune.flops`; 0 for models it cannot count)."""
     stop_signum: int | None = None
     """A stop request (SIGTERM/SIGINT) seen by any rank, agreed on in this step's sync; None when none."""
+
+
+def skips_nonfinite_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` can skip its update on the GPU from a `found_inf` flag: torch's Adam and AdamW with
+    ``fused=True`` (their fused kernels return early when it is 1, and the step counters are put back)."""
+    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and all(
+        group.get("fused") for group in optimizer.param_groups)
 
 
 def forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, device: torch.device,
@@ -101,6 +108,7 @@ class TrainStep:
         self.profiler = profiler
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.last_batch_shape = (0, 0, 0)  # (documents, source tokens, target tokens): for an OOM message
+        self.update_on_device = skips_nonfinite_on_device(optimizer)
         self.graphed = None  # cuda_graphs.GraphedMicroSteps when the micro-steps are captured and replayed
         if cuda_graphs:
             from sumtune.cuda_graphs import GraphedMicroSteps, warm_up_rows_for
@@ -151,19 +159,33 @@ class TrainStep:
 
     def _guarded_update(self, loss_sum: torch.Tensor, lr: float,
                         stop_signum: int | None) -> tuple[float, float | None, int | None]:
-        """Clip, read loss and norm (the step's one host sync), and step the optimizer only if both are finite."""
+        """Clip, read loss and norm (the step's one host sync), and step the optimizer only if both are finite.
+
+        A fused torch Adam/AdamW takes that decision on the GPU (`found_inf`, as torch's GradScaler hands it one):
+        its update and the zeroing of the gradients are queued before the host waits, so the GPU goes on from the
+        backward to the update without waiting for the host. Other optimizers are stepped after the read."""
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm or float("inf"))
         checks = [loss_sum.detach().float(), grad_norm.detach().float()]
         if self.dist.enabled:  # the ranks' stop requests ride on this sync: no second host round trip per step
             checks.append(distributed.max_over_ranks_on_device(stop_signum or 0, self.device))
-        loss_value, norm_value, *agreed = torch.stack(checks).tolist()
+        checks = torch.stack(checks)
+        if self.update_on_device:
+            set_lr(self.optimizer, lr)
+            self.optimizer.found_inf = (~torch.isfinite(checks[:2])).any().float()
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+            self.optimizer.zero_grad(set_to_none=self.graphed is None)
+        loss_value, norm_value, *agreed = checks.tolist()
         signum = (int(agreed[0]) or None) if agreed else stop_signum
         finite = math.isfinite(loss_value) and math.isfinite(norm_value)
-        if finite:
-            set_lr(self.optimizer, lr)
-            self.optimizer.step()
-        # Captured backwards add into the same .grad buffers on every replay: zero them in place.
-        self.optimizer.zero_grad(set_to_none=self.graphed is None)
+        if not self.update_on_device:
+            if finite:
+                set_lr(self.optimizer, lr)
+                self.optimizer.step()
+            # Captured backwards add into the same .grad buffers on every replay: zero them in place.
+            self.optimizer.zero_grad(set_to_none=self.graphed is None)
         return loss_value, norm_value if finite else None, signum
 
     def release_graphs(self) -> None:
