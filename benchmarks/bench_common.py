@@ -150,7 +150,8 @@ CONFIG_TOKENS: dict[str, dict] = {
     "drop0": {"model_dropout": 0.0},  # T5's own dropout off: the targets keep 0.1, so for comparison only
     "ldrop0": {"lora_dropout": 0.0},
     "sdpa": {"attention_backend": "sdpa"}, "triton": {"attention_backend": "triton"},
-    "fusedffn": {"fused_ffn_dropout": True},
+    "fusedffn": {"fused_ffn_dropout": True}, "nofusedffn": {"fused_ffn_dropout": False},
+    "fusedgated": {"fused_gated_ffn": True},
     "adamw": {"optimizer": "adamw"}, "paged": {"optimizer": "paged_adamw_8bit"}, "adamw8": {"optimizer": "adamw_8bit"},
 }
 

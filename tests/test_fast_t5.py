@@ -45,8 +45,8 @@ def build_qlora_t5(config_kwargs: dict, device: str = "cpu", seed: int = 0, lora
     from transformers import AutoModelForSeq2SeqLM, BitsAndBytesConfig, T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(seed)
-    config = T5Config(feed_forward_proj="relu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-                      dropout_rate=0.0, initializer_factor=init_factor, **config_kwargs)
+    config = T5Config(**dict(dict(feed_forward_proj="relu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+                                  dropout_rate=0.0, initializer_factor=init_factor), **config_kwargs))
     with tempfile.TemporaryDirectory() as tmpdir:
         T5ForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(tmpdir)
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

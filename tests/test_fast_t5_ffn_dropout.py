@@ -146,15 +146,129 @@ def test_the_fast_t5_feed_forward_runs_the_fused_kernels_only_when_asked(ffn, mo
     assert all(torch.equal(grads[name], fused_grads[name]) for name in grads)
 
 
+# ----------------------------------------------------------------------------- gated GELU (T5 v1.1 / FLAN-T5)
+def gated_reference(a, b, keep, scale):
+    """float64 dropout(gelu_new(a) * b) with the kernels' mask (transformers' NewGELUActivation formula)."""
+    from transformers.activations import NewGELUActivation
+
+    return NewGELUActivation()(a.double()) * b.double() * keep.view(a.shape).double() * scale
+
+
+def test_gated_forward_and_backward_are_gelu_new_gate_dropout_with_the_kernels_mask(ffn):
+    """float32: output and both gradients within float32 rounding of float64 transformers maths with the mask the
+    seed draws, over several blocks and a ragged end."""
+    gen = torch.Generator().manual_seed(2)
+    a = (3 * torch.randn(3, 5, 1000, generator=gen)).requires_grad_()
+    b = torch.randn(3, 5, 1000, generator=gen).requires_grad_()
+    grad_y = torch.randn(a.shape, generator=gen)
+    p = 0.3
+    seed = seed_of_next_call(flash_attention, 12)
+    y = ffn.gated_gelu_dropout(a, b, p)
+    y.backward(grad_y)
+    keep = ffn.relu_dropout_keep_mask(seed, a.numel(), p, device="cpu")  # the same draws as the ReLU form
+    a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    expected = gated_reference(a64, b64, keep, ffn.dropout_scale(p))
+    expected.backward(grad_y.double())
+    for got, want in ((y, expected), (a.grad, a64.grad), (b.grad, b64.grad)):
+        assert torch.allclose(got.double(), want.detach(), rtol=1e-5, atol=1e-6)
+    assert torch.all(y[~keep.view(a.shape)] == 0) and (y != 0).float().mean() > 0.6  # dropped, and the rest kept
+
+
+def gated_bf16_against_float64(ffn_dropout, device: str):
+    """(kernel output, stock output, float64 result) for bf16 inputs, with the kernel's mask."""
+    from transformers.activations import NewGELUActivation
+
+    gen = torch.Generator().manual_seed(3)
+    a = (2 * torch.randn(64, 512, generator=gen)).bfloat16().to(device)
+    b = torch.randn(64, 512, generator=gen).bfloat16().to(device)
+    seed = seed_of_next_call(flash_attention, 13, device=device)
+    y = ffn_dropout.gated_gelu_dropout(a, b, 0.1)
+    keep = ffn_dropout.relu_dropout_keep_mask(seed, a.numel(), 0.1, device=device).view(a.shape)
+    scale = ffn_dropout.dropout_scale(0.1)
+    stock = NewGELUActivation()(a) * b * keep.bfloat16() * scale
+    return y.double(), stock.double(), gated_reference(a, b, keep, scale)
+
+
+def test_gated_bf16_is_within_a_bf16_step_of_float64(ffn):
+    """bf16 in and out: one bf16 step of the float64 result (Triton's interpreter rounds toward zero; the GPU test
+    asks for at least stock's closeness)."""
+    y, _, exact = gated_bf16_against_float64(ffn, "cpu")
+    assert torch.allclose(y, exact, rtol=2 ** -7, atol=1e-6)
+
+
+def test_gated_reproducible_under_checkpointing_and_passes_opcheck(ffn):
+    from torch.utils.checkpoint import checkpoint
+
+    a = torch.randn(4, 700, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    b = torch.randn(4, 700, generator=torch.Generator().manual_seed(2))
+
+    def run(fn):
+        a.grad = None
+        y = fn(a)
+        y.square().sum().backward()
+        return y.detach(), a.grad.clone()
+
+    torch.manual_seed(3)
+    y, grad = run(lambda t: ffn.gated_gelu_dropout(t, b, 0.2))
+    torch.manual_seed(3)
+    recomputed, recomputed_grad = run(lambda t: checkpoint(ffn.gated_gelu_dropout, t, b, 0.2, use_reentrant=False))
+    assert torch.equal(recomputed, y) and torch.equal(recomputed_grad, grad)
+    x = torch.randn(6, 40)
+    torch.library.opcheck(torch.ops.sumtune.gated_gelu_dropout.default, (x, x.flip(0), 0.0),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(torch.ops.sumtune.gated_gelu_dropout_backward.default,
+                          (x, x, x, torch.zeros(1, dtype=torch.int64), 0.1), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_the_gated_feed_forward_runs_the_fused_kernels_only_when_asked(ffn, monkeypatch):
+    """enable_fast_t5(fused_gated_ffn=True) routes a FLAN-T5-style (gated-GELU) model's feed-forwards through the
+    fused op in training (stock ops otherwise, in eval, and for the ReLU flag); with dropout 0 the loss and LoRA
+    gradients are the stock ops' within float32 rounding."""
+    from test_fast_t5 import TINY, VOCAB, build_qlora_t5, loss_and_lora_grads, padded_batch
+
+    from sumtune.fast_t5 import disable_fast_t5, enable_fast_t5
+
+    model = build_qlora_t5(dict(TINY, num_layers=1, num_decoder_layers=1, feed_forward_proj="gated-gelu"), seed=5)
+    model.train()
+    batch = padded_batch(2, 16, 6, VOCAB, seed=6)
+    calls, original = [], ffn.gated_gelu_dropout
+
+    def spy(a, b, p):
+        calls.append(p)
+        return original(a, b, p)
+
+    monkeypatch.setattr(ffn, "gated_gelu_dropout", spy)
+    results = {}
+    for fused in (False, True):
+        enable_fast_t5(model, attention_backend="sdpa", fused_ffn_dropout=True, fused_gated_ffn=fused)
+        calls.clear()
+        results[fused] = loss_and_lora_grads(model, batch)
+        assert calls == ([0.0, 0.0] if fused else [])
+        model.eval()
+        with torch.no_grad():
+            model(**batch)
+        model.train()
+        assert len(calls) == (2 if fused else 0)
+        disable_fast_t5(model)
+    (loss, grads), (fused_loss, fused_grads) = results[False], results[True]
+    # bf16 compute: stock rounds each of gelu_new's five ops to bf16, the kernel rounds once (a few bf16 steps apart)
+    differences = {n: float((grads[n] - fused_grads[n]).norm() / grads[n].norm()) for n in grads if grads[n].norm() > 0}
+    assert len(differences) > len(grads) // 2 and max(differences.values()) < 2e-2, differences
+    assert torch.allclose(loss, fused_loss, rtol=1e-3)
+
+
 COMPILE_FOR_HOPPER = """
 import json
 from sumtune.fast_t5 import ffn_kernels
 from sumtune.fast_t5.flash_compile import compile_source, resources
 from sumtune.generation import cross_attention, cross_kernels
-ffn = dict(X="*bf16", Y="*bf16", DY="*bf16", DX="*bf16", SEED="*i64", n="i64", drop_below="i32", scale="fp32")
+ffn = dict(X="*bf16", Y="*bf16", DY="*bf16", DX="*bf16", SEED="*i64", n="i64", drop_below="i32", scale="fp32",
+           A="*bf16", B="*bf16", DA="*bf16", DB="*bf16")
 builds = {
     "relu_dropout_fwd": compile_source(ffn_kernels.relu_dropout_fwd, ffn, dict(BLOCK=4096, DROPOUT=True), 4),
     "relu_dropout_bwd": compile_source(ffn_kernels.relu_dropout_bwd, ffn, dict(BLOCK=4096), 4),
+    "gated_gelu_dropout_fwd": compile_source(ffn_kernels.gated_gelu_dropout_fwd, ffn, dict(BLOCK=4096, DROPOUT=True), 4),
+    "gated_gelu_dropout_bwd": compile_source(ffn_kernels.gated_gelu_dropout_bwd, ffn, dict(BLOCK=4096, DROPOUT=True), 4),
 }
 types = dict(Q="*bf16", MEM="*bf16", OUT="*bf16", ACC="*fp32", MAX="*fp32", SUM="*fp32", LENGTHS="*i32")
 types.update({name: "i32" for name in cross_kernels.hidden_cross_attention.arg_names if name not in types})
@@ -182,7 +296,7 @@ def test_the_new_kernels_build_for_hopper_without_spilling():
     result = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
                             timeout=600)
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 4, result.stderr[-2000:]
+    assert len(rows) == 6, result.stderr[-2000:]
     for row in rows:
         assert row["spill_bytes"] == 0 and row["shared_bytes"] <= HOPPER_SHARED_BYTES, row
         assert row["vectorized"], row
@@ -213,3 +327,14 @@ def test_gpu_kernels_match_torch_with_their_mask_and_redraw_under_cuda_graphs():
     first = out.clone()
     graph.replay()
     assert not torch.equal(first, out)  # a new seed per replay
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_gated_kernels_are_at_least_as_close_to_float64_as_stock():
+    """Compiled, bf16: the kernel's fp32 GELU is at least as close to float64 as stock's bf16 ops (max and mean)."""
+    from sumtune.fast_t5 import ffn_dropout
+
+    y, stock, exact = gated_bf16_against_float64(ffn_dropout, "cuda")
+    for reduce in (torch.max, torch.mean):
+        assert reduce((y - exact).abs()) <= reduce((stock - exact).abs())

@@ -463,13 +463,14 @@ def load_tokenizer(cfg: "TrainConfig", texts: list[str] | None = None):
 
 
 def enable_fast_path(model: nn.Module, attention_backend: str = "sdpa",
-                     fused_ffn_dropout: bool = False) -> nn.Module:
+                     fused_ffn_dropout: bool = False, fused_gated_ffn: bool = False) -> nn.Module:
     """sumtune's fast T5 kernels when the model is a T5; other seq2seq models (BART, Pegasus ...) keep
-    transformers' own code. `attention_backend`, `fused_ffn_dropout`: see `TrainConfig`."""
+    transformers' own code. `attention_backend`, `fused_ffn_dropout`, `fused_gated_ffn`: see `TrainConfig`."""
     from transformers.models.t5.modeling_t5 import T5Stack
 
     from sumtune import fast_t5
 
     if not any(isinstance(m, T5Stack) for m in model.modules()):
         return model
-    return fast_t5.enable_fast_t5(model, attention_backend=attention_backend, fused_ffn_dropout=fused_ffn_dropout)
+    return fast_t5.enable_fast_t5(model, attention_backend=attention_backend, fused_ffn_dropout=fused_ffn_dropout,
+                                  fused_gated_ffn=fused_gated_ffn)

@@ -115,7 +115,7 @@ def build_model(cfg: TrainConfig, tokenizer, device: torch.device, *, run_dir: P
     model = apply_lora(base, cfg).to(device)
     if cfg.fast_kernels:
         model = enable_fast_path(model, attention_backend=cfg.attention_backend,
-                                 fused_ffn_dropout=cfg.fused_ffn_dropout)
+                                 fused_ffn_dropout=cfg.fused_ffn_dropout, fused_gated_ffn=cfg.fused_gated_ffn)
         if cfg.fused_lora:
             fast_t5.fuse_lora_4bit(model)
     if cfg.cache_dequantized_weights:

@@ -1,7 +1,10 @@
-"""T5's feed-forward ``dropout(relu(wi(x)))`` in one kernel each way (Triton, sumtune.fast_t5.ffn_kernels).
+"""T5's feed-forward ``dropout(relu(wi(x)))`` in one kernel each way (Triton, sumtune.fast_t5.ffn_kernels), and
+T5 v1.1 / FLAN-T5's ``dropout(gelu_new(wi_0(x)) * wi_1(x))`` likewise.
 
 Public:
     relu_dropout(x, dropout_p) -> Tensor         (autograd; the kernels on CUDA, or in Triton's CPU interpreter)
+    gated_gelu_dropout(a, b, dropout_p) -> Tensor   (autograd; the same, for the gated GELU feed-forward)
+    is_tanh_gelu(act) -> bool                    (whether a feed-forward's activation is the one the kernel computes)
     relu_dropout_keep_mask(seed, numel, dropout_p, device) -> bool Tensor   (the mask a seed gives: tests)
     can_fuse(x) -> bool                          (whether the kernels can run on x here)
 
@@ -13,6 +16,10 @@ backward (0.75 GiB a layer). Here: one read and one write each way, and the back
 ``torch.library`` custom ops, so ``torch.compile`` keeps them as opaque calls, and the dropout seed is drawn on the
 device by torch's generator (no host sync; CUDA graphs draw a new one per replay; checkpointing's RNG restore
 makes a recomputed forward draw the same mask), as in sumtune's attention kernels.
+
+The gated form keeps a and b (wi_0's and wi_1's outputs) for its backward and recomputes the GELU and the mask:
+stock keeps a, gelu(a), b and the mask. Its GELU runs in fp32 (stock's ``gelu_new`` rounds each of its five ops to
+bf16), so it is not bitwise stock's; the tests hold it to a float64 reference.
 """
 
 from __future__ import annotations
@@ -114,3 +121,67 @@ def relu_dropout_keep_mask(seed: Tensor | int, numel: int, dropout_p: float, dev
 def dropout_scale(dropout_p: float) -> float:
     """What the forward multiplies kept values by."""
     return _threshold(dropout_p)[1]
+
+
+# ----------------------------------------------------------------------------- gated GELU (T5 v1.1 / FLAN-T5)
+def is_tanh_gelu(act: torch.nn.Module) -> bool:
+    """transformers' ``gelu_new`` or ``gelu_pytorch_tanh`` (the tanh approximation the kernels compute)."""
+    name = type(act).__name__
+    if name == "GELUTanh" or name == "NewGELUActivation":
+        return True
+    return isinstance(act, torch.nn.GELU) and act.approximate == "tanh"
+
+
+@torch.library.custom_op("sumtune::gated_gelu_dropout", mutates_args=())
+def _gated_op(a: Tensor, b: Tensor, dropout_p: float) -> tuple[Tensor, Tensor]:
+    a, b = a.contiguous(), b.contiguous()
+    seed = draw_seed(a.device) if dropout_p > 0 else a.new_empty((1,), dtype=torch.int64)  # unread without dropout
+    y = torch.empty_like(a)
+    drop_below, scale = _threshold(dropout_p)
+    _kernels().gated_gelu_dropout_fwd[_grid(a.numel())](a, b, y, seed, a.numel(), drop_below, scale, BLOCK=BLOCK,
+                                                        DROPOUT=dropout_p > 0)
+    return y, seed
+
+
+@_gated_op.register_fake
+def _(a, b, dropout_p):
+    return torch.empty_like(a, memory_format=torch.contiguous_format), a.new_empty((1,), dtype=torch.int64)
+
+
+@torch.library.custom_op("sumtune::gated_gelu_dropout_backward", mutates_args=())
+def _gated_backward_op(grad_y: Tensor, a: Tensor, b: Tensor, seed: Tensor, dropout_p: float) -> tuple[Tensor, Tensor]:
+    grad_y = grad_y.contiguous()
+    grad_a, grad_b = torch.empty_like(a), torch.empty_like(b)
+    drop_below, scale = _threshold(dropout_p)
+    _kernels().gated_gelu_dropout_bwd[_grid(a.numel())](grad_y, a, b, seed, grad_a, grad_b, a.numel(), drop_below,
+                                                        scale, BLOCK=BLOCK, DROPOUT=dropout_p > 0)
+    return grad_a, grad_b
+
+
+@_gated_backward_op.register_fake
+def _(grad_y, a, b, seed, dropout_p):
+    return torch.empty_like(a), torch.empty_like(b)
+
+
+def _gated_setup_context(ctx, inputs, output):
+    a, b, dropout_p = inputs
+    ctx.save_for_backward(a.contiguous(), b.contiguous(), output[1])
+    ctx.dropout_p = dropout_p
+
+
+def _gated_backward(ctx, grad_y, _grad_seed):
+    a, b, seed = ctx.saved_tensors
+    grad_a, grad_b = _gated_backward_op(grad_y, a, b, seed, ctx.dropout_p)
+    return grad_a, grad_b, None
+
+
+_gated_op.register_autograd(_gated_backward, setup_context=_gated_setup_context)
+
+
+def gated_gelu_dropout(a: Tensor, b: Tensor, dropout_p: float) -> Tensor:
+    """``dropout(gelu_tanh(a) * b, dropout_p)`` (training-mode dropout) in one kernel, its backward in one."""
+    if a.shape != b.shape or a.dtype != b.dtype or not can_fuse(a) or b.device != a.device:
+        raise RuntimeError(f"the fused gated-GELU kernels need two CUDA tensors of one shape and dtype in "
+                           f"{SUPPORTED_DTYPES}, got {a.device.type} {a.dtype} {tuple(a.shape)} and "
+                           f"{b.device.type} {b.dtype} {tuple(b.shape)}")
+    return _gated_op(a, b, float(dropout_p))[0]

@@ -19,6 +19,7 @@ from sumtune.fast_t5 import bias as bias_lib
 FAST_KW = "_sumtune_fast"
 COMPUTE_DTYPE_ATTR = "_sumtune_compute_dtype"
 FUSED_RELU_DROPOUT_ATTR = "_sumtune_fused_relu_dropout"  # on T5DenseActDense: ReLU + dropout in one kernel
+FUSED_GATED_DROPOUT_ATTR = "_sumtune_fused_gated_dropout"  # on T5DenseGatedActDense: GELU gate + dropout, one kernel
 
 
 def _compute_dtype(module: torch.nn.Module) -> torch.dtype:
@@ -106,9 +107,16 @@ def fast_dense_act_dense_forward(self, hidden_states):
 
 
 def fast_dense_gated_act_dense_forward(self, hidden_states):
-    """T5DenseGatedActDense (T5 v1.1 / flan) with ``wo`` fed in the compute dtype."""
-    hidden_states = self.act(self.wi_0(hidden_states)) * self.wi_1(hidden_states)
-    hidden_states = self.dropout(hidden_states)
+    """T5DenseGatedActDense (T5 v1.1 / flan) with ``wo`` fed in the compute dtype; in training with
+    ``FUSED_GATED_DROPOUT_ATTR`` set (enable_fast_t5's ``fused_gated_ffn``), GELU gate and dropout in one kernel."""
+    gate, linear = self.wi_0(hidden_states), self.wi_1(hidden_states)
+    if self.training and getattr(self, FUSED_GATED_DROPOUT_ATTR, False):
+        from sumtune.fast_t5 import ffn_dropout
+
+        if ffn_dropout.is_tanh_gelu(self.act) and gate.dtype == linear.dtype and ffn_dropout.can_fuse(gate):
+            hidden_states = ffn_dropout.gated_gelu_dropout(gate, linear, self.dropout.p)
+            return self.wo(hidden_states.to(_compute_dtype(self)))
+    hidden_states = self.dropout(self.act(gate) * linear)
     return self.wo(hidden_states.to(_compute_dtype(self)))
 
 

@@ -67,14 +67,16 @@ def _fast_forward_for(module: torch.nn.Module, final_norms: set[int]):
 
 
 def enable_fast_t5(model: torch.nn.Module, compute_dtype: torch.dtype | None = None,
-                   attention_backend: str = "auto", fused_ffn_dropout: bool = False) -> torch.nn.Module:
+                   attention_backend: str = "auto", fused_ffn_dropout: bool = False,
+                   fused_gated_ffn: bool = False) -> torch.nn.Module:
     """Patch every T5 stack/attention/layernorm/FFN of ``model`` (plain or PEFT-wrapped) in place.
 
     Training then runs fused RMSNorm, bf16 GEMMs, and attention in the kernel ``attention_backend`` names
     (``auto``: sumtune's Triton kernels with bias, masks and dropout inside when they can run, else SDPA with a
     no-grad materialised bias; ``triton`` or ``sdpa`` force one; see sumtune.fast_t5.attention). Forwards with a
     KV cache (generation) use the stock code. ``fused_ffn_dropout``: in training, the ReLU feed-forward blocks run
-    ReLU and dropout as one Triton kernel each way (sumtune.fast_t5.ffn_dropout; CUDA only, elsewhere stock).
+    ReLU and dropout as one Triton kernel each way (sumtune.fast_t5.ffn_dropout; CUDA only, elsewhere stock);
+    ``fused_gated_ffn`` likewise for the gated-GELU feed-forward of T5 v1.1 / FLAN-T5.
     Returns ``model`` for chaining; :func:`disable_fast_t5` undoes it.
     """
     t5 = _t5_classes()
@@ -92,6 +94,8 @@ def enable_fast_t5(model: torch.nn.Module, compute_dtype: torch.dtype | None = N
             _bind(module, function, dtype)
             if isinstance(module, t5.T5DenseActDense):
                 setattr(module, fast.FUSED_RELU_DROPOUT_ATTR, fused_ffn_dropout)
+            if isinstance(module, t5.T5DenseGatedActDense):
+                setattr(module, fast.FUSED_GATED_DROPOUT_ATTR, fused_gated_ffn)
     for stack in stacks:
         stack._sumtune_mixed_dtypes = _has_mixed_frozen_dtypes(stack, dtype)
         setattr(stack, attention_lib.BACKEND_ATTR, attention_backend)
@@ -104,7 +108,7 @@ def disable_fast_t5(model: torch.nn.Module) -> torch.nn.Module:
         if getattr(module, _PATCHED_ATTR, False):
             del module.forward
             delattr(module, _PATCHED_ATTR)
-            for attr in (attention_lib.BACKEND_ATTR, fast.FUSED_RELU_DROPOUT_ATTR):
+            for attr in (attention_lib.BACKEND_ATTR, fast.FUSED_RELU_DROPOUT_ATTR, fast.FUSED_GATED_DROPOUT_ATTR):
                 if attr in module.__dict__:
                     delattr(module, attr)
             if _FIXED_FORWARD_ATTR in module.__dict__:  # keep the quantized-wo fix (fix_quantized_ffn)
