@@ -49,21 +49,25 @@ CONFIG_SAMPLES_GUESS = 64  # rows to provide per step for a config whose batch i
 
 
 def parse_setting(text: str) -> dict:
-    """A settings string → {"name", "sdpa", "fields": TrainConfig overrides} (tokens: bench_common.CONFIG_TOKENS,
-    plus `a<N>` grad_accum_steps and `eff` / `cudnn`, an SDPA kernel pinned around the timed steps)."""
-    pinned = []
+    """A settings string → {"name", "sdpa", "host_skip", "fields": TrainConfig overrides} (tokens:
+    bench_common.CONFIG_TOKENS, plus `a<N>` grad_accum_steps, `eff` / `cudnn` (an SDPA kernel pinned around the timed
+    steps) and `hostskip` (the optimizer's finite-or-skip decision taken on the host after the step's read, as before
+    2026-12-01, instead of on the GPU: an A/B of TrainStep.update_on_device))."""
+    pinned, host_skip = [], []
 
     def own_token(token: str, fields: dict) -> bool:
         if token[:1] == "a" and token[1:].isdigit():
             fields["grad_accum_steps"] = int(token[1:])
         elif token in ("eff", "cudnn"):
             pinned.append(token)
+        elif token == "hostskip":
+            host_skip.append(token)
         else:
             return False
         return True
 
     fields = bc.setting_fields(text, own_token)
-    return dict(name=text, sdpa=pinned[-1] if pinned else None, fields=fields)
+    return dict(name=text, sdpa=pinned[-1] if pinned else None, host_skip=bool(host_skip), fields=fields)
 
 
 def lora_config(targets: list[str] | None):
@@ -154,6 +158,8 @@ def _time_fast(data_file, device, setting, args) -> dict:
     parts = build_training(cfg)
     reset_peak_memory()  # peak = model + training, not the transient of building it
     step, stream = parts.step, parts.batches.stream()
+    if setting.get("host_skip"):
+        step.update_on_device = False
     parts.model.train()
     times_s, losses, samples, tokens, flops = [], [], [], [], []
     first_loss = None
