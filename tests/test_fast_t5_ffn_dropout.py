@@ -129,6 +129,7 @@ def test_the_fast_t5_feed_forward_runs_the_fused_kernels_only_when_asked(ffn, mo
         return original(x, p)
 
     monkeypatch.setattr(ffn_dropout, "relu_dropout", spy)
+    monkeypatch.setattr(ffn_dropout, "fuses_in_model", ffn_dropout.can_fuse)  # the interpreter stands in for CUDA
     results = {}
     for fused in (False, True):
         enable_fast_t5(model, attention_backend="sdpa", fused_ffn_dropout=fused)
@@ -144,6 +145,21 @@ def test_the_fast_t5_feed_forward_runs_the_fused_kernels_only_when_asked(ffn, mo
     (loss, grads), (fused_loss, fused_grads) = results[False], results[True]
     assert torch.equal(loss, fused_loss)
     assert all(torch.equal(grads[name], fused_grads[name]) for name in grads)
+
+
+def test_on_a_cpu_the_model_keeps_the_stock_ops(ffn, monkeypatch):
+    """The kernels are for CUDA: on a CPU (even with Triton's interpreter on, as in these tests and the
+    subprocesses they start) the fast feed-forward runs torch's ops."""
+    from test_fast_t5 import TINY, VOCAB, build_qlora_t5, padded_batch
+
+    from sumtune.fast_t5 import enable_fast_t5
+
+    calls = []
+    monkeypatch.setattr(ffn, "relu_dropout", lambda x, p: calls.append(p))
+    model = build_qlora_t5(dict(TINY, num_layers=1, num_decoder_layers=1), seed=5).train()
+    enable_fast_t5(model, attention_backend="sdpa", fused_ffn_dropout=True)
+    model(**padded_batch(2, 16, 6, VOCAB, seed=6))
+    assert calls == [] and not ffn.fuses_in_model(torch.zeros(2)) and ffn.can_fuse(torch.zeros(2))
 
 
 # ----------------------------------------------------------------------------- gated GELU (T5 v1.1 / FLAN-T5)
@@ -238,6 +254,7 @@ def test_the_gated_feed_forward_runs_the_fused_kernels_only_when_asked(ffn, monk
         return original(a, b, p)
 
     monkeypatch.setattr(ffn, "gated_gelu_dropout", spy)
+    monkeypatch.setattr(ffn, "fuses_in_model", ffn.can_fuse)  # the interpreter stands in for CUDA
     results = {}
     for fused in (False, True):
         enable_fast_t5(model, attention_backend="sdpa", fused_ffn_dropout=True, fused_gated_ffn=fused)

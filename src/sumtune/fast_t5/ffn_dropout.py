@@ -7,6 +7,7 @@ Public:
     is_tanh_gelu(act) -> bool                    (whether a feed-forward's activation is the one the kernel computes)
     relu_dropout_keep_mask(seed, numel, dropout_p, device) -> bool Tensor   (the mask a seed gives: tests)
     can_fuse(x) -> bool                          (whether the kernels can run on x here)
+    fuses_in_model(x) -> bool                    (whether the fast T5 feed-forward uses them for x: CUDA only)
 
 Why: in T5-3b the FF intermediate is 16,384 wide, so at 16 × 1024 tokens each pass over it moves ~0.5 GB. Stock
 runs ReLU (a clamp kernel), dropout (a kernel writing the output and a byte mask), and in the backward dropout's
@@ -47,6 +48,13 @@ def can_fuse(x: Tensor) -> bool:
     if x.dtype not in SUPPORTED_DTYPES or importlib.util.find_spec("triton") is None:
         return False
     return x.device.type == "cuda" or _kernels().INTERPRET
+
+
+def fuses_in_model(x: Tensor) -> bool:
+    """Whether the fast T5 feed-forward takes the kernels for ``x``: on CUDA only. Triton's CPU interpreter (which
+    the tests switch on, and which their subprocesses inherit) is ~10x slower than torch's ops on a CPU: a demo
+    run took 5 min instead of 29 s; tests that check the wiring patch this to :func:`can_fuse`."""
+    return x.device.type == "cuda" and can_fuse(x)
 
 
 def _threshold(dropout_p: float) -> tuple[int, float]:

@@ -99,7 +99,7 @@ def fast_dense_act_dense_forward(self, hidden_states):
     if self.training and getattr(self, FUSED_RELU_DROPOUT_ATTR, False) and isinstance(self.act, torch.nn.ReLU):
         from sumtune.fast_t5 import ffn_dropout
 
-        if ffn_dropout.can_fuse(hidden_states):
+        if ffn_dropout.fuses_in_model(hidden_states):
             hidden_states = ffn_dropout.relu_dropout(hidden_states, self.dropout.p)
             return self.wo(hidden_states.to(_compute_dtype(self)))
     hidden_states = self.dropout(self.act(hidden_states))
@@ -113,7 +113,7 @@ def fast_dense_gated_act_dense_forward(self, hidden_states):
     if self.training and getattr(self, FUSED_GATED_DROPOUT_ATTR, False):
         from sumtune.fast_t5 import ffn_dropout
 
-        if ffn_dropout.is_tanh_gelu(self.act) and gate.dtype == linear.dtype and ffn_dropout.can_fuse(gate):
+        if ffn_dropout.is_tanh_gelu(self.act) and gate.dtype == linear.dtype and ffn_dropout.fuses_in_model(gate):
             hidden_states = ffn_dropout.gated_gelu_dropout(gate, linear, self.dropout.p)
             return self.wo(hidden_states.to(_compute_dtype(self)))
     hidden_states = self.dropout(self.act(gate) * linear)
