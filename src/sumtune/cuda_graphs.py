@@ -90,7 +90,7 @@ class GraphedMicroSteps:
 
     def release(self) -> None:
         """Forget every captured graph and free its memory pool; the next micro-batch of a shape captures again."""
-        if not self.graphs:
+        if not self.graphs and self.pool is None:
             return
         self.graphs.clear()
         self.pool = None
