@@ -34,6 +34,14 @@ def assert_same(got, expected):
     assert torch.allclose(got.float(), expected.float(), rtol=2 ** -7, atol=0)
 
 
+def output_and_grad(fn, x):
+    """fn(x) and the gradient of its squares' sum with respect to x (a fresh one each call)."""
+    x.grad = None
+    y = fn(x)
+    y.square().sum().backward()
+    return y.detach(), x.grad.clone()
+
+
 def reference(x, keep, scale):
     """torch's relu then dropout with the kernels' mask: x * mask * scale, computed in float32."""
     return (torch.relu(x.float()) * keep.view(x.shape).float() * scale).to(x.dtype)
@@ -87,10 +95,7 @@ def test_reproducible_under_manual_seed_and_checkpointing(ffn):
     x = torch.randn(4, 700, generator=torch.Generator().manual_seed(1)).requires_grad_()
 
     def run(fn):
-        x.grad = None
-        y = fn(x)
-        y.square().sum().backward()
-        return y.detach(), x.grad.clone()
+        return output_and_grad(fn, x)
 
     torch.manual_seed(3)
     y, grad = run(lambda t: ffn.relu_dropout(t, 0.2))
@@ -219,10 +224,7 @@ def test_gated_reproducible_under_checkpointing_and_passes_opcheck(ffn):
     b = torch.randn(4, 700, generator=torch.Generator().manual_seed(2))
 
     def run(fn):
-        a.grad = None
-        y = fn(a)
-        y.square().sum().backward()
-        return y.detach(), a.grad.clone()
+        return output_and_grad(fn, a)
 
     torch.manual_seed(3)
     y, grad = run(lambda t: ffn.gated_gelu_dropout(t, b, 0.2))
