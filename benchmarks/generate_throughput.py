@@ -16,6 +16,7 @@ another batch size (the bf16 noise floor: batch shape changes kernels and so rou
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--ab-slicing", action="store_true",
                         help="also time each greedy batch with slice_cross_attention=False (every row reads the "
                              "batch's padded width in cross-attention)")
+    parser.add_argument("--slicing", default="",
+                        help="also time each greedy batch with other row slices of the cross-attention, as "
+                             "comma-separated GROUPS/MULTIPLE pairs (e.g. 16/128,8/64; shipped: 8/256)")
     parser.add_argument("--fused", action="store_true",
                         help="also time each greedy batch with attention='fused' (sumtune's one-read cross-attention "
                              "kernel) and check its tokens")
@@ -172,6 +176,21 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
 
 
 # ----------------------------------------------------------------------------- main
+@contextlib.contextmanager
+def cross_slicing(groups: int | None, multiple: int | None):
+    """The decoder's row slices for cross-attention set to `groups` slices rounded to `multiple` tokens (None: as
+    shipped) for the duration."""
+    from sumtune.generation import t5_decode
+
+    shipped = t5_decode.CROSS_GROUPS, t5_decode.CROSS_GROUP_MULTIPLE
+    if groups is not None:
+        t5_decode.CROSS_GROUPS, t5_decode.CROSS_GROUP_MULTIPLE = groups, multiple
+    try:
+        yield
+    finally:
+        t5_decode.CROSS_GROUPS, t5_decode.CROSS_GROUP_MULTIPLE = shipped
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not args.quick and not torch.cuda.is_available():
@@ -225,11 +244,15 @@ def main(argv=None) -> int:
     if args.ab_slicing:
         settings.append((settings[0][0] + ", unsliced cross-attention",
                          dict(use_cuda_graphs=use_graphs, slice_cross_attention=False)))
+    slicings = [(None, None)] + [tuple(int(v) for v in pair.split("/")) for pair in args.slicing.split(",") if pair]
+    settings = [(name + (f", {g} slices of {m}" if g else ""), kwargs, (g, m))
+                for g, m in slicings for name, kwargs in (settings if g is None else settings[:1])]
     for batch in fast_batches:
-        for name, kwargs in settings:
-            fast_generate(merged, inputs[:batch], batch, args.new_tokens, **kwargs)  # warm-up: capture, cuBLAS
-            out, wall, peak = timed(lambda: fast_generate(merged, inputs[:2 * batch], batch, args.new_tokens,
-                                                          **kwargs), device)
+        for name, kwargs, slicing in settings:
+            with cross_slicing(*slicing):
+                fast_generate(merged, inputs[:batch], batch, args.new_tokens, **kwargs)  # warm-up: capture, cuBLAS
+                out, wall, peak = timed(lambda: fast_generate(merged, inputs[:2 * batch], batch, args.new_tokens,
+                                                              **kwargs), device)
             rows.append(row("sumtune", f"greedy {name}", batch, 1, out, wall, peak))
             print(rows[-1], flush=True)
     best = max((r for r in rows if r["path"] == "sumtune"), key=lambda r: r["summaries_per_s"])["batch"]

@@ -126,13 +126,17 @@ class DecodeState:
     cross_lengths: Tensor | None = None  # [B] int32 source lengths: "fused" mode's kernel reads only these keys
 
 
-def cross_groups(lengths: Sequence[int], src_len: int, groups: int = CROSS_GROUPS,
-                 multiple: int = CROSS_GROUP_MULTIPLE,
-                 min_saving: float = CROSS_GROUP_MIN_SAVING) -> tuple[tuple[int, int, int], ...]:
+def cross_groups(lengths: Sequence[int], src_len: int, groups: int | None = None, multiple: int | None = None,
+                 min_saving: float | None = None) -> tuple[tuple[int, int, int], ...]:
     """Row slices of a batch whose source `lengths` are sorted longest first: (first row, end row, source tokens
     the slice attends to), the slice's longest source rounded up to `multiple` (at most `src_len`, the padded
     width). Up to `groups` equal slices; neighbours of equal length merge; one slice over `src_len` when slicing
-    would leave out less than `min_saving` of the padded keys."""
+    would leave out less than `min_saving` of the padded keys. Unset, each is the module's constant as it is at the
+    call (CROSS_GROUPS, CROSS_GROUP_MULTIPLE, CROSS_GROUP_MIN_SAVING: benchmarks/generate_throughput.py --slicing
+    sweeps the first two)."""
+    groups = CROSS_GROUPS if groups is None else groups
+    multiple = CROSS_GROUP_MULTIPLE if multiple is None else multiple
+    min_saving = CROSS_GROUP_MIN_SAVING if min_saving is None else min_saving
     batch = len(lengths)
     whole = ((0, batch, src_len),)
     if batch == 0 or src_len <= 0:
