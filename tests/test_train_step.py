@@ -4,6 +4,7 @@ accumulation, the skipped non-finite step, what it reports, and (GPU) its one ho
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -75,18 +76,20 @@ def test_a_nonfinite_loss_skips_the_update(data):
     assert ok.grad_norm is not None and math.isfinite(ok.loss)
 
 
-def adamw_step(tokenizer, fused: bool) -> TrainStep:
-    model = build_model(CFG, tokenizer, torch.device("cpu")).train()
+def adamw_step(tokenizer, fused: bool, device: str = "cpu") -> TrainStep:
+    model = build_model(replace(CFG, device=device), tokenizer, torch.device(device)).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, fused=fused)
-    return TrainStep(model, optimizer, device=torch.device("cpu"), compute_dtype="fp32", max_grad_norm=1.0)
+    return TrainStep(model, optimizer, device=torch.device(device), compute_dtype="fp32", max_grad_norm=1.0)
 
 
-def test_a_fused_adamw_skips_a_nonfinite_step_on_the_device_and_trains_as_the_unfused_one(data):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_a_fused_adamw_skips_a_nonfinite_step_on_the_device_and_trains_as_the_unfused_one(data, device):
     """With a fused Adam/AdamW the finite-or-skip decision is the optimizer's `found_inf` flag, queued before the
     host reads the loss: a NaN step between two steps changes nothing (bitwise, step counters included), and the
     steps move the weights as the unfused AdamW (decided on the host) does."""
     tokenizer, examples = data
-    skipping, fused, plain = (adamw_step(tokenizer, fused=f) for f in (True, True, False))
+    skipping, fused, plain = (adamw_step(tokenizer, fused=f, device=device) for f in (True, True, False))
     assert skipping.update_on_device and not plain.update_on_device
     batches = [collate(examples[i:i + 4], tokenizer.pad_token_id) for i in (0, 4)]
     for step in (skipping, fused, plain):
@@ -161,7 +164,6 @@ def test_one_host_sync_per_step_on_the_gpu(data, fused_adamw):
 def test_fused_lora_steps_train_as_peft_layers_do(data, monkeypatch, checkpointing):
     """`fused_lora` (one autograd node per LoRA-on-NF4 layer) in THE step, with and without activation checkpointing
     (which runs each block's forward twice): two SGD steps move every adapter weight as PEFT's own layers do."""
-    from dataclasses import replace
 
     from sumtune.fast_t5.lora4bit import FusedLora4bit
 
