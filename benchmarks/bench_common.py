@@ -292,3 +292,29 @@ def oom_report(error: BaseException, top: int = 30) -> str:
     for (pool, where), (size, count) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]:
         lines.append(f"{size / 2**30:8.2f} GiB {count:6d} blocks pool {pool} {where}")
     return "\n".join(lines)
+
+
+def write_oom_report(directory: Path | None, setting: str, error: BaseException) -> None:
+    """With ``directory`` (a benchmark's --oom-reports), :func:`oom_report` of ``error`` in
+    DIRECTORY/oom-<setting>.txt; a failed report says so in the file rather than hiding the OOM."""
+    if directory is None:
+        return
+    path = Path(directory) / f"oom-{re.sub(r'[^A-Za-z0-9_.-]', '_', setting)}.txt"
+    try:
+        text = oom_report(error)
+    except Exception as report_error:  # noqa: BLE001 - the row's OOM note must survive a failed report
+        text = f"{error}\n(report failed: {report_error!r})"
+    path.write_text(text, encoding="utf-8")
+    print(f"out-of-memory report: {path}", flush=True)
+
+
+def add_oom_reports_option(parser) -> None:
+    parser.add_argument("--oom-reports", type=Path, default=None,
+                        help="record every CUDA allocation's stack; a setting that runs out of memory writes what held "
+                             "the memory to DIR/oom-<setting>.txt")
+
+
+def start_oom_reports(directory: Path | None, device: torch.device) -> None:
+    if directory is not None and device.type == "cuda":
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        record_memory_history()

@@ -172,7 +172,8 @@ def run_lengths(args, device, src_len: int, tgt_len: int, work: Path, matmul_tfl
         try:
             run, note = time_sumtune(cfg, args), ""
         except torch.OutOfMemoryError as error:
-            run, note = None, f"OOM: {str(error).splitlines()[0][:80]}"
+            bc.write_oom_report(args.oom_reports, f"{src_len}-{tgt_len}-{text}", error)
+            run, note = None, f"OOM: {str(error).splitlines()[0][:160]}"
         finally:
             bc.free_gpu_memory()
             if hasattr(torch, "_dynamo"):
@@ -207,6 +208,7 @@ def parse_args(argv=None):
     parser.add_argument("--memory-cap-gib", type=float, default=75.0, help="the peak an 80 GB card allows")
     parser.add_argument("--quick", action="store_true", help="tiny model on CPU, a few seconds")
     parser.add_argument("--no-save", action="store_true")
+    bc.add_oom_reports_option(parser)
     args = parser.parse_args(argv)
     args.lengths = [tuple(int(x) for x in pair.split("/")) for pair in args.lengths.split(",") if pair.strip()]
     args.sumtune = [s.strip() for s in args.sumtune.split(",") if s.strip()]
@@ -223,6 +225,7 @@ def main(argv=None) -> int:
     if device is None:
         return 2
     matmul_tflops = bc.measure_bf16_matmul_tflops()
+    bc.start_oom_reports(args.oom_reports, device)
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for src_len, tgt_len in args.lengths:

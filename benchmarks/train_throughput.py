@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 import time
@@ -300,18 +299,13 @@ def unsteady_note(events: int, steps: int) -> str:
             f"steps: not steady state, time more steps") if events else ""
 
 
-def run_guarded(fn, *fn_args, oom_report_path: Path | None = None):
+def run_guarded(fn, *fn_args, oom_reports: Path | None = None, setting: str = ""):
     """Run one setting; an out-of-memory error becomes a row note instead of ending the sweep (and, with
-    ``oom_report_path``, a report of what held the memory, written there)."""
+    ``oom_reports``, a report of what held the memory: bench_common.write_oom_report)."""
     try:
         return fn(*fn_args), None
     except torch.OutOfMemoryError as error:
-        if oom_report_path is not None:
-            try:
-                oom_report_path.write_text(bc.oom_report(error), encoding="utf-8")
-            except Exception as report_error:  # noqa: BLE001 - a failed report must not hide the row's OOM note
-                oom_report_path.write_text(f"{error}\n(report failed: {report_error!r})", encoding="utf-8")
-            print(f"out-of-memory report: {oom_report_path}", flush=True)
+        bc.write_oom_report(oom_reports, setting, error)
         return None, f"OOM: {str(error).splitlines()[0][:160]}"
     finally:
         bc.free_gpu_memory()
@@ -350,8 +344,8 @@ def throughput(args, device) -> None:
         for text in args.fast:
             setting = parse_setting(text)
             batch = setting["fields"].get("batch_size", 0) * setting["fields"].get("grad_accum_steps", 1)
-            report = args.oom_reports / f"oom-{re.sub(r'[^A-Za-z0-9_.-]', '_', text)}.txt" if args.oom_reports else None
-            run, note = run_guarded(time_fast, data_file, device, setting, args, oom_report_path=report)
+            run, note = run_guarded(time_fast, data_file, device, setting, args, oom_reports=args.oom_reports,
+                                    setting=text)
             batch = run["samples_per_step"] if run else batch  # a config's `auto` batch as it resolved
             row = (summarize("sumtune", text, batch, run, args, matmul_tflops, peak,
                              setting["fields"].get("gradient_checkpointing", False))
@@ -438,9 +432,7 @@ def parse_args(argv=None):
     parser.add_argument("--numerics-batch", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="tiny shapes on CPU, a few seconds")
     parser.add_argument("--no-save", action="store_true")
-    parser.add_argument("--oom-reports", type=Path, default=None,
-                        help="record every CUDA allocation's stack; a setting that runs out of memory writes what held "
-                             "the memory to DIR/oom-<setting>.txt")
+    bc.add_oom_reports_option(parser)
     parser.add_argument("--profile", action="store_true", help="after timing each fast setting, print its top CUDA ops")
     args = parser.parse_args(argv)
     args.reference = [int(b) for b in args.reference.split(",") if b.strip()]
@@ -463,9 +455,7 @@ def main(argv=None) -> int:
 
         run_numerics(args, device)
     else:
-        if args.oom_reports and device.type == "cuda":
-            args.oom_reports.mkdir(parents=True, exist_ok=True)
-            bc.record_memory_history()
+        bc.start_oom_reports(args.oom_reports, device)
         throughput(args, device)
     return 0
 
