@@ -106,22 +106,25 @@ class GraphedMicroSteps:
     def __call__(self, host_batch: dict[str, torch.Tensor], accum: int = 1) -> torch.Tensor:
         key = (batch_key(host_batch), accum)
         captured = self.graphs.get(key)
+        first = key not in self.seen
+        self.seen.add(key)
         if captured is None and self.failed is None:
-            if key not in self.seen and self.warm_up_rows is not None:
+            if first and self.warm_up_rows is None:  # a full-size eager warm-up: its activations must not sit
+                self.release()                       # beside the graphs' pool; captured at the shape's next batch
+                return self._eager(host_batch, accum)
+            if first:
                 self._warm_up(host_batch, accum)
-                self.seen.add(key)
-            if key in self.seen:
-                captured = self._capture(key, host_batch)
-        if captured is None:  # the full-size warm-up (warm_up_rows=None), or graphs off after a failed capture
-            if key not in self.seen and self.failed is None:
-                self.release()  # its activations must not sit beside the graphs' pool
-            self.seen.add(key)
-            self.ensure_grads()  # a later capture adds into these very tensors
-            return self.forward_backward(to_device(host_batch, self.device), accum)
+            captured = self._capture(key, host_batch)
+        if captured is None:  # graphs off after a failed capture
+            return self._eager(host_batch, accum)
         for name, buffer in captured.inputs.items():
             buffer.copy_(host_batch[name], non_blocking=True)
         captured.graph.replay()
         return captured.loss.clone()  # the buffer is rewritten by the next replay of any graph in the pool
+
+    def _eager(self, host_batch: dict[str, torch.Tensor], accum: int) -> torch.Tensor:
+        self.ensure_grads()  # a later capture adds into these very tensors
+        return self.forward_backward(to_device(host_batch, self.device), accum)
 
     def _warm_up(self, host_batch: dict[str, torch.Tensor], accum: int) -> None:
         """Forward and backward of the first `warm_up_rows` rows of `host_batch`, eagerly, leaving every `.grad` as

@@ -10,8 +10,9 @@ accumulated; under DDP only the last micro-batch all-reduces), then the guarded 
 clipping, and no update at all when the loss or the gradient norm is NaN/inf (`grad_norm` is then None;
 counting such steps and stopping a run is `sumtune.faults.NonFiniteGuard`'s job; a fused Adam/AdamW makes that
 decision on the GPU, so its update is queued before the host waits). Exactly one host sync per step: the loss and
-gradient norm are read together (`.tolist()`), and a data-parallel stop request rides on that same read. Profiler phases (data, h2d, forward, backward, optimizer) wrap each part; the profiler is a
-null object unless one is profiling.
+gradient norm are read together (`.tolist()`), and a data-parallel stop request rides on that same read. Profiler
+phases (data, h2d, forward, backward, optimizer) wrap each part; the profiler is a null object unless one is
+profiling.
 """
 
 from __future__ import annotations
@@ -170,23 +171,24 @@ class TrainStep:
             checks.append(distributed.max_over_ranks_on_device(stop_signum or 0, self.device))
         checks = torch.stack(checks)
         if self.update_on_device:
-            set_lr(self.optimizer, lr)
             self.optimizer.found_inf = (~torch.isfinite(checks[:2])).any().float()
             try:
-                self.optimizer.step()
+                self._update(lr, step=True)
             finally:
                 del self.optimizer.found_inf
-            self.optimizer.zero_grad(set_to_none=self.graphed is None)
         loss_value, norm_value, *agreed = checks.tolist()
         signum = (int(agreed[0]) or None) if agreed else stop_signum
         finite = math.isfinite(loss_value) and math.isfinite(norm_value)
         if not self.update_on_device:
-            if finite:
-                set_lr(self.optimizer, lr)
-                self.optimizer.step()
-            # Captured backwards add into the same .grad buffers on every replay: zero them in place.
-            self.optimizer.zero_grad(set_to_none=self.graphed is None)
+            self._update(lr, step=finite)
         return loss_value, norm_value if finite else None, signum
+
+    def _update(self, lr: float, step: bool) -> None:
+        if step:
+            set_lr(self.optimizer, lr)
+            self.optimizer.step()
+        # Captured backwards add into the same .grad buffers on every replay: zero them in place.
+        self.optimizer.zero_grad(set_to_none=self.graphed is None)
 
     def release_graphs(self) -> None:
         """Drop the captured graphs and their memory (before an evaluation); later steps capture again."""
