@@ -18,6 +18,7 @@ import argparse
 import statistics
 import sys
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -110,12 +111,9 @@ FUSED_CONFIGS = [(16, 16), (16, 8), (32, 16)]  # (BLOCK_N, NUM_WARPS) of sumtune
 def _with_fused_config(config, fn, *args):
     from sumtune.generation import cross_attention
 
-    saved = cross_attention.BLOCK_N, cross_attention.NUM_WARPS
-    cross_attention.BLOCK_N, cross_attention.NUM_WARPS = config
-    try:
+    block_n, num_warps = config
+    with mock.patch.multiple(cross_attention, BLOCK_N=block_n, NUM_WARPS=num_warps):
         return fn(*args)
-    finally:
-        cross_attention.BLOCK_N, cross_attention.NUM_WARPS = saved
 
 
 def run(fn, backend, args):

@@ -20,6 +20,7 @@ import contextlib
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -176,19 +177,14 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
 
 
 # ----------------------------------------------------------------------------- main
-@contextlib.contextmanager
 def cross_slicing(groups: int | None, multiple: int | None):
-    """The decoder's row slices for cross-attention set to `groups` slices rounded to `multiple` tokens (None: as
-    shipped) for the duration."""
+    """The decoder's row slices for cross-attention set to `groups` slices rounded to `multiple` tokens for the
+    duration (None: as shipped)."""
     from sumtune.generation import t5_decode
 
-    shipped = t5_decode.CROSS_GROUPS, t5_decode.CROSS_GROUP_MULTIPLE
-    if groups is not None:
-        t5_decode.CROSS_GROUPS, t5_decode.CROSS_GROUP_MULTIPLE = groups, multiple
-    try:
-        yield
-    finally:
-        t5_decode.CROSS_GROUPS, t5_decode.CROSS_GROUP_MULTIPLE = shipped
+    if groups is None:
+        return contextlib.nullcontext()
+    return mock.patch.multiple(t5_decode, CROSS_GROUPS=groups, CROSS_GROUP_MULTIPLE=multiple)
 
 
 def main(argv=None) -> int:

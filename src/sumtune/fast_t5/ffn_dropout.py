@@ -30,7 +30,7 @@ import importlib.util
 import torch
 from torch import Tensor
 
-from sumtune.fast_t5.flash_attention import draw_seed, dropout_threshold
+from sumtune.fast_t5.flash_attention import dropout_seed, dropout_threshold
 
 BLOCK = 4096  # elements per program (a multiple of 4: Philox gives 4 draws per counter)
 DRAW_RANGE = 1 << 31  # dropout decisions are 31-bit draws
@@ -69,7 +69,7 @@ def _grid(numel: int) -> tuple[int]:
 @torch.library.custom_op("sumtune::relu_dropout", mutates_args=())
 def _relu_dropout_op(x: Tensor, dropout_p: float) -> tuple[Tensor, Tensor]:
     x = x.contiguous()
-    seed = draw_seed(x.device) if dropout_p > 0 else x.new_empty((1,), dtype=torch.int64)  # unread without dropout
+    seed = dropout_seed(x, dropout_p)
     y = torch.empty_like(x)
     drop_below, scale = _threshold(dropout_p)
     _kernels().relu_dropout_fwd[_grid(x.numel())](x, y, seed, x.numel(), drop_below, scale, BLOCK=BLOCK,
@@ -143,7 +143,7 @@ def is_tanh_gelu(act: torch.nn.Module) -> bool:
 @torch.library.custom_op("sumtune::gated_gelu_dropout", mutates_args=())
 def _gated_op(a: Tensor, b: Tensor, dropout_p: float) -> tuple[Tensor, Tensor]:
     a, b = a.contiguous(), b.contiguous()
-    seed = draw_seed(a.device) if dropout_p > 0 else a.new_empty((1,), dtype=torch.int64)  # unread without dropout
+    seed = dropout_seed(a, dropout_p)
     y = torch.empty_like(a)
     drop_below, scale = _threshold(dropout_p)
     _kernels().gated_gelu_dropout_fwd[_grid(a.numel())](a, b, y, seed, a.numel(), drop_below, scale, BLOCK=BLOCK,

@@ -6,6 +6,7 @@ Public:
     key_padding(key_mask) -> KeyPadding                (per-row key mask + lengths, once per stack)
     dropout_keep_mask(seed, batch, heads, query_len, key_len, dropout_p) -> (B, H, Lq, Lk) bool
     dropout_threshold(dropout_p, draw_range) -> (drop_below, scale)   (also for ffn_dropout's 31-bit draws)
+    draw_seed(device) / dropout_seed(like, dropout_p) -> (1,) int64   (a kernel call's dropout seed)
     reference_t5_attention(...)                        (plain PyTorch, same math; for tests and benchmarks)
     block_sizes(fwd=..., dkdv=..., dq=...)             (pin tile sizes instead of autotuning)
 
@@ -150,6 +151,12 @@ def draw_seed(device: torch.device | str) -> Tensor:
     return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
 
 
+def dropout_seed(like: Tensor, dropout_p: float) -> Tensor:
+    """A kernel call's seed: :func:`draw_seed` on ``like``'s device with dropout, else an unread placeholder (no
+    draw, so the RNG state moves only when there is dropout)."""
+    return draw_seed(like.device) if dropout_p > 0 else like.new_empty((1,), dtype=torch.int64)
+
+
 def _length_key(length: int) -> int:
     return 1 << max(length - 1, 1).bit_length()  # autotune once per power-of-two length bucket
 
@@ -233,7 +240,7 @@ def _cdiv(a: int, b: int) -> int:
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], radius: int, mask: Optional[Tensor],
                   lengths: Optional[Tensor], causal: bool, scale: float,
                   dropout_p: float) -> tuple[Tensor, Tensor, Tensor]:
-    seed = draw_seed(q.device) if dropout_p > 0 else q.new_empty((1,), dtype=torch.int64)  # unread without dropout
+    seed = dropout_seed(q, dropout_p)
     out, lse = _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, seed)
     return out, lse, seed
 
