@@ -53,7 +53,8 @@ def can_fuse(x: Tensor) -> bool:
 def fuses_in_model(x: Tensor) -> bool:
     """Whether the fast T5 feed-forward takes the kernels for ``x``: on CUDA only. Triton's CPU interpreter (which
     the tests switch on, and which their subprocesses inherit) is ~10x slower than torch's ops on a CPU: a demo
-    run took 5 min instead of 29 s; tests that check the wiring patch this to :func:`can_fuse`."""
+    run took 5 min instead of 29 s, benchmarks/results/demo_triton_interpret-*; tests that check the wiring patch
+    this to :func:`can_fuse`."""
     return x.device.type == "cuda" and can_fuse(x)
 
 
