@@ -151,7 +151,7 @@ CONFIG_TOKENS: dict[str, dict] = {
     "ldrop0": {"lora_dropout": 0.0},
     "sdpa": {"attention_backend": "sdpa"}, "triton": {"attention_backend": "triton"},
     "fusedffn": {"fused_ffn_dropout": True}, "nofusedffn": {"fused_ffn_dropout": False},
-    "fusedgated": {"fused_gated_ffn": True},
+    "fusedgated": {"fused_gated_ffn": True}, "nofusedgated": {"fused_gated_ffn": False},
     "adamw": {"optimizer": "adamw"}, "paged": {"optimizer": "paged_adamw_8bit"}, "adamw8": {"optimizer": "adamw_8bit"},
 }
 

@@ -187,5 +187,5 @@ def test_the_shipped_speed_configs_use_the_measured_settings():
         cfg = argparsing.resolve(TrainConfig, str(Path(CONFIGS[0]).with_name(name)), {})
         assert (cfg.lora_dropout, cfg.fused_lora, cfg.cuda_graphs, cfg.compile) == (0.0, True, True, False), name
         assert cfg.max_memory_gib == 75 and cfg.optimizer == "adamw" and not cfg.gradient_checkpointing, name
-        assert cfg.fused_ffn_dropout and cfg.attention_backend == "auto", name  # 2026-12-01 measurements
+        assert cfg.fused_ffn_dropout and cfg.fused_gated_ffn and cfg.attention_backend == "auto", name  # 2026-12-01
         assert cfg.cache_dequantized_weights == (name == "t5-3b-billsum.yaml"), name  # +2.7% at 1024; +1% at 4096
