@@ -166,6 +166,8 @@ def test_seed_range_is_torchs(seed, ok):
     ({"report_to": ["none", "wandb"]}, "`report_to` lists `none` with other trackers"),
     ({"report_to": ["comet"]}, "`report_to` must be one of tensorboard, wandb, mlflow, none"),
     ({"license": " "}, "`license` must not be empty"),
+    ({"lora_in_base_gemm": True}, "`lora_in_base_gemm` works inside `fused_lora`"),
+    ({"lora_in_base_gemm": True, "fused_lora": True, "fast_kernels": False}, "`lora_in_base_gemm` works inside"),
 ])
 def test_generation_tracker_and_stopping_settings_are_checked(values, message):
     with pytest.raises(SumtuneError, match=message):

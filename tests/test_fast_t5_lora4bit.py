@@ -16,6 +16,7 @@ bnb = pytest.importorskip("bitsandbytes")
 pytest.importorskip("peft")
 
 from sumtune.fast_t5 import cache_dequantized_weights, uncache_dequantized_weights  # noqa: E402
+from sumtune.fast_t5 import lora4bit  # noqa: E402
 from sumtune.fast_t5.lora4bit import FusedLora4bit, fuse_lora_4bit, unfuse_lora_4bit  # noqa: E402
 from sumtune.modeling import keep_4bit_layout  # noqa: E402
 
@@ -25,10 +26,10 @@ IN, OUT, RANK = 48, 40, 4
 class TwoLayers(torch.nn.Module):
     """Two NF4 linears in a row, so the second one's input gradient flows through the first one's output."""
 
-    def __init__(self, compute_dtype: torch.dtype, device: str):
+    def __init__(self, compute_dtype: torch.dtype, device: str, widths: tuple[int, int] = (IN, OUT)):
         super().__init__()
-        self.first = self._nf4(IN, OUT, compute_dtype, device)
-        self.second = self._nf4(OUT, IN, compute_dtype, device)
+        self.first = self._nf4(widths[0], widths[1], compute_dtype, device)
+        self.second = self._nf4(widths[1], widths[0], compute_dtype, device)
 
     @staticmethod
     def _nf4(n_in: int, n_out: int, compute_dtype: torch.dtype, device: str) -> torch.nn.Module:
@@ -40,11 +41,12 @@ class TwoLayers(torch.nn.Module):
         return self.second(torch.relu(self.first(x)))
 
 
-def lora_model(dropout: float, compute_dtype: torch.dtype = torch.float32, seed: int = 0, device: str = "cpu"):
+def lora_model(dropout: float, compute_dtype: torch.dtype = torch.float32, seed: int = 0, device: str = "cpu",
+               widths: tuple[int, int] = (IN, OUT)):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    base = TwoLayers(compute_dtype, device)
+    base = TwoLayers(compute_dtype, device, widths)
     keep_4bit_layout(base)
     base.is_loaded_in_4bit = True  # what PEFT reads to dispatch its bnb LoRA layer (as sumtune's loader sets)
     model = get_peft_model(base, LoraConfig(r=RANK, lora_alpha=8, lora_dropout=dropout,
@@ -80,6 +82,13 @@ def assert_close(expected, got, rtol: float):
     assert grads_g.keys() == grads_e.keys() and len(grads_e) == 4
     for name, grad in grads_e.items():
         torch.testing.assert_close(grads_g[name], grad, rtol=rtol, atol=rtol * float(grad.abs().max()), msg=name)
+
+
+def relative_error(result, reference) -> float:
+    """Largest relative L2 error over output, input gradient and LoRA gradients."""
+    return max(float((a.float() - b.float()).norm() / b.float().norm())
+               for a, b in zip([result[0], result[1], *result[2].values()],
+                               [reference[0], reference[1], *reference[2].values()]))
 
 
 def test_fused_layer_matches_peft_in_float32_without_dropout():
@@ -144,6 +153,50 @@ def test_fused_layer_with_dropout_matches_the_same_masks_applied_by_hand():
     assert not torch.allclose(got[0], no_dropout[0]), "dropout had no effect"
 
 
+def test_the_wide_side_is_the_one_at_least_twice_the_other():
+    assert lora4bit.wide_side(1024, 16384) == lora4bit.wide_side(1024, 2048) == "out"  # T5-3b wi; q/k/v are 4x
+    assert lora4bit.wide_side(16384, 1024) == lora4bit.wide_side(4096, 1024) == "in"  # wo, o
+    assert lora4bit.wide_side(1024, 2047) is None and lora4bit.wide_side(IN, OUT) is None
+
+
+WIDE = (16, 64)  # the first layer's output and the second layer's input are the wide sides
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_lora_in_base_gemm_trains_as_the_plain_fused_node_in_float32(monkeypatch, dropout):
+    """`concat_gemms` computes the same sums through concatenated GEMMs: output, input gradient and every LoRA
+    gradient agree with the plain fused node (same dropout masks: both draw them with native_dropout) and, without
+    dropout, with PEFT's own layers; the spy shows both wide sides took the concatenated route."""
+    x = torch.randn(2, 5, WIDE[0])
+    model = lora_model(dropout=dropout, widths=WIDE)
+    peft = output_and_grads(model, x)
+    fuse_lora_4bit(model)
+    plain = output_and_grads(model, x)
+    unfuse_lora_4bit(model)
+    sides = []
+    real = lora4bit.wide_side
+    monkeypatch.setattr(lora4bit, "wide_side", lambda n_in, n_out: sides.append(real(n_in, n_out)) or sides[-1])
+    fuse_lora_4bit(model, concat_gemms=True)
+    concat = output_and_grads(model, x)
+    unfuse_lora_4bit(model)
+    assert sides == ["out", "in"]
+    assert_close(plain, concat, rtol=1e-5)
+    if dropout == 0.0:
+        assert_close(peft, concat, rtol=1e-5)
+
+
+def test_lora_in_base_gemm_under_bf16_autocast_is_as_close_to_float32_as_peft_is():
+    x = torch.randn(4, 6, WIDE[0])
+    exact = output_and_grads(lora_model(dropout=0.0, compute_dtype=torch.float32, widths=WIDE), x)
+    model = lora_model(dropout=0.0, compute_dtype=torch.bfloat16, widths=WIDE)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        peft = output_and_grads(model, x)
+        fuse_lora_4bit(model, concat_gemms=True)
+        concat = output_and_grads(model, x)
+    unfuse_lora_4bit(model)
+    assert relative_error(concat, exact) <= 1.1 * relative_error(peft, exact)
+
+
 def test_eval_and_no_grad_take_peft_forward_unchanged():
     model = lora_model(dropout=0.25)
     x = torch.randn(2, 3, IN)
@@ -179,27 +232,23 @@ def test_bf16_autocast_is_as_close_to_float32_as_peft_is():
         fuse_lora_4bit(model)
         fused = output_and_grads(model, x)
     unfuse_lora_4bit(model)
-
-    def error(result, reference):
-        return max(float((a.float() - b.float()).norm() / b.float().norm())
-                   for a, b in zip([result[0], result[1], *result[2].values()],
-                                   [reference[0], reference[1], *reference[2].values()]))
-
-    assert error(fused, exact) <= 1.1 * error(peft, exact)
+    assert relative_error(fused, exact) <= 1.1 * relative_error(peft, exact)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_fused_layer_matches_peft_with_its_own_dropout_on_gpu():
+@pytest.mark.parametrize("widths, dropout, concat", [((IN, OUT), 0.1, False), (WIDE, 0.1, True), (WIDE, 0.0, True)])
+def test_fused_layer_matches_peft_with_its_own_dropout_on_gpu(widths, dropout, concat):
     """On CUDA, PEFT's nn.Dropout runs the same fused dropout kernel (`native_dropout`) as the fused layer, so
-    with the same seed both draw the same masks: float32 results agree to rounding, dropout included."""
-    model = lora_model(dropout=0.1, device="cuda")
-    x = torch.randn(4, 64, IN, device="cuda")
+    with the same seed both draw the same masks: float32 results agree to rounding, dropout included (also with
+    the LoRA term inside the base GEMM, `concat_gemms`)."""
+    model = lora_model(dropout=dropout, device="cuda", widths=widths)
+    x = torch.randn(4, 64, widths[0], device="cuda")
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         expected = output_and_grads(model, x)
-        fuse_lora_4bit(model)
+        fuse_lora_4bit(model, concat_gemms=concat)
         got = output_and_grads(model, x)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32

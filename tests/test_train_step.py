@@ -163,25 +163,30 @@ def test_one_host_sync_per_step_on_the_gpu(data, fused_adamw):
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_fused_lora_steps_train_as_peft_layers_do(data, monkeypatch, checkpointing):
     """`fused_lora` (one autograd node per LoRA-on-NF4 layer) in THE step, with and without activation checkpointing
-    (which runs each block's forward twice): two SGD steps move every adapter weight as PEFT's own layers do."""
+    (which runs each block's forward twice), and with `lora_in_base_gemm` (the LoRA term inside the base GEMM on the
+    tiny T5's wide sides, wi's output and wo's input): two SGD steps move every adapter weight as PEFT's own
+    layers do."""
 
-    from sumtune.fast_t5.lora4bit import FusedLora4bit
+    from sumtune.fast_t5 import lora4bit
 
     tokenizer, examples = data
-    calls = []
-    real_apply = FusedLora4bit.apply
-    monkeypatch.setattr(FusedLora4bit, "apply", lambda *args: calls.append(1) or real_apply(*args))
+    calls, sides = [], []
+    real_apply, real_side = lora4bit.FusedLora4bit.apply, lora4bit.wide_side
+    monkeypatch.setattr(lora4bit.FusedLora4bit, "apply", lambda *args: calls.append(1) or real_apply(*args))
+    monkeypatch.setattr(lora4bit, "wide_side", lambda n_in, n_out: sides.append(real_side(n_in, n_out)) or sides[-1])
     batches = [collate(examples[:4], tokenizer.pad_token_id), collate(examples[4:8], tokenizer.pad_token_id)]
     moved = {}
-    for fused in (False, True):
+    for fused, in_gemm in ((False, False), (True, False), (True, True)):
         step = sgd_step(tokenizer, cfg=replace(CFG, lora_targets=["all-linear"], fused_lora=fused,
-                                               gradient_checkpointing=checkpointing))
+                                               lora_in_base_gemm=in_gemm, gradient_checkpointing=checkpointing))
         before = trainable(step)
         for batch in batches:
             step([batch], lr=0.5)
-        moved[fused] = {n: p - before[n] for n, p in trainable(step).items()}
+        moved[fused, in_gemm] = {n: p - before[n] for n, p in trainable(step).items()}
     assert calls, "the fused node never ran"
-    total = torch.cat([d.flatten() for d in moved[False].values()]).norm()
+    assert "in" in sides and "out" in sides, sides
+    total = torch.cat([d.flatten() for d in moved[False, False].values()]).norm()
     assert total > 1e-3
-    for name, delta in moved[False].items():
-        assert torch.allclose(moved[True][name], delta, rtol=1e-4, atol=1e-5 * float(total)), name
+    for name, delta in moved[False, False].items():
+        for variant in ((True, False), (True, True)):
+            assert torch.allclose(moved[variant][name], delta, rtol=1e-4, atol=1e-5 * float(total)), (variant, name)

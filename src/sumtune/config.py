@@ -190,6 +190,8 @@ class TrainConfig:
     """Capture each micro-batch shape's forward and backward in a CUDA graph and replay it (GPU, one process, no activation checkpointing; elsewhere the step runs eagerly). Removes the host's kernel-launch cost, which bounds the T5-3b step with LoRA on every layer (+68% samples/s measured on an H200); `pad_to_buckets` keeps the number of captured shapes small."""
     fused_lora: bool = False
     """Run each LoRA layer over a 4-bit linear as one autograd node (base GEMM, dropout and the low-rank update with no copy, scaling or add pass of the output) instead of PEFT's seven; training only, results as PEFT's. Measured 4% slower on the host-bound eager step (H200, 2026-11-30); with `cuda_graphs` +8% (+14% without LoRA dropout: 34.6 vs 30.3 samples/s, H200, 2026-12-01). With `compile` the node runs eagerly between the compiled regions (traced by torch.compile it lost its gradients on CUDA)."""
+    lora_in_base_gemm: bool = False
+    """With `fused_lora`: the LoRA term computed inside the base GEMM on a layer's wide side ([x | s·xAᵀ] [W | B]ᵀ when the output is at least twice the input, as T5's q/k/v/wi; [dy | s·dy B] [W ; A] for the input gradient of o/wo), instead of an addmm that reads and writes the widest activation again (by arithmetic ~84 GB of memory traffic per T5-3b micro-batch of 16 × 1024). Same sums, one rounding fewer. NOT MEASURED on a GPU (written 2026-12-01); off until measured."""
     cache_dequantized_weights: bool = False
     """Keep a dequantized copy of every 4-bit base weight in the compute dtype, so steps skip bitsandbytes' dequantization (2 bytes/parameter more: ~5.7 GB for T5-3b; +9% samples/s measured on an H200)."""
     max_memory_gib: float | None = None
@@ -256,6 +258,9 @@ class TrainConfig:
             raise SumtuneError(f"`lora_alpha` must be greater than 0, got {self.lora_alpha}.")
         if self.cache_dequantized_weights and self.quantization not in ("nf4", "fp4"):
             raise SumtuneError(f"`cache_dequantized_weights` caches 4-bit weights; quantization is {self.quantization!r}.")
+        if self.lora_in_base_gemm and not (self.fused_lora and self.fast_kernels):
+            raise SumtuneError("`lora_in_base_gemm` works inside `fused_lora` on the fast path: turn on `fused_lora` "
+                               "(and `fast_kernels`) or turn it off.")
         if self.model_dropout is not None and not 0.0 <= self.model_dropout < 1.0:
             raise SumtuneError(f"`model_dropout` must be in [0, 1), got {self.model_dropout}.")
         if not 0.0 <= self.lora_dropout < 1.0:

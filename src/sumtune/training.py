@@ -117,7 +117,7 @@ def build_model(cfg: TrainConfig, tokenizer, device: torch.device, *, run_dir: P
         model = enable_fast_path(model, attention_backend=cfg.attention_backend,
                                  fused_ffn_dropout=cfg.fused_ffn_dropout, fused_gated_ffn=cfg.fused_gated_ffn)
         if cfg.fused_lora:
-            fast_t5.fuse_lora_4bit(model)
+            fast_t5.fuse_lora_4bit(model, concat_gemms=cfg.lora_in_base_gemm)
     if cfg.cache_dequantized_weights:
         fast_t5.cache_dequantized_weights(model)
     if cfg.compile and device.type == "cuda":

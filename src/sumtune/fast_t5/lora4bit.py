@@ -9,6 +9,12 @@ layers) the host, not the GPU, sets the step time. Here the same maths is one `a
     backward: dx = dy W + dropout'(s · (dy B) A),  dA = (s · dy B)ᵀ dropout(x),  dB = s · dyᵀ (dropout(x) Aᵀ)
 
 The frozen weight is dequantized again in backward instead of being kept (as bnb does), so memory is PEFT's.
+
+With ``concat_gemms`` the low-rank term rides inside the base GEMM where the addmm would be a pass over a wide
+tensor: when the output is at least twice as wide as the input (T5's q/k/v/wi), forward computes
+``[x | s·xAᵀ] [W | B]ᵀ`` and backward ``dy [W | B]`` (dx's base part and dy B in one read of dy); when the input is
+the wide side (o/wo, no LoRA dropout), backward computes ``[dy | s·dy B] [W ; A]``. The concatenated copies are of
+the narrow side (and of W), so each layer skips a read and write of its widest activation.
 Layers this does not cover (eval/no-grad, merged or disabled adapters, several adapters, DoRA and other
 variants, LoRA bias, inputs or adapters in another dtype than bnb's compute dtype) take PEFT's own forward.
 """
@@ -23,6 +29,7 @@ import torch.nn.functional as F
 from sumtune.fast_t5.extras import _CACHE_ATTR, dequantize_4bit_weight
 
 _FUSED_ATTR = "_sumtune_fused_lora"
+_CONCAT_ATTR = "_sumtune_lora_concat_gemms"
 
 
 def _base_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -32,24 +39,40 @@ def _base_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return dequantize_4bit_weight(base, dtype)
 
 
+def wide_side(in_features: int, out_features: int) -> str | None:
+    """Which side of a linear layer `concat_gemms` spares a pass over: "out" when the output is at least twice as
+    wide as the input, "in" when the input is, else None (the concatenated copy would cost about what it saves)."""
+    if out_features >= 2 * in_features:
+        return "out"
+    if in_features >= 2 * out_features:
+        return "in"
+    return None
+
+
 class FusedLora4bit(torch.autograd.Function):
     """y = base(x) + scaling · B(A(dropout(x))) for a frozen 4-bit base, as one autograd node."""
 
     @staticmethod
-    def forward(ctx, x, weight_a, weight_b, base, scaling: float, dropout_p: float, dtype: torch.dtype):
+    def forward(ctx, x, weight_a, weight_b, base, scaling: float, dropout_p: float, dtype: torch.dtype,
+                concat_gemms: bool = False):
         with torch.autocast(x.device.type, enabled=False):
             x2d = x.reshape(-1, x.shape[-1]).to(dtype)
             a_w, b_w = weight_a.to(dtype), weight_b.to(dtype)
             bias = None if base.bias is None else base.bias.to(dtype)
-            out = F.linear(x2d, _base_weight(base, dtype), bias)
+            weight = _base_weight(base, dtype)
+            wide = wide_side(weight.shape[1], weight.shape[0]) if concat_gemms else None
             if dropout_p > 0:
                 dropped, mask = torch.native_dropout(x2d, dropout_p, True)
             else:
                 dropped, mask = x2d, None
             low_rank = dropped @ a_w.t()  # [N, r]
-            out.addmm_(low_rank, b_w.t(), alpha=scaling)
+            if wide == "out":  # one GEMM over K = in + r: the wide output is written once, never re-read
+                out = F.linear(torch.cat([x2d, low_rank * scaling], dim=1), torch.cat([weight, b_w], dim=1), bias)
+            else:
+                out = F.linear(x2d, weight, bias)
+                out.addmm_(low_rank, b_w.t(), alpha=scaling)
         ctx.save_for_backward(dropped, mask, low_rank, a_w, b_w)
-        ctx.base, ctx.scaling, ctx.dropout_p, ctx.dtype = base, scaling, dropout_p, dtype
+        ctx.base, ctx.scaling, ctx.dropout_p, ctx.dtype, ctx.wide = base, scaling, dropout_p, dtype, wide
         ctx.x_shape, ctx.x_dtype, ctx.param_dtypes = x.shape, x.dtype, (weight_a.dtype, weight_b.dtype)
         return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
 
@@ -58,19 +81,34 @@ class FusedLora4bit(torch.autograd.Function):
         dropped, mask, low_rank, a_w, b_w = ctx.saved_tensors
         with torch.autocast(grad_out.device.type, enabled=False):
             grad2d = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.dtype)
-            grad_low = (grad2d @ b_w).mul_(ctx.scaling)  # [N, r]: dL/d(dropped Aᵀ)
-            grad_a = grad_low.t() @ dropped
-            grad_b = (grad2d.t() @ low_rank).mul_(ctx.scaling)
             grad_x = None
             if ctx.needs_input_grad[0]:  # not for the first layers' q/k/v/wi, whose input is the embedding
-                grad_x = grad2d @ _base_weight(ctx.base, ctx.dtype)
-                if mask is None:
-                    grad_x.addmm_(grad_low, a_w)
-                else:
-                    grad_x += torch.ops.aten.native_dropout_backward(grad_low @ a_w, mask, 1.0 / (1.0 - ctx.dropout_p))
+                grad_x, grad_low = _input_grad(ctx, grad2d, mask, a_w, b_w)
                 grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
+            else:
+                grad_low = (grad2d @ b_w).mul_(ctx.scaling)  # [N, r]: dL/d(dropped Aᵀ)
+            grad_a = grad_low.t() @ dropped
+            grad_b = (grad2d.t() @ low_rank).mul_(ctx.scaling)
         dtype_a, dtype_b = ctx.param_dtypes
-        return grad_x, grad_a.to(dtype_a), grad_b.to(dtype_b), None, None, None, None
+        return grad_x, grad_a.to(dtype_a), grad_b.to(dtype_b), None, None, None, None, None
+
+
+def _input_grad(ctx, grad2d, mask, a_w, b_w) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx [N, in], s · dy B [N, r]) of the fused node's backward."""
+    weight, scaling = _base_weight(ctx.base, ctx.dtype), ctx.scaling
+    if ctx.wide == "in" and mask is None:  # one GEMM over K = out + r: the wide dx is written once
+        grad_low = (grad2d @ b_w).mul_(scaling)
+        return torch.cat([grad2d, grad_low], dim=1) @ torch.cat([weight, a_w], dim=0), grad_low
+    if ctx.wide == "out":  # dx's base part and dy B from one read of the wide dy
+        both = grad2d @ torch.cat([weight, b_w], dim=1)
+        grad_x, grad_low = both[:, : weight.shape[1]], both[:, weight.shape[1]:] * scaling
+    else:
+        grad_x, grad_low = grad2d @ weight, (grad2d @ b_w).mul_(scaling)
+    if mask is None:
+        grad_x.addmm_(grad_low, a_w)
+    else:
+        grad_x += torch.ops.aten.native_dropout_backward(grad_low @ a_w, mask, 1.0 / (1.0 - ctx.dropout_p))
+    return grad_x, grad_low
 
 
 def _lora_dtype(layer, x: torch.Tensor, weight_a: torch.Tensor) -> torch.dtype:
@@ -118,7 +156,8 @@ def fused_lora_4bit_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Ten
     dropout_p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) else 0.0
     base = self.get_base_layer()
     return FusedLora4bit.apply(x, self.lora_A[name].weight, self.lora_B[name].weight, base,
-                               float(self.scaling[name]), dropout_p, base.compute_dtype)
+                               float(self.scaling[name]), dropout_p, base.compute_dtype,
+                               getattr(self, _CONCAT_ATTR, False))
 
 
 def _lora_4bit_class():
@@ -129,9 +168,10 @@ def _lora_4bit_class():
     return Linear4bit
 
 
-def fuse_lora_4bit(model: torch.nn.Module) -> int:
+def fuse_lora_4bit(model: torch.nn.Module, concat_gemms: bool = False) -> int:
     """Bind the fused forward onto every PEFT LoRA layer over a 4-bit linear in ``model``; returns how many.
 
+    ``concat_gemms``: the low-rank term inside the base GEMM on a layer's wide side (module docstring).
     Undo with :func:`unfuse_lora_4bit` (deletes the instance attribute, so the class forward is back)."""
     layer_class = _lora_4bit_class()
     if layer_class is None:
@@ -141,6 +181,7 @@ def fuse_lora_4bit(model: torch.nn.Module) -> int:
         if isinstance(module, layer_class):
             module.forward = MethodType(fused_lora_4bit_forward, module)
             setattr(module, _FUSED_ATTR, True)
+            setattr(module, _CONCAT_ATTR, concat_gemms)
             fused += 1
     return fused
 
@@ -151,5 +192,6 @@ def unfuse_lora_4bit(model: torch.nn.Module) -> int:
         if getattr(module, _FUSED_ATTR, False):
             del module.forward
             delattr(module, _FUSED_ATTR)
+            delattr(module, _CONCAT_ATTR)
             restored += 1
     return restored
