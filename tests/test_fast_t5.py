@@ -20,6 +20,7 @@ pytest.importorskip("peft")
 
 from sumtune.fast_t5 import (  # noqa: E402
     cache_dequantized_weights,
+    dequantized_weight_bytes,
     disable_fast_t5,
     enable_fast_t5,
     is_fast_t5_enabled,
@@ -286,9 +287,10 @@ def test_dequantized_weight_cache_matches_bnb(fast_model, batch):
 
     quantized = [m for m in fast_model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     loss, grads = loss_and_lora_grads(fast_model, batch)
+    expected_bytes = dequantized_weight_bytes(fast_model)
     cached_bytes = cache_dequantized_weights(fast_model)
     try:
-        assert cached_bytes == sum(2 * m.in_features * m.out_features for m in quantized)  # bf16 copies
+        assert cached_bytes == expected_bytes == sum(2 * m.in_features * m.out_features for m in quantized)  # bf16
         cached_loss, cached_grads = loss_and_lora_grads(fast_model, batch)
     finally:
         restored = uncache_dequantized_weights(fast_model)

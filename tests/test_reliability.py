@@ -433,6 +433,62 @@ def test_auto_batch_keeps_samples_per_step():
     assert cli_cfg.batch_size == "auto"
 
 
+def test_weight_cache_auto_takes_the_cache_only_beside_the_micro_batchs_peak(config_path, tmp_path, monkeypatch):
+    """`cache_dequantized_weights: auto` (the default): off on a CPU; on a GPU on when the copy fits beside the
+    chosen micro-batch's measured peak within 90% of the budget, else off (the budget here is set around that line;
+    the rule and the cache are the product's, only the card's size is stood in for)."""
+    from dataclasses import replace
+
+    from sumtune import fast_t5, training
+
+    recipe = TrainRecipe(config(config_path, tmp_path / "run"))
+    recipe.setup()
+    try:
+        assert recipe.cfg.cache_dequantized_weights is False  # resolved: no GPU
+        model = recipe.model
+        assert not any(hasattr(m, "_sumtune_dequantized_weight") for m in model.modules())
+        size = fast_t5.dequantized_weight_bytes(model)
+        assert size > 0
+        peak_gib = 1.0
+        trials = [{"micro_batch": recipe.cfg.batch_size, "fits": True, "peak_reserved_gib": peak_gib}]
+        monkeypatch.setattr(batch_search, "memory_budget_bytes", lambda device, cap: int(cap * 2**30))
+        auto = replace(recipe.cfg, cache_dequantized_weights="auto")
+        lines = []
+
+        class Lines:
+            def write(self, line):
+                lines.append(line)
+
+        for extra_bytes, expected in ((size / 2, False), (2 * size, True)):
+            cap_gib = (peak_gib * 2**30 + extra_bytes) / batch_search.AUTO_BATCH_HEADROOM / 2**30
+            resolved = training.resolve_weight_cache(replace(auto, max_memory_gib=cap_gib), model=model, trials=trials,
+                                                     examples=[], collator=None, device=torch.device("cuda"),
+                                                     progress=Lines())
+            assert resolved.cache_dequantized_weights is expected
+            assert any(hasattr(m, "_sumtune_dequantized_weight") for m in model.modules()) is expected
+            assert lines[-1].startswith(f"sumtune: cache_dequantized_weights auto → {'on' if expected else 'off'}")
+        forced = training.resolve_weight_cache(replace(auto, cache_dequantized_weights=False), model=model,
+                                               trials=trials, examples=[], collator=None,
+                                               device=torch.device("cuda"))
+        assert forced.cache_dequantized_weights is False and len(lines) == 2  # forced: nothing decided, no line
+    finally:
+        fast_t5.uncache_dequantized_weights(recipe.model)
+        recipe.cleanup()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_weight_cache_auto_on_gpu_measures_a_numeric_micro_batch(config_path, tmp_path):
+    """With a numeric batch size there is no search: one probe measures the micro-batch's peak (a tiny model fits)."""
+    recipe = TrainRecipe(config(config_path, tmp_path / "run", batch_size=4, device="cuda"))
+    recipe.setup()
+    try:
+        assert recipe.cfg.cache_dequantized_weights is True
+        assert any(hasattr(m, "_sumtune_dequantized_weight") for m in recipe.model.modules())
+    finally:
+        recipe.cleanup()
+
+
 def test_oom_message_is_one_actionable_sentence():
     message = faults.oom_message(where="in training step 7", micro_batch=16, source_tokens=1024, target_tokens=128,
                                  grad_accum_steps=1, device=torch.device("cpu"))

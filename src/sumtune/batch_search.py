@@ -8,6 +8,7 @@ the samples per optimizer step exact. Nothing here knows about recipes or config
 
 from __future__ import annotations
 
+import contextlib
 import gc
 from typing import Callable
 
@@ -101,11 +102,27 @@ def find_micro_batch(*, loss_fn: Callable[[dict], torch.Tensor], make_batch: Cal
     the RNG states (which dropout draws from) as they found them.
     """
     fits = gpu_fits(loss_fn, model, make_batch, device, max_memory_gib=max_memory_gib)
+    with _probing(model, device):
+        return choose_micro_batch(micro_batch_candidates(samples_per_step, max_micro_batch), fits)
+
+
+def measure_peak_bytes(*, loss_fn: Callable[[dict], torch.Tensor], make_batch: Callable[[int], dict],
+                       model: torch.nn.Module, device: torch.device, micro_batch: int) -> float:
+    """Peak reserved GPU memory of one forward and backward at `micro_batch` (inf when it runs out of memory);
+    like the search, it runs in training mode and leaves the RNG states as it found them."""
+    fits = gpu_fits(loss_fn, model, make_batch, device, headroom=float("inf"))
+    with _probing(model, device):
+        peak_gib = fits(micro_batch)[1]["peak_reserved_gib"]
+    return float("inf") if peak_gib is None else peak_gib * 2**30
+
+
+@contextlib.contextmanager
+def _probing(model: torch.nn.Module, device: torch.device):
     rng = (torch.get_rng_state(), torch.cuda.get_rng_state(device))  # probes must not shift dropout
     was_training = model.training
     model.train()
     try:
-        return choose_micro_batch(micro_batch_candidates(samples_per_step, max_micro_batch), fits)
+        yield
     finally:
         model.train(was_training)
         torch.set_rng_state(rng[0])

@@ -192,8 +192,8 @@ class TrainConfig:
     """Run each LoRA layer over a 4-bit linear as one autograd node (base GEMM, dropout and the low-rank update with no copy, scaling or add pass of the output) instead of PEFT's seven; training only, results as PEFT's. Measured 4% slower on the host-bound eager step (H200, 2026-11-30); with `cuda_graphs` +8% (+14% without LoRA dropout: 34.6 vs 30.3 samples/s, H200, 2026-12-01). With `compile` the node runs eagerly between the compiled regions (traced by torch.compile it lost its gradients on CUDA)."""
     lora_in_base_gemm: bool = False
     """With `fused_lora`: the LoRA term computed inside the base GEMM on a layer's wide side ([x | s·xAᵀ] [W | B]ᵀ when the output is at least twice the input, as T5's q/k/v/wi; [dy | s·dy B] [W ; A] for the input gradient of o/wo), instead of an addmm that reads and writes the widest activation again (by arithmetic ~84 GB of memory traffic per T5-3b micro-batch of 16 × 1024). Same sums, one rounding fewer. NOT MEASURED on a GPU (written 2026-12-01); off until measured."""
-    cache_dequantized_weights: bool = False
-    """Keep a dequantized copy of every 4-bit base weight in the compute dtype, so steps skip bitsandbytes' dequantization (2 bytes/parameter more: ~5.7 GB for T5-3b; +9% samples/s measured on an H200)."""
+    cache_dequantized_weights: bool | Literal["auto"] = field(default="auto", metadata={"cli_const": True})
+    """Keep a dequantized copy of every 4-bit base weight in the compute dtype, so steps skip bitsandbytes' dequantization (2 bytes/parameter more: 5.2 GiB for T5-3b; +2.7% samples/s in the shipped T5-3b step at 1024/128, +1% at 4096/512, H200 2026-12-01). `auto` (the default): on with a CUDA GPU when the copy fits beside the micro-batch's measured peak within the memory budget (90% of `max_memory_gib` or the card; the micro-batch is settled first, since a larger one gains more), else off; `true` / `false` (a bare `--cache-dequantized-weights` is `true`) force it."""
     max_memory_gib: float | None = None
     """Most GPU memory this run may use, in GiB (PyTorch's allocator refuses more; `batch_size: auto` searches under it): to leave room for other work, or to keep a run that must also fit a smaller card within that card's memory. None: the whole GPU."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -256,7 +256,7 @@ class TrainConfig:
             raise SumtuneError(f"`lr` must be greater than 0, got {self.lr}.")
         if self.lora_alpha <= 0:
             raise SumtuneError(f"`lora_alpha` must be greater than 0, got {self.lora_alpha}.")
-        if self.cache_dequantized_weights and self.quantization not in ("nf4", "fp4"):
+        if self.cache_dequantized_weights is True and self.quantization not in ("nf4", "fp4"):
             raise SumtuneError(f"`cache_dequantized_weights` caches 4-bit weights; quantization is {self.quantization!r}.")
         if self.lora_in_base_gemm and not (self.fused_lora and self.fast_kernels):
             raise SumtuneError("`lora_in_base_gemm` works inside `fused_lora` on the fast path: turn on `fused_lora` "

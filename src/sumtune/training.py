@@ -118,7 +118,7 @@ def build_model(cfg: TrainConfig, tokenizer, device: torch.device, *, run_dir: P
                                  fused_ffn_dropout=cfg.fused_ffn_dropout, fused_gated_ffn=cfg.fused_gated_ffn)
         if cfg.fused_lora:
             fast_t5.fuse_lora_4bit(model, concat_gemms=cfg.lora_in_base_gemm)
-    if cfg.cache_dequantized_weights:
+    if cfg.cache_dequantized_weights is True:  # `auto` is settled after the micro-batch (resolve_weight_cache)
         fast_t5.cache_dequantized_weights(model)
     if cfg.compile and device.type == "cuda":
         model = fast_t5.compile_for_training(model)
@@ -140,8 +140,7 @@ def resolve_batch_size(cfg: TrainConfig, *, model, examples: list[TokenizedExamp
     elif device.type != "cuda":
         micro, accum = samples, 1  # no GPU memory to measure: host memory is rarely the limit at CPU speeds
     else:
-        worst = TokenizedExample(max((e.input_ids for e in examples), key=len),
-                                 max((e.labels for e in examples), key=len))
+        worst = longest_example(examples)
         with progress.task(f"finding the largest micro-batch for {len(worst.input_ids)} source / "
                            f"{len(worst.labels)} target tokens"):
             micro, trials = batch_search.find_micro_batch(
@@ -153,6 +152,41 @@ def resolve_batch_size(cfg: TrainConfig, *, model, examples: list[TokenizedExamp
     progress.write(f"sumtune: batch_size auto → micro-batch {micro} × {accum} accumulation "
                    f"({samples} samples per step).")
     return replace(cfg, batch_size=micro, grad_accum_steps=accum), trials
+
+
+def resolve_weight_cache(cfg: TrainConfig, *, model, trials: list[dict], examples: list[TokenizedExample],
+                         collator: Collator, device: torch.device, progress: Progress | None = None) -> TrainConfig:
+    """`cache_dequantized_weights: auto` → on (and the cache made) when on a CUDA GPU the dequantized copy fits beside
+    the micro-batch's peak within `AUTO_BATCH_HEADROOM` of the memory budget, else off. The peak is the one the
+    micro-batch search measured, or a probe of the configured micro-batch at the data's longest shapes."""
+    if cfg.cache_dequantized_weights != "auto":
+        return cfg
+    from sumtune import fast_t5  # lazily, as build_model: it imports bitsandbytes
+
+    size = fast_t5.dequantized_weight_bytes(model) if device.type == "cuda" else 0
+    if size == 0:  # no GPU, or no 4-bit weights: nothing to cache
+        return replace(cfg, cache_dequantized_weights=False)
+    chosen = [t for t in trials if t.get("micro_batch") == cfg.batch_size and t.get("fits")]
+    if chosen:
+        peak = chosen[-1]["peak_reserved_gib"] * 2**30
+    else:  # a numeric (or resumed) micro-batch: one probe
+        peak = batch_search.measure_peak_bytes(
+            loss_fn=lambda batch: forward_loss(model, batch, device=device, compute_dtype=cfg.compute_dtype),
+            make_batch=lambda m: to_device(collator([longest_example(examples)] * m), device), model=model,
+            device=device, micro_batch=cfg.batch_size)
+    budget = batch_search.AUTO_BATCH_HEADROOM * batch_search.memory_budget_bytes(device, cfg.max_memory_gib)
+    on = bool(distributed.min_over_ranks(int(peak + size <= budget), device))  # every rank alike
+    if on:
+        fast_t5.cache_dequantized_weights(model)
+    (progress or Progress(enabled=False)).write(
+        f"sumtune: cache_dequantized_weights auto → {'on' if on else 'off'} ({size / 2**30:.1f} GiB beside a "
+        f"{peak / 2**30:.1f} GiB peak at micro-batch {cfg.batch_size}; budget {budget / 2**30:.1f} GiB).")
+    return replace(cfg, cache_dequantized_weights=on)
+
+
+def longest_example(examples: list[TokenizedExample]) -> TokenizedExample:
+    """The data's longest source with its longest target: the shapes memory probes measure."""
+    return TokenizedExample(max((e.input_ids for e in examples), key=len), max((e.labels for e in examples), key=len))
 
 
 def build_step(model, cfg: TrainConfig, *, dist: distributed.DistContext, profiler=NULL_PROFILER,
@@ -207,12 +241,14 @@ class TrainingParts:
 def build_parts(cfg: TrainConfig, tokenizer, examples: list[TokenizedExample], *, dist: distributed.DistContext,
                 run_dir: Path | None = None, resume_record: dict | None = None, profiler=NULL_PROFILER,
                 progress: Progress | None = None) -> TrainingParts:
-    """Model → micro-batch size (`auto` resolved) → batches → optimizer and step, in that order."""
+    """Model → micro-batch size (`auto` resolved) → weight cache (`auto` resolved) → batches → optimizer and step."""
     batch_search.cap_gpu_memory(dist.device, cfg.max_memory_gib)
     model = build_model(cfg, tokenizer, dist.device, run_dir=run_dir, dist=dist, progress=progress)
     collator = collator_for(cfg, tokenizer.pad_token_id)
     cfg, trials = resolve_batch_size(cfg, model=model, examples=examples, collator=collator, device=dist.device,
                                      resume_record=resume_record, progress=progress)
+    cfg = resolve_weight_cache(cfg, model=model, trials=trials, examples=examples, collator=collator,
+                               device=dist.device, progress=progress)
     batches = build_batches(examples, cfg, tokenizer.pad_token_id, dist=dist)
     step = build_step(model, cfg, dist=dist, profiler=profiler, progress=progress)
     return TrainingParts(cfg=cfg, tokenizer=tokenizer, model=model, batches=batches, step=step,

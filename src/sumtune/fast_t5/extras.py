@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from types import MethodType
 
 import torch
@@ -72,6 +73,23 @@ def _cached_linear4bit_forward(self, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
 
 
+def _cacheable(model: torch.nn.Module):
+    linear4bit = _linear4bit_class()
+    return [m for m in model.modules() if isinstance(m, linear4bit) and not m.weight.requires_grad]
+
+
+def dequantized_weight_bytes(model: torch.nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Bytes :func:`cache_dequantized_weights` would hold for ``model`` (0 when it has no frozen 4-bit weights)."""
+    total = 0
+    for module in _cacheable(model):
+        state = getattr(module.weight, "quant_state", None)
+        if state is None:  # not quantized yet (a Linear4bit still on the CPU before .to(device))
+            continue
+        itemsize = (dtype or module.compute_dtype or torch.bfloat16).itemsize
+        total += math.prod(state.shape) * itemsize
+    return total
+
+
 def cache_dequantized_weights(model: torch.nn.Module, dtype: torch.dtype | None = None) -> int:
     """Keep a dequantized copy of every frozen bnb Linear4bit weight; returns the bytes it holds.
 
@@ -79,11 +97,8 @@ def cache_dequantized_weights(model: torch.nn.Module, dtype: torch.dtype | None 
     the dequantization that bnb does on every forward and backward. The copy is a non-persistent
     buffer, so checkpoints and adapters are unaffected. Undo with :func:`uncache_dequantized_weights`.
     """
-    linear4bit = _linear4bit_class()
     cached_bytes = 0
-    for module in model.modules():
-        if not isinstance(module, linear4bit) or module.weight.requires_grad:
-            continue
+    for module in _cacheable(model):
         target_dtype = dtype or module.compute_dtype or torch.bfloat16
         with torch.no_grad():
             weight = dequantize_4bit_weight(module, target_dtype)
