@@ -138,7 +138,8 @@ def free_gpu_memory() -> None:
 
 # ----------------------------------------------------------------------------- setting tokens
 # The TrainConfig overrides a benchmark setting token stands for (settings are tokens joined by ':', e.g.
-# "config:ldrop0:fusedlora" or "b8:gc"); `mem<N>` is max_memory_gib N and `b<N>` the micro-batch.
+# "config:ldrop0:fusedlora" or "b8:gc"); `mem<N>` is max_memory_gib N (decimals allowed), `b<N>` the micro-batch and
+# `bauto` batch_size auto.
 CONFIG_TOKENS: dict[str, dict] = {
     "gc": {"gradient_checkpointing": True}, "nogc": {"gradient_checkpointing": False},
     "compile": {"compile": True}, "nocompile": {"compile": False},
@@ -166,7 +167,9 @@ def setting_fields(text: str, extra=None) -> dict:
             continue
         if token[:1] == "b" and token[1:].isdigit():
             fields["batch_size"] = int(token[1:])
-        elif token.startswith("mem") and token[3:].isdigit():
+        elif token == "bauto":  # the largest micro-batch that fits (under `mem<N>` when given)
+            fields["batch_size"] = "auto"
+        elif re.fullmatch(r"mem\d+(\.\d+)?", token):  # e.g. mem15.3: the reference's own peak
             fields["max_memory_gib"] = float(token[3:])
         elif token in CONFIG_TOKENS:
             fields.update(CONFIG_TOKENS[token])

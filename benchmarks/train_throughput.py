@@ -99,11 +99,17 @@ EVAL_RATIO = 0.01  # the product holds out a split; the benchmark never evaluate
 
 def rows_for_steps(rows: list[dict], args) -> list[dict]:
     """`rows` repeated so that no epoch ends inside the timed steps: every step gets a full batch."""
-    per_step = [f.get("batch_size", CONFIG_SAMPLES_GUESS) * f.get("grad_accum_steps", 1)
+    per_step = [steady_batch(f, CONFIG_SAMPLES_GUESS) * f.get("grad_accum_steps", 1)
                 for f in (parse_setting(text)["fields"] for text in args.fast)]
     needed = (args.warmup + args.steps + 2) * max(per_step, default=1)
     count = max(len(rows), int(needed / (1 - EVAL_RATIO)) + 2)
     return [rows[i % len(rows)] for i in range(count)]
+
+
+def steady_batch(fields: dict, unknown: int) -> int:
+    """A setting's micro-batch, or `unknown` when it resolves at build (a config's or a `bauto` setting's `auto`)."""
+    batch = fields.get("batch_size", unknown)
+    return unknown if batch == "auto" else batch
 
 
 def sumtune_config(setting: dict, args, data_file: Path, device: torch.device):
@@ -343,7 +349,7 @@ def throughput(args, device) -> None:
         data_file.write_text("".join(json.dumps(r) + "\n" for r in rows_for_steps(rows, args)), encoding="utf-8")
         for text in args.fast:
             setting = parse_setting(text)
-            batch = setting["fields"].get("batch_size", 0) * setting["fields"].get("grad_accum_steps", 1)
+            batch = steady_batch(setting["fields"], 0) * setting["fields"].get("grad_accum_steps", 1)
             run, note = run_guarded(time_fast, data_file, device, setting, args, oom_reports=args.oom_reports,
                                     setting=text)
             batch = run["samples_per_step"] if run else batch  # a config's `auto` batch as it resolved
