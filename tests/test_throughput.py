@@ -42,7 +42,7 @@ def test_window_leaves_paused_time_out_and_restarts_at_close():
 
 def test_tokens_per_s_right_after_an_evaluation_match_the_steady_value(tmp_path, monkeypatch):
     """A real tiny CPU run logging every 20 steps and evaluating (plus checkpointing) at step 50, in the middle of
-    the window that ends at step 60: its tokens/s must be within 30% of the median of the steady windows (steps
+    the window that ends at step 60: its tokens/s must be within 0.7-1.45× the median of the steady windows (steps
     40, 80, 100; the first window holds warm-up). Every batch has the same shape and token count (inputs
     truncated to 32/8 tokens). Why 30%, not 10%: the steps right after an evaluation really do cost more CPU time
     on the 2-core box, ~20% for about 15 steps (per-step times 44-54 ms before step 50, 57-69 ms for steps 51-66,
@@ -51,7 +51,9 @@ def test_tokens_per_s_right_after_an_evaluation_match_the_steady_value(tmp_path,
     The windows are timed on this thread's CPU clock with one torch thread: the step's work is then the same
     number of CPU seconds whatever else the shared machine runs, where wall time swings with its load (±40%
     between windows, measured on the 2-core CI box; ±5% on this clock). A window that counted the steps before
-    an evaluation over the time after it (the old bug) reads 20/10 = 2× (measured 1.96×).
+    an evaluation over the time after it (the old bug) reads 20/10 = 2× (measured 1.96×). The upper bound is 1.45,
+    about the geometric middle between right (1) and that bug (1.96): a run once read 1.33 (1 full run of 8,
+    2026-12-01; the steady windows then ran slow), which a bound of 1.3 failed.
     """
     from sumtune import recipe as recipe_module
     from sumtune.api import train
@@ -74,4 +76,4 @@ def test_tokens_per_s_right_after_an_evaluation_match_the_steady_value(tmp_path,
     assert len({round(r["tokens_per_s"] * r["step_time_s"]) for r in logged.values()}) == 1  # same tokens per step
     steady = statistics.median(logged[s]["tokens_per_s"] for s in (40, 80, 100))
     ratio = logged[60]["tokens_per_s"] / steady
-    assert 0.7 <= ratio <= 1.3, f"step 60: {logged[60]['tokens_per_s']:.0f} tokens/s against {steady:.0f} steady"
+    assert 0.7 <= ratio <= 1.45, f"step 60: {logged[60]['tokens_per_s']:.0f} tokens/s against {steady:.0f} steady"
