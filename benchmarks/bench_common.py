@@ -5,6 +5,7 @@ Benchmarks import this file by path (``sys.path`` gets ``benchmarks/``); sumtune
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -157,13 +158,39 @@ CONFIG_TOKENS: dict[str, dict] = {
 }
 
 
+# Tokens for kernel settings that are module constants, not TrainConfig fields: (module, name, value) patched around
+# the row (sumtune reads them at call time). `drop8`: the attention kernels' dropout from 8-bit draws.
+PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
+    "drop8": ("sumtune.fast_t5.flash_attention", "DROPOUT_DRAW_BITS", 8),
+}
+
+
+def split_patch_tokens(text: str) -> tuple[str, list[tuple[str, str, object]]]:
+    """(the settings string without its PATCH_TOKENS, the patches they stand for)."""
+    tokens = text.split(":")
+    patches = [PATCH_TOKENS[t] for t in tokens if t in PATCH_TOKENS]
+    return ":".join(t for t in tokens if t not in PATCH_TOKENS), patches
+
+
+@contextlib.contextmanager
+def patched(patches: list[tuple[str, str, object]]):
+    """The module constants of `patches` set for the block (unittest.mock.patch: put back afterwards)."""
+    import importlib
+    from unittest import mock
+
+    with contextlib.ExitStack() as stack:
+        for module, name, value in patches:
+            stack.enter_context(mock.patch.object(importlib.import_module(module), name, value))
+        yield
+
+
 def setting_fields(text: str, extra=None) -> dict:
     """The TrainConfig overrides of a settings string. `extra(token, fields) -> bool` handles a benchmark's own tokens
     (True when it took the token). A setting names its micro-batch (`b<N>`) unless it starts from a config file
     (`config`, whose `batch_size: auto` resolves at build); an unknown token ends the run with its name."""
     fields: dict = {}
     for token in text.split(":"):
-        if token == "config":  # the config file's own settings
+        if token == "config" or token in PATCH_TOKENS:  # the config file's own settings; patches: `patched`
             continue
         if token[:1] == "b" and token[1:].isdigit():
             fields["batch_size"] = int(token[1:])

@@ -228,6 +228,40 @@ def test_dropout_mask_rate_streams_and_tiling(fa):
     assert not torch.equal(mask[0, 0, 0], mask[0, 0, 1])  # per query row
 
 
+def test_8bit_draws_give_one_mask_to_all_kernels_whatever_the_tiling(fa, monkeypatch):
+    """`DROPOUT_DRAW_BITS = 8` (16 draws per Philox call): the float64 reference with the helper's mask reproduces
+    output and gradients while the three kernels run with different tiles (key tiles of 32 or more)."""
+    monkeypatch.setattr(fa, "DROPOUT_DRAW_BITS", 8)
+    q, k, v = make_qkv(2, 2, 45, 70, 16, torch.float32)
+    table, mask, p = t5_like_table(2, 45, 70, 8), padding_mask(2, 70), 0.3
+    seed = seed_of_next_call(fa, 7)
+    keep = fa.dropout_keep_mask(seed, 2, 2, 45, 70, p, device="cpu")
+    assert torch.equal(keep, fa.dropout_keep_mask(seed, 2, 2, 45, 70, p, device="cpu", block=(32, 64)))
+    with fa.block_sizes(fwd=(16, 32), dkdv=(32, 64), dq=(32, 32)):
+        assert_matches_reference(fa, q, k, v, FP32_RTOL, table, mask, False, keep=keep,
+                                 keep_scale=fa.dropout_scale(p), dropout_p=p, radius=8)
+
+
+@pytest.mark.parametrize("bits", [16, 8])
+def test_dropout_draws_are_independent_at_the_rounded_rate(fa, monkeypatch, bits):
+    """Drop rate = p rounded to 1/2^bits, scale = 1 / exact keep rate, and the decisions one Philox call makes
+    (neighbouring keys, the rows 8 apart, keys 8/16 apart) are as independent as any: each pair is dropped together
+    at rate^2 within 4 sigma."""
+    monkeypatch.setattr(fa, "DROPOUT_DRAW_BITS", bits)
+    p = 0.1
+    rate = round(p * 2**bits) / 2**bits
+    mask = fa.dropout_keep_mask(99, 4, 4, 128, 256, p, device="cpu")
+    dropped = ~mask
+    sigma = (rate * (1 - rate) / mask.numel()) ** 0.5
+    assert abs(dropped.float().mean().item() - rate) < 4 * sigma
+    assert abs(fa.dropout_scale(p) * (1 - rate) - 1) < 1e-9
+    for a, b in ((dropped[..., :-1], dropped[..., 1:]), (dropped[..., :-8], dropped[..., 8:]),
+                 (dropped[..., :-16], dropped[..., 16:]), (dropped[:, :, :-8], dropped[:, :, 8:])):
+        both = (a & b).float()
+        pair_sigma = (rate**2 * (1 - rate**2) / both.numel()) ** 0.5
+        assert abs(both.mean().item() - rate**2) < 4 * pair_sigma
+
+
 def test_dropout_reproducible_under_manual_seed_and_checkpointing(fa):
     from torch.utils.checkpoint import checkpoint
 
@@ -451,6 +485,15 @@ def test_gpu_kernels_no_further_from_float64_than_sdpa(compiled_fa, head_dim, ca
     fa = compiled_fa
     with first_configs(fa):
         _check_against_sdpa_and_float64(fa, head_dim, causal, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_kernels_with_8bit_dropout_draws_match_float64_with_their_mask(compiled_fa, monkeypatch):
+    """`DROPOUT_DRAW_BITS = 8` compiled for the GPU (each kernel's first autotune config): the same checks."""
+    monkeypatch.setattr(compiled_fa, "DROPOUT_DRAW_BITS", 8)
+    with first_configs(compiled_fa):
+        _check_against_sdpa_and_float64(compiled_fa, 128, False, torch.bfloat16)
 
 
 def _check_against_sdpa_and_float64(fa, head_dim, causal, dtype):

@@ -32,6 +32,9 @@ LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 DRAW_RANGE = 1 << 16  # dropout decisions are 16-bit draws (flash_kernels._keep_tile)
+# Bits per dropout draw in the attention kernels: 16 (p rounded to 1/65536) or 8 (p rounded to 1/256, half the
+# Philox work per element, as FlashAttention-2's dropout). Read when a forward runs; the backward uses the forward's.
+DROPOUT_DRAW_BITS = 16
 TABLE_MARGIN = 128  # zero columns each side of a bias table: a tile reaches at most BLOCK - 1 offsets beyond it
 _INTERPRETER_BLOCKS = dict(fwd=(32, 32), dkdv=(32, 32), dq=(32, 32))  # tests pin smaller ones to cross blocks
 _pinned_blocks: dict[str, tuple[int, ...]] = {}
@@ -62,7 +65,7 @@ def _configs(name: str):
             for m, n, w, s in AUTOTUNE_CONFIGS[name]]
 
 
-_AUTOTUNE_KEY = ["HEAD_DIM", "len_key", "CAUSAL", "HAS_BIAS", "HAS_KEY_MASK", "DROPOUT"]
+_AUTOTUNE_KEY = ["HEAD_DIM", "len_key", "CAUSAL", "HAS_BIAS", "HAS_KEY_MASK", "DROPOUT", "DRAW8"]
 _tuned: dict[str, object] = {}
 
 
@@ -176,13 +179,13 @@ def _radius(radius: int, query_len: int, key_len: int) -> int:
     return radius if radius > 0 else query_len + key_len  # 0: no saturation known, every tile reads the table
 
 
-def _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, seed):
+def _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, seed, draw_bits=16):
     kernels = _kernels()
     batch, heads, query_len, head_dim = q.shape
     key_len = k.shape[2]
     out = torch.empty((batch, query_len, heads, head_dim), device=q.device, dtype=q.dtype).transpose(1, 2)
     lse = torch.empty((batch, heads, query_len), device=q.device, dtype=torch.float32)
-    drop_below, drop_scale = dropout_threshold(dropout_p)
+    drop_below, drop_scale = dropout_threshold(dropout_p, 1 << draw_bits)
     radius = _radius(radius, query_len, key_len)
     dummy = lse
     _launch("fwd", kernels.t5_flash_attention_fwd,
@@ -193,11 +196,11 @@ def _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, se
             heads, query_len, key_len, radius, *_table_geometry(table, query_len), scale * LOG2E, seed, drop_below,
             drop_scale, _length_key(max(query_len, key_len)),
             HEAD_DIM=head_dim, CAUSAL=causal, HAS_BIAS=table is not None, HAS_KEY_MASK=mask is not None,
-            DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET)
+            DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8)
     return out, lse
 
 
-def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal, scale, dropout_p, seed):
+def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal, scale, dropout_p, seed, draw_bits=16):
     kernels = _kernels()
     batch, heads, query_len, head_dim = q.shape
     key_len = k.shape[2]
@@ -206,10 +209,10 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal,
     kernels.t5_attention_bwd_delta[(_cdiv(query_len, block), batch * heads)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, query_len, HEAD_DIM=head_dim, BLOCK_M=block)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    drop_below, drop_scale = dropout_threshold(dropout_p)
+    drop_below, drop_scale = dropout_threshold(dropout_p, 1 << draw_bits)
     radius = _radius(radius, query_len, key_len)
     common = dict(HEAD_DIM=head_dim, CAUSAL=causal, HAS_BIAS=table is not None, HAS_KEY_MASK=mask is not None,
-                  DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET)
+                  DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8)
     table_arg = table if table is not None else delta
     mask_arg = mask if mask is not None else delta
     lengths_arg = lengths if lengths is not None else delta
@@ -238,15 +241,15 @@ def _cdiv(a: int, b: int) -> int:
 # ----------------------------------------------------------------------------- custom ops + autograd
 @torch.library.custom_op("sumtune::t5_flash_attention", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], radius: int, mask: Optional[Tensor],
-                  lengths: Optional[Tensor], causal: bool, scale: float,
-                  dropout_p: float) -> tuple[Tensor, Tensor, Tensor]:
+                  lengths: Optional[Tensor], causal: bool, scale: float, dropout_p: float,
+                  draw_bits: int = 16) -> tuple[Tensor, Tensor, Tensor]:
     seed = dropout_seed(q, dropout_p)
-    out, lse = _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, seed)
+    out, lse = _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, seed, draw_bits)
     return out, lse, seed
 
 
 @_attention_op.register_fake
-def _(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p):
+def _(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, draw_bits=16):
     batch, heads, query_len, head_dim = q.shape
     out = q.new_empty((batch, query_len, heads, head_dim)).transpose(1, 2)
     return out, q.new_empty((batch, heads, query_len), dtype=torch.float32), q.new_empty((1,), dtype=torch.int64)
@@ -255,28 +258,29 @@ def _(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p):
 @torch.library.custom_op("sumtune::t5_flash_attention_backward", mutates_args=())
 def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                            seed: Tensor, table: Optional[Tensor], radius: int, mask: Optional[Tensor],
-                           lengths: Optional[Tensor], causal: bool, scale: float,
-                           dropout_p: float) -> tuple[Tensor, Tensor, Tensor]:
-    return _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal, scale, dropout_p, seed)
+                           lengths: Optional[Tensor], causal: bool, scale: float, dropout_p: float,
+                           draw_bits: int = 16) -> tuple[Tensor, Tensor, Tensor]:
+    return _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal, scale, dropout_p, seed,
+                     draw_bits)
 
 
 @_attention_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, seed, table, radius, mask, lengths, causal, scale, dropout_p):
+def _(grad_out, q, k, v, out, lse, seed, table, radius, mask, lengths, causal, scale, dropout_p, draw_bits=16):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, table, radius, mask, lengths, causal, scale, dropout_p = inputs
+    q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, draw_bits = inputs
     out, lse, seed = output
     ctx.save_for_backward(q, k, v, out, lse, seed, table, mask, lengths)
-    ctx.radius, ctx.causal, ctx.scale, ctx.dropout_p = radius, causal, scale, dropout_p
+    ctx.radius, ctx.causal, ctx.scale, ctx.dropout_p, ctx.draw_bits = radius, causal, scale, dropout_p, draw_bits
 
 
 def _backward_rule(ctx, grad_out, _grad_lse, _grad_seed):
     q, k, v, out, lse, seed, table, mask, lengths = ctx.saved_tensors
     dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, lse, seed, table, ctx.radius, mask, lengths,
-                                        ctx.causal, ctx.scale, ctx.dropout_p)
-    return dq, dk, dv, None, None, None, None, None, None, None
+                                        ctx.causal, ctx.scale, ctx.dropout_p, ctx.draw_bits)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 _attention_op.register_autograd(_backward_rule, setup_context=_setup_context)
@@ -298,7 +302,13 @@ def t5_flash_attention(query: Tensor, key: Tensor, value: Tensor, table_log2: Te
         raise ValueError(f"table_log2 has {table_log2.shape[1]} columns: not a bias_table_log2 table for these lengths")
     mask, lengths = padding if padding is not None else (None, None)
     return _attention_op(query, key, value, table_log2, int(bias_radius), mask, lengths, causal, float(scale),
-                         float(dropout_p))[0]
+                         float(dropout_p), _draw_bits())[0]
+
+
+def _draw_bits() -> int:
+    if DROPOUT_DRAW_BITS not in (8, 16):
+        raise ValueError(f"DROPOUT_DRAW_BITS must be 8 or 16, not {DROPOUT_DRAW_BITS}")
+    return DROPOUT_DRAW_BITS
 
 
 def flash_t5_attention(query: Tensor, key: Tensor, value: Tensor, bias_table: Tensor | None = None,
@@ -338,23 +348,25 @@ def _check_inputs(query, key, value, bias_table, causal) -> None:
 
 def dropout_keep_mask(seed: Tensor | int, batch: int, heads: int, query_len: int, key_len: int, dropout_p: float,
                       device: torch.device | str = "cuda", block: tuple[int, int] = (16, 32)) -> Tensor:
-    """(B, H, Lq, Lk) bool: True where the kernels keep a probability for this seed (False: dropped).
+    """(B, H, Lq, Lk) bool: True where the kernels keep a probability for this seed (False: dropped), with the
+    draw width of ``DROPOUT_DRAW_BITS``.
 
     A call's seed is what :func:`draw_seed` returns first after the caller's RNG state (see the tests)."""
     kernels = _kernels()
-    drop_below, _ = dropout_threshold(dropout_p)
+    bits = _draw_bits()
+    drop_below, _ = dropout_threshold(dropout_p, 1 << bits)
     seed = torch.as_tensor(seed, dtype=torch.int64).reshape(1).to(device)
     mask = torch.empty((batch, heads, query_len, key_len), dtype=torch.int8, device=device)
     block_m, block_n = block
     grid = (_cdiv(query_len, block_m), _cdiv(key_len, block_n), batch * heads)
     kernels.t5_attention_dropout_mask[grid](mask, heads, query_len, key_len, seed, drop_below,
-                                            BLOCK_M=block_m, BLOCK_N=block_n)
+                                            BLOCK_M=block_m, BLOCK_N=block_n, DRAW8=bits == 8)
     return mask.bool()
 
 
 def dropout_scale(dropout_p: float) -> float:
-    """What the kernels multiply kept probabilities by (1 / exact keep probability)."""
-    return dropout_threshold(dropout_p)[1]
+    """What the kernels multiply kept probabilities by (1 / exact keep probability, ``DROPOUT_DRAW_BITS`` draws)."""
+    return dropout_threshold(dropout_p, 1 << _draw_bits())[1]
 
 
 def reference_t5_attention(query: Tensor, key: Tensor, value: Tensor, bias_table: Tensor | None = None,

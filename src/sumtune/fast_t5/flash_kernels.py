@@ -19,7 +19,10 @@ Design (scores are kept in log2 units, as in Triton's fused-attention tutorial: 
   counters (a pair of query rows and a quad of keys, batch * heads + head): one call yields 8 independent 16-bit
   draws for queries {r, r+8} x keys {c, c+1, c+8, c+9}, the elements one thread holds of a tensor-core tile
   (_keep_tile). The draw of an element depends only on (seed, b, h, i, j), never on the block sizes, so the
-  backward kernels regenerate exactly the forward's mask. Probability of a drop = drop_below / 65536.
+  backward kernels regenerate exactly the forward's mask. Probability of a drop = drop_below / 65536. With
+  ``DRAW8`` each call gives 16 8-bit draws instead (queries {r, r+8} x keys {c, c+1, c+8, c+9, c+16, c+17, c+24,
+  c+25}, half the Philox work per element; key tiles a multiple of 32): drop = drop_below / 256, as
+  FlashAttention-2's own dropout rounds p to 8 bits.
 * **Backward**: delta = rowsum(dO * O), then one kernel for dK/dV (a key block per program, looping over query
   blocks) and one for dQ (a query block per program, looping over key blocks); both recompute P from the saved
   log-sum-exp. No atomics, so gradients are deterministic.
@@ -49,13 +52,18 @@ if INTERPRET:
 
 # ----------------------------------------------------------------------------- helpers
 @triton.jit
-def _keep_tile(seed, stream, start_i, start_j, n_cols, drop_below, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+def _keep_tile(seed, stream, start_i, start_j, n_cols, drop_below, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+               DRAW8: tl.constexpr):
     """(BLOCK_I, BLOCK_J) keep mask for queries ``start_i + arange`` and keys ``start_j + arange`` (starts: multiples
-    of 16).
+    of 16; of 32 for the keys with DRAW8).
 
     One Philox call gives 8 16-bit draws for rows {r, r + 8} x keys {c, c + 1, c + 8, c + 9} (r % 16 < 8, c % 16
     even and < 8): exactly what one thread holds of a tensor-core accumulator, so the draws need no exchange
-    between threads (an earlier 8-consecutive-keys grouping cost 2x the instructions in layout shuffles)."""
+    between threads (an earlier 8-consecutive-keys grouping cost 2x the instructions in layout shuffles). With
+    DRAW8, 16 8-bit draws for rows {r, r + 8} x keys c + {0, 1, 8, 9, 16, 17, 24, 25} (c % 32 even and < 8): the
+    same thread's elements over 32 keys."""
+    if DRAW8:
+        return _keep_tile_8bit(seed, stream, start_i, start_j, n_cols, drop_below, BLOCK_I, BLOCK_J)
     rows = start_i // 2 + tl.arange(0, BLOCK_I // 2)  # counter row: 8 per 16-row band
     cols = start_j // 4 + tl.arange(0, BLOCK_J // 4)  # counter column: 4 per 16-key band
     counter = rows[:, None] * n_cols + cols[None, :]
@@ -71,6 +79,40 @@ def _keep_tile(seed, stream, start_i, start_j, n_cols, drop_below, BLOCK_I: tl.c
     keep = tl.reshape(keep, (BLOCK_I // 16, 8, BLOCK_J // 16, 4, 2, 2, 2))
     keep = tl.permute(keep, (0, 6, 1, 2, 5, 3, 4))  # (row band, +8 row, row, key band, +8 key, key pair, h)
     return tl.reshape(keep, (BLOCK_I, BLOCK_J))
+
+
+@triton.jit
+def _bytes_kept(word, drop_below):
+    """(..., h, +8 key) keep flags of a Philox word's four bytes: byte 2 * g + h is key c + 8 * g + h."""
+    b0 = (word & 0xFF).to(tl.int32) >= drop_below
+    b1 = ((word >> 8) & 0xFF).to(tl.int32) >= drop_below
+    b2 = ((word >> 16) & 0xFF).to(tl.int32) >= drop_below
+    b3 = (word >> 24).to(tl.int32) >= drop_below
+    return tl.join(tl.join(b0, b1), tl.join(b2, b3))
+
+
+@triton.jit
+def _keep_tile_8bit(seed, stream, start_i, start_j, n_cols, drop_below, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+    tl.static_assert(BLOCK_J % 32 == 0, "8-bit dropout draws cover 32 keys a call: key tiles of 32, 64, ...")
+    rows = start_i // 2 + tl.arange(0, BLOCK_I // 2)  # counter row: 8 per 16-row band
+    cols = start_j // 8 + tl.arange(0, BLOCK_J // 8)  # counter column: 4 per 32-key band
+    counter = rows[:, None] * n_cols + cols[None, :]
+    zero = tl.zeros_like(counter)
+    r0, r1, r2, r3 = tl.philox(seed, counter, zero + stream, zero, zero, PHILOX_ROUNDS)
+    # w0 -> row r, keys c + {0, 1, 8, 9}; w1 -> row r + 8, same keys; w2, w3 -> the same 16 keys further
+    keep = tl.join(tl.join(_bytes_kept(r0, drop_below), _bytes_kept(r2, drop_below)),
+                   tl.join(_bytes_kept(r1, drop_below), _bytes_kept(r3, drop_below)))  # (.., h, +8, +16 key, +8 row)
+    keep = tl.reshape(keep, (BLOCK_I // 16, 8, BLOCK_J // 32, 4, 2, 2, 2, 2))
+    keep = tl.permute(keep, (0, 7, 1, 2, 6, 5, 3, 4))  # (row band, +8 row, row, key band, +16, +8, key pair, h)
+    return tl.reshape(keep, (BLOCK_I, BLOCK_J))
+
+
+@triton.jit
+def _counter_cols(Lk, DRAW8: tl.constexpr):
+    """Philox counter columns per query-row pair: 4 per 16 keys (16-bit draws) or per 32 keys (8-bit)."""
+    if DRAW8:
+        return tl.cdiv(Lk, 32) * 4
+    return tl.cdiv(Lk, 16) * 4
 
 
 @triton.jit
@@ -94,7 +136,8 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, start, stop, const, start_m
                stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
                seed, stream, n_cols, drop_below,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
-               CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr):
+               CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+               DRAW8: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(start, stop, BLOCK_N):
@@ -107,7 +150,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, start, stop, const, start_m
         if HAS_KEY_MASK:
             key_ok = key_ok & (tl.load(KMASK + offs_n, mask=in_k, other=0) != 0)
         if DROPOUT:
-            kept = _keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N)
+            kept = _keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N, DRAW8)
         k_t = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=in_k[None, :], other=0.0)
         s = _dot(q, k_t, UPCAST) * qk_scale
         s += _bias_tile(TABLE, offs_n[None, :] - offs_m[:, None], const, BIAS_MODE)
@@ -136,7 +179,7 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, stride_qb, str
                            table_zero, qk_scale, SEED, drop_below, drop_scale, len_key, HEAD_DIM: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                            HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-                           UPCAST: tl.constexpr):
+                           UPCAST: tl.constexpr, DRAW8: tl.constexpr = False):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     seed = 0
@@ -159,7 +202,7 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, stride_qb, str
     stop = kv_len
     if CAUSAL:
         stop = tl.minimum(stop, start_m + BLOCK_M)
-    n_cols = tl.cdiv(Lk, 16) * 4
+    n_cols = _counter_cols(Lk, DRAW8)
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -173,20 +216,20 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, stride_qb, str
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, 0, lo_end, far_left, start_m,
                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
                                    seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
-                                   False, HAS_KEY_MASK, DROPOUT, UPCAST)
+                                   False, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, lo_end, hi_start, 0.0, start_m,
                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
                                    seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER,
-                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST)
+                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, hi_start, stop, far_right,
                                    start_m, stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
                                    seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
-                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST)
+                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8)
     else:
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, 0, stop, 0.0, start_m,
                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
                                    seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE,
-                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST)
+                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8)
     empty = l_i == 0.0  # no key to attend to: output 0, and lse = +inf makes the backward's P exactly 0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc * (drop_scale / l_safe)[:, None]
@@ -220,7 +263,7 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, stop, const, star
                 stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale,
                 seed, stream, n_cols, drop_below, drop_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
-                CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr):
+                CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DRAW8: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     for start_m in range(start, stop, BLOCK_M):
@@ -230,7 +273,7 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, stop, const, star
         lse = tl.load(LSE + offs_m, mask=in_q, other=float("inf"))  # small loads and draws before the dots
         delta = tl.load(DELTA + offs_m, mask=in_q, other=0.0)
         if DROPOUT:
-            kept = tl.trans(_keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N))
+            kept = tl.trans(_keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N, DRAW8))
         q_t = tl.load(Q + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd, mask=in_q[None, :], other=0.0)
         s_t = _dot(k, q_t, UPCAST) * qk_scale  # (keys, queries)
         s_t += _bias_tile(TABLE, offs_n[:, None] - offs_m[None, :], const, BIAS_MODE)
@@ -259,7 +302,7 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
                                 stride_dvd, stride_mask_b, H, Lq, Lk, R, table_row, table_zero, qk_scale, scale,
                                 SEED, drop_below, drop_scale, len_key, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr):
+                                HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DRAW8: tl.constexpr = False):
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
     seed = 0
@@ -288,7 +331,7 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
     if CAUSAL:
         start = (start_n // BLOCK_M) * BLOCK_M  # query blocks entirely above the diagonal see none of these keys
     stop = tl.where(start_n < kv_len, Lq, start)  # keys past the row's length: zero gradient, no work
-    n_cols = tl.cdiv(Lk, 16) * 4
+    n_cols = _counter_cols(Lk, DRAW8)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     if HAS_BIAS:
@@ -301,20 +344,20 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, hi_end, far_right, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale, seed, bh,
                              n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, CAUSAL,
-                             DROPOUT, UPCAST)
+                             DROPOUT, UPCAST, DRAW8)
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, hi_end, lo_start, 0.0, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale, seed, bh,
                              n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER, CAUSAL,
-                             DROPOUT, UPCAST)
+                             DROPOUT, UPCAST, DRAW8)
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, lo_start, stop, far_left, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale, seed, bh,
                              n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, False,
-                             DROPOUT, UPCAST)
+                             DROPOUT, UPCAST, DRAW8)
     else:
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, stop, 0.0, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale, seed, bh,
                              n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE, CAUSAL,
-                             DROPOUT, UPCAST)
+                             DROPOUT, UPCAST, DRAW8)
     tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
              (dk * scale).to(DK.dtype.element_ty), mask=in_k[:, None])
     tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
@@ -326,7 +369,8 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, start, stop, const, sta
               stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
               seed, stream, n_cols, drop_below, drop_scale,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
-              CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr):
+              CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+              DRAW8: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(start, stop, BLOCK_N):
@@ -337,7 +381,7 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, start, stop, const, sta
         if HAS_KEY_MASK:
             key_ok = key_ok & (tl.load(KMASK + offs_n, mask=in_k, other=0) != 0)
         if DROPOUT:
-            kept = _keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N)
+            kept = _keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N, DRAW8)
         k_t = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=in_k[None, :], other=0.0)
         v_t = tl.load(V + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=in_k[None, :], other=0.0)
         s = _dot(q, k_t, UPCAST) * qk_scale
@@ -362,7 +406,7 @@ def t5_flash_attention_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TABLE, KMASK, KV_LEN,
                               scale, SEED, drop_below, drop_scale, len_key, HEAD_DIM: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                               HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-                              UPCAST: tl.constexpr):
+                              UPCAST: tl.constexpr, DRAW8: tl.constexpr = False):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     seed = 0
@@ -389,7 +433,7 @@ def t5_flash_attention_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TABLE, KMASK, KV_LEN,
     stop = kv_len
     if CAUSAL:
         stop = tl.minimum(stop, start_m + BLOCK_M)
-    n_cols = tl.cdiv(Lk, 16) * 4
+    n_cols = _counter_cols(Lk, DRAW8)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if HAS_BIAS:
         TABLE += h * table_row + table_zero  # TABLE[d]: bias at offset d = j - i
@@ -400,33 +444,35 @@ def t5_flash_attention_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TABLE, KMASK, KV_LEN,
         dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, 0, lo_end, far_left, start_m,
                        stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
                        drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, False, HAS_KEY_MASK,
-                       DROPOUT, UPCAST)
+                       DROPOUT, UPCAST, DRAW8)
         dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, lo_end, hi_start, 0.0, start_m,
                        stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
                        drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER, CAUSAL, HAS_KEY_MASK,
-                       DROPOUT, UPCAST)
+                       DROPOUT, UPCAST, DRAW8)
         dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, hi_start, stop, far_right, start_m,
                        stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
                        drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, CAUSAL, HAS_KEY_MASK,
-                       DROPOUT, UPCAST)
+                       DROPOUT, UPCAST, DRAW8)
     else:
         dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, 0, stop, 0.0, start_m,
                        stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
                        drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE, CAUSAL, HAS_KEY_MASK,
-                       DROPOUT, UPCAST)
+                       DROPOUT, UPCAST, DRAW8)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              (dq * scale).to(DQ.dtype.element_ty), mask=in_q[:, None])
 
 
 # ----------------------------------------------------------------------------- debugging aid
 @triton.jit
-def t5_attention_dropout_mask(MASK, H, Lq, Lk, SEED, drop_below, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def t5_attention_dropout_mask(MASK, H, Lq, Lk, SEED, drop_below, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              DRAW8: tl.constexpr = False):
     """MASK[b, h, i, j] = 1 where the attention kernels keep element (i, j), 0 where they drop it."""
     start_m = tl.program_id(0) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     start_n = tl.program_id(1) * BLOCK_N
     bh = tl.program_id(2)
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    keep = _keep_tile(tl.load(SEED), bh, start_m, start_n, tl.cdiv(Lk, 16) * 4, drop_below, BLOCK_M, BLOCK_N)
+    keep = _keep_tile(tl.load(SEED), bh, start_m, start_n, _counter_cols(Lk, DRAW8), drop_below, BLOCK_M, BLOCK_N,
+                      DRAW8)
     tl.store(MASK + bh.to(tl.int64) * Lq * Lk + offs_m[:, None] * Lk + offs_n[None, :], keep.to(tl.int8),
              mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
