@@ -9,6 +9,7 @@ Public:
     draw_seed(device) / dropout_seed(like, dropout_p) -> (1,) int64   (a kernel call's dropout seed)
     reference_t5_attention(...)                        (plain PyTorch, same math; for tests and benchmarks)
     block_sizes(fwd=..., dkdv=..., dq=...)             (pin tile sizes instead of autotuning)
+    DROPOUT_DRAW_BITS = 16 | 8                          (dropout draw width; 8: half the Philox work, p in 1/256ths)
 
 Tensors are (batch, heads, length, head_dim) in any strides; the output is a (B, H, L, D) view of a (B, L, H, D)
 buffer, so merging heads afterwards is free. The forward and backward are ``torch.library`` custom ops, so
