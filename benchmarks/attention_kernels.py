@@ -29,7 +29,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -219,7 +218,7 @@ def run_shape(shape, repeats: int, with_flex: bool) -> tuple[list[dict], dict]:
 
     record("triton+bias+dropout", ours, (q, k, v), table.numel() * 4 / 2**30)
     tuned = fa.best_configs()
-    with mock.patch.object(fa, "DROPOUT_DRAW_BITS", 8):  # 16 draws per Philox call instead of 8 (autotuned anew)
+    with bc.patched("drop8"):  # 16 draws per Philox call instead of 8 (autotuned anew)
         record("triton+bias+dropout8", ours, (q, k, v), table.numel() * 4 / 2**30)
     pinned = {kernel: config for kernel, config in tuned.items() if config is not None}
     with fa.block_sizes(**pinned):  # the dropout variant's tiles: one compile instead of another autotune

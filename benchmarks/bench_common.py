@@ -165,21 +165,15 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
 }
 
 
-def split_patch_tokens(text: str) -> tuple[str, list[tuple[str, str, object]]]:
-    """(the settings string without its PATCH_TOKENS, the patches they stand for)."""
-    tokens = text.split(":")
-    patches = [PATCH_TOKENS[t] for t in tokens if t in PATCH_TOKENS]
-    return ":".join(t for t in tokens if t not in PATCH_TOKENS), patches
-
-
 @contextlib.contextmanager
-def patched(patches: list[tuple[str, str, object]]):
-    """The module constants of `patches` set for the block (unittest.mock.patch: put back afterwards)."""
+def patched(text: str):
+    """The module constants that the PATCH_TOKENS of settings string `text` stand for, set for the block
+    (unittest.mock.patch: put back afterwards); other tokens are setting_fields' business."""
     import importlib
     from unittest import mock
 
     with contextlib.ExitStack() as stack:
-        for module, name, value in patches:
+        for module, name, value in (PATCH_TOKENS[t] for t in text.split(":") if t in PATCH_TOKENS):
             stack.enter_context(mock.patch.object(importlib.import_module(module), name, value))
         yield
 

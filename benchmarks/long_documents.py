@@ -170,7 +170,7 @@ def run_lengths(args, device, src_len: int, tgt_len: int, work: Path, matmul_tfl
     for text in args.sumtune:
         cfg = sumtune_config(args, src_len, tgt_len, dataset, parse_setting(text))
         try:
-            with bc.patched(bc.split_patch_tokens(text)[1]):
+            with bc.patched(text):
                 run, note = time_sumtune(cfg, args), ""
         except torch.OutOfMemoryError as error:
             bc.write_oom_report(args.oom_reports, f"{src_len}-{tgt_len}-{text}", error)

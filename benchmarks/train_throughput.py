@@ -152,7 +152,7 @@ def sdpa_backend(setting: dict):
 
 
 def time_fast(data_file, device, setting, args) -> dict:
-    with sdpa_backend(setting), bc.patched(bc.split_patch_tokens(setting["name"])[1]):
+    with sdpa_backend(setting), bc.patched(setting["name"]):
         return _time_fast(data_file, device, setting, args)
 
 

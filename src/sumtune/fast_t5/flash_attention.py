@@ -180,7 +180,7 @@ def _radius(radius: int, query_len: int, key_len: int) -> int:
     return radius if radius > 0 else query_len + key_len  # 0: no saturation known, every tile reads the table
 
 
-def _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, seed, draw_bits=16):
+def _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, seed, draw_bits):
     kernels = _kernels()
     batch, heads, query_len, head_dim = q.shape
     key_len = k.shape[2]
@@ -201,7 +201,7 @@ def _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, se
     return out, lse
 
 
-def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal, scale, dropout_p, seed, draw_bits=16):
+def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal, scale, dropout_p, seed, draw_bits):
     kernels = _kernels()
     batch, heads, query_len, head_dim = q.shape
     key_len = k.shape[2]
