@@ -149,6 +149,7 @@ CONFIG_TOKENS: dict[str, dict] = {
     "buckets": {"pad_to_buckets": True}, "nobuckets": {"pad_to_buckets": False},
     "group": {"group_by_length": True},
     "fusedlora": {"fused_lora": True}, "nofused": {"fused_lora": False}, "loragemm": {"lora_in_base_gemm": True},
+    "noloragemm": {"lora_in_base_gemm": False},
     "drop0": {"model_dropout": 0.0},  # T5's own dropout off: the targets keep 0.1, so for comparison only
     "ldrop0": {"lora_dropout": 0.0},
     "sdpa": {"attention_backend": "sdpa"}, "triton": {"attention_backend": "triton"},
