@@ -57,6 +57,57 @@ def test_a_new_shape_warms_up_on_one_row_and_leaves_the_gradients_as_they_were()
     assert all(b.abs().sum() > 0 for b in before)  # so the equality above is not between zeros
 
 
+def _oom_once_steps(fail_calls: set[int]):
+    """A GraphedMicroSteps over one linear layer whose forward-backward adds to the gradients, then runs out of
+    memory on the calls numbered in `fail_calls`; `release` records its calls instead of touching a GPU."""
+    from sumtune.cuda_graphs import GraphedMicroSteps
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(6, 3)
+    params = list(layer.parameters())
+    calls, said, released = [], [], []
+
+    def forward_backward(batch, accum):
+        calls.append(batch["x"].shape[0])
+        loss = layer(batch["x"]).square().mean() / accum
+        loss.backward()  # the gradients change before the failure: the warm-up must put them back
+        if len(calls) in fail_calls:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return loss.detach()
+
+    micro = GraphedMicroSteps(forward_backward, params, torch.device("cpu"), notify=said.append)
+    micro.release = lambda: (released.append(True), micro.graphs.clear(), setattr(micro, "pool", None))
+    micro.ensure_grads()
+    forward_backward({"x": torch.randn(5, 6)}, 1)  # an earlier micro-batch of the step
+    return micro, params, calls, said, released
+
+
+def test_a_warm_up_with_no_room_beside_the_pool_frees_the_graphs_and_warms_up_again():
+    """2026-12-01, H200: under a 15.3 GiB cap the graphs' pool left no room for a new shape's one-row warm-up and
+    the run died; now the graphs are freed (captured again later) and the warm-up runs again, said once."""
+    micro, params, calls, said, released = _oom_once_steps(fail_calls={2})
+    micro.pool = object()  # a pool holding earlier shapes' graphs
+    before = [p.grad.clone() for p in params]
+    micro._warm_up_beside_the_pool({"x": torch.randn(8, 6)}, accum=2)
+    assert calls == [5, 1, 1] and released == [True] and micro.pool is None
+    assert all(torch.equal(p.grad, b) for p, b in zip(params, before))  # neither warm-up left a trace
+    assert len(said) == 1 and "freed" in said[0] and micro.pool_freed_for_warm_up == 1
+
+
+def test_a_warm_up_that_fits_nowhere_is_the_runs_out_of_memory_error():
+    micro, params, calls, said, released = _oom_once_steps(fail_calls={2})
+    before = [p.grad.clone() for p in params]
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # no pool to free: the step itself does not fit
+        micro._warm_up_beside_the_pool({"x": torch.randn(8, 6)}, accum=1)
+    assert released == [] and said == []
+    assert all(torch.equal(p.grad, b) for p, b in zip(params, before))
+    micro, params, calls, said, released = _oom_once_steps(fail_calls={2, 3})
+    micro.pool = object()
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # freed the pool and still no room: the run's error
+        micro._warm_up_beside_the_pool({"x": torch.randn(8, 6)}, accum=1)
+    assert released == [True] and calls == [5, 1, 1]
+
+
 def test_compiled_models_warm_up_on_the_full_batch():
     from sumtune.cuda_graphs import warm_up_rows_for
 

@@ -17,7 +17,8 @@ How (the rules of `torch.cuda.graph`):
   Instead one row of it runs eagerly (its gradients put back as they were), which warms up Triton's autotuner and
   every lazy initialisation at a fraction of the memory, and the micro-batch itself is captured at once and
   replayed. `warm_up_rows=None` (torch.compile, whose compiled code is specialised to the batch size) keeps a
-  full-size eager pass, after freeing the captured graphs so that it has the memory;
+  full-size eager pass, after freeing the captured graphs so that it has the memory. When even the one row does not
+  fit beside the pool (a tight `max_memory_gib`), the graphs are freed and the shapes captured again as they come;
 - nothing in the forward or backward may wait for the GPU or draw randomness on the host: dropout draws from
   the CUDA generator, which graphs advance on every replay. If a capture fails anyway, the step says so once and
   stays eager: a graph is a speed-up, never a requirement.
@@ -87,6 +88,7 @@ class GraphedMicroSteps:
         self.seen: set[tuple[BatchKey, int]] = set()
         self.failed: str | None = None
         self.pool = None
+        self.pool_freed_for_warm_up = 0  # times a warm-up found no room beside the pool (`_warm_up_beside_the_pool`)
 
     def release(self) -> None:
         """Forget every captured graph and free its memory pool; the next micro-batch of a shape captures again."""
@@ -113,7 +115,7 @@ class GraphedMicroSteps:
                 self.release()                       # beside the graphs' pool; captured at the shape's next batch
                 return self._eager(host_batch, accum)
             if first:
-                self._warm_up(host_batch, accum)
+                self._warm_up_beside_the_pool(host_batch, accum)
             captured = self._capture(key, host_batch)
         if captured is None:  # graphs off after a failed capture
             return self._eager(host_batch, accum)
@@ -126,14 +128,36 @@ class GraphedMicroSteps:
         self.ensure_grads()  # a later capture adds into these very tensors
         return self.forward_backward(to_device(host_batch, self.device), accum)
 
+    def _warm_up_beside_the_pool(self, host_batch: dict[str, torch.Tensor], accum: int) -> None:
+        """`_warm_up`, and when its one row does not fit beside the graphs' pool, free the graphs and warm up again.
+
+        Under a tight memory cap the pool may hold all but the room a warm-up needs (2026-12-01, H200: the
+        reference's LoRA at micro-batch 4 under 15.3 GiB, 11.8 GiB of pool beside 3.4 GiB of weights). The freed
+        shapes are captured again, without a warm-up, when next met; a second out-of-memory error is the run's."""
+        try:
+            self._warm_up(host_batch, accum)
+            return
+        except torch.cuda.OutOfMemoryError:
+            if self.pool is None:  # nothing to free: the step itself does not fit
+                raise
+        # outside the except block, so that its traceback (and the tensors it holds) is gone
+        if not self.pool_freed_for_warm_up:
+            self.notify("sumtune: a new batch shape's warm-up did not fit beside the CUDA graphs' memory; the graphs "
+                        "are freed and captured again as their shapes come back (said once).")
+        self.pool_freed_for_warm_up += 1
+        self.release()
+        self._warm_up(host_batch, accum)
+
     def _warm_up(self, host_batch: dict[str, torch.Tensor], accum: int) -> None:
         """Forward and backward of the first `warm_up_rows` rows of `host_batch`, eagerly, leaving every `.grad` as
         it was: the autotuner, compilers and lazy buffers meet this shape's widths before the capture."""
         self.ensure_grads()
         rows = {name: tensor[: self.warm_up_rows] for name, tensor in host_batch.items()}
         saved = [param.grad.clone() for param in self.params]
-        self.forward_backward(to_device(rows, self.device), accum)
-        torch._foreach_copy_([param.grad for param in self.params], saved)
+        try:
+            self.forward_backward(to_device(rows, self.device), accum)
+        finally:  # also after an out-of-memory error part-way through the backward
+            torch._foreach_copy_([param.grad for param in self.params], saved)
 
     def _capture(self, key: tuple[BatchKey, int], host_batch: dict[str, torch.Tensor]) -> CapturedMicroStep | None:
         self.ensure_grads()
