@@ -35,6 +35,8 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 DRAW_RANGE = 1 << 16  # dropout decisions are 16-bit draws (flash_kernels._keep_tile)
 # Bits per dropout draw in the attention kernels: 16 (p rounded to 1/65536) or 8 (p rounded to 1/256, half the
 # Philox work per element, as FlashAttention-2's dropout). Read when a forward runs; the backward uses the forward's.
+# 8 measured slower in the whole T5-3b step (H200, 2026-12-01: 39.0 vs 39.8 samples/s at 1024/128, 5.60 vs 5.85 at
+# 4096/512; results/*_loragemm_drop8-*), so 16 stays.
 DROPOUT_DRAW_BITS = 16
 TABLE_MARGIN = 128  # zero columns each side of a bias table: a tile reaches at most BLOCK - 1 offsets beyond it
 _INTERPRETER_BLOCKS = dict(fwd=(32, 32), dkdv=(32, 32), dq=(32, 32))  # tests pin smaller ones to cross blocks
