@@ -435,7 +435,7 @@ def test_auto_batch_keeps_samples_per_step():
 
 def test_weight_cache_auto_takes_the_cache_only_beside_the_micro_batchs_peak(config_path, tmp_path, monkeypatch):
     """`cache_dequantized_weights: auto` (the default): off on a CPU; on a GPU on when the copy fits beside the
-    chosen micro-batch's measured peak within 90% of the budget, else off (the budget here is set around that line;
+    chosen micro-batch's measured peak (and, with CUDA graphs, one row's warm-up) within 90% of the budget, else off (the budget here is set around that line;
     the rule and the cache are the product's, only the card's size is stood in for)."""
     from dataclasses import replace
 
@@ -459,18 +459,24 @@ def test_weight_cache_auto_takes_the_cache_only_beside_the_micro_batchs_peak(con
             def write(self, line):
                 lines.append(line)
 
-        for extra_bytes, expected in ((size / 2, False), (2 * size, True)):
+        # with CUDA graphs a new shape's one-row warm-up must fit beside them too: one row of the peak less the model
+        warm_up = (peak_gib * 2**30 - training.resident_bytes(model)) / recipe.cfg.batch_size
+        assert 0 < warm_up < peak_gib * 2**30 / recipe.cfg.batch_size
+        for graphs, extra_bytes, expected in ((False, size / 2, False), (False, 2 * size, True),
+                                              (True, 2 * size, False), (True, 2 * size + warm_up, True)):
             cap_gib = (peak_gib * 2**30 + extra_bytes) / batch_search.AUTO_BATCH_HEADROOM / 2**30
-            resolved = training.resolve_weight_cache(replace(auto, max_memory_gib=cap_gib), model=model, trials=trials,
-                                                     examples=[], collator=None, device=torch.device("cuda"),
-                                                     progress=Lines())
-            assert resolved.cache_dequantized_weights is expected
+            resolved = training.resolve_weight_cache(replace(auto, max_memory_gib=cap_gib, cuda_graphs=graphs),
+                                                     model=model, trials=trials, examples=[], collator=None,
+                                                     device=torch.device("cuda"), progress=Lines())
+            assert resolved.cache_dequantized_weights is expected, (graphs, extra_bytes)
             assert any(hasattr(m, "_sumtune_dequantized_weight") for m in model.modules()) is expected
             assert lines[-1].startswith(f"sumtune: cache_dequantized_weights auto → {'on' if expected else 'off'}")
+            assert ("warm-up beside the CUDA graphs" in lines[-1]) is graphs
+            fast_t5.uncache_dequantized_weights(model)
         forced = training.resolve_weight_cache(replace(auto, cache_dequantized_weights=False), model=model,
                                                trials=trials, examples=[], collator=None,
                                                device=torch.device("cuda"))
-        assert forced.cache_dequantized_weights is False and len(lines) == 2  # forced: nothing decided, no line
+        assert forced.cache_dequantized_weights is False and len(lines) == 4  # forced: nothing decided, no line
     finally:
         fast_t5.uncache_dequantized_weights(recipe.model)
         recipe.cleanup()

@@ -157,7 +157,8 @@ def resolve_batch_size(cfg: TrainConfig, *, model, examples: list[TokenizedExamp
 def resolve_weight_cache(cfg: TrainConfig, *, model, trials: list[dict], examples: list[TokenizedExample],
                          collator: Collator, device: torch.device, progress: Progress | None = None) -> TrainConfig:
     """`cache_dequantized_weights: auto` → on (and the cache made) when on a CUDA GPU the dequantized copy fits beside
-    the micro-batch's peak within `AUTO_BATCH_HEADROOM` of the memory budget, else off. The peak is the one the
+    the micro-batch's peak (and, with CUDA graphs, one row's warm-up: `graph_warm_up_bytes`) within
+    `AUTO_BATCH_HEADROOM` of the memory budget, else off. The peak is the one the
     micro-batch search measured, or a probe of the configured micro-batch at the data's longest shapes."""
     if cfg.cache_dequantized_weights != "auto":
         return cfg
@@ -175,13 +176,29 @@ def resolve_weight_cache(cfg: TrainConfig, *, model, trials: list[dict], example
             make_batch=lambda m: to_device(collator([longest_example(examples)] * m), device), model=model,
             device=device, micro_batch=cfg.batch_size)
     budget = batch_search.AUTO_BATCH_HEADROOM * batch_search.memory_budget_bytes(device, cfg.max_memory_gib)
-    on = bool(distributed.min_over_ranks(int(peak + size <= budget), device))  # every rank alike
+    graphs = cfg.cuda_graphs and not cfg.gradient_checkpointing
+    warm_up = graph_warm_up_bytes(peak, resident_bytes(model), cfg.batch_size) if graphs else 0.0
+    on = bool(distributed.min_over_ranks(int(peak + size + warm_up <= budget), device))  # every rank alike
     if on:
         fast_t5.cache_dequantized_weights(model)
+    beside = f" and {warm_up / 2**30:.1f} GiB for a new shape's warm-up beside the CUDA graphs" if graphs else ""
     (progress or Progress(enabled=False)).write(
         f"sumtune: cache_dequantized_weights auto → {'on' if on else 'off'} ({size / 2**30:.1f} GiB beside a "
-        f"{peak / 2**30:.1f} GiB peak at micro-batch {cfg.batch_size}; budget {budget / 2**30:.1f} GiB).")
+        f"{peak / 2**30:.1f} GiB peak at micro-batch {cfg.batch_size}{beside}; budget {budget / 2**30:.1f} GiB).")
     return replace(cfg, cache_dequantized_weights=on)
+
+
+def graph_warm_up_bytes(peak_bytes: float, resident_bytes: float, micro_batch: int) -> float:
+    """One row's activations (the micro-batch's peak less what stays resident, per row): what a batch shape first met
+    after the CUDA graphs' pool has grown needs beside it for its one-row eager warm-up (`sumtune.cuda_graphs`).
+    Under a 15.3 GiB cap the weight cache beside micro-batch 2 left no such room and the run died (H200,
+    2026-12-01, results/train_throughput_seed_15gib_oom-2026-12-01-h200.json)."""
+    return max(peak_bytes - resident_bytes, 0.0) / max(micro_batch, 1)
+
+
+def resident_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (NF4 weights as their packed storage)."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
 def longest_example(examples: list[TokenizedExample]) -> TokenizedExample:
