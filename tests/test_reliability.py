@@ -435,8 +435,9 @@ def test_auto_batch_keeps_samples_per_step():
 
 def test_weight_cache_auto_takes_the_cache_only_beside_the_micro_batchs_peak(config_path, tmp_path, monkeypatch):
     """`cache_dequantized_weights: auto` (the default): off on a CPU; on a GPU on when the copy fits beside the
-    chosen micro-batch's measured peak (and, with CUDA graphs, one row's warm-up) within 90% of the budget, else off (the budget here is set around that line;
-    the rule and the cache are the product's, only the card's size is stood in for)."""
+    chosen micro-batch's measured peak (and, with CUDA graphs, one row's warm-up) within 90% of the budget, else off
+    (the budget here is set around that line; the rule and the cache are the product's, only the card's size is
+    stood in for)."""
     from dataclasses import replace
 
     from sumtune import fast_t5, training
