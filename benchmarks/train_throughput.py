@@ -186,6 +186,7 @@ def _time_fast(data_file, device, setting, args) -> dict:
             flops.append(result.flops)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     shape_events_timed = graph_shape_events(step) - shapes_at_timing
+    pool_frees = graph_pool_frees(step)
     if args.profile:
         profile_steps(step, stream, parts.cfg.grad_accum_steps, cfg.lr)
     lora = bc.count_lora_params(parts.model)
@@ -193,7 +194,7 @@ def _time_fast(data_file, device, setting, args) -> dict:
     del parts, step, stream
     return dict(times_s=times_s, losses=losses, samples=samples, tokens=tokens, flops=flops, lora_params=lora,
                 first_loss=first_loss, peak_mem_gib=peak, samples_per_step=resolved.batch_size * resolved.grad_accum_steps,
-                graph_shape_events_timed=shape_events_timed,
+                graph_shape_events_timed=shape_events_timed, graph_pool_frees=pool_frees,
                 resolved={k: getattr(resolved, k) for k in RESOLVED_FIELDS})
 
 
@@ -202,7 +203,13 @@ def graph_shape_events(step) -> int:
     capture each, counted apart. Inside the timed steps they are not steady state (2026-12-01: micro-batch 4 x 8 read
     24.9 samples/s against 34.7 at 4 x 1, probably for this reason; this count was added to tell)."""
     graphed = getattr(step, "graphed", None)
-    return 0 if graphed is None else len(graphed.seen) + len(graphed.graphs)
+    return 0 if graphed is None else len(graphed.seen) + graphed.captures
+
+
+def graph_pool_frees(step) -> int:
+    """Times a new shape's warm-up found no room beside the graphs' pool, so the graphs were freed and captured again."""
+    graphed = getattr(step, "graphed", None)
+    return 0 if graphed is None else graphed.pool_freed_for_warm_up
 
 
 def profile_steps(step, stream, accum: int, lr: float, steps: int = 2) -> None:
@@ -297,6 +304,7 @@ def summarize(path: str, name: str, batch: int, run: dict, args, matmul_tflops, 
                 gradient_checkpointing=gc, steps_timed=len(run["times_s"]),
                 first_loss=run.get("first_loss"), last_loss=run["losses"][-1] if run["losses"] else None,
                 resolved=run.get("resolved"), graph_shape_events_timed=shape_events,
+                graph_pool_frees=run.get("graph_pool_frees", 0),
                 note=unsteady_note(shape_events, len(run["times_s"])))
 
 

@@ -89,6 +89,7 @@ class GraphedMicroSteps:
         self.failed: str | None = None
         self.pool = None
         self.pool_freed_for_warm_up = 0  # times a warm-up found no room beside the pool (`_warm_up_beside_the_pool`)
+        self.captures = 0  # graphs captured so far, those freed since included
 
     def release(self) -> None:
         """Forget every captured graph and free its memory pool; the next micro-batch of a shape captures again."""
@@ -178,4 +179,5 @@ class GraphedMicroSteps:
             return None
         captured = CapturedMicroStep(graph=graph, inputs=inputs, loss=loss)
         self.graphs[key] = captured
+        self.captures += 1
         return captured
