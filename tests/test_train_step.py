@@ -190,3 +190,26 @@ def test_fused_lora_steps_train_as_peft_layers_do(data, monkeypatch, checkpointi
     for name, delta in moved[False, False].items():
         for variant in ((True, False), (True, True)):
             assert torch.allclose(moved[variant][name], delta, rtol=1e-4, atol=1e-5 * float(total)), (variant, name)
+
+
+def test_checkpointing_is_on_through_transformers_current_name_without_its_deprecation_warning(data):
+    """`gradient_checkpointing: true` checkpoints every T5 block; newer transformers (5.24) warn that
+    `gradient_checkpointing_enable` goes in v6, so sumtune calls `activation_checkpointing_enable` where it exists.
+    The checkpointed step moves the adapter as the plain step does."""
+    import warnings
+
+    tokenizer, examples = data
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*gradient_checkpointing_enable.*", category=FutureWarning)
+        checkpointed = sgd_step(tokenizer, cfg=replace(CFG, gradient_checkpointing=True))
+    stacks = [m for m in checkpointed.model.modules() if type(m).__name__ == "T5Stack"]
+    assert stacks and all(getattr(m, "gradient_checkpointing", False) for m in stacks)
+    plain = sgd_step(tokenizer)
+    batch = collate(examples[:4], tokenizer.pad_token_id)
+    before = trainable(plain)
+    results = [step([batch], lr=0.5) for step in (plain, checkpointed)]
+    assert results[1].loss == pytest.approx(results[0].loss, rel=1e-5)
+    moved = {n: p - before[n] for n, p in trainable(plain).items()}
+    assert torch.cat([d.flatten() for d in moved.values()]).norm() > 1e-3
+    for name, p in trainable(checkpointed).items():
+        assert torch.allclose(p - before[name], moved[name], rtol=1e-4, atol=1e-6), name

@@ -111,7 +111,7 @@ def build_model(cfg: TrainConfig, tokenizer, device: torch.device, *, run_dir: P
     with progress.task(f"loading and quantizing {cfg.model}"):
         base = load_model(model_cfg, vocab_size=len(tokenizer), device=device)
     if cfg.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(base)
     model = apply_lora(base, cfg).to(device)
     if cfg.fast_kernels:
         model = enable_fast_path(model, attention_backend=cfg.attention_backend,
@@ -123,6 +123,16 @@ def build_model(cfg: TrainConfig, tokenizer, device: torch.device, *, run_dir: P
     if cfg.compile and device.type == "cuda":
         model = fast_t5.compile_for_training(model)
     return model.train()  # a loaded base comes in eval mode: dropout would be off in the steps
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing through transformers' current name for it: newer 5.x releases (5.24
+    here) call it `activation_checkpointing_enable` and warn that `gradient_checkpointing_enable` goes in v6."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def resolve_batch_size(cfg: TrainConfig, *, model, examples: list[TokenizedExample], collator: Collator,
