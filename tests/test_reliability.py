@@ -440,7 +440,7 @@ def test_weight_cache_auto_takes_the_cache_only_beside_the_micro_batchs_peak(con
     stood in for)."""
     from dataclasses import replace
 
-    from sumtune import fast_t5, training
+    from sumtune import fast_t5, memory, training
 
     recipe = TrainRecipe(config(config_path, tmp_path / "run"))
     recipe.setup()
@@ -461,7 +461,7 @@ def test_weight_cache_auto_takes_the_cache_only_beside_the_micro_batchs_peak(con
                 lines.append(line)
 
         # with CUDA graphs a new shape's one-row warm-up must fit beside them too: one row of the peak less the model
-        warm_up = (peak_gib * 2**30 - training.resident_bytes(model)) / recipe.cfg.batch_size
+        warm_up = (peak_gib * 2**30 - memory.measured_footprint_bytes(model)) / recipe.cfg.batch_size
         assert 0 < warm_up < peak_gib * 2**30 / recipe.cfg.batch_size
         for graphs, extra_bytes, expected in ((False, size / 2, False), (False, 2 * size, True),
                                               (True, 2 * size, False), (True, 2 * size + warm_up, True)):

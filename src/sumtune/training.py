@@ -21,6 +21,7 @@ from sumtune import batch_search, checkpoint, distributed
 from sumtune.batching import Batches, Collator, to_device
 from sumtune.config import TrainConfig
 from sumtune.data import LoadedData, TokenizedExample, clip_chars, load_rows, tokenize_rows
+from sumtune.memory import measured_footprint_bytes
 from sumtune.modeling import (count_parameters, enable_fast_path, load_model, load_tokenizer, model_source,
                               resolve_device, run_base_dir, t5_config)
 from sumtune.optim import build_optimizer
@@ -187,7 +188,7 @@ def resolve_weight_cache(cfg: TrainConfig, *, model, trials: list[dict], example
             device=device, micro_batch=cfg.batch_size)
     budget = batch_search.AUTO_BATCH_HEADROOM * batch_search.memory_budget_bytes(device, cfg.max_memory_gib)
     graphs = cfg.cuda_graphs and not cfg.gradient_checkpointing
-    warm_up = graph_warm_up_bytes(peak, resident_bytes(model), cfg.batch_size) if graphs else 0.0
+    warm_up = graph_warm_up_bytes(peak, measured_footprint_bytes(model), cfg.batch_size) if graphs else 0.0
     on = bool(distributed.min_over_ranks(int(peak + size + warm_up <= budget), device))  # every rank alike
     if on:
         fast_t5.cache_dequantized_weights(model)
@@ -204,11 +205,6 @@ def graph_warm_up_bytes(peak_bytes: float, resident_bytes: float, micro_batch: i
     Under a 15.3 GiB cap the weight cache beside micro-batch 2 left no such room and the run died (H200,
     2026-12-01, results/train_throughput_seed_15gib_oom-2026-12-01-h200.json)."""
     return max(peak_bytes - resident_bytes, 0.0) / max(micro_batch, 1)
-
-
-def resident_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the model's parameters and buffers (NF4 weights as their packed storage)."""
-    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
 def longest_example(examples: list[TokenizedExample]) -> TokenizedExample:
