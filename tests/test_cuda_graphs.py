@@ -22,6 +22,21 @@ def test_graphs_only_where_a_capture_can_hold():
     assert graph_blocker(device=CUDA, distributed=False, gradient_checkpointing=False) is None
 
 
+def test_a_runs_graphs_follow_its_config_and_context():
+    """What build_parts asks (the weight cache's room for a warm-up) and build_step acts on: one answer."""
+    from sumtune.config import TrainConfig
+    from sumtune.distributed import DistContext
+    from sumtune.training import graph_blocker_for
+
+    cfg = TrainConfig(model="tiny", cuda_graphs=True)
+    assert graph_blocker_for(cfg, DistContext(device=CUDA)) is None
+    assert "off" in graph_blocker_for(TrainConfig(model="tiny", cuda_graphs=False), DistContext(device=CUDA))
+    assert "checkpointing" in graph_blocker_for(TrainConfig(model="tiny", gradient_checkpointing=True),
+                                                DistContext(device=CUDA))
+    assert "CUDA device" in graph_blocker_for(cfg, DistContext(device=torch.device("cpu")))
+    assert "data-parallel" in graph_blocker_for(cfg, DistContext(world_size=2, device=CUDA))
+
+
 def test_batches_of_one_shape_share_a_key():
     a = {"input_ids": torch.zeros(2, 8, dtype=torch.long), "labels": torch.zeros(2, 4, dtype=torch.long)}
     b = {"labels": torch.ones(2, 4, dtype=torch.long), "input_ids": torch.ones(2, 8, dtype=torch.long)}

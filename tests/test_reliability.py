@@ -466,9 +466,9 @@ def test_weight_cache_auto_takes_the_cache_only_beside_the_micro_batchs_peak(con
         for graphs, extra_bytes, expected in ((False, size / 2, False), (False, 2 * size, True),
                                               (True, 2 * size, False), (True, 2 * size + warm_up, True)):
             cap_gib = (peak_gib * 2**30 + extra_bytes) / batch_search.AUTO_BATCH_HEADROOM / 2**30
-            resolved = training.resolve_weight_cache(replace(auto, max_memory_gib=cap_gib, cuda_graphs=graphs),
-                                                     model=model, trials=trials, examples=[], collator=None,
-                                                     device=torch.device("cuda"), progress=Lines())
+            resolved = training.resolve_weight_cache(replace(auto, max_memory_gib=cap_gib), model=model, trials=trials,
+                                                     examples=[], collator=None, device=torch.device("cuda"),
+                                                     graphs=graphs, progress=Lines())
             assert resolved.cache_dequantized_weights is expected, (graphs, extra_bytes)
             assert any(hasattr(m, "_sumtune_dequantized_weight") for m in model.modules()) is expected
             assert lines[-1].startswith(f"sumtune: cache_dequantized_weights auto → {'on' if expected else 'off'}")
@@ -476,7 +476,7 @@ def test_weight_cache_auto_takes_the_cache_only_beside_the_micro_batchs_peak(con
             fast_t5.uncache_dequantized_weights(model)
         forced = training.resolve_weight_cache(replace(auto, cache_dequantized_weights=False), model=model,
                                                trials=trials, examples=[], collator=None,
-                                               device=torch.device("cuda"))
+                                               device=torch.device("cuda"), graphs=True)
         assert forced.cache_dequantized_weights is False and len(lines) == 4  # forced: nothing decided, no line
     finally:
         fast_t5.uncache_dequantized_weights(recipe.model)

@@ -166,11 +166,13 @@ def resolve_batch_size(cfg: TrainConfig, *, model, examples: list[TokenizedExamp
 
 
 def resolve_weight_cache(cfg: TrainConfig, *, model, trials: list[dict], examples: list[TokenizedExample],
-                         collator: Collator, device: torch.device, progress: Progress | None = None) -> TrainConfig:
+                         collator: Collator, device: torch.device, graphs: bool,
+                         progress: Progress | None = None) -> TrainConfig:
     """`cache_dequantized_weights: auto` → on (and the cache made) when on a CUDA GPU the dequantized copy fits beside
     the micro-batch's peak (and, with CUDA graphs, one row's warm-up: `graph_warm_up_bytes`) within
     `AUTO_BATCH_HEADROOM` of the memory budget, else off. The peak is the one the
-    micro-batch search measured, or a probe of the configured micro-batch at the data's longest shapes."""
+    micro-batch search measured, or a probe of the configured micro-batch at the data's longest shapes. `graphs`:
+    whether the step will be captured in CUDA graphs (`graph_blocker_for`)."""
     if cfg.cache_dequantized_weights != "auto":
         return cfg
     from sumtune import fast_t5  # lazily, as build_model: it imports bitsandbytes
@@ -187,7 +189,6 @@ def resolve_weight_cache(cfg: TrainConfig, *, model, trials: list[dict], example
             make_batch=lambda m: to_device(collator([longest_example(examples)] * m), device), model=model,
             device=device, micro_batch=cfg.batch_size)
     budget = batch_search.AUTO_BATCH_HEADROOM * batch_search.memory_budget_bytes(device, cfg.max_memory_gib)
-    graphs = cfg.cuda_graphs and not cfg.gradient_checkpointing
     warm_up = graph_warm_up_bytes(peak, measured_footprint_bytes(model), cfg.batch_size) if graphs else 0.0
     on = bool(distributed.min_over_ranks(int(peak + size + warm_up <= budget), device))  # every rank alike
     if on:
@@ -212,6 +213,15 @@ def longest_example(examples: list[TokenizedExample]) -> TokenizedExample:
     return TokenizedExample(max((e.input_ids for e in examples), key=len), max((e.labels for e in examples), key=len))
 
 
+def graph_blocker_for(cfg: TrainConfig, dist: distributed.DistContext) -> str | None:
+    """Why this run's step will not be captured in CUDA graphs (`cuda_graphs.graph_blocker`), or None when it will."""
+    from sumtune.cuda_graphs import graph_blocker
+
+    if not cfg.cuda_graphs:
+        return "cuda_graphs is off"
+    return graph_blocker(device=dist.device, distributed=dist.enabled, gradient_checkpointing=cfg.gradient_checkpointing)
+
+
 def build_step(model, cfg: TrainConfig, *, dist: distributed.DistContext, profiler=NULL_PROFILER,
                progress: Progress | None = None) -> TrainStep:
     """The optimizer over the trainable weights, the DDP wrapper when data-parallel, and THE step over them.
@@ -227,15 +237,10 @@ def build_step(model, cfg: TrainConfig, *, dist: distributed.DistContext, profil
     profiler.describe_run(device=device.type, peak_tflops=peak_tflops(device),
                           samples_per_step=cfg.effective_batch_size, context=advice_context(cfg))
     progress = progress or Progress(enabled=False)
-    graphs = False
-    if cfg.cuda_graphs:
-        from sumtune.cuda_graphs import graph_blocker
-
-        reason = graph_blocker(device=device, distributed=dist.enabled,
-                               gradient_checkpointing=cfg.gradient_checkpointing)
-        if reason is not None and device.type == "cuda":  # on a CPU nobody expects graphs: no line
-            progress.write(f"sumtune: cuda_graphs is on but the step runs eagerly: {reason}.")
-        graphs = reason is None
+    reason = graph_blocker_for(cfg, dist)
+    if cfg.cuda_graphs and reason is not None and device.type == "cuda":  # on a CPU nobody expects graphs: no line
+        progress.write(f"sumtune: cuda_graphs is on but the step runs eagerly: {reason}.")
+    graphs = reason is None
     return TrainStep(model, optimizer, device=device, compute_dtype=cfg.compute_dtype,
                      max_grad_norm=cfg.max_grad_norm, flops=BatchFlops(model.config, trainable),
                      train_model=train_model, dist=dist, profiler=profiler, cuda_graphs=graphs,
@@ -271,7 +276,7 @@ def build_parts(cfg: TrainConfig, tokenizer, examples: list[TokenizedExample], *
     cfg, trials = resolve_batch_size(cfg, model=model, examples=examples, collator=collator, device=dist.device,
                                      resume_record=resume_record, progress=progress)
     cfg = resolve_weight_cache(cfg, model=model, trials=trials, examples=examples, collator=collator,
-                               device=dist.device, progress=progress)
+                               device=dist.device, graphs=graph_blocker_for(cfg, dist) is None, progress=progress)
     batches = build_batches(examples, cfg, tokenizer.pad_token_id, dist=dist)
     step = build_step(model, cfg, dist=dist, profiler=profiler, progress=progress)
     return TrainingParts(cfg=cfg, tokenizer=tokenizer, model=model, batches=batches, step=step,
