@@ -32,7 +32,6 @@ from torch import Tensor
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-DRAW_RANGE = 1 << 16  # dropout decisions are 16-bit draws (flash_kernels._keep_tile)
 # Bits per dropout draw in the attention kernels: 16 (p rounded to 1/65536) or 8 (p rounded to 1/256, half the
 # Philox work per element, as FlashAttention-2's dropout). Read when a forward runs; the backward uses the forward's.
 # 8 measured slower in the whole T5-3b step (H200, 2026-12-01: 39.0 vs 39.8 samples/s at 1024/128, 5.60 vs 5.85 at
@@ -140,11 +139,11 @@ def key_padding(key_mask: Tensor) -> KeyPadding:
     return KeyPadding(keep.to(torch.int8).contiguous(), lengths.contiguous())
 
 
-def dropout_threshold(dropout_p: float, draw_range: int = DRAW_RANGE) -> tuple[int, float]:
+def dropout_threshold(dropout_p: float, draw_range: int) -> tuple[int, float]:
     """(drop_below, scale): an element is dropped when its draw (uniform in [0, draw_range)) is below ``drop_below``.
 
-    The drop probability is ``dropout_p`` rounded to a multiple of 1 / draw_range (16-bit draws here: 0.1 ->
-    0.100006); kept values are scaled by the inverse of the exact keep probability, so the output's expectation is
+    The drop probability is ``dropout_p`` rounded to a multiple of 1 / draw_range (the attention kernels' draws are
+    ``DROPOUT_DRAW_BITS`` wide: 0.1 -> 0.100006 at 16 bits); kept values are scaled by the inverse of the exact keep probability, so the output's expectation is
     unchanged (torch's 1 / (1 - p)). sumtune.fast_t5.ffn_dropout uses it with 31-bit draws."""
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
