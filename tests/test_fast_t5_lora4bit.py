@@ -221,6 +221,36 @@ def test_fused_layer_uses_the_dequantized_weight_cache():
     assert_close(expected, got, rtol=1e-5)
 
 
+def test_lora_in_base_gemm_with_the_cache_keeps_w_beside_the_low_rank_weight():
+    """With the weight cache, `concat_gemms` keeps W in one buffer beside the low-rank weight's r columns (rows) and
+    the cache becomes a view of it: no per-call copy of W. Two updates of the LoRA weights later it still computes
+    what PEFT does (the low-rank part is written in afresh each call); uncaching drops the buffer."""
+    from sumtune.fast_t5.extras import _CACHE_ATTR, _JOINED_ATTR
+
+    x = torch.randn(2, 5, WIDE[0])
+    model = lora_model(dropout=0.0, widths=WIDE)
+    fuse_lora_4bit(model, concat_gemms=True)
+    cache_dequantized_weights(model)
+    bases = [layer.get_base_layer() for layer in lora_layers(model)]
+    for _ in range(2):
+        got = output_and_grads(model, x)
+        for base in bases:  # built at the first call, with the cache a view of it
+            joined, cached = getattr(base, _JOINED_ATTR), getattr(base, _CACHE_ATTR)
+            assert joined.data_ptr() == cached.data_ptr() and joined.numel() == cached.numel() + RANK * 64
+        unfuse_lora_4bit(model)
+        expected = output_and_grads(model, x)  # PEFT's layers (through the cached base forward)
+        assert_close(expected, got, rtol=1e-5)
+        fuse_lora_4bit(model, concat_gemms=True)
+        with torch.no_grad():  # a training update: the next call must see the new A and B
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.add_(torch.randn_like(param) * 0.1)
+    assert [getattr(base, _JOINED_ATTR).shape for base in bases] == [(64, 16 + RANK), (16 + RANK, 64)]  # [W | B], [W ; A]
+    uncache_dequantized_weights(model)
+    unfuse_lora_4bit(model)
+    assert not any(hasattr(base, _JOINED_ATTR) or hasattr(base, _CACHE_ATTR) for base in bases)
+
+
 def test_bf16_autocast_is_as_close_to_float32_as_peft_is():
     """Under bf16 autocast the fused layer rounds once per GEMM where PEFT rounds after each step: against the
     float32 result it must be no further off than PEFT's own bf16 forward (with 10% slack)."""
