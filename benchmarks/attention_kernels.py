@@ -220,10 +220,6 @@ def run_shape(shape, repeats: int, with_flex: bool) -> tuple[list[dict], dict]:
     tuned = fa.best_configs()
     with bc.patched("drop8"):  # 16 draws per Philox call instead of 8 (autotuned anew)
         record("triton+bias+dropout8", ours, (q, k, v), table.numel() * 4 / 2**30)
-    other_loops = "splitbias" if not fa.SPLIT_BIAS_LOOPS else "onebias"
-    with bc.patched(other_loops):  # the bias tiles' other loop structure (autotuned anew)
-        record(f"triton+bias+dropout+{other_loops}", ours, (q, k, v), table.numel() * 4 / 2**30)
-        record(f"triton+bias+{other_loops}", lambda *t: ours(*t, p=0.0), (q, k, v), table.numel() * 4 / 2**30)
     pinned = {kernel: config for kernel, config in tuned.items() if config is not None}
     with fa.block_sizes(**pinned):  # the dropout variant's tiles: one compile instead of another autotune
         record("triton+bias", lambda *t: ours(*t, p=0.0), (q, k, v), table.numel() * 4 / 2**30)

@@ -130,26 +130,6 @@ def test_forward_and_grads_match_float64_reference(fa, case):
         assert_matches_reference(fa, q, k, v, FP32_RTOL, table, mask, causal, radius=radius)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_one_bias_loop_gives_the_split_loops_results_and_mask(fa, monkeypatch, causal):
-    """`SPLIT_BIAS_LOOPS = False` (one loop over all tiles, branching per tile between the table and the far
-    constants) matches the float64 reference with dropout's mask, and equals the three-loop kernels exactly: the
-    same tiles in the same order, only the loop structure differs."""
-    q, k, v = make_qkv(3, 2, 50, 50, 16, torch.float32)
-    table, mask, p = t5_like_table(2, 50, 50, 8), padding_mask(3, 50), 0.2
-    results = {}
-    for split in (True, False):
-        monkeypatch.setattr(fa, "SPLIT_BIAS_LOOPS", split)
-        seed = seed_of_next_call(fa, 11)
-        keep = fa.dropout_keep_mask(seed, 3, 2, 50, 50, p, device="cpu")
-        with fa.block_sizes(fwd=(16, 16), dkdv=(16, 32), dq=(32, 16)):  # far, near and far tiles both ways
-            results[split] = assert_matches_reference(fa, q, k, v, FP32_RTOL, table, mask, causal, keep=keep,
-                                                      keep_scale=fa.dropout_scale(p), dropout_p=p, radius=8)
-    (out_split, grads_split), (out_one, grads_one) = results[True], results[False]
-    assert torch.equal(out_split, out_one)
-    assert all(torch.equal(a, b) for a, b in zip(grads_split, grads_one))
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_inputs_match_reference(fa, dtype):
     q, k, v = make_qkv(2, 2, 40, 40, 64, dtype)

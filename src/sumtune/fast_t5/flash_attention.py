@@ -37,9 +37,6 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 # 8 measured slower in the whole T5-3b step (H200, 2026-12-01: 39.0 vs 39.8 samples/s at 1024/128, 5.60 vs 5.85 at
 # 4096/512; results/*_loragemm_drop8-*), so 16 stays.
 DROPOUT_DRAW_BITS = 16
-# Key (query) blocks of a bias-saturating table in three loops (far-left constant, table, far-right constant: three
-# copies of the loop body) or in one loop that branches per tile. Same values either way; read at every launch.
-SPLIT_BIAS_LOOPS = True
 TABLE_MARGIN = 128  # zero columns each side of a bias table: a tile reaches at most BLOCK - 1 offsets beyond it
 _INTERPRETER_BLOCKS = dict(fwd=(32, 32), dkdv=(32, 32), dq=(32, 32))  # tests pin smaller ones to cross blocks
 _pinned_blocks: dict[str, tuple[int, ...]] = {}
@@ -70,7 +67,7 @@ def _configs(name: str):
             for m, n, w, s in AUTOTUNE_CONFIGS[name]]
 
 
-_AUTOTUNE_KEY = ["HEAD_DIM", "len_key", "CAUSAL", "HAS_BIAS", "HAS_KEY_MASK", "DROPOUT", "DRAW8", "SPLIT_BIAS"]
+_AUTOTUNE_KEY = ["HEAD_DIM", "len_key", "CAUSAL", "HAS_BIAS", "HAS_KEY_MASK", "DROPOUT", "DRAW8"]
 _tuned: dict[str, object] = {}
 
 
@@ -201,7 +198,7 @@ def _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, se
             heads, query_len, key_len, radius, *_table_geometry(table, query_len), scale * LOG2E, seed, drop_below,
             drop_scale, _length_key(max(query_len, key_len)),
             HEAD_DIM=head_dim, CAUSAL=causal, HAS_BIAS=table is not None, HAS_KEY_MASK=mask is not None,
-            DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8, SPLIT_BIAS=SPLIT_BIAS_LOOPS)
+            DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8)
     return out, lse
 
 
@@ -217,7 +214,7 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal,
     drop_below, drop_scale = dropout_threshold(dropout_p, 1 << draw_bits)
     radius = _radius(radius, query_len, key_len)
     common = dict(HEAD_DIM=head_dim, CAUSAL=causal, HAS_BIAS=table is not None, HAS_KEY_MASK=mask is not None,
-                  DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8, SPLIT_BIAS=SPLIT_BIAS_LOOPS)
+                  DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8)
     table_arg = table if table is not None else delta
     mask_arg = mask if mask is not None else delta
     lengths_arg = lengths if lengths is not None else delta

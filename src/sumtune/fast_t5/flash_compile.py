@@ -54,7 +54,7 @@ def compile_kernel(name: str, block_m: int, block_n: int, num_warps: int, num_st
         raise RuntimeError("TRITON_INTERPRET=1 decorates interpreted kernels, which do not compile: unset it")
     kernel = getattr(flash_kernels, KERNELS[name])
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=False,
-                      **{"DRAW8": False, "SPLIT_BIAS": True, **T5_FLAGS, **flags})
+                      **{"DRAW8": False, **T5_FLAGS, **flags})
     examples = example_arguments(kernel, head_dim=head_dim, dtype=dtype)
     signature, attrs = {}, {}
     for index, arg in enumerate(kernel.arg_names):
@@ -139,14 +139,11 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
     parser.add_argument("--causal", action="store_true", help="the decoder's variant instead of the encoder's")
     parser.add_argument("--draw8", action="store_true", help="dropout from 8-bit draws (DROPOUT_DRAW_BITS = 8)")
-    parser.add_argument("--one-bias-loop", action="store_true",
-                        help="one loop branching per tile on the bias (SPLIT_BIAS_LOOPS = False) instead of three")
     parser.add_argument("--first-only", action="store_true", help="each kernel's first autotune config only")
     parser.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     args = parser.parse_args(argv)
     failed = False
-    for row in report(tuple(args.head_dims), args.arch, args.first_only, CAUSAL=args.causal, DRAW8=args.draw8,
-                      SPLIT_BIAS=not args.one_bias_loop):
+    for row in report(tuple(args.head_dims), args.arch, args.first_only, CAUSAL=args.causal, DRAW8=args.draw8):
         failed |= "error" in row
         if args.json:
             print(json.dumps(row), flush=True)

@@ -11,7 +11,9 @@ Design (scores are kept in log2 units, as in Triton's fused-attention tutorial: 
   read at addresses affine in (i, j) (L1/L2-resident, no per-element index arithmetic). T5 maps every
   |j - i| >= max_distance = R to one bucket per direction, so a tile whose offsets all lie beyond +-R gets one
   scalar instead: each query block's key range is split into far-left (constant), near (table) and far-right
-  (constant) tiles; at 4096 tokens ~90% of the tiles read no bias at all.
+  (constant) tiles; at 4096 tokens ~90% of the tiles read no bias at all. Three loops (three copies of the body)
+  measured faster than one loop branching per tile, though that one had half the code and fewer registers: with
+  dropout 10.31 vs 10.75 ms at 32x32x1024, 16.48 vs 18.54 at 4x32x4096 (H200, results/attention_kernels_onebias-*).
 * **Key padding** from a per-row key mask (B, Lk) plus the row's key length (last kept key + 1), which bounds the
   loops; a masked key gets -inf, hence exactly zero probability. A row with no key at all returns zeros (no NaN).
 * **Dropout** from Philox-4x32-7 (Triton's ``tl.philox``, 7 rounds as in FlashAttention-2) keyed by a seed that
@@ -44,7 +46,6 @@ PHILOX_ROUNDS = tl.constexpr(7)
 BIAS_NONE = tl.constexpr(0)  # _bias_tile modes
 BIAS_CONST = tl.constexpr(1)
 BIAS_GATHER = tl.constexpr(2)
-BIAS_BRANCH = tl.constexpr(3)  # one loop over every tile: the table where near, else the side's constant
 
 
 if INTERPRET:
@@ -117,20 +118,13 @@ def _counter_cols(Lk, DRAW8: tl.constexpr):
 
 
 @triton.jit
-def _bias_tile(TABLE, rel, const, BIAS_MODE: tl.constexpr, tile=0, near_start=0, near_stop=0, const_after=0.0):
+def _bias_tile(TABLE, rel, const, BIAS_MODE: tl.constexpr):
     """Bias (log2 units) for relative positions ``rel = j - i``: loaded, one constant, or none.
 
     ``TABLE`` points at offset 0 of the head's row, so the address is affine in (i, j): no clamp, no gather
-    indices held per element (a clamped index into a short table spilled registers on sm_90). BIAS_BRANCH: the
-    tile starting at ``tile`` (of the looped dimension) loads when it lies in [near_start, near_stop), else takes
-    ``const`` before that range and ``const_after`` past it (one loop body instead of three)."""
+    indices held per element (a clamped index into a short table spilled registers on sm_90)."""
     if BIAS_MODE == BIAS_GATHER:
         out = tl.load(TABLE + rel)
-    elif BIAS_MODE == BIAS_BRANCH:
-        if (tile >= near_start) & (tile < near_stop):
-            out = tl.load(TABLE + rel)
-        else:
-            out = tl.zeros(rel.shape, tl.float32) + tl.where(tile < near_start, const, const_after)
     elif BIAS_MODE == BIAS_CONST:
         out = tl.zeros(rel.shape, tl.float32) + const
     else:
@@ -145,7 +139,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, start, stop, const, start_m
                seed, stream, n_cols, drop_below,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-               DRAW8: tl.constexpr, near_start=0, near_stop=0, const_after=0.0):
+               DRAW8: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(start, stop, BLOCK_N):
@@ -161,8 +155,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, start, stop, const, start_m
             kept = _keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N, DRAW8)
         k_t = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=in_k[None, :], other=0.0)
         s = _dot(q, k_t, UPCAST) * qk_scale
-        s += _bias_tile(TABLE, offs_n[None, :] - offs_m[:, None], const, BIAS_MODE, start_n, near_start, near_stop,
-                        const_after)
+        s += _bias_tile(TABLE, offs_n[None, :] - offs_m[:, None], const, BIAS_MODE)
         keep = key_ok[None, :]
         if CAUSAL:
             keep = keep & (offs_n[None, :] <= offs_m[:, None])
@@ -188,7 +181,7 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, stride_qb, str
                            table_zero, qk_scale, SEED, drop_below, drop_scale, len_key, HEAD_DIM: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                            HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-                           UPCAST: tl.constexpr, DRAW8: tl.constexpr = False, SPLIT_BIAS: tl.constexpr = True):
+                           UPCAST: tl.constexpr, DRAW8: tl.constexpr = False):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     seed = 0
@@ -222,24 +215,18 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, stride_qb, str
         # key tiles whose offsets j - i are all <= -R (far left) or all >= +R (far right) share one bias value
         lo_end = tl.minimum((tl.maximum(start_m - R + 1, 0) // BLOCK_N) * BLOCK_N, stop)
         hi_start = tl.maximum(tl.minimum(tl.cdiv(start_m + BLOCK_M - 1 + R, BLOCK_N) * BLOCK_N, stop), lo_end)
-        if SPLIT_BIAS:
-            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, 0, lo_end, far_left, start_m,
-                                       stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
-                                       seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
-                                       False, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8)
-            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, lo_end, hi_start, 0.0, start_m,
-                                       stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
-                                       seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER,
-                                       CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8)
-            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, hi_start, stop, far_right,
-                                       start_m, stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
-                                       seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
-                                       CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8)
-        else:
-            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, 0, stop, far_left, start_m,
-                                       stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
-                                       seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_BRANCH,
-                                       CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, lo_end, hi_start, far_right)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, 0, lo_end, far_left, start_m,
+                                   stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
+                                   seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
+                                   False, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, lo_end, hi_start, 0.0, start_m,
+                                   stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
+                                   seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER,
+                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, hi_start, stop, far_right,
+                                   start_m, stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
+                                   seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
+                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8)
     else:
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, 0, stop, 0.0, start_m,
                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
@@ -278,8 +265,7 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, stop, const, star
                 stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale,
                 seed, stream, n_cols, drop_below, drop_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
-                CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DRAW8: tl.constexpr,
-                near_start=0, near_stop=0, const_after=0.0):
+                CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DRAW8: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     for start_m in range(start, stop, BLOCK_M):
@@ -292,8 +278,7 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, stop, const, star
             kept = tl.trans(_keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N, DRAW8))
         q_t = tl.load(Q + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd, mask=in_q[None, :], other=0.0)
         s_t = _dot(k, q_t, UPCAST) * qk_scale  # (keys, queries)
-        s_t += _bias_tile(TABLE, offs_n[:, None] - offs_m[None, :], const, BIAS_MODE, start_m, near_start, near_stop,
-                          const_after)
+        s_t += _bias_tile(TABLE, offs_n[:, None] - offs_m[None, :], const, BIAS_MODE)
         keep = key_ok[:, None] & in_q[None, :]  # rows past Lq (whose bias reads the table's margin) count nowhere
         if CAUSAL:
             keep = keep & (offs_m[None, :] >= offs_n[:, None])
@@ -319,8 +304,7 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
                                 stride_dvd, stride_mask_b, H, Lq, Lk, R, table_row, table_zero, qk_scale, scale,
                                 SEED, drop_below, drop_scale, len_key, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-                                DRAW8: tl.constexpr = False, SPLIT_BIAS: tl.constexpr = True):
+                                HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DRAW8: tl.constexpr = False):
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
     seed = 0
@@ -359,24 +343,18 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
         # query tiles that see these keys at offsets all >= +R (first) or all <= -R (last) share one bias value
         hi_end = tl.maximum(tl.minimum((tl.maximum(start_n - R + 1, 0) // BLOCK_M) * BLOCK_M, stop), start)
         lo_start = tl.maximum(tl.minimum(tl.cdiv(start_n + BLOCK_N - 1 + R, BLOCK_M) * BLOCK_M, stop), hi_end)
-        if SPLIT_BIAS:
-            dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, hi_end, far_right, start_n,
-                                 key_ok, stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale, seed, bh,
-                                 n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, CAUSAL,
-                                 DROPOUT, UPCAST, DRAW8)
-            dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, hi_end, lo_start, 0.0, start_n,
-                                 key_ok, stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale, seed, bh,
-                                 n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER, CAUSAL,
-                                 DROPOUT, UPCAST, DRAW8)
-            dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, lo_start, stop, far_left, start_n,
-                                 key_ok, stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale, seed, bh,
-                                 n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, False,
-                                 DROPOUT, UPCAST, DRAW8)
-        else:
-            dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, stop, far_right, start_n,
-                                 key_ok, stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale, seed, bh,
-                                 n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_BRANCH, CAUSAL,
-                                 DROPOUT, UPCAST, DRAW8, hi_end, lo_start, far_left)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, hi_end, far_right, start_n,
+                             key_ok, stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale, seed, bh,
+                             n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, CAUSAL,
+                             DROPOUT, UPCAST, DRAW8)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, hi_end, lo_start, 0.0, start_n,
+                             key_ok, stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale, seed, bh,
+                             n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER, CAUSAL,
+                             DROPOUT, UPCAST, DRAW8)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, lo_start, stop, far_left, start_n,
+                             key_ok, stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale, seed, bh,
+                             n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, False,
+                             DROPOUT, UPCAST, DRAW8)
     else:
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, stop, 0.0, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale, seed, bh,
@@ -394,7 +372,7 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, start, stop, const, sta
               seed, stream, n_cols, drop_below, drop_scale,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-              DRAW8: tl.constexpr, near_start=0, near_stop=0, const_after=0.0):
+              DRAW8: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(start, stop, BLOCK_N):
@@ -409,8 +387,7 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, start, stop, const, sta
         k_t = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=in_k[None, :], other=0.0)
         v_t = tl.load(V + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=in_k[None, :], other=0.0)
         s = _dot(q, k_t, UPCAST) * qk_scale
-        s += _bias_tile(TABLE, offs_n[None, :] - offs_m[:, None], const, BIAS_MODE, start_n, near_start, near_stop,
-                        const_after)
+        s += _bias_tile(TABLE, offs_n[None, :] - offs_m[:, None], const, BIAS_MODE)
         keep = key_ok[None, :]
         if CAUSAL:
             keep = keep & (offs_n[None, :] <= offs_m[:, None])
@@ -431,7 +408,7 @@ def t5_flash_attention_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TABLE, KMASK, KV_LEN,
                               scale, SEED, drop_below, drop_scale, len_key, HEAD_DIM: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                               HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-                              UPCAST: tl.constexpr, DRAW8: tl.constexpr = False, SPLIT_BIAS: tl.constexpr = True):
+                              UPCAST: tl.constexpr, DRAW8: tl.constexpr = False):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     seed = 0
@@ -466,24 +443,18 @@ def t5_flash_attention_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TABLE, KMASK, KV_LEN,
         far_right = tl.load(TABLE + tl.minimum(R, Lk - 1))  # the bias of every offset >= +R
         lo_end = tl.minimum((tl.maximum(start_m - R + 1, 0) // BLOCK_N) * BLOCK_N, stop)
         hi_start = tl.maximum(tl.minimum(tl.cdiv(start_m + BLOCK_M - 1 + R, BLOCK_N) * BLOCK_N, stop), lo_end)
-        if SPLIT_BIAS:
-            dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, 0, lo_end, far_left, start_m,
-                           stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
-                           drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, False, HAS_KEY_MASK,
-                           DROPOUT, UPCAST, DRAW8)
-            dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, lo_end, hi_start, 0.0, start_m,
-                           stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
-                           drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER, CAUSAL, HAS_KEY_MASK,
-                           DROPOUT, UPCAST, DRAW8)
-            dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, hi_start, stop, far_right, start_m,
-                           stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
-                           drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, CAUSAL, HAS_KEY_MASK,
-                           DROPOUT, UPCAST, DRAW8)
-        else:
-            dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, 0, stop, far_left, start_m,
-                           stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
-                           drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_BRANCH, CAUSAL, HAS_KEY_MASK,
-                           DROPOUT, UPCAST, DRAW8, lo_end, hi_start, far_right)
+        dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, 0, lo_end, far_left, start_m,
+                       stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
+                       drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, False, HAS_KEY_MASK,
+                       DROPOUT, UPCAST, DRAW8)
+        dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, lo_end, hi_start, 0.0, start_m,
+                       stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
+                       drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER, CAUSAL, HAS_KEY_MASK,
+                       DROPOUT, UPCAST, DRAW8)
+        dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, hi_start, stop, far_right, start_m,
+                       stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
+                       drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, CAUSAL, HAS_KEY_MASK,
+                       DROPOUT, UPCAST, DRAW8)
     else:
         dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, 0, stop, 0.0, start_m,
                        stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
