@@ -215,22 +215,6 @@ def test_dropout_forward_and_backward_use_the_mask_the_kernels_draw(fa):
                                      keep_scale=fa.dropout_scale(p), dropout_p=p, radius=8)
 
 
-@pytest.mark.parametrize("layout", [1, 2])
-def test_dkdv_drawing_its_own_dropout_tile_gives_the_same_mask(fa, monkeypatch, layout):
-    """`DKDV_KEEP_LAYOUT` 1 and 2 (the dK/dV kernel draws its (key, query) dropout tile in place instead of
-    transposing the forward's): the float64 reference with the helper's mask still reproduces every gradient,
-    with tiles that differ between the kernels, causal or not."""
-    monkeypatch.setattr(fa, "DKDV_KEEP_LAYOUT", layout)
-    q, k, v = make_qkv(2, 2, 45, 45, 16, torch.float32)
-    table, mask, p = t5_like_table(2, 45, 45, 8), padding_mask(2, 45), 0.3
-    for causal in (False, True):
-        seed = seed_of_next_call(fa, 7)
-        keep = fa.dropout_keep_mask(seed, 2, 2, 45, 45, p, device="cpu")
-        with fa.block_sizes(fwd=(16, 32), dkdv=(32, 16), dq=(16, 16)):
-            assert_matches_reference(fa, q, k, v, FP32_RTOL, table, mask, causal, keep=keep,
-                                     keep_scale=fa.dropout_scale(p), dropout_p=p, radius=8)
-
-
 def test_dropout_mask_rate_streams_and_tiling(fa):
     p = 0.1
     mask = fa.dropout_keep_mask(1234, 2, 3, 64, 72, p, device="cpu")

@@ -37,10 +37,6 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 # 8 measured slower in the whole T5-3b step (H200, 2026-12-01: 39.0 vs 39.8 samples/s at 1024/128, 5.60 vs 5.85 at
 # 4096/512; results/*_loragemm_drop8-*), so 16 stays.
 DROPOUT_DRAW_BITS = 16
-# How the dK/dV kernel gets its dropout tile in its (key, query) orientation: 0 the forward's tile transposed (a
-# layout conversion through shared memory), 1 drawn in place (two Philox calls per 8 elements), 2 drawn in place a
-# key pair per call. Same mask every way; read at every launch.
-DKDV_KEEP_LAYOUT = 0
 TABLE_MARGIN = 128  # zero columns each side of a bias table: a tile reaches at most BLOCK - 1 offsets beyond it
 _INTERPRETER_BLOCKS = dict(fwd=(32, 32), dkdv=(32, 32), dq=(32, 32))  # tests pin smaller ones to cross blocks
 _pinned_blocks: dict[str, tuple[int, ...]] = {}
@@ -80,8 +76,7 @@ def _autotuned(name: str, kernel):
     if _tuned.get(name, (None, None))[0] is not kernel:
         import triton
 
-        key = _AUTOTUNE_KEY + (["KEEP_LAYOUT"] if name == "dkdv" else [])
-        _tuned[name] = (kernel, triton.autotune(_configs(name), key=key)(kernel))
+        _tuned[name] = (kernel, triton.autotune(_configs(name), key=_AUTOTUNE_KEY)(kernel))
     return _tuned[name][1]
 
 
@@ -231,7 +226,7 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal,
             q, k, v, grad_out, dk, dv, lse, delta, table_arg, mask_arg, lengths_arg,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), mask_stride,
             heads, query_len, key_len, radius, *geometry, scale * LOG2E, scale, seed, drop_below, drop_scale,
-            length_key, KEEP_LAYOUT=DKDV_KEEP_LAYOUT, **common)
+            length_key, **common)
     _launch("dq", kernels.t5_flash_attention_bwd_dq,
             lambda bm, bn: (_cdiv(query_len, bm), batch * heads),
             q, k, v, grad_out, dq, lse, delta, table_arg, mask_arg, lengths_arg,

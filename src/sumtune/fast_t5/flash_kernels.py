@@ -84,49 +84,6 @@ def _keep_tile(seed, stream, start_i, start_j, n_cols, drop_below, BLOCK_I: tl.c
 
 
 @triton.jit
-def _keep_tile_keys_first(seed, stream, start_i, start_j, n_cols, drop_below, BLOCK_I: tl.constexpr,
-                          BLOCK_J: tl.constexpr, PAIRED: tl.constexpr):
-    """The transpose of ``_keep_tile`` -- a (BLOCK_J keys, BLOCK_I queries) mask, the same draws -- built in the
-    (key, query) tiles of the dK/dV kernel, where a thread holds keys {r, r + 8} x queries {c, c + 1, c + 8, c + 9}.
-
-    PAIRED False: each thread makes the two Philox calls its elements come from and keeps its key's half of each
-    word (two calls per 8 of its elements, the same calls as its neighbour key's thread), so nothing moves between
-    threads. PAIRED True: one call per key pair, joined over the pair (data moves between the two threads)."""
-    if PAIRED:
-        rows = start_i // 2 + tl.arange(0, BLOCK_I // 2)
-        cols = start_j // 4 + tl.arange(0, BLOCK_J // 4)
-        counter = cols[:, None] + rows[None, :] * n_cols  # (key quads, query rows)
-        zero = tl.zeros_like(counter)
-        r0, r1, r2, r3 = tl.philox(seed, counter, zero + stream, zero, zero, PHILOX_ROUNDS)
-        x0 = tl.join((r0 & 0xFFFF).to(tl.int32) >= drop_below, (r0 >> 16).to(tl.int32) >= drop_below)
-        x1 = tl.join((r1 & 0xFFFF).to(tl.int32) >= drop_below, (r1 >> 16).to(tl.int32) >= drop_below)
-        x2 = tl.join((r2 & 0xFFFF).to(tl.int32) >= drop_below, (r2 >> 16).to(tl.int32) >= drop_below)
-        x3 = tl.join((r3 & 0xFFFF).to(tl.int32) >= drop_below, (r3 >> 16).to(tl.int32) >= drop_below)
-        keep = tl.join(tl.join(x0, x1), tl.join(x2, x3))  # (quads, rows, h, +8 row, +8 key)
-        keep = tl.reshape(keep, (BLOCK_J // 16, 4, BLOCK_I // 16, 8, 2, 2, 2))  # (kb, pair, qb, i8, h, qp, kp)
-        keep = tl.permute(keep, (0, 6, 1, 4, 2, 5, 3))  # (kb, kp, pair, h, qb, qp, i8)
-        return tl.reshape(keep, (BLOCK_J, BLOCK_I))
-    j8 = tl.arange(0, 8)
-    i8 = tl.arange(0, 8)
-    kb = tl.arange(0, BLOCK_J // 16)
-    qb = tl.arange(0, BLOCK_I // 16)
-    col = (start_j // 4 + kb[:, None] * 4 + j8[None, :] // 2)  # (kb, j8): the key quad
-    row = (start_i // 2 + qb[:, None] * 8 + i8[None, :])  # (qb, i8): the query row
-    counter = col[:, :, None, None] + row[None, None, :, :] * n_cols  # (kb, j8, qb, i8)
-    shift = ((j8 % 2) * 16)[None, :, None, None]  # the word's half that holds this key
-    zero = tl.zeros_like(counter)
-    r0, r1, r2, r3 = tl.philox(seed, counter, zero + stream, zero, zero, PHILOX_ROUNDS)
-    # w0 -> (+0 row, +0 key), w1 -> (+8 row, +0 key), w2 -> (+0 row, +8 key), w3 -> (+8 row, +8 key)
-    x0 = ((r0 >> shift) & 0xFFFF).to(tl.int32) >= drop_below
-    x1 = ((r1 >> shift) & 0xFFFF).to(tl.int32) >= drop_below
-    x2 = ((r2 >> shift) & 0xFFFF).to(tl.int32) >= drop_below
-    x3 = ((r3 >> shift) & 0xFFFF).to(tl.int32) >= drop_below
-    keep = tl.join(tl.join(x0, x1), tl.join(x2, x3))  # (kb, j8, qb, i8, qp, kp): a join adds the last dimension
-    keep = tl.permute(keep, (0, 5, 1, 2, 4, 3))  # (kb, kp, j8, qb, qp, i8)
-    return tl.reshape(keep, (BLOCK_J, BLOCK_I))
-
-
-@triton.jit
 def _bytes_kept(word, drop_below):
     """(..., h, +8 key) keep flags of a Philox word's four bytes: byte 2 * g + h is key c + 8 * g + h."""
     b0 = (word & 0xFF).to(tl.int32) >= drop_below
@@ -308,8 +265,7 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, stop, const, star
                 stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale,
                 seed, stream, n_cols, drop_below, drop_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
-                CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DRAW8: tl.constexpr,
-                KEEP_LAYOUT: tl.constexpr):
+                CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DRAW8: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     for start_m in range(start, stop, BLOCK_M):
@@ -318,13 +274,8 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, stop, const, star
         in_q = offs_m < Lq
         lse = tl.load(LSE + offs_m, mask=in_q, other=float("inf"))  # small loads and draws before the dots
         delta = tl.load(DELTA + offs_m, mask=in_q, other=0.0)
-        if DROPOUT:
-            if KEEP_LAYOUT == 0 or DRAW8:
-                kept = tl.trans(_keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N,
-                                           DRAW8))
-            else:
-                kept = _keep_tile_keys_first(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N,
-                                             KEEP_LAYOUT == 2)
+        if DROPOUT:  # transposed through shared memory; drawing it in this layout (2x the Philox work) was no faster
+            kept = tl.trans(_keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N, DRAW8))
         q_t = tl.load(Q + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd, mask=in_q[None, :], other=0.0)
         s_t = _dot(k, q_t, UPCAST) * qk_scale  # (keys, queries)
         s_t += _bias_tile(TABLE, offs_n[:, None] - offs_m[None, :], const, BIAS_MODE)
@@ -353,8 +304,7 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
                                 stride_dvd, stride_mask_b, H, Lq, Lk, R, table_row, table_zero, qk_scale, scale,
                                 SEED, drop_below, drop_scale, len_key, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-                                DRAW8: tl.constexpr = False, KEEP_LAYOUT: tl.constexpr = 0):
+                                HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DRAW8: tl.constexpr = False):
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
     seed = 0
@@ -396,20 +346,20 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, hi_end, far_right, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale, seed, bh,
                              n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, CAUSAL,
-                             DROPOUT, UPCAST, DRAW8, KEEP_LAYOUT)
+                             DROPOUT, UPCAST, DRAW8)
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, hi_end, lo_start, 0.0, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale, seed, bh,
                              n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER, CAUSAL,
-                             DROPOUT, UPCAST, DRAW8, KEEP_LAYOUT)
+                             DROPOUT, UPCAST, DRAW8)
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, lo_start, stop, far_left, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale, seed, bh,
                              n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, False,
-                             DROPOUT, UPCAST, DRAW8, KEEP_LAYOUT)
+                             DROPOUT, UPCAST, DRAW8)
     else:
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, stop, 0.0, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale, seed, bh,
                              n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE, CAUSAL,
-                             DROPOUT, UPCAST, DRAW8, KEEP_LAYOUT)
+                             DROPOUT, UPCAST, DRAW8)
     tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
              (dk * scale).to(DK.dtype.element_ty), mask=in_k[:, None])
     tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
