@@ -245,7 +245,7 @@ def test_lora_in_base_gemm_with_the_cache_keeps_w_beside_the_low_rank_weight():
             for param in model.parameters():
                 if param.requires_grad:
                     param.add_(torch.randn_like(param) * 0.1)
-    assert [getattr(base, _JOINED_ATTR).shape for base in bases] == [(64, 16 + RANK), (16 + RANK, 64)]  # [W | B], [W ; A]
+    assert [getattr(base, _JOINED_ATTR).shape for base in bases] == [(64, 16 + RANK), (16 + RANK, 64)]
     uncache_dequantized_weights(model)
     unfuse_lora_4bit(model)
     assert not any(hasattr(base, _JOINED_ATTR) or hasattr(base, _CACHE_ATTR) for base in bases)
