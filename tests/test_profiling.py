@@ -233,6 +233,7 @@ def test_summary_and_report_with_a_gpu_trace(cpu_profile):
     assert summary["top_kernels"][0]["calls"] == 2
     text = format_summary(summary)
     assert "top GPU kernels" in text and "busy 40%" in text and "tensor-core kernels 50%" in text
+    assert "kernels       matmul 70%, other 30% of kernel time" in text
     json.dumps(summary)
 
 
@@ -335,6 +336,36 @@ def test_gpu_stats_absent_without_kernels():
 ])
 def test_tensor_core_kernel_names(name, tensor_core):
     assert trace_analysis.is_tensor_core_kernel(name) is tensor_core
+
+
+def test_kernel_families_first_match():
+    family = trace_analysis.kernel_family
+    assert family("t5_flash_attention_bwd_dkdv") == family("t5_attention_bwd_delta") == "attention"
+    assert family("nvjet_sm90_tst_192x192_64x3_1x2_h_bz_coopB_NNN") == "matmul"
+    assert family("void cublasLt::splitKreduce_kernel<32, 16, int, float>") == "matmul"
+    assert family("relu_dropout_bwd") == family("void at::native::masked_scale_kernel<bool>") == "dropout"
+    assert family("void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>") == "dequantize"
+    assert family("void at::native::layer_norm_grad_input_kernel_vectorized<c10::BFloat16>") == "normalization"
+    assert family("void at::native::CatArrayBatchedCopy_vectorized<OpaqueType<2>>") == "copy"
+    assert family("void at::native::vectorized_elementwise_kernel<8, CUDAFunctor_add<c10::BFloat16>>") == "other"
+    shares = trace_analysis.gpu_stats(gpu_trace())["kernel_families_pct"]
+    assert shares == pytest.approx({"matmul": 70.0, "other": 30.0})  # 50 + 20 us of gemms, 30 of other kernels
+    assert list(shares) == ["matmul", "other"]  # largest first
+
+
+def test_kernel_bound_rule_names_where_the_kernel_time_goes():
+    families = {"matmul": 47.0, "attention": 38.0, "dropout": 6.0, "copy": 4.0}
+    busy = base_summary(gpu={"utilization_pct": 93.0, "kernel_families_pct": families},
+                        context={"attention_backend": "auto"})
+    text = advice.kernel_bound(busy)
+    assert "busy 93%" in text and "matmul 47%, attention 38%, dropout 6%" in text and "copy" not in text
+    assert "model's own FLOPs" in text
+    stock = base_summary(gpu={"utilization_pct": 95.0, "kernel_families_pct": {"attention": 60.0, "matmul": 40.0}},
+                         context={"attention_backend": "sdpa"})
+    assert "attention_backend: auto" in advice.kernel_bound(stock)
+    idle = base_summary(gpu={"utilization_pct": 70.0, "kernel_families_pct": families})
+    assert advice.kernel_bound(idle) is None
+    assert advice.kernel_bound(base_summary()) is None  # no family shares (an older summary)
 
 
 def test_fp32_gemm_names():

@@ -20,11 +20,13 @@ HEADROOM_FRACTION = 0.5  # peak below half the device memory: room for a larger 
 FULL_FRACTION = 0.9
 JITTER_RATIO = 1.5
 SMALL_KERNEL_US = 20.0
+KERNEL_BOUND_PCT = 90.0  # GPU busy at least this much of the step: the kernels, not the host, set the pace
 
 
 CONTEXT_KEYS = ("batch_size", "grad_accum_steps", "num_workers", "pin_memory", "compute_dtype", "quantization",
                 "gradient_checkpointing", "compile", "fast_kernels", "max_source_tokens", "max_target_tokens",
-                "lora_r", "pad_to_buckets", "max_memory_gib", "cuda_graphs")
+                "lora_r", "pad_to_buckets", "max_memory_gib", "cuda_graphs", "attention_backend",
+                "cache_dequantized_weights", "model_dropout")
 
 
 def advice_context(settings: Any) -> dict[str, Any]:
@@ -154,6 +156,34 @@ def tensor_cores(summary: dict[str, Any]) -> str | None:
     return None
 
 
+def _family_hint(family: str, ctx: dict[str, Any]) -> str | None:
+    """What can shrink the largest kernel family's time, given the run's settings (None: nothing to say)."""
+    if family == "attention":
+        if ctx.get("attention_backend") in ("auto", "triton"):
+            return "its time grows with the square of max_source_tokens"
+        return "attention_backend: auto runs sumtune's Triton kernels for T5 (bias and dropout inside the kernel)"
+    if family == "dequantize" and not ctx.get("cache_dequantized_weights"):
+        return "cache_dequantized_weights: true skips the NF4 dequantization where memory allows"
+    if family == "dropout" and ctx.get("model_dropout") != 0:
+        return "model_dropout: 0 removes T5's dropout kernels (a modelling choice)"
+    if family == "matmul":
+        return "those are the model's own FLOPs (MFU says how close to the GPU's rate they run)"
+    return None
+
+
+def kernel_bound(summary: dict[str, Any]) -> str | None:
+    """A busy GPU: nothing on the host stalls it, so say which kernel families the time goes to."""
+    util, families = _gpu(summary).get("utilization_pct"), _gpu(summary).get("kernel_families_pct")
+    if util is None or util < KERNEL_BOUND_PCT or not families:
+        return None
+    top = list(families.items())[:3]
+    shares = ", ".join(f"{family} {pct:.0f}%" for family, pct in top)
+    hint = _family_hint(top[0][0], _ctx(summary))
+    text = (f"the GPU is busy {util:.0f}% of the step, so its kernels set the pace ({shares} of kernel time): "
+            "speed now comes from fewer FLOPs or faster kernels, not from the host")
+    return text + (f"; {top[0][0]}: {hint}." if hint else ".")
+
+
 def memory_headroom(summary: dict[str, Any]) -> str | None:
     frac = _mem_fraction(summary)
     if frac is None or frac >= HEADROOM_FRACTION:
@@ -205,7 +235,7 @@ def cpu_only(summary: dict[str, Any]) -> str | None:
 
 RULES: tuple[Callable[[dict[str, Any]], str | None], ...] = (
     host_syncs, launch_bound, data_loading, host_to_device, low_gpu_utilization, tensor_cores, memory_headroom, memory_full,
-    optimizer_share, unaccounted, step_jitter, cpu_only,
+    optimizer_share, unaccounted, step_jitter, kernel_bound, cpu_only,
 )
 
 

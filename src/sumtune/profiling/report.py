@@ -40,6 +40,9 @@ def format_summary(summary: dict[str, Any]) -> str:
                    f"NVML {_fmt(gpu.get('nvml_utilization_pct'), '.0f', '%')}, "
                    f"est. SM efficiency {_fmt(gpu.get('est_sm_efficiency_pct'), '.0f', '%')}, "
                    f"tensor-core kernels {_fmt(gpu.get('tensor_core_pct'), '.0f', '%')} of kernel time")
+        if gpu.get("kernel_families_pct"):
+            out.append("kernels       " + ", ".join(f"{family} {pct:.0f}%" for family, pct
+                                                    in gpu["kernel_families_pct"].items()) + " of kernel time")
     host = summary.get("host")
     if host:
         out.append(f"host          {_fmt(host.get('syncs_per_step'), '.0f')} device syncs/step "

@@ -26,6 +26,17 @@ _TENSOR_CORE_RE = re.compile(
 # SIMT fp32/fp64 GEMM/conv kernels: look like matmuls but do not use tensor cores.
 _SIMT_RE = re.compile(r"simt|sgemm(?!.*tf32)|dgemm|implicit_convolve_sgemm|gemv", re.IGNORECASE)
 _GEMM_RE = re.compile(r"gemm|gemv|matmul|conv|fprop|dgrad|wgrad|nvjet|cutlass|xmma|wgmma|hmma", re.IGNORECASE)
+# Where the kernel time goes, by family: the first pattern that matches a kernel's name names its family.
+KERNEL_FAMILIES: tuple[tuple[str, re.Pattern], ...] = (
+    ("attention", re.compile(r"flash|fmha|attention|attn", re.IGNORECASE)),
+    ("matmul", re.compile(_GEMM_RE.pattern + r"|splitkreduce", re.IGNORECASE)),
+    ("dropout", re.compile(r"dropout|masked_scale|philox", re.IGNORECASE)),
+    ("dequantize", re.compile(r"dequantiz", re.IGNORECASE)),
+    ("normalization", re.compile(r"norm", re.IGNORECASE)),
+    ("optimizer", re.compile(r"adam|multi_tensor|foreach", re.IGNORECASE)),
+    ("copy", re.compile(r"copy|catarray|memcpy|memset|fillfunctor", re.IGNORECASE)),
+)
+OTHER_FAMILY = "other"
 
 
 def find_trace_files(out_dir: str | Path) -> list[Path]:
@@ -108,6 +119,20 @@ def is_fp32_gemm_kernel(name: str) -> bool:
     return bool(_GEMM_RE.search(name)) and not is_tensor_core_kernel(name)
 
 
+def kernel_family(name: str) -> str:
+    """The KERNEL_FAMILIES family of a kernel's name (first match), else "other"."""
+    return next((family for family, pattern in KERNEL_FAMILIES if pattern.search(name)), OTHER_FAMILY)
+
+
+def family_shares(events: Iterable[dict[str, Any]]) -> dict[str, float]:
+    """Percent of the kernels' summed time per family, largest first."""
+    total_us: dict[str, float] = defaultdict(float)
+    for e in events:
+        total_us[kernel_family(e["name"])] += float(e["dur"])
+    grand_us = sum(total_us.values()) or 1.0
+    return {family: 100.0 * us / grand_us for family, us in sorted(total_us.items(), key=lambda kv: -kv[1])}
+
+
 def top_by_name(events: Iterable[dict[str, Any]], limit: int = 10) -> list[dict[str, Any]]:
     """Group events by name: calls, total/mean time, share of the grouped total."""
     total_us: dict[str, float] = defaultdict(float)
@@ -178,6 +203,7 @@ def gpu_stats(trace: dict[str, Any], top_k: int = 10) -> dict[str, Any] | None:
         if in_window
         else None,
         "top_kernels": top_by_name(in_window, top_k),
+        "kernel_families_pct": family_shares(in_window),
     }
 
 
