@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import types
+import warnings
 
 import pytest
 import torch
@@ -266,6 +268,17 @@ def test_bias_equals_stock_compute_bias_and_masks(model):
     assert bias_lib.cross_attention_bias(torch.ones_like(mask), dtype) is None
 
 
+def test_a_cache_passed_as_cache_keeps_the_stock_route():
+    """Since transformers 5.2x the key/value cache reaches T5's forwards as `cache`: a forward given one must take the
+    stock, cache-filling route, as with `past_key_values`."""
+    from sumtune.fast_t5.modules import can_take_fast_route
+
+    stack = types.SimpleNamespace(config=types.SimpleNamespace(output_attentions=False, output_hidden_states=False))
+    assert can_take_fast_route(stack, None, None, {})
+    assert not can_take_fast_route(stack, None, None, {"cache": object()})
+    assert not can_take_fast_route(stack, object(), None, {})
+
+
 def test_generate_with_cache_matches_stock(batch):
     """generate() runs the encoder on the fast route (padded rows included) and decodes with the stock cache."""
     model = build_qlora_t5(TINY, init_factor=2.0).eval()  # a livelier model: rows generate different tokens
@@ -274,10 +287,13 @@ def test_generate_with_cache_matches_stock(batch):
     with torch.no_grad():
         stock = model.generate(**kwargs)
         enable_fast_t5(model)
-        with fast_route_calls() as calls:
+        with fast_route_calls() as calls, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             fast = model.generate(**kwargs)
         disable_fast_t5(model)
     assert calls, "the encoder did not take the fast route"
+    # transformers 5.2x names the cache `cache` and warns when the fast forwards hand on past_key_values=None beside it
+    assert not [w for w in caught if "past_key_values" in str(w.message)], [str(w.message)[:120] for w in caught]
     assert len({tuple(row) for row in stock.tolist()}) > 1, "every row generated the same tokens: the check is idle"
     assert torch.equal(stock, fast)
 

@@ -26,6 +26,17 @@ def _compute_dtype(module: torch.nn.Module) -> torch.dtype:
     return getattr(module, COMPUTE_DTYPE_ATTR)
 
 
+def _cache_given(past_key_values, kwargs: dict) -> bool:
+    """A key/value cache came in: as ``past_key_values``, or as ``cache`` (its name since transformers 5.2x)."""
+    return past_key_values is not None or kwargs.get("cache") is not None
+
+
+def _with_past(past_key_values) -> dict:
+    """``past_key_values`` for a stock forward only when there is one: transformers 5.2x warns when it is passed
+    (even as None) beside ``cache``."""
+    return {} if past_key_values is None else {"past_key_values": past_key_values}
+
+
 # --------------------------------------------------------------------------- attention
 def fast_attention_forward(self, hidden_states, mask=None, key_value_states=None, position_bias=None,
                            past_key_values=None, **kwargs):
@@ -35,9 +46,9 @@ def fast_attention_forward(self, hidden_states, mask=None, key_value_states=None
     padding, causality) or, on the SDPA route, the relative bias + padding/causal mask (self-attention) or the
     key-padding bias / None (cross-attention); ``mask`` is None.
     """
-    if not kwargs.pop(FAST_KW, False) or past_key_values is not None or mask is not None:
+    if not kwargs.pop(FAST_KW, False) or _cache_given(past_key_values, kwargs) or mask is not None:
         return type(self).forward(self, hidden_states, mask=mask, key_value_states=key_value_states,
-                                  position_bias=position_bias, past_key_values=past_key_values, **kwargs)
+                                  position_bias=position_bias, **_with_past(past_key_values), **kwargs)
     dtype = _compute_dtype(self)
     batch, query_len = hidden_states.shape[:2]
     source = hidden_states if key_value_states is None else key_value_states
@@ -128,7 +139,7 @@ def _output_flag(self, kwargs: dict, name: str) -> bool:
 
 def can_take_fast_route(self, past_key_values, use_cache, kwargs: dict) -> bool:
     """Fast only for cache-free forwards (training, eval loss, the encoder during generate)."""
-    if past_key_values is not None or use_cache is True:
+    if _cache_given(past_key_values, kwargs) or use_cache is True:
         return False
     if kwargs.get("return_dict") is False:
         return False
@@ -179,7 +190,7 @@ def fast_stack_forward(self, input_ids=None, attention_mask=None, encoder_hidden
         return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
                                   encoder_hidden_states=encoder_hidden_states,
                                   encoder_attention_mask=encoder_attention_mask, inputs_embeds=inputs_embeds,
-                                  past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+                                  use_cache=use_cache, **_with_past(past_key_values), **kwargs)
     from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
     if (input_ids is None) == (inputs_embeds is None):
