@@ -124,17 +124,16 @@ def kernel_family(name: str) -> str:
     return next((family for family, pattern in KERNEL_FAMILIES if pattern.search(name)), OTHER_FAMILY)
 
 
-def family_shares(events: Iterable[dict[str, Any]]) -> dict[str, float]:
-    """Percent of the kernels' summed time per family, largest first."""
-    total_us: dict[str, float] = defaultdict(float)
-    for e in events:
-        total_us[kernel_family(e["name"])] += float(e["dur"])
-    grand_us = sum(total_us.values()) or 1.0
-    return {family: 100.0 * us / grand_us for family, us in sorted(total_us.items(), key=lambda kv: -kv[1])}
+def family_shares(by_name: list[dict[str, Any]]) -> dict[str, float]:
+    """Percent of the kernels' summed time per family, largest first, from every kernel's `top_by_name` row."""
+    shares: dict[str, float] = defaultdict(float)
+    for row in by_name:
+        shares[kernel_family(row["name"])] += row["pct"]
+    return dict(sorted(shares.items(), key=lambda kv: -kv[1]))
 
 
-def top_by_name(events: Iterable[dict[str, Any]], limit: int = 10) -> list[dict[str, Any]]:
-    """Group events by name: calls, total/mean time, share of the grouped total."""
+def top_by_name(events: Iterable[dict[str, Any]], limit: int | None = 10) -> list[dict[str, Any]]:
+    """Group events by name: calls, total/mean time, share of the grouped total (the `limit` largest; None: all)."""
     total_us: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)
     for e in events:
@@ -186,6 +185,7 @@ def gpu_stats(trace: dict[str, Any], top_k: int = 10) -> dict[str, Any] | None:
     tc_us = sum(float(k["dur"]) for k in in_window if is_tensor_core_kernel(k["name"]))
     fp32_gemm_us = sum(float(k["dur"]) for k in in_window if is_fp32_gemm_kernel(k["name"]))
     copies = events_in_windows(memcpy_events(events), windows)
+    by_name = top_by_name(in_window, limit=None)  # every kernel, grouped once: the top rows and the family shares
     return {
         "steps_in_trace": len(windows),
         "trace_step_time_mean_s": window_us / len(windows) / 1e6,
@@ -202,8 +202,8 @@ def gpu_stats(trace: dict[str, Any], top_k: int = 10) -> dict[str, Any] | None:
         "est_achieved_occupancy_pct": _weighted_arg_pct(in_window, "est. achieved occupancy %", 100.0, 1.0, kernel_us)
         if in_window
         else None,
-        "top_kernels": top_by_name(in_window, top_k),
-        "kernel_families_pct": family_shares(in_window),
+        "top_kernels": by_name[:top_k],
+        "kernel_families_pct": family_shares(by_name),
     }
 
 
