@@ -12,7 +12,6 @@ Rows, each timed forward + backward (CUDA events, median) with its peak memory a
   ... +dropout              the same with dropout 0.1 on the probabilities
   flex +bias                FlexAttention (compiled), bias from the table in score_mod, padding as a block mask
   triton +bias(+dropout)    sumtune's kernels (sumtune.fast_t5.flash_attention): table + key padding, no L x L
-  ... +redraw               the backward draws the dropout mask again (flash_attention.SAVE_DROPOUT_BITS = False)
   ... +dropout8             the same with 8-bit dropout draws (flash_attention.DROPOUT_DRAW_BITS = 8)
   triton                    the same kernels with key padding only (no bias, no dropout): the bare kernel
 Forward and backward are also timed apart (fwd_ms, bwd_ms) in the same runs.
@@ -219,8 +218,6 @@ def run_shape(shape, repeats: int, with_flex: bool) -> tuple[list[dict], dict]:
 
     record("triton+bias+dropout", ours, (q, k, v), table.numel() * 4 / 2**30)
     tuned = fa.best_configs()
-    with bc.patched("redraw"):  # the backward draws the mask again instead of loading the forward's bits
-        record("triton+bias+dropout+redraw", ours, (q, k, v), table.numel() * 4 / 2**30)
     with bc.patched("drop8"):  # 16 draws per Philox call instead of 8 (autotuned anew)
         record("triton+bias+dropout8", ours, (q, k, v), table.numel() * 4 / 2**30)
     pinned = {kernel: config for kernel, config in tuned.items() if config is not None}

@@ -161,13 +161,11 @@ CONFIG_TOKENS: dict[str, dict] = {
 
 # Tokens for kernel settings that are module constants, not TrainConfig fields: (module, name, value) patched around
 # the row (sumtune reads them at call time). `drop8`: the attention kernels' dropout from 8-bit draws; `nojoin`: the
-# fused LoRA node concatenates a copy of the cached W per call instead of keeping it beside the low-rank weight;
-# `redraw`: the attention backward draws the forward's dropout mask again instead of loading its saved bits.
+# fused LoRA node concatenates a copy of the cached W per call instead of keeping it beside the low-rank weight.
 # (`onebias`, the attention's bias tiles in one loop, measured slower and went with its kernel variant: commit 6681814.)
 PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "drop8": ("sumtune.fast_t5.flash_attention", "DROPOUT_DRAW_BITS", 8),
     "nojoin": ("sumtune.fast_t5.lora4bit", "JOIN_CACHED_WEIGHTS", False),
-    "redraw": ("sumtune.fast_t5.flash_attention", "SAVE_DROPOUT_BITS", False),
 }
 
 

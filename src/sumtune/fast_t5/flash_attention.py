@@ -37,10 +37,6 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 # 8 measured slower in the whole T5-3b step (H200, 2026-12-01: 39.0 vs 39.8 samples/s at 1024/128, 5.60 vs 5.85 at
 # 4096/512; results/*_loragemm_drop8-*), so 16 stays.
 DROPOUT_DRAW_BITS = 16
-# With 16-bit draws, the forward saves its keep flags for the backward (one bit per score: B * H * Lq * Lk / 8
-# bytes, 64 MiB per layer at 16 x 32 x 1024 x 1024), and the two backward kernels load them instead of repeating
-# the forward's Philox draws. False: they draw again (no memory). Read when a forward runs.
-SAVE_DROPOUT_BITS = True
 TABLE_MARGIN = 128  # zero columns each side of a bias table: a tile reaches at most BLOCK - 1 offsets beyond it
 _INTERPRETER_BLOCKS = dict(fwd=(32, 32), dkdv=(32, 32), dq=(32, 32))  # tests pin smaller ones to cross blocks
 _pinned_blocks: dict[str, tuple[int, ...]] = {}
@@ -71,7 +67,7 @@ def _configs(name: str):
             for m, n, w, s in AUTOTUNE_CONFIGS[name]]
 
 
-_AUTOTUNE_KEY = ["HEAD_DIM", "len_key", "CAUSAL", "HAS_BIAS", "HAS_KEY_MASK", "DROPOUT", "DRAW8", "KEEP_BITS"]
+_AUTOTUNE_KEY = ["HEAD_DIM", "len_key", "CAUSAL", "HAS_BIAS", "HAS_KEY_MASK", "DROPOUT", "DRAW8"]
 _tuned: dict[str, object] = {}
 
 
@@ -185,37 +181,12 @@ def _radius(radius: int, query_len: int, key_len: int) -> int:
     return radius if radius > 0 else query_len + key_len  # 0: no saturation known, every tile reads the table
 
 
-def _keeps_bits(dropout_p: float, draw_bits: int) -> bool:
-    return dropout_p > 0 and draw_bits == 16 and SAVE_DROPOUT_BITS
-
-
-def _keep_bits_shape(batch: int, heads: int, query_len: int, key_len: int) -> tuple[int, int, int]:
-    """(B * H, counter rows, counter columns) of the saved keep flags, a byte per Philox counter (8 scores), padded
-    to whole tiles of the largest block (TABLE_MARGIN: :func:`_launch` allows none larger) so the kernels store and
-    load without masks."""
-    block = TABLE_MARGIN
-    return batch * heads, _cdiv(query_len, block) * block // 2, _cdiv(key_len, block) * block // 4
-
-
-def _new_keep_bits(q: Tensor, key_len: int, dropout_p: float, draw_bits: int) -> Tensor:
-    """The forward's keep-flag buffer, or an empty placeholder when it keeps none."""
-    if not _keeps_bits(dropout_p, draw_bits):
-        return q.new_empty((0,), dtype=torch.uint8)
-    return q.new_empty(_keep_bits_shape(q.shape[0], q.shape[1], q.shape[2], key_len), dtype=torch.uint8)
-
-
-def _keep_geometry(keep_bits: Tensor) -> tuple[int, int]:
-    """(stride per (batch, head), row length) of a keep-flag buffer."""
-    return (keep_bits.stride(0), keep_bits.shape[2]) if keep_bits.dim() == 3 else (0, 0)
-
-
 def _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, seed, draw_bits):
     kernels = _kernels()
     batch, heads, query_len, head_dim = q.shape
     key_len = k.shape[2]
     out = torch.empty((batch, query_len, heads, head_dim), device=q.device, dtype=q.dtype).transpose(1, 2)
     lse = torch.empty((batch, heads, query_len), device=q.device, dtype=torch.float32)
-    keep_bits = _new_keep_bits(q, key_len, dropout_p, draw_bits)
     drop_below, drop_scale = dropout_threshold(dropout_p, 1 << draw_bits)
     radius = _radius(radius, query_len, key_len)
     dummy = lse
@@ -225,14 +196,13 @@ def _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, se
             lengths if lengths is not None else dummy,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), mask.stride(0) if mask is not None else 0,
             heads, query_len, key_len, radius, *_table_geometry(table, query_len), scale * LOG2E, seed, drop_below,
-            drop_scale, _length_key(max(query_len, key_len)), keep_bits, *_keep_geometry(keep_bits),
+            drop_scale, _length_key(max(query_len, key_len)),
             HEAD_DIM=head_dim, CAUSAL=causal, HAS_BIAS=table is not None, HAS_KEY_MASK=mask is not None,
-            DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8, KEEP_BITS=keep_bits.dim() == 3)
-    return out, lse, keep_bits
+            DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8)
+    return out, lse
 
 
-def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal, scale, dropout_p, seed, draw_bits,
-              keep_bits):
+def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal, scale, dropout_p, seed, draw_bits):
     kernels = _kernels()
     batch, heads, query_len, head_dim = q.shape
     key_len = k.shape[2]
@@ -244,9 +214,7 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal,
     drop_below, drop_scale = dropout_threshold(dropout_p, 1 << draw_bits)
     radius = _radius(radius, query_len, key_len)
     common = dict(HEAD_DIM=head_dim, CAUSAL=causal, HAS_BIAS=table is not None, HAS_KEY_MASK=mask is not None,
-                  DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8,
-                  KEEP_BITS=keep_bits.dim() == 3)
-    keep = (keep_bits, *_keep_geometry(keep_bits))
+                  DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8)
     table_arg = table if table is not None else delta
     mask_arg = mask if mask is not None else delta
     lengths_arg = lengths if lengths is not None else delta
@@ -258,13 +226,13 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal,
             q, k, v, grad_out, dk, dv, lse, delta, table_arg, mask_arg, lengths_arg,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), mask_stride,
             heads, query_len, key_len, radius, *geometry, scale * LOG2E, scale, seed, drop_below, drop_scale,
-            length_key, *keep, **common)
+            length_key, **common)
     _launch("dq", kernels.t5_flash_attention_bwd_dq,
             lambda bm, bn: (_cdiv(query_len, bm), batch * heads),
             q, k, v, grad_out, dq, lse, delta, table_arg, mask_arg, lengths_arg,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), mask_stride,
             heads, query_len, key_len, radius, *geometry, scale * LOG2E, scale, seed, drop_below, drop_scale,
-            length_key, *keep, **common)
+            length_key, **common)
     return dq, dk, dv
 
 
@@ -276,46 +244,44 @@ def _cdiv(a: int, b: int) -> int:
 @torch.library.custom_op("sumtune::t5_flash_attention", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], radius: int, mask: Optional[Tensor],
                   lengths: Optional[Tensor], causal: bool, scale: float, dropout_p: float,
-                  draw_bits: int = 16) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  draw_bits: int = 16) -> tuple[Tensor, Tensor, Tensor]:
     seed = dropout_seed(q, dropout_p)
-    out, lse, keep_bits = _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, seed, draw_bits)
-    return out, lse, seed, keep_bits
+    out, lse = _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, seed, draw_bits)
+    return out, lse, seed
 
 
 @_attention_op.register_fake
 def _(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, draw_bits=16):
     batch, heads, query_len, head_dim = q.shape
     out = q.new_empty((batch, query_len, heads, head_dim)).transpose(1, 2)
-    return (out, q.new_empty((batch, heads, query_len), dtype=torch.float32), q.new_empty((1,), dtype=torch.int64),
-            _new_keep_bits(q, k.shape[2], dropout_p, draw_bits))
+    return out, q.new_empty((batch, heads, query_len), dtype=torch.float32), q.new_empty((1,), dtype=torch.int64)
 
 
 @torch.library.custom_op("sumtune::t5_flash_attention_backward", mutates_args=())
 def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                           seed: Tensor, keep_bits: Tensor, table: Optional[Tensor], radius: int,
-                           mask: Optional[Tensor], lengths: Optional[Tensor], causal: bool, scale: float,
-                           dropout_p: float, draw_bits: int = 16) -> tuple[Tensor, Tensor, Tensor]:
+                           seed: Tensor, table: Optional[Tensor], radius: int, mask: Optional[Tensor],
+                           lengths: Optional[Tensor], causal: bool, scale: float, dropout_p: float,
+                           draw_bits: int = 16) -> tuple[Tensor, Tensor, Tensor]:
     return _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal, scale, dropout_p, seed,
-                     draw_bits, keep_bits)
+                     draw_bits)
 
 
 @_attention_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, seed, keep_bits, table, radius, mask, lengths, causal, scale, dropout_p,
-      draw_bits=16):
+def _(grad_out, q, k, v, out, lse, seed, table, radius, mask, lengths, causal, scale, dropout_p, draw_bits=16):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, draw_bits = inputs
-    out, lse, seed, keep_bits = output
-    ctx.save_for_backward(q, k, v, out, lse, seed, keep_bits, table, mask, lengths)
+    out, lse, seed = output
+    ctx.save_for_backward(q, k, v, out, lse, seed, table, mask, lengths)
     ctx.radius, ctx.causal, ctx.scale, ctx.dropout_p, ctx.draw_bits = radius, causal, scale, dropout_p, draw_bits
 
 
-def _backward_rule(ctx, grad_out, _grad_lse, _grad_seed, _grad_keep_bits):
-    q, k, v, out, lse, seed, keep_bits, table, mask, lengths = ctx.saved_tensors
-    dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, lse, seed, keep_bits, table, ctx.radius, mask,
-                                        lengths, ctx.causal, ctx.scale, ctx.dropout_p, ctx.draw_bits)
+def _backward_rule(ctx, grad_out, _grad_lse, _grad_seed):
+    q, k, v, out, lse, seed, table, mask, lengths = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, lse, seed, table, ctx.radius, mask, lengths,
+                                        ctx.causal, ctx.scale, ctx.dropout_p, ctx.draw_bits)
     return dq, dk, dv, None, None, None, None, None, None, None, None
 
 

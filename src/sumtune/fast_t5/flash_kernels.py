@@ -66,78 +66,21 @@ def _keep_tile(seed, stream, start_i, start_j, n_cols, drop_below, BLOCK_I: tl.c
     same thread's elements over 32 keys."""
     if DRAW8:
         return _keep_tile_8bit(seed, stream, start_i, start_j, n_cols, drop_below, BLOCK_I, BLOCK_J)
-    f0, f1, f2, f3, f4, f5, f6, f7 = _flags16(seed, stream, start_i, start_j, n_cols, drop_below, BLOCK_I, BLOCK_J)
-    return _arrange16(f0, f1, f2, f3, f4, f5, f6, f7, BLOCK_I, BLOCK_J)
-
-
-@triton.jit
-def _flags16(seed, stream, start_i, start_j, n_cols, drop_below, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
-    """The eight keep flags of each Philox counter of a tile, (BLOCK_I // 2, BLOCK_J // 4) each: flag 2 * w + h is
-    word w's half h (16-bit draws)."""
     rows = start_i // 2 + tl.arange(0, BLOCK_I // 2)  # counter row: 8 per 16-row band
     cols = start_j // 4 + tl.arange(0, BLOCK_J // 4)  # counter column: 4 per 16-key band
     counter = rows[:, None] * n_cols + cols[None, :]
     zero = tl.zeros_like(counter)
     r0, r1, r2, r3 = tl.philox(seed, counter, zero + stream, zero, zero, PHILOX_ROUNDS)
-    return ((r0 & 0xFFFF).to(tl.int32) >= drop_below, (r0 >> 16).to(tl.int32) >= drop_below,
-            (r1 & 0xFFFF).to(tl.int32) >= drop_below, (r1 >> 16).to(tl.int32) >= drop_below,
-            (r2 & 0xFFFF).to(tl.int32) >= drop_below, (r2 >> 16).to(tl.int32) >= drop_below,
-            (r3 & 0xFFFF).to(tl.int32) >= drop_below, (r3 >> 16).to(tl.int32) >= drop_below)
-
-
-@triton.jit
-def _arrange16(f0, f1, f2, f3, f4, f5, f6, f7, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
-    """The (BLOCK_I, BLOCK_J) keep tile from :func:`_flags16`'s flags."""
     # word w, half h: w0 -> (r, c + h), w1 -> (r + 8, c + h), w2 -> (r, c + 8 + h), w3 -> (r + 8, c + 8 + h)
-    keep = tl.join(tl.join(tl.join(f0, f1), tl.join(f4, f5)), tl.join(tl.join(f2, f3), tl.join(f6, f7)))
+    x0 = tl.join((r0 & 0xFFFF).to(tl.int32) >= drop_below, (r0 >> 16).to(tl.int32) >= drop_below)
+    x1 = tl.join((r1 & 0xFFFF).to(tl.int32) >= drop_below, (r1 >> 16).to(tl.int32) >= drop_below)
+    x2 = tl.join((r2 & 0xFFFF).to(tl.int32) >= drop_below, (r2 >> 16).to(tl.int32) >= drop_below)
+    x3 = tl.join((r3 & 0xFFFF).to(tl.int32) >= drop_below, (r3 >> 16).to(tl.int32) >= drop_below)
+    keep = tl.join(tl.join(x0, x2), tl.join(x1, x3))  # (rows, cols, h, +8 key, +8 row)
     # counter row = 8 * row band + row in band, counter column = 4 * key band + key pair in band
-    keep = tl.reshape(keep, (BLOCK_I // 16, 8, BLOCK_J // 16, 4, 2, 2, 2))  # (rows, cols, h, +8 key, +8 row)
+    keep = tl.reshape(keep, (BLOCK_I // 16, 8, BLOCK_J // 16, 4, 2, 2, 2))
     keep = tl.permute(keep, (0, 6, 1, 2, 5, 3, 4))  # (row band, +8 row, row, key band, +8 key, key pair, h)
     return tl.reshape(keep, (BLOCK_I, BLOCK_J))
-
-
-@triton.jit
-def _pack16(f0, f1, f2, f3, f4, f5, f6, f7):
-    """:func:`_flags16`'s flags as one byte per counter (bit k: flag k): what the forward saves for the backward."""
-    return (f0.to(tl.int32) | (f1.to(tl.int32) << 1) | (f2.to(tl.int32) << 2) | (f3.to(tl.int32) << 3)
-            | (f4.to(tl.int32) << 4) | (f5.to(tl.int32) << 5) | (f6.to(tl.int32) << 6)
-            | (f7.to(tl.int32) << 7))
-
-
-@triton.jit
-def _opaque(x, INTERPRETED: tl.constexpr):
-    """``x`` through an impure no-op, which the compiler may not duplicate: without it, storing the forward's flags
-    (in a layout of their own) made it compute the tile's Philox draws twice, once per layout (2x the mul.hi in the
-    PTX for sm_90), instead of moving one small tile between layouts. The interpreter, which runs no PTX, gets
-    ``x``."""
-    if INTERPRETED:
-        out = x
-    else:
-        out = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1)
-    return out
-
-
-@triton.jit
-def _saved_keep_tile(KEEP, keep_cols, start_i, start_j, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
-    """The keep tile of queries ``start_i + arange`` and keys ``start_j + arange`` from the forward's saved bytes
-    (:func:`_pack16`; KEEP points at the (batch, head)'s rows): a load instead of seven Philox rounds."""
-    bits = tl.load(KEEP + _keep_offsets(start_i, start_j, keep_cols, BLOCK_I, BLOCK_J)).to(tl.int32)
-    return _keep_from_bits(bits, BLOCK_I, BLOCK_J)
-
-
-@triton.jit
-def _keep_from_bits(bits, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
-    """The (BLOCK_I, BLOCK_J) keep tile from :func:`_pack16`'s bytes (as int32)."""
-    return _arrange16((bits & 1) != 0, (bits & 2) != 0, (bits & 4) != 0, (bits & 8) != 0, (bits & 16) != 0,
-                      (bits & 32) != 0, (bits & 64) != 0, (bits & 128) != 0, BLOCK_I, BLOCK_J)
-
-
-@triton.jit
-def _keep_offsets(start_i, start_j, keep_cols, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
-    """Offsets of a tile's counters in the saved bytes: row = counter row, column = counter column."""
-    rows = start_i // 2 + tl.arange(0, BLOCK_I // 2)
-    cols = start_j // 4 + tl.arange(0, BLOCK_J // 4)
-    return rows[:, None] * keep_cols + cols[None, :]
 
 
 @triton.jit
@@ -193,10 +136,10 @@ def _bias_tile(TABLE, rel, const, BIAS_MODE: tl.constexpr):
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, start, stop, const, start_m,
                stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
-               seed, stream, n_cols, drop_below, KEEP, keep_cols,
+               seed, stream, n_cols, drop_below,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-               DRAW8: tl.constexpr, KEEP_BITS: tl.constexpr):
+               DRAW8: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(start, stop, BLOCK_N):
@@ -209,14 +152,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, start, stop, const, start_m
         if HAS_KEY_MASK:
             key_ok = key_ok & (tl.load(KMASK + offs_n, mask=in_k, other=0) != 0)
         if DROPOUT:
-            if KEEP_BITS:  # the flags saved for the backward, one bit each
-                f0, f1, f2, f3, f4, f5, f6, f7 = _flags16(seed, stream, start_m, start_n, n_cols, drop_below,
-                                                          BLOCK_M, BLOCK_N)
-                bits = _opaque(_pack16(f0, f1, f2, f3, f4, f5, f6, f7), UPCAST)
-                tl.store(KEEP + _keep_offsets(start_m, start_n, keep_cols, BLOCK_M, BLOCK_N), bits.to(tl.uint8))
-                kept = _keep_from_bits(bits, BLOCK_M, BLOCK_N)
-            else:
-                kept = _keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N, DRAW8)
+            kept = _keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N, DRAW8)
         k_t = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=in_k[None, :], other=0.0)
         s = _dot(q, k_t, UPCAST) * qk_scale
         s += _bias_tile(TABLE, offs_n[None, :] - offs_m[:, None], const, BIAS_MODE)
@@ -242,11 +178,10 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, start, stop, const, start_m
 def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, stride_qb, stride_qh, stride_qm, stride_qd,
                            stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd,
                            stride_ob, stride_oh, stride_om, stride_od, stride_mask_b, H, Lq, Lk, R, table_row,
-                           table_zero, qk_scale, SEED, drop_below, drop_scale, len_key, KEEP, keep_bh_stride,
-                           keep_cols, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
-                           DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DRAW8: tl.constexpr = False,
-                           KEEP_BITS: tl.constexpr = False):
+                           table_zero, qk_scale, SEED, drop_below, drop_scale, len_key, HEAD_DIM: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+                           UPCAST: tl.constexpr, DRAW8: tl.constexpr = False):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     seed = 0
@@ -270,8 +205,6 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, stride_qb, str
     if CAUSAL:
         stop = tl.minimum(stop, start_m + BLOCK_M)
     n_cols = _counter_cols(Lk, DRAW8)
-    tl.static_assert(not (KEEP_BITS and DRAW8), "saved dropout flags are for 16-bit draws")
-    KEEP += bh.to(tl.int64) * keep_bh_stride
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -284,21 +217,21 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, stride_qb, str
         hi_start = tl.maximum(tl.minimum(tl.cdiv(start_m + BLOCK_M - 1 + R, BLOCK_N) * BLOCK_N, stop), lo_end)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, 0, lo_end, far_left, start_m,
                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
-                                   seed, bh, n_cols, drop_below, KEEP, keep_cols, HEAD_DIM, BLOCK_M, BLOCK_N,
-                                   BIAS_CONST, False, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, KEEP_BITS)
+                                   seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
+                                   False, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, lo_end, hi_start, 0.0, start_m,
                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
-                                   seed, bh, n_cols, drop_below, KEEP, keep_cols, HEAD_DIM, BLOCK_M, BLOCK_N,
-                                   BIAS_GATHER, CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, KEEP_BITS)
+                                   seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER,
+                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, hi_start, stop, far_right,
                                    start_m, stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
-                                   seed, bh, n_cols, drop_below, KEEP, keep_cols, HEAD_DIM, BLOCK_M, BLOCK_N,
-                                   BIAS_CONST, CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, KEEP_BITS)
+                                   seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
+                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8)
     else:
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, 0, stop, 0.0, start_m,
                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
-                                   seed, bh, n_cols, drop_below, KEEP, keep_cols, HEAD_DIM, BLOCK_M, BLOCK_N,
-                                   BIAS_NONE, CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, KEEP_BITS)
+                                   seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE,
+                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8)
     empty = l_i == 0.0  # no key to attend to: output 0, and lse = +inf makes the backward's P exactly 0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc * (drop_scale / l_safe)[:, None]
@@ -330,10 +263,9 @@ def t5_attention_bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, stop, const, start_n, key_ok,
                 stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale,
-                seed, stream, n_cols, drop_below, drop_scale, KEEP, keep_cols,
+                seed, stream, n_cols, drop_below, drop_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
-                CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DRAW8: tl.constexpr,
-                KEEP_BITS: tl.constexpr):
+                CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DRAW8: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     for start_m in range(start, stop, BLOCK_M):
@@ -343,11 +275,7 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, stop, const, star
         lse = tl.load(LSE + offs_m, mask=in_q, other=float("inf"))  # small loads and draws before the dots
         delta = tl.load(DELTA + offs_m, mask=in_q, other=0.0)
         if DROPOUT:  # transposed through shared memory; drawing it in this layout (2x the Philox work) was no faster
-            if KEEP_BITS:
-                kept = tl.trans(_saved_keep_tile(KEEP, keep_cols, start_m, start_n, BLOCK_M, BLOCK_N))
-            else:
-                kept = tl.trans(_keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N,
-                                           DRAW8))
+            kept = tl.trans(_keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N, DRAW8))
         q_t = tl.load(Q + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd, mask=in_q[None, :], other=0.0)
         s_t = _dot(k, q_t, UPCAST) * qk_scale  # (keys, queries)
         s_t += _bias_tile(TABLE, offs_n[:, None] - offs_m[None, :], const, BIAS_MODE)
@@ -374,11 +302,10 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
                                 stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
                                 stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn,
                                 stride_dvd, stride_mask_b, H, Lq, Lk, R, table_row, table_zero, qk_scale, scale,
-                                SEED, drop_below, drop_scale, len_key, KEEP, keep_bh_stride, keep_cols,
-                                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
-                                DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DRAW8: tl.constexpr = False,
-                                KEEP_BITS: tl.constexpr = False):
+                                SEED, drop_below, drop_scale, len_key, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+                                DRAW8: tl.constexpr = False):
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
     seed = 0
@@ -403,7 +330,6 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
     DO += b * stride_dob + h * stride_doh
     LSE += bh.to(tl.int64) * Lq
     DELTA += bh.to(tl.int64) * Lq
-    KEEP += bh.to(tl.int64) * keep_bh_stride
     start = 0
     if CAUSAL:
         start = (start_n // BLOCK_M) * BLOCK_M  # query blocks entirely above the diagonal see none of these keys
@@ -420,21 +346,21 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
         lo_start = tl.maximum(tl.minimum(tl.cdiv(start_n + BLOCK_N - 1 + R, BLOCK_M) * BLOCK_M, stop), hi_end)
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, hi_end, far_right, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale, seed, bh,
-                             n_cols, drop_below, drop_scale, KEEP, keep_cols, HEAD_DIM, BLOCK_M, BLOCK_N,
-                             BIAS_CONST, CAUSAL, DROPOUT, UPCAST, DRAW8, KEEP_BITS)
+                             n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, CAUSAL,
+                             DROPOUT, UPCAST, DRAW8)
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, hi_end, lo_start, 0.0, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale, seed, bh,
-                             n_cols, drop_below, drop_scale, KEEP, keep_cols, HEAD_DIM, BLOCK_M, BLOCK_N,
-                             BIAS_GATHER, CAUSAL, DROPOUT, UPCAST, DRAW8, KEEP_BITS)
+                             n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER, CAUSAL,
+                             DROPOUT, UPCAST, DRAW8)
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, lo_start, stop, far_left, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale, seed, bh,
-                             n_cols, drop_below, drop_scale, KEEP, keep_cols, HEAD_DIM, BLOCK_M, BLOCK_N,
-                             BIAS_CONST, False, DROPOUT, UPCAST, DRAW8, KEEP_BITS)
+                             n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, False,
+                             DROPOUT, UPCAST, DRAW8)
     else:
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, stop, 0.0, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale, seed, bh,
-                             n_cols, drop_below, drop_scale, KEEP, keep_cols, HEAD_DIM, BLOCK_M, BLOCK_N,
-                             BIAS_NONE, CAUSAL, DROPOUT, UPCAST, DRAW8, KEEP_BITS)
+                             n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE, CAUSAL,
+                             DROPOUT, UPCAST, DRAW8)
     tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
              (dk * scale).to(DK.dtype.element_ty), mask=in_k[:, None])
     tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
@@ -444,10 +370,10 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
 @triton.jit
 def _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, start, stop, const, start_m,
               stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
-              seed, stream, n_cols, drop_below, drop_scale, KEEP, keep_cols,
+              seed, stream, n_cols, drop_below, drop_scale,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-              DRAW8: tl.constexpr, KEEP_BITS: tl.constexpr):
+              DRAW8: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(start, stop, BLOCK_N):
@@ -458,10 +384,7 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, start, stop, const, sta
         if HAS_KEY_MASK:
             key_ok = key_ok & (tl.load(KMASK + offs_n, mask=in_k, other=0) != 0)
         if DROPOUT:
-            if KEEP_BITS:
-                kept = _saved_keep_tile(KEEP, keep_cols, start_m, start_n, BLOCK_M, BLOCK_N)
-            else:
-                kept = _keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N, DRAW8)
+            kept = _keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N, DRAW8)
         k_t = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=in_k[None, :], other=0.0)
         v_t = tl.load(V + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=in_k[None, :], other=0.0)
         s = _dot(q, k_t, UPCAST) * qk_scale
@@ -483,11 +406,10 @@ def t5_flash_attention_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TABLE, KMASK, KV_LEN,
                               stride_qd, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn,
                               stride_vd, stride_dob, stride_doh, stride_dom, stride_dod, stride_dqb, stride_dqh,
                               stride_dqm, stride_dqd, stride_mask_b, H, Lq, Lk, R, table_row, table_zero, qk_scale,
-                              scale, SEED, drop_below, drop_scale, len_key, KEEP, keep_bh_stride, keep_cols,
-                              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                              CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
-                              DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DRAW8: tl.constexpr = False,
-                              KEEP_BITS: tl.constexpr = False):
+                              scale, SEED, drop_below, drop_scale, len_key, HEAD_DIM: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                              HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+                              UPCAST: tl.constexpr, DRAW8: tl.constexpr = False):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     seed = 0
@@ -515,7 +437,6 @@ def t5_flash_attention_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TABLE, KMASK, KV_LEN,
     if CAUSAL:
         stop = tl.minimum(stop, start_m + BLOCK_M)
     n_cols = _counter_cols(Lk, DRAW8)
-    KEEP += bh.to(tl.int64) * keep_bh_stride
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if HAS_BIAS:
         TABLE += h * table_row + table_zero  # TABLE[d]: bias at offset d = j - i
@@ -525,21 +446,21 @@ def t5_flash_attention_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TABLE, KMASK, KV_LEN,
         hi_start = tl.maximum(tl.minimum(tl.cdiv(start_m + BLOCK_M - 1 + R, BLOCK_N) * BLOCK_N, stop), lo_end)
         dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, 0, lo_end, far_left, start_m,
                        stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
-                       drop_below, drop_scale, KEEP, keep_cols, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, False, HAS_KEY_MASK,
-                       DROPOUT, UPCAST, DRAW8, KEEP_BITS)
+                       drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, False, HAS_KEY_MASK,
+                       DROPOUT, UPCAST, DRAW8)
         dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, lo_end, hi_start, 0.0, start_m,
                        stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
-                       drop_below, drop_scale, KEEP, keep_cols, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER, CAUSAL, HAS_KEY_MASK,
-                       DROPOUT, UPCAST, DRAW8, KEEP_BITS)
+                       drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER, CAUSAL, HAS_KEY_MASK,
+                       DROPOUT, UPCAST, DRAW8)
         dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, hi_start, stop, far_right, start_m,
                        stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
-                       drop_below, drop_scale, KEEP, keep_cols, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, CAUSAL, HAS_KEY_MASK,
-                       DROPOUT, UPCAST, DRAW8, KEEP_BITS)
+                       drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, CAUSAL, HAS_KEY_MASK,
+                       DROPOUT, UPCAST, DRAW8)
     else:
         dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, 0, stop, 0.0, start_m,
                        stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
-                       drop_below, drop_scale, KEEP, keep_cols, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE, CAUSAL, HAS_KEY_MASK,
-                       DROPOUT, UPCAST, DRAW8, KEEP_BITS)
+                       drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE, CAUSAL, HAS_KEY_MASK,
+                       DROPOUT, UPCAST, DRAW8)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              (dq * scale).to(DQ.dtype.element_ty), mask=in_q[:, None])
 
