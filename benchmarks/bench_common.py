@@ -161,11 +161,13 @@ CONFIG_TOKENS: dict[str, dict] = {
 
 # Tokens for kernel settings that are module constants, not TrainConfig fields: (module, name, value) patched around
 # the row (sumtune reads them at call time). `drop8`: the attention kernels' dropout from 8-bit draws; `nojoin`: the
-# fused LoRA node concatenates a copy of the cached W per call instead of keeping it beside the low-rank weight.
+# fused LoRA node concatenates a copy of the cached W per call instead of keeping it beside the low-rank weight;
+# `oldtiles`: the attention kernels autotune over the tile lists they had before 2026-12-02.
 # (`onebias`, the attention's bias tiles in one loop, measured slower and went with its kernel variant: commit 6681814.)
 PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "drop8": ("sumtune.fast_t5.flash_attention", "DROPOUT_DRAW_BITS", 8),
     "nojoin": ("sumtune.fast_t5.lora4bit", "JOIN_CACHED_WEIGHTS", False),
+    "oldtiles": ("sumtune.fast_t5.flash_attention", "AUTOTUNE_CONFIGS", lambda module: module.PREVIOUS_AUTOTUNE_CONFIGS),
 }
 
 
@@ -177,8 +179,10 @@ def patched(text: str):
     from unittest import mock
 
     with contextlib.ExitStack() as stack:
-        for module, name, value in (PATCH_TOKENS[t] for t in text.split(":") if t in PATCH_TOKENS):
-            stack.enter_context(mock.patch.object(importlib.import_module(module), name, value))
+        for module_name, name, value in (PATCH_TOKENS[t] for t in text.split(":") if t in PATCH_TOKENS):
+            module = importlib.import_module(module_name)
+            value = value(module) if callable(value) else value  # a value the module itself holds
+            stack.enter_context(mock.patch.object(module, name, value))
         yield
 
 

@@ -50,10 +50,18 @@ def _kernels():
 
 # ----------------------------------------------------------------------------- autotuning (Hopper first)
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). Few on purpose: each costs a compile (a few seconds) per kernel
-# variant. Chosen with `python -m sumtune.fast_t5.flash_compile` (sm_90, bias + padding + dropout): those that
-# spill at most a few bytes at head_dim 128 and fit Hopper's 227 KiB of shared memory. 4 warps and 128 x 64 tiles
-# spill kilobytes at head_dim 128 (the fp32 accumulators alone take 128 registers a thread).
+# variant. Candidates from `python -m sumtune.fast_t5.flash_compile` (sm_90, bias + padding + dropout): those that
+# spill at most a few dozen bytes at head_dim 128 and fit Hopper's 227 KiB of shared memory (4 warps with 128 x 64
+# tiles spill kilobytes: the fp32 accumulators alone take 128 registers a thread). Then timed one by one on an H200
+# at 32x32x1024 and 4x32x4096 (results/attention_fwd_tiles_tma-2026-12-02-*, attention_bwd_tiles-2026-12-02-*):
+# each kernel's fastest two at both shapes come first; a config >10% slower at both shapes was dropped.
 AUTOTUNE_CONFIGS = {
+    "fwd": [(64, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3)],
+    "dkdv": [(32, 64, 4, 3), (32, 128, 8, 3), (32, 64, 4, 2), (16, 128, 8, 3)],
+    "dq": [(128, 64, 8, 3), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
+}
+# The lists before 2026-12-02 (benchmark token `oldtiles`), for A/B runs of the whole step.
+PREVIOUS_AUTOTUNE_CONFIGS = {
     "fwd": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3)],
     "dkdv": [(32, 128, 8, 3), (16, 128, 8, 3), (32, 64, 8, 3)],
     "dq": [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3)],
@@ -72,12 +80,13 @@ _tuned: dict[str, object] = {}
 
 
 def _autotuned(name: str, kernel):
-    """``kernel`` wrapped in triton.autotune (configs of AUTOTUNE_CONFIGS), built once per kernel object."""
-    if _tuned.get(name, (None, None))[0] is not kernel:
+    """``kernel`` wrapped in triton.autotune (configs of AUTOTUNE_CONFIGS), built once per kernel object and list."""
+    configs = AUTOTUNE_CONFIGS[name]
+    if _tuned.get(name, (None, None, None))[:2] != (kernel, configs):
         import triton
 
-        _tuned[name] = (kernel, triton.autotune(_configs(name), key=_AUTOTUNE_KEY)(kernel))
-    return _tuned[name][1]
+        _tuned[name] = (kernel, configs, triton.autotune(_configs(name), key=_AUTOTUNE_KEY)(kernel))
+    return _tuned[name][2]
 
 
 @contextlib.contextmanager
@@ -116,7 +125,7 @@ def best_configs() -> dict[str, tuple[int, int, int, int] | None]:
     """The autotuner's last choice per kernel as (BLOCK_M, BLOCK_N, num_warps, num_stages), for reports and for
     pinning with :func:`block_sizes`."""
     chosen = {}
-    for name, (_, tuned) in _tuned.items():
+    for name, (_, _, tuned) in _tuned.items():
         config = getattr(tuned, "best_config", None)
         chosen[name] = None if config is None else (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"],
                                                     config.num_warps, config.num_stages)
