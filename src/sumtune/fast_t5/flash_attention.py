@@ -53,8 +53,12 @@ def _kernels():
 # variant. Candidates from `python -m sumtune.fast_t5.flash_compile` (sm_90, bias + padding + dropout): those that
 # spill at most a few dozen bytes at head_dim 128 and fit Hopper's 227 KiB of shared memory (4 warps with 128 x 64
 # tiles spill kilobytes: the fp32 accumulators alone take 128 registers a thread). Then timed one by one on an H200
-# at 32x32x1024 and 4x32x4096 (results/attention_fwd_tiles_tma-2026-12-02-*, attention_bwd_tiles-2026-12-02-*):
-# each kernel's fastest two at both shapes come first; a config >10% slower at both shapes was dropped.
+# at 32x32x1024 and 4x32x4096 (results/attention_fwd_tiles_tma-2026-12-02-*, attention_bwd_tiles-2026-12-02-*).
+# First: each kernel's fastest at 4096 (within 0.5% of the fastest at 1024 too). Beside it: those within ~10% of
+# the fastest at either shape, and two of the old lists' configs kept untimed for the decoder's short shapes (fwd
+# (128, 32, 8, 3), dK/dV (16, 128, 8, 3)). Dropped: fwd (64, 64, 4, 3), dK/dV (32, 64, 8, 3) and dQ (64, 64, 4, 3)
+# (>10% slower at both shapes), dQ (128, 32, 8, 3) (6-8% slower: a fifth). Measured as a whole: the long config's
+# step +2.7% against the old lists (results/long_documents_tiles-2026-12-02-*).
 AUTOTUNE_CONFIGS = {
     "fwd": [(64, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3)],
     "dkdv": [(32, 64, 4, 3), (32, 128, 8, 3), (32, 64, 4, 2), (16, 128, 8, 3)],
