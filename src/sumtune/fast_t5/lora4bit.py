@@ -33,6 +33,7 @@ _FUSED_ATTR = "_sumtune_fused_lora"
 # instead of concatenating a copy of W per call. A module constant so that benchmarks can measure both.
 JOIN_CACHED_WEIGHTS = True
 _CONCAT_ATTR = "_sumtune_lora_concat_gemms"
+_LAYOUT_ATTR = "_sumtune_joined_layout"  # (zero columns before, rank, zero columns after) of the joined buffer
 
 
 def _base_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -42,26 +43,39 @@ def _base_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return dequantize_4bit_weight(base, dtype)
 
 
-def _joined_weight(base: torch.nn.Module, wide: str, low_w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _joined_weight(base: torch.nn.Module, wide: str, low_w: torch.Tensor, dtype: torch.dtype, pad_before: int = 0,
+                   pad_after: int = 0) -> torch.Tensor:
     """``[W | B]`` (wide side "out", ``low_w`` = B) or ``[W ; A]`` ("in", ``low_w`` = A) for the concatenated GEMMs.
 
     With the dequantized-weight cache, W lives in one buffer with r spare columns (rows) beside it, the cache
     becomes a view of it, and each call copies only the low-rank weight in: concatenating afresh copied all of W
     per call (T5-3b's wi: a 32 MiB read and write, forward and backward; by arithmetic about half of the 20 ms of
     concatenation copies in the shipped 1024/128 step's H200 profile, 2026-12-02). Measured: +1.2% (1024/128) and
-    +0.7% (4096/512) samples/s. Without the cache W is dequantized per call anyway, and is concatenated."""
+    +0.7% (4096/512) samples/s. Without the cache W is dequantized per call anyway, and is concatenated.
+    ``pad_before``/``pad_after``: zero columns (rows) each side of the low-rank weight (lora_group's layout)."""
     dim = 1 if wide == "out" else 0
+    rank = low_w.shape[dim]
     cached = getattr(base, _CACHE_ATTR, None)
     if cached is None or cached.dtype != dtype or not JOIN_CACHED_WEIGHTS:
-        return torch.cat([_base_weight(base, dtype), low_w], dim=dim)
+        parts = [_base_weight(base, dtype)]
+        parts += [low_w.new_zeros(_resized(low_w.shape, dim, pad_before))] if pad_before else []
+        parts += [low_w] + ([low_w.new_zeros(_resized(low_w.shape, dim, pad_after))] if pad_after else [])
+        return torch.cat(parts, dim=dim)
     joined = getattr(base, _JOINED_ATTR, None)
     width = cached.shape[dim]
-    if joined is None or joined.data_ptr() != cached.data_ptr() or joined.shape[dim] != width + low_w.shape[dim]:
-        joined = torch.cat([cached, torch.zeros_like(low_w)], dim=dim)
+    total = width + pad_before + rank + pad_after
+    layout = (pad_before, rank, pad_after)
+    if joined is None or joined.data_ptr() != cached.data_ptr() or getattr(base, _LAYOUT_ATTR, None) != layout:
+        joined = torch.cat([cached, cached.new_zeros(_resized(cached.shape, dim, total - width))], dim=dim)
         setattr(base, _CACHE_ATTR, joined.narrow(dim, 0, width))  # the old cache tensor is freed
         setattr(base, _JOINED_ATTR, joined)
-    joined.narrow(dim, width, low_w.shape[dim]).copy_(low_w)
+        setattr(base, _LAYOUT_ATTR, layout)
+    joined.narrow(dim, width + pad_before, rank).copy_(low_w)  # the padding stays zero: nothing else writes it
     return joined
+
+
+def _resized(shape: torch.Size, dim: int, size: int) -> tuple[int, ...]:
+    return tuple(size if d == dim else n for d, n in enumerate(shape))
 
 
 def wide_side(in_features: int, out_features: int) -> str | None:

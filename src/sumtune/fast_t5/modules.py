@@ -53,9 +53,10 @@ def fast_attention_forward(self, hidden_states, mask=None, key_value_states=None
     batch, query_len = hidden_states.shape[:2]
     source = hidden_states if key_value_states is None else key_value_states
     heads, head_dim = self.n_heads, self.key_value_proj_dim
-    query = self.q(hidden_states).view(batch, query_len, heads, head_dim).transpose(1, 2).to(dtype)
-    key = self.k(source).view(batch, -1, heads, head_dim).transpose(1, 2).to(dtype)
-    value = self.v(source).view(batch, -1, heads, head_dim).transpose(1, 2).to(dtype)
+    query, key, value = _projections(self, hidden_states, source)
+    query = query.view(batch, query_len, heads, head_dim).transpose(1, 2).to(dtype)
+    key = key.view(batch, -1, heads, head_dim).transpose(1, 2).to(dtype)
+    value = value.view(batch, -1, heads, head_dim).transpose(1, 2).to(dtype)
     dropout_p = self.dropout if self.training else 0.0
     if isinstance(position_bias, attention_lib.FlashInputs):
         output = attention_lib.flash_attend(query, key, value, position_bias, dropout_p)
@@ -70,6 +71,20 @@ def fast_attention_forward(self, hidden_states, mask=None, key_value_states=None
                                             scale=1.0)
     output = output.transpose(1, 2).reshape(batch, query_len, heads * head_dim)
     return self.o(output), position_bias, None
+
+
+def _projections(self, hidden_states, source):
+    """q, k, v: the LoRA layers that share an input as one group node where it applies (lora_group), else each."""
+    from sumtune.fast_t5 import lora_group
+
+    if source is hidden_states:
+        grouped = lora_group.grouped_projections((self.q, self.k, self.v), hidden_states)
+        if grouped is not None:
+            return grouped
+        return self.q(hidden_states), self.k(source), self.v(source)
+    grouped = lora_group.grouped_projections((self.k, self.v), source)
+    key, value = grouped if grouped is not None else (self.k(source), self.v(source))
+    return self.q(hidden_states), key, value
 
 
 # --------------------------------------------------------------------------- layer norm
