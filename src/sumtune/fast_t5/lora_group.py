@@ -51,15 +51,11 @@ class FusedLoraGroup4bit(torch.autograd.Function):
         in_features = x2d.shape[1]
         offsets = [sum(ctx.ranks[:i]) for i in range(len(ctx.ranks))]
         with torch.autocast(x2d.device.type, enabled=False):
-            grads2d = [None if g is None else g.reshape(-1, g.shape[-1]).to(ctx.dtype) for g in grad_outs]
-            acc = None
-            for i, g in enumerate(grads2d):
-                if g is None:  # an output that reached no loss
-                    continue
-                weight = _group_weight(ctx.bases[i], b_ws[i], ctx.ranks, i, ctx.dtype)
-                acc = g @ weight if acc is None else acc.addmm_(g, weight)
-            if acc is None:
-                acc = x2d.new_zeros(x2d.shape[0], in_features + a_cat.shape[0])
+            # autograd hands an output that reached no loss a zero gradient (materialized), never None
+            grads2d = [g.reshape(-1, g.shape[-1]).to(ctx.dtype) for g in grad_outs]
+            acc = grads2d[0] @ _group_weight(ctx.bases[0], b_ws[0], ctx.ranks, 0, ctx.dtype)
+            for i in range(1, len(grads2d)):
+                acc.addmm_(grads2d[i], _group_weight(ctx.bases[i], b_ws[i], ctx.ranks, i, ctx.dtype))
             grad_low = acc[:, in_features:] * scale  # [N, R]: dL/d(x Aᵀ) of every layer
             grad_x = None
             if ctx.needs_input_grad[0]:
@@ -67,9 +63,7 @@ class FusedLoraGroup4bit(torch.autograd.Function):
             grad_a = grad_low.t() @ x2d  # [R, in]
             weight_grads = []
             for i, (offset, rank) in enumerate(zip(offsets, ctx.ranks)):
-                g = grads2d[i]
-                grad_b = (torch.zeros_like(b_ws[i]) if g is None
-                          else (g.t() @ low[:, offset:offset + rank]).mul_(ctx.scalings[i]))
+                grad_b = (grads2d[i].t() @ low[:, offset:offset + rank]).mul_(ctx.scalings[i])
                 weight_grads += [grad_a[offset:offset + rank].to(ctx.param_dtypes[2 * i]),
                                  grad_b.to(ctx.param_dtypes[2 * i + 1])]
         return (grad_x, None, None, None, *weight_grads)
@@ -87,7 +81,7 @@ def grouped_projections(layers, x: torch.Tensor):
     apply (``GROUP_PROJECTIONS`` off, a layer PEFT or the single fused node must run, mixed dtypes)."""
     if not GROUP_PROJECTIONS:
         return None
-    names = []
+    names, bases = [], []
     for layer in layers:
         if not getattr(layer, lora4bit._FUSED_ATTR, False) or not getattr(layer, lora4bit._CONCAT_ATTR, False):
             return None
@@ -98,7 +92,7 @@ def grouped_projections(layers, x: torch.Tensor):
         if lora4bit.wide_side(base.in_features, base.out_features) != "out":
             return None
         names.append(name)
-    bases = [layer.get_base_layer() for layer in layers]
+        bases.append(base)
     if len({base.compute_dtype for base in bases}) != 1:
         return None
     weights = []

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from sumtune.fast_t5 import attention as attention_lib
 from sumtune.fast_t5 import bias as bias_lib
+from sumtune.fast_t5 import lora_group
 
 FAST_KW = "_sumtune_fast"
 COMPUTE_DTYPE_ATTR = "_sumtune_compute_dtype"
@@ -75,8 +76,6 @@ def fast_attention_forward(self, hidden_states, mask=None, key_value_states=None
 
 def _projections(self, hidden_states, source):
     """q, k, v: the LoRA layers that share an input as one group node where it applies (lora_group), else each."""
-    from sumtune.fast_t5 import lora_group
-
     if source is hidden_states:
         grouped = lora_group.grouped_projections((self.q, self.k, self.v), hidden_states)
         if grouped is not None:
