@@ -92,7 +92,7 @@ def test_group_node_matches_peft_and_the_single_nodes(monkeypatch):
 def test_group_with_the_weight_cache_keeps_each_b_in_its_own_columns(monkeypatch):
     """With the dequantized-weight cache, each base's joined buffer holds W, zeros, its B in its group columns and
     zeros; after an update of every LoRA weight the group still computes what PEFT does."""
-    from sumtune.fast_t5.extras import _JOINED_ATTR
+    from sumtune.fast_t5.extras import _JOINED_ATTR, _JOINED_LAYOUT_ATTR
 
     monkeypatch.setattr(lora_group, "GROUP_PROJECTIONS", True)
     x = torch.randn(3, 4, IN)
@@ -117,6 +117,8 @@ def test_group_with_the_weight_cache_keeps_each_b_in_its_own_columns(monkeypatch
                     param.add_(torch.randn_like(param) * 0.1)
     uncache_dequantized_weights(model)
     unfuse_lora_4bit(model)
+    bases = [getattr(model.base_model.model, name).get_base_layer() for name in "qkv"]
+    assert not any(hasattr(base, _JOINED_ATTR) or hasattr(base, _JOINED_LAYOUT_ATTR) for base in bases)
 
 
 def test_group_declines_what_it_does_not_cover(monkeypatch):

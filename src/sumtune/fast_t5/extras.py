@@ -12,6 +12,7 @@ _CACHE_ATTR = "_sumtune_dequantized_weight"
 # The fused LoRA node's [W | B] or [W ; A] buffer (sumtune.fast_t5.lora4bit._joined_weight), of which the cache is
 # then a view: dropped with the cache.
 _JOINED_ATTR = "_sumtune_lora_joined_weight"
+_JOINED_LAYOUT_ATTR = "_sumtune_joined_layout"  # (zero columns before, rank, zero columns after) of that buffer
 
 
 def compile_for_training(model: torch.nn.Module, mode: str | None = None, dynamic: bool = False) -> torch.nn.Module:
@@ -117,8 +118,9 @@ def uncache_dequantized_weights(model: torch.nn.Module) -> int:
     for module in model.modules():
         if hasattr(module, _CACHE_ATTR):
             delattr(module, _CACHE_ATTR)
-            if hasattr(module, _JOINED_ATTR):
-                delattr(module, _JOINED_ATTR)
+            for attr in (_JOINED_ATTR, _JOINED_LAYOUT_ATTR):
+                if hasattr(module, attr):
+                    delattr(module, attr)
             del module.forward
             restored += 1
     return restored

@@ -26,14 +26,13 @@ from types import MethodType
 import torch
 import torch.nn.functional as F
 
-from sumtune.fast_t5.extras import _CACHE_ATTR, _JOINED_ATTR, dequantize_4bit_weight
+from sumtune.fast_t5.extras import _CACHE_ATTR, _JOINED_ATTR, _JOINED_LAYOUT_ATTR, dequantize_4bit_weight
 
 _FUSED_ATTR = "_sumtune_fused_lora"
 # With the weight cache, keep W beside the low-rank weight in one buffer for the concatenated GEMMs (_joined_weight)
 # instead of concatenating a copy of W per call. A module constant so that benchmarks can measure both.
 JOIN_CACHED_WEIGHTS = True
 _CONCAT_ATTR = "_sumtune_lora_concat_gemms"
-_LAYOUT_ATTR = "_sumtune_joined_layout"  # (zero columns before, rank, zero columns after) of the joined buffer
 
 
 def _base_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -65,11 +64,11 @@ def _joined_weight(base: torch.nn.Module, wide: str, low_w: torch.Tensor, dtype:
     width = cached.shape[dim]
     total = width + pad_before + rank + pad_after
     layout = (pad_before, rank, pad_after)
-    if joined is None or joined.data_ptr() != cached.data_ptr() or getattr(base, _LAYOUT_ATTR, None) != layout:
+    if joined is None or joined.data_ptr() != cached.data_ptr() or getattr(base, _JOINED_LAYOUT_ATTR, None) != layout:
         joined = torch.cat([cached, cached.new_zeros(_resized(cached.shape, dim, total - width))], dim=dim)
         setattr(base, _CACHE_ATTR, joined.narrow(dim, 0, width))  # the old cache tensor is freed
         setattr(base, _JOINED_ATTR, joined)
-        setattr(base, _LAYOUT_ATTR, layout)
+        setattr(base, _JOINED_LAYOUT_ATTR, layout)
     joined.narrow(dim, width + pad_before, rank).copy_(low_w)  # the padding stays zero: nothing else writes it
     return joined
 
