@@ -43,14 +43,17 @@ class TwoLayers(torch.nn.Module):
 
 def lora_model(dropout: float, compute_dtype: torch.dtype = torch.float32, seed: int = 0, device: str = "cpu",
                widths: tuple[int, int] = (IN, OUT)):
+    torch.manual_seed(seed)
+    return with_lora(TwoLayers(compute_dtype, device, widths), dropout, ["first", "second"])
+
+
+def with_lora(base: torch.nn.Module, dropout: float, targets: list[str]):
+    """PEFT LoRA (r=RANK) on ``targets`` of a model of NF4 linears, with random B, in training mode."""
     from peft import LoraConfig, get_peft_model
 
-    torch.manual_seed(seed)
-    base = TwoLayers(compute_dtype, device, widths)
     keep_4bit_layout(base)
     base.is_loaded_in_4bit = True  # what PEFT reads to dispatch its bnb LoRA layer (as sumtune's loader sets)
-    model = get_peft_model(base, LoraConfig(r=RANK, lora_alpha=8, lora_dropout=dropout,
-                                            target_modules=["first", "second"]))
+    model = get_peft_model(base, LoraConfig(r=RANK, lora_alpha=8, lora_dropout=dropout, target_modules=targets))
     with torch.no_grad():  # B starts at zero in PEFT; random B makes every gradient non-trivial
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -75,11 +78,11 @@ def output_and_grads(model, x: torch.Tensor, seed: int = 7):
     return out.detach(), x.grad.clone(), grads
 
 
-def assert_close(expected, got, rtol: float):
+def assert_close(expected, got, rtol: float, lora_grads: int = 4):
     (out_e, gx_e, grads_e), (out_g, gx_g, grads_g) = expected, got
     torch.testing.assert_close(out_g, out_e, rtol=rtol, atol=rtol * float(out_e.abs().max()))
     torch.testing.assert_close(gx_g, gx_e, rtol=rtol, atol=rtol * float(gx_e.abs().max()))
-    assert grads_g.keys() == grads_e.keys() and len(grads_e) == 4
+    assert grads_g.keys() == grads_e.keys() and len(grads_e) == lora_grads
     for name, grad in grads_e.items():
         torch.testing.assert_close(grads_g[name], grad, rtol=rtol, atol=rtol * float(grad.abs().max()), msg=name)
 

@@ -14,9 +14,10 @@ bnb = pytest.importorskip("bitsandbytes")
 from sumtune.fast_t5 import cache_dequantized_weights, uncache_dequantized_weights  # noqa: E402
 from sumtune.fast_t5 import lora_group  # noqa: E402
 from sumtune.fast_t5.lora4bit import fuse_lora_4bit, unfuse_lora_4bit  # noqa: E402
-from sumtune.modeling import keep_4bit_layout  # noqa: E402
+from test_fast_t5_lora4bit import RANK, TwoLayers, output_and_grads, with_lora  # noqa: E402
+from test_fast_t5_lora4bit import assert_close as assert_close_with  # noqa: E402
 
-IN, OUT, RANK = 16, 64, 4  # output >= 2x input: the wide-output route the group is for
+IN, OUT = 16, 64  # output >= 2x input: the wide-output route the group is for
 
 
 class SharedInput(torch.nn.Module):
@@ -24,13 +25,7 @@ class SharedInput(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.q, self.k, self.v = (self._nf4() for _ in range(3))
-
-    @staticmethod
-    def _nf4():
-        layer = bnb.nn.Linear4bit(IN, OUT, bias=False, compute_dtype=torch.float32, quant_type="nf4")
-        layer.weight = bnb.nn.Params4bit(torch.randn(OUT, IN) * 0.1, requires_grad=False, quant_type="nf4")
-        return layer.to("cpu")
+        self.q, self.k, self.v = (TwoLayers._nf4(IN, OUT, torch.float32, "cpu") for _ in range(3))
 
     def forward(self, x):
         q, k, v = lora_group.grouped_projections((self.q, self.k, self.v), x) or (self.q(x), self.k(x), self.v(x))
@@ -38,34 +33,12 @@ class SharedInput(torch.nn.Module):
 
 
 def group_model(seed: int = 0):
-    from peft import LoraConfig, get_peft_model
-
     torch.manual_seed(seed)
-    base = SharedInput()
-    keep_4bit_layout(base)
-    base.is_loaded_in_4bit = True
-    model = get_peft_model(base, LoraConfig(r=RANK, lora_alpha=8, lora_dropout=0.0, target_modules=["q", "k", "v"]))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.1)
-    return model.train()
-
-
-def output_and_grads(model, x):
-    model.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_(True)
-    out = model(x)
-    (out ** 2).sum().backward()
-    return out.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return with_lora(SharedInput(), 0.0, ["q", "k", "v"])
 
 
 def assert_close(expected, got, rtol=1e-5):
-    for e, g in zip(expected[:2], got[:2]):
-        torch.testing.assert_close(g, e, rtol=rtol, atol=rtol * float(e.abs().max()))
-    assert expected[2].keys() == got[2].keys() and len(got[2]) == 6
-    for name, grad in expected[2].items():
-        torch.testing.assert_close(got[2][name], grad, rtol=rtol, atol=rtol * float(grad.abs().max()), msg=name)
+    assert_close_with(expected, got, rtol, lora_grads=6)
 
 
 def test_group_node_matches_peft_and_the_single_nodes(monkeypatch):
