@@ -67,15 +67,11 @@ def smooth(values: list[float], window: int) -> list[float]:
     return [statistics.fmean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
 
 
-def run_numerics(args, device) -> None:
+def all_paths(model, batch, device):
+    """Loss and LoRA gradients of stock SDPA, stock eager, the fast path and the float32 recomputation."""
     from sumtune.fast_t5 import disable_fast_t5, enable_fast_t5
-    from sumtune.fast_t5.numerics import fp32_reference_grads, relative_errors, vector_relative_error
+    from sumtune.fast_t5.numerics import fp32_reference_grads
 
-    layers = args.layers or (2 if args.quick else 4)
-    config = bc.t5_config(args.model, num_layers=layers, dropout_rate=0.0)  # no dropout: same RNG-free math
-    data = bc.tokenize_rows(bc.load_t5_tokenizer(), bc.load_billsum_texts(), args.src_len, args.tgt_len)
-    model = build_numerics_model(config, device)
-    batch = {k: v.to(device) for k, v in bc.batch_at(data, 0, args.numerics_batch).items()}
     stock_loss, stock_grads = loss_and_grads(model, batch, device)
     set_attn_implementation(model, "eager")
     _, eager_grads = loss_and_grads(model, batch, device)
@@ -84,6 +80,47 @@ def run_numerics(args, device) -> None:
     fast_loss, fast_grads = loss_and_grads(model, batch, device)
     disable_fast_t5(model)
     fp32_loss, fp32_grads = fp32_reference_grads(model, batch)
+    return stock_loss, stock_grads, eager_grads, fast_loss, fast_grads, fp32_loss, fp32_grads
+
+
+def one_more_draw(config, data, device, args, seed: int) -> dict:
+    """Another model (seed) and batch: one draw of inputs says little when the paths differ by ~2%."""
+    from sumtune.fast_t5.numerics import vector_relative_error
+
+    model = build_numerics_model(config, device, seed)
+    index = seed  # batch_at wraps around the rows
+    batch = {k: v.to(device) for k, v in bc.batch_at(data, index, args.numerics_batch).items()}
+    _, stock, eager, _, fast, _, fp32 = all_paths(model, batch, device)
+    draw = dict(seed=seed, batch_index=index, fast_vs_fp32=vector_relative_error(fast, fp32),
+                stock_sdpa_vs_fp32=vector_relative_error(stock, fp32),
+                stock_eager_vs_fp32=vector_relative_error(eager, fp32))
+    print(f"draw {seed} (batch {index}): " + ", ".join(f"{k} {v:.3e}" for k, v in draw.items() if k.endswith("fp32")),
+          flush=True)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return draw
+
+
+def summarize_draws(draws: list[dict]) -> dict:
+    """Mean of each path's whole-vector error against float32, and in how many draws fast is the closest."""
+    paths = ("fast", "stock_sdpa", "stock_eager")
+    means = {f"mean_{p}_vs_fp32": statistics.fmean(d[f"{p}_vs_fp32"] for d in draws) for p in paths}
+    closer = dict(fast_closer_than_sdpa=sum(d["fast_vs_fp32"] <= d["stock_sdpa_vs_fp32"] for d in draws),
+                  fast_closer_than_eager=sum(d["fast_vs_fp32"] <= d["stock_eager_vs_fp32"] for d in draws))
+    return dict(draws=len(draws), **means, **closer)
+
+
+def run_numerics(args, device) -> None:
+    from sumtune.fast_t5 import disable_fast_t5, enable_fast_t5
+    from sumtune.fast_t5.numerics import relative_errors, vector_relative_error
+
+    layers = args.layers or (2 if args.quick else 4)
+    config = bc.t5_config(args.model, num_layers=layers, dropout_rate=0.0)  # no dropout: same RNG-free math
+    data = bc.tokenize_rows(bc.load_t5_tokenizer(), bc.load_billsum_texts(), args.src_len, args.tgt_len)
+    model = build_numerics_model(config, device)
+    batch = {k: v.to(device) for k, v in bc.batch_at(data, 0, args.numerics_batch).items()}
+    stock_loss, stock_grads, eager_grads, fast_loss, fast_grads, fp32_loss, fp32_grads = all_paths(model, batch, device)
     errors, floor = relative_errors(fast_grads, stock_grads), relative_errors(eager_grads, stock_grads)
     worst = max(errors, key=errors.get)
     vs_fp32 = {path: relative_errors(grads, fp32_grads) for path, grads in
@@ -104,6 +141,15 @@ def run_numerics(args, device) -> None:
     worse = sum(vs_fp32["fast"][n] > max(vs_fp32["stock_sdpa"][n], vs_fp32["stock_eager"][n]) for n in errors)
     print(f"tensors where fast is further from fp32 than both stock backends: {worse} of {len(errors)}")
     print("all LoRA grads as one vector: " + ", ".join(f"{k} {v:.3e}" for k, v in global_errors.items()), flush=True)
+    draws = [dict(seed=0, batch_index=0, **{k: v for k, v in global_errors.items() if k.endswith("_fp32")})]
+    del stock_grads, eager_grads, fast_grads, fp32_grads
+    for seed in range(1, args.numerics_draws):
+        draws.append(one_more_draw(config, data, device, args, seed))
+    if len(draws) > 1:
+        draws_summary = summarize_draws(draws)
+        print(f"over {len(draws)} draws (model seed, batch): " + ", ".join(f"{k} {v}" for k, v in draws_summary.items()))
+    else:
+        draws_summary = {}
 
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     curves, seconds = {}, {}
@@ -131,7 +177,7 @@ def run_numerics(args, device) -> None:
                        grad_rel_err_vs_fp32_max={k: max(v.values()) for k, v in vs_fp32.items()},
                        grad_rel_err_vs_fp32_median={k: statistics.median(v.values()) for k, v in vs_fp32.items()},
                        tensors_fast_worse_than_both_stock=worse, global_grad_rel_err=global_errors,
-                       curve_steps=args.curve_steps,
+                       draws=draws, draws_summary=draws_summary, curve_steps=args.curve_steps,
                        curve_lr=args.curve_lr, curve_window=window, curve_max_rel_deviation=deviation,
                        curve_seconds=seconds, curves=curves)
         name = "fast_t5_numerics" + ("-quick" if args.quick else "")

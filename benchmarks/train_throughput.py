@@ -444,6 +444,8 @@ def parse_args(argv=None):
     parser.add_argument("--curve-steps", type=int, default=200)
     parser.add_argument("--curve-lr", type=float, default=1e-4)
     parser.add_argument("--numerics-batch", type=int, default=4)
+    parser.add_argument("--numerics-draws", type=int, default=1,
+                        help="--numerics: repeat the gradient comparison on this many (model seed, batch) draws")
     parser.add_argument("--quick", action="store_true", help="tiny shapes on CPU, a few seconds")
     parser.add_argument("--no-save", action="store_true")
     bc.add_oom_reports_option(parser)
