@@ -162,14 +162,15 @@ CONFIG_TOKENS: dict[str, dict] = {
 # Tokens for kernel settings that are module constants, not TrainConfig fields: (module, name, value) patched around
 # the row (sumtune reads them at call time). `drop8`: the attention kernels' dropout from 8-bit draws; `nojoin`: the
 # fused LoRA node concatenates a copy of the cached W per call instead of keeping it beside the low-rank weight;
-# `oldtiles`: the attention kernels autotune over the tile lists they had before 2026-12-02; `qkvgroup`: q/k/v (and
-# cross-attention k/v) as one LoRA group node over their shared input (sumtune.fast_t5.lora_group; off until measured).
+# `oldtiles`: the attention kernels autotune over the tile lists they had before 2026-12-02; `noqkvgroup`: q/k/v (and
+# cross-attention k/v) as separate LoRA nodes instead of one group over their shared input (sumtune.fast_t5.lora_group).
+# (`nofold` measured the dK/dV kernel's select per score against a folded per-key term, which lost: the term went.)
 # (`onebias`, the attention's bias tiles in one loop, measured slower and went with its kernel variant: commit 6681814.)
 PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "drop8": ("sumtune.fast_t5.flash_attention", "DROPOUT_DRAW_BITS", 8),
     "nojoin": ("sumtune.fast_t5.lora4bit", "JOIN_CACHED_WEIGHTS", False),
     "oldtiles": ("sumtune.fast_t5.flash_attention", "AUTOTUNE_CONFIGS", lambda module: module.PREVIOUS_AUTOTUNE_CONFIGS),
-    "qkvgroup": ("sumtune.fast_t5.lora_group", "GROUP_PROJECTIONS", True),
+    "noqkvgroup": ("sumtune.fast_t5.lora_group", "GROUP_PROJECTIONS", False),
 }
 
 
