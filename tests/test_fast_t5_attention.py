@@ -193,6 +193,44 @@ def test_rows_without_any_key_give_zeros_not_nan(fa):
     assert torch.equal(out[:, :, 0], torch.zeros_like(out[:, :, 0]))
 
 
+@pytest.fixture()
+def ds_gemm(fa, monkeypatch):
+    """The backward's dQ from the dS the dK/dV kernel stores (DS_GEMM), into a buffer first filled with NaN: every
+    entry the GEMM reads must be written, the zeros of unvisited tiles included."""
+    monkeypatch.setattr(fa, "DS_GEMM", True)
+    allocate = fa._ds_buffer
+    monkeypatch.setattr(fa, "_ds_buffer", lambda *args: allocate(*args).fill_(float("nan")))
+    return fa
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_dq_from_stored_ds_matches_float64_reference(ds_gemm, case):
+    query_len, key_len, head_dim, bias, causal, padded = CASES[case]
+    q, k, v = make_qkv(3, 2, query_len, key_len, head_dim, torch.float32)
+    radius = bias if isinstance(bias, int) else None
+    table = None
+    if bias == "any":
+        table = torch.randn(2, query_len + key_len - 1, generator=torch.Generator().manual_seed(1))
+    elif radius:
+        table = t5_like_table(2, query_len, key_len, radius)
+    mask = padding_mask(3, key_len) if padded else None
+    with ds_gemm.block_sizes(fwd=(16, 16), dkdv=(16, 32)):  # causal: query blocks above the diagonal stay unvisited
+        assert_matches_reference(ds_gemm, q, k, v, FP32_RTOL, table, mask, causal, radius=radius)
+
+
+def test_dq_from_stored_ds_with_dropout_and_keyless_rows(ds_gemm):
+    q, k, v = make_qkv(2, 2, 45, 45, 16, torch.float32)
+    table, mask, p = t5_like_table(2, 45, 45, 8), padding_mask(2, 45), 0.3
+    mask[1] = False  # a row with nothing to attend to: every key block of it is skipped
+    for causal in (False, True):
+        seed = seed_of_next_call(ds_gemm, 7)
+        keep = ds_gemm.dropout_keep_mask(seed, 2, 2, 45, 45, p, device="cpu")
+        with ds_gemm.block_sizes(fwd=(16, 32), dkdv=(32, 16)):
+            _, grads = assert_matches_reference(ds_gemm, q, k, v, FP32_RTOL, table, mask, causal, keep=keep,
+                                                keep_scale=ds_gemm.dropout_scale(p), dropout_p=p, radius=8)
+        assert torch.equal(grads[0][1], torch.zeros_like(grads[0][1]))
+
+
 # ----------------------------------------------------------------------------- dropout
 def seed_of_next_call(fa, rng_seed: int, device="cpu") -> torch.Tensor:
     """The seed the next kernel call on ``device`` will draw after torch.manual_seed(rng_seed) (re-applied here)."""
@@ -383,6 +421,28 @@ def test_every_autotune_config_compiles_for_hopper_without_spilling():
         assert row["async_copies"] > 0, row  # K/V loads pipelined (cp.async), not synchronous
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_dkdv_configs_that_store_ds_compile_for_hopper_without_spilling():
+    """The DS_GEMM variant of the dK/dV kernel (it also stores dS) builds for sm_90 with every shipped config."""
+    import json
+    import subprocess
+    import sys
+
+    from sumtune.fast_t5.flash_attention import AUTOTUNE_CONFIGS
+    from sumtune.fast_t5.flash_compile import HOPPER_SHARED_BYTES
+
+    code = ("import json; from sumtune.fast_t5 import flash_compile as fc, flash_attention as fa\n"
+            "for config in fa.AUTOTUNE_CONFIGS['dkdv']:\n"
+            "    print(json.dumps(fc.resources(fc.compile_kernel('dkdv', *config, STORE_DS=True))))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == len(AUTOTUNE_CONFIGS["dkdv"]), result.stderr[-2000:]
+    for row in rows:
+        assert row["shared_bytes"] <= HOPPER_SHARED_BYTES and row["spill_bytes"] <= 256, row
+
+
 def test_compiled_graph_keeps_the_custom_ops_and_their_dropout(fa):
     """torch.compile (dynamo + AOTAutograd, eager kernels) traces the fast path's call with its FlashInputs in one
     graph, and the compiled backward regenerates the forward's dropout mask: bit-identical to eager at one seed."""
@@ -484,6 +544,17 @@ def test_gpu_kernels_no_further_from_float64_than_sdpa(compiled_fa, head_dim, ca
     """Compiled kernels vs float64, next to SDPA with the materialised bias (stock's way); with dropout, against
     float64 with the kernels' own mask."""
     fa = compiled_fa
+    with first_configs(fa):
+        _check_against_sdpa_and_float64(fa, head_dim, causal, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("head_dim,causal,dtype", [(128, False, torch.bfloat16), (64, True, torch.float16)])
+def test_gpu_dq_from_stored_ds_no_further_from_float64_than_sdpa(compiled_fa, monkeypatch, head_dim, causal, dtype):
+    """The same check with DS_GEMM: dQ from the dS the compiled dK/dV kernel stores, as one cuBLAS GEMM."""
+    fa = compiled_fa
+    monkeypatch.setattr(fa, "DS_GEMM", True)
     with first_configs(fa):
         _check_against_sdpa_and_float64(fa, head_dim, causal, dtype)
 

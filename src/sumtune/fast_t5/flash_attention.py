@@ -37,6 +37,12 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 # 8 measured slower in the whole T5-3b step (H200, 2026-12-01: 39.0 vs 39.8 samples/s at 1024/128, 5.60 vs 5.85 at
 # 4096/512; results/*_loragemm_drop8-*), so 16 stays.
 DROPOUT_DRAW_BITS = 16
+# The backward's dQ from dS: the dK/dV kernel writes dS (bf16, the values the dQ kernel would round to bf16 before
+# its GEMM) into a (B, H, Lk, Lq) buffer and dQ = dS K runs as one batched cuBLAS GEMM, instead of a dQ kernel that
+# recomputes S, P, dP and the dropout draws. Costs a transient L x L buffer per attention call (2 GiB for 32 x 32 heads
+# at 1024, 4 GiB for 4 x 32 at 4096). Off until measured on a GPU (benchmark token `dsgemm`). Read at every backward.
+DS_GEMM = False
+DS_TILE = 128  # the dS buffer's rows and columns are padded to whole tiles, so the kernel stores without masks
 TABLE_MARGIN = 128  # zero columns each side of a bias table: a tile reaches at most BLOCK - 1 offsets beyond it
 _INTERPRETER_BLOCKS = dict(fwd=(32, 32), dkdv=(32, 32), dq=(32, 32))  # tests pin smaller ones to cross blocks
 _pinned_blocks: dict[str, tuple[int, ...]] = {}
@@ -79,7 +85,7 @@ def _configs(name: str):
             for m, n, w, s in AUTOTUNE_CONFIGS[name]]
 
 
-_AUTOTUNE_KEY = ["HEAD_DIM", "len_key", "CAUSAL", "HAS_BIAS", "HAS_KEY_MASK", "DROPOUT", "DRAW8"]
+_AUTOTUNE_KEY = ["HEAD_DIM", "len_key", "CAUSAL", "HAS_BIAS", "HAS_KEY_MASK", "DROPOUT", "DRAW8", "STORE_DS"]
 _tuned: dict[str, object] = {}
 
 
@@ -234,12 +240,17 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal,
     mask_stride = mask.stride(0) if mask is not None else 0
     length_key = _length_key(max(query_len, key_len))
     geometry = _table_geometry(table, query_len)
+    store_ds = DS_GEMM
+    ds = _ds_buffer(batch, heads, key_len, query_len, q) if store_ds else delta
+    ds_strides = ds.stride()[:3] if store_ds else (0, 0, 0)
     _launch("dkdv", kernels.t5_flash_attention_bwd_dkdv,
             lambda bm, bn: (_cdiv(key_len, bn), batch * heads),
-            q, k, v, grad_out, dk, dv, lse, delta, table_arg, mask_arg, lengths_arg,
-            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), mask_stride,
-            heads, query_len, key_len, radius, *geometry, scale * LOG2E, scale, seed, drop_below, drop_scale,
-            length_key, **common)
+            q, k, v, grad_out, dk, dv, lse, delta, table_arg, mask_arg, lengths_arg, ds,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), *ds_strides,
+            mask_stride, heads, query_len, key_len, radius, *geometry, scale * LOG2E, scale, seed, drop_below,
+            drop_scale, length_key, STORE_DS=store_ds, **common)
+    if store_ds:
+        return _dq_from_ds(ds, k, dq, query_len, key_len, scale), dk, dv
     _launch("dq", kernels.t5_flash_attention_bwd_dq,
             lambda bm, bn: (_cdiv(query_len, bm), batch * heads),
             q, k, v, grad_out, dq, lse, delta, table_arg, mask_arg, lengths_arg,
@@ -249,8 +260,28 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal,
     return dq, dk, dv
 
 
+def _ds_buffer(batch: int, heads: int, key_len: int, query_len: int, like: Tensor) -> Tensor:
+    """Uninitialised (B, H, Lk, Lq) dSᵀ buffer padded to whole tiles: the dK/dV kernel writes every entry of it
+    that the GEMM reads, zeros included (tests fill it with NaN to check)."""
+    shape = (batch, heads, _round_up(key_len, DS_TILE), _round_up(query_len, DS_TILE))
+    return torch.empty(shape, device=like.device, dtype=like.dtype)
+
+
+def _dq_from_ds(ds: Tensor, k: Tensor, dq: Tensor, query_len: int, key_len: int, scale: float) -> Tensor:
+    """dQ = scale · dS K, with dSᵀ in the padded (B, H, Lk_pad, Lq_pad) buffer the dK/dV kernel wrote."""
+    ds_used = ds[:, :, :key_len, :query_len].transpose(-1, -2)  # (B, H, Lq, Lk), a view: cuBLAS reads it transposed
+    grad = torch.matmul(ds_used, k)
+    if scale != 1.0:
+        grad.mul_(scale)
+    return dq.copy_(grad)  # dq has q's strides, as the op's fake kernel promises
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _round_up(a: int, b: int) -> int:
+    return _cdiv(a, b) * b
 
 
 # ----------------------------------------------------------------------------- custom ops + autograd

@@ -30,13 +30,14 @@ def example_arguments(kernel, batch: int = 32, heads: int = 32, length: int = 10
     strides = {"b": length * heads * head_dim, "h": head_dim, "m": heads * head_dim, "n": heads * head_dim, "d": 1}
     pointers = {"LSE": "*fp32", "DELTA": "*fp32", "TABLE": "*fp32", "KMASK": "*i8", "KV_LEN": "*i32", "SEED": "*i64"}
     values = dict(H=heads, Lq=length, Lk=length, R=128, table_row=2 * length - 1 + 256, table_zero=length - 1 + 128,
+                  stride_dsb=heads * length * length, stride_dsh=length * length, stride_dsn=length,
                   qk_scale=1.4427, scale=1.0, drop_scale=1.11, drop_below=6554, len_key=length,
                   stride_mask_b=length)
     arguments = {}
     for name in kernel.arg_names:
         if name in pointers:
             arguments[name] = pointers[name]
-        elif name in ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ"):
+        elif name in ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ", "DS"):
             arguments[name] = f"*{dtype}"
         elif name in values:
             arguments[name] = values[name]
@@ -54,7 +55,8 @@ def compile_kernel(name: str, block_m: int, block_n: int, num_warps: int, num_st
         raise RuntimeError("TRITON_INTERPRET=1 decorates interpreted kernels, which do not compile: unset it")
     kernel = getattr(flash_kernels, KERNELS[name])
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=False,
-                      **{"DRAW8": False, **T5_FLAGS, **flags})
+                      **{"DRAW8": False, "STORE_DS": False, **T5_FLAGS, **flags})
+    constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}  # STORE_DS: the dK/dV kernel's
     examples = example_arguments(kernel, head_dim=head_dim, dtype=dtype)
     signature, attrs = {}, {}
     for index, arg in enumerate(kernel.arg_names):

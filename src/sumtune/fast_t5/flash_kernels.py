@@ -261,11 +261,12 @@ def t5_attention_bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, stop, const, start_n, key_ok,
-                stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale,
+def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, const, start_n, key_ok,
+                stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale,
                 seed, stream, n_cols, drop_below, drop_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
-                CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DRAW8: tl.constexpr):
+                CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DRAW8: tl.constexpr,
+                STORE_DS: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     for start_m in range(start, stop, BLOCK_M):
@@ -291,21 +292,34 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, stop, const, star
         else:
             pd_t = p_t
         dv = _dot(pd_t.to(do.dtype), do, UPCAST, dv)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = _dot(ds_t.to(q_t.dtype), tl.trans(q_t), UPCAST, dk)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q_t.dtype)
+        dk = _dot(ds_t, tl.trans(q_t), UPCAST, dk)
+        if STORE_DS:  # (keys, queries) rows of dSᵀ, whose buffer is padded to whole tiles: no mask
+            tl.store(DS + offs_n[:, None] * stride_dsn + offs_m[None, :], ds_t)
     return dk, dv
 
 
 @triton.jit
-def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, KV_LEN, stride_qb, stride_qh,
+def _zero_ds(DS, start, stop, start_n, stride_dsn, dtype: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr):
+    """Zeros into dSᵀ for these keys and the query blocks in [start, stop) that no tile visits (all masked)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    zeros = tl.zeros([BLOCK_N, BLOCK_M], dtype=dtype)
+    for start_m in range(start, stop, BLOCK_M):
+        tl.store(DS + offs_n[:, None] * stride_dsn + (start_m + tl.arange(0, BLOCK_M))[None, :], zeros)
+
+
+@triton.jit
+def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, KV_LEN, DS, stride_qb, stride_qh,
                                 stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb,
                                 stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
                                 stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn,
-                                stride_dvd, stride_mask_b, H, Lq, Lk, R, table_row, table_zero, qk_scale, scale,
+                                stride_dvd, stride_dsb, stride_dsh, stride_dsn, stride_mask_b, H, Lq, Lk, R,
+                                table_row, table_zero, qk_scale, scale,
                                 SEED, drop_below, drop_scale, len_key, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                                 HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-                                DRAW8: tl.constexpr = False):
+                                DRAW8: tl.constexpr = False, STORE_DS: tl.constexpr = False):
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
     seed = 0
@@ -330,6 +344,8 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
     DO += b * stride_dob + h * stride_doh
     LSE += bh.to(tl.int64) * Lq
     DELTA += bh.to(tl.int64) * Lq
+    if STORE_DS:
+        DS += b * stride_dsb + h.to(tl.int64) * stride_dsh
     start = 0
     if CAUSAL:
         start = (start_n // BLOCK_M) * BLOCK_M  # query blocks entirely above the diagonal see none of these keys
@@ -344,23 +360,26 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
         # query tiles that see these keys at offsets all >= +R (first) or all <= -R (last) share one bias value
         hi_end = tl.maximum(tl.minimum((tl.maximum(start_n - R + 1, 0) // BLOCK_M) * BLOCK_M, stop), start)
         lo_start = tl.maximum(tl.minimum(tl.cdiv(start_n + BLOCK_N - 1 + R, BLOCK_M) * BLOCK_M, stop), hi_end)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, hi_end, far_right, start_n,
-                             key_ok, stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale, seed, bh,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, hi_end, far_right, start_n,
+                             key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale, seed, bh,
                              n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, CAUSAL,
-                             DROPOUT, UPCAST, DRAW8)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, hi_end, lo_start, 0.0, start_n,
-                             key_ok, stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale, seed, bh,
+                             DROPOUT, UPCAST, DRAW8, STORE_DS)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, hi_end, lo_start, 0.0, start_n,
+                             key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale, seed, bh,
                              n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER, CAUSAL,
-                             DROPOUT, UPCAST, DRAW8)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, lo_start, stop, far_left, start_n,
-                             key_ok, stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale, seed, bh,
+                             DROPOUT, UPCAST, DRAW8, STORE_DS)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, lo_start, stop, far_left, start_n,
+                             key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale, seed, bh,
                              n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, False,
-                             DROPOUT, UPCAST, DRAW8)
+                             DROPOUT, UPCAST, DRAW8, STORE_DS)
     else:
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, start, stop, 0.0, start_n,
-                             key_ok, stride_qm, stride_qd, stride_dom, stride_dod, Lq, R, qk_scale, seed, bh,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, 0.0, start_n,
+                             key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale, seed, bh,
                              n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE, CAUSAL,
-                             DROPOUT, UPCAST, DRAW8)
+                             DROPOUT, UPCAST, DRAW8, STORE_DS)
+    if STORE_DS:  # query blocks no tile visited: above the diagonal, or every query of keys past the row's length
+        _zero_ds(DS, 0, start, start_n, stride_dsn, DS.dtype.element_ty, BLOCK_M, BLOCK_N)
+        _zero_ds(DS, stop, Lq, start_n, stride_dsn, DS.dtype.element_ty, BLOCK_M, BLOCK_N)
     tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
              (dk * scale).to(DK.dtype.element_ty), mask=in_k[:, None])
     tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
