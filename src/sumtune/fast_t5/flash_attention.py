@@ -85,7 +85,8 @@ def _configs(name: str):
             for m, n, w, s in AUTOTUNE_CONFIGS[name]]
 
 
-_AUTOTUNE_KEY = ["HEAD_DIM", "len_key", "CAUSAL", "HAS_BIAS", "HAS_KEY_MASK", "DROPOUT", "DRAW8", "STORE_DS"]
+_AUTOTUNE_KEY = ["HEAD_DIM", "len_key", "CAUSAL", "HAS_BIAS", "HAS_KEY_MASK", "DROPOUT", "DRAW8"]
+_KERNEL_AUTOTUNE_KEYS = {"dkdv": ["STORE_DS"]}  # flags only one kernel takes
 _tuned: dict[str, object] = {}
 
 
@@ -95,7 +96,8 @@ def _autotuned(name: str, kernel):
     if _tuned.get(name, (None, None, None))[:2] != (kernel, configs):
         import triton
 
-        _tuned[name] = (kernel, configs, triton.autotune(_configs(name), key=_AUTOTUNE_KEY)(kernel))
+        key = _AUTOTUNE_KEY + _KERNEL_AUTOTUNE_KEYS.get(name, [])
+        _tuned[name] = (kernel, configs, triton.autotune(_configs(name), key=key)(kernel))
     return _tuned[name][2]
 
 
