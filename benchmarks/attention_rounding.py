@@ -89,8 +89,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     x = make_inputs(args.length, args.heads)
     reference = exact(x)
-    rows = {"stock_sdpa_math_fp32": errors(exact(x, torch.float32), reference), "stock_eager": errors(eager(x), reference),
-            "flash": errors(flash(x), reference)}
+    rows = {"stock_sdpa_math_fp32": errors(exact(x, torch.float32), reference),
+            "stock_eager": errors(eager(x), reference), "flash": errors(flash(x), reference)}
     rows.update({f"flash_without_{name}_rounding": errors(flash(x, name), reference) for name in ROUNDINGS})
     for name, row in rows.items():
         print(f"{name:40s} " + "  ".join(f"{k} {v:.3e}" for k, v in row.items()))

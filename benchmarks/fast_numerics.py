@@ -120,7 +120,8 @@ def run_numerics(args, device) -> None:
     data = bc.tokenize_rows(bc.load_t5_tokenizer(), bc.load_billsum_texts(), args.src_len, args.tgt_len)
     model = build_numerics_model(config, device)
     batch = {k: v.to(device) for k, v in bc.batch_at(data, 0, args.numerics_batch).items()}
-    stock_loss, stock_grads, eager_grads, fast_loss, fast_grads, fp32_loss, fp32_grads = all_paths(model, batch, device)
+    results = all_paths(model, batch, device)
+    stock_loss, stock_grads, eager_grads, fast_loss, fast_grads, fp32_loss, fp32_grads = results
     errors, floor = relative_errors(fast_grads, stock_grads), relative_errors(eager_grads, stock_grads)
     worst = max(errors, key=errors.get)
     vs_fp32 = {path: relative_errors(grads, fp32_grads) for path, grads in
@@ -147,7 +148,8 @@ def run_numerics(args, device) -> None:
         draws.append(one_more_draw(config, data, device, args, seed))
     if len(draws) > 1:
         draws_summary = summarize_draws(draws)
-        print(f"over {len(draws)} draws (model seed, batch): " + ", ".join(f"{k} {v}" for k, v in draws_summary.items()))
+        print(f"over {len(draws)} draws (model seed, batch): "
+              + ", ".join(f"{k} {v}" for k, v in draws_summary.items()))
     else:
         draws_summary = {}
 
