@@ -218,7 +218,7 @@ def run_shape(shape, repeats: int, with_flex: bool) -> tuple[list[dict], dict]:
 
     record("triton+bias+dropout", ours, (q, k, v), table.numel() * 4 / 2**30)
     tuned = fa.best_configs()
-    with bc.patched("dsgemm"):  # dQ as one batched GEMM over the dS the dK/dV kernel stores (no dQ kernel)
+    with bc.patched("dsgemm"):  # dQ as batched GEMMs over the dS the dK/dV kernel stores (no dQ kernel)
         record("triton+bias+dropout+dsgemm", ours, (q, k, v), table.numel() * 4 / 2**30)
     with bc.patched("drop8"):  # 16 draws per Philox call instead of 8 (autotuned anew)
         record("triton+bias+dropout8", ours, (q, k, v), table.numel() * 4 / 2**30)

@@ -38,7 +38,7 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 # 4096/512; results/*_loragemm_drop8-*), so 16 stays.
 DROPOUT_DRAW_BITS = 16
 # The backward's dQ from dS: the dK/dV kernel writes dS (bf16, the values the dQ kernel would round to bf16 before
-# its GEMM) into a (B, H, Lk, Lq) buffer and dQ = dS K runs as one batched cuBLAS GEMM, instead of a dQ kernel that
+# its GEMM) into a (B, H, Lk, Lq) buffer and dQ = dS K runs as cuBLAS batched GEMMs, instead of a dQ kernel that
 # recomputes S, P, dP and the dropout draws. Costs a transient L x L buffer per attention call (2 GiB for 32 x 32 heads
 # at 1024, 4 GiB for 4 x 32 at 4096). Off until measured on a GPU (benchmark token `dsgemm`). Read at every backward.
 DS_GEMM = False
@@ -272,10 +272,13 @@ def _ds_buffer(batch: int, heads: int, key_len: int, query_len: int, like: Tenso
 def _dq_from_ds(ds: Tensor, k: Tensor, dq: Tensor, query_len: int, key_len: int, scale: float) -> Tensor:
     """dQ = scale · dS K, with dSᵀ in the padded (B, H, Lk_pad, Lq_pad) buffer the dK/dV kernel wrote."""
     ds_used = ds[:, :, :key_len, :query_len].transpose(-1, -2)  # (B, H, Lq, Lk), a view: cuBLAS reads it transposed
-    grad = torch.matmul(ds_used, k)
+    # One GEMM batch per sample: K and dQ are (B, L, H, D) seen as (B, H, L, D), so a sample's heads are evenly strided
+    # (cuBLAS-batchable in place) while (B, H) together are not (one batched matmul copied K and dQ, ~1 GB a call).
+    for sample in range(ds.shape[0]):
+        torch.bmm(ds_used[sample], k[sample], out=dq[sample])
     if scale != 1.0:
-        grad.mul_(scale)
-    return dq.copy_(grad)  # dq has q's strides, as the op's fake kernel promises
+        dq.mul_(scale)
+    return dq
 
 
 def _cdiv(a: int, b: int) -> int:
