@@ -115,8 +115,8 @@ CASES = {  # name: (query_len, key_len, head_dim, bias: radius / "any" table / N
 }
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_forward_and_grads_match_float64_reference(fa, case):
+def case_inputs(case: str) -> tuple:
+    """(q, k, v, table, mask, causal, radius) of one of CASES: float32, batch 3, 2 heads."""
     query_len, key_len, head_dim, bias, causal, padded = CASES[case]
     q, k, v = make_qkv(3, 2, query_len, key_len, head_dim, torch.float32)
     radius = bias if isinstance(bias, int) else None
@@ -126,6 +126,12 @@ def test_forward_and_grads_match_float64_reference(fa, case):
     elif radius:
         table = t5_like_table(2, query_len, key_len, radius)
     mask = padding_mask(3, key_len) if padded else None
+    return q, k, v, table, mask, causal, radius
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_forward_and_grads_match_float64_reference(fa, case):
+    q, k, v, table, mask, causal, radius = case_inputs(case)
     with fa.block_sizes(fwd=(16, 16), dkdv=(16, 32), dq=(32, 16)):  # lengths are not multiples of any of them
         assert_matches_reference(fa, q, k, v, FP32_RTOL, table, mask, causal, radius=radius)
 
@@ -205,15 +211,7 @@ def ds_gemm(fa, monkeypatch):
 
 @pytest.mark.parametrize("case", CASES)
 def test_dq_from_stored_ds_matches_float64_reference(ds_gemm, case):
-    query_len, key_len, head_dim, bias, causal, padded = CASES[case]
-    q, k, v = make_qkv(3, 2, query_len, key_len, head_dim, torch.float32)
-    radius = bias if isinstance(bias, int) else None
-    table = None
-    if bias == "any":
-        table = torch.randn(2, query_len + key_len - 1, generator=torch.Generator().manual_seed(1))
-    elif radius:
-        table = t5_like_table(2, query_len, key_len, radius)
-    mask = padding_mask(3, key_len) if padded else None
+    q, k, v, table, mask, causal, radius = case_inputs(case)
     with ds_gemm.block_sizes(fwd=(16, 16), dkdv=(16, 32)):  # causal: query blocks above the diagonal stay unvisited
         assert_matches_reference(ds_gemm, q, k, v, FP32_RTOL, table, mask, causal, radius=radius)
 
