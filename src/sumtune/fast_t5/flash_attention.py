@@ -42,6 +42,7 @@ DROPOUT_DRAW_BITS = 16
 # recomputes S, P, dP and the dropout draws. Costs a transient L x L buffer per attention call (2 GiB for 32 x 32 heads
 # at 1024, 4 GiB for 4 x 32 at 4096). Off until measured on a GPU (benchmark token `dsgemm`). Read at every backward.
 DS_GEMM = False
+DS_GEMM_MAX_GIB = 8.0  # a larger dS buffer (long inputs at a large fixed batch) takes the dQ kernel instead
 DS_TILE = 128  # the dS buffer's rows and columns are padded to whole tiles, so the kernel stores without masks
 TABLE_MARGIN = 128  # zero columns each side of a bias table: a tile reaches at most BLOCK - 1 offsets beyond it
 _INTERPRETER_BLOCKS = dict(fwd=(32, 32), dkdv=(32, 32), dq=(32, 32))  # tests pin smaller ones to cross blocks
@@ -242,7 +243,7 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal,
     mask_stride = mask.stride(0) if mask is not None else 0
     length_key = _length_key(max(query_len, key_len))
     geometry = _table_geometry(table, query_len)
-    store_ds = DS_GEMM
+    store_ds = DS_GEMM and _ds_buffer_gib(batch, heads, key_len, query_len, q.element_size()) <= DS_GEMM_MAX_GIB
     ds = _ds_buffer(batch, heads, key_len, query_len, q) if store_ds else delta
     ds_strides = ds.stride()[:3] if store_ds else (0, 0, 0)
     _launch("dkdv", kernels.t5_flash_attention_bwd_dkdv,
@@ -260,6 +261,10 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal,
             heads, query_len, key_len, radius, *geometry, scale * LOG2E, scale, seed, drop_below, drop_scale,
             length_key, **common)
     return dq, dk, dv
+
+
+def _ds_buffer_gib(batch: int, heads: int, key_len: int, query_len: int, element_bytes: int) -> float:
+    return batch * heads * _round_up(key_len, DS_TILE) * _round_up(query_len, DS_TILE) * element_bytes / 2**30
 
 
 def _ds_buffer(batch: int, heads: int, key_len: int, query_len: int, like: Tensor) -> Tensor:
