@@ -86,8 +86,7 @@ def _configs(name: str):
             for m, n, w, s in AUTOTUNE_CONFIGS[name]]
 
 
-_AUTOTUNE_KEY = ["HEAD_DIM", "len_key", "CAUSAL", "HAS_BIAS", "HAS_KEY_MASK", "DROPOUT", "DRAW8"]
-_KERNEL_AUTOTUNE_KEYS = {"dkdv": ["STORE_DS"]}  # flags only one kernel takes
+_AUTOTUNE_KEY = ["HEAD_DIM", "len_key", "CAUSAL", "HAS_BIAS", "HAS_KEY_MASK", "DROPOUT", "DRAW8", "STORE_DS"]
 _tuned: dict[str, object] = {}
 
 
@@ -97,7 +96,7 @@ def _autotuned(name: str, kernel):
     if _tuned.get(name, (None, None, None))[:2] != (kernel, configs):
         import triton
 
-        key = _AUTOTUNE_KEY + _KERNEL_AUTOTUNE_KEYS.get(name, [])
+        key = [arg for arg in _AUTOTUNE_KEY if arg in kernel.arg_names]  # STORE_DS: the dK/dV kernel only
         _tuned[name] = (kernel, configs, triton.autotune(_configs(name), key=key)(kernel))
     return _tuned[name][2]
 
@@ -263,15 +262,18 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal,
     return dq, dk, dv
 
 
+def _ds_buffer_shape(batch: int, heads: int, key_len: int, query_len: int) -> tuple[int, int, int, int]:
+    return batch, heads, _round_up(key_len, DS_TILE), _round_up(query_len, DS_TILE)
+
+
 def _ds_buffer_gib(batch: int, heads: int, key_len: int, query_len: int, element_bytes: int) -> float:
-    return batch * heads * _round_up(key_len, DS_TILE) * _round_up(query_len, DS_TILE) * element_bytes / 2**30
+    return math.prod(_ds_buffer_shape(batch, heads, key_len, query_len)) * element_bytes / 2**30
 
 
 def _ds_buffer(batch: int, heads: int, key_len: int, query_len: int, like: Tensor) -> Tensor:
     """Uninitialised (B, H, Lk, Lq) dSᵀ buffer padded to whole tiles: the dK/dV kernel writes every entry of it
     that the GEMM reads, zeros included (tests fill it with NaN to check)."""
-    shape = (batch, heads, _round_up(key_len, DS_TILE), _round_up(query_len, DS_TILE))
-    return torch.empty(shape, device=like.device, dtype=like.dtype)
+    return torch.empty(_ds_buffer_shape(batch, heads, key_len, query_len), device=like.device, dtype=like.dtype)
 
 
 def _dq_from_ds(ds: Tensor, k: Tensor, dq: Tensor, query_len: int, key_len: int, scale: float) -> Tensor:
