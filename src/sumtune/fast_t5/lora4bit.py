@@ -180,6 +180,12 @@ def _fusable_adapter(layer, x: torch.Tensor, args, kwargs) -> str | None:
     return name
 
 
+def lora_dropout_p(layer, name: str) -> float:
+    """The LoRA dropout rate of a fusable adapter (its dropout is an nn.Dropout or an nn.Identity)."""
+    dropout = layer.lora_dropout[name]
+    return float(dropout.p) if isinstance(dropout, torch.nn.Dropout) else 0.0
+
+
 # Kept out of torch.compile'd graphs (a graph break in each compiled T5 block; ~1 us a call eagerly): traced by
 # dynamo, the node lost the LoRA gradients on CUDA (torch 2.11, H200: every lora_B gradient zero, tiny T5, with and
 # without CUDA graphs; benchmarks/results/logs/compile_fused_lora_disable-2026-12-01-h200.log), and before that
@@ -191,11 +197,9 @@ def fused_lora_4bit_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Ten
     name = _fusable_adapter(self, x, args, kwargs)
     if name is None:
         return type(self).forward(self, x, *args, **kwargs)
-    dropout = self.lora_dropout[name]
-    dropout_p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) else 0.0
     base = self.get_base_layer()
     return FusedLora4bit.apply(x, self.lora_A[name].weight, self.lora_B[name].weight, base,
-                               float(self.scaling[name]), dropout_p, base.compute_dtype,
+                               float(self.scaling[name]), lora_dropout_p(self, name), base.compute_dtype,
                                getattr(self, _CONCAT_ATTR, False))
 
 

@@ -87,7 +87,7 @@ def grouped_projections(layers, x: torch.Tensor):
         if not getattr(layer, lora4bit._FUSED_ATTR, False) or not getattr(layer, lora4bit._CONCAT_ATTR, False):
             return None
         name = lora4bit._fusable_adapter(layer, x, (), {})
-        if name is None or not isinstance(layer.lora_dropout[name], torch.nn.Identity) and layer.lora_dropout[name].p:
+        if name is None or lora4bit.lora_dropout_p(layer, name) > 0:
             return None
         base = layer.get_base_layer()
         if lora4bit.wide_side(base.in_features, base.out_features) != "out":
