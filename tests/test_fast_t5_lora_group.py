@@ -48,10 +48,12 @@ def test_group_node_matches_peft_and_the_single_nodes(monkeypatch):
     model = group_model()
     peft = output_and_grads(model, x)
     fuse_lora_4bit(model, concat_gemms=True)
-    singles = output_and_grads(model, x)
     calls = []
     real = lora_group.FusedLoraGroup4bit.apply
     monkeypatch.setattr(lora_group.FusedLoraGroup4bit, "apply", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(lora_group, "GROUP_PROJECTIONS", False)  # on by default: the single nodes only when off
+    singles = output_and_grads(model, x)
+    assert calls == []
     monkeypatch.setattr(lora_group, "GROUP_PROJECTIONS", True)
     grouped = output_and_grads(model, x)
     assert calls == [1]
