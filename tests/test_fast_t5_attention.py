@@ -199,11 +199,12 @@ def test_rows_without_any_key_give_zeros_not_nan(fa):
     assert torch.equal(out[:, :, 0], torch.zeros_like(out[:, :, 0]))
 
 
-@pytest.fixture()
-def ds_gemm(fa, monkeypatch):
-    """The backward's dQ from the dS the dK/dV kernel stores (DS_GEMM), into a buffer first filled with NaN: every
-    entry the GEMM reads must be written, the zeros of unvisited tiles included."""
+@pytest.fixture(params=[False, True], ids=["dq", "dq+dk"])
+def ds_gemm(fa, monkeypatch, request):
+    """The backward's dQ (and with DK_GEMM, dK) from the dS the dK/dV kernel stores (DS_GEMM), into a buffer first
+    filled with NaN: every entry the GEMMs read must be written, the zeros of unvisited tiles included."""
     monkeypatch.setattr(fa, "DS_GEMM", True)
+    monkeypatch.setattr(fa, "DK_GEMM", request.param)
     allocate = fa._ds_buffer
     monkeypatch.setattr(fa, "_ds_buffer", lambda *args: allocate(*args).fill_(float("nan")))
     return fa
@@ -446,11 +447,13 @@ def test_dkdv_configs_that_store_ds_compile_for_hopper_without_spilling():
 
     code = ("import json; from sumtune.fast_t5 import flash_compile as fc, flash_attention as fa\n"
             "for config in fa.AUTOTUNE_CONFIGS['dkdv']:\n"
-            "    print(json.dumps(fc.resources(fc.compile_kernel('dkdv', *config, STORE_DS=True))))")
+            "    for dk_from_ds in (False, True):\n"
+            "        print(json.dumps(fc.resources(fc.compile_kernel('dkdv', *config, STORE_DS=True,\n"
+            "                                                        DK_FROM_DS=dk_from_ds))))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == len(AUTOTUNE_CONFIGS["dkdv"]), result.stderr[-2000:]
+    assert len(rows) == 2 * len(AUTOTUNE_CONFIGS["dkdv"]), result.stderr[-2000:]
     for row in rows:
         assert row["shared_bytes"] <= HOPPER_SHARED_BYTES and row["spill_bytes"] <= 256, row
 
@@ -562,11 +565,15 @@ def test_gpu_kernels_no_further_from_float64_than_sdpa(compiled_fa, head_dim, ca
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dk_gemm", [False, True])
 @pytest.mark.parametrize("head_dim,causal,dtype", [(128, False, torch.bfloat16), (64, True, torch.float16)])
-def test_gpu_dq_from_stored_ds_no_further_from_float64_than_sdpa(compiled_fa, monkeypatch, head_dim, causal, dtype):
-    """The same check with DS_GEMM: dQ from the dS the compiled dK/dV kernel stores, as one cuBLAS GEMM."""
+def test_gpu_dq_from_stored_ds_no_further_from_float64_than_sdpa(compiled_fa, monkeypatch, head_dim, causal, dtype,
+                                                                  dk_gemm):
+    """The same check with DS_GEMM: dQ (and with DK_GEMM, dK) from the dS the compiled dK/dV kernel stores, as
+    cuBLAS GEMMs."""
     fa = compiled_fa
     monkeypatch.setattr(fa, "DS_GEMM", True)
+    monkeypatch.setattr(fa, "DK_GEMM", dk_gemm)
     with first_configs(fa):
         _check_against_sdpa_and_float64(fa, head_dim, causal, dtype)
 

@@ -42,6 +42,9 @@ DROPOUT_DRAW_BITS = 16
 # recomputes S, P, dP and the dropout draws. Costs a transient L x L buffer per attention call (2 GiB for 32 x 32 heads
 # at 1024, 4 GiB for 4 x 32 at 4096). Off until measured on a GPU (benchmark token `dsgemm`). Read at every backward.
 DS_GEMM = False
+# With DS_GEMM, dK = dSᵀ Q as a cuBLAS GEMM over the same buffer too: the dK/dV kernel then runs three GEMMs, not
+# four, and holds no dK accumulator (registers). Off until measured (token `dkgemm`, with `dsgemm`).
+DK_GEMM = False
 DS_GEMM_MAX_GIB = 8.0  # a larger dS buffer (long inputs at a large fixed batch) takes the dQ kernel instead
 DS_TILE = 128  # the dS buffer's rows and columns are padded to whole tiles, so the kernel stores without masks
 TABLE_MARGIN = 128  # zero columns each side of a bias table: a tile reaches at most BLOCK - 1 offsets beyond it
@@ -86,7 +89,7 @@ def _configs(name: str):
             for m, n, w, s in AUTOTUNE_CONFIGS[name]]
 
 
-_AUTOTUNE_KEY = ["HEAD_DIM", "len_key", "CAUSAL", "HAS_BIAS", "HAS_KEY_MASK", "DROPOUT", "DRAW8", "STORE_DS"]
+_AUTOTUNE_KEY = ["HEAD_DIM", "len_key", "CAUSAL", "HAS_BIAS", "HAS_KEY_MASK", "DROPOUT", "DRAW8", "STORE_DS", "DK_FROM_DS"]
 _tuned: dict[str, object] = {}
 
 
@@ -96,7 +99,7 @@ def _autotuned(name: str, kernel):
     if _tuned.get(name, (None, None, None))[:2] != (kernel, configs):
         import triton
 
-        key = [arg for arg in _AUTOTUNE_KEY if arg in kernel.arg_names]  # STORE_DS: the dK/dV kernel only
+        key = [arg for arg in _AUTOTUNE_KEY if arg in kernel.arg_names]  # STORE_DS, DK_FROM_DS: the dK/dV kernel only
         _tuned[name] = (kernel, configs, triton.autotune(_configs(name), key=key)(kernel))
     return _tuned[name][2]
 
@@ -250,8 +253,10 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal,
             q, k, v, grad_out, dk, dv, lse, delta, table_arg, mask_arg, lengths_arg, ds,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), *ds_strides,
             mask_stride, heads, query_len, key_len, radius, *geometry, scale * LOG2E, scale, seed, drop_below,
-            drop_scale, length_key, STORE_DS=store_ds, **common)
+            drop_scale, length_key, STORE_DS=store_ds, DK_FROM_DS=store_ds and DK_GEMM, **common)
     if store_ds:
+        if DK_GEMM:
+            _dk_from_ds(ds, q, dk, query_len, key_len, scale)
         return _dq_from_ds(ds, k, dq, query_len, key_len, scale), dk, dv
     _launch("dq", kernels.t5_flash_attention_bwd_dq,
             lambda bm, bn: (_cdiv(query_len, bm), batch * heads),
@@ -286,6 +291,16 @@ def _dq_from_ds(ds: Tensor, k: Tensor, dq: Tensor, query_len: int, key_len: int,
     if scale != 1.0:
         dq.mul_(scale)
     return dq
+
+
+def _dk_from_ds(ds: Tensor, q: Tensor, dk: Tensor, query_len: int, key_len: int, scale: float) -> Tensor:
+    """dK = scale · dSᵀ Q, with dSᵀ as stored: (B, H, Lk_pad, Lq_pad), keys by rows."""
+    ds_used = ds[:, :, :key_len, :query_len]
+    for sample in range(ds.shape[0]):  # per sample, as _dq_from_ds
+        torch.bmm(ds_used[sample], q[sample], out=dk[sample])
+    if scale != 1.0:
+        dk.mul_(scale)
+    return dk
 
 
 def _cdiv(a: int, b: int) -> int:
