@@ -216,12 +216,12 @@ def run_shape(shape, repeats: int, with_flex: bool) -> tuple[list[dict], dict]:
     def ours(*t, p=DROPOUT_P):
         return fa.t5_flash_attention(*t, table_log2, BIAS_RADIUS, padding, False, 1.0, p)
 
-    record("triton+bias+dropout", ours, (q, k, v), table.numel() * 4 / 2**30)
+    record("triton+bias+dropout", ours, (q, k, v), table.numel() * 4 / 2**30)  # dQ from the stored dS (DS_GEMM)
     tuned = fa.best_configs()
-    with bc.patched("dsgemm"):  # dQ as batched GEMMs over the dS the dK/dV kernel stores (no dQ kernel)
-        record("triton+bias+dropout+dsgemm", ours, (q, k, v), table.numel() * 4 / 2**30)
-    with bc.patched("dsgemm:dkgemm"):  # dK as batched GEMMs over the same dS too
-        record("triton+bias+dropout+dsgemm+dkgemm", ours, (q, k, v), table.numel() * 4 / 2**30)
+    with bc.patched("nodsgemm"):  # the dQ kernel instead (the route above DS_GEMM_MAX_GIB)
+        record("triton+bias+dropout+dqkernel", ours, (q, k, v), table.numel() * 4 / 2**30)
+    with bc.patched("dkgemm"):  # dK as batched GEMMs over the same dS too
+        record("triton+bias+dropout+dkgemm", ours, (q, k, v), table.numel() * 4 / 2**30)
     with bc.patched("drop8"):  # 16 draws per Philox call instead of 8 (autotuned anew)
         record("triton+bias+dropout8", ours, (q, k, v), table.numel() * 4 / 2**30)
     pinned = {kernel: config for kernel, config in tuned.items() if config is not None}

@@ -164,8 +164,9 @@ CONFIG_TOKENS: dict[str, dict] = {
 # fused LoRA node concatenates a copy of the cached W per call instead of keeping it beside the low-rank weight;
 # `oldtiles`: the attention kernels autotune over the tile lists they had before 2026-12-02; `noqkvgroup`: q/k/v (and
 # cross-attention k/v) as separate LoRA nodes instead of one group over their shared input (sumtune.fast_t5.lora_group).
-# `dsgemm`: the attention backward's dQ as batched GEMMs over the dS the dK/dV kernel writes, not a dQ kernel;
-# `dkgemm` (with `dsgemm`): dK as batched GEMMs over that dS too, not inside the dK/dV kernel.
+# `nodsgemm`: the attention backward's dQ from its dQ kernel, not as batched GEMMs over the dS the dK/dV kernel
+# writes (DS_GEMM, the default since 2026-12-02; the token was `dsgemm` while it was off); `dkgemm`: dK as batched
+# GEMMs over that dS too, not inside the dK/dV kernel (measured slower, off).
 # (`nofold` measured the dK/dV kernel's select per score against a folded per-key term, which lost: the term went.)
 # (`onebias`, the attention's bias tiles in one loop, measured slower and went with its kernel variant: commit 6681814.)
 PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
@@ -173,7 +174,7 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "nojoin": ("sumtune.fast_t5.lora4bit", "JOIN_CACHED_WEIGHTS", False),
     "oldtiles": ("sumtune.fast_t5.flash_attention", "AUTOTUNE_CONFIGS", lambda module: module.PREVIOUS_AUTOTUNE_CONFIGS),
     "noqkvgroup": ("sumtune.fast_t5.lora_group", "GROUP_PROJECTIONS", False),
-    "dsgemm": ("sumtune.fast_t5.flash_attention", "DS_GEMM", True),
+    "nodsgemm": ("sumtune.fast_t5.flash_attention", "DS_GEMM", False),
     "dkgemm": ("sumtune.fast_t5.flash_attention", "DK_GEMM", True),
 }
 

@@ -16,6 +16,7 @@ import importlib.util
 import pytest
 import torch
 
+from sumtune.config import TrainConfig
 from sumtune.fast_t5 import attention as attention_lib
 from sumtune.fast_t5 import bias as bias_lib
 
@@ -229,6 +230,49 @@ def test_dq_from_stored_ds_only_while_its_buffer_fits_the_cap(ds_gemm, monkeypat
         monkeypatch.setattr(ds_gemm, "DS_GEMM_MAX_GIB", cap)
         assert_matches_reference(ds_gemm, q, k, v, FP32_RTOL, table, mask, causal, radius=radius)
         assert len(buffers) == expected
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_dq_kernel_matches_float64_reference(fa, monkeypatch, case):
+    """The dQ kernel: what a backward runs with DS_GEMM off, above the buffer cap, or in a run whose micro-batch fits
+    only without the buffer (sumtune.training)."""
+    monkeypatch.setattr(fa, "DS_GEMM", False)
+    made = fa.ds_buffers_made
+    q, k, v, table, mask, causal, radius = case_inputs(case)
+    with fa.block_sizes(fwd=(16, 16), dq=(32, 16)):
+        assert_matches_reference(fa, q, k, v, FP32_RTOL, table, mask, causal, radius=radius)
+    assert fa.ds_buffers_made == made
+
+
+def test_a_run_that_holds_the_ds_gemm_off_takes_the_dq_kernel(fa):
+    """The micro-batch search's leaner mode: tried only after a probe that made a dS buffer; under it (and for a
+    run it chose, until the next run sets it again) the backward makes none."""
+    from sumtune import training
+
+    q, k, v, table, mask, causal, radius = case_inputs("encoder-bias-padding")
+    training.resolve_batch_size(TrainConfig(batch_size=2), model=None, examples=[], collator=None,
+                                device=torch.device("cpu"))  # a new run: the switch as shipped
+    assert fa.ds_gemm_active() and not training.ds_gemm_held_off()
+    leaner = training._ds_gemm_leaner()
+    assert not leaner.applies()  # no probe has made a buffer yet
+    assert_matches_reference(fa, q, k, v, FP32_RTOL, table, mask, causal, radius=radius)
+    assert leaner.applies() and not leaner.applies()  # once per probe that made one
+    made = fa.ds_buffers_made
+    with leaner.held():
+        assert not fa.ds_gemm_active()
+        assert_matches_reference(fa, q, k, v, FP32_RTOL, table, mask, causal, radius=radius)
+    assert fa.ds_buffers_made == made and fa.ds_gemm_active()
+    resumed = {"micro_batch_size": 2, "grad_accum_steps": 8, training.DS_GEMM_HELD_OFF: True}
+    try:  # a resumed run keeps what its search chose (checkpoint.TrainerState records it)
+        training.resolve_batch_size(TrainConfig(batch_size="auto", samples_per_step=16), model=None, examples=[],
+                                    collator=None, device=torch.device("cpu"), resume_record=resumed)
+        assert training.ds_gemm_held_off() and not fa.ds_gemm_active()
+        assert_matches_reference(fa, q, k, v, FP32_RTOL, table, mask, causal, radius=radius)
+        assert fa.ds_buffers_made == made
+    finally:
+        training.resolve_batch_size(TrainConfig(batch_size=2), model=None, examples=[], collator=None,
+                                    device=torch.device("cpu"))
+    assert fa.ds_gemm_active()
 
 
 def test_dq_from_stored_ds_with_dropout_and_keyless_rows(ds_gemm):
@@ -555,10 +599,12 @@ def first_configs(fa):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("head_dim,causal,dtype", [(64, False, torch.bfloat16), (128, False, torch.bfloat16),
                                                    (128, True, torch.bfloat16), (64, True, torch.float16)])
-def test_gpu_kernels_no_further_from_float64_than_sdpa(compiled_fa, head_dim, causal, dtype):
+def test_gpu_kernels_no_further_from_float64_than_sdpa(compiled_fa, monkeypatch, head_dim, causal, dtype):
     """Compiled kernels vs float64, next to SDPA with the materialised bias (stock's way); with dropout, against
-    float64 with the kernels' own mask."""
+    float64 with the kernels' own mask. The backward with its dQ kernel (DS_GEMM off: the route above the buffer
+    cap); the stored-dS route is the next test."""
     fa = compiled_fa
+    monkeypatch.setattr(fa, "DS_GEMM", False)
     with first_configs(fa):
         _check_against_sdpa_and_float64(fa, head_dim, causal, dtype)
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -424,6 +425,31 @@ def test_auto_batch_picks_largest_fitting_divisor():
     assert micro == 4 and tried == [24, 12, 8, 6, 4] and [t["fits"] for t in trials] == [False] * 4 + [True]
     with pytest.raises(SumtuneError, match="Not even a micro-batch of 1 fits"):
         batch_search.choose_micro_batch([2, 1], lambda m: (False, {"detail": "out of memory"}))
+
+
+def test_auto_batch_tries_a_leaner_mode_before_a_smaller_micro_batch():
+    """A micro-batch that does not fit is tried again under the leaner mode (when it applies) before the next
+    smaller one; the last trial is the one chosen and says whether it was lean."""
+    held = []
+
+    @contextlib.contextmanager
+    def lean():
+        held.append(True)
+        try:
+            yield
+        finally:
+            held.pop()
+
+    def fits(m):
+        return m <= (4 if held else 2), {"peak_reserved_gib": m * 1.0}
+
+    leaner = batch_search.LeanerMode("lean", lean, lambda: True)
+    micro, trials = batch_search.choose_micro_batch([8, 4, 2, 1], fits, leaner)
+    assert micro == 4 and [(t["micro_batch"], t["fits"], t.get("lean", False)) for t in trials] == [
+        (8, False, False), (8, False, True), (4, False, False), (4, True, True)]
+    never = batch_search.LeanerMode("lean", lean, lambda: False)  # nothing the switch would change: not tried
+    micro, trials = batch_search.choose_micro_batch([8, 4, 2, 1], fits, never)
+    assert micro == 2 and not any(t.get("lean") for t in trials) and len(trials) == 3
 
 
 def test_auto_batch_keeps_samples_per_step():

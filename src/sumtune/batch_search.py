@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -21,18 +22,33 @@ AUTO_BATCH_HEADROOM = 0.90  # a probe must peak under this share of the GPU: roo
 Fits = Callable[[int], tuple[bool, dict]]
 
 
+@dataclass(frozen=True)
+class LeanerMode:
+    """A memory-saving switch tried at the same micro-batch before a smaller one is (a halved micro-batch costs more
+    speed than the switch does)."""
+
+    name: str  # the trial record's key for probes made under it
+    held: Callable[[], contextlib.AbstractContextManager]  # the probe runs inside held()
+    applies: Callable[[], bool]  # asked after a probe that did not fit: would the switch change anything there?
+
+
 def micro_batch_candidates(samples_per_step: int, max_micro_batch: int | None = None) -> list[int]:
     """Divisors of `samples_per_step`, largest first: accumulation then keeps the samples per step exact."""
     limit = min(samples_per_step, max_micro_batch or samples_per_step)
     return [m for m in range(limit, 0, -1) if samples_per_step % m == 0]
 
 
-def choose_micro_batch(candidates: list[int], fits: Fits) -> tuple[int, list[dict]]:
-    """The first (largest) candidate that fits, and the record of every try."""
+def choose_micro_batch(candidates: list[int], fits: Fits, leaner: LeanerMode | None = None) -> tuple[int, list[dict]]:
+    """The first (largest) candidate that fits, as it is or under `leaner`, and the record of every try (the last
+    is the one chosen; `leaner.name` is true in a record made under it)."""
     trials: list[dict] = []
     for micro_batch in candidates:
         ok, info = fits(micro_batch)
         trials.append({"micro_batch": micro_batch, "fits": ok, **info})
+        if not ok and leaner is not None and leaner.applies():
+            with leaner.held():
+                ok, info = fits(micro_batch)
+            trials.append({"micro_batch": micro_batch, "fits": ok, leaner.name: True, **info})
         if ok:
             return micro_batch, trials
     raise SumtuneError(f"Not even a micro-batch of {candidates[-1]} fits in GPU memory at the data's longest "
@@ -94,16 +110,17 @@ def gpu_fits(loss_fn: Callable[[dict], torch.Tensor], model: torch.nn.Module, ma
 
 def find_micro_batch(*, loss_fn: Callable[[dict], torch.Tensor], make_batch: Callable[[int], dict],
                      model: torch.nn.Module, device: torch.device, samples_per_step: int,
-                     max_micro_batch: int | None = None, max_memory_gib: float | None = None
-                     ) -> tuple[int, list[dict]]:
+                     max_micro_batch: int | None = None, max_memory_gib: float | None = None,
+                     leaner: LeanerMode | None = None) -> tuple[int, list[dict]]:
     """Try the divisors of `samples_per_step` (largest first, at most `max_micro_batch`) on the GPU.
 
     `make_batch(m)` returns a device batch of `m` rows for `loss_fn`; the probes run in training mode and leave
-    the RNG states (which dropout draws from) as they found them.
+    the RNG states (which dropout draws from) as they found them. `leaner`: a memory-saving switch tried at a
+    micro-batch that does not fit, before the next smaller one.
     """
     fits = gpu_fits(loss_fn, model, make_batch, device, max_memory_gib=max_memory_gib)
     with _probing(model, device):
-        return choose_micro_batch(micro_batch_candidates(samples_per_step, max_micro_batch), fits)
+        return choose_micro_batch(micro_batch_candidates(samples_per_step, max_micro_batch), fits, leaner)
 
 
 def measure_peak_bytes(*, loss_fn: Callable[[dict], torch.Tensor], make_batch: Callable[[int], dict],

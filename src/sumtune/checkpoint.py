@@ -56,6 +56,7 @@ class TrainerState:
     nonfinite_skipped: int = 0
     metrics_bytes: int = 0
     config: dict = field(default_factory=dict)
+    ds_gemm_held_off: bool = False  # the micro-batch fit only with the attention's dQ kernel (sumtune.training)
 
 
 # ---- atomic directories --------------------------------------------------------------------------------

@@ -276,7 +276,7 @@ class TrainRecipe:
             grad_accum_steps=self.cfg.grad_accum_steps, best_score=self.keeper.best_score,
             best_step=self.keeper.best_step, nonfinite_skipped=self.guard.skipped_total,
             metrics_bytes=self.logger.path.stat().st_size if self.logger.path.is_file() else 0,
-            config=self.run_config())
+            config=self.run_config(), ds_gemm_held_off=training.ds_gemm_held_off())
         return self.keeper.save(model=self.model, optimizer=self.optimizer, state=state)
 
     def finish(self) -> dict:

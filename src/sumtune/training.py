@@ -136,11 +136,51 @@ def enable_activation_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+DS_GEMM_HELD_OFF = "ds_gemm_held_off"  # a micro-batch trial's key (and the checkpoint state's) for that switch
+
+
+def _hold_off_ds_gemm(held_off: bool) -> None:
+    import sys
+
+    flash_attention = sys.modules.get("sumtune.fast_t5.flash_attention")  # not loaded: nothing to set
+    if flash_attention is not None or held_off:
+        from sumtune.fast_t5 import flash_attention
+
+        flash_attention.hold_off_ds_gemm(held_off)
+
+
+def ds_gemm_held_off() -> bool:
+    """Whether this run holds the stored-dS GEMM off (recorded in checkpoints, so a resumed run does too)."""
+    import sys
+
+    flash_attention = sys.modules.get("sumtune.fast_t5.flash_attention")
+    return flash_attention is not None and flash_attention.ds_gemm_held_off_for_run()
+
+
+def _ds_gemm_leaner() -> batch_search.LeanerMode | None:
+    """The attention backward's dQ kernel instead of its stored-dS GEMM (whose L x L buffer a micro-batch may not
+    have room for), tried when the probe that did not fit made such a buffer."""
+    import sys
+
+    flash_attention = sys.modules.get("sumtune.fast_t5.flash_attention")
+    if flash_attention is None or not flash_attention.ds_gemm_active():
+        return None
+    seen = [flash_attention.ds_buffers_made]
+
+    def applies() -> bool:
+        made, seen[0] = flash_attention.ds_buffers_made > seen[0], flash_attention.ds_buffers_made
+        return made
+
+    return batch_search.LeanerMode(DS_GEMM_HELD_OFF, flash_attention.ds_gemm_held_off, applies)
+
+
 def resolve_batch_size(cfg: TrainConfig, *, model, examples: list[TokenizedExample], collator: Collator,
                        device: torch.device, resume_record: dict | None = None,
                        progress: Progress | None = None) -> tuple[TrainConfig, list[dict]]:
     """The config with a numeric micro-batch (`batch_size: auto` → a resumed run's own, or the largest that fits
     the GPU at the data's longest shapes), and the search's trials."""
+    held_off = bool(resume_record and resume_record.get(DS_GEMM_HELD_OFF))
+    _hold_off_ds_gemm(held_off)  # every run sets it: none inherits another's
     if cfg.batch_size != "auto":
         return cfg, []
     progress = progress or Progress(enabled=False)
@@ -157,11 +197,16 @@ def resolve_batch_size(cfg: TrainConfig, *, model, examples: list[TokenizedExamp
             micro, trials = batch_search.find_micro_batch(
                 loss_fn=lambda batch: forward_loss(model, batch, device=device, compute_dtype=cfg.compute_dtype),
                 make_batch=lambda m: to_device(collator([worst] * m), device), model=model, device=device,
-                samples_per_step=samples, max_micro_batch=len(examples), max_memory_gib=cfg.max_memory_gib)
+                samples_per_step=samples, max_micro_batch=len(examples), max_memory_gib=cfg.max_memory_gib,
+                leaner=_ds_gemm_leaner())
         micro = distributed.min_over_ranks(micro, device)  # all ranks agree (a divisor still)
         accum = samples // micro
+        held_off = bool(trials[-1].get(DS_GEMM_HELD_OFF)) and trials[-1]["micro_batch"] == micro
+        held_off = not distributed.min_over_ranks(int(not held_off), device)  # held off on one rank: on all
+        _hold_off_ds_gemm(held_off)
+    lean = " (attention's dQ kernel instead of the stored-dS GEMM: only so does it fit)" if held_off else ""
     progress.write(f"sumtune: batch_size auto → micro-batch {micro} × {accum} accumulation "
-                   f"({samples} samples per step).")
+                   f"({samples} samples per step){lean}.")
     return replace(cfg, batch_size=micro, grad_accum_steps=accum), trials
 
 

@@ -40,10 +40,17 @@ DROPOUT_DRAW_BITS = 16
 # The backward's dQ from dS: the dK/dV kernel writes dS (bf16, the values the dQ kernel would round to bf16 before
 # its GEMM) into a (B, H, Lk, Lq) buffer and dQ = dS K runs as cuBLAS batched GEMMs, instead of a dQ kernel that
 # recomputes S, P, dP and the dropout draws. Costs a transient L x L buffer per attention call (2 GiB for 32 x 32 heads
-# at 1024, 4 GiB for 4 x 32 at 4096). Off until measured on a GPU (benchmark token `dsgemm`). Read at every backward.
-DS_GEMM = False
+# at 1024, 4 GiB for 4 x 32 at 4096). Measured on an H200 (2026-12-02): the shipped step 45.3 vs 43.6 samples/s, the
+# long config's 6.58 vs 6.16 (results/*_dsgemm-2026-12-02-*), so on. Benchmark token `nodsgemm` turns it off. Read
+# at every backward.
+DS_GEMM = True
+# A training run whose micro-batch fits only without the dS buffer holds DS_GEMM off (sumtune.training's micro-batch
+# search: a halved micro-batch costs more than the dQ kernel); every run sets it, so none inherits another's.
+_ds_gemm_held_off = False
+ds_buffers_made = 0  # counted, so a memory probe can tell whether the dS buffer was in play
 # With DS_GEMM, dK = dSᵀ Q as a cuBLAS GEMM over the same buffer too: the dK/dV kernel then runs three GEMMs, not
-# four, and holds no dK accumulator (registers). Off until measured (token `dkgemm`, with `dsgemm`).
+# four, and holds no dK accumulator (registers). Measured slower (44.6 vs 45.3 and 6.43 vs 6.58 samples/s in the same
+# runs; the extra pass over the buffer costs more than the GEMM saves), so off (token `dkgemm`).
 DK_GEMM = False
 DS_GEMM_MAX_GIB = 8.0  # a larger dS buffer (long inputs at a large fixed batch) takes the dQ kernel instead
 DS_TILE = 128  # the dS buffer's rows and columns are padded to whole tiles, so the kernel stores without masks
@@ -245,7 +252,7 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal,
     mask_stride = mask.stride(0) if mask is not None else 0
     length_key = _length_key(max(query_len, key_len))
     geometry = _table_geometry(table, query_len)
-    store_ds = DS_GEMM and _ds_buffer_gib(batch, heads, key_len, query_len, q.element_size()) <= DS_GEMM_MAX_GIB
+    store_ds = ds_gemm_active() and _ds_buffer_gib(batch, heads, key_len, query_len, q.element_size()) <= DS_GEMM_MAX_GIB
     ds = _ds_buffer(batch, heads, key_len, query_len, q) if store_ds else delta
     ds_strides = ds.stride()[:3] if store_ds else (0, 0, 0)
     _launch("dkdv", kernels.t5_flash_attention_bwd_dkdv,
@@ -267,6 +274,32 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal,
     return dq, dk, dv
 
 
+def ds_gemm_active() -> bool:
+    """Whether a backward now takes dQ from the stored dS (buffer size cap aside)."""
+    return DS_GEMM and not _ds_gemm_held_off
+
+
+def ds_gemm_held_off_for_run() -> bool:
+    return _ds_gemm_held_off
+
+
+def hold_off_ds_gemm(held_off: bool) -> None:
+    """For the run that follows: the dQ kernel instead of the stored dS (its micro-batch fits only so), or not."""
+    global _ds_gemm_held_off
+    _ds_gemm_held_off = bool(held_off)
+
+
+@contextlib.contextmanager
+def ds_gemm_held_off():
+    """The block runs with the dQ kernel (a memory probe's leaner variant); the setting before comes back after."""
+    before = _ds_gemm_held_off
+    hold_off_ds_gemm(True)
+    try:
+        yield
+    finally:
+        hold_off_ds_gemm(before)
+
+
 def _ds_buffer_shape(batch: int, heads: int, key_len: int, query_len: int) -> tuple[int, int, int, int]:
     return batch, heads, _round_up(key_len, DS_TILE), _round_up(query_len, DS_TILE)
 
@@ -278,6 +311,8 @@ def _ds_buffer_gib(batch: int, heads: int, key_len: int, query_len: int, element
 def _ds_buffer(batch: int, heads: int, key_len: int, query_len: int, like: Tensor) -> Tensor:
     """Uninitialised (B, H, Lk, Lq) dSᵀ buffer padded to whole tiles: the dK/dV kernel writes every entry of it
     that the GEMM reads, zeros included (tests fill it with NaN to check)."""
+    global ds_buffers_made
+    ds_buffers_made += 1
     return torch.empty(_ds_buffer_shape(batch, heads, key_len, query_len), device=like.device, dtype=like.dtype)
 
 
