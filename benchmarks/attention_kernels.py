@@ -220,8 +220,6 @@ def run_shape(shape, repeats: int, with_flex: bool) -> tuple[list[dict], dict]:
     tuned = fa.best_configs()
     with bc.patched("nodsgemm"):  # the dQ kernel instead (the route above DS_GEMM_MAX_GIB)
         record("triton+bias+dropout+dqkernel", ours, (q, k, v), table.numel() * 4 / 2**30)
-    with bc.patched("dkgemm"):  # dK as batched GEMMs over the same dS too
-        record("triton+bias+dropout+dkgemm", ours, (q, k, v), table.numel() * 4 / 2**30)
     with bc.patched("drop8"):  # 16 draws per Philox call instead of 8 (autotuned anew)
         record("triton+bias+dropout8", ours, (q, k, v), table.numel() * 4 / 2**30)
     pinned = {kernel: config for kernel, config in tuned.items() if config is not None}

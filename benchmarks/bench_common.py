@@ -165,8 +165,8 @@ CONFIG_TOKENS: dict[str, dict] = {
 # `oldtiles`: the attention kernels autotune over the tile lists they had before 2026-12-02; `noqkvgroup`: q/k/v (and
 # cross-attention k/v) as separate LoRA nodes instead of one group over their shared input (sumtune.fast_t5.lora_group).
 # `nodsgemm`: the attention backward's dQ from its dQ kernel, not as batched GEMMs over the dS the dK/dV kernel
-# writes (DS_GEMM, the default since 2026-12-02; the token was `dsgemm` while it was off); `dkgemm`: dK as batched
-# GEMMs over that dS too, not inside the dK/dV kernel (measured slower, off).
+# writes (DS_GEMM, the default since 2026-12-02; the token was `dsgemm` while it was off).
+# (`dkgemm`, dK as batched GEMMs over that dS too, measured slower and went with its kernel variant: commit 737b9c9.)
 # (`nofold` measured the dK/dV kernel's select per score against a folded per-key term, which lost: the term went.)
 # (`onebias`, the attention's bias tiles in one loop, measured slower and went with its kernel variant: commit 6681814.)
 PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
@@ -175,7 +175,6 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "oldtiles": ("sumtune.fast_t5.flash_attention", "AUTOTUNE_CONFIGS", lambda module: module.PREVIOUS_AUTOTUNE_CONFIGS),
     "noqkvgroup": ("sumtune.fast_t5.lora_group", "GROUP_PROJECTIONS", False),
     "nodsgemm": ("sumtune.fast_t5.flash_attention", "DS_GEMM", False),
-    "dkgemm": ("sumtune.fast_t5.flash_attention", "DK_GEMM", True),
 }
 
 

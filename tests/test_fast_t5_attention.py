@@ -200,12 +200,11 @@ def test_rows_without_any_key_give_zeros_not_nan(fa):
     assert torch.equal(out[:, :, 0], torch.zeros_like(out[:, :, 0]))
 
 
-@pytest.fixture(params=[False, True], ids=["dq", "dq+dk"])
-def ds_gemm(fa, monkeypatch, request):
-    """The backward's dQ (and with DK_GEMM, dK) from the dS the dK/dV kernel stores (DS_GEMM), into a buffer first
-    filled with NaN: every entry the GEMMs read must be written, the zeros of unvisited tiles included."""
+@pytest.fixture()
+def ds_gemm(fa, monkeypatch):
+    """The backward's dQ from the dS the dK/dV kernel stores (DS_GEMM, the default), into a buffer first filled with
+    NaN: every entry the GEMM reads must be written, the zeros of unvisited tiles included."""
     monkeypatch.setattr(fa, "DS_GEMM", True)
-    monkeypatch.setattr(fa, "DK_GEMM", request.param)
     allocate = fa._ds_buffer
     monkeypatch.setattr(fa, "_ds_buffer", lambda *args: allocate(*args).fill_(float("nan")))
     return fa
@@ -244,16 +243,21 @@ def test_dq_kernel_matches_float64_reference(fa, monkeypatch, case):
     assert fa.ds_buffers_made == made
 
 
-def test_a_run_that_holds_the_ds_gemm_off_takes_the_dq_kernel(fa):
+def test_a_run_that_holds_the_ds_gemm_off_takes_the_dq_kernel(fa, monkeypatch):
     """The micro-batch search's leaner mode: tried only after a probe that made a dS buffer; under it (and for a
     run it chose, until the next run sets it again) the backward makes none."""
+    import sys
+
     from sumtune import training
 
     q, k, v, table, mask, causal, radius = case_inputs("encoder-bias-padding")
     training.resolve_batch_size(TrainConfig(batch_size=2), model=None, examples=[], collator=None,
                                 device=torch.device("cpu"))  # a new run: the switch as shipped
     assert fa.ds_gemm_active() and not training.ds_gemm_held_off()
-    leaner = training._ds_gemm_leaner()
+    with monkeypatch.context() as unloaded:  # a search starts before the first forward imports the kernels' module
+        unloaded.delitem(sys.modules, fa.__name__)
+        leaner = training._ds_gemm_leaner()
+    monkeypatch.setattr(fa, "ds_buffers_made", 0)  # as freshly imported
     assert not leaner.applies()  # no probe has made a buffer yet
     assert_matches_reference(fa, q, k, v, FP32_RTOL, table, mask, causal, radius=radius)
     assert leaner.applies() and not leaner.applies()  # once per probe that made one
@@ -491,13 +495,11 @@ def test_dkdv_configs_that_store_ds_compile_for_hopper_without_spilling():
 
     code = ("import json; from sumtune.fast_t5 import flash_compile as fc, flash_attention as fa\n"
             "for config in fa.AUTOTUNE_CONFIGS['dkdv']:\n"
-            "    for dk_from_ds in (False, True):\n"
-            "        print(json.dumps(fc.resources(fc.compile_kernel('dkdv', *config, STORE_DS=True,\n"
-            "                                                        DK_FROM_DS=dk_from_ds))))")
+            "    print(json.dumps(fc.resources(fc.compile_kernel('dkdv', *config, STORE_DS=True))))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 2 * len(AUTOTUNE_CONFIGS["dkdv"]), result.stderr[-2000:]
+    assert len(rows) == len(AUTOTUNE_CONFIGS["dkdv"]), result.stderr[-2000:]
     for row in rows:
         assert row["shared_bytes"] <= HOPPER_SHARED_BYTES and row["spill_bytes"] <= 256, row
 
@@ -611,15 +613,11 @@ def test_gpu_kernels_no_further_from_float64_than_sdpa(compiled_fa, monkeypatch,
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dk_gemm", [False, True])
 @pytest.mark.parametrize("head_dim,causal,dtype", [(128, False, torch.bfloat16), (64, True, torch.float16)])
-def test_gpu_dq_from_stored_ds_no_further_from_float64_than_sdpa(compiled_fa, monkeypatch, head_dim, causal, dtype,
-                                                                  dk_gemm):
-    """The same check with DS_GEMM: dQ (and with DK_GEMM, dK) from the dS the compiled dK/dV kernel stores, as
-    cuBLAS GEMMs."""
+def test_gpu_dq_from_stored_ds_no_further_from_float64_than_sdpa(compiled_fa, monkeypatch, head_dim, causal, dtype):
+    """The same check with DS_GEMM (the default): dQ from the dS the compiled dK/dV kernel stores, as cuBLAS GEMMs."""
     fa = compiled_fa
     monkeypatch.setattr(fa, "DS_GEMM", True)
-    monkeypatch.setattr(fa, "DK_GEMM", dk_gemm)
     with first_configs(fa):
         _check_against_sdpa_and_float64(fa, head_dim, causal, dtype)
 

@@ -12,6 +12,7 @@ product's own batches:
 from __future__ import annotations
 
 import random
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -139,39 +140,47 @@ def enable_activation_checkpointing(model) -> None:
 DS_GEMM_HELD_OFF = "ds_gemm_held_off"  # a micro-batch trial's key (and the checkpoint state's) for that switch
 
 
-def _hold_off_ds_gemm(held_off: bool) -> None:
-    import sys
+def _loaded_flash_attention():
+    """sumtune.fast_t5.flash_attention when this process has imported it (its kernels ran, or a fast-path forward
+    chose them), else None: importing it here would pull in bitsandbytes for runs that never use it."""
+    return sys.modules.get("sumtune.fast_t5.flash_attention")
 
-    flash_attention = sys.modules.get("sumtune.fast_t5.flash_attention")  # not loaded: nothing to set
-    if flash_attention is not None or held_off:
+
+def _hold_off_ds_gemm(held_off: bool) -> None:
+    if held_off:
         from sumtune.fast_t5 import flash_attention
 
-        flash_attention.hold_off_ds_gemm(held_off)
+        flash_attention.hold_off_ds_gemm(True)
+    elif _loaded_flash_attention() is not None:
+        _loaded_flash_attention().hold_off_ds_gemm(False)
 
 
 def ds_gemm_held_off() -> bool:
     """Whether this run holds the stored-dS GEMM off (recorded in checkpoints, so a resumed run does too)."""
-    import sys
-
-    flash_attention = sys.modules.get("sumtune.fast_t5.flash_attention")
+    flash_attention = _loaded_flash_attention()
     return flash_attention is not None and flash_attention.ds_gemm_held_off_for_run()
 
 
-def _ds_gemm_leaner() -> batch_search.LeanerMode | None:
+def _ds_gemm_leaner() -> batch_search.LeanerMode:
     """The attention backward's dQ kernel instead of its stored-dS GEMM (whose L x L buffer a micro-batch may not
-    have room for), tried when the probe that did not fit made such a buffer."""
-    import sys
+    have room for), tried when the probe that did not fit made such a buffer. The kernels' module loads at the first
+    fast-path forward, that is inside the first probe, so it is looked up only then."""
+    def buffers_made() -> int:
+        flash_attention = _loaded_flash_attention()
+        return 0 if flash_attention is None else flash_attention.ds_buffers_made
 
-    flash_attention = sys.modules.get("sumtune.fast_t5.flash_attention")
-    if flash_attention is None or not flash_attention.ds_gemm_active():
-        return None
-    seen = [flash_attention.ds_buffers_made]
+    seen = [buffers_made()]
 
     def applies() -> bool:
-        made, seen[0] = flash_attention.ds_buffers_made > seen[0], flash_attention.ds_buffers_made
+        made, seen[0] = buffers_made() > seen[0], buffers_made()
         return made
 
-    return batch_search.LeanerMode(DS_GEMM_HELD_OFF, flash_attention.ds_gemm_held_off, applies)
+    def held():
+        from sumtune.fast_t5 import flash_attention
+
+        return flash_attention.ds_gemm_held_off()
+
+    return batch_search.LeanerMode(DS_GEMM_HELD_OFF, held, applies)
 
 
 def resolve_batch_size(cfg: TrainConfig, *, model, examples: list[TokenizedExample], collator: Collator,

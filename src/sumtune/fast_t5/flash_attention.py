@@ -48,10 +48,8 @@ DS_GEMM = True
 # search: a halved micro-batch costs more than the dQ kernel); every run sets it, so none inherits another's.
 _ds_gemm_held_off = False
 ds_buffers_made = 0  # counted, so a memory probe can tell whether the dS buffer was in play
-# With DS_GEMM, dK = dSᵀ Q as a cuBLAS GEMM over the same buffer too: the dK/dV kernel then runs three GEMMs, not
-# four, and holds no dK accumulator (registers). Measured slower (44.6 vs 45.3 and 6.43 vs 6.58 samples/s in the same
-# runs; the extra pass over the buffer costs more than the GEMM saves), so off (token `dkgemm`).
-DK_GEMM = False
+# (dK = dSᵀ Q as cuBLAS GEMMs over the same buffer too, the dK/dV kernel down to three GEMMs, measured slower: 44.6 vs
+# 45.3 and 6.43 vs 6.58 samples/s in the same runs, results/*_dsgemm-2026-12-02-*; removed, commit 737b9c9 has it.)
 DS_GEMM_MAX_GIB = 8.0  # a larger dS buffer (long inputs at a large fixed batch) takes the dQ kernel instead
 DS_TILE = 128  # the dS buffer's rows and columns are padded to whole tiles, so the kernel stores without masks
 TABLE_MARGIN = 128  # zero columns each side of a bias table: a tile reaches at most BLOCK - 1 offsets beyond it
@@ -96,7 +94,7 @@ def _configs(name: str):
             for m, n, w, s in AUTOTUNE_CONFIGS[name]]
 
 
-_AUTOTUNE_KEY = ["HEAD_DIM", "len_key", "CAUSAL", "HAS_BIAS", "HAS_KEY_MASK", "DROPOUT", "DRAW8", "STORE_DS", "DK_FROM_DS"]
+_AUTOTUNE_KEY = ["HEAD_DIM", "len_key", "CAUSAL", "HAS_BIAS", "HAS_KEY_MASK", "DROPOUT", "DRAW8", "STORE_DS"]
 _tuned: dict[str, object] = {}
 
 
@@ -106,7 +104,7 @@ def _autotuned(name: str, kernel):
     if _tuned.get(name, (None, None, None))[:2] != (kernel, configs):
         import triton
 
-        key = [arg for arg in _AUTOTUNE_KEY if arg in kernel.arg_names]  # STORE_DS, DK_FROM_DS: the dK/dV kernel only
+        key = [arg for arg in _AUTOTUNE_KEY if arg in kernel.arg_names]  # STORE_DS: the dK/dV kernel only
         _tuned[name] = (kernel, configs, triton.autotune(_configs(name), key=key)(kernel))
     return _tuned[name][2]
 
@@ -252,7 +250,8 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal,
     mask_stride = mask.stride(0) if mask is not None else 0
     length_key = _length_key(max(query_len, key_len))
     geometry = _table_geometry(table, query_len)
-    store_ds = ds_gemm_active() and _ds_buffer_gib(batch, heads, key_len, query_len, q.element_size()) <= DS_GEMM_MAX_GIB
+    ds_gib = _ds_buffer_gib(batch, heads, key_len, query_len, q.element_size())
+    store_ds = ds_gemm_active() and ds_gib <= DS_GEMM_MAX_GIB
     ds = _ds_buffer(batch, heads, key_len, query_len, q) if store_ds else delta
     ds_strides = ds.stride()[:3] if store_ds else (0, 0, 0)
     _launch("dkdv", kernels.t5_flash_attention_bwd_dkdv,
@@ -260,10 +259,8 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal,
             q, k, v, grad_out, dk, dv, lse, delta, table_arg, mask_arg, lengths_arg, ds,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), *ds_strides,
             mask_stride, heads, query_len, key_len, radius, *geometry, scale * LOG2E, scale, seed, drop_below,
-            drop_scale, length_key, STORE_DS=store_ds, DK_FROM_DS=store_ds and DK_GEMM, **common)
+            drop_scale, length_key, STORE_DS=store_ds, **common)
     if store_ds:
-        if DK_GEMM:
-            _dk_from_ds(ds, q, dk, query_len, key_len, scale)
         return _dq_from_ds(ds, k, dq, query_len, key_len, scale), dk, dv
     _launch("dq", kernels.t5_flash_attention_bwd_dq,
             lambda bm, bn: (_cdiv(query_len, bm), batch * heads),
@@ -326,16 +323,6 @@ def _dq_from_ds(ds: Tensor, k: Tensor, dq: Tensor, query_len: int, key_len: int,
     if scale != 1.0:
         dq.mul_(scale)
     return dq
-
-
-def _dk_from_ds(ds: Tensor, q: Tensor, dk: Tensor, query_len: int, key_len: int, scale: float) -> Tensor:
-    """dK = scale · dSᵀ Q, with dSᵀ as stored: (B, H, Lk_pad, Lq_pad), keys by rows."""
-    ds_used = ds[:, :, :key_len, :query_len]
-    for sample in range(ds.shape[0]):  # per sample, as _dq_from_ds
-        torch.bmm(ds_used[sample], q[sample], out=dk[sample])
-    if scale != 1.0:
-        dk.mul_(scale)
-    return dk
 
 
 def _cdiv(a: int, b: int) -> int:

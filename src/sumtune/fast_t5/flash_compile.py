@@ -55,8 +55,8 @@ def compile_kernel(name: str, block_m: int, block_n: int, num_warps: int, num_st
         raise RuntimeError("TRITON_INTERPRET=1 decorates interpreted kernels, which do not compile: unset it")
     kernel = getattr(flash_kernels, KERNELS[name])
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=False,
-                      **{"DRAW8": False, "STORE_DS": False, "DK_FROM_DS": False, **T5_FLAGS, **flags})
-    constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}  # STORE_DS, DK_FROM_DS: dK/dV only
+                      **{"DRAW8": False, "STORE_DS": False, **T5_FLAGS, **flags})
+    constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}  # STORE_DS: dK/dV only
     examples = example_arguments(kernel, head_dim=head_dim, dtype=dtype)
     signature, attrs = {}, {}
     for index, arg in enumerate(kernel.arg_names):
