@@ -444,6 +444,8 @@ def parse_args(argv=None):
     parser.add_argument("--curve-steps", type=int, default=200)
     parser.add_argument("--curve-lr", type=float, default=1e-4)
     parser.add_argument("--numerics-batch", type=int, default=4)
+    parser.add_argument("--numerics-patch", default="",
+                        help="--numerics: module-constant tokens (bench_common.PATCH_TOKENS, ':'-joined) for the fast path")
     parser.add_argument("--numerics-draws", type=int, default=1,
                         help="--numerics: repeat the gradient comparison on this many (model seed, batch) draws")
     parser.add_argument("--quick", action="store_true", help="tiny shapes on CPU, a few seconds")
@@ -469,7 +471,8 @@ def main(argv=None) -> int:
     if args.numerics:
         from fast_numerics import run_numerics
 
-        run_numerics(args, device)
+        with bc.patched(args.numerics_patch):  # e.g. `pv16`: a kernel setting under test on the fast path
+            run_numerics(args, device)
     else:
         bc.start_oom_reports(args.oom_reports, device)
         throughput(args, device)

@@ -145,6 +145,24 @@ def test_half_precision_inputs_match_reference(fa, dtype):
                              radius=8)
 
 
+@pytest.mark.parametrize("v_scale", [2.0**-20, 1.0, 2.0**20], ids=["tiny-v", "v", "v-beyond-float16"])
+def test_pv_in_float16_matches_reference_whatever_v_holds(fa, monkeypatch, v_scale):
+    """PV_FP16: the forward's P·V in float16 with V scaled by a power of two into float16's range (values far past
+    65504 or far below its normal range included) and O unscaled: output and gradients as the bf16 kernels'."""
+    monkeypatch.setattr(fa, "PV_FP16", True)
+    scaled = []
+    to_fp16 = fa._fp16_values
+    monkeypatch.setattr(fa, "_fp16_values", lambda v: scaled.append(to_fp16(v)) or scaled[-1])
+    q, k, v = make_qkv(2, 2, 40, 40, 64, torch.bfloat16)
+    v = (v.detach() * v_scale).requires_grad_()  # a power of two: still bf16-exact
+    table = t5_like_table(2, 40, 40, 8, seed=2)
+    out, _ = assert_matches_reference(fa, q, k, v, HALF_RTOL[torch.bfloat16], table, padding_mask(2, 40), radius=8)
+    assert out.dtype == torch.bfloat16 and out.abs().max() > v_scale * 0.1  # unscaled, not left at max ~ 2^15
+    (v16, unscale), = scaled  # the float16 route ran, once (the forward), with V's largest value in (2^14, 2^15]
+    assert v16.dtype == torch.float16 and 2.0**14 < float(v16.abs().max()) <= 2.0**15
+    assert torch.equal(v16.float() * unscale, v.detach().float())  # exact: a power of two, in range
+
+
 def test_padded_keys_get_exactly_zero_probability(fa):
     q, k, v = make_qkv(2, 2, 30, 30, 16, torch.float32)
     mask = padding_mask(2, 30)
@@ -609,6 +627,17 @@ def test_gpu_kernels_no_further_from_float64_than_sdpa(compiled_fa, monkeypatch,
     monkeypatch.setattr(fa, "DS_GEMM", False)
     with first_configs(fa):
         _check_against_sdpa_and_float64(fa, head_dim, causal, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("head_dim,causal", [(128, False), (64, True)])
+def test_gpu_pv_in_float16_no_further_from_float64_than_sdpa(compiled_fa, monkeypatch, head_dim, causal):
+    """The same check with PV_FP16 (the forward's P·V in float16, compiled)."""
+    fa = compiled_fa
+    monkeypatch.setattr(fa, "PV_FP16", True)
+    with first_configs(fa):
+        _check_against_sdpa_and_float64(fa, head_dim, causal, torch.bfloat16)
 
 
 @pytest.mark.gpu

@@ -52,6 +52,12 @@ ds_buffers_made = 0  # counted, so a memory probe can tell whether the dS buffer
 # 45.3 and 6.43 vs 6.58 samples/s in the same runs, results/*_dsgemm-2026-12-02-*; removed, commit 737b9c9 has it.)
 DS_GEMM_MAX_GIB = 8.0  # a larger dS buffer (long inputs at a large fixed batch) takes the dQ kernel instead
 DS_TILE = 128  # the dS buffer's rows and columns are padded to whole tiles, so the kernel stores without masks
+# The forward's P·V in float16 instead of bf16 (11 bits for P, not 8): V goes in scaled by a power of two that puts
+# its largest value in (2^14, 2^15] (exact, and within float16's range whatever V holds) and O comes out unscaled. A
+# CPU study traced the 4096 numerics gap to this rounding (results/attention_numerics_cpu-2026-12-02-cpu.json; float16
+# closed most of it at 2048/256). Costs three elementwise passes per call (V's max, V scaled and cast, O unscaled).
+# Off until measured on a GPU (benchmark token `pv16`); bf16 inputs only.
+PV_FP16 = False
 TABLE_MARGIN = 128  # zero columns each side of a bias table: a tile reaches at most BLOCK - 1 offsets beyond it
 _INTERPRETER_BLOCKS = dict(fwd=(32, 32), dkdv=(32, 32), dq=(32, 32))  # tests pin smaller ones to cross blocks
 _pinned_blocks: dict[str, tuple[int, ...]] = {}
@@ -210,8 +216,19 @@ def _radius(radius: int, query_len: int, key_len: int) -> int:
     return radius if radius > 0 else query_len + key_len  # 0: no saturation known, every tile reads the table
 
 
+def _fp16_values(v: Tensor) -> tuple[Tensor, Tensor]:
+    """V times 2^e as float16 (exact: e puts max |V| in (2^14, 2^15]), and 2^-e to unscale the output; on the
+    device, no host sync."""
+    largest = v.abs().amax().float().clamp_min(torch.finfo(torch.float32).tiny)
+    power = torch.exp2(torch.floor(torch.log2(32768.0 / largest)))  # 2^e with 2^14 < max |V| 2^e <= 2^15
+    return (v * power.to(v.dtype)).to(torch.float16), power.reciprocal()
+
+
 def _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, seed, draw_bits):
     kernels = _kernels()
+    unscale = None
+    if PV_FP16 and v.dtype == torch.bfloat16:  # the kernel's P·V then runs in float16 (P cast to V's dtype)
+        v, unscale = _fp16_values(v)
     batch, heads, query_len, head_dim = q.shape
     key_len = k.shape[2]
     out = torch.empty((batch, query_len, heads, head_dim), device=q.device, dtype=q.dtype).transpose(1, 2)
@@ -228,6 +245,8 @@ def _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, se
             drop_scale, _length_key(max(query_len, key_len)),
             HEAD_DIM=head_dim, CAUSAL=causal, HAS_BIAS=table is not None, HAS_KEY_MASK=mask is not None,
             DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8)
+    if unscale is not None:
+        out.mul_(unscale.to(out.dtype))  # a power of two: exact
     return out, lse
 
 
