@@ -163,6 +163,13 @@ def test_pv_in_float16_matches_reference_whatever_v_holds(fa, monkeypatch, v_sca
     assert torch.equal(v16.float() * unscale, v.detach().float())  # exact: a power of two, in range
 
 
+def test_pv_in_float16_with_an_all_zero_v_gives_zeros(fa, monkeypatch):
+    monkeypatch.setattr(fa, "PV_FP16", True)
+    q, k, _ = make_qkv(1, 2, 20, 20, 16, torch.bfloat16)
+    out = fa.flash_t5_attention(q, k, torch.zeros_like(k))
+    assert torch.equal(out, torch.zeros_like(out))
+
+
 def test_padded_keys_get_exactly_zero_probability(fa):
     q, k, v = make_qkv(2, 2, 30, 30, 16, torch.float32)
     mask = padding_mask(2, 30)

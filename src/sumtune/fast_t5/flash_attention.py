@@ -219,7 +219,7 @@ def _radius(radius: int, query_len: int, key_len: int) -> int:
 def _fp16_values(v: Tensor) -> tuple[Tensor, Tensor]:
     """V times 2^e as float16 (exact: e puts max |V| in (2^14, 2^15]), and 2^-e to unscale the output; on the
     device, no host sync."""
-    largest = v.abs().amax().float().clamp_min(torch.finfo(torch.float32).tiny)
+    largest = v.abs().amax().float().clamp_min(2.0**-100)  # an all-zero V: a finite power, not 0 * inf
     power = torch.exp2(torch.floor(torch.log2(32768.0 / largest)))  # 2^e with 2^14 < max |V| 2^e <= 2^15
     return (v * power.to(v.dtype)).to(torch.float16), power.reciprocal()
 
