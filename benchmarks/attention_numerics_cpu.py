@@ -9,7 +9,7 @@ Triton's interpreter truncates float32 to bf16 (a -2.7e-3 mean relative error: a
 nearest (`cvt.rn.bf16.f32` in the sm_90 PTX), so every variant runs on a copy of the kernels whose bf16 casts round to
 nearest first; a variant then leaves one rounding out: `fwd` P in the forward's P·V, `dv` P in dV, `ds` dS in dK and
 dQ (the dQ kernel), `fwd16` P and V in float16 in the forward, `fwdsum` the softmax's row sum taken over the
-rounded P. The copy lives in a temporary directory; sumtune itself
+rounded P, `pv16` the product's PV_FP16 switch (V scaled into float16's range, P cast to float16). The copy lives in a temporary directory; sumtune itself
 is not changed. Writes benchmarks/results/attention_numerics_cpu-<date>-cpu.json.
 """
 
@@ -54,6 +54,8 @@ VARIANTS = {
             "dq = _dot(ds, tl.trans(k_t.to(tl.float32)), UPCAST, dq)")],
     "fwd16": [("acc = _dot(_rn(p).to(v.dtype), v, UPCAST, acc)",
                "acc = _dot(p.to(tl.float16), v.to(tl.float16), UPCAST, acc)")],
+    # the product's own PV_FP16 (set in run_draws): P cast to V's float16 as the kernels do, not first to bf16
+    "pv16": [("acc = _dot(_rn(p).to(v.dtype), v, UPCAST, acc)", "acc = _dot(p.to(v.dtype), v, UPCAST, acc)")],
     # the row sum over the rounded P (dropout off here; with dropout it would have to be taken before the mask)
     "fwdsum": [("        l_i = l_i * alpha + tl.sum(p, 1)\n", ""),
                ("        acc = _dot(_rn(p).to(v.dtype), v, UPCAST, acc)",
@@ -87,6 +89,7 @@ def run_draws(args) -> list[dict]:
 
     torch.set_num_threads(2)
     fa.DS_GEMM = False  # the dQ kernel: its dS cast is the one `ds` leaves out (the stored dS rounds the same)
+    fa.PV_FP16 = args.run_one == "pv16"
     config = bc.t5_config("tiny", num_layers=2, dropout_rate=0.0, d_model=256, num_heads=4, d_kv=64, d_ff=1024)
     data = bc.tokenize_rows(bc.load_t5_tokenizer(), bc.load_billsum_texts(), args.src_len, args.tgt_len)
     device, rows = torch.device("cpu"), []
@@ -114,6 +117,7 @@ def main() -> None:
     parser.add_argument("--tgt-len", type=int, default=256)
     parser.add_argument("--draws", type=int, default=2)
     parser.add_argument("--variants", default="base,fwd,dv,ds,fwd16")
+    parser.add_argument("--tag", default=None, help="suffix of the result file name")
     parser.add_argument("--run-one", default=None, help=argparse.SUPPRESS)  # internal: a variant's own process
     args = parser.parse_args()
     import bench_common as bc
@@ -135,7 +139,8 @@ def main() -> None:
         means = {k: statistics.fmean(r[k] for r in rows) for k in rows[0] if k.endswith("_vs_fp32")}
         results[variant] = {"draws": rows, "mean": means}
         print(f"{variant}: " + ", ".join(f"{k} {v:.4e}" for k, v in means.items()), flush=True)
-    path = bc.save_result("attention_numerics_cpu", dict(src_len=args.src_len, tgt_len=args.tgt_len,
+    name = "attention_numerics_cpu" + (f"_{args.tag}" if args.tag else "")
+    path = bc.save_result(name, dict(src_len=args.src_len, tgt_len=args.tgt_len,
                                                           draws=args.draws, variants=results), slug="cpu")
     print(f"saved {path}")
 
