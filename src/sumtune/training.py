@@ -172,13 +172,14 @@ def _ds_gemm_leaner() -> batch_search.LeanerMode:
     seen = [buffers_made()]
 
     def applies() -> bool:
-        made, seen[0] = buffers_made() > seen[0], buffers_made()
-        return made
+        made = buffers_made()
+        grew, seen[0] = made > seen[0], made
+        return grew
 
     def held():
         from sumtune.fast_t5 import flash_attention
 
-        return flash_attention.ds_gemm_held_off()
+        return flash_attention.holding_off_ds_gemm()
 
     return batch_search.LeanerMode(DS_GEMM_HELD_OFF, held, applies)
 

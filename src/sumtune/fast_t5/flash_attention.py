@@ -269,8 +269,8 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal,
     mask_stride = mask.stride(0) if mask is not None else 0
     length_key = _length_key(max(query_len, key_len))
     geometry = _table_geometry(table, query_len)
-    ds_gib = _ds_buffer_gib(batch, heads, key_len, query_len, q.element_size())
-    store_ds = ds_gemm_active() and ds_gib <= DS_GEMM_MAX_GIB
+    store_ds = ds_gemm_active() and (
+        _ds_buffer_gib(batch, heads, key_len, query_len, q.element_size()) <= DS_GEMM_MAX_GIB)
     ds = _ds_buffer(batch, heads, key_len, query_len, q) if store_ds else delta
     ds_strides = ds.stride()[:3] if store_ds else (0, 0, 0)
     _launch("dkdv", kernels.t5_flash_attention_bwd_dkdv,
@@ -306,7 +306,7 @@ def hold_off_ds_gemm(held_off: bool) -> None:
 
 
 @contextlib.contextmanager
-def ds_gemm_held_off():
+def holding_off_ds_gemm():
     """The block runs with the dQ kernel (a memory probe's leaner variant); the setting before comes back after."""
     before = _ds_gemm_held_off
     hold_off_ds_gemm(True)
