@@ -9,8 +9,8 @@ Triton's interpreter truncates float32 to bf16 (a -2.7e-3 mean relative error: a
 nearest (`cvt.rn.bf16.f32` in the sm_90 PTX), so every variant runs on a copy of the kernels whose bf16 casts round to
 nearest first; a variant then leaves one rounding out: `fwd` P in the forward's P·V, `dv` P in dV, `ds` dS in dK and
 dQ (the dQ kernel), `fwd16` P and V in float16 in the forward, `fwdsum` the softmax's row sum taken over the
-rounded P, `pv16` the product's PV_FP16 switch (V scaled into float16's range, P cast to float16). The copy lives in a temporary directory; sumtune itself
-is not changed. Writes benchmarks/results/attention_numerics_cpu-<date>-cpu.json.
+rounded P, `pv16` the product's PV_FP16 switch (V scaled into float16's range, P cast to float16). The copy lives in
+a temporary directory; sumtune itself is not changed. Writes benchmarks/results/attention_numerics_cpu-<date>-cpu.json.
 """
 
 from __future__ import annotations
@@ -35,30 +35,34 @@ def _rn(x):
     return bits.to(tl.float32, bitcast=True)
 
 '''
-# (text in the kernels, the same rounded to nearest) for every float32 -> bf16 cast the kernels make
-CASTS = [("acc = _dot(p.to(v.dtype), v, UPCAST, acc)", "acc = _dot(_rn(p).to(v.dtype), v, UPCAST, acc)"),
+# The kernels' float32 -> bf16 casts, each as it is and rounded to nearest; variants then rewrite the rounded text.
+PV = "acc = _dot(p.to(v.dtype), v, UPCAST, acc)"  # the forward's P·V (P cast to V's dtype)
+ROUNDED_PV = "acc = _dot(_rn(p).to(v.dtype), v, UPCAST, acc)"
+DS = "ds_t = (p_t * (dp_t - delta[None, :])).to(q_t.dtype)"
+ROUNDED_DS = "ds_t = _rn(p_t * (dp_t - delta[None, :])).to(q_t.dtype)"
+CASTS = [(PV, ROUNDED_PV),
          ("out.to(O.dtype.element_ty)", "_rn(out).to(O.dtype.element_ty)"),
          ("dv = _dot(pd_t.to(do.dtype), do, UPCAST, dv)", "dv = _dot(_rn(pd_t).to(do.dtype), do, UPCAST, dv)"),
-         ("ds_t = (p_t * (dp_t - delta[None, :])).to(q_t.dtype)", "ds_t = _rn(p_t * (dp_t - delta[None, :])).to(q_t.dtype)"),
+         (DS, ROUNDED_DS),
          ("(dk * scale).to(DK.dtype.element_ty)", "_rn(dk * scale).to(DK.dtype.element_ty)"),
          ("dv.to(DV.dtype.element_ty)", "_rn(dv).to(DV.dtype.element_ty)"),
-         ("dq = _dot(ds.to(k_t.dtype), tl.trans(k_t), UPCAST, dq)", "dq = _dot(_rn(ds).to(k_t.dtype), tl.trans(k_t), UPCAST, dq)"),
+         ("dq = _dot(ds.to(k_t.dtype), tl.trans(k_t), UPCAST, dq)",
+          "dq = _dot(_rn(ds).to(k_t.dtype), tl.trans(k_t), UPCAST, dq)"),
          ("(dq * scale).to(DQ.dtype.element_ty)", "_rn(dq * scale).to(DQ.dtype.element_ty)")]
 VARIANTS = {
     "base": [],
-    "fwd": [("acc = _dot(_rn(p).to(v.dtype), v, UPCAST, acc)", "acc = _dot(p, v.to(tl.float32), UPCAST, acc)")],
+    "fwd": [(ROUNDED_PV, "acc = _dot(p, v.to(tl.float32), UPCAST, acc)")],
     "dv": [("dv = _dot(_rn(pd_t).to(do.dtype), do, UPCAST, dv)", "dv = _dot(pd_t, do.to(tl.float32), UPCAST, dv)")],
-    "ds": [("ds_t = _rn(p_t * (dp_t - delta[None, :])).to(q_t.dtype)\n        dk = _dot(ds_t, tl.trans(q_t), UPCAST, dk)",
+    "ds": [(ROUNDED_DS + "\n        dk = _dot(ds_t, tl.trans(q_t), UPCAST, dk)",
             "ds_t = p_t * (dp_t - delta[None, :])\n        dk = _dot(ds_t, tl.trans(q_t.to(tl.float32)), UPCAST, dk)"),
            ("dq = _dot(_rn(ds).to(k_t.dtype), tl.trans(k_t), UPCAST, dq)",
             "dq = _dot(ds, tl.trans(k_t.to(tl.float32)), UPCAST, dq)")],
-    "fwd16": [("acc = _dot(_rn(p).to(v.dtype), v, UPCAST, acc)",
-               "acc = _dot(p.to(tl.float16), v.to(tl.float16), UPCAST, acc)")],
+    "fwd16": [(ROUNDED_PV, "acc = _dot(p.to(tl.float16), v.to(tl.float16), UPCAST, acc)")],
     # the product's own PV_FP16 (set in run_draws): P cast to V's float16 as the kernels do, not first to bf16
-    "pv16": [("acc = _dot(_rn(p).to(v.dtype), v, UPCAST, acc)", "acc = _dot(p.to(v.dtype), v, UPCAST, acc)")],
+    "pv16": [(ROUNDED_PV, PV)],
     # the row sum over the rounded P (dropout off here; with dropout it would have to be taken before the mask)
     "fwdsum": [("        l_i = l_i * alpha + tl.sum(p, 1)\n", ""),
-               ("        acc = _dot(_rn(p).to(v.dtype), v, UPCAST, acc)",
+               ("        " + ROUNDED_PV,
                 "        p_bf = _rn(p).to(v.dtype)\n        l_i = l_i * alpha + tl.sum(p_bf.to(tl.float32), 1)\n"
                 "        acc = _dot(p_bf, v, UPCAST, acc)")],
 }
@@ -140,8 +144,8 @@ def main() -> None:
         results[variant] = {"draws": rows, "mean": means}
         print(f"{variant}: " + ", ".join(f"{k} {v:.4e}" for k, v in means.items()), flush=True)
     name = "attention_numerics_cpu" + (f"_{args.tag}" if args.tag else "")
-    path = bc.save_result(name, dict(src_len=args.src_len, tgt_len=args.tgt_len,
-                                                          draws=args.draws, variants=results), slug="cpu")
+    payload = dict(src_len=args.src_len, tgt_len=args.tgt_len, draws=args.draws, variants=results)
+    path = bc.save_result(name, payload, slug="cpu")
     print(f"saved {path}")
 
 

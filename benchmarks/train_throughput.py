@@ -445,7 +445,8 @@ def parse_args(argv=None):
     parser.add_argument("--curve-lr", type=float, default=1e-4)
     parser.add_argument("--numerics-batch", type=int, default=4)
     parser.add_argument("--numerics-patch", default="",
-                        help="--numerics: module-constant tokens (bench_common.PATCH_TOKENS, ':'-joined) for the fast path")
+                        help="--numerics: module-constant tokens for the fast path (bench_common.PATCH_TOKENS, "
+                             "':'-joined)")
     parser.add_argument("--numerics-draws", type=int, default=1,
                         help="--numerics: repeat the gradient comparison on this many (model seed, batch) draws")
     parser.add_argument("--quick", action="store_true", help="tiny shapes on CPU, a few seconds")
