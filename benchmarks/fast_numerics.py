@@ -67,8 +67,14 @@ def smooth(values: list[float], window: int) -> list[float]:
     return [statistics.fmean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
 
 
-def all_paths(model, batch, device):
-    """Loss and LoRA gradients of stock SDPA, stock eager, the fast path and the float32 recomputation."""
+def fast_path_name(variant: str, first: bool) -> str:
+    """`fast` for the first (primary) variant, `fast_<tokens>` for the others (their keys in draws and summaries)."""
+    return "fast" if first else "fast_" + (variant.replace(":", "_") or "default")
+
+
+def all_paths(model, batch, device, variants=("",)):
+    """Loss and LoRA gradients of stock SDPA, stock eager, the fast path under each variant (PATCH_TOKENS strings,
+    '' = the code's defaults; {name: (loss, grads)}, the first named `fast`) and the float32 recomputation."""
     from sumtune.fast_t5 import disable_fast_t5, enable_fast_t5
     from sumtune.fast_t5.numerics import fp32_reference_grads
 
@@ -76,11 +82,14 @@ def all_paths(model, batch, device):
     set_attn_implementation(model, "eager")
     _, eager_grads = loss_and_grads(model, batch, device)
     set_attn_implementation(model, "sdpa")
+    fast = {}
     enable_fast_t5(model)
-    fast_loss, fast_grads = loss_and_grads(model, batch, device)
+    for index, variant in enumerate(variants):
+        with bc.patched(variant):  # the kernels read these module constants at call time
+            fast[fast_path_name(variant, index == 0)] = loss_and_grads(model, batch, device)
     disable_fast_t5(model)
     fp32_loss, fp32_grads = fp32_reference_grads(model, batch)
-    return stock_loss, stock_grads, eager_grads, fast_loss, fast_grads, fp32_loss, fp32_grads
+    return stock_loss, stock_grads, eager_grads, fast, fp32_loss, fp32_grads
 
 
 def one_more_draw(config, data, device, args, seed: int) -> dict:
@@ -89,8 +98,9 @@ def one_more_draw(config, data, device, args, seed: int) -> dict:
 
     model = build_numerics_model(config, device, seed)
     batch = {k: v.to(device) for k, v in bc.batch_at(data, seed, args.numerics_batch).items()}  # batch_at wraps
-    _, stock, eager, _, fast, _, fp32 = all_paths(model, batch, device)
-    draw = dict(seed=seed, batch_index=seed, fast_vs_fp32=vector_relative_error(fast, fp32),
+    _, stock, eager, fast, _, fp32 = all_paths(model, batch, device, args.numerics_variants)
+    draw = dict(seed=seed, batch_index=seed,
+                **{f"{name}_vs_fp32": vector_relative_error(grads, fp32) for name, (_, grads) in fast.items()},
                 stock_sdpa_vs_fp32=vector_relative_error(stock, fp32),
                 stock_eager_vs_fp32=vector_relative_error(eager, fp32))
     print(f"draw {seed} (batch {seed}): " + ", ".join(f"{k} {v:.3e}" for k, v in draw.items() if k.endswith("fp32")),
@@ -102,11 +112,13 @@ def one_more_draw(config, data, device, args, seed: int) -> dict:
 
 
 def summarize_draws(draws: list[dict]) -> dict:
-    """Mean of each path's whole-vector error against float32, and in how many draws fast is the closest."""
-    paths = ("fast", "stock_sdpa", "stock_eager")
+    """Mean of each path's whole-vector error against float32, and in how many draws each fast path is the closer."""
+    paths = [key[:-len("_vs_fp32")] for key in draws[0] if key.endswith("_vs_fp32")]
     means = {f"mean_{p}_vs_fp32": statistics.fmean(d[f"{p}_vs_fp32"] for d in draws) for p in paths}
-    closer = dict(fast_closer_than_sdpa=sum(d["fast_vs_fp32"] <= d["stock_sdpa_vs_fp32"] for d in draws),
-                  fast_closer_than_eager=sum(d["fast_vs_fp32"] <= d["stock_eager_vs_fp32"] for d in draws))
+    closer = {}
+    for fast in (p for p in paths if p.startswith("fast")):
+        closer[f"{fast}_closer_than_sdpa"] = sum(d[f"{fast}_vs_fp32"] <= d["stock_sdpa_vs_fp32"] for d in draws)
+        closer[f"{fast}_closer_than_eager"] = sum(d[f"{fast}_vs_fp32"] <= d["stock_eager_vs_fp32"] for d in draws)
     return dict(draws=len(draws), **means, **closer)
 
 
@@ -119,8 +131,9 @@ def run_numerics(args, device) -> None:
     data = bc.tokenize_rows(bc.load_t5_tokenizer(), bc.load_billsum_texts(), args.src_len, args.tgt_len)
     model = build_numerics_model(config, device)
     batch = {k: v.to(device) for k, v in bc.batch_at(data, 0, args.numerics_batch).items()}
-    results = all_paths(model, batch, device)
-    stock_loss, stock_grads, eager_grads, fast_loss, fast_grads, fp32_loss, fp32_grads = results
+    stock_loss, stock_grads, eager_grads, fast, fp32_loss, fp32_grads = all_paths(model, batch, device,
+                                                                                 args.numerics_variants)
+    fast_loss, fast_grads = fast["fast"]
     errors, floor = relative_errors(fast_grads, stock_grads), relative_errors(eager_grads, stock_grads)
     worst = max(errors, key=errors.get)
     vs_fp32 = {path: relative_errors(grads, fp32_grads) for path, grads in
@@ -141,8 +154,14 @@ def run_numerics(args, device) -> None:
     worse = sum(vs_fp32["fast"][n] > max(vs_fp32["stock_sdpa"][n], vs_fp32["stock_eager"][n]) for n in errors)
     print(f"tensors where fast is further from fp32 than both stock backends: {worse} of {len(errors)}")
     print("all LoRA grads as one vector: " + ", ".join(f"{k} {v:.3e}" for k, v in global_errors.items()), flush=True)
-    draws = [dict(seed=0, batch_index=0, **{k: v for k, v in global_errors.items() if k.endswith("_fp32")})]
-    del stock_grads, eager_grads, fast_grads, fp32_grads
+    others = {f"{name}_vs_fp32": vector_relative_error(grads, fp32_grads) for name, (_, grads) in fast.items()
+              if name != "fast"}
+    if others:
+        print("other fast variants, all LoRA grads as one vector: "
+              + ", ".join(f"{k} {v:.3e}" for k, v in others.items()), flush=True)
+    fp32_errors = {k: v for k, v in global_errors.items() if k.endswith("_fp32")}
+    draws = [dict(seed=0, batch_index=0, fast_vs_fp32=fp32_errors.pop("fast_vs_fp32"), **others, **fp32_errors)]
+    del stock_grads, eager_grads, fast_grads, fp32_grads, fast
     for seed in range(1, args.numerics_draws):
         draws.append(one_more_draw(config, data, device, args, seed))
     if len(draws) > 1:
@@ -161,7 +180,8 @@ def run_numerics(args, device) -> None:
                     param.copy_(initial[name])
         if path == "fast":
             enable_fast_t5(model)
-        curves[path], seconds[path] = loss_curve(model, data, device, args)
+        with bc.patched(args.numerics_variants[0] if path == "fast" else ""):  # the primary fast variant
+            curves[path], seconds[path] = loss_curve(model, data, device, args)
         disable_fast_t5(model)
         print(f"{path}: {args.curve_steps} steps in {seconds[path]:.1f} s, loss {curves[path][0]:.4f} -> "
               f"{curves[path][-1]:.4f}", flush=True)
@@ -170,7 +190,7 @@ def run_numerics(args, device) -> None:
     deviation = max(abs(f - s) / abs(s) for f, s in zip(smooth_fast, smooth_stock))
     print(f"loss curves ({window}-step moving average): max relative deviation fast vs stock {deviation:.3e}")
     if not args.no_save:
-        payload = dict(model=args.model, patch=args.numerics_patch, layers=layers, batch=args.numerics_batch,
+        payload = dict(model=args.model, variants=list(args.numerics_variants), layers=layers, batch=args.numerics_batch,
                        src_len=args.src_len, tgt_len=args.tgt_len, stock_loss=stock_loss, fast_loss=fast_loss,
                        grad_rel_err_max=errors[worst], grad_rel_err_worst=worst,
                        grad_rel_err_median=statistics.median(errors.values()),

@@ -446,7 +446,8 @@ def parse_args(argv=None):
     parser.add_argument("--numerics-batch", type=int, default=4)
     parser.add_argument("--numerics-patch", default="",
                         help="--numerics: module-constant tokens for the fast path (bench_common.PATCH_TOKENS, "
-                             "':'-joined)")
+                             "':'-joined); several fast variants, compared on the same draws: ','-joined "
+                             "(the first is the primary `fast` path; 'default' or '' = the code's defaults)")
     parser.add_argument("--numerics-draws", type=int, default=1,
                         help="--numerics: repeat the gradient comparison on this many (model seed, batch) draws")
     parser.add_argument("--quick", action="store_true", help="tiny shapes on CPU, a few seconds")
@@ -457,6 +458,10 @@ def parse_args(argv=None):
     args.reference = [int(b) for b in args.reference.split(",") if b.strip()]
     args.fast = [s.strip() for s in args.fast.split(",") if s.strip()]
     args.lora_targets = args.lora_targets.split(",") if args.lora_targets else None
+    args.numerics_variants = [v.strip().replace("default", "") for v in args.numerics_patch.split(",")]
+    unknown = [t for v in args.numerics_variants for t in v.split(":") if t and t not in bc.PATCH_TOKENS]
+    if unknown:
+        raise SystemExit(f"--numerics-patch: unknown token(s) {unknown}; known: {sorted(bc.PATCH_TOKENS)}")
     if args.quick:
         args.model, args.src_len, args.tgt_len = "tiny", 32, 8
         args.reference, args.fast = [2], ["b2", "b2:gc:cache"]
@@ -472,8 +477,7 @@ def main(argv=None) -> int:
     if args.numerics:
         from fast_numerics import run_numerics
 
-        with bc.patched(args.numerics_patch):  # e.g. `pv16`: a kernel setting under test on the fast path
-            run_numerics(args, device)
+        run_numerics(args, device)  # each fast variant under its own patches (e.g. `pv16`), on the same draws
     else:
         bc.start_oom_reports(args.oom_reports, device)
         throughput(args, device)

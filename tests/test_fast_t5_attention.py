@@ -170,6 +170,22 @@ def test_pv_in_float16_with_an_all_zero_v_gives_zeros(fa, monkeypatch):
     assert torch.equal(out, torch.zeros_like(out))
 
 
+def test_pv_split_brings_the_forward_closer_to_float64(fa, monkeypatch):
+    """PV_SPLIT: P·V over P's bf16 high and low parts. P's rounding is gone from the output (what is left is O's own
+    rounding to bf16, doubled here: the interpreter truncates where the GPU rounds), and the gradients still match."""
+    q, k, v = make_qkv(1, 2, 96, 96, 32, torch.bfloat16, seed=1)
+    q = (q.detach() * 0.25).requires_grad_()  # a spread-out softmax, whose P·V sums many rounded P
+    table = t5_like_table(2, 96, 96, 8, seed=2)
+    reference = fa.reference_t5_attention(q, k, v, table)
+    output_rounding = relative_error(reference.to(torch.bfloat16), reference)
+    errors = {}
+    for split in (False, True):
+        monkeypatch.setattr(fa, "PV_SPLIT", split)
+        errors[split] = relative_error(fa.flash_t5_attention(q, k, v, table), reference)
+    assert errors[True] < 0.85 * errors[False] and errors[True] < 2.2 * output_rounding, (errors, output_rounding)
+    assert_matches_reference(fa, q, k, v, HALF_RTOL[torch.bfloat16], table, padding_mask(1, 96), radius=8)
+
+
 def test_padded_keys_get_exactly_zero_probability(fa):
     q, k, v = make_qkv(2, 2, 30, 30, 16, torch.float32)
     mask = padding_mask(2, 30)
@@ -641,6 +657,17 @@ def test_gpu_pv_in_float16_no_further_from_float64_than_sdpa(compiled_fa, monkey
     """The same check with PV_FP16 (the forward's P·V in float16, compiled)."""
     fa = compiled_fa
     monkeypatch.setattr(fa, "PV_FP16", True)
+    with first_configs(fa):
+        _check_against_sdpa_and_float64(fa, head_dim, causal, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("head_dim,causal", [(128, False), (64, True)])
+def test_gpu_pv_split_no_further_from_float64_than_sdpa(compiled_fa, monkeypatch, head_dim, causal):
+    """The same check with PV_SPLIT (the forward's P·V over P's high and low bf16 parts, compiled)."""
+    fa = compiled_fa
+    monkeypatch.setattr(fa, "PV_SPLIT", True)
     with first_configs(fa):
         _check_against_sdpa_and_float64(fa, head_dim, causal, torch.bfloat16)
 

@@ -58,6 +58,10 @@ DS_TILE = 128  # the dS buffer's rows and columns are padded to whole tiles, so 
 # closed most of it at 2048/256). Costs three elementwise passes per call (V's max, V scaled and cast, O unscaled).
 # Off until measured on a GPU (benchmark token `pv16`); bf16 inputs only.
 PV_FP16 = False
+# The forward's P·V with P split in two (P = high + low, both bf16: ~16 bits of P) and one more GEMM per tile; the
+# CPU study's variant without P's rounding (closer to float32 than stock SDPA there). Off until measured on a GPU
+# (benchmark token `pvsplit`).
+PV_SPLIT = False
 TABLE_MARGIN = 128  # zero columns each side of a bias table: a tile reaches at most BLOCK - 1 offsets beyond it
 _INTERPRETER_BLOCKS = dict(fwd=(32, 32), dkdv=(32, 32), dq=(32, 32))  # tests pin smaller ones to cross blocks
 _pinned_blocks: dict[str, tuple[int, ...]] = {}
@@ -100,7 +104,8 @@ def _configs(name: str):
             for m, n, w, s in AUTOTUNE_CONFIGS[name]]
 
 
-_AUTOTUNE_KEY = ["HEAD_DIM", "len_key", "CAUSAL", "HAS_BIAS", "HAS_KEY_MASK", "DROPOUT", "DRAW8", "STORE_DS"]
+_AUTOTUNE_KEY = ["HEAD_DIM", "len_key", "CAUSAL", "HAS_BIAS", "HAS_KEY_MASK", "DROPOUT", "DRAW8", "STORE_DS",
+                 "PV_SPLIT"]
 _tuned: dict[str, object] = {}
 
 
@@ -110,7 +115,7 @@ def _autotuned(name: str, kernel):
     if _tuned.get(name, (None, None, None))[:2] != (kernel, configs):
         import triton
 
-        key = [arg for arg in _AUTOTUNE_KEY if arg in kernel.arg_names]  # STORE_DS: the dK/dV kernel only
+        key = [arg for arg in _AUTOTUNE_KEY if arg in kernel.arg_names]  # STORE_DS: dK/dV only; PV_SPLIT: forward
         _tuned[name] = (kernel, configs, triton.autotune(_configs(name), key=key)(kernel))
     return _tuned[name][2]
 
@@ -244,7 +249,7 @@ def _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, se
             heads, query_len, key_len, radius, *_table_geometry(table, query_len), scale * LOG2E, seed, drop_below,
             drop_scale, _length_key(max(query_len, key_len)),
             HEAD_DIM=head_dim, CAUSAL=causal, HAS_BIAS=table is not None, HAS_KEY_MASK=mask is not None,
-            DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8)
+            DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8, PV_SPLIT=PV_SPLIT)
     if unscale is not None:
         out.mul_(unscale.to(out.dtype))  # a power of two: exact
     return out, lse
