@@ -36,8 +36,9 @@ def _rn(x):
 
 '''
 # The kernels' float32 -> bf16 casts, each as it is and rounded to nearest; variants then rewrite the rounded text.
-PV = "acc = _dot(p.to(v.dtype), v, UPCAST, acc)"  # the forward's P·V (P cast to V's dtype)
-ROUNDED_PV = "acc = _dot(_rn(p).to(v.dtype), v, UPCAST, acc)"
+PV_DOT = "\n        acc = _dot(p_high, v, UPCAST, acc)"
+PV = "p_high = p.to(v.dtype)" + PV_DOT  # the forward's P·V (P cast to V's dtype)
+ROUNDED_PV = "p_high = _rn(p).to(v.dtype)" + PV_DOT
 DS = "ds_t = (p_t * (dp_t - delta[None, :])).to(q_t.dtype)"
 ROUNDED_DS = "ds_t = _rn(p_t * (dp_t - delta[None, :])).to(q_t.dtype)"
 CASTS = [(PV, ROUNDED_PV),
@@ -51,20 +52,21 @@ CASTS = [(PV, ROUNDED_PV),
          ("(dq * scale).to(DQ.dtype.element_ty)", "_rn(dq * scale).to(DQ.dtype.element_ty)")]
 VARIANTS = {
     "base": [],
-    "fwd": [(ROUNDED_PV, "acc = _dot(p, v.to(tl.float32), UPCAST, acc)")],
+    "fwd": [(ROUNDED_PV, "p_high = p.to(v.dtype)\n        acc = _dot(p, v.to(tl.float32), UPCAST, acc)")],
     "dv": [("dv = _dot(_rn(pd_t).to(do.dtype), do, UPCAST, dv)", "dv = _dot(pd_t, do.to(tl.float32), UPCAST, dv)")],
     "ds": [(ROUNDED_DS + "\n        dk = _dot(ds_t, tl.trans(q_t), UPCAST, dk)",
             "ds_t = p_t * (dp_t - delta[None, :])\n        dk = _dot(ds_t, tl.trans(q_t.to(tl.float32)), UPCAST, dk)"),
            ("dq = _dot(_rn(ds).to(k_t.dtype), tl.trans(k_t), UPCAST, dq)",
             "dq = _dot(ds, tl.trans(k_t.to(tl.float32)), UPCAST, dq)")],
-    "fwd16": [(ROUNDED_PV, "acc = _dot(p.to(tl.float16), v.to(tl.float16), UPCAST, acc)")],
+    "fwd16": [(ROUNDED_PV,
+               "p_high = p.to(v.dtype)\n        acc = _dot(p.to(tl.float16), v.to(tl.float16), UPCAST, acc)")],
     # the product's own PV_FP16 (set in run_draws): P cast to V's float16 as the kernels do, not first to bf16
     "pv16": [(ROUNDED_PV, PV)],
     # the row sum over the rounded P (dropout off here; with dropout it would have to be taken before the mask)
     "fwdsum": [("        l_i = l_i * alpha + tl.sum(p, 1)\n", ""),
                ("        " + ROUNDED_PV,
-                "        p_bf = _rn(p).to(v.dtype)\n        l_i = l_i * alpha + tl.sum(p_bf.to(tl.float32), 1)\n"
-                "        acc = _dot(p_bf, v, UPCAST, acc)")],
+                "        p_high = _rn(p).to(v.dtype)\n        l_i = l_i * alpha + tl.sum(p_high.to(tl.float32), 1)"
+                + PV_DOT)],
 }
 
 

@@ -150,6 +150,7 @@ def test_pv_in_float16_matches_reference_whatever_v_holds(fa, monkeypatch, v_sca
     """PV_FP16: the forward's P·V in float16 with V scaled by a power of two into float16's range (values far past
     65504 or far below its normal range included) and O unscaled: output and gradients as the bf16 kernels'."""
     monkeypatch.setattr(fa, "PV_FP16", True)
+    monkeypatch.setattr(fa, "PV_FP16_MIN_KEYS", 0)
     scaled = []
     to_fp16 = fa._fp16_values
     monkeypatch.setattr(fa, "_fp16_values", lambda v: scaled.append(to_fp16(v)) or scaled[-1])
@@ -158,13 +159,29 @@ def test_pv_in_float16_matches_reference_whatever_v_holds(fa, monkeypatch, v_sca
     table = t5_like_table(2, 40, 40, 8, seed=2)
     out, _ = assert_matches_reference(fa, q, k, v, HALF_RTOL[torch.bfloat16], table, padding_mask(2, 40), radius=8)
     assert out.dtype == torch.bfloat16 and out.abs().max() > v_scale * 0.1  # unscaled, not left at max ~ 2^15
-    (v16, unscale), = scaled  # the float16 route ran, once (the forward), with V's largest value in (2^14, 2^15]
-    assert v16.dtype == torch.float16 and 2.0**14 < float(v16.abs().max()) <= 2.0**15
-    assert torch.equal(v16.float() * unscale, v.detach().float())  # exact: a power of two, in range
+    (v16, largest), = scaled  # the float16 route ran, once (the forward), with V's largest value in [2^14, 2^15)
+    assert float(largest) == float(v.detach().abs().max())
+    assert v16.dtype == torch.float16 and 2.0**14 <= float(v16.abs().max()) < 2.0**15
+    _, exponent = torch.frexp(largest.float())  # largest = m 2^exponent, m in [0.5, 1): the power is 2^(15 - exponent)
+    assert torch.equal(v16.float(), torch.ldexp(v.detach().float(), 15 - exponent))  # exact: a power of two
+
+
+def test_pv_in_float16_waits_for_enough_keys(fa, monkeypatch):
+    """Below PV_FP16_MIN_KEYS keys the forward keeps its bf16 P·V (no float16 copy of V)."""
+    monkeypatch.setattr(fa, "PV_FP16", True)
+    monkeypatch.setattr(fa, "PV_FP16_MIN_KEYS", 48)
+    copies = []
+    to_fp16 = fa._fp16_values
+    monkeypatch.setattr(fa, "_fp16_values", lambda v: copies.append(v.shape[2]) or to_fp16(v))
+    for key_len in (40, 48):
+        q, k, v = make_qkv(1, 2, 16, key_len, 16, torch.bfloat16)
+        fa.flash_t5_attention(q, k, v)
+    assert copies == [48]
 
 
 def test_pv_in_float16_with_an_all_zero_v_gives_zeros(fa, monkeypatch):
     monkeypatch.setattr(fa, "PV_FP16", True)
+    monkeypatch.setattr(fa, "PV_FP16_MIN_KEYS", 0)
     q, k, _ = make_qkv(1, 2, 20, 20, 16, torch.bfloat16)
     out = fa.flash_t5_attention(q, k, torch.zeros_like(k))
     assert torch.equal(out, torch.zeros_like(out))
@@ -657,6 +674,7 @@ def test_gpu_pv_in_float16_no_further_from_float64_than_sdpa(compiled_fa, monkey
     """The same check with PV_FP16 (the forward's P·V in float16, compiled)."""
     fa = compiled_fa
     monkeypatch.setattr(fa, "PV_FP16", True)
+    monkeypatch.setattr(fa, "PV_FP16_MIN_KEYS", 0)
     with first_configs(fa):
         _check_against_sdpa_and_float64(fa, head_dim, causal, torch.bfloat16)
 

@@ -52,12 +52,15 @@ ds_buffers_made = 0  # counted, so a memory probe can tell whether the dS buffer
 # 45.3 and 6.43 vs 6.58 samples/s in the same runs, results/*_dsgemm-2026-12-02-*; removed, commit 737b9c9 has it.)
 DS_GEMM_MAX_GIB = 8.0  # a larger dS buffer (long inputs at a large fixed batch) takes the dQ kernel instead
 DS_TILE = 128  # the dS buffer's rows and columns are padded to whole tiles, so the kernel stores without masks
-# The forward's P·V in float16 instead of bf16 (11 bits for P, not 8): V goes in scaled by a power of two that puts
-# its largest value in (2^14, 2^15] (exact, and within float16's range whatever V holds) and O comes out unscaled. A
-# CPU study traced the 4096 numerics gap to this rounding (results/attention_numerics_cpu-2026-12-02-cpu.json; float16
-# closed most of it at 2048/256). Costs three elementwise passes per call (V's max, V scaled and cast, O unscaled).
-# Off until measured on a GPU (benchmark token `pv16`); bf16 inputs only.
+# The forward's P·V in float16 instead of bf16 (11 bits for P, not 8): V goes in as a float16 copy scaled by a power
+# of two that puts its largest value in [2^14, 2^15) (exact, and within float16's range whatever V holds), and the
+# forward kernel divides its output by that power (sumtune.fast_t5.fp16_values). A CPU study traced the 4096
+# numerics gap to this rounding (results/attention_numerics_cpu-2026-12-02-cpu.json). Costs V's max and the copy per
+# call. Benchmark token `pv16`; bf16 inputs only, and only from PV_FP16_MIN_KEYS keys: the gap grows with the number
+# of P terms each output sums (none at 512/128 in the CPU study, ~5% at 2048/256), and at 1024 the bf16 P·V is
+# already as close to float32 as stock (results/fast_t5_numerics_1024-2026-12-01-h200.json).
 PV_FP16 = False
+PV_FP16_MIN_KEYS = 2048
 # The forward's P·V with P split in two (P = high + low, both bf16: ~16 bits of P) and one more GEMM per tile; the
 # CPU study's variant without P's rounding (closer to float32 than stock SDPA there). Off until measured on a GPU
 # (benchmark token `pvsplit`).
@@ -105,7 +108,7 @@ def _configs(name: str):
 
 
 _AUTOTUNE_KEY = ["HEAD_DIM", "len_key", "CAUSAL", "HAS_BIAS", "HAS_KEY_MASK", "DROPOUT", "DRAW8", "STORE_DS",
-                 "PV_SPLIT"]
+                 "PV_SPLIT", "PV_FP16"]
 _tuned: dict[str, object] = {}
 
 
@@ -115,7 +118,7 @@ def _autotuned(name: str, kernel):
     if _tuned.get(name, (None, None, None))[:2] != (kernel, configs):
         import triton
 
-        key = [arg for arg in _AUTOTUNE_KEY if arg in kernel.arg_names]  # STORE_DS: dK/dV only; PV_SPLIT: forward
+        key = [arg for arg in _AUTOTUNE_KEY if arg in kernel.arg_names]  # STORE_DS: dK/dV only; PV_*: forward
         _tuned[name] = (kernel, configs, triton.autotune(_configs(name), key=key)(kernel))
     return _tuned[name][2]
 
@@ -222,20 +225,26 @@ def _radius(radius: int, query_len: int, key_len: int) -> int:
 
 
 def _fp16_values(v: Tensor) -> tuple[Tensor, Tensor]:
-    """V times 2^e as float16 (exact: e puts max |V| in (2^14, 2^15]), and 2^-e to unscale the output; on the
-    device, no host sync."""
-    largest = v.abs().amax().float().clamp_min(2.0**-100)  # an all-zero V: a finite power, not 0 * inf
-    power = torch.exp2(torch.floor(torch.log2(32768.0 / largest)))  # 2^e with 2^14 < max |V| 2^e <= 2^15
-    return (v * power.to(v.dtype)).to(torch.float16), power.reciprocal()
+    """V times 2^e as float16, e from the exponent of max |V| (which comes back too, for the forward's epilogue):
+    exact, with max |V| 2^e in [2^14, 2^15); one read for the max and one pass for the copy, on the device."""
+    batch, heads, length, head_dim = v.shape
+    largest = torch.linalg.vector_norm(v, ord=math.inf)  # max |V|, one pass, no |V| temporary; exact in bf16
+    out = torch.empty((batch, length, heads, head_dim), device=v.device, dtype=torch.float16).transpose(1, 2)
+    block = 64
+    _kernels().t5_values_to_fp16[(_cdiv(length, block), batch * heads)](
+        v, out, largest, *v.stride(), *out.stride(), heads, length, HEAD_DIM=head_dim, BLOCK=block)
+    return out, largest
 
 
 def _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, seed, draw_bits):
     kernels = _kernels()
-    unscale = None
-    if PV_FP16 and v.dtype == torch.bfloat16:  # the kernel's P·V then runs in float16 (P cast to V's dtype)
-        v, unscale = _fp16_values(v)
     batch, heads, query_len, head_dim = q.shape
     key_len = k.shape[2]
+    # the kernel's P·V then runs in float16 (P cast to V's dtype)
+    pv_fp16 = PV_FP16 and v.dtype == torch.bfloat16 and key_len >= PV_FP16_MIN_KEYS
+    largest = None
+    if pv_fp16:
+        v, largest = _fp16_values(v)
     out = torch.empty((batch, query_len, heads, head_dim), device=q.device, dtype=q.dtype).transpose(1, 2)
     lse = torch.empty((batch, heads, query_len), device=q.device, dtype=torch.float32)
     drop_below, drop_scale = dropout_threshold(dropout_p, 1 << draw_bits)
@@ -244,14 +253,13 @@ def _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, se
     _launch("fwd", kernels.t5_flash_attention_fwd,
             lambda bm, bn: (_cdiv(query_len, bm), batch * heads),
             q, k, v, out, lse, table if table is not None else dummy, mask if mask is not None else dummy,
-            lengths if lengths is not None else dummy,
+            lengths if lengths is not None else dummy, largest if pv_fp16 else dummy,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), mask.stride(0) if mask is not None else 0,
             heads, query_len, key_len, radius, *_table_geometry(table, query_len), scale * LOG2E, seed, drop_below,
             drop_scale, _length_key(max(query_len, key_len)),
             HEAD_DIM=head_dim, CAUSAL=causal, HAS_BIAS=table is not None, HAS_KEY_MASK=mask is not None,
-            DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8, PV_SPLIT=PV_SPLIT)
-    if unscale is not None:
-        out.mul_(unscale.to(out.dtype))  # a power of two: exact
+            DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8, PV_SPLIT=PV_SPLIT,
+            PV_FP16=pv_fp16)
     return out, lse
 
 
