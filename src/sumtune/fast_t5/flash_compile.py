@@ -28,7 +28,8 @@ def example_arguments(kernel, batch: int = 32, heads: int = 32, length: int = 10
                       dtype: str = "bf16") -> dict:
     """Runtime arguments of ``kernel`` for (B, L, H, D) tensors seen as (B, H, L, D), as the fast path has them."""
     strides = {"b": length * heads * head_dim, "h": head_dim, "m": heads * head_dim, "n": heads * head_dim, "d": 1}
-    pointers = {"LSE": "*fp32", "DELTA": "*fp32", "TABLE": "*fp32", "KMASK": "*i8", "KV_LEN": "*i32", "SEED": "*i64"}
+    pointers = {"LSE": "*fp32", "DELTA": "*fp32", "TABLE": "*fp32", "KMASK": "*i8", "KV_LEN": "*i32", "SEED": "*i64",
+                "V_LARGEST": f"*{dtype}"}
     values = dict(H=heads, Lq=length, Lk=length, R=128, table_row=2 * length - 1 + 256, table_zero=length - 1 + 128,
                   stride_dsb=heads * length * length, stride_dsh=length * length, stride_dsn=length,
                   qk_scale=1.4427, scale=1.0, drop_scale=1.11, drop_below=6554, len_key=length,
@@ -55,8 +56,9 @@ def compile_kernel(name: str, block_m: int, block_n: int, num_warps: int, num_st
         raise RuntimeError("TRITON_INTERPRET=1 decorates interpreted kernels, which do not compile: unset it")
     kernel = getattr(flash_kernels, KERNELS[name])
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=False,
-                      **{"DRAW8": False, "STORE_DS": False, **T5_FLAGS, **flags})
-    constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}  # STORE_DS: dK/dV only
+                      **{"DRAW8": False, "STORE_DS": False, "PV_SPLIT": False, "PV_FP16": False, **T5_FLAGS, **flags})
+    # STORE_DS: dK/dV only; PV_*: forward only
+    constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
     examples = example_arguments(kernel, head_dim=head_dim, dtype=dtype)
     signature, attrs = {}, {}
     for index, arg in enumerate(kernel.arg_names):
