@@ -28,6 +28,9 @@ Design (scores are kept in log2 units, as in Triton's fused-attention tutorial: 
 * **Backward**: delta = rowsum(dO * O), then one kernel for dK/dV (a key block per program, looping over query
   blocks) and one for dQ (a query block per program, looping over key blocks); both recompute P from the saved
   log-sum-exp. No atomics, so gradients are deterministic.
+* **P·V precision** (forward only): ``PV_FP16`` takes V as a float16 copy scaled by a power of two (``V_LARGEST``
+  holds max |V|; sumtune.fast_t5.fp16_values), so P goes into the GEMM with 11 bits instead of bf16's 8, and divides
+  the output by that power; ``PV_SPLIT`` adds a second GEMM over P's bf16 remainder.
 * The tensor-core kernels are named t5_flash_attention_*: sumtune's profiler counts "flash" kernels as tensor-core
   work.
 """
@@ -179,10 +182,11 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, start, stop, const, start_m
 
 
 @triton.jit
-def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, stride_qb, stride_qh, stride_qm, stride_qd,
-                           stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd,
-                           stride_ob, stride_oh, stride_om, stride_od, stride_mask_b, H, Lq, Lk, R, table_row,
-                           table_zero, qk_scale, SEED, drop_below, drop_scale, len_key, HEAD_DIM: tl.constexpr,
+def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, stride_qb, stride_qh, stride_qm,
+                           stride_qd, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn,
+                           stride_vd, stride_ob, stride_oh, stride_om, stride_od, stride_mask_b, H, Lq, Lk, R,
+                           table_row, table_zero, qk_scale, SEED, drop_below, drop_scale, len_key,
+                           HEAD_DIM: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                            HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr,
                            UPCAST: tl.constexpr, DRAW8: tl.constexpr = False, PV_SPLIT: tl.constexpr = False,
