@@ -95,7 +95,8 @@ def run_draws(args) -> list[dict]:
 
     torch.set_num_threads(2)
     fa.DS_GEMM = False  # the dQ kernel: its dS cast is the one `ds` leaves out (the stored dS rounds the same)
-    fa.PV_FP16 = args.run_one == "pv16"
+    fa.PV_FP16 = args.run_one == "pv16"  # the study's own variants: every other P·V as the bf16 kernels had it
+    fa.PV_SPLIT = False
     config = bc.t5_config("tiny", num_layers=2, dropout_rate=0.0, d_model=256, num_heads=4, d_kv=64, d_ff=1024)
     data = bc.tokenize_rows(bc.load_t5_tokenizer(), bc.load_billsum_texts(), args.src_len, args.tgt_len)
     device, rows = torch.device("cpu"), []

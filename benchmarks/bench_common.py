@@ -167,8 +167,9 @@ CONFIG_TOKENS: dict[str, dict] = {
 # `nodsgemm`: the attention backward's dQ from its dQ kernel, not as batched GEMMs over the dS the dK/dV kernel
 # writes (DS_GEMM, the default since 2026-12-02; the token was `dsgemm` while it was off).
 # (`dkgemm`, dK as batched GEMMs over that dS too, measured slower and went with its kernel variant: commit 737b9c9.)
-# `pv16`: the attention forward's P·V in float16 (P with 11 bits instead of bf16's 8; V scaled into float16's range).
-# `pvsplit`: the forward's P·V as two GEMMs over P's bf16 high and low parts (~16 bits of P).
+# `nopv16`: the attention forward's P·V not in float16 (PV_FP16: P with 11 bits instead of bf16's 8, V scaled into
+# float16's range); `nopvsplit`: without the second GEMM over P's remainder (PV_SPLIT). Both on by default from 2048
+# keys since 2026-12-02 (the tokens were `pv16` and `pvsplit` while they were off).
 # (`nofold` measured the dK/dV kernel's select per score against a folded per-key term, which lost: the term went.)
 # (`onebias`, the attention's bias tiles in one loop, measured slower and went with its kernel variant: commit 6681814.)
 PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
@@ -177,8 +178,8 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "oldtiles": ("sumtune.fast_t5.flash_attention", "AUTOTUNE_CONFIGS", lambda module: module.PREVIOUS_AUTOTUNE_CONFIGS),
     "noqkvgroup": ("sumtune.fast_t5.lora_group", "GROUP_PROJECTIONS", False),
     "nodsgemm": ("sumtune.fast_t5.flash_attention", "DS_GEMM", False),
-    "pv16": ("sumtune.fast_t5.flash_attention", "PV_FP16", True),
-    "pvsplit": ("sumtune.fast_t5.flash_attention", "PV_SPLIT", True),
+    "nopv16": ("sumtune.fast_t5.flash_attention", "PV_FP16", False),
+    "nopvsplit": ("sumtune.fast_t5.flash_attention", "PV_SPLIT", False),
 }
 
 

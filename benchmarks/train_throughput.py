@@ -477,7 +477,7 @@ def main(argv=None) -> int:
     if args.numerics:
         from fast_numerics import run_numerics
 
-        run_numerics(args, device)  # each fast variant under its own patches (e.g. `pv16`), on the same draws
+        run_numerics(args, device)  # each fast variant under its own patches (e.g. `nopv16`), on the same draws
     else:
         bc.start_oom_reports(args.oom_reports, device)
         throughput(args, device)

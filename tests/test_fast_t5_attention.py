@@ -150,7 +150,7 @@ def test_pv_in_float16_matches_reference_whatever_v_holds(fa, monkeypatch, v_sca
     """PV_FP16: the forward's P·V in float16 with V scaled by a power of two into float16's range (values far past
     65504 or far below its normal range included) and O unscaled: output and gradients as the bf16 kernels'."""
     monkeypatch.setattr(fa, "PV_FP16", True)
-    monkeypatch.setattr(fa, "PV_FP16_MIN_KEYS", 0)
+    monkeypatch.setattr(fa, "PRECISE_PV_MIN_KEYS", 0)
     scaled = []
     to_fp16 = fa._fp16_values
     monkeypatch.setattr(fa, "_fp16_values", lambda v: scaled.append(to_fp16(v)) or scaled[-1])
@@ -166,40 +166,47 @@ def test_pv_in_float16_matches_reference_whatever_v_holds(fa, monkeypatch, v_sca
     assert torch.equal(v16.float(), torch.ldexp(v.detach().float(), 15 - exponent))  # exact: a power of two
 
 
-def test_pv_in_float16_waits_for_enough_keys(fa, monkeypatch):
-    """Below PV_FP16_MIN_KEYS keys the forward keeps its bf16 P·V (no float16 copy of V)."""
+def test_precise_pv_waits_for_enough_keys(fa, monkeypatch):
+    """Below PRECISE_PV_MIN_KEYS keys the forward keeps its bf16 P·V: no float16 copy of V, no second GEMM."""
     monkeypatch.setattr(fa, "PV_FP16", True)
-    monkeypatch.setattr(fa, "PV_FP16_MIN_KEYS", 48)
-    copies = []
-    to_fp16 = fa._fp16_values
-    monkeypatch.setattr(fa, "_fp16_values", lambda v: copies.append(v.shape[2]) or to_fp16(v))
+    monkeypatch.setattr(fa, "PV_SPLIT", True)
+    monkeypatch.setattr(fa, "PRECISE_PV_MIN_KEYS", 48)
+    launches = []
+    launch = fa._launch
+    monkeypatch.setattr(fa, "_launch", lambda name, *a, **kw: (launches.append((name, kw.get("PV_FP16"),
+                                                                                kw.get("PV_SPLIT"))),
+                                                               launch(name, *a, **kw))[1])
     for key_len in (40, 48):
         q, k, v = make_qkv(1, 2, 16, key_len, 16, torch.bfloat16)
         fa.flash_t5_attention(q, k, v)
-    assert copies == [48]
+    assert [entry for entry in launches if entry[0] == "fwd"] == [("fwd", False, False), ("fwd", True, True)]
 
 
 def test_pv_in_float16_with_an_all_zero_v_gives_zeros(fa, monkeypatch):
     monkeypatch.setattr(fa, "PV_FP16", True)
-    monkeypatch.setattr(fa, "PV_FP16_MIN_KEYS", 0)
+    monkeypatch.setattr(fa, "PRECISE_PV_MIN_KEYS", 0)
     q, k, _ = make_qkv(1, 2, 20, 20, 16, torch.bfloat16)
     out = fa.flash_t5_attention(q, k, torch.zeros_like(k))
     assert torch.equal(out, torch.zeros_like(out))
 
 
 def test_pv_split_brings_the_forward_closer_to_float64(fa, monkeypatch):
-    """PV_SPLIT: P·V over P's bf16 high and low parts. P's rounding is gone from the output (what is left is O's own
+    """PV_SPLIT: P·V over P's high and low parts (bf16, or float16 with PV_FP16 as by default). P's rounding is gone from the output (what is left is O's own
     rounding to bf16, doubled here: the interpreter truncates where the GPU rounds), and the gradients still match."""
     q, k, v = make_qkv(1, 2, 96, 96, 32, torch.bfloat16, seed=1)
     q = (q.detach() * 0.25).requires_grad_()  # a spread-out softmax, whose P·V sums many rounded P
     table = t5_like_table(2, 96, 96, 8, seed=2)
     reference = fa.reference_t5_attention(q, k, v, table)
     output_rounding = relative_error(reference.to(torch.bfloat16), reference)
+    monkeypatch.setattr(fa, "PRECISE_PV_MIN_KEYS", 0)
     errors = {}
-    for split in (False, True):
+    for fp16, split in ((False, False), (False, True), (True, True)):  # bf16, the bf16 split, the default (both)
+        monkeypatch.setattr(fa, "PV_FP16", fp16)
         monkeypatch.setattr(fa, "PV_SPLIT", split)
-        errors[split] = relative_error(fa.flash_t5_attention(q, k, v, table), reference)
-    assert errors[True] < 0.85 * errors[False] and errors[True] < 2.2 * output_rounding, (errors, output_rounding)
+        errors[fp16, split] = relative_error(fa.flash_t5_attention(q, k, v, table), reference)
+    for precise in ((False, True), (True, True)):
+        assert errors[precise] < 0.85 * errors[False, False], errors
+        assert errors[precise] < 2.2 * output_rounding, (errors, output_rounding)
     assert_matches_reference(fa, q, k, v, HALF_RTOL[torch.bfloat16], table, padding_mask(1, 96), radius=8)
 
 
@@ -671,10 +678,12 @@ def test_gpu_kernels_no_further_from_float64_than_sdpa(compiled_fa, monkeypatch,
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("head_dim,causal", [(128, False), (64, True)])
 def test_gpu_pv_in_float16_no_further_from_float64_than_sdpa(compiled_fa, monkeypatch, head_dim, causal):
-    """The same check with PV_FP16 (the forward's P·V in float16, compiled)."""
+    """The same check with PV_FP16 and PV_SPLIT as by default from PRECISE_PV_MIN_KEYS keys (the forward's P·V over
+    P's float16 high and low parts, compiled). Session 17 passed it with PV_FP16 alone, before PV_SPLIT was on."""
     fa = compiled_fa
     monkeypatch.setattr(fa, "PV_FP16", True)
-    monkeypatch.setattr(fa, "PV_FP16_MIN_KEYS", 0)
+    monkeypatch.setattr(fa, "PV_SPLIT", True)
+    monkeypatch.setattr(fa, "PRECISE_PV_MIN_KEYS", 0)
     with first_configs(fa):
         _check_against_sdpa_and_float64(fa, head_dim, causal, torch.bfloat16)
 
@@ -683,9 +692,11 @@ def test_gpu_pv_in_float16_no_further_from_float64_than_sdpa(compiled_fa, monkey
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("head_dim,causal", [(128, False), (64, True)])
 def test_gpu_pv_split_no_further_from_float64_than_sdpa(compiled_fa, monkeypatch, head_dim, causal):
-    """The same check with PV_SPLIT (the forward's P·V over P's high and low bf16 parts, compiled)."""
+    """The same check with PV_SPLIT alone (the forward's P·V over P's high and low bf16 parts, compiled)."""
     fa = compiled_fa
     monkeypatch.setattr(fa, "PV_SPLIT", True)
+    monkeypatch.setattr(fa, "PV_FP16", False)
+    monkeypatch.setattr(fa, "PRECISE_PV_MIN_KEYS", 0)
     with first_configs(fa):
         _check_against_sdpa_and_float64(fa, head_dim, causal, torch.bfloat16)
 

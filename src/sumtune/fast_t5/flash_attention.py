@@ -52,19 +52,21 @@ ds_buffers_made = 0  # counted, so a memory probe can tell whether the dS buffer
 # 45.3 and 6.43 vs 6.58 samples/s in the same runs, results/*_dsgemm-2026-12-02-*; removed, commit 737b9c9 has it.)
 DS_GEMM_MAX_GIB = 8.0  # a larger dS buffer (long inputs at a large fixed batch) takes the dQ kernel instead
 DS_TILE = 128  # the dS buffer's rows and columns are padded to whole tiles, so the kernel stores without masks
-# The forward's P·V in float16 instead of bf16 (11 bits for P, not 8): V goes in as a float16 copy scaled by a power
-# of two that puts its largest value in [2^14, 2^15) (exact, and within float16's range whatever V holds), and the
-# forward kernel divides its output by that power (sumtune.fast_t5.fp16_values). A CPU study traced the 4096
-# numerics gap to this rounding (results/attention_numerics_cpu-2026-12-02-cpu.json). Costs V's max and the copy per
-# call. Benchmark token `pv16`; bf16 inputs only, and only from PV_FP16_MIN_KEYS keys: the gap grows with the number
-# of P terms each output sums (none at 512/128 in the CPU study, ~5% at 2048/256), and at 1024 the bf16 P·V is
-# already as close to float32 as stock (results/fast_t5_numerics_1024-2026-12-01-h200.json).
-PV_FP16 = False
-PV_FP16_MIN_KEYS = 2048
-# The forward's P·V with P split in two (P = high + low, both bf16: ~16 bits of P) and one more GEMM per tile; the
-# CPU study's variant without P's rounding (closer to float32 than stock SDPA there). Off until measured on a GPU
-# (benchmark token `pvsplit`).
-PV_SPLIT = False
+# The forward's P·V in more than bf16's precision, from PRECISE_PV_MIN_KEYS keys (the rounding of P for P·V is what
+# moved the 4096 gradients away from float32: a CPU study, results/attention_numerics_cpu-2026-12-02-cpu.json):
+# * PV_FP16: V as a float16 copy scaled by a power of two that puts its largest value in [2^14, 2^15) (exact, and in
+#   range whatever V holds), so P goes in with 11 bits instead of 8; the forward kernel divides its output by that
+#   power (sumtune.fast_t5.fp16_values). bf16 inputs only. Costs V's max and the copy per call.
+# * PV_SPLIT: a second GEMM over P's remainder (P = high + low, each in V's dtype: ~22 bits with float16 V).
+# Measured on an H200 at 4096/512 over 8 (model seed, batch) draws, whole LoRA-gradient vector against float32: bf16
+# P·V 1.113e-2, PV_FP16 1.096e-2, both 1.089e-2, stock SDPA 1.094-1.095e-2, stock eager 1.105e-2 (both: closer than
+# SDPA in 6 of 8 draws; results/fast_t5_numerics_4096_pv16_*-2026-12-02-h200.json); the long config's step 6.54 ->
+# 6.47 (PV_FP16) -> 6.30 samples/s (both; results/long_documents_pv16_*). So both are on where it matters: not below
+# 2048 keys, where the gap is small (none at 512/128 in the CPU study) and at 1024 the bf16 P·V is already as close
+# to float32 as stock (results/fast_t5_numerics_1024-2026-12-01-h200.json). Benchmark tokens `nopv16`, `nopvsplit`.
+PV_FP16 = True
+PV_SPLIT = True
+PRECISE_PV_MIN_KEYS = 2048
 TABLE_MARGIN = 128  # zero columns each side of a bias table: a tile reaches at most BLOCK - 1 offsets beyond it
 _INTERPRETER_BLOCKS = dict(fwd=(32, 32), dkdv=(32, 32), dq=(32, 32))  # tests pin smaller ones to cross blocks
 _pinned_blocks: dict[str, tuple[int, ...]] = {}
@@ -240,8 +242,8 @@ def _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, se
     kernels = _kernels()
     batch, heads, query_len, head_dim = q.shape
     key_len = k.shape[2]
-    # the kernel's P·V then runs in float16 (P cast to V's dtype)
-    pv_fp16 = PV_FP16 and v.dtype == torch.bfloat16 and key_len >= PV_FP16_MIN_KEYS
+    precise_pv = key_len >= PRECISE_PV_MIN_KEYS
+    pv_fp16 = PV_FP16 and precise_pv and v.dtype == torch.bfloat16  # the kernel's P·V in float16 (P cast to V's dtype)
     largest = None
     if pv_fp16:
         v, largest = _fp16_values(v)
@@ -258,8 +260,8 @@ def _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, se
             heads, query_len, key_len, radius, *_table_geometry(table, query_len), scale * LOG2E, seed, drop_below,
             drop_scale, _length_key(max(query_len, key_len)),
             HEAD_DIM=head_dim, CAUSAL=causal, HAS_BIAS=table is not None, HAS_KEY_MASK=mask is not None,
-            DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8, PV_SPLIT=PV_SPLIT,
-            PV_FP16=pv_fp16)
+            DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8,
+            PV_SPLIT=PV_SPLIT and precise_pv, PV_FP16=pv_fp16)
     return out, lse
 
 
