@@ -190,8 +190,9 @@ def run_numerics(args, device) -> None:
     deviation = max(abs(f - s) / abs(s) for f, s in zip(smooth_fast, smooth_stock))
     print(f"loss curves ({window}-step moving average): max relative deviation fast vs stock {deviation:.3e}")
     if not args.no_save:
-        payload = dict(model=args.model, variants=list(args.numerics_variants), layers=layers, batch=args.numerics_batch,
-                       src_len=args.src_len, tgt_len=args.tgt_len, stock_loss=stock_loss, fast_loss=fast_loss,
+        payload = dict(model=args.model, variants=list(args.numerics_variants), layers=layers,
+                       batch=args.numerics_batch, src_len=args.src_len, tgt_len=args.tgt_len, stock_loss=stock_loss,
+                       fast_loss=fast_loss,
                        grad_rel_err_max=errors[worst], grad_rel_err_worst=worst,
                        grad_rel_err_median=statistics.median(errors.values()),
                        eager_vs_sdpa_rel_err_max=max(floor.values()), fp32_loss=fp32_loss,

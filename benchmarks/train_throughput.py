@@ -458,7 +458,7 @@ def parse_args(argv=None):
     args.reference = [int(b) for b in args.reference.split(",") if b.strip()]
     args.fast = [s.strip() for s in args.fast.split(",") if s.strip()]
     args.lora_targets = args.lora_targets.split(",") if args.lora_targets else None
-    args.numerics_variants = [v.strip().replace("default", "") for v in args.numerics_patch.split(",")]
+    args.numerics_variants = ["" if v.strip() == "default" else v.strip() for v in args.numerics_patch.split(",")]
     unknown = [t for v in args.numerics_variants for t in v.split(":") if t and t not in bc.PATCH_TOKENS]
     if unknown:
         raise SystemExit(f"--numerics-patch: unknown token(s) {unknown}; known: {sorted(bc.PATCH_TOKENS)}")

@@ -173,9 +173,12 @@ def test_precise_pv_waits_for_enough_keys(fa, monkeypatch):
     monkeypatch.setattr(fa, "PRECISE_PV_MIN_KEYS", 48)
     launches = []
     launch = fa._launch
-    monkeypatch.setattr(fa, "_launch", lambda name, *a, **kw: (launches.append((name, kw.get("PV_FP16"),
-                                                                                kw.get("PV_SPLIT"))),
-                                                               launch(name, *a, **kw))[1])
+
+    def recording_launch(name, *args, **kwargs):
+        launches.append((name, kwargs.get("PV_FP16"), kwargs.get("PV_SPLIT")))
+        return launch(name, *args, **kwargs)
+
+    monkeypatch.setattr(fa, "_launch", recording_launch)
     for key_len in (40, 48):
         q, k, v = make_qkv(1, 2, 16, key_len, 16, torch.bfloat16)
         fa.flash_t5_attention(q, k, v)
@@ -191,8 +194,9 @@ def test_pv_in_float16_with_an_all_zero_v_gives_zeros(fa, monkeypatch):
 
 
 def test_pv_split_brings_the_forward_closer_to_float64(fa, monkeypatch):
-    """PV_SPLIT: P·V over P's high and low parts (bf16, or float16 with PV_FP16 as by default). P's rounding is gone from the output (what is left is O's own
-    rounding to bf16, doubled here: the interpreter truncates where the GPU rounds), and the gradients still match."""
+    """PV_SPLIT: P·V over P's high and low parts (bf16, or float16 with PV_FP16 as by default). P's rounding is gone
+    from the output (what is left is O's own rounding to bf16, doubled here: the interpreter truncates where the GPU
+    rounds), and the gradients still match."""
     q, k, v = make_qkv(1, 2, 96, 96, 32, torch.bfloat16, seed=1)
     q = (q.detach() * 0.25).requires_grad_()  # a spread-out softmax, whose P·V sums many rounded P
     table = t5_like_table(2, 96, 96, 8, seed=2)
