@@ -7,7 +7,7 @@ Public:
     dropout_keep_mask(seed, batch, heads, query_len, key_len, dropout_p) -> (B, H, Lq, Lk) bool
     dropout_threshold(dropout_p, draw_range) -> (drop_below, scale)   (also for ffn_dropout's 31-bit draws)
     draw_seed(device) / dropout_seed(like, dropout_p) -> (1,) int64   (a kernel call's dropout seed)
-    reference_t5_attention(...)                        (plain PyTorch, same math; for tests and benchmarks)
+    reference_t5_attention(...)                        (plain PyTorch, same math; from attention_reference)
     block_sizes(fwd=..., dkdv=..., dq=...)             (pin tile sizes instead of autotuning)
     DROPOUT_DRAW_BITS = 16 | 8                          (dropout draw width; 8: half the Philox work, p in 1/256ths)
 
@@ -28,6 +28,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from sumtune.fast_t5.attention_reference import reference_t5_attention  # noqa: F401 (the yardstick, re-exported)
 
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
@@ -496,29 +498,3 @@ def dropout_keep_mask(seed: Tensor | int, batch: int, heads: int, query_len: int
 def dropout_scale(dropout_p: float) -> float:
     """What the kernels multiply kept probabilities by (1 / exact keep probability, ``DROPOUT_DRAW_BITS`` draws)."""
     return dropout_threshold(dropout_p, 1 << _draw_bits())[1]
-
-
-def reference_t5_attention(query: Tensor, key: Tensor, value: Tensor, bias_table: Tensor | None = None,
-                           key_mask: Tensor | None = None, causal: bool = False, scale: float = 1.0,
-                           keep_mask: Tensor | None = None, keep_scale: float = 1.0,
-                           dtype: torch.dtype = torch.float64) -> Tensor:
-    """The same math in plain PyTorch at ``dtype`` (materialises the L x L scores): the yardstick for the kernels.
-
-    ``keep_mask`` (B, H, Lq, Lk) applies dropout exactly as given, scaled by ``keep_scale``. Rows with no key to
-    attend to give zeros, as the kernels do."""
-    q, k, v = (t.to(dtype) for t in (query, key, value))
-    scores = q @ k.transpose(-1, -2) * scale
-    query_len, key_len = scores.shape[-2:]
-    if bias_table is not None:
-        offsets = torch.arange(key_len, device=q.device)[None, :] - torch.arange(query_len, device=q.device)[:, None]
-        scores = scores + bias_table.to(dtype)[:, offsets + query_len - 1][None]
-    keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device)[None, None]
-    if causal:
-        keep = keep & torch.ones(query_len, key_len, dtype=torch.bool, device=q.device).tril()[None, None]
-    if key_mask is not None:
-        keep = keep & key_mask.to(torch.bool)[:, None, None, :]
-    scores = scores.masked_fill(~keep, -math.inf)
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an all-masked row: 0, not NaN
-    if keep_mask is not None:
-        probs = probs * keep_mask.to(dtype) * keep_scale
-    return probs @ v
