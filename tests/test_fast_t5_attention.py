@@ -680,26 +680,15 @@ def test_gpu_kernels_no_further_from_float64_than_sdpa(compiled_fa, monkeypatch,
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("pv_fp16,pv_split", [(True, True), (True, False), (False, True)], ids=["both", "fp16", "split"])
 @pytest.mark.parametrize("head_dim,causal", [(128, False), (64, True)])
-def test_gpu_pv_in_float16_no_further_from_float64_than_sdpa(compiled_fa, monkeypatch, head_dim, causal):
-    """The same check with PV_FP16 and PV_SPLIT as by default from PRECISE_PV_MIN_KEYS keys (the forward's P·V over
-    P's float16 high and low parts, compiled). Session 17 passed it with PV_FP16 alone, before PV_SPLIT was on."""
+def test_gpu_precise_pv_no_further_from_float64_than_sdpa(compiled_fa, monkeypatch, head_dim, causal, pv_fp16,
+                                                          pv_split):
+    """The same check with the forward's P·V in more precision (compiled): P in float16 plus its remainder, as by
+    default from PRECISE_PV_MIN_KEYS keys, and each part alone (session 17 passed `fp16` and `split`)."""
     fa = compiled_fa
-    monkeypatch.setattr(fa, "PV_FP16", True)
-    monkeypatch.setattr(fa, "PV_SPLIT", True)
-    monkeypatch.setattr(fa, "PRECISE_PV_MIN_KEYS", 0)
-    with first_configs(fa):
-        _check_against_sdpa_and_float64(fa, head_dim, causal, torch.bfloat16)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("head_dim,causal", [(128, False), (64, True)])
-def test_gpu_pv_split_no_further_from_float64_than_sdpa(compiled_fa, monkeypatch, head_dim, causal):
-    """The same check with PV_SPLIT alone (the forward's P·V over P's high and low bf16 parts, compiled)."""
-    fa = compiled_fa
-    monkeypatch.setattr(fa, "PV_SPLIT", True)
-    monkeypatch.setattr(fa, "PV_FP16", False)
+    monkeypatch.setattr(fa, "PV_FP16", pv_fp16)
+    monkeypatch.setattr(fa, "PV_SPLIT", pv_split)
     monkeypatch.setattr(fa, "PRECISE_PV_MIN_KEYS", 0)
     with first_configs(fa):
         _check_against_sdpa_and_float64(fa, head_dim, causal, torch.bfloat16)
