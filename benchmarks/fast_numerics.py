@@ -92,17 +92,21 @@ def all_paths(model, batch, device, variants=("",)):
     return stock_loss, stock_grads, eager_grads, fast, fp32_loss, fp32_grads
 
 
-def one_more_draw(config, data, device, args, seed: int) -> dict:
-    """Another model (seed) and batch: one draw of inputs says little when the paths differ by ~2%."""
+def errors_vs_fp32(fast: dict, stock: dict, eager: dict, fp32: dict) -> dict:
+    """One draw's record: each path's whole LoRA-gradient vector error against float32 (every fast variant first)."""
     from sumtune.fast_t5.numerics import vector_relative_error
 
+    return dict(**{f"{name}_vs_fp32": vector_relative_error(grads, fp32) for name, (_, grads) in fast.items()},
+                stock_sdpa_vs_fp32=vector_relative_error(stock, fp32),
+                stock_eager_vs_fp32=vector_relative_error(eager, fp32))
+
+
+def one_more_draw(config, data, device, args, seed: int) -> dict:
+    """Another model (seed) and batch: one draw of inputs says little when the paths differ by ~2%."""
     model = build_numerics_model(config, device, seed)
     batch = {k: v.to(device) for k, v in bc.batch_at(data, seed, args.numerics_batch).items()}  # batch_at wraps
     _, stock, eager, fast, _, fp32 = all_paths(model, batch, device, args.numerics_variants)
-    draw = dict(seed=seed, batch_index=seed,
-                **{f"{name}_vs_fp32": vector_relative_error(grads, fp32) for name, (_, grads) in fast.items()},
-                stock_sdpa_vs_fp32=vector_relative_error(stock, fp32),
-                stock_eager_vs_fp32=vector_relative_error(eager, fp32))
+    draw = dict(seed=seed, batch_index=seed, **errors_vs_fp32(fast, stock, eager, fp32))
     print(f"draw {seed} (batch {seed}): " + ", ".join(f"{k} {v:.3e}" for k, v in draw.items() if k.endswith("fp32")),
           flush=True)
     del model
@@ -138,10 +142,10 @@ def run_numerics(args, device) -> None:
     worst = max(errors, key=errors.get)
     vs_fp32 = {path: relative_errors(grads, fp32_grads) for path, grads in
                (("fast", fast_grads), ("stock_sdpa", stock_grads), ("stock_eager", eager_grads))}
+    draw = errors_vs_fp32(fast, stock_grads, eager_grads, fp32_grads)
     global_errors = dict(fast_vs_stock=vector_relative_error(fast_grads, stock_grads),
                          eager_vs_stock=vector_relative_error(eager_grads, stock_grads),
-                         **{f"{path}_vs_fp32": vector_relative_error(g, fp32_grads) for path, g in
-                            (("fast", fast_grads), ("stock_sdpa", stock_grads), ("stock_eager", eager_grads))})
+                         **{k: draw[k] for k in ("fast_vs_fp32", "stock_sdpa_vs_fp32", "stock_eager_vs_fp32")})
     print(f"{args.model} widths, {layers}+{layers} layers, batch {args.numerics_batch} at {args.src_len}/{args.tgt_len}")
     print(f"loss stock {stock_loss:.6f} fast {fast_loss:.6f} rel diff {abs(fast_loss - stock_loss) / abs(stock_loss):.2e}")
     print(f"LoRA grad rel err fast vs stock: max {errors[worst]:.3e} ({worst}), median "
@@ -154,13 +158,11 @@ def run_numerics(args, device) -> None:
     worse = sum(vs_fp32["fast"][n] > max(vs_fp32["stock_sdpa"][n], vs_fp32["stock_eager"][n]) for n in errors)
     print(f"tensors where fast is further from fp32 than both stock backends: {worse} of {len(errors)}")
     print("all LoRA grads as one vector: " + ", ".join(f"{k} {v:.3e}" for k, v in global_errors.items()), flush=True)
-    others = {f"{name}_vs_fp32": vector_relative_error(grads, fp32_grads) for name, (_, grads) in fast.items()
-              if name != "fast"}
+    others = {f"{name}_vs_fp32": draw[f"{name}_vs_fp32"] for name in fast if name != "fast"}
     if others:
         print("other fast variants, all LoRA grads as one vector: "
               + ", ".join(f"{k} {v:.3e}" for k, v in others.items()), flush=True)
-    fp32_errors = {k: v for k, v in global_errors.items() if k.endswith("_fp32")}
-    draws = [dict(seed=0, batch_index=0, fast_vs_fp32=fp32_errors.pop("fast_vs_fp32"), **others, **fp32_errors)]
+    draws = [dict(seed=0, batch_index=0, **draw)]
     del stock_grads, eager_grads, fast_grads, fp32_grads, fast
     for seed in range(1, args.numerics_draws):
         draws.append(one_more_draw(config, data, device, args, seed))
