@@ -174,6 +174,7 @@ CONFIG_TOKENS: dict[str, dict] = {
 # (`onebias`, the attention's bias tiles in one loop, measured slower and went with its kernel variant: commit 6681814.)
 PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "drop8": ("sumtune.fast_t5.flash_attention", "DROPOUT_DRAW_BITS", 8),
+    "nopairs": ("sumtune.fast_t5.flash_attention", "DROPOUT_PAIRS", False),
     "nojoin": ("sumtune.fast_t5.lora4bit", "JOIN_CACHED_WEIGHTS", False),
     "oldtiles": ("sumtune.fast_t5.flash_attention", "AUTOTUNE_CONFIGS", lambda module: module.PREVIOUS_AUTOTUNE_CONFIGS),
     "noqkvgroup": ("sumtune.fast_t5.lora_group", "GROUP_PROJECTIONS", False),

@@ -394,26 +394,31 @@ def test_dropout_mask_rate_streams_and_tiling(fa):
     assert not torch.equal(mask[0, 0, 0], mask[0, 0, 1])  # per query row
 
 
-def test_8bit_draws_give_one_mask_to_all_kernels_whatever_the_tiling(fa, monkeypatch):
-    """`DROPOUT_DRAW_BITS = 8` (16 draws per Philox call): the float64 reference with the helper's mask reproduces
-    output and gradients while the three kernels run with different tiles (key tiles of 32 or more)."""
-    monkeypatch.setattr(fa, "DROPOUT_DRAW_BITS", 8)
+@pytest.mark.parametrize("bits, pairs", [(8, False), (16, True), (16, False)])
+def test_each_draw_scheme_gives_one_mask_to_all_kernels_whatever_the_tiling(fa, monkeypatch, bits, pairs):
+    """`DROPOUT_DRAW_BITS = 8` (16 draws per Philox-4x32 call), `DROPOUT_PAIRS` (4 per Philox-2x32 call, built in
+    place by the dK/dV kernel) and neither: the float64 reference with the helper's mask reproduces output and
+    gradients while the three kernels run with different tiles (key tiles of 32 or more for 8-bit draws)."""
+    monkeypatch.setattr(fa, "DROPOUT_DRAW_BITS", bits)
+    monkeypatch.setattr(fa, "DROPOUT_PAIRS", pairs)
     q, k, v = make_qkv(2, 2, 45, 70, 16, torch.float32)
     table, mask, p = t5_like_table(2, 45, 70, 8), padding_mask(2, 70), 0.3
     seed = seed_of_next_call(fa, 7)
     keep = fa.dropout_keep_mask(seed, 2, 2, 45, 70, p, device="cpu")
     assert torch.equal(keep, fa.dropout_keep_mask(seed, 2, 2, 45, 70, p, device="cpu", block=(32, 64)))
-    with fa.block_sizes(fwd=(16, 32), dkdv=(32, 64), dq=(32, 32)):
+    dkdv_keys = 16 if bits == 16 else 64  # a (32 queries, 16 keys) dK/dV tile: its mask from (16, 16) pair blocks
+    with fa.block_sizes(fwd=(16, 32), dkdv=(32, dkdv_keys), dq=(32, 32)):
         assert_matches_reference(fa, q, k, v, FP32_RTOL, table, mask, False, keep=keep,
                                  keep_scale=fa.dropout_scale(p), dropout_p=p, radius=8)
 
 
-@pytest.mark.parametrize("bits", [16, 8])
-def test_dropout_draws_are_independent_at_the_rounded_rate(fa, monkeypatch, bits):
+@pytest.mark.parametrize("bits, pairs", [(16, False), (8, False), (16, True)])
+def test_dropout_draws_are_independent_at_the_rounded_rate(fa, monkeypatch, bits, pairs):
     """Drop rate = p rounded to 1/2^bits, scale = 1 / exact keep rate, and the decisions one Philox call makes
-    (neighbouring keys, the rows 8 apart, keys 8/16 apart) are as independent as any: each pair is dropped together
-    at rate^2 within 4 sigma."""
+    (neighbouring keys, the rows 8 apart, keys 8/16 apart, row and key 8 apart) are as independent as any: each
+    pair is dropped together at rate^2 within 4 sigma."""
     monkeypatch.setattr(fa, "DROPOUT_DRAW_BITS", bits)
+    monkeypatch.setattr(fa, "DROPOUT_PAIRS", pairs)
     p = 0.1
     rate = round(p * 2**bits) / 2**bits
     # one (128, 128) tile per program: the same mask as any tiling (test above), in 1/30 of the interpreter's time
@@ -423,7 +428,8 @@ def test_dropout_draws_are_independent_at_the_rounded_rate(fa, monkeypatch, bits
     assert abs(dropped.float().mean().item() - rate) < 4 * sigma
     assert abs(fa.dropout_scale(p) * (1 - rate) - 1) < 1e-9
     for a, b in ((dropped[..., :-1], dropped[..., 1:]), (dropped[..., :-8], dropped[..., 8:]),
-                 (dropped[..., :-16], dropped[..., 16:]), (dropped[:, :, :-8], dropped[:, :, 8:])):
+                 (dropped[..., :-16], dropped[..., 16:]), (dropped[:, :, :-8], dropped[:, :, 8:]),
+                 (dropped[:, :, :-8, :-8], dropped[:, :, 8:, 8:])):
         both = (a & b).float()
         pair_sigma = (rate**2 * (1 - rate**2) / both.numel()) ** 0.5
         assert abs(both.mean().item() - rate**2) < 4 * pair_sigma
@@ -571,6 +577,33 @@ def test_dkdv_configs_that_store_ds_compile_for_hopper_without_spilling():
         assert row["shared_bytes"] <= HOPPER_SHARED_BYTES and row["spill_bytes"] <= 256, row
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_pair_draws_let_the_dkdv_kernel_build_its_mask_without_shared_memory():
+    """Compiled for sm_90: with `PAIRS` the dK/dV kernel's dropout adds no shared-memory load, store or barrier to
+    its code (the draws are built in its own layout), where the Philox-4x32 grouping transposes its mask through
+    shared memory; the forward's code has the same shared-memory traffic either way."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, re; from sumtune.fast_t5 import flash_compile as fc\n"
+            "off, on = {'PAIRS': False}, {'PAIRS': True}\n"
+            "for name, config, flags in (('dkdv', (32, 64, 4, 3), off), ('dkdv', (32, 64, 4, 3), on),\n"
+            "        ('dkdv', (32, 64, 4, 3), {'DROPOUT': False}), ('fwd', (64, 64, 4, 2), off),\n"
+            "        ('fwd', (64, 64, 4, 2), on)):\n"
+            "    ptx = fc.compile_kernel(name, *config, STORE_DS=name == 'dkdv', **flags).asm['ptx']\n"
+            "    print(json.dumps([len(re.findall(p, ptx)) for p in (r'\\bld\\.shared', r'\\bst\\.shared',"
+            " r'\\bbar\\.sync|\\bbarrier\\.sync', r'\\bshfl\\.')]))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    quad, pairs, no_dropout, fwd_quad, fwd_pairs = [json.loads(line) for line in result.stdout.splitlines()
+                                                     if line.startswith("[")] or [None] * 5
+    assert pairs == no_dropout, (pairs, no_dropout, result.stderr[-2000:])
+    assert quad[0] > pairs[0] and quad[2] > pairs[2]  # the transpose the pairs remove (this test's reason)
+    assert fwd_pairs == fwd_quad
+
+
 def test_compiled_graph_keeps_the_custom_ops_and_their_dropout(fa):
     """torch.compile (dynamo + AOTAutograd, eager kernels) traces the fast path's call with its FlashInputs in one
     graph, and the compiled backward regenerates the forward's dropout mask: bit-identical to eager at one seed."""
@@ -707,9 +740,12 @@ def test_gpu_dq_from_stored_ds_no_further_from_float64_than_sdpa(compiled_fa, mo
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_kernels_with_8bit_dropout_draws_match_float64_with_their_mask(compiled_fa, monkeypatch):
-    """`DROPOUT_DRAW_BITS = 8` compiled for the GPU (each kernel's first autotune config): the same checks."""
-    monkeypatch.setattr(compiled_fa, "DROPOUT_DRAW_BITS", 8)
+@pytest.mark.parametrize("bits, pairs", [(8, False), (16, True), (16, False)])
+def test_gpu_kernels_with_each_draw_scheme_match_float64_with_their_mask(compiled_fa, monkeypatch, bits, pairs):
+    """`DROPOUT_DRAW_BITS = 8`, `DROPOUT_PAIRS` and neither, compiled for the GPU (each kernel's first autotune
+    config): the same checks."""
+    monkeypatch.setattr(compiled_fa, "DROPOUT_DRAW_BITS", bits)
+    monkeypatch.setattr(compiled_fa, "DROPOUT_PAIRS", pairs)
     with first_configs(compiled_fa):
         _check_against_sdpa_and_float64(compiled_fa, 128, False, torch.bfloat16)
 

@@ -10,6 +10,7 @@ Public:
     reference_t5_attention(...)                        (plain PyTorch, same math; from attention_reference)
     block_sizes(fwd=..., dkdv=..., dq=...)             (pin tile sizes instead of autotuning)
     DROPOUT_DRAW_BITS = 16 | 8                          (dropout draw width; 8: half the Philox work, p in 1/256ths)
+    DROPOUT_PAIRS = True | False                        (16-bit draws per 2 x 2 elements, built in each kernel's layout)
 
 Tensors are (batch, heads, length, head_dim) in any strides; the output is a (B, H, L, D) view of a (B, L, H, D)
 buffer, so merging heads afterwards is free. The forward and backward are ``torch.library`` custom ops, so
@@ -39,6 +40,13 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 # 8 measured slower in the whole T5-3b step (H200, 2026-12-01: 39.0 vs 39.8 samples/s at 1024/128, 5.60 vs 5.85 at
 # 4096/512; results/*_loragemm_drop8-*), so 16 stays.
 DROPOUT_DRAW_BITS = 16
+# 16-bit draws in pairs (sumtune.fast_t5.dropout_draws): a Philox-2x32 call per 2 x 2 elements that one thread holds
+# in the forward's and the dK/dV kernel's layouts alike, so that kernel builds its mask without the transpose through
+# shared memory that the Philox-4x32 grouping (False) needs. On an H200 (2026-12-02): attention forward + backward
+# 8.83 vs 9.03 ms at 32x32x1024 and 14.75 vs 15.10 at 4x32x4096, the long config's step +1.0% and +0.8%, the shipped
+# one's +0.4% (results/attention_kernels_pairs-*, long_documents_pairs*-*, train_throughput_shipped_pairs_default-*).
+# Read when a forward runs; the backward uses the forward's. Benchmark token `nopairs`.
+DROPOUT_PAIRS = True
 # The backward's dQ from dS: the dK/dV kernel writes dS (bf16, the values the dQ kernel would round to bf16 before
 # its GEMM) into a (B, H, Lk, Lq) buffer and dQ = dS K runs as cuBLAS batched GEMMs, instead of a dQ kernel that
 # recomputes S, P, dP and the dropout draws. Costs a transient L x L buffer per attention call (2 GiB for 32 x 32 heads
@@ -112,7 +120,7 @@ def _configs(name: str):
 
 
 _AUTOTUNE_KEY = ["HEAD_DIM", "len_key", "CAUSAL", "HAS_BIAS", "HAS_KEY_MASK", "DROPOUT", "DRAW8", "STORE_DS",
-                 "PV_SPLIT", "PV_FP16"]
+                 "PV_SPLIT", "PV_FP16", "PAIRS"]
 _tuned: dict[str, object] = {}
 
 
@@ -240,7 +248,7 @@ def _fp16_values(v: Tensor) -> tuple[Tensor, Tensor]:
     return out, largest
 
 
-def _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, seed, draw_bits):
+def _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, seed, draw_bits, pairs):
     kernels = _kernels()
     batch, heads, query_len, head_dim = q.shape
     key_len = k.shape[2]
@@ -263,11 +271,12 @@ def _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, se
             drop_scale, _length_key(max(query_len, key_len)),
             HEAD_DIM=head_dim, CAUSAL=causal, HAS_BIAS=table is not None, HAS_KEY_MASK=mask is not None,
             DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8,
-            PV_SPLIT=PV_SPLIT and precise_pv, PV_FP16=pv_fp16)
+            PV_SPLIT=PV_SPLIT and precise_pv, PV_FP16=pv_fp16, PAIRS=pairs)
     return out, lse
 
 
-def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal, scale, dropout_p, seed, draw_bits):
+def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal, scale, dropout_p, seed, draw_bits,
+              pairs):
     kernels = _kernels()
     batch, heads, query_len, head_dim = q.shape
     key_len = k.shape[2]
@@ -279,7 +288,7 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal,
     drop_below, drop_scale = dropout_threshold(dropout_p, 1 << draw_bits)
     radius = _radius(radius, query_len, key_len)
     common = dict(HEAD_DIM=head_dim, CAUSAL=causal, HAS_BIAS=table is not None, HAS_KEY_MASK=mask is not None,
-                  DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8)
+                  DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8, PAIRS=pairs)
     table_arg = table if table is not None else delta
     mask_arg = mask if mask is not None else delta
     lengths_arg = lengths if lengths is not None else delta
@@ -373,14 +382,14 @@ def _round_up(a: int, b: int) -> int:
 @torch.library.custom_op("sumtune::t5_flash_attention", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], radius: int, mask: Optional[Tensor],
                   lengths: Optional[Tensor], causal: bool, scale: float, dropout_p: float,
-                  draw_bits: int = 16) -> tuple[Tensor, Tensor, Tensor]:
+                  draw_bits: int = 16, pairs: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     seed = dropout_seed(q, dropout_p)
-    out, lse = _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, seed, draw_bits)
+    out, lse = _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, seed, draw_bits, pairs)
     return out, lse, seed
 
 
 @_attention_op.register_fake
-def _(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, draw_bits=16):
+def _(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, draw_bits=16, pairs=False):
     batch, heads, query_len, head_dim = q.shape
     out = q.new_empty((batch, query_len, heads, head_dim)).transpose(1, 2)
     return out, q.new_empty((batch, heads, query_len), dtype=torch.float32), q.new_empty((1,), dtype=torch.int64)
@@ -390,28 +399,30 @@ def _(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, draw_bits
 def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                            seed: Tensor, table: Optional[Tensor], radius: int, mask: Optional[Tensor],
                            lengths: Optional[Tensor], causal: bool, scale: float, dropout_p: float,
-                           draw_bits: int = 16) -> tuple[Tensor, Tensor, Tensor]:
+                           draw_bits: int = 16, pairs: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     return _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal, scale, dropout_p, seed,
-                     draw_bits)
+                     draw_bits, pairs)
 
 
 @_attention_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, seed, table, radius, mask, lengths, causal, scale, dropout_p, draw_bits=16):
+def _(grad_out, q, k, v, out, lse, seed, table, radius, mask, lengths, causal, scale, dropout_p, draw_bits=16,
+      pairs=False):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, draw_bits = inputs
+    q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, draw_bits, pairs = inputs
     out, lse, seed = output
     ctx.save_for_backward(q, k, v, out, lse, seed, table, mask, lengths)
-    ctx.radius, ctx.causal, ctx.scale, ctx.dropout_p, ctx.draw_bits = radius, causal, scale, dropout_p, draw_bits
+    ctx.radius, ctx.causal, ctx.scale, ctx.dropout_p = radius, causal, scale, dropout_p
+    ctx.draw_bits, ctx.pairs = draw_bits, pairs
 
 
 def _backward_rule(ctx, grad_out, _grad_lse, _grad_seed):
     q, k, v, out, lse, seed, table, mask, lengths = ctx.saved_tensors
     dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, lse, seed, table, ctx.radius, mask, lengths,
-                                        ctx.causal, ctx.scale, ctx.dropout_p, ctx.draw_bits)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+                                        ctx.causal, ctx.scale, ctx.dropout_p, ctx.draw_bits, ctx.pairs)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 _attention_op.register_autograd(_backward_rule, setup_context=_setup_context)
@@ -433,7 +444,11 @@ def t5_flash_attention(query: Tensor, key: Tensor, value: Tensor, table_log2: Te
         raise ValueError(f"table_log2 has {table_log2.shape[1]} columns: not a bias_table_log2 table for these lengths")
     mask, lengths = padding if padding is not None else (None, None)
     return _attention_op(query, key, value, table_log2, int(bias_radius), mask, lengths, causal, float(scale),
-                         float(dropout_p), _draw_bits())[0]
+                         float(dropout_p), _draw_bits(), _pairs())[0]
+
+
+def _pairs() -> bool:
+    return bool(DROPOUT_PAIRS) and _draw_bits() == 16  # 8-bit draws have their own grouping
 
 
 def _draw_bits() -> int:
@@ -491,7 +506,7 @@ def dropout_keep_mask(seed: Tensor | int, batch: int, heads: int, query_len: int
     block_m, block_n = block
     grid = (_cdiv(query_len, block_m), _cdiv(key_len, block_n), batch * heads)
     kernels.t5_attention_dropout_mask[grid](mask, heads, query_len, key_len, seed, drop_below,
-                                            BLOCK_M=block_m, BLOCK_N=block_n, DRAW8=bits == 8)
+                                            BLOCK_M=block_m, BLOCK_N=block_n, DRAW8=bits == 8, PAIRS=_pairs())
     return mask.bool()
 
 

@@ -54,9 +54,12 @@ def compile_kernel(name: str, block_m: int, block_n: int, num_warps: int, num_st
 
     if flash_kernels.INTERPRET:
         raise RuntimeError("TRITON_INTERPRET=1 decorates interpreted kernels, which do not compile: unset it")
+    from sumtune.fast_t5.flash_attention import DROPOUT_PAIRS
+
     kernel = getattr(flash_kernels, KERNELS[name])
+    shipped = {"DRAW8": False, "STORE_DS": False, "PV_SPLIT": False, "PV_FP16": False, "PAIRS": DROPOUT_PAIRS}
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=False,
-                      **{"DRAW8": False, "STORE_DS": False, "PV_SPLIT": False, "PV_FP16": False, **T5_FLAGS, **flags})
+                      **{**shipped, **T5_FLAGS, **flags})
     # STORE_DS: dK/dV only; PV_*: forward only
     constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
     examples = example_arguments(kernel, head_dim=head_dim, dtype=dtype)

@@ -16,15 +16,10 @@ Design (scores are kept in log2 units, as in Triton's fused-attention tutorial: 
   dropout 10.31 vs 10.75 ms at 32x32x1024, 16.48 vs 18.54 at 4x32x4096 (H200, results/attention_kernels_onebias-*).
 * **Key padding** from a per-row key mask (B, Lk) plus the row's key length (last kept key + 1), which bounds the
   loops; a masked key gets -inf, hence exactly zero probability. A row with no key at all returns zeros (no NaN).
-* **Dropout** from Philox-4x32-7 (Triton's ``tl.philox``, 7 rounds as in FlashAttention-2) keyed by a seed that
-  torch's generator draws on the device (read from SEED: no host sync, and CUDA graphs redraw it per replay), with
-  counters (a pair of query rows and a quad of keys, batch * heads + head): one call yields 8 independent 16-bit
-  draws for queries {r, r+8} x keys {c, c+1, c+8, c+9}, the elements one thread holds of a tensor-core tile
-  (_keep_tile). The draw of an element depends only on (seed, b, h, i, j), never on the block sizes, so the
-  backward kernels regenerate exactly the forward's mask. Probability of a drop = drop_below / 65536. With
-  ``DRAW8`` each call gives 16 8-bit draws instead (queries {r, r+8} x keys {c, c+1, c+8, c+9, c+16, c+17, c+24,
-  c+25}, half the Philox work per element; key tiles a multiple of 32): drop = drop_below / 256, as
-  FlashAttention-2's own dropout rounds p to 8 bits.
+* **Dropout** from Philox (7 rounds, as FlashAttention-2) keyed by a seed that torch's generator draws on the device
+  (read from SEED: no host sync, and CUDA graphs redraw it per replay). Which elements one call draws for, and how
+  each kernel lays the draws out in its own tile, is ``sumtune.fast_t5.dropout_draws``: a draw depends only on
+  (seed, b, h, i, j), never on the block sizes, so the backward kernels regenerate exactly the forward's mask.
 * **Backward**: delta = rowsum(dO * O), then one kernel for dK/dV (a key block per program, looping over query
   blocks) and one for dQ (a query block per program, looping over key blocks); both recompute P from the saved
   log-sum-exp. No atomics, so gradients are deterministic.
@@ -40,13 +35,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from sumtune.fast_t5.dropout_draws import _counter_cols, _keep_pairs_t, _keep_tile
 from sumtune.fast_t5.fp16_values import fp16_power, t5_values_to_fp16  # noqa: F401 (the latter: for flash_attention)
 from sumtune.triton_compat import fix_interpreter_for_numpy_2_4
 from sumtune.triton_compat import interpreter_safe_dot as _dot
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
 # Globals read inside kernels must be constexpr for Triton's compiler (the interpreter would not notice).
-PHILOX_ROUNDS = tl.constexpr(7)
 BIAS_NONE = tl.constexpr(0)  # _bias_tile modes
 BIAS_CONST = tl.constexpr(1)
 BIAS_GATHER = tl.constexpr(2)
@@ -57,70 +52,6 @@ if INTERPRET:
 
 
 # ----------------------------------------------------------------------------- helpers
-@triton.jit
-def _keep_tile(seed, stream, start_i, start_j, n_cols, drop_below, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
-               DRAW8: tl.constexpr):
-    """(BLOCK_I, BLOCK_J) keep mask for queries ``start_i + arange`` and keys ``start_j + arange`` (starts: multiples
-    of 16; of 32 for the keys with DRAW8).
-
-    One Philox call gives 8 16-bit draws for rows {r, r + 8} x keys {c, c + 1, c + 8, c + 9} (r % 16 < 8, c % 16
-    even and < 8): exactly what one thread holds of a tensor-core accumulator, so the draws need no exchange
-    between threads (an earlier 8-consecutive-keys grouping cost 2x the instructions in layout shuffles). With
-    DRAW8, 16 8-bit draws for rows {r, r + 8} x keys c + {0, 1, 8, 9, 16, 17, 24, 25} (c % 32 even and < 8): the
-    same thread's elements over 32 keys."""
-    if DRAW8:
-        return _keep_tile_8bit(seed, stream, start_i, start_j, n_cols, drop_below, BLOCK_I, BLOCK_J)
-    rows = start_i // 2 + tl.arange(0, BLOCK_I // 2)  # counter row: 8 per 16-row band
-    cols = start_j // 4 + tl.arange(0, BLOCK_J // 4)  # counter column: 4 per 16-key band
-    counter = rows[:, None] * n_cols + cols[None, :]
-    zero = tl.zeros_like(counter)
-    r0, r1, r2, r3 = tl.philox(seed, counter, zero + stream, zero, zero, PHILOX_ROUNDS)
-    # word w, half h: w0 -> (r, c + h), w1 -> (r + 8, c + h), w2 -> (r, c + 8 + h), w3 -> (r + 8, c + 8 + h)
-    x0 = tl.join((r0 & 0xFFFF).to(tl.int32) >= drop_below, (r0 >> 16).to(tl.int32) >= drop_below)
-    x1 = tl.join((r1 & 0xFFFF).to(tl.int32) >= drop_below, (r1 >> 16).to(tl.int32) >= drop_below)
-    x2 = tl.join((r2 & 0xFFFF).to(tl.int32) >= drop_below, (r2 >> 16).to(tl.int32) >= drop_below)
-    x3 = tl.join((r3 & 0xFFFF).to(tl.int32) >= drop_below, (r3 >> 16).to(tl.int32) >= drop_below)
-    keep = tl.join(tl.join(x0, x2), tl.join(x1, x3))  # (rows, cols, h, +8 key, +8 row)
-    # counter row = 8 * row band + row in band, counter column = 4 * key band + key pair in band
-    keep = tl.reshape(keep, (BLOCK_I // 16, 8, BLOCK_J // 16, 4, 2, 2, 2))
-    keep = tl.permute(keep, (0, 6, 1, 2, 5, 3, 4))  # (row band, +8 row, row, key band, +8 key, key pair, h)
-    return tl.reshape(keep, (BLOCK_I, BLOCK_J))
-
-
-@triton.jit
-def _bytes_kept(word, drop_below):
-    """(..., h, +8 key) keep flags of a Philox word's four bytes: byte 2 * g + h is key c + 8 * g + h."""
-    b0 = (word & 0xFF).to(tl.int32) >= drop_below
-    b1 = ((word >> 8) & 0xFF).to(tl.int32) >= drop_below
-    b2 = ((word >> 16) & 0xFF).to(tl.int32) >= drop_below
-    b3 = (word >> 24).to(tl.int32) >= drop_below
-    return tl.join(tl.join(b0, b1), tl.join(b2, b3))
-
-
-@triton.jit
-def _keep_tile_8bit(seed, stream, start_i, start_j, n_cols, drop_below, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
-    tl.static_assert(BLOCK_J % 32 == 0, "8-bit dropout draws cover 32 keys a call: key tiles of 32, 64, ...")
-    rows = start_i // 2 + tl.arange(0, BLOCK_I // 2)  # counter row: 8 per 16-row band
-    cols = start_j // 8 + tl.arange(0, BLOCK_J // 8)  # counter column: 4 per 32-key band
-    counter = rows[:, None] * n_cols + cols[None, :]
-    zero = tl.zeros_like(counter)
-    r0, r1, r2, r3 = tl.philox(seed, counter, zero + stream, zero, zero, PHILOX_ROUNDS)
-    # w0 -> row r, keys c + {0, 1, 8, 9}; w1 -> row r + 8, same keys; w2, w3 -> the same 16 keys further
-    keep = tl.join(tl.join(_bytes_kept(r0, drop_below), _bytes_kept(r2, drop_below)),
-                   tl.join(_bytes_kept(r1, drop_below), _bytes_kept(r3, drop_below)))  # (.., h, +8, +16 key, +8 row)
-    keep = tl.reshape(keep, (BLOCK_I // 16, 8, BLOCK_J // 32, 4, 2, 2, 2, 2))
-    keep = tl.permute(keep, (0, 7, 1, 2, 6, 5, 3, 4))  # (row band, +8 row, row, key band, +16, +8, key pair, h)
-    return tl.reshape(keep, (BLOCK_I, BLOCK_J))
-
-
-@triton.jit
-def _counter_cols(Lk, DRAW8: tl.constexpr):
-    """Philox counter columns per query-row pair: 4 per 16 keys (16-bit draws) or per 32 keys (8-bit)."""
-    if DRAW8:
-        return tl.cdiv(Lk, 32) * 4
-    return tl.cdiv(Lk, 16) * 4
-
-
 @triton.jit
 def _bias_tile(TABLE, rel, const, BIAS_MODE: tl.constexpr):
     """Bias (log2 units) for relative positions ``rel = j - i``: loaded, one constant, or none.
@@ -143,7 +74,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, start, stop, const, start_m
                seed, stream, n_cols, drop_below,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-               DRAW8: tl.constexpr, PV_SPLIT: tl.constexpr):
+               DRAW8: tl.constexpr, PV_SPLIT: tl.constexpr, PAIRS: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(start, stop, BLOCK_N):
@@ -156,7 +87,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, start, stop, const, start_m
         if HAS_KEY_MASK:
             key_ok = key_ok & (tl.load(KMASK + offs_n, mask=in_k, other=0) != 0)
         if DROPOUT:
-            kept = _keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N, DRAW8)
+            kept = _keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N, DRAW8, PAIRS)
         k_t = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=in_k[None, :], other=0.0)
         s = _dot(q, k_t, UPCAST) * qk_scale
         s += _bias_tile(TABLE, offs_n[None, :] - offs_m[:, None], const, BIAS_MODE)
@@ -190,7 +121,7 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, str
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                            HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr,
                            UPCAST: tl.constexpr, DRAW8: tl.constexpr = False, PV_SPLIT: tl.constexpr = False,
-                           PV_FP16: tl.constexpr = False):
+                           PV_FP16: tl.constexpr = False, PAIRS: tl.constexpr = False):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     seed = 0
@@ -213,7 +144,7 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, str
     stop = kv_len
     if CAUSAL:
         stop = tl.minimum(stop, start_m + BLOCK_M)
-    n_cols = _counter_cols(Lk, DRAW8)
+    n_cols = _counter_cols(Lk, DRAW8, PAIRS)
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -227,20 +158,20 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, str
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, 0, lo_end, far_left, start_m,
                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
                                    seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
-                                   False, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT)
+                                   False, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, lo_end, hi_start, 0.0, start_m,
                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
                                    seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER,
-                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT)
+                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, hi_start, stop, far_right,
                                    start_m, stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
                                    seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
-                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT)
+                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
     else:
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, 0, stop, 0.0, start_m,
                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
                                    seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE,
-                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT)
+                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
     empty = l_i == 0.0  # no key to attend to: output 0, and lse = +inf makes the backward's P exactly 0
     l_safe = tl.where(empty, 1.0, l_i)
     out_scale = drop_scale / l_safe
@@ -278,7 +209,7 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, const, 
                 seed, stream, n_cols, drop_below, drop_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
                 CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DRAW8: tl.constexpr,
-                STORE_DS: tl.constexpr):
+                STORE_DS: tl.constexpr, PAIRS: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     for start_m in range(start, stop, BLOCK_M):
@@ -287,8 +218,12 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, const, 
         in_q = offs_m < Lq
         lse = tl.load(LSE + offs_m, mask=in_q, other=float("inf"))  # small loads and draws before the dots
         delta = tl.load(DELTA + offs_m, mask=in_q, other=0.0)
-        if DROPOUT:  # transposed through shared memory; drawing it in this layout (2x the Philox work) was no faster
-            kept = tl.trans(_keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N, DRAW8))
+        if DROPOUT:
+            if PAIRS:  # the same draws, built in this (keys, queries) layout: no exchange between threads
+                kept = _keep_pairs_t(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N)
+            else:  # transposed through shared memory; drawing it in this layout (2x the Philox work) was no faster
+                kept = tl.trans(_keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N,
+                                           DRAW8))
         q_t = tl.load(Q + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd, mask=in_q[None, :], other=0.0)
         s_t = _dot(k, q_t, UPCAST) * qk_scale  # (keys, queries)
         s_t += _bias_tile(TABLE, offs_n[:, None] - offs_m[None, :], const, BIAS_MODE)
@@ -331,7 +266,8 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
                                 SEED, drop_below, drop_scale, len_key, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                                 HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-                                DRAW8: tl.constexpr = False, STORE_DS: tl.constexpr = False):
+                                DRAW8: tl.constexpr = False, STORE_DS: tl.constexpr = False,
+                                PAIRS: tl.constexpr = False):
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
     seed = 0
@@ -362,7 +298,7 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
     if CAUSAL:
         start = (start_n // BLOCK_M) * BLOCK_M  # query blocks entirely above the diagonal see none of these keys
     stop = tl.where(start_n < kv_len, Lq, start)  # keys past the row's length: zero gradient, no work
-    n_cols = _counter_cols(Lk, DRAW8)
+    n_cols = _counter_cols(Lk, DRAW8, PAIRS)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     if HAS_BIAS:
@@ -375,20 +311,20 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, hi_end, far_right, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale,
                              seed, bh, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, CAUSAL,
-                             DROPOUT, UPCAST, DRAW8, STORE_DS)
+                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS)
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, hi_end, lo_start, 0.0, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale,
                              seed, bh, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER, CAUSAL,
-                             DROPOUT, UPCAST, DRAW8, STORE_DS)
+                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS)
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, lo_start, stop, far_left, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale,
                              seed, bh, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, False,
-                             DROPOUT, UPCAST, DRAW8, STORE_DS)
+                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS)
     else:
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, 0.0, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale,
                              seed, bh, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE, CAUSAL,
-                             DROPOUT, UPCAST, DRAW8, STORE_DS)
+                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS)
     if STORE_DS:  # query blocks no tile visited: above the diagonal, or every query of keys past the row's length
         _zero_ds(DS, 0, start, start_n, stride_dsn, DS.dtype.element_ty, BLOCK_M, BLOCK_N)
         _zero_ds(DS, stop, Lq, start_n, stride_dsn, DS.dtype.element_ty, BLOCK_M, BLOCK_N)
@@ -404,7 +340,7 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, start, stop, const, sta
               seed, stream, n_cols, drop_below, drop_scale,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-              DRAW8: tl.constexpr):
+              DRAW8: tl.constexpr, PAIRS: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(start, stop, BLOCK_N):
@@ -415,7 +351,7 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, start, stop, const, sta
         if HAS_KEY_MASK:
             key_ok = key_ok & (tl.load(KMASK + offs_n, mask=in_k, other=0) != 0)
         if DROPOUT:
-            kept = _keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N, DRAW8)
+            kept = _keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N, DRAW8, PAIRS)
         k_t = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=in_k[None, :], other=0.0)
         v_t = tl.load(V + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=in_k[None, :], other=0.0)
         s = _dot(q, k_t, UPCAST) * qk_scale
@@ -440,7 +376,7 @@ def t5_flash_attention_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TABLE, KMASK, KV_LEN,
                               scale, SEED, drop_below, drop_scale, len_key, HEAD_DIM: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                               HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-                              UPCAST: tl.constexpr, DRAW8: tl.constexpr = False):
+                              UPCAST: tl.constexpr, DRAW8: tl.constexpr = False, PAIRS: tl.constexpr = False):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     seed = 0
@@ -467,7 +403,7 @@ def t5_flash_attention_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TABLE, KMASK, KV_LEN,
     stop = kv_len
     if CAUSAL:
         stop = tl.minimum(stop, start_m + BLOCK_M)
-    n_cols = _counter_cols(Lk, DRAW8)
+    n_cols = _counter_cols(Lk, DRAW8, PAIRS)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if HAS_BIAS:
         TABLE += h * table_row + table_zero  # TABLE[d]: bias at offset d = j - i
@@ -478,20 +414,20 @@ def t5_flash_attention_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TABLE, KMASK, KV_LEN,
         dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, 0, lo_end, far_left, start_m,
                        stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
                        drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, False, HAS_KEY_MASK,
-                       DROPOUT, UPCAST, DRAW8)
+                       DROPOUT, UPCAST, DRAW8, PAIRS)
         dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, lo_end, hi_start, 0.0, start_m,
                        stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
                        drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER, CAUSAL, HAS_KEY_MASK,
-                       DROPOUT, UPCAST, DRAW8)
+                       DROPOUT, UPCAST, DRAW8, PAIRS)
         dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, hi_start, stop, far_right, start_m,
                        stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
                        drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, CAUSAL, HAS_KEY_MASK,
-                       DROPOUT, UPCAST, DRAW8)
+                       DROPOUT, UPCAST, DRAW8, PAIRS)
     else:
         dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, 0, stop, 0.0, start_m,
                        stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
                        drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE, CAUSAL, HAS_KEY_MASK,
-                       DROPOUT, UPCAST, DRAW8)
+                       DROPOUT, UPCAST, DRAW8, PAIRS)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              (dq * scale).to(DQ.dtype.element_ty), mask=in_q[:, None])
 
@@ -499,14 +435,14 @@ def t5_flash_attention_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TABLE, KMASK, KV_LEN,
 # ----------------------------------------------------------------------------- debugging aid
 @triton.jit
 def t5_attention_dropout_mask(MASK, H, Lq, Lk, SEED, drop_below, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                              DRAW8: tl.constexpr = False):
+                              DRAW8: tl.constexpr = False, PAIRS: tl.constexpr = False):
     """MASK[b, h, i, j] = 1 where the attention kernels keep element (i, j), 0 where they drop it."""
     start_m = tl.program_id(0) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     start_n = tl.program_id(1) * BLOCK_N
     bh = tl.program_id(2)
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    keep = _keep_tile(tl.load(SEED), bh, start_m, start_n, _counter_cols(Lk, DRAW8), drop_below, BLOCK_M, BLOCK_N,
-                      DRAW8)
+    keep = _keep_tile(tl.load(SEED), bh, start_m, start_n, _counter_cols(Lk, DRAW8, PAIRS), drop_below, BLOCK_M,
+                      BLOCK_N, DRAW8, PAIRS)
     tl.store(MASK + bh.to(tl.int64) * Lq * Lk + offs_m[:, None] * Lk + offs_n[None, :], keep.to(tl.int8),
              mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
