@@ -13,7 +13,8 @@ Rows, each timed forward + backward (CUDA events, median) with its peak memory a
   flex +bias                FlexAttention (compiled), bias from the table in score_mod, padding as a block mask
   triton +bias(+dropout)    sumtune's kernels (sumtune.fast_t5.flash_attention): table + key padding, no L x L
   ... +dropout8             the same with 8-bit dropout draws (flash_attention.DROPOUT_DRAW_BITS = 8)
-  ... +dropout+pairs        the same with Philox-2x32 draws per 2 x 2 elements (flash_attention.DROPOUT_PAIRS)
+  ... +dropout+nopairs      the same with the Philox-4x32 draws before DROPOUT_PAIRS (flash_attention)
+  ... +dropout+pvlow8       from PRECISE_PV_MIN_KEYS keys: P's remainder GEMM in float8 (flash_attention.PV_LOW8)
   triton                    the same kernels with key padding only (no bias, no dropout): the bare kernel
 Forward and backward are also timed apart (fwd_ms, bwd_ms) in the same runs.
 The bias tensors come from a real frozen T5Attention through sumtune.fast_t5.bias, as the fast stack makes them.
@@ -223,8 +224,11 @@ def run_shape(shape, repeats: int, with_flex: bool) -> tuple[list[dict], dict]:
         record("triton+bias+dropout+dqkernel", ours, (q, k, v), table.numel() * 4 / 2**30)
     with bc.patched("drop8"):  # 16 draws per Philox call instead of 8 (autotuned anew)
         record("triton+bias+dropout8", ours, (q, k, v), table.numel() * 4 / 2**30)
-    with bc.patched("pairs"):  # Philox-2x32 per 2 x 2 elements: the dK/dV kernel builds its mask in place
-        record("triton+bias+dropout+pairs", ours, (q, k, v), table.numel() * 4 / 2**30)
+    with bc.patched("nopairs"):  # Philox-4x32 per 2 x 4 elements: the dK/dV kernel transposes its mask
+        record("triton+bias+dropout+nopairs", ours, (q, k, v), table.numel() * 4 / 2**30)
+    if length >= fa.PRECISE_PV_MIN_KEYS:  # the precise P·V's remainder GEMM in float8 (PV_LOW8)
+        with bc.patched("pvlow8"):
+            record("triton+bias+dropout+pvlow8", ours, (q, k, v), table.numel() * 4 / 2**30)
     pinned = {kernel: config for kernel, config in tuned.items() if config is not None}
     with fa.block_sizes(**pinned):  # the dropout variant's tiles: one compile instead of another autotune
         record("triton+bias", lambda *t: ours(*t, p=0.0), (q, k, v), table.numel() * 4 / 2**30)

@@ -181,6 +181,7 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "nodsgemm": ("sumtune.fast_t5.flash_attention", "DS_GEMM", False),
     "nopv16": ("sumtune.fast_t5.flash_attention", "PV_FP16", False),
     "nopvsplit": ("sumtune.fast_t5.flash_attention", "PV_SPLIT", False),
+    "pvlow8": ("sumtune.fast_t5.flash_attention", "PV_LOW8", True),
 }
 
 
