@@ -570,24 +570,30 @@ def test_every_autotune_config_compiles_for_hopper_without_spilling():
         assert row["async_copies"] > 0, row  # K/V loads pipelined (cp.async), not synchronous
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_dkdv_configs_that_store_ds_compile_for_hopper_without_spilling():
-    """The DS_GEMM variant of the dK/dV kernel (it also stores dS) builds for sm_90 with every shipped config."""
+def _json_lines_compiled_for_hopper(code: str) -> tuple[list, str]:
+    """Run ``code`` (which compiles kernels with sumtune.fast_t5.flash_compile and prints JSON lines) in a Python
+    process without the interpreter; its JSON lines and the tail of its stderr."""
     import json
     import subprocess
     import sys
 
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    return [json.loads(line) for line in result.stdout.splitlines() if line[:1] in "{["], result.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_dkdv_configs_that_store_ds_compile_for_hopper_without_spilling():
+    """The DS_GEMM variant of the dK/dV kernel (it also stores dS) builds for sm_90 with every shipped config."""
     from sumtune.fast_t5.flash_attention import AUTOTUNE_CONFIGS
     from sumtune.fast_t5.flash_compile import HOPPER_SHARED_BYTES
 
-    code = ("import json; from sumtune.fast_t5 import flash_compile as fc, flash_attention as fa\n"
-            "for config in fa.AUTOTUNE_CONFIGS['dkdv']:\n"
-            "    print(json.dumps(fc.resources(fc.compile_kernel('dkdv', *config, STORE_DS=True))))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == len(AUTOTUNE_CONFIGS["dkdv"]), result.stderr[-2000:]
+    rows, stderr = _json_lines_compiled_for_hopper(
+        "import json; from sumtune.fast_t5 import flash_compile as fc, flash_attention as fa\n"
+        "for config in fa.AUTOTUNE_CONFIGS['dkdv']:\n"
+        "    print(json.dumps(fc.resources(fc.compile_kernel('dkdv', *config, STORE_DS=True))))")
+    assert len(rows) == len(AUTOTUNE_CONFIGS["dkdv"]), stderr
     for row in rows:
         assert row["shared_bytes"] <= HOPPER_SHARED_BYTES and row["spill_bytes"] <= 256, row
 
@@ -598,23 +604,18 @@ def test_pair_draws_let_the_dkdv_kernel_build_its_mask_without_shared_memory():
     """Compiled for sm_90: with `PAIRS` the dK/dV kernel's dropout adds no shared-memory load, store or barrier to
     its code (the draws are built in its own layout), where the Philox-4x32 grouping transposes its mask through
     shared memory; the forward's code has the same shared-memory traffic either way."""
-    import json
-    import subprocess
-    import sys
-
-    code = ("import json, re; from sumtune.fast_t5 import flash_compile as fc\n"
-            "off, on = {'PAIRS': False}, {'PAIRS': True}\n"
-            "for name, config, flags in (('dkdv', (32, 64, 4, 3), off), ('dkdv', (32, 64, 4, 3), on),\n"
-            "        ('dkdv', (32, 64, 4, 3), {'DROPOUT': False}), ('fwd', (64, 64, 4, 2), off),\n"
-            "        ('fwd', (64, 64, 4, 2), on)):\n"
-            "    ptx = fc.compile_kernel(name, *config, STORE_DS=name == 'dkdv', **flags).asm['ptx']\n"
-            "    print(json.dumps([len(re.findall(p, ptx)) for p in (r'\\bld\\.shared', r'\\bst\\.shared',"
-            " r'\\bbar\\.sync|\\bbarrier\\.sync', r'\\bshfl\\.')]))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    quad, pairs, no_dropout, fwd_quad, fwd_pairs = [json.loads(line) for line in result.stdout.splitlines()
-                                                     if line.startswith("[")] or [None] * 5
-    assert pairs == no_dropout, (pairs, no_dropout, result.stderr[-2000:])
+    rows, stderr = _json_lines_compiled_for_hopper(
+        "import json, re; from sumtune.fast_t5 import flash_compile as fc\n"
+        "off, on = {'PAIRS': False}, {'PAIRS': True}\n"
+        "for name, config, flags in (('dkdv', (32, 64, 4, 3), off), ('dkdv', (32, 64, 4, 3), on),\n"
+        "        ('dkdv', (32, 64, 4, 3), {'DROPOUT': False}), ('fwd', (64, 64, 4, 2), off),\n"
+        "        ('fwd', (64, 64, 4, 2), on)):\n"
+        "    ptx = fc.compile_kernel(name, *config, STORE_DS=name == 'dkdv', **flags).asm['ptx']\n"
+        "    print(json.dumps([len(re.findall(p, ptx)) for p in (r'\\bld\\.shared', r'\\bst\\.shared',"
+        " r'\\bbar\\.sync|\\bbarrier\\.sync', r'\\bshfl\\.')]))")
+    assert len(rows) == 5, stderr
+    quad, pairs, no_dropout, fwd_quad, fwd_pairs = rows
+    assert pairs == no_dropout, (pairs, no_dropout)
     assert quad[0] > pairs[0] and quad[2] > pairs[2]  # the transpose the pairs remove (this test's reason)
     assert fwd_pairs == fwd_quad
 
@@ -624,21 +625,15 @@ def test_pair_draws_let_the_dkdv_kernel_build_its_mask_without_shared_memory():
 def test_pv_low8_forward_compiles_for_hopper_with_8bit_tensor_core_gemms():
     """Each forward config with PV_LOW8 builds for sm_90, its remainder GEMM as e4m3 wgmma, spilling at most a few
     dozen bytes and fitting Hopper's shared memory."""
-    import json
-    import subprocess
-    import sys
-
     from sumtune.fast_t5.flash_attention import AUTOTUNE_CONFIGS
     from sumtune.fast_t5.flash_compile import HOPPER_SHARED_BYTES
 
-    code = ("import json; from sumtune.fast_t5 import flash_compile as fc, flash_attention as fa\n"
-            "for config in fa.AUTOTUNE_CONFIGS['fwd']:\n"
-            "    compiled = fc.compile_kernel('fwd', *config, PV_FP16=True, PV_SPLIT=True, PV_LOW8=True)\n"
-            "    print(json.dumps(dict(fc.resources(compiled), e4m3='e4m3.e4m3' in compiled.asm['ptx'])))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == len(AUTOTUNE_CONFIGS["fwd"]), result.stderr[-2000:]
+    rows, stderr = _json_lines_compiled_for_hopper(
+        "import json; from sumtune.fast_t5 import flash_compile as fc, flash_attention as fa\n"
+        "for config in fa.AUTOTUNE_CONFIGS['fwd']:\n"
+        "    compiled = fc.compile_kernel('fwd', *config, PV_FP16=True, PV_SPLIT=True, PV_LOW8=True)\n"
+        "    print(json.dumps(dict(fc.resources(compiled), e4m3='e4m3.e4m3' in compiled.asm['ptx'])))")
+    assert len(rows) == len(AUTOTUNE_CONFIGS["fwd"]), stderr
     for row in rows:
         assert row["e4m3"] and row["shared_bytes"] <= HOPPER_SHARED_BYTES and row["spill_bytes"] <= 256, row
 

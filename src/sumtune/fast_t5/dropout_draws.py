@@ -48,32 +48,27 @@ def _pair_draws(seed, stream, counter, drop_below):
 
 
 @triton.jit
-def _keep_pairs(seed, stream, start_i, start_j, n_cols, drop_below, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+def _keep_pairs(seed, stream, start_i, start_j, n_cols, drop_below, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+                KEYS_FIRST: tl.constexpr = False):
     """(BLOCK_I, BLOCK_J) queries x keys keep mask from one Philox-2x32 call per queries {r, r + 8} x keys
     {c, c + 8} (r % 16 < 8, c % 16 < 8): four 16-bit draws that one thread holds of a tensor-core accumulator
-    whether its rows are the queries (forward, dQ) or the keys (dK/dV, :func:`_keep_pairs_t`), so neither layout
-    exchanges draws between threads."""
+    whether its rows are the queries (forward, dQ) or the keys (dK/dV), so neither layout exchanges draws between
+    threads. With KEYS_FIRST the same draws as a (BLOCK_J, BLOCK_I) keys x queries mask, built in that layout."""
     rows = start_i // 2 + tl.arange(0, BLOCK_I // 2)  # counter row: 8 per 16-query band
     cols = start_j // 2 + tl.arange(0, BLOCK_J // 2)  # counter column: 8 per 16-key band
-    near, far_key, far_query, far_both = _pair_draws(seed, stream, rows[:, None] * n_cols + cols[None, :],
-                                                     drop_below)
-    keep = tl.join(tl.join(near, far_key), tl.join(far_query, far_both))  # (queries, keys, +8 key, +8 query)
-    keep = tl.reshape(keep, (BLOCK_I // 16, 8, BLOCK_J // 16, 8, 2, 2))
-    keep = tl.permute(keep, (0, 5, 1, 2, 4, 3))  # (query band, +8 query, query, key band, +8 key, key)
-    return tl.reshape(keep, (BLOCK_I, BLOCK_J))
-
-
-@triton.jit
-def _keep_pairs_t(seed, stream, start_i, start_j, n_cols, drop_below, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
-    """:func:`_keep_pairs`' draws as a (BLOCK_J, BLOCK_I) keys x queries mask, built in that layout."""
-    rows = start_i // 2 + tl.arange(0, BLOCK_I // 2)
-    cols = start_j // 2 + tl.arange(0, BLOCK_J // 2)
-    near, far_key, far_query, far_both = _pair_draws(seed, stream, rows[None, :] * n_cols + cols[:, None],
-                                                     drop_below)
-    keep = tl.join(tl.join(near, far_query), tl.join(far_key, far_both))  # (keys, queries, +8 query, +8 key)
-    keep = tl.reshape(keep, (BLOCK_J // 16, 8, BLOCK_I // 16, 8, 2, 2))
-    keep = tl.permute(keep, (0, 5, 1, 2, 4, 3))  # (key band, +8 key, key, query band, +8 query, query)
-    return tl.reshape(keep, (BLOCK_J, BLOCK_I))
+    if KEYS_FIRST:
+        counter = rows[None, :] * n_cols + cols[:, None]
+    else:
+        counter = rows[:, None] * n_cols + cols[None, :]
+    near, far_key, far_query, far_both = _pair_draws(seed, stream, counter, drop_below)
+    if KEYS_FIRST:  # the tile's own rows and columns: the element 8 rows on, and the one 8 columns on
+        far_row, far_column = far_key, far_query
+    else:
+        far_row, far_column = far_query, far_key
+    keep = tl.join(tl.join(near, far_column), tl.join(far_row, far_both))  # (rows, columns, +8 column, +8 row)
+    keep = tl.reshape(keep, (counter.shape[0] // 8, 8, counter.shape[1] // 8, 8, 2, 2))
+    keep = tl.permute(keep, (0, 5, 1, 2, 4, 3))  # (row band, +8 row, row, column band, +8 column, column)
+    return tl.reshape(keep, (counter.shape[0] * 2, counter.shape[1] * 2))
 
 
 @triton.jit

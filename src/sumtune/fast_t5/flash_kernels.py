@@ -36,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from sumtune.fast_t5.dropout_draws import _counter_cols, _keep_pairs_t, _keep_tile
+from sumtune.fast_t5.dropout_draws import _counter_cols, _keep_pairs, _keep_tile
 from sumtune.fast_t5.fp16_values import fp16_power, t5_values_to_fp16  # noqa: F401 (the latter: for flash_attention)
 from sumtune.triton_compat import fix_interpreter_for_numpy_2_4, float8e4_rounded
 from sumtune.triton_compat import interpreter_safe_dot as _dot
@@ -230,7 +230,7 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, const, 
         delta = tl.load(DELTA + offs_m, mask=in_q, other=0.0)
         if DROPOUT:
             if PAIRS:  # the same draws, built in this (keys, queries) layout: no exchange between threads
-                kept = _keep_pairs_t(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N)
+                kept = _keep_pairs(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N, True)
             else:  # transposed through shared memory; drawing it in this layout (2x the Philox work) was no faster
                 kept = tl.trans(_keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N,
                                            DRAW8))
