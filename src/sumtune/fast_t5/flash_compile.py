@@ -65,6 +65,8 @@ def compile_kernel(name: str, block_m: int, block_n: int, num_warps: int, num_st
     # STORE_DS: dK/dV only; PV_*: forward only
     constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
     examples = example_arguments(kernel, head_dim=head_dim, dtype=dtype)
+    if constexprs.get("PV_FP16"):  # the forward then reads V as its float16 copy (sumtune.fast_t5.fp16_values)
+        examples["V"] = "*fp16"
     signature, attrs = {}, {}
     for index, arg in enumerate(kernel.arg_names):
         if arg in constexprs:
