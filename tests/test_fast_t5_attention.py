@@ -622,6 +622,21 @@ def test_pair_draws_let_the_dkdv_kernel_build_its_mask_without_shared_memory():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_sass_opcode_counts_show_what_dropout_adds_to_the_forward():
+    """flash_compile.sass_opcodes (nvdisasm on the sm_90 cubin): the forward with dropout has the same tensor-core
+    GEMMs as without it, its exponentials, and more integer multiplies (the Philox rounds)."""
+    rows, stderr = _json_lines_compiled_for_hopper(
+        "import json; from sumtune.fast_t5 import flash_compile as fc\n"
+        "for dropout in (False, True):\n"
+        "    print(json.dumps(fc.sass_opcodes(fc.compile_kernel('fwd', 64, 64, 4, 2, DROPOUT=dropout))))")
+    assert len(rows) == 2, stderr
+    without, with_dropout = rows
+    assert without["HGMMA"] == with_dropout["HGMMA"] > 0 and min(without["MUFU"], with_dropout["MUFU"]) >= 32
+    assert with_dropout["IMAD"] > without["IMAD"] + 100, (without, with_dropout)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_pv_low8_forward_compiles_for_hopper_with_8bit_tensor_core_gemms():
     """Each forward config with PV_LOW8 builds for sm_90 (V as its float16 copy), its remainder GEMM as e4m3 wgmma,
     fitting Hopper's shared memory; the 8-bit operand's registers cost the 4-warp config a few hundred bytes of

@@ -2,6 +2,7 @@
 
     python -m sumtune.fast_t5.flash_compile                 # every autotune config, head_dim 64 and 128, sm_90
     python -m sumtune.fast_t5.flash_compile --json          # the same as JSON lines (what the tests read)
+    python -m sumtune.fast_t5.flash_compile --sass --first-only --head-dims 128   # + each kernel's SASS opcodes
 
 The arguments mirror what a launch on T5-3b shapes specialises (strides equal to 1 become constants, ints and
 pointers divisible by 16 are marked so), so the code is what the GPU would run; ptxas, bundled with Triton, reports
@@ -11,7 +12,9 @@ registers and spills. Needs compiled kernels: run without TRITON_INTERPRET.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import os
 import re
 import subprocess
 import sys
@@ -127,7 +130,22 @@ def resources(compiled, arch: int = 90) -> dict:
                 async_copies=compiled.asm["ttgir"].count("async_copy_global_to_local"))
 
 
-def report(head_dims=(64, 128), arch: int = 90, first_only: bool = False, **flags):
+def sass_opcodes(compiled, arch: int = 90) -> dict[str, int]:
+    """How often each SASS opcode (``FMUL``, ``HGMMA``, ``LDS`` ...; modifiers dropped) occurs in the machine code,
+    disassembled by the nvdisasm that ships beside Triton's ptxas: a static count (loops once, all branches), which
+    tells what a kernel variant adds or removes before a GPU times it."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    nvdisasm = os.path.join(os.path.dirname(get_ptxas(arch).path), "nvdisasm")
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as handle:
+        handle.write(compiled.asm["cubin"])
+        handle.flush()
+        sass = subprocess.run([nvdisasm, "-c", handle.name], capture_output=True, text=True, check=True).stdout
+    found = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass)
+    return dict(collections.Counter(found).most_common())
+
+
+def report(head_dims=(64, 128), arch: int = 90, first_only: bool = False, sass: bool = False, **flags):
     """One dict per (kernel, autotune config, head_dim) with its compile time and resources."""
     from sumtune.fast_t5.flash_attention import AUTOTUNE_CONFIGS
 
@@ -137,7 +155,10 @@ def report(head_dims=(64, 128), arch: int = 90, first_only: bool = False, **flag
                 started = time.time()
                 row = dict(kernel=name, config=list(config), head_dim=head_dim, **{**T5_FLAGS, **flags})
                 try:
-                    row.update(resources(compile_kernel(name, *config, head_dim=head_dim, arch=arch, **flags), arch))
+                    compiled = compile_kernel(name, *config, head_dim=head_dim, arch=arch, **flags)
+                    row.update(resources(compiled, arch))
+                    if sass:
+                        row["sass"] = sass_opcodes(compiled, arch)
                 except Exception as error:  # noqa: BLE001 - a config that does not compile is the finding
                     row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
                 row["compile_s"] = round(time.time() - started, 1)
@@ -152,9 +173,11 @@ def main(argv=None) -> int:
     parser.add_argument("--draw8", action="store_true", help="dropout from 8-bit draws (DROPOUT_DRAW_BITS = 8)")
     parser.add_argument("--first-only", action="store_true", help="each kernel's first autotune config only")
     parser.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    parser.add_argument("--sass", action="store_true", help="also count each kernel's SASS opcodes (nvdisasm)")
     args = parser.parse_args(argv)
     failed = False
-    for row in report(tuple(args.head_dims), args.arch, args.first_only, CAUSAL=args.causal, DRAW8=args.draw8):
+    for row in report(tuple(args.head_dims), args.arch, args.first_only, args.sass, CAUSAL=args.causal,
+                      DRAW8=args.draw8):
         failed |= "error" in row
         if args.json:
             print(json.dumps(row), flush=True)
@@ -163,6 +186,8 @@ def main(argv=None) -> int:
                   + (row.get("error") or f"regs {row['registers']:3}  spill {row['spill_bytes']:5} B  "
                      f"smem {row['shared_bytes'] / 1024:6.1f} KiB  async copies {row['async_copies']:2}")
                   + f"  ({row['compile_s']} s)", flush=True)
+            if "sass" in row:
+                print("      " + "  ".join(f"{op} {count}" for op, count in list(row["sass"].items())[:16]))
     return 1 if failed else 0
 
 
