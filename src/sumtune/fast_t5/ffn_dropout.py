@@ -30,7 +30,7 @@ import importlib.util
 import torch
 from torch import Tensor
 
-from sumtune.fast_t5.flash_attention import dropout_seed, dropout_threshold
+from sumtune.fast_t5.attention_inputs import dropout_seed, dropout_threshold
 
 BLOCK = 4096  # elements per program (a multiple of 4: Philox gives 4 draws per counter)
 DRAW_RANGE = 1 << 31  # dropout decisions are 31-bit draws
