@@ -470,7 +470,7 @@ def _check_inputs(query, key, value, bias_table, causal) -> None:
 def dropout_keep_mask(seed: Tensor | int, batch: int, heads: int, query_len: int, key_len: int, dropout_p: float,
                       device: torch.device | str = "cuda", block: tuple[int, int] = (16, 32)) -> Tensor:
     """(B, H, Lq, Lk) bool: True where the kernels keep a probability for this seed (False: dropped), with the
-    draw width of ``DROPOUT_DRAW_BITS``.
+    draw width of ``DROPOUT_DRAW_BITS`` and the grouping of ``DROPOUT_PAIRS``.
 
     A call's seed is what :func:`draw_seed` returns first after the caller's RNG state (see the tests)."""
     kernels = _kernels()
