@@ -9,7 +9,8 @@ Triton's interpreter truncates float32 to bf16 (a -2.7e-3 mean relative error: a
 nearest (`cvt.rn.bf16.f32` in the sm_90 PTX), so every variant runs on a copy of the kernels whose bf16 casts round to
 nearest first; a variant then leaves one rounding out: `fwd` P in the forward's P·V, `dv` P in dV, `ds` dS in dK and
 dQ (the dQ kernel), `fwd16` P and V in float16 in the forward, `fwdsum` the softmax's row sum taken over the
-rounded P, `pv16` the product's PV_FP16 switch (V scaled into float16's range, P cast to float16). The copy lives in
+rounded P, `pv16` the product's PV_FP16 switch (V scaled into float16's range, P cast to float16), `pvsplit` with
+PV_SPLIT too (the default from 2048 keys), `pvlow8` with PV_LOW8 on top. The copy lives in
 a temporary directory; sumtune itself is not changed. Writes benchmarks/results/attention_numerics_cpu-<date>-cpu.json.
 """
 
@@ -60,8 +61,11 @@ VARIANTS = {
             "dq = _dot(ds, tl.trans(k_t.to(tl.float32)), UPCAST, dq)")],
     "fwd16": [(ROUNDED_PV,
                "p_high = p.to(v.dtype)\n        acc = _dot(p.to(tl.float16), v.to(tl.float16), UPCAST, acc)")],
-    # the product's own PV_FP16 (set in run_draws): P cast to V's float16 as the kernels do, not first to bf16
+    # the product's own PV_FP16 (set in run_draws): P cast to V's float16 as the kernels do, not first to bf16; with
+    # PV_SPLIT too (the default from 2048 keys), and with its remainder GEMM in float8 (PV_LOW8)
     "pv16": [(ROUNDED_PV, PV)],
+    "pvsplit": [(ROUNDED_PV, PV)],
+    "pvlow8": [(ROUNDED_PV, PV)],
     # the row sum over the rounded P (dropout off here; with dropout it would have to be taken before the mask)
     "fwdsum": [("        l_i = l_i * alpha + tl.sum(p, 1)\n", ""),
                ("        " + ROUNDED_PV,
@@ -95,8 +99,9 @@ def run_draws(args) -> list[dict]:
 
     torch.set_num_threads(2)
     fa.DS_GEMM = False  # the dQ kernel: its dS cast is the one `ds` leaves out (the stored dS rounds the same)
-    fa.PV_FP16 = args.run_one == "pv16"  # the study's own variants: every other P·V as the bf16 kernels had it
-    fa.PV_SPLIT = False
+    fa.PV_FP16 = args.run_one in ("pv16", "pvsplit", "pvlow8")  # the study's own variants: the bf16 kernels' P·V
+    fa.PV_SPLIT = args.run_one in ("pvsplit", "pvlow8")
+    fa.PV_LOW8 = args.run_one == "pvlow8"
     config = bc.t5_config("tiny", num_layers=2, dropout_rate=0.0, d_model=256, num_heads=4, d_kv=64, d_ff=1024)
     data = bc.tokenize_rows(bc.load_t5_tokenizer(), bc.load_billsum_texts(), args.src_len, args.tgt_len)
     device, rows = torch.device("cpu"), []
