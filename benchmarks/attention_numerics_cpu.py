@@ -10,7 +10,8 @@ nearest (`cvt.rn.bf16.f32` in the sm_90 PTX), so every variant runs on a copy of
 nearest first; a variant then leaves one rounding out: `fwd` P in the forward's P·V, `dv` P in dV, `ds` dS in dK and
 dQ (the dQ kernel), `fwd16` P and V in float16 in the forward, `fwdsum` the softmax's row sum taken over the
 rounded P, `pv16` the product's PV_FP16 switch (V scaled into float16's range, P cast to float16), `pvsplit` with
-PV_SPLIT too (the default from 2048 keys), `pvlow8` with PV_LOW8 on top. The copy lives in
+PV_SPLIT too (the default from 2048 keys), `pvlow8` with PV_LOW8 on top, `pv16all` PV_FP16 below 2048 keys as well
+(session 16 ran `pv16` before the threshold existed). The copy lives in
 a temporary directory; sumtune itself is not changed. Writes benchmarks/results/attention_numerics_cpu-<date>-cpu.json.
 """
 
@@ -66,6 +67,7 @@ VARIANTS = {
     "pv16": [(ROUNDED_PV, PV)],
     "pvsplit": [(ROUNDED_PV, PV)],
     "pvlow8": [(ROUNDED_PV, PV)],
+    "pv16all": [(ROUNDED_PV, PV)],  # PV_FP16 in every call, the decoder's 256-key self-attention too (no threshold)
     # the row sum over the rounded P (dropout off here; with dropout it would have to be taken before the mask)
     "fwdsum": [("        l_i = l_i * alpha + tl.sum(p, 1)\n", ""),
                ("        " + ROUNDED_PV,
@@ -99,7 +101,9 @@ def run_draws(args) -> list[dict]:
 
     torch.set_num_threads(2)
     fa.DS_GEMM = False  # the dQ kernel: its dS cast is the one `ds` leaves out (the stored dS rounds the same)
-    fa.PV_FP16 = args.run_one in ("pv16", "pvsplit", "pvlow8")  # the study's own variants: the bf16 kernels' P·V
+    fa.PV_FP16 = args.run_one in ("pv16", "pvsplit", "pvlow8", "pv16all")  # else the bf16 kernels' P·V
+    if args.run_one == "pv16all":
+        fa.PRECISE_PV_MIN_KEYS = 0
     fa.PV_SPLIT = args.run_one in ("pvsplit", "pvlow8")
     fa.PV_LOW8 = args.run_one == "pvlow8"
     config = bc.t5_config("tiny", num_layers=2, dropout_rate=0.0, d_model=256, num_heads=4, d_kv=64, d_ff=1024)

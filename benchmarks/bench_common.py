@@ -182,6 +182,7 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "nopv16": ("sumtune.fast_t5.flash_attention", "PV_FP16", False),
     "nopvsplit": ("sumtune.fast_t5.flash_attention", "PV_SPLIT", False),
     "pvlow8": ("sumtune.fast_t5.flash_attention", "PV_LOW8", True),
+    "pvall": ("sumtune.fast_t5.flash_attention", "PRECISE_PV_MIN_KEYS", 0),
 }
 
 
