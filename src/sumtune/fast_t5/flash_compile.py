@@ -141,7 +141,7 @@ def sass_opcodes(compiled, arch: int = 90) -> dict[str, int]:
         handle.write(compiled.asm["cubin"])
         handle.flush()
         sass = subprocess.run([nvdisasm, "-c", handle.name], capture_output=True, text=True, check=True).stdout
-    found = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass)
+    found = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass)
     return dict(collections.Counter(found).most_common())
 
 
