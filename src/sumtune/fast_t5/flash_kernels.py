@@ -173,8 +173,8 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, V8,
                                    stride_kn, stride_kd, stride_vn, stride_vd, stride_v8d, Lk, kv_len, R, qk_scale,
                                    seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER,
                                    CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, PV_LOW8)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, V8, TABLE, KMASK, hi_start, stop, far_right,
-                                   start_m, stride_kn, stride_kd, stride_vn, stride_vd, stride_v8d, Lk, kv_len, R, qk_scale,
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, V8, TABLE, KMASK, hi_start, stop, far_right, start_m,
+                                   stride_kn, stride_kd, stride_vn, stride_vd, stride_v8d, Lk, kv_len, R, qk_scale,
                                    seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
                                    CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, PV_LOW8)
     else:
