@@ -62,18 +62,25 @@ VARIANTS = {
             "dq = _dot(ds, tl.trans(k_t.to(tl.float32)), UPCAST, dq)")],
     "fwd16": [(ROUNDED_PV,
                "p_high = p.to(v.dtype)\n        acc = _dot(p.to(tl.float16), v.to(tl.float16), UPCAST, acc)")],
-    # the product's own PV_FP16 (set in run_draws): P cast to V's float16 as the kernels do, not first to bf16; with
-    # PV_SPLIT too (the default from 2048 keys), and with its remainder GEMM in float8 (PV_LOW8)
-    "pv16": [(ROUNDED_PV, PV)],
-    "pvsplit": [(ROUNDED_PV, PV)],
-    "pvlow8": [(ROUNDED_PV, PV)],
-    "pv16all": [(ROUNDED_PV, PV)],  # PV_FP16 in every call, the decoder's 256-key self-attention too (no threshold)
+    # the product's own P·V switches (PRODUCT_PV below): P cast to V's float16 as the kernels do, not first to bf16
+    **{name: [(ROUNDED_PV, PV)] for name in ("pv16", "pvsplit", "pvlow8", "pv16all")},
     # the row sum over the rounded P (dropout off here; with dropout it would have to be taken before the mask)
     "fwdsum": [("        l_i = l_i * alpha + tl.sum(p, 1)\n", ""),
                ("        " + ROUNDED_PV,
                 "        p_high = _rn(p).to(v.dtype)\n        l_i = l_i * alpha + tl.sum(p_high.to(tl.float32), 1)"
                 + PV_DOT)],
 }
+
+
+# Benchmark tokens (bench_common.PATCH_TOKENS) each variant runs under: the dQ kernel (its dS cast is the one `ds`
+# leaves out; the stored dS rounds the same) and, but for the product's own switches, the bf16 P·V the text patches
+# start from. `pv16all`: PV_FP16 in every call, the decoder's 256-key self-attention too (no 2048-key threshold).
+BF16_PV = "nopv16:nopvsplit"
+PRODUCT_PV = {"pv16": "nopvsplit", "pvsplit": "", "pvlow8": "pvlow8", "pv16all": "nopvsplit:pvall"}
+
+
+def variant_tokens(variant: str) -> str:
+    return "nodsgemm:" + PRODUCT_PV.get(variant, BF16_PV)
 
 
 def patched_kernels(source: str, variant: str) -> str:
@@ -100,12 +107,6 @@ def run_draws(args) -> list[dict]:
     from sumtune.fast_t5.numerics import fp32_reference_grads, vector_relative_error
 
     torch.set_num_threads(2)
-    fa.DS_GEMM = False  # the dQ kernel: its dS cast is the one `ds` leaves out (the stored dS rounds the same)
-    fa.PV_FP16 = args.run_one in ("pv16", "pvsplit", "pvlow8", "pv16all")  # else the bf16 kernels' P·V
-    if args.run_one == "pv16all":
-        fa.PRECISE_PV_MIN_KEYS = 0
-    fa.PV_SPLIT = args.run_one in ("pvsplit", "pvlow8")
-    fa.PV_LOW8 = args.run_one == "pvlow8"
     config = bc.t5_config("tiny", num_layers=2, dropout_rate=0.0, d_model=256, num_heads=4, d_kv=64, d_ff=1024)
     data = bc.tokenize_rows(bc.load_t5_tokenizer(), bc.load_billsum_texts(), args.src_len, args.tgt_len)
     device, rows = torch.device("cpu"), []
@@ -118,7 +119,7 @@ def run_draws(args) -> list[dict]:
         fn.set_attn_implementation(model, "sdpa")
         for backend in ("sdpa", "triton"):
             enable_fast_t5(model, attention_backend=backend)
-            with fa.block_sizes(fwd=(64, 64), dkdv=(64, 64), dq=(64, 64)):
+            with fa.block_sizes(fwd=(64, 64), dkdv=(64, 64), dq=(64, 64)), bc.patched(variant_tokens(args.run_one)):
                 grads[f"fast_{backend}"] = fn.loss_and_grads(model, batch, device)[1]
             disable_fast_t5(model)
         reference = fp32_reference_grads(model, batch)[1]
