@@ -15,6 +15,7 @@ Rows, each timed forward + backward (CUDA events, median) with its peak memory a
   ... +dropout8             the same with 8-bit dropout draws (flash_attention.DROPOUT_DRAW_BITS = 8)
   ... +dropout+nopairs      the same with the Philox-4x32 draws before DROPOUT_PAIRS (flash_attention)
   ... +dropout+pvlow8       from PRECISE_PV_MIN_KEYS keys: P's remainder GEMM in float8 (flash_attention.PV_LOW8)
+  ... +dropout+holes        the key mask read only in rows with a hole (flash_attention.MASK_ONLY_WITH_HOLES)
   triton                    the same kernels with key padding only (no bias, no dropout): the bare kernel
 Forward and backward are also timed apart (fwd_ms, bwd_ms) in the same runs.
 The bias tensors come from a real frozen T5Attention through sumtune.fast_t5.bias, as the fast stack makes them.
@@ -229,6 +230,8 @@ def run_shape(shape, repeats: int, with_flex: bool) -> tuple[list[dict], dict]:
     if length >= fa.PRECISE_PV_MIN_KEYS:  # the precise P·V's remainder GEMM in float8 (PV_LOW8)
         with bc.patched("pvlow8"):
             record("triton+bias+dropout+pvlow8", ours, (q, k, v), table.numel() * 4 / 2**30)
+    with bc.patched("holes"):  # these rows are right-padded only: no key mask read at all
+        record("triton+bias+dropout+holes", ours, (q, k, v), table.numel() * 4 / 2**30)
     pinned = {kernel: config for kernel, config in tuned.items() if config is not None}
     with fa.block_sizes(**pinned):  # the dropout variant's tiles: one compile instead of another autotune
         record("triton+bias", lambda *t: ours(*t, p=0.0), (q, k, v), table.numel() * 4 / 2**30)

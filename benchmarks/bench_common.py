@@ -172,6 +172,8 @@ CONFIG_TOKENS: dict[str, dict] = {
 # keys since 2026-12-02 (the tokens were `pv16` and `pvsplit` while they were off).
 # (`nofold` measured the dK/dV kernel's select per score against a folded per-key term, which lost: the term went.)
 # (`onebias`, the attention's bias tiles in one loop, measured slower and went with its kernel variant: commit 6681814.)
+# `pvlow8`: the precise P·V's remainder GEMM in float8 (PV_LOW8); `pvall`: the precise P·V at every key length
+# (PRECISE_PV_MIN_KEYS 0); `holes`: the key mask read only in rows with a hole (MASK_ONLY_WITH_HOLES). All off.
 PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "drop8": ("sumtune.fast_t5.flash_attention", "DROPOUT_DRAW_BITS", 8),
     "nopairs": ("sumtune.fast_t5.flash_attention", "DROPOUT_PAIRS", False),
@@ -183,6 +185,7 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "nopvsplit": ("sumtune.fast_t5.flash_attention", "PV_SPLIT", False),
     "pvlow8": ("sumtune.fast_t5.flash_attention", "PV_LOW8", True),
     "pvall": ("sumtune.fast_t5.flash_attention", "PRECISE_PV_MIN_KEYS", 0),
+    "holes": ("sumtune.fast_t5.flash_attention", "MASK_ONLY_WITH_HOLES", True),
 }
 
 

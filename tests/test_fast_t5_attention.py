@@ -166,6 +166,46 @@ def test_pv_in_float16_matches_reference_whatever_v_holds(fa, monkeypatch, v_sca
     assert torch.equal(v16.float(), torch.ldexp(v.detach().float(), 15 - exponent))  # exact: a power of two
 
 
+def test_key_padding_flags_rows_with_a_hole_before_their_length(fa):
+    """KeyPadding.holes: 1 only where a masked key comes before the row's last kept key (left padding counts)."""
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 1, 1, 0], [0, 0, 0, 0, 0], [0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    padding = fa.key_padding(mask)
+    assert padding.lengths.tolist() == [3, 4, 0, 5, 5]
+    assert padding.holes.tolist() == [0, 1, 0, 1, 0]
+    assert padding.holes.dtype == torch.int8
+
+
+def _holes_on_and_off(fa, monkeypatch, device, dtype, length, heads, head_dim, radius):
+    """Output and gradients with MASK_ONLY_WITH_HOLES off and on, through the dQ kernel and the stored-dS route
+    (padding_mask's rows: full, right-padded, short with a hole), plus one run on padding whose hole is not flagged."""
+    q, k, v = make_qkv(3, heads, length, length, head_dim, dtype, device=device)
+    table = fa.bias_table_log2(t5_like_table(heads, length, length, radius, device=device))
+    padding = fa.key_padding(padding_mask(3, length, device=device))
+    grad = torch.randn(3, heads, length, head_dim, generator=torch.Generator().manual_seed(2)).to(device)
+    results = {}
+    for holes, ds_gemm, flags in [(h, d, padding.holes) for h in (False, True) for d in (False, True)] + [
+            (True, False, torch.zeros_like(padding.holes))]:
+        monkeypatch.setattr(fa, "MASK_ONLY_WITH_HOLES", holes)
+        monkeypatch.setattr(fa, "DS_GEMM", ds_gemm)
+        torch.manual_seed(3)
+        given = fa.KeyPadding(padding.mask, padding.lengths, flags)
+        results[holes, ds_gemm, int(flags.sum())] = run_with_grads(
+            lambda q, k, v: fa.t5_flash_attention(q, k, v, table, radius, given, False, 0.25, 0.2), q, k, v, grad)
+    return results
+
+
+def test_mask_only_with_holes_changes_no_bit(fa, monkeypatch):
+    """MASK_ONLY_WITH_HOLES: the forward and dQ kernels skip the key mask in rows padded only at their end and read
+    it in the row with a hole: the same bits as reading it everywhere, with dropout; a hole left unflagged changes
+    the result (the flag is what the kernels go by)."""
+    results = _holes_on_and_off(fa, monkeypatch, "cpu", torch.float32, 70, 2, 16, 8)
+    for ds_gemm in (False, True):
+        (out_off, grads_off), (out_on, grads_on) = results[False, ds_gemm, 1], results[True, ds_gemm, 1]
+        assert torch.equal(out_off, out_on) and all(map(torch.equal, grads_off, grads_on))
+    unflagged, _ = results[True, False, 0]
+    assert torch.equal(unflagged[:2], out_on[:2]) and not torch.allclose(unflagged[2], out_on[2])
+
+
 def test_precise_pv_waits_for_enough_keys(fa, monkeypatch):
     """Below PRECISE_PV_MIN_KEYS keys the forward keeps its bf16 P·V: no float16 copy of V, no second GEMM."""
     monkeypatch.setattr(fa, "PV_FP16", True)
@@ -538,7 +578,7 @@ def test_custom_op_registration_passes_opcheck(fa):
     padding = fa.key_padding(padding_mask(2, 20))
     table = fa.bias_table_log2(t5_like_table(2, 20, 20, 4))
     op = torch.ops.sumtune.t5_flash_attention.default
-    torch.library.opcheck(op, (q, k, v, table, 4, padding.mask, padding.lengths, False, 1.0, 0.0),
+    torch.library.opcheck(op, (q, k, v, table, 4, *padding, False, 1.0, 0.0),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
@@ -793,6 +833,20 @@ def test_gpu_dq_from_stored_ds_no_further_from_float64_than_sdpa(compiled_fa, mo
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_mask_only_with_holes_changes_no_bit(compiled_fa, monkeypatch):
+    """The compiled kernels (first configs) with MASK_ONLY_WITH_HOLES: same bits as reading the mask everywhere."""
+    fa = compiled_fa
+    with first_configs(fa):
+        results = _holes_on_and_off(fa, monkeypatch, "cuda", torch.bfloat16, 300, 4, 128, 128)
+    for ds_gemm in (False, True):
+        (out_off, grads_off), (out_on, grads_on) = results[False, ds_gemm, 1], results[True, ds_gemm, 1]
+        assert torch.equal(out_off, out_on) and all(map(torch.equal, grads_off, grads_on))
+    unflagged, _ = results[True, False, 0]
+    assert torch.equal(unflagged[:2], out_on[:2]) and not torch.allclose(unflagged[2], out_on[2])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("bits, pairs", [(8, False), (16, True), (16, False)])
 def test_gpu_kernels_with_each_draw_scheme_match_float64_with_their_mask(compiled_fa, monkeypatch, bits, pairs):
     """`DROPOUT_DRAW_BITS = 8`, `DROPOUT_PAIRS` and neither, compiled for the GPU (each kernel's first autotune
@@ -883,8 +937,7 @@ def test_gpu_cuda_graph_replays_draw_a_new_mask_each_time(compiled_fa):
     q, k, v = make_qkv(2, 4, 300, 300, 64, torch.bfloat16, device="cuda")
     table = t5_like_table(4, 300, 300, 128, device="cuda")
     padding = fa.key_padding(padding_mask(2, 300, device="cuda"))
-    args = (q.detach(), k.detach(), v.detach(), fa.bias_table_log2(table), 128, padding.mask, padding.lengths, False,
-            1.0, 0.3)
+    args = (q.detach(), k.detach(), v.detach(), fa.bias_table_log2(table), 128, *padding, False, 1.0, 0.3)
     op = torch.ops.sumtune.t5_flash_attention.default
     with first_configs(fa):
         op(*args)  # compile outside the capture

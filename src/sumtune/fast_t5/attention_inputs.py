@@ -10,10 +10,12 @@ from torch import Tensor
 
 
 class KeyPadding(NamedTuple):
-    """Per-row key mask as int8 (B, Lk) and key lengths as int32 (B,): last kept key + 1, bounding the loops."""
+    """Per-row key mask as int8 (B, Lk), key lengths as int32 (B,): last kept key + 1, bounding the loops, and
+    ``holes`` as int8 (B,): 1 where a key before that length is masked (else the row needs only its length)."""
 
     mask: Tensor
     lengths: Tensor
+    holes: Tensor
 
 
 def key_padding(key_mask: Tensor) -> KeyPadding:
@@ -21,7 +23,8 @@ def key_padding(key_mask: Tensor) -> KeyPadding:
     keep = key_mask.to(torch.bool)
     positions = torch.arange(1, keep.shape[-1] + 1, device=keep.device, dtype=torch.int32)
     lengths = torch.where(keep, positions, 0).amax(dim=-1).to(torch.int32)
-    return KeyPadding(keep.to(torch.int8).contiguous(), lengths.contiguous())
+    holes = (~keep & (positions <= lengths[:, None])).any(dim=-1)
+    return KeyPadding(keep.to(torch.int8).contiguous(), lengths.contiguous(), holes.to(torch.int8))
 
 
 def dropout_threshold(dropout_p: float, draw_range: int) -> tuple[int, float]:

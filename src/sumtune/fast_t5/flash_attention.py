@@ -82,6 +82,11 @@ PV_SPLIT = True
 # (P's remainder x 2^12 against an e4m3 copy of V / 2^12, keys contiguous, written by the same copy pass), which
 # Hopper's tensor cores run at twice the 16-bit rate: P then carries ~15 bits instead of ~22, against float16's 11.
 PV_LOW8 = False
+# MASK_ONLY_WITH_HOLES (off until measured on a GPU; benchmark token `holes`): the forward and dQ kernels read the
+# key mask only in rows with a masked key before their length (KeyPadding.holes); a row padded only at its end (as
+# every right-padded batch) runs the loop of a maskless call, bounded by its length. Compiled for sm_90, the forward
+# (64, 64, 4, 2) is 4,496 SASS instructions with the mask and 3,792 without (results/flash_kernels_pairs_low8-*).
+MASK_ONLY_WITH_HOLES = False
 PRECISE_PV_MIN_KEYS = 2048
 TABLE_MARGIN = 128  # zero columns each side of a bias table: a tile reaches at most BLOCK - 1 offsets beyond it
 _INTERPRETER_BLOCKS = dict(fwd=(32, 32), dkdv=(32, 32), dq=(32, 32))  # tests pin smaller ones to cross blocks
@@ -126,7 +131,7 @@ def _configs(name: str):
 
 
 _AUTOTUNE_KEY = ["HEAD_DIM", "len_key", "CAUSAL", "HAS_BIAS", "HAS_KEY_MASK", "DROPOUT", "DRAW8", "STORE_DS",
-                 "PV_SPLIT", "PV_FP16", "PAIRS", "PV_LOW8"]
+                 "PV_SPLIT", "PV_FP16", "PAIRS", "PV_LOW8", "CHECK_HOLES"]
 _tuned: dict[str, object] = {}
 
 
@@ -221,7 +226,7 @@ def _fp16_values(v: Tensor, with_fp8: bool = False) -> tuple[Tensor, Tensor, Ten
     return out, largest, out8
 
 
-def _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, seed, draw_bits, pairs):
+def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropout_p, seed, draw_bits, pairs):
     kernels = _kernels()
     batch, heads, query_len, head_dim = q.shape
     key_len = k.shape[2]
@@ -246,12 +251,13 @@ def _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, se
             HEAD_DIM=head_dim, CAUSAL=causal, HAS_BIAS=table is not None, HAS_KEY_MASK=mask is not None,
             DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8,
             PV_SPLIT=PV_SPLIT and precise_pv, PV_FP16=pv_fp16, PAIRS=pairs, PV_LOW8=pv_low8,
+            **_holes_args(mask, holes),
             **(dict(zip(("stride_v8b", "stride_v8h", "stride_v8d"), v8.stride()[:3])) if pv_low8 else {}))
     return out, lse
 
 
-def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal, scale, dropout_p, seed, draw_bits,
-              pairs):
+def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, causal, scale, dropout_p, seed,
+              draw_bits, pairs):
     kernels = _kernels()
     batch, heads, query_len, head_dim = q.shape
     key_len = k.shape[2]
@@ -287,8 +293,13 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal,
             q, k, v, grad_out, dq, lse, delta, table_arg, mask_arg, lengths_arg,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), mask_stride,
             heads, query_len, key_len, radius, *geometry, scale * LOG2E, scale, seed, drop_below, drop_scale,
-            length_key, **common)
+            length_key, **common, **_holes_args(mask, holes))
     return dq, dk, dv
+
+
+def _holes_args(mask, holes) -> dict:
+    """The forward's and dQ kernel's MASK_ONLY_WITH_HOLES arguments (none when off or without a key mask)."""
+    return dict(CHECK_HOLES=True, HOLES=holes) if MASK_ONLY_WITH_HOLES and mask is not None else {}
 
 
 def ds_gemm_active() -> bool:
@@ -356,15 +367,16 @@ def _round_up(a: int, b: int) -> int:
 # ----------------------------------------------------------------------------- custom ops + autograd
 @torch.library.custom_op("sumtune::t5_flash_attention", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], radius: int, mask: Optional[Tensor],
-                  lengths: Optional[Tensor], causal: bool, scale: float, dropout_p: float,
+                  lengths: Optional[Tensor], holes: Optional[Tensor], causal: bool, scale: float, dropout_p: float,
                   draw_bits: int = 16, pairs: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     seed = dropout_seed(q, dropout_p)
-    out, lse = _forward(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, seed, draw_bits, pairs)
+    out, lse = _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropout_p, seed, draw_bits,
+                        pairs)
     return out, lse, seed
 
 
 @_attention_op.register_fake
-def _(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, draw_bits=16, pairs=False):
+def _(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropout_p, draw_bits=16, pairs=False):
     batch, heads, query_len, head_dim = q.shape
     out = q.new_empty((batch, query_len, heads, head_dim)).transpose(1, 2)
     return out, q.new_empty((batch, heads, query_len), dtype=torch.float32), q.new_empty((1,), dtype=torch.int64)
@@ -373,31 +385,31 @@ def _(q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, draw_bits
 @torch.library.custom_op("sumtune::t5_flash_attention_backward", mutates_args=())
 def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                            seed: Tensor, table: Optional[Tensor], radius: int, mask: Optional[Tensor],
-                           lengths: Optional[Tensor], causal: bool, scale: float, dropout_p: float,
-                           draw_bits: int = 16, pairs: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    return _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, causal, scale, dropout_p, seed,
+                           lengths: Optional[Tensor], holes: Optional[Tensor], causal: bool, scale: float,
+                           dropout_p: float, draw_bits: int = 16, pairs: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    return _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, causal, scale, dropout_p, seed,
                      draw_bits, pairs)
 
 
 @_attention_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, seed, table, radius, mask, lengths, causal, scale, dropout_p, draw_bits=16,
-      pairs=False):
+def _(grad_out, q, k, v, out, lse, seed, table, radius, mask, lengths, holes, causal, scale, dropout_p,
+      draw_bits=16, pairs=False):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, table, radius, mask, lengths, causal, scale, dropout_p, draw_bits, pairs = inputs
+    q, k, v, table, radius, mask, lengths, holes, causal, scale, dropout_p, draw_bits, pairs = inputs
     out, lse, seed = output
-    ctx.save_for_backward(q, k, v, out, lse, seed, table, mask, lengths)
+    ctx.save_for_backward(q, k, v, out, lse, seed, table, mask, lengths, holes)
     ctx.radius, ctx.causal, ctx.scale, ctx.dropout_p = radius, causal, scale, dropout_p
     ctx.draw_bits, ctx.pairs = draw_bits, pairs
 
 
 def _backward_rule(ctx, grad_out, _grad_lse, _grad_seed):
-    q, k, v, out, lse, seed, table, mask, lengths = ctx.saved_tensors
-    dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, lse, seed, table, ctx.radius, mask, lengths,
+    q, k, v, out, lse, seed, table, mask, lengths, holes = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, lse, seed, table, ctx.radius, mask, lengths, holes,
                                         ctx.causal, ctx.scale, ctx.dropout_p, ctx.draw_bits, ctx.pairs)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 _attention_op.register_autograd(_backward_rule, setup_context=_setup_context)
@@ -417,8 +429,8 @@ def t5_flash_attention(query: Tensor, key: Tensor, value: Tensor, table_log2: Te
     :func:`bias_table_log2`, ``padding`` from :func:`key_padding`; ``bias_radius`` 0: none."""
     if table_log2 is not None and table_log2.shape[1] != query.shape[2] + key.shape[2] - 1 + 2 * TABLE_MARGIN:
         raise ValueError(f"table_log2 has {table_log2.shape[1]} columns: not a bias_table_log2 table for these lengths")
-    mask, lengths = padding if padding is not None else (None, None)
-    return _attention_op(query, key, value, table_log2, int(bias_radius), mask, lengths, causal, float(scale),
+    mask, lengths, holes = padding if padding is not None else (None, None, None)
+    return _attention_op(query, key, value, table_log2, int(bias_radius), mask, lengths, holes, causal, float(scale),
                          float(dropout_p), _draw_bits(), _pairs())[0]
 
 

@@ -31,7 +31,7 @@ def example_arguments(kernel, batch: int = 32, heads: int = 32, length: int = 10
                       dtype: str = "bf16") -> dict:
     """Runtime arguments of ``kernel`` for (B, L, H, D) tensors seen as (B, H, L, D), as the fast path has them."""
     strides = {"b": length * heads * head_dim, "h": head_dim, "m": heads * head_dim, "n": heads * head_dim, "d": 1}
-    pointers = {"LSE": "*fp32", "DELTA": "*fp32", "TABLE": "*fp32", "KMASK": "*i8", "KV_LEN": "*i32", "SEED": "*i64",
+    pointers = {"LSE": "*fp32", "DELTA": "*fp32", "TABLE": "*fp32", "KMASK": "*i8", "KV_LEN": "*i32", "HOLES": "*i8", "SEED": "*i64",
                 "V_LARGEST": f"*{dtype}", "V8": "*fp8e4nv"}
     values = dict(H=heads, Lq=length, Lk=length, R=128, table_row=2 * length - 1 + 256, table_zero=length - 1 + 128,
                   stride_dsb=heads * length * length, stride_dsh=length * length, stride_dsn=length,
@@ -62,7 +62,7 @@ def compile_kernel(name: str, block_m: int, block_n: int, num_warps: int, num_st
 
     kernel = getattr(flash_kernels, KERNELS[name])
     shipped = {"DRAW8": False, "STORE_DS": False, "PV_SPLIT": False, "PV_FP16": False, "PAIRS": DROPOUT_PAIRS,
-               "PV_LOW8": False}
+               "PV_LOW8": False, "CHECK_HOLES": False}
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=False,
                       **{**shipped, **T5_FLAGS, **flags})
     # STORE_DS: dK/dV only; PV_*: forward only
