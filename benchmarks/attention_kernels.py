@@ -14,7 +14,6 @@ Rows, each timed forward + backward (CUDA events, median) with its peak memory a
   triton +bias(+dropout)    sumtune's kernels (sumtune.fast_t5.flash_attention): table + key padding, no L x L
   ... +dropout8             the same with 8-bit dropout draws (flash_attention.DROPOUT_DRAW_BITS = 8)
   ... +dropout+nopairs      the same with the Philox-4x32 draws before DROPOUT_PAIRS (flash_attention)
-  ... +dropout+pvlow8       from PRECISE_PV_MIN_KEYS keys: P's remainder GEMM in float8 (flash_attention.PV_LOW8)
   ... +dropout+holes        the key mask read only in rows with a hole (flash_attention.MASK_ONLY_WITH_HOLES)
   triton                    the same kernels with key padding only (no bias, no dropout): the bare kernel
 Forward and backward are also timed apart (fwd_ms, bwd_ms) in the same runs.
@@ -227,9 +226,6 @@ def run_shape(shape, repeats: int, with_flex: bool) -> tuple[list[dict], dict]:
         record("triton+bias+dropout8", ours, (q, k, v), table.numel() * 4 / 2**30)
     with bc.patched("nopairs"):  # Philox-4x32 per 2 x 4 elements: the dK/dV kernel transposes its mask
         record("triton+bias+dropout+nopairs", ours, (q, k, v), table.numel() * 4 / 2**30)
-    if length >= fa.PRECISE_PV_MIN_KEYS:  # the precise P·V's remainder GEMM in float8 (PV_LOW8)
-        with bc.patched("pvlow8"):
-            record("triton+bias+dropout+pvlow8", ours, (q, k, v), table.numel() * 4 / 2**30)
     with bc.patched("holes"):  # these rows are right-padded only: no key mask read at all
         record("triton+bias+dropout+holes", ours, (q, k, v), table.numel() * 4 / 2**30)
     pinned = {kernel: config for kernel, config in tuned.items() if config is not None}

@@ -10,9 +10,10 @@ nearest (`cvt.rn.bf16.f32` in the sm_90 PTX), so every variant runs on a copy of
 nearest first; a variant then leaves one rounding out: `fwd` P in the forward's P·V, `dv` P in dV, `ds` dS in dK and
 dQ (the dQ kernel), `fwd16` P and V in float16 in the forward, `fwdsum` the softmax's row sum taken over the
 rounded P, `pv16` the product's PV_FP16 switch (V scaled into float16's range, P cast to float16), `pvsplit` with
-PV_SPLIT too (the default from 2048 keys), `pvlow8` with PV_LOW8 on top, `pv16all` PV_FP16 below 2048 keys as well
-(session 16 ran `pv16` before the threshold existed). The copy lives in
-a temporary directory; sumtune itself is not changed. Writes benchmarks/results/attention_numerics_cpu-<date>-cpu.json.
+PV_SPLIT too (the default from 2048 keys), `pv16all` PV_FP16 below 2048 keys as well (session 16 ran `pv16` before
+the threshold existed; `pvlow8`, PV_LOW8 on top, results/attention_numerics_cpu_pvlow8-*, was removed with PV_LOW8:
+commit b74dbf9 has it). The copy lives in a temporary directory; sumtune itself is not changed. Writes
+benchmarks/results/attention_numerics_cpu-<date>-cpu.json.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ VARIANTS = {
     "fwd16": [(ROUNDED_PV,
                "p_high = p.to(v.dtype)\n        acc = _dot(p.to(tl.float16), v.to(tl.float16), UPCAST, acc)")],
     # the product's own P·V switches (PRODUCT_PV below): P cast to V's float16 as the kernels do, not first to bf16
-    **{name: [(ROUNDED_PV, PV)] for name in ("pv16", "pvsplit", "pvlow8", "pv16all")},
+    **{name: [(ROUNDED_PV, PV)] for name in ("pv16", "pvsplit", "pv16all")},
     # the row sum over the rounded P (dropout off here; with dropout it would have to be taken before the mask)
     "fwdsum": [("        l_i = l_i * alpha + tl.sum(p, 1)\n", ""),
                ("        " + ROUNDED_PV,
@@ -76,7 +77,7 @@ VARIANTS = {
 # leaves out; the stored dS rounds the same) and, but for the product's own switches, the bf16 P·V the text patches
 # start from. `pv16all`: PV_FP16 in every call, the decoder's 256-key self-attention too (no 2048-key threshold).
 BF16_PV = "nopv16:nopvsplit"
-PRODUCT_PV = {"pv16": "nopvsplit", "pvsplit": "", "pvlow8": "pvlow8", "pv16all": "nopvsplit:pvall"}
+PRODUCT_PV = {"pv16": "nopvsplit", "pvsplit": "", "pv16all": "nopvsplit:pvall"}
 
 
 def variant_tokens(variant: str) -> str:

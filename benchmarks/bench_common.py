@@ -172,8 +172,11 @@ CONFIG_TOKENS: dict[str, dict] = {
 # keys since 2026-12-02 (the tokens were `pv16` and `pvsplit` while they were off).
 # (`nofold` measured the dK/dV kernel's select per score against a folded per-key term, which lost: the term went.)
 # (`onebias`, the attention's bias tiles in one loop, measured slower and went with its kernel variant: commit 6681814.)
-# `pvlow8`: the precise P·V's remainder GEMM in float8 (PV_LOW8); `pvall`: the precise P·V at every key length
-# (PRECISE_PV_MIN_KEYS 0); `holes`: the key mask read only in rows with a hole (MASK_ONLY_WITH_HOLES). All off.
+# (`pvlow8`, the precise P·V's remainder GEMM in float8, measured slower on an H200 — forward 7.57 vs 5.73 ms at
+# 4x32x4096x128, the long step 6.00 vs 6.39 samples/s, results/*_pvlow8-2026-12-02-h200.json — and went with its
+# kernel variant: commit b74dbf9 has it.)
+# `pvall`: the precise P·V at every key length (PRECISE_PV_MIN_KEYS 0); `holes`: the key mask read only in rows with a
+# hole (MASK_ONLY_WITH_HOLES). Both off.
 PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "drop8": ("sumtune.fast_t5.flash_attention", "DROPOUT_DRAW_BITS", 8),
     "nopairs": ("sumtune.fast_t5.flash_attention", "DROPOUT_PAIRS", False),
@@ -183,7 +186,6 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "nodsgemm": ("sumtune.fast_t5.flash_attention", "DS_GEMM", False),
     "nopv16": ("sumtune.fast_t5.flash_attention", "PV_FP16", False),
     "nopvsplit": ("sumtune.fast_t5.flash_attention", "PV_SPLIT", False),
-    "pvlow8": ("sumtune.fast_t5.flash_attention", "PV_LOW8", True),
     "pvall": ("sumtune.fast_t5.flash_attention", "PRECISE_PV_MIN_KEYS", 0),
     "holes": ("sumtune.fast_t5.flash_attention", "MASK_ONLY_WITH_HOLES", True),
 }

@@ -153,13 +153,13 @@ def test_pv_in_float16_matches_reference_whatever_v_holds(fa, monkeypatch, v_sca
     monkeypatch.setattr(fa, "PRECISE_PV_MIN_KEYS", 0)
     scaled = []
     to_fp16 = fa._fp16_values
-    monkeypatch.setattr(fa, "_fp16_values", lambda v, **kw: scaled.append(to_fp16(v, **kw)) or scaled[-1])
+    monkeypatch.setattr(fa, "_fp16_values", lambda v: scaled.append(to_fp16(v)) or scaled[-1])
     q, k, v = make_qkv(2, 2, 40, 40, 64, torch.bfloat16)
     v = (v.detach() * v_scale).requires_grad_()  # a power of two: still bf16-exact
     table = t5_like_table(2, 40, 40, 8, seed=2)
     out, _ = assert_matches_reference(fa, q, k, v, HALF_RTOL[torch.bfloat16], table, padding_mask(2, 40), radius=8)
     assert out.dtype == torch.bfloat16 and out.abs().max() > v_scale * 0.1  # unscaled, not left at max ~ 2^15
-    (v16, largest, _), = scaled  # the float16 route ran, once (the forward), with V's largest value in [2^14, 2^15)
+    (v16, largest), = scaled  # the float16 route ran, once (the forward), with V's largest value in [2^14, 2^15)
     assert float(largest) == float(v.detach().abs().max())
     assert v16.dtype == torch.float16 and 2.0**14 <= float(v16.abs().max()) < 2.0**15
     _, exponent = torch.frexp(largest.float())  # largest = m 2^exponent, m in [0.5, 1): the power is 2^(15 - exponent)
@@ -225,19 +225,6 @@ def test_precise_pv_waits_for_enough_keys(fa, monkeypatch):
     assert [entry for entry in launches if entry[0] == "fwd"] == [("fwd", False, False), ("fwd", True, True)]
 
 
-def test_pv_low8_copy_is_v_over_2_to_the_12_in_float8_with_keys_contiguous(fa):
-    """PV_LOW8's copy of V: the float16 copy / 2^12 as float8 e4m3 (largest magnitude in [4, 8)), (B, H, D, L
-    rounded up to 16), every element within e4m3's rounding of the exact value."""
-    _, _, v = make_qkv(2, 2, 40, 40, 32, torch.bfloat16, seed=3)
-    v16, _, v8 = fa._fp16_values(v.detach(), with_fp8=True)
-    assert v8.dtype == torch.float8_e4m3fn and v8.shape == (2, 2, 32, 48) and v8.stride(-1) == 1
-    exact = v16.float().transpose(-1, -2) / 4096
-    assert 4 <= float(exact.abs().max()) < 8
-    got = v8[..., :40].float()
-    assert torch.all((got - exact).abs() <= exact.abs() * 2.0**-3 + 2.0**-9)  # 3 mantissa bits, subnormals to 2^-9
-    assert not torch.equal(got, torch.zeros_like(got))
-
-
 def test_pv_in_float16_with_an_all_zero_v_gives_zeros(fa, monkeypatch):
     monkeypatch.setattr(fa, "PV_FP16", True)
     monkeypatch.setattr(fa, "PRECISE_PV_MIN_KEYS", 0)
@@ -257,14 +244,12 @@ def test_pv_split_brings_the_forward_closer_to_float64(fa, monkeypatch):
     output_rounding = relative_error(reference.to(torch.bfloat16), reference)
     monkeypatch.setattr(fa, "PRECISE_PV_MIN_KEYS", 0)
     errors = {}
-    # bf16, the bf16 split, the default (both), both with the remainder GEMM in float8 (PV_LOW8)
-    for fp16, split, low8 in ((False, False, False), (False, True, False), (True, True, False), (True, True, True)):
+    for fp16, split in ((False, False), (False, True), (True, True)):  # bf16, the bf16 split, the default (both)
         monkeypatch.setattr(fa, "PV_FP16", fp16)
         monkeypatch.setattr(fa, "PV_SPLIT", split)
-        monkeypatch.setattr(fa, "PV_LOW8", low8)
-        errors[fp16, split, low8] = relative_error(fa.flash_t5_attention(q, k, v, table), reference)
-    for precise in ((False, True, False), (True, True, False), (True, True, True)):
-        assert errors[precise] < 0.85 * errors[False, False, False], errors
+        errors[fp16, split] = relative_error(fa.flash_t5_attention(q, k, v, table), reference)
+    for precise in ((False, True), (True, True)):
+        assert errors[precise] < 0.85 * errors[False, False], errors
         assert errors[precise] < 2.2 * output_rounding, (errors, output_rounding)
     assert_matches_reference(fa, q, k, v, HALF_RTOL[torch.bfloat16], table, padding_mask(1, 96), radius=8)
 
@@ -675,26 +660,6 @@ def test_sass_opcode_counts_show_what_dropout_adds_to_the_forward():
     assert with_dropout["IMAD"] > without["IMAD"] + 100, (without, with_dropout)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_pv_low8_forward_compiles_for_hopper_with_8bit_tensor_core_gemms():
-    """Each forward config with PV_LOW8 builds for sm_90 (V as its float16 copy), its remainder GEMM as e4m3 wgmma,
-    fitting Hopper's shared memory; the 8-bit operand's registers cost the 4-warp config a few hundred bytes of
-    spill (276 with Triton 3.6), and the autotuner keeps configs that spill nothing."""
-    from sumtune.fast_t5.flash_attention import AUTOTUNE_CONFIGS
-    from sumtune.fast_t5.flash_compile import HOPPER_SHARED_BYTES
-
-    rows, stderr = _json_lines_compiled_for_hopper(
-        "import json; from sumtune.fast_t5 import flash_compile as fc, flash_attention as fa\n"
-        "for config in fa.AUTOTUNE_CONFIGS['fwd']:\n"
-        "    compiled = fc.compile_kernel('fwd', *config, PV_FP16=True, PV_SPLIT=True, PV_LOW8=True)\n"
-        "    print(json.dumps(dict(fc.resources(compiled), e4m3='e4m3.e4m3' in compiled.asm['ptx'])))")
-    assert len(rows) == len(AUTOTUNE_CONFIGS["fwd"]), stderr
-    for row in rows:
-        assert row["e4m3"] and row["shared_bytes"] <= HOPPER_SHARED_BYTES and row["spill_bytes"] <= 512, row
-    assert min(row["spill_bytes"] for row in rows) == 0, rows
-
-
 def test_compiled_graph_keeps_the_custom_ops_and_their_dropout(fa):
     """torch.compile (dynamo + AOTAutograd, eager kernels) traces the fast path's call with its FlashInputs in one
     graph, and the compiled backward regenerates the forward's dropout mask: bit-identical to eager at one seed."""
@@ -804,17 +769,16 @@ def test_gpu_kernels_no_further_from_float64_than_sdpa(compiled_fa, monkeypatch,
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("pv_fp16,pv_split,pv_low8", [(True, True, False), (True, False, False), (False, True, False),
-                                                     (True, True, True)], ids=["both", "fp16", "split", "low8"])
+@pytest.mark.parametrize("pv_fp16,pv_split", [(True, True), (True, False), (False, True)],
+                         ids=["both", "fp16", "split"])
 @pytest.mark.parametrize("head_dim,causal", [(128, False), (64, True)])
 def test_gpu_precise_pv_no_further_from_float64_than_sdpa(compiled_fa, monkeypatch, head_dim, causal, pv_fp16,
-                                                          pv_split, pv_low8):
+                                                          pv_split):
     """The same check with the forward's P·V in more precision (compiled): P in float16 plus its remainder, as by
-    default from PRECISE_PV_MIN_KEYS keys, each part alone, and the remainder in float8 (PV_LOW8)."""
+    default from PRECISE_PV_MIN_KEYS keys, and each part alone."""
     fa = compiled_fa
     monkeypatch.setattr(fa, "PV_FP16", pv_fp16)
     monkeypatch.setattr(fa, "PV_SPLIT", pv_split)
-    monkeypatch.setattr(fa, "PV_LOW8", pv_low8)
     monkeypatch.setattr(fa, "PRECISE_PV_MIN_KEYS", 0)
     with first_configs(fa):
         _check_against_sdpa_and_float64(fa, head_dim, causal, torch.bfloat16)

@@ -78,10 +78,9 @@ DS_TILE = 128  # the dS buffer's rows and columns are padded to whole tiles, so 
 # to float32 as stock (results/fast_t5_numerics_1024-2026-12-01-h200.json). Benchmark tokens `nopv16`, `nopvsplit`.
 PV_FP16 = True
 PV_SPLIT = True
-# PV_LOW8 (with both above, off until measured on a GPU; benchmark token `pvlow8`): the remainder GEMM in float8 e4m3
-# (P's remainder x 2^12 against an e4m3 copy of V / 2^12, keys contiguous, written by the same copy pass), which
-# Hopper's tensor cores run at twice the 16-bit rate: P then carries ~15 bits instead of ~22, against float16's 11.
-PV_LOW8 = False
+# (PV_LOW8, the remainder GEMM in float8 e4m3 against an e4m3 copy of V / 2^12, measured slower on an H200: forward
+# 7.57 vs 5.73 ms at 4x32x4096x128, the long step 6.00 vs 6.39 samples/s, results/*_pvlow8-2026-12-02-h200.json;
+# removed, commit b74dbf9 has it.)
 # MASK_ONLY_WITH_HOLES (off until measured on a GPU; benchmark token `holes`): the forward and dQ kernels read the
 # key mask only in rows with a masked key before their length (KeyPadding.holes); a row padded only at its end (as
 # every right-padded batch) runs the loop of a maskless call, bounded by its length. Compiled for sm_90, the forward
@@ -131,7 +130,7 @@ def _configs(name: str):
 
 
 _AUTOTUNE_KEY = ["HEAD_DIM", "len_key", "CAUSAL", "HAS_BIAS", "HAS_KEY_MASK", "DROPOUT", "DRAW8", "STORE_DS",
-                 "PV_SPLIT", "PV_FP16", "PAIRS", "PV_LOW8", "CHECK_HOLES"]
+                 "PV_SPLIT", "PV_FP16", "PAIRS", "CHECK_HOLES"]
 _tuned: dict[str, object] = {}
 
 
@@ -209,21 +208,16 @@ def _radius(radius: int, query_len: int, key_len: int) -> int:
     return radius if radius > 0 else query_len + key_len  # 0: no saturation known, every tile reads the table
 
 
-def _fp16_values(v: Tensor, with_fp8: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+def _fp16_values(v: Tensor) -> tuple[Tensor, Tensor]:
     """V times 2^e as float16, e from the exponent of max |V| (which comes back too, for the forward's epilogue):
-    exact, with max |V| 2^e in [2^14, 2^15); one read for the max and one pass for the copy, on the device. With
-    ``with_fp8`` also that copy / 2^12 in float8 e4m3 as (B, H, D, L rounded up to 16), keys contiguous."""
+    exact, with max |V| 2^e in [2^14, 2^15); one read for the max and one pass for the copy, on the device."""
     batch, heads, length, head_dim = v.shape
     largest = torch.linalg.vector_norm(v, ord=math.inf)  # max |V|, one pass, no |V| temporary; exact in bf16
     out = torch.empty((batch, length, heads, head_dim), device=v.device, dtype=torch.float16).transpose(1, 2)
-    out8 = torch.empty((batch, heads, head_dim, _round_up(length, 16)), device=v.device,
-                       dtype=torch.float8_e4m3fn) if with_fp8 else None
     block = 64
-    extra = dict(OUT8=out8, stride_8b=out8.stride(0), stride_8h=out8.stride(1), stride_8d=out8.stride(2),
-                 WRITE8=True, EMULATE8=_kernels().INTERPRET) if with_fp8 else {}
     _kernels().t5_values_to_fp16[(_cdiv(length, block), batch * heads)](
-        v, out, largest, *v.stride(), *out.stride(), heads, length, HEAD_DIM=head_dim, BLOCK=block, **extra)
-    return out, largest, out8
+        v, out, largest, *v.stride(), *out.stride(), heads, length, HEAD_DIM=head_dim, BLOCK=block)
+    return out, largest
 
 
 def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropout_p, seed, draw_bits, pairs):
@@ -232,10 +226,9 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
     key_len = k.shape[2]
     precise_pv = key_len >= PRECISE_PV_MIN_KEYS
     pv_fp16 = PV_FP16 and precise_pv and v.dtype == torch.bfloat16  # the kernel's P·V in float16 (P cast to V's dtype)
-    pv_low8 = pv_fp16 and PV_SPLIT and PV_LOW8
-    largest = v8 = None
+    largest = None
     if pv_fp16:
-        v, largest, v8 = _fp16_values(v, with_fp8=pv_low8)
+        v, largest = _fp16_values(v)
     out = torch.empty((batch, query_len, heads, head_dim), device=q.device, dtype=q.dtype).transpose(1, 2)
     lse = torch.empty((batch, heads, query_len), device=q.device, dtype=torch.float32)
     drop_below, drop_scale = dropout_threshold(dropout_p, 1 << draw_bits)
@@ -244,15 +237,14 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
     _launch("fwd", kernels.t5_flash_attention_fwd,
             lambda bm, bn: (_cdiv(query_len, bm), batch * heads),
             q, k, v, out, lse, table if table is not None else dummy, mask if mask is not None else dummy,
-            lengths if lengths is not None else dummy, largest if pv_fp16 else dummy, v8 if pv_low8 else dummy,
+            lengths if lengths is not None else dummy, largest if pv_fp16 else dummy,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), mask.stride(0) if mask is not None else 0,
             heads, query_len, key_len, radius, *_table_geometry(table, query_len), scale * LOG2E, seed, drop_below,
             drop_scale, _length_key(max(query_len, key_len)),
             HEAD_DIM=head_dim, CAUSAL=causal, HAS_BIAS=table is not None, HAS_KEY_MASK=mask is not None,
             DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8,
-            PV_SPLIT=PV_SPLIT and precise_pv, PV_FP16=pv_fp16, PAIRS=pairs, PV_LOW8=pv_low8,
-            **_holes_args(mask, holes),
-            **(dict(zip(("stride_v8b", "stride_v8h", "stride_v8d"), v8.stride()[:3])) if pv_low8 else {}))
+            PV_SPLIT=PV_SPLIT and precise_pv, PV_FP16=pv_fp16, PAIRS=pairs,
+            **_holes_args(mask, holes))
     return out, lse
 
 

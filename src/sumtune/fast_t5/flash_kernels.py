@@ -25,8 +25,8 @@ Design (scores are kept in log2 units, as in Triton's fused-attention tutorial: 
   log-sum-exp. No atomics, so gradients are deterministic.
 * **P·V precision** (forward only): ``PV_FP16`` takes V as a float16 copy scaled by a power of two (``V_LARGEST``
   holds max |V|; sumtune.fast_t5.fp16_values), so P goes into the GEMM with 11 bits instead of bf16's 8, and divides
-  the output by that power; ``PV_SPLIT`` adds a second GEMM over P's remainder (with ``PV_LOW8`` in float8 e4m3
-  against an e4m3 copy of V with its keys contiguous, as Hopper's 8-bit tensor-core GEMMs read it).
+  the output by that power; ``PV_SPLIT`` adds a second GEMM over P's remainder in V's dtype (in float8 e4m3 it
+  measured slower on an H200: commit b74dbf9 has it).
 * The tensor-core kernels are named t5_flash_attention_*: sumtune's profiler counts "flash" kernels as tensor-core
   work.
 """
@@ -38,7 +38,7 @@ import triton.language as tl
 
 from sumtune.fast_t5.dropout_draws import _counter_cols, _keep_pairs, _keep_tile
 from sumtune.fast_t5.fp16_values import fp16_power, t5_values_to_fp16  # noqa: F401 (the latter: for flash_attention)
-from sumtune.triton_compat import fix_interpreter_for_numpy_2_4, float8e4_rounded
+from sumtune.triton_compat import fix_interpreter_for_numpy_2_4
 from sumtune.triton_compat import interpreter_safe_dot as _dot
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
@@ -70,12 +70,12 @@ def _bias_tile(TABLE, rel, const, BIAS_MODE: tl.constexpr):
 
 # ----------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, K, V, V8, TABLE, KMASK, start, stop, const, start_m,
-               stride_kn, stride_kd, stride_vn, stride_vd, stride_v8d, Lk, kv_len, R, qk_scale,
+def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, start, stop, const, start_m,
+               stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
                seed, stream, n_cols, drop_below,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-               DRAW8: tl.constexpr, PV_SPLIT: tl.constexpr, PAIRS: tl.constexpr, PV_LOW8: tl.constexpr):
+               DRAW8: tl.constexpr, PV_SPLIT: tl.constexpr, PAIRS: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(start, stop, BLOCK_N):
@@ -107,53 +107,47 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, V8, TABLE, KMASK, start, stop, const, sta
         v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=in_k[:, None], other=0.0)
         p_high = p.to(v.dtype)
         acc = _dot(p_high, v, UPCAST, acc)
-        if PV_SPLIT:  # P = high + low: P·V with ~16 bits of P (low in V's dtype) for one more GEMM
-            low = p - p_high.to(tl.float32)
-            if PV_LOW8:  # low x 2^12 (at most 2P) against V8 = V / 2^12, both float8 e4m3, keys contiguous: the
-                # float16 GEMM's scale at twice its rate, for ~4 more bits of P than float16 alone
-                v8 = tl.load(V8 + offs_n[:, None] + offs_d[None, :] * stride_v8d, mask=in_k[:, None], other=0.0)
-                acc = _dot(float8e4_rounded(low * 4096.0, UPCAST), v8, UPCAST, acc)
-            else:
-                acc = _dot(low.to(v.dtype), v, UPCAST, acc)
+        if PV_SPLIT:  # P = high + low, each in V's dtype: P·V with ~16 bits of P for one more GEMM
+            acc = _dot((p - p_high.to(tl.float32)).to(v.dtype), v, UPCAST, acc)
         m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit
-def _fwd_keys(acc, l_i, m_i, q, K, V, V8, TABLE, KMASK, stop, far_left, far_right, start_m,
-              stride_kn, stride_kd, stride_vn, stride_vd, stride_v8d, Lk, kv_len, R, qk_scale,
+def _fwd_keys(acc, l_i, m_i, q, K, V, TABLE, KMASK, stop, far_left, far_right, start_m,
+              stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
               seed, stream, n_cols, drop_below,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
               HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-              DRAW8: tl.constexpr, PV_SPLIT: tl.constexpr, PAIRS: tl.constexpr, PV_LOW8: tl.constexpr):
+              DRAW8: tl.constexpr, PV_SPLIT: tl.constexpr, PAIRS: tl.constexpr):
     """A query block's key tiles below ``stop``: with a bias, the far-left (constant), near (table) and far-right
     (constant) spans, as three loops."""
     if HAS_BIAS:
         # key tiles whose offsets j - i are all <= -R (far left) or all >= +R (far right) share one bias value
         lo_end = tl.minimum((tl.maximum(start_m - R + 1, 0) // BLOCK_N) * BLOCK_N, stop)
         hi_start = tl.maximum(tl.minimum(tl.cdiv(start_m + BLOCK_M - 1 + R, BLOCK_N) * BLOCK_N, stop), lo_end)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, V8, TABLE, KMASK, 0, lo_end, far_left, start_m,
-                                   stride_kn, stride_kd, stride_vn, stride_vd, stride_v8d, Lk, kv_len, R, qk_scale,
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, 0, lo_end, far_left, start_m,
+                                   stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
                                    seed, stream, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
-                                   False, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, PV_LOW8)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, V8, TABLE, KMASK, lo_end, hi_start, 0.0, start_m,
-                                   stride_kn, stride_kd, stride_vn, stride_vd, stride_v8d, Lk, kv_len, R, qk_scale,
+                                   False, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, lo_end, hi_start, 0.0, start_m,
+                                   stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
                                    seed, stream, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER,
-                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, PV_LOW8)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, V8, TABLE, KMASK, hi_start, stop, far_right, start_m,
-                                   stride_kn, stride_kd, stride_vn, stride_vd, stride_v8d, Lk, kv_len, R, qk_scale,
+                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, hi_start, stop, far_right, start_m,
+                                   stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
                                    seed, stream, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
-                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, PV_LOW8)
+                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
     else:
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, V8, TABLE, KMASK, 0, stop, 0.0, start_m,
-                                   stride_kn, stride_kd, stride_vn, stride_vd, stride_v8d, Lk, kv_len, R, qk_scale,
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, 0, stop, 0.0, start_m,
+                                   stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
                                    seed, stream, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE,
-                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, PV_LOW8)
+                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
     return acc, l_i, m_i
 
 
 @triton.jit
-def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, V8, stride_qb, stride_qh, stride_qm,
+def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, stride_qb, stride_qh, stride_qm,
                            stride_qd, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn,
                            stride_vd, stride_ob, stride_oh, stride_om, stride_od, stride_mask_b, H, Lq, Lk, R,
                            table_row, table_zero, qk_scale, SEED, drop_below, drop_scale, len_key,
@@ -162,7 +156,6 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, V8,
                            HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr,
                            UPCAST: tl.constexpr, DRAW8: tl.constexpr = False, PV_SPLIT: tl.constexpr = False,
                            PV_FP16: tl.constexpr = False, PAIRS: tl.constexpr = False,
-                           PV_LOW8: tl.constexpr = False, stride_v8b=0, stride_v8h=0, stride_v8d=0,
                            CHECK_HOLES: tl.constexpr = False, HOLES=0):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
@@ -178,8 +171,6 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, V8,
                 mask=in_q[:, None], other=0.0)
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
-    if PV_LOW8:
-        V8 += b * stride_v8b + h * stride_v8h
     if HAS_KEY_MASK:
         kv_len = tl.load(KV_LEN + b)
         KMASK += b * stride_mask_b
@@ -200,20 +191,20 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, V8,
         far_right = tl.load(TABLE + tl.minimum(R, Lk - 1))  # the bias of every offset >= +R
     if CHECK_HOLES and HAS_KEY_MASK:  # a row padded only at its end needs no mask read: kv_len bounds its keys
         if tl.load(HOLES + b) != 0:
-            acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, K, V, V8, TABLE, KMASK, stop, far_left, far_right, start_m,
-                                      stride_kn, stride_kd, stride_vn, stride_vd, stride_v8d, Lk, kv_len, R, qk_scale,
+            acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, K, V, TABLE, KMASK, stop, far_left, far_right, start_m,
+                                      stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
                                       seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_BIAS,
-                                      True, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, PV_LOW8)
+                                      True, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
         else:
-            acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, K, V, V8, TABLE, KMASK, stop, far_left, far_right, start_m,
-                                      stride_kn, stride_kd, stride_vn, stride_vd, stride_v8d, Lk, kv_len, R, qk_scale,
+            acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, K, V, TABLE, KMASK, stop, far_left, far_right, start_m,
+                                      stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
                                       seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_BIAS,
-                                      False, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, PV_LOW8)
+                                      False, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
     else:
-        acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, K, V, V8, TABLE, KMASK, stop, far_left, far_right, start_m,
-                                  stride_kn, stride_kd, stride_vn, stride_vd, stride_v8d, Lk, kv_len, R, qk_scale,
+        acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, K, V, TABLE, KMASK, stop, far_left, far_right, start_m,
+                                  stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
                                   seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_BIAS,
-                                  HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, PV_LOW8)
+                                  HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
     empty = l_i == 0.0  # no key to attend to: output 0, and lse = +inf makes the backward's P exactly 0
     l_safe = tl.where(empty, 1.0, l_i)
     out_scale = drop_scale / l_safe

@@ -11,8 +11,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from sumtune.triton_compat import float8e4_rounded
-
 
 @triton.jit
 def fp16_power(largest):
@@ -24,11 +22,8 @@ def fp16_power(largest):
 
 @triton.jit
 def t5_values_to_fp16(V, OUT, LARGEST, stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_on,
-                      stride_od, H, L, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, OUT8=None, stride_8b=0,
-                      stride_8h=0, stride_8d=0, WRITE8: tl.constexpr = False, EMULATE8: tl.constexpr = False):
-    """OUT = V * fp16_power(max |V|) as float16, for a (B, H, L, HEAD_DIM) view of any strides; with WRITE8 also
-    OUT8 = OUT / 2^12 as float8 e4m3 (largest magnitude in [4, 8)) in a (B, H, HEAD_DIM, L) layout (keys
-    contiguous) for PV_LOW8."""
+                      stride_od, H, L, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    """OUT = V * fp16_power(max |V|) as float16, for a (B, H, L, HEAD_DIM) view of any strides."""
     start = tl.program_id(0) * BLOCK
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -39,9 +34,5 @@ def t5_values_to_fp16(V, OUT, LARGEST, stride_vb, stride_vh, stride_vn, stride_v
     values = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                      mask=inside, other=0.0)
     power = fp16_power(tl.load(LARGEST).to(tl.float32))
-    scaled = values.to(tl.float32) * power
     tl.store(OUT + b * stride_ob + h * stride_oh + offs_n[:, None] * stride_on + offs_d[None, :] * stride_od,
-             scaled.to(tl.float16), mask=inside)
-    if WRITE8:
-        tl.store(OUT8 + b * stride_8b + h * stride_8h + offs_n[:, None] + offs_d[None, :] * stride_8d,
-                 float8e4_rounded(scaled * (1.0 / 4096.0), EMULATE8), mask=inside)
+             (values.to(tl.float32) * power).to(tl.float16), mask=inside)
