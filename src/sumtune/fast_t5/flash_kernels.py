@@ -70,7 +70,7 @@ def _bias_tile(TABLE, rel, const, BIAS_MODE: tl.constexpr):
 
 # ----------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, start, stop, const, start_m,
+def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, start, stop, const, start_m,
                stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
                seed, stream, n_cols, drop_below,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
@@ -86,7 +86,8 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, start, stop, const, start_m
         # the tensor cores (the Q.K^T below is waited for at once).
         key_ok = offs_n < kv_len
         if HAS_KEY_MASK:
-            key_ok = key_ok & (tl.load(KMASK + offs_n, mask=in_k, other=0) != 0)
+            if read_mask:
+                key_ok = key_ok & (tl.load(KMASK + offs_n, mask=in_k, other=0) != 0)
         if DROPOUT:
             kept = _keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N, DRAW8, PAIRS)
         k_t = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=in_k[None, :], other=0.0)
@@ -114,7 +115,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, start, stop, const, start_m
 
 
 @triton.jit
-def _fwd_keys(acc, l_i, m_i, q, K, V, TABLE, KMASK, stop, far_left, far_right, start_m,
+def _fwd_keys(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, stop, far_left, far_right, start_m,
               stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
               seed, stream, n_cols, drop_below,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
@@ -126,20 +127,20 @@ def _fwd_keys(acc, l_i, m_i, q, K, V, TABLE, KMASK, stop, far_left, far_right, s
         # key tiles whose offsets j - i are all <= -R (far left) or all >= +R (far right) share one bias value
         lo_end = tl.minimum((tl.maximum(start_m - R + 1, 0) // BLOCK_N) * BLOCK_N, stop)
         hi_start = tl.maximum(tl.minimum(tl.cdiv(start_m + BLOCK_M - 1 + R, BLOCK_N) * BLOCK_N, stop), lo_end)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, 0, lo_end, far_left, start_m,
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, 0, lo_end, far_left, start_m,
                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
                                    seed, stream, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
                                    False, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, lo_end, hi_start, 0.0, start_m,
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, lo_end, hi_start, 0.0, start_m,
                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
                                    seed, stream, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER,
                                    CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, hi_start, stop, far_right, start_m,
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, hi_start, stop, far_right, start_m,
                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
                                    seed, stream, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
                                    CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
     else:
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, 0, stop, 0.0, start_m,
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, 0, stop, 0.0, start_m,
                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
                                    seed, stream, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE,
                                    CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
@@ -189,22 +190,13 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, str
         TABLE += h * table_row + table_zero  # TABLE[d]: bias at offset d = j - i
         far_left = tl.load(TABLE + tl.maximum(-R, 1 - Lq))  # the bias of every offset <= -R
         far_right = tl.load(TABLE + tl.minimum(R, Lk - 1))  # the bias of every offset >= +R
-    if CHECK_HOLES and HAS_KEY_MASK:  # a row padded only at its end needs no mask read: kv_len bounds its keys
-        if tl.load(HOLES + b) != 0:
-            acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, K, V, TABLE, KMASK, stop, far_left, far_right, start_m,
-                                      stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
-                                      seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_BIAS,
-                                      True, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
-        else:
-            acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, K, V, TABLE, KMASK, stop, far_left, far_right, start_m,
-                                      stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
-                                      seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_BIAS,
-                                      False, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
-    else:
-        acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, K, V, TABLE, KMASK, stop, far_left, far_right, start_m,
-                                  stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
-                                  seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_BIAS,
-                                  HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
+    read_mask = True  # with CHECK_HOLES, a row padded only at its end reads no mask: kv_len bounds its keys
+    if CHECK_HOLES:
+        read_mask = tl.load(HOLES + b) != 0
+    acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, stop, far_left, far_right, start_m,
+                              stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
+                              seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_BIAS,
+                              HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
     empty = l_i == 0.0  # no key to attend to: output 0, and lse = +inf makes the backward's P exactly 0
     l_safe = tl.where(empty, 1.0, l_i)
     out_scale = drop_scale / l_safe
@@ -368,7 +360,7 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, start, stop, const, start_m,
+def _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, read_mask, start, stop, const, start_m,
               stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
               seed, stream, n_cols, drop_below, drop_scale,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
@@ -382,7 +374,8 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, start, stop, const, sta
         in_k = offs_n < Lk
         key_ok = offs_n < kv_len  # mask and draws before the dots, as in the forward
         if HAS_KEY_MASK:
-            key_ok = key_ok & (tl.load(KMASK + offs_n, mask=in_k, other=0) != 0)
+            if read_mask:
+                key_ok = key_ok & (tl.load(KMASK + offs_n, mask=in_k, other=0) != 0)
         if DROPOUT:
             kept = _keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N, DRAW8, PAIRS)
         k_t = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=in_k[None, :], other=0.0)
@@ -402,7 +395,7 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, start, stop, const, sta
 
 
 @triton.jit
-def _dq_keys(dq, q, do, lse, delta, K, V, TABLE, KMASK, stop, far_left, far_right, start_m,
+def _dq_keys(dq, q, do, lse, delta, K, V, TABLE, KMASK, read_mask, stop, far_left, far_right, start_m,
              stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, stream, n_cols, drop_below,
              drop_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
              HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
@@ -411,20 +404,20 @@ def _dq_keys(dq, q, do, lse, delta, K, V, TABLE, KMASK, stop, far_left, far_righ
     if HAS_BIAS:
         lo_end = tl.minimum((tl.maximum(start_m - R + 1, 0) // BLOCK_N) * BLOCK_N, stop)
         hi_start = tl.maximum(tl.minimum(tl.cdiv(start_m + BLOCK_M - 1 + R, BLOCK_N) * BLOCK_N, stop), lo_end)
-        dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, 0, lo_end, far_left, start_m,
+        dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, read_mask, 0, lo_end, far_left, start_m,
                        stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, stream, n_cols,
                        drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, False, HAS_KEY_MASK,
                        DROPOUT, UPCAST, DRAW8, PAIRS)
-        dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, lo_end, hi_start, 0.0, start_m,
+        dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, read_mask, lo_end, hi_start, 0.0, start_m,
                        stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, stream, n_cols,
                        drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER, CAUSAL, HAS_KEY_MASK,
                        DROPOUT, UPCAST, DRAW8, PAIRS)
-        dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, hi_start, stop, far_right, start_m,
+        dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, read_mask, hi_start, stop, far_right, start_m,
                        stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, stream, n_cols,
                        drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, CAUSAL, HAS_KEY_MASK,
                        DROPOUT, UPCAST, DRAW8, PAIRS)
     else:
-        dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, 0, stop, 0.0, start_m,
+        dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, read_mask, 0, stop, 0.0, start_m,
                        stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, stream, n_cols,
                        drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE, CAUSAL, HAS_KEY_MASK,
                        DROPOUT, UPCAST, DRAW8, PAIRS)
@@ -475,22 +468,13 @@ def t5_flash_attention_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TABLE, KMASK, KV_LEN,
         TABLE += h * table_row + table_zero  # TABLE[d]: bias at offset d = j - i
         far_left = tl.load(TABLE + tl.maximum(-R, 1 - Lq))  # the bias of every offset <= -R
         far_right = tl.load(TABLE + tl.minimum(R, Lk - 1))  # the bias of every offset >= +R
-    if CHECK_HOLES and HAS_KEY_MASK:  # as the forward: no mask read in a row padded only at its end
-        if tl.load(HOLES + b) != 0:
-            dq = _dq_keys(dq, q, do, lse, delta, K, V, TABLE, KMASK, stop, far_left, far_right, start_m,
-                          stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
-                          drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_BIAS, True, DROPOUT,
-                          UPCAST, DRAW8, PAIRS)
-        else:
-            dq = _dq_keys(dq, q, do, lse, delta, K, V, TABLE, KMASK, stop, far_left, far_right, start_m,
-                          stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
-                          drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_BIAS, False, DROPOUT,
-                          UPCAST, DRAW8, PAIRS)
-    else:
-        dq = _dq_keys(dq, q, do, lse, delta, K, V, TABLE, KMASK, stop, far_left, far_right, start_m,
-                      stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
-                      drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_BIAS, HAS_KEY_MASK, DROPOUT,
-                      UPCAST, DRAW8, PAIRS)
+    read_mask = True  # as the forward: with CHECK_HOLES, no mask read in a row padded only at its end
+    if CHECK_HOLES:
+        read_mask = tl.load(HOLES + b) != 0
+    dq = _dq_keys(dq, q, do, lse, delta, K, V, TABLE, KMASK, read_mask, stop, far_left, far_right, start_m,
+                  stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
+                  drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_BIAS, HAS_KEY_MASK, DROPOUT,
+                  UPCAST, DRAW8, PAIRS)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              (dq * scale).to(DQ.dtype.element_ty), mask=in_q[:, None])
 
