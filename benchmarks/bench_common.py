@@ -175,8 +175,9 @@ CONFIG_TOKENS: dict[str, dict] = {
 # (`pvlow8`, the precise P·V's remainder GEMM in float8, measured slower on an H200 — forward 7.57 vs 5.73 ms at
 # 4x32x4096x128, the long step 6.00 vs 6.39 samples/s, results/*_pvlow8-2026-12-02-h200.json — and went with its
 # kernel variant: commit b74dbf9 has it.)
-# `pvall`: the precise P·V at every key length (PRECISE_PV_MIN_KEYS 0); `holes`: the key mask read only in rows with a
-# hole (MASK_ONLY_WITH_HOLES). Both off.
+# `pvall`: the precise P·V at every key length (PRECISE_PV_MIN_KEYS 0; off by default). `noholes`: the key mask read
+# in every row, not only in rows with a hole (MASK_ONLY_WITH_HOLES, on by default since 2026-12-02; the token was
+# `holes` while it was off).
 PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "drop8": ("sumtune.fast_t5.flash_attention", "DROPOUT_DRAW_BITS", 8),
     "nopairs": ("sumtune.fast_t5.flash_attention", "DROPOUT_PAIRS", False),
@@ -187,7 +188,7 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "nopv16": ("sumtune.fast_t5.flash_attention", "PV_FP16", False),
     "nopvsplit": ("sumtune.fast_t5.flash_attention", "PV_SPLIT", False),
     "pvall": ("sumtune.fast_t5.flash_attention", "PRECISE_PV_MIN_KEYS", 0),
-    "holes": ("sumtune.fast_t5.flash_attention", "MASK_ONLY_WITH_HOLES", True),
+    "noholes": ("sumtune.fast_t5.flash_attention", "MASK_ONLY_WITH_HOLES", False),
 }
 
 

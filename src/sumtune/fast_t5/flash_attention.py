@@ -81,11 +81,14 @@ PV_SPLIT = True
 # (PV_LOW8, the remainder GEMM in float8 e4m3 against an e4m3 copy of V / 2^12, measured slower on an H200: forward
 # 7.57 vs 5.73 ms at 4x32x4096x128, the long step 6.00 vs 6.39 samples/s, results/*_pvlow8-2026-12-02-h200.json;
 # removed, commit b74dbf9 has it.)
-# MASK_ONLY_WITH_HOLES (off until measured on a GPU; benchmark token `holes`): the forward and dQ kernels read the
-# key mask only in rows with a masked key before their length (KeyPadding.holes); a row padded only at its end (as
-# every right-padded batch) runs the loop of a maskless call, bounded by its length. Compiled for sm_90, the forward
-# (64, 64, 4, 2) is 4,496 SASS instructions with the mask and 3,792 without (results/flash_kernels_pairs_low8-*).
-MASK_ONLY_WITH_HOLES = False
+# MASK_ONLY_WITH_HOLES: the forward and dQ kernels read the key mask only in rows with a masked key before their
+# length (KeyPadding.holes, a branch around the load inside the loop); a row padded only at its end (every
+# right-padded batch) is bounded by its length alone. The same results bit for bit (CPU test). On an H200
+# (2026-12-02): the long config's step 6.34 vs 6.26 samples/s (40.8% vs 40.3% MFU), the shipped one's 44.7 vs 44.3
+# (results/long_documents_holes-*, train_throughput_shipped_holes-*). A first form, two copies of each loop (one per
+# branch), ran 6.34 vs 6.30 and 45.1 vs 44.7 (results/*_holes_two_loops-*) but took twice the shared memory (the
+# forward's first config 96 -> 160 KiB, the dQ kernel's over Hopper's 227). Benchmark token `noholes` turns it off.
+MASK_ONLY_WITH_HOLES = True
 PRECISE_PV_MIN_KEYS = 2048
 TABLE_MARGIN = 128  # zero columns each side of a bias table: a tile reaches at most BLOCK - 1 offsets beyond it
 _INTERPRETER_BLOCKS = dict(fwd=(32, 32), dkdv=(32, 32), dq=(32, 32))  # tests pin smaller ones to cross blocks
