@@ -563,7 +563,7 @@ def test_custom_op_registration_passes_opcheck(fa):
     padding = fa.key_padding(padding_mask(2, 20))
     table = fa.bias_table_log2(t5_like_table(2, 20, 20, 4))
     op = torch.ops.sumtune.t5_flash_attention.default
-    torch.library.opcheck(op, (q, k, v, table, 4, *padding, False, 1.0, 0.0),
+    torch.library.opcheck(op, (q, k, v, table, 4, *padding, False, 1.0, 0.0, 16, True),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
@@ -902,7 +902,7 @@ def test_gpu_cuda_graph_replays_draw_a_new_mask_each_time(compiled_fa):
     q, k, v = make_qkv(2, 4, 300, 300, 64, torch.bfloat16, device="cuda")
     table = t5_like_table(4, 300, 300, 128, device="cuda")
     padding = fa.key_padding(padding_mask(2, 300, device="cuda"))
-    # the draw scheme as flash_t5_attention passes it (the op's own defaults are the 16-bit draws without pairs)
+    # the draw scheme as flash_t5_attention passes it
     args = (q.detach(), k.detach(), v.detach(), fa.bias_table_log2(table), 128, *padding, False, 1.0, 0.3,
             fa._draw_bits(), fa._pairs())
     op = torch.ops.sumtune.t5_flash_attention.default

@@ -363,7 +363,8 @@ def _round_up(a: int, b: int) -> int:
 @torch.library.custom_op("sumtune::t5_flash_attention", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], radius: int, mask: Optional[Tensor],
                   lengths: Optional[Tensor], holes: Optional[Tensor], causal: bool, scale: float, dropout_p: float,
-                  draw_bits: int = 16, pairs: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                  draw_bits: int, pairs: bool) -> tuple[Tensor, Tensor, Tensor]:
+    # draw_bits and pairs without defaults: a caller that left them out drew another mask than dropout_keep_mask's
     seed = dropout_seed(q, dropout_p)
     out, lse = _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropout_p, seed, draw_bits,
                         pairs)
@@ -371,7 +372,7 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], radi
 
 
 @_attention_op.register_fake
-def _(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropout_p, draw_bits=16, pairs=False):
+def _(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropout_p, draw_bits, pairs):
     batch, heads, query_len, head_dim = q.shape
     out = q.new_empty((batch, query_len, heads, head_dim)).transpose(1, 2)
     return out, q.new_empty((batch, heads, query_len), dtype=torch.float32), q.new_empty((1,), dtype=torch.int64)
@@ -381,14 +382,14 @@ def _(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropout_p, dr
 def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                            seed: Tensor, table: Optional[Tensor], radius: int, mask: Optional[Tensor],
                            lengths: Optional[Tensor], holes: Optional[Tensor], causal: bool, scale: float,
-                           dropout_p: float, draw_bits: int = 16, pairs: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                           dropout_p: float, draw_bits: int, pairs: bool) -> tuple[Tensor, Tensor, Tensor]:
     return _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, causal, scale, dropout_p, seed,
                      draw_bits, pairs)
 
 
 @_attention_backward_op.register_fake
 def _(grad_out, q, k, v, out, lse, seed, table, radius, mask, lengths, holes, causal, scale, dropout_p,
-      draw_bits=16, pairs=False):
+      draw_bits, pairs):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
