@@ -115,39 +115,6 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, start, stop, con
 
 
 @triton.jit
-def _fwd_keys(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, stop, far_left, far_right, start_m,
-              stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
-              seed, stream, n_cols, drop_below,
-              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-              HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-              DRAW8: tl.constexpr, PV_SPLIT: tl.constexpr, PAIRS: tl.constexpr):
-    """A query block's key tiles below ``stop``: with a bias, the far-left (constant), near (table) and far-right
-    (constant) spans, as three loops."""
-    if HAS_BIAS:
-        # key tiles whose offsets j - i are all <= -R (far left) or all >= +R (far right) share one bias value
-        lo_end = tl.minimum((tl.maximum(start_m - R + 1, 0) // BLOCK_N) * BLOCK_N, stop)
-        hi_start = tl.maximum(tl.minimum(tl.cdiv(start_m + BLOCK_M - 1 + R, BLOCK_N) * BLOCK_N, stop), lo_end)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, 0, lo_end, far_left, start_m,
-                                   stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
-                                   seed, stream, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
-                                   False, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, lo_end, hi_start, 0.0, start_m,
-                                   stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
-                                   seed, stream, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER,
-                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, hi_start, stop, far_right, start_m,
-                                   stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
-                                   seed, stream, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
-                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
-    else:
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, 0, stop, 0.0, start_m,
-                                   stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
-                                   seed, stream, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE,
-                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
-    return acc, l_i, m_i
-
-
-@triton.jit
 def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, stride_qb, stride_qh, stride_qm,
                            stride_qd, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn,
                            stride_vd, stride_ob, stride_oh, stride_om, stride_od, stride_mask_b, H, Lq, Lk, R,
@@ -184,19 +151,33 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, str
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    far_left = 0.0
-    far_right = 0.0
+    read_mask = True  # with CHECK_HOLES, a row padded only at its end reads no mask: kv_len bounds its keys
+    if CHECK_HOLES:
+        read_mask = tl.load(HOLES + b) != 0
     if HAS_BIAS:
         TABLE += h * table_row + table_zero  # TABLE[d]: bias at offset d = j - i
         far_left = tl.load(TABLE + tl.maximum(-R, 1 - Lq))  # the bias of every offset <= -R
         far_right = tl.load(TABLE + tl.minimum(R, Lk - 1))  # the bias of every offset >= +R
-    read_mask = True  # with CHECK_HOLES, a row padded only at its end reads no mask: kv_len bounds its keys
-    if CHECK_HOLES:
-        read_mask = tl.load(HOLES + b) != 0
-    acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, stop, far_left, far_right, start_m,
-                              stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
-                              seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_BIAS,
-                              HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
+        # key tiles whose offsets j - i are all <= -R (far left) or all >= +R (far right) share one bias value
+        lo_end = tl.minimum((tl.maximum(start_m - R + 1, 0) // BLOCK_N) * BLOCK_N, stop)
+        hi_start = tl.maximum(tl.minimum(tl.cdiv(start_m + BLOCK_M - 1 + R, BLOCK_N) * BLOCK_N, stop), lo_end)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, 0, lo_end, far_left, start_m,
+                                   stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
+                                   seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
+                                   False, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, lo_end, hi_start, 0.0, start_m,
+                                   stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
+                                   seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER,
+                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, hi_start, stop, far_right,
+                                   start_m, stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
+                                   seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
+                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
+    else:
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, 0, stop, 0.0, start_m,
+                                   stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
+                                   seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE,
+                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
     empty = l_i == 0.0  # no key to attend to: output 0, and lse = +inf makes the backward's P exactly 0
     l_safe = tl.where(empty, 1.0, l_i)
     out_scale = drop_scale / l_safe
@@ -395,36 +376,6 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, read_mask, start, stop,
 
 
 @triton.jit
-def _dq_keys(dq, q, do, lse, delta, K, V, TABLE, KMASK, read_mask, stop, far_left, far_right, start_m,
-             stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, stream, n_cols, drop_below,
-             drop_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-             HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-             DRAW8: tl.constexpr, PAIRS: tl.constexpr):
-    """A query block's key tiles below ``stop``, in the forward's spans (_fwd_keys)."""
-    if HAS_BIAS:
-        lo_end = tl.minimum((tl.maximum(start_m - R + 1, 0) // BLOCK_N) * BLOCK_N, stop)
-        hi_start = tl.maximum(tl.minimum(tl.cdiv(start_m + BLOCK_M - 1 + R, BLOCK_N) * BLOCK_N, stop), lo_end)
-        dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, read_mask, 0, lo_end, far_left, start_m,
-                       stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, stream, n_cols,
-                       drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, False, HAS_KEY_MASK,
-                       DROPOUT, UPCAST, DRAW8, PAIRS)
-        dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, read_mask, lo_end, hi_start, 0.0, start_m,
-                       stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, stream, n_cols,
-                       drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER, CAUSAL, HAS_KEY_MASK,
-                       DROPOUT, UPCAST, DRAW8, PAIRS)
-        dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, read_mask, hi_start, stop, far_right, start_m,
-                       stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, stream, n_cols,
-                       drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, CAUSAL, HAS_KEY_MASK,
-                       DROPOUT, UPCAST, DRAW8, PAIRS)
-    else:
-        dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, read_mask, 0, stop, 0.0, start_m,
-                       stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, stream, n_cols,
-                       drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE, CAUSAL, HAS_KEY_MASK,
-                       DROPOUT, UPCAST, DRAW8, PAIRS)
-    return dq
-
-
-@triton.jit
 def t5_flash_attention_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TABLE, KMASK, KV_LEN, stride_qb, stride_qh, stride_qm,
                               stride_qd, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn,
                               stride_vd, stride_dob, stride_doh, stride_dom, stride_dod, stride_dqb, stride_dqh,
@@ -462,19 +413,32 @@ def t5_flash_attention_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TABLE, KMASK, KV_LEN,
         stop = tl.minimum(stop, start_m + BLOCK_M)
     n_cols = _counter_cols(Lk, DRAW8, PAIRS)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    far_left = 0.0
-    far_right = 0.0
+    read_mask = True  # as the forward: with CHECK_HOLES, no mask read in a row padded only at its end
+    if CHECK_HOLES:
+        read_mask = tl.load(HOLES + b) != 0
     if HAS_BIAS:
         TABLE += h * table_row + table_zero  # TABLE[d]: bias at offset d = j - i
         far_left = tl.load(TABLE + tl.maximum(-R, 1 - Lq))  # the bias of every offset <= -R
         far_right = tl.load(TABLE + tl.minimum(R, Lk - 1))  # the bias of every offset >= +R
-    read_mask = True  # as the forward: with CHECK_HOLES, no mask read in a row padded only at its end
-    if CHECK_HOLES:
-        read_mask = tl.load(HOLES + b) != 0
-    dq = _dq_keys(dq, q, do, lse, delta, K, V, TABLE, KMASK, read_mask, stop, far_left, far_right, start_m,
-                  stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
-                  drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, HAS_BIAS, HAS_KEY_MASK, DROPOUT,
-                  UPCAST, DRAW8, PAIRS)
+        lo_end = tl.minimum((tl.maximum(start_m - R + 1, 0) // BLOCK_N) * BLOCK_N, stop)
+        hi_start = tl.maximum(tl.minimum(tl.cdiv(start_m + BLOCK_M - 1 + R, BLOCK_N) * BLOCK_N, stop), lo_end)
+        dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, read_mask, 0, lo_end, far_left, start_m,
+                       stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
+                       drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, False, HAS_KEY_MASK,
+                       DROPOUT, UPCAST, DRAW8, PAIRS)
+        dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, read_mask, lo_end, hi_start, 0.0, start_m,
+                       stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
+                       drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER, CAUSAL, HAS_KEY_MASK,
+                       DROPOUT, UPCAST, DRAW8, PAIRS)
+        dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, read_mask, hi_start, stop, far_right, start_m,
+                       stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
+                       drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, CAUSAL, HAS_KEY_MASK,
+                       DROPOUT, UPCAST, DRAW8, PAIRS)
+    else:
+        dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, read_mask, 0, stop, 0.0, start_m,
+                       stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
+                       drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE, CAUSAL, HAS_KEY_MASK,
+                       DROPOUT, UPCAST, DRAW8, PAIRS)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              (dq * scale).to(DQ.dtype.element_ty), mask=in_q[:, None])
 
