@@ -3,7 +3,7 @@
 Public:
     flash_t5_attention(query, key, value, bias_table=None, key_mask=None, causal=False, scale=1.0, dropout_p=0.0,
                        bias_radius=None)
-    key_padding(key_mask) -> KeyPadding                (per-row key mask + lengths, once per stack)
+    key_padding(key_mask) -> KeyPadding                (per-row key mask, lengths, holes; once per stack)
     dropout_keep_mask(seed, batch, heads, query_len, key_len, dropout_p) -> (B, H, Lq, Lk) bool
     dropout_threshold(dropout_p, draw_range) -> (drop_below, scale)   (also for ffn_dropout's 31-bit draws)
     draw_seed(device) / dropout_seed(like, dropout_p) -> (1,) int64   (a kernel call's dropout seed)
@@ -11,6 +11,7 @@ Public:
     block_sizes(fwd=..., dkdv=..., dq=...)             (pin tile sizes instead of autotuning)
     DROPOUT_DRAW_BITS = 16 | 8                          (dropout draw width; 8: half the Philox work, p in 1/256ths)
     DROPOUT_PAIRS = True | False                        (16-bit draws per 2 x 2 elements, built in each kernel's layout)
+    MASK_ONLY_WITH_HOLES = True | False                 (the key mask read only in rows with a hole before their length)
 
 Tensors are (batch, heads, length, head_dim) in any strides; the output is a (B, H, L, D) view of a (B, L, H, D)
 buffer, so merging heads afterwards is free. The forward and backward are ``torch.library`` custom ops, so

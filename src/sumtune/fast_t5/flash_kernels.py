@@ -16,6 +16,9 @@ Design (scores are kept in log2 units, as in Triton's fused-attention tutorial: 
   dropout 10.31 vs 10.75 ms at 32x32x1024, 16.48 vs 18.54 at 4x32x4096 (H200, results/attention_kernels_onebias-*).
 * **Key padding** from a per-row key mask (B, Lk) plus the row's key length (last kept key + 1), which bounds the
   loops; a masked key gets -inf, hence exactly zero probability. A row with no key at all returns zeros (no NaN).
+  With ``CHECK_HOLES`` the forward and dQ kernels read the mask only in rows that ``HOLES`` flags (a masked key
+  before the row's length): a branch around the load inside the loop, since two copies of a loop would each hold
+  their own pipeline buffers (twice the shared memory).
 * **Dropout** from Philox (7 rounds, as FlashAttention-2) keyed by a seed that torch's generator draws on the device
   (read from SEED: no host sync, and CUDA graphs redraw it per replay). Which elements one call draws for, and how
   each kernel lays the draws out in its own tile, is ``sumtune.fast_t5.dropout_draws``: a draw depends only on
