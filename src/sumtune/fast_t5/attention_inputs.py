@@ -31,8 +31,9 @@ def dropout_threshold(dropout_p: float, draw_range: int) -> tuple[int, float]:
     """(drop_below, scale): an element is dropped when its draw (uniform in [0, draw_range)) is below ``drop_below``.
 
     The drop probability is ``dropout_p`` rounded to a multiple of 1 / draw_range (the attention kernels' draws are
-    ``DROPOUT_DRAW_BITS`` wide: 0.1 -> 0.100006 at 16 bits); kept values are scaled by the inverse of the exact keep probability, so the output's expectation is
-    unchanged (torch's 1 / (1 - p)). sumtune.fast_t5.ffn_dropout uses it with 31-bit draws."""
+    ``DROPOUT_DRAW_BITS`` wide: 0.1 -> 0.100006 at 16 bits); kept values are scaled by the inverse of the exact keep
+    probability, so the output's expectation is unchanged (torch's 1 / (1 - p)). sumtune.fast_t5.ffn_dropout uses it
+    with 31-bit draws."""
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     drop_below = min(int(round(dropout_p * draw_range)), draw_range - 1)
