@@ -177,7 +177,8 @@ CONFIG_TOKENS: dict[str, dict] = {
 # kernel variant: commit b74dbf9 has it.)
 # `pvall`: the precise P·V at every key length (PRECISE_PV_MIN_KEYS 0; off by default). `noholes`: the key mask read
 # in every row, not only in rows with a hole (MASK_ONLY_WITH_HOLES, on by default since 2026-12-02; the token was
-# `holes` while it was off).
+# `holes` while it was off). `wholetiles`: the forward's whole key tiles in loops without bounds or selects
+# (WHOLE_TILES; off until measured).
 PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "drop8": ("sumtune.fast_t5.flash_attention", "DROPOUT_DRAW_BITS", 8),
     "nopairs": ("sumtune.fast_t5.flash_attention", "DROPOUT_PAIRS", False),
@@ -189,6 +190,7 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "nopvsplit": ("sumtune.fast_t5.flash_attention", "PV_SPLIT", False),
     "pvall": ("sumtune.fast_t5.flash_attention", "PRECISE_PV_MIN_KEYS", 0),
     "noholes": ("sumtune.fast_t5.flash_attention", "MASK_ONLY_WITH_HOLES", False),
+    "wholetiles": ("sumtune.fast_t5.flash_attention", "WHOLE_TILES", True),
 }
 
 

@@ -90,6 +90,11 @@ PV_SPLIT = True
 # branch), ran 6.34 vs 6.30 and 45.1 vs 44.7 (results/*_holes_two_loops-*) but took twice the shared memory (the
 # forward's first config 96 -> 160 KiB, the dQ kernel's over Hopper's 227). Benchmark token `noholes` turns it off.
 MASK_ONLY_WITH_HOLES = True
+# WHOLE_TILES (off until measured on a GPU; benchmark token `wholetiles`): the forward's key tiles wholly below a row's
+# length in loops of their own, without bounds on their loads and without the select per score (but for the causal
+# mask and rows with a hole); the same results bit for bit (CPU test). Compiled for sm_90, deleting that code from the
+# forward without a key mask took it from 4,016 to 3,736 instructions (results/flash_kernels_holes-*: upper_bounds).
+WHOLE_TILES = False
 PRECISE_PV_MIN_KEYS = 2048
 TABLE_MARGIN = 128  # zero columns each side of a bias table: a tile reaches at most BLOCK - 1 offsets beyond it
 _INTERPRETER_BLOCKS = dict(fwd=(32, 32), dkdv=(32, 32), dq=(32, 32))  # tests pin smaller ones to cross blocks
@@ -134,7 +139,7 @@ def _configs(name: str):
 
 
 _AUTOTUNE_KEY = ["HEAD_DIM", "len_key", "CAUSAL", "HAS_BIAS", "HAS_KEY_MASK", "DROPOUT", "DRAW8", "STORE_DS",
-                 "PV_SPLIT", "PV_FP16", "PAIRS", "CHECK_HOLES"]
+                 "PV_SPLIT", "PV_FP16", "PAIRS", "CHECK_HOLES", "WHOLE_TILES"]
 _tuned: dict[str, object] = {}
 
 
@@ -248,7 +253,7 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
             HEAD_DIM=head_dim, CAUSAL=causal, HAS_BIAS=table is not None, HAS_KEY_MASK=mask is not None,
             DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8,
             PV_SPLIT=PV_SPLIT and precise_pv, PV_FP16=pv_fp16, PAIRS=pairs,
-            **_holes_args(mask, holes))
+            **_holes_args(mask, holes), **({"WHOLE_TILES": True} if WHOLE_TILES else {}))
     return out, lse
 
 
