@@ -79,16 +79,13 @@ DS_TILE = 128  # the dS buffer's rows and columns are padded to whole tiles, so 
 # to float32 as stock (results/fast_t5_numerics_1024-2026-12-01-h200.json). Benchmark tokens `nopv16`, `nopvsplit`.
 PV_FP16 = True
 PV_SPLIT = True
-# (PV_LOW8, the remainder GEMM in float8 e4m3 against an e4m3 copy of V / 2^12, measured slower on an H200: forward
-# 7.57 vs 5.73 ms at 4x32x4096x128, the long step 6.00 vs 6.39 samples/s, results/*_pvlow8-2026-12-02-h200.json;
-# removed, commit b74dbf9 has it.)
+# (The remainder GEMM in float8, PV_LOW8, measured slower: bench_common's `pvlow8` note; commit b74dbf9 has it.)
 # MASK_ONLY_WITH_HOLES: the forward and dQ kernels read the key mask only in rows with a masked key before their
-# length (KeyPadding.holes, a branch around the load inside the loop); a row padded only at its end (every
-# right-padded batch) is bounded by its length alone. The same results bit for bit (CPU test). On an H200
-# (2026-12-02): the long config's step 6.34 vs 6.26 samples/s (40.8% vs 40.3% MFU), the shipped one's 44.7 vs 44.3
-# (results/long_documents_holes-*, train_throughput_shipped_holes-*). A first form, two copies of each loop (one per
-# branch), ran 6.34 vs 6.30 and 45.1 vs 44.7 (results/*_holes_two_loops-*) but took twice the shared memory (the
-# forward's first config 96 -> 160 KiB, the dQ kernel's over Hopper's 227). Benchmark token `noholes` turns it off.
+# length (KeyPadding.holes; a branch around the load inside the loop): a right-padded row is bounded by its length
+# alone. Same bits (CPU test). On an H200 (2026-12-02): the long step 6.34 vs 6.26 samples/s (40.8% vs 40.3% MFU),
+# the shipped one 44.7 vs 44.3 (results/long_documents_holes-*, train_throughput_shipped_holes-*); a first form with
+# two copies of each loop ran 6.34 vs 6.30 and 45.1 vs 44.7 (results/*_holes_two_loops-*) but doubled the shared
+# memory (the forward's first config 96 -> 160 KiB, the dQ kernel's over Hopper's 227). Token `noholes`: off.
 MASK_ONLY_WITH_HOLES = True
 # WHOLE_TILES (off until measured on a GPU; benchmark token `wholetiles`): the forward's key tiles wholly below a row's
 # length in loops of their own, without bounds on their loads and without the select per score (but for the causal
