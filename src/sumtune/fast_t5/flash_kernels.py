@@ -71,6 +71,17 @@ def _bias_tile(TABLE, rel, const, BIAS_MODE: tl.constexpr):
     return out
 
 
+@triton.jit
+def _bias_keys_tile(TABLE, rel, const, key_add, BIAS_MODE: tl.constexpr):
+    """The bias plus ``key_add`` (0 at a kept key, -inf at a masked one, broadcast along the queries): the key mask
+    as an addition, which costs a constant-bias tile nothing per score beyond the bias's own add (no select)."""
+    if BIAS_MODE == BIAS_GATHER:
+        out = tl.load(TABLE + rel) + key_add
+    else:
+        out = tl.zeros(rel.shape, tl.float32) + (key_add + const)
+    return out
+
+
 # ----------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, start, stop, const, start_m,
@@ -78,9 +89,11 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, start, stop, con
                seed, stream, n_cols, drop_below,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-               DRAW8: tl.constexpr, PV_SPLIT: tl.constexpr, PAIRS: tl.constexpr, WHOLE: tl.constexpr = False):
+               DRAW8: tl.constexpr, PV_SPLIT: tl.constexpr, PAIRS: tl.constexpr, WHOLE: tl.constexpr = False,
+               KEY_ADD: tl.constexpr = False):
     """Key tiles [start, stop) of one query block. WHOLE: every key of every tile is below kv_len (so below Lk):
-    loads without bounds, and a select per score only for the causal mask and in rows with a hole."""
+    loads without bounds, and a select per score only for the causal mask and in rows with a hole. KEY_ADD (not
+    with WHOLE): masked keys get their -inf added with the bias, so a select per score is left only for causal."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(start, stop, BLOCK_N):
@@ -101,11 +114,15 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, start, stop, con
             k_t = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=in_k[None, :],
                           other=0.0)
         s = _dot(q, k_t, UPCAST) * qk_scale
-        s += _bias_tile(TABLE, offs_n[None, :] - offs_m[:, None], const, BIAS_MODE)
-        if WHOLE:
+        if KEY_ADD and not WHOLE:
+            s += _bias_keys_tile(TABLE, offs_n[None, :] - offs_m[:, None], const,
+                                 tl.where(key_ok, 0.0, float("-inf"))[None, :], BIAS_MODE)
+        else:
+            s += _bias_tile(TABLE, offs_n[None, :] - offs_m[:, None], const, BIAS_MODE)
+        if WHOLE or KEY_ADD:  # keys already masked (WHOLE: but in a row with a hole)
             if CAUSAL:
                 s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
-            if HAS_KEY_MASK:
+            if WHOLE and HAS_KEY_MASK:
                 if read_mask:
                     s = tl.where(key_ok[None, :], s, float("-inf"))
         else:
@@ -143,7 +160,8 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, str
                            HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr,
                            UPCAST: tl.constexpr, DRAW8: tl.constexpr = False, PV_SPLIT: tl.constexpr = False,
                            PV_FP16: tl.constexpr = False, PAIRS: tl.constexpr = False,
-                           CHECK_HOLES: tl.constexpr = False, HOLES=0, WHOLE_TILES: tl.constexpr = False):
+                           CHECK_HOLES: tl.constexpr = False, HOLES=0, WHOLE_TILES: tl.constexpr = False,
+                           KEY_ADD: tl.constexpr = False):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     seed = 0
@@ -187,21 +205,23 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, str
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, 0, lo_end, far_left, start_m,
                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
                                    seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
-                                   False, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, WHOLE_TILES)
+                                   False, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, WHOLE_TILES,
+                                   KEY_ADD=KEY_ADD)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, lo_end, hi_start, 0.0, start_m,
                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
                                    seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER,
-                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
+                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, KEY_ADD=KEY_ADD)
         if WHOLE_TILES:
             acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, hi_start, hi_whole,
                                        far_right, start_m, stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R,
                                        qk_scale, seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N,
-                                       BIAS_CONST, CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, True)
+                                       BIAS_CONST, CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, True,
+                                       KEY_ADD=KEY_ADD)
             hi_start = hi_whole
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, hi_start, stop, far_right,
                                    start_m, stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
                                    seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
-                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
+                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, KEY_ADD=KEY_ADD)
     else:
         start = 0
         if WHOLE_TILES:
@@ -209,11 +229,12 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, str
             acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, 0, start, 0.0, start_m,
                                        stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
                                        seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE,
-                                       CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, True)
+                                       CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, True,
+                                       KEY_ADD=KEY_ADD)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, start, stop, 0.0, start_m,
                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
                                    seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE,
-                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
+                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, KEY_ADD=KEY_ADD)
     empty = l_i == 0.0  # no key to attend to: output 0, and lse = +inf makes the backward's P exactly 0
     l_safe = tl.where(empty, 1.0, l_i)
     out_scale = drop_scale / l_safe
@@ -251,9 +272,12 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, const, 
                 seed, stream, n_cols, drop_below, drop_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
                 CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DRAW8: tl.constexpr,
-                STORE_DS: tl.constexpr, PAIRS: tl.constexpr):
+                STORE_DS: tl.constexpr, PAIRS: tl.constexpr, KEY_ADD: tl.constexpr = False):
+    """Query tiles [start, stop) for one key block. KEY_ADD: the masked keys' -inf added with the bias, and no select
+    for rows past Lq (their log-sum-exp is +inf, so P is 0 there anyway): a select per score only for causal."""
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = start_n + tl.arange(0, BLOCK_N)
+    key_add = tl.where(key_ok, 0.0, float("-inf"))[:, None]
     for start_m in range(start, stop, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -268,11 +292,17 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, const, 
                                            DRAW8))
         q_t = tl.load(Q + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd, mask=in_q[None, :], other=0.0)
         s_t = _dot(k, q_t, UPCAST) * qk_scale  # (keys, queries)
-        s_t += _bias_tile(TABLE, offs_n[:, None] - offs_m[None, :], const, BIAS_MODE)
-        keep = key_ok[:, None] & in_q[None, :]  # rows past Lq (whose bias reads the table's margin) count nowhere
-        if CAUSAL:
-            keep = keep & (offs_m[None, :] >= offs_n[:, None])
-        p_t = tl.math.exp2(tl.where(keep, s_t, float("-inf")) - lse[None, :])
+        if KEY_ADD:
+            s_t += _bias_keys_tile(TABLE, offs_n[:, None] - offs_m[None, :], const, key_add, BIAS_MODE)
+            if CAUSAL:
+                s_t = tl.where(offs_m[None, :] >= offs_n[:, None], s_t, float("-inf"))
+        else:
+            s_t += _bias_tile(TABLE, offs_n[:, None] - offs_m[None, :], const, BIAS_MODE)
+            keep = key_ok[:, None] & in_q[None, :]  # rows past Lq (whose bias reads the table's margin) count nowhere
+            if CAUSAL:
+                keep = keep & (offs_m[None, :] >= offs_n[:, None])
+            s_t = tl.where(keep, s_t, float("-inf"))
+        p_t = tl.math.exp2(s_t - lse[None, :])
         do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=in_q[:, None], other=0.0)
         dp_t = _dot(v, tl.trans(do), UPCAST)
         if DROPOUT:
@@ -309,7 +339,7 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
                                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                                 HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
                                 DRAW8: tl.constexpr = False, STORE_DS: tl.constexpr = False,
-                                PAIRS: tl.constexpr = False):
+                                PAIRS: tl.constexpr = False, KEY_ADD: tl.constexpr = False):
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
     seed = 0
@@ -353,20 +383,20 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, hi_end, far_right, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale,
                              seed, bh, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, CAUSAL,
-                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS)
+                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, KEY_ADD=KEY_ADD)
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, hi_end, lo_start, 0.0, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale,
                              seed, bh, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER, CAUSAL,
-                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS)
+                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, KEY_ADD=KEY_ADD)
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, lo_start, stop, far_left, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale,
                              seed, bh, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, False,
-                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS)
+                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, KEY_ADD=KEY_ADD)
     else:
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, 0.0, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale,
                              seed, bh, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE, CAUSAL,
-                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS)
+                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, KEY_ADD=KEY_ADD)
     if STORE_DS:  # query blocks no tile visited: above the diagonal, or every query of keys past the row's length
         _zero_ds(DS, 0, start, start_n, stride_dsn, DS.dtype.element_ty, BLOCK_M, BLOCK_N)
         _zero_ds(DS, stop, Lq, start_n, stride_dsn, DS.dtype.element_ty, BLOCK_M, BLOCK_N)
