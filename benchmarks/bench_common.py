@@ -127,6 +127,28 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed_steps(step, stream, accum: int, lr: float, count: int):
+    """`count` optimizer steps as `sumtune train`'s loop takes them: with `sumtune.recipe.RUN_AHEAD` (token
+    `noahead`: off) and a step that allows it, the next step is drawn and launched before the pending one's result is
+    read. Yields (index, result, seconds since the previous result was read, or since the first launch): the draw
+    is on the clock, as in training, where it overlaps the GPU's work when a step runs ahead."""
+    import time
+
+    from sumtune import recipe
+
+    sync(step.device)
+    last = time.perf_counter()
+    ahead = None
+    for index in range(count):
+        pending = ahead or step.launch(step.draw(stream, accum), lr=lr)
+        run_ahead = recipe.RUN_AHEAD and step.can_run_ahead and index + 1 < count
+        ahead = step.launch(step.draw(stream, accum), lr=lr) if run_ahead else None
+        result = pending.result()
+        now = time.perf_counter()
+        yield index, result, now - last
+        last = now
+
+
 def free_gpu_memory() -> None:
     """Drop what the last measurement left (Python garbage, cached blocks) and restart the peak counter."""
     import gc
@@ -180,7 +202,8 @@ CONFIG_TOKENS: dict[str, dict] = {
 # `holes` while it was off). `wholetiles`: the forward's whole key tiles in loops without bounds or selects
 # (WHOLE_TILES; off until measured). `keyadd`: masked keys' -inf added with the bias in the forward and dK/dV kernels,
 # no select per score but the causal one (ADDITIVE_KEY_MASK; off until measured; unlike `nofold` it also drops the
-# dK/dV kernel's select on rows past Lq and covers the forward).
+# dK/dV kernel's select on rows past Lq and covers the forward). `noahead`: the training loop one step at a time, the
+# next step launched only after the pending one's result is read (sumtune.recipe.RUN_AHEAD off).
 PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "drop8": ("sumtune.fast_t5.flash_attention", "DROPOUT_DRAW_BITS", 8),
     "nopairs": ("sumtune.fast_t5.flash_attention", "DROPOUT_PAIRS", False),
@@ -194,6 +217,7 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "noholes": ("sumtune.fast_t5.flash_attention", "MASK_ONLY_WITH_HOLES", False),
     "wholetiles": ("sumtune.fast_t5.flash_attention", "WHOLE_TILES", True),
     "keyadd": ("sumtune.fast_t5.flash_attention", "ADDITIVE_KEY_MASK", True),
+    "noahead": ("sumtune.recipe", "RUN_AHEAD", False),
 }
 
 

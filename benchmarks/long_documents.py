@@ -29,7 +29,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -88,18 +87,13 @@ def time_sumtune(cfg, args) -> dict:
     from sumtune.training import build_training
 
     parts = build_training(cfg)
-    device = parts.step.device
     stream = parts.batches.stream()
     bc.free_gpu_memory()  # the peak is the training's, not the build's transient
     times_s, losses, flops = [], [], []
-    for index in range(args.warmup + args.steps):
-        micro_batches = parts.step.draw(stream, parts.cfg.grad_accum_steps)
-        bc.sync(device)
-        start = time.perf_counter()
-        result = parts.step(micro_batches, lr=parts.cfg.lr)
-        bc.sync(device)
+    for index, result, seconds in bc.timed_steps(parts.step, stream, parts.cfg.grad_accum_steps, parts.cfg.lr,
+                                                 args.warmup + args.steps):
         if index >= args.warmup:
-            times_s.append(time.perf_counter() - start)
+            times_s.append(seconds)
             losses.append(result.loss)
             flops.append(result.flops)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
