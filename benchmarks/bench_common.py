@@ -199,11 +199,13 @@ CONFIG_TOKENS: dict[str, dict] = {
 # kernel variant: commit b74dbf9 has it.)
 # `pvall`: the precise P·V at every key length (PRECISE_PV_MIN_KEYS 0; off by default). `noholes`: the key mask read
 # in every row, not only in rows with a hole (MASK_ONLY_WITH_HOLES, on by default since 2026-12-02; the token was
-# `holes` while it was off). `wholetiles`: the forward's whole key tiles in loops without bounds or selects
-# (WHOLE_TILES; off until measured). `keyadd`: masked keys' -inf added with the bias in the forward and dK/dV kernels,
-# no select per score but the causal one (ADDITIVE_KEY_MASK; off until measured; unlike `nofold` it also drops the
-# dK/dV kernel's select on rows past Lq and covers the forward). `noahead`: the training loop one step at a time, the
-# next step launched only after the pending one's result is read (sumtune.recipe.RUN_AHEAD off).
+# `holes` while it was off). (`wholetiles`, the forward's whole key tiles in loops without bounds or selects,
+# measured no faster on an H200 — long 6.39 vs 6.38, shipped 45.12 vs 45.10 samples/s,
+# results/*_whole_tiles-2026-12-03-h200.json — and went: commit ffbaa8b has it.) `keyadd`: masked keys' -inf added
+# with the bias in the forward and dK/dV kernels, no select per score but the causal one (ADDITIVE_KEY_MASK; off
+# until measured; unlike `nofold` it also drops the dK/dV kernel's select on rows past Lq and covers the forward).
+# `noahead`: the training loop one step at a time, the next step launched only after the pending one's result is
+# read (sumtune.recipe.RUN_AHEAD off).
 PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "drop8": ("sumtune.fast_t5.flash_attention", "DROPOUT_DRAW_BITS", 8),
     "nopairs": ("sumtune.fast_t5.flash_attention", "DROPOUT_PAIRS", False),
@@ -215,7 +217,6 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "nopvsplit": ("sumtune.fast_t5.flash_attention", "PV_SPLIT", False),
     "pvall": ("sumtune.fast_t5.flash_attention", "PRECISE_PV_MIN_KEYS", 0),
     "noholes": ("sumtune.fast_t5.flash_attention", "MASK_ONLY_WITH_HOLES", False),
-    "wholetiles": ("sumtune.fast_t5.flash_attention", "WHOLE_TILES", True),
     "keyadd": ("sumtune.fast_t5.flash_attention", "ADDITIVE_KEY_MASK", True),
     "noahead": ("sumtune.recipe", "RUN_AHEAD", False),
 }

@@ -206,18 +206,16 @@ def test_mask_only_with_holes_changes_no_bit(fa, monkeypatch):
     assert torch.equal(unflagged[:2], out_on[:2]) and not torch.allclose(unflagged[2], out_on[2])
 
 
-def _whole_tiles_on_and_off(fa, monkeypatch, device, dtype, head_dim, query_len, key_len, causal, bias, masked,
-                            flags=("WHOLE_TILES",)):
-    """Output and gradients with ``flags`` (WHOLE_TILES) off and on (dropout 0.2), on padding_mask's rows when
+def _flag_on_and_off(fa, monkeypatch, flag, device, dtype, head_dim, query_len, key_len, causal, bias, masked):
+    """Output and gradients with module constant ``flag`` off and on (dropout 0.2), on padding_mask's rows when
     ``masked``."""
     q, k, v = make_qkv(3, 2, query_len, key_len, head_dim, dtype, device=device)
     table = t5_like_table(2, query_len, key_len, 8, device=device) if bias else None
     mask = padding_mask(3, key_len, device=device) if masked else None
     grad = torch.randn(3, 2, query_len, head_dim, generator=torch.Generator().manual_seed(2)).to(device)
     results = []
-    for whole in (False, True):
-        for flag in flags:
-            monkeypatch.setattr(fa, flag, whole)
+    for on in (False, True):
+        monkeypatch.setattr(fa, flag, on)
         torch.manual_seed(3)
         results.append(run_with_grads(lambda q, k, v: fa.flash_t5_attention(
             q, k, v, table, mask, causal=causal, scale=0.25, dropout_p=0.2, bias_radius=8 if bias else None),
@@ -229,27 +227,12 @@ def _whole_tiles_on_and_off(fa, monkeypatch, device, dtype, head_dim, query_len,
     (150, 150, False, True, True), (150, 150, True, True, False), (70, 150, False, False, True),
     (150, 150, True, False, False), (90, 90, False, True, False)],
     ids=["self-padded", "causal", "cross-padded", "causal-no-bias", "self-full"])
-def test_whole_tiles_change_no_bit(fa, monkeypatch, query_len, key_len, causal, bias, masked):
-    """WHOLE_TILES: the forward's tiles wholly below a row's length run without bounds and without the select per
-    score (but for the causal mask and a row with a hole): the same bits, output and gradients. The cases put the
-    diagonal tile, the hole and the rows' ends inside and outside those tiles (removing either select fails here)."""
-    (out_off, grads_off), (out_on, grads_on) = _whole_tiles_on_and_off(
-        fa, monkeypatch, "cpu", torch.float32, 16, query_len, key_len, causal, bias, masked)
-    assert torch.equal(out_off, out_on) and all(map(torch.equal, grads_off, grads_on))
-
-
-@pytest.mark.parametrize("flags", [("ADDITIVE_KEY_MASK",), ("ADDITIVE_KEY_MASK", "WHOLE_TILES")],
-                         ids=["keyadd", "keyadd+wholetiles"])
-@pytest.mark.parametrize("query_len,key_len,causal,bias,masked", [
-    (150, 150, False, True, True), (150, 150, True, True, False), (70, 150, False, False, True),
-    (150, 150, True, False, False), (90, 90, False, True, False)],
-    ids=["self-padded", "causal", "cross-padded", "causal-no-bias", "self-full"])
-def test_additive_key_mask_changes_no_bit(fa, monkeypatch, query_len, key_len, causal, bias, masked, flags):
+def test_additive_key_mask_changes_no_bit(fa, monkeypatch, query_len, key_len, causal, bias, masked):
     """ADDITIVE_KEY_MASK: the forward and dK/dV kernels add a masked key's -inf with the bias, and the dK/dV kernel
-    leaves rows past Lq to their +inf log-sum-exp: the same bits, output and gradients (alone and with WHOLE_TILES),
-    with the hole, the rows' ends, the causal diagonal and query rows past a block's end in the cases."""
-    (out_off, grads_off), (out_on, grads_on) = _whole_tiles_on_and_off(
-        fa, monkeypatch, "cpu", torch.float32, 16, query_len, key_len, causal, bias, masked, flags)
+    leaves rows past Lq to their +inf log-sum-exp: the same bits, output and gradients, with the hole, the rows'
+    ends, the causal diagonal and query rows past a block's end in the cases (dropping the -inf fails them)."""
+    (out_off, grads_off), (out_on, grads_on) = _flag_on_and_off(
+        fa, monkeypatch, "ADDITIVE_KEY_MASK", "cpu", torch.float32, 16, query_len, key_len, causal, bias, masked)
     assert torch.equal(out_off, out_on) and all(map(torch.equal, grads_off, grads_on))
 
 
@@ -672,27 +655,6 @@ def test_dkdv_configs_that_store_ds_compile_for_hopper_without_spilling():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_whole_tiles_forward_compiles_for_hopper_in_the_same_shared_memory():
-    """The WHOLE_TILES forward (one more loop) builds for sm_90 in every config, encoder and decoder variants, with
-    the shared memory and about the spills of the forward without it."""
-    from sumtune.fast_t5.flash_attention import AUTOTUNE_CONFIGS
-
-    rows, stderr = _json_lines_compiled_for_hopper(
-        "import json; from sumtune.fast_t5 import flash_compile as fc, flash_attention as fa\n"
-        "for config in fa.AUTOTUNE_CONFIGS['fwd']:\n"
-        "    for causal in (False, True):\n"
-        "        print(json.dumps([fc.resources(fc.compile_kernel('fwd', *config, CAUSAL=causal, PV_FP16=True,\n"
-        "                          PV_SPLIT=True, WHOLE_TILES=whole)) for whole in (False, True)]))")
-    assert len(rows) == 2 * len(AUTOTUNE_CONFIGS["fwd"]), stderr
-    for without, with_whole in rows:
-        assert with_whole["shared_bytes"] == without["shared_bytes"], (without, with_whole)
-        # about the same spills (Triton 3.9's (128, 64, 8, 2): 60 bytes without, 64 with), within the 256 that the
-        # shipped configs' compile test allows
-        assert with_whole["spill_bytes"] <= min(without["spill_bytes"] + 32, 256), (without, with_whole)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_additive_key_mask_compiles_for_hopper_in_the_same_shared_memory():
     """The ADDITIVE_KEY_MASK forward and dK/dV kernels (as the long config runs them: precise P·V, stored dS) build
     for sm_90 in every config with the shared memory of the kernels without it, and spill no more than 256 bytes."""
@@ -899,15 +861,14 @@ def test_gpu_mask_only_with_holes_changes_no_bit(compiled_fa, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("flag", ["WHOLE_TILES", "ADDITIVE_KEY_MASK"])
 @pytest.mark.parametrize("causal,bias", [(False, True), (True, False)])
-def test_gpu_whole_tiles_change_nothing(compiled_fa, monkeypatch, causal, bias, flag):
-    """The compiled kernels (first configs) with WHOLE_TILES or ADDITIVE_KEY_MASK: the results without it, within 1e-3
-    (the compiled variants may schedule their arithmetic apart; bit for bit on the CPU)."""
+def test_gpu_additive_key_mask_changes_nothing(compiled_fa, monkeypatch, causal, bias):
+    """The compiled kernels (first configs) with ADDITIVE_KEY_MASK: the results without it, within 1e-3 (the
+    compiled variants may schedule their arithmetic apart; bit for bit on the CPU)."""
     fa = compiled_fa
     with first_configs(fa):
-        (out_off, grads_off), (out_on, grads_on) = _whole_tiles_on_and_off(
-            fa, monkeypatch, "cuda", torch.bfloat16, 128, 300, 300, causal, bias, not causal, (flag,))
+        (out_off, grads_off), (out_on, grads_on) = _flag_on_and_off(
+            fa, monkeypatch, "ADDITIVE_KEY_MASK", "cuda", torch.bfloat16, 128, 300, 300, causal, bias, not causal)
     assert all(relative_error(a, b) <= 1e-3 for a, b in zip((out_on, *grads_on), (out_off, *grads_off)))
 
 

@@ -87,11 +87,6 @@ PV_SPLIT = True
 # two copies of each loop ran 6.34 vs 6.30 and 45.1 vs 44.7 (results/*_holes_two_loops-*) but doubled the shared
 # memory (the forward's first config 96 -> 160 KiB, the dQ kernel's over Hopper's 227). Token `noholes`: off.
 MASK_ONLY_WITH_HOLES = True
-# WHOLE_TILES (off until measured on a GPU; benchmark token `wholetiles`): the forward's key tiles wholly below a row's
-# length in loops of their own, without bounds on their loads and without the select per score (but for the causal
-# mask and rows with a hole); the same results bit for bit (CPU test). Compiled for sm_90, deleting that code from the
-# forward without a key mask took it from 4,016 to 3,736 instructions (results/flash_kernels_holes-*: upper_bounds).
-WHOLE_TILES = False
 # ADDITIVE_KEY_MASK (off until measured on a GPU; token `keyadd`): the forward and dK/dV kernels add a masked key's
 # -inf with the bias (free in the ~90% of tiles whose bias is one constant) instead of a select per score, and the
 # dK/dV kernel drops its select on rows past Lq (their log-sum-exp is +inf); the same bits (CPU test).
@@ -140,7 +135,7 @@ def _configs(name: str):
 
 
 _AUTOTUNE_KEY = ["HEAD_DIM", "len_key", "CAUSAL", "HAS_BIAS", "HAS_KEY_MASK", "DROPOUT", "DRAW8", "STORE_DS",
-                 "PV_SPLIT", "PV_FP16", "PAIRS", "CHECK_HOLES", "WHOLE_TILES", "KEY_ADD"]
+                 "PV_SPLIT", "PV_FP16", "PAIRS", "CHECK_HOLES", "KEY_ADD"]
 _tuned: dict[str, object] = {}
 
 
@@ -254,7 +249,7 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
             HEAD_DIM=head_dim, CAUSAL=causal, HAS_BIAS=table is not None, HAS_KEY_MASK=mask is not None,
             DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8,
             PV_SPLIT=PV_SPLIT and precise_pv, PV_FP16=pv_fp16, PAIRS=pairs,
-            **_holes_args(mask, holes), **({"WHOLE_TILES": True} if WHOLE_TILES else {}), **_key_add_args())
+            **_holes_args(mask, holes), **_key_add_args())
     return out, lse
 
 

@@ -89,11 +89,9 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, start, stop, con
                seed, stream, n_cols, drop_below,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-               DRAW8: tl.constexpr, PV_SPLIT: tl.constexpr, PAIRS: tl.constexpr, WHOLE: tl.constexpr = False,
-               KEY_ADD: tl.constexpr = False):
-    """Key tiles [start, stop) of one query block. WHOLE: every key of every tile is below kv_len (so below Lk):
-    loads without bounds, and a select per score only for the causal mask and in rows with a hole. KEY_ADD (not
-    with WHOLE): masked keys get their -inf added with the bias, so a select per score is left only for causal."""
+               DRAW8: tl.constexpr, PV_SPLIT: tl.constexpr, PAIRS: tl.constexpr, KEY_ADD: tl.constexpr = False):
+    """Key tiles [start, stop) of one query block. KEY_ADD: masked keys get their -inf added with the bias, so a
+    select per score is left only for the causal mask."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(start, stop, BLOCK_N):
@@ -108,24 +106,15 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, start, stop, con
                 key_ok = key_ok & (tl.load(KMASK + offs_n, mask=in_k, other=0) != 0)
         if DROPOUT:
             kept = _keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N, DRAW8, PAIRS)
-        if WHOLE:
-            k_t = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd)
-        else:
-            k_t = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=in_k[None, :],
-                          other=0.0)
+        k_t = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=in_k[None, :], other=0.0)
         s = _dot(q, k_t, UPCAST) * qk_scale
-        if KEY_ADD and not WHOLE:
+        if KEY_ADD:
             s += _bias_keys_tile(TABLE, offs_n[None, :] - offs_m[:, None], const,
                                  tl.where(key_ok, 0.0, float("-inf"))[None, :], BIAS_MODE)
-        else:
-            s += _bias_tile(TABLE, offs_n[None, :] - offs_m[:, None], const, BIAS_MODE)
-        if WHOLE or KEY_ADD:  # keys already masked (WHOLE: but in a row with a hole)
             if CAUSAL:
                 s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
-            if WHOLE and HAS_KEY_MASK:
-                if read_mask:
-                    s = tl.where(key_ok[None, :], s, float("-inf"))
         else:
+            s += _bias_tile(TABLE, offs_n[None, :] - offs_m[:, None], const, BIAS_MODE)
             keep = key_ok[None, :]
             if CAUSAL:
                 keep = keep & (offs_n[None, :] <= offs_m[:, None])
@@ -138,10 +127,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, start, stop, con
         acc = acc * alpha[:, None]
         if DROPOUT:  # the softmax denominator counts every key; dropout acts on the normalised probabilities
             p = tl.where(kept, p, 0.0)
-        if WHOLE:
-            v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
-        else:
-            v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=in_k[:, None], other=0.0)
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=in_k[:, None], other=0.0)
         p_high = p.to(v.dtype)
         acc = _dot(p_high, v, UPCAST, acc)
         if PV_SPLIT:  # P = high + low, each in V's dtype: P·V with ~16 bits of P for one more GEMM
@@ -160,8 +146,7 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, str
                            HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr,
                            UPCAST: tl.constexpr, DRAW8: tl.constexpr = False, PV_SPLIT: tl.constexpr = False,
                            PV_FP16: tl.constexpr = False, PAIRS: tl.constexpr = False,
-                           CHECK_HOLES: tl.constexpr = False, HOLES=0, WHOLE_TILES: tl.constexpr = False,
-                           KEY_ADD: tl.constexpr = False):
+                           CHECK_HOLES: tl.constexpr = False, HOLES=0, KEY_ADD: tl.constexpr = False):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     seed = 0
@@ -198,43 +183,23 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, str
         # key tiles whose offsets j - i are all <= -R (far left) or all >= +R (far right) share one bias value
         lo_end = tl.minimum((tl.maximum(start_m - R + 1, 0) // BLOCK_N) * BLOCK_N, stop)
         hi_start = tl.maximum(tl.minimum(tl.cdiv(start_m + BLOCK_M - 1 + R, BLOCK_N) * BLOCK_N, stop), lo_end)
-        if WHOLE_TILES:  # tiles below whole_stop hold only keys below the row's length (and Lk)
-            whole_stop = (stop // BLOCK_N) * BLOCK_N
-            hi_whole = tl.maximum(hi_start, whole_stop)
-            lo_end = tl.minimum(lo_end, whole_stop)  # a far-left tile past it reads its bias from the table instead
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, 0, lo_end, far_left, start_m,
                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
                                    seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
-                                   False, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, WHOLE_TILES,
-                                   KEY_ADD=KEY_ADD)
+                                   False, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, KEY_ADD)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, lo_end, hi_start, 0.0, start_m,
                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
                                    seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER,
-                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, KEY_ADD=KEY_ADD)
-        if WHOLE_TILES:
-            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, hi_start, hi_whole,
-                                       far_right, start_m, stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R,
-                                       qk_scale, seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N,
-                                       BIAS_CONST, CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, True,
-                                       KEY_ADD=KEY_ADD)
-            hi_start = hi_whole
+                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, KEY_ADD)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, hi_start, stop, far_right,
                                    start_m, stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
                                    seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
-                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, KEY_ADD=KEY_ADD)
+                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, KEY_ADD)
     else:
-        start = 0
-        if WHOLE_TILES:
-            start = (stop // BLOCK_N) * BLOCK_N
-            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, 0, start, 0.0, start_m,
-                                       stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
-                                       seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE,
-                                       CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, True,
-                                       KEY_ADD=KEY_ADD)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, start, stop, 0.0, start_m,
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, 0, stop, 0.0, start_m,
                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
                                    seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE,
-                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, KEY_ADD=KEY_ADD)
+                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, KEY_ADD)
     empty = l_i == 0.0  # no key to attend to: output 0, and lse = +inf makes the backward's P exactly 0
     l_safe = tl.where(empty, 1.0, l_i)
     out_scale = drop_scale / l_safe
@@ -383,20 +348,20 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, hi_end, far_right, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale,
                              seed, bh, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, CAUSAL,
-                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, KEY_ADD=KEY_ADD)
+                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, KEY_ADD)
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, hi_end, lo_start, 0.0, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale,
                              seed, bh, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER, CAUSAL,
-                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, KEY_ADD=KEY_ADD)
+                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, KEY_ADD)
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, lo_start, stop, far_left, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale,
                              seed, bh, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, False,
-                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, KEY_ADD=KEY_ADD)
+                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, KEY_ADD)
     else:
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, 0.0, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale,
                              seed, bh, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE, CAUSAL,
-                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, KEY_ADD=KEY_ADD)
+                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, KEY_ADD)
     if STORE_DS:  # query blocks no tile visited: above the diagonal, or every query of keys past the row's length
         _zero_ds(DS, 0, start, start_n, stride_dsn, DS.dtype.element_ty, BLOCK_M, BLOCK_N)
         _zero_ds(DS, stop, Lq, start_n, stride_dsn, DS.dtype.element_ty, BLOCK_M, BLOCK_N)
