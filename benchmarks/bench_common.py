@@ -128,25 +128,17 @@ def sync(device: torch.device) -> None:
 
 
 def timed_steps(step, stream, accum: int, lr: float, count: int):
-    """`count` optimizer steps as `sumtune train`'s loop takes them: with `sumtune.recipe.RUN_AHEAD` (token
-    `noahead`: off) and a step that allows it, the next step is drawn and launched before the pending one's result is
-    read. Yields (index, result, seconds since the previous result was read, or since the first launch): the draw
-    is on the clock, as in training, where it overlaps the GPU's work when a step runs ahead."""
+    """`count` optimizer steps of the product's `TrainStep` as `sumtune train`'s loop takes them: draw the micro-batches
+    (collation on the host), run the step, read its result. Yields (index, result, seconds from the draw to the read):
+    the draw is on the clock, as in training."""
     import time
 
-    from sumtune import recipe
-
-    sync(step.device)
-    last = time.perf_counter()
-    ahead = None
     for index in range(count):
-        pending = ahead or step.launch(step.draw(stream, accum), lr=lr)
-        run_ahead = recipe.RUN_AHEAD and step.can_run_ahead and index + 1 < count
-        ahead = step.launch(step.draw(stream, accum), lr=lr) if run_ahead else None
-        result = pending.result()
-        now = time.perf_counter()
-        yield index, result, now - last
-        last = now
+        sync(step.device)
+        start = time.perf_counter()
+        result = step(step.draw(stream, accum), lr=lr)
+        sync(step.device)
+        yield index, result, time.perf_counter() - start
 
 
 def free_gpu_memory() -> None:
@@ -204,8 +196,9 @@ CONFIG_TOKENS: dict[str, dict] = {
 # results/*_whole_tiles-2026-12-03-h200.json — and went: commit ffbaa8b has it.) `keyadd`: masked keys' -inf added
 # with the bias in the forward and dK/dV kernels, no select per score but the causal one (ADDITIVE_KEY_MASK; off
 # until measured; unlike `nofold` it also drops the dK/dV kernel's select on rows past Lq and covers the forward).
-# `noahead`: the training loop one step at a time, the next step launched only after the pending one's result is
-# read (sumtune.recipe.RUN_AHEAD off).
+# (`noahead` measured the training loop launching the next step before reading the pending one's loss against one
+# step at a time: no gain, long 6.439 vs 6.438 samples/s, shipped 45.15 vs 45.26 — results/*_run_ahead*-2026-12-03-*
+# — so it went: commit ffbaa8b has it.)
 PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "drop8": ("sumtune.fast_t5.flash_attention", "DROPOUT_DRAW_BITS", 8),
     "nopairs": ("sumtune.fast_t5.flash_attention", "DROPOUT_PAIRS", False),
@@ -218,7 +211,6 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "pvall": ("sumtune.fast_t5.flash_attention", "PRECISE_PV_MIN_KEYS", 0),
     "noholes": ("sumtune.fast_t5.flash_attention", "MASK_ONLY_WITH_HOLES", False),
     "keyadd": ("sumtune.fast_t5.flash_attention", "ADDITIVE_KEY_MASK", True),
-    "noahead": ("sumtune.recipe", "RUN_AHEAD", False),
 }
 
 

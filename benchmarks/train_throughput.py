@@ -171,7 +171,7 @@ def _time_fast(data_file, device, setting, args) -> dict:
     shapes_at_timing = 0
     for index, result, seconds in bc.timed_steps(step, stream, parts.cfg.grad_accum_steps, cfg.lr,
                                                  args.warmup + args.steps):
-        if index == args.warmup - 1:  # the next step may be launched already: its capture is before its clock
+        if index == args.warmup - 1:
             shapes_at_timing = graph_shape_events(step)
         first_loss = result.loss if first_loss is None else first_loss
         if index >= args.warmup:

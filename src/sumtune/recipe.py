@@ -30,11 +30,6 @@ from sumtune.progress import Progress
 from sumtune.throughput import ThroughputWindow, WindowTotals, peak_memory_gib
 from sumtune.train_step import StepResult
 
-# The training loop launches the next step before reading the pending step's loss and gradient norm (when
-# `TrainStep.can_run_ahead`): the host's data, copies and graph launches overlap the GPU's work instead of leaving
-# the GPU idle between steps. Same results bit for bit (tests/test_recipe_run_ahead.py). Off: one step at a time.
-RUN_AHEAD = True
-
 
 def shown_source(source: str | None) -> str:
     """A data or model source as the user should see it: local paths resolved, names as they are."""
@@ -148,10 +143,7 @@ class TrainRecipe:
         self.progress.write(f"sumtune: resuming from {path} at step {state.step} of {self.total_steps}.")
 
     def current_lr(self) -> float:
-        return self.lr_at(self.global_step)
-
-    def lr_at(self, step: int) -> float:
-        return get_lr(step, peak_lr=self.cfg.lr, warmup_steps=self.cfg.warmup_steps,
+        return get_lr(self.global_step, peak_lr=self.cfg.lr, warmup_steps=self.cfg.warmup_steps,
                       total_steps=self.total_steps, schedule=self.cfg.lr_schedule)
 
     # ---- the loop ----------------------------------------------------------------------------------
@@ -179,17 +171,13 @@ class TrainRecipe:
         bar = self.progress.bar(total=stop_at, desc="training", initial=self.global_step)
         window = ThroughputWindow.for_device(self.device)
         last_train: dict = {}
-        ahead = None  # the next step, launched before this one's result was read (`_may_run_ahead`)
         while self.global_step < stop_at:
-            pending, samples_seen = ahead or self._launch(stream, self.global_step)
-            ahead = self._launch(stream, self.global_step + 1) if self._may_run_ahead(stop_at) else None
-            result = pending.result()
-            self.samples_seen = samples_seen
+            result = self.step(self.step.draw(stream, cfg.grad_accum_steps), lr=self.current_lr(), stop=self._stop)
+            self.samples_seen = self.batches.samples_seen
             window.add(result.samples, result.tokens, result.flops)
             self.guard.check(self.global_step + 1, result.loss, result.grad_norm, self.keeper.last)
             if result.grad_norm is None:  # NaN/inf loss or gradient: no update, no step counted
-                if ahead is None:  # a step in flight is read (and counted) before a stop's checkpoint
-                    self._stop_if_requested(result)
+                self._stop_if_requested(result)
                 continue
             self.global_step += 1
             bar.update(1)
@@ -207,26 +195,9 @@ class TrainRecipe:
             elif self._checkpoint_due(stop_at):
                 with window.paused():
                     self.save_checkpoint()
-            if ahead is None:
-                self._stop_if_requested(result)
+            self._stop_if_requested(result)
         bar.close()
         return last_train
-
-    def _launch(self, stream, step: int):
-        """Draw and launch optimizer step `step` (0-based); returns it pending, with the data position after it."""
-        micro_batches = self.step.draw(stream, self.cfg.grad_accum_steps)
-        return self.step.launch(micro_batches, lr=self.lr_at(step), stop=self._stop), self.batches.samples_seen
-
-    def _may_run_ahead(self, stop_at: int) -> bool:
-        """Whether to launch the step after the pending one before reading the pending one's result: its data,
-        copies and launches then overlap the pending step's kernels (the GPU does not wait for the host between
-        steps). Only when the step allows it (`TrainStep.can_run_ahead`), both steps lie before `stop_at`, no stop
-        was requested, and the boundary after the pending step (counted as if finite) neither evaluates nor saves:
-        those must see the weights of that step, not the next one's. A pending step that turns out non-finite
-        (skipped) leaves the next one launched with the learning rate one schedule position ahead."""
-        boundary = self.global_step + 1
-        return (RUN_AHEAD and self.step.can_run_ahead and boundary + 1 <= stop_at and self._stop.signum is None
-                and not self._eval_due(boundary) and not self._checkpoint_due(stop_at, boundary))
 
     def _log_train(self, result: StepResult, window: WindowTotals) -> dict:
         """One train line: the last step's loss and gradient norm, the window's speed (all ranks together)."""
@@ -252,15 +223,13 @@ class TrainRecipe:
                             f"not improved for {self.evals_without_improvement} evaluations (best {best:.2f} at "
                             f"step {best_step}; early_stopping_patience {self.cfg.early_stopping_patience}).")
 
-    def _checkpoint_due(self, stop_at: int, step: int | None = None) -> bool:
-        step = self.global_step if step is None else step
+    def _checkpoint_due(self, stop_at: int) -> bool:
         every = self.cfg.checkpoint_every_steps or self.cfg.eval_every_steps or self.steps_per_epoch
-        return step % every == 0 or step == stop_at
+        return self.global_step % every == 0 or self.global_step == stop_at
 
-    def _eval_due(self, step: int | None = None) -> bool:
-        step = self.global_step if step is None else step
+    def _eval_due(self) -> bool:
         every = self.cfg.eval_every_steps or self.steps_per_epoch
-        return step % every == 0 and step < self.total_steps
+        return self.global_step % every == 0 and self.global_step < self.total_steps
 
     def _stop_if_requested(self, result: StepResult) -> None:
         """After a SIGTERM/SIGINT: checkpoint this step boundary (unless just done) and leave the loop."""

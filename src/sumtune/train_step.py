@@ -13,16 +13,13 @@ decision on the GPU, so its update is queued before the host waits). Exactly one
 gradient norm are read together (`.tolist()`), and a data-parallel stop request rides on that same read. Profiler
 phases (data, h2d, forward, backward, optimizer) wrap each part; the profiler is a null object unless one is
 profiling.
-
-    pending = step.launch(micro_batches, lr=2e-4)  # queued; with step.can_run_ahead the host may launch the next
-    result = pending.result()                      # step before this read, so the GPU never waits for the host
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -33,24 +30,6 @@ from sumtune.flops import train_flops_per_sample
 from sumtune.modeling import autocast
 from sumtune.optim import set_lr
 from sumtune.profiling.profiler import NULL_PROFILER
-
-
-class PendingStep:
-    """An optimizer step whose GPU work is queued: `result()` waits for it once and returns its `StepResult`."""
-
-    def __init__(self, finish: Callable[[], "StepResult"]):
-        self._finish: Callable[[], StepResult] | None = finish
-        self._result: StepResult | None = None
-
-    @property
-    def done(self) -> bool:
-        return self._finish is None
-
-    def result(self) -> "StepResult":
-        if self._finish is not None:
-            finish, self._finish = self._finish, None
-            self._result = finish()
-        return self._result
 
 
 @dataclass(frozen=True)
@@ -150,22 +129,6 @@ class TrainStep:
                  stop: StopRequest | None = None) -> StepResult:
         """One optimizer step over host `micro_batches` at learning rate `lr`. `stop` (this process's SIGTERM /
         SIGINT flag) is read at the step's one sync and agreed on with the other ranks there."""
-        return self.launch(micro_batches, lr=lr, stop=stop).result()
-
-    @property
-    def can_run_ahead(self) -> bool:
-        """Whether the next step may be launched before this one's result is read: only when nothing the host
-        decides from that result changes the GPU's work (the update is skipped on the device), on one process (a
-        rank's local stop flag must not change which collectives it enters) and when not profiling (the profiler
-        syncs at each phase)."""
-        return self.update_on_device and not self.dist.enabled and self.profiler is NULL_PROFILER
-
-    def launch(self, micro_batches: Sequence[dict[str, torch.Tensor]], *, lr: float,
-               stop: StopRequest | None = None) -> "PendingStep":
-        """Queue one optimizer step's GPU work and return without waiting for it; `.result()` then waits (the
-        step's one host sync). With `can_run_ahead`, the host may launch the next step first, so that its data,
-        copies and launches overlap this step's kernels. Otherwise the update needs the host's decision, which
-        is taken here: the returned step is already done."""
         prof = self.profiler
         accum = len(micro_batches)
         loss_sum = torch.zeros((), device=self.device)
@@ -190,27 +153,18 @@ class TrainStep:
                 loss.backward()
             loss_sum += loss.detach()
         with prof.phase("optimizer"):
-            read = self._guarded_update(loss_sum, lr, stop.signum if stop else None)
+            loss_value, grad_norm, agreed = self._guarded_update(loss_sum, lr, stop.signum if stop else None)
+        prof.step(samples=samples, tokens=tokens, flops=flops)
+        return StepResult(loss=loss_value, grad_norm=grad_norm, samples=samples, tokens=tokens, flops=flops,
+                          stop_signum=agreed)
 
-        def finish() -> StepResult:
-            with prof.phase("optimizer"):
-                loss_value, grad_norm, agreed = read()
-            prof.step(samples=samples, tokens=tokens, flops=flops)
-            return StepResult(loss=loss_value, grad_norm=grad_norm, samples=samples, tokens=tokens, flops=flops,
-                              stop_signum=agreed)
-
-        pending = PendingStep(finish)
-        if not self.update_on_device:
-            pending.result()
-        return pending
-
-    def _guarded_update(self, loss_sum: torch.Tensor, lr: float, stop_signum: int | None):
-        """Clip and queue the checks; returns `read() -> (loss, grad_norm or None, agreed stop)`, which reads loss
-        and norm (the step's one host sync), and steps the optimizer only if both are finite.
+    def _guarded_update(self, loss_sum: torch.Tensor, lr: float,
+                        stop_signum: int | None) -> tuple[float, float | None, int | None]:
+        """Clip, read loss and norm (the step's one host sync), and step the optimizer only if both are finite.
 
         A fused torch Adam/AdamW takes that decision on the GPU (`found_inf`, as torch's GradScaler hands it one):
         its update and the zeroing of the gradients are queued before the host waits, so the GPU goes on from the
-        backward to the update without waiting for the host. Other optimizers are stepped in `read`."""
+        backward to the update without waiting for the host. Other optimizers are stepped after the read."""
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm or float("inf"))
         checks = [loss_sum.detach().float(), grad_norm.detach().float()]
         if self.dist.enabled:  # the ranks' stop requests ride on this sync: no second host round trip per step
@@ -222,16 +176,12 @@ class TrainStep:
                 self._update(lr, step=True)
             finally:
                 del self.optimizer.found_inf
-
-        def read() -> tuple[float, float | None, int | None]:
-            loss_value, norm_value, *agreed = checks.tolist()
-            signum = (int(agreed[0]) or None) if agreed else stop_signum
-            finite = math.isfinite(loss_value) and math.isfinite(norm_value)
-            if not self.update_on_device:
-                self._update(lr, step=finite)
-            return loss_value, norm_value if finite else None, signum
-
-        return read
+        loss_value, norm_value, *agreed = checks.tolist()
+        signum = (int(agreed[0]) or None) if agreed else stop_signum
+        finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+        if not self.update_on_device:
+            self._update(lr, step=finite)
+        return loss_value, norm_value if finite else None, signum
 
     def _update(self, lr: float, step: bool) -> None:
         if step:
