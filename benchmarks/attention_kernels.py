@@ -15,7 +15,6 @@ Rows, each timed forward + backward (CUDA events, median) with its peak memory a
   ... +dropout8             the same with 8-bit dropout draws (flash_attention.DROPOUT_DRAW_BITS = 8)
   ... +dropout+nopairs      the same with the Philox-4x32 draws before DROPOUT_PAIRS (flash_attention)
   ... +dropout+noholes      the key mask read in every row, not only in rows with a hole (MASK_ONLY_WITH_HOLES off)
-  ... +dropout+keyadd       masked keys' -inf added with the bias, no select per score (ADDITIVE_KEY_MASK)
   triton                    the same kernels with key padding only (no bias, no dropout): the bare kernel
 Forward and backward are also timed apart (fwd_ms, bwd_ms) in the same runs.
 The bias tensors come from a real frozen T5Attention through sumtune.fast_t5.bias, as the fast stack makes them.
@@ -229,8 +228,6 @@ def run_shape(shape, repeats: int, with_flex: bool) -> tuple[list[dict], dict]:
         record("triton+bias+dropout+nopairs", ours, (q, k, v), table.numel() * 4 / 2**30)
     with bc.patched("noholes"):  # these rows are right-padded only: by default they read no key mask at all
         record("triton+bias+dropout+noholes", ours, (q, k, v), table.numel() * 4 / 2**30)
-    with bc.patched("keyadd"):
-        record("triton+bias+dropout+keyadd", ours, (q, k, v), table.numel() * 4 / 2**30)
     pinned = {kernel: config for kernel, config in tuned.items() if config is not None}
     with fa.block_sizes(**pinned):  # the dropout variant's tiles: one compile instead of another autotune
         record("triton+bias", lambda *t: ours(*t, p=0.0), (q, k, v), table.numel() * 4 / 2**30)

@@ -193,9 +193,10 @@ CONFIG_TOKENS: dict[str, dict] = {
 # in every row, not only in rows with a hole (MASK_ONLY_WITH_HOLES, on by default since 2026-12-02; the token was
 # `holes` while it was off). (`wholetiles`, the forward's whole key tiles in loops without bounds or selects,
 # measured no faster on an H200 — long 6.39 vs 6.38, shipped 45.12 vs 45.10 samples/s,
-# results/*_whole_tiles-2026-12-03-h200.json — and went: commit ffbaa8b has it.) `keyadd`: masked keys' -inf added
-# with the bias in the forward and dK/dV kernels, no select per score but the causal one (ADDITIVE_KEY_MASK; off
-# until measured; unlike `nofold` it also drops the dK/dV kernel's select on rows past Lq and covers the forward).
+# results/*_whole_tiles-2026-12-03-h200.json — and went: commit ffbaa8b has it.) (`keyadd`, masked keys' -inf
+# added with the bias in the forward and dK/dV kernels instead of a select per score, the dK/dV kernel's select on
+# rows past Lq dropped, measured +0.7% long (6.485 vs 6.438) and -2.2% shipped (43.4 vs 44.3):
+# results/*_keyadd-2026-12-03-h200.json; commit 7d9d708 has it.)
 # (`noahead` measured the training loop launching the next step before reading the pending one's loss against one
 # step at a time: no gain, long 6.439 vs 6.438 samples/s, shipped 45.15 vs 45.26 — results/*_run_ahead*-2026-12-03-*
 # — so it went: commit ffbaa8b has it.)
@@ -210,7 +211,6 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "nopvsplit": ("sumtune.fast_t5.flash_attention", "PV_SPLIT", False),
     "pvall": ("sumtune.fast_t5.flash_attention", "PRECISE_PV_MIN_KEYS", 0),
     "noholes": ("sumtune.fast_t5.flash_attention", "MASK_ONLY_WITH_HOLES", False),
-    "keyadd": ("sumtune.fast_t5.flash_attention", "ADDITIVE_KEY_MASK", True),
 }
 
 

@@ -206,36 +206,6 @@ def test_mask_only_with_holes_changes_no_bit(fa, monkeypatch):
     assert torch.equal(unflagged[:2], out_on[:2]) and not torch.allclose(unflagged[2], out_on[2])
 
 
-def _flag_on_and_off(fa, monkeypatch, flag, device, dtype, head_dim, query_len, key_len, causal, bias, masked):
-    """Output and gradients with module constant ``flag`` off and on (dropout 0.2), on padding_mask's rows when
-    ``masked``."""
-    q, k, v = make_qkv(3, 2, query_len, key_len, head_dim, dtype, device=device)
-    table = t5_like_table(2, query_len, key_len, 8, device=device) if bias else None
-    mask = padding_mask(3, key_len, device=device) if masked else None
-    grad = torch.randn(3, 2, query_len, head_dim, generator=torch.Generator().manual_seed(2)).to(device)
-    results = []
-    for on in (False, True):
-        monkeypatch.setattr(fa, flag, on)
-        torch.manual_seed(3)
-        results.append(run_with_grads(lambda q, k, v: fa.flash_t5_attention(
-            q, k, v, table, mask, causal=causal, scale=0.25, dropout_p=0.2, bias_radius=8 if bias else None),
-            q, k, v, grad))
-    return results
-
-
-@pytest.mark.parametrize("query_len,key_len,causal,bias,masked", [
-    (150, 150, False, True, True), (150, 150, True, True, False), (70, 150, False, False, True),
-    (150, 150, True, False, False), (90, 90, False, True, False)],
-    ids=["self-padded", "causal", "cross-padded", "causal-no-bias", "self-full"])
-def test_additive_key_mask_changes_no_bit(fa, monkeypatch, query_len, key_len, causal, bias, masked):
-    """ADDITIVE_KEY_MASK: the forward and dK/dV kernels add a masked key's -inf with the bias, and the dK/dV kernel
-    leaves rows past Lq to their +inf log-sum-exp: the same bits, output and gradients, with the hole, the rows'
-    ends, the causal diagonal and query rows past a block's end in the cases (dropping the -inf fails them)."""
-    (out_off, grads_off), (out_on, grads_on) = _flag_on_and_off(
-        fa, monkeypatch, "ADDITIVE_KEY_MASK", "cpu", torch.float32, 16, query_len, key_len, causal, bias, masked)
-    assert torch.equal(out_off, out_on) and all(map(torch.equal, grads_off, grads_on))
-
-
 def test_precise_pv_waits_for_enough_keys(fa, monkeypatch):
     """Below PRECISE_PV_MIN_KEYS keys the forward keeps its bf16 P·V: no float16 copy of V, no second GEMM."""
     monkeypatch.setattr(fa, "PV_FP16", True)
@@ -655,25 +625,6 @@ def test_dkdv_configs_that_store_ds_compile_for_hopper_without_spilling():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_additive_key_mask_compiles_for_hopper_in_the_same_shared_memory():
-    """The ADDITIVE_KEY_MASK forward and dK/dV kernels (as the long config runs them: precise P·V, stored dS) build
-    for sm_90 in every config with the shared memory of the kernels without it, and spill no more than 256 bytes."""
-    from sumtune.fast_t5.flash_attention import AUTOTUNE_CONFIGS
-
-    rows, stderr = _json_lines_compiled_for_hopper(
-        "import json; from sumtune.fast_t5 import flash_compile as fc, flash_attention as fa\n"
-        "for name, flags in (('fwd', dict(PV_FP16=True, PV_SPLIT=True)), ('dkdv', dict(STORE_DS=True))):\n"
-        "    for config in fa.AUTOTUNE_CONFIGS[name]:\n"
-        "        print(json.dumps([fc.resources(fc.compile_kernel(name, *config, KEY_ADD=add, **flags))\n"
-        "                          for add in (False, True)]))")
-    assert len(rows) == len(AUTOTUNE_CONFIGS["fwd"]) + len(AUTOTUNE_CONFIGS["dkdv"]), stderr
-    for without, with_add in rows:
-        assert with_add["shared_bytes"] == without["shared_bytes"], (without, with_add)
-        assert with_add["spill_bytes"] <= 256, (without, with_add)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_pair_draws_let_the_dkdv_kernel_build_its_mask_without_shared_memory():
     """Compiled for sm_90: with `PAIRS` the dK/dV kernel's dropout adds no shared-memory load, store or barrier to
     its code (the draws are built in its own layout), where the Philox-4x32 grouping transposes its mask through
@@ -857,19 +808,6 @@ def test_gpu_mask_only_with_holes_changes_no_bit(compiled_fa, monkeypatch):
         assert all(relative_error(a, b) <= 1e-3 for a, b in zip((out_on, *grads_on), (out_off, *grads_off)))
     unflagged, _ = results[True, False, 0]
     assert torch.equal(unflagged[:2], out_on[:2]) and relative_error(unflagged[2], out_on[2]) > 1e-2
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("causal,bias", [(False, True), (True, False)])
-def test_gpu_additive_key_mask_changes_nothing(compiled_fa, monkeypatch, causal, bias):
-    """The compiled kernels (first configs) with ADDITIVE_KEY_MASK: the results without it, within 1e-3 (the
-    compiled variants may schedule their arithmetic apart; bit for bit on the CPU)."""
-    fa = compiled_fa
-    with first_configs(fa):
-        (out_off, grads_off), (out_on, grads_on) = _flag_on_and_off(
-            fa, monkeypatch, "ADDITIVE_KEY_MASK", "cuda", torch.bfloat16, 128, 300, 300, causal, bias, not causal)
-    assert all(relative_error(a, b) <= 1e-3 for a, b in zip((out_on, *grads_on), (out_off, *grads_off)))
 
 
 @pytest.mark.gpu

@@ -87,10 +87,6 @@ PV_SPLIT = True
 # two copies of each loop ran 6.34 vs 6.30 and 45.1 vs 44.7 (results/*_holes_two_loops-*) but doubled the shared
 # memory (the forward's first config 96 -> 160 KiB, the dQ kernel's over Hopper's 227). Token `noholes`: off.
 MASK_ONLY_WITH_HOLES = True
-# ADDITIVE_KEY_MASK (off until measured on a GPU; token `keyadd`): the forward and dK/dV kernels add a masked key's
-# -inf with the bias (free in the ~90% of tiles whose bias is one constant) instead of a select per score, and the
-# dK/dV kernel drops its select on rows past Lq (their log-sum-exp is +inf); the same bits (CPU test).
-ADDITIVE_KEY_MASK = False
 PRECISE_PV_MIN_KEYS = 2048
 TABLE_MARGIN = 128  # zero columns each side of a bias table: a tile reaches at most BLOCK - 1 offsets beyond it
 _INTERPRETER_BLOCKS = dict(fwd=(32, 32), dkdv=(32, 32), dq=(32, 32))  # tests pin smaller ones to cross blocks
@@ -135,7 +131,7 @@ def _configs(name: str):
 
 
 _AUTOTUNE_KEY = ["HEAD_DIM", "len_key", "CAUSAL", "HAS_BIAS", "HAS_KEY_MASK", "DROPOUT", "DRAW8", "STORE_DS",
-                 "PV_SPLIT", "PV_FP16", "PAIRS", "CHECK_HOLES", "KEY_ADD"]
+                 "PV_SPLIT", "PV_FP16", "PAIRS", "CHECK_HOLES"]
 _tuned: dict[str, object] = {}
 
 
@@ -249,7 +245,7 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
             HEAD_DIM=head_dim, CAUSAL=causal, HAS_BIAS=table is not None, HAS_KEY_MASK=mask is not None,
             DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8,
             PV_SPLIT=PV_SPLIT and precise_pv, PV_FP16=pv_fp16, PAIRS=pairs,
-            **_holes_args(mask, holes), **_key_add_args())
+            **_holes_args(mask, holes))
     return out, lse
 
 
@@ -282,7 +278,7 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, 
             q, k, v, grad_out, dk, dv, lse, delta, table_arg, mask_arg, lengths_arg, ds,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), *ds_strides,
             mask_stride, heads, query_len, key_len, radius, *geometry, scale * LOG2E, scale, seed, drop_below,
-            drop_scale, length_key, STORE_DS=store_ds, **common, **_key_add_args())
+            drop_scale, length_key, STORE_DS=store_ds, **common)
     if store_ds:
         return _dq_from_ds(ds, k, dq, query_len, key_len, scale), dk, dv
     _launch("dq", kernels.t5_flash_attention_bwd_dq,
@@ -292,10 +288,6 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, 
             heads, query_len, key_len, radius, *geometry, scale * LOG2E, scale, seed, drop_below, drop_scale,
             length_key, **common, **_holes_args(mask, holes))
     return dq, dk, dv
-
-
-def _key_add_args() -> dict:
-    return {"KEY_ADD": True} if ADDITIVE_KEY_MASK else {}
 
 
 def _holes_args(mask, holes) -> dict:
