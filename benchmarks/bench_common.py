@@ -10,7 +10,6 @@ import datetime as _dt
 import json
 import os
 import re
-import statistics
 import sys
 from pathlib import Path
 
@@ -273,22 +272,11 @@ def gpu_slug(name: str | None = None) -> str:
 
 
 def measure_bf16_matmul_tflops(size: int = 8192, iters: int = 20) -> float | None:
-    """Median achieved TFLOP/s of a large bf16 GEMM on this GPU (CUDA events); None on CPU."""
-    if not torch.cuda.is_available():
-        return None
-    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    times_ms = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        end.record()
-        end.synchronize()
-        times_ms.append(start.elapsed_time(end))
-    return 2 * size**3 / (statistics.median(times_ms) / 1e3) / 1e12
+    """Median achieved TFLOP/s of a large bf16 GEMM on this GPU; None on CPU (the product's measurement, the
+    one `sumtune train` divides its second MFU figure by)."""
+    from sumtune.flops import measure_bf16_matmul_tflops as measure
+
+    return measure(torch.device("cuda"), size, iters) if torch.cuda.is_available() else None
 
 
 # ----------------------------------------------------------------------------- results

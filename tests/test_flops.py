@@ -116,3 +116,31 @@ def test_mfu_figures_say_attention_is_counted():
     assert flops.ATTENTION_COUNTED and "attention counted" in flops.FLOPS_COUNTED
     assert flops.mfu(1e15, 2.0, 1000.0) == 0.5
     assert flops.mfu(1e15, 2.0, None) is None
+
+
+def test_the_mfu_basis_line_names_both_divisors_and_only_those_known():
+    both = flops.mfu_basis("NVIDIA H200", 989.0, 786.4)
+    assert both == ("sumtune: MFU counts the step's matrix products (attention included; see sumtune.flops) against "
+                    "the datasheet bf16 peak of the NVIDIA H200 (989 TFLOP/s); in brackets, the bf16 matmul rate "
+                    "measured on it now (786 TFLOP/s).")
+    assert "measured" not in flops.mfu_basis("NVIDIA H200", 989.0, None)
+    only_measured = flops.mfu_basis("Some New GPU", None, 500.0)
+    assert "datasheet" not in only_measured and "in brackets" not in only_measured and "(500 TFLOP/s)" in only_measured
+    assert flops.mfu_basis(None, None, None) is None  # CPU: no MFU figure, so no line about one
+
+
+def test_the_matmul_rate_is_not_made_up_off_cuda():
+    assert flops.measure_bf16_matmul_tflops(torch.device("cpu")) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_measured_matmul_rate_is_a_plausible_share_of_the_datasheet_peak():
+    """The second MFU divisor is a real measurement: above 30% of the datasheet (any GEMM this size gets there) and
+    not above it (a rate past the datasheet would mean a timing bug)."""
+    device = torch.device("cuda")
+    measured = flops.measure_bf16_matmul_tflops(device, size=4096, iters=10)
+    peak = flops.peak_tflops(device)
+    assert measured is not None and measured > 0
+    if peak:
+        assert 0.3 * peak < measured <= 1.05 * peak

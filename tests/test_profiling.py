@@ -136,6 +136,21 @@ def test_summary_fields_and_breakdown_sum_to_step_time(cpu_profile):
         assert abs(trace_parts[phase] - parts[phase]) <= 0.05 * mean_s, (phase, trace_parts[phase], parts[phase])
 
 
+def test_mfu_against_the_measured_matmul_rate_when_the_run_gives_one(cpu_profile, tmp_path):
+    from sumtune.profiling.profiler import _throughput
+
+    _, prof, summary = cpu_profile
+    assert summary["matmul_tflops"] is None and summary["mfu_measured_pct"] is None  # CPU: nothing measured
+    assert "matmul rate" not in format_summary(summary)
+    out = _throughput(prof.records, summary["step_time_mean_s"], 1.0, None, matmul_tflops=0.8)
+    assert out["mfu_measured_pct"] == pytest.approx(out["mfu_pct"] / 0.8)
+    text = format_summary(dict(summary, **out))
+    assert f"({out['mfu_measured_pct']:.1f}% of the bf16 matmul rate measured, 1 TFLOP/s)" in text
+    described = StepProfiler(tmp_path, device="cpu")
+    described.describe_run(device="cuda", matmul_tflops=750.0)  # what the recipe does once it has measured
+    assert described.matmul_tflops == 750.0 and described.device == "cuda"
+
+
 def test_report_names_every_phase_and_the_trace(cpu_profile):
     _, prof, summary = cpu_profile
     text = format_summary(summary)

@@ -34,6 +34,9 @@ def test_window_leaves_paused_time_out_and_restarts_at_close():
     rates = totals.rates(peak_tflops=4.0)
     assert rates["tokens_per_s"] == 400 and rates["samples_per_s"] == 4 and rates["step_time_s"] == 1.0
     assert rates["mfu"] == pytest.approx(4e12 / 2.0 / 4e12)
+    assert "mfu_measured" not in rates  # no measured rate given: no second figure
+    both = totals.rates(peak_tflops=4.0, matmul_tflops=3.2)
+    assert both["mfu"] == rates["mfu"] and both["mfu_measured"] == pytest.approx(4e12 / 2.0 / 3.2e12)
     clock.now += 0.5
     window.add(samples=2, tokens=100)
     after = window.close()  # the next window counts only its own step and time

@@ -20,6 +20,7 @@ left out, as in the PaLM paper's MFU), for a frozen base with LoRA adapters:
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,7 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, 
 FLOPS_COUNTED = ("attention counted: linear layers ×2, QKᵀ and PV ×3 (causal self-attention: lower triangle), "
                  "LoRA ×3")
 ATTENTION_COUNTED = True
+ATTENTION_NOTE = "attention included; see sumtune.flops"
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,42 @@ def peak_tflops_for_name(device_name: str | None) -> float | None:
         return None
     name = device_name.lower()
     return next((tflops for key, tflops in PEAK_BF16_TFLOPS.items() if key.lower() in name), None)
+
+
+def measure_bf16_matmul_tflops(device: torch.device, size: int = 8192, iters: int = 20) -> float | None:
+    """This GPU's achieved dense bf16 matmul rate, TFLOP/s: the median of `iters` size × size × size GEMMs timed
+    with CUDA events (~0.1 s); None off CUDA.
+
+    Why next to the datasheet peak: no real GEMM reaches that figure (an H200 measures 750-800 TFLOP/s of its
+    989), so MFU against the measured rate says how close the step runs to what this GPU does, and MFU against the
+    datasheet how close to what it is sold as."""
+    if device.type != "cuda":
+        return None
+    with torch.cuda.device(device):
+        a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+        b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+        for _ in range(3):  # clocks up, cuBLAS's choice made
+            a @ b
+        times_ms = []
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            a @ b
+            end.record()
+            end.synchronize()
+            times_ms.append(start.elapsed_time(end))
+        del a, b
+    return 2 * size**3 / (statistics.median(times_ms) / 1e3) / 1e12
+
+
+def mfu_basis(device_name: str | None, peak: float | None, matmul: float | None) -> str | None:
+    """The line that says what the training log's MFU figures divide by; None when there is no figure."""
+    if not peak and not matmul:
+        return None
+    parts = ([f"the datasheet bf16 peak of the {device_name or 'GPU'} ({peak:.0f} TFLOP/s)"] if peak else []) + \
+        ([f"{'in brackets, ' if peak else ''}the bf16 matmul rate measured on it now ({matmul:.0f} TFLOP/s)"]
+         if matmul else [])
+    return f"sumtune: MFU counts the step's matrix products ({ATTENTION_NOTE}) against {'; '.join(parts)}."
 
 
 def mfu(flops: float, seconds: float, peak: float | None) -> float | None:

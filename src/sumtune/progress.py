@@ -73,8 +73,12 @@ def train_log_fields(record: dict, total_steps: int, eta_s: float | None = None)
         fields["grad_norm"] = f"{record['grad_norm']:.3g}"
     if record.get("tokens_per_s") is not None:
         fields["tokens/s"] = f"{record['tokens_per_s']:,.0f}"
+    measured = (f" ({100 * record['mfu_measured']:.1f}% of measured)"
+                if record.get("mfu_measured") is not None else "")
     if record.get("mfu") is not None:
-        fields["MFU"] = f"{100 * record['mfu']:.1f}%"
+        fields["MFU"] = f"{100 * record['mfu']:.1f}%{measured}"
+    elif measured:
+        fields["MFU"] = measured.strip(" ()")
     if eta_s is not None:
         fields["ETA"] = format_duration(eta_s)
     return fields

@@ -21,7 +21,7 @@ from sumtune.checkpoint_keeper import CheckpointKeeper
 from sumtune.config import TrainConfig
 from sumtune.errors import SumtuneError
 from sumtune.evaluator import EvalSettings, Evaluator
-from sumtune.flops import peak_tflops
+from sumtune.flops import measure_bf16_matmul_tflops, mfu_basis, peak_tflops
 from sumtune.metrics import MetricsLogger
 from sumtune.modeling import check_model_source, count_parameters, resolve_device
 from sumtune.optim import get_lr
@@ -95,9 +95,12 @@ class TrainRecipe:
         examples = training.tokenize_examples(self.tokenizer, self.train_rows, cfg, self.progress)
         self.truncation = truncation.announce(examples, cfg, write=self.progress.write,  # what the limits cut
                                               run_dir=self.run_dir if self.dist.is_main else None)
+        # Before the model: the GEMM's 384 MiB go back to the allocator's cache for the weights to reuse.
+        self.matmul_tflops = measure_bf16_matmul_tflops(self.device)
         parts = training.build_parts(cfg, self.tokenizer, examples, dist=self.dist, run_dir=self.run_dir,
                                      resume_record=resume_record, profiler=self.profiler, progress=self.progress)
         self.cfg = cfg = parts.cfg  # `batch_size: auto` → a number
+        self.profiler.describe_run(device=self.device.type, matmul_tflops=self.matmul_tflops)
         self.model, self.optimizer, self.batches, self.step = parts.model, parts.optimizer, parts.batches, parts.step
         self.auto_batch_trials = parts.auto_batch_trials
         self.steps_per_epoch = max(1, self.batches.batches_per_epoch() // cfg.grad_accum_steps)
@@ -122,6 +125,10 @@ class TrainRecipe:
             f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%); "
             f"{len(self.train_rows)} train / {len(self.eval_rows)} eval rows; {self.total_steps} steps of "
             f"{distributed.describe_batch(cfg.batch_size, cfg.grad_accum_steps, self.dist.world_size)}.")
+        basis = mfu_basis(torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
+                          self.peak_tflops, self.matmul_tflops)
+        if basis:
+            self.progress.write(basis)
         self.progress.write(f"sumtune: run directory {self.run_dir}; data {shown_source(cfg.dataset)}"
                             + (f" (eval: {shown_source(cfg.eval_dataset)})" if cfg.eval_dataset else "")
                             + f"; model {shown_source(cfg.model)}.")
@@ -202,12 +209,11 @@ class TrainRecipe:
     def _log_train(self, result: StepResult, window: WindowTotals) -> dict:
         """One train line: the last step's loss and gradient norm, the window's speed (all ranks together)."""
         loss, tokens, samples = distributed.reduce_for_log(self.dist, result.loss, window.tokens, window.samples)
-        rates = replace(window, tokens=tokens, samples=samples).rates(self.peak_tflops)
-        mfu = rates.pop("mfu", None)  # the FLOPs are this GPU's: MFU is per GPU
+        rates = replace(window, tokens=tokens, samples=samples).rates(self.peak_tflops, self.matmul_tflops)
+        mfus = {key: rates.pop(key) for key in ("mfu", "mfu_measured") if key in rates}  # this GPU's FLOPs: per GPU
         return self.logger.log("train", self.global_step, {
             "epoch": round(self.global_step / self.steps_per_epoch, 4), "loss": loss, "lr": self.current_lr(),
-            "grad_norm": result.grad_norm, **rates, "peak_mem_gib": peak_memory_gib(self.device),
-            **({"mfu": mfu} if mfu is not None else {})})
+            "grad_norm": result.grad_norm, **rates, "peak_mem_gib": peak_memory_gib(self.device), **mfus})
 
     def _early_stop_due(self) -> bool:
         patience = self.cfg.early_stopping_patience

@@ -27,7 +27,7 @@ MAX_SAMPLES = 12        # sample summaries shown
 MAX_TRAIN_ROWS = 40     # training-log rows shown (evenly spaced, always with the last)
 EVAL_COLUMNS = ("step", "epoch", "loss", "rouge1", "rouge2", "rougeL", "rougeLsum", "gen_len")
 TRAIN_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "step_time_s",
-                 "peak_mem_gib", "mfu", "time_s")
+                 "peak_mem_gib", "mfu", "mfu_measured", "time_s")
 METRIC_LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum",
                  "gen_len": "mean summary length (tokens)", "loss": "eval loss"}
 PLOT_TITLES = {"loss": "Loss", "lr": "Learning rate", "rouge": "ROUGE over training", "grad_norm": "Gradient norm",
@@ -386,7 +386,9 @@ def build_html(run: Path, damaged: list[int] | None = None) -> str:
         "<h2>Training log</h2>",
         (f'<p class="sub">{len(_spaced(train, MAX_TRAIN_ROWS))} of {len(train)} logged windows; '
          "all of them are in metrics.jsonl and TensorBoard (tb/)."
-         + (f" MFU: {escape(FLOPS_COUNTED)} (sumtune.flops)." if "mfu" in train_cols else "") + "</p>"
+         + (f" MFU: {escape(FLOPS_COUNTED)} (sumtune.flops)." if "mfu" in train_cols else "")
+         + (" mfu against the GPU's datasheet bf16 peak, mfu_measured against the bf16 matmul rate measured on it"
+            " when training started." if "mfu_measured" in train_cols else "") + "</p>"
          + html_table(train_cols, [[r.get(c) for c in train_cols] for r in _spaced(train, MAX_TRAIN_ROWS)], "train"))
         if train else _none("No training lines in metrics.jsonl."),
         "<h2>Profile</h2>", section_profile(_read_json(run / "profile" / "summary.json")),

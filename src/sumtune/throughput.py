@@ -36,14 +36,16 @@ class WindowTotals:
     flops: float
     seconds: float
 
-    def rates(self, peak_tflops: float | None = None) -> dict[str, float]:
-        """tokens_per_s, samples_per_s, step_time_s, and mfu when the GPU's peak is known."""
+    def rates(self, peak_tflops: float | None = None, matmul_tflops: float | None = None) -> dict[str, float]:
+        """tokens_per_s, samples_per_s, step_time_s; `mfu` when the GPU's datasheet peak is known and
+        `mfu_measured` when its measured matmul rate is (`sumtune.flops.measure_bf16_matmul_tflops`)."""
         seconds = max(self.seconds, 1e-12)
         out = {"tokens_per_s": self.tokens / seconds, "samples_per_s": self.samples / seconds,
                "step_time_s": self.seconds / max(1, self.steps)}
-        value = mfu(self.flops, seconds, peak_tflops) if self.flops else None
-        if value is not None:
-            out["mfu"] = value
+        for key, peak in (("mfu", peak_tflops), ("mfu_measured", matmul_tflops)):
+            value = mfu(self.flops, seconds, peak) if self.flops else None
+            if value is not None:
+                out[key] = value
         return out
 
 

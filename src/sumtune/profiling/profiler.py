@@ -141,6 +141,7 @@ class StepProfiler:
         self.tokens_per_step = tokens_per_step
         self.flops_per_step = flops_per_step
         self.peak_tflops = peak_tflops
+        self.matmul_tflops: float | None = None
         self.context = dict(context or {})
         self.sync_phases = sync_phases
         self.records: list[StepRecord] = []
@@ -170,7 +171,7 @@ class StepProfiler:
         return self._stopped
 
     def describe_run(self, *, device: str, peak_tflops: float | None = None, samples_per_step: int | None = None,
-                     context: dict[str, Any] | None = None) -> None:
+                     context: dict[str, Any] | None = None, matmul_tflops: float | None = None) -> None:
         """What the training run is, once it is built (device, resolved batch, settings for the advice).
 
         The recipe calls this at the end of its setup, for `sumtune profile` and `train --profile-steps` alike;
@@ -178,6 +179,8 @@ class StepProfiler:
         self.device = device
         if peak_tflops is not None:
             self.peak_tflops = peak_tflops
+        if matmul_tflops is not None:  # this GPU's measured bf16 matmul rate: the second MFU figure's divisor
+            self.matmul_tflops = matmul_tflops
         if samples_per_step is not None:
             self.samples_per_step = samples_per_step
         if context is not None:
@@ -323,7 +326,7 @@ def build_summary(prof: StepProfiler, trace: dict[str, Any] | None) -> dict[str,
         step_time_max_s=max(times),
         step_times_s=times,
     )
-    summary.update(_throughput(recs, mean_s, prof.peak_tflops, summary["device_name"]))
+    summary.update(_throughput(recs, mean_s, prof.peak_tflops, summary["device_name"], prof.matmul_tflops))
     summary.update(breakdown(recs))
     summary.update(_memory(recs, prof.device))
     gpu = trace_analysis.gpu_stats(trace) if trace is not None else None
@@ -351,7 +354,8 @@ def breakdown(recs: list[StepRecord]) -> dict[str, Any]:
     return {"breakdown_s": parts, "breakdown_pct": pct}
 
 
-def _throughput(recs, mean_s: float, peak_tflops, device_name: str | None) -> dict[str, Any]:
+def _throughput(recs, mean_s: float, peak_tflops, device_name: str | None,
+                matmul_tflops: float | None = None) -> dict[str, Any]:
     samples = [r.samples for r in recs if r.samples is not None]
     tokens = [r.tokens for r in recs if r.tokens is not None]
     flops = [r.flops for r in recs if r.flops]
@@ -368,6 +372,8 @@ def _throughput(recs, mean_s: float, peak_tflops, device_name: str | None) -> di
     out["peak_tflops_source"] = "given" if peak_tflops is not None else ("datasheet dense bf16" if peak else None)
     achieved = sum(flops) / total_s if out["flops_per_step"] and total_s > 0 else None
     out["mfu_pct"] = 100.0 * achieved / (peak * 1e12) if achieved and peak else None
+    out["matmul_tflops"] = matmul_tflops
+    out["mfu_measured_pct"] = 100.0 * achieved / (matmul_tflops * 1e12) if achieved and matmul_tflops else None
     if out["mfu_pct"] is not None:
         from sumtune.flops import FLOPS_COUNTED
 

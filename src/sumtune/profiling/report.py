@@ -29,6 +29,8 @@ def format_summary(summary: dict[str, Any]) -> str:
                f"min {ms(summary['step_time_min_s'])}, max {ms(summary['step_time_max_s'])}")
     out.append(f"throughput    {_fmt(summary.get('samples_per_s'))} samples/s, {_fmt(summary.get('tokens_per_s'), '.0f')} tokens/s, "
                f"MFU {_fmt(summary.get('mfu_pct'), '.1f', '%')}"
+               + (f" ({summary['mfu_measured_pct']:.1f}% of the bf16 matmul rate measured, "
+                  f"{summary['matmul_tflops']:.0f} TFLOP/s)" if summary.get("mfu_measured_pct") else "")
                + (f" ({summary['mfu_flops_counted'].split(':')[0]})" if summary.get("mfu_flops_counted") else ""))
     gib = summary.get("mem_kind") == "cuda_allocated" and "GPU allocated" or "process RSS"
     out.append(f"memory        {gib}: peak {_fmt(summary.get('peak_mem_gib'), '.2f', ' GiB')}, "
