@@ -41,7 +41,8 @@ RUN_CONFIG = dict(
     eval_batch_size=2, max_new_tokens=4, log_every_steps=1, lr=3e-3, warmup_steps=2,
     optimizer="paged_adamw_8bit", device="cpu", progress=False, seed=1,
 )
-VOLATILE = {"tokens_per_s", "samples_per_s", "step_time_s", "peak_mem_gib", "time_s", "mfu", "mfu_measured"}
+VOLATILE = {"tokens_per_s", "samples_per_s", "step_time_s", "peak_mem_gib", "time_s", "mfu", "mfu_measured",
+            "graph_captures"}
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -538,5 +539,26 @@ def test_auto_batch_on_gpu(config_path, tmp_path):
     try:
         assert recipe.cfg.batch_size * recipe.cfg.grad_accum_steps == 8
         assert recipe.auto_batch_trials and recipe.auto_batch_trials[-1]["fits"]
+    finally:
+        recipe.cleanup()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_train_log_on_gpu_counts_new_graph_shapes_and_both_mfu_figures(config_path, tmp_path):
+    """On a GPU every train line carries MFU against the datasheet (when the card is known) and against the matmul
+    rate measured at the start, and `graph_captures` adds up to the shapes the step captured."""
+    recipe = TrainRecipe(config(config_path, tmp_path / "run", batch_size=4, device="cuda", cuda_graphs=True,
+                                log_every_steps=1, max_steps=6))
+    recipe.setup()
+    try:
+        recipe.train()
+        lines = [r for r in read_metrics(recipe.run_dir) if r["split"] == "train"]
+        assert recipe.matmul_tflops and recipe.step.graphed is not None and recipe.step.graphed.captures >= 1
+        assert sum(r["graph_captures"] for r in lines) == recipe.step.graphed.captures
+        assert lines[0]["graph_captures"] >= 1  # the first step's shape is always new
+        assert all(r["mfu_measured"] > 0 for r in lines)
+        if recipe.peak_tflops:
+            assert all(r["mfu"] < r["mfu_measured"] for r in lines)  # no GEMM reaches the datasheet
     finally:
         recipe.cleanup()

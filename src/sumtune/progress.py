@@ -66,7 +66,7 @@ def format_duration(seconds: float) -> str:
 
 def train_log_fields(record: dict, total_steps: int, eta_s: float | None = None) -> dict[str, str]:
     """A training log record's fields as shown: step, epoch, loss, lr, grad_norm, tokens/s, MFU (when the
-    GPU's peak is known), ETA (training steps only, from this window's step time)."""
+    GPU's peak is known), new shapes (batch shapes captured in CUDA graphs in the window, when any), ETA (training steps only, from this window's step time)."""
     fields = {"step": f"{record['step']}/{total_steps}", "epoch": f"{record.get('epoch', 0.0):.2f}",
               "loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}"}
     if record.get("grad_norm") is not None:
@@ -79,6 +79,8 @@ def train_log_fields(record: dict, total_steps: int, eta_s: float | None = None)
         fields["MFU"] = f"{100 * record['mfu']:.1f}%{measured}"
     elif measured:
         fields["MFU"] = measured.strip(" ()")
+    if record.get("graph_captures"):  # why this window is slower than the steady ones
+        fields["new shapes"] = str(record["graph_captures"])
     if eta_s is not None:
         fields["ETA"] = format_duration(eta_s)
     return fields

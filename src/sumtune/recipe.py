@@ -120,6 +120,7 @@ class TrainRecipe:
         total, trainable = count_parameters(self.model)
         self.param_counts = {"total": total, "trainable": trainable}
         self.peak_tflops = peak_tflops(self.device)
+        self._captures_logged = 0  # CUDA-graph captures already reported in a log line
         self.progress.write(
             f"sumtune: {cfg.model} ({cfg.quantization}, {cfg.compute_dtype}) on {self.device}; "
             f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%); "
@@ -213,7 +214,17 @@ class TrainRecipe:
         mfus = {key: rates.pop(key) for key in ("mfu", "mfu_measured") if key in rates}  # this GPU's FLOPs: per GPU
         return self.logger.log("train", self.global_step, {
             "epoch": round(self.global_step / self.steps_per_epoch, 4), "loss": loss, "lr": self.current_lr(),
-            "grad_norm": result.grad_norm, **rates, "peak_mem_gib": peak_memory_gib(self.device), **mfus})
+            "grad_norm": result.grad_norm, **rates, "peak_mem_gib": peak_memory_gib(self.device), **mfus,
+            **self._new_graph_captures()})
+
+    def _new_graph_captures(self) -> dict[str, int]:
+        """`graph_captures`: batch shapes captured in CUDA graphs since the last log line (with graphs on). Each costs
+        an eager warm-up and a capture, so a window holding some is slower than the steady ones: the line says so."""
+        graphed = self.step.graphed
+        if graphed is None:
+            return {}
+        new, self._captures_logged = graphed.captures - self._captures_logged, graphed.captures
+        return {"graph_captures": new}
 
     def _early_stop_due(self) -> bool:
         patience = self.cfg.early_stopping_patience
