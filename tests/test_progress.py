@@ -63,8 +63,10 @@ def test_the_log_line_holds_every_field():
                                                           "grad_norm 1.02  tokens/s 18,210  MFU 31.2%  ETA 0:01:12")
     measured = dict(RECORD, mfu_measured=0.3937)  # the second divisor: the matmul rate measured on the GPU
     assert "  MFU 31.2% (39.4% of measured)  " in format_train_line(measured, 240, eta_s=72.4)
-    captures = dict(measured, graph_captures=4)  # a window that captured 4 new batch shapes: said, as its cause
-    assert "  MFU 31.2% (39.4% of measured)  new shapes 4  ETA 0:01:12" in format_train_line(captures, 240, 72.4)
+    # a window that captured 4 new batch shapes (4.75 s of warm-ups and captures): said, as its cause
+    captures = dict(measured, graph_captures=4, graph_warm_up_s=3.25, graph_record_s=1.5)
+    line = format_train_line(captures, 240, 72.4)
+    assert "  MFU 31.2% (39.4% of measured)  new shapes 4 (4.8 s)  ETA 0:01:12" in line
     assert "new shapes" not in format_train_line(dict(measured, graph_captures=0), 240)
     cpu = {k: v for k, v in RECORD.items() if k != "mfu"}  # no known peak: no MFU, rather than a made-up one
     assert format_train_line(cpu, 240) == "step 40/240  epoch 0.67  loss 2.3141  lr 2.95e-03  grad_norm 1.02  " \

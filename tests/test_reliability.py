@@ -42,7 +42,7 @@ RUN_CONFIG = dict(
     optimizer="paged_adamw_8bit", device="cpu", progress=False, seed=1,
 )
 VOLATILE = {"tokens_per_s", "samples_per_s", "step_time_s", "peak_mem_gib", "time_s", "mfu", "mfu_measured",
-            "graph_captures"}
+            "graph_captures", "graph_warm_up_s", "graph_record_s"}
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -557,6 +557,8 @@ def test_train_log_on_gpu_counts_new_graph_shapes_and_both_mfu_figures(config_pa
         assert recipe.matmul_tflops and recipe.step.graphed is not None and recipe.step.graphed.captures >= 1
         assert sum(r["graph_captures"] for r in lines) == recipe.step.graphed.captures
         assert lines[0]["graph_captures"] >= 1  # the first step's shape is always new
+        assert lines[0]["graph_warm_up_s"] > 0 and lines[0]["graph_record_s"] > 0
+        assert sum(r["graph_record_s"] for r in lines) == pytest.approx(recipe.step.graphed.record_s)
         assert all(r["mfu_measured"] > 0 for r in lines)
         if recipe.peak_tflops:
             assert all(r["mfu"] < r["mfu_measured"] for r in lines)  # no GEMM reaches the datasheet

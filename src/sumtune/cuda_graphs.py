@@ -26,6 +26,7 @@ How (the rules of `torch.cuda.graph`):
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -90,6 +91,10 @@ class GraphedMicroSteps:
         self.pool = None
         self.pool_freed_for_warm_up = 0  # times a warm-up found no room beside the pool (`_warm_up_beside_the_pool`)
         self.captures = 0  # graphs captured so far, those freed since included
+        # Host seconds new shapes cost so far: the eager warm-up until its work is done (the capture's sync), and
+        # the capture's recording. The train log shows them per window, the cause of a slow first epoch.
+        self.warm_up_s = 0.0
+        self.record_s = 0.0
 
     def release(self) -> None:
         """Forget every captured graph and free its memory pool; the next micro-batch of a shape captures again."""
@@ -112,12 +117,13 @@ class GraphedMicroSteps:
         first = key not in self.seen
         self.seen.add(key)
         if captured is None and self.failed is None:
+            started = time.perf_counter()
             if first and self.warm_up_rows is None:  # a full-size eager warm-up: its activations must not sit
                 self.release()                       # beside the graphs' pool; captured at the shape's next batch
                 return self._eager(host_batch, accum)
             if first:
                 self._warm_up_beside_the_pool(host_batch, accum)
-            captured = self._capture(key, host_batch)
+            captured = self._capture(key, host_batch, started)
         if captured is None:  # graphs off after a failed capture
             return self._eager(host_batch, accum)
         for name, buffer in captured.inputs.items():
@@ -160,13 +166,17 @@ class GraphedMicroSteps:
         finally:  # also after an out-of-memory error part-way through the backward
             torch._foreach_copy_([param.grad for param in self.params], saved)
 
-    def _capture(self, key: tuple[BatchKey, int], host_batch: dict[str, torch.Tensor]) -> CapturedMicroStep | None:
+    def _capture(self, key: tuple[BatchKey, int], host_batch: dict[str, torch.Tensor],
+                 started: float | None = None) -> CapturedMicroStep | None:
         self.ensure_grads()
         inputs = {k: torch.empty(v.shape, dtype=v.dtype, device=self.device) for k, v in host_batch.items()}
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         torch.cuda.synchronize(self.device)  # once per shape: the capture must not see earlier work in flight
+        recording = time.perf_counter()
+        if started is not None:
+            self.warm_up_s += recording - started
         try:
             with torch.cuda.graph(graph, pool=self.pool):
                 loss = self.forward_backward(inputs, key[1])
@@ -180,4 +190,5 @@ class GraphedMicroSteps:
         captured = CapturedMicroStep(graph=graph, inputs=inputs, loss=loss)
         self.graphs[key] = captured
         self.captures += 1
+        self.record_s += time.perf_counter() - recording
         return captured

@@ -79,8 +79,9 @@ def train_log_fields(record: dict, total_steps: int, eta_s: float | None = None)
         fields["MFU"] = f"{100 * record['mfu']:.1f}%{measured}"
     elif measured:
         fields["MFU"] = measured.strip(" ()")
-    if record.get("graph_captures"):  # why this window is slower than the steady ones
-        fields["new shapes"] = str(record["graph_captures"])
+    if record.get("graph_captures"):  # why this window is slower than the steady ones, and by how much
+        seconds = (record.get("graph_warm_up_s") or 0.0) + (record.get("graph_record_s") or 0.0)
+        fields["new shapes"] = f"{record['graph_captures']} ({seconds:.1f} s)"
     if eta_s is not None:
         fields["ETA"] = format_duration(eta_s)
     return fields

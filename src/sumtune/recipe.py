@@ -120,7 +120,7 @@ class TrainRecipe:
         total, trainable = count_parameters(self.model)
         self.param_counts = {"total": total, "trainable": trainable}
         self.peak_tflops = peak_tflops(self.device)
-        self._captures_logged = 0  # CUDA-graph captures already reported in a log line
+        self._captures_logged = (0, 0.0, 0.0)  # CUDA-graph captures (and their seconds) already in a log line
         self.progress.write(
             f"sumtune: {cfg.model} ({cfg.quantization}, {cfg.compute_dtype}) on {self.device}; "
             f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%); "
@@ -217,14 +217,17 @@ class TrainRecipe:
             "grad_norm": result.grad_norm, **rates, "peak_mem_gib": peak_memory_gib(self.device), **mfus,
             **self._new_graph_captures()})
 
-    def _new_graph_captures(self) -> dict[str, int]:
-        """`graph_captures`: batch shapes captured in CUDA graphs since the last log line (with graphs on). Each costs
-        an eager warm-up and a capture, so a window holding some is slower than the steady ones: the line says so."""
+    def _new_graph_captures(self) -> dict[str, float]:
+        """Batch shapes captured in CUDA graphs since the last log line (with graphs on), and the host seconds they
+        took: `graph_warm_up_s` (the eager warm-up, until its work is done) and `graph_record_s` (the capture).
+        A window holding some is slower than the steady ones: the line says so, and by how much."""
         graphed = self.step.graphed
         if graphed is None:
             return {}
-        new, self._captures_logged = graphed.captures - self._captures_logged, graphed.captures
-        return {"graph_captures": new}
+        now = (graphed.captures, graphed.warm_up_s, graphed.record_s)
+        new = [a - b for a, b in zip(now, self._captures_logged)]
+        self._captures_logged = now
+        return {"graph_captures": new[0], "graph_warm_up_s": new[1], "graph_record_s": new[2]}
 
     def _early_stop_due(self) -> bool:
         patience = self.cfg.early_stopping_patience
