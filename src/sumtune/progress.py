@@ -65,8 +65,9 @@ def format_duration(seconds: float) -> str:
 
 
 def train_log_fields(record: dict, total_steps: int, eta_s: float | None = None) -> dict[str, str]:
-    """A training log record's fields as shown: step, epoch, loss, lr, grad_norm, tokens/s, MFU (when the
-    GPU's peak is known), new shapes (batch shapes captured in CUDA graphs in the window, when any), ETA (training steps only, from this window's step time)."""
+    """A training log record's fields as shown: step, epoch, loss, lr, grad_norm, tokens/s, MFU (on a GPU: against
+    its datasheet peak, and in brackets against its measured matmul rate), new shapes (batch shapes captured in CUDA
+    graphs in the window, when any, with their seconds), ETA (training steps only, from this window's step time)."""
     fields = {"step": f"{record['step']}/{total_steps}", "epoch": f"{record.get('epoch', 0.0):.2f}",
               "loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}"}
     if record.get("grad_norm") is not None:
