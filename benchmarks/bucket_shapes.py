@@ -38,9 +38,9 @@ def width_by_eighths(length: int, step: int, cap: int) -> int:
 
 
 def schemes(src_cap: int, tgt_cap: int) -> dict:
-    fixed = lambda s, t: (bucket_width(s, SOURCE_BUCKET_TOKENS, src_cap), bucket_width(t, TARGET_BUCKET_TOKENS, tgt_cap))
     return {
-        f"fixed {SOURCE_BUCKET_TOKENS}/{TARGET_BUCKET_TOKENS} (sumtune now)": fixed,
+        f"fixed {SOURCE_BUCKET_TOKENS}/{TARGET_BUCKET_TOKENS} (sumtune now)": lambda s, t: (
+            bucket_width(s, SOURCE_BUCKET_TOKENS, src_cap), bucket_width(t, TARGET_BUCKET_TOKENS, tgt_cap)),
         "fixed 256/64": lambda s, t: (bucket_width(s, 256, src_cap), bucket_width(t, 64, tgt_cap)),
         "eighths of the length": lambda s, t: (width_by_eighths(s, SOURCE_BUCKET_TOKENS, src_cap),
                                                width_by_eighths(t, TARGET_BUCKET_TOKENS, tgt_cap)),
