@@ -214,6 +214,8 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "tgtcap": ("sumtune.batching", "TARGET_BUCKET_TOKENS", 1 << 30),
     "src256": ("sumtune.batching", "SOURCE_BUCKET_TOKENS", 256),
     "tgt64": ("sumtune.batching", "TARGET_BUCKET_TOKENS", 64),
+    # a new shape inside a warmed shape's width classes captured without its one-row warm-up (first_epoch.py)
+    "classwarm": ("sumtune.cuda_graphs", "WARM_UP_ONLY_UNCOVERED_SHAPES", True),
 }
 
 

@@ -231,3 +231,46 @@ def test_a_shape_met_after_the_first_capture_needs_no_second_set_of_activations(
     torch.cuda.synchronize()
     assert micro.failed is None and len(micro.graphs) == 2
     assert torch.cuda.memory_reserved() < 1.3 * pool_bytes
+
+
+def _key(rows: int, source: int, target: int, accum: int = 2):
+    return (batch_key({"input_ids": torch.zeros(rows, source), "labels": torch.zeros(rows, target)}), accum)
+
+
+def test_a_warmed_shape_covers_only_no_larger_shapes_of_its_width_classes():
+    from sumtune.cuda_graphs import warm_up_covers
+
+    warmed = _key(4, 384, 64)
+    assert warm_up_covers(warmed, _key(4, 384, 64)) and warm_up_covers(warmed, _key(4, 288, 64))
+    assert warm_up_covers(warmed, _key(2, 320, 48))  # 48: above 32, so the same power-of-two class as 64
+    assert not warm_up_covers(warmed, _key(4, 448, 64))  # same class, larger: its memory is not proven
+    assert not warm_up_covers(warmed, _key(4, 640, 64))  # another class: the autotuner has not seen it
+    assert not warm_up_covers(warmed, _key(4, 256, 64))  # 256 is the class below 384's
+    assert not warm_up_covers(warmed, _key(1, 384, 64))  # one row: Triton specialises on it
+    assert not warm_up_covers(warmed, _key(4, 376, 64))  # not divisible by 16: another specialisation
+    assert not warm_up_covers(warmed, _key(4, 384, 64, accum=1))
+
+
+@pytest.mark.parametrize("only_uncovered", [False, True])
+def test_new_shapes_warm_up_unless_a_warmed_shape_covers_them(monkeypatch, only_uncovered):
+    """With WARM_UP_ONLY_UNCOVERED_SHAPES a new shape inside a warmed shape's classes is captured at once (the
+    capture itself is replaced here: this checks which shapes run the one-row warm-up); without it, every one."""
+    from types import SimpleNamespace
+
+    from sumtune import cuda_graphs
+
+    monkeypatch.setattr(cuda_graphs, "WARM_UP_ONLY_UNCOVERED_SHAPES", only_uncovered)
+    warmed_widths = []
+    micro = cuda_graphs.GraphedMicroSteps(lambda batch, accum: torch.zeros(()), [], torch.device("cpu"))
+    micro._warm_up_beside_the_pool = lambda batch, accum: warmed_widths.append(batch["input_ids"].shape[1])
+
+    def fake_capture(key, host_batch, started=None):
+        captured = cuda_graphs.CapturedMicroStep(graph=SimpleNamespace(replay=lambda: None), inputs={},
+                                                 loss=torch.zeros(()))
+        micro.graphs[key] = captured
+        return captured
+
+    micro._capture = fake_capture
+    for source in (384, 320, 640, 384, 448, 288):
+        micro({"input_ids": torch.zeros(4, source, dtype=torch.long), "labels": torch.zeros(4, 64)}, 2)
+    assert warmed_widths == ([384, 640, 448] if only_uncovered else [384, 320, 640, 448, 288])

@@ -60,6 +60,33 @@ def batch_key(batch: dict[str, torch.Tensor]) -> BatchKey:
     return tuple((name, tuple(tensor.shape)) for name, tensor in sorted(batch.items()))
 
 
+# Off until measured (benchmarks/first_epoch.py, token `classwarm`): a new shape skips its one-row warm-up when a
+# shape already warmed up covers it. Why: a first epoch of whole bills meets ~200 shapes (benchmarks/NOTES.md,
+# session 21), each ~1 s of warm-up and capture, while the autotuner and Triton's specialisations, what the warm-up
+# is for, only see each width's power-of-two class and its divisibility by 16.
+WARM_UP_ONLY_UNCOVERED_SHAPES = False
+
+
+def _width_class(width: int) -> tuple[int, bool]:
+    return 1 << max(width - 1, 1).bit_length(), width % 16 == 0
+
+
+def warm_up_covers(warmed: tuple[BatchKey, int], new: tuple[BatchKey, int]) -> bool:
+    """Whether a shape warmed up (`(batch_key, accum)`) makes the warm-up of `new` redundant: the same tensors and
+    accumulation, one row or more alike, each width in the same class (power of two above it, divisible by 16 or
+    not), and no dimension larger than the warmed one's, so that the capture needs no memory the warm-up has not
+    proven free (the warm-up runs one row: this is a proxy, as the captured batch's own memory never was)."""
+    (warmed_batch, warmed_accum), (new_batch, new_accum) = warmed, new
+    if warmed_accum != new_accum or [n for n, _ in warmed_batch] != [n for n, _ in new_batch]:
+        return False
+    for (_, had), (_, has) in zip(warmed_batch, new_batch):
+        if len(had) != len(has) or (had[0] == 1) != (has[0] == 1):
+            return False
+        if has[0] > had[0] or any(_width_class(a) != _width_class(b) or b > a for a, b in zip(had[1:], has[1:])):
+            return False
+    return True
+
+
 @dataclass
 class CapturedMicroStep:
     graph: torch.cuda.CUDAGraph
@@ -87,6 +114,7 @@ class GraphedMicroSteps:
         self.notify = notify
         self.graphs: dict[tuple[BatchKey, int], CapturedMicroStep] = {}
         self.seen: set[tuple[BatchKey, int]] = set()
+        self.warmed: list[tuple[BatchKey, int]] = []  # shapes whose one-row warm-up ran
         self.failed: str | None = None
         self.pool = None
         self.pool_freed_for_warm_up = 0  # times a warm-up found no room beside the pool (`_warm_up_beside_the_pool`)
@@ -121,8 +149,10 @@ class GraphedMicroSteps:
             if first and self.warm_up_rows is None:  # a full-size eager warm-up: its activations must not sit
                 self.release()                       # beside the graphs' pool; captured at the shape's next batch
                 return self._eager(host_batch, accum)
-            if first:
+            if first and not (WARM_UP_ONLY_UNCOVERED_SHAPES
+                              and any(warm_up_covers(warmed, key) for warmed in self.warmed)):
                 self._warm_up_beside_the_pool(host_batch, accum)
+                self.warmed.append(key)
             captured = self._capture(key, host_batch, started)
         if captured is None:  # graphs off after a failed capture
             return self._eager(host_batch, accum)
