@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import os
 
+import pytest
+
 from sumtune.progress import Progress
 
 
@@ -111,3 +113,14 @@ def test_no_progress_still_logs_the_loss():
     progress = Progress(enabled=False, stream=stream)
     progress.train_log(RECORD, progress.bar(240, "training"), 240)
     assert stream.getvalue().startswith("step 40/240  epoch 0.67  loss 2.3141")
+
+
+def test_the_eta_leaves_out_the_seconds_new_shapes_took():
+    """A window of 4 steps at 2.5 s a step, 8 of its 10 s spent warming up and capturing new batch shapes: the
+    ETA counts 0.5 s a step, the steps' own time (the shapes are not captured again)."""
+    from sumtune.progress import eta_step_s
+
+    window = {"step_time_s": 2.5, "graph_captures": 8, "graph_warm_up_s": 5.0, "graph_record_s": 3.0}
+    assert eta_step_s(window, 4) == pytest.approx(0.5)
+    assert eta_step_s({"step_time_s": 2.5}, 4) == 2.5  # no graphs, or no new shape: the window's own step time
+    assert eta_step_s(dict(window, graph_warm_up_s=50.0), 4) == 0.0  # never negative

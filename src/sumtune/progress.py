@@ -67,7 +67,8 @@ def format_duration(seconds: float) -> str:
 def train_log_fields(record: dict, total_steps: int, eta_s: float | None = None) -> dict[str, str]:
     """A training log record's fields as shown: step, epoch, loss, lr, grad_norm, tokens/s, MFU (on a GPU: against
     its datasheet peak, and in brackets against its measured matmul rate), new shapes (batch shapes captured in CUDA
-    graphs in the window, when any, with their seconds), ETA (training steps only, from this window's step time)."""
+    graphs in the window, when any, with their seconds), ETA (training steps only, from this window's step time less
+    its new shapes' seconds: `eta_step_s`)."""
     fields = {"step": f"{record['step']}/{total_steps}", "epoch": f"{record.get('epoch', 0.0):.2f}",
               "loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}"}
     if record.get("grad_norm") is not None:
@@ -86,6 +87,14 @@ def train_log_fields(record: dict, total_steps: int, eta_s: float | None = None)
     if eta_s is not None:
         fields["ETA"] = format_duration(eta_s)
     return fields
+
+
+def eta_step_s(record: dict, window_steps: int) -> float:
+    """Seconds a step for the ETA: the window's step time less the seconds its new batch shapes took (warm-up and
+    capture), since a shape is captured once; without it a first epoch of whole bills showed 0:05:53 for a run
+    that took under two minutes (H200, session 21)."""
+    shapes_s = (record.get("graph_warm_up_s") or 0.0) + (record.get("graph_record_s") or 0.0)
+    return max(record["step_time_s"] - shapes_s / max(window_steps, 1), 0.0)
 
 
 def format_train_line(record: dict, total_steps: int, eta_s: float | None = None) -> str:

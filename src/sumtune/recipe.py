@@ -26,7 +26,7 @@ from sumtune.metrics import MetricsLogger
 from sumtune.modeling import check_model_source, count_parameters, resolve_device
 from sumtune.optim import get_lr
 from sumtune.profiling.profiler import NULL_PROFILER
-from sumtune.progress import Progress
+from sumtune.progress import Progress, eta_step_s
 from sumtune.throughput import ThroughputWindow, WindowTotals, peak_memory_gib
 from sumtune.train_step import StepResult
 
@@ -190,8 +190,9 @@ class TrainRecipe:
             self.global_step += 1
             bar.update(1)
             if self.global_step % cfg.log_every_steps == 0 or self.global_step == stop_at:
-                last_train = self._log_train(result, window.close())
-                eta_s = (stop_at - self.global_step) * last_train["step_time_s"]  # training steps only
+                totals = window.close()
+                last_train = self._log_train(result, totals)
+                eta_s = (stop_at - self.global_step) * eta_step_s(last_train, totals.steps)  # training steps only
                 self.progress.train_log(last_train, bar, stop_at, eta_s)
             if self._eval_due():
                 with window.paused():  # evaluation and checkpoints are not training time
