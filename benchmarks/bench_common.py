@@ -216,6 +216,8 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "tgt64": ("sumtune.batching", "TARGET_BUCKET_TOKENS", 64),
     # a new shape inside a warmed shape's width classes captured without its one-row warm-up (first_epoch.py)
     "classwarm": ("sumtune.cuda_graphs", "WARM_UP_ONLY_UNCOVERED_SHAPES", True),
+    # the attention forwards sumtune.fast_t5.gluon_attention covers in its Gluon kernel (async warpgroup MMAs)
+    "gluonfwd": ("sumtune.fast_t5.flash_attention", "GLUON_FORWARD", True),
 }
 
 
