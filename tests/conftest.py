@@ -28,6 +28,24 @@ if _no_cuda():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def _json_lines_compiled_for_hopper(code: str) -> tuple[list, str]:
+    """Run ``code`` (which compiles kernels for sm_90 and prints JSON lines) in a Python process without Triton's
+    interpreter; its JSON lines and the tail of its stderr."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    return [json.loads(line) for line in result.stdout.splitlines() if line[:1] in "{["], result.stderr[-2000:]
+
+
+@pytest.fixture(scope="session")
+def compiled_for_hopper():
+    """`compiled_for_hopper(code) -> (json lines, stderr tail)`: kernels compiled for sm_90 on any machine."""
+    return _json_lines_compiled_for_hopper
+
+
 @pytest.fixture(scope="session")
 def billsum_jsonl() -> Path:
     """40 real BillSum rows (text, summary), CC0."""

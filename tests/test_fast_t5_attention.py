@@ -595,26 +595,14 @@ def test_every_autotune_config_compiles_for_hopper_without_spilling():
         assert row["async_copies"] > 0, row  # K/V loads pipelined (cp.async), not synchronous
 
 
-def _json_lines_compiled_for_hopper(code: str) -> tuple[list, str]:
-    """Run ``code`` (which compiles kernels with sumtune.fast_t5.flash_compile and prints JSON lines) in a Python
-    process without the interpreter; its JSON lines and the tail of its stderr."""
-    import json
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    return [json.loads(line) for line in result.stdout.splitlines() if line[:1] in "{["], result.stderr[-2000:]
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_dkdv_configs_that_store_ds_compile_for_hopper_without_spilling():
+def test_dkdv_configs_that_store_ds_compile_for_hopper_without_spilling(compiled_for_hopper):
     """The DS_GEMM variant of the dK/dV kernel (it also stores dS) builds for sm_90 with every shipped config."""
     from sumtune.fast_t5.flash_attention import AUTOTUNE_CONFIGS
     from sumtune.fast_t5.flash_compile import HOPPER_SHARED_BYTES
 
-    rows, stderr = _json_lines_compiled_for_hopper(
+    rows, stderr = compiled_for_hopper(
         "import json; from sumtune.fast_t5 import flash_compile as fc, flash_attention as fa\n"
         "for config in fa.AUTOTUNE_CONFIGS['dkdv']:\n"
         "    print(json.dumps(fc.resources(fc.compile_kernel('dkdv', *config, STORE_DS=True))))")
@@ -625,11 +613,11 @@ def test_dkdv_configs_that_store_ds_compile_for_hopper_without_spilling():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_pair_draws_let_the_dkdv_kernel_build_its_mask_without_shared_memory():
+def test_pair_draws_let_the_dkdv_kernel_build_its_mask_without_shared_memory(compiled_for_hopper):
     """Compiled for sm_90: with `PAIRS` the dK/dV kernel's dropout adds no shared-memory load, store or barrier to
     its code (the draws are built in its own layout), where the Philox-4x32 grouping transposes its mask through
     shared memory; the forward's code has the same shared-memory traffic either way."""
-    rows, stderr = _json_lines_compiled_for_hopper(
+    rows, stderr = compiled_for_hopper(
         "import json, re; from sumtune.fast_t5 import flash_compile as fc\n"
         "off, on = {'PAIRS': False}, {'PAIRS': True}\n"
         "for name, config, flags in (('dkdv', (32, 64, 4, 3), off), ('dkdv', (32, 64, 4, 3), on),\n"
@@ -647,10 +635,10 @@ def test_pair_draws_let_the_dkdv_kernel_build_its_mask_without_shared_memory():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_sass_opcode_counts_show_what_dropout_adds_to_the_forward():
+def test_sass_opcode_counts_show_what_dropout_adds_to_the_forward(compiled_for_hopper):
     """flash_compile.sass_opcodes (nvdisasm on the sm_90 cubin): the forward with dropout has the same tensor-core
     GEMMs as without it, its exponentials, and more integer multiplies (the Philox rounds)."""
-    rows, stderr = _json_lines_compiled_for_hopper(
+    rows, stderr = compiled_for_hopper(
         "import json; from sumtune.fast_t5 import flash_compile as fc\n"
         "for dropout in (False, True):\n"
         "    print(json.dumps(fc.sass_opcodes(fc.compile_kernel('fwd', 64, 64, 4, 2, DROPOUT=dropout))))")
