@@ -33,6 +33,9 @@ PHILOX_M = gl.constexpr(0xD256D193)  # Random123's Philox-2x32, 7 rounds: dropou
 PHILOX_W = gl.constexpr(0x9E3779B9)
 PHILOX_ROUNDS = gl.constexpr(7)
 BLOCKS = (64, 64, 4)  # (BLOCK_M, BLOCK_N, num_warps): not tuned yet
+# Names that moved between Triton 3.6 (the GPU image's) and 3.9: cp.async into shared memory, the block barrier
+_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
 
 @gluon.jit
@@ -79,8 +82,8 @@ def _fp16_power(largest):
 @gluon.jit
 def _load_tile(buffer, BASE, offs, stride_n, offs_d, limit):
     """Rows `offs` of a (rows, HEAD_DIM) operand into `buffer` by cp.async (rows at or past `limit` zero): one group."""
-    async_copy.async_copy_global_to_shared(buffer, BASE + offs[:, None] * stride_n + offs_d[None, :],
-                                           mask=(offs < limit)[:, None])
+    pointers = BASE + offs[:, None] * stride_n + offs_d[None, :]
+    _async_load(buffer, pointers, mask=(offs < limit)[:, None])
     async_copy.commit_group()
 
 
@@ -142,7 +145,7 @@ def t5_gluon_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, HOLES, V_LARGE
     _load_tile(k_smem.index(1), K, BLOCK_N + rows_n, stride_kn, offs_d, kv_len)
     _load_tile(v_smem.index(0), V, rows_n, stride_vn, offs_d, kv_len)
     async_copy.wait_group(2)
-    gl.thread_barrier()
+    _barrier()
     fence_async_shared()
     zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
     s_raw = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
@@ -160,7 +163,7 @@ def t5_gluon_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, HOLES, V_LARGE
         nxt = 1 - cur
         # K(j+1) has landed (V(j) may not have): S(j+1) goes to the tensor cores; K(j+2) where K(j) was
         async_copy.wait_group(1)
-        gl.thread_barrier()
+        _barrier()
         fence_async_shared()
         s_next = warpgroup_mma(q_smem, k_smem.index(nxt).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         _load_tile(k_smem.index(cur), K, start_n + 2 * BLOCK_N + rows_n, stride_kn, offs_d, kv_len)
@@ -196,7 +199,7 @@ def t5_gluon_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, HOLES, V_LARGE
         # P(j-1)·V(j-1) done (S(j+1) may run on): V(j+1) goes where V(j-1) was, once V(j) has landed
         acc, p_prev, p_prev_low = warpgroup_mma_wait(num_outstanding=1, deps=(acc, p_prev, p_prev_low))
         async_copy.wait_group(1)
-        gl.thread_barrier()
+        _barrier()
         fence_async_shared()
         _load_tile(v_smem.index(nxt), V, start_n + BLOCK_N + rows_n, stride_vn, offs_d, kv_len)
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
