@@ -59,10 +59,11 @@ def forward(gluon: bool, q, k, v, table, radius, padding, dropout_p, seed):
                            dropout_p, seed, 16, True)
 
 
-def compare(shapes) -> list[dict]:
+def compare(shapes, block_configs) -> list[dict]:
     import triton
 
     from sumtune.fast_t5 import flash_attention as fa
+    from sumtune.fast_t5 import gluon_attention
 
     rows = []
     for batch, heads, length, head_dim in shapes:
@@ -78,11 +79,18 @@ def compare(shapes) -> list[dict]:
             row[f"{tag}_out_max_diff"] = (out.float() - ref.float()).abs().max().item()
             row[f"{tag}_lse_max_diff"] = (lse - ref_lse)[finite].abs().max().item()
         row["out_max_abs"] = ref.float().abs().max().item()
-        for name, gluon in (("triton_ms", False), ("gluon_ms", True)):
-            row[name] = triton.testing.do_bench(lambda: forward(gluon, q, k, v, table, radius, padding, 0.1, seed),
-                                                warmup=25, rep=200)
         flops = 4 * batch * heads * length * length * head_dim  # QK^T and PV
-        row["triton_tflops"], row["gluon_tflops"] = flops / row["triton_ms"] / 1e9, flops / row["gluon_ms"] / 1e9
+        row["triton_ms"] = triton.testing.do_bench(
+            lambda: forward(False, q, k, v, table, radius, padding, 0.1, seed), warmup=25, rep=200)
+        row["triton_tflops"] = flops / row["triton_ms"] / 1e9
+        for blocks in block_configs:  # (BLOCK_M, BLOCK_N, num_warps) of the Gluon kernel
+            tag = "x".join(map(str, blocks))
+            with mock.patch.object(gluon_attention, "BLOCKS", blocks):
+                out, _ = forward(True, q, k, v, table, radius, padding, 0.1, seed)
+                row[f"gluon_{tag}_drop_out_max_diff"] = (out.float() - ref.float()).abs().max().item()
+                ms = triton.testing.do_bench(lambda: forward(True, q, k, v, table, radius, padding, 0.1, seed),
+                                             warmup=25, rep=200)
+            row[f"gluon_{tag}_ms"], row[f"gluon_{tag}_tflops"] = ms, flops / ms / 1e9
         print(row, flush=True)
         rows.append(row)
     bc.print_table(rows, list(rows[0]))
@@ -93,12 +101,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--compile-only", action="store_true")
     parser.add_argument("--shapes", default="32x32x1024x128,4x32x4096x128,16x32x1024x64")
+    parser.add_argument("--blocks", default="64x64x4,128x64x8", help="Gluon tiles BLOCK_MxBLOCK_Nxnum_warps to time")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
     if args.compile_only or not torch.cuda.is_available():
         compile_report()
         return 0
-    rows = compare([tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s.strip()])
+    parse = lambda text: [tuple(int(x) for x in s.split("x")) for s in text.split(",") if s.strip()]
+    rows = compare(parse(args.shapes), parse(args.blocks))
     if not args.no_save:
         payload = dict(what="attention forward: Gluon (async wgmma) vs Triton, through flash_attention._forward",
                        rows=rows)
