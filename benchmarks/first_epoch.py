@@ -46,9 +46,9 @@ COLUMNS = ["setting", "steps", "epoch_s", "samples_per_s", "steady_step_s", "new
 def resampled_rows(count: int, seed: int, quick: bool) -> list[dict]:
     """`count` rows drawn with replacement from the real BillSum rows (the demo corpus for --quick)."""
     if quick:
-        from sumtune.demo_data import demo_records
+        from long_documents import demo_rows
 
-        source = [{"text": r["text"], "summary": r["summary"]} for r in demo_records(64, seed=0)]
+        source = demo_rows()
     else:
         source = bc.load_billsum_texts()
     draw = random.Random(seed)

@@ -145,12 +145,12 @@ class GraphedMicroSteps:
         first = key not in self.seen
         self.seen.add(key)
         if captured is None and self.failed is None:
-            if self.device.type == "cuda":  # once per new shape: the clock then counts only the warm-up's work
-                torch.cuda.synchronize(self.device)
-            started = time.perf_counter()
             if first and self.warm_up_rows is None:  # a full-size eager warm-up: its activations must not sit
                 self.release()                       # beside the graphs' pool; captured at the shape's next batch
                 return self._eager(host_batch, accum)
+            if self.device.type == "cuda":  # once per new shape: the clock then counts only the warm-up's work
+                torch.cuda.synchronize(self.device)
+            started = time.perf_counter()
             if first and not (WARM_UP_ONLY_UNCOVERED_SHAPES
                               and any(warm_up_covers(warmed, key) for warmed in self.warmed)):
                 self._warm_up_beside_the_pool(host_batch, accum)

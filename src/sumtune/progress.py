@@ -82,19 +82,22 @@ def train_log_fields(record: dict, total_steps: int, eta_s: float | None = None)
     elif measured:
         fields["MFU"] = measured.strip(" ()")
     if record.get("graph_captures"):  # why this window is slower than the steady ones, and by how much
-        seconds = (record.get("graph_warm_up_s") or 0.0) + (record.get("graph_record_s") or 0.0)
-        fields["new shapes"] = f"{record['graph_captures']} ({seconds:.1f} s)"
+        fields["new shapes"] = f"{record['graph_captures']} ({new_shape_seconds(record):.1f} s)"
     if eta_s is not None:
         fields["ETA"] = format_duration(eta_s)
     return fields
+
+
+def new_shape_seconds(record: dict) -> float:
+    """Seconds a logging window spent warming up and capturing new batch shapes (0 without CUDA graphs)."""
+    return (record.get("graph_warm_up_s") or 0.0) + (record.get("graph_record_s") or 0.0)
 
 
 def eta_step_s(record: dict, window_steps: int) -> float:
     """Seconds a step for the ETA: the window's step time less the seconds its new batch shapes took (warm-up and
     capture), since a shape is captured once; without it a first epoch of whole bills showed 0:05:53 for a run
     that took under two minutes (H200, session 21)."""
-    shapes_s = (record.get("graph_warm_up_s") or 0.0) + (record.get("graph_record_s") or 0.0)
-    return max(record["step_time_s"] - shapes_s / max(window_steps, 1), 0.0)
+    return max(record["step_time_s"] - new_shape_seconds(record) / max(window_steps, 1), 0.0)
 
 
 def format_train_line(record: dict, total_steps: int, eta_s: float | None = None) -> str:
