@@ -25,16 +25,25 @@ import torch  # noqa: E402
 import bench_common as bc  # noqa: E402
 
 
-def compile_report() -> None:
+def compile_report() -> list[dict]:
+    """The Gluon forward and, beside it, the Triton forward (its first autotune config), compiled for sm_90."""
     from sumtune.fast_t5 import flash_compile, gluon_attention
+    from sumtune.fast_t5.flash_attention import AUTOTUNE_CONFIGS
 
+    rows = []
     for head_dim in (128, 64):
         for flags in ({}, {"PV_FP16": True, "PV_SPLIT": True}):
-            compiled = gluon_attention.compile_for_sm90(head_dim=head_dim, **flags)
-            waits = re.findall(r"wgmma.wait_group.sync.aligned\s+(\d+)", compiled.asm["ptx"])
-            ops = flash_compile.sass_opcodes(compiled)
-            print(f"head_dim {head_dim} {flags or ''}: wgmma waits {waits}, {flash_compile.resources(compiled)}, "
-                  f"SASS {sum(ops.values())} (HGMMA {ops.get('HGMMA', 0)})")
+            for kernel in ("gluon", "triton"):
+                compiled = (gluon_attention.compile_for_sm90(head_dim=head_dim, **flags) if kernel == "gluon" else
+                            flash_compile.compile_kernel("fwd", *AUTOTUNE_CONFIGS["fwd"][0], head_dim=head_dim,
+                                                         **flags))
+                ops = flash_compile.sass_opcodes(compiled)
+                rows.append(dict(kernel=kernel, head_dim=head_dim, flags=flags, **flash_compile.resources(compiled),
+                                 wgmma_waits=re.findall(r"wgmma.wait_group.sync.aligned\s+(\d+)",
+                                                        compiled.asm["ptx"]),
+                                 sass_instructions=sum(ops.values()), hgmma=ops.get("HGMMA", 0)))
+                print(rows[-1], flush=True)
+    return rows
 
 
 def inputs(batch: int, heads: int, length: int, head_dim: int, radius: int = 128, seed: int = 0):
@@ -105,7 +114,11 @@ def main(argv=None) -> int:
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
     if args.compile_only or not torch.cuda.is_available():
-        compile_report()
+        rows = compile_report()
+        if not args.no_save:
+            payload = dict(what="attention forward compiled for sm_90 on a CPU: Gluon (async wgmma) vs Triton "
+                                "(its first autotune config)", rows=rows)
+            print(f"saved {bc.save_result('gluon_attention_compile', payload, slug='cpu-sm90')}")
         return 0
     parse = lambda text: [tuple(int(x) for x in s.split("x")) for s in text.split(",") if s.strip()]
     rows = compare(parse(args.shapes), parse(args.blocks))
