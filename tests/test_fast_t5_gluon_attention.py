@@ -12,6 +12,7 @@ import importlib.util
 
 import pytest
 import torch
+from test_fast_t5_attention import relative_error
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -116,5 +117,25 @@ def test_gpu_gluon_forward_matches_the_triton_forward(monkeypatch, query_len, ke
     assert torch.equal(finite, torch.isfinite(lse1))
     torch.testing.assert_close(lse1[finite], lse0[finite], atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(out1, out0, atol=2e-2, rtol=2e-2)  # bf16 outputs, another summation order
+    # The same backward reads both forwards' outputs: a last-bit difference of a bf16 output moves its row's
+    # D = rowsum(dO * O), and so every gradient of that row a little. Elementwise bounds fail on such rows at scale
+    # 1.0 (head 64 without dropout: 21 of 153,600 elements, 2026-12-03); the whole tensor's error is the measure.
     for got, want in zip(grads1, grads0):
-        torch.testing.assert_close(got, want, atol=5e-2, rtol=5e-2)
+        assert relative_error(got, want) <= 5e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_gluon_forward_no_further_from_float64_than_sdpa(monkeypatch, head_dim):
+    """With the flag on, the attention tests' float64 check (4 x 8 x 1000 with T5's table, padding; dropout
+    against float64 with the kernels' own mask)."""
+    from test_fast_t5_attention import _check_against_sdpa_and_float64, first_configs
+
+    from sumtune.fast_t5 import flash_attention as fa
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernel is for Hopper (sm_90)")
+    monkeypatch.setattr(fa, "GLUON_FORWARD", True)
+    with first_configs(fa):
+        _check_against_sdpa_and_float64(fa, head_dim, False, torch.bfloat16)
