@@ -8,12 +8,14 @@
 Shapes are batch x heads x length x head_dim; a quarter of the rows are right-padded by 10% (as BillSum batches are).
 Rows, each timed forward + backward (CUDA events, median) with its peak memory above the inputs:
   cudnn                     SDPA cuDNN, no bias, no dropout: the speed of attention (the issue's yardstick)
+  cudnn+dropout             the same with dropout 0.1: what dropout costs cuDNN itself
   cudnn|efficient +bias     SDPA with the (B, H, L, L) bias, padding folded in, as sumtune's SDPA route builds it
   ... +dropout              the same with dropout 0.1 on the probabilities
   flex +bias                FlexAttention (compiled), bias from the table in score_mod, padding as a block mask
   triton +bias(+dropout)    sumtune's kernels (sumtune.fast_t5.flash_attention): table + key padding, no L x L
   ... +dropout8             the same with 8-bit dropout draws (flash_attention.DROPOUT_DRAW_BITS = 8)
   ... +dropout+nopairs      the same with the Philox-4x32 draws before DROPOUT_PAIRS (flash_attention)
+  ... +dropout+gluonfwd      the forward in Gluon (sumtune.fast_t5.gluon_attention), the same backward
   ... +dropout+noholes      the key mask read in every row, not only in rows with a hole (MASK_ONLY_WITH_HOLES off)
   triton                    the same kernels with key padding only (no bias, no dropout): the bare kernel
 Forward and backward are also timed apart (fwd_ms, bwd_ms) in the same runs.
@@ -207,6 +209,8 @@ def run_shape(shape, repeats: int, with_flex: bool) -> tuple[list[dict], dict]:
 
     cudnn, efficient = sdpa_row(SDPBackend.CUDNN_ATTENTION), sdpa_row(SDPBackend.EFFICIENT_ATTENTION)
     record("cudnn", lambda *t: cudnn(*t, None, 0.0), (q, k, v), 0.0)
+    # cuDNN's own dropout, without any bias: what dropout costs the field's fastest kernel (the yardstick's twin)
+    record("cudnn+dropout", lambda *t: cudnn(*t, None, DROPOUT_P), (q, k, v), 0.0)
     for label, attend in (("cudnn", cudnn), ("efficient", efficient)):
         record(f"{label}+bias", lambda *t, a=attend: a(*t, dense, 0.0), (q, k, v), dense_gib)
         record(f"{label}+bias+dropout", lambda *t, a=attend: a(*t, dense, DROPOUT_P), (q, k, v), dense_gib)
@@ -226,6 +230,8 @@ def run_shape(shape, repeats: int, with_flex: bool) -> tuple[list[dict], dict]:
         record("triton+bias+dropout8", ours, (q, k, v), table.numel() * 4 / 2**30)
     with bc.patched("nopairs"):  # Philox-4x32 per 2 x 4 elements: the dK/dV kernel transposes its mask
         record("triton+bias+dropout+nopairs", ours, (q, k, v), table.numel() * 4 / 2**30)
+    with bc.patched("gluonfwd"):  # the forward in Gluon (async warpgroup MMAs), the same backward
+        record("triton+bias+dropout+gluonfwd", ours, (q, k, v), table.numel() * 4 / 2**30)
     with bc.patched("noholes"):  # these rows are right-padded only: by default they read no key mask at all
         record("triton+bias+dropout+noholes", ours, (q, k, v), table.numel() * 4 / 2**30)
     pinned = {kernel: config for kernel, config in tuned.items() if config is not None}

@@ -335,6 +335,7 @@ class TrainRecipe:
         # later, from the reducer's destructor, can deadlock on the GIL with its worker thread (seen in CI).
         step = getattr(self, "step", None)
         if step is not None:
+            step.release_graphs()  # a Python caller's process keeps running: hand the graphs' memory pool back
             step.train_model = None
         distributed.shutdown()
         if self._claim is not None:
