@@ -214,8 +214,9 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "tgtcap": ("sumtune.batching", "TARGET_BUCKET_TOKENS", 1 << 30),
     "src256": ("sumtune.batching", "SOURCE_BUCKET_TOKENS", 256),
     "tgt64": ("sumtune.batching", "TARGET_BUCKET_TOKENS", 64),
-    # a new shape inside a warmed shape's width classes captured without its one-row warm-up (first_epoch.py)
-    "classwarm": ("sumtune.cuda_graphs", "WARM_UP_ONLY_UNCOVERED_SHAPES", True),
+    # every new shape warmed up before its capture, even inside a warmed shape's width classes (first_epoch.py; on
+    # by default since 2026-12-03, the token was `classwarm` while it was off)
+    "noclasswarm": ("sumtune.cuda_graphs", "WARM_UP_ONLY_UNCOVERED_SHAPES", False),
     # the attention forwards sumtune.fast_t5.gluon_attention covers in its Gluon kernel (async warpgroup MMAs)
     "gluonfwd": ("sumtune.fast_t5.flash_attention", "GLUON_FORWARD", True),
 }

@@ -14,8 +14,8 @@ lengths, unlike `long_documents.py`'s joined full-length rows), built and steppe
 
 Settings: `config` (the config file as it is) plus bench_common tokens; the padding-width tokens patch
 `sumtune.batching`'s widths for the row: `tgtcap` (targets always padded to max_target_tokens), `src256` /
-`tgt64` (source / target widths in steps of 256 / 64 instead of 128 / 32); `classwarm` skips the one-row
-warm-up of a new shape that a warmed shape covers (`sumtune.cuda_graphs.warm_up_covers`). Triton's autotuner keeps its choices
+`tgt64` (source / target widths in steps of 256 / 64 instead of 128 / 32); `noclasswarm` warms up every new shape,
+also one a warmed shape covers (`sumtune.cuda_graphs.warm_up_covers`; skipped by default since 2026-12-03). Triton's autotuner keeps its choices
 for the process, so the first row also pays the autotuning of every length class: list `config` first and last.
 
 Writes benchmarks/results/first_epoch-<date>-<gpu>.json: per row the epoch's seconds, its samples/s, the steady
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="t5-3b")
     parser.add_argument("--config", default=str(bc.REPO_ROOT / "configs" / "t5-3b-billsum-long.yaml"))
-    parser.add_argument("--settings", default="config:b4,config:b4:classwarm,config:b4:tgtcap,config:b4")
+    parser.add_argument("--settings", default="config:b4,config:b4:noclasswarm,config:b4:tgtcap,config:b4")
     parser.add_argument("--rows", type=int, default=400, help="real bills in the epoch (resampled)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny model on CPU, a few seconds")
