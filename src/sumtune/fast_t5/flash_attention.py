@@ -90,8 +90,9 @@ MASK_ONLY_WITH_HOLES = True
 PRECISE_PV_MIN_KEYS = 2048
 # GLUON_FORWARD: the forwards that sumtune.fast_t5.gluon_attention covers (not causal, bf16, head_dim 64/128, paired
 # 16-bit draws) run its Gluon kernel, whose loop keeps a warpgroup MMA in flight during the softmax, instead of the
-# Triton forward; the backward is Triton's either way. Off until measured on a GPU (built 2026-12-03 on a CPU: it
-# compiles for sm_90 without spills, and no GPU has run it yet). Benchmark token `gluonfwd`.
+# Triton forward; the backward is Triton's either way. Off: measured on an H200 (2026-12-03) it gives the Triton
+# forward's outputs (bit for bit at head_dim 128) but no speed, 0.95x its time at 32x32x1024x128 and 1.15x at
+# 4x32x4096x128 (benchmarks/results/gluon_attention-2026-12-03-h200.json). Benchmark token `gluonfwd`.
 GLUON_FORWARD = False
 TABLE_MARGIN = 128  # zero columns each side of a bias table: a tile reaches at most BLOCK - 1 offsets beyond it
 _INTERPRETER_BLOCKS = dict(fwd=(32, 32), dkdv=(32, 32), dq=(32, 32))  # tests pin smaller ones to cross blocks
