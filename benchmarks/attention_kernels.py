@@ -15,7 +15,6 @@ Rows, each timed forward + backward (CUDA events, median) with its peak memory a
   triton +bias(+dropout)    sumtune's kernels (sumtune.fast_t5.flash_attention): table + key padding, no L x L
   ... +dropout8             the same with 8-bit dropout draws (flash_attention.DROPOUT_DRAW_BITS = 8)
   ... +dropout+nopairs      the same with the Philox-4x32 draws before DROPOUT_PAIRS (flash_attention)
-  ... +dropout+gluonfwd      the forward in Gluon (sumtune.fast_t5.gluon_attention), the same backward
   ... +dropout+noholes      the key mask read in every row, not only in rows with a hole (MASK_ONLY_WITH_HOLES off)
   triton                    the same kernels with key padding only (no bias, no dropout): the bare kernel
 Forward and backward are also timed apart (fwd_ms, bwd_ms) in the same runs.
@@ -230,8 +229,6 @@ def run_shape(shape, repeats: int, with_flex: bool) -> tuple[list[dict], dict]:
         record("triton+bias+dropout8", ours, (q, k, v), table.numel() * 4 / 2**30)
     with bc.patched("nopairs"):  # Philox-4x32 per 2 x 4 elements: the dK/dV kernel transposes its mask
         record("triton+bias+dropout+nopairs", ours, (q, k, v), table.numel() * 4 / 2**30)
-    with bc.patched("gluonfwd"):  # the forward in Gluon (async warpgroup MMAs), the same backward
-        record("triton+bias+dropout+gluonfwd", ours, (q, k, v), table.numel() * 4 / 2**30)
     with bc.patched("noholes"):  # these rows are right-padded only: by default they read no key mask at all
         record("triton+bias+dropout+noholes", ours, (q, k, v), table.numel() * 4 / 2**30)
     pinned = {kernel: config for kernel, config in tuned.items() if config is not None}

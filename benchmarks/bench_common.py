@@ -199,6 +199,10 @@ CONFIG_TOKENS: dict[str, dict] = {
 # (`noahead` measured the training loop launching the next step before reading the pending one's loss against one
 # step at a time: no gain, long 6.439 vs 6.438 samples/s, shipped 45.15 vs 45.26 — results/*_run_ahead*-2026-12-03-*
 # — so it went: commit ffbaa8b has it.)
+# (`gluonfwd` measured the attention forward in Gluon, asynchronous warpgroup MMAs, against the Triton forward: the
+# same outputs, forward + backward 8.59 vs 8.59 ms at 32x32x1024x128 and 14.79 vs 14.24 at 4x32x4096x128 —
+# results/attention_kernels-2026-12-03-h200-gluon.json, results/gluon_attention-2026-12-03-h200.json — and went with
+# its module, benchmarks/gluon_attention.py and its tests: commit 2fa495d has them.)
 PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "drop8": ("sumtune.fast_t5.flash_attention", "DROPOUT_DRAW_BITS", 8),
     "nopairs": ("sumtune.fast_t5.flash_attention", "DROPOUT_PAIRS", False),
@@ -217,8 +221,6 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     # every new shape warmed up before its capture, even inside a warmed shape's width classes (first_epoch.py; on
     # by default since 2026-12-03, the token was `classwarm` while it was off)
     "noclasswarm": ("sumtune.cuda_graphs", "WARM_UP_ONLY_UNCOVERED_SHAPES", False),
-    # the attention forwards sumtune.fast_t5.gluon_attention covers in its Gluon kernel (async warpgroup MMAs)
-    "gluonfwd": ("sumtune.fast_t5.flash_attention", "GLUON_FORWARD", True),
 }
 
 

@@ -88,12 +88,9 @@ PV_SPLIT = True
 # memory (the forward's first config 96 -> 160 KiB, the dQ kernel's over Hopper's 227). Token `noholes`: off.
 MASK_ONLY_WITH_HOLES = True
 PRECISE_PV_MIN_KEYS = 2048
-# GLUON_FORWARD: the forwards that sumtune.fast_t5.gluon_attention covers (not causal, bf16, head_dim 64/128, paired
-# 16-bit draws) run its Gluon kernel, whose loop keeps a warpgroup MMA in flight during the softmax, instead of the
-# Triton forward; the backward is Triton's either way. Off: measured on an H200 (2026-12-03) it gives the Triton
-# forward's outputs (bit for bit at head_dim 128) but no speed, 0.95x its time at 32x32x1024x128 and 1.15x at
-# 4x32x4096x128 (benchmarks/results/gluon_attention-2026-12-03-h200.json). Benchmark token `gluonfwd`.
-GLUON_FORWARD = False
+# (A forward in Gluon with asynchronous warpgroup MMAs, the next tile's Q·Kᵀ and this tile's P·V in flight during
+# the softmax, gave the same outputs but no speed on an H200, 0.95x this forward's time at 32x32x1024x128 and 1.15x at
+# 4x32x4096x128 (benchmarks/results/gluon_attention-2026-12-03-h200.json), and went: commit 2fa495d has it.)
 TABLE_MARGIN = 128  # zero columns each side of a bias table: a tile reaches at most BLOCK - 1 offsets beyond it
 _INTERPRETER_BLOCKS = dict(fwd=(32, 32), dkdv=(32, 32), dq=(32, 32))  # tests pin smaller ones to cross blocks
 _pinned_blocks: dict[str, tuple[int, ...]] = {}
@@ -240,13 +237,6 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
     lse = torch.empty((batch, heads, query_len), device=q.device, dtype=torch.float32)
     drop_below, drop_scale = dropout_threshold(dropout_p, 1 << draw_bits)
     radius = _radius(radius, query_len, key_len)
-    if _gluon_covers(q, k, v, causal, draw_bits, pairs, dropout_p):
-        from sumtune.fast_t5 import gluon_attention
-
-        gluon_attention.forward(q, k, v, out, lse, table, _table_geometry(table, query_len), radius, mask, lengths,
-                                holes, scale * LOG2E, seed, drop_below, drop_scale, largest, pv_fp16,
-                                PV_SPLIT and precise_pv, dropout_p > 0)
-        return out, lse
     dummy = lse
     _launch("fwd", kernels.t5_flash_attention_fwd,
             lambda bm, bn: (_cdiv(query_len, bm), batch * heads),
@@ -260,17 +250,6 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
             PV_SPLIT=PV_SPLIT and precise_pv, PV_FP16=pv_fp16, PAIRS=pairs,
             **_holes_args(mask, holes))
     return out, lse
-
-
-def _gluon_covers(q, k, v, causal, draw_bits, pairs, dropout_p) -> bool:
-    """GLUON_FORWARD on, and a call its kernel covers (Triton's forward otherwise; Gluon imported only then)."""
-    if not GLUON_FORWARD or _kernels().INTERPRET or not q.is_cuda:
-        return False
-    try:
-        from sumtune.fast_t5 import gluon_attention
-    except ImportError:  # a Triton without Gluon
-        return False
-    return gluon_attention.supports(q, k, v, causal=causal, draw_bits=draw_bits, pairs=pairs, dropout_p=dropout_p)
 
 
 def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, causal, scale, dropout_p, seed,
