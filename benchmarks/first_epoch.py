@@ -15,8 +15,9 @@ lengths, unlike `long_documents.py`'s joined full-length rows), built and steppe
 Settings: `config` (the config file as it is) plus bench_common tokens; the padding-width tokens patch
 `sumtune.batching`'s widths for the row: `tgtcap` (targets always padded to max_target_tokens), `src256` /
 `tgt64` (source / target widths in steps of 256 / 64 instead of 128 / 32); `noclasswarm` warms up every new shape,
-also one a warmed shape covers (`sumtune.cuda_graphs.warm_up_covers`; skipped by default since 2026-12-03). Triton's autotuner keeps its choices
-for the process, so the first row also pays the autotuning of every length class: list `config` first and last.
+also one a warmed shape covers (`sumtune.cuda_graphs.warm_up_covers`; skipped by default since 2026-12-03).
+Triton's autotuner keeps its choices for the process, so the first row also pays the autotuning of every length
+class: list `config` first and last.
 
 Writes benchmarks/results/first_epoch-<date>-<gpu>.json: per row the epoch's seconds, its samples/s, the steady
 step (median of the steps that met no new shape), new shapes and the seconds their warm-ups and captures took.

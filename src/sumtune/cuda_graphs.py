@@ -16,9 +16,10 @@ How (the rules of `torch.cuda.graph`):
   config's pool held 59.6 GiB, and the eager pass of a shape first met in step 10 ran out of its 75 GiB cap).
   Instead one row of it runs eagerly (its gradients put back as they were), which warms up Triton's autotuner and
   every lazy initialisation at a fraction of the memory, and the micro-batch itself is captured at once and
-  replayed; a shape whose widths a warmed shape covers (`warm_up_covers`) skips even that row. `warm_up_rows=None` (torch.compile, whose compiled code is specialised to the batch size) keeps a
-  full-size eager pass, after freeing the captured graphs so that it has the memory. When even the one row does not
-  fit beside the pool (a tight `max_memory_gib`), the graphs are freed and the shapes captured again as they come;
+  replayed; a shape whose widths a warmed shape covers (`warm_up_covers`) skips even that row. `warm_up_rows=None`
+  (torch.compile, whose compiled code is specialised to the batch size) keeps a full-size eager pass, after freeing
+  the captured graphs so that it has the memory. When even the one row does not fit beside the pool (a tight
+  `max_memory_gib`), the graphs are freed and the shapes captured again as they come;
 - nothing in the forward or backward may wait for the GPU or draw randomness on the host: dropout draws from
   the CUDA generator, which graphs advance on every replay. If a capture fails anyway, the step says so once and
   stays eager: a graph is a speed-up, never a requirement.
