@@ -9,8 +9,8 @@ forward without bias, padding mask or dropout took 2.20 ms at 32x32x1024x128 (~2
 the question is whether the gap is Triton's code generation (then only a kernel outside Triton closes it) or
 something in sumtune's forward (its loop splits, masks, loads), which a Triton kernel can drop.
 
-Rows (forward only, CUDA events, median; the same (B, L, H, D) bf16 memory seen as (B, H, L, D), as the fast path has
-it, softmax scale 1.0 as T5's):
+Rows (forward only, `triton.testing.do_bench`, median; the same (B, L, H, D) bf16 memory seen as (B, H, L, D), as
+the fast path has it, softmax scale 1.0 as T5's):
   cudnn           SDPA's cuDNN kernel, no mask
   yardstick       `_yardstick_fwd` below: the Triton tutorial's FA2 forward loop and nothing else (no bias, no masks,
                   lengths multiples of the tiles), autotuned over a few tiles
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+import triton.testing  # noqa: E402
 
 import bench_common as bc  # noqa: E402
 
@@ -91,22 +91,7 @@ def yardstick(q, k, v, tiles=None):
     return out
 
 
-def time_forward_ms(fn, repeats: int) -> float:
-    for _ in range(3):  # compile, autotune, cuDNN plans
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def run_shape(shape, repeats: int) -> list[dict]:
+def run_shape(shape, rep_ms: int) -> list[dict]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from attention_kernels import make_inputs, t5_attention_module
@@ -131,7 +116,7 @@ def run_shape(shape, repeats: int) -> list[dict]:
         for name, fn in (("cudnn", cudnn), ("yardstick", lambda: yardstick(q, k, v)),
                          ("sumtune bare", lambda: fa.t5_flash_attention(q, k, v, None, 0, None, False, 1.0, 0.0)),
                          ("sumtune t5", lambda: fa.t5_flash_attention(q, k, v, table, 128, padding, False, 1.0, 0.1))):
-            ms = time_forward_ms(fn, repeats)
+            ms = triton.testing.do_bench(fn, rep=rep_ms, return_mode="median")  # compiles and autotunes first
             row = dict(shape="x".join(map(str, shape)), kernel=name, fwd_ms=ms, tflops=flops / ms / 1e9)
             if name in ("yardstick", "sumtune bare"):  # same maths as cuDNN's row: the outputs must agree
                 row["max_diff_vs_cudnn"] = (fn().float() - reference.float()).abs().max().item()
@@ -160,7 +145,7 @@ def cpu_check() -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["32x32x1024x128", "4x32x4096x128"])
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--rep-ms", type=int, default=200, help="milliseconds of timed calls per row")
     parser.add_argument("--cpu-check", action="store_true")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
@@ -174,7 +159,7 @@ def main(argv=None) -> int:
         return 2
     rows = []
     for text in args.shapes:
-        rows += run_shape(tuple(int(x) for x in text.split("x")), args.repeats)
+        rows += run_shape(tuple(int(x) for x in text.split("x")), args.rep_ms)
         bc.free_gpu_memory()
     bc.print_table(rows, ["shape", "kernel", "fwd_ms", "tflops", "max_diff_vs_cudnn", "tiles"])
     if not args.no_save:
