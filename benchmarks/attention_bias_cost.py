@@ -8,7 +8,8 @@ Why: session 22's attention_kernels run (H200, results/attention_kernels-2026-12
 2.20 / 3.56 without). With the bias each kernel runs three loops (far-left tiles with one constant, near tiles that
 read the (H, 2L-1) table, far-right tiles with another constant); without it, one loop. Compiled for sm_90 on a CPU,
 the dK/dV kernel's 1024 config (32, 64, 4, 3) with bias and dropout spills 72 bytes, has 4,352 SASS instructions and
-103 KiB of shared memory, against 1,784, no spill and 87 KiB without the bias.
+103 KiB of shared memory, against 1,784, no spill and 87 KiB without the bias
+(results/attention_compile_bias_ceiling-2026-12-03-cpu-sm90.json).
 
 This is a diagnostic, not a product path: each row runs sumtune's kernels (`flash_attention.t5_flash_attention`) in
 its own process, with the same tiles pinned for every row (the ones the autotuner chose in that run), dropout 0.1:
