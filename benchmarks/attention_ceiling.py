@@ -69,6 +69,66 @@ def _yardstick_fwd(Q, K, V, O, stride_b, stride_h, stride_m, H, L, qk_scale, HEA
     tl.store(O + base + offs_m[:, None] * stride_m + offs_d[None, :], acc.to(O.dtype.element_ty))
 
 
+@triton.jit
+def _yardstick_tma_fwd(desc_q, desc_k, desc_v, desc_o, H, L, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    """The same loop with K, V (and Q, O) moved by TMA, as the Triton tutorial does on sm_90+: (B*L, H*D) 2-D views,
+    a (rows, HEAD_DIM) box at column h*HEAD_DIM."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    row0 = (bh // H) * L
+    col = (bh % H) * HEAD_DIM
+    q = desc_q.load([row0 + start_m, col])
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for start_n in tl.range(0, L, BLOCK_N):
+        k = desc_k.load([row0 + start_n, col])
+        s = tl.dot(q, k.T) * qk_scale
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = desc_v.load([row0 + start_n, col])
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    desc_o.store([row0 + start_m, col], acc.to(desc_o.dtype))
+
+
+def yardstick_tma(q, k, v, tiles):
+    """The TMA yardstick at one tile config (host-side descriptors carry the box, so no autotuner here)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    batch, heads, length, head_dim = q.shape
+    block_m, block_n, warps, stages = tiles
+    out = torch.empty((batch, length, heads, head_dim), device=q.device, dtype=q.dtype)
+
+    def descriptor(t, rows):  # (B, H, L, D) view of (B, L, H, D) memory -> (B*L, H*D) rows, a view
+        flat = t.transpose(1, 2).view(batch * length, heads * head_dim)
+        return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [rows, head_dim])
+
+    out = out.transpose(1, 2)
+    _yardstick_tma_fwd[(length // block_m, batch * heads)](
+        descriptor(q, block_m), descriptor(k, block_n), descriptor(v, block_n), descriptor(out, block_m), heads,
+        length, 1.4426950408889634, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        num_stages=stages)
+    return out
+
+
+def best_yardstick_tma(q, k, v, rep_ms: int):
+    """Each of YARDSTICK_TILES timed; returns (ms, tiles) of the fastest."""
+    timings = []
+    for tiles in YARDSTICK_TILES:
+        try:
+            timings.append((triton.testing.do_bench(lambda: yardstick_tma(q, k, v, tiles), rep=rep_ms,
+                                                    return_mode="median"), tiles))
+        except Exception as error:  # a tile that does not fit shared memory: say so, try the next
+            print(f"yardstick tma {tiles}: {type(error).__name__}: {str(error)[:120]}", flush=True)
+    return min(timings)
+
+
 _tuned_yardstick = None
 
 
@@ -122,6 +182,12 @@ def run_shape(shape, rep_ms: int) -> list[dict]:
                 row["max_diff_vs_cudnn"] = (fn().float() - reference.float()).abs().max().item()
             rows.append(row)
             print(row, flush=True)
+        ms, tiles = best_yardstick_tma(q, k, v, rep_ms)
+        row = dict(shape="x".join(map(str, shape)), kernel="yardstick tma", fwd_ms=ms, tflops=flops / ms / 1e9,
+                   tiles=str(tiles), max_diff_vs_cudnn=(yardstick_tma(q, k, v, tiles).float()
+                                                        - reference.float()).abs().max().item())
+        rows.append(row)
+        print(row, flush=True)
     if _tuned_yardstick is not None and getattr(_tuned_yardstick, "best_config", None) is not None:
         rows[1]["tiles"] = str(_tuned_yardstick.best_config)
     return rows
@@ -139,7 +205,10 @@ def cpu_check() -> int:
     want = torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
     error = (out - want).abs().max().item()
     print(f"yardstick vs torch: max abs error {error:.2e} -> {'ok' if error < 1e-4 else 'FAILED'}")
-    return 0 if error < 1e-4 else 1
+    out_tma = yardstick_tma(q, k, v, tiles=(16, 16, 4, 1))
+    error_tma = (out_tma - want).abs().max().item()
+    print(f"yardstick tma vs torch: max abs error {error_tma:.2e} -> {'ok' if error_tma < 1e-4 else 'FAILED'}")
+    return 0 if max(error, error_tma) < 1e-4 else 1
 
 
 def main(argv=None) -> int:
