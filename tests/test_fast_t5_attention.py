@@ -206,6 +206,68 @@ def test_mask_only_with_holes_changes_no_bit(fa, monkeypatch):
     assert torch.equal(unflagged[:2], out_on[:2]) and not torch.allclose(unflagged[2], out_on[2])
 
 
+def _band_on_and_off(fa, monkeypatch, device, dtype, length, heads, head_dim, radius, causal, blocks):
+    """Output and gradients with BIAS_BAND off and on, through the dQ kernel and the stored-dS route, with dropout."""
+    q, k, v = make_qkv(3, heads, length, length, head_dim, dtype, device=device)
+    table = fa.bias_table_log2(t5_like_table(heads, length, length, radius, device=device))
+    padding = fa.key_padding(padding_mask(3, length, device=device))
+    grad = torch.randn(3, heads, length, head_dim, generator=torch.Generator().manual_seed(2)).to(device)
+    results = {}
+    for band in (False, True):
+        for ds_gemm in (False, True):
+            monkeypatch.setattr(fa, "BIAS_BAND", band)
+            monkeypatch.setattr(fa, "DS_GEMM", ds_gemm)
+            torch.manual_seed(3)
+            with fa.block_sizes(**blocks):
+                results[band, ds_gemm] = run_with_grads(
+                    lambda q, k, v: fa.t5_flash_attention(q, k, v, table, radius, padding, causal, 0.25, 0.2),
+                    q, k, v, grad)
+    return results
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["encoder", "decoder"])
+def test_bias_band_changes_no_bit(fa, monkeypatch, causal):
+    """BIAS_BAND: the near tiles read the bias from the band instead of the table: the same bits, forward and
+    backward, with padding and dropout; tiles of different shapes per kernel, lengths not a multiple of them, a
+    radius that leaves far-left, near and far-right tiles."""
+    results = _band_on_and_off(fa, monkeypatch, "cpu", torch.float32, 70, 2, 16, 8, causal,
+                               dict(fwd=(16, 32), dkdv=(32, 16), dq=(16, 16)))
+    for ds_gemm in (False, True):
+        (out_off, grads_off), (out_on, grads_on) = results[False, ds_gemm], results[True, ds_gemm]
+        assert torch.equal(out_off, out_on) and all(map(torch.equal, grads_off, grads_on))
+
+
+def test_bias_band_holds_each_tiles_bias(fa, monkeypatch):
+    """The band itself: for every near tile the kernels visit (their own loop bounds: offsets within the radius),
+    reading it as the forward does and as the dK/dV kernel does (transposed) gives the bias of each element j - i."""
+    monkeypatch.setattr(fa, "BIAS_BAND", True)
+    heads, length, radius, tile = 2, 90, 8, 32
+    table = fa.bias_table_log2(t5_like_table(heads, length, length, radius))
+    zero = fa._table_geometry(table, length)[1]
+    with fa.block_sizes(fwd=(tile, tile), dkdv=(tile, tile), dq=(tile, tile)):
+        for transposed in (False, True):
+            args = fa._band_args(table, radius, length, length, transposed)
+            width, per_head = args["band_w"], args["band_head"]
+            band, origin = args["BAND"]._base.reshape(-1), args["BAND"].storage_offset()  # kernels index from origin
+            visited = 0
+            for start in range(0, length, tile):  # the program's query block (forward) or key block (dK/dV)
+                first = min(max(start - radius + 1, 0) // tile * tile, length)
+                last = max(min(-(-(start + tile - 1 + radius) // tile) * tile, length), first)
+                for other in range(first, last, tile):  # the near tiles of its loop
+                    start_m, start_n = (other, start) if transposed else (start, other)
+                    shift = (start_m - start_n) if transposed else (start_n - start_m)
+                    offsets = torch.arange(tile)[:, None] * width + torch.arange(tile)[None, :] + shift
+                    got = torch.stack([band[origin + h * per_head + offsets] for h in range(heads)])
+                    i, j = start_m + torch.arange(tile), start_n + torch.arange(tile)
+                    rel = (j[:, None] - i[None, :]) if transposed else (j[None, :] - i[:, None])
+                    inside = (rel.abs() <= length - 1) & ((i[None, :] if transposed else i[:, None]) < length) & (
+                        (j[:, None] if transposed else j[None, :]) < length)
+                    want = table[:, zero + rel.clamp(-radius, radius)]
+                    assert torch.equal(got[:, inside], want[:, inside]), (transposed, start_m, start_n)
+                    visited += 1
+            assert visited >= 6
+
+
 def test_precise_pv_waits_for_enough_keys(fa, monkeypatch):
     """Below PRECISE_PV_MIN_KEYS keys the forward keeps its bf16 P·V: no float16 copy of V, no second GEMM."""
     monkeypatch.setattr(fa, "PV_FP16", True)
@@ -781,6 +843,21 @@ def test_gpu_dq_from_stored_ds_no_further_from_float64_than_sdpa(compiled_fa, mo
     monkeypatch.setattr(fa, "DS_GEMM", True)
     with first_configs(fa):
         _check_against_sdpa_and_float64(fa, head_dim, causal, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("causal", [False, True], ids=["encoder", "decoder"])
+def test_gpu_bias_band_changes_no_bit(compiled_fa, monkeypatch, causal):
+    """The compiled kernels (first configs) with BIAS_BAND: the same results as the table's gathers (to within 1e-3:
+    compiled variants may schedule their arithmetic apart; bit for bit on the CPU), through both dQ routes."""
+    fa = compiled_fa
+    blocks = {name: configs[0] for name, configs in fa.AUTOTUNE_CONFIGS.items()}
+    results = _band_on_and_off(fa, monkeypatch, "cuda", torch.bfloat16, 300, 4, 128, 128, causal, blocks)
+    for ds_gemm in (False, True):
+        (out_off, grads_off), (out_on, grads_on) = results[False, ds_gemm], results[True, ds_gemm]
+        errors = [relative_error(a, b) for a, b in zip((out_on, *grads_on), (out_off, *grads_off))]
+        assert max(errors) <= 1e-3, errors
 
 
 @pytest.mark.gpu

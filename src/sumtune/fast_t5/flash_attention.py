@@ -91,6 +91,12 @@ PRECISE_PV_MIN_KEYS = 2048
 # (A forward in Gluon with asynchronous warpgroup MMAs, the next tile's Q·Kᵀ and this tile's P·V in flight during
 # the softmax, gave the same outputs but no speed on an H200, 0.95x this forward's time at 32x32x1024x128 and 1.15x at
 # 4x32x4096x128 (benchmarks/results/gluon_attention-2026-12-03-h200.json), and went: commit 2fa495d has it.)
+# BIAS_BAND: the near tiles (offsets within +-bias_radius) read the bias from a per-call band (flash_kernels'
+# t5_bias_band: 2 x (H, 128, ~2R + 400) floats, ~10 MiB each for T5-3b) at aligned, contiguous addresses, instead of
+# gathering each element from the table; same values. Only with a known radius of at most BAND_MAX_RADIUS.
+# Benchmark token `band`.
+BIAS_BAND = False
+BAND_MAX_RADIUS = 512
 TABLE_MARGIN = 128  # zero columns each side of a bias table: a tile reaches at most BLOCK - 1 offsets beyond it
 _INTERPRETER_BLOCKS = dict(fwd=(32, 32), dkdv=(32, 32), dq=(32, 32))  # tests pin smaller ones to cross blocks
 _pinned_blocks: dict[str, tuple[int, ...]] = {}
@@ -134,7 +140,7 @@ def _configs(name: str):
 
 
 _AUTOTUNE_KEY = ["HEAD_DIM", "len_key", "CAUSAL", "HAS_BIAS", "HAS_KEY_MASK", "DROPOUT", "DRAW8", "STORE_DS",
-                 "PV_SPLIT", "PV_FP16", "PAIRS", "CHECK_HOLES"]
+                 "PV_SPLIT", "PV_FP16", "PAIRS", "CHECK_HOLES", "USE_BAND"]
 _tuned: dict[str, object] = {}
 
 
@@ -212,6 +218,29 @@ def _radius(radius: int, query_len: int, key_len: int) -> int:
     return radius if radius > 0 else query_len + key_len  # 0: no saturation known, every tile reads the table
 
 
+def _band_tile_limit() -> int:
+    """The largest tile side any kernel may run with now (the band must hold a tile of it)."""
+    blocks = dict(_INTERPRETER_BLOCKS) if _kernels().INTERPRET else {}
+    blocks.update(_pinned_blocks)
+    return max((max(b[:2]) for b in blocks.values()), default=TABLE_MARGIN) if blocks else TABLE_MARGIN
+
+
+def _band_args(table: Tensor | None, radius: int, query_len: int, key_len: int, transposed: bool) -> dict:
+    """The kernels' BIAS_BAND arguments for this call (built here, one small launch), or none."""
+    if not BIAS_BAND or table is None or not 0 < radius <= BAND_MAX_RADIUS:
+        return {}
+    heads = table.shape[0]
+    tile = _band_tile_limit()
+    band_zero = _round_up(radius + tile, 16)  # column of a tile's first row's offset -tile - R
+    band_w = _round_up(band_zero + radius + 2 * tile, 16)
+    band = torch.empty((heads, tile, band_w), device=table.device, dtype=table.dtype)
+    table_row, table_zero = _table_geometry(table, query_len)
+    _kernels().t5_bias_band[(tile, heads)](
+        table, band, table_row, table_zero, max(-radius, 1 - query_len), min(radius, key_len - 1), band_zero, band_w,
+        ROWS=tile, BLOCK=256, TRANSPOSED=transposed)
+    return dict(BAND=band.view(-1)[band_zero:], band_w=band_w, band_head=tile * band_w, USE_BAND=True)
+
+
 def _fp16_values(v: Tensor) -> tuple[Tensor, Tensor]:
     """V times 2^e as float16, e from the exponent of max |V| (which comes back too, for the forward's epilogue):
     exact, with max |V| 2^e in [2^14, 2^15); one read for the max and one pass for the copy, on the device."""
@@ -236,7 +265,7 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
     out = torch.empty((batch, query_len, heads, head_dim), device=q.device, dtype=q.dtype).transpose(1, 2)
     lse = torch.empty((batch, heads, query_len), device=q.device, dtype=torch.float32)
     drop_below, drop_scale = dropout_threshold(dropout_p, 1 << draw_bits)
-    radius = _radius(radius, query_len, key_len)
+    radius_given, radius = radius, _radius(radius, query_len, key_len)
     dummy = lse
     _launch("fwd", kernels.t5_flash_attention_fwd,
             lambda bm, bn: (_cdiv(query_len, bm), batch * heads),
@@ -248,7 +277,7 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
             HEAD_DIM=head_dim, CAUSAL=causal, HAS_BIAS=table is not None, HAS_KEY_MASK=mask is not None,
             DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8,
             PV_SPLIT=PV_SPLIT and precise_pv, PV_FP16=pv_fp16, PAIRS=pairs,
-            **_holes_args(mask, holes))
+            **_holes_args(mask, holes), **_band_args(table, radius_given, query_len, key_len, transposed=False))
     return out, lse
 
 
@@ -263,7 +292,7 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, 
         out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, query_len, HEAD_DIM=head_dim, BLOCK_M=block)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     drop_below, drop_scale = dropout_threshold(dropout_p, 1 << draw_bits)
-    radius = _radius(radius, query_len, key_len)
+    radius_given, radius = radius, _radius(radius, query_len, key_len)
     common = dict(HEAD_DIM=head_dim, CAUSAL=causal, HAS_BIAS=table is not None, HAS_KEY_MASK=mask is not None,
                   DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8, PAIRS=pairs)
     table_arg = table if table is not None else delta
@@ -281,7 +310,8 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, 
             q, k, v, grad_out, dk, dv, lse, delta, table_arg, mask_arg, lengths_arg, ds,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), *ds_strides,
             mask_stride, heads, query_len, key_len, radius, *geometry, scale * LOG2E, scale, seed, drop_below,
-            drop_scale, length_key, STORE_DS=store_ds, **common)
+            drop_scale, length_key, STORE_DS=store_ds, **common,
+            **_band_args(table, radius_given, query_len, key_len, transposed=True))
     if store_ds:
         return _dq_from_ds(ds, k, dq, query_len, key_len, scale), dk, dv
     _launch("dq", kernels.t5_flash_attention_bwd_dq,
@@ -289,7 +319,8 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, 
             q, k, v, grad_out, dq, lse, delta, table_arg, mask_arg, lengths_arg,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), mask_stride,
             heads, query_len, key_len, radius, *geometry, scale * LOG2E, scale, seed, drop_below, drop_scale,
-            length_key, **common, **_holes_args(mask, holes))
+            length_key, **common, **_holes_args(mask, holes),
+            **_band_args(table, radius_given, query_len, key_len, transposed=False))
     return dq, dk, dv
 
 

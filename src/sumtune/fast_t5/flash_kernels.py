@@ -14,6 +14,11 @@ Design (scores are kept in log2 units, as in Triton's fused-attention tutorial: 
   (constant) tiles; at 4096 tokens ~90% of the tiles read no bias at all. Three loops (three copies of the body)
   measured faster than one loop branching per tile, though that one had half the code and fewer registers: with
   dropout 10.31 vs 10.75 ms at 32x32x1024, 16.48 vs 18.54 at 4x32x4096 (H200, results/attention_kernels_onebias-*).
+* **Bias band** (``BIAS_BAND``): the near tiles can read the bias instead from a per-head (128, W) band that holds
+  each tile's values at aligned, contiguous addresses (``t5_bias_band`` builds it from the table once per call), so
+  a tile is loaded with 16-byte vector loads rather than one 4-byte gather per element (the table's address j - i
+  is contiguous along one axis but of no known alignment, and in the dK/dV kernel's (keys, queries) tiles it runs
+  backwards). Same values, so the same results bit for bit.
 * **Key padding** from a per-row key mask (B, Lk) plus the row's key length (last kept key + 1), which bounds the
   loops; a masked key gets -inf, hence exactly zero probability. A row with no key at all returns zeros (no NaN).
   With ``CHECK_HOLES`` the forward and dQ kernels read the mask only in rows that ``HOLES`` flags (a masked key
@@ -49,6 +54,7 @@ INTERPRET = bool(triton.knobs.runtime.interpret)
 BIAS_NONE = tl.constexpr(0)  # _bias_tile modes
 BIAS_CONST = tl.constexpr(1)
 BIAS_GATHER = tl.constexpr(2)
+BIAS_BAND = tl.constexpr(3)  # the near tiles from the band (see t5_bias_band)
 
 
 if INTERPRET:
@@ -71,10 +77,39 @@ def _bias_tile(TABLE, rel, const, BIAS_MODE: tl.constexpr):
     return out
 
 
+@triton.jit
+def _band_tile(BAND, shift, band_w, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """A (ROWS, COLS) bias tile from a band row block: row r, column ``shift + c``. ``BAND`` and ``band_w`` are
+    multiples of 16 elements and ``shift`` of the tile sizes, so the compiler can vectorise the loads."""
+    return tl.load(BAND + shift + tl.arange(0, ROWS)[:, None] * band_w + tl.arange(0, COLS)[None, :])
+
+
+@triton.jit
+def t5_bias_band(TABLE, BAND, table_row, table_zero, lo, hi, band_zero, band_w, ROWS: tl.constexpr,
+                 BLOCK: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """BAND[h, r, c] = TABLE[h, table_zero + clamp(rel, lo, hi)] with rel = c - band_zero - r (the forward's and dQ
+    kernel's (queries, keys) tiles: row r = i - start_m, column c = j - start_m + band_zero) or, TRANSPOSED,
+    rel = band_zero + r - c (the dK/dV kernel's (keys, queries) tiles: r = j - start_n, c = i - start_n + band_zero).
+    lo/hi: the bias of every offset beyond them equals theirs (T5's saturation at +-max_distance, or the sequence
+    ends, past which a tile's elements are masked anyway)."""
+    r = tl.program_id(0)
+    h = tl.program_id(1)
+    source = TABLE + h * table_row + table_zero
+    target = BAND + (h * ROWS + r).to(tl.int64) * band_w
+    for start in range(0, band_w, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        if TRANSPOSED:
+            rel = band_zero + r - cols
+        else:
+            rel = cols - band_zero - r
+        rel = tl.minimum(tl.maximum(rel, lo), hi)
+        tl.store(target + cols, tl.load(source + rel), mask=cols < band_w)
+
+
 # ----------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, start, stop, const, start_m,
-               stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
+               stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w,
                seed, stream, n_cols, drop_below,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
@@ -95,7 +130,10 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, start, stop, con
             kept = _keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N, DRAW8, PAIRS)
         k_t = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=in_k[None, :], other=0.0)
         s = _dot(q, k_t, UPCAST) * qk_scale
-        s += _bias_tile(TABLE, offs_n[None, :] - offs_m[:, None], const, BIAS_MODE)
+        if BIAS_MODE == BIAS_BAND:
+            s += _band_tile(TABLE, start_n - start_m, band_w, BLOCK_M, BLOCK_N)
+        else:
+            s += _bias_tile(TABLE, offs_n[None, :] - offs_m[:, None], const, BIAS_MODE)
         keep = key_ok[None, :]
         if CAUSAL:
             keep = keep & (offs_n[None, :] <= offs_m[:, None])
@@ -127,7 +165,8 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, str
                            HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr,
                            UPCAST: tl.constexpr, DRAW8: tl.constexpr = False, PV_SPLIT: tl.constexpr = False,
                            PV_FP16: tl.constexpr = False, PAIRS: tl.constexpr = False,
-                           CHECK_HOLES: tl.constexpr = False, HOLES=0):
+                           CHECK_HOLES: tl.constexpr = False, HOLES=0, BAND=0, band_w=0, band_head=0,
+                           USE_BAND: tl.constexpr = False):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     seed = 0
@@ -165,20 +204,22 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, str
         lo_end = tl.minimum((tl.maximum(start_m - R + 1, 0) // BLOCK_N) * BLOCK_N, stop)
         hi_start = tl.maximum(tl.minimum(tl.cdiv(start_m + BLOCK_M - 1 + R, BLOCK_N) * BLOCK_N, stop), lo_end)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, 0, lo_end, far_left, start_m,
-                                   stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
+                                   stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w,
                                    seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
                                    False, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, lo_end, hi_start, 0.0, start_m,
-                                   stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
-                                   seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER,
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, BAND + h * band_head if USE_BAND else TABLE, KMASK,
+                                   read_mask, lo_end, hi_start, 0.0, start_m,
+                                   stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w,
+                                   seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N,
+                                   BIAS_BAND if USE_BAND else BIAS_GATHER,
                                    CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, hi_start, stop, far_right,
-                                   start_m, stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
+                                   start_m, stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w,
                                    seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
                                    CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
     else:
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, 0, stop, 0.0, start_m,
-                                   stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
+                                   stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w,
                                    seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE,
                                    CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
     empty = l_i == 0.0  # no key to attend to: output 0, and lse = +inf makes the backward's P exactly 0
@@ -214,7 +255,7 @@ def t5_attention_bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride
 
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, const, start_n, key_ok,
-                stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale,
+                stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale, band_w,
                 seed, stream, n_cols, drop_below, drop_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
                 CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DRAW8: tl.constexpr,
@@ -235,7 +276,10 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, const, 
                                            DRAW8))
         q_t = tl.load(Q + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd, mask=in_q[None, :], other=0.0)
         s_t = _dot(k, q_t, UPCAST) * qk_scale  # (keys, queries)
-        s_t += _bias_tile(TABLE, offs_n[:, None] - offs_m[None, :], const, BIAS_MODE)
+        if BIAS_MODE == BIAS_BAND:
+            s_t += _band_tile(TABLE, start_m - start_n, band_w, BLOCK_N, BLOCK_M)
+        else:
+            s_t += _bias_tile(TABLE, offs_n[:, None] - offs_m[None, :], const, BIAS_MODE)
         keep = key_ok[:, None] & in_q[None, :]  # rows past Lq (whose bias reads the table's margin) count nowhere
         if CAUSAL:
             keep = keep & (offs_m[None, :] >= offs_n[:, None])
@@ -276,7 +320,8 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
                                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                                 HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
                                 DRAW8: tl.constexpr = False, STORE_DS: tl.constexpr = False,
-                                PAIRS: tl.constexpr = False):
+                                PAIRS: tl.constexpr = False, BAND=0, band_w=0, band_head=0,
+                                USE_BAND: tl.constexpr = False):
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
     seed = 0
@@ -318,20 +363,22 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
         hi_end = tl.maximum(tl.minimum((tl.maximum(start_n - R + 1, 0) // BLOCK_M) * BLOCK_M, stop), start)
         lo_start = tl.maximum(tl.minimum(tl.cdiv(start_n + BLOCK_N - 1 + R, BLOCK_M) * BLOCK_M, stop), hi_end)
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, hi_end, far_right, start_n,
-                             key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale,
+                             key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale, band_w,
                              seed, bh, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, CAUSAL,
                              DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, hi_end, lo_start, 0.0, start_n,
-                             key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale,
-                             seed, bh, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER, CAUSAL,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, BAND + h * band_head if USE_BAND else TABLE, DS,
+                             hi_end, lo_start, 0.0, start_n,
+                             key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale, band_w,
+                             seed, bh, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N,
+                             BIAS_BAND if USE_BAND else BIAS_GATHER, CAUSAL,
                              DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS)
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, lo_start, stop, far_left, start_n,
-                             key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale,
+                             key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale, band_w,
                              seed, bh, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, False,
                              DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS)
     else:
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, 0.0, start_n,
-                             key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale,
+                             key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale, band_w,
                              seed, bh, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE, CAUSAL,
                              DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS)
     if STORE_DS:  # query blocks no tile visited: above the diagonal, or every query of keys past the row's length
@@ -345,7 +392,7 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
 
 @triton.jit
 def _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, read_mask, start, stop, const, start_m,
-              stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
+              stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w,
               seed, stream, n_cols, drop_below, drop_scale,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
@@ -365,7 +412,10 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, read_mask, start, stop,
         k_t = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=in_k[None, :], other=0.0)
         v_t = tl.load(V + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=in_k[None, :], other=0.0)
         s = _dot(q, k_t, UPCAST) * qk_scale
-        s += _bias_tile(TABLE, offs_n[None, :] - offs_m[:, None], const, BIAS_MODE)
+        if BIAS_MODE == BIAS_BAND:
+            s += _band_tile(TABLE, start_n - start_m, band_w, BLOCK_M, BLOCK_N)
+        else:
+            s += _bias_tile(TABLE, offs_n[None, :] - offs_m[:, None], const, BIAS_MODE)
         keep = key_ok[None, :]
         if CAUSAL:
             keep = keep & (offs_n[None, :] <= offs_m[:, None])
@@ -387,7 +437,8 @@ def t5_flash_attention_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TABLE, KMASK, KV_LEN,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                               HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr,
                               UPCAST: tl.constexpr, DRAW8: tl.constexpr = False, PAIRS: tl.constexpr = False,
-                              CHECK_HOLES: tl.constexpr = False, HOLES=0):
+                              CHECK_HOLES: tl.constexpr = False, HOLES=0, BAND=0, band_w=0, band_head=0,
+                           USE_BAND: tl.constexpr = False):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     seed = 0
@@ -426,20 +477,22 @@ def t5_flash_attention_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TABLE, KMASK, KV_LEN,
         lo_end = tl.minimum((tl.maximum(start_m - R + 1, 0) // BLOCK_N) * BLOCK_N, stop)
         hi_start = tl.maximum(tl.minimum(tl.cdiv(start_m + BLOCK_M - 1 + R, BLOCK_N) * BLOCK_N, stop), lo_end)
         dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, read_mask, 0, lo_end, far_left, start_m,
-                       stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
+                       stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w, seed, bh, n_cols,
                        drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, False, HAS_KEY_MASK,
                        DROPOUT, UPCAST, DRAW8, PAIRS)
-        dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, read_mask, lo_end, hi_start, 0.0, start_m,
-                       stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
-                       drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_GATHER, CAUSAL, HAS_KEY_MASK,
+        dq = _dq_tiles(dq, q, do, lse, delta, K, V, BAND + h * band_head if USE_BAND else TABLE, KMASK, read_mask,
+                       lo_end, hi_start, 0.0, start_m,
+                       stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w, seed, bh, n_cols,
+                       drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N,
+                       BIAS_BAND if USE_BAND else BIAS_GATHER, CAUSAL, HAS_KEY_MASK,
                        DROPOUT, UPCAST, DRAW8, PAIRS)
         dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, read_mask, hi_start, stop, far_right, start_m,
-                       stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
+                       stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w, seed, bh, n_cols,
                        drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, CAUSAL, HAS_KEY_MASK,
                        DROPOUT, UPCAST, DRAW8, PAIRS)
     else:
         dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, read_mask, 0, stop, 0.0, start_m,
-                       stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, seed, bh, n_cols,
+                       stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w, seed, bh, n_cols,
                        drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE, CAUSAL, HAS_KEY_MASK,
                        DROPOUT, UPCAST, DRAW8, PAIRS)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
