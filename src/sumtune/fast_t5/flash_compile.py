@@ -58,11 +58,11 @@ def compile_kernel(name: str, block_m: int, block_n: int, num_warps: int, num_st
 
     if flash_kernels.INTERPRET:
         raise RuntimeError("TRITON_INTERPRET=1 decorates interpreted kernels, which do not compile: unset it")
-    from sumtune.fast_t5.flash_attention import DROPOUT_PAIRS, MASK_ONLY_WITH_HOLES
+    from sumtune.fast_t5.flash_attention import BIAS_BAND, DROPOUT_PAIRS, MASK_ONLY_WITH_HOLES
 
     kernel = getattr(flash_kernels, KERNELS[name])
     shipped = {"DRAW8": False, "STORE_DS": False, "PV_SPLIT": False, "PV_FP16": False, "PAIRS": DROPOUT_PAIRS,
-               "CHECK_HOLES": MASK_ONLY_WITH_HOLES}
+               "CHECK_HOLES": MASK_ONLY_WITH_HOLES, "USE_BAND": BIAS_BAND}
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=False,
                       **{**shipped, **T5_FLAGS, **flags})
     # STORE_DS: dK/dV only; PV_*: forward only
