@@ -214,7 +214,8 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "nopvsplit": ("sumtune.fast_t5.flash_attention", "PV_SPLIT", False),
     "pvall": ("sumtune.fast_t5.flash_attention", "PRECISE_PV_MIN_KEYS", 0),
     "noholes": ("sumtune.fast_t5.flash_attention", "MASK_ONLY_WITH_HOLES", False),
-    "band": ("sumtune.fast_t5.flash_attention", "BIAS_BAND", True),  # near bias tiles from the band (off by default)
+    # near bias tiles from the table's gathers, not the band (BIAS_BAND on by default since 2026-12-03; was `band`)
+    "noband": ("sumtune.fast_t5.flash_attention", "BIAS_BAND", False),
     # padding widths (first_epoch.py): targets always at max_target_tokens; sources / targets in coarser steps
     "tgtcap": ("sumtune.batching", "TARGET_BUCKET_TOKENS", 1 << 30),
     "src256": ("sumtune.batching", "SOURCE_BUCKET_TOKENS", 256),

@@ -94,8 +94,11 @@ PRECISE_PV_MIN_KEYS = 2048
 # BIAS_BAND: the near tiles (offsets within +-bias_radius) read the bias from a per-call band (flash_kernels'
 # t5_bias_band: 2 x (H, 128, ~2R + 400) floats, ~10 MiB each for T5-3b) at aligned, contiguous addresses, instead of
 # gathering each element from the table; same values. Only with a known radius of at most BAND_MAX_RADIUS.
-# Benchmark token `band`.
-BIAS_BAND = False
+# On an H200 (2026-12-03, dropout 0.1, tiles pinned): forward + backward 8.49 -> 8.18 ms at 32x32x1024x128 and
+# 14.2 -> 13.7 at 4x32x4096x128 (the bias's whole cost being ~1.2 ms: a constant in its place runs 7.18 / 12.9;
+# results/attention_bias_cost-2026-12-03-h200-band.json); the seed's step 48.0 -> 48.2 samples/s
+# (results/train_throughput_seed_band-2026-12-03-h200.json). Benchmark token `noband`: off.
+BIAS_BAND = True
 BAND_MAX_RADIUS = 512
 TABLE_MARGIN = 128  # zero columns each side of a bias table: a tile reaches at most BLOCK - 1 offsets beyond it
 _INTERPRETER_BLOCKS = dict(fwd=(32, 32), dkdv=(32, 32), dq=(32, 32))  # tests pin smaller ones to cross blocks
