@@ -14,8 +14,11 @@ the fast path has it, softmax scale 1.0 as T5's):
   cudnn           SDPA's cuDNN kernel, no mask
   yardstick       `_yardstick_fwd` below: the Triton tutorial's FA2 forward loop and nothing else (no bias, no masks,
                   lengths multiples of the tiles), autotuned over a few tiles
+  yardstick tma   the same loop with K, V, Q, O moved by TMA descriptors (the tutorial's sm_90 form), best of the tiles
   sumtune bare    sumtune.fast_t5.flash_attention with no bias, no key padding, no dropout
-  sumtune t5      the same with T5's bias table, a quarter of the rows right-padded by 10%, dropout 0.1 (training)
+  sumtune +bias   the same with T5's bias (its table, near tiles from the band)
+  sumtune +bias+padding   and a quarter of the rows right-padded by 10%
+  sumtune t5      and dropout 0.1: the forward as T5 trains it
 Writes benchmarks/results/attention_ceiling-<date>-<gpu>.json.
 """
 
@@ -175,6 +178,9 @@ def run_shape(shape, rep_ms: int) -> list[dict]:
         reference = cudnn()
         for name, fn in (("cudnn", cudnn), ("yardstick", lambda: yardstick(q, k, v)),
                          ("sumtune bare", lambda: fa.t5_flash_attention(q, k, v, None, 0, None, False, 1.0, 0.0)),
+                         ("sumtune +bias", lambda: fa.t5_flash_attention(q, k, v, table, 128, None, False, 1.0, 0.0)),
+                         ("sumtune +bias+padding",
+                          lambda: fa.t5_flash_attention(q, k, v, table, 128, padding, False, 1.0, 0.0)),
                          ("sumtune t5", lambda: fa.t5_flash_attention(q, k, v, table, 128, padding, False, 1.0, 0.1))):
             ms = triton.testing.do_bench(fn, rep=rep_ms, return_mode="median")  # compiles and autotunes first
             row = dict(shape="x".join(map(str, shape)), kernel=name, fwd_ms=ms, tflops=flops / ms / 1e9)
