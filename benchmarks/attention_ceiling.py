@@ -186,6 +186,8 @@ def run_shape(shape, rep_ms: int) -> list[dict]:
             row = dict(shape="x".join(map(str, shape)), kernel=name, fwd_ms=ms, tflops=flops / ms / 1e9)
             if name in ("yardstick", "sumtune bare"):  # same maths as cuDNN's row: the outputs must agree
                 row["max_diff_vs_cudnn"] = (fn().float() - reference.float()).abs().max().item()
+            if name.startswith("sumtune"):  # the autotuner's tile for this variant (its key differs per row)
+                row["tiles"] = str(fa.best_configs().get("fwd"))
             rows.append(row)
             print(row, flush=True)
         ms, tiles = best_yardstick_tma(q, k, v, rep_ms)
