@@ -10,6 +10,9 @@ Rows, each timed forward + backward (CUDA events, median) with its peak memory a
   cudnn                     SDPA cuDNN, no bias, no dropout: the speed of attention (the issue's yardstick)
   cudnn+dropout             the same with dropout 0.1: what dropout costs cuDNN itself
   cudnn|efficient +bias     SDPA with the (B, H, L, L) bias, padding folded in, as sumtune's SDPA route builds it
+  cudnn+bias1h[+dropout]    cuDNN with the (1, H, L, L) bias broadcast over the batch and no padding: what a route
+                            for unpadded batches (most at 1024, where 94% of bills are cut) could take
+  triton+bias+dropout+nopad sumtune's kernels on the same unpadded inputs (the fair twin of the row above)
   ... +dropout              the same with dropout 0.1 on the probabilities
   flex +bias                FlexAttention (compiled), bias from the table in score_mod, padding as a block mask
   triton +bias(+dropout)    sumtune's kernels (sumtune.fast_t5.flash_attention): table + key padding, no L x L
@@ -213,6 +216,11 @@ def run_shape(shape, repeats: int, with_flex: bool) -> tuple[list[dict], dict]:
     for label, attend in (("cudnn", cudnn), ("efficient", efficient)):
         record(f"{label}+bias", lambda *t, a=attend: a(*t, dense, 0.0), (q, k, v), dense_gib)
         record(f"{label}+bias+dropout", lambda *t, a=attend: a(*t, dense, DROPOUT_P), (q, k, v), dense_gib)
+    # no padding, the bias once per head (64 MiB at 32 heads x 1024): cuDNN reads it for every sample from L2/HBM
+    position_1h = position.contiguous()
+    bias_1h_gib = position_1h.numel() * position_1h.element_size() / 2**30
+    record("cudnn+bias1h", lambda *t: cudnn(*t, position_1h, 0.0), (q, k, v), bias_1h_gib)
+    record("cudnn+bias1h+dropout", lambda *t: cudnn(*t, position_1h, DROPOUT_P), (q, k, v), bias_1h_gib)
     if with_flex:
         flex = flex_attend_factory(table, padding.lengths, batch, heads, length)
         record("flex+bias", flex, (q, k, v), table.numel() * 4 / 2**30)
@@ -223,6 +231,9 @@ def run_shape(shape, repeats: int, with_flex: bool) -> tuple[list[dict], dict]:
 
     record("triton+bias+dropout", ours, (q, k, v), table.numel() * 4 / 2**30)  # dQ from the stored dS (DS_GEMM)
     tuned = fa.best_configs()
+    record("triton+bias+dropout+nopad",
+           lambda *t: fa.t5_flash_attention(*t, table_log2, BIAS_RADIUS, None, False, 1.0, DROPOUT_P), (q, k, v),
+           table.numel() * 4 / 2**30)
     with bc.patched("nodsgemm"):  # the dQ kernel instead (the route above DS_GEMM_MAX_GIB)
         record("triton+bias+dropout+dqkernel", ours, (q, k, v), table.numel() * 4 / 2**30)
     with bc.patched("drop8"):  # 16 draws per Philox call instead of 8 (autotuned anew)
