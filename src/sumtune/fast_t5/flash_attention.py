@@ -91,9 +91,9 @@ PRECISE_PV_MIN_KEYS = 2048
 # (A forward in Gluon with asynchronous warpgroup MMAs, the next tile's Q·Kᵀ and this tile's P·V in flight during
 # the softmax, gave the same outputs but no speed on an H200, 0.95x this forward's time at 32x32x1024x128 and 1.15x at
 # 4x32x4096x128 (benchmarks/results/gluon_attention-2026-12-03-h200.json), and went: commit 2fa495d has it.)
-# BIAS_BAND: the near tiles (offsets within +-bias_radius) read the bias from a per-call band (flash_kernels'
-# t5_bias_band: 2 x (H, 128, ~2R + 400) floats, ~10 MiB each for T5-3b) at aligned, contiguous addresses, instead of
-# gathering each element from the table; same values. Only with a known radius of at most BAND_MAX_RADIUS.
+# BIAS_BAND: the near tiles (offsets within +-bias_radius) read the bias from a per-call band
+# (sumtune.fast_t5.bias_band, ~10 MiB for T5-3b) at aligned, contiguous addresses instead of gathering each element
+# from the table; same values. Only with a known radius of at most BAND_MAX_RADIUS.
 # On an H200 (2026-12-03, dropout 0.1, tiles pinned): forward + backward 8.49 -> 8.18 ms at 32x32x1024x128 and
 # 14.2 -> 13.7 at 4x32x4096x128 (the bias's whole cost being ~1.2 ms: a constant in its place runs 7.18 / 12.9;
 # results/attention_bias_cost-2026-12-03-h200-band.json); the seed's step 48.0 -> 48.2 samples/s
@@ -229,19 +229,14 @@ def _band_tile_limit() -> int:
 
 
 def _band_args(table: Tensor | None, radius: int, query_len: int, key_len: int, transposed: bool) -> dict:
-    """The kernels' BIAS_BAND arguments for this call (built here, one small launch), or none."""
+    """The kernels' BIAS_BAND arguments for this call (sumtune.fast_t5.bias_band; one small launch), or none."""
     if not BIAS_BAND or table is None or not 0 < radius <= BAND_MAX_RADIUS:
         return {}
-    heads = table.shape[0]
-    tile = _band_tile_limit()
-    band_zero = _round_up(radius + tile, 16)  # column of a tile's first row's offset -tile - R
-    band_w = _round_up(band_zero + radius + 2 * tile, 16)
-    band = torch.empty((heads, tile, band_w), device=table.device, dtype=table.dtype)
-    table_row, table_zero = _table_geometry(table, query_len)
-    _kernels().t5_bias_band[(tile, heads)](
-        table, band, table_row, table_zero, max(-radius, 1 - query_len), min(radius, key_len - 1), band_zero, band_w,
-        ROWS=tile, BLOCK=256, TRANSPOSED=transposed)
-    return dict(BAND=band.view(-1)[band_zero:], band_w=band_w, band_head=tile * band_w, USE_BAND=True)
+    from sumtune.fast_t5 import bias_band
+
+    band = bias_band.build_band(table, radius, query_len, key_len, _table_geometry(table, query_len)[1],
+                                _band_tile_limit(), transposed)
+    return dict(band, USE_BAND=True)
 
 
 def _fp16_values(v: Tensor) -> tuple[Tensor, Tensor]:

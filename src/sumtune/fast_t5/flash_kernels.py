@@ -14,11 +14,8 @@ Design (scores are kept in log2 units, as in Triton's fused-attention tutorial: 
   (constant) tiles; at 4096 tokens ~90% of the tiles read no bias at all. Three loops (three copies of the body)
   measured faster than one loop branching per tile, though that one had half the code and fewer registers: with
   dropout 10.31 vs 10.75 ms at 32x32x1024, 16.48 vs 18.54 at 4x32x4096 (H200, results/attention_kernels_onebias-*).
-* **Bias band** (``BIAS_BAND``): the near tiles can read the bias instead from a per-head (128, W) band that holds
-  each tile's values at aligned, contiguous addresses (``t5_bias_band`` builds it from the table once per call), so
-  a tile is loaded with 16-byte vector loads rather than one 4-byte gather per element (the table's address j - i
-  is contiguous along one axis but of no known alignment, and in the dK/dV kernel's (keys, queries) tiles it runs
-  backwards). Same values, so the same results bit for bit.
+* **Bias band** (``USE_BAND``): the near tiles read their bias from a small per-call band instead of the table, with
+  aligned 16-byte loads (``sumtune.fast_t5.bias_band``). Same values, so the same results bit for bit.
 * **Key padding** from a per-row key mask (B, Lk) plus the row's key length (last kept key + 1), which bounds the
   loops; a masked key gets -inf, hence exactly zero probability. A row with no key at all returns zeros (no NaN).
   With ``CHECK_HOLES`` the forward and dQ kernels read the mask only in rows that ``HOLES`` flags (a masked key
@@ -44,6 +41,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from sumtune.fast_t5.bias_band import _band_tile, t5_bias_band  # noqa: F401 (the latter: for flash_attention)
 from sumtune.fast_t5.dropout_draws import _counter_cols, _keep_pairs, _keep_tile
 from sumtune.fast_t5.fp16_values import fp16_power, t5_values_to_fp16  # noqa: F401 (the latter: for flash_attention)
 from sumtune.triton_compat import fix_interpreter_for_numpy_2_4
@@ -75,35 +73,6 @@ def _bias_tile(TABLE, rel, const, BIAS_MODE: tl.constexpr):
     else:
         out = tl.zeros(rel.shape, tl.float32)
     return out
-
-
-@triton.jit
-def _band_tile(BAND, shift, band_w, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """A (ROWS, COLS) bias tile from a band row block: row r, column ``shift + c``. ``BAND`` and ``band_w`` are
-    multiples of 16 elements and ``shift`` of the tile sizes, so the compiler can vectorise the loads."""
-    return tl.load(BAND + shift + tl.arange(0, ROWS)[:, None] * band_w + tl.arange(0, COLS)[None, :])
-
-
-@triton.jit
-def t5_bias_band(TABLE, BAND, table_row, table_zero, lo, hi, band_zero, band_w, ROWS: tl.constexpr,
-                 BLOCK: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """BAND[h, r, c] = TABLE[h, table_zero + clamp(rel, lo, hi)] with rel = c - band_zero - r (the forward's and dQ
-    kernel's (queries, keys) tiles: row r = i - start_m, column c = j - start_m + band_zero) or, TRANSPOSED,
-    rel = band_zero + r - c (the dK/dV kernel's (keys, queries) tiles: r = j - start_n, c = i - start_n + band_zero).
-    lo/hi: the bias of every offset beyond them equals theirs (T5's saturation at +-max_distance, or the sequence
-    ends, past which a tile's elements are masked anyway)."""
-    r = tl.program_id(0)
-    h = tl.program_id(1)
-    source = TABLE + h * table_row + table_zero
-    target = BAND + (h * ROWS + r).to(tl.int64) * band_w
-    for start in range(0, band_w, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        if TRANSPOSED:
-            rel = band_zero + r - cols
-        else:
-            rel = cols - band_zero - r
-        rel = tl.minimum(tl.maximum(rel, lo), hi)
-        tl.store(target + cols, tl.load(source + rel), mask=cols < band_w)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -438,7 +407,7 @@ def t5_flash_attention_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TABLE, KMASK, KV_LEN,
                               HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr,
                               UPCAST: tl.constexpr, DRAW8: tl.constexpr = False, PAIRS: tl.constexpr = False,
                               CHECK_HOLES: tl.constexpr = False, HOLES=0, BAND=0, band_w=0, band_head=0,
-                           USE_BAND: tl.constexpr = False):
+                              USE_BAND: tl.constexpr = False):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     seed = 0
