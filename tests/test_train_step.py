@@ -123,6 +123,35 @@ def test_the_result_counts_what_the_step_processed(data):
     assert step.last_batch_shape == (2, 16, 6) and result.stop_signum is None
 
 
+def test_a_full_source_mask_is_left_out_and_the_step_is_the_same(data, monkeypatch):
+    """OMIT_FULL_SOURCE_MASK: a micro-batch of unpadded sources reaches the model without its all-ones mask (the
+    model then masks no key, as with it), one with a padded row keeps its mask; the step's loss, update and counts
+    are those of the step with the mask."""
+    from sumtune import train_step
+
+    tokenizer, examples = data
+    full = collate(examples[:4], tokenizer.pad_token_id)
+    padded = dict(full, attention_mask=full["attention_mask"].clone())
+    padded["attention_mask"][1, -3:] = 0
+    assert "attention_mask" not in train_step.without_full_source_mask(full)
+    assert train_step.without_full_source_mask(padded) is padded
+    results, updates, seen = {}, {}, {}
+    for omit in (False, True):
+        monkeypatch.setattr(train_step, "OMIT_FULL_SOURCE_MASK", omit)
+        step = sgd_step(tokenizer)
+        before = trainable(step)
+        real = step.forward_loss
+        seen[omit] = []
+        step.forward_loss = lambda batch, real=real, log=seen[omit]: log.append("attention_mask" in batch) or real(
+            batch)
+        results[omit] = step([full, padded], lr=0.5)
+        updates[omit] = torch.cat([(p - before[n]).flatten() for n, p in trainable(step).items()])
+    assert seen == {False: [True, True], True: [False, True]}
+    assert results[True].loss == pytest.approx(results[False].loss, rel=1e-6)
+    assert (results[True].tokens, results[True].samples) == (results[False].tokens, results[False].samples)
+    assert (updates[True] - updates[False]).norm() <= 1e-5 * updates[False].norm()
+
+
 def test_draw_takes_the_steps_micro_batches_from_a_stream(data):
     tokenizer, examples = data
     step = sgd_step(tokenizer)

@@ -32,6 +32,23 @@ from sumtune.optim import set_lr
 from sumtune.profiling.profiler import NULL_PROFILER
 
 
+# OMIT_FULL_SOURCE_MASK: a micro-batch whose source rows are all unpadded (most at 1024 tokens, where 94% of bills are
+# cut) goes to the model without its all-ones attention mask, so the fast attention runs its variant without a key
+# mask (on an H200 the forward's key padding cost 0.23 of 2.51 ms at 32x32x1024x128,
+# benchmarks/results/attention_ceiling-2026-12-03-h200-parts.json). Same maths: no key is masked either way.
+# Off until measured in the whole step; benchmark token `omitmask`.
+OMIT_FULL_SOURCE_MASK = False
+
+
+def without_full_source_mask(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``batch`` without its ``attention_mask`` when every source position is a real token (a host tensor: no
+    GPU sync), else ``batch`` itself."""
+    mask = batch.get("attention_mask")
+    if mask is None or not bool(mask.all()):
+        return batch
+    return {name: tensor for name, tensor in batch.items() if name != "attention_mask"}
+
+
 @dataclass(frozen=True)
 class StepResult:
     """What one optimizer step did (host numbers; nothing here waits for the GPU again)."""
@@ -62,14 +79,16 @@ def forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, devi
     """The model's token-mean loss on a device batch; data-parallel batches carry their `loss_scale`.
     `autocast_cache=False` under CUDA-graph capture (casts cached during a capture must not outlive it)."""
     with autocast(device, compute_dtype, cache_enabled=autocast_cache):
-        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        loss = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                      labels=batch["labels"]).loss
     return loss * batch["loss_scale"] if "loss_scale" in batch else loss
 
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Non-padding source tokens plus label tokens of a host batch (no GPU sync)."""
-    return int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
+    mask = batch.get("attention_mask")
+    sources = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+    return sources + int((batch["labels"] != -100).sum())
 
 
 class BatchFlops:
@@ -140,6 +159,8 @@ class TrainStep:
             self.last_batch_shape = (host_batch["input_ids"].shape[0], host_batch["input_ids"].shape[1],
                                      host_batch["labels"].shape[1])
             flops += self.flops.of_batch(host_batch) if self.flops is not None else 0.0
+            if OMIT_FULL_SOURCE_MASK:
+                host_batch = without_full_source_mask(host_batch)
             if self.graphed is not None:  # h2d copy into the shape's buffers, then forward and backward replayed
                 with prof.phase("forward_backward"):
                     loss_sum += self.graphed(host_batch, accum)
