@@ -218,6 +218,8 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "noband": ("sumtune.fast_t5.flash_attention", "BIAS_BAND", False),
     # unpadded micro-batches reach the model without their all-ones source mask (off by default)
     "omitmask": ("sumtune.train_step", "OMIT_FULL_SOURCE_MASK", True),
+    # with it, unpadded non-causal attention in SDPA's cuDNN kernel, the bias broadcast (off by default)
+    "cudnnunpadded": ("sumtune.fast_t5.attention", "CUDNN_WHEN_UNPADDED", True),
     # padding widths (first_epoch.py): targets always at max_target_tokens; sources / targets in coarser steps
     "tgtcap": ("sumtune.batching", "TARGET_BUCKET_TOKENS", 1 << 30),
     "src256": ("sumtune.batching", "SOURCE_BUCKET_TOKENS", 256),
