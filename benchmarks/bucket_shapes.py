@@ -1,7 +1,7 @@
 """How many batch shapes one epoch of real bills meets, and what each padding scheme costs (CPU, no model).
 
     python benchmarks/bucket_shapes.py                                   # 4096/512, micro-batch 4, 18,949 bills
-    python benchmarks/bucket_shapes.py --src-len 1024 --tgt-len 128 --micro-batch 16
+    python benchmarks/bucket_shapes.py --src-len 1024 --tgt-len 128 --micro-batch 16 --tag b16
 
 Why: with `cuda_graphs` every new (micro-batch, source width, target width) is run once eagerly and captured
 before it replays, ~1.5 s each at 4096/512 on an H200 (`sumtune train` through the long config, session 21: 35 new
@@ -61,6 +61,7 @@ def main() -> None:
                         help="achieved TFLOP/s in steady steps (long config: 42%% of 783, session 21)")
     parser.add_argument("--lora-params", type=int, default=50_331_648, help="the shipped configs' LoRA size")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tag", default="", help="appended to the result's name (a second study of the same lengths)")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
 
@@ -75,9 +76,10 @@ def main() -> None:
     config = t5_config("t5-3b")
     out = []
     for name, width in schemes(args.src_len, args.tgt_len).items():
-        shapes, real_tokens, padded_tokens, tflop = set(), 0, 0, 0.0
+        shapes, real_tokens, padded_tokens, tflop, unpadded = set(), 0, 0, 0.0, 0
         for batch in batches:
             src_w, tgt_w = width(max(source[picks[i]] for i in batch), max(target[picks[i]] for i in batch))
+            unpadded += all(source[picks[i]] == src_w for i in batch)  # no source mask needed (`omitmask`)
             shapes.add((len(batch), src_w, tgt_w))
             real_tokens += sum(source[picks[i]] + target[picks[i]] for i in batch)
             padded_tokens += len(batch) * (src_w + tgt_w)
@@ -86,13 +88,14 @@ def main() -> None:
         capture_min = len(shapes) * args.capture_s / 60
         out.append(dict(scheme=name, shapes=len(shapes), pad_share=round(1 - real_tokens / padded_tokens, 4),
                         padded_tflop=round(tflop), compute_min=round(compute_min, 2),
-                        capture_min=round(capture_min, 2), epoch_min=round(compute_min + capture_min, 2)))
+                        capture_min=round(capture_min, 2), epoch_min=round(compute_min + capture_min, 2),
+                        unpadded_source_share=round(unpadded / len(batches), 3)))
     base = out[0]["epoch_min"]
     for row in out:
         row["vs_now"] = round(row["epoch_min"] / base, 3)
     bc.print_table(out, list(out[0]))
     if not args.no_save:
-        path = bc.save_result(f"bucket_shapes_{args.src_len}_{args.tgt_len}", {
+        path = bc.save_result(f"bucket_shapes_{args.src_len}_{args.tgt_len}" + (f"_{args.tag}" if args.tag else ""), {
             "what": "one epoch's batch shapes and padding per scheme, estimated epoch time (CPU study, no model)",
             "args": vars(args), "rows": out}, slug="cpu")
         print(f"saved {path}")
