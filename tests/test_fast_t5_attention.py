@@ -875,6 +875,38 @@ def test_gpu_dq_from_stored_ds_no_further_from_float64_than_sdpa(compiled_fa, mo
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_cudnn_when_unpadded_no_further_from_float64_than_the_kernels(compiled_fa, monkeypatch):
+    """CUDNN_WHEN_UNPADDED on a GPU: unpadded encoder self-attention (broadcast (1, H, L, L) bias) and cross-attention
+    through SDPA's cuDNN kernel, output and gradients no further from float64 than the Triton kernels' (bf16)."""
+    from transformers import T5Config
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    torch.manual_seed(0)
+    attention = T5Attention(T5Config(d_model=1024, d_kv=128, num_heads=8), has_relative_attention_bias=True)
+    attention = attention.to("cuda").requires_grad_(False)
+    q, k, v = make_qkv(4, 8, 1024, 1024, 128, torch.bfloat16, device="cuda")
+    grad = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+    results = {}
+    for on in (False, True):
+        monkeypatch.setattr(attention_lib, "CUDNN_WHEN_UNPADDED", on)
+        for name, inputs in (("encoder", attention_lib.self_attention_inputs(attention, 1024, None, torch.bfloat16,
+                                                                             causal=False)),
+                             ("cross", attention_lib.cross_attention_inputs(None))):
+            assert attention_lib.takes_cudnn(inputs) == on
+            results[on, name] = run_with_grads(lambda *t, i=inputs: attention_lib.flash_attend(*t, i, 0.0), q, k, v,
+                                               grad)
+            if on:
+                table = bias_lib.relative_position_bias_by_offset(attention, 1024, 1024, torch.bfloat16) \
+                    if name == "encoder" else None
+                reference = run_with_grads(lambda *t: compiled_fa.reference_t5_attention(*t, table), q, k, v, grad)
+                for kernels, cudnn, exact in zip((results[False, name][0], *results[False, name][1]),
+                                                 (results[True, name][0], *results[True, name][1]),
+                                                 (reference[0], *reference[1])):
+                    assert relative_error(cudnn, exact) <= 1.5 * relative_error(kernels, exact) + 1e-3, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("causal", [False, True], ids=["encoder", "decoder"])
 def test_gpu_bias_band_changes_no_bit(compiled_fa, monkeypatch, causal):
     """The compiled kernels (first configs) with BIAS_BAND: the same results as the table's gathers (to within 1e-3:
