@@ -237,6 +237,18 @@ def test_bias_band_changes_no_bit(fa, monkeypatch, causal):
         assert torch.equal(out_off, out_on) and all(map(torch.equal, grads_off, grads_on))
 
 
+def test_bias_band_holds_the_tiles_each_kernel_may_take(fa, monkeypatch):
+    """The band is sized for the kernel that reads it: its pinned tiles, or the largest tile the autotuner may pick
+    when only another kernel's tiles are pinned (a band sized for the pinned kernel would be read past its end)."""
+    from sumtune.fast_t5 import flash_kernels
+
+    monkeypatch.setattr(flash_kernels, "INTERPRET", False)  # as on a GPU: no interpreter tiles to fall back on
+    with fa.block_sizes(fwd=(16, 32)):
+        assert fa._band_tile_limit("fwd") == 32
+        assert fa._band_tile_limit("dkdv") == fa._band_tile_limit("dq") == fa.TABLE_MARGIN
+    assert fa._band_tile_limit("fwd") == fa.TABLE_MARGIN
+
+
 def test_bias_band_holds_each_tiles_bias(fa, monkeypatch):
     """The band itself: for every near tile the kernels visit (their own loop bounds: offsets within the radius),
     reading it as the forward does and as the dK/dV kernel does (transposed) gives the bias of each element j - i."""
@@ -246,7 +258,7 @@ def test_bias_band_holds_each_tiles_bias(fa, monkeypatch):
     zero = fa._table_geometry(table, length)[1]
     with fa.block_sizes(fwd=(tile, tile), dkdv=(tile, tile), dq=(tile, tile)):
         for transposed in (False, True):
-            args = fa._band_args(table, radius, length, length, transposed)
+            args = fa._band_args(table, radius, length, length, "dkdv" if transposed else "fwd")
             width, per_head = args["band_w"], args["band_head"]
             band, origin = args["BAND"]._base.reshape(-1), args["BAND"].storage_offset()  # kernels index from origin
             visited = 0

@@ -176,9 +176,14 @@ def block_sizes(**pinned: tuple[int, ...]):
         _pinned_blocks.update(previous)
 
 
+def _fixed_blocks(name: str) -> tuple[int, ...] | None:
+    """Kernel ``name``'s pinned tiles, else the interpreter's, else None (the autotuner chooses)."""
+    return _pinned_blocks.get(name) or (_INTERPRETER_BLOCKS[name] if _kernels().INTERPRET else None)
+
+
 def _launch(name: str, kernel, grid_for, *args, **kwargs) -> None:
     """Run ``kernel`` with pinned tiles, the interpreter's tiles, or the autotuner's choice."""
-    blocks = _pinned_blocks.get(name) or (_INTERPRETER_BLOCKS[name] if _kernels().INTERPRET else None)
+    blocks = _fixed_blocks(name)
     if blocks is None:
         tuned = _autotuned(name, kernel)
         tuned[lambda meta: grid_for(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **kwargs)
@@ -221,21 +226,22 @@ def _radius(radius: int, query_len: int, key_len: int) -> int:
     return radius if radius > 0 else query_len + key_len  # 0: no saturation known, every tile reads the table
 
 
-def _band_tile_limit() -> int:
-    """The largest tile side any kernel may run with now (the band must hold a tile of it)."""
-    blocks = dict(_INTERPRETER_BLOCKS) if _kernels().INTERPRET else {}
-    blocks.update(_pinned_blocks)
-    return max((max(b[:2]) for b in blocks.values()), default=TABLE_MARGIN) if blocks else TABLE_MARGIN
+def _band_tile_limit(name: str) -> int:
+    """The largest tile side kernel ``name`` may run with in this call (the band must hold its tiles): its fixed
+    tiles' larger side, or TABLE_MARGIN (the bound `_launch` holds every tile to) when the autotuner chooses."""
+    blocks = _fixed_blocks(name)
+    return max(blocks[:2]) if blocks else TABLE_MARGIN
 
 
-def _band_args(table: Tensor | None, radius: int, query_len: int, key_len: int, transposed: bool) -> dict:
-    """The kernels' BIAS_BAND arguments for this call (sumtune.fast_t5.bias_band; one small launch), or none."""
+def _band_args(table: Tensor | None, radius: int, query_len: int, key_len: int, name: str) -> dict:
+    """Kernel ``name``'s BIAS_BAND arguments for this call (sumtune.fast_t5.bias_band; one small launch), or none;
+    the dK/dV kernel's (keys, queries) tiles read a transposed band."""
     if not BIAS_BAND or table is None or not 0 < radius <= BAND_MAX_RADIUS:
         return {}
     from sumtune.fast_t5 import bias_band
 
     band = bias_band.build_band(table, radius, query_len, key_len, _table_geometry(table, query_len)[1],
-                                _band_tile_limit(), transposed)
+                                _band_tile_limit(name), transposed=name == "dkdv")
     return dict(band, USE_BAND=True)
 
 
@@ -275,7 +281,7 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
             HEAD_DIM=head_dim, CAUSAL=causal, HAS_BIAS=table is not None, HAS_KEY_MASK=mask is not None,
             DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8,
             PV_SPLIT=PV_SPLIT and precise_pv, PV_FP16=pv_fp16, PAIRS=pairs,
-            **_holes_args(mask, holes), **_band_args(table, radius_given, query_len, key_len, transposed=False))
+            **_holes_args(mask, holes), **_band_args(table, radius_given, query_len, key_len, "fwd"))
     return out, lse
 
 
@@ -309,7 +315,7 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, 
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), *ds_strides,
             mask_stride, heads, query_len, key_len, radius, *geometry, scale * LOG2E, scale, seed, drop_below,
             drop_scale, length_key, STORE_DS=store_ds, **common,
-            **_band_args(table, radius_given, query_len, key_len, transposed=True))
+            **_band_args(table, radius_given, query_len, key_len, "dkdv"))
     if store_ds:
         return _dq_from_ds(ds, k, dq, query_len, key_len, scale), dk, dv
     _launch("dq", kernels.t5_flash_attention_bwd_dq,
@@ -318,7 +324,7 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, 
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), mask_stride,
             heads, query_len, key_len, radius, *geometry, scale * LOG2E, scale, seed, drop_below, drop_scale,
             length_key, **common, **_holes_args(mask, holes),
-            **_band_args(table, radius_given, query_len, key_len, transposed=False))
+            **_band_args(table, radius_given, query_len, key_len, "dq"))
     return dq, dk, dv
 
 
