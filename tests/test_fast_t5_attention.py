@@ -175,13 +175,20 @@ def test_key_padding_flags_rows_with_a_hole_before_their_length(fa):
     assert padding.holes.dtype == torch.int8
 
 
-def _holes_on_and_off(fa, monkeypatch, device, dtype, length, heads, head_dim, radius):
-    """Output and gradients with MASK_ONLY_WITH_HOLES off and on, through the dQ kernel and the stored-dS route
-    (padding_mask's rows: full, right-padded, short with a hole), plus one run on padding whose hole is not flagged."""
+def _flag_comparison_inputs(fa, device, dtype, length, heads, head_dim, radius):
+    """(q, k, v, bias table, padding, output gradient) of 3 rows for running the kernels with a flag off and on
+    (padding_mask's rows: full, right-padded, short with a hole)."""
     q, k, v = make_qkv(3, heads, length, length, head_dim, dtype, device=device)
     table = fa.bias_table_log2(t5_like_table(heads, length, length, radius, device=device))
     padding = fa.key_padding(padding_mask(3, length, device=device))
     grad = torch.randn(3, heads, length, head_dim, generator=torch.Generator().manual_seed(2)).to(device)
+    return q, k, v, table, padding, grad
+
+
+def _holes_on_and_off(fa, monkeypatch, device, dtype, length, heads, head_dim, radius):
+    """Output and gradients with MASK_ONLY_WITH_HOLES off and on, through the dQ kernel and the stored-dS route,
+    plus one run on padding whose hole is not flagged."""
+    q, k, v, table, padding, grad = _flag_comparison_inputs(fa, device, dtype, length, heads, head_dim, radius)
     results = {}
     for holes, ds_gemm, flags in [(h, d, padding.holes) for h in (False, True) for d in (False, True)] + [
             (True, False, torch.zeros_like(padding.holes))]:
@@ -208,10 +215,7 @@ def test_mask_only_with_holes_changes_no_bit(fa, monkeypatch):
 
 def _band_on_and_off(fa, monkeypatch, device, dtype, length, heads, head_dim, radius, causal, blocks):
     """Output and gradients with BIAS_BAND off and on, through the dQ kernel and the stored-dS route, with dropout."""
-    q, k, v = make_qkv(3, heads, length, length, head_dim, dtype, device=device)
-    table = fa.bias_table_log2(t5_like_table(heads, length, length, radius, device=device))
-    padding = fa.key_padding(padding_mask(3, length, device=device))
-    grad = torch.randn(3, heads, length, head_dim, generator=torch.Generator().manual_seed(2)).to(device)
+    q, k, v, table, padding, grad = _flag_comparison_inputs(fa, device, dtype, length, heads, head_dim, radius)
     results = {}
     for band in (False, True):
         for ds_gemm in (False, True):
