@@ -99,20 +99,26 @@ def formulations(device):
         from torch.nn.attention import SDPBackend
 
         rows.append(("hidden: SDPA, memory-efficient kernel", hidden_sdpa, SDPBackend.EFFICIENT_ATTENTION))
-        for block_n, warps in FUSED_CONFIGS:
-            rows.append((f"hidden: sumtune fused kernel {block_n} keys x {warps} warps",
-                         lambda *a, c=(block_n, warps): _with_fused_config(c, hidden_fused, *a), None))
+        for config in FUSED_CONFIGS:
+            block_n, warps, heads, stages = config
+            rows.append((f"hidden: sumtune fused kernel {block_n} keys x {warps} warps x {heads} heads x {stages} stages",
+                         lambda *a, c=config: _with_fused_config(c, hidden_fused, *a), None))
     return rows
 
 
-FUSED_CONFIGS = [(16, 16), (16, 8), (32, 16)]  # (BLOCK_N, NUM_WARPS) of sumtune.generation.cross_attention
+# (BLOCK_N, NUM_WARPS, HEADS_PER_PROGRAM, NUM_STAGES) of sumtune.generation.cross_attention; the first is its default.
+# 16 heads a program: half the accumulator in registers, two programs a row reading its states (the second from L2);
+# compiled for sm_90 on the CPU, (16|32, 8, 16, 2|3) use 126-128 registers, no spill, 99-165 KB of shared memory.
+FUSED_CONFIGS = [(16, 16, 32, 3), (32, 16, 32, 3), (16, 8, 16, 3), (32, 8, 16, 3), (32, 8, 16, 2), (64, 8, 16, 2),
+                 (32, 8, 16, 4)]
 
 
 def _with_fused_config(config, fn, *args):
     from sumtune.generation import cross_attention
 
-    block_n, num_warps = config
-    with mock.patch.multiple(cross_attention, BLOCK_N=block_n, NUM_WARPS=num_warps):
+    block_n, num_warps, heads, stages = config
+    with mock.patch.multiple(cross_attention, BLOCK_N=block_n, NUM_WARPS=num_warps, HEADS_PER_PROGRAM=heads,
+                             NUM_STAGES=stages):
         return fn(*args)
 
 

@@ -358,6 +358,15 @@ def test_fused_cross_attention_kernel_matches_float64_and_refuses_what_it_cannot
         got = cross_attention.fused_hidden_attention(q_mem, memory, lengths, splits=splits)
         assert (got.double() - expected).abs().max().item() < 1e-5, splits
     assert not got[3].any()  # no keys: zeros, not NaN
+    q_mem = torch.randn(4, 20, 32, generator=gen)  # 20 heads in groups of 16: a second, partly empty group
+    expected = cross_attention.reference_hidden_attention(q_mem, memory, lengths)
+    for per_program in (32, 16):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(cross_attention, "HEADS_PER_PROGRAM", per_program)
+            assert cross_attention.head_blocks(20, per_program) == ((32, 1) if per_program == 32 else (16, 2))
+            for splits in (1, 3):
+                got = cross_attention.fused_hidden_attention(q_mem, memory, lengths, splits=splits)
+                assert (got.double() - expected).abs().max().item() < 1e-5, (per_program, splits)
 
     weights = DecoderWeights.from_model(merged32)
     with pytest.raises(SumtuneError, match="d_model 48 is not a power of two"):

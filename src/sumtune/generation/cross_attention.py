@@ -23,6 +23,8 @@ BLOCK_N = 16  # keys a loop iteration (a d_model-wide tile of states: 32 KiB at 
 NUM_WARPS = 16  # sm_90 build at T5-3b's shapes: 128 registers, no spill (8 warps: 228; 4 warps spill)
 INTERPRETER_BLOCK_N = 64  # Triton's CPU interpreter: fewer, wider iterations (tests)
 MIN_PROGRAMS = 264  # split rows' keys until about two programs an H100/H200 SM (132 SMs)
+HEADS_PER_PROGRAM = 32  # heads of one program (a power of two >= 16); fewer -> several programs a row and split
+NUM_STAGES = 3  # Triton's software pipelining depth over the key tiles (its default)
 
 
 def _kernels():
@@ -43,9 +45,15 @@ def kernel_available(tensor: Tensor) -> str | None:
     return None
 
 
-def choose_splits(batch: int, src_len: int, block_n: int = BLOCK_N) -> int:
+def choose_splits(batch: int, src_len: int, block_n: int = BLOCK_N, head_groups: int = 1) -> int:
     """Key splits per row: enough programs to fill the GPU, each with at least a few tiles of keys."""
-    return max(1, min(-(-MIN_PROGRAMS // max(batch, 1)), -(-src_len // (8 * block_n))))
+    return max(1, min(-(-MIN_PROGRAMS // max(batch * head_groups, 1)), -(-src_len // (8 * block_n))))
+
+
+def head_blocks(heads: int, per_program: int) -> tuple[int, int]:
+    """(heads a program, head groups a row): a power of two >= 16 (a tensor-core tile's rows) and enough groups."""
+    block_h = max(16, min(1 << (heads - 1).bit_length(), per_program))
+    return block_h, -(-heads // block_h)
 
 
 def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, splits: int | None = None) -> Tensor:
@@ -54,22 +62,22 @@ def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, split
     src_len = memory.shape[1]
     kernels = _kernels()
     block_n = INTERPRETER_BLOCK_N if kernels.INTERPRET else BLOCK_N
-    splits = splits or choose_splits(batch, src_len, block_n)
+    block_h, groups = head_blocks(heads, HEADS_PER_PROGRAM)
+    splits = splits or choose_splits(batch, src_len, block_n, groups)
     keys_per_split = -(-src_len // splits)
     keys_per_split = -(-keys_per_split // block_n) * block_n
-    block_h = max(16, 1 << (heads - 1).bit_length())
     q_mem = q_mem.contiguous()
     out = torch.empty((batch, heads, d_model), device=q_mem.device, dtype=memory.dtype)
     if splits > 1:
-        acc = torch.empty((batch, splits, block_h, d_model), device=q_mem.device, dtype=torch.float32)
-        running_max = torch.empty((batch, splits, block_h), device=q_mem.device, dtype=torch.float32)
+        acc = torch.empty((batch, splits, groups * block_h, d_model), device=q_mem.device, dtype=torch.float32)
+        running_max = torch.empty((batch, splits, groups * block_h), device=q_mem.device, dtype=torch.float32)
         total = torch.empty_like(running_max)
     else:
         acc = running_max = total = out  # unused
-    kernels.hidden_cross_attention[(batch, splits)](
+    kernels.hidden_cross_attention[(groups, batch, splits)](
         q_mem, memory, lengths, out, acc, running_max, total, q_mem.stride(0), q_mem.stride(1), memory.stride(0),
         memory.stride(1), out.stride(0), out.stride(1), heads, keys_per_split, BLOCK_H=block_h, D=d_model,
-        BLOCK_N=block_n, SPLIT=splits > 1, UPCAST=kernels.INTERPRET, num_warps=NUM_WARPS)
+        BLOCK_N=block_n, SPLIT=splits > 1, UPCAST=kernels.INTERPRET, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     if splits == 1:
         return out
     weights = torch.exp(running_max - running_max.amax(dim=1, keepdim=True)).nan_to_num_(0.0)  # empty splits: 0

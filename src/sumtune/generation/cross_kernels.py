@@ -2,11 +2,13 @@
 
 Imported lazily: importing it decorates the kernel (under ``TRITON_INTERPRET=1`` it runs on CPU tensors).
 
-A program takes one row of the batch and one split of its keys: the H projected queries (W_k,h^T q_h, d_model wide)
-against the row's encoder states, which serve as keys and values both, so each tile of states is read once for the
+A program takes one group of BLOCK_H heads, one row of the batch and one split of its keys: the group's projected
+queries (W_k,h^T q_h, d_model wide) against the row's encoder states, which serve as keys and values both, so each tile of states is read once for the
 scores and the weighted sum together (the two batched GEMMs it replaces each read all of them). Keys at or past the
 row's source length are never read. Online softmax as in FlashAttention; with several splits the program writes its
 unnormalised sum, running max and denominator for a combine step, else the normalised output.
+The head groups of a row and split are neighbouring programs, so all but the first read the row's states from L2:
+a group of 16 heads holds half the accumulator of 32 (d_model floats a head) in registers.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ if INTERPRET:
 def hidden_cross_attention(Q, MEM, LENGTHS, OUT, ACC, MAX, SUM, stride_qb, stride_qh, stride_mb, stride_mn,
                            stride_ob, stride_oh, heads, keys_per_split, BLOCK_H: tl.constexpr, D: tl.constexpr,
                            BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
-    offs_h = tl.arange(0, BLOCK_H)
+    group = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    offs_h = group * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, D)
     in_h = offs_h < heads
     q = tl.load(Q + row * stride_qb + offs_h[:, None] * stride_qh + offs_d[None, :], mask=in_h[:, None], other=0.0)
@@ -50,7 +53,7 @@ def hidden_cross_attention(Q, MEM, LENGTHS, OUT, ACC, MAX, SUM, stride_qb, strid
         acc = acc * alpha[:, None] + _dot(p.to(states.dtype), states, UPCAST)
         m_i = m_new
     if SPLIT:  # partial results of this split, combined by the caller
-        base = (row * tl.num_programs(1) + split) * BLOCK_H
+        base = (row * tl.num_programs(2) + split) * tl.num_programs(0) * BLOCK_H  # [B, splits, groups * BLOCK_H]
         tl.store(ACC + (base + offs_h[:, None]) * D + offs_d[None, :], acc)
         tl.store(MAX + base + offs_h, m_i)
         tl.store(SUM + base + offs_h, l_i)
