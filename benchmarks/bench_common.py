@@ -203,6 +203,10 @@ CONFIG_TOKENS: dict[str, dict] = {
 # same outputs, forward + backward 8.59 vs 8.59 ms at 32x32x1024x128 and 14.79 vs 14.24 at 4x32x4096x128 —
 # results/attention_kernels-2026-12-03-h200-gluon.json, results/gluon_attention-2026-12-03-h200.json — and went with
 # its module, benchmarks/gluon_attention.py and its tests: commit 2fa495d has them.)
+# (`cudnnunpadded` measured unpadded non-causal attention in SDPA's cuDNN kernel with the bias broadcast (1, H, L, L)
+# against the Triton kernels: cuDNN with bias and dropout 12.03 ms forward + backward at 32x32x1024x128 against the
+# kernels' 8.32 (7.72 unpadded), the seed's step 43.3 against 48.8 samples/s — results/*_omitmask-2026-12-03-h200.json,
+# results/logs/attention_kernels_unpadded-2026-12-03-h200.log — and went: commit 9a12a5c has it.)
 PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "drop8": ("sumtune.fast_t5.flash_attention", "DROPOUT_DRAW_BITS", 8),
     "nopairs": ("sumtune.fast_t5.flash_attention", "DROPOUT_PAIRS", False),
@@ -218,8 +222,6 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "noband": ("sumtune.fast_t5.flash_attention", "BIAS_BAND", False),
     # unpadded micro-batches reach the model without their all-ones source mask (off by default)
     "omitmask": ("sumtune.train_step", "OMIT_FULL_SOURCE_MASK", True),
-    # with it, unpadded non-causal attention in SDPA's cuDNN kernel, the bias broadcast (off by default)
-    "cudnnunpadded": ("sumtune.fast_t5.attention", "CUDNN_WHEN_UNPADDED", True),
     # padding widths (first_epoch.py): targets always at max_target_tokens; sources / targets in coarser steps
     "tgtcap": ("sumtune.batching", "TARGET_BUCKET_TOKENS", 1 << 30),
     "src256": ("sumtune.batching", "SOURCE_BUCKET_TOKENS", 256),

@@ -635,34 +635,6 @@ def test_dispatch_keeps_sdpa_for_a_trainable_bias():
     assert attention_lib.choose_backend("auto", cuda, torch.bfloat16, 64, attention) == "triton"
 
 
-def test_cudnn_when_unpadded_takes_unpadded_non_causal_attention_only(fa, monkeypatch):
-    """CUDNN_WHEN_UNPADDED: unpadded encoder self-attention (bias materialised (1, H, L, L)) and cross-attention go
-    to SDPA (cuDNN on a GPU, the math kernel here) with the same result as the Triton kernels; padded or causal
-    attention stays in the kernels."""
-    from transformers import T5Config
-    from transformers.models.t5.modeling_t5 import T5Attention
-
-    torch.manual_seed(0)
-    attention = T5Attention(T5Config(d_model=32, d_kv=16, num_heads=2, relative_attention_max_distance=20),
-                            has_relative_attention_bias=True).requires_grad_(False)
-    q, k, v = make_qkv(2, 2, 40, 40, 16, torch.float32)
-    outputs = {}
-    for on in (False, True):
-        monkeypatch.setattr(attention_lib, "CUDNN_WHEN_UNPADDED", on)
-        encoder = attention_lib.self_attention_inputs(attention, 40, None, torch.float32, causal=False)
-        cross = attention_lib.cross_attention_inputs(None)
-        assert (encoder.dense_bias is not None) == on and attention_lib.takes_cudnn(encoder) == on
-        assert attention_lib.takes_cudnn(cross) == on
-        decoder = attention_lib.self_attention_inputs(attention, 40, None, torch.float32, causal=True)
-        padded = attention_lib.self_attention_inputs(attention, 40, padding_mask(2, 40), torch.float32, causal=False)
-        assert not attention_lib.takes_cudnn(decoder) and not attention_lib.takes_cudnn(padded)
-        assert padded.dense_bias is None
-        with fa.block_sizes(fwd=(16, 16), dkdv=(16, 16), dq=(16, 16)):
-            outputs[on] = [attention_lib.flash_attend(q, k, v, inputs, 0.0).detach() for inputs in (encoder, cross)]
-    for kernels, sdpa in zip(outputs[False], outputs[True]):
-        assert relative_error(sdpa, kernels) <= FP32_RTOL
-
-
 def test_custom_op_registration_passes_opcheck(fa):
     """Schema, fake tensors and autograd registration as torch.compile relies on (torch.library.opcheck)."""
     q, k, v = make_qkv(2, 2, 20, 20, 16, torch.float32)
@@ -887,38 +859,6 @@ def test_gpu_dq_from_stored_ds_no_further_from_float64_than_sdpa(compiled_fa, mo
     monkeypatch.setattr(fa, "DS_GEMM", True)
     with first_configs(fa):
         _check_against_sdpa_and_float64(fa, head_dim, causal, dtype)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_cudnn_when_unpadded_no_further_from_float64_than_the_kernels(compiled_fa, monkeypatch):
-    """CUDNN_WHEN_UNPADDED on a GPU: unpadded encoder self-attention (broadcast (1, H, L, L) bias) and cross-attention
-    through SDPA's cuDNN kernel, output and gradients no further from float64 than the Triton kernels' (bf16)."""
-    from transformers import T5Config
-    from transformers.models.t5.modeling_t5 import T5Attention
-
-    torch.manual_seed(0)
-    attention = T5Attention(T5Config(d_model=1024, d_kv=128, num_heads=8), has_relative_attention_bias=True)
-    attention = attention.to("cuda").requires_grad_(False)
-    q, k, v = make_qkv(4, 8, 1024, 1024, 128, torch.bfloat16, device="cuda")
-    grad = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
-    results = {}
-    for on in (False, True):
-        monkeypatch.setattr(attention_lib, "CUDNN_WHEN_UNPADDED", on)
-        for name, inputs in (("encoder", attention_lib.self_attention_inputs(attention, 1024, None, torch.bfloat16,
-                                                                             causal=False)),
-                             ("cross", attention_lib.cross_attention_inputs(None))):
-            assert attention_lib.takes_cudnn(inputs) == on
-            results[on, name] = run_with_grads(lambda *t, i=inputs: attention_lib.flash_attend(*t, i, 0.0), q, k, v,
-                                               grad)
-            if on:
-                table = bias_lib.relative_position_bias_by_offset(attention, 1024, 1024, torch.bfloat16) \
-                    if name == "encoder" else None
-                reference = run_with_grads(lambda *t: compiled_fa.reference_t5_attention(*t, table), q, k, v, grad)
-                for kernels, cudnn, exact in zip((results[False, name][0], *results[False, name][1]),
-                                                 (results[True, name][0], *results[True, name][1]),
-                                                 (reference[0], *reference[1])):
-                    assert relative_error(cudnn, exact) <= 1.5 * relative_error(kernels, exact) + 1e-3, name
 
 
 @pytest.mark.gpu

@@ -293,8 +293,9 @@ types = dict(Q="*bf16", MEM="*bf16", OUT="*bf16", ACC="*fp32", MAX="*fp32", SUM=
 types.update({name: "i32" for name in cross_kernels.hidden_cross_attention.arg_names if name not in types})
 for split in (False, True):
     builds[f"hidden_cross_attention split={split}"] = compile_source(
-        cross_kernels.hidden_cross_attention, types, dict(BLOCK_H=32, D=1024, BLOCK_N=cross_attention.BLOCK_N,
-        SPLIT=split, UPCAST=False), cross_attention.NUM_WARPS)
+        cross_kernels.hidden_cross_attention, types, dict(BLOCK_H=cross_attention.head_blocks(32,
+        cross_attention.HEADS_PER_PROGRAM)[0], D=1024, BLOCK_N=cross_attention.BLOCK_N, SPLIT=split, UPCAST=False),
+        cross_attention.NUM_WARPS, cross_attention.NUM_STAGES)
 for name, compiled in builds.items():
     print(json.dumps(dict(kernel=name, vectorized="v4.b32" in compiled.asm["ptx"], **resources(compiled))))
 """

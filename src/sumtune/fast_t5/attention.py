@@ -19,14 +19,6 @@ from sumtune.fast_t5 import bias as bias_lib
 
 ATTENTION_BACKENDS = ("auto", "triton", "sdpa")
 BACKEND_ATTR = "_sumtune_attention_backend"
-# CUDNN_WHEN_UNPADDED (on the Triton route): attention with no key padding and no causal mask -- the encoder's
-# self-attention on unpadded batches (sumtune.train_step.OMIT_FULL_SOURCE_MASK) and the cross-attention over them --
-# runs in SDPA's cuDNN kernel instead, with the encoder's bias materialised once per stack as (1, H, L, L) (64 MiB
-# for T5-3b at 1024) and broadcast over the batch. Why try: cuDNN without bias runs forward + backward in 3.87 ms
-# against our 8.18 with bias and dropout at 32x32x1024x128; whether a broadcast bias keeps it ahead is what
-# benchmarks/attention_kernels.py's `cudnn+bias1h+dropout` row measures. Off until measured; token `cudnnunpadded`.
-CUDNN_WHEN_UNPADDED = False
-CUDNN_WHEN_UNPADDED_MAX_TOKENS = 2048  # a longer sequence's (1, H, L, L) bias grows past 256 MiB
 
 
 @dataclass(frozen=True)
@@ -37,7 +29,6 @@ class FlashInputs:
     bias_radius: int  # offsets beyond +-bias_radius share the bias at +-bias_radius (T5's max_distance); 0: none
     padding: object | None  # flash_attention.KeyPadding, or None when every key is attended
     causal: bool
-    dense_bias: torch.Tensor | None = None  # (1, H, L, L) for the CUDNN_WHEN_UNPADDED route; None: not built
 
 
 def _interpreter_active() -> bool:
@@ -96,11 +87,8 @@ def self_attention_inputs(attention: torch.nn.Module, seq_len: int, attention_ma
 
     table = bias_lib.relative_position_bias_by_offset(attention, seq_len, seq_len, dtype)
     padding = flash_attention.key_padding(attention_mask) if attention_mask is not None else None
-    dense = None
-    if CUDNN_WHEN_UNPADDED and padding is None and not causal and seq_len <= CUDNN_WHEN_UNPADDED_MAX_TOKENS:
-        dense = bias_lib.relative_position_bias(attention, seq_len, seq_len, table.device, dtype)
     return FlashInputs(flash_attention.bias_table_log2(table), attention.relative_attention_max_distance, padding,
-                       causal, dense)
+                       causal)
 
 
 def cross_attention_inputs(encoder_attention_mask: torch.Tensor | None) -> FlashInputs:
@@ -111,27 +99,10 @@ def cross_attention_inputs(encoder_attention_mask: torch.Tensor | None) -> Flash
     return FlashInputs(None, 0, padding, False)
 
 
-def takes_cudnn(inputs: FlashInputs) -> bool:
-    """Whether CUDNN_WHEN_UNPADDED sends this attention to SDPA's cuDNN kernel (no padding, not causal, and its
-    bias, if any, materialised)."""
-    return (CUDNN_WHEN_UNPADDED and inputs.padding is None and not inputs.causal
-            and (inputs.table_log2 is None or inputs.dense_bias is not None))
-
-
 def flash_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, inputs: FlashInputs,
                  dropout_p: float) -> torch.Tensor:
-    """(B, H, Lq, D) attention output from the Triton kernels (or, :func:`takes_cudnn`, SDPA's cuDNN kernel);
-    T5 does not scale q.k (scale 1)."""
+    """(B, H, Lq, D) attention output from the Triton kernels; T5 does not scale q.k (scale 1)."""
     from sumtune.fast_t5 import flash_attention
-
-    if takes_cudnn(inputs):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION] if query.is_cuda else [
-            SDPBackend.MATH]
-        with sdpa_kernel(backends):
-            return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=inputs.dense_bias,
-                                                                    dropout_p=dropout_p, scale=1.0)
 
     return flash_attention.t5_flash_attention(query, key, value, inputs.table_log2, inputs.bias_radius,
                                               inputs.padding, inputs.causal, 1.0, dropout_p)

@@ -19,12 +19,15 @@ import math
 import torch
 from torch import Tensor
 
-BLOCK_N = 16  # keys a loop iteration (a d_model-wide tile of states: 32 KiB at T5-3b's 1024, bf16)
-NUM_WARPS = 16  # sm_90 build at T5-3b's shapes: 128 registers, no spill (8 warps: 228; 4 warps spill)
+# Tiles measured at 32 heads x 4096 keys, d_model 1024 (results/decode_attention_head_groups-2026-12-03-h200.json):
+# 64 keys x 8 warps x 16 heads x 2 stages 1.29 ms at 256 rows (the two GEMMs 1.45; 32 heads in one program with 16
+# keys x 16 warps, the earlier tiles, 3.98), 0.88 at 64 rows (the two GEMMs 0.42: "auto" still takes them).
+BLOCK_N = 64  # keys a loop iteration (a d_model-wide tile of states: 128 KiB at T5-3b's 1024, bf16)
+NUM_WARPS = 8  # sm_90 build at T5-3b's shapes and these tiles: 178 registers, no spill, 166 KB shared memory
 INTERPRETER_BLOCK_N = 64  # Triton's CPU interpreter: fewer, wider iterations (tests)
 MIN_PROGRAMS = 264  # split rows' keys until about two programs an H100/H200 SM (132 SMs)
-HEADS_PER_PROGRAM = 32  # heads of one program (a power of two >= 16); fewer -> several programs a row and split
-NUM_STAGES = 3  # Triton's software pipelining depth over the key tiles (its default)
+HEADS_PER_PROGRAM = 16  # heads of one program (a power of two >= 16); fewer -> several programs a row and split
+NUM_STAGES = 2  # Triton's software pipelining depth over the key tiles
 
 
 def _kernels():

@@ -12,8 +12,9 @@ for self-attention), chosen by `attention`:
   and needs no key/value cache memory beyond the hidden states. Same maths, different bf16 rounding.
 - "fused": "hidden", with cross-attention in one Triton kernel (sumtune.generation.cross_attention) that reads each
   row's real encoder states once for scores and values together, instead of two GEMMs that each read all padded
-  states (CUDA; measured slower than the two GEMMs on an H200, 2.39 vs 1.45 ms a layer and step at 256 x 4096,
-  results/decode_attention_fused-2026-12-01-h200.json, so "auto" does not pick it).
+  states (CUDA; on an H200 at 4096 keys faster than the two GEMMs at 256 rows, 1.29 vs 1.45 ms a layer and step,
+  slower at 64, 0.88 vs 0.42, results/decode_attention_head_groups-2026-12-03-h200.json: "auto" does not pick it
+  until whole generation runs measure it).
 
 Cross-attention reads the encoder memory of every row at every step: at 4096/512 most of the decoder's time.
 A batch's rows (sorted longest first) are cut into a few slices (`cross_groups`), each attending only to its own
