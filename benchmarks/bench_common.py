@@ -220,8 +220,9 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "noholes": ("sumtune.fast_t5.flash_attention", "MASK_ONLY_WITH_HOLES", False),
     # near bias tiles from the table's gathers, not the band (BIAS_BAND on by default since 2026-12-03; was `band`)
     "noband": ("sumtune.fast_t5.flash_attention", "BIAS_BAND", False),
-    # unpadded micro-batches reach the model without their all-ones source mask (off by default)
-    "omitmask": ("sumtune.train_step", "OMIT_FULL_SOURCE_MASK", True),
+    # unpadded micro-batches keep their all-ones source mask (OMIT_FULL_SOURCE_MASK on by default since 2026-12-03;
+    # was `omitmask`)
+    "keepmask": ("sumtune.train_step", "OMIT_FULL_SOURCE_MASK", False),
     # padding widths (first_epoch.py): targets always at max_target_tokens; sources / targets in coarser steps
     "tgtcap": ("sumtune.batching", "TARGET_BUCKET_TOKENS", 1 << 30),
     "src256": ("sumtune.batching", "SOURCE_BUCKET_TOKENS", 256),
