@@ -56,7 +56,7 @@ def generate_ids(
     unless `fast_encoder=False`. Greedy (`num_beams == 1`) runs sumtune's own decoder step on static buffers,
     captured in CUDA graphs on CUDA (`use_cuda_graphs=None` means "on CUDA"), stopping when all rows are
     done; the session (buffers and graphs) is kept for the model, for the next call with the same shapes.
-    `attention` picks how attention memory is cached ("kv", "hidden", or "auto"; see t5_decode).
+    `attention` picks how attention memory is cached ("kv", "hidden", "fused", or "auto"; see t5_decode).
     Beam search runs transformers' `generate` on the same model with the precomputed encoder output, and so does
     greedy decoding with `no_repeat_ngram_size` (sumtune's decoder step has no n-gram ban: `uses_own_decoder`).
     """
@@ -84,7 +84,7 @@ def generate_ids(
                                       num_beams=num_beams, length_penalty=length_penalty,
                                       early_stopping=early_stopping, no_repeat_ngram_size=no_repeat_ngram_size)
             else:
-                mode = weights.resolve_attention(attention)
+                mode = weights.resolve_attention(attention, src_len=ids.shape[1])
                 lengths = [len(input_ids[i]) for i in rows]
                 # "fused" reads each row's own length already: no slices, so no new graphs per batch layout
                 groups = cross_groups(lengths, ids.shape[1]) if slice_cross_attention and mode != "fused" else None

@@ -13,8 +13,8 @@ for self-attention), chosen by `attention`:
 - "fused": "hidden", with cross-attention in one Triton kernel (sumtune.generation.cross_attention) that reads each
   row's real encoder states once for scores and values together, instead of two GEMMs that each read all padded
   states (CUDA; on an H200 at 4096 keys faster than the two GEMMs at 256 rows, 1.29 vs 1.45 ms a layer and step,
-  slower at 64, 0.88 vs 0.42, results/decode_attention_head_groups-2026-12-03-h200.json: "auto" does not pick it
-  until whole generation runs measure it).
+  slower at 64, 0.88 vs 0.42, results/decode_attention_head_groups-2026-12-03-h200.json; in whole generation at
+  4096/512 faster at batch 64 and 256 alike, see AUTO_FUSED_MIN_SOURCE_TOKENS: "auto" picks it for long sources).
 
 Cross-attention reads the encoder memory of every row at every step: at 4096/512 most of the decoder's time.
 A batch's rows (sorted longest first) are cut into a few slices (`cross_groups`), each attending only to its own
@@ -34,6 +34,11 @@ ATTENTION_MODES = ("auto", "kv", "hidden", "fused")
 CROSS_GROUPS = 8  # at most this many row slices per batch, each attending to its own source length
 CROSS_GROUP_MULTIPLE = 256  # slice lengths rounded up to this: fewer distinct shapes (CUDA graphs) per batch
 CROSS_GROUP_MIN_SAVING = 0.1  # slice only when it leaves out at least this share of the padded keys
+# "auto" takes "fused" on CUDA for sources longer than this: measured faster at 4096/512 on an H200, real bills
+# (widths up to 4096) 6.13 -> 9.86 summaries/s at batch 64 and 13.78 -> 16.78 at 256, every input 4096 tokens 8.09 ->
+# 8.97, greedy tokens equal transformers' (results/generate_throughput_4096_512_{fused,full_length_fused}-2026-12-03-
+# h200.json). Not yet measured at 1024 tokens and below, where "auto" stays "hidden".
+AUTO_FUSED_MIN_SOURCE_TOKENS = 1025
 
 
 @dataclass
@@ -94,14 +99,18 @@ class DecoderWeights:
     def dtype(self) -> torch.dtype:
         return self.embed.dtype
 
-    def resolve_attention(self, attention: str) -> str:
-        """"auto" -> "hidden" when caching hidden states reads fewer bytes than caching keys/values; "fused" is
-        refused (one sentence) where its kernel cannot run."""
-        if attention == "auto":
-            return "hidden" if self.n_heads * self.d_kv > self.d_model else "kv"
-        if attention == "fused":
-            from sumtune.generation.cross_attention import kernel_available
+    def resolve_attention(self, attention: str, src_len: int | None = None) -> str:
+        """"auto" -> "hidden" when caching hidden states reads fewer bytes than caching keys/values, and "fused"
+        instead on CUDA for sources of more than AUTO_FUSED_MIN_SOURCE_TOKENS (``src_len``, the batch's width) where
+        its kernel runs; a "fused" asked for is refused (one sentence) where its kernel cannot run."""
+        from sumtune.generation.cross_attention import kernel_available
 
+        if attention == "auto":
+            if self.n_heads * self.d_kv <= self.d_model:
+                return "kv"
+            long_source = src_len is not None and src_len >= AUTO_FUSED_MIN_SOURCE_TOKENS
+            return "fused" if long_source and self.embed.is_cuda and kernel_available(self.embed) is None else "hidden"
+        if attention == "fused":
             reason = kernel_available(self.embed)
             if reason is not None:
                 from sumtune.errors import SumtuneError
