@@ -205,8 +205,9 @@ CONFIG_TOKENS: dict[str, dict] = {
 # its module, benchmarks/gluon_attention.py and its tests: commit 2fa495d has them.)
 # (`cudnnunpadded` measured unpadded non-causal attention in SDPA's cuDNN kernel with the bias broadcast (1, H, L, L)
 # against the Triton kernels: cuDNN with bias and dropout 12.03 ms forward + backward at 32x32x1024x128 against the
-# kernels' 8.32 (7.72 unpadded), the seed's step 43.3 against 48.8 samples/s — results/*_omitmask-2026-12-03-h200.json,
-# results/logs/attention_kernels_unpadded-2026-12-03-h200.log — and went: commit 9a12a5c has it.)
+# kernels' 8.32 (7.72 unpadded), the seed's step 43.3 against 48.8 samples/s —
+# results/*_seed_omitmask-2026-12-03-h200.json, results/logs/attention_kernels_unpadded-2026-12-03-h200.log — and
+# went: commit 9a12a5c has it.)
 PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "drop8": ("sumtune.fast_t5.flash_attention", "DROPOUT_DRAW_BITS", 8),
     "nopairs": ("sumtune.fast_t5.flash_attention", "DROPOUT_PAIRS", False),

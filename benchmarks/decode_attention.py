@@ -101,8 +101,8 @@ def formulations(device):
         rows.append(("hidden: SDPA, memory-efficient kernel", hidden_sdpa, SDPBackend.EFFICIENT_ATTENTION))
         for config in FUSED_CONFIGS:
             block_n, warps, heads, stages = config
-            rows.append((f"hidden: sumtune fused kernel {block_n} keys x {warps} warps x {heads} heads x {stages} stages",
-                         lambda *a, c=config: _with_fused_config(c, hidden_fused, *a), None))
+            name = f"hidden: sumtune fused kernel {block_n} keys x {warps} warps x {heads} heads x {stages} stages"
+            rows.append((name, lambda *a, c=config: _with_fused_config(c, hidden_fused, *a), None))
     return rows
 
 

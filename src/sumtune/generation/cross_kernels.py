@@ -3,12 +3,12 @@
 Imported lazily: importing it decorates the kernel (under ``TRITON_INTERPRET=1`` it runs on CPU tensors).
 
 A program takes one group of BLOCK_H heads, one row of the batch and one split of its keys: the group's projected
-queries (W_k,h^T q_h, d_model wide) against the row's encoder states, which serve as keys and values both, so each tile of states is read once for the
-scores and the weighted sum together (the two batched GEMMs it replaces each read all of them). Keys at or past the
-row's source length are never read. Online softmax as in FlashAttention; with several splits the program writes its
-unnormalised sum, running max and denominator for a combine step, else the normalised output.
-The head groups of a row and split are neighbouring programs, so all but the first read the row's states from L2:
-a group of 16 heads holds half the accumulator of 32 (d_model floats a head) in registers.
+queries (W_k,h^T q_h, d_model wide) against the row's encoder states, which serve as keys and values both, so each
+tile of states is read once for the scores and the weighted sum together (the two batched GEMMs it replaces each read
+all of them). Keys at or past the row's source length are never read. Online softmax as in FlashAttention; with
+several splits the program writes its unnormalised sum, running max and denominator for a combine step, else the
+normalised output. The head groups of a row and split are neighbouring programs, so all but the first read the row's
+states from L2: a group of 16 heads holds half the accumulator of 32 (d_model floats a head) in registers.
 """
 
 from __future__ import annotations

@@ -34,10 +34,10 @@ ATTENTION_MODES = ("auto", "kv", "hidden", "fused")
 CROSS_GROUPS = 8  # at most this many row slices per batch, each attending to its own source length
 CROSS_GROUP_MULTIPLE = 256  # slice lengths rounded up to this: fewer distinct shapes (CUDA graphs) per batch
 CROSS_GROUP_MIN_SAVING = 0.1  # slice only when it leaves out at least this share of the padded keys
-# "auto" takes "fused" on CUDA for sources longer than this: measured faster at 4096/512 on an H200, real bills
-# (widths up to 4096) 6.13 -> 9.86 summaries/s at batch 64 and 13.78 -> 16.78 at 256, every input 4096 tokens 8.09 ->
-# 8.97, greedy tokens equal transformers' (results/generate_throughput_4096_512_{fused,full_length_fused}-2026-12-03-
-# h200.json). Not yet measured at 1024 tokens and below, where "auto" stays "hidden".
+# "auto" takes "fused" on CUDA for sources of at least this many tokens: measured faster at 4096/512 on an H200,
+# real bills (widths up to 4096) 6.13 -> 9.86 summaries/s at batch 64 and 13.78 -> 16.78 at 256, every input 4096
+# tokens 8.09 -> 8.97, greedy tokens equal transformers' (results/generate_throughput_4096_512_{fused,
+# full_length_fused}-2026-12-03-h200.json). Not yet measured at 1024 tokens and below, where "auto" stays "hidden".
 AUTO_FUSED_MIN_SOURCE_TOKENS = 1025
 
 
@@ -101,8 +101,8 @@ class DecoderWeights:
 
     def resolve_attention(self, attention: str, src_len: int | None = None) -> str:
         """"auto" -> "hidden" when caching hidden states reads fewer bytes than caching keys/values, and "fused"
-        instead on CUDA for sources of more than AUTO_FUSED_MIN_SOURCE_TOKENS (``src_len``, the batch's width) where
-        its kernel runs; a "fused" asked for is refused (one sentence) where its kernel cannot run."""
+        instead on CUDA for sources of at least AUTO_FUSED_MIN_SOURCE_TOKENS (``src_len``, the batch's padded width)
+        where its kernel runs; a "fused" asked for is refused (one sentence) where its kernel cannot run."""
         from sumtune.generation.cross_attention import kernel_available
 
         if attention == "auto":
