@@ -79,7 +79,7 @@ def main() -> None:
         shapes, real_tokens, padded_tokens, tflop, unpadded = set(), 0, 0, 0.0, 0
         for batch in batches:
             src_w, tgt_w = width(max(source[picks[i]] for i in batch), max(target[picks[i]] for i in batch))
-            unpadded += all(source[picks[i]] == src_w for i in batch)  # no source mask needed (`omitmask`)
+            unpadded += all(source[picks[i]] == src_w for i in batch)  # no source mask needed (OMIT_FULL_SOURCE_MASK)
             shapes.add((len(batch), src_w, tgt_w))
             real_tokens += sum(source[picks[i]] + target[picks[i]] for i in batch)
             padded_tokens += len(batch) * (src_w + tgt_w)

@@ -88,9 +88,7 @@ def forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, devi
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Non-padding source tokens plus label tokens of a host batch (no GPU sync)."""
-    mask = batch.get("attention_mask")
-    sources = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-    return sources + int((batch["labels"] != -100).sum())
+    return int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
 
 
 class BatchFlops:
