@@ -100,25 +100,29 @@ def formulations(device):
 
         rows.append(("hidden: SDPA, memory-efficient kernel", hidden_sdpa, SDPBackend.EFFICIENT_ATTENTION))
         for config in FUSED_CONFIGS:
-            block_n, warps, heads, stages = config
-            name = f"hidden: sumtune fused kernel {block_n} keys x {warps} warps x {heads} heads x {stages} stages"
+            block_n, warps, heads, stages, keys_first = config
+            name = (f"hidden: sumtune fused kernel {block_n} keys x {warps} warps x {heads} heads x {stages} stages"
+                    + (", keys first" if keys_first else ""))
             rows.append((name, lambda *a, c=config: _with_fused_config(c, hidden_fused, *a), None))
     return rows
 
 
-# (BLOCK_N, NUM_WARPS, HEADS_PER_PROGRAM, NUM_STAGES) of sumtune.generation.cross_attention; the first is its default.
-# 16 heads a program: half the accumulator in registers, two programs a row reading its states (the second from L2);
-# compiled for sm_90 on the CPU, (16|32, 8, 16, 2|3) use 126-128 registers, no spill, 99-165 KB of shared memory.
-FUSED_CONFIGS = [(16, 16, 32, 3), (32, 16, 32, 3), (16, 8, 16, 3), (32, 8, 16, 3), (32, 8, 16, 2), (64, 8, 16, 2),
-                 (32, 8, 16, 4)]
+# (BLOCK_N, NUM_WARPS, HEADS_PER_PROGRAM, NUM_STAGES, KEYS_FIRST) of sumtune.generation.cross_attention; the first is
+# its default. 16 heads a program: half the accumulator in registers, two programs a row reading its states (the
+# second from L2). Keys first: the products transposed, so the heads are the MMA's narrow side; compiled for sm_90 on
+# the CPU (results/decode_attention_keys_first_compile-2026-12-03-cpu-sm90.json), 64 keys x 8 warps x 16 heads x 1
+# stage: warpgroup MMAs for both products, 255 registers, no spill, 162 KiB shared, loads not pipelined (two stages
+# of 64 d_model-wide keys need 290 KiB); 32 keys: the scores' MMA has 32 rows (16-row MMAs), loads pipelined.
+FUSED_CONFIGS = [(64, 8, 16, 2, False), (32, 8, 16, 3, False), (64, 8, 16, 1, True), (32, 16, 32, 3, True),
+                 (32, 8, 32, 3, True), (32, 8, 32, 2, True), (32, 8, 16, 3, True), (64, 8, 32, 1, True)]
 
 
 def _with_fused_config(config, fn, *args):
     from sumtune.generation import cross_attention
 
-    block_n, num_warps, heads, stages = config
+    block_n, num_warps, heads, stages, keys_first = config
     with mock.patch.multiple(cross_attention, BLOCK_N=block_n, NUM_WARPS=num_warps, HEADS_PER_PROGRAM=heads,
-                             NUM_STAGES=stages):
+                             NUM_STAGES=stages, KEYS_FIRST=keys_first):
         return fn(*args)
 
 

@@ -62,6 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--fused", action="store_true",
                         help="also time each greedy batch with attention='fused' (sumtune's one-read cross-attention "
                              "kernel) and check its tokens")
+    parser.add_argument("--fused-tiles", default="",
+                        help="also time each greedy batch with attention='fused' at other kernel tiles, as "
+                             "comma-separated BLOCK_NxWARPSxHEADSxSTAGES specs, 'xkf' appended for the keys-first "
+                             "kernel (e.g. 64x8x16x1xkf; sumtune.generation.cross_attention), and check their tokens")
     parser.add_argument("--greedy-only", action="store_true",
                         help="only the greedy graphs rows and greedy token agreement (no eager/kv/beam/n-gram rows): "
                              "larger batches on a short device budget")
@@ -153,6 +157,12 @@ def fast_generate(model, inputs, batch_size, new_tokens, num_beams=1, forced=Tru
                         num_beams=num_beams, batch_size=batch_size, **kwargs)
 
 
+def release_generation_cache(model) -> None:
+    from sumtune.generation import release_generation_cache as release
+
+    release(model)
+
+
 def timed(fn, device) -> tuple[list[list[int]], float, float | None]:
     bc.free_gpu_memory()
     bc.sync(device)
@@ -185,6 +195,18 @@ def cross_slicing(groups: int | None, multiple: int | None):
     if groups is None:
         return contextlib.nullcontext()
     return mock.patch.multiple(t5_decode, CROSS_GROUPS=groups, CROSS_GROUP_MULTIPLE=multiple)
+
+
+def fused_tiles(spec: str | None):
+    """The fused cross-attention kernel's tiles set to ``spec`` (BLOCK_NxWARPSxHEADSxSTAGES[xkf]) for the duration."""
+    from sumtune.generation import cross_attention
+
+    if not spec:
+        return contextlib.nullcontext()
+    parts = spec.split("x")
+    block_n, warps, heads, stages = (int(v) for v in parts[:4])
+    return mock.patch.multiple(cross_attention, BLOCK_N=block_n, NUM_WARPS=warps, HEADS_PER_PROGRAM=heads,
+                               NUM_STAGES=stages, KEYS_FIRST=parts[4:] == ["kf"])
 
 
 def main(argv=None) -> int:
@@ -241,11 +263,16 @@ def main(argv=None) -> int:
         settings.append((settings[0][0] + ", unsliced cross-attention",
                          dict(use_cuda_graphs=use_graphs, slice_cross_attention=False)))
     slicings = [(None, None)] + [tuple(int(v) for v in pair.split("/")) for pair in args.slicing.split(",") if pair]
-    settings = [(name + (f", {g} slices of {m}" if g else ""), kwargs, (g, m))
+    settings = [(name + (f", {g} slices of {m}" if g else ""), kwargs, (g, m), None)
                 for g, m in slicings for name, kwargs in (settings if g is None else settings[:1])]
+    tile_specs = [spec for spec in args.fused_tiles.split(",") if spec]
+    settings += [(settings[0][0] + f", fused cross-attention {spec}", dict(use_cuda_graphs=use_graphs,
+                                                                            attention="fused"), (None, None), spec)
+                 for spec in tile_specs]
     for batch in fast_batches:
-        for name, kwargs, slicing in settings:
-            with cross_slicing(*slicing):
+        for name, kwargs, slicing, spec in settings:
+            release_generation_cache(merged)  # a cached session would replay graphs captured with other tiles
+            with cross_slicing(*slicing), fused_tiles(spec):
                 fast_generate(merged, inputs[:batch], batch, args.new_tokens, **kwargs)  # warm-up: capture, cuBLAS
                 out, wall, peak = timed(lambda: fast_generate(merged, inputs[:2 * batch], batch, args.new_tokens,
                                                               **kwargs), device)
@@ -254,7 +281,7 @@ def main(argv=None) -> int:
     best = max((r for r in rows if r["path"] == "sumtune"), key=lambda r: r["summaries_per_s"])["batch"]
     if args.greedy_only:
         agree = greedy_agreement(merged, inputs[: args.agreement_inputs], best, args.new_tokens, device, use_graphs,
-                                 args.fused)
+                                 args.fused, tile_specs)
         return finish(args, rows, agree, best, mean_len, build_s, prepare_s, merged_gib)
     variants = [("eager", dict(use_cuda_graphs=False)),
                 ("kv-cache" + (" graphs" if use_graphs else ""), dict(attention="kv", use_cuda_graphs=use_graphs))]
@@ -301,7 +328,7 @@ def main(argv=None) -> int:
     return finish(args, rows, agree, best, mean_len, build_s, prepare_s, merged_gib)
 
 
-def greedy_agreement(merged, subset, best, new_tokens, device, use_graphs, fused=False) -> dict:
+def greedy_agreement(merged, subset, best, new_tokens, device, use_graphs, fused=False, tile_specs=()) -> dict:
     """Greedy tokens of sumtune ("hidden", "kv", and "fused" if asked) against transformers `generate` on the same
     merged bf16 weights (forced length), next to transformers against itself at another batch size (the bf16 noise
     floor)."""
@@ -312,6 +339,13 @@ def greedy_agreement(merged, subset, best, new_tokens, device, use_graphs, fused
         ours = fast_generate(merged, subset, min(best, len(subset)), new_tokens, attention=mode,
                              use_cuda_graphs=use_graphs)
         agree[f"sumtune_{mode}_vs_transformers_b32"] = agreement(ours, hf_big)
+    for spec in tile_specs:
+        release_generation_cache(merged)
+        with fused_tiles(spec):
+            ours = fast_generate(merged, subset, min(best, len(subset)), new_tokens, attention="fused",
+                                 use_cuda_graphs=use_graphs)
+        agree[f"sumtune_fused_{spec}_vs_transformers_b32"] = agreement(ours, hf_big)
+    release_generation_cache(merged)
     return agree
 
 

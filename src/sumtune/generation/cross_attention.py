@@ -29,6 +29,9 @@ INTERPRETER_BLOCK_N = 64  # Triton's CPU interpreter: fewer, wider iterations (t
 MIN_PROGRAMS = 264  # split rows' keys until about two programs an H100/H200 SM (132 SMs)
 HEADS_PER_PROGRAM = 16  # heads of one program (a power of two >= 16); fewer -> several programs a row and split
 NUM_STAGES = 2  # Triton's software pipelining depth over the key tiles
+# The products transposed (cross_kernels.hidden_cross_attention_keys_first: keys, then d_model, as the MMA tile's rows,
+# the heads as its narrow side; Hopper's warpgroup MMA instead of 16-row MMAs): off until measured.
+KEYS_FIRST = False
 
 
 def _kernels():
@@ -78,7 +81,8 @@ def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, split
         total = torch.empty_like(running_max)
     else:
         acc = running_max = total = out  # unused
-    kernels.hidden_cross_attention[(groups, batch, splits)](
+    kernel = kernels.hidden_cross_attention_keys_first if KEYS_FIRST else kernels.hidden_cross_attention
+    kernel[(groups, batch, splits)](
         q_mem, memory, lengths, out, acc, running_max, total, q_mem.stride(0), q_mem.stride(1), memory.stride(0),
         memory.stride(1), out.stride(0), out.stride(1), heads, keys_per_split, BLOCK_H=block_h, D=d_model,
         BLOCK_N=block_n, SPLIT=splits > 1, UPCAST=kernels.INTERPRET, num_warps=NUM_WARPS, num_stages=NUM_STAGES)

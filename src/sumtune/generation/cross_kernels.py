@@ -61,3 +61,47 @@ def hidden_cross_attention(Q, MEM, LENGTHS, OUT, ACC, MAX, SUM, stride_qb, strid
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row without keys: zeros
         tl.store(OUT + row * stride_ob + offs_h[:, None] * stride_oh + offs_d[None, :], out.to(OUT.dtype.element_ty),
                  mask=in_h[:, None])
+
+
+@triton.jit
+def hidden_cross_attention_keys_first(Q, MEM, LENGTHS, OUT, ACC, MAX, SUM, stride_qb, stride_qh, stride_mb, stride_mn,
+                                      stride_ob, stride_oh, heads, keys_per_split, BLOCK_H: tl.constexpr,
+                                      D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+                                      UPCAST: tl.constexpr):
+    """The same maths with the products transposed: scores^T = states . q^T (keys as the tensor-core tile's rows,
+    BLOCK_N >= 64) and out^T += states^T . p^T (d_model as the rows), so a decoding step's few heads are the narrow
+    side of each product (Hopper's warpgroup MMA takes M >= 64 from shared memory, N from 8) instead of the rows of
+    an MMA with a 16-row minimum and a d_model-long chain per warp."""
+    group = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    offs_h = group * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, D)
+    in_h = offs_h < heads
+    q_t = tl.load(Q + row * stride_qb + offs_h[None, :] * stride_qh + offs_d[:, None], mask=in_h[None, :], other=0.0)
+    start = split * keys_per_split
+    stop = tl.minimum(start + keys_per_split, tl.load(LENGTHS + row))
+    MEM += row * stride_mb
+    m_i = tl.zeros([BLOCK_H], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc_t = tl.zeros([D, BLOCK_H], dtype=tl.float32)
+    for start_n in range(start, stop, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        in_n = offs_n < stop
+        states = tl.load(MEM + offs_n[:, None] * stride_mn + offs_d[None, :], mask=in_n[:, None], other=0.0)
+        scores_t = tl.where(in_n[:, None], _dot(states, q_t, UPCAST), float("-inf"))  # [keys, heads]
+        m_new = tl.maximum(m_i, tl.max(scores_t, 0))
+        p_t = tl.exp(scores_t - m_new[None, :])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p_t, 0)
+        acc_t = acc_t * alpha[None, :] + _dot(tl.trans(states), p_t.to(states.dtype), UPCAST)
+        m_i = m_new
+    if SPLIT:
+        base = (row * tl.num_programs(2) + split) * tl.num_programs(0) * BLOCK_H
+        tl.store(ACC + (base + offs_h[None, :]) * D + offs_d[:, None], acc_t)
+        tl.store(MAX + base + offs_h, m_i)
+        tl.store(SUM + base + offs_h, l_i)
+    else:
+        out_t = acc_t / tl.where(l_i > 0, l_i, 1.0)[None, :]
+        tl.store(OUT + row * stride_ob + offs_h[None, :] * stride_oh + offs_d[:, None],
+                 out_t.to(OUT.dtype.element_ty), mask=in_h[None, :])
