@@ -100,29 +100,30 @@ def formulations(device):
 
         rows.append(("hidden: SDPA, memory-efficient kernel", hidden_sdpa, SDPBackend.EFFICIENT_ATTENTION))
         for config in FUSED_CONFIGS:
-            block_n, warps, heads, stages, keys_first = config
+            block_n, warps, heads, stages, form = config
             name = (f"hidden: sumtune fused kernel {block_n} keys x {warps} warps x {heads} heads x {stages} stages"
-                    + (", keys first" if keys_first else ""))
+                    + ("" if form == "heads_first" else f", {form.replace('_', ' ')}"))
             rows.append((name, lambda *a, c=config: _with_fused_config(c, hidden_fused, *a), None))
     return rows
 
 
-# (BLOCK_N, NUM_WARPS, HEADS_PER_PROGRAM, NUM_STAGES, KEYS_FIRST) of sumtune.generation.cross_attention; the first is
+# (BLOCK_N, NUM_WARPS, HEADS_PER_PROGRAM, NUM_STAGES, KERNEL_FORM) of sumtune.generation.cross_attention; the first is
 # its default. 16 heads a program: half the accumulator in registers, two programs a row reading its states (the
-# second from L2). Keys first: the products transposed, so the heads are the MMA's narrow side; compiled for sm_90 on
-# the CPU (results/decode_attention_keys_first_compile-2026-12-03-cpu-sm90.json), 64 keys x 8 warps x 16 heads x 1
-# stage: warpgroup MMAs for both products, 255 registers, no spill, 162 KiB shared, loads not pipelined (two stages
-# of 64 d_model-wide keys need 290 KiB); 32 keys: the scores' MMA has 32 rows (16-row MMAs), loads pipelined.
-FUSED_CONFIGS = [(64, 8, 16, 2, False), (32, 8, 16, 3, False), (64, 8, 16, 1, True), (32, 16, 32, 3, True),
-                 (32, 8, 32, 3, True), (32, 8, 32, 2, True), (32, 8, 16, 3, True), (64, 8, 32, 1, True)]
+# second from L2). Keys first (2026-12-03: slower at 256 rows, faster at 64; 32 keys x 8 warps x 32 heads x 3 stages
+# its best): the products transposed. Chunked: d_model in four chunks, four independent score products (compiled for
+# sm_90 on the CPU, results/decode_attention_chunked_compile-2026-12-03-cpu-sm90.json: at the shipped tiles 144
+# registers against 174, the same shared memory, 1,312 SASS instructions against 1,816).
+FUSED_CONFIGS = [(64, 8, 16, 2, "heads_first"), (32, 8, 16, 3, "heads_first"), (32, 8, 32, 3, "keys_first"),
+                 (64, 8, 16, 2, "chunked"), (64, 8, 16, 1, "chunked"), (32, 8, 16, 3, "chunked"),
+                 (32, 8, 16, 2, "chunked"), (64, 8, 32, 1, "chunked")]
 
 
 def _with_fused_config(config, fn, *args):
     from sumtune.generation import cross_attention
 
-    block_n, num_warps, heads, stages, keys_first = config
+    block_n, num_warps, heads, stages, form = config
     with mock.patch.multiple(cross_attention, BLOCK_N=block_n, NUM_WARPS=num_warps, HEADS_PER_PROGRAM=heads,
-                             NUM_STAGES=stages, KEYS_FIRST=keys_first):
+                             NUM_STAGES=stages, KERNEL_FORM=form):
         return fn(*args)
 
 

@@ -340,16 +340,15 @@ def test_cross_attention_slices_must_tile_the_batch(merged32):
             new_state(weights, 4, 64, 8, "hidden", torch.device("cpu"), bad)
 
 
-@pytest.mark.parametrize("keys_first", [False, True])
-def test_fused_cross_attention_kernel_matches_float64_and_refuses_what_it_cannot_run(merged32, keys_first,
-                                                                                    monkeypatch):
-    """The fused mode's kernel (Triton's interpreter on CPU; either orientation of its products) against a float64
+@pytest.mark.parametrize("form", ["heads_first", "keys_first", "chunked"])
+def test_fused_cross_attention_kernel_matches_float64_and_refuses_what_it_cannot_run(merged32, form, monkeypatch):
+    """The fused mode's kernel (Triton's interpreter on CPU; each of its forms) against a float64
     masked softmax, with key splits and rows of different lengths (one empty); a non-power-of-two d_model and left
     padding are refused in one sentence."""
     pytest.importorskip("triton")
     from sumtune.generation import cross_attention
 
-    monkeypatch.setattr(cross_attention, "KEYS_FIRST", keys_first)
+    monkeypatch.setattr(cross_attention, "KERNEL_FORM", form)
     from sumtune.generation.t5_decode import load_batch, new_state
 
     if cross_attention.kernel_available(torch.zeros(1, 64)) is not None:

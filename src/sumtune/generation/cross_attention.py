@@ -29,9 +29,14 @@ INTERPRETER_BLOCK_N = 64  # Triton's CPU interpreter: fewer, wider iterations (t
 MIN_PROGRAMS = 264  # split rows' keys until about two programs an H100/H200 SM (132 SMs)
 HEADS_PER_PROGRAM = 16  # heads of one program (a power of two >= 16); fewer -> several programs a row and split
 NUM_STAGES = 2  # Triton's software pipelining depth over the key tiles
-# The products transposed (cross_kernels.hidden_cross_attention_keys_first: keys, then d_model, as the MMA tile's rows,
-# the heads as its narrow side; Hopper's warpgroup MMA instead of 16-row MMAs): off until measured.
-KEYS_FIRST = False
+# Which form of the kernel runs (cross_kernels): "heads_first" (hidden_cross_attention), "keys_first" (the products
+# transposed: keys, then d_model, as the MMA tile's rows, the heads as its narrow side, Hopper's warpgroup MMA) or
+# "chunked" (d_model in four chunks: four independent score products, four accumulators). Keys first measured slower
+# at 256 rows x 4096 keys (1.43 against 1.31 ms; 15.9 against 16.7 summaries/s in whole generation on real bills:
+# results/decode_attention_keys_first-2026-12-03-h200.json, generate_throughput_4096_512_keys_first-…).
+KERNEL_FORM = "heads_first"
+KERNEL_FORMS = {"heads_first": "hidden_cross_attention", "keys_first": "hidden_cross_attention_keys_first",
+                "chunked": "hidden_cross_attention_chunked"}
 
 
 def _kernels():
@@ -81,7 +86,7 @@ def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, split
         total = torch.empty_like(running_max)
     else:
         acc = running_max = total = out  # unused
-    kernel = kernels.hidden_cross_attention_keys_first if KEYS_FIRST else kernels.hidden_cross_attention
+    kernel = getattr(kernels, KERNEL_FORMS[KERNEL_FORM])
     kernel[(groups, batch, splits)](
         q_mem, memory, lengths, out, acc, running_max, total, q_mem.stride(0), q_mem.stride(1), memory.stride(0),
         memory.stride(1), out.stride(0), out.stride(1), heads, keys_per_split, BLOCK_H=block_h, D=d_model,

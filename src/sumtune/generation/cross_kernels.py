@@ -105,3 +105,77 @@ def hidden_cross_attention_keys_first(Q, MEM, LENGTHS, OUT, ACC, MAX, SUM, strid
         out_t = acc_t / tl.where(l_i > 0, l_i, 1.0)[None, :]
         tl.store(OUT + row * stride_ob + offs_h[None, :] * stride_oh + offs_d[:, None],
                  out_t.to(OUT.dtype.element_ty), mask=in_h[None, :])
+
+
+@triton.jit
+def _store_chunk(OUT, ACC, acc, l_i, row, split, offs_h, in_h, offs_c, stride_ob, stride_oh, CHUNK: tl.constexpr,
+                 D: tl.constexpr, BLOCK_H: tl.constexpr, SPLIT: tl.constexpr):
+    """One d_model chunk of the output (normalised) or of the split's partial sum."""
+    if SPLIT:
+        base = (row * tl.num_programs(2) + split) * tl.num_programs(0) * BLOCK_H
+        tl.store(ACC + (base + offs_h[:, None]) * D + CHUNK + offs_c[None, :], acc)
+    else:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(OUT + row * stride_ob + offs_h[:, None] * stride_oh + CHUNK + offs_c[None, :],
+                 out.to(OUT.dtype.element_ty), mask=in_h[:, None])
+
+
+@triton.jit
+def hidden_cross_attention_chunked(Q, MEM, LENGTHS, OUT, ACC, MAX, SUM, stride_qb, stride_qh, stride_mb, stride_mn,
+                                   stride_ob, stride_oh, heads, keys_per_split, BLOCK_H: tl.constexpr, D: tl.constexpr,
+                                   BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
+    """The same maths with d_model in four chunks: the scores are four independent products of a quarter of d_model
+    each (a warp's chain of dependent 16-row MMAs a quarter as long, four chains to interleave), and the weighted
+    sum four accumulators."""
+    group = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    DC: tl.constexpr = D // 4
+    offs_h = group * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_c = tl.arange(0, DC)
+    in_h = offs_h < heads
+    q_ptrs = Q + row * stride_qb + offs_h[:, None] * stride_qh + offs_c[None, :]
+    q0 = tl.load(q_ptrs, mask=in_h[:, None], other=0.0)
+    q1 = tl.load(q_ptrs + DC, mask=in_h[:, None], other=0.0)
+    q2 = tl.load(q_ptrs + 2 * DC, mask=in_h[:, None], other=0.0)
+    q3 = tl.load(q_ptrs + 3 * DC, mask=in_h[:, None], other=0.0)
+    start = split * keys_per_split
+    stop = tl.minimum(start + keys_per_split, tl.load(LENGTHS + row))
+    MEM += row * stride_mb
+    m_i = tl.zeros([BLOCK_H], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc0 = tl.zeros([BLOCK_H, DC], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_H, DC], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_H, DC], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_H, DC], dtype=tl.float32)
+    for start_n in range(start, stop, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        in_n = offs_n < stop
+        t_ptrs = MEM + offs_n[:, None] * stride_mn + offs_c[None, :]
+        t0 = tl.load(t_ptrs, mask=in_n[:, None], other=0.0)
+        t1 = tl.load(t_ptrs + DC, mask=in_n[:, None], other=0.0)
+        t2 = tl.load(t_ptrs + 2 * DC, mask=in_n[:, None], other=0.0)
+        t3 = tl.load(t_ptrs + 3 * DC, mask=in_n[:, None], other=0.0)
+        scores = (_dot(q0, tl.trans(t0), UPCAST) + _dot(q1, tl.trans(t1), UPCAST)) + \
+            (_dot(q2, tl.trans(t2), UPCAST) + _dot(q3, tl.trans(t3), UPCAST))
+        scores = tl.where(in_n[None, :], scores, float("-inf"))  # T5: no scaling
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        p = tl.exp(scores - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p = p.to(t0.dtype)
+        acc0 = acc0 * alpha[:, None] + _dot(p, t0, UPCAST)
+        acc1 = acc1 * alpha[:, None] + _dot(p, t1, UPCAST)
+        acc2 = acc2 * alpha[:, None] + _dot(p, t2, UPCAST)
+        acc3 = acc3 * alpha[:, None] + _dot(p, t3, UPCAST)
+        m_i = m_new
+    _store_chunk(OUT, ACC, acc0, l_i, row, split, offs_h, in_h, offs_c, stride_ob, stride_oh, 0, D, BLOCK_H, SPLIT)
+    _store_chunk(OUT, ACC, acc1, l_i, row, split, offs_h, in_h, offs_c, stride_ob, stride_oh, DC, D, BLOCK_H, SPLIT)
+    _store_chunk(OUT, ACC, acc2, l_i, row, split, offs_h, in_h, offs_c, stride_ob, stride_oh, 2 * DC, D, BLOCK_H,
+                 SPLIT)
+    _store_chunk(OUT, ACC, acc3, l_i, row, split, offs_h, in_h, offs_c, stride_ob, stride_oh, 3 * DC, D, BLOCK_H,
+                 SPLIT)
+    if SPLIT:
+        base = (row * tl.num_programs(2) + split) * tl.num_programs(0) * BLOCK_H
+        tl.store(MAX + base + offs_h, m_i)
+        tl.store(SUM + base + offs_h, l_i)
