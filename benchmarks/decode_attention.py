@@ -109,13 +109,12 @@ def formulations(device):
 
 # (BLOCK_N, NUM_WARPS, HEADS_PER_PROGRAM, NUM_STAGES, KERNEL_FORM) of sumtune.generation.cross_attention; the first is
 # its default. 16 heads a program: half the accumulator in registers, two programs a row reading its states (the
-# second from L2). Keys first (2026-12-03: slower at 256 rows, faster at 64; 32 keys x 8 warps x 32 heads x 3 stages
-# its best): the products transposed. Chunked: d_model in four chunks, four independent score products (compiled for
-# sm_90 on the CPU, results/decode_attention_chunked_compile-2026-12-03-cpu-sm90.json: at the shipped tiles 144
-# registers against 174, the same shared memory, 1,312 SASS instructions against 1,816).
+# second from L2). Keys first (the products transposed; compiled for sm_90 on the CPU,
+# results/decode_attention_keys_first_compile-2026-12-03-cpu-sm90.json): 64-key tiles run both products as warpgroup
+# MMAs but cannot pipeline their loads (two stages of 64 d_model-wide keys need 290 KiB); measured 2026-12-03, slower
+# at 256 rows in one call of two, faster at 64, its best 32 keys x 8 warps x 32 heads x 3 stages.
 FUSED_CONFIGS = [(64, 8, 16, 2, "heads_first"), (32, 8, 16, 3, "heads_first"), (32, 8, 32, 3, "keys_first"),
-                 (64, 8, 16, 2, "chunked"), (64, 8, 16, 1, "chunked"), (32, 8, 16, 3, "chunked"),
-                 (32, 8, 16, 2, "chunked"), (64, 8, 32, 1, "chunked")]
+                 (32, 8, 32, 2, "keys_first"), (64, 8, 16, 1, "keys_first")]
 
 
 def _with_fused_config(config, fn, *args):

@@ -340,7 +340,7 @@ def test_cross_attention_slices_must_tile_the_batch(merged32):
             new_state(weights, 4, 64, 8, "hidden", torch.device("cpu"), bad)
 
 
-@pytest.mark.parametrize("form", ["heads_first", "keys_first", "chunked"])
+@pytest.mark.parametrize("form", ["heads_first", "keys_first"])
 def test_fused_cross_attention_kernel_matches_float64_and_refuses_what_it_cannot_run(merged32, form, monkeypatch):
     """The fused mode's kernel (Triton's interpreter on CPU; each of its forms) against a float64
     masked softmax, with key splits and rows of different lengths (one empty); a non-power-of-two d_model and left

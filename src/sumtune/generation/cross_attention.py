@@ -29,14 +29,14 @@ INTERPRETER_BLOCK_N = 64  # Triton's CPU interpreter: fewer, wider iterations (t
 MIN_PROGRAMS = 264  # split rows' keys until about two programs an H100/H200 SM (132 SMs)
 HEADS_PER_PROGRAM = 16  # heads of one program (a power of two >= 16); fewer -> several programs a row and split
 NUM_STAGES = 2  # Triton's software pipelining depth over the key tiles
-# Which form of the kernel runs (cross_kernels): "heads_first" (hidden_cross_attention), "keys_first" (the products
-# transposed: keys, then d_model, as the MMA tile's rows, the heads as its narrow side, Hopper's warpgroup MMA) or
-# "chunked" (d_model in four chunks: four independent score products, four accumulators). Keys first measured slower
-# at 256 rows x 4096 keys (1.43 against 1.31 ms; 15.9 against 16.7 summaries/s in whole generation on real bills:
-# results/decode_attention_keys_first-2026-12-03-h200.json, generate_throughput_4096_512_keys_first-…).
+# Which form of the kernel runs (cross_kernels): "heads_first" (hidden_cross_attention) or "keys_first" (the products
+# transposed: keys, then d_model, as the MMA tile's rows, the heads as its narrow side, Hopper's warpgroup MMA). At 256
+# rows x 4096 keys keys first ran 1.43 and 1.23 ms against 1.31 and 1.28 in two calls, and whole generation on real
+# bills 15.9 against 16.7 summaries/s (results/decode_attention_keys_first-2026-12-03-h200.json,
+# generate_throughput_4096_512_keys_first-…). A third form, d_model in four chunks (four independent score products),
+# ran 1.32 ms and 16.7 summaries/s (…_chunked-2026-12-03-h200.json; commit 3a66a66 has it).
 KERNEL_FORM = "heads_first"
-KERNEL_FORMS = {"heads_first": "hidden_cross_attention", "keys_first": "hidden_cross_attention_keys_first",
-                "chunked": "hidden_cross_attention_chunked"}
+KERNEL_FORMS = {"heads_first": "hidden_cross_attention", "keys_first": "hidden_cross_attention_keys_first"}
 
 
 def _kernels():
