@@ -384,26 +384,30 @@ def test_fused_cross_attention_kernel_matches_float64_and_refuses_what_it_cannot
     assert state.cross_lengths.tolist() == [3, 6]
 
 
-def test_auto_attention_takes_the_fused_kernel_for_long_sources_on_cuda_only(merged32, monkeypatch):
-    """"auto": the fused cross-attention for sources longer than AUTO_FUSED_MIN_SOURCE_TOKENS on CUDA where its
-    kernel runs (measured faster there), the two GEMMs ("hidden") for shorter sources, off CUDA, or without the
-    kernel; "kv" where caching keys/values reads fewer bytes."""
+def test_auto_attention_takes_the_fused_kernel_where_it_was_measured_faster_on_cuda_only(merged32, monkeypatch):
+    """"auto": the fused cross-attention on CUDA, where its kernel runs, for batches that reach AUTO_FUSED_FROM
+    (sources over 1024 tokens at any batch, 1024 from 256 rows: measured faster there), the two GEMMs ("hidden")
+    for other batches, off CUDA, or without the kernel; "kv" where caching keys/values reads fewer bytes."""
     from types import SimpleNamespace
 
     from sumtune.generation import cross_attention, t5_decode
 
+    assert t5_decode.AUTO_FUSED_FROM == ((1025, 1), (1024, 256))
     weights = DecoderWeights.from_model(merged32)
-    long, short = t5_decode.AUTO_FUSED_MIN_SOURCE_TOKENS, t5_decode.AUTO_FUSED_MIN_SOURCE_TOKENS - 1
     assert weights.n_heads * weights.d_kv > weights.d_model
-    assert weights.resolve_attention("auto", src_len=long) == "hidden"  # a CPU model
+    on_cpu = dataclasses.replace(weights, embed=SimpleNamespace(is_cuda=False))
     on_cuda = dataclasses.replace(weights, embed=SimpleNamespace(is_cuda=True))
     monkeypatch.setattr(cross_attention, "kernel_available", lambda tensor: None)
-    assert [on_cuda.resolve_attention("auto", src_len=n) for n in (long, 4096, short)] == ["fused", "fused", "hidden"]
+    assert on_cpu.resolve_attention("auto", src_len=4096, rows=256) == "hidden"
+    batches = [(1025, 1), (4096, 32), (1024, 256), (1024, 512), (1024, 255), (1024, 32), (512, 512)]
+    assert [on_cuda.resolve_attention("auto", src_len=n, rows=b) for n, b in batches] == \
+        ["fused", "fused", "fused", "fused", "hidden", "hidden", "hidden"]
+    assert on_cuda.resolve_attention("auto", src_len=1024) == "hidden"  # one row
     assert on_cuda.resolve_attention("auto") == "hidden"
     monkeypatch.setattr(cross_attention, "kernel_available", lambda tensor: "triton is not installed")
-    assert on_cuda.resolve_attention("auto", src_len=4096) == "hidden"
+    assert on_cuda.resolve_attention("auto", src_len=4096, rows=256) == "hidden"
     narrow = dataclasses.replace(on_cuda, d_model=weights.n_heads * weights.d_kv)
-    assert narrow.resolve_attention("auto", src_len=4096) == "kv"
+    assert narrow.resolve_attention("auto", src_len=4096, rows=256) == "kv"
 
 
 # ---- encoder path and session reuse ---------------------------------------------------------------------

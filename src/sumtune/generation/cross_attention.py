@@ -22,7 +22,7 @@ from torch import Tensor
 # Tiles measured at 32 heads x 4096 keys, d_model 1024 (results/decode_attention_head_groups-2026-12-03-h200.json):
 # 64 keys x 8 warps x 16 heads x 2 stages 1.29 ms at 256 rows (the two GEMMs 1.45; 32 heads in one program with 16
 # keys x 16 warps, the earlier tiles, 3.98), 0.88 at 64 rows (the two GEMMs 0.42 there; on real bills, whose rows are
-# shorter than the batch's width, whole generation at 64 rows is faster fused: t5_decode.AUTO_FUSED_MIN_SOURCE_TOKENS).
+# shorter than the batch's width, whole generation at 64 rows is faster fused: t5_decode.AUTO_FUSED_FROM).
 BLOCK_N = 64  # keys a loop iteration (a d_model-wide tile of states: 128 KiB at T5-3b's 1024, bf16)
 NUM_WARPS = 8  # sm_90 build at T5-3b's shapes and these tiles: 178 registers, no spill, 166 KB shared memory
 INTERPRETER_BLOCK_N = 64  # Triton's CPU interpreter: fewer, wider iterations (tests)

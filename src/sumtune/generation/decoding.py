@@ -84,7 +84,7 @@ def generate_ids(
                                       num_beams=num_beams, length_penalty=length_penalty,
                                       early_stopping=early_stopping, no_repeat_ngram_size=no_repeat_ngram_size)
             else:
-                mode = weights.resolve_attention(attention, src_len=ids.shape[1])
+                mode = weights.resolve_attention(attention, src_len=ids.shape[1], rows=ids.shape[0])
                 lengths = [len(input_ids[i]) for i in rows]
                 # "fused" reads each row's own length already: no slices, so no new graphs per batch layout
                 groups = cross_groups(lengths, ids.shape[1]) if slice_cross_attention and mode != "fused" else None

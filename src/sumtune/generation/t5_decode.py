@@ -14,7 +14,7 @@ for self-attention), chosen by `attention`:
   row's real encoder states once for scores and values together, instead of two GEMMs that each read all padded
   states (CUDA; on an H200 at 4096 keys faster than the two GEMMs at 256 rows, 1.29 vs 1.45 ms a layer and step,
   slower at 64, 0.88 vs 0.42, results/decode_attention_head_groups-2026-12-03-h200.json; in whole generation at
-  4096/512 faster at batch 64 and 256 alike, see AUTO_FUSED_MIN_SOURCE_TOKENS: "auto" picks it for long sources).
+  4096/512 faster at batch 32, 64 and 256 alike, at 1024/128 from 256 rows: "auto" picks it there, AUTO_FUSED_FROM).
 
 Cross-attention reads the encoder memory of every row at every step: at 4096/512 most of the decoder's time.
 A batch's rows (sorted longest first) are cut into a few slices (`cross_groups`), each attending only to its own
@@ -34,11 +34,13 @@ ATTENTION_MODES = ("auto", "kv", "hidden", "fused")
 CROSS_GROUPS = 8  # at most this many row slices per batch, each attending to its own source length
 CROSS_GROUP_MULTIPLE = 256  # slice lengths rounded up to this: fewer distinct shapes (CUDA graphs) per batch
 CROSS_GROUP_MIN_SAVING = 0.1  # slice only when it leaves out at least this share of the padded keys
-# "auto" takes "fused" on CUDA for sources of at least this many tokens: measured faster at 4096/512 on an H200,
-# real bills (widths up to 4096) 6.13 -> 9.86 summaries/s at batch 64 and 13.78 -> 16.78 at 256, every input 4096
-# tokens 8.09 -> 8.97, greedy tokens equal transformers' (results/generate_throughput_4096_512_{fused,
-# full_length_fused}-2026-12-03-h200.json). Not yet measured at 1024 tokens and below, where "auto" stays "hidden".
-AUTO_FUSED_MIN_SOURCE_TOKENS = 1025
+# "auto" takes "fused" on CUDA for a batch whose padded width and rows reach one of these (min source tokens, min rows),
+# measured on an H200 with greedy tokens equal to transformers' in every mode. Above 1024 tokens at any batch: real
+# bills cut at 4096 6.06 -> 6.39 summaries/s at batch 32, 6.13 -> 9.86 at 64, 13.78 -> 16.78 at 256, every input 4096
+# tokens 8.09 -> 8.97 (results/generate_throughput_4096_512_{b32,fused,full_length_fused}-2026-12-03-h200.json). At
+# 1024 only from 256 rows: 75.6 -> 79.7 at batch 256, 81.2 -> 86.0 at 512, but 35.4 -> 31.9 at 32 and 65.3 -> 59.3 at
+# 128 (…_1024_128_{fused,small_batches}-2026-12-03-h200.json). Narrower batches were not measured: "hidden" there.
+AUTO_FUSED_FROM = ((1025, 1), (1024, 256))
 
 
 @dataclass
@@ -99,17 +101,19 @@ class DecoderWeights:
     def dtype(self) -> torch.dtype:
         return self.embed.dtype
 
-    def resolve_attention(self, attention: str, src_len: int | None = None) -> str:
+    def resolve_attention(self, attention: str, src_len: int | None = None, rows: int = 1) -> str:
         """"auto" -> "hidden" when caching hidden states reads fewer bytes than caching keys/values, and "fused"
-        instead on CUDA for sources of at least AUTO_FUSED_MIN_SOURCE_TOKENS (``src_len``, the batch's padded width)
-        where its kernel runs; a "fused" asked for is refused (one sentence) where its kernel cannot run."""
+        instead on CUDA, where its kernel runs, for a batch of ``rows`` sources padded to ``src_len`` tokens that
+        reaches AUTO_FUSED_FROM; a "fused" asked for is refused (one sentence) where its kernel cannot run."""
         from sumtune.generation.cross_attention import kernel_available
 
         if attention == "auto":
             if self.n_heads * self.d_kv <= self.d_model:
                 return "kv"
-            long_source = src_len is not None and src_len >= AUTO_FUSED_MIN_SOURCE_TOKENS
-            return "fused" if long_source and self.embed.is_cuda and kernel_available(self.embed) is None else "hidden"
+            measured_faster = src_len is not None and any(src_len >= tokens and rows >= min_rows
+                                                          for tokens, min_rows in AUTO_FUSED_FROM)
+            on_gpu = measured_faster and self.embed.is_cuda and kernel_available(self.embed) is None
+            return "fused" if on_gpu else "hidden"
         if attention == "fused":
             reason = kernel_available(self.embed)
             if reason is not None:
