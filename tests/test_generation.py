@@ -342,39 +342,42 @@ def test_cross_attention_slices_must_tile_the_batch(merged32):
 
 @pytest.mark.parametrize("form", ["heads_first", "keys_first"])
 def test_fused_cross_attention_kernel_matches_float64_and_refuses_what_it_cannot_run(merged32, form, monkeypatch):
-    """The fused mode's kernel (Triton's interpreter on CPU; each of its forms) against a float64
-    masked softmax, with key splits and rows of different lengths (one empty); a non-power-of-two d_model and left
-    padding are refused in one sentence."""
+    """The fused mode's kernel (Triton's interpreter on CPU, compiled on a GPU in bfloat16; each of its forms)
+    against a float64 masked softmax, with key splits and rows of different lengths (one empty); a non-power-of-two
+    d_model and left padding are refused in one sentence."""
     pytest.importorskip("triton")
     from sumtune.generation import cross_attention
-
-    monkeypatch.setattr(cross_attention, "KERNEL_FORM", form)
     from sumtune.generation.t5_decode import load_batch, new_state
 
-    if cross_attention.kernel_available(torch.zeros(1, 64)) is not None:
+    monkeypatch.setattr(cross_attention, "KERNEL_FORM", form)
+    device, dtype, tolerance = ("cuda", torch.bfloat16, 3e-2) if torch.cuda.is_available() else \
+        ("cpu", torch.float32, 1e-5)
+    if cross_attention.kernel_available(torch.zeros(1, 64, device=device)) is not None:
         pytest.skip("the kernel cannot run here (no CUDA and Triton's interpreter is off)")
     gen = torch.Generator().manual_seed(3)
-    q_mem = torch.randn(4, 5, 32, generator=gen)  # 5 heads: padded to 16 rows inside
+
+    def check(q_mem, memory, lengths, splits_to_try, label):
+        q_mem, memory = q_mem.to(device, dtype), memory.to(device, dtype)
+        expected = cross_attention.reference_hidden_attention(q_mem.cpu(), memory.cpu(), lengths)
+        for splits in splits_to_try:
+            got = cross_attention.fused_hidden_attention(q_mem, memory, lengths.to(device), splits=splits).cpu()
+            assert (got.double() - expected).abs().max().item() < tolerance, (label, splits)
+        return got
+
     memory = torch.randn(8, 70, 32, generator=gen)[::2]  # strided rows, as a slice of a larger buffer
     lengths = torch.tensor([70, 33, 1, 0], dtype=torch.int32)
-    expected = cross_attention.reference_hidden_attention(q_mem, memory, lengths)
-    for splits in (1, 2, 5):
-        got = cross_attention.fused_hidden_attention(q_mem, memory, lengths, splits=splits)
-        assert (got.double() - expected).abs().max().item() < 1e-5, splits
+    got = check(torch.randn(4, 5, 32, generator=gen), memory, lengths, (1, 2, 5), "5 heads, padded to 16 rows")
     assert not got[3].any()  # no keys: zeros, not NaN
     q_mem = torch.randn(4, 20, 32, generator=gen)  # 20 heads in groups of 16: a second, partly empty group
-    expected = cross_attention.reference_hidden_attention(q_mem, memory, lengths)
     for per_program in (32, 16):
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(cross_attention, "HEADS_PER_PROGRAM", per_program)
             assert cross_attention.head_blocks(20, per_program) == ((32, 1) if per_program == 32 else (16, 2))
-            for splits in (1, 3):
-                got = cross_attention.fused_hidden_attention(q_mem, memory, lengths, splits=splits)
-                assert (got.double() - expected).abs().max().item() < 1e-5, (per_program, splits)
+            check(q_mem, memory, lengths, (1, 3), f"{per_program} heads a program")
 
     weights = DecoderWeights.from_model(merged32)
     with pytest.raises(SumtuneError, match="d_model 48 is not a power of two"):
-        dataclasses.replace(weights, embed=torch.zeros(2, 48)).resolve_attention("fused")
+        dataclasses.replace(weights, embed=torch.zeros(2, 48, device=device)).resolve_attention("fused")
     state = new_state(weights, 2, 6, 4, "fused", torch.device("cpu"))
     encoder_out = torch.zeros(2, 6, weights.d_model)
     left_padded = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
