@@ -378,12 +378,13 @@ def test_fused_cross_attention_kernel_matches_float64_and_refuses_what_it_cannot
     weights = DecoderWeights.from_model(merged32)
     with pytest.raises(SumtuneError, match="d_model 48 is not a power of two"):
         dataclasses.replace(weights, embed=torch.zeros(2, 48, device=device)).resolve_attention("fused")
-    state = new_state(weights, 2, 6, 4, "fused", torch.device("cpu"))
-    encoder_out = torch.zeros(2, 6, weights.d_model)
-    left_padded = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    on = weights.embed.device  # the merged model's (a GPU machine's tests put it there)
+    state = new_state(weights, 2, 6, 4, "fused", on)
+    encoder_out = torch.zeros(2, 6, weights.d_model, device=on)
+    left_padded = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], device=on)
     with pytest.raises(SumtuneError, match="right-padded"):
         load_batch(state, weights, encoder_out, left_padded, START, PAD, 0)
-    load_batch(state, weights, encoder_out, torch.tensor([[1, 1, 1, 0, 0, 0], [1] * 6]), START, PAD, 0)
+    load_batch(state, weights, encoder_out, torch.tensor([[1, 1, 1, 0, 0, 0], [1] * 6], device=on), START, PAD, 0)
     assert state.cross_lengths.tolist() == [3, 6]
 
 
