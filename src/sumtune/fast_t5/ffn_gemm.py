@@ -1,0 +1,96 @@
+"""T5's feed-forward GEMMs with the ReLU-dropout in their epilogues (Triton, sumtune.fast_t5.ffn_gemm_kernels): a
+candidate, not used by the model until a GPU measures it faster (``benchmarks/ffn_epilogue.py``).
+
+Public:
+    linear_relu_dropout(x, weight, dropout_p, seed=None, tiles=FORWARD_TILES) -> (y, seed)
+        ``dropout(relu(x @ weight.T))`` with the draws of ``ffn_dropout.relu_dropout`` for the same seed
+    relu_dropout_grad_input(grad_out, weight_out, y, dropout_p, tiles=BACKWARD_TILES) -> Tensor
+        ``(grad_out @ weight_out) * (y > 0) / (1 - p)``: the gradient at ``wi``'s output, through ``wo`` and the
+        ReLU-dropout whose output was ``y``
+
+Why: in T5-3b the feed-forward's intermediate is 16,384 wide; today ``wi``'s cuBLAS GEMM writes it, the ReLU-dropout
+kernel reads it and writes its output (and in the backward reads the gradient and the output and writes the input
+gradient): ~5 GB of memory traffic a layer at 32 x 1024 tokens, 37 ms of a 672 ms step in the seed's best profile
+(`results/logs/profile_seed_best-2026-12-03-h200.log`: relu_dropout_fwd 2.7%, relu_dropout_bwd 3.1% of kernel time).
+In the GEMMs' epilogues that traffic is one write forward and one read of ``y`` backward; whether a Triton GEMM runs
+these shapes close enough to cuBLAS to keep the saving is the benchmark's question.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from torch import Tensor
+
+from sumtune.fast_t5.attention_inputs import dropout_seed, dropout_threshold
+from sumtune.fast_t5.ffn_dropout import DRAW_RANGE
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); compiled for sm_90 on the CPU at T5-3b shapes: 158 and
+# 155 registers, no spill, 96 KiB of shared memory (128 x 256 tiles spill in the Philox epilogue;
+# results/ffn_epilogue_compile-2026-12-03-cpu-sm90.json)
+FORWARD_TILES = (128, 128, 64, 8, 8, 3)
+BACKWARD_TILES = (128, 128, 64, 8, 8, 3)
+INTERPRETER_TILES = (16, 32, 16, 2, 4, 1)
+
+
+def _kernels():
+    from sumtune.fast_t5 import ffn_gemm_kernels
+
+    return ffn_gemm_kernels
+
+
+def available(x: Tensor) -> bool:
+    """The kernels run on CUDA tensors, or any tensor under Triton's interpreter."""
+    return importlib.util.find_spec("triton") is not None and (x.device.type == "cuda" or _kernels().INTERPRET)
+
+
+def _threshold(dropout_p: float) -> tuple[int, float]:
+    """(drop_below, scale) of the standalone ReLU-dropout kernel's 31-bit draws."""
+    return dropout_threshold(dropout_p, DRAW_RANGE)
+
+
+def _grid(rows: int, cols: int, tiles) -> tuple[int]:
+    return (-(-rows // tiles[0]) * -(-cols // tiles[1]),)
+
+
+def _launch_options(tiles) -> dict:
+    block_m, block_n, block_k, group_m, num_warps, num_stages = tiles
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, num_warps=num_warps,
+                num_stages=num_stages)
+
+
+def linear_relu_dropout(x: Tensor, weight: Tensor, dropout_p: float, seed: Tensor | None = None,
+                        tiles=None) -> tuple[Tensor, Tensor]:
+    """``dropout(relu(x @ weight.T), dropout_p)`` for x [M, K] and weight [N, K] (N a multiple of 4), and its seed."""
+    kernels = _kernels()
+    tiles = tiles or (INTERPRETER_TILES if kernels.INTERPRET else FORWARD_TILES)
+    x, weight = x.contiguous(), weight.contiguous()
+    (rows, depth), cols = x.shape, weight.shape[0]
+    if weight.shape[1] != depth or cols % 4:
+        raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)}: need weight [N, K], N % 4 == 0")
+    seed = dropout_seed(x, dropout_p) if seed is None else seed
+    drop_below, scale = _threshold(dropout_p)
+    y = torch.empty((rows, cols), device=x.device, dtype=x.dtype)
+    kernels.linear_relu_dropout[_grid(rows, cols, tiles)](
+        x, weight, y, seed, rows, cols, depth, x.stride(0), weight.stride(0), y.stride(0), drop_below, scale,
+        DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, **_launch_options(tiles))
+    return y, seed
+
+
+def relu_dropout_grad_input(grad_out: Tensor, weight_out: Tensor, y: Tensor, dropout_p: float,
+                            tiles=None) -> Tensor:
+    """``(grad_out @ weight_out) * (y > 0) * scale`` for grad_out [M, K], weight_out [K, N] (``wo``'s weight:
+    d_model x d_ff) and y [M, N] (the forward's output)."""
+    kernels = _kernels()
+    tiles = tiles or (INTERPRETER_TILES if kernels.INTERPRET else BACKWARD_TILES)
+    grad_out, weight_out, y = grad_out.contiguous(), weight_out.contiguous(), y.contiguous()
+    (rows, depth), cols = grad_out.shape, weight_out.shape[1]
+    if weight_out.shape[0] != depth or y.shape != (rows, cols):
+        raise ValueError(f"grad_out {tuple(grad_out.shape)}, weight_out {tuple(weight_out.shape)}, y "
+                         f"{tuple(y.shape)}: need [M, K], [K, N], [M, N]")
+    grad_in = torch.empty_like(y)
+    kernels.matmul_relu_dropout_grad[_grid(rows, cols, tiles)](
+        grad_out, weight_out, y, grad_in, rows, cols, depth, grad_out.stride(0), weight_out.stride(0), y.stride(0),
+        grad_in.stride(0), _threshold(dropout_p)[1], UPCAST=kernels.INTERPRET, **_launch_options(tiles))
+    return grad_in
