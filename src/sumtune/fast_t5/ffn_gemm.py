@@ -18,8 +18,6 @@ these shapes close enough to cuBLAS to keep the saving is the benchmark's questi
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 from torch import Tensor
 
@@ -40,11 +38,6 @@ def _kernels():
     return ffn_gemm_kernels
 
 
-def available(x: Tensor) -> bool:
-    """The kernels run on CUDA tensors, or any tensor under Triton's interpreter."""
-    return importlib.util.find_spec("triton") is not None and (x.device.type == "cuda" or _kernels().INTERPRET)
-
-
 def _threshold(dropout_p: float) -> tuple[int, float]:
     """(drop_below, scale) of the standalone ReLU-dropout kernel's 31-bit draws."""
     return dropout_threshold(dropout_p, DRAW_RANGE)
@@ -62,7 +55,8 @@ def _launch_options(tiles) -> dict:
 
 def linear_relu_dropout(x: Tensor, weight: Tensor, dropout_p: float, seed: Tensor | None = None,
                         tiles=None) -> tuple[Tensor, Tensor]:
-    """``dropout(relu(x @ weight.T), dropout_p)`` for x [M, K] and weight [N, K] (N a multiple of 4), and its seed."""
+    """``dropout(relu(x @ weight.T), dropout_p)`` for x [M, K] and weight [N, K] (N a multiple of 4), and its seed
+    (a device tensor; a new draw from torch's generator when not given)."""
     kernels = _kernels()
     tiles = tiles or (INTERPRETER_TILES if kernels.INTERPRET else FORWARD_TILES)
     x, weight = x.contiguous(), weight.contiguous()

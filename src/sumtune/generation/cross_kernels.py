@@ -68,10 +68,10 @@ def hidden_cross_attention_keys_first(Q, MEM, LENGTHS, OUT, ACC, MAX, SUM, strid
                                       stride_ob, stride_oh, heads, keys_per_split, BLOCK_H: tl.constexpr,
                                       D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
                                       UPCAST: tl.constexpr):
-    """The same maths with the products transposed: scores^T = states . q^T (keys as the tensor-core tile's rows,
-    BLOCK_N >= 64) and out^T += states^T . p^T (d_model as the rows), so a decoding step's few heads are the narrow
-    side of each product (Hopper's warpgroup MMA takes M >= 64 from shared memory, N from 8) instead of the rows of
-    an MMA with a 16-row minimum and a d_model-long chain per warp."""
+    """The same maths with the products transposed: scores^T = states . q^T (the keys as the tensor-core tile's
+    rows) and out^T += states^T . p^T (d_model as the rows), so a decoding step's few heads are the narrow side of
+    each product: Hopper's warpgroup MMA (M >= 64 from shared memory, N from 8) for out^T always and for the scores
+    from 64 keys a tile, instead of 16-row MMAs with a d_model-long chain per warp."""
     group = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -105,4 +105,3 @@ def hidden_cross_attention_keys_first(Q, MEM, LENGTHS, OUT, ACC, MAX, SUM, strid
         out_t = acc_t / tl.where(l_i > 0, l_i, 1.0)[None, :]
         tl.store(OUT + row * stride_ob + offs_h[None, :] * stride_oh + offs_d[:, None],
                  out_t.to(OUT.dtype.element_ty), mask=in_h[None, :])
-
