@@ -140,6 +140,24 @@ def timed_steps(step, stream, accum: int, lr: float, count: int):
         yield index, result, time.perf_counter() - start
 
 
+def cuda_event_ms(fn, repeats: int, warmup: int = 3) -> float:
+    """Median milliseconds of ``fn()`` on the current CUDA stream (events around each call, a sync after each)."""
+    import statistics
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
 def free_gpu_memory() -> None:
     """Drop what the last measurement left (Python garbage, cached blocks) and restart the peak counter."""
     import gc

@@ -19,7 +19,6 @@ Writes benchmarks/results/ffn_epilogue-<date>-<gpu>.json; nothing here changes w
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -34,21 +33,6 @@ D_MODEL, D_FF, DROPOUT = 1024, 16384, 0.1  # T5-3b
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); the first is ffn_gemm's default
 TILES = [(128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4), (128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3),
          (128, 128, 64, 8, 4, 4)]
-
-
-def time_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def make_inputs(tokens: int, device, dtype=torch.bfloat16, d_model: int = D_MODEL, d_ff: int = D_FF, seed: int = 0):
@@ -129,7 +113,7 @@ def rows_for(tokens: int, repeats: int) -> list[dict]:
         for name, fn, counts_gemm in cases:
             row = dict(tokens=tokens, direction=direction, path=name)
             try:
-                row["ms"] = time_ms(fn, repeats)
+                row["ms"] = bc.cuda_event_ms(fn, repeats)
                 if counts_gemm:
                     row["gemm_tflop_per_s"] = gemm_tflop / row["ms"] * 1e3
             except Exception as error:  # noqa: BLE001 - a tile that does not build or fit is the finding

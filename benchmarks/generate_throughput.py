@@ -64,8 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "kernel) and check its tokens")
     parser.add_argument("--fused-tiles", default="",
                         help="also time each greedy batch with attention='fused' at other kernel tiles, as "
-                             "comma-separated BLOCK_NxWARPSxHEADSxSTAGES specs, 'xkf' appended for the keys-first "
-                             "form (e.g. 32x8x32x3xkf; sumtune.generation.cross_attention), and check their tokens")
+                             "comma-separated BLOCK_NxWARPSxHEADSxSTAGES specs (e.g. 32x8x16x3; "
+                             "sumtune.generation.cross_attention), and check their tokens")
     parser.add_argument("--greedy-only", action="store_true",
                         help="only the greedy graphs rows and greedy token agreement (no eager/kv/beam/n-gram rows): "
                              "larger batches on a short device budget")
@@ -198,16 +198,15 @@ def cross_slicing(groups: int | None, multiple: int | None):
 
 
 def fused_tiles(spec: str | None):
-    """The fused cross-attention kernel's tiles set to ``spec`` (BLOCK_NxWARPSxHEADSxSTAGES[xkf]) for the
+    """The fused cross-attention kernel's tiles set to ``spec`` (BLOCK_NxWARPSxHEADSxSTAGES) for the
     duration."""
     from sumtune.generation import cross_attention
 
     if not spec:
         return contextlib.nullcontext()
-    parts = spec.split("x")
-    block_n, warps, heads, stages = (int(v) for v in parts[:4])
+    block_n, warps, heads, stages = (int(v) for v in spec.split("x"))
     return mock.patch.multiple(cross_attention, BLOCK_N=block_n, NUM_WARPS=warps, HEADS_PER_PROGRAM=heads,
-                               NUM_STAGES=stages, KERNEL_FORM="keys_first" if parts[4:] == ["kf"] else "heads_first")
+                               NUM_STAGES=stages)
 
 
 def main(argv=None) -> int:

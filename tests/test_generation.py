@@ -340,16 +340,13 @@ def test_cross_attention_slices_must_tile_the_batch(merged32):
             new_state(weights, 4, 64, 8, "hidden", torch.device("cpu"), bad)
 
 
-@pytest.mark.parametrize("form", ["heads_first", "keys_first"])
-def test_fused_cross_attention_kernel_matches_float64_and_refuses_what_it_cannot_run(merged32, form, monkeypatch):
-    """The fused mode's kernel (Triton's interpreter on CPU, compiled on a GPU in bfloat16; each of its forms)
-    against a float64 masked softmax, with key splits and rows of different lengths (one empty); a non-power-of-two
+def test_fused_cross_attention_kernel_matches_float64_and_refuses_what_it_cannot_run(merged32):
+    """The fused mode's kernel (Triton's interpreter on CPU, compiled on a GPU in bfloat16) against a float64 masked softmax, with key splits and rows of different lengths (one empty); a non-power-of-two
     d_model and left padding are refused in one sentence."""
     pytest.importorskip("triton")
     from sumtune.generation import cross_attention
     from sumtune.generation.t5_decode import load_batch, new_state
 
-    monkeypatch.setattr(cross_attention, "KERNEL_FORM", form)
     device, dtype, tolerance = ("cuda", torch.bfloat16, 3e-2) if torch.cuda.is_available() else \
         ("cpu", torch.float32, 1e-5)
     if cross_attention.kernel_available(torch.zeros(1, 64, device=device)) is not None:

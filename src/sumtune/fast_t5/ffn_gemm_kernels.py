@@ -39,6 +39,21 @@ def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.conste
 
 
 @triton.jit
+def _product(a_ptrs, b_ptrs, in_m, in_n, offs_k, K, b_step, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+    """fp32 (BLOCK_M, BLOCK_N) tile of A . B over K from (BLOCK_M, BLOCK_K) A and (BLOCK_K, BLOCK_N) B pointer tiles
+    (A's K unit-strided; B's K step ``b_step`` elements); rows, columns and the depth past their ends read as 0."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        a = tl.load(a_ptrs, mask=in_m[:, None] & (offs_k[None, :] < K - k), other=0.0)
+        b = tl.load(b_ptrs, mask=in_n[None, :] & (offs_k[:, None] < K - k), other=0.0)
+        acc = _dot(a, b, UPCAST, acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * b_step
+    return acc
+
+
+@triton.jit
 def _tile_draws(seed, offs_m, start_n, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """31-bit draws of a (BLOCK_M, BLOCK_N) tile: element (m, n) gets word (m * N + n) % 4 of counter // 4."""
     cols = start_n + 4 * tl.arange(0, BLOCK_N // 4)
@@ -58,13 +73,7 @@ def linear_relu_dropout(X, W, Y, SEED, M, N, K, stride_xm, stride_wn, stride_ym,
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = X + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
     w_ptrs = W + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # W^T tile (K, N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
-        x = tl.load(x_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K - k), other=0.0)
-        w = tl.load(w_ptrs, mask=(offs_n[None, :] < N) & (offs_k[:, None] < K - k), other=0.0)
-        acc = _dot(x, w, UPCAST, acc)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+    acc = _product(x_ptrs, w_ptrs, offs_m < M, offs_n < N, offs_k, K, 1, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
     y = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
     if DROPOUT:
         keep = _tile_draws(tl.load(SEED), offs_m, tile_n * BLOCK_N, N, BLOCK_M, BLOCK_N) >= drop_below
@@ -83,13 +92,7 @@ def matmul_relu_dropout_grad(G, W, Y, DX, M, N, K, stride_gm, stride_wk, stride_
     offs_k = tl.arange(0, BLOCK_K)
     g_ptrs = G + offs_m[:, None].to(tl.int64) * stride_gm + offs_k[None, :]
     w_ptrs = W + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :]  # W tile (K, N), rows of wo's weight
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
-        g = tl.load(g_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K - k), other=0.0)
-        w = tl.load(w_ptrs, mask=(offs_n[None, :] < N) & (offs_k[:, None] < K - k), other=0.0)
-        acc = _dot(g, w, UPCAST, acc)
-        g_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K * stride_wk
+    acc = _product(g_ptrs, w_ptrs, offs_m < M, offs_n < N, offs_k, K, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
     in_bounds = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     y = tl.load(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], mask=in_bounds, other=0.0)
     dx = acc * tl.where(y > 0, scale, 0.0)

@@ -29,14 +29,12 @@ INTERPRETER_BLOCK_N = 64  # Triton's CPU interpreter: fewer, wider iterations (t
 MIN_PROGRAMS = 264  # split rows' keys until about two programs an H100/H200 SM (132 SMs)
 HEADS_PER_PROGRAM = 16  # heads of one program (a power of two >= 16); fewer -> several programs a row and split
 NUM_STAGES = 2  # Triton's software pipelining depth over the key tiles
-# Which form of the kernel runs (cross_kernels): "heads_first" (hidden_cross_attention) or "keys_first" (the products
-# transposed: keys, then d_model, as the MMA tile's rows, the heads as its narrow side, Hopper's warpgroup MMA). At 256
-# rows x 4096 keys keys first ran 1.43 and 1.23 ms against 1.31 and 1.28 in two calls, and whole generation on real
-# bills 15.9 against 16.7 summaries/s (results/decode_attention_keys_first-2026-12-03-h200.json,
-# generate_throughput_4096_512_keys_first-…). A third form, d_model in four chunks (four independent score products),
-# ran 1.32 ms and 16.7 summaries/s (…_chunked-2026-12-03-h200.json; commit 3a66a66 has it).
-KERNEL_FORM = "heads_first"
-KERNEL_FORMS = {"heads_first": "hidden_cross_attention", "keys_first": "hidden_cross_attention_keys_first"}
+# Two other forms of the kernel were measured on 2026-12-03 and went: the products transposed (keys, then d_model, as
+# the MMA tile's rows, so Hopper's warpgroup MMA takes them; 1.43 and 1.23 ms against 1.31 and 1.28 at 256 rows x 4096
+# keys in two calls, 15.9 against 16.7 summaries/s in whole generation on real bills, 6.34 against 6.39 at batch 32)
+# and d_model in four chunks (four independent score products; 1.32 ms, 16.7 summaries/s): results/decode_attention_
+# {keys_first,chunked}-2026-12-03-h200.json, generate_throughput_4096_512_{keys_first,chunked,b32}-…; commit 73d947f
+# has the first, 3a66a66 the second.
 
 
 def _kernels():
@@ -86,8 +84,7 @@ def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, split
         total = torch.empty_like(running_max)
     else:
         acc = running_max = total = out  # unused
-    kernel = getattr(kernels, KERNEL_FORMS[KERNEL_FORM])
-    kernel[(groups, batch, splits)](
+    kernels.hidden_cross_attention[(groups, batch, splits)](
         q_mem, memory, lengths, out, acc, running_max, total, q_mem.stride(0), q_mem.stride(1), memory.stride(0),
         memory.stride(1), out.stride(0), out.stride(1), heads, keys_per_split, BLOCK_H=block_h, D=d_model,
         BLOCK_N=block_n, SPLIT=splits > 1, UPCAST=kernels.INTERPRET, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
