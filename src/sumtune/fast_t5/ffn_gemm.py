@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sumtune.fast_t5.attention_inputs import dropout_seed, dropout_threshold
-from sumtune.fast_t5.ffn_dropout import DRAW_RANGE
+from sumtune.fast_t5.attention_inputs import dropout_seed
+from sumtune.fast_t5.ffn_dropout import draw_threshold
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); compiled for sm_90 on the CPU at T5-3b shapes: 158 and
 # 155 registers, no spill, 96 KiB of shared memory (128 x 256 tiles spill in the Philox epilogue;
@@ -36,11 +36,6 @@ def _kernels():
     from sumtune.fast_t5 import ffn_gemm_kernels
 
     return ffn_gemm_kernels
-
-
-def _threshold(dropout_p: float) -> tuple[int, float]:
-    """(drop_below, scale) of the standalone ReLU-dropout kernel's 31-bit draws."""
-    return dropout_threshold(dropout_p, DRAW_RANGE)
 
 
 def _grid(rows: int, cols: int, tiles) -> tuple[int]:
@@ -64,7 +59,7 @@ def linear_relu_dropout(x: Tensor, weight: Tensor, dropout_p: float, seed: Tenso
     if weight.shape[1] != depth or cols % 4:
         raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)}: need weight [N, K], N % 4 == 0")
     seed = dropout_seed(x, dropout_p) if seed is None else seed
-    drop_below, scale = _threshold(dropout_p)
+    drop_below, scale = draw_threshold(dropout_p)
     y = torch.empty((rows, cols), device=x.device, dtype=x.dtype)
     kernels.linear_relu_dropout[_grid(rows, cols, tiles)](
         x, weight, y, seed, rows, cols, depth, x.stride(0), weight.stride(0), y.stride(0), drop_below, scale,
@@ -86,5 +81,5 @@ def relu_dropout_grad_input(grad_out: Tensor, weight_out: Tensor, y: Tensor, dro
     grad_in = torch.empty_like(y)
     kernels.matmul_relu_dropout_grad[_grid(rows, cols, tiles)](
         grad_out, weight_out, y, grad_in, rows, cols, depth, grad_out.stride(0), weight_out.stride(0), y.stride(0),
-        grad_in.stride(0), _threshold(dropout_p)[1], UPCAST=kernels.INTERPRET, **_launch_options(tiles))
+        grad_in.stride(0), draw_threshold(dropout_p)[1], UPCAST=kernels.INTERPRET, **_launch_options(tiles))
     return grad_in

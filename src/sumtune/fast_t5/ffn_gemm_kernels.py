@@ -3,9 +3,9 @@
 Imported lazily: importing it decorates the kernels (under ``TRITON_INTERPRET=1`` they run on CPU tensors).
 
 * ``linear_relu_dropout``: ``Y = relu(X . W^T) * keep * scale`` from the fp32 accumulator, stored in Y's dtype.
-  ``keep`` is the draw of ``ffn_kernels._draws`` for the element's flat index ``m * N + n`` (Philox-4x32 via
-  ``tl.randint4x``, counter = index // 4, word = index % 4, 31-bit, kept where >= drop_below): the same decisions
-  as the standalone ReLU-dropout kernel for the same seed.
+  ``keep`` is the draw of ``ffn_kernels._counter_draws`` for the element's flat index ``m * N + n`` (Philox-4x32,
+  counter = index // 4, word = index % 4, 31-bit, kept where >= drop_below): the same decisions as the standalone
+  ReLU-dropout kernel for the same seed.
 * ``matmul_relu_dropout_grad``: ``DX = (G . W) * (Y > 0) * scale``: the gradient reaching ``wi``'s output through
   ``wo`` (weight W [N_out=K, N]) and the ReLU-dropout, whose output Y is > 0 exactly where the input was and the
   element kept.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from sumtune.fast_t5.ffn_kernels import _counter_draws
 from sumtune.triton_compat import fix_interpreter_for_numpy_2_4
 from sumtune.triton_compat import interpreter_safe_dot as _dot
 
@@ -58,9 +59,7 @@ def _tile_draws(seed, offs_m, start_n, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.con
     """31-bit draws of a (BLOCK_M, BLOCK_N) tile: element (m, n) gets word (m * N + n) % 4 of counter // 4."""
     cols = start_n + 4 * tl.arange(0, BLOCK_N // 4)
     counters = (offs_m[:, None].to(tl.int64) * N + cols[None, :]) // 4
-    r0, r1, r2, r3 = tl.randint4x(seed, counters)
-    words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_M, BLOCK_N))
-    return (words >> 1).to(tl.int32)
+    return tl.reshape(_counter_draws(seed, counters), (BLOCK_M, BLOCK_N))
 
 
 @triton.jit

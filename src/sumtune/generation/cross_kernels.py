@@ -61,4 +61,3 @@ def hidden_cross_attention(Q, MEM, LENGTHS, OUT, ACC, MAX, SUM, stride_qb, strid
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row without keys: zeros
         tl.store(OUT + row * stride_ob + offs_h[:, None] * stride_oh + offs_d[None, :], out.to(OUT.dtype.element_ty),
                  mask=in_h[:, None])
-
