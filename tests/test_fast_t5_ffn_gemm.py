@@ -1,5 +1,6 @@
-"""sumtune.fast_t5.ffn_gemm: T5's feed-forward GEMMs with the ReLU-dropout in their epilogues (a candidate the model
-does not use yet), against float64 and the standalone ReLU-dropout kernel's draws.
+"""sumtune.fast_t5.ffn_gemm: T5's feed-forward GEMMs with the ReLU-dropout in their epilogues (used by the model where
+``USE_IN_MODEL`` says so), against float64, the standalone ReLU-dropout kernel's draws and, in a model, the path with
+the standalone kernel.
 
 On CPU the kernels run in Triton's interpreter; the sm_90 build is checked with ptxas on any machine."""
 
@@ -76,6 +77,61 @@ for name, tiles in (("linear_relu_dropout", ffn_gemm.FORWARD_TILES),
     compiled = compile_source(kernel, arg_types, constexprs, warps, stages)
     print(json.dumps(dict(kernel=name, wgmma=sass_opcodes(compiled).get("HGMMA", 0), **resources(compiled))))
 """
+
+
+def test_the_model_takes_the_epilogue_gemms_where_asked_with_the_standalone_kernels_loss_and_gradients(
+        kernels, monkeypatch):
+    """With ``USE_IN_MODEL`` and frozen cached wi / wo (LoRA on attention's v and o, as the reference), a training
+    step's ReLU feed-forwards run ``relu_feed_forward`` (not in eval, not without the cache); with T5's dropout 0.2 the
+    loss and LoRA gradients are those of the standalone kernel's path for the same RNG state (same draws; the GEMMs
+    round differently, so within bf16 steps)."""
+    from test_fast_t5 import TINY, VOCAB, build_qlora_t5, loss_and_lora_grads, padded_batch
+
+    from sumtune.fast_t5 import disable_fast_t5, enable_fast_t5
+    from sumtune.fast_t5.extras import cache_dequantized_weights, uncache_dequantized_weights
+
+    ffn_gemm, ffn_dropout = kernels
+    model = build_qlora_t5(dict(TINY, num_layers=1, num_decoder_layers=1, dropout_rate=0.2), seed=5,
+                           lora_targets=["v", "o"], quantize_wo=True)
+    batch = padded_batch(2, 16, 6, VOCAB, seed=6)
+    calls, original = [], ffn_gemm.relu_feed_forward
+
+    def spy(x, wi, wo, p):
+        calls.append(p)
+        return original(x, wi, wo, p)
+
+    monkeypatch.setattr(ffn_gemm, "relu_feed_forward", spy)
+    for module in (ffn_dropout, ffn_gemm):  # the interpreter stands in for CUDA
+        monkeypatch.setattr(module, "kernels_run_in_model" if module is ffn_gemm else "fuses_in_model",
+                            ffn_dropout.can_fuse)
+    assert ffn_gemm.USE_IN_MODEL is False  # off until measured faster on a GPU
+    results = {}
+    for cached, use in ((False, True), (True, False), (True, True)):
+        if cached:
+            cache_dequantized_weights(model)
+        monkeypatch.setattr(ffn_gemm, "USE_IN_MODEL", use)
+        enable_fast_t5(model, attention_backend="sdpa", fused_ffn_dropout=True)
+        calls.clear()
+        torch.manual_seed(11)
+        results[cached, use] = loss_and_lora_grads(model, batch)
+        assert calls == ([0.2, 0.2] if cached and use else [])  # encoder and decoder feed-forward
+        model.eval()
+        with torch.no_grad():
+            model(**batch)
+        model.train()
+        assert len(calls) == (2 if cached and use else 0)  # eval keeps the stock ops
+        disable_fast_t5(model)
+        uncache_dequantized_weights(model)
+    (loss, grads), (fused_loss, fused_grads) = results[True, False], results[True, True]
+    assert torch.allclose(loss, fused_loss, rtol=5e-3), (loss, fused_loss)
+    differences = {n: float((grads[n] - fused_grads[n]).norm() / grads[n].norm()) for n in grads if grads[n].norm() > 0}
+    assert len(differences) == len(grads) and max(differences.values()) < 2e-2, differences
+    # and the draws are the ones the step made: another RNG state gives another loss
+    torch.manual_seed(12)
+    monkeypatch.setattr(ffn_gemm, "USE_IN_MODEL", True)
+    cache_dequantized_weights(model)
+    enable_fast_t5(model, attention_backend="sdpa", fused_ffn_dropout=True)
+    assert not torch.allclose(loss_and_lora_grads(model, batch)[0], fused_loss, rtol=1e-3)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")

@@ -1,7 +1,12 @@
 """T5's feed-forward GEMMs with the ReLU-dropout in their epilogues (Triton, sumtune.fast_t5.ffn_gemm_kernels): a
-candidate, not used by the model until a GPU measures it faster (``benchmarks/ffn_epilogue.py``).
+candidate, used by the model only where ``USE_IN_MODEL`` says so (``benchmarks/ffn_epilogue.py`` times the kernels,
+``benchmarks/train_throughput.py`` the step with the token ``ffngemm``).
 
 Public:
+    relu_feed_forward(x, wi_weight, wo_weight, dropout_p) -> Tensor   (autograd: T5DenseActDense's training forward
+        with frozen weights, ``wo(dropout(relu(wi(x))))``, the ReLU-dropout in the GEMMs' epilogues)
+    weights_in_model(module, x) -> (wi_weight, wo_weight) | None   (what the fast T5 feed-forward passes it, when it
+        takes it for ``x``)
     linear_relu_dropout(x, weight, dropout_p, seed=None, tiles=FORWARD_TILES) -> (y, seed)
         ``dropout(relu(x @ weight.T))`` with the draws of ``ffn_dropout.relu_dropout`` for the same seed
     relu_dropout_grad_input(grad_out, weight_out, y, dropout_p, tiles=BACKWARD_TILES) -> Tensor
@@ -21,8 +26,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+import torch.nn.functional as F
+
 from sumtune.fast_t5.attention_inputs import dropout_seed
-from sumtune.fast_t5.ffn_dropout import draw_threshold
+from sumtune.fast_t5.extras import _CACHE_ATTR
+from sumtune.fast_t5.ffn_dropout import draw_threshold, fuses_in_model as kernels_run_in_model
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); compiled for sm_90 on the CPU at T5-3b shapes: 158 and
 # 155 registers, no spill, 96 KiB of shared memory (128 x 256 tiles spill in the Philox epilogue;
@@ -30,6 +38,7 @@ from sumtune.fast_t5.ffn_dropout import draw_threshold
 FORWARD_TILES = (128, 128, 64, 8, 8, 3)
 BACKWARD_TILES = (128, 128, 64, 8, 8, 3)
 INTERPRETER_TILES = (16, 32, 16, 2, 4, 1)
+USE_IN_MODEL = False  # off until the seed's step measures it faster (train_throughput.py token `ffngemm`)
 
 
 def _kernels():
@@ -83,3 +92,69 @@ def relu_dropout_grad_input(grad_out: Tensor, weight_out: Tensor, y: Tensor, dro
         grad_out, weight_out, y, grad_in, rows, cols, depth, grad_out.stride(0), weight_out.stride(0), y.stride(0),
         grad_in.stride(0), draw_threshold(dropout_p)[1], UPCAST=kernels.INTERPRET, **_launch_options(tiles))
     return grad_in
+
+
+def _cached_weight(linear: torch.nn.Module, dtype: torch.dtype) -> Tensor | None:
+    """A frozen Linear4bit's dequantized copy (``cache_dequantized_weights``) in ``dtype``, when it has no bias."""
+    weight = getattr(linear, _CACHE_ATTR, None)
+    if weight is None or weight.dtype != dtype or getattr(linear, "bias", None) is not None:
+        return None
+    return weight
+
+
+def weights_in_model(module: torch.nn.Module, x: Tensor) -> tuple[Tensor, Tensor] | None:
+    """(wi's, wo's weight) when T5DenseActDense ``module`` takes :func:`relu_feed_forward` for ``x``, else None:
+    ``USE_IN_MODEL``, the standalone kernels' conditions (CUDA), and ``wi`` and ``wo`` both frozen 4-bit layers with
+    cached weights in x's dtype (no LoRA on them, as with the reference's LoRA on attention's v and o)."""
+    if not (USE_IN_MODEL and kernels_run_in_model(x)):
+        return None
+    wi, wo = _cached_weight(module.wi, x.dtype), _cached_weight(module.wo, x.dtype)
+    if wi is None or wo is None or wi.shape[0] % 4:
+        return None
+    return wi, wo
+
+
+@torch.library.custom_op("sumtune::relu_feed_forward", mutates_args=())
+def _relu_feed_forward_op(x: Tensor, wi_weight: Tensor, wo_weight: Tensor, dropout_p: float
+                          ) -> tuple[Tensor, Tensor]:
+    y, _ = linear_relu_dropout(x, wi_weight, dropout_p)
+    return F.linear(y, wo_weight), y
+
+
+@_relu_feed_forward_op.register_fake
+def _(x, wi_weight, wo_weight, dropout_p):
+    rows = x.shape[0]
+    return x.new_empty((rows, wo_weight.shape[0])), x.new_empty((rows, wi_weight.shape[0]))
+
+
+@torch.library.custom_op("sumtune::relu_feed_forward_backward", mutates_args=())
+def _relu_feed_forward_backward_op(grad_out: Tensor, wi_weight: Tensor, wo_weight: Tensor, y: Tensor,
+                                   dropout_p: float) -> Tensor:
+    return relu_dropout_grad_input(grad_out, wo_weight, y, dropout_p) @ wi_weight
+
+
+@_relu_feed_forward_backward_op.register_fake
+def _(grad_out, wi_weight, wo_weight, y, dropout_p):
+    return grad_out.new_empty((grad_out.shape[0], wi_weight.shape[1]))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1], inputs[2], output[1])  # y only (what wo's input would keep anyway)
+    ctx.dropout_p = inputs[3]
+
+
+def _backward(ctx, grad_out, _grad_y):
+    wi_weight, wo_weight, y = ctx.saved_tensors
+    grad_x = _relu_feed_forward_backward_op(grad_out.contiguous(), wi_weight, wo_weight, y, ctx.dropout_p)
+    return grad_x, None, None, None
+
+
+_relu_feed_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def relu_feed_forward(x: Tensor, wi_weight: Tensor, wo_weight: Tensor, dropout_p: float) -> Tensor:
+    """``dropout(relu(x @ wi_weight.T)) @ wo_weight.T`` for x [..., d_model] with frozen weights (no weight
+    gradients): forward, one epilogue GEMM and one cuBLAS GEMM; backward, one epilogue GEMM and one cuBLAS GEMM."""
+    lead = x.shape[:-1]
+    out, _ = _relu_feed_forward_op(x.reshape(-1, x.shape[-1]), wi_weight, wo_weight, float(dropout_p))
+    return out.view(*lead, out.shape[-1])
