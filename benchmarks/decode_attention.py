@@ -76,14 +76,14 @@ def relative_error(got, ref) -> float:
     return float((got.float() - ref).norm() / ref.norm())
 
 
-def formulations(device):
+def formulations(device, configs=None):
     rows = [("hidden: two GEMMs (sumtune today)", hidden_gemms, None),
             ("hidden: SDPA, PyTorch's choice", hidden_sdpa, None)]
     if device.type == "cuda":
         from torch.nn.attention import SDPBackend
 
         rows.append(("hidden: SDPA, memory-efficient kernel", hidden_sdpa, SDPBackend.EFFICIENT_ATTENTION))
-        for config in FUSED_CONFIGS:
+        for config in configs or FUSED_CONFIGS:
             block_n, warps, heads, stages = config
             name = f"hidden: sumtune fused kernel {block_n} keys x {warps} warps x {heads} heads x {stages} stages"
             rows.append((name, lambda *a, c=config: _with_fused_config(c, hidden_fused, *a), None))
@@ -128,8 +128,12 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", default="64,256")
     parser.add_argument("--keys", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--tiles", default="",
+                        help="the fused kernel's tiles to time instead of FUSED_CONFIGS, as comma-separated "
+                             "BLOCK_NxWARPSxHEADSxSTAGES specs (e.g. 64x16x32x2)")
     parser.add_argument("--cpu-check", action="store_true")
     args = parser.parse_args(argv)
+    configs = [tuple(int(v) for v in spec.split("x")) for spec in args.tiles.split(",") if spec]
     if args.cpu_check:
         return cpu_check()
     if not torch.cuda.is_available():
@@ -141,7 +145,7 @@ def main(argv=None) -> int:
         inputs = make_inputs(batch, args.keys, device)
         ref = reference_fp32(*inputs)
         states_gb = inputs[3].numel() * inputs[3].element_size() / 1e9
-        for name, fn, backend in formulations(device):
+        for name, fn, backend in formulations(device, configs):
             try:
                 ms = bc.cuda_event_ms(lambda: run(fn, backend, inputs), args.repeats)
                 row = dict(batch=batch, keys=args.keys, formulation=name, ms=ms, states_gb_per_s=states_gb / ms * 1e3,
