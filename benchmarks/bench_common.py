@@ -249,9 +249,6 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     # every new shape warmed up before its capture, even inside a warmed shape's width classes (first_epoch.py; on
     # by default since 2026-12-03, the token was `classwarm` while it was off)
     "noclasswarm": ("sumtune.cuda_graphs", "WARM_UP_ONLY_UNCOVERED_SHAPES", False),
-    # T5's ReLU feed-forward with the ReLU-dropout in wi's and wo's GEMM epilogues where both are frozen and cached
-    # (sumtune.fast_t5.ffn_gemm; off until measured faster)
-    "ffngemm": ("sumtune.fast_t5.ffn_gemm", "USE_IN_MODEL", True),
 }
 
 

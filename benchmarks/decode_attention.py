@@ -131,6 +131,10 @@ def main(argv=None) -> int:
     parser.add_argument("--tiles", default="",
                         help="the fused kernel's tiles to time instead of FUSED_CONFIGS, as comma-separated "
                              "BLOCK_NxWARPSxHEADSxSTAGES specs (e.g. 64x16x32x2)")
+    parser.add_argument("--launch-only", action="store_true",
+                        help="only launch the fused kernel 4 times (first batch, first of --tiles or the shipped tiles) "
+                             "and time nothing: for a profiler, e.g. ncu --kernel-name hidden_cross_attention "
+                             "--launch-skip 2 --launch-count 1 --set full")
     parser.add_argument("--cpu-check", action="store_true")
     args = parser.parse_args(argv)
     configs = [tuple(int(v) for v in spec.split("x")) for spec in args.tiles.split(",") if spec]
@@ -140,6 +144,12 @@ def main(argv=None) -> int:
         print("decode_attention.py times GPU kernels and needs a CUDA GPU; use --cpu-check.", file=sys.stderr)
         return 2
     device = torch.device("cuda")
+    if args.launch_only:
+        inputs = make_inputs(int(args.batches.split(",")[0]), args.keys, device)
+        for _ in range(4):
+            _with_fused_config(configs[0] if configs else FUSED_CONFIGS[0], hidden_fused, *inputs)
+        torch.cuda.synchronize()
+        return 0
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
         inputs = make_inputs(batch, args.keys, device)

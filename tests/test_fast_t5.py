@@ -39,17 +39,13 @@ GRAD_RTOL = 2e-2  # the issue's bar for bf16 gradients (the two stock backends d
 
 # ----------------------------------------------------------------------------- model + batch builders
 def build_qlora_t5(config_kwargs: dict, device: str = "cpu", seed: int = 0, lora_b_std: float = 0.02,
-                   prepare_for_kbit: bool = False, init_factor: float = 0.5, lora_targets="all-linear",
-                   quantize_wo: bool = False):
-    """Random T5 saved to disk, loaded back in NF4 with from_pretrained (``wo`` too with ``quantize_wo``, as sumtune's
-    loader does), then PEFT LoRA (all-linear by default).
+                   prepare_for_kbit: bool = False, init_factor: float = 0.5):
+    """Random T5 saved to disk, loaded back in NF4 with from_pretrained, then PEFT LoRA (all-linear).
 
     LoRA B gets small random values (as after some training) so lora_A gradients are not all zero.
     """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSeq2SeqLM, BitsAndBytesConfig, T5Config, T5ForConditionalGeneration
-
-    from sumtune.modeling import quantize_t5_wo
 
     torch.manual_seed(seed)
     config = T5Config(**dict(dict(feed_forward_proj="relu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
@@ -58,15 +54,14 @@ def build_qlora_t5(config_kwargs: dict, device: str = "cpu", seed: int = 0, lora
         T5ForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(tmpdir)
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=torch.bfloat16)
-        with quantize_t5_wo(T5ForConditionalGeneration, keep_fp32_wo=not quantize_wo):
-            model = AutoModelForSeq2SeqLM.from_pretrained(tmpdir, quantization_config=quant, dtype=torch.bfloat16,
-                                                          device_map={"": device})
+        model = AutoModelForSeq2SeqLM.from_pretrained(tmpdir, quantization_config=quant, dtype=torch.bfloat16,
+                                                      device_map={"": device})
     keep_4bit_layout(model)  # as sumtune's loader does: eval-then-train on an AVX512-BF16 CPU loses gradients otherwise
     if prepare_for_kbit:  # the reference recipe: upcasts every unquantized weight to fp32
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=lora_targets, task_type="SEQ_2_SEQ_LM")
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="SEQ_2_SEQ_LM")
     model = get_peft_model(model, lora)
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -6,7 +6,7 @@ Public:
     gated_gelu_dropout(a, b, dropout_p) -> Tensor   (autograd; the same, for the gated GELU feed-forward)
     is_tanh_gelu(act) -> bool                    (whether a feed-forward's activation is the one the kernel computes)
     relu_dropout_keep_mask(seed, numel, dropout_p, device) -> bool Tensor   (the mask a seed gives: tests)
-    draw_threshold(dropout_p) -> (drop_below, scale)   (the kernels' 31-bit threshold; sumtune.fast_t5.ffn_gemm too)
+    draw_threshold(dropout_p) -> (drop_below, scale)   (the kernels' 31-bit threshold)
     can_fuse(x) -> bool                          (whether the kernels can run on x here)
     fuses_in_model(x) -> bool                    (whether the fast T5 feed-forward uses them for x: CUDA only)
 

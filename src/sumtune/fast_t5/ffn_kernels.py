@@ -26,7 +26,7 @@ INTERPRET = bool(triton.knobs.runtime.interpret)
 @triton.jit
 def _counter_draws(seed, counters):
     """31-bit draws of elements 4c .. 4c + 3 for each Philox counter c: shape counters.shape + (2, 2), whose last two
-    axes flattened are element 4c + w <- word w (the GEMM epilogues of sumtune.fast_t5.ffn_gemm_kernels use it too)."""
+    axes flattened are element 4c + w <- word w."""
     r0, r1, r2, r3 = tl.randint4x(seed, counters)
     return (tl.join(tl.join(r0, r2), tl.join(r1, r3)) >> 1).to(tl.int32)
 

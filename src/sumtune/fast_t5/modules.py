@@ -119,17 +119,9 @@ def fast_final_layer_norm_forward(self, hidden_states):
 # --------------------------------------------------------------------------- feed-forward
 def fast_dense_act_dense_forward(self, hidden_states):
     """T5DenseActDense with ``wo`` fed in the compute dtype (stock upcasts to wo's fp32 weight); in training with
-    ``FUSED_RELU_DROPOUT_ATTR`` set (enable_fast_t5's ``fused_ffn_dropout``), ReLU and dropout in one kernel, or in
-    the GEMMs' epilogues where ``sumtune.fast_t5.ffn_gemm.weights_in_model`` says so."""
-    fused = self.training and getattr(self, FUSED_RELU_DROPOUT_ATTR, False) and isinstance(self.act, torch.nn.ReLU)
-    if fused:
-        from sumtune.fast_t5 import ffn_gemm
-
-        weights = ffn_gemm.weights_in_model(self, hidden_states)  # frozen wi, wo: ReLU-dropout in their epilogues
-        if weights is not None:
-            return ffn_gemm.relu_feed_forward(hidden_states, *weights, self.dropout.p)
+    ``FUSED_RELU_DROPOUT_ATTR`` set (enable_fast_t5's ``fused_ffn_dropout``), ReLU and dropout in one kernel."""
     hidden_states = self.wi(hidden_states)
-    if fused:
+    if self.training and getattr(self, FUSED_RELU_DROPOUT_ATTR, False) and isinstance(self.act, torch.nn.ReLU):
         from sumtune.fast_t5 import ffn_dropout
 
         if ffn_dropout.fuses_in_model(hidden_states):
