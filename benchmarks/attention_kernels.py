@@ -305,6 +305,27 @@ def cpu_check() -> int:
 
 
 # ----------------------------------------------------------------------------- main
+def launch_only(shape) -> None:
+    """sumtune's kernels with bias, padding and dropout, forward + backward: three warm-up runs (autotuning), then
+    one between cudaProfilerStart and Stop, for a profiler started with its range off (ncu --profile-from-start off)."""
+    from sumtune.fast_t5 import bias as bias_lib
+    from sumtune.fast_t5 import flash_attention as fa
+
+    batch, heads, length, head_dim = shape
+    q, k, v, keep = make_inputs(shape, torch.device("cuda"))
+    grad_out = torch.randn_like(q)
+    module = t5_attention_module(heads, head_dim, q.device)
+    table_log2 = fa.bias_table_log2(bias_lib.relative_position_bias_by_offset(module, length, length, torch.bfloat16))
+    padding = fa.key_padding(keep)
+    for run in range(4):
+        if run == 3:
+            torch.cuda.synchronize()
+            torch.cuda.cudart().cudaProfilerStart()
+        fa.t5_flash_attention(q, k, v, table_log2, BIAS_RADIUS, padding, False, 1.0, DROPOUT_P).backward(grad_out)
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", type=parse_shape, default=[parse_shape(s) for s in DEFAULT_SHAPES],
@@ -314,6 +335,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cpu-check", action="store_true",
                         help="no GPU needed: check sumtune's Triton kernels in Triton's interpreter on tiny shapes")
     parser.add_argument("--tag", default=None, help="suffix of the result file name (e.g. run2)")
+    parser.add_argument("--launch-only", action="store_true",
+                        help="time nothing: run sumtune's kernels (bias, padding, dropout) at each shape, the last "
+                             "run inside a profiler range (ncu --profile-from-start off --set full ...)")
     args = parser.parse_args(argv)
     if args.cpu_check:
         if os.environ.get("TRITON_INTERPRET") != "1":  # must be set before triton is first imported: start afresh
@@ -323,6 +347,10 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("attention_kernels.py needs a CUDA GPU (or --cpu-check).", file=sys.stderr)
         return 2
+    if args.launch_only:
+        for shape in args.shapes:
+            launch_only(shape)
+        return 0
     import triton
 
     started = time.time()
