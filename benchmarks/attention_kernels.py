@@ -19,6 +19,7 @@ Rows, each timed forward + backward (CUDA events, median) with its peak memory a
   ... +dropout8             the same with 8-bit dropout draws (flash_attention.DROPOUT_DRAW_BITS = 8)
   ... +dropout+nopairs      the same with the Philox-4x32 draws before DROPOUT_PAIRS (flash_attention)
   ... +dropout+noholes      the key mask read in every row, not only in rows with a hole (MASK_ONLY_WITH_HOLES off)
+  ... +dropout+nowidemul    the Philox products as mul.lo + mul.hi, not one mul.wide.u32 (PHILOX_WIDE_MUL off)
   triton                    the same kernels with key padding only (no bias, no dropout): the bare kernel
 Forward and backward are also timed apart (fwd_ms, bwd_ms) in the same runs.
 The bias tensors come from a real frozen T5Attention through sumtune.fast_t5.bias, as the fast stack makes them.
@@ -176,7 +177,7 @@ def error_vs_float32(fa, attend_ours, attend_sdpa, q, k, v, table, keep, grad_ou
 
 
 # ----------------------------------------------------------------------------- one shape
-def run_shape(shape, repeats: int, with_flex: bool) -> tuple[list[dict], dict]:
+def run_shape(shape, repeats: int, with_flex: bool, only: tuple[str, ...] = ()) -> tuple[list[dict], dict]:
     from torch.nn.attention import SDPBackend
 
     from sumtune.fast_t5 import bias as bias_lib
@@ -197,6 +198,8 @@ def run_shape(shape, repeats: int, with_flex: bool) -> tuple[list[dict], dict]:
     rows = []
 
     def record(kernel, fn, tensors, bias_gib, **extra):
+        if only and kernel not in only:
+            return
         started = time.time()
         try:
             seconds, forward, peak = time_fwd_bwd(fn, tensors, grad_out, repeats)
@@ -242,6 +245,8 @@ def run_shape(shape, repeats: int, with_flex: bool) -> tuple[list[dict], dict]:
         record("triton+bias+dropout+nopairs", ours, (q, k, v), table.numel() * 4 / 2**30)
     with bc.patched("noholes"):  # these rows are right-padded only: by default they read no key mask at all
         record("triton+bias+dropout+noholes", ours, (q, k, v), table.numel() * 4 / 2**30)
+    with bc.patched("nowidemul"):  # Philox products from mul.lo + mul.hi (two instructions) instead of mul.wide
+        record("triton+bias+dropout+nowidemul", ours, (q, k, v), table.numel() * 4 / 2**30)
     pinned = {kernel: config for kernel, config in tuned.items() if config is not None}
     with fa.block_sizes(**pinned):  # the dropout variant's tiles: one compile instead of another autotune
         record("triton+bias", lambda *t: ours(*t, p=0.0), (q, k, v), table.numel() * 4 / 2**30)
@@ -335,6 +340,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cpu-check", action="store_true",
                         help="no GPU needed: check sumtune's Triton kernels in Triton's interpreter on tiny shapes")
     parser.add_argument("--tag", default=None, help="suffix of the result file name (e.g. run2)")
+    parser.add_argument("--kernels", default="",
+                        help="only these rows, comma-separated (e.g. cudnn,triton+bias+dropout); default: all")
     parser.add_argument("--launch-only", action="store_true",
                         help="time nothing: run sumtune's kernels (bias, padding, dropout) at each shape, the last "
                              "run inside a profiler range (ncu --profile-from-start off --set full ...)")
@@ -356,7 +363,8 @@ def main(argv=None) -> int:
     started = time.time()
     rows, checks = [], []
     for shape in args.shapes:
-        shape_rows, check = run_shape(shape, args.repeats, with_flex=not args.no_flex)
+        shape_rows, check = run_shape(shape, args.repeats, with_flex=not args.no_flex,
+                                      only=tuple(k for k in args.kernels.split(",") if k))
         rows += shape_rows
         checks.append(check)
         bc.free_gpu_memory()

@@ -249,6 +249,8 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     # every new shape warmed up before its capture, even inside a warmed shape's width classes (first_epoch.py; on
     # by default since 2026-12-03, the token was `classwarm` while it was off)
     "noclasswarm": ("sumtune.cuda_graphs", "WARM_UP_ONLY_UNCOVERED_SHAPES", False),
+    # the attention kernels' Philox products as Triton's mul.lo + mul.hi, not one mul.wide.u32 each
+    "nowidemul": ("sumtune.fast_t5.flash_attention", "PHILOX_WIDE_MUL", False),
 }
 
 

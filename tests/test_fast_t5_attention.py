@@ -713,6 +713,26 @@ def test_pair_draws_let_the_dkdv_kernel_build_its_mask_without_shared_memory(com
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_wide_philox_products_take_one_multiply_a_round_in_the_hopper_build(compiled_for_hopper):
+    """PHILOX_WIDE_MUL (the kernels' PAIRS 2): each Philox-2x32 round's product from one mul.wide.u32. Compiled for
+    sm_90, the forward and dK/dV kernels (their 4096-token tiles) have fewer integer multiplies and instructions
+    than with Triton's mul.lo + mul.hi (PAIRS 1), no more registers and at most a few more bytes of spill."""
+    rows, stderr = compiled_for_hopper(
+        "import json; from sumtune.fast_t5 import flash_compile as fc\n"
+        "for name, config in (('fwd', (64, 64, 4, 2)), ('dkdv', (32, 128, 8, 3))):\n"
+        "    for pairs in (1, 2):\n"
+        "        c = fc.compile_kernel(name, *config, PAIRS=pairs, STORE_DS=name == 'dkdv')\n"
+        "        s = fc.sass_opcodes(c)\n"
+        "        print(json.dumps(dict(fc.resources(c), imad=s['IMAD'], total=sum(s.values()))))")
+    assert len(rows) == 4, stderr
+    for two_muls, wide in (rows[:2], rows[2:]):
+        assert wide["imad"] < two_muls["imad"] - 60 and wide["total"] < two_muls["total"] - 60, (two_muls, wide)
+        # ptxas allots the registers anew: the forward spills 20 bytes instead of 12 (16 and 16 with PV_SPLIT)
+        assert wide["spill_bytes"] <= two_muls["spill_bytes"] + 16 and wide["registers"] <= two_muls["registers"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_sass_opcode_counts_show_what_dropout_adds_to_the_forward(compiled_for_hopper):
     """flash_compile.sass_opcodes (nvdisasm on the sm_90 cubin): the forward with dropout has the same tensor-core
     GEMMs as without it, its exponentials, and more integer multiplies (the Philox rounds)."""
@@ -901,6 +921,18 @@ def test_gpu_kernels_with_each_draw_scheme_match_float64_with_their_mask(compile
     monkeypatch.setattr(compiled_fa, "DROPOUT_PAIRS", pairs)
     with first_configs(compiled_fa):
         _check_against_sdpa_and_float64(compiled_fa, 128, False, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_wide_philox_products_draw_the_same_masks(compiled_fa, monkeypatch):
+    """PHILOX_WIDE_MUL changes how the product is computed, not the draws: the compiled mask kernel gives the same
+    mask with it on and off (and the CPU interpreter, which always multiplies twice, the same again)."""
+    masks = {}
+    for wide in (True, False):
+        monkeypatch.setattr(compiled_fa, "PHILOX_WIDE_MUL", wide)
+        masks[wide] = compiled_fa.dropout_keep_mask(77, 2, 4, 300, 260, 0.1, device="cuda")
+    assert torch.equal(masks[True], masks[False]) and 0.85 < masks[True].float().mean().item() < 0.95
 
 
 def _check_against_sdpa_and_float64(fa, head_dim, causal, dtype):

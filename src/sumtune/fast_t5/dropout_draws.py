@@ -5,7 +5,8 @@ Every draw depends only on (seed, batch * heads + head, query, key), never on th
 both backward kernels make the same decisions. Three schemes (``sumtune.fast_t5.flash_attention`` picks one):
 
 * pairs (``PAIRS``, the default): a Philox-2x32 call per queries {r, r + 8} x keys {c, c + 8} (r % 16 < 8,
-  c % 16 < 8), four 16-bit draws. One thread holds these four elements of a tensor-core accumulator whether its
+  c % 16 < 8), four 16-bit draws (``PAIRS == 2``: the same draws, each round's 32 x 32-bit product from one
+  ``mul.wide.u32``). One thread holds these four elements of a tensor-core accumulator whether its
   rows are the queries (forward, dQ) or the keys (dK/dV), so every kernel builds its mask in its own layout.
 * quads: a Philox-4x32 call (Triton's ``tl.philox``) per queries {r, r + 8} x keys {c, c + 1, c + 8, c + 9}, eight
   16-bit draws; only the queries-first layout holds them in one thread (the dK/dV kernel transposes the mask).
@@ -23,14 +24,27 @@ import triton.language as tl
 PHILOX_ROUNDS = tl.constexpr(7)
 PHILOX2_M = tl.constexpr(0xD256D193)  # Random123's Philox-2x32 multiplier and key increment
 PHILOX2_W = tl.constexpr(0x9E3779B9)
+PAIRS_WIDE_MUL = tl.constexpr(2)  # the kernels' PAIRS: 0 quads, 1 pairs, 2 pairs with _wide_product
 
 
 @triton.jit
-def _philox2x32(key, c0, c1, n_rounds: tl.constexpr):
-    """Random123's Philox-2x32: two 32-bit words from the counter (c0, c1) (uint32) under a 32-bit key."""
+def _wide_product(c0):
+    """(low, high) 32-bit halves of PHILOX2_M * c0 from one ``mul.wide.u32`` (one IMAD.WIDE on sm_90; ptxas keeps
+    Triton's separate ``mul.lo`` and ``mul.hi`` as two instructions)."""
+    return tl.inline_asm_elementwise("{ .reg .b64 t; mul.wide.u32 t, $2, 3528905107; mov.b64 {$0, $1}, t; }",
+                                     "=r,=r,r", [c0], dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _philox2x32(key, c0, c1, n_rounds: tl.constexpr, WIDE_MUL: tl.constexpr = False):
+    """Random123's Philox-2x32: two 32-bit words from the counter (c0, c1) (uint32) under a 32-bit key. WIDE_MUL:
+    the product's two halves from one instruction (compiled kernels only: the interpreter runs no inline PTX)."""
     for _ in tl.static_range(n_rounds):
-        hi = tl.math.umulhi(PHILOX2_M, c0)
-        lo = tl.mul(PHILOX2_M, c0, sanitize_overflow=False)
+        if WIDE_MUL:
+            lo, hi = _wide_product(c0)
+        else:
+            hi = tl.math.umulhi(PHILOX2_M, c0)
+            lo = tl.mul(PHILOX2_M, c0, sanitize_overflow=False)
         c0 = hi ^ c1 ^ key
         c1 = lo
         key = tl.add(key, PHILOX2_W, sanitize_overflow=False)
@@ -38,18 +52,18 @@ def _philox2x32(key, c0, c1, n_rounds: tl.constexpr):
 
 
 @triton.jit
-def _pair_draws(seed, stream, counter, drop_below):
+def _pair_draws(seed, stream, counter, drop_below, WIDE_MUL: tl.constexpr = False):
     """Keep flags of one Philox-2x32 call per counter: (query r, key c), (r, c + 8), (r + 8, c), (r + 8, c + 8)."""
     key = tl.zeros_like(counter).to(tl.uint32) + seed.to(tl.uint32)
     w0, w1 = _philox2x32(key, counter.to(tl.uint32, bitcast=True),
-                         (tl.zeros_like(counter) + stream).to(tl.uint32, bitcast=True), PHILOX_ROUNDS)
+                         (tl.zeros_like(counter) + stream).to(tl.uint32, bitcast=True), PHILOX_ROUNDS, WIDE_MUL)
     return ((w0 & 0xFFFF).to(tl.int32) >= drop_below, (w0 >> 16).to(tl.int32) >= drop_below,
             (w1 & 0xFFFF).to(tl.int32) >= drop_below, (w1 >> 16).to(tl.int32) >= drop_below)
 
 
 @triton.jit
 def _keep_pairs(seed, stream, start_i, start_j, n_cols, drop_below, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
-                KEYS_FIRST: tl.constexpr = False):
+                KEYS_FIRST: tl.constexpr = False, WIDE_MUL: tl.constexpr = False):
     """(BLOCK_I, BLOCK_J) queries x keys keep mask from one Philox-2x32 call per queries {r, r + 8} x keys
     {c, c + 8} (r % 16 < 8, c % 16 < 8): four 16-bit draws that one thread holds of a tensor-core accumulator
     whether its rows are the queries (forward, dQ) or the keys (dK/dV), so neither layout exchanges draws between
@@ -60,7 +74,7 @@ def _keep_pairs(seed, stream, start_i, start_j, n_cols, drop_below, BLOCK_I: tl.
         counter = rows[None, :] * n_cols + cols[:, None]
     else:
         counter = rows[:, None] * n_cols + cols[None, :]
-    near, far_key, far_query, far_both = _pair_draws(seed, stream, counter, drop_below)
+    near, far_key, far_query, far_both = _pair_draws(seed, stream, counter, drop_below, WIDE_MUL)
     if KEYS_FIRST:  # the tile's own rows and columns: the element 8 rows on, and the one 8 columns on
         far_row, far_column = far_key, far_query
     else:
@@ -84,8 +98,9 @@ def _keep_tile(seed, stream, start_i, start_j, n_cols, drop_below, BLOCK_I: tl.c
     same thread's elements over 32 keys."""
     if DRAW8:
         return _keep_tile_8bit(seed, stream, start_i, start_j, n_cols, drop_below, BLOCK_I, BLOCK_J)
-    if PAIRS:
-        return _keep_pairs(seed, stream, start_i, start_j, n_cols, drop_below, BLOCK_I, BLOCK_J)
+    if PAIRS:  # PAIRS == PAIRS_WIDE_MUL: the same draws, each Philox product from one instruction
+        return _keep_pairs(seed, stream, start_i, start_j, n_cols, drop_below, BLOCK_I, BLOCK_J, False,
+                           PAIRS == PAIRS_WIDE_MUL)
     rows = start_i // 2 + tl.arange(0, BLOCK_I // 2)  # counter row: 8 per 16-row band
     cols = start_j // 4 + tl.arange(0, BLOCK_J // 4)  # counter column: 4 per 16-key band
     counter = rows[:, None] * n_cols + cols[None, :]

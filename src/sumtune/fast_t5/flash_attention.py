@@ -50,6 +50,12 @@ DROPOUT_DRAW_BITS = 16
 # one's +0.4% (results/attention_kernels_pairs-*, long_documents_pairs*-*, train_throughput_shipped_pairs_default-*).
 # Read when a forward runs; the backward uses the forward's. Benchmark token `nopairs`.
 DROPOUT_PAIRS = True
+# Pairs' Philox products from one mul.wide.u32 each (dropout_draws._wide_product) instead of Triton's mul.lo and
+# mul.hi, which ptxas keeps as two instructions: the same draws. Nsight Compute on an H200 (2026-12-03,
+# results/attention_ncu-2026-12-03-h200.json) has the kernels issue-bound, with IMAD.HI 4.4-4.5% of the forward's and
+# the dK/dV kernel's instructions. Compiled kernels only (the interpreter runs no inline PTX). Benchmark token
+# `nowidemul`: off.
+PHILOX_WIDE_MUL = True
 # The backward's dQ from dS: the dK/dV kernel writes dS (bf16, the values the dQ kernel would round to bf16 before
 # its GEMM) into a (B, H, Lk, Lq) buffer and dQ = dS K runs as cuBLAS batched GEMMs, instead of a dQ kernel that
 # recomputes S, P, dP and the dropout draws. Costs a transient L x L buffer per attention call (2 GiB for 32 x 32 heads
@@ -280,7 +286,7 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
             drop_scale, _length_key(max(query_len, key_len)),
             HEAD_DIM=head_dim, CAUSAL=causal, HAS_BIAS=table is not None, HAS_KEY_MASK=mask is not None,
             DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8,
-            PV_SPLIT=PV_SPLIT and precise_pv, PV_FP16=pv_fp16, PAIRS=pairs,
+            PV_SPLIT=PV_SPLIT and precise_pv, PV_FP16=pv_fp16, PAIRS=_pairs_mode(pairs),
             **_holes_args(mask, holes), **_band_args(table, radius_given, query_len, key_len, "fwd"))
     return out, lse
 
@@ -298,7 +304,7 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, 
     drop_below, drop_scale = dropout_threshold(dropout_p, 1 << draw_bits)
     radius_given, radius = radius, _radius(radius, query_len, key_len)
     common = dict(HEAD_DIM=head_dim, CAUSAL=causal, HAS_BIAS=table is not None, HAS_KEY_MASK=mask is not None,
-                  DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8, PAIRS=pairs)
+                  DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8, PAIRS=_pairs_mode(pairs))
     table_arg = table if table is not None else delta
     mask_arg = mask if mask is not None else delta
     lengths_arg = lengths if lengths is not None else delta
@@ -470,6 +476,13 @@ def _pairs() -> bool:
     return bool(DROPOUT_PAIRS) and _draw_bits() == 16  # 8-bit draws have their own grouping
 
 
+def _pairs_mode(pairs: bool) -> int:
+    """The kernels' PAIRS constexpr: 0 (quads), 1 (pairs), 2 (pairs, products from mul.wide: PHILOX_WIDE_MUL)."""
+    if not pairs:
+        return 0
+    return 2 if PHILOX_WIDE_MUL and not _kernels().INTERPRET else 1
+
+
 def _draw_bits() -> int:
     if DROPOUT_DRAW_BITS not in (8, 16):
         raise ValueError(f"DROPOUT_DRAW_BITS must be 8 or 16, not {DROPOUT_DRAW_BITS}")
@@ -525,7 +538,8 @@ def dropout_keep_mask(seed: Tensor | int, batch: int, heads: int, query_len: int
     block_m, block_n = block
     grid = (_cdiv(query_len, block_m), _cdiv(key_len, block_n), batch * heads)
     kernels.t5_attention_dropout_mask[grid](mask, heads, query_len, key_len, seed, drop_below,
-                                            BLOCK_M=block_m, BLOCK_N=block_n, DRAW8=bits == 8, PAIRS=_pairs())
+                                            BLOCK_M=block_m, BLOCK_N=block_n, DRAW8=bits == 8,
+                                            PAIRS=_pairs_mode(_pairs()))
     return mask.bool()
 
 

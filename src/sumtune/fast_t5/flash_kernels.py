@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from sumtune.fast_t5.bias_band import _band_tile, t5_bias_band  # noqa: F401 (the latter: for flash_attention)
-from sumtune.fast_t5.dropout_draws import _counter_cols, _keep_pairs, _keep_tile
+from sumtune.fast_t5.dropout_draws import PAIRS_WIDE_MUL, _counter_cols, _keep_pairs, _keep_tile
 from sumtune.fast_t5.fp16_values import fp16_power, t5_values_to_fp16  # noqa: F401 (the latter: for flash_attention)
 from sumtune.triton_compat import fix_interpreter_for_numpy_2_4
 from sumtune.triton_compat import interpreter_safe_dot as _dot
@@ -239,7 +239,8 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, const, 
         delta = tl.load(DELTA + offs_m, mask=in_q, other=0.0)
         if DROPOUT:
             if PAIRS:  # the same draws, built in this (keys, queries) layout: no exchange between threads
-                kept = _keep_pairs(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N, True)
+                kept = _keep_pairs(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N, True,
+                                   PAIRS == PAIRS_WIDE_MUL)
             else:  # transposed through shared memory; drawing it in this layout (2x the Philox work) was no faster
                 kept = tl.trans(_keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N,
                                            DRAW8))
