@@ -530,6 +530,20 @@ def test_each_draw_scheme_gives_one_mask_to_all_kernels_whatever_the_tiling(fa, 
                                  keep_scale=fa.dropout_scale(p), dropout_p=p, radius=8)
 
 
+def test_wide_philox_products_are_used_from_their_measured_key_length_in_compiled_kernels_only(fa, monkeypatch):
+    """The kernels' PAIRS: 0 without pairs, 2 (one mul.wide a Philox round) for compiled kernels from
+    PHILOX_WIDE_MUL_MIN_KEYS keys, else 1 (below it, with the flag off, and always in the interpreter)."""
+    import types
+
+    assert fa._pairs_mode(True, 4096) == 1 and fa._pairs_mode(False, 4096) == 0  # the interpreter: no inline PTX
+    monkeypatch.setattr(fa, "_kernels", lambda: types.SimpleNamespace(INTERPRET=False))
+    keys = fa.PHILOX_WIDE_MUL_MIN_KEYS
+    assert [fa._pairs_mode(True, n) for n in (keys - 1, keys, 4096)] == [1, 2, 2]
+    assert fa._pairs_mode(False, 4096) == 0
+    monkeypatch.setattr(fa, "PHILOX_WIDE_MUL", False)
+    assert fa._pairs_mode(True, 4096) == 1
+
+
 @pytest.mark.parametrize("bits, pairs", [(16, False), (8, False), (16, True)])
 def test_dropout_draws_are_independent_at_the_rounded_rate(fa, monkeypatch, bits, pairs):
     """Drop rate = p rounded to 1/2^bits, scale = 1 / exact keep rate, and the decisions one Philox call makes
@@ -929,6 +943,7 @@ def test_gpu_wide_philox_products_draw_the_same_masks(compiled_fa, monkeypatch):
     """PHILOX_WIDE_MUL changes how the product is computed, not the draws: the compiled mask kernel gives the same
     mask with it on and off (and the CPU interpreter, which always multiplies twice, the same again)."""
     masks = {}
+    monkeypatch.setattr(compiled_fa, "PHILOX_WIDE_MUL_MIN_KEYS", 0)  # these 260 keys too (shipped: from 2048)
     for wide in (True, False):
         monkeypatch.setattr(compiled_fa, "PHILOX_WIDE_MUL", wide)
         masks[wide] = compiled_fa.dropout_keep_mask(77, 2, 4, 300, 260, 0.1, device="cuda")

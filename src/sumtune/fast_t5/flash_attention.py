@@ -51,11 +51,14 @@ DROPOUT_DRAW_BITS = 16
 # Read when a forward runs; the backward uses the forward's. Benchmark token `nopairs`.
 DROPOUT_PAIRS = True
 # Pairs' Philox products from one mul.wide.u32 each (dropout_draws._wide_product) instead of Triton's mul.lo and
-# mul.hi, which ptxas keeps as two instructions: the same draws. Nsight Compute on an H200 (2026-12-03,
-# results/attention_ncu-2026-12-03-h200.json) has the kernels issue-bound, with IMAD.HI 4.4-4.5% of the forward's and
-# the dK/dV kernel's instructions. Compiled kernels only (the interpreter runs no inline PTX). Benchmark token
-# `nowidemul`: off.
+# mul.hi, which ptxas keeps as two instructions: the same draws. Nsight Compute on an H200 has the kernels issue-bound,
+# with IMAD.HI 4.4-4.5% of the forward's and the dK/dV kernel's instructions (results/attention_ncu-2026-12-03-h200.json).
+# Measured (H200, 2026-12-03, results/attention_kernels-2026-12-03-h200-widemul.json): forward + backward 13.79 vs
+# 14.15 ms at 4x32x4096x128 (forward 4.99 vs 5.26), 8.39 vs 8.34 at 32x32x1024x128, so from PHILOX_WIDE_MUL_MIN_KEYS
+# keys (where the forward also runs the precise P·V). Compiled kernels only (the interpreter runs no inline PTX).
+# Benchmark token `nowidemul`: off.
 PHILOX_WIDE_MUL = True
+PHILOX_WIDE_MUL_MIN_KEYS = 2048
 # The backward's dQ from dS: the dK/dV kernel writes dS (bf16, the values the dQ kernel would round to bf16 before
 # its GEMM) into a (B, H, Lk, Lq) buffer and dQ = dS K runs as cuBLAS batched GEMMs, instead of a dQ kernel that
 # recomputes S, P, dP and the dropout draws. Costs a transient L x L buffer per attention call (2 GiB for 32 x 32 heads
@@ -286,7 +289,7 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
             drop_scale, _length_key(max(query_len, key_len)),
             HEAD_DIM=head_dim, CAUSAL=causal, HAS_BIAS=table is not None, HAS_KEY_MASK=mask is not None,
             DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8,
-            PV_SPLIT=PV_SPLIT and precise_pv, PV_FP16=pv_fp16, PAIRS=_pairs_mode(pairs),
+            PV_SPLIT=PV_SPLIT and precise_pv, PV_FP16=pv_fp16, PAIRS=_pairs_mode(pairs, key_len),
             **_holes_args(mask, holes), **_band_args(table, radius_given, query_len, key_len, "fwd"))
     return out, lse
 
@@ -304,7 +307,8 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, 
     drop_below, drop_scale = dropout_threshold(dropout_p, 1 << draw_bits)
     radius_given, radius = radius, _radius(radius, query_len, key_len)
     common = dict(HEAD_DIM=head_dim, CAUSAL=causal, HAS_BIAS=table is not None, HAS_KEY_MASK=mask is not None,
-                  DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8, PAIRS=_pairs_mode(pairs))
+                  DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8,
+                  PAIRS=_pairs_mode(pairs, key_len))
     table_arg = table if table is not None else delta
     mask_arg = mask if mask is not None else delta
     lengths_arg = lengths if lengths is not None else delta
@@ -476,11 +480,12 @@ def _pairs() -> bool:
     return bool(DROPOUT_PAIRS) and _draw_bits() == 16  # 8-bit draws have their own grouping
 
 
-def _pairs_mode(pairs: bool) -> int:
+def _pairs_mode(pairs: bool, key_len: int) -> int:
     """The kernels' PAIRS constexpr: 0 (quads), 1 (pairs), 2 (pairs, products from mul.wide: PHILOX_WIDE_MUL)."""
     if not pairs:
         return 0
-    return 2 if PHILOX_WIDE_MUL and not _kernels().INTERPRET else 1
+    wide = PHILOX_WIDE_MUL and key_len >= PHILOX_WIDE_MUL_MIN_KEYS and not _kernels().INTERPRET
+    return 2 if wide else 1
 
 
 def _draw_bits() -> int:
@@ -539,7 +544,7 @@ def dropout_keep_mask(seed: Tensor | int, batch: int, heads: int, query_len: int
     grid = (_cdiv(query_len, block_m), _cdiv(key_len, block_n), batch * heads)
     kernels.t5_attention_dropout_mask[grid](mask, heads, query_len, key_len, seed, drop_below,
                                             BLOCK_M=block_m, BLOCK_N=block_n, DRAW8=bits == 8,
-                                            PAIRS=_pairs_mode(_pairs()))
+                                            PAIRS=_pairs_mode(_pairs(), key_len))
     return mask.bool()
 
 
