@@ -269,6 +269,30 @@ def patched(text: str):
         yield
 
 
+# The decoding cross-attention kernel's tiles (sumtune.generation.cross_attention), as benchmarks take them.
+FUSED_TILES_HELP = ("comma-separated BLOCK_NxWARPSxHEADSxSTAGES specs of sumtune.generation.cross_attention "
+                    "(e.g. 32x8x16x3)")
+
+
+def parse_fused_tiles(text: str) -> list[tuple[int, int, int, int]]:
+    """``"64x8x16x2,32x8x16x3"`` -> [(64, 8, 16, 2), (32, 8, 16, 3)] (keys a tile, warps, heads a program, stages)."""
+    return [tuple(int(v) for v in spec.split("x")) for spec in text.split(",") if spec]
+
+
+def fused_tiles(tiles: tuple[int, int, int, int] | str | None):
+    """The fused cross-attention kernel's tiles set to ``tiles`` (a tuple or one spec) for the block (none: as
+    shipped)."""
+    from unittest import mock
+
+    from sumtune.generation import cross_attention
+
+    if not tiles:
+        return contextlib.nullcontext()
+    block_n, warps, heads, stages = parse_fused_tiles(tiles)[0] if isinstance(tiles, str) else tiles
+    return mock.patch.multiple(cross_attention, BLOCK_N=block_n, NUM_WARPS=warps, HEADS_PER_PROGRAM=heads,
+                               NUM_STAGES=stages)
+
+
 def setting_fields(text: str, extra=None) -> dict:
     """The TrainConfig overrides of a settings string. `extra(token, fields) -> bool` handles a benchmark's own tokens
     (True when it took the token). A setting names its micro-batch (`b<N>`) unless it starts from a config file

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -97,11 +96,7 @@ FUSED_CONFIGS = [(64, 8, 16, 2), (32, 8, 16, 3), (32, 8, 16, 2), (64, 8, 16, 1)]
 
 
 def _with_fused_config(config, fn, *args):
-    from sumtune.generation import cross_attention
-
-    block_n, num_warps, heads, stages = config
-    with mock.patch.multiple(cross_attention, BLOCK_N=block_n, NUM_WARPS=num_warps, HEADS_PER_PROGRAM=heads,
-                             NUM_STAGES=stages):
+    with bc.fused_tiles(config):
         return fn(*args)
 
 
@@ -129,15 +124,14 @@ def main(argv=None) -> int:
     parser.add_argument("--keys", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--tiles", default="",
-                        help="the fused kernel's tiles to time instead of FUSED_CONFIGS, as comma-separated "
-                             "BLOCK_NxWARPSxHEADSxSTAGES specs (e.g. 64x16x32x2)")
+                        help=f"the fused kernel's tiles instead of FUSED_CONFIGS: {bc.FUSED_TILES_HELP}")
     parser.add_argument("--launch-only", action="store_true",
-                        help="only launch the fused kernel 4 times (first batch, first of --tiles or the shipped tiles) "
-                             "and time nothing: for a profiler, e.g. ncu --kernel-name hidden_cross_attention "
+                        help="only launch the fused kernel 4 times (first batch, first of --tiles or the shipped "
+                             "tiles) and time nothing: for a profiler, e.g. ncu --kernel-name hidden_cross_attention "
                              "--launch-skip 2 --launch-count 1 --set full")
     parser.add_argument("--cpu-check", action="store_true")
     args = parser.parse_args(argv)
-    configs = [tuple(int(v) for v in spec.split("x")) for spec in args.tiles.split(",") if spec]
+    configs = bc.parse_fused_tiles(args.tiles)
     if args.cpu_check:
         return cpu_check()
     if not torch.cuda.is_available():

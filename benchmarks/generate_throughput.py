@@ -63,9 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also time each greedy batch with attention='fused' (sumtune's one-read cross-attention "
                              "kernel) and check its tokens")
     parser.add_argument("--fused-tiles", default="",
-                        help="also time each greedy batch with attention='fused' at other kernel tiles, as "
-                             "comma-separated BLOCK_NxWARPSxHEADSxSTAGES specs (e.g. 32x8x16x3; "
-                             "sumtune.generation.cross_attention), and check their tokens")
+                        help="also time each greedy batch with attention='fused' at other kernel tiles, and check "
+                             f"their tokens: {bc.FUSED_TILES_HELP}")
     parser.add_argument("--greedy-only", action="store_true",
                         help="only the greedy graphs rows and greedy token agreement (no eager/kv/beam/n-gram rows): "
                              "larger batches on a short device budget")
@@ -197,18 +196,6 @@ def cross_slicing(groups: int | None, multiple: int | None):
     return mock.patch.multiple(t5_decode, CROSS_GROUPS=groups, CROSS_GROUP_MULTIPLE=multiple)
 
 
-def fused_tiles(spec: str | None):
-    """The fused cross-attention kernel's tiles set to ``spec`` (BLOCK_NxWARPSxHEADSxSTAGES) for the
-    duration."""
-    from sumtune.generation import cross_attention
-
-    if not spec:
-        return contextlib.nullcontext()
-    block_n, warps, heads, stages = (int(v) for v in spec.split("x"))
-    return mock.patch.multiple(cross_attention, BLOCK_N=block_n, NUM_WARPS=warps, HEADS_PER_PROGRAM=heads,
-                               NUM_STAGES=stages)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not args.quick and not torch.cuda.is_available():
@@ -272,7 +259,7 @@ def main(argv=None) -> int:
     for batch in fast_batches:
         for name, kwargs, slicing, spec in settings:
             release_generation_cache(merged)  # a cached session would replay graphs captured with other tiles
-            with cross_slicing(*slicing), fused_tiles(spec):
+            with cross_slicing(*slicing), bc.fused_tiles(spec):
                 fast_generate(merged, inputs[:batch], batch, args.new_tokens, **kwargs)  # warm-up: capture, cuBLAS
                 out, wall, peak = timed(lambda: fast_generate(merged, inputs[:2 * batch], batch, args.new_tokens,
                                                               **kwargs), device)
@@ -341,7 +328,7 @@ def greedy_agreement(merged, subset, best, new_tokens, device, use_graphs, fused
         agree[f"sumtune_{mode}_vs_transformers_b32"] = agreement(ours, hf_big)
     for spec in tile_specs:
         release_generation_cache(merged)
-        with fused_tiles(spec):
+        with bc.fused_tiles(spec):
             ours = fast_generate(merged, subset, min(best, len(subset)), new_tokens, attention="fused",
                                  use_cuda_graphs=use_graphs)
         agree[f"sumtune_fused_{spec}_vs_transformers_b32"] = agreement(ours, hf_big)
