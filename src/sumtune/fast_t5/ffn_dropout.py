@@ -6,7 +6,6 @@ Public:
     gated_gelu_dropout(a, b, dropout_p) -> Tensor   (autograd; the same, for the gated GELU feed-forward)
     is_tanh_gelu(act) -> bool                    (whether a feed-forward's activation is the one the kernel computes)
     relu_dropout_keep_mask(seed, numel, dropout_p, device) -> bool Tensor   (the mask a seed gives: tests)
-    draw_threshold(dropout_p) -> (drop_below, scale)   (the kernels' 31-bit threshold)
     can_fuse(x) -> bool                          (whether the kernels can run on x here)
     fuses_in_model(x) -> bool                    (whether the fast T5 feed-forward uses them for x: CUDA only)
 
@@ -59,7 +58,7 @@ def fuses_in_model(x: Tensor) -> bool:
     return x.device.type == "cuda" and can_fuse(x)
 
 
-def draw_threshold(dropout_p: float) -> tuple[int, float]:
+def _threshold(dropout_p: float) -> tuple[int, float]:
     """(drop_below, scale) for 31-bit draws, as the attention kernels derive theirs for 16-bit ones."""
     return dropout_threshold(dropout_p, DRAW_RANGE)
 
@@ -73,7 +72,7 @@ def _relu_dropout_op(x: Tensor, dropout_p: float) -> tuple[Tensor, Tensor]:
     x = x.contiguous()
     seed = dropout_seed(x, dropout_p)
     y = torch.empty_like(x)
-    drop_below, scale = draw_threshold(dropout_p)
+    drop_below, scale = _threshold(dropout_p)
     _kernels().relu_dropout_fwd[_grid(x.numel())](x, y, seed, x.numel(), drop_below, scale, BLOCK=BLOCK,
                                                   DROPOUT=dropout_p > 0)
     return y, seed
@@ -88,7 +87,7 @@ def _(x, dropout_p):
 def _relu_dropout_backward_op(grad_y: Tensor, y: Tensor, dropout_p: float) -> Tensor:
     grad_y = grad_y.contiguous()
     grad_x = torch.empty_like(y)
-    _kernels().relu_dropout_bwd[_grid(y.numel())](grad_y, y, grad_x, y.numel(), draw_threshold(dropout_p)[1],
+    _kernels().relu_dropout_bwd[_grid(y.numel())](grad_y, y, grad_x, y.numel(), _threshold(dropout_p)[1],
                                                   BLOCK=BLOCK)
     return grad_x
 
@@ -124,13 +123,13 @@ def relu_dropout_keep_mask(seed: Tensor | int, numel: int, dropout_p: float, dev
     state, as :func:`sumtune.fast_t5.flash_attention.dropout_keep_mask` documents)."""
     seed = torch.as_tensor(seed, dtype=torch.int64).reshape(1).to(device)
     keep = torch.empty(numel, dtype=torch.int8, device=device)
-    _kernels().relu_dropout_keep[_grid(numel)](keep, seed, numel, draw_threshold(dropout_p)[0], BLOCK=BLOCK)
+    _kernels().relu_dropout_keep[_grid(numel)](keep, seed, numel, _threshold(dropout_p)[0], BLOCK=BLOCK)
     return keep.bool()
 
 
 def dropout_scale(dropout_p: float) -> float:
     """What the forward multiplies kept values by."""
-    return draw_threshold(dropout_p)[1]
+    return _threshold(dropout_p)[1]
 
 
 # ----------------------------------------------------------------------------- gated GELU (T5 v1.1 / FLAN-T5)
@@ -147,7 +146,7 @@ def _gated_op(a: Tensor, b: Tensor, dropout_p: float) -> tuple[Tensor, Tensor]:
     a, b = a.contiguous(), b.contiguous()
     seed = dropout_seed(a, dropout_p)
     y = torch.empty_like(a)
-    drop_below, scale = draw_threshold(dropout_p)
+    drop_below, scale = _threshold(dropout_p)
     _kernels().gated_gelu_dropout_fwd[_grid(a.numel())](a, b, y, seed, a.numel(), drop_below, scale, BLOCK=BLOCK,
                                                         DROPOUT=dropout_p > 0)
     return y, seed
@@ -162,7 +161,7 @@ def _(a, b, dropout_p):
 def _gated_backward_op(grad_y: Tensor, a: Tensor, b: Tensor, seed: Tensor, dropout_p: float) -> tuple[Tensor, Tensor]:
     grad_y = grad_y.contiguous()
     grad_a, grad_b = torch.empty_like(a), torch.empty_like(b)
-    drop_below, scale = draw_threshold(dropout_p)
+    drop_below, scale = _threshold(dropout_p)
     _kernels().gated_gelu_dropout_bwd[_grid(a.numel())](grad_y, a, b, seed, grad_a, grad_b, a.numel(), drop_below,
                                                         scale, BLOCK=BLOCK, DROPOUT=dropout_p > 0)
     return grad_a, grad_b

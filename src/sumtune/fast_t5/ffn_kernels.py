@@ -24,17 +24,12 @@ INTERPRET = bool(triton.knobs.runtime.interpret)
 
 
 @triton.jit
-def _counter_draws(seed, counters):
-    """31-bit draws of elements 4c .. 4c + 3 for each Philox counter c: shape counters.shape + (2, 2), whose last two
-    axes flattened are element 4c + w <- word w."""
-    r0, r1, r2, r3 = tl.randint4x(seed, counters)
-    return (tl.join(tl.join(r0, r2), tl.join(r1, r3)) >> 1).to(tl.int32)
-
-
-@triton.jit
 def _draws(seed, start, BLOCK: tl.constexpr):
     """31-bit draws for elements start .. start + BLOCK (start a multiple of 4): 4 per Philox call."""
-    return tl.reshape(_counter_draws(seed, start // 4 + tl.arange(0, BLOCK // 4)), (BLOCK,))
+    counters = start // 4 + tl.arange(0, BLOCK // 4)
+    r0, r1, r2, r3 = tl.randint4x(seed, counters)
+    words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK,))  # element 4c + w <- word w
+    return (words >> 1).to(tl.int32)
 
 
 @triton.jit
