@@ -52,8 +52,8 @@ DROPOUT_DRAW_BITS = 16
 DROPOUT_PAIRS = True
 # Pairs' Philox products from one mul.wide.u32 each (dropout_draws._wide_product) instead of Triton's mul.lo and
 # mul.hi, which ptxas keeps as two instructions: the same draws. Nsight Compute on an H200 has the kernels
-# issue-bound, with IMAD.HI 4.4-4.5% of the forward's and the dK/dV kernel's instructions
-# (results/attention_ncu-2026-12-03-h200.json).
+# issue-bound, with IMAD.HI 4.4-4.5% of the forward's and the dK/dV kernel's instructions at 4096 keys (4.2-5.4% at
+# 1024; results/attention_ncu-2026-12-03-h200.json).
 # Measured (H200, 2026-12-03, results/attention_kernels-2026-12-03-h200-widemul.json): forward + backward 13.79 vs
 # 14.15 ms at 4x32x4096x128 (forward 4.99 vs 5.26), 8.39 vs 8.34 at 32x32x1024x128, so from PHILOX_WIDE_MUL_MIN_KEYS
 # keys (where the forward also runs the precise P·V). Compiled kernels only (the interpreter runs no inline PTX).
