@@ -20,7 +20,6 @@ Rows, each timed forward + backward (CUDA events, median) with its peak memory a
   ... +dropout+nopairs      the same with the Philox-4x32 draws before DROPOUT_PAIRS (flash_attention)
   ... +dropout+noholes      the key mask read in every row, not only in rows with a hole (MASK_ONLY_WITH_HOLES off)
   ... +dropout+nowidemul    the Philox products as mul.lo + mul.hi, not one mul.wide.u32 (PHILOX_WIDE_MUL off)
-  ... +dropout+dkdvpipe     the dK/dV kernel software-pipelined (DKDV_PIPELINE 1; +dkdvcarry: 2, Q and dO carried)
   triton                    the same kernels with key padding only (no bias, no dropout): the bare kernel
 Forward and backward are also timed apart (fwd_ms, bwd_ms) in the same runs.
 The bias tensors come from a real frozen T5Attention through sumtune.fast_t5.bias, as the fast stack makes them.
@@ -248,11 +247,6 @@ def run_shape(shape, repeats: int, with_flex: bool, only: tuple[str, ...] = ()) 
         record("triton+bias+dropout+noholes", ours, (q, k, v), table.numel() * 4 / 2**30)
     with bc.patched("nowidemul"):  # Philox products from mul.lo + mul.hi (two instructions) instead of mul.wide
         record("triton+bias+dropout+nowidemul", ours, (q, k, v), table.numel() * 4 / 2**30)
-    for token in ("dkdvpipe", "dkdvcarry"):  # the next tile's S and dP in flight over this tile's scalar work
-        with bc.patched(token):
-            record(f"triton+bias+dropout+{token}", ours, (q, k, v), table.numel() * 4 / 2**30)
-            if rows and rows[-1]["kernel"].endswith(token):
-                rows[-1]["dkdv_config"] = fa.best_configs().get("dkdv")  # the autotuner's pick for this variant
     pinned = {kernel: config for kernel, config in tuned.items() if config is not None}
     with fa.block_sizes(**pinned):  # the dropout variant's tiles: one compile instead of another autotune
         record("triton+bias", lambda *t: ours(*t, p=0.0), (q, k, v), table.numel() * 4 / 2**30)

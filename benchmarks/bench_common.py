@@ -251,10 +251,6 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "noclasswarm": ("sumtune.cuda_graphs", "WARM_UP_ONLY_UNCOVERED_SHAPES", False),
     # the attention kernels' Philox products as Triton's mul.lo + mul.hi, not one mul.wide.u32 each
     "nowidemul": ("sumtune.fast_t5.flash_attention", "PHILOX_WIDE_MUL", False),
-    # the dK/dV kernel software-pipelined: the next query tile's S and dP products in flight over this tile's scalar
-    # work, Q and dO loaded again (`dkdvpipe`) or carried in registers (`dkdvcarry`)
-    "dkdvpipe": ("sumtune.fast_t5.flash_attention", "DKDV_PIPELINE", 1),
-    "dkdvcarry": ("sumtune.fast_t5.flash_attention", "DKDV_PIPELINE", 2),
 }
 
 

@@ -60,12 +60,6 @@ DROPOUT_PAIRS = True
 # Benchmark token `nowidemul`: off.
 PHILOX_WIDE_MUL = True
 PHILOX_WIDE_MUL_MIN_KEYS = 2048
-# Software-pipelined dK/dV (candidate, off): S and dP of the next query tile issued before this tile's exp, dropout
-# and dS, so the tensor cores run while the scalar work does (Triton 3.6 waits for each product at once otherwise;
-# Nsight Compute: the dK/dV kernel's warpgroup-MMA waits hold 31% of its stall samples at 4096 keys). 1: Q and dO
-# loaded again for the accumulating products; 2: carried in registers. Pairs draws (or no dropout) only.
-# Benchmark tokens `dkdvpipe` (1), `dkdvcarry` (2).
-DKDV_PIPELINE = 0
 # The backward's dQ from dS: the dK/dV kernel writes dS (bf16, the values the dQ kernel would round to bf16 before
 # its GEMM) into a (B, H, Lk, Lq) buffer and dQ = dS K runs as cuBLAS batched GEMMs, instead of a dQ kernel that
 # recomputes S, P, dP and the dropout draws. Costs a transient L x L buffer per attention call (2 GiB for 32 x 32 heads
@@ -159,7 +153,7 @@ def _configs(name: str):
 
 
 _AUTOTUNE_KEY = ["HEAD_DIM", "len_key", "CAUSAL", "HAS_BIAS", "HAS_KEY_MASK", "DROPOUT", "DRAW8", "STORE_DS",
-                 "PV_SPLIT", "PV_FP16", "PAIRS", "CHECK_HOLES", "USE_BAND", "PIPELINE"]
+                 "PV_SPLIT", "PV_FP16", "PAIRS", "CHECK_HOLES", "USE_BAND"]
 _tuned: dict[str, object] = {}
 
 
@@ -332,7 +326,6 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, 
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), *ds_strides,
             mask_stride, heads, query_len, key_len, radius, *geometry, scale * LOG2E, scale, seed, drop_below,
             drop_scale, length_key, STORE_DS=store_ds, **common,
-            PIPELINE=DKDV_PIPELINE if (common["PAIRS"] or dropout_p == 0) else 0,
             **_band_args(table, radius_given, query_len, key_len, "dkdv"))
     if store_ds:
         return _dq_from_ds(ds, k, dq, query_len, key_len, scale), dk, dv

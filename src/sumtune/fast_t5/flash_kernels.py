@@ -228,66 +228,9 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, const, 
                 seed, stream, n_cols, drop_below, drop_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
                 CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DRAW8: tl.constexpr,
-                STORE_DS: tl.constexpr, PAIRS: tl.constexpr, PIPELINE: tl.constexpr = 0):
+                STORE_DS: tl.constexpr, PAIRS: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    if PIPELINE > 0:  # S and dP of the next query tile issued before this tile's scalar work (async wgmma)
-        offs_m0 = start + tl.arange(0, BLOCK_M)
-        q0 = tl.load(Q + offs_m0[None, :] * stride_qm + offs_d[:, None] * stride_qd, mask=offs_m0[None, :] < Lq,
-                     other=0.0)
-        do0 = tl.load(DO + offs_m0[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=offs_m0[:, None] < Lq,
-                      other=0.0)
-        s_raw = _dot(k, q0, UPCAST)
-        dp_raw = _dot(v, tl.trans(do0), UPCAST)
-        for start_m in range(start, stop, BLOCK_M):
-            start_m = tl.multiple_of(start_m, BLOCK_M)
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            in_q = offs_m < Lq
-            offs_next = offs_m + BLOCK_M
-            q_next = tl.load(Q + offs_next[None, :] * stride_qm + offs_d[:, None] * stride_qd,
-                             mask=offs_next[None, :] < Lq, other=0.0)
-            do_next = tl.load(DO + offs_next[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                              mask=offs_next[:, None] < Lq, other=0.0)
-            s_next = _dot(k, q_next, UPCAST)  # the next tile's products run while this tile's scalar work does
-            dp_next = _dot(v, tl.trans(do_next), UPCAST)
-            lse = tl.load(LSE + offs_m, mask=in_q, other=float("inf"))
-            delta = tl.load(DELTA + offs_m, mask=in_q, other=0.0)
-            s_t = s_raw * qk_scale
-            if BIAS_MODE == BIAS_BAND:
-                s_t += _band_tile(TABLE, start_m - start_n, band_w, BLOCK_N, BLOCK_M)
-            else:
-                s_t += _bias_tile(TABLE, offs_n[:, None] - offs_m[None, :], const, BIAS_MODE)
-            keep = key_ok[:, None] & in_q[None, :]
-            if CAUSAL:
-                keep = keep & (offs_m[None, :] >= offs_n[:, None])
-            p_t = tl.math.exp2(tl.where(keep, s_t, float("-inf")) - lse[None, :])
-            dp_t = dp_raw
-            if DROPOUT:
-                kept = _keep_pairs(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N, True,
-                                   PAIRS == PAIRS_WIDE_MUL)
-                pd_t = tl.where(kept, p_t * drop_scale, 0.0)
-                dp_t = tl.where(kept, dp_t * drop_scale, 0.0)
-            else:
-                pd_t = p_t
-            if PIPELINE == 2:  # this tile's Q and dO carried in registers from the previous iteration
-                q_t = q0
-                do = do0
-            else:  # loaded again (L2): shared memory and registers for the carried products only
-                q_t = tl.load(Q + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd, mask=in_q[None, :],
-                              other=0.0)
-                do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=in_q[:, None],
-                             other=0.0)
-            dv = _dot(pd_t.to(do.dtype), do, UPCAST, dv)
-            ds_t = (p_t * (dp_t - delta[None, :])).to(q_t.dtype)
-            dk = _dot(ds_t, tl.trans(q_t), UPCAST, dk)
-            if STORE_DS:
-                tl.store(DS + offs_n[:, None] * stride_dsn + offs_m[None, :], ds_t)
-            s_raw = s_next
-            dp_raw = dp_next
-            if PIPELINE == 2:
-                q0 = q_next
-                do0 = do_next
-        return dk, dv
     for start_m in range(start, stop, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -348,7 +291,7 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
                                 HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
                                 DRAW8: tl.constexpr = False, STORE_DS: tl.constexpr = False,
                                 PAIRS: tl.constexpr = False, BAND=0, band_w=0, band_head=0,
-                                USE_BAND: tl.constexpr = False, PIPELINE: tl.constexpr = 0):
+                                USE_BAND: tl.constexpr = False):
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
     seed = 0
@@ -392,22 +335,22 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, hi_end, far_right, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale, band_w,
                              seed, bh, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, CAUSAL,
-                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, PIPELINE)
+                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS)
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, BAND + h * band_head if USE_BAND else TABLE, DS,
                              hi_end, lo_start, 0.0, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale, band_w,
                              seed, bh, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N,
                              BIAS_BAND if USE_BAND else BIAS_GATHER, CAUSAL,
-                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, PIPELINE)
+                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS)
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, lo_start, stop, far_left, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale, band_w,
                              seed, bh, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, False,
-                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, PIPELINE)
+                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS)
     else:
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, 0.0, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale, band_w,
                              seed, bh, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE, CAUSAL,
-                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, PIPELINE)
+                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS)
     if STORE_DS:  # query blocks no tile visited: above the diagonal, or every query of keys past the row's length
         _zero_ds(DS, 0, start, start_n, stride_dsn, DS.dtype.element_ty, BLOCK_M, BLOCK_N)
         _zero_ds(DS, stop, Lq, start_n, stride_dsn, DS.dtype.element_ty, BLOCK_M, BLOCK_N)
