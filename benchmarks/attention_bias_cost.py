@@ -61,22 +61,16 @@ def patch_near_tiles_to_a_constant() -> None:
 
 
 def run_variant(variant: str, shape: tuple[int, ...], repeats: int) -> dict:
-    from attention_kernels import make_inputs, t5_attention_module, time_fwd_bwd
+    from attention_kernels import kernel_inputs, time_fwd_bwd
 
     if variant == "nearconst":
         patch_near_tiles_to_a_constant()
-    from sumtune.fast_t5 import bias as bias_lib
     from sumtune.fast_t5 import flash_attention as fa
 
-    batch, heads, length, head_dim = shape
-    device = torch.device("cuda")
-    q, k, v, keep = make_inputs(shape, device)
-    grad_out = torch.randn_like(q)
-    module = t5_attention_module(heads, head_dim, device)
-    table = bias_lib.relative_position_bias_by_offset(module, length, length, torch.bfloat16)
+    length = shape[2]
+    q, k, v, _, grad_out, _, table, padding = kernel_inputs(shape, torch.device("cuda"))
     table_log2 = fa.bias_table_log2(table) if variant != "nobias" else None
     fa.BIAS_BAND = variant == "band"
-    padding = fa.key_padding(keep)
     tiles = TUNED.get(length, TUNED[4096])
     with fa.block_sizes(**tiles):
         seconds, forward, peak = time_fwd_bwd(

@@ -157,16 +157,13 @@ def yardstick(q, k, v, tiles=None):
 def run_shape(shape, rep_ms: int) -> list[dict]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from attention_kernels import make_inputs, t5_attention_module
-    from sumtune.fast_t5 import bias as bias_lib
+    from attention_kernels import kernel_inputs
     from sumtune.fast_t5 import flash_attention as fa
 
     batch, heads, length, head_dim = shape
-    q, k, v, keep = make_inputs(shape, torch.device("cuda"))
+    q, k, v, _, _, _, table, padding = kernel_inputs(shape, torch.device("cuda"))
     q, k, v = (t.detach() for t in (q, k, v))
-    module = t5_attention_module(heads, head_dim, q.device)
-    table = fa.bias_table_log2(bias_lib.relative_position_bias_by_offset(module, length, length, torch.bfloat16))
-    padding = fa.key_padding(keep)
+    table = fa.bias_table_log2(table)
     flops = 4 * batch * heads * length * length * head_dim
 
     def cudnn():

@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -80,6 +81,30 @@ def make_inputs(shape, device, dtype=torch.bfloat16):
     keep = torch.ones(batch, length, dtype=torch.bool, device=device)
     keep[: max(batch // 4, 1), length - length // 10:] = False
     return q, k, v, keep
+
+
+class KernelInputs(NamedTuple):
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    keep: torch.Tensor  # (B, L) key mask: a quarter of the rows right-padded by 10%
+    grad_out: torch.Tensor
+    module: torch.nn.Module  # the frozen T5 attention the bias comes from
+    table: torch.Tensor  # (H, 2L - 1) float32 bias by offset j - i, as the fast stack makes it
+    padding: object  # flash_attention.key_padding(keep)
+
+
+def kernel_inputs(shape, device) -> KernelInputs:
+    """Everything one attention call on ``shape`` needs, built as sumtune's fast stack builds it."""
+    from sumtune.fast_t5 import bias as bias_lib
+    from sumtune.fast_t5 import flash_attention as fa
+
+    batch, heads, length, head_dim = shape
+    q, k, v, keep = make_inputs(shape, device)
+    grad_out = torch.randn_like(q)  # before the module's initialisation: the draws the benchmarks always made
+    module = t5_attention_module(heads, head_dim, device)
+    table = bias_lib.relative_position_bias_by_offset(module, length, length, torch.bfloat16)
+    return KernelInputs(q, k, v, keep, grad_out, module, table, fa.key_padding(keep))
 
 
 # ----------------------------------------------------------------------------- timing
@@ -185,14 +210,10 @@ def run_shape(shape, repeats: int, with_flex: bool, only: tuple[str, ...] = ()) 
 
     batch, heads, length, head_dim = shape
     device = torch.device("cuda")
-    q, k, v, keep = make_inputs(shape, device)
-    grad_out = torch.randn_like(q)
-    module = t5_attention_module(heads, head_dim, device)
-    table = bias_lib.relative_position_bias_by_offset(module, length, length, torch.bfloat16)  # (H, 2L-1) fp32
+    q, k, v, keep, grad_out, module, table, padding = kernel_inputs(shape, device)
     position = bias_lib.relative_position_bias(module, length, length, device, torch.bfloat16)
     dense = bias_lib.encoder_self_bias(position, keep)  # (B, H, L, L): what the SDPA route holds per stack
     dense_gib = dense.numel() * dense.element_size() / 2**30
-    padding = fa.key_padding(keep)
     flops = 4 * batch * heads * length * length * head_dim * 3.5  # fwd 2 GEMMs, bwd 2.5x fwd (nominal)
     name = "x".join(map(str, shape))
     rows = []
@@ -313,15 +334,10 @@ def cpu_check() -> int:
 def launch_only(shape) -> None:
     """sumtune's kernels with bias, padding and dropout, forward + backward: three warm-up runs (autotuning), then
     one between cudaProfilerStart and Stop, for a profiler started with its range off (ncu --profile-from-start off)."""
-    from sumtune.fast_t5 import bias as bias_lib
     from sumtune.fast_t5 import flash_attention as fa
 
-    batch, heads, length, head_dim = shape
-    q, k, v, keep = make_inputs(shape, torch.device("cuda"))
-    grad_out = torch.randn_like(q)
-    module = t5_attention_module(heads, head_dim, q.device)
-    table_log2 = fa.bias_table_log2(bias_lib.relative_position_bias_by_offset(module, length, length, torch.bfloat16))
-    padding = fa.key_padding(keep)
+    q, k, v, _, grad_out, _, table, padding = kernel_inputs(shape, torch.device("cuda"))
+    table_log2 = fa.bias_table_log2(table)
     for run in range(4):
         if run == 3:
             torch.cuda.synchronize()
