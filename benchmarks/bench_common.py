@@ -270,16 +270,22 @@ def patched(text: str):
 
 
 # The decoding cross-attention kernel's tiles (sumtune.generation.cross_attention), as benchmarks take them.
-FUSED_TILES_HELP = ("comma-separated BLOCK_NxWARPSxHEADSxSTAGES specs of sumtune.generation.cross_attention "
-                    "(e.g. 32x8x16x3)")
+FUSED_TILES_HELP = ("comma-separated BLOCK_NxWARPSxHEADSxSTAGES[xMIN_PROGRAMS] specs of "
+                    "sumtune.generation.cross_attention (e.g. 32x8x16x3; a fifth number splits each row's keys until "
+                    "the launch has that many programs)")
 
 
-def parse_fused_tiles(text: str) -> list[tuple[int, int, int, int]]:
-    """``"64x8x16x2,32x8x16x3"`` -> [(64, 8, 16, 2), (32, 8, 16, 3)] (keys a tile, warps, heads a program, stages)."""
-    return [tuple(int(v) for v in spec.split("x")) for spec in text.split(",") if spec]
+def parse_fused_tiles(text: str) -> list[tuple[int, ...]]:
+    """``"64x8x16x2,32x8x16x3x1024"`` -> [(64, 8, 16, 2), (32, 8, 16, 3, 1024)] (keys a tile, warps, heads a program,
+    stages, and optionally the programs a launch aims for)."""
+    specs = [tuple(int(v) for v in spec.split("x")) for spec in text.split(",") if spec]
+    bad = [spec for spec in specs if len(spec) not in (4, 5)]
+    if bad:
+        raise SystemExit(f"fused tiles need 4 or 5 numbers each (BLOCK_NxWARPSxHEADSxSTAGES[xMIN_PROGRAMS]): {bad}")
+    return specs
 
 
-def fused_tiles(tiles: tuple[int, int, int, int] | str | None):
+def fused_tiles(tiles: tuple[int, ...] | str | None):
     """The fused cross-attention kernel's tiles set to ``tiles`` (a tuple or one spec) for the block (none: as
     shipped)."""
     from unittest import mock
@@ -288,9 +294,9 @@ def fused_tiles(tiles: tuple[int, int, int, int] | str | None):
 
     if not tiles:
         return contextlib.nullcontext()
-    block_n, warps, heads, stages = parse_fused_tiles(tiles)[0] if isinstance(tiles, str) else tiles
-    return mock.patch.multiple(cross_attention, BLOCK_N=block_n, NUM_WARPS=warps, HEADS_PER_PROGRAM=heads,
-                               NUM_STAGES=stages)
+    spec = parse_fused_tiles(tiles)[0] if isinstance(tiles, str) else tuple(tiles)
+    values = dict(zip(("BLOCK_N", "NUM_WARPS", "HEADS_PER_PROGRAM", "NUM_STAGES", "MIN_PROGRAMS"), spec))
+    return mock.patch.multiple(cross_attention, **values)
 
 
 def setting_fields(text: str, extra=None) -> dict:

@@ -83,8 +83,9 @@ def formulations(device, configs=None):
 
         rows.append(("hidden: SDPA, memory-efficient kernel", hidden_sdpa, SDPBackend.EFFICIENT_ATTENTION))
         for config in configs or FUSED_CONFIGS:
-            block_n, warps, heads, stages = config
+            block_n, warps, heads, stages = config[:4]
             name = f"hidden: sumtune fused kernel {block_n} keys x {warps} warps x {heads} heads x {stages} stages"
+            name += f" x {config[4]} programs" if len(config) > 4 else ""
             rows.append((name, lambda *a, c=config: _with_fused_config(c, hidden_fused, *a), None))
     return rows
 

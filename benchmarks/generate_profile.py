@@ -2,6 +2,8 @@
 
     python benchmarks/generate_profile.py --batches 256,512        # GPU, t5-3b shapes, random bf16 weights
     python benchmarks/generate_profile.py --quick                  # CPU plumbing check
+    python benchmarks/generate_profile.py --source-tokens 4096 --new-tokens 512 --full-length --attention fused \
+        --no-stock-encoder                                         # issue 14: every input 4096 tokens
 
 Times, for each batch size, on real BillSum inputs padded as `generate_ids` pads them: the encoder with
 stock transformers forwards and with sumtune's fast T5 forwards, then the decoder loop alone (forced
@@ -43,14 +45,21 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--encoder-chunks", default="16,64")
     parser.add_argument("--profile-steps", type=int, default=4)
+    parser.add_argument("--attention", default="hidden",
+                        help="comma-separated decoder attention modes of sumtune.generation.t5_decode to time (kv is "
+                             "timed too at batches up to 128)")
+    parser.add_argument("--full-length", action="store_true",
+                        help="consecutive BillSum texts joined until every input fills --source-tokens")
+    parser.add_argument("--no-stock-encoder", action="store_true", help="skip the stock transformers encoder timing")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
         args.model, args.batches, args.source_tokens, args.new_tokens, args.encoder_chunks = "tiny", "4", 64, 8, "2"
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
 
+    from generate_throughput import load_inputs
+
     from sumtune.batching import pad_batch
-    from sumtune.data import tokenize_sources
     from sumtune.fast_t5 import disable_fast_t5, enable_fast_t5
     from sumtune.generation.decoding import encode
     from sumtune.generation.greedy import GreedySession
@@ -58,10 +67,9 @@ def main(argv=None) -> int:
 
     model = bc.random_t5(bc.t5_config(args.model, dropout_rate=0.0), torch.bfloat16, device).eval()
     tokenizer = bc.load_t5_tokenizer()
-    rows = bc.load_billsum_texts()
     batches = [int(b) for b in args.batches.split(",")]
-    inputs = tokenize_sources(tokenizer, [rows[i % len(rows)]["text"] for i in range(max(batches))], "summarize: ",
-                              args.source_tokens)
+    inputs = load_inputs(tokenizer, args.source_tokens, max(batches), args.full_length)
+    modes = args.attention.split(",")
     weights = DecoderWeights.from_model(model)
     results = []
     print(f"{bc.gpu_name()}: {args.model}, {args.source_tokens} -> {args.new_tokens}", flush=True)
@@ -71,7 +79,7 @@ def main(argv=None) -> int:
             ids, mask = ids.to(device), mask.to(device)
             result = dict(batch=batch, src_len=ids.shape[1])
             for chunk in [int(c) for c in args.encoder_chunks.split(",")]:
-                if batch == batches[0]:  # stock once: it is the slow one
+                if batch == batches[0] and not args.no_stock_encoder:  # stock once: it is the slow one
                     result[f"encoder_stock_chunk{chunk}_s"] = timed(lambda: encode(model, ids, mask, chunk), device)
                 enable_fast_t5(model.encoder)
                 result[f"encoder_fast_chunk{chunk}_s"] = timed(lambda: encode(model, ids, mask, chunk), device)
@@ -79,7 +87,7 @@ def main(argv=None) -> int:
             enable_fast_t5(model.encoder)
             encoder_out = encode(model, ids, mask, int(args.encoder_chunks.split(",")[0]))
             disable_fast_t5(model.encoder)
-            for attention in ("hidden", "kv") if batch <= 128 else ("hidden",):
+            for attention in modes + (["kv"] if batch <= 128 and "kv" not in modes else []):
                 t0 = time.perf_counter()
                 session = GreedySession(weights, batch=batch, src_len=ids.shape[1], max_new_tokens=args.new_tokens,
                                         attention=attention, pad_token_id=PAD, eos_token_id=EOS,
@@ -88,7 +96,7 @@ def main(argv=None) -> int:
                 result[f"session_setup_{attention}_s"] = time.perf_counter() - t0
                 result[f"decode_{attention}_s"] = timed(lambda: session.run(
                     encoder_out, mask, decoder_start_token_id=START, min_new_tokens=args.new_tokens), device)
-                if attention == "hidden" and device.type == "cuda":
+                if attention != "kv" and device.type == "cuda":
                     from torch.profiler import ProfilerActivity, profile
 
                     state = session.state
@@ -97,16 +105,18 @@ def main(argv=None) -> int:
                             state.step.fill_(100)
                             decode_step(weights, state, args.new_tokens, PAD, EOS)
                         bc.sync(device)
-                    print(f"batch {batch}: {args.profile_steps} eager decode steps at kv_len {args.new_tokens}")
+                    print(f"batch {batch}, {attention}: {args.profile_steps} eager decode steps at kv_len {args.new_tokens}")
                     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25,
                                                     max_name_column_width=90), flush=True)
                 del session
             encoder_s = min(v for k, v in result.items() if k.startswith("encoder_fast"))
-            result["summaries_per_s_fast_encoder_hidden"] = batch / (encoder_s + result["decode_hidden_s"])
+            result["mean_source_tokens"] = float(mask.sum()) / batch
+            for attention in modes:
+                result[f"summaries_per_s_fast_encoder_{attention}"] = batch / (encoder_s + result[f"decode_{attention}_s"])
             results.append(result)
             print(result, flush=True)
     if not args.quick:
-        print(f"saved {bc.save_result('generate_profile', dict(model=args.model, new_tokens=args.new_tokens, rows=results))}")
+        print(f"saved {bc.save_result('generate_profile', dict(model=args.model, new_tokens=args.new_tokens, full_length=args.full_length, rows=results))}")
     return 0
 
 
