@@ -61,3 +61,50 @@ def hidden_cross_attention(Q, MEM, LENGTHS, OUT, ACC, MAX, SUM, stride_qb, strid
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row without keys: zeros
         tl.store(OUT + row * stride_ob + offs_h[:, None] * stride_oh + offs_d[None, :], out.to(OUT.dtype.element_ty),
                  mask=in_h[:, None])
+
+
+@triton.jit
+def hidden_cross_attention_chunks(Q, MEM, LENGTHS, OUT, ACC, MAX, SUM, stride_qb, stride_qh, stride_mb, stride_mn,
+                                  stride_ob, stride_oh, heads, keys_per_split, BLOCK_H: tl.constexpr, D: tl.constexpr,
+                                  BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+                                  CHUNKS: tl.constexpr):
+    """hidden_cross_attention with d_model cut into CHUNKS slices held as a leading (batch) dimension of every tile:
+    Triton gives each warp its own slice (warpsPerCTA [warps, 1, 1]), so a warp's score product is a short chain over
+    its slice rather than a d_model-deep one, the partial scores meet in one sum over slices, and each warp's share
+    of the weighted sum (and of the accumulator) is its slice of d_model."""
+    DC: tl.constexpr = D // CHUNKS
+    group = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    offs_h = group * BLOCK_H + tl.arange(0, BLOCK_H)
+    cols = tl.arange(0, CHUNKS)[:, None, None] * DC + tl.arange(0, DC)[None, None, :]  # [C, 1, DC]: d_model index
+    in_h = offs_h < heads
+    q = tl.load(Q + row * stride_qb + offs_h[None, :, None] * stride_qh + cols, mask=in_h[None, :, None], other=0.0)
+    start = split * keys_per_split
+    stop = tl.minimum(start + keys_per_split, tl.load(LENGTHS + row))
+    MEM += row * stride_mb
+    m_i = tl.zeros([BLOCK_H], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([CHUNKS, BLOCK_H, DC], dtype=tl.float32)
+    for start_n in range(start, stop, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        in_n = offs_n < stop
+        states = tl.load(MEM + offs_n[None, :, None] * stride_mn + cols, mask=in_n[None, :, None], other=0.0)
+        scores = tl.sum(_dot(q, tl.trans(states, 0, 2, 1), UPCAST), 0)  # [H, N]; T5: no scaling
+        scores = tl.where(in_n[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        p = tl.exp(scores - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p_all = tl.broadcast_to(p.to(states.dtype)[None, :, :], (CHUNKS, BLOCK_H, BLOCK_N))
+        acc = acc * alpha[None, :, None] + _dot(p_all, states, UPCAST)
+        m_i = m_new
+    if SPLIT:
+        base = (row * tl.num_programs(2) + split) * tl.num_programs(0) * BLOCK_H
+        tl.store(ACC + (base + offs_h[None, :, None]) * D + cols, acc)
+        tl.store(MAX + base + offs_h, m_i)
+        tl.store(SUM + base + offs_h, l_i)
+    else:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[None, :, None]
+        tl.store(OUT + row * stride_ob + offs_h[None, :, None] * stride_oh + cols, out.to(OUT.dtype.element_ty),
+                 mask=in_h[None, :, None])
