@@ -270,18 +270,18 @@ def patched(text: str):
 
 
 # The decoding cross-attention kernel's tiles (sumtune.generation.cross_attention), as benchmarks take them.
-FUSED_TILES_HELP = ("comma-separated BLOCK_NxWARPSxHEADSxSTAGES[xMIN_PROGRAMS[xD_CHUNKS]] specs of "
+FUSED_TILES_HELP = ("comma-separated BLOCK_NxWARPSxHEADSxSTAGES[xMIN_PROGRAMS] specs of "
                     "sumtune.generation.cross_attention (e.g. 32x8x16x3; a fifth number splits each row's keys until "
-                    "the launch has that many programs, shipped 264; a sixth gives each warp a d_model slice)")
+                    "the launch has that many programs)")
 
 
 def parse_fused_tiles(text: str) -> list[tuple[int, ...]]:
     """``"64x8x16x2,32x8x16x3x1024"`` -> [(64, 8, 16, 2), (32, 8, 16, 3, 1024)] (keys a tile, warps, heads a program,
-    stages, and optionally the programs a launch aims for and the d_model slices)."""
+    stages, and optionally the programs a launch aims for)."""
     specs = [tuple(int(v) for v in spec.split("x")) for spec in text.split(",") if spec]
-    bad = [spec for spec in specs if len(spec) not in (4, 5, 6)]
+    bad = [spec for spec in specs if len(spec) not in (4, 5)]
     if bad:
-        raise SystemExit(f"fused tiles need 4 to 6 numbers each ({FUSED_TILES_HELP}): {bad}")
+        raise SystemExit(f"fused tiles need 4 or 5 numbers each (BLOCK_NxWARPSxHEADSxSTAGES[xMIN_PROGRAMS]): {bad}")
     return specs
 
 
@@ -295,7 +295,7 @@ def fused_tiles(tiles: tuple[int, ...] | str | None):
     if not tiles:
         return contextlib.nullcontext()
     spec = parse_fused_tiles(tiles)[0] if isinstance(tiles, str) else tuple(tiles)
-    values = dict(zip(("BLOCK_N", "NUM_WARPS", "HEADS_PER_PROGRAM", "NUM_STAGES", "MIN_PROGRAMS", "D_CHUNKS"), spec))
+    values = dict(zip(("BLOCK_N", "NUM_WARPS", "HEADS_PER_PROGRAM", "NUM_STAGES", "MIN_PROGRAMS"), spec))
     return mock.patch.multiple(cross_attention, **values)
 
 

@@ -341,7 +341,7 @@ def test_cross_attention_slices_must_tile_the_batch(merged32):
 
 
 def test_fused_cross_attention_kernel_matches_float64_and_refuses_what_it_cannot_run(merged32):
-    """The fused mode's kernel (Triton's interpreter on CPU, compiled on a GPU in bfloat16) against a float64 masked softmax, with key splits and rows of different lengths (one empty), in both forms; a non-power-of-two
+    """The fused mode's kernel (Triton's interpreter on CPU, compiled on a GPU in bfloat16) against a float64 masked softmax, with key splits and rows of different lengths (one empty); a non-power-of-two
     d_model and left padding are refused in one sentence."""
     pytest.importorskip("triton")
     from sumtune.generation import cross_attention
@@ -371,9 +371,6 @@ def test_fused_cross_attention_kernel_matches_float64_and_refuses_what_it_cannot
             patch.setattr(cross_attention, "HEADS_PER_PROGRAM", per_program)
             assert cross_attention.head_blocks(20, per_program) == ((32, 1) if per_program == 32 else (16, 2))
             check(q_mem, memory, lengths, (1, 3), f"{per_program} heads a program")
-    with pytest.MonkeyPatch.context() as patch:  # each warp a d_model slice (the kernel's other form)
-        patch.setattr(cross_attention, "D_CHUNKS", 2)
-        check(q_mem, memory, lengths, (1, 3), "d_model in 2 slices")
 
     weights = DecoderWeights.from_model(merged32)
     with pytest.raises(SumtuneError, match="d_model 48 is not a power of two"):

@@ -29,13 +29,14 @@ INTERPRETER_BLOCK_N = 64  # Triton's CPU interpreter: fewer, wider iterations (t
 MIN_PROGRAMS = 264  # split rows' keys until about two programs an H100/H200 SM (132 SMs)
 HEADS_PER_PROGRAM = 16  # heads of one program (a power of two >= 16); fewer -> several programs a row and split
 NUM_STAGES = 2  # Triton's software pipelining depth over the key tiles
-D_CHUNKS = 0  # 0: warps share the key tile's columns (hidden_cross_attention); n: each warp a d_model slice of n
 # Two other forms of the kernel were measured on 2026-12-03 and went: the products transposed (keys, then d_model, as
 # the MMA tile's rows, so Hopper's warpgroup MMA takes them; 1.43 and 1.23 ms against 1.31 and 1.28 at 256 rows x 4096
 # keys in two calls, 15.9 against 16.7 summaries/s in whole generation on real bills, 6.34 against 6.39 at batch 32)
 # and d_model in four chunks (four independent score products; 1.32 ms, 16.7 summaries/s): results/decode_attention_
 # {keys_first,chunked}-2026-12-03-h200.json, generate_throughput_4096_512_{keys_first,chunked,b32}-…; commit 73d947f
-# has the first, 3a66a66 the second.
+# has the first, 3a66a66 the second. A third on 2026-12-04 gave each warp its own d_model slice (so a warp's score
+# product is short and the slices' partial scores meet in one sum): 2.3-2.6 ms with 8 slices, 6.2-7.2 with 16, against
+# 1.30 shipped (results/decode_attention-2026-12-03-h200.json); commit 0f59099 has it.
 
 
 def _kernels():
@@ -85,14 +86,10 @@ def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, split
         total = torch.empty_like(running_max)
     else:
         acc = running_max = total = out  # unused
-    kernel, extra = kernels.hidden_cross_attention, {}
-    if D_CHUNKS:
-        kernel, extra = kernels.hidden_cross_attention_chunks, dict(CHUNKS=D_CHUNKS)
-    kernel[(groups, batch, splits)](
+    kernels.hidden_cross_attention[(groups, batch, splits)](
         q_mem, memory, lengths, out, acc, running_max, total, q_mem.stride(0), q_mem.stride(1), memory.stride(0),
         memory.stride(1), out.stride(0), out.stride(1), heads, keys_per_split, BLOCK_H=block_h, D=d_model,
-        BLOCK_N=block_n, SPLIT=splits > 1, UPCAST=kernels.INTERPRET, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-        **extra)
+        BLOCK_N=block_n, SPLIT=splits > 1, UPCAST=kernels.INTERPRET, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     if splits == 1:
         return out
     weights = torch.exp(running_max - running_max.amax(dim=1, keepdim=True)).nan_to_num_(0.0)  # empty splits: 0
