@@ -206,7 +206,8 @@ CONFIG_TOKENS: dict[str, dict] = {
 # (`pvlow8`, the precise P·V's remainder GEMM in float8, measured slower on an H200 — forward 7.57 vs 5.73 ms at
 # 4x32x4096x128, the long step 6.00 vs 6.39 samples/s, results/*_pvlow8-2026-12-02-h200.json — and went with its
 # kernel variant: commit b74dbf9 has it.)
-# `pvall`: the precise P·V at every key length (PRECISE_PV_MIN_KEYS 0; off by default). `noholes`: the key mask read
+# `pvall`: the precise P·V at every key length (PRECISE_PV_MIN_KEYS 0; off by default). `pvnograd`: the precise
+# P·V in forwards no gradient reaches too (PRECISE_PV_WITHOUT_GRAD; off by default since 2026-12-04). `noholes`: the key mask read
 # in every row, not only in rows with a hole (MASK_ONLY_WITH_HOLES, on by default since 2026-12-02; the token was
 # `holes` while it was off). (`wholetiles`, the forward's whole key tiles in loops without bounds or selects,
 # measured no faster on an H200 — long 6.39 vs 6.38, shipped 45.12 vs 45.10 samples/s,
@@ -236,6 +237,7 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "nopv16": ("sumtune.fast_t5.flash_attention", "PV_FP16", False),
     "nopvsplit": ("sumtune.fast_t5.flash_attention", "PV_SPLIT", False),
     "pvall": ("sumtune.fast_t5.flash_attention", "PRECISE_PV_MIN_KEYS", 0),
+    "pvnograd": ("sumtune.fast_t5.flash_attention", "PRECISE_PV_WITHOUT_GRAD", True),
     "noholes": ("sumtune.fast_t5.flash_attention", "MASK_ONLY_WITH_HOLES", False),
     # near bias tiles from the table's gathers, not the band (BIAS_BAND on by default since 2026-12-03; was `band`)
     "noband": ("sumtune.fast_t5.flash_attention", "BIAS_BAND", False),

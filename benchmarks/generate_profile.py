@@ -51,6 +51,10 @@ def main(argv=None) -> int:
     parser.add_argument("--full-length", action="store_true",
                         help="consecutive BillSum texts joined until every input fills --source-tokens")
     parser.add_argument("--no-stock-encoder", action="store_true", help="skip the stock transformers encoder timing")
+    parser.add_argument("--encoder-settings", default="",
+                        help="also time the fast encoder under these comma-separated bench_common patch tokens "
+                             "(e.g. pvnograd), each in the same run as the shipped setting")
+    parser.add_argument("--fused-tiles", default="", help="also time the fused decode loop at other " + bc.FUSED_TILES_HELP)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
@@ -83,11 +87,25 @@ def main(argv=None) -> int:
                     result[f"encoder_stock_chunk{chunk}_s"] = timed(lambda: encode(model, ids, mask, chunk), device)
                 enable_fast_t5(model.encoder)
                 result[f"encoder_fast_chunk{chunk}_s"] = timed(lambda: encode(model, ids, mask, chunk), device)
+                for setting in filter(None, args.encoder_settings.split(",")):
+                    with bc.patched(setting):
+                        result[f"encoder_fast_chunk{chunk}_{setting}_s"] = timed(
+                            lambda: encode(model, ids, mask, chunk), device)
                 disable_fast_t5(model.encoder)
             enable_fast_t5(model.encoder)
             encoder_out = encode(model, ids, mask, int(args.encoder_chunks.split(",")[0]))
             disable_fast_t5(model.encoder)
-            for attention in modes + (["kv"] if batch <= 128 and "kv" not in modes else []):
+            tiles = [f"fused@{'x'.join(map(str, spec))}" for spec in bc.parse_fused_tiles(args.fused_tiles)]
+            for attention in modes + (["kv"] if batch <= 128 and "kv" not in modes else []) + tiles:
+                if "@" in attention:  # the fused mode at other tiles: the decode loop only
+                    with bc.fused_tiles(attention.split("@")[1]):
+                        session = GreedySession(weights, batch=batch, src_len=ids.shape[1],
+                                                max_new_tokens=args.new_tokens, attention="fused", pad_token_id=PAD,
+                                                eos_token_id=EOS, use_cuda_graphs=device.type == "cuda")
+                        result[f"decode_{attention}_s"] = timed(lambda: session.run(
+                            encoder_out, mask, decoder_start_token_id=START, min_new_tokens=args.new_tokens), device)
+                    del session
+                    continue
                 t0 = time.perf_counter()
                 session = GreedySession(weights, batch=batch, src_len=ids.shape[1], max_new_tokens=args.new_tokens,
                                         attention=attention, pad_token_id=PAD, eos_token_id=EOS,
@@ -109,9 +127,9 @@ def main(argv=None) -> int:
                     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25,
                                                     max_name_column_width=90), flush=True)
                 del session
-            encoder_s = min(v for k, v in result.items() if k.startswith("encoder_fast"))
+            encoder_s = min(v for k, v in result.items() if k.startswith("encoder_fast") and k.count("_") == 3)
             result["mean_source_tokens"] = float(mask.sum()) / batch
-            for attention in modes:
+            for attention in modes + tiles:
                 result[f"summaries_per_s_fast_encoder_{attention}"] = batch / (encoder_s + result[f"decode_{attention}_s"])
             results.append(result)
             print(result, flush=True)

@@ -302,6 +302,17 @@ def test_precise_pv_waits_for_enough_keys(fa, monkeypatch):
         fa.flash_t5_attention(q, k, v)
     assert [entry for entry in launches if entry[0] == "fwd"] == [("fwd", False, False), ("fwd", True, True)]
 
+    # ... and only where a gradient will flow (PRECISE_PV_WITHOUT_GRAD off): inference keeps bf16's P·V, as SDPA
+    launches.clear()
+    with torch.no_grad():
+        fa.flash_t5_attention(q, k, v)
+    fa.flash_t5_attention(q.detach(), k.detach(), v.detach())
+    fa.flash_t5_attention(q.detach(), k.detach(), v)  # one input with a gradient is enough
+    monkeypatch.setattr(fa, "PRECISE_PV_WITHOUT_GRAD", True)
+    with torch.no_grad():
+        fa.flash_t5_attention(q, k, v)
+    assert [entry[1:] for entry in launches if entry[0] == "fwd"] == [(False, False)] * 2 + [(True, True)] * 2
+
 
 def test_pv_in_float16_with_an_all_zero_v_gives_zeros(fa, monkeypatch):
     monkeypatch.setattr(fa, "PV_FP16", True)

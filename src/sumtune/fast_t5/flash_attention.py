@@ -89,6 +89,10 @@ DS_TILE = 128  # the dS buffer's rows and columns are padded to whole tiles, so 
 # to float32 as stock (results/fast_t5_numerics_1024-2026-12-01-h200.json). Benchmark tokens `nopv16`, `nopvsplit`.
 PV_FP16 = True
 PV_SPLIT = True
+# The precise P·V is for the gradients. A forward that no gradient will reach (generation's encoder, evaluation's
+# loss) keeps bf16's P·V, as stock SDPA's kernels and transformers' eager T5 do: the second GEMM and the float16 copy
+# of V are a third of the 4096-key forward's work. True: precise there too. Benchmark token `pvnograd`.
+PRECISE_PV_WITHOUT_GRAD = False
 # (The remainder GEMM in float8, PV_LOW8, measured slower: bench_common's `pvlow8` note; commit b74dbf9 has it.)
 # MASK_ONLY_WITH_HOLES: the forward and dQ kernels read the key mask only in rows with a masked key before their
 # length (KeyPadding.holes; a branch around the load inside the loop): a right-padded row is bounded by its length
@@ -267,11 +271,12 @@ def _fp16_values(v: Tensor) -> tuple[Tensor, Tensor]:
     return out, largest
 
 
-def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropout_p, seed, draw_bits, pairs):
+def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropout_p, seed, draw_bits, pairs,
+             precise_pv):
     kernels = _kernels()
     batch, heads, query_len, head_dim = q.shape
     key_len = k.shape[2]
-    precise_pv = key_len >= PRECISE_PV_MIN_KEYS
+    precise_pv = precise_pv and key_len >= PRECISE_PV_MIN_KEYS
     pv_fp16 = PV_FP16 and precise_pv and v.dtype == torch.bfloat16  # the kernel's P·V in float16 (P cast to V's dtype)
     largest = None
     if pv_fp16:
@@ -410,16 +415,16 @@ def _round_up(a: int, b: int) -> int:
 @torch.library.custom_op("sumtune::t5_flash_attention", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], radius: int, mask: Optional[Tensor],
                   lengths: Optional[Tensor], holes: Optional[Tensor], causal: bool, scale: float, dropout_p: float,
-                  draw_bits: int, pairs: bool) -> tuple[Tensor, Tensor, Tensor]:
+                  draw_bits: int, pairs: bool, precise_pv: bool) -> tuple[Tensor, Tensor, Tensor]:
     # draw_bits and pairs without defaults: a caller that left them out drew another mask than dropout_keep_mask's
     seed = dropout_seed(q, dropout_p)
     out, lse = _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropout_p, seed, draw_bits,
-                        pairs)
+                        pairs, precise_pv)
     return out, lse, seed
 
 
 @_attention_op.register_fake
-def _(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropout_p, draw_bits, pairs):
+def _(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropout_p, draw_bits, pairs, precise_pv):
     batch, heads, query_len, head_dim = q.shape
     out = q.new_empty((batch, query_len, heads, head_dim)).transpose(1, 2)
     return out, q.new_empty((batch, heads, query_len), dtype=torch.float32), q.new_empty((1,), dtype=torch.int64)
@@ -441,7 +446,7 @@ def _(grad_out, q, k, v, out, lse, seed, table, radius, mask, lengths, holes, ca
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, table, radius, mask, lengths, holes, causal, scale, dropout_p, draw_bits, pairs = inputs
+    q, k, v, table, radius, mask, lengths, holes, causal, scale, dropout_p, draw_bits, pairs, _precise_pv = inputs
     out, lse, seed = output
     ctx.save_for_backward(q, k, v, out, lse, seed, table, mask, lengths, holes)
     ctx.radius, ctx.causal, ctx.scale, ctx.dropout_p = radius, causal, scale, dropout_p
@@ -452,7 +457,7 @@ def _backward_rule(ctx, grad_out, _grad_lse, _grad_seed):
     q, k, v, out, lse, seed, table, mask, lengths, holes = ctx.saved_tensors
     dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, lse, seed, table, ctx.radius, mask, lengths, holes,
                                         ctx.causal, ctx.scale, ctx.dropout_p, ctx.draw_bits, ctx.pairs)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
 
 
 _attention_op.register_autograd(_backward_rule, setup_context=_setup_context)
@@ -473,8 +478,9 @@ def t5_flash_attention(query: Tensor, key: Tensor, value: Tensor, table_log2: Te
     if table_log2 is not None and table_log2.shape[1] != query.shape[2] + key.shape[2] - 1 + 2 * TABLE_MARGIN:
         raise ValueError(f"table_log2 has {table_log2.shape[1]} columns: not a bias_table_log2 table for these lengths")
     mask, lengths, holes = padding if padding is not None else (None, None, None)
+    gradient = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     return _attention_op(query, key, value, table_log2, int(bias_radius), mask, lengths, holes, causal, float(scale),
-                         float(dropout_p), _draw_bits(), _pairs())[0]
+                         float(dropout_p), _draw_bits(), _pairs(), bool(gradient or PRECISE_PV_WITHOUT_GRAD))[0]
 
 
 def _pairs() -> bool:
