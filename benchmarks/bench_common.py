@@ -297,8 +297,8 @@ def fused_tiles(tiles: tuple[int, ...] | str | None):
     if not tiles:
         return contextlib.nullcontext()
     spec = parse_fused_tiles(tiles)[0] if isinstance(tiles, str) else tuple(tiles)
-    values = dict(zip(("BLOCK_N", "NUM_WARPS", "HEADS_PER_PROGRAM", "NUM_STAGES", "MIN_PROGRAMS"), spec))
-    return mock.patch.multiple(cross_attention, **values)
+    values = dict(zip(("HEADS_PER_PROGRAM", "NUM_STAGES", "MIN_PROGRAMS"), spec[2:]))
+    return mock.patch.multiple(cross_attention, TILES_BY_ROWS=((0, spec[0], spec[1]),), **values)
 
 
 def setting_fields(text: str, extra=None) -> dict:

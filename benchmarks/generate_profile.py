@@ -55,6 +55,7 @@ def main(argv=None) -> int:
                         help="also time the fast encoder under these comma-separated bench_common patch tokens "
                              "(e.g. pvnograd), each in the same run as the shipped setting")
     parser.add_argument("--fused-tiles", default="", help="also time the fused decode loop at other " + bc.FUSED_TILES_HELP)
+    parser.add_argument("--tag", default="", help="appended to the result file's name (runs of one day apart)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
@@ -134,7 +135,7 @@ def main(argv=None) -> int:
             results.append(result)
             print(result, flush=True)
     if not args.quick:
-        print(f"saved {bc.save_result('generate_profile', dict(model=args.model, new_tokens=args.new_tokens, full_length=args.full_length, rows=results))}")
+        print(f"saved {bc.save_result('generate_profile', dict(model=args.model, new_tokens=args.new_tokens, full_length=args.full_length, rows=results), slug=bc.gpu_slug() + (f'-{args.tag}' if args.tag else ''))}")
     return 0
 
 

@@ -23,8 +23,14 @@ from torch import Tensor
 # 64 keys x 8 warps x 16 heads x 2 stages 1.29 ms at 256 rows (the two GEMMs 1.45; 32 heads in one program with 16
 # keys x 16 warps, the earlier tiles, 3.98), 0.88 at 64 rows (the two GEMMs 0.42 there; on real bills, whose rows are
 # shorter than the batch's width, whole generation at 64 rows is faster fused: t5_decode.AUTO_FUSED_FROM).
-BLOCK_N = 64  # keys a loop iteration (a d_model-wide tile of states: 128 KiB at T5-3b's 1024, bf16)
-NUM_WARPS = 8  # sm_90 build at T5-3b's shapes and these tiles: 178 registers, no spill, 166 KB shared memory
+# (rows from, keys a loop iteration, warps): the first whose rows the launch's batch reaches. A tile is d_model-wide
+# states (128 KiB at T5-3b's 1024 for 64 keys, bf16). 32 keys x 4 warps (sm_90 build at T5-3b's shapes: 255
+# registers, 4 bytes of spill, 99 KB of shared memory, so two programs an SM) on 2026-12-04 at 4096 keys: 1.46 against
+# 1.65 ms at 256 rows, 1.01 against 0.89 at 64 (results/decode_attention-2026-12-04-h200.json; 1.17 against 1.30 in
+# session 28's, decode_attention-2026-12-03-h200.json), and in whole decode loops of 256 rows x 512 steps 15.81 s
+# against 18.14 with every input 4096 tokens, 9.85 against 10.06 on real bills cut there
+# (results/generate_profile-2026-12-04-h200*.json). 64 keys x 8 warps: 178 registers, no spill, 166 KB.
+TILES_BY_ROWS = ((256, 32, 4), (0, 64, 8))  # 128 rows not measured: the tiles measured at 64 there
 INTERPRETER_BLOCK_N = 64  # Triton's CPU interpreter: fewer, wider iterations (tests)
 MIN_PROGRAMS = 264  # split rows' keys until about two programs an H100/H200 SM (132 SMs)
 HEADS_PER_PROGRAM = 16  # heads of one program (a power of two >= 16); fewer -> several programs a row and split
@@ -57,7 +63,12 @@ def kernel_available(tensor: Tensor) -> str | None:
     return None
 
 
-def choose_splits(batch: int, src_len: int, block_n: int = BLOCK_N, head_groups: int = 1) -> int:
+def tiles_for(rows: int) -> tuple[int, int]:
+    """(keys a tile, warps) for a launch over ``rows`` rows: the first of TILES_BY_ROWS that they reach."""
+    return next((block_n, warps) for least, block_n, warps in TILES_BY_ROWS if rows >= least)
+
+
+def choose_splits(batch: int, src_len: int, block_n: int, head_groups: int = 1) -> int:
     """Key splits per row: enough programs to fill the GPU, each with at least a few tiles of keys."""
     return max(1, min(-(-MIN_PROGRAMS // max(batch * head_groups, 1)), -(-src_len // (8 * block_n))))
 
@@ -73,7 +84,8 @@ def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, split
     batch, heads, d_model = q_mem.shape
     src_len = memory.shape[1]
     kernels = _kernels()
-    block_n = INTERPRETER_BLOCK_N if kernels.INTERPRET else BLOCK_N
+    block_n, warps = tiles_for(batch)
+    block_n = INTERPRETER_BLOCK_N if kernels.INTERPRET else block_n
     block_h, groups = head_blocks(heads, HEADS_PER_PROGRAM)
     splits = splits or choose_splits(batch, src_len, block_n, groups)
     keys_per_split = -(-src_len // splits)
@@ -89,7 +101,7 @@ def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, split
     kernels.hidden_cross_attention[(groups, batch, splits)](
         q_mem, memory, lengths, out, acc, running_max, total, q_mem.stride(0), q_mem.stride(1), memory.stride(0),
         memory.stride(1), out.stride(0), out.stride(1), heads, keys_per_split, BLOCK_H=block_h, D=d_model,
-        BLOCK_N=block_n, SPLIT=splits > 1, UPCAST=kernels.INTERPRET, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        BLOCK_N=block_n, SPLIT=splits > 1, UPCAST=kernels.INTERPRET, num_warps=warps, num_stages=NUM_STAGES)
     if splits == 1:
         return out
     weights = torch.exp(running_max - running_max.amax(dim=1, keepdim=True)).nan_to_num_(0.0)  # empty splits: 0
