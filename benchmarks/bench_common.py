@@ -298,7 +298,7 @@ def fused_tiles(tiles: tuple[int, ...] | str | None):
         return contextlib.nullcontext()
     spec = parse_fused_tiles(tiles)[0] if isinstance(tiles, str) else tuple(tiles)
     values = dict(zip(("HEADS_PER_PROGRAM", "NUM_STAGES", "MIN_PROGRAMS"), spec[2:]))
-    return mock.patch.multiple(cross_attention, TILES_BY_ROWS=((0, spec[0], spec[1]),), **values)
+    return mock.patch.multiple(cross_attention, TILES_BY_STATES=((0, spec[0], spec[1]),), **values)
 
 
 def setting_fields(text: str, extra=None) -> dict:

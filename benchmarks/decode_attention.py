@@ -91,7 +91,7 @@ def formulations(device, configs=None):
 
 
 # (BLOCK_N, NUM_WARPS, HEADS_PER_PROGRAM, NUM_STAGES) of sumtune.generation.cross_attention; the first two are its
-# defaults (TILES_BY_ROWS: the second from 256 rows).
+# defaults (TILES_BY_STATES: the second from 2^19 states, rows x keys).
 # 16 heads a program: half the accumulator in registers, two programs a row reading its states (the second from L2).
 # Two other forms of the kernel were measured here on 2026-12-03 and went (cross_attention says where they are).
 FUSED_CONFIGS = [(64, 8, 16, 2), (32, 4, 16, 2), (32, 8, 16, 3), (32, 4, 16, 3)]

@@ -292,7 +292,7 @@ builds = {
 }
 types = dict(Q="*bf16", MEM="*bf16", OUT="*bf16", ACC="*fp32", MAX="*fp32", SUM="*fp32", LENGTHS="*i32")
 types.update({name: "i32" for name in cross_kernels.hidden_cross_attention.arg_names if name not in types})
-for (_, block_n, warps), split in itertools.product(cross_attention.TILES_BY_ROWS, (False, True)):
+for (_, block_n, warps), split in itertools.product(cross_attention.TILES_BY_STATES, (False, True)):
     builds[f"hidden_cross_attention {block_n}x{warps} split={split}"] = compile_source(
         cross_kernels.hidden_cross_attention, types, dict(BLOCK_H=cross_attention.head_blocks(32,
         cross_attention.HEADS_PER_PROGRAM)[0], D=1024, BLOCK_N=block_n, SPLIT=split, UPCAST=False),
@@ -319,7 +319,7 @@ def test_the_new_kernels_build_for_hopper_without_spilling():
     result = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
                             timeout=600)
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 4 + 2 * len(cross_attention.TILES_BY_ROWS), result.stderr[-2000:]
+    assert len(rows) == 4 + 2 * len(cross_attention.TILES_BY_STATES), result.stderr[-2000:]
     for row in rows:
         assert row["spill_bytes"] <= (32 if "cross" in row["kernel"] else 0), row
         assert row["shared_bytes"] <= HOPPER_SHARED_BYTES, row

@@ -371,11 +371,12 @@ def test_fused_cross_attention_kernel_matches_float64_and_refuses_what_it_cannot
             patch.setattr(cross_attention, "HEADS_PER_PROGRAM", per_program)
             assert cross_attention.head_blocks(20, per_program) == ((32, 1) if per_program == 32 else (16, 2))
             check(q_mem, memory, lengths, (1, 3), f"{per_program} heads a program")
-    assert [cross_attention.tiles_for(rows) for rows in (1, 255, 256, 4096)] == [(64, 8)] * 2 + [(32, 4)] * 2
-    for least, block_n, warps in cross_attention.TILES_BY_ROWS:  # each shipped tile (compiled: on a GPU)
+    shapes = ((1, 70), (64, 4096), (256, 1024), (256, 4096), (512, 1024))  # (rows, source tokens)
+    assert [cross_attention.tiles_for(*shape) for shape in shapes] == [(64, 8)] * 3 + [(32, 4)] * 2
+    for least, block_n, warps in cross_attention.TILES_BY_STATES:  # each shipped tile (compiled: on a GPU)
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(cross_attention, "TILES_BY_ROWS", ((0, block_n, warps),))
-            check(q_mem, memory, lengths, (1, 3), f"{block_n} keys x {warps} warps (from {least} rows)")
+            patch.setattr(cross_attention, "TILES_BY_STATES", ((0, block_n, warps),))
+            check(q_mem, memory, lengths, (1, 3), f"{block_n} keys x {warps} warps (from {least} states)")
 
     weights = DecoderWeights.from_model(merged32)
     with pytest.raises(SumtuneError, match="d_model 48 is not a power of two"):

@@ -23,14 +23,17 @@ from torch import Tensor
 # 64 keys x 8 warps x 16 heads x 2 stages 1.29 ms at 256 rows (the two GEMMs 1.45; 32 heads in one program with 16
 # keys x 16 warps, the earlier tiles, 3.98), 0.88 at 64 rows (the two GEMMs 0.42 there; on real bills, whose rows are
 # shorter than the batch's width, whole generation at 64 rows is faster fused: t5_decode.AUTO_FUSED_FROM).
-# (rows from, keys a loop iteration, warps): the first whose rows the launch's batch reaches. A tile is d_model-wide
-# states (128 KiB at T5-3b's 1024 for 64 keys, bf16). 32 keys x 4 warps (sm_90 build at T5-3b's shapes: 255
-# registers, 4 bytes of spill, 99 KB of shared memory, so two programs an SM) on 2026-12-04 at 4096 keys: 1.46 against
-# 1.65 ms at 256 rows, 1.01 against 0.89 at 64 (results/decode_attention-2026-12-04-h200.json; 1.17 against 1.30 in
-# session 28's, decode_attention-2026-12-03-h200.json), and in whole decode loops of 256 rows x 512 steps 15.81 s
-# against 18.14 with every input 4096 tokens, 9.85 against 10.06 on real bills cut there
-# (results/generate_profile-2026-12-04-h200*.json). 64 keys x 8 warps: 178 registers, no spill, 166 KB.
-TILES_BY_ROWS = ((256, 32, 4), (0, 64, 8))  # 128 rows not measured: the tiles measured at 64 there
+# (states from, keys a loop iteration, warps): the first whose count of states (rows x padded source tokens) a launch
+# reaches. A tile is d_model-wide states (128 KiB at T5-3b's 1024 for 64 keys, bf16). 32 keys x 4 warps (sm_90 build
+# at T5-3b's shapes: 255 registers, 4 bytes of spill, 99 KB of shared memory, so two programs an SM) against 64 x 8
+# (178 registers, no spill, 166 KB) on an H200, 2026-12-04: at 4096 keys 1.46 against 1.65 ms at 256 rows and 1.01
+# against 0.89 at 64 (results/decode_attention-2026-12-04-h200.json; 1.17 against 1.30 at 256 in session 28's,
+# decode_attention-2026-12-03-h200.json); at 1024 keys 0.96 against 1.06 at 512 rows and 0.68 against 0.63 at 256
+# (decode_attention-2026-12-04-h200-1024.json): faster from 2^19 states, slower at 2^18 either way. Whole decode loops
+# of 256 rows x 512 steps: 15.81 s against 18.14 with every input 4096 tokens, 9.85 against 10.06 on real bills cut
+# there (results/generate_profile-2026-12-04-h200-{full,bills}.json); whole generation with every input 4096 tokens
+# 10.31 against 9.39 summaries/s, tokens equal to transformers' (generate_throughput-2026-12-04-h200-full.json).
+TILES_BY_STATES = ((1 << 19, 32, 4), (0, 64, 8))
 INTERPRETER_BLOCK_N = 64  # Triton's CPU interpreter: fewer, wider iterations (tests)
 MIN_PROGRAMS = 264  # split rows' keys until about two programs an H100/H200 SM (132 SMs)
 HEADS_PER_PROGRAM = 16  # heads of one program (a power of two >= 16); fewer -> several programs a row and split
@@ -63,9 +66,10 @@ def kernel_available(tensor: Tensor) -> str | None:
     return None
 
 
-def tiles_for(rows: int) -> tuple[int, int]:
-    """(keys a tile, warps) for a launch over ``rows`` rows: the first of TILES_BY_ROWS that they reach."""
-    return next((block_n, warps) for least, block_n, warps in TILES_BY_ROWS if rows >= least)
+def tiles_for(rows: int, src_len: int) -> tuple[int, int]:
+    """(keys a tile, warps) for a launch over ``rows`` rows of ``src_len`` (padded) source tokens: the first of
+    TILES_BY_STATES whose count of states they reach."""
+    return next((block_n, warps) for least, block_n, warps in TILES_BY_STATES if rows * src_len >= least)
 
 
 def choose_splits(batch: int, src_len: int, block_n: int, head_groups: int = 1) -> int:
@@ -84,7 +88,7 @@ def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, split
     batch, heads, d_model = q_mem.shape
     src_len = memory.shape[1]
     kernels = _kernels()
-    block_n, warps = tiles_for(batch)
+    block_n, warps = tiles_for(batch, src_len)
     block_n = INTERPRETER_BLOCK_N if kernels.INTERPRET else block_n
     block_h, groups = head_blocks(heads, HEADS_PER_PROGRAM)
     splits = splits or choose_splits(batch, src_len, block_n, groups)
