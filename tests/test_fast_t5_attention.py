@@ -666,7 +666,7 @@ def test_custom_op_registration_passes_opcheck(fa):
     padding = fa.key_padding(padding_mask(2, 20))
     table = fa.bias_table_log2(t5_like_table(2, 20, 20, 4))
     op = torch.ops.sumtune.t5_flash_attention.default
-    torch.library.opcheck(op, (q, k, v, table, 4, *padding, False, 1.0, 0.0, 16, True),
+    torch.library.opcheck(op, (q, k, v, table, 4, *padding, False, 1.0, 0.0, 16, True, True),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
@@ -1045,7 +1045,7 @@ def test_gpu_cuda_graph_replays_draw_a_new_mask_each_time(compiled_fa):
     padding = fa.key_padding(padding_mask(2, 300, device="cuda"))
     # the draw scheme as flash_t5_attention passes it
     args = (q.detach(), k.detach(), v.detach(), fa.bias_table_log2(table), 128, *padding, False, 1.0, 0.3,
-            fa._draw_bits(), fa._pairs())
+            fa._draw_bits(), fa._pairs(), True)
     op = torch.ops.sumtune.t5_flash_attention.default
     with first_configs(fa):
         op(*args)  # compile outside the capture
