@@ -274,7 +274,7 @@ def patched(text: str):
 # The decoding cross-attention kernel's tiles (sumtune.generation.cross_attention), as benchmarks take them.
 FUSED_TILES_HELP = ("comma-separated BLOCK_NxWARPSxHEADSxSTAGES[xMIN_PROGRAMS] specs of "
                     "sumtune.generation.cross_attention (e.g. 32x8x16x3; a fifth number splits each row's keys until "
-                    "the launch has that many programs)")
+                    "the launch has that many programs, shipped 264)")
 
 
 def parse_fused_tiles(text: str) -> list[tuple[int, ...]]:
@@ -283,7 +283,7 @@ def parse_fused_tiles(text: str) -> list[tuple[int, ...]]:
     specs = [tuple(int(v) for v in spec.split("x")) for spec in text.split(",") if spec]
     bad = [spec for spec in specs if len(spec) not in (4, 5)]
     if bad:
-        raise SystemExit(f"fused tiles need 4 or 5 numbers each (BLOCK_NxWARPSxHEADSxSTAGES[xMIN_PROGRAMS]): {bad}")
+        raise SystemExit(f"fused tiles need 4 or 5 numbers each ({FUSED_TILES_HELP}): {bad}")
     return specs
 
 

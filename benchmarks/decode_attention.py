@@ -156,7 +156,7 @@ def main(argv=None) -> int:
                 ms = bc.cuda_event_ms(lambda: run(fn, backend, inputs), args.repeats)
                 row = dict(batch=batch, keys=args.keys, formulation=name, ms=ms, states_gb_per_s=states_gb / ms * 1e3,
                            error_vs_fp32=relative_error(run(fn, backend, inputs), ref))
-            except RuntimeError as error:  # e.g. a kernel that does not take d_model-wide heads
+            except Exception as error:  # noqa: BLE001 - e.g. tiles beyond shared memory (OutOfResources): a row
                 row = dict(batch=batch, keys=args.keys, formulation=name, note=str(error).splitlines()[0][:100])
             rows.append(row)
             print(row, flush=True)

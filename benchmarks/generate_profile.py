@@ -73,6 +73,7 @@ def main(argv=None) -> int:
     model = bc.random_t5(bc.t5_config(args.model, dropout_rate=0.0), torch.bfloat16, device).eval()
     tokenizer = bc.load_t5_tokenizer()
     batches = [int(b) for b in args.batches.split(",")]
+    chunks = [int(c) for c in args.encoder_chunks.split(",")]
     inputs = load_inputs(tokenizer, args.source_tokens, max(batches), args.full_length)
     modes = args.attention.split(",")
     weights = DecoderWeights.from_model(model)
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
             ids, mask = pad_batch(sorted(inputs[:batch], key=len, reverse=True), PAD, 64)
             ids, mask = ids.to(device), mask.to(device)
             result = dict(batch=batch, src_len=ids.shape[1])
-            for chunk in [int(c) for c in args.encoder_chunks.split(",")]:
+            for chunk in chunks:
                 if batch == batches[0] and not args.no_stock_encoder:  # stock once: it is the slow one
                     result[f"encoder_stock_chunk{chunk}_s"] = timed(lambda: encode(model, ids, mask, chunk), device)
                 enable_fast_t5(model.encoder)
@@ -94,28 +95,21 @@ def main(argv=None) -> int:
                             lambda: encode(model, ids, mask, chunk), device)
                 disable_fast_t5(model.encoder)
             enable_fast_t5(model.encoder)
-            encoder_out = encode(model, ids, mask, int(args.encoder_chunks.split(",")[0]))
+            encoder_out = encode(model, ids, mask, chunks[0])
             disable_fast_t5(model.encoder)
             tiles = [f"fused@{'x'.join(map(str, spec))}" for spec in bc.parse_fused_tiles(args.fused_tiles)]
             for attention in modes + (["kv"] if batch <= 128 and "kv" not in modes else []) + tiles:
-                if "@" in attention:  # the fused mode at other tiles: the decode loop only
-                    with bc.fused_tiles(attention.split("@")[1]):
-                        session = GreedySession(weights, batch=batch, src_len=ids.shape[1],
-                                                max_new_tokens=args.new_tokens, attention="fused", pad_token_id=PAD,
-                                                eos_token_id=EOS, use_cuda_graphs=device.type == "cuda")
-                        result[f"decode_{attention}_s"] = timed(lambda: session.run(
-                            encoder_out, mask, decoder_start_token_id=START, min_new_tokens=args.new_tokens), device)
-                    del session
-                    continue
-                t0 = time.perf_counter()
-                session = GreedySession(weights, batch=batch, src_len=ids.shape[1], max_new_tokens=args.new_tokens,
-                                        attention=attention, pad_token_id=PAD, eos_token_id=EOS,
-                                        use_cuda_graphs=device.type == "cuda")
-                bc.sync(device)
-                result[f"session_setup_{attention}_s"] = time.perf_counter() - t0
-                result[f"decode_{attention}_s"] = timed(lambda: session.run(
-                    encoder_out, mask, decoder_start_token_id=START, min_new_tokens=args.new_tokens), device)
-                if attention != "kv" and device.type == "cuda":
+                mode, _, spec = attention.partition("@")  # "fused@32x4x16x2": the fused mode at other tiles
+                with bc.fused_tiles(spec or None):
+                    t0 = time.perf_counter()
+                    session = GreedySession(weights, batch=batch, src_len=ids.shape[1],
+                                            max_new_tokens=args.new_tokens, attention=mode, pad_token_id=PAD,
+                                            eos_token_id=EOS, use_cuda_graphs=device.type == "cuda")
+                    bc.sync(device)
+                    result[f"session_setup_{attention}_s"] = time.perf_counter() - t0
+                    result[f"decode_{attention}_s"] = timed(lambda: session.run(
+                        encoder_out, mask, decoder_start_token_id=START, min_new_tokens=args.new_tokens), device)
+                if mode != "kv" and not spec and device.type == "cuda":
                     from torch.profiler import ProfilerActivity, profile
 
                     state = session.state
@@ -128,7 +122,7 @@ def main(argv=None) -> int:
                     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25,
                                                     max_name_column_width=90), flush=True)
                 del session
-            encoder_s = min(v for k, v in result.items() if k.startswith("encoder_fast") and k.count("_") == 3)
+            encoder_s = min(result[f"encoder_fast_chunk{chunk}_s"] for chunk in chunks)
             result["mean_source_tokens"] = float(mask.sum()) / batch
             for attention in modes + tiles:
                 result[f"summaries_per_s_fast_encoder_{attention}"] = batch / (encoder_s + result[f"decode_{attention}_s"])
