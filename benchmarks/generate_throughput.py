@@ -65,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--fused-tiles", default="",
                         help="also time each greedy batch with attention='fused' at other kernel tiles, and check "
                              f"their tokens: {bc.FUSED_TILES_HELP}")
+    parser.add_argument("--patches", default="",
+                        help="also time each greedy batch with attention='fused' under these settings, comma-separated "
+                             "strings of bench_common.PATCH_TOKENS joined by ':' (e.g. eagerrescale:noselffused)")
     parser.add_argument("--greedy-only", action="store_true",
                         help="only the greedy graphs rows and greedy token agreement (no eager/kv/beam/n-gram rows): "
                              "larger batches on a short device budget")
@@ -250,16 +253,18 @@ def main(argv=None) -> int:
         settings.append((settings[0][0] + ", unsliced cross-attention",
                          dict(use_cuda_graphs=use_graphs, slice_cross_attention=False)))
     slicings = [(None, None)] + [tuple(int(v) for v in pair.split("/")) for pair in args.slicing.split(",") if pair]
-    settings = [(name + (f", {g} slices of {m}" if g else ""), kwargs, (g, m), None)
+    settings = [(name + (f", {g} slices of {m}" if g else ""), kwargs, (g, m), None, "")
                 for g, m in slicings for name, kwargs in (settings if g is None else settings[:1])]
     tile_specs = [spec for spec in args.fused_tiles.split(",") if spec]
-    settings += [(settings[0][0] + f", fused cross-attention {spec}", dict(use_cuda_graphs=use_graphs,
-                                                                            attention="fused"), (None, None), spec)
+    fused = dict(use_cuda_graphs=use_graphs, attention="fused")
+    settings += [(settings[0][0] + f", fused cross-attention {spec}", fused, (None, None), spec, "")
                  for spec in tile_specs]
+    settings += [(settings[0][0] + f", fused, {patch}", fused, (None, None), None, patch)
+                 for patch in bc.patch_strings(args.patches)]
     for batch in fast_batches:
-        for name, kwargs, slicing, spec in settings:
+        for name, kwargs, slicing, spec, patch in settings:
             release_generation_cache(merged)  # a cached session would replay graphs captured with other tiles
-            with cross_slicing(*slicing), bc.fused_tiles(spec):
+            with cross_slicing(*slicing), bc.fused_tiles(spec), bc.patched(patch):
                 fast_generate(merged, inputs[:batch], batch, args.new_tokens, **kwargs)  # warm-up: capture, cuBLAS
                 out, wall, peak = timed(lambda: fast_generate(merged, inputs[:2 * batch], batch, args.new_tokens,
                                                               **kwargs), device)
