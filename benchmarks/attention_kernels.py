@@ -3,6 +3,8 @@
     python benchmarks/attention_kernels.py               # GPU, one run: T5-3b and FLAN-T5-XL shapes, 1024 and 4096
                                                          # (~2-3 min on an H200, mostly compiling: see wall_s)
     python benchmarks/attention_kernels.py --shapes 32x32x1024x128
+    python benchmarks/attention_kernels.py --shapes 16x32x4096x128 --inference --kernels cudnn,flex+bias,triton+bias
+                                                         # forwards alone under no_grad: generation's encoder
     python benchmarks/attention_kernels.py --cpu-check   # no GPU: sumtune's Triton kernels in Triton's interpreter
 
 Shapes are batch x heads x length x head_dim; a quarter of the rows are right-padded by 10% (as BillSum batches are).
@@ -140,6 +142,20 @@ def time_fwd_bwd(fn, tensors, grad_out, repeats: int) -> tuple[float, float, flo
     return statistics.median(totals), statistics.median(forwards), peak
 
 
+def time_forward(fn, tensors, repeats: int) -> tuple[float, float]:
+    """(median seconds of the forward under torch.no_grad, as an encoder in generation runs it, peak GiB above the
+    inputs)."""
+    with torch.no_grad():
+        bc.free_gpu_memory()
+        for _ in range(2):
+            fn(*tensors)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        seconds = bc.cuda_event_ms(lambda: fn(*tensors), repeats) / 1e3
+    return seconds, (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
 def sdpa_row(backend):
     from torch.nn.attention import sdpa_kernel
 
@@ -202,7 +218,8 @@ def error_vs_float32(fa, attend_ours, attend_sdpa, q, k, v, table, keep, grad_ou
 
 
 # ----------------------------------------------------------------------------- one shape
-def run_shape(shape, repeats: int, with_flex: bool, only: tuple[str, ...] = ()) -> tuple[list[dict], dict]:
+def run_shape(shape, repeats: int, with_flex: bool, only: tuple[str, ...] = (),
+              inference: bool = False) -> tuple[list[dict], dict]:
     from torch.nn.attention import SDPBackend
 
     from sumtune.fast_t5 import bias as bias_lib
@@ -223,10 +240,15 @@ def run_shape(shape, repeats: int, with_flex: bool, only: tuple[str, ...] = ()) 
             return
         started = time.time()
         try:
-            seconds, forward, peak = time_fwd_bwd(fn, tensors, grad_out, repeats)
-            row = dict(shape=name, kernel=kernel, fwd_bwd_ms=seconds * 1e3, fwd_ms=forward * 1e3,
-                       bwd_ms=(seconds - forward) * 1e3, tflops=flops / seconds / 1e12, peak_gib=peak,
-                       bias_gib=bias_gib, **extra)
+            if inference:
+                forward, peak = time_forward(fn, tensors, repeats)
+                row = dict(shape=name, kernel=kernel, no_grad_fwd_ms=forward * 1e3,
+                           tflops=flops / 3.5 / forward / 1e12, peak_gib=peak, bias_gib=bias_gib, **extra)
+            else:
+                seconds, forward, peak = time_fwd_bwd(fn, tensors, grad_out, repeats)
+                row = dict(shape=name, kernel=kernel, fwd_bwd_ms=seconds * 1e3, fwd_ms=forward * 1e3,
+                           bwd_ms=(seconds - forward) * 1e3, tflops=flops / seconds / 1e12, peak_gib=peak,
+                           bias_gib=bias_gib, **extra)
         except Exception as error:  # noqa: BLE001 - a kernel that cannot take this input is a row, not a crash
             row = dict(shape=name, kernel=kernel, note=str(error).splitlines()[0][:70])
         row["wall_s"] = time.time() - started  # compile / autotune included: what the run spent on the row
@@ -273,10 +295,11 @@ def run_shape(shape, repeats: int, with_flex: bool, only: tuple[str, ...] = ()) 
         record("triton+bias", lambda *t: ours(*t, p=0.0), (q, k, v), table.numel() * 4 / 2**30)
         # the bare kernel (key padding only) against cuDNN without bias: what the bias and dropout cost on top
         record("triton", lambda *t: fa.t5_flash_attention(*t, None, 0, padding, False, 1.0, 0.0), (q, k, v), 0.0)
-    baseline = next((r["fwd_bwd_ms"] for r in rows if r["kernel"] == "cudnn" and "fwd_bwd_ms" in r), None)
+    timed = "no_grad_fwd_ms" if inference else "fwd_bwd_ms"
+    baseline = next((r[timed] for r in rows if r["kernel"] == "cudnn" and timed in r), None)
     for row in rows:
-        if baseline and "fwd_bwd_ms" in row:
-            row["vs_cudnn_no_bias"] = row["fwd_bwd_ms"] / baseline
+        if baseline and timed in row:
+            row["vs_cudnn_no_bias"] = row[timed] / baseline
     ours_error, sdpa_error = error_vs_float32(fa, ours, lambda *t: cudnn(*t, dense, 0.0), q, k, v, table, keep,
                                               grad_out, rows=2)
     check = dict(shape=name, rows_checked=2, triton_dropout_vs_fp32=ours_error, cudnn_bias_vs_fp32=sdpa_error,
@@ -358,6 +381,10 @@ def main(argv=None) -> int:
     parser.add_argument("--tag", default=None, help="suffix of the result file name (e.g. run2)")
     parser.add_argument("--kernels", default="",
                         help="only these rows, comma-separated (e.g. cudnn,triton+bias+dropout); default: all")
+    parser.add_argument("--inference", action="store_true",
+                        help="time the forward alone under torch.no_grad, as generation's encoder runs it (no "
+                             "gradient: the Triton kernels keep bf16's P.V, flash_attention.PRECISE_PV_WITHOUT_GRAD); "
+                             "pick rows without dropout with --kernels")
     parser.add_argument("--launch-only", action="store_true",
                         help="time nothing: run sumtune's kernels (bias, padding, dropout) at each shape, the last "
                              "run inside a profiler range (ncu --profile-from-start off --set full ...)")
@@ -380,12 +407,13 @@ def main(argv=None) -> int:
     rows, checks = [], []
     for shape in args.shapes:
         shape_rows, check = run_shape(shape, args.repeats, with_flex=not args.no_flex,
-                                      only=tuple(k for k in args.kernels.split(",") if k))
+                                      only=tuple(k for k in args.kernels.split(",") if k), inference=args.inference)
         rows += shape_rows
         checks.append(check)
         bc.free_gpu_memory()
     print()
-    bc.print_table(rows, ["shape", "kernel", "fwd_bwd_ms", "fwd_ms", "bwd_ms", "vs_cudnn_no_bias", "tflops",
+    bc.print_table(rows, ["shape", "kernel", "fwd_bwd_ms", "fwd_ms", "bwd_ms", "no_grad_fwd_ms", "vs_cudnn_no_bias",
+                          "tflops",
                           "peak_gib", "bias_gib", "wall_s", "note"])
     print()
     for check in checks:
