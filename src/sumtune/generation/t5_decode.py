@@ -15,6 +15,8 @@ for self-attention), chosen by `attention`:
   states (CUDA; on an H200 at 4096 keys faster than the two GEMMs at 256 rows, 1.29 vs 1.45 ms a layer and step,
   slower at 64, 0.88 vs 0.42, results/decode_attention_head_groups-2026-12-03-h200.json; in whole generation at
   4096/512 faster at batch 32, 64 and 256 alike, at 1024/128 from 256 rows: "auto" picks it there, AUTO_FUSED_FROM).
+  The self-attention runs in the same kernel, with the step's position bias, over the positions written so far
+  (FUSED_SELF_ATTENTION).
 
 Cross-attention reads the encoder memory of every row at every step: at 4096/512 most of the decoder's time.
 A batch's rows (sorted longest first) are cut into a few slices (`cross_groups`), each attending only to its own
