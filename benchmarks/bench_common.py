@@ -253,15 +253,11 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "noclasswarm": ("sumtune.cuda_graphs", "WARM_UP_ONLY_UNCOVERED_SHAPES", False),
     # the attention kernels' Philox products as Triton's mul.lo + mul.hi, not one mul.wide.u32 each
     "nowidemul": ("sumtune.fast_t5.flash_attention", "PHILOX_WIDE_MUL", False),
-    # the decoding kernel rescales its accumulator on every key tile (RESCALE_ABOVE 8 by default since 2026-12-04)
-    "eagerrescale": ("sumtune.generation.cross_attention", "RESCALE_ABOVE", 0.0),
-    # "fused" decoding keeps the self-attention in two GEMMs (FUSED_SELF_ATTENTION on by default since 2026-12-04)
-    "noselffused": ("sumtune.generation.t5_decode", "FUSED_SELF_ATTENTION", False),
 }
 
 
 def patch_strings(text: str) -> list[str]:
-    """``"eagerrescale,eagerrescale:noselffused"`` -> its settings strings, each token checked against PATCH_TOKENS
+    """``"pvnograd,pvnograd:noband"`` -> its settings strings, each token checked against PATCH_TOKENS
     (an unknown one ends the run with its name)."""
     strings = [patch for patch in text.split(",") if patch]
     unknown = sorted({token for patch in strings for token in patch.split(":")} - set(PATCH_TOKENS))

@@ -67,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              f"their tokens: {bc.FUSED_TILES_HELP}")
     parser.add_argument("--patches", default="",
                         help="also time each greedy batch with attention='fused' under these settings, comma-separated "
-                             "strings of bench_common.PATCH_TOKENS joined by ':' (e.g. eagerrescale:noselffused)")
+                             "strings of bench_common.PATCH_TOKENS joined by ':' (e.g. pvnograd)")
     parser.add_argument("--greedy-only", action="store_true",
                         help="only the greedy graphs rows and greedy token agreement (no eager/kv/beam/n-gram rows): "
                              "larger batches on a short device budget")

@@ -38,10 +38,6 @@ INTERPRETER_BLOCK_N = 64  # Triton's CPU interpreter: fewer, wider iterations (t
 MIN_PROGRAMS = 264  # split rows' keys until about two programs an H100/H200 SM (132 SMs)
 HEADS_PER_PROGRAM = 16  # heads of one program (a power of two >= 16); fewer -> several programs a row and split
 NUM_STAGES = 2  # Triton's software pipelining depth over the key tiles
-# The accumulator ([heads, d_model] floats) is rescaled only when a head's running maximum grows by more than this
-# (natural-log units; probabilities then stay below e^8 ~ 3e3 before the final division, far inside bf16 and fp32),
-# as FlashAttention-4 does: on most key tiles the maximum settles and the multiply is skipped. 0: every tile.
-RESCALE_ABOVE = 8.0
 # Two other forms of the kernel were measured on 2026-12-03 and went: the products transposed (keys, then d_model, as
 # the MMA tile's rows, so Hopper's warpgroup MMA takes them; 1.43 and 1.23 ms against 1.31 and 1.28 at 256 rows x 4096
 # keys in two calls, 15.9 against 16.7 summaries/s in whole generation on real bills, 6.34 against 6.39 at batch 32)
@@ -49,7 +45,11 @@ RESCALE_ABOVE = 8.0
 # {keys_first,chunked}-2026-12-03-h200.json, generate_throughput_4096_512_{keys_first,chunked,b32}-…; commit 73d947f
 # has the first, 3a66a66 the second. A third on 2026-12-04 gave each warp its own d_model slice (so a warp's score
 # product is short and the slices' partial scores meet in one sum): 2.3-2.6 ms with 8 slices, 6.2-7.2 with 16, against
-# 1.30 shipped (results/decode_attention-2026-12-03-h200.json); commit 0f59099 has it.
+# 1.30 shipped (results/decode_attention-2026-12-03-h200.json); commit 0f59099 has it. On 2026-12-04 (commit 2d1e9f9):
+# the accumulator rescaled only when a head's maximum grew by more than e^8 (as FlashAttention-4 does) ran 1.158
+# against 1.123 ms at 256 rows x 4096 keys (results/decode_attention-2026-12-04-h200-rescale.json), and the decoder's
+# self-attention in this kernel (a per-head bias, the step's length) with it made whole generation 10.04 against 10.26
+# summaries/s (generate_throughput-2026-12-04-h200-full-s30.json): both went.
 
 
 def _kernels():
@@ -87,11 +87,8 @@ def head_blocks(heads: int, per_program: int) -> tuple[int, int]:
     return block_h, -(-heads // block_h)
 
 
-def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, splits: int | None = None,
-                           bias: Tensor | None = None) -> Tensor:
-    """softmax(q_mem . memory^T (+ bias) over each row's first lengths[b] keys) . memory -> [B, H, D] in memory's
-    dtype. ``lengths`` [B] may be a broadcast view (stride 0); ``bias`` [H, >= longest length], one row a head, the
-    same for every row of the batch (the decoder's relative position bias at one step)."""
+def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, splits: int | None = None) -> Tensor:
+    """softmax(q_mem . memory^T over each row's first lengths[b] keys) . memory -> [B, H, D] in memory's dtype."""
     batch, heads, d_model = q_mem.shape
     src_len = memory.shape[1]
     kernels = _kernels()
@@ -109,14 +106,10 @@ def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, split
         total = torch.empty_like(running_max)
     else:
         acc = running_max = total = out  # unused
-    if bias is not None and (bias.shape[0] != heads or bias.stride(-1) != 1):
-        raise ValueError(f"bias must be [{heads}, keys] with contiguous keys, not {tuple(bias.shape)}")
     kernels.hidden_cross_attention[(groups, batch, splits)](
-        q_mem, memory, lengths, out, acc, running_max, total, q_mem if bias is None else bias, q_mem.stride(0),
-        q_mem.stride(1), memory.stride(0), memory.stride(1), out.stride(0), out.stride(1), lengths.stride(0),
-        0 if bias is None else bias.stride(0), heads, keys_per_split, BLOCK_H=block_h, D=d_model, BLOCK_N=block_n,
-        SPLIT=splits > 1, UPCAST=kernels.INTERPRET, HAS_BIAS=bias is not None, RESCALE_ABOVE=float(RESCALE_ABOVE),
-        num_warps=warps, num_stages=NUM_STAGES)
+        q_mem, memory, lengths, out, acc, running_max, total, q_mem.stride(0), q_mem.stride(1), memory.stride(0),
+        memory.stride(1), out.stride(0), out.stride(1), heads, keys_per_split, BLOCK_H=block_h, D=d_model,
+        BLOCK_N=block_n, SPLIT=splits > 1, UPCAST=kernels.INTERPRET, num_warps=warps, num_stages=NUM_STAGES)
     if splits == 1:
         return out
     weights = torch.exp(running_max - running_max.amax(dim=1, keepdim=True)).nan_to_num_(0.0)  # empty splits: 0
@@ -125,12 +118,9 @@ def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, split
     return (numerator / denominator[..., None]).to(memory.dtype)
 
 
-def reference_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, dtype=torch.float64,
-                               bias: Tensor | None = None) -> Tensor:
+def reference_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, dtype=torch.float64) -> Tensor:
     """The same maths in plain PyTorch (masked softmax over the first lengths[b] keys)."""
     scores = q_mem.to(dtype) @ memory.to(dtype).transpose(1, 2)
-    if bias is not None:
-        scores = scores + bias[:, : memory.shape[1]].to(dtype)
     keep = torch.arange(memory.shape[1], device=memory.device)[None, :] < lengths[:, None].to(memory.device)
     probs = torch.softmax(scores.masked_fill(~keep[:, None, :], -math.inf), dim=-1).nan_to_num(0.0)
     return probs @ memory.to(dtype)

@@ -25,10 +25,9 @@ if INTERPRET:
 
 
 @triton.jit
-def hidden_cross_attention(Q, MEM, LENGTHS, OUT, ACC, MAX, SUM, BIAS, stride_qb, stride_qh, stride_mb, stride_mn,
-                           stride_ob, stride_oh, stride_lb, stride_bh, heads, keys_per_split, BLOCK_H: tl.constexpr,
-                           D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
-                           HAS_BIAS: tl.constexpr = False, RESCALE_ABOVE: tl.constexpr = 0.0):
+def hidden_cross_attention(Q, MEM, LENGTHS, OUT, ACC, MAX, SUM, stride_qb, stride_qh, stride_mb, stride_mn,
+                           stride_ob, stride_oh, heads, keys_per_split, BLOCK_H: tl.constexpr, D: tl.constexpr,
+                           BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
     group = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -37,7 +36,7 @@ def hidden_cross_attention(Q, MEM, LENGTHS, OUT, ACC, MAX, SUM, BIAS, stride_qb,
     in_h = offs_h < heads
     q = tl.load(Q + row * stride_qb + offs_h[:, None] * stride_qh + offs_d[None, :], mask=in_h[:, None], other=0.0)
     start = split * keys_per_split
-    stop = tl.minimum(start + keys_per_split, tl.load(LENGTHS + row * stride_lb))
+    stop = tl.minimum(start + keys_per_split, tl.load(LENGTHS + row))
     MEM += row * stride_mb
     m_i = tl.zeros([BLOCK_H], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -46,31 +45,13 @@ def hidden_cross_attention(Q, MEM, LENGTHS, OUT, ACC, MAX, SUM, BIAS, stride_qb,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_n = offs_n < stop
         states = tl.load(MEM + offs_n[:, None] * stride_mn + offs_d[None, :], mask=in_n[:, None], other=0.0)
-        scores = _dot(q, tl.trans(states), UPCAST)  # T5: no scaling
-        if HAS_BIAS:  # one value a head and key (the decoder's relative position bias at this step)
-            bias = tl.load(BIAS + offs_h[:, None] * stride_bh + offs_n[None, :], mask=in_h[:, None] & in_n[None, :],
-                           other=0.0)
-            scores += bias.to(tl.float32)
-        scores = tl.where(in_n[None, :], scores, float("-inf"))
+        scores = tl.where(in_n[None, :], _dot(q, tl.trans(states), UPCAST), float("-inf"))  # T5: no scaling
         m_new = tl.maximum(m_i, tl.max(scores, 1))
-        if RESCALE_ABOVE > 0:
-            # Rescale the accumulator only when some head's maximum grew by more than RESCALE_ABOVE (the first tile
-            # always): otherwise keep the stale maximum, so exp(scores - m_i) stays below e^RESCALE_ABOVE. Same
-            # maths (the sum and the denominator share the offset), the [BLOCK_H, D] multiply skipped on most tiles.
-            if tl.max(m_new - m_i, 0) > RESCALE_ABOVE:
-                alpha = tl.exp(m_i - m_new)
-                l_i = l_i * alpha
-                acc = acc * alpha[:, None]
-                m_i = m_new
-            p = tl.exp(scores - m_i[:, None])
-            l_i += tl.sum(p, 1)
-            acc = _dot(p.to(states.dtype), states, UPCAST, acc)
-        else:
-            p = tl.exp(scores - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _dot(p.to(states.dtype), states, UPCAST)
-            m_i = m_new
+        p = tl.exp(scores - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(states.dtype), states, UPCAST)
+        m_i = m_new
     if SPLIT:  # partial results of this split, combined by the caller
         base = (row * tl.num_programs(2) + split) * tl.num_programs(0) * BLOCK_H  # [B, splits, groups * BLOCK_H]
         tl.store(ACC + (base + offs_h[:, None]) * D + offs_d[None, :], acc)

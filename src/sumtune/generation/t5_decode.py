@@ -15,8 +15,6 @@ for self-attention), chosen by `attention`:
   states (CUDA; on an H200 at 4096 keys faster than the two GEMMs at 256 rows, 1.29 vs 1.45 ms a layer and step,
   slower at 64, 0.88 vs 0.42, results/decode_attention_head_groups-2026-12-03-h200.json; in whole generation at
   4096/512 faster at batch 32, 64 and 256 alike, at 1024/128 from 256 rows: "auto" picks it there, AUTO_FUSED_FROM).
-  The self-attention runs in the same kernel, with the step's position bias, over the positions written so far
-  (FUSED_SELF_ATTENTION).
 
 Cross-attention reads the encoder memory of every row at every step: at 4096/512 most of the decoder's time.
 A batch's rows (sorted longest first) are cut into a few slices (`cross_groups`), each attending only to its own
@@ -43,9 +41,6 @@ CROSS_GROUP_MIN_SAVING = 0.1  # slice only when it leaves out at least this shar
 # 1024 only from 256 rows: 75.6 -> 79.7 at batch 256, 81.2 -> 86.0 at 512, but 35.4 -> 31.9 at 32 and 65.3 -> 59.3 at
 # 128 (…_1024_128_{fused,small_batches}-2026-12-03-h200.json). Narrower batches were not measured: "hidden" there.
 AUTO_FUSED_FROM = ((1025, 1), (1024, 256))
-# In "fused" mode the self-attention also runs in the fused kernel (with the step's position bias, over the step + 1
-# positions written so far) instead of two GEMMs over the bucket's kv_len positions and a softmax between them.
-FUSED_SELF_ATTENTION = True
 
 
 @dataclass
@@ -263,19 +258,17 @@ def kv_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
 
 
 def hidden_attention(q: Tensor, wk: Tensor, wv: Tensor, memory: Tensor, bias: Tensor,
-                     groups: Sequence[tuple[int, int, int]] | None = None, lengths: Tensor | None = None,
-                     position_bias: Tensor | None = None) -> Tensor:
+                     groups: Sequence[tuple[int, int, int]] | None = None, lengths: Tensor | None = None) -> Tensor:
     """q [B,H,dk] over memory [B,L,D] with the k/v projections wk, wv [H*dk, D] moved to the query side; bias
     [B,1,L] or [1,H,L]. `groups`: (first row, end row, keys) slices that each read only their first keys.
-    `lengths` [B] int32: the fused kernel over each row's first keys instead (`bias` unused: padding only), adding
-    `position_bias` [H, L] (one row a head, every batch row alike) if given."""
+    `lengths` [B] int32: the fused kernel over each row's first keys instead (bias unused: padding only)."""
     batch, heads, d_kv = q.shape
     wk_h = wk.view(heads, d_kv, -1)
     q_mem = torch.bmm(q.transpose(0, 1), wk_h).transpose(0, 1)  # [B,H,D]
     if lengths is not None:
         from sumtune.generation.cross_attention import fused_hidden_attention
 
-        ctx_mem = fused_hidden_attention(q_mem, memory, lengths, bias=position_bias)
+        ctx_mem = fused_hidden_attention(q_mem, memory, lengths)
     elif groups is None or (len(groups) == 1 and groups[0][2] >= memory.shape[1]):
         ctx_mem = _attend_hidden(q_mem, memory, bias)
     else:
@@ -317,8 +310,6 @@ def decode_step(w: DecoderWeights, state: DecodeState, kv_len: int, pad_token_id
     step = state.step
     h = F.embedding(state.tokens, w.embed)  # [B, D]
     self_bias = state.self_bias.index_select(0, step)[:, :, :kv_len]  # [1, H, L]
-    fused_self = state.cross_lengths is not None and FUSED_SELF_ATTENTION
-    self_lengths = (step + 1).to(torch.int32).expand(batch) if fused_self else None  # positions written so far
     for lw, self_mem, cross_mem in zip(w.layers, state.self_memory, state.cross_memory):
         n = rms_norm(h, lw.ln_self, w.eps)
         q = F.linear(n, lw.q)
@@ -331,8 +322,7 @@ def decode_step(w: DecoderWeights, state: DecodeState, kv_len: int, pad_token_id
         else:
             x_cache = self_mem[0]
             x_cache.index_copy_(1, step, n.unsqueeze(1))
-            attn = hidden_attention(q.view(batch, heads, d_kv), lw.k, lw.v, x_cache[:, :kv_len], self_bias,
-                                    lengths=self_lengths, position_bias=self_bias[0] if fused_self else None)
+            attn = hidden_attention(q.view(batch, heads, d_kv), lw.k, lw.v, x_cache[:, :kv_len], self_bias)
         h = _clamp_fp16(h + F.linear(attn, lw.o))
 
         n = rms_norm(h, lw.ln_cross, w.eps)
