@@ -218,8 +218,8 @@ def error_vs_float32(fa, attend_ours, attend_sdpa, q, k, v, table, keep, grad_ou
 
 
 # ----------------------------------------------------------------------------- one shape
-def run_shape(shape, repeats: int, with_flex: bool, only: tuple[str, ...] = (),
-              inference: bool = False) -> tuple[list[dict], dict]:
+def run_shape(shape, repeats: int, with_flex: bool, only: tuple[str, ...] = (), inference: bool = False,
+              fwd_tiles: tuple[tuple[int, int, int, int], ...] = ()) -> tuple[list[dict], dict]:
     from torch.nn.attention import SDPBackend
 
     from sumtune.fast_t5 import bias as bias_lib
@@ -236,7 +236,7 @@ def run_shape(shape, repeats: int, with_flex: bool, only: tuple[str, ...] = (),
     rows = []
 
     def record(kernel, fn, tensors, bias_gib, **extra):
-        if only and kernel not in only:
+        if only and kernel not in only and "@" not in kernel:  # pinned-tile rows: asked for by --fwd-tiles
             return
         started = time.time()
         try:
@@ -295,6 +295,11 @@ def run_shape(shape, repeats: int, with_flex: bool, only: tuple[str, ...] = (),
         record("triton+bias", lambda *t: ours(*t, p=0.0), (q, k, v), table.numel() * 4 / 2**30)
         # the bare kernel (key padding only) against cuDNN without bias: what the bias and dropout cost on top
         record("triton", lambda *t: fa.t5_flash_attention(*t, None, 0, padding, False, 1.0, 0.0), (q, k, v), 0.0)
+    timed = "no_grad_fwd_ms" if inference else "fwd_bwd_ms"
+    for tile in fwd_tiles:  # the forward pinned at each tile (BLOCK_M, BLOCK_N, warps, stages), bias, no dropout
+        with fa.block_sizes(fwd=tile):
+            record("triton+bias@" + "x".join(map(str, tile)), lambda *t: ours(*t, p=0.0), (q, k, v),
+                   table.numel() * 4 / 2**30)
     timed = "no_grad_fwd_ms" if inference else "fwd_bwd_ms"
     baseline = next((r[timed] for r in rows if r["kernel"] == "cudnn" and timed in r), None)
     for row in rows:
@@ -385,6 +390,9 @@ def main(argv=None) -> int:
                         help="time the forward alone under torch.no_grad, as generation's encoder runs it (no "
                              "gradient: the Triton kernels keep bf16's P.V, flash_attention.PRECISE_PV_WITHOUT_GRAD); "
                              "pick rows without dropout with --kernels")
+    parser.add_argument("--fwd-tiles", default="",
+                        help="also rows of the forward (bias, no dropout) pinned at these tiles, comma-separated "
+                             "BLOCK_MxBLOCK_NxWARPSxSTAGES (e.g. 64x64x4x3), whatever --kernels says")
     parser.add_argument("--launch-only", action="store_true",
                         help="time nothing: run sumtune's kernels (bias, padding, dropout) at each shape, the last "
                              "run inside a profiler range (ncu --profile-from-start off --set full ...)")
@@ -403,11 +411,15 @@ def main(argv=None) -> int:
         return 0
     import triton
 
+    fwd_tiles = tuple(tuple(int(v) for v in tile.split("x")) for tile in args.fwd_tiles.split(",") if tile)
+    if any(len(tile) != 4 for tile in fwd_tiles):
+        raise SystemExit(f"--fwd-tiles takes BLOCK_MxBLOCK_NxWARPSxSTAGES specs, not {args.fwd_tiles!r}")
     started = time.time()
     rows, checks = [], []
     for shape in args.shapes:
         shape_rows, check = run_shape(shape, args.repeats, with_flex=not args.no_flex,
-                                      only=tuple(k for k in args.kernels.split(",") if k), inference=args.inference)
+                                      only=tuple(k for k in args.kernels.split(",") if k), inference=args.inference,
+                                      fwd_tiles=fwd_tiles)
         rows += shape_rows
         checks.append(check)
         bc.free_gpu_memory()
