@@ -253,6 +253,8 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "noclasswarm": ("sumtune.cuda_graphs", "WARM_UP_ONLY_UNCOVERED_SHAPES", False),
     # the attention kernels' Philox products as Triton's mul.lo + mul.hi, not one mul.wide.u32 each
     "nowidemul": ("sumtune.fast_t5.flash_attention", "PHILOX_WIDE_MUL", False),
+    # the feed-forward's ReLU as its own pass where no dropout follows (FUSED_LINEAR_RELU on since 2026-12-04)
+    "nolinearrelu": ("sumtune.fast_t5.modules", "FUSED_LINEAR_RELU", False),
 }
 
 

@@ -403,3 +403,59 @@ def test_fast_attention_runs_in_efficient_kernels_on_gpu():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss, grads = loss_and_lora_grads(model, batch)
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_relu_runs_in_the_gemm_epilogue_only_where_nothing_needs_it_apart():
+    """FUSED_LINEAR_RELU: ReLU in wi's GEMM epilogue for a plain half-precision wi on CUDA with no dropout and no
+    gradient; anywhere else (CPU, training with dropout, a gradient, a quantized or LoRA wi) the stock order. The
+    fused product equals relu(linear) exactly (here on the CPU, where torch computes it as two steps)."""
+    from transformers import T5Config
+    from transformers.models.t5.modeling_t5 import T5DenseActDense
+
+    from sumtune.fast_t5 import modules
+
+    dense = T5DenseActDense(T5Config(d_model=32, d_ff=64, dropout_rate=0.1, feed_forward_proj="relu"))
+    dense = dense.to(torch.bfloat16).eval()
+    x = torch.randn(3, 5, 32, dtype=torch.bfloat16)
+    fused = modules._linear_relu(dense.wi, x)
+    assert torch.equal(fused, torch.relu(dense.wi(x)))
+
+    class OnCuda(torch.Tensor):  # a CPU tensor that reports CUDA: only the routing is under test here
+        @property
+        def is_cuda(self):
+            return True
+
+    on_cuda = x.as_subclass(OnCuda)
+    with torch.no_grad():
+        assert modules._epilogue_relu(dense, on_cuda)
+        assert not modules._epilogue_relu(dense, x)  # CPU
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(modules, "FUSED_LINEAR_RELU", False)
+            assert not modules._epilogue_relu(dense, on_cuda)
+        assert not modules._epilogue_relu(dense.train(), on_cuda)  # dropout 0.1 follows the ReLU
+        assert not modules._epilogue_relu(dense.eval().float(), on_cuda.float())  # fp32 weights: stock
+    dense = dense.to(torch.bfloat16)
+    assert not modules._epilogue_relu(dense, on_cuda)  # the weight wants a gradient
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_encoder_with_relu_in_the_gemm_epilogue_equals_the_two_step_encoder_on_gpu():
+    """Generation's encoder (dense bf16 weights, no gradient) with FUSED_LINEAR_RELU against the same forwards with
+    ReLU as its own pass: the same outputs, to the last bit or within a few bf16 steps (another GEMM algorithm)."""
+    from transformers import T5Config, T5EncoderModel
+
+    from sumtune.fast_t5 import modules
+
+    torch.manual_seed(0)
+    config = T5Config(d_model=1024, d_ff=16384, d_kv=128, num_heads=32, num_layers=2, vocab_size=32128,
+                      feed_forward_proj="relu", dropout_rate=0.1)
+    encoder = T5EncoderModel(config).to("cuda", torch.bfloat16).eval()
+    enable_fast_t5(encoder)
+    ids = torch.randint(2, 32128, (4, 1024), device="cuda")
+    with torch.inference_mode():
+        fused = encoder(input_ids=ids).last_hidden_state
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(modules, "FUSED_LINEAR_RELU", False)
+            apart = encoder(input_ids=ids).last_hidden_state
+    assert (fused.float() - apart.float()).norm() <= 1e-2 * apart.float().norm()
