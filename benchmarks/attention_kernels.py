@@ -23,6 +23,7 @@ Rows, each timed forward + backward (CUDA events, median) with its peak memory a
   ... +dropout+noholes      the key mask read in every row, not only in rows with a hole (MASK_ONLY_WITH_HOLES off)
   ... +dropout+nowidemul    the Philox products as mul.lo + mul.hi, not one mul.wide.u32 (PHILOX_WIDE_MUL off)
   triton                    the same kernels with key padding only (no bias, no dropout): the bare kernel
+  triton +bias+farsplit     (--inference) the far-left keys from cuDNN's causal kernel (sumtune.fast_t5.far_split)
 Forward and backward are also timed apart (fwd_ms, bwd_ms) in the same runs.
 The bias tensors come from a real frozen T5Attention through sumtune.fast_t5.bias, as the fast stack makes them.
 In the same run, sumtune's kernels are checked against a float32 reference on the first rows (with dropout: the
@@ -32,6 +33,7 @@ kernels' own mask), next to SDPA's error against the same reference. Writes JSON
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
@@ -181,6 +183,21 @@ def flex_attend_factory(table, lengths, batch, heads, length):
 
 
 # ----------------------------------------------------------------------------- correctness in the same run
+def forward_errors(fa, attend, q, k, v, table, keep, rows: int) -> dict:
+    """Relative error of the no-grad forward at the real queries of the first ``rows`` rows against float32, with
+    the one kernel and with the far-left part from cuDNN (``farsplit``)."""
+    with torch.no_grad():
+        sliced = [t[:rows].float() for t in (q, k, v)]
+        reference = fa.reference_t5_attention(*sliced, table, keep[:rows], dtype=torch.float32)
+        real = keep[:rows, None, :, None].expand_as(reference)
+        errors = {}
+        for label, setting in (("plain", contextlib.nullcontext()), ("farsplit", bc.patched("farsplit"))):
+            with setting:
+                out = attend(q, k, v)[:rows].float()
+            errors[label] = float((out[real] - reference[real]).norm() / reference[real].norm())
+    return errors
+
+
 def error_vs_float32(fa, attend_ours, attend_sdpa, q, k, v, table, keep, grad_out, rows: int):
     """Relative errors of out/dq/dk/dv vs a float32 reference on the first ``rows`` batch rows (padded ones),
     for sumtune's kernels with dropout (checked with the mask they draw) and for SDPA without."""
@@ -295,11 +312,17 @@ def run_shape(shape, repeats: int, with_flex: bool, only: tuple[str, ...] = (), 
         record("triton+bias", lambda *t: ours(*t, p=0.0), (q, k, v), table.numel() * 4 / 2**30)
         # the bare kernel (key padding only) against cuDNN without bias: what the bias and dropout cost on top
         record("triton", lambda *t: fa.t5_flash_attention(*t, None, 0, padding, False, 1.0, 0.0), (q, k, v), 0.0)
-    timed = "no_grad_fwd_ms" if inference else "fwd_bwd_ms"
+    if inference:  # the far-left keys from cuDNN's causal kernel (sumtune.fast_t5.far_split: no gradient only)
+        with bc.patched("farsplit"):
+            record("triton+bias+farsplit", lambda *t: ours(*t, p=0.0), (q, k, v), table.numel() * 4 / 2**30)
     for tile in fwd_tiles:  # the forward pinned at each tile (BLOCK_M, BLOCK_N, warps, stages), bias, no dropout
         with fa.block_sizes(fwd=tile):
             record("triton+bias@" + "x".join(map(str, tile)), lambda *t: ours(*t, p=0.0), (q, k, v),
                    table.numel() * 4 / 2**30)
+            if inference:
+                with bc.patched("farsplit"):
+                    record("triton+bias+farsplit@" + "x".join(map(str, tile)), lambda *t: ours(*t, p=0.0),
+                           (q, k, v), table.numel() * 4 / 2**30)
     timed = "no_grad_fwd_ms" if inference else "fwd_bwd_ms"
     baseline = next((r[timed] for r in rows if r["kernel"] == "cudnn" and timed in r), None)
     for row in rows:
@@ -309,6 +332,8 @@ def run_shape(shape, repeats: int, with_flex: bool, only: tuple[str, ...] = (), 
                                               grad_out, rows=2)
     check = dict(shape=name, rows_checked=2, triton_dropout_vs_fp32=ours_error, cudnn_bias_vs_fp32=sdpa_error,
                  triton_configs=tuned)
+    if inference:
+        check["no_grad_out_vs_fp32"] = forward_errors(fa, lambda *t: ours(*t, p=0.0), q, k, v, table, keep, rows=2)
     print(check, flush=True)
     del dense, position
     return rows, check

@@ -255,6 +255,8 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "nowidemul": ("sumtune.fast_t5.flash_attention", "PHILOX_WIDE_MUL", False),
     # the feed-forward's ReLU as its own pass where no dropout follows (FUSED_LINEAR_RELU on since 2026-12-04)
     "nolinearrelu": ("sumtune.fast_t5.modules", "FUSED_LINEAR_RELU", False),
+    # forwards no gradient reaches take their far-left keys from cuDNN's causal kernel (sumtune.fast_t5.far_split)
+    "farsplit": ("sumtune.fast_t5.far_split", "FAR_SPLIT_WITHOUT_GRAD", True),
 }
 
 

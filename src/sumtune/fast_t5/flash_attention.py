@@ -34,6 +34,7 @@ from torch import Tensor
 from sumtune.fast_t5.attention_inputs import (KeyPadding, draw_seed, dropout_seed,  # noqa: F401 (re-exported)
                                               dropout_threshold, key_padding)
 from sumtune.fast_t5.attention_reference import reference_t5_attention  # noqa: F401 (the yardstick, re-exported)
+from sumtune.fast_t5.far_split import applies as far_split_applies
 
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
@@ -272,7 +273,7 @@ def _fp16_values(v: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropout_p, seed, draw_bits, pairs,
-             precise_pv):
+             precise_pv, far_split=False):
     kernels = _kernels()
     batch, heads, query_len, head_dim = q.shape
     key_len = k.shape[2]
@@ -286,6 +287,7 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
     drop_below, drop_scale = dropout_threshold(dropout_p, 1 << draw_bits)
     radius_given, radius = radius, _radius(radius, query_len, key_len)
     dummy = lse
+    far_args = _far_args(q, k, v, radius_given, scale, holes if mask is not None else dummy) if far_split else {}
     _launch("fwd", kernels.t5_flash_attention_fwd,
             lambda bm, bn: (_cdiv(query_len, bm), batch * heads),
             q, k, v, out, lse, table if table is not None else dummy, mask if mask is not None else dummy,
@@ -296,8 +298,18 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
             HEAD_DIM=head_dim, CAUSAL=causal, HAS_BIAS=table is not None, HAS_KEY_MASK=mask is not None,
             DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8,
             PV_SPLIT=PV_SPLIT and precise_pv, PV_FP16=pv_fp16, PAIRS=_pairs_mode(pairs, key_len),
-            **_holes_args(mask, holes), **_band_args(table, radius_given, query_len, key_len, "fwd"))
+            **_holes_args(mask, holes), **_band_args(table, radius_given, query_len, key_len, "fwd"), **far_args)
     return out, lse
+
+
+def _far_args(q, k, v, radius, scale, holes) -> dict:
+    """The forward kernel's FAR_GIVEN arguments: the far-left part from sumtune.fast_t5.far_split."""
+    from sumtune.fast_t5.far_split import far_left_attention
+
+    far_out, far_lse = far_left_attention(q, k, v, radius, scale)
+    fb, fh, fm, fd = far_out.stride()
+    return dict(FAR=far_out, FAR_LSE=far_lse, FAR_HOLES=holes, stride_fb=fb, stride_fh=fh, stride_fm=fm,
+                stride_fd=fd, FAR_GIVEN=True)
 
 
 def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, causal, scale, dropout_p, seed,
@@ -415,16 +427,16 @@ def _round_up(a: int, b: int) -> int:
 @torch.library.custom_op("sumtune::t5_flash_attention", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], radius: int, mask: Optional[Tensor],
                   lengths: Optional[Tensor], holes: Optional[Tensor], causal: bool, scale: float, dropout_p: float,
-                  draw_bits: int, pairs: bool, precise_pv: bool) -> tuple[Tensor, Tensor, Tensor]:
+                  draw_bits: int, pairs: bool, precise_pv: bool, far_split: bool) -> tuple[Tensor, Tensor, Tensor]:
     # draw_bits and pairs without defaults: a caller that left them out drew another mask than dropout_keep_mask's
     seed = dropout_seed(q, dropout_p)
     out, lse = _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropout_p, seed, draw_bits,
-                        pairs, precise_pv)
+                        pairs, precise_pv, far_split)
     return out, lse, seed
 
 
 @_attention_op.register_fake
-def _(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropout_p, draw_bits, pairs, precise_pv):
+def _(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropout_p, draw_bits, pairs, precise_pv, far_split):
     batch, heads, query_len, head_dim = q.shape
     out = q.new_empty((batch, query_len, heads, head_dim)).transpose(1, 2)
     return out, q.new_empty((batch, heads, query_len), dtype=torch.float32), q.new_empty((1,), dtype=torch.int64)
@@ -446,7 +458,7 @@ def _(grad_out, q, k, v, out, lse, seed, table, radius, mask, lengths, holes, ca
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, table, radius, mask, lengths, holes, causal, scale, dropout_p, draw_bits, pairs, _precise_pv = inputs
+    q, k, v, table, radius, mask, lengths, holes, causal, scale, dropout_p, draw_bits, pairs, _precise_pv, _far = inputs
     out, lse, seed = output
     ctx.save_for_backward(q, k, v, out, lse, seed, table, mask, lengths, holes)
     ctx.radius, ctx.causal, ctx.scale, ctx.dropout_p = radius, causal, scale, dropout_p
@@ -457,7 +469,7 @@ def _backward_rule(ctx, grad_out, _grad_lse, _grad_seed):
     q, k, v, out, lse, seed, table, mask, lengths, holes = ctx.saved_tensors
     dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, lse, seed, table, ctx.radius, mask, lengths, holes,
                                         ctx.causal, ctx.scale, ctx.dropout_p, ctx.draw_bits, ctx.pairs)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 _attention_op.register_autograd(_backward_rule, setup_context=_setup_context)
@@ -479,8 +491,11 @@ def t5_flash_attention(query: Tensor, key: Tensor, value: Tensor, table_log2: Te
         raise ValueError(f"table_log2 has {table_log2.shape[1]} columns: not a bias_table_log2 table for these lengths")
     mask, lengths, holes = padding if padding is not None else (None, None, None)
     gradient = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    precise_pv = bool(gradient or PRECISE_PV_WITHOUT_GRAD)
+    far_split = far_split_applies(query.shape[2], key.shape[2], int(bias_radius), table_log2 is not None, causal,
+                                  float(dropout_p), gradient, precise_pv)
     return _attention_op(query, key, value, table_log2, int(bias_radius), mask, lengths, holes, causal, float(scale),
-                         float(dropout_p), _draw_bits(), _pairs(), bool(gradient or PRECISE_PV_WITHOUT_GRAD))[0]
+                         float(dropout_p), _draw_bits(), _pairs(), precise_pv, far_split)[0]
 
 
 def _pairs() -> bool:
