@@ -273,7 +273,7 @@ def main(argv=None) -> int:
     best = max((r for r in rows if r["path"] == "sumtune"), key=lambda r: r["summaries_per_s"])["batch"]
     if args.greedy_only:
         agree = greedy_agreement(merged, inputs[: args.agreement_inputs], best, args.new_tokens, device, use_graphs,
-                                 args.fused, tile_specs)
+                                 args.fused, tile_specs, bc.patch_strings(args.patches))
         return finish(args, rows, agree, best, mean_len, build_s, prepare_s, merged_gib)
     variants = [("eager", dict(use_cuda_graphs=False)),
                 ("kv-cache" + (" graphs" if use_graphs else ""), dict(attention="kv", use_cuda_graphs=use_graphs))]
@@ -320,7 +320,8 @@ def main(argv=None) -> int:
     return finish(args, rows, agree, best, mean_len, build_s, prepare_s, merged_gib)
 
 
-def greedy_agreement(merged, subset, best, new_tokens, device, use_graphs, fused=False, tile_specs=()) -> dict:
+def greedy_agreement(merged, subset, best, new_tokens, device, use_graphs, fused=False, tile_specs=(),
+                     patches=()) -> dict:
     """Greedy tokens of sumtune ("hidden", "kv", and "fused" if asked) against transformers `generate` on the same
     merged bf16 weights (forced length), next to transformers against itself at another batch size (the bf16 noise
     floor)."""
@@ -337,6 +338,12 @@ def greedy_agreement(merged, subset, best, new_tokens, device, use_graphs, fused
             ours = fast_generate(merged, subset, min(best, len(subset)), new_tokens, attention="fused",
                                  use_cuda_graphs=use_graphs)
         agree[f"sumtune_fused_{spec}_vs_transformers_b32"] = agreement(ours, hf_big)
+    for patch in patches:  # the --patches settings' tokens too (the fused mode, as their throughput rows)
+        release_generation_cache(merged)
+        with bc.patched(patch):
+            ours = fast_generate(merged, subset, min(best, len(subset)), new_tokens, attention="fused",
+                                 use_cuda_graphs=use_graphs)
+        agree[f"sumtune_fused_{patch}_vs_transformers_b32"] = agreement(ours, hf_big)
     release_generation_cache(merged)
     return agree
 
