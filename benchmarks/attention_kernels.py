@@ -24,6 +24,7 @@ Rows, each timed forward + backward (CUDA events, median) with its peak memory a
   ... +dropout+nowidemul    the Philox products as mul.lo + mul.hi, not one mul.wide.u32 (PHILOX_WIDE_MUL off)
   triton                    the same kernels with key padding only (no bias, no dropout): the bare kernel
   triton +bias+farsplit     (--inference) the far-left keys from cuDNN's causal kernel (sumtune.fast_t5.far_split)
+  triton +bias+farright     (--inference) the far-right keys from it as well, over each row's reversed tokens
 Forward and backward are also timed apart (fwd_ms, bwd_ms) in the same runs.
 The bias tensors come from a real frozen T5Attention through sumtune.fast_t5.bias, as the fast stack makes them.
 In the same run, sumtune's kernels are checked against a float32 reference on the first rows (with dropout: the
@@ -33,7 +34,6 @@ kernels' own mask), next to SDPA's error against the same reference. Writes JSON
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import subprocess
@@ -52,6 +52,8 @@ import bench_common as bc  # noqa: E402
 DEFAULT_SHAPES = ("32x32x1024x128", "4x32x4096x128", "32x32x1024x64", "4x32x4096x64")  # T5-3b, FLAN-T5-XL heads
 DROPOUT_P = 0.1
 BIAS_RADIUS = 128  # T5's relative_attention_max_distance
+# --inference rows: (suffix, patch tokens): the one kernel, the far-left part from cuDNN, both far parts from it
+FAR_SPLIT_ROWS = (("plain", "nofarsplit"), ("farsplit", "farsplitall"), ("farright", "farsplitall:farright"))
 
 
 def parse_shape(text: str) -> tuple[int, int, int, int]:
@@ -185,14 +187,14 @@ def flex_attend_factory(table, lengths, batch, heads, length):
 # ----------------------------------------------------------------------------- correctness in the same run
 def forward_errors(fa, attend, q, k, v, table, keep, rows: int) -> dict:
     """Relative error of the no-grad forward at the real queries of the first ``rows`` rows against float32, with
-    the one kernel and with the far-left part from cuDNN (``farsplit``)."""
+    the one kernel and with the far parts from cuDNN (FAR_SPLIT_ROWS)."""
     with torch.no_grad():
         sliced = [t[:rows].float() for t in (q, k, v)]
         reference = fa.reference_t5_attention(*sliced, table, keep[:rows], dtype=torch.float32)
         real = keep[:rows, None, :, None].expand_as(reference)
         errors = {}
-        for label, setting in (("plain", contextlib.nullcontext()), ("farsplit", bc.patched("farsplit"))):
-            with setting:
+        for label, patch in FAR_SPLIT_ROWS:
+            with bc.patched(patch):
                 out = attend(q, k, v)[:rows].float()
             errors[label] = float((out[real] - reference[real]).norm() / reference[real].norm())
     return errors
@@ -308,20 +310,20 @@ def run_shape(shape, repeats: int, with_flex: bool, only: tuple[str, ...] = (), 
     with bc.patched("nowidemul"):  # Philox products from mul.lo + mul.hi (two instructions) instead of mul.wide
         record("triton+bias+dropout+nowidemul", ours, (q, k, v), table.numel() * 4 / 2**30)
     pinned = {kernel: config for kernel, config in tuned.items() if config is not None}
-    with fa.block_sizes(**pinned):  # the dropout variant's tiles: one compile instead of another autotune
+    with fa.block_sizes(**pinned), bc.patched("nofarsplit"):  # the dropout variant's tiles: one compile, not a tune
         record("triton+bias", lambda *t: ours(*t, p=0.0), (q, k, v), table.numel() * 4 / 2**30)
         # the bare kernel (key padding only) against cuDNN without bias: what the bias and dropout cost on top
         record("triton", lambda *t: fa.t5_flash_attention(*t, None, 0, padding, False, 1.0, 0.0), (q, k, v), 0.0)
-    if inference:  # the far-left keys from cuDNN's causal kernel (sumtune.fast_t5.far_split: no gradient only)
-        with bc.patched("farsplit"):
-            record("triton+bias+farsplit", lambda *t: ours(*t, p=0.0), (q, k, v), table.numel() * 4 / 2**30)
+    # --inference: the far parts from cuDNN's causal kernel (sumtune.fast_t5.far_split, forwards without gradient)
+    splits = [(f"+{suffix}" if suffix != "plain" else "", patch) for suffix, patch in FAR_SPLIT_ROWS[1:]]
+    for suffix, patch in splits if inference else ():
+        with bc.patched(patch):
+            record("triton+bias" + suffix, lambda *t: ours(*t, p=0.0), (q, k, v), table.numel() * 4 / 2**30)
     for tile in fwd_tiles:  # the forward pinned at each tile (BLOCK_M, BLOCK_N, warps, stages), bias, no dropout
         with fa.block_sizes(fwd=tile):
-            record("triton+bias@" + "x".join(map(str, tile)), lambda *t: ours(*t, p=0.0), (q, k, v),
-                   table.numel() * 4 / 2**30)
-            if inference:
-                with bc.patched("farsplit"):
-                    record("triton+bias+farsplit@" + "x".join(map(str, tile)), lambda *t: ours(*t, p=0.0),
+            for suffix, patch in [("", "nofarsplit")] + (splits if inference else []):
+                with bc.patched(patch):
+                    record("triton+bias" + suffix + "@" + "x".join(map(str, tile)), lambda *t: ours(*t, p=0.0),
                            (q, k, v), table.numel() * 4 / 2**30)
     timed = "no_grad_fwd_ms" if inference else "fwd_bwd_ms"
     baseline = next((r[timed] for r in rows if r["kernel"] == "cudnn" and timed in r), None)

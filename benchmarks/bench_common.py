@@ -255,8 +255,12 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "nowidemul": ("sumtune.fast_t5.flash_attention", "PHILOX_WIDE_MUL", False),
     # the feed-forward's ReLU as its own pass where no dropout follows (FUSED_LINEAR_RELU on since 2026-12-04)
     "nolinearrelu": ("sumtune.fast_t5.modules", "FUSED_LINEAR_RELU", False),
-    # forwards no gradient reaches take their far-left keys from cuDNN's causal kernel (sumtune.fast_t5.far_split)
-    "farsplit": ("sumtune.fast_t5.far_split", "FAR_SPLIT_WITHOUT_GRAD", True),
+    # forwards no gradient reaches: the far-left keys not from cuDNN's causal kernel (sumtune.fast_t5.far_split; on
+    # by default since 2026-12-04, the token was `farsplit` while it was off); the far-right ones from it too; the
+    # split at every length, not only from FAR_SPLIT_MIN_KEYS
+    "nofarsplit": ("sumtune.fast_t5.far_split", "FAR_SPLIT_WITHOUT_GRAD", False),
+    "farright": ("sumtune.fast_t5.far_split", "FAR_RIGHT_TOO", True),
+    "farsplitall": ("sumtune.fast_t5.far_split", "FAR_SPLIT_MIN_KEYS", 0),
 }
 
 
