@@ -24,7 +24,6 @@ Rows, each timed forward + backward (CUDA events, median) with its peak memory a
   ... +dropout+nowidemul    the Philox products as mul.lo + mul.hi, not one mul.wide.u32 (PHILOX_WIDE_MUL off)
   triton                    the same kernels with key padding only (no bias, no dropout): the bare kernel
   triton +bias+farsplit     (--inference) the far-left keys from cuDNN's causal kernel (sumtune.fast_t5.far_split)
-  triton +bias+farright     (--inference) the far-right keys from it as well, over each row's reversed tokens
 Forward and backward are also timed apart (fwd_ms, bwd_ms) in the same runs.
 The bias tensors come from a real frozen T5Attention through sumtune.fast_t5.bias, as the fast stack makes them.
 In the same run, sumtune's kernels are checked against a float32 reference on the first rows (with dropout: the
@@ -52,8 +51,8 @@ import bench_common as bc  # noqa: E402
 DEFAULT_SHAPES = ("32x32x1024x128", "4x32x4096x128", "32x32x1024x64", "4x32x4096x64")  # T5-3b, FLAN-T5-XL heads
 DROPOUT_P = 0.1
 BIAS_RADIUS = 128  # T5's relative_attention_max_distance
-# --inference rows: (suffix, patch tokens): the one kernel, the far-left part from cuDNN, both far parts from it
-FAR_SPLIT_ROWS = (("plain", "nofarsplit"), ("farsplit", "farsplitall"), ("farright", "farsplitall:farright"))
+# --inference rows: (suffix, patch tokens): the one kernel, the far-left part from cuDNN (sumtune.fast_t5.far_split)
+FAR_SPLIT_ROWS = (("plain", "nofarsplit"), ("farsplit", "farsplitall"))
 
 
 def parse_shape(text: str) -> tuple[int, int, int, int]:
@@ -187,7 +186,7 @@ def flex_attend_factory(table, lengths, batch, heads, length):
 # ----------------------------------------------------------------------------- correctness in the same run
 def forward_errors(fa, attend, q, k, v, table, keep, rows: int) -> dict:
     """Relative error of the no-grad forward at the real queries of the first ``rows`` rows against float32, with
-    the one kernel and with the far parts from cuDNN (FAR_SPLIT_ROWS)."""
+    the one kernel and with the far-left part from cuDNN (FAR_SPLIT_ROWS)."""
     with torch.no_grad():
         sliced = [t[:rows].float() for t in (q, k, v)]
         reference = fa.reference_t5_attention(*sliced, table, keep[:rows], dtype=torch.float32)
@@ -314,7 +313,7 @@ def run_shape(shape, repeats: int, with_flex: bool, only: tuple[str, ...] = (), 
         record("triton+bias", lambda *t: ours(*t, p=0.0), (q, k, v), table.numel() * 4 / 2**30)
         # the bare kernel (key padding only) against cuDNN without bias: what the bias and dropout cost on top
         record("triton", lambda *t: fa.t5_flash_attention(*t, None, 0, padding, False, 1.0, 0.0), (q, k, v), 0.0)
-    # --inference: the far parts from cuDNN's causal kernel (sumtune.fast_t5.far_split, forwards without gradient)
+    # --inference: the far-left part from cuDNN's causal kernel (sumtune.fast_t5.far_split, forwards without grad)
     splits = [(f"+{suffix}" if suffix != "plain" else "", patch) for suffix, patch in FAR_SPLIT_ROWS[1:]]
     for suffix, patch in splits if inference else ():
         with bc.patched(patch):

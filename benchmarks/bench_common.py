@@ -256,10 +256,10 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     # the feed-forward's ReLU as its own pass where no dropout follows (FUSED_LINEAR_RELU on since 2026-12-04)
     "nolinearrelu": ("sumtune.fast_t5.modules", "FUSED_LINEAR_RELU", False),
     # forwards no gradient reaches: the far-left keys not from cuDNN's causal kernel (sumtune.fast_t5.far_split; on
-    # by default since 2026-12-04, the token was `farsplit` while it was off); the far-right ones from it too; the
-    # split at every length, not only from FAR_SPLIT_MIN_KEYS
+    # by default since 2026-12-04, the token was `farsplit` while it was off); the split at every length, not only
+    # from FAR_SPLIT_MIN_KEYS. (`farright`, the far-right keys from it too over reversed rows, measured slower and
+    # went: commit 10b629b has it.)
     "nofarsplit": ("sumtune.fast_t5.far_split", "FAR_SPLIT_WITHOUT_GRAD", False),
-    "farright": ("sumtune.fast_t5.far_split", "FAR_RIGHT_TOO", True),
     "farsplitall": ("sumtune.fast_t5.far_split", "FAR_SPLIT_MIN_KEYS", 0),
 }
 

@@ -23,12 +23,12 @@ def test_every_patch_token_names_an_existing_setting(token):
 def test_patches_set_their_settings_for_the_block_only():
     from sumtune.fast_t5 import far_split
 
-    before = (far_split.FAR_SPLIT_WITHOUT_GRAD, far_split.FAR_RIGHT_TOO)
-    with bc.patched("nofarsplit:farright"):
-        assert (far_split.FAR_SPLIT_WITHOUT_GRAD, far_split.FAR_RIGHT_TOO) == (False, True)
-    assert (far_split.FAR_SPLIT_WITHOUT_GRAD, far_split.FAR_RIGHT_TOO) == before
+    before = (far_split.FAR_SPLIT_WITHOUT_GRAD, far_split.FAR_SPLIT_MIN_KEYS)
+    with bc.patched("nofarsplit:farsplitall"):
+        assert (far_split.FAR_SPLIT_WITHOUT_GRAD, far_split.FAR_SPLIT_MIN_KEYS) == (False, 0)
+    assert (far_split.FAR_SPLIT_WITHOUT_GRAD, far_split.FAR_SPLIT_MIN_KEYS) == before
 
 
 def test_an_unknown_patch_token_ends_the_run_with_its_name():
     with pytest.raises(SystemExit, match="nosuchtoken"):
-        bc.patch_strings("nofarsplit,farright:nosuchtoken")
+        bc.patch_strings("nofarsplit,farsplitall:nosuchtoken")

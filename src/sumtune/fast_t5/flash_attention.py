@@ -34,7 +34,7 @@ from torch import Tensor
 from sumtune.fast_t5.attention_inputs import (KeyPadding, draw_seed, dropout_seed,  # noqa: F401 (re-exported)
                                               dropout_threshold, key_padding)
 from sumtune.fast_t5.attention_reference import reference_t5_attention  # noqa: F401 (the yardstick, re-exported)
-from sumtune.fast_t5.far_split import mode as far_split_mode
+from sumtune.fast_t5.far_split import applies as far_split_applies
 
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
@@ -273,7 +273,7 @@ def _fp16_values(v: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropout_p, seed, draw_bits, pairs,
-             precise_pv, far_split=0):
+             precise_pv, far_split=False):
     kernels = _kernels()
     batch, heads, query_len, head_dim = q.shape
     key_len = k.shape[2]
@@ -287,7 +287,7 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
     drop_below, drop_scale = dropout_threshold(dropout_p, 1 << draw_bits)
     radius_given, radius = radius, _radius(radius, query_len, key_len)
     dummy = lse
-    far_args = _far_args(q, k, v, radius_given, scale, lengths, holes if mask is not None else dummy, far_split)
+    far_args = _far_args(q, k, v, radius_given, scale, holes if mask is not None else dummy, far_split)
     _launch("fwd", kernels.t5_flash_attention_fwd,
             lambda bm, bn: (_cdiv(query_len, bm), batch * heads),
             q, k, v, out, lse, table if table is not None else dummy, mask if mask is not None else dummy,
@@ -302,20 +302,20 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
     return out, lse
 
 
-def _far_args(q, k, v, radius, scale, lengths, holes, split: int) -> dict:
-    """The forward kernel's FAR_GIVEN arguments: the far parts from sumtune.fast_t5.far_split (none: split 0, or
-    cuDNN refused them)."""
-    if not split:
+def _far_args(q, k, v, radius, scale, holes, far_split: bool) -> dict:
+    """The forward kernel's FAR_GIVEN arguments: the far-left part from sumtune.fast_t5.far_split (none: not asked
+    for, or cuDNN refused the inputs)."""
+    if not far_split:
         return {}
-    from sumtune.fast_t5.far_split import far_parts
+    from sumtune.fast_t5.far_split import far_left
 
-    parts = far_parts(q, k, v, radius, scale, lengths, split)
-    if parts is None:
+    part = far_left(q, k, v, radius, scale)
+    if part is None:
         return {}
-    (left, left_lse), (right, right_lse) = parts[0], parts[-1]
-    fb, fh, fm, fd = left.stride()
-    return dict(FAR=left, FAR_LSE=left_lse, FAR_R=right, FAR_R_LSE=right_lse, FAR_HOLES=holes, stride_fb=fb,
-                stride_fh=fh, stride_fm=fm, stride_fd=fd, FAR_GIVEN=len(parts))
+    out, lse = part
+    fb, fh, fm, fd = out.stride()
+    return dict(FAR=out, FAR_LSE=lse, FAR_HOLES=holes, stride_fb=fb, stride_fh=fh, stride_fm=fm, stride_fd=fd,
+                FAR_GIVEN=True)
 
 
 def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, causal, scale, dropout_p, seed,
@@ -433,7 +433,7 @@ def _round_up(a: int, b: int) -> int:
 @torch.library.custom_op("sumtune::t5_flash_attention", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], radius: int, mask: Optional[Tensor],
                   lengths: Optional[Tensor], holes: Optional[Tensor], causal: bool, scale: float, dropout_p: float,
-                  draw_bits: int, pairs: bool, precise_pv: bool, far_split: int) -> tuple[Tensor, Tensor, Tensor]:
+                  draw_bits: int, pairs: bool, precise_pv: bool, far_split: bool) -> tuple[Tensor, Tensor, Tensor]:
     # draw_bits and pairs without defaults: a caller that left them out drew another mask than dropout_keep_mask's
     seed = dropout_seed(q, dropout_p)
     out, lse = _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropout_p, seed, draw_bits,
@@ -498,8 +498,8 @@ def t5_flash_attention(query: Tensor, key: Tensor, value: Tensor, table_log2: Te
     mask, lengths, holes = padding if padding is not None else (None, None, None)
     gradient = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     precise_pv = bool(gradient or PRECISE_PV_WITHOUT_GRAD)
-    far_split = far_split_mode(query.shape[2], key.shape[2], int(bias_radius), table_log2 is not None, causal,
-                               float(dropout_p), gradient, precise_pv, query.device)
+    far_split = far_split_applies(query.shape[2], key.shape[2], int(bias_radius), table_log2 is not None, causal,
+                                  float(dropout_p), gradient, precise_pv, query.device)
     return _attention_op(query, key, value, table_log2, int(bias_radius), mask, lengths, holes, causal, float(scale),
                          float(dropout_p), _draw_bits(), _pairs(), precise_pv, far_split)[0]
 
