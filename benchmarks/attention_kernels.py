@@ -23,7 +23,6 @@ Rows, each timed forward + backward (CUDA events, median) with its peak memory a
   ... +dropout+noholes      the key mask read in every row, not only in rows with a hole (MASK_ONLY_WITH_HOLES off)
   ... +dropout+nowidemul    the Philox products as mul.lo + mul.hi, not one mul.wide.u32 (PHILOX_WIDE_MUL off)
   triton                    the same kernels with key padding only (no bias, no dropout): the bare kernel
-  triton +bias+farsplit     (--inference) the far-left keys from cuDNN's causal kernel (sumtune.fast_t5.far_split)
 Forward and backward are also timed apart (fwd_ms, bwd_ms) in the same runs.
 The bias tensors come from a real frozen T5Attention through sumtune.fast_t5.bias, as the fast stack makes them.
 In the same run, sumtune's kernels are checked against a float32 reference on the first rows (with dropout: the
@@ -51,8 +50,6 @@ import bench_common as bc  # noqa: E402
 DEFAULT_SHAPES = ("32x32x1024x128", "4x32x4096x128", "32x32x1024x64", "4x32x4096x64")  # T5-3b, FLAN-T5-XL heads
 DROPOUT_P = 0.1
 BIAS_RADIUS = 128  # T5's relative_attention_max_distance
-# --inference rows: (suffix, patch tokens): the one kernel, the far-left part from cuDNN (sumtune.fast_t5.far_split)
-FAR_SPLIT_ROWS = (("plain", "nofarsplit"), ("farsplit", "farsplitall"))
 
 
 def parse_shape(text: str) -> tuple[int, int, int, int]:
@@ -184,19 +181,14 @@ def flex_attend_factory(table, lengths, batch, heads, length):
 
 
 # ----------------------------------------------------------------------------- correctness in the same run
-def forward_errors(fa, attend, q, k, v, table, keep, rows: int) -> dict:
-    """Relative error of the no-grad forward at the real queries of the first ``rows`` rows against float32, with
-    the one kernel and with the far-left part from cuDNN (FAR_SPLIT_ROWS)."""
+def forward_error(fa, attend, q, k, v, table, keep, rows: int) -> float:
+    """Relative error of the no-grad forward at the real queries of the first ``rows`` rows against float32."""
     with torch.no_grad():
         sliced = [t[:rows].float() for t in (q, k, v)]
         reference = fa.reference_t5_attention(*sliced, table, keep[:rows], dtype=torch.float32)
         real = keep[:rows, None, :, None].expand_as(reference)
-        errors = {}
-        for label, patch in FAR_SPLIT_ROWS:
-            with bc.patched(patch):
-                out = attend(q, k, v)[:rows].float()
-            errors[label] = float((out[real] - reference[real]).norm() / reference[real].norm())
-    return errors
+        out = attend(q, k, v)[:rows].float()
+    return float((out[real] - reference[real]).norm() / reference[real].norm())
 
 
 def error_vs_float32(fa, attend_ours, attend_sdpa, q, k, v, table, keep, grad_out, rows: int):
@@ -309,21 +301,14 @@ def run_shape(shape, repeats: int, with_flex: bool, only: tuple[str, ...] = (), 
     with bc.patched("nowidemul"):  # Philox products from mul.lo + mul.hi (two instructions) instead of mul.wide
         record("triton+bias+dropout+nowidemul", ours, (q, k, v), table.numel() * 4 / 2**30)
     pinned = {kernel: config for kernel, config in tuned.items() if config is not None}
-    with fa.block_sizes(**pinned), bc.patched("nofarsplit"):  # the dropout variant's tiles: one compile, not a tune
+    with fa.block_sizes(**pinned):  # the dropout variant's tiles: one compile instead of another autotune
         record("triton+bias", lambda *t: ours(*t, p=0.0), (q, k, v), table.numel() * 4 / 2**30)
         # the bare kernel (key padding only) against cuDNN without bias: what the bias and dropout cost on top
         record("triton", lambda *t: fa.t5_flash_attention(*t, None, 0, padding, False, 1.0, 0.0), (q, k, v), 0.0)
-    # --inference: the far-left part from cuDNN's causal kernel (sumtune.fast_t5.far_split, forwards without grad)
-    splits = [(f"+{suffix}" if suffix != "plain" else "", patch) for suffix, patch in FAR_SPLIT_ROWS[1:]]
-    for suffix, patch in splits if inference else ():
-        with bc.patched(patch):
-            record("triton+bias" + suffix, lambda *t: ours(*t, p=0.0), (q, k, v), table.numel() * 4 / 2**30)
     for tile in fwd_tiles:  # the forward pinned at each tile (BLOCK_M, BLOCK_N, warps, stages), bias, no dropout
         with fa.block_sizes(fwd=tile):
-            for suffix, patch in [("", "nofarsplit")] + (splits if inference else []):
-                with bc.patched(patch):
-                    record("triton+bias" + suffix + "@" + "x".join(map(str, tile)), lambda *t: ours(*t, p=0.0),
-                           (q, k, v), table.numel() * 4 / 2**30)
+            record("triton+bias@" + "x".join(map(str, tile)), lambda *t: ours(*t, p=0.0), (q, k, v),
+                   table.numel() * 4 / 2**30)
     timed = "no_grad_fwd_ms" if inference else "fwd_bwd_ms"
     baseline = next((r[timed] for r in rows if r["kernel"] == "cudnn" and timed in r), None)
     for row in rows:
@@ -334,7 +319,7 @@ def run_shape(shape, repeats: int, with_flex: bool, only: tuple[str, ...] = (), 
     check = dict(shape=name, rows_checked=2, triton_dropout_vs_fp32=ours_error, cudnn_bias_vs_fp32=sdpa_error,
                  triton_configs=tuned)
     if inference:
-        check["no_grad_out_vs_fp32"] = forward_errors(fa, lambda *t: ours(*t, p=0.0), q, k, v, table, keep, rows=2)
+        check["no_grad_out_vs_fp32"] = forward_error(fa, lambda *t: ours(*t, p=0.0), q, k, v, table, keep, rows=2)
     print(check, flush=True)
     del dense, position
     return rows, check

@@ -255,12 +255,9 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "nowidemul": ("sumtune.fast_t5.flash_attention", "PHILOX_WIDE_MUL", False),
     # the feed-forward's ReLU as its own pass where no dropout follows (FUSED_LINEAR_RELU on since 2026-12-04)
     "nolinearrelu": ("sumtune.fast_t5.modules", "FUSED_LINEAR_RELU", False),
-    # forwards no gradient reaches: the far-left keys not from cuDNN's causal kernel (sumtune.fast_t5.far_split; on
-    # by default since 2026-12-04, the token was `farsplit` while it was off); the split at every length, not only
-    # from FAR_SPLIT_MIN_KEYS. (`farright`, the far-right keys from it too over reversed rows, measured slower and
-    # went: commit 10b629b has it.)
-    "nofarsplit": ("sumtune.fast_t5.far_split", "FAR_SPLIT_WITHOUT_GRAD", False),
-    "farsplitall": ("sumtune.fast_t5.far_split", "FAR_SPLIT_MIN_KEYS", 0),
+    # (`farsplit`/`nofarsplit`, `farsplitall`, `farright`: a no-gradient attention forward's far keys from cuDNN's
+    # causal kernel, sumtune.fast_t5.far_split, measured on 2026-12-04 and gone: flash_attention's note; commit 6aa3184
+    # has it, 10b629b the far-right variant.)
 }
 
 

@@ -21,14 +21,14 @@ def test_every_patch_token_names_an_existing_setting(token):
 
 
 def test_patches_set_their_settings_for_the_block_only():
-    from sumtune.fast_t5 import far_split
+    from sumtune.fast_t5 import flash_attention, modules
 
-    before = (far_split.FAR_SPLIT_WITHOUT_GRAD, far_split.FAR_SPLIT_MIN_KEYS)
-    with bc.patched("nofarsplit:farsplitall"):
-        assert (far_split.FAR_SPLIT_WITHOUT_GRAD, far_split.FAR_SPLIT_MIN_KEYS) == (False, 0)
-    assert (far_split.FAR_SPLIT_WITHOUT_GRAD, far_split.FAR_SPLIT_MIN_KEYS) == before
+    before = (modules.FUSED_LINEAR_RELU, flash_attention.PRECISE_PV_WITHOUT_GRAD)
+    with bc.patched("nolinearrelu:pvnograd"):
+        assert (modules.FUSED_LINEAR_RELU, flash_attention.PRECISE_PV_WITHOUT_GRAD) == (False, True)
+    assert (modules.FUSED_LINEAR_RELU, flash_attention.PRECISE_PV_WITHOUT_GRAD) == before
 
 
 def test_an_unknown_patch_token_ends_the_run_with_its_name():
     with pytest.raises(SystemExit, match="nosuchtoken"):
-        bc.patch_strings("nofarsplit,farsplitall:nosuchtoken")
+        bc.patch_strings("nolinearrelu,pvnograd:nosuchtoken")

@@ -666,7 +666,7 @@ def test_custom_op_registration_passes_opcheck(fa):
     padding = fa.key_padding(padding_mask(2, 20))
     table = fa.bias_table_log2(t5_like_table(2, 20, 20, 4))
     op = torch.ops.sumtune.t5_flash_attention.default
-    torch.library.opcheck(op, (q, k, v, table, 4, *padding, False, 1.0, 0.0, 16, True, True, False),
+    torch.library.opcheck(op, (q, k, v, table, 4, *padding, False, 1.0, 0.0, 16, True, True),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 

@@ -34,7 +34,6 @@ from torch import Tensor
 from sumtune.fast_t5.attention_inputs import (KeyPadding, draw_seed, dropout_seed,  # noqa: F401 (re-exported)
                                               dropout_threshold, key_padding)
 from sumtune.fast_t5.attention_reference import reference_t5_attention  # noqa: F401 (the yardstick, re-exported)
-from sumtune.fast_t5.far_split import applies as far_split_applies
 
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
@@ -94,6 +93,13 @@ PV_SPLIT = True
 # loss) keeps bf16's P·V, as stock SDPA's kernels and transformers' eager T5 do: the second GEMM and the float16 copy
 # of V are a third of the 4096-key forward's work. True: precise there too. Benchmark token `pvnograd`.
 PRECISE_PV_WITHOUT_GRAD = False
+# (Such a forward's far-left keys (j <= i - 128: one bias per head) from cuDNN's causal kernel, folded into this
+# forward as one more online-softmax step, measured on an H200 on 2026-12-04: 10.68 against 12.42 ms at 16x32x4096x128
+# and whole generation 10.52 against 10.38 summaries/s with every input 4096 tokens, but on real bills cut at 4096
+# 15.3 against 18.1 where a batch's shapes came for the first time (cuDNN builds a plan per shape) and 17.72 against
+# 17.80 once warm; slower at 1024 keys (4.04 against 3.70 ms). It went: commit 6aa3184 has it (sumtune.fast_t5.
+# far_split; results/attention_kernels-2026-12-04-h200-farsplit*-s31.json, generate_throughput-2026-12-04-h200-
+# {full-farsplit,bills-farsplit}.json, logs/generate_bills_farsplit_warm_s31-2026-12-04-h200.log).)
 # (The remainder GEMM in float8, PV_LOW8, measured slower: bench_common's `pvlow8` note; commit b74dbf9 has it.)
 # MASK_ONLY_WITH_HOLES: the forward and dQ kernels read the key mask only in rows with a masked key before their
 # length (KeyPadding.holes; a branch around the load inside the loop): a right-padded row is bounded by its length
@@ -273,7 +279,7 @@ def _fp16_values(v: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropout_p, seed, draw_bits, pairs,
-             precise_pv, far_split=False):
+             precise_pv):
     kernels = _kernels()
     batch, heads, query_len, head_dim = q.shape
     key_len = k.shape[2]
@@ -287,7 +293,6 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
     drop_below, drop_scale = dropout_threshold(dropout_p, 1 << draw_bits)
     radius_given, radius = radius, _radius(radius, query_len, key_len)
     dummy = lse
-    far_args = _far_args(q, k, v, radius_given, scale, holes if mask is not None else dummy, far_split)
     _launch("fwd", kernels.t5_flash_attention_fwd,
             lambda bm, bn: (_cdiv(query_len, bm), batch * heads),
             q, k, v, out, lse, table if table is not None else dummy, mask if mask is not None else dummy,
@@ -298,24 +303,8 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
             HEAD_DIM=head_dim, CAUSAL=causal, HAS_BIAS=table is not None, HAS_KEY_MASK=mask is not None,
             DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8,
             PV_SPLIT=PV_SPLIT and precise_pv, PV_FP16=pv_fp16, PAIRS=_pairs_mode(pairs, key_len),
-            **_holes_args(mask, holes), **_band_args(table, radius_given, query_len, key_len, "fwd"), **far_args)
+            **_holes_args(mask, holes), **_band_args(table, radius_given, query_len, key_len, "fwd"))
     return out, lse
-
-
-def _far_args(q, k, v, radius, scale, holes, far_split: bool) -> dict:
-    """The forward kernel's FAR_GIVEN arguments: the far-left part from sumtune.fast_t5.far_split (none: not asked
-    for, or cuDNN refused the inputs)."""
-    if not far_split:
-        return {}
-    from sumtune.fast_t5.far_split import far_left
-
-    part = far_left(q, k, v, radius, scale)
-    if part is None:
-        return {}
-    out, lse = part
-    fb, fh, fm, fd = out.stride()
-    return dict(FAR=out, FAR_LSE=lse, FAR_HOLES=holes, stride_fb=fb, stride_fh=fh, stride_fm=fm, stride_fd=fd,
-                FAR_GIVEN=True)
 
 
 def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, causal, scale, dropout_p, seed,
@@ -433,16 +422,16 @@ def _round_up(a: int, b: int) -> int:
 @torch.library.custom_op("sumtune::t5_flash_attention", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], radius: int, mask: Optional[Tensor],
                   lengths: Optional[Tensor], holes: Optional[Tensor], causal: bool, scale: float, dropout_p: float,
-                  draw_bits: int, pairs: bool, precise_pv: bool, far_split: bool) -> tuple[Tensor, Tensor, Tensor]:
+                  draw_bits: int, pairs: bool, precise_pv: bool) -> tuple[Tensor, Tensor, Tensor]:
     # draw_bits and pairs without defaults: a caller that left them out drew another mask than dropout_keep_mask's
     seed = dropout_seed(q, dropout_p)
     out, lse = _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropout_p, seed, draw_bits,
-                        pairs, precise_pv, far_split)
+                        pairs, precise_pv)
     return out, lse, seed
 
 
 @_attention_op.register_fake
-def _(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropout_p, draw_bits, pairs, precise_pv, far_split):
+def _(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropout_p, draw_bits, pairs, precise_pv):
     batch, heads, query_len, head_dim = q.shape
     out = q.new_empty((batch, query_len, heads, head_dim)).transpose(1, 2)
     return out, q.new_empty((batch, heads, query_len), dtype=torch.float32), q.new_empty((1,), dtype=torch.int64)
@@ -464,7 +453,7 @@ def _(grad_out, q, k, v, out, lse, seed, table, radius, mask, lengths, holes, ca
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, table, radius, mask, lengths, holes, causal, scale, dropout_p, draw_bits, pairs, _precise_pv, _far = inputs
+    q, k, v, table, radius, mask, lengths, holes, causal, scale, dropout_p, draw_bits, pairs, _precise_pv = inputs
     out, lse, seed = output
     ctx.save_for_backward(q, k, v, out, lse, seed, table, mask, lengths, holes)
     ctx.radius, ctx.causal, ctx.scale, ctx.dropout_p = radius, causal, scale, dropout_p
@@ -475,7 +464,7 @@ def _backward_rule(ctx, grad_out, _grad_lse, _grad_seed):
     q, k, v, out, lse, seed, table, mask, lengths, holes = ctx.saved_tensors
     dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, lse, seed, table, ctx.radius, mask, lengths, holes,
                                         ctx.causal, ctx.scale, ctx.dropout_p, ctx.draw_bits, ctx.pairs)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
 
 
 _attention_op.register_autograd(_backward_rule, setup_context=_setup_context)
@@ -497,11 +486,8 @@ def t5_flash_attention(query: Tensor, key: Tensor, value: Tensor, table_log2: Te
         raise ValueError(f"table_log2 has {table_log2.shape[1]} columns: not a bias_table_log2 table for these lengths")
     mask, lengths, holes = padding if padding is not None else (None, None, None)
     gradient = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-    precise_pv = bool(gradient or PRECISE_PV_WITHOUT_GRAD)
-    far_split = far_split_applies(query.shape[2], key.shape[2], int(bias_radius), table_log2 is not None, causal,
-                                  float(dropout_p), gradient, precise_pv, query.device)
     return _attention_op(query, key, value, table_log2, int(bias_radius), mask, lengths, holes, causal, float(scale),
-                         float(dropout_p), _draw_bits(), _pairs(), precise_pv, far_split)[0]
+                         float(dropout_p), _draw_bits(), _pairs(), bool(gradient or PRECISE_PV_WITHOUT_GRAD))[0]
 
 
 def _pairs() -> bool:

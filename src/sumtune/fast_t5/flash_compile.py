@@ -32,8 +32,7 @@ def example_arguments(kernel, batch: int = 32, heads: int = 32, length: int = 10
     """Runtime arguments of ``kernel`` for (B, L, H, D) tensors seen as (B, H, L, D), as the fast path has them."""
     strides = {"b": length * heads * head_dim, "h": head_dim, "m": heads * head_dim, "n": heads * head_dim, "d": 1}
     pointers = {"LSE": "*fp32", "DELTA": "*fp32", "TABLE": "*fp32", "KMASK": "*i8", "KV_LEN": "*i32", "HOLES": "*i8",
-                "SEED": "*i64", "V_LARGEST": f"*{dtype}", "BAND": "*fp32", "FAR": f"*{dtype}", "FAR_LSE": "*fp32",
-                "FAR_HOLES": "*i8"}
+                "SEED": "*i64", "V_LARGEST": f"*{dtype}", "BAND": "*fp32"}
     values = dict(H=heads, Lq=length, Lk=length, R=128, table_row=2 * length - 1 + 256, table_zero=length - 1 + 128,
                   stride_dsb=heads * length * length, stride_dsh=length * length, stride_dsn=length,
                   qk_scale=1.4427, scale=1.0, drop_scale=1.11, drop_below=6554, len_key=length,
@@ -63,7 +62,7 @@ def compile_kernel(name: str, block_m: int, block_n: int, num_warps: int, num_st
     kernel = getattr(flash_kernels, KERNELS[name])
     pairs = _pairs_mode(DROPOUT_PAIRS, 1024)  # at the 1024 keys example_arguments specialises for (flags may differ)
     shipped = {"DRAW8": False, "STORE_DS": False, "PV_SPLIT": False, "PV_FP16": False, "PAIRS": pairs,
-               "CHECK_HOLES": MASK_ONLY_WITH_HOLES, "USE_BAND": BIAS_BAND, "FAR_GIVEN": False}
+               "CHECK_HOLES": MASK_ONLY_WITH_HOLES, "USE_BAND": BIAS_BAND}
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=False,
                       **{**shipped, **T5_FLAGS, **flags})
     # STORE_DS: dK/dV only; PV_*: forward only
