@@ -436,8 +436,7 @@ def main(argv=None) -> int:
         bc.free_gpu_memory()
     print()
     bc.print_table(rows, ["shape", "kernel", "fwd_bwd_ms", "fwd_ms", "bwd_ms", "no_grad_fwd_ms", "vs_cudnn_no_bias",
-                          "tflops",
-                          "peak_gib", "bias_gib", "wall_s", "note"])
+                          "tflops", "peak_gib", "bias_gib", "wall_s", "note"])
     print()
     for check in checks:
         worst = {k: max(v.values()) for k, v in check.items() if k.endswith("_vs_fp32")}
