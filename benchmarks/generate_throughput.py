@@ -262,8 +262,8 @@ def main(argv=None) -> int:
     fused = dict(use_cuda_graphs=use_graphs, attention="fused")
     settings += [(settings[0][0] + f", fused cross-attention {spec}", fused, (None, None), spec, "")
                  for spec in tile_specs]
-    settings += [(settings[0][0] + f", fused, {patch}", fused, (None, None), None, patch)
-                 for patch in bc.patch_strings(args.patches)]
+    patches = bc.patch_strings(args.patches)
+    settings += [(settings[0][0] + f", fused, {patch}", fused, (None, None), None, patch) for patch in patches]
     for batch in fast_batches:
         for name, kwargs, slicing, spec, patch in settings:
             release_generation_cache(merged)  # a cached session would replay graphs captured with other tiles
@@ -277,7 +277,7 @@ def main(argv=None) -> int:
     best = max((r for r in rows if r["path"] == "sumtune"), key=lambda r: r["summaries_per_s"])["batch"]
     if args.greedy_only:
         agree = greedy_agreement(merged, inputs[: args.agreement_inputs], best, args.new_tokens, device, use_graphs,
-                                 args.fused, tile_specs, bc.patch_strings(args.patches))
+                                 args.fused, tile_specs, patches)
         return finish(args, rows, agree, best, mean_len, build_s, prepare_s, merged_gib)
     variants = [("eager", dict(use_cuda_graphs=False)),
                 ("kv-cache" + (" graphs" if use_graphs else ""), dict(attention="kv", use_cuda_graphs=use_graphs))]
@@ -336,18 +336,15 @@ def greedy_agreement(merged, subset, best, new_tokens, device, use_graphs, fused
         ours = fast_generate(merged, subset, min(best, len(subset)), new_tokens, attention=mode,
                              use_cuda_graphs=use_graphs)
         agree[f"sumtune_{mode}_vs_transformers_b32"] = agreement(ours, hf_big)
-    for spec in tile_specs:
+    # the fused mode at each --fused-tiles spec and under each --patches setting, as their throughput rows
+    settings = [(spec, lambda s=spec: bc.fused_tiles(s)) for spec in tile_specs]
+    settings += [(patch, lambda p=patch: bc.patched(p)) for patch in patches]
+    for label, setting in settings:
         release_generation_cache(merged)
-        with bc.fused_tiles(spec):
+        with setting():
             ours = fast_generate(merged, subset, min(best, len(subset)), new_tokens, attention="fused",
                                  use_cuda_graphs=use_graphs)
-        agree[f"sumtune_fused_{spec}_vs_transformers_b32"] = agreement(ours, hf_big)
-    for patch in patches:  # the --patches settings' tokens too (the fused mode, as their throughput rows)
-        release_generation_cache(merged)
-        with bc.patched(patch):
-            ours = fast_generate(merged, subset, min(best, len(subset)), new_tokens, attention="fused",
-                                 use_cuda_graphs=use_graphs)
-        agree[f"sumtune_fused_{patch}_vs_transformers_b32"] = agreement(ours, hf_big)
+        agree[f"sumtune_fused_{label}_vs_transformers_b32"] = agreement(ours, hf_big)
     release_generation_cache(merged)
     return agree
 
