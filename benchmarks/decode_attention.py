@@ -75,7 +75,7 @@ def relative_error(got, ref) -> float:
     return float((got.float() - ref).norm() / ref.norm())
 
 
-def formulations(device, configs=None):
+def formulations(device, configs=None, patches=()):
     rows = [("hidden: two GEMMs (sumtune today)", hidden_gemms, None),
             ("hidden: SDPA, PyTorch's choice", hidden_sdpa, None)]
     if device.type == "cuda":
@@ -87,6 +87,9 @@ def formulations(device, configs=None):
             name = f"hidden: sumtune fused kernel {block_n} keys x {warps} warps x {heads} heads x {stages} stages"
             name += f" x {config[4]} programs" if len(config) > 4 else ""
             rows.append((name, lambda *a, c=config: _with_fused_config(c, hidden_fused, *a), None))
+            rows += [(f"{name} [{patch}]",
+                      lambda *a, c=config, t=patch: _with_fused_config(c, hidden_fused, *a, patch=t), None)
+                     for patch in patches]
     return rows
 
 
@@ -97,8 +100,8 @@ def formulations(device, configs=None):
 FUSED_CONFIGS = [(64, 8, 16, 2), (32, 4, 16, 2), (32, 8, 16, 3), (32, 4, 16, 3)]
 
 
-def _with_fused_config(config, fn, *args):
-    with bc.fused_tiles(config):
+def _with_fused_config(config, fn, *args, patch=""):
+    with bc.fused_tiles(config), bc.patched(patch):
         return fn(*args)
 
 
@@ -127,6 +130,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--tiles", default="",
                         help=f"the fused kernel's tiles instead of FUSED_CONFIGS: {bc.FUSED_TILES_HELP}")
+    parser.add_argument("--patches", default="",
+                        help="also time each fused tile under these settings: comma-separated strings of "
+                             "bench_common.PATCH_TOKENS joined by ':' (e.g. decodews)")
     parser.add_argument("--launch-only", action="store_true",
                         help="only launch the fused kernel 4 times (first batch, first of --tiles or the shipped "
                              "tiles) and time nothing: for a profiler, e.g. ncu --kernel-name hidden_cross_attention "
@@ -134,6 +140,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cpu-check", action="store_true")
     args = parser.parse_args(argv)
     configs = bc.parse_fused_tiles(args.tiles)
+    patches = bc.patch_strings(args.patches)
     if args.cpu_check:
         return cpu_check()
     if not torch.cuda.is_available():
@@ -151,7 +158,7 @@ def main(argv=None) -> int:
         inputs = make_inputs(batch, args.keys, device)
         ref = reference_fp32(*inputs)
         states_gb = inputs[3].numel() * inputs[3].element_size() / 1e9
-        for name, fn, backend in formulations(device, configs):
+        for name, fn, backend in formulations(device, configs, patches):
             try:
                 ms = bc.cuda_event_ms(lambda: run(fn, backend, inputs), args.repeats)
                 row = dict(batch=batch, keys=args.keys, formulation=name, ms=ms, states_gb_per_s=states_gb / ms * 1e3,
