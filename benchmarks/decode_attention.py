@@ -132,7 +132,7 @@ def main(argv=None) -> int:
                         help=f"the fused kernel's tiles instead of FUSED_CONFIGS: {bc.FUSED_TILES_HELP}")
     parser.add_argument("--patches", default="",
                         help="also time each fused tile under these settings: comma-separated strings of "
-                             "bench_common.PATCH_TOKENS joined by ':' (e.g. decodews)")
+                             "bench_common.PATCH_TOKENS joined by ':' (e.g. nolinearrelu)")
     parser.add_argument("--launch-only", action="store_true",
                         help="only launch the fused kernel 4 times (first batch, first of --tiles or the shipped "
                              "tiles) and time nothing: for a profiler, e.g. ncu --kernel-name hidden_cross_attention "

@@ -295,8 +295,7 @@ types.update({name: "i32" for name in cross_kernels.hidden_cross_attention.arg_n
 for (_, block_n, warps), split in itertools.product(cross_attention.TILES_BY_STATES, (False, True)):
     builds[f"hidden_cross_attention {block_n}x{warps} split={split}"] = compile_source(
         cross_kernels.hidden_cross_attention, types, dict(BLOCK_H=cross_attention.head_blocks(32,
-        cross_attention.HEADS_PER_PROGRAM)[0], D=1024, BLOCK_N=block_n, SPLIT=split, UPCAST=False,
-        WARP_SPECIALIZE=cross_attention.WARP_SPECIALIZE),
+        cross_attention.HEADS_PER_PROGRAM)[0], D=1024, BLOCK_N=block_n, SPLIT=split, UPCAST=False),
         warps, cross_attention.NUM_STAGES)
 for name, compiled in builds.items():
     print(json.dumps(dict(kernel=name, vectorized="v4.b32" in compiled.asm["ptx"], **resources(compiled))))

@@ -377,9 +377,6 @@ def test_fused_cross_attention_kernel_matches_float64_and_refuses_what_it_cannot
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(cross_attention, "TILES_BY_STATES", ((0, block_n, warps),))
             check(q_mem, memory, lengths, (1, 3), f"{block_n} keys x {warps} warps (from {least} states)")
-    with pytest.MonkeyPatch.context() as patch:  # Triton's warp-specialised key loop (compiled: on a GPU)
-        patch.setattr(cross_attention, "WARP_SPECIALIZE", True)
-        check(q_mem, memory, lengths, (1, 3), "warp-specialised key loop")
 
     weights = DecoderWeights.from_model(merged32)
     with pytest.raises(SumtuneError, match="d_model 48 is not a power of two"):

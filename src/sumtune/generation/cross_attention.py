@@ -38,11 +38,6 @@ INTERPRETER_BLOCK_N = 64  # Triton's CPU interpreter: fewer, wider iterations (t
 MIN_PROGRAMS = 264  # split rows' keys until about two programs an H100/H200 SM (132 SMs)
 HEADS_PER_PROGRAM = 16  # heads of one program (a power of two >= 16); fewer -> several programs a row and split
 NUM_STAGES = 2  # Triton's software pipelining depth over the key tiles
-# Triton's automatic warp specialisation of the key loop (loads, products and softmax in separate warp groups, so
-# the next tile's loads and score product can run during this tile's softmax): the kernel is latency-bound (session
-# 26's counters, results/decode_kernel_ncu-2026-12-03-h200.json). Compiles for sm_90 with Triton 3.6 (one program an
-# SM: 160 KiB of shared memory, 392 bytes of spill at 32 keys x 4 warps); not measured yet, so off. Token `decodews`.
-WARP_SPECIALIZE = False
 # Two other forms of the kernel were measured on 2026-12-03 and went: the products transposed (keys, then d_model, as
 # the MMA tile's rows, so Hopper's warpgroup MMA takes them; 1.43 and 1.23 ms against 1.31 and 1.28 at 256 rows x 4096
 # keys in two calls, 15.9 against 16.7 summaries/s in whole generation on real bills, 6.34 against 6.39 at batch 32)
@@ -54,7 +49,11 @@ WARP_SPECIALIZE = False
 # the accumulator rescaled only when a head's maximum grew by more than e^8 (as FlashAttention-4 does) ran 1.158
 # against 1.123 ms at 256 rows x 4096 keys (results/decode_attention-2026-12-04-h200-rescale.json), and the decoder's
 # self-attention in this kernel (a per-head bias, the step's length) with it made whole generation 10.04 against 10.26
-# summaries/s (generate_throughput-2026-12-04-h200-full-s30.json): both went.
+# summaries/s (generate_throughput-2026-12-04-h200-full-s30.json): both went. Triton's warp-specialised key loop
+# (`tl.range(..., warp_specialize=True)`: loads, products and softmax in separate warp groups) on 2026-12-04: 2.66
+# against 1.14 ms at 32 keys x 4 warps and 256 rows x 4096 keys, 1.34 against 1.34 at 64 x 8
+# (results/decode_attention-2026-12-04-h200-decodews.json), whole generation 5.87 against 10.39 summaries/s with every
+# input 4096 tokens (generate_throughput-2026-12-04-h200-full-decodews.json): it went (commit 04eb97e has it).
 
 
 def _kernels():
@@ -114,8 +113,7 @@ def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, split
     kernels.hidden_cross_attention[(groups, batch, splits)](
         q_mem, memory, lengths, out, acc, running_max, total, q_mem.stride(0), q_mem.stride(1), memory.stride(0),
         memory.stride(1), out.stride(0), out.stride(1), heads, keys_per_split, BLOCK_H=block_h, D=d_model,
-        BLOCK_N=block_n, SPLIT=splits > 1, UPCAST=kernels.INTERPRET, WARP_SPECIALIZE=WARP_SPECIALIZE,
-        num_warps=warps, num_stages=NUM_STAGES)
+        BLOCK_N=block_n, SPLIT=splits > 1, UPCAST=kernels.INTERPRET, num_warps=warps, num_stages=NUM_STAGES)
     if splits == 1:
         return out
     weights = torch.exp(running_max - running_max.amax(dim=1, keepdim=True)).nan_to_num_(0.0)  # empty splits: 0

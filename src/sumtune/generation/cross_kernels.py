@@ -27,8 +27,7 @@ if INTERPRET:
 @triton.jit
 def hidden_cross_attention(Q, MEM, LENGTHS, OUT, ACC, MAX, SUM, stride_qb, stride_qh, stride_mb, stride_mn,
                            stride_ob, stride_oh, heads, keys_per_split, BLOCK_H: tl.constexpr, D: tl.constexpr,
-                           BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
-                           WARP_SPECIALIZE: tl.constexpr = False):
+                           BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
     group = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -42,7 +41,7 @@ def hidden_cross_attention(Q, MEM, LENGTHS, OUT, ACC, MAX, SUM, stride_qb, strid
     m_i = tl.zeros([BLOCK_H], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, D], dtype=tl.float32)
-    for start_n in tl.range(start, stop, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+    for start_n in range(start, stop, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_n = offs_n < stop
         states = tl.load(MEM + offs_n[:, None] * stride_mn + offs_d[None, :], mask=in_n[:, None], other=0.0)
