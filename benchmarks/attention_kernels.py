@@ -229,7 +229,8 @@ def error_vs_float32(fa, attend_ours, attend_sdpa, q, k, v, table, keep, grad_ou
 
 # ----------------------------------------------------------------------------- one shape
 def run_shape(shape, repeats: int, with_flex: bool, only: tuple[str, ...] = (), inference: bool = False,
-              fwd_tiles: tuple[tuple[int, int, int, int], ...] = ()) -> tuple[list[dict], dict]:
+              fwd_tiles: tuple[tuple[int, int, int, int], ...] = (), patches: tuple[str, ...] = ()
+              ) -> tuple[list[dict], dict]:
     from torch.nn.attention import SDPBackend
 
     from sumtune.fast_t5 import bias as bias_lib
@@ -305,10 +306,11 @@ def run_shape(shape, repeats: int, with_flex: bool, only: tuple[str, ...] = (), 
         record("triton+bias", lambda *t: ours(*t, p=0.0), (q, k, v), table.numel() * 4 / 2**30)
         # the bare kernel (key padding only) against cuDNN without bias: what the bias and dropout cost on top
         record("triton", lambda *t: fa.t5_flash_attention(*t, None, 0, padding, False, 1.0, 0.0), (q, k, v), 0.0)
-    for tile in fwd_tiles:  # the forward pinned at each tile (BLOCK_M, BLOCK_N, warps, stages), bias, no dropout
-        with fa.block_sizes(fwd=tile):
-            record("triton+bias@" + "x".join(map(str, tile)), lambda *t: ours(*t, p=0.0), (q, k, v),
-                   table.numel() * 4 / 2**30)
+    for tile, patch in ((tile, patch) for tile in fwd_tiles for patch in ("", *patches)):
+        # the forward pinned at each tile (BLOCK_M, BLOCK_N, warps, stages), bias, no dropout; under each --patches
+        with fa.block_sizes(fwd=tile), bc.patched(patch):
+            record("triton+bias@" + "x".join(map(str, tile)) + (f"[{patch}]" if patch else ""),
+                   lambda *t: ours(*t, p=0.0), (q, k, v), table.numel() * 4 / 2**30)
     timed = "no_grad_fwd_ms" if inference else "fwd_bwd_ms"
     baseline = next((r[timed] for r in rows if r["kernel"] == "cudnn" and timed in r), None)
     for row in rows:
@@ -404,6 +406,9 @@ def main(argv=None) -> int:
     parser.add_argument("--fwd-tiles", default="",
                         help="also rows of the forward (bias, no dropout) pinned at these tiles, comma-separated "
                              "BLOCK_MxBLOCK_NxWARPSxSTAGES (e.g. 64x64x4x3), whatever --kernels says")
+    parser.add_argument("--patches", default="",
+                        help="also the --fwd-tiles rows under these settings: comma-separated strings of "
+                             "bench_common.PATCH_TOKENS joined by ':' (e.g. fwdoneloop)")
     parser.add_argument("--launch-only", action="store_true",
                         help="time nothing: run sumtune's kernels (bias, padding, dropout) at each shape, the last "
                              "run inside a profiler range (ncu --profile-from-start off --set full ...)")
@@ -430,7 +435,7 @@ def main(argv=None) -> int:
     for shape in args.shapes:
         shape_rows, check = run_shape(shape, args.repeats, with_flex=not args.no_flex,
                                       only=tuple(k for k in args.kernels.split(",") if k), inference=args.inference,
-                                      fwd_tiles=fwd_tiles)
+                                      fwd_tiles=fwd_tiles, patches=tuple(bc.patch_strings(args.patches)))
         rows += shape_rows
         checks.append(check)
         bc.free_gpu_memory()
