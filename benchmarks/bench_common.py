@@ -255,8 +255,8 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "nowidemul": ("sumtune.fast_t5.flash_attention", "PHILOX_WIDE_MUL", False),
     # the feed-forward's ReLU as its own pass where no dropout follows (FUSED_LINEAR_RELU on since 2026-12-04)
     "nolinearrelu": ("sumtune.fast_t5.modules", "FUSED_LINEAR_RELU", False),
-    # the attention forward's bias in one loop over the key tiles (flash_attention.FWD_ONE_LOOP), not three
-    "fwdoneloop": ("sumtune.fast_t5.flash_attention", "FWD_ONE_LOOP", True),
+    # (`fwdoneloop`: the attention forward's bias in one loop over the key tiles, measured 1.3-1.6x slower on
+    # 2026-12-04 and gone: flash_kernels' docstring; commit 34a8ef0 has it.)
     # (`decodews`: the decoding kernel's key loop warp-specialised by Triton, measured 2.3x slower on 2026-12-04 and
     # gone: cross_attention's note.)
     # (`farsplit`/`nofarsplit`, `farsplitall`, `farright`: a no-gradient attention forward's far keys from cuDNN's

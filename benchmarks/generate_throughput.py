@@ -326,12 +326,15 @@ def main(argv=None) -> int:
 
 def greedy_agreement(merged, subset, best, new_tokens, device, use_graphs, fused=False, tile_specs=(),
                      patches=()) -> dict:
-    """Greedy tokens of sumtune ("hidden", "kv", and "fused" if asked) against transformers `generate` on the same
-    merged bf16 weights (forced length), next to transformers against itself at another batch size (the bf16 noise
-    floor)."""
+    """Greedy tokens of sumtune ("hidden", "kv", and "fused" if asked or wherever its kernel runs: "auto" takes it
+    for long sources, so the timed rows run it) against transformers `generate` on the same merged bf16 weights
+    (forced length), next to transformers against itself at another batch size (the bf16 noise floor)."""
+    from sumtune.generation import cross_attention
+
     hf_big = hf_generate(merged, subset, 32, new_tokens, device)
     hf_small = hf_generate(merged, subset, 8, new_tokens, device)
     agree = {"transformers_b32_vs_b8": agreement(hf_small, hf_big)}
+    fused = fused or cross_attention.kernel_available(torch.zeros(1, 64, device=device)) is None
     for mode in ("hidden", "kv") + (("fused",) if fused else ()):
         ours = fast_generate(merged, subset, min(best, len(subset)), new_tokens, attention=mode,
                              use_cuda_graphs=use_graphs)

@@ -241,22 +241,6 @@ def test_bias_band_changes_no_bit(fa, monkeypatch, causal):
         assert torch.equal(out_off, out_on) and all(map(torch.equal, grads_off, grads_on))
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["encoder", "decoder"])
-def test_forward_in_one_loop_changes_no_bit(fa, monkeypatch, causal):
-    """FWD_ONE_LOOP: the forward's far-left, near and far-right key tiles in one loop, the bias chosen per tile: the
-    same bits as three loops, forward and backward, with padding and dropout, at tiles that leave every kind."""
-    q, k, v, table, padding, grad = _flag_comparison_inputs(fa, "cpu", torch.float32, 70, 2, 16, 8)
-    results = []
-    for one_loop in (False, True):
-        monkeypatch.setattr(fa, "FWD_ONE_LOOP", one_loop)
-        torch.manual_seed(3)
-        with fa.block_sizes(fwd=(16, 16), dkdv=(32, 16), dq=(16, 16)):
-            results.append(run_with_grads(
-                lambda q, k, v: fa.t5_flash_attention(q, k, v, table, 8, padding, causal, 0.25, 0.2), q, k, v, grad))
-    (out_off, grads_off), (out_on, grads_on) = results
-    assert torch.equal(out_off, out_on) and all(map(torch.equal, grads_off, grads_on))
-
-
 def test_bias_band_holds_the_tiles_each_kernel_may_take(fa, monkeypatch):
     """The band is sized for the kernel that reads it: its pinned tiles, or the largest tile the autotuner may pick
     when only another kernel's tiles are pinned (a band sized for the pinned kernel would be read past its end)."""

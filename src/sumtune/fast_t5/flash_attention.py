@@ -121,11 +121,6 @@ PRECISE_PV_MIN_KEYS = 2048
 # (results/train_throughput_seed_band-2026-12-03-h200.json). Benchmark token `noband`: off.
 BIAS_BAND = True
 BAND_MAX_RADIUS = 512
-# The forward with the bias in one loop over every key tile, the bias chosen per tile (the band near the diagonal, a
-# far constant elsewhere), instead of three loops (far left, near, far right), each holding its own pipeline buffers:
-# one third of the shared memory, so tiles such as 128 x 128 x 8 warps x 3 stages fit (360 KiB with three loops,
-# over Hopper's 227). Needs the band (BIAS_BAND). Not measured yet: off. Benchmark token `fwdoneloop`.
-FWD_ONE_LOOP = False
 TABLE_MARGIN = 128  # zero columns each side of a bias table: a tile reaches at most BLOCK - 1 offsets beyond it
 _INTERPRETER_BLOCKS = dict(fwd=(32, 32), dkdv=(32, 32), dq=(32, 32))  # tests pin smaller ones to cross blocks
 _pinned_blocks: dict[str, tuple[int, ...]] = {}
@@ -308,14 +303,8 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
             HEAD_DIM=head_dim, CAUSAL=causal, HAS_BIAS=table is not None, HAS_KEY_MASK=mask is not None,
             DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8,
             PV_SPLIT=PV_SPLIT and precise_pv, PV_FP16=pv_fp16, PAIRS=_pairs_mode(pairs, key_len),
-            **_holes_args(mask, holes), **_fwd_band_args(table, radius_given, query_len, key_len))
+            **_holes_args(mask, holes), **_band_args(table, radius_given, query_len, key_len, "fwd"))
     return out, lse
-
-
-def _fwd_band_args(table: Tensor | None, radius: int, query_len: int, key_len: int) -> dict:
-    """The forward's band arguments, and ONE_LOOP where FWD_ONE_LOOP asks for it and the band is there."""
-    band = _band_args(table, radius, query_len, key_len, "fwd")
-    return dict(band, ONE_LOOP=True) if FWD_ONE_LOOP and band else band
 
 
 def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, causal, scale, dropout_p, seed,

@@ -57,13 +57,12 @@ def compile_kernel(name: str, block_m: int, block_n: int, num_warps: int, num_st
 
     if flash_kernels.INTERPRET:
         raise RuntimeError("TRITON_INTERPRET=1 decorates interpreted kernels, which do not compile: unset it")
-    from sumtune.fast_t5.flash_attention import (BIAS_BAND, DROPOUT_PAIRS, FWD_ONE_LOOP, MASK_ONLY_WITH_HOLES,
-                                                 _pairs_mode)
+    from sumtune.fast_t5.flash_attention import BIAS_BAND, DROPOUT_PAIRS, MASK_ONLY_WITH_HOLES, _pairs_mode
 
     kernel = getattr(flash_kernels, KERNELS[name])
     pairs = _pairs_mode(DROPOUT_PAIRS, 1024)  # at the 1024 keys example_arguments specialises for (flags may differ)
     shipped = {"DRAW8": False, "STORE_DS": False, "PV_SPLIT": False, "PV_FP16": False, "PAIRS": pairs,
-               "CHECK_HOLES": MASK_ONLY_WITH_HOLES, "USE_BAND": BIAS_BAND, "ONE_LOOP": FWD_ONE_LOOP and BIAS_BAND}
+               "CHECK_HOLES": MASK_ONLY_WITH_HOLES, "USE_BAND": BIAS_BAND}
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=False,
                       **{**shipped, **T5_FLAGS, **flags})
     # STORE_DS: dK/dV only; PV_*: forward only

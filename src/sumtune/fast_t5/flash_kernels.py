@@ -14,6 +14,10 @@ Design (scores are kept in log2 units, as in Triton's fused-attention tutorial: 
   (constant) tiles; at 4096 tokens ~90% of the tiles read no bias at all. Three loops (three copies of the body)
   measured faster than one loop branching per tile, though that one had half the code and fewer registers: with
   dropout 10.31 vs 10.75 ms at 32x32x1024, 16.48 vs 18.54 at 4x32x4096 (H200, results/attention_kernels_onebias-*).
+  Again with the band on 2026-12-04 (one loop, the band or a far constant chosen per tile, commit 34a8ef0): the
+  no-gradient forward at 16x32x4096x128 18.4 vs 12.1 ms at 64x64x4x2, 19.1 vs 12.3 at 128x64x8x3, 17.9 vs 13.6 at
+  128x128x8x2; 128x128x8x3 fits neither way (262 vs 360 KiB of shared memory: the band tile's layout change takes
+  64 KiB) (results/attention_kernels-2026-12-04-h200-oneloop-nograd-s32.json).
 * **Bias band** (``USE_BAND``): the near tiles read their bias from a small per-call band instead of the table, with
   aligned 16-byte loads (``sumtune.fast_t5.bias_band``). Same values, so the same results bit for bit.
 * **Key padding** from a per-row key mask (B, Lk) plus the row's key length (last kept key + 1), which bounds the
@@ -53,7 +57,6 @@ BIAS_NONE = tl.constexpr(0)  # _bias_tile modes
 BIAS_CONST = tl.constexpr(1)
 BIAS_GATHER = tl.constexpr(2)
 BIAS_BAND = tl.constexpr(3)  # the near tiles from the band (see t5_bias_band)
-BIAS_TILED = tl.constexpr(4)  # one loop over every tile: the band in near tiles, a far constant elsewhere (ONE_LOOP)
 
 
 if INTERPRET:
@@ -78,8 +81,8 @@ def _bias_tile(TABLE, rel, const, BIAS_MODE: tl.constexpr):
 
 # ----------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, start, stop, const, near_lo, near_hi, far_right,
-               start_m, stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w,
+def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, start, stop, const, start_m,
+               stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w,
                seed, stream, n_cols, drop_below,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
@@ -102,11 +105,6 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, start, stop, con
         s = _dot(q, k_t, UPCAST) * qk_scale
         if BIAS_MODE == BIAS_BAND:
             s += _band_tile(TABLE, start_n - start_m, band_w, BLOCK_M, BLOCK_N)
-        elif BIAS_MODE == BIAS_TILED:  # TABLE is the band; tiles before near_lo are far left, from near_hi far right
-            if (start_n >= near_lo) & (start_n < near_hi):
-                s += _band_tile(TABLE, start_n - start_m, band_w, BLOCK_M, BLOCK_N)
-            else:
-                s += tl.where(start_n < near_lo, const, far_right)
         else:
             s += _bias_tile(TABLE, offs_n[None, :] - offs_m[:, None], const, BIAS_MODE)
         keep = key_ok[None, :]
@@ -141,7 +139,7 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, str
                            UPCAST: tl.constexpr, DRAW8: tl.constexpr = False, PV_SPLIT: tl.constexpr = False,
                            PV_FP16: tl.constexpr = False, PAIRS: tl.constexpr = False,
                            CHECK_HOLES: tl.constexpr = False, HOLES=0, BAND=0, band_w=0, band_head=0,
-                           USE_BAND: tl.constexpr = False, ONE_LOOP: tl.constexpr = False):
+                           USE_BAND: tl.constexpr = False):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     seed = 0
@@ -178,31 +176,23 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, str
         # key tiles whose offsets j - i are all <= -R (far left) or all >= +R (far right) share one bias value
         lo_end = tl.minimum((tl.maximum(start_m - R + 1, 0) // BLOCK_N) * BLOCK_N, stop)
         hi_start = tl.maximum(tl.minimum(tl.cdiv(start_m + BLOCK_M - 1 + R, BLOCK_N) * BLOCK_N, stop), lo_end)
-    if HAS_BIAS and ONE_LOOP:  # one pipelined loop (one set of K/V buffers), the bias chosen per tile
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, BAND + h * band_head, KMASK, read_mask, 0, stop, far_left,
-                                   lo_end, hi_start, far_right, start_m,
-                                   stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w,
-                                   seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_TILED,
-                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
-    elif HAS_BIAS:
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, 0, lo_end, far_left, 0, 0, 0.0,
-                                   start_m,
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, 0, lo_end, far_left, start_m,
                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w,
                                    seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
                                    False, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, BAND + h * band_head if USE_BAND else TABLE, KMASK,
-                                   read_mask, lo_end, hi_start, 0.0, 0, 0, 0.0, start_m,
+                                   read_mask, lo_end, hi_start, 0.0, start_m,
                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w,
                                    seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N,
                                    BIAS_BAND if USE_BAND else BIAS_GATHER,
                                    CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, hi_start, stop, far_right, 0, 0,
-                                   0.0, start_m, stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w,
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, hi_start, stop, far_right,
+                                   start_m, stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w,
                                    seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
                                    CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
     else:
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, 0, stop, 0.0, 0, 0, 0.0,
-                                   start_m, stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w,
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, 0, stop, 0.0, start_m,
+                                   stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w,
                                    seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE,
                                    CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
     empty = l_i == 0.0  # no key to attend to: output 0, and lse = +inf makes the backward's P exactly 0
