@@ -257,6 +257,8 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "nolinearrelu": ("sumtune.fast_t5.modules", "FUSED_LINEAR_RELU", False),
     # (`fwdoneloop`: the attention forward's bias in one loop over the key tiles, measured 1.3-1.6x slower on
     # 2026-12-04 and gone: flash_kernels' docstring; commit 34a8ef0 has it.)
+    # the decoding cross-attention in Gluon with warpgroup MMAs, keys first (cross_attention.GLUON_KERNEL)
+    "decodegluon": ("sumtune.generation.cross_attention", "GLUON_KERNEL", True),
     # (`decodews`: the decoding kernel's key loop warp-specialised by Triton, measured 2.3x slower on 2026-12-04 and
     # gone: cross_attention's note.)
     # (`farsplit`/`nofarsplit`, `farsplitall`, `farright`: a no-gradient attention forward's far keys from cuDNN's

@@ -391,6 +391,80 @@ def test_fused_cross_attention_kernel_matches_float64_and_refuses_what_it_cannot
     assert state.cross_lengths.tolist() == [3, 6]
 
 
+GLUON_DECODE_FOR_HOPPER = """
+import json
+from sumtune.fast_t5.flash_compile import resources
+from sumtune.generation import gluon_decode
+for split in (False, True):
+    compiled = gluon_decode.compile_for_sm90(d_model=1024, block_h=16, split=split)
+    ptx = compiled.asm["ptx"]
+    print(json.dumps(dict(split=split, wgmma=ptx.count("wgmma.mma_async"), ldmatrix=ptx.count("ldmatrix"),
+                          **resources(compiled))))
+"""
+
+
+def test_the_gluon_decode_kernel_builds_for_hopper_with_warpgroup_mmas():
+    """cross_attention.GLUON_KERNEL's kernel (sumtune.generation.gluon_decode), compiled for sm_90 on the CPU at
+    T5-3b's shapes: both products as warpgroup MMAs from shared memory (128 in the loop: 64 for the scores, 64 for
+    the weighted sum; no ldmatrix), within Hopper's shared memory, at most a few hundred bytes of spill (Triton 3.6:
+    228), with and without key splits. Gluon has no interpreter: the GPU test checks its values."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.experimental.gluon")
+    from sumtune.fast_t5.flash_compile import HOPPER_SHARED_BYTES
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", GLUON_DECODE_FOR_HOPPER], env=env, capture_output=True, text=True,
+                            timeout=600)
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 2, result.stderr[-2000:]
+    for row in rows:
+        assert row["wgmma"] == 128 and row["ldmatrix"] == 0, row
+        assert row["shared_bytes"] <= HOPPER_SHARED_BYTES and row["spill_bytes"] <= 256, row
+
+
+def test_the_gluon_decode_kernel_runs_only_where_asked_and_able(monkeypatch):
+    """GLUON_KERNEL off (shipped): never; on: only compiled, on a CUDA Hopper, in bf16, at shapes it covers."""
+    from sumtune.generation import cross_attention, gluon_decode
+
+    memory = torch.zeros(1, 4, 1024, dtype=torch.bfloat16)
+    assert cross_attention._gluon_kernel(memory, 16) is None  # off
+    monkeypatch.setattr(cross_attention, "GLUON_KERNEL", True)
+    assert cross_attention._gluon_kernel(memory, 16) is None  # on, but not on a GPU
+    assert gluon_decode.supported(1024, 16) is None and gluon_decode.supported(512, 32) is None
+    assert "d_model 48" in gluon_decode.supported(48, 16) and "32 heads" in gluon_decode.supported(1024, 32)
+    assert gluon_decode.load_threads_along_d(1024) == 32 and gluon_decode.load_threads_along_d(512) == 16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="needs a Hopper GPU")
+def test_gpu_gluon_decode_kernel_matches_float64(monkeypatch):
+    """GLUON_KERNEL on a Hopper GPU, bf16: the same maths as the float64 masked softmax (as the Triton kernel's test
+    demands), with key splits, rows of lengths that are not whole tiles (one empty), strided states, 32 heads in two
+    programs and 20 in a full and a partly empty one, at d_model 1024 and 512; and it is the Gluon kernel that ran."""
+    from sumtune.generation import cross_attention, gluon_decode
+
+    monkeypatch.setattr(cross_attention, "GLUON_KERNEL", True)
+    launched = []
+    launch = gluon_decode.launch
+    monkeypatch.setattr(gluon_decode, "launch", lambda *a, **k: launched.append(a[0]) or launch(*a, **k))
+    gen = torch.Generator().manual_seed(4)
+    for d_model, heads in ((1024, 32), (1024, 20), (512, 32)):
+        memory = torch.randn(6, 700, d_model, generator=gen)[::2]  # strided rows, as a slice of a larger buffer
+        q_mem = torch.randn(3, heads, d_model, generator=gen) / d_model ** 0.5 * 4
+        lengths = torch.tensor([700, 131, 0], dtype=torch.int32)
+        expected = cross_attention.reference_hidden_attention(q_mem.bfloat16(), memory.bfloat16(), lengths)
+        for splits in (1, 3):
+            got = cross_attention.fused_hidden_attention(q_mem.cuda().bfloat16(), memory.cuda().bfloat16(),
+                                                         lengths.cuda(), splits=splits).cpu()
+            assert (got.double() - expected).abs().max().item() < 3e-2, (d_model, heads, splits)
+            assert not got[2].any()  # no keys: zeros, not NaN
+    assert len(launched) == 6
+
+
 def test_auto_attention_takes_the_fused_kernel_where_it_was_measured_faster_on_cuda_only(merged32, monkeypatch):
     """"auto": the fused cross-attention on CUDA, where its kernel runs, for batches that reach AUTO_FUSED_FROM
     (sources over 1024 tokens at any batch, 1024 from 256 rows: measured faster there), the two GEMMs ("hidden")

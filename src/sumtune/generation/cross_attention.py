@@ -38,6 +38,10 @@ INTERPRETER_BLOCK_N = 64  # Triton's CPU interpreter: fewer, wider iterations (t
 MIN_PROGRAMS = 264  # split rows' keys until about two programs an H100/H200 SM (132 SMs)
 HEADS_PER_PROGRAM = 16  # heads of one program (a power of two >= 16); fewer -> several programs a row and split
 NUM_STAGES = 2  # Triton's software pipelining depth over the key tiles
+# The kernel in Gluon with Hopper's warpgroup MMAs, keys first (sumtune.generation.gluon_decode): compiled for sm_90
+# on the CPU (255 registers, 228 bytes of spill, 194 KiB of shared memory: one 4-warp program an SM), not yet run on
+# a GPU, so off. Token `decodegluon`.
+GLUON_KERNEL = False
 # Two other forms of the kernel were measured on 2026-12-03 and went: the products transposed (keys, then d_model, as
 # the MMA tile's rows, so Hopper's warpgroup MMA takes them; 1.43 and 1.23 ms against 1.31 and 1.28 at 256 rows x 4096
 # keys in two calls, 15.9 against 16.7 summaries/s in whole generation on real bills, 6.34 against 6.39 at batch 32)
@@ -91,6 +95,17 @@ def head_blocks(heads: int, per_program: int) -> tuple[int, int]:
     return block_h, -(-heads // block_h)
 
 
+def _gluon_kernel(memory: Tensor, block_h: int):
+    """sumtune.generation.gluon_decode where GLUON_KERNEL asks for it and it can run here, else None."""
+    if not GLUON_KERNEL or _kernels().INTERPRET or memory.device.type != "cuda" or memory.dtype != torch.bfloat16:
+        return None
+    if torch.cuda.get_device_capability(memory.device)[0] != 9:  # warpgroup MMAs: Hopper only
+        return None
+    from sumtune.generation import gluon_decode
+
+    return gluon_decode if gluon_decode.supported(memory.shape[-1], block_h) is None else None
+
+
 def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, splits: int | None = None) -> Tensor:
     """softmax(q_mem . memory^T over each row's first lengths[b] keys) . memory -> [B, H, D] in memory's dtype."""
     batch, heads, d_model = q_mem.shape
@@ -99,6 +114,8 @@ def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, split
     block_n, warps = tiles_for(batch, src_len)
     block_n = INTERPRETER_BLOCK_N if kernels.INTERPRET else block_n
     block_h, groups = head_blocks(heads, HEADS_PER_PROGRAM)
+    gluon_kernel = _gluon_kernel(memory, block_h)
+    block_n = gluon_kernel.BLOCK_N if gluon_kernel else block_n
     splits = splits or choose_splits(batch, src_len, block_n, groups)
     keys_per_split = -(-src_len // splits)
     keys_per_split = -(-keys_per_split // block_n) * block_n
@@ -110,10 +127,15 @@ def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, split
         total = torch.empty_like(running_max)
     else:
         acc = running_max = total = out  # unused
-    kernels.hidden_cross_attention[(groups, batch, splits)](
-        q_mem, memory, lengths, out, acc, running_max, total, q_mem.stride(0), q_mem.stride(1), memory.stride(0),
-        memory.stride(1), out.stride(0), out.stride(1), heads, keys_per_split, BLOCK_H=block_h, D=d_model,
-        BLOCK_N=block_n, SPLIT=splits > 1, UPCAST=kernels.INTERPRET, num_warps=warps, num_stages=NUM_STAGES)
+    if gluon_kernel:
+        gluon_kernel.launch((groups, batch, splits), q_mem, memory, lengths, out, acc, running_max, total, heads,
+                            keys_per_split, block_h, splits > 1)
+    else:
+        kernels.hidden_cross_attention[(groups, batch, splits)](
+            q_mem, memory, lengths, out, acc, running_max, total, q_mem.stride(0), q_mem.stride(1),
+            memory.stride(0), memory.stride(1), out.stride(0), out.stride(1), heads, keys_per_split, BLOCK_H=block_h,
+            D=d_model, BLOCK_N=block_n, SPLIT=splits > 1, UPCAST=kernels.INTERPRET, num_warps=warps,
+            num_stages=NUM_STAGES)
     if splits == 1:
         return out
     weights = torch.exp(running_max - running_max.amax(dim=1, keepdim=True)).nan_to_num_(0.0)  # empty splits: 0

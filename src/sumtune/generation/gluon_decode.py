@@ -1,0 +1,207 @@
+"""One decoding step's cross-attention over cached encoder states in Gluon (Hopper), keys first: off until measured.
+
+`sumtune.generation.cross_attention.GLUON_KERNEL` (default False; benchmark token `decodegluon`) sends the fused
+mode's launches here instead of to the Triton kernel (`cross_kernels.hidden_cross_attention`); arguments, outputs
+and the split combine are the same.
+
+Why: the Triton kernel is latency-bound (session 26's counters: two 4-warp programs an SM, an instruction issued
+every 4.5 cycles a scheduler, stalls on shared-memory loads and on each MMA's result), because its score product
+is a 16-head x 32-key tile with a 1024-long reduction: a chain of 64 dependent `mma.sync` a warp, each operand
+fetched from shared memory by `ldmatrix`. Here both products run on Hopper's warpgroup MMAs with their operands in
+shared memory (no `ldmatrix`, the chain pipelined inside the tensor cores), keys first so that the MMA's 64 rows are
+keys and its columns the group's 16 heads:
+
+    scores^T [64 keys, 16 heads]  = states [64, D] . q_mem^T [D, 16]          (A: the states tile as loaded)
+    out^T    [D, 16 heads]       += states^T [D, 64] . P^T [64, 16]           (A: the same tile, transposed view)
+
+The states tile comes in D/4-wide chunks by cp.async into a ring of five (one chunk of the next tile in flight
+while this tile's last chunks are multiplied); a chunk's slot is refilled once its P.V has read it. out^T is held
+as four accumulators (one a chunk, 32 registers a thread each). Same maths as the Triton kernel (online softmax,
+P rounded to the states' dtype for its product), different order of the sums.
+
+Gluon has no interpreter: nothing runs this kernel on a CPU. `compile_for_sm90` builds it for Hopper on any machine
+(the CPU tests check that it compiles without spills and within shared memory); the GPU tests compare it with the
+float64 reference.
+"""
+
+from __future__ import annotations
+
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    async_copy, fence_async_shared, warpgroup_mma, warpgroup_mma_wait)
+
+BLOCK_N = 64  # keys a tile: a warpgroup MMA's rows
+NUM_WARPS = 4  # one warpgroup
+CHUNKS = 4  # the states tile's d_model in this many chunks (one cp.async group each)
+# Names that moved between Triton 3.6 (the GPU image's) and 3.9: cp.async into shared memory, the block barrier
+_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+
+
+@gluon.jit
+def _load_chunk(buffer, MEM, rows, stride_mn, d0, offs_d, stop):
+    """States rows ``rows``, columns d0 + offs_d into ``buffer`` by cp.async (rows at or past ``stop``: zeros); one
+    commit group, even when every row is masked (the ring's group count stays the same)."""
+    _async_load(buffer, MEM + rows[:, None] * stride_mn + (d0 + offs_d)[None, :], mask=(rows < stop)[:, None])
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _chunk_pv(ring, slot: gl.constexpr, p_smem, acc):
+    return warpgroup_mma(ring.index(slot).permute((1, 0)), p_smem, acc, is_async=True)
+
+
+@gluon.jit
+def gluon_hidden_cross_attention(Q, MEM, LENGTHS, OUT, ACC, MAX, SUM, stride_qb, stride_qh, stride_mb, stride_mn,
+                                 stride_ob, stride_oh, heads, keys_per_split, BLOCK_H: gl.constexpr,
+                                 D: gl.constexpr, BLOCK_N: gl.constexpr, SPLIT: gl.constexpr,
+                                 LOAD_TPW_D: gl.constexpr, num_warps: gl.constexpr):
+    CHUNK: gl.constexpr = D // 4
+    SLOTS: gl.constexpr = 5
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                         instr_shape=[16, BLOCK_H, 16])
+    load_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // LOAD_TPW_D, LOAD_TPW_D], [num_warps, 1], [1, 0])
+    tile_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    p_smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=16, rank=2)
+    dtype: gl.constexpr = MEM.dtype.element_ty
+
+    group = gl.program_id(0)
+    row = gl.program_id(1).to(gl.int64)
+    split = gl.program_id(2)
+    offs_hq = group * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, load_layout))
+    offs_dq = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, load_layout))
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_H, D], tile_smem)
+    for c in gl.static_range(4):  # a chunk at a time: fewer registers live than the whole (BLOCK_H, D) block
+        q = gl.load(Q + row * stride_qb + offs_hq[:, None] * stride_qh + (c * CHUNK + offs_dq)[None, :],
+                    mask=(offs_hq < heads)[:, None], other=0.0)
+        q_smem.slice(c * CHUNK, CHUNK, dim=1).store(q)
+    ring = gl.allocate_shared_memory(dtype, [SLOTS, BLOCK_N, CHUNK], tile_smem)
+    p_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_H], p_smem_layout)
+
+    start = split * keys_per_split
+    stop = gl.minimum(start + keys_per_split, gl.load(LENGTHS + row))
+    n_tiles = gl.cdiv(gl.maximum(stop - start, 0), BLOCK_N)
+    MEM += row * stride_mb
+    rows = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, load_layout))
+    offs_d = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, load_layout))
+    # Prologue: tile 0's four chunks into slots 0-3, tile 1's first into slot 4 (chunk g always goes to slot g % 5).
+    for c in gl.static_range(4):
+        _load_chunk(ring.index(c), MEM, rows, stride_mn, c * CHUNK, offs_d, stop)
+    _load_chunk(ring.index(4), MEM, rows + BLOCK_N, stride_mn, 0, offs_d, stop)
+
+    m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=gl.SliceLayout(0, mma_layout))
+    l_i = gl.zeros([BLOCK_H], gl.float32, layout=gl.SliceLayout(0, mma_layout))
+    acc0 = gl.zeros([CHUNK, BLOCK_H], gl.float32, layout=mma_layout)
+    acc1 = gl.zeros([CHUNK, BLOCK_H], gl.float32, layout=mma_layout)
+    acc2 = gl.zeros([CHUNK, BLOCK_H], gl.float32, layout=mma_layout)
+    acc3 = gl.zeros([CHUNK, BLOCK_H], gl.float32, layout=mma_layout)
+    zero_s = gl.zeros([BLOCK_N, BLOCK_H], gl.float32, layout=mma_layout)
+    keys = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma_layout))
+    for t in range(0, n_tiles):
+        # The five slots hold chunks 4t .. 4t + 4 (issued; the first four are this tile's): slot of chunk 4t + c is
+        # (4t + c) % 5. Scores: each chunk once it has landed (4 - c groups may still be in flight).
+        base = (4 * t) % 5
+        s = zero_s
+        for c in gl.static_range(4):
+            async_copy.wait_group(4 - c)
+            _barrier()
+            fence_async_shared()
+            slot = (base + c) % 5
+            s = warpgroup_mma(ring.index(slot), q_smem.slice(c * CHUNK, CHUNK, dim=1).permute((1, 0)), s,
+                              is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+        offs_n = start + t * BLOCK_N + keys
+        s = gl.where((offs_n < stop)[:, None], s, float("-inf"))  # T5: no scaling
+        m_new = gl.maximum(m_i, gl.max(s, 0))
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+        p = gl.exp(s - m_use[None, :])
+        alpha = gl.exp(m_i - m_use)
+        l_i = l_i * alpha + gl.sum(p, 0)
+        m_i = m_new
+        p_smem.store(p.to(dtype))  # the previous tile's P.V are done: they were waited for below
+        _barrier()
+        fence_async_shared()
+        acc0 = _chunk_pv(ring, base % 5, p_smem, acc0 * alpha[None, :])
+        acc1 = _chunk_pv(ring, (base + 1) % 5, p_smem, acc1 * alpha[None, :])
+        acc2 = _chunk_pv(ring, (base + 2) % 5, p_smem, acc2 * alpha[None, :])
+        acc3 = _chunk_pv(ring, (base + 3) % 5, p_smem, acc3 * alpha[None, :])
+        # As each chunk's P.V completes, its slot takes chunk 4t + 5 + c (tile t + 1's chunk c + 1, then tile t + 2's
+        # first): masked loads past the split's keys keep the group count.
+        next_rows = rows + (t + 1) * BLOCK_N
+        acc0 = warpgroup_mma_wait(num_outstanding=3, deps=(acc0,))
+        _barrier()
+        _load_chunk(ring.index(base % 5), MEM, next_rows, stride_mn, CHUNK, offs_d, stop)
+        acc1 = warpgroup_mma_wait(num_outstanding=2, deps=(acc1,))
+        _barrier()
+        _load_chunk(ring.index((base + 1) % 5), MEM, next_rows, stride_mn, 2 * CHUNK, offs_d, stop)
+        acc2 = warpgroup_mma_wait(num_outstanding=1, deps=(acc2,))
+        _barrier()
+        _load_chunk(ring.index((base + 2) % 5), MEM, next_rows, stride_mn, 3 * CHUNK, offs_d, stop)
+        acc3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc3,))
+        _barrier()
+        _load_chunk(ring.index((base + 3) % 5), MEM, next_rows + BLOCK_N, stride_mn, 0, offs_d, stop)
+    async_copy.wait_group(0)
+
+    offs_h = group * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(0, mma_layout))
+    offs_do = gl.arange(0, CHUNK, layout=gl.SliceLayout(1, mma_layout))
+    if SPLIT:  # partial results of this split, combined by the caller: [B, splits, groups * BLOCK_H, D] and so on
+        base_h = (row * gl.num_programs(2) + split) * gl.num_programs(0) * BLOCK_H
+        ACC += (base_h + offs_h[None, :]) * D + offs_do[:, None]
+        gl.store(ACC, acc0)
+        gl.store(ACC + CHUNK, acc1)
+        gl.store(ACC + 2 * CHUNK, acc2)
+        gl.store(ACC + 3 * CHUNK, acc3)
+        gl.store(MAX + base_h + offs_h, m_i)
+        gl.store(SUM + base_h + offs_h, l_i)
+    else:
+        scale = 1.0 / gl.where(l_i > 0, l_i, 1.0)  # a row without keys: zeros
+        OUT += row * stride_ob + offs_h[None, :] * stride_oh + offs_do[:, None]
+        in_h = (offs_h < heads)[None, :]
+        gl.store(OUT, (acc0 * scale[None, :]).to(OUT.dtype.element_ty), mask=in_h)
+        gl.store(OUT + CHUNK, (acc1 * scale[None, :]).to(OUT.dtype.element_ty), mask=in_h)
+        gl.store(OUT + 2 * CHUNK, (acc2 * scale[None, :]).to(OUT.dtype.element_ty), mask=in_h)
+        gl.store(OUT + 3 * CHUNK, (acc3 * scale[None, :]).to(OUT.dtype.element_ty), mask=in_h)
+
+
+def load_threads_along_d(d_model: int) -> int:
+    """Threads of a warp along d_model in the chunk loads (8 bf16 = 16 bytes a thread): up to 32."""
+    return min(32, d_model // CHUNKS // 8)
+
+
+def supported(d_model: int, heads_per_program: int) -> str | None:
+    """Why this kernel cannot take these shapes, or None."""
+    if d_model % (CHUNKS * 64) or d_model // CHUNKS > 256:
+        return f"d_model {d_model} is not 4 chunks of 64 to 256"
+    if heads_per_program != 16 and not (heads_per_program == 32 and d_model <= 512):
+        # 32 heads at d_model 1024: 229 KiB of shared memory (over Hopper's 227) and 1.7 KB of spill
+        return f"{heads_per_program} heads a program at d_model {d_model} (16, or 32 up to d_model 512)"
+    return None
+
+
+def launch(grid, q_mem, memory, lengths, out, acc, running_max, total, heads, keys_per_split, block_h, split):
+    """The Triton kernel's launch (cross_attention.fused_hidden_attention), here."""
+    d_model = memory.shape[-1]
+    gluon_hidden_cross_attention[grid](
+        q_mem, memory, lengths, out, acc, running_max, total, q_mem.stride(0), q_mem.stride(1), memory.stride(0),
+        memory.stride(1), out.stride(0), out.stride(1), heads, keys_per_split, BLOCK_H=block_h, D=d_model,
+        BLOCK_N=BLOCK_N, SPLIT=split, LOAD_TPW_D=load_threads_along_d(d_model), num_warps=NUM_WARPS)
+
+
+_SIGNATURE = dict(Q="*bf16", MEM="*bf16", LENGTHS="*i32", OUT="*bf16", ACC="*fp32", MAX="*fp32", SUM="*fp32")
+
+
+def compile_for_sm90(d_model: int = 1024, block_h: int = 16, split: bool = False):
+    """triton.compile for sm_90 on any machine (no GPU), specialised as a T5-3b launch would be (pointers and ints
+    divisible by 16)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    constexprs = dict(BLOCK_H=block_h, D=d_model, BLOCK_N=BLOCK_N, SPLIT=split,
+                      LOAD_TPW_D=load_threads_along_d(d_model), num_warps=NUM_WARPS)
+    names = gluon_hidden_cross_attention.arg_names
+    signature = {n: ("constexpr" if n in constexprs else _SIGNATURE.get(n, "i32")) for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in constexprs}
+    source = GluonASTSource(fn=gluon_hidden_cross_attention, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=NUM_WARPS))
