@@ -457,12 +457,13 @@ def test_gpu_gluon_decode_kernel_matches_float64(monkeypatch):
         q_mem = torch.randn(3, heads, d_model, generator=gen) / d_model ** 0.5 * 4
         lengths = torch.tensor([700, 131, 0], dtype=torch.int32)
         expected = cross_attention.reference_hidden_attention(q_mem.bfloat16(), memory.bfloat16(), lengths)
-        for splits in (1, 3):
+        for slots, splits in ((6, 1), (6, 3), (5, 1), (5, 3)):  # the ring as shipped and with one slot fewer
+            monkeypatch.setattr(gluon_decode, "SLOTS", slots)
             got = cross_attention.fused_hidden_attention(q_mem.cuda().bfloat16(), memory.cuda().bfloat16(),
                                                          lengths.cuda(), splits=splits).cpu()
-            assert (got.double() - expected).abs().max().item() < 3e-2, (d_model, heads, splits)
+            assert (got.double() - expected).abs().max().item() < 3e-2, (d_model, heads, slots, splits)
             assert not got[2].any()  # no keys: zeros, not NaN
-    assert len(launched) == 6
+    assert len(launched) == 12
 
 
 def test_auto_attention_takes_the_fused_kernel_where_it_was_measured_faster_on_cuda_only(merged32, monkeypatch):

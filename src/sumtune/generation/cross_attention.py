@@ -39,8 +39,8 @@ MIN_PROGRAMS = 264  # split rows' keys until about two programs an H100/H200 SM 
 HEADS_PER_PROGRAM = 16  # heads of one program (a power of two >= 16); fewer -> several programs a row and split
 NUM_STAGES = 2  # Triton's software pipelining depth over the key tiles
 # The kernel in Gluon with Hopper's warpgroup MMAs, keys first (sumtune.generation.gluon_decode): compiled for sm_90
-# on the CPU (255 registers, 228 bytes of spill, 194 KiB of shared memory: one 4-warp program an SM), not yet run on
-# a GPU, so off. Token `decodegluon`.
+# on the CPU (255 registers, 228 bytes of spill, 226 KiB of shared memory with its ring of six chunks: one 4-warp
+# program an SM), not yet run on a GPU, so off. Token `decodegluon` (with `gluon5`: a ring of five, 194 KiB).
 GLUON_KERNEL = False
 # Two other forms of the kernel were measured on 2026-12-03 and went: the products transposed (keys, then d_model, as
 # the MMA tile's rows, so Hopper's warpgroup MMA takes them; 1.43 and 1.23 ms against 1.31 and 1.28 at 256 rows x 4096

@@ -14,8 +14,8 @@ keys and its columns the group's 16 heads:
     scores^T [64 keys, 16 heads]  = states [64, D] . q_mem^T [D, 16]          (A: the states tile as loaded)
     out^T    [D, 16 heads]       += states^T [D, 64] . P^T [64, 16]           (A: the same tile, transposed view)
 
-The states tile comes in D/4-wide chunks by cp.async into a ring of five (one chunk of the next tile in flight
-while this tile's last chunks are multiplied); a chunk's slot is refilled once its P.V has read it. out^T is held
+The states tile comes in D/4-wide chunks by cp.async into a ring of SLOTS (SLOTS - 4 chunks of the next tile in
+flight while this tile's are multiplied); a chunk's slot is refilled once its P.V has read it. out^T is held
 as four accumulators (one a chunk, 32 registers a thread each). Same maths as the Triton kernel (online softmax,
 P rounded to the states' dtype for its product), different order of the sums.
 
@@ -33,6 +33,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     async_copy, fence_async_shared, warpgroup_mma, warpgroup_mma_wait)
 
 BLOCK_N = 64  # keys a tile: a warpgroup MMA's rows
+# Chunks in the shared-memory ring: a tile's four and SLOTS - 4 of the next one's in flight. 6 is the most that fits
+# beside the queries at T5-3b's shapes (226 KiB of Hopper's 227); 5 leaves 194 KiB (token `gluon5`). Not yet timed.
+SLOTS = 6
 NUM_WARPS = 4  # one warpgroup
 CHUNKS = 4  # the states tile's d_model in this many chunks (one cp.async group each)
 # Names that moved between Triton 3.6 (the GPU image's) and 3.9: cp.async into shared memory, the block barrier
@@ -49,6 +52,14 @@ def _load_chunk(buffer, MEM, rows, stride_mn, d0, offs_d, stop):
 
 
 @gluon.jit
+def _refill(ring, base, c: gl.constexpr, SLOTS: gl.constexpr, MEM, rows, t, stride_mn, offs_d, stop,
+            BLOCK_N: gl.constexpr, CHUNK: gl.constexpr):
+    """Chunk 4t + c's slot takes chunk 4t + c + SLOTS."""
+    _load_chunk(ring.index((base + c) % SLOTS), MEM, rows + (t + (c + SLOTS) // 4) * BLOCK_N, stride_mn,
+                ((c + SLOTS) % 4) * CHUNK, offs_d, stop)
+
+
+@gluon.jit
 def _chunk_pv(ring, slot: gl.constexpr, p_smem, acc):
     return warpgroup_mma(ring.index(slot).permute((1, 0)), p_smem, acc, is_async=True)
 
@@ -57,9 +68,8 @@ def _chunk_pv(ring, slot: gl.constexpr, p_smem, acc):
 def gluon_hidden_cross_attention(Q, MEM, LENGTHS, OUT, ACC, MAX, SUM, stride_qb, stride_qh, stride_mb, stride_mn,
                                  stride_ob, stride_oh, heads, keys_per_split, BLOCK_H: gl.constexpr,
                                  D: gl.constexpr, BLOCK_N: gl.constexpr, SPLIT: gl.constexpr,
-                                 LOAD_TPW_D: gl.constexpr, num_warps: gl.constexpr):
+                                 LOAD_TPW_D: gl.constexpr, SLOTS: gl.constexpr, num_warps: gl.constexpr):
     CHUNK: gl.constexpr = D // 4
-    SLOTS: gl.constexpr = 5
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                          instr_shape=[16, BLOCK_H, 16])
     load_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // LOAD_TPW_D, LOAD_TPW_D], [num_warps, 1], [1, 0])
@@ -86,10 +96,10 @@ def gluon_hidden_cross_attention(Q, MEM, LENGTHS, OUT, ACC, MAX, SUM, stride_qb,
     MEM += row * stride_mb
     rows = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, load_layout))
     offs_d = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, load_layout))
-    # Prologue: tile 0's four chunks into slots 0-3, tile 1's first into slot 4 (chunk g always goes to slot g % 5).
-    for c in gl.static_range(4):
-        _load_chunk(ring.index(c), MEM, rows, stride_mn, c * CHUNK, offs_d, stop)
-    _load_chunk(ring.index(4), MEM, rows + BLOCK_N, stride_mn, 0, offs_d, stop)
+    # Prologue: chunks 0 .. SLOTS - 1 (tile 0's four, then the next tile's first ones); chunk g (tile g // 4, d_model
+    # chunk g % 4) always goes to slot g % SLOTS.
+    for g in gl.static_range(SLOTS):
+        _load_chunk(ring.index(g), MEM, rows + (g // 4) * BLOCK_N, stride_mn, (g % 4) * CHUNK, offs_d, stop)
 
     m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=gl.SliceLayout(0, mma_layout))
     l_i = gl.zeros([BLOCK_H], gl.float32, layout=gl.SliceLayout(0, mma_layout))
@@ -100,15 +110,15 @@ def gluon_hidden_cross_attention(Q, MEM, LENGTHS, OUT, ACC, MAX, SUM, stride_qb,
     zero_s = gl.zeros([BLOCK_N, BLOCK_H], gl.float32, layout=mma_layout)
     keys = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma_layout))
     for t in range(0, n_tiles):
-        # The five slots hold chunks 4t .. 4t + 4 (issued; the first four are this tile's): slot of chunk 4t + c is
-        # (4t + c) % 5. Scores: each chunk once it has landed (4 - c groups may still be in flight).
-        base = (4 * t) % 5
+        # Chunks 4t .. 4t + SLOTS - 1 are issued (the first four are this tile's); chunk 4t + c sits in slot
+        # (4t + c) % SLOTS. Scores: each chunk once it has landed (SLOTS - 1 - c groups may still be in flight).
+        base = (4 * t) % SLOTS
         s = zero_s
         for c in gl.static_range(4):
-            async_copy.wait_group(4 - c)
+            async_copy.wait_group(SLOTS - 1 - c)
             _barrier()
             fence_async_shared()
-            slot = (base + c) % 5
+            slot = (base + c) % SLOTS
             s = warpgroup_mma(ring.index(slot), q_smem.slice(c * CHUNK, CHUNK, dim=1).permute((1, 0)), s,
                               is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
@@ -123,25 +133,24 @@ def gluon_hidden_cross_attention(Q, MEM, LENGTHS, OUT, ACC, MAX, SUM, stride_qb,
         p_smem.store(p.to(dtype))  # the previous tile's P.V are done: they were waited for below
         _barrier()
         fence_async_shared()
-        acc0 = _chunk_pv(ring, base % 5, p_smem, acc0 * alpha[None, :])
-        acc1 = _chunk_pv(ring, (base + 1) % 5, p_smem, acc1 * alpha[None, :])
-        acc2 = _chunk_pv(ring, (base + 2) % 5, p_smem, acc2 * alpha[None, :])
-        acc3 = _chunk_pv(ring, (base + 3) % 5, p_smem, acc3 * alpha[None, :])
-        # As each chunk's P.V completes, its slot takes chunk 4t + 5 + c (tile t + 1's chunk c + 1, then tile t + 2's
-        # first): masked loads past the split's keys keep the group count.
-        next_rows = rows + (t + 1) * BLOCK_N
+        acc0 = _chunk_pv(ring, base % SLOTS, p_smem, acc0 * alpha[None, :])
+        acc1 = _chunk_pv(ring, (base + 1) % SLOTS, p_smem, acc1 * alpha[None, :])
+        acc2 = _chunk_pv(ring, (base + 2) % SLOTS, p_smem, acc2 * alpha[None, :])
+        acc3 = _chunk_pv(ring, (base + 3) % SLOTS, p_smem, acc3 * alpha[None, :])
+        # As chunk 4t + c's P.V completes, its slot takes chunk 4t + c + SLOTS (tile t + (c + SLOTS) // 4, d_model
+        # chunk (c + SLOTS) % 4): masked loads past the split's keys keep the group count.
         acc0 = warpgroup_mma_wait(num_outstanding=3, deps=(acc0,))
         _barrier()
-        _load_chunk(ring.index(base % 5), MEM, next_rows, stride_mn, CHUNK, offs_d, stop)
+        _refill(ring, base, 0, SLOTS, MEM, rows, t, stride_mn, offs_d, stop, BLOCK_N, CHUNK)
         acc1 = warpgroup_mma_wait(num_outstanding=2, deps=(acc1,))
         _barrier()
-        _load_chunk(ring.index((base + 1) % 5), MEM, next_rows, stride_mn, 2 * CHUNK, offs_d, stop)
+        _refill(ring, base, 1, SLOTS, MEM, rows, t, stride_mn, offs_d, stop, BLOCK_N, CHUNK)
         acc2 = warpgroup_mma_wait(num_outstanding=1, deps=(acc2,))
         _barrier()
-        _load_chunk(ring.index((base + 2) % 5), MEM, next_rows, stride_mn, 3 * CHUNK, offs_d, stop)
+        _refill(ring, base, 2, SLOTS, MEM, rows, t, stride_mn, offs_d, stop, BLOCK_N, CHUNK)
         acc3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc3,))
         _barrier()
-        _load_chunk(ring.index((base + 3) % 5), MEM, next_rows + BLOCK_N, stride_mn, 0, offs_d, stop)
+        _refill(ring, base, 3, SLOTS, MEM, rows, t, stride_mn, offs_d, stop, BLOCK_N, CHUNK)
     async_copy.wait_group(0)
 
     offs_h = group * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(0, mma_layout))
@@ -186,20 +195,20 @@ def launch(grid, q_mem, memory, lengths, out, acc, running_max, total, heads, ke
     gluon_hidden_cross_attention[grid](
         q_mem, memory, lengths, out, acc, running_max, total, q_mem.stride(0), q_mem.stride(1), memory.stride(0),
         memory.stride(1), out.stride(0), out.stride(1), heads, keys_per_split, BLOCK_H=block_h, D=d_model,
-        BLOCK_N=BLOCK_N, SPLIT=split, LOAD_TPW_D=load_threads_along_d(d_model), num_warps=NUM_WARPS)
+        BLOCK_N=BLOCK_N, SPLIT=split, LOAD_TPW_D=load_threads_along_d(d_model), SLOTS=SLOTS, num_warps=NUM_WARPS)
 
 
 _SIGNATURE = dict(Q="*bf16", MEM="*bf16", LENGTHS="*i32", OUT="*bf16", ACC="*fp32", MAX="*fp32", SUM="*fp32")
 
 
-def compile_for_sm90(d_model: int = 1024, block_h: int = 16, split: bool = False):
+def compile_for_sm90(d_model: int = 1024, block_h: int = 16, split: bool = False, slots: int | None = None):
     """triton.compile for sm_90 on any machine (no GPU), specialised as a T5-3b launch would be (pointers and ints
     divisible by 16)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     constexprs = dict(BLOCK_H=block_h, D=d_model, BLOCK_N=BLOCK_N, SPLIT=split,
-                      LOAD_TPW_D=load_threads_along_d(d_model), num_warps=NUM_WARPS)
+                      LOAD_TPW_D=load_threads_along_d(d_model), SLOTS=slots or SLOTS, num_warps=NUM_WARPS)
     names = gluon_hidden_cross_attention.arg_names
     signature = {n: ("constexpr" if n in constexprs else _SIGNATURE.get(n, "i32")) for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in constexprs}
