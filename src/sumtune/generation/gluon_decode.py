@@ -60,7 +60,7 @@ def _refill(ring, base, c: gl.constexpr, SLOTS: gl.constexpr, MEM, rows, t, stri
 
 
 @gluon.jit
-def _chunk_pv(ring, slot: gl.constexpr, p_smem, acc):
+def _chunk_pv(ring, slot, p_smem, acc):
     return warpgroup_mma(ring.index(slot).permute((1, 0)), p_smem, acc, is_async=True)
 
 
