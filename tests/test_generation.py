@@ -396,10 +396,11 @@ import json
 from sumtune.fast_t5.flash_compile import resources
 from sumtune.generation import gluon_decode
 for split in (False, True):
-    compiled = gluon_decode.compile_for_sm90(d_model=1024, block_h=16, split=split)
-    ptx = compiled.asm["ptx"]
-    print(json.dumps(dict(split=split, wgmma=ptx.count("wgmma.mma_async"), ldmatrix=ptx.count("ldmatrix"),
-                          **resources(compiled))))
+    for tma in (False, True):
+        compiled = gluon_decode.compile_for_sm90(d_model=1024, block_h=16, split=split, tma_loads=tma)
+        ptx = compiled.asm["ptx"]
+        print(json.dumps(dict(split=split, tma=tma, wgmma=ptx.count("wgmma.mma_async"), ldmatrix=ptx.count("ldmatrix"),
+                              bulk=ptx.count("cp.async.bulk.tensor"), **resources(compiled))))
 """
 
 
@@ -407,7 +408,8 @@ def test_the_gluon_decode_kernel_builds_for_hopper_with_warpgroup_mmas():
     """cross_attention.GLUON_KERNEL's kernel (sumtune.generation.gluon_decode), compiled for sm_90 on the CPU at
     T5-3b's shapes: both products as warpgroup MMAs from shared memory (128 in the loop: 64 for the scores, 64 for
     the weighted sum; no ldmatrix), within Hopper's shared memory, at most a few hundred bytes of spill (Triton 3.6:
-    228), with and without key splits. Gluon has no interpreter: the GPU test checks its values."""
+    208 with cp.async, none with TMA), with and without key splits, the chunks by cp.async or by TMA (four 64-wide
+    boxes a chunk at ten issue sites). Gluon has no interpreter: the GPU test checks its values."""
     import json
     import subprocess
     import sys
@@ -419,10 +421,11 @@ def test_the_gluon_decode_kernel_builds_for_hopper_with_warpgroup_mmas():
     result = subprocess.run([sys.executable, "-c", GLUON_DECODE_FOR_HOPPER], env=env, capture_output=True, text=True,
                             timeout=600)
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 2, result.stderr[-2000:]
+    assert len(rows) == 4, result.stderr[-2000:]
     for row in rows:
         assert row["wgmma"] == 128 and row["ldmatrix"] == 0, row
         assert row["shared_bytes"] <= HOPPER_SHARED_BYTES and row["spill_bytes"] <= 256, row
+        assert row["bulk"] == (40 if row["tma"] else 0) and (row["async_copies"] > 0) != row["tma"], row
 
 
 def test_the_gluon_decode_kernel_runs_only_where_asked_and_able(monkeypatch):
@@ -436,6 +439,10 @@ def test_the_gluon_decode_kernel_runs_only_where_asked_and_able(monkeypatch):
     assert gluon_decode.supported(1024, 16) is None and gluon_decode.supported(512, 32) is None
     assert "d_model 48" in gluon_decode.supported(48, 16) and "32 heads" in gluon_decode.supported(1024, 32)
     assert gluon_decode.load_threads_along_d(1024) == 32 and gluon_decode.load_threads_along_d(512) == 16
+    dense = torch.zeros(2, 128, 1024, dtype=torch.bfloat16)
+    descriptor = gluon_decode._states_descriptor(dense)  # TMA: dense states as [B * L, D] in 64 x 64 boxes
+    assert descriptor.shape == [256, 1024] and descriptor.block_shape == [64, 64]
+    assert gluon_decode._states_descriptor(torch.zeros(4, 128, 1024, dtype=torch.bfloat16)[::2]) is None  # strided
 
 
 @pytest.mark.gpu
@@ -443,8 +450,11 @@ def test_the_gluon_decode_kernel_runs_only_where_asked_and_able(monkeypatch):
                     reason="needs a Hopper GPU")
 def test_gpu_gluon_decode_kernel_matches_float64(monkeypatch):
     """GLUON_KERNEL on a Hopper GPU, bf16: the same maths as the float64 masked softmax (as the Triton kernel's test
-    demands), with key splits, rows of lengths that are not whole tiles (one empty), strided states, 32 heads in two
-    programs and 20 in a full and a partly empty one, at d_model 1024 and 512; and it is the Gluon kernel that ran."""
+    demands), with key splits, rows of lengths that are not whole tiles (one empty), strided states (cp.async) and
+    dense ones (TMA), 32 heads in two programs and 20 in a full and a partly empty one, at d_model 1024 and 512; and
+    it is the Gluon kernel that ran."""
+    import itertools
+
     from sumtune.generation import cross_attention, gluon_decode
 
     monkeypatch.setattr(cross_attention, "GLUON_KERNEL", True)
@@ -457,13 +467,17 @@ def test_gpu_gluon_decode_kernel_matches_float64(monkeypatch):
         q_mem = torch.randn(3, heads, d_model, generator=gen) / d_model ** 0.5 * 4
         lengths = torch.tensor([700, 131, 0], dtype=torch.int32)
         expected = cross_attention.reference_hidden_attention(q_mem.bfloat16(), memory.bfloat16(), lengths)
-        for slots, splits in ((6, 1), (6, 3), (5, 1), (5, 3)):  # the ring as shipped and with one slot fewer
+        # the ring as shipped and with one slot fewer, by cp.async (strided states) and by TMA (dense ones)
+        for slots, splits, tma in itertools.product((6, 5), (1, 3), (False, True)):
             monkeypatch.setattr(gluon_decode, "SLOTS", slots)
-            got = cross_attention.fused_hidden_attention(q_mem.cuda().bfloat16(), memory.cuda().bfloat16(),
+            monkeypatch.setattr(gluon_decode, "TMA_LOADS", tma)
+            states = memory.cuda().bfloat16()
+            got = cross_attention.fused_hidden_attention(q_mem.cuda().bfloat16(),
+                                                         states.contiguous() if tma else states,
                                                          lengths.cuda(), splits=splits).cpu()
-            assert (got.double() - expected).abs().max().item() < 3e-2, (d_model, heads, slots, splits)
+            assert (got.double() - expected).abs().max().item() < 3e-2, (d_model, heads, slots, splits, tma)
             assert not got[2].any()  # no keys: zeros, not NaN
-    assert len(launched) == 12
+    assert len(launched) == 24
 
 
 def test_auto_attention_takes_the_fused_kernel_where_it_was_measured_faster_on_cuda_only(merged32, monkeypatch):

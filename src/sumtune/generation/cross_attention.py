@@ -40,7 +40,8 @@ HEADS_PER_PROGRAM = 16  # heads of one program (a power of two >= 16); fewer -> 
 NUM_STAGES = 2  # Triton's software pipelining depth over the key tiles
 # The kernel in Gluon with Hopper's warpgroup MMAs, keys first (sumtune.generation.gluon_decode): compiled for sm_90
 # on the CPU (255 registers, 228 bytes of spill, 226 KiB of shared memory with its ring of six chunks: one 4-warp
-# program an SM), not yet run on a GPU, so off. Token `decodegluon` (with `gluon5`: a ring of five, 194 KiB).
+# program an SM), not yet run on a GPU, so off. Token `decodegluon` (with `gluon5`: a ring of five, 194 KiB; with
+# `gluontma`: the chunks by TMA, 232 registers and no spill).
 GLUON_KERNEL = False
 # Two other forms of the kernel were measured on 2026-12-03 and went: the products transposed (keys, then d_model, as
 # the MMA tile's rows, so Hopper's warpgroup MMA takes them; 1.43 and 1.23 ms against 1.31 and 1.28 at 256 rows x 4096

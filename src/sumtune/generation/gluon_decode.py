@@ -30,13 +30,19 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
-    async_copy, fence_async_shared, warpgroup_mma, warpgroup_mma_wait)
+    async_copy, fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
 
 BLOCK_N = 64  # keys a tile: a warpgroup MMA's rows
 # Chunks in the shared-memory ring: a tile's four and SLOTS - 4 of the next one's in flight. 6 is the most that fits
 # beside the queries at T5-3b's shapes (226 KiB of Hopper's 227); 5 leaves 194 KiB (token `gluon5`). Not yet timed.
 SLOTS = 6
 NUM_WARPS = 4  # one warpgroup
+# The chunks by TMA (64 x 64 boxes of a 2-D descriptor over dense [B * L, D] states; one mbarrier a slot) instead of
+# cp.async: no address registers or per-thread copies (the cp.async build's 144 LDGSTS and their address arithmetic
+# are ~1/4 of its SASS). Rows past a row's keys read the next row's states (finite) or zeros past the end, and their
+# scores are masked. Dense states only (fused decoding's buffer is); others take cp.async. Token `gluontma`.
+TMA_LOADS = False
+TMA_BOX = 64  # 128 bytes of bf16: the swizzle's width
 CHUNKS = 4  # the states tile's d_model in this many chunks (one cp.async group each)
 # Names that moved between Triton 3.6 (the GPU image's) and 3.9: cp.async into shared memory, the block barrier
 _async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
@@ -52,11 +58,29 @@ def _load_chunk(buffer, MEM, rows, stride_mn, d0, offs_d, stop):
 
 
 @gluon.jit
-def _refill(ring, base, c: gl.constexpr, SLOTS: gl.constexpr, MEM, rows, t, stride_mn, offs_d, stop,
-            BLOCK_N: gl.constexpr, CHUNK: gl.constexpr):
-    """Chunk 4t + c's slot takes chunk 4t + c + SLOTS."""
-    _load_chunk(ring.index((base + c) % SLOTS), MEM, rows + (t + (c + SLOTS) // 4) * BLOCK_N, stride_mn,
-                ((c + SLOTS) % 4) * CHUNK, offs_d, stop)
+def _issue(ring, bars, g, SLOTS: gl.constexpr, MEM, DESC, rows, row_base, stride_mn, offs_d, stop,
+           BLOCK_N: gl.constexpr, CHUNK: gl.constexpr, TMA: gl.constexpr):
+    """Chunk g (tile g // 4, d_model chunk g % 4) into slot g % SLOTS: by TMA (the slot's mbarrier counts its bytes)
+    or by cp.async (one commit group)."""
+    slot = g % SLOTS
+    tile = g // 4
+    d0 = (g % 4) * CHUNK
+    if TMA:
+        mbarrier.expect(bars.index(slot), BLOCK_N * CHUNK * 2)
+        for j in gl.static_range(CHUNK // 64):
+            tma.async_copy_global_to_shared(DESC, [row_base + tile * BLOCK_N, d0 + j * 64], bars.index(slot),
+                                            ring.index(slot).slice(j * 64, 64, dim=1))
+    else:
+        _load_chunk(ring.index(slot), MEM, rows + tile * BLOCK_N, stride_mn, d0, offs_d, stop)
+
+
+@gluon.jit
+def _landed(bars, g, pending: gl.constexpr, SLOTS: gl.constexpr, TMA: gl.constexpr):
+    """Wait until chunk g is in shared memory (cp.async: while ``pending`` later groups may still be in flight)."""
+    if TMA:
+        mbarrier.wait(bars.index(g % SLOTS), (g // SLOTS) & 1)
+    else:
+        async_copy.wait_group(pending)
 
 
 @gluon.jit
@@ -65,10 +89,11 @@ def _chunk_pv(ring, slot, p_smem, acc):
 
 
 @gluon.jit
-def gluon_hidden_cross_attention(Q, MEM, LENGTHS, OUT, ACC, MAX, SUM, stride_qb, stride_qh, stride_mb, stride_mn,
-                                 stride_ob, stride_oh, heads, keys_per_split, BLOCK_H: gl.constexpr,
+def gluon_hidden_cross_attention(Q, MEM, DESC, LENGTHS, OUT, ACC, MAX, SUM, stride_qb, stride_qh, stride_mb,
+                                 stride_mn, stride_ob, stride_oh, heads, keys_per_split, BLOCK_H: gl.constexpr,
                                  D: gl.constexpr, BLOCK_N: gl.constexpr, SPLIT: gl.constexpr,
-                                 LOAD_TPW_D: gl.constexpr, SLOTS: gl.constexpr, num_warps: gl.constexpr):
+                                 LOAD_TPW_D: gl.constexpr, SLOTS: gl.constexpr, TMA: gl.constexpr,
+                                 num_warps: gl.constexpr):
     CHUNK: gl.constexpr = D // 4
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                          instr_shape=[16, BLOCK_H, 16])
@@ -89,17 +114,23 @@ def gluon_hidden_cross_attention(Q, MEM, LENGTHS, OUT, ACC, MAX, SUM, stride_qb,
         q_smem.slice(c * CHUNK, CHUNK, dim=1).store(q)
     ring = gl.allocate_shared_memory(dtype, [SLOTS, BLOCK_N, CHUNK], tile_smem)
     p_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_H], p_smem_layout)
+    bars = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
+    if TMA:
+        for i in gl.static_range(SLOTS):
+            mbarrier.init(bars.index(i), count=1)
+        fence_async_shared()
 
     start = split * keys_per_split
     stop = gl.minimum(start + keys_per_split, gl.load(LENGTHS + row))
     n_tiles = gl.cdiv(gl.maximum(stop - start, 0), BLOCK_N)
+    row_base = (row * (stride_mb // stride_mn)).to(gl.int32) + start  # TMA: the row's first key in [B * L, D]
     MEM += row * stride_mb
     rows = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, load_layout))
     offs_d = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, load_layout))
     # Prologue: chunks 0 .. SLOTS - 1 (tile 0's four, then the next tile's first ones); chunk g (tile g // 4, d_model
     # chunk g % 4) always goes to slot g % SLOTS.
     for g in gl.static_range(SLOTS):
-        _load_chunk(ring.index(g), MEM, rows + (g // 4) * BLOCK_N, stride_mn, (g % 4) * CHUNK, offs_d, stop)
+        _issue(ring, bars, g, SLOTS, MEM, DESC, rows, row_base, stride_mn, offs_d, stop, BLOCK_N, CHUNK, TMA)
 
     m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=gl.SliceLayout(0, mma_layout))
     l_i = gl.zeros([BLOCK_H], gl.float32, layout=gl.SliceLayout(0, mma_layout))
@@ -115,7 +146,7 @@ def gluon_hidden_cross_attention(Q, MEM, LENGTHS, OUT, ACC, MAX, SUM, stride_qb,
         base = (4 * t) % SLOTS
         s = zero_s
         for c in gl.static_range(4):
-            async_copy.wait_group(SLOTS - 1 - c)
+            _landed(bars, 4 * t + c, SLOTS - 1 - c, SLOTS, TMA)
             _barrier()
             fence_async_shared()
             slot = (base + c) % SLOTS
@@ -141,17 +172,25 @@ def gluon_hidden_cross_attention(Q, MEM, LENGTHS, OUT, ACC, MAX, SUM, stride_qb,
         # chunk (c + SLOTS) % 4): masked loads past the split's keys keep the group count.
         acc0 = warpgroup_mma_wait(num_outstanding=3, deps=(acc0,))
         _barrier()
-        _refill(ring, base, 0, SLOTS, MEM, rows, t, stride_mn, offs_d, stop, BLOCK_N, CHUNK)
+        _issue(ring, bars, 4 * t + 0 + SLOTS, SLOTS, MEM, DESC, rows, row_base, stride_mn, offs_d, stop, BLOCK_N,
+               CHUNK, TMA)
         acc1 = warpgroup_mma_wait(num_outstanding=2, deps=(acc1,))
         _barrier()
-        _refill(ring, base, 1, SLOTS, MEM, rows, t, stride_mn, offs_d, stop, BLOCK_N, CHUNK)
+        _issue(ring, bars, 4 * t + 1 + SLOTS, SLOTS, MEM, DESC, rows, row_base, stride_mn, offs_d, stop, BLOCK_N,
+               CHUNK, TMA)
         acc2 = warpgroup_mma_wait(num_outstanding=1, deps=(acc2,))
         _barrier()
-        _refill(ring, base, 2, SLOTS, MEM, rows, t, stride_mn, offs_d, stop, BLOCK_N, CHUNK)
+        _issue(ring, bars, 4 * t + 2 + SLOTS, SLOTS, MEM, DESC, rows, row_base, stride_mn, offs_d, stop, BLOCK_N,
+               CHUNK, TMA)
         acc3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc3,))
         _barrier()
-        _refill(ring, base, 3, SLOTS, MEM, rows, t, stride_mn, offs_d, stop, BLOCK_N, CHUNK)
-    async_copy.wait_group(0)
+        _issue(ring, bars, 4 * t + 3 + SLOTS, SLOTS, MEM, DESC, rows, row_base, stride_mn, offs_d, stop, BLOCK_N,
+               CHUNK, TMA)
+    if TMA:  # every chunk issued was waited for but the last SLOTS: wait for those too before the barriers go
+        for i in gl.static_range(SLOTS):
+            _landed(bars, 4 * n_tiles + i, 0, SLOTS, TMA)
+    else:
+        async_copy.wait_group(0)
 
     offs_h = group * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(0, mma_layout))
     offs_do = gl.arange(0, CHUNK, layout=gl.SliceLayout(1, mma_layout))
@@ -189,28 +228,45 @@ def supported(d_model: int, heads_per_program: int) -> str | None:
     return None
 
 
+def _states_descriptor(memory):
+    """A TMA descriptor of dense [B, L, D] states seen as [B * L, D] in 64 x 64 boxes, or None (not dense)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    batch, src_len, d_model = memory.shape
+    if memory.stride() != (src_len * d_model, d_model, 1) or memory.data_ptr() % 16:
+        return None
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    return TensorDescriptor(memory, [batch * src_len, d_model], [d_model, 1], [BLOCK_N, TMA_BOX], layout)
+
+
 def launch(grid, q_mem, memory, lengths, out, acc, running_max, total, heads, keys_per_split, block_h, split):
     """The Triton kernel's launch (cross_attention.fused_hidden_attention), here."""
     d_model = memory.shape[-1]
+    desc = _states_descriptor(memory) if TMA_LOADS else None
     gluon_hidden_cross_attention[grid](
-        q_mem, memory, lengths, out, acc, running_max, total, q_mem.stride(0), q_mem.stride(1), memory.stride(0),
-        memory.stride(1), out.stride(0), out.stride(1), heads, keys_per_split, BLOCK_H=block_h, D=d_model,
-        BLOCK_N=BLOCK_N, SPLIT=split, LOAD_TPW_D=load_threads_along_d(d_model), SLOTS=SLOTS, num_warps=NUM_WARPS)
+        q_mem, memory, desc if desc is not None else memory, lengths, out, acc, running_max, total, q_mem.stride(0),
+        q_mem.stride(1), memory.stride(0), memory.stride(1), out.stride(0), out.stride(1), heads, keys_per_split,
+        BLOCK_H=block_h, D=d_model, BLOCK_N=BLOCK_N, SPLIT=split, LOAD_TPW_D=load_threads_along_d(d_model),
+        SLOTS=SLOTS, TMA=desc is not None, num_warps=NUM_WARPS)
 
 
 _SIGNATURE = dict(Q="*bf16", MEM="*bf16", LENGTHS="*i32", OUT="*bf16", ACC="*fp32", MAX="*fp32", SUM="*fp32")
 
 
-def compile_for_sm90(d_model: int = 1024, block_h: int = 16, split: bool = False, slots: int | None = None):
+def compile_for_sm90(d_model: int = 1024, block_h: int = 16, split: bool = False, slots: int | None = None,
+                     tma_loads: bool = False):
     """triton.compile for sm_90 on any machine (no GPU), specialised as a T5-3b launch would be (pointers and ints
     divisible by 16)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     constexprs = dict(BLOCK_H=block_h, D=d_model, BLOCK_N=BLOCK_N, SPLIT=split,
-                      LOAD_TPW_D=load_threads_along_d(d_model), SLOTS=slots or SLOTS, num_warps=NUM_WARPS)
+                      LOAD_TPW_D=load_threads_along_d(d_model), SLOTS=slots or SLOTS, TMA=tma_loads,
+                      num_warps=NUM_WARPS)
     names = gluon_hidden_cross_attention.arg_names
-    signature = {n: ("constexpr" if n in constexprs else _SIGNATURE.get(n, "i32")) for n in names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in constexprs}
+    types = dict(_SIGNATURE, DESC=(f"tensordesc<bf16[{BLOCK_N}, {TMA_BOX}],NVMMASharedLayout(swizzle_byte_width=128, "
+                                   "element_bitwidth=16, rank=2)>") if tma_loads else "*bf16")
+    signature = {n: ("constexpr" if n in constexprs else types.get(n, "i32")) for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in constexprs and n != "DESC"}
     source = GluonASTSource(fn=gluon_hidden_cross_attention, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=NUM_WARPS))
