@@ -84,6 +84,16 @@ def _landed(bars, g, pending: gl.constexpr, SLOTS: gl.constexpr, TMA: gl.constex
 
 
 @gluon.jit
+def _refill_after(acc, outstanding: gl.constexpr, g, ring, bars, SLOTS: gl.constexpr, MEM, DESC, rows, row_base,
+                  stride_mn, offs_d, stop, BLOCK_N: gl.constexpr, CHUNK: gl.constexpr, TMA: gl.constexpr):
+    """Once ``acc``'s P.V is done (``outstanding`` later ones may run on), its chunk's slot takes chunk g."""
+    acc = warpgroup_mma_wait(num_outstanding=outstanding, deps=(acc,))
+    _barrier()
+    _issue(ring, bars, g, SLOTS, MEM, DESC, rows, row_base, stride_mn, offs_d, stop, BLOCK_N, CHUNK, TMA)
+    return acc
+
+
+@gluon.jit
 def _chunk_pv(ring, slot, p_smem, acc):
     return warpgroup_mma(ring.index(slot).permute((1, 0)), p_smem, acc, is_async=True)
 
@@ -169,23 +179,15 @@ def gluon_hidden_cross_attention(Q, MEM, DESC, LENGTHS, OUT, ACC, MAX, SUM, stri
         acc2 = _chunk_pv(ring, (base + 2) % SLOTS, p_smem, acc2 * alpha[None, :])
         acc3 = _chunk_pv(ring, (base + 3) % SLOTS, p_smem, acc3 * alpha[None, :])
         # As chunk 4t + c's P.V completes, its slot takes chunk 4t + c + SLOTS (tile t + (c + SLOTS) // 4, d_model
-        # chunk (c + SLOTS) % 4): masked loads past the split's keys keep the group count.
-        acc0 = warpgroup_mma_wait(num_outstanding=3, deps=(acc0,))
-        _barrier()
-        _issue(ring, bars, 4 * t + 0 + SLOTS, SLOTS, MEM, DESC, rows, row_base, stride_mn, offs_d, stop, BLOCK_N,
-               CHUNK, TMA)
-        acc1 = warpgroup_mma_wait(num_outstanding=2, deps=(acc1,))
-        _barrier()
-        _issue(ring, bars, 4 * t + 1 + SLOTS, SLOTS, MEM, DESC, rows, row_base, stride_mn, offs_d, stop, BLOCK_N,
-               CHUNK, TMA)
-        acc2 = warpgroup_mma_wait(num_outstanding=1, deps=(acc2,))
-        _barrier()
-        _issue(ring, bars, 4 * t + 2 + SLOTS, SLOTS, MEM, DESC, rows, row_base, stride_mn, offs_d, stop, BLOCK_N,
-               CHUNK, TMA)
-        acc3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc3,))
-        _barrier()
-        _issue(ring, bars, 4 * t + 3 + SLOTS, SLOTS, MEM, DESC, rows, row_base, stride_mn, offs_d, stop, BLOCK_N,
-               CHUNK, TMA)
+        # chunk (c + SLOTS) % 4); chunks past the split's keys load too (cp.async: masked, keeping the group count).
+        acc0 = _refill_after(acc0, 3, 4 * t + 0 + SLOTS, ring, bars, SLOTS, MEM, DESC, rows, row_base, stride_mn,
+                              offs_d, stop, BLOCK_N, CHUNK, TMA)
+        acc1 = _refill_after(acc1, 2, 4 * t + 1 + SLOTS, ring, bars, SLOTS, MEM, DESC, rows, row_base, stride_mn,
+                              offs_d, stop, BLOCK_N, CHUNK, TMA)
+        acc2 = _refill_after(acc2, 1, 4 * t + 2 + SLOTS, ring, bars, SLOTS, MEM, DESC, rows, row_base, stride_mn,
+                              offs_d, stop, BLOCK_N, CHUNK, TMA)
+        acc3 = _refill_after(acc3, 0, 4 * t + 3 + SLOTS, ring, bars, SLOTS, MEM, DESC, rows, row_base, stride_mn,
+                              offs_d, stop, BLOCK_N, CHUNK, TMA)
     if TMA:  # every chunk issued was waited for but the last SLOTS: wait for those too before the barriers go
         for i in gl.static_range(SLOTS):
             _landed(bars, 4 * n_tiles + i, 0, SLOTS, TMA)
