@@ -44,9 +44,11 @@ NUM_WARPS = 4  # one warpgroup
 TMA_LOADS = False
 TMA_BOX = 64  # 128 bytes of bf16: the swizzle's width
 CHUNKS = 4  # the states tile's d_model in this many chunks (one cp.async group each)
-# Names that moved between Triton 3.6 (the GPU image's) and 3.9: cp.async into shared memory, the block barrier
+# Names that moved between Triton 3.6 (the GPU image's) and 3.9: cp.async into shared memory, the block barrier,
+# the TMA load
 _async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 _barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 
 @gluon.jit
@@ -68,8 +70,8 @@ def _issue(ring, bars, g, SLOTS: gl.constexpr, MEM, DESC, rows, row_base, stride
     if TMA:
         mbarrier.expect(bars.index(slot), BLOCK_N * CHUNK * 2)
         for j in gl.static_range(CHUNK // 64):
-            tma.async_copy_global_to_shared(DESC, [row_base + tile * BLOCK_N, d0 + j * 64], bars.index(slot),
-                                            ring.index(slot).slice(j * 64, 64, dim=1))
+            _tma_load(DESC, [row_base + tile * BLOCK_N, d0 + j * 64], bars.index(slot),
+                      ring.index(slot).slice(j * 64, 64, dim=1))
     else:
         _load_chunk(ring.index(slot), MEM, rows + tile * BLOCK_N, stride_mn, d0, offs_d, stop)
 
