@@ -14,14 +14,14 @@ keys and its columns the group's 16 heads:
     scores^T [64 keys, 16 heads]  = states [64, D] . q_mem^T [D, 16]          (A: the states tile as loaded)
     out^T    [D, 16 heads]       += states^T [D, 64] . P^T [64, 16]           (A: the same tile, transposed view)
 
-The states tile comes in D/4-wide chunks by cp.async into a ring of SLOTS (SLOTS - 4 chunks of the next tile in
-flight while this tile's are multiplied); a chunk's slot is refilled once its P.V has read it. out^T is held
-as four accumulators (one a chunk, 32 registers a thread each). Same maths as the Triton kernel (online softmax,
-P rounded to the states' dtype for its product), different order of the sums.
+The states tile comes in D/4-wide chunks (by cp.async, or by TMA with TMA_LOADS) into a ring of SLOTS (SLOTS - 4
+chunks of the next tile in flight while this tile's are multiplied); a chunk's slot is refilled once its P.V has read
+it. out^T is held as four accumulators (one a chunk, 32 registers a thread each). Same maths as the Triton kernel
+(online softmax, P rounded to the states' dtype for its product), different order of the sums.
 
 Gluon has no interpreter: nothing runs this kernel on a CPU. `compile_for_sm90` builds it for Hopper on any machine
-(the CPU tests check that it compiles without spills and within shared memory); the GPU tests compare it with the
-float64 reference.
+(the CPU tests check that it fits in shared memory and spills at most a few hundred bytes); the GPU tests compare it
+with the float64 reference.
 """
 
 from __future__ import annotations
