@@ -461,6 +461,9 @@ def test_gpu_gluon_decode_kernel_matches_float64(monkeypatch):
     launched = []
     launch = gluon_decode.launch
     monkeypatch.setattr(gluon_decode, "launch", lambda *a, **k: launched.append(a[0]) or launch(*a, **k))
+    described = []  # the TMA runs must have built their descriptor (else they would have taken cp.async)
+    describe = gluon_decode._states_descriptor
+    monkeypatch.setattr(gluon_decode, "_states_descriptor", lambda m: described.append(describe(m)) or described[-1])
     gen = torch.Generator().manual_seed(4)
     for d_model, heads in ((1024, 32), (1024, 20), (512, 32)):
         memory = torch.randn(6, 700, d_model, generator=gen)[::2]  # strided rows, as a slice of a larger buffer
@@ -477,7 +480,7 @@ def test_gpu_gluon_decode_kernel_matches_float64(monkeypatch):
                                                          lengths.cuda(), splits=splits).cpu()
             assert (got.double() - expected).abs().max().item() < 3e-2, (d_model, heads, slots, splits, tma)
             assert not got[2].any()  # no keys: zeros, not NaN
-    assert len(launched) == 24
+    assert len(launched) == 24 and len(described) == 12 and all(d is not None for d in described)
 
 
 def test_auto_attention_takes_the_fused_kernel_where_it_was_measured_faster_on_cuda_only(merged32, monkeypatch):

@@ -39,7 +39,7 @@ MIN_PROGRAMS = 264  # split rows' keys until about two programs an H100/H200 SM 
 HEADS_PER_PROGRAM = 16  # heads of one program (a power of two >= 16); fewer -> several programs a row and split
 NUM_STAGES = 2  # Triton's software pipelining depth over the key tiles
 # The kernel in Gluon with Hopper's warpgroup MMAs, keys first (sumtune.generation.gluon_decode): compiled for sm_90
-# on the CPU (255 registers, 228 bytes of spill, 226 KiB of shared memory with its ring of six chunks: one 4-warp
+# on the CPU (255 registers, 208 bytes of spill, 226 KiB of shared memory with its ring of six chunks: one 4-warp
 # program an SM), not yet run on a GPU, so off. Token `decodegluon` (with `gluon5`: a ring of five, 194 KiB; with
 # `gluontma`: the chunks by TMA, 232 registers and no spill).
 GLUON_KERNEL = False

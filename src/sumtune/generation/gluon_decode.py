@@ -38,12 +38,12 @@ BLOCK_N = 64  # keys a tile: a warpgroup MMA's rows
 SLOTS = 6
 NUM_WARPS = 4  # one warpgroup
 # The chunks by TMA (64 x 64 boxes of a 2-D descriptor over dense [B * L, D] states; one mbarrier a slot) instead of
-# cp.async: no address registers or per-thread copies (the cp.async build's 144 LDGSTS and their address arithmetic
+# cp.async: no address registers or per-thread copies (the cp.async build's 160 LDGSTS and their address arithmetic
 # are ~1/4 of its SASS). Rows past a row's keys read the next row's states (finite) or zeros past the end, and their
 # scores are masked. Dense states only (fused decoding's buffer is); others take cp.async. Token `gluontma`.
 TMA_LOADS = False
 TMA_BOX = 64  # 128 bytes of bf16: the swizzle's width
-CHUNKS = 4  # the states tile's d_model in this many chunks (one cp.async group each)
+CHUNKS = 4  # the states tile's d_model in four chunks: the kernel holds one accumulator a chunk, so not a knob
 # Names that moved between Triton 3.6 (the GPU image's) and 3.9: cp.async into shared memory, the block barrier,
 # the TMA load
 _async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
@@ -61,7 +61,7 @@ def _load_chunk(buffer, MEM, rows, stride_mn, d0, offs_d, stop):
 
 @gluon.jit
 def _issue(ring, bars, g, SLOTS: gl.constexpr, MEM, DESC, rows, row_base, stride_mn, offs_d, stop,
-           BLOCK_N: gl.constexpr, CHUNK: gl.constexpr, TMA: gl.constexpr):
+           BLOCK_N: gl.constexpr, CHUNK: gl.constexpr, TMA: gl.constexpr, BOX: gl.constexpr):
     """Chunk g (tile g // 4, d_model chunk g % 4) into slot g % SLOTS: by TMA (the slot's mbarrier counts its bytes)
     or by cp.async (one commit group)."""
     slot = g % SLOTS
@@ -69,9 +69,9 @@ def _issue(ring, bars, g, SLOTS: gl.constexpr, MEM, DESC, rows, row_base, stride
     d0 = (g % 4) * CHUNK
     if TMA:
         mbarrier.expect(bars.index(slot), BLOCK_N * CHUNK * 2)
-        for j in gl.static_range(CHUNK // 64):
-            _tma_load(DESC, [row_base + tile * BLOCK_N, d0 + j * 64], bars.index(slot),
-                      ring.index(slot).slice(j * 64, 64, dim=1))
+        for j in gl.static_range(CHUNK // BOX):
+            _tma_load(DESC, [row_base + tile * BLOCK_N, d0 + j * BOX], bars.index(slot),
+                      ring.index(slot).slice(j * BOX, BOX, dim=1))
     else:
         _load_chunk(ring.index(slot), MEM, rows + tile * BLOCK_N, stride_mn, d0, offs_d, stop)
 
@@ -87,11 +87,12 @@ def _landed(bars, g, pending: gl.constexpr, SLOTS: gl.constexpr, TMA: gl.constex
 
 @gluon.jit
 def _refill_after(acc, outstanding: gl.constexpr, g, ring, bars, SLOTS: gl.constexpr, MEM, DESC, rows, row_base,
-                  stride_mn, offs_d, stop, BLOCK_N: gl.constexpr, CHUNK: gl.constexpr, TMA: gl.constexpr):
+                  stride_mn, offs_d, stop, BLOCK_N: gl.constexpr, CHUNK: gl.constexpr, TMA: gl.constexpr,
+                  BOX: gl.constexpr):
     """Once ``acc``'s P.V is done (``outstanding`` later ones may run on), its chunk's slot takes chunk g."""
     acc = warpgroup_mma_wait(num_outstanding=outstanding, deps=(acc,))
     _barrier()
-    _issue(ring, bars, g, SLOTS, MEM, DESC, rows, row_base, stride_mn, offs_d, stop, BLOCK_N, CHUNK, TMA)
+    _issue(ring, bars, g, SLOTS, MEM, DESC, rows, row_base, stride_mn, offs_d, stop, BLOCK_N, CHUNK, TMA, BOX)
     return acc
 
 
@@ -105,7 +106,7 @@ def gluon_hidden_cross_attention(Q, MEM, DESC, LENGTHS, OUT, ACC, MAX, SUM, stri
                                  stride_mn, stride_ob, stride_oh, heads, keys_per_split, BLOCK_H: gl.constexpr,
                                  D: gl.constexpr, BLOCK_N: gl.constexpr, SPLIT: gl.constexpr,
                                  LOAD_TPW_D: gl.constexpr, SLOTS: gl.constexpr, TMA: gl.constexpr,
-                                 num_warps: gl.constexpr):
+                                 BOX: gl.constexpr, num_warps: gl.constexpr):
     CHUNK: gl.constexpr = D // 4
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                          instr_shape=[16, BLOCK_H, 16])
@@ -142,7 +143,7 @@ def gluon_hidden_cross_attention(Q, MEM, DESC, LENGTHS, OUT, ACC, MAX, SUM, stri
     # Prologue: chunks 0 .. SLOTS - 1 (tile 0's four, then the next tile's first ones); chunk g (tile g // 4, d_model
     # chunk g % 4) always goes to slot g % SLOTS.
     for g in gl.static_range(SLOTS):
-        _issue(ring, bars, g, SLOTS, MEM, DESC, rows, row_base, stride_mn, offs_d, stop, BLOCK_N, CHUNK, TMA)
+        _issue(ring, bars, g, SLOTS, MEM, DESC, rows, row_base, stride_mn, offs_d, stop, BLOCK_N, CHUNK, TMA, BOX)
 
     m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=gl.SliceLayout(0, mma_layout))
     l_i = gl.zeros([BLOCK_H], gl.float32, layout=gl.SliceLayout(0, mma_layout))
@@ -183,13 +184,13 @@ def gluon_hidden_cross_attention(Q, MEM, DESC, LENGTHS, OUT, ACC, MAX, SUM, stri
         # As chunk 4t + c's P.V completes, its slot takes chunk 4t + c + SLOTS (tile t + (c + SLOTS) // 4, d_model
         # chunk (c + SLOTS) % 4); chunks past the split's keys load too (cp.async: masked, keeping the group count).
         acc0 = _refill_after(acc0, 3, 4 * t + 0 + SLOTS, ring, bars, SLOTS, MEM, DESC, rows, row_base, stride_mn,
-                              offs_d, stop, BLOCK_N, CHUNK, TMA)
+                              offs_d, stop, BLOCK_N, CHUNK, TMA, BOX)
         acc1 = _refill_after(acc1, 2, 4 * t + 1 + SLOTS, ring, bars, SLOTS, MEM, DESC, rows, row_base, stride_mn,
-                              offs_d, stop, BLOCK_N, CHUNK, TMA)
+                              offs_d, stop, BLOCK_N, CHUNK, TMA, BOX)
         acc2 = _refill_after(acc2, 1, 4 * t + 2 + SLOTS, ring, bars, SLOTS, MEM, DESC, rows, row_base, stride_mn,
-                              offs_d, stop, BLOCK_N, CHUNK, TMA)
+                              offs_d, stop, BLOCK_N, CHUNK, TMA, BOX)
         acc3 = _refill_after(acc3, 0, 4 * t + 3 + SLOTS, ring, bars, SLOTS, MEM, DESC, rows, row_base, stride_mn,
-                              offs_d, stop, BLOCK_N, CHUNK, TMA)
+                              offs_d, stop, BLOCK_N, CHUNK, TMA, BOX)
     if TMA:  # every chunk issued was waited for but the last SLOTS: wait for those too before the barriers go
         for i in gl.static_range(SLOTS):
             _landed(bars, 4 * n_tiles + i, 0, SLOTS, TMA)
@@ -251,7 +252,7 @@ def launch(grid, q_mem, memory, lengths, out, acc, running_max, total, heads, ke
         q_mem, memory, desc if desc is not None else memory, lengths, out, acc, running_max, total, q_mem.stride(0),
         q_mem.stride(1), memory.stride(0), memory.stride(1), out.stride(0), out.stride(1), heads, keys_per_split,
         BLOCK_H=block_h, D=d_model, BLOCK_N=BLOCK_N, SPLIT=split, LOAD_TPW_D=load_threads_along_d(d_model),
-        SLOTS=SLOTS, TMA=desc is not None, num_warps=NUM_WARPS)
+        SLOTS=SLOTS, TMA=desc is not None, BOX=TMA_BOX, num_warps=NUM_WARPS)
 
 
 _SIGNATURE = dict(Q="*bf16", MEM="*bf16", LENGTHS="*i32", OUT="*bf16", ACC="*fp32", MAX="*fp32", SUM="*fp32")
@@ -265,7 +266,7 @@ def compile_for_sm90(d_model: int = 1024, block_h: int = 16, split: bool = False
     from triton.experimental.gluon._runtime import GluonASTSource
 
     constexprs = dict(BLOCK_H=block_h, D=d_model, BLOCK_N=BLOCK_N, SPLIT=split,
-                      LOAD_TPW_D=load_threads_along_d(d_model), SLOTS=slots or SLOTS, TMA=tma_loads,
+                      LOAD_TPW_D=load_threads_along_d(d_model), SLOTS=slots or SLOTS, TMA=tma_loads, BOX=TMA_BOX,
                       num_warps=NUM_WARPS)
     names = gluon_hidden_cross_attention.arg_names
     types = dict(_SIGNATURE, DESC=(f"tensordesc<bf16[{BLOCK_N}, {TMA_BOX}],NVMMASharedLayout(swizzle_byte_width=128, "
