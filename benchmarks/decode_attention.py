@@ -135,8 +135,8 @@ def main(argv=None) -> int:
                              "bench_common.PATCH_TOKENS joined by ':' (e.g. nolinearrelu)")
     parser.add_argument("--launch-only", action="store_true",
                         help="only launch the fused kernel 4 times (first batch, first of --tiles or the shipped "
-                             "tiles) and time nothing: for a profiler, e.g. ncu --kernel-name hidden_cross_attention "
-                             "--launch-skip 2 --launch-count 1 --set full")
+                             "tiles, under the first of --patches if any) and time nothing: for a profiler, e.g. ncu "
+                             "--kernel-name hidden_cross_attention --launch-skip 2 --launch-count 1 --set full")
     parser.add_argument("--cpu-check", action="store_true")
     args = parser.parse_args(argv)
     configs = bc.parse_fused_tiles(args.tiles)
@@ -150,7 +150,8 @@ def main(argv=None) -> int:
     if args.launch_only:
         inputs = make_inputs(int(args.batches.split(",")[0]), args.keys, device)
         for _ in range(4):
-            _with_fused_config(configs[0] if configs else FUSED_CONFIGS[0], hidden_fused, *inputs)
+            _with_fused_config(configs[0] if configs else FUSED_CONFIGS[0], hidden_fused, *inputs,
+                               patch=patches[0] if patches else "")
         torch.cuda.synchronize()
         return 0
     rows = []
