@@ -261,6 +261,7 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "decodegluon": ("sumtune.generation.cross_attention", "GLUON_KERNEL", True),
     "gluon5": ("sumtune.generation.gluon_decode", "SLOTS", 5),  # with it: a ring of 5 chunks, not 6
     "gluontma": ("sumtune.generation.gluon_decode", "TMA_LOADS", True),  # with it: the chunks by TMA
+    "gluon32": ("sumtune.generation.gluon_decode", "HEADS_PER_PROGRAM", 32),  # with it: 32 heads a program, 8 warps
     # (`decodews`: the decoding kernel's key loop warp-specialised by Triton, measured 2.3x slower on 2026-12-04 and
     # gone: cross_attention's note.)
     # (`farsplit`/`nofarsplit`, `farsplitall`, `farright`: a no-gradient attention forward's far keys from cuDNN's

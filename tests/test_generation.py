@@ -395,21 +395,26 @@ GLUON_DECODE_FOR_HOPPER = """
 import json
 from sumtune.fast_t5.flash_compile import resources
 from sumtune.generation import gluon_decode
-for split in (False, True):
-    for tma in (False, True):
-        compiled = gluon_decode.compile_for_sm90(d_model=1024, block_h=16, split=split, tma_loads=tma)
-        ptx = compiled.asm["ptx"]
-        print(json.dumps(dict(split=split, tma=tma, wgmma=ptx.count("wgmma.mma_async"), ldmatrix=ptx.count("ldmatrix"),
-                              bulk=ptx.count("cp.async.bulk.tensor"), **resources(compiled))))
+for block_h, split, tma in ((16, False, False), (16, False, True), (16, True, False), (16, True, True), (32, False, True),
+                            (32, True, False)):
+    compiled = gluon_decode.compile_for_sm90(d_model=1024, block_h=block_h, split=split, tma_loads=tma)
+    ptx = compiled.asm["ptx"]
+    print(json.dumps(dict(block_h=block_h, split=split, tma=tma, wgmma=ptx.count("wgmma.mma_async"),
+                          ldmatrix=ptx.count("ldmatrix"), bulk=ptx.count("cp.async.bulk.tensor"),
+                          expected_shared=gluon_decode.shared_bytes(1024, block_h,
+                                                                    gluon_decode.slots_for(1024, block_h)),
+                          **resources(compiled))))
 """
 
 
 def test_the_gluon_decode_kernel_builds_for_hopper_with_warpgroup_mmas():
     """cross_attention.GLUON_KERNEL's kernel (sumtune.generation.gluon_decode), compiled for sm_90 on the CPU at
     T5-3b's shapes: both products as warpgroup MMAs from shared memory (128 in the loop: 64 for the scores, 64 for
-    the weighted sum; no ldmatrix), within Hopper's shared memory, at most a few hundred bytes of spill (Triton 3.6:
-    208 with cp.async, none with TMA), with and without key splits, the chunks by cp.async or by TMA (four 64-wide
-    boxes a chunk at ten issue sites). Gluon has no interpreter: the GPU test checks its values."""
+    the weighted sum; no ldmatrix), within Hopper's shared memory and as much of it as `shared_bytes` counts (at most
+    1 KiB more: alignment), at most a few hundred bytes of spill (Triton 3.6: 208 with cp.async, none with TMA; 32
+    heads in 8 warps ~120-150), with and without key splits, the chunks by cp.async or by TMA (four 64-wide boxes a
+    chunk at ten issue sites with a ring of six, eight with the ring of four that 32 heads leave room for). Gluon has
+    no interpreter: the GPU test checks its values."""
     import json
     import subprocess
     import sys
@@ -421,11 +426,13 @@ def test_the_gluon_decode_kernel_builds_for_hopper_with_warpgroup_mmas():
     result = subprocess.run([sys.executable, "-c", GLUON_DECODE_FOR_HOPPER], env=env, capture_output=True, text=True,
                             timeout=600)
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 4, result.stderr[-2000:]
+    assert len(rows) == 6, result.stderr[-2000:]
     for row in rows:
         assert row["wgmma"] == 128 and row["ldmatrix"] == 0, row
         assert row["shared_bytes"] <= HOPPER_SHARED_BYTES and row["spill_bytes"] <= 256, row
-        assert row["bulk"] == (40 if row["tma"] else 0) and (row["async_copies"] > 0) != row["tma"], row
+        assert 0 <= row["shared_bytes"] - row["expected_shared"] <= 1024, row
+        issue_sites = 10 if row["block_h"] == 16 else 8  # the prologue's SLOTS and the loop's four refills
+        assert row["bulk"] == (4 * issue_sites if row["tma"] else 0) and (row["async_copies"] > 0) != row["tma"], row
 
 
 def test_the_gluon_decode_kernel_runs_only_where_asked_and_able(monkeypatch):
@@ -433,12 +440,17 @@ def test_the_gluon_decode_kernel_runs_only_where_asked_and_able(monkeypatch):
     from sumtune.generation import cross_attention, gluon_decode
 
     memory = torch.zeros(1, 4, 1024, dtype=torch.bfloat16)
-    assert cross_attention._gluon_kernel(memory, 16) is None  # off
+    assert cross_attention._gluon_kernel(memory, 32) is None  # off
     monkeypatch.setattr(cross_attention, "GLUON_KERNEL", True)
-    assert cross_attention._gluon_kernel(memory, 16) is None  # on, but not on a GPU
-    assert gluon_decode.supported(1024, 16) is None and gluon_decode.supported(512, 32) is None
-    assert "d_model 48" in gluon_decode.supported(48, 16) and "32 heads" in gluon_decode.supported(1024, 32)
+    assert cross_attention._gluon_kernel(memory, 32) is None  # on, but not on a GPU
+    assert gluon_decode.supported(1024, 16) is None and gluon_decode.supported(1024, 32) is None
+    assert "d_model 48" in gluon_decode.supported(48, 16) and "64 heads" in gluon_decode.supported(1024, 64)
     assert gluon_decode.load_threads_along_d(1024) == 32 and gluon_decode.load_threads_along_d(512) == 16
+    # a warpgroup for every 16 heads; the ring as large as fits (six chunks with 16 heads, one tile with 32)
+    assert (gluon_decode.warps_for(16), gluon_decode.warps_for(32)) == (4, 8)
+    slots = gluon_decode.slots_for
+    assert (slots(1024, 16), slots(1024, 32), slots(512, 32)) == (6, 4, 6)
+    assert gluon_decode.shared_bytes(1024, 16, 6) == 2 * (16 * 1024 + 6 * 64 * 256 + 64 * 16) + 48
     dense = torch.zeros(2, 128, 1024, dtype=torch.bfloat16)
     descriptor = gluon_decode._states_descriptor(dense)  # TMA: dense states as [B * L, D] in 64 x 64 boxes
     assert descriptor.shape == [256, 1024] and descriptor.block_shape == [64, 64]
@@ -470,17 +482,21 @@ def test_gpu_gluon_decode_kernel_matches_float64(monkeypatch):
         q_mem = torch.randn(3, heads, d_model, generator=gen) / d_model ** 0.5 * 4
         lengths = torch.tensor([700, 131, 0], dtype=torch.int32)
         expected = cross_attention.reference_hidden_attention(q_mem.bfloat16(), memory.bfloat16(), lengths)
-        # the ring as shipped and with one slot fewer, by cp.async (strided states) and by TMA (dense ones)
-        for slots, splits, tma in itertools.product((6, 5), (1, 3), (False, True)):
+        # 16 heads a program with the ring as shipped and one slot fewer, 32 heads (8 warps, a ring of four at d_model
+        # 1024), by cp.async (strided states) and by TMA (dense ones)
+        for (per_program, slots), splits, tma in itertools.product(((16, 6), (16, 5), (32, 6)), (1, 3), (False, True)):
+            monkeypatch.setattr(gluon_decode, "HEADS_PER_PROGRAM", per_program)
             monkeypatch.setattr(gluon_decode, "SLOTS", slots)
             monkeypatch.setattr(gluon_decode, "TMA_LOADS", tma)
             states = memory.cuda().bfloat16()
             got = cross_attention.fused_hidden_attention(q_mem.cuda().bfloat16(),
                                                          states.contiguous() if tma else states,
                                                          lengths.cuda(), splits=splits).cpu()
-            assert (got.double() - expected).abs().max().item() < 3e-2, (d_model, heads, slots, splits, tma)
+            error = (got.double() - expected).abs().max().item()
+            assert error < 3e-2, (d_model, heads, per_program, slots, splits, tma)
             assert not got[2].any()  # no keys: zeros, not NaN
-    assert len(launched) == 24 and len(described) == 12 and all(d is not None for d in described)
+    assert len(launched) == 36 and len(described) == 18 and all(d is not None for d in described)
+    assert {grid[0] for grid in launched} == {1, 2}  # programs a row: two of 16 heads, or one of 32 (or of 20)
 
 
 def test_auto_attention_takes_the_fused_kernel_where_it_was_measured_faster_on_cuda_only(merged32, monkeypatch):

@@ -96,15 +96,17 @@ def head_blocks(heads: int, per_program: int) -> tuple[int, int]:
     return block_h, -(-heads // block_h)
 
 
-def _gluon_kernel(memory: Tensor, block_h: int):
-    """sumtune.generation.gluon_decode where GLUON_KERNEL asks for it and it can run here, else None."""
+def _gluon_kernel(memory: Tensor, heads: int):
+    """(sumtune.generation.gluon_decode, its heads a program) where GLUON_KERNEL asks for it and it can run here,
+    else None."""
     if not GLUON_KERNEL or _kernels().INTERPRET or memory.device.type != "cuda" or memory.dtype != torch.bfloat16:
         return None
     if torch.cuda.get_device_capability(memory.device)[0] != 9:  # warpgroup MMAs: Hopper only
         return None
     from sumtune.generation import gluon_decode
 
-    return gluon_decode if gluon_decode.supported(memory.shape[-1], block_h) is None else None
+    block_h = head_blocks(heads, gluon_decode.HEADS_PER_PROGRAM)[0]
+    return (gluon_decode, block_h) if gluon_decode.supported(memory.shape[-1], block_h) is None else None
 
 
 def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, splits: int | None = None) -> Tensor:
@@ -115,8 +117,11 @@ def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, split
     block_n, warps = tiles_for(batch, src_len)
     block_n = INTERPRETER_BLOCK_N if kernels.INTERPRET else block_n
     block_h, groups = head_blocks(heads, HEADS_PER_PROGRAM)
-    gluon_kernel = _gluon_kernel(memory, block_h)
-    block_n = gluon_kernel.BLOCK_N if gluon_kernel else block_n
+    gluon = _gluon_kernel(memory, heads)
+    gluon_kernel = gluon[0] if gluon else None
+    if gluon:
+        block_h, groups = head_blocks(heads, gluon[1])
+        block_n = gluon_kernel.BLOCK_N
     splits = splits or choose_splits(batch, src_len, block_n, groups)
     keys_per_split = -(-src_len // splits)
     keys_per_split = -(-keys_per_split // block_n) * block_n

@@ -33,10 +33,17 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     async_copy, fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
 
 BLOCK_N = 64  # keys a tile: a warpgroup MMA's rows
-# Chunks in the shared-memory ring: a tile's four and SLOTS - 4 of the next one's in flight. 6 is the most that fits
-# beside the queries at T5-3b's shapes (226 KiB of Hopper's 227); 5 leaves 194 KiB (token `gluon5`). Not yet timed.
+# Chunks in the shared-memory ring: a tile's four and SLOTS - 4 of the next one's in flight, or as many as fit beside
+# the queries (slots_for). 6 is the most at T5-3b's shapes with 16 heads a program (226 KiB of Hopper's 227); 5 leaves
+# 194 KiB (token `gluon5`; 1.78 against 1.78 ms at 256 rows by cp.async, results/decode_attention-2026-12-04-h200-
+# gluon.json).
 SLOTS = 6
-NUM_WARPS = 4  # one warpgroup
+# Heads a program. 16: two programs read each row's states, the second mostly from L2, and Nsight Compute put L2 at
+# 93-95% of its peak with DRAM at 67% (TMA, 256 and 1024 rows x 4096 keys: logs/ncu_gluontma_*_s33-...). 32: each
+# row's states go from L2 to one SM once, in a program of two warpgroups (8 warps), each the MMAs of 16 heads over the
+# same shared tiles; 64 KiB of queries leave room for a ring of 4 (one tile). Token `gluon32`.
+HEADS_PER_PROGRAM = 16
+HEADS_PER_WARPGROUP = 16
 # The chunks by TMA (64 x 64 boxes of a 2-D descriptor over dense [B * L, D] states; one mbarrier a slot) instead of
 # cp.async: no address registers or per-thread copies (the cp.async build's 160 LDGSTS and their address arithmetic
 # are ~1/4 of its SASS). Rows past a row's keys read the next row's states (finite) or zeros past the end, and their
@@ -108,11 +115,13 @@ def gluon_hidden_cross_attention(Q, MEM, DESC, LENGTHS, OUT, ACC, MAX, SUM, stri
                                  LOAD_TPW_D: gl.constexpr, SLOTS: gl.constexpr, TMA: gl.constexpr,
                                  BOX: gl.constexpr, num_warps: gl.constexpr):
     CHUNK: gl.constexpr = D // 4
-    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                         instr_shape=[16, BLOCK_H, 16])
+    GROUPS: gl.constexpr = num_warps // 4  # warpgroups: each the products of BLOCK_H // GROUPS heads
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, GROUPS],
+                                                         instr_shape=[16, BLOCK_H // GROUPS, 16])
     load_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // LOAD_TPW_D, LOAD_TPW_D], [num_warps, 1], [1, 0])
     tile_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    p_smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=16, rank=2)
+    p_smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=min(128, 2 * BLOCK_H), element_bitwidth=16,
+                                                       rank=2)
     dtype: gl.constexpr = MEM.dtype.element_ty
 
     group = gl.program_id(0)
@@ -223,13 +232,31 @@ def load_threads_along_d(d_model: int) -> int:
     return min(32, d_model // CHUNKS // 8)
 
 
+def warps_for(heads_per_program: int) -> int:
+    """A warpgroup (4 warps) for each HEADS_PER_WARPGROUP heads of a program."""
+    return 4 * max(1, heads_per_program // HEADS_PER_WARPGROUP)
+
+
+def shared_bytes(d_model: int, heads_per_program: int, slots: int) -> int:
+    """The kernel's shared memory: queries, the ring of d_model / 4-wide chunks, P, one mbarrier a slot."""
+    return 2 * (heads_per_program * d_model + slots * BLOCK_N * (d_model // CHUNKS) + BLOCK_N * heads_per_program) \
+        + 8 * slots
+
+
+def slots_for(d_model: int, heads_per_program: int) -> int:
+    """SLOTS, or as many as fit in Hopper's shared memory beside the queries (a tile's four at least)."""
+    from sumtune.fast_t5.flash_compile import HOPPER_SHARED_BYTES
+
+    fits = [n for n in range(CHUNKS, SLOTS + 1) if shared_bytes(d_model, heads_per_program, n) <= HOPPER_SHARED_BYTES]
+    return max(fits, default=CHUNKS)
+
+
 def supported(d_model: int, heads_per_program: int) -> str | None:
     """Why this kernel cannot take these shapes, or None."""
     if d_model % (CHUNKS * 64) or d_model // CHUNKS > 256:
         return f"d_model {d_model} is not 4 chunks of 64 to 256"
-    if heads_per_program != 16 and not (heads_per_program == 32 and d_model <= 512):
-        # 32 heads at d_model 1024: 229 KiB of shared memory (over Hopper's 227) and 1.7 KB of spill
-        return f"{heads_per_program} heads a program at d_model {d_model} (16, or 32 up to d_model 512)"
+    if heads_per_program not in (16, 32):  # either leaves room for a tile's four chunks up to d_model 1024
+        return f"{heads_per_program} heads a program (16 or 32)"
     return None
 
 
@@ -252,7 +279,7 @@ def launch(grid, q_mem, memory, lengths, out, acc, running_max, total, heads, ke
         q_mem, memory, desc if desc is not None else memory, lengths, out, acc, running_max, total, q_mem.stride(0),
         q_mem.stride(1), memory.stride(0), memory.stride(1), out.stride(0), out.stride(1), heads, keys_per_split,
         BLOCK_H=block_h, D=d_model, BLOCK_N=BLOCK_N, SPLIT=split, LOAD_TPW_D=load_threads_along_d(d_model),
-        SLOTS=SLOTS, TMA=desc is not None, BOX=TMA_BOX, num_warps=NUM_WARPS)
+        SLOTS=slots_for(d_model, block_h), TMA=desc is not None, BOX=TMA_BOX, num_warps=warps_for(block_h))
 
 
 _SIGNATURE = dict(Q="*bf16", MEM="*bf16", LENGTHS="*i32", OUT="*bf16", ACC="*fp32", MAX="*fp32", SUM="*fp32")
@@ -265,13 +292,14 @@ def compile_for_sm90(d_model: int = 1024, block_h: int = 16, split: bool = False
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
+    warps = warps_for(block_h)
     constexprs = dict(BLOCK_H=block_h, D=d_model, BLOCK_N=BLOCK_N, SPLIT=split,
-                      LOAD_TPW_D=load_threads_along_d(d_model), SLOTS=slots or SLOTS, TMA=tma_loads, BOX=TMA_BOX,
-                      num_warps=NUM_WARPS)
+                      LOAD_TPW_D=load_threads_along_d(d_model), SLOTS=slots or slots_for(d_model, block_h),
+                      TMA=tma_loads, BOX=TMA_BOX, num_warps=warps)
     names = gluon_hidden_cross_attention.arg_names
     types = dict(_SIGNATURE, DESC=(f"tensordesc<bf16[{BLOCK_N}, {TMA_BOX}],NVMMASharedLayout(swizzle_byte_width=128, "
                                    "element_bitwidth=16, rank=2)>") if tma_loads else "*bf16")
     signature = {n: ("constexpr" if n in constexprs else types.get(n, "i32")) for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in constexprs and n != "DESC"}
     source = GluonASTSource(fn=gluon_hidden_cross_attention, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=NUM_WARPS))
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
