@@ -257,11 +257,12 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "nolinearrelu": ("sumtune.fast_t5.modules", "FUSED_LINEAR_RELU", False),
     # (`fwdoneloop`: the attention forward's bias in one loop over the key tiles, measured 1.3-1.6x slower on
     # 2026-12-04 and gone: flash_kernels' docstring; commit 34a8ef0 has it.)
-    # the decoding cross-attention in Gluon with warpgroup MMAs, keys first (cross_attention.GLUON_KERNEL)
-    "decodegluon": ("sumtune.generation.cross_attention", "GLUON_KERNEL", True),
-    "gluon5": ("sumtune.generation.gluon_decode", "SLOTS", 5),  # with it: a ring of 5 chunks, not 6
-    "gluontma": ("sumtune.generation.gluon_decode", "TMA_LOADS", True),  # with it: the chunks by TMA
-    "gluon32": ("sumtune.generation.gluon_decode", "HEADS_PER_PROGRAM", 32),  # with it: 32 heads a program, 8 warps
+    # the decoding cross-attention in the Triton kernel, not in Gluon with warpgroup MMAs (cross_attention.GLUON_KERNEL,
+    # on since 2026-12-04; before that, its token `decodegluon` turned it on, and `gluontma` took TMA)
+    "nodecodegluon": ("sumtune.generation.cross_attention", "GLUON_KERNEL", False),
+    "gluon5": ("sumtune.generation.gluon_decode", "SLOTS", 5),  # the Gluon kernel with a ring of 5 chunks, not 6
+    "gluoncp": ("sumtune.generation.gluon_decode", "TMA_LOADS", False),  # its chunks by cp.async (any states)
+    "gluon32": ("sumtune.generation.gluon_decode", "HEADS_PER_PROGRAM", 32),  # 32 heads a program, 8 warps
     # (`decodews`: the decoding kernel's key loop warp-specialised by Triton, measured 2.3x slower on 2026-12-04 and
     # gone: cross_attention's note.)
     # (`farsplit`/`nofarsplit`, `farsplitall`, `farright`: a no-gradient attention forward's far keys from cuDNN's

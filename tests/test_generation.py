@@ -436,13 +436,16 @@ def test_the_gluon_decode_kernel_builds_for_hopper_with_warpgroup_mmas():
 
 
 def test_the_gluon_decode_kernel_runs_only_where_asked_and_able(monkeypatch):
-    """GLUON_KERNEL off (shipped): never; on: only compiled, on a CUDA Hopper, in bf16, at shapes it covers."""
+    """GLUON_KERNEL on (shipped since it was measured faster): only on a CUDA Hopper, in bf16, at shapes it covers,
+    for sources over 1024 tokens in dense states (the launches it was measured on); never when off."""
     from sumtune.generation import cross_attention, gluon_decode
 
+    assert cross_attention.GLUON_KERNEL and gluon_decode.TMA_LOADS and cross_attention.GLUON_FROM_KEYS == 1025
     memory = torch.zeros(1, 4, 1024, dtype=torch.bfloat16)
-    assert cross_attention._gluon_kernel(memory, 32) is None  # off
-    monkeypatch.setattr(cross_attention, "GLUON_KERNEL", True)
     assert cross_attention._gluon_kernel(memory, 32) is None  # on, but not on a GPU
+    monkeypatch.setattr(cross_attention, "GLUON_KERNEL", False)
+    assert cross_attention._gluon_kernel(memory, 32) is None  # off
+    assert gluon_decode.dense(torch.zeros(2, 8, 64)) and not gluon_decode.dense(torch.zeros(2, 8, 64)[:, :4])
     assert gluon_decode.supported(1024, 16) is None and gluon_decode.supported(1024, 32) is None
     assert "d_model 48" in gluon_decode.supported(48, 16) and "64 heads" in gluon_decode.supported(1024, 64)
     assert gluon_decode.load_threads_along_d(1024) == 32 and gluon_decode.load_threads_along_d(512) == 16
@@ -463,13 +466,14 @@ def test_the_gluon_decode_kernel_runs_only_where_asked_and_able(monkeypatch):
 def test_gpu_gluon_decode_kernel_matches_float64(monkeypatch):
     """GLUON_KERNEL on a Hopper GPU, bf16: the same maths as the float64 masked softmax (as the Triton kernel's test
     demands), with key splits, rows of lengths that are not whole tiles (one empty), strided states (cp.async) and
-    dense ones (TMA), 32 heads in two programs and 20 in a full and a partly empty one, at d_model 1024 and 512; and
-    it is the Gluon kernel that ran."""
+    dense ones (TMA), 16 and 32 heads a program, 32 heads and 20 (a partly empty program), at d_model 1024 and 512;
+    it is the Gluon kernel that ran, and the Triton kernel where the shipped routing says so."""
     import itertools
 
     from sumtune.generation import cross_attention, gluon_decode
 
     monkeypatch.setattr(cross_attention, "GLUON_KERNEL", True)
+    monkeypatch.setattr(cross_attention, "GLUON_FROM_KEYS", 1)  # these 700 keys too
     launched = []
     launch = gluon_decode.launch
     monkeypatch.setattr(gluon_decode, "launch", lambda *a, **k: launched.append(a[0]) or launch(*a, **k))
@@ -497,6 +501,13 @@ def test_gpu_gluon_decode_kernel_matches_float64(monkeypatch):
             assert not got[2].any()  # no keys: zeros, not NaN
     assert len(launched) == 36 and len(described) == 18 and all(d is not None for d in described)
     assert {grid[0] for grid in launched} == {1, 2}  # programs a row: two of 16 heads, or one of 32 (or of 20)
+    # as shipped (TMA): strided states, and dense ones shorter than GLUON_FROM_KEYS, go to the Triton kernel
+    monkeypatch.setattr(gluon_decode, "TMA_LOADS", True)
+    monkeypatch.setattr(cross_attention, "GLUON_FROM_KEYS", 701)
+    for states in (memory.cuda().bfloat16(), memory.cuda().bfloat16().contiguous()):
+        got = cross_attention.fused_hidden_attention(q_mem.cuda().bfloat16(), states, lengths.cuda()).cpu()
+        assert (got.double() - expected).abs().max().item() < 3e-2
+    assert len(launched) == 36
 
 
 def test_auto_attention_takes_the_fused_kernel_where_it_was_measured_faster_on_cuda_only(merged32, monkeypatch):

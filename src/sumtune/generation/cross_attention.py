@@ -38,11 +38,14 @@ INTERPRETER_BLOCK_N = 64  # Triton's CPU interpreter: fewer, wider iterations (t
 MIN_PROGRAMS = 264  # split rows' keys until about two programs an H100/H200 SM (132 SMs)
 HEADS_PER_PROGRAM = 16  # heads of one program (a power of two >= 16); fewer -> several programs a row and split
 NUM_STAGES = 2  # Triton's software pipelining depth over the key tiles
-# The kernel in Gluon with Hopper's warpgroup MMAs, keys first (sumtune.generation.gluon_decode): compiled for sm_90
-# on the CPU (255 registers, 208 bytes of spill, 226 KiB of shared memory with its ring of six chunks: one 4-warp
-# program an SM), not yet run on a GPU, so off. Token `decodegluon` (with `gluon5`: a ring of five, 194 KiB; with
-# `gluontma`: the chunks by TMA, 232 registers and no spill).
-GLUON_KERNEL = False
+# The kernel in Gluon with Hopper's warpgroup MMAs, keys first, its chunks by TMA (sumtune.generation.gluon_decode):
+# on an H200 on 2026-12-04, 0.92-1.11 against 1.14-1.29 ms at 256 rows x 4096 keys and 3.28-3.38 against 4.19-4.23
+# at 1024 rows; whole generation with every input 4096 tokens 11.6 against 10.4 summaries/s in two runs, tokens equal
+# to transformers' (its docstring has the files). So it takes the launches it was measured on and can run: a Hopper
+# GPU, bf16, dense states (TMA), sources of GLUON_FROM_KEYS or more (shorter ones, e.g. 1024/128 at 256+ rows, were
+# not measured and keep the Triton kernel). Token `nodecodegluon`: off.
+GLUON_KERNEL = True
+GLUON_FROM_KEYS = 1025
 # Two other forms of the kernel were measured on 2026-12-03 and went: the products transposed (keys, then d_model, as
 # the MMA tile's rows, so Hopper's warpgroup MMA takes them; 1.43 and 1.23 ms against 1.31 and 1.28 at 256 rows x 4096
 # keys in two calls, 15.9 against 16.7 summaries/s in whole generation on real bills, 6.34 against 6.39 at batch 32)
@@ -97,14 +100,16 @@ def head_blocks(heads: int, per_program: int) -> tuple[int, int]:
 
 
 def _gluon_kernel(memory: Tensor, heads: int):
-    """(sumtune.generation.gluon_decode, its heads a program) where GLUON_KERNEL asks for it and it can run here,
-    else None."""
+    """(sumtune.generation.gluon_decode, its heads a program) where GLUON_KERNEL asks for it and it can run here on
+    a launch of the kind it was measured faster on, else None."""
     if not GLUON_KERNEL or _kernels().INTERPRET or memory.device.type != "cuda" or memory.dtype != torch.bfloat16:
         return None
     if torch.cuda.get_device_capability(memory.device)[0] != 9:  # warpgroup MMAs: Hopper only
         return None
     from sumtune.generation import gluon_decode
 
+    if memory.shape[1] < GLUON_FROM_KEYS or (gluon_decode.TMA_LOADS and not gluon_decode.dense(memory)):
+        return None
     block_h = head_blocks(heads, gluon_decode.HEADS_PER_PROGRAM)[0]
     return (gluon_decode, block_h) if gluon_decode.supported(memory.shape[-1], block_h) is None else None
 

@@ -1,8 +1,14 @@
-"""One decoding step's cross-attention over cached encoder states in Gluon (Hopper), keys first: off until measured.
+"""One decoding step's cross-attention over cached encoder states in Gluon (Hopper), keys first.
 
-`sumtune.generation.cross_attention.GLUON_KERNEL` (default False; benchmark token `decodegluon`) sends the fused
-mode's launches here instead of to the Triton kernel (`cross_kernels.hidden_cross_attention`); arguments, outputs
-and the split combine are the same.
+`sumtune.generation.cross_attention` sends the fused mode's launches here instead of to the Triton kernel
+(`cross_kernels.hidden_cross_attention`) on a Hopper GPU in bf16, for sources over 1024 tokens whose states are dense
+(`cross_attention.GLUON_KERNEL`, `GLUON_FROM_KEYS`; token `nodecodegluon` turns it off); arguments, outputs and the
+split combine are the same. Measured on an H200 on 2026-12-04 (session 33), T5-3b shapes, 4096 keys: 1.11 against
+1.29 ms and 0.92 against 1.14 at 256 rows, 3.38 against 4.23 and 3.28 against 4.19 at 1024 rows in two runs
+(results/decode_attention-2026-12-04-h200-gluon{,32}.json); whole generation with every input 4096 tokens, batch 256,
+11.61 against 10.36 and 11.65 against 10.39 summaries/s, tokens equal to transformers' (results/generate_throughput-
+2026-12-04-h200-full-gluon{tma,32}.json); real bills cut at 4096, batch 256, 20.05 against 14.54 as the second row of
+its run (…-bills-gluontma.json).
 
 Why: the Triton kernel is latency-bound (session 26's counters: two 4-warp programs an SM, an instruction issued
 every 4.5 cycles a scheduler, stalls on shared-memory loads and on each MMA's result), because its score product
@@ -14,7 +20,7 @@ keys and its columns the group's 16 heads:
     scores^T [64 keys, 16 heads]  = states [64, D] . q_mem^T [D, 16]          (A: the states tile as loaded)
     out^T    [D, 16 heads]       += states^T [D, 64] . P^T [64, 16]           (A: the same tile, transposed view)
 
-The states tile comes in D/4-wide chunks (by cp.async, or by TMA with TMA_LOADS) into a ring of SLOTS (SLOTS - 4
+The states tile comes in D/4-wide chunks (by TMA, or by cp.async without TMA_LOADS) into a ring of SLOTS (SLOTS - 4
 chunks of the next tile in flight while this tile's are multiplied); a chunk's slot is refilled once its P.V has read
 it. out^T is held as four accumulators (one a chunk, 32 registers a thread each). Same maths as the Triton kernel
 (online softmax, P rounded to the states' dtype for its product), different order of the sums.
@@ -39,16 +45,21 @@ BLOCK_N = 64  # keys a tile: a warpgroup MMA's rows
 # gluon.json).
 SLOTS = 6
 # Heads a program. 16: two programs read each row's states, the second mostly from L2, and Nsight Compute put L2 at
-# 93-95% of its peak with DRAM at 67% (TMA, 256 and 1024 rows x 4096 keys: logs/ncu_gluontma_*_s33-...). 32: each
-# row's states go from L2 to one SM once, in a program of two warpgroups (8 warps), each the MMAs of 16 heads over the
-# same shared tiles; 64 KiB of queries leave room for a ring of 4 (one tile). Token `gluon32`.
+# 93-95% of its peak with DRAM at 67% (TMA, 256 and 1024 rows x 4096 keys: logs/ncu_gluontma_*_s33-...). 32 (token
+# `gluon32`): each row's states go from L2 to one SM once, in a program of two warpgroups (8 warps), each the MMAs of
+# 16 heads over the same shared tiles; 64 KiB of queries leave room for a ring of 4 (one tile). L2 fell to 75%, but
+# with 255 registers and spills in the loop and no next tile in flight it ran 1.25 against 0.92 ms at 256 rows and
+# 3.34 against 3.28 at 1024, whole generation 10.33 against 11.65 summaries/s (results/…-gluon32.json,
+# logs/ncu_gluon32_1024_details_s33-...): 16 stays.
 HEADS_PER_PROGRAM = 16
 HEADS_PER_WARPGROUP = 16
 # The chunks by TMA (64 x 64 boxes of a 2-D descriptor over dense [B * L, D] states; one mbarrier a slot) instead of
 # cp.async: no address registers or per-thread copies (the cp.async build's 160 LDGSTS and their address arithmetic
 # are ~1/4 of its SASS). Rows past a row's keys read the next row's states (finite) or zeros past the end, and their
-# scores are masked. Dense states only (fused decoding's buffer is); others take cp.async. Token `gluontma`.
-TMA_LOADS = False
+# scores are masked. Dense states only (fused decoding's buffer is; cross_attention sends others to the Triton kernel).
+# By cp.async (token `gluoncp`) the kernel ran 1.78 against 1.29 ms at 256 rows and whole generation 8.23 against
+# 10.39 summaries/s (results/…-gluon.json): slower than the Triton kernel, kept only as that A/B.
+TMA_LOADS = True
 TMA_BOX = 64  # 128 bytes of bf16: the swizzle's width
 CHUNKS = 4  # the states tile's d_model in four chunks: the kernel holds one accumulator a chunk, so not a knob
 # Names that moved between Triton 3.6 (the GPU image's) and 3.9: cp.async into shared memory, the block barrier,
@@ -260,12 +271,18 @@ def supported(d_model: int, heads_per_program: int) -> str | None:
     return None
 
 
+def dense(memory) -> bool:
+    """Whether [B, L, D] states are one dense block that a TMA descriptor can cover."""
+    batch, src_len, d_model = memory.shape
+    return memory.stride() == (src_len * d_model, d_model, 1) and memory.data_ptr() % 16 == 0
+
+
 def _states_descriptor(memory):
     """A TMA descriptor of dense [B, L, D] states seen as [B * L, D] in 64 x 64 boxes, or None (not dense)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     batch, src_len, d_model = memory.shape
-    if memory.stride() != (src_len * d_model, d_model, 1) or memory.data_ptr() % 16:
+    if not dense(memory):
         return None
     layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     return TensorDescriptor(memory, [batch * src_len, d_model], [d_model, 1], [BLOCK_N, TMA_BOX], layout)
