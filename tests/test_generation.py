@@ -460,6 +460,38 @@ def test_the_gluon_decode_kernel_runs_only_where_asked_and_able(monkeypatch):
     assert gluon_decode._states_descriptor(torch.zeros(4, 128, 1024, dtype=torch.bfloat16)[::2]) is None  # strided
 
 
+def test_a_gluon_kernel_that_fails_to_launch_hands_over_to_the_triton_kernel_once(monkeypatch):
+    """If the Gluon launch raises (a Triton release whose Gluon API moved), one warning names the error, the Triton
+    kernel computes that call and every later one, and the Gluon kernel is not tried again."""
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+
+    from sumtune.generation import cross_attention
+
+    memory = torch.randn(2, 40, 32, generator=torch.Generator().manual_seed(5))
+    if cross_attention.kernel_available(memory) is not None:
+        pytest.skip("the Triton kernel cannot run here (no CUDA and Triton's interpreter is off)")
+    tries = []
+
+    def broken_launch(*args):
+        tries.append(args)
+        raise TypeError("async_copy_global_to_shared() got an unexpected keyword argument")
+
+    broken = SimpleNamespace(BLOCK_N=64, launch=broken_launch)
+    monkeypatch.setattr(cross_attention, "gluon_failure", None)
+    monkeypatch.setattr(cross_attention, "_gluon_kernel",
+                        lambda memory, heads: None if cross_attention.gluon_failure else (broken, 16))
+    q_mem = torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(6))
+    lengths = torch.tensor([40, 17], dtype=torch.int32)
+    expected = cross_attention.reference_hidden_attention(q_mem, memory, lengths)
+    with pytest.warns(RuntimeWarning, match="Gluon decoding kernel failed to launch .TypeError: async_copy"):
+        got = cross_attention.fused_hidden_attention(q_mem, memory, lengths)
+    assert (got.double() - expected).abs().max().item() < 1e-5
+    assert cross_attention.gluon_failure.startswith("TypeError: async_copy_global_to_shared()")
+    again = cross_attention.fused_hidden_attention(q_mem, memory, lengths)
+    assert torch.equal(again, got) and len(tries) == 1
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
                     reason="needs a Hopper GPU")
@@ -499,6 +531,7 @@ def test_gpu_gluon_decode_kernel_matches_float64(monkeypatch):
             error = (got.double() - expected).abs().max().item()
             assert error < 3e-2, (d_model, heads, per_program, slots, splits, tma)
             assert not got[2].any()  # no keys: zeros, not NaN
+    assert cross_attention.gluon_failure is None  # every launch was the Gluon kernel's own (no hand-over)
     assert len(launched) == 36 and len(described) == 18 and all(d is not None for d in described)
     assert {grid[0] for grid in launched} == {1, 2}  # programs a row: two of 16 heads, or one of 32 (or of 20)
     # as shipped (TMA): strided states, and dense ones shorter than GLUON_FROM_KEYS, go to the Triton kernel

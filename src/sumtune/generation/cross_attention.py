@@ -46,6 +46,9 @@ NUM_STAGES = 2  # Triton's software pipelining depth over the key tiles
 # not measured and keep the Triton kernel). Token `nodecodegluon`: off.
 GLUON_KERNEL = True
 GLUON_FROM_KEYS = 1025
+# Why the Gluon kernel failed to launch in this process, once it has (its API moves between Triton releases; the
+# builds are tested with 3.6 and the newest): the Triton kernel takes its launches from then on, said once.
+gluon_failure: str | None = None
 # Two other forms of the kernel were measured on 2026-12-03 and went: the products transposed (keys, then d_model, as
 # the MMA tile's rows, so Hopper's warpgroup MMA takes them; 1.43 and 1.23 ms against 1.31 and 1.28 at 256 rows x 4096
 # keys in two calls, 15.9 against 16.7 summaries/s in whole generation on real bills, 6.34 against 6.39 at batch 32)
@@ -102,7 +105,8 @@ def head_blocks(heads: int, per_program: int) -> tuple[int, int]:
 def _gluon_kernel(memory: Tensor, heads: int):
     """(sumtune.generation.gluon_decode, its heads a program) where GLUON_KERNEL asks for it and it can run here on
     a launch of the kind it was measured faster on, else None."""
-    if not GLUON_KERNEL or _kernels().INTERPRET or memory.device.type != "cuda" or memory.dtype != torch.bfloat16:
+    if not GLUON_KERNEL or gluon_failure or _kernels().INTERPRET or memory.device.type != "cuda" \
+            or memory.dtype != torch.bfloat16:
         return None
     if torch.cuda.get_device_capability(memory.device)[0] != 9:  # warpgroup MMAs: Hopper only
         return None
@@ -139,8 +143,12 @@ def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, split
     else:
         acc = running_max = total = out  # unused
     if gluon_kernel:
-        gluon_kernel.launch((groups, batch, splits), q_mem, memory, lengths, out, acc, running_max, total, heads,
-                            keys_per_split, block_h, splits > 1)
+        try:
+            gluon_kernel.launch((groups, batch, splits), q_mem, memory, lengths, out, acc, running_max, total, heads,
+                                keys_per_split, block_h, splits > 1)
+        except Exception as error:  # noqa: BLE001 - e.g. a Triton release whose Gluon API moved
+            _gluon_failed(error)
+            return fused_hidden_attention(q_mem, memory, lengths, splits)
     else:
         kernels.hidden_cross_attention[(groups, batch, splits)](
             q_mem, memory, lengths, out, acc, running_max, total, q_mem.stride(0), q_mem.stride(1),
@@ -153,6 +161,16 @@ def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, split
     numerator = (acc * weights[..., None]).sum(dim=1)[:, :heads]
     denominator = (total * weights).sum(dim=1)[:, :heads].clamp_min(torch.finfo(torch.float32).tiny)
     return (numerator / denominator[..., None]).to(memory.dtype)
+
+
+def _gluon_failed(error: Exception) -> None:
+    """Record why the Gluon kernel cannot launch here and say so once; the Triton kernel runs instead."""
+    import warnings
+
+    global gluon_failure
+    gluon_failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+    warnings.warn(f"sumtune: the Gluon decoding kernel failed to launch ({gluon_failure}); the Triton kernel runs "
+                  "instead.", RuntimeWarning, stacklevel=3)
 
 
 def reference_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, dtype=torch.float64) -> Tensor:
