@@ -71,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--greedy-only", action="store_true",
                         help="only the greedy graphs rows and greedy token agreement (no eager/kv/beam/n-gram rows): "
                              "larger batches on a short device budget")
+    parser.add_argument("--timed-batches", type=int, default=2,
+                        help="batches of sumtune's greedy rows timed after the warm-up batch (1 halves a large "
+                             "batch's run on a short device budget)")
     parser.add_argument("--warm-all", action="store_true",
                         help="warm up on every timed input, not one batch of them (each batch shape met before the "
                              "timing: steady state, as a repeated evaluation sees it)")
@@ -216,7 +219,8 @@ def main(argv=None) -> int:
     config = bc.t5_config(args.model, dropout_rate=0.0)
     tokenizer = bc.load_t5_tokenizer()
     reference_batches, fast_batches = ints(args.reference_batches), ints(args.fast_batches)
-    n_inputs = max([2 * b for b in reference_batches] + [2 * b for b in fast_batches]
+    timed_batches = max(1, args.timed_batches)
+    n_inputs = max([2 * b for b in reference_batches] + [timed_batches * b for b in fast_batches]
                    + [args.beam_inputs, args.agreement_inputs])
     inputs = load_inputs(tokenizer, args.source_tokens, n_inputs, args.full_length)
     mean_len = sum(map(len, inputs)) / len(inputs)
@@ -268,10 +272,10 @@ def main(argv=None) -> int:
         for name, kwargs, slicing, spec, patch in settings:
             release_generation_cache(merged)  # a cached session would replay graphs captured with other tiles
             with cross_slicing(*slicing), bc.fused_tiles(spec), bc.patched(patch):
-                warm = inputs[:2 * batch] if args.warm_all else inputs[:batch]
+                warm = inputs[:timed_batches * batch] if args.warm_all else inputs[:batch]
                 fast_generate(merged, warm, batch, args.new_tokens, **kwargs)  # warm-up: capture, cuBLAS, cuDNN plans
-                out, wall, peak = timed(lambda: fast_generate(merged, inputs[:2 * batch], batch, args.new_tokens,
-                                                              **kwargs), device)
+                out, wall, peak = timed(lambda: fast_generate(merged, inputs[:timed_batches * batch], batch,
+                                                              args.new_tokens, **kwargs), device)
             rows.append(row("sumtune", f"greedy {name}", batch, 1, out, wall, peak))
             print(rows[-1], flush=True)
     best = max((r for r in rows if r["path"] == "sumtune"), key=lambda r: r["summaries_per_s"])["batch"]
@@ -371,7 +375,7 @@ def finish(args, rows, agree, best, mean_len, build_s, prepare_s, merged_gib) ->
     path = bc.save_result("generate_throughput", dict(
         model=args.model, source_tokens=args.source_tokens, new_tokens=args.new_tokens, quick=args.quick,
         mean_source_tokens=mean_len, full_length=args.full_length, lora=LORA, rows=rows, agreement=agree,
-        build_s=build_s,
+        timed_batches=args.timed_batches, build_s=build_s,
         prepare_inference_model_s=prepare_s, merged_model_gib=merged_gib, best_fast_batch=best))
     print(f"saved {path}")
     return 0
