@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -462,7 +463,8 @@ def test_the_gluon_decode_kernel_runs_only_where_asked_and_able(monkeypatch):
 
 def test_a_gluon_kernel_that_fails_to_launch_hands_over_to_the_triton_kernel_once(monkeypatch):
     """If the Gluon launch raises (a Triton release whose Gluon API moved), one warning names the error, the Triton
-    kernel computes that call and every later one, and the Gluon kernel is not tried again."""
+    kernel computes that call and every later one, and the Gluon kernel is not tried again; likewise if its module
+    cannot be imported."""
     pytest.importorskip("triton")
     from types import SimpleNamespace
 
@@ -484,12 +486,21 @@ def test_a_gluon_kernel_that_fails_to_launch_hands_over_to_the_triton_kernel_onc
     q_mem = torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(6))
     lengths = torch.tensor([40, 17], dtype=torch.int32)
     expected = cross_attention.reference_hidden_attention(q_mem, memory, lengths)
-    with pytest.warns(RuntimeWarning, match="Gluon decoding kernel failed to launch .TypeError: async_copy"):
+    with pytest.warns(RuntimeWarning, match="Gluon decoding kernel cannot run here .TypeError: async_copy"):
         got = cross_attention.fused_hidden_attention(q_mem, memory, lengths)
     assert (got.double() - expected).abs().max().item() < 1e-5
     assert cross_attention.gluon_failure.startswith("TypeError: async_copy_global_to_shared()")
     again = cross_attention.fused_hidden_attention(q_mem, memory, lengths)
     assert torch.equal(again, got) and len(tries) == 1
+    # a Triton that cannot import the Gluon module at all: the same hand-over
+    monkeypatch.setattr(cross_attention, "gluon_failure", None)
+    import sumtune.generation
+
+    monkeypatch.delattr(sumtune.generation, "gluon_decode", raising=False)
+    monkeypatch.setitem(sys.modules, "sumtune.generation.gluon_decode", None)  # import raises ImportError
+    with pytest.warns(RuntimeWarning, match="Gluon decoding kernel cannot run here .ModuleNotFoundError"):
+        assert cross_attention._gluon_module() is None
+    assert cross_attention.gluon_failure.startswith("ModuleNotFoundError")
 
 
 @pytest.mark.gpu

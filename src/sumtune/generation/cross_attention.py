@@ -46,8 +46,9 @@ NUM_STAGES = 2  # Triton's software pipelining depth over the key tiles
 # not measured and keep the Triton kernel). Token `nodecodegluon`: off.
 GLUON_KERNEL = True
 GLUON_FROM_KEYS = 1025
-# Why the Gluon kernel failed to launch in this process, once it has (its API moves between Triton releases; the
-# builds are tested with 3.6 and the newest): the Triton kernel takes its launches from then on, said once.
+# Why the Gluon kernel cannot run in this process, once its import or a launch has failed (its API moves between
+# Triton releases; the builds are tested with 3.6 and the newest): the Triton kernel takes its launches from then on,
+# said once.
 gluon_failure: str | None = None
 # Two other forms of the kernel were measured on 2026-12-03 and went: the products transposed (keys, then d_model, as
 # the MMA tile's rows, so Hopper's warpgroup MMA takes them; 1.43 and 1.23 ms against 1.31 and 1.28 at 256 rows x 4096
@@ -110,12 +111,22 @@ def _gluon_kernel(memory: Tensor, heads: int):
         return None
     if torch.cuda.get_device_capability(memory.device)[0] != 9:  # warpgroup MMAs: Hopper only
         return None
-    from sumtune.generation import gluon_decode
-
-    if memory.shape[1] < GLUON_FROM_KEYS or (gluon_decode.TMA_LOADS and not gluon_decode.dense(memory)):
+    gluon_decode = _gluon_module()
+    if gluon_decode is None or memory.shape[1] < GLUON_FROM_KEYS or (gluon_decode.TMA_LOADS and not gluon_decode.dense(memory)):
         return None
     block_h = head_blocks(heads, gluon_decode.HEADS_PER_PROGRAM)[0]
     return (gluon_decode, block_h) if gluon_decode.supported(memory.shape[-1], block_h) is None else None
+
+
+def _gluon_module():
+    """sumtune.generation.gluon_decode, or None where this Triton cannot import it (then said once, as a failed
+    launch is)."""
+    try:
+        from sumtune.generation import gluon_decode
+    except Exception as error:  # noqa: BLE001 - a Triton without (this form of) Gluon's Hopper API
+        _gluon_failed(error)
+        return None
+    return gluon_decode
 
 
 def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, splits: int | None = None) -> Tensor:
@@ -169,7 +180,7 @@ def _gluon_failed(error: Exception) -> None:
 
     global gluon_failure
     gluon_failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
-    warnings.warn(f"sumtune: the Gluon decoding kernel failed to launch ({gluon_failure}); the Triton kernel runs "
+    warnings.warn(f"sumtune: the Gluon decoding kernel cannot run here ({gluon_failure}); the Triton kernel runs "
                   "instead.", RuntimeWarning, stacklevel=3)
 
 
