@@ -107,7 +107,7 @@ def _gluon_kernel(memory: Tensor, heads: int):
     """(sumtune.generation.gluon_decode, its heads a program) where GLUON_KERNEL asks for it and it can run here on
     a launch of the kind it was measured faster on, else None."""
     if not GLUON_KERNEL or gluon_failure or _kernels().INTERPRET or memory.device.type != "cuda" \
-            or memory.dtype != torch.bfloat16:
+            or memory.dtype != torch.bfloat16 or torch.compiler.is_compiling():  # dynamo traces Triton, not Gluon
         return None
     if torch.cuda.get_device_capability(memory.device)[0] != 9:  # warpgroup MMAs: Hopper only
         return None
