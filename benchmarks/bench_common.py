@@ -141,21 +141,25 @@ def timed_steps(step, stream, accum: int, lr: float, count: int):
 
 
 def cuda_event_ms(fn, repeats: int, warmup: int = 3) -> float:
-    """Median milliseconds of ``fn()`` on the current CUDA stream (events around each call, a sync after each)."""
+    """Median milliseconds of ``fn()`` on the current CUDA stream: events around each call, the calls back to back
+    and one sync at the end, so that each pair times the GPU's work while the host queues the next call (as in CUDA
+    graphs and a training step) rather than the host's launch latency too. Until 2026-12-04 (session 33) a sync
+    followed each call, which added the Python launch path to every figure: ncu timed the Gluon decode kernel at
+    0.68 ms where that method gave 0.92-1.11 (results/logs/ncu_gluontma_256_details_s33-...)."""
     import statistics
 
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = []
+    events = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        events.append((start, end))
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
 def free_gpu_memory() -> None:
