@@ -525,7 +525,11 @@ def test_gpu_gluon_decode_kernel_matches_float64(monkeypatch):
     monkeypatch.setattr(gluon_decode, "_states_descriptor", lambda m: described.append(describe(m)) or described[-1])
     gen = torch.Generator().manual_seed(4)
     for d_model, heads in ((1024, 32), (1024, 20), (512, 32)):
-        memory = torch.randn(6, 700, d_model, generator=gen)[::2]  # strided rows, as a slice of a larger buffer
+        larger = torch.randn(6, 700, d_model, generator=gen)
+        memory = larger[::2]
+        # strided rows, as a slice of a larger buffer, made on the GPU (.cuda() of a strided CPU view is contiguous)
+        strided = larger.cuda().bfloat16()[::2]
+        assert not gluon_decode.dense(strided) and gluon_decode.dense(strided.contiguous())
         q_mem = torch.randn(3, heads, d_model, generator=gen) / d_model ** 0.5 * 4
         lengths = torch.tensor([700, 131, 0], dtype=torch.int32)
         expected = cross_attention.reference_hidden_attention(q_mem.bfloat16(), memory.bfloat16(), lengths)
@@ -535,9 +539,8 @@ def test_gpu_gluon_decode_kernel_matches_float64(monkeypatch):
             monkeypatch.setattr(gluon_decode, "HEADS_PER_PROGRAM", per_program)
             monkeypatch.setattr(gluon_decode, "SLOTS", slots)
             monkeypatch.setattr(gluon_decode, "TMA_LOADS", tma)
-            states = memory.cuda().bfloat16()
             got = cross_attention.fused_hidden_attention(q_mem.cuda().bfloat16(),
-                                                         states.contiguous() if tma else states,
+                                                         strided.contiguous() if tma else strided,
                                                          lengths.cuda(), splits=splits).cpu()
             error = (got.double() - expected).abs().max().item()
             assert error < 3e-2, (d_model, heads, per_program, slots, splits, tma)
@@ -547,8 +550,8 @@ def test_gpu_gluon_decode_kernel_matches_float64(monkeypatch):
     assert {grid[0] for grid in launched} == {1, 2}  # programs a row: two of 16 heads, or one of 32 (or of 20)
     # as shipped (TMA): strided states, and dense ones shorter than GLUON_FROM_KEYS, go to the Triton kernel
     monkeypatch.setattr(gluon_decode, "TMA_LOADS", True)
-    monkeypatch.setattr(cross_attention, "GLUON_FROM_KEYS", 701)
-    for states in (memory.cuda().bfloat16(), memory.cuda().bfloat16().contiguous()):
+    for from_keys, states in ((1, strided), (701, strided.contiguous())):
+        monkeypatch.setattr(cross_attention, "GLUON_FROM_KEYS", from_keys)
         got = cross_attention.fused_hidden_attention(q_mem.cuda().bfloat16(), states, lengths.cuda()).cpu()
         assert (got.double() - expected).abs().max().item() < 3e-2
     assert len(launched) == 36
