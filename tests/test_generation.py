@@ -354,15 +354,18 @@ def test_fused_cross_attention_kernel_matches_float64_and_refuses_what_it_cannot
         pytest.skip("the kernel cannot run here (no CUDA and Triton's interpreter is off)")
     gen = torch.Generator().manual_seed(3)
 
-    def check(q_mem, memory, lengths, splits_to_try, label):
-        q_mem, memory = q_mem.to(device, dtype), memory.to(device, dtype)
+    def check(q_mem, larger, lengths, splits_to_try, label):
+        # every other row of a larger buffer, sliced where the kernel runs (a strided CPU view's .to("cuda") copy
+        # would be contiguous)
+        q_mem, memory = q_mem.to(device, dtype), larger.to(device, dtype)[::2]
+        assert not memory.is_contiguous()
         expected = cross_attention.reference_hidden_attention(q_mem.cpu(), memory.cpu(), lengths)
         for splits in splits_to_try:
             got = cross_attention.fused_hidden_attention(q_mem, memory, lengths.to(device), splits=splits).cpu()
             assert (got.double() - expected).abs().max().item() < tolerance, (label, splits)
         return got
 
-    memory = torch.randn(8, 70, 32, generator=gen)[::2]  # strided rows, as a slice of a larger buffer
+    memory = torch.randn(8, 70, 32, generator=gen)  # the kernel reads its rows 0, 2, 4, 6 (strided rows)
     lengths = torch.tensor([70, 33, 1, 0], dtype=torch.int32)
     got = check(torch.randn(4, 5, 32, generator=gen), memory, lengths, (1, 2, 5), "5 heads, padded to 16 rows")
     assert not got[3].any()  # no keys: zeros, not NaN
