@@ -112,7 +112,9 @@ def _gluon_kernel(memory: Tensor, heads: int):
     if torch.cuda.get_device_capability(memory.device)[0] != 9:  # warpgroup MMAs: Hopper only
         return None
     gluon_decode = _gluon_module()
-    if gluon_decode is None or memory.shape[1] < GLUON_FROM_KEYS or (gluon_decode.TMA_LOADS and not gluon_decode.dense(memory)):
+    if gluon_decode is None or memory.shape[1] < GLUON_FROM_KEYS:
+        return None
+    if gluon_decode.TMA_LOADS and not gluon_decode.dense(memory):  # strided states: the Triton kernel is faster
         return None
     block_h = head_blocks(heads, gluon_decode.HEADS_PER_PROGRAM)[0]
     return (gluon_decode, block_h) if gluon_decode.supported(memory.shape[-1], block_h) is None else None
