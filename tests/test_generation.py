@@ -450,6 +450,17 @@ def test_the_gluon_decode_kernel_runs_only_where_asked_and_able(monkeypatch):
     monkeypatch.setattr(cross_attention, "GLUON_KERNEL", False)
     assert cross_attention._gluon_kernel(memory, 32) is None  # off
     assert gluon_decode.dense(torch.zeros(2, 8, 64)) and not gluon_decode.dense(torch.zeros(2, 8, 64)[:, :4])
+    # the launches it takes on a Hopper GPU (the shape rules, without one): sources over 1024 tokens, dense states
+    # (TMA), shapes it covers; its heads a program
+    takes = cross_attention.gluon_heads_per_program
+    assert takes(gluon_decode, 4096, True, 1024, 32) == 16 and takes(gluon_decode, 1025, True, 1024, 20) == 16
+    assert takes(gluon_decode, 1024, True, 1024, 32) is None  # 1024/128: not measured, the Triton kernel
+    assert takes(gluon_decode, 4096, False, 1024, 32) is None  # strided: cp.async, slower than the Triton kernel
+    assert takes(gluon_decode, 4096, True, 2048, 32) is None  # FLAN-T5-XL's d_model: four chunks of 512 too wide
+    monkeypatch.setattr(gluon_decode, "TMA_LOADS", False)
+    assert takes(gluon_decode, 4096, False, 1024, 32) == 16  # token gluoncp: cp.async takes strided states
+    monkeypatch.setattr(gluon_decode, "HEADS_PER_PROGRAM", 32)
+    assert takes(gluon_decode, 4096, True, 1024, 32) == 32  # token gluon32
     assert gluon_decode.supported(1024, 16) is None and gluon_decode.supported(1024, 32) is None
     assert "d_model 48" in gluon_decode.supported(48, 16) and "64 heads" in gluon_decode.supported(1024, 64)
     assert gluon_decode.load_threads_along_d(1024) == 32 and gluon_decode.load_threads_along_d(512) == 16

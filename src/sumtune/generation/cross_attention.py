@@ -112,12 +112,22 @@ def _gluon_kernel(memory: Tensor, heads: int):
     if torch.cuda.get_device_capability(memory.device)[0] != 9:  # warpgroup MMAs: Hopper only
         return None
     gluon_decode = _gluon_module()
-    if gluon_decode is None or memory.shape[1] < GLUON_FROM_KEYS:
+    if gluon_decode is None:
         return None
-    if gluon_decode.TMA_LOADS and not gluon_decode.dense(memory):  # cp.async: 1.78 ms, Triton 1.29 (256 x 4096)
+    block_h = gluon_heads_per_program(gluon_decode, memory.shape[1], gluon_decode.dense(memory), memory.shape[-1],
+                                      heads)
+    return (gluon_decode, block_h) if block_h else None
+
+
+def gluon_heads_per_program(gluon_decode, src_len: int, dense: bool, d_model: int, heads: int) -> int | None:
+    """The Gluon kernel's heads a program for a launch of the kind it was measured faster on (sources of
+    GLUON_FROM_KEYS or more; dense states when it loads by TMA; shapes it covers), else None: the Triton kernel."""
+    if src_len < GLUON_FROM_KEYS:
+        return None
+    if gluon_decode.TMA_LOADS and not dense:  # cp.async: 1.78 ms, Triton 1.29 (256 x 4096)
         return None
     block_h = head_blocks(heads, gluon_decode.HEADS_PER_PROGRAM)[0]
-    return (gluon_decode, block_h) if gluon_decode.supported(memory.shape[-1], block_h) is None else None
+    return block_h if gluon_decode.supported(d_model, block_h) is None else None
 
 
 def _gluon_module():

@@ -289,7 +289,8 @@ def _states_descriptor(memory):
 
 
 def launch(grid, q_mem, memory, lengths, out, acc, running_max, total, heads, keys_per_split, block_h, split):
-    """The Triton kernel's launch (cross_attention.fused_hidden_attention), here."""
+    """This kernel launched with the Triton kernel's arguments (from cross_attention.fused_hidden_attention); TMA
+    where TMA_LOADS asks for it and the states are dense, else cp.async."""
     d_model = memory.shape[-1]
     desc = _states_descriptor(memory) if TMA_LOADS else None
     gluon_hidden_cross_attention[grid](
