@@ -416,7 +416,7 @@ def test_the_gluon_decode_kernel_builds_for_hopper_with_warpgroup_mmas():
     T5-3b's shapes: both products as warpgroup MMAs from shared memory (128 in the loop: 64 for the scores, 64 for
     the weighted sum; no ldmatrix), within Hopper's shared memory and as much of it as `shared_bytes` counts (at most
     1 KiB more: alignment), at most a few hundred bytes of spill (Triton 3.6: 208 with cp.async, none with TMA; 32
-    heads in 8 warps ~120-150), with and without key splits, the chunks by cp.async or by TMA (four 64-wide boxes a
+    heads in 8 warps 120-152), with and without key splits, the chunks by cp.async or by TMA (four 64-wide boxes a
     chunk at ten issue sites with a ring of six, eight with the ring of four that 32 heads leave room for). Gluon has
     no interpreter: the GPU test checks its values."""
     import json
