@@ -45,12 +45,13 @@ BLOCK_N = 64  # keys a tile: a warpgroup MMA's rows
 # gluon.json).
 SLOTS = 6
 # Heads a program. 16: two programs read each row's states, the second mostly from L2, and Nsight Compute put L2 at
-# 93-95% of its peak with DRAM at 67% (TMA, 256 and 1024 rows x 4096 keys: logs/ncu_gluontma_*_s33-...). 32 (token
-# `gluon32`): each row's states go from L2 to one SM once, in a program of two warpgroups (8 warps), each the MMAs of
-# 16 heads over the same shared tiles; 64 KiB of queries leave room for a ring of 4 (one tile). L2 fell to 75%, but
-# with 255 registers and spills in the loop and no next tile in flight it ran 1.25 against 0.92 ms at 256 rows and
-# 3.34 against 3.28 at 1024, whole generation 10.33 against 11.65 summaries/s (results/…-gluon32.json,
-# logs/ncu_gluon32_1024_details_s33-...): 16 stays.
+# 93-95% of its peak with DRAM at 67% (TMA, 256 and 1024 rows x 4096 keys: results/decode_kernel_ncu-2026-12-04-h200-
+# gluon.json). 32 (token `gluon32`): each row's states go from L2 to one SM once, in a program of two warpgroups (8
+# warps), each the MMAs of 16 heads over the same shared tiles; 64 KiB of queries leave room for a ring of 4 (one
+# tile). L2 fell to 75%, but with 255 registers and spills in the loop (which the four-slot ring brings: 16 heads with
+# it spill too, results/gluon_decode_compile-2026-12-04-cpu-sm90-s33.json) and no next tile in flight it ran 1.25
+# against 0.92 ms at 256 rows and 3.34 against 3.28 at 1024, whole generation 10.33 against 11.65 summaries/s
+# (results/…-gluon32.json): 16 stays.
 HEADS_PER_PROGRAM = 16
 HEADS_PER_WARPGROUP = 16
 # The chunks by TMA (64 x 64 boxes of a 2-D descriptor over dense [B * L, D] states; one mbarrier a slot) instead of
