@@ -264,6 +264,11 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     # the decoding cross-attention in the Triton kernel, not in Gluon with warpgroup MMAs (cross_attention.GLUON_KERNEL,
     # on since 2026-12-04; before that, its token `decodegluon` turned it on, and `gluontma` took TMA)
     "nodecodegluon": ("sumtune.generation.cross_attention", "GLUON_KERNEL", False),
+    # the attention forward of no-gradient calls (generation's encoder) in Gluon (flash_attention.GLUON_NO_GRAD_FORWARD)
+    "gluonenc": ("sumtune.fast_t5.flash_attention", "GLUON_NO_GRAD_FORWARD", True),
+    "nogluonenc": ("sumtune.fast_t5.flash_attention", "GLUON_NO_GRAD_FORWARD", False),
+    "gluonenc2": ("sumtune.fast_t5.gluon_forward", "BLOCKS", (128, 64, 8, 2)),  # its rings of two, not three
+    "gluonenc64": ("sumtune.fast_t5.gluon_forward", "BLOCKS", (64, 64, 4, 3)),  # 64 queries a program, 4 warps
     "gluon5": ("sumtune.generation.gluon_decode", "SLOTS", 5),  # the Gluon kernel with a ring of 5 chunks, not 6
     "gluoncp": ("sumtune.generation.gluon_decode", "TMA_LOADS", False),  # its chunks by cp.async (any states)
     "gluon32": ("sumtune.generation.gluon_decode", "HEADS_PER_PROGRAM", 32),  # 32 heads a program, 8 warps
