@@ -270,8 +270,8 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "gluonenc2": ("sumtune.fast_t5.gluon_forward", "BLOCKS", (128, 64, 8, 2)),  # its rings of two, not three
     "gluonenc64": ("sumtune.fast_t5.gluon_forward", "BLOCKS", (64, 64, 4, 3)),  # 64 queries a program, 4 warps
     "gluon5": ("sumtune.generation.gluon_decode", "SLOTS", 5),  # the Gluon kernel with a ring of 5 chunks, not 6
-    "gluoncp": ("sumtune.generation.gluon_decode", "TMA_LOADS", False),  # its chunks by cp.async (any states)
-    "gluon32": ("sumtune.generation.gluon_decode", "HEADS_PER_PROGRAM", 32),  # 32 heads a program, 8 warps
+    # (`gluoncp`: its chunks by cp.async, `gluon32`: 32 heads a program; both slower and gone in session 34:
+    # gluon_decode's note; commit f21cad8 has them.)
     # (`decodews`: the decoding kernel's key loop warp-specialised by Triton, measured 2.3x slower on 2026-12-04 and
     # gone: cross_attention's note.)
     # (`farsplit`/`nofarsplit`, `farsplitall`, `farright`: a no-gradient attention forward's far keys from cuDNN's

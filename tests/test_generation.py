@@ -399,14 +399,11 @@ GLUON_DECODE_FOR_HOPPER = """
 import json
 from sumtune.fast_t5.flash_compile import resources
 from sumtune.generation import gluon_decode
-for block_h, split, tma in ((16, False, False), (16, False, True), (16, True, False), (16, True, True), (32, False, True),
-                            (32, True, False)):
-    compiled = gluon_decode.compile_for_sm90(d_model=1024, block_h=block_h, split=split, tma_loads=tma)
+for split, slots in ((False, 6), (True, 6), (False, 5)):
+    compiled = gluon_decode.compile_for_sm90(d_model=1024, split=split, slots=slots)
     ptx = compiled.asm["ptx"]
-    print(json.dumps(dict(block_h=block_h, split=split, tma=tma, wgmma=ptx.count("wgmma.mma_async"),
-                          ldmatrix=ptx.count("ldmatrix"), bulk=ptx.count("cp.async.bulk.tensor"),
-                          expected_shared=gluon_decode.shared_bytes(1024, block_h,
-                                                                    gluon_decode.slots_for(1024, block_h)),
+    print(json.dumps(dict(split=split, slots=slots, wgmma=ptx.count("wgmma.mma_async"), ldmatrix=ptx.count("ldmatrix"),
+                          bulk=ptx.count("cp.async.bulk.tensor"), expected_shared=gluon_decode.shared_bytes(1024, slots),
                           **resources(compiled))))
 """
 
@@ -415,10 +412,9 @@ def test_the_gluon_decode_kernel_builds_for_hopper_with_warpgroup_mmas():
     """cross_attention.GLUON_KERNEL's kernel (sumtune.generation.gluon_decode), compiled for sm_90 on the CPU at
     T5-3b's shapes: both products as warpgroup MMAs from shared memory (128 in the loop: 64 for the scores, 64 for
     the weighted sum; no ldmatrix), within Hopper's shared memory and as much of it as `shared_bytes` counts (at most
-    1 KiB more: alignment), at most a few hundred bytes of spill (Triton 3.6: 208 with cp.async, none with TMA; 32
-    heads in 8 warps 120-152), with and without key splits, the chunks by cp.async or by TMA (four 64-wide boxes a
-    chunk at ten issue sites with a ring of six, eight with the ring of four that 32 heads leave room for). Gluon has
-    no interpreter: the GPU test checks its values."""
+    1 KiB more: alignment), no spill, with and without key splits, with the shipped ring of six and the `gluon5` ring
+    of five; the chunks by TMA (four 64-wide boxes a chunk at SLOTS + 4 issue sites: the prologue's and the loop's
+    four refills). Gluon has no interpreter: the GPU test checks its values."""
     import json
     import subprocess
     import sys
@@ -430,13 +426,12 @@ def test_the_gluon_decode_kernel_builds_for_hopper_with_warpgroup_mmas():
     result = subprocess.run([sys.executable, "-c", GLUON_DECODE_FOR_HOPPER], env=env, capture_output=True, text=True,
                             timeout=600)
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 6, result.stderr[-2000:]
+    assert len(rows) == 3, result.stderr[-2000:]
     for row in rows:
         assert row["wgmma"] == 128 and row["ldmatrix"] == 0, row
-        assert row["shared_bytes"] <= HOPPER_SHARED_BYTES and row["spill_bytes"] <= 256, row
+        assert row["shared_bytes"] <= HOPPER_SHARED_BYTES and row["spill_bytes"] == 0, row
         assert 0 <= row["shared_bytes"] - row["expected_shared"] <= 1024, row
-        issue_sites = 10 if row["block_h"] == 16 else 8  # the prologue's SLOTS and the loop's four refills
-        assert row["bulk"] == (4 * issue_sites if row["tma"] else 0) and (row["async_copies"] > 0) != row["tma"], row
+        assert row["bulk"] == 4 * (row["slots"] + 4) and row["async_copies"] == 0, row
 
 
 def test_the_gluon_decode_kernel_runs_only_where_asked_and_able(monkeypatch):
@@ -444,31 +439,24 @@ def test_the_gluon_decode_kernel_runs_only_where_asked_and_able(monkeypatch):
     for sources over 1024 tokens in dense states (the launches it was measured on); never when off."""
     from sumtune.generation import cross_attention, gluon_decode
 
-    assert cross_attention.GLUON_KERNEL and gluon_decode.TMA_LOADS and cross_attention.GLUON_FROM_KEYS == 1025
+    assert cross_attention.GLUON_KERNEL and cross_attention.GLUON_FROM_KEYS == 1025
     memory = torch.zeros(1, 4, 1024, dtype=torch.bfloat16)
     assert cross_attention._gluon_kernel(memory, 32) is None  # on, but not on a GPU
     monkeypatch.setattr(cross_attention, "GLUON_KERNEL", False)
     assert cross_attention._gluon_kernel(memory, 32) is None  # off
     assert gluon_decode.dense(torch.zeros(2, 8, 64)) and not gluon_decode.dense(torch.zeros(2, 8, 64)[:, :4])
     # the launches it takes on a Hopper GPU (the shape rules, without one): sources over 1024 tokens, dense states
-    # (TMA), shapes it covers; its heads a program
+    # (its TMA descriptor), a d_model it covers; 16 heads a program
     takes = cross_attention.gluon_heads_per_program
     assert takes(gluon_decode, 4096, True, 1024, 32) == 16 and takes(gluon_decode, 1025, True, 1024, 20) == 16
     assert takes(gluon_decode, 1024, True, 1024, 32) is None  # 1024/128: not measured, the Triton kernel
-    assert takes(gluon_decode, 4096, False, 1024, 32) is None  # strided: cp.async, slower than the Triton kernel
+    assert takes(gluon_decode, 4096, False, 1024, 32) is None  # strided: the Triton kernel
     assert takes(gluon_decode, 4096, True, 2048, 32) is None  # FLAN-T5-XL's d_model: four chunks of 512 too wide
-    monkeypatch.setattr(gluon_decode, "TMA_LOADS", False)
-    assert takes(gluon_decode, 4096, False, 1024, 32) == 16  # token gluoncp: cp.async takes strided states
-    monkeypatch.setattr(gluon_decode, "HEADS_PER_PROGRAM", 32)
-    assert takes(gluon_decode, 4096, True, 1024, 32) == 32  # token gluon32
-    assert gluon_decode.supported(1024, 16) is None and gluon_decode.supported(1024, 32) is None
-    assert "d_model 48" in gluon_decode.supported(48, 16) and "64 heads" in gluon_decode.supported(1024, 64)
+    assert takes(gluon_decode, 4096, True, 512, 32) == 16
+    assert gluon_decode.supported(1024) is None and gluon_decode.supported(512) is None
+    assert "d_model 48" in gluon_decode.supported(48)
     assert gluon_decode.load_threads_along_d(1024) == 32 and gluon_decode.load_threads_along_d(512) == 16
-    # a warpgroup for every 16 heads; the ring as large as fits (six chunks with 16 heads, one tile with 32)
-    assert (gluon_decode.warps_for(16), gluon_decode.warps_for(32)) == (4, 8)
-    slots = gluon_decode.slots_for
-    assert (slots(1024, 16), slots(1024, 32), slots(512, 32)) == (6, 4, 6)
-    assert gluon_decode.shared_bytes(1024, 16, 6) == 2 * (16 * 1024 + 6 * 64 * 256 + 64 * 16) + 48
+    assert gluon_decode.shared_bytes(1024, 6) == 2 * (16 * 1024 + 6 * 64 * 256 + 64 * 16) + 48
     dense = torch.zeros(2, 128, 1024, dtype=torch.bfloat16)
     descriptor = gluon_decode._states_descriptor(dense)  # TMA: dense states as [B * L, D] in 64 x 64 boxes
     assert descriptor.shape == [256, 1024] and descriptor.block_shape == [64, 64]
@@ -522,9 +510,9 @@ def test_a_gluon_kernel_that_fails_to_launch_hands_over_to_the_triton_kernel_onc
                     reason="needs a Hopper GPU")
 def test_gpu_gluon_decode_kernel_matches_float64(monkeypatch):
     """GLUON_KERNEL on a Hopper GPU, bf16: the same maths as the float64 masked softmax (as the Triton kernel's test
-    demands), with key splits, rows of lengths that are not whole tiles (one empty), strided states (cp.async) and
-    dense ones (TMA), 16 and 32 heads a program, 32 heads and 20 (a partly empty program), at d_model 1024 and 512;
-    it is the Gluon kernel that ran, and the Triton kernel where the shipped routing says so."""
+    demands), with key splits, rows of lengths that are not whole tiles (one empty), the ring of six and of five, 32
+    heads and 20 (a partly empty program), at d_model 1024 and 512; it is the Gluon kernel that ran on dense states,
+    and the Triton kernel where the shipped routing says so (strided states, sources under GLUON_FROM_KEYS)."""
     import itertools
 
     from sumtune.generation import cross_attention, gluon_decode
@@ -534,9 +522,6 @@ def test_gpu_gluon_decode_kernel_matches_float64(monkeypatch):
     launched = []
     launch = gluon_decode.launch
     monkeypatch.setattr(gluon_decode, "launch", lambda *a, **k: launched.append(a[0]) or launch(*a, **k))
-    described = []  # the TMA runs must have built their descriptor (else they would have taken cp.async)
-    describe = gluon_decode._states_descriptor
-    monkeypatch.setattr(gluon_decode, "_states_descriptor", lambda m: described.append(describe(m)) or described[-1])
     gen = torch.Generator().manual_seed(4)
     for d_model, heads in ((1024, 32), (1024, 20), (512, 32)):
         larger = torch.randn(6, 700, d_model, generator=gen)
@@ -547,28 +532,22 @@ def test_gpu_gluon_decode_kernel_matches_float64(monkeypatch):
         q_mem = torch.randn(3, heads, d_model, generator=gen) / d_model ** 0.5 * 4
         lengths = torch.tensor([700, 131, 0], dtype=torch.int32)
         expected = cross_attention.reference_hidden_attention(q_mem.bfloat16(), memory.bfloat16(), lengths)
-        # 16 heads a program with the ring as shipped and one slot fewer, 32 heads (8 warps, a ring of four at d_model
-        # 1024), by cp.async (strided states) and by TMA (dense ones)
-        for (per_program, slots), splits, tma in itertools.product(((16, 6), (16, 5), (32, 6)), (1, 3), (False, True)):
-            monkeypatch.setattr(gluon_decode, "HEADS_PER_PROGRAM", per_program)
+        for slots, splits in itertools.product((6, 5), (1, 3)):
             monkeypatch.setattr(gluon_decode, "SLOTS", slots)
-            monkeypatch.setattr(gluon_decode, "TMA_LOADS", tma)
-            got = cross_attention.fused_hidden_attention(q_mem.cuda().bfloat16(),
-                                                         strided.contiguous() if tma else strided,
+            got = cross_attention.fused_hidden_attention(q_mem.cuda().bfloat16(), strided.contiguous(),
                                                          lengths.cuda(), splits=splits).cpu()
             error = (got.double() - expected).abs().max().item()
-            assert error < 3e-2, (d_model, heads, per_program, slots, splits, tma)
+            assert error < 3e-2, (d_model, heads, slots, splits)
             assert not got[2].any()  # no keys: zeros, not NaN
     assert cross_attention.gluon_failure is None  # every launch was the Gluon kernel's own (no hand-over)
-    assert len(launched) == 36 and len(described) == 18 and all(d is not None for d in described)
-    assert {grid[0] for grid in launched} == {1, 2}  # programs a row: two of 16 heads, or one of 32 (or of 20)
-    # as shipped (TMA): strided states, and dense ones shorter than GLUON_FROM_KEYS, go to the Triton kernel
-    monkeypatch.setattr(gluon_decode, "TMA_LOADS", True)
+    assert len(launched) == 12 and {grid[0] for grid in launched} == {2}  # two programs of 16 heads a row
+    # as shipped: strided states, and dense ones shorter than GLUON_FROM_KEYS, go to the Triton kernel
+    monkeypatch.setattr(gluon_decode, "SLOTS", 6)
     for from_keys, states in ((1, strided), (701, strided.contiguous())):
         monkeypatch.setattr(cross_attention, "GLUON_FROM_KEYS", from_keys)
         got = cross_attention.fused_hidden_attention(q_mem.cuda().bfloat16(), states, lengths.cuda()).cpu()
         assert (got.double() - expected).abs().max().item() < 3e-2
-    assert len(launched) == 36
+    assert len(launched) == 12
 
 
 def test_auto_attention_takes_the_fused_kernel_where_it_was_measured_faster_on_cuda_only(merged32, monkeypatch):

@@ -121,13 +121,11 @@ def _gluon_kernel(memory: Tensor, heads: int):
 
 def gluon_heads_per_program(gluon_decode, src_len: int, dense: bool, d_model: int, heads: int) -> int | None:
     """The Gluon kernel's heads a program for a launch of the kind it was measured faster on (sources of
-    GLUON_FROM_KEYS or more; dense states when it loads by TMA; shapes it covers), else None: the Triton kernel."""
-    if src_len < GLUON_FROM_KEYS:
+    GLUON_FROM_KEYS or more, dense states for its TMA descriptor, a d_model it covers), else None: the Triton
+    kernel."""
+    if src_len < GLUON_FROM_KEYS or not dense or gluon_decode.supported(d_model) is not None:
         return None
-    if gluon_decode.TMA_LOADS and not dense:  # cp.async: 1.78 ms, Triton 1.29 (256 x 4096)
-        return None
-    block_h = head_blocks(heads, gluon_decode.HEADS_PER_PROGRAM)[0]
-    return block_h if gluon_decode.supported(d_model, block_h) is None else None
+    return gluon_decode.BLOCK_H
 
 
 def _gluon_module():

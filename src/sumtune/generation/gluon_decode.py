@@ -20,9 +20,10 @@ keys and its columns the group's 16 heads:
     scores^T [64 keys, 16 heads]  = states [64, D] . q_mem^T [D, 16]          (A: the states tile as loaded)
     out^T    [D, 16 heads]       += states^T [D, 64] . P^T [64, 16]           (A: the same tile, transposed view)
 
-The states tile comes in D/4-wide chunks (by TMA, or by cp.async without TMA_LOADS) into a ring of SLOTS (SLOTS - 4
-chunks of the next tile in flight while this tile's are multiplied); a chunk's slot is refilled once its P.V has read
-it. out^T is held as four accumulators (one a chunk, 32 registers a thread each). Same maths as the Triton kernel
+The states tile comes in D/4-wide chunks by TMA (64 x 64 boxes of a 2-D descriptor over dense [B * L, D] states,
+one mbarrier a slot) into a ring of SLOTS (SLOTS - 4 chunks of the next tile in flight while this tile's are
+multiplied); a chunk's slot is refilled once its P.V has read it. Rows past a row's keys read the next row's states
+(finite) or zeros past the end, and their scores are masked. out^T is held as four accumulators (one a chunk, 32 registers a thread each). Same maths as the Triton kernel
 (online softmax, P rounded to the states' dtype for its product), different order of the sums.
 
 Gluon has no interpreter: nothing runs this kernel on a CPU. `compile_for_sm90` builds it for Hopper on any machine
@@ -36,82 +37,56 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
-    async_copy, fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+    fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
 
 BLOCK_N = 64  # keys a tile: a warpgroup MMA's rows
-# Chunks in the shared-memory ring: a tile's four and SLOTS - 4 of the next one's in flight, or as many as fit beside
-# the queries (slots_for). 6 is the most at T5-3b's shapes with 16 heads a program (226 KiB of Hopper's 227); 5 leaves
-# 194 KiB (token `gluon5`; 1.78 against 1.78 ms at 256 rows by cp.async, results/decode_attention-2026-12-04-h200-
-# gluon.json).
+# Chunks in the shared-memory ring: a tile's four and SLOTS - 4 of the next one's in flight. 6 is the most at T5-3b's
+# shapes (226 KiB of Hopper's 227); 5 leaves 194 KiB (token `gluon5`; 1.78 against 1.78 ms at 256 rows,
+# results/decode_attention-2026-12-04-h200-gluon.json).
 SLOTS = 6
-# Heads a program. 16: two programs read each row's states, the second mostly from L2, and Nsight Compute put L2 at
-# 93-95% of its peak with DRAM at 67% (TMA, 256 and 1024 rows x 4096 keys: results/decode_kernel_ncu-2026-12-04-h200-
-# gluon.json). 32 (token `gluon32`): each row's states go from L2 to one SM once, in a program of two warpgroups (8
-# warps), each the MMAs of 16 heads over the same shared tiles; 64 KiB of queries leave room for a ring of 4 (one
-# tile). L2 fell to 75%, but with 255 registers and spills in the loop (which the four-slot ring brings: 16 heads with
-# it spill too, results/gluon_decode_compile-2026-12-04-cpu-sm90-s33.json) and no next tile in flight it ran 1.25
-# against 0.92 ms at 256 rows and 3.34 against 3.28 at 1024, whole generation 10.33 against 11.65 summaries/s
-# (results/…-gluon32.json): 16 stays.
-HEADS_PER_PROGRAM = 16
-HEADS_PER_WARPGROUP = 16
-# The chunks by TMA (64 x 64 boxes of a 2-D descriptor over dense [B * L, D] states; one mbarrier a slot) instead of
-# cp.async: no address registers or per-thread copies (the cp.async build's 160 LDGSTS and their address arithmetic
-# are ~1/4 of its SASS). Rows past a row's keys read the next row's states (finite) or zeros past the end, and their
-# scores are masked. Dense states only (fused decoding's buffer is; cross_attention sends others to the Triton kernel).
-# By cp.async (token `gluoncp`) the kernel ran 1.78 against 1.29 ms at 256 rows and whole generation 8.23 against
-# 10.39 summaries/s (results/…-gluon.json): slower than the Triton kernel, kept only as that A/B.
-TMA_LOADS = True
+# Heads a program: one warpgroup's MMA columns. Two programs read each row's states, the second mostly from L2, and
+# Nsight Compute put L2 at 93-95% of its peak with DRAM at 67% (256 and 1024 rows x 4096 keys: results/decode_kernel_
+# ncu-2026-12-04-h200-gluon.json). 32 heads a program in two warpgroups over the same tiles (each row's states from L2
+# once) left room for a ring of four only, spilled, and ran 1.25 against 0.92 ms at 256 rows, whole generation 10.33
+# against 11.65 summaries/s (results/…-gluon32.json; with a ring of four 16 heads spill too: results/gluon_decode_
+# compile-2026-12-04-cpu-sm90-s33.json). The chunks by cp.async instead of TMA ran 1.78 against the Triton kernel's
+# 1.29 ms at 256 rows and whole generation 8.23 against 10.39 (results/…-gluon.json). Both went after session 34's GPU
+# test passed them once more (commit f21cad8 has them).
+BLOCK_H = 16
+WARPS = 4
 TMA_BOX = 64  # 128 bytes of bf16: the swizzle's width
 CHUNKS = 4  # the states tile's d_model in four chunks: the kernel holds one accumulator a chunk, so not a knob
-# Names that moved between Triton 3.6 (the GPU image's) and 3.9: cp.async into shared memory, the block barrier,
-# the TMA load
-_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+# Names that moved between Triton 3.6 (the GPU image's) and 3.9: the block barrier, the TMA load
 _barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 
 @gluon.jit
-def _load_chunk(buffer, MEM, rows, stride_mn, d0, offs_d, stop):
-    """States rows ``rows``, columns d0 + offs_d into ``buffer`` by cp.async (rows at or past ``stop``: zeros); one
-    commit group, even when every row is masked (the ring's group count stays the same)."""
-    _async_load(buffer, MEM + rows[:, None] * stride_mn + (d0 + offs_d)[None, :], mask=(rows < stop)[:, None])
-    async_copy.commit_group()
-
-
-@gluon.jit
-def _issue(ring, bars, g, SLOTS: gl.constexpr, MEM, DESC, rows, row_base, stride_mn, offs_d, stop,
-           BLOCK_N: gl.constexpr, CHUNK: gl.constexpr, TMA: gl.constexpr, BOX: gl.constexpr):
-    """Chunk g (tile g // 4, d_model chunk g % 4) into slot g % SLOTS: by TMA (the slot's mbarrier counts its bytes)
-    or by cp.async (one commit group)."""
+def _issue(ring, bars, g, SLOTS: gl.constexpr, DESC, row_base, BLOCK_N: gl.constexpr, CHUNK: gl.constexpr,
+           BOX: gl.constexpr):
+    """Chunk g (tile g // 4, d_model chunk g % 4) into slot g % SLOTS by TMA; the slot's mbarrier counts its bytes."""
     slot = g % SLOTS
     tile = g // 4
     d0 = (g % 4) * CHUNK
-    if TMA:
-        mbarrier.expect(bars.index(slot), BLOCK_N * CHUNK * 2)
-        for j in gl.static_range(CHUNK // BOX):
-            _tma_load(DESC, [row_base + tile * BLOCK_N, d0 + j * BOX], bars.index(slot),
-                      ring.index(slot).slice(j * BOX, BOX, dim=1))
-    else:
-        _load_chunk(ring.index(slot), MEM, rows + tile * BLOCK_N, stride_mn, d0, offs_d, stop)
+    mbarrier.expect(bars.index(slot), BLOCK_N * CHUNK * 2)
+    for j in gl.static_range(CHUNK // BOX):
+        _tma_load(DESC, [row_base + tile * BLOCK_N, d0 + j * BOX], bars.index(slot),
+                  ring.index(slot).slice(j * BOX, BOX, dim=1))
 
 
 @gluon.jit
-def _landed(bars, g, pending: gl.constexpr, SLOTS: gl.constexpr, TMA: gl.constexpr):
-    """Wait until chunk g is in shared memory (cp.async: while ``pending`` later groups may still be in flight)."""
-    if TMA:
-        mbarrier.wait(bars.index(g % SLOTS), (g // SLOTS) & 1)
-    else:
-        async_copy.wait_group(pending)
+def _landed(bars, g, SLOTS: gl.constexpr):
+    """Wait until chunk g is in shared memory."""
+    mbarrier.wait(bars.index(g % SLOTS), (g // SLOTS) & 1)
 
 
 @gluon.jit
-def _refill_after(acc, outstanding: gl.constexpr, g, ring, bars, SLOTS: gl.constexpr, MEM, DESC, rows, row_base,
-                  stride_mn, offs_d, stop, BLOCK_N: gl.constexpr, CHUNK: gl.constexpr, TMA: gl.constexpr,
-                  BOX: gl.constexpr):
+def _refill_after(acc, outstanding: gl.constexpr, g, ring, bars, SLOTS: gl.constexpr, DESC, row_base,
+                  BLOCK_N: gl.constexpr, CHUNK: gl.constexpr, BOX: gl.constexpr):
     """Once ``acc``'s P.V is done (``outstanding`` later ones may run on), its chunk's slot takes chunk g."""
     acc = warpgroup_mma_wait(num_outstanding=outstanding, deps=(acc,))
     _barrier()
-    _issue(ring, bars, g, SLOTS, MEM, DESC, rows, row_base, stride_mn, offs_d, stop, BLOCK_N, CHUNK, TMA, BOX)
+    _issue(ring, bars, g, SLOTS, DESC, row_base, BLOCK_N, CHUNK, BOX)
     return acc
 
 
@@ -121,50 +96,44 @@ def _chunk_pv(ring, slot, p_smem, acc):
 
 
 @gluon.jit
-def gluon_hidden_cross_attention(Q, MEM, DESC, LENGTHS, OUT, ACC, MAX, SUM, stride_qb, stride_qh, stride_mb,
-                                 stride_mn, stride_ob, stride_oh, heads, keys_per_split, BLOCK_H: gl.constexpr,
-                                 D: gl.constexpr, BLOCK_N: gl.constexpr, SPLIT: gl.constexpr,
-                                 LOAD_TPW_D: gl.constexpr, SLOTS: gl.constexpr, TMA: gl.constexpr,
-                                 BOX: gl.constexpr, num_warps: gl.constexpr):
+def gluon_hidden_cross_attention(Q, DESC, LENGTHS, OUT, ACC, MAX, SUM, stride_qb, stride_qh, src_len, stride_ob,
+                                 stride_oh, heads, keys_per_split, BLOCK_H: gl.constexpr, D: gl.constexpr,
+                                 BLOCK_N: gl.constexpr, SPLIT: gl.constexpr, LOAD_TPW_D: gl.constexpr,
+                                 SLOTS: gl.constexpr, BOX: gl.constexpr, num_warps: gl.constexpr):
     CHUNK: gl.constexpr = D // 4
-    GROUPS: gl.constexpr = num_warps // 4  # warpgroups: each the products of BLOCK_H // GROUPS heads
-    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, GROUPS],
-                                                         instr_shape=[16, BLOCK_H // GROUPS, 16])
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, BLOCK_H, 16])
     load_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // LOAD_TPW_D, LOAD_TPW_D], [num_warps, 1], [1, 0])
     tile_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     p_smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=min(128, 2 * BLOCK_H), element_bitwidth=16,
                                                        rank=2)
-    dtype: gl.constexpr = MEM.dtype.element_ty
+    dtype: gl.constexpr = Q.dtype.element_ty
 
     group = gl.program_id(0)
-    row = gl.program_id(1).to(gl.int64)
+    row = gl.program_id(1)
     split = gl.program_id(2)
     offs_hq = group * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, load_layout))
     offs_dq = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, load_layout))
     q_smem = gl.allocate_shared_memory(dtype, [BLOCK_H, D], tile_smem)
     for c in gl.static_range(4):  # a chunk at a time: fewer registers live than the whole (BLOCK_H, D) block
-        q = gl.load(Q + row * stride_qb + offs_hq[:, None] * stride_qh + (c * CHUNK + offs_dq)[None, :],
+        q = gl.load(Q + row.to(gl.int64) * stride_qb + offs_hq[:, None] * stride_qh + (c * CHUNK + offs_dq)[None, :],
                     mask=(offs_hq < heads)[:, None], other=0.0)
         q_smem.slice(c * CHUNK, CHUNK, dim=1).store(q)
     ring = gl.allocate_shared_memory(dtype, [SLOTS, BLOCK_N, CHUNK], tile_smem)
     p_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_H], p_smem_layout)
     bars = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
-    if TMA:
-        for i in gl.static_range(SLOTS):
-            mbarrier.init(bars.index(i), count=1)
-        fence_async_shared()
+    for i in gl.static_range(SLOTS):
+        mbarrier.init(bars.index(i), count=1)
+    fence_async_shared()
 
     start = split * keys_per_split
     stop = gl.minimum(start + keys_per_split, gl.load(LENGTHS + row))
     n_tiles = gl.cdiv(gl.maximum(stop - start, 0), BLOCK_N)
-    row_base = (row * (stride_mb // stride_mn)).to(gl.int32) + start  # TMA: the row's first key in [B * L, D]
-    MEM += row * stride_mb
-    rows = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, load_layout))
-    offs_d = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, load_layout))
+    row_base = row * src_len + start  # the row's first key in the [B * L, D] descriptor
     # Prologue: chunks 0 .. SLOTS - 1 (tile 0's four, then the next tile's first ones); chunk g (tile g // 4, d_model
     # chunk g % 4) always goes to slot g % SLOTS.
     for g in gl.static_range(SLOTS):
-        _issue(ring, bars, g, SLOTS, MEM, DESC, rows, row_base, stride_mn, offs_d, stop, BLOCK_N, CHUNK, TMA, BOX)
+        _issue(ring, bars, g, SLOTS, DESC, row_base, BLOCK_N, CHUNK, BOX)
 
     m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=gl.SliceLayout(0, mma_layout))
     l_i = gl.zeros([BLOCK_H], gl.float32, layout=gl.SliceLayout(0, mma_layout))
@@ -176,11 +145,11 @@ def gluon_hidden_cross_attention(Q, MEM, DESC, LENGTHS, OUT, ACC, MAX, SUM, stri
     keys = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma_layout))
     for t in range(0, n_tiles):
         # Chunks 4t .. 4t + SLOTS - 1 are issued (the first four are this tile's); chunk 4t + c sits in slot
-        # (4t + c) % SLOTS. Scores: each chunk once it has landed (SLOTS - 1 - c groups may still be in flight).
+        # (4t + c) % SLOTS. Scores: each chunk's product as soon as that chunk has landed.
         base = (4 * t) % SLOTS
         s = zero_s
         for c in gl.static_range(4):
-            _landed(bars, 4 * t + c, SLOTS - 1 - c, SLOTS, TMA)
+            _landed(bars, 4 * t + c, SLOTS)
             _barrier()
             fence_async_shared()
             slot = (base + c) % SLOTS
@@ -203,25 +172,22 @@ def gluon_hidden_cross_attention(Q, MEM, DESC, LENGTHS, OUT, ACC, MAX, SUM, stri
         acc2 = _chunk_pv(ring, (base + 2) % SLOTS, p_smem, acc2 * alpha[None, :])
         acc3 = _chunk_pv(ring, (base + 3) % SLOTS, p_smem, acc3 * alpha[None, :])
         # As chunk 4t + c's P.V completes, its slot takes chunk 4t + c + SLOTS (tile t + (c + SLOTS) // 4, d_model
-        # chunk (c + SLOTS) % 4); chunks past the split's keys load too (cp.async: masked, keeping the group count).
-        acc0 = _refill_after(acc0, 3, 4 * t + 0 + SLOTS, ring, bars, SLOTS, MEM, DESC, rows, row_base, stride_mn,
-                              offs_d, stop, BLOCK_N, CHUNK, TMA, BOX)
-        acc1 = _refill_after(acc1, 2, 4 * t + 1 + SLOTS, ring, bars, SLOTS, MEM, DESC, rows, row_base, stride_mn,
-                              offs_d, stop, BLOCK_N, CHUNK, TMA, BOX)
-        acc2 = _refill_after(acc2, 1, 4 * t + 2 + SLOTS, ring, bars, SLOTS, MEM, DESC, rows, row_base, stride_mn,
-                              offs_d, stop, BLOCK_N, CHUNK, TMA, BOX)
-        acc3 = _refill_after(acc3, 0, 4 * t + 3 + SLOTS, ring, bars, SLOTS, MEM, DESC, rows, row_base, stride_mn,
-                              offs_d, stop, BLOCK_N, CHUNK, TMA, BOX)
-    if TMA:  # every chunk issued was waited for but the last SLOTS: wait for those too before the barriers go
-        for i in gl.static_range(SLOTS):
-            _landed(bars, 4 * n_tiles + i, 0, SLOTS, TMA)
-    else:
-        async_copy.wait_group(0)
+        # chunk (c + SLOTS) % 4); chunks past the split's keys load too (and are waited for below).
+        acc0 = _refill_after(acc0, 3, 4 * t + 0 + SLOTS, ring, bars, SLOTS, DESC, row_base, BLOCK_N, CHUNK,
+                              BOX)
+        acc1 = _refill_after(acc1, 2, 4 * t + 1 + SLOTS, ring, bars, SLOTS, DESC, row_base, BLOCK_N, CHUNK,
+                              BOX)
+        acc2 = _refill_after(acc2, 1, 4 * t + 2 + SLOTS, ring, bars, SLOTS, DESC, row_base, BLOCK_N, CHUNK,
+                              BOX)
+        acc3 = _refill_after(acc3, 0, 4 * t + 3 + SLOTS, ring, bars, SLOTS, DESC, row_base, BLOCK_N, CHUNK,
+                              BOX)
+    for i in gl.static_range(SLOTS):  # every chunk issued was waited for but the last SLOTS: those too
+        _landed(bars, 4 * n_tiles + i, SLOTS)
 
     offs_h = group * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(0, mma_layout))
     offs_do = gl.arange(0, CHUNK, layout=gl.SliceLayout(1, mma_layout))
     if SPLIT:  # partial results of this split, combined by the caller: [B, splits, groups * BLOCK_H, D] and so on
-        base_h = (row * gl.num_programs(2) + split) * gl.num_programs(0) * BLOCK_H
+        base_h = (row.to(gl.int64) * gl.num_programs(2) + split) * gl.num_programs(0) * BLOCK_H
         ACC += (base_h + offs_h[None, :]) * D + offs_do[:, None]
         gl.store(ACC, acc0)
         gl.store(ACC + CHUNK, acc1)
@@ -231,7 +197,7 @@ def gluon_hidden_cross_attention(Q, MEM, DESC, LENGTHS, OUT, ACC, MAX, SUM, stri
         gl.store(SUM + base_h + offs_h, l_i)
     else:
         scale = 1.0 / gl.where(l_i > 0, l_i, 1.0)  # a row without keys: zeros
-        OUT += row * stride_ob + offs_h[None, :] * stride_oh + offs_do[:, None]
+        OUT += row.to(gl.int64) * stride_ob + offs_h[None, :] * stride_oh + offs_do[:, None]
         in_h = (offs_h < heads)[None, :]
         gl.store(OUT, (acc0 * scale[None, :]).to(OUT.dtype.element_ty), mask=in_h)
         gl.store(OUT + CHUNK, (acc1 * scale[None, :]).to(OUT.dtype.element_ty), mask=in_h)
@@ -244,31 +210,15 @@ def load_threads_along_d(d_model: int) -> int:
     return min(32, d_model // CHUNKS // 8)
 
 
-def warps_for(heads_per_program: int) -> int:
-    """A warpgroup (4 warps) for each HEADS_PER_WARPGROUP heads of a program."""
-    return 4 * max(1, heads_per_program // HEADS_PER_WARPGROUP)
-
-
-def shared_bytes(d_model: int, heads_per_program: int, slots: int) -> int:
+def shared_bytes(d_model: int, slots: int) -> int:
     """The kernel's shared memory: queries, the ring of d_model / 4-wide chunks, P, one mbarrier a slot."""
-    return 2 * (heads_per_program * d_model + slots * BLOCK_N * (d_model // CHUNKS) + BLOCK_N * heads_per_program) \
-        + 8 * slots
+    return 2 * (BLOCK_H * d_model + slots * BLOCK_N * (d_model // CHUNKS) + BLOCK_N * BLOCK_H) + 8 * slots
 
 
-def slots_for(d_model: int, heads_per_program: int) -> int:
-    """SLOTS, or as many as fit in Hopper's shared memory beside the queries (a tile's four at least)."""
-    from sumtune.fast_t5.flash_compile import HOPPER_SHARED_BYTES
-
-    fits = [n for n in range(CHUNKS, SLOTS + 1) if shared_bytes(d_model, heads_per_program, n) <= HOPPER_SHARED_BYTES]
-    return max(fits, default=CHUNKS)
-
-
-def supported(d_model: int, heads_per_program: int) -> str | None:
-    """Why this kernel cannot take these shapes, or None."""
+def supported(d_model: int) -> str | None:
+    """Why this kernel cannot take states of this width, or None."""
     if d_model % (CHUNKS * 64) or d_model // CHUNKS > 256:
         return f"d_model {d_model} is not 4 chunks of 64 to 256"
-    if heads_per_program not in (16, 32):  # either leaves room for a tile's four chunks up to d_model 1024
-        return f"{heads_per_program} heads a program (16 or 32)"
     return None
 
 
@@ -290,35 +240,30 @@ def _states_descriptor(memory):
 
 
 def launch(grid, q_mem, memory, lengths, out, acc, running_max, total, heads, keys_per_split, block_h, split):
-    """This kernel launched with the Triton kernel's arguments (from cross_attention.fused_hidden_attention); TMA
-    where TMA_LOADS asks for it and the states are dense, else cp.async."""
-    d_model = memory.shape[-1]
-    desc = _states_descriptor(memory) if TMA_LOADS else None
+    """This kernel launched with the Triton kernel's arguments (from cross_attention.fused_hidden_attention) over
+    dense states."""
+    batch, src_len, d_model = memory.shape
     gluon_hidden_cross_attention[grid](
-        q_mem, memory, desc if desc is not None else memory, lengths, out, acc, running_max, total, q_mem.stride(0),
-        q_mem.stride(1), memory.stride(0), memory.stride(1), out.stride(0), out.stride(1), heads, keys_per_split,
-        BLOCK_H=block_h, D=d_model, BLOCK_N=BLOCK_N, SPLIT=split, LOAD_TPW_D=load_threads_along_d(d_model),
-        SLOTS=slots_for(d_model, block_h), TMA=desc is not None, BOX=TMA_BOX, num_warps=warps_for(block_h))
+        q_mem, _states_descriptor(memory), lengths, out, acc, running_max, total, q_mem.stride(0), q_mem.stride(1),
+        src_len, out.stride(0), out.stride(1), heads, keys_per_split, BLOCK_H=block_h, D=d_model, BLOCK_N=BLOCK_N,
+        SPLIT=split, LOAD_TPW_D=load_threads_along_d(d_model), SLOTS=SLOTS, BOX=TMA_BOX, num_warps=WARPS)
 
 
-_SIGNATURE = dict(Q="*bf16", MEM="*bf16", LENGTHS="*i32", OUT="*bf16", ACC="*fp32", MAX="*fp32", SUM="*fp32")
+_SIGNATURE = dict(Q="*bf16", LENGTHS="*i32", OUT="*bf16", ACC="*fp32", MAX="*fp32", SUM="*fp32",
+                  DESC=(f"tensordesc<bf16[{BLOCK_N}, {TMA_BOX}],NVMMASharedLayout(swizzle_byte_width=128, "
+                        "element_bitwidth=16, rank=2)>"))
 
 
-def compile_for_sm90(d_model: int = 1024, block_h: int = 16, split: bool = False, slots: int | None = None,
-                     tma_loads: bool = False):
+def compile_for_sm90(d_model: int = 1024, split: bool = False, slots: int | None = None):
     """triton.compile for sm_90 on any machine (no GPU), specialised as a T5-3b launch would be (pointers and ints
     divisible by 16)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    warps = warps_for(block_h)
-    constexprs = dict(BLOCK_H=block_h, D=d_model, BLOCK_N=BLOCK_N, SPLIT=split,
-                      LOAD_TPW_D=load_threads_along_d(d_model), SLOTS=slots or slots_for(d_model, block_h),
-                      TMA=tma_loads, BOX=TMA_BOX, num_warps=warps)
+    constexprs = dict(BLOCK_H=BLOCK_H, D=d_model, BLOCK_N=BLOCK_N, SPLIT=split,
+                      LOAD_TPW_D=load_threads_along_d(d_model), SLOTS=slots or SLOTS, BOX=TMA_BOX, num_warps=WARPS)
     names = gluon_hidden_cross_attention.arg_names
-    types = dict(_SIGNATURE, DESC=(f"tensordesc<bf16[{BLOCK_N}, {TMA_BOX}],NVMMASharedLayout(swizzle_byte_width=128, "
-                                   "element_bitwidth=16, rank=2)>") if tma_loads else "*bf16")
-    signature = {n: ("constexpr" if n in constexprs else types.get(n, "i32")) for n in names}
+    signature = {n: ("constexpr" if n in constexprs else _SIGNATURE.get(n, "i32")) for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in constexprs and n != "DESC"}
     source = GluonASTSource(fn=gluon_hidden_cross_attention, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=WARPS))
