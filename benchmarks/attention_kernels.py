@@ -191,18 +191,6 @@ def forward_error(fa, attend, q, k, v, table, keep, rows: int) -> float:
     return float((out[real] - reference[real]).norm() / reference[real].norm())
 
 
-def gluon_against_triton(fa, attend, q, k, v, table, keep) -> dict:
-    """The Gluon forward (patched on by the caller) against the Triton one on the whole input, and its output's
-    relative error against float32 on the first two rows (beside the Triton forward's, `no_grad_out_vs_fp32`)."""
-    with torch.no_grad():
-        ours = attend(q, k, v, p=0.0).float()
-        ran = fa.gluon_forward_failure is None
-        with bc.patched("nogluonenc"):
-            triton_out = attend(q, k, v, p=0.0).float()
-    return dict(ran=ran, failure=fa.gluon_forward_failure, max_abs_diff_vs_triton=float((ours - triton_out).abs().max()),
-                out_vs_fp32=forward_error(fa, lambda *t: attend(*t, p=0.0), q, k, v, table, keep, rows=2))
-
-
 def error_vs_float32(fa, attend_ours, attend_sdpa, q, k, v, table, keep, grad_out, rows: int):
     """Relative errors of out/dq/dk/dv vs a float32 reference on the first ``rows`` batch rows (padded ones),
     for sumtune's kernels with dropout (checked with the mask they draw) and for SDPA without."""
@@ -323,14 +311,6 @@ def run_shape(shape, repeats: int, with_flex: bool, only: tuple[str, ...] = (), 
         with fa.block_sizes(fwd=tile), bc.patched(patch):
             record("triton+bias@" + "x".join(map(str, tile)) + (f"[{patch}]" if patch else ""),
                    lambda *t: ours(*t, p=0.0), (q, k, v), table.numel() * 4 / 2**30)
-    gluon_check = {}
-    if inference:  # the no-gradient forward in Gluon (flash_attention.GLUON_NO_GRAD_FORWARD), tiles under --patches
-        for patch in ("", *patches):
-            setting = "gluonenc" + (f":{patch}" if patch else "")
-            with bc.patched(setting):
-                record("gluon+bias" + (f"@{patch}" if patch else ""), lambda *t: ours(*t, p=0.0), (q, k, v),
-                       table.numel() * 4 / 2**30)
-                gluon_check[setting] = gluon_against_triton(fa, ours, q, k, v, table, keep)
     timed = "no_grad_fwd_ms" if inference else "fwd_bwd_ms"
     baseline = next((r[timed] for r in rows if r["kernel"] == "cudnn" and timed in r), None)
     for row in rows:
@@ -342,7 +322,6 @@ def run_shape(shape, repeats: int, with_flex: bool, only: tuple[str, ...] = (), 
                  triton_configs=tuned)
     if inference:
         check["no_grad_out_vs_fp32"] = forward_error(fa, lambda *t: ours(*t, p=0.0), q, k, v, table, keep, rows=2)
-        check["gluon"] = gluon_check
     print(check, flush=True)
     del dense, position
     return rows, check

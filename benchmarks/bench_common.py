@@ -264,11 +264,8 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     # the decoding cross-attention in the Triton kernel, not in Gluon with warpgroup MMAs (cross_attention.GLUON_KERNEL,
     # on since 2026-12-04; before that, its token `decodegluon` turned it on, and `gluontma` took TMA)
     "nodecodegluon": ("sumtune.generation.cross_attention", "GLUON_KERNEL", False),
-    # the attention forward of no-gradient calls (generation's encoder) in Gluon (flash_attention.GLUON_NO_GRAD_FORWARD)
-    "gluonenc": ("sumtune.fast_t5.flash_attention", "GLUON_NO_GRAD_FORWARD", True),
-    "nogluonenc": ("sumtune.fast_t5.flash_attention", "GLUON_NO_GRAD_FORWARD", False),
-    "gluonenc2": ("sumtune.fast_t5.gluon_forward", "BLOCKS", (128, 64, 8, 2)),  # its rings of two, not three
-    "gluonenc64": ("sumtune.fast_t5.gluon_forward", "BLOCKS", (64, 64, 4, 3)),  # 64 queries a program, 4 warps
+    # (`gluonenc`, `gluonenc2`, `gluonenc64`: a no-gradient attention forward in Gluon, measured slower on 2026-12-04
+    # and gone: flash_attention's note; commit f21cad8 has it.)
     "gluon5": ("sumtune.generation.gluon_decode", "SLOTS", 5),  # the Gluon kernel with a ring of 5 chunks, not 6
     # (`gluoncp`: its chunks by cp.async, `gluon32`: 32 heads a program; both slower and gone in session 34:
     # gluon_decode's note; commit f21cad8 has them.)

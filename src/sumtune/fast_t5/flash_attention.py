@@ -112,12 +112,12 @@ PRECISE_PV_MIN_KEYS = 2048
 # (A forward in Gluon with asynchronous warpgroup MMAs, the next tile's Q·Kᵀ and this tile's P·V in flight during
 # the softmax, gave the same outputs but no speed on an H200, 0.95x this forward's time at 32x32x1024x128 and 1.15x at
 # 4x32x4096x128 (benchmarks/results/gluon_attention-2026-12-03-h200.json), and went: commit 2fa495d has it.)
-# GLUON_NO_GRAD_FORWARD: a forward no gradient reaches (bf16 P·V, no dropout) runs sumtune.fast_t5.gluon_forward on a
-# Hopper GPU where it covers the call: TMA rings, the next Q·Kᵀ and this P·V in flight during the softmax. Off until
-# measured against this forward (benchmark token `gluonenc`). A launch that raises (Gluon's API moves between Triton
-# releases) turns it off for the process with one warning: the Triton forward runs.
-GLUON_NO_GRAD_FORWARD = False
-gluon_forward_failure: str | None = None
+# (A no-gradient forward in Gluon, sumtune.fast_t5.gluon_forward: K and V by TMA into rings, the next Q·Kᵀ and this
+# tile's P·V in flight during the softmax, P in registers, T5's bias far/near, outputs equal to this forward's bit for
+# bit, measured slower on an H200 on 2026-12-04: 13.7-15.4 against 11.6 ms at 16x32x4096x128 over three tile settings
+# (cuDNN without bias 7.1), 4.0-4.5 against 3.8 at 64x32x1024x128, encoder of 256 x 4096 9.78 against 8.78 s, whole
+# generation 11.16 against 11.79 summaries/s (results/attention_kernels-2026-12-04-h200-gluonenc.json, generate_
+# profile-…-gluonenc.json, generate_throughput-…-full-gluonenc.json). It went: commit f21cad8 has it.)
 # BIAS_BAND: the near tiles (offsets within +-bias_radius) read the bias from a per-call band
 # (sumtune.fast_t5.bias_band, ~10 MiB for T5-3b) at aligned, contiguous addresses instead of gathering each element
 # from the table; same values. Only with a known radius of at most BAND_MAX_RADIUS.
@@ -289,7 +289,6 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
     kernels = _kernels()
     batch, heads, query_len, head_dim = q.shape
     key_len = k.shape[2]
-    no_gradient = not precise_pv  # the op's flag: a gradient reaches this call (or PRECISE_PV_WITHOUT_GRAD)
     precise_pv = precise_pv and key_len >= PRECISE_PV_MIN_KEYS
     pv_fp16 = PV_FP16 and precise_pv and v.dtype == torch.bfloat16  # the kernel's P·V in float16 (P cast to V's dtype)
     largest = None
@@ -299,9 +298,6 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
     lse = torch.empty((batch, heads, query_len), device=q.device, dtype=torch.float32)
     drop_below, drop_scale = dropout_threshold(dropout_p, 1 << draw_bits)
     radius_given, radius = radius, _radius(radius, query_len, key_len)
-    if no_gradient and dropout_p == 0 and _gluon_forward(q, k, v, causal, out, lse, table, radius, mask, lengths,
-                                                             holes, scale):
-        return out, lse
     dummy = lse
     _launch("fwd", kernels.t5_flash_attention_fwd,
             lambda bm, bn: (_cdiv(query_len, bm), batch * heads),
@@ -315,35 +311,6 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
             PV_SPLIT=PV_SPLIT and precise_pv, PV_FP16=pv_fp16, PAIRS=_pairs_mode(pairs, key_len),
             **_holes_args(mask, holes), **_band_args(table, radius_given, query_len, key_len, "fwd"))
     return out, lse
-
-
-def _gluon_forward_asked(q: Tensor, mask: Tensor | None) -> bool:
-    """GLUON_NO_GRAD_FORWARD is on, has not failed here, and the call is on CUDA (not the interpreter) with the key
-    mask, if any, read only in rows with holes (the only way that kernel reads it)."""
-    return (GLUON_NO_GRAD_FORWARD and gluon_forward_failure is None and not _kernels().INTERPRET and q.is_cuda
-            and (mask is None or MASK_ONLY_WITH_HOLES))
-
-
-def _gluon_forward(q, k, v, causal, out, lse, table, radius, mask, lengths, holes, scale) -> bool:
-    """The no-gradient forward in Gluon (GLUON_NO_GRAD_FORWARD) when it covers the call; whether it ran."""
-    global gluon_forward_failure
-    if not _gluon_forward_asked(q, mask):
-        return False
-    try:
-        from sumtune.fast_t5 import gluon_forward
-
-        if not gluon_forward.covers(q, k, v, causal):
-            return False
-        gluon_forward.forward(q, k, v, out, lse, table, _table_geometry(table, q.shape[2]), radius, mask, lengths,
-                              holes, scale * LOG2E)
-    except Exception as error:  # noqa: BLE001 - any import or launch failure: the Triton forward, said once
-        import warnings
-
-        gluon_forward_failure = f"{type(error).__name__}: {error}"
-        warnings.warn(f"sumtune: the Gluon attention forward cannot run here ({gluon_forward_failure}); "
-                      "the Triton forward runs instead", RuntimeWarning, stacklevel=2)
-        return False
-    return True
 
 
 def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, causal, scale, dropout_p, seed,
