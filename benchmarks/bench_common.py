@@ -245,6 +245,8 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "noholes": ("sumtune.fast_t5.flash_attention", "MASK_ONLY_WITH_HOLES", False),
     # near bias tiles from the table's gathers, not the band (BIAS_BAND on by default since 2026-12-03; was `band`)
     "noband": ("sumtune.fast_t5.flash_attention", "BIAS_BAND", False),
+    # the attention forward's K and V by TMA descriptors, autotuned over its own tiles (FWD_DESCRIPTORS, off)
+    "fwdtma": ("sumtune.fast_t5.flash_attention", "FWD_DESCRIPTORS", True),
     # unpadded micro-batches keep their all-ones source mask (OMIT_FULL_SOURCE_MASK on by default since 2026-12-03;
     # was `omitmask`)
     "keepmask": ("sumtune.train_step", "OMIT_FULL_SOURCE_MASK", False),

@@ -660,6 +660,53 @@ def test_dispatch_keeps_sdpa_for_a_trainable_bias():
     assert attention_lib.choose_backend("auto", cuda, torch.bfloat16, 64, attention) == "triton"
 
 
+def _descriptor_runs(fa, monkeypatch, device, dtype, causal, dropout_p, fused, query_len=40, key_len=40, blocks=None):
+    """Output, log-sum-exp-backed gradients and output of FWD_DESCRIPTORS off and on, in one (B, H, L, D) layout:
+    separate projections, or q/k/v slices of one fused [B, L, 3, H, D] projection (self-attention)."""
+    heads, head_dim = 2, 32 if device == "cpu" else 128
+    gen = torch.Generator().manual_seed(7)
+    if fused:
+        qkv = torch.randn(3, key_len, 3, heads, head_dim, generator=gen).to(device=device, dtype=dtype)
+        q, k, v = (qkv[:, :, i].transpose(1, 2).detach().requires_grad_() for i in range(3))
+    else:
+        q, k, v = make_qkv(3, heads, query_len, key_len, head_dim, dtype, device=device, seed=7)
+    table = fa.bias_table_log2(t5_like_table(heads, q.shape[2], key_len, 8, device=device))
+    padding = fa.key_padding(padding_mask(3, key_len, device=device))
+    grad = torch.randn(q.shape, generator=gen).to(device)
+    results, used = {}, []
+    describe = fa._kv_descriptors
+    monkeypatch.setattr(fa, "_kv_descriptors", lambda k, v: used.append(describe(k, v)) or used[-1])
+    for on in (False, True):
+        monkeypatch.setattr(fa, "FWD_DESCRIPTORS", on)
+        torch.manual_seed(3)
+        with fa.block_sizes(**(blocks or {})):
+            results[on] = run_with_grads(
+                lambda q, k, v: fa.t5_flash_attention(q, k, v, table, 8, padding, causal, 1.0, dropout_p), q, k, v,
+                grad)
+    return results, used
+
+
+@pytest.mark.parametrize("causal,dropout_p,fused,query_len", [(False, 0.0, False, 24), (False, 0.2, True, 40),
+                                                              (True, 0.2, False, 40)],
+                         ids=["cross", "encoder-fused-dropout", "decoder-dropout"])
+def test_forward_by_tma_descriptors_matches_pointer_loads(fa, monkeypatch, causal, dropout_p, fused, query_len):
+    """FWD_DESCRIPTORS: K and V by TMA descriptors over the (B * Lk, H * D) rows give the pointer loads' outputs and
+    gradients (the backward reads the forward's log-sum-exp) to within float32 rounding, with T5's bias (near and far
+    tiles), padding with a hole, dropout's draws, causal masking, cross-attention lengths and the fused projection's
+    layout; tiles of 16 keys cross the rows' ends, where the descriptors read the next row's keys or zeros. A layout
+    the descriptors cannot read (heads outermost) keeps the pointer loads."""
+    results, used = _descriptor_runs(fa, monkeypatch, "cpu", torch.float32, causal, dropout_p, fused, query_len,
+                                     blocks=dict(fwd=(16, 16), dkdv=(16, 16), dq=(16, 16)))
+    (out_off, grads_off), (out_on, grads_on) = results[False], results[True]
+    assert len(used) == 1 and used[0] is not None and used[0][0].shape == [3 * 40, 2 * 32]
+    assert used[0][0].block_shape == [16, 32]  # the launch's BLOCK_N keys
+    errors = [relative_error(a, b) for a, b in zip((out_on, *grads_on), (out_off, *grads_off))]
+    assert max(errors) < 1e-5, errors  # a tile read from the wrong row or head would be off by ~1
+    assert out_off.abs().max() > 0.1 and relative_error(grads_on[1], torch.zeros_like(grads_on[1])) > 0.5
+    heads_outer = torch.zeros(2, 2, 40, 32)  # contiguous (B, H, L, D): not rows of B * L
+    assert fa._rows_stride(heads_outer) is None and fa._kv_descriptors(heads_outer, heads_outer) is None
+
+
 def test_custom_op_registration_passes_opcheck(fa):
     """Schema, fake tensors and autograd registration as torch.compile relies on (torch.library.opcheck)."""
     q, k, v = make_qkv(2, 2, 20, 20, 16, torch.float32)
@@ -712,6 +759,25 @@ def test_dkdv_configs_that_store_ds_compile_for_hopper_without_spilling(compiled
     assert len(rows) == len(AUTOTUNE_CONFIGS["dkdv"]), stderr
     for row in rows:
         assert row["shared_bytes"] <= HOPPER_SHARED_BYTES and row["spill_bytes"] <= 256, row
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_forward_descriptor_configs_compile_for_hopper_with_tma(compiled_for_hopper):
+    """FWD_DESCRIPTORS' tiles build for sm_90 (bias band, padding, with and without dropout) within Hopper's shared
+    memory, with K and V by TMA (bulk tensor copies) and at most a few bytes of spill."""
+    from sumtune.fast_t5.flash_attention import FWD_DESCRIPTOR_CONFIGS
+    from sumtune.fast_t5.flash_compile import HOPPER_SHARED_BYTES
+
+    rows, stderr = compiled_for_hopper(
+        "import json; from sumtune.fast_t5 import flash_compile as fc, flash_attention as fa\n"
+        "for config in fa.FWD_DESCRIPTOR_CONFIGS:\n"
+        "    for dropout in (False, True):\n"
+        "        c = fc.compile_kernel('fwd', *config, DESC=True, DROPOUT=dropout)\n"
+        "        print(json.dumps(dict(fc.resources(c), bulk=c.asm['ptx'].count('cp.async.bulk.tensor'))))")
+    assert len(rows) == 2 * len(FWD_DESCRIPTOR_CONFIGS), stderr
+    for row in rows:
+        assert row["shared_bytes"] <= HOPPER_SHARED_BYTES and row["spill_bytes"] <= 64 and row["bulk"] > 0, row
 
 
 @pytest.mark.slow
@@ -921,6 +987,26 @@ def test_gpu_bias_band_changes_no_bit(compiled_fa, monkeypatch, causal):
         (out_off, grads_off), (out_on, grads_on) = results[False, ds_gemm], results[True, ds_gemm]
         errors = [relative_error(a, b) for a, b in zip((out_on, *grads_on), (out_off, *grads_off))]
         assert max(errors) <= 1e-3, errors
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="needs a GPU with TMA (Hopper or later)")
+@pytest.mark.parametrize("causal,dropout_p,fused,blocks", [(False, 0.0, True, (128, 128, 8, 2)),
+                                                           (False, 0.2, False, (128, 64, 8, 3)),
+                                                           (True, 0.2, True, (64, 64, 4, 2))])
+def test_gpu_forward_by_tma_descriptors_matches_pointer_loads(compiled_fa, monkeypatch, causal, dropout_p, fused,
+                                                              blocks):
+    """FWD_DESCRIPTORS compiled at its tiles (FWD_DESCRIPTOR_CONFIGS' first, others): the pointer loads' outputs and
+    gradients to within 1e-3 (compiled variants may schedule their arithmetic apart), at 300 keys (not whole tiles),
+    bf16, head_dim 128, with bias, padding with a hole, dropout, causal masking and the fused layout."""
+    fa = compiled_fa
+    results, used = _descriptor_runs(fa, monkeypatch, "cuda", torch.bfloat16, causal, dropout_p, fused, 300, 300,
+                                     blocks=dict(fwd=blocks))
+    (out_off, grads_off), (out_on, grads_on) = results[False], results[True]
+    assert len(used) == 1 and used[0] is not None and used[0][0].block_shape == [blocks[1], 128]
+    errors = [relative_error(a, b) for a, b in zip((out_on, *grads_on), (out_off, *grads_off))]
+    assert max(errors) <= 1e-3, errors
 
 
 @pytest.mark.gpu

@@ -118,6 +118,15 @@ PRECISE_PV_MIN_KEYS = 2048
 # (cuDNN without bias 7.1), 4.0-4.5 against 3.8 at 64x32x1024x128, encoder of 256 x 4096 9.78 against 8.78 s, whole
 # generation 11.16 against 11.79 summaries/s (results/attention_kernels-2026-12-04-h200-gluonenc.json, generate_
 # profile-…-gluonenc.json, generate_throughput-…-full-gluonenc.json). It went: commit f21cad8 has it.)
+# FWD_DESCRIPTORS: the forward kernel reads K and V by TMA, from 2-D descriptors over the projections' (B * L, H * D)
+# rows (fused or not), instead of pointer loads: the same sums in the same order (in Triton's interpreter equal to
+# within float32 rounding: numpy multiplies a transposed tile in another order), autotuned over
+# FWD_DESCRIPTOR_CONFIGS. Why: Triton's own tutorial forward, by TMA without T5's extras, ran 8.53 ms at
+# 16x32x4096x128 and 2.41 at 64x32x1024x128 where this forward with them runs 11.62 and 3.83 (cuDNN without bias 6.74
+# and 1.72; results/attention_tutorial_ceiling-2026-12-04-h200.json, attention_kernels-2026-12-04-h200-gluonenc.json).
+# Off until measured
+# (benchmark token `fwdtma`; with `noband` the near tiles gather from the table and free the band tile's memory).
+FWD_DESCRIPTORS = False
 # BIAS_BAND: the near tiles (offsets within +-bias_radius) read the bias from a per-call band
 # (sumtune.fast_t5.bias_band, ~10 MiB for T5-3b) at aligned, contiguous addresses instead of gathering each element
 # from the table; same values. Only with a known radius of at most BAND_MAX_RADIUS.
@@ -162,11 +171,22 @@ PREVIOUS_AUTOTUNE_CONFIGS = {
 }
 
 
-def _configs(name: str):
+# The forward with K and V by TMA (FWD_DESCRIPTORS), autotuned as "fwd_desc"; untimed in sumtune's forward yet. Triton's
+# tutorial forward ran fastest at 128 x 128 x 8 x 3 (results/attention_tutorial_ceiling-2026-12-04-h200.json), which
+# this forward cannot take either way: each of its three key loops holds its own pipeline buffers (360 KiB in the
+# sm_90 build); 128 x 128 x 8 x 2 fits (229 KiB).
+FWD_DESCRIPTOR_CONFIGS = [(128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2)]
+
+
+def _config_list(name: str) -> list[tuple[int, int, int, int]]:
+    return FWD_DESCRIPTOR_CONFIGS if name == "fwd_desc" else AUTOTUNE_CONFIGS[name]
+
+
+def _configs(name: str, pre_hook=None):
     import triton
 
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in AUTOTUNE_CONFIGS[name]]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=pre_hook)
+            for m, n, w, s in _config_list(name)]
 
 
 _AUTOTUNE_KEY = ["HEAD_DIM", "len_key", "CAUSAL", "HAS_BIAS", "HAS_KEY_MASK", "DROPOUT", "DRAW8", "STORE_DS",
@@ -174,14 +194,15 @@ _AUTOTUNE_KEY = ["HEAD_DIM", "len_key", "CAUSAL", "HAS_BIAS", "HAS_KEY_MASK", "D
 _tuned: dict[str, object] = {}
 
 
-def _autotuned(name: str, kernel):
-    """``kernel`` wrapped in triton.autotune (configs of AUTOTUNE_CONFIGS), built once per kernel object and list."""
-    configs = AUTOTUNE_CONFIGS[name]
+def _autotuned(name: str, kernel, pre_hook=None):
+    """``kernel`` wrapped in triton.autotune (configs of AUTOTUNE_CONFIGS[name], or FWD_DESCRIPTOR_CONFIGS for
+    "fwd_desc"; each run after ``pre_hook``), built once per kernel object and list."""
+    configs = _config_list(name)
     if _tuned.get(name, (None, None, None))[:2] != (kernel, configs):
         import triton
 
         key = [arg for arg in _AUTOTUNE_KEY if arg in kernel.arg_names]  # STORE_DS: dK/dV only; PV_*: forward
-        _tuned[name] = (kernel, configs, triton.autotune(_configs(name), key=key)(kernel))
+        _tuned[name] = (kernel, configs, triton.autotune(_configs(name, pre_hook), key=key)(kernel))
     return _tuned[name][2]
 
 
@@ -208,16 +229,20 @@ def _fixed_blocks(name: str) -> tuple[int, ...] | None:
     return _pinned_blocks.get(name) or (_INTERPRETER_BLOCKS[name] if _kernels().INTERPRET else None)
 
 
-def _launch(name: str, kernel, grid_for, *args, **kwargs) -> None:
-    """Run ``kernel`` with pinned tiles, the interpreter's tiles, or the autotuner's choice."""
+def _launch(name: str, kernel, grid_for, *args, tune_as: str | None = None, pre_hook=None, **kwargs) -> None:
+    """Run ``kernel`` with pinned tiles (of ``name``), the interpreter's tiles, or the autotuner's choice among the
+    configs of ``tune_as or name``; ``pre_hook(arguments by name, with BLOCK_M and BLOCK_N)`` runs before each
+    launch (TMA block shapes)."""
     blocks = _fixed_blocks(name)
     if blocks is None:
-        tuned = _autotuned(name, kernel)
+        tuned = _autotuned(tune_as or name, kernel, pre_hook)
         tuned[lambda meta: grid_for(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **kwargs)
         return
     block_m, block_n, *rest = blocks
     if max(block_m, block_n) > TABLE_MARGIN:
         raise ValueError(f"tiles of at most {TABLE_MARGIN} rows/keys (the bias table's margin), not {blocks}")
+    if pre_hook is not None:  # the arguments as the autotuner hands them to a config's pre_hook
+        pre_hook(dict(zip(kernel.arg_names, args), **kwargs, BLOCK_M=block_m, BLOCK_N=block_n))
     extra = dict(zip(("num_warps", "num_stages"), rest))
     kernel[grid_for(block_m, block_n)](*args, BLOCK_M=block_m, BLOCK_N=block_n, **extra, **kwargs)
 
@@ -299,9 +324,10 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
     drop_below, drop_scale = dropout_threshold(dropout_p, 1 << draw_bits)
     radius_given, radius = radius, _radius(radius, query_len, key_len)
     dummy = lse
+    descriptors = _kv_descriptors(k, v) if FWD_DESCRIPTORS else None
     _launch("fwd", kernels.t5_flash_attention_fwd,
             lambda bm, bn: (_cdiv(query_len, bm), batch * heads),
-            q, k, v, out, lse, table if table is not None else dummy, mask if mask is not None else dummy,
+            q, *(descriptors or (k, v)), out, lse, table if table is not None else dummy, mask if mask is not None else dummy,
             lengths if lengths is not None else dummy, largest if pv_fp16 else dummy,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), mask.stride(0) if mask is not None else 0,
             heads, query_len, key_len, radius, *_table_geometry(table, query_len), scale * LOG2E, seed, drop_below,
@@ -309,8 +335,36 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
             HEAD_DIM=head_dim, CAUSAL=causal, HAS_BIAS=table is not None, HAS_KEY_MASK=mask is not None,
             DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8,
             PV_SPLIT=PV_SPLIT and precise_pv, PV_FP16=pv_fp16, PAIRS=_pairs_mode(pairs, key_len),
-            **_holes_args(mask, holes), **_band_args(table, radius_given, query_len, key_len, "fwd"))
+            **_holes_args(mask, holes), **_band_args(table, radius_given, query_len, key_len, "fwd"),
+            **(dict(DESC=True, tune_as="fwd_desc", pre_hook=_descriptor_blocks) if descriptors else {}))
     return out, lse
+
+
+def _rows_stride(x: Tensor) -> int | None:
+    """The row stride s of a (B, H, L, D) view whose elements sit as rows of a (B * L, H * D) matrix s apart (the
+    projections' layout, fused or not), if TMA can read it (16-byte aligned), else None."""
+    batch, heads, length, head_dim = x.shape
+    s = x.stride(2)
+    aligned = (s * x.element_size()) % 16 == 0 and x.data_ptr() % 16 == 0
+    return s if x.stride() == (length * s, head_dim, s, 1) and aligned else None
+
+
+def _kv_descriptors(k: Tensor, v: Tensor):
+    """TMA descriptors of K and V as (B * Lk, H * D) rows (block shapes set per launch by _descriptor_blocks), or None
+    where their layout does not allow it."""
+    if _rows_stride(k) is None or _rows_stride(v) is None:
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    batch, heads, length, head_dim = k.shape
+    return tuple(TensorDescriptor(x, [batch * length, heads * head_dim], [_rows_stride(x), 1], [16, head_dim])
+                 for x in (k, v))
+
+
+def _descriptor_blocks(args: dict) -> None:
+    """A forward launch's K and V descriptors take its BLOCK_N keys x HEAD_DIM tiles (a config's pre_hook)."""
+    for name in ("K", "V"):
+        args[name].block_shape = [args["BLOCK_N"], args["HEAD_DIM"]]
 
 
 def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, causal, scale, dropout_p, seed,

@@ -86,7 +86,8 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, start, stop, con
                seed, stream, n_cols, drop_below,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-               DRAW8: tl.constexpr, PV_SPLIT: tl.constexpr, PAIRS: tl.constexpr):
+               DRAW8: tl.constexpr, PV_SPLIT: tl.constexpr, PAIRS: tl.constexpr, kv_row0=0, kv_col=0,
+               DESC: tl.constexpr = False):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(start, stop, BLOCK_N):
@@ -101,7 +102,11 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, start, stop, con
                 key_ok = key_ok & (tl.load(KMASK + offs_n, mask=in_k, other=0) != 0)
         if DROPOUT:
             kept = _keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N, DRAW8, PAIRS)
-        k_t = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=in_k[None, :], other=0.0)
+        if DESC:  # TMA: rows past the row's keys are the next row's (finite) or zeros, masked below like padding
+            k_t = K.load([kv_row0 + start_n, kv_col]).T
+        else:
+            k_t = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=in_k[None, :],
+                          other=0.0)
         s = _dot(q, k_t, UPCAST) * qk_scale
         if BIAS_MODE == BIAS_BAND:
             s += _band_tile(TABLE, start_n - start_m, band_w, BLOCK_M, BLOCK_N)
@@ -119,7 +124,10 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, start, stop, con
         acc = acc * alpha[:, None]
         if DROPOUT:  # the softmax denominator counts every key; dropout acts on the normalised probabilities
             p = tl.where(kept, p, 0.0)
-        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=in_k[:, None], other=0.0)
+        if DESC:
+            v = V.load([kv_row0 + start_n, kv_col])
+        else:
+            v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=in_k[:, None], other=0.0)
         p_high = p.to(v.dtype)
         acc = _dot(p_high, v, UPCAST, acc)
         if PV_SPLIT:  # P = high + low, each in V's dtype: P·V with ~16 bits of P for one more GEMM
@@ -139,7 +147,9 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, str
                            UPCAST: tl.constexpr, DRAW8: tl.constexpr = False, PV_SPLIT: tl.constexpr = False,
                            PV_FP16: tl.constexpr = False, PAIRS: tl.constexpr = False,
                            CHECK_HOLES: tl.constexpr = False, HOLES=0, BAND=0, band_w=0, band_head=0,
-                           USE_BAND: tl.constexpr = False):
+                           USE_BAND: tl.constexpr = False, DESC: tl.constexpr = False):
+    """With DESC, K and V are TMA descriptors over the (B * Lk, H * HEAD_DIM) rows of the keys and values (the
+    projections' layout) instead of pointers; the same sums in the same order."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     seed = 0
@@ -152,8 +162,11 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, str
     in_q = offs_m < Lq
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=in_q[:, None], other=0.0)
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
+    kv_row0 = (b * Lk).to(tl.int32)  # DESC: the row's first key, and the head's first column
+    kv_col = h * HEAD_DIM
+    if not DESC:
+        K += b * stride_kb + h * stride_kh
+        V += b * stride_vb + h * stride_vh
     if HAS_KEY_MASK:
         kv_len = tl.load(KV_LEN + b)
         KMASK += b * stride_mask_b
@@ -179,22 +192,22 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, str
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, 0, lo_end, far_left, start_m,
                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w,
                                    seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
-                                   False, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
+                                   False, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, kv_row0, kv_col, DESC)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, BAND + h * band_head if USE_BAND else TABLE, KMASK,
                                    read_mask, lo_end, hi_start, 0.0, start_m,
                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w,
                                    seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N,
                                    BIAS_BAND if USE_BAND else BIAS_GATHER,
-                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
+                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, kv_row0, kv_col, DESC)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, hi_start, stop, far_right,
                                    start_m, stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w,
                                    seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
-                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
+                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, kv_row0, kv_col, DESC)
     else:
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, 0, stop, 0.0, start_m,
                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w,
                                    seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE,
-                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS)
+                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, kv_row0, kv_col, DESC)
     empty = l_i == 0.0  # no key to attend to: output 0, and lse = +inf makes the backward's P exactly 0
     l_safe = tl.where(empty, 1.0, l_i)
     out_scale = drop_scale / l_safe
