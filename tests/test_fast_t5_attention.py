@@ -765,8 +765,10 @@ def test_dkdv_configs_that_store_ds_compile_for_hopper_without_spilling(compiled
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_forward_descriptor_configs_compile_for_hopper_with_tma(compiled_for_hopper):
     """FWD_DESCRIPTORS' tiles build for sm_90 (bias band, padding, with and without dropout) within Hopper's shared
-    memory, with K and V by TMA (bulk tensor copies) and at most a few bytes of spill."""
-    from sumtune.fast_t5.flash_attention import FWD_DESCRIPTOR_CONFIGS
+    memory, with K and V by TMA (bulk tensor copies) and at most a few bytes of spill. 128 x 128 x 8 x 3 fits, by
+    TMA or by pointers, only with the near loop at 2 stages (near_stages): with 3 it takes the bias tile's two extra
+    buffers too."""
+    from sumtune.fast_t5.flash_attention import FWD_DESCRIPTOR_CONFIGS, near_stages
     from sumtune.fast_t5.flash_compile import HOPPER_SHARED_BYTES
 
     rows, stderr = compiled_for_hopper(
@@ -774,10 +776,16 @@ def test_forward_descriptor_configs_compile_for_hopper_with_tma(compiled_for_hop
         "for config in fa.FWD_DESCRIPTOR_CONFIGS:\n"
         "    for dropout in (False, True):\n"
         "        c = fc.compile_kernel('fwd', *config, DESC=True, DROPOUT=dropout)\n"
-        "        print(json.dumps(dict(fc.resources(c), bulk=c.asm['ptx'].count('cp.async.bulk.tensor'))))")
-    assert len(rows) == 2 * len(FWD_DESCRIPTOR_CONFIGS), stderr
-    for row in rows:
-        assert row["shared_bytes"] <= HOPPER_SHARED_BYTES and row["spill_bytes"] <= 64 and row["bulk"] > 0, row
+        "        print(json.dumps(dict(fc.resources(c), bulk=c.asm['ptx'].count('cp.async.bulk.tensor'))))\n"
+        "for desc, near in ((False, 2), (False, None)):\n"
+        "    c = fc.compile_kernel('fwd', 128, 128, 8, 3, DESC=desc, NEAR_STAGES=near)\n"
+        "    print(json.dumps(dict(fc.resources(c), bulk=-1, near=near)))")
+    assert len(rows) == 2 * len(FWD_DESCRIPTOR_CONFIGS) + 2, stderr
+    for row in rows[:-1]:
+        assert row["shared_bytes"] <= HOPPER_SHARED_BYTES and row["spill_bytes"] <= 64 and row["bulk"] != 0, row
+    assert rows[-1]["shared_bytes"] > HOPPER_SHARED_BYTES, rows[-1]  # the near loop at the launch's 3 stages
+    assert near_stages("fwd", 128, 128, 3) == near_stages("fwd_desc", 128, 128, 3) == {"NEAR_STAGES": 2}
+    assert near_stages("fwd", 128, 64, 3) == near_stages("fwd", 128, 128, 2) == near_stages("dq", 128, 128, 3) == {}
 
 
 @pytest.mark.slow
@@ -992,7 +1000,7 @@ def test_gpu_bias_band_changes_no_bit(compiled_fa, monkeypatch, causal):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                     reason="needs a GPU with TMA (Hopper or later)")
-@pytest.mark.parametrize("causal,dropout_p,fused,blocks", [(False, 0.0, True, (128, 128, 8, 2)),
+@pytest.mark.parametrize("causal,dropout_p,fused,blocks", [(False, 0.0, True, (128, 128, 8, 3)),
                                                            (False, 0.2, False, (128, 64, 8, 3)),
                                                            (True, 0.2, True, (64, 64, 4, 2))])
 def test_gpu_forward_by_tma_descriptors_matches_pointer_loads(compiled_fa, monkeypatch, causal, dropout_p, fused,

@@ -173,19 +173,29 @@ PREVIOUS_AUTOTUNE_CONFIGS = {
 
 # The forward with K and V by TMA (FWD_DESCRIPTORS), autotuned as "fwd_desc"; untimed in sumtune's forward yet. Triton's
 # tutorial forward ran fastest at 128 x 128 x 8 x 3 (results/attention_tutorial_ceiling-2026-12-04-h200.json), which
-# this forward cannot take either way: each of its three key loops holds its own pipeline buffers (360 KiB in the
-# sm_90 build); 128 x 128 x 8 x 2 fits (229 KiB).
-FWD_DESCRIPTOR_CONFIGS = [(128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2)]
+# this forward takes with its near loop at 2 stages (near_stages).
+FWD_DESCRIPTOR_CONFIGS = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2)]
 
 
 def _config_list(name: str) -> list[tuple[int, int, int, int]]:
     return FWD_DESCRIPTOR_CONFIGS if name == "fwd_desc" else AUTOTUNE_CONFIGS[name]
 
 
+def near_stages(name: str, block_m: int, block_n: int, num_stages: int) -> dict:
+    """The forward's NEAR_STAGES for a tile: its near-diagonal loop pipelined over 2 stages where the tile is
+    128 x 128 with 3 or more, else the launch's. Triton buffers each pipelined load of a loop per stage, the bias
+    tile the near loop gathers too (2 x 64 KiB of float32 at 128 x 128), so 128 x 128 x 8 x 3 took 360 KiB of shared
+    memory; with the near loop at 2 stages it takes 225 KiB (sm_90 builds, by pointers or by TMA)."""
+    if not name.startswith("fwd") or block_m * block_n < 128 * 128 or num_stages < 3:
+        return {}
+    return {"NEAR_STAGES": 2}
+
+
 def _configs(name: str, pre_hook=None):
     import triton
 
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=pre_hook)
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, **near_stages(name, m, n, s)}, num_warps=w, num_stages=s,
+                          pre_hook=pre_hook)
             for m, n, w, s in _config_list(name)]
 
 
@@ -244,7 +254,8 @@ def _launch(name: str, kernel, grid_for, *args, tune_as: str | None = None, pre_
     if pre_hook is not None:  # the arguments as the autotuner hands them to a config's pre_hook
         pre_hook(dict(zip(kernel.arg_names, args), **kwargs, BLOCK_M=block_m, BLOCK_N=block_n))
     extra = dict(zip(("num_warps", "num_stages"), rest))
-    kernel[grid_for(block_m, block_n)](*args, BLOCK_M=block_m, BLOCK_N=block_n, **extra, **kwargs)
+    tile = near_stages(name, block_m, block_n, extra.get("num_stages", 3))
+    kernel[grid_for(block_m, block_n)](*args, BLOCK_M=block_m, BLOCK_N=block_n, **extra, **tile, **kwargs)
 
 
 def best_configs() -> dict[str, tuple[int, int, int, int] | None]:

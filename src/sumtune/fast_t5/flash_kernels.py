@@ -87,10 +87,11 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, start, stop, con
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
                DRAW8: tl.constexpr, PV_SPLIT: tl.constexpr, PAIRS: tl.constexpr, kv_row0=0, kv_col=0,
-               DESC: tl.constexpr = False):
+               DESC: tl.constexpr = False, LOOP_STAGES: tl.constexpr = None):
+    """Key tiles start, start + BLOCK_N, ... < stop, software-pipelined over LOOP_STAGES (None: the launch's)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    for start_n in range(start, stop, BLOCK_N):
+    for start_n in tl.range(start, stop, BLOCK_N, num_stages=LOOP_STAGES):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_k = offs_n < Lk
@@ -147,7 +148,8 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, str
                            UPCAST: tl.constexpr, DRAW8: tl.constexpr = False, PV_SPLIT: tl.constexpr = False,
                            PV_FP16: tl.constexpr = False, PAIRS: tl.constexpr = False,
                            CHECK_HOLES: tl.constexpr = False, HOLES=0, BAND=0, band_w=0, band_head=0,
-                           USE_BAND: tl.constexpr = False, DESC: tl.constexpr = False):
+                           USE_BAND: tl.constexpr = False, DESC: tl.constexpr = False,
+                           NEAR_STAGES: tl.constexpr = None):
     """With DESC, K and V are TMA descriptors over the (B * Lk, H * HEAD_DIM) rows of the keys and values (the
     projections' layout) instead of pointers; the same sums in the same order."""
     start_m = tl.program_id(0) * BLOCK_M
@@ -198,7 +200,8 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, str
                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w,
                                    seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N,
                                    BIAS_BAND if USE_BAND else BIAS_GATHER,
-                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, kv_row0, kv_col, DESC)
+                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, kv_row0, kv_col, DESC,
+                                   NEAR_STAGES)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, hi_start, stop, far_right,
                                    start_m, stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w,
                                    seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
