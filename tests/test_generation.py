@@ -402,9 +402,9 @@ from sumtune.generation import gluon_decode
 for split, slots in ((False, 6), (True, 6), (False, 5)):
     compiled = gluon_decode.compile_for_sm90(d_model=1024, split=split, slots=slots)
     ptx = compiled.asm["ptx"]
-    print(json.dumps(dict(split=split, slots=slots, wgmma=ptx.count("wgmma.mma_async"), ldmatrix=ptx.count("ldmatrix"),
-                          bulk=ptx.count("cp.async.bulk.tensor"), expected_shared=gluon_decode.shared_bytes(1024, slots),
-                          **resources(compiled))))
+    print(json.dumps(dict(split=split, slots=slots, wgmma=ptx.count("wgmma.mma_async"),
+                          ldmatrix=ptx.count("ldmatrix"), bulk=ptx.count("cp.async.bulk.tensor"),
+                          expected_shared=gluon_decode.shared_bytes(1024, slots), **resources(compiled))))
 """
 
 

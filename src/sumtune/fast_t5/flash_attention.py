@@ -124,8 +124,7 @@ PRECISE_PV_MIN_KEYS = 2048
 # FWD_DESCRIPTOR_CONFIGS. Why: Triton's own tutorial forward, by TMA without T5's extras, ran 8.53 ms at
 # 16x32x4096x128 and 2.41 at 64x32x1024x128 where this forward with them runs 11.62 and 3.83 (cuDNN without bias 6.74
 # and 1.72; results/attention_tutorial_ceiling-2026-12-04-h200.json, attention_kernels-2026-12-04-h200-gluonenc.json).
-# Off until measured
-# (benchmark token `fwdtma`; with `noband` the near tiles gather from the table and free the band tile's memory).
+# Off until measured (benchmark token `fwdtma`; with `noband` the near tiles gather from the table instead).
 FWD_DESCRIPTORS = False
 # BIAS_BAND: the near tiles (offsets within +-bias_radius) read the bias from a per-call band
 # (sumtune.fast_t5.bias_band, ~10 MiB for T5-3b) at aligned, contiguous addresses instead of gathering each element
@@ -338,8 +337,9 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
     descriptors = _kv_descriptors(k, v) if FWD_DESCRIPTORS else None
     _launch("fwd", kernels.t5_flash_attention_fwd,
             lambda bm, bn: (_cdiv(query_len, bm), batch * heads),
-            q, *(descriptors or (k, v)), out, lse, table if table is not None else dummy, mask if mask is not None else dummy,
-            lengths if lengths is not None else dummy, largest if pv_fp16 else dummy,
+            q, *(descriptors or (k, v)), out, lse, table if table is not None else dummy,
+            mask if mask is not None else dummy, lengths if lengths is not None else dummy,
+            largest if pv_fp16 else dummy,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), mask.stride(0) if mask is not None else 0,
             heads, query_len, key_len, radius, *_table_geometry(table, query_len), scale * LOG2E, seed, drop_below,
             drop_scale, _length_key(max(query_len, key_len)),

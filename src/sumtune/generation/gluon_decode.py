@@ -23,11 +23,12 @@ keys and its columns the group's 16 heads:
 The states tile comes in D/4-wide chunks by TMA (64 x 64 boxes of a 2-D descriptor over dense [B * L, D] states,
 one mbarrier a slot) into a ring of SLOTS (SLOTS - 4 chunks of the next tile in flight while this tile's are
 multiplied); a chunk's slot is refilled once its P.V has read it. Rows past a row's keys read the next row's states
-(finite) or zeros past the end, and their scores are masked. out^T is held as four accumulators (one a chunk, 32 registers a thread each). Same maths as the Triton kernel
-(online softmax, P rounded to the states' dtype for its product), different order of the sums.
+(finite) or zeros past the end, and their scores are masked. out^T is held as four accumulators (one a chunk, 32
+registers a thread each). Same maths as the Triton kernel (online softmax, P rounded to the states' dtype for its
+product), different order of the sums.
 
 Gluon has no interpreter: nothing runs this kernel on a CPU. `compile_for_sm90` builds it for Hopper on any machine
-(the CPU tests check that it fits in shared memory and spills at most a few hundred bytes); the GPU tests compare it
+(the CPU tests check that it fits in shared memory without spilling); the GPU tests compare it
 with the float64 reference.
 """
 
@@ -41,8 +42,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 BLOCK_N = 64  # keys a tile: a warpgroup MMA's rows
 # Chunks in the shared-memory ring: a tile's four and SLOTS - 4 of the next one's in flight. 6 is the most at T5-3b's
-# shapes (226 KiB of Hopper's 227); 5 leaves 194 KiB (token `gluon5`; 1.78 against 1.78 ms at 256 rows,
-# results/decode_attention-2026-12-04-h200-gluon.json).
+# shapes (226 KiB of Hopper's 227); 5 leaves 194 KiB (token `gluon5`; measured only in the cp.async form, 1.78 against
+# 1.78 ms at 256 rows, results/decode_attention-2026-12-04-h200-gluon.json).
 SLOTS = 6
 # Heads a program: one warpgroup's MMA columns. Two programs read each row's states, the second mostly from L2, and
 # Nsight Compute put L2 at 93-95% of its peak with DRAM at 67% (256 and 1024 rows x 4096 keys: results/decode_kernel_
