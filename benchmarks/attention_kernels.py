@@ -287,6 +287,9 @@ def run_shape(shape, repeats: int, with_flex: bool, only: tuple[str, ...] = (), 
         return fa.t5_flash_attention(*t, table_log2, BIAS_RADIUS, padding, False, 1.0, p)
 
     record("triton+bias+dropout", ours, (q, k, v), table.numel() * 4 / 2**30)  # dQ from the stored dS (DS_GEMM)
+    for patch in () if inference else patches:  # the same under each --patches setting (e.g. fwdtma, bwdtma)
+        with bc.patched(patch):
+            record(f"triton+bias+dropout@{patch}", ours, (q, k, v), table.numel() * 4 / 2**30)
     tuned = fa.best_configs()
     record("triton+bias+dropout+nopad",
            lambda *t: fa.t5_flash_attention(*t, table_log2, BIAS_RADIUS, None, False, 1.0, DROPOUT_P), (q, k, v),
@@ -407,8 +410,9 @@ def main(argv=None) -> int:
                         help="also rows of the forward (bias, no dropout) pinned at these tiles, comma-separated "
                              "BLOCK_MxBLOCK_NxWARPSxSTAGES (e.g. 64x64x4x3), whatever --kernels says")
     parser.add_argument("--patches", default="",
-                        help="also the --fwd-tiles rows under these settings: comma-separated strings of "
-                             "bench_common.PATCH_TOKENS joined by ':' (e.g. noband)")
+                        help="also the --fwd-tiles rows, and (without --inference) the triton+bias+dropout row, under "
+                             "these settings: comma-separated strings of bench_common.PATCH_TOKENS joined by ':' "
+                             "(e.g. noband, fwdtma:bwdtma)")
     parser.add_argument("--launch-only", action="store_true",
                         help="time nothing: run sumtune's kernels (bias, padding, dropout) at each shape, the last "
                              "run inside a profiler range (ncu --profile-from-start off --set full ...)")

@@ -660,9 +660,11 @@ def test_dispatch_keeps_sdpa_for_a_trainable_bias():
     assert attention_lib.choose_backend("auto", cuda, torch.bfloat16, 64, attention) == "triton"
 
 
-def _descriptor_runs(fa, monkeypatch, device, dtype, causal, dropout_p, fused, query_len=40, key_len=40, blocks=None):
-    """Output, log-sum-exp-backed gradients and output of FWD_DESCRIPTORS off and on, in one (B, H, L, D) layout:
-    separate projections, or q/k/v slices of one fused [B, L, 3, H, D] projection (self-attention)."""
+def _descriptor_runs(fa, monkeypatch, device, dtype, causal, dropout_p, fused, query_len=40, key_len=40, blocks=None,
+                     flag="FWD_DESCRIPTORS"):
+    """Output and gradients with ``flag`` (FWD_DESCRIPTORS or BWD_DESCRIPTORS) off and on, in one (B, H, L, D)
+    layout: separate projections, or q/k/v slices of one fused [B, L, 3, H, D] projection (self-attention); the
+    output's gradient as (B, L, H, D) rows, as the output projection hands it back. Also the descriptors made."""
     heads, head_dim = 2, 32 if device == "cpu" else 128
     gen = torch.Generator().manual_seed(7)
     if fused:
@@ -672,12 +674,12 @@ def _descriptor_runs(fa, monkeypatch, device, dtype, causal, dropout_p, fused, q
         q, k, v = make_qkv(3, heads, query_len, key_len, head_dim, dtype, device=device, seed=7)
     table = fa.bias_table_log2(t5_like_table(heads, q.shape[2], key_len, 8, device=device))
     padding = fa.key_padding(padding_mask(3, key_len, device=device))
-    grad = torch.randn(q.shape, generator=gen).to(device)
+    grad = torch.randn(3, q.shape[2], heads, head_dim, generator=gen).to(device).transpose(1, 2)
     results, used = {}, []
-    describe = fa._kv_descriptors
-    monkeypatch.setattr(fa, "_kv_descriptors", lambda k, v: used.append(describe(k, v)) or used[-1])
+    describe = fa._row_descriptors
+    monkeypatch.setattr(fa, "_row_descriptors", lambda *t: used.append(describe(*t)) or used[-1])
     for on in (False, True):
-        monkeypatch.setattr(fa, "FWD_DESCRIPTORS", on)
+        monkeypatch.setattr(fa, flag, on)
         torch.manual_seed(3)
         with fa.block_sizes(**(blocks or {})):
             results[on] = run_with_grads(
@@ -686,25 +688,27 @@ def _descriptor_runs(fa, monkeypatch, device, dtype, causal, dropout_p, fused, q
     return results, used
 
 
+@pytest.mark.parametrize("flag", ["FWD_DESCRIPTORS", "BWD_DESCRIPTORS"], ids=["forward", "dkdv"])
 @pytest.mark.parametrize("causal,dropout_p,fused,query_len", [(False, 0.0, False, 24), (False, 0.2, True, 40),
                                                               (True, 0.2, False, 40)],
                          ids=["cross", "encoder-fused-dropout", "decoder-dropout"])
-def test_forward_by_tma_descriptors_matches_pointer_loads(fa, monkeypatch, causal, dropout_p, fused, query_len):
-    """FWD_DESCRIPTORS: K and V by TMA descriptors over the (B * Lk, H * D) rows give the pointer loads' outputs and
-    gradients (the backward reads the forward's log-sum-exp) to within float32 rounding, with T5's bias (near and far
-    tiles), padding with a hole, dropout's draws, causal masking, cross-attention lengths and the fused projection's
-    layout; tiles of 16 keys cross the rows' ends, where the descriptors read the next row's keys or zeros. A layout
-    the descriptors cannot read (heads outermost) keeps the pointer loads."""
+def test_kernels_by_tma_descriptors_match_pointer_loads(fa, monkeypatch, causal, dropout_p, fused, query_len, flag):
+    """FWD_DESCRIPTORS (K and V in the forward) and BWD_DESCRIPTORS (Q and dO in the dK/dV kernel): TMA descriptors
+    over the (B * L, H * D) rows give the pointer loads' outputs and gradients to within float32 rounding, with T5's
+    bias (near and far tiles), padding with a hole, dropout's draws, causal masking, cross-attention lengths and the
+    fused projection's layout; tiles of 16 cross the rows' ends, where the descriptors read the next row or zeros.
+    A layout the descriptors cannot read (heads outermost) keeps the pointer loads."""
     results, used = _descriptor_runs(fa, monkeypatch, "cpu", torch.float32, causal, dropout_p, fused, query_len,
-                                     blocks=dict(fwd=(16, 16), dkdv=(16, 16), dq=(16, 16)))
+                                     blocks=dict(fwd=(16, 16), dkdv=(16, 16), dq=(16, 16)), flag=flag)
     (out_off, grads_off), (out_on, grads_on) = results[False], results[True]
-    assert len(used) == 1 and used[0] is not None and used[0][0].shape == [3 * 40, 2 * 32]
-    assert used[0][0].block_shape == [16, 32]  # the launch's BLOCK_N keys
+    rows = 3 * (40 if flag == "FWD_DESCRIPTORS" else query_len)  # keys' rows in the forward, queries' in dK/dV
+    assert len(used) == 1 and used[0] is not None and [d.shape for d in used[0]] == [[rows, 2 * 32]] * 2
+    assert [d.block_shape for d in used[0]] == [[16, 32]] * 2  # the launch's BLOCK_N keys or BLOCK_M queries
     errors = [relative_error(a, b) for a, b in zip((out_on, *grads_on), (out_off, *grads_off))]
     assert max(errors) < 1e-5, errors  # a tile read from the wrong row or head would be off by ~1
     assert out_off.abs().max() > 0.1 and relative_error(grads_on[1], torch.zeros_like(grads_on[1])) > 0.5
     heads_outer = torch.zeros(2, 2, 40, 32)  # contiguous (B, H, L, D): not rows of B * L
-    assert fa._rows_stride(heads_outer) is None and fa._kv_descriptors(heads_outer, heads_outer) is None
+    assert fa._rows_stride(heads_outer) is None and fa._row_descriptors(heads_outer, heads_outer) is None
 
 
 def test_custom_op_registration_passes_opcheck(fa):
@@ -763,12 +767,12 @@ def test_dkdv_configs_that_store_ds_compile_for_hopper_without_spilling(compiled
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_forward_descriptor_configs_compile_for_hopper_with_tma(compiled_for_hopper):
+def test_descriptor_configs_compile_for_hopper_with_tma(compiled_for_hopper):
     """FWD_DESCRIPTORS' tiles build for sm_90 (bias band, padding, with and without dropout) within Hopper's shared
-    memory, with K and V by TMA (bulk tensor copies) and at most a few bytes of spill. 128 x 128 x 8 x 3 fits, by
-    TMA or by pointers, only with the near loop at 2 stages (near_stages): with 3 it takes the bias tile's two extra
-    buffers too."""
-    from sumtune.fast_t5.flash_attention import FWD_DESCRIPTOR_CONFIGS, near_stages
+    memory, with K and V by TMA (bulk tensor copies) and at most a few bytes of spill; so do BWD_DESCRIPTORS' (the
+    dK/dV kernel's tiles, storing dS). 128 x 128 x 8 x 3 fits the forward, by TMA or by pointers, only with the near
+    loop at 2 stages (near_stages): with 3 it takes the bias tile's two extra buffers too."""
+    from sumtune.fast_t5.flash_attention import AUTOTUNE_CONFIGS, FWD_DESCRIPTOR_CONFIGS, near_stages
     from sumtune.fast_t5.flash_compile import HOPPER_SHARED_BYTES
 
     rows, stderr = compiled_for_hopper(
@@ -777,10 +781,13 @@ def test_forward_descriptor_configs_compile_for_hopper_with_tma(compiled_for_hop
         "    for dropout in (False, True):\n"
         "        c = fc.compile_kernel('fwd', *config, DESC=True, DROPOUT=dropout)\n"
         "        print(json.dumps(dict(fc.resources(c), bulk=c.asm['ptx'].count('cp.async.bulk.tensor'))))\n"
+        "for config in fa.AUTOTUNE_CONFIGS['dkdv']:\n"
+        "    c = fc.compile_kernel('dkdv', *config, DESC=True, STORE_DS=True)\n"
+        "    print(json.dumps(dict(fc.resources(c), bulk=c.asm['ptx'].count('cp.async.bulk.tensor'))))\n"
         "for desc, near in ((False, 2), (False, None)):\n"
         "    c = fc.compile_kernel('fwd', 128, 128, 8, 3, DESC=desc, NEAR_STAGES=near)\n"
         "    print(json.dumps(dict(fc.resources(c), bulk=-1, near=near)))")
-    assert len(rows) == 2 * len(FWD_DESCRIPTOR_CONFIGS) + 2, stderr
+    assert len(rows) == 2 * len(FWD_DESCRIPTOR_CONFIGS) + len(AUTOTUNE_CONFIGS["dkdv"]) + 2, stderr
     for row in rows[:-1]:
         assert row["shared_bytes"] <= HOPPER_SHARED_BYTES and row["spill_bytes"] <= 64 and row["bulk"] != 0, row
     assert rows[-1]["shared_bytes"] > HOPPER_SHARED_BYTES, rows[-1]  # the near loop at the launch's 3 stages
@@ -1007,12 +1014,21 @@ def test_gpu_forward_by_tma_descriptors_matches_pointer_loads(compiled_fa, monke
                                                               blocks):
     """FWD_DESCRIPTORS compiled at its tiles (FWD_DESCRIPTOR_CONFIGS' first, others): the pointer loads' outputs and
     gradients to within 1e-3 (compiled variants may schedule their arithmetic apart), at 300 keys (not whole tiles),
-    bf16, head_dim 128, with bias, padding with a hole, dropout, causal masking and the fused layout."""
+    bf16, head_dim 128, with bias, padding with a hole, dropout, causal masking and the fused layout; the same for
+    BWD_DESCRIPTORS at the dK/dV kernel's first tiles."""
     fa = compiled_fa
     results, used = _descriptor_runs(fa, monkeypatch, "cuda", torch.bfloat16, causal, dropout_p, fused, 300, 300,
                                      blocks=dict(fwd=blocks))
     (out_off, grads_off), (out_on, grads_on) = results[False], results[True]
     assert len(used) == 1 and used[0] is not None and used[0][0].block_shape == [blocks[1], 128]
+    errors = [relative_error(a, b) for a, b in zip((out_on, *grads_on), (out_off, *grads_off))]
+    assert max(errors) <= 1e-3, errors
+    dkdv = fa.AUTOTUNE_CONFIGS["dkdv"][0]
+    monkeypatch.setattr(fa, "FWD_DESCRIPTORS", False)
+    results, used = _descriptor_runs(fa, monkeypatch, "cuda", torch.bfloat16, causal, dropout_p, fused, 300, 300,
+                                     blocks=dict(dkdv=dkdv), flag="BWD_DESCRIPTORS")
+    (out_off, grads_off), (out_on, grads_on) = results[False], results[True]
+    assert len(used) == 1 and used[0] is not None and used[0][0].block_shape == [dkdv[0], 128]
     errors = [relative_error(a, b) for a, b in zip((out_on, *grads_on), (out_off, *grads_off))]
     assert max(errors) <= 1e-3, errors
 

@@ -126,6 +126,10 @@ PRECISE_PV_MIN_KEYS = 2048
 # and 1.72; results/attention_tutorial_ceiling-2026-12-04-h200.json, attention_kernels-2026-12-04-h200-gluonenc.json).
 # Off until measured (benchmark token `fwdtma`; with `noband` the near tiles gather from the table instead).
 FWD_DESCRIPTORS = False
+# BWD_DESCRIPTORS: the same for the dK/dV kernel's per-tile loads, Q and dO (the backward's larger part; dQ comes
+# from the stored dS by cuBLAS, DS_GEMM), where dO comes as the output projection hands it back ((B, L, H, D) rows).
+# Off until measured (benchmark token `bwdtma`).
+BWD_DESCRIPTORS = False
 # BIAS_BAND: the near tiles (offsets within +-bias_radius) read the bias from a per-call band
 # (sumtune.fast_t5.bias_band, ~10 MiB for T5-3b) at aligned, contiguous addresses instead of gathering each element
 # from the table; same values. Only with a known radius of at most BAND_MAX_RADIUS.
@@ -177,7 +181,8 @@ FWD_DESCRIPTOR_CONFIGS = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (
 
 
 def _config_list(name: str) -> list[tuple[int, int, int, int]]:
-    return FWD_DESCRIPTOR_CONFIGS if name == "fwd_desc" else AUTOTUNE_CONFIGS[name]
+    """The tiles the autotuner tries for ``name``: the dK/dV kernel by TMA ("dkdv_desc") takes its pointer form's."""
+    return FWD_DESCRIPTOR_CONFIGS if name == "fwd_desc" else AUTOTUNE_CONFIGS[name.removesuffix("_desc")]
 
 
 def near_stages(name: str, block_m: int, block_n: int, num_stages: int) -> dict:
@@ -334,7 +339,7 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
     drop_below, drop_scale = dropout_threshold(dropout_p, 1 << draw_bits)
     radius_given, radius = radius, _radius(radius, query_len, key_len)
     dummy = lse
-    descriptors = _kv_descriptors(k, v) if FWD_DESCRIPTORS else None
+    descriptors = _row_descriptors(k, v) if FWD_DESCRIPTORS else None
     _launch("fwd", kernels.t5_flash_attention_fwd,
             lambda bm, bn: (_cdiv(query_len, bm), batch * heads),
             q, *(descriptors or (k, v)), out, lse, table if table is not None else dummy,
@@ -347,7 +352,7 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
             DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8,
             PV_SPLIT=PV_SPLIT and precise_pv, PV_FP16=pv_fp16, PAIRS=_pairs_mode(pairs, key_len),
             **_holes_args(mask, holes), **_band_args(table, radius_given, query_len, key_len, "fwd"),
-            **(dict(DESC=True, tune_as="fwd_desc", pre_hook=_descriptor_blocks) if descriptors else {}))
+            **(dict(DESC=True, tune_as="fwd_desc", pre_hook=_key_blocks) if descriptors else {}))
     return out, lse
 
 
@@ -360,22 +365,27 @@ def _rows_stride(x: Tensor) -> int | None:
     return s if x.stride() == (length * s, head_dim, s, 1) and aligned else None
 
 
-def _kv_descriptors(k: Tensor, v: Tensor):
-    """TMA descriptors of K and V as (B * Lk, H * D) rows (block shapes set per launch by _descriptor_blocks), or None
-    where their layout does not allow it."""
-    if _rows_stride(k) is None or _rows_stride(v) is None:
+def _row_descriptors(*tensors: Tensor):
+    """TMA descriptors of (B, H, L, D) views as (B * L, H * D) rows (block shapes set per launch by _key_blocks or
+    _query_blocks), or None where one's layout does not allow it."""
+    if any(_rows_stride(x) is None for x in tensors):
         return None
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    batch, heads, length, head_dim = k.shape
-    return tuple(TensorDescriptor(x, [batch * length, heads * head_dim], [_rows_stride(x), 1], [16, head_dim])
-                 for x in (k, v))
+    return tuple(TensorDescriptor(x, [x.shape[0] * x.shape[2], x.shape[1] * x.shape[3]], [_rows_stride(x), 1],
+                                  [16, x.shape[3]]) for x in tensors)
 
 
-def _descriptor_blocks(args: dict) -> None:
-    """A forward launch's K and V descriptors take its BLOCK_N keys x HEAD_DIM tiles (a config's pre_hook)."""
+def _key_blocks(args: dict) -> None:
+    """The forward's K and V descriptors take its BLOCK_N keys x HEAD_DIM tiles (a config's pre_hook)."""
     for name in ("K", "V"):
         args[name].block_shape = [args["BLOCK_N"], args["HEAD_DIM"]]
+
+
+def _query_blocks(args: dict) -> None:
+    """The dK/dV kernel's Q and dO descriptors take its BLOCK_M queries x HEAD_DIM tiles (a config's pre_hook)."""
+    for name in ("Q", "DO"):
+        args[name].block_shape = [args["BLOCK_M"], args["HEAD_DIM"]]
 
 
 def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, causal, scale, dropout_p, seed,
@@ -403,13 +413,16 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, 
         _ds_buffer_gib(batch, heads, key_len, query_len, q.element_size()) <= DS_GEMM_MAX_GIB)
     ds = _ds_buffer(batch, heads, key_len, query_len, q) if store_ds else delta
     ds_strides = ds.stride()[:3] if store_ds else (0, 0, 0)
+    descriptors = _row_descriptors(q, grad_out) if BWD_DESCRIPTORS else None
+    q_arg, do_arg = descriptors or (q, grad_out)
     _launch("dkdv", kernels.t5_flash_attention_bwd_dkdv,
             lambda bm, bn: (_cdiv(key_len, bn), batch * heads),
-            q, k, v, grad_out, dk, dv, lse, delta, table_arg, mask_arg, lengths_arg, ds,
+            q_arg, k, v, do_arg, dk, dv, lse, delta, table_arg, mask_arg, lengths_arg, ds,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), *ds_strides,
             mask_stride, heads, query_len, key_len, radius, *geometry, scale * LOG2E, scale, seed, drop_below,
             drop_scale, length_key, STORE_DS=store_ds, **common,
-            **_band_args(table, radius_given, query_len, key_len, "dkdv"))
+            **_band_args(table, radius_given, query_len, key_len, "dkdv"),
+            **(dict(DESC=True, tune_as="dkdv_desc", pre_hook=_query_blocks) if descriptors else {}))
     if store_ds:
         return _dq_from_ds(ds, k, dq, query_len, key_len, scale), dk, dv
     _launch("dq", kernels.t5_flash_attention_bwd_dq,

@@ -57,13 +57,14 @@ def compile_kernel(name: str, block_m: int, block_n: int, num_warps: int, num_st
 
     if flash_kernels.INTERPRET:
         raise RuntimeError("TRITON_INTERPRET=1 decorates interpreted kernels, which do not compile: unset it")
-    from sumtune.fast_t5.flash_attention import (BIAS_BAND, DROPOUT_PAIRS, FWD_DESCRIPTORS, MASK_ONLY_WITH_HOLES,
-                                                 _pairs_mode, near_stages)
+    from sumtune.fast_t5.flash_attention import (BIAS_BAND, BWD_DESCRIPTORS, DROPOUT_PAIRS, FWD_DESCRIPTORS,
+                                                 MASK_ONLY_WITH_HOLES, _pairs_mode, near_stages)
 
     kernel = getattr(flash_kernels, KERNELS[name])
     pairs = _pairs_mode(DROPOUT_PAIRS, 1024)  # at the 1024 keys example_arguments specialises for (flags may differ)
     shipped = {"DRAW8": False, "STORE_DS": False, "PV_SPLIT": False, "PV_FP16": False, "PAIRS": pairs,
-               "CHECK_HOLES": MASK_ONLY_WITH_HOLES, "USE_BAND": BIAS_BAND, "DESC": FWD_DESCRIPTORS,
+               "CHECK_HOLES": MASK_ONLY_WITH_HOLES, "USE_BAND": BIAS_BAND,
+               "DESC": FWD_DESCRIPTORS if name == "fwd" else BWD_DESCRIPTORS,
                "NEAR_STAGES": near_stages(name, block_m, block_n, num_stages).get("NEAR_STAGES")}
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=False,
                       **{**shipped, **T5_FLAGS, **flags})
@@ -72,8 +73,9 @@ def compile_kernel(name: str, block_m: int, block_n: int, num_warps: int, num_st
     examples = example_arguments(kernel, head_dim=head_dim, dtype=dtype)
     if constexprs.get("PV_FP16"):  # the forward then reads V as its float16 copy (sumtune.fast_t5.fp16_values)
         examples["V"] = "*fp16"
-    if constexprs.get("DESC"):  # the forward then reads K and V by TMA descriptors of BLOCK_N x HEAD_DIM tiles
-        examples["K"] = examples["V"] = f"tensordesc<{dtype}[{block_n}, {head_dim}]>"
+    if constexprs.get("DESC"):  # TMA descriptors: the forward's K and V (BLOCK_N rows), dK/dV's Q and dO (BLOCK_M)
+        rows, names = (block_n, ("K", "V")) if name == "fwd" else (block_m, ("Q", "DO"))
+        examples.update({n: f"tensordesc<{dtype}[{rows}, {head_dim}]>" for n in names})
     signature, attrs = {}, {}
     for index, arg in enumerate(kernel.arg_names):
         if arg in constexprs:

@@ -248,7 +248,7 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, const, 
                 seed, stream, n_cols, drop_below, drop_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
                 CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DRAW8: tl.constexpr,
-                STORE_DS: tl.constexpr, PAIRS: tl.constexpr):
+                STORE_DS: tl.constexpr, PAIRS: tl.constexpr, q_row0=0, q_col=0, DESC: tl.constexpr = False):
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     for start_m in range(start, stop, BLOCK_M):
@@ -264,7 +264,11 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, const, 
             else:  # transposed through shared memory; drawing it in this layout (2x the Philox work) was no faster
                 kept = tl.trans(_keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N,
                                            DRAW8))
-        q_t = tl.load(Q + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd, mask=in_q[None, :], other=0.0)
+        if DESC:  # TMA: rows past Lq are the next row's queries (finite) or zeros; `keep` drops them below
+            q_t = Q.load([q_row0 + start_m, q_col]).T
+        else:
+            q_t = tl.load(Q + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd, mask=in_q[None, :],
+                          other=0.0)
         s_t = _dot(k, q_t, UPCAST) * qk_scale  # (keys, queries)
         if BIAS_MODE == BIAS_BAND:
             s_t += _band_tile(TABLE, start_m - start_n, band_w, BLOCK_N, BLOCK_M)
@@ -274,7 +278,11 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, const, 
         if CAUSAL:
             keep = keep & (offs_m[None, :] >= offs_n[:, None])
         p_t = tl.math.exp2(tl.where(keep, s_t, float("-inf")) - lse[None, :])
-        do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=in_q[:, None], other=0.0)
+        if DESC:
+            do = DO.load([q_row0 + start_m, q_col])
+        else:
+            do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=in_q[:, None],
+                         other=0.0)
         dp_t = _dot(v, tl.trans(do), UPCAST)
         if DROPOUT:
             pd_t = tl.where(kept, p_t * drop_scale, 0.0)
@@ -311,7 +319,9 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
                                 HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
                                 DRAW8: tl.constexpr = False, STORE_DS: tl.constexpr = False,
                                 PAIRS: tl.constexpr = False, BAND=0, band_w=0, band_head=0,
-                                USE_BAND: tl.constexpr = False):
+                                USE_BAND: tl.constexpr = False, DESC: tl.constexpr = False):
+    """With DESC, Q and DO are TMA descriptors over the (B * Lq, H * HEAD_DIM) rows of the queries and the output's
+    gradient instead of pointers; the same sums in the same order."""
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
     seed = 0
@@ -332,8 +342,11 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
     else:
         kv_len = Lk
         key_ok = in_k
-    Q += b * stride_qb + h * stride_qh
-    DO += b * stride_dob + h * stride_doh
+    q_row0 = (b * Lq).to(tl.int32)  # DESC: the row's first query, and the head's first column
+    q_col = h * HEAD_DIM
+    if not DESC:
+        Q += b * stride_qb + h * stride_qh
+        DO += b * stride_dob + h * stride_doh
     LSE += bh.to(tl.int64) * Lq
     DELTA += bh.to(tl.int64) * Lq
     if STORE_DS:
@@ -355,22 +368,22 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, hi_end, far_right, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale, band_w,
                              seed, bh, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, CAUSAL,
-                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS)
+                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, q_row0, q_col, DESC)
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, BAND + h * band_head if USE_BAND else TABLE, DS,
                              hi_end, lo_start, 0.0, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale, band_w,
                              seed, bh, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N,
                              BIAS_BAND if USE_BAND else BIAS_GATHER, CAUSAL,
-                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS)
+                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, q_row0, q_col, DESC)
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, lo_start, stop, far_left, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale, band_w,
                              seed, bh, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, False,
-                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS)
+                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, q_row0, q_col, DESC)
     else:
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, 0.0, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale, band_w,
                              seed, bh, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE, CAUSAL,
-                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS)
+                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, q_row0, q_col, DESC)
     if STORE_DS:  # query blocks no tile visited: above the diagonal, or every query of keys past the row's length
         _zero_ds(DS, 0, start, start_n, stride_dsn, DS.dtype.element_ty, BLOCK_M, BLOCK_N)
         _zero_ds(DS, stop, Lq, start_n, stride_dsn, DS.dtype.element_ty, BLOCK_M, BLOCK_N)
