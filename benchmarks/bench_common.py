@@ -274,6 +274,8 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     # (`gluonenc`, `gluonenc2`, `gluonenc64`: a no-gradient attention forward in Gluon, measured slower on 2026-12-04
     # and gone: flash_attention's note; commit f21cad8 has it.)
     "gluon5": ("sumtune.generation.gluon_decode", "SLOTS", 5),  # the Gluon kernel with a ring of 5 chunks, not 6
+    # the decoder's T5LayerNorm in torch's fused RMSNorm kernel (t5_decode.FUSED_RMS_NORM, off)
+    "decodermsnorm": ("sumtune.generation.t5_decode", "FUSED_RMS_NORM", True),
     # (`gluoncp`: its chunks by cp.async, `gluon32`: 32 heads a program; both slower and gone in session 34:
     # gluon_decode's note; commit f21cad8 has them.)
     # (`decodews`: the decoding kernel's key loop warp-specialised by Triton, measured 2.3x slower on 2026-12-04 and

@@ -550,6 +550,30 @@ def test_gpu_gluon_decode_kernel_matches_float64(monkeypatch):
     assert len(launched) == 12
 
 
+def test_fused_rms_norm_matches_t5_layer_norm_to_a_rounding(monkeypatch):
+    """t5_decode.rms_norm is transformers' T5LayerNorm bit for bit; with FUSED_RMS_NORM (torch's fused kernel, its
+    mean summed in another order) a bf16 output differs from it by at most one rounding, in few elements; an fp32
+    weight keeps the ops."""
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+    from sumtune.generation import t5_decode
+
+    gen = torch.Generator().manual_seed(11)
+    norm = T5LayerNorm(1024, eps=1e-6).to(torch.bfloat16)
+    norm.weight.data = (1 + torch.randn(1024, generator=gen) / 4).bfloat16()
+    h = (torch.randn(256, 1024, generator=gen) * 3).bfloat16()
+    stock = norm(h)
+    assert torch.equal(t5_decode.rms_norm(h, norm.weight, 1e-6), stock)
+    monkeypatch.setattr(t5_decode, "FUSED_RMS_NORM", True)
+    fused = t5_decode.rms_norm(h, norm.weight, 1e-6)
+    assert fused.dtype == stock.dtype == torch.bfloat16
+    apart = (fused.float() - stock.float()).abs()
+    assert (apart <= stock.float().abs() * 2.0**-7 + 1e-30).all()  # within one bf16 rounding step (twice, the scale)
+    assert (apart > 0).float().mean() < 0.02
+    norm.float()  # an fp32 weight (after peft's kbit preparation): the ops, stock's fp32 result
+    assert torch.equal(t5_decode.rms_norm(h, norm.weight, 1e-6), norm(h))
+
+
 def test_auto_attention_takes_the_fused_kernel_where_it_was_measured_faster_on_cuda_only(merged32, monkeypatch):
     """"auto": the fused cross-attention on CUDA, where its kernel runs, for batches that reach AUTO_FUSED_FROM
     (sources over 1024 tokens at any batch, 1024 from 256 rows: measured faster there), the two GEMMs ("hidden")
