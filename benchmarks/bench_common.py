@@ -235,7 +235,7 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "drop8": ("sumtune.fast_t5.flash_attention", "DROPOUT_DRAW_BITS", 8),
     "nopairs": ("sumtune.fast_t5.flash_attention", "DROPOUT_PAIRS", False),
     "nojoin": ("sumtune.fast_t5.lora4bit", "JOIN_CACHED_WEIGHTS", False),
-    "oldtiles": ("sumtune.fast_t5.flash_attention", "AUTOTUNE_CONFIGS", lambda module: module.PREVIOUS_AUTOTUNE_CONFIGS),
+    "oldtiles": ("sumtune.fast_t5.flash_tiles", "AUTOTUNE_CONFIGS", lambda module: module.PREVIOUS_AUTOTUNE_CONFIGS),
     "noqkvgroup": ("sumtune.fast_t5.lora_group", "GROUP_PROJECTIONS", False),
     "nodsgemm": ("sumtune.fast_t5.flash_attention", "DS_GEMM", False),
     "nopv16": ("sumtune.fast_t5.flash_attention", "PV_FP16", False),
@@ -250,7 +250,7 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     # the dK/dV kernel's Q and dO by TMA descriptors (BWD_DESCRIPTORS, off)
     "bwdtma": ("sumtune.fast_t5.flash_attention", "BWD_DESCRIPTORS", True),
     # the pointer forward autotuned with 128 x 128 x 8 x 3 first (its near loop at 2 stages: flash_attention.near_stages)
-    "fwd128": ("sumtune.fast_t5.flash_attention", "AUTOTUNE_CONFIGS",
+    "fwd128": ("sumtune.fast_t5.flash_tiles", "AUTOTUNE_CONFIGS",
                lambda module: {**module.AUTOTUNE_CONFIGS, "fwd": [(128, 128, 8, 3), *module.AUTOTUNE_CONFIGS["fwd"]]}),
     # unpadded micro-batches keep their all-ones source mask (OMIT_FULL_SOURCE_MASK on by default since 2026-12-03;
     # was `omitmask`)

@@ -153,7 +153,7 @@ def sass_opcodes(compiled, arch: int = 90) -> dict[str, int]:
 
 def report(head_dims=(64, 128), arch: int = 90, first_only: bool = False, sass: bool = False, **flags):
     """One dict per (kernel, autotune config, head_dim) with its compile time and resources."""
-    from sumtune.fast_t5.flash_attention import AUTOTUNE_CONFIGS
+    from sumtune.fast_t5.flash_tiles import AUTOTUNE_CONFIGS
 
     for head_dim in head_dims:
         for name, configs in AUTOTUNE_CONFIGS.items():
