@@ -28,7 +28,7 @@ registers a thread each). Same maths as the Triton kernel (online softmax, P rou
 product), different order of the sums.
 
 Gluon has no interpreter: nothing runs this kernel on a CPU. `compile_for_sm90` builds it for Hopper on any machine
-(the CPU tests check that it fits in shared memory without spilling); the GPU tests compare it
+(the CPU tests check that it fits in shared memory; Triton 3.6 builds it without spilling); the GPU tests compare it
 with the float64 reference.
 """
 
