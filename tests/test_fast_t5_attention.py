@@ -769,8 +769,9 @@ def test_dkdv_configs_that_store_ds_compile_for_hopper_without_spilling(compiled
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_descriptor_configs_compile_for_hopper_with_tma(compiled_for_hopper):
     """FWD_DESCRIPTORS' tiles build for sm_90 (bias band, padding, with and without dropout) within Hopper's shared
-    memory, with K and V by TMA (bulk tensor copies) and at most a few hundred bytes of spill (Triton 3.6: up to 32,
-    3.9: 144 at 128 x 128 x 8 x 3 with dropout); so do BWD_DESCRIPTORS' (the dK/dV kernel's tiles, storing dS).
+    memory, with K and V by TMA (bulk tensor copies) and at most a few hundred bytes of spill (Triton 3.6, the GPU
+    image's: up to 32; 3.9: 144-264 at 128 x 128 tiles, not the kilobytes of tiles too large for their warps); so do
+    BWD_DESCRIPTORS' (the dK/dV kernel's tiles, storing dS).
     128 x 128 x 8 x 3 fits the forward, by TMA or by pointers, only with the near loop at 2 stages (near_stages):
     with 3 it takes the bias tile's two extra buffers too."""
     from sumtune.fast_t5.flash_attention import AUTOTUNE_CONFIGS, FWD_DESCRIPTOR_CONFIGS, near_stages
@@ -790,7 +791,7 @@ def test_descriptor_configs_compile_for_hopper_with_tma(compiled_for_hopper):
         "    print(json.dumps(dict(fc.resources(c), bulk=-1, near=near)))")
     assert len(rows) == 2 * len(FWD_DESCRIPTOR_CONFIGS) + len(AUTOTUNE_CONFIGS["dkdv"]) + 2, stderr
     for row in rows[:-1]:
-        assert row["shared_bytes"] <= HOPPER_SHARED_BYTES and row["spill_bytes"] <= 256 and row["bulk"] != 0, row
+        assert row["shared_bytes"] <= HOPPER_SHARED_BYTES and row["spill_bytes"] <= 512 and row["bulk"] != 0, row
     assert rows[-1]["shared_bytes"] > HOPPER_SHARED_BYTES, rows[-1]  # the near loop at the launch's 3 stages
     assert near_stages("fwd", 128, 128, 3) == near_stages("fwd_desc", 128, 128, 3) == {"NEAR_STAGES": 2}
     assert near_stages("fwd", 128, 64, 3) == near_stages("fwd", 128, 128, 2) == near_stages("dq", 128, 128, 3) == {}
