@@ -711,6 +711,26 @@ def test_kernels_by_tma_descriptors_match_pointer_loads(fa, monkeypatch, causal,
     assert fa._rows_stride(heads_outer) is None and fa._row_descriptors(heads_outer, heads_outer) is None
 
 
+def test_best_configs_names_only_kernels_that_block_sizes_pins(monkeypatch):
+    """best_configs() feeds block_sizes() (attention_kernels.py pins the dropout row's tiles for the rows after it):
+    the TMA forms' tuners ("fwd_desc", "dkdv_desc") are left out, so a run that tuned one can still pin."""
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+
+    from sumtune.fast_t5 import flash_tiles
+
+    def tuner(block_m, block_n, warps, stages):
+        config = SimpleNamespace(kwargs=dict(BLOCK_M=block_m, BLOCK_N=block_n), num_warps=warps, num_stages=stages)
+        return (None, None, SimpleNamespace(best_config=config))
+
+    monkeypatch.setattr(flash_tiles, "_tuned", {"fwd": tuner(64, 64, 4, 2), "fwd_desc": tuner(128, 128, 8, 3),
+                                                "dkdv_desc": tuner(32, 64, 4, 3), "dq": (None, None, object())})
+    chosen = flash_tiles.best_configs()
+    assert chosen == {"fwd": (64, 64, 4, 2), "dq": None}
+    with flash_tiles.block_sizes(**{name: config for name, config in chosen.items() if config}):
+        assert flash_tiles._fixed_blocks("fwd") == (64, 64, 4, 2)
+
+
 def test_custom_op_registration_passes_opcheck(fa):
     """Schema, fake tensors and autograd registration as torch.compile relies on (torch.library.opcheck)."""
     q, k, v = make_qkv(2, 2, 20, 20, 16, torch.float32)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 
 TABLE_MARGIN = 128  # zero columns each side of a bias table: a tile reaches at most BLOCK - 1 offsets beyond it
+KERNEL_NAMES = ("fwd", "dkdv", "dq")  # the kernels whose tiles block_sizes pins (also by TMA: "fwd_desc" tunes "fwd")
 _INTERPRETER_BLOCKS = dict(fwd=(32, 32), dkdv=(32, 32), dq=(32, 32))  # tests pin smaller ones to cross blocks
 _pinned_blocks: dict[str, tuple[int, ...]] = {}
 
@@ -94,7 +95,7 @@ def block_sizes(**pinned: tuple[int, ...]):
 
     For tests (different tiles forward and backward prove the dropout mask does not depend on them) and for
     timing one config; BLOCK_M and BLOCK_N are powers of two >= 16."""
-    unknown = set(pinned) - {"fwd", "dkdv", "dq"}
+    unknown = set(pinned) - set(KERNEL_NAMES)
     if unknown:
         raise ValueError(f"block_sizes takes fwd, dkdv and dq, not {sorted(unknown)}")
     previous = dict(_pinned_blocks)
@@ -131,10 +132,13 @@ def _launch(name: str, kernel, grid_for, *args, tune_as: str | None = None, pre_
 
 
 def best_configs() -> dict[str, tuple[int, int, int, int] | None]:
-    """The autotuner's last choice per kernel as (BLOCK_M, BLOCK_N, num_warps, num_stages), for reports and for
-    pinning with :func:`block_sizes`."""
+    """The autotuner's last choice per kernel of KERNEL_NAMES, by pointer loads, as (BLOCK_M, BLOCK_N, num_warps,
+    num_stages), for reports and for pinning with :func:`block_sizes` (the TMA forms' tuners, "fwd_desc" and
+    "dkdv_desc", are not among them: block_sizes takes kernel names)."""
     chosen = {}
     for name, (_, _, tuned) in _tuned.items():
+        if name not in KERNEL_NAMES:
+            continue
         config = getattr(tuned, "best_config", None)
         chosen[name] = None if config is None else (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"],
                                                     config.num_warps, config.num_stages)
