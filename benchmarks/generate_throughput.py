@@ -219,7 +219,7 @@ def main(argv=None) -> int:
     config = bc.t5_config(args.model, dropout_rate=0.0)
     tokenizer = bc.load_t5_tokenizer()
     reference_batches, fast_batches = ints(args.reference_batches), ints(args.fast_batches)
-    timed_batches = max(1, args.timed_batches)
+    timed_batches = args.timed_batches = max(1, args.timed_batches)  # the count run is the one the JSON records
     n_inputs = max([2 * b for b in reference_batches] + [timed_batches * b for b in fast_batches]
                    + [args.beam_inputs, args.agreement_inputs])
     inputs = load_inputs(tokenizer, args.source_tokens, n_inputs, args.full_length)

@@ -442,18 +442,18 @@ def test_the_gluon_decode_kernel_runs_only_where_asked_and_able(monkeypatch):
 
     assert cross_attention.GLUON_KERNEL and cross_attention.GLUON_FROM_KEYS == 1025
     memory = torch.zeros(1, 4, 1024, dtype=torch.bfloat16)
-    assert cross_attention._gluon_kernel(memory, 32) is None  # on, but not on a GPU
+    assert cross_attention._gluon_kernel(memory) is None  # on, but not on a GPU
     monkeypatch.setattr(cross_attention, "GLUON_KERNEL", False)
-    assert cross_attention._gluon_kernel(memory, 32) is None  # off
+    assert cross_attention._gluon_kernel(memory) is None  # off
     assert gluon_decode.dense(torch.zeros(2, 8, 64)) and not gluon_decode.dense(torch.zeros(2, 8, 64)[:, :4])
     # the launches it takes on a Hopper GPU (the shape rules, without one): sources over 1024 tokens, dense states
     # (its TMA descriptor), a d_model it covers; 16 heads a program
     takes = cross_attention.gluon_heads_per_program
-    assert takes(gluon_decode, 4096, True, 1024, 32) == 16 and takes(gluon_decode, 1025, True, 1024, 20) == 16
-    assert takes(gluon_decode, 1024, True, 1024, 32) is None  # 1024/128: not measured, the Triton kernel
-    assert takes(gluon_decode, 4096, False, 1024, 32) is None  # strided: the Triton kernel
-    assert takes(gluon_decode, 4096, True, 2048, 32) is None  # FLAN-T5-XL's d_model: four chunks of 512 too wide
-    assert takes(gluon_decode, 4096, True, 512, 32) == 16
+    assert takes(gluon_decode, 4096, True, 1024) == 16 and takes(gluon_decode, 1025, True, 1024) == 16
+    assert takes(gluon_decode, 1024, True, 1024) is None  # 1024/128: not measured, the Triton kernel
+    assert takes(gluon_decode, 4096, False, 1024) is None  # strided: the Triton kernel
+    assert takes(gluon_decode, 4096, True, 2048) is None  # FLAN-T5-XL's d_model: four chunks of 512 too wide
+    assert takes(gluon_decode, 4096, True, 512) == 16
     assert gluon_decode.supported(1024) is None and gluon_decode.supported(512) is None
     assert "d_model 48" in gluon_decode.supported(48)
     assert gluon_decode.load_threads_along_d(1024) == 32 and gluon_decode.load_threads_along_d(512) == 16
@@ -485,7 +485,7 @@ def test_a_gluon_kernel_that_fails_to_launch_hands_over_to_the_triton_kernel_onc
     broken = SimpleNamespace(BLOCK_N=64, launch=broken_launch)
     monkeypatch.setattr(cross_attention, "gluon_failure", None)
     monkeypatch.setattr(cross_attention, "_gluon_kernel",
-                        lambda memory, heads: None if cross_attention.gluon_failure else (broken, 16))
+                        lambda memory: None if cross_attention.gluon_failure else (broken, 16))
     q_mem = torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(6))
     lengths = torch.tensor([40, 17], dtype=torch.int32)
     expected = cross_attention.reference_hidden_attention(q_mem, memory, lengths)

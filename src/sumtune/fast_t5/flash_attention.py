@@ -245,12 +245,13 @@ def _rows_stride(x: Tensor) -> int | None:
 def _row_descriptors(*tensors: Tensor):
     """TMA descriptors of (B, H, L, D) views as (B * L, H * D) rows (block shapes set per launch by _key_blocks or
     _query_blocks), or None where one's layout does not allow it."""
-    if any(_rows_stride(x) is None for x in tensors):
+    strides = [_rows_stride(x) for x in tensors]
+    if None in strides:
         return None
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    return tuple(TensorDescriptor(x, [x.shape[0] * x.shape[2], x.shape[1] * x.shape[3]], [_rows_stride(x), 1],
-                                  [16, x.shape[3]]) for x in tensors)
+    return tuple(TensorDescriptor(x, [x.shape[0] * x.shape[2], x.shape[1] * x.shape[3]], [stride, 1], [16, x.shape[3]])
+                 for x, stride in zip(tensors, strides))
 
 
 def _key_blocks(args: dict) -> None:

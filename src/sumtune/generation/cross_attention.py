@@ -103,7 +103,7 @@ def head_blocks(heads: int, per_program: int) -> tuple[int, int]:
     return block_h, -(-heads // block_h)
 
 
-def _gluon_kernel(memory: Tensor, heads: int):
+def _gluon_kernel(memory: Tensor):
     """(sumtune.generation.gluon_decode, its heads a program) where GLUON_KERNEL asks for it and it can run here on
     a launch of the kind it was measured faster on, else None."""
     if not GLUON_KERNEL or gluon_failure or _kernels().INTERPRET or memory.device.type != "cuda" \
@@ -114,12 +114,11 @@ def _gluon_kernel(memory: Tensor, heads: int):
     gluon_decode = _gluon_module()
     if gluon_decode is None:
         return None
-    block_h = gluon_heads_per_program(gluon_decode, memory.shape[1], gluon_decode.dense(memory), memory.shape[-1],
-                                      heads)
+    block_h = gluon_heads_per_program(gluon_decode, memory.shape[1], gluon_decode.dense(memory), memory.shape[-1])
     return (gluon_decode, block_h) if block_h else None
 
 
-def gluon_heads_per_program(gluon_decode, src_len: int, dense: bool, d_model: int, heads: int) -> int | None:
+def gluon_heads_per_program(gluon_decode, src_len: int, dense: bool, d_model: int) -> int | None:
     """The Gluon kernel's heads a program for a launch of the kind it was measured faster on (sources of
     GLUON_FROM_KEYS or more, dense states for its TMA descriptor, a d_model it covers), else None: the Triton
     kernel."""
@@ -146,11 +145,10 @@ def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, split
     kernels = _kernels()
     block_n, warps = tiles_for(batch, src_len)
     block_n = INTERPRETER_BLOCK_N if kernels.INTERPRET else block_n
-    block_h, groups = head_blocks(heads, HEADS_PER_PROGRAM)
-    gluon = _gluon_kernel(memory, heads)
+    gluon = _gluon_kernel(memory)
     gluon_kernel = gluon[0] if gluon else None
+    block_h, groups = head_blocks(heads, gluon[1] if gluon else HEADS_PER_PROGRAM)
     if gluon:
-        block_h, groups = head_blocks(heads, gluon[1])
         block_n = gluon_kernel.BLOCK_N
     splits = splits or choose_splits(batch, src_len, block_n, groups)
     keys_per_split = -(-src_len // splits)
