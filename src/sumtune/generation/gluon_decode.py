@@ -7,8 +7,8 @@ split combine are the same. Measured on an H200 on 2026-12-04 (session 33), T5-3
 1.29 ms and 0.92 against 1.14 at 256 rows, 3.38 against 4.23 and 3.28 against 4.19 at 1024 rows in two runs
 (results/decode_attention-2026-12-04-h200-gluon{,32}.json); whole generation with every input 4096 tokens, batch 256,
 11.61 against 10.36 and 11.65 against 10.39 summaries/s, tokens equal to transformers' (results/generate_throughput-
-2026-12-04-h200-full-gluon{tma,32}.json); real bills cut at 4096, batch 256, 20.05 against 14.54 as the second row of
-its run (…-bills-gluontma.json).
+2026-12-04-h200-full-gluon{tma,32}.json), 11.47 against 10.26 after its clean-up (session 34, …-full-s34.json); real
+bills cut at 4096, batch 256, both rows warm on every timed input, 19.94 against 17.81 (…-bills-warm-gluon.json).
 
 Why: the Triton kernel is latency-bound (session 26's counters: two 4-warp programs an SM, an instruction issued
 every 4.5 cycles a scheduler, stalls on shared-memory loads and on each MMA's result), because its score product
