@@ -276,6 +276,9 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "gluon5": ("sumtune.generation.gluon_decode", "SLOTS", 5),  # the Gluon kernel with a ring of 5 chunks, not 6
     # the decoder's T5LayerNorm in torch's fused RMSNorm kernel (t5_decode.FUSED_RMS_NORM, off)
     "decodermsnorm": ("sumtune.generation.t5_decode", "FUSED_RMS_NORM", True),
+    # the decoder's self-attention in the Gluon decoding kernel with the step's position bias (t5_decode.
+    # FUSED_SELF_ATTENTION, off; in the Triton kernel it was not faster in session 30, and the token was `noselffused`)
+    "selfgluon": ("sumtune.generation.t5_decode", "FUSED_SELF_ATTENTION", True),
     # (`gluoncp`: its chunks by cp.async, `gluon32`: 32 heads a program; both slower and gone in session 34:
     # gluon_decode's note; commit f21cad8 has them.)
     # (`decodews`: the decoding kernel's key loop warp-specialised by Triton, measured 2.3x slower on 2026-12-04 and

@@ -224,6 +224,62 @@ def test_greedy_matches_transformers_fp32(merged32, expected32, inputs, attentio
     assert_same_or_near_tie(merged32, inputs, got, expected, fp32_tolerance)
 
 
+def test_fused_self_attention_matches_transformers_fp32(merged32, expected32, inputs, monkeypatch):
+    """t5_decode.FUSED_SELF_ATTENTION (on a GPU only the Gluon kernel takes it; here the Triton kernel in the
+    interpreter, which the routing names): the decoder's self-attention in the fused kernel, with the step's
+    position bias, over the step + 1 positions written so far, gives transformers' tokens as the other modes do; the
+    kernel really ran with a bias at every layer and step."""
+    pytest.importorskip("triton")
+    from sumtune.generation import cross_attention, t5_decode
+
+    if cross_attention.kernel_available(torch.zeros(1, 64)) is not None:
+        pytest.skip("the kernel cannot run here (no CUDA and Triton's interpreter is off)")
+    monkeypatch.setattr(t5_decode, "FUSED_SELF_ATTENTION", True)
+    calls = []
+    fused = cross_attention.fused_hidden_attention
+    monkeypatch.setattr(cross_attention, "fused_hidden_attention",
+                        lambda *a, **k: calls.append(k.get("bias") is not None) or fused(*a, **k))
+    got = ours(merged32, inputs, attention="fused", batch_size=5)
+    layers = merged32.config.num_decoder_layers
+    assert calls.count(True) == calls.count(False) >= layers  # one self- and one cross-attention a layer and step
+    assert agreement(got, expected32) >= 0.9
+    assert_same_or_near_tie(merged32, inputs, got, expected32, fp32_tolerance)
+    weights = DecoderWeights.from_model(merged32)
+    assert t5_decode.new_state(weights, 2, 6, 4, "fused", torch.device("cpu")).self_kernel == "triton"
+    assert t5_decode.new_state(weights, 2, 6, 4, "hidden", torch.device("cpu")).self_kernel is None
+    monkeypatch.setattr(t5_decode, "FUSED_SELF_ATTENTION", False)
+    assert t5_decode.new_state(weights, 2, 6, 4, "fused", torch.device("cpu")).self_kernel is None
+
+
+def test_fused_kernel_adds_a_per_head_bias_over_broadcast_lengths():
+    """The fused kernel with `bias` (one row a head, as the decoder's self-attention passes it) and lengths as a
+    broadcast view (stride 0) against the float64 reference, with key splits; a bias of the wrong shape is refused."""
+    pytest.importorskip("triton")
+    from sumtune.generation import cross_attention
+
+    device, dtype, tolerance = ("cuda", torch.bfloat16, 3e-2) if torch.cuda.is_available() else \
+        ("cpu", torch.float32, 1e-5)
+    if cross_attention.kernel_available(torch.zeros(1, 64, device=device)) is not None:
+        pytest.skip("the kernel cannot run here (no CUDA and Triton's interpreter is off)")
+    gen = torch.Generator().manual_seed(8)
+    memory = torch.randn(3, 90, 32, generator=gen)
+    q_mem = torch.randn(3, 20, 32, generator=gen)
+    bias = torch.randn(20, 96, generator=gen) * 3
+    bias[:, 50:] = torch.finfo(torch.float32).min  # the decoder's table: future positions masked
+    for written in (1, 37, 50):
+        lengths = torch.tensor([written], dtype=torch.int32).expand(3)
+        expected = cross_attention.reference_hidden_attention(q_mem, memory, lengths, bias=bias)
+        unbiased = cross_attention.reference_hidden_attention(q_mem, memory, lengths)
+        assert written == 1 or (expected - unbiased).abs().max() > 0.1  # the bias matters
+        for splits in (1, 2):
+            got = cross_attention.fused_hidden_attention(q_mem.to(device, dtype), memory.to(device, dtype),
+                                                         lengths.to(device), splits=splits,
+                                                         bias=bias.to(device, dtype)).cpu()
+            assert (got.double() - expected).abs().max().item() < tolerance, (written, splits)
+    with pytest.raises(ValueError, match="bias must be"):
+        cross_attention.fused_hidden_attention(q_mem, memory, lengths, bias=bias[:4])
+
+
 def test_greedy_matches_transformers_fp32_gated_gelu(peft_gated, inputs):
     merged = prepare_inference_model(peft_gated, torch.float32)
     expected = hf_generate(merged, inputs, max_new_tokens=MAX_NEW)
@@ -399,10 +455,10 @@ GLUON_DECODE_FOR_HOPPER = """
 import json
 from sumtune.fast_t5.flash_compile import resources
 from sumtune.generation import gluon_decode
-for split, slots in ((False, 6), (True, 6), (False, 5)):
-    compiled = gluon_decode.compile_for_sm90(d_model=1024, split=split, slots=slots)
+for split, slots, bias in ((False, 6, False), (True, 6, False), (False, 5, False), (False, 6, True)):
+    compiled = gluon_decode.compile_for_sm90(d_model=1024, split=split, slots=slots, bias=bias)
     ptx = compiled.asm["ptx"]
-    print(json.dumps(dict(split=split, slots=slots, wgmma=ptx.count("wgmma.mma_async"),
+    print(json.dumps(dict(split=split, slots=slots, bias=bias, wgmma=ptx.count("wgmma.mma_async"),
                           ldmatrix=ptx.count("ldmatrix"), bulk=ptx.count("cp.async.bulk.tensor"),
                           expected_shared=gluon_decode.shared_bytes(1024, slots), **resources(compiled))))
 """
@@ -413,7 +469,8 @@ def test_the_gluon_decode_kernel_builds_for_hopper_with_warpgroup_mmas():
     T5-3b's shapes: both products as warpgroup MMAs from shared memory (128 in the loop: 64 for the scores, 64 for
     the weighted sum; no ldmatrix), within Hopper's shared memory and as much of it as `shared_bytes` counts (at most
     1 KiB more: alignment), at most a few hundred bytes of spill (none with Triton 3.6, the GPU image's; 16 bytes
-    with 3.9), with and without key splits, with the shipped ring of six and the `gluon5` ring of five; the chunks
+    with 3.9), with and without key splits, with the shipped ring of six and the `gluon5` ring of five, and with the
+    decoder self-attention's position bias (t5_decode.FUSED_SELF_ATTENTION); the chunks
     by TMA (four 64-wide boxes a chunk at SLOTS + 4 issue sites: the prologue's and the loop's four refills). Gluon
     has no interpreter: the GPU test checks its values."""
     import json
@@ -427,7 +484,7 @@ def test_the_gluon_decode_kernel_builds_for_hopper_with_warpgroup_mmas():
     result = subprocess.run([sys.executable, "-c", GLUON_DECODE_FOR_HOPPER], env=env, capture_output=True, text=True,
                             timeout=600)
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 3, result.stderr[-2000:]
+    assert len(rows) == 4, result.stderr[-2000:]
     for row in rows:
         assert row["wgmma"] == 128 and row["ldmatrix"] == 0, row
         assert row["shared_bytes"] <= HOPPER_SHARED_BYTES and row["spill_bytes"] <= 256, row  # 3.6: 0, 3.9: 16
@@ -454,6 +511,8 @@ def test_the_gluon_decode_kernel_runs_only_where_asked_and_able(monkeypatch):
     assert takes(gluon_decode, 4096, False, 1024) is None  # strided: the Triton kernel
     assert takes(gluon_decode, 4096, True, 2048) is None  # FLAN-T5-XL's d_model: four chunks of 512 too wide
     assert takes(gluon_decode, 4096, True, 512) == 16
+    # the decoder's self-attention (FUSED_SELF_ATTENTION) at any length, dense states only
+    assert takes(gluon_decode, 16, True, 1024, True) == 16 and takes(gluon_decode, 512, False, 1024, True) is None
     assert gluon_decode.supported(1024) is None and gluon_decode.supported(512) is None
     assert "d_model 48" in gluon_decode.supported(48)
     assert gluon_decode.load_threads_along_d(1024) == 32 and gluon_decode.load_threads_along_d(512) == 16
@@ -485,7 +544,7 @@ def test_a_gluon_kernel_that_fails_to_launch_hands_over_to_the_triton_kernel_onc
     broken = SimpleNamespace(BLOCK_N=64, launch=broken_launch)
     monkeypatch.setattr(cross_attention, "gluon_failure", None)
     monkeypatch.setattr(cross_attention, "_gluon_kernel",
-                        lambda memory: None if cross_attention.gluon_failure else (broken, 16))
+                        lambda memory, self_attention=False: None if cross_attention.gluon_failure else (broken, 16))
     q_mem = torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(6))
     lengths = torch.tensor([40, 17], dtype=torch.int32)
     expected = cross_attention.reference_hidden_attention(q_mem, memory, lengths)
@@ -549,6 +608,56 @@ def test_gpu_gluon_decode_kernel_matches_float64(monkeypatch):
         got = cross_attention.fused_hidden_attention(q_mem.cuda().bfloat16(), states, lengths.cuda()).cpu()
         assert (got.double() - expected).abs().max().item() < 3e-2
     assert len(launched) == 12
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="needs a Hopper GPU")
+def test_gpu_gluon_self_attention_matches_float64_and_keeps_the_tokens(monkeypatch, inputs):
+    """t5_decode.FUSED_SELF_ATTENTION's Gluon launches (a position bias a head, lengths broadcast) on a Hopper GPU,
+    bf16: the same maths as the float64 reference at lengths inside, at and across 64-key tiles, with key splits,
+    at d_model 1024 and 512; then whole greedy generation (CUDA graphs) with a random T5 of d_model 512 (the tests'
+    tiny one is too narrow for the kernel): the Gluon kernel takes every self-attention, and the tokens track
+    transformers' float32 ones as well as the two GEMMs' do (one sequence of slack)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from sumtune.generation import cross_attention, gluon_decode, t5_decode
+
+    launched = []
+    launch = gluon_decode.launch
+    monkeypatch.setattr(gluon_decode, "launch",
+                        lambda *a, **k: launched.append(len(a) > 12 and a[12] is not None) or launch(*a, **k))
+    gen = torch.Generator().manual_seed(9)
+    for d_model, heads in ((1024, 32), (512, 32)):
+        memory = torch.randn(3, 512, d_model, generator=gen)  # the decoder's [B, T, D] buffer
+        q_mem = torch.randn(3, heads, d_model, generator=gen) / d_model ** 0.5 * 4
+        bias = torch.randn(heads, 512, generator=gen) * 3
+        bias[:, 300:] = torch.finfo(torch.bfloat16).min
+        for written in (1, 63, 64, 65, 300):
+            lengths = torch.tensor([written], dtype=torch.int32).expand(3)
+            expected = cross_attention.reference_hidden_attention(q_mem.bfloat16(), memory.bfloat16(), lengths,
+                                                                  bias=bias.bfloat16())
+            for splits in (1, 3):
+                got = cross_attention.fused_hidden_attention(
+                    q_mem.cuda().bfloat16(), memory.cuda().bfloat16(), lengths.cuda(), splits=splits,
+                    bias=bias.cuda().bfloat16()).cpu()
+                assert (got.double() - expected).abs().max().item() < 3e-2, (d_model, written, splits)
+    assert cross_attention.gluon_failure is None and len(launched) == 20 and all(launched)
+    assert cross_attention.self_attention_kernel(memory.cuda().bfloat16()) == "gluon"
+
+    torch.manual_seed(0)
+    config = T5Config(d_model=512, d_ff=1024, d_kv=64, num_heads=8, num_layers=2, num_decoder_layers=2,
+                      vocab_size=32128, feed_forward_proj="relu", dropout_rate=0.0, initializer_factor=2.0,
+                      decoder_start_token_id=START)
+    model32 = prepare_inference_model(T5ForConditionalGeneration(config), torch.float32).cuda()
+    expected32 = hf_generate(model32, inputs, max_new_tokens=MAX_NEW)
+    model = prepare_inference_model(model32, torch.bfloat16)
+    gemms = ours(model, inputs, batch_size=8, attention="fused")
+    launched.clear()
+    monkeypatch.setattr(t5_decode, "FUSED_SELF_ATTENTION", True)
+    fused_self = ours(model, inputs, batch_size=8, attention="fused")
+    assert launched.count(True) >= 2 * config.num_decoder_layers  # the self-attention's launches (captured once)
+    assert agreement(fused_self, expected32) >= agreement(gemms, expected32) - 1 / len(inputs)
 
 
 def test_fused_rms_norm_matches_t5_layer_norm_to_a_rounding(monkeypatch):

@@ -2,9 +2,10 @@
 sumtune.generation.t5_decode).
 
 Public:
-    fused_hidden_attention(q_mem, memory, lengths, splits=None) -> Tensor   ([B, H, D] like the two-GEMM path)
-    kernel_available(tensor) -> str | None                                  (why the kernel cannot run, or None)
-    reference_hidden_attention(q_mem, memory, lengths) -> Tensor            (plain PyTorch, float64: tests)
+    fused_hidden_attention(q_mem, memory, lengths, splits=None, bias=None) -> Tensor  ([B, H, D] as the two GEMMs)
+    kernel_available(tensor) -> str | None                    (why the kernel cannot run, or None)
+    self_attention_kernel(memory) -> str | None               (which kernel takes the decoder's self-attention)
+    reference_hidden_attention(q_mem, memory, lengths, bias=None) -> Tensor   (plain PyTorch, float64: tests)
 
 ``q_mem`` [B, H, D] are the queries with W_k moved to their side (t5_decode's "hidden" mode), ``memory`` [B, L, D] the
 encoder states (keys and values both), ``lengths`` [B] int32 each row's source length (its keys are a prefix).
@@ -103,9 +104,10 @@ def head_blocks(heads: int, per_program: int) -> tuple[int, int]:
     return block_h, -(-heads // block_h)
 
 
-def _gluon_kernel(memory: Tensor):
+def _gluon_kernel(memory: Tensor, self_attention: bool = False):
     """(sumtune.generation.gluon_decode, its heads a program) where GLUON_KERNEL asks for it and it can run here on
-    a launch of the kind it was measured faster on, else None."""
+    a launch of the kind it was measured faster on (or, for ``self_attention``, on any launch it covers), else
+    None."""
     if not GLUON_KERNEL or gluon_failure or _kernels().INTERPRET or memory.device.type != "cuda" \
             or memory.dtype != torch.bfloat16 or torch.compiler.is_compiling():  # dynamo traces Triton, not Gluon
         return None
@@ -114,17 +116,31 @@ def _gluon_kernel(memory: Tensor):
     gluon_decode = _gluon_module()
     if gluon_decode is None:
         return None
-    block_h = gluon_heads_per_program(gluon_decode, memory.shape[1], gluon_decode.dense(memory), memory.shape[-1])
+    block_h = gluon_heads_per_program(gluon_decode, memory.shape[1], gluon_decode.dense(memory), memory.shape[-1],
+                                      self_attention)
     return (gluon_decode, block_h) if block_h else None
 
 
-def gluon_heads_per_program(gluon_decode, src_len: int, dense: bool, d_model: int) -> int | None:
+def gluon_heads_per_program(gluon_decode, src_len: int, dense: bool, d_model: int,
+                            self_attention: bool = False) -> int | None:
     """The Gluon kernel's heads a program for a launch of the kind it was measured faster on (sources of
     GLUON_FROM_KEYS or more, dense states for its TMA descriptor, a d_model it covers), else None: the Triton
-    kernel."""
-    if src_len < GLUON_FROM_KEYS or not dense or gluon_decode.supported(d_model) is not None:
+    kernel. The decoder's self-attention (t5_decode.FUSED_SELF_ATTENTION asks for it only where this kernel runs)
+    at any length."""
+    if (src_len < GLUON_FROM_KEYS and not self_attention) or not dense or gluon_decode.supported(d_model) is not None:
         return None
     return gluon_decode.BLOCK_H
+
+
+def self_attention_kernel(memory: Tensor) -> str | None:
+    """Which kernel would take the decoder's self-attention over ``memory`` (t5_decode.FUSED_SELF_ATTENTION):
+    "gluon" on a Hopper GPU where the Gluon kernel can run, "triton" in Triton's CPU interpreter (tests), else None
+    (the two GEMMs: the Triton kernel was not faster there, results/generate_throughput-2026-12-04-h200-full-s30.json)."""
+    if kernel_available(memory) is not None:
+        return None
+    if _kernels().INTERPRET:
+        return "triton"
+    return "gluon" if _gluon_kernel(memory, self_attention=True) else None
 
 
 def _gluon_module():
@@ -138,14 +154,19 @@ def _gluon_module():
     return gluon_decode
 
 
-def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, splits: int | None = None) -> Tensor:
-    """softmax(q_mem . memory^T over each row's first lengths[b] keys) . memory -> [B, H, D] in memory's dtype."""
+def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, splits: int | None = None,
+                           bias: Tensor | None = None) -> Tensor:
+    """softmax(q_mem . memory^T (+ bias) over each row's first lengths[b] keys) . memory -> [B, H, D] in memory's
+    dtype. ``lengths`` [B] may be a broadcast view (stride 0); ``bias`` [H, >= longest length] (keys contiguous), one
+    row a head, the same for every row of the batch: the decoder's relative position bias at one step."""
     batch, heads, d_model = q_mem.shape
     src_len = memory.shape[1]
+    if bias is not None and (bias.shape[0] != heads or bias.stride(-1) != 1 or bias.shape[-1] < src_len):
+        raise ValueError(f"bias must be [{heads}, >= {src_len}] with contiguous keys, not {tuple(bias.shape)}")
     kernels = _kernels()
     block_n, warps = tiles_for(batch, src_len)
     block_n = INTERPRETER_BLOCK_N if kernels.INTERPRET else block_n
-    gluon = _gluon_kernel(memory)
+    gluon = _gluon_kernel(memory, self_attention=bias is not None)
     gluon_kernel = gluon[0] if gluon else None
     block_h, groups = head_blocks(heads, gluon[1] if gluon else HEADS_PER_PROGRAM)
     if gluon:
@@ -164,15 +185,16 @@ def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, split
     if gluon_kernel:
         try:
             gluon_kernel.launch((groups, batch, splits), q_mem, memory, lengths, out, acc, running_max, total, heads,
-                                keys_per_split, block_h, splits > 1)
+                                keys_per_split, block_h, splits > 1, bias)
         except Exception as error:  # noqa: BLE001 - e.g. a Triton release whose Gluon API moved
             _gluon_failed(error)
-            return fused_hidden_attention(q_mem, memory, lengths, splits)
+            return fused_hidden_attention(q_mem, memory, lengths, splits, bias)
     else:
         kernels.hidden_cross_attention[(groups, batch, splits)](
-            q_mem, memory, lengths, out, acc, running_max, total, q_mem.stride(0), q_mem.stride(1),
-            memory.stride(0), memory.stride(1), out.stride(0), out.stride(1), heads, keys_per_split, BLOCK_H=block_h,
-            D=d_model, BLOCK_N=block_n, SPLIT=splits > 1, UPCAST=kernels.INTERPRET, num_warps=warps,
+            q_mem, memory, lengths, out, acc, running_max, total, q_mem if bias is None else bias, q_mem.stride(0),
+            q_mem.stride(1), memory.stride(0), memory.stride(1), out.stride(0), out.stride(1), lengths.stride(0),
+            0 if bias is None else bias.stride(0), heads, keys_per_split, BLOCK_H=block_h, D=d_model,
+            BLOCK_N=block_n, SPLIT=splits > 1, UPCAST=kernels.INTERPRET, HAS_BIAS=bias is not None, num_warps=warps,
             num_stages=NUM_STAGES)
     if splits == 1:
         return out
@@ -192,9 +214,12 @@ def _gluon_failed(error: Exception) -> None:
                   "instead.", RuntimeWarning, stacklevel=3)
 
 
-def reference_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, dtype=torch.float64) -> Tensor:
-    """The same maths in plain PyTorch (masked softmax over the first lengths[b] keys)."""
+def reference_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, dtype=torch.float64,
+                               bias: Tensor | None = None) -> Tensor:
+    """The same maths in plain PyTorch (masked softmax over the first lengths[b] keys, ``bias`` [H, >= L] added)."""
     scores = q_mem.to(dtype) @ memory.to(dtype).transpose(1, 2)
+    if bias is not None:
+        scores = scores + bias[:, : memory.shape[1]].to(dtype)
     keep = torch.arange(memory.shape[1], device=memory.device)[None, :] < lengths[:, None].to(memory.device)
     probs = torch.softmax(scores.masked_fill(~keep[:, None, :], -math.inf), dim=-1).nan_to_num(0.0)
     return probs @ memory.to(dtype)

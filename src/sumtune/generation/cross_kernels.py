@@ -9,6 +9,8 @@ all of them). Keys at or past the row's source length are never read. Online sof
 several splits the program writes its unnormalised sum, running max and denominator for a combine step, else the
 normalised output. The head groups of a row and split are neighbouring programs, so all but the first read the row's
 states from L2: a group of 16 heads holds half the accumulator of 32 (d_model floats a head) in registers.
+HAS_BIAS adds one value a head and key before the softmax (the decoder's self-attention: its relative position bias
+at one step, the same for every row; LENGTHS then a broadcast view, stride_lb 0).
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ if INTERPRET:
 
 
 @triton.jit
-def hidden_cross_attention(Q, MEM, LENGTHS, OUT, ACC, MAX, SUM, stride_qb, stride_qh, stride_mb, stride_mn,
-                           stride_ob, stride_oh, heads, keys_per_split, BLOCK_H: tl.constexpr, D: tl.constexpr,
-                           BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
+def hidden_cross_attention(Q, MEM, LENGTHS, OUT, ACC, MAX, SUM, BIAS, stride_qb, stride_qh, stride_mb, stride_mn,
+                           stride_ob, stride_oh, stride_lb, stride_bh, heads, keys_per_split, BLOCK_H: tl.constexpr,
+                           D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+                           HAS_BIAS: tl.constexpr = False):
     group = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -36,7 +39,7 @@ def hidden_cross_attention(Q, MEM, LENGTHS, OUT, ACC, MAX, SUM, stride_qb, strid
     in_h = offs_h < heads
     q = tl.load(Q + row * stride_qb + offs_h[:, None] * stride_qh + offs_d[None, :], mask=in_h[:, None], other=0.0)
     start = split * keys_per_split
-    stop = tl.minimum(start + keys_per_split, tl.load(LENGTHS + row))
+    stop = tl.minimum(start + keys_per_split, tl.load(LENGTHS + row * stride_lb))
     MEM += row * stride_mb
     m_i = tl.zeros([BLOCK_H], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -45,7 +48,12 @@ def hidden_cross_attention(Q, MEM, LENGTHS, OUT, ACC, MAX, SUM, stride_qb, strid
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_n = offs_n < stop
         states = tl.load(MEM + offs_n[:, None] * stride_mn + offs_d[None, :], mask=in_n[:, None], other=0.0)
-        scores = tl.where(in_n[None, :], _dot(q, tl.trans(states), UPCAST), float("-inf"))  # T5: no scaling
+        scores = _dot(q, tl.trans(states), UPCAST)  # T5: no scaling
+        if HAS_BIAS:  # one value a head and key (the decoder's relative position bias at this step)
+            bias = tl.load(BIAS + offs_h[:, None] * stride_bh + offs_n[None, :], mask=in_h[:, None] & in_n[None, :],
+                           other=0.0)
+            scores += bias.to(tl.float32)
+        scores = tl.where(in_n[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         p = tl.exp(scores - m_new[:, None])
         alpha = tl.exp(m_i - m_new)

@@ -97,10 +97,11 @@ def _chunk_pv(ring, slot, p_smem, acc):
 
 
 @gluon.jit
-def gluon_hidden_cross_attention(Q, DESC, LENGTHS, OUT, ACC, MAX, SUM, stride_qb, stride_qh, src_len, stride_ob,
-                                 stride_oh, heads, keys_per_split, BLOCK_H: gl.constexpr, D: gl.constexpr,
-                                 BLOCK_N: gl.constexpr, SPLIT: gl.constexpr, LOAD_TPW_D: gl.constexpr,
-                                 SLOTS: gl.constexpr, BOX: gl.constexpr, num_warps: gl.constexpr):
+def gluon_hidden_cross_attention(Q, DESC, LENGTHS, OUT, ACC, MAX, SUM, BIAS, stride_qb, stride_qh, src_len,
+                                 stride_ob, stride_oh, stride_lb, stride_bh, heads, keys_per_split,
+                                 BLOCK_H: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr, SPLIT: gl.constexpr,
+                                 LOAD_TPW_D: gl.constexpr, SLOTS: gl.constexpr, BOX: gl.constexpr,
+                                 HAS_BIAS: gl.constexpr, num_warps: gl.constexpr):
     CHUNK: gl.constexpr = D // 4
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, BLOCK_H, 16])
@@ -128,7 +129,7 @@ def gluon_hidden_cross_attention(Q, DESC, LENGTHS, OUT, ACC, MAX, SUM, stride_qb
     fence_async_shared()
 
     start = split * keys_per_split
-    stop = gl.minimum(start + keys_per_split, gl.load(LENGTHS + row))
+    stop = gl.minimum(start + keys_per_split, gl.load(LENGTHS + row * stride_lb))
     n_tiles = gl.cdiv(gl.maximum(stop - start, 0), BLOCK_N)
     row_base = row * src_len + start  # the row's first key in the [B * L, D] descriptor
     # Prologue: chunks 0 .. SLOTS - 1 (tile 0's four, then the next tile's first ones); chunk g (tile g // 4, d_model
@@ -144,6 +145,7 @@ def gluon_hidden_cross_attention(Q, DESC, LENGTHS, OUT, ACC, MAX, SUM, stride_qb
     acc3 = gl.zeros([CHUNK, BLOCK_H], gl.float32, layout=mma_layout)
     zero_s = gl.zeros([BLOCK_N, BLOCK_H], gl.float32, layout=mma_layout)
     keys = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma_layout))
+    bias_heads = group * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(0, mma_layout))
     for t in range(0, n_tiles):
         # Chunks 4t .. 4t + SLOTS - 1 are issued (the first four are this tile's); chunk 4t + c sits in slot
         # (4t + c) % SLOTS. Scores: each chunk's product as soon as that chunk has landed.
@@ -156,8 +158,13 @@ def gluon_hidden_cross_attention(Q, DESC, LENGTHS, OUT, ACC, MAX, SUM, stride_qb
             slot = (base + c) % SLOTS
             s = warpgroup_mma(ring.index(slot), q_smem.slice(c * CHUNK, CHUNK, dim=1).permute((1, 0)), s,
                               is_async=True)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
         offs_n = start + t * BLOCK_N + keys
+        if HAS_BIAS:  # issued while the products run: one value a head and key, [keys, heads] as the scores
+            bias = gl.load(BIAS + bias_heads[None, :] * stride_bh + offs_n[:, None],
+                           mask=(offs_n < stop)[:, None] & (bias_heads < heads)[None, :], other=0.0)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+        if HAS_BIAS:
+            s = s + bias.to(gl.float32)
         s = gl.where((offs_n < stop)[:, None], s, float("-inf"))  # T5: no scaling
         m_new = gl.maximum(m_i, gl.max(s, 0))
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
@@ -240,31 +247,37 @@ def _states_descriptor(memory):
     return TensorDescriptor(memory, [batch * src_len, d_model], [d_model, 1], [BLOCK_N, TMA_BOX], layout)
 
 
-def launch(grid, q_mem, memory, lengths, out, acc, running_max, total, heads, keys_per_split, block_h, split):
+def launch(grid, q_mem, memory, lengths, out, acc, running_max, total, heads, keys_per_split, block_h, split,
+           bias=None):
     """This kernel launched with the Triton kernel's arguments (from cross_attention.fused_hidden_attention) over
-    dense states."""
+    dense states; ``bias`` [heads, >= keys] (keys contiguous) or None."""
     batch, src_len, d_model = memory.shape
     gluon_hidden_cross_attention[grid](
-        q_mem, _states_descriptor(memory), lengths, out, acc, running_max, total, q_mem.stride(0), q_mem.stride(1),
-        src_len, out.stride(0), out.stride(1), heads, keys_per_split, BLOCK_H=block_h, D=d_model, BLOCK_N=BLOCK_N,
-        SPLIT=split, LOAD_TPW_D=load_threads_along_d(d_model), SLOTS=SLOTS, BOX=TMA_BOX, num_warps=WARPS)
+        q_mem, _states_descriptor(memory), lengths, out, acc, running_max, total, q_mem if bias is None else bias,
+        q_mem.stride(0), q_mem.stride(1), src_len, out.stride(0), out.stride(1), lengths.stride(0),
+        0 if bias is None else bias.stride(0), heads, keys_per_split, BLOCK_H=block_h, D=d_model, BLOCK_N=BLOCK_N,
+        SPLIT=split, LOAD_TPW_D=load_threads_along_d(d_model), SLOTS=SLOTS, BOX=TMA_BOX, HAS_BIAS=bias is not None,
+        num_warps=WARPS)
 
 
-_SIGNATURE = dict(Q="*bf16", LENGTHS="*i32", OUT="*bf16", ACC="*fp32", MAX="*fp32", SUM="*fp32",
+_SIGNATURE = dict(Q="*bf16", LENGTHS="*i32", OUT="*bf16", ACC="*fp32", MAX="*fp32", SUM="*fp32", BIAS="*bf16",
                   DESC=(f"tensordesc<bf16[{BLOCK_N}, {TMA_BOX}],NVMMASharedLayout(swizzle_byte_width=128, "
                         "element_bitwidth=16, rank=2)>"))
 
 
-def compile_for_sm90(d_model: int = 1024, split: bool = False, slots: int | None = None):
+def compile_for_sm90(d_model: int = 1024, split: bool = False, slots: int | None = None, bias: bool = False):
     """triton.compile for sm_90 on any machine (no GPU), specialised as a T5-3b launch would be (pointers and ints
-    divisible by 16)."""
+    divisible by 16; with ``bias``, the decoder's self-attention: lengths broadcast, stride 0)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     constexprs = dict(BLOCK_H=BLOCK_H, D=d_model, BLOCK_N=BLOCK_N, SPLIT=split,
-                      LOAD_TPW_D=load_threads_along_d(d_model), SLOTS=slots or SLOTS, BOX=TMA_BOX, num_warps=WARPS)
+                      LOAD_TPW_D=load_threads_along_d(d_model), SLOTS=slots or SLOTS, BOX=TMA_BOX, HAS_BIAS=bias,
+                      num_warps=WARPS)
+    constexprs["stride_lb"] = 0 if bias else 1  # as the JIT specialises them
     names = gluon_hidden_cross_attention.arg_names
     signature = {n: ("constexpr" if n in constexprs else _SIGNATURE.get(n, "i32")) for n in names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in constexprs and n != "DESC"}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if n not in constexprs and n != "DESC"}
     source = GluonASTSource(fn=gluon_hidden_cross_attention, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=WARPS))

@@ -15,6 +15,7 @@ for self-attention), chosen by `attention`:
   states (CUDA; on an H200 at 4096 keys faster than the two GEMMs at 256 rows, 1.29 vs 1.45 ms a layer and step,
   slower at 64, 0.88 vs 0.42, results/decode_attention_head_groups-2026-12-03-h200.json; in whole generation at
   4096/512 faster at batch 32, 64 and 256 alike, at 1024/128 from 256 rows: "auto" picks it there, AUTO_FUSED_FROM).
+  With FUSED_SELF_ATTENTION (off until measured) the self-attention too, where the kernel's Gluon form runs.
 
 Cross-attention reads the encoder memory of every row at every step: at 4096/512 most of the decoder's time.
 A batch's rows (sorted longest first) are cut into a few slices (`cross_groups`), each attending only to its own
@@ -48,6 +49,13 @@ AUTO_FUSED_FROM = ((1025, 1), (1024, 256))
 # sums in another order, so a variance may differ by an ulp. Off until measured with the tokens' agreement (benchmark
 # token `decodermsnorm`).
 FUSED_RMS_NORM = False
+# In "fused" mode the self-attention too in the fused kernel where its Gluon form runs (a Hopper GPU, bf16: with the
+# step's position bias, over the step + 1 positions written so far) instead of two GEMMs over the bucket's kv_len
+# positions and a softmax between them (~154 us a layer at kv_len 512 and 256 rows, of a 26.5 ms step: results/logs/
+# encoder_gluonenc_s34-2026-12-04-h200.log). In the Triton kernel it was not faster (whole generation 10.04 against
+# 10.26 summaries/s with the lazy rescaling, results/generate_throughput-2026-12-04-h200-full-s30.json): that one
+# runs it only in Triton's CPU interpreter (tests). Off until measured (benchmark token `selfgluon`).
+FUSED_SELF_ATTENTION = False
 
 
 @dataclass
@@ -145,6 +153,7 @@ class DecodeState:
     self_memory: list[tuple[Tensor, ...]] = field(default_factory=list)  # per layer: (K, V) or (X,)
     cross_memory: list[tuple[Tensor, ...]] = field(default_factory=list)  # per layer: (K, V) or (enc,)
     cross_lengths: Tensor | None = None  # [B] int32 source lengths: "fused" mode's kernel reads only these keys
+    self_kernel: str | None = None  # FUSED_SELF_ATTENTION's kernel ("gluon"; "triton" in the interpreter), or None
 
 
 def cross_groups(lengths: Sequence[int], src_len: int, groups: int | None = None, multiple: int | None = None,
@@ -206,6 +215,10 @@ def new_state(w: DecoderWeights, batch: int, src_len: int, max_new_tokens: int, 
         state.cross_memory = [(encoder_out,) for _ in w.layers]
         if attention == "fused":
             state.cross_lengths = torch.zeros(batch, dtype=torch.int32, device=device)
+            if FUSED_SELF_ATTENTION:
+                from sumtune.generation.cross_attention import self_attention_kernel
+
+                state.self_kernel = self_attention_kernel(state.self_memory[0][0])
     return state
 
 
@@ -267,18 +280,20 @@ def kv_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
 
 
-def hidden_attention(q: Tensor, wk: Tensor, wv: Tensor, memory: Tensor, bias: Tensor,
-                     groups: Sequence[tuple[int, int, int]] | None = None, lengths: Tensor | None = None) -> Tensor:
+def hidden_attention(q: Tensor, wk: Tensor, wv: Tensor, memory: Tensor, bias: Tensor | None,
+                     groups: Sequence[tuple[int, int, int]] | None = None, lengths: Tensor | None = None,
+                     position_bias: Tensor | None = None) -> Tensor:
     """q [B,H,dk] over memory [B,L,D] with the k/v projections wk, wv [H*dk, D] moved to the query side; bias
     [B,1,L] or [1,H,L]. `groups`: (first row, end row, keys) slices that each read only their first keys.
-    `lengths` [B] int32: the fused kernel over each row's first keys instead (bias unused: padding only)."""
+    `lengths` [B] int32: the fused kernel over each row's first keys instead (`bias` unused: padding only), adding
+    `position_bias` [H, >= L] (one row a head, every batch row alike) if given."""
     batch, heads, d_kv = q.shape
     wk_h = wk.view(heads, d_kv, -1)
     q_mem = torch.bmm(q.transpose(0, 1), wk_h).transpose(0, 1)  # [B,H,D]
     if lengths is not None:
         from sumtune.generation.cross_attention import fused_hidden_attention
 
-        ctx_mem = fused_hidden_attention(q_mem, memory, lengths)
+        ctx_mem = fused_hidden_attention(q_mem, memory, lengths, bias=position_bias)
     elif groups is None or (len(groups) == 1 and groups[0][2] >= memory.shape[1]):
         ctx_mem = _attend_hidden(q_mem, memory, bias)
     else:
@@ -319,7 +334,10 @@ def decode_step(w: DecoderWeights, state: DecodeState, kv_len: int, pad_token_id
     batch, heads, d_kv = state.tokens.shape[0], w.n_heads, w.d_kv
     step = state.step
     h = F.embedding(state.tokens, w.embed)  # [B, D]
-    self_bias = state.self_bias.index_select(0, step)[:, :, :kv_len]  # [1, H, L]
+    step_bias = state.self_bias.index_select(0, step)  # [1, H, T]
+    self_bias = step_bias[:, :, :kv_len]  # [1, H, L]
+    # FUSED_SELF_ATTENTION: the kernel reads the step + 1 positions written so far, whatever the bucket
+    self_lengths = (step + 1).to(torch.int32).expand(batch) if state.self_kernel else None
     for lw, self_mem, cross_mem in zip(w.layers, state.self_memory, state.cross_memory):
         n = rms_norm(h, lw.ln_self, w.eps)
         q = F.linear(n, lw.q)
@@ -332,7 +350,11 @@ def decode_step(w: DecoderWeights, state: DecodeState, kv_len: int, pad_token_id
         else:
             x_cache = self_mem[0]
             x_cache.index_copy_(1, step, n.unsqueeze(1))
-            attn = hidden_attention(q.view(batch, heads, d_kv), lw.k, lw.v, x_cache[:, :kv_len], self_bias)
+            if self_lengths is None:
+                attn = hidden_attention(q.view(batch, heads, d_kv), lw.k, lw.v, x_cache[:, :kv_len], self_bias)
+            else:
+                attn = hidden_attention(q.view(batch, heads, d_kv), lw.k, lw.v, x_cache, None, lengths=self_lengths,
+                                        position_bias=step_bias[0])
         h = _clamp_fp16(h + F.linear(attn, lw.o))
 
         n = rms_norm(h, lw.ln_cross, w.eps)
