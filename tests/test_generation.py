@@ -416,9 +416,13 @@ def test_fused_cross_attention_kernel_matches_float64_and_refuses_what_it_cannot
         q_mem, memory = q_mem.to(device, dtype), larger.to(device, dtype)[::2]
         assert not memory.is_contiguous()
         expected = cross_attention.reference_hidden_attention(q_mem.cpu(), memory.cpu(), lengths)
+        # the queries as t5_decode hands them over: [H, B, D] GEMM output seen as [B, H, D] (read in place)
+        q_heads_first = q_mem.transpose(0, 1).contiguous().transpose(0, 1)
         for splits in splits_to_try:
             got = cross_attention.fused_hidden_attention(q_mem, memory, lengths.to(device), splits=splits).cpu()
             assert (got.double() - expected).abs().max().item() < tolerance, (label, splits)
+            again = cross_attention.fused_hidden_attention(q_heads_first, memory, lengths.to(device), splits=splits)
+            assert torch.equal(again.cpu(), got), (label, splits)
         return got
 
     memory = torch.randn(8, 70, 32, generator=gen)  # the kernel reads its rows 0, 2, 4, 6 (strided rows)
@@ -598,16 +602,20 @@ def test_gpu_gluon_decode_kernel_matches_float64(monkeypatch):
                                                          lengths.cuda(), splits=splits).cpu()
             error = (got.double() - expected).abs().max().item()
             assert error < 3e-2, (d_model, heads, slots, splits)
+            heads_first = q_mem.cuda().bfloat16().transpose(0, 1).contiguous().transpose(0, 1)  # as t5_decode's
+            again = cross_attention.fused_hidden_attention(heads_first, strided.contiguous(), lengths.cuda(),
+                                                           splits=splits).cpu()
+            assert torch.equal(again, got), (d_model, heads, slots, splits)
             assert not got[2].any()  # no keys: zeros, not NaN
     assert cross_attention.gluon_failure is None  # every launch was the Gluon kernel's own (no hand-over)
-    assert len(launched) == 12 and {grid[0] for grid in launched} == {2}  # two programs of 16 heads a row
+    assert len(launched) == 24 and {grid[0] for grid in launched} == {2}  # two programs of 16 heads a row
     # as shipped: strided states, and dense ones shorter than GLUON_FROM_KEYS, go to the Triton kernel
     monkeypatch.setattr(gluon_decode, "SLOTS", 6)
     for from_keys, states in ((1, strided), (701, strided.contiguous())):
         monkeypatch.setattr(cross_attention, "GLUON_FROM_KEYS", from_keys)
         got = cross_attention.fused_hidden_attention(q_mem.cuda().bfloat16(), states, lengths.cuda()).cpu()
         assert (got.double() - expected).abs().max().item() < 3e-2
-    assert len(launched) == 12
+    assert len(launched) == 24
 
 
 @pytest.mark.gpu

@@ -174,7 +174,8 @@ def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, split
     splits = splits or choose_splits(batch, src_len, block_n, groups)
     keys_per_split = -(-src_len // splits)
     keys_per_split = -(-keys_per_split // block_n) * block_n
-    q_mem = q_mem.contiguous()
+    if q_mem.stride(-1) != 1:  # the kernels take any row and head strides: t5_decode's [H, B, D] GEMM output as it is
+        q_mem = q_mem.contiguous()
     out = torch.empty((batch, heads, d_model), device=q_mem.device, dtype=memory.dtype)
     if splits > 1:
         acc = torch.empty((batch, splits, groups * block_h, d_model), device=q_mem.device, dtype=torch.float32)

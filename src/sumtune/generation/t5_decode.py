@@ -289,7 +289,7 @@ def hidden_attention(q: Tensor, wk: Tensor, wv: Tensor, memory: Tensor, bias: Te
     `position_bias` [H, >= L] (one row a head, every batch row alike) if given."""
     batch, heads, d_kv = q.shape
     wk_h = wk.view(heads, d_kv, -1)
-    q_mem = torch.bmm(q.transpose(0, 1), wk_h).transpose(0, 1)  # [B,H,D]
+    q_mem = torch.bmm(q.transpose(0, 1), wk_h).transpose(0, 1)  # [B,H,D], a view the fused kernels read in place
     if lengths is not None:
         from sumtune.generation.cross_attention import fused_hidden_attention
 
