@@ -251,16 +251,25 @@ def test_fused_self_attention_matches_transformers_fp32(merged32, expected32, in
     assert t5_decode.new_state(weights, 2, 6, 4, "fused", torch.device("cpu")).self_kernel is None
 
 
-def test_fused_kernel_adds_a_per_head_bias_over_broadcast_lengths():
-    """The fused kernel with `bias` (one row a head, as the decoder's self-attention passes it) and lengths as a
-    broadcast view (stride 0) against the float64 reference, with key splits; a bias of the wrong shape is refused."""
-    pytest.importorskip("triton")
+def _fused_kernel_device():
+    """(device, dtype, tolerance against float64) where the fused decoding kernel runs: a GPU in bf16, else Triton's
+    interpreter in float32; skips the test where neither can."""
     from sumtune.generation import cross_attention
 
     device, dtype, tolerance = ("cuda", torch.bfloat16, 3e-2) if torch.cuda.is_available() else \
         ("cpu", torch.float32, 1e-5)
     if cross_attention.kernel_available(torch.zeros(1, 64, device=device)) is not None:
         pytest.skip("the kernel cannot run here (no CUDA and Triton's interpreter is off)")
+    return device, dtype, tolerance
+
+
+def test_fused_kernel_adds_a_per_head_bias_over_broadcast_lengths():
+    """The fused kernel with `bias` (one row a head, as the decoder's self-attention passes it) and lengths as a
+    broadcast view (stride 0) against the float64 reference, with key splits; a bias of the wrong shape is refused."""
+    pytest.importorskip("triton")
+    from sumtune.generation import cross_attention
+
+    device, dtype, tolerance = _fused_kernel_device()
     gen = torch.Generator().manual_seed(8)
     memory = torch.randn(3, 90, 32, generator=gen)
     q_mem = torch.randn(3, 20, 32, generator=gen)
@@ -404,10 +413,7 @@ def test_fused_cross_attention_kernel_matches_float64_and_refuses_what_it_cannot
     from sumtune.generation import cross_attention
     from sumtune.generation.t5_decode import load_batch, new_state
 
-    device, dtype, tolerance = ("cuda", torch.bfloat16, 3e-2) if torch.cuda.is_available() else \
-        ("cpu", torch.float32, 1e-5)
-    if cross_attention.kernel_available(torch.zeros(1, 64, device=device)) is not None:
-        pytest.skip("the kernel cannot run here (no CUDA and Triton's interpreter is off)")
+    device, dtype, tolerance = _fused_kernel_device()
     gen = torch.Generator().manual_seed(3)
 
     def check(q_mem, larger, lengths, splits_to_try, label):
