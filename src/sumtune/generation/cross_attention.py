@@ -135,7 +135,8 @@ def gluon_heads_per_program(gluon_decode, src_len: int, dense: bool, d_model: in
 def self_attention_kernel(memory: Tensor) -> str | None:
     """Which kernel would take the decoder's self-attention over ``memory`` (t5_decode.FUSED_SELF_ATTENTION):
     "gluon" on a Hopper GPU where the Gluon kernel can run, "triton" in Triton's CPU interpreter (tests), else None
-    (the two GEMMs: the Triton kernel was not faster there, results/generate_throughput-2026-12-04-h200-full-s30.json)."""
+    (the two GEMMs: the Triton kernel was not faster there, results/generate_throughput-2026-12-04-h200-full-s30
+    .json)."""
     if kernel_available(memory) is not None:
         return None
     if _kernels().INTERPRET:
