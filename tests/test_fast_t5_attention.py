@@ -137,6 +137,39 @@ def test_forward_and_grads_match_float64_reference(fa, case):
         assert_matches_reference(fa, q, k, v, FP32_RTOL, table, mask, causal, radius=radius)
 
 
+@pytest.mark.parametrize("case", ["encoder-bias-padding", "cross-no-bias-padding", "encoder-near-only"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_lean_forward_tiles_match_float64_reference(fa, monkeypatch, case, dropout_p):
+    """LEAN_FORWARD: the key tiles inside a row's keys (row 0 whole, row 1 right-padded; row 2 has a hole: masked
+    loops only) without masks, far tiles' scale and bias in one multiply-add: output and gradients as float64's,
+    with dropout's draws. The lean far loops ran where far tiles with a bias exist (the bias added in another order
+    moved the rounding; not in row 2); where no constant is reassociated (no bias: the interpreter rounds each
+    operation as the masked loop does) or every tile is near (T5's radius at these lengths) the lean loops round as
+    the masked ones (a lean near loop that dropped its bias fails the float64 comparison: checked)."""
+    q, k, v, table, mask, causal, radius = case_inputs(case)
+    outputs = {}
+    for lean in (False, True):
+        monkeypatch.setattr(fa, "LEAN_FORWARD", lean)
+        keep = None
+        if dropout_p:
+            seed = seed_of_next_call(fa, 5)
+            keep = fa.dropout_keep_mask(seed, 3, 2, q.shape[2], k.shape[2], dropout_p, device="cpu")
+        with fa.block_sizes(fwd=(16, 16), dkdv=(16, 32), dq=(32, 16)):
+            outputs[lean], _ = assert_matches_reference(fa, q, k, v, FP32_RTOL, table, mask, causal, keep=keep,
+                                                        keep_scale=fa.dropout_scale(dropout_p) if dropout_p else 1.0,
+                                                        dropout_p=dropout_p, radius=radius)
+    launched = []
+    launch = fa._launch
+    monkeypatch.setattr(fa, "_launch", lambda *a, **kw: launched.append(kw.get("LEAN_TILES")) or launch(*a, **kw))
+    fa.flash_t5_attention(q, k, v, bias_table=table, key_mask=mask, dropout_p=dropout_p, bias_radius=radius)
+    assert launched[0] is True  # the forward's launch asked for the lean loops
+    if case != "encoder-bias-padding":
+        assert torch.equal(outputs[True], outputs[False])
+    else:
+        assert not torch.equal(outputs[True], outputs[False])
+        assert torch.equal(outputs[True][2], outputs[False][2])  # the row with a hole: its masked loops, as before
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_inputs_match_reference(fa, dtype):
     q, k, v = make_qkv(2, 2, 40, 40, 64, dtype)
@@ -662,9 +695,10 @@ def test_dispatch_keeps_sdpa_for_a_trainable_bias():
 
 def _descriptor_runs(fa, monkeypatch, device, dtype, causal, dropout_p, fused, query_len=40, key_len=40, blocks=None,
                      flag="FWD_DESCRIPTORS"):
-    """Output and gradients with ``flag`` (FWD_DESCRIPTORS or BWD_DESCRIPTORS) off and on, in one (B, H, L, D)
-    layout: separate projections, or q/k/v slices of one fused [B, L, 3, H, D] projection (self-attention); the
-    output's gradient as (B, L, H, D) rows, as the output projection hands it back. Also the descriptors made."""
+    """Output and gradients with ``flag`` (FWD_DESCRIPTORS, BWD_DESCRIPTORS or LEAN_FORWARD) off and on, in one
+    (B, H, L, D) layout: separate projections, or q/k/v slices of one fused [B, L, 3, H, D] projection
+    (self-attention); the output's gradient as (B, L, H, D) rows, as the output projection hands it back. Also the
+    descriptors made."""
     heads, head_dim = 2, 32 if device == "cpu" else 128
     gen = torch.Generator().manual_seed(7)
     if fused:
@@ -815,6 +849,32 @@ def test_descriptor_configs_compile_for_hopper_with_tma(compiled_for_hopper):
     assert rows[-1]["shared_bytes"] > HOPPER_SHARED_BYTES, rows[-1]  # the near loop at the launch's 3 stages
     assert near_stages("fwd", 128, 128, 3) == near_stages("fwd_desc", 128, 128, 3) == {"NEAR_STAGES": 2}
     assert near_stages("fwd", 128, 64, 3) == near_stages("fwd", 128, 128, 2) == near_stages("dq", 128, 128, 3) == {}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_lean_forward_loops_issue_fewer_instructions_in_the_hopper_build(compiled_for_hopper):
+    """LEAN_FORWARD compiled for sm_90 (128 x 64 x 8 x 3, bias band, padding; with and without dropout): it fits
+    Hopper's shared memory with at most a few hundred bytes of spill, and each of its three lean loops (far left,
+    near, far right: no FSEL, no mask) issues at most 4/5 of the instructions of the masked loop it stands beside,
+    the same tensor-core instructions (Triton 3.6: 348 against 699 in the far loops without dropout, 665 against
+    1029 with it; results/attention_lean_compile-2026-12-04-cpu-sm90.json)."""
+    from sumtune.fast_t5.flash_compile import HOPPER_SHARED_BYTES
+
+    rows, stderr = compiled_for_hopper(
+        "import json; from sumtune.fast_t5 import flash_compile as fc, flash_attention as fa\n"
+        "for dropout in (False, True):\n"
+        "    for lean in (False, True):\n"
+        "        fa.LEAN_FORWARD = lean\n"
+        "        c = fc.compile_kernel('fwd', 128, 64, 8, 3, DROPOUT=dropout)\n"
+        "        print(json.dumps(dict(fc.resources(c), loops=fc.loop_bodies(c))))")
+    assert len(rows) == 4, stderr
+    for masked, lean in (rows[:2], rows[2:]):
+        assert lean["shared_bytes"] <= HOPPER_SHARED_BYTES and lean["spill_bytes"] <= 256, lean
+        assert len(masked["loops"]) == 3 and len(lean["loops"]) == 6
+        assert [bool(loop.get("FSEL")) for loop in lean["loops"]] == [False, True] * 3  # lean, masked; x 3 regions
+        for before, after in zip(masked["loops"], lean["loops"][::2]):
+            assert after["HGMMA"] == before["HGMMA"] and after["total"] <= 0.8 * before["total"], (before, after)
 
 
 @pytest.mark.slow
@@ -1053,6 +1113,26 @@ def test_gpu_forward_by_tma_descriptors_matches_pointer_loads(compiled_fa, monke
     assert len(used) == 1 and used[0] is not None and used[0][0].block_shape == [dkdv[0], 128]
     errors = [relative_error(a, b) for a, b in zip((out_on, *grads_on), (out_off, *grads_off))]
     assert max(errors) <= 1e-3, errors
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="needs a GPU with TMA (Hopper or later)")
+@pytest.mark.parametrize("dropout_p,fused,blocks,tma", [(0.0, True, (128, 128, 8, 3), True),
+                                                        (0.2, False, (128, 64, 8, 3), False),
+                                                        (0.2, True, (64, 64, 4, 2), True)])
+def test_gpu_lean_forward_matches_the_masked_loops(compiled_fa, monkeypatch, dropout_p, fused, blocks, tma):
+    """LEAN_FORWARD compiled (pointer loads and TMA descriptors, with and without dropout): the masked loops'
+    outputs and gradients to within 1e-3 (the scale and bias added in another order), at 300 keys (not whole tiles),
+    bf16, head_dim 128, T5's bias (far and near tiles), a right-padded row and a row with a hole."""
+    fa = compiled_fa
+    monkeypatch.setattr(fa, "FWD_DESCRIPTORS", tma)
+    results, _ = _descriptor_runs(fa, monkeypatch, "cuda", torch.bfloat16, False, dropout_p, fused, 300, 300,
+                                  blocks=dict(fwd=blocks), flag="LEAN_FORWARD")
+    (out_off, grads_off), (out_on, grads_on) = results[False], results[True]
+    errors = [relative_error(a, b) for a, b in zip((out_on, *grads_on), (out_off, *grads_off))]
+    assert max(errors) <= 1e-3, errors
+    assert out_off.abs().max() > 0.1
 
 
 @pytest.mark.gpu

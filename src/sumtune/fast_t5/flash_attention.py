@@ -129,6 +129,17 @@ PRECISE_PV_MIN_KEYS = 2048
 # and 1.72; results/attention_tutorial_ceiling-2026-12-04-h200.json, attention_kernels-2026-12-04-h200-gluonenc.json).
 # Off until measured (benchmark token `fwdtma`; with `noband` the near tiles gather from the table instead).
 FWD_DESCRIPTORS = False
+# LEAN_FORWARD: the forward's far key tiles (one bias value, or no bias) that lie wholly inside a row without masked
+# keys before its length run in loops of their own with no mask, the scale and the bias in the exponent's one
+# multiply-add (flash_kernels' LEAN_TILES; not causal): what Triton's tutorial forward does and sumtune's did not, ~90%
+# of the tiles at 4096 keys. The same maths, rounded in another order. Compiled for sm_90 (CPU), each lean loop issues
+# ~half the instructions of the masked one (128 x 64 x 8 x 3: far 348 against 699 without dropout, 665 against 1029
+# with it; near 512 against 911; 128 x 128 x 8 x 3 by TMA: 492 against 1317), the same 12-16 HGMMA, where the masked
+# loop issues more slots than its tensor-core work takes (results/attention_lean_compile-2026-12-04-cpu-sm90.json).
+# Its forerunner WHOLE_TILES (2026-12-02: whole tiles without bounds, but a select per score in rows with a hole, the
+# mask branch and the guards kept; ~12% fewer instructions) measured 0% at the step (NOTES, session 20).
+# Off until measured (benchmark token `fwdlean`).
+LEAN_FORWARD = False
 # BWD_DESCRIPTORS: the same for the dK/dV kernel's per-tile loads, Q and dO (the backward's larger part; dQ comes
 # from the stored dS by cuBLAS, DS_GEMM), where dO comes as the output projection hands it back ((B, L, H, D) rows).
 # Off until measured (benchmark token `bwdtma`).
@@ -228,6 +239,7 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
             HEAD_DIM=head_dim, CAUSAL=causal, HAS_BIAS=table is not None, HAS_KEY_MASK=mask is not None,
             DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8,
             PV_SPLIT=PV_SPLIT and precise_pv, PV_FP16=pv_fp16, PAIRS=_pairs_mode(pairs, key_len),
+            LEAN_TILES=LEAN_FORWARD and not causal,
             **_holes_args(mask, holes), **_band_args(table, radius_given, query_len, key_len, "fwd"),
             **(dict(DESC=True, tune_as="fwd_desc", pre_hook=_key_blocks) if descriptors else {}))
     return out, lse

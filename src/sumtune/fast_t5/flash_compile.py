@@ -58,14 +58,15 @@ def compile_kernel(name: str, block_m: int, block_n: int, num_warps: int, num_st
     if flash_kernels.INTERPRET:
         raise RuntimeError("TRITON_INTERPRET=1 decorates interpreted kernels, which do not compile: unset it")
     from sumtune.fast_t5.flash_attention import (BIAS_BAND, BWD_DESCRIPTORS, DROPOUT_PAIRS, FWD_DESCRIPTORS,
-                                                 MASK_ONLY_WITH_HOLES, _pairs_mode, near_stages)
+                                                 LEAN_FORWARD, MASK_ONLY_WITH_HOLES, _pairs_mode, near_stages)
 
     kernel = getattr(flash_kernels, KERNELS[name])
     pairs = _pairs_mode(DROPOUT_PAIRS, 1024)  # at the 1024 keys example_arguments specialises for (flags may differ)
     shipped = {"DRAW8": False, "STORE_DS": False, "PV_SPLIT": False, "PV_FP16": False, "PAIRS": pairs,
                "CHECK_HOLES": MASK_ONLY_WITH_HOLES, "USE_BAND": BIAS_BAND,
                "DESC": FWD_DESCRIPTORS if name == "fwd" else BWD_DESCRIPTORS,
-               "NEAR_STAGES": near_stages(name, block_m, block_n, num_stages).get("NEAR_STAGES")}
+               "NEAR_STAGES": near_stages(name, block_m, block_n, num_stages).get("NEAR_STAGES"),
+               "LEAN_TILES": LEAN_FORWARD}
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=False,
                       **{**shipped, **T5_FLAGS, **flags})
     # STORE_DS: dK/dV only; PV_*: forward only
@@ -140,15 +141,41 @@ def sass_opcodes(compiled, arch: int = 90) -> dict[str, int]:
     """How often each SASS opcode (``FMUL``, ``HGMMA``, ``LDS`` ...; modifiers dropped) occurs in the machine code,
     disassembled by the nvdisasm that ships beside Triton's ptxas: a static count (loops once, all branches), which
     tells what a kernel variant adds or removes before a GPU times it."""
+    found = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", _sass(compiled, arch))
+    return dict(collections.Counter(found).most_common())
+
+
+def _sass(compiled, arch: int = 90) -> str:
+    """The sm_<arch> cubin disassembled by the nvdisasm that ships beside Triton's ptxas."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     nvdisasm = os.path.join(os.path.dirname(get_ptxas(arch).path), "nvdisasm")
     with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as handle:
         handle.write(compiled.asm["cubin"])
         handle.flush()
-        sass = subprocess.run([nvdisasm, "-c", handle.name], capture_output=True, text=True, check=True).stdout
-    found = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass)
-    return dict(collections.Counter(found).most_common())
+        return subprocess.run([nvdisasm, "-c", handle.name], capture_output=True, text=True, check=True).stdout
+
+
+def loop_bodies(compiled, arch: int = 90) -> list[dict[str, int]]:
+    """Each loop of the machine code (a branch back to a label), in code order: its instruction count ("total") and
+    opcode counts. A loop body's instructions are what every warp issues per iteration: beside its tensor-core
+    instructions (HGMMA), the issue slots the tile's masks, softmax and dropout take."""
+    labels, instructions = {}, []
+    for line in _sass(compiled, arch).splitlines():
+        label = re.match(r"\s*\.(L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(instructions)
+            continue
+        found = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)([^;]*);", line)
+        if found:
+            instructions.append((found.group(1), found.group(2)))
+    bodies = []
+    for index, (opcode, operands) in enumerate(instructions):
+        target = re.search(r"`\(\.(L_x_\d+)\)", operands)
+        if opcode == "BRA" and target and labels.get(target.group(1), index) < index:
+            body = collections.Counter(op for op, _ in instructions[labels[target.group(1)]: index + 1])
+            bodies.append(dict(body, total=sum(body.values())))
+    return bodies
 
 
 def report(head_dims=(64, 128), arch: int = 90, first_only: bool = False, sass: bool = False, **flags):

@@ -87,8 +87,13 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, start, stop, con
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
                DRAW8: tl.constexpr, PV_SPLIT: tl.constexpr, PAIRS: tl.constexpr, kv_row0=0, kv_col=0,
-               DESC: tl.constexpr = False, LOOP_STAGES: tl.constexpr = None):
-    """Key tiles start, start + BLOCK_N, ... < stop, software-pipelined over LOOP_STAGES (None: the launch's)."""
+               DESC: tl.constexpr = False, LOOP_STAGES: tl.constexpr = None, LEAN: tl.constexpr = False):
+    """Key tiles start, start + BLOCK_N, ... < stop, software-pipelined over LOOP_STAGES (None: the launch's).
+
+    LEAN: every tile lies wholly inside the row's keys with no masked key among them: no mask; with one bias value
+    (or none) the scale and the constant go into the exponent's one multiply-add, as Triton's tutorial does
+    (qk_scale > 0, so the row maximum of the raw products gives the scores' maximum)."""
+    tl.static_assert(not (LEAN and CAUSAL), "lean tiles: no causal mask")
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in tl.range(start, stop, BLOCK_N, num_stages=LOOP_STAGES):
@@ -98,35 +103,54 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, start, stop, con
         # Key mask and dropout draws first: integer work and a small load that overlap the previous tile's P.V on
         # the tensor cores (the Q.K^T below is waited for at once).
         key_ok = offs_n < kv_len
-        if HAS_KEY_MASK:
+        if HAS_KEY_MASK and not LEAN:
             if read_mask:
                 key_ok = key_ok & (tl.load(KMASK + offs_n, mask=in_k, other=0) != 0)
         if DROPOUT:
             kept = _keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N, DRAW8, PAIRS)
         if DESC:  # TMA: rows past the row's keys are the next row's (finite) or zeros, masked below like padding
             k_t = K.load([kv_row0 + start_n, kv_col]).T
+        elif LEAN:
+            k_t = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd)
         else:
             k_t = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=in_k[None, :],
                           other=0.0)
-        s = _dot(q, k_t, UPCAST) * qk_scale
-        if BIAS_MODE == BIAS_BAND:
-            s += _band_tile(TABLE, start_n - start_m, band_w, BLOCK_M, BLOCK_N)
+        if LEAN and (BIAS_MODE == BIAS_CONST or BIAS_MODE == BIAS_NONE):
+            raw = _dot(q, k_t, UPCAST)
+            m_new = tl.maximum(m_i, tl.max(raw, 1) * qk_scale + const)  # finite: every key of the tile counts
+            p = tl.math.exp2(raw * qk_scale + (const - m_new)[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+        elif LEAN:  # a bias a key: added, no mask
+            s = _dot(q, k_t, UPCAST) * qk_scale
+            if BIAS_MODE == BIAS_BAND:
+                s += _band_tile(TABLE, start_n - start_m, band_w, BLOCK_M, BLOCK_N)
+            else:
+                s += _bias_tile(TABLE, offs_n[None, :] - offs_m[:, None], const, BIAS_MODE)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
         else:
-            s += _bias_tile(TABLE, offs_n[None, :] - offs_m[:, None], const, BIAS_MODE)
-        keep = key_ok[None, :]
-        if CAUSAL:
-            keep = keep & (offs_n[None, :] <= offs_m[:, None])
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row masked so far: exp2(-inf - 0) = 0, no NaN
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
+            s = _dot(q, k_t, UPCAST) * qk_scale
+            if BIAS_MODE == BIAS_BAND:
+                s += _band_tile(TABLE, start_n - start_m, band_w, BLOCK_M, BLOCK_N)
+            else:
+                s += _bias_tile(TABLE, offs_n[None, :] - offs_m[:, None], const, BIAS_MODE)
+            keep = key_ok[None, :]
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None])
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row masked so far: exp2(-inf - 0) = 0, no NaN
+            p = tl.math.exp2(s - m_use[:, None])
+            alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if DROPOUT:  # the softmax denominator counts every key; dropout acts on the normalised probabilities
             p = tl.where(kept, p, 0.0)
         if DESC:
             v = V.load([kv_row0 + start_n, kv_col])
+        elif LEAN:
+            v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
         else:
             v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=in_k[:, None], other=0.0)
         p_high = p.to(v.dtype)
@@ -149,9 +173,11 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, str
                            PV_FP16: tl.constexpr = False, PAIRS: tl.constexpr = False,
                            CHECK_HOLES: tl.constexpr = False, HOLES=0, BAND=0, band_w=0, band_head=0,
                            USE_BAND: tl.constexpr = False, DESC: tl.constexpr = False,
-                           NEAR_STAGES: tl.constexpr = None):
+                           NEAR_STAGES: tl.constexpr = None, LEAN_TILES: tl.constexpr = False):
     """With DESC, K and V are TMA descriptors over the (B * Lk, H * HEAD_DIM) rows of the keys and values (the
-    projections' layout) instead of pointers; the same sums in the same order."""
+    projections' layout) instead of pointers; the same sums in the same order. With LEAN_TILES (not causal), the
+    far (one-bias-value) key tiles that lie wholly inside a row without masked keys before its length run in their
+    own loops without masks (`_fwd_tiles`' LEAN): the same maths, the scale and bias added in another order."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     seed = 0
@@ -184,6 +210,16 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, str
     read_mask = True  # with CHECK_HOLES, a row padded only at its end reads no mask: kv_len bounds its keys
     if CHECK_HOLES:
         read_mask = tl.load(HOLES + b) != 0
+    # LEAN_TILES: key tiles [0, lean_end) lie inside the row's keys (a row with holes reads its mask everywhere)
+    lean_end = 0
+    if LEAN_TILES:
+        tl.static_assert(not CAUSAL, "lean tiles: not causal")
+        lean_end = (kv_len // BLOCK_N) * BLOCK_N
+        if HAS_KEY_MASK:
+            if CHECK_HOLES:
+                lean_end = tl.where(read_mask, 0, lean_end)
+            else:
+                lean_end = 0
     if HAS_BIAS:
         TABLE += h * table_row + table_zero  # TABLE[d]: bias at offset d = j - i
         far_left = tl.load(TABLE + tl.maximum(-R, 1 - Lq))  # the bias of every offset <= -R
@@ -191,23 +227,57 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, str
         # key tiles whose offsets j - i are all <= -R (far left) or all >= +R (far right) share one bias value
         lo_end = tl.minimum((tl.maximum(start_m - R + 1, 0) // BLOCK_N) * BLOCK_N, stop)
         hi_start = tl.maximum(tl.minimum(tl.cdiv(start_m + BLOCK_M - 1 + R, BLOCK_N) * BLOCK_N, stop), lo_end)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, 0, lo_end, far_left, start_m,
+        left_masked = 0  # far-left tiles from here on need masks
+        right_masked = hi_start  # far-right tiles from here on need masks
+        if LEAN_TILES:
+            left_masked = tl.minimum(lo_end, lean_end)
+            right_masked = tl.maximum(hi_start, tl.minimum(stop, lean_end))
+            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, 0, left_masked, far_left,
+                                       start_m, stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
+                                       band_w, seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
+                                       False, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, kv_row0, kv_col,
+                                       DESC, None, True)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, left_masked, lo_end, far_left,
+                                   start_m,
                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w,
                                    seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
                                    False, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, kv_row0, kv_col, DESC)
+        near_masked = lo_end  # near tiles from here on need masks
+        if LEAN_TILES:
+            near_masked = tl.maximum(lo_end, tl.minimum(hi_start, lean_end))
+            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, BAND + h * band_head if USE_BAND else TABLE, KMASK,
+                                       read_mask, lo_end, near_masked, 0.0, start_m,
+                                       stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w,
+                                       seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N,
+                                       BIAS_BAND if USE_BAND else BIAS_GATHER, False, HAS_KEY_MASK, DROPOUT, UPCAST,
+                                       DRAW8, PV_SPLIT, PAIRS, kv_row0, kv_col, DESC, NEAR_STAGES, True)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, BAND + h * band_head if USE_BAND else TABLE, KMASK,
-                                   read_mask, lo_end, hi_start, 0.0, start_m,
+                                   read_mask, near_masked, hi_start, 0.0, start_m,
                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w,
                                    seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N,
                                    BIAS_BAND if USE_BAND else BIAS_GATHER,
                                    CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, kv_row0, kv_col, DESC,
                                    NEAR_STAGES)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, hi_start, stop, far_right,
+        if LEAN_TILES:
+            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, hi_start, right_masked,
+                                       far_right, start_m, stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R,
+                                       qk_scale, band_w, seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N,
+                                       BIAS_CONST, False, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS,
+                                       kv_row0, kv_col, DESC, None, True)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, right_masked, stop, far_right,
                                    start_m, stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w,
                                    seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
                                    CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, kv_row0, kv_col, DESC)
     else:
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, 0, stop, 0.0, start_m,
+        masked_from = 0
+        if LEAN_TILES:
+            masked_from = tl.minimum(stop, lean_end)
+            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, 0, masked_from, 0.0,
+                                       start_m, stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
+                                       band_w, seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE,
+                                       False, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, kv_row0, kv_col,
+                                       DESC, None, True)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, masked_from, stop, 0.0, start_m,
                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w,
                                    seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE,
                                    CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, kv_row0, kv_col, DESC)
