@@ -267,14 +267,15 @@ _SIGNATURE = dict(Q="*bf16", LENGTHS="*i32", OUT="*bf16", ACC="*fp32", MAX="*fp3
 
 def compile_for_sm90(d_model: int = 1024, split: bool = False, slots: int | None = None, bias: bool = False):
     """triton.compile for sm_90 on any machine (no GPU), specialised as a T5-3b launch would be (pointers and ints
-    divisible by 16; with ``bias``, the decoder's self-attention: lengths broadcast, stride 0)."""
+    divisible by 16; with ``bias``, the decoder's self-attention: its lengths a broadcast view, stride 0)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     constexprs = dict(BLOCK_H=BLOCK_H, D=d_model, BLOCK_N=BLOCK_N, SPLIT=split,
                       LOAD_TPW_D=load_threads_along_d(d_model), SLOTS=slots or SLOTS, BOX=TMA_BOX, HAS_BIAS=bias,
                       num_warps=WARPS)
-    constexprs["stride_lb"] = 0 if bias else 1  # as the JIT specialises them
+    if not bias:  # cross-attention's lengths are contiguous: the JIT makes a stride of 1 a constant
+        constexprs["stride_lb"] = 1
     names = gluon_hidden_cross_attention.arg_names
     signature = {n: ("constexpr" if n in constexprs else _SIGNATURE.get(n, "i32")) for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
