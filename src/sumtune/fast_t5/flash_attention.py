@@ -129,13 +129,14 @@ PRECISE_PV_MIN_KEYS = 2048
 # and 1.72; results/attention_tutorial_ceiling-2026-12-04-h200.json, attention_kernels-2026-12-04-h200-gluonenc.json).
 # Off until measured (benchmark token `fwdtma`; with `noband` the near tiles gather from the table instead).
 FWD_DESCRIPTORS = False
-# LEAN_FORWARD: the forward's far key tiles (one bias value, or no bias) that lie wholly inside a row without masked
-# keys before its length run in loops of their own with no mask, the scale and the bias in the exponent's one
-# multiply-add (flash_kernels' LEAN_TILES; not causal): what Triton's tutorial forward does and sumtune's did not, ~90%
-# of the tiles at 4096 keys. The same maths, rounded in another order. Compiled for sm_90 (CPU), each lean loop issues
-# ~half the instructions of the masked one (128 x 64 x 8 x 3: far 348 against 699 without dropout, 665 against 1029
-# with it; near 512 against 911; 128 x 128 x 8 x 3 by TMA: 492 against 1317), the same 12-16 HGMMA, where the masked
-# loop issues more slots than its tensor-core work takes (results/attention_lean_compile-2026-12-04-cpu-sm90.json).
+# LEAN_FORWARD: the forward's key tiles that lie wholly inside a row without masked keys before its length (every tile
+# of an unpadded row but a last partial one) run in loops of their own with no mask, and the far tiles (one bias value,
+# or no bias) fold the scale and the bias into the exponent's one multiply-add (flash_kernels' LEAN_TILES; not
+# causal), as Triton's tutorial forward does. The same maths, rounded in another order. Compiled for sm_90 (CPU),
+# each lean loop issues ~half the instructions of the masked one (128 x 64 x 8 x 3: far 348 against 699 without
+# dropout, 665 against 1029 with it; near 512 against 911; 128 x 128 x 8 x 3 by TMA: 492 against 1317), the same
+# 12-16 HGMMA, where the masked loop issues more slots than its tensor-core work takes
+# (results/attention_lean_compile-2026-12-04-cpu-sm90.json).
 # Its forerunner WHOLE_TILES (2026-12-02: whole tiles without bounds, but a select per score in rows with a hole, the
 # mask branch and the guards kept; ~12% fewer instructions) measured 0% at the step (NOTES, session 20).
 # Off until measured (benchmark token `fwdlean`).
