@@ -247,8 +247,8 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "noband": ("sumtune.fast_t5.flash_attention", "BIAS_BAND", False),
     # the attention forward's K and V by TMA descriptors, autotuned over its own tiles (FWD_DESCRIPTORS, off)
     "fwdtma": ("sumtune.fast_t5.flash_attention", "FWD_DESCRIPTORS", True),
-    # the forward's far key tiles inside a row's keys without masks, scale and bias in one multiply-add (LEAN_FORWARD,
-    # off)
+    # the forward's key tiles inside a row's keys in loops without masks, far tiles' scale and bias in one
+    # multiply-add (LEAN_FORWARD, off)
     "fwdlean": ("sumtune.fast_t5.flash_attention", "LEAN_FORWARD", True),
     # the dK/dV kernel's Q and dO by TMA descriptors (BWD_DESCRIPTORS, off)
     "bwdtma": ("sumtune.fast_t5.flash_attention", "BWD_DESCRIPTORS", True),
