@@ -50,36 +50,15 @@ import triton.language as tl
 
 from sumtune.fast_t5.bias_band import _band_tile, t5_bias_band  # noqa: F401 (the latter: for flash_attention)
 from sumtune.fast_t5.dropout_draws import _counter_cols, _keep_tile
+from sumtune.fast_t5.flash_bias_modes import BIAS_BAND, BIAS_CONST, BIAS_GATHER, BIAS_NONE, _bias_tile
 from sumtune.fast_t5.fp16_values import fp16_power, t5_values_to_fp16  # noqa: F401 (the latter: for flash_attention)
 from sumtune.triton_compat import fix_interpreter_for_numpy_2_4
 from sumtune.triton_compat import interpreter_safe_dot as _dot
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
-# Globals read inside kernels must be constexpr for Triton's compiler (the interpreter would not notice).
-BIAS_NONE = tl.constexpr(0)  # _bias_tile modes
-BIAS_CONST = tl.constexpr(1)
-BIAS_GATHER = tl.constexpr(2)
-BIAS_BAND = tl.constexpr(3)  # the near tiles from the band (see t5_bias_band)
-
 
 if INTERPRET:
     fix_interpreter_for_numpy_2_4()
-
-
-# ----------------------------------------------------------------------------- helpers
-@triton.jit
-def _bias_tile(TABLE, rel, const, BIAS_MODE: tl.constexpr):
-    """Bias (log2 units) for relative positions ``rel = j - i``: loaded, one constant, or none.
-
-    ``TABLE`` points at offset 0 of the head's row, so the address is affine in (i, j): no clamp, no gather
-    indices held per element (a clamped index into a short table spilled registers on sm_90)."""
-    if BIAS_MODE == BIAS_GATHER:
-        out = tl.load(TABLE + rel)
-    elif BIAS_MODE == BIAS_CONST:
-        out = tl.zeros(rel.shape, tl.float32) + const
-    else:
-        out = tl.zeros(rel.shape, tl.float32)
-    return out
 
 
 # ----------------------------------------------------------------------------- forward
@@ -296,8 +275,8 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, str
              mask=in_q)
 
 
-# The backward kernels live in flash_kernels_bwd (which imports the helpers above): re-exported here, so that callers
-# (flash_attention, flash_compile) find every kernel in this module.
+# The backward kernels live in flash_kernels_bwd: re-exported here, so that callers (flash_attention, flash_compile)
+# find every kernel in this module.
 from sumtune.fast_t5.flash_kernels_bwd import (  # noqa: E402,F401
     _dkdv_tiles, _dq_tiles, t5_attention_bwd_delta, t5_attention_dropout_mask, t5_flash_attention_bwd_dkdv,
     t5_flash_attention_bwd_dq)

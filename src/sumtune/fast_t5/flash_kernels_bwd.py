@@ -10,7 +10,7 @@ import triton.language as tl
 
 from sumtune.fast_t5.bias_band import _band_tile
 from sumtune.fast_t5.dropout_draws import PAIRS_WIDE_MUL, _counter_cols, _keep_pairs, _keep_tile
-from sumtune.fast_t5.flash_kernels import BIAS_BAND, BIAS_CONST, BIAS_GATHER, BIAS_NONE, _bias_tile
+from sumtune.fast_t5.flash_bias_modes import BIAS_BAND, BIAS_CONST, BIAS_GATHER, BIAS_NONE, _bias_tile
 from sumtune.triton_compat import interpreter_safe_dot as _dot
 
 
