@@ -290,12 +290,13 @@ builds = {
     "gated_gelu_dropout_fwd": compile_source(ffn_kernels.gated_gelu_dropout_fwd, ffn, dict(BLOCK=4096, DROPOUT=True), 4),
     "gated_gelu_dropout_bwd": compile_source(ffn_kernels.gated_gelu_dropout_bwd, ffn, dict(BLOCK=4096, DROPOUT=True), 4),
 }
-types = dict(Q="*bf16", MEM="*bf16", OUT="*bf16", ACC="*fp32", MAX="*fp32", SUM="*fp32", LENGTHS="*i32")
+types = dict(Q="*bf16", MEM="*bf16", OUT="*bf16", ACC="*fp32", MAX="*fp32", SUM="*fp32", LENGTHS="*i32", BIAS="*bf16")
 types.update({name: "i32" for name in cross_kernels.hidden_cross_attention.arg_names if name not in types})
 for (_, block_n, warps), split in itertools.product(cross_attention.TILES_BY_STATES, (False, True)):
     builds[f"hidden_cross_attention {block_n}x{warps} split={split}"] = compile_source(
         cross_kernels.hidden_cross_attention, types, dict(BLOCK_H=cross_attention.head_blocks(32,
-        cross_attention.HEADS_PER_PROGRAM)[0], D=1024, BLOCK_N=block_n, SPLIT=split, UPCAST=False),
+        cross_attention.HEADS_PER_PROGRAM)[0], D=1024, BLOCK_N=block_n, SPLIT=split, UPCAST=False, HAS_BIAS=False,
+        stride_lb=1),
         warps, cross_attention.NUM_STAGES)
 for name, compiled in builds.items():
     print(json.dumps(dict(kernel=name, vectorized="v4.b32" in compiled.asm["ptx"], **resources(compiled))))
