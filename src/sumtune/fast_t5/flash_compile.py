@@ -66,7 +66,7 @@ def compile_kernel(name: str, block_m: int, block_n: int, num_warps: int, num_st
                "CHECK_HOLES": MASK_ONLY_WITH_HOLES, "USE_BAND": BIAS_BAND,
                "DESC": FWD_DESCRIPTORS if name == "fwd" else BWD_DESCRIPTORS,
                "NEAR_STAGES": near_stages(name, block_m, block_n, num_stages).get("NEAR_STAGES"),
-               "LEAN_TILES": LEAN_FORWARD}
+               "LEAN_TILES": LEAN_FORWARD and not flags.get("CAUSAL", T5_FLAGS["CAUSAL"])}  # as flash_attention
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=False,
                       **{**shipped, **T5_FLAGS, **flags})
     # STORE_DS: dK/dV only; PV_*: forward only

@@ -48,9 +48,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from sumtune.fast_t5.bias_band import _band_tile, t5_bias_band  # noqa: F401 (the latter: for flash_attention)
+from sumtune.fast_t5.bias_band import t5_bias_band  # noqa: F401 (for flash_attention)
 from sumtune.fast_t5.dropout_draws import _counter_cols, _keep_tile
-from sumtune.fast_t5.flash_bias_modes import BIAS_BAND, BIAS_CONST, BIAS_GATHER, BIAS_NONE, _bias_tile
+from sumtune.fast_t5.flash_common import BIAS_BAND, BIAS_CONST, BIAS_GATHER, BIAS_NONE, _biased_scores, _program_head
 from sumtune.fast_t5.fp16_values import fp16_power, t5_values_to_fp16  # noqa: F401 (the latter: for flash_attention)
 from sumtune.triton_compat import fix_interpreter_for_numpy_2_4
 from sumtune.triton_compat import interpreter_safe_dot as _dot
@@ -103,20 +103,14 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, start, stop, con
             p = tl.math.exp2(raw * qk_scale + (const - m_new)[:, None])
             alpha = tl.math.exp2(m_i - m_new)
         elif LEAN:  # a bias a key: added, no mask
-            s = _dot(q, k_t, UPCAST) * qk_scale
-            if BIAS_MODE == BIAS_BAND:
-                s += _band_tile(TABLE, start_n - start_m, band_w, BLOCK_M, BLOCK_N)
-            else:
-                s += _bias_tile(TABLE, offs_n[None, :] - offs_m[:, None], const, BIAS_MODE)
+            s = _biased_scores(q, k_t, TABLE, const, start_m, start_n, offs_m, offs_n, qk_scale, band_w, BIAS_MODE,
+                               BLOCK_M, BLOCK_N, UPCAST)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.math.exp2(s - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
         else:
-            s = _dot(q, k_t, UPCAST) * qk_scale
-            if BIAS_MODE == BIAS_BAND:
-                s += _band_tile(TABLE, start_n - start_m, band_w, BLOCK_M, BLOCK_N)
-            else:
-                s += _bias_tile(TABLE, offs_n[None, :] - offs_m[:, None], const, BIAS_MODE)
+            s = _biased_scores(q, k_t, TABLE, const, start_m, start_n, offs_m, offs_n, qk_scale, band_w, BIAS_MODE,
+                               BLOCK_M, BLOCK_N, UPCAST)
             keep = key_ok[None, :]
             if CAUSAL:
                 keep = keep & (offs_n[None, :] <= offs_m[:, None])
@@ -161,12 +155,7 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, str
     far (one-bias-value) key tiles that lie wholly inside a row without masked keys before its length run in their
     own loops without masks (`_fwd_tiles`' LEAN): the same maths, the scale and bias added in another order."""
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(SEED)  # drawn on the device by torch's generator: no host sync, new on every graph replay
-    b = (bh // H).to(tl.int64)
-    h = bh % H
+    bh, b, h, seed = _program_head(SEED, H, DROPOUT)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     in_q = offs_m < Lq

@@ -10,7 +10,8 @@ import triton.language as tl
 
 from sumtune.fast_t5.bias_band import _band_tile
 from sumtune.fast_t5.dropout_draws import PAIRS_WIDE_MUL, _counter_cols, _keep_pairs, _keep_tile
-from sumtune.fast_t5.flash_bias_modes import BIAS_BAND, BIAS_CONST, BIAS_GATHER, BIAS_NONE, _bias_tile
+from sumtune.fast_t5.flash_common import (BIAS_BAND, BIAS_CONST, BIAS_GATHER, BIAS_NONE, _bias_tile,
+                                         _biased_scores, _program_head)
 from sumtune.triton_compat import interpreter_safe_dot as _dot
 
 
@@ -114,12 +115,7 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
     """With DESC, Q and DO are TMA descriptors over the (B * Lq, H * HEAD_DIM) rows of the queries and the output's
     gradient instead of pointers; the same sums in the same order."""
     start_n = tl.program_id(0) * BLOCK_N
-    bh = tl.program_id(1)
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(SEED)  # drawn on the device by torch's generator: no host sync, new on every graph replay
-    b = (bh // H).to(tl.int64)
-    h = bh % H
+    bh, b, h, seed = _program_head(SEED, H, DROPOUT)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     in_k = offs_n < Lk
@@ -205,11 +201,8 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, read_mask, start, stop,
             kept = _keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N, DRAW8, PAIRS)
         k_t = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=in_k[None, :], other=0.0)
         v_t = tl.load(V + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=in_k[None, :], other=0.0)
-        s = _dot(q, k_t, UPCAST) * qk_scale
-        if BIAS_MODE == BIAS_BAND:
-            s += _band_tile(TABLE, start_n - start_m, band_w, BLOCK_M, BLOCK_N)
-        else:
-            s += _bias_tile(TABLE, offs_n[None, :] - offs_m[:, None], const, BIAS_MODE)
+        s = _biased_scores(q, k_t, TABLE, const, start_m, start_n, offs_m, offs_n, qk_scale, band_w, BIAS_MODE,
+                           BLOCK_M, BLOCK_N, UPCAST)
         keep = key_ok[None, :]
         if CAUSAL:
             keep = keep & (offs_n[None, :] <= offs_m[:, None])
@@ -234,12 +227,7 @@ def t5_flash_attention_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TABLE, KMASK, KV_LEN,
                               CHECK_HOLES: tl.constexpr = False, HOLES=0, BAND=0, band_w=0, band_head=0,
                               USE_BAND: tl.constexpr = False):
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(SEED)  # drawn on the device by torch's generator: no host sync, new on every graph replay
-    b = (bh // H).to(tl.int64)
-    h = bh % H
+    bh, b, h, seed = _program_head(SEED, H, DROPOUT)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     in_q = offs_m < Lq
