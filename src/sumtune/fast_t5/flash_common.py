@@ -53,3 +53,26 @@ def _program_head(SEED, H, DROPOUT: tl.constexpr):
     if DROPOUT:
         seed = tl.load(SEED)
     return bh, (bh // H).to(tl.int64), bh % H, seed
+
+
+@triton.jit
+def _row_keys(KV_LEN, KMASK, b, stride_mask_b, Lk, start_m, HAS_KEY_MASK: tl.constexpr, CAUSAL: tl.constexpr,
+              BLOCK_M: tl.constexpr):
+    """(the row's key length, its key-mask row, the end of the keys that query block [start_m, start_m + BLOCK_M)
+    attends to): the forward's and the dQ kernel's key loop bounds."""
+    if HAS_KEY_MASK:
+        kv_len = tl.load(KV_LEN + b)
+        KMASK += b * stride_mask_b
+    else:
+        kv_len = Lk
+    stop = kv_len
+    if CAUSAL:
+        stop = tl.minimum(stop, start_m + BLOCK_M)
+    return kv_len, KMASK, stop
+
+
+@triton.jit
+def _head_rows(X, b, h, offs, offs_d, stride_b, stride_h, stride_row, stride_d, in_rows):
+    """Rows ``offs`` of batch row ``b`` and head ``h`` of a (B, H, L, D) view, zeros where ``in_rows`` is False."""
+    return tl.load(X + b * stride_b + h * stride_h + offs[:, None] * stride_row + offs_d[None, :] * stride_d,
+                   mask=in_rows[:, None], other=0.0)

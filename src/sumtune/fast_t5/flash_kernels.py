@@ -50,7 +50,8 @@ import triton.language as tl
 
 from sumtune.fast_t5.bias_band import t5_bias_band  # noqa: F401 (for flash_attention)
 from sumtune.fast_t5.dropout_draws import _counter_cols, _keep_tile
-from sumtune.fast_t5.flash_common import BIAS_BAND, BIAS_CONST, BIAS_GATHER, BIAS_NONE, _biased_scores, _program_head
+from sumtune.fast_t5.flash_common import (BIAS_BAND, BIAS_CONST, BIAS_GATHER, BIAS_NONE, _biased_scores, _head_rows,
+                                         _program_head, _row_keys)
 from sumtune.fast_t5.fp16_values import fp16_power, t5_values_to_fp16  # noqa: F401 (the latter: for flash_attention)
 from sumtune.triton_compat import fix_interpreter_for_numpy_2_4
 from sumtune.triton_compat import interpreter_safe_dot as _dot
@@ -159,21 +160,13 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, str
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     in_q = offs_m < Lq
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=in_q[:, None], other=0.0)
+    q = _head_rows(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_qd, in_q)
     kv_row0 = (b * Lk).to(tl.int32)  # DESC: the row's first key, and the head's first column
     kv_col = h * HEAD_DIM
     if not DESC:
         K += b * stride_kb + h * stride_kh
         V += b * stride_vb + h * stride_vh
-    if HAS_KEY_MASK:
-        kv_len = tl.load(KV_LEN + b)
-        KMASK += b * stride_mask_b
-    else:
-        kv_len = Lk
-    stop = kv_len
-    if CAUSAL:
-        stop = tl.minimum(stop, start_m + BLOCK_M)
+    kv_len, KMASK, stop = _row_keys(KV_LEN, KMASK, b, stride_mask_b, Lk, start_m, HAS_KEY_MASK, CAUSAL, BLOCK_M)
     n_cols = _counter_cols(Lk, DRAW8, PAIRS)
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)

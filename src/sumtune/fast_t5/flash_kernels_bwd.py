@@ -11,7 +11,7 @@ import triton.language as tl
 from sumtune.fast_t5.bias_band import _band_tile
 from sumtune.fast_t5.dropout_draws import PAIRS_WIDE_MUL, _counter_cols, _keep_pairs, _keep_tile
 from sumtune.fast_t5.flash_common import (BIAS_BAND, BIAS_CONST, BIAS_GATHER, BIAS_NONE, _bias_tile,
-                                         _biased_scores, _program_head)
+                                         _biased_scores, _head_rows, _program_head, _row_keys)
 from sumtune.triton_compat import interpreter_safe_dot as _dot
 
 
@@ -119,10 +119,8 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     in_k = offs_n < Lk
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=in_k[:, None], other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=in_k[:, None], other=0.0)
+    k = _head_rows(K, b, h, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, in_k)
+    v = _head_rows(V, b, h, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, in_k)
     if HAS_KEY_MASK:
         kv_len = tl.load(KV_LEN + b)
         key_ok = (offs_n < kv_len) & (tl.load(KMASK + b * stride_mask_b + offs_n, mask=in_k, other=0) != 0)
@@ -231,22 +229,13 @@ def t5_flash_attention_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TABLE, KMASK, KV_LEN,
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     in_q = offs_m < Lq
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=in_q[:, None], other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                 mask=in_q[:, None], other=0.0)
+    q = _head_rows(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_qd, in_q)
+    do = _head_rows(DO, b, h, offs_m, offs_d, stride_dob, stride_doh, stride_dom, stride_dod, in_q)
     lse = tl.load(LSE + bh.to(tl.int64) * Lq + offs_m, mask=in_q, other=float("inf"))
     delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=in_q, other=0.0)
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
-    if HAS_KEY_MASK:
-        kv_len = tl.load(KV_LEN + b)
-        KMASK += b * stride_mask_b
-    else:
-        kv_len = Lk
-    stop = kv_len
-    if CAUSAL:
-        stop = tl.minimum(stop, start_m + BLOCK_M)
+    kv_len, KMASK, stop = _row_keys(KV_LEN, KMASK, b, stride_mask_b, Lk, start_m, HAS_KEY_MASK, CAUSAL, BLOCK_M)
     n_cols = _counter_cols(Lk, DRAW8, PAIRS)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     read_mask = True  # as the forward: with CHECK_HOLES, no mask read in a row padded only at its end
