@@ -152,9 +152,10 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, str
                            USE_BAND: tl.constexpr = False, DESC: tl.constexpr = False,
                            NEAR_STAGES: tl.constexpr = None, LEAN_TILES: tl.constexpr = False):
     """With DESC, K and V are TMA descriptors over the (B * Lk, H * HEAD_DIM) rows of the keys and values (the
-    projections' layout) instead of pointers; the same sums in the same order. With LEAN_TILES (not causal), the
-    far (one-bias-value) key tiles that lie wholly inside a row without masked keys before its length run in their
-    own loops without masks (`_fwd_tiles`' LEAN): the same maths, the scale and bias added in another order."""
+    projections' layout) instead of pointers; the same sums in the same order. With LEAN_TILES (not causal, a
+    positive qk_scale), the key tiles that lie wholly inside a row without masked keys before its length run in
+    loops of their own without masks (`_fwd_tiles`' LEAN): the same maths, far tiles' scale and bias added in
+    another order."""
     start_m = tl.program_id(0) * BLOCK_M
     bh, b, h, seed = _program_head(SEED, H, DROPOUT)
     offs_m = start_m + tl.arange(0, BLOCK_M)
