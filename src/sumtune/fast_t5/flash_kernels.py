@@ -76,7 +76,6 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, start, stop, con
     LEAN: every tile lies wholly inside the row's keys with no masked key among them: no mask; with one bias value
     (or none) the scale and the constant go into the exponent's one multiply-add, as Triton's tutorial does
     (qk_scale > 0, so the row maximum of the raw products gives the scores' maximum)."""
-    tl.static_assert(not (LEAN and CAUSAL), "lean tiles: no causal mask")
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in tl.range(start, stop, BLOCK_N, num_stages=LOOP_STAGES):
@@ -139,6 +138,30 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, start, stop, con
 
 
 @triton.jit
+def _fwd_region(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, start, stop, lean_end, const, start_m,
+                stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w,
+                seed, stream, n_cols, drop_below,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
+                CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+                DRAW8: tl.constexpr, PV_SPLIT: tl.constexpr, PAIRS: tl.constexpr, kv_row0, kv_col,
+                DESC: tl.constexpr, LOOP_STAGES: tl.constexpr, LEAN_TILES: tl.constexpr):
+    """The key tiles [start, stop) of one bias region: with LEAN_TILES those below ``lean_end`` first, in a lean loop
+    (`_fwd_tiles`' LEAN), then the rest with masks."""
+    masked_from = start
+    if LEAN_TILES:
+        masked_from = tl.maximum(start, tl.minimum(stop, lean_end))
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, start, masked_from, const, start_m,
+                                   stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w, seed,
+                                   stream, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_MODE, False,
+                                   HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, kv_row0, kv_col, DESC,
+                                   LOOP_STAGES, True)
+    return _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, masked_from, stop, const, start_m,
+                      stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w, seed, stream,
+                      n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_MODE, CAUSAL, HAS_KEY_MASK, DROPOUT,
+                      UPCAST, DRAW8, PV_SPLIT, PAIRS, kv_row0, kv_col, DESC, LOOP_STAGES)
+
+
+@triton.jit
 def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, stride_qb, stride_qh, stride_qm,
                            stride_qd, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn,
                            stride_vd, stride_ob, stride_oh, stride_om, stride_od, stride_mask_b, H, Lq, Lk, R,
@@ -192,60 +215,28 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, str
         # key tiles whose offsets j - i are all <= -R (far left) or all >= +R (far right) share one bias value
         lo_end = tl.minimum((tl.maximum(start_m - R + 1, 0) // BLOCK_N) * BLOCK_N, stop)
         hi_start = tl.maximum(tl.minimum(tl.cdiv(start_m + BLOCK_M - 1 + R, BLOCK_N) * BLOCK_N, stop), lo_end)
-        left_masked = 0  # far-left tiles from here on need masks
-        right_masked = hi_start  # far-right tiles from here on need masks
-        if LEAN_TILES:
-            left_masked = tl.minimum(lo_end, lean_end)
-            right_masked = tl.maximum(hi_start, tl.minimum(stop, lean_end))
-            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, 0, left_masked, far_left,
-                                       start_m, stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
-                                       band_w, seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
-                                       False, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, kv_row0, kv_col,
-                                       DESC, None, True)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, left_masked, lo_end, far_left,
-                                   start_m,
-                                   stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w,
-                                   seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
-                                   False, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, kv_row0, kv_col, DESC)
-        near_masked = lo_end  # near tiles from here on need masks
-        if LEAN_TILES:
-            near_masked = tl.maximum(lo_end, tl.minimum(hi_start, lean_end))
-            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, BAND + h * band_head if USE_BAND else TABLE, KMASK,
-                                       read_mask, lo_end, near_masked, 0.0, start_m,
-                                       stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w,
-                                       seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N,
-                                       BIAS_BAND if USE_BAND else BIAS_GATHER, False, HAS_KEY_MASK, DROPOUT, UPCAST,
-                                       DRAW8, PV_SPLIT, PAIRS, kv_row0, kv_col, DESC, NEAR_STAGES, True)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, BAND + h * band_head if USE_BAND else TABLE, KMASK,
-                                   read_mask, near_masked, hi_start, 0.0, start_m,
-                                   stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w,
-                                   seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N,
-                                   BIAS_BAND if USE_BAND else BIAS_GATHER,
-                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, kv_row0, kv_col, DESC,
-                                   NEAR_STAGES)
-        if LEAN_TILES:
-            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, hi_start, right_masked,
-                                       far_right, start_m, stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R,
-                                       qk_scale, band_w, seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N,
-                                       BIAS_CONST, False, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS,
-                                       kv_row0, kv_col, DESC, None, True)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, right_masked, stop, far_right,
-                                   start_m, stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w,
-                                   seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
-                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, kv_row0, kv_col, DESC)
+        acc, l_i, m_i = _fwd_region(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, 0, lo_end, lean_end, far_left,
+                                    start_m, stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
+                                    band_w, seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
+                                    False, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, kv_row0, kv_col, DESC,
+                                    None, LEAN_TILES)
+        acc, l_i, m_i = _fwd_region(acc, l_i, m_i, q, K, V, BAND + h * band_head if USE_BAND else TABLE, KMASK,
+                                    read_mask, lo_end, hi_start, lean_end, 0.0, start_m, stride_kn, stride_kd,
+                                    stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w, seed, bh, n_cols, drop_below,
+                                    HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_BAND if USE_BAND else BIAS_GATHER, CAUSAL,
+                                    HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, kv_row0, kv_col, DESC,
+                                    NEAR_STAGES, LEAN_TILES)
+        acc, l_i, m_i = _fwd_region(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, hi_start, stop, lean_end,
+                                    far_right, start_m, stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R,
+                                    qk_scale, band_w, seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N,
+                                    BIAS_CONST, CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, kv_row0,
+                                    kv_col, DESC, None, LEAN_TILES)
     else:
-        masked_from = 0
-        if LEAN_TILES:
-            masked_from = tl.minimum(stop, lean_end)
-            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, 0, masked_from, 0.0,
-                                       start_m, stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
-                                       band_w, seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE,
-                                       False, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, kv_row0, kv_col,
-                                       DESC, None, True)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, masked_from, stop, 0.0, start_m,
-                                   stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w,
-                                   seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE,
-                                   CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, kv_row0, kv_col, DESC)
+        acc, l_i, m_i = _fwd_region(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, 0, stop, lean_end, 0.0, start_m,
+                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w,
+                                    seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE,
+                                    CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, kv_row0, kv_col,
+                                    DESC, None, LEAN_TILES)
     empty = l_i == 0.0  # no key to attend to: output 0, and lse = +inf makes the backward's P exactly 0
     l_safe = tl.where(empty, 1.0, l_i)
     out_scale = drop_scale / l_safe
