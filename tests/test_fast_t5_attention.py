@@ -765,6 +765,20 @@ def test_best_configs_names_only_kernels_that_block_sizes_pins(monkeypatch):
         assert flash_tiles._fixed_blocks("fwd") == (64, 64, 4, 2)
 
 
+def test_each_flag_that_picks_a_forward_build_keys_its_own_tuning(monkeypatch):
+    """The forward's autotuner keys on LEAN_TILES (and the other build flags it is launched with), so turning
+    LEAN_FORWARD on in a process that tuned the masked loops tunes the lean build anew instead of reusing the masked
+    build's tile; the dK/dV kernel, which has no such flag, does not key on it."""
+    pytest.importorskip("triton")
+    from sumtune.fast_t5 import flash_kernels, flash_tiles
+
+    monkeypatch.setattr(flash_tiles, "_tuned", {})
+    forward = flash_tiles._autotuned("fwd", flash_kernels.t5_flash_attention_fwd)
+    assert {"LEAN_TILES", "HAS_BIAS", "HAS_KEY_MASK", "DROPOUT", "CHECK_HOLES", "USE_BAND"} <= set(forward.keys)
+    dkdv = flash_tiles._autotuned("dkdv", flash_kernels.t5_flash_attention_bwd_dkdv)
+    assert "STORE_DS" in dkdv.keys and "LEAN_TILES" not in dkdv.keys
+
+
 def test_custom_op_registration_passes_opcheck(fa):
     """Schema, fake tensors and autograd registration as torch.compile relies on (torch.library.opcheck)."""
     q, k, v = make_qkv(2, 2, 20, 20, 16, torch.float32)
