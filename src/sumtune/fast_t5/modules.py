@@ -100,12 +100,16 @@ def _rms_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
     applied in the weight's dtype, as stock. An fp32 weight (after prepare_model_for_kbit_training)
     gets stock's fp32 result.
     """
-    shape = (hidden_states.shape[-1],)
     weight = self.weight
     if weight.dtype in (torch.float16, torch.bfloat16):
-        normed = F.rms_norm(hidden_states, shape, None, self.variance_epsilon).to(weight.dtype)
-        return weight * normed
-    return F.rms_norm(hidden_states.float(), shape, weight.float(), self.variance_epsilon)
+        return half_rms_norm(hidden_states, weight, self.variance_epsilon)
+    return F.rms_norm(hidden_states.float(), (hidden_states.shape[-1],), weight.float(), self.variance_epsilon)
+
+
+def half_rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """T5LayerNorm for a half-precision ``weight`` in torch's fused kernel: fp32 inside, one rounding to the weight's
+    dtype, then the weight's multiply in that dtype (the fast training stack's and the decoder's, t5_decode)."""
+    return weight * F.rms_norm(hidden_states, (hidden_states.shape[-1],), None, eps).to(weight.dtype)
 
 
 def fast_layer_norm_forward(self, hidden_states):

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sumtune.fast_t5.modules import half_rms_norm
+
 ATTENTION_MODES = ("auto", "kv", "hidden", "fused")
 CROSS_GROUPS = 8  # at most this many row slices per batch, each attending to its own source length
 CROSS_GROUP_MULTIPLE = 256  # slice lengths rounded up to this: fewer distinct shapes (CUDA graphs) per batch
@@ -42,8 +44,8 @@ CROSS_GROUP_MIN_SAVING = 0.1  # slice only when it leaves out at least this shar
 # 1024 only from 256 rows: 75.6 -> 79.7 at batch 256, 81.2 -> 86.0 at 512, but 35.4 -> 31.9 at 32 and 65.3 -> 59.3 at
 # 128 (…_1024_128_{fused,small_batches}-2026-12-03-h200.json). Narrower batches were not measured: "hidden" there.
 AUTO_FUSED_FROM = ((1025, 1), (1024, 256))
-# The decoder's T5LayerNorm as torch's fused RMSNorm kernel (fp32 inside, one rounding, as the fast training stack's
-# fast_t5.modules._rms_norm) and the weight's multiply: two kernels where the ops below take seven (a cast, the
+# The decoder's T5LayerNorm as torch's fused RMSNorm kernel (fp32 inside, one rounding: fast_t5.modules.half_rms_norm,
+# the fast training stack's) and the weight's multiply: two kernels where the ops below take seven (a cast, the
 # square, the mean, the epsilon, rsqrt, the multiply, the cast back), ~22 us of a decode step's ~26.5 ms per norm,
 # 73 norms a step (T5-3b, 256 rows: results/logs/encoder_gluonenc_s34-2026-12-04-h200.log's step profile). Its mean
 # sums in another order, so a variance may differ by an ulp. Off until measured with the tokens' agreement (benchmark
@@ -267,7 +269,7 @@ def rms_norm(h: Tensor, weight: Tensor, eps: float) -> Tensor:
     """T5LayerNorm, with the same casts (fp32 variance, cast back before the scale); FUSED_RMS_NORM: in torch's fused
     kernel for a half-precision weight."""
     if FUSED_RMS_NORM and weight.dtype in (torch.float16, torch.bfloat16):
-        return weight * F.rms_norm(h, (h.shape[-1],), None, eps).to(weight.dtype)
+        return half_rms_norm(h, weight, eps)
     variance = h.to(torch.float32).pow(2).mean(-1, keepdim=True)
     h = h * torch.rsqrt(variance + eps)
     if weight.dtype in (torch.float16, torch.bfloat16):
