@@ -1,5 +1,6 @@
 """What the forward (``flash_kernels``) and backward (``flash_kernels_bwd``) attention kernels share: how a tile
-gets T5's bias (the modes, the tile, the biased scores) and a program's head, batch row and dropout seed."""
+gets T5's bias (the modes, the tile, the biased scores), a program's head, batch row and dropout seed, a query block's
+key bounds, and a head's rows of a (B, H, L, D) view."""
 
 from __future__ import annotations
 
