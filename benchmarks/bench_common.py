@@ -277,11 +277,13 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     # (`gluonenc`, `gluonenc2`, `gluonenc64`: a no-gradient attention forward in Gluon, measured slower on 2026-12-04
     # and gone: flash_attention's note; commit f21cad8 has it.)
     "gluon5": ("sumtune.generation.gluon_decode", "SLOTS", 5),  # the Gluon kernel with a ring of 5 chunks, not 6
-    # the decoder's T5LayerNorm in torch's fused RMSNorm kernel (t5_decode.FUSED_RMS_NORM, off)
-    "decodermsnorm": ("sumtune.generation.t5_decode", "FUSED_RMS_NORM", True),
+    # the decoder's T5LayerNorm in its seven ops, not torch's fused RMSNorm kernel (t5_decode.FUSED_RMS_NORM, on since
+    # 2026-12-05; the token was `decodermsnorm` while it was off)
+    "nodecodermsnorm": ("sumtune.generation.t5_decode", "FUSED_RMS_NORM", False),
     # the decoder's self-attention in the Gluon decoding kernel with the step's position bias (t5_decode.
-    # FUSED_SELF_ATTENTION, off; in the Triton kernel it was not faster in session 30, and the token was `noselffused`)
-    "selfgluon": ("sumtune.generation.t5_decode", "FUSED_SELF_ATTENTION", True),
+    # FUSED_SELF_ATTENTION, on since 2026-12-05, the token was `selfgluon` while it was off; in the Triton kernel it was
+    # not faster in session 30, and the token was `noselffused`). `noselfgluon`: the two GEMMs and a softmax instead.
+    "noselfgluon": ("sumtune.generation.t5_decode", "FUSED_SELF_ATTENTION", False),
     # (`gluoncp`: its chunks by cp.async, `gluon32`: 32 heads a program; both slower and gone in session 34:
     # gluon_decode's note; commit f21cad8 has them.)
     # (`decodews`: the decoding kernel's key loop warp-specialised by Triton, measured 2.3x slower on 2026-12-04 and

@@ -15,7 +15,7 @@ for self-attention), chosen by `attention`:
   states (CUDA; on an H200 at 4096 keys faster than the two GEMMs at 256 rows, 1.29 vs 1.45 ms a layer and step,
   slower at 64, 0.88 vs 0.42, results/decode_attention_head_groups-2026-12-03-h200.json; in whole generation at
   4096/512 faster at batch 32, 64 and 256 alike, at 1024/128 from 256 rows: "auto" picks it there, AUTO_FUSED_FROM).
-  With FUSED_SELF_ATTENTION (off until measured) the self-attention too, where the kernel's Gluon form runs.
+  With FUSED_SELF_ATTENTION (on) the self-attention too, where the kernel's Gluon form runs.
 
 Cross-attention reads the encoder memory of every row at every step: at 4096/512 most of the decoder's time.
 A batch's rows (sorted longest first) are cut into a few slices (`cross_groups`), each attending only to its own
@@ -48,16 +48,18 @@ AUTO_FUSED_FROM = ((1025, 1), (1024, 256))
 # the fast training stack's) and the weight's multiply: two kernels where the ops below take seven (a cast, the
 # square, the mean, the epsilon, rsqrt, the multiply, the cast back), ~22 us of a decode step's ~26.5 ms per norm,
 # 73 norms a step (T5-3b, 256 rows: results/logs/encoder_gluonenc_s34-2026-12-04-h200.log's step profile). Its mean
-# sums in another order, so a variance may differ by an ulp. Off until measured with the tokens' agreement (benchmark
-# token `decodermsnorm`).
-FUSED_RMS_NORM = False
+# sums in another order, so a variance may differ by an ulp. On since 2026-12-05: whole generation with every input
+# 4096 tokens 12.23 vs 11.97 summaries/s alone, 12.49 with FUSED_SELF_ATTENTION, greedy tokens equal to transformers'
+# (results/generate_throughput-2026-12-05-h200-full-selfgluon.json). Benchmark token `nodecodermsnorm` turns it off.
+FUSED_RMS_NORM = True
 # In "fused" mode the self-attention too in the fused kernel where its Gluon form runs (a Hopper GPU, bf16: with the
 # step's position bias, over the step + 1 positions written so far) instead of two GEMMs over the bucket's kv_len
 # positions and a softmax between them (~154 us a layer at kv_len 512 and 256 rows, of a 26.5 ms step: results/logs/
 # encoder_gluonenc_s34-2026-12-04-h200.log). In the Triton kernel it was not faster (whole generation 10.04 against
 # 10.26 summaries/s with the lazy rescaling, results/generate_throughput-2026-12-04-h200-full-s30.json): that one
-# runs it only in Triton's CPU interpreter (tests). Off until measured (benchmark token `selfgluon`).
-FUSED_SELF_ATTENTION = False
+# runs it only in Triton's CPU interpreter (tests). On since 2026-12-05: 12.20 vs 11.97 summaries/s alone, 12.49 with
+# FUSED_RMS_NORM, tokens equal (results/generate_throughput-2026-12-05-h200-full-selfgluon.json). Token `noselfgluon`.
+FUSED_SELF_ATTENTION = True
 
 
 @dataclass
