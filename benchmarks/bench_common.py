@@ -247,9 +247,9 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "noband": ("sumtune.fast_t5.flash_attention", "BIAS_BAND", False),
     # the attention forward's K and V by TMA descriptors, autotuned over its own tiles (FWD_DESCRIPTORS, off)
     "fwdtma": ("sumtune.fast_t5.flash_attention", "FWD_DESCRIPTORS", True),
-    # the forward's key tiles inside a row's keys in loops without masks, far tiles' scale and bias in one
-    # multiply-add (LEAN_FORWARD, off)
-    "fwdlean": ("sumtune.fast_t5.flash_attention", "LEAN_FORWARD", True),
+    # the forward's every key tile in the masked loops, not the lean loops without masks for the tiles inside a row's
+    # keys (LEAN_FORWARD, on since 2026-12-05; the token was `fwdlean` while it was off)
+    "nofwdlean": ("sumtune.fast_t5.flash_attention", "LEAN_FORWARD", False),
     # the dK/dV kernel's Q and dO by TMA descriptors (BWD_DESCRIPTORS, off)
     "bwdtma": ("sumtune.fast_t5.flash_attention", "BWD_DESCRIPTORS", True),
     # the pointer forward autotuned with 128 x 128 x 8 x 3 first (its near loop at 2 stages: flash_attention.near_stages)
@@ -284,6 +284,11 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     # FUSED_SELF_ATTENTION, on since 2026-12-05, the token was `selfgluon` while it was off; in the Triton kernel it was
     # not faster in session 30, and the token was `noselffused`). `noselfgluon`: the two GEMMs and a softmax instead.
     "noselfgluon": ("sumtune.generation.t5_decode", "FUSED_SELF_ATTENTION", False),
+    # the next batch's encoder on a side stream while this batch decodes (decoding.ENCODER_AHEAD, off); with
+    # `decodefirst` the decode loop in a stream of the highest priority (decoding.DECODE_FIRST, off). Time at least
+    # two batches a row (generate_throughput.py --timed-batches 2 or more): one batch has nothing to overlap.
+    "encoderahead": ("sumtune.generation.decoding", "ENCODER_AHEAD", True),
+    "decodefirst": ("sumtune.generation.decoding", "DECODE_FIRST", True),
     # (`gluoncp`: its chunks by cp.async, `gluon32`: 32 heads a program; both slower and gone in session 34:
     # gluon_decode's note; commit f21cad8 has them.)
     # (`decodews`: the decoding kernel's key loop warp-specialised by Triton, measured 2.3x slower on 2026-12-04 and

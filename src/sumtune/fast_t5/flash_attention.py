@@ -139,8 +139,12 @@ FWD_DESCRIPTORS = False
 # (results/attention_lean_compile-2026-12-04-cpu-sm90.json).
 # Its forerunner WHOLE_TILES (2026-12-02: whole tiles without bounds, but a select per score in rows with a hole, the
 # mask branch and the guards kept; ~12% fewer instructions) measured 0% at the step (NOTES, session 20).
-# Off until measured (benchmark token `fwdlean`).
-LEAN_FORWARD = False
+# On since 2026-12-05 (H200, GPU time): forward 2.74 against 3.30 ms in training at 32x32x1024x128 with dropout, 10.02
+# against 11.64 ms without gradient at 16x32x4096x128 (results/attention_kernels-2026-12-05-h200-lean-{train,nograd}
+# .json); whole generation at 256 x 4096 -> 512 13.04 against 12.55 summaries/s; the seed's training step 49.82
+# against 49.81 samples/s, no loss (results/logs/{generate_full_lean,train_seed_lean}_s36-2026-12-05-h200.log).
+# Benchmark token `nofwdlean` turns it off.
+LEAN_FORWARD = True
 # BWD_DESCRIPTORS: the same for the dK/dV kernel's per-tile loads, Q and dO (the backward's larger part; dQ comes
 # from the stored dS by cuBLAS, DS_GEMM), where dO comes as the output projection hands it back ((B, L, H, D) rows).
 # Off until measured (benchmark token `bwdtma`).

@@ -12,10 +12,22 @@ from torch import Tensor, nn
 
 from sumtune.batching import pad_batch
 from sumtune.errors import SumtuneError
+from sumtune.generation.batch_encoder import BatchEncoder, Encoding
 from sumtune.generation.greedy import GreedySession, trim_rows
 from sumtune.generation.t5_decode import ATTENTION_MODES, DecoderWeights, cross_groups
 
 GRAPH_PAD_MULTIPLE = 64  # with CUDA graphs, pad source length to a multiple of this so shapes (graphs) repeat
+# ENCODER_AHEAD: on CUDA, greedy decoding on sumtune's decoder, the next batch's encoder runs on a side stream while
+# this batch decodes. Why: the encoder is bound by the tensor cores, the decode loop by reading the encoder states
+# (the fused cross-attention: L2 ~94% busy, DRAM ~67%, results/decode_kernel_ncu-2026-12-04-h200-gluon.json), and
+# at 256 rows x 4096 tokens they take ~8 and ~11.5 s of a ~20 s batch back to back. The encoder's forwards make no
+# host sync, so its chunks queue on the side stream, launched between decode steps as the stream finishes them
+# (sumtune.generation.batch_encoder). The same tokens: each batch's encoder output is what it was; only when it is
+# computed moves. Off until measured (benchmark token `encoderahead`).
+ENCODER_AHEAD = False
+# DECODE_FIRST: with ENCODER_AHEAD, the decode loop in a stream of the device's highest priority, so the block
+# scheduler hands it the SMs first and the encoder fills what it leaves (token `decodefirst`). Off until measured.
+DECODE_FIRST = False
 
 
 def generate_ids(
@@ -53,7 +65,7 @@ def generate_ids(
     (`t5_decode.cross_groups`; `slice_cross_attention=False`: every row reads the batch's width, for A/B timing).
     The encoder runs once per batch in chunks of
     `encoder_batch_size`, through sumtune's fast T5 forwards (efficient SDPA kernels with the position bias)
-    unless `fast_encoder=False`. Greedy (`num_beams == 1`) runs sumtune's own decoder step on static buffers,
+    unless `fast_encoder=False`; with ENCODER_AHEAD, the next batch's on a side stream while this one decodes. Greedy (`num_beams == 1`) runs sumtune's own decoder step on static buffers,
     captured in CUDA graphs on CUDA (`use_cuda_graphs=None` means "on CUDA"), stopping when all rows are
     done; the session (buffers and graphs) is kept for the model, for the next call with the same shapes.
     `attention` picks how attention memory is cached ("kv", "hidden", "fused", or "auto"; see t5_decode).
@@ -67,16 +79,23 @@ def generate_ids(
         raise SumtuneError("use_cuda_graphs=True needs the model on a CUDA device.")
     pad_multiple = pad_to_multiple_of or (GRAPH_PAD_MULTIPLE if graphs else 1)
     order = sorted(range(len(input_ids)), key=lambda i: -len(input_ids[i]))  # stable: ties keep input order
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     results: list[list[int]] = [[] for _ in input_ids]
     encoder_context = _fast_encoder(model) if fast_encoder else contextlib.nullcontext()
-    with torch.inference_mode(), _eval_mode(model), encoder_context:
-        own = uses_own_decoder(num_beams=num_beams, no_repeat_ngram_size=no_repeat_ngram_size)
+    own = uses_own_decoder(num_beams=num_beams, no_repeat_ngram_size=no_repeat_ngram_size)
+    ahead = ENCODER_AHEAD and own and len(batches) > 1  # on the CPU only the order moves (what its tests check)
+    with torch.inference_mode(), _eval_mode(model), encoder_context, _decode_stream(device, ahead and DECODE_FIRST and device.type == "cuda"):
         weights = DecoderWeights.from_model(model) if own else None
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
+        encoder = BatchEncoder(model, encoder_batch_size, side_stream=ahead and device.type == "cuda")
+
+        def start_encoding(rows: list[int]) -> Encoding:
             ids, mask = pad_batch([input_ids[i] for i in rows], pad_token_id, pad_multiple)
-            ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-            encoder_out = encode(model, ids, mask, encoder_batch_size)
+            return encoder.start(ids.to(device, non_blocking=True), mask.to(device, non_blocking=True))
+
+        pending = start_encoding(batches[0])
+        for index, rows in enumerate(batches):
+            ids, mask, encoder_out = pending.result()
+            next_rows = batches[index + 1] if index + 1 < len(batches) else None
             if weights is None:
                 outputs = beam_search(model, encoder_out, mask, pad_token_id=pad_token_id,
                                       eos_token_id=eos_token_id, decoder_start_token_id=decoder_start_token_id,
@@ -92,11 +111,30 @@ def generate_ids(
                                        max_new_tokens=max_new_tokens, attention=mode,
                                        pad_token_id=pad_token_id, eos_token_id=eos_token_id,
                                        use_cuda_graphs=graphs, compile_step=compile_step)
+                if ahead and next_rows:  # after any capture: the next batch's encoder runs beside the replays
+                    pending = start_encoding(next_rows)
                 outputs = session.run(encoder_out, mask, decoder_start_token_id=decoder_start_token_id,
-                                      min_new_tokens=min_new_tokens)
+                                      min_new_tokens=min_new_tokens,
+                                      between_steps=pending.advance if ahead and next_rows else None)
+            del encoder_out
             for row, out in zip(rows, outputs):
                 results[row] = out
+            if not ahead and next_rows:  # in turn
+                pending = start_encoding(next_rows)
     return results
+
+
+@contextlib.contextmanager
+def _decode_stream(device: torch.device, high_priority: bool) -> Iterator[None]:
+    """The decode loop in a stream of the device's highest priority (DECODE_FIRST), else where the caller runs."""
+    if not high_priority:
+        yield
+        return
+    stream = torch.cuda.Stream(device=device, priority=-100)  # torch maps it to the highest the device has
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        yield
+    torch.cuda.current_stream(device).wait_stream(stream)
 
 
 def uses_own_decoder(*, num_beams: int = 1, no_repeat_ngram_size: int = 0) -> bool:
@@ -182,13 +220,6 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
-
-
-def encode(model: nn.Module, ids: Tensor, mask: Tensor, chunk: int) -> Tensor:
-    """Encoder output [B, S, D], computed `chunk` rows at a time to bound attention-bias memory."""
-    parts = [model.encoder(input_ids=ids[i:i + chunk], attention_mask=mask[i:i + chunk]).last_hidden_state
-             for i in range(0, ids.shape[0], chunk)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def beam_search(model: nn.Module, encoder_out: Tensor, mask: Tensor, *, pad_token_id: int, eos_token_id: int,
