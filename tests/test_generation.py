@@ -835,6 +835,48 @@ def test_summaries_pass_every_generation_setting_on_both_paths(merged32, inputs,
         assert texts == expected_texts and lengths == [len(row) for row in expected]
 
 
+class RecordingProgress:
+    """What generate_summaries needs of a sumtune Progress: a bar whose updates are kept."""
+
+    def __init__(self):
+        self.updates, self.closed = [], False
+
+    def bar(self, total, desc, unit):
+        self.total = total
+        return self
+
+    def update(self, n):
+        self.updates.append(n)
+
+    def close(self):
+        self.closed = True
+
+
+def test_summaries_run_every_input_in_one_call_and_move_the_bar_after_each_batch(merged32, inputs, t5_tokenizer_dir,
+                                                                              monkeypatch):
+    """One generate_ids call over all inputs (so the next batch's encoder can run ahead across the whole set), the
+    bar moved by each batch's rows, on both paths; no input, no call and no bar movement."""
+    from transformers import AutoTokenizer
+
+    from sumtune.generation import decoding, summaries
+
+    tokenizer = AutoTokenizer.from_pretrained(str(t5_tokenizer_dir))
+    calls, generate = [], decoding.generate_ids
+    monkeypatch.setattr(summaries, "generate_ids", lambda model, ids, **k: calls.append(len(ids))
+                        or generate(model, ids, **k))
+    for dense in ({}, {"dense_model": None}):
+        progress = RecordingProgress()
+        texts, _ = summaries.generate_summaries(merged32, tokenizer, [""] * 5, prefix="", max_source_tokens=256,
+                                                source_ids=inputs[:5], batch_size=2, max_new_tokens=6,
+                                                progress=progress, **dense)
+        assert len(texts) == 5 and progress.total == 5 and progress.updates == [2, 2, 1] and progress.closed
+    assert calls == [5]  # the sumtune path once; the transformers path (dense_model=None) does not call it
+    progress = RecordingProgress()
+    assert summaries.generate_summaries(merged32, tokenizer, [], prefix="", max_source_tokens=256,
+                                        max_new_tokens=6, progress=progress) == ([], [])
+    assert progress.updates == [] and calls == [5]
+
+
 # ---- CUDA graphs (GPU only) --------------------------------------------------------------------------
 
 def test_encoder_ahead_encodes_the_next_batch_before_this_one_decodes_and_keeps_the_tokens(merged32, inputs,

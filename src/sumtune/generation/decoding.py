@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +51,7 @@ def generate_ids(
     fast_encoder: bool = True,
     no_repeat_ngram_size: int = 0,
     slice_cross_attention: bool = True,
+    on_batch_done: Callable[[int], None] | None = None,
 ) -> list[list[int]]:
     """Generated token ids for each input, in input order.
 
@@ -71,6 +72,7 @@ def generate_ids(
     `attention` picks how attention memory is cached ("kv", "hidden", "fused", or "auto"; see t5_decode).
     Beam search runs transformers' `generate` on the same model with the precomputed encoder output, and so does
     greedy decoding with `no_repeat_ngram_size` (sumtune's decoder step has no n-gram ban: `uses_own_decoder`).
+    `on_batch_done(rows)` is called after each batch (a progress bar).
     """
     _check_arguments(model, input_ids, max_new_tokens, min_new_tokens, num_beams, batch_size, attention)
     device = next(model.parameters()).device
@@ -81,6 +83,8 @@ def generate_ids(
     order = sorted(range(len(input_ids)), key=lambda i: -len(input_ids[i]))  # stable: ties keep input order
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     results: list[list[int]] = [[] for _ in input_ids]
+    if not batches:
+        return results
     encoder_context = _fast_encoder(model) if fast_encoder else contextlib.nullcontext()
     own = uses_own_decoder(num_beams=num_beams, no_repeat_ngram_size=no_repeat_ngram_size)
     ahead = ENCODER_AHEAD and own and len(batches) > 1  # on the CPU only the order moves (what its tests check)
@@ -119,6 +123,8 @@ def generate_ids(
             del encoder_out
             for row, out in zip(rows, outputs):
                 results[row] = out
+            if on_batch_done is not None:
+                on_batch_done(len(rows))
             if not ahead and next_rows:  # in turn
                 pending = start_encoding(next_rows)
     return results

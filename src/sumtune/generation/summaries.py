@@ -33,9 +33,9 @@ _FRESH_COPY = object()  # generate_summaries' default: copy the model now (its w
 @torch.no_grad()
 def hf_generate_ids(model, input_ids: list[list[int]], *, pad_token_id: int, max_new_tokens: int,
                     num_beams: int = 1, batch_size: int = 32, min_new_tokens: int = 0, length_penalty: float = 1.0,
-                    no_repeat_ngram_size: int = 0) -> list[list[int]]:
+                    no_repeat_ngram_size: int = 0, on_batch_done=None) -> list[list[int]]:
     """transformers `generate`, length-sorted batches, explicit generation settings (never the model's
-    generation_config defaults for them); ids without the start token."""
+    generation_config defaults for them); ids without the start token. `on_batch_done(rows)` after each batch."""
     device = next(model.parameters()).device
     order = sorted(range(len(input_ids)), key=lambda i: -len(input_ids[i]))
     out: list[list[int]] = [[] for _ in input_ids]
@@ -52,14 +52,13 @@ def hf_generate_ids(model, input_ids: list[list[int]], *, pad_token_id: int, max
             while row and row[-1] == pad_token_id:
                 row.pop()
             out[i] = row
+        if on_batch_done is not None:
+            on_batch_done(len(idx))
     return out
 
 
-GENERATION_CHUNK_BATCHES = 4  # batches per progress update: small enough to report, large enough to stay fast
-
-
-def _generate_chunk(model, dense, tokenizer, ids: list[list[int]], *, batch_size: int,
-                    **settings) -> list[list[int]]:
+def _generate_all(model, dense, tokenizer, ids: list[list[int]], *, batch_size: int,
+                  **settings) -> list[list[int]]:
     if dense is not None:
         return generate_ids(dense, ids, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                             decoder_start_token_id=model.config.decoder_start_token_id, batch_size=batch_size,
@@ -88,25 +87,21 @@ def generate_summaries(model, tokenizer, texts: Sequence[str], *, prefix: str, m
     sumtune computed (`generation_path` says which). `dense_model`: an `inference_copy(model)` made earlier and
     still current (a frozen model summarizing many times); by default one is made for this call and dropped after
     it. `source_ids`: the texts already tokenized (prefix and cut included), when the caller has them."""
+    if not (source_ids if source_ids is not None else texts):
+        return [], []  # (a tokenizer refuses an empty batch)
     input_ids = source_ids if source_ids is not None else \
         tokenize_sources(tokenizer, list(texts), prefix, max_source_tokens)
-    order = sorted(range(len(input_ids)), key=lambda i: -len(input_ids[i]))  # similar lengths batch together
-    chunk = batch_size * GENERATION_CHUNK_BATCHES
-    ids: list[list[int]] = [[] for _ in input_ids]
     was_training = model.training
     model.eval()
-    bar = progress.bar(total=len(order), desc="generating", unit="doc") if progress is not None else None
+    bar = progress.bar(total=len(input_ids), desc="generating", unit="doc") if progress is not None else None
     try:
         dense = inference_copy(model) if dense_model is _FRESH_COPY else dense_model
-        for start in range(0, len(order), chunk):
-            idx = order[start:start + chunk]
-            rows = _generate_chunk(model, dense, tokenizer, [input_ids[i] for i in idx], batch_size=batch_size,
-                                   max_new_tokens=max_new_tokens, num_beams=num_beams, min_new_tokens=min_new_tokens,
-                                   length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
-            for i, row in zip(idx, rows):
-                ids[i] = row
-            if bar is not None:
-                bar.update(len(idx))
+        # one call over every input (both paths sort by length and batch): the next batch's encoder can run while
+        # one decodes (decoding.ENCODER_AHEAD); the bar moves after each batch
+        ids = _generate_all(model, dense, tokenizer, list(input_ids), batch_size=batch_size,
+                            max_new_tokens=max_new_tokens, num_beams=num_beams, min_new_tokens=min_new_tokens,
+                            length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                            on_batch_done=bar.update if bar is not None else None)
         del dense
     finally:
         model.train(was_training)
