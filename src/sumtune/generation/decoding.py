@@ -64,9 +64,9 @@ def generate_ids(
     (rounded up to `pad_to_multiple_of`: default 64 with CUDA graphs so graphs get reused, else 1); in sumtune's
     decoder, slices of a batch's rows read only their own longest source in cross-attention
     (`t5_decode.cross_groups`; `slice_cross_attention=False`: every row reads the batch's width, for A/B timing).
-    The encoder runs once per batch in chunks of
-    `encoder_batch_size`, through sumtune's fast T5 forwards (efficient SDPA kernels with the position bias)
-    unless `fast_encoder=False`; with ENCODER_AHEAD, the next batch's on a side stream while this one decodes. Greedy (`num_beams == 1`) runs sumtune's own decoder step on static buffers,
+    The encoder runs once per batch in chunks of `encoder_batch_size`, through sumtune's fast T5 forwards unless
+    `fast_encoder=False`; with ENCODER_AHEAD, the next batch's runs on a side stream while this one decodes.
+    Greedy (`num_beams == 1`) runs sumtune's own decoder step on static buffers,
     captured in CUDA graphs on CUDA (`use_cuda_graphs=None` means "on CUDA"), stopping when all rows are
     done; the session (buffers and graphs) is kept for the model, for the next call with the same shapes.
     `attention` picks how attention memory is cached ("kv", "hidden", "fused", or "auto"; see t5_decode).
@@ -88,9 +88,10 @@ def generate_ids(
     encoder_context = _fast_encoder(model) if fast_encoder else contextlib.nullcontext()
     own = uses_own_decoder(num_beams=num_beams, no_repeat_ngram_size=no_repeat_ngram_size)
     ahead = ENCODER_AHEAD and own and len(batches) > 1  # on the CPU only the order moves (what its tests check)
-    with torch.inference_mode(), _eval_mode(model), encoder_context, _decode_stream(device, ahead and DECODE_FIRST and device.type == "cuda"):
+    streams = ahead and device.type == "cuda"
+    with torch.inference_mode(), _eval_mode(model), encoder_context, _decode_stream(device, streams and DECODE_FIRST):
         weights = DecoderWeights.from_model(model) if own else None
-        encoder = BatchEncoder(model, encoder_batch_size, side_stream=ahead and device.type == "cuda")
+        encoder = BatchEncoder(model, encoder_batch_size, side_stream=streams)
 
         def start_encoding(rows: list[int]) -> Encoding:
             ids, mask = pad_batch([input_ids[i] for i in rows], pad_token_id, pad_multiple)
