@@ -713,8 +713,8 @@ def _descriptor_runs(fa, monkeypatch, device, dtype, causal, dropout_p, fused, q
     padding = fa.key_padding(padding_mask(3, key_len, device=device))
     grad = torch.randn(3, q.shape[2], heads, head_dim, generator=gen).to(device).transpose(1, 2)
     results, used = {}, []
-    describe = fa._row_descriptors
-    monkeypatch.setattr(fa, "_row_descriptors", lambda *t: used.append(describe(*t)) or used[-1])
+    describe = fa.row_descriptors
+    monkeypatch.setattr(fa, "row_descriptors", lambda *t: used.append(describe(*t)) or used[-1])
     for on in (False, True):
         monkeypatch.setattr(fa, flag, on)
         torch.manual_seed(3)
@@ -745,7 +745,9 @@ def test_kernels_by_tma_descriptors_match_pointer_loads(fa, monkeypatch, causal,
     assert max(errors) < 1e-5, errors  # a tile read from the wrong row or head would be off by ~1
     assert out_off.abs().max() > 0.1 and relative_error(grads_on[1], torch.zeros_like(grads_on[1])) > 0.5
     heads_outer = torch.zeros(2, 2, 40, 32)  # contiguous (B, H, L, D): not rows of B * L
-    assert fa._rows_stride(heads_outer) is None and fa._row_descriptors(heads_outer, heads_outer) is None
+    from sumtune.fast_t5.flash_descriptors import rows_stride
+
+    assert rows_stride(heads_outer) is None and fa.row_descriptors(heads_outer, heads_outer) is None
 
 
 def test_best_configs_names_only_kernels_that_block_sizes_pins(monkeypatch):

@@ -34,6 +34,7 @@ from torch import Tensor
 from sumtune.fast_t5.attention_inputs import (KeyPadding, draw_seed, dropout_seed,  # noqa: F401 (re-exported)
                                               dropout_threshold, key_padding)
 from sumtune.fast_t5.attention_reference import reference_t5_attention  # noqa: F401 (the yardstick, re-exported)
+from sumtune.fast_t5.flash_descriptors import key_blocks, query_blocks, row_descriptors
 from sumtune.fast_t5.flash_tiles import (AUTOTUNE_CONFIGS, FWD_DESCRIPTOR_CONFIGS,  # noqa: F401 (re-exported)
                                          PREVIOUS_AUTOTUNE_CONFIGS, TABLE_MARGIN, _fixed_blocks, _launch, best_configs,
                                          block_sizes, near_stages)
@@ -232,7 +233,7 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
     drop_below, drop_scale = dropout_threshold(dropout_p, 1 << draw_bits)
     radius_given, radius = radius, _radius(radius, query_len, key_len)
     dummy = lse
-    descriptors = _row_descriptors(k, v) if FWD_DESCRIPTORS else None
+    descriptors = row_descriptors(k, v) if FWD_DESCRIPTORS else None
     _launch("fwd", kernels.t5_flash_attention_fwd,
             lambda bm, bn: (_cdiv(query_len, bm), batch * heads),
             q, *(descriptors or (k, v)), out, lse, table if table is not None else dummy,
@@ -246,41 +247,8 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
             PV_SPLIT=PV_SPLIT and precise_pv, PV_FP16=pv_fp16, PAIRS=_pairs_mode(pairs, key_len),
             LEAN_TILES=LEAN_FORWARD and not causal and scale > 0,  # a row's largest product: its largest score
             **_holes_args(mask, holes), **_band_args(table, radius_given, query_len, key_len, "fwd"),
-            **(dict(DESC=True, tune_as="fwd_desc", pre_hook=_key_blocks) if descriptors else {}))
+            **(dict(DESC=True, tune_as="fwd_desc", pre_hook=key_blocks) if descriptors else {}))
     return out, lse
-
-
-def _rows_stride(x: Tensor) -> int | None:
-    """The row stride s of a (B, H, L, D) view whose elements sit as rows of a (B * L, H * D) matrix s apart (the
-    projections' layout, fused or not), if TMA can read it (16-byte aligned), else None."""
-    batch, heads, length, head_dim = x.shape
-    s = x.stride(2)
-    aligned = (s * x.element_size()) % 16 == 0 and x.data_ptr() % 16 == 0
-    return s if x.stride() == (length * s, head_dim, s, 1) and aligned else None
-
-
-def _row_descriptors(*tensors: Tensor):
-    """TMA descriptors of (B, H, L, D) views as (B * L, H * D) rows (block shapes set per launch by _key_blocks or
-    _query_blocks), or None where one's layout does not allow it."""
-    strides = [_rows_stride(x) for x in tensors]
-    if None in strides:
-        return None
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    return tuple(TensorDescriptor(x, [x.shape[0] * x.shape[2], x.shape[1] * x.shape[3]], [stride, 1], [16, x.shape[3]])
-                 for x, stride in zip(tensors, strides))
-
-
-def _key_blocks(args: dict) -> None:
-    """The forward's K and V descriptors take its BLOCK_N keys x HEAD_DIM tiles (a config's pre_hook)."""
-    for name in ("K", "V"):
-        args[name].block_shape = [args["BLOCK_N"], args["HEAD_DIM"]]
-
-
-def _query_blocks(args: dict) -> None:
-    """The dK/dV kernel's Q and dO descriptors take its BLOCK_M queries x HEAD_DIM tiles (a config's pre_hook)."""
-    for name in ("Q", "DO"):
-        args[name].block_shape = [args["BLOCK_M"], args["HEAD_DIM"]]
 
 
 def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, causal, scale, dropout_p, seed,
@@ -308,7 +276,7 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, 
         _ds_buffer_gib(batch, heads, key_len, query_len, q.element_size()) <= DS_GEMM_MAX_GIB)
     ds = _ds_buffer(batch, heads, key_len, query_len, q) if store_ds else delta
     ds_strides = ds.stride()[:3] if store_ds else (0, 0, 0)
-    descriptors = _row_descriptors(q, grad_out) if BWD_DESCRIPTORS else None
+    descriptors = row_descriptors(q, grad_out) if BWD_DESCRIPTORS else None
     q_arg, do_arg = descriptors or (q, grad_out)
     _launch("dkdv", kernels.t5_flash_attention_bwd_dkdv,
             lambda bm, bn: (_cdiv(key_len, bn), batch * heads),
@@ -317,7 +285,7 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, 
             mask_stride, heads, query_len, key_len, radius, *geometry, scale * LOG2E, scale, seed, drop_below,
             drop_scale, length_key, STORE_DS=store_ds, **common,
             **_band_args(table, radius_given, query_len, key_len, "dkdv"),
-            **(dict(DESC=True, tune_as="dkdv_desc", pre_hook=_query_blocks) if descriptors else {}))
+            **(dict(DESC=True, tune_as="dkdv_desc", pre_hook=query_blocks) if descriptors else {}))
     if store_ds:
         return _dq_from_ds(ds, k, dq, query_len, key_len, scale), dk, dv
     _launch("dq", kernels.t5_flash_attention_bwd_dq,
