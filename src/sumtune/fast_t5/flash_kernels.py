@@ -32,9 +32,9 @@ Design (scores are kept in log2 units, as in Triton's fused-attention tutorial: 
 * **Backward** (``flash_kernels_bwd``, re-exported here): delta = rowsum(dO * O), then one kernel for dK/dV (a key
   block per program, looping over query blocks) and one for dQ (a query block per program, looping over key
   blocks); both recompute P from the saved log-sum-exp. No atomics, so gradients are deterministic.
-* **Lean tiles** (``LEAN_TILES``, on by default since 2026-12-05): key tiles wholly inside a row without masked keys before its
-  length run in loops of their own without masks, the far tiles' scale and bias in the exponent's one multiply-add:
-  about half the instructions a tile in the sm_90 build (``flash_attention.LEAN_FORWARD``).
+* **Lean tiles** (``LEAN_TILES``, on by default since 2026-12-05): key tiles wholly inside a row without masked keys
+  before its length run in loops of their own without masks, the far tiles' scale and bias in the exponent's one
+  multiply-add: about half the instructions a tile in the sm_90 build (``flash_attention.LEAN_FORWARD``).
 * **P·V precision** (forward only): ``PV_FP16`` takes V as a float16 copy scaled by a power of two (``V_LARGEST``
   holds max |V|; sumtune.fast_t5.fp16_values), so P goes into the GEMM with 11 bits instead of bf16's 8, and divides
   the output by that power; ``PV_SPLIT`` adds a second GEMM over P's remainder in V's dtype (in float8 e4m3 it

@@ -20,8 +20,16 @@ CHUNKS_IN_FLIGHT = 2  # encoder chunks queued on the side stream at once: one ru
 
 def encode(model: nn.Module, ids: Tensor, mask: Tensor, chunk: int) -> Tensor:
     """Encoder output [B, S, D], computed `chunk` rows at a time to bound attention-bias memory."""
-    parts = [model.encoder(input_ids=ids[i:i + chunk], attention_mask=mask[i:i + chunk]).last_hidden_state
-             for i in range(0, ids.shape[0], chunk)]
+    return _joined(list(_chunk_outputs(model, ids, mask, chunk)))
+
+
+def _chunk_outputs(model: nn.Module, ids: Tensor, mask: Tensor, chunk: int) -> Iterator[Tensor]:
+    """The encoder's output for each `chunk` rows, computed as the iterator is advanced."""
+    for i in range(0, ids.shape[0], chunk):
+        yield model.encoder(input_ids=ids[i:i + chunk], attention_mask=mask[i:i + chunk]).last_hidden_state
+
+
+def _joined(parts: list[Tensor]) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -39,8 +47,7 @@ class Encoding:
         self._out = None
         self._parts: list[Tensor] = []
         stream.wait_stream(torch.cuda.current_stream())  # the inputs' copies
-        self._chunks = (model.encoder(input_ids=ids[i:i + chunk], attention_mask=mask[i:i + chunk])
-                        .last_hidden_state for i in range(0, ids.shape[0], chunk))
+        self._chunks = _chunk_outputs(model, ids, mask, chunk)
         self.advance()
 
     def advance(self) -> None:
@@ -73,7 +80,7 @@ class Encoding:
             while self._launch_next():
                 pass
             with torch.cuda.stream(self.stream):
-                self._out = self._parts[0] if len(self._parts) == 1 else torch.cat(self._parts)
+                self._out = _joined(self._parts)
                 done = torch.cuda.Event()
                 done.record(self.stream)
             self._parts = []
