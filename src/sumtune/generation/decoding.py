@@ -20,7 +20,8 @@ GRAPH_PAD_MULTIPLE = 64  # with CUDA graphs, pad source length to a multiple of 
 # ENCODER_AHEAD: on CUDA, greedy decoding on sumtune's decoder, the next batch's encoder runs on a side stream while
 # this batch decodes. Why: the encoder is bound by the tensor cores, the decode loop by reading the encoder states
 # (the fused cross-attention: L2 ~94% busy, DRAM ~67%, results/decode_kernel_ncu-2026-12-04-h200-gluon.json), and
-# at 256 rows x 4096 tokens they take ~8 and ~11.5 s of a ~20 s batch back to back. The encoder's forwards make no
+# at 256 rows x 4096 tokens they run back to back: 8.7 and 15.8 s measured with the Triton decode kernel
+# (results/generate_profile-2026-12-04-h200-relu-s30.json), the loop shorter since. The encoder's forwards make no
 # host sync, so its chunks queue on the side stream, launched between decode steps as the stream finishes them
 # (sumtune.generation.batch_encoder). The same tokens: each batch's encoder output is what it was; only when it is
 # computed moves. Off until measured (benchmark token `encoderahead`).
