@@ -250,6 +250,8 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     # the forward's every key tile in the masked loops, not the lean loops without masks for the tiles inside a row's
     # keys (LEAN_FORWARD, on since 2026-12-05; the token was `fwdlean` while it was off)
     "nofwdlean": ("sumtune.fast_t5.flash_attention", "LEAN_FORWARD", False),
+    # the dK/dV kernel's whole query tiles of unmasked key blocks in loops without masks (LEAN_BACKWARD, off)
+    "bwdlean": ("sumtune.fast_t5.flash_attention", "LEAN_BACKWARD", True),
     # the dK/dV kernel's Q and dO by TMA descriptors (BWD_DESCRIPTORS, off)
     "bwdtma": ("sumtune.fast_t5.flash_attention", "BWD_DESCRIPTORS", True),
     # the pointer forward autotuned with 128 x 128 x 8 x 3 first (its near loop at 2 stages: flash_attention.near_stages)

@@ -146,6 +146,10 @@ FWD_DESCRIPTORS = False
 # against 49.81 samples/s, no loss (results/logs/{generate_full_lean,train_seed_lean}_s36-2026-12-05-h200.log).
 # Benchmark token `nofwdlean` turns it off.
 LEAN_FORWARD = True
+# LEAN_BACKWARD: the same for the dK/dV kernel: a key block none of whose keys is masked runs its query tiles below
+# the query length in loops without masks or selects, the far tiles' scale, bias and log-sum-exp in the exponent's
+# one multiply-add (flash_kernels_bwd's LEAN_TILES; not causal). Off until measured (benchmark token `bwdlean`).
+LEAN_BACKWARD = False
 # BWD_DESCRIPTORS: the same for the dK/dV kernel's per-tile loads, Q and dO (the backward's larger part; dQ comes
 # from the stored dS by cuBLAS, DS_GEMM), where dO comes as the output projection hands it back ((B, L, H, D) rows).
 # Off until measured (benchmark token `bwdtma`).
@@ -283,7 +287,7 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, 
             q_arg, k, v, do_arg, dk, dv, lse, delta, table_arg, mask_arg, lengths_arg, ds,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), *ds_strides,
             mask_stride, heads, query_len, key_len, radius, *geometry, scale * LOG2E, scale, seed, drop_below,
-            drop_scale, length_key, STORE_DS=store_ds, **common,
+            drop_scale, length_key, STORE_DS=store_ds, LEAN_TILES=LEAN_BACKWARD and not causal, **common,
             **_band_args(table, radius_given, query_len, key_len, "dkdv"),
             **(dict(DESC=True, tune_as="dkdv_desc", pre_hook=query_blocks) if descriptors else {}))
     if store_ds:

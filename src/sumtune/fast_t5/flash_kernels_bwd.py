@@ -40,15 +40,47 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, const, 
                 seed, stream, n_cols, drop_below, drop_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
                 CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DRAW8: tl.constexpr,
-                STORE_DS: tl.constexpr, PAIRS: tl.constexpr, q_row0=0, q_col=0, DESC: tl.constexpr = False):
+                STORE_DS: tl.constexpr, PAIRS: tl.constexpr, q_row0=0, q_col=0, DESC: tl.constexpr = False,
+                lean_stop=0, LEAN_TILES: tl.constexpr = False):
+    """The query tiles [start, stop) of one bias region: with LEAN_TILES those below ``lean_stop`` first, in a loop
+    without masks (`_dkdv_loop`'s LEAN), then the rest with masks; the same tiles in the same order."""
+    if LEAN_TILES:
+        mid = tl.minimum(tl.maximum(lean_stop, start), stop)
+        dk, dv = _dkdv_loop(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, mid, const, start_n, key_ok,
+                            stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale, band_w,
+                            seed, stream, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_MODE,
+                            CAUSAL, DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, q_row0, q_col, DESC, True)
+        start = mid
+    dk, dv = _dkdv_loop(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, const, start_n, key_ok,
+                        stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale, band_w,
+                        seed, stream, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_MODE,
+                        CAUSAL, DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, q_row0, q_col, DESC, False)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_loop(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, const, start_n, key_ok,
+               stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale, band_w,
+               seed, stream, n_cols, drop_below, drop_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
+               CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DRAW8: tl.constexpr,
+               STORE_DS: tl.constexpr, PAIRS: tl.constexpr, q_row0, q_col, DESC: tl.constexpr,
+               LEAN: tl.constexpr):
+    """LEAN: every query of every tile is below Lq and every key of the block is kept (not causal): no mask and no
+    select; with one bias value (or none) the scale, the bias and the row's log-sum-exp in the exponent's one
+    multiply-add."""
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     for start_m in range(start, stop, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         in_q = offs_m < Lq
-        lse = tl.load(LSE + offs_m, mask=in_q, other=float("inf"))  # small loads and draws before the dots
-        delta = tl.load(DELTA + offs_m, mask=in_q, other=0.0)
+        if LEAN:
+            lse = tl.load(LSE + offs_m)
+            delta = tl.load(DELTA + offs_m)
+        else:
+            lse = tl.load(LSE + offs_m, mask=in_q, other=float("inf"))  # small loads and draws before the dots
+            delta = tl.load(DELTA + offs_m, mask=in_q, other=0.0)
         if DROPOUT:
             if PAIRS:  # the same draws, built in this (keys, queries) layout: no exchange between threads
                 kept = _keep_pairs(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N, True,
@@ -58,20 +90,30 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, const, 
                                            DRAW8))
         if DESC:  # TMA: rows past Lq are the next row's queries (finite) or zeros; `keep` drops them below
             q_t = Q.load([q_row0 + start_m, q_col]).T
+        elif LEAN:
+            q_t = tl.load(Q + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd)
         else:
             q_t = tl.load(Q + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd, mask=in_q[None, :],
                           other=0.0)
-        s_t = _dot(k, q_t, UPCAST) * qk_scale  # (keys, queries)
-        if BIAS_MODE == BIAS_BAND:
-            s_t += _band_tile(TABLE, start_m - start_n, band_w, BLOCK_N, BLOCK_M)
+        if LEAN and (BIAS_MODE == BIAS_CONST or BIAS_MODE == BIAS_NONE):
+            p_t = tl.math.exp2(_dot(k, q_t, UPCAST) * qk_scale + (const - lse)[None, :])  # (keys, queries)
         else:
-            s_t += _bias_tile(TABLE, offs_n[:, None] - offs_m[None, :], const, BIAS_MODE)
-        keep = key_ok[:, None] & in_q[None, :]  # rows past Lq (whose bias reads the table's margin) count nowhere
-        if CAUSAL:
-            keep = keep & (offs_m[None, :] >= offs_n[:, None])
-        p_t = tl.math.exp2(tl.where(keep, s_t, float("-inf")) - lse[None, :])
+            s_t = _dot(k, q_t, UPCAST) * qk_scale  # (keys, queries)
+            if BIAS_MODE == BIAS_BAND:
+                s_t += _band_tile(TABLE, start_m - start_n, band_w, BLOCK_N, BLOCK_M)
+            else:
+                s_t += _bias_tile(TABLE, offs_n[:, None] - offs_m[None, :], const, BIAS_MODE)
+            if LEAN:
+                p_t = tl.math.exp2(s_t - lse[None, :])
+            else:
+                keep = key_ok[:, None] & in_q[None, :]  # rows past Lq (whose bias reads the margin) count nowhere
+                if CAUSAL:
+                    keep = keep & (offs_m[None, :] >= offs_n[:, None])
+                p_t = tl.math.exp2(tl.where(keep, s_t, float("-inf")) - lse[None, :])
         if DESC:
             do = DO.load([q_row0 + start_m, q_col])
+        elif LEAN:
+            do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod)
         else:
             do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=in_q[:, None],
                          other=0.0)
@@ -111,9 +153,11 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
                                 HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
                                 DRAW8: tl.constexpr = False, STORE_DS: tl.constexpr = False,
                                 PAIRS: tl.constexpr = False, BAND=0, band_w=0, band_head=0,
-                                USE_BAND: tl.constexpr = False, DESC: tl.constexpr = False):
+                                USE_BAND: tl.constexpr = False, DESC: tl.constexpr = False,
+                                LEAN_TILES: tl.constexpr = False):
     """With DESC, Q and DO are TMA descriptors over the (B * Lq, H * HEAD_DIM) rows of the queries and the output's
-    gradient instead of pointers; the same sums in the same order."""
+    gradient instead of pointers; the same sums in the same order. With LEAN_TILES (not causal), a key block whose
+    every key is kept runs its whole query tiles (all but a last partial one) in loops without masks."""
     start_n = tl.program_id(0) * BLOCK_N
     bh, b, h, seed = _program_head(SEED, H, DROPOUT)
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -143,6 +187,10 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
     n_cols = _counter_cols(Lk, DRAW8, PAIRS)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    lean_stop = 0  # LEAN_TILES: query tiles [0, lean_stop) lie below Lq, and none of this block's keys is masked
+    if LEAN_TILES:
+        tl.static_assert(not CAUSAL, "lean tiles assume every query sees every key of the block")
+        lean_stop = tl.where(tl.min(key_ok.to(tl.int32), 0) > 0, (Lq // BLOCK_M) * BLOCK_M, 0)
     if HAS_BIAS:
         TABLE += h * table_row + table_zero  # TABLE[d]: bias at offset d = j - i
         far_left = tl.load(TABLE + tl.maximum(-R, 1 - Lq))  # the bias of every offset <= -R
@@ -153,22 +201,26 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, hi_end, far_right, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale, band_w,
                              seed, bh, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, CAUSAL,
-                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, q_row0, q_col, DESC)
+                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, q_row0, q_col, DESC, lean_stop,
+                             LEAN_TILES)
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, BAND + h * band_head if USE_BAND else TABLE, DS,
                              hi_end, lo_start, 0.0, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale, band_w,
                              seed, bh, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N,
                              BIAS_BAND if USE_BAND else BIAS_GATHER, CAUSAL,
-                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, q_row0, q_col, DESC)
+                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, q_row0, q_col, DESC, lean_stop,
+                             LEAN_TILES)
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, lo_start, stop, far_left, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale, band_w,
                              seed, bh, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, False,
-                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, q_row0, q_col, DESC)
+                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, q_row0, q_col, DESC, lean_stop,
+                             LEAN_TILES)
     else:
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, 0.0, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale, band_w,
                              seed, bh, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE, CAUSAL,
-                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, q_row0, q_col, DESC)
+                             DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, q_row0, q_col, DESC, lean_stop,
+                             LEAN_TILES)
     if STORE_DS:  # query blocks no tile visited: above the diagonal, or every query of keys past the row's length
         _zero_ds(DS, 0, start, start_n, stride_dsn, DS.dtype.element_ty, BLOCK_M, BLOCK_N)
         _zero_ds(DS, stop, Lq, start_n, stride_dsn, DS.dtype.element_ty, BLOCK_M, BLOCK_N)
