@@ -175,10 +175,11 @@ def test_lean_forward_tiles_match_float64_reference(fa, monkeypatch, case, dropo
 def test_lean_backward_tiles_match_float64_reference(fa, monkeypatch, case, dropout_p):
     """LEAN_BACKWARD: the dK/dV kernel's key blocks with no masked key run their whole query tiles (all but the last
     partial one: 50 queries in tiles of 16) without masks, far tiles' scale, bias and log-sum-exp in one
-    multiply-add: gradients as float64's, with dropout's draws. Where a bias constant is reassociated (far tiles)
-    the rounding moves, but not in row 2 (a hole: masked loops only); without a bias or with near tiles only the
-    lean loops round as the masked ones, so a lean loop that dropped a tile, its bias or its rows' log-sum-exp
-    would show here and in the float64 comparison."""
+    multiply-add, and with dropout its 1 / (1 - p) applied once to dK, dV and the dQ GEMM: gradients as float64's,
+    with dropout's draws (a dQ GEMM without the scale fails). Without dropout: where a bias constant is
+    reassociated (far tiles) the rounding moves, but not in row 2 (a hole: masked loops only); without a bias or
+    with near tiles only the lean loops round as the masked ones, so a lean loop that dropped a tile, its bias or
+    its rows' log-sum-exp would show here and in the float64 comparison."""
     q, k, v, table, mask, causal, radius = case_inputs(case)
     grads = {}
     for lean in (False, True):
@@ -199,11 +200,26 @@ def test_lean_backward_tiles_match_float64_reference(fa, monkeypatch, case, drop
                                                          dropout_p=dropout_p, bias_radius=radius),
                    q, k, v, torch.ones(3, 2, q.shape[2], q.shape[3]))
     assert ("dkdv", True) in launched  # the dK/dV launch asked for the lean loops
-    if case != "encoder-bias-padding":
+    if dropout_p:  # dropout's scale moved out of the loops (all of them): every gradient rounds apart
+        assert not any(torch.equal(a, b) for a, b in zip(grads[True], grads[False]))
+    elif case != "encoder-bias-padding":
         assert all(torch.equal(a, b) for a, b in zip(grads[True], grads[False]))
     else:
         assert not torch.equal(grads[True][1], grads[False][1])
         assert all(torch.equal(a[2], b[2]) for a, b in zip(grads[True], grads[False]))  # the row with a hole
+
+
+def test_lean_backward_with_the_dq_kernel_matches_float64_reference(fa, monkeypatch):
+    """LEAN_BACKWARD where dQ comes from its own kernel (no stored dS: DS_GEMM off, or held off for a micro-batch
+    that fits only so): the dK/dV kernel's folded dropout scale leaves the dQ kernel's sums as they were."""
+    q, k, v, table, mask, causal, radius = case_inputs("encoder-bias-padding")
+    monkeypatch.setattr(fa, "LEAN_BACKWARD", True)
+    monkeypatch.setattr(fa, "DS_GEMM", False)
+    seed = seed_of_next_call(fa, 5)
+    keep = fa.dropout_keep_mask(seed, 3, 2, q.shape[2], k.shape[2], 0.2, device="cpu")
+    with fa.block_sizes(fwd=(16, 16), dkdv=(16, 16), dq=(32, 16)):
+        assert_matches_reference(fa, q, k, v, FP32_RTOL, table, mask, causal, keep=keep,
+                                 keep_scale=fa.dropout_scale(0.2), dropout_p=0.2, radius=radius)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -938,8 +954,8 @@ def test_lean_backward_loops_issue_fewer_instructions_in_the_hopper_build(compil
     """LEAN_BACKWARD compiled for sm_90 (the dK/dV kernel at 32 x 64 x 4 x 3 and 32 x 128 x 8 x 3, storing dS, bias
     band, padding, dropout): it fits Hopper's shared memory with at most a few hundred bytes of spill, and each of
     its three lean loops issues at most 9/10 of the instructions of the masked loop it stands beside, the same
-    tensor-core instructions (Triton 3.6, 32 x 64: 558 / 552 / 564 against 640 / 686 / 650;
-    results/attention_lean_backward_compile-2026-12-05-cpu-sm90.json)."""
+    tensor-core instructions (Triton 3.6, 32 x 64 with dropout: 529 / 572 / 533 against 640 / 686 / 650;
+    results/kernel_loops-2026-12-05-cpu-sm90-lean-backward.json)."""
     from sumtune.fast_t5.flash_compile import HOPPER_SHARED_BYTES
 
     rows, stderr = compiled_for_hopper(

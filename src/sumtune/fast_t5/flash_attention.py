@@ -148,7 +148,11 @@ FWD_DESCRIPTORS = False
 LEAN_FORWARD = True
 # LEAN_BACKWARD: the same for the dK/dV kernel: a key block none of whose keys is masked runs its query tiles below
 # the query length in loops without masks or selects, the far tiles' scale, bias and log-sum-exp in the exponent's
-# one multiply-add (flash_kernels_bwd's LEAN_TILES; not causal). Off until measured (benchmark token `bwdlean`).
+# one multiply-add, and dropout's 1 / (1 - p) scales dK, dV and the dQ GEMM once instead of P and dP per score
+# (flash_kernels_bwd's LEAN_TILES; not causal). Compiled for sm_90 (CPU), the lean loops issue 17-25% fewer
+# instructions with dropout, 20-35% without, the same HGMMA (results/kernel_loops-2026-12-05-cpu-sm90-lean-backward
+# .json, benchmarks/kernel_loops.py).
+# Off until measured (benchmark token `bwdlean`).
 LEAN_BACKWARD = False
 # BWD_DESCRIPTORS: the same for the dK/dV kernel's per-tile loads, Q and dO (the backward's larger part; dQ comes
 # from the stored dS by cuBLAS, DS_GEMM), where dO comes as the output projection hands it back ((B, L, H, D) rows).
@@ -290,8 +294,9 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, 
             drop_scale, length_key, STORE_DS=store_ds, LEAN_TILES=LEAN_BACKWARD and not causal, **common,
             **_band_args(table, radius_given, query_len, key_len, "dkdv"),
             **(dict(DESC=True, tune_as="dkdv_desc", pre_hook=query_blocks) if descriptors else {}))
-    if store_ds:
-        return _dq_from_ds(ds, k, dq, query_len, key_len, scale), dk, dv
+    if store_ds:  # the lean dK/dV build leaves dropout's scale out of dS (flash_kernels_bwd FOLD_DROP)
+        folded = drop_scale if LEAN_BACKWARD and not causal and dropout_p > 0 else 1.0
+        return _dq_from_ds(ds, k, dq, query_len, key_len, scale * folded), dk, dv
     _launch("dq", kernels.t5_flash_attention_bwd_dq,
             lambda bm, bn: (_cdiv(query_len, bm), batch * heads),
             q, k, v, grad_out, dq, lse, delta, table_arg, mask_arg, lengths_arg,
@@ -355,9 +360,10 @@ def _dq_from_ds(ds: Tensor, k: Tensor, dq: Tensor, query_len: int, key_len: int,
     # One GEMM batch per sample: K and dQ are (B, L, H, D) seen as (B, H, L, D), so a sample's heads are evenly strided
     # (cuBLAS-batchable in place) while (B, H) together are not (one batched matmul copied K and dQ, ~1 GB a call).
     for sample in range(ds.shape[0]):
-        torch.bmm(ds_used[sample], k[sample], out=dq[sample])
-    if scale != 1.0:
-        dq.mul_(scale)
+        if scale == 1.0:
+            torch.bmm(ds_used[sample], k[sample], out=dq[sample])
+        else:  # the scale as the GEMM's alpha (beta 0: dq's uninitialised values are not read)
+            dq[sample].baddbmm_(ds_used[sample], k[sample], beta=0.0, alpha=scale)
     return dq
 
 

@@ -49,12 +49,13 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, const, 
         dk, dv = _dkdv_loop(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, mid, const, start_n, key_ok,
                             stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale, band_w,
                             seed, stream, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_MODE,
-                            CAUSAL, DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, q_row0, q_col, DESC, True)
+                            CAUSAL, DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, q_row0, q_col, DESC, True, True)
         start = mid
     dk, dv = _dkdv_loop(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, const, start_n, key_ok,
                         stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale, band_w,
                         seed, stream, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_MODE,
-                        CAUSAL, DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, q_row0, q_col, DESC, False)
+                        CAUSAL, DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, q_row0, q_col, DESC, False,
+                        LEAN_TILES)
     return dk, dv
 
 
@@ -65,11 +66,14 @@ def _dkdv_loop(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, const, s
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
                CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DRAW8: tl.constexpr,
                STORE_DS: tl.constexpr, PAIRS: tl.constexpr, q_row0, q_col, DESC: tl.constexpr,
-               LEAN: tl.constexpr):
+               LEAN: tl.constexpr, FOLD_DROP: tl.constexpr):
     """LEAN: every query of every tile is below Lq and every key of the block is kept (not causal): no mask and no
     select; with one bias value (or none) the scale, the bias and the row's log-sum-exp in the exponent's one
-    multiply-add."""
+    multiply-add. FOLD_DROP (the kernel's LEAN_TILES, every loop of it): dropout's 1 / (1 - p) is left out of P and
+    dP (delta divided by it instead), and the kernel applies it once to dK and dV, the dQ GEMM to its dS."""
     offs_d = tl.arange(0, HEAD_DIM)
+    if DROPOUT and FOLD_DROP:
+        delta_scale = 1.0 / drop_scale
     offs_n = start_n + tl.arange(0, BLOCK_N)
     for start_m in range(start, stop, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
@@ -81,6 +85,8 @@ def _dkdv_loop(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, const, s
         else:
             lse = tl.load(LSE + offs_m, mask=in_q, other=float("inf"))  # small loads and draws before the dots
             delta = tl.load(DELTA + offs_m, mask=in_q, other=0.0)
+        if DROPOUT and FOLD_DROP:
+            delta = delta * delta_scale
         if DROPOUT:
             if PAIRS:  # the same draws, built in this (keys, queries) layout: no exchange between threads
                 kept = _keep_pairs(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N, True,
@@ -118,7 +124,10 @@ def _dkdv_loop(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, const, s
             do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=in_q[:, None],
                          other=0.0)
         dp_t = _dot(v, tl.trans(do), UPCAST)
-        if DROPOUT:
+        if DROPOUT and FOLD_DROP:
+            pd_t = tl.where(kept, p_t, 0.0)
+            dp_t = tl.where(kept, dp_t, 0.0)
+        elif DROPOUT:
             pd_t = tl.where(kept, p_t * drop_scale, 0.0)
             dp_t = tl.where(kept, dp_t * drop_scale, 0.0)
         else:
@@ -157,7 +166,8 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
                                 LEAN_TILES: tl.constexpr = False):
     """With DESC, Q and DO are TMA descriptors over the (B * Lq, H * HEAD_DIM) rows of the queries and the output's
     gradient instead of pointers; the same sums in the same order. With LEAN_TILES (not causal), a key block whose
-    every key is kept runs its whole query tiles (all but a last partial one) in loops without masks."""
+    every key is kept runs its whole query tiles (all but a last partial one) in loops without masks, and dropout's
+    scale multiplies dK and dV once (the stored dS leaves it to the dQ GEMM: `flash_attention._dq_from_ds`)."""
     start_n = tl.program_id(0) * BLOCK_N
     bh, b, h, seed = _program_head(SEED, H, DROPOUT)
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -224,8 +234,13 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
     if STORE_DS:  # query blocks no tile visited: above the diagonal, or every query of keys past the row's length
         _zero_ds(DS, 0, start, start_n, stride_dsn, DS.dtype.element_ty, BLOCK_M, BLOCK_N)
         _zero_ds(DS, stop, Lq, start_n, stride_dsn, DS.dtype.element_ty, BLOCK_M, BLOCK_N)
+    if DROPOUT and LEAN_TILES:  # the loops left dropout's scale out (FOLD_DROP)
+        dk = dk * (scale * drop_scale)
+        dv = dv * drop_scale
+    else:
+        dk = dk * scale
     tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-             (dk * scale).to(DK.dtype.element_ty), mask=in_k[:, None])
+             dk.to(DK.dtype.element_ty), mask=in_k[:, None])
     tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
              dv.to(DV.dtype.element_ty), mask=in_k[:, None])
 
