@@ -74,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--timed-batches", type=int, default=2,
                         help="batches of sumtune's greedy rows timed after the warm-up batch (1 halves a large "
                              "batch's run on a short device budget)")
+    parser.add_argument("--agreement-first", action="store_true",
+                        help="with --greedy-only: the token check before the timed rows (printed at once), so a run "
+                             "cut by a time limit still has it")
     parser.add_argument("--warm-all", action="store_true",
                         help="warm up on every timed input, not one batch of them (each batch shape met before the "
                              "timing: steady state, as a repeated evaluation sees it)")
@@ -268,6 +271,11 @@ def main(argv=None) -> int:
                  for spec in tile_specs]
     patches = bc.patch_strings(args.patches)
     settings += [(settings[0][0] + f", fused, {patch}", fused, (None, None), None, patch) for patch in patches]
+    agree = None
+    if args.greedy_only and args.agreement_first:
+        agree = greedy_agreement(merged, inputs[: args.agreement_inputs], max(fast_batches), args.new_tokens, device,
+                                 use_graphs, args.fused, tile_specs, patches)
+        print(f"agreement: {agree}", flush=True)
     for batch in fast_batches:
         for name, kwargs, slicing, spec, patch in settings:
             release_generation_cache(merged)  # a cached session would replay graphs captured with other tiles
@@ -280,8 +288,9 @@ def main(argv=None) -> int:
             print(rows[-1], flush=True)
     best = max((r for r in rows if r["path"] == "sumtune"), key=lambda r: r["summaries_per_s"])["batch"]
     if args.greedy_only:
-        agree = greedy_agreement(merged, inputs[: args.agreement_inputs], best, args.new_tokens, device, use_graphs,
-                                 args.fused, tile_specs, patches)
+        if agree is None:
+            agree = greedy_agreement(merged, inputs[: args.agreement_inputs], best, args.new_tokens, device,
+                                     use_graphs, args.fused, tile_specs, patches)
         return finish(args, rows, agree, best, mean_len, build_s, prepare_s, merged_gib)
     variants = [("eager", dict(use_cuda_graphs=False)),
                 ("kv-cache" + (" graphs" if use_graphs else ""), dict(attention="kv", use_cuda_graphs=use_graphs))]
