@@ -97,14 +97,8 @@ PV_SPLIT = True
 # loss) keeps bf16's P·V, as stock SDPA's kernels and transformers' eager T5 do: the second GEMM and the float16 copy
 # of V are a third of the 4096-key forward's work. True: precise there too. Benchmark token `pvnograd`.
 PRECISE_PV_WITHOUT_GRAD = False
-# (Such a forward's far-left keys (j <= i - 128: one bias per head) from cuDNN's causal kernel, folded into this
-# forward as one more online-softmax step, measured on an H200 on 2026-12-04: 10.68 against 12.42 ms at 16x32x4096x128
-# and whole generation 10.52 against 10.38 summaries/s with every input 4096 tokens, but on real bills cut at 4096
-# 15.3 against 18.1 where a batch's shapes came for the first time (cuDNN builds a plan per shape) and 17.72 against
-# 17.80 once warm; slower at 1024 keys (4.04 against 3.70 ms). It went: commit 6aa3184 has it (sumtune.fast_t5.
-# far_split; results/attention_kernels-2026-12-04-h200-farsplit*-s31.json, generate_throughput-2026-12-04-h200-
-# {full-farsplit,bills-farsplit}.json, logs/generate_bills_farsplit_warm_s31-2026-12-04-h200.log).)
-# (The remainder GEMM in float8, PV_LOW8, measured slower: bench_common's `pvlow8` note; commit b74dbf9 has it.)
+# (Measured slower and removed, in docs/speed-history.md: such a forward's far-left keys from cuDNN's causal kernel,
+# session 31, commit 6aa3184; the remainder GEMM in float8, PV_LOW8, session 18, commit b74dbf9.)
 # MASK_ONLY_WITH_HOLES: the forward and dQ kernels read the key mask only in rows with a masked key before their
 # length (KeyPadding.holes; a branch around the load inside the loop): a right-padded row is bounded by its length
 # alone. Same bits (CPU test). On an H200 (2026-12-02): the long step 6.34 vs 6.26 samples/s (40.8% vs 40.3% MFU),
@@ -113,15 +107,9 @@ PRECISE_PV_WITHOUT_GRAD = False
 # memory (the forward's first config 96 -> 160 KiB, the dQ kernel's over Hopper's 227). Token `noholes`: off.
 MASK_ONLY_WITH_HOLES = True
 PRECISE_PV_MIN_KEYS = 2048
-# (A forward in Gluon with asynchronous warpgroup MMAs, the next tile's Q·Kᵀ and this tile's P·V in flight during
-# the softmax, gave the same outputs but no speed on an H200, 0.95x this forward's time at 32x32x1024x128 and 1.15x at
-# 4x32x4096x128 (benchmarks/results/gluon_attention-2026-12-03-h200.json), and went: commit 2fa495d has it.)
-# (A no-gradient forward in Gluon, sumtune.fast_t5.gluon_forward: K and V by TMA into rings, the next Q·Kᵀ and this
-# tile's P·V in flight during the softmax, P in registers, T5's bias far/near, outputs equal to this forward's bit for
-# bit, measured slower on an H200 on 2026-12-04: 13.7-15.4 against 11.6 ms at 16x32x4096x128 over three tile settings
-# (cuDNN without bias 7.1), 4.0-4.5 against 3.8 at 64x32x1024x128, encoder of 256 x 4096 9.78 against 8.78 s, whole
-# generation 11.16 against 11.79 summaries/s (results/attention_kernels-2026-12-04-h200-gluonenc.json, generate_
-# profile-…-gluonenc.json, generate_throughput-…-full-gluonenc.json). It went: commit f21cad8 has it.)
+# (Forwards in Gluon, Hopper's asynchronous warpgroup MMAs with the next tile's Q·Kᵀ and this tile's P·V in flight
+# during the softmax, gave this forward's outputs but no speed on an H200: for training (session 22, commit 2fa495d)
+# and without gradient (session 34: 13.7-15.4 against 11.6 ms at 16x32x4096x128, commit f21cad8); docs/speed-history.)
 # FWD_DESCRIPTORS: the forward kernel reads K and V by TMA, from 2-D descriptors over the projections' (B * L, H * D)
 # rows (fused or not), instead of pointer loads: the same sums in the same order (in Triton's interpreter equal to
 # within float32 rounding: numpy multiplies a transposed tile in another order), autotuned over
