@@ -137,6 +137,31 @@ def test_forward_and_grads_match_float64_reference(fa, case):
         assert_matches_reference(fa, q, k, v, FP32_RTOL, table, mask, causal, radius=radius)
 
 
+def _lean_off_and_on(fa, monkeypatch, case: str, dropout_p: float, flag: str, dkdv_blocks: tuple) -> tuple:
+    """{False: (out, grads), True: (out, grads)} with ``flag`` (LEAN_FORWARD or LEAN_BACKWARD) off and on, each held
+    to float64 with the kernels' own dropout draws, and the (kernel, LEAN_TILES) of one more call's launches."""
+    q, k, v, table, mask, causal, radius = case_inputs(case)
+    results = {}
+    for lean in (False, True):
+        monkeypatch.setattr(fa, flag, lean)
+        keep = None
+        if dropout_p:
+            seed = seed_of_next_call(fa, 5)
+            keep = fa.dropout_keep_mask(seed, 3, 2, q.shape[2], k.shape[2], dropout_p, device="cpu")
+        with fa.block_sizes(fwd=(16, 16), dkdv=dkdv_blocks, dq=(32, 16)):
+            results[lean] = assert_matches_reference(fa, q, k, v, FP32_RTOL, table, mask, causal, keep=keep,
+                                                     keep_scale=fa.dropout_scale(dropout_p) if dropout_p else 1.0,
+                                                     dropout_p=dropout_p, radius=radius)
+    launched = []
+    launch = fa._launch
+    monkeypatch.setattr(fa, "_launch", lambda name, *a, **kw: launched.append((name, kw.get("LEAN_TILES")))
+                        or launch(name, *a, **kw))
+    run_with_grads(lambda q, k, v: fa.flash_t5_attention(q, k, v, bias_table=table, key_mask=mask,
+                                                         dropout_p=dropout_p, bias_radius=radius),
+                   q, k, v, torch.ones(3, 2, q.shape[2], q.shape[3]))
+    return results, launched
+
+
 @pytest.mark.parametrize("case", ["encoder-bias-padding", "cross-no-bias-padding", "encoder-near-only"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 def test_lean_forward_tiles_match_float64_reference(fa, monkeypatch, case, dropout_p):
@@ -146,28 +171,14 @@ def test_lean_forward_tiles_match_float64_reference(fa, monkeypatch, case, dropo
     moved the rounding; not in row 2); where no constant is reassociated (no bias: the interpreter rounds each
     operation as the masked loop does) or every tile is near (T5's radius at these lengths) the lean loops round as
     the masked ones (a lean near loop that dropped its bias fails the float64 comparison: checked)."""
-    q, k, v, table, mask, causal, radius = case_inputs(case)
-    outputs = {}
-    for lean in (False, True):
-        monkeypatch.setattr(fa, "LEAN_FORWARD", lean)
-        keep = None
-        if dropout_p:
-            seed = seed_of_next_call(fa, 5)
-            keep = fa.dropout_keep_mask(seed, 3, 2, q.shape[2], k.shape[2], dropout_p, device="cpu")
-        with fa.block_sizes(fwd=(16, 16), dkdv=(16, 32), dq=(32, 16)):
-            outputs[lean], _ = assert_matches_reference(fa, q, k, v, FP32_RTOL, table, mask, causal, keep=keep,
-                                                        keep_scale=fa.dropout_scale(dropout_p) if dropout_p else 1.0,
-                                                        dropout_p=dropout_p, radius=radius)
-    launched = []
-    launch = fa._launch
-    monkeypatch.setattr(fa, "_launch", lambda *a, **kw: launched.append(kw.get("LEAN_TILES")) or launch(*a, **kw))
-    fa.flash_t5_attention(q, k, v, bias_table=table, key_mask=mask, dropout_p=dropout_p, bias_radius=radius)
-    assert launched[0] is True  # the forward's launch asked for the lean loops
+    results, launched = _lean_off_and_on(fa, monkeypatch, case, dropout_p, "LEAN_FORWARD", (16, 32))
+    (off, _), (on, _) = results[False], results[True]
+    assert ("fwd", True) in launched  # the forward's launch asked for the lean loops
     if case != "encoder-bias-padding":
-        assert torch.equal(outputs[True], outputs[False])
+        assert torch.equal(on, off)
     else:
-        assert not torch.equal(outputs[True], outputs[False])
-        assert torch.equal(outputs[True][2], outputs[False][2])  # the row with a hole: its masked loops, as before
+        assert not torch.equal(on, off)
+        assert torch.equal(on[2], off[2])  # the row with a hole: its masked loops, as before
 
 
 @pytest.mark.parametrize("case,dropout_p", [("encoder-bias-padding", 0.0), ("encoder-bias-padding", 0.2),
@@ -180,33 +191,16 @@ def test_lean_backward_tiles_match_float64_reference(fa, monkeypatch, case, drop
     reassociated (far tiles) the rounding moves, but not in row 2 (a hole: masked loops only); without a bias or
     with near tiles only the lean loops round as the masked ones, so a lean loop that dropped a tile, its bias or
     its rows' log-sum-exp would show here and in the float64 comparison."""
-    q, k, v, table, mask, causal, radius = case_inputs(case)
-    grads = {}
-    for lean in (False, True):
-        monkeypatch.setattr(fa, "LEAN_BACKWARD", lean)
-        keep = None
-        if dropout_p:
-            seed = seed_of_next_call(fa, 5)
-            keep = fa.dropout_keep_mask(seed, 3, 2, q.shape[2], k.shape[2], dropout_p, device="cpu")
-        with fa.block_sizes(fwd=(16, 16), dkdv=(16, 16), dq=(32, 16)):
-            _, grads[lean] = assert_matches_reference(fa, q, k, v, FP32_RTOL, table, mask, causal, keep=keep,
-                                                      keep_scale=fa.dropout_scale(dropout_p) if dropout_p else 1.0,
-                                                      dropout_p=dropout_p, radius=radius)
-    launched = []
-    launch = fa._launch
-    monkeypatch.setattr(fa, "_launch", lambda name, *a, **kw: launched.append((name, kw.get("LEAN_TILES")))
-                        or launch(name, *a, **kw))
-    run_with_grads(lambda q, k, v: fa.flash_t5_attention(q, k, v, bias_table=table, key_mask=mask,
-                                                         dropout_p=dropout_p, bias_radius=radius),
-                   q, k, v, torch.ones(3, 2, q.shape[2], q.shape[3]))
+    results, launched = _lean_off_and_on(fa, monkeypatch, case, dropout_p, "LEAN_BACKWARD", (16, 16))
+    (_, off), (_, on) = results[False], results[True]
     assert ("dkdv", True) in launched  # the dK/dV launch asked for the lean loops
     if dropout_p:  # dropout's scale moved out of the loops (all of them): every gradient rounds apart
-        assert not any(torch.equal(a, b) for a, b in zip(grads[True], grads[False]))
+        assert not any(torch.equal(a, b) for a, b in zip(on, off))
     elif case != "encoder-bias-padding":
-        assert all(torch.equal(a, b) for a, b in zip(grads[True], grads[False]))
+        assert all(torch.equal(a, b) for a, b in zip(on, off))
     else:
-        assert not torch.equal(grads[True][1], grads[False][1])
-        assert all(torch.equal(a[2], b[2]) for a, b in zip(grads[True], grads[False]))  # the row with a hole
+        assert not torch.equal(on[1], off[1])
+        assert all(torch.equal(a[2], b[2]) for a, b in zip(on, off))  # the row with a hole
 
 
 def test_lean_backward_with_the_dq_kernel_matches_float64_reference(fa, monkeypatch):
@@ -930,22 +924,34 @@ def test_lean_forward_loops_issue_fewer_instructions_in_the_hopper_build(compile
     near, far right: no FSEL, no mask) issues at most 4/5 of the instructions of the masked loop it stands beside,
     the same tensor-core instructions (Triton 3.6: 348 against 699 in the far loops without dropout, 665 against
     1029 with it; results/attention_lean_compile-2026-12-04-cpu-sm90.json)."""
+    builds = [("(128, 64, 8, 3)", "DROPOUT=False"), ("(128, 64, 8, 3)", "DROPOUT=True")]
+    for masked, lean in _lean_builds(compiled_for_hopper, "LEAN_FORWARD", "fwd", builds):
+        assert [bool(loop.get("FSEL")) for loop in lean] == [False, True] * 3  # lean, masked; x 3 regions
+        for before, after in zip(masked, lean[::2]):
+            assert after["HGMMA"] == before["HGMMA"] and after["total"] <= 0.8 * before["total"], (before, after)
+
+
+def _lean_builds(compiled_for_hopper, flag: str, kernel: str, builds: list[tuple[str, str]]) -> list[tuple]:
+    """(masked loops, lean loops) of ``kernel`` compiled for sm_90 with ``flag`` off and on, for each (tile, build
+    flags) of ``builds``: three masked main loops, six lean ones (each region's lean loop, then its masked one); each
+    build fits Hopper's shared memory with at most a few hundred bytes of spill."""
     from sumtune.fast_t5.flash_compile import HOPPER_SHARED_BYTES
 
     rows, stderr = compiled_for_hopper(
         "import json; from sumtune.fast_t5 import flash_compile as fc, flash_attention as fa\n"
-        "for dropout in (False, True):\n"
+        f"for config, flags in [{', '.join(f'({tile}, dict({flags}))' for tile, flags in builds)}]:\n"
         "    for lean in (False, True):\n"
-        "        fa.LEAN_FORWARD = lean\n"
-        "        c = fc.compile_kernel('fwd', 128, 64, 8, 3, DROPOUT=dropout)\n"
+        f"        fa.{flag} = lean\n"
+        f"        c = fc.compile_kernel('{kernel}', *config, **flags)\n"
         "        print(json.dumps(dict(fc.resources(c), loops=fc.loop_bodies(c))))")
-    assert len(rows) == 4, stderr
-    for masked, lean in (rows[:2], rows[2:]):
+    assert len(rows) == 2 * len(builds), stderr
+    pairs = []
+    for masked, lean in zip(rows[::2], rows[1::2]):
         assert lean["shared_bytes"] <= HOPPER_SHARED_BYTES and lean["spill_bytes"] <= 256, lean
-        assert len(masked["loops"]) == 3 and len(lean["loops"]) == 6
-        assert [bool(loop.get("FSEL")) for loop in lean["loops"]] == [False, True] * 3  # lean, masked; x 3 regions
-        for before, after in zip(masked["loops"], lean["loops"][::2]):
-            assert after["HGMMA"] == before["HGMMA"] and after["total"] <= 0.8 * before["total"], (before, after)
+        loops = [[loop for loop in row["loops"] if loop.get("HGMMA")] for row in (masked, lean)]  # main loops only
+        assert [len(found) for found in loops] == [3, 6], loops
+        pairs.append(loops)
+    return pairs
 
 
 @pytest.mark.slow
@@ -956,21 +962,9 @@ def test_lean_backward_loops_issue_fewer_instructions_in_the_hopper_build(compil
     its three lean loops issues at most 9/10 of the instructions of the masked loop it stands beside, the same
     tensor-core instructions (Triton 3.6, 32 x 64 with dropout: 529 / 572 / 533 against 640 / 686 / 650;
     results/kernel_loops-2026-12-05-cpu-sm90-lean-backward.json)."""
-    from sumtune.fast_t5.flash_compile import HOPPER_SHARED_BYTES
-
-    rows, stderr = compiled_for_hopper(
-        "import json; from sumtune.fast_t5 import flash_compile as fc, flash_attention as fa\n"
-        "for config in ((32, 64, 4, 3), (32, 128, 8, 3)):\n"
-        "    for lean in (False, True):\n"
-        "        fa.LEAN_BACKWARD = lean\n"
-        "        c = fc.compile_kernel('dkdv', *config, STORE_DS=True)\n"
-        "        print(json.dumps(dict(fc.resources(c), loops=fc.loop_bodies(c))))")
-    assert len(rows) == 4, stderr
-    for masked, lean in (rows[:2], rows[2:]):
-        assert lean["shared_bytes"] <= HOPPER_SHARED_BYTES and lean["spill_bytes"] <= 256, lean
-        loops = [loop for loop in lean["loops"] if loop.get("HGMMA")]  # not the dS zeroing loop
-        assert len([loop for loop in masked["loops"] if loop.get("HGMMA")]) == 3 and len(loops) == 6
-        for before, after in zip(masked["loops"], loops[::2]):
+    builds = [("(32, 64, 4, 3)", "STORE_DS=True"), ("(32, 128, 8, 3)", "STORE_DS=True")]
+    for masked, lean in _lean_builds(compiled_for_hopper, "LEAN_BACKWARD", "dkdv", builds):
+        for before, after in zip(masked, lean[::2]):
             assert after["HGMMA"] == before["HGMMA"] and after["total"] <= 0.9 * before["total"], (before, after)
 
 
