@@ -139,8 +139,9 @@ LEAN_FORWARD = True
 # one multiply-add, and dropout's 1 / (1 - p) scales dK, dV and the dQ GEMM once instead of P and dP per score
 # (flash_kernels_bwd's LEAN_TILES; not causal). Compiled for sm_90 (CPU), the lean loops issue 17-25% fewer
 # instructions with dropout, 20-35% without, the same HGMMA (results/kernel_loops-2026-12-05-cpu-sm90-lean-backward
-# .json, benchmarks/kernel_loops.py).
-# Off until measured (benchmark token `bwdlean`).
+# .json, benchmarks/kernel_loops.py) with the GPU image's Triton 3.6; with Triton 3.9 its masked loops are shorter
+# and the lean build spills, so no loop comes out shorter (…-lean-backward-triton39.json). Off until measured
+# (benchmark token `bwdlean`).
 LEAN_BACKWARD = False
 # BWD_DESCRIPTORS: the same for the dK/dV kernel's per-tile loads, Q and dO (the backward's larger part; dQ comes
 # from the stored dS by cuBLAS, DS_GEMM), where dO comes as the output projection hands it back ((B, L, H, D) rows).
