@@ -275,17 +275,18 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, 
     ds_strides = ds.stride()[:3] if store_ds else (0, 0, 0)
     descriptors = row_descriptors(q, grad_out) if BWD_DESCRIPTORS else None
     q_arg, do_arg = descriptors or (q, grad_out)
+    lean = LEAN_BACKWARD and not causal  # with dropout, the lean build leaves its scale to dK, dV and the dQ GEMM
     _launch("dkdv", kernels.t5_flash_attention_bwd_dkdv,
             lambda bm, bn: (_cdiv(key_len, bn), batch * heads),
             q_arg, k, v, do_arg, dk, dv, lse, delta, table_arg, mask_arg, lengths_arg, ds,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), *ds_strides,
             mask_stride, heads, query_len, key_len, radius, *geometry, scale * LOG2E, scale, seed, drop_below,
-            drop_scale, length_key, STORE_DS=store_ds, LEAN_TILES=LEAN_BACKWARD and not causal, **common,
+            drop_scale, length_key, STORE_DS=store_ds, LEAN_TILES=lean, **common,
             **_band_args(table, radius_given, query_len, key_len, "dkdv"),
             **(dict(DESC=True, tune_as="dkdv_desc", pre_hook=query_blocks) if descriptors else {}))
-    if store_ds:  # the lean dK/dV build leaves dropout's scale out of dS (flash_kernels_bwd FOLD_DROP)
-        folded = drop_scale if LEAN_BACKWARD and not causal and dropout_p > 0 else 1.0
-        return _dq_from_ds(ds, k, dq, query_len, key_len, scale * folded), dk, dv
+    if store_ds:  # the lean build's dS lacks dropout's scale (flash_kernels_bwd FOLD_DROP)
+        ds_scale = scale * (drop_scale if lean and dropout_p > 0 else 1.0)
+        return _dq_from_ds(ds, k, dq, query_len, key_len, ds_scale), dk, dv
     _launch("dq", kernels.t5_flash_attention_bwd_dq,
             lambda bm, bn: (_cdiv(query_len, bm), batch * heads),
             q, k, v, grad_out, dq, lse, delta, table_arg, mask_arg, lengths_arg,
