@@ -27,19 +27,19 @@ def parse_setting(text: str) -> tuple[str, bool]:
 
 
 def measure(kernel: str, flag: str, dropout: bool, settings: dict) -> list[dict]:
-    from sumtune.fast_t5 import flash_attention, flash_compile
+    from sumtune.fast_t5 import flash_compile
     from sumtune.fast_t5.flash_tiles import AUTOTUNE_CONFIGS
 
+    builds = [(config, dict(settings, DROPOUT=dropout)) for config in AUTOTUNE_CONFIGS[kernel]]
     rows = []
-    for config in AUTOTUNE_CONFIGS[kernel]:
-        for on in (False, True):
-            setattr(flash_attention, flag, on)
-            compiled = flash_compile.compile_kernel(kernel, *config, DROPOUT=dropout, **settings)
-            loops = [loop for loop in flash_compile.loop_bodies(compiled) if loop.get("HGMMA")]  # not the epilogues
-            rows.append(dict(kernel=kernel, config=list(config), dropout=dropout, **{flag: on},
-                             **flash_compile.resources(compiled), loop_instructions=[l["total"] for l in loops],
-                             loop_hgmma=[l["HGMMA"] for l in loops]))
-            print(rows[-1], flush=True)
+    for row in flash_compile.loops_off_and_on(kernel, flag, builds):
+        loops = row.pop("loops")
+        for name in settings:
+            del row[name]  # the file's settings, once, in `what`
+        row["dropout"] = row.pop("DROPOUT")
+        rows.append(dict(row, loop_instructions=[loop["total"] for loop in loops],
+                         loop_hgmma=[loop["HGMMA"] for loop in loops]))
+        print(rows[-1], flush=True)
     return rows
 
 

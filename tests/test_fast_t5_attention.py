@@ -935,19 +935,17 @@ def _lean_builds(compiled_for_hopper, flag: str, kernel: str, builds: list[tuple
     from sumtune.fast_t5.flash_compile import HOPPER_SHARED_BYTES
 
     rows, stderr = compiled_for_hopper(
-        "import json; from sumtune.fast_t5 import flash_compile as fc, flash_attention as fa\n"
-        f"for config, flags in [{', '.join(f'({tile}, dict({flags}))' for tile, flags in builds)}]:\n"
-        "    for lean in (False, True):\n"
-        f"        fa.{flag} = lean\n"
-        f"        c = fc.compile_kernel('{kernel}', *config, **flags)\n"
-        "        print(json.dumps(dict(fc.resources(c), loops=fc.loop_bodies(c))))")
+        "import json; from sumtune.fast_t5 import flash_compile as fc\n"
+        f"builds = [{', '.join(f'({tile}, dict({flags}))' for tile, flags in builds)}]\n"
+        f"for row in fc.loops_off_and_on('{kernel}', '{flag}', builds):\n"
+        "    print(json.dumps(row))")
     assert len(rows) == 2 * len(builds), stderr
     pairs = []
     for masked, lean in zip(rows[::2], rows[1::2]):
+        assert not masked[flag] and lean[flag], (masked, lean)
         assert lean["shared_bytes"] <= HOPPER_SHARED_BYTES and lean["spill_bytes"] <= 256, lean
-        loops = [[loop for loop in row["loops"] if loop.get("HGMMA")] for row in (masked, lean)]  # main loops only
-        assert [len(found) for found in loops] == [3, 6], loops
-        pairs.append(loops)
+        assert [len(masked["loops"]), len(lean["loops"])] == [3, 6], (masked["loops"], lean["loops"])
+        pairs.append((masked["loops"], lean["loops"]))
     return pairs
 
 

@@ -180,6 +180,26 @@ def loop_bodies(compiled, arch: int = 90) -> list[dict[str, int]]:
     return bodies
 
 
+def loops_off_and_on(kernel: str, flag: str, builds, head_dim: int = 128, arch: int = 90) -> list[dict]:
+    """For each (tile, build flags) of ``builds``, ``kernel`` compiled for sm_<arch> with ``flash_attention.<flag>``
+    off, then on: its resources and its main loop bodies in code order (`loop_bodies`' loops with tensor-core
+    instructions: not a pipeline epilogue or the dS zeroing loop). The flag is put back as it was."""
+    from sumtune.fast_t5 import flash_attention
+
+    before, rows = getattr(flash_attention, flag), []
+    try:
+        for config, flags in builds:
+            for on in (False, True):
+                setattr(flash_attention, flag, on)
+                compiled = compile_kernel(kernel, *config, head_dim=head_dim, arch=arch, **flags)
+                loops = [loop for loop in loop_bodies(compiled, arch) if loop.get("HGMMA")]
+                rows.append(dict(kernel=kernel, config=list(config), **flags, **{flag: on},
+                                 **resources(compiled, arch), loops=loops))
+    finally:
+        setattr(flash_attention, flag, before)
+    return rows
+
+
 def report(head_dims=(64, 128), arch: int = 90, first_only: bool = False, sass: bool = False, **flags):
     """One dict per (kernel, autotune config, head_dim) with its compile time and resources."""
     from sumtune.fast_t5.flash_tiles import AUTOTUNE_CONFIGS
