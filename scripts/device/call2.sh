@@ -1,0 +1,8 @@
+# Call 2: the attention kernels as training runs them under the lean dK/dV loops (with and without TMA), then the
+# seed's best settings with `bwdlean` and without the lean forward, 30 timed steps each.
+. scripts/device/prelude.sh
+step attention_leanbwd 200 python3 benchmarks/attention_kernels.py --shapes 32x32x1024x128 4x32x4096x128 --no-flex \
+  --kernels cudnn,triton+bias+dropout --patches bwdlean,bwdlean:bwdtma,bwdtma --repeats 20 --tag leanbwd-train
+step seed_leanbwd 340 python3 benchmarks/train_throughput.py --config configs/seed.yaml --reference "" \
+  --fast "b32:group:fusedlora:loragemm:cache,b32:group:fusedlora:loragemm:cache:bwdlean,b32:group:fusedlora:loragemm:cache:nofwdlean" \
+  --warmup 8 --steps 30
