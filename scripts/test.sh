@@ -18,4 +18,7 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
     || echo "chromium could not be installed: the report page test will be skipped"
 fi
 export HF_HUB_OFFLINE=1
-exec "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@"
+# One worker a core (pytest-xdist), tests handed out as workers free up; where a GPU is, one process (the GPU tests
+# would share one card). SUMTUNE_TEST_WORKERS=N sets the count, 0 runs the tests in this process.
+workers=${SUMTUNE_TEST_WORKERS:-$(command -v nvidia-smi >/dev/null 2>&1 && echo 0 || echo auto)}
+exec "$venv/bin/python" -m pytest -q -p no:cacheprovider -n "$workers" --dist worksteal "$@"
