@@ -184,7 +184,10 @@ def _time_fast(data_file, device, setting, args) -> dict:
     shape_events_timed = graph_shape_events(step) - shapes_at_timing
     pool_frees = graph_pool_frees(step)
     if args.profile:
-        profile_steps(step, stream, parts.cfg.grad_accum_steps, cfg.lr)
+        try:  # a diagnosis printed after the timed steps: its failure should not cost the row's figures
+            profile_steps(step, stream, parts.cfg.grad_accum_steps, cfg.lr)
+        except Exception as error:  # noqa: BLE001
+            print(f"profile of {setting['name']} failed: {type(error).__name__}: {error}", flush=True)
     lora = bc.count_lora_params(parts.model)
     resolved = parts.cfg
     del parts, step, stream
