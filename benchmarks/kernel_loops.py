@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kernel", choices=["fwd", "dkdv", "dq"], required=True)
     parser.add_argument("--flag", required=True, help="a boolean of sumtune.fast_t5.flash_attention, off then on")
-    parser.add_argument("--set", nargs="*", default=[], metavar="NAME=0|1",
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="NAME=0|1",
                         help="build flags passed to flash_compile.compile_kernel (e.g. STORE_DS=1)")
     parser.add_argument("--no-dropout", action="store_true", help="only the build without dropout")
     parser.add_argument("--tag", default="")

@@ -136,8 +136,9 @@ def test_forward_and_grads_match_float64_reference(fa, case):
 
 
 def _lean_off_and_on(fa, monkeypatch, case: str, dropout_p: float, flag: str, dkdv_blocks: tuple) -> tuple:
-    """{False: (out, grads), True: (out, grads)} with ``flag`` (LEAN_FORWARD or LEAN_BACKWARD) off and on, each held
-    to float64 with the kernels' own dropout draws, and the (kernel, LEAN_TILES) of the run with it on."""
+    """{False: (out, grads), True: (out, grads)} with ``flag`` (LEAN_FORWARD, LEAN_BACKWARD, DS_FROM_DROPPED_P) off
+    and on, each held to float64 with the kernels' own dropout draws, and the (kernel, LEAN_TILES) of the run with it
+    on."""
     q, k, v, table, mask, causal, radius = case_inputs(case)
     results, launched = {}, []
     launch = fa._launch
@@ -196,6 +197,19 @@ def test_lean_backward_tiles_match_float64_reference(fa, monkeypatch, case, drop
     else:
         assert not torch.equal(on[1], off[1])
         assert all(torch.equal(a[2], b[2]) for a, b in zip(on, off))  # the row with a hole
+
+
+@pytest.mark.parametrize("lean", [False, True], ids=["masked", "lean"])
+def test_ds_from_dropped_p_matches_float64_reference(fa, monkeypatch, lean):
+    """DS_FROM_DROPPED_P: with dropout, the dK/dV kernel's dS as P_dropped dP - P delta (P_dropped and P delta before
+    the dP GEMM, one multiply-add after it), in the masked loops and with LEAN_BACKWARD (dropout's scale folded out):
+    gradients as float64's with the kernels' own draws (the undropped P in that product, or P_dropped without the
+    scale in the masked loops, fails it: checked); the forward is untouched, the gradients round apart."""
+    monkeypatch.setattr(fa, "LEAN_BACKWARD", lean)
+    results, _ = _lean_off_and_on(fa, monkeypatch, "encoder-bias-padding", 0.2, "DS_FROM_DROPPED_P", (16, 16))
+    (out_off, off), (out_on, on) = results[False], results[True]
+    assert torch.equal(out_on, out_off)
+    assert not torch.equal(on[1], off[1])  # dK, from dS only: the flag reached the kernel
 
 
 def test_lean_backward_with_the_dq_kernel_matches_float64_reference(fa, monkeypatch):
@@ -822,7 +836,7 @@ def test_each_flag_that_picks_a_forward_build_keys_its_own_tuning(monkeypatch):
     forward = flash_tiles._autotuned("fwd", flash_kernels.t5_flash_attention_fwd)
     assert {"LEAN_TILES", "HAS_BIAS", "HAS_KEY_MASK", "DROPOUT", "CHECK_HOLES", "USE_BAND"} <= set(forward.keys)
     dkdv = flash_tiles._autotuned("dkdv", flash_kernels.t5_flash_attention_bwd_dkdv)
-    assert {"STORE_DS", "LEAN_TILES"} <= set(dkdv.keys)
+    assert {"STORE_DS", "LEAN_TILES", "DS_FMA"} <= set(dkdv.keys)
 
 
 def test_custom_op_registration_passes_opcheck(fa):
@@ -1047,6 +1061,24 @@ def test_gpu_lean_backward_matches_the_masked_loops(compiled_fa, monkeypatch, dr
                                   blocks=dict(dkdv=fa.AUTOTUNE_CONFIGS["dkdv"][config]), flag="LEAN_BACKWARD")
     (out_off, grads_off), (out_on, grads_on) = results[False], results[True]
     errors = [relative_error(a, b) for a, b in zip((out_on, *grads_on), (out_off, *grads_off))]
+    assert max(errors) <= 1e-3, errors
+    assert relative_error(grads_on[1], torch.zeros_like(grads_on[1])) > 0.5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("lean", [False, True], ids=["masked", "lean"])
+def test_gpu_ds_from_dropped_p_matches_the_mask_on_both_sides(compiled_fa, monkeypatch, lean):
+    """DS_FROM_DROPPED_P compiled (dropout 0.2, the dK/dV kernel's first tile, masked and lean loops): the outputs
+    equal and the gradients within 1e-3 of dS = P (keep dP / (1 - p) - delta), at 300 queries, bf16, head_dim 128,
+    T5's bias, a right-padded row and a row with a hole."""
+    fa = compiled_fa
+    monkeypatch.setattr(fa, "LEAN_BACKWARD", lean)
+    results, _ = _descriptor_runs(fa, monkeypatch, "cuda", torch.bfloat16, False, 0.2, True, 300, 300,
+                                  blocks=dict(dkdv=fa.AUTOTUNE_CONFIGS["dkdv"][0]), flag="DS_FROM_DROPPED_P")
+    (out_off, grads_off), (out_on, grads_on) = results[False], results[True]
+    assert torch.equal(out_on, out_off)
+    errors = [relative_error(a, b) for a, b in zip(grads_on, grads_off)]
     assert max(errors) <= 1e-3, errors
     assert relative_error(grads_on[1], torch.zeros_like(grads_on[1])) > 0.5
 

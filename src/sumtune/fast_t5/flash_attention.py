@@ -55,13 +55,9 @@ DROPOUT_DRAW_BITS = 16
 # Read when a forward runs; the backward uses the forward's. Benchmark token `nopairs`.
 DROPOUT_PAIRS = True
 # Pairs' Philox products from one mul.wide.u32 each (dropout_draws._wide_product) instead of Triton's mul.lo and
-# mul.hi, which ptxas keeps as two instructions: the same draws. Nsight Compute on an H200 has the kernels
-# issue-bound, with IMAD.HI 4.4-4.5% of the forward's and the dK/dV kernel's instructions at 4096 keys (4.2-5.4% at
-# 1024; results/attention_ncu-2026-12-03-h200.json).
-# Measured (H200, 2026-12-03, results/attention_kernels-2026-12-03-h200-widemul.json): forward + backward 13.79 vs
-# 14.15 ms at 4x32x4096x128 (forward 4.99 vs 5.26), 8.39 vs 8.34 at 32x32x1024x128, so from PHILOX_WIDE_MUL_MIN_KEYS
-# keys (where the forward also runs the precise P·V). Compiled kernels only (the interpreter runs no inline PTX).
-# Benchmark token `nowidemul`: off.
+# mul.hi (two instructions to ptxas): the same draws. H200, 2026-12-03 (results/attention_kernels-2026-12-03-h200-
+# widemul.json): forward + backward 13.79 vs 14.15 ms at 4x32x4096x128, 8.39 vs 8.34 at 32x32x1024x128, so from
+# PHILOX_WIDE_MUL_MIN_KEYS keys. Compiled kernels only (the interpreter runs no inline PTX). Token `nowidemul`: off.
 PHILOX_WIDE_MUL = True
 PHILOX_WIDE_MUL_MIN_KEYS = 2048
 # The backward's dQ from dS: the dK/dV kernel writes dS (bf16, the values the dQ kernel would round to bf16 before
@@ -75,8 +71,7 @@ DS_GEMM = True
 # search: a halved micro-batch costs more than the dQ kernel); every run sets it, so none inherits another's.
 _ds_gemm_held_off = False
 ds_buffers_made = 0  # counted, so a memory probe can tell whether the dS buffer was in play
-# (dK = dSᵀ Q as cuBLAS GEMMs over the same buffer too, the dK/dV kernel down to three GEMMs, measured slower: 44.6 vs
-# 45.3 and 6.43 vs 6.58 samples/s in the same runs, results/*_dsgemm-2026-12-02-*; removed, commit 737b9c9 has it.)
+# (dK = dSᵀ Q by cuBLAS too measured slower, 44.6 vs 45.3 samples/s: removed, commit 737b9c9 has it.)
 DS_GEMM_MAX_GIB = 8.0  # a larger dS buffer (long inputs at a large fixed batch) takes the dQ kernel instead
 DS_TILE = 128  # the dS buffer's rows and columns are padded to whole tiles, so the kernel stores without masks
 # The forward's P·V in more than bf16's precision, from PRECISE_PV_MIN_KEYS keys (the rounding of P for P·V is what
@@ -143,6 +138,12 @@ LEAN_FORWARD = True
 # and the lean build spills, so no loop comes out shorter (…-lean-backward-triton39.json). Off until measured
 # (benchmark token `bwdlean`).
 LEAN_BACKWARD = False
+# DS_FROM_DROPPED_P: with dropout the dK/dV kernel takes dS = P (keep dP / (1 - p) - delta) as P_dropped dP - P delta
+# (flash_kernels_bwd DS_FMA), so the keep mask is used once, before the dP GEMM: used on both sides of it, ptxas kept
+# its predicates as bits of one register (three LOP3 an element) and selected P after its bf16 conversion. sm_90 loops
+# (Triton 3.6), 32x64x4x3: 594 / 637 / 589 against 640 / 686 / 650 instructions a tile, lean 448 / 501 / 450 against
+# 529 / 572 / 533 (results/kernel_loops-2026-12-05-cpu-sm90-ds-fma{,-lean}.json). Off until measured (token `dsfma`).
+DS_FROM_DROPPED_P = False
 # BWD_DESCRIPTORS: the same for the dK/dV kernel's per-tile loads, Q and dO (the backward's larger part; dQ comes
 # from the stored dS by cuBLAS, DS_GEMM), where dO comes as the output projection hands it back ((B, L, H, D) rows).
 # Off until measured (benchmark token `bwdtma`).
@@ -281,7 +282,7 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, 
             q_arg, k, v, do_arg, dk, dv, lse, delta, table_arg, mask_arg, lengths_arg, ds,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), *ds_strides,
             mask_stride, heads, query_len, key_len, radius, *geometry, scale * LOG2E, scale, seed, drop_below,
-            drop_scale, length_key, STORE_DS=store_ds, LEAN_TILES=lean, **common,
+            drop_scale, length_key, STORE_DS=store_ds, LEAN_TILES=lean, DS_FMA=DS_FROM_DROPPED_P, **common,
             **_band_args(table, radius_given, query_len, key_len, "dkdv"),
             **(dict(DESC=True, tune_as="dkdv_desc", pre_hook=query_blocks) if descriptors else {}))
     if store_ds:  # the lean build's dS lacks dropout's scale (flash_kernels_bwd FOLD_DROP)
