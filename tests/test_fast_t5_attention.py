@@ -836,7 +836,7 @@ def test_each_flag_that_picks_a_forward_build_keys_its_own_tuning(monkeypatch):
     forward = flash_tiles._autotuned("fwd", flash_kernels.t5_flash_attention_fwd)
     assert {"LEAN_TILES", "HAS_BIAS", "HAS_KEY_MASK", "DROPOUT", "CHECK_HOLES", "USE_BAND"} <= set(forward.keys)
     dkdv = flash_tiles._autotuned("dkdv", flash_kernels.t5_flash_attention_bwd_dkdv)
-    assert {"STORE_DS", "LEAN_TILES", "DS_FMA"} <= set(dkdv.keys)
+    assert {"STORE_DS", "LEAN_TILES", "DS_FMA"} <= set(dkdv.keys) and "CVT_PTX" in forward.keys
 
 
 def test_custom_op_registration_passes_opcheck(fa):
@@ -1081,6 +1081,22 @@ def test_gpu_ds_from_dropped_p_matches_the_mask_on_both_sides(compiled_fa, monke
     errors = [relative_error(a, b) for a, b in zip(grads_on, grads_off)]
     assert max(errors) <= 1e-3, errors
     assert relative_error(grads_on[1], torch.zeros_like(grads_on[1])) > 0.5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("lean", [False, True], ids=["masked", "lean"])
+def test_gpu_fwd_cvt_ptx_changes_no_bit(compiled_fa, monkeypatch, lean):
+    """FWD_CVT_PTX compiled (dropout 0.2, bf16, head_dim 128, T5's bias, a right-padded row and a row with a hole):
+    P rounded to bf16 by the inline cvt.rn.bf16x2.f32 as by Triton's conversion, in the same element order: output
+    and gradients bit for bit."""
+    fa = compiled_fa
+    monkeypatch.setattr(fa, "LEAN_FORWARD", lean)
+    results, _ = _descriptor_runs(fa, monkeypatch, "cuda", torch.bfloat16, False, 0.2, True, 300, 300,
+                                  blocks=dict(fwd=fa.AUTOTUNE_CONFIGS["fwd"][1]), flag="FWD_CVT_PTX")
+    (out_off, grads_off), (out_on, grads_on) = results[False], results[True]
+    assert torch.equal(out_on, out_off) and all(torch.equal(a, b) for a, b in zip(grads_on, grads_off))
+    assert relative_error(out_on, torch.zeros_like(out_on)) > 0.5
 
 
 @pytest.mark.gpu

@@ -170,6 +170,31 @@ def test_ds_from_dropped_p_shortens_the_dkdv_loops_in_the_hopper_build(compiled_
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_fwd_cvt_ptx_keeps_dropouts_select_in_float32_in_the_hopper_build(compiled_for_hopper):
+    """FWD_CVT_PTX compiled for sm_90 (the forward at 128 x 64 x 8 x 3, lean loops, dropout): P reaches bf16 through
+    the inline cvt.rn.bf16x2.f32 (one a pair of elements), and each loop issues fewer instructions (the bf16 halves'
+    PRMT and SEL gone) with the same tensor-core instructions and no more spill (Triton 3.6: lean far loop 626
+    against 665; results/kernel_loops-2026-12-05-cpu-sm90-fwd-cvt.json); without dropout the build is unchanged."""
+    rows, stderr = compiled_for_hopper(
+        "import json; from sumtune.fast_t5 import flash_compile as fc, flash_attention as fa\n"
+        "for dropout in (True, False):\n"
+        "    for on in (False, True):\n"
+        "        fa.FWD_CVT_PTX = on\n"
+        "        c = fc.compile_kernel('fwd', 128, 64, 8, 3, DROPOUT=dropout)\n"
+        "        loops = [loop for loop in fc.loop_bodies(c) if loop.get('HGMMA')]\n"
+        "        print(json.dumps(dict(fc.resources(c), loops=loops, asm=c.asm['ptx'].count('begin inline asm'))))")
+    assert len(rows) == 4, stderr
+    (off, on), (plain_off, plain_on) = rows[:2], rows[2:]
+    assert on["asm"] >= off["asm"] + 32 and on["spill_bytes"] <= off["spill_bytes"], (off, on)  # 64 elements a thread
+    assert len(on["loops"]) == len(off["loops"]) == 6
+    for before, after in zip(off["loops"], on["loops"]):
+        assert after["HGMMA"] == before["HGMMA"] and after["total"] < before["total"], (before, after)
+        assert after.get("PRMT", 0) < before.get("PRMT", 0), (before, after)
+    assert [loop["total"] for loop in plain_on["loops"]] == [loop["total"] for loop in plain_off["loops"]]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_pair_draws_let_the_dkdv_kernel_build_its_mask_without_shared_memory(compiled_for_hopper):
     """Compiled for sm_90: with `PAIRS` the dK/dV kernel's dropout adds no shared-memory load, store or barrier to
     its code (the draws are built in its own layout), where the Philox-4x32 grouping transposes its mask through

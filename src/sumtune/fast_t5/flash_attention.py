@@ -144,6 +144,11 @@ LEAN_BACKWARD = False
 # (Triton 3.6), 32x64x4x3: 594 / 637 / 589 against 640 / 686 / 650 instructions a tile, lean 448 / 501 / 450 against
 # 529 / 572 / 533 (results/kernel_loops-2026-12-05-cpu-sm90-ds-fma{,-lean}.json). Off until measured (token `dsfma`).
 DS_FROM_DROPPED_P = False
+# FWD_CVT_PTX: with dropout, the forward turns P into bf16 for P·V by inline PTX (flash_kernels._bf16_pairs, the same
+# rounding) so that dropout's select stays one FSEL in float32; LLVM had moved it behind the conversion (PRMT, SEL,
+# PRMT on bf16 halves). sm_90 (Triton 3.6) at 128x64x8x3: lean far loop 626 against 665 instructions a tile, masked
+# 1033 against 1076 (results/kernel_loops-2026-12-05-cpu-sm90-fwd-cvt.json). Off until measured (token `pcvt`).
+FWD_CVT_PTX = False
 # BWD_DESCRIPTORS: the same for the dK/dV kernel's per-tile loads, Q and dO (the backward's larger part; dQ comes
 # from the stored dS by cuBLAS, DS_GEMM), where dO comes as the output projection hands it back ((B, L, H, D) rows).
 # Off until measured (benchmark token `bwdtma`).
@@ -244,6 +249,7 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
             DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8,
             PV_SPLIT=PV_SPLIT and precise_pv, PV_FP16=pv_fp16, PAIRS=_pairs_mode(pairs, key_len),
             LEAN_TILES=LEAN_FORWARD and not causal and scale > 0,  # a row's largest product: its largest score
+            CVT_PTX=FWD_CVT_PTX and not kernels.INTERPRET,
             **_holes_args(mask, holes), **_band_args(table, radius_given, query_len, key_len, "fwd"),
             **(dict(DESC=True, tune_as="fwd_desc", pre_hook=key_blocks) if descriptors else {}))
     return out, lse

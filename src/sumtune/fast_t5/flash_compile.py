@@ -58,13 +58,14 @@ def compile_kernel(name: str, block_m: int, block_n: int, num_warps: int, num_st
     if flash_kernels.INTERPRET:
         raise RuntimeError("TRITON_INTERPRET=1 decorates interpreted kernels, which do not compile: unset it")
     from sumtune.fast_t5.flash_attention import (BIAS_BAND, BWD_DESCRIPTORS, DROPOUT_PAIRS, DS_FROM_DROPPED_P,
-                                                 FWD_DESCRIPTORS, LEAN_BACKWARD, LEAN_FORWARD, MASK_ONLY_WITH_HOLES,
-                                                 _pairs_mode, near_stages)
+                                                 FWD_CVT_PTX, FWD_DESCRIPTORS, LEAN_BACKWARD, LEAN_FORWARD,
+                                                 MASK_ONLY_WITH_HOLES, _pairs_mode, near_stages)
 
     kernel = getattr(flash_kernels, KERNELS[name])
     pairs = _pairs_mode(DROPOUT_PAIRS, 1024)  # at the 1024 keys example_arguments specialises for (flags may differ)
     shipped = {"DRAW8": False, "STORE_DS": False, "PV_SPLIT": False, "PV_FP16": False, "PAIRS": pairs,
                "CHECK_HOLES": MASK_ONLY_WITH_HOLES, "USE_BAND": BIAS_BAND, "DS_FMA": DS_FROM_DROPPED_P,
+               "CVT_PTX": FWD_CVT_PTX,
                "DESC": FWD_DESCRIPTORS if name == "fwd" else BWD_DESCRIPTORS,
                "NEAR_STAGES": near_stages(name, block_m, block_n, num_stages).get("NEAR_STAGES"),
                "LEAN_TILES": (LEAN_FORWARD if name == "fwd" else LEAN_BACKWARD)  # as flash_attention
