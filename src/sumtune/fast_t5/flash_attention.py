@@ -144,7 +144,7 @@ LEAN_BACKWARD = False
 # (Triton 3.6), 32x64x4x3: 594 / 637 / 589 against 640 / 686 / 650 instructions a tile, lean 448 / 501 / 450 against
 # 529 / 572 / 533 (results/kernel_loops-2026-12-05-cpu-sm90-ds-fma{,-lean}.json). Off until measured (token `dsfma`).
 DS_FROM_DROPPED_P = False
-# FWD_CVT_PTX: with dropout, the forward turns P into bf16 for P·V by inline PTX (flash_kernels._bf16_pairs, the same
+# FWD_CVT_PTX: with dropout, the forward turns P into bf16 for P·V by inline PTX (flash_kernels._half_pairs, the same
 # rounding) so that dropout's select stays one FSEL in float32; LLVM had moved it behind the conversion (PRMT, SEL,
 # PRMT on bf16 halves). sm_90 (Triton 3.6) at 128x64x8x3: lean far loop 626 against 665 instructions a tile, masked
 # 1033 against 1076 (results/kernel_loops-2026-12-05-cpu-sm90-fwd-cvt.json). Off until measured (token `pcvt`).

@@ -64,10 +64,14 @@ if INTERPRET:
 
 # ----------------------------------------------------------------------------- forward
 @triton.jit
-def _bf16_pairs(x):
-    """float32 to bf16, round to nearest even as ``x.to(tl.bfloat16)``, in inline PTX: LLVM moves a select feeding
-    that conversion behind it, where it becomes a select of bf16 halves (PRMT, SEL, PRMT) instead of one FSEL."""
-    return tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [x], dtype=tl.bfloat16,
+def _half_pairs(x, dtype: tl.constexpr):
+    """float32 to bf16 or float16 (``dtype``), round to nearest even as ``x.to(dtype)``, in inline PTX (one cvt a
+    pair): LLVM moves a select feeding that conversion behind it, where it becomes a select of 16-bit halves (PRMT,
+    SEL, PRMT) instead of one FSEL."""
+    if dtype == tl.bfloat16:
+        return tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [x], dtype=tl.bfloat16,
+                                         is_pure=True, pack=2)
+    return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,r,r", [x], dtype=tl.float16,
                                      is_pure=True, pack=2)
 
 
@@ -84,8 +88,8 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, start, stop, con
 
     LEAN: every tile lies wholly inside the row's keys with no masked key among them: no mask; with one bias value
     (or none) the scale and the constant go into the exponent's one multiply-add, as Triton's tutorial does
-    (qk_scale > 0, so the row maximum of the raw products gives the scores' maximum). CVT_PTX (compiled, bf16 V,
-    dropout): P to bf16 by one cvt.rn.bf16x2.f32 a pair, which the compiler cannot move dropout's select behind."""
+    (qk_scale > 0, so the row maximum of the raw products gives the scores' maximum). CVT_PTX (compiled, dropout):
+    P to V's dtype by one cvt a pair (`_half_pairs`), which the compiler cannot move dropout's select behind."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in tl.range(start, stop, BLOCK_N, num_stages=LOOP_STAGES):
@@ -139,8 +143,8 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, start, stop, con
             v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
         else:
             v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=in_k[:, None], other=0.0)
-        if CVT_PTX and DROPOUT and v.dtype == tl.bfloat16:
-            p_high = _bf16_pairs(p)
+        if CVT_PTX and DROPOUT:
+            p_high = _half_pairs(p, v.dtype)
         else:
             p_high = p.to(v.dtype)
         acc = _dot(p_high, v, UPCAST, acc)
