@@ -69,10 +69,12 @@ def _half_pairs(x, dtype: tl.constexpr):
     pair): LLVM moves a select feeding that conversion behind it, where it becomes a select of 16-bit halves (PRMT,
     SEL, PRMT) instead of one FSEL."""
     if dtype == tl.bfloat16:
-        return tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [x], dtype=tl.bfloat16,
-                                         is_pure=True, pack=2)
-    return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,r,r", [x], dtype=tl.float16,
-                                     is_pure=True, pack=2)
+        y = tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [x], dtype=tl.bfloat16,
+                                      is_pure=True, pack=2)
+    else:
+        y = tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,r,r", [x], dtype=tl.float16,
+                                      is_pure=True, pack=2)
+    return y
 
 
 @triton.jit
