@@ -273,6 +273,9 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "noclasswarm": ("sumtune.cuda_graphs", "WARM_UP_ONLY_UNCOVERED_SHAPES", False),
     # the attention kernels' Philox products as Triton's mul.lo + mul.hi, not one mul.wide.u32 each
     "nowidemul": ("sumtune.fast_t5.flash_attention", "PHILOX_WIDE_MUL", False),
+    # the wide Philox products at every key length (PHILOX_WIDE_MUL_MIN_KEYS 2048: measured even at 1024 on 2026-12-03,
+    # before the dS and P-conversion cuts left Philox the larger share of the loops)
+    "widemulall": ("sumtune.fast_t5.flash_attention", "PHILOX_WIDE_MUL_MIN_KEYS", 0),
     # the feed-forward's ReLU as its own pass where no dropout follows (FUSED_LINEAR_RELU on since 2026-12-04)
     "nolinearrelu": ("sumtune.fast_t5.modules", "FUSED_LINEAR_RELU", False),
     # (`fwdoneloop`: the attention forward's bias in one loop over the key tiles, measured 1.3-1.6x slower on
