@@ -1048,6 +1048,14 @@ def test_gpu_lean_forward_matches_the_masked_loops(compiled_fa, monkeypatch, dro
     assert out_off.abs().max() > 0.1
 
 
+def _gpu_off_and_on(fa, monkeypatch, flag: str, blocks: dict, dropout_p: float = 0.2, fused: bool = True) -> tuple:
+    """((output, gradients) with ``flag`` off, the same with it on): `_descriptor_runs` compiled at 300 queries (not
+    whole tiles), bf16, head_dim 128, T5's bias, a right-padded row and a row with a hole, ``blocks`` pinned."""
+    results, _ = _descriptor_runs(fa, monkeypatch, "cuda", torch.bfloat16, False, dropout_p, fused, 300, 300,
+                                  blocks=blocks, flag=flag)
+    return results[False], results[True]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dropout_p,fused,config", [(0.0, True, 0), (0.2, False, 0), (0.2, True, 1)])
@@ -1057,9 +1065,8 @@ def test_gpu_lean_backward_matches_the_masked_loops(compiled_fa, monkeypatch, dr
     queries (not whole tiles), bf16, head_dim 128, T5's bias (far and near tiles), a right-padded row and a row with a
     hole."""
     fa = compiled_fa
-    results, _ = _descriptor_runs(fa, monkeypatch, "cuda", torch.bfloat16, False, dropout_p, fused, 300, 300,
-                                  blocks=dict(dkdv=fa.AUTOTUNE_CONFIGS["dkdv"][config]), flag="LEAN_BACKWARD")
-    (out_off, grads_off), (out_on, grads_on) = results[False], results[True]
+    (out_off, grads_off), (out_on, grads_on) = _gpu_off_and_on(
+        fa, monkeypatch, "LEAN_BACKWARD", dict(dkdv=fa.AUTOTUNE_CONFIGS["dkdv"][config]), dropout_p, fused)
     errors = [relative_error(a, b) for a, b in zip((out_on, *grads_on), (out_off, *grads_off))]
     assert max(errors) <= 1e-3, errors
     assert relative_error(grads_on[1], torch.zeros_like(grads_on[1])) > 0.5
@@ -1074,9 +1081,8 @@ def test_gpu_ds_from_dropped_p_matches_the_mask_on_both_sides(compiled_fa, monke
     T5's bias, a right-padded row and a row with a hole."""
     fa = compiled_fa
     monkeypatch.setattr(fa, "LEAN_BACKWARD", lean)
-    results, _ = _descriptor_runs(fa, monkeypatch, "cuda", torch.bfloat16, False, 0.2, True, 300, 300,
-                                  blocks=dict(dkdv=fa.AUTOTUNE_CONFIGS["dkdv"][0]), flag="DS_FROM_DROPPED_P")
-    (out_off, grads_off), (out_on, grads_on) = results[False], results[True]
+    (out_off, grads_off), (out_on, grads_on) = _gpu_off_and_on(
+        fa, monkeypatch, "DS_FROM_DROPPED_P", dict(dkdv=fa.AUTOTUNE_CONFIGS["dkdv"][0]))
     assert torch.equal(out_on, out_off)
     errors = [relative_error(a, b) for a, b in zip(grads_on, grads_off)]
     assert max(errors) <= 1e-3, errors
@@ -1092,9 +1098,8 @@ def test_gpu_fwd_cvt_ptx_changes_no_bit(compiled_fa, monkeypatch, lean):
     and gradients bit for bit."""
     fa = compiled_fa
     monkeypatch.setattr(fa, "LEAN_FORWARD", lean)
-    results, _ = _descriptor_runs(fa, monkeypatch, "cuda", torch.bfloat16, False, 0.2, True, 300, 300,
-                                  blocks=dict(fwd=fa.AUTOTUNE_CONFIGS["fwd"][1]), flag="FWD_CVT_PTX")
-    (out_off, grads_off), (out_on, grads_on) = results[False], results[True]
+    (out_off, grads_off), (out_on, grads_on) = _gpu_off_and_on(
+        fa, monkeypatch, "FWD_CVT_PTX", dict(fwd=fa.AUTOTUNE_CONFIGS["fwd"][1]))
     assert torch.equal(out_on, out_off) and all(torch.equal(a, b) for a, b in zip(grads_on, grads_off))
     assert relative_error(out_on, torch.zeros_like(out_on)) > 0.5
 
