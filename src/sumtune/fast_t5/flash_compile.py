@@ -181,10 +181,12 @@ def loop_bodies(compiled, arch: int = 90) -> list[dict[str, int]]:
     return bodies
 
 
-def loops_off_and_on(kernel: str, flag: str, builds, head_dim: int = 128, arch: int = 90) -> list[dict]:
+def loops_off_and_on(kernel: str, flag: str, builds, head_dim: int = 128, arch: int = 90,
+                     ptx_counts: tuple[str, ...] = ()) -> list[dict]:
     """For each (tile, build flags) of ``builds``, ``kernel`` compiled for sm_<arch> with ``flash_attention.<flag>``
     off, then on: its resources and its main loop bodies in code order (`loop_bodies`' loops with tensor-core
-    instructions: not a pipeline epilogue or the dS zeroing loop). The flag is put back as it was."""
+    instructions: not a pipeline epilogue or the dS zeroing loop), and with ``ptx_counts`` how often each of those
+    strings occurs in its PTX ("ptx"). The flag is put back as it was."""
     from sumtune.fast_t5 import flash_attention
 
     before, rows = getattr(flash_attention, flag), []
@@ -196,6 +198,8 @@ def loops_off_and_on(kernel: str, flag: str, builds, head_dim: int = 128, arch: 
                 loops = [loop for loop in loop_bodies(compiled, arch) if loop.get("HGMMA")]
                 rows.append(dict(kernel=kernel, config=list(config), **flags, **{flag: on},
                                  **resources(compiled, arch), loops=loops))
+                if ptx_counts:
+                    rows[-1]["ptx"] = {text: compiled.asm["ptx"].count(text) for text in ptx_counts}
     finally:
         setattr(flash_attention, flag, before)
     return rows
