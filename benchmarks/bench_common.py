@@ -250,7 +250,9 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     # the forward's every key tile in the masked loops, not the lean loops without masks for the tiles inside a row's
     # keys (LEAN_FORWARD, on since 2026-12-05; the token was `fwdlean` while it was off)
     "nofwdlean": ("sumtune.fast_t5.flash_attention", "LEAN_FORWARD", False),
-    # the dK/dV kernel's whole query tiles of unmasked key blocks in loops without masks (LEAN_BACKWARD, off)
+    # the dK/dV kernel's whole query tiles of unmasked key blocks in loops without masks (LEAN_BACKWARD: on with
+    # Triton before 3.9, flash_tiles.lean_backward_default; `bwdlean` turns it on with a later one)
+    "nobwdlean": ("sumtune.fast_t5.flash_attention", "LEAN_BACKWARD", False),
     "bwdlean": ("sumtune.fast_t5.flash_attention", "LEAN_BACKWARD", True),
     # with dropout, the dK/dV kernel's dS as P_dropped dP - P delta, the keep mask used once (DS_FROM_DROPPED_P, off)
     "dsfma": ("sumtune.fast_t5.flash_attention", "DS_FROM_DROPPED_P", True),
@@ -293,11 +295,6 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     # FUSED_SELF_ATTENTION, on since 2026-12-05, the token was `selfgluon` while it was off; in the Triton kernel it was
     # not faster in session 30, and the token was `noselffused`). `noselfgluon`: the two GEMMs and a softmax instead.
     "noselfgluon": ("sumtune.generation.t5_decode", "FUSED_SELF_ATTENTION", False),
-    # the next batch's encoder on a side stream while this batch decodes (decoding.ENCODER_AHEAD, off); with
-    # `decodefirst` the decode loop in a stream of the highest priority (decoding.DECODE_FIRST, off). Time at least
-    # two batches a row (generate_throughput.py --timed-batches 2 or more): one batch has nothing to overlap.
-    "encoderahead": ("sumtune.generation.decoding", "ENCODER_AHEAD", True),
-    "decodefirst": ("sumtune.generation.decoding", "DECODE_FIRST", True),
     # (`gluoncp`: its chunks by cp.async, `gluon32`: 32 heads a program; both slower and gone in session 34:
     # gluon_decode's note; commit f21cad8 has them.)
     # (`decodews`: the decoding kernel's key loop warp-specialised by Triton, measured 2.3x slower on 2026-12-04 and
@@ -417,7 +414,7 @@ def measure_bf16_matmul_tflops(size: int = 8192, iters: int = 20) -> float | Non
 # ----------------------------------------------------------------------------- results
 def library_versions() -> dict[str, str]:
     versions = {"torch": torch.__version__}
-    for name in ("transformers", "peft", "bitsandbytes"):
+    for name in ("transformers", "peft", "bitsandbytes", "triton"):  # triton: some kernel defaults follow it
         try:
             versions[name] = __import__(name).__version__
         except Exception:  # noqa: BLE001 - a missing library is reported, not fatal

@@ -66,7 +66,7 @@ def main(argv=None) -> int:
 
     from sumtune.batching import pad_batch
     from sumtune.fast_t5 import disable_fast_t5, enable_fast_t5
-    from sumtune.generation.batch_encoder import encode
+    from sumtune.generation.decoding import encode
     from sumtune.generation.greedy import GreedySession
     from sumtune.generation.t5_decode import DecoderWeights, decode_step
 

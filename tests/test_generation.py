@@ -727,7 +727,7 @@ def test_auto_attention_takes_the_fused_kernel_where_it_was_measured_faster_on_c
 # ---- encoder path and session reuse ---------------------------------------------------------------------
 
 def test_encoder_runs_the_fast_t5_path_and_the_model_is_restored(merged32, inputs, monkeypatch):
-    import sumtune.generation.batch_encoder as generation_api
+    import sumtune.generation.decoding as generation_api
     from sumtune.fast_t5 import is_fast_t5_enabled
 
     seen, encode = [], generation_api.encode
@@ -878,47 +878,6 @@ def test_summaries_run_every_input_in_one_call_and_move_the_bar_after_each_batch
 
 
 # ---- CUDA graphs (GPU only) --------------------------------------------------------------------------
-
-def test_encoder_ahead_encodes_the_next_batch_before_this_one_decodes_and_keeps_the_tokens(merged32, inputs,
-                                                                                            monkeypatch):
-    """decoding.ENCODER_AHEAD: batch i + 1's encoder is started after batch i's session exists (any capture done)
-    and before batch i decodes; the same tokens, rows in input order. On the CPU only the order moves (the side
-    stream is CUDA's: the GPU test)."""
-    from sumtune.generation import batch_encoder, decoding
-
-    events = []
-    encode, run = batch_encoder.encode, GreedySession.run
-    monkeypatch.setattr(batch_encoder, "encode", lambda model, ids, *a: events.append(("encode", ids.shape[0]))
-                        or encode(model, ids, *a))
-    monkeypatch.setattr(GreedySession, "run", lambda self, out, *a, **k: events.append(("decode", out.shape[0]))
-                        or run(self, out, *a, **k))
-    in_turn = ours(merged32, inputs, batch_size=6)  # 16 inputs: batches of 6, 6, 4
-    assert [kind for kind, _ in events] == ["encode", "decode"] * 3
-    events.clear()
-    monkeypatch.setattr(decoding, "ENCODER_AHEAD", True)
-    ahead = ours(merged32, inputs, batch_size=6)
-    assert events == [("encode", 6), ("encode", 6), ("decode", 6), ("encode", 4), ("decode", 6), ("decode", 4)]
-    assert ahead == in_turn
-    events.clear()
-    assert ours(merged32, inputs[:5], batch_size=6) == in_turn[:5] and len(events) == 2  # one batch: nothing ahead
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_encoder_ahead_on_a_side_stream_keeps_the_tokens(peft_relu, inputs, monkeypatch):
-    """ENCODER_AHEAD on CUDA (the encoder on a side stream of the lowest priority, with and without the decode loop
-    in a high-priority stream): the tokens of the encoders run in turn, in every attention mode, graphs replayed."""
-    from sumtune.generation import decoding
-
-    model = prepare_inference_model(peft_relu, torch.bfloat16).to("cuda")
-    for attention in ("hidden", "fused"):  # encoder chunks of 2 rows: 3 chunks a batch, paced by the decode loop
-        in_turn = ours(model, inputs, batch_size=6, attention=attention, encoder_batch_size=2)
-        for decode_first in (False, True):
-            monkeypatch.setattr(decoding, "ENCODER_AHEAD", True)
-            monkeypatch.setattr(decoding, "DECODE_FIRST", decode_first)
-            assert ours(model, inputs, batch_size=6, attention=attention, encoder_batch_size=2) == in_turn
-            monkeypatch.setattr(decoding, "ENCODER_AHEAD", False)
-
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -1,8 +1,7 @@
-# Call 1: the GPU tests not yet run (ENCODER_AHEAD, LEAN_BACKWARD), then whole generation at full length over two
-# 256-row batches with the encoder run ahead on a side stream, the token check against transformers first.
+# Call 1: the attention GPU tests under the new default (LEAN_BACKWARD on: its float64 test among them), then the
+# seed's best at micro-batch 32 (an H200: it needs ~98 GiB) with and without the lean dK/dV loops, 30 timed steps.
+# On an H100 use b16 (b32 ran out of memory there on 2026-12-05).
 . scripts/device/prelude.sh
-step gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_generation.py \
-  tests/test_fast_t5_attention.py -k "encoder_ahead or cuda_graphs_match or gpu_lean_backward or gpu_ds_from_dropped or gpu_fwd_cvt"
-step generate_ahead 420 python3 benchmarks/generate_throughput.py --model t5-3b --source-tokens 4096 \
-  --new-tokens 512 --full-length --greedy-only --fast-batches 256 --timed-batches 2 --reference-batches "" \
-  --agreement-inputs 2 --agreement-first --patches encoderahead,encoderahead:decodefirst
+step gpu_attention_tests 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_fast_t5_attention.py
+step seed_leanbwd 330 python3 benchmarks/train_throughput.py --config configs/seed.yaml --reference "" \
+  --fast "b32:group:fusedlora:loragemm:cache,b32:group:fusedlora:loragemm:cache:nobwdlean" --warmup 8 --steps 30

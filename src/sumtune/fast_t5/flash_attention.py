@@ -37,7 +37,7 @@ from sumtune.fast_t5.attention_reference import reference_t5_attention  # noqa: 
 from sumtune.fast_t5.flash_descriptors import key_blocks, query_blocks, row_descriptors
 from sumtune.fast_t5.flash_tiles import (AUTOTUNE_CONFIGS, FWD_DESCRIPTOR_CONFIGS,  # noqa: F401 (re-exported)
                                          PREVIOUS_AUTOTUNE_CONFIGS, TABLE_MARGIN, _fixed_blocks, _launch, best_configs,
-                                         block_sizes, near_stages)
+                                         block_sizes, lean_backward_default, near_stages)
 
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
@@ -132,12 +132,14 @@ LEAN_FORWARD = True
 # LEAN_BACKWARD: the same for the dK/dV kernel: a key block none of whose keys is masked runs its query tiles below
 # the query length in loops without masks or selects, the far tiles' scale, bias and log-sum-exp in the exponent's
 # one multiply-add, and dropout's 1 / (1 - p) scales dK, dV and the dQ GEMM once instead of P and dP per score
-# (flash_kernels_bwd's LEAN_TILES; not causal). Compiled for sm_90 (CPU), the lean loops issue 17-25% fewer
-# instructions with dropout, 20-35% without, the same HGMMA (results/kernel_loops-2026-12-05-cpu-sm90-lean-backward
-# .json, benchmarks/kernel_loops.py) with the GPU image's Triton 3.6; with Triton 3.9 its masked loops are shorter
-# and the lean build spills, so no loop comes out shorter (…-lean-backward-triton39.json). Off until measured
-# (benchmark token `bwdlean`).
-LEAN_BACKWARD = False
+# (flash_kernels_bwd's LEAN_TILES; not causal). Compiled for sm_90 (CPU, Triton 3.6) the lean loops issue 17-25% fewer
+# instructions with dropout (results/kernel_loops-2026-12-05-cpu-sm90-lean-backward.json). On an H100 (2026-12-05,
+# 32x32x1024x128, bias and dropout 0.1): backward 4.71 against 5.54 ms, forward + backward 7.36 against 8.02
+# (results/attention_kernels-2026-12-05-h100-80gb-hbm3-new-flags-train.json). Gradients as close to float64 as the
+# masked loops' (bf16, CPU interpreter: tests/test_fast_t5_attention.py; on a GPU the two differ by ~3e-3, bf16's
+# rounding of P with and without the scale). On by default with the Triton releases it was measured on
+# (flash_tiles.lean_backward_default); benchmark token `nobwdlean` turns it off.
+LEAN_BACKWARD = lean_backward_default()
 # DS_FROM_DROPPED_P: with dropout the dK/dV kernel takes dS = P (keep dP / (1 - p) - delta) as P_dropped dP - P delta
 # (flash_kernels_bwd DS_FMA), so the keep mask is used once, before the dP GEMM: used on both sides of it, ptxas kept
 # its predicates as bits of one register (three LOP3 an element) and selected P after its bf16 conversion. sm_90 loops

@@ -6,6 +6,8 @@ re-exports the public names (``block_sizes``, ``best_configs``, the lists).
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
+import re
 
 TABLE_MARGIN = 128  # zero columns each side of a bias table: a tile reaches at most BLOCK - 1 offsets beyond it
 KERNEL_NAMES = ("fwd", "dkdv", "dq")  # the kernels whose tiles block_sizes pins (also by TMA: "fwd_desc" tunes "fwd")
@@ -47,6 +49,30 @@ PREVIOUS_AUTOTUNE_CONFIGS = {
 # tutorial forward ran fastest at 128 x 128 x 8 x 3 (results/attention_tutorial_ceiling-2026-12-04-h200.json), which
 # this forward takes with its near loop at 2 stages (near_stages).
 FWD_DESCRIPTOR_CONFIGS = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2)]
+
+
+# Triton releases whose build of the lean dK/dV loops was measured faster than the masked ones (flash_attention
+# LEAN_BACKWARD): 3.6, the GPU image's and requirements.txt's. With 3.9 the sm_90 build spills 108 bytes and no lean
+# loop issues fewer instructions than its masked one (results/kernel_loops-2026-12-05-cpu-sm90-lean-backward-
+# triton39.json): off there and later until timed.
+LEAN_BACKWARD_BEFORE_TRITON = (3, 9)
+
+
+def triton_release(version: str | None = None) -> tuple[int, int] | None:
+    """(major, minor) of the installed Triton (or of ``version``); None without one."""
+    if version is None:
+        try:
+            version = importlib.metadata.version("triton")
+        except importlib.metadata.PackageNotFoundError:
+            return None
+    found = re.match(r"(\d+)\.(\d+)", version)
+    return (int(found[1]), int(found[2])) if found else None
+
+
+def lean_backward_default(version: str | None = None) -> bool:
+    """LEAN_BACKWARD's default for the installed Triton (or ``version``): on where its build was measured faster."""
+    release = triton_release(version)
+    return release is not None and release < LEAN_BACKWARD_BEFORE_TRITON
 
 
 def _config_list(name: str) -> list[tuple[int, int, int, int]]:

@@ -12,23 +12,10 @@ from torch import Tensor, nn
 
 from sumtune.batching import pad_batch
 from sumtune.errors import SumtuneError
-from sumtune.generation.batch_encoder import BatchEncoder, Encoding
 from sumtune.generation.greedy import GreedySession, trim_rows
 from sumtune.generation.t5_decode import ATTENTION_MODES, DecoderWeights, cross_groups
 
 GRAPH_PAD_MULTIPLE = 64  # with CUDA graphs, pad source length to a multiple of this so shapes (graphs) repeat
-# ENCODER_AHEAD: on CUDA, greedy decoding on sumtune's decoder, the next batch's encoder runs on a side stream while
-# this batch decodes. Why: the encoder is bound by the tensor cores, the decode loop by reading the encoder states
-# (the fused cross-attention: L2 ~94% busy, DRAM ~67%, results/decode_kernel_ncu-2026-12-04-h200-gluon.json), and
-# at 256 rows x 4096 tokens they run back to back: 8.7 and 15.8 s measured with the Triton decode kernel
-# (results/generate_profile-2026-12-04-h200-relu-s30.json), the loop shorter since. The encoder's forwards make no
-# host sync, so its chunks queue on the side stream, launched between decode steps as the stream finishes them
-# (sumtune.generation.batch_encoder). The same tokens: each batch's encoder output is what it was; only when it is
-# computed moves. Off until measured (benchmark token `encoderahead`).
-ENCODER_AHEAD = False
-# DECODE_FIRST: with ENCODER_AHEAD, the decode loop in a stream of the device's highest priority, so the block
-# scheduler hands it the SMs first and the encoder fills what it leaves (token `decodefirst`). Off until measured.
-DECODE_FIRST = False
 
 
 def generate_ids(
@@ -66,7 +53,7 @@ def generate_ids(
     decoder, slices of a batch's rows read only their own longest source in cross-attention
     (`t5_decode.cross_groups`; `slice_cross_attention=False`: every row reads the batch's width, for A/B timing).
     The encoder runs once per batch in chunks of `encoder_batch_size`, through sumtune's fast T5 forwards unless
-    `fast_encoder=False`; with ENCODER_AHEAD, the next batch's runs on a side stream while this one decodes.
+    `fast_encoder=False`.
     Greedy (`num_beams == 1`) runs sumtune's own decoder step on static buffers,
     captured in CUDA graphs on CUDA (`use_cuda_graphs=None` means "on CUDA"), stopping when all rows are
     done; the session (buffers and graphs) is kept for the model, for the next call with the same shapes.
@@ -88,20 +75,12 @@ def generate_ids(
         return results
     encoder_context = _fast_encoder(model) if fast_encoder else contextlib.nullcontext()
     own = uses_own_decoder(num_beams=num_beams, no_repeat_ngram_size=no_repeat_ngram_size)
-    ahead = ENCODER_AHEAD and own and len(batches) > 1  # on the CPU only the order moves (what its tests check)
-    streams = ahead and device.type == "cuda"
-    with torch.inference_mode(), _eval_mode(model), encoder_context, _decode_stream(device, streams and DECODE_FIRST):
+    with torch.inference_mode(), _eval_mode(model), encoder_context:
         weights = DecoderWeights.from_model(model) if own else None
-        encoder = BatchEncoder(model, encoder_batch_size, side_stream=streams)
-
-        def start_encoding(rows: list[int]) -> Encoding:
+        for rows in batches:
             ids, mask = pad_batch([input_ids[i] for i in rows], pad_token_id, pad_multiple)
-            return encoder.start(ids.to(device, non_blocking=True), mask.to(device, non_blocking=True))
-
-        pending = start_encoding(batches[0])
-        for index, rows in enumerate(batches):
-            ids, mask, encoder_out = pending.result()
-            next_rows = batches[index + 1] if index + 1 < len(batches) else None
+            ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+            encoder_out = encode(model, ids, mask, encoder_batch_size)
             if weights is None:
                 outputs = beam_search(model, encoder_out, mask, pad_token_id=pad_token_id,
                                       eos_token_id=eos_token_id, decoder_start_token_id=decoder_start_token_id,
@@ -117,32 +96,14 @@ def generate_ids(
                                        max_new_tokens=max_new_tokens, attention=mode,
                                        pad_token_id=pad_token_id, eos_token_id=eos_token_id,
                                        use_cuda_graphs=graphs, compile_step=compile_step)
-                if ahead and next_rows:  # after any capture: the next batch's encoder runs beside the replays
-                    pending = start_encoding(next_rows)
                 outputs = session.run(encoder_out, mask, decoder_start_token_id=decoder_start_token_id,
-                                      min_new_tokens=min_new_tokens,
-                                      between_steps=pending.advance if ahead and next_rows else None)
+                                      min_new_tokens=min_new_tokens)
             del encoder_out
             for row, out in zip(rows, outputs):
                 results[row] = out
             if on_batch_done is not None:
                 on_batch_done(len(rows))
-            if not ahead and next_rows:  # in turn
-                pending = start_encoding(next_rows)
     return results
-
-
-@contextlib.contextmanager
-def _decode_stream(device: torch.device, high_priority: bool) -> Iterator[None]:
-    """The decode loop in a stream of the device's highest priority (DECODE_FIRST), else where the caller runs."""
-    if not high_priority:
-        yield
-        return
-    stream = torch.cuda.Stream(device=device, priority=-100)  # torch maps it to the highest the device has
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        yield
-    torch.cuda.current_stream(device).wait_stream(stream)
 
 
 def uses_own_decoder(*, num_beams: int = 1, no_repeat_ngram_size: int = 0) -> bool:
@@ -228,6 +189,13 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
+
+
+def encode(model: nn.Module, ids: Tensor, mask: Tensor, chunk: int) -> Tensor:
+    """Encoder output [B, S, D], computed `chunk` rows at a time to bound attention-bias memory."""
+    parts = [model.encoder(input_ids=ids[i:i + chunk], attention_mask=mask[i:i + chunk]).last_hidden_state
+             for i in range(0, ids.shape[0], chunk)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def beam_search(model: nn.Module, encoder_out: Tensor, mask: Tensor, *, pad_token_id: int, eos_token_id: int,

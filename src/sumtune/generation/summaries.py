@@ -96,8 +96,7 @@ def generate_summaries(model, tokenizer, texts: Sequence[str], *, prefix: str, m
     bar = progress.bar(total=len(input_ids), desc="generating", unit="doc") if progress is not None else None
     try:
         dense = inference_copy(model) if dense_model is _FRESH_COPY else dense_model
-        # one call over every input (both paths sort by length and batch): the next batch's encoder can run while
-        # one decodes (decoding.ENCODER_AHEAD); the bar moves after each batch
+        # one call over every input (both paths sort by length and batch); the bar moves after each batch
         ids = _generate_all(model, dense, tokenizer, list(input_ids), batch_size=batch_size,
                             max_new_tokens=max_new_tokens, num_beams=num_beams, min_new_tokens=min_new_tokens,
                             length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,

@@ -1,8 +1,0 @@
-# A short call (when little session time is left): the new flags' GPU tests, then their kernel-level A/B at the
-# seed's attention shape.
-. scripts/device/prelude.sh
-step gpu_tests_new_flags 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_fast_t5_attention.py \
-  -k "gpu_ds_from_dropped or gpu_fwd_cvt or gpu_lean_backward"
-step attention_new_flags 220 python3 benchmarks/attention_kernels.py --shapes 32x32x1024x128 --no-flex \
-  --kernels cudnn,triton+bias+dropout --patches bwdlean,dsfma,pcvt,bwdlean:dsfma:pcvt,bwdlean:dsfma:pcvt:widemulall \
-  --repeats 20 --tag new-flags-train
