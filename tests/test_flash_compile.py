@@ -153,12 +153,14 @@ def test_ds_from_dropped_p_shortens_the_dkdv_loops_in_the_hopper_build(compiled_
     """DS_FROM_DROPPED_P compiled for sm_90 (the dK/dV kernel at 32 x 64 x 4 x 3 with dropout, storing dS, the
     masked loops as shipped): each loop issues at most 19/20 of the instructions it issued with the keep mask on both
     sides of the dP GEMM, the same tensor-core instructions, and spills no more than a few hundred bytes (Triton 3.6:
-    594 / 637 / 589 against 640 / 686 / 650; results/kernel_loops-2026-12-05-cpu-sm90-ds-fma.json)."""
+    594 / 637 / 589 against 640 / 686 / 650; results/kernel_loops-2026-12-05-cpu-sm90-ds-fma.json). The masked
+    loops pinned (LEAN_TILES off): LEAN_BACKWARD's lean build has six loops."""
     from sumtune.fast_t5.flash_compile import HOPPER_SHARED_BYTES
 
     rows, stderr = compiled_for_hopper(
         "import json; from sumtune.fast_t5 import flash_compile as fc\n"
-        "for row in fc.loops_off_and_on('dkdv', 'DS_FROM_DROPPED_P', [((32, 64, 4, 3), dict(STORE_DS=True))]):\n"
+        "for row in fc.loops_off_and_on('dkdv', 'DS_FROM_DROPPED_P',\n"
+        "                               [((32, 64, 4, 3), dict(STORE_DS=True, LEAN_TILES=False))]):\n"
         "    print(json.dumps(row))")
     assert len(rows) == 2, stderr
     off, on = rows
@@ -223,21 +225,25 @@ def test_pair_draws_let_the_dkdv_kernel_build_its_mask_without_shared_memory(com
 def test_wide_philox_products_take_one_multiply_a_round_in_the_hopper_build(compiled_for_hopper):
     """PHILOX_WIDE_MUL (the kernels' PAIRS 2): each Philox-2x32 round's product from one mul.wide.u32. Compiled for
     sm_90, the forward and dK/dV kernels (their 4096-token tiles) have fewer integer multiplies and instructions
-    than with Triton's mul.lo + mul.hi (PAIRS 1), no more registers and at most a few more bytes of spill."""
+    than with Triton's mul.lo + mul.hi (PAIRS 1) and at most a few more bytes of spill; the forward and the dK/dV
+    kernel's masked loops no more registers (its lean build, LEAN_BACKWARD's, may take up to the cap: 255 against 249
+    with Triton 3.6, no spill either way)."""
     rows, stderr = compiled_for_hopper(
         "import json; from sumtune.fast_t5 import flash_compile as fc\n"
-        "for name, config in (('fwd', (64, 64, 4, 2)), ('dkdv', (32, 128, 8, 3))):\n"
+        "for name, config, lean in (('fwd', (64, 64, 4, 2), True), ('dkdv', (32, 128, 8, 3), False),\n"
+        "                           ('dkdv', (32, 128, 8, 3), True)):\n"
         "    for pairs in (1, 2):\n"
-        "        c = fc.compile_kernel(name, *config, PAIRS=pairs, STORE_DS=name == 'dkdv')\n"
+        "        c = fc.compile_kernel(name, *config, PAIRS=pairs, STORE_DS=name == 'dkdv', LEAN_TILES=lean)\n"
         "        s = fc.sass_opcodes(c)\n"
         "        print(json.dumps(dict(fc.resources(c), imad=s['IMAD'], total=sum(s.values()))))")
-    assert len(rows) == 4, stderr
-    for two_muls, wide in (rows[:2], rows[2:]):
+    assert len(rows) == 6, stderr
+    for index, (two_muls, wide) in enumerate((rows[:2], rows[2:4], rows[4:])):
         # Triton 3.6: -163 / -94 multiplies (forward / dK-dV); 3.9, whose ptxas fuses some pairs itself: -113 / -32
         # (results/attention_compile_widemul-2026-12-03-cpu-sm90.json)
         assert wide["imad"] < two_muls["imad"] and wide["total"] < two_muls["total"], (two_muls, wide)
         # ptxas allots the registers anew: the forward spills 20 bytes instead of 12 (16 and 16 with PV_SPLIT)
-        assert wide["spill_bytes"] <= two_muls["spill_bytes"] + 16 and wide["registers"] <= two_muls["registers"]
+        assert wide["spill_bytes"] <= two_muls["spill_bytes"] + 16, (two_muls, wide)
+        assert index == 2 or wide["registers"] <= two_muls["registers"], (two_muls, wide)
 
 
 @pytest.mark.slow
