@@ -254,10 +254,6 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     # Triton before 3.9, flash_tiles.lean_backward_default; `bwdlean` turns it on with a later one)
     "nobwdlean": ("sumtune.fast_t5.flash_attention", "LEAN_BACKWARD", False),
     "bwdlean": ("sumtune.fast_t5.flash_attention", "LEAN_BACKWARD", True),
-    # with dropout, the dK/dV kernel's dS as P_dropped dP - P delta, the keep mask used once (DS_FROM_DROPPED_P, off)
-    "dsfma": ("sumtune.fast_t5.flash_attention", "DS_FROM_DROPPED_P", True),
-    # with dropout, the forward's P to bf16 by inline PTX, dropout's select kept in float32 (FWD_CVT_PTX, off)
-    "pcvt": ("sumtune.fast_t5.flash_attention", "FWD_CVT_PTX", True),
     # the dK/dV kernel's Q and dO by TMA descriptors (BWD_DESCRIPTORS, off)
     "bwdtma": ("sumtune.fast_t5.flash_attention", "BWD_DESCRIPTORS", True),
     # the pointer forward autotuned with 128 x 128 x 8 x 3 first (its near loop at 2 stages: flash_attention.near_stages)

@@ -136,7 +136,7 @@ def test_forward_and_grads_match_float64_reference(fa, case):
 
 
 def _lean_off_and_on(fa, monkeypatch, case: str, dropout_p: float, flag: str, dkdv_blocks: tuple) -> tuple:
-    """{False: (out, grads), True: (out, grads)} with ``flag`` (LEAN_FORWARD, LEAN_BACKWARD, DS_FROM_DROPPED_P) off
+    """{False: (out, grads), True: (out, grads)} with ``flag`` (LEAN_FORWARD or LEAN_BACKWARD) off
     and on, each held to float64 with the kernels' own dropout draws, and the (kernel, LEAN_TILES) of the run with it
     on."""
     q, k, v, table, mask, causal, radius = case_inputs(case)
@@ -197,19 +197,6 @@ def test_lean_backward_tiles_match_float64_reference(fa, monkeypatch, case, drop
     else:
         assert not torch.equal(on[1], off[1])
         assert all(torch.equal(a[2], b[2]) for a, b in zip(on, off))  # the row with a hole
-
-
-@pytest.mark.parametrize("lean", [False, True], ids=["masked", "lean"])
-def test_ds_from_dropped_p_matches_float64_reference(fa, monkeypatch, lean):
-    """DS_FROM_DROPPED_P: with dropout, the dK/dV kernel's dS as P_dropped dP - P delta (P_dropped and P delta before
-    the dP GEMM, one multiply-add after it), in the masked loops and with LEAN_BACKWARD (dropout's scale folded out):
-    gradients as float64's with the kernels' own draws (the undropped P in that product, or P_dropped without the
-    scale in the masked loops, fails it: checked); the forward is untouched, the gradients round apart."""
-    monkeypatch.setattr(fa, "LEAN_BACKWARD", lean)
-    results, _ = _lean_off_and_on(fa, monkeypatch, "encoder-bias-padding", 0.2, "DS_FROM_DROPPED_P", (16, 16))
-    (out_off, off), (out_on, on) = results[False], results[True]
-    assert torch.equal(out_on, out_off)
-    assert not torch.equal(on[1], off[1])  # dK, from dS only: the flag reached the kernel
 
 
 def test_lean_backward_with_the_dq_kernel_matches_float64_reference(fa, monkeypatch):
@@ -844,7 +831,7 @@ def test_each_flag_that_picks_a_forward_build_keys_its_own_tuning(monkeypatch):
     forward = flash_tiles._autotuned("fwd", flash_kernels.t5_flash_attention_fwd)
     assert {"LEAN_TILES", "HAS_BIAS", "HAS_KEY_MASK", "DROPOUT", "CHECK_HOLES", "USE_BAND"} <= set(forward.keys)
     dkdv = flash_tiles._autotuned("dkdv", flash_kernels.t5_flash_attention_bwd_dkdv)
-    assert {"STORE_DS", "LEAN_TILES", "DS_FMA"} <= set(dkdv.keys) and "CVT_PTX" in forward.keys
+    assert {"STORE_DS", "LEAN_TILES"} <= set(dkdv.keys)
 
 
 def test_custom_op_registration_passes_opcheck(fa):
@@ -1056,55 +1043,6 @@ def test_gpu_lean_forward_matches_the_masked_loops(compiled_fa, monkeypatch, dro
     assert out_off.abs().max() > 0.1
 
 
-def _gpu_off_and_on(fa, monkeypatch, flag: str, blocks: dict, dropout_p: float = 0.2, fused: bool = True) -> tuple:
-    """((output, gradients) with ``flag`` off, the same with it on): `_descriptor_runs` compiled at 300 queries (not
-    whole tiles), bf16, head_dim 128, T5's bias, a right-padded row and a row with a hole, ``blocks`` pinned."""
-    results, _ = _descriptor_runs(fa, monkeypatch, "cuda", torch.bfloat16, False, dropout_p, fused, 300, 300,
-                                  blocks=blocks, flag=flag)
-    return results[False], results[True]
-
-
-def _errors_against_float64(results) -> dict:
-    """{flag off/on: [relative error of output, dq, dk, dv against results["reference"]]}."""
-    reference = results["reference"]
-    return {on: [relative_error(a, b) for a, b in zip((results[on][0], *results[on][1]),
-                                                       (reference[0], *reference[1]))] for on in (False, True)}
-
-
-def _lean_backward_errors(fa, monkeypatch, device, dtype, dropout_p, fused, length, blocks) -> tuple:
-    """(errors against float64 with LEAN_BACKWARD off and on, on-against-off errors) at ``length`` queries and keys,
-    T5's bias (far and near tiles), a right-padded row and a row with a hole."""
-    results, _ = _descriptor_runs(fa, monkeypatch, device, dtype, False, dropout_p, fused, length, length,
-                                  blocks=blocks, flag="LEAN_BACKWARD", reference=True)
-    apart = [relative_error(a, b) for a, b in zip((results[True][0], *results[True][1]),
-                                                  (results[False][0], *results[False][1]))]
-    return _errors_against_float64(results), apart
-
-
-def test_lean_backward_is_on_by_default_only_with_the_triton_releases_it_was_measured_on(fa):
-    """LEAN_BACKWARD's default follows the installed Triton: on before 3.9 (timed with 3.6), off from 3.9 (its sm_90
-    build spills there) and without Triton."""
-    from sumtune.fast_t5 import flash_tiles
-
-    assert flash_tiles.lean_backward_default("3.6.0") and flash_tiles.lean_backward_default("3.8.1+git4a5b")
-    assert not flash_tiles.lean_backward_default("3.9.0") and not flash_tiles.lean_backward_default("4.0.0")
-    assert flash_tiles.triton_release("nightly") is None and not flash_tiles.lean_backward_default("nightly")
-    assert fa.LEAN_BACKWARD == flash_tiles.lean_backward_default()
-
-
-@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
-def test_lean_backward_in_bf16_is_as_close_to_float64_as_the_masked_loops(fa, monkeypatch, dropout_p):
-    """LEAN_BACKWARD in bf16 (interpreter): with dropout, P is rounded to bf16 before its 1 / (1 - p) (applied to dK,
-    dV and the dQ GEMM) instead of after, so the gradients round apart from the masked loops' (by ~3e-3, as on an
-    H100) but are no further from float64 than theirs; without dropout the same bits."""
-    errors, apart = _lean_backward_errors(fa, monkeypatch, "cpu", torch.bfloat16, dropout_p, False, 70,
-                                          dict(fwd=(16, 16), dkdv=(16, 16), dq=(16, 16)))
-    assert max(errors[False]) < 2e-2  # bf16's own rounding, not a wrong gradient
-    for lean, masked in zip(errors[True], errors[False]):
-        assert lean <= 1.02 * masked + 1e-5, errors
-    assert (max(apart) > 1e-3) == (dropout_p > 0), apart
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dropout_p,fused,config", [(0.0, True, 0), (0.2, False, 0), (0.2, True, 1)])
@@ -1121,38 +1059,6 @@ def test_gpu_lean_backward_as_close_to_float64_as_the_masked_loops(compiled_fa, 
         assert lean <= 1.1 * masked + 1e-4, errors
     if not dropout_p:
         assert max(apart) <= 1e-3, apart
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("lean", [False, True], ids=["masked", "lean"])
-def test_gpu_ds_from_dropped_p_matches_the_mask_on_both_sides(compiled_fa, monkeypatch, lean):
-    """DS_FROM_DROPPED_P compiled (dropout 0.2, the dK/dV kernel's first tile, masked and lean loops): the outputs
-    equal and the gradients within 1e-3 of dS = P (keep dP / (1 - p) - delta), at 300 queries, bf16, head_dim 128,
-    T5's bias, a right-padded row and a row with a hole."""
-    fa = compiled_fa
-    monkeypatch.setattr(fa, "LEAN_BACKWARD", lean)
-    (out_off, grads_off), (out_on, grads_on) = _gpu_off_and_on(
-        fa, monkeypatch, "DS_FROM_DROPPED_P", dict(dkdv=fa.AUTOTUNE_CONFIGS["dkdv"][0]))
-    assert torch.equal(out_on, out_off)
-    errors = [relative_error(a, b) for a, b in zip(grads_on, grads_off)]
-    assert max(errors) <= 1e-3, errors
-    assert relative_error(grads_on[1], torch.zeros_like(grads_on[1])) > 0.5
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("lean", [False, True], ids=["masked", "lean"])
-def test_gpu_fwd_cvt_ptx_changes_no_bit(compiled_fa, monkeypatch, lean):
-    """FWD_CVT_PTX compiled (dropout 0.2, bf16, head_dim 128, T5's bias, a right-padded row and a row with a hole):
-    P rounded to bf16 by the inline cvt.rn.bf16x2.f32 as by Triton's conversion, in the same element order: output
-    and gradients bit for bit."""
-    fa = compiled_fa
-    monkeypatch.setattr(fa, "LEAN_FORWARD", lean)
-    (out_off, grads_off), (out_on, grads_on) = _gpu_off_and_on(
-        fa, monkeypatch, "FWD_CVT_PTX", dict(fwd=fa.AUTOTUNE_CONFIGS["fwd"][1]))
-    assert torch.equal(out_on, out_off) and all(torch.equal(a, b) for a, b in zip(grads_on, grads_off))
-    assert relative_error(out_on, torch.zeros_like(out_on)) > 0.5
 
 
 @pytest.mark.gpu

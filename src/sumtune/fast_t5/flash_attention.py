@@ -140,17 +140,6 @@ LEAN_FORWARD = True
 # rounding of P with and without the scale). On by default with the Triton releases it was measured on
 # (flash_tiles.lean_backward_default); benchmark token `nobwdlean` turns it off.
 LEAN_BACKWARD = lean_backward_default()
-# DS_FROM_DROPPED_P: with dropout the dK/dV kernel takes dS = P (keep dP / (1 - p) - delta) as P_dropped dP - P delta
-# (flash_kernels_bwd DS_FMA), so the keep mask is used once, before the dP GEMM: used on both sides of it, ptxas kept
-# its predicates as bits of one register (three LOP3 an element) and selected P after its bf16 conversion. sm_90 loops
-# (Triton 3.6), 32x64x4x3: 594 / 637 / 589 against 640 / 686 / 650 instructions a tile, lean 448 / 501 / 450 against
-# 529 / 572 / 533 (results/kernel_loops-2026-12-05-cpu-sm90-ds-fma{,-lean}.json). Off until measured (token `dsfma`).
-DS_FROM_DROPPED_P = False
-# FWD_CVT_PTX: with dropout, the forward turns P into bf16 for P·V by inline PTX (flash_kernels._half_pairs, the same
-# rounding) so that dropout's select stays one FSEL in float32; LLVM had moved it behind the conversion (PRMT, SEL,
-# PRMT on bf16 halves). sm_90 (Triton 3.6) at 128x64x8x3: lean far loop 626 against 665 instructions a tile, masked
-# 1033 against 1076 (results/kernel_loops-2026-12-05-cpu-sm90-fwd-cvt.json). Off until measured (token `pcvt`).
-FWD_CVT_PTX = False
 # BWD_DESCRIPTORS: the same for the dK/dV kernel's per-tile loads, Q and dO (the backward's larger part; dQ comes
 # from the stored dS by cuBLAS, DS_GEMM), where dO comes as the output projection hands it back ((B, L, H, D) rows).
 # Off until measured (benchmark token `bwdtma`).
@@ -251,7 +240,6 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
             DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8,
             PV_SPLIT=PV_SPLIT and precise_pv, PV_FP16=pv_fp16, PAIRS=_pairs_mode(pairs, key_len),
             LEAN_TILES=LEAN_FORWARD and not causal and scale > 0,  # a row's largest product: its largest score
-            CVT_PTX=FWD_CVT_PTX and not kernels.INTERPRET,
             **_holes_args(mask, holes), **_band_args(table, radius_given, query_len, key_len, "fwd"),
             **(dict(DESC=True, tune_as="fwd_desc", pre_hook=key_blocks) if descriptors else {}))
     return out, lse
@@ -290,7 +278,7 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, 
             q_arg, k, v, do_arg, dk, dv, lse, delta, table_arg, mask_arg, lengths_arg, ds,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), *ds_strides,
             mask_stride, heads, query_len, key_len, radius, *geometry, scale * LOG2E, scale, seed, drop_below,
-            drop_scale, length_key, STORE_DS=store_ds, LEAN_TILES=lean, DS_FMA=DS_FROM_DROPPED_P, **common,
+            drop_scale, length_key, STORE_DS=store_ds, LEAN_TILES=lean, **common,
             **_band_args(table, radius_given, query_len, key_len, "dkdv"),
             **(dict(DESC=True, tune_as="dkdv_desc", pre_hook=query_blocks) if descriptors else {}))
     if store_ds:  # the lean build's dS lacks dropout's scale (flash_kernels_bwd FOLD_DROP)

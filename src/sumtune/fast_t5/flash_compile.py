@@ -57,15 +57,14 @@ def compile_kernel(name: str, block_m: int, block_n: int, num_warps: int, num_st
 
     if flash_kernels.INTERPRET:
         raise RuntimeError("TRITON_INTERPRET=1 decorates interpreted kernels, which do not compile: unset it")
-    from sumtune.fast_t5.flash_attention import (BIAS_BAND, BWD_DESCRIPTORS, DROPOUT_PAIRS, DS_FROM_DROPPED_P,
-                                                 FWD_CVT_PTX, FWD_DESCRIPTORS, LEAN_BACKWARD, LEAN_FORWARD,
+    from sumtune.fast_t5.flash_attention import (BIAS_BAND, BWD_DESCRIPTORS, DROPOUT_PAIRS,
+                                                 FWD_DESCRIPTORS, LEAN_BACKWARD, LEAN_FORWARD,
                                                  MASK_ONLY_WITH_HOLES, _pairs_mode, near_stages)
 
     kernel = getattr(flash_kernels, KERNELS[name])
     pairs = _pairs_mode(DROPOUT_PAIRS, 1024)  # at the 1024 keys example_arguments specialises for (flags may differ)
     shipped = {"DRAW8": False, "STORE_DS": False, "PV_SPLIT": False, "PV_FP16": False, "PAIRS": pairs,
-               "CHECK_HOLES": MASK_ONLY_WITH_HOLES, "USE_BAND": BIAS_BAND, "DS_FMA": DS_FROM_DROPPED_P,
-               "CVT_PTX": FWD_CVT_PTX,
+               "CHECK_HOLES": MASK_ONLY_WITH_HOLES, "USE_BAND": BIAS_BAND,
                "DESC": FWD_DESCRIPTORS if name == "fwd" else BWD_DESCRIPTORS,
                "NEAR_STAGES": near_stages(name, block_m, block_n, num_stages).get("NEAR_STAGES"),
                "LEAN_TILES": (LEAN_FORWARD if name == "fwd" else LEAN_BACKWARD)  # as flash_attention
@@ -181,12 +180,10 @@ def loop_bodies(compiled, arch: int = 90) -> list[dict[str, int]]:
     return bodies
 
 
-def loops_off_and_on(kernel: str, flag: str, builds, head_dim: int = 128, arch: int = 90,
-                     ptx_counts: tuple[str, ...] = ()) -> list[dict]:
+def loops_off_and_on(kernel: str, flag: str, builds, head_dim: int = 128, arch: int = 90) -> list[dict]:
     """For each (tile, build flags) of ``builds``, ``kernel`` compiled for sm_<arch> with ``flash_attention.<flag>``
     off, then on: its resources and its main loop bodies in code order (`loop_bodies`' loops with tensor-core
-    instructions: not a pipeline epilogue or the dS zeroing loop), and with ``ptx_counts`` how often each of those
-    strings occurs in its PTX ("ptx"). The flag is put back as it was."""
+    instructions: not a pipeline epilogue or the dS zeroing loop). The flag is put back as it was."""
     from sumtune.fast_t5 import flash_attention
 
     before, rows = getattr(flash_attention, flag), []
@@ -198,8 +195,6 @@ def loops_off_and_on(kernel: str, flag: str, builds, head_dim: int = 128, arch: 
                 loops = [loop for loop in loop_bodies(compiled, arch) if loop.get("HGMMA")]
                 rows.append(dict(kernel=kernel, config=list(config), **flags, **{flag: on},
                                  **resources(compiled, arch), loops=loops))
-                if ptx_counts:
-                    rows[-1]["ptx"] = {text: compiled.asm["ptx"].count(text) for text in ptx_counts}
     finally:
         setattr(flash_attention, flag, before)
     return rows

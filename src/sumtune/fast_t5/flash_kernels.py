@@ -64,34 +64,18 @@ if INTERPRET:
 
 # ----------------------------------------------------------------------------- forward
 @triton.jit
-def _half_pairs(x, dtype: tl.constexpr):
-    """float32 to bf16 or float16 (``dtype``), round to nearest even as ``x.to(dtype)``, in inline PTX (one cvt a
-    pair): LLVM moves a select feeding that conversion behind it, where it becomes a select of 16-bit halves (PRMT,
-    SEL, PRMT) instead of one FSEL."""
-    if dtype == tl.bfloat16:
-        y = tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [x], dtype=tl.bfloat16,
-                                      is_pure=True, pack=2)
-    else:
-        y = tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,r,r", [x], dtype=tl.float16,
-                                      is_pure=True, pack=2)
-    return y
-
-
-@triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, start, stop, const, start_m,
                stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w,
                seed, stream, n_cols, drop_below,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
                DRAW8: tl.constexpr, PV_SPLIT: tl.constexpr, PAIRS: tl.constexpr, kv_row0=0, kv_col=0,
-               DESC: tl.constexpr = False, LOOP_STAGES: tl.constexpr = None, LEAN: tl.constexpr = False,
-               CVT_PTX: tl.constexpr = False):
+               DESC: tl.constexpr = False, LOOP_STAGES: tl.constexpr = None, LEAN: tl.constexpr = False):
     """Key tiles start, start + BLOCK_N, ... < stop, software-pipelined over LOOP_STAGES (None: the launch's).
 
     LEAN: every tile lies wholly inside the row's keys with no masked key among them: no mask; with one bias value
     (or none) the scale and the constant go into the exponent's one multiply-add, as Triton's tutorial does
-    (qk_scale > 0, so the row maximum of the raw products gives the scores' maximum). CVT_PTX (compiled, dropout):
-    P to V's dtype by one cvt a pair (`_half_pairs`), which the compiler cannot move dropout's select behind."""
+    (qk_scale > 0, so the row maximum of the raw products gives the scores' maximum)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in tl.range(start, stop, BLOCK_N, num_stages=LOOP_STAGES):
@@ -145,10 +129,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, start, stop, con
             v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
         else:
             v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=in_k[:, None], other=0.0)
-        if CVT_PTX and DROPOUT:
-            p_high = _half_pairs(p, v.dtype)
-        else:
-            p_high = p.to(v.dtype)
+        p_high = p.to(v.dtype)
         acc = _dot(p_high, v, UPCAST, acc)
         if PV_SPLIT:  # P = high + low, each in V's dtype: P·V with ~16 bits of P for one more GEMM
             acc = _dot((p - p_high.to(tl.float32)).to(v.dtype), v, UPCAST, acc)
@@ -163,7 +144,7 @@ def _fwd_region(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, start, stop, le
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
                 CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
                 DRAW8: tl.constexpr, PV_SPLIT: tl.constexpr, PAIRS: tl.constexpr, kv_row0, kv_col,
-                DESC: tl.constexpr, LOOP_STAGES: tl.constexpr, LEAN_TILES: tl.constexpr, CVT_PTX: tl.constexpr):
+                DESC: tl.constexpr, LOOP_STAGES: tl.constexpr, LEAN_TILES: tl.constexpr):
     """The key tiles [start, stop) of one bias region: with LEAN_TILES those below ``lean_end`` first, in a lean loop
     (`_fwd_tiles`' LEAN), then the rest with masks."""
     masked_from = start
@@ -173,11 +154,11 @@ def _fwd_region(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, start, stop, le
                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w, seed,
                                    stream, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_MODE, False,
                                    HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, kv_row0, kv_col, DESC,
-                                   LOOP_STAGES, True, CVT_PTX)
+                                   LOOP_STAGES, True)
     return _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, masked_from, stop, const, start_m,
                       stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w, seed, stream,
                       n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_MODE, CAUSAL, HAS_KEY_MASK, DROPOUT,
-                      UPCAST, DRAW8, PV_SPLIT, PAIRS, kv_row0, kv_col, DESC, LOOP_STAGES, False, CVT_PTX)
+                      UPCAST, DRAW8, PV_SPLIT, PAIRS, kv_row0, kv_col, DESC, LOOP_STAGES)
 
 
 @triton.jit
@@ -192,8 +173,7 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, str
                            PV_FP16: tl.constexpr = False, PAIRS: tl.constexpr = False,
                            CHECK_HOLES: tl.constexpr = False, HOLES=0, BAND=0, band_w=0, band_head=0,
                            USE_BAND: tl.constexpr = False, DESC: tl.constexpr = False,
-                           NEAR_STAGES: tl.constexpr = None, LEAN_TILES: tl.constexpr = False,
-                           CVT_PTX: tl.constexpr = False):
+                           NEAR_STAGES: tl.constexpr = None, LEAN_TILES: tl.constexpr = False):
     """With DESC, K and V are TMA descriptors over the (B * Lk, H * HEAD_DIM) rows of the keys and values (the
     projections' layout) instead of pointers; the same sums in the same order. With LEAN_TILES (not causal, a
     positive qk_scale), the key tiles that lie wholly inside a row without masked keys before its length run in
@@ -239,24 +219,24 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, str
                                     start_m, stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
                                     band_w, seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
                                     False, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, kv_row0, kv_col, DESC,
-                                    None, LEAN_TILES, CVT_PTX)
+                                    None, LEAN_TILES)
         acc, l_i, m_i = _fwd_region(acc, l_i, m_i, q, K, V, BAND + h * band_head if USE_BAND else TABLE, KMASK,
                                     read_mask, lo_end, hi_start, lean_end, 0.0, start_m, stride_kn, stride_kd,
                                     stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w, seed, bh, n_cols, drop_below,
                                     HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_BAND if USE_BAND else BIAS_GATHER, CAUSAL,
                                     HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, kv_row0, kv_col, DESC,
-                                    NEAR_STAGES, LEAN_TILES, CVT_PTX)
+                                    NEAR_STAGES, LEAN_TILES)
         acc, l_i, m_i = _fwd_region(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, hi_start, stop, lean_end,
                                     far_right, start_m, stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R,
                                     qk_scale, band_w, seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N,
                                     BIAS_CONST, CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, kv_row0,
-                                    kv_col, DESC, None, LEAN_TILES, CVT_PTX)
+                                    kv_col, DESC, None, LEAN_TILES)
     else:
         acc, l_i, m_i = _fwd_region(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, 0, stop, lean_end, 0.0, start_m,
                                     stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w,
                                     seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE,
                                     CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, kv_row0, kv_col,
-                                    DESC, None, LEAN_TILES, CVT_PTX)
+                                    DESC, None, LEAN_TILES)
     empty = l_i == 0.0  # no key to attend to: output 0, and lse = +inf makes the backward's P exactly 0
     l_safe = tl.where(empty, 1.0, l_i)
     out_scale = drop_scale / l_safe

@@ -41,7 +41,7 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, const, 
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
                 CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DRAW8: tl.constexpr,
                 STORE_DS: tl.constexpr, PAIRS: tl.constexpr, q_row0=0, q_col=0, DESC: tl.constexpr = False,
-                lean_stop=0, LEAN_TILES: tl.constexpr = False, DS_FMA: tl.constexpr = False):
+                lean_stop=0, LEAN_TILES: tl.constexpr = False):
     """The query tiles [start, stop) of one bias region: with LEAN_TILES those below ``lean_stop`` first, in a loop
     without masks (`_dkdv_loop`'s LEAN), then the rest with masks; the same tiles in the same order."""
     if LEAN_TILES:
@@ -49,13 +49,13 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, const, 
         dk, dv = _dkdv_loop(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, mid, const, start_n, key_ok,
                             stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale, band_w,
                             seed, stream, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_MODE,
-                            CAUSAL, DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, q_row0, q_col, DESC, True, True, DS_FMA)
+                            CAUSAL, DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, q_row0, q_col, DESC, True, True)
         start = mid
     dk, dv = _dkdv_loop(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, const, start_n, key_ok,
                         stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale, band_w,
                         seed, stream, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_MODE,
                         CAUSAL, DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, q_row0, q_col, DESC, False,
-                        LEAN_TILES, DS_FMA)
+                        LEAN_TILES)
     return dk, dv
 
 
@@ -66,13 +66,11 @@ def _dkdv_loop(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, const, s
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
                CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DRAW8: tl.constexpr,
                STORE_DS: tl.constexpr, PAIRS: tl.constexpr, q_row0, q_col, DESC: tl.constexpr,
-               LEAN: tl.constexpr, FOLD_DROP: tl.constexpr, DS_FMA: tl.constexpr = False):
+               LEAN: tl.constexpr, FOLD_DROP: tl.constexpr):
     """LEAN: every query of every tile is below Lq and every key of the block is kept (not causal): no mask and no
     select; with one bias value (or none) the scale, the bias and the row's log-sum-exp in the exponent's one
     multiply-add. FOLD_DROP (the kernel's LEAN_TILES, every loop of it): dropout's 1 / (1 - p) is left out of P and
-    dP (delta divided by it instead), and the kernel applies it once to dK and dV, the dQ GEMM to its dS.
-    DS_FMA (with dropout): dS = P (keep dP / (1 - p) - delta) as P_dropped dP - P delta, one multiply-add after the
-    dP GEMM, so the keep mask is used once, before that GEMM (flash_attention.DS_FROM_DROPPED_P says why)."""
+    dP (delta divided by it instead), and the kernel applies it once to dK and dV, the dQ GEMM to its dS."""
     offs_d = tl.arange(0, HEAD_DIM)
     if DROPOUT and FOLD_DROP:
         delta_scale = 1.0 / drop_scale
@@ -125,20 +123,17 @@ def _dkdv_loop(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, const, s
         else:
             do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=in_q[:, None],
                          other=0.0)
-        if DROPOUT and DS_FMA:
-            pd_t = tl.where(kept, p_t if FOLD_DROP else p_t * drop_scale, 0.0)
-            p_delta = p_t * delta[None, :]
         dp_t = _dot(v, tl.trans(do), UPCAST)
-        if not DROPOUT:
-            pd_t = p_t
-        elif not DS_FMA:
-            pd_t = tl.where(kept, p_t if FOLD_DROP else p_t * drop_scale, 0.0)
-            dp_t = tl.where(kept, dp_t if FOLD_DROP else dp_t * drop_scale, 0.0)
-        dv = _dot(pd_t.to(do.dtype), do, UPCAST, dv)
-        if DROPOUT and DS_FMA:
-            ds_t = (pd_t * dp_t - p_delta).to(q_t.dtype)
+        if DROPOUT and FOLD_DROP:
+            pd_t = tl.where(kept, p_t, 0.0)
+            dp_t = tl.where(kept, dp_t, 0.0)
+        elif DROPOUT:
+            pd_t = tl.where(kept, p_t * drop_scale, 0.0)
+            dp_t = tl.where(kept, dp_t * drop_scale, 0.0)
         else:
-            ds_t = (p_t * (dp_t - delta[None, :])).to(q_t.dtype)
+            pd_t = p_t
+        dv = _dot(pd_t.to(do.dtype), do, UPCAST, dv)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q_t.dtype)
         dk = _dot(ds_t, tl.trans(q_t), UPCAST, dk)
         if STORE_DS:  # (keys, queries) rows of dSᵀ, whose buffer is padded to whole tiles: no mask
             tl.store(DS + offs_n[:, None] * stride_dsn + offs_m[None, :], ds_t)
@@ -168,7 +163,7 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
                                 DRAW8: tl.constexpr = False, STORE_DS: tl.constexpr = False,
                                 PAIRS: tl.constexpr = False, BAND=0, band_w=0, band_head=0,
                                 USE_BAND: tl.constexpr = False, DESC: tl.constexpr = False,
-                                LEAN_TILES: tl.constexpr = False, DS_FMA: tl.constexpr = False):
+                                LEAN_TILES: tl.constexpr = False):
     """With DESC, Q and DO are TMA descriptors over the (B * Lq, H * HEAD_DIM) rows of the queries and the output's
     gradient instead of pointers; the same sums in the same order. With LEAN_TILES (not causal), a key block whose
     every key is kept runs its whole query tiles (all but a last partial one) in loops without masks, and dropout's
@@ -217,25 +212,25 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale, band_w,
                              seed, bh, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, CAUSAL,
                              DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, q_row0, q_col, DESC, lean_stop,
-                             LEAN_TILES, DS_FMA)
+                             LEAN_TILES)
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, BAND + h * band_head if USE_BAND else TABLE, DS,
                              hi_end, lo_start, 0.0, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale, band_w,
                              seed, bh, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N,
                              BIAS_BAND if USE_BAND else BIAS_GATHER, CAUSAL,
                              DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, q_row0, q_col, DESC, lean_stop,
-                             LEAN_TILES, DS_FMA)
+                             LEAN_TILES)
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, lo_start, stop, far_left, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale, band_w,
                              seed, bh, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, False,
                              DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, q_row0, q_col, DESC, lean_stop,
-                             LEAN_TILES, DS_FMA)
+                             LEAN_TILES)
     else:
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, 0.0, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale, band_w,
                              seed, bh, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE, CAUSAL,
                              DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, q_row0, q_col, DESC, lean_stop,
-                             LEAN_TILES, DS_FMA)
+                             LEAN_TILES)
     if STORE_DS:  # query blocks no tile visited: above the diagonal, or every query of keys past the row's length
         _zero_ds(DS, 0, start, start_n, stride_dsn, DS.dtype.element_ty, BLOCK_M, BLOCK_N)
         _zero_ds(DS, stop, Lq, start_n, stride_dsn, DS.dtype.element_ty, BLOCK_M, BLOCK_N)

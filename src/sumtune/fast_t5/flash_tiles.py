@@ -101,8 +101,7 @@ def _configs(name: str, pre_hook=None):
 # Every flag that selects another kernel build keys its own tuning (a build tuned under another flag's tile is not
 # timed fairly: LEAN_TILES' loops may prefer other tiles than the masked ones).
 _AUTOTUNE_KEY = ["HEAD_DIM", "len_key", "CAUSAL", "HAS_BIAS", "HAS_KEY_MASK", "DROPOUT", "DRAW8", "STORE_DS",
-                 "PV_SPLIT", "PV_FP16", "PAIRS", "CHECK_HOLES", "USE_BAND", "LEAN_TILES", "DS_FMA",
-                 "CVT_PTX"]
+                 "PV_SPLIT", "PV_FP16", "PAIRS", "CHECK_HOLES", "USE_BAND", "LEAN_TILES"]
 _tuned: dict[str, object] = {}
 
 
