@@ -1043,6 +1043,47 @@ def test_gpu_lean_forward_matches_the_masked_loops(compiled_fa, monkeypatch, dro
     assert out_off.abs().max() > 0.1
 
 
+def _errors_against_float64(results) -> dict:
+    """{flag off/on: [relative error of output, dq, dk, dv against results["reference"]]}."""
+    reference = results["reference"]
+    return {on: [relative_error(a, b) for a, b in zip((results[on][0], *results[on][1]),
+                                                       (reference[0], *reference[1]))] for on in (False, True)}
+
+
+def _lean_backward_errors(fa, monkeypatch, device, dtype, dropout_p, fused, length, blocks) -> tuple:
+    """(errors against float64 with LEAN_BACKWARD off and on, on-against-off errors) at ``length`` queries and keys,
+    T5's bias (far and near tiles), a right-padded row and a row with a hole."""
+    results, _ = _descriptor_runs(fa, monkeypatch, device, dtype, False, dropout_p, fused, length, length,
+                                  blocks=blocks, flag="LEAN_BACKWARD", reference=True)
+    apart = [relative_error(a, b) for a, b in zip((results[True][0], *results[True][1]),
+                                                  (results[False][0], *results[False][1]))]
+    return _errors_against_float64(results), apart
+
+
+def test_lean_backward_is_on_by_default_only_with_the_triton_releases_it_was_measured_on(fa):
+    """LEAN_BACKWARD's default follows the installed Triton: on before 3.9 (timed with 3.6), off from 3.9 (its sm_90
+    build spills there) and without Triton."""
+    from sumtune.fast_t5 import flash_tiles
+
+    assert flash_tiles.lean_backward_default("3.6.0") and flash_tiles.lean_backward_default("3.8.1+git4a5b")
+    assert not flash_tiles.lean_backward_default("3.9.0") and not flash_tiles.lean_backward_default("4.0.0")
+    assert flash_tiles.triton_release("nightly") is None and not flash_tiles.lean_backward_default("nightly")
+    assert fa.LEAN_BACKWARD == flash_tiles.lean_backward_default()
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_lean_backward_in_bf16_is_as_close_to_float64_as_the_masked_loops(fa, monkeypatch, dropout_p):
+    """LEAN_BACKWARD in bf16 (interpreter): with dropout, P is rounded to bf16 before its 1 / (1 - p) (applied to dK,
+    dV and the dQ GEMM) instead of after, so the gradients round apart from the masked loops' (by ~3e-3, as on an
+    H100) but are no further from float64 than theirs; without dropout the same bits."""
+    errors, apart = _lean_backward_errors(fa, monkeypatch, "cpu", torch.bfloat16, dropout_p, False, 70,
+                                          dict(fwd=(16, 16), dkdv=(16, 16), dq=(16, 16)))
+    assert max(errors[False]) < 2e-2  # bf16's own rounding, not a wrong gradient
+    for lean, masked in zip(errors[True], errors[False]):
+        assert lean <= 1.02 * masked + 1e-5, errors
+    assert (max(apart) > 1e-3) == (dropout_p > 0), apart
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dropout_p,fused,config", [(0.0, True, 0), (0.2, False, 0), (0.2, True, 1)])
