@@ -183,9 +183,10 @@ def _time_fast(data_file, device, setting, args) -> dict:
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     shape_events_timed = graph_shape_events(step) - shapes_at_timing
     pool_frees = graph_pool_frees(step)
+    kernel_profile = None
     if args.profile:
-        try:  # a diagnosis printed after the timed steps: its failure should not cost the row's figures
-            profile_steps(step, stream, parts.cfg.grad_accum_steps, cfg.lr)
+        try:  # a diagnosis after the timed steps: its failure should not cost the row's figures
+            kernel_profile = profile_steps(step, stream, parts.cfg.grad_accum_steps, cfg.lr)
         except Exception as error:  # noqa: BLE001
             print(f"profile of {setting['name']} failed: {type(error).__name__}: {error}", flush=True)
     lora = bc.count_lora_params(parts.model)
@@ -194,7 +195,7 @@ def _time_fast(data_file, device, setting, args) -> dict:
     return dict(times_s=times_s, losses=losses, samples=samples, tokens=tokens, flops=flops, lora_params=lora,
                 first_loss=first_loss, peak_mem_gib=peak, samples_per_step=resolved.batch_size * resolved.grad_accum_steps,
                 graph_shape_events_timed=shape_events_timed, graph_pool_frees=pool_frees,
-                resolved={k: getattr(resolved, k) for k in RESOLVED_FIELDS})
+                resolved={k: getattr(resolved, k) for k in RESOLVED_FIELDS}, kernel_profile=kernel_profile)
 
 
 def graph_shape_events(step) -> int:
@@ -211,8 +212,9 @@ def graph_pool_frees(step) -> int:
     return 0 if graphed is None else graphed.pool_freed_for_warm_up
 
 
-def profile_steps(step, stream, accum: int, lr: float, steps: int = 2) -> None:
-    """Where the product's step goes: torch.profiler over a few steps, top CUDA ops (GPU only)."""
+def profile_steps(step, stream, accum: int, lr: float, steps: int = 2) -> dict:
+    """Where the product's step goes: torch.profiler over a few steps (GPU only); prints the top CUDA ops and
+    returns `kernel_breakdown` of the kernels (saved in the row as ``kernel_profile``)."""
     from torch.profiler import ProfilerActivity, profile
 
     micro = [step.draw(stream, accum) for _ in range(steps)]
@@ -223,11 +225,28 @@ def profile_steps(step, stream, accum: int, lr: float, steps: int = 2) -> None:
             step(batches, lr=lr)
         bc.sync(step.device)
     wall_s = time.perf_counter() - start
-    kernel_s = sum(e.time_range.elapsed_us() for e in prof.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
-    print(f"profiled {steps} steps: wall {wall_s:.3f} s, summed kernel time {kernel_s:.3f} s "
-          f"(GPU busy <= {kernel_s / wall_s:.0%}, profiler overhead included)")
+    kernels = [{"name": e.name, "dur": e.time_range.elapsed_us()} for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA]
+    breakdown = kernel_breakdown(kernels, steps, wall_s)
+    print(f"profiled {steps} steps: wall {wall_s:.3f} s, summed kernel time {breakdown['kernel_s_per_step'] * steps:.3f}"
+          f" s (GPU busy <= {breakdown['busy_share']:.0%}, profiler overhead included); kernel ms a step by family: "
+          + ", ".join(f"{family} {ms:.1f}" for family, ms in breakdown["family_ms_per_step"].items()))
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70), flush=True)
+    return breakdown
+
+
+def kernel_breakdown(kernels: list[dict], steps: int, wall_s: float, top: int = 20) -> dict:
+    """Per step: the kernels' summed time, their share of the wall time, ms by `trace_analysis.kernel_family` and the
+    `top` kernels by name (from ``{"name", "dur"}`` events in microseconds, over `steps` steps)."""
+    from sumtune.profiling.trace_analysis import family_shares, top_by_name
+
+    kernel_us = sum(float(k["dur"]) for k in kernels)
+    shares = family_shares(top_by_name(kernels, limit=None))  # percent of the kernels' time, largest first
+    return dict(steps=steps, wall_s_per_step=wall_s / steps, kernel_s_per_step=kernel_us / 1e6 / steps,
+                busy_share=kernel_us / 1e6 / wall_s if wall_s > 0 else None,
+                family_ms_per_step={family: pct / 100 * kernel_us / 1e3 / steps for family, pct in shares.items()},
+                top_kernels=[dict(row, total_ms=row["total_ms"] / steps, calls=row["calls"] / steps)
+                             for row in top_by_name(kernels, limit=top)])
 
 
 def time_reference(config, device, data, batch_size, args) -> dict:
@@ -304,7 +323,7 @@ def summarize(path: str, name: str, batch: int, run: dict, args, matmul_tflops, 
                 first_loss=run.get("first_loss"), last_loss=run["losses"][-1] if run["losses"] else None,
                 resolved=run.get("resolved"), graph_shape_events_timed=shape_events,
                 graph_pool_frees=run.get("graph_pool_frees", 0),
-                note=unsteady_note(shape_events, len(run["times_s"])))
+                note=unsteady_note(shape_events, len(run["times_s"])), kernel_profile=run.get("kernel_profile"))
 
 
 def unsteady_note(events: int, steps: int) -> str:
@@ -452,7 +471,8 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny shapes on CPU, a few seconds")
     parser.add_argument("--no-save", action="store_true")
     bc.add_oom_reports_option(parser)
-    parser.add_argument("--profile", action="store_true", help="after timing each fast setting, print its top CUDA ops")
+    parser.add_argument("--profile", action="store_true", help="after timing each fast setting, profile 2 steps: print the top CUDA ops, save kernel ms a step by "
+                             "family and the top kernels in the row (kernel_profile)")
     args = parser.parse_args(argv)
     args.reference = [int(b) for b in args.reference.split(",") if b.strip()]
     args.fast = [s.strip() for s in args.fast.split(",") if s.strip()]
