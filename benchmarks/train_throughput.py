@@ -214,7 +214,7 @@ def graph_pool_frees(step) -> int:
 
 def profile_steps(step, stream, accum: int, lr: float, steps: int = 2) -> dict:
     """Where the product's step goes: torch.profiler over a few steps (GPU only); prints the top CUDA ops and
-    returns `kernel_breakdown` of the kernels (saved in the row as ``kernel_profile``)."""
+    returns `bench_common.kernel_breakdown` of the kernels (saved in the row as ``kernel_profile``)."""
     from torch.profiler import ProfilerActivity, profile
 
     micro = [step.draw(stream, accum) for _ in range(steps)]
@@ -225,28 +225,12 @@ def profile_steps(step, stream, accum: int, lr: float, steps: int = 2) -> dict:
             step(batches, lr=lr)
         bc.sync(step.device)
     wall_s = time.perf_counter() - start
-    kernels = [{"name": e.name, "dur": e.time_range.elapsed_us()} for e in prof.events()
-               if e.device_type == torch.autograd.DeviceType.CUDA]
-    breakdown = kernel_breakdown(kernels, steps, wall_s)
+    breakdown = bc.kernel_breakdown(bc.cuda_kernel_events(prof), steps, wall_s)
     print(f"profiled {steps} steps: wall {wall_s:.3f} s, summed kernel time {breakdown['kernel_s_per_step'] * steps:.3f}"
           f" s (GPU busy <= {breakdown['busy_share']:.0%}, profiler overhead included); kernel ms a step by family: "
           + ", ".join(f"{family} {ms:.1f}" for family, ms in breakdown["family_ms_per_step"].items()))
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70), flush=True)
     return breakdown
-
-
-def kernel_breakdown(kernels: list[dict], steps: int, wall_s: float, top: int = 20) -> dict:
-    """Per step: the kernels' summed time, their share of the wall time, ms by `trace_analysis.kernel_family` and the
-    `top` kernels by name (from ``{"name", "dur"}`` events in microseconds, over `steps` steps)."""
-    from sumtune.profiling.trace_analysis import family_shares, top_by_name
-
-    kernel_us = sum(float(k["dur"]) for k in kernels)
-    shares = family_shares(top_by_name(kernels, limit=None))  # percent of the kernels' time, largest first
-    return dict(steps=steps, wall_s_per_step=wall_s / steps, kernel_s_per_step=kernel_us / 1e6 / steps,
-                busy_share=kernel_us / 1e6 / wall_s if wall_s > 0 else None,
-                family_ms_per_step={family: pct / 100 * kernel_us / 1e3 / steps for family, pct in shares.items()},
-                top_kernels=[dict(row, total_ms=row["total_ms"] / steps, calls=row["calls"] / steps)
-                             for row in top_by_name(kernels, limit=top)])
 
 
 def time_reference(config, device, data, batch_size, args) -> dict:

@@ -35,14 +35,12 @@ def test_an_unknown_patch_token_ends_the_run_with_its_name():
 
 
 def test_the_profiled_step_s_kernel_breakdown_sums_by_family_and_per_step():
-    import train_throughput
-
     kernels = [{"name": "t5_flash_attention_bwd_dkdv", "dur": 3000.0},
                {"name": "t5_flash_attention_fwd", "dur": 1000.0},
                {"name": "sm90_xmma_gemm_bf16bf16_bf16f32", "dur": 4000.0},
                {"name": "sm90_xmma_gemm_bf16bf16_bf16f32", "dur": 1000.0},
                {"name": "void at::native::vectorized_elementwise_kernel", "dur": 1000.0}]
-    breakdown = train_throughput.kernel_breakdown(kernels, steps=2, wall_s=0.02, top=2)
+    breakdown = bc.kernel_breakdown(kernels, steps=2, wall_s=0.02, top=2)
     assert breakdown["kernel_s_per_step"] == pytest.approx(0.005)
     assert breakdown["busy_share"] == pytest.approx(0.5)
     assert breakdown["family_ms_per_step"] == pytest.approx({"matmul": 2.5, "attention": 2.0, "other": 0.5})

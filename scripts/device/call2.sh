@@ -1,6 +1,5 @@
-# Call 2: the long config (4096/512) with and without the lean dK/dV loops; the shipped config likewise.
+# Call 2: where whole generation at 4096 -> 512 goes (issue 14's open point, 15 summaries/s): the encoder of 256
+# inputs of 4096 tokens and the fused decode loop timed, and a few eager decode steps' kernels by family.
 . scripts/device/prelude.sh
-step long_leanbwd 330 python3 benchmarks/long_documents.py --lengths 4096/512 --sumtune "config,config:nobwdlean" \
-  --reference "" --steps 8
-step shipped_leanbwd 220 python3 benchmarks/train_throughput.py --config configs/t5-3b-billsum.yaml --reference "" \
-  --fast "config,config:nobwdlean" --warmup 8 --steps 24
+step generate_profile 420 python3 benchmarks/generate_profile.py --model t5-3b --batches 256 --source-tokens 4096 \
+  --new-tokens 512 --full-length --attention fused --encoder-chunks 16 --no-stock-encoder --tag s41
