@@ -509,23 +509,3 @@ def start_oom_reports(directory: Path | None, device: torch.device) -> None:
     if directory is not None and device.type == "cuda":
         Path(directory).mkdir(parents=True, exist_ok=True)
         record_memory_history()
-
-
-def cuda_kernel_events(prof) -> list[dict]:
-    """The GPU kernels a torch.profiler run recorded, as ``{"name", "dur"}`` (microseconds) for `kernel_breakdown`."""
-    return [{"name": e.name, "dur": e.time_range.elapsed_us()} for e in prof.events()
-            if e.device_type == torch.autograd.DeviceType.CUDA]
-
-
-def kernel_breakdown(kernels: list[dict], steps: int, wall_s: float, top: int = 20) -> dict:
-    """Per step: the kernels' summed time, their share of the wall time, ms by `trace_analysis.kernel_family` and the
-    `top` kernels by name (from ``{"name", "dur"}`` events in microseconds, over `steps` steps)."""
-    from sumtune.profiling.trace_analysis import family_shares, top_by_name
-
-    kernel_us = sum(float(k["dur"]) for k in kernels)
-    shares = family_shares(top_by_name(kernels, limit=None))  # percent of the kernels' time, largest first
-    return dict(steps=steps, wall_s_per_step=wall_s / steps, kernel_s_per_step=kernel_us / 1e6 / steps,
-                busy_share=kernel_us / 1e6 / wall_s if wall_s > 0 else None,
-                family_ms_per_step={family: pct / 100 * kernel_us / 1e3 / steps for family, pct in shares.items()},
-                top_kernels=[dict(row, total_ms=row["total_ms"] / steps, calls=row["calls"] / steps)
-                             for row in top_by_name(kernels, limit=top)])

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import bench_common as bc  # noqa: E402
+import kernel_table  # noqa: E402
 
 PAD, EOS, START = 0, 1, 0
 

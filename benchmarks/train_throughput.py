@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import bench_common as bc  # noqa: E402
+import kernel_table  # noqa: E402
 
 REFERENCE_LORA = dict(r=32, lora_alpha=16, lora_dropout=0.05, target_modules=["v", "o"],
                       modules_to_save=["lm_head"], task_type="SEQ_2_SEQ_LM")
@@ -214,7 +215,7 @@ def graph_pool_frees(step) -> int:
 
 def profile_steps(step, stream, accum: int, lr: float, steps: int = 2) -> dict:
     """Where the product's step goes: torch.profiler over a few steps (GPU only); prints the top CUDA ops and
-    returns `bench_common.kernel_breakdown` of the kernels (saved in the row as ``kernel_profile``)."""
+    returns `kernel_table.kernel_breakdown` of the kernels (saved in the row as ``kernel_profile``)."""
     from torch.profiler import ProfilerActivity, profile
 
     micro = [step.draw(stream, accum) for _ in range(steps)]
@@ -225,7 +226,7 @@ def profile_steps(step, stream, accum: int, lr: float, steps: int = 2) -> dict:
             step(batches, lr=lr)
         bc.sync(step.device)
     wall_s = time.perf_counter() - start
-    breakdown = bc.kernel_breakdown(bc.cuda_kernel_events(prof), steps, wall_s)
+    breakdown = kernel_table.kernel_breakdown(kernel_table.cuda_kernel_events(prof), steps, wall_s)
     print(f"profiled {steps} steps: wall {wall_s:.3f} s, summed kernel time {breakdown['kernel_s_per_step'] * steps:.3f}"
           f" s (GPU busy <= {breakdown['busy_share']:.0%}, profiler overhead included); kernel ms a step by family: "
           + ", ".join(f"{family} {ms:.1f}" for family, ms in breakdown["family_ms_per_step"].items()))

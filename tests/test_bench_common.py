@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_common as bc  # noqa: E402
+import kernel_table  # noqa: E402
 
 
 @pytest.mark.parametrize("token", sorted(bc.PATCH_TOKENS))
@@ -40,7 +41,7 @@ def test_the_profiled_step_s_kernel_breakdown_sums_by_family_and_per_step():
                {"name": "sm90_xmma_gemm_bf16bf16_bf16f32", "dur": 4000.0},
                {"name": "sm90_xmma_gemm_bf16bf16_bf16f32", "dur": 1000.0},
                {"name": "void at::native::vectorized_elementwise_kernel", "dur": 1000.0}]
-    breakdown = bc.kernel_breakdown(kernels, steps=2, wall_s=0.02, top=2)
+    breakdown = kernel_table.kernel_breakdown(kernels, steps=2, wall_s=0.02, top=2)
     assert breakdown["kernel_s_per_step"] == pytest.approx(0.005)
     assert breakdown["busy_share"] == pytest.approx(0.5)
     assert breakdown["family_ms_per_step"] == pytest.approx({"matmul": 2.5, "attention": 2.0, "other": 0.5})
