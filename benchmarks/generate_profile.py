@@ -120,8 +120,8 @@ def main(argv=None) -> int:
                             state.step.fill_(100)
                             decode_step(weights, state, args.new_tokens, PAD, EOS)
                         bc.sync(device)
-                    result[f"decode_{attention}_eager_step_kernels"] = bc.kernel_breakdown(
-                        bc.cuda_kernel_events(prof), args.profile_steps, time.perf_counter() - t0)
+                    result[f"decode_{attention}_eager_step_kernels"] = kernel_table.kernel_breakdown(
+                        kernel_table.cuda_kernel_events(prof), args.profile_steps, time.perf_counter() - t0)
                     print(f"batch {batch}, {attention}: {args.profile_steps} eager decode steps at kv_len {args.new_tokens}")
                     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25,
                                                     max_name_column_width=90), flush=True)

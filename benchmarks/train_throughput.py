@@ -456,8 +456,9 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny shapes on CPU, a few seconds")
     parser.add_argument("--no-save", action="store_true")
     bc.add_oom_reports_option(parser)
-    parser.add_argument("--profile", action="store_true", help="after timing each fast setting, profile 2 steps: print the top CUDA ops, save kernel ms a step by "
-                             "family and the top kernels in the row (kernel_profile)")
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing each fast setting, profile 2 steps: print the top CUDA ops, save kernel ms "
+                             "a step by family and the top kernels in the row (kernel_profile)")
     args = parser.parse_args(argv)
     args.reference = [int(b) for b in args.reference.split(",") if b.strip()]
     args.fast = [s.strip() for s in args.fast.split(",") if s.strip()]
