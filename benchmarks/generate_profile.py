@@ -110,14 +110,15 @@ def main(argv=None) -> int:
                     result[f"session_setup_{attention}_s"] = time.perf_counter() - t0
                     result[f"decode_{attention}_s"] = timed(lambda: session.run(
                         encoder_out, mask, decoder_start_token_id=START, min_new_tokens=args.new_tokens), device)
-                if mode != "kv" and not spec and device.type == "cuda":
+                if mode != "kv" and not spec:  # on a CPU (--quick) the same path, with no kernels to count
                     from torch.profiler import ProfilerActivity, profile
 
                     state = session.state
                     t0 = time.perf_counter()
-                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+                    with profile(activities=[activity]) as prof:
                         for _ in range(args.profile_steps):
-                            state.step.fill_(100)
+                            state.step.fill_(min(100, args.new_tokens - 1))
                             decode_step(weights, state, args.new_tokens, PAD, EOS)
                         bc.sync(device)
                     result[f"decode_{attention}_eager_step_kernels"] = kernel_table.kernel_breakdown(

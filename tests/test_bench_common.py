@@ -48,3 +48,11 @@ def test_the_profiled_step_s_kernel_breakdown_sums_by_family_and_per_step():
     assert list(breakdown["family_ms_per_step"]) == ["matmul", "attention", "other"]
     assert [(k["name"], k["calls"], k["total_ms"]) for k in breakdown["top_kernels"]] == [
         ("sm90_xmma_gemm_bf16bf16_bf16f32", 1.0, pytest.approx(2.5)), ("t5_flash_attention_bwd_dkdv", 0.5, 1.5)]
+
+
+def test_generate_profile_quick_saves_the_eager_decode_steps_kernel_breakdown(capsys):
+    import generate_profile
+
+    assert generate_profile.main(["--quick", "--profile-steps", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "'decode_hidden_eager_step_kernels': {'steps': 2," in printed
