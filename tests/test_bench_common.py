@@ -4,6 +4,7 @@ its name says (a renamed constant would otherwise be patched onto the module as 
 from __future__ import annotations
 
 import importlib
+import shutil
 import sys
 from pathlib import Path
 
@@ -50,9 +51,15 @@ def test_the_profiled_step_s_kernel_breakdown_sums_by_family_and_per_step():
         ("sm90_xmma_gemm_bf16bf16_bf16f32", 1.0, pytest.approx(2.5)), ("t5_flash_attention_bwd_dkdv", 0.5, 1.5)]
 
 
-def test_generate_profile_quick_saves_the_eager_decode_steps_kernel_breakdown(capsys):
+def test_generate_profile_quick_saves_the_eager_decode_steps_kernel_breakdown(capsys, monkeypatch, tmp_path,
+                                                                              billsum_jsonl, t5_tokenizer_dir):
     import generate_profile
 
+    # the benchmarks read ../shared/data's layout: the fixture's bills and tokenizer in it, so a fresh clone runs this
+    (tmp_path / "billsum").mkdir()
+    shutil.copy(billsum_jsonl, tmp_path / "billsum" / "us_train_subset200_cleantext.jsonl")
+    shutil.copytree(t5_tokenizer_dir, tmp_path / "t5-tokenizer")
+    monkeypatch.setenv("SUMTUNE_SHARED_DATA", str(tmp_path))
     assert generate_profile.main(["--quick", "--profile-steps", "2"]) == 0
     printed = capsys.readouterr().out
     assert "'decode_hidden_eager_step_kernels': {'steps': 2," in printed
