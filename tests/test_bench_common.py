@@ -1,5 +1,6 @@
-"""benchmarks/bench_common.py's patch tokens: each names a setting that sumtune has, so an A/B row measures what
-its name says (a renamed constant would otherwise be patched onto the module as a new, unread attribute)."""
+"""The benchmarks' shared parts: bench_common's patch tokens (each names a setting that sumtune has, so an A/B row
+measures what its name says; a renamed constant would otherwise be patched onto the module as a new, unread
+attribute) and kernel_table's per-step kernel breakdown, as train_throughput and generate_profile save it."""
 
 from __future__ import annotations
 
