@@ -18,9 +18,10 @@ def kernel_breakdown(kernels: list[dict], steps: int, wall_s: float, top: int = 
     from sumtune.profiling.trace_analysis import family_shares, top_by_name
 
     kernel_us = sum(float(k["dur"]) for k in kernels)
-    shares = family_shares(top_by_name(kernels, limit=None))  # percent of the kernels' time, largest first
+    by_name = top_by_name(kernels, limit=None)  # every kernel, largest first: the families' shares and the top rows
+    shares = family_shares(by_name)  # percent of the kernels' time, largest first
     return dict(steps=steps, wall_s_per_step=wall_s / steps, kernel_s_per_step=kernel_us / 1e6 / steps,
                 busy_share=kernel_us / 1e6 / wall_s if wall_s > 0 else None,
                 family_ms_per_step={family: pct / 100 * kernel_us / 1e3 / steps for family, pct in shares.items()},
                 top_kernels=[dict(row, total_ms=row["total_ms"] / steps, calls=row["calls"] / steps)
-                             for row in top_by_name(kernels, limit=top)])
+                             for row in by_name[:top]])
