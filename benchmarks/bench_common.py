@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import itertools
 import json
 import os
 import re
@@ -419,16 +420,26 @@ def library_versions() -> dict[str, str]:
 
 
 def save_result(name: str, payload: dict, slug: str | None = None) -> Path:
-    """Write benchmarks/results/<name>-<YYYY-MM-DD>-<gpu-slug>.json with environment metadata.
+    """Write benchmarks/results/<name>-<YYYY-MM-DD>-<gpu-slug>.json (or -2, -3, ... after it: never over an earlier
+    file) with environment metadata.
 
     `payload` may override `gpu`/`versions` (a summary made on another machine than the runs'), and `slug`
     the file name's machine part."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     today = _dt.date.today().isoformat()
-    path = RESULTS_DIR / f"{name}-{today}-{slug or gpu_slug()}.json"
+    stem = f"{name}-{today}-{slug or gpu_slug()}"
     record = {"name": name, "date": today, "gpu": gpu_name(), "versions": library_versions(), **payload}
-    path.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
-    return path
+    text = json.dumps(record, indent=2, default=str) + "\n"
+    # A second run of the same day and machine gets -2, -3, ...: it must not overwrite the first one's figures
+    # (session 41's seed profile was lost so, under the shipped config's run). "x" mode: no race with a twin.
+    for attempt in itertools.count(1):
+        path = RESULTS_DIR / (f"{stem}.json" if attempt == 1 else f"{stem}-{attempt}.json")
+        try:
+            with path.open("x", encoding="utf-8") as handle:
+                handle.write(text)
+            return path
+        except FileExistsError:
+            continue
 
 
 def _cell(value) -> str:

@@ -64,3 +64,15 @@ def test_generate_profile_quick_saves_the_eager_decode_steps_kernel_breakdown(ca
     assert generate_profile.main(["--quick", "--profile-steps", "2"]) == 0
     printed = capsys.readouterr().out
     assert "'decode_hidden_eager_step_kernels': {'steps': 2," in printed
+
+
+def test_a_second_result_of_the_same_day_and_machine_does_not_overwrite_the_first(tmp_path, monkeypatch):
+    import datetime
+    import json
+
+    monkeypatch.setattr(bc, "RESULTS_DIR", tmp_path)
+    paths = [bc.save_result("train_throughput", {"rows": [{"setting": s}]}, slug="testgpu")
+             for s in ("seed", "shipped", "long")]
+    stem = f"train_throughput-{datetime.date.today().isoformat()}-testgpu"
+    assert [p.name for p in paths] == [f"{stem}.json", f"{stem}-2.json", f"{stem}-3.json"]
+    assert [json.loads(p.read_text())["rows"][0]["setting"] for p in paths] == ["seed", "shipped", "long"]
