@@ -1,4 +1,4 @@
-"""Where greedy summarization time goes: encoder vs decoder loop, and the top CUDA kernels of decode steps.
+"""Where greedy summarization time goes: encoder vs decoder loop, and the top CUDA kernels of the encoder and of decode steps.
 
     python benchmarks/generate_profile.py --batches 256,512        # GPU, t5-3b shapes, random bf16 weights
     python benchmarks/generate_profile.py --quick                  # CPU plumbing check
@@ -7,7 +7,8 @@
 
 Times, for each batch size, on real BillSum inputs padded as `generate_ids` pads them: the encoder with
 stock transformers forwards and with sumtune's fast T5 forwards, then the decoder loop alone (forced
-`--new-tokens`), then prints a torch.profiler table of a few eager decode steps. Writes JSON under
+`--new-tokens`), then prints a torch.profiler table of a few eager decode steps; the kernel breakdowns (ms by family,
+the largest kernels) of one encoder pass and of those decode steps are saved. Writes JSON under
 benchmarks/results/ with the GPU name.
 """
 
@@ -36,6 +37,20 @@ def timed(fn, device, repeat: int = 1) -> float:
         fn()
     bc.sync(device)
     return (time.perf_counter() - start) / repeat
+
+
+def profile_kernels(fn, device, steps: int = 1) -> dict:
+    """`steps` calls of ``fn`` under torch.profiler: kernel_table's breakdown of their GPU kernels (on a CPU, which
+    records no GPU kernels, an empty one)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    t0 = time.perf_counter()
+    with profile(activities=[activity]) as prof:
+        for _ in range(steps):
+            fn()
+        bc.sync(device)
+    return kernel_table.kernel_breakdown(kernel_table.cuda_kernel_events(prof), steps, time.perf_counter() - t0)
 
 
 def main(argv=None) -> int:
@@ -97,6 +112,8 @@ def main(argv=None) -> int:
                 disable_fast_t5(model.encoder)
             enable_fast_t5(model.encoder)
             encoder_out = encode(model, ids, mask, chunks[0])
+            # where the fast encoder's time goes (attention against the GEMMs): one pass under the profiler
+            result["encoder_fast_kernels"] = profile_kernels(lambda: encode(model, ids, mask, chunks[0]), device)
             disable_fast_t5(model.encoder)
             tiles = [f"fused@{'x'.join(map(str, spec))}" for spec in bc.parse_fused_tiles(args.fused_tiles)]
             for attention in modes + (["kv"] if batch <= 128 and "kv" not in modes else []) + tiles:

@@ -52,7 +52,7 @@ def test_the_profiled_step_s_kernel_breakdown_sums_by_family_and_per_step():
         ("sm90_xmma_gemm_bf16bf16_bf16f32", 1.0, pytest.approx(2.5)), ("t5_flash_attention_bwd_dkdv", 0.5, 1.5)]
 
 
-def test_generate_profile_quick_saves_the_eager_decode_steps_kernel_breakdown(capsys, monkeypatch, tmp_path,
+def test_generate_profile_quick_saves_the_encoder_s_and_eager_decode_steps_kernel_breakdowns(capsys, monkeypatch, tmp_path,
                                                                               billsum_jsonl, t5_tokenizer_dir):
     import generate_profile
 
@@ -64,6 +64,7 @@ def test_generate_profile_quick_saves_the_eager_decode_steps_kernel_breakdown(ca
     assert generate_profile.main(["--quick", "--profile-steps", "2"]) == 0
     printed = capsys.readouterr().out
     assert "'decode_hidden_eager_step_kernels': {'steps': 2," in printed
+    assert "'encoder_fast_kernels': {'steps': 1," in printed
 
 
 def test_a_second_result_of_the_same_day_and_machine_does_not_overwrite_the_first(tmp_path, monkeypatch):
