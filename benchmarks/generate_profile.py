@@ -1,4 +1,5 @@
-"""Where greedy summarization time goes: encoder vs decoder loop, and the top CUDA kernels of the encoder and of decode steps.
+"""Where greedy summarization time goes: encoder vs decoder loop, and the top CUDA kernels of the encoder and of
+decode steps.
 
     python benchmarks/generate_profile.py --batches 256,512        # GPU, t5-3b shapes, random bf16 weights
     python benchmarks/generate_profile.py --quick                  # CPU plumbing check
