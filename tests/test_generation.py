@@ -624,6 +624,106 @@ def test_gpu_gluon_decode_kernel_matches_float64(monkeypatch):
     assert len(launched) == 24
 
 
+GLUON_WIDE_FOR_HOPPER = """
+import json
+from sumtune.fast_t5.flash_compile import resources
+from sumtune.generation import gluon_decode_wide as wide
+for d_model, split in ((1024, False), (1024, True), (512, False)):
+    compiled = wide.compile_for_sm90(d_model=d_model, split=split)
+    ptx = compiled.asm["ptx"]
+    print(json.dumps(dict(d_model=d_model, slots=wide.slots_for(d_model), wgmma=ptx.count("wgmma.mma_async"),
+                          bulk=ptx.count("cp.async.bulk.tensor"),
+                          expected_shared=wide.shared_bytes(d_model, wide.slots_for(d_model)), **resources(compiled))))
+"""
+
+
+def test_the_wide_gluon_decode_kernel_builds_for_hopper_with_a_tile_and_more_in_flight():
+    """cross_attention.GLUON_WIDE's kernel (32 heads a program, sumtune.generation.gluon_decode_wide) compiled for
+    sm_90 on the CPU: at T5-3b's d_model a ring of 19 chunks of 64 (a 64-key tile's 16 and 3 of the next) beside the
+    queries within Hopper's shared memory, as much of it as `shared_bytes` counts; both products as warpgroup MMAs
+    (4 a chunk each, 16 chunks a tile: 128 in the loop at d_model 1024, 64 at 512); one TMA box a chunk at SLOTS + 16
+    issue sites (the prologue's, the loop's refills); spill at most 512 bytes (352 with Triton 3.6, outside the
+    products but for a few reloads a chunk). Gluon has no interpreter: the GPU test checks its values."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.experimental.gluon")
+    from sumtune.fast_t5.flash_compile import HOPPER_SHARED_BYTES
+    from sumtune.generation import gluon_decode_wide as wide
+
+    assert wide.slots_for(1024) == 19 and wide.HOPPER_SHARED_BYTES == HOPPER_SHARED_BYTES
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", GLUON_WIDE_FOR_HOPPER], env=env, capture_output=True, text=True,
+                            timeout=600)
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 3, result.stderr[-2000:]
+    for row in rows:
+        chunks = row["d_model"] // wide.CHUNK
+        assert row["wgmma"] == 8 * chunks and row["bulk"] == row["slots"] + chunks, row
+        assert row["shared_bytes"] <= HOPPER_SHARED_BYTES and 0 <= row["shared_bytes"] - row["expected_shared"] <= 1024
+        assert row["spill_bytes"] <= 512 and row["async_copies"] == 0, row
+
+
+def test_the_wide_gluon_decode_kernel_is_off_until_measured_and_says_what_it_cannot_take(monkeypatch):
+    """GLUON_WIDE off as shipped; on, it takes only what the 16-head Gluon kernel would (so nothing on a CPU), never
+    a launch with a position bias (the decoder's self-attention), and only heads and widths it covers."""
+    from sumtune.generation import cross_attention, gluon_decode_wide
+
+    assert not cross_attention.GLUON_WIDE
+    memory = torch.zeros(2, 4096, 1024, dtype=torch.bfloat16)
+    monkeypatch.setattr(cross_attention, "GLUON_WIDE", True)
+    assert cross_attention._wide_kernel(memory, 32, None) is None  # not a Hopper GPU here
+    monkeypatch.setattr(cross_attention, "_gluon_kernel", lambda memory, self_attention=False: (object(), 16))
+    assert cross_attention._wide_kernel(memory, 32, None) is gluon_decode_wide
+    assert cross_attention._wide_kernel(memory, 32, torch.zeros(32, 4096)) is None  # self-attention: 16 heads
+    assert cross_attention._wide_kernel(memory, 64, None) is None
+    monkeypatch.setattr(cross_attention, "GLUON_WIDE", False)
+    assert cross_attention._wide_kernel(memory, 32, None) is None
+    assert gluon_decode_wide.supported(1024, 32) is None and gluon_decode_wide.supported(512, 20) is None
+    assert "64 heads" in gluon_decode_wide.supported(1024, 64)
+    assert "d_model 2048" in gluon_decode_wide.supported(2048, 32) and "d_model 96" in gluon_decode_wide.supported(96, 8)
+    assert gluon_decode_wide.shared_bytes(1024, 19) == 2 * (32 * 1024 + 19 * 64 * 64 + 64 * 32) + 8 * 19
+    # one program a row and split: rows' keys split only until the programs fill 132 SMs once
+    assert cross_attention.choose_splits(256, 4096, 64, 1, cross_attention.WIDE_MIN_PROGRAMS) == 1
+    assert cross_attention.choose_splits(32, 4096, 64, 1, cross_attention.WIDE_MIN_PROGRAMS) == 5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="needs a Hopper GPU")
+def test_gpu_wide_gluon_decode_kernel_matches_float64(monkeypatch):
+    """GLUON_WIDE on a Hopper GPU, bf16: the same maths as the float64 masked softmax (the bar of the 16-head
+    kernel's test), with and without key splits, rows of lengths that are not whole tiles (one empty), 32 heads and
+    20 (a partly empty program), at d_model 1024 and 512; every launch was the wide kernel's, and the heads-first
+    view of the queries (t5_decode's) gives the same bits."""
+    from sumtune.generation import cross_attention, gluon_decode_wide
+
+    monkeypatch.setattr(cross_attention, "GLUON_KERNEL", True)
+    monkeypatch.setattr(cross_attention, "GLUON_WIDE", True)
+    monkeypatch.setattr(cross_attention, "GLUON_FROM_KEYS", 1)  # these 700 keys too
+    launched = []
+    launch = gluon_decode_wide.launch
+    monkeypatch.setattr(gluon_decode_wide, "launch", lambda *a, **k: launched.append(a[0]) or launch(*a, **k))
+    gen = torch.Generator().manual_seed(4)
+    for d_model, heads in ((1024, 32), (1024, 20), (512, 32)):
+        memory = torch.randn(3, 700, d_model, generator=gen)
+        q_mem = torch.randn(3, heads, d_model, generator=gen) / d_model ** 0.5 * 4
+        lengths = torch.tensor([700, 131, 0], dtype=torch.int32)
+        expected = cross_attention.reference_hidden_attention(q_mem.bfloat16(), memory.bfloat16(), lengths)
+        for splits in (1, 3):
+            states = memory.cuda().bfloat16()
+            got = cross_attention.fused_hidden_attention(q_mem.cuda().bfloat16(), states, lengths.cuda(),
+                                                         splits=splits).cpu()
+            assert (got.double() - expected).abs().max().item() < 3e-2, (d_model, heads, splits)
+            heads_first = q_mem.cuda().bfloat16().transpose(0, 1).contiguous().transpose(0, 1)
+            again = cross_attention.fused_hidden_attention(heads_first, states, lengths.cuda(), splits=splits).cpu()
+            assert torch.equal(again, got), (d_model, heads, splits)
+            assert not got[2].any()  # no keys: zeros, not NaN
+    assert cross_attention.gluon_failure is None
+    assert len(launched) == 12 and {grid[0] for grid in launched} == {1}  # one program of 32 heads a row
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
                     reason="needs a Hopper GPU")
