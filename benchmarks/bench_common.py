@@ -285,9 +285,8 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     # (`gluonenc`, `gluonenc2`, `gluonenc64`: a no-gradient attention forward in Gluon, measured slower on 2026-12-04
     # and gone: flash_attention's note; commit f21cad8 has it.)
     "gluon5": ("sumtune.generation.gluon_decode", "SLOTS", 5),  # the Gluon kernel with a ring of 5 chunks, not 6
-    # the decoding cross-attention with a row's 32 heads in one Gluon program (cross_attention.GLUON_WIDE, off until
-    # measured: sumtune.generation.gluon_decode_wide)
-    "decodewide": ("sumtune.generation.cross_attention", "GLUON_WIDE", True),
+    # (`decodewide`: the decoding cross-attention with a row's 32 heads in one Gluon program, measured 1.8-1.9x slower
+    # on 2026-12-05 and gone: cross_attention's note; commit 210896c has it.)
     # the decoder's T5LayerNorm in its seven ops, not torch's fused RMSNorm kernel (t5_decode.FUSED_RMS_NORM, on since
     # 2026-12-05; the token was `decodermsnorm` while it was off)
     "nodecodermsnorm": ("sumtune.generation.t5_decode", "FUSED_RMS_NORM", False),

@@ -47,12 +47,6 @@ NUM_STAGES = 2  # Triton's software pipelining depth over the key tiles
 # not measured and keep the Triton kernel). Token `nodecodegluon`: off.
 GLUON_KERNEL = True
 GLUON_FROM_KEYS = 1025
-# The Gluon kernel with a row's 32 heads in one program (sumtune.generation.gluon_decode_wide: each row's states read
-# from L2 once, not twice), for the cross-attention launches GLUON_KERNEL takes: off until measured (token
-# `decodewide`). One program a row and split on one SM each (its 220 KiB of shared memory), so rows' keys are split
-# only until WIDE_MIN_PROGRAMS programs fill the GPU once: a split costs its partial sums' combine.
-GLUON_WIDE = False
-WIDE_MIN_PROGRAMS = 132
 # Why the Gluon kernel cannot run in this process, once its import or a launch has failed (its API moves between
 # Triton releases; the builds are tested with 3.6 and the newest): the Triton kernel takes its launches from then on,
 # said once.
@@ -73,6 +67,14 @@ gluon_failure: str | None = None
 # against 1.14 ms at 32 keys x 4 warps and 256 rows x 4096 keys, 1.34 against 1.34 at 64 x 8
 # (results/decode_attention-2026-12-04-h200-decodews.json), whole generation 5.87 against 10.39 summaries/s with every
 # input 4096 tokens (generate_throughput-2026-12-04-h200-full-decodews.json): it went (commit 04eb97e has it).
+# On 2026-12-05 (commit 210896c), the Gluon kernel with a row's 32 heads in one program (8 warps, each row's states
+# from L2 once; 64-wide chunks in a ring of 19, a tile and 3 chunks of the next in flight beside 64 KiB of queries)
+# passed its float64 GPU test and kept transformers' tokens, but ran 1.56 against 0.82 ms at 256 rows x 4096 keys and
+# 5.75 against 3.17 at 1024 rows on an H100, whole generation 8.45 against 12.08 summaries/s (results/decode_attention-
+# 2026-12-05-h100-wide.json, generate_throughput-2026-12-05-h100-full-wide.json): its sm_90 build has 255 registers
+# with reloads in every chunk, and block barriers after each chunk's score MMAs that the kernel does not ask for
+# (Triton's shared-memory analysis adds them) beside the 17 it does: one program an SM waits, it does not stream.
+# It went.
 
 
 def _kernels():
@@ -99,10 +101,9 @@ def tiles_for(rows: int, src_len: int) -> tuple[int, int]:
     return next((block_n, warps) for least, block_n, warps in TILES_BY_STATES if rows * src_len >= least)
 
 
-def choose_splits(batch: int, src_len: int, block_n: int, head_groups: int = 1,
-                  min_programs: int = MIN_PROGRAMS) -> int:
+def choose_splits(batch: int, src_len: int, block_n: int, head_groups: int = 1) -> int:
     """Key splits per row: enough programs to fill the GPU, each with at least a few tiles of keys."""
-    return max(1, min(-(-min_programs // max(batch * head_groups, 1)), -(-src_len // (8 * block_n))))
+    return max(1, min(-(-MIN_PROGRAMS // max(batch * head_groups, 1)), -(-src_len // (8 * block_n))))
 
 
 def head_blocks(heads: int, per_program: int) -> tuple[int, int]:
@@ -139,19 +140,6 @@ def gluon_heads_per_program(gluon_decode, src_len: int, dense: bool, d_model: in
     return gluon_decode.BLOCK_H
 
 
-def _wide_kernel(memory: Tensor, heads: int, bias: Tensor | None):
-    """sumtune.generation.gluon_decode_wide where GLUON_WIDE asks for it and the 16-head Gluon kernel would take this
-    cross-attention launch (no bias: the decoder's self-attention stays there) with heads and d_model it covers."""
-    if not GLUON_WIDE or bias is not None or _gluon_kernel(memory) is None:
-        return None
-    try:
-        from sumtune.generation import gluon_decode_wide
-    except Exception as error:  # noqa: BLE001 - as _gluon_module
-        _gluon_failed(error)
-        return None
-    return gluon_decode_wide if gluon_decode_wide.supported(memory.shape[-1], heads) is None else None
-
-
 def self_attention_kernel(memory: Tensor) -> str | None:
     """Which kernel would take the decoder's self-attention over ``memory`` (t5_decode.FUSED_SELF_ATTENTION):
     "gluon" on a Hopper GPU where the Gluon kernel can run, "triton" in Triton's CPU interpreter (tests), else None
@@ -185,9 +173,6 @@ def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, split
     if bias is not None and (bias.shape[0] != heads or bias.stride(-1) != 1 or bias.shape[-1] < src_len):
         raise ValueError(f"bias must be [{heads}, >= {src_len}] with contiguous keys, not {tuple(bias.shape)}")
     kernels = _kernels()
-    wide = _wide_kernel(memory, heads, bias) if lengths.stride(0) == 1 else None  # its lengths: contiguous
-    if wide:
-        return _wide_attention(wide, q_mem, memory, lengths, splits)
     block_n, warps = tiles_for(batch, src_len)
     block_n = INTERPRETER_BLOCK_N if kernels.INTERPRET else block_n
     gluon = _gluon_kernel(memory, self_attention=bias is not None)
@@ -221,39 +206,12 @@ def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, split
             0 if bias is None else bias.stride(0), heads, keys_per_split, BLOCK_H=block_h, D=d_model,
             BLOCK_N=block_n, SPLIT=splits > 1, UPCAST=kernels.INTERPRET, HAS_BIAS=bias is not None, num_warps=warps,
             num_stages=NUM_STAGES)
-    return out if splits == 1 else _combine_splits(acc, running_max, total, heads, memory.dtype)
-
-
-def _combine_splits(acc: Tensor, running_max: Tensor, total: Tensor, heads: int, dtype: torch.dtype) -> Tensor:
-    """The splits' partial softmax sums [B, splits, >= heads, D] made one: each rescaled to the row's largest max."""
+    if splits == 1:
+        return out
     weights = torch.exp(running_max - running_max.amax(dim=1, keepdim=True)).nan_to_num_(0.0)  # empty splits: 0
     numerator = (acc * weights[..., None]).sum(dim=1)[:, :heads]
     denominator = (total * weights).sum(dim=1)[:, :heads].clamp_min(torch.finfo(torch.float32).tiny)
-    return (numerator / denominator[..., None]).to(dtype)
-
-
-def _wide_attention(wide, q_mem: Tensor, memory: Tensor, lengths: Tensor, splits: int | None) -> Tensor:
-    """fused_hidden_attention by the 32-head Gluon kernel: one program a row and split."""
-    batch, heads, d_model = q_mem.shape
-    splits = splits or choose_splits(batch, memory.shape[1], wide.BLOCK_N, 1, WIDE_MIN_PROGRAMS)
-    keys_per_split = -(-memory.shape[1] // splits)
-    keys_per_split = -(-keys_per_split // wide.BLOCK_N) * wide.BLOCK_N
-    if q_mem.stride(-1) != 1:
-        q_mem = q_mem.contiguous()
-    out = torch.empty((batch, heads, d_model), device=q_mem.device, dtype=memory.dtype)
-    if splits > 1:
-        acc = torch.empty((batch, splits, wide.BLOCK_H, d_model), device=q_mem.device, dtype=torch.float32)
-        running_max = torch.empty((batch, splits, wide.BLOCK_H), device=q_mem.device, dtype=torch.float32)
-        total = torch.empty_like(running_max)
-    else:
-        acc = running_max = total = out  # unused
-    try:
-        wide.launch((1, batch, splits), q_mem, memory, lengths, out, acc, running_max, total, heads, keys_per_split,
-                    splits > 1)
-    except Exception as error:  # noqa: BLE001 - as the 16-head kernel's launch: the Triton kernel from now on
-        _gluon_failed(error)
-        return fused_hidden_attention(q_mem, memory, lengths, splits)
-    return out if splits == 1 else _combine_splits(acc, running_max, total, heads, memory.dtype)
+    return (numerator / denominator[..., None]).to(memory.dtype)
 
 
 def _gluon_failed(error: Exception) -> None:
