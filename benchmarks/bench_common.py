@@ -275,6 +275,8 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     # the wide Philox products at every key length (PHILOX_WIDE_MUL_MIN_KEYS 2048: measured even at 1024 on 2026-12-03,
     # before the dS and P-conversion cuts left Philox the larger share of the loops)
     "widemulall": ("sumtune.fast_t5.flash_attention", "PHILOX_WIDE_MUL_MIN_KEYS", 0),
+    # T5LayerNorm's weight inside torch's fused RMSNorm kernel, one rounding (fast_t5.modules.RMS_NORM_WEIGHT_IN_KERNEL)
+    "normweight": ("sumtune.fast_t5.modules", "RMS_NORM_WEIGHT_IN_KERNEL", True),
     # the feed-forward's ReLU as its own pass where no dropout follows (FUSED_LINEAR_RELU on since 2026-12-04)
     "nolinearrelu": ("sumtune.fast_t5.modules", "FUSED_LINEAR_RELU", False),
     # (`fwdoneloop`: the attention forward's bias in one loop over the key tiles, measured 1.3-1.6x slower on

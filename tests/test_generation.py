@@ -674,6 +674,40 @@ def test_gpu_gluon_self_attention_matches_float64_and_keeps_the_tokens(monkeypat
     assert agreement(fused_self, expected32) >= agreement(gemms, expected32) - 1 / len(inputs)
 
 
+def test_rms_norm_with_the_weight_in_the_kernel_is_one_rounding_from_float64(monkeypatch):
+    """modules.RMS_NORM_WEIGHT_IN_KERNEL (off until measured): the weight's multiply inside torch's fused RMSNorm, in
+    fp32, one rounding to bf16 instead of stock T5LayerNorm's two. Every element is within one bf16 rounding step of
+    the float64 result (stock's second rounding can take it further), on average closer than stock, and within two
+    rounding steps of stock; an fp32 residual stream (hidden states in fp32, bf16 weight) gives the same."""
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+    from sumtune.fast_t5 import modules
+
+    gen = torch.Generator().manual_seed(12)
+    norm = T5LayerNorm(1024, eps=1e-6).to(torch.bfloat16)
+    norm.weight.data = (1 + torch.randn(1024, generator=gen) / 4).bfloat16()
+    h = (torch.randn(512, 1024, generator=gen) * 3).bfloat16()
+    h64, w64 = h.double(), norm.weight.double()
+    exact = h64 * torch.rsqrt(h64.pow(2).mean(-1, keepdim=True) + 1e-6) * w64
+    stock = norm(h)
+    assert not modules.RMS_NORM_WEIGHT_IN_KERNEL  # off as shipped
+    monkeypatch.setattr(modules, "RMS_NORM_WEIGHT_IN_KERNEL", True)
+    for hidden in (h, h.float()):
+        fused = modules.half_rms_norm(hidden, norm.weight, 1e-6)
+        assert fused.dtype == torch.bfloat16
+        error, stock_error = (fused.double() - exact).abs(), (stock.double() - exact).abs()
+        assert (error <= exact.abs() * 2.0**-8 * 1.01 + 1e-30).all()  # half a bf16 step: rounded once
+        assert error.mean() < stock_error.mean() and (stock_error > exact.abs() * 2.0**-8 * 1.01).any()
+        assert ((fused.float() - stock.float()).abs() <= stock.float().abs() * 2.0**-6 + 1e-30).all()
+    # training: its gradient (torch's fused backward) is the float64 one to bf16's precision
+    upstream = torch.randn(512, 1024, generator=gen)
+    x = h.float().requires_grad_(True)
+    (modules.half_rms_norm(x, norm.weight, 1e-6).float() * upstream).sum().backward()
+    x64 = h64.clone().requires_grad_(True)
+    ((x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * w64) * upstream.double()).sum().backward()
+    assert (x.grad.double() - x64.grad).abs().max() <= 1e-2 * x64.grad.abs().max()
+
+
 def test_fused_rms_norm_matches_t5_layer_norm_to_a_rounding(monkeypatch):
     """t5_decode.rms_norm is transformers' T5LayerNorm bit for bit; with FUSED_RMS_NORM (torch's fused kernel, its
     mean summed in another order) a bf16 output differs from it by at most one rounding, in few elements; an fp32

@@ -26,6 +26,13 @@ FUSED_GATED_DROPOUT_ATTR = "_sumtune_fused_gated_dropout"  # on T5DenseGatedActD
 # activations (2 GiB read and written per layer for 16 inputs of 4096 tokens at T5-3b's 16384). Same values: ReLU
 # commutes with rounding to bf16, and x + 0 is x. Benchmark token `nolinearrelu`: off.
 FUSED_LINEAR_RELU = True
+# T5LayerNorm's half-precision weight inside torch's fused RMSNorm kernel (the product in fp32, one rounding), instead
+# of stock's rounding to the weight's dtype and then a multiply in it: that multiply broadcasts the weight, so torch
+# runs it in its non-vectorized elementwise kernel, which took 187 us a call against the norm's 102 us for 16 rows of
+# 4096 tokens (147 of the 8.2 s of kernels of a 256-row encoder pass, results/generate_profile-2026-12-05-h100-full-
+# encoder.json), and twice a norm in training (its backward too). One rounding, not two: no further from the float64
+# result than stock (test_fast_t5), but not stock's bits. Off until measured (token `normweight`).
+RMS_NORM_WEIGHT_IN_KERNEL = False
 
 
 def _compute_dtype(module: torch.nn.Module) -> torch.dtype:
@@ -108,7 +115,11 @@ def _rms_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 def half_rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """T5LayerNorm for a half-precision ``weight`` in torch's fused kernel: fp32 inside, one rounding to the weight's
-    dtype, then the weight's multiply in that dtype (the fast training stack's and the decoder's, t5_decode)."""
+    dtype, then the weight's multiply in that dtype (the fast training stack's and the decoder's, t5_decode); with
+    RMS_NORM_WEIGHT_IN_KERNEL the weight's multiply inside the kernel too, in fp32 before the one rounding."""
+    if RMS_NORM_WEIGHT_IN_KERNEL:
+        return F.rms_norm(hidden_states, (hidden_states.shape[-1],), weight.to(hidden_states.dtype),
+                          eps).to(weight.dtype)
     return weight * F.rms_norm(hidden_states, (hidden_states.shape[-1],), None, eps).to(weight.dtype)
 
 
