@@ -52,8 +52,8 @@ def test_the_profiled_step_s_kernel_breakdown_sums_by_family_and_per_step():
         ("sm90_xmma_gemm_bf16bf16_bf16f32", 1.0, pytest.approx(2.5)), ("t5_flash_attention_bwd_dkdv", 0.5, 1.5)]
 
 
-def test_generate_profile_quick_saves_the_encoder_s_and_eager_decode_steps_kernel_breakdowns(capsys, monkeypatch, tmp_path,
-                                                                              billsum_jsonl, t5_tokenizer_dir):
+def test_generate_profile_quick_saves_the_encoder_s_and_eager_decode_steps_kernel_breakdowns(
+        capsys, monkeypatch, tmp_path, billsum_jsonl, t5_tokenizer_dir):
     import generate_profile
 
     # the benchmarks read ../shared/data's layout: the fixture's bills and tokenizer in it, so a fresh clone runs this

@@ -29,9 +29,10 @@ FUSED_LINEAR_RELU = True
 # T5LayerNorm's half-precision weight inside torch's fused RMSNorm kernel (the product in fp32, one rounding), instead
 # of stock's rounding to the weight's dtype and then a multiply in it: that multiply broadcasts the weight, so torch
 # runs it in its non-vectorized elementwise kernel, which took 187 us a call against the norm's 102 us for 16 rows of
-# 4096 tokens (147 of the 8.2 s of kernels of a 256-row encoder pass, results/generate_profile-2026-12-05-h100-full-
-# encoder.json), and twice a norm in training (its backward too). One rounding, not two: no further from the float64
-# result than stock (test_fast_t5), but not stock's bits. Off until measured (token `normweight`).
+# 4096 tokens (147 ms of the 8.2 s of kernels of a 256-row encoder pass, results/generate_profile-2026-12-05-h100-full-
+# encoder.json), and twice a norm in training (its backward too). One rounding, not two: within half a bf16 step of
+# the float64 result, which stock is not everywhere (tests/test_generation.py), but not stock's bits. Off until
+# measured (token `normweight`).
 RMS_NORM_WEIGHT_IN_KERNEL = False
 
 
