@@ -355,8 +355,15 @@ def test_fast_is_as_close_to_float32_as_stock_on_cpu(model):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_t5_3b_widths_fast_matches_stock_on_gpu():
+@pytest.mark.parametrize("norm_weight_in_kernel", [False, True], ids=["shipped", "normweight"])
+def test_t5_3b_widths_fast_matches_stock_on_gpu(monkeypatch, norm_weight_in_kernel):
+    """At T5-3b's widths (2 + 2 layers), bf16, QLoRA: the fast path's loss and LoRA gradients match stock's and are
+    no further from float32; padding's token ids change nothing. Also with modules.RMS_NORM_WEIGHT_IN_KERNEL (off
+    until measured): the bar any default must pass."""
+    from sumtune.fast_t5 import modules
     from sumtune.fast_t5.numerics import vector_relative_error
+
+    monkeypatch.setattr(modules, "RMS_NORM_WEIGHT_IN_KERNEL", norm_weight_in_kernel)
 
     config = dict(d_model=1024, d_ff=16384, d_kv=128, num_heads=32, num_layers=2, num_decoder_layers=2,
                   vocab_size=32128, relative_attention_num_buckets=32)
