@@ -1,7 +1,7 @@
 # Call 1 (any card, ~500 s): T5LayerNorm's weight inside torch's fused RMSNorm kernel (modules.RMS_NORM_WEIGHT_IN_KERNEL,
 # token normweight, off until measured) A/B in the same runs: the shipped training step, the seed's best, and whole
-# generation with every input 4096 tokens at 256 rows, tokens against transformers first, and the GPU numerics test under it. The seed at b32 needs
-# ~98 GiB: an 80 GB card gets b16.
+# generation with every input 4096 tokens at 256 rows (tokens against transformers first); then the GPU numerics
+# test with and without it. The seed at b32 needs ~98 GiB: an 80 GB card gets b16.
 . scripts/device/prelude.sh
 MB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
 B=b32; [ "${MB:-0}" -lt 100000 ] && B=b16
