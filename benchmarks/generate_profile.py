@@ -40,20 +40,6 @@ def timed(fn, device, repeat: int = 1) -> float:
     return (time.perf_counter() - start) / repeat
 
 
-def profile_kernels(fn, device, steps: int = 1) -> dict:
-    """`steps` calls of ``fn`` under torch.profiler: kernel_table's breakdown of their GPU kernels (on a CPU, which
-    records no GPU kernels, an empty one)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
-    t0 = time.perf_counter()
-    with profile(activities=[activity]) as prof:
-        for _ in range(steps):
-            fn()
-        bc.sync(device)
-    return kernel_table.kernel_breakdown(kernel_table.cuda_kernel_events(prof), steps, time.perf_counter() - t0)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="t5-3b")
@@ -114,7 +100,8 @@ def main(argv=None) -> int:
             enable_fast_t5(model.encoder)
             encoder_out = encode(model, ids, mask, chunks[0])
             # where the fast encoder's time goes (attention against the GEMMs): one pass under the profiler
-            result["encoder_fast_kernels"] = profile_kernels(lambda: encode(model, ids, mask, chunks[0]), device)
+            result["encoder_fast_kernels"], _ = kernel_table.profiled(lambda: encode(model, ids, mask, chunks[0]), 1,
+                                                                      device)
             disable_fast_t5(model.encoder)
             tiles = [f"fused@{'x'.join(map(str, spec))}" for spec in bc.parse_fused_tiles(args.fused_tiles)]
             for attention in modes + (["kv"] if batch <= 128 and "kv" not in modes else []) + tiles:
@@ -129,18 +116,14 @@ def main(argv=None) -> int:
                     result[f"decode_{attention}_s"] = timed(lambda: session.run(
                         encoder_out, mask, decoder_start_token_id=START, min_new_tokens=args.new_tokens), device)
                 if mode != "kv" and not spec:  # on a CPU (--quick) the same path, with no kernels to count
-                    from torch.profiler import ProfilerActivity, profile
-
                     state = session.state
-                    t0 = time.perf_counter()
-                    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
-                    with profile(activities=[activity]) as prof:
-                        for _ in range(args.profile_steps):
-                            state.step.fill_(min(100, args.new_tokens - 1))
-                            decode_step(weights, state, args.new_tokens, PAD, EOS)
-                        bc.sync(device)
-                    result[f"decode_{attention}_eager_step_kernels"] = kernel_table.kernel_breakdown(
-                        kernel_table.cuda_kernel_events(prof), args.profile_steps, time.perf_counter() - t0)
+
+                    def eager_step():
+                        state.step.fill_(min(100, args.new_tokens - 1))
+                        decode_step(weights, state, args.new_tokens, PAD, EOS)
+
+                    result[f"decode_{attention}_eager_step_kernels"], prof = kernel_table.profiled(
+                        eager_step, args.profile_steps, device)
                     print(f"batch {batch}, {attention}: {args.profile_steps} eager decode steps at kv_len {args.new_tokens}")
                     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25,
                                                     max_name_column_width=90), flush=True)

@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
+
+import bench_common as bc
 
 
 def cuda_kernel_events(prof) -> list[dict]:
@@ -25,3 +29,19 @@ def kernel_breakdown(kernels: list[dict], steps: int, wall_s: float, top: int = 
                 family_ms_per_step={family: pct / 100 * kernel_us / 1e3 / steps for family, pct in shares.items()},
                 top_kernels=[dict(row, total_ms=row["total_ms"] / steps, calls=row["calls"] / steps)
                              for row in by_name[:top]])
+
+
+def profiled(fn, steps: int, device: torch.device, cpu_ops: bool = False):
+    """(`kernel_breakdown` of ``steps`` calls of ``fn``, the torch.profiler that recorded them): CUDA kernels on a GPU,
+    CPU ops too with ``cpu_ops`` (and on a CPU, which runs no kernels: an empty breakdown). Wall time from the first
+    call to the GPU's last kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    activities = ([ProfilerActivity.CPU] if cpu_ops or not on_gpu else []) + ([ProfilerActivity.CUDA] if on_gpu else [])
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        bc.sync(device)
+    return kernel_breakdown(cuda_kernel_events(prof), steps, time.perf_counter() - start), prof

@@ -216,17 +216,11 @@ def graph_pool_frees(step) -> int:
 def profile_steps(step, stream, accum: int, lr: float, steps: int = 2) -> dict:
     """Where the product's step goes: torch.profiler over a few steps (GPU only); prints the top CUDA ops and
     returns `kernel_table.kernel_breakdown` of the kernels (saved in the row as ``kernel_profile``)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    micro = [step.draw(stream, accum) for _ in range(steps)]
+    micro = iter([step.draw(stream, accum) for _ in range(steps)])
     bc.sync(step.device)
-    start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for batches in micro:
-            step(batches, lr=lr)
-        bc.sync(step.device)
-    wall_s = time.perf_counter() - start
-    breakdown = kernel_table.kernel_breakdown(kernel_table.cuda_kernel_events(prof), steps, wall_s)
+    breakdown, prof = kernel_table.profiled(lambda: step(next(micro), lr=lr), steps, torch.device(step.device),
+                                            cpu_ops=True)
+    wall_s = breakdown["wall_s_per_step"] * steps
     print(f"profiled {steps} steps: wall {wall_s:.3f} s, summed kernel time {breakdown['kernel_s_per_step'] * steps:.3f}"
           f" s (GPU busy <= {breakdown['busy_share']:.0%}, profiler overhead included); kernel ms a step by family: "
           + ", ".join(f"{family} {ms:.1f}" for family, ms in breakdown["family_ms_per_step"].items()))

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -77,3 +78,11 @@ def test_a_second_result_of_the_same_day_and_machine_does_not_overwrite_the_firs
     stem = f"train_throughput-{datetime.date.today().isoformat()}-testgpu"
     assert [p.name for p in paths] == [f"{stem}.json", f"{stem}-2.json", f"{stem}-3.json"]
     assert [json.loads(p.read_text())["rows"][0]["setting"] for p in paths] == ["seed", "shipped", "long"]
+
+
+def test_profiled_calls_the_step_as_often_as_asked_and_breaks_down_its_kernels():
+    calls = []
+    breakdown, prof = kernel_table.profiled(lambda: calls.append(torch.ones(4).sum()), 3, torch.device("cpu"))
+    assert len(calls) == 3 and breakdown["steps"] == 3 and breakdown["wall_s_per_step"] > 0
+    assert breakdown["kernel_s_per_step"] == 0 and breakdown["top_kernels"] == []  # a CPU runs no kernels
+    assert any(event.name == "aten::sum" for event in prof.events())  # its CPU ops were recorded
