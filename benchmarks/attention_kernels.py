@@ -307,6 +307,9 @@ def run_shape(shape, repeats: int, with_flex: bool, only: tuple[str, ...] = (), 
     pinned = {kernel: config for kernel, config in tuned.items() if config is not None}
     with fa.block_sizes(**pinned):  # the dropout variant's tiles: one compile instead of another autotune
         record("triton+bias", lambda *t: ours(*t, p=0.0), (q, k, v), table.numel() * 4 / 2**30)
+        for patch in patches if inference else ():  # the same op's no-gradient forward under each --patches setting
+            with bc.patched(patch):
+                record(f"triton+bias@{patch}", lambda *t: ours(*t, p=0.0), (q, k, v), table.numel() * 4 / 2**30)
         # the bare kernel (key padding only) against cuDNN without bias: what the bias and dropout cost on top
         record("triton", lambda *t: fa.t5_flash_attention(*t, None, 0, padding, False, 1.0, 0.0), (q, k, v), 0.0)
     for tile, patch in ((tile, patch) for tile in fwd_tiles for patch in ("", *patches)):
@@ -410,7 +413,8 @@ def main(argv=None) -> int:
                         help="also rows of the forward (bias, no dropout) pinned at these tiles, comma-separated "
                              "BLOCK_MxBLOCK_NxWARPSxSTAGES (e.g. 64x64x4x3), whatever --kernels says")
     parser.add_argument("--patches", default="",
-                        help="also the --fwd-tiles rows, and (without --inference) the triton+bias+dropout row, under "
+                        help="also the --fwd-tiles rows, and the triton+bias+dropout row (with --inference: the "
+                             "triton+bias row), under "
                              "these settings: comma-separated strings of bench_common.PATCH_TOKENS joined by ':' "
                              "(e.g. noband, fwdtma:bwdtma)")
     parser.add_argument("--launch-only", action="store_true",

@@ -275,8 +275,14 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     # the wide Philox products at every key length (PHILOX_WIDE_MUL_MIN_KEYS 2048: measured even at 1024 on 2026-12-03,
     # before the dS and P-conversion cuts left Philox the larger share of the loops)
     "widemulall": ("sumtune.fast_t5.flash_attention", "PHILOX_WIDE_MUL_MIN_KEYS", 0),
-    # T5LayerNorm's weight inside torch's fused RMSNorm kernel, one rounding (fast_t5.modules.RMS_NORM_WEIGHT_IN_KERNEL)
-    "normweight": ("sumtune.fast_t5.modules", "RMS_NORM_WEIGHT_IN_KERNEL", True),
+    # T5LayerNorm's weight multiplied after torch's fused RMSNorm kernel, as stock (fast_t5.modules.
+    # RMS_NORM_WEIGHT_IN_KERNEL on since 2026-12-05; its token was `normweight` while it was off)
+    "nonormweight": ("sumtune.fast_t5.modules", "RMS_NORM_WEIGHT_IN_KERNEL", False),
+    # the no-gradient attention forward (generation's encoder) in the Triton forward, not warp-specialized in Gluon
+    # (flash_attention.WS_NO_GRAD_FORWARD, fast_t5.ws_forward; on since 2026-12-05, its token was `wsenc` while off)
+    "nowsenc": ("sumtune.fast_t5.flash_attention", "WS_NO_GRAD_FORWARD", False),
+    "wsenc3": ("sumtune.fast_t5.ws_forward", "STAGES", 3),  # its K and V rings of three slots, not two
+    "wslean": ("sumtune.fast_t5.ws_forward", "LEAN_FAR_TILES", True),  # its far tiles' bias inside the exponent's FFMA
     # the feed-forward's ReLU as its own pass where no dropout follows (FUSED_LINEAR_RELU on since 2026-12-04)
     "nolinearrelu": ("sumtune.fast_t5.modules", "FUSED_LINEAR_RELU", False),
     # (`fwdoneloop`: the attention forward's bias in one loop over the key tiles, measured 1.3-1.6x slower on

@@ -102,9 +102,16 @@ PRECISE_PV_WITHOUT_GRAD = False
 # memory (the forward's first config 96 -> 160 KiB, the dQ kernel's over Hopper's 227). Token `noholes`: off.
 MASK_ONLY_WITH_HOLES = True
 PRECISE_PV_MIN_KEYS = 2048
-# (Forwards in Gluon, Hopper's asynchronous warpgroup MMAs with the next tile's Q·Kᵀ and this tile's P·V in flight
-# during the softmax, gave this forward's outputs but no speed on an H200: for training (session 22, commit 2fa495d)
-# and without gradient (session 34: 13.7-15.4 against 11.6 ms at 16x32x4096x128, commit f21cad8); docs/speed-history.)
+# (Forwards in Gluon with one warpgroup, Hopper's asynchronous warpgroup MMAs with the next tile's Q·Kᵀ and this
+# tile's P·V in flight during the softmax, gave this forward's outputs but no speed on an H200: for training (session
+# 22, commit 2fa495d) and without gradient (session 34: 13.7-15.4 against 11.6 ms at 16x32x4096x128, commit f21cad8);
+# docs/speed-history. Two consumer warpgroups and a producer warp did: WS_NO_GRAD_FORWARD.)
+# WS_NO_GRAD_FORWARD: a forward no gradient reaches (bf16 P·V, no dropout) runs sumtune.fast_t5.ws_forward on a Hopper
+# GPU where it covers the call: FlashAttention-3's structure (a TMA producer warp, two consumer warpgroups) in Gluon.
+# On since 2026-12-05 (H100, T5's bias and padding: 8.16 against 9.78 ms at 16x32x4096x128, 2.78 against 3.60 at
+# 64x32x1024x128; whole generation at 4096 +2.4%, tokens equal to transformers'; results/*-2026-12-05-h100-ws.json).
+# Benchmark token `nowsenc`: off.
+WS_NO_GRAD_FORWARD = True
 # FWD_DESCRIPTORS: the forward kernel reads K and V by TMA, from 2-D descriptors over the projections' (B * L, H * D)
 # rows (fused or not), instead of pointer loads: the same sums in the same order (in Triton's interpreter equal to
 # within float32 rounding: numpy multiplies a transposed tile in another order), autotuned over
@@ -217,6 +224,7 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
     kernels = _kernels()
     batch, heads, query_len, head_dim = q.shape
     key_len = k.shape[2]
+    no_gradient = not precise_pv  # the op's flag: no gradient reaches this call (and not PRECISE_PV_WITHOUT_GRAD)
     precise_pv = precise_pv and key_len >= PRECISE_PV_MIN_KEYS
     pv_fp16 = PV_FP16 and precise_pv and v.dtype == torch.bfloat16  # the kernel's P·V in float16 (P cast to V's dtype)
     largest = None
@@ -226,6 +234,12 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
     lse = torch.empty((batch, heads, query_len), device=q.device, dtype=torch.float32)
     drop_below, drop_scale = dropout_threshold(dropout_p, 1 << draw_bits)
     radius_given, radius = radius, _radius(radius, query_len, key_len)
+    if no_gradient and dropout_p == 0 and _ws_forward_asked(q, mask):
+        from sumtune.fast_t5 import ws_forward
+
+        if ws_forward.run_if_covered(q, k, v, causal, out, lse, table, _table_geometry(table, query_len),
+                                     radius_given, radius, BAND_MAX_RADIUS, mask, lengths, holes, scale * LOG2E):
+            return out, lse
     dummy = lse
     descriptors = row_descriptors(k, v) if FWD_DESCRIPTORS else None
     _launch("fwd", kernels.t5_flash_attention_fwd,
@@ -243,6 +257,12 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
             **_holes_args(mask, holes), **_band_args(table, radius_given, query_len, key_len, "fwd"),
             **(dict(DESC=True, tune_as="fwd_desc", pre_hook=key_blocks) if descriptors else {}))
     return out, lse
+
+
+def _ws_forward_asked(q: Tensor, mask: Tensor | None) -> bool:
+    """WS_NO_GRAD_FORWARD is on and the call is on CUDA (not the interpreter), with the key mask, if any, read only
+    in rows with holes (the only way that kernel reads it)."""
+    return WS_NO_GRAD_FORWARD and q.is_cuda and not _kernels().INTERPRET and (mask is None or MASK_ONLY_WITH_HOLES)
 
 
 def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, causal, scale, dropout_p, seed,
