@@ -25,7 +25,8 @@ WS_FORWARD_FOR_HOPPER = r"""
 import json, re
 from sumtune.fast_t5.flash_compile import resources, _sass
 from sumtune.fast_t5 import ws_forward
-for settings in ({}, {"stages": 3}, {"HAS_BIAS": False, "HAS_KEY_MASK": False}, {"LEAN_FAR": True}):
+for settings in ({}, {"stages": 3}, {"HAS_BIAS": False, "HAS_KEY_MASK": False}, {"LEAN_FAR": True},
+                 {"head_dim": 64, "stages": 3}):
     compiled = ws_forward.compile_for_sm90(**settings)
     ptx, sass = compiled.asm["ptx"], _sass(compiled)
     print(json.dumps(dict(settings=settings, waits=[int(w) for w in re.findall(r"wgmma.wait_group.sync.aligned\s+(\d+)",
@@ -38,10 +39,10 @@ for settings in ({}, {"stages": 3}, {"HAS_BIAS": False, "HAS_KEY_MASK": False}, 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_the_ws_forward_builds_for_hopper_as_a_producer_warp_and_two_consumer_warpgroups():
-    """Both ring sizes, the build without bias or mask and the one with LEAN_FAR_TILES compile for sm_90 within Hopper's shared memory with at
-    most a few bytes of spill; loads by TMA only; the producer's registers are cut to 24 and the consumers' raised to
-    240 (FlashAttention-3's split); both consumers' warpgroup MMAs are there (twice one consumer's), and the loop
-    waits with an MMA still in flight (the next scores beside this tile's P·V)."""
+    """Both ring sizes, the build without bias or mask, the one with LEAN_FAR_TILES and head_dim 64 compile for sm_90
+    within Hopper's shared memory with at most a few bytes of spill; loads by TMA only; the producer's registers are
+    cut to 24 and the consumers' raised to 240 (FlashAttention-3's split); both consumers' warpgroup MMAs are there,
+    and the loop waits with an MMA still in flight (the next scores beside this tile's P·V)."""
     pytest.importorskip("triton.experimental.gluon")
     from sumtune.fast_t5.flash_compile import HOPPER_SHARED_BYTES
 
@@ -49,12 +50,14 @@ def test_the_ws_forward_builds_for_hopper_as_a_producer_warp_and_two_consumer_wa
     result = subprocess.run([sys.executable, "-c", WS_FORWARD_FOR_HOPPER], env=env, capture_output=True, text=True,
                             timeout=600)
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 4, result.stderr[-2000:]
+    assert len(rows) == 5, result.stderr[-2000:]
     for row in rows:
         assert row["shared_bytes"] <= HOPPER_SHARED_BYTES and row["spill_bytes"] <= 32, row
         assert row["async_copies"] == 0 and row["bulk"] > 0, row  # TMA only
         assert ["dec", "24"] in row["setmaxnreg"] and ["inc", "240"] in row["setmaxnreg"], row
-        assert row["hgmma"] % 2 == 0 and row["hgmma"] >= 2 * 3 * 8, row  # 2 consumers x (S first, S next, P·V) x 8
+        # two consumers, each: the first S and the loop's next S (head_dim / 16 MMAs each), P·V (128 keys / 16)
+        head_dim = row["settings"].get("head_dim", 128)
+        assert row["hgmma"] == 2 * (2 * head_dim // 16 + 128 // 16), row
         assert 1 in row["waits"], row  # an MMA group left in flight at a wait
 
 
@@ -118,22 +121,24 @@ def test_a_ws_forward_that_fails_to_launch_hands_over_to_the_triton_forward_once
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
                     reason="needs a Hopper GPU")
-@pytest.mark.parametrize("stages, lean", [(2, False), (3, False), (2, True)], ids=["ring2", "ring3", "lean"])
-def test_gpu_ws_forward_matches_float64_and_the_triton_forward(monkeypatch, stages, lean):
+@pytest.mark.parametrize("stages, lean, head_dim", [(2, False, 128), (3, False, 128), (2, True, 128), (3, False, 64)],
+                         ids=["ring2", "ring3", "lean", "d64"])
+def test_gpu_ws_forward_matches_float64_and_the_triton_forward(monkeypatch, stages, lean, head_dim):
     """WS_NO_GRAD_FORWARD on a Hopper GPU, bf16, no gradient: as close to float64 as the Triton forward, at lengths
     that are not whole tiles, T5's bias with radii that give far and near tiles, rows padded at the end, with a hole,
     and without keys, cross-attention lengths and the fused projection's strided layout; with rings of two and three
-    and with LEAN_FAR_TILES; its kernel is what ran."""
+    and with LEAN_FAR_TILES, and head_dim 64; its kernel is what ran."""
     from sumtune.fast_t5 import flash_attention as fa
     from sumtune.fast_t5 import ws_forward
 
     monkeypatch.setattr(ws_forward, "STAGES", stages)
     monkeypatch.setattr(ws_forward, "LEAN_FAR_TILES", lean)
+    monkeypatch.setattr(ws_forward, "HEAD_DIMS", (head_dim,))
     launched = []
     launch = ws_forward.forward
     monkeypatch.setattr(ws_forward, "forward", lambda *a, **k: launched.append(a[0].shape) or launch(*a, **k))
     gen = torch.Generator(device="cuda").manual_seed(3)
-    heads, head_dim, batch = 4, 128, 4
+    heads, batch = 4, 4
     cases = 0
     for query_len, key_len, fused in ((700, 700, False), (700, 700, True), (300, 1000, False), (64, 64, False),
                                       (1024, 1024, False)):
@@ -163,7 +168,7 @@ def test_gpu_ws_forward_matches_float64_and_the_triton_forward(monkeypatch, stag
                 monkeypatch.setattr(fa, "WS_NO_GRAD_FORWARD", True)
                 before = len(launched)
                 got = fa.flash_t5_attention(q, k, v, table, mask if with_mask else None, bias_radius=radius)
-            case = (query_len, key_len, fused, radius, with_mask, stages, lean)
+            case = (query_len, key_len, fused, radius, with_mask, stages, lean, head_dim)
             assert len(launched) == before + 1, case  # its own launch
             ws_error = relative_error(got[rows], expected[rows])
             triton_error = relative_error(triton_out[rows], expected[rows])

@@ -32,7 +32,10 @@ from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
 ROWS = 64  # a consumer warpgroup's query rows (one warpgroup MMA's M); a program takes two
 BLOCK_N = 128  # keys a tile
-STAGES = 2  # slots in the K and V rings (three: 224 KiB of shared memory)
+STAGES = 2  # slots in the K and V rings (three: 224 KiB of shared memory at head_dim 128)
+# The head widths it takes: 128 (T5-3b, measured); 64 (T5-base/large, FLAN-T5-XL) builds and has its GPU test, but
+# runs in the Triton forward until measured (benchmark token `ws64`).
+HEAD_DIMS = (128,)
 CONSUMER_REGISTERS = 240  # per thread of a consumer warpgroup; the producer warp gets 24 (FlashAttention-3's split)
 LAUNCH_REGISTERS = 168  # 12 warps (8 consumers, the producer's warpgroup) x 168 = the 64 Ki registers of an SM
 # Tiles with no masked key and one bias value (far beyond +-R, or no bias): the scale and that value folded into the
@@ -270,7 +273,7 @@ def rows_stride(x: torch.Tensor) -> int | None:
 def covers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> bool:
     """Whether this kernel takes the call (first match: otherwise the Triton forward runs)."""
     return (q.is_cuda and _hopper(q.device.index or 0) and not causal
-            and q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.shape[-1] == 128
+            and q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.shape[-1] in HEAD_DIMS
             and all(rows_stride(x) is not None for x in (q, k, v)))
 
 
@@ -303,14 +306,14 @@ _SIGNATURE = dict(O="*bf16", LSE="*fp32", TABLE="*fp32", BAND="*fp32", KMASK="*i
                   qk_scale="fp32")
 
 
-def compile_for_sm90(block_n: int | None = None, stages: int | None = None, **flags):
+def compile_for_sm90(block_n: int | None = None, stages: int | None = None, head_dim: int = 128, **flags):
     """triton.compile for sm_90 on any machine (no GPU), specialised as a T5 launch would be (pointers and strides
     divisible by 16); ``flags`` override HAS_BIAS / HAS_KEY_MASK (on)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     block_n, stages = block_n or BLOCK_N, stages or STAGES
-    constexprs = {**dict(HEAD_DIM=128, BLOCK_N=block_n, STAGES=stages, HAS_BIAS=True, HAS_KEY_MASK=True,
+    constexprs = {**dict(HEAD_DIM=head_dim, BLOCK_N=block_n, STAGES=stages, HAS_BIAS=True, HAS_KEY_MASK=True,
                          LEAN_FAR=LEAN_FAR_TILES, CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4), **flags}
     layout = "NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)"
     types = dict(_SIGNATURE, q_desc=f"tensordesc<bf16[{ROWS}, {BOX_COLUMNS}],{layout}>",
@@ -331,7 +334,7 @@ failure: str | None = None
 
 def run_if_covered(q, k, v, causal, out, lse, table, table_geometry, radius_given, radius, band_max_radius, mask,
                    lengths, holes, qk_scale) -> bool:
-    """This kernel for a no-gradient, no-dropout forward it covers (bf16, head_dim 128, TMA-readable rows, T5's
+    """This kernel for a no-gradient, no-dropout forward it covers (bf16, HEAD_DIMS, TMA-readable rows, T5's
     bias with a radius the band holds: up to ``band_max_radius``); whether it ran. The first launch that raises
     turns it off for the process, with one warning."""
     global failure
