@@ -1,11 +1,14 @@
-# Call 2 (H200, 141 GB; ~560 s): the issues' figures on their card with session 42's defaults (normweight, the
-# warp-specialized encoder forward): the seed's best settings at micro-batches 32 and 40 (b40 fits only a >100 GB card),
-# then whole generation at 4096 -> 512 with every input 4096 tokens at batches 256 and 1024, tokens against
-# transformers first (H100, session 42: 12.55 at 256 rows).
+# Call 2 (any card, ~560 s): the warp-specialized forward for training (flash_attention.WS_TRAINING_FORWARD, token
+# wstrain, off: dropout's paired draws made as the Triton backward remakes them; never run on a GPU yet). Its GPU test
+# (same seed: output and gradients equal the Triton path's to rounding, another seed's not), attention forward +
+# backward with bias and dropout at the issue-15 yardstick's shape and at 1024 x 64 rows under wstrain, then the seed's
+# best step (micro-batch 16 on 80 GB, 32 above) with and without it. Keep it only if its test passes and it is faster.
 . scripts/device/prelude.sh
+MB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+B=b32; [ "${MB:-0}" -lt 100000 ] && B=b16
 F=group:fusedlora:loragemm:cache
-step seed_batches 200 python3 benchmarks/train_throughput.py --config configs/seed.yaml --reference "" \
-  --fast "b32:$F,b40:$F" --warmup 8 --steps 20
-step generate_batches 340 python3 benchmarks/generate_throughput.py --model t5-3b --source-tokens 4096 \
-  --new-tokens 512 --full-length --greedy-only --fast-batches 256,1024 --timed-batches 1 --reference-batches "" \
-  --agreement-inputs 2 --agreement-first
+step wstrain_test 150 python3 -m pytest -q -m gpu tests/test_fast_t5_ws_forward.py -k training -p no:cacheprovider
+step wstrain_kernels 150 python3 benchmarks/attention_kernels.py --no-flex --shapes 32x32x1024x128 \
+  --kernels cudnn,triton+bias+dropout --patches wstrain --tag wstrain
+step wstrain_seed 200 python3 benchmarks/train_throughput.py --config configs/seed.yaml --reference "" \
+  --fast "$B:$F,$B:$F:wstrain" --warmup 8 --steps 20

@@ -110,8 +110,11 @@ PRECISE_PV_MIN_KEYS = 2048
 # GPU where it covers the call: FlashAttention-3's structure (a TMA producer warp, two consumer warpgroups) in Gluon.
 # On since 2026-12-05 (H100, T5's bias and padding: 8.16 against 9.78 ms at 16x32x4096x128, 2.78 against 3.60 at
 # 64x32x1024x128; whole generation at 4096 +2.4%, tokens equal to transformers'; results/*-2026-12-05-h100-ws.json).
-# Benchmark token `nowsenc`: off.
+# Benchmark token `nowsenc`: off. WS_TRAINING_FORWARD: the same kernel for forwards a gradient reaches too (bf16 P·V,
+# below PRECISE_PV_MIN_KEYS), with dropout's paired 16-bit draws made as the Triton backward remakes them (its sm_90
+# build spills ~140 bytes with bias and dropout). Off until its GPU tests pass and it is measured (token `wstrain`).
 WS_NO_GRAD_FORWARD = True
+WS_TRAINING_FORWARD = False
 # FWD_DESCRIPTORS: the forward kernel reads K and V by TMA, from 2-D descriptors over the projections' (B * L, H * D)
 # rows (fused or not), instead of pointer loads: the same sums in the same order (in Triton's interpreter equal to
 # within float32 rounding: numpy multiplies a transposed tile in another order), autotuned over
@@ -234,11 +237,15 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
     lse = torch.empty((batch, heads, query_len), device=q.device, dtype=torch.float32)
     drop_below, drop_scale = dropout_threshold(dropout_p, 1 << draw_bits)
     radius_given, radius = radius, _radius(radius, query_len, key_len)
-    if no_gradient and dropout_p == 0 and _ws_forward_asked(q, mask):
+    ws_call = (no_gradient and dropout_p == 0) or (
+        WS_TRAINING_FORWARD and not precise_pv and (dropout_p == 0 or (draw_bits == 16 and pairs)))
+    if ws_call and _ws_forward_asked(q, mask):
         from sumtune.fast_t5 import ws_forward
 
+        dropout = (seed, drop_below, drop_scale) if dropout_p > 0 else None
         if ws_forward.run_if_covered(q, k, v, causal, out, lse, table, _table_geometry(table, query_len),
-                                     radius_given, radius, BAND_MAX_RADIUS, mask, lengths, holes, scale * LOG2E):
+                                     radius_given, radius, BAND_MAX_RADIUS, mask, lengths, holes, scale * LOG2E,
+                                     dropout):
             return out, lse
     dummy = lse
     descriptors = row_descriptors(k, v) if FWD_DESCRIPTORS else None

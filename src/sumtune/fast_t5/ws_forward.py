@@ -45,6 +45,8 @@ LEAN_FAR_TILES = False
 BOX_COLUMNS = 64  # 128 bytes of bf16: the 128-byte swizzle's width, so a head_dim-128 tile lands as two boxes
 _BOX = gl.constexpr(BOX_COLUMNS)
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # renamed after Triton 3.6
+_PHILOX2_M = gl.constexpr(0xD256D193)  # dropout_draws' Philox-2x32 multiplier and key increment
+_PHILOX2_W = gl.constexpr(0x9E3779B9)
 
 
 @gluon.jit
@@ -76,6 +78,41 @@ def _producer(q_desc, k_desc, v_desc, q_bufs, k_ring, v_ring, q_bars, k_ready, k
 
 
 @gluon.jit
+def _keep_pairs(seed, stream, m0, start_n, n_cols, drop_below, ROWS: gl.constexpr, COLS: gl.constexpr,
+                s_layout: gl.constexpr):
+    """The (ROWS, COLS) keep mask of queries m0.. and keys start_n.. in ``s_layout``: the draws of
+    ``dropout_draws._keep_pairs`` (one Philox-2x32 call per queries {r, r + 8} x keys {c, c + 8}, four 16-bit draws),
+    so the Triton backward regenerates the same mask. The calls are laid out (linear layout below) where the
+    warpgroup accumulator holds their (r, c) element; joined, reshaped and permuted as the Triton helper does, the
+    mask is in ``s_layout`` with no data movement (the conversion is asserted trivial at compile time)."""
+    gl.static_assert(ROWS == 64 and COLS == 128, "the calls' layout below is that of a 4-warp m64n128 accumulator")
+    # An accumulator element (r, c): register bits c + 1, +8 row, c + 8, 16, 32, 64; lane bits c + 2, 4, r + 1, 2, 4;
+    # warp bits r + 16, 32. The call of (r, c) with r % 16 < 8 and c % 16 < 8 sits where that element does.
+    calls: gl.constexpr = gl.DistributedLinearLayout(
+        reg_bases=[[0, 1], [0, 8], [0, 16], [0, 32]], lane_bases=[[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]],
+        warp_bases=[[8, 0], [16, 0]], block_bases=[], shape=[ROWS // 2, COLS // 2])
+    rows = m0 // 2 + gl.arange(0, ROWS // 2, layout=gl.SliceLayout(1, calls))  # counter row: 8 per 16-query band
+    cols = start_n // 2 + gl.arange(0, COLS // 2, layout=gl.SliceLayout(0, calls))  # 8 per 16-key band
+    c0 = (rows[:, None] * n_cols + cols[None, :]).to(gl.uint32, bitcast=True)
+    c1 = (gl.full([ROWS // 2, COLS // 2], 0, gl.int32, calls) + stream).to(gl.uint32, bitcast=True)
+    key = (gl.full([ROWS // 2, COLS // 2], 0, gl.int64, calls) + seed).to(gl.uint32)
+    for _ in gl.static_range(7):  # dropout_draws.PHILOX_ROUNDS
+        hi = gl.umulhi(c0, _PHILOX2_M)
+        lo = c0 * _PHILOX2_M
+        c0 = hi ^ c1 ^ key
+        c1 = lo
+        key = key + _PHILOX2_W
+    near = (c0 & 0xFFFF).to(gl.int32) >= drop_below
+    far_key = (c0 >> 16).to(gl.int32) >= drop_below
+    far_query = (c1 & 0xFFFF).to(gl.int32) >= drop_below
+    far_both = (c1 >> 16).to(gl.int32) >= drop_below
+    keep = gl.join(gl.join(near, far_key), gl.join(far_query, far_both))  # (rows, columns, +8 column, +8 row)
+    keep = gl.reshape(keep, (ROWS // 16, 8, COLS // 16, 8, 2, 2))
+    keep = gl.permute(keep, (0, 5, 1, 2, 4, 3))  # (row band, +8 row, row, column band, +8 column, column)
+    return gl.convert_layout(gl.reshape(keep, (ROWS, COLS)), s_layout, assert_trivial=True)
+
+
+@gluon.jit
 def _scores(s, j, m0, block_n: gl.constexpr, s_layout: gl.constexpr, qk_scale, far_left, far_right, R, band,
             band_w, kv_len, read_mask, kmask, Lk, HAS_BIAS: gl.constexpr, HAS_KEY_MASK: gl.constexpr):
     """Tile ``j``'s scores in log2 units: scaled, T5's bias added, keys past the row's length (or masked) -inf."""
@@ -104,8 +141,8 @@ def _scores(s, j, m0, block_n: gl.constexpr, s_layout: gl.constexpr, qk_scale, f
 @gluon.jit
 def _consumer(which: gl.constexpr, O, LSE, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty,
               out_base, lse_base, start_m, Lq, Lk, stride_om, n_tiles, qk_scale, TABLE, BAND, table_row, table_zero,
-              band_head, band_w, R, KMASK, kv_len, read_mask, h, HAS_BIAS: gl.constexpr, HAS_KEY_MASK: gl.constexpr,
-              LEAN_FAR: gl.constexpr):
+              band_head, band_w, R, KMASK, kv_len, read_mask, h, SEED, drop_below, drop_scale,
+              HAS_BIAS: gl.constexpr, HAS_KEY_MASK: gl.constexpr, LEAN_FAR: gl.constexpr, DROPOUT: gl.constexpr):
     rows: gl.constexpr = q_bufs.type.shape[1]
     head_dim: gl.constexpr = q_bufs.type.shape[2]
     block_n: gl.constexpr = k_ring.type.shape[1]
@@ -124,6 +161,12 @@ def _consumer(which: gl.constexpr, O, LSE, q_bufs, k_ring, v_ring, q_bars, k_rea
         far_left = gl.load(TABLE + h * table_row + table_zero + gl.maximum(-R, 1 - Lq))  # every offset <= -R
         far_right = gl.load(TABLE + h * table_row + table_zero + gl.minimum(R, Lk - 1))  # every offset >= +R
         band = BAND + h * band_head
+    seed = 0
+    n_cols = 0
+    if DROPOUT:
+        seed = gl.load(SEED)
+        n_cols = gl.cdiv(Lk, 16) * 8  # dropout_draws._counter_cols with PAIRS
+    bh = lse_base // Lq  # the dropout stream: batch * heads index
     q = q_bufs.index(which)
     mbarrier.wait(q_bars.index(which), 0)
 
@@ -156,6 +199,9 @@ def _consumer(which: gl.constexpr, O, LSE, q_bufs, k_ring, v_ring, q_bars, k_rea
             alpha = gl.exp2(m_i - m_use)
         l_i = l_i * alpha + gl.sum(p, 1)
         m_i = m_new
+        if DROPOUT:  # the denominator counts every key; dropout acts on the normalised probabilities
+            p = gl.where(_keep_pairs(seed, bh.to(gl.int32), m0, start_n, n_cols, drop_below, rows, block_n, s_layout),
+                         p, 0.0)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         # the next tile's scores to the tensor cores before this tile's P·V (none after the last: a stale slot's
         # product, never read)
@@ -174,7 +220,7 @@ def _consumer(which: gl.constexpr, O, LSE, q_bufs, k_ring, v_ring, q_bars, k_rea
 
     empty = l_i == 0.0  # no key to attend to: output 0, and lse = +inf (as the Triton forward writes it)
     l_safe = gl.where(empty, 1.0, l_i)
-    out = acc * gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, o_layout))[:, None]
+    out = acc * gl.convert_layout(drop_scale / l_safe, gl.SliceLayout(1, o_layout))[:, None]
     offs_m = m0 + gl.arange(0, rows, layout=gl.SliceLayout(1, o_layout))
     offs_d = gl.arange(0, head_dim, layout=gl.SliceLayout(0, o_layout))
     gl.store(O + out_base + offs_m.to(gl.int64)[:, None] * stride_om + offs_d[None, :], out.to(dtype),
@@ -186,27 +232,29 @@ def _consumer(which: gl.constexpr, O, LSE, q_bufs, k_ring, v_ring, q_bars, k_rea
 @gluon.jit
 def _consumer0(O, LSE, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty, out_base, lse_base,
                start_m, Lq, Lk, stride_om, n_tiles, qk_scale, TABLE, BAND, table_row, table_zero, band_head, band_w,
-               R, KMASK, kv_len, read_mask, h, flags):
+               R, KMASK, kv_len, read_mask, h, SEED, drop_below, drop_scale, flags):
     _consumer(0, O, LSE, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty, out_base, lse_base,
               start_m, Lq, Lk, stride_om, n_tiles, qk_scale, TABLE, BAND, table_row, table_zero, band_head, band_w,
-              R, KMASK, kv_len, read_mask, h, flags.type.shape[0] > 1, flags.type.shape[1] > 1, flags.type.shape[2] > 1)
+              R, KMASK, kv_len, read_mask, h, SEED, drop_below, drop_scale, flags.type.shape[0] > 1,
+              flags.type.shape[1] > 1, flags.type.shape[2] > 1, flags.type.shape[3] > 1)
 
 
 @gluon.jit
 def _consumer1(O, LSE, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty, out_base, lse_base,
                start_m, Lq, Lk, stride_om, n_tiles, qk_scale, TABLE, BAND, table_row, table_zero, band_head, band_w,
-               R, KMASK, kv_len, read_mask, h, flags):
+               R, KMASK, kv_len, read_mask, h, SEED, drop_below, drop_scale, flags):
     _consumer(1, O, LSE, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty, out_base, lse_base,
               start_m, Lq, Lk, stride_om, n_tiles, qk_scale, TABLE, BAND, table_row, table_zero, band_head, band_w,
-              R, KMASK, kv_len, read_mask, h, flags.type.shape[0] > 1, flags.type.shape[1] > 1, flags.type.shape[2] > 1)
+              R, KMASK, kv_len, read_mask, h, SEED, drop_below, drop_scale, flags.type.shape[0] > 1,
+              flags.type.shape[1] > 1, flags.type.shape[2] > 1, flags.type.shape[3] > 1)
 
 
 @gluon.jit
-def t5_ws_fwd_no_grad(q_desc, k_desc, v_desc, O, LSE, TABLE, BAND, KMASK, KV_LEN, HOLES,
-                      stride_ob, stride_oh, stride_om, stride_mask_b, H, Lq, Lk, R, table_row, table_zero, band_head,
-                      band_w, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                      HAS_BIAS: gl.constexpr, HAS_KEY_MASK: gl.constexpr, LEAN_FAR: gl.constexpr,
-                      CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+def t5_ws_fwd(q_desc, k_desc, v_desc, O, LSE, TABLE, BAND, KMASK, KV_LEN, HOLES, SEED,
+              stride_ob, stride_oh, stride_om, stride_mask_b, H, Lq, Lk, R, table_row, table_zero, band_head,
+              band_w, qk_scale, drop_below, drop_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+              STAGES: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_KEY_MASK: gl.constexpr, LEAN_FAR: gl.constexpr,
+              DROPOUT: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     tile_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     dtype: gl.constexpr = q_desc.dtype
     rows: gl.constexpr = 64
@@ -233,8 +281,8 @@ def t5_ws_fwd_no_grad(q_desc, k_desc, v_desc, O, LSE, TABLE, BAND, KMASK, KV_LEN
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     # the two flags as a tiny buffer's shape: a partition's constexpr arguments arrive as tensors (see _producer)
-    flags = gl.allocate_shared_memory(gl.int8, [1 + HAS_BIAS, 1 + HAS_KEY_MASK, 1 + LEAN_FAR],
-                                      gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
+    flags = gl.allocate_shared_memory(gl.int8, [1 + HAS_BIAS, 1 + HAS_KEY_MASK, 1 + LEAN_FAR, 1 + DROPOUT],
+                                      gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
     for i in gl.static_range(2):
         mbarrier.init(q_bars.index(i), count=1)
     for i in gl.static_range(STAGES):
@@ -248,7 +296,8 @@ def t5_ws_fwd_no_grad(q_desc, k_desc, v_desc, O, LSE, TABLE, BAND, KMASK, KV_LEN
     out_base = b.to(gl.int64) * stride_ob + h * stride_oh
     consumer_args = (O, LSE, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty, out_base,
                      bh.to(gl.int64) * Lq, start_m, Lq, Lk, stride_om, n_tiles, qk_scale, TABLE, BAND, table_row,
-                     table_zero, band_head, band_w, R, kmask, kv_len, read_mask, h, flags)
+                     table_zero, band_head, band_w, R, kmask, kv_len, read_mask, h, SEED, drop_below, drop_scale,
+                     flags)
     producer_args = (q_desc, k_desc, v_desc, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty,
                      b * Lq + start_m, b * Lk, col, n_tiles)
     gl.warp_specialize([(_consumer0, consumer_args), (_consumer1, consumer_args), (_producer, producer_args)],
@@ -285,45 +334,49 @@ def _descriptor(x: torch.Tensor, rows: int):
     return TensorDescriptor(x, [batch * length, heads * head_dim], [rows_stride(x), 1], [rows, BOX_COLUMNS], layout)
 
 
-def forward(q, k, v, out, lse, table, table_geometry, band, mask, lengths, holes, radius, qk_scale) -> None:
-    """The Triton forward's launch for a no-gradient call, here: ``out`` and ``lse`` are written. ``band``: the
-    forward's bias band arguments (`bias_band.build_band` with 128-row tiles) when ``table`` is given."""
+def forward(q, k, v, out, lse, table, table_geometry, band, mask, lengths, holes, radius, qk_scale,
+            dropout=None) -> None:
+    """The Triton forward's launch, here: ``out`` and ``lse`` are written. ``band``: the forward's bias band
+    arguments (`bias_band.build_band` with 128-row tiles) when ``table`` is given; ``dropout``: (seed tensor,
+    drop_below, drop_scale) of the 16-bit paired draws, or None."""
     batch, heads, query_len, head_dim = q.shape
     dummy = lse
-    t5_ws_fwd_no_grad[(triton.cdiv(query_len, 2 * ROWS), batch * heads)](
+    seed, drop_below, drop_scale = dropout if dropout is not None else (dummy, 0, 1.0)
+    t5_ws_fwd[(triton.cdiv(query_len, 2 * ROWS), batch * heads)](
         _descriptor(q, ROWS), _descriptor(k, BLOCK_N), _descriptor(v, BLOCK_N), out, lse,
         table if table is not None else dummy, band["BAND"] if band else dummy,
         mask if mask is not None else dummy, lengths if lengths is not None else dummy,
-        holes if holes is not None else dummy, out.stride(0), out.stride(1), out.stride(2),
+        holes if holes is not None else dummy, seed, out.stride(0), out.stride(1), out.stride(2),
         mask.stride(0) if mask is not None else 0, heads, query_len, k.shape[2], radius, *table_geometry,
-        band["band_head"] if band else 0, band["band_w"] if band else 0, qk_scale,
+        band["band_head"] if band else 0, band["band_w"] if band else 0, qk_scale, drop_below, drop_scale,
         HEAD_DIM=head_dim, BLOCK_N=BLOCK_N, STAGES=STAGES, HAS_BIAS=table is not None,
-        HAS_KEY_MASK=mask is not None, LEAN_FAR=LEAN_FAR_TILES, CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4,
-        maxnreg=LAUNCH_REGISTERS)
+        HAS_KEY_MASK=mask is not None, LEAN_FAR=LEAN_FAR_TILES, DROPOUT=dropout is not None,
+        CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4, maxnreg=LAUNCH_REGISTERS)
 
 
 _SIGNATURE = dict(O="*bf16", LSE="*fp32", TABLE="*fp32", BAND="*fp32", KMASK="*i8", KV_LEN="*i32", HOLES="*i8",
-                  qk_scale="fp32")
+                  SEED="*i64", qk_scale="fp32", drop_scale="fp32")
 
 
 def compile_for_sm90(block_n: int | None = None, stages: int | None = None, head_dim: int = 128, **flags):
     """triton.compile for sm_90 on any machine (no GPU), specialised as a T5 launch would be (pointers and strides
-    divisible by 16); ``flags`` override HAS_BIAS / HAS_KEY_MASK (on)."""
+    divisible by 16); ``flags`` override HAS_BIAS / HAS_KEY_MASK (on), LEAN_FAR, DROPOUT (off)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     block_n, stages = block_n or BLOCK_N, stages or STAGES
     constexprs = {**dict(HEAD_DIM=head_dim, BLOCK_N=block_n, STAGES=stages, HAS_BIAS=True, HAS_KEY_MASK=True,
-                         LEAN_FAR=LEAN_FAR_TILES, CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4), **flags}
+                         LEAN_FAR=LEAN_FAR_TILES, DROPOUT=False, CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4),
+                  **flags}
     layout = "NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)"
     types = dict(_SIGNATURE, q_desc=f"tensordesc<bf16[{ROWS}, {BOX_COLUMNS}],{layout}>",
                  k_desc=f"tensordesc<bf16[{block_n}, {BOX_COLUMNS}],{layout}>",
                  v_desc=f"tensordesc<bf16[{block_n}, {BOX_COLUMNS}],{layout}>")
-    names = t5_ws_fwd_no_grad.arg_names
+    names = t5_ws_fwd.arg_names
     signature = {n: ("constexpr" if n in constexprs else types.get(n, "i32")) for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if n not in constexprs and (types.get(n, "").startswith("*") or n.startswith("stride_"))}
-    source = GluonASTSource(fn=t5_ws_fwd_no_grad, signature=signature, constexprs=constexprs, attrs=attrs)
+    source = GluonASTSource(fn=t5_ws_fwd, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=4, maxnreg=LAUNCH_REGISTERS))
 
@@ -333,10 +386,10 @@ failure: str | None = None
 
 
 def run_if_covered(q, k, v, causal, out, lse, table, table_geometry, radius_given, radius, band_max_radius, mask,
-                   lengths, holes, qk_scale) -> bool:
-    """This kernel for a no-gradient, no-dropout forward it covers (bf16, HEAD_DIMS, TMA-readable rows, T5's
-    bias with a radius the band holds: up to ``band_max_radius``); whether it ran. The first launch that raises
-    turns it off for the process, with one warning."""
+                   lengths, holes, qk_scale, dropout=None) -> bool:
+    """This kernel for a forward it covers (bf16, HEAD_DIMS, TMA-readable rows, T5's bias with a radius the band
+    holds: up to ``band_max_radius``; ``dropout`` as `forward` takes it); whether it ran. The first launch that
+    raises turns it off for the process, with one warning."""
     global failure
     if failure is not None or not covers(q, k, v, causal):
         return False
@@ -349,7 +402,7 @@ def run_if_covered(q, k, v, causal, out, lse, table, table_geometry, radius_give
         band = bias_band.build_band(table, radius, q.shape[2], k.shape[2], table_geometry[1], 2 * ROWS,
                                     transposed=False)
     try:
-        forward(q, k, v, out, lse, table, table_geometry, band, mask, lengths, holes, radius, qk_scale)
+        forward(q, k, v, out, lse, table, table_geometry, band, mask, lengths, holes, radius, qk_scale, dropout)
     except Exception as error:  # noqa: BLE001 - any launch failure: the Triton forward, said once
         import warnings
 
