@@ -293,6 +293,8 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     # the decoding cross-attention in the Triton kernel, not in Gluon with warpgroup MMAs (cross_attention.GLUON_KERNEL,
     # on since 2026-12-04; before that, its token `decodegluon` turned it on, and `gluontma` took TMA)
     "nodecodegluon": ("sumtune.generation.cross_attention", "GLUON_KERNEL", False),
+    # a row's 32 heads in one warp-specialized Gluon program (cross_attention.GLUON_WARP_SPECIALIZED, gluon_decode_ws)
+    "decodews32": ("sumtune.generation.cross_attention", "GLUON_WARP_SPECIALIZED", True),
     # (`gluonenc`, `gluonenc2`, `gluonenc64`: a no-gradient attention forward in Gluon, measured slower on 2026-12-04
     # and gone: flash_attention's note; commit f21cad8 has it.)
     "gluon5": ("sumtune.generation.gluon_decode", "SLOTS", 5),  # the Gluon kernel with a ring of 5 chunks, not 6

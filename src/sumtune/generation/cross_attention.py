@@ -47,6 +47,11 @@ NUM_STAGES = 2  # Triton's software pipelining depth over the key tiles
 # not measured and keep the Triton kernel). Token `nodecodegluon`: off.
 GLUON_KERNEL = True
 GLUON_FROM_KEYS = 1025
+# A row's 32 heads in one warp-specialized program (sumtune.generation.gluon_decode_ws: a TMA producer warp, two
+# consumer warpgroups of 16 heads reading each chunk of the row's states from shared memory), so each row's states
+# come from L2 once instead of twice; cross-attention of d_model 1024 with 17-32 heads. Off until measured (token
+# `decodews32`).
+GLUON_WARP_SPECIALIZED = False
 # Why the Gluon kernel cannot run in this process, once its import or a launch has failed (its API moves between
 # Triton releases; the builds are tested with 3.6 and the newest): the Triton kernel takes its launches from then on,
 # said once.
@@ -112,10 +117,10 @@ def head_blocks(heads: int, per_program: int) -> tuple[int, int]:
     return block_h, -(-heads // block_h)
 
 
-def _gluon_kernel(memory: Tensor, self_attention: bool = False):
+def _gluon_kernel(memory: Tensor, self_attention: bool = False, heads: int = 0):
     """(sumtune.generation.gluon_decode, its heads a program) where GLUON_KERNEL asks for it and it can run here on
     a launch of the kind it was measured faster on (or, for ``self_attention``, on any launch it covers), else
-    None."""
+    None; (gluon_decode_ws, 32) for a cross-attention launch it covers where GLUON_WARP_SPECIALIZED asks for it."""
     if not GLUON_KERNEL or gluon_failure or _kernels().INTERPRET or memory.device.type != "cuda" \
             or memory.dtype != torch.bfloat16 or torch.compiler.is_compiling():  # dynamo traces Triton, not Gluon
         return None
@@ -126,6 +131,11 @@ def _gluon_kernel(memory: Tensor, self_attention: bool = False):
         return None
     block_h = gluon_heads_per_program(gluon_decode, memory.shape[1], gluon_decode.dense(memory), memory.shape[-1],
                                       self_attention)
+    if block_h and GLUON_WARP_SPECIALIZED and not self_attention:
+        from sumtune.generation import gluon_decode_ws
+
+        if gluon_decode_ws.supported(heads, memory.shape[-1]) is None:
+            return gluon_decode_ws, gluon_decode_ws.BLOCK_H
     return (gluon_decode, block_h) if block_h else None
 
 
@@ -175,7 +185,7 @@ def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, split
     kernels = _kernels()
     block_n, warps = tiles_for(batch, src_len)
     block_n = INTERPRETER_BLOCK_N if kernels.INTERPRET else block_n
-    gluon = _gluon_kernel(memory, self_attention=bias is not None)
+    gluon = _gluon_kernel(memory, self_attention=bias is not None, heads=heads)
     gluon_kernel = gluon[0] if gluon else None
     block_h, groups = head_blocks(heads, gluon[1] if gluon else HEADS_PER_PROGRAM)
     if gluon:
