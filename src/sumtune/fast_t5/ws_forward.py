@@ -1,7 +1,10 @@
-"""T5 attention's forward for calls no gradient reaches (generation's encoder, evaluation), warp-specialized on Hopper.
+"""T5 attention's forward, warp-specialized on Hopper: for calls no gradient reaches (generation's encoder, evaluation)
+and, behind a flag, for training's forwards with dropout.
 
-`sumtune.fast_t5.flash_attention.WS_NO_GRAD_FORWARD` sends the forwards this kernel covers (`covers`) here instead of
-to the Triton forward (`flash_kernels.t5_flash_attention_fwd`); the result is the same op's (output, log-sum-exp).
+`sumtune.fast_t5.flash_attention.WS_NO_GRAD_FORWARD` sends the no-gradient forwards this kernel covers (`covers`)
+here instead of to the Triton forward (`flash_kernels.t5_flash_attention_fwd`); `WS_TRAINING_FORWARD` (off until
+measured) sends the forwards a gradient reaches too, below PRECISE_PV_MIN_KEYS keys, with dropout's draws made as the
+Triton backward remakes them (`_keep_pairs`). The result is the same op's (output, log-sum-exp).
 
 FlashAttention-3's structure, in Gluon's `warp_specialize`: one producer warp loads a program's two 64-row query
 tiles and the key and value tiles by TMA into rings (an mbarrier per slot for "landed" and one for "released by both
@@ -199,10 +202,12 @@ def _consumer(which: gl.constexpr, O, LSE, q_bufs, k_ring, v_ring, q_bars, k_rea
             alpha = gl.exp2(m_i - m_use)
         l_i = l_i * alpha + gl.sum(p, 1)
         m_i = m_new
-        if DROPOUT:  # the denominator counts every key; dropout acts on the normalised probabilities
-            p = gl.where(_keep_pairs(seed, bh.to(gl.int32), m0, start_n, n_cols, drop_below, rows, block_n, s_layout),
-                         p, 0.0)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        p_half = p.to(dtype)
+        if DROPOUT:  # the denominator counts every key; dropout acts on the normalised probabilities (masked after
+            # the rounding: the same values)
+            p_half = gl.where(_keep_pairs(seed, bh.to(gl.int32), m0, start_n, n_cols, drop_below, rows, block_n,
+                                          s_layout), p_half, 0.0)
+        p_op = gl.convert_layout(p_half, p_layout)
         # the next tile's scores to the tensor cores before this tile's P·V (none after the last: a stale slot's
         # product, never read)
         nxt = j + 1

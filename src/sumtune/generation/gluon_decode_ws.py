@@ -34,6 +34,7 @@ TMA_BOX = 64
 CONSUMER_REGISTERS = 240
 LAUNCH_REGISTERS = 168  # 12 warps (two consumer warpgroups, the producer's) x 168 = an SM's 64 Ki registers
 _BOX = gl.constexpr(TMA_BOX)
+_CHUNK = gl.constexpr(CHUNK)
 _barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # names that moved between Triton 3.6 and 3.9
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
@@ -214,7 +215,7 @@ def gluon_ws_hidden_cross_attention(Q, DESC, LENGTHS, OUT, ACC, MAX, SUM, BIAS, 
     row_base = row * src_len + start  # the row's first key in the [B * L, D] descriptor
 
     q_bufs = gl.allocate_shared_memory(dtype, [2, half_h, D], tile_smem)
-    ring = gl.allocate_shared_memory(dtype, [SLOTS, BLOCK_N, 128], tile_smem)
+    ring = gl.allocate_shared_memory(dtype, [SLOTS, BLOCK_N, _CHUNK], tile_smem)
     p_bufs = gl.allocate_shared_memory(dtype, [2, BLOCK_N, half_h], p_smem_layout)
     ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
