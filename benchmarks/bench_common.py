@@ -284,6 +284,7 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "wsenc3": ("sumtune.fast_t5.ws_forward", "STAGES", 3),  # its K and V rings of three slots, not two
     "wslean": ("sumtune.fast_t5.ws_forward", "LEAN_FAR_TILES", True),  # its far tiles' bias inside the exponent's FFMA
     "ws64": ("sumtune.fast_t5.ws_forward", "HEAD_DIMS", (64, 128)),  # it takes head_dim 64 too (T5-large, FLAN-T5-XL)
+    "wsnobias": ("sumtune.fast_t5.ws_forward", "WITHOUT_BIAS", True),  # and calls without a bias (cross-attention)
     # the warp-specialized forward for training's forwards too, dropout included (flash_attention.WS_TRAINING_FORWARD)
     "wstrain": ("sumtune.fast_t5.flash_attention", "WS_TRAINING_FORWARD", True),
     # the feed-forward's ReLU as its own pass where no dropout follows (FUSED_LINEAR_RELU on since 2026-12-04)

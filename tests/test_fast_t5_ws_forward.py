@@ -130,14 +130,15 @@ def test_a_ws_forward_that_fails_to_launch_hands_over_to_the_triton_forward_once
 def test_gpu_ws_forward_matches_float64_and_the_triton_forward(monkeypatch, stages, lean, head_dim):
     """WS_NO_GRAD_FORWARD on a Hopper GPU, bf16, no gradient: as close to float64 as the Triton forward, at lengths
     that are not whole tiles, T5's bias with radii that give far and near tiles, rows padded at the end, with a hole,
-    and without keys, cross-attention lengths and the fused projection's strided layout; with rings of two and three
-    and with LEAN_FAR_TILES, and head_dim 64; its kernel is what ran."""
+    and without keys, cross-attention lengths, no bias (WITHOUT_BIAS), the fused projection's strided layout; with
+    rings of two and three, with LEAN_FAR_TILES, and head_dim 64; its kernel is what ran."""
     from sumtune.fast_t5 import flash_attention as fa
     from sumtune.fast_t5 import ws_forward
 
     monkeypatch.setattr(ws_forward, "STAGES", stages)
     monkeypatch.setattr(ws_forward, "LEAN_FAR_TILES", lean)
     monkeypatch.setattr(ws_forward, "HEAD_DIMS", (head_dim,))
+    monkeypatch.setattr(ws_forward, "WITHOUT_BIAS", True)
     launched = []
     launch = ws_forward.forward
     monkeypatch.setattr(ws_forward, "forward", lambda *a, **k: launched.append(a[0].shape) or launch(*a, **k))
@@ -160,10 +161,11 @@ def test_gpu_ws_forward_matches_float64_and_the_triton_forward(monkeypatch, stag
         mask[2, key_len // 3:] = False
         mask[2, 5] = False  # a hole: the mask is read in this row
         mask[3] = False  # no keys at all: zeros
-        for radius, with_mask in ((128, True), (8, True), (128, False)):
-            # T5's table: one value for every offset at or beyond +-radius
+        for radius, with_mask in ((128, True), (8, True), (128, False), (0, True)):
+            # T5's table: one value for every offset at or beyond +-radius; radius 0: no bias (cross-attention)
             offsets = torch.arange(1 - query_len, key_len, device="cuda").clamp(-radius, radius) + radius
-            table = (torch.randn(heads, 2 * radius + 1, device="cuda", generator=gen) * 2)[:, offsets]
+            table = (torch.randn(heads, 2 * radius + 1, device="cuda", generator=gen) * 2)[:, offsets] if radius \
+                else None
             rows = slice(0, 3) if with_mask else slice(None)
             expected = fa.reference_t5_attention(q, k, v, table, mask if with_mask else None)
             with torch.no_grad():
@@ -181,7 +183,7 @@ def test_gpu_ws_forward_matches_float64_and_the_triton_forward(monkeypatch, stag
             if with_mask:
                 assert not got[3].any(), case
             cases += 1
-    assert ws_forward.failure is None and cases == 15
+    assert ws_forward.failure is None and cases == 20
 
 
 def relative_error(value, reference) -> float:

@@ -39,6 +39,9 @@ STAGES = 2  # slots in the K and V rings (three: 224 KiB of shared memory at hea
 # The head widths it takes: 128 (T5-3b, measured); 64 (T5-base/large, FLAN-T5-XL) builds and has its GPU test, but
 # runs in the Triton forward until measured (benchmark token `ws64`).
 HEAD_DIMS = (128,)
+# Calls without a position bias (the decoder's cross-attention in an evaluation loss): the build has its GPU test case
+# but ran on no GPU yet, so the Triton forward takes them until it has (benchmark token `wsnobias`).
+WITHOUT_BIAS = False
 CONSUMER_REGISTERS = 240  # per thread of a consumer warpgroup; the producer warp gets 24 (FlashAttention-3's split)
 LAUNCH_REGISTERS = 168  # 12 warps (8 consumers, the producer's warpgroup) x 168 = the 64 Ki registers of an SM
 # Tiles with no masked key and one bias value (far beyond +-R, or no bias): the scale and that value folded into the
@@ -396,7 +399,7 @@ def run_if_covered(q, k, v, causal, out, lse, table, table_geometry, radius_give
     holds: up to ``band_max_radius``; ``dropout`` as `forward` takes it); whether it ran. The first launch that
     raises turns it off for the process, with one warning."""
     global failure
-    if failure is not None or not covers(q, k, v, causal):
+    if failure is not None or not covers(q, k, v, causal) or (table is None and not WITHOUT_BIAS):
         return False
     band = None
     if table is not None:
