@@ -287,6 +287,7 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "wsnobias": ("sumtune.fast_t5.ws_forward", "WITHOUT_BIAS", True),  # and calls without a bias (cross-attention)
     # the warp-specialized forward for training's forwards too, dropout included (flash_attention.WS_TRAINING_FORWARD)
     "wstrain": ("sumtune.fast_t5.flash_attention", "WS_TRAINING_FORWARD", True),
+    "wsbwd": ("sumtune.fast_t5.flash_attention", "WS_BACKWARD", True),  # and the dK/dV kernel (fast_t5.ws_backward)
     # the feed-forward's ReLU as its own pass where no dropout follows (FUSED_LINEAR_RELU on since 2026-12-04)
     "nolinearrelu": ("sumtune.fast_t5.modules", "FUSED_LINEAR_RELU", False),
     # (`fwdoneloop`: the attention forward's bias in one loop over the key tiles, measured 1.3-1.6x slower on

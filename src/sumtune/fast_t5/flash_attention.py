@@ -102,19 +102,13 @@ PRECISE_PV_WITHOUT_GRAD = False
 # memory (the forward's first config 96 -> 160 KiB, the dQ kernel's over Hopper's 227). Token `noholes`: off.
 MASK_ONLY_WITH_HOLES = True
 PRECISE_PV_MIN_KEYS = 2048
-# (Forwards in Gluon with one warpgroup, Hopper's asynchronous warpgroup MMAs with the next tile's Q·Kᵀ and this
-# tile's P·V in flight during the softmax, gave this forward's outputs but no speed on an H200: for training (session
-# 22, commit 2fa495d) and without gradient (session 34: 13.7-15.4 against 11.6 ms at 16x32x4096x128, commit f21cad8);
-# docs/speed-history. Two consumer warpgroups and a producer warp did: WS_NO_GRAD_FORWARD.)
-# WS_NO_GRAD_FORWARD: a forward no gradient reaches (bf16 P·V, no dropout) runs sumtune.fast_t5.ws_forward on a Hopper
-# GPU where it covers the call: FlashAttention-3's structure (a TMA producer warp, two consumer warpgroups) in Gluon.
-# On since 2026-12-05 (H100, T5's bias and padding: 8.16 against 9.78 ms at 16x32x4096x128, 2.78 against 3.60 at
-# 64x32x1024x128; whole generation at 4096 +2.4%, tokens equal to transformers'; results/*-2026-12-05-h100-ws.json).
-# Benchmark token `nowsenc`: off. WS_TRAINING_FORWARD: the same kernel for forwards a gradient reaches too (bf16 P·V,
-# below PRECISE_PV_MIN_KEYS), with dropout's paired 16-bit draws made as the Triton backward remakes them (its sm_90
-# build spills ~140 bytes with bias and dropout). Off until its GPU tests pass and it is measured (token `wstrain`).
+# The warp-specialized Gluon kernels (sumtune.fast_t5.ws_forward, ws_backward: FlashAttention-3's producer warp and
+# two consumer warpgroups; their docstrings have the measurements and the one-warpgroup forms that lost): forwards no
+# gradient reaches, on since 2026-12-05 (token `nowsenc`); forwards of training (`wstrain`) and the dK/dV kernel
+# (`wsbwd`), off until their GPU tests pass and they are measured.
 WS_NO_GRAD_FORWARD = True
 WS_TRAINING_FORWARD = False
+WS_BACKWARD = False
 # FWD_DESCRIPTORS: the forward kernel reads K and V by TMA, from 2-D descriptors over the projections' (B * L, H * D)
 # rows (fused or not), instead of pointer loads: the same sums in the same order (in Triton's interpreter equal to
 # within float32 rounding: numpy multiplies a transposed tile in another order), autotuned over
@@ -237,15 +231,14 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
     lse = torch.empty((batch, heads, query_len), device=q.device, dtype=torch.float32)
     drop_below, drop_scale = dropout_threshold(dropout_p, 1 << draw_bits)
     radius_given, radius = radius, _radius(radius, query_len, key_len)
-    ws_call = (no_gradient and dropout_p == 0) or (
-        WS_TRAINING_FORWARD and not precise_pv and (dropout_p == 0 or (draw_bits == 16 and pairs)))
-    if ws_call and _ws_forward_asked(q, mask):
+    if (WS_NO_GRAD_FORWARD and no_gradient and dropout_p == 0 or WS_TRAINING_FORWARD and not precise_pv) \
+            and _ws_asked(q, mask):
         from sumtune.fast_t5 import ws_forward
 
-        dropout = (seed, drop_below, drop_scale) if dropout_p > 0 else None
-        if ws_forward.run_if_covered(q, k, v, causal, out, lse, table, _table_geometry(table, query_len),
-                                     radius_given, radius, BAND_MAX_RADIUS, mask, lengths, holes, scale * LOG2E,
-                                     dropout):
+        dropout = (seed, drop_below, drop_scale) if dropout_p > 0 else None  # its draws: 16-bit pairs only
+        if (dropout is None or (draw_bits == 16 and pairs)) and ws_forward.run_if_covered(
+                q, k, v, causal, out, lse, table, _table_geometry(table, query_len), radius_given, radius,
+                BAND_MAX_RADIUS, mask, lengths, holes, scale * LOG2E, dropout):
             return out, lse
     dummy = lse
     descriptors = row_descriptors(k, v) if FWD_DESCRIPTORS else None
@@ -266,10 +259,10 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
     return out, lse
 
 
-def _ws_forward_asked(q: Tensor, mask: Tensor | None) -> bool:
-    """WS_NO_GRAD_FORWARD is on and the call is on CUDA (not the interpreter), with the key mask, if any, read only
-    in rows with holes (the only way that kernel reads it)."""
-    return WS_NO_GRAD_FORWARD and q.is_cuda and not _kernels().INTERPRET and (mask is None or MASK_ONLY_WITH_HOLES)
+def _ws_asked(q: Tensor, mask: Tensor | None) -> bool:
+    """A warp-specialized kernel may take the call: on CUDA (not the interpreter), with the key mask, if any, read
+    only in rows with holes (the forward's only way of reading it)."""
+    return q.is_cuda and not _kernels().INTERPRET and (mask is None or MASK_ONLY_WITH_HOLES)
 
 
 def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, causal, scale, dropout_p, seed,
@@ -300,6 +293,13 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, 
     descriptors = row_descriptors(q, grad_out) if BWD_DESCRIPTORS else None
     q_arg, do_arg = descriptors or (q, grad_out)
     lean = LEAN_BACKWARD and not causal  # with dropout, the lean build leaves its scale to dK, dV and the dQ GEMM
+    if WS_BACKWARD and _ws_asked(q, mask):
+        from sumtune.fast_t5 import ws_backward
+
+        if ws_backward.run_if_covered(q, k, v, grad_out, dk, dv, ds, lse, delta, causal, table, geometry,
+                                      radius_given, radius, BAND_MAX_RADIUS, store_ds, mask, lengths, scale * LOG2E,
+                                      scale, seed, dropout_p, draw_bits, pairs, drop_below, drop_scale):
+            return _dq_from_ds(ds, k, dq, query_len, key_len, scale * drop_scale), dk, dv  # dS without dropout's scale
     _launch("dkdv", kernels.t5_flash_attention_bwd_dkdv,
             lambda bm, bn: (_cdiv(key_len, bn), batch * heads),
             q_arg, k, v, do_arg, dk, dv, lse, delta, table_arg, mask_arg, lengths_arg, ds,
