@@ -4,8 +4,9 @@
 kernel covers (`covers`: the encoder's self-attention in training: bf16, head_dim 128, not causal, T5's bias with a
 radius the band holds, dS stored for the dQ GEMM) here instead of to `flash_kernels_bwd.t5_flash_attention_bwd_dkdv`.
 
-A program takes 128 keys of one (batch, head); one producer warp loads them (K and V, once) and then each 64-query
-tile of Q and dO by TMA into rings; two consumer warpgroups of 64 keys each run, per query tile, keys first:
+A program takes 128 keys of one (batch, head); one producer warp loads them (K and V, once) and then each
+BLOCK_M-query tile of Q and dO by TMA into rings; two consumer warpgroups of 64 keys each run, per query tile, keys
+first:
 
     Sᵀ  = K Qᵀ,  dPᵀ = V dOᵀ                 (warpgroup MMAs, both operands in shared memory)
     Pᵀ  = exp2(Sᵀ · scale + biasᵀ - lse)      (masked keys and queries past Lq: 0)
