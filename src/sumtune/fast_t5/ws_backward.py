@@ -266,7 +266,7 @@ def t5_ws_bwd_dkdv(q_desc, do_desc, k_desc, v_desc, ds_desc, DK, DV, LSE, DELTA,
     # the flags as a tiny buffer's shape: a partition's constexpr arguments arrive as tensors in Triton 3.6
     flags = gl.allocate_shared_memory(gl.int8, [1 + HAS_KEY_MASK, 1 + DROPOUT], gl.SwizzledSharedLayout(1, 1, 1,
                                                                                                       [1, 0]))
-    mbarrier.init(kv_bar, count=1)
+    mbarrier.init(kv_bar, count=4)  # the producer's four tile loads each arrive on it (expect = arrive.expect_tx)
     for i in gl.static_range(STAGES):
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(do_ready.index(i), count=1)
