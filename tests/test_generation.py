@@ -554,7 +554,8 @@ def test_a_gluon_kernel_that_fails_to_launch_hands_over_to_the_triton_kernel_onc
     broken = SimpleNamespace(BLOCK_N=64, launch=broken_launch)
     monkeypatch.setattr(cross_attention, "gluon_failure", None)
     monkeypatch.setattr(cross_attention, "_gluon_kernel",
-                        lambda memory, self_attention=False: None if cross_attention.gluon_failure else (broken, 16))
+                        lambda memory, self_attention=False, heads=0: None if cross_attention.gluon_failure
+                        else (broken, 16))
     q_mem = torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(6))
     lengths = torch.tensor([40, 17], dtype=torch.int32)
     expected = cross_attention.reference_hidden_attention(q_mem, memory, lengths)
