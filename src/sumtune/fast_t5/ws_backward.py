@@ -28,7 +28,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
-from sumtune.fast_t5.ws_forward import _PHILOX2_M, _PHILOX2_W, _load_tile, covers, rows_stride
+from sumtune.fast_t5.ws_forward import (_PHILOX2_M, _PHILOX2_W, _load_tile, covers, rows_descriptor,
+                                        rows_stride)
 
 _barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # names that moved between Triton 3.6 and 3.9
 _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
@@ -113,10 +114,10 @@ def _store_ds(ds_desc, ds_smem, ds_t, row, col):
 
 @gluon.jit
 def _consumer(which: gl.constexpr, k_bufs, v_bufs, q_ring, do_ring, kv_bar, q_ready, q_empty, do_ready, do_empty,
-              ds_bufs, ds_desc, ds_row0, DK, DV, LSE, DELTA, TABLE, BAND, KMASK, SEED, start_n, n_tiles, b, h, bh, Lq, Lk, kv_len, R,
-              table_row, table_zero, band_head, band_w, qk_scale, scale, drop_below, drop_scale, stride_dkb,
-              stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_mask_b, HAS_KEY_MASK: gl.constexpr,
-              DROPOUT: gl.constexpr):
+              ds_bufs, ds_desc, ds_row0, DK, DV, LSE, DELTA, TABLE, BAND, KMASK, SEED, start_n, n_tiles, b, h, bh, Lq,
+              Lk, kv_len, R, table_row, table_zero, band_head, band_w, qk_scale, scale, drop_below, drop_scale,
+              stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_mask_b,
+              HAS_KEY_MASK: gl.constexpr, DROPOUT: gl.constexpr):
     keys: gl.constexpr = k_bufs.type.shape[1]
     head_dim: gl.constexpr = k_bufs.type.shape[2]
     block_m: gl.constexpr = q_ring.type.shape[1]
@@ -294,14 +295,6 @@ def covers_backward(q, k, v, grad_out, causal: bool, table, radius_given: int, b
             and (dropout_p == 0 or (draw_bits == 16 and pairs)))
 
 
-def _descriptor(x: torch.Tensor, rows: int):
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    batch, heads, length, head_dim = x.shape
-    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    return TensorDescriptor(x, [batch * length, heads * head_dim], [rows_stride(x), 1], [rows, BOX_COLUMNS], layout)
-
-
 def _ds_descriptor(ds: torch.Tensor):
     """The contiguous (B, H, Lk_pad, Lq_pad) dSᵀ buffer as [B * H * Lk_pad, Lq_pad] rows in (KEYS, BLOCK_M) boxes."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -320,7 +313,8 @@ def dkdv(q, k, v, grad_out, dk, dv, ds, lse, delta, table, table_geometry, band,
     key_len = k.shape[2]
     dummy = lse
     t5_ws_bwd_dkdv[(triton.cdiv(key_len, 2 * KEYS), batch * heads)](
-        _descriptor(q, BLOCK_M), _descriptor(grad_out, BLOCK_M), _descriptor(k, KEYS), _descriptor(v, KEYS),
+        rows_descriptor(q, BLOCK_M), rows_descriptor(grad_out, BLOCK_M), rows_descriptor(k, KEYS),
+        rows_descriptor(v, KEYS),
         _ds_descriptor(ds), dk, dv, lse, delta, table, band["BAND"], mask if mask is not None else dummy,
         lengths if lengths is not None else dummy, seed if dropout else dummy, dk.stride(0), dk.stride(1),
         dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), mask.stride(0) if mask is not None else 0,
@@ -338,12 +332,10 @@ _SIGNATURE = dict(DK="*bf16", DV="*bf16", LSE="*fp32", DELTA="*fp32", TABLE="*fp
 def compile_for_sm90(stages: int | None = None, block_m: int | None = None, **flags):
     """triton.compile for sm_90 on any machine (no GPU), specialised as a T5 launch would be; ``flags`` override
     HAS_KEY_MASK (on) and DROPOUT (on)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
+    from sumtune.fast_t5.flash_compile import compile_gluon
 
     constexprs = {**dict(HEAD_DIM=128, BLOCK_M=block_m or BLOCK_M, STAGES=stages or STAGES, HAS_KEY_MASK=True,
-                         DROPOUT=True,
-                         CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4), **flags}
+                         DROPOUT=True, CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4), **flags}
     layout = "NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)"
     block_m = constexprs["BLOCK_M"]
     ds_layout = f"NVMMASharedLayout(swizzle_byte_width={2 * block_m}, element_bitwidth=16, rank=2)"
@@ -352,13 +344,7 @@ def compile_for_sm90(stages: int | None = None, block_m: int | None = None, **fl
                  k_desc=f"tensordesc<bf16[{KEYS}, {BOX_COLUMNS}],{layout}>",
                  v_desc=f"tensordesc<bf16[{KEYS}, {BOX_COLUMNS}],{layout}>",
                  ds_desc=f"tensordesc<bf16[{KEYS}, {block_m}],{ds_layout}>")
-    names = t5_ws_bwd_dkdv.arg_names
-    signature = {n: ("constexpr" if n in constexprs else types.get(n, "i32")) for n in names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if n not in constexprs and (types.get(n, "").startswith("*") or n.startswith("stride_"))}
-    source = GluonASTSource(fn=t5_ws_bwd_dkdv, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=4, maxnreg=LAUNCH_REGISTERS))
+    return compile_gluon(t5_ws_bwd_dkdv, types, constexprs, LAUNCH_REGISTERS)
 
 
 # A launch that raised (Gluon's API moves between Triton releases): the Triton dK/dV kernel runs from then on.

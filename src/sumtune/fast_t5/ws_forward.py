@@ -334,7 +334,8 @@ def covers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> b
             and all(rows_stride(x) is not None for x in (q, k, v)))
 
 
-def _descriptor(x: torch.Tensor, rows: int):
+def rows_descriptor(x: torch.Tensor, rows: int):
+    """A TMA descriptor over a (B, H, L, D) view's [B * L, H * D] rows in (rows, 64) boxes (see `rows_stride`)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     batch, heads, length, head_dim = x.shape
@@ -351,7 +352,7 @@ def forward(q, k, v, out, lse, table, table_geometry, band, mask, lengths, holes
     dummy = lse
     seed, drop_below, drop_scale = dropout if dropout is not None else (dummy, 0, 1.0)
     t5_ws_fwd[(triton.cdiv(query_len, 2 * ROWS), batch * heads)](
-        _descriptor(q, ROWS), _descriptor(k, BLOCK_N), _descriptor(v, BLOCK_N), out, lse,
+        rows_descriptor(q, ROWS), rows_descriptor(k, BLOCK_N), rows_descriptor(v, BLOCK_N), out, lse,
         table if table is not None else dummy, band["BAND"] if band else dummy,
         mask if mask is not None else dummy, lengths if lengths is not None else dummy,
         holes if holes is not None else dummy, seed, out.stride(0), out.stride(1), out.stride(2),
@@ -369,8 +370,7 @@ _SIGNATURE = dict(O="*bf16", LSE="*fp32", TABLE="*fp32", BAND="*fp32", KMASK="*i
 def compile_for_sm90(block_n: int | None = None, stages: int | None = None, head_dim: int = 128, **flags):
     """triton.compile for sm_90 on any machine (no GPU), specialised as a T5 launch would be (pointers and strides
     divisible by 16); ``flags`` override HAS_BIAS / HAS_KEY_MASK (on), LEAN_FAR, DROPOUT (off)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
+    from sumtune.fast_t5.flash_compile import compile_gluon
 
     block_n, stages = block_n or BLOCK_N, stages or STAGES
     constexprs = {**dict(HEAD_DIM=head_dim, BLOCK_N=block_n, STAGES=stages, HAS_BIAS=True, HAS_KEY_MASK=True,
@@ -380,13 +380,7 @@ def compile_for_sm90(block_n: int | None = None, stages: int | None = None, head
     types = dict(_SIGNATURE, q_desc=f"tensordesc<bf16[{ROWS}, {BOX_COLUMNS}],{layout}>",
                  k_desc=f"tensordesc<bf16[{block_n}, {BOX_COLUMNS}],{layout}>",
                  v_desc=f"tensordesc<bf16[{block_n}, {BOX_COLUMNS}],{layout}>")
-    names = t5_ws_fwd.arg_names
-    signature = {n: ("constexpr" if n in constexprs else types.get(n, "i32")) for n in names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if n not in constexprs and (types.get(n, "").startswith("*") or n.startswith("stride_"))}
-    source = GluonASTSource(fn=t5_ws_fwd, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=4, maxnreg=LAUNCH_REGISTERS))
+    return compile_gluon(t5_ws_fwd, types, constexprs, LAUNCH_REGISTERS)
 
 
 # A launch that raised (Gluon's API moves between Triton releases): the Triton forward runs from then on.
