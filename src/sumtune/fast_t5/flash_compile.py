@@ -114,22 +114,6 @@ def compile_source(kernel, arg_types: dict, constexprs: dict, num_warps: int, nu
     return _compile(kernel, signature, constexprs, attrs, num_warps, num_stages, arch)
 
 
-def compile_gluon(kernel, types: dict, constexprs: dict, maxnreg: int | None = None, arch: int = 90):
-    """triton.compile a Gluon kernel for ``sm_<arch>`` on any machine: ``types`` maps runtime arguments to their
-    types (others are "i32"); pointers and strides are marked divisible by 16, as a T5 launch specialises them."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    names = kernel.arg_names
-    signature = {n: ("constexpr" if n in constexprs else types.get(n, "i32")) for n in names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if n not in constexprs and (types.get(n, "").startswith("*") or n.startswith("stride_"))}
-    source = GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    options = dict(num_warps=constexprs.get("num_warps", 4), **({"maxnreg": maxnreg} if maxnreg else {}))
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
-
-
 def _compile(kernel, signature: dict, constexprs: dict, attrs: dict, num_warps: int, num_stages: int, arch: int):
     import triton
     from triton.backends.compiler import GPUTarget

@@ -28,8 +28,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
-from sumtune.fast_t5.ws_forward import (_PHILOX2_M, _PHILOX2_W, _load_tile, covers, rows_descriptor,
-                                        rows_stride)
+from sumtune.fast_t5.ws_forward import (_PHILOX2_M, _PHILOX2_W, _load_tile, compile_gluon, covers,
+                                        rows_descriptor, rows_stride)
 
 _barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # names that moved between Triton 3.6 and 3.9
 _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
@@ -332,8 +332,6 @@ _SIGNATURE = dict(DK="*bf16", DV="*bf16", LSE="*fp32", DELTA="*fp32", TABLE="*fp
 def compile_for_sm90(stages: int | None = None, block_m: int | None = None, **flags):
     """triton.compile for sm_90 on any machine (no GPU), specialised as a T5 launch would be; ``flags`` override
     HAS_KEY_MASK (on) and DROPOUT (on)."""
-    from sumtune.fast_t5.flash_compile import compile_gluon
-
     constexprs = {**dict(HEAD_DIM=128, BLOCK_M=block_m or BLOCK_M, STAGES=stages or STAGES, HAS_KEY_MASK=True,
                          DROPOUT=True, CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4), **flags}
     layout = "NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)"

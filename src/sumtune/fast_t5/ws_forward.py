@@ -370,8 +370,6 @@ _SIGNATURE = dict(O="*bf16", LSE="*fp32", TABLE="*fp32", BAND="*fp32", KMASK="*i
 def compile_for_sm90(block_n: int | None = None, stages: int | None = None, head_dim: int = 128, **flags):
     """triton.compile for sm_90 on any machine (no GPU), specialised as a T5 launch would be (pointers and strides
     divisible by 16); ``flags`` override HAS_BIAS / HAS_KEY_MASK (on), LEAN_FAR, DROPOUT (off)."""
-    from sumtune.fast_t5.flash_compile import compile_gluon
-
     block_n, stages = block_n or BLOCK_N, stages or STAGES
     constexprs = {**dict(HEAD_DIM=head_dim, BLOCK_N=block_n, STAGES=stages, HAS_BIAS=True, HAS_KEY_MASK=True,
                          LEAN_FAR=LEAN_FAR_TILES, DROPOUT=False, CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4),
@@ -381,6 +379,22 @@ def compile_for_sm90(block_n: int | None = None, stages: int | None = None, head
                  k_desc=f"tensordesc<bf16[{block_n}, {BOX_COLUMNS}],{layout}>",
                  v_desc=f"tensordesc<bf16[{block_n}, {BOX_COLUMNS}],{layout}>")
     return compile_gluon(t5_ws_fwd, types, constexprs, LAUNCH_REGISTERS)
+
+
+def compile_gluon(kernel, types: dict, constexprs: dict, maxnreg: int | None = None, arch: int = 90):
+    """triton.compile a Gluon kernel for ``sm_<arch>`` on any machine: ``types`` maps runtime arguments to their
+    types (others are "i32"); pointers and strides are marked divisible by 16, as a T5 launch specialises them."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    names = kernel.arg_names
+    signature = {n: ("constexpr" if n in constexprs else types.get(n, "i32")) for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if n not in constexprs and (types.get(n, "").startswith("*") or n.startswith("stride_"))}
+    source = GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    options = dict(num_warps=constexprs.get("num_warps", 4), **({"maxnreg": maxnreg} if maxnreg else {}))
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 # A launch that raised (Gluon's API moves between Triton releases): the Triton forward runs from then on.
