@@ -28,8 +28,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
-from sumtune.fast_t5.ws_forward import (_PHILOX2_M, _PHILOX2_W, _load_tile, compile_gluon, covers,
-                                        rows_descriptor, rows_stride)
+from sumtune.fast_t5.ws_forward import (_load_tile, _pair_draws, compile_gluon, covers, rows_descriptor,
+                                        rows_stride)
 
 _barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # names that moved between Triton 3.6 and 3.9
 _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
@@ -81,19 +81,9 @@ def _keep_pairs_keys_first(seed, stream, kn, start_m, n_cols, drop_below, KEYS: 
             warp_bases=[[8, 0], [16, 0]], block_bases=[], shape=[KEYS // 2, QUERIES // 2])
     key_cols = kn // 2 + gl.arange(0, KEYS // 2, layout=gl.SliceLayout(1, calls))  # counter column: 8 per 16 keys
     query_rows = start_m // 2 + gl.arange(0, QUERIES // 2, layout=gl.SliceLayout(0, calls))  # row: 8 per 16 queries
-    c0 = (query_rows[None, :] * n_cols + key_cols[:, None]).to(gl.uint32, bitcast=True)
-    c1 = (gl.full([KEYS // 2, QUERIES // 2], 0, gl.int32, calls) + stream).to(gl.uint32, bitcast=True)
-    key = (gl.full([KEYS // 2, QUERIES // 2], 0, gl.int64, calls) + seed).to(gl.uint32)
-    for _ in gl.static_range(7):  # dropout_draws.PHILOX_ROUNDS
-        hi = gl.umulhi(c0, _PHILOX2_M)
-        lo = c0 * _PHILOX2_M
-        c0 = hi ^ c1 ^ key
-        c1 = lo
-        key = key + _PHILOX2_W
-    near = (c0 & 0xFFFF).to(gl.int32) >= drop_below
-    far_key = (c0 >> 16).to(gl.int32) >= drop_below  # (query r, key c + 8): this tile's next row band
-    far_query = (c1 & 0xFFFF).to(gl.int32) >= drop_below  # (query r + 8, key c): its next column band
-    far_both = (c1 >> 16).to(gl.int32) >= drop_below
+    # (query r, key c), (r, c + 8): this tile's next row band, (r + 8, c): its next column band, (r + 8, c + 8)
+    near, far_key, far_query, far_both = _pair_draws(seed, stream, query_rows[None, :] * n_cols + key_cols[:, None],
+                                                     drop_below)
     keep = gl.join(gl.join(near, far_query), gl.join(far_key, far_both))  # (rows, columns, +8 column, +8 row)
     keep = gl.reshape(keep, (KEYS // 16, 8, QUERIES // 16, 8, 2, 2))
     keep = gl.permute(keep, (0, 5, 1, 2, 4, 3))

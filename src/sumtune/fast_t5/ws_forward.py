@@ -84,6 +84,23 @@ def _producer(q_desc, k_desc, v_desc, q_bufs, k_ring, v_ring, q_bars, k_ready, k
 
 
 @gluon.jit
+def _pair_draws(seed, stream, counter, drop_below):
+    """`dropout_draws._pair_draws` in Gluon: the keep flags of one Philox-2x32 call per counter (in the counter's
+    layout), for (query r, key c), (r, c + 8), (r + 8, c), (r + 8, c + 8)."""
+    c0 = counter.to(gl.uint32, bitcast=True)
+    c1 = (gl.zeros_like(counter) + stream).to(gl.uint32, bitcast=True)
+    key = (gl.zeros_like(counter).to(gl.int64) + seed).to(gl.uint32)
+    for _ in gl.static_range(7):  # dropout_draws.PHILOX_ROUNDS
+        hi = gl.umulhi(c0, _PHILOX2_M)
+        lo = c0 * _PHILOX2_M
+        c0 = hi ^ c1 ^ key
+        c1 = lo
+        key = key + _PHILOX2_W
+    return ((c0 & 0xFFFF).to(gl.int32) >= drop_below, (c0 >> 16).to(gl.int32) >= drop_below,
+            (c1 & 0xFFFF).to(gl.int32) >= drop_below, (c1 >> 16).to(gl.int32) >= drop_below)
+
+
+@gluon.jit
 def _keep_pairs(seed, stream, m0, start_n, n_cols, drop_below, ROWS: gl.constexpr, COLS: gl.constexpr,
                 s_layout: gl.constexpr):
     """The (ROWS, COLS) keep mask of queries m0.. and keys start_n.. in ``s_layout``: the draws of
@@ -99,19 +116,8 @@ def _keep_pairs(seed, stream, m0, start_n, n_cols, drop_below, ROWS: gl.constexp
         warp_bases=[[8, 0], [16, 0]], block_bases=[], shape=[ROWS // 2, COLS // 2])
     rows = m0 // 2 + gl.arange(0, ROWS // 2, layout=gl.SliceLayout(1, calls))  # counter row: 8 per 16-query band
     cols = start_n // 2 + gl.arange(0, COLS // 2, layout=gl.SliceLayout(0, calls))  # 8 per 16-key band
-    c0 = (rows[:, None] * n_cols + cols[None, :]).to(gl.uint32, bitcast=True)
-    c1 = (gl.full([ROWS // 2, COLS // 2], 0, gl.int32, calls) + stream).to(gl.uint32, bitcast=True)
-    key = (gl.full([ROWS // 2, COLS // 2], 0, gl.int64, calls) + seed).to(gl.uint32)
-    for _ in gl.static_range(7):  # dropout_draws.PHILOX_ROUNDS
-        hi = gl.umulhi(c0, _PHILOX2_M)
-        lo = c0 * _PHILOX2_M
-        c0 = hi ^ c1 ^ key
-        c1 = lo
-        key = key + _PHILOX2_W
-    near = (c0 & 0xFFFF).to(gl.int32) >= drop_below
-    far_key = (c0 >> 16).to(gl.int32) >= drop_below
-    far_query = (c1 & 0xFFFF).to(gl.int32) >= drop_below
-    far_both = (c1 >> 16).to(gl.int32) >= drop_below
+    near, far_key, far_query, far_both = _pair_draws(seed, stream, rows[:, None] * n_cols + cols[None, :],
+                                                     drop_below)
     keep = gl.join(gl.join(near, far_key), gl.join(far_query, far_both))  # (rows, columns, +8 column, +8 row)
     keep = gl.reshape(keep, (ROWS // 16, 8, COLS // 16, 8, 2, 2))
     keep = gl.permute(keep, (0, 5, 1, 2, 4, 3))  # (row band, +8 row, row, column band, +8 column, column)
