@@ -74,3 +74,31 @@ def trained_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("trained") / "run"
     sumtune.train({**TRAINED_RUN, "output_dir": str(out)})
     return out
+
+
+def _t5_attention_case(seed: int, batch: int = 3, heads: int = 4, length: int = 700, head_dim: int = 128,
+                       radius: int = 128):
+    """A training call of T5 self-attention on the GPU, bf16: q, k, v as (B, H, L, D) views of (B, L, H, D)
+    projections (scores of a few units), a key mask with a right-padded row and a hole, T5's bias table (one value
+    beyond +-radius) and an upstream gradient laid out as the output projection hands it back."""
+    import torch
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def rows():
+        return torch.randn(batch, length, heads, head_dim, device="cuda", generator=gen,
+                           dtype=torch.bfloat16).transpose(1, 2)
+
+    q, k, v = rows() / 4, rows(), rows()
+    mask = torch.ones(batch, length, dtype=torch.bool, device="cuda")
+    mask[1, length * 5 // 7:] = False
+    mask[2, 7] = False  # a hole
+    offsets = torch.arange(1 - length, length, device="cuda").clamp(-radius, radius) + radius
+    table = (torch.randn(heads, 2 * radius + 1, device="cuda", generator=gen) * 2)[:, offsets]
+    return q, k, v, mask, table, radius, rows()
+
+
+@pytest.fixture
+def t5_attention_case():
+    """`t5_attention_case(seed) -> (q, k, v, key_mask, bias_table, radius, grad_out)` on the GPU (see above)."""
+    return _t5_attention_case

@@ -8,10 +8,6 @@ Triton backward's under the same seed, and are as close to float64 as those.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -29,7 +25,7 @@ for settings in ({}, {"DROPOUT": False}, {"HAS_KEY_MASK": False}, {"stages": 2})
 """
 
 
-def test_the_ws_backward_builds_for_hopper_as_a_producer_warp_and_two_consumer_warpgroups():
+def test_the_ws_backward_builds_for_hopper_as_a_producer_warp_and_two_consumer_warpgroups(compiled_for_hopper):
     """With and without dropout and the key mask, rings of three and two: within Hopper's shared memory, at most a few
     dozen bytes of spill (32-query tiles: with 64, Sᵀ, dPᵀ and P beside dK and dV spilled ~600 bytes with dropout);
     Q, dO, K, V in and dSᵀ out by TMA; registers 24 for the producer, 240 for the consumers; each consumer's 20
@@ -38,11 +34,8 @@ def test_the_ws_backward_builds_for_hopper_as_a_producer_warp_and_two_consumer_w
     pytest.importorskip("triton.experimental.gluon")
     from sumtune.fast_t5.flash_compile import HOPPER_SHARED_BYTES
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", WS_BACKWARD_FOR_HOPPER], env=env, capture_output=True, text=True,
-                            timeout=600)
-    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 4, result.stderr[-2000:]
+    rows, stderr = compiled_for_hopper(WS_BACKWARD_FOR_HOPPER)
+    assert len(rows) == 4, stderr
     for row in rows:
         assert row["shared_bytes"] <= HOPPER_SHARED_BYTES and row["spill_bytes"] <= 64, row
         assert row["async_copies"] == 0 and row["bulk"] >= 5, row  # Q, dO, K, V loads and the dS store
@@ -54,7 +47,7 @@ def test_the_ws_backward_builds_for_hopper_as_a_producer_warp_and_two_consumer_w
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
                     reason="needs a Hopper GPU")
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
-def test_gpu_ws_backward_matches_the_triton_backward_and_float64(monkeypatch, dropout_p):
+def test_gpu_ws_backward_matches_the_triton_backward_and_float64(monkeypatch, dropout_p, t5_attention_case):
     """WS_BACKWARD on a Hopper GPU: T5's bias (near and far tiles), a padded row, a hole, lengths that are not whole
     tiles; under one seed dQ, dK and dV equal the Triton backward's to bf16 rounding, and their error against a
     float64 recomputation with the same keep mask is no larger than 1.5x the Triton backward's; its kernel ran."""
@@ -64,18 +57,8 @@ def test_gpu_ws_backward_matches_the_triton_backward_and_float64(monkeypatch, dr
     launched = []
     launch = ws_backward.dkdv
     monkeypatch.setattr(ws_backward, "dkdv", lambda *a, **k: launched.append(a[0].shape) or launch(*a, **k))
-    gen = torch.Generator(device="cuda").manual_seed(6)
-    batch, heads, length, head_dim, radius = 3, 4, 700, 128, 128
-    q, k, v = (torch.randn(batch, length, heads, head_dim, device="cuda", generator=gen, dtype=torch.bfloat16)
-               .transpose(1, 2) for _ in range(3))
-    q = q / 4
-    mask = torch.ones(batch, length, dtype=torch.bool, device="cuda")
-    mask[1, 500:] = False
-    mask[2, 7] = False
-    offsets = torch.arange(1 - length, length, device="cuda").clamp(-radius, radius) + radius
-    table = (torch.randn(heads, 2 * radius + 1, device="cuda", generator=gen) * 2)[:, offsets]
-    grad_out = torch.randn(batch, length, heads, head_dim, device="cuda", generator=gen,
-                           dtype=torch.bfloat16).transpose(1, 2)
+    q, k, v, mask, table, radius, grad_out = t5_attention_case(6)
+    batch, heads, length, _ = q.shape
 
     def grads(ws: bool):
         monkeypatch.setattr(fa, "WS_BACKWARD", ws)

@@ -11,10 +11,6 @@ are not whole tiles and the fused projection's strided layout.
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -38,7 +34,7 @@ for settings in ({}, {"stages": 3}, {"HAS_BIAS": False, "HAS_KEY_MASK": False}, 
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_the_ws_forward_builds_for_hopper_as_a_producer_warp_and_two_consumer_warpgroups():
+def test_the_ws_forward_builds_for_hopper_as_a_producer_warp_and_two_consumer_warpgroups(compiled_for_hopper):
     """Both ring sizes, the build without bias or mask, the ones with LEAN_FAR_TILES, with head_dim 64 and with
     dropout compile for sm_90 within Hopper's shared memory with little spill; loads by TMA only; the producer's
     registers are cut to 24 and the consumers' raised to 240 (FlashAttention-3's split); both consumers' warpgroup
@@ -48,11 +44,8 @@ def test_the_ws_forward_builds_for_hopper_as_a_producer_warp_and_two_consumer_wa
     pytest.importorskip("triton.experimental.gluon")
     from sumtune.fast_t5.flash_compile import HOPPER_SHARED_BYTES
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", WS_FORWARD_FOR_HOPPER], env=env, capture_output=True, text=True,
-                            timeout=600)
-    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 6, result.stderr[-2000:]
+    rows, stderr = compiled_for_hopper(WS_FORWARD_FOR_HOPPER)
+    assert len(rows) == 6, stderr
     for row in rows:
         # dropout's draws (16 Philox calls a thread and tile) spill a little beside the bias: measured before kept
         assert row["shared_bytes"] <= HOPPER_SHARED_BYTES, row
@@ -194,7 +187,7 @@ def relative_error(value, reference) -> float:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
                     reason="needs a Hopper GPU")
-def test_gpu_ws_training_forward_drops_what_the_triton_kernels_drop(monkeypatch):
+def test_gpu_ws_training_forward_drops_what_the_triton_kernels_drop(monkeypatch, t5_attention_case):
     """WS_TRAINING_FORWARD: a forward a gradient reaches, with T5's bias, padding and dropout 0.1, runs the
     warp-specialized kernel; under the same seed its output and the gradients (the Triton backward regenerating the
     mask) match the Triton forward's to bf16 rounding, while another seed's do not: the same elements were dropped."""
@@ -204,17 +197,7 @@ def test_gpu_ws_training_forward_drops_what_the_triton_kernels_drop(monkeypatch)
     launched = []
     launch = ws_forward.forward
     monkeypatch.setattr(ws_forward, "forward", lambda *a, **k: launched.append(a[0].shape) or launch(*a, **k))
-    gen = torch.Generator(device="cuda").manual_seed(5)
-    batch, heads, length, head_dim, radius = 3, 4, 700, 128, 128
-    q, k, v = (torch.randn(batch, length, heads, head_dim, device="cuda", generator=gen, dtype=torch.bfloat16)
-               .transpose(1, 2) for _ in range(3))
-    q = q / 4
-    mask = torch.ones(batch, length, dtype=torch.bool, device="cuda")
-    mask[1, 500:] = False
-    mask[2, 7] = False  # a hole
-    offsets = torch.arange(1 - length, length, device="cuda").clamp(-radius, radius) + radius
-    table = (torch.randn(heads, 2 * radius + 1, device="cuda", generator=gen) * 2)[:, offsets]
-    grad_out = torch.randn(batch, heads, length, head_dim, device="cuda", generator=gen, dtype=torch.bfloat16)
+    q, k, v, mask, table, radius, grad_out = t5_attention_case(5)
 
     def run(ws: bool, seed: int):
         monkeypatch.setattr(fa, "WS_TRAINING_FORWARD", ws)

@@ -9,10 +9,6 @@ a row without keys and a partly empty second warpgroup, one program a row.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -31,7 +27,7 @@ for split, bias in ((False, False), (True, False), (False, True)):
 """
 
 
-def test_the_warp_specialized_decode_kernel_builds_for_hopper():
+def test_the_warp_specialized_decode_kernel_builds_for_hopper(compiled_for_hopper):
     """At T5-3b's shapes, with and without key splits and with the self-attention's bias: within Hopper's shared
     memory, no spill for the cross-attention (a few bytes with the bias), chunks by TMA only (two boxes a chunk), no
     ldmatrix; the producer's registers cut to 24 and the consumers' raised to 240; each consumer's 128 warpgroup MMAs
@@ -39,11 +35,8 @@ def test_the_warp_specialized_decode_kernel_builds_for_hopper():
     pytest.importorskip("triton.experimental.gluon")
     from sumtune.fast_t5.flash_compile import HOPPER_SHARED_BYTES
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", DECODE_WS_FOR_HOPPER], env=env, capture_output=True, text=True,
-                            timeout=600)
-    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 3, result.stderr[-2000:]
+    rows, stderr = compiled_for_hopper(DECODE_WS_FOR_HOPPER)
+    assert len(rows) == 3, stderr
     for row in rows:
         assert row["shared_bytes"] <= HOPPER_SHARED_BYTES, row
         assert row["spill_bytes"] <= (128 if row["bias"] else 0), row

@@ -92,6 +92,25 @@ def _refill_after(acc, outstanding: gl.constexpr, g, ring, bars, SLOTS: gl.const
 
 
 @gluon.jit
+def keys_first_softmax(s, offs_n, stop, m_i, l_i, BIAS, bias_heads, stride_bh, heads, HAS_BIAS: gl.constexpr):
+    """A [keys, heads] tile's online softmax over its keys: the bias (one value a head and key) loaded while the
+    score products ``s`` still run, then waited for; keys at or past ``stop`` masked (T5: no scaling). Returns
+    (P, the rescale of what came before, the new running maximum and sum)."""
+    if HAS_BIAS:  # issued while the products run: one value a head and key, [keys, heads] as the scores
+        bias = gl.load(BIAS + bias_heads[None, :] * stride_bh + offs_n[:, None],
+                       mask=(offs_n < stop)[:, None] & (bias_heads < heads)[None, :], other=0.0)
+    s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+    if HAS_BIAS:
+        s = s + bias.to(gl.float32)
+    s = gl.where((offs_n < stop)[:, None], s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, 0))
+    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    p = gl.exp(s - m_use[None, :])
+    alpha = gl.exp(m_i - m_use)
+    return p, alpha, m_new, l_i * alpha + gl.sum(p, 0)
+
+
+@gluon.jit
 def _chunk_pv(ring, slot, p_smem, acc):
     return warpgroup_mma(ring.index(slot).permute((1, 0)), p_smem, acc, is_async=True)
 
@@ -158,20 +177,8 @@ def gluon_hidden_cross_attention(Q, DESC, LENGTHS, OUT, ACC, MAX, SUM, BIAS, str
             slot = (base + c) % SLOTS
             s = warpgroup_mma(ring.index(slot), q_smem.slice(c * CHUNK, CHUNK, dim=1).permute((1, 0)), s,
                               is_async=True)
-        offs_n = start + t * BLOCK_N + keys
-        if HAS_BIAS:  # issued while the products run: one value a head and key, [keys, heads] as the scores
-            bias = gl.load(BIAS + bias_heads[None, :] * stride_bh + offs_n[:, None],
-                           mask=(offs_n < stop)[:, None] & (bias_heads < heads)[None, :], other=0.0)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-        if HAS_BIAS:
-            s = s + bias.to(gl.float32)
-        s = gl.where((offs_n < stop)[:, None], s, float("-inf"))  # T5: no scaling
-        m_new = gl.maximum(m_i, gl.max(s, 0))
-        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-        p = gl.exp(s - m_use[None, :])
-        alpha = gl.exp(m_i - m_use)
-        l_i = l_i * alpha + gl.sum(p, 0)
-        m_i = m_new
+        p, alpha, m_i, l_i = keys_first_softmax(s, start + t * BLOCK_N + keys, stop, m_i, l_i, BIAS, bias_heads,
+                                                 stride_bh, heads, HAS_BIAS)
         p_smem.store(p.to(dtype))  # the previous tile's P.V are done: they were waited for below
         _barrier()
         fence_async_shared()

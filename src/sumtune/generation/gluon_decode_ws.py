@@ -25,6 +25,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
 
+from sumtune.generation.gluon_decode import _states_descriptor, keys_first_softmax
+
 BLOCK_N = 64  # keys a tile: a warpgroup MMA's rows
 BLOCK_H = 32  # heads a program: two consumer warpgroups of 16
 D_MODEL = 1024  # the one width it takes (eight accumulators below)
@@ -116,20 +118,8 @@ def _consumer(which: gl.constexpr, Q, q_bufs, ring, p_bufs, ready, empty, OUT, A
             mbarrier.wait(ready.index(g % slots), (g // slots) & 1)
             s = warpgroup_mma(ring.index(g % slots), q_smem.slice(c * chunk, chunk, dim=1).permute((1, 0)), s,
                               is_async=True)
-        offs_n = start + t * block_n + keys
-        if HAS_BIAS:  # issued while the products run: one value a head and key, [keys, heads] as the scores
-            bias = gl.load(BIAS + bias_heads[None, :] * stride_bh + offs_n[:, None],
-                           mask=(offs_n < stop)[:, None] & (bias_heads < heads)[None, :], other=0.0)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-        if HAS_BIAS:
-            s = s + bias.to(gl.float32)
-        s = gl.where((offs_n < stop)[:, None], s, float("-inf"))  # T5: no scaling
-        m_new = gl.maximum(m_i, gl.max(s, 0))
-        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-        p = gl.exp(s - m_use[None, :])
-        alpha = gl.exp(m_i - m_use)
-        l_i = l_i * alpha + gl.sum(p, 0)
-        m_i = m_new
+        p, alpha, m_i, l_i = keys_first_softmax(s, start + t * block_n + keys, stop, m_i, l_i, BIAS, bias_heads,
+                                                 stride_bh, heads, HAS_BIAS)
         p_smem.store(p.to(dtype))  # the previous tile's P.V are done: waited for below
         _barrier()
         fence_async_shared()
@@ -244,8 +234,6 @@ def supported(heads: int, d_model: int) -> str | None:
 def launch(grid, q_mem, memory, lengths, out, acc, running_max, total, heads, keys_per_split, block_h, split,
            bias=None):
     """gluon_decode.launch's arguments, with ``block_h`` BLOCK_H and ``grid`` (1, batch, splits)."""
-    from sumtune.generation.gluon_decode import _states_descriptor
-
     batch, src_len, d_model = memory.shape
     assert block_h == BLOCK_H and grid[0] == 1, (block_h, grid)
     gluon_ws_hidden_cross_attention[grid](
