@@ -17,10 +17,10 @@ DECODE_WS_FOR_HOPPER = r"""
 import json, re
 from sumtune.fast_t5.flash_compile import resources, _sass
 from sumtune.generation import gluon_decode_ws
-for split, bias in ((False, False), (True, False), (False, True)):
-    compiled = gluon_decode_ws.compile_for_sm90(split=split, bias=bias)
+for split in (False, True):
+    compiled = gluon_decode_ws.compile_for_sm90(split=split)
     ptx, sass = compiled.asm["ptx"], _sass(compiled)
-    print(json.dumps(dict(split=split, bias=bias, hgmma=sass.count("HGMMA"), ldmatrix=ptx.count("ldmatrix"),
+    print(json.dumps(dict(split=split, hgmma=sass.count("HGMMA"), ldmatrix=ptx.count("ldmatrix"),
                           bulk=ptx.count("cp.async.bulk.tensor"),
                           setmaxnreg=re.findall(r"setmaxnreg\.(\w+)\.sync\.aligned\.u32\s+(\d+)", ptx),
                           **resources(compiled))))
@@ -28,18 +28,18 @@ for split, bias in ((False, False), (True, False), (False, True)):
 
 
 def test_the_warp_specialized_decode_kernel_builds_for_hopper(compiled_for_hopper):
-    """At T5-3b's shapes, with and without key splits and with the self-attention's bias: within Hopper's shared
-    memory, no spill for the cross-attention (a few bytes with the bias), chunks by TMA only (two boxes a chunk), no
-    ldmatrix; the producer's registers cut to 24 and the consumers' raised to 240; each consumer's 128 warpgroup MMAs
-    a tile (scores: 8 chunks x 8 steps of 16; P.V: 8 chunks x 2 halves of 64 rows x 4 steps)."""
+    """At T5-3b's shapes, with and without key splits: within Hopper's shared memory, little spill (none with Triton
+    3.6, the GPU image's; 20 bytes with 3.9), chunks by TMA only (two boxes a chunk), no ldmatrix; the producer's
+    registers cut to 24 and the consumers' raised to 240; each consumer's 128 warpgroup MMAs a tile (scores: 8
+    chunks x 8 steps of 16; P.V: 8 chunks x 2 halves of 64 rows x 4 steps)."""
     pytest.importorskip("triton.experimental.gluon")
     from sumtune.fast_t5.flash_compile import HOPPER_SHARED_BYTES
 
     rows, stderr = compiled_for_hopper(DECODE_WS_FOR_HOPPER)
-    assert len(rows) == 3, stderr
+    assert len(rows) == 2, stderr
     for row in rows:
         assert row["shared_bytes"] <= HOPPER_SHARED_BYTES, row
-        assert row["spill_bytes"] <= (128 if row["bias"] else 0), row
+        assert row["spill_bytes"] <= 64, row
         assert row["async_copies"] == 0 and row["bulk"] == 2 and row["ldmatrix"] == 0, row
         assert ["dec", "24"] in row["setmaxnreg"] and ["inc", "240"] in row["setmaxnreg"], row
         assert row["hgmma"] == 2 * (8 * 8 + 8 * 2 * 4), row

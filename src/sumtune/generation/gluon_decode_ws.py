@@ -71,9 +71,8 @@ def _free_after(acc, outstanding: gl.constexpr, empty, g, slots: gl.constexpr):
 
 
 @gluon.jit
-def _consumer(which: gl.constexpr, Q, q_bufs, ring, p_bufs, ready, empty, OUT, ACC, MAX, SUM, BIAS, stride_qb,
-              stride_qh, stride_ob, stride_oh, stride_bh, heads, row, split, splits, start, stop, n_tiles,
-              SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr):
+def _consumer(which: gl.constexpr, Q, q_bufs, ring, p_bufs, ready, empty, OUT, ACC, MAX, SUM, stride_qb,
+              stride_qh, stride_ob, stride_oh, heads, row, split, splits, start, stop, n_tiles, SPLIT: gl.constexpr):
     slots: gl.constexpr = ring.type.shape[0]
     block_n: gl.constexpr = ring.type.shape[1]
     chunk: gl.constexpr = ring.type.shape[2]
@@ -109,7 +108,7 @@ def _consumer(which: gl.constexpr, Q, q_bufs, ring, p_bufs, ready, empty, OUT, A
     acc7 = gl.zeros([chunk, block_h], gl.float32, layout=mma_layout)
     zero_s = gl.zeros([block_n, block_h], gl.float32, layout=mma_layout)
     keys = gl.arange(0, block_n, layout=gl.SliceLayout(1, mma_layout))
-    bias_heads = head0 + gl.arange(0, block_h, layout=gl.SliceLayout(0, mma_layout))
+    offs_heads = head0 + gl.arange(0, block_h, layout=gl.SliceLayout(0, mma_layout))
     for t in range(0, n_tiles):
         g0 = t * chunks
         s = zero_s
@@ -118,8 +117,8 @@ def _consumer(which: gl.constexpr, Q, q_bufs, ring, p_bufs, ready, empty, OUT, A
             mbarrier.wait(ready.index(g % slots), (g // slots) & 1)
             s = warpgroup_mma(ring.index(g % slots), q_smem.slice(c * chunk, chunk, dim=1).permute((1, 0)), s,
                               is_async=True)
-        p, alpha, m_i, l_i = keys_first_softmax(s, start + t * block_n + keys, stop, m_i, l_i, BIAS, bias_heads,
-                                                 stride_bh, heads, HAS_BIAS)
+        p, alpha, m_i, l_i = keys_first_softmax(s, start + t * block_n + keys, stop, m_i, l_i, Q, offs_heads, 0,
+                                                 heads, False)  # cross-attention: no bias
         p_smem.store(p.to(dtype))  # the previous tile's P.V are done: waited for below
         _barrier()
         fence_async_shared()
@@ -171,26 +170,23 @@ def _consumer(which: gl.constexpr, Q, q_bufs, ring, p_bufs, ready, empty, OUT, A
 
 
 @gluon.jit
-def _consumer0(Q, q_bufs, ring, p_bufs, ready, empty, OUT, ACC, MAX, SUM, BIAS, stride_qb, stride_qh, stride_ob,
-               stride_oh, stride_bh, heads, row, split, splits, start, stop, n_tiles, flags):
-    _consumer(0, Q, q_bufs, ring, p_bufs, ready, empty, OUT, ACC, MAX, SUM, BIAS, stride_qb, stride_qh, stride_ob,
-              stride_oh, stride_bh, heads, row, split, splits, start, stop, n_tiles, flags.type.shape[0] > 1,
-              flags.type.shape[1] > 1)
+def _consumer0(Q, q_bufs, ring, p_bufs, ready, empty, OUT, ACC, MAX, SUM, stride_qb, stride_qh, stride_ob, stride_oh,
+               heads, row, split, splits, start, stop, n_tiles, flags):
+    _consumer(0, Q, q_bufs, ring, p_bufs, ready, empty, OUT, ACC, MAX, SUM, stride_qb, stride_qh, stride_ob, stride_oh,
+              heads, row, split, splits, start, stop, n_tiles, flags.type.shape[0] > 1)
 
 
 @gluon.jit
-def _consumer1(Q, q_bufs, ring, p_bufs, ready, empty, OUT, ACC, MAX, SUM, BIAS, stride_qb, stride_qh, stride_ob,
-               stride_oh, stride_bh, heads, row, split, splits, start, stop, n_tiles, flags):
-    _consumer(1, Q, q_bufs, ring, p_bufs, ready, empty, OUT, ACC, MAX, SUM, BIAS, stride_qb, stride_qh, stride_ob,
-              stride_oh, stride_bh, heads, row, split, splits, start, stop, n_tiles, flags.type.shape[0] > 1,
-              flags.type.shape[1] > 1)
+def _consumer1(Q, q_bufs, ring, p_bufs, ready, empty, OUT, ACC, MAX, SUM, stride_qb, stride_qh, stride_ob, stride_oh,
+               heads, row, split, splits, start, stop, n_tiles, flags):
+    _consumer(1, Q, q_bufs, ring, p_bufs, ready, empty, OUT, ACC, MAX, SUM, stride_qb, stride_qh, stride_ob, stride_oh,
+              heads, row, split, splits, start, stop, n_tiles, flags.type.shape[0] > 1)
 
 
 @gluon.jit
-def gluon_ws_hidden_cross_attention(Q, DESC, LENGTHS, OUT, ACC, MAX, SUM, BIAS, stride_qb, stride_qh, src_len,
-                                    stride_ob, stride_oh, stride_lb, stride_bh, heads, keys_per_split,
-                                    D: gl.constexpr, BLOCK_N: gl.constexpr, SPLIT: gl.constexpr,
-                                    SLOTS: gl.constexpr, HAS_BIAS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+def gluon_ws_hidden_cross_attention(Q, DESC, LENGTHS, OUT, ACC, MAX, SUM, stride_qb, stride_qh, src_len, stride_ob,
+                                    stride_oh, heads, keys_per_split, D: gl.constexpr, BLOCK_N: gl.constexpr,
+                                    SPLIT: gl.constexpr, SLOTS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                                     num_warps: gl.constexpr):
     tile_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     p_smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=16, rank=2)
@@ -200,7 +196,7 @@ def gluon_ws_hidden_cross_attention(Q, DESC, LENGTHS, OUT, ACC, MAX, SUM, BIAS, 
     split = gl.program_id(2)
     splits = gl.num_programs(2)
     start = split * keys_per_split
-    stop = gl.minimum(start + keys_per_split, gl.load(LENGTHS + row * stride_lb))
+    stop = gl.minimum(start + keys_per_split, gl.load(LENGTHS + row))
     n_tiles = gl.cdiv(gl.maximum(stop - start, 0), BLOCK_N)
     row_base = row * src_len + start  # the row's first key in the [B * L, D] descriptor
 
@@ -209,14 +205,14 @@ def gluon_ws_hidden_cross_attention(Q, DESC, LENGTHS, OUT, ACC, MAX, SUM, BIAS, 
     p_bufs = gl.allocate_shared_memory(dtype, [2, BLOCK_N, half_h], p_smem_layout)
     ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
-    # the two flags as a tiny buffer's shape: a partition's constexpr arguments arrive as tensors in Triton 3.6
-    flags = gl.allocate_shared_memory(gl.int8, [1 + SPLIT, 1 + HAS_BIAS], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    # SPLIT as a tiny buffer's shape: a partition's constexpr arguments arrive as tensors in Triton 3.6
+    flags = gl.allocate_shared_memory(gl.int8, [1 + SPLIT, 1], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     for i in gl.static_range(SLOTS):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)  # both consumers free a slot
     fence_async_shared()
-    consumer_args = (Q, q_bufs, ring, p_bufs, ready, empty, OUT, ACC, MAX, SUM, BIAS, stride_qb, stride_qh,
-                     stride_ob, stride_oh, stride_bh, heads, row, split, splits, start, stop, n_tiles, flags)
+    consumer_args = (Q, q_bufs, ring, p_bufs, ready, empty, OUT, ACC, MAX, SUM, stride_qb, stride_qh, stride_ob,
+                     stride_oh, heads, row, split, splits, start, stop, n_tiles, flags)
     gl.warp_specialize([(_consumer0, consumer_args), (_consumer1, consumer_args),
                         (_producer, (DESC, q_bufs, ring, ready, empty, row_base, n_tiles))],
                        [4, 1], [CONSUMER_REGS, 24])
@@ -233,35 +229,25 @@ def supported(heads: int, d_model: int) -> str | None:
 
 def launch(grid, q_mem, memory, lengths, out, acc, running_max, total, heads, keys_per_split, block_h, split,
            bias=None):
-    """gluon_decode.launch's arguments, with ``block_h`` BLOCK_H and ``grid`` (1, batch, splits)."""
+    """gluon_decode.launch's arguments for cross-attention (no ``bias``: the decoder's self-attention keeps
+    gluon_decode), with ``block_h`` BLOCK_H and ``grid`` (1, batch, splits); contiguous ``lengths``."""
     batch, src_len, d_model = memory.shape
-    assert block_h == BLOCK_H and grid[0] == 1, (block_h, grid)
+    assert bias is None and block_h == BLOCK_H and grid[0] == 1 and lengths.stride(0) == 1, (block_h, grid)
     gluon_ws_hidden_cross_attention[grid](
-        q_mem, _states_descriptor(memory), lengths, out, acc, running_max, total, q_mem if bias is None else bias,
-        q_mem.stride(0), q_mem.stride(1), src_len, out.stride(0), out.stride(1), lengths.stride(0),
-        0 if bias is None else bias.stride(0), heads, keys_per_split, D=d_model, BLOCK_N=BLOCK_N, SPLIT=split,
-        SLOTS=SLOTS, HAS_BIAS=bias is not None, CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4,
-        maxnreg=LAUNCH_REGISTERS)
+        q_mem, _states_descriptor(memory), lengths, out, acc, running_max, total, q_mem.stride(0), q_mem.stride(1),
+        src_len, out.stride(0), out.stride(1), heads, keys_per_split, D=d_model, BLOCK_N=BLOCK_N, SPLIT=split,
+        SLOTS=SLOTS, CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4, maxnreg=LAUNCH_REGISTERS)
 
 
-_SIGNATURE = dict(Q="*bf16", LENGTHS="*i32", OUT="*bf16", ACC="*fp32", MAX="*fp32", SUM="*fp32", BIAS="*bf16",
+_SIGNATURE = dict(Q="*bf16", LENGTHS="*i32", OUT="*bf16", ACC="*fp32", MAX="*fp32", SUM="*fp32",
                   DESC=(f"tensordesc<bf16[{BLOCK_N}, {TMA_BOX}],NVMMASharedLayout(swizzle_byte_width=128, "
                         "element_bitwidth=16, rank=2)>"))
 
 
-def compile_for_sm90(split: bool = False, slots: int | None = None, bias: bool = False):
+def compile_for_sm90(split: bool = False, slots: int | None = None):
     """triton.compile for sm_90 on any machine (no GPU), specialised as a T5-3b launch would be."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
+    from sumtune.fast_t5.ws_forward import compile_gluon
 
-    constexprs = dict(D=D_MODEL, BLOCK_N=BLOCK_N, SPLIT=split, SLOTS=slots or SLOTS, HAS_BIAS=bias,
+    constexprs = dict(D=D_MODEL, BLOCK_N=BLOCK_N, SPLIT=split, SLOTS=slots or SLOTS,
                       CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
-    if not bias:  # cross-attention's lengths are contiguous: the JIT makes a stride of 1 a constant
-        constexprs["stride_lb"] = 1
-    names = gluon_ws_hidden_cross_attention.arg_names
-    signature = {n: ("constexpr" if n in constexprs else _SIGNATURE.get(n, "i32")) for n in names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in constexprs and n != "DESC"}
-    source = GluonASTSource(fn=gluon_ws_hidden_cross_attention, signature=signature, constexprs=constexprs,
-                            attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=4, maxnreg=LAUNCH_REGISTERS))
+    return compile_gluon(gluon_ws_hidden_cross_attention, _SIGNATURE, constexprs, LAUNCH_REGISTERS)
