@@ -95,7 +95,7 @@ def test_a_ws_forward_that_fails_to_launch_hands_over_to_the_triton_forward_once
         raise TypeError("async_copy_global_to_shared() got an unexpected keyword argument 'pred'")
 
     monkeypatch.setattr(fa, "WS_NO_GRAD_FORWARD", True)
-    monkeypatch.setattr(fa, "_ws_asked", lambda q, mask: True)
+    monkeypatch.setattr(fa, "_ws_asked", lambda *call: True)
     monkeypatch.setattr(ws_forward, "failure", None)
     monkeypatch.setattr(ws_forward, "covers", lambda *args: True)
     monkeypatch.setattr(ws_forward, "forward", broken)

@@ -232,13 +232,13 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
     drop_below, drop_scale = dropout_threshold(dropout_p, 1 << draw_bits)
     radius_given, radius = radius, _radius(radius, query_len, key_len)
     if (WS_NO_GRAD_FORWARD and no_gradient and dropout_p == 0 or WS_TRAINING_FORWARD and not precise_pv) \
-            and _ws_asked(q, mask):
+            and _ws_asked(q, mask, dropout_p, draw_bits, pairs):
         from sumtune.fast_t5 import ws_forward
 
-        dropout = (seed, drop_below, drop_scale) if dropout_p > 0 else None  # its draws: 16-bit pairs only
-        if (dropout is None or (draw_bits == 16 and pairs)) and ws_forward.run_if_covered(
-                q, k, v, causal, out, lse, table, _table_geometry(table, query_len), radius_given, radius,
-                BAND_MAX_RADIUS, mask, lengths, holes, scale * LOG2E, dropout):
+        dropout = (seed, drop_below, drop_scale) if dropout_p > 0 else None
+        if ws_forward.run_if_covered(q, k, v, causal, out, lse, table, _table_geometry(table, query_len),
+                                     radius_given, radius, BAND_MAX_RADIUS, mask, lengths, holes, scale * LOG2E,
+                                     dropout):
             return out, lse
     dummy = lse
     descriptors = row_descriptors(k, v) if FWD_DESCRIPTORS else None
@@ -259,10 +259,12 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
     return out, lse
 
 
-def _ws_asked(q: Tensor, mask: Tensor | None) -> bool:
+def _ws_asked(q: Tensor, mask: Tensor | None, dropout_p: float, draw_bits: int, pairs: bool) -> bool:
     """A warp-specialized kernel may take the call: on CUDA (not the interpreter), with the key mask, if any, read
-    only in rows with holes (the forward's only way of reading it)."""
-    return q.is_cuda and not _kernels().INTERPRET and (mask is None or MASK_ONLY_WITH_HOLES)
+    only in rows with holes (the forward's only way of reading it), and dropout, if any, in the 16-bit paired draws
+    (the only ones its kernels make)."""
+    return (q.is_cuda and not _kernels().INTERPRET and (mask is None or MASK_ONLY_WITH_HOLES)
+            and (dropout_p == 0 or (draw_bits == 16 and pairs)))
 
 
 def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, causal, scale, dropout_p, seed,
@@ -289,17 +291,17 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, 
     store_ds = ds_gemm_active() and (
         _ds_buffer_gib(batch, heads, key_len, query_len, q.element_size()) <= DS_GEMM_MAX_GIB)
     ds = _ds_buffer(batch, heads, key_len, query_len, q) if store_ds else delta
-    ds_strides = ds.stride()[:3] if store_ds else (0, 0, 0)
-    descriptors = row_descriptors(q, grad_out) if BWD_DESCRIPTORS else None
-    q_arg, do_arg = descriptors or (q, grad_out)
-    lean = LEAN_BACKWARD and not causal  # with dropout, the lean build leaves its scale to dK, dV and the dQ GEMM
-    if WS_BACKWARD and _ws_asked(q, mask):
+    if WS_BACKWARD and _ws_asked(q, mask, dropout_p, draw_bits, pairs):
         from sumtune.fast_t5 import ws_backward
 
         if ws_backward.run_if_covered(q, k, v, grad_out, dk, dv, ds, lse, delta, causal, table, geometry,
                                       radius_given, radius, BAND_MAX_RADIUS, store_ds, mask, lengths, scale * LOG2E,
-                                      scale, seed, dropout_p, draw_bits, pairs, drop_below, drop_scale):
+                                      scale, seed, dropout_p, drop_below, drop_scale):
             return _dq_from_ds(ds, k, dq, query_len, key_len, scale * drop_scale), dk, dv  # dS without dropout's scale
+    ds_strides = ds.stride()[:3] if store_ds else (0, 0, 0)
+    descriptors = row_descriptors(q, grad_out) if BWD_DESCRIPTORS else None
+    q_arg, do_arg = descriptors or (q, grad_out)
+    lean = LEAN_BACKWARD and not causal  # with dropout, the lean build leaves its scale to dK, dV and the dQ GEMM
     _launch("dkdv", kernels.t5_flash_attention_bwd_dkdv,
             lambda bm, bn: (_cdiv(key_len, bn), batch * heads),
             q_arg, k, v, do_arg, dk, dv, lse, delta, table_arg, mask_arg, lengths_arg, ds,

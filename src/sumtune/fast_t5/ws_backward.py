@@ -28,8 +28,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
-from sumtune.fast_t5.ws_forward import (_load_tile, _pair_draws, compile_gluon, covers, rows_descriptor,
-                                        rows_stride)
+from sumtune.fast_t5.ws_forward import (BOX_COLUMNS, CONSUMER_REGISTERS, LAUNCH_REGISTERS, _load_tile, _pair_draws,
+                                        compile_gluon, covers, rows_descriptor, rows_stride, said_once)
 
 _barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # names that moved between Triton 3.6 and 3.9
 _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
@@ -39,9 +39,7 @@ KEYS = 64  # a consumer warpgroup's keys (one warpgroup MMA's M); a program take
 # accumulator registers with dropout's draws (m64n64 tiles spilled ~600 bytes in the loop).
 BLOCK_M = 32
 STAGES = 3  # slots in the Q and dO rings (123 KiB of shared memory in all)
-CONSUMER_REGISTERS = 240
-LAUNCH_REGISTERS = 168
-BOX_COLUMNS = 64
+_KEYS = gl.constexpr(KEYS)
 
 
 @gluon.jit
@@ -233,7 +231,7 @@ def t5_ws_bwd_dkdv(q_desc, do_desc, k_desc, v_desc, ds_desc, DK, DV, LSE, DELTA,
                    num_warps: gl.constexpr):
     tile_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     dtype: gl.constexpr = q_desc.dtype
-    keys: gl.constexpr = 64
+    keys: gl.constexpr = _KEYS
     start_n = gl.program_id(0) * (2 * keys)
     bh = gl.program_id(1)
     b = bh // H
@@ -278,11 +276,10 @@ def t5_ws_bwd_dkdv(q_desc, do_desc, k_desc, v_desc, ds_desc, DK, DV, LSE, DELTA,
 
 
 def covers_backward(q, k, v, grad_out, causal: bool, table, radius_given: int, band_max_radius: int,
-                    store_ds: bool, dropout_p: float, draw_bits: int, pairs: bool) -> bool:
+                    store_ds: bool) -> bool:
     """Whether this kernel takes the call's dK/dV (first match: otherwise the Triton kernel runs)."""
     return (covers(q, k, v, causal) and rows_stride(grad_out) is not None and table is not None
-            and 0 < radius_given <= band_max_radius and store_ds
-            and (dropout_p == 0 or (draw_bits == 16 and pairs)))
+            and 0 < radius_given <= band_max_radius and store_ds)
 
 
 def _ds_descriptor(ds: torch.Tensor):
@@ -304,15 +301,13 @@ def dkdv(q, k, v, grad_out, dk, dv, ds, lse, delta, table, table_geometry, band,
     dummy = lse
     t5_ws_bwd_dkdv[(triton.cdiv(key_len, 2 * KEYS), batch * heads)](
         rows_descriptor(q, BLOCK_M), rows_descriptor(grad_out, BLOCK_M), rows_descriptor(k, KEYS),
-        rows_descriptor(v, KEYS),
-        _ds_descriptor(ds), dk, dv, lse, delta, table, band["BAND"], mask if mask is not None else dummy,
-        lengths if lengths is not None else dummy, seed if dropout else dummy, dk.stride(0), dk.stride(1),
-        dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), mask.stride(0) if mask is not None else 0,
-        ds.shape[2], heads, query_len, key_len, radius, *table_geometry,
-        band["band_head"], band["band_w"], qk_scale, scale, drop_below, drop_scale, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M,
-        STAGES=STAGES,
-        HAS_KEY_MASK=mask is not None, DROPOUT=dropout, CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4,
-        maxnreg=LAUNCH_REGISTERS)
+        rows_descriptor(v, KEYS), _ds_descriptor(ds), dk, dv, lse, delta, table, band["BAND"],
+        mask if mask is not None else dummy, lengths if lengths is not None else dummy, seed if dropout else dummy,
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        mask.stride(0) if mask is not None else 0, ds.shape[2], heads, query_len, key_len, radius, *table_geometry,
+        band["band_head"], band["band_w"], qk_scale, scale, drop_below, drop_scale, HEAD_DIM=head_dim,
+        BLOCK_M=BLOCK_M, STAGES=STAGES, HAS_KEY_MASK=mask is not None, DROPOUT=dropout,
+        CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4, maxnreg=LAUNCH_REGISTERS)
 
 
 _SIGNATURE = dict(DK="*bf16", DV="*bf16", LSE="*fp32", DELTA="*fp32", TABLE="*fp32", BAND="*fp32",
@@ -340,13 +335,13 @@ failure: str | None = None
 
 
 def run_if_covered(q, k, v, grad_out, dk, dv, ds, lse, delta, causal, table, table_geometry, radius_given, radius,
-                   band_max_radius, store_ds, mask, lengths, qk_scale, scale, seed, dropout_p, draw_bits, pairs,
-                   drop_below, drop_scale) -> bool:
+                   band_max_radius, store_ds, mask, lengths, qk_scale, scale, seed, dropout_p, drop_below,
+                   drop_scale) -> bool:
     """This kernel for the call's dK, dV and dSᵀ where it covers it (`covers_backward`); whether it ran. The first
     launch that raises turns it off for the process, with one warning."""
     global failure
     if failure is not None or not covers_backward(q, k, v, grad_out, causal, table, radius_given, band_max_radius,
-                                                  store_ds, dropout_p, draw_bits, pairs):
+                                                  store_ds):
         return False
     from sumtune.fast_t5 import bias_band
 
@@ -355,10 +350,6 @@ def run_if_covered(q, k, v, grad_out, dk, dv, ds, lse, delta, causal, table, tab
         dkdv(q, k, v, grad_out, dk, dv, ds, lse, delta, table, table_geometry, band, mask, lengths, radius, qk_scale,
              scale, seed, drop_below, drop_scale, dropout_p > 0)
     except Exception as error:  # noqa: BLE001 - any launch failure: the Triton kernels, said once
-        import warnings
-
-        failure = f"{type(error).__name__}: {error}"
-        warnings.warn(f"sumtune: the warp-specialized attention backward cannot run here ({failure}); the Triton "
-                      "kernels run instead", RuntimeWarning, stacklevel=3)
+        failure = said_once(error, "backward", "the Triton kernels run")
         return False
     return True

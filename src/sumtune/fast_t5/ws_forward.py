@@ -50,6 +50,7 @@ LAUNCH_REGISTERS = 168  # 12 warps (8 consumers, the producer's warpgroup) x 168
 LEAN_FAR_TILES = False
 BOX_COLUMNS = 64  # 128 bytes of bf16: the 128-byte swizzle's width, so a head_dim-128 tile lands as two boxes
 _BOX = gl.constexpr(BOX_COLUMNS)
+_ROWS = gl.constexpr(ROWS)
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # renamed after Triton 3.6
 _PHILOX2_M = gl.constexpr(0xD256D193)  # dropout_draws' Philox-2x32 multiplier and key increment
 _PHILOX2_W = gl.constexpr(0x9E3779B9)
@@ -152,7 +153,7 @@ def _scores(s, j, m0, block_n: gl.constexpr, s_layout: gl.constexpr, qk_scale, f
 
 @gluon.jit
 def _consumer(which: gl.constexpr, O, LSE, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty,
-              out_base, lse_base, start_m, Lq, Lk, stride_om, n_tiles, qk_scale, TABLE, BAND, table_row, table_zero,
+              out_base, bh, start_m, Lq, Lk, stride_om, n_tiles, qk_scale, TABLE, BAND, table_row, table_zero,
               band_head, band_w, R, KMASK, kv_len, read_mask, h, SEED, drop_below, drop_scale,
               HAS_BIAS: gl.constexpr, HAS_KEY_MASK: gl.constexpr, LEAN_FAR: gl.constexpr, DROPOUT: gl.constexpr):
     rows: gl.constexpr = q_bufs.type.shape[1]
@@ -178,7 +179,6 @@ def _consumer(which: gl.constexpr, O, LSE, q_bufs, k_ring, v_ring, q_bars, k_rea
     if DROPOUT:
         seed = gl.load(SEED)
         n_cols = gl.cdiv(Lk, 16) * 8  # dropout_draws._counter_cols with PAIRS
-    bh = lse_base // Lq  # the dropout stream: batch * heads index
     q = q_bufs.index(which)
     mbarrier.wait(q_bars.index(which), 0)
 
@@ -240,24 +240,25 @@ def _consumer(which: gl.constexpr, O, LSE, q_bufs, k_ring, v_ring, q_bars, k_rea
     gl.store(O + out_base + offs_m.to(gl.int64)[:, None] * stride_om + offs_d[None, :], out.to(dtype),
              mask=(offs_m < Lq)[:, None])
     offs_ml = m0 + gl.arange(0, rows, layout=gl.SliceLayout(1, s_layout))
-    gl.store(LSE + lse_base + offs_ml, gl.where(empty, float("inf"), m_i + gl.log2(l_safe)), mask=offs_ml < Lq)
+    gl.store(LSE + bh.to(gl.int64) * Lq + offs_ml, gl.where(empty, float("inf"), m_i + gl.log2(l_safe)),
+             mask=offs_ml < Lq)
 
 
 @gluon.jit
-def _consumer0(O, LSE, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty, out_base, lse_base,
+def _consumer0(O, LSE, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty, out_base, bh,
                start_m, Lq, Lk, stride_om, n_tiles, qk_scale, TABLE, BAND, table_row, table_zero, band_head, band_w,
                R, KMASK, kv_len, read_mask, h, SEED, drop_below, drop_scale, flags):
-    _consumer(0, O, LSE, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty, out_base, lse_base,
+    _consumer(0, O, LSE, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty, out_base, bh,
               start_m, Lq, Lk, stride_om, n_tiles, qk_scale, TABLE, BAND, table_row, table_zero, band_head, band_w,
               R, KMASK, kv_len, read_mask, h, SEED, drop_below, drop_scale, flags.type.shape[0] > 1,
               flags.type.shape[1] > 1, flags.type.shape[2] > 1, flags.type.shape[3] > 1)
 
 
 @gluon.jit
-def _consumer1(O, LSE, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty, out_base, lse_base,
+def _consumer1(O, LSE, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty, out_base, bh,
                start_m, Lq, Lk, stride_om, n_tiles, qk_scale, TABLE, BAND, table_row, table_zero, band_head, band_w,
                R, KMASK, kv_len, read_mask, h, SEED, drop_below, drop_scale, flags):
-    _consumer(1, O, LSE, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty, out_base, lse_base,
+    _consumer(1, O, LSE, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty, out_base, bh,
               start_m, Lq, Lk, stride_om, n_tiles, qk_scale, TABLE, BAND, table_row, table_zero, band_head, band_w,
               R, KMASK, kv_len, read_mask, h, SEED, drop_below, drop_scale, flags.type.shape[0] > 1,
               flags.type.shape[1] > 1, flags.type.shape[2] > 1, flags.type.shape[3] > 1)
@@ -271,7 +272,7 @@ def t5_ws_fwd(q_desc, k_desc, v_desc, O, LSE, TABLE, BAND, KMASK, KV_LEN, HOLES,
               DROPOUT: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     tile_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     dtype: gl.constexpr = q_desc.dtype
-    rows: gl.constexpr = 64
+    rows: gl.constexpr = _ROWS
     start_m = gl.program_id(0) * (2 * rows)
     bh = gl.program_id(1)
     b = bh // H
@@ -308,8 +309,8 @@ def t5_ws_fwd(q_desc, k_desc, v_desc, O, LSE, TABLE, BAND, KMASK, KV_LEN, HOLES,
 
     col = h * HEAD_DIM
     out_base = b.to(gl.int64) * stride_ob + h * stride_oh
-    consumer_args = (O, LSE, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty, out_base,
-                     bh.to(gl.int64) * Lq, start_m, Lq, Lk, stride_om, n_tiles, qk_scale, TABLE, BAND, table_row,
+    consumer_args = (O, LSE, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty, out_base, bh,
+                     start_m, Lq, Lk, stride_om, n_tiles, qk_scale, TABLE, BAND, table_row,
                      table_zero, band_head, band_w, R, kmask, kv_len, read_mask, h, SEED, drop_below, drop_scale,
                      flags)
     producer_args = (q_desc, k_desc, v_desc, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty,
@@ -390,7 +391,6 @@ def compile_for_sm90(block_n: int | None = None, stages: int | None = None, head
 def compile_gluon(kernel, types: dict, constexprs: dict, maxnreg: int | None = None, arch: int = 90):
     """triton.compile a Gluon kernel for ``sm_<arch>`` on any machine: ``types`` maps runtime arguments to their
     types (others are "i32"); pointers and strides are marked divisible by 16, as a T5 launch specialises them."""
-    import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -426,10 +426,17 @@ def run_if_covered(q, k, v, causal, out, lse, table, table_geometry, radius_give
     try:
         forward(q, k, v, out, lse, table, table_geometry, band, mask, lengths, holes, radius, qk_scale, dropout)
     except Exception as error:  # noqa: BLE001 - any launch failure: the Triton forward, said once
-        import warnings
-
-        failure = f"{type(error).__name__}: {error}"
-        warnings.warn(f"sumtune: the warp-specialized attention forward cannot run here ({failure}); the Triton "
-                      "forward runs instead", RuntimeWarning, stacklevel=3)
+        failure = said_once(error, "forward", "the Triton forward runs")
         return False
     return True
+
+
+def said_once(error: Exception, kernel: str, instead: str) -> str:
+    """Warn, once for the process, that the warp-specialized attention ``kernel`` cannot run here and what runs
+    ``instead``; the failure as the module records it."""
+    import warnings
+
+    failure = f"{type(error).__name__}: {error}"
+    warnings.warn(f"sumtune: the warp-specialized attention {kernel} cannot run here ({failure}); {instead} instead",
+                  RuntimeWarning, stacklevel=4)
+    return failure

@@ -23,22 +23,18 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
-    fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+    fence_async_shared, mbarrier, warpgroup_mma, warpgroup_mma_wait)
 
-from sumtune.generation.gluon_decode import _states_descriptor, keys_first_softmax
+from sumtune.fast_t5.ws_forward import CONSUMER_REGISTERS, LAUNCH_REGISTERS, compile_gluon
+from sumtune.generation.gluon_decode import TMA_BOX, _barrier, _states_descriptor, _tma_load, keys_first_softmax
 
 BLOCK_N = 64  # keys a tile: a warpgroup MMA's rows
 BLOCK_H = 32  # heads a program: two consumer warpgroups of 16
 D_MODEL = 1024  # the one width it takes (eight accumulators below)
 CHUNK = 128  # d_model a chunk: two 64-wide TMA boxes
 SLOTS = 9  # a tile's eight chunks and one of the next: 144 KiB beside 64 KiB of queries and 4 KiB of P
-TMA_BOX = 64
-CONSUMER_REGISTERS = 240
-LAUNCH_REGISTERS = 168  # 12 warps (two consumer warpgroups, the producer's) x 168 = an SM's 64 Ki registers
 _BOX = gl.constexpr(TMA_BOX)
 _CHUNK = gl.constexpr(CHUNK)
-_barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # names that moved between Triton 3.6 and 3.9
-_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 
 @gluon.jit
@@ -246,8 +242,6 @@ _SIGNATURE = dict(Q="*bf16", LENGTHS="*i32", OUT="*bf16", ACC="*fp32", MAX="*fp3
 
 def compile_for_sm90(split: bool = False, slots: int | None = None):
     """triton.compile for sm_90 on any machine (no GPU), specialised as a T5-3b launch would be."""
-    from sumtune.fast_t5.ws_forward import compile_gluon
-
     constexprs = dict(D=D_MODEL, BLOCK_N=BLOCK_N, SPLIT=split, SLOTS=slots or SLOTS,
                       CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
     return compile_gluon(gluon_ws_hidden_cross_attention, _SIGNATURE, constexprs, LAUNCH_REGISTERS)
