@@ -36,7 +36,8 @@ _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_globa
 
 KEYS = 64  # a consumer warpgroup's keys (one warpgroup MMA's M); a program takes two
 # Queries a tile: 32, not 64, so that Sᵀ, dPᵀ and P (16 registers each instead of 32) fit beside dK and dV's 128
-# accumulator registers with dropout's draws (m64n64 tiles spilled ~600 bytes in the loop).
+# accumulator registers with dropout's draws (m64n64 tiles spilled 610 bytes in the loop:
+# results/ws_kernels_compile-2026-12-05-cpu-sm90.json).
 BLOCK_M = 32
 STAGES = 3  # slots in the Q and dO rings (123 KiB of shared memory in all)
 _KEYS = gl.constexpr(KEYS)
