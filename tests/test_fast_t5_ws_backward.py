@@ -46,18 +46,22 @@ def test_the_ws_backward_builds_for_hopper_as_a_producer_warp_and_two_consumer_w
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
                     reason="needs a Hopper GPU")
-@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
-def test_gpu_ws_backward_matches_the_triton_backward_and_float64(monkeypatch, dropout_p, t5_attention_case):
-    """WS_BACKWARD on a Hopper GPU: T5's bias (near and far tiles), a padded row, a hole, lengths that are not whole
-    tiles; under one seed dQ, dK and dV equal the Triton backward's to bf16 rounding, and their error against a
-    float64 recomputation with the same keep mask is no larger than 1.5x the Triton backward's; its kernel ran."""
+@pytest.mark.parametrize("dropout_p, masked", [(0.0, True), (0.1, True), (0.1, False)])
+def test_gpu_ws_backward_matches_the_triton_backward_and_float64(monkeypatch, dropout_p, masked, t5_attention_case):
+    """WS_BACKWARD on a Hopper GPU: T5's bias (near and far tiles), a padded row, a hole (or no key mask), lengths that
+    are not whole tiles; under one seed dQ, dK and dV equal the Triton backward's to bf16 rounding, and their error
+    against a float64 recomputation with the same keep mask is no larger than 1.5x the Triton backward's; its kernel
+    ran. The dS buffer comes filled with NaN, so a dQ from entries it did not write would show."""
     from sumtune.fast_t5 import flash_attention as fa
     from sumtune.fast_t5 import ws_backward
 
     launched = []
     launch = ws_backward.dkdv
     monkeypatch.setattr(ws_backward, "dkdv", lambda *a, **k: launched.append(a[0].shape) or launch(*a, **k))
+    allocate = fa._ds_buffer
+    monkeypatch.setattr(fa, "_ds_buffer", lambda *a: allocate(*a).fill_(float("nan")))
     q, k, v, mask, table, radius, grad_out = t5_attention_case(6)
+    mask = mask if masked else None
     batch, heads, length, _ = q.shape
 
     def grads(ws: bool):

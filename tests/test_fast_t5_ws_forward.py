@@ -112,7 +112,18 @@ def test_a_ws_forward_that_fails_to_launch_hands_over_to_the_triton_forward_once
             assert len(tries) == 1
         monkeypatch.setattr(ws_forward, "failure", None)
         fa.flash_t5_attention(q.requires_grad_(), k, v, table, mask, bias_radius=8)
-    assert len(tries) == 1
+        assert len(tries) == 1
+        # a training build (dropout) that raises turns off the training route only: the no-gradient one still tries
+        monkeypatch.setattr(fa, "WS_TRAINING_FORWARD", True)
+        monkeypatch.setattr(ws_forward, "training_failure", None)
+        with pytest.warns(RuntimeWarning, match="attention forward with dropout cannot run here"):
+            fa.flash_t5_attention(q, k, v, table, mask, bias_radius=8, dropout_p=0.1)
+        assert len(tries) == 2 and ws_forward.training_failure and ws_forward.failure is None
+        fa.flash_t5_attention(q, k, v, table, mask, bias_radius=8, dropout_p=0.1)
+        assert len(tries) == 2
+        with torch.no_grad(), pytest.warns(RuntimeWarning):
+            fa.flash_t5_attention(q, k, v, table, mask, bias_radius=8)
+        assert len(tries) == 3
 
 
 @pytest.mark.gpu
@@ -216,4 +227,42 @@ def test_gpu_ws_training_forward_drops_what_the_triton_kernels_drop(monkeypatch,
     for name, got, expected, unrelated in zip(("out", "dq", "dk", "dv"), ws_run, triton_run, other_seed):
         error, apart = relative_error(got, expected), relative_error(unrelated, expected)
         assert error < 2e-2 and apart > 10 * error, (name, error, apart)
-    assert ws_forward.failure is None
+    assert ws_forward.failure is None and ws_forward.training_failure is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="needs a Hopper GPU")
+@pytest.mark.parametrize("radius", [8, 128])
+def test_gpu_ws_training_forward_keeps_exactly_the_elements_the_mask_keeps(monkeypatch, radius):
+    """Every decision, not a tolerance: with zero queries and keys and a zero bias each row's probabilities are 1/n
+    over its n keys, and V[j] = e_(j % 128), so output column c times n / dropout_scale counts the kept keys j = c
+    (mod 128): 0..8, distinct in bf16. 300 queries (a partial tile in the second warpgroup) against 1000 keys (a
+    partial key tile; Lq != Lk sets the draws' columns), a padded row, near and far tiles mixed (radius 8)."""
+    import torch.nn.functional as F
+
+    from sumtune.fast_t5 import flash_attention as fa
+    from sumtune.fast_t5 import ws_forward
+
+    batch, heads, query_len, key_len, head_dim, p = 2, 3, 300, 1000, 128, 0.1
+    lengths = torch.tensor([key_len, 700], device="cuda")
+    mask = torch.arange(key_len, device="cuda")[None, :] < lengths[:, None]
+    q = torch.zeros(batch, query_len, heads, head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    q.requires_grad_()
+    k = torch.zeros(batch, key_len, heads, head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    v = torch.eye(head_dim, device="cuda", dtype=torch.bfloat16)[torch.arange(key_len) % head_dim]
+    v = v[None, :, None].expand(batch, key_len, heads, head_dim).contiguous().transpose(1, 2)
+    table = torch.zeros(heads, query_len + key_len - 1, device="cuda")
+    launched = []
+    launch = ws_forward.forward
+    monkeypatch.setattr(ws_forward, "forward", lambda *a, **kw: launched.append(1) or launch(*a, **kw))
+    monkeypatch.setattr(fa, "WS_TRAINING_FORWARD", True)
+    torch.manual_seed(7)
+    out = fa.flash_t5_attention(q, k, v, table, mask, bias_radius=radius, dropout_p=p)
+    assert launched and ws_forward.training_failure is None
+    torch.manual_seed(7)
+    keep = fa.dropout_keep_mask(fa.draw_seed("cuda"), batch, heads, query_len, key_len, p) & mask[:, None, None, :]
+    kept = F.pad(keep.int(), (0, 1024 - key_len)).view(batch, heads, query_len, 8, head_dim).sum(3)
+    counts = out.float() * lengths[:, None, None, None] / fa.dropout_scale(p)
+    assert torch.equal(counts.round(), kept.float())
+    assert (counts - kept).abs().max() < 0.1

@@ -574,6 +574,18 @@ def test_a_gluon_kernel_that_fails_to_launch_hands_over_to_the_triton_kernel_onc
     with pytest.warns(RuntimeWarning, match="Gluon decoding kernel cannot run here .ModuleNotFoundError"):
         assert cross_attention._gluon_module() is None
     assert cross_attention.gluon_failure.startswith("ModuleNotFoundError")
+    # the warp-specialized kernel failing hands over to gluon_decode (here: the Triton kernel stands in for it) and
+    # leaves gluon_decode on
+    monkeypatch.setattr(cross_attention, "gluon_failure", None)
+    monkeypatch.setattr(cross_attention, "ws_failure", None)
+    broken_ws = SimpleNamespace(__name__="sumtune.generation.gluon_decode_ws", BLOCK_N=64, launch=broken_launch)
+    monkeypatch.setattr(cross_attention, "_gluon_kernel",
+                        lambda memory, self_attention=False, heads=0: None if cross_attention.ws_failure
+                        else (broken_ws, 32))
+    with pytest.warns(RuntimeWarning, match="warp-specialized Gluon decoding kernel cannot run here .TypeError"):
+        got = cross_attention.fused_hidden_attention(q_mem, memory, lengths)
+    assert (got.double() - expected).abs().max().item() < 1e-5 and len(tries) == 2
+    assert cross_attention.ws_failure.startswith("TypeError") and cross_attention.gluon_failure is None
 
 
 @pytest.mark.gpu

@@ -78,13 +78,29 @@ def test_gpu_warp_specialized_decode_kernel_matches_float64(monkeypatch):
     for heads in (32, 20):
         memory = torch.randn(3, 700, 1024, generator=gen)
         q_mem = torch.randn(3, heads, 1024, generator=gen) / 1024 ** 0.5 * 4
-        lengths = torch.tensor([700, 131, 0], dtype=torch.int32)
+        lengths = torch.tensor([131, 0, 700], dtype=torch.int32)  # the last row's tiles read past the states' end
         expected = cross_attention.reference_hidden_attention(q_mem.bfloat16(), memory.bfloat16(), lengths)
         for splits in (1, 3):
             got = cross_attention.fused_hidden_attention(q_mem.cuda().bfloat16(), memory.cuda().bfloat16(),
                                                          lengths.cuda(), splits=splits).cpu()
             error = (got.double() - expected).abs().max().item()
             assert error < 3e-2, (heads, splits, error)
-            assert not got[2].any() and torch.isfinite(got).all()  # no keys: zeros, not NaN
-    assert cross_attention.gluon_failure is None  # every launch was its own (no hand-over)
-    assert len(launched) == 4 and {grid[0] for grid in launched} == {1}  # one program of 32 heads a row
+            assert not got[1].any() and torch.isfinite(got).all()  # no keys: zeros, not NaN
+        # t5_decode hands over the queries as an [H, B, D] GEMM output seen as [B, H, D]: any row and head strides
+        heads_first = q_mem.transpose(0, 1).contiguous().transpose(0, 1).cuda().bfloat16()
+        assert torch.equal(cross_attention.fused_hidden_attention(heads_first, memory.cuda().bfloat16(),
+                                                                  lengths.cuda(), splits=1),
+                           cross_attention.fused_hidden_attention(q_mem.cuda().bfloat16(), memory.cuda().bfloat16(),
+                                                                  lengths.cuda(), splits=1))
+    assert cross_attention.gluon_failure is None and cross_attention.ws_failure is None  # no hand-over
+    assert len(launched) == 8 and {grid[0] for grid in launched} == {1}  # one program of 32 heads a row
+    # a generation-sized launch (64 rows x 4096 keys, random lengths, the splits the router picks) against gluon_decode
+    memory = torch.randn(64, 4096, 1024, generator=gen).cuda().bfloat16()
+    q_mem = (torch.randn(64, 32, 1024, generator=gen) / 1024 ** 0.5 * 4).cuda().bfloat16()
+    lengths = torch.randint(1, 4097, (64,), generator=gen, dtype=torch.int32).cuda()
+    got = cross_attention.fused_hidden_attention(q_mem, memory, lengths)
+    monkeypatch.setattr(cross_attention, "GLUON_WARP_SPECIALIZED", False)
+    shipped = cross_attention.fused_hidden_attention(q_mem, memory, lengths)
+    assert len(launched) == 9
+    error = (got.double() - shipped.double()).abs().max().item()
+    assert error < 2e-2, error

@@ -8,7 +8,7 @@
 MB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
 B=b32; [ "${MB:-0}" -lt 100000 ] && B=b16
 F=group:fusedlora:loragemm:cache
-step ws_train_tests 170 python3 -m pytest -q -m gpu tests/test_fast_t5_ws_forward.py tests/test_fast_t5_ws_backward.py \
+step ws_train_tests 170 python3 -m pytest -q $XDIST -m gpu tests/test_fast_t5_ws_forward.py tests/test_fast_t5_ws_backward.py \
   -k "training or backward" -p no:cacheprovider
 step ws_train_kernels 150 python3 benchmarks/attention_kernels.py --no-flex --shapes 32x32x1024x128 \
   --kernels cudnn,triton+bias+dropout --patches wstrain,wsbwd,wstrain:wsbwd --tag wstrain

@@ -5,7 +5,7 @@
 # generation with every input 4096 tokens at 256 rows under wslean, tokens against transformers first. Keep a lever
 # only if faster and its test passes.
 . scripts/device/prelude.sh
-step ws_tests 280 python3 -m pytest -q -m gpu tests/test_fast_t5_ws_forward.py -k "ring2 or lean or d64" -p no:cacheprovider
+step ws_tests 280 python3 -m pytest -q $XDIST -m gpu tests/test_fast_t5_ws_forward.py -k "ring2 or lean or d64" -p no:cacheprovider
 step ws_kernels 150 python3 benchmarks/attention_kernels.py --inference --no-flex --shapes 16x32x4096x128 \
   64x32x1024x128 16x32x4096x64 --kernels cudnn,triton+bias --patches nowsenc,wslean,ws64 --tag wslean
 step ws_lean_generate 130 python3 benchmarks/generate_throughput.py --model t5-3b --source-tokens 4096 \

@@ -13,6 +13,9 @@ export PYTHONPATH=/tmp/site:$PWD/src HF_HUB_OFFLINE=1 SUMTUNE_SHARED_DATA=$PWD/.
 export PATH=/tmp/site/bin:$PATH
 TREE=$(cat .device_tree 2>/dev/null || echo unknown)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/logs/gpu.txt" 2>&1 || true
+# GPU tests in 4 processes where the carried pytest-xdist imports: their kernel builds (CPU-bound, ~80 s a file in
+# session 42) then run side by side on the 16 cores; in one process if it does not.
+XDIST=""; python3 -c "import xdist" 2>/dev/null && XDIST="-n 4 --dist load"
 
 step() {  # step NAME TIMEOUT_S CMD ...: skipped when the call's own limit would cut it short
   local name=$1 limit_s=$2; shift 2

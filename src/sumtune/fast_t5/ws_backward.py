@@ -10,7 +10,7 @@ first:
 
     Sᵀ  = K Qᵀ,  dPᵀ = V dOᵀ                 (warpgroup MMAs, both operands in shared memory)
     Pᵀ  = exp2(Sᵀ · scale + biasᵀ - lse)      (masked keys and queries past Lq: 0)
-    dV += (Pᵀ ∘ keep) dO,  dSᵀ = Pᵀ ∘ (dPᵀ ∘ keep - delta / (1 - p)),  dK += dSᵀ Q   (A operands in registers)
+    dV += (Pᵀ ∘ keep) dO,  dSᵀ = Pᵀ ∘ (dPᵀ ∘ keep - delta · (1 - p)),  dK += dSᵀ Q   (A operands in registers)
 
 and store dSᵀ for the dQ GEMM (`flash_attention._dq_from_ds`). Dropout's scale is folded as the Triton kernel's
 LEAN_TILES build folds it (`FOLD_DROP`): dK and dV take it once at the end, the stored dS leaves it to the GEMM. The
@@ -175,14 +175,16 @@ def _consumer(which: gl.constexpr, k_bufs, v_bufs, q_ring, do_ring, kv_bar, q_re
             pd_t = p_t.to(dtype)
         mbarrier.wait(do_ready.index(slot), phase)
         dp_t = warpgroup_mma(v_smem, do_tile.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        dv = warpgroup_mma(gl.convert_layout(pd_t, a_layout), do_tile, dv, is_async=True)
+        pd_op = gl.convert_layout(pd_t, a_layout)  # kept live until its MMA is waited for (deps below)
+        dv = warpgroup_mma(pd_op, do_tile, dv, is_async=True)
         dp_t = warpgroup_mma_wait(num_outstanding=1, deps=(dp_t,))  # dPᵀ done; P·dO may run on
         if DROPOUT:  # a dropped element has pd 0 (a kept one too only where p is 0, and then dS is 0 either way)
             dp_t = gl.where(pd_t != 0.0, dp_t, 0.0)
         ds_t = (p_t * (dp_t - delta[None, :])).to(dtype)
-        dk = warpgroup_mma(gl.convert_layout(ds_t, a_layout), q_tile, dk, is_async=True)
+        ds_op = gl.convert_layout(ds_t, a_layout)
+        dk = warpgroup_mma(ds_op, q_tile, dk, is_async=True)
         _store_ds(ds_desc, ds_smem, ds_t, ds_row0 + which * keys, start_m)  # its buffer is padded to 128-tiles
-        dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
+        dv, dk, pd_op, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, pd_op, ds_op))
         mbarrier.arrive(q_empty.index(slot), count=1)
         mbarrier.arrive(do_empty.index(slot), count=1)
     if n_tiles == 0:  # keys past the row's length: zero gradients, and zeros in dSᵀ for the GEMM

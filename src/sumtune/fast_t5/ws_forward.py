@@ -366,7 +366,8 @@ def forward(q, k, v, out, lse, table, table_geometry, band, mask, lengths, holes
         mask.stride(0) if mask is not None else 0, heads, query_len, k.shape[2], radius, *table_geometry,
         band["band_head"] if band else 0, band["band_w"] if band else 0, qk_scale, drop_below, drop_scale,
         HEAD_DIM=head_dim, BLOCK_N=BLOCK_N, STAGES=STAGES, HAS_BIAS=table is not None,
-        HAS_KEY_MASK=mask is not None, LEAN_FAR=LEAN_FAR_TILES, DROPOUT=dropout is not None,
+        HAS_KEY_MASK=mask is not None, DROPOUT=dropout is not None,
+        LEAN_FAR=LEAN_FAR_TILES and qk_scale > 0,  # a row's largest product must be its largest score
         CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4, maxnreg=LAUNCH_REGISTERS)
 
 
@@ -403,8 +404,10 @@ def compile_gluon(kernel, types: dict, constexprs: dict, maxnreg: int | None = N
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
-# A launch that raised (Gluon's API moves between Triton releases): the Triton forward runs from then on.
+# A launch that raised (Gluon's API moves between Triton releases): the Triton forward runs from then on. Kept apart
+# for the builds with dropout (training), so that one of theirs does not turn off the no-gradient forward.
 failure: str | None = None
+training_failure: str | None = None
 
 
 def run_if_covered(q, k, v, causal, out, lse, table, table_geometry, radius_given, radius, band_max_radius, mask,
@@ -412,8 +415,9 @@ def run_if_covered(q, k, v, causal, out, lse, table, table_geometry, radius_give
     """This kernel for a forward it covers (bf16, HEAD_DIMS, TMA-readable rows, T5's bias with a radius the band
     holds: up to ``band_max_radius``; ``dropout`` as `forward` takes it); whether it ran. The first launch that
     raises turns it off for the process, with one warning."""
-    global failure
-    if failure is not None or not covers(q, k, v, causal) or (table is None and not WITHOUT_BIAS):
+    global failure, training_failure
+    if (training_failure if dropout else failure) is not None or not covers(q, k, v, causal) \
+            or (table is None and not WITHOUT_BIAS):
         return False
     band = None
     if table is not None:
@@ -426,7 +430,10 @@ def run_if_covered(q, k, v, causal, out, lse, table, table_geometry, radius_give
     try:
         forward(q, k, v, out, lse, table, table_geometry, band, mask, lengths, holes, radius, qk_scale, dropout)
     except Exception as error:  # noqa: BLE001 - any launch failure: the Triton forward, said once
-        failure = said_once(error, "forward", "the Triton forward runs")
+        if dropout:
+            training_failure = said_once(error, "forward with dropout", "the Triton forward runs")
+        else:
+            failure = said_once(error, "forward", "the Triton forward runs")
         return False
     return True
 

@@ -56,6 +56,9 @@ GLUON_WARP_SPECIALIZED = False
 # Triton releases; the builds are tested with 3.6 and the newest): the Triton kernel takes its launches from then on,
 # said once.
 gluon_failure: str | None = None
+# The same for the warp-specialized kernel alone (GLUON_WARP_SPECIALIZED): its failure hands its launches to
+# gluon_decode, not to the Triton kernel.
+ws_failure: str | None = None
 # Two other forms of the kernel were measured on 2026-12-03 and went: the products transposed (keys, then d_model, as
 # the MMA tile's rows, so Hopper's warpgroup MMA takes them; 1.43 and 1.23 ms against 1.31 and 1.28 at 256 rows x 4096
 # keys in two calls, 15.9 against 16.7 summaries/s in whole generation on real bills, 6.34 against 6.39 at batch 32)
@@ -131,11 +134,14 @@ def _gluon_kernel(memory: Tensor, self_attention: bool = False, heads: int = 0):
         return None
     block_h = gluon_heads_per_program(gluon_decode, memory.shape[1], gluon_decode.dense(memory), memory.shape[-1],
                                       self_attention)
-    if block_h and GLUON_WARP_SPECIALIZED and not self_attention:
-        from sumtune.generation import gluon_decode_ws
-
-        if gluon_decode_ws.supported(heads, memory.shape[-1]) is None:
-            return gluon_decode_ws, gluon_decode_ws.BLOCK_H
+    if block_h and GLUON_WARP_SPECIALIZED and not self_attention and not ws_failure:
+        try:
+            from sumtune.generation import gluon_decode_ws
+        except Exception as error:  # noqa: BLE001 - as _gluon_module: gluon_decode takes the launch
+            _gluon_failed(error, warp_specialized=True)
+        else:
+            if gluon_decode_ws.supported(heads, memory.shape[-1]) is None:
+                return gluon_decode_ws, gluon_decode_ws.BLOCK_H
     return (gluon_decode, block_h) if block_h else None
 
 
@@ -207,8 +213,9 @@ def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, split
             gluon_kernel.launch((groups, batch, splits), q_mem, memory, lengths, out, acc, running_max, total, heads,
                                 keys_per_split, block_h, splits > 1, bias)
         except Exception as error:  # noqa: BLE001 - e.g. a Triton release whose Gluon API moved
-            _gluon_failed(error)
-            return fused_hidden_attention(q_mem, memory, lengths, splits, bias)
+            warp_specialized = getattr(gluon_kernel, "__name__", "").endswith("gluon_decode_ws")
+            _gluon_failed(error, warp_specialized)
+            return fused_hidden_attention(q_mem, memory, lengths, None if warp_specialized else splits, bias)
     else:
         kernels.hidden_cross_attention[(groups, batch, splits)](
             q_mem, memory, lengths, out, acc, running_max, total, q_mem if bias is None else bias, q_mem.stride(0),
@@ -224,14 +231,21 @@ def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, split
     return (numerator / denominator[..., None]).to(memory.dtype)
 
 
-def _gluon_failed(error: Exception) -> None:
-    """Record why the Gluon kernel cannot launch here and say so once; the Triton kernel runs instead."""
+def _gluon_failed(error: Exception, warp_specialized: bool = False) -> None:
+    """Record why the Gluon kernel (or only its warp-specialized form, which hands over to gluon_decode) cannot
+    launch here and say so once; the Triton kernel (or gluon_decode) runs instead."""
     import warnings
 
-    global gluon_failure
-    gluon_failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
-    warnings.warn(f"sumtune: the Gluon decoding kernel cannot run here ({gluon_failure}); the Triton kernel runs "
-                  "instead.", RuntimeWarning, stacklevel=3)
+    global gluon_failure, ws_failure
+    why = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+    if warp_specialized:
+        ws_failure = why
+    else:
+        gluon_failure = why
+    kernel, instead = ("warp-specialized Gluon", "the Gluon kernel") if warp_specialized \
+        else ("Gluon", "the Triton kernel")
+    warnings.warn(f"sumtune: the {kernel} decoding kernel cannot run here ({why}); {instead} runs instead.",
+                  RuntimeWarning, stacklevel=3)
 
 
 def reference_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, dtype=torch.float64,

@@ -76,6 +76,7 @@ def _consumer(which: gl.constexpr, Q, q_bufs, ring, p_bufs, ready, empty, OUT, A
     d: gl.constexpr = q_bufs.type.shape[2]
     chunks: gl.constexpr = d // chunk
     gl.static_assert(chunks == 8, "eight accumulators: d_model is eight chunks")
+    gl.static_assert(slots >= chunks, "a tile's chunks must fit the ring (each consumer holds them all): else a hang")
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, block_h, 16])
     load_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
