@@ -232,6 +232,10 @@ CONFIG_TOKENS: dict[str, dict] = {
 # kernels' 8.32 (7.72 unpadded), the seed's step 43.3 against 48.8 samples/s —
 # results/*_seed_omitmask-2026-12-03-h200.json, results/logs/attention_kernels_unpadded-2026-12-03-h200.log — and
 # went: commit 9a12a5c has it.)
+# (`keepbits`: the training forward storing its dropout decisions as 4 bits a Philox call for the backward kernels to
+# load. Compiled for sm_90 the dK/dV loops issued 7-23% fewer instructions, but Triton drew the forward's Philox
+# twice (once in the store's layout), 30-64% more there — results/kernel_loops-2026-12-05-cpu-sm90-keep-bits-*.json —
+# so it went unmeasured on a GPU, as bytes and bits had gone in sessions 10 and 14: commit 52ea75e has it.)
 PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "drop8": ("sumtune.fast_t5.flash_attention", "DROPOUT_DRAW_BITS", 8),
     "nopairs": ("sumtune.fast_t5.flash_attention", "DROPOUT_PAIRS", False),
@@ -288,9 +292,6 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     # the warp-specialized forward for training's forwards too, dropout included (flash_attention.WS_TRAINING_FORWARD)
     "wstrain": ("sumtune.fast_t5.flash_attention", "WS_TRAINING_FORWARD", True),
     "wsbwd": ("sumtune.fast_t5.flash_attention", "WS_BACKWARD", True),  # and the dK/dV kernel (fast_t5.ws_backward)
-    # the training forward stores its dropout decisions as bits and the backward kernels load them instead of drawing
-    # them again (flash_attention.KEEP_BITS; such calls skip the warp-specialized kernels, which draw)
-    "keepbits": ("sumtune.fast_t5.flash_attention", "KEEP_BITS", True),
     # the feed-forward's ReLU as its own pass where no dropout follows (FUSED_LINEAR_RELU on since 2026-12-04)
     "nolinearrelu": ("sumtune.fast_t5.modules", "FUSED_LINEAR_RELU", False),
     # (`fwdoneloop`: the attention forward's bias in one loop over the key tiles, measured 1.3-1.6x slower on

@@ -14,15 +14,6 @@ both backward kernels make the same decisions. Three schemes (``sumtune.fast_t5.
   8-bit draws (p rounded to 1/256, as FlashAttention-2 rounds it).
 
 7 rounds, as FlashAttention-2's Philox-4x32. An element is kept when its draw is >= ``drop_below``.
-
-Keep bits (``KEEP_BITS``; pairs only): the forward may store its decisions, 4 bits a pair counter, so that the backward
-kernels load them instead of drawing again. Per batch * heads, a (row pairs, words) int16 array (row pair as the
-counter row: 8 per 16 queries); word ``(c // 16) * 4 + (c % 8) // 2`` of a row holds counter columns c with those
-values, the 4 bits of counter column c at ``4 * (2 * ((c % 16) // 8) + c % 2)``, in the order (r, c), (r, c + 8),
-(r + 8, c), (r + 8, c + 8). Why that order: a word is 4 counters of 32 keys that one thread of the forward's
-tensor-core layout holds (columns 2q, 2q + 1 of each 8 in two 16-key bands), so the forward packs a word from its
-own registers and stores it whole; the dK/dV kernel, which holds one key pair of many query pairs, loads a word a
-query pair and takes its nibble.
 """
 
 from __future__ import annotations
@@ -34,9 +25,6 @@ PHILOX_ROUNDS = tl.constexpr(7)
 PHILOX2_M = tl.constexpr(0xD256D193)  # Random123's Philox-2x32 multiplier and key increment
 PHILOX2_W = tl.constexpr(0x9E3779B9)
 PAIRS_WIDE_MUL = tl.constexpr(2)  # the kernels' PAIRS: 0 quads, 1 pairs, 2 pairs with _wide_product
-BITS_DRAW = tl.constexpr(0)  # the kernels' KEEP_BITS: draw (no bits), draw and store the bits, load them
-BITS_STORE = tl.constexpr(1)
-BITS_LOAD = tl.constexpr(2)
 
 
 @triton.jit
@@ -74,90 +62,32 @@ def _pair_draws(seed, stream, counter, drop_below, WIDE_MUL: tl.constexpr = Fals
 
 
 @triton.jit
-def _bit_words(rows, cols, n_cols):
-    """(word index in a batch * heads' keep bits, shift of the 4 bits) of pair counter (rows, cols); see the module
-    docstring."""
-    words_per_row = tl.cdiv(n_cols, 16) * 4
-    return rows * words_per_row + (cols // 16) * 4 + (cols % 8) // 2, 4 * (2 * ((cols % 16) // 8) + cols % 2)
-
-
-@triton.jit
-def _pair_flags_from_bits(BITS, rows, cols, n_rows, n_cols):
-    """The four keep flags of pair counters (rows, cols) as the forward stored them; counters past the stored ones
-    (rows or keys past the lengths, whose scores are masked) read as dropped."""
-    word, shift = _bit_words(rows, cols, n_cols)
-    nibble = (tl.load(BITS + word, mask=(rows < n_rows) & (cols < n_cols), other=0).to(tl.int32) >> shift) & 0xF
-    return (nibble & 1) != 0, (nibble & 2) != 0, (nibble & 4) != 0, (nibble & 8) != 0
-
-
-@triton.jit
-def _or(a, b):
-    return a | b
-
-
-@triton.jit
-def _store_pair_bits(BITS, near, far_key, far_query, far_both, start_i, start_j, n_rows, n_cols,
-                     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
-    """Store a queries-first tile's flags of (BLOCK_I // 2, BLOCK_J // 2) pair counters as whole int16 words."""
-    tl.static_assert(BLOCK_J % 32 == 0, "keep bits: key tiles of 32, 64, ... (a word covers 32 keys)")
-    nibble = (near.to(tl.int32) | (far_key.to(tl.int32) << 1) | (far_query.to(tl.int32) << 2)
-              | (far_both.to(tl.int32) << 3))
-    cols = start_j // 2 + tl.arange(0, BLOCK_J // 2)
-    bits = nibble << (4 * (2 * ((cols % 16) // 8) + cols % 2))[None, :]
-    # counter column in its 32-key block = 8 * band + 2 * q + low bit: word q gathers (band, low bit)
-    bits = tl.permute(tl.reshape(bits, (BLOCK_I // 2, BLOCK_J // 32, 2, 4, 2)), (0, 1, 3, 2, 4))
-    words = tl.reduce(tl.reshape(bits, (BLOCK_I // 2, BLOCK_J // 8, 4)), 2, _or)
-    rows = start_i // 2 + tl.arange(0, BLOCK_I // 2)
-    words_per_row = tl.cdiv(n_cols, 16) * 4
-    word_cols = start_j // 8 + tl.arange(0, BLOCK_J // 8)
-    tl.store(BITS + rows[:, None] * words_per_row + word_cols[None, :], words.to(tl.int16),
-             mask=(rows[:, None] < n_rows) & (word_cols[None, :] < words_per_row))
-
-
-@triton.jit
 def _keep_pairs(seed, stream, start_i, start_j, n_cols, drop_below, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
-                KEYS_FIRST: tl.constexpr = False, WIDE_MUL: tl.constexpr = False, BITS=0, n_rows=0,
-                KEEP_BITS: tl.constexpr = 0):
+                KEYS_FIRST: tl.constexpr = False, WIDE_MUL: tl.constexpr = False):
     """(BLOCK_I, BLOCK_J) queries x keys keep mask from one Philox-2x32 call per queries {r, r + 8} x keys
     {c, c + 8} (r % 16 < 8, c % 16 < 8): four 16-bit draws that one thread holds of a tensor-core accumulator
     whether its rows are the queries (forward, dQ) or the keys (dK/dV), so neither layout exchanges draws between
-    threads. With KEYS_FIRST the same draws as a (BLOCK_J, BLOCK_I) keys x queries mask, built in that layout.
-    KEEP_BITS: BITS_STORE also stores the flags at BITS (this batch * heads' keep bits; queries-first only),
-    BITS_LOAD reads them from there instead of drawing (``n_rows``: the stored row pairs)."""
+    threads. With KEYS_FIRST the same draws as a (BLOCK_J, BLOCK_I) keys x queries mask, built in that layout."""
     rows = start_i // 2 + tl.arange(0, BLOCK_I // 2)  # counter row: 8 per 16-query band
     cols = start_j // 2 + tl.arange(0, BLOCK_J // 2)  # counter column: 8 per 16-key band
-    if KEEP_BITS == BITS_LOAD:
-        if KEYS_FIRST:
-            near, far_key, far_query, far_both = _pair_flags_from_bits(BITS, rows[None, :], cols[:, None], n_rows,
-                                                                       n_cols)
-        else:
-            near, far_key, far_query, far_both = _pair_flags_from_bits(BITS, rows[:, None], cols[None, :], n_rows,
-                                                                       n_cols)
+    if KEYS_FIRST:
+        counter = rows[None, :] * n_cols + cols[:, None]
     else:
-        if KEYS_FIRST:
-            counter = rows[None, :] * n_cols + cols[:, None]
-        else:
-            counter = rows[:, None] * n_cols + cols[None, :]
-        near, far_key, far_query, far_both = _pair_draws(seed, stream, counter, drop_below, WIDE_MUL)
-        if KEEP_BITS == BITS_STORE:
-            tl.static_assert(not KEYS_FIRST, "keep bits are stored by the queries-first forward")
-            _store_pair_bits(BITS, near, far_key, far_query, far_both, start_i, start_j, n_rows, n_cols, BLOCK_I,
-                             BLOCK_J)
+        counter = rows[:, None] * n_cols + cols[None, :]
+    near, far_key, far_query, far_both = _pair_draws(seed, stream, counter, drop_below, WIDE_MUL)
     if KEYS_FIRST:  # the tile's own rows and columns: the element 8 rows on, and the one 8 columns on
         far_row, far_column = far_key, far_query
     else:
         far_row, far_column = far_query, far_key
     keep = tl.join(tl.join(near, far_column), tl.join(far_row, far_both))  # (rows, columns, +8 column, +8 row)
-    tile_rows: tl.constexpr = BLOCK_J if KEYS_FIRST else BLOCK_I
-    tile_cols: tl.constexpr = BLOCK_I if KEYS_FIRST else BLOCK_J
-    keep = tl.reshape(keep, (tile_rows // 16, 8, tile_cols // 16, 8, 2, 2))
+    keep = tl.reshape(keep, (counter.shape[0] // 8, 8, counter.shape[1] // 8, 8, 2, 2))
     keep = tl.permute(keep, (0, 5, 1, 2, 4, 3))  # (row band, +8 row, row, column band, +8 column, column)
-    return tl.reshape(keep, (tile_rows, tile_cols))
+    return tl.reshape(keep, (counter.shape[0] * 2, counter.shape[1] * 2))
 
 
 @triton.jit
 def _keep_tile(seed, stream, start_i, start_j, n_cols, drop_below, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
-               DRAW8: tl.constexpr, PAIRS: tl.constexpr = False, BITS=0, n_rows=0, KEEP_BITS: tl.constexpr = 0):
+               DRAW8: tl.constexpr, PAIRS: tl.constexpr = False):
     """(BLOCK_I, BLOCK_J) keep mask for queries ``start_i + arange`` and keys ``start_j + arange`` (starts: multiples
     of 16; of 32 for the keys with DRAW8).
 
@@ -170,9 +100,7 @@ def _keep_tile(seed, stream, start_i, start_j, n_cols, drop_below, BLOCK_I: tl.c
         return _keep_tile_8bit(seed, stream, start_i, start_j, n_cols, drop_below, BLOCK_I, BLOCK_J)
     if PAIRS:  # PAIRS == PAIRS_WIDE_MUL: the same draws, each Philox product from one instruction
         return _keep_pairs(seed, stream, start_i, start_j, n_cols, drop_below, BLOCK_I, BLOCK_J, False,
-                           PAIRS == PAIRS_WIDE_MUL, BITS, n_rows, KEEP_BITS)
-    else:  # (Triton builds the code after a constexpr branch's return too: the check must sit in its own branch)
-        tl.static_assert(KEEP_BITS == BITS_DRAW, "keep bits: paired draws only")
+                           PAIRS == PAIRS_WIDE_MUL)
     rows = start_i // 2 + tl.arange(0, BLOCK_I // 2)  # counter row: 8 per 16-row band
     cols = start_j // 4 + tl.arange(0, BLOCK_J // 4)  # counter column: 4 per 16-key band
     counter = rows[:, None] * n_cols + cols[None, :]
@@ -214,18 +142,6 @@ def _keep_tile_8bit(seed, stream, start_i, start_j, n_cols, drop_below, BLOCK_I:
     keep = tl.reshape(keep, (BLOCK_I // 16, 8, BLOCK_J // 32, 4, 2, 2, 2, 2))
     keep = tl.permute(keep, (0, 7, 1, 2, 6, 5, 3, 4))  # (row band, +8 row, row, key band, +16, +8, key pair, h)
     return tl.reshape(keep, (BLOCK_I, BLOCK_J))
-
-
-@triton.jit
-def _keep_bits_row(BITS, bh, Lq, Lk):
-    """(this batch * heads' keep bits, its row pairs): ``keep_bits_words`` int16 words a batch * heads."""
-    n_rows = tl.cdiv(Lq, 16) * 8
-    return BITS + bh.to(tl.int64) * (n_rows * tl.cdiv(Lk, 32) * 4), n_rows
-
-
-def keep_bits_words(query_len: int, key_len: int) -> int:
-    """int16 words of keep bits a batch * heads holds: 4 bits per pair counter (2 x 2 elements)."""
-    return -(-query_len // 16) * 8 * -(-key_len // 32) * 4
 
 
 @triton.jit

@@ -157,13 +157,6 @@ BWD_DESCRIPTORS = False
 # (results/train_throughput_seed_band-2026-12-03-h200.json). Benchmark token `noband`: off.
 BIAS_BAND = True
 BAND_MAX_RADIUS = 512
-# KEEP_BITS: a training forward with dropout (paired draws) stores its keep decisions, 4 bits a Philox call (Lq x Lk
-# bits a head, 4 MiB a layer for 32 heads at 1024 x 1024 and batch 1, kept for the backward), and the backward kernels
-# load them instead of drawing again (sumtune.fast_t5.dropout_draws' keep bits). Why: compiled for sm_90, dropout is
-# about half of the dK/dV loop's instructions (flash_kernels_bwd; NOTES, session 37), nearly all of it the Philox
-# rounds. The same decisions, so the same gradients bit for bit (CPU test). Calls it covers skip the warp-specialized
-# kernels, which draw. Off until measured (benchmark token `keepbits`).
-KEEP_BITS = False
 
 
 def _kernels():
@@ -224,7 +217,7 @@ def _fp16_values(v: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropout_p, seed, draw_bits, pairs,
-             precise_pv, bits=None):
+             precise_pv):
     kernels = _kernels()
     batch, heads, query_len, head_dim = q.shape
     key_len = k.shape[2]
@@ -239,7 +232,7 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
     drop_below, drop_scale = dropout_threshold(dropout_p, 1 << draw_bits)
     radius_given, radius = radius, _radius(radius, query_len, key_len)
     if (WS_NO_GRAD_FORWARD and no_gradient and dropout_p == 0 or WS_TRAINING_FORWARD and not precise_pv) \
-            and bits is None and _ws_asked(q, mask, dropout_p, draw_bits, pairs):
+            and _ws_asked(q, mask, dropout_p, draw_bits, pairs):
         from sumtune.fast_t5 import ws_forward
 
         dropout = (seed, drop_below, drop_scale) if dropout_p > 0 else None
@@ -261,15 +254,9 @@ def _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropou
             DROPOUT=dropout_p > 0, UPCAST=kernels.INTERPRET, DRAW8=draw_bits == 8,
             PV_SPLIT=PV_SPLIT and precise_pv, PV_FP16=pv_fp16, PAIRS=_pairs_mode(pairs, key_len),
             LEAN_TILES=LEAN_FORWARD and not causal and scale > 0,  # a row's largest product: its largest score
-            **_holes_args(mask, holes), **_bits_args(bits, 1),
-            **_band_args(table, radius_given, query_len, key_len, "fwd"),
+            **_holes_args(mask, holes), **_band_args(table, radius_given, query_len, key_len, "fwd"),
             **(dict(DESC=True, tune_as="fwd_desc", pre_hook=key_blocks) if descriptors else {}))
     return out, lse
-
-
-def _bits_args(bits: Tensor | None, mode: int) -> dict:
-    """A kernel's KEEP_BITS arguments: store (1, the forward) or load (2, the backward) at ``bits``; none without."""
-    return dict(BITS=bits, KEEP_BITS=mode) if bits is not None else {}
 
 
 def _ws_asked(q: Tensor, mask: Tensor | None, dropout_p: float, draw_bits: int, pairs: bool) -> bool:
@@ -281,7 +268,7 @@ def _ws_asked(q: Tensor, mask: Tensor | None, dropout_p: float, draw_bits: int, 
 
 
 def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, causal, scale, dropout_p, seed,
-              draw_bits, pairs, bits=None):
+              draw_bits, pairs):
     kernels = _kernels()
     batch, heads, query_len, head_dim = q.shape
     key_len = k.shape[2]
@@ -304,7 +291,7 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, 
     store_ds = ds_gemm_active() and (
         _ds_buffer_gib(batch, heads, key_len, query_len, q.element_size()) <= DS_GEMM_MAX_GIB)
     ds = _ds_buffer(batch, heads, key_len, query_len, q) if store_ds else delta
-    if WS_BACKWARD and bits is None and _ws_asked(q, mask, dropout_p, draw_bits, pairs):
+    if WS_BACKWARD and _ws_asked(q, mask, dropout_p, draw_bits, pairs):
         from sumtune.fast_t5 import ws_backward
 
         if ws_backward.run_if_covered(q, k, v, grad_out, dk, dv, ds, lse, delta, causal, table, geometry,
@@ -320,7 +307,7 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, 
             q_arg, k, v, do_arg, dk, dv, lse, delta, table_arg, mask_arg, lengths_arg, ds,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), *ds_strides,
             mask_stride, heads, query_len, key_len, radius, *geometry, scale * LOG2E, scale, seed, drop_below,
-            drop_scale, length_key, STORE_DS=store_ds, LEAN_TILES=lean, **common, **_bits_args(bits, 2),
+            drop_scale, length_key, STORE_DS=store_ds, LEAN_TILES=lean, **common,
             **_band_args(table, radius_given, query_len, key_len, "dkdv"),
             **(dict(DESC=True, tune_as="dkdv_desc", pre_hook=query_blocks) if descriptors else {}))
     if store_ds:  # the lean build's dS lacks dropout's scale (flash_kernels_bwd FOLD_DROP)
@@ -331,7 +318,7 @@ def _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, 
             q, k, v, grad_out, dq, lse, delta, table_arg, mask_arg, lengths_arg,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), mask_stride,
             heads, query_len, key_len, radius, *geometry, scale * LOG2E, scale, seed, drop_below, drop_scale,
-            length_key, **common, **_holes_args(mask, holes), **_bits_args(bits, 2),
+            length_key, **common, **_holes_args(mask, holes),
             **_band_args(table, radius_given, query_len, key_len, "dq"))
     return dq, dk, dv
 
@@ -408,62 +395,49 @@ def _round_up(a: int, b: int) -> int:
 @torch.library.custom_op("sumtune::t5_flash_attention", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], radius: int, mask: Optional[Tensor],
                   lengths: Optional[Tensor], holes: Optional[Tensor], causal: bool, scale: float, dropout_p: float,
-                  draw_bits: int, pairs: bool, precise_pv: bool,
-                  keep_bits: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  draw_bits: int, pairs: bool, precise_pv: bool) -> tuple[Tensor, Tensor, Tensor]:
     # draw_bits and pairs without defaults: a caller that left them out drew another mask than dropout_keep_mask's
     seed = dropout_seed(q, dropout_p)
-    bits = _keep_bits_buffer(q, k) if keep_bits else None
     out, lse = _forward(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropout_p, seed, draw_bits,
-                        pairs, precise_pv, bits)
-    return out, lse, seed, bits if bits is not None else q.new_empty((0,), dtype=torch.int16)
+                        pairs, precise_pv)
+    return out, lse, seed
 
 
 @_attention_op.register_fake
-def _(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropout_p, draw_bits, pairs, precise_pv, keep_bits):
+def _(q, k, v, table, radius, mask, lengths, holes, causal, scale, dropout_p, draw_bits, pairs, precise_pv):
     batch, heads, query_len, head_dim = q.shape
     out = q.new_empty((batch, query_len, heads, head_dim)).transpose(1, 2)
-    bits = _keep_bits_buffer(q, k) if keep_bits else q.new_empty((0,), dtype=torch.int16)
-    return (out, q.new_empty((batch, heads, query_len), dtype=torch.float32), q.new_empty((1,), dtype=torch.int64),
-            bits)
-
-
-def _keep_bits_buffer(q: Tensor, k: Tensor) -> Tensor:
-    """The forward's keep bits (dropout_draws.keep_bits_words int16 words a batch * heads); every word the backward
-    reads for a score it keeps is written."""
-    from sumtune.fast_t5.dropout_draws import keep_bits_words
-
-    return q.new_empty((q.shape[0] * q.shape[1], keep_bits_words(q.shape[2], k.shape[2])), dtype=torch.int16)
+    return out, q.new_empty((batch, heads, query_len), dtype=torch.float32), q.new_empty((1,), dtype=torch.int64)
 
 
 @torch.library.custom_op("sumtune::t5_flash_attention_backward", mutates_args=())
 def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                            seed: Tensor, table: Optional[Tensor], radius: int, mask: Optional[Tensor],
                            lengths: Optional[Tensor], holes: Optional[Tensor], causal: bool, scale: float,
-                           dropout_p: float, draw_bits: int, pairs: bool,
-                           bits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                           dropout_p: float, draw_bits: int, pairs: bool) -> tuple[Tensor, Tensor, Tensor]:
     return _backward(grad_out, q, k, v, out, lse, table, radius, mask, lengths, holes, causal, scale, dropout_p, seed,
-                     draw_bits, pairs, bits if bits.numel() else None)
+                     draw_bits, pairs)
 
 
 @_attention_backward_op.register_fake
 def _(grad_out, q, k, v, out, lse, seed, table, radius, mask, lengths, holes, causal, scale, dropout_p,
-      draw_bits, pairs, bits):
+      draw_bits, pairs):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, table, radius, mask, lengths, holes, causal, scale, dropout_p, draw_bits, pairs, _precise_pv, _ = inputs
-    out, lse, seed, bits = output
-    ctx.save_for_backward(q, k, v, out, lse, seed, table, mask, lengths, holes, bits)
+    q, k, v, table, radius, mask, lengths, holes, causal, scale, dropout_p, draw_bits, pairs, _precise_pv = inputs
+    out, lse, seed = output
+    ctx.save_for_backward(q, k, v, out, lse, seed, table, mask, lengths, holes)
     ctx.radius, ctx.causal, ctx.scale, ctx.dropout_p = radius, causal, scale, dropout_p
     ctx.draw_bits, ctx.pairs = draw_bits, pairs
 
 
-def _backward_rule(ctx, grad_out, _grad_lse, _grad_seed, _grad_bits):
-    q, k, v, out, lse, seed, table, mask, lengths, holes, bits = ctx.saved_tensors
+def _backward_rule(ctx, grad_out, _grad_lse, _grad_seed):
+    q, k, v, out, lse, seed, table, mask, lengths, holes = ctx.saved_tensors
     dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, lse, seed, table, ctx.radius, mask, lengths, holes,
-                                        ctx.causal, ctx.scale, ctx.dropout_p, ctx.draw_bits, ctx.pairs, bits)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None
+                                        ctx.causal, ctx.scale, ctx.dropout_p, ctx.draw_bits, ctx.pairs)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
 
 
 _attention_op.register_autograd(_backward_rule, setup_context=_setup_context)
@@ -485,10 +459,8 @@ def t5_flash_attention(query: Tensor, key: Tensor, value: Tensor, table_log2: Te
         raise ValueError(f"table_log2 has {table_log2.shape[1]} columns: not a bias_table_log2 table for these lengths")
     mask, lengths, holes = padding if padding is not None else (None, None, None)
     gradient = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-    keep_bits = bool(KEEP_BITS and gradient and dropout_p > 0 and _pairs())
     return _attention_op(query, key, value, table_log2, int(bias_radius), mask, lengths, holes, causal, float(scale),
-                         float(dropout_p), _draw_bits(), _pairs(), bool(gradient or PRECISE_PV_WITHOUT_GRAD),
-                         keep_bits)[0]
+                         float(dropout_p), _draw_bits(), _pairs(), bool(gradient or PRECISE_PV_WITHOUT_GRAD))[0]
 
 
 def _pairs() -> bool:

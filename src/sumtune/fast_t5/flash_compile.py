@@ -32,7 +32,7 @@ def example_arguments(kernel, batch: int = 32, heads: int = 32, length: int = 10
     """Runtime arguments of ``kernel`` for (B, L, H, D) tensors seen as (B, H, L, D), as the fast path has them."""
     strides = {"b": length * heads * head_dim, "h": head_dim, "m": heads * head_dim, "n": heads * head_dim, "d": 1}
     pointers = {"LSE": "*fp32", "DELTA": "*fp32", "TABLE": "*fp32", "KMASK": "*i8", "KV_LEN": "*i32", "HOLES": "*i8",
-                "SEED": "*i64", "V_LARGEST": f"*{dtype}", "BAND": "*fp32", "BITS": "*i16"}
+                "SEED": "*i64", "V_LARGEST": f"*{dtype}", "BAND": "*fp32"}
     values = dict(H=heads, Lq=length, Lk=length, R=128, table_row=2 * length - 1 + 256, table_zero=length - 1 + 128,
                   stride_dsb=heads * length * length, stride_dsh=length * length, stride_dsn=length,
                   qk_scale=1.4427, scale=1.0, drop_scale=1.11, drop_below=6554, len_key=length,
@@ -57,9 +57,9 @@ def compile_kernel(name: str, block_m: int, block_n: int, num_warps: int, num_st
 
     if flash_kernels.INTERPRET:
         raise RuntimeError("TRITON_INTERPRET=1 decorates interpreted kernels, which do not compile: unset it")
-    from sumtune.fast_t5.flash_attention import (BIAS_BAND, BWD_DESCRIPTORS, DROPOUT_PAIRS, FWD_DESCRIPTORS,
-                                                 KEEP_BITS, LEAN_BACKWARD, LEAN_FORWARD, MASK_ONLY_WITH_HOLES,
-                                                 _pairs_mode, near_stages)
+    from sumtune.fast_t5.flash_attention import (BIAS_BAND, BWD_DESCRIPTORS, DROPOUT_PAIRS,
+                                                 FWD_DESCRIPTORS, LEAN_BACKWARD, LEAN_FORWARD,
+                                                 MASK_ONLY_WITH_HOLES, _pairs_mode, near_stages)
 
     kernel = getattr(flash_kernels, KERNELS[name])
     pairs = _pairs_mode(DROPOUT_PAIRS, 1024)  # at the 1024 keys example_arguments specialises for (flags may differ)
@@ -68,9 +68,7 @@ def compile_kernel(name: str, block_m: int, block_n: int, num_warps: int, num_st
                "DESC": FWD_DESCRIPTORS if name == "fwd" else BWD_DESCRIPTORS,
                "NEAR_STAGES": near_stages(name, block_m, block_n, num_stages).get("NEAR_STAGES"),
                "LEAN_TILES": (LEAN_FORWARD if name == "fwd" else LEAN_BACKWARD)  # as flash_attention
-               and not flags.get("CAUSAL", T5_FLAGS["CAUSAL"]),
-               # the forward stores the keep bits, the backward kernels load them (with dropout, paired draws)
-               "KEEP_BITS": (1 if name == "fwd" else 2) if KEEP_BITS and pairs and flags.get("DROPOUT", True) else 0}
+               and not flags.get("CAUSAL", T5_FLAGS["CAUSAL"])}
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=False,
                       **{**shipped, **T5_FLAGS, **flags})
     # STORE_DS: dK/dV only; PV_*: forward only

@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from sumtune.fast_t5.bias_band import t5_bias_band  # noqa: F401 (for flash_attention)
-from sumtune.fast_t5.dropout_draws import _counter_cols, _keep_bits_row, _keep_tile
+from sumtune.fast_t5.dropout_draws import _counter_cols, _keep_tile
 from sumtune.fast_t5.flash_common import (BIAS_BAND, BIAS_CONST, BIAS_GATHER, BIAS_NONE, _biased_scores, _head_rows,
                                          _program_head, _row_keys)
 from sumtune.fast_t5.fp16_values import fp16_power, t5_values_to_fp16  # noqa: F401 (the latter: for flash_attention)
@@ -70,8 +70,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, start, stop, con
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
                DRAW8: tl.constexpr, PV_SPLIT: tl.constexpr, PAIRS: tl.constexpr, kv_row0=0, kv_col=0,
-               DESC: tl.constexpr = False, LOOP_STAGES: tl.constexpr = None, LEAN: tl.constexpr = False,
-               BITS=0, bit_rows=0, KEEP_BITS: tl.constexpr = 0):
+               DESC: tl.constexpr = False, LOOP_STAGES: tl.constexpr = None, LEAN: tl.constexpr = False):
     """Key tiles start, start + BLOCK_N, ... < stop, software-pipelined over LOOP_STAGES (None: the launch's).
 
     LEAN: every tile lies wholly inside the row's keys with no masked key among them: no mask; with one bias value
@@ -90,8 +89,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, start, stop, con
             if read_mask:
                 key_ok = key_ok & (tl.load(KMASK + offs_n, mask=in_k, other=0) != 0)
         if DROPOUT:
-            kept = _keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N, DRAW8, PAIRS,
-                              BITS, bit_rows, KEEP_BITS)
+            kept = _keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N, DRAW8, PAIRS)
         if DESC:  # TMA: rows past the row's keys are the next row's (finite) or zeros, masked below like padding
             k_t = K.load([kv_row0 + start_n, kv_col]).T
         elif LEAN:
@@ -146,8 +144,7 @@ def _fwd_region(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, start, stop, le
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
                 CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
                 DRAW8: tl.constexpr, PV_SPLIT: tl.constexpr, PAIRS: tl.constexpr, kv_row0, kv_col,
-                DESC: tl.constexpr, LOOP_STAGES: tl.constexpr, LEAN_TILES: tl.constexpr, BITS=0, bit_rows=0,
-                KEEP_BITS: tl.constexpr = 0):
+                DESC: tl.constexpr, LOOP_STAGES: tl.constexpr, LEAN_TILES: tl.constexpr):
     """The key tiles [start, stop) of one bias region: with LEAN_TILES those below ``lean_end`` first, in a lean loop
     (`_fwd_tiles`' LEAN), then the rest with masks."""
     masked_from = start
@@ -157,12 +154,11 @@ def _fwd_region(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, start, stop, le
                                    stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w, seed,
                                    stream, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_MODE, False,
                                    HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, kv_row0, kv_col, DESC,
-                                   LOOP_STAGES, True, BITS, bit_rows, KEEP_BITS)
+                                   LOOP_STAGES, True)
     return _fwd_tiles(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, masked_from, stop, const, start_m,
                       stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w, seed, stream,
                       n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_MODE, CAUSAL, HAS_KEY_MASK, DROPOUT,
-                      UPCAST, DRAW8, PV_SPLIT, PAIRS, kv_row0, kv_col, DESC, LOOP_STAGES, False, BITS, bit_rows,
-                      KEEP_BITS)
+                      UPCAST, DRAW8, PV_SPLIT, PAIRS, kv_row0, kv_col, DESC, LOOP_STAGES)
 
 
 @triton.jit
@@ -177,19 +173,14 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, str
                            PV_FP16: tl.constexpr = False, PAIRS: tl.constexpr = False,
                            CHECK_HOLES: tl.constexpr = False, HOLES=0, BAND=0, band_w=0, band_head=0,
                            USE_BAND: tl.constexpr = False, DESC: tl.constexpr = False,
-                           NEAR_STAGES: tl.constexpr = None, LEAN_TILES: tl.constexpr = False, BITS=0,
-                           KEEP_BITS: tl.constexpr = 0):
+                           NEAR_STAGES: tl.constexpr = None, LEAN_TILES: tl.constexpr = False):
     """With DESC, K and V are TMA descriptors over the (B * Lk, H * HEAD_DIM) rows of the keys and values (the
     projections' layout) instead of pointers; the same sums in the same order. With LEAN_TILES (not causal, a
     positive qk_scale), the key tiles that lie wholly inside a row without masked keys before its length run in
     loops of their own without masks (`_fwd_tiles`' LEAN): the same maths, far tiles' scale and bias added in
-    another order. KEEP_BITS (BITS_STORE, with paired draws): the dropout decisions also go to BITS, for the
-    backward kernels (dropout_draws' keep bits)."""
+    another order."""
     start_m = tl.program_id(0) * BLOCK_M
     bh, b, h, seed = _program_head(SEED, H, DROPOUT)
-    bit_rows = 0
-    if KEEP_BITS:
-        BITS, bit_rows = _keep_bits_row(BITS, bh, Lq, Lk)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     in_q = offs_m < Lq
@@ -228,24 +219,24 @@ def t5_flash_attention_fwd(Q, K, V, O, LSE, TABLE, KMASK, KV_LEN, V_LARGEST, str
                                     start_m, stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale,
                                     band_w, seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST,
                                     False, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, kv_row0, kv_col, DESC,
-                                    None, LEAN_TILES, BITS, bit_rows, KEEP_BITS)
+                                    None, LEAN_TILES)
         acc, l_i, m_i = _fwd_region(acc, l_i, m_i, q, K, V, BAND + h * band_head if USE_BAND else TABLE, KMASK,
                                     read_mask, lo_end, hi_start, lean_end, 0.0, start_m, stride_kn, stride_kd,
                                     stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w, seed, bh, n_cols, drop_below,
                                     HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_BAND if USE_BAND else BIAS_GATHER, CAUSAL,
                                     HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, kv_row0, kv_col, DESC,
-                                    NEAR_STAGES, LEAN_TILES, BITS, bit_rows, KEEP_BITS)
+                                    NEAR_STAGES, LEAN_TILES)
         acc, l_i, m_i = _fwd_region(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, hi_start, stop, lean_end,
                                     far_right, start_m, stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R,
                                     qk_scale, band_w, seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N,
                                     BIAS_CONST, CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, kv_row0,
-                                    kv_col, DESC, None, LEAN_TILES, BITS, bit_rows, KEEP_BITS)
+                                    kv_col, DESC, None, LEAN_TILES)
     else:
         acc, l_i, m_i = _fwd_region(acc, l_i, m_i, q, K, V, TABLE, KMASK, read_mask, 0, stop, lean_end, 0.0, start_m,
                                     stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w,
                                     seed, bh, n_cols, drop_below, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE,
                                     CAUSAL, HAS_KEY_MASK, DROPOUT, UPCAST, DRAW8, PV_SPLIT, PAIRS, kv_row0, kv_col,
-                                    DESC, None, LEAN_TILES, BITS, bit_rows, KEEP_BITS)
+                                    DESC, None, LEAN_TILES)
     empty = l_i == 0.0  # no key to attend to: output 0, and lse = +inf makes the backward's P exactly 0
     l_safe = tl.where(empty, 1.0, l_i)
     out_scale = drop_scale / l_safe

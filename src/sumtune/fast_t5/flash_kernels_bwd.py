@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from sumtune.fast_t5.bias_band import _band_tile
-from sumtune.fast_t5.dropout_draws import PAIRS_WIDE_MUL, _counter_cols, _keep_bits_row, _keep_pairs, _keep_tile
+from sumtune.fast_t5.dropout_draws import PAIRS_WIDE_MUL, _counter_cols, _keep_pairs, _keep_tile
 from sumtune.fast_t5.flash_common import (BIAS_BAND, BIAS_CONST, BIAS_GATHER, BIAS_NONE, _bias_tile,
                                          _biased_scores, _head_rows, _program_head, _row_keys)
 from sumtune.triton_compat import interpreter_safe_dot as _dot
@@ -41,7 +41,7 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, const, 
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
                 CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DRAW8: tl.constexpr,
                 STORE_DS: tl.constexpr, PAIRS: tl.constexpr, q_row0=0, q_col=0, DESC: tl.constexpr = False,
-                lean_stop=0, LEAN_TILES: tl.constexpr = False, BITS=0, bit_rows=0, KEEP_BITS: tl.constexpr = 0):
+                lean_stop=0, LEAN_TILES: tl.constexpr = False):
     """The query tiles [start, stop) of one bias region: with LEAN_TILES those below ``lean_stop`` first, in a loop
     without masks (`_dkdv_loop`'s LEAN), then the rest with masks; the same tiles in the same order."""
     if LEAN_TILES:
@@ -49,14 +49,13 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, const, 
         dk, dv = _dkdv_loop(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, mid, const, start_n, key_ok,
                             stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale, band_w,
                             seed, stream, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_MODE,
-                            CAUSAL, DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, q_row0, q_col, DESC, True, True,
-                            BITS, bit_rows, KEEP_BITS)
+                            CAUSAL, DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, q_row0, q_col, DESC, True, True)
         start = mid
     dk, dv = _dkdv_loop(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, const, start_n, key_ok,
                         stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale, band_w,
                         seed, stream, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_MODE,
                         CAUSAL, DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, q_row0, q_col, DESC, False,
-                        LEAN_TILES, BITS, bit_rows, KEEP_BITS)
+                        LEAN_TILES)
     return dk, dv
 
 
@@ -67,7 +66,7 @@ def _dkdv_loop(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, const, s
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
                CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DRAW8: tl.constexpr,
                STORE_DS: tl.constexpr, PAIRS: tl.constexpr, q_row0, q_col, DESC: tl.constexpr,
-               LEAN: tl.constexpr, FOLD_DROP: tl.constexpr, BITS=0, bit_rows=0, KEEP_BITS: tl.constexpr = 0):
+               LEAN: tl.constexpr, FOLD_DROP: tl.constexpr):
     """LEAN: every query of every tile is below Lq and every key of the block is kept (not causal): no mask and no
     select; with one bias value (or none) the scale, the bias and the row's log-sum-exp in the exponent's one
     multiply-add. FOLD_DROP (the kernel's LEAN_TILES, every loop of it): dropout's 1 / (1 - p) is left out of P and
@@ -91,7 +90,7 @@ def _dkdv_loop(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, const, s
         if DROPOUT:
             if PAIRS:  # the same draws, built in this (keys, queries) layout: no exchange between threads
                 kept = _keep_pairs(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N, True,
-                                   PAIRS == PAIRS_WIDE_MUL, BITS, bit_rows, KEEP_BITS)
+                                   PAIRS == PAIRS_WIDE_MUL)
             else:  # transposed through shared memory; drawing it in this layout (2x the Philox work) was no faster
                 kept = tl.trans(_keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N,
                                            DRAW8))
@@ -164,17 +163,13 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
                                 DRAW8: tl.constexpr = False, STORE_DS: tl.constexpr = False,
                                 PAIRS: tl.constexpr = False, BAND=0, band_w=0, band_head=0,
                                 USE_BAND: tl.constexpr = False, DESC: tl.constexpr = False,
-                                LEAN_TILES: tl.constexpr = False, BITS=0, KEEP_BITS: tl.constexpr = 0):
+                                LEAN_TILES: tl.constexpr = False):
     """With DESC, Q and DO are TMA descriptors over the (B * Lq, H * HEAD_DIM) rows of the queries and the output's
     gradient instead of pointers; the same sums in the same order. With LEAN_TILES (not causal), a key block whose
     every key is kept runs its whole query tiles (all but a last partial one) in loops without masks, and dropout's
-    scale multiplies dK and dV once (the stored dS leaves it to the dQ GEMM: `flash_attention._dq_from_ds`).
-    KEEP_BITS (BITS_LOAD): the dropout decisions come from the forward's keep bits at BITS, not from Philox."""
+    scale multiplies dK and dV once (the stored dS leaves it to the dQ GEMM: `flash_attention._dq_from_ds`)."""
     start_n = tl.program_id(0) * BLOCK_N
     bh, b, h, seed = _program_head(SEED, H, DROPOUT)
-    bit_rows = 0
-    if KEEP_BITS:
-        BITS, bit_rows = _keep_bits_row(BITS, bh, Lq, Lk)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     in_k = offs_n < Lk
@@ -217,25 +212,25 @@ def t5_flash_attention_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, KMASK, K
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale, band_w,
                              seed, bh, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, CAUSAL,
                              DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, q_row0, q_col, DESC, lean_stop,
-                             LEAN_TILES, BITS, bit_rows, KEEP_BITS)
+                             LEAN_TILES)
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, BAND + h * band_head if USE_BAND else TABLE, DS,
                              hi_end, lo_start, 0.0, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale, band_w,
                              seed, bh, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N,
                              BIAS_BAND if USE_BAND else BIAS_GATHER, CAUSAL,
                              DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, q_row0, q_col, DESC, lean_stop,
-                             LEAN_TILES, BITS, bit_rows, KEEP_BITS)
+                             LEAN_TILES)
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, lo_start, stop, far_left, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale, band_w,
                              seed, bh, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, False,
                              DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, q_row0, q_col, DESC, lean_stop,
-                             LEAN_TILES, BITS, bit_rows, KEEP_BITS)
+                             LEAN_TILES)
     else:
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, TABLE, DS, start, stop, 0.0, start_n,
                              key_ok, stride_qm, stride_qd, stride_dom, stride_dod, stride_dsn, Lq, R, qk_scale, band_w,
                              seed, bh, n_cols, drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE, CAUSAL,
                              DROPOUT, UPCAST, DRAW8, STORE_DS, PAIRS, q_row0, q_col, DESC, lean_stop,
-                             LEAN_TILES, BITS, bit_rows, KEEP_BITS)
+                             LEAN_TILES)
     if STORE_DS:  # query blocks no tile visited: above the diagonal, or every query of keys past the row's length
         _zero_ds(DS, 0, start, start_n, stride_dsn, DS.dtype.element_ty, BLOCK_M, BLOCK_N)
         _zero_ds(DS, stop, Lq, start_n, stride_dsn, DS.dtype.element_ty, BLOCK_M, BLOCK_N)
@@ -256,7 +251,7 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, read_mask, start, stop,
               seed, stream, n_cols, drop_below, drop_scale,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_MODE: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-              DRAW8: tl.constexpr, PAIRS: tl.constexpr, BITS=0, bit_rows=0, KEEP_BITS: tl.constexpr = 0):
+              DRAW8: tl.constexpr, PAIRS: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(start, stop, BLOCK_N):
@@ -268,8 +263,7 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, read_mask, start, stop,
             if read_mask:
                 key_ok = key_ok & (tl.load(KMASK + offs_n, mask=in_k, other=0) != 0)
         if DROPOUT:
-            kept = _keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N, DRAW8, PAIRS,
-                              BITS, bit_rows, KEEP_BITS)
+            kept = _keep_tile(seed, stream, start_m, start_n, n_cols, drop_below, BLOCK_M, BLOCK_N, DRAW8, PAIRS)
         k_t = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=in_k[None, :], other=0.0)
         v_t = tl.load(V + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=in_k[None, :], other=0.0)
         s = _biased_scores(q, k_t, TABLE, const, start_m, start_n, offs_m, offs_n, qk_scale, band_w, BIAS_MODE,
@@ -296,12 +290,9 @@ def t5_flash_attention_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TABLE, KMASK, KV_LEN,
                               HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr,
                               UPCAST: tl.constexpr, DRAW8: tl.constexpr = False, PAIRS: tl.constexpr = False,
                               CHECK_HOLES: tl.constexpr = False, HOLES=0, BAND=0, band_w=0, band_head=0,
-                              USE_BAND: tl.constexpr = False, BITS=0, KEEP_BITS: tl.constexpr = 0):
+                              USE_BAND: tl.constexpr = False):
     start_m = tl.program_id(0) * BLOCK_M
     bh, b, h, seed = _program_head(SEED, H, DROPOUT)
-    bit_rows = 0
-    if KEEP_BITS:  # BITS_LOAD: the forward's decisions
-        BITS, bit_rows = _keep_bits_row(BITS, bh, Lq, Lk)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     in_q = offs_m < Lq
@@ -326,22 +317,22 @@ def t5_flash_attention_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, TABLE, KMASK, KV_LEN,
         dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, read_mask, 0, lo_end, far_left, start_m,
                        stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w, seed, bh, n_cols,
                        drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, False, HAS_KEY_MASK,
-                       DROPOUT, UPCAST, DRAW8, PAIRS, BITS, bit_rows, KEEP_BITS)
+                       DROPOUT, UPCAST, DRAW8, PAIRS)
         dq = _dq_tiles(dq, q, do, lse, delta, K, V, BAND + h * band_head if USE_BAND else TABLE, KMASK, read_mask,
                        lo_end, hi_start, 0.0, start_m,
                        stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w, seed, bh, n_cols,
                        drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N,
                        BIAS_BAND if USE_BAND else BIAS_GATHER, CAUSAL, HAS_KEY_MASK,
-                       DROPOUT, UPCAST, DRAW8, PAIRS, BITS, bit_rows, KEEP_BITS)
+                       DROPOUT, UPCAST, DRAW8, PAIRS)
         dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, read_mask, hi_start, stop, far_right, start_m,
                        stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w, seed, bh, n_cols,
                        drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_CONST, CAUSAL, HAS_KEY_MASK,
-                       DROPOUT, UPCAST, DRAW8, PAIRS, BITS, bit_rows, KEEP_BITS)
+                       DROPOUT, UPCAST, DRAW8, PAIRS)
     else:
         dq = _dq_tiles(dq, q, do, lse, delta, K, V, TABLE, KMASK, read_mask, 0, stop, 0.0, start_m,
                        stride_kn, stride_kd, stride_vn, stride_vd, Lk, kv_len, R, qk_scale, band_w, seed, bh, n_cols,
                        drop_below, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BIAS_NONE, CAUSAL, HAS_KEY_MASK,
-                       DROPOUT, UPCAST, DRAW8, PAIRS, BITS, bit_rows, KEEP_BITS)
+                       DROPOUT, UPCAST, DRAW8, PAIRS)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              (dq * scale).to(DQ.dtype.element_ty), mask=in_q[:, None])
 
