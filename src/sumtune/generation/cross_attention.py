@@ -189,6 +189,7 @@ def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, split
     if bias is not None and (bias.shape[0] != heads or bias.stride(-1) != 1 or bias.shape[-1] < src_len):
         raise ValueError(f"bias must be [{heads}, >= {src_len}] with contiguous keys, not {tuple(bias.shape)}")
     kernels = _kernels()
+    splits_asked = splits
     block_n, warps = tiles_for(batch, src_len)
     block_n = INTERPRETER_BLOCK_N if kernels.INTERPRET else block_n
     gluon = _gluon_kernel(memory, self_attention=bias is not None, heads=heads)
@@ -215,7 +216,8 @@ def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, split
         except Exception as error:  # noqa: BLE001 - e.g. a Triton release whose Gluon API moved
             warp_specialized = getattr(gluon_kernel, "__name__", "").endswith("gluon_decode_ws")
             _gluon_failed(error, warp_specialized)
-            return fused_hidden_attention(q_mem, memory, lengths, None if warp_specialized else splits, bias)
+            # the kernel taking over chooses its own splits (the warp-specialized one's fit its 32-head programs)
+            return fused_hidden_attention(q_mem, memory, lengths, splits_asked if warp_specialized else splits, bias)
     else:
         kernels.hidden_cross_attention[(groups, batch, splits)](
             q_mem, memory, lengths, out, acc, running_max, total, q_mem if bias is None else bias, q_mem.stride(0),
