@@ -116,3 +116,14 @@ def test_the_checks_catch_what_they_look_for():
     table = layers()
     assert layer_of("sumtune.modeling", table) == [2] and layer_of("sumtune.recipe", table) == [4]
     assert layer_of("sumtune.generation.decoding", table) == [2] and layer_of("sumtune", table) == [5]
+
+
+MAX_MODULE_LINES = 500  # the style guide's "no module over ~500 lines without a reason"
+
+
+def test_no_module_is_over_the_size_the_style_guide_allows():
+    """Every module of src/sumtune fits in MAX_MODULE_LINES lines: a module that grows past it is split (or this test
+    names it with its reason)."""
+    sizes = {name: len(path.read_text(encoding="utf-8").splitlines()) for name, path in modules().items()}
+    assert len(sizes) > 50
+    assert {name: lines for name, lines in sizes.items() if lines > MAX_MODULE_LINES} == {}

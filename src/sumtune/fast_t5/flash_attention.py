@@ -42,122 +42,81 @@ from sumtune.fast_t5.flash_tiles import (AUTOTUNE_CONFIGS, FWD_DESCRIPTOR_CONFIG
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-# Bits per dropout draw in the attention kernels: 16 (p rounded to 1/65536) or 8 (p rounded to 1/256, half the
-# Philox work per element, as FlashAttention-2's dropout). Read when a forward runs; the backward uses the forward's.
-# 8 measured slower in the whole T5-3b step (H200, 2026-12-01: 39.0 vs 39.8 samples/s at 1024/128, 5.60 vs 5.85 at
-# 4096/512; results/*_loragemm_drop8-*), so 16 stays.
+# The flags below are read per call (benchmarks flip them by token, bench_common.PATCH_TOKENS); each was measured on
+# and the measurements' history is in docs/speed-history.md and benchmarks/NOTES.md, the result files named here.
+# Bits per dropout draw: 16 (p rounded to 1/65536) or 8 (1/256, half the Philox work, as FlashAttention-2). 8 lost in
+# the whole step (H200, 39.0 vs 39.8 samples/s at 1024/128; results/*_loragemm_drop8-*). The backward uses the
+# forward's.
 DROPOUT_DRAW_BITS = 16
-# 16-bit draws in pairs (sumtune.fast_t5.dropout_draws): a Philox-2x32 call per 2 x 2 elements that one thread holds
-# in the forward's and the dK/dV kernel's layouts alike, so that kernel builds its mask without the transpose through
-# shared memory that the Philox-4x32 grouping (False) needs. On an H200 (2026-12-02): attention forward + backward
-# 8.83 vs 9.03 ms at 32x32x1024 and 14.75 vs 15.10 at 4x32x4096, the long config's step +1.0% and +0.8%, the shipped
-# one's +0.4% (results/attention_kernels_pairs-*, long_documents_pairs*-*, train_throughput_shipped_pairs_default-*).
-# Read when a forward runs; the backward uses the forward's. Benchmark token `nopairs`.
+# 16-bit draws in pairs (dropout_draws): one Philox-2x32 call per 2 x 2 elements that one thread holds in the forward's
+# and the dK/dV kernel's layouts alike, so no transpose through shared memory (the Philox-4x32 grouping, False, needs
+# one): forward + backward 8.83 vs 9.03 ms at 32x32x1024 (H200; results/attention_kernels_pairs-*). Token `nopairs`.
 DROPOUT_PAIRS = True
-# Pairs' Philox products from one mul.wide.u32 each (dropout_draws._wide_product) instead of Triton's mul.lo and
-# mul.hi (two instructions to ptxas): the same draws. H200, 2026-12-03 (results/attention_kernels-2026-12-03-h200-
-# widemul.json): forward + backward 13.79 vs 14.15 ms at 4x32x4096x128, 8.39 vs 8.34 at 32x32x1024x128, so from
-# PHILOX_WIDE_MUL_MIN_KEYS keys. Compiled kernels only (the interpreter runs no inline PTX). Token `nowidemul`: off.
+# Pairs' Philox products from one mul.wide.u32 each instead of mul.lo + mul.hi (the same draws), from
+# PHILOX_WIDE_MUL_MIN_KEYS keys: 13.79 vs 14.15 ms at 4x32x4096x128 (H200; results/attention_kernels-2026-12-03-h200-
+# widemul.json). Compiled kernels only (the interpreter runs no inline PTX). Token `nowidemul`.
 PHILOX_WIDE_MUL = True
 PHILOX_WIDE_MUL_MIN_KEYS = 2048
-# The backward's dQ from dS: the dK/dV kernel writes dS (bf16, the values the dQ kernel would round to bf16 before
-# its GEMM) into a (B, H, Lk, Lq) buffer and dQ = dS K runs as cuBLAS batched GEMMs, instead of a dQ kernel that
-# recomputes S, P, dP and the dropout draws. Costs a transient L x L buffer per attention call (2 GiB for 32 x 32 heads
-# at 1024, 4 GiB for 4 x 32 at 4096). Measured on an H200 (2026-12-02): the shipped step 45.3 vs 43.6 samples/s, the
-# long config's 6.58 vs 6.16 (results/*_dsgemm-2026-12-02-*), so on. Benchmark token `nodsgemm` turns it off. Read
-# at every backward.
+# dQ from the stored dS: the dK/dV kernel writes dS (bf16, as the dQ kernel would round it) into a (B, H, Lk, Lq)
+# buffer and dQ = dS K runs as cuBLAS GEMMs, instead of a dQ kernel recomputing S, P, dP and the draws. A transient
+# L x L buffer per call (2 GiB for 32 x 32 heads at 1024). The shipped step 45.3 vs 43.6 samples/s (H200;
+# results/*_dsgemm-2026-12-02-*). Token `nodsgemm`. Read at every backward.
 DS_GEMM = True
 # A training run whose micro-batch fits only without the dS buffer holds DS_GEMM off (sumtune.training's micro-batch
-# search: a halved micro-batch costs more than the dQ kernel); every run sets it, so none inherits another's.
+# search); every run sets it, so none inherits another's.
 _ds_gemm_held_off = False
 ds_buffers_made = 0  # counted, so a memory probe can tell whether the dS buffer was in play
-# (dK = dSᵀ Q by cuBLAS too measured slower, 44.6 vs 45.3 samples/s: removed, commit 737b9c9 has it.)
 DS_GEMM_MAX_GIB = 8.0  # a larger dS buffer (long inputs at a large fixed batch) takes the dQ kernel instead
 DS_TILE = 128  # the dS buffer's rows and columns are padded to whole tiles, so the kernel stores without masks
-# The forward's P·V in more than bf16's precision, from PRECISE_PV_MIN_KEYS keys (the rounding of P for P·V is what
-# moved the 4096 gradients away from float32: a CPU study, results/attention_numerics_cpu-2026-12-02-cpu.json):
-# * PV_FP16: V as a float16 copy scaled by a power of two that puts its largest value in [2^14, 2^15) (exact, and in
-#   range whatever V holds), so P goes in with 11 bits instead of 8; the forward kernel divides its output by that
-#   power (sumtune.fast_t5.fp16_values). bf16 inputs only. Costs V's max and the copy per call.
-# * PV_SPLIT: a second GEMM over P's remainder (P = high + low, each in V's dtype: ~22 bits with float16 V).
-# Measured on an H200 at 4096/512 over 8 (model seed, batch) draws, whole LoRA-gradient vector against float32: bf16
-# P·V 1.113e-2, PV_FP16 1.096e-2, both 1.089e-2, stock SDPA 1.094-1.095e-2, stock eager 1.105e-2 (both: closer than
-# SDPA in 6 of 8 draws; results/fast_t5_numerics_4096_pv16_*-2026-12-02-h200.json); the long config's step 6.54 ->
-# 6.47 (PV_FP16) -> 6.30 samples/s (both; results/long_documents_pv16_*). So both are on where it matters: not below
-# 2048 keys, where the gap is small (none at 512/128 in the CPU study) and at 1024 the bf16 P·V is already as close
-# to float32 as stock (results/fast_t5_numerics_1024-2026-12-01-h200.json). Benchmark tokens `nopv16`, `nopvsplit`.
+# (dK = dSᵀ Q by cuBLAS too measured slower, 44.6 vs 45.3 samples/s: removed, commit 737b9c9 has it.)
+# The forward's P·V in more than bf16's precision from PRECISE_PV_MIN_KEYS keys, where bf16's rounding of P moved the
+# 4096-key gradients away from float32 (results/attention_numerics_cpu-2026-12-02-cpu.json): PV_FP16 takes V as a
+# float16 copy scaled by a power of two (exact; P with 11 bits, sumtune.fast_t5.fp16_values), PV_SPLIT adds a GEMM
+# over P's remainder. Both: LoRA gradients 1.089e-2 from float32 against stock SDPA's 1.094e-2 (H200, 4096/512;
+# results/fast_t5_numerics_4096_pv16_*); the long step 6.54 -> 6.30 samples/s. Tokens `nopv16`, `nopvsplit`.
 PV_FP16 = True
 PV_SPLIT = True
-# The precise P·V is for the gradients. A forward that no gradient will reach (generation's encoder, evaluation's
-# loss) keeps bf16's P·V, as stock SDPA's kernels and transformers' eager T5 do: the second GEMM and the float16 copy
-# of V are a third of the 4096-key forward's work. True: precise there too. Benchmark token `pvnograd`.
+# A forward no gradient reaches (generation's encoder, evaluation's loss) keeps bf16's P·V, as stock SDPA and eager T5
+# do. True: precise there too (token `pvnograd`).
 PRECISE_PV_WITHOUT_GRAD = False
-# (Measured slower and removed, in docs/speed-history.md: such a forward's far-left keys from cuDNN's causal kernel,
-# session 31, commit 6aa3184; the remainder GEMM in float8, PV_LOW8, session 18, commit b74dbf9.)
-# MASK_ONLY_WITH_HOLES: the forward and dQ kernels read the key mask only in rows with a masked key before their
-# length (KeyPadding.holes; a branch around the load inside the loop): a right-padded row is bounded by its length
-# alone. Same bits (CPU test). On an H200 (2026-12-02): the long step 6.34 vs 6.26 samples/s (40.8% vs 40.3% MFU),
-# the shipped one 44.7 vs 44.3 (results/long_documents_holes-*, train_throughput_shipped_holes-*); a first form with
-# two copies of each loop ran 6.34 vs 6.30 and 45.1 vs 44.7 (results/*_holes_two_loops-*) but doubled the shared
-# memory (the forward's first config 96 -> 160 KiB, the dQ kernel's over Hopper's 227). Token `noholes`: off.
+# (Measured slower and removed, in docs/speed-history.md: the far-left keys from cuDNN's causal kernel, session 31,
+# commit 6aa3184; the remainder GEMM in float8, PV_LOW8, session 18, commit b74dbf9.)
+# The forward and dQ kernels read the key mask only in rows with a masked key before their length (KeyPadding.holes):
+# same bits; the long step 6.34 vs 6.26 samples/s (H200; results/long_documents_holes-*); a form with two copies of
+# each loop doubled the shared memory (results/*_holes_two_loops-*). Token `noholes`.
 MASK_ONLY_WITH_HOLES = True
 PRECISE_PV_MIN_KEYS = 2048
-# The warp-specialized Gluon kernels (sumtune.fast_t5.ws_forward, ws_backward: FlashAttention-3's producer warp and
-# two consumer warpgroups; their docstrings have the measurements and the one-warpgroup forms that lost): forwards no
-# gradient reaches, on since 2026-12-05 (token `nowsenc`); forwards of training (`wstrain`) and the dK/dV kernel
-# (`wsbwd`), off until their GPU tests pass and they are measured.
+# The warp-specialized Gluon kernels (fast_t5.ws_forward, ws_backward: FlashAttention-3's producer warp and two
+# consumer warpgroups; their docstrings have the measurements): forwards no gradient reaches, on since 2026-12-05
+# (token `nowsenc`); training forwards (`wstrain`) and the dK/dV kernel (`wsbwd`), off until measured.
 WS_NO_GRAD_FORWARD = True
 WS_TRAINING_FORWARD = False
 WS_BACKWARD = False
-# FWD_DESCRIPTORS: the forward kernel reads K and V by TMA, from 2-D descriptors over the projections' (B * L, H * D)
-# rows (fused or not), instead of pointer loads: the same sums in the same order (in Triton's interpreter equal to
-# within float32 rounding: numpy multiplies a transposed tile in another order), autotuned over
-# FWD_DESCRIPTOR_CONFIGS. Why: Triton's own tutorial forward, by TMA without T5's extras, ran 8.53 ms at
-# 16x32x4096x128 and 2.41 at 64x32x1024x128 where this forward with them runs 11.62 and 3.83 (cuDNN without bias 6.74
-# and 1.72; results/attention_tutorial_ceiling-2026-12-04-h200.json, attention_kernels-2026-12-04-h200-gluonenc.json).
-# Off until measured (benchmark token `fwdtma`; with `noband` the near tiles gather from the table instead).
+# The forward reads K and V by TMA from descriptors over the projections' (B * L, H * D) rows (the same sums),
+# autotuned over FWD_DESCRIPTOR_CONFIGS: Triton's tutorial forward by TMA ran 8.53 ms at 16x32x4096x128 where this one
+# with T5's extras ran 11.62 (H200; results/attention_tutorial_ceiling-2026-12-04-h200.json). Off until measured in
+# sumtune's forward (token `fwdtma`).
 FWD_DESCRIPTORS = False
-# LEAN_FORWARD: the forward's key tiles that lie wholly inside a row without masked keys before its length (every tile
-# of an unpadded row but a last partial one) run in loops of their own with no mask, and the far tiles (one bias value,
-# or no bias) fold the scale and the bias into the exponent's one multiply-add (flash_kernels' LEAN_TILES; not
-# causal), as Triton's tutorial forward does. The same maths, rounded in another order. Compiled for sm_90 (CPU),
-# each lean loop issues ~half the instructions of the masked one (128 x 64 x 8 x 3: far 348 against 699 without
-# dropout, 665 against 1029 with it; near 512 against 911; 128 x 128 x 8 x 3 by TMA: 492 against 1317), the same
-# 12-16 HGMMA, where the masked loop issues more slots than its tensor-core work takes
-# (results/attention_lean_compile-2026-12-04-cpu-sm90.json).
-# Its forerunner WHOLE_TILES (2026-12-02: whole tiles without bounds, but a select per score in rows with a hole, the
-# mask branch and the guards kept; ~12% fewer instructions) measured 0% at the step (NOTES, session 20).
-# On since 2026-12-05 (H200, GPU time): forward 2.74 against 3.30 ms in training at 32x32x1024x128 with dropout, 10.02
-# against 11.64 ms without gradient at 16x32x4096x128 (results/attention_kernels-2026-12-05-h200-lean-{train,nograd}
-# .json); whole generation at 256 x 4096 -> 512 13.04 against 12.55 summaries/s; the seed's training step 49.82
-# against 49.81 samples/s, no loss (results/logs/{generate_full_lean,train_seed_lean}_s36-2026-12-05-h200.log).
-# Benchmark token `nofwdlean` turns it off.
+# LEAN_FORWARD: key tiles wholly inside a row without masked keys before its length run in loops of their own without
+# masks, far tiles' scale and bias in the exponent's one multiply-add (flash_kernels' LEAN_TILES; not causal): about
+# half the instructions a tile in the sm_90 build (results/attention_lean_compile-2026-12-04-cpu-sm90.json); forward
+# 2.74 vs 3.30 ms in training at 32x32x1024x128 with dropout (H200; results/attention_kernels-2026-12-05-h200-lean-
+# train.json). Token `nofwdlean`. (Its forerunner WHOLE_TILES, whole tiles without bounds but a select per score,
+# measured 0% at the step: NOTES, session 20.)
 LEAN_FORWARD = True
-# LEAN_BACKWARD: the same for the dK/dV kernel: a key block none of whose keys is masked runs its query tiles below
-# the query length in loops without masks or selects, the far tiles' scale, bias and log-sum-exp in the exponent's
-# one multiply-add, and dropout's 1 / (1 - p) scales dK, dV and the dQ GEMM once instead of P and dP per score
-# (flash_kernels_bwd's LEAN_TILES; not causal). Compiled for sm_90 (CPU, Triton 3.6) the lean loops issue 17-25% fewer
-# instructions with dropout (results/kernel_loops-2026-12-05-cpu-sm90-lean-backward.json). On an H100 (2026-12-05,
-# 32x32x1024x128, bias and dropout 0.1): backward 4.71 against 5.54 ms, forward + backward 7.36 against 8.02
-# (results/attention_kernels-2026-12-05-h100-80gb-hbm3-new-flags-train.json). Gradients as close to float64 as the
-# masked loops' (bf16, CPU interpreter: tests/test_fast_t5_attention.py; on a GPU the two differ by ~3e-3, bf16's
-# rounding of P with and without the scale). On by default with the Triton releases it was measured on
-# (flash_tiles.lean_backward_default); benchmark token `nobwdlean` turns it off.
+# LEAN_BACKWARD: the same for the dK/dV kernel, dropout's 1 / (1 - p) applied once to dK, dV and the dQ GEMM: backward
+# 4.71 vs 5.54 ms at 32x32x1024x128 with bias and dropout (H100; results/attention_kernels-2026-12-05-h100-80gb-hbm3-
+# new-flags-train.json). On with the Triton releases it was measured on (flash_tiles.lean_backward_default); token
+# `nobwdlean`.
 LEAN_BACKWARD = lean_backward_default()
-# BWD_DESCRIPTORS: the same for the dK/dV kernel's per-tile loads, Q and dO (the backward's larger part; dQ comes
-# from the stored dS by cuBLAS, DS_GEMM), where dO comes as the output projection hands it back ((B, L, H, D) rows).
-# Off until measured (benchmark token `bwdtma`).
+# The dK/dV kernel's Q and dO by TMA descriptors. Off until measured (token `bwdtma`).
 BWD_DESCRIPTORS = False
-# BIAS_BAND: the near tiles (offsets within +-bias_radius) read the bias from a per-call band
-# (sumtune.fast_t5.bias_band, ~10 MiB for T5-3b) at aligned, contiguous addresses instead of gathering each element
-# from the table; same values. Only with a known radius of at most BAND_MAX_RADIUS.
-# On an H200 (2026-12-03, dropout 0.1, tiles pinned): forward + backward 8.49 -> 8.18 ms at 32x32x1024x128 and
-# 14.2 -> 13.7 at 4x32x4096x128 (the bias's whole cost being ~1.2 ms: a constant in its place runs 7.18 / 12.9;
-# results/attention_bias_cost-2026-12-03-h200-band.json); the seed's step 48.0 -> 48.2 samples/s
-# (results/train_throughput_seed_band-2026-12-03-h200.json). Benchmark token `noband`: off.
+# The near tiles (offsets within +-bias_radius) read the bias from a per-call band (sumtune.fast_t5.bias_band) at
+# aligned addresses instead of gathering from the table; same values. Forward + backward 8.49 -> 8.18 ms at
+# 32x32x1024x128 (H200; results/attention_bias_cost-2026-12-03-h200-band.json). Only with a known radius up to
+# BAND_MAX_RADIUS. Token `noband`.
 BIAS_BAND = True
 BAND_MAX_RADIUS = 512
-
 
 def _kernels():
     from sumtune.fast_t5 import flash_kernels
