@@ -42,8 +42,7 @@ from sumtune.fast_t5.flash_tiles import (AUTOTUNE_CONFIGS, FWD_DESCRIPTOR_CONFIG
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-# The flags below are read per call (benchmarks flip them by token, bench_common.PATCH_TOKENS); each was measured on
-# and the measurements' history is in docs/speed-history.md and benchmarks/NOTES.md, the result files named here.
+# The flags below are read per call (benchmarks flip them by token); their history: docs/speed-history.md, NOTES.
 # Bits per dropout draw: 16 (p rounded to 1/65536) or 8 (1/256, half the Philox work, as FlashAttention-2). 8 lost in
 # the whole step (H200, 39.0 vs 39.8 samples/s at 1024/128; results/*_loragemm_drop8-*). The backward uses the
 # forward's.
@@ -88,7 +87,8 @@ MASK_ONLY_WITH_HOLES = True
 PRECISE_PV_MIN_KEYS = 2048
 # The warp-specialized Gluon kernels (fast_t5.ws_forward, ws_backward: FlashAttention-3's producer warp and two
 # consumer warpgroups; their docstrings have the measurements): forwards no gradient reaches, on since 2026-12-05
-# (token `nowsenc`); training forwards (`wstrain`) and the dK/dV kernel (`wsbwd`), off until measured.
+# (token `nowsenc`); training forwards (`wstrain`) and the dK/dV kernel (`wsbwd`), off until measured. (One-warpgroup
+# Gluon forwards gave no speed: sessions 22 and 34, commits 2fa495d and f21cad8.)
 WS_NO_GRAD_FORWARD = True
 WS_TRAINING_FORWARD = False
 WS_BACKWARD = False
@@ -117,6 +117,7 @@ BWD_DESCRIPTORS = False
 # BAND_MAX_RADIUS. Token `noband`.
 BIAS_BAND = True
 BAND_MAX_RADIUS = 512
+
 
 def _kernels():
     from sumtune.fast_t5 import flash_kernels
