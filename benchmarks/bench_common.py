@@ -292,6 +292,9 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     # the warp-specialized forward for training's forwards too, dropout included (flash_attention.WS_TRAINING_FORWARD)
     "wstrain": ("sumtune.fast_t5.flash_attention", "WS_TRAINING_FORWARD", True),
     "wsbwd": ("sumtune.fast_t5.flash_attention", "WS_BACKWARD", True),  # and the dK/dV kernel (fast_t5.ws_backward)
+    # LoRA's input dropout regenerated from a seed in the low-rank kernels, not native_dropout's copy and mask kept
+    # (fast_t5.lora_dropout.LORA_DROPOUT_KERNEL, off)
+    "loradrop": ("sumtune.fast_t5.lora_dropout", "LORA_DROPOUT_KERNEL", True),
     # the feed-forward's ReLU as its own pass where no dropout follows (FUSED_LINEAR_RELU on since 2026-12-04)
     "nolinearrelu": ("sumtune.fast_t5.modules", "FUSED_LINEAR_RELU", False),
     # (`fwdoneloop`: the attention forward's bias in one loop over the key tiles, measured 1.3-1.6x slower on

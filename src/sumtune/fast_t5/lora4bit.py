@@ -26,6 +26,8 @@ from types import MethodType
 import torch
 import torch.nn.functional as F
 
+from sumtune.fast_t5 import lora_dropout
+from sumtune.fast_t5.attention_inputs import dropout_seed
 from sumtune.fast_t5.extras import _CACHE_ATTR, _JOINED_ATTR, _JOINED_LAYOUT_ATTR, dequantize_4bit_weight
 
 _FUSED_ATTR = "_sumtune_fused_lora"
@@ -98,43 +100,51 @@ class FusedLora4bit(torch.autograd.Function):
             a_w, b_w = weight_a.to(dtype), weight_b.to(dtype)
             bias = None if base.bias is None else base.bias.to(dtype)
             wide = wide_side(base.in_features, base.out_features) if concat_gemms else None
-            if dropout_p > 0:
-                dropped, mask = torch.native_dropout(x2d, dropout_p, True)
-            else:
+            seed = None
+            if lora_dropout.can_run(x2d, a_w, dropout_p):  # keeps x and a seed, not a dropped copy and its mask
+                seed = dropout_seed(x2d, dropout_p)
                 dropped, mask = x2d, None
-            low_rank = dropped @ a_w.t()  # [N, r]
+                low_rank = lora_dropout.low_rank(x2d, a_w, seed, dropout_p)
+            else:
+                dropped, mask = torch.native_dropout(x2d, dropout_p, True) if dropout_p > 0 else (x2d, None)
+                low_rank = dropped @ a_w.t()  # [N, r]
             if wide == "out":  # one GEMM over K = in + r: the wide output is written once, never re-read
                 out = F.linear(torch.cat([x2d, low_rank * scaling], dim=1), _joined_weight(base, wide, b_w, dtype),
                                bias)
             else:
                 out = F.linear(x2d, _base_weight(base, dtype), bias)
                 out.addmm_(low_rank, b_w.t(), alpha=scaling)
-        ctx.save_for_backward(dropped, mask, low_rank, a_w, b_w)
+        ctx.save_for_backward(dropped, mask, low_rank, a_w, b_w, seed)
         ctx.base, ctx.scaling, ctx.dropout_p, ctx.dtype, ctx.wide = base, scaling, dropout_p, dtype, wide
         ctx.x_shape, ctx.x_dtype, ctx.param_dtypes = x.shape, x.dtype, (weight_a.dtype, weight_b.dtype)
         return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        dropped, mask, low_rank, a_w, b_w = ctx.saved_tensors
+        dropped, mask, low_rank, a_w, b_w, seed = ctx.saved_tensors
         with torch.autocast(grad_out.device.type, enabled=False):
             grad2d = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.dtype)
             grad_x = None
             if ctx.needs_input_grad[0]:  # not for the first layers' q/k/v/wi, whose input is the embedding
-                grad_x, grad_low = _input_grad(ctx, grad2d, mask, a_w, b_w)
-                grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
+                grad_x, grad_low = _input_grad(ctx, grad2d, mask, a_w, b_w, add_low_rank=seed is None)
             else:
                 grad_low = (grad2d @ b_w).mul_(ctx.scaling)  # [N, r]: dL/d(dropped Aᵀ)
-            grad_a = grad_low.t() @ dropped
+            if seed is None:
+                grad_a = grad_low.t() @ dropped
+            else:  # dropped is x: the kernel regenerates the mask, and adds the low-rank term to grad_x
+                grad_a = lora_dropout.low_rank_backward(dropped, a_w, grad_low, seed, ctx.dropout_p, grad_x)
+            if grad_x is not None:
+                grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
             grad_b = (grad2d.t() @ low_rank).mul_(ctx.scaling)
         dtype_a, dtype_b = ctx.param_dtypes
         return grad_x, grad_a.to(dtype_a), grad_b.to(dtype_b), None, None, None, None, None
 
 
-def _input_grad(ctx, grad2d, mask, a_w, b_w) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dx [N, in], s · dy B [N, r]) of the fused node's backward."""
+def _input_grad(ctx, grad2d, mask, a_w, b_w, add_low_rank: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx [N, in], s · dy B [N, r]) of the fused node's backward; without ``add_low_rank`` dx lacks the low-rank
+    term (lora_dropout's kernel adds it)."""
     scaling = ctx.scaling
-    if ctx.wide == "in" and mask is None:  # one GEMM over K = out + r: the wide dx is written once
+    if ctx.wide == "in" and mask is None and add_low_rank:  # one GEMM over K = out + r: the wide dx is written once
         grad_low = (grad2d @ b_w).mul_(scaling)
         return torch.cat([grad2d, grad_low], dim=1) @ _joined_weight(ctx.base, "in", a_w, ctx.dtype), grad_low
     if ctx.wide == "out":  # dx's base part and dy B from one read of the wide dy
@@ -143,6 +153,8 @@ def _input_grad(ctx, grad2d, mask, a_w, b_w) -> tuple[torch.Tensor, torch.Tensor
         grad_x, grad_low = both[:, :in_features], both[:, in_features:] * scaling
     else:
         grad_x, grad_low = grad2d @ _base_weight(ctx.base, ctx.dtype), (grad2d @ b_w).mul_(scaling)
+    if not add_low_rank:
+        return grad_x, grad_low
     if mask is None:
         grad_x.addmm_(grad_low, a_w)
     else:

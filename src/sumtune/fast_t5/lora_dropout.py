@@ -1,0 +1,135 @@
+"""A LoRA layer's input dropout regenerated from a seed instead of kept (sumtune.fast_t5.lora4bit's fused node).
+
+Public:
+    can_run(x2d, weight_a, dropout_p) -> bool        (whether the kernels take this call: LORA_DROPOUT_KERNEL on, ...)
+    low_rank(x2d, weight_a, seed, dropout_p) -> Tensor            ((x ∘ keep / (1 - p)) Aᵀ, [M, r], x's dtype)
+    low_rank_backward(x2d, weight_a, grad_low, seed, dropout_p, grad_x) -> Tensor   (dA in fp32; dx += ... in place)
+    keep_mask(seed, n_rows, n_cols, dropout_p, device) -> bool Tensor             (the mask a seed gives: tests)
+
+Why: the seed's LoRA (r=32 on v and o, dropout 0.05) runs ``native_dropout`` on each adapted layer's input, which
+writes the dropped copy and a byte mask and keeps both for the backward; the backward then writes (g A), reads it
+with the mask into a third tensor and adds that to dx. For o's 4096-wide input that is ~22 bytes an element moved
+over forward and backward, and 3 bytes an element kept (T5-3b at 16 x 1024/128: ~2.9 G elements a step, ~8.6 GB of
+activations). Here the forward reads x once for the low-rank product and keeps nothing but x (which the layer's
+caller holds anyway) and an 8-byte seed; the backward reads x and dx and writes dx once: ~8 bytes an element.
+The draws are feed-forward dropout's (sumtune.fast_t5.ffn_kernels), keyed by a seed drawn on the device (no host
+sync; CUDA graphs draw a new one per replay; checkpointing's RNG restore draws the same one again).
+
+Off until a GPU measures it (``LORA_DROPOUT_KERNEL``; benchmark token ``loradrop``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+from torch import Tensor
+
+from sumtune.fast_t5.attention_inputs import dropout_threshold
+
+LORA_DROPOUT_KERNEL = False
+DRAW_RANGE = 1 << 31  # 31-bit draws, as feed-forward dropout's
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+MAX_RANK = 128
+# (BLOCK_M, BLOCK_K, warps, stages). sm_90 builds (Triton 3.6, r=32): the forward 139 registers; the backward at
+# 64 x 128 x 8 254, at 64 x 64 x 8 170, at 32 x 64 x 4 136, none spilling. benchmarks/lora_dropout.py times them.
+FORWARD_TILE = (64, 128, 4, 3)
+BACKWARD_TILE = (64, 64, 8, 3)
+# Triton's CPU interpreter is ~10x slower than torch's ops (ffn_dropout.fuses_in_model): CPU runs keep native_dropout
+# unless a test sets this.
+ON_CPU_IN_INTERPRETER = False
+PROGRAMS_PER_SM = 4  # the backward splits its rows until the grid fills the GPU about this many times
+
+
+def _kernels():
+    from sumtune.fast_t5 import lora_dropout_kernels
+
+    return lora_dropout_kernels
+
+
+def can_run(x2d: Tensor, weight_a: Tensor, dropout_p: float) -> bool:
+    """Whether :func:`low_rank` takes this layer call: dropout, the lever on, Triton present, a CUDA tensor (or
+    Triton's interpreter with ON_CPU_IN_INTERPRETER), a supported dtype, an input width that is a multiple of 4 and
+    a rank up to MAX_RANK."""
+    if not (LORA_DROPOUT_KERNEL and dropout_p > 0) or importlib.util.find_spec("triton") is None:
+        return False
+    if x2d.dtype not in SUPPORTED_DTYPES or weight_a.dtype != x2d.dtype or x2d.dim() != 2:
+        return False
+    if x2d.shape[1] % 4 or weight_a.shape[0] > MAX_RANK or x2d.shape[0] == 0:
+        return False
+    return x2d.device.type == "cuda" or (ON_CPU_IN_INTERPRETER and _kernels().INTERPRET)
+
+
+def _rank_block(rank: int) -> int:
+    return max(16, 1 << (rank - 1).bit_length())  # tl.dot's operands: a power of two, at least 16
+
+
+def _threshold(dropout_p: float) -> tuple[int, float]:
+    return dropout_threshold(dropout_p, DRAW_RANGE)
+
+
+def low_rank(x2d: Tensor, weight_a: Tensor, seed: Tensor, dropout_p: float) -> Tensor:
+    """``(x ∘ keep / (1 - p)) Aᵀ`` for x [M, K] and A [r, K], keep from ``seed``; [M, r] in x's dtype."""
+    n_rows, n_cols = x2d.shape
+    rank = weight_a.shape[0]
+    out = x2d.new_empty((n_rows, rank))
+    drop_below, scale = _threshold(dropout_p)
+    block_m, block_k, warps, stages = FORWARD_TILE
+    _kernels().low_rank_fwd[(triton_cdiv(n_rows, block_m),)](
+        x2d, weight_a, out, seed, n_rows, rank, *x2d.stride(), *weight_a.stride(), *out.stride(), drop_below, scale,
+        n_cols=n_cols, RANK=_rank_block(rank), BLOCK_M=block_m, BLOCK_K=block_k, UPCAST=_kernels().INTERPRET,
+        num_warps=warps, num_stages=stages)
+    return out
+
+
+def low_rank_backward(x2d: Tensor, weight_a: Tensor, grad_low: Tensor, seed: Tensor, dropout_p: float,
+                      grad_x: Tensor | None) -> Tensor:
+    """dA = gᵀ (x ∘ keep / (1 - p)) [r, K] in fp32, and with ``grad_x`` [M, K] ``grad_x += (g A) ∘ keep / (1 - p)``
+    in place; g = ``grad_low`` [M, r], the gradient of the low-rank product."""
+    n_rows, n_cols = x2d.shape
+    rank = weight_a.shape[0]
+    rank_block = _rank_block(rank)
+    block_m, block_k, warps, stages = BACKWARD_TILE
+    col_blocks = triton_cdiv(n_cols, block_k)
+    tiles_per_split = split_tiles(triton_cdiv(n_rows, block_m), col_blocks, x2d.device)
+    splits = triton_cdiv(triton_cdiv(n_rows, block_m), tiles_per_split)
+    parts = torch.empty((splits, rank_block, n_cols), dtype=torch.float32, device=x2d.device)
+    drop_below, scale = _threshold(dropout_p)
+    dx = grad_x if grad_x is not None else x2d  # not read without UPDATE_DX
+    _kernels().low_rank_bwd[(col_blocks, splits)](
+        x2d, weight_a, grad_low, dx, parts, seed, n_rows, n_cols, rank, *x2d.stride(), *weight_a.stride(),
+        *grad_low.stride(), *dx.stride(), drop_below, scale, TILES_PER_SPLIT=tiles_per_split, RANK=rank_block,
+        BLOCK_M=block_m, BLOCK_K=block_k, UPDATE_DX=grad_x is not None, UPCAST=_kernels().INTERPRET,
+        num_warps=warps, num_stages=stages)
+    return parts[:, :rank].sum(dim=0)
+
+
+def split_tiles(row_tiles: int, col_blocks: int, device: torch.device) -> int:
+    """Row tiles a backward program loops over: the largest power of two that still gives a grid of about
+    PROGRAMS_PER_SM programs an SM (a power of two, so a model's calls build a few variants; every tile in one
+    program under the interpreter, where programs run one after another)."""
+    if device.type != "cuda":
+        return 1 << (row_tiles - 1).bit_length()
+    wanted = PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    splits = max(1, triton_cdiv(wanted, col_blocks))
+    return 1 << max(0, (row_tiles // splits).bit_length() - 1)  # rounded down: at least `splits` programs
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def keep_mask(seed: Tensor | int, n_rows: int, n_cols: int, dropout_p: float, device="cuda") -> Tensor:
+    """[n_rows, n_cols] bool: True where the kernels keep an element of an [n_rows, n_cols] input for ``seed``."""
+    seed = torch.as_tensor(seed, dtype=torch.int64).reshape(1).to(device)
+    keep = torch.empty((n_rows, n_cols), dtype=torch.int8, device=device)
+    block_m, block_k = 64, 128
+    grid = (triton_cdiv(n_rows, block_m), triton_cdiv(n_cols, block_k))
+    _kernels().keep_mask[grid](keep, seed, n_rows, n_cols, _threshold(dropout_p)[0], BLOCK_M=block_m, BLOCK_K=block_k)
+    return keep.bool()

@@ -1,0 +1,105 @@
+"""Triton kernels for a LoRA layer's input dropout regenerated from a seed (sumtune.fast_t5.lora_dropout).
+
+Imported lazily: importing it decorates the kernels (under ``TRITON_INTERPRET=1`` they run on CPU tensors).
+
+The keep decision of element (m, k) of the layer's input x [M, K] is feed-forward dropout's
+(sumtune.fast_t5.ffn_kernels): a 31-bit draw >= drop_below, word e % 4 of ``randint4x(seed, e // 4)`` for the
+element index e = m K + k (K a multiple of 4, so a row's words start at a counter).
+
+* ``low_rank_fwd``: ``low = (x ∘ keep · scale) Aᵀ`` [M, r], a program per BLOCK_M rows looping over K (a
+  constexpr: a model has a few widths). The dropped input is rounded to x's dtype before the product, as
+  ``native_dropout`` then a GEMM round it.
+* ``low_rank_bwd``: a program per (BLOCK_K columns, TILES_PER_SPLIT row tiles, a power of two so that a model's
+  calls build a few variants): ``dA_part[split] = gᵀ (x ∘ keep · scale)`` [r, BLOCK_K] in fp32 over its rows
+  (summed over the splits afterwards: deterministic, no atomics) and, with
+  UPDATE_DX, ``dx += (g A) ∘ keep · scale`` in place, g = s · dy B [M, r]. One read of x and of dx and one write of
+  dx an element: no dropped copy or mask kept from the forward, no (g A) tensor.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from sumtune.triton_compat import fix_interpreter_for_numpy_2_4
+from sumtune.triton_compat import interpreter_safe_dot as _dot
+
+INTERPRET = bool(triton.knobs.runtime.interpret)
+
+if INTERPRET:
+    fix_interpreter_for_numpy_2_4()
+
+
+@triton.jit
+def _keep_scale(seed, rows, k0, n_cols, drop_below, scale, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_M, BLOCK_K] fp32: ``scale`` where element (row, k0 + j) is kept, else 0."""
+    counters = (rows.to(tl.int64)[:, None] * n_cols + k0) // 4 + tl.arange(0, BLOCK_K // 4)[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, counters)
+    words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_M, BLOCK_K))  # element 4c + w <- word w
+    return tl.where((words >> 1).to(tl.int32) >= drop_below, scale, 0.0)
+
+
+@triton.jit
+def low_rank_fwd(X, A, LOW, SEED, n_rows, rank, stride_xm, stride_xk, stride_ar, stride_ak, stride_lm, stride_lr,
+                 drop_below, scale, n_cols: tl.constexpr, RANK: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ranks = tl.arange(0, RANK)
+    row_in = rows < n_rows
+    seed = tl.load(SEED)
+    acc = tl.zeros((BLOCK_M, RANK), dtype=tl.float32)
+    for k0 in range(0, n_cols, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_in = cols < n_cols
+        x = tl.load(X + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk,
+                    mask=row_in[:, None] & col_in[None, :], other=0.0)
+        dropped = (x.to(tl.float32) * _keep_scale(seed, rows, k0, n_cols, drop_below, scale, BLOCK_M, BLOCK_K))
+        a_t = tl.load(A + ranks[None, :] * stride_ar + cols[:, None] * stride_ak,
+                      mask=col_in[:, None] & (ranks < rank)[None, :], other=0.0)  # [BLOCK_K, RANK] = Aᵀ's tile
+        acc = _dot(dropped.to(X.dtype.element_ty), a_t, UPCAST, acc)
+    tl.store(LOW + rows[:, None].to(tl.int64) * stride_lm + ranks[None, :] * stride_lr, acc.to(LOW.dtype.element_ty),
+             mask=row_in[:, None] & (ranks < rank)[None, :])
+
+
+@triton.jit
+def low_rank_bwd(X, A, G, DX, DA_PART, SEED, n_rows, n_cols, rank, stride_xm, stride_xk, stride_ar, stride_ak,
+                 stride_gm, stride_gr, stride_dm, stride_dk, drop_below, scale, TILES_PER_SPLIT: tl.constexpr,
+                 RANK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, UPDATE_DX: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    k0 = tl.program_id(0) * BLOCK_K
+    cols = k0 + tl.arange(0, BLOCK_K)
+    split = tl.program_id(1)
+    ranks = tl.arange(0, RANK)
+    col_in = cols < n_cols
+    rank_in = ranks < rank
+    seed = tl.load(SEED)
+    a = tl.load(A + ranks[:, None] * stride_ar + cols[None, :] * stride_ak, mask=rank_in[:, None] & col_in[None, :],
+                other=0.0)  # [RANK, BLOCK_K]
+    acc = tl.zeros((RANK, BLOCK_K), dtype=tl.float32)
+    for tile in range(TILES_PER_SPLIT):
+        rows = (split * TILES_PER_SPLIT + tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_in = rows < n_rows
+        tile = row_in[:, None] & col_in[None, :]
+        g = tl.load(G + rows[:, None].to(tl.int64) * stride_gm + ranks[None, :] * stride_gr,
+                    mask=row_in[:, None] & rank_in[None, :], other=0.0)  # [BLOCK_M, RANK]
+        keep_scale = _keep_scale(seed, rows, k0, n_cols, drop_below, scale, BLOCK_M, BLOCK_K)
+        x = tl.load(X + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk, mask=tile, other=0.0)
+        dropped = (x.to(tl.float32) * keep_scale).to(X.dtype.element_ty)
+        acc = _dot(tl.trans(g), dropped, UPCAST, acc)
+        if UPDATE_DX:
+            dx_ptrs = DX + rows[:, None].to(tl.int64) * stride_dm + cols[None, :] * stride_dk
+            dx = tl.load(dx_ptrs, mask=tile, other=0.0).to(tl.float32)
+            dx += _dot(g, a, UPCAST) * keep_scale
+            tl.store(dx_ptrs, dx.to(DX.dtype.element_ty), mask=tile)
+    tl.store(DA_PART + split.to(tl.int64) * RANK * n_cols + ranks[:, None] * n_cols + cols[None, :], acc,
+             mask=col_in[None, :])
+
+
+@triton.jit
+def keep_mask(KEEP, SEED, n_rows, n_cols, drop_below, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """KEEP[m, k] = 1 where the kernels keep element (m, k) for this seed (tests)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    keep = _keep_scale(tl.load(SEED), rows, tl.program_id(1) * BLOCK_K, n_cols, drop_below, 1.0, BLOCK_M, BLOCK_K)
+    tl.store(KEEP + rows[:, None].to(tl.int64) * n_cols + cols[None, :], keep.to(tl.int8),
+             mask=(rows < n_rows)[:, None] & (cols < n_cols)[None, :])
