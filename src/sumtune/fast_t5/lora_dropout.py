@@ -30,7 +30,11 @@ from sumtune.fast_t5.attention_inputs import dropout_threshold
 
 LORA_DROPOUT_KERNEL = False
 DRAW_RANGE = 1 << 31  # 31-bit draws, as feed-forward dropout's
-SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# float32 only in the interpreter (the tests' exact comparisons): compiled, tl.dot would take TF32 where torch's
+# float32 matmuls do not, and IEEE float32 dots spill (3.4 KB at the backward's tile), so float32 training keeps
+# torch's ops.
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
+INTERPRETER_DTYPES = (*SUPPORTED_DTYPES, torch.float32)
 MAX_RANK = 128
 # (BLOCK_M, BLOCK_K, warps, stages). sm_90 builds (Triton 3.6, r=32): the forward 139 registers; the backward at
 # 64 x 128 x 8 254, at 64 x 64 x 8 170, at 32 x 64 x 4 136, none spilling. benchmarks/lora_dropout.py times them.
@@ -49,16 +53,18 @@ def _kernels():
 
 
 def can_run(x2d: Tensor, weight_a: Tensor, dropout_p: float) -> bool:
-    """Whether :func:`low_rank` takes this layer call: dropout, the lever on, Triton present, a CUDA tensor (or
-    Triton's interpreter with ON_CPU_IN_INTERPRETER), a supported dtype, an input width that is a multiple of 4 and
-    a rank up to MAX_RANK."""
+    """Whether :func:`low_rank` takes this layer call: dropout, the lever on, Triton present, a bf16/fp16 CUDA
+    tensor (or Triton's interpreter with ON_CPU_IN_INTERPRETER, fp32 too), an input width that is a multiple of 4
+    and a rank up to MAX_RANK."""
     if not (LORA_DROPOUT_KERNEL and dropout_p > 0) or importlib.util.find_spec("triton") is None:
         return False
-    if x2d.dtype not in SUPPORTED_DTYPES or weight_a.dtype != x2d.dtype or x2d.dim() != 2:
+    if weight_a.dtype != x2d.dtype or x2d.dim() != 2 or x2d.shape[1] % 4 or weight_a.shape[0] > MAX_RANK:
         return False
-    if x2d.shape[1] % 4 or weight_a.shape[0] > MAX_RANK or x2d.shape[0] == 0:
+    if x2d.shape[0] == 0:
         return False
-    return x2d.device.type == "cuda" or (ON_CPU_IN_INTERPRETER and _kernels().INTERPRET)
+    if x2d.device.type == "cuda":
+        return x2d.dtype in SUPPORTED_DTYPES
+    return ON_CPU_IN_INTERPRETER and _kernels().INTERPRET and x2d.dtype in INTERPRETER_DTYPES
 
 
 def _rank_block(rank: int) -> int:
