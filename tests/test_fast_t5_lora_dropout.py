@@ -221,3 +221,17 @@ def test_gpu_kernels_match_float64_with_their_mask_and_redraw_under_cuda_graphs(
     first = out.clone()
     graph.replay()
     assert not torch.equal(first, out)
+
+
+def test_backward_grid_fills_the_gpu_with_a_power_of_two_of_row_tiles(monkeypatch):
+    """T5-3b at micro-batch 16 on a 132-SM card: o's 4096-wide input (64 column blocks) and v's 1024 (16) get
+    at least 4 programs an SM; the decoder's 2048 rows one tile each; the interpreter one program a column block."""
+    monkeypatch.setattr(lora_dropout, "_sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    for row_tiles, col_blocks in [(256, 64), (256, 16), (32, 64), (1, 16)]:
+        tiles = lora_dropout.split_tiles(row_tiles, col_blocks, cuda)
+        assert tiles & (tiles - 1) == 0 and 1 <= tiles <= row_tiles
+        programs = col_blocks * -(-row_tiles // tiles)
+        assert programs >= min(4 * 132, col_blocks * row_tiles), (row_tiles, col_blocks, tiles)
+    assert lora_dropout.split_tiles(256, 64, cuda) == 16 and lora_dropout.split_tiles(32, 64, cuda) == 2
+    assert lora_dropout.split_tiles(5, 3, torch.device("cpu")) == 8  # every row tile in one program
