@@ -71,6 +71,11 @@ def _rank_block(rank: int) -> int:
     return max(16, 1 << (rank - 1).bit_length())  # tl.dot's operands: a power of two, at least 16
 
 
+def _index_64(x2d: Tensor) -> bool:
+    """Whether the draws' counters need int64 (row and tile padding included)."""
+    return (x2d.shape[0] + 256) * x2d.shape[1] >= 2**31
+
+
 def _threshold(dropout_p: float) -> tuple[int, float]:
     return dropout_threshold(dropout_p, DRAW_RANGE)
 
@@ -85,7 +90,7 @@ def low_rank(x2d: Tensor, weight_a: Tensor, seed: Tensor, dropout_p: float) -> T
     _kernels().low_rank_fwd[(triton_cdiv(n_rows, block_m),)](
         x2d, weight_a, out, seed, n_rows, rank, *x2d.stride(), *weight_a.stride(), *out.stride(), drop_below, scale,
         n_cols=n_cols, RANK=_rank_block(rank), BLOCK_M=block_m, BLOCK_K=block_k, UPCAST=_kernels().INTERPRET,
-        num_warps=warps, num_stages=stages)
+        INDEX_64=_index_64(x2d), num_warps=warps, num_stages=stages)
     return out
 
 
@@ -107,7 +112,7 @@ def low_rank_backward(x2d: Tensor, weight_a: Tensor, grad_low: Tensor, seed: Ten
         x2d, weight_a, grad_low, dx, parts, seed, n_rows, n_cols, rank, *x2d.stride(), *weight_a.stride(),
         *grad_low.stride(), *dx.stride(), drop_below, scale, TILES_PER_SPLIT=tiles_per_split, RANK=rank_block,
         BLOCK_M=block_m, BLOCK_K=block_k, UPDATE_DX=grad_x is not None, UPCAST=_kernels().INTERPRET,
-        num_warps=warps, num_stages=stages)
+        INDEX_64=_index_64(x2d), num_warps=warps, num_stages=stages)
     return parts[:, :rank].sum(dim=0)
 
 

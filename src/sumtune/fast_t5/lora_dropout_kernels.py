@@ -31,9 +31,15 @@ if INTERPRET:
 
 
 @triton.jit
-def _keep_scale(seed, rows, k0, n_cols, drop_below, scale, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[BLOCK_M, BLOCK_K] fp32: ``scale`` where element (row, k0 + j) is kept, else 0."""
-    counters = (rows.to(tl.int64)[:, None] * n_cols + k0) // 4 + tl.arange(0, BLOCK_K // 4)[None, :]
+def _keep_scale(seed, rows, k0, n_cols, drop_below, scale, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                INDEX_64: tl.constexpr):
+    """[BLOCK_M, BLOCK_K] fp32: ``scale`` where element (row, k0 + j) is kept, else 0. The counters in int32 unless
+    INDEX_64 (an input of 2^31 elements or more): the same draws (randint4x's high word is 0 either way), less
+    integer work."""
+    if INDEX_64:
+        counters = (rows.to(tl.int64)[:, None] * n_cols + k0) // 4 + tl.arange(0, BLOCK_K // 4)[None, :]
+    else:
+        counters = rows[:, None] * (n_cols // 4) + (k0 // 4 + tl.arange(0, BLOCK_K // 4))[None, :]
     r0, r1, r2, r3 = tl.randint4x(seed, counters)
     words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_M, BLOCK_K))  # element 4c + w <- word w
     return tl.where((words >> 1).to(tl.int32) >= drop_below, scale, 0.0)
@@ -42,7 +48,7 @@ def _keep_scale(seed, rows, k0, n_cols, drop_below, scale, BLOCK_M: tl.constexpr
 @triton.jit
 def low_rank_fwd(X, A, LOW, SEED, n_rows, rank, stride_xm, stride_xk, stride_ar, stride_ak, stride_lm, stride_lr,
                  drop_below, scale, n_cols: tl.constexpr, RANK: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+                 BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, INDEX_64: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ranks = tl.arange(0, RANK)
     row_in = rows < n_rows
@@ -53,7 +59,7 @@ def low_rank_fwd(X, A, LOW, SEED, n_rows, rank, stride_xm, stride_xk, stride_ar,
         col_in = cols < n_cols
         x = tl.load(X + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk,
                     mask=row_in[:, None] & col_in[None, :], other=0.0)
-        dropped = (x.to(tl.float32) * _keep_scale(seed, rows, k0, n_cols, drop_below, scale, BLOCK_M, BLOCK_K))
+        dropped = (x.to(tl.float32) * _keep_scale(seed, rows, k0, n_cols, drop_below, scale, BLOCK_M, BLOCK_K, INDEX_64))
         a_t = tl.load(A + ranks[None, :] * stride_ar + cols[:, None] * stride_ak,
                       mask=col_in[:, None] & (ranks < rank)[None, :], other=0.0)  # [BLOCK_K, RANK] = Aᵀ's tile
         acc = _dot(dropped.to(X.dtype.element_ty), a_t, UPCAST, acc)
@@ -65,7 +71,7 @@ def low_rank_fwd(X, A, LOW, SEED, n_rows, rank, stride_xm, stride_xk, stride_ar,
 def low_rank_bwd(X, A, G, DX, DA_PART, SEED, n_rows, n_cols, rank, stride_xm, stride_xk, stride_ar, stride_ak,
                  stride_gm, stride_gr, stride_dm, stride_dk, drop_below, scale, TILES_PER_SPLIT: tl.constexpr,
                  RANK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, UPDATE_DX: tl.constexpr,
-                 UPCAST: tl.constexpr):
+                 UPCAST: tl.constexpr, INDEX_64: tl.constexpr):
     k0 = tl.program_id(0) * BLOCK_K
     cols = k0 + tl.arange(0, BLOCK_K)
     split = tl.program_id(1)
@@ -82,7 +88,7 @@ def low_rank_bwd(X, A, G, DX, DA_PART, SEED, n_rows, n_cols, rank, stride_xm, st
         tile = row_in[:, None] & col_in[None, :]
         g = tl.load(G + rows[:, None].to(tl.int64) * stride_gm + ranks[None, :] * stride_gr,
                     mask=row_in[:, None] & rank_in[None, :], other=0.0)  # [BLOCK_M, RANK]
-        keep_scale = _keep_scale(seed, rows, k0, n_cols, drop_below, scale, BLOCK_M, BLOCK_K)
+        keep_scale = _keep_scale(seed, rows, k0, n_cols, drop_below, scale, BLOCK_M, BLOCK_K, INDEX_64)
         x = tl.load(X + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk, mask=tile, other=0.0)
         dropped = (x.to(tl.float32) * keep_scale).to(X.dtype.element_ty)
         acc = _dot(tl.trans(g), dropped, UPCAST, acc)
@@ -100,6 +106,7 @@ def keep_mask(KEEP, SEED, n_rows, n_cols, drop_below, BLOCK_M: tl.constexpr, BLO
     """KEEP[m, k] = 1 where the kernels keep element (m, k) for this seed (tests)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    keep = _keep_scale(tl.load(SEED), rows, tl.program_id(1) * BLOCK_K, n_cols, drop_below, 1.0, BLOCK_M, BLOCK_K)
+    keep = _keep_scale(tl.load(SEED), rows, tl.program_id(1) * BLOCK_K, n_cols, drop_below, 1.0, BLOCK_M, BLOCK_K,
+                       True)
     tl.store(KEEP + rows[:, None].to(tl.int64) * n_cols + cols[None, :], keep.to(tl.int8),
              mask=(rows < n_rows)[:, None] & (cols < n_cols)[None, :])
