@@ -160,12 +160,12 @@ def unit(kernel):
 bm, bk, warps, stages = lora_dropout.FORWARD_TILE
 for n_cols in (1024, 4096):
     c = compile_source(k.low_rank_fwd, t, dict(n_cols=n_cols, RANK=32, BLOCK_M=bm, BLOCK_K=bk, UPCAST=False,
-                                               **unit(k.low_rank_fwd)), warps, stages)
+                                               INDEX_64=False, **unit(k.low_rank_fwd)), warps, stages)
     print(json.dumps(dict(kernel=f"low_rank_fwd {n_cols}", **resources(c))))
 bm, bk, warps, stages = lora_dropout.BACKWARD_TILE
 for update in (True, False):
     c = compile_source(k.low_rank_bwd, t, dict(TILES_PER_SPLIT=4, RANK=32, BLOCK_M=bm, BLOCK_K=bk, UPDATE_DX=update,
-                                               UPCAST=False, **unit(k.low_rank_bwd)), warps, stages)
+                                               UPCAST=False, INDEX_64=False, **unit(k.low_rank_bwd)), warps, stages)
     print(json.dumps(dict(kernel=f"low_rank_bwd update_dx={update}", **resources(c))))
 """
 
