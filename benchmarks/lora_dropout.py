@@ -122,6 +122,7 @@ def measure(shape, route: str, tile, rows: int, device, repeats: int, quick: boo
     x = torch.randn(rows, n_in, device=device, dtype=torch.bfloat16).requires_grad_(True)
     grad_out = torch.randn(rows, n_out, device=device, dtype=torch.bfloat16)
     lora_dropout.LORA_DROPOUT_KERNEL = route == "kernels"
+    lora_dropout.NARROW_INPUTS = True  # v's too: this script measures each layer both ways
     old_tile = lora_dropout.BACKWARD_TILE
     if tile is not None:
         lora_dropout.BACKWARD_TILE = tile
@@ -148,7 +149,7 @@ def measure(shape, route: str, tile, rows: int, device, repeats: int, quick: boo
             row["fwd_bwd_ms"] = bc.cuda_event_ms(lambda: run_once(model, x, grad_out), repeats)
         return row
     finally:
-        lora_dropout.LORA_DROPOUT_KERNEL = False
+        lora_dropout.LORA_DROPOUT_KERNEL, lora_dropout.NARROW_INPUTS = False, False
         lora_dropout.BACKWARD_TILE = old_tile
 
 

@@ -100,10 +100,13 @@ def fused_node(out: torch.Tensor):
 
 
 @pytest.mark.parametrize("widths, concat", [((IN, OUT), False), (WIDE, True)])
-def test_fused_node_with_the_kernels_trains_as_the_same_masks_applied_by_hand(kernels, widths, concat):
+def test_fused_node_with_the_kernels_trains_as_the_same_masks_applied_by_hand(kernels, widths, concat, monkeypatch):
     """Output, input gradient and every LoRA gradient in float32 equal PEFT's layers whose dropout applies the
-    kernels' mask of each layer's seed (both wide sides with ``concat``), and the node keeps no mask or copy."""
+    kernels' mask of each layer's seed (both wide sides with ``concat``; narrow inputs too, NARROW_INPUTS), and the
+    node keeps no mask or copy."""
     from test_fast_t5_lora4bit import assert_close
+
+    monkeypatch.setattr(lora_dropout, "NARROW_INPUTS", True)
 
     model = lora_model(dropout=0.25, widths=widths)
     x = torch.randn(6, 10, widths[0])
@@ -137,14 +140,17 @@ def test_the_node_keeps_native_dropout_when_the_lever_is_off_or_the_width_is_not
                                                                                                monkeypatch):
     x = torch.randn(5, 48)
     a = torch.randn(4, 48)
-    assert kernels.can_run(x, a, 0.1) and not kernels.can_run(x, a, 0.0)
-    assert not kernels.can_run(torch.randn(5, 46), torch.randn(4, 46), 0.1)
-    assert not kernels.can_run(x.bfloat16(), a, 0.1)  # adapter and input of different dtypes
+    assert kernels.can_run(x, a, 0.1, 40) and not kernels.can_run(x, a, 0.0, 40)
+    assert not kernels.can_run(torch.randn(5, 46), torch.randn(4, 46), 0.1, 40)
+    assert not kernels.can_run(x.bfloat16(), a, 0.1, 40)  # adapter and input of different dtypes
+    assert not kernels.can_run(x, a, 0.1, 64)  # an input narrower than the output (v, wi): native_dropout
+    monkeypatch.setattr(lora_dropout, "NARROW_INPUTS", True)
+    assert kernels.can_run(x, a, 0.1, 64)
     monkeypatch.setattr(lora_dropout, "ON_CPU_IN_INTERPRETER", False)
-    assert not kernels.can_run(x, a, 0.1)  # on a CPU without the test's switch: torch's ops
+    assert not kernels.can_run(x, a, 0.1, 40)  # on a CPU without the test's switch: torch's ops
     monkeypatch.setattr(lora_dropout, "ON_CPU_IN_INTERPRETER", True)
     monkeypatch.setattr(lora_dropout, "LORA_DROPOUT_KERNEL", False)
-    assert not kernels.can_run(x, a, 0.1)
+    assert not kernels.can_run(x, a, 0.1, 40)
 
 
 COMPILE_FOR_HOPPER = """
@@ -235,3 +241,24 @@ def test_backward_grid_fills_the_gpu_with_a_power_of_two_of_row_tiles(monkeypatc
         assert programs >= min(4 * 132, col_blocks * row_tiles), (row_tiles, col_blocks, tiles)
     assert lora_dropout.split_tiles(256, 64, cuda) == 16 and lora_dropout.split_tiles(32, 64, cuda) == 2
     assert lora_dropout.split_tiles(5, 3, torch.device("cpu")) == 8  # every row tile in one program
+
+
+def test_by_default_only_layers_with_an_input_at_least_as_wide_as_the_output_take_the_kernels(kernels, monkeypatch):
+    """WIDE (16 -> 64, then 64 -> 16): the first layer draws with native_dropout (keeps its mask), the second with
+    the kernels (keeps a seed)."""
+    model = lora_model(dropout=0.25, widths=WIDE)
+    fuse_lora_4bit(model, concat_gemms=True)
+    try:
+        out = model(torch.randn(3, 5, WIDE[0], requires_grad=True))
+    finally:
+        unfuse_lora_4bit(model)
+    nodes, stack = [], [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None:
+            continue
+        if "FusedLora" in type(node).__name__:
+            nodes.append(node)
+        stack += [n for n, _ in node.next_functions]
+    masks = [any(t is not None and t.dtype == torch.bool for t in n.saved_tensors) for n in nodes]
+    assert len(nodes) == 2 and sorted(masks) == [False, True]

@@ -101,7 +101,8 @@ class FusedLora4bit(torch.autograd.Function):
             bias = None if base.bias is None else base.bias.to(dtype)
             wide = wide_side(base.in_features, base.out_features) if concat_gemms else None
             seed = None
-            if lora_dropout.can_run(x2d, a_w, dropout_p):  # keeps x and a seed, not a dropped copy and its mask
+            # the kernels keep x and a seed, not a dropped copy and its mask
+            if lora_dropout.can_run(x2d, a_w, dropout_p, base.out_features):
                 seed = dropout_seed(x2d, dropout_p)
                 dropped, mask = x2d, None
                 low_rank = lora_dropout.low_rank(x2d, a_w, seed, dropout_p)

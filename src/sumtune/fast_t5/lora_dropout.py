@@ -1,7 +1,7 @@
 """A LoRA layer's input dropout regenerated from a seed instead of kept (sumtune.fast_t5.lora4bit's fused node).
 
 Public:
-    can_run(x2d, weight_a, dropout_p) -> bool        (whether the kernels take this call: LORA_DROPOUT_KERNEL on, ...)
+    can_run(x2d, weight_a, dropout_p, out_features) -> bool   (whether the kernels take this call: the lever on, ...)
     low_rank(x2d, weight_a, seed, dropout_p) -> Tensor            ((x ∘ keep / (1 - p)) Aᵀ, [M, r], x's dtype)
     low_rank_backward(x2d, weight_a, grad_low, seed, dropout_p, grad_x) -> Tensor   (dA in fp32; dx += ... in place)
     keep_mask(seed, n_rows, n_cols, dropout_p, device) -> bool Tensor             (the mask a seed gives: tests)
@@ -29,6 +29,10 @@ from torch import Tensor
 from sumtune.fast_t5.attention_inputs import dropout_threshold
 
 LORA_DROPOUT_KERNEL = False
+# Layers whose input is narrower than their output (T5's v, wi) keep native_dropout unless this is set: one layer
+# alone on an H100 (results/lora_dropout-2026-12-06-h100-80gb-hbm3.json), v (1024 -> 4096) ran 0.96 vs 0.79 ms
+# with the kernels, o (4096 -> 1024) 0.89 vs 0.99; o keeps 4x the bytes v does, so most of the memory saved stays.
+NARROW_INPUTS = False
 DRAW_RANGE = 1 << 31  # 31-bit draws, as feed-forward dropout's
 # float32 only in the interpreter (the tests' exact comparisons): compiled, tl.dot would take TF32 where torch's
 # float32 matmuls do not, and IEEE float32 dots spill (3.4 KB at the backward's tile), so float32 training keeps
@@ -52,11 +56,13 @@ def _kernels():
     return lora_dropout_kernels
 
 
-def can_run(x2d: Tensor, weight_a: Tensor, dropout_p: float) -> bool:
-    """Whether :func:`low_rank` takes this layer call: dropout, the lever on, Triton present, a bf16/fp16 CUDA
-    tensor (or Triton's interpreter with ON_CPU_IN_INTERPRETER, fp32 too), an input width that is a multiple of 4
-    and a rank up to MAX_RANK."""
+def can_run(x2d: Tensor, weight_a: Tensor, dropout_p: float, out_features: int) -> bool:
+    """Whether :func:`low_rank` takes this layer call: dropout, the lever on, an input at least as wide as the
+    output (unless NARROW_INPUTS), Triton present, a bf16/fp16 CUDA tensor (or Triton's interpreter with
+    ON_CPU_IN_INTERPRETER, fp32 too), an input width that is a multiple of 4 and a rank up to MAX_RANK."""
     if not (LORA_DROPOUT_KERNEL and dropout_p > 0) or importlib.util.find_spec("triton") is None:
+        return False
+    if x2d.dim() == 2 and x2d.shape[1] < out_features and not NARROW_INPUTS:
         return False
     if weight_a.dtype != x2d.dtype or x2d.dim() != 2 or x2d.shape[1] % 4 or weight_a.shape[0] > MAX_RANK:
         return False
