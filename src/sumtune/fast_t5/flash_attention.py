@@ -87,8 +87,8 @@ MASK_ONLY_WITH_HOLES = True
 PRECISE_PV_MIN_KEYS = 2048
 # The warp-specialized Gluon kernels (fast_t5.ws_forward, ws_backward: FlashAttention-3's producer warp and two
 # consumer warpgroups; their docstrings have the measurements): forwards no gradient reaches, on since 2026-12-05
-# (token `nowsenc`); training forwards (`wstrain`) and the dK/dV kernel (`wsbwd`), off until measured. (One-warpgroup
-# Gluon forwards gave no speed: sessions 22 and 34, commits 2fa495d and f21cad8.)
+# (token `nowsenc`); training forwards (`wstrain`) and the dK/dV kernel (`wsbwd`) pass their GPU tests but are off:
+# slower at 32x32x1024x128 (H100, 2026-12-06: 2.79 vs 2.71 ms, 5.04 vs 4.69). (One-warpgroup Gluon forwards: none.)
 WS_NO_GRAD_FORWARD = True
 WS_TRAINING_FORWARD = False
 WS_BACKWARD = False

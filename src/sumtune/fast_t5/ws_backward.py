@@ -1,8 +1,10 @@
 """T5 attention's dK/dV backward, warp-specialized on Hopper (FlashAttention-3's backward structure, in Gluon).
 
-`sumtune.fast_t5.flash_attention.WS_BACKWARD` (off until measured; token `wsbwd`) sends the dK/dV launches this
-kernel covers (`covers`: the encoder's self-attention in training: bf16, head_dim 128, not causal, T5's bias with a
-radius the band holds, dS stored for the dQ GEMM) here instead of to `flash_kernels_bwd.t5_flash_attention_bwd_dkdv`.
+`sumtune.fast_t5.flash_attention.WS_BACKWARD` (token `wsbwd`) sends the dK/dV launches this kernel covers
+(`covers`: the encoder's self-attention in training: bf16, head_dim 128, not causal, T5's bias with a radius the band
+holds, dS stored for the dQ GEMM) here instead of to `flash_kernels_bwd.t5_flash_attention_bwd_dkdv`. Off: its GPU
+test passes, but at 32x32x1024x128 on an H100 the backward ran 5.04 vs 4.69 ms
+(results/attention_kernels-2026-12-06-h100-80gb-hbm3-wstrain.json).
 
 A program takes 128 keys of one (batch, head); one producer warp loads them (K and V, once) and then each
 BLOCK_M-query tile of Q and dO by TMA into rings; two consumer warpgroups of 64 keys each run, per query tile, keys

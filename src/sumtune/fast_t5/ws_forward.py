@@ -2,9 +2,11 @@
 and, behind a flag, for training's forwards with dropout.
 
 `sumtune.fast_t5.flash_attention.WS_NO_GRAD_FORWARD` sends the no-gradient forwards this kernel covers (`covers`)
-here instead of to the Triton forward (`flash_kernels.t5_flash_attention_fwd`); `WS_TRAINING_FORWARD` (off until
-measured) sends the forwards a gradient reaches too, below PRECISE_PV_MIN_KEYS keys, with dropout's draws made as the
-Triton backward remakes them (`_keep_pairs`). The result is the same op's (output, log-sum-exp).
+here instead of to the Triton forward (`flash_kernels.t5_flash_attention_fwd`); `WS_TRAINING_FORWARD` sends the
+forwards a gradient reaches too, below PRECISE_PV_MIN_KEYS keys, with dropout's draws made as the Triton backward
+remakes them (`_keep_pairs`). The result is the same op's (output, log-sum-exp). The training route is off: its GPU
+test passes, but at 32x32x1024x128 on an H100 the forward with dropout ran 2.79 vs 2.71 ms
+(results/attention_kernels-2026-12-06-h100-80gb-hbm3-wstrain.json).
 
 FlashAttention-3's structure, in Gluon's `warp_specialize`: one producer warp loads a program's two 64-row query
 tiles and the key and value tiles by TMA into rings (an mbarrier per slot for "landed" and one for "released by both
