@@ -187,7 +187,7 @@ CONFIG_TOKENS: dict[str, dict] = {
     "fusedlora": {"fused_lora": True}, "nofused": {"fused_lora": False}, "loragemm": {"lora_in_base_gemm": True},
     "noloragemm": {"lora_in_base_gemm": False},
     "drop0": {"model_dropout": 0.0},  # T5's own dropout off: the targets keep 0.1, so for comparison only
-    "ldrop0": {"lora_dropout": 0.0},
+    "ldrop0": {"lora_dropout": 0.0}, "ldrop5": {"lora_dropout": 0.05},  # ldrop5: the reference's LoRA dropout
     "sdpa": {"attention_backend": "sdpa"}, "triton": {"attention_backend": "triton"},
     "fusedffn": {"fused_ffn_dropout": True}, "nofusedffn": {"fused_ffn_dropout": False},
     "fusedgated": {"fused_gated_ffn": True}, "nofusedgated": {"fused_gated_ffn": False},

@@ -1,11 +1,14 @@
-# Call 1 (any card, ~570 s): a row's 32 heads in one warp-specialized decoding program (generation.gluon_decode_ws,
-# cross_attention.GLUON_WARP_SPECIALIZED, token decodews32, off; never run on a GPU yet): its GPU test against float64,
-# the decode kernel alone at 256 and 1024 rows x 4096 keys against the shipped Gluon kernel, then whole generation with
-# every input 4096 tokens at 256 rows under decodews32 and decodews32:wslean, tokens against transformers first.
-# Keep a lever only if its test passes, it is faster and the tokens stay equal.
+# Call 1 (any card, ~450 s): what LoRA dropout from a seed (lora_dropout.LORA_DROPOUT_KERNEL, token loradrop, off)
+# buys with its memory. Session 44 (H100): the seed's step at b16 47.13 vs 47.09 samples/s, 45.9 vs 53.1 GiB; since
+# then only layers whose input is at least as wide as the output take it (o, wo). The seed at the next micro-batch up
+# with it (b24 on 80 GB, b48 above) against the best without (b16 / b32), then the shipped config with the reference's
+# LoRA dropout 0.05 back (it ships none: PEFT's copy costs ~20 GiB) without and with it, against the shipped config.
+# At most 7 files come back: one result file a step.
 . scripts/device/prelude.sh
-step decodews_test 120 python3 -m pytest -q $XDIST -m gpu tests/test_gluon_decode_ws.py -p no:cacheprovider
-step decodews_kernel 90 python3 benchmarks/decode_attention.py --batches 256,1024 --keys 4096 --patches decodews32
-step decodews_generate 300 python3 benchmarks/generate_throughput.py --model t5-3b --source-tokens 4096 \
-  --new-tokens 512 --full-length --greedy-only --fast-batches 256 --timed-batches 1 --reference-batches "" \
-  --agreement-inputs 2 --agreement-first --patches decodews32,decodews32:wslean
+MB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+B=b16; UP=b24; [ "${MB:-0}" -gt 100000 ] && B=b32 && UP=b48
+F=group:fusedlora:loragemm:cache
+step loradrop_seed 200 python3 benchmarks/train_throughput.py --config configs/seed.yaml --reference "" \
+  --fast "$B:$F,$B:$F:loradrop,$UP:$F:loradrop" --warmup 8 --steps 20
+step loradrop_shipped 230 python3 benchmarks/train_throughput.py --config configs/t5-3b-billsum.yaml --reference "" \
+  --fast "config,config:ldrop5,config:ldrop5:loradrop" --warmup 8 --steps 20
