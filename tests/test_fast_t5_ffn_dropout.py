@@ -304,23 +304,15 @@ for name, compiled in builds.items():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_the_new_kernels_build_for_hopper_without_spilling():
+def test_the_new_kernels_build_for_hopper_without_spilling(compiled_for_hopper):
     """triton.compile for sm_90 on CPU (in a process without the interpreter): the feed-forward kernels load and
     store 16 bytes at a time and spill nothing; the decoding kernel at T5-3b's shapes and each shipped tile spills
     at most a few words (the 32-key tile runs at 255 registers: 4 bytes, 24 with key splits, on Triton 3.6)."""
-    import json
-    import os
-    import subprocess
-    import sys
-
     from sumtune.fast_t5.flash_compile import HOPPER_SHARED_BYTES
     from sumtune.generation import cross_attention
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
-                            timeout=600)
-    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 4 + 2 * len(cross_attention.TILES_BY_STATES), result.stderr[-2000:]
+    rows, stderr = compiled_for_hopper(COMPILE_FOR_HOPPER)
+    assert len(rows) == 4 + 2 * len(cross_attention.TILES_BY_STATES), stderr
     for row in rows:
         assert row["spill_bytes"] <= (32 if "cross" in row["kernel"] else 0), row
         assert row["shared_bytes"] <= HOPPER_SHARED_BYTES, row

@@ -177,20 +177,12 @@ for update in (True, False):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_the_kernels_build_for_hopper_without_spilling():
+def test_the_kernels_build_for_hopper_without_spilling(compiled_for_hopper):
     """triton.compile for sm_90 on CPU (in a process without the interpreter), at the shipped tiles and r=32."""
-    import json
-    import os
-    import subprocess
-    import sys
-
     from sumtune.fast_t5.flash_compile import HOPPER_SHARED_BYTES
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
-                            timeout=600)
-    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 4, result.stderr[-2000:]
+    rows, stderr = compiled_for_hopper(COMPILE_FOR_HOPPER)
+    assert len(rows) == 4, stderr
     for row in rows:
         assert row["spill_bytes"] == 0 and row["shared_bytes"] <= HOPPER_SHARED_BYTES, row
         assert row["async_copies"] > 0, row  # the x (and dx) tiles pipelined

@@ -474,7 +474,7 @@ for split, slots, bias in ((False, 6, False), (True, 6, False), (False, 5, False
 """
 
 
-def test_the_gluon_decode_kernel_builds_for_hopper_with_warpgroup_mmas():
+def test_the_gluon_decode_kernel_builds_for_hopper_with_warpgroup_mmas(compiled_for_hopper):
     """cross_attention.GLUON_KERNEL's kernel (sumtune.generation.gluon_decode), compiled for sm_90 on the CPU at
     T5-3b's shapes: both products as warpgroup MMAs from shared memory (128 in the loop: 64 for the scores, 64 for
     the weighted sum; no ldmatrix), within Hopper's shared memory and as much of it as `shared_bytes` counts (at most
@@ -483,18 +483,11 @@ def test_the_gluon_decode_kernel_builds_for_hopper_with_warpgroup_mmas():
     decoder self-attention's position bias (t5_decode.FUSED_SELF_ATTENTION); the chunks
     by TMA (four 64-wide boxes a chunk at SLOTS + 4 issue sites: the prologue's and the loop's four refills). Gluon
     has no interpreter: the GPU test checks its values."""
-    import json
-    import subprocess
-    import sys
-
     pytest.importorskip("triton.experimental.gluon")
     from sumtune.fast_t5.flash_compile import HOPPER_SHARED_BYTES
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", GLUON_DECODE_FOR_HOPPER], env=env, capture_output=True, text=True,
-                            timeout=600)
-    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 4, result.stderr[-2000:]
+    rows, stderr = compiled_for_hopper(GLUON_DECODE_FOR_HOPPER)
+    assert len(rows) == 4, stderr
     for row in rows:
         assert row["wgmma"] == 128 and row["ldmatrix"] == 0, row
         assert row["shared_bytes"] <= HOPPER_SHARED_BYTES and row["spill_bytes"] <= 256, row  # 3.6: 0, 3.9: 16
