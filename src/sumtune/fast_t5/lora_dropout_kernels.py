@@ -11,8 +11,8 @@ element index e = m K + k (K a multiple of 4, so a row's words start at a counte
   ``native_dropout`` then a GEMM round it.
 * ``low_rank_bwd``: a program per (BLOCK_K columns, TILES_PER_SPLIT row tiles, a power of two so that a model's
   calls build a few variants): ``dA_part[split] = gᵀ (x ∘ keep · scale)`` [r, BLOCK_K] in fp32 over its rows
-  (summed over the splits afterwards: deterministic, no atomics) and, with
-  UPDATE_DX, ``dx += (g A) ∘ keep · scale`` in place, g = s · dy B [M, r]. One read of x and of dx and one write of
+  (summed over the splits afterwards: deterministic, no atomics) and, with UPDATE_DX, ``dx += (g A) ∘ keep · scale``
+  in place, g = s · dy B [M, r]. One read of x and of dx and one write of
   dx an element: no dropped copy or mask kept from the forward, no (g A) tensor.
 """
 
@@ -59,7 +59,8 @@ def low_rank_fwd(X, A, LOW, SEED, n_rows, rank, stride_xm, stride_xk, stride_ar,
         col_in = cols < n_cols
         x = tl.load(X + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk,
                     mask=row_in[:, None] & col_in[None, :], other=0.0)
-        dropped = (x.to(tl.float32) * _keep_scale(seed, rows, k0, n_cols, drop_below, scale, BLOCK_M, BLOCK_K, INDEX_64))
+        keep_scale = _keep_scale(seed, rows, k0, n_cols, drop_below, scale, BLOCK_M, BLOCK_K, INDEX_64)
+        dropped = x.to(tl.float32) * keep_scale
         a_t = tl.load(A + ranks[None, :] * stride_ar + cols[:, None] * stride_ak,
                       mask=col_in[:, None] & (ranks < rank)[None, :], other=0.0)  # [BLOCK_K, RANK] = Aᵀ's tile
         acc = _dot(dropped.to(X.dtype.element_ty), a_t, UPCAST, acc)
@@ -85,18 +86,18 @@ def low_rank_bwd(X, A, G, DX, DA_PART, SEED, n_rows, n_cols, rank, stride_xm, st
     for tile in range(TILES_PER_SPLIT):
         rows = (split * TILES_PER_SPLIT + tile) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_in = rows < n_rows
-        tile = row_in[:, None] & col_in[None, :]
+        in_tile = row_in[:, None] & col_in[None, :]
         g = tl.load(G + rows[:, None].to(tl.int64) * stride_gm + ranks[None, :] * stride_gr,
                     mask=row_in[:, None] & rank_in[None, :], other=0.0)  # [BLOCK_M, RANK]
         keep_scale = _keep_scale(seed, rows, k0, n_cols, drop_below, scale, BLOCK_M, BLOCK_K, INDEX_64)
-        x = tl.load(X + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk, mask=tile, other=0.0)
+        x = tl.load(X + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk, mask=in_tile, other=0.0)
         dropped = (x.to(tl.float32) * keep_scale).to(X.dtype.element_ty)
         acc = _dot(tl.trans(g), dropped, UPCAST, acc)
         if UPDATE_DX:
             dx_ptrs = DX + rows[:, None].to(tl.int64) * stride_dm + cols[None, :] * stride_dk
-            dx = tl.load(dx_ptrs, mask=tile, other=0.0).to(tl.float32)
+            dx = tl.load(dx_ptrs, mask=in_tile, other=0.0).to(tl.float32)
             dx += _dot(g, a, UPCAST) * keep_scale
-            tl.store(dx_ptrs, dx.to(DX.dtype.element_ty), mask=tile)
+            tl.store(dx_ptrs, dx.to(DX.dtype.element_ty), mask=in_tile)
     tl.store(DA_PART + split.to(tl.int64) * RANK * n_cols + ranks[:, None] * n_cols + cols[None, :], acc,
              mask=col_in[None, :])
 
