@@ -77,11 +77,22 @@ def test_mask_keeps_one_minus_p_and_depends_on_seed_row_and_column(kernels):
     assert abs(keep.float().mean().item() - 0.75) < 0.01
     assert not torch.equal(keep, kernels.keep_mask(torch.tensor([8]), 256, 512, 0.25, device="cpu"))
     assert not torch.equal(keep[0], keep[1]) and not torch.equal(keep[:, 0], keep[:, 1])
-    # the draws are feed-forward dropout's: element m·K + k of the input, whatever the tiles
-    from sumtune.fast_t5 import ffn_dropout
 
-    flat = ffn_dropout.relu_dropout_keep_mask(torch.tensor([7]), 256 * 512, 0.25, device="cpu")
-    assert torch.equal(keep.flatten(), flat)
+
+def test_the_kernels_draw_the_same_with_int64_counters(kernels, monkeypatch):
+    """Inputs of 2^31 elements or more count their draws in int64 (INDEX_64): the same masks, so the same results."""
+    gen = torch.Generator().manual_seed(3)
+    x, a, g = torch.randn(70, 48, generator=gen), torch.randn(4, 48, generator=gen), torch.randn(70, 4, generator=gen)
+    seed = torch.tensor([11])
+
+    def run():
+        dx = torch.zeros(70, 48)
+        return kernels.low_rank(x, a, seed, 0.25), kernels.low_rank_backward(x, a, g, seed, 0.25, dx), dx
+
+    int32 = run()
+    monkeypatch.setattr(lora_dropout, "_index_64", lambda x2d: True)
+    for got, expected in zip(run(), int32):
+        assert torch.equal(got, expected)
 
 
 def layer_seeds(seed: int) -> list[torch.Tensor]:

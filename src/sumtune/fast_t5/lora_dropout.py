@@ -29,13 +29,13 @@ import torch
 from torch import Tensor
 
 from sumtune.fast_t5.attention_inputs import dropout_threshold
+from sumtune.fast_t5.ffn_dropout import DRAW_RANGE, relu_dropout_keep_mask
 
 LORA_DROPOUT_KERNEL = False
 # Layers whose input is narrower than their output (T5's v, wi) keep native_dropout unless this is set: one layer
 # alone on an H100 (results/lora_dropout-2026-12-06-h100-80gb-hbm3.json), v (1024 -> 4096) ran 0.96 vs 0.79 ms
 # with the kernels, o (4096 -> 1024) 0.89 vs 0.99; o keeps 4x the bytes v does, so most of the memory saved stays.
 NARROW_INPUTS = False
-DRAW_RANGE = 1 << 31  # 31-bit draws, as feed-forward dropout's
 # float32 only in the interpreter (the tests' exact comparisons): compiled, tl.dot would take TF32 where torch's
 # float32 matmuls do not, and IEEE float32 dots spill (3.4 KB at the backward's tile), so float32 training keeps
 # torch's ops.
@@ -145,10 +145,6 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 def keep_mask(seed: Tensor | int, n_rows: int, n_cols: int, dropout_p: float, device="cuda") -> Tensor:
-    """[n_rows, n_cols] bool: True where the kernels keep an element of an [n_rows, n_cols] input for ``seed``."""
-    seed = torch.as_tensor(seed, dtype=torch.int64).reshape(1).to(device)
-    keep = torch.empty((n_rows, n_cols), dtype=torch.int8, device=device)
-    block_m, block_k = 64, 128
-    grid = (triton_cdiv(n_rows, block_m), triton_cdiv(n_cols, block_k))
-    _kernels().keep_mask[grid](keep, seed, n_rows, n_cols, _threshold(dropout_p)[0], BLOCK_M=block_m, BLOCK_K=block_k)
-    return keep.bool()
+    """[n_rows, n_cols] bool: True where the kernels keep an element of an [n_rows, n_cols] input for ``seed``:
+    feed-forward dropout's mask of as many elements, row after row."""
+    return relu_dropout_keep_mask(seed, n_rows * n_cols, dropout_p, device).view(n_rows, n_cols)

@@ -101,13 +101,3 @@ def low_rank_bwd(X, A, G, DX, DA_PART, SEED, n_rows, n_cols, rank, stride_xm, st
     tl.store(DA_PART + split.to(tl.int64) * RANK * n_cols + ranks[:, None] * n_cols + cols[None, :], acc,
              mask=col_in[None, :])
 
-
-@triton.jit
-def keep_mask(KEEP, SEED, n_rows, n_cols, drop_below, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """KEEP[m, k] = 1 where the kernels keep element (m, k) for this seed (tests)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    keep = _keep_scale(tl.load(SEED), rows, tl.program_id(1) * BLOCK_K, n_cols, drop_below, 1.0, BLOCK_M, BLOCK_K,
-                       True)
-    tl.store(KEEP + rows[:, None].to(tl.int64) * n_cols + cols[None, :], keep.to(tl.int8),
-             mask=(rows < n_rows)[:, None] & (cols < n_cols)[None, :])
