@@ -571,7 +571,7 @@ def test_a_gluon_kernel_that_fails_to_launch_hands_over_to_the_triton_kernel_onc
     # leaves gluon_decode on
     monkeypatch.setattr(cross_attention, "gluon_failure", None)
     monkeypatch.setattr(cross_attention, "ws_failure", None)
-    broken_ws = SimpleNamespace(__name__="sumtune.generation.gluon_decode_ws", BLOCK_N=64, launch=broken_launch)
+    broken_ws = SimpleNamespace(WARP_SPECIALIZED=True, BLOCK_N=64, launch=broken_launch)
     monkeypatch.setattr(cross_attention, "_gluon_kernel",
                         lambda memory, self_attention=False, heads=0: None if cross_attention.ws_failure
                         else (broken_ws, 32))

@@ -216,7 +216,7 @@ def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, split
             gluon_kernel.launch((groups, batch, splits), q_mem, memory, lengths, out, acc, running_max, total, heads,
                                 keys_per_split, block_h, splits > 1, bias)
         except Exception as error:  # noqa: BLE001 - e.g. a Triton release whose Gluon API moved
-            warp_specialized = getattr(gluon_kernel, "__name__", "").endswith("gluon_decode_ws")
+            warp_specialized = getattr(gluon_kernel, "WARP_SPECIALIZED", False)
             _gluon_failed(error, warp_specialized)
             # the kernel taking over chooses its own splits (the warp-specialized one's fit its 32-head programs)
             return fused_hidden_attention(q_mem, memory, lengths, splits_asked if warp_specialized else splits, bias)

@@ -31,6 +31,7 @@ from sumtune.generation.gluon_decode import TMA_BOX, _barrier, _states_descripto
 
 BLOCK_N = 64  # keys a tile: a warpgroup MMA's rows
 BLOCK_H = 32  # heads a program: two consumer warpgroups of 16
+WARP_SPECIALIZED = True  # what cross_attention tells this kernel from gluon_decode by (a failure hands over to it)
 D_MODEL = 1024  # the one width it takes (eight accumulators below)
 CHUNK = 128  # d_model a chunk: two 64-wide TMA boxes
 SLOTS = 9  # a tile's eight chunks and one of the next: 144 KiB beside 64 KiB of queries and 4 KiB of P
