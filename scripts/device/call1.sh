@@ -3,7 +3,7 @@
 # then only layers whose input is at least as wide as the output take it (o, wo). The seed at the next micro-batch up
 # with it (b24 on 80 GB, b48 above) against the best without (b16 / b32), then the shipped config with the reference's
 # LoRA dropout 0.05 back (it ships none: PEFT's copy costs ~20 GiB) without and with it, against the shipped config.
-# At most 7 files come back: one result file a step.
+# Six files come back (the device returns at most 8): two logs and one result file a step, pip.log, gpu.txt.
 . scripts/device/prelude.sh
 MB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
 B=b16; UP=b24; [ "${MB:-0}" -gt 100000 ] && B=b32 && UP=b48
