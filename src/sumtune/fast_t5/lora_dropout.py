@@ -95,7 +95,7 @@ def low_rank(x2d: Tensor, weight_a: Tensor, seed: Tensor, dropout_p: float) -> T
     out = x2d.new_empty((n_rows, rank))
     drop_below, scale = _threshold(dropout_p)
     block_m, block_k, warps, stages = FORWARD_TILE
-    _kernels().low_rank_fwd[(triton_cdiv(n_rows, block_m),)](
+    _kernels().low_rank_fwd[(_cdiv(n_rows, block_m),)](
         x2d, weight_a, out, seed, n_rows, rank, *x2d.stride(), *weight_a.stride(), *out.stride(), drop_below, scale,
         n_cols=n_cols, RANK=_rank_block(rank), BLOCK_M=block_m, BLOCK_K=block_k, UPCAST=_kernels().INTERPRET,
         INDEX_64=_index_64(x2d), num_warps=warps, num_stages=stages)
@@ -110,9 +110,9 @@ def low_rank_backward(x2d: Tensor, weight_a: Tensor, grad_low: Tensor, seed: Ten
     rank = weight_a.shape[0]
     rank_block = _rank_block(rank)
     block_m, block_k, warps, stages = BACKWARD_TILE
-    col_blocks = triton_cdiv(n_cols, block_k)
-    tiles_per_split = split_tiles(triton_cdiv(n_rows, block_m), col_blocks, x2d.device)
-    splits = triton_cdiv(triton_cdiv(n_rows, block_m), tiles_per_split)
+    col_blocks = _cdiv(n_cols, block_k)
+    tiles_per_split = split_tiles(_cdiv(n_rows, block_m), col_blocks, x2d.device)
+    splits = _cdiv(_cdiv(n_rows, block_m), tiles_per_split)
     parts = torch.empty((splits, rank_block, n_cols), dtype=torch.float32, device=x2d.device)
     drop_below, scale = _threshold(dropout_p)
     dx = grad_x if grad_x is not None else x2d  # not read without UPDATE_DX
@@ -131,7 +131,7 @@ def split_tiles(row_tiles: int, col_blocks: int, device: torch.device) -> int:
     if device.type != "cuda":
         return 1 << (row_tiles - 1).bit_length()
     wanted = PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    splits = max(1, triton_cdiv(wanted, col_blocks))
+    splits = max(1, _cdiv(wanted, col_blocks))
     return 1 << max(0, (row_tiles // splits).bit_length() - 1)  # rounded down: at least `splits` programs
 
 
@@ -140,7 +140,7 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
