@@ -304,6 +304,8 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "nodecodegluon": ("sumtune.generation.cross_attention", "GLUON_KERNEL", False),
     # a row's 32 heads in one warp-specialized Gluon program (cross_attention.GLUON_WARP_SPECIALIZED, gluon_decode_ws)
     "decodews32": ("sumtune.generation.cross_attention", "GLUON_WARP_SPECIALIZED", True),
+    # its key splits aimed at two programs an SM as gluon_decode's (264), not one (cross_attention.WS_MIN_PROGRAMS)
+    "wsmin264": ("sumtune.generation.cross_attention", "WS_MIN_PROGRAMS", 264),
     # (`gluonenc`, `gluonenc2`, `gluonenc64`: a no-gradient attention forward in Gluon, measured slower on 2026-12-04
     # and gone: flash_attention's note; commit f21cad8 has it.)
     "gluon5": ("sumtune.generation.gluon_decode", "SLOTS", 5),  # the Gluon kernel with a ring of 5 chunks, not 6

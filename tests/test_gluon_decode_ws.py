@@ -59,6 +59,18 @@ def test_the_warp_specialized_decode_kernel_takes_only_what_it_covers():
     assert not cross_attention.GLUON_WARP_SPECIALIZED  # off until measured
 
 
+def test_the_warp_specialized_decode_kernel_aims_at_one_program_an_sm():
+    """Its programs fill an SM each: 256 rows x 4096 keys run unsplit (no combine pass over a [B, splits, 32, D]
+    buffer), where gluon_decode's two head groups already give 512 programs; few rows still split their keys."""
+    from sumtune.generation import cross_attention
+
+    ws = cross_attention.WS_MIN_PROGRAMS
+    assert cross_attention.choose_splits(256, 4096, 64, 1, ws) == 1
+    assert cross_attention.choose_splits(256, 4096, 64, 1) == 2  # the shared target would split them
+    assert cross_attention.choose_splits(256, 4096, 64, 2) == 1  # gluon_decode at 256 rows
+    assert cross_attention.choose_splits(32, 4096, 64, 1, ws) == 5
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
                     reason="needs a Hopper GPU")

@@ -54,6 +54,11 @@ GLUON_FROM_KEYS = 1025
 # rows x 4096 keys (2.90 vs 3.17 at 1024 rows) and generation at 256 rows 11.6 vs 12.4 summaries/s
 # (results/decode_attention-2026-12-06-*, generate_throughput-2026-12-06-*).
 GLUON_WARP_SPECIALIZED = False
+# Its programs take an SM each (208 KiB of shared memory), so one a row and SM is a full wave: 256 rows run unsplit
+# (256 programs, two waves on 132 SMs) instead of in two splits whose combine (torch ops over a [B, 2, 32, D] fp32
+# buffer, ~67 MB at 256 rows) ran on top of the kernel in session 44's 0.98 ms against gluon_decode's 0.82 (that
+# kernel's 512 programs at 256 rows are unsplit under MIN_PROGRAMS). Token `wsmin264`: the shared MIN_PROGRAMS.
+WS_MIN_PROGRAMS = 132
 # Why the Gluon kernel cannot run in this process, once its import or a launch has failed (its API moves between
 # Triton releases; the builds are tested with 3.6 and the newest): the Triton kernel takes its launches from then on,
 # said once.
@@ -111,9 +116,11 @@ def tiles_for(rows: int, src_len: int) -> tuple[int, int]:
     return next((block_n, warps) for least, block_n, warps in TILES_BY_STATES if rows * src_len >= least)
 
 
-def choose_splits(batch: int, src_len: int, block_n: int, head_groups: int = 1) -> int:
-    """Key splits per row: enough programs to fill the GPU, each with at least a few tiles of keys."""
-    return max(1, min(-(-MIN_PROGRAMS // max(batch * head_groups, 1)), -(-src_len // (8 * block_n))))
+def choose_splits(batch: int, src_len: int, block_n: int, head_groups: int = 1, min_programs: int | None = None) -> int:
+    """Key splits per row: enough programs to fill the GPU (``min_programs``, MIN_PROGRAMS unless given), each with at
+    least a few tiles of keys."""
+    wanted = min_programs or MIN_PROGRAMS
+    return max(1, min(-(-wanted // max(batch * head_groups, 1)), -(-src_len // (8 * block_n))))
 
 
 def head_blocks(heads: int, per_program: int) -> tuple[int, int]:
@@ -199,7 +206,8 @@ def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, split
     block_h, groups = head_blocks(heads, gluon[1] if gluon else HEADS_PER_PROGRAM)
     if gluon:
         block_n = gluon_kernel.BLOCK_N
-    splits = splits or choose_splits(batch, src_len, block_n, groups)
+    warp_specialized = bool(gluon_kernel) and getattr(gluon_kernel, "WARP_SPECIALIZED", False)
+    splits = splits or choose_splits(batch, src_len, block_n, groups, WS_MIN_PROGRAMS if warp_specialized else None)
     keys_per_split = -(-src_len // splits)
     keys_per_split = -(-keys_per_split // block_n) * block_n
     if q_mem.stride(-1) != 1:  # the kernels take any row and head strides: t5_decode's [H, B, D] GEMM output as it is
@@ -216,7 +224,6 @@ def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, split
             gluon_kernel.launch((groups, batch, splits), q_mem, memory, lengths, out, acc, running_max, total, heads,
                                 keys_per_split, block_h, splits > 1, bias)
         except Exception as error:  # noqa: BLE001 - e.g. a Triton release whose Gluon API moved
-            warp_specialized = getattr(gluon_kernel, "WARP_SPECIALIZED", False)
             _gluon_failed(error, warp_specialized)
             # the kernel taking over chooses its own splits (the warp-specialized one's fit its 32-head programs)
             return fused_hidden_attention(q_mem, memory, lengths, splits_asked if warp_specialized else splits, bias)
