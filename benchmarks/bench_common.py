@@ -286,7 +286,9 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     # (flash_attention.WS_NO_GRAD_FORWARD, fast_t5.ws_forward; on since 2026-12-05, its token was `wsenc` while off)
     "nowsenc": ("sumtune.fast_t5.flash_attention", "WS_NO_GRAD_FORWARD", False),
     "wsenc3": ("sumtune.fast_t5.ws_forward", "STAGES", 3),  # its K and V rings of three slots, not two
-    "wslean": ("sumtune.fast_t5.ws_forward", "LEAN_FAR_TILES", True),  # its far tiles' bias inside the exponent's FFMA
+    # its far tiles' bias inside the exponent's FFMA (ws_forward.LEAN_FAR_TILES, on since 2026-12-06; the token was
+    # `wslean` while it was off)
+    "nowslean": ("sumtune.fast_t5.ws_forward", "LEAN_FAR_TILES", False),
     "ws64": ("sumtune.fast_t5.ws_forward", "HEAD_DIMS", (64, 128)),  # it takes head_dim 64 too (T5-large, FLAN-T5-XL)
     "wsnobias": ("sumtune.fast_t5.ws_forward", "WITHOUT_BIAS", True),  # and calls without a bias (cross-attention)
     # the warp-specialized forward for training's forwards too, dropout included (flash_attention.WS_TRAINING_FORWARD)
@@ -303,7 +305,8 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     # on since 2026-12-04; before that, its token `decodegluon` turned it on, and `gluontma` took TMA)
     "nodecodegluon": ("sumtune.generation.cross_attention", "GLUON_KERNEL", False),
     # a row's 32 heads in one warp-specialized Gluon program (cross_attention.GLUON_WARP_SPECIALIZED, gluon_decode_ws)
-    "decodews32": ("sumtune.generation.cross_attention", "GLUON_WARP_SPECIALIZED", True),
+    # (on since 2026-12-06; the token was `decodews32` while it was off)
+    "nodecodews32": ("sumtune.generation.cross_attention", "GLUON_WARP_SPECIALIZED", False),
     # its key splits aimed at two programs an SM as gluon_decode's (264), not one (cross_attention.WS_MIN_PROGRAMS)
     "wsmin264": ("sumtune.generation.cross_attention", "WS_MIN_PROGRAMS", 264),
     # (`gluonenc`, `gluonenc2`, `gluonenc64`: a no-gradient attention forward in Gluon, measured slower on 2026-12-04

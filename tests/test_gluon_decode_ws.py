@@ -56,7 +56,7 @@ def test_the_warp_specialized_decode_kernel_takes_only_what_it_covers():
     assert "d_model 2048" in gluon_decode_ws.supported(32, 2048)
     assert cross_attention.head_blocks(32, gluon_decode_ws.BLOCK_H) == (32, 1)
     assert cross_attention.head_blocks(20, gluon_decode_ws.BLOCK_H) == (32, 1)
-    assert not cross_attention.GLUON_WARP_SPECIALIZED  # off until measured
+    assert cross_attention.GLUON_WARP_SPECIALIZED  # on: measured faster in generation (session 45)
 
 
 def test_the_warp_specialized_decode_kernel_aims_at_one_program_an_sm():
