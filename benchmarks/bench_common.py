@@ -295,8 +295,9 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "wstrain": ("sumtune.fast_t5.flash_attention", "WS_TRAINING_FORWARD", True),
     "wsbwd": ("sumtune.fast_t5.flash_attention", "WS_BACKWARD", True),  # and the dK/dV kernel (fast_t5.ws_backward)
     # LoRA's input dropout regenerated from a seed in the low-rank kernels, not native_dropout's copy and mask kept
-    # (fast_t5.lora_dropout.LORA_DROPOUT_KERNEL, off)
-    "loradrop": ("sumtune.fast_t5.lora_dropout", "LORA_DROPOUT_KERNEL", True),
+    # (fast_t5.lora_dropout.LORA_DROPOUT_KERNEL, on since 2026-12-06; the token was `loradrop` while it was off).
+    # `noloradrop`: native_dropout's copy and mask, as PEFT
+    "noloradrop": ("sumtune.fast_t5.lora_dropout", "LORA_DROPOUT_KERNEL", False),
     # the feed-forward's ReLU as its own pass where no dropout follows (FUSED_LINEAR_RELU on since 2026-12-04)
     "nolinearrelu": ("sumtune.fast_t5.modules", "FUSED_LINEAR_RELU", False),
     # (`fwdoneloop`: the attention forward's bias in one loop over the key tiles, measured 1.3-1.6x slower on

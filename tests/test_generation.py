@@ -594,6 +594,7 @@ def test_gpu_gluon_decode_kernel_matches_float64(monkeypatch):
     from sumtune.generation import cross_attention, gluon_decode
 
     monkeypatch.setattr(cross_attention, "GLUON_KERNEL", True)
+    monkeypatch.setattr(cross_attention, "GLUON_WARP_SPECIALIZED", False)  # its own test: test_gluon_decode_ws.py
     monkeypatch.setattr(cross_attention, "GLUON_FROM_KEYS", 1)  # these 700 keys too
     launched = []
     launch = gluon_decode.launch

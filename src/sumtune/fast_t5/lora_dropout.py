@@ -15,9 +15,12 @@ caller holds anyway) and an 8-byte seed; the backward reads x and dx and writes 
 The draws are feed-forward dropout's (sumtune.fast_t5.ffn_kernels), keyed by a seed drawn on the device (no host
 sync; CUDA graphs draw a new one per replay; checkpointing's RNG restore draws the same one again).
 
-Off (``LORA_DROPOUT_KERNEL``; benchmark token ``loradrop``): on an H100 the seed's step at micro-batch 16 ran at
-the same speed in 7.1 GiB less memory (results/train_throughput-2026-12-06-h100-80gb-hbm3-seed-ws-loradrop.json);
-what that memory buys (a larger micro-batch, LoRA dropout back in the shipped config) is not measured yet.
+On (``LORA_DROPOUT_KERNEL``; benchmark token ``noloradrop``: off). Measured on an H100 (2026-12-06, sessions 44
+and 45): the seed's step at micro-batch 16 at the same speed (47.13 vs 47.09, 47.27 vs 47.38 samples/s) in 5.6-7.1
+GiB less memory, and at micro-batch 24, which then fits an 80 GB card, 47.89 (67.2 GiB)
+(results/train_throughput-2026-12-06-h100-80gb-hbm3{-seed-ws-loradrop,}.json); the shipped config with the
+reference's LoRA dropout 0.05 back 37.26 against 34.93 samples/s, `--batch-size auto` choosing micro-batch 16 x 2
+instead of 8 x 4 (…-hbm3-2.json). Numerics against float64 equal or closer (results/lora_dropout-2026-12-06-…json).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from torch import Tensor
 from sumtune.fast_t5.attention_inputs import dropout_threshold
 from sumtune.fast_t5.ffn_dropout import DRAW_RANGE, relu_dropout_keep_mask
 
-LORA_DROPOUT_KERNEL = False
+LORA_DROPOUT_KERNEL = True
 # Layers whose input is narrower than their output (T5's v, wi) keep native_dropout unless this is set: one layer
 # alone on an H100 (results/lora_dropout-2026-12-06-h100-80gb-hbm3.json), v (1024 -> 4096) ran 0.96 vs 0.79 ms
 # with the kernels, o (4096 -> 1024) 0.89 vs 0.99; o keeps 4x the bytes v does, so most of the memory saved stays.
