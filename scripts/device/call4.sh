@@ -1,7 +1,9 @@
-# Call 4 (H200 for issue 14's figure, ~380 s): whole generation with every input 4096 tokens and 512 new, under
-# session 45's new defaults (decodews32 unsplit and wslean on) against both off (nodecodews32:nowslean), at 256 and
-# 1024 rows, tokens against transformers first (H100, call 2: 13.11 vs 12.48 at 256 rows; H200 session 36: 13.04).
+# Call 4 (any card, ~560 s; after calls 1-3): fast_t5.ws_forward's levers still off: WITHOUT_BIAS (token wsnobias;
+# its cases are in every GPU test case) and head_dim 64 (ws64: T5-large, FLAN-T5-XL). Their GPU tests (compiles take
+# ~80 s each), the op's no-gradient forward with T5's bias and padding under the default (ws_forward with the lean far
+# tiles, on since session 45), nowsenc (the Triton forward), nowslean and ws64. Keep a lever only if faster and its
+# test passes.
 . scripts/device/prelude.sh
-step generate_defaults 370 python3 benchmarks/generate_throughput.py --model t5-3b --source-tokens 4096 \
-  --new-tokens 512 --full-length --greedy-only --fast-batches 256,1024 --timed-batches 1 --reference-batches "" \
-  --agreement-inputs 2 --agreement-first --patches nodecodews32:nowslean
+step ws_tests 280 python3 -m pytest -q $XDIST -m gpu tests/test_fast_t5_ws_forward.py -k "d64" -p no:cacheprovider
+step ws_kernels 150 python3 benchmarks/attention_kernels.py --inference --no-flex --shapes 16x32x4096x128 \
+  64x32x1024x128 16x32x4096x64 --kernels cudnn,triton+bias --patches nowsenc,nowslean,ws64,wsnobias --tag ws64
