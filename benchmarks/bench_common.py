@@ -472,6 +472,22 @@ def save_result(name: str, payload: dict, slug: str | None = None) -> Path:
             continue
 
 
+@contextlib.contextmanager
+def saved_if_interrupted(name: str, partial: dict):
+    """Around a benchmark's run: on SIGINT (Ctrl-C, or the device calls' `timeout --signal=INT`) save ``partial``
+    (the rows measured so far and what else the script has put in it) as a result file that says it was cut, then
+    stop as interrupted. Session 45 lost two generation runs' files to their time limits (rebuilt from logs). A run
+    that saved its own file sets ``partial["saved"]``."""
+    try:
+        yield partial
+    except KeyboardInterrupt:
+        if partial.get("rows") and not partial.get("saved"):
+            record = dict(partial, interrupted="stopped by SIGINT (a time limit) before the run ended: these are "
+                                               "the rows it had finished")
+            print(f"\ninterrupted: saved {save_result(name, record)}", flush=True)
+        raise
+
+
 def _cell(value) -> str:
     if value is None:
         return "-"

@@ -234,6 +234,9 @@ def main(argv=None) -> int:
     training = build_training_model(config, device)
     build_s = time.perf_counter() - t0
     rows: list[dict] = []
+    PARTIAL.update(model=args.model, source_tokens=args.source_tokens, new_tokens=args.new_tokens,
+                   full_length=args.full_length, timed_batches=args.timed_batches, rows=rows,
+                   saved=args.quick)  # a quick run saves nothing, cut or not
 
     # Reference: generate on the NF4 + LoRA PeftModel. Warm-up with 2 tokens, then batches of real length.
     for batch in reference_batches:
@@ -276,6 +279,7 @@ def main(argv=None) -> int:
         agree = greedy_agreement(merged, inputs[: args.agreement_inputs], max(fast_batches), args.new_tokens, device,
                                  use_graphs, args.fused, tile_specs, patches)
         print(f"agreement: {agree}", flush=True)
+        PARTIAL["agreement"] = agree
     for batch in fast_batches:
         for name, kwargs, slicing, spec, patch in settings:
             release_generation_cache(merged)  # a cached session would replay graphs captured with other tiles
@@ -386,9 +390,14 @@ def finish(args, rows, agree, best, mean_len, build_s, prepare_s, merged_gib) ->
         mean_source_tokens=mean_len, full_length=args.full_length, lora=LORA, rows=rows, agreement=agree,
         timed_batches=args.timed_batches, build_s=build_s,
         prepare_inference_model_s=prepare_s, merged_model_gib=merged_gib, best_fast_batch=best))
+    PARTIAL["saved"] = True
     print(f"saved {path}")
     return 0
 
 
+# What a run has measured so far, saved if a signal cuts it (bench_common.saved_if_interrupted)
+PARTIAL: dict = {}
+
 if __name__ == "__main__":
-    sys.exit(main())
+    with bc.saved_if_interrupted("generate_throughput", PARTIAL):
+        sys.exit(main())

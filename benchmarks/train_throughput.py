@@ -343,6 +343,9 @@ def throughput(args, device) -> None:
     print(f"{bc.gpu_name()}: bf16 GEMM {matmul_tflops or 0:.0f} TFLOP/s measured; {args.model} "
           f"({config.num_layers}+{config.num_decoder_layers} layers) at {args.src_len}/{args.tgt_len}", flush=True)
     results = []
+    PARTIAL.update(model=args.model, src_len=args.src_len, tgt_len=args.tgt_len, warmup_steps=args.warmup,
+                   timed_steps=args.steps, bf16_matmul_tflops=matmul_tflops, rows=results,
+                   saved=args.no_save or args.quick)  # runs that save nothing save nothing when cut either
     for batch in args.reference:
         run, note = run_guarded(time_reference, config, device, data, batch, args)
         row = (summarize("reference", f"hf-trainer b{batch}", batch, run, args, matmul_tflops, peak, True)
@@ -414,6 +417,7 @@ def finish(rows: list[dict], args, matmul_tflops) -> None:
                               "are medians over the timed steps",
                        best_under_cap=best_capped and best_capped["setting"])
         print(f"saved {bc.save_result('train_throughput' + ('-quick' if args.quick else ''), payload)}")
+    PARTIAL["saved"] = True
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -483,5 +487,9 @@ def main(argv=None) -> int:
     return 0
 
 
+# What a run has measured so far, saved if a signal cuts it (bench_common.saved_if_interrupted)
+PARTIAL: dict = {}
+
 if __name__ == "__main__":
-    sys.exit(main())
+    with bc.saved_if_interrupted("train_throughput", PARTIAL):
+        sys.exit(main())

@@ -80,6 +80,27 @@ def test_a_second_result_of_the_same_day_and_machine_does_not_overwrite_the_firs
     assert [json.loads(p.read_text())["rows"][0]["setting"] for p in paths] == ["seed", "shipped", "long"]
 
 
+def test_a_run_cut_by_sigint_saves_the_rows_it_finished_and_says_so(tmp_path, monkeypatch):
+    """The device calls stop a step over its time limit with SIGINT: what it measured is saved once, marked cut;
+    a run that saved its own file, or has no row yet, writes nothing more."""
+    import json
+
+    monkeypatch.setattr(bc, "RESULTS_DIR", tmp_path)
+    rows = [{"setting": "a", "samples_per_s": 1.0}]
+    with pytest.raises(KeyboardInterrupt), bc.saved_if_interrupted("cut", {"model": "t5-3b", "rows": rows}):
+        rows.append({"setting": "b", "samples_per_s": 2.0})
+        raise KeyboardInterrupt
+    (saved,) = tmp_path.glob("cut-*.json")
+    record = json.loads(saved.read_text())
+    assert [r["setting"] for r in record["rows"]] == ["a", "b"] and "SIGINT" in record["interrupted"]
+    for partial in ({"rows": rows, "saved": True}, {"rows": []}):
+        with pytest.raises(KeyboardInterrupt), bc.saved_if_interrupted("cut", partial):
+            raise KeyboardInterrupt
+    with bc.saved_if_interrupted("cut", {"rows": rows}):
+        pass
+    assert len(list(tmp_path.glob("cut-*.json"))) == 1
+
+
 def test_profiled_calls_the_step_as_often_as_asked_and_breaks_down_its_kernels():
     calls = []
     breakdown, prof = kernel_table.profiled(lambda: calls.append(torch.ones(4).sum()), 3, torch.device("cpu"))
