@@ -298,6 +298,8 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     # (fast_t5.lora_dropout.LORA_DROPOUT_KERNEL, on since 2026-12-06; the token was `loradrop` while it was off).
     # `noloradrop`: native_dropout's copy and mask, as PEFT
     "noloradrop": ("sumtune.fast_t5.lora_dropout", "LORA_DROPOUT_KERNEL", False),
+    # its backward's keep flags for dx through a scratch tile, drawn once (lora_dropout.MASK_SCRATCH, off)
+    "ldscratch": ("sumtune.fast_t5.lora_dropout", "MASK_SCRATCH", True),
     # the feed-forward's ReLU as its own pass where no dropout follows (FUSED_LINEAR_RELU on since 2026-12-04)
     "nolinearrelu": ("sumtune.fast_t5.modules", "FUSED_LINEAR_RELU", False),
     # (`fwdoneloop`: the attention forward's bias in one loop over the key tiles, measured 1.3-1.6x slower on

@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+if "--quick" in sys.argv[1:]:  # before anything imports Triton: its language is patched for the interpreter only so
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
 
@@ -114,18 +116,27 @@ def errors(model, x, got_out, ref) -> dict:
     return {f"{n}_rel_err": float((g.double() - r).norm() / r.norm()) for n, g, r in zip(names, got, ref)}
 
 
-def measure(shape, route: str, tile, rows: int, device, repeats: int, quick: bool) -> dict:
+def measure(shape, route: str, tile, rows: int, device, repeats: int, quick: bool, patch: str = "") -> dict:
     from sumtune.fast_t5 import lora_dropout
 
     n_in, n_out = shape
     model = lora_layer(n_in, n_out, 32, 0.05, device, cache=not quick)
     x = torch.randn(rows, n_in, device=device, dtype=torch.bfloat16).requires_grad_(True)
     grad_out = torch.randn(rows, n_out, device=device, dtype=torch.bfloat16)
+    saved = lora_dropout.LORA_DROPOUT_KERNEL, lora_dropout.NARROW_INPUTS, lora_dropout.BACKWARD_TILE
     lora_dropout.LORA_DROPOUT_KERNEL = route == "kernels"
     lora_dropout.NARROW_INPUTS = True  # v's too: this script measures each layer both ways
     old_tile = lora_dropout.BACKWARD_TILE
     if tile is not None:
         lora_dropout.BACKWARD_TILE = tile
+    with bc.patched(patch):
+        return _measure(model, x, grad_out, shape, route, tile, old_tile, rows, device, repeats, saved, patch)
+
+
+def _measure(model, x, grad_out, shape, route, tile, old_tile, rows, device, repeats, saved, patch) -> dict:
+    from sumtune.fast_t5 import lora_dropout
+
+    n_in, n_out = shape
     try:
         torch.manual_seed(1)
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)  # what the node draws first
@@ -136,7 +147,7 @@ def measure(shape, route: str, tile, rows: int, device, repeats: int, quick: boo
             keep = lora_dropout.keep_mask(seed, rows, n_in, 0.05, device=device)
         else:
             keep = node.saved_tensors[1].view(rows, n_in)  # native_dropout's mask
-        row = dict(layer=f"{n_in}->{n_out}", rows=rows, route=route,
+        row = dict(layer=f"{n_in}->{n_out}", rows=rows, route=route + (f" [{patch}]" if patch else ""),
                    backward_tile="x".join(map(str, tile or old_tile)) if route == "kernels" else None,
                    saved_mib=saved_bytes(node, x) / 2**20)
         out.backward(grad_out)
@@ -148,9 +159,8 @@ def measure(shape, route: str, tile, rows: int, device, repeats: int, quick: boo
             bc.free_gpu_memory()
             row["fwd_bwd_ms"] = bc.cuda_event_ms(lambda: run_once(model, x, grad_out), repeats)
         return row
-    finally:
-        lora_dropout.LORA_DROPOUT_KERNEL, lora_dropout.NARROW_INPUTS = False, False
-        lora_dropout.BACKWARD_TILE = old_tile
+    finally:  # as they were (LORA_DROPOUT_KERNEL is on by default since session 45)
+        lora_dropout.LORA_DROPOUT_KERNEL, lora_dropout.NARROW_INPUTS, lora_dropout.BACKWARD_TILE = saved
 
 
 def main(argv=None) -> int:
@@ -159,6 +169,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tiles", default="64x64x8x3,64x128x8x3,32x64x4x3",
                         help="backward tiles to time, BLOCK_MxBLOCK_KxWARPSxSTAGES, comma-separated")
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--patches", default="",
+                        help="also time the kernels (first tile) under each of these settings (bench_common tokens, "
+                             "':'-joined; comma-separated), e.g. ldscratch")
     parser.add_argument("--quick", action="store_true", help="CPU plumbing check in Triton's interpreter")
     args = parser.parse_args(argv)
     device = bc.benchmark_device("lora_dropout.py", args.quick)
@@ -166,8 +179,7 @@ def main(argv=None) -> int:
         return 1
     from sumtune.fast_t5 import lora_dropout
 
-    if args.quick:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if args.quick:  # TRITON_INTERPRET: set at the top, before Triton's import
         lora_dropout.ON_CPU_IN_INTERPRETER = True
     shapes = [(64, 32), (32, 64)] if args.quick else [(1024, 4096), (4096, 1024)]
     rows_count = 96 if args.quick else args.rows
@@ -176,8 +188,9 @@ def main(argv=None) -> int:
     for shape in shapes:
         base = measure(shape, "native_dropout", None, rows_count, device, args.repeats, args.quick)
         results.append(base)
-        for tile in tiles:
-            row = measure(shape, "kernels", tile, rows_count, device, args.repeats, args.quick)
+        runs = [(tile, "") for tile in tiles] + [(tiles[0], patch) for patch in bc.patch_strings(args.patches)]
+        for tile, patch in runs:
+            row = measure(shape, "kernels", tile, rows_count, device, args.repeats, args.quick, patch)
             if "fwd_bwd_ms" in row:
                 row["speedup"] = base["fwd_bwd_ms"] / row["fwd_bwd_ms"]
             results.append(row)

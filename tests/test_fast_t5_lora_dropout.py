@@ -95,6 +95,25 @@ def test_the_kernels_draw_the_same_with_int64_counters(kernels, monkeypatch):
         assert torch.equal(got, expected)
 
 
+def test_the_backward_with_its_flags_through_scratch_gives_the_same_gradients(kernels, monkeypatch):
+    """MASK_SCRATCH: the dx update's keep flags stored and loaded back instead of drawn again; the same dA and dx,
+    bit for bit, over several row tiles a program (tiles cut at both edges)."""
+    gen = torch.Generator().manual_seed(5)
+    x, a, g = torch.randn(150, 72, generator=gen), torch.randn(4, 72, generator=gen), torch.randn(150, 4, generator=gen)
+    dx0, seed = torch.randn(150, 72, generator=gen), torch.tensor([21])
+
+    def run():
+        dx = dx0.clone()
+        return kernels.low_rank_backward(x, a, g, seed, 0.25, dx), dx
+
+    drawn = run()
+    monkeypatch.setattr(lora_dropout, "MASK_SCRATCH", True)
+    scratch = run()
+    assert not torch.equal(drawn[1], dx0)  # the update happened
+    for got, expected in zip(scratch, drawn):
+        assert torch.equal(got, expected)
+
+
 def layer_seeds(seed: int) -> list[torch.Tensor]:
     """The kernels' seeds of the two LoRA layers in one forward after ``torch.manual_seed(seed)``: each fused node
     draws one, in order (first, then second), and nothing else draws in between."""
@@ -181,10 +200,12 @@ for n_cols in (1024, 4096):
                                                INDEX_64=False, **unit(k.low_rank_fwd)), warps, stages)
     print(json.dumps(dict(kernel=f"low_rank_fwd {n_cols}", **resources(c))))
 bm, bk, warps, stages = lora_dropout.BACKWARD_TILE
-for update in (True, False):
-    c = compile_source(k.low_rank_bwd, t, dict(TILES_PER_SPLIT=4, RANK=32, BLOCK_M=bm, BLOCK_K=bk, UPDATE_DX=update,
-                                               UPCAST=False, INDEX_64=False, **unit(k.low_rank_bwd)), warps, stages)
-    print(json.dumps(dict(kernel=f"low_rank_bwd update_dx={update}", **resources(c))))
+for update, scratch in ((True, False), (False, False), (True, True)):
+    c = compile_source(k.low_rank_bwd, dict(t, SCRATCH="*i8"), dict(
+        TILES_PER_SPLIT=4, RANK=32, BLOCK_M=bm, BLOCK_K=bk, UPDATE_DX=update, UPCAST=False, INDEX_64=False,
+        MASK_SCRATCH=scratch, **unit(k.low_rank_bwd)), warps, stages)
+    print(json.dumps(dict(kernel=f"low_rank_bwd update_dx={update} scratch={scratch}",
+                          mulhi=c.asm["ttgir"].count("tt.mulhiui"), **resources(c))))
 """
 
 
@@ -194,18 +215,23 @@ def test_the_kernels_build_for_hopper_without_spilling(compiled_for_hopper):
     from sumtune.fast_t5.flash_compile import HOPPER_SHARED_BYTES
 
     rows, stderr = compiled_for_hopper(COMPILE_FOR_HOPPER)
-    assert len(rows) == 4, stderr
+    assert len(rows) == 5, stderr
     for row in rows:
         assert row["spill_bytes"] == 0 and row["shared_bytes"] <= HOPPER_SHARED_BYTES, row
-        assert row["async_copies"] > 0, row  # the x (and dx) tiles pipelined
+        assert row["async_copies"] > 0 or "scratch=True" in row["kernel"], row  # x (and dx) tiles pipelined
+    drawn, scratch = (row["mulhi"] for row in rows if row["kernel"].startswith("low_rank_bwd update_dx=True"))
+    assert scratch * 2 - 2 <= drawn, (drawn, scratch)  # MASK_SCRATCH: the Philox rounds in one layout, not two
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("rows, cols", [(16 * 1024, 4096), (2048 + 40, 1024)])
-def test_gpu_kernels_match_float64_with_their_mask_and_redraw_under_cuda_graphs(rows, cols):
+@pytest.mark.parametrize("rows, cols, scratch", [(16 * 1024, 4096, False), (2048 + 40, 1024, False),
+                                                (16 * 1024, 4096, True)])
+def test_gpu_kernels_match_float64_with_their_mask_and_redraw_under_cuda_graphs(rows, cols, scratch, monkeypatch):
     """T5-3b's o and v inputs, bf16: forward, dA and dx within bf16 rounding of float64 under the kernels' mask (as
-    close as native_dropout and cuBLAS with the same mask), and a new mask on each CUDA graph replay."""
+    close as native_dropout and cuBLAS with the same mask), and a new mask on each CUDA graph replay; also with the
+    backward's keep flags through scratch (MASK_SCRATCH)."""
+    monkeypatch.setattr(lora_dropout, "MASK_SCRATCH", scratch)
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(rows, cols, device="cuda", generator=gen).bfloat16()
     a = (torch.randn(32, cols, device="cuda", generator=gen) * 0.02).bfloat16()

@@ -39,6 +39,12 @@ LORA_DROPOUT_KERNEL = True
 # alone on an H100 (results/lora_dropout-2026-12-06-h100-80gb-hbm3.json), v (1024 -> 4096) ran 0.96 vs 0.79 ms
 # with the kernels, o (4096 -> 1024) 0.89 vs 0.99; o keeps 4x the bytes v does, so most of the memory saved stays.
 NARROW_INPUTS = False
+# The backward's keep flags for the dx update through a scratch tile a program (a store, a block barrier, a load in
+# the MMA layout) instead of drawn a second time: Triton's sm_90 build draws Philox in both layouts otherwise. Built
+# (Triton 3.6, 64 x 64 x 8): the loop 650 instead of 857 instructions, 20 instead of 38 `tt.mulhiui`, 89 registers
+# instead of 174, but no cp.async pipelining of x and dx (the barriers end it). Off until measured on a GPU
+# (benchmark token `ldscratch`).
+MASK_SCRATCH = False
 # float32 only in the interpreter (the tests' exact comparisons): compiled, tl.dot would take TF32 where torch's
 # float32 matmuls do not, and IEEE float32 dots spill (3.4 KB at the backward's tile), so float32 training keeps
 # torch's ops.
@@ -119,11 +125,14 @@ def low_rank_backward(x2d: Tensor, weight_a: Tensor, grad_low: Tensor, seed: Ten
     parts = torch.empty((splits, rank_block, n_cols), dtype=torch.float32, device=x2d.device)
     drop_below, scale = _threshold(dropout_p)
     dx = grad_x if grad_x is not None else x2d  # not read without UPDATE_DX
+    scratch = grad_x is not None and MASK_SCRATCH
+    flags = (torch.empty((col_blocks * splits, block_m * block_k), dtype=torch.int8, device=x2d.device) if scratch
+             else parts)  # not read without MASK_SCRATCH
     _kernels().low_rank_bwd[(col_blocks, splits)](
         x2d, weight_a, grad_low, dx, parts, seed, n_rows, n_cols, rank, *x2d.stride(), *weight_a.stride(),
         *grad_low.stride(), *dx.stride(), drop_below, scale, TILES_PER_SPLIT=tiles_per_split, RANK=rank_block,
         BLOCK_M=block_m, BLOCK_K=block_k, UPDATE_DX=grad_x is not None, UPCAST=_kernels().INTERPRET,
-        INDEX_64=_index_64(x2d), num_warps=warps, num_stages=stages)
+        INDEX_64=_index_64(x2d), SCRATCH=flags, MASK_SCRATCH=scratch, num_warps=warps, num_stages=stages)
     return parts[:, :rank].sum(dim=0)
 
 

@@ -13,7 +13,8 @@ element index e = m K + k (K a multiple of 4, so a row's words start at a counte
   calls build a few variants): ``dA_part[split] = gᵀ (x ∘ keep · scale)`` [r, BLOCK_K] in fp32 over its rows
   (summed over the splits afterwards: deterministic, no atomics) and, with UPDATE_DX, ``dx += (g A) ∘ keep · scale``
   in place, g = s · dy B [M, r]. One read of x and of dx and one write of
-  dx an element: no dropped copy or mask kept from the forward, no (g A) tensor.
+  dx an element: no dropped copy or mask kept from the forward, no (g A) tensor. With MASK_SCRATCH the keep flags
+  reach the dx update through a 4 KiB scratch tile a program (``_through_scratch``) instead of a second draw.
 """
 
 from __future__ import annotations
@@ -46,6 +47,23 @@ def _keep_scale(seed, rows, k0, n_cols, drop_below, scale, BLOCK_M: tl.constexpr
 
 
 @triton.jit
+def _through_scratch(SCRATCH, flags, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``flags`` [BLOCK_M, BLOCK_K] stored to this program's tile of SCRATCH and loaded back. Why: the backward
+    needs the keep flags in x's layout (x ∘ keep for dA) and in the MMA layout of (g A); given the draws twice,
+    Triton's sm_90 build computes the Philox rounds in both layouts (38 `tt.mulhiui` against 20). Through memory the
+    rounds run once and the load takes whatever layout its use wants. The barriers: every thread's flags stored
+    before any is read, and all read before the next tile's store."""
+    program = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    ptrs = (SCRATCH + program.to(tl.int64) * (BLOCK_M * BLOCK_K) + tl.arange(0, BLOCK_M)[:, None] * BLOCK_K
+            + tl.arange(0, BLOCK_K)[None, :])
+    tl.store(ptrs, flags)
+    tl.debug_barrier()
+    loaded = tl.load(ptrs)
+    tl.debug_barrier()
+    return loaded
+
+
+@triton.jit
 def low_rank_fwd(X, A, LOW, SEED, n_rows, rank, stride_xm, stride_xk, stride_ar, stride_ak, stride_lm, stride_lr,
                  drop_below, scale, n_cols: tl.constexpr, RANK: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, INDEX_64: tl.constexpr):
@@ -72,7 +90,7 @@ def low_rank_fwd(X, A, LOW, SEED, n_rows, rank, stride_xm, stride_xk, stride_ar,
 def low_rank_bwd(X, A, G, DX, DA_PART, SEED, n_rows, n_cols, rank, stride_xm, stride_xk, stride_ar, stride_ak,
                  stride_gm, stride_gr, stride_dm, stride_dk, drop_below, scale, TILES_PER_SPLIT: tl.constexpr,
                  RANK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, UPDATE_DX: tl.constexpr,
-                 UPCAST: tl.constexpr, INDEX_64: tl.constexpr):
+                 UPCAST: tl.constexpr, INDEX_64: tl.constexpr, SCRATCH=None, MASK_SCRATCH: tl.constexpr = False):
     k0 = tl.program_id(0) * BLOCK_K
     cols = k0 + tl.arange(0, BLOCK_K)
     split = tl.program_id(1)
@@ -96,7 +114,11 @@ def low_rank_bwd(X, A, G, DX, DA_PART, SEED, n_rows, n_cols, rank, stride_xm, st
         if UPDATE_DX:
             dx_ptrs = DX + rows[:, None].to(tl.int64) * stride_dm + cols[None, :] * stride_dk
             dx = tl.load(dx_ptrs, mask=in_tile, other=0.0).to(tl.float32)
-            dx += _dot(g, a, UPCAST) * keep_scale
+            if MASK_SCRATCH:  # the keep flags through the program's own scratch tile, in the dot's layout
+                flags = _through_scratch(SCRATCH, (keep_scale != 0).to(tl.int8), BLOCK_M, BLOCK_K)
+                dx += tl.where(flags != 0, _dot(g, a, UPCAST) * scale, 0.0)
+            else:
+                dx += _dot(g, a, UPCAST) * keep_scale
             tl.store(dx_ptrs, dx.to(DX.dtype.element_ty), mask=in_tile)
     tl.store(DA_PART + split.to(tl.int64) * RANK * n_cols + ranks[:, None] * n_cols + cols[None, :], acc,
              mask=col_in[None, :])
