@@ -10,4 +10,4 @@ step generate256 220 python3 benchmarks/generate_throughput.py --model t5-3b --s
   --agreement-inputs 2 --agreement-first --patches nodecodews32:nowslean
 step generate_bills 180 python3 benchmarks/generate_throughput.py --model t5-3b --source-tokens 4096 \
   --new-tokens 512 --greedy-only --fast-batches 256 --timed-batches 2 --warm-all --reference-batches "" \
-  --agreement-inputs 0 --patches nodecodews32,nodecodews32:nowslean
+  --agreement-inputs 0 --patches nodecodews32
