@@ -50,7 +50,7 @@ LAUNCH_REGISTERS = 168  # 12 warps (8 consumers, the producer's warpgroup) x 168
 # exponent's one FFMA, the row maximum taken before them (Triton's tutorial's form; the others add the bias tile and
 # mask, then subtract the maximum). On since session 45 (H100, 2026-12-06): its GPU test passed, whole generation at
 # 256 rows x 4096 -> 512 12.55 against 12.48 summaries/s alone and 13.11 against 12.99 beside decodews32, tokens equal
-# to transformers' (results/generate_throughput-2026-12-06-h100-80gb-hbm3-2.json); token `nowslean`: off.
+# to transformers' (results/generate_throughput-2026-12-06-h100-80gb-hbm3-unsplit.json); token `nowslean`: off.
 LEAN_FAR_TILES = True
 BOX_COLUMNS = 64  # 128 bytes of bf16: the 128-byte swizzle's width, so a head_dim-128 tile lands as two boxes
 _BOX = gl.constexpr(BOX_COLUMNS)

@@ -52,9 +52,9 @@ GLUON_FROM_KEYS = 1025
 # come from L2 once instead of twice; cross-attention of d_model 1024 with 17-32 heads. Session 44 (H100) ran it in two
 # key splits at 256 rows: 0.98 vs 0.82 ms and generation 11.6 vs 12.4 summaries/s (results/decode_attention-2026-12-06-
 # h100-80gb-hbm3.json, generate_throughput-…-hbm3.json). Unsplit (WS_MIN_PROGRAMS below), session 45 on an H100: 0.772
-# vs 0.815 ms at 256 rows x 4096 keys, 2.90 vs 3.18 at 1024 (decode_attention-…-hbm3-2.json); whole generation at
-# 256 rows x 4096 -> 512 12.99 vs 12.48 summaries/s, tokens equal to transformers' (generate_throughput-…-hbm3-2.json);
-# its GPU test passed again. On since then; token `nodecodews32`: off.
+# vs 0.815 ms at 256 rows x 4096 keys, 2.90 vs 3.18 at 1024 (decode_attention-…-hbm3-unsplit.json); generation at
+# 256 rows x 4096 -> 512 12.99 vs 12.48 summaries/s, tokens equal to transformers' (generate_throughput-…-hbm3-
+# unsplit.json); its GPU test passed again. On since then; token `nodecodews32`: off.
 GLUON_WARP_SPECIALIZED = True
 # Its programs take an SM each (208 KiB of shared memory), so one a row and SM is a full wave: 256 rows run unsplit
 # (256 programs, two waves on 132 SMs) instead of in two splits whose combine (torch ops over a [B, 2, 32, D] fp32
