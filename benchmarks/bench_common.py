@@ -484,8 +484,9 @@ def saved_if_interrupted(name: str, partial: dict):
         yield partial
     except KeyboardInterrupt:
         if partial.get("rows") and not partial.get("saved"):
-            record = dict(partial, interrupted="stopped by SIGINT (a time limit) before the run ended: these are "
-                                               "the rows it had finished")
+            record = {key: value for key, value in partial.items() if key != "saved"}
+            record["interrupted"] = "stopped by SIGINT (a time limit) before the run ended: these are the rows it had " \
+                                    "finished"
             print(f"\ninterrupted: saved {save_result(name, record)}", flush=True)
         raise
 
