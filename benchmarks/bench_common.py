@@ -312,6 +312,8 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "nodecodews32": ("sumtune.generation.cross_attention", "GLUON_WARP_SPECIALIZED", False),
     # its key splits aimed at two programs an SM as gluon_decode's (264), not one (cross_attention.WS_MIN_PROGRAMS)
     "wsmin264": ("sumtune.generation.cross_attention", "WS_MIN_PROGRAMS", 264),
+    # the key splits' partial results combined in one Triton kernel, not torch's ops (cross_attention.FUSED_COMBINE)
+    "fusedcombine": ("sumtune.generation.cross_attention", "FUSED_COMBINE", True),
     # (`gluonenc`, `gluonenc2`, `gluonenc64`: a no-gradient attention forward in Gluon, measured slower on 2026-12-04
     # and gone: flash_attention's note; commit f21cad8 has it.)
     "gluon5": ("sumtune.generation.gluon_decode", "SLOTS", 5),  # the Gluon kernel with a ring of 5 chunks, not 6

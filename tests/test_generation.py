@@ -3,6 +3,8 @@ wrapped in real PEFT LoRA, fed real BillSum text through the real T5 tokenizer."
 
 from __future__ import annotations
 
+import math
+
 import dataclasses
 import json
 import os
@@ -404,6 +406,59 @@ def test_cross_attention_slices_must_tile_the_batch(merged32):
     for bad in (((0, 2, 64), (3, 4, 32)), ((0, 4, 65),), ((0, 3, 64),)):
         with pytest.raises(ValueError, match="do not tile"):
             new_state(weights, 4, 64, 8, "hidden", torch.device("cpu"), bad)
+
+
+def test_the_key_splits_combine_in_one_kernel_as_torch_combines_them(monkeypatch):
+    """FUSED_COMBINE: cross_kernels.combine_splits against combine_in_torch on partial results with an empty split
+    (running max -inf) and a row with no keys at all (zeros, not NaN), then through the whole op with key splits
+    against the float64 reference, the head count not a power of two."""
+    pytest.importorskip("triton")
+    from sumtune.generation import cross_attention
+
+    device, dtype, tolerance = _fused_kernel_device()
+    gen = torch.Generator().manual_seed(8)
+    batch, splits, padded, heads, d_model = 3, 5, 16, 12, 512
+    acc = torch.randn(batch, splits, padded, d_model, generator=gen)
+    running_max = torch.randn(batch, splits, padded, generator=gen) * 4
+    total = torch.rand(batch, splits, padded, generator=gen) + 0.5
+    running_max[0, 2] = -math.inf  # a split that met no key
+    acc[0, 2], total[0, 2] = 0.0, 0.0
+    running_max[1] = -math.inf  # a row with no keys
+    acc[1], total[1] = 0.0, 0.0
+    partials = [t.to(device) for t in (acc, running_max, total)]
+    expected = cross_attention.combine_in_torch(*partials, heads, torch.float32).cpu()
+    out = torch.full((batch, heads, d_model), math.nan, device=device)
+    cross_attention._kernels().combine_splits[(heads, batch)](
+        *partials, out, out.stride(0), out.stride(1), padded, SPLITS=splits, BLOCK_S=8, D=d_model, BLOCK_D=256)
+    assert torch.allclose(out.cpu(), expected, rtol=1e-5, atol=1e-6) and not out[1].any()
+    monkeypatch.setattr(cross_attention, "FUSED_COMBINE", True)
+    memory = torch.randn(4, 300, 64, generator=gen).to(device, dtype)
+    q_mem = torch.randn(4, 20, 64, generator=gen).to(device, dtype) / 4
+    lengths = torch.tensor([300, 77, 0, 130], dtype=torch.int32)
+    reference = cross_attention.reference_hidden_attention(q_mem.cpu(), memory.cpu(), lengths)
+    for splits in (2, 3):
+        got = cross_attention.fused_hidden_attention(q_mem, memory, lengths.to(device), splits=splits).cpu()
+        assert (got.double() - reference).abs().max().item() < tolerance, splits
+        assert not got[2].any()
+
+
+COMBINE_FOR_HOPPER = """
+import json
+from sumtune.generation import cross_kernels as k
+from sumtune.fast_t5.flash_compile import compile_source, resources
+t = dict(ACC="*fp32", MAX="*fp32", SUM="*fp32", OUT="*bf16", stride_ob="i32", stride_oh="i32", padded_heads="i32")
+for splits in (2, 16):
+    c = compile_source(k.combine_splits, t, dict(SPLITS=splits, BLOCK_S=splits, D=1024, BLOCK_D=256), 4, 1)
+    print(json.dumps(dict(splits=splits, **resources(c))))
+"""
+
+
+def test_the_split_combine_kernel_builds_for_hopper_without_spilling(compiled_for_hopper):
+    """cross_kernels.combine_splits compiled for sm_90 on the CPU at T5-3b's d_model, 2 and 16 splits."""
+    pytest.importorskip("triton")
+    rows, stderr = compiled_for_hopper(COMBINE_FOR_HOPPER)
+    assert [row["splits"] for row in rows] == [2, 16], stderr
+    assert all(row["spill_bytes"] == 0 for row in rows), rows
 
 
 def test_fused_cross_attention_kernel_matches_float64_and_refuses_what_it_cannot_run(merged32):

@@ -1,9 +1,10 @@
-# Call 4 (any card, ~560 s; after calls 1-3): fast_t5.ws_forward's levers still off: WITHOUT_BIAS (token wsnobias;
-# its cases are in every GPU test case) and head_dim 64 (ws64: T5-large, FLAN-T5-XL). Their GPU tests (compiles take
-# ~80 s each), the op's no-gradient forward with T5's bias and padding under the default (ws_forward with the lean far
-# tiles, on since session 45), nowsenc (the Triton forward), nowslean and ws64. Keep a lever only if faster and its
-# test passes.
+# Call 4 (any card, ~200 s): the key splits combined in one Triton kernel (cross_attention.FUSED_COMBINE, token
+# fusedcombine, off; tested on CPU only). Launches split over keys where rows are few (real bills at 64 rows; the
+# 32-head kernel below 132 rows). The decoding step's cross-attention alone at 32 and 64 rows x 4096 keys, both
+# kernels with and without it, then whole generation on real bills cut at 4096 at batch 64, warm on every timed input.
 . scripts/device/prelude.sh
-step ws_tests 280 python3 -m pytest -q $XDIST -m gpu tests/test_fast_t5_ws_forward.py -k "d64" -p no:cacheprovider
-step ws_kernels 150 python3 benchmarks/attention_kernels.py --inference --no-flex --shapes 16x32x4096x128 \
-  64x32x1024x128 16x32x4096x64 --kernels cudnn,triton+bias --patches nowsenc,nowslean,ws64,wsnobias --tag ws64
+step combine_kernel 60 python3 benchmarks/decode_attention.py --batches 32,64 --keys 4096 --tiles 64x8x16x2 \
+  --patches fusedcombine,nodecodews32,nodecodews32:fusedcombine
+step combine_generate 140 python3 benchmarks/generate_throughput.py --model t5-3b --source-tokens 4096 \
+  --new-tokens 512 --greedy-only --fast-batches 64 --timed-batches 2 --warm-all --reference-batches "" \
+  --agreement-inputs 2 --agreement-first --patches fusedcombine

@@ -6,6 +6,7 @@ Public:
     kernel_available(tensor) -> str | None                    (why the kernel cannot run, or None)
     self_attention_kernel(memory) -> str | None               (which kernel takes the decoder's self-attention)
     reference_hidden_attention(q_mem, memory, lengths, bias=None) -> Tensor   (plain PyTorch, float64: tests)
+    combine_in_torch(acc, running_max, total, heads, dtype) -> Tensor         (key splits combined, torch's ops)
 
 ``q_mem`` [B, H, D] are the queries with W_k moved to their side (t5_decode's "hidden" mode), ``memory`` [B, L, D] the
 encoder states (keys and values both), ``lengths`` [B] int32 each row's source length (its keys are a prefix).
@@ -61,6 +62,12 @@ GLUON_WARP_SPECIALIZED = True
 # buffer, ~67 MB at 256 rows) ran on top of the kernel in session 44's 0.98 ms against gluon_decode's 0.82 (that
 # kernel's 512 programs at 256 rows are unsplit under MIN_PROGRAMS). Token `wsmin264`: the shared MIN_PROGRAMS.
 WS_MIN_PROGRAMS = 132
+# Launches split over keys (rows too few to fill the GPU: real bills at 64 rows, any launch under 132 rows of the
+# 32-head kernel) combine their splits in one Triton kernel (`cross_kernels.combine_splits`: one read of the fp32
+# partial sums) instead of ~10 torch ops that write and read back a [B, splits, heads, D] product. Built and tested
+# on the CPU (Triton's interpreter); off until measured on a GPU (benchmark token `fusedcombine`).
+FUSED_COMBINE = False
+COMBINE_BLOCK_D = 256  # d_model columns a combine loop iteration
 # Why the Gluon kernel cannot run in this process, once its import or a launch has failed (its API moves between
 # Triton releases; the builds are tested with 3.6 and the newest): the Triton kernel takes its launches from then on,
 # said once.
@@ -238,10 +245,22 @@ def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, split
             num_stages=NUM_STAGES)
     if splits == 1:
         return out
+    if not FUSED_COMBINE:
+        return combine_in_torch(acc, running_max, total, heads, memory.dtype)
+    kernels.combine_splits[(heads, batch)](acc, running_max, total, out, out.stride(0), out.stride(1), acc.shape[2],
+                                           SPLITS=splits, BLOCK_S=max(2, 1 << (splits - 1).bit_length()), D=d_model,
+                                           BLOCK_D=min(d_model, COMBINE_BLOCK_D), num_warps=4)
+    return out
+
+
+def combine_in_torch(acc: Tensor, running_max: Tensor, total: Tensor, heads: int, dtype: torch.dtype) -> Tensor:
+    """The key splits' partial results ([B, splits, padded heads, D] sums, [B, splits, padded heads] running maxima
+    and denominators) combined into [B, heads, D] in ``dtype`` with torch's ops (what FUSED_COMBINE's kernel does in
+    one pass)."""
     weights = torch.exp(running_max - running_max.amax(dim=1, keepdim=True)).nan_to_num_(0.0)  # empty splits: 0
     numerator = (acc * weights[..., None]).sum(dim=1)[:, :heads]
     denominator = (total * weights).sum(dim=1)[:, :heads].clamp_min(torch.finfo(torch.float32).tiny)
-    return (numerator / denominator[..., None]).to(memory.dtype)
+    return (numerator / denominator[..., None]).to(dtype)
 
 
 def _gluon_failed(error: Exception, warp_specialized: bool = False) -> None:

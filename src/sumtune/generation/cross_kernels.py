@@ -69,3 +69,29 @@ def hidden_cross_attention(Q, MEM, LENGTHS, OUT, ACC, MAX, SUM, BIAS, stride_qb,
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row without keys: zeros
         tl.store(OUT + row * stride_ob + offs_h[:, None] * stride_oh + offs_d[None, :], out.to(OUT.dtype.element_ty),
                  mask=in_h[:, None])
+
+
+@triton.jit
+def combine_splits(ACC, MAX, SUM, OUT, stride_ob, stride_oh, padded_heads, SPLITS: tl.constexpr,
+                   BLOCK_S: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One (head, row) of the key splits' partial results combined: ``out = Σ_s w_s acc_s / Σ_s w_s l_s`` with
+    ``w_s = exp(m_s - max_s m_s)``; splits that met no key (m_s = -inf) weigh nothing, and a row without keys gives
+    zeros, as the unsplit kernels write them. ACC [B, SPLITS, padded_heads, D] fp32, MAX and SUM [B, SPLITS,
+    padded_heads]: what the decoding kernels store with SPLIT. One read of ACC, in place of the ~10 torch launches
+    (and an [B, SPLITS, heads, D] product written and read back) of `cross_attention.combine_in_torch`."""
+    head = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    in_s = offs_s < SPLITS
+    base = (row * SPLITS + offs_s) * padded_heads + head  # [B, SPLITS, padded_heads] index of each split's head
+    m = tl.load(MAX + base, mask=in_s, other=float("-inf"))
+    top = tl.max(m, 0)
+    top = tl.where(top > float("-inf"), top, 0.0)  # a row without keys: every weight exp(-inf) = 0, no -inf - -inf
+    weights = tl.exp(m - top)
+    total = tl.sum(weights * tl.load(SUM + base, mask=in_s, other=0.0), 0)
+    scale = tl.where(total > 0, 1.0, 0.0) / tl.where(total > 0, total, 1.0)  # no keys: zeros
+    for d0 in tl.static_range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        acc = tl.load(ACC + base[:, None] * D + offs_d[None, :], mask=in_s[:, None], other=0.0)
+        out = tl.sum(acc * weights[:, None], 0) * scale
+        tl.store(OUT + row * stride_ob + head * stride_oh + offs_d, out.to(OUT.dtype.element_ty))
