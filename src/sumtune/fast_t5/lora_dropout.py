@@ -17,7 +17,7 @@ sync; CUDA graphs draw a new one per replay; checkpointing's RNG restore draws t
 
 On (``LORA_DROPOUT_KERNEL``; benchmark token ``noloradrop``: off). Measured on an H100 (2026-12-06, sessions 44
 and 45): the seed's step at micro-batch 16 at the same speed (47.13 vs 47.09, 47.27 vs 47.38 samples/s) in 5.6-7.1
-GiB less memory, and at micro-batch 24, which then fits an 80 GB card, 47.89 (67.2 GiB)
+GiB less memory, and at micro-batch 24 (not run without it) 47.89 (67.2 GiB)
 (results/train_throughput-2026-12-06-h100-80gb-hbm3-seed-{ws-loradrop,loradrop-b24}.json); the shipped config
 with the reference's LoRA dropout 0.05 back 37.26 against 34.93 samples/s, `--batch-size auto` choosing micro-batch
 16 x 2 instead of 8 x 4 (…-hbm3-shipped-ldrop5.json). Numerics against float64 equal or closer
