@@ -68,6 +68,23 @@ def test_generate_profile_quick_saves_the_encoder_s_and_eager_decode_steps_kerne
     assert "'encoder_fast_kernels': {'steps': 1," in printed
 
 
+def test_lora_dropout_quick_runs_the_kernels_in_the_interpreter_without_being_told_to():
+    """`benchmarks/lora_dropout.py --quick` sets TRITON_INTERPRET itself, before Triton's import (it failed with
+    "Cannot call @triton.jit'd outside of the scope of a kernel" unless the shell had set it), and times the
+    `--patches` rows beside the plain ones."""
+    import os
+    import subprocess
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "lora_dropout.py"
+    done = subprocess.run([sys.executable, str(script), "--quick", "--tiles", "64x64x8x3", "--patches", "ldscratch"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("kernels [ldscratch]") == 2 and done.stdout.count("native_dropout") == 2, done.stdout
+
+
 def test_a_second_result_of_the_same_day_and_machine_does_not_overwrite_the_first(tmp_path, monkeypatch):
     import datetime
     import json
