@@ -13,9 +13,10 @@ when both have multiplied it (an mbarrier counting two). Keys first, as gluon_de
 
 d_model 1024 (T5-3b) in eight 128-wide chunks (two TMA boxes each), a ring of nine (one chunk of the next tile in
 flight beside a whole tile; each consumer's queries take 32 KiB); out^T as eight accumulators of [128, 16]. Arguments,
-outputs and split combine are gluon_decode's (`launch`), with 32 heads a program. Off
-(`cross_attention.GLUON_WARP_SPECIALIZED`, token `decodews32`): faster alone at 1024 rows x 4096 keys on an H100
-(2.90 vs 3.17 ms), slower at 256 (0.98 vs 0.82) and in generation at 256 rows (cross_attention's note).
+outputs and split combine are gluon_decode's (`launch`), with 32 heads a program, aimed at one program an SM
+(`cross_attention.WS_MIN_PROGRAMS`). On since session 45 (`cross_attention.GLUON_WARP_SPECIALIZED`, token
+`nodecodews32`: off): on an H100, 0.772 vs 0.815 ms at 256 rows x 4096 keys and 2.90 vs 3.18 at 1024, whole
+generation at 256 rows 12.99 vs 12.48 summaries/s (cross_attention's note has the files).
 """
 
 from __future__ import annotations
