@@ -117,27 +117,19 @@ def errors(model, x, got_out, ref) -> dict:
 
 
 def measure(shape, route: str, tile, rows: int, device, repeats: int, quick: bool, patch: str = "") -> dict:
+    from unittest import mock
+
     from sumtune.fast_t5 import lora_dropout
 
     n_in, n_out = shape
     model = lora_layer(n_in, n_out, 32, 0.05, device, cache=not quick)
     x = torch.randn(rows, n_in, device=device, dtype=torch.bfloat16).requires_grad_(True)
     grad_out = torch.randn(rows, n_out, device=device, dtype=torch.bfloat16)
-    saved = lora_dropout.LORA_DROPOUT_KERNEL, lora_dropout.NARROW_INPUTS, lora_dropout.BACKWARD_TILE
-    lora_dropout.LORA_DROPOUT_KERNEL = route == "kernels"
-    lora_dropout.NARROW_INPUTS = True  # v's too: this script measures each layer both ways
-    old_tile = lora_dropout.BACKWARD_TILE
+    # the route, v's layer too (this script measures each layer both ways), the tile: as they were afterwards
+    settings = dict(LORA_DROPOUT_KERNEL=route == "kernels", NARROW_INPUTS=True)
     if tile is not None:
-        lora_dropout.BACKWARD_TILE = tile
-    with bc.patched(patch):
-        return _measure(model, x, grad_out, shape, route, tile, old_tile, rows, device, repeats, saved, patch)
-
-
-def _measure(model, x, grad_out, shape, route, tile, old_tile, rows, device, repeats, saved, patch) -> dict:
-    from sumtune.fast_t5 import lora_dropout
-
-    n_in, n_out = shape
-    try:
+        settings["BACKWARD_TILE"] = tile
+    with mock.patch.multiple(lora_dropout, **settings), bc.patched(patch):
         torch.manual_seed(1)
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)  # what the node draws first
         torch.manual_seed(1)
@@ -148,7 +140,7 @@ def _measure(model, x, grad_out, shape, route, tile, old_tile, rows, device, rep
         else:
             keep = node.saved_tensors[1].view(rows, n_in)  # native_dropout's mask
         row = dict(layer=f"{n_in}->{n_out}", rows=rows, route=route + (f" [{patch}]" if patch else ""),
-                   backward_tile="x".join(map(str, tile or old_tile)) if route == "kernels" else None,
+                   backward_tile="x".join(map(str, lora_dropout.BACKWARD_TILE)) if route == "kernels" else None,
                    saved_mib=saved_bytes(node, x) / 2**20)
         out.backward(grad_out)
         row.update(errors(model, x, out.detach(), reference(model, x, grad_out, keep,
@@ -159,8 +151,6 @@ def _measure(model, x, grad_out, shape, route, tile, old_tile, rows, device, rep
             bc.free_gpu_memory()
             row["fwd_bwd_ms"] = bc.cuda_event_ms(lambda: run_once(model, x, grad_out), repeats)
         return row
-    finally:  # as they were (LORA_DROPOUT_KERNEL is on by default since session 45)
-        lora_dropout.LORA_DROPOUT_KERNEL, lora_dropout.NARROW_INPUTS, lora_dropout.BACKWARD_TILE = saved
 
 
 def main(argv=None) -> int:
