@@ -1,5 +1,5 @@
 # Call 3 (any card, ~480 s): LoRA dropout from a seed (on since session 45). Its backward with the keep flags through
-# a scratch tile (lora_dropout.MASK_SCRATCH, token ldscratch, off; built: 650 vs 857 loop instructions, Philox once,
+# a scratch tile (lora_dropout.MASK_SCRATCH, token ldscratch, off; built: 651 vs 857 loop instructions, Philox once,
 # no cp.async): GPU test, one layer, then the seed's best settings at the micro-batch it frees memory for (b48 above
 # 100 GB, b24 on 80 GB) against the best without it (noloradrop), with and without ldscratch; then the GPU test of
 # gluon_decode, pinned to the 16-head kernel in session 45 (not run on a GPU since that edit). Eight files come back

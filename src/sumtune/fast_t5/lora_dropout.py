@@ -42,10 +42,10 @@ LORA_DROPOUT_KERNEL = True
 NARROW_INPUTS = False
 # The backward's keep flags for the dx update through a scratch tile a program (a store, a block barrier, a load in
 # the MMA layout) instead of drawn a second time: Triton's sm_90 build draws Philox in both layouts otherwise. Built
-# (Triton 3.6, 64 x 64 x 8): the loop 650 instead of 857 instructions, 20 instead of 38 `tt.mulhiui`, 89 registers
+# (Triton 3.6, 64 x 64 x 8): the loop 651 instead of 857 instructions, 20 instead of 38 `tt.mulhiui`, 89 registers
 # instead of 174, but no cp.async pipelining of x and dx (the block barrier ends it: without the barriers the build
-# pipelines, 685 instructions, but a thread would read flags another thread wrote, unordered). Off until measured on
-# a GPU (benchmark token `ldscratch`).
+# pipelines, but a thread would read flags another thread wrote, unordered). Off until measured on
+# a GPU (benchmark token `ldscratch`; counts: results/kernel_builds-2026-12-06-cpu-sm90.json).
 MASK_SCRATCH = False
 # float32 only in the interpreter (the tests' exact comparisons): compiled, tl.dot would take TF32 where torch's
 # float32 matmuls do not, and IEEE float32 dots spill (3.4 KB at the backward's tile), so float32 training keeps

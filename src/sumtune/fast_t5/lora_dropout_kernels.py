@@ -50,7 +50,8 @@ def _keep_scale(seed, rows, k0, n_cols, drop_below, scale, BLOCK_M: tl.constexpr
 def _through_scratch(SCRATCH, flags, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """``flags`` [BLOCK_M, BLOCK_K] stored to this program's tile of SCRATCH and loaded back. Why: the backward
     needs the keep flags in x's layout (x ∘ keep for dA) and in the MMA layout of (g A); given the draws twice,
-    Triton's sm_90 build computes the Philox rounds in both layouts (38 `tt.mulhiui` against 20). Through memory the
+    Triton's sm_90 build computes the Philox rounds in both layouts (38 `tt.mulhiui` against 20:
+    results/kernel_builds-2026-12-06-cpu-sm90.json). Through memory the
     rounds run once and the load takes whatever layout its use wants. The barriers: every thread's flags stored
     before any is read, and all read before the next tile's store."""
     program = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)

@@ -1,0 +1,87 @@
+"""Static counts of two kernels behind off-by-default levers, compiled for sm_90 on this machine (no GPU): the LoRA
+dropout backward (`sumtune.fast_t5.lora_dropout_kernels.low_rank_bwd`, shipped tile, r = 32, dx update) without and
+with MASK_SCRATCH (its Philox rounds: `tt.mulhiui` in the TTGIR; the loop body's SASS instructions, registers,
+cp.async), and the decoding split combine (`sumtune.generation.cross_kernels.combine_splits`, FUSED_COMBINE) at
+d_model 1024. Counts, not times: a GPU decides.
+
+    python benchmarks/kernel_builds.py      # run without TRITON_INTERPRET
+
+Writes benchmarks/results/kernel_builds-<date>-cpu-sm90.json.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_common as bc  # noqa: E402
+
+LORA_TYPES = dict(X="*bf16", A="*bf16", LOW="*bf16", G="*bf16", DX="*bf16", DA_PART="*fp32", SEED="*i64", n_rows="i32",
+                  n_cols="i32", rank="i32", stride_xm="i32", stride_ar="i32", stride_lm="i32", stride_gm="i32",
+                  stride_dm="i32", drop_below="i32", scale="fp32", SCRATCH="*i8")
+COMBINE_TYPES = dict(ACC="*fp32", MAX="*fp32", SUM="*fp32", OUT="*bf16", stride_ob="i32", stride_oh="i32",
+                     padded_heads="i32")
+
+
+def lora_backward_rows() -> list[dict]:
+    from sumtune.fast_t5 import lora_dropout
+    from sumtune.fast_t5 import lora_dropout_kernels as k
+    from sumtune.fast_t5.flash_compile import compile_source, loop_bodies, resources
+
+    unit = {n: 1 for n in ("stride_xk", "stride_ak", "stride_gr", "stride_dk") if n in k.low_rank_bwd.arg_names}
+    bm, bk, warps, stages = lora_dropout.BACKWARD_TILE
+    rows = []
+    for scratch in (False, True):
+        compiled = compile_source(k.low_rank_bwd, LORA_TYPES, dict(
+            TILES_PER_SPLIT=4, RANK=32, BLOCK_M=bm, BLOCK_K=bk, UPDATE_DX=True, UPCAST=False, INDEX_64=False,
+            MASK_SCRATCH=scratch, **unit), warps, stages)
+        rows.append(dict(kernel="lora_dropout.low_rank_bwd", tile=f"{bm}x{bk}x{warps}x{stages}", rank=32,
+                         mask_scratch=scratch, tt_mulhiui=compiled.asm["ttgir"].count("tt.mulhiui"),
+                         loop_instructions=[loop["total"] for loop in loop_bodies(compiled)], **resources(compiled)))
+    return rows
+
+
+def combine_rows() -> list[dict]:
+    from sumtune.fast_t5.flash_compile import compile_source, resources
+    from sumtune.generation import cross_kernels
+
+    rows = []
+    for splits in (2, 5, 16):
+        compiled = compile_source(cross_kernels.combine_splits, COMBINE_TYPES, dict(
+            SPLITS=splits, BLOCK_S=max(2, 1 << (splits - 1).bit_length()), D=1024, BLOCK_D=256), 4, 1)
+        rows.append(dict(kernel="cross_kernels.combine_splits", splits=splits, d_model=1024, **resources(compiled)))
+    return rows
+
+
+def summary(lora: list[dict], combine: list[dict]) -> str:
+    drawn, scratch = lora
+    registers = [row["registers"] for row in combine]
+    return (f"MASK_SCRATCH: {scratch['tt_mulhiui']} vs {drawn['tt_mulhiui']} tt.mulhiui, "
+            f"{scratch['loop_instructions']} vs {drawn['loop_instructions']} loop instructions, "
+            f"{scratch['registers']} vs {drawn['registers']} registers, cp.async {scratch['async_copies']} vs "
+            f"{drawn['async_copies']}. combine_splits: {min(registers)}-{max(registers)} registers, spill "
+            f"{max(row['spill_bytes'] for row in combine)} bytes. Instruction counts, not timings.")
+
+
+def main() -> int:
+    import triton
+
+    lora, combine = lora_backward_rows(), combine_rows()
+    for row in lora + combine:
+        print(row)
+    result = summary(lora, combine)
+    print(result)
+    path = bc.save_result("kernel_builds", dict(
+        gpu="none (compiled for sm_90 on a CPU)", triton=triton.__version__, rows=lora + combine, result=result,
+        what="sm_90 builds by triton.compile on the CPU (no GPU ran them): lora_dropout's backward at the shipped "
+             "tile and r=32 with the dx update, without and with MASK_SCRATCH (token ldscratch), and "
+             "cross_kernels.combine_splits (FUSED_COMBINE) at d_model 1024 and 2, 5, 16 splits. Command: python "
+             "benchmarks/kernel_builds.py"), slug="cpu-sm90")
+    print(f"saved {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
