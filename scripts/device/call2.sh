@@ -1,6 +1,10 @@
-# Call 2 (after call 1, same card, ~540 s): the same A/B at 1024 rows (H100, session 45: 13.87 and 13.84 under the
-# defaults in two runs, both cut before the baseline row: give it the whole call), no agreement check (call 1 did it).
+# Call 2 (after call 1, same card, ~420 s): 256 rows under the defaults against both off, no agreement (call 1 did it),
+# then real bills cut at 4096, warm on every timed input (rows of uneven lengths: one program a row and SM may balance
+# worse than gluon_decode's two; H200, session 34: 19.94).
 . scripts/device/prelude.sh
-step generate1024 530 python3 benchmarks/generate_throughput.py --model t5-3b --source-tokens 4096 \
-  --new-tokens 512 --full-length --greedy-only --fast-batches 1024 --timed-batches 1 --reference-batches "" \
+step generate256 220 python3 benchmarks/generate_throughput.py --model t5-3b --source-tokens 4096 \
+  --new-tokens 512 --full-length --greedy-only --fast-batches 256 --timed-batches 1 --reference-batches "" \
   --agreement-inputs 0 --patches nodecodews32:nowslean
+step generate_bills 180 python3 benchmarks/generate_throughput.py --model t5-3b --source-tokens 4096 \
+  --new-tokens 512 --greedy-only --fast-batches 256 --timed-batches 2 --warm-all --reference-batches "" \
+  --agreement-inputs 0 --patches nodecodews32
