@@ -102,3 +102,33 @@ def _t5_attention_case(seed: int, batch: int = 3, heads: int = 4, length: int = 
 def t5_attention_case():
     """`t5_attention_case(seed) -> (q, k, v, key_mask, bias_table, radius, grad_out)` on the GPU (see above)."""
     return _t5_attention_case
+
+
+# sumtune's Triton T5 attention (sumtune.fast_t5.flash_attention) as tests/test_fast_t5_attention_*.py use it:
+# `fa` in Triton's CPU interpreter, `compiled_fa` compiled for the GPU.
+def _interpreting() -> bool:
+    from sumtune.fast_t5 import flash_kernels
+
+    return flash_kernels.INTERPRET
+
+
+@pytest.fixture()
+def fa():
+    """flash_attention with its kernels in Triton's CPU interpreter (tests/conftest.py turns it on without CUDA;
+    it must be on before triton is first imported, which peft and bitsandbytes do)."""
+    pytest.importorskip("triton")
+    if not _interpreting():
+        pytest.skip("Triton's interpreter is off (a CUDA machine: run with TRITON_INTERPRET=1, or -m gpu)")
+    from sumtune.fast_t5 import flash_attention
+
+    return flash_attention
+
+
+@pytest.fixture()
+def compiled_fa():
+    if _interpreting():
+        pytest.skip("TRITON_INTERPRET=1: the GPU tests need the compiled kernels")
+    from sumtune.fast_t5 import flash_attention
+
+    return flash_attention
+

@@ -9,7 +9,7 @@ import importlib.util
 
 import pytest
 import torch
-from test_fast_t5_attention import seed_of_next_call
+from _fast_t5_attention_helpers import seed_of_next_call
 
 from sumtune.fast_t5 import flash_attention
 
