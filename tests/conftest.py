@@ -132,3 +132,10 @@ def compiled_fa():
 
     return flash_attention
 
+
+# The reliability tests' run config (tests/_reliability_helpers.py), written once per test module.
+@pytest.fixture(scope="module")
+def config_path(tmp_path_factory) -> Path:
+    from _reliability_helpers import write_config
+
+    return write_config(tmp_path_factory.mktemp("cfg") / "run.yaml")

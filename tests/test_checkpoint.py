@@ -1,5 +1,5 @@
 """Checkpoints: the keeper (what is written, kept and pruned, which one is the best, what a non-writing rank knows)
-and the metrics rewind a resumed run starts with. (Kill/resume equality and atomic writes: test_reliability.)"""
+and the metrics rewind a resumed run starts with. (Kill/resume equality and atomic writes: test_reliability_resume.)"""
 
 from __future__ import annotations
 

@@ -4,13 +4,14 @@
   losses as an uninterrupted run;
 - SIGTERM / SIGINT: the current step finishes, a checkpoint is written, exit status 143 / 130;
 - a crash in the middle of a checkpoint write leaves the previous checkpoint whole, the partial one ignored;
-- NaN/inf losses or gradients are skipped and counted, and N in a row stop the run with the likely cause;
-- checkpoint contents (8-bit optimizer state, no pickle), pruning, `batch_size: auto` selection logic.
+- checkpoint contents (8-bit optimizer state, no pickle), pruning; the dequantized-weight cache trains the same
+  adapter as the uninterrupted run.
+
+Non-finite steps: tests/test_reliability_nonfinite.py; `batch_size: auto` and memory: tests/test_reliability_memory.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -22,37 +23,20 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from _reliability_helpers import config
 from safetensors.torch import load_file
 
-from sumtune import api, argparsing, batch_search, checkpoint, faults
-from sumtune.config import TrainConfig
-from sumtune.errors import SumtuneError
+from sumtune import api, checkpoint, faults
 from sumtune.metrics import read_metrics
 from sumtune.modeling import PICKLE_SUFFIXES
 from sumtune.recipe import TrainRecipe
 
-# 36 train rows, micro-batch 4: 9 micro-batches per epoch, so 10 steps cross an epoch boundary; dropout on,
-# rank 8 gives LoRA weights of 4096 elements, which bitsandbytes keeps in real 8-bit optimizer state.
-RUN_CONFIG = dict(
-    model="tiny", dataset="demo", max_samples=40, eval_ratio=0.1, quantization="nf4", compute_dtype="fp32",
-    lora_r=8, lora_dropout=0.1, max_source_tokens=32, max_target_tokens=8, batch_size=4, max_steps=10,
-    checkpoint_every_steps=3, keep_last_checkpoints=2, eval_every_steps=1000, eval_max_samples=2,
-    eval_batch_size=2, max_new_tokens=4, log_every_steps=1, lr=3e-3, warmup_steps=2,
-    optimizer="paged_adamw_8bit", device="cpu", progress=False, seed=1,
-)
+
 VOLATILE = {"tokens_per_s", "samples_per_s", "step_time_s", "peak_mem_gib", "time_s", "mfu", "mfu_measured",
             "graph_captures", "graph_warm_up_s", "graph_record_s"}
+
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def write_config(path: Path, **overrides) -> Path:
-    path.write_text(yaml.safe_dump({**RUN_CONFIG, **overrides}), encoding="utf-8")
-    return path
-
-
-def config(config_path: Path, out: Path, **overrides) -> TrainConfig:
-    return argparsing.resolve(TrainConfig, str(config_path), {"output_dir": str(out), **overrides})
 
 
 def logged(run: Path) -> list[dict]:
@@ -61,7 +45,8 @@ def logged(run: Path) -> list[dict]:
 
 
 def assert_same_run(run: Path, reference: Path) -> None:
-    got, want = load_file(str(run / "adapter_model.safetensors")), load_file(str(reference / "adapter_model.safetensors"))
+    got, want = (load_file(str(run / "adapter_model.safetensors")),
+                 load_file(str(reference / "adapter_model.safetensors")))
     assert got.keys() == want.keys()
     different = [k for k in want if not torch.equal(got[k], want[k])]
     assert not different, f"{len(different)} adapter tensors differ, e.g. {different[0]}"
@@ -88,11 +73,6 @@ def wait_until(proc: subprocess.Popen, ready, timeout_s: float = 240.0) -> None:
 
 def train_steps_logged(run: Path) -> int:
     return sum(1 for r in read_metrics(run) if r["split"] == "train") if (run / "metrics.jsonl").is_file() else 0
-
-
-@pytest.fixture(scope="module")
-def config_path(tmp_path_factory) -> Path:
-    return write_config(tmp_path_factory.mktemp("cfg") / "run.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +114,6 @@ def test_dequantized_weight_cache_trains_the_same_adapter(config_path, reference
 
 
 # ---- kill -9 and resume -------------------------------------------------------------------------------------
-
 KILL_POINTS = {
     # right after the first checkpoint landed
     "first-checkpoint": lambda run: (run / "checkpoints" / "step-3").is_dir(),
@@ -159,7 +138,6 @@ def test_sigkill_then_resume_equals_uninterrupted_run(point, config_path, refere
 
 
 # ---- SIGTERM / SIGINT ---------------------------------------------------------------------------------------
-
 @pytest.mark.slow
 def test_sigterm_finishes_the_step_checkpoints_and_exits_143(config_path, reference, tmp_path):
     out = tmp_path / "run"
@@ -202,8 +180,7 @@ def test_sigint_in_process_checkpoints_and_exits_130(config_path, tmp_path, monk
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers_before
 
 
-# ---- atomic checkpoint writes -----------------------------------------------------------------------------------
-
+# ---- atomic checkpoint writes -------------------------------------------------------------------------------
 def test_crash_during_checkpoint_write_keeps_previous_one(config_path, reference, tmp_path, monkeypatch):
     import safetensors.torch
 
@@ -302,8 +279,7 @@ def test_interrupted_replacement_of_best_is_repaired(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["best"]
 
 
-# ---- what a checkpoint holds, what is kept ------------------------------------------------------------------
-
+# ---- what a checkpoint holds, what is kept --------------------------------------------------------------
 def test_checkpoints_hold_full_state_without_pickle(reference):
     root = reference / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["best", "step-10", "step-9"]  # last 2 + best
@@ -324,7 +300,8 @@ def test_checkpoints_hold_full_state_without_pickle(reference):
 def test_encode_decode_round_trip():
     state = {"state": {0: {"step": 3, "__bnb_optimizer_quant_state__": {"state1": torch.arange(4, dtype=torch.uint8)}},
                        1: {"exp_avg": torch.randn(3)}},
-             "param_groups": [{"betas": (0.9, 0.999), "lr": 1e-4, "params": [0, 1], "fused": None, "eps": float("inf")}]}
+             "param_groups": [{"betas": (0.9, 0.999), "lr": 1e-4, "params": [0, 1], "fused": None,
+                               "eps": float("inf")}]}
     tensors: dict = {}
     layout = json.loads(json.dumps(checkpoint.encode(state, tensors, "o")))
     back = checkpoint.decode(layout, tensors)
@@ -335,232 +312,3 @@ def test_encode_decode_round_trip():
     group = back["param_groups"][0]
     assert group["eps"] == float("inf") and group["fused"] is None and group["lr"] == 1e-4  # JSON's hard cases
     assert group["params"] == [0, 1]
-
-
-# ---- non-finite losses and gradients ---------------------------------------------------------------------------
-
-class NanGradient(torch.autograd.Function):
-    """Identity forward, NaN backward: a finite loss with a non-finite gradient."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("nan")
-
-
-def run_with_faults(config_path: Path, out: Path, bad_calls: set[int], kind: str, **overrides) -> TrainRecipe:
-    """Train with the step's forward_loss returning a NaN loss (or a NaN gradient) on the given micro-batch calls."""
-    recipe = TrainRecipe(config(config_path, out, **overrides))
-    recipe.setup()
-    forward, calls = recipe.step.forward_loss, [0]
-
-    def faulty(batch):
-        loss = forward(batch)
-        calls[0] += 1
-        if calls[0] in bad_calls:
-            return loss * float("nan") if kind == "loss" else NanGradient.apply(loss)
-        return loss
-
-    recipe.step.forward_loss = faulty
-    step, recipe.optimizer_steps_taken = recipe.optimizer.step, []
-
-    def counted_step(*args, **kwargs):
-        recipe.optimizer_steps_taken.append(recipe.global_step)
-        return step(*args, **kwargs)
-
-    recipe.optimizer.step = counted_step
-    try:
-        recipe.train()
-    finally:
-        recipe.cleanup()
-    return recipe
-
-
-@pytest.mark.parametrize("kind", ["loss", "gradient"])
-def test_nonfinite_steps_are_skipped_and_counted(kind, config_path, tmp_path):
-    recipe = run_with_faults(config_path, tmp_path / "run", {2, 4}, kind, max_steps=4, checkpoint_every_steps=100)
-    assert recipe.global_step == 4 and recipe.guard.skipped_total == 2
-    # 6 batches, 2 of them bad: the optimizer stepped once per counted step and never for a skipped one
-    assert recipe.optimizer_steps_taken == [0, 1, 2, 3]
-    train = [r for r in read_metrics(tmp_path / "run") if r["split"] == "train"]
-    assert [r["step"] for r in train] == [1, 2, 3, 4]
-    assert all(torch.isfinite(torch.tensor([r["loss"], r["grad_norm"]])).all() for r in train)
-    assert all(torch.isfinite(p).all() for p in recipe.model.parameters() if p.requires_grad)
-    state = json.loads((tmp_path / "run" / "checkpoints" / "step-4" / checkpoint.STATE_FILE).read_text())
-    assert state["nonfinite_skipped"] == 2 and state["samples_seen"] == 6 * 4  # skipped batches are consumed
-
-
-def test_nonfinite_in_a_row_stops_with_cause_and_keeps_last_good_checkpoint(config_path, tmp_path):
-    out = tmp_path / "run"
-    with pytest.raises(SumtuneError) as stopped:
-        run_with_faults(config_path, out, set(range(3, 100)), "loss", checkpoint_every_steps=2,
-                        max_nonfinite_steps=3)
-    message = str(stopped.value)
-    assert "NaN/inf in 3 optimizer steps in a row" in message and "learning rate" in message
-    assert str(out / "checkpoints" / "step-2") in message
-    adapter = load_file(str(out / "checkpoints" / "step-2" / checkpoint.ADAPTER_FILE))
-    assert all(torch.isfinite(t).all() for t in adapter.values())
-    assert [p.name for p in checkpoint.step_checkpoints(out / "checkpoints")] == ["step-2"]
-
-
-def test_nonfinite_message_names_fp16_overflow():
-    message = faults.nonfinite_message(steps_in_a_row=5, compute_dtype="fp16", lr=2e-4, last_checkpoint=None)
-    assert "fp16 overflow" in message and "--compute-dtype bf16" in message and message.count(".") <= 3
-
-
-# ---- batch_size: auto and memory messages ----------------------------------------------------------------------
-
-def test_auto_batch_picks_largest_fitting_divisor():
-    assert batch_search.micro_batch_candidates(24) == [24, 12, 8, 6, 4, 3, 2, 1]
-    assert batch_search.micro_batch_candidates(16, max_micro_batch=10) == [8, 4, 2, 1]
-    tried = []
-
-    def fits(m):
-        tried.append(m)
-        return m <= 5, {"peak_reserved_gib": m * 1.0}
-
-    micro, trials = batch_search.choose_micro_batch(batch_search.micro_batch_candidates(24), fits)
-    assert micro == 4 and tried == [24, 12, 8, 6, 4] and [t["fits"] for t in trials] == [False] * 4 + [True]
-    with pytest.raises(SumtuneError, match="Not even a micro-batch of 1 fits"):
-        batch_search.choose_micro_batch([2, 1], lambda m: (False, {"detail": "out of memory"}))
-
-
-def test_auto_batch_tries_a_leaner_mode_before_a_smaller_micro_batch():
-    """A micro-batch that does not fit is tried again under the leaner mode (when it applies) before the next
-    smaller one; the last trial is the one chosen and says whether it was lean."""
-    held = []
-
-    @contextlib.contextmanager
-    def lean():
-        held.append(True)
-        try:
-            yield
-        finally:
-            held.pop()
-
-    def fits(m):
-        return m <= (4 if held else 2), {"peak_reserved_gib": m * 1.0}
-
-    leaner = batch_search.LeanerMode("lean", lean, lambda: True)
-    micro, trials = batch_search.choose_micro_batch([8, 4, 2, 1], fits, leaner)
-    assert micro == 4 and [(t["micro_batch"], t["fits"], t.get("lean", False)) for t in trials] == [
-        (8, False, False), (8, False, True), (4, False, False), (4, True, True)]
-    never = batch_search.LeanerMode("lean", lean, lambda: False)  # nothing the switch would change: not tried
-    micro, trials = batch_search.choose_micro_batch([8, 4, 2, 1], fits, never)
-    assert micro == 2 and not any(t.get("lean") for t in trials) and len(trials) == 3
-
-
-def test_auto_batch_keeps_samples_per_step():
-    cfg = TrainConfig(batch_size="auto", samples_per_step=32)
-    assert cfg.effective_batch_size == 32
-    assert TrainConfig(batch_size="auto", grad_accum_steps=2).effective_batch_size == 32  # 16 × accumulation
-    cli_cfg = argparsing.resolve(TrainConfig, None, {"batch_size": "auto"})
-    assert cli_cfg.batch_size == "auto"
-
-
-def test_weight_cache_auto_takes_the_cache_only_beside_the_micro_batchs_peak(config_path, tmp_path, monkeypatch):
-    """`cache_dequantized_weights: auto` (the default): off on a CPU; on a GPU on when the copy fits beside the
-    chosen micro-batch's measured peak (and, with CUDA graphs, one row's warm-up) within 90% of the budget, else off
-    (the budget here is set around that line; the rule and the cache are the product's, only the card's size is
-    stood in for)."""
-    from dataclasses import replace
-
-    from sumtune import fast_t5, memory, training
-
-    recipe = TrainRecipe(config(config_path, tmp_path / "run"))
-    recipe.setup()
-    try:
-        assert recipe.cfg.cache_dequantized_weights is False  # resolved: no GPU
-        model = recipe.model
-        assert not any(hasattr(m, "_sumtune_dequantized_weight") for m in model.modules())
-        size = fast_t5.dequantized_weight_bytes(model)
-        assert size > 0
-        peak_gib = 1.0
-        trials = [{"micro_batch": recipe.cfg.batch_size, "fits": True, "peak_reserved_gib": peak_gib}]
-        monkeypatch.setattr(batch_search, "memory_budget_bytes", lambda device, cap: int(cap * 2**30))
-        auto = replace(recipe.cfg, cache_dequantized_weights="auto")
-        lines = []
-
-        class Lines:
-            def write(self, line):
-                lines.append(line)
-
-        # with CUDA graphs a new shape's one-row warm-up must fit beside them too: one row of the peak less the model
-        warm_up = (peak_gib * 2**30 - memory.measured_footprint_bytes(model)) / recipe.cfg.batch_size
-        assert 0 < warm_up < peak_gib * 2**30 / recipe.cfg.batch_size
-        for graphs, extra_bytes, expected in ((False, size / 2, False), (False, 2 * size, True),
-                                              (True, 2 * size, False), (True, 2 * size + warm_up, True)):
-            cap_gib = (peak_gib * 2**30 + extra_bytes) / batch_search.AUTO_BATCH_HEADROOM / 2**30
-            resolved = training.resolve_weight_cache(replace(auto, max_memory_gib=cap_gib), model=model, trials=trials,
-                                                     examples=[], collator=None, device=torch.device("cuda"),
-                                                     graphs=graphs, progress=Lines())
-            assert resolved.cache_dequantized_weights is expected, (graphs, extra_bytes)
-            assert any(hasattr(m, "_sumtune_dequantized_weight") for m in model.modules()) is expected
-            assert lines[-1].startswith(f"sumtune: cache_dequantized_weights auto → {'on' if expected else 'off'}")
-            assert ("warm-up beside the CUDA graphs" in lines[-1]) is graphs
-            fast_t5.uncache_dequantized_weights(model)
-        forced = training.resolve_weight_cache(replace(auto, cache_dequantized_weights=False), model=model,
-                                               trials=trials, examples=[], collator=None,
-                                               device=torch.device("cuda"), graphs=True)
-        assert forced.cache_dequantized_weights is False and len(lines) == 4  # forced: nothing decided, no line
-    finally:
-        fast_t5.uncache_dequantized_weights(recipe.model)
-        recipe.cleanup()
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_weight_cache_auto_on_gpu_measures_a_numeric_micro_batch(config_path, tmp_path):
-    """With a numeric batch size there is no search: one probe measures the micro-batch's peak (a tiny model fits)."""
-    recipe = TrainRecipe(config(config_path, tmp_path / "run", batch_size=4, device="cuda"))
-    recipe.setup()
-    try:
-        assert recipe.cfg.cache_dequantized_weights is True
-        assert any(hasattr(m, "_sumtune_dequantized_weight") for m in recipe.model.modules())
-    finally:
-        recipe.cleanup()
-
-
-def test_oom_message_is_one_actionable_sentence():
-    message = faults.oom_message(where="in training step 7", micro_batch=16, source_tokens=1024, target_tokens=128,
-                                 grad_accum_steps=1, device=torch.device("cpu"))
-    assert "16 documents × 1024 source / 128 target tokens" in message and "--batch-size auto" in message
-    assert "\n" not in message
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_auto_batch_on_gpu(config_path, tmp_path):
-    recipe = TrainRecipe(config(config_path, tmp_path / "run", batch_size="auto", samples_per_step=8, device="cuda"))
-    recipe.setup()
-    try:
-        assert recipe.cfg.batch_size * recipe.cfg.grad_accum_steps == 8
-        assert recipe.auto_batch_trials and recipe.auto_batch_trials[-1]["fits"]
-    finally:
-        recipe.cleanup()
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_train_log_on_gpu_counts_new_graph_shapes_and_both_mfu_figures(config_path, tmp_path):
-    """On a GPU every train line carries MFU against the datasheet (when the card is known) and against the matmul
-    rate measured at the start, and `graph_captures` adds up to the shapes the step captured."""
-    recipe = TrainRecipe(config(config_path, tmp_path / "run", batch_size=4, device="cuda", cuda_graphs=True,
-                                log_every_steps=1, max_steps=6))
-    recipe.setup()
-    try:
-        recipe.train()
-        lines = [r for r in read_metrics(recipe.run_dir) if r["split"] == "train"]
-        assert recipe.matmul_tflops and recipe.step.graphed is not None and recipe.step.graphed.captures >= 1
-        assert sum(r["graph_captures"] for r in lines) == recipe.step.graphed.captures
-        assert lines[0]["graph_captures"] >= 1  # the first step's shape is always new
-        assert lines[0]["graph_warm_up_s"] > 0 and lines[0]["graph_record_s"] > 0
-        assert sum(r["graph_record_s"] for r in lines) == pytest.approx(recipe.step.graphed.record_s)
-        assert all(r["mfu_measured"] > 0 for r in lines)
-        if recipe.peak_tflops:
-            assert all(r["mfu"] < r["mfu_measured"] for r in lines)  # no GEMM reaches the datasheet
-    finally:
-        recipe.cleanup()
