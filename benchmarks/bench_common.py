@@ -298,8 +298,9 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     # (fast_t5.lora_dropout.LORA_DROPOUT_KERNEL, on since 2026-12-06; the token was `loradrop` while it was off).
     # `noloradrop`: native_dropout's copy and mask, as PEFT
     "noloradrop": ("sumtune.fast_t5.lora_dropout", "LORA_DROPOUT_KERNEL", False),
-    # its backward's keep flags for dx through a scratch tile, drawn once (lora_dropout.MASK_SCRATCH, off)
-    "ldscratch": ("sumtune.fast_t5.lora_dropout", "MASK_SCRATCH", True),
+    # its backward's keep flags for dx drawn a second time, not through a scratch tile (lora_dropout.MASK_SCRATCH, on
+    # since 2026-12-06; the token was `ldscratch` while it was off)
+    "noldscratch": ("sumtune.fast_t5.lora_dropout", "MASK_SCRATCH", False),
     # the feed-forward's ReLU as its own pass where no dropout follows (FUSED_LINEAR_RELU on since 2026-12-04)
     "nolinearrelu": ("sumtune.fast_t5.modules", "FUSED_LINEAR_RELU", False),
     # (`fwdoneloop`: the attention forward's bias in one loop over the key tiles, measured 1.3-1.6x slower on
@@ -312,8 +313,9 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "nodecodews32": ("sumtune.generation.cross_attention", "GLUON_WARP_SPECIALIZED", False),
     # its key splits aimed at two programs an SM as gluon_decode's (264), not one (cross_attention.WS_MIN_PROGRAMS)
     "wsmin264": ("sumtune.generation.cross_attention", "WS_MIN_PROGRAMS", 264),
-    # the key splits' partial results combined in one Triton kernel, not torch's ops (cross_attention.FUSED_COMBINE)
-    "fusedcombine": ("sumtune.generation.cross_attention", "FUSED_COMBINE", True),
+    # the key splits' partial results combined by torch's ops, not one Triton kernel (cross_attention.FUSED_COMBINE, on
+    # since 2026-12-06; the token was `fusedcombine` while it was off)
+    "nofusedcombine": ("sumtune.generation.cross_attention", "FUSED_COMBINE", False),
     # (`gluonenc`, `gluonenc2`, `gluonenc64`: a no-gradient attention forward in Gluon, measured slower on 2026-12-04
     # and gone: flash_attention's note; commit f21cad8 has it.)
     "gluon5": ("sumtune.generation.gluon_decode", "SLOTS", 5),  # the Gluon kernel with a ring of 5 chunks, not 6

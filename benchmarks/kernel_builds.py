@@ -76,7 +76,7 @@ def main() -> int:
     path = bc.save_result("kernel_builds", dict(
         gpu="none (compiled for sm_90 on a CPU)", triton=triton.__version__, rows=lora + combine, result=result,
         what="sm_90 builds by triton.compile on the CPU (no GPU ran them): lora_dropout's backward at the shipped "
-             "tile and r=32 with the dx update, without and with MASK_SCRATCH (token ldscratch), and "
+             "tile and r=32 with the dx update, without and with MASK_SCRATCH (on by default since session 46), and "
              "cross_kernels.combine_splits (FUSED_COMBINE) at d_model 1024 and 2, 5, 16 splits. Command: python "
              "benchmarks/kernel_builds.py"), slug="cpu-sm90")
     print(f"saved {path}")

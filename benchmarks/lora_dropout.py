@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--patches", default="",
                         help="also time the kernels (first tile) under each of these settings (bench_common tokens, "
-                             "':'-joined; comma-separated), e.g. ldscratch")
+                             "':'-joined; comma-separated), e.g. noldscratch")
     parser.add_argument("--quick", action="store_true", help="CPU plumbing check in Triton's interpreter")
     args = parser.parse_args(argv)
     device = bc.benchmark_device("lora_dropout.py", args.quick)

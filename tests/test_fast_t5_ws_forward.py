@@ -129,8 +129,9 @@ def test_a_ws_forward_that_fails_to_launch_hands_over_to_the_triton_forward_once
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
                     reason="needs a Hopper GPU")
-@pytest.mark.parametrize("stages, lean, head_dim", [(2, False, 128), (3, False, 128), (2, True, 128), (3, False, 64)],
-                         ids=["ring2", "ring3", "lean", "d64"])
+@pytest.mark.parametrize("stages, lean, head_dim",
+                         [(2, False, 128), (3, False, 128), (2, True, 128), (3, False, 64), (2, True, 64)],
+                         ids=["ring2", "ring3", "lean", "d64", "d64lean"])
 def test_gpu_ws_forward_matches_float64_and_the_triton_forward(monkeypatch, stages, lean, head_dim):
     """WS_NO_GRAD_FORWARD on a Hopper GPU, bf16, no gradient: as close to float64 as the Triton forward, at lengths
     that are not whole tiles, T5's bias with radii that give far and near tiles, rows padded at the end, with a hole,

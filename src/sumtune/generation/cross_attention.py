@@ -64,9 +64,13 @@ GLUON_WARP_SPECIALIZED = True
 WS_MIN_PROGRAMS = 132
 # Launches split over keys (rows too few to fill the GPU: real bills at 64 rows, any launch under 132 rows of the
 # 32-head kernel) combine their splits in one Triton kernel (`cross_kernels.combine_splits`: one read of the fp32
-# partial sums) instead of ~10 torch ops that write and read back a [B, splits, heads, D] product. Built and tested
-# on the CPU (Triton's interpreter); off until measured on a GPU (benchmark token `fusedcombine`).
-FUSED_COMBINE = False
+# partial sums) instead of ~10 torch ops that write and read back a [B, splits, heads, D] product. On an H100
+# (session 46): whole generation on real bills cut at 4096, 64 rows, 13.8 against 12.3 summaries/s, tokens equal to
+# transformers' (results/generate_throughput-2026-12-06-h100-80gb-hbm3-fusedcombine.json); the kernel alone at 4096
+# keys 0.47 vs 1.03 ms at 32 rows, 0.85 vs 1.12 at 64 rows under gluon_decode, but 0.84 vs 0.61 at 64 rows under the
+# 32-head kernel (a row out of line with its neighbours: 32 rows took 1.03 there), errors against float32 equal
+# (decode_attention-…-fusedcombine.json). On since then; benchmark token `nofusedcombine`: torch's ops.
+FUSED_COMBINE = True
 COMBINE_BLOCK_D = 256  # d_model columns a combine loop iteration
 # Why the Gluon kernel cannot run in this process, once its import or a launch has failed (its API moves between
 # Triton releases; the builds are tested with 3.6 and the newest): the Triton kernel takes its launches from then on,
