@@ -311,7 +311,12 @@ def run_shape(shape, repeats: int, with_flex: bool, only: tuple[str, ...] = (), 
             with bc.patched(patch):
                 record(f"triton+bias@{patch}", lambda *t: ours(*t, p=0.0), (q, k, v), table.numel() * 4 / 2**30)
         # the bare kernel (key padding only) against cuDNN without bias: what the bias and dropout cost on top
-        record("triton", lambda *t: fa.t5_flash_attention(*t, None, 0, padding, False, 1.0, 0.0), (q, k, v), 0.0)
+        bare = lambda *t: fa.t5_flash_attention(*t, None, 0, padding, False, 1.0, 0.0)  # noqa: E731
+        record("triton", bare, (q, k, v), 0.0)
+        # and under each --patches setting (wsnobias: calls without a bias), where the bare row is asked for
+        for patch in patches if inference and (not only or "triton" in only) else ():
+            with bc.patched(patch):
+                record(f"triton@{patch}", bare, (q, k, v), 0.0)
     for tile, patch in ((tile, patch) for tile in fwd_tiles for patch in ("", *patches)):
         # the forward pinned at each tile (BLOCK_M, BLOCK_N, warps, stages), bias, no dropout; under each --patches
         with fa.block_sizes(fwd=tile), bc.patched(patch):

@@ -1,15 +1,13 @@
-# Call 3 (any card, ~480 s): LoRA dropout from a seed (on since session 45). Its backward with the keep flags through
-# a scratch tile (lora_dropout.MASK_SCRATCH, token ldscratch, off; built: 651 vs 857 loop instructions, Philox once,
-# no cp.async): GPU test, one layer, then the seed's best settings at the micro-batch it frees memory for (b48 above
-# 100 GB, b24 on 80 GB) against the best without it (noloradrop), with and without ldscratch; then the GPU test of
-# gluon_decode, pinned to the 16-head kernel in session 45 (not run on a GPU since that edit). Eight files come back
-# (four logs, two results, pip.log, gpu.txt): the device's limit.
+# Call 3 (any card, ~520 s): head_dim 64 in the warp-specialized encoder forward (ws_forward.HEAD_DIMS, token ws64:
+# 5.45 vs 6.46 ms at 16x32x4096x64 on an H100 in session 46; its GPU case d64 passed, but without the lean far tiles
+# the default uses: d64lean is that case) and calls without a bias (WITHOUT_BIAS, token wsnobias: attention_kernels.py
+# now times the bare no-bias row under each patch), then FLAN-T5-XL generation (head_dim 64) under ws64, tokens
+# against transformers first. Six files come back (three logs, pip.log, gpu.txt, results).
 . scripts/device/prelude.sh
-MB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
-B=b16; UP=b24; [ "${MB:-0}" -gt 100000 ] && B=b32 && UP=b48
-F=group:fusedlora:loragemm:cache
-step lora_scratch_test 100 python3 -m pytest -q $XDIST -m gpu tests/test_fast_t5_lora_dropout.py \
-  tests/test_generation.py -k "gpu_kernels or gluon_decode_kernel" -p no:cacheprovider
-step lora_scratch_layer 60 python3 benchmarks/lora_dropout.py --tiles 64x64x8x3 --patches ldscratch
-step seed_loradrop 300 python3 benchmarks/train_throughput.py --config configs/seed.yaml --reference "" \
-  --fast "$B:$F:noloradrop,$B:$F,$UP:$F,$UP:$F:ldscratch" --warmup 8 --steps 20
+step ws64_test 150 python3 -m pytest -q $XDIST -m gpu tests/test_fast_t5_ws_forward.py -k "d64lean or ring2" \
+  -p no:cacheprovider
+step ws64_kernels 130 python3 benchmarks/attention_kernels.py --inference --no-flex --shapes 16x32x4096x64 \
+  16x32x4096x128 --kernels cudnn,triton+bias,triton --patches ws64,wsnobias --tag ws64b
+step ws64_generate 230 python3 benchmarks/generate_throughput.py --model flan-t5-xl --source-tokens 4096 \
+  --new-tokens 512 --full-length --greedy-only --fast-batches 128 --timed-batches 1 --reference-batches "" \
+  --agreement-inputs 2 --agreement-first --patches ws64

@@ -1,10 +1,9 @@
-# Call 4 (any card, ~200 s): the key splits combined in one Triton kernel (cross_attention.FUSED_COMBINE, token
-# fusedcombine, off; tested on CPU only). Launches split over keys where rows are few (real bills at 64 rows; the
-# 32-head kernel below 132 rows). The decoding step's cross-attention alone at 32 and 64 rows x 4096 keys, both
-# kernels with and without it, then whole generation on real bills cut at 4096 at batch 64, warm on every timed input.
+# Call 4 (an H200 for issue 15's figures, ~540 s): the seed's best settings under session 46's defaults (LoRA dropout
+# from a seed with its scratch-tile backward) at b32 and b48 (memory it frees), and the shipped config as shipped, with
+# the stock reference in the same run (H200, session 36: seed 49.8).
 . scripts/device/prelude.sh
-step combine_kernel 60 python3 benchmarks/decode_attention.py --batches 32,64 --keys 4096 --tiles 64x8x16x2 \
-  --patches fusedcombine,nodecodews32,nodecodews32:fusedcombine
-step combine_generate 140 python3 benchmarks/generate_throughput.py --model t5-3b --source-tokens 4096 \
-  --new-tokens 512 --greedy-only --fast-batches 64 --timed-batches 2 --warm-all --reference-batches "" \
-  --agreement-inputs 2 --agreement-first --patches fusedcombine
+F=group:fusedlora:loragemm:cache
+step seed_h200 330 python3 benchmarks/train_throughput.py --config configs/seed.yaml --reference "16" \
+  --fast "b32:$F,b48:$F,b48:$F:noldscratch" --warmup 10 --steps 24
+step shipped_h200 200 python3 benchmarks/train_throughput.py --config configs/t5-3b-billsum.yaml --reference "" \
+  --fast "config" --warmup 10 --steps 24
