@@ -139,3 +139,55 @@ def config_path(tmp_path_factory) -> Path:
     from _reliability_helpers import write_config
 
     return write_config(tmp_path_factory.mktemp("cfg") / "run.yaml")
+
+
+# The generation tests' inputs and models (tests/test_generation_*.py; built with tests/_generation_helpers.py), once
+# per test module; each of those modules runs on one torch thread (its `pytestmark`).
+@pytest.fixture(scope="module")
+def generation_one_thread():
+    """Tiny matmuls: extra threads only add synchronisation, and on a busy 2-core box they spin (30x slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def inputs(billsum_jsonl, t5_tokenizer_dir) -> list[list[int]]:
+    import json
+
+    from _generation_helpers import SOURCE_LENGTHS
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(t5_tokenizer_dir))
+    rows = [json.loads(line) for line in billsum_jsonl.read_text().splitlines()[: len(SOURCE_LENGTHS)]]
+    return [tokenizer("summarize: " + row["text"], truncation=True, max_length=n)["input_ids"]
+            for row, n in zip(rows, SOURCE_LENGTHS)]
+
+
+@pytest.fixture(scope="module")
+def peft_relu(tmp_path_factory, inputs):
+    from _generation_helpers import _make_eos_reachable, _quantized_peft
+
+    model = _quantized_peft(tmp_path_factory, "relu")
+    _make_eos_reachable(model, inputs)
+    return model
+
+
+@pytest.fixture(scope="module")
+def merged32(peft_relu):
+    import torch
+
+    from sumtune.generation import prepare_inference_model
+
+    return prepare_inference_model(peft_relu, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def expected32(merged32, inputs):
+    """transformers greedy on the merged fp32 model: the reference for the greedy tests."""
+    from _generation_helpers import MAX_NEW, hf_generate
+
+    return hf_generate(merged32, inputs, max_new_tokens=MAX_NEW)
