@@ -31,7 +31,7 @@ FUSED_LINEAR_RELU = True
 # runs it in its non-vectorized elementwise kernel, which took 187 us a call against the norm's 102 us for 16 rows of
 # 4096 tokens (147 ms of the 8.2 s of kernels of a 256-row encoder pass, results/generate_profile-2026-12-05-h100-full-
 # encoder.json), and twice a norm in training (its backward too). One rounding, not two: within half a bf16 step of
-# the float64 result, which stock is not everywhere (tests/test_generation.py), but not stock's bits. On since
+# the float64 result, which stock is not everywhere (tests/test_generation_t5_decode.py), but not stock's bits. On since
 # 2026-12-05 (H100, same runs: shipped step +1.1%, seed's best +0.6%, whole generation at 4096 +0.9% with tokens equal
 # to transformers'; results/*-2026-12-05-h100-*normweight.json). Benchmark token `nonormweight`: off.
 RMS_NORM_WEIGHT_IN_KERNEL = True
