@@ -144,8 +144,9 @@ def config_path(tmp_path_factory) -> Path:
 # The generation tests' inputs and models (tests/test_generation_*.py; built with tests/_generation_helpers.py), once
 # per test module; each of those modules runs on one torch thread (its `pytestmark`).
 @pytest.fixture(scope="module")
-def generation_one_thread():
-    """Tiny matmuls: extra threads only add synchronisation, and on a busy 2-core box they spin (30x slower)."""
+def one_thread():
+    """One torch thread for the module's tests: their matmuls are tiny, so extra threads only add synchronisation,
+    and on a busy 2-core box (with loader workers beside them) they spin (30x slower)."""
     import torch
 
     threads = torch.get_num_threads()

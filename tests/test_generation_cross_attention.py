@@ -16,7 +16,7 @@ from _generation_helpers import PAD, START
 from sumtune.errors import SumtuneError
 from sumtune.generation.t5_decode import DecoderWeights
 
-pytestmark = pytest.mark.usefixtures("generation_one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fused_kernel_device():

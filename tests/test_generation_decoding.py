@@ -14,7 +14,7 @@ from _generation_helpers import MAX_NEW, _logits, _quantized_peft, hf_generate, 
 from sumtune.errors import SumtuneError
 from sumtune.generation import prepare_inference_model
 
-pytestmark = pytest.mark.usefixtures("generation_one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_merged_model_matches_peft_logits_and_leaves_training_model_alone(tmp_path_factory, inputs):

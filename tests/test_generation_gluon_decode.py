@@ -15,7 +15,7 @@ from _generation_helpers import MAX_NEW, START, agreement, hf_generate, ours
 
 from sumtune.generation import prepare_inference_model
 
-pytestmark = pytest.mark.usefixtures("generation_one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 GLUON_DECODE_FOR_HOPPER = """

@@ -15,7 +15,7 @@ from sumtune.generation import prepare_inference_model
 from sumtune.generation.greedy import GreedySession
 from sumtune.generation.t5_decode import DecoderWeights
 
-pytestmark = pytest.mark.usefixtures("generation_one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

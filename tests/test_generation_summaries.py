@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from _generation_helpers import EOS, MAX_NEW, PAD, hf_generate, repeated_ngrams
 
-pytestmark = pytest.mark.usefixtures("generation_one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_summaries_pass_every_generation_setting_on_both_paths(merged32, inputs, t5_tokenizer_dir):

@@ -15,7 +15,7 @@ from _generation_helpers import EOS, MAX_NEW, PAD, START, agreement, assert_same
 from sumtune.generation.greedy import GreedySession
 from sumtune.generation.t5_decode import DecoderWeights
 
-pytestmark = pytest.mark.usefixtures("generation_one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_fused_self_attention_matches_transformers_fp32(merged32, expected32, inputs, monkeypatch):

@@ -17,15 +17,6 @@ import torch
 SOURCE_TOKENS, TARGET_TOKENS = 4096, 512
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """Tiny matmuls: extra threads only add synchronisation on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def long_rows(n: int, seed: int = 0) -> list[dict]:
     """Documents of ~4,500 words and summaries of ~600 (the word tokenizer makes one token of each word)."""
     rng = random.Random(seed)

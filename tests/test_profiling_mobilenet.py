@@ -133,15 +133,6 @@ def stand_in_net():
                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 10))
 
 
-@pytest.fixture
-def one_thread():
-    """Two loader workers plus intra-op threads oversubscribe a 2-core CI box; keep the test quick."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_mobilenet_study_pipeline_with_stand_in_net(tmp_path, one_thread):
     args = ProfileArgs(workload="mobilenet-cifar10", quick=True, image_size=32, profile_memory=False,
                        record_shapes=False)
