@@ -165,6 +165,23 @@ def cuda_event_ms(fn, repeats: int, warmup: int = 3) -> float:
     return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
+def cuda_graph_ms(fn, repeats: int, warmup: int = 3) -> float:
+    """Median milliseconds of ``fn()``'s GPU work captured once in a CUDA graph and replayed back to back (as
+    generation replays its decoding steps): no host launch path inside the figure, which back-to-back eager calls
+    still carry where the host takes longer to issue a call's kernels than the GPU to run them (a small launch and
+    its ~10 torch ops). Warm-up (compiles, autotuning) runs eagerly on a side stream before the capture."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return cuda_event_ms(graph.replay, repeats, warmup=1)
+
+
 def free_gpu_memory() -> None:
     """Drop what the last measurement left (Python garbage, cached blocks) and restart the peak counter."""
     import gc
