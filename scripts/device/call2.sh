@@ -1,6 +1,6 @@
 # Call 2 (after call 1, same card, ~470 s; eight files come back: the limit): 256 rows under the defaults against
-# both off, no agreement (call 1 did it), then real bills cut at 4096, warm on every timed input (rows of uneven lengths: one program a row and SM may balance
-# worse than gluon_decode's two; H200, session 34: 19.94).
+# both off, no agreement (call 1 did it), then real bills cut at 4096, warm on every timed input (rows of uneven
+# lengths: one program a row and SM may balance worse than gluon_decode's two; H200, session 34: 19.94).
 . scripts/device/prelude.sh
 step generate256 220 python3 benchmarks/generate_throughput.py --model t5-3b --source-tokens 4096 \
   --new-tokens 512 --full-length --greedy-only --fast-batches 256 --timed-batches 1 --reference-batches "" \
