@@ -46,11 +46,11 @@ def lora_backward_rows() -> list[dict]:
 def combine_rows() -> list[dict]:
     from sumtune.fast_t5.flash_compile import compile_source, resources
     from sumtune.generation import cross_kernels
+    from sumtune.generation.cross_attention import combine_constexprs
 
     rows = []
     for splits in (2, 5, 16):
-        compiled = compile_source(cross_kernels.combine_splits, COMBINE_TYPES, dict(
-            SPLITS=splits, BLOCK_S=max(2, 1 << (splits - 1).bit_length()), D=1024, BLOCK_D=256), 4, 1)
+        compiled = compile_source(cross_kernels.combine_splits, COMBINE_TYPES, combine_constexprs(splits, 1024), 4, 1)
         rows.append(dict(kernel="cross_kernels.combine_splits", splits=splits, d_model=1024, **resources(compiled)))
     return rows
 

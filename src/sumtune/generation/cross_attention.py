@@ -7,6 +7,7 @@ Public:
     self_attention_kernel(memory) -> str | None               (which kernel takes the decoder's self-attention)
     reference_hidden_attention(q_mem, memory, lengths, bias=None) -> Tensor   (plain PyTorch, float64: tests)
     combine_in_torch(acc, running_max, total, heads, dtype) -> Tensor         (key splits combined, torch's ops)
+    combine_constexprs(splits, d_model) -> dict                               (the combine kernel's constexprs)
 
 ``q_mem`` [B, H, D] are the queries with W_k moved to their side (t5_decode's "hidden" mode), ``memory`` [B, L, D] the
 encoder states (keys and values both), ``lengths`` [B] int32 each row's source length (its keys are a prefix).
@@ -252,9 +253,15 @@ def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, split
     if not FUSED_COMBINE:
         return combine_in_torch(acc, running_max, total, heads, memory.dtype)
     kernels.combine_splits[(heads, batch)](acc, running_max, total, out, out.stride(0), out.stride(1), acc.shape[2],
-                                           SPLITS=splits, BLOCK_S=max(2, 1 << (splits - 1).bit_length()), D=d_model,
-                                           BLOCK_D=min(d_model, COMBINE_BLOCK_D), num_warps=4)
+                                           **combine_constexprs(splits, d_model), num_warps=4)
     return out
+
+
+def combine_constexprs(splits: int, d_model: int) -> dict[str, int]:
+    """`cross_kernels.combine_splits`' compile-time arguments for a launch of ``splits`` key splits (what
+    benchmarks/kernel_builds.py builds too): the splits padded to a power of two (at least 2) for tl.arange."""
+    return dict(SPLITS=splits, BLOCK_S=max(2, 1 << (splits - 1).bit_length()), D=d_model,
+                BLOCK_D=min(d_model, COMBINE_BLOCK_D))
 
 
 def combine_in_torch(acc: Tensor, running_max: Tensor, total: Tensor, heads: int, dtype: torch.dtype) -> Tensor:
