@@ -292,7 +292,7 @@ def main(argv=None) -> int:
             print(rows[-1], flush=True)
     best = max((r for r in rows if r["path"] == "sumtune"), key=lambda r: r["summaries_per_s"])["batch"]
     if args.greedy_only:
-        if agree is None:
+        if agree is None and args.agreement_inputs:  # 0: timing only, no transformers comparison
             agree = greedy_agreement(merged, inputs[: args.agreement_inputs], best, args.new_tokens, device,
                                      use_graphs, args.fused, tile_specs, patches)
         return finish(args, rows, agree, best, mean_len, build_s, prepare_s, merged_gib)
@@ -379,7 +379,7 @@ def finish(args, rows, agree, best, mean_len, build_s, prepare_s, merged_gib) ->
     bc.print_table(rows, COLUMNS)
     if agree:
         print(f"\nagreement (greedy, forced {args.new_tokens} tokens, {args.agreement_inputs} inputs):")
-    for key, value in agree.items():
+    for key, value in (agree or {}).items():
         print(f"  {key}: sequences {value['sequences']:.3f}, tokens {value['tokens']:.3f}")
     print(f"build {build_s:.1f} s (both models), inference_copy {prepare_s:.1f} s, merged model {merged_gib:.2f} GiB")
     if args.quick:

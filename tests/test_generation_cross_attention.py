@@ -91,6 +91,77 @@ def test_the_key_splits_combine_in_one_kernel_as_torch_combines_them(monkeypatch
         assert not got[2].any()
 
 
+def test_a_tile_too_big_for_shared_memory_is_halved_and_torch_takes_over_where_none_fits(monkeypatch):
+    """A launch that raises Triton's OutOfResources (FLAN-T5-XL's d_model 2048 at 64 keys a tile on an H100, or a
+    card with less shared memory) is retried with half the keys a tile, the tile that launched is remembered (the next
+    call launches it at once), and where not even MIN_BLOCK_N keys fit, torch's ops give the result, said once: every
+    result equals the float64 reference."""
+    pytest.importorskip("triton")
+    from triton.runtime.errors import OutOfResources
+
+    from sumtune.generation import cross_attention
+
+    device, dtype, tolerance = _fused_kernel_device()
+    kernels = cross_attention._kernels()
+    real = kernels.hidden_cross_attention
+    tried, limit = [], {"keys": 32}
+
+    class SharedMemoryBound:  # the real kernel behind a shared-memory budget counted in keys a tile
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                tried.append(kwargs["BLOCK_N"])
+                if kwargs["BLOCK_N"] > limit["keys"]:
+                    raise OutOfResources(kwargs["BLOCK_N"] * 1024, limit["keys"] * 1024, "shared memory")
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(kernels, "hidden_cross_attention", SharedMemoryBound())
+    monkeypatch.setattr(cross_attention, "fitted_block_n", {})
+    gen = torch.Generator().manual_seed(9)
+    memory = torch.randn(2, 150, 64, generator=gen)
+    q_mem = torch.randn(2, 20, 64, generator=gen) / 4
+    lengths = torch.tensor([150, 61], dtype=torch.int32)
+    expected = cross_attention.reference_hidden_attention(q_mem, memory, lengths)
+
+    def fused():
+        return cross_attention.fused_hidden_attention(q_mem.to(device, dtype), memory.to(device, dtype),
+                                                      lengths.to(device), splits=1).cpu().double()
+
+    first = cross_attention.INTERPRETER_BLOCK_N if device == "cpu" else cross_attention.tiles_for(2, 150)[0]
+    assert (fused() - expected).abs().max().item() < tolerance
+    assert first == 64 and tried == [64, 32]
+    tried.clear()
+    assert (fused() - expected).abs().max().item() < tolerance and tried == [32]  # remembered
+    monkeypatch.setattr(cross_attention, "fitted_block_n", {})
+    limit["keys"] = 8
+    tried.clear()
+    with pytest.warns(RuntimeWarning, match="does not fit this GPU's shared memory at d_model 64"):
+        got = fused()
+    assert (got - expected).abs().max().item() < tolerance and tried[-1] == cross_attention.MIN_BLOCK_N
+    tried.clear()
+    assert (fused() - expected).abs().max().item() < tolerance and tried == []  # torch's ops at once, no warning
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_fused_kernel_runs_at_flan_t5_xl_width(monkeypatch):
+    """FLAN-T5-XL's cross-attention (d_model 2048, 32 heads) at 2 rows x 4096 keys in bf16, whose first tile (64 keys
+    x 8 warps, 330 KB of shared memory in the sm_90 build) an H100 cannot hold: it runs in a smaller tile and matches
+    float64 as closely as the same maths in bf16 GEMMs."""
+    from sumtune.generation import cross_attention
+
+    monkeypatch.setattr(cross_attention, "fitted_block_n", {})
+    gen = torch.Generator(device="cuda").manual_seed(10)
+    memory = torch.randn(2, 4096, 2048, device="cuda", generator=gen, dtype=torch.bfloat16)
+    q_mem = torch.randn(2, 32, 2048, device="cuda", generator=gen, dtype=torch.bfloat16) / 45
+    lengths = torch.tensor([4096, 2500], dtype=torch.int32, device="cuda")
+    expected = cross_attention.reference_hidden_attention(q_mem, memory, lengths)
+    got = cross_attention.fused_hidden_attention(q_mem, memory, lengths).double()
+    in_torch = cross_attention.attend_in_torch(q_mem, memory, lengths).double()
+    error, torch_error = ((x - expected).norm() / expected.norm() for x in (got, in_torch))
+    assert error < max(1.5 * torch_error, 1e-3), (error, torch_error, cross_attention.fitted_block_n)
+
+
 COMBINE_FOR_HOPPER = """
 import json
 from sumtune.generation import cross_kernels as k

@@ -6,6 +6,7 @@ Public:
     kernel_available(tensor) -> str | None                    (why the kernel cannot run, or None)
     self_attention_kernel(memory) -> str | None               (which kernel takes the decoder's self-attention)
     reference_hidden_attention(q_mem, memory, lengths, bias=None) -> Tensor   (plain PyTorch, float64: tests)
+    attend_in_torch(q_mem, memory, lengths, bias=None) -> Tensor   (torch's ops: where no tile fits shared memory)
     combine_in_torch(acc, running_max, total, heads, dtype) -> Tensor         (key splits combined, torch's ops)
     combine_constexprs(splits, d_model) -> dict                               (the combine kernel's constexprs)
 
@@ -41,6 +42,12 @@ INTERPRETER_BLOCK_N = 64  # Triton's CPU interpreter: fewer, wider iterations (t
 MIN_PROGRAMS = 264  # split rows' keys until about two programs an H100/H200 SM (132 SMs)
 HEADS_PER_PROGRAM = 16  # heads of one program (a power of two >= 16); fewer -> several programs a row and split
 NUM_STAGES = 2  # Triton's software pipelining depth over the key tiles
+# Tiles that did not fit a GPU's shared memory: (d_model, heads a program, keys a tile asked for, warps) -> keys a
+# tile that launched, or 0 where none did (torch's ops then), for the process: CUDA graphs replay the eager choice. sm_90 builds at 16 heads a program
+# (Triton 3.6, session 47): 64 keys x 8 warps take 166 KB at d_model 1024 and 330 KB at 2048 (an H100/H200 SM has
+# 227 KiB: FLAN-T5-XL's launches failed), 32 x 4 99 and 198 KB, 16 x 4 66 and 132 KB.
+fitted_block_n: dict[tuple[int, int, int, int], int] = {}
+MIN_BLOCK_N = 16  # a tensor-core tile's keys
 # The kernel in Gluon with Hopper's warpgroup MMAs, keys first, its chunks by TMA (sumtune.generation.gluon_decode):
 # on an H200 on 2026-12-04, 0.92-1.11 against 1.14-1.29 ms at 256 rows x 4096 keys and 3.28-3.38 against 4.19-4.23
 # at 1024 rows; whole generation with every input 4096 tokens 11.6 against 10.4 summaries/s in two runs, tokens equal
@@ -242,12 +249,23 @@ def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, split
             # the kernel taking over chooses its own splits (the warp-specialized one's fit its 32-head programs)
             return fused_hidden_attention(q_mem, memory, lengths, splits_asked if warp_specialized else splits, bias)
     else:
-        kernels.hidden_cross_attention[(groups, batch, splits)](
-            q_mem, memory, lengths, out, acc, running_max, total, q_mem if bias is None else bias, q_mem.stride(0),
-            q_mem.stride(1), memory.stride(0), memory.stride(1), out.stride(0), out.stride(1), lengths.stride(0),
-            0 if bias is None else bias.stride(0), heads, keys_per_split, BLOCK_H=block_h, D=d_model,
-            BLOCK_N=block_n, SPLIT=splits > 1, UPCAST=kernels.INTERPRET, HAS_BIAS=bias is not None, num_warps=warps,
-            num_stages=NUM_STAGES)
+        asked = (d_model, block_h, block_n, warps)
+        block_n = fitted_block_n.get(asked, block_n)
+        while block_n:
+            try:
+                kernels.hidden_cross_attention[(groups, batch, splits)](
+                    q_mem, memory, lengths, out, acc, running_max, total, q_mem if bias is None else bias,
+                    q_mem.stride(0), q_mem.stride(1), memory.stride(0), memory.stride(1), out.stride(0), out.stride(1),
+                    lengths.stride(0), 0 if bias is None else bias.stride(0), heads, keys_per_split, BLOCK_H=block_h,
+                    D=d_model, BLOCK_N=block_n, SPLIT=splits > 1, UPCAST=kernels.INTERPRET, HAS_BIAS=bias is not None,
+                    num_warps=warps, num_stages=NUM_STAGES)
+                break
+            except Exception as error:  # noqa: BLE001 - only a tile too big for this GPU's shared memory is retried
+                if type(error).__name__ != "OutOfResources":
+                    raise
+                block_n = fitted_block_n[asked] = _smaller_tile(error, d_model, block_n)
+        if not block_n:
+            return attend_in_torch(q_mem, memory, lengths, bias)
     if splits == 1:
         return out
     if not FUSED_COMBINE:
@@ -255,6 +273,20 @@ def fused_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, split
     kernels.combine_splits[(heads, batch)](acc, running_max, total, out, out.stride(0), out.stride(1), acc.shape[2],
                                            **combine_constexprs(splits, d_model), num_warps=4)
     return out
+
+
+def _smaller_tile(error: Exception, d_model: int, block_n: int) -> int:
+    """Half of ``block_n`` keys a tile after a launch this GPU's shared memory could not hold (the tiles were measured
+    on H100/H200 at d_model 1024; FLAN-T5-XL's 2048, or a card with less shared memory, needs smaller ones); 0, said
+    once, when even MIN_BLOCK_N keys do not fit."""
+    if block_n > MIN_BLOCK_N:
+        return block_n // 2
+    import warnings
+
+    warnings.warn(f"sumtune: the fused decoding kernel does not fit this GPU's shared memory at d_model {d_model} "
+                  f"({str(error).splitlines()[0][:200]}); torch's ops run its launches instead.", RuntimeWarning,
+                  stacklevel=4)
+    return 0
 
 
 def combine_constexprs(splits: int, d_model: int) -> dict[str, int]:
@@ -289,6 +321,17 @@ def _gluon_failed(error: Exception, warp_specialized: bool = False) -> None:
         else ("Gluon", "the Triton kernel")
     warnings.warn(f"sumtune: the {kernel} decoding kernel cannot run here ({why}); {instead} runs instead.",
                   RuntimeWarning, stacklevel=3)
+
+
+def attend_in_torch(q_mem: Tensor, memory: Tensor, lengths: Tensor, bias: Tensor | None = None) -> Tensor:
+    """The kernel's result with torch's ops (two batched GEMMs in memory's dtype, the softmax in float32): where no
+    tile of the kernel fits the GPU's shared memory."""
+    scores = torch.bmm(q_mem, memory.transpose(1, 2)).float()
+    if bias is not None:
+        scores = scores + bias[:, : memory.shape[1]].float()
+    keep = torch.arange(memory.shape[1], device=memory.device)[None, :] < lengths[:, None]
+    probs = torch.softmax(scores.masked_fill(~keep[:, None, :], -math.inf), dim=-1).nan_to_num_(0.0)
+    return torch.bmm(probs.to(memory.dtype), memory)
 
 
 def reference_hidden_attention(q_mem: Tensor, memory: Tensor, lengths: Tensor, dtype=torch.float64,
