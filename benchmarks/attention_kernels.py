@@ -313,7 +313,7 @@ def run_shape(shape, repeats: int, with_flex: bool, only: tuple[str, ...] = (), 
         # the bare kernel (key padding only) against cuDNN without bias: what the bias and dropout cost on top
         bare = lambda *t: fa.t5_flash_attention(*t, None, 0, padding, False, 1.0, 0.0)  # noqa: E731
         record("triton", bare, (q, k, v), 0.0)
-        # and under each --patches setting (wsnobias: calls without a bias), where the bare row is asked for
+        # and under each --patches setting (nowsnobias: calls without a bias in Triton), where the bare row is asked for
         for patch in patches if inference and (not only or "triton" in only) else ():
             with bc.patched(patch):
                 record(f"triton@{patch}", bare, (q, k, v), 0.0)

@@ -101,8 +101,8 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     # its far tiles' bias inside the exponent's FFMA (ws_forward.LEAN_FAR_TILES, on since 2026-12-06; the token was
     # `wslean` while it was off)
     "nowslean": ("sumtune.fast_t5.ws_forward", "LEAN_FAR_TILES", False),
-    "ws64": ("sumtune.fast_t5.ws_forward", "HEAD_DIMS", (64, 128)),  # it takes head_dim 64 too (T5-large, FLAN-T5-XL)
-    "wsnobias": ("sumtune.fast_t5.ws_forward", "WITHOUT_BIAS", True),  # and calls without a bias (cross-attention)
+    "nows64": ("sumtune.fast_t5.ws_forward", "HEAD_DIMS", (128,)),  # head_dim 64 (T5-large, FLAN-T5-XL) in Triton
+    "nowsnobias": ("sumtune.fast_t5.ws_forward", "WITHOUT_BIAS_HEAD_DIMS", ()),  # calls without a bias in Triton
     # the warp-specialized forward for training's forwards too, dropout included (flash_attention.WS_TRAINING_FORWARD)
     "wstrain": ("sumtune.fast_t5.flash_attention", "WS_TRAINING_FORWARD", True),
     "wsbwd": ("sumtune.fast_t5.flash_attention", "WS_BACKWARD", True),  # and the dK/dV kernel (fast_t5.ws_backward)

@@ -135,15 +135,15 @@ def test_a_ws_forward_that_fails_to_launch_hands_over_to_the_triton_forward_once
 def test_gpu_ws_forward_matches_float64_and_the_triton_forward(monkeypatch, stages, lean, head_dim):
     """WS_NO_GRAD_FORWARD on a Hopper GPU, bf16, no gradient: as close to float64 as the Triton forward, at lengths
     that are not whole tiles, T5's bias with radii that give far and near tiles, rows padded at the end, with a hole,
-    and without keys, cross-attention lengths, no bias (WITHOUT_BIAS), the fused projection's strided layout; with
-    rings of two and three, with LEAN_FAR_TILES, and head_dim 64; its kernel is what ran."""
+    and without keys, cross-attention lengths, no bias (WITHOUT_BIAS_HEAD_DIMS), the fused projection's strided
+    layout; with rings of two and three, with LEAN_FAR_TILES, and head_dim 64; its kernel is what ran."""
     from sumtune.fast_t5 import flash_attention as fa
     from sumtune.fast_t5 import ws_forward
 
     monkeypatch.setattr(ws_forward, "STAGES", stages)
     monkeypatch.setattr(ws_forward, "LEAN_FAR_TILES", lean)
     monkeypatch.setattr(ws_forward, "HEAD_DIMS", (head_dim,))
-    monkeypatch.setattr(ws_forward, "WITHOUT_BIAS", True)
+    monkeypatch.setattr(ws_forward, "WITHOUT_BIAS_HEAD_DIMS", (head_dim,))
     launched = []
     launch = ws_forward.forward
     monkeypatch.setattr(ws_forward, "forward", lambda *a, **k: launched.append(a[0].shape) or launch(*a, **k))

@@ -38,15 +38,16 @@ from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 ROWS = 64  # a consumer warpgroup's query rows (one warpgroup MMA's M); a program takes two
 BLOCK_N = 128  # keys a tile
 STAGES = 2  # slots in the K and V rings (three: 224 KiB of shared memory at head_dim 128)
-# The head widths it takes: 128 (T5-3b, measured); 64 (T5-base/large, FLAN-T5-XL) runs in the Triton forward until
-# its default form is GPU-tested: on an H100 (session 46) its no-gradient forward at 16x32x4096x64 with T5's bias took
-# 5.45 against the Triton forward's 6.46 ms (results/attention_kernels-2026-12-06-h100-80gb-hbm3-ws64.json) and its
-# GPU test case `d64` (ring of three, no lean tiles) passed; the case `d64lean` (LEAN_FAR_TILES, the default, as
-# timed) has not run yet (benchmark token `ws64`).
-HEAD_DIMS = (128,)
-# Calls without a position bias (the decoder's cross-attention in an evaluation loss): the build has its GPU test case
-# but ran on no GPU yet, so the Triton forward takes them until it has (benchmark token `wsnobias`).
-WITHOUT_BIAS = False
+# The head widths it takes: 128 (T5-3b) and 64 (T5-base/large, FLAN-T5-XL). Head_dim 64, on an H100: no-gradient
+# forward at 16x32x4096x64 with T5's bias 5.45 against the Triton forward's 6.46 ms (session 46, results/
+# attention_kernels-2026-12-06-h100-80gb-hbm3-ws64.json) and 5.54 against 6.49 (session 47, …-ws64b.json, rebuilt from
+# its log); its GPU test cases `d64` and `d64lean` (the default form) passed. On since session 47; token `nows64`.
+HEAD_DIMS = (64, 128)
+# Calls without a position bias (the decoder's cross-attention in an evaluation loss) at these head widths. On an H100
+# (session 47, …-ws64b.json): 7.54 against the Triton forward's 9.96 ms at 16x32x4096x128 (cuDNN 6.63), but 4.81
+# against 4.68 at head_dim 64, which stays in the Triton forward; the GPU test's no-bias cases passed (`lean` in
+# session 45, `ring2` and `d64lean` in 47). Token `nowsnobias`: none.
+WITHOUT_BIAS_HEAD_DIMS = (128,)
 CONSUMER_REGISTERS = 240  # per thread of a consumer warpgroup; the producer warp gets 24 (FlashAttention-3's split)
 LAUNCH_REGISTERS = 168  # 12 warps (8 consumers, the producer's warpgroup) x 168 = the 64 Ki registers of an SM
 # Tiles with no masked key and one bias value (far beyond +-R, or no bias): the scale and that value folded into the
@@ -424,7 +425,7 @@ def run_if_covered(q, k, v, causal, out, lse, table, table_geometry, radius_give
     raises turns it off for the process, with one warning."""
     global failure, training_failure
     if (training_failure if dropout else failure) is not None or not covers(q, k, v, causal) \
-            or (table is None and not WITHOUT_BIAS):
+            or (table is None and q.shape[-1] not in WITHOUT_BIAS_HEAD_DIMS):
         return False
     band = None
     if table is not None:

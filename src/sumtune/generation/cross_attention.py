@@ -43,9 +43,10 @@ MIN_PROGRAMS = 264  # split rows' keys until about two programs an H100/H200 SM 
 HEADS_PER_PROGRAM = 16  # heads of one program (a power of two >= 16); fewer -> several programs a row and split
 NUM_STAGES = 2  # Triton's software pipelining depth over the key tiles
 # Tiles that did not fit a GPU's shared memory: (d_model, heads a program, keys a tile asked for, warps) -> keys a
-# tile that launched, or 0 where none did (torch's ops then), for the process: CUDA graphs replay the eager choice. sm_90 builds at 16 heads a program
-# (Triton 3.6, session 47): 64 keys x 8 warps take 166 KB at d_model 1024 and 330 KB at 2048 (an H100/H200 SM has
-# 227 KiB: FLAN-T5-XL's launches failed), 32 x 4 99 and 198 KB, 16 x 4 66 and 132 KB.
+# tile that launched, or 0 where none did (torch's ops then), for the process: CUDA graphs replay the eager choice.
+# sm_90 builds at 16 heads a program (Triton 3.6, session 47): 64 keys x 8 warps take 166 KB at d_model 1024 and
+# 330 KB at 2048 (an H100/H200 SM has 227 KiB: FLAN-T5-XL's launches failed), 32 x 4 99 and 198 KB, 16 x 4 66 and
+# 132 KB.
 fitted_block_n: dict[tuple[int, int, int, int], int] = {}
 MIN_BLOCK_N = 16  # a tensor-core tile's keys
 # The kernel in Gluon with Hopper's warpgroup MMAs, keys first, its chunks by TMA (sumtune.generation.gluon_decode):
