@@ -273,7 +273,9 @@ def main(argv=None) -> int:
     settings += [(settings[0][0] + f", fused cross-attention {spec}", fused, (None, None), spec, "")
                  for spec in tile_specs]
     patches = bc.patch_strings(args.patches)
-    settings += [(settings[0][0] + f", fused, {patch}", fused, (None, None), None, patch) for patch in patches]
+    # each --patches setting in the default mode (what "auto" picks: the fused kernel for T5-3b's long sources, the
+    # kv cache for FLAN-T5-XL's), so that its row and the default row differ by the patch alone
+    settings += [(settings[0][0] + f", {patch}", settings[0][1], (None, None), None, patch) for patch in patches]
     agree = None
     if args.greedy_only and args.agreement_first:
         agree = greedy_agreement(merged, inputs[: args.agreement_inputs], max(fast_batches), args.new_tokens, device,
