@@ -125,8 +125,6 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "nodecodews32": ("sumtune.generation.cross_attention", "GLUON_WARP_SPECIALIZED", False),
     # its key splits aimed at two programs an SM as gluon_decode's (264), not one (cross_attention.WS_MIN_PROGRAMS)
     "wsmin264": ("sumtune.generation.cross_attention", "WS_MIN_PROGRAMS", 264),
-    # and its launches split over keys (under 132 rows), which stay in gluon_decode since 2026-12-06 (session 47)
-    "wssplit": ("sumtune.generation.cross_attention", "WS_SPLIT_LAUNCHES", True),
     # the key splits' partial results combined by torch's ops, not one Triton kernel (cross_attention.FUSED_COMBINE, on
     # since 2026-12-06; the token was `fusedcombine` while it was off)
     "nofusedcombine": ("sumtune.generation.cross_attention", "FUSED_COMBINE", False),

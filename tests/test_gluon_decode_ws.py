@@ -71,17 +71,6 @@ def test_the_warp_specialized_decode_kernel_aims_at_one_program_an_sm():
     assert cross_attention.choose_splits(32, 4096, 64, 1, ws) == 5
 
 
-def test_launches_it_would_split_stay_in_gluon_decode():
-    """WS_SPLIT_LAUNCHES off: the 32-head kernel takes the launches it runs unsplit (132 rows and more at 4096 keys,
-    or sources too short to split), which it was measured faster on; fewer rows of long sources, which it ran slower
-    split (session 47), stay in gluon_decode."""
-    from sumtune.generation import cross_attention
-
-    assert not cross_attention.WS_SPLIT_LAUNCHES
-    for rows, src_len, unsplit in ((256, 4096, True), (132, 4096, True), (1024, 4096, True), (131, 4096, False),
-                                   (64, 4096, False), (32, 4096, False), (32, 512, True)):
-        assert cross_attention.ws_runs_unsplit(rows, src_len, 64) is unsplit, (rows, src_len)
-
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
@@ -95,7 +84,6 @@ def test_gpu_warp_specialized_decode_kernel_matches_float64(monkeypatch):
     monkeypatch.setattr(cross_attention, "GLUON_KERNEL", True)
     monkeypatch.setattr(cross_attention, "GLUON_WARP_SPECIALIZED", True)
     monkeypatch.setattr(cross_attention, "GLUON_FROM_KEYS", 1)  # these 700 keys too
-    monkeypatch.setattr(cross_attention, "WS_SPLIT_LAUNCHES", True)  # its split launches too
     launched = []
     launch = gluon_decode_ws.launch
     monkeypatch.setattr(gluon_decode_ws, "launch", lambda *a, **k: launched.append(a[0]) or launch(*a, **k))

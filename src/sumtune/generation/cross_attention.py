@@ -71,11 +71,11 @@ GLUON_WARP_SPECIALIZED = True
 # buffer, ~67 MB at 256 rows) ran on top of the kernel in session 44's 0.98 ms against gluon_decode's 0.82 (that
 # kernel's 512 programs at 256 rows are unsplit under MIN_PROGRAMS). Token `wsmin264`: the shared MIN_PROGRAMS.
 WS_MIN_PROGRAMS = 132
-# Launches it would split over keys (fewer rows than WS_MIN_PROGRAMS: a few documents at a time) stay in gluon_decode:
-# in CUDA graphs on an H100 (session 47) 0.189 against 0.175 ms at 32 rows x 4096 keys and 0.282 against 0.260 at 64,
-# but 0.741 against 0.796 at 256 (unsplit), fused combine in both (results/decode_attention-2026-12-06-h100-80gb-hbm3-
-# graphs.json). Token `wssplit`: it takes split launches too.
-WS_SPLIT_LAUNCHES = False
+# It takes launches split over keys too (fewer rows than WS_MIN_PROGRAMS). Alone in CUDA graphs on an H100 (session
+# 47) it ran them slower than gluon_decode, 0.189 against 0.175 ms at 32 rows x 4096 keys and 0.282 against 0.260 at
+# 64 (faster at 256, unsplit: 0.741 against 0.796; results/decode_attention-2026-12-06-h100-80gb-hbm3-graphs.json),
+# but whole generation on real bills at 64 rows ran 14.16-14.17 with it against 14.06 with gluon_decode there, in
+# three runs (generate_throughput-…-hbm3-split64{,b}.json): it keeps them.
 # Launches split over keys (rows too few to fill the GPU: real bills at 64 rows, any launch under 132 rows of the
 # 32-head kernel) combine their splits in one Triton kernel (`cross_kernels.combine_splits`: one read of the fp32
 # partial sums) instead of ~10 torch ops that write and read back a [B, splits, heads, D] product. On an H100
@@ -159,8 +159,7 @@ def head_blocks(heads: int, per_program: int) -> tuple[int, int]:
 def _gluon_kernel(memory: Tensor, self_attention: bool = False, heads: int = 0):
     """(sumtune.generation.gluon_decode, its heads a program) where GLUON_KERNEL asks for it and it can run here on
     a launch of the kind it was measured faster on (or, for ``self_attention``, on any launch it covers), else
-    None; (gluon_decode_ws, 32) for a cross-attention launch it covers where GLUON_WARP_SPECIALIZED asks for it (and
-    runs it unsplit, or WS_SPLIT_LAUNCHES)."""
+    None; (gluon_decode_ws, 32) for a cross-attention launch it covers where GLUON_WARP_SPECIALIZED asks for it."""
     if not GLUON_KERNEL or gluon_failure or _kernels().INTERPRET or memory.device.type != "cuda" \
             or memory.dtype != torch.bfloat16 or torch.compiler.is_compiling():  # dynamo traces Triton, not Gluon
         return None
@@ -177,16 +176,9 @@ def _gluon_kernel(memory: Tensor, self_attention: bool = False, heads: int = 0):
         except Exception as error:  # noqa: BLE001 - as _gluon_module: gluon_decode takes the launch
             _gluon_failed(error, warp_specialized=True)
         else:
-            if gluon_decode_ws.supported(heads, memory.shape[-1]) is None \
-                    and (WS_SPLIT_LAUNCHES or ws_runs_unsplit(*memory.shape[:2], gluon_decode_ws.BLOCK_N)):
+            if gluon_decode_ws.supported(heads, memory.shape[-1]) is None:
                 return gluon_decode_ws, gluon_decode_ws.BLOCK_H
     return (gluon_decode, block_h) if block_h else None
-
-
-def ws_runs_unsplit(rows: int, src_len: int, block_n: int) -> bool:
-    """Whether the warp-specialized kernel (one program a row) would run a launch of ``rows`` rows of ``src_len``
-    keys without key splits: where it was measured faster than gluon_decode (WS_SPLIT_LAUNCHES)."""
-    return choose_splits(rows, src_len, block_n, 1, WS_MIN_PROGRAMS) == 1
 
 
 def gluon_heads_per_program(gluon_decode, src_len: int, dense: bool, d_model: int,
