@@ -62,12 +62,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--fused", action="store_true",
                         help="also time each greedy batch with attention='fused' (sumtune's one-read cross-attention "
                              "kernel) and check its tokens")
+    parser.add_argument("--hidden", action="store_true",
+                        help="also time each greedy batch with attention='hidden' (the encoder's states cached once, "
+                             "not each layer's keys and values: FLAN-T5-XL's 'auto' picks kv)")
     parser.add_argument("--fused-tiles", default="",
                         help="also time each greedy batch with attention='fused' at other kernel tiles, and check "
                              f"their tokens: {bc.FUSED_TILES_HELP}")
     parser.add_argument("--patches", default="",
-                        help="also time each greedy batch with attention='fused' under these settings, comma-separated "
-                             "strings of bench_common.PATCH_TOKENS joined by ':' (e.g. pvnograd)")
+                        help="also time each greedy batch under these settings (in the default attention mode),"
+                             " comma-separated strings of bench_common.PATCH_TOKENS joined by ':' (e.g. pvnograd)")
     parser.add_argument("--greedy-only", action="store_true",
                         help="only the greedy graphs rows and greedy token agreement (no eager/kv/beam/n-gram rows): "
                              "larger batches on a short device budget")
@@ -262,6 +265,8 @@ def main(argv=None) -> int:
     if args.fused:
         settings.append((settings[0][0] + ", fused cross-attention",
                          dict(use_cuda_graphs=use_graphs, attention="fused")))
+    if args.hidden:
+        settings.append((settings[0][0] + ", hidden", dict(use_cuda_graphs=use_graphs, attention="hidden")))
     if args.ab_slicing:
         settings.append((settings[0][0] + ", unsliced cross-attention",
                          dict(use_cuda_graphs=use_graphs, slice_cross_attention=False)))
@@ -358,15 +363,15 @@ def greedy_agreement(merged, subset, best, new_tokens, device, use_graphs, fused
         ours = fast_generate(merged, subset, min(best, len(subset)), new_tokens, attention=mode,
                              use_cuda_graphs=use_graphs)
         agree[f"sumtune_{mode}_vs_transformers_b32"] = agreement(ours, hf_big)
-    # the fused mode at each --fused-tiles spec and under each --patches setting, as their throughput rows
-    settings = [(spec, lambda s=spec: bc.fused_tiles(s)) for spec in tile_specs]
-    settings += [(patch, lambda p=patch: bc.patched(p)) for patch in patches]
-    for label, setting in settings:
+    # the fused mode at each --fused-tiles spec and the default mode under each --patches setting, as their rows
+    settings = [("fused", spec, lambda s=spec: bc.fused_tiles(s)) for spec in tile_specs]
+    settings += [("auto", patch, lambda p=patch: bc.patched(p)) for patch in patches]
+    for mode, label, setting in settings:
         release_generation_cache(merged)
         with setting():
-            ours = fast_generate(merged, subset, min(best, len(subset)), new_tokens, attention="fused",
+            ours = fast_generate(merged, subset, min(best, len(subset)), new_tokens, attention=mode,
                                  use_cuda_graphs=use_graphs)
-        agree[f"sumtune_fused_{label}_vs_transformers_b32"] = agreement(ours, hf_big)
+        agree[f"sumtune_{mode}_{label}_vs_transformers_b32"] = agreement(ours, hf_big)
     release_generation_cache(merged)
     return agree
 

@@ -124,3 +124,26 @@ def test_profiled_calls_the_step_as_often_as_asked_and_breaks_down_its_kernels()
     assert len(calls) == 3 and breakdown["steps"] == 3 and breakdown["wall_s_per_step"] > 0
     assert breakdown["kernel_s_per_step"] == 0 and breakdown["top_kernels"] == []  # a CPU runs no kernels
     assert any(event.name == "aten::sum" for event in prof.events())  # its CPU ops were recorded
+
+
+def test_generate_throughput_quick_times_patches_and_the_hidden_mode_in_the_mode_asked(
+        capsys, monkeypatch, tmp_path, billsum_jsonl, t5_tokenizer_dir):
+    """`generate_throughput.py --quick --hidden --patches …`: a --patches row runs in the default attention mode
+    (it forced the fused kernel before, so on FLAN-T5-XL, whose default is kv, it timed a mode change, not the patch),
+    the --hidden row in the hidden mode, and each one's tokens are checked against transformers'."""
+    import generate_throughput
+
+    (tmp_path / "billsum").mkdir()
+    shutil.copy(billsum_jsonl, tmp_path / "billsum" / "us_train_subset200_cleantext.jsonl")
+    shutil.copytree(t5_tokenizer_dir, tmp_path / "t5-tokenizer")
+    monkeypatch.setenv("SUMTUNE_SHARED_DATA", str(tmp_path))
+    modes = []
+    fast_generate = generate_throughput.fast_generate
+    monkeypatch.setattr(generate_throughput, "fast_generate",
+                        lambda *a, **k: modes.append(k.get("attention", "auto")) or fast_generate(*a, **k))
+    assert generate_throughput.main(["--quick", "--greedy-only", "--hidden", "--patches", "nows64",
+                                     "--reference-batches", "", "--agreement-inputs", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "greedy eager, nows64" in printed and "greedy eager, hidden" in printed
+    assert "sumtune_auto_nows64_vs_transformers_b32: sequences 1.000" in printed
+    assert "fused, nows64" not in printed and modes.count("hidden") >= 3  # its row's warm-up, timed run, agreement
