@@ -65,17 +65,17 @@ GLUON_FROM_KEYS = 1025
 # vs 0.815 ms at 256 rows x 4096 keys, 2.90 vs 3.18 at 1024 (decode_attention-…-hbm3-unsplit.json); generation at
 # 256 rows x 4096 -> 512 12.99 vs 12.48 summaries/s, tokens equal to transformers' (generate_throughput-…-hbm3-
 # unsplit.json); its GPU test passed again. On since then; token `nodecodews32`: off.
+# It takes launches split over keys too (fewer rows than WS_MIN_PROGRAMS below). Alone in CUDA graphs on an H100
+# (session 47) it ran them slower than gluon_decode, 0.189 against 0.175 ms at 32 rows x 4096 keys and 0.282 against
+# 0.260 at 64 (faster at 256, unsplit: 0.741 against 0.796; results/decode_attention-2026-12-06-h100-80gb-hbm3-
+# graphs.json), but whole generation on real bills at 64 rows ran 14.16-14.17 with it against 14.06 with gluon_decode
+# there, in three runs (generate_throughput-…-hbm3-split64{,b}.json): it keeps them.
 GLUON_WARP_SPECIALIZED = True
 # Its programs take an SM each (208 KiB of shared memory), so one a row and SM is a full wave: 256 rows run unsplit
 # (256 programs, two waves on 132 SMs) instead of in two splits whose combine (torch ops over a [B, 2, 32, D] fp32
 # buffer, ~67 MB at 256 rows) ran on top of the kernel in session 44's 0.98 ms against gluon_decode's 0.82 (that
 # kernel's 512 programs at 256 rows are unsplit under MIN_PROGRAMS). Token `wsmin264`: the shared MIN_PROGRAMS.
 WS_MIN_PROGRAMS = 132
-# It takes launches split over keys too (fewer rows than WS_MIN_PROGRAMS). Alone in CUDA graphs on an H100 (session
-# 47) it ran them slower than gluon_decode, 0.189 against 0.175 ms at 32 rows x 4096 keys and 0.282 against 0.260 at
-# 64 (faster at 256, unsplit: 0.741 against 0.796; results/decode_attention-2026-12-06-h100-80gb-hbm3-graphs.json),
-# but whole generation on real bills at 64 rows ran 14.16-14.17 with it against 14.06 with gluon_decode there, in
-# three runs (generate_throughput-…-hbm3-split64{,b}.json): it keeps them.
 # Launches split over keys (rows too few to fill the GPU: real bills at 64 rows, any launch under 132 rows of the
 # 32-head kernel) combine their splits in one Triton kernel (`cross_kernels.combine_splits`: one read of the fp32
 # partial sums) instead of ~10 torch ops that write and read back a [B, splits, heads, D] product. On an H100
