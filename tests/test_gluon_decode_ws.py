@@ -71,7 +71,6 @@ def test_the_warp_specialized_decode_kernel_aims_at_one_program_an_sm():
     assert cross_attention.choose_splits(32, 4096, 64, 1, ws) == 5
 
 
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
                     reason="needs a Hopper GPU")
