@@ -238,3 +238,57 @@ def test_a_hub_id_loads_from_the_cache_offline(trained_run, eval_texts, tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     expected = Summarizer.from_pretrained(trained_run, device="cpu").summarize(eval_texts[:2], progress=False)
     assert json.loads(result.stdout.strip().splitlines()[-1]) == expected
+
+
+def test_running_out_of_gpu_memory_while_summarizing_is_one_sentence_and_the_output_is_left_alone(
+        trained_run, eval_texts, tmp_path, monkeypatch, capsys):
+    """A batch too big for the GPU (FLAN-T5-XL's kv cache at 128 rows x 4096 tokens took more than 80 GB, session 47)
+    ends `summarize` with one sentence naming the batch and what to lower, exit status 2, no traceback, an existing
+    output untouched; the summarizer frees its decoding buffers and summarizes the next, smaller call."""
+    from sumtune.generation import summaries
+
+    out = tmp_path / "preds.jsonl"
+    out.write_text("earlier predictions\n")
+    generate = summaries.generate_summaries
+    sizes = []
+
+    def out_of_memory(*args, **kwargs):
+        sizes.append(kwargs["batch_size"])
+        if kwargs["batch_size"] > 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(summaries, "generate_summaries", out_of_memory)
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in eval_texts))
+    code = cli.main(["summarize", str(trained_run), "--input", str(docs), "--output", str(out), "--batch-size", "128",
+                     "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert ("ran out of memory while generating summaries (128 documents × 64 source tokens, 1 beam(s), up to "
+            "16 new tokens); lower --batch-size or --num-beams.") in err
+    assert out.read_text() == "earlier predictions\n"
+    summarizer = Summarizer.from_pretrained(trained_run, device="cpu")
+    with pytest.raises(SumtuneError, match="lower --batch-size"):
+        summarizer.summarize(eval_texts, batch_size=8, progress=False)
+    assert summarizer._dense is None  # released
+    assert len(summarizer.summarize(eval_texts, batch_size=2, progress=False)) == len(eval_texts)
+    assert sizes == [128, 8, 2]
+
+
+def test_running_out_of_gpu_memory_in_evaluate_is_one_sentence(trained_run, tmp_path, monkeypatch, capsys):
+    """`sumtune evaluate` with a generation batch too big for the GPU: one sentence naming the batch and what to
+    lower, exit status 2, no traceback, no metrics written."""
+    from sumtune import evaluation
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+
+    monkeypatch.setattr(evaluation, "evaluate_rows", out_of_memory)
+    out = tmp_path / "eval"
+    code = cli.main(["evaluate", str(trained_run), "--batch-size", "128", "--max-samples", "4", "--device", "cpu",
+                     "--no-progress", "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and err.strip().splitlines()[-1].startswith("sumtune: error: CUDA"), err
+    assert "while generating summaries (128 documents × 64 source tokens" in err and "lower --batch-size" in err
+    assert not (out / "metrics.json").exists()

@@ -84,6 +84,8 @@ def evaluate(run_dir: str | Path, *, dataset: str | None = None, max_samples: in
     RUN_DIR/eval/NAME/ (`name`, default: what was evaluated and when), or to `output_dir`: never over the training's
     own final evaluation in RUN_DIR/eval/, which the report headlines. Generation settings left None are the
     run's. `progress`: bars on a terminal, else plain lines."""
+    import torch
+
     from sumtune import truncation
     from sumtune.config import GenerationSettings
     from sumtune.data import load_eval_rows, load_rows
@@ -111,10 +113,21 @@ def evaluate(run_dir: str | Path, *, dataset: str | None = None, max_samples: in
                                      trust_remote_code=trust_remote_code, progress=progress)
     source_ids, lengths = truncation.evaluation_report(tokenizer, rows, cfg, settings.max_new_tokens)
     progress_.write(lengths.line())  # what the run's source limit and the generation length cut
-    metrics, records = evaluate_rows(
-        model, tokenizer, rows, prefix=cfg.source_prefix, max_source_tokens=cfg.max_source_tokens,
-        batch_size=batch_size or cfg.eval_batch_size, progress=progress_, source_ids=source_ids,
-        **settings.kwargs())
+    batch_size = batch_size or cfg.eval_batch_size
+    try:
+        metrics, records = evaluate_rows(
+            model, tokenizer, rows, prefix=cfg.source_prefix, max_source_tokens=cfg.max_source_tokens,
+            batch_size=batch_size, progress=progress_, source_ids=source_ids, **settings.kwargs())
+    except torch.cuda.OutOfMemoryError:
+        metrics = None  # the message is built outside the except block, so the OOM traceback's tensors are freed
+    if metrics is None:
+        from sumtune.faults import eval_oom_message
+
+        raise SumtuneError(eval_oom_message(eval_batch_size=batch_size, num_beams=settings.num_beams,
+                                            max_new_tokens=settings.max_new_tokens,
+                                            source_tokens=cfg.max_source_tokens,
+                                            device=next(model.parameters()).device, what="summaries",
+                                            batch_option="--batch-size"))
     write_eval(out, metrics, records)
     progress_.write(f"sumtune: evaluation of {len(rows)} documents written to {out}")
     return metrics

@@ -123,10 +123,11 @@ def oom_message(*, where: str, micro_batch: int, source_tokens: int, target_toke
 
 
 def eval_oom_message(*, eval_batch_size: int, num_beams: int, max_new_tokens: int, source_tokens: int,
-                     device: torch.device) -> str:
-    return (f"CUDA ran out of memory{_gpu_size(device)} while generating evaluation summaries ({eval_batch_size} "
+                     device: torch.device, what: str = "evaluation summaries",
+                     batch_option: str = "--eval-batch-size") -> str:
+    return (f"CUDA ran out of memory{_gpu_size(device)} while generating {what} ({eval_batch_size} "
             f"documents × {source_tokens} source tokens, {num_beams} beam(s), up to {max_new_tokens} new tokens); "
-            f"lower --eval-batch-size or --num-beams.")
+            f"lower {batch_option} or --num-beams.")
 
 
 def _gpu_size(device: torch.device) -> str:

@@ -163,6 +163,9 @@ class Summarizer:
                   progress: bool = True) -> list[str]:
         """Summaries of `texts`, in order. Generation settings left None are the run's (its config.yaml);
         `progress` draws a bar when stderr is a terminal."""
+        import torch
+
+        from sumtune.faults import eval_oom_message
         from sumtune.generation.summaries import generate_summaries, inference_copy
         from sumtune.progress import Progress
 
@@ -176,12 +179,21 @@ class Summarizer:
             return []
         if not self._dense_ready:
             self._dense, self._dense_ready = inference_copy(self.model), True
-        summaries, _ = generate_summaries(
-            self.model, self.tokenizer, list(texts), prefix=self.cfg.source_prefix,
-            max_source_tokens=self.cfg.max_source_tokens,
-            batch_size=self.cfg.eval_batch_size if batch_size is None else batch_size, dense_model=self._dense,
-            progress=Progress(enabled=progress) if progress else None, **settings.kwargs())
-        return summaries
+        batch_size = self.cfg.eval_batch_size if batch_size is None else batch_size
+        try:
+            summaries, _ = generate_summaries(
+                self.model, self.tokenizer, list(texts), prefix=self.cfg.source_prefix,
+                max_source_tokens=self.cfg.max_source_tokens, batch_size=batch_size, dense_model=self._dense,
+                progress=Progress(enabled=progress) if progress else None, **settings.kwargs())
+            return summaries
+        except torch.cuda.OutOfMemoryError:
+            message = eval_oom_message(eval_batch_size=batch_size, num_beams=settings.num_beams,
+                                       max_new_tokens=settings.max_new_tokens,
+                                       source_tokens=self.cfg.max_source_tokens,
+                                       device=next(self.model.parameters()).device,
+                                       what="summaries", batch_option="--batch-size")
+        self.release()  # the decoding buffers a failed batch left behind
+        raise SumtuneError(message)  # outside the except block: the OOM traceback (and its tensors) is freed
 
     def release(self) -> None:
         """Free the dense copy and its decoding buffers (CUDA graphs included); the next call makes them again."""
