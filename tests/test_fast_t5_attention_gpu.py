@@ -67,14 +67,16 @@ def _check_against_sdpa_and_float64(fa, head_dim, causal, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("head_dim,causal,dtype", [(64, False, torch.bfloat16), (128, False, torch.bfloat16),
-                                                   (128, True, torch.bfloat16), (64, True, torch.float16)])
-def test_gpu_kernels_no_further_from_float64_than_sdpa(compiled_fa, monkeypatch, head_dim, causal, dtype):
+@pytest.mark.parametrize("ds_gemm,head_dim,causal,dtype", [
+    (False, 64, False, torch.bfloat16), (False, 128, False, torch.bfloat16), (False, 128, True, torch.bfloat16),
+    (False, 64, True, torch.float16), (True, 128, False, torch.bfloat16), (True, 64, True, torch.float16)])
+def test_gpu_kernels_no_further_from_float64_than_sdpa(compiled_fa, monkeypatch, ds_gemm, head_dim, causal, dtype):
     """Compiled kernels vs float64, next to SDPA with the materialised bias (stock's way); with dropout, against
-    float64 with the kernels' own mask. The backward with its dQ kernel (DS_GEMM off: the route above the buffer
-    cap); the stored-dS route is the next test."""
+    float64 with the kernels' own mask. The backward through both dQ routes: the dQ kernel (DS_GEMM off: the route
+    above the buffer cap) and dQ from the dS the compiled dK/dV kernel stores, as cuBLAS GEMMs (DS_GEMM, the
+    default)."""
     fa = compiled_fa
-    monkeypatch.setattr(fa, "DS_GEMM", False)
+    monkeypatch.setattr(fa, "DS_GEMM", ds_gemm)
     with first_configs(fa):
         _check_against_sdpa_and_float64(fa, head_dim, causal, dtype)
 
@@ -94,17 +96,6 @@ def test_gpu_precise_pv_no_further_from_float64_than_sdpa(compiled_fa, monkeypat
     monkeypatch.setattr(fa, "PRECISE_PV_MIN_KEYS", 0)
     with first_configs(fa):
         _check_against_sdpa_and_float64(fa, head_dim, causal, torch.bfloat16)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("head_dim,causal,dtype", [(128, False, torch.bfloat16), (64, True, torch.float16)])
-def test_gpu_dq_from_stored_ds_no_further_from_float64_than_sdpa(compiled_fa, monkeypatch, head_dim, causal, dtype):
-    """The same check with DS_GEMM (the default): dQ from the dS the compiled dK/dV kernel stores, as cuBLAS GEMMs."""
-    fa = compiled_fa
-    monkeypatch.setattr(fa, "DS_GEMM", True)
-    with first_configs(fa):
-        _check_against_sdpa_and_float64(fa, head_dim, causal, dtype)
 
 
 @pytest.mark.gpu
