@@ -90,7 +90,7 @@ def evaluate(run_dir: str | Path, *, dataset: str | None = None, max_samples: in
     from sumtune.config import GenerationSettings
     from sumtune.data import load_eval_rows, load_rows
     from sumtune.evaluation import evaluate_rows, new_eval_dir, write_eval
-    from sumtune.inference import check_generation_options, load_run, read_run_config
+    from sumtune.inference import check_generation_options, load_run, read_run_config, summaries_oom_message
     from sumtune.progress import Progress
     from sumtune.safe_io import check_output_location
 
@@ -114,20 +114,15 @@ def evaluate(run_dir: str | Path, *, dataset: str | None = None, max_samples: in
     source_ids, lengths = truncation.evaluation_report(tokenizer, rows, cfg, settings.max_new_tokens)
     progress_.write(lengths.line())  # what the run's source limit and the generation length cut
     batch_size = batch_size or cfg.eval_batch_size
+    message = None
     try:
         metrics, records = evaluate_rows(
             model, tokenizer, rows, prefix=cfg.source_prefix, max_source_tokens=cfg.max_source_tokens,
             batch_size=batch_size, progress=progress_, source_ids=source_ids, **settings.kwargs())
     except torch.cuda.OutOfMemoryError:
-        metrics = None  # the message is built outside the except block, so the OOM traceback's tensors are freed
-    if metrics is None:
-        from sumtune.faults import eval_oom_message
-
-        raise SumtuneError(eval_oom_message(eval_batch_size=batch_size, num_beams=settings.num_beams,
-                                            max_new_tokens=settings.max_new_tokens,
-                                            source_tokens=cfg.max_source_tokens,
-                                            device=next(model.parameters()).device, what="summaries",
-                                            batch_option="--batch-size"))
+        message = summaries_oom_message(batch_size, settings, cfg.max_source_tokens, model)
+    if message is not None:
+        raise SumtuneError(message)  # outside the except block: the OOM traceback (and its tensors) is freed
     write_eval(out, metrics, records)
     progress_.write(f"sumtune: evaluation of {len(rows)} documents written to {out}")
     return metrics

@@ -165,7 +165,6 @@ class Summarizer:
         `progress` draws a bar when stderr is a terminal."""
         import torch
 
-        from sumtune.faults import eval_oom_message
         from sumtune.generation.summaries import generate_summaries, inference_copy
         from sumtune.progress import Progress
 
@@ -187,11 +186,7 @@ class Summarizer:
                 progress=Progress(enabled=progress) if progress else None, **settings.kwargs())
             return summaries
         except torch.cuda.OutOfMemoryError:
-            message = eval_oom_message(eval_batch_size=batch_size, num_beams=settings.num_beams,
-                                       max_new_tokens=settings.max_new_tokens,
-                                       source_tokens=self.cfg.max_source_tokens,
-                                       device=next(self.model.parameters()).device,
-                                       what="summaries", batch_option="--batch-size")
+            message = summaries_oom_message(batch_size, settings, self.cfg.max_source_tokens, self.model)
         self.release()  # the decoding buffers a failed batch left behind
         raise SumtuneError(message)  # outside the except block: the OOM traceback (and its tensors) is freed
 
@@ -202,6 +197,15 @@ class Summarizer:
 
             release_generation_cache(self._dense)
         self._dense, self._dense_ready = None, False
+
+
+def summaries_oom_message(batch_size: int, settings: GenerationSettings, source_tokens: int, model) -> str:
+    """One sentence for running out of GPU memory while `summarize` or `evaluate` generates (their --batch-size)."""
+    from sumtune.faults import eval_oom_message
+
+    return eval_oom_message(eval_batch_size=batch_size, num_beams=settings.num_beams,
+                            max_new_tokens=settings.max_new_tokens, source_tokens=source_tokens,
+                            device=next(model.parameters()).device, what="summaries", batch_option="--batch-size")
 
 
 def merged_generation_settings(settings: GenerationSettings) -> dict:
