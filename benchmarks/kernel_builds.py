@@ -1,8 +1,9 @@
-"""Static counts of two kernels behind off-by-default levers, compiled for sm_90 on this machine (no GPU): the LoRA
-dropout backward (`sumtune.fast_t5.lora_dropout_kernels.low_rank_bwd`, shipped tile, r = 32, dx update) without and
-with MASK_SCRATCH (its Philox rounds: `tt.mulhiui` in the TTGIR; the loop body's SASS instructions, registers,
-cp.async), and the decoding split combine (`sumtune.generation.cross_kernels.combine_splits`, FUSED_COMBINE) at
-d_model 1024. Counts, not times: a GPU decides.
+"""Static counts of kernels compiled for sm_90 on this machine (no GPU): the LoRA dropout backward
+(`sumtune.fast_t5.lora_dropout_kernels.low_rank_bwd`, shipped tile, r = 32, dx update) without and with
+MASK_SCRATCH (its Philox rounds: `tt.mulhiui` in the TTGIR; the loop body's SASS instructions, registers,
+cp.async), the decoding split combine (`sumtune.generation.cross_kernels.combine_splits`, FUSED_COMBINE) at
+d_model 1024, and the Triton decoding kernel's shared memory per tile at d_model 1024 and 2048 (which tiles an
+SM holds: `cross_attention.fitted_block_n`). Counts, not times: a GPU decides.
 
     python benchmarks/kernel_builds.py      # run without TRITON_INTERPRET
 
@@ -55,6 +56,28 @@ def combine_rows() -> list[dict]:
     return rows
 
 
+DECODE_TYPES = dict(Q="*bf16", MEM="*bf16", LENGTHS="*i32", OUT="*bf16", ACC="*fp32", MAX="*fp32", SUM="*fp32",
+                    BIAS="*bf16", stride_qb="i32", stride_qh="i32", stride_mb="i32", stride_mn="i32", stride_ob="i32",
+                    stride_oh="i32", stride_lb="i32", stride_bh="i32", heads="i32", keys_per_split="i32")
+
+
+def decode_tile_rows() -> list[dict]:
+    """The Triton decoding kernel's shared memory at T5-3b's d_model 1024 and FLAN-T5-XL's 2048, per tile (keys,
+    warps) at 16 heads a program: which tiles an SM's 227 KiB holds (cross_attention.fitted_block_n)."""
+    from sumtune.fast_t5.flash_compile import compile_source
+    from sumtune.generation import cross_attention, cross_kernels
+
+    rows = []
+    for d_model in (1024, 2048):
+        for block_n, warps in ((64, 8), (32, 4), (16, 4)):
+            compiled = compile_source(cross_kernels.hidden_cross_attention, DECODE_TYPES, dict(
+                BLOCK_H=cross_attention.HEADS_PER_PROGRAM, D=d_model, BLOCK_N=block_n, SPLIT=True, UPCAST=False,
+                HAS_BIAS=False), warps, cross_attention.NUM_STAGES)
+            rows.append(dict(kernel="cross_kernels.hidden_cross_attention", d_model=d_model, block_n=block_n,
+                             warps=warps, shared_bytes=compiled.metadata.shared))
+    return rows
+
+
 def summary(lora: list[dict], combine: list[dict]) -> str:
     drawn, scratch = lora
     registers = [row["registers"] for row in combine]
@@ -68,16 +91,20 @@ def summary(lora: list[dict], combine: list[dict]) -> str:
 def main() -> int:
     import triton
 
-    lora, combine = lora_backward_rows(), combine_rows()
-    for row in lora + combine:
+    lora, combine, decode = lora_backward_rows(), combine_rows(), decode_tile_rows()
+    for row in lora + combine + decode:
         print(row)
-    result = summary(lora, combine)
+    result = summary(lora, combine) + " hidden_cross_attention shared memory: " + ", ".join(
+        f"{row['block_n']} keys x {row['warps']} warps at d_model {row['d_model']} {row['shared_bytes']:,} bytes"
+        for row in decode) + "."
     print(result)
     path = bc.save_result("kernel_builds", dict(
-        gpu="none (compiled for sm_90 on a CPU)", triton=triton.__version__, rows=lora + combine, result=result,
+        gpu="none (compiled for sm_90 on a CPU)", triton=triton.__version__, rows=lora + combine + decode,
+        result=result,
         what="sm_90 builds by triton.compile on the CPU (no GPU ran them): lora_dropout's backward at the shipped "
              "tile and r=32 with the dx update, without and with MASK_SCRATCH (on by default since session 46), and "
-             "cross_kernels.combine_splits (FUSED_COMBINE) at d_model 1024 and 2, 5, 16 splits. Command: python "
+             "cross_kernels.combine_splits (FUSED_COMBINE) at d_model 1024 and 2, 5, 16 splits, and the Triton "
+             "decoding kernel's shared memory per tile at d_model 1024 and 2048. Command: python "
              "benchmarks/kernel_builds.py"), slug="cpu-sm90")
     print(f"saved {path}")
     return 0
