@@ -46,7 +46,7 @@ NUM_STAGES = 2  # Triton's software pipelining depth over the key tiles
 # tile that launched, or 0 where none did (torch's ops then), for the process: CUDA graphs replay the eager choice.
 # sm_90 builds at 16 heads a program (Triton 3.6, session 47): 64 keys x 8 warps take 166 KB at d_model 1024 and
 # 330 KB at 2048 (an H100/H200 SM has 227 KiB: FLAN-T5-XL's launches failed), 32 x 4 99 and 198 KB, 16 x 4 66 and
-# 132 KB.
+# 132 KB (results/kernel_builds-2026-12-06-cpu-sm90-2.json).
 fitted_block_n: dict[tuple[int, int, int, int], int] = {}
 MIN_BLOCK_N = 16  # a tensor-core tile's keys
 # The kernel in Gluon with Hopper's warpgroup MMAs, keys first, its chunks by TMA (sumtune.generation.gluon_decode):
