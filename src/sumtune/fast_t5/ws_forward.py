@@ -33,7 +33,7 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
-from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_init, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
 ROWS = 64  # a consumer warpgroup's query rows (one warpgroup MMA's M); a program takes two
 BLOCK_N = 128  # keys a tile
@@ -56,13 +56,6 @@ LAUNCH_REGISTERS = 168  # 12 warps (8 consumers, the producer's warpgroup) x 168
 # 256 rows x 4096 -> 512 12.55 against 12.48 summaries/s alone and 13.11 against 12.99 beside decodews32, tokens equal
 # to transformers' (results/generate_throughput-2026-12-06-h100-80gb-hbm3-unsplit.json); token `nowslean`: off.
 LEAN_FAR_TILES = True
-# Session 48 levers, off until a GPU measures them (tokens `wsahead`, `wsdefer`). MASK_AHEAD: with dropout, the next
-# tile's Philox words are drawn while this tile's two products run (they need no data), not between the scores and
-# P·V. Why: at 32x32x1024x128 on an H100 the forward with dropout took 2.79 ms against ~1.4 without it, far more than
-# the draws' arithmetic, so they sat on the critical path. DEFER_PV_WAIT: FlashAttention-3's intra-warpgroup overlap,
-# the wait for a tile's P·V after the next tile's softmax, which then runs beside the tensor cores.
-MASK_AHEAD = False
-DEFER_PV_WAIT = False
 BOX_COLUMNS = 64  # 128 bytes of bf16: the 128-byte swizzle's width, so a head_dim-128 tile lands as two boxes
 _BOX = gl.constexpr(BOX_COLUMNS)
 _ROWS = gl.constexpr(ROWS)
@@ -100,8 +93,9 @@ def _producer(q_desc, k_desc, v_desc, q_bufs, k_ring, v_ring, q_bars, k_ready, k
 
 
 @gluon.jit
-def _philox_words(seed, stream, counter):
-    """Random123's Philox-2x32, 7 rounds (`dropout_draws._philox2x32`): two 32-bit words a counter, in its layout."""
+def _pair_draws(seed, stream, counter, drop_below):
+    """`dropout_draws._pair_draws` in Gluon: the keep flags of one Philox-2x32 call per counter (in the counter's
+    layout), for (query r, key c), (r, c + 8), (r + 8, c), (r + 8, c + 8)."""
     c0 = counter.to(gl.uint32, bitcast=True)
     c1 = (gl.zeros_like(counter) + stream).to(gl.uint32, bitcast=True)
     key = (gl.zeros_like(counter).to(gl.int64) + seed).to(gl.uint32)
@@ -111,23 +105,18 @@ def _philox_words(seed, stream, counter):
         c0 = hi ^ c1 ^ key
         c1 = lo
         key = key + _PHILOX2_W
-    return c0, c1
-
-
-@gluon.jit
-def _pair_draws(seed, stream, counter, drop_below):
-    """`dropout_draws._pair_draws` in Gluon: the keep flags of one Philox-2x32 call per counter (in the counter's
-    layout), for (query r, key c), (r, c + 8), (r + 8, c), (r + 8, c + 8)."""
-    c0, c1 = _philox_words(seed, stream, counter)
     return ((c0 & 0xFFFF).to(gl.int32) >= drop_below, (c0 >> 16).to(gl.int32) >= drop_below,
             (c1 & 0xFFFF).to(gl.int32) >= drop_below, (c1 >> 16).to(gl.int32) >= drop_below)
 
 
 @gluon.jit
-def _pair_words(seed, stream, m0, start_n, n_cols, ROWS: gl.constexpr, COLS: gl.constexpr):
-    """The two Philox-2x32 words of every call of ``dropout_draws._keep_pairs`` (one per queries {r, r + 8} x keys
-    {c, c + 8}) for queries m0.. and keys start_n.., laid out (linear layout below) where the warpgroup accumulator
-    holds their (r, c) element. They depend on no data: MASK_AHEAD draws the next tile's while the MMAs run."""
+def _keep_pairs(seed, stream, m0, start_n, n_cols, drop_below, ROWS: gl.constexpr, COLS: gl.constexpr,
+                s_layout: gl.constexpr):
+    """The (ROWS, COLS) keep mask of queries m0.. and keys start_n.. in ``s_layout``: the draws of
+    ``dropout_draws._keep_pairs`` (one Philox-2x32 call per queries {r, r + 8} x keys {c, c + 8}, four 16-bit draws),
+    so the Triton backward regenerates the same mask. The calls are laid out (linear layout below) where the
+    warpgroup accumulator holds their (r, c) element; joined, reshaped and permuted as the Triton helper does, the
+    mask is in ``s_layout`` with no data movement (the conversion is asserted trivial at compile time)."""
     gl.static_assert(ROWS == 64 and COLS == 128, "the calls' layout below is that of a 4-warp m64n128 accumulator")
     # An accumulator element (r, c): register bits c + 1, +8 row, c + 8, 16, 32, 64; lane bits c + 2, 4, r + 1, 2, 4;
     # warp bits r + 16, 32. The call of (r, c) with r % 16 < 8 and c % 16 < 8 sits where that element does.
@@ -136,24 +125,12 @@ def _pair_words(seed, stream, m0, start_n, n_cols, ROWS: gl.constexpr, COLS: gl.
         warp_bases=[[8, 0], [16, 0]], block_bases=[], shape=[ROWS // 2, COLS // 2])
     rows = m0 // 2 + gl.arange(0, ROWS // 2, layout=gl.SliceLayout(1, calls))  # counter row: 8 per 16-query band
     cols = start_n // 2 + gl.arange(0, COLS // 2, layout=gl.SliceLayout(0, calls))  # 8 per 16-key band
-    return _philox_words(seed, stream, rows[:, None] * n_cols + cols[None, :])
-
-
-@gluon.jit
-def _keep_from_words(w0, w1, drop_below, s_layout: gl.constexpr):
-    """The (ROWS, COLS) keep mask in ``s_layout`` from `_pair_words`' words: four 16-bit draws a call, for (query r,
-    key c), (r, c + 8), (r + 8, c), (r + 8, c + 8); joined, reshaped and permuted as the Triton helper does, the mask
-    is in ``s_layout`` with no data movement (the conversion is asserted trivial at compile time)."""
-    near = (w0 & 0xFFFF).to(gl.int32) >= drop_below
-    far_key = (w0 >> 16).to(gl.int32) >= drop_below
-    far_query = (w1 & 0xFFFF).to(gl.int32) >= drop_below
-    far_both = (w1 >> 16).to(gl.int32) >= drop_below
-    rows: gl.constexpr = 2 * w0.type.shape[0]
-    cols: gl.constexpr = 2 * w0.type.shape[1]
+    near, far_key, far_query, far_both = _pair_draws(seed, stream, rows[:, None] * n_cols + cols[None, :],
+                                                     drop_below)
     keep = gl.join(gl.join(near, far_key), gl.join(far_query, far_both))  # (rows, columns, +8 column, +8 row)
-    keep = gl.reshape(keep, (rows // 16, 8, cols // 16, 8, 2, 2))
+    keep = gl.reshape(keep, (ROWS // 16, 8, COLS // 16, 8, 2, 2))
     keep = gl.permute(keep, (0, 5, 1, 2, 4, 3))  # (row band, +8 row, row, column band, +8 column, column)
-    return gl.convert_layout(gl.reshape(keep, (rows, cols)), s_layout, assert_trivial=True)
+    return gl.convert_layout(gl.reshape(keep, (ROWS, COLS)), s_layout, assert_trivial=True)
 
 
 @gluon.jit
@@ -186,8 +163,7 @@ def _scores(s, j, m0, block_n: gl.constexpr, s_layout: gl.constexpr, qk_scale, f
 def _consumer(which: gl.constexpr, O, LSE, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty,
               out_base, bh, start_m, Lq, Lk, stride_om, n_tiles, qk_scale, TABLE, BAND, table_row, table_zero,
               band_head, band_w, R, KMASK, kv_len, read_mask, h, SEED, drop_below, drop_scale,
-              HAS_BIAS: gl.constexpr, HAS_KEY_MASK: gl.constexpr, LEAN_FAR: gl.constexpr, DROPOUT: gl.constexpr,
-              MASK_AHEAD: gl.constexpr, DEFER_PV_WAIT: gl.constexpr):
+              HAS_BIAS: gl.constexpr, HAS_KEY_MASK: gl.constexpr, LEAN_FAR: gl.constexpr, DROPOUT: gl.constexpr):
     rows: gl.constexpr = q_bufs.type.shape[1]
     head_dim: gl.constexpr = q_bufs.type.shape[2]
     block_n: gl.constexpr = k_ring.type.shape[1]
@@ -218,11 +194,6 @@ def _consumer(which: gl.constexpr, O, LSE, q_bufs, k_ring, v_ring, q_bars, k_rea
     m_i = gl.full([rows], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([rows], gl.float32, layout=gl.SliceLayout(1, s_layout))
     acc = gl.zeros([rows, head_dim], gl.float32, layout=o_layout)
-    if DEFER_PV_WAIT:  # the P·V in flight across the loop's back edge: its accumulator and operand
-        acc = warpgroup_mma_init(acc)
-        p_op = gl.zeros([rows, block_n], dtype, layout=p_layout)
-    if DROPOUT and MASK_AHEAD:
-        w0, w1 = _pair_words(seed, bh.to(gl.int32), m0, 0, n_cols, rows, block_n)
     mbarrier.wait(k_ready.index(0), 0)
     s = warpgroup_mma(q, k_ring.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
@@ -251,15 +222,8 @@ def _consumer(which: gl.constexpr, O, LSE, q_bufs, k_ring, v_ring, q_bars, k_rea
         p_half = p.to(dtype)
         if DROPOUT:  # the denominator counts every key; dropout acts on the normalised probabilities (masked after
             # the rounding: the same values)
-            if MASK_AHEAD:
-                keep = _keep_from_words(w0, w1, drop_below, s_layout)
-            else:
-                keep = _keep_from_words(*_pair_words(seed, bh.to(gl.int32), m0, start_n, n_cols, rows, block_n),
-                                        drop_below, s_layout)
-            p_half = gl.where(keep, p_half, 0.0)
-        if DEFER_PV_WAIT:  # the previous tile's P·V ran beside this tile's softmax (FlashAttention-3's overlap)
-            acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
-            mbarrier.arrive(v_empty.index((j + stages - 1) % stages), count=1, pred=j > 0)
+            p_half = gl.where(_keep_pairs(seed, bh.to(gl.int32), m0, start_n, n_cols, drop_below, rows, block_n,
+                                          s_layout), p_half, 0.0)
         p_op = gl.convert_layout(p_half, p_layout)
         # the next tile's scores to the tensor cores before this tile's P·V (none after the last: a stale slot's
         # product, never read)
@@ -271,16 +235,10 @@ def _consumer(which: gl.constexpr, O, LSE, q_bufs, k_ring, v_ring, q_bars, k_rea
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
         mbarrier.wait(v_ready.index(slot), (j // stages) & 1)
         acc = warpgroup_mma(p_op, v_ring.index(slot), acc, is_async=True)
-        if DROPOUT and MASK_AHEAD:  # the next tile's draws need no data: made while both products run
-            w0, w1 = _pair_words(seed, bh.to(gl.int32), m0, start_n + block_n, n_cols, rows, block_n)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s_next,))
         mbarrier.arrive(k_empty.index(next_slot), count=1, pred=has_next)
-        if not DEFER_PV_WAIT:
-            acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
-            mbarrier.arrive(v_empty.index(slot), count=1)
-    if DEFER_PV_WAIT:
         acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
-        mbarrier.arrive(v_empty.index((n_tiles - 1) % stages), count=1)
+        mbarrier.arrive(v_empty.index(slot), count=1)
 
     empty = l_i == 0.0  # no key to attend to: output 0, and lse = +inf (as the Triton forward writes it)
     l_safe = gl.where(empty, 1.0, l_i)
@@ -301,8 +259,7 @@ def _consumer0(O, LSE, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready
     _consumer(0, O, LSE, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty, out_base, bh,
               start_m, Lq, Lk, stride_om, n_tiles, qk_scale, TABLE, BAND, table_row, table_zero, band_head, band_w,
               R, KMASK, kv_len, read_mask, h, SEED, drop_below, drop_scale, flags.type.shape[0] > 1,
-              flags.type.shape[1] > 1, flags.type.shape[2] > 1, flags.type.shape[3] > 1,
-              flags.type.shape[4] > 1, flags.type.shape[5] > 1)
+              flags.type.shape[1] > 1, flags.type.shape[2] > 1, flags.type.shape[3] > 1)
 
 
 @gluon.jit
@@ -312,8 +269,7 @@ def _consumer1(O, LSE, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready
     _consumer(1, O, LSE, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty, out_base, bh,
               start_m, Lq, Lk, stride_om, n_tiles, qk_scale, TABLE, BAND, table_row, table_zero, band_head, band_w,
               R, KMASK, kv_len, read_mask, h, SEED, drop_below, drop_scale, flags.type.shape[0] > 1,
-              flags.type.shape[1] > 1, flags.type.shape[2] > 1, flags.type.shape[3] > 1,
-              flags.type.shape[4] > 1, flags.type.shape[5] > 1)
+              flags.type.shape[1] > 1, flags.type.shape[2] > 1, flags.type.shape[3] > 1)
 
 
 @gluon.jit
@@ -321,8 +277,7 @@ def t5_ws_fwd(q_desc, k_desc, v_desc, O, LSE, TABLE, BAND, KMASK, KV_LEN, HOLES,
               stride_ob, stride_oh, stride_om, stride_mask_b, H, Lq, Lk, R, table_row, table_zero, band_head,
               band_w, qk_scale, drop_below, drop_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
               STAGES: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_KEY_MASK: gl.constexpr, LEAN_FAR: gl.constexpr,
-              DROPOUT: gl.constexpr, MASK_AHEAD: gl.constexpr, DEFER_PV_WAIT: gl.constexpr,
-              CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+              DROPOUT: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     tile_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     dtype: gl.constexpr = q_desc.dtype
     rows: gl.constexpr = _ROWS
@@ -349,9 +304,8 @@ def t5_ws_fwd(q_desc, k_desc, v_desc, O, LSE, TABLE, BAND, KMASK, KV_LEN, HOLES,
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     # the two flags as a tiny buffer's shape: a partition's constexpr arguments arrive as tensors (see _producer)
-    flags = gl.allocate_shared_memory(gl.int8, [1 + HAS_BIAS, 1 + HAS_KEY_MASK, 1 + LEAN_FAR, 1 + DROPOUT,
-                                                1 + MASK_AHEAD, 1 + DEFER_PV_WAIT],
-                                      gl.SwizzledSharedLayout(1, 1, 1, [5, 4, 3, 2, 1, 0]))
+    flags = gl.allocate_shared_memory(gl.int8, [1 + HAS_BIAS, 1 + HAS_KEY_MASK, 1 + LEAN_FAR, 1 + DROPOUT],
+                                      gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
     for i in gl.static_range(2):
         mbarrier.init(q_bars.index(i), count=1)
     for i in gl.static_range(STAGES):
@@ -420,7 +374,7 @@ def forward(q, k, v, out, lse, table, table_geometry, band, mask, lengths, holes
         mask.stride(0) if mask is not None else 0, heads, query_len, k.shape[2], radius, *table_geometry,
         band["band_head"] if band else 0, band["band_w"] if band else 0, qk_scale, drop_below, drop_scale,
         HEAD_DIM=head_dim, BLOCK_N=BLOCK_N, STAGES=STAGES, HAS_BIAS=table is not None,
-        HAS_KEY_MASK=mask is not None, DROPOUT=dropout is not None, MASK_AHEAD=MASK_AHEAD, DEFER_PV_WAIT=DEFER_PV_WAIT,
+        HAS_KEY_MASK=mask is not None, DROPOUT=dropout is not None,
         LEAN_FAR=LEAN_FAR_TILES and qk_scale > 0,  # a row's largest product must be its largest score
         CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4, maxnreg=LAUNCH_REGISTERS)
 
@@ -434,8 +388,7 @@ def compile_for_sm90(block_n: int | None = None, stages: int | None = None, head
     divisible by 16); ``flags`` override HAS_BIAS / HAS_KEY_MASK (on), LEAN_FAR, DROPOUT (off)."""
     block_n, stages = block_n or BLOCK_N, stages or STAGES
     constexprs = {**dict(HEAD_DIM=head_dim, BLOCK_N=block_n, STAGES=stages, HAS_BIAS=True, HAS_KEY_MASK=True,
-                         LEAN_FAR=LEAN_FAR_TILES, DROPOUT=False, MASK_AHEAD=MASK_AHEAD, DEFER_PV_WAIT=DEFER_PV_WAIT,
-                         CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4),
+                         LEAN_FAR=LEAN_FAR_TILES, DROPOUT=False, CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4),
                   **flags}
     layout = "NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)"
     types = dict(_SIGNATURE, q_desc=f"tensordesc<bf16[{ROWS}, {BOX_COLUMNS}],{layout}>",
