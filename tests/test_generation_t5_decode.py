@@ -180,5 +180,37 @@ def test_auto_attention_takes_the_fused_kernel_where_it_was_measured_faster_on_c
     assert on_cuda.resolve_attention("auto") == "hidden"
     monkeypatch.setattr(cross_attention, "kernel_available", lambda tensor: "triton is not installed")
     assert on_cuda.resolve_attention("auto", src_len=4096, rows=256) == "hidden"
-    narrow = dataclasses.replace(on_cuda, d_model=weights.n_heads * weights.d_kv)
+    narrow = dataclasses.replace(on_cuda, d_model=weights.n_heads * weights.d_kv,
+                                 embed=SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device="cuda:0"))
+    monkeypatch.setattr(t5_decode, "free_gpu_bytes", lambda device: 2**50)  # every cache fits
     assert narrow.resolve_attention("auto", src_len=4096, rows=256) == "kv"
+
+
+def test_auto_attention_leaves_the_kv_cache_where_it_would_not_fit_the_gpu(merged32, monkeypatch):
+    """A model whose heads x d_kv equal its d_model (FLAN-T5-XL) keeps "kv" under "auto" where every layer's keys
+    and values fit in KV_CACHE_SHARE_OF_FREE of the GPU's free memory, and takes "hidden" where they do not (FLAN-T5-XL
+    at 4096 -> 512 ran out of memory at 128 rows in kv and ran in hidden); off CUDA, or with no source length to size
+    by, "kv". At FLAN-T5-XL's shapes 64 rows x 4096 tokens cache 48 GiB, 128 rows 96: an 80 GB card with ~70 GiB
+    free keeps kv at 64 rows only, as measured."""
+    from types import SimpleNamespace
+
+    from sumtune.generation import t5_decode
+
+    weights = DecoderWeights.from_model(merged32)
+    gpu = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device="cuda:0")
+    narrow = dataclasses.replace(weights, d_model=weights.n_heads * weights.d_kv, embed=gpu)
+    need = narrow.kv_cache_bytes(4096, 128)
+    assert need == 2 * len(weights.layers) * 128 * 4096 * weights.n_heads * weights.d_kv * 2
+    monkeypatch.setattr(t5_decode, "free_gpu_bytes", lambda device: need / t5_decode.KV_CACHE_SHARE_OF_FREE)
+    assert narrow.resolve_attention("auto", src_len=4096, rows=128) == "kv"
+    assert narrow.resolve_attention("auto", src_len=4096, rows=129) == "hidden"
+    assert narrow.resolve_attention("auto", src_len=4097, rows=128) == "hidden"
+    assert narrow.resolve_attention("auto") == "kv"  # nothing to size the caches by
+    assert narrow.resolve_attention("kv", src_len=4096, rows=129) == "kv"  # asked for: as asked
+    on_cpu = dataclasses.replace(narrow, embed=SimpleNamespace(is_cuda=False, dtype=torch.bfloat16))
+    assert on_cpu.resolve_attention("auto", src_len=4096, rows=10**6) == "kv"
+    flan_xl = dataclasses.replace(narrow, layers=[weights.layers[0]] * 24, n_heads=32, d_kv=64, d_model=2048)
+    assert flan_xl.kv_cache_bytes(4096, 64) == 48 * 2**30
+    monkeypatch.setattr(t5_decode, "free_gpu_bytes", lambda device: 70 * 2**30)
+    assert [flan_xl.resolve_attention("auto", src_len=4096, rows=r) for r in (64, 128, 256)] == \
+        ["kv", "hidden", "hidden"]

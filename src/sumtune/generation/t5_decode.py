@@ -44,6 +44,12 @@ CROSS_GROUP_MIN_SAVING = 0.1  # slice only when it leaves out at least this shar
 # 1024 only from 256 rows: 75.6 -> 79.7 at batch 256, 81.2 -> 86.0 at 512, but 35.4 -> 31.9 at 32 and 65.3 -> 59.3 at
 # 128 (…_1024_128_{fused,small_batches}-2026-12-03-h200.json). Narrower batches were not measured: "hidden" there.
 AUTO_FUSED_FROM = ((1025, 1), (1024, 256))
+# "auto" keeps "kv" for a model whose heads x d_kv equal its d_model (FLAN-T5-XL) only where every layer's keys and
+# values fit in this share of what the GPU has free; else "hidden" (the states cached once). FLAN-T5-XL shapes at 4096
+# -> 512 on an H100: kv 5.03 summaries/s at 64 rows (66 GiB), out of memory at 128 and 256 rows; hidden 4.28 / 4.54 /
+# 4.71 at 64 / 128 / 256 rows (16 / 21 / 31 GiB) (results/generate_throughput-2026-12-06-h100-80gb-hbm3-
+# flan-hidden256.json). The rest of the share's complement: the step's activations and the model.
+KV_CACHE_SHARE_OF_FREE = 0.8
 # The decoder's T5LayerNorm as torch's fused RMSNorm kernel (fp32 inside, one rounding: fast_t5.modules.half_rms_norm,
 # the fast training stack's) and the weight's multiply: two kernels where the ops below take seven (a cast, the
 # square, the mean, the epsilon, rsqrt, the multiply, the cast back), ~22 us of a decode step's ~26.5 ms per norm,
@@ -60,6 +66,12 @@ FUSED_RMS_NORM = True
 # runs it only in Triton's CPU interpreter (tests). On since 2026-12-05: 12.20 vs 11.97 summaries/s alone, 12.49 with
 # FUSED_RMS_NORM, tokens equal (results/generate_throughput-2026-12-05-h200-full-selfgluon.json). Token `noselfgluon`.
 FUSED_SELF_ATTENTION = True
+
+
+def free_gpu_bytes(device: torch.device) -> int:
+    """What the device has free plus what torch's caching allocator holds unused."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 @dataclass
@@ -120,15 +132,26 @@ class DecoderWeights:
     def dtype(self) -> torch.dtype:
         return self.embed.dtype
 
+    def kv_cache_bytes(self, src_len: int, rows: int) -> int:
+        """Bytes the "kv" mode caches for ``rows`` sources of ``src_len`` tokens: every layer's keys and values."""
+        return 2 * len(self.layers) * rows * src_len * self.n_heads * self.d_kv * self.dtype.itemsize
+
+    def kv_cache_fits(self, src_len: int, rows: int) -> bool:
+        """Whether those keys and values fit in KV_CACHE_SHARE_OF_FREE of the GPU's free memory (always off CUDA)."""
+        if not self.embed.is_cuda:
+            return True
+        return self.kv_cache_bytes(src_len, rows) <= KV_CACHE_SHARE_OF_FREE * free_gpu_bytes(self.embed.device)
+
     def resolve_attention(self, attention: str, src_len: int | None = None, rows: int = 1) -> str:
         """"auto" -> "hidden" when caching hidden states reads fewer bytes than caching keys/values, and "fused"
         instead on CUDA, where its kernel runs, for a batch of ``rows`` sources padded to ``src_len`` tokens that
-        reaches AUTO_FUSED_FROM; a "fused" asked for is refused (one sentence) where its kernel cannot run."""
+        reaches AUTO_FUSED_FROM; "kv" otherwise, unless its caches would not fit the GPU (`kv_cache_fits`): then
+        "hidden". A "fused" asked for is refused (one sentence) where its kernel cannot run."""
         from sumtune.generation.cross_attention import kernel_available
 
         if attention == "auto":
             if self.n_heads * self.d_kv <= self.d_model:
-                return "kv"
+                return "kv" if src_len is None or self.kv_cache_fits(src_len, rows) else "hidden"
             measured_faster = src_len is not None and any(src_len >= tokens and rows >= min_rows
                                                           for tokens, min_rows in AUTO_FUSED_FROM)
             on_gpu = measured_faster and self.embed.is_cuda and kernel_available(self.embed) is None
