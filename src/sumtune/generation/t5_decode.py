@@ -48,7 +48,7 @@ AUTO_FUSED_FROM = ((1025, 1), (1024, 256))
 # values fit in this share of what the GPU has free; else "hidden" (the states cached once). FLAN-T5-XL shapes at 4096
 # -> 512 on an H100: kv 5.03 summaries/s at 64 rows (66 GiB), out of memory at 128 and 256 rows; hidden 4.28 / 4.54 /
 # 4.71 at 64 / 128 / 256 rows (16 / 21 / 31 GiB) (results/generate_throughput-2026-12-06-h100-80gb-hbm3-
-# flan-hidden256.json). The rest of the share's complement: the step's activations and the model.
+# flan-hidden256.json). The other 20% leaves room for the decoding step's own buffers.
 KV_CACHE_SHARE_OF_FREE = 0.8
 # The decoder's T5LayerNorm as torch's fused RMSNorm kernel (fp32 inside, one rounding: fast_t5.modules.half_rms_norm,
 # the fast training stack's) and the weight's multiply: two kernels where the ops below take seven (a cast, the
