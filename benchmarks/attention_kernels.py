@@ -142,6 +142,22 @@ def time_fwd_bwd(fn, tensors, grad_out, repeats: int) -> tuple[float, float, flo
     return statistics.median(totals), statistics.median(forwards), peak
 
 
+def time_fwd_bwd_in_graphs(fn, tensors, grad_out, repeats: int) -> tuple[float, float, float]:
+    """As `time_fwd_bwd`, each figure the replays of one CUDA graph back to back (`bench_common.cuda_graph_ms`: forward
+    + backward in one graph, the forward alone in another): the GPU's time as a training step that CUDA graphs replay
+    spends it, without the host's launch path that a sync after each eager call puts in front of the first kernel."""
+    def step():
+        for t in tensors:
+            t.grad = None
+        fn(*tensors).backward(grad_out)
+
+    bc.free_gpu_memory()
+    base = torch.cuda.memory_allocated()
+    total_ms = bc.cuda_graph_ms(step, repeats)
+    forward_ms = bc.cuda_graph_ms(lambda: fn(*tensors), repeats)
+    return total_ms / 1e3, forward_ms / 1e3, (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
 def time_forward(fn, tensors, repeats: int) -> tuple[float, float]:
     """(median seconds of the forward under torch.no_grad, as an encoder in generation runs it, peak GiB above the
     inputs)."""
@@ -229,8 +245,8 @@ def error_vs_float32(fa, attend_ours, attend_sdpa, q, k, v, table, keep, grad_ou
 
 # ----------------------------------------------------------------------------- one shape
 def run_shape(shape, repeats: int, with_flex: bool, only: tuple[str, ...] = (), inference: bool = False,
-              fwd_tiles: tuple[tuple[int, int, int, int], ...] = (), patches: tuple[str, ...] = ()
-              ) -> tuple[list[dict], dict]:
+              fwd_tiles: tuple[tuple[int, int, int, int], ...] = (), patches: tuple[str, ...] = (),
+              timing: str = "events") -> tuple[list[dict], dict]:
     from torch.nn.attention import SDPBackend
 
     from sumtune.fast_t5 import bias as bias_lib
@@ -256,7 +272,8 @@ def run_shape(shape, repeats: int, with_flex: bool, only: tuple[str, ...] = (), 
                 row = dict(shape=name, kernel=kernel, no_grad_fwd_ms=forward * 1e3,
                            tflops=flops / 3.5 / forward / 1e12, peak_gib=peak, bias_gib=bias_gib, **extra)
             else:
-                seconds, forward, peak = time_fwd_bwd(fn, tensors, grad_out, repeats)
+                timer = time_fwd_bwd_in_graphs if timing == "graph" else time_fwd_bwd
+                seconds, forward, peak = timer(fn, tensors, grad_out, repeats)
                 row = dict(shape=name, kernel=kernel, fwd_bwd_ms=seconds * 1e3, fwd_ms=forward * 1e3,
                            bwd_ms=(seconds - forward) * 1e3, tflops=flops / seconds / 1e12, peak_gib=peak,
                            bias_gib=bias_gib, **extra)
@@ -422,6 +439,10 @@ def main(argv=None) -> int:
                              "triton+bias row), under "
                              "these settings: comma-separated strings of bench_common.PATCH_TOKENS joined by ':' "
                              "(e.g. noband, fwdtma:bwdtma)")
+    parser.add_argument("--timing", choices=("events", "graph"), default="events",
+                        help="forward + backward rows: events around eager calls with a sync after each (the "
+                             "host's launch path included), or replays of a CUDA graph (GPU time, as a training step "
+                             "that CUDA graphs replay)")
     parser.add_argument("--launch-only", action="store_true",
                         help="time nothing: run sumtune's kernels (bias, padding, dropout) at each shape, the last "
                              "run inside a profiler range (ncu --profile-from-start off --set full ...)")
@@ -448,7 +469,8 @@ def main(argv=None) -> int:
     for shape in args.shapes:
         shape_rows, check = run_shape(shape, args.repeats, with_flex=not args.no_flex,
                                       only=tuple(k for k in args.kernels.split(",") if k), inference=args.inference,
-                                      fwd_tiles=fwd_tiles, patches=tuple(bc.patch_strings(args.patches)))
+                                      fwd_tiles=fwd_tiles, patches=tuple(bc.patch_strings(args.patches)),
+                                      timing=args.timing)
         rows += shape_rows
         checks.append(check)
         bc.free_gpu_memory()
@@ -463,8 +485,9 @@ def main(argv=None) -> int:
               + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))
     versions = {**bc.library_versions(), "triton": triton.__version__}
     slug = bc.gpu_slug() + (f"-{args.tag}" if args.tag else "")
-    path = bc.save_result("attention_kernels", dict(versions=versions, dropout_p=DROPOUT_P, rows=rows,
-                                                    correctness=checks, total_s=time.time() - started), slug=slug)
+    result = dict(versions=versions, dropout_p=DROPOUT_P, timing=args.timing, rows=rows, correctness=checks,
+                  total_s=time.time() - started)
+    path = bc.save_result("attention_kernels", result, slug=slug)
     print(f"saved {path} ({time.time() - started:.0f} s)")
     return 0
 
