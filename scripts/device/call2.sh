@@ -1,6 +1,11 @@
-# Session 48, an H100 (~170 s): FLAN-T5-XL generation at 128 rows under "auto" (the default): kv's caches (96 GiB) do
-# not fit, so auto now takes "hidden" (t5_decode.KV_CACHE_SHARE_OF_FREE); before, the batch ran out of memory.
+# Call 2 (any card, ~330 s): ws_forward.ONE_RELEASE (session 48, CPU only so far): a key tile's K and V slots freed by
+# one arrive after its P·V, not two (each arrive is a warpgroup bar.sync in Triton's lowering; ncu put 33-38% of the
+# consumers' stall cycles at such barriers). GPU tests first, then the no-gradient forward (generation's encoder) and
+# the training forward with dropout (wstrain, in CUDA-graph GPU time) with and without it, rings of 2 and 3.
 . scripts/device/prelude.sh
-step flan_auto128 200 python3 benchmarks/generate_throughput.py --model flan-t5-xl --source-tokens 4096 \
-  --new-tokens 512 --full-length --greedy-only --fast-batches 128 --timed-batches 1 \
-  --reference-batches "" --agreement-inputs 0
+step ws_tests 150 python3 -m pytest -m gpu tests/test_fast_t5_ws_forward.py $XDIST -q -x -k "onerelease or lean or ring"
+step ws_nograd 90 python3 benchmarks/attention_kernels.py --inference --no-flex \
+  --shapes 16x32x4096x128 64x32x1024x128 --kernels cudnn,triton+bias --patches wsenc3,wsonerelease,wsonerelease:wsenc3 \
+  --tag onerelease
+step ws_train 90 python3 benchmarks/attention_kernels.py --no-flex --shapes 32x32x1024x128 \
+  --kernels cudnn,triton+bias+dropout --patches wstrain,wstrain:wsonerelease:wsenc3 --timing graph --tag onerelease-train
