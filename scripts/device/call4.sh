@@ -1,9 +1,10 @@
-# Session 48, any card (~200 s): issue 15's attention yardstick timed two ways in one call: events around eager calls
-# with a sync after each (as every earlier figure: the host's launch path before the first kernel included; ncu put
-# the ws training forward's kernel at 2.42 ms where that method read 2.97) and replays of CUDA graphs (GPU time, as
-# the training step runs it).
+# Call 4 (an H200 for issue 15's figures, ~540 s): the seed's best settings under session 46's defaults (LoRA dropout
+# from a seed with its scratch-tile backward) at b48 (the memory it frees), and the shipped config as shipped, with
+# the stock reference in the same run (H200, session 36: seed 49.8), each seed row with --profile: the kernel time a
+# step by family, which the seed has not had saved yet (where the 60 samples/s of issue 15 would have to come from).
 . scripts/device/prelude.sh
-step yardstick_graph 150 python3 benchmarks/attention_kernels.py --no-flex --shapes 32x32x1024x128 4x32x4096x128 \
-  --kernels cudnn,cudnn+dropout,triton+bias+dropout --patches wstrain --timing graph --tag graph
-step yardstick_events 120 python3 benchmarks/attention_kernels.py --no-flex --shapes 32x32x1024x128 4x32x4096x128 \
-  --kernels cudnn,cudnn+dropout,triton+bias+dropout --patches wstrain --timing events --tag events
+F=group:fusedlora:loragemm:cache
+step seed_h200 390 python3 benchmarks/train_throughput.py --config configs/seed.yaml --reference "16" \
+  --fast "b48:$F,b48:$F:noldscratch" --warmup 8 --steps 20 --profile
+step shipped_h200 140 python3 benchmarks/train_throughput.py --config configs/t5-3b-billsum.yaml --reference "" \
+  --fast "config" --warmup 8 --steps 20
