@@ -7,8 +7,9 @@ test passes, but at 32x32x1024x128 on an H100 the backward ran 5.04 vs 4.69 ms
 (results/attention_kernels-2026-12-06-h100-80gb-hbm3-wstrain.json).
 
 A program takes 128 keys of one (batch, head); one producer warp loads them (K and V, once) and then each
-BLOCK_M-query tile of Q and dO by TMA into rings; two consumer warpgroups of 64 keys each run, per query tile, keys
-first:
+BLOCK_M-query tile of Q and dO by TMA into rings (a slot's Q and dO freed by one arrive of each consumer: Triton 3.6
+lowers every arrive as a warpgroup barrier plus one thread's arrive); two consumer warpgroups of 64 keys each run,
+per query tile, keys first:
 
     Sᵀ  = K Qᵀ,  dPᵀ = V dOᵀ                 (warpgroup MMAs, both operands in shared memory)
     Pᵀ  = exp2(Sᵀ · scale + biasᵀ - lse)      (masked keys and queries past Lq: 0)
@@ -47,7 +48,7 @@ _KEYS = gl.constexpr(KEYS)
 
 @gluon.jit
 def _producer(q_desc, do_desc, k_desc, v_desc, k_bufs, v_bufs, q_ring, do_ring, kv_bar, q_ready, q_empty, do_ready,
-              do_empty, q_row0, kv_row0, col, n_tiles):
+              q_row0, kv_row0, col, n_tiles):
     keys: gl.constexpr = k_bufs.type.shape[1]
     block_m: gl.constexpr = q_ring.type.shape[1]
     stages: gl.constexpr = q_ring.type.shape[0]
@@ -58,9 +59,8 @@ def _producer(q_desc, do_desc, k_desc, v_desc, k_bufs, v_bufs, q_ring, do_ring, 
     for i in range(n_tiles):
         slot = i % stages
         phase = ((i // stages) & 1) ^ 1  # a fresh barrier's previous phase counts as complete
-        mbarrier.wait(q_empty.index(slot), phase)
+        mbarrier.wait(q_empty.index(slot), phase)  # the slot's Q and dO, freed together
         _load_tile(q_desc, q_row0 + i * block_m, col, q_ready.index(slot), q_ring.index(slot))
-        mbarrier.wait(do_empty.index(slot), phase)
         _load_tile(do_desc, q_row0 + i * block_m, col, do_ready.index(slot), do_ring.index(slot))
 
 
@@ -104,7 +104,7 @@ def _store_ds(ds_desc, ds_smem, ds_t, row, col):
 
 
 @gluon.jit
-def _consumer(which: gl.constexpr, k_bufs, v_bufs, q_ring, do_ring, kv_bar, q_ready, q_empty, do_ready, do_empty,
+def _consumer(which: gl.constexpr, k_bufs, v_bufs, q_ring, do_ring, kv_bar, q_ready, q_empty, do_ready,
               ds_bufs, ds_desc, ds_row0, DK, DV, LSE, DELTA, TABLE, BAND, KMASK, SEED, start_n, n_tiles, b, h, bh, Lq,
               Lk, kv_len, R, table_row, table_zero, band_head, band_w, qk_scale, scale, drop_below, drop_scale,
               stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_mask_b,
@@ -187,8 +187,8 @@ def _consumer(which: gl.constexpr, k_bufs, v_bufs, q_ring, do_ring, kv_bar, q_re
         dk = warpgroup_mma(ds_op, q_tile, dk, is_async=True)
         _store_ds(ds_desc, ds_smem, ds_t, ds_row0 + which * keys, start_m)  # its buffer is padded to 128-tiles
         dv, dk, pd_op, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, pd_op, ds_op))
+        # one arrive frees the slot's Q and dO (Triton 3.6 lowers each arrive as a warpgroup barrier + one thread's)
         mbarrier.arrive(q_empty.index(slot), count=1)
-        mbarrier.arrive(do_empty.index(slot), count=1)
     if n_tiles == 0:  # keys past the row's length: zero gradients, and zeros in dSᵀ for the GEMM
         zeros = gl.zeros([keys, block_m], dtype, layout=s_layout)
         for start_m in range(0, Lq, block_m):
@@ -204,11 +204,11 @@ def _consumer(which: gl.constexpr, k_bufs, v_bufs, q_ring, do_ring, kv_bar, q_re
 
 
 @gluon.jit
-def _consumer0(k_bufs, v_bufs, q_ring, do_ring, kv_bar, q_ready, q_empty, do_ready, do_empty, ds_bufs, ds_desc,
+def _consumer0(k_bufs, v_bufs, q_ring, do_ring, kv_bar, q_ready, q_empty, do_ready, ds_bufs, ds_desc,
                ds_row0, DK, DV, LSE, DELTA, TABLE, BAND, KMASK, SEED, start_n, n_tiles, b, h, bh, Lq, Lk, kv_len, R,
                table_row, table_zero, band_head, band_w, qk_scale, scale, drop_below, drop_scale, stride_dkb,
                stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_mask_b, flags):
-    _consumer(0, k_bufs, v_bufs, q_ring, do_ring, kv_bar, q_ready, q_empty, do_ready, do_empty, ds_bufs, ds_desc,
+    _consumer(0, k_bufs, v_bufs, q_ring, do_ring, kv_bar, q_ready, q_empty, do_ready, ds_bufs, ds_desc,
               ds_row0, DK, DV, LSE, DELTA, TABLE, BAND, KMASK, SEED, start_n, n_tiles, b, h, bh, Lq, Lk, kv_len, R,
               table_row, table_zero, band_head, band_w, qk_scale, scale, drop_below, drop_scale, stride_dkb,
               stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_mask_b, flags.type.shape[0] > 1,
@@ -216,11 +216,11 @@ def _consumer0(k_bufs, v_bufs, q_ring, do_ring, kv_bar, q_ready, q_empty, do_rea
 
 
 @gluon.jit
-def _consumer1(k_bufs, v_bufs, q_ring, do_ring, kv_bar, q_ready, q_empty, do_ready, do_empty, ds_bufs, ds_desc,
+def _consumer1(k_bufs, v_bufs, q_ring, do_ring, kv_bar, q_ready, q_empty, do_ready, ds_bufs, ds_desc,
                ds_row0, DK, DV, LSE, DELTA, TABLE, BAND, KMASK, SEED, start_n, n_tiles, b, h, bh, Lq, Lk, kv_len, R,
                table_row, table_zero, band_head, band_w, qk_scale, scale, drop_below, drop_scale, stride_dkb,
                stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_mask_b, flags):
-    _consumer(1, k_bufs, v_bufs, q_ring, do_ring, kv_bar, q_ready, q_empty, do_ready, do_empty, ds_bufs, ds_desc,
+    _consumer(1, k_bufs, v_bufs, q_ring, do_ring, kv_bar, q_ready, q_empty, do_ready, ds_bufs, ds_desc,
               ds_row0, DK, DV, LSE, DELTA, TABLE, BAND, KMASK, SEED, start_n, n_tiles, b, h, bh, Lq, Lk, kv_len, R,
               table_row, table_zero, band_head, band_w, qk_scale, scale, drop_below, drop_scale, stride_dkb,
               stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_mask_b, flags.type.shape[0] > 1,
@@ -256,7 +256,6 @@ def t5_ws_bwd_dkdv(q_desc, do_desc, k_desc, v_desc, ds_desc, DK, DV, LSE, DELTA,
     q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    do_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     # the flags as a tiny buffer's shape: a partition's constexpr arguments arrive as tensors in Triton 3.6
     flags = gl.allocate_shared_memory(gl.int8, [1 + HAS_KEY_MASK, 1 + DROPOUT], gl.SwizzledSharedLayout(1, 1, 1,
                                                                                                       [1, 0]))
@@ -264,18 +263,17 @@ def t5_ws_bwd_dkdv(q_desc, do_desc, k_desc, v_desc, ds_desc, DK, DV, LSE, DELTA,
     for i in gl.static_range(STAGES):
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(do_ready.index(i), count=1)
-        mbarrier.init(q_empty.index(i), count=2)  # both consumers release a slot
-        mbarrier.init(do_empty.index(i), count=2)
+        mbarrier.init(q_empty.index(i), count=2)  # both consumers release a slot (its Q and dO)
     fence_async_shared()
 
     col = h * HEAD_DIM
-    consumer_args = (k_bufs, v_bufs, q_ring, do_ring, kv_bar, q_ready, q_empty, do_ready, do_empty, ds_bufs, ds_desc,
+    consumer_args = (k_bufs, v_bufs, q_ring, do_ring, kv_bar, q_ready, q_empty, do_ready, ds_bufs, ds_desc,
                      bh * ds_rows + start_n, DK, DV, LSE, DELTA, TABLE, BAND, KMASK, SEED, start_n, n_tiles, b, h, bh,
                      Lq, Lk, kv_len, R, table_row, table_zero, band_head, band_w, qk_scale, scale, drop_below,
                      drop_scale, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_mask_b,
                      flags)
     producer_args = (q_desc, do_desc, k_desc, v_desc, k_bufs, v_bufs, q_ring, do_ring, kv_bar, q_ready, q_empty,
-                     do_ready, do_empty, b * Lq, b * Lk + start_n, col, n_tiles)
+                     do_ready, b * Lq, b * Lk + start_n, col, n_tiles)
     gl.warp_specialize([(_consumer0, consumer_args), (_consumer1, consumer_args), (_producer, producer_args)],
                        [4, 1], [CONSUMER_REGS, 24])
 
