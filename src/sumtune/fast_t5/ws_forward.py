@@ -94,15 +94,12 @@ def _producer(q_desc, k_desc, v_desc, q_bufs, k_ring, v_ring, q_bars, k_ready, k
     for j in range(n_tiles):
         slot = j % stages
         phase = (j // stages) & 1
-        if one_release:  # the slot's K and V freed together, after its P·V
-            mbarrier.wait(v_empty.index(slot), phase ^ 1)  # a fresh barrier's "previous phase" counts as complete
-            _load_tile(k_desc, kv_row0 + j * block_n, col, k_ready.index(slot), k_ring.index(slot))
-            _load_tile(v_desc, kv_row0 + j * block_n, col, v_ready.index(slot), v_ring.index(slot))
-        else:
-            mbarrier.wait(k_empty.index(slot), phase ^ 1)
-            _load_tile(k_desc, kv_row0 + j * block_n, col, k_ready.index(slot), k_ring.index(slot))
+        # a fresh barrier's "previous phase" counts as complete; ONE_RELEASE: V's release frees the slot's K too
+        mbarrier.wait((v_empty if one_release else k_empty).index(slot), phase ^ 1)
+        _load_tile(k_desc, kv_row0 + j * block_n, col, k_ready.index(slot), k_ring.index(slot))
+        if not one_release:
             mbarrier.wait(v_empty.index(slot), phase ^ 1)
-            _load_tile(v_desc, kv_row0 + j * block_n, col, v_ready.index(slot), v_ring.index(slot))
+        _load_tile(v_desc, kv_row0 + j * block_n, col, v_ready.index(slot), v_ring.index(slot))
 
 
 @gluon.jit
@@ -322,7 +319,7 @@ def t5_ws_fwd(q_desc, k_desc, v_desc, O, LSE, TABLE, BAND, KMASK, KV_LEN, HOLES,
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    # the two flags as a tiny buffer's shape: a partition's constexpr arguments arrive as tensors (see _producer)
+    # the flags as a tiny buffer's shape: a partition's constexpr arguments arrive as tensors (see _producer)
     flags = gl.allocate_shared_memory(gl.int8, [1 + HAS_BIAS, 1 + HAS_KEY_MASK, 1 + LEAN_FAR, 1 + DROPOUT,
                                                 1 + ONE_RELEASE], gl.SwizzledSharedLayout(1, 1, 1, [4, 3, 2, 1, 0]))
     for i in gl.static_range(2):
