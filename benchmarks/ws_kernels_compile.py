@@ -25,6 +25,10 @@ BUILDS = [
     ("ws_forward", "sumtune.fast_t5.ws_forward", {"DROPOUT": True}),
     ("ws_forward", "sumtune.fast_t5.ws_forward", {"DROPOUT": True, "HAS_BIAS": False}),
     ("ws_forward", "sumtune.fast_t5.ws_forward", {"head_dim": 64, "stages": 3}),
+    ("ws_forward", "sumtune.fast_t5.ws_forward", {"LEAN_FAR": True, "ONE_RELEASE": True}),
+    ("ws_forward", "sumtune.fast_t5.ws_forward", {"LEAN_FAR": True, "ONE_RELEASE": True, "stages": 3}),
+    ("ws_forward", "sumtune.fast_t5.ws_forward", {"LEAN_FAR": True, "ONE_RELEASE": True, "stages": 3,
+                                                  "DROPOUT": True}),
     ("ws_backward", "sumtune.fast_t5.ws_backward", {}),
     ("ws_backward", "sumtune.fast_t5.ws_backward", {"DROPOUT": False}),
     ("ws_backward", "sumtune.fast_t5.ws_backward", {"block_m": 64}),
@@ -48,6 +52,8 @@ def measure() -> list[dict]:
         rows.append(dict(kernel=kernel, settings=settings, triton=triton.__version__,
                          **flash_compile.resources(compiled), hgmma=sass.count("HGMMA"),
                          mul_hi=len(re.findall(r"\bmul\.hi\.u32\b", ptx)),
+                         # each mbarrier.arrive is a warpgroup bar.sync and one thread's arrive in Triton 3.6
+                         mbarrier_arrives=ptx.count("mbarrier.arrive.shared"), bar_syncs=ptx.count("bar.sync"),
                          setmaxnreg=re.findall(r"setmaxnreg\.(\w+)\.sync\.aligned\.u32\s+(\d+)", ptx)))
         print(rows[-1], flush=True)
     return rows
