@@ -22,8 +22,7 @@ import json, re
 from sumtune.fast_t5.flash_compile import resources, _sass
 from sumtune.fast_t5 import ws_forward
 for settings in ({}, {"stages": 3}, {"HAS_BIAS": False, "HAS_KEY_MASK": False}, {"LEAN_FAR": True},
-                 {"head_dim": 64, "stages": 3}, {"head_dim": 64, "LEAN_FAR": True}, {"DROPOUT": True},
-                 {"stages": 3, "LEAN_FAR": True, "ONE_RELEASE": True, "DROPOUT": True}):
+                 {"head_dim": 64, "stages": 3}, {"head_dim": 64, "LEAN_FAR": True}, {"DROPOUT": True}):
     compiled = ws_forward.compile_for_sm90(**settings)
     ptx, sass = compiled.asm["ptx"], _sass(compiled)
     print(json.dumps(dict(settings=settings, waits=[int(w) for w in re.findall(r"wgmma.wait_group.sync.aligned\s+(\d+)",
@@ -47,7 +46,7 @@ def test_the_ws_forward_builds_for_hopper_as_a_producer_warp_and_two_consumer_wa
     from sumtune.fast_t5.flash_compile import HOPPER_SHARED_BYTES
 
     rows, stderr = compiled_for_hopper(WS_FORWARD_FOR_HOPPER)
-    assert len(rows) == 8, stderr
+    assert len(rows) == 7, stderr
     for row in rows:
         # dropout's draws (16 Philox calls a thread and tile) spill a little beside the bias: measured before kept
         assert row["shared_bytes"] <= HOPPER_SHARED_BYTES, row
@@ -58,9 +57,9 @@ def test_the_ws_forward_builds_for_hopper_as_a_producer_warp_and_two_consumer_wa
         head_dim = row["settings"].get("head_dim", 128)
         assert row["hgmma"] == 2 * (2 * head_dim // 16 + 128 // 16), row
         assert 1 in row["waits"], row  # an MMA group left in flight at a wait
-        # each consumer signals the producer after its first scores and, in the loop, for the K and the V slot; with
-        # ONE_RELEASE once in the loop for both (each arrive is a warpgroup barrier in Triton's lowering)
-        assert row["arrives"] == (2 if row["settings"].get("ONE_RELEASE") else 6), row
+        # each consumer signals the producer after its first scores and, in the loop, for the K and the V slot (each
+        # arrive is a warpgroup barrier in Triton's lowering; freeing both slots with one arrive measured slower)
+        assert row["arrives"] == 6, row
 
 
 def test_the_ws_forward_takes_only_what_its_descriptors_can_read():
@@ -134,21 +133,17 @@ def test_a_ws_forward_that_fails_to_launch_hands_over_to_the_triton_forward_once
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
                     reason="needs a Hopper GPU")
-@pytest.mark.parametrize("stages, lean, head_dim, one_release",
-                         [(2, False, 128, False), (3, False, 128, False), (2, True, 128, False), (3, False, 64, False),
-                          (2, True, 64, False), (3, True, 128, True), (2, True, 128, True), (3, True, 64, True)],
-                         ids=["ring2", "ring3", "lean", "d64", "d64lean", "onerelease3", "onerelease2",
-                              "d64onerelease3"])
-def test_gpu_ws_forward_matches_float64_and_the_triton_forward(monkeypatch, stages, lean, head_dim, one_release):
+@pytest.mark.parametrize("stages, lean, head_dim",
+                         [(2, False, 128), (3, False, 128), (2, True, 128), (3, False, 64), (2, True, 64)],
+                         ids=["ring2", "ring3", "lean", "d64", "d64lean"])
+def test_gpu_ws_forward_matches_float64_and_the_triton_forward(monkeypatch, stages, lean, head_dim):
     """WS_NO_GRAD_FORWARD on a Hopper GPU, bf16, no gradient: as close to float64 as the Triton forward, at lengths
     that are not whole tiles, T5's bias with radii that give far and near tiles, rows padded at the end, with a hole,
     and without keys, cross-attention lengths, no bias (WITHOUT_BIAS_HEAD_DIMS), the fused projection's strided
-    layout; with rings of two and three, with LEAN_FAR_TILES, ONE_RELEASE and head_dim 64; its kernel is what
-    ran."""
+    layout; with rings of two and three, with LEAN_FAR_TILES, and head_dim 64; its kernel is what ran."""
     from sumtune.fast_t5 import flash_attention as fa
     from sumtune.fast_t5 import ws_forward
 
-    monkeypatch.setattr(ws_forward, "ONE_RELEASE", one_release)
     monkeypatch.setattr(ws_forward, "STAGES", stages)
     monkeypatch.setattr(ws_forward, "LEAN_FAR_TILES", lean)
     monkeypatch.setattr(ws_forward, "HEAD_DIMS", (head_dim,))
@@ -188,7 +183,7 @@ def test_gpu_ws_forward_matches_float64_and_the_triton_forward(monkeypatch, stag
                 monkeypatch.setattr(fa, "WS_NO_GRAD_FORWARD", True)
                 before = len(launched)
                 got = fa.flash_t5_attention(q, k, v, table, mask if with_mask else None, bias_radius=radius)
-            case = (query_len, key_len, fused, radius, with_mask, stages, lean, head_dim, one_release)
+            case = (query_len, key_len, fused, radius, with_mask, stages, lean, head_dim)
             assert len(launched) == before + 1, case  # its own launch
             ws_error = relative_error(got[rows], expected[rows])
             triton_error = relative_error(triton_out[rows], expected[rows])
@@ -208,17 +203,12 @@ def relative_error(value, reference) -> float:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
                     reason="needs a Hopper GPU")
-@pytest.mark.parametrize("one_release", [False, True], ids=["tworeleases", "onerelease3"])
-def test_gpu_ws_training_forward_drops_what_the_triton_kernels_drop(monkeypatch, t5_attention_case, one_release):
+def test_gpu_ws_training_forward_drops_what_the_triton_kernels_drop(monkeypatch, t5_attention_case):
     """WS_TRAINING_FORWARD: a forward a gradient reaches, with T5's bias, padding and dropout 0.1, runs the
     warp-specialized kernel; under the same seed its output and the gradients (the Triton backward regenerating the
-    mask) match the Triton forward's to bf16 rounding, while another seed's do not: the same elements were dropped.
-    Also with ONE_RELEASE (rings of three)."""
+    mask) match the Triton forward's to bf16 rounding, while another seed's do not: the same elements were dropped."""
     from sumtune.fast_t5 import flash_attention as fa
     from sumtune.fast_t5 import ws_forward
-
-    monkeypatch.setattr(ws_forward, "ONE_RELEASE", one_release)
-    monkeypatch.setattr(ws_forward, "STAGES", 3 if one_release else ws_forward.STAGES)
 
     launched = []
     launch = ws_forward.forward

@@ -56,13 +56,6 @@ LAUNCH_REGISTERS = 168  # 12 warps (8 consumers, the producer's warpgroup) x 168
 # 256 rows x 4096 -> 512 12.55 against 12.48 summaries/s alone and 13.11 against 12.99 beside decodews32, tokens equal
 # to transformers' (results/generate_throughput-2026-12-06-h100-80gb-hbm3-unsplit.json); token `nowslean`: off.
 LEAN_FAR_TILES = True
-# A key tile's K and V slots freed together, once, after its P·V (the producer waits on V's "empty" barrier for both)
-# instead of K's after the next scores and V's after P·V: one `mbarrier.arrive` a tile and consumer instead of two.
-# Why: Triton lowers each arrive as a warpgroup barrier (`bar.sync`) and one thread's arrive, and Nsight Compute put
-# 33-38% of the consumers' stall cycles at such barriers (H100, 32x32x1024x128, results/logs/s48call10-ncu_ws_*).
-# The K slot is held a little longer, so it pairs with rings of three (STAGES). Off until a GPU measures it; token
-# `wsonerelease` (with `wsenc3`: rings of three).
-ONE_RELEASE = False
 BOX_COLUMNS = 64  # 128 bytes of bf16: the 128-byte swizzle's width, so a head_dim-128 tile lands as two boxes
 _BOX = gl.constexpr(BOX_COLUMNS)
 _ROWS = gl.constexpr(ROWS)
@@ -83,9 +76,8 @@ def _load_tile(desc, row, col, bar, buf):
 
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty,
-              q_row0, kv_row0, col, n_tiles, flags):
+              q_row0, kv_row0, col, n_tiles):
     # Shapes come from the buffers: Triton 3.6 hands a partition's constexpr arguments over as tensors.
-    one_release: gl.constexpr = flags.type.shape[4] > 1
     block_n: gl.constexpr = k_ring.type.shape[1]
     stages: gl.constexpr = k_ring.type.shape[0]
     rows: gl.constexpr = q_bufs.type.shape[1]
@@ -94,11 +86,9 @@ def _producer(q_desc, k_desc, v_desc, q_bufs, k_ring, v_ring, q_bars, k_ready, k
     for j in range(n_tiles):
         slot = j % stages
         phase = (j // stages) & 1
-        # a fresh barrier's "previous phase" counts as complete; ONE_RELEASE: V's release frees the slot's K too
-        mbarrier.wait((v_empty if one_release else k_empty).index(slot), phase ^ 1)
+        mbarrier.wait(k_empty.index(slot), phase ^ 1)  # a fresh barrier's "previous phase" counts as complete
         _load_tile(k_desc, kv_row0 + j * block_n, col, k_ready.index(slot), k_ring.index(slot))
-        if not one_release:
-            mbarrier.wait(v_empty.index(slot), phase ^ 1)
+        mbarrier.wait(v_empty.index(slot), phase ^ 1)
         _load_tile(v_desc, kv_row0 + j * block_n, col, v_ready.index(slot), v_ring.index(slot))
 
 
@@ -173,8 +163,7 @@ def _scores(s, j, m0, block_n: gl.constexpr, s_layout: gl.constexpr, qk_scale, f
 def _consumer(which: gl.constexpr, O, LSE, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty,
               out_base, bh, start_m, Lq, Lk, stride_om, n_tiles, qk_scale, TABLE, BAND, table_row, table_zero,
               band_head, band_w, R, KMASK, kv_len, read_mask, h, SEED, drop_below, drop_scale,
-              HAS_BIAS: gl.constexpr, HAS_KEY_MASK: gl.constexpr, LEAN_FAR: gl.constexpr, DROPOUT: gl.constexpr,
-              ONE_RELEASE: gl.constexpr):
+              HAS_BIAS: gl.constexpr, HAS_KEY_MASK: gl.constexpr, LEAN_FAR: gl.constexpr, DROPOUT: gl.constexpr):
     rows: gl.constexpr = q_bufs.type.shape[1]
     head_dim: gl.constexpr = q_bufs.type.shape[2]
     block_n: gl.constexpr = k_ring.type.shape[1]
@@ -208,8 +197,7 @@ def _consumer(which: gl.constexpr, O, LSE, q_bufs, k_ring, v_ring, q_bars, k_rea
     mbarrier.wait(k_ready.index(0), 0)
     s = warpgroup_mma(q, k_ring.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-    if not ONE_RELEASE:  # each arrive costs the warpgroup a block barrier (Triton's lowering: one thread signals)
-        mbarrier.arrive(k_empty.index(0), count=1)
+    mbarrier.arrive(k_empty.index(0), count=1)
     for j in range(n_tiles):
         slot = j % stages
         start_n = j * block_n
@@ -248,8 +236,7 @@ def _consumer(which: gl.constexpr, O, LSE, q_bufs, k_ring, v_ring, q_bars, k_rea
         mbarrier.wait(v_ready.index(slot), (j // stages) & 1)
         acc = warpgroup_mma(p_op, v_ring.index(slot), acc, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s_next,))
-        if not ONE_RELEASE:
-            mbarrier.arrive(k_empty.index(next_slot), count=1, pred=has_next)
+        mbarrier.arrive(k_empty.index(next_slot), count=1, pred=has_next)
         acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
         mbarrier.arrive(v_empty.index(slot), count=1)
 
@@ -272,8 +259,7 @@ def _consumer0(O, LSE, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready
     _consumer(0, O, LSE, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty, out_base, bh,
               start_m, Lq, Lk, stride_om, n_tiles, qk_scale, TABLE, BAND, table_row, table_zero, band_head, band_w,
               R, KMASK, kv_len, read_mask, h, SEED, drop_below, drop_scale, flags.type.shape[0] > 1,
-              flags.type.shape[1] > 1, flags.type.shape[2] > 1, flags.type.shape[3] > 1,
-              flags.type.shape[4] > 1)
+              flags.type.shape[1] > 1, flags.type.shape[2] > 1, flags.type.shape[3] > 1)
 
 
 @gluon.jit
@@ -283,8 +269,7 @@ def _consumer1(O, LSE, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready
     _consumer(1, O, LSE, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty, out_base, bh,
               start_m, Lq, Lk, stride_om, n_tiles, qk_scale, TABLE, BAND, table_row, table_zero, band_head, band_w,
               R, KMASK, kv_len, read_mask, h, SEED, drop_below, drop_scale, flags.type.shape[0] > 1,
-              flags.type.shape[1] > 1, flags.type.shape[2] > 1, flags.type.shape[3] > 1,
-              flags.type.shape[4] > 1)
+              flags.type.shape[1] > 1, flags.type.shape[2] > 1, flags.type.shape[3] > 1)
 
 
 @gluon.jit
@@ -292,8 +277,7 @@ def t5_ws_fwd(q_desc, k_desc, v_desc, O, LSE, TABLE, BAND, KMASK, KV_LEN, HOLES,
               stride_ob, stride_oh, stride_om, stride_mask_b, H, Lq, Lk, R, table_row, table_zero, band_head,
               band_w, qk_scale, drop_below, drop_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
               STAGES: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_KEY_MASK: gl.constexpr, LEAN_FAR: gl.constexpr,
-              DROPOUT: gl.constexpr, ONE_RELEASE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-              num_warps: gl.constexpr):
+              DROPOUT: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     tile_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     dtype: gl.constexpr = q_desc.dtype
     rows: gl.constexpr = _ROWS
@@ -319,9 +303,9 @@ def t5_ws_fwd(q_desc, k_desc, v_desc, O, LSE, TABLE, BAND, KMASK, KV_LEN, HOLES,
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    # the flags as a tiny buffer's shape: a partition's constexpr arguments arrive as tensors (see _producer)
-    flags = gl.allocate_shared_memory(gl.int8, [1 + HAS_BIAS, 1 + HAS_KEY_MASK, 1 + LEAN_FAR, 1 + DROPOUT,
-                                                1 + ONE_RELEASE], gl.SwizzledSharedLayout(1, 1, 1, [4, 3, 2, 1, 0]))
+    # the two flags as a tiny buffer's shape: a partition's constexpr arguments arrive as tensors (see _producer)
+    flags = gl.allocate_shared_memory(gl.int8, [1 + HAS_BIAS, 1 + HAS_KEY_MASK, 1 + LEAN_FAR, 1 + DROPOUT],
+                                      gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
     for i in gl.static_range(2):
         mbarrier.init(q_bars.index(i), count=1)
     for i in gl.static_range(STAGES):
@@ -338,7 +322,7 @@ def t5_ws_fwd(q_desc, k_desc, v_desc, O, LSE, TABLE, BAND, KMASK, KV_LEN, HOLES,
                      table_zero, band_head, band_w, R, kmask, kv_len, read_mask, h, SEED, drop_below, drop_scale,
                      flags)
     producer_args = (q_desc, k_desc, v_desc, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty,
-                     b * Lq + start_m, b * Lk, col, n_tiles, flags)
+                     b * Lq + start_m, b * Lk, col, n_tiles)
     gl.warp_specialize([(_consumer0, consumer_args), (_consumer1, consumer_args), (_producer, producer_args)],
                        [4, 1], [CONSUMER_REGS, 24])
 
@@ -390,7 +374,7 @@ def forward(q, k, v, out, lse, table, table_geometry, band, mask, lengths, holes
         mask.stride(0) if mask is not None else 0, heads, query_len, k.shape[2], radius, *table_geometry,
         band["band_head"] if band else 0, band["band_w"] if band else 0, qk_scale, drop_below, drop_scale,
         HEAD_DIM=head_dim, BLOCK_N=BLOCK_N, STAGES=STAGES, HAS_BIAS=table is not None,
-        HAS_KEY_MASK=mask is not None, DROPOUT=dropout is not None, ONE_RELEASE=ONE_RELEASE,
+        HAS_KEY_MASK=mask is not None, DROPOUT=dropout is not None,
         LEAN_FAR=LEAN_FAR_TILES and qk_scale > 0,  # a row's largest product must be its largest score
         CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4, maxnreg=LAUNCH_REGISTERS)
 
@@ -404,8 +388,7 @@ def compile_for_sm90(block_n: int | None = None, stages: int | None = None, head
     divisible by 16); ``flags`` override HAS_BIAS / HAS_KEY_MASK (on), LEAN_FAR, DROPOUT (off)."""
     block_n, stages = block_n or BLOCK_N, stages or STAGES
     constexprs = {**dict(HEAD_DIM=head_dim, BLOCK_N=block_n, STAGES=stages, HAS_BIAS=True, HAS_KEY_MASK=True,
-                         LEAN_FAR=LEAN_FAR_TILES, DROPOUT=False, ONE_RELEASE=ONE_RELEASE,
-                         CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4),
+                         LEAN_FAR=LEAN_FAR_TILES, DROPOUT=False, CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4),
                   **flags}
     layout = "NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)"
     types = dict(_SIGNATURE, q_desc=f"tensordesc<bf16[{ROWS}, {BOX_COLUMNS}],{layout}>",
