@@ -288,6 +288,7 @@ def main(argv=None) -> int:
         print(f"agreement: {agree}", flush=True)
         PARTIAL["agreement"] = agree
     for batch in fast_batches:
+        first_out = None
         for name, kwargs, slicing, spec, patch in settings:
             release_generation_cache(merged)  # a cached session would replay graphs captured with other tiles
             try:
@@ -297,6 +298,8 @@ def main(argv=None) -> int:
                     out, wall, peak = timed(lambda: fast_generate(merged, inputs[:timed_batches * batch], batch,
                                                                   args.new_tokens, **kwargs), device)
                 rows.append(row("sumtune", f"greedy {name}", batch, 1, out, wall, peak))
+                first_out = first_out if first_out is not None else out  # the batch's first mode: what others match
+                rows[-1]["tokens_equal_first_row"] = out == first_out
             except torch.OutOfMemoryError as error:  # one mode's caches at a batch another mode's fit (kv vs hidden)
                 release_generation_cache(merged)
                 bc.free_gpu_memory()

@@ -123,6 +123,9 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     # a row's 32 heads in one warp-specialized Gluon program (cross_attention.GLUON_WARP_SPECIALIZED, gluon_decode_ws)
     # (on since 2026-12-06; the token was `decodews32` while it was off)
     "nodecodews32": ("sumtune.generation.cross_attention", "GLUON_WARP_SPECIALIZED", False),
+    # the next batch's encoder on a second stream between the current batch's decoding steps
+    # (generation.decoding.OVERLAP_ENCODER, generation.encoder_ahead)
+    "overlapenc": ("sumtune.generation.decoding", "OVERLAP_ENCODER", True),
     # its key splits aimed at two programs an SM as gluon_decode's (264), not one (cross_attention.WS_MIN_PROGRAMS)
     "wsmin264": ("sumtune.generation.cross_attention", "WS_MIN_PROGRAMS", 264),
     # the key splits' partial results combined by torch's ops, not one Triton kernel (cross_attention.FUSED_COMBINE, on

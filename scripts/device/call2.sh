@@ -1,14 +1,10 @@
-# Call 2 (any card, ~330 s): ws_forward.ONE_RELEASE (session 48, CPU only so far): a key tile's K and V slots freed by
-# one arrive after its P·V, not two (each arrive is a warpgroup bar.sync in Triton's lowering; ncu put 33-38% of the
-# consumers' stall cycles at such barriers). GPU tests first, then the no-gradient forward (generation's encoder) and
-# the training forward with dropout (wstrain, in CUDA-graph GPU time) with and without it, rings of 2 and 3; and the
-# ws dK/dV kernel (wsbwd), whose Q and dO slots are now freed by one arrive a tile instead of two.
+# Call 2 (any card, ~400 s): generation.decoding.OVERLAP_ENCODER (session 49, CPU only so far): the next batch's encoder
+# chunks on a second CUDA stream between the current batch's decoding steps (encoder matmul-bound, decoding
+# bandwidth-bound: ~29 and ~43 ms a summary one after the other on an H100 at 4096 -> 512). GPU test (tokens equal
+# with and without), then whole generation at 4 batches of 256 rows, every input 4096 -> 512, defaults against
+# overlapenc in the same run (tokens_equal_first_row in each row).
 . scripts/device/prelude.sh
-step ws_tests 170 python3 -m pytest -m gpu tests/test_fast_t5_ws_forward.py tests/test_fast_t5_ws_backward.py $XDIST -q \
-  -x -k "onerelease or lean or ring or gpu_ws_backward"
-step ws_nograd 90 python3 benchmarks/attention_kernels.py --inference --no-flex \
-  --shapes 16x32x4096x128 64x32x1024x128 --kernels cudnn,triton+bias --patches wsenc3,wsonerelease,wsonerelease:wsenc3 \
-  --tag onerelease
-step ws_train 90 python3 benchmarks/attention_kernels.py --no-flex --shapes 32x32x1024x128 \
-  --kernels cudnn,triton+bias+dropout --patches wstrain,wstrain:wsonerelease:wsenc3,wsbwd --timing graph \
-  --tag onerelease-train
+step overlap_test 100 python3 -m pytest -m gpu tests/test_generation_decoding.py -q -x -k second_stream
+step overlap256 400 python3 benchmarks/generate_throughput.py --model t5-3b --source-tokens 4096 \
+  --new-tokens 512 --full-length --greedy-only --fast-batches 256 --timed-batches 4 --reference-batches "" \
+  --agreement-inputs 0 --patches overlapenc
