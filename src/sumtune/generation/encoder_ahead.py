@@ -5,26 +5,31 @@ is matmul-bound; the decoder's cross-attention reads every row's encoder states 
 bandwidth (an H100, 1024 rows x 4096 -> 512: ~29 ms of encoder and ~43 ms of decoding a summary, one after the
 other). Enqueued on a second CUDA stream, the next batch's encoder chunks can fill what the decoding steps leave idle.
 
-The host enqueues one encoder chunk (``encoder_batch_size`` rows) at a time, between decoding steps, and only once
-the previous chunk has finished on the GPU: a whole batch's encoder enqueued at once (tens of thousands of launches)
-would fill the launch queue and block the host, and with it the decoding steps it has to enqueue. The chunks are the
+The host enqueues encoder chunks (``encoder_batch_size`` rows each) between decoding steps, at most
+``CHUNKS_IN_FLIGHT`` not yet finished on the GPU: a whole batch's encoder enqueued at once (tens of thousands of
+launches) would fill the launch queue and block the host, and with it the decoding steps it has to enqueue; one
+chunk at a time would leave the side stream idle from a chunk's end to the host's next look, which comes only after
+the decoder's periodic "all rows done?" sync. The chunks are the
 ones `decoding.encode` runs, so the encoder states, and the tokens, are the same with or without it.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 
 import torch
 from torch import Tensor, nn
+
+CHUNKS_IN_FLIGHT = 2  # one running, one queued behind it
 
 
 class EncoderAhead:
     """Encoder states [B, S, D] of ``ids``/``mask``, computed ``chunk`` rows at a time on a side stream.
 
-    `advance()` (between decoding steps) enqueues the next chunk when the previous one is done; `finish()` enqueues
-    what is left and makes the current stream wait for all of it, then returns the states. On a CPU the chunks run
-    in place (no stream), which keeps the same order of work for tests.
+    `advance()` (between decoding steps) enqueues chunks while fewer than CHUNKS_IN_FLIGHT are unfinished;
+    `finish()` enqueues what is left and makes the current stream wait for all of it, then returns the states. On a
+    CPU each `advance()` runs one chunk in place (no stream), which keeps the interleaving for tests.
     """
 
     def __init__(self, model: nn.Module, ids: Tensor, mask: Tensor, chunk: int):
@@ -39,17 +44,22 @@ class EncoderAhead:
         self.stream = torch.cuda.Stream(ids.device) if ids.device.type == "cuda" else None
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(ids.device))
-        self._last_done: torch.cuda.Event | None = None
+        self._in_flight: deque[torch.cuda.Event] = deque()
 
     @property
     def done_enqueuing(self) -> bool:
         return self.enqueued == len(self.starts)
 
     def advance(self) -> None:
-        """Enqueue the next chunk if the previous one has finished (never waits)."""
-        if self.done_enqueuing or (self._last_done is not None and not self._last_done.query()):
+        """Enqueue chunks while fewer than CHUNKS_IN_FLIGHT are unfinished (never waits)."""
+        if self.stream is None:
+            if not self.done_enqueuing:
+                self._enqueue_next()
             return
-        self._enqueue_next()
+        while self._in_flight and self._in_flight[0].query():
+            self._in_flight.popleft()
+        while not self.done_enqueuing and len(self._in_flight) < CHUNKS_IN_FLIGHT:
+            self._enqueue_next()
 
     def finish(self) -> Tensor:
         while not self.done_enqueuing:
@@ -66,6 +76,7 @@ class EncoderAhead:
             part = self.model.encoder(input_ids=self.ids[rows], attention_mask=self.mask[rows]).last_hidden_state
             self.states[rows].copy_(part)
             if self.stream is not None:
-                self._last_done = torch.cuda.Event()
-                self._last_done.record(self.stream)
+                done = torch.cuda.Event()
+                done.record(self.stream)
+                self._in_flight.append(done)
         self.enqueued += 1
