@@ -98,6 +98,8 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     # (flash_attention.WS_NO_GRAD_FORWARD, fast_t5.ws_forward; on since 2026-12-05, its token was `wsenc` while off)
     "nowsenc": ("sumtune.fast_t5.flash_attention", "WS_NO_GRAD_FORWARD", False),
     "wsenc3": ("sumtune.fast_t5.ws_forward", "STAGES", 3),  # its K and V rings of three slots, not two
+    # (`wsonerelease`: a key tile's K and V slots freed by one arrive, measured slower on 2026-12-06 (H100: 8.08 against
+    # 7.86 ms at 16x32x4096x128) and gone: commit 1306ac7 has it.)
     # its far tiles' bias inside the exponent's FFMA (ws_forward.LEAN_FAR_TILES, on since 2026-12-06; the token was
     # `wslean` while it was off)
     "nowslean": ("sumtune.fast_t5.ws_forward", "LEAN_FAR_TILES", False),
@@ -123,9 +125,9 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     # a row's 32 heads in one warp-specialized Gluon program (cross_attention.GLUON_WARP_SPECIALIZED, gluon_decode_ws)
     # (on since 2026-12-06; the token was `decodews32` while it was off)
     "nodecodews32": ("sumtune.generation.cross_attention", "GLUON_WARP_SPECIALIZED", False),
-    # the next batch's encoder on a second stream between the current batch's decoding steps
-    # (generation.decoding.OVERLAP_ENCODER, generation.encoder_ahead)
-    "overlapenc": ("sumtune.generation.decoding", "OVERLAP_ENCODER", True),
+    # (`overlapenc`: the next batch's encoder chunks on a second CUDA stream between the current batch's decoding
+    # steps, measured 13.30 against 13.24 summaries/s on 2026-12-06 (H100, tokens equal) and gone: commit 24130b0
+    # has it, results/generate_throughput-2026-12-06-h100-80gb-hbm3-overlapenc.json.)
     # its key splits aimed at two programs an SM as gluon_decode's (264), not one (cross_attention.WS_MIN_PROGRAMS)
     "wsmin264": ("sumtune.generation.cross_attention", "WS_MIN_PROGRAMS", 264),
     # the key splits' partial results combined by torch's ops, not one Triton kernel (cross_attention.FUSED_COMBINE, on

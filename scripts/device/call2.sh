@@ -1,10 +1,6 @@
-# Call 2 (any card, ~400 s): generation.decoding.OVERLAP_ENCODER (session 49, CPU only so far): the next batch's encoder
-# chunks on a second CUDA stream between the current batch's decoding steps (encoder matmul-bound, decoding
-# bandwidth-bound: ~29 and ~43 ms a summary one after the other on an H100 at 4096 -> 512). GPU test (tokens equal
-# with and without), then whole generation at 4 batches of 256 rows, every input 4096 -> 512, defaults against
-# overlapenc in the same run (tokens_equal_first_row in each row).
+# Call 2 (any card, ~330 s): issue 15's seed on whatever card comes, profiled, under today's defaults (session 47's
+# H100 b24 figure: 48.1 samples/s, kernel time 483 of a 499 ms step), b24 and b32 with the stock reference at 16.
 . scripts/device/prelude.sh
-step overlap_test 100 python3 -m pytest -m gpu tests/test_generation_decoding.py -q -x -k second_stream
-step overlap256 400 python3 benchmarks/generate_throughput.py --model t5-3b --source-tokens 4096 \
-  --new-tokens 512 --full-length --greedy-only --fast-batches 256 --timed-batches 4 --reference-batches "" \
-  --agreement-inputs 0 --patches overlapenc
+F=group:fusedlora:loragemm:cache
+step seed_any 320 python3 benchmarks/train_throughput.py --config configs/seed.yaml --reference "16" \
+  --fast "b24:$F,b32:$F" --warmup 8 --steps 20
