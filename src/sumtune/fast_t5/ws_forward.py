@@ -303,7 +303,7 @@ def t5_ws_fwd(q_desc, k_desc, v_desc, O, LSE, TABLE, BAND, KMASK, KV_LEN, HOLES,
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    # the two flags as a tiny buffer's shape: a partition's constexpr arguments arrive as tensors (see _producer)
+    # the flags as a tiny buffer's shape: a partition's constexpr arguments arrive as tensors (see _producer)
     flags = gl.allocate_shared_memory(gl.int8, [1 + HAS_BIAS, 1 + HAS_KEY_MASK, 1 + LEAN_FAR, 1 + DROPOUT],
                                       gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
     for i in gl.static_range(2):
