@@ -55,7 +55,8 @@ PRODUCER_REGISTERS = 24
 LAUNCH_REGISTERS = 168  # 12 warps (8 consumers, the producer's warpgroup) x 168 = the 64 Ki registers of an SM
 # Training forwards (dropout): the producer partition, four warps instead of one, draws the keep mask a tile ahead
 # into shared memory (`ws_draws.draw_tile`), so the consumers' loop loses its 16 Philox calls a thread and tile.
-# Token `wsdraw`; off until a GPU measures it.
+# Token `wsdraw`; off until a GPU measures it. Rings of two only: with three (`wsenc3`) the nibbles pass the
+# 227 KiB of shared memory (242,184 bytes; results/ws_kernels_compile-2026-12-06-cpu-sm90-2.json).
 DRAW_IN_PRODUCER = False
 # Tiles with no masked key and one bias value (far beyond +-R, or no bias): the scale and that value folded into the
 # exponent's one FFMA, the row maximum taken before them (Triton's tutorial's form; the others add the bias tile and
