@@ -6,7 +6,7 @@
 # and the seed's step at b24 with the ws training forward (with and without the producer's draws) against the shipped.
 . scripts/device/prelude.sh
 step draw_tests 200 python3 -m pytest -m gpu tests/test_fast_t5_ws_forward.py $XDIST -q -k "training"
-step draw_train 100 python3 benchmarks/attention_kernels.py --no-flex --shapes 32x32x1024x128 4x32x4096x128 \
+step draw_train 100 python3 benchmarks/attention_kernels.py --no-flex --shapes 32x32x1024x128 \
   --kernels cudnn,triton+bias+dropout --patches wstrain,wstrain:wsdraw --timing graph \
   --tag wsdraw-train
 F=group:fusedlora:loragemm:cache
