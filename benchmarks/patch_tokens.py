@@ -107,8 +107,8 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     "nowsnobias": ("sumtune.fast_t5.ws_forward", "WITHOUT_BIAS_HEAD_DIMS", ()),  # calls without a bias in Triton
     # the warp-specialized forward for training's forwards too, dropout included (flash_attention.WS_TRAINING_FORWARD)
     "wstrain": ("sumtune.fast_t5.flash_attention", "WS_TRAINING_FORWARD", True),
-    # with its keep mask drawn a tile ahead by the producer's four warps into shared memory (ws_forward.DRAW_IN_PRODUCER)
-    "wsdraw": ("sumtune.fast_t5.ws_forward", "DRAW_IN_PRODUCER", True),
+    # (`wsdraw`: its keep mask drawn a tile ahead by a four-warp producer into a shared-memory ring of nibbles, measured
+    # slower on 2026-12-06 (H100: forward 2.80 against 2.41 ms at 32x32x1024x128) and gone: commit 3bbfdba has it.)
     "wsbwd": ("sumtune.fast_t5.flash_attention", "WS_BACKWARD", True),  # and the dK/dV kernel (fast_t5.ws_backward)
     # LoRA's input dropout regenerated from a seed in the low-rank kernels, not native_dropout's copy and mask kept
     # (fast_t5.lora_dropout.LORA_DROPOUT_KERNEL, on since 2026-12-06; the token was `loradrop` while it was off).

@@ -24,8 +24,6 @@ BUILDS = [
     ("ws_forward", "sumtune.fast_t5.ws_forward", {"LEAN_FAR": True}),
     ("ws_forward", "sumtune.fast_t5.ws_forward", {"DROPOUT": True}),
     ("ws_forward", "sumtune.fast_t5.ws_forward", {"DROPOUT": True, "HAS_BIAS": False}),
-    ("ws_forward", "sumtune.fast_t5.ws_forward", {"DROPOUT": True, "DRAW": True}),  # DRAW_IN_PRODUCER
-    ("ws_forward", "sumtune.fast_t5.ws_forward", {"DROPOUT": True, "DRAW": True, "stages": 3}),
     ("ws_forward", "sumtune.fast_t5.ws_forward", {"head_dim": 64, "stages": 3}),
     ("ws_backward", "sumtune.fast_t5.ws_backward", {}),
     ("ws_backward", "sumtune.fast_t5.ws_backward", {"DROPOUT": False}),

@@ -22,8 +22,7 @@ import json, re
 from sumtune.fast_t5.flash_compile import resources, _sass
 from sumtune.fast_t5 import ws_forward
 for settings in ({}, {"stages": 3}, {"HAS_BIAS": False, "HAS_KEY_MASK": False}, {"LEAN_FAR": True},
-                 {"head_dim": 64, "stages": 3}, {"head_dim": 64, "LEAN_FAR": True}, {"DROPOUT": True},
-                 {"DROPOUT": True, "DRAW": True}):
+                 {"head_dim": 64, "stages": 3}, {"head_dim": 64, "LEAN_FAR": True}, {"DROPOUT": True}):
     compiled = ws_forward.compile_for_sm90(**settings)
     ptx, sass = compiled.asm["ptx"], _sass(compiled)
     print(json.dumps(dict(settings=settings, waits=[int(w) for w in re.findall(r"wgmma.wait_group.sync.aligned\s+(\d+)",
@@ -41,14 +40,13 @@ def test_the_ws_forward_builds_for_hopper_as_a_producer_warp_and_two_consumer_wa
     LEAN_FAR_TILES, as ws64 would run by default) and with dropout compile for sm_90 within Hopper's shared memory
     with little spill; loads by TMA only; the producer's registers are cut to 24 and the consumers' raised to 240
     (FlashAttention-3's split); both consumers' warpgroup MMAs are there, and the loop waits with an MMA still in
-    flight (the next scores beside this tile's P·V). That the dropout builds compile at all shows their keep masks
-    reaching the accumulator's layout without data movement (drawn by the consumers, or loaded as the producer's
-    nibbles: both assert the conversion trivial)."""
+    flight (the next scores beside this tile's P·V). That the dropout build compiles at all shows its keep mask
+    reaching the accumulator's layout without data movement (`_keep_pairs` asserts the conversion trivial)."""
     pytest.importorskip("triton.experimental.gluon")
     from sumtune.fast_t5.flash_compile import HOPPER_SHARED_BYTES
 
     rows, stderr = compiled_for_hopper(WS_FORWARD_FOR_HOPPER)
-    assert len(rows) == 8, stderr
+    assert len(rows) == 7, stderr
     for row in rows:
         # dropout's draws (16 Philox calls a thread and tile) spill a little beside the bias: measured before kept
         assert row["shared_bytes"] <= HOPPER_SHARED_BYTES, row
@@ -61,8 +59,7 @@ def test_the_ws_forward_builds_for_hopper_as_a_producer_warp_and_two_consumer_wa
         assert 1 in row["waits"], row  # an MMA group left in flight at a wait
         # each consumer signals the producer after its first scores and, in the loop, for the K and the V slot (each
         # arrive is a warpgroup barrier in Triton's lowering; freeing both slots with one arrive measured slower)
-        # (with DRAW_IN_PRODUCER the producer also signals each tile's keep nibbles)
-        assert row["arrives"] == 6 + bool(row["settings"].get("DRAW")), row
+        assert row["arrives"] == 6, row
 
 
 def test_the_ws_forward_takes_only_what_its_descriptors_can_read():
@@ -206,12 +203,10 @@ def relative_error(value, reference) -> float:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
                     reason="needs a Hopper GPU")
-@pytest.mark.parametrize("drawn", [False, True], ids=["consumers", "producer"])
-def test_gpu_ws_training_forward_drops_what_the_triton_kernels_drop(monkeypatch, t5_attention_case, drawn):
+def test_gpu_ws_training_forward_drops_what_the_triton_kernels_drop(monkeypatch, t5_attention_case):
     """WS_TRAINING_FORWARD: a forward a gradient reaches, with T5's bias, padding and dropout 0.1, runs the
     warp-specialized kernel; under the same seed its output and the gradients (the Triton backward regenerating the
-    mask) match the Triton forward's to bf16 rounding, while another seed's do not: the same elements were dropped.
-    The mask drawn by the producer a tile ahead (DRAW_IN_PRODUCER) gives the very output of the consumers' draws."""
+    mask) match the Triton forward's to bf16 rounding, while another seed's do not: the same elements were dropped."""
     from sumtune.fast_t5 import flash_attention as fa
     from sumtune.fast_t5 import ws_forward
 
@@ -233,11 +228,6 @@ def test_gpu_ws_training_forward_drops_what_the_triton_kernels_drop(monkeypatch,
     assert len(launched) == before
     ws_run = run(True, 11)
     assert len(launched) == before + 1  # the training forward ran in the warp-specialized kernel
-    if drawn:
-        monkeypatch.setattr(ws_forward, "DRAW_IN_PRODUCER", True)
-        drawn_run = run(True, 11)
-        assert len(launched) == before + 2 and torch.equal(drawn_run[0], ws_run[0])
-        ws_run = drawn_run
     other_seed = run(False, 12)
     for name, got, expected, unrelated in zip(("out", "dq", "dk", "dv"), ws_run, triton_run, other_seed):
         error, apart = relative_error(got, expected), relative_error(unrelated, expected)
@@ -248,14 +238,12 @@ def test_gpu_ws_training_forward_drops_what_the_triton_kernels_drop(monkeypatch,
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
                     reason="needs a Hopper GPU")
-@pytest.mark.parametrize("drawn", [False, True], ids=["consumers", "producer"])
 @pytest.mark.parametrize("radius", [8, 128])
-def test_gpu_ws_training_forward_keeps_exactly_the_elements_the_mask_keeps(monkeypatch, radius, drawn):
+def test_gpu_ws_training_forward_keeps_exactly_the_elements_the_mask_keeps(monkeypatch, radius):
     """Every decision, not a tolerance: with zero queries and keys and a zero bias each row's probabilities are 1/n
     over its n keys, and V[j] = e_(j % 128), so output column c times n / dropout_scale counts the kept keys j = c
     (mod 128): 0..8, distinct in bf16. 300 queries (a partial tile in the second warpgroup) against 1000 keys (a
-    partial key tile; Lq != Lk sets the draws' columns), a padded row, near and far tiles mixed (radius 8); the mask
-    drawn in the consumers' loop or by the producer a tile ahead (DRAW_IN_PRODUCER)."""
+    partial key tile; Lq != Lk sets the draws' columns), a padded row, near and far tiles mixed (radius 8)."""
     import torch.nn.functional as F
 
     from sumtune.fast_t5 import flash_attention as fa
@@ -274,7 +262,6 @@ def test_gpu_ws_training_forward_keeps_exactly_the_elements_the_mask_keeps(monke
     launch = ws_forward.forward
     monkeypatch.setattr(ws_forward, "forward", lambda *a, **kw: launched.append(1) or launch(*a, **kw))
     monkeypatch.setattr(fa, "WS_TRAINING_FORWARD", True)
-    monkeypatch.setattr(ws_forward, "DRAW_IN_PRODUCER", drawn)
     torch.manual_seed(7)
     out = fa.flash_t5_attention(q, k, v, table, mask, bias_radius=radius, dropout_p=p)
     assert launched and ws_forward.training_failure is None

@@ -31,9 +31,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
-from sumtune.fast_t5.ws_draws import _pair_draws
-from sumtune.fast_t5.ws_forward import (BOX_COLUMNS, CONSUMER_REGISTERS, LAUNCH_REGISTERS, _load_tile, compile_gluon,
-                                        covers, rows_descriptor, rows_stride, said_once)
+from sumtune.fast_t5.ws_forward import (BOX_COLUMNS, CONSUMER_REGISTERS, LAUNCH_REGISTERS, _load_tile, _pair_draws,
+                                        compile_gluon, covers, rows_descriptor, rows_stride, said_once)
 
 _barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # names that moved between Triton 3.6 and 3.9
 _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global

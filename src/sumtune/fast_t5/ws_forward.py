@@ -35,8 +35,6 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
-from sumtune.fast_t5.ws_draws import _keep_pairs, draw_tile, keep_from_ring
-
 ROWS = 64  # a consumer warpgroup's query rows (one warpgroup MMA's M); a program takes two
 BLOCK_N = 128  # keys a tile
 STAGES = 2  # slots in the K and V rings (three: 224 KiB of shared memory at head_dim 128)
@@ -51,13 +49,7 @@ HEAD_DIMS = (64, 128)
 # session 45, `ring2` and `d64lean` in 47). Token `nowsnobias`: none.
 WITHOUT_BIAS_HEAD_DIMS = (128,)
 CONSUMER_REGISTERS = 240  # per thread of a consumer warpgroup; the producer warp gets 24 (FlashAttention-3's split)
-PRODUCER_REGISTERS = 24
 LAUNCH_REGISTERS = 168  # 12 warps (8 consumers, the producer's warpgroup) x 168 = the 64 Ki registers of an SM
-# Training forwards (dropout): the producer partition, four warps instead of one, draws the keep mask a tile ahead
-# into shared memory (`ws_draws.draw_tile`), so the consumers' loop loses its 16 Philox calls a thread and tile.
-# Token `wsdraw`; off until a GPU measures it. Rings of two only: with three (`wsenc3`) the nibbles pass the
-# 227 KiB of shared memory (242,184 bytes; results/ws_kernels_compile-2026-12-06-cpu-sm90-2.json).
-DRAW_IN_PRODUCER = False
 # Tiles with no masked key and one bias value (far beyond +-R, or no bias): the scale and that value folded into the
 # exponent's one FFMA, the row maximum taken before them (Triton's tutorial's form; the others add the bias tile and
 # mask, then subtract the maximum). On since session 45 (H100, 2026-12-06): its GPU test passed, whole generation at
@@ -68,6 +60,8 @@ BOX_COLUMNS = 64  # 128 bytes of bf16: the 128-byte swizzle's width, so a head_d
 _BOX = gl.constexpr(BOX_COLUMNS)
 _ROWS = gl.constexpr(ROWS)
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # renamed after Triton 3.6
+_PHILOX2_M = gl.constexpr(0xD256D193)  # dropout_draws' Philox-2x32 multiplier and key increment
+_PHILOX2_W = gl.constexpr(0x9E3779B9)
 
 
 @gluon.jit
@@ -82,7 +76,7 @@ def _load_tile(desc, row, col, bar, buf):
 
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty,
-              q_row0, kv_row0, col, n_tiles, keep_ring, keep_ready, SEED, bh, start_m, Lk, drop_below, flags):
+              q_row0, kv_row0, col, n_tiles):
     # Shapes come from the buffers: Triton 3.6 hands a partition's constexpr arguments over as tensors.
     block_n: gl.constexpr = k_ring.type.shape[1]
     stages: gl.constexpr = k_ring.type.shape[0]
@@ -96,9 +90,47 @@ def _producer(q_desc, k_desc, v_desc, q_bufs, k_ring, v_ring, q_bars, k_ready, k
         _load_tile(k_desc, kv_row0 + j * block_n, col, k_ready.index(slot), k_ring.index(slot))
         mbarrier.wait(v_empty.index(slot), phase ^ 1)
         _load_tile(v_desc, kv_row0 + j * block_n, col, v_ready.index(slot), v_ring.index(slot))
-        if flags.type.shape[4] > 1:  # the keep mask of the tile into the slot's nibbles (ws_draws)
-            draw_tile(keep_ring, keep_ready, slot, gl.load(SEED), bh.to(gl.int32), start_m, j * block_n,
-                      gl.cdiv(Lk, 16) * 8, drop_below)  # dropout_draws._counter_cols with PAIRS
+
+
+@gluon.jit
+def _pair_draws(seed, stream, counter, drop_below):
+    """`dropout_draws._pair_draws` in Gluon: the keep flags of one Philox-2x32 call per counter (in the counter's
+    layout), for (query r, key c), (r, c + 8), (r + 8, c), (r + 8, c + 8)."""
+    c0 = counter.to(gl.uint32, bitcast=True)
+    c1 = (gl.zeros_like(counter) + stream).to(gl.uint32, bitcast=True)
+    key = (gl.zeros_like(counter).to(gl.int64) + seed).to(gl.uint32)
+    for _ in gl.static_range(7):  # dropout_draws.PHILOX_ROUNDS
+        hi = gl.umulhi(c0, _PHILOX2_M)
+        lo = c0 * _PHILOX2_M
+        c0 = hi ^ c1 ^ key
+        c1 = lo
+        key = key + _PHILOX2_W
+    return ((c0 & 0xFFFF).to(gl.int32) >= drop_below, (c0 >> 16).to(gl.int32) >= drop_below,
+            (c1 & 0xFFFF).to(gl.int32) >= drop_below, (c1 >> 16).to(gl.int32) >= drop_below)
+
+
+@gluon.jit
+def _keep_pairs(seed, stream, m0, start_n, n_cols, drop_below, ROWS: gl.constexpr, COLS: gl.constexpr,
+                s_layout: gl.constexpr):
+    """The (ROWS, COLS) keep mask of queries m0.. and keys start_n.. in ``s_layout``: the draws of
+    ``dropout_draws._keep_pairs`` (one Philox-2x32 call per queries {r, r + 8} x keys {c, c + 8}, four 16-bit draws),
+    so the Triton backward regenerates the same mask. The calls are laid out (linear layout below) where the
+    warpgroup accumulator holds their (r, c) element; joined, reshaped and permuted as the Triton helper does, the
+    mask is in ``s_layout`` with no data movement (the conversion is asserted trivial at compile time)."""
+    gl.static_assert(ROWS == 64 and COLS == 128, "the calls' layout below is that of a 4-warp m64n128 accumulator")
+    # An accumulator element (r, c): register bits c + 1, +8 row, c + 8, 16, 32, 64; lane bits c + 2, 4, r + 1, 2, 4;
+    # warp bits r + 16, 32. The call of (r, c) with r % 16 < 8 and c % 16 < 8 sits where that element does.
+    calls: gl.constexpr = gl.DistributedLinearLayout(
+        reg_bases=[[0, 1], [0, 8], [0, 16], [0, 32]], lane_bases=[[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]],
+        warp_bases=[[8, 0], [16, 0]], block_bases=[], shape=[ROWS // 2, COLS // 2])
+    rows = m0 // 2 + gl.arange(0, ROWS // 2, layout=gl.SliceLayout(1, calls))  # counter row: 8 per 16-query band
+    cols = start_n // 2 + gl.arange(0, COLS // 2, layout=gl.SliceLayout(0, calls))  # 8 per 16-key band
+    near, far_key, far_query, far_both = _pair_draws(seed, stream, rows[:, None] * n_cols + cols[None, :],
+                                                     drop_below)
+    keep = gl.join(gl.join(near, far_key), gl.join(far_query, far_both))  # (rows, columns, +8 column, +8 row)
+    keep = gl.reshape(keep, (ROWS // 16, 8, COLS // 16, 8, 2, 2))
+    keep = gl.permute(keep, (0, 5, 1, 2, 4, 3))  # (row band, +8 row, row, column band, +8 column, column)
+    return gl.convert_layout(gl.reshape(keep, (ROWS, COLS)), s_layout, assert_trivial=True)
 
 
 @gluon.jit
@@ -130,9 +162,8 @@ def _scores(s, j, m0, block_n: gl.constexpr, s_layout: gl.constexpr, qk_scale, f
 @gluon.jit
 def _consumer(which: gl.constexpr, O, LSE, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty,
               out_base, bh, start_m, Lq, Lk, stride_om, n_tiles, qk_scale, TABLE, BAND, table_row, table_zero,
-              band_head, band_w, R, KMASK, kv_len, read_mask, h, SEED, drop_below, drop_scale, keep_ring, keep_ready,
-              HAS_BIAS: gl.constexpr, HAS_KEY_MASK: gl.constexpr, LEAN_FAR: gl.constexpr, DROPOUT: gl.constexpr,
-              DRAWN: gl.constexpr):
+              band_head, band_w, R, KMASK, kv_len, read_mask, h, SEED, drop_below, drop_scale,
+              HAS_BIAS: gl.constexpr, HAS_KEY_MASK: gl.constexpr, LEAN_FAR: gl.constexpr, DROPOUT: gl.constexpr):
     rows: gl.constexpr = q_bufs.type.shape[1]
     head_dim: gl.constexpr = q_bufs.type.shape[2]
     block_n: gl.constexpr = k_ring.type.shape[1]
@@ -153,7 +184,7 @@ def _consumer(which: gl.constexpr, O, LSE, q_bufs, k_ring, v_ring, q_bars, k_rea
         band = BAND + h * band_head
     seed = 0
     n_cols = 0
-    if DROPOUT and not DRAWN:
+    if DROPOUT:
         seed = gl.load(SEED)
         n_cols = gl.cdiv(Lk, 16) * 8  # dropout_draws._counter_cols with PAIRS
     q = q_bufs.index(which)
@@ -191,12 +222,8 @@ def _consumer(which: gl.constexpr, O, LSE, q_bufs, k_ring, v_ring, q_bars, k_rea
         p_half = p.to(dtype)
         if DROPOUT:  # the denominator counts every key; dropout acts on the normalised probabilities (masked after
             # the rounding: the same values)
-            if DRAWN:  # the producer's nibbles (ws_draws.draw_tile)
-                mbarrier.wait(keep_ready.index(slot), (j // stages) & 1)
-                keep = keep_from_ring(keep_ring.index(2 * slot + which), rows, block_n, s_layout)
-            else:
-                keep = _keep_pairs(seed, bh.to(gl.int32), m0, start_n, n_cols, drop_below, rows, block_n, s_layout)
-            p_half = gl.where(keep, p_half, 0.0)
+            p_half = gl.where(_keep_pairs(seed, bh.to(gl.int32), m0, start_n, n_cols, drop_below, rows, block_n,
+                                          s_layout), p_half, 0.0)
         p_op = gl.convert_layout(p_half, p_layout)
         # the next tile's scores to the tensor cores before this tile's P·V (none after the last: a stale slot's
         # product, never read)
@@ -228,23 +255,21 @@ def _consumer(which: gl.constexpr, O, LSE, q_bufs, k_ring, v_ring, q_bars, k_rea
 @gluon.jit
 def _consumer0(O, LSE, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty, out_base, bh,
                start_m, Lq, Lk, stride_om, n_tiles, qk_scale, TABLE, BAND, table_row, table_zero, band_head, band_w,
-               R, KMASK, kv_len, read_mask, h, SEED, drop_below, drop_scale, keep_ring, keep_ready, flags):
+               R, KMASK, kv_len, read_mask, h, SEED, drop_below, drop_scale, flags):
     _consumer(0, O, LSE, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty, out_base, bh,
               start_m, Lq, Lk, stride_om, n_tiles, qk_scale, TABLE, BAND, table_row, table_zero, band_head, band_w,
-              R, KMASK, kv_len, read_mask, h, SEED, drop_below, drop_scale, keep_ring, keep_ready,
-              flags.type.shape[0] > 1, flags.type.shape[1] > 1, flags.type.shape[2] > 1, flags.type.shape[3] > 1,
-              flags.type.shape[4] > 1)
+              R, KMASK, kv_len, read_mask, h, SEED, drop_below, drop_scale, flags.type.shape[0] > 1,
+              flags.type.shape[1] > 1, flags.type.shape[2] > 1, flags.type.shape[3] > 1)
 
 
 @gluon.jit
 def _consumer1(O, LSE, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty, out_base, bh,
                start_m, Lq, Lk, stride_om, n_tiles, qk_scale, TABLE, BAND, table_row, table_zero, band_head, band_w,
-               R, KMASK, kv_len, read_mask, h, SEED, drop_below, drop_scale, keep_ring, keep_ready, flags):
+               R, KMASK, kv_len, read_mask, h, SEED, drop_below, drop_scale, flags):
     _consumer(1, O, LSE, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty, out_base, bh,
               start_m, Lq, Lk, stride_om, n_tiles, qk_scale, TABLE, BAND, table_row, table_zero, band_head, band_w,
-              R, KMASK, kv_len, read_mask, h, SEED, drop_below, drop_scale, keep_ring, keep_ready,
-              flags.type.shape[0] > 1, flags.type.shape[1] > 1, flags.type.shape[2] > 1, flags.type.shape[3] > 1,
-              flags.type.shape[4] > 1)
+              R, KMASK, kv_len, read_mask, h, SEED, drop_below, drop_scale, flags.type.shape[0] > 1,
+              flags.type.shape[1] > 1, flags.type.shape[2] > 1, flags.type.shape[3] > 1)
 
 
 @gluon.jit
@@ -252,8 +277,7 @@ def t5_ws_fwd(q_desc, k_desc, v_desc, O, LSE, TABLE, BAND, KMASK, KV_LEN, HOLES,
               stride_ob, stride_oh, stride_om, stride_mask_b, H, Lq, Lk, R, table_row, table_zero, band_head,
               band_w, qk_scale, drop_below, drop_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
               STAGES: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_KEY_MASK: gl.constexpr, LEAN_FAR: gl.constexpr,
-              DROPOUT: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
-              DRAW: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+              DROPOUT: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     tile_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     dtype: gl.constexpr = q_desc.dtype
     rows: gl.constexpr = _ROWS
@@ -280,17 +304,8 @@ def t5_ws_fwd(q_desc, k_desc, v_desc, O, LSE, TABLE, BAND, KMASK, KV_LEN, HOLES,
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     # the flags as a tiny buffer's shape: a partition's constexpr arguments arrive as tensors (see _producer)
-    drawn: gl.constexpr = DROPOUT and DRAW
-    flags = gl.allocate_shared_memory(gl.int8, [1 + HAS_BIAS, 1 + HAS_KEY_MASK, 1 + LEAN_FAR, 1 + DROPOUT, 1 + drawn],
-                                      gl.SwizzledSharedLayout(1, 1, 1, [4, 3, 2, 1, 0]))
-    keep_ring = flags  # unused without the draw partition
-    keep_ready = q_bars
-    if drawn:  # both consumers' nibbles of a key tile a slot (ws_draws), released with the V slot
-        keep_ring = gl.allocate_shared_memory(gl.int8, [2 * STAGES, rows // 2, BLOCK_N // 2],
-                                              gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-        keep_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(keep_ready.index(i), count=1)
+    flags = gl.allocate_shared_memory(gl.int8, [1 + HAS_BIAS, 1 + HAS_KEY_MASK, 1 + LEAN_FAR, 1 + DROPOUT],
+                                      gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
     for i in gl.static_range(2):
         mbarrier.init(q_bars.index(i), count=1)
     for i in gl.static_range(STAGES):
@@ -305,12 +320,11 @@ def t5_ws_fwd(q_desc, k_desc, v_desc, O, LSE, TABLE, BAND, KMASK, KV_LEN, HOLES,
     consumer_args = (O, LSE, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty, out_base, bh,
                      start_m, Lq, Lk, stride_om, n_tiles, qk_scale, TABLE, BAND, table_row,
                      table_zero, band_head, band_w, R, kmask, kv_len, read_mask, h, SEED, drop_below, drop_scale,
-                     keep_ring, keep_ready, flags)
-    producer_args = (q_desc, k_desc, v_desc, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty,
-                     b * Lq + start_m, b * Lk, col, n_tiles, keep_ring, keep_ready, SEED, bh, start_m, Lk, drop_below,
                      flags)
+    producer_args = (q_desc, k_desc, v_desc, q_bufs, k_ring, v_ring, q_bars, k_ready, k_empty, v_ready, v_empty,
+                     b * Lq + start_m, b * Lk, col, n_tiles)
     gl.warp_specialize([(_consumer0, consumer_args), (_consumer1, consumer_args), (_producer, producer_args)],
-                       [4, 4 if drawn else 1], [CONSUMER_REGS, PRODUCER_REGS])
+                       [4, 1], [CONSUMER_REGS, 24])
 
 
 @functools.cache
@@ -352,7 +366,6 @@ def forward(q, k, v, out, lse, table, table_geometry, band, mask, lengths, holes
     batch, heads, query_len, head_dim = q.shape
     dummy = lse
     seed, drop_below, drop_scale = dropout if dropout is not None else (dummy, 0, 1.0)
-    drawn = dropout is not None and DRAW_IN_PRODUCER
     t5_ws_fwd[(triton.cdiv(query_len, 2 * ROWS), batch * heads)](
         rows_descriptor(q, ROWS), rows_descriptor(k, BLOCK_N), rows_descriptor(v, BLOCK_N), out, lse,
         table if table is not None else dummy, band["BAND"] if band else dummy,
@@ -363,8 +376,7 @@ def forward(q, k, v, out, lse, table, table_geometry, band, mask, lengths, holes
         HEAD_DIM=head_dim, BLOCK_N=BLOCK_N, STAGES=STAGES, HAS_BIAS=table is not None,
         HAS_KEY_MASK=mask is not None, DROPOUT=dropout is not None,
         LEAN_FAR=LEAN_FAR_TILES and qk_scale > 0,  # a row's largest product must be its largest score
-        DRAW=drawn, CONSUMER_REGS=CONSUMER_REGISTERS, PRODUCER_REGS=PRODUCER_REGISTERS, num_warps=4,
-        maxnreg=LAUNCH_REGISTERS)
+        CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4, maxnreg=LAUNCH_REGISTERS)
 
 
 _SIGNATURE = dict(O="*bf16", LSE="*fp32", TABLE="*fp32", BAND="*fp32", KMASK="*i8", KV_LEN="*i32", HOLES="*i8",
@@ -373,11 +385,11 @@ _SIGNATURE = dict(O="*bf16", LSE="*fp32", TABLE="*fp32", BAND="*fp32", KMASK="*i
 
 def compile_for_sm90(block_n: int | None = None, stages: int | None = None, head_dim: int = 128, **flags):
     """triton.compile for sm_90 on any machine (no GPU), specialised as a T5 launch would be (pointers and strides
-    divisible by 16); ``flags`` override HAS_BIAS / HAS_KEY_MASK (on), LEAN_FAR, DROPOUT, DRAW (off)."""
+    divisible by 16); ``flags`` override HAS_BIAS / HAS_KEY_MASK (on), LEAN_FAR, DROPOUT (off)."""
     block_n, stages = block_n or BLOCK_N, stages or STAGES
     constexprs = {**dict(HEAD_DIM=head_dim, BLOCK_N=block_n, STAGES=stages, HAS_BIAS=True, HAS_KEY_MASK=True,
-                         LEAN_FAR=LEAN_FAR_TILES, DROPOUT=False, DRAW=False, CONSUMER_REGS=CONSUMER_REGISTERS,
-                         PRODUCER_REGS=PRODUCER_REGISTERS, num_warps=4), **flags}
+                         LEAN_FAR=LEAN_FAR_TILES, DROPOUT=False, CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4),
+                  **flags}
     layout = "NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)"
     types = dict(_SIGNATURE, q_desc=f"tensordesc<bf16[{ROWS}, {BOX_COLUMNS}],{layout}>",
                  k_desc=f"tensordesc<bf16[{block_n}, {BOX_COLUMNS}],{layout}>",
