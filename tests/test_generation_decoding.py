@@ -140,3 +140,49 @@ def test_no_repeat_ngram_size_runs_transformers_generate_with_the_same_tokens(me
     with_min = ours(merged32, inputs[:6], no_repeat_ngram_size=3, min_new_tokens=10, batch_size=6)
     assert with_min == hf_generate(merged32, inputs[:6], max_new_tokens=MAX_NEW, no_repeat_ngram_size=3,
                                    min_new_tokens=10)
+
+
+def test_the_next_batchs_encoder_runs_between_decoding_steps_with_the_same_tokens(merged32, expected32, inputs,
+                                                                                   monkeypatch):
+    """OVERLAP_ENCODER: every batch after the first is encoded chunk by chunk between the previous batch's decoding
+    steps (on a GPU: on a second stream), and the tokens are still transformers' greedy ones."""
+    from sumtune.generation import decoding, encoder_ahead, greedy
+
+    events = []
+    enqueue, step = encoder_ahead.EncoderAhead._enqueue_next, greedy.GreedySession._step
+    monkeypatch.setattr(encoder_ahead.EncoderAhead, "_enqueue_next",
+                        lambda self: events.append("encode") or enqueue(self))
+    monkeypatch.setattr(greedy.GreedySession, "_step", lambda self, kv_len: events.append("step") or step(self, kv_len))
+    monkeypatch.setattr(decoding, "OVERLAP_ENCODER", True)
+    got = ours(merged32, inputs, batch_size=4, encoder_batch_size=2)
+    assert got == expected32
+    # 4 batches of 4 rows: the last three encoded 2 rows a chunk, each chunk after a step of the batch before
+    assert events.count("encode") == 6, events
+    assert events[0] == "step" and all(events[i - 1] == "step" for i, e in enumerate(events) if e == "encode"), events
+
+
+def test_encoder_ahead_gives_the_states_encode_gives(merged32, inputs):
+    from sumtune.batching import pad_batch
+    from sumtune.generation.decoding import _eval_mode, encode
+    from sumtune.generation.encoder_ahead import EncoderAhead
+
+    ids, mask = pad_batch(inputs[:5], 0, 1)
+    with torch.inference_mode(), _eval_mode(merged32):
+        expected = encode(merged32, ids, mask, 2)
+        ahead = EncoderAhead(merged32, ids, mask, 2)
+        ahead.advance()
+        assert ahead.enqueued == 1 and not ahead.done_enqueuing
+        got = ahead.finish()
+    assert ahead.done_enqueuing and got.dtype == expected.dtype
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_the_encoder_on_a_second_stream_gives_the_same_tokens(peft_relu, inputs, monkeypatch):
+    from sumtune.generation import decoding
+
+    model = prepare_inference_model(peft_relu, torch.bfloat16).to("cuda")
+    alone = ours(model, inputs, batch_size=4, encoder_batch_size=2)
+    monkeypatch.setattr(decoding, "OVERLAP_ENCODER", True)
+    assert ours(model, inputs, batch_size=4, encoder_batch_size=2) == alone
