@@ -127,14 +127,13 @@ PATCH_TOKENS: dict[str, tuple[str, str, object]] = {
     # a row's 32 heads in one warp-specialized Gluon program (cross_attention.GLUON_WARP_SPECIALIZED, gluon_decode_ws)
     # (on since 2026-12-06; the token was `decodews32` while it was off)
     "nodecodews32": ("sumtune.generation.cross_attention", "GLUON_WARP_SPECIALIZED", False),
-    # the next batch's encoder chunks on a second CUDA stream between the current batch's decoding steps, these on a
-    # stream of the highest priority (generation.decoding.OVERLAP_ENCODER, generation.encoder_ahead). Alone it
-    # measured 13.30 against 13.24 summaries/s on 2026-12-06 (H100; results/generate_throughput-2026-12-06-h100-80gb-
-    # hbm3-overlapenc.json; session 36's `encoderahead` 12.02 against 12.02): pair it with `wsprogramsN`.
-    "overlapenc": ("sumtune.generation.decoding", "OVERLAP_ENCODER", True),
-    # the 32-head decoding kernel's unsplit launches as N persistent programs (gluon_decode_ws.PROGRAMS), leaving the
-    # other SMs to the encoder's stream while it runs
-    **{f"wsprograms{n}": ("sumtune.generation.gluon_decode_ws", "PROGRAMS", n) for n in (66, 88, 100, 116, 132)},
+    # (`overlapenc`: the next batch's encoder chunks on a second CUDA stream between the current batch's decoding
+    # steps, session 36's `encoderahead` built again: 13.30 against 13.24 summaries/s on 2026-12-06 (H100, tokens
+    # equal; 12.02 against 12.02 on 2026-12-05) and gone: commit 24130b0 has it, results/generate_throughput-2026-12-06-
+    # h100-80gb-hbm3-overlapenc.json.) Session 51 built it again beside `wsprogramsN` (the 32-head decoding kernel as N
+    # persistent programs, leaving the other SMs to the encoder's stream; the decoding steps on a highest-priority
+    # stream): 12.20 and 10.68 against 13.29 summaries/s at N = 88 and 66 (H100; results/generate_throughput-2026-12-06-
+    # h100-80gb-hbm3-overlap-persistent.json, decode_attention-…-persistent.json); gone too: commit 73c6cb6 has both.
     # its key splits aimed at two programs an SM as gluon_decode's (264), not one (cross_attention.WS_MIN_PROGRAMS)
     "wsmin264": ("sumtune.generation.cross_attention", "WS_MIN_PROGRAMS", 264),
     # the key splits' partial results combined by torch's ops, not one Triton kernel (cross_attention.FUSED_COMBINE, on

@@ -116,31 +116,3 @@ def test_gpu_warp_specialized_decode_kernel_matches_float64(monkeypatch):
     assert len(launched) == 9
     error = (got.double() - shipped.double()).abs().max().item()
     assert error < 2e-2, error
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
-                    reason="needs a Hopper GPU")
-def test_gpu_persistent_programs_give_the_same_bits(monkeypatch):
-    """gluon_decode_ws.PROGRAMS: an unsplit launch of 13 rows (lengths not whole tiles, one empty) as 5 programs, each
-    taking every 5th row, writes exactly what one program a row writes; a split launch keeps one program a row."""
-    from sumtune.generation import cross_attention, gluon_decode_ws
-
-    monkeypatch.setattr(cross_attention, "GLUON_KERNEL", True)
-    monkeypatch.setattr(cross_attention, "GLUON_WARP_SPECIALIZED", True)
-    monkeypatch.setattr(cross_attention, "GLUON_FROM_KEYS", 1)
-    grids = []
-    kernel = gluon_decode_ws.gluon_ws_hidden_cross_attention
-    monkeypatch.setattr(gluon_decode_ws, "gluon_ws_hidden_cross_attention",
-                        type("Spy", (), {"__getitem__": lambda self, grid: grids.append(grid) or kernel[grid]})())
-    gen = torch.Generator().manual_seed(5)
-    memory = torch.randn(13, 1000, 1024, generator=gen).cuda().bfloat16()
-    q_mem = (torch.randn(13, 32, 1024, generator=gen) / 1024 ** 0.5 * 4).cuda().bfloat16()
-    lengths = torch.tensor([1000, 999, 0, 64, 65, 1, 700, 1000, 333, 128, 5, 900, 640], dtype=torch.int32).cuda()
-    one_a_row = cross_attention.fused_hidden_attention(q_mem, memory, lengths, splits=1)
-    monkeypatch.setattr(gluon_decode_ws, "PROGRAMS", 5)
-    persistent = cross_attention.fused_hidden_attention(q_mem, memory, lengths, splits=1)
-    split = cross_attention.fused_hidden_attention(q_mem, memory, lengths, splits=2)
-    assert cross_attention.ws_failure is None and grids == [(1, 13, 1), (1, 5, 1), (1, 13, 2)], grids
-    assert torch.equal(persistent, one_a_row)
-    assert (split.double() - one_a_row.double()).abs().max().item() < 2e-2

@@ -12,19 +12,10 @@ from torch import Tensor, nn
 
 from sumtune.batching import pad_batch
 from sumtune.errors import SumtuneError
-from sumtune.generation.encoder_ahead import EncoderAhead
 from sumtune.generation.greedy import GreedySession, trim_rows
 from sumtune.generation.t5_decode import ATTENTION_MODES, DecoderWeights, cross_groups
 
 GRAPH_PAD_MULTIPLE = 64  # with CUDA graphs, pad source length to a multiple of this so shapes (graphs) repeat
-# Greedy decoding on a GPU: the next batch's encoder chunks run on a second stream between the current batch's
-# decoding steps (`encoder_ahead`; the same chunks, so the same tokens), the decoding steps on a stream of the
-# device's highest priority so that the block scheduler serves them first and the encoder takes what they leave.
-# Sessions 39 and 49 measured it without gain (12.02 vs 12.02 and 13.30 vs 13.24 summaries/s on an H100): the
-# decoding kernel's programs took every SM, so the encoder's blocks waited for them. With fewer cross-attention
-# programs than SMs (gluon_decode_ws.PROGRAMS) the encoder's matmuls get the rest while that bandwidth-bound kernel
-# runs. Off until a GPU measures the pair; tokens `overlapenc` and `wsprogramsN`.
-OVERLAP_ENCODER = False
 
 
 def generate_ids(
@@ -62,8 +53,7 @@ def generate_ids(
     decoder, slices of a batch's rows read only their own longest source in cross-attention
     (`t5_decode.cross_groups`; `slice_cross_attention=False`: every row reads the batch's width, for A/B timing).
     The encoder runs once per batch in chunks of `encoder_batch_size`, through sumtune's fast T5 forwards unless
-    `fast_encoder=False`; with `OVERLAP_ENCODER` on a GPU, the next batch's chunks run on a second stream between
-    the current batch's greedy decoding steps (`encoder_ahead`).
+    `fast_encoder=False`.
     Greedy (`num_beams == 1`) runs sumtune's own decoder step on static buffers,
     captured in CUDA graphs on CUDA (`use_cuda_graphs=None` means "on CUDA"), stopping when all rows are
     done; the session (buffers and graphs) is kept for the model, for the next call with the same shapes.
@@ -85,17 +75,12 @@ def generate_ids(
         return results
     encoder_context = _fast_encoder(model) if fast_encoder else contextlib.nullcontext()
     own = uses_own_decoder(num_beams=num_beams, no_repeat_ngram_size=no_repeat_ngram_size)
-    overlap = OVERLAP_ENCODER and own and len(batches) > 1
-    with torch.inference_mode(), _eval_mode(model), encoder_context, _decode_stream(device, overlap):
+    with torch.inference_mode(), _eval_mode(model), encoder_context:
         weights = DecoderWeights.from_model(model) if own else None
-        ahead: EncoderAhead | None = None
-        for index, rows in enumerate(batches):
-            if ahead is None:
-                ids, mask = _device_batch(input_ids, rows, pad_token_id, pad_multiple, device)
-                encoder_out = encode(model, ids, mask, encoder_batch_size)
-            else:
-                ids, mask, encoder_out = ahead.ids, ahead.mask, ahead.finish()
-            ahead = None
+        for rows in batches:
+            ids, mask = pad_batch([input_ids[i] for i in rows], pad_token_id, pad_multiple)
+            ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+            encoder_out = encode(model, ids, mask, encoder_batch_size)
             if weights is None:
                 outputs = beam_search(model, encoder_out, mask, pad_token_id=pad_token_id,
                                       eos_token_id=eos_token_id, decoder_start_token_id=decoder_start_token_id,
@@ -111,32 +96,14 @@ def generate_ids(
                                        max_new_tokens=max_new_tokens, attention=mode,
                                        pad_token_id=pad_token_id, eos_token_id=eos_token_id,
                                        use_cuda_graphs=graphs, compile_step=compile_step)
-                if overlap and index + 1 < len(batches):  # after any graph capture: nothing else runs during one
-                    ahead = EncoderAhead(model, *_device_batch(input_ids, batches[index + 1], pad_token_id,
-                                                               pad_multiple, device), encoder_batch_size)
                 outputs = session.run(encoder_out, mask, decoder_start_token_id=decoder_start_token_id,
-                                      min_new_tokens=min_new_tokens,
-                                      between_steps=ahead.advance if ahead is not None else None)
+                                      min_new_tokens=min_new_tokens)
             del encoder_out
             for row, out in zip(rows, outputs):
                 results[row] = out
             if on_batch_done is not None:
                 on_batch_done(len(rows))
     return results
-
-
-@contextlib.contextmanager
-def _decode_stream(device: torch.device, high_priority: bool) -> Iterator[None]:
-    """With the encoder beside it (OVERLAP_ENCODER, on CUDA): the decoding steps in a stream of the device's highest
-    priority (torch maps -100 to it), else where the caller runs."""
-    if not high_priority or device.type != "cuda":
-        yield
-        return
-    stream = torch.cuda.Stream(device=device, priority=-100)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        yield
-    torch.cuda.current_stream(device).wait_stream(stream)
 
 
 def uses_own_decoder(*, num_beams: int = 1, no_repeat_ngram_size: int = 0) -> bool:
@@ -222,11 +189,6 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
-
-
-def _device_batch(input_ids, rows, pad_token_id: int, pad_multiple: int, device) -> tuple[Tensor, Tensor]:
-    ids, mask = pad_batch([input_ids[i] for i in rows], pad_token_id, pad_multiple)
-    return ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
 
 
 def encode(model: nn.Module, ids: Tensor, mask: Tensor, chunk: int) -> Tensor:

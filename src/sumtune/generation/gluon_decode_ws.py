@@ -36,44 +36,24 @@ WARP_SPECIALIZED = True  # what cross_attention tells this kernel from gluon_dec
 D_MODEL = 1024  # the one width it takes (eight accumulators below)
 CHUNK = 128  # d_model a chunk: two 64-wide TMA boxes
 SLOTS = 9  # a tile's eight chunks and one of the next: 144 KiB beside 64 KiB of queries and 4 KiB of P
-# Programs of an unsplit launch (None: one a row). Fewer than the GPU's SMs leave the rest to another stream's
-# kernels while this bandwidth-bound one runs: the next batch's encoder, which is bound by the tensor cores
-# (decoding.OVERLAP_ENCODER). With one program a row the decode kernel fills every SM and the encoder's blocks wait
-# for it (sessions 39 and 49 measured the overlap without this: no gain). Benchmark tokens `wsprogramsN`.
-PROGRAMS: int | None = None
 _BOX = gl.constexpr(TMA_BOX)
 _CHUNK = gl.constexpr(CHUNK)
 
 
 @gluon.jit
-def _producer(DESC, LENGTHS, q_bufs, ring, ready, empty, batch, src_len, keys_per_split):
-    """Every chunk of this program's rows' tiles (its split of each), in order, into slot g % SLOTS once both
-    consumers have freed it; g counts on across rows, so the barriers' phases do too."""
+def _producer(DESC, q_bufs, ring, ready, empty, row_base, n_tiles):
+    """Every chunk of the split's tiles, in order, into slot g % SLOTS once both consumers have freed it."""
     slots: gl.constexpr = ring.type.shape[0]
     block_n: gl.constexpr = ring.type.shape[1]
     chunk: gl.constexpr = ring.type.shape[2]
     chunks: gl.constexpr = q_bufs.type.shape[2] // chunk
-    start = gl.program_id(2) * keys_per_split
-    g0 = 0
-    for row in range(gl.program_id(1), batch, gl.num_programs(1)):
-        n_chunks = _row_tiles(LENGTHS, row, start, keys_per_split, block_n) * chunks
-        row_base = row * src_len + start  # the row's first key in the [B * L, D] descriptor
-        for i in range(n_chunks):
-            g = g0 + i
-            slot = g % slots
-            mbarrier.wait(empty.index(slot), ((g // slots) & 1) ^ 1)  # a fresh barrier's previous phase counts as done
-            mbarrier.expect(ready.index(slot), block_n * chunk * 2)
-            for j in gl.static_range(chunk // _BOX):
-                _tma_load(DESC, [row_base + (i // chunks) * block_n, (i % chunks) * chunk + j * _BOX],
-                          ready.index(slot), ring.index(slot).slice(j * _BOX, _BOX, dim=1))
-        g0 += n_chunks
-
-
-@gluon.jit
-def _row_tiles(LENGTHS, row, start, keys_per_split, block_n: gl.constexpr):
-    """Key tiles of ``row`` in the split that starts at key ``start``."""
-    stop = gl.minimum(start + keys_per_split, gl.load(LENGTHS + row))
-    return gl.cdiv(gl.maximum(stop - start, 0), block_n)
+    for g in range(n_tiles * chunks):
+        slot = g % slots
+        mbarrier.wait(empty.index(slot), ((g // slots) & 1) ^ 1)  # a fresh barrier's previous phase counts as done
+        mbarrier.expect(ready.index(slot), block_n * chunk * 2)
+        for j in gl.static_range(chunk // _BOX):
+            _tma_load(DESC, [row_base + (g // chunks) * block_n, (g % chunks) * chunk + j * _BOX], ready.index(slot),
+                      ring.index(slot).slice(j * _BOX, _BOX, dim=1))
 
 
 @gluon.jit
@@ -90,30 +70,8 @@ def _free_after(acc, outstanding: gl.constexpr, empty, g, slots: gl.constexpr):
 
 
 @gluon.jit
-def _consumer(which: gl.constexpr, Q, LENGTHS, q_bufs, ring, p_bufs, ready, empty, OUT, ACC, MAX, SUM, stride_qb,
-              stride_qh, stride_ob, stride_oh, heads, batch, keys_per_split, SPLIT: gl.constexpr):
-    """Heads ``which`` * 16 on of each of this program's rows (rows program_id(1), + num_programs(1), ...), in the
-    producer's order of chunks."""
-    chunk: gl.constexpr = ring.type.shape[2]
-    block_n: gl.constexpr = ring.type.shape[1]
-    chunks: gl.constexpr = q_bufs.type.shape[2] // chunk
-    split = gl.program_id(2)
-    start = split * keys_per_split
-    g0 = 0
-    for row in range(gl.program_id(1), batch, gl.num_programs(1)):
-        n_tiles = _row_tiles(LENGTHS, row, start, keys_per_split, block_n)
-        stop = gl.minimum(start + keys_per_split, gl.load(LENGTHS + row))
-        _consumer_row(which, Q, q_bufs, ring, p_bufs, ready, empty, OUT, ACC, MAX, SUM, stride_qb, stride_qh,
-                      stride_ob, stride_oh, heads, row, split, gl.num_programs(2), start, stop, n_tiles, g0, SPLIT)
-        g0 += n_tiles * chunks
-
-
-@gluon.jit
-def _consumer_row(which: gl.constexpr, Q, q_bufs, ring, p_bufs, ready, empty, OUT, ACC, MAX, SUM, stride_qb,
-                  stride_qh, stride_ob, stride_oh, heads, row, split, splits, start, stop, n_tiles, g_first,
-                  SPLIT: gl.constexpr):
-    """One row's split: its queries into shared memory (the previous row's products are all done: waited for at its
-    last tile), the online softmax over its tiles, the result (or the split's partial sums) stored."""
+def _consumer(which: gl.constexpr, Q, q_bufs, ring, p_bufs, ready, empty, OUT, ACC, MAX, SUM, stride_qb,
+              stride_qh, stride_ob, stride_oh, heads, row, split, splits, start, stop, n_tiles, SPLIT: gl.constexpr):
     slots: gl.constexpr = ring.type.shape[0]
     block_n: gl.constexpr = ring.type.shape[1]
     chunk: gl.constexpr = ring.type.shape[2]
@@ -152,7 +110,7 @@ def _consumer_row(which: gl.constexpr, Q, q_bufs, ring, p_bufs, ready, empty, OU
     keys = gl.arange(0, block_n, layout=gl.SliceLayout(1, mma_layout))
     offs_heads = head0 + gl.arange(0, block_h, layout=gl.SliceLayout(0, mma_layout))
     for t in range(0, n_tiles):
-        g0 = g_first + t * chunks
+        g0 = t * chunks
         s = zero_s
         for c in gl.static_range(chunks):  # each chunk's product as soon as it has landed
             g = g0 + c
@@ -212,31 +170,36 @@ def _consumer_row(which: gl.constexpr, Q, q_bufs, ring, p_bufs, ready, empty, OU
 
 
 @gluon.jit
-def _consumer0(Q, LENGTHS, q_bufs, ring, p_bufs, ready, empty, OUT, ACC, MAX, SUM, stride_qb, stride_qh, stride_ob,
-               stride_oh, heads, batch, keys_per_split, flags):
-    _consumer(0, Q, LENGTHS, q_bufs, ring, p_bufs, ready, empty, OUT, ACC, MAX, SUM, stride_qb, stride_qh, stride_ob,
-              stride_oh, heads, batch, keys_per_split, flags.type.shape[0] > 1)
+def _consumer0(Q, q_bufs, ring, p_bufs, ready, empty, OUT, ACC, MAX, SUM, stride_qb, stride_qh, stride_ob, stride_oh,
+               heads, row, split, splits, start, stop, n_tiles, flags):
+    _consumer(0, Q, q_bufs, ring, p_bufs, ready, empty, OUT, ACC, MAX, SUM, stride_qb, stride_qh, stride_ob, stride_oh,
+              heads, row, split, splits, start, stop, n_tiles, flags.type.shape[0] > 1)
 
 
 @gluon.jit
-def _consumer1(Q, LENGTHS, q_bufs, ring, p_bufs, ready, empty, OUT, ACC, MAX, SUM, stride_qb, stride_qh, stride_ob,
-               stride_oh, heads, batch, keys_per_split, flags):
-    _consumer(1, Q, LENGTHS, q_bufs, ring, p_bufs, ready, empty, OUT, ACC, MAX, SUM, stride_qb, stride_qh, stride_ob,
-              stride_oh, heads, batch, keys_per_split, flags.type.shape[0] > 1)
+def _consumer1(Q, q_bufs, ring, p_bufs, ready, empty, OUT, ACC, MAX, SUM, stride_qb, stride_qh, stride_ob, stride_oh,
+               heads, row, split, splits, start, stop, n_tiles, flags):
+    _consumer(1, Q, q_bufs, ring, p_bufs, ready, empty, OUT, ACC, MAX, SUM, stride_qb, stride_qh, stride_ob, stride_oh,
+              heads, row, split, splits, start, stop, n_tiles, flags.type.shape[0] > 1)
 
 
 @gluon.jit
 def gluon_ws_hidden_cross_attention(Q, DESC, LENGTHS, OUT, ACC, MAX, SUM, stride_qb, stride_qh, src_len, stride_ob,
-                                    stride_oh, heads, keys_per_split, batch, D: gl.constexpr, BLOCK_N: gl.constexpr,
+                                    stride_oh, heads, keys_per_split, D: gl.constexpr, BLOCK_N: gl.constexpr,
                                     SPLIT: gl.constexpr, SLOTS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                                     num_warps: gl.constexpr):
-    """Grid (1, programs, splits): program p takes rows p, p + programs, ... of ``batch`` (one row each where
-    programs is the batch; fewer make it persistent, leaving SMs to other streams' kernels), key split
-    program_id(2)."""
     tile_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     p_smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=16, rank=2)
     dtype: gl.constexpr = Q.dtype.element_ty
     half_h: gl.constexpr = 16
+    row = gl.program_id(1)
+    split = gl.program_id(2)
+    splits = gl.num_programs(2)
+    start = split * keys_per_split
+    stop = gl.minimum(start + keys_per_split, gl.load(LENGTHS + row))
+    n_tiles = gl.cdiv(gl.maximum(stop - start, 0), BLOCK_N)
+    row_base = row * src_len + start  # the row's first key in the [B * L, D] descriptor
+
     q_bufs = gl.allocate_shared_memory(dtype, [2, half_h, D], tile_smem)
     ring = gl.allocate_shared_memory(dtype, [SLOTS, BLOCK_N, _CHUNK], tile_smem)
     p_bufs = gl.allocate_shared_memory(dtype, [2, BLOCK_N, half_h], p_smem_layout)
@@ -248,10 +211,10 @@ def gluon_ws_hidden_cross_attention(Q, DESC, LENGTHS, OUT, ACC, MAX, SUM, stride
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)  # both consumers free a slot
     fence_async_shared()
-    consumer_args = (Q, LENGTHS, q_bufs, ring, p_bufs, ready, empty, OUT, ACC, MAX, SUM, stride_qb, stride_qh,
-                     stride_ob, stride_oh, heads, batch, keys_per_split, flags)
+    consumer_args = (Q, q_bufs, ring, p_bufs, ready, empty, OUT, ACC, MAX, SUM, stride_qb, stride_qh, stride_ob,
+                     stride_oh, heads, row, split, splits, start, stop, n_tiles, flags)
     gl.warp_specialize([(_consumer0, consumer_args), (_consumer1, consumer_args),
-                        (_producer, (DESC, LENGTHS, q_bufs, ring, ready, empty, batch, src_len, keys_per_split))],
+                        (_producer, (DESC, q_bufs, ring, ready, empty, row_base, n_tiles))],
                        [4, 1], [CONSUMER_REGS, 24])
 
 
@@ -267,15 +230,12 @@ def supported(heads: int, d_model: int) -> str | None:
 def launch(grid, q_mem, memory, lengths, out, acc, running_max, total, heads, keys_per_split, block_h, split,
            bias=None):
     """gluon_decode.launch's arguments for cross-attention (no ``bias``: the decoder's self-attention keeps
-    gluon_decode), with ``block_h`` BLOCK_H and ``grid`` (1, batch, splits); contiguous ``lengths``. An unsplit
-    launch of more rows than PROGRAMS runs as PROGRAMS programs, each taking every PROGRAMS-th row."""
+    gluon_decode), with ``block_h`` BLOCK_H and ``grid`` (1, batch, splits); contiguous ``lengths``."""
     batch, src_len, d_model = memory.shape
     assert bias is None and block_h == BLOCK_H and grid[0] == 1 and lengths.stride(0) == 1, (block_h, grid)
-    if PROGRAMS and not split:
-        grid = (1, min(grid[1], PROGRAMS), grid[2])
     gluon_ws_hidden_cross_attention[grid](
         q_mem, _states_descriptor(memory), lengths, out, acc, running_max, total, q_mem.stride(0), q_mem.stride(1),
-        src_len, out.stride(0), out.stride(1), heads, keys_per_split, batch, D=d_model, BLOCK_N=BLOCK_N, SPLIT=split,
+        src_len, out.stride(0), out.stride(1), heads, keys_per_split, D=d_model, BLOCK_N=BLOCK_N, SPLIT=split,
         SLOTS=SLOTS, CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4, maxnreg=LAUNCH_REGISTERS)
 
 

@@ -64,16 +64,12 @@ class GreedySession:
             graph.replay()
 
     def run(self, encoder_out: Tensor, encoder_mask: Tensor, *, decoder_start_token_id: int,
-            min_new_tokens: int = 0, stop_when_done: bool = True,
-            between_steps: Callable[[], None] | None = None) -> list[list[int]]:
-        """Greedy tokens per row: no decoder start token, eos included when produced (then stop).
-        `between_steps()` runs on the host after each step is enqueued (`EncoderAhead.advance`)."""
+            min_new_tokens: int = 0, stop_when_done: bool = True) -> list[list[int]]:
+        """Greedy tokens per row: no decoder start token, eos included when produced (then stop)."""
         load_batch(self.state, self.weights, encoder_out, encoder_mask, decoder_start_token_id,
                    self.pad_token_id, min_new_tokens)
         for step in range(self.max_new_tokens):
             self._step(bucket_for_step(step, self.buckets))
-            if between_steps is not None:
-                between_steps()
             done_check = (step + 1) % self.check_every_steps == 0 and step + 1 >= min_new_tokens
             if stop_when_done and done_check and bool(self.state.finished.all()):
                 break  # rows that finished only append pad from here on
