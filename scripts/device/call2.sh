@@ -1,6 +1,6 @@
 # Call 2 (any card, ~150 s; session 51's plan): Nsight Compute on the 32-head warp-specialized decoding kernel
 # (gluon_decode_ws) at 1024 rows x 4096 keys, the launch generation replays. Session 51 found the kernel held by each
-# SM's rate (fewer programs lose speed in proportion: NOTES); this says which stall holds it (waits on the states'
+# SM's rate (fewer programs lose most of the SMs' speed: NOTES); this says which stall holds it (waits on the states'
 # "ready" barrier = prefetch too shallow; on the MMAs = the N = 16 products; on the slots' "empty" barrier = the
 # consumers) before the next kernel change is built. Then the same at 256 rows.
 . scripts/device/prelude.sh
